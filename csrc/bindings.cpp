@@ -1,0 +1,29 @@
+// The pybind11 module hotops._C. Each family registers its functions from its own bind.cpp;
+// this file only lists them. No kernel logic lives here.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "common/cpu_features.h"
+#include "common/error.h"
+
+namespace py = pybind11;
+
+namespace hotops {
+void bind_infonce(py::module_& m);
+}  // namespace hotops
+
+PYBIND11_MODULE(_C, m) {
+  using namespace hotops;
+  m.doc() = "hotops compiled CPU kernels (torch-free; arrays arrive through DLPack)";
+  py::register_exception<Error>(m, "Error", PyExc_ValueError);
+
+  m.def("isa", [] { return std::string(isa_name(active_isa())); },
+        "The SIMD variant the kernels dispatch to now: scalar, avx2 or avx512.");
+  m.def("best_isa", [] { return std::string(isa_name(best_isa())); },
+        "The widest SIMD variant this CPU runs and this build contains.");
+  m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name.c_str())); }, py::arg("name"),
+        "Force a SIMD variant (for tests); refuses one this CPU cannot run.");
+
+  bind_infonce(m);
+}

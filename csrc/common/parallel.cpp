@@ -1,0 +1,96 @@
+#include "common/parallel.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace hotops {
+namespace {
+
+thread_local bool in_parallel_region = false;
+
+// One job at a time (callers are serialised by job_mutex_); idle workers wait for unclaimed chunks.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: workers may outlive static destructors
+    return *pool;
+  }
+
+  void run(int64_t chunks, RangeFn fn, void* ctx, int64_t n) {
+    std::lock_guard<std::mutex> job(job_mutex_);
+    ensure_workers(static_cast<int>(chunks) - 1);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      fn_ = fn; ctx_ = ctx; n_ = n; chunks_ = chunks;
+      next_ = 1;  // chunk 0 runs on the caller
+      pending_ = chunks - 1;
+      error_ = nullptr;
+    }
+    cv_.notify_all();
+    run_chunk(0);
+    std::unique_lock<std::mutex> lk(m_);
+    done_cv_.wait(lk, [&] { return pending_ == 0; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void ensure_workers(int count) {
+    while (static_cast<int>(workers_.size()) < count) {
+      workers_.emplace_back([this] { loop(); });
+      workers_.back().detach();
+    }
+  }
+
+  void run_chunk(int64_t c) {
+    int64_t begin = n_ * c / chunks_, end = n_ * (c + 1) / chunks_;
+    in_parallel_region = true;
+    try {
+      fn_(ctx_, begin, end);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(m_);
+      if (!error_) error_ = std::current_exception();
+    }
+    in_parallel_region = false;
+  }
+
+  void loop() {
+    for (;;) {
+      int64_t c;
+      {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return next_ < chunks_; });
+        c = next_++;
+      }
+      run_chunk(c);
+      std::lock_guard<std::mutex> lk(m_);
+      if (--pending_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  std::mutex job_mutex_, m_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> workers_;
+  RangeFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  int64_t n_ = 0, chunks_ = 0, next_ = 0, pending_ = 0;
+  std::exception_ptr error_;
+};
+
+}  // namespace
+
+void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* ctx) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  int64_t chunks = std::min<int64_t>(std::max(threads, 1), (n + grain - 1) / grain);
+  if (chunks <= 1 || in_parallel_region) {
+    fn(ctx, 0, n);
+    return;
+  }
+  Pool::get().run(chunks, fn, ctx, n);
+}
+
+}  // namespace hotops

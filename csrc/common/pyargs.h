@@ -1,0 +1,80 @@
+// The one bridge from Python arrays to Views: any object with __dlpack__ (torch tensors, NumPy
+// arrays) becomes a hotops::View whose capsule stays alive as long as the ViewArgs holding it.
+// Included only by the per-family bind.cpp files (pybind11 is not needed by the kernels).
+#pragma once
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+#include "common/dlpack.h"
+#include "common/view.h"
+
+namespace hotops {
+
+namespace detail {
+
+inline DType dtype_of(const dlpack::DataType& t, const char* what) {
+  HOTOPS_CHECK(t.lanes == 1, what, ": vector dtypes are not supported");
+  switch (t.code) {
+    case dlpack::kFloat:
+      if (t.bits == 32) return DType::f32;
+      if (t.bits == 16) return DType::f16;
+      if (t.bits == 64) return DType::f64;
+      break;
+    case dlpack::kBfloat:
+      if (t.bits == 16) return DType::bf16;
+      break;
+    case dlpack::kInt:
+      if (t.bits == 64) return DType::i64;
+      if (t.bits == 32) return DType::i32;
+      if (t.bits == 8) return DType::i8;
+      break;
+    case dlpack::kUInt:
+      if (t.bits == 8) return DType::u8;
+      if (t.bits == 16) return DType::u16;
+      break;
+    case dlpack::kBool:
+      return DType::boolean;
+  }
+  fail(what, ": unsupported dtype (code ", int(t.code), ", ", int(t.bits), " bits)");
+}
+
+}  // namespace detail
+
+// Holds the DLPack capsules of one call alive while its Views are in use:
+//   ViewArgs view; View x = view(obj, "x");
+class ViewArgs {
+ public:
+  View operator()(const pybind11::object& obj, const char* what) {
+    View v;
+    if (obj.is_none()) {
+      v.present = false;
+      return v;
+    }
+    HOTOPS_CHECK(pybind11::hasattr(obj, "__dlpack__"), what, " must be a torch tensor or NumPy array");
+    pybind11::capsule cap = obj.attr("__dlpack__")();
+    HOTOPS_CHECK(std::string(cap.name()) == "dltensor", what, ": DLPack capsule was already consumed");
+    const auto* mt = cap.get_pointer<dlpack::ManagedTensor>();
+    const dlpack::Tensor& t = mt->dl_tensor;
+    HOTOPS_CHECK(t.device.device_type == dlpack::kCPU || t.device.device_type == dlpack::kCUDAHost,
+                 what, " must be in CPU memory for the C++ kernels");
+    HOTOPS_CHECK(t.ndim <= 4, what, " has ", t.ndim, " dimensions; at most 4 are supported");
+    v.dtype = detail::dtype_of(t.dtype, what);
+    v.ndim = t.ndim;
+    v.data = static_cast<char*>(t.data) + t.byte_offset;
+    int64_t compact = 1;
+    for (int d = t.ndim - 1; d >= 0; --d) {
+      v.sizes[d] = t.shape[d];
+      v.strides[d] = t.strides ? t.strides[d] : compact;
+      compact *= t.shape[d];
+    }
+    keep_.push_back(std::move(cap));
+    return v;
+  }
+
+ private:
+  std::vector<pybind11::capsule> keep_;
+};
+
+}  // namespace hotops

@@ -1,0 +1,7 @@
+"""hotops: compiled kernels for five hot paths of representation learning and retrieval."""
+from hotops import _backend
+from hotops.infonce import info_nce
+from hotops import nn
+
+__version__ = "0.1.0"
+__all__ = ["info_nce", "nn", "__version__"]

@@ -1,0 +1,128 @@
+"""The one bridge between torch and the compiled kernels.
+
+* finds the compiled extension ``hotops._C`` and says clearly when it is missing;
+* validates inputs with messages that say what was wrong and what was expected;
+* picks a backend per device, and when none accepts an input, lists why each one refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+try:
+    from hotops import _C  # noqa: F401  (compiled extension)
+
+    _C_ERROR: Optional[str] = None
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    _C = None
+    _C_ERROR = str(exc)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def ext():
+    """The compiled extension, or a clear error if this install lacks it."""
+    if _C is None:
+        raise ImportError(
+            "hotops._C (the compiled C++ kernels) could not be imported: "
+            f"{_C_ERROR}. Reinstall hotops with `pip install .` from a source checkout."
+        )
+    return _C
+
+
+def num_threads() -> int:
+    """Threads the C++ kernels use: the same number torch's own pool uses."""
+    return torch.get_num_threads()
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def check_tensor(t, name: str, *, ndim: Optional[int | Sequence[int]] = None,
+                 dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
+    return t
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    present = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    devices = {str(v.device) for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
+    return next(iter(present.values())).device
+
+
+def check_same_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
+    present = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    dtypes = {v.dtype for v in present.values()}
+    if len(dtypes) > 1:
+        what = ", ".join(f"{k} {str(v.dtype).replace('torch.', '')}" for k, v in present.items())
+        raise TypeError(f"all inputs must share one dtype, got {what}")
+    return next(iter(present.values())).dtype
+
+
+# ---------------------------------------------------------------- backends
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One way to run an op: a name, a test that says whether it takes these inputs (returning
+    None if so, or the reason why not), and the implementation."""
+
+    name: str
+    refuses: Callable[[torch.device], Optional[str]]
+    run: Callable
+
+
+def cpu_refuses(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"needs CPU tensors, got {device.type}"
+    if _C is None:
+        return f"the compiled extension is missing ({_C_ERROR})"
+    return None
+
+
+def triton_refuses(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"needs CUDA tensors, got {device.type}"
+    if not triton_available():
+        return "triton is not installed"
+    return None
+
+
+def choose(op: str, backends: Iterable[Backend], device: torch.device) -> Backend:
+    reasons = []
+    for b in backends:
+        why = b.refuses(device)
+        if why is None:
+            return b
+        reasons.append(f"  {b.name}: {why}")
+    raise RuntimeError(f"no hotops backend can run {op} on {device}:\n" + "\n".join(reasons))
+
+
+def cpu_view(t: torch.Tensor) -> torch.Tensor:
+    """A tensor the C++ kernels may read: detached from autograd (DLPack refuses tensors that
+    require grad) and with a contiguous last dimension."""
+    t = t.detach()
+    if t.dim() > 0 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t

@@ -1,0 +1,100 @@
+"""`hotops bench [--family F] [--quick] [--json PATH] [--plot DIR] [--threads N]`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+from hotops.bench import FAMILIES
+from hotops.bench.core import machine
+
+
+def _fmt_ms(s):
+    return "-" if s is None else f"{s * 1e3:.1f}"
+
+
+def print_table(results, mach, out=sys.stdout):
+    rows = [("family", "case", "peer", "hotops ms", "peer ms", "speed-up", "% roofline", "memory (hotops/peer)", "check")]
+    for r in results:
+        sp = r.speedup
+        roof = r.roofline_pct(mach)
+        mem = (f"{r.extra['mem_hotops_MB']:.0f}/{r.extra['mem_peer_MB']:.0f} MB"
+               if "mem_hotops_MB" in r.extra else "")
+        rows.append((r.family, r.case, r.peer, _fmt_ms(r.hotops_s), _fmt_ms(r.peer_s),
+                     "-" if sp is None else f"{sp:.2f}x", "-" if roof is None else f"{roof:.0f}%",
+                     mem, r.check + (f" ({r.note})" if r.note else "")))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'hotops[bench]')")
+        return None
+    rs = [r for r in results if r.speedup]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rs) + 1.5))
+    labels = [f"{r.family}: {r.case} vs {r.peer}" for r in rs]
+    ax.barh(labels, [r.speedup for r in rs], color=["tab:green" if r.speedup >= 1 else "tab:red" for r in rs])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("speed-up (peer time / hotops time)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="hotops")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="time hotops side by side against the peers")
+    b.add_argument("--family", action="append", choices=sorted(FAMILIES), help="repeatable; default all")
+    b.add_argument("--quick", action="store_true", help="a few minutes on 2 cores")
+    b.add_argument("--json", default="bench-results/results.json", help="where to write raw results")
+    b.add_argument("--plot", default="bench-results", help="folder for the PNG plots")
+    b.add_argument("--threads", type=int, default=None, help="threads for everyone (default: torch's)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    mach = machine()
+    print(f"hotops bench{' --quick' if args.quick else ''}: {mach.describe()}", flush=True)
+    results, t0 = [], time.time()
+    for fam in args.family or list(FAMILIES):
+        mod = importlib.import_module(FAMILIES[fam])
+        for params in mod.cases(args.quick):
+            r = mod.run(params, args.quick, threads)
+            results.append(r)
+            print(f"  {r.family:9s} {r.case:42s} speed-up {r.speedup or 0:.2f}x  check {r.check}", flush=True)
+        if hasattr(mod, "plots"):
+            mod.plots(results, args.plot)
+    print()
+    print_table(results, mach)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"machine": dataclasses.asdict(mach), "quick": args.quick, "seconds": time.time() - t0,
+                   "results": [dict(dataclasses.asdict(r), speedup=r.speedup,
+                                    roofline_pct=r.roofline_pct(mach)) for r in results]}, f, indent=1)
+    os.makedirs(args.plot, exist_ok=True)
+    png = plot(results, os.path.join(args.plot, "speedups.png"))
+    print(f"\nwrote {args.json}" + (f" and {png}" if png else ""))
+    return 0 if all(r.check == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""nn.Module front end of hotops.info_nce, with learnable temperature and cross-rank gathering."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE with in-batch and hard negatives.
+
+    Args:
+        temperature: initial temperature.
+        learnable_temperature: learn log(temperature); the temperature is clamped to
+            [min_temperature, 1] (CLIP-style: the logit scale never exceeds 1/min_temperature).
+        label_smoothing: as in ``F.cross_entropy``.
+        gather: all-gather d (and a shared hard pool) across ``torch.distributed`` ranks, with
+            gradient, so each rank's queries see every rank's candidates. Per-query hard
+            negatives (B, K, D) stay local.
+    """
+
+    def __init__(self, temperature: float = 0.05, learnable_temperature: bool = False,
+                 label_smoothing: float = 0.0, gather: bool = False, min_temperature: float = 0.01,
+                 reduction: str = "mean"):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.learnable_temperature = learnable_temperature
+        self.label_smoothing = label_smoothing
+        self.gather = gather
+        self.min_temperature = min_temperature
+        self.reduction = reduction
+        if learnable_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        else:
+            self.register_buffer("log_temperature", torch.tensor(math.log(temperature)), persistent=False)
+
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.exp().clamp(self.min_temperature, 1.0)
+
+    def forward(self, q: Tensor, d: Tensor, hard: Optional[Tensor] = None,
+                neg_weight: Optional[Tensor] = None) -> Tensor:
+        from hotops.infonce import info_nce
+
+        pos_offset = 0
+        if self.gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank()
+            d, pos_offset = _all_gather(d), rank * d.shape[0]
+            if hard is not None and hard.dim() == 2:
+                hard = _all_gather(hard)
+        temperature = self.temperature if self.learnable_temperature else float(self.temperature)
+        return info_nce(q, d, hard, temperature=temperature, label_smoothing=self.label_smoothing,
+                        neg_weight=neg_weight, reduction=self.reduction, pos_offset=pos_offset)
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate x (same shape on every rank) from all ranks in rank order. Backward sums the
+    incoming gradient over ranks (every rank's loss used every slice) and keeps this rank's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def _all_gather(x: Tensor) -> Tensor:
+    return _AllGather.apply(x)

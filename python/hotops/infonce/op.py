@@ -1,0 +1,233 @@
+"""torch.library registration of the fused InfoNCE loss: schema, fake impl, autograd, kernels.
+
+The loss is computed in row panels. For each panel of P queries:
+
+    S = q_p · [d; pool]^T                 (GEMM 1, P × Na, never the whole B × Na)
+    row pass: lse, loss and G = dloss/dS  (C++ on the CPU, Triton on the GPU, in place over S)
+    dq_p = G · [d; pool]                  (GEMM 2)
+    d[d; pool] += G^T · q_p               (GEMM 3)
+
+so forward and backward together cost three GEMMs and O(P × Na) scratch. When the loss is
+reduced to a scalar (mean/sum) the gradients are computed in the forward call and only scaled
+in backward; for reduction="none" backward recomputes (four GEMMs in all).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from hotops import _backend
+
+# scratch for one panel of logits: large enough that the GEMMs run at full speed, small enough
+# to be a rounding error beside the B × Na logits eager materialises
+PANEL_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
+# on the CPU, accumulating low-precision candidate gradients in float32 costs a pass over
+# them per panel; fewer, larger panels amortise it
+LOW_PRECISION_PANEL_FACTOR = 4
+
+
+def panel_rows(B: int, Na: int, dtype: torch.dtype, device: torch.device) -> int:
+    budget = PANEL_BYTES.get(device.type, PANEL_BYTES["cpu"])
+    if dtype != torch.float32 and device.type == "cpu":
+        budget *= LOW_PRECISION_PANEL_FACTOR
+    rows = budget // max(1, Na * torch.finfo(dtype).bits // 8)
+    rows = max(64, rows // 64 * 64)
+    return int(min(B, rows))
+
+
+RowPass = Callable[..., None]
+
+
+def _cpu_row_pass(shared, own, weight, row_scale, loss, lse, tdot, pos_col, temperature,
+                  smoothing, grad_scale, want_grad):
+    t = float(temperature)
+    if not t > 0:
+        raise ValueError(f"temperature must be positive, got {t}")
+    _backend.ext().infonce_rows(
+        shared, own, weight, row_scale, loss, lse, tdot, pos_col=pos_col, inv_t=1.0 / t,
+        smoothing=smoothing, grad_scale=grad_scale, want_grad=want_grad,
+        threads=_backend.num_threads())
+
+
+def _triton_row_pass(*args, **kwargs):
+    from hotops.infonce.triton import row_pass
+
+    row_pass(*args, **kwargs)
+
+
+BACKENDS = (
+    _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_row_pass),
+    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_row_pass),
+)
+
+
+def run_panels(q: Tensor, d: Tensor, pool: Optional[Tensor], own: Optional[Tensor],
+               weight: Optional[Tensor], temperature: Tensor, pos_offset: int, smoothing: float,
+               grad_scale: float, row_scale: Optional[Tensor], want_grad: bool):
+    """The fused loop. Returns per-row loss, lse, tdot and (if want_grad) dq, dd, dpool, down."""
+    row_pass = _backend.choose("info_nce", BACKENDS, q.device).run
+    q, d = _backend.cpu_view(q), _backend.cpu_view(d)
+    pool = _backend.cpu_view(pool) if pool is not None else None
+    own = own.detach() if own is not None else None
+    B, Nd = q.shape[0], d.shape[0]
+    Na = Nd + (pool.shape[0] if pool is not None else 0)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    loss, lse, tdot = (torch.empty(B, **f32) for _ in range(3))
+    dq = dd = dpool = down = None
+    P = panel_rows(B, Na, q.dtype, q.device)
+    # candidate gradients accumulate over panels: in the inputs' dtype when that is float32 or
+    # there is a single panel, else in float32 (rounded once at the end)
+    acc_dtype = q.dtype if q.dtype == torch.float32 or P >= B else torch.float32
+    if want_grad:
+        dq = torch.empty_like(q)
+        dd = torch.empty(d.shape, dtype=acc_dtype, device=q.device)
+        dpool = torch.empty(pool.shape, dtype=acc_dtype, device=q.device) if pool is not None else None
+        down = torch.empty_like(own) if own is not None else None
+    buf = torch.empty(P, Na, dtype=q.dtype, device=q.device)
+    blocks = [(d, 0, dd)] + ([(pool, Nd, dpool)] if pool is not None else [])
+    for r0 in range(0, B, P):
+        r1 = min(B, r0 + P)
+        qp, S = q[r0:r1], buf[: r1 - r0]
+        for blk, c0, _ in blocks:
+            torch.mm(qp, blk.T, out=S[:, c0:c0 + blk.shape[0]])
+        O = torch.einsum("pd,pkd->pk", qp, own[r0:r1]) if own is not None else None
+        row_pass(S, O, weight, row_scale[r0:r1] if row_scale is not None else None,
+                 loss[r0:r1], lse[r0:r1], tdot[r0:r1], pos_offset + r0, temperature,
+                 smoothing, grad_scale, want_grad)
+        if not want_grad:
+            continue
+        for i, (blk, c0, acc) in enumerate(blocks):
+            G = S[:, c0:c0 + blk.shape[0]]
+            if i == 0:
+                torch.mm(G, blk, out=dq[r0:r1])
+            else:
+                dq[r0:r1].addmm_(G, blk)
+            if r0 == 0 and acc.dtype == q.dtype:
+                torch.mm(G.T, qp, out=acc)
+            elif acc.dtype == q.dtype:
+                acc.addmm_(G.T, qp)
+            elif r0 == 0:
+                acc.copy_(torch.mm(G.T, qp))
+            else:
+                acc.add_(torch.mm(G.T, qp))
+        if O is not None:
+            dq[r0:r1] += torch.einsum("pk,pkd->pd", O, own[r0:r1])
+            torch.mul(O[:, :, None], qp[:, None, :], out=down[r0:r1])
+    if want_grad:
+        dd = dd.to(d.dtype)
+        dpool = dpool.to(pool.dtype) if pool is not None else None
+    return loss, lse, tdot, dq, dd, dpool, down
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _temperature_grad(tdot: Tensor, temperature: Tensor, scale) -> Tensor:
+    # l = S / T, so dloss/dT = sum_ij G_ij * (-l_ij / T) = -(1/T) sum_i scale_i * tdot_i
+    return (-(tdot * scale).sum() / temperature.float()).to(temperature.dtype)
+
+
+@torch.library.custom_op("hotops::info_nce_fwd", mutates_args=())
+def info_nce_fwd(q: Tensor, d: Tensor, pool: Optional[Tensor], own: Optional[Tensor],
+                 neg_weight: Optional[Tensor], temperature: Tensor, pos_offset: int,
+                 smoothing: float, reduction: str, need_grad: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, lse, dq, dd, dpool, down, dtemperature); the gradients are those of the
+    reduced loss (empty when need_grad is False or reduction is "none")."""
+    B = q.shape[0]
+    want_grad = need_grad and reduction != "none"
+    scale = 1.0 / B if reduction == "mean" else 1.0
+    loss, lse, tdot, dq, dd, dpool, down = run_panels(
+        q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, scale, None, want_grad)
+    out = {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+    if not want_grad:
+        return out, lse, _empty(q), _empty(d), _empty(d), _empty(q), _empty(temperature)
+    return (out, lse, dq, dd, dpool if dpool is not None else _empty(d),
+            down if down is not None else _empty(q), _temperature_grad(tdot, temperature, scale))
+
+
+@info_nce_fwd.register_fake
+def _(q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, reduction, need_grad):
+    B = q.shape[0]
+    loss = q.new_empty((B,) if reduction == "none" else (), dtype=torch.float32)
+    lse = q.new_empty((B,), dtype=torch.float32)
+    if not (need_grad and reduction != "none"):
+        return loss, lse, _empty(q), _empty(d), _empty(d), _empty(q), _empty(temperature)
+    return (loss, lse, torch.empty_like(q), torch.empty_like(d),
+            torch.empty_like(pool) if pool is not None else _empty(d),
+            torch.empty_like(own) if own is not None else _empty(q),
+            torch.empty_like(temperature))
+
+
+@torch.library.custom_op("hotops::info_nce_bwd", mutates_args=())
+def info_nce_bwd(q: Tensor, d: Tensor, pool: Optional[Tensor], own: Optional[Tensor],
+                 neg_weight: Optional[Tensor], temperature: Tensor, grad_rows: Tensor,
+                 pos_offset: int, smoothing: float
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_rows[i] * loss_i, recomputing the logits panel by panel."""
+    g = grad_rows.float().contiguous()
+    _, _, tdot, dq, dd, dpool, down = run_panels(
+        q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, 1.0, g, True)
+    return (dq, dd, dpool if dpool is not None else _empty(d),
+            down if down is not None else _empty(q), _temperature_grad(tdot, temperature, g))
+
+
+@info_nce_bwd.register_fake
+def _(q, d, pool, own, neg_weight, temperature, grad_rows, pos_offset, smoothing):
+    return (torch.empty_like(q), torch.empty_like(d),
+            torch.empty_like(pool) if pool is not None else _empty(d),
+            torch.empty_like(own) if own is not None else _empty(q),
+            torch.empty_like(temperature))
+
+
+def _is_eager(tensors) -> bool:
+    """Plain tensors outside any tracer: the case where memory tricks below are safe."""
+    return not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors)
+
+
+def _setup_context(ctx, inputs, output):
+    q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, reduction, need_grad = inputs
+    ctx.set_materialize_grads(False)  # the gradient outputs get no incoming grad: no zero tensors
+    ctx.fused = need_grad and reduction != "none"
+    ctx.reduction, ctx.pos_offset, ctx.smoothing = reduction, pos_offset, smoothing
+    ctx.has_pool, ctx.has_own = pool is not None, own is not None
+    grads = output[2:]
+    ctx.owned_grads = None
+    if ctx.fused and _is_eager(grads):
+        # In eager mode the gradients computed by the forward are handed to backward as sole
+        # owner (detached, so no reference cycle through grad_fn): backward scales them in
+        # place and autograd can adopt them as .grad without a copy. A second backward through
+        # the same graph then finds them gone and says so.
+        ctx.owned_grads = [g.detach() for g in grads]
+    elif ctx.fused:
+        ctx.save_for_backward(*grads)  # traced graphs stay functional
+    else:
+        ctx.save_for_backward(q, d, pool, own, neg_weight, temperature)
+
+
+def _backward(ctx, g_loss, _g_lse, *_unused):
+    if g_loss is None:  # only lse or the gradient outputs were used: nothing flows back
+        return (None,) * 10
+    if ctx.fused and ctx.owned_grads is None and not ctx.saved_tensors:
+        raise RuntimeError("hotops.info_nce: the fused gradients were already consumed by an "
+                           "earlier backward; a second backward (retain_graph=True) is not supported")
+    if ctx.fused and ctx.owned_grads is not None:
+        grads, ctx.owned_grads = ctx.owned_grads, None
+        grads = [t.mul_(g_loss.to(t.dtype)) for t in grads]
+    elif ctx.fused:
+        grads = [t * g_loss.to(t.dtype) for t in ctx.saved_tensors]
+    else:
+        q, d, pool, own, neg_weight, temperature = ctx.saved_tensors
+        B = q.shape[0]
+        g_rows = {"none": g_loss, "mean": g_loss.expand(B) / B, "sum": g_loss.expand(B)}[ctx.reduction]
+        grads = list(info_nce_bwd(q, d, pool, own, neg_weight, temperature, g_rows,
+                                  ctx.pos_offset, ctx.smoothing))
+    dq, dd, dpool, down, dtemp = grads
+    return (dq, dd, dpool if ctx.has_pool else None, down if ctx.has_own else None, None,
+            dtemp, None, None, None, None)
+
+
+info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)

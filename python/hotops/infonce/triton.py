@@ -1,0 +1,97 @@
+"""Triton row pass of the fused InfoNCE loss (the GPU twin of csrc/infonce/cpu.cpp).
+
+One program per query row: an online-softmax sweep over the row's logits (max, weighted sum of
+exponentials, sum of logits, sum of e·l for the temperature gradient), then, when gradients are
+wanted, a second sweep that overwrites the logits with dloss/dlogits. The GEMMs around it are
+cuBLAS (see op.py). Runs on the CPU under TRITON_INTERPRET=1 for tests.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sweep_stats(ptr, stride, n, w_ptr, w_off, pos, r, inv_t, m, s, el, sl,
+                 HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    for j in range(0, n, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        inside = cols < n
+        l = tl.load(ptr + r * stride + cols, mask=inside, other=0.0).to(tl.float32) * inv_t
+        if HAS_W:
+            w = tl.load(w_ptr + w_off + cols, mask=inside, other=0.0)
+        else:
+            w = tl.where(inside, 1.0, 0.0)
+        w = tl.where(cols == pos, 1.0, w)  # the positive always has weight 1
+        sl += tl.sum(tl.where(inside, l, 0.0))
+        m_new = tl.maximum(m, tl.max(tl.where(w > 0, l, float("-inf"))))
+        e = tl.where(w > 0, w * tl.exp(l - m_new), 0.0)
+        alpha = tl.exp(m - m_new)
+        s = s * alpha + tl.sum(e)
+        el = el * alpha + tl.sum(e * tl.where(w > 0, l, 0.0))
+        m = m_new
+    return m, s, el, sl
+
+
+@triton.jit
+def _sweep_grad(ptr, stride, n, w_ptr, w_off, pos, r, inv_t, lse, eps_c, eps, scale,
+                HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    for j in range(0, n, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        inside = cols < n
+        raw = tl.load(ptr + r * stride + cols, mask=inside, other=0.0)
+        l = raw.to(tl.float32) * inv_t
+        if HAS_W:
+            w = tl.load(w_ptr + w_off + cols, mask=inside, other=0.0)
+        else:
+            w = tl.full((BLOCK,), 1.0, tl.float32)
+        w = tl.where(cols == pos, 1.0, w)
+        p = tl.where(w > 0, w * tl.exp(l - lse), 0.0)
+        g = p - eps_c - tl.where(cols == pos, 1.0 - eps, 0.0)
+        tl.store(ptr + r * stride + cols, (g * scale).to(raw.dtype), mask=inside)
+
+
+@triton.jit
+def _rows_kernel(S, stride_s, Na, O, stride_o, K, Wt, RS, LOSS, LSE, TDOT, pos_col, T,
+                 eps, grad_scale, HAS_OWN: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_RS: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    inv_t = 1.0 / tl.load(T).to(tl.float32)
+    pos = pos_col + r
+    m = -float("inf")
+    s = 0.0
+    el = 0.0
+    sl = 0.0
+    m, s, el, sl = _sweep_stats(S, stride_s, Na, Wt, 0, pos, r, inv_t, m, s, el, sl, HAS_W, BLOCK)
+    if HAS_OWN:
+        m, s, el, sl = _sweep_stats(O, stride_o, K, Wt, Na, -1, r, inv_t, m, s, el, sl, HAS_W, BLOCK)
+    C = (Na + K).to(tl.float32)
+    lse = m + tl.log(s)
+    l_pos = tl.load(S + r * stride_s + pos).to(tl.float32) * inv_t
+    tl.store(LSE + r, lse)
+    tl.store(LOSS + r, lse - (1.0 - eps) * l_pos - eps * sl / C)
+    tl.store(TDOT + r, el / s - eps * sl / C - (1.0 - eps) * l_pos)
+    if WANT_GRAD:
+        scale = grad_scale * inv_t
+        if HAS_RS:
+            scale = scale * tl.load(RS + r)
+        _sweep_grad(S, stride_s, Na, Wt, 0, pos, r, inv_t, lse, eps / C, eps, scale, HAS_W, BLOCK)
+        if HAS_OWN:
+            _sweep_grad(O, stride_o, K, Wt, Na, -1, r, inv_t, lse, eps / C, eps, scale, HAS_W, BLOCK)
+
+
+def row_pass(shared, own, weight, row_scale, loss, lse, tdot, pos_col, temperature, smoothing,
+             grad_scale, want_grad, block: int = 1024):
+    """Same contract as the C++ row pass (csrc/infonce/cpu.h); temperature stays on the device."""
+    P, Na = shared.shape
+    K = own.shape[1] if own is not None else 0
+    if P == 0:
+        return
+    block = min(block, triton.next_power_of_2(max(Na, K, 16)))
+    _rows_kernel[(P,)](
+        shared, shared.stride(0), Na,
+        own if own is not None else shared, own.stride(0) if own is not None else 0, K,
+        weight if weight is not None else loss, row_scale if row_scale is not None else loss,
+        loss, lse, tdot, pos_col, temperature, float(smoothing), float(grad_scale),
+        HAS_OWN=own is not None, HAS_W=weight is not None, HAS_RS=row_scale is not None,
+        WANT_GRAD=bool(want_grad), BLOCK=block)

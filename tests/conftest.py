@@ -1,0 +1,45 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+# Triton kernels run in the interpreter wherever there is no GPU; must be set before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import hotops  # noqa: E402
+from hotops import _backend  # noqa: E402
+
+_ORDER = ("scalar", "avx2", "avx512")
+ISAS = _ORDER[: _ORDER.index(_backend.ext().best_isa()) + 1]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs a test once per SIMD variant this CPU supports, then restores the best one."""
+    ext = _backend.ext()
+    ext.set_isa(request.param)
+    yield request.param
+    ext.set_isa(ext.best_isa())
+
+
+def assert_close_to_reference(out, ref64, ref_lp, atol=1e-5, name="output"):
+    """DESIGN.md's tolerance idiom: the kernel's error against a float64 reference is at most
+    twice the error the reference itself makes in the input's precision, plus a small atol."""
+    out, ref64, ref_lp = out.double(), ref64.double(), ref_lp.double()
+    err = (out - ref64).abs().max().item()
+    ref_err = (ref_lp - ref64).abs().max().item()
+    assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} > 2 × reference error {ref_err:.3g} + {atol:g}"
+
+
+requires_triton = pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")

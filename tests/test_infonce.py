@@ -1,0 +1,311 @@
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hypothesis import given, settings, strategies as st
+
+import hotops
+from hotops import _backend
+from hotops.infonce import op, reference
+from conftest import assert_close_to_reference, requires_triton
+
+LOWP_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+
+
+def make(B, D, hard=None, N=0, K=0, dtype=torch.float32, scale=1.0):
+    g = lambda *s: (torch.randn(*s) * scale).to(dtype).requires_grad_()  # noqa: E731
+    q, d = g(B, D), g(B, D)
+    h = g(N, D) if hard == "pool" else g(B, K, D) if hard == "own" else None
+    return q, d, h
+
+
+def grads(loss, inputs):
+    return torch.autograd.grad(loss.sum(), [t for t in inputs if t is not None])
+
+
+def check_against_reference(q, d, h, atol=None, **kw):
+    """hotops vs the float64 reference and the reference in the inputs' dtype: loss and the
+    gradients w.r.t. q, d, hard and a tensor temperature."""
+    t = kw.get("temperature")
+    inputs = [x for x in (q, d, h, t) if isinstance(x, torch.Tensor)]
+
+    def run(fn, leaves):
+        it = iter(leaves)
+        q_, d_ = next(it), next(it)
+        h_ = next(it) if h is not None else None
+        kw_ = dict(kw, temperature=next(it)) if isinstance(t, torch.Tensor) else kw
+        out = fn(q_, d_, h_, **kw_)
+        return out, grads(out, leaves)
+
+    out, g_out = run(hotops.info_nce, inputs)
+    ref64, g64 = run(reference.info_nce, [x.detach().double().requires_grad_() for x in inputs])
+    ref_lp, g_lp = run(reference.info_nce, inputs)
+    atol = atol if atol is not None else LOWP_ATOL[q.dtype]
+    assert out.dtype == torch.float32
+    assert_close_to_reference(out, ref64, ref_lp, atol=atol, name="loss")
+    for i, (a, b, c) in enumerate(zip(g_out, g64, g_lp)):
+        assert a.dtype == c.dtype
+        assert_close_to_reference(a, b, c, atol=atol, name=f"grad {i}")
+
+
+@pytest.mark.parametrize("hard", [None, "pool", "own"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference(isa, hard, reduction):
+    q, d, h = make(19, 24, hard, N=7, K=3)
+    check_against_reference(q, d, h, temperature=0.3, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hard", [None, "pool", "own"])
+def test_low_precision(isa, dtype, hard):
+    q, d, h = make(33, 40, hard, N=9, K=2, dtype=dtype)
+    check_against_reference(q, d, h, temperature=0.5)
+
+
+@pytest.mark.parametrize("hard", [None, "pool", "own"])
+def test_label_smoothing_and_weights(isa, hard):
+    q, d, h = make(17, 8, hard, N=5, K=4)
+    C = 17 + (5 if hard == "pool" else 4 if hard == "own" else 0)
+    w = torch.rand(C) * 2
+    w[3] = 0.0  # a zero weight drops that negative (but never the positive of row 3)
+    check_against_reference(q, d, h, temperature=0.2, label_smoothing=0.1)
+    check_against_reference(q, d, h, temperature=0.2, neg_weight=w)
+    check_against_reference(q, d, h, temperature=0.2, neg_weight=w, label_smoothing=0.2, reduction="none")
+
+
+def test_unweighted_reference_is_cross_entropy():
+    q, d, h = make(6, 4, "pool", N=3)
+    w = torch.ones(9)
+    a = reference.info_nce(q, d, h, temperature=0.7, label_smoothing=0.3, neg_weight=w)
+    b = reference.info_nce(q, d, h, temperature=0.7, label_smoothing=0.3)
+    torch.testing.assert_close(a, b)
+
+
+def test_learnable_temperature(isa):
+    q, d, h = make(12, 16, "pool", N=4)
+    t = torch.tensor(0.1, requires_grad=True)
+    check_against_reference(q, d, h, temperature=t)
+    check_against_reference(q, d, h, temperature=t, reduction="none")
+
+
+def test_many_panels(monkeypatch, isa):
+    # a tiny panel budget forces the multi-panel path (rows are processed 64 at a time)
+    monkeypatch.setitem(op.PANEL_BYTES, "cpu", 1)
+    for hard in (None, "pool", "own"):
+        q, d, h = make(150, 12, hard, N=30, K=2)
+        check_against_reference(q, d, h, temperature=0.25)
+    q, d, h = make(150, 12, "pool", N=30, dtype=torch.bfloat16)
+    check_against_reference(q, d, h, temperature=0.25)
+
+
+@pytest.mark.parametrize("B,D", [(1, 1), (1, 5), (2, 1), (17, 3), (64, 31)])
+def test_odd_sizes(isa, B, D):
+    q, d, h = make(B, D, "pool", N=1)
+    check_against_reference(q, d, h, temperature=1.0)
+
+
+def test_extreme_logits_stay_finite(isa):
+    q, d, h = make(8, 16, "pool", N=4, scale=30.0)  # logits of order 1e5 / T
+    out = hotops.info_nce(q, d, h, temperature=0.01)
+    assert torch.isfinite(out)
+    check_against_reference(q, d, h, temperature=0.01, atol=1e-3)
+
+
+def test_nan_input_gives_nan_loss(isa):
+    q, d, h = make(5, 8, "pool", N=2)
+    with torch.no_grad():
+        d[2, 3] = float("nan")
+    assert torch.isnan(hotops.info_nce(q, d, h))
+    assert torch.isnan(hotops.info_nce(q, d, h, reduction="none")).any()
+
+
+def test_no_grad_forward_matches():
+    q, d, h = make(20, 8, "own", K=3)
+    with torch.no_grad():
+        a = hotops.info_nce(q, d, h, reduction="none")
+    b = reference.info_nce(q, d, h, reduction="none")
+    torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 40), D=st.integers(1, 33), N=st.integers(0, 20), K=st.integers(1, 5),
+       kind=st.sampled_from([None, "pool", "own"]), t=st.floats(0.05, 2.0),
+       eps=st.sampled_from([0.0, 0.1]), reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_property_random_shapes(B, D, N, K, kind, t, eps, reduction):
+    q, d, h = make(B, D, kind if not (kind == "pool" and N == 0) else None, N=N, K=K)
+    check_against_reference(q, d, h, temperature=t, label_smoothing=eps, reduction=reduction, atol=1e-4)
+
+
+# ------------------------------------------------------------------ torch.library integration
+
+
+def test_opcheck():
+    q, d, h = make(9, 8, "pool", N=3)
+    t = torch.tensor(0.2, requires_grad=True)
+    for args in [
+        (q, d, h, None, None, t, 0, 0.0, "mean", True),
+        (q, d, None, None, None, t.detach(), 0, 0.1, "none", False),
+        (q, d, None, make(9, 8, "own", K=2)[2], torch.rand(11), t, 0, 0.0, "sum", True),
+    ]:
+        torch.library.opcheck(op.info_nce_fwd, args)
+    # the backward op is not itself differentiable (no double backward): check it on plain tensors
+    plain = [x.detach() for x in (q, d, h, t)]
+    torch.library.opcheck(op.info_nce_bwd, (*plain[:3], None, None, plain[3], torch.rand(9), 0, 0.1))
+
+
+def test_torch_compile_fullgraph():
+    q, d, h = make(16, 8, "pool", N=4)
+
+    def f(q, d, h):
+        return hotops.info_nce(q * 2, d, h, temperature=0.1, label_smoothing=0.05) + q.sum() * 0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, ref = compiled(q, d, h), f(q, d, h)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads(out, [q, d, h]), grads(ref, [q, d, h])):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    q, d, _ = make(16, 8)
+    f = torch.compile(lambda q, d: hotops.info_nce(q, d, temperature=0.1), fullgraph=True)
+    torch.testing.assert_close(f(q, d), hotops.info_nce(q, d, temperature=0.1))
+
+
+# ------------------------------------------------------------------ the Triton row pass
+
+
+@requires_triton
+@pytest.mark.parametrize("hard", [None, "pool", "own"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setattr(op, "BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_row_pass),))
+    monkeypatch.setitem(op.PANEL_BYTES, "cpu", 1)  # several panels
+    q, d, h = make(70, 12, hard, N=5, K=3, dtype=dtype)
+    C = 70 + (5 if hard == "pool" else 3 if hard == "own" else 0)
+    w = torch.rand(C)
+    check_against_reference(q, d, h, temperature=torch.tensor(0.3, requires_grad=True),
+                            label_smoothing=0.1, neg_weight=w)
+    check_against_reference(q, d, h, temperature=0.3, reduction="none")
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (lambda q, d: hotops.info_nce(q, d[:, :3]), ValueError, "same dimension"),
+    (lambda q, d: hotops.info_nce(q, d[:3]), ValueError, "positives"),
+    (lambda q, d: hotops.info_nce(q[0], d), ValueError, "2 dimensions"),
+    (lambda q, d: hotops.info_nce(q, d, temperature=0.0), ValueError, "positive"),
+    (lambda q, d: hotops.info_nce(q, d, temperature=-1.0), ValueError, "positive"),
+    (lambda q, d: hotops.info_nce(q.long(), d.long()), TypeError, "dtype"),
+    (lambda q, d: hotops.info_nce(q, d.double()), TypeError, "dtype"),
+    (lambda q, d: hotops.info_nce(q, d.half()), TypeError, "share one dtype"),
+    (lambda q, d: hotops.info_nce(q[:0], d[:0]), ValueError, "non-empty"),
+    (lambda q, d: hotops.info_nce(q, d, neg_weight=torch.ones(3)), ValueError, "one weight per candidate"),
+    (lambda q, d: hotops.info_nce(q, d, neg_weight=-torch.ones(8)), ValueError, "non-negative"),
+    (lambda q, d: hotops.info_nce(q, d, torch.randn(8, 2, 5)), ValueError, "hard"),
+    (lambda q, d: hotops.info_nce(q, d, torch.randn(3, 5)), ValueError, "hard"),
+    (lambda q, d: hotops.info_nce(q, d, reduction="max"), ValueError, "reduction"),
+    (lambda q, d: hotops.info_nce(q, d, label_smoothing=1.5), ValueError, "label_smoothing"),
+    (lambda q, d: hotops.info_nce(q, d, temperature=torch.ones(2)), ValueError, "0-d"),
+    (lambda q, d: hotops.info_nce(q, "d"), TypeError, "torch.Tensor"),
+    (lambda q, d: hotops.info_nce(q, d.to("meta")), ValueError, "one device"),
+])
+def test_bad_input(bad, exc, match):
+    q, d = torch.randn(8, 4), torch.randn(8, 4)
+    with pytest.raises(exc, match=match):
+        bad(q, d)
+
+
+def test_tensor_temperature_must_be_positive():
+    q, d = torch.randn(8, 4), torch.randn(8, 4)
+    with pytest.raises(ValueError, match="positive"):
+        hotops.info_nce(q, d, temperature=torch.tensor(-0.5))
+
+
+def test_no_backend_lists_reasons():
+    with pytest.raises(RuntimeError, match=r"cpu \(C\+\+\): needs CPU tensors.*\n.*cuda \(Triton\)"):
+        _backend.choose("info_nce", op.BACKENDS, torch.device("meta"))
+
+
+def test_c_kernel_refuses_bad_views():
+    ext = _backend.ext()
+    S, r = torch.randn(4, 6), torch.empty(4)
+    with pytest.raises(ValueError, match="positive columns"):
+        ext.infonce_rows(S, None, None, None, r, r, r, pos_col=3, inv_t=1.0, smoothing=0.0,
+                         grad_scale=1.0, want_grad=False, threads=1)
+    with pytest.raises(ValueError, match="dtype int64"):
+        ext.infonce_rows(S.long(), None, None, None, r, r, r, pos_col=0, inv_t=1.0, smoothing=0.0,
+                         grad_scale=1.0, want_grad=False, threads=1)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        ext.infonce_rows(S.T, None, None, None, r, r, r, pos_col=0, inv_t=1.0, smoothing=0.0,
+                         grad_scale=1.0, want_grad=False, threads=1)
+
+
+# ------------------------------------------------------------------ the module and gathering
+
+
+def test_module_learnable_temperature_clamped():
+    loss_fn = hotops.nn.InfoNCELoss(temperature=0.05, learnable_temperature=True)
+    q, d, h = make(10, 8, "pool", N=3)
+    loss = loss_fn(q, d, h)
+    loss.backward()
+    assert loss_fn.log_temperature.grad is not None and torch.isfinite(loss_fn.log_temperature.grad)
+    with torch.no_grad():
+        loss_fn.log_temperature.fill_(math.log(1e-4))
+    assert loss_fn.temperature.item() == pytest.approx(0.01)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather_worker(rank, world, port, q, d, h, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        B, N = q.shape[0] // world, h.shape[0] // world
+        ql, dl = (t[rank * B:(rank + 1) * B].clone().requires_grad_() for t in (q, d))
+        hl = h[rank * N:(rank + 1) * N].clone().requires_grad_()
+        loss = hotops.nn.InfoNCELoss(temperature=0.1, gather=True)(ql, dl, hl)
+        # each rank's loss is the mean over its own queries; their sum / world is the global mean
+        (loss / world).backward()
+        out[rank] = (loss.detach(), ql.grad, dl.grad, hl.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_gather_two_gloo_ranks_equal_one_process():
+    world, B, D, N = 2, 6, 8, 4
+    q, d, h = torch.randn(world * B, D), torch.randn(world * B, D), torch.randn(world * N, D)
+    manager = mp.get_context("spawn").Manager()
+    out = manager.dict()
+    mp.start_processes(_gather_worker, args=(world, _free_port(), q, d, h, out), nprocs=world,
+                       start_method="spawn", join=True)
+    qa, da, ha = (t.clone().requires_grad_() for t in (q, d, h))
+    ref = hotops.info_nce(qa, da, ha, temperature=0.1)
+    ref.backward()
+    torch.testing.assert_close(sum(out[r][0] for r in range(world)) / world, ref.detach())
+    torch.testing.assert_close(torch.cat([out[r][1] for r in range(world)]), qa.grad)
+    torch.testing.assert_close(torch.cat([out[r][2] for r in range(world)]), da.grad)
+    torch.testing.assert_close(torch.cat([out[r][3] for r in range(world)]), ha.grad)
+
+
+def test_second_backward_is_refused_clearly():
+    q, d, _ = make(6, 4)
+    loss = hotops.info_nce(q, d)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
