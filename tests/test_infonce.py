@@ -309,3 +309,18 @@ def test_second_backward_is_refused_clearly():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+# ------------------------------------------------------------------ on a GPU (gpu_check.sh)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hard", [None, "pool", "own"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_reference(hard, dtype):
+    q, d, h = make(300, 64, hard, N=50, K=3, dtype=dtype)
+    q, d = (t.detach().cuda().requires_grad_() for t in (q, d))
+    h = h.detach().cuda().requires_grad_() if h is not None else None
+    check_against_reference(q, d, h, temperature=torch.tensor(0.1, device="cuda", requires_grad=True),
+                            label_smoothing=0.1)

@@ -67,20 +67,24 @@ def main(argv=None):
     b.add_argument("--json", default="bench-results/results.json", help="where to write raw results")
     b.add_argument("--plot", default="bench-results", help="folder for the PNG plots")
     b.add_argument("--threads", type=int, default=None, help="threads for everyone (default: torch's)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the cases")
     args = p.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    mach = machine()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible to torch")
+    mach = machine(args.device)
     print(f"hotops bench{' --quick' if args.quick else ''}: {mach.describe()}", flush=True)
     results, t0 = [], time.time()
     for fam in args.family or list(FAMILIES):
         mod = importlib.import_module(FAMILIES[fam])
-        for params in mod.cases(args.quick):
-            r = mod.run(params, args.quick, threads)
+        for params in mod.cases(args.quick, args.device):
+            r = mod.run(params, args.quick, threads, args.device)
             results.append(r)
-            print(f"  {r.family:9s} {r.case:42s} speed-up {r.speedup or 0:.2f}x  check {r.check}", flush=True)
+            sp = f"{r.speedup:.2f}x" if r.speedup else f"- ({r.note})"
+            print(f"  {r.family:9s} {r.case:42s} speed-up {sp}  check {r.check}", flush=True)
         if hasattr(mod, "plots"):
             mod.plots(results, args.plot)
     print()

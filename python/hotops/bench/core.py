@@ -49,24 +49,28 @@ class Result:
 
 
 def time_pair(hotops_fn: Callable[[], object], peer_fn: Optional[Callable[[], object]],
-              repeats: int = 5, warmup: int = 1, min_time: float = 0.0):
-    """Median seconds of each side, interleaved call by call so drift hits both alike."""
+              repeats: int = 5, warmup: int = 1, min_time: float = 0.0, device: str = "cpu"):
+    """Median seconds of each side, interleaved call by call so drift hits both alike.
+    On CUDA each call is bracketed by synchronisations."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
     for _ in range(warmup):
         hotops_fn()
         if peer_fn:
             peer_fn()
     th, tp = [], []
-    n = 0
     start = time.perf_counter()
-    while n < repeats or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        hotops_fn()
-        th.append(time.perf_counter() - t0)
+    while len(th) < repeats or time.perf_counter() - start < min_time:
+        th.append(timed(hotops_fn))
         if peer_fn:
-            t0 = time.perf_counter()
-            peer_fn()
-            tp.append(time.perf_counter() - t0)
-        n += 1
+            tp.append(timed(peer_fn))
     return statistics.median(th), (statistics.median(tp) if tp else None)
 
 
@@ -107,19 +111,20 @@ def _version(module: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def machine() -> Machine:
+def machine(device: str = "cpu") -> Machine:
     from hotops import _backend
 
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    mm_s, _ = time_pair(lambda: torch.mm(a, b), None, repeats=5)
+    n = 2048 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    mm_s, _ = time_pair(lambda: torch.mm(a, b), None, repeats=5, device=device)
     a16, b16 = a.bfloat16(), b.bfloat16()
-    mm16_s, _ = time_pair(lambda: torch.mm(a16, b16), None, repeats=5)
-    big = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB: far beyond the caches
-    dst = torch.empty_like(big)
-    cp_s, _ = time_pair(lambda: dst.copy_(big), None, repeats=5)
+    mm16_s, _ = time_pair(lambda: torch.mm(a16, b16), None, repeats=5, device=device)
+    big = torch.empty((64 if device == "cpu" else 2048) << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(big)  # far beyond the caches
+    cp_s, _ = time_pair(lambda: dst.copy_(big), None, repeats=5, device=device)
+    name = _cpu_model() if device == "cpu" else torch.cuda.get_device_name()
     return Machine(
-        cpu=_cpu_model(), isa=_backend.ext().isa(), threads=torch.get_num_threads(),
+        cpu=name, isa=_backend.ext().isa() if device == "cpu" else "cuda", threads=torch.get_num_threads(),
         torch=torch.__version__, triton=_version("triton"), python=platform.python_version(),
         gflops=2 * n ** 3 / mm_s / 1e9, gflops_bf16=2 * n ** 3 / mm16_s / 1e9, gbps=2 * big.numel() / cp_s / 1e9,
         peers={m: _version(m) for m in ("faiss", "hnswlib", "aqlm", "numpy")})
