@@ -56,7 +56,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     eager, note = build("eager", **params, device=device), ""
     try:
         ref = eager()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         eager, ref, note = None, None, "eager runs out of memory"
         torch.cuda.empty_cache()
     out = hot()
