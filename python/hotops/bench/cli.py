@@ -19,7 +19,7 @@ def _fmt_ms(s):
     return "-" if s is None else f"{s * 1e3:.1f}"
 
 
-def print_table(results, mach, out=sys.stdout):
+def table_rows(results, mach):
     rows = [("family", "case", "peer", "hotops ms", "peer ms", "speed-up", "% roofline", "memory (hotops/peer)", "check")]
     for r in results:
         sp = r.speedup
@@ -29,11 +29,25 @@ def print_table(results, mach, out=sys.stdout):
         rows.append((r.family, r.case, r.peer, _fmt_ms(r.hotops_s), _fmt_ms(r.peer_s),
                      "-" if sp is None else f"{sp:.2f}x", "-" if roof is None else f"{roof:.0f}%",
                      mem, r.check + (f" ({r.note})" if r.note else "")))
+    return rows
+
+
+def print_table(results, mach, out=sys.stdout):
+    rows = table_rows(results, mach)
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
         if i == 0:
             print("  ".join("-" * w for w in widths), file=out)
+
+
+def write_markdown(results, mach, path, command):
+    rows = table_rows(results, mach)
+    with open(path, "w") as f:
+        f.write(f"Command: `{command}`\n\nMachine: {mach.describe()}\n\n")
+        f.write("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n")
+        for row in rows[1:]:
+            f.write("| " + " | ".join(str(c) for c in row) + " |\n")
 
 
 def plot(results, path):
@@ -95,8 +109,10 @@ def main(argv=None):
                    "results": [dict(dataclasses.asdict(r), speedup=r.speedup,
                                     roofline_pct=r.roofline_pct(mach)) for r in results]}, f, indent=1)
     os.makedirs(args.plot, exist_ok=True)
+    md = os.path.splitext(args.json)[0] + ".md"
+    write_markdown(results, mach, md, "hotops " + " ".join(sys.argv[1:] if argv is None else argv))
     png = plot(results, os.path.join(args.plot, "speedups.png"))
-    print(f"\nwrote {args.json}" + (f" and {png}" if png else ""))
+    print(f"\nwrote {args.json}, {md}" + (f" and {png}" if png else ""))
     return 0 if all(r.check == "ok" for r in results) else 1
 
 
