@@ -324,3 +324,17 @@ def test_cuda_matches_reference(hard, dtype):
     h = h.detach().cuda().requires_grad_() if h is not None else None
     check_against_reference(q, d, h, temperature=torch.tensor(0.1, device="cuda", requires_grad=True),
                             label_smoothing=0.1)
+
+
+def test_c_kernel_takes_numpy_and_refuses_read_only_outputs():
+    np = pytest.importorskip("numpy")
+    ext = _backend.ext()
+    S = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+    loss, lse, tdot = (np.empty(4, np.float32) for _ in range(3))
+    ref = reference.info_nce(torch.from_numpy(S), torch.eye(6), None, temperature=1.0, reduction="none")
+    args = dict(pos_col=0, inv_t=1.0, smoothing=0.0, grad_scale=1.0, want_grad=True, threads=1)
+    ext.infonce_rows(S.copy(), None, None, None, loss, lse, tdot, **args)
+    np.testing.assert_allclose(loss, ref.numpy(), rtol=1e-5)
+    S.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        ext.infonce_rows(S, None, None, None, loss, lse, tdot, **args)

@@ -19,10 +19,19 @@ struct Tensor {
   int64_t* strides;  // in elements; null means compact row-major
   uint64_t byte_offset;
 };
-struct ManagedTensor {
+struct ManagedTensor {  // capsule "dltensor" (DLPack < 1.0)
   Tensor dl_tensor;
   void* manager_ctx;
   void (*deleter)(ManagedTensor*);
+};
+struct Version { uint32_t major; uint32_t minor; };
+constexpr uint64_t kFlagReadOnly = 1;
+struct ManagedTensorVersioned {  // capsule "dltensor_versioned" (DLPack >= 1.0): has flags
+  Version version;
+  void* manager_ctx;
+  void (*deleter)(ManagedTensorVersioned*);
+  uint64_t flags;
+  Tensor dl_tensor;
 };
 
 }  // namespace hotops::dlpack

@@ -53,10 +53,25 @@ class ViewArgs {
       return v;
     }
     HOTOPS_CHECK(pybind11::hasattr(obj, "__dlpack__"), what, " must be a torch tensor or NumPy array");
-    pybind11::capsule cap = obj.attr("__dlpack__")();
-    HOTOPS_CHECK(std::string(cap.name()) == "dltensor", what, ": DLPack capsule was already consumed");
-    const auto* mt = cap.get_pointer<dlpack::ManagedTensor>();
-    const dlpack::Tensor& t = mt->dl_tensor;
+    pybind11::capsule cap;
+    try {  // DLPack 1.0 carries a read-only flag (e.g. NumPy memory maps opened with mode "r")
+      cap = obj.attr("__dlpack__")(pybind11::arg("max_version") = pybind11::make_tuple(1, 0));
+    } catch (pybind11::error_already_set& e) {
+      if (!e.matches(PyExc_TypeError)) throw;
+      cap = obj.attr("__dlpack__")();
+    }
+    const std::string name = cap.name();
+    const dlpack::Tensor* tp;
+    if (name == "dltensor_versioned") {
+      const auto* mt = cap.get_pointer<dlpack::ManagedTensorVersioned>();
+      HOTOPS_CHECK(mt->version.major == 1, what, ": unsupported DLPack major version ", mt->version.major);
+      tp = &mt->dl_tensor;
+      v.readonly = (mt->flags & dlpack::kFlagReadOnly) != 0;
+    } else {
+      HOTOPS_CHECK(name == "dltensor", what, ": not a DLPack capsule (", name, ")");
+      tp = &cap.get_pointer<dlpack::ManagedTensor>()->dl_tensor;
+    }
+    const dlpack::Tensor& t = *tp;
     HOTOPS_CHECK(t.device.device_type == dlpack::kCPU || t.device.device_type == dlpack::kCUDAHost,
                  what, " must be in CPU memory for the C++ kernels");
     HOTOPS_CHECK(t.ndim <= 4, what, " has ", t.ndim, " dimensions; at most 4 are supported");

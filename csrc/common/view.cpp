@@ -56,4 +56,8 @@ void check_contiguous(const View& v, const char* what) {
   }
 }
 
+void check_writable(const View& v, const char* what) {
+  HOTOPS_CHECK(!v.readonly, what, " is read-only, but the kernel writes to it");
+}
+
 }  // namespace hotops

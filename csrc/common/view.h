@@ -20,7 +20,8 @@ struct View {
   int ndim = 0;
   int64_t sizes[4] = {0, 0, 0, 0};
   int64_t strides[4] = {0, 0, 0, 0};
-  bool present = true;  // false for an optional argument passed as None
+  bool present = true;   // false for an optional argument passed as None
+  bool readonly = false;  // the producer marked the memory read-only (DLPack 1.0 flag)
 
   int64_t size(int d) const { return sizes[d]; }
   int64_t stride(int d) const { return strides[d]; }
@@ -37,5 +38,6 @@ struct View {
 void check_view(const View& v, const char* what, int ndim, std::initializer_list<DType> dtypes);
 void check_rows_contiguous(const View& v, const char* what);  // last dim has stride 1
 void check_contiguous(const View& v, const char* what);
+void check_writable(const View& v, const char* what);  // for outputs and in-place arguments
 
 }  // namespace hotops

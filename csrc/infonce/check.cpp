@@ -6,11 +6,13 @@ void check(const InfoNceRows& a) {
   const auto floats = {DType::f32, DType::bf16, DType::f16};
   check_view(a.shared, "logits", 2, floats);
   check_rows_contiguous(a.shared, "logits");
+  check_writable(a.shared, "logits");
   const int64_t P = a.shared.size(0), Na = a.shared.size(1);
   int64_t K = 0;
   if (a.own.present) {
     check_view(a.own, "own-negative logits", 2, floats);
     check_rows_contiguous(a.own, "own-negative logits");
+    check_writable(a.own, "own-negative logits");
     HOTOPS_CHECK(a.own.size(0) == P, "own-negative logits have ", a.own.size(0), " rows, expected ", P);
     K = a.own.size(1);
   }
@@ -26,6 +28,7 @@ void check(const InfoNceRows& a) {
   }
   for (const View* v : {&a.loss, &a.lse, &a.tdot}) {
     check_view(*v, "row output", 1, {DType::f32});
+    check_writable(*v, "row output");
     HOTOPS_CHECK(v->size(0) == P, "row outputs must have ", P, " entries");
   }
   HOTOPS_CHECK(a.pos_col >= 0 && a.pos_col + P <= Na, "positive columns [", a.pos_col, ", ",
