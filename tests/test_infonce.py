@@ -338,3 +338,19 @@ def test_c_kernel_takes_numpy_and_refuses_read_only_outputs():
     S.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         ext.infonce_rows(S, None, None, None, loss, lse, tdot, **args)
+
+
+@settings(max_examples=30, deadline=None)
+@given(Bq=st.integers(0, 6), Bd=st.integers(0, 6), Dq=st.integers(1, 5), Dd=st.integers(1, 5),
+       hard_shape=st.sampled_from([None, (3,), (2, 4), (6, 2, 4), (5, 1, 3)]))
+def test_property_bad_shapes_raise_value_error(Bq, Bd, Dq, Dd, hard_shape):
+    q, d = torch.randn(Bq, Dq), torch.randn(Bd, Dd)
+    hard = torch.randn(*hard_shape) if hard_shape else None
+    valid = Bq > 0 and Dq == Dd and Bq <= Bd and (
+        hard is None or (hard.dim() == 2 and hard.shape[1] == Dq)
+        or (hard.dim() == 3 and hard.shape[0] == Bq and hard.shape[2] == Dq))
+    if valid:
+        assert torch.isfinite(hotops.info_nce(q, d, hard))
+    else:
+        with pytest.raises(ValueError):
+            hotops.info_nce(q, d, hard)
