@@ -16,6 +16,14 @@ _ORDER = ("scalar", "avx2", "avx512")
 ISAS = _ORDER[: _ORDER.index(_backend.ext().best_isa()) + 1]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (runs in benchmarks/gpu_check.sh)")
+    # raised inside torch's own opcheck / compile machinery, not by hotops
+    config.addinivalue_line("filterwarnings",
+                            "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)
@@ -43,3 +51,9 @@ def assert_close_to_reference(out, ref64, ref_lp, atol=1e-5, name="output"):
 
 
 requires_triton = pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
+
+
+def old_triton_interpreter() -> bool:
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 2)

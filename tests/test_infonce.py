@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import hotops
 from hotops import _backend
 from hotops.infonce import op, reference
-from conftest import assert_close_to_reference, requires_triton
+from conftest import assert_close_to_reference, old_triton_interpreter, requires_triton
 
 LOWP_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
@@ -185,6 +185,9 @@ def test_torch_compile_inductor():
 def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    if not torch.cuda.is_available() and old_triton_interpreter():
+        pytest.skip("the interpreter of triton < 3.2 rejects constexpr arguments of nested jit "
+                    "functions (seen with 3.0); the compiled GPU path is unaffected")
     monkeypatch.setattr(op, "BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_row_pass),))
     monkeypatch.setitem(op.PANEL_BYTES, "cpu", 1)  # several panels
     q, d, h = make(70, 12, hard, N=5, K=3, dtype=dtype)
@@ -335,7 +338,7 @@ def test_c_kernel_takes_numpy_and_refuses_read_only_outputs():
     args = dict(pos_col=0, inv_t=1.0, smoothing=0.0, grad_scale=1.0, want_grad=True, threads=1)
     ext.infonce_rows(S.copy(), None, None, None, loss, lse, tdot, **args)
     np.testing.assert_allclose(loss, ref.numpy(), rtol=1e-5)
-    S.flags.writeable = False
+    S.flags.writeable = False  # NumPy >= 2.1 flags it through DLPack 1.0; older cannot export it
     with pytest.raises(ValueError, match="read-only"):
         ext.infonce_rows(S, None, None, None, loss, lse, tdot, **args)
 

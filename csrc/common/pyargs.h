@@ -58,7 +58,13 @@ class ViewArgs {
       cap = obj.attr("__dlpack__")(pybind11::arg("max_version") = pybind11::make_tuple(1, 0));
     } catch (pybind11::error_already_set& e) {
       if (!e.matches(PyExc_TypeError)) throw;
-      cap = obj.attr("__dlpack__")();
+      try {  // a producer older than DLPack 1.0
+        cap = obj.attr("__dlpack__")();
+      } catch (pybind11::error_already_set& e2) {
+        if (!e2.matches(PyExc_BufferError)) throw;
+        fail(what, " is read-only and its library cannot export read-only memory through DLPack "
+             "(NumPy < 2.1); pass a writable array");
+      }
     }
     const std::string name = cap.name();
     const dlpack::Tensor* tp;

@@ -11,7 +11,6 @@ so forward and backward together cost three GEMMs and O(P × Na) scratch. When t
 reduced to a scalar (mean/sum) the gradients are computed in the forward call and only scaled
 in backward; for reduction="none" backward recomputes (four GEMMs in all).
 """
-from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
 
