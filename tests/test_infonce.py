@@ -357,3 +357,10 @@ def test_property_bad_shapes_raise_value_error(Bq, Bd, Dq, Dd, hard_shape):
     else:
         with pytest.raises(ValueError):
             hotops.info_nce(q, d, hard)
+
+
+def test_non_contiguous_inputs(isa):
+    q = torch.randn(16, 20).T.requires_grad_()          # (20, 16), column-major
+    d = torch.randn(20, 32)[:, ::2].requires_grad_()    # (20, 16), stride 2 in the last dim
+    h = torch.randn(7, 16)
+    check_against_reference(q, d, h, temperature=0.5)

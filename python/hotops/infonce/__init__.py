@@ -69,6 +69,8 @@ def info_nce(q: Tensor, d: Tensor, hard: Optional[Tensor] = None, *,
         if not temperature.is_floating_point():
             raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
         temperature = temperature.reshape(()).to(q.device)
+        if not torch.compiler.is_compiling() and not bool(temperature.detach() > 0):
+            raise ValueError(f"temperature must be positive, got {temperature.item()}")
     else:
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
