@@ -362,5 +362,5 @@ def test_property_bad_shapes_raise_value_error(Bq, Bd, Dq, Dd, hard_shape):
 def test_non_contiguous_inputs(isa):
     q = torch.randn(16, 20).T.requires_grad_()          # (20, 16), column-major
     d = torch.randn(20, 32)[:, ::2].requires_grad_()    # (20, 16), stride 2 in the last dim
-    h = torch.randn(7, 16)
+    h = torch.randn(7, 16, requires_grad=True)
     check_against_reference(q, d, h, temperature=0.5)
