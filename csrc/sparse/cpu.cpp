@@ -1,0 +1,303 @@
+// Per-ISA sparse x dense kernels (see cpu.h).
+//
+// Work items are (image, pixel tile, group, block of rows). A tile's im2col rows live in a
+// per-thread scratch buffer sized to stay in L2 while every output row of the group streams over
+// it; each non-zero w[o, k] is then one broadcast and NV fused multiply-adds over 64 pixels held
+// in registers, so the arithmetic is proportional to the non-zeros, never to the dense weight.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common/parallel.h"
+#include "common/simd.h"
+#include "sparse/cpu.h"
+
+namespace hotops {
+namespace HOTOPS_ISA {
+namespace {
+
+constexpr int W = VecF::W;
+constexpr int NV = W >= 16 ? 4 : 8;     // register tile: 64 pixels on AVX-512 and AVX2
+constexpr int64_t CH = int64_t(NV) * W;  // pixels per register tile
+constexpr int64_t TILE_FLOATS = 96 << 10;  // im2col tile budget (384 KB): L2-resident
+
+struct Scratch {  // raw new/delete: kernel TUs must not instantiate std containers (ODR rule)
+  float* p;
+  explicit Scratch(int64_t n) : p(n > 0 ? new float[n] : nullptr) {}
+  ~Scratch() { delete[] p; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+struct CsrPtrs {
+  const int64_t* rowptr;
+  const int32_t* col;
+  const float* val;
+  int64_t ncols;
+  explicit CsrPtrs(const Csr& m, int64_t ncols)
+      : rowptr(m.rowptr.ptr<int64_t>()), col(m.colidx.ptr<int32_t>()), val(m.values.ptr<float>()), ncols(ncols) {}
+
+  void check_row(int64_t r) const {  // every column index the kernels read is checked once
+    bool bad = false;
+    for (int64_t k = rowptr[r]; k < rowptr[r + 1]; ++k) bad |= static_cast<uint32_t>(col[k]) >= ncols;
+    HOTOPS_CHECK(!bad, "column index out of range [0, ", ncols, ") in row ", r, " of the sparse weight");
+  }
+};
+
+struct Out {  // element (row, pixel) at base + row * rs + pixel * ps
+  float* base;
+  int64_t rs, ps;
+  void put(int64_t r, int64_t p, VecF v, int64_t n = W) const {
+    float* d = base + r * rs + p * ps;
+    if (ps == 1) return store_row(d, DType::f32, 0, v, n);
+    float buf[W];
+    v.store(buf);
+    for (int64_t i = 0; i < n; ++i) d[i * ps] = buf[i];
+  }
+};
+
+inline VecF epilogue(VecF acc, VecF bias, bool relu) {
+  acc = acc + bias;
+  return relu ? VecF::max(VecF::set1(0.0f), acc) : acc;  // NaN stays NaN, as in torch.relu
+}
+
+// out[r - r0, p] = act(bias[r] + sum_k val[k] * src[col[k] * ld + p]) for rows [r0, r1), p < n.
+void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t n, Out out,
+               const float* bias, bool relu) {
+  for (int64_t r = r0; r < r1; ++r) {
+    m.check_row(r);
+    const int64_t k0 = m.rowptr[r], k1 = m.rowptr[r + 1];
+    const VecF b = VecF::set1(bias ? bias[r] : 0.0f);
+    int64_t p = 0;
+    for (; p + CH <= n; p += CH) {
+      VecF acc[NV];
+      for (int j = 0; j < NV; ++j) acc[j] = VecF::set1(0.0f);
+      for (int64_t k = k0; k < k1; ++k) {
+        const VecF v = VecF::set1(m.val[k]);
+        const float* s = src + m.col[k] * ld + p;
+        for (int j = 0; j < NV; ++j) acc[j] = VecF::fma(v, VecF::load(s + j * W), acc[j]);
+      }
+      for (int j = 0; j < NV; ++j) out.put(r - r0, p + j * W, epilogue(acc[j], b, relu));
+    }
+    for (; p + W <= n; p += W) {
+      VecF acc = VecF::set1(0.0f);
+      for (int64_t k = k0; k < k1; ++k) acc = VecF::fma(VecF::set1(m.val[k]), VecF::load(src + m.col[k] * ld + p), acc);
+      out.put(r - r0, p, epilogue(acc, b, relu));
+    }
+    for (; p < n; ++p) {  // tail pixels (and all of batch-1 linear): four chains for latency
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      int64_t k = k0;
+      for (; k + 4 <= k1; k += 4)
+        for (int u = 0; u < 4; ++u) s[u] += m.val[k + u] * src[m.col[k + u] * ld + p];
+      for (; k < k1; ++k) s[0] += m.val[k] * src[m.col[k] * ld + p];
+      out.put(r - r0, p, epilogue(VecF::set1((s[0] + s[1]) + (s[2] + s[3])), b, relu), 1);
+    }
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  VecF s0 = VecF::set1(0.0f), s1 = VecF::set1(0.0f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    s0 = VecF::fma(VecF::load(a + i), VecF::load(b + i), s0);
+    s1 = VecF::fma(VecF::load(a + i + W), VecF::load(b + i + W), s1);
+  }
+  for (; i + W <= n; i += W) s0 = VecF::fma(VecF::load(a + i), VecF::load(b + i), s0);
+  float s = (s0 + s1).sum();
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Calls f(t, hi, wi, len) for each run of tile positions t .. t+len-1 (pixels p0 + t) whose
+// kernel tap (dy, dx) lands inside the input: input row hi, columns wi, wi + sw, ...
+template <typename F>
+void for_each_span(const ConvGeom& g, int64_t dy, int64_t dx, int64_t p0, int64_t n, F&& f) {
+  const int64_t off_w = dx * g.dw - g.pw;
+  const int64_t lo = off_w >= 0 ? 0 : (-off_w + g.sw - 1) / g.sw;  // first wo with wi >= 0
+  const int64_t hi = std::min(g.Wo, g.W - 1 - off_w < 0 ? 0 : (g.W - 1 - off_w) / g.sw + 1);
+  for (int64_t p = p0, end = p0 + n; p < end;) {
+    const int64_t ho = p / g.Wo, wo0 = p - ho * g.Wo, wo1 = std::min(g.Wo, wo0 + (end - p));
+    const int64_t hin = ho * g.sh - g.ph + dy * g.dh;
+    if (hin >= 0 && hin < g.H) {
+      const int64_t a = std::max(wo0, lo), b = std::min(wo1, hi);
+      if (a < b) f(p - p0 + (a - wo0), hin, a * g.sw + off_w, b - a);
+    }
+    p += wo1 - wo0;
+  }
+}
+
+inline void tap_of(const ConvGeom& g, int64_t k, int64_t& c, int64_t& dy, int64_t& dx) {
+  c = k / (g.kh * g.kw);
+  dy = (k / g.kw) % g.kh;
+  dx = k % g.kw;
+}
+
+// im2col rows of group grp for pixels [p0, p0 + n) of one image (channel stride xcs) into buf
+// (row stride n); rows with no non-zero in the weight (used[k] == used[k + 1]) are skipped.
+void build_cols(const ConvGeom& g, const float* xn, int64_t xcs, int64_t grp, const int64_t* used, int64_t p0,
+                int64_t n, float* buf) {
+  for (int64_t k = 0; k < g.K(); ++k) {
+    if (used[k] == used[k + 1]) continue;
+    int64_t c, dy, dx;
+    tap_of(g, k, c, dy, dx);
+    const float* plane = xn + (grp * g.Cg() + c) * xcs;
+    float* row = buf + k * n;
+    std::memset(row, 0, sizeof(float) * n);
+    for_each_span(g, dy, dx, p0, n, [&](int64_t t, int64_t hin, int64_t wi, int64_t len) {
+      const float* s = plane + hin * g.W + wi;
+      if (g.sw == 1) {
+        std::memcpy(row + t, s, sizeof(float) * len);
+      } else {
+        for (int64_t i = 0; i < len; ++i) row[t + i] = s[i * g.sw];
+      }
+    });
+  }
+}
+
+// Tiling shared by the passes: tiles of `pt` output pixels, rows split into `rb` blocks of `rbs`.
+struct Plan {
+  int64_t pt, tiles, rb, rbs, items;
+  Plan(const ConvGeom& g, int64_t rows_per_group, bool split_rows_freely, int threads) {
+    const int64_t P = g.P();
+    pt = std::max<int64_t>(CH, TILE_FLOATS / std::max<int64_t>(1, g.K()) / CH * CH);
+    pt = std::max<int64_t>(1, std::min(P, pt));
+    tiles = P == 0 ? 0 : (P + pt - 1) / pt;
+    const int64_t outer = g.N * tiles * g.G;
+    // rows are split when reading the input in place (free) or when there are too few tiles
+    const int64_t want = split_rows_freely ? 4 * threads : threads;
+    rb = outer >= want ? 1 : std::min<int64_t>(rows_per_group, (want + outer - 1) / std::max<int64_t>(1, outer));
+    rb = std::max<int64_t>(1, rb);
+    rbs = (rows_per_group + rb - 1) / rb;
+    items = outer * rb;
+  }
+  // item -> (image, tile, group, row block)
+  void decode(int64_t it, const ConvGeom& g, int64_t& n, int64_t& t, int64_t& grp, int64_t& b) const {
+    b = it % rb;
+    it /= rb;
+    grp = it % g.G;
+    it /= g.G;
+    t = it % tiles;
+    n = it / tiles;
+  }
+};
+
+}  // namespace
+
+void sparse_conv_fwd(const SparseConvFwd& a) {
+  const ConvGeom& g = a.g;
+  const CsrPtrs w(a.w, g.K());
+  const Plan plan(g, g.Og(), g.direct(), a.threads);
+  const float* x = a.x.ptr<float>();
+  float* y = a.y.ptr<float>();
+  const float* bias = a.bias.present ? a.bias.ptr<float>() : nullptr;
+  const int64_t* used = a.used_rowptr.ptr<int64_t>();
+  parallel_for(plan.items, 1, a.threads, [&](int64_t i0, int64_t i1) {
+    Scratch buf(g.direct() ? 0 : g.K() * plan.pt);
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t n, t, grp, b;
+      plan.decode(it, g, n, t, grp, b);
+      const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
+      const float* xn = x + n * a.x.stride(0);
+      const float* src = xn + grp * g.Cg() * a.x.stride(1) + p0;
+      int64_t ld = a.x.stride(1);
+      if (!g.direct()) {
+        build_cols(g, xn, a.x.stride(1), grp, used + grp * g.K(), p0, len, buf.p);
+        src = buf.p;
+        ld = len;
+      }
+      const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
+      if (r0 >= r1) continue;
+      Out out{y + n * a.y.stride(0) + r0 * a.y.stride(1) + p0 * a.y.stride(2), a.y.stride(1), a.y.stride(2)};
+      spmm_rows(w, r0, r1, src, ld, len, out, bias, a.relu);
+    }
+  });
+}
+
+void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
+  const ConvGeom& g = a.g;
+  const CsrPtrs wt(a.wt, g.Og());
+  const float* gy = a.gy.ptr<float>();
+  float* gx = a.gx.ptr<float>();
+  if (g.direct()) {  // cols are grad_input itself: write it in place, rows split freely
+    const Plan plan(g, g.K(), true, a.threads);
+    parallel_for(plan.items, 1, a.threads, [&](int64_t i0, int64_t i1) {
+      for (int64_t it = i0; it < i1; ++it) {
+        int64_t n, t, grp, b;
+        plan.decode(it, g, n, t, grp, b);
+        const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
+        const int64_t r0 = grp * g.K() + b * plan.rbs, r1 = std::min((grp + 1) * g.K(), r0 + plan.rbs);
+        if (r0 >= r1) continue;
+        const float* src = gy + n * a.gy.stride(0) + grp * g.Og() * a.gy.stride(1) + p0;
+        Out out{gx + n * a.gx.stride(0) + r0 * a.gx.stride(1) + p0 * a.gx.stride(2), a.gx.stride(1), a.gx.stride(2)};
+        spmm_rows(wt, r0, r1, src, a.gy.stride(1), len, out, nullptr, false);
+      }
+    });
+    return;
+  }
+  // col2im adds overlapping windows: one work item per (image, group) owns its slice of gx
+  const Plan plan(g, g.K(), false, 1);
+  parallel_for(g.N * g.G, 1, a.threads, [&](int64_t i0, int64_t i1) {
+    Scratch buf(g.K() * plan.pt);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n = it / g.G, grp = it % g.G;
+      const float* gyn = gy + n * a.gy.stride(0) + grp * g.Og() * a.gy.stride(1);
+      float* gxn = gx + n * a.gx.stride(0);
+      for (int64_t t = 0; t < plan.tiles; ++t) {
+        const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
+        spmm_rows(wt, grp * g.K(), (grp + 1) * g.K(), gyn + p0, a.gy.stride(1), len, Out{buf.p, len, 1}, nullptr,
+                  false);
+        for (int64_t k = 0; k < g.K(); ++k) {
+          const int64_t r = grp * g.K() + k;
+          if (wt.rowptr[r] == wt.rowptr[r + 1]) continue;
+          int64_t c, dy, dx;
+          tap_of(g, k, c, dy, dx);
+          float* plane = gxn + (grp * g.Cg() + c) * a.gx.stride(1);
+          const float* row = buf.p + k * len;
+          for_each_span(g, dy, dx, p0, len, [&](int64_t tt, int64_t hin, int64_t wi, int64_t l) {
+            float* d = plane + hin * g.W + wi;
+            for (int64_t i = 0; i < l; ++i) d[i * g.sw] += row[tt + i];
+          });
+        }
+      }
+    }
+  });
+}
+
+void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
+  const ConvGeom& g = a.g;
+  const CsrPtrs w(a.w, g.K());
+  const Plan plan(g, g.Og(), g.direct(), a.threads);
+  const int64_t lanes = a.partial.size(0), nnz = a.partial.size(1);
+  const float* x = a.x.ptr<float>();
+  const float* gy = a.gy.ptr<float>();
+  const int64_t* used = a.used_rowptr.ptr<int64_t>();
+  parallel_for(lanes, 1, a.threads, [&](int64_t l0, int64_t l1) {
+    Scratch buf(g.direct() ? 0 : g.K() * plan.pt);
+    for (int64_t lane = l0; lane < l1; ++lane) {
+      float* part = a.partial.ptr<float>() + lane * nnz;
+      for (int64_t it = lane; it < plan.items; it += lanes) {
+        int64_t n, t, grp, b;
+        plan.decode(it, g, n, t, grp, b);
+        const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
+        const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
+        if (r0 >= r1) continue;
+        const float* xn = x + n * a.x.stride(0);
+        const float* src = xn + grp * g.Cg() * a.x.stride(1) + p0;
+        int64_t ld = a.x.stride(1);
+        if (!g.direct()) {
+          build_cols(g, xn, a.x.stride(1), grp, used + grp * g.K(), p0, len, buf.p);
+          src = buf.p;
+          ld = len;
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          w.check_row(r);
+          const float* gr = gy + n * a.gy.stride(0) + r * a.gy.stride(1) + p0;
+          for (int64_t k = w.rowptr[r]; k < w.rowptr[r + 1]; ++k) part[k] += dot(gr, src + w.col[k] * ld, len);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace HOTOPS_ISA
+}  // namespace hotops
