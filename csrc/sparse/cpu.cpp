@@ -17,7 +17,7 @@ namespace HOTOPS_ISA {
 namespace {
 
 constexpr int W = VecF::W;
-constexpr int NV = W >= 16 ? 4 : 8;     // register tile: 64 pixels on AVX-512 and AVX2
+constexpr int NV = 4;                    // vectors per register tile (x2 sets of accumulators)
 constexpr int64_t CH = int64_t(NV) * W;  // pixels per register tile
 constexpr int64_t TILE_FLOATS = 96 << 10;  // im2col tile budget (384 KB): L2-resident
 
@@ -70,14 +70,24 @@ void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
     const VecF b = VecF::set1(bias ? bias[r] : 0.0f);
     int64_t p = 0;
     for (; p + CH <= n; p += CH) {
-      VecF acc[NV];
-      for (int j = 0; j < NV; ++j) acc[j] = VecF::set1(0.0f);
-      for (int64_t k = k0; k < k1; ++k) {
+      // two sets of accumulators (even and odd non-zeros): 2 * NV independent FMA chains cover
+      // the FMA latency on cores with two vector FMA ports
+      VecF acc[2][NV];
+      for (int j = 0; j < NV; ++j) acc[0][j] = acc[1][j] = VecF::set1(0.0f);
+      int64_t k = k0;
+      for (; k + 2 <= k1; k += 2) {
+        for (int u = 0; u < 2; ++u) {
+          const VecF v = VecF::set1(m.val[k + u]);
+          const float* s = src + m.col[k + u] * ld + p;
+          for (int j = 0; j < NV; ++j) acc[u][j] = VecF::fma(v, VecF::load(s + j * W), acc[u][j]);
+        }
+      }
+      if (k < k1) {
         const VecF v = VecF::set1(m.val[k]);
         const float* s = src + m.col[k] * ld + p;
-        for (int j = 0; j < NV; ++j) acc[j] = VecF::fma(v, VecF::load(s + j * W), acc[j]);
+        for (int j = 0; j < NV; ++j) acc[0][j] = VecF::fma(v, VecF::load(s + j * W), acc[0][j]);
       }
-      for (int j = 0; j < NV; ++j) out.put(r - r0, p + j * W, epilogue(acc[j], b, relu));
+      for (int j = 0; j < NV; ++j) out.put(r - r0, p + j * W, epilogue(acc[0][j] + acc[1][j], b, relu));
     }
     for (; p + W <= n; p += W) {
       VecF acc = VecF::set1(0.0f);
