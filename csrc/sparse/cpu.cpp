@@ -21,13 +21,15 @@ constexpr int NV = 4;                    // vectors per register tile (x2 sets o
 constexpr int64_t CH = int64_t(NV) * W;  // pixels per register tile
 constexpr int64_t TILE_FLOATS = 96 << 10;  // im2col tile budget (384 KB): L2-resident
 
+template <typename T>
 struct Scratch {  // raw new/delete: kernel TUs must not instantiate std containers (ODR rule)
-  float* p;
-  explicit Scratch(int64_t n) : p(n > 0 ? new float[n] : nullptr) {}
+  T* p;
+  explicit Scratch(int64_t n) : p(n > 0 ? new T[n] : nullptr) {}
   ~Scratch() { delete[] p; }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };
+
 
 struct CsrPtrs {
   const int64_t* rowptr;
@@ -61,35 +63,62 @@ inline VecF epilogue(VecF acc, VecF bias, bool relu) {
   return relu ? VecF::max(VecF::set1(0.0f), acc) : acc;  // NaN stays NaN, as in torch.relu
 }
 
-// out[r - r0, p] = act(bias[r] + sum_k val[k] * src[col[k] * ld + p]) for rows [r0, r1), p < n.
+// Adds the non-zeros [k, kend) of one row into acc: two sets of NV registers (even and odd
+// non-zeros), so 2 * NV independent FMA chains hide the FMA latency.
+inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld,
+                       VecF (&acc)[2][NV]) {
+  for (; k + 1 < kend; k += 2) {
+    for (int u = 0; u < 2; ++u) {
+      const VecF v = VecF::set1(m.val[k + u]);
+      const float* s = src + m.col[k + u] * ld;
+      for (int j = 0; j < NV; ++j) acc[u][j] = VecF::fma(v, VecF::load(s + j * W), acc[u][j]);
+    }
+  }
+  if (k < kend) {
+    const VecF v = VecF::set1(m.val[k]);
+    const float* s = src + m.col[k] * ld;
+    for (int j = 0; j < NV; ++j) acc[0][j] = VecF::fma(v, VecF::load(s + j * W), acc[0][j]);
+  }
+}
+
+// out[r - r0, p] = act(bias[r] + sum_k val[k] * src[col[k] * ld + p]) for rows [r0, r1), p < n:
+// 64 pixels at a time in registers, then single vectors, then scalars (all of batch-1 linear).
 void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t n, Out out,
                const float* bias, bool relu) {
-  for (int64_t r = r0; r < r1; ++r) {
-    m.check_row(r);
-    const int64_t k0 = m.rowptr[r], k1 = m.rowptr[r + 1];
-    const VecF b = VecF::set1(bias ? bias[r] : 0.0f);
-    int64_t p = 0;
-    for (; p + CH <= n; p += CH) {
-      // two sets of accumulators (even and odd non-zeros): 2 * NV independent FMA chains cover
-      // the FMA latency on cores with two vector FMA ports
-      VecF acc[2][NV];
-      for (int j = 0; j < NV; ++j) acc[0][j] = acc[1][j] = VecF::set1(0.0f);
-      int64_t k = k0;
-      for (; k + 2 <= k1; k += 2) {
-        for (int u = 0; u < 2; ++u) {
-          const VecF v = VecF::set1(m.val[k + u]);
-          const float* s = src + m.col[k + u] * ld + p;
-          for (int j = 0; j < NV; ++j) acc[u][j] = VecF::fma(v, VecF::load(s + j * W), acc[u][j]);
+  for (int64_t r = r0; r < r1; ++r) m.check_row(r);
+  const VecF zero = VecF::set1(0.0f);
+  auto bias_of = [&](int64_t r) { return VecF::set1(bias ? bias[r] : 0.0f); };
+  int64_t p = 0;
+  // A strided output (linear: y is (batch, out), so pixels are O apart) is staged ROWS rows at a
+  // time and written pixel-major: one cache line per pixel instead of one per row and pixel, all
+  // of them 4 KB-aliased.
+  constexpr int64_t ROWS = 16;
+  float stage[ROWS][CH];
+  for (; p + CH <= n; p += CH) {
+    for (int64_t rb = r0; rb < r1; rb += ROWS) {
+      const int64_t re = std::min(r1, rb + ROWS);
+      for (int64_t r = rb; r < re; ++r) {
+        VecF acc[2][NV];
+        for (int j = 0; j < NV; ++j) acc[0][j] = acc[1][j] = zero;
+        accumulate(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld, acc);
+        for (int j = 0; j < NV; ++j) {
+          const VecF y = epilogue(acc[0][j] + acc[1][j], bias_of(r), relu);
+          if (out.ps == 1) out.put(r - r0, p + j * W, y);
+          else y.store(stage[r - rb] + j * W);
         }
       }
-      if (k < k1) {
-        const VecF v = VecF::set1(m.val[k]);
-        const float* s = src + m.col[k] * ld + p;
-        for (int j = 0; j < NV; ++j) acc[0][j] = VecF::fma(v, VecF::load(s + j * W), acc[0][j]);
+      if (out.ps == 1) continue;
+      for (int64_t q = 0; q < CH; ++q) {
+        float* d = out.base + (rb - r0) * out.rs + (p + q) * out.ps;
+        for (int64_t i = 0; i < re - rb; ++i) d[i * out.rs] = stage[i][q];
       }
-      for (int j = 0; j < NV; ++j) out.put(r - r0, p + j * W, epilogue(acc[0][j] + acc[1][j], b, relu));
     }
-    for (; p + W <= n; p += W) {
+  }
+  const int64_t p_tail = p;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t k0 = m.rowptr[r], k1 = m.rowptr[r + 1];
+    const VecF b = bias_of(r);
+    for (p = p_tail; p + W <= n; p += W) {
       VecF acc = VecF::set1(0.0f);
       for (int64_t k = k0; k < k1; ++k) acc = VecF::fma(VecF::set1(m.val[k]), VecF::load(src + m.col[k] * ld + p), acc);
       out.put(r - r0, p, epilogue(acc, b, relu));
@@ -202,7 +231,7 @@ void sparse_conv_fwd(const SparseConvFwd& a) {
   const float* bias = a.bias.present ? a.bias.ptr<float>() : nullptr;
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
   parallel_for(plan.items, 1, a.threads, [&](int64_t i0, int64_t i1) {
-    Scratch buf(g.direct() ? 0 : g.K() * plan.pt);
+    Scratch<float> buf(g.direct() ? 0 : g.K() * plan.pt);
     for (int64_t it = i0; it < i1; ++it) {
       int64_t n, t, grp, b;
       plan.decode(it, g, n, t, grp, b);
@@ -231,7 +260,7 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
   if (g.direct()) {  // cols are grad_input itself: write it in place, rows split freely
     const Plan plan(g, g.K(), true, a.threads);
     parallel_for(plan.items, 1, a.threads, [&](int64_t i0, int64_t i1) {
-      for (int64_t it = i0; it < i1; ++it) {
+        for (int64_t it = i0; it < i1; ++it) {
         int64_t n, t, grp, b;
         plan.decode(it, g, n, t, grp, b);
         const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
@@ -247,7 +276,7 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
   // col2im adds overlapping windows: one work item per (image, group) owns its slice of gx
   const Plan plan(g, g.K(), false, 1);
   parallel_for(g.N * g.G, 1, a.threads, [&](int64_t i0, int64_t i1) {
-    Scratch buf(g.K() * plan.pt);
+    Scratch<float> buf(g.K() * plan.pt);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t n = it / g.G, grp = it % g.G;
       const float* gyn = gy + n * a.gy.stride(0) + grp * g.Og() * a.gy.stride(1);
@@ -282,7 +311,7 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
   const float* gy = a.gy.ptr<float>();
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
   parallel_for(lanes, 1, a.threads, [&](int64_t l0, int64_t l1) {
-    Scratch buf(g.direct() ? 0 : g.K() * plan.pt);
+    Scratch<float> buf(g.direct() ? 0 : g.K() * plan.pt);
     for (int64_t lane = l0; lane < l1; ++lane) {
       float* part = a.partial.ptr<float>() + lane * nnz;
       for (int64_t it = lane; it < plan.items; it += lanes) {
