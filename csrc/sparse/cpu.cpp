@@ -6,6 +6,7 @@
 // in registers, so the arithmetic is proportional to the non-zeros, never to the dense weight.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 
 #include "common/parallel.h"
@@ -81,6 +82,45 @@ inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
   }
 }
 
+// sum_k val[k] * src[col[k] * ld] over one row's non-zeros [k, kend): a sparse dot product
+// that gathers its operands 16 (AVX-512) or 8 (AVX2) at a time where offsets fit in int32.
+inline float gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld) {
+  float total = 0.0f;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (ld * m.ncols <= INT32_MAX) {
+#if defined(__AVX512F__)
+    using I = __m512i;
+    constexpr int L = 16;
+    auto index = [&](int64_t at) {
+      const I c = _mm512_loadu_si512(m.col + at);
+      return ld == 1 ? c : _mm512_mullo_epi32(c, _mm512_set1_epi32(static_cast<int32_t>(ld)));
+    };
+    auto gather = [&](I idx) { return VecF(_mm512_i32gather_ps(idx, src, 4)); };
+#else
+    using I = __m256i;
+    constexpr int L = 8;
+    auto index = [&](int64_t at) {
+      const I c = _mm256_loadu_si256(reinterpret_cast<const I*>(m.col + at));
+      return ld == 1 ? c : _mm256_mullo_epi32(c, _mm256_set1_epi32(static_cast<int32_t>(ld)));
+    };
+    auto gather = [&](I idx) { return VecF(_mm256_i32gather_ps(src, idx, 4)); };
+#endif
+    VecF s0 = VecF::set1(0.0f), s1 = VecF::set1(0.0f);
+    for (; k + 2 * L <= kend; k += 2 * L) {
+      s0 = VecF::fma(VecF::load(m.val + k), gather(index(k)), s0);
+      s1 = VecF::fma(VecF::load(m.val + k + L), gather(index(k + L)), s1);
+    }
+    for (; k + L <= kend; k += L) s0 = VecF::fma(VecF::load(m.val + k), gather(index(k)), s0);
+    total = (s0 + s1).sum();
+  }
+#endif
+  float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains for latency
+  for (; k + 4 <= kend; k += 4)
+    for (int u = 0; u < 4; ++u) s[u] += m.val[k + u] * src[m.col[k + u] * ld];
+  for (; k < kend; ++k) s[0] += m.val[k] * src[m.col[k] * ld];
+  return total + ((s[0] + s[1]) + (s[2] + s[3]));
+}
+
 // out[r - r0, p] = act(bias[r] + sum_k val[k] * src[col[k] * ld + p]) for rows [r0, r1), p < n:
 // 64 pixels at a time in registers, then single vectors, then scalars (all of batch-1 linear).
 void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t n, Out out,
@@ -123,14 +163,8 @@ void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
       for (int64_t k = k0; k < k1; ++k) acc = VecF::fma(VecF::set1(m.val[k]), VecF::load(src + m.col[k] * ld + p), acc);
       out.put(r - r0, p, epilogue(acc, b, relu));
     }
-    for (; p < n; ++p) {  // tail pixels (and all of batch-1 linear): four chains for latency
-      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      int64_t k = k0;
-      for (; k + 4 <= k1; k += 4)
-        for (int u = 0; u < 4; ++u) s[u] += m.val[k + u] * src[m.col[k + u] * ld + p];
-      for (; k < k1; ++k) s[0] += m.val[k] * src[m.col[k] * ld + p];
-      out.put(r - r0, p, epilogue(VecF::set1((s[0] + s[1]) + (s[2] + s[3])), b, relu), 1);
-    }
+    for (; p < n; ++p)  // tail pixels, and all of batch-1 linear
+      out.put(r - r0, p, epilogue(VecF::set1(gather_dot(m, k0, k1, src + p, ld)), b, relu), 1);
   }
 }
 
