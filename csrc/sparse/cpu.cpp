@@ -307,25 +307,30 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
     });
     return;
   }
-  // col2im adds overlapping windows: one work item per (image, group) owns its slice of gx
+  // col2im adds overlapping windows, so work items own whole input channels: (image, group,
+  // block of channels), each running its channels' kh * kw rows of W^T over every tile.
   const Plan plan(g, g.K(), false, 1);
-  parallel_for(g.N * g.G, 1, a.threads, [&](int64_t i0, int64_t i1) {
-    Scratch<float> buf(g.K() * plan.pt);
+  const int64_t taps = g.kh * g.kw, outer = g.N * g.G;
+  const int64_t cb = std::min(g.Cg(), (4 * a.threads + outer - 1) / outer);  // channel blocks
+  const int64_t cbs = (g.Cg() + cb - 1) / cb;
+  parallel_for(outer * cb, 1, a.threads, [&](int64_t i0, int64_t i1) {
+    Scratch<float> buf(cbs * taps * plan.pt);
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t n = it / g.G, grp = it % g.G;
+      const int64_t n = it / (g.G * cb), grp = (it / cb) % g.G, c0 = (it % cb) * cbs;
+      const int64_t c1 = std::min(g.Cg(), c0 + cbs);
+      if (c0 >= c1) continue;
+      const int64_t r0 = grp * g.K() + c0 * taps, r1 = grp * g.K() + c1 * taps;
       const float* gyn = gy + n * a.gy.stride(0) + grp * g.Og() * a.gy.stride(1);
       float* gxn = gx + n * a.gx.stride(0);
       for (int64_t t = 0; t < plan.tiles; ++t) {
         const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
-        spmm_rows(wt, grp * g.K(), (grp + 1) * g.K(), gyn + p0, a.gy.stride(1), len, Out{buf.p, len, 1}, nullptr,
-                  false);
-        for (int64_t k = 0; k < g.K(); ++k) {
-          const int64_t r = grp * g.K() + k;
+        spmm_rows(wt, r0, r1, gyn + p0, a.gy.stride(1), len, Out{buf.p, len, 1}, nullptr, false);
+        for (int64_t r = r0; r < r1; ++r) {
           if (wt.rowptr[r] == wt.rowptr[r + 1]) continue;
           int64_t c, dy, dx;
-          tap_of(g, k, c, dy, dx);
+          tap_of(g, r - grp * g.K(), c, dy, dx);
           float* plane = gxn + (grp * g.Cg() + c) * a.gx.stride(1);
-          const float* row = buf.p + k * len;
+          const float* row = buf.p + (r - r0) * len;
           for_each_span(g, dy, dx, p0, len, [&](int64_t tt, int64_t hin, int64_t wi, int64_t l) {
             float* d = plane + hin * g.W + wi;
             for (int64_t i = 0; i < l; ++i) d[i * g.sw] += row[tt + i];

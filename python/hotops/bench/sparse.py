@@ -9,6 +9,7 @@ bandwidth."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List
 
 import torch
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotops.bench.core import Result, time_pair
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.99)
 LAYERS = {  # name: (kind, shape args)
