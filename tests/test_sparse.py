@@ -1,13 +1,16 @@
 """hotops.sparse: kernels vs the dense masked reference, gradients, ops, modules, sparsify."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, requires_triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import hotops
+from hotops import _backend
 from hotops.sparse import SparseConv2d, SparseLinear, SparseWeight, op, reference, sparse_conv2d, sparse_linear, sparsify
 from hotops.sparse.module import DENSE, SPARSE
 
@@ -352,3 +355,54 @@ def test_sparsify_learned():
 
 def test_public_api():
     assert hotops.sparse_linear is sparse_linear and hotops.nn.SparseConv2d is SparseConv2d
+
+
+# ------------------------------------------------------------------ the Triton BSR kernel
+
+def _force_triton(monkeypatch):
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setattr(op, "LINEAR_BACKENDS", (
+        _backend.Backend("triton", lambda dev: None, (op._triton_linear, op._triton_linear_grads)),))
+
+
+@requires_triton
+@pytest.mark.parametrize("B,O,I", [(5, 40, 70), (33, 32, 32)])
+def test_triton_bsr_linear_in_interpreter(monkeypatch, B, O, I):
+    _force_triton(monkeypatch)
+    sw = SparseWeight.from_dense(torch.randn(O, I), sparsity=0.8)
+    x = torch.randn(B, I, requires_grad=True)
+    v = sw.values.clone().requires_grad_()
+    b = torch.randn(O, requires_grad=True)
+    y = sparse_linear(x, sw.with_values(v), b, "relu")
+    r64, r32 = _ref(reference.sparse_linear, x.detach(), sw, bias=b.detach(), activation="relu")
+    _close(y.detach(), r64, r32)
+    gy = torch.randn(B, O)
+    got = torch.autograd.grad((y * gy).sum(), (x, v, b))
+    want = torch.autograd.grad((reference.sparse_linear(x, sw.with_values(v), b, "relu") * gy).sum(), (x, v, b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_bsr_packing_round_trip():
+    from hotops.sparse.triton import to_bsr
+
+    sw = SparseWeight.from_dense(torch.randn(70, 45), sparsity=0.9)
+    crow, ccol, blocks = to_bsr(sw.rowptr, sw.colidx, sw.values, sw.shape, block=(16, 16))
+    dense = torch.zeros(80, 48)
+    for br in range(crow.numel() - 1):
+        for j in range(crow[br], crow[br + 1]):
+            c = int(ccol[j])
+            dense[br * 16:(br + 1) * 16, c * 16:(c + 1) * 16] = blocks[j]
+    torch.testing.assert_close(dense[:70, :45], sw.to_dense())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sparse_linear():
+    sw = SparseWeight.from_dense(torch.randn(300, 500), sparsity=0.9)
+    dev = SparseWeight(sw.shape, sw.groups, *(t.cuda() for t in (sw.rowptr, sw.colidx, sw.values, sw.t_rowptr,
+                                                                  sw.t_colidx, sw.t_perm)))
+    x = torch.randn(100, 500, device="cuda")
+    torch.testing.assert_close(sparse_linear(x, dev, activation="relu").cpu(),
+                               reference.sparse_linear(x.cpu(), sw, activation="relu"), rtol=1e-4, atol=1e-4)

@@ -30,24 +30,24 @@ LAYERS = {  # name: (kind, shape args)
 }
 
 
-def _layer(name: str, sparsity: float, seed: int = 0):
+def _layer(name: str, sparsity: float, seed: int = 0, device: str = "cpu"):
     from hotops.sparse import SparseWeight
 
     kind, a = LAYERS[name]
     g = torch.Generator().manual_seed(seed)
     if kind == "linear":
         w, x = torch.randn(a["O"], a["I"], generator=g), torch.randn(a["B"], a["I"], generator=g)
-        return kind, a, SparseWeight.from_dense(w, sparsity=sparsity), x
+        return kind, a, SparseWeight.from_dense(w, sparsity=sparsity).to(device), x.to(device)
     w = torch.randn(a["O"], a["C"] // a["groups"], a["k"], a["k"], generator=g)
     x = torch.randn(1, a["C"], a["H"], a["H"], generator=g)
     return kind, a, SparseWeight.from_dense(w, sparsity=sparsity, groups=a["groups"]), x
 
 
-def _fns(name: str, sparsity: float, peer: str, train: bool):
+def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"):
     """(hotops closure, peer closure, amount, work) for one layer case."""
     from hotops.sparse import sparse_conv2d, sparse_linear
 
-    kind, a, sw, x = _layer(name, sparsity)
+    kind, a, sw, x = _layer(name, sparsity, device=device)
     wd = sw.to_dense()
     pad = a.get("k", 1) // 2
     if train:  # forward + backward w.r.t. input and the non-zero values (dense: masked weight)
@@ -247,8 +247,9 @@ def _e2e_fns(name: str, batch: int, sparsity: float):
 # ------------------------------------------------------------------ cases
 
 def cases(quick: bool, device: str = "cpu") -> List[dict]:
-    if device != "cpu":
-        return []  # the sparse family's kernels are CPU kernels (no Triton BSR kernel yet)
+    if device == "cuda":  # the Triton BSR linear kernel (convolutions are CPU kernels)
+        return [dict(layer=n, sparsity=s, peer=p) for n in LAYERS if n.startswith("linear")
+                for s in (0.9, 0.99) for p in ("torch dense", "torch.sparse CSR")]
     if quick:
         out = [dict(layer=n, sparsity=0.9, peer=p) for n in LAYERS
                for p in ("torch dense", "torch.sparse CSR") if not (n.startswith("dw") and p != "torch dense")]
@@ -278,11 +279,11 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
             th, tp = time_pair(hot, other, repeats=5, warmup=1, min_time=0.0 if quick else 1.0)
         return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", "dense twin", th, tp, check, note=note)
     name, peer, train = params["layer"], params["peer"], params.get("train", False)
-    hot, other, amount, work = _fns(name, sparsity, peer, train)
+    hot, other, amount, work = _fns(name, sparsity, peer, train, device)
     ctx = torch.enable_grad() if train else torch.inference_mode()
     with ctx:
         check = _check(hot, other)
-        th, tp = time_pair(hot, other, repeats=5, warmup=1, min_time=0.0 if quick else 0.5)
+        th, tp = time_pair(hot, other, repeats=5, warmup=1, min_time=0.0 if quick else 0.5, device=device)
     what = "fwd+bwd " if train else ""
     return Result("sparse", f"{what}{name} @{sparsity:.0%}", peer, th, tp, check, work=work, amount=amount,
                   extra={"sparsity": sparsity})

@@ -115,13 +115,18 @@ class SparseWeight:
             raise ValueError(f"values must have shape ({self.nnz},), got {tuple(values.shape)}")
         return dataclasses.replace(self, values=values)
 
+    def to(self, device) -> "SparseWeight":
+        """The same weight with every tensor on ``device``."""
+        return SparseWeight(self.shape, self.groups, *(t.to(device) for t in (
+            self.rowptr, self.colidx, self.values, self.t_rowptr, self.t_colidx, self.t_perm)))
+
     def mask(self) -> Tensor:
-        m = torch.zeros(self.shape[0], self.cols, dtype=torch.bool)
+        m = torch.zeros(self.shape[0], self.cols, dtype=torch.bool, device=self.values.device)
         m[self.row_indices(), self.colidx.long()] = True
         return m.view(self.shape)
 
     def row_indices(self) -> Tensor:
-        return torch.repeat_interleave(torch.arange(self.shape[0]), self.rowptr.diff())
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.rowptr.device), self.rowptr.diff())
 
     def to_dense(self) -> Tensor:
         """The masked dense weight (differentiable w.r.t. ``values``)."""

@@ -18,11 +18,8 @@ from torch import Tensor
 from hotops import _backend
 
 
-def _cpu(*_):
-    return _backend.ext()
-
-
-BACKENDS = (_backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu),)
+# convolutions run on the CPU kernels only (the GPU has the BSR linear kernel, see triton.py)
+CONV_BACKENDS = (_backend.Backend("cpu (C++)", _backend.cpu_refuses, _backend.ext),)
 
 
 def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -43,20 +40,20 @@ def linear_geometry(B: int, I: int, O: int) -> List[int]:
 
 
 def _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y3, relu):
-    ext = _backend.choose("sparse", BACKENDS, x3.device).run()
+    ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x3.device).run()
     ext.sparse_conv_fwd(geom, rowptr, colidx, values.detach(), t_rowptr, x3,
                         bias.detach().contiguous() if bias is not None else None, y3, relu,
                         _backend.num_threads())
 
 
 def _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gy3, gx3):
-    ext = _backend.choose("sparse", BACKENDS, gy3.device).run()
+    ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, gy3.device).run()
     ext.sparse_conv_bwd_input(geom, t_rowptr, t_colidx, values.detach()[t_perm].contiguous(), gy3, gx3,
                               _backend.num_threads())
 
 
 def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
-    ext = _backend.choose("sparse", BACKENDS, gy3.device).run()
+    ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, gy3.device).run()
     threads = _backend.num_threads()
     partial = torch.zeros(threads, values.numel(), dtype=torch.float32)
     ext.sparse_conv_bwd_values(geom, rowptr, colidx, values.detach(), t_rowptr, x3, gy3, partial, threads)
@@ -65,19 +62,65 @@ def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
 
 # ------------------------------------------------------------------ linear
 
+def _cpu_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
+    B, O = x.shape[0], rowptr.numel() - 1
+    y = x.new_empty(B, O)
+    xt = _backend.cpu_view(x).t().contiguous().unsqueeze(0)  # (1, I, B): each feature a batch row
+    _forward(linear_geometry(B, in_features, O), values, rowptr, colidx, t_rowptr, xt, bias,
+             y.t().unsqueeze(0), relu)
+    return y
+
+
+def _cpu_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
+                      need_x, need_values):
+    B, O = gy.shape
+    geom = linear_geometry(B, in_features, O)
+    gyt = gy.detach().t().contiguous().unsqueeze(0)  # (1, O, B)
+    gx = gv = None
+    if need_x:
+        gx = x.new_empty(B, in_features)
+        _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gyt, gx.t().unsqueeze(0))
+    if need_values:
+        xt = _backend.cpu_view(x).t().contiguous().unsqueeze(0)
+        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, xt, gyt)
+    return gx, gv
+
+
+def _triton_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
+    from hotops.sparse.triton import bsr_linear
+
+    return bsr_linear(x, rowptr, colidx, values, (rowptr.numel() - 1, in_features), bias, relu)
+
+
+def _triton_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
+                         need_x, need_values):
+    from hotops.sparse.triton import bsr_linear
+
+    O = rowptr.numel() - 1
+    gx = gv = None
+    if need_x:  # the same block-sparse product with W^T
+        gx = bsr_linear(gy, t_rowptr, t_colidx, values.detach()[t_perm], (in_features, O))
+    if need_values:  # gy^T x on the tensor cores, read at the non-zeros
+        rows = torch.repeat_interleave(torch.arange(O, device=gy.device), rowptr.to(gy.device).diff())
+        gv = (gy.detach().t() @ x.detach())[rows, colidx.to(gy.device).long()]
+    return gx, gv
+
+
+LINEAR_BACKENDS = (
+    _backend.Backend("cpu (C++)", _backend.cpu_refuses, (_cpu_linear, _cpu_linear_grads)),
+    _backend.Backend("cuda (Triton BSR)", _backend.triton_refuses, (_triton_linear, _triton_linear_grads)),
+)
+
+
 @torch.library.custom_op("hotops::sparse_linear", mutates_args=())
 def sparse_linear_op(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
                      t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], in_features: int,
                      relu: bool) -> Tensor:
     """y = act(x W^T + bias) for x (B, I), W the (O, I) CSR weight."""
-    B, O = x.shape[0], rowptr.numel() - 1
-    y = x.new_empty(B, O)
-    if B == 0:
-        return y
-    xt = _backend.cpu_view(x).t().contiguous().unsqueeze(0)  # (1, I, B): each feature a batch row
-    _forward(linear_geometry(B, in_features, O), values, rowptr, colidx, t_rowptr, xt, bias,
-             y.t().unsqueeze(0), relu)
-    return y
+    if x.shape[0] == 0:
+        return x.new_empty(0, rowptr.numel() - 1)
+    forward, _ = _backend.choose("sparse_linear", LINEAR_BACKENDS, x.device).run
+    return forward(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu)
 
 
 @sparse_linear_op.register_fake
@@ -90,19 +133,14 @@ def sparse_linear_backward(gy: Tensor, x: Tensor, values: Tensor, rowptr: Tensor
                            t_rowptr: Tensor, t_colidx: Tensor, t_perm: Tensor, in_features: int,
                            need_x: bool, need_values: bool) -> Tuple[Tensor, Tensor]:
     """(grad_x, grad_values); each is empty when not needed."""
-    B, O = gy.shape
-    gx, gv = x.new_empty(0), values.new_empty(0)
-    if B == 0:
-        return (x.new_zeros(x.shape) if need_x else gx), (values.new_zeros(values.shape) if need_values else gv)
-    geom = linear_geometry(B, in_features, O)
-    gyt = gy.detach().t().contiguous().unsqueeze(0)  # (1, O, B)
-    if need_x:
-        gx = x.new_empty(B, in_features)
-        _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gyt, gx.t().unsqueeze(0))
-    if need_values:
-        xt = _backend.cpu_view(x).t().contiguous().unsqueeze(0)
-        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, xt, gyt)
-    return gx, gv
+    gx = gv = None
+    if gy.shape[0] == 0:
+        gx, gv = x.new_zeros(x.shape), values.new_zeros(values.shape)
+    elif need_x or need_values:
+        _, grads = _backend.choose("sparse_linear", LINEAR_BACKENDS, gy.device).run
+        gx, gv = grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
+                       need_x, need_values)
+    return (gx if need_x else x.new_empty(0)), (gv if need_values else values.new_empty(0))
 
 
 @sparse_linear_backward.register_fake
