@@ -31,7 +31,7 @@ def _close(y, r64, r32):
 
 # ------------------------------------------------------------------ linear
 
-@pytest.mark.parametrize("B", [0, 1, 5, 64, 131])
+@pytest.mark.parametrize("B", [0, 1, 5, 40, 64, 100, 131])
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.97])
 def test_linear_matches_reference(isa, B, sparsity):
     sw = SparseWeight.from_dense(torch.randn(37, 53), sparsity=sparsity)

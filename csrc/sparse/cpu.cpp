@@ -64,21 +64,50 @@ inline VecF epilogue(VecF acc, VecF bias, bool relu) {
   return relu ? VecF::max(VecF::set1(0.0f), acc) : acc;  // NaN stays NaN, as in torch.relu
 }
 
-// Adds the non-zeros [k, kend) of one row into acc: two sets of NV registers (even and odd
-// non-zeros), so 2 * NV independent FMA chains hide the FMA latency.
-inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld,
+// The first `count` (1..W) floats at p; the other lanes are 0 and their memory is not touched.
+inline VecF load_first(const float* p, int64_t count) {
+#if defined(__AVX512F__)
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p);
+#elif defined(__AVX2__)
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lane));
+#else
+  (void)count;
+  return VecF::load(p);
+#endif
+}
+
+// Adds the non-zeros [k, kend) of one row into acc over NVR vectors of pixels, the last holding
+// `last` (1..W) valid pixels: two sets of accumulators (even and odd non-zeros), so 2 * NVR
+// independent FMA chains hide the FMA latency.
+template <int NVR, bool PARTIAL>
+inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld, int64_t last,
                        VecF (&acc)[2][NV]) {
-  for (; k + 1 < kend; k += 2) {
-    for (int u = 0; u < 2; ++u) {
-      const VecF v = VecF::set1(m.val[k + u]);
-      const float* s = src + m.col[k + u] * ld;
-      for (int j = 0; j < NV; ++j) acc[u][j] = VecF::fma(v, VecF::load(s + j * W), acc[u][j]);
+  auto step = [&](int u, int64_t at) {
+    const VecF v = VecF::set1(m.val[at]);
+    const float* s = src + m.col[at] * ld;
+    for (int j = 0; j < NVR; ++j) {
+      const VecF x = PARTIAL && j == NVR - 1 ? load_first(s + j * W, last) : VecF::load(s + j * W);
+      acc[u][j] = VecF::fma(v, x, acc[u][j]);
     }
+  };
+  for (; k + 1 < kend; k += 2) {
+    step(0, k);
+    step(1, k + 1);
   }
-  if (k < kend) {
-    const VecF v = VecF::set1(m.val[k]);
-    const float* s = src + m.col[k] * ld;
-    for (int j = 0; j < NV; ++j) acc[0][j] = VecF::fma(v, VecF::load(s + j * W), acc[0][j]);
+  if (k < kend) step(0, k);
+}
+
+// Rows [r0, r1) over the NVR vectors of pixels from p (the last holding `last` pixels).
+template <int NVR>
+void tail_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t p, int64_t last,
+               Out out, const float* bias, bool relu) {
+  for (int64_t r = r0; r < r1; ++r) {
+    VecF acc[2][NV];
+    for (int j = 0; j < NVR; ++j) acc[0][j] = acc[1][j] = VecF::set1(0.0f);
+    accumulate<NVR, true>(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld, last, acc);
+    const VecF b = VecF::set1(bias ? bias[r] : 0.0f);
+    for (int j = 0; j < NVR; ++j) out.put(r - r0, p + j * W, epilogue(acc[0][j] + acc[1][j], b, relu), j == NVR - 1 ? last : W);
   }
 }
 
@@ -122,7 +151,8 @@ inline float gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* 
 }
 
 // out[r - r0, p] = act(bias[r] + sum_k val[k] * src[col[k] * ld + p]) for rows [r0, r1), p < n:
-// 64 pixels at a time in registers, then single vectors, then scalars (all of batch-1 linear).
+// 64 pixels at a time in registers, then the remainder as up to four vectors (the last masked),
+// or a gathered dot product for a single pixel (all of batch-1 linear).
 void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t n, Out out,
                const float* bias, bool relu) {
   for (int64_t r = r0; r < r1; ++r) m.check_row(r);
@@ -140,7 +170,7 @@ void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
       for (int64_t r = rb; r < re; ++r) {
         VecF acc[2][NV];
         for (int j = 0; j < NV; ++j) acc[0][j] = acc[1][j] = zero;
-        accumulate(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld, acc);
+        accumulate<NV, false>(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld, W, acc);
         for (int j = 0; j < NV; ++j) {
           const VecF y = epilogue(acc[0][j] + acc[1][j], bias_of(r), relu);
           if (out.ps == 1) out.put(r - r0, p + j * W, y);
@@ -154,18 +184,20 @@ void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
       }
     }
   }
-  const int64_t p_tail = p;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t k0 = m.rowptr[r], k1 = m.rowptr[r + 1];
-    const VecF b = bias_of(r);
-    for (p = p_tail; p + W <= n; p += W) {
-      VecF acc = VecF::set1(0.0f);
-      for (int64_t k = k0; k < k1; ++k) acc = VecF::fma(VecF::set1(m.val[k]), VecF::load(src + m.col[k] * ld + p), acc);
-      out.put(r - r0, p, epilogue(acc, b, relu));
+  const int64_t rem = n - p;
+  if (rem > 1) {  // fewer than 64 pixels left: as many vectors as they need, the last one masked
+    const int64_t nv = (rem + W - 1) / W, last = rem - (nv - 1) * W;
+    switch (nv) {
+      case 1: return tail_rows<1>(m, r0, r1, src, ld, p, last, out, bias, relu);
+      case 2: return tail_rows<2>(m, r0, r1, src, ld, p, last, out, bias, relu);
+      case 3: return tail_rows<3>(m, r0, r1, src, ld, p, last, out, bias, relu);
+      default: return tail_rows<NV>(m, r0, r1, src, ld, p, last, out, bias, relu);
     }
-    for (; p < n; ++p)  // tail pixels, and all of batch-1 linear
-      out.put(r - r0, p, epilogue(VecF::set1(gather_dot(m, k0, k1, src + p, ld)), b, relu), 1);
   }
+  if (rem == 1)  // one pixel (all of batch-1 linear): a gathered sparse dot product
+    for (int64_t r = r0; r < r1; ++r)
+      out.put(r - r0, p, epilogue(VecF::set1(gather_dot(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld)),
+                                  bias_of(r), relu), 1);
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
