@@ -16,7 +16,7 @@ SPARSE, DENSE = "sparse (C++)", "dense (torch)"
 # the CPU, read off `hotops bench --family sparse` (docs/sparse.md): a GEMV reads 4 bytes per weight
 # densely against 8 per non-zero sparsely and gathers its inputs; batched products and convolutions
 # turn each non-zero into vector FMAs over contiguous rows and win from about half sparse.
-DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.5, "conv": 0.6}
+DENSITY_LIMIT = {"gemv": 0.25, "gemm": 0.5, "conv": 0.6}
 
 
 def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
