@@ -13,14 +13,17 @@ from hotops.sparse.format import SparseWeight, check_sparsity, magnitude_mask
 SPARSE, DENSE = "sparse (C++)", "dense (torch)"
 
 # Densities (non-zeros / weight size) up to which the sparse kernels beat torch's dense ones on
-# the CPU, read off `hotops bench --family sparse` (docs/sparse.md): a GEMV reads 4 bytes per weight
-# densely against 8 per non-zero sparsely and gathers its inputs; batched products and convolutions
-# turn each non-zero into vector FMAs over contiguous rows and win from about half sparse.
-DENSITY_LIMIT = {"gemv": 0.25, "gemm": 0.5, "conv": 0.6}
+# the CPU, read off the single-thread crossover table in docs/sparse.md: a GEMV reads 4 bytes per
+# weight densely against 8 per non-zero sparsely and gathers its inputs; batched products and 1x1
+# convolutions turn each non-zero into vector FMAs over contiguous rows and win from about half
+# sparse; k x k convolutions also pay for their im2col tiles; a depthwise convolution is so cheap
+# densely (9 FMAs per pixel, memory-bound) that sparse at best ties, so it stays dense.
+DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.5, "conv1x1": 0.5, "conv": 0.25, "depthwise": 0.0}
 
 
 def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
-    """The dispatch model: does the sparse kernel beat dense for this layer?"""
+    """The dispatch model: does the sparse kernel beat dense for this layer? ``kind`` is
+    "linear" (with its batch ``rows``), "conv1x1", "conv" or "depthwise"."""
     if kind == "linear":
         kind = "gemv" if rows < 8 else "gemm"
     return density <= DENSITY_LIMIT[kind]
@@ -76,7 +79,8 @@ class _SparseLayer(nn.Module):
     def _dense_weight(self) -> Tensor:
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.to_dense()
-        key = (self.values._version, self.values.data_ptr())
+        # inference tensors keep no version counter; they change only by replacement
+        key = (None if self.values.is_inference() else self.values._version, self.values.data_ptr())
         if self._dense_cache is None or self._dense_cache[0] != key:
             self._dense_cache = (key, self.to_dense().detach())
         return self._dense_cache[1]
@@ -135,6 +139,8 @@ class SparseConv2d(_SparseLayer):
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.in_channels, self.out_channels = sw.shape[1] * sw.groups, sw.shape[0]
         self.activation = activation
+        self.kind = ("depthwise" if sw.shape[1] == 1 and sw.groups > 1 else
+                     "conv1x1" if sw.shape[2:] == (1, 1) else "conv")
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
@@ -150,7 +156,7 @@ class SparseConv2d(_SparseLayer):
     def forward(self, x: Tensor) -> Tensor:
         from hotops.sparse import sparse_conv2d
 
-        if self._use_sparse("conv", 0):
+        if self._use_sparse(self.kind, 0):
             self.backend = SPARSE
             return sparse_conv2d(x, self.sparse_weight, self.bias, self.stride, self.padding, self.dilation,
                                  activation=self.activation)
