@@ -336,3 +336,40 @@ def plots(results, folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     fig.savefig(os.path.join(folder, "sparse_speedup_vs_sparsity.png"), dpi=120)
     plt.close(fig)
+
+
+def cpu_time_table(sparsities=SPARSITIES, repeats: int = 7) -> None:
+    """Every layer case on one thread, timed by the thread's CPU time (time.thread_time) rather
+    than the wall clock: on a shared machine this is the ratio that survives other processes
+    (and torch's OpenMP workers spinning between calls). Prints speed-ups and the crossover."""
+    import statistics
+    import time
+
+    torch.set_num_threads(1)
+
+    def cpu(fn):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            fn()
+            ts.append(time.thread_time() - t0)
+        return statistics.median(ts)
+
+    print("single thread, CPU time (ms); speed-up = peer / hotops")
+    with torch.inference_mode():
+        for layer in LAYERS:
+            wins = []
+            for s in sparsities:
+                hot, dense, _, _ = _fns(layer, s, "torch dense", False)
+                _, csr, _, _ = _fns(layer, s, "torch.sparse CSR", False)
+                th, td, tc = cpu(hot), cpu(dense), cpu(csr)
+                wins.append((s, td / th))
+                print(f"  {layer:26s} @{s:4.0%}  hotops {th * 1e3:7.2f}  dense {td * 1e3:7.2f}  CSR {tc * 1e3:7.2f}"
+                      f"  | {td / th:6.2f}x dense  {tc / th:6.2f}x CSR", flush=True)
+            first = [s for i, (s, _) in enumerate(wins) if all(sp > 1.0 for _, sp in wins[i:])]
+            print(f"  {layer}: beats dense from {f'{min(first):.0%}' if first else 'never'} sparsity", flush=True)
+
+
+if __name__ == "__main__":  # python -m hotops.bench.sparse: the single-thread CPU-time table
+    cpu_time_table()
