@@ -18,7 +18,7 @@ SPARSE, DENSE = "sparse (C++)", "dense (torch)"
 # convolutions turn each non-zero into vector FMAs over contiguous rows and win from about half
 # sparse; k x k convolutions also pay for their im2col tiles; a depthwise convolution is so cheap
 # densely (9 FMAs per pixel, memory-bound) that sparse at best ties, so it stays dense.
-DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.5, "conv1x1": 0.5, "conv": 0.25, "depthwise": 0.0}
+DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.4, "conv1x1": 0.4, "conv": 0.2, "depthwise": 0.0}
 
 
 def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
