@@ -112,15 +112,29 @@ LINEAR_BACKENDS = (
 )
 
 
-@torch.library.custom_op("hotops::sparse_linear", mutates_args=())
-def sparse_linear_op(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
-                     t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], in_features: int,
-                     relu: bool) -> Tensor:
+def can_skip_dispatcher(*tensors: Optional[Tensor]) -> bool:
+    """Plain tensors, no tracer, nothing to differentiate: the ops' implementations may be called
+    directly. The dispatcher and autograd wrapping of a custom op cost tens of microseconds per
+    call, as much as a small pruned layer's whole work."""
+    if torch.compiler.is_compiling():
+        return False
+    present = [t for t in tensors if t is not None]
+    if not all(type(t) is torch.Tensor for t in present):
+        return False
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in present)
+
+
+def linear_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
+                   t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], in_features: int,
+                   relu: bool) -> Tensor:
     """y = act(x W^T + bias) for x (B, I), W the (O, I) CSR weight."""
     if x.shape[0] == 0:
         return x.new_empty(0, rowptr.numel() - 1)
     forward, _ = _backend.choose("sparse_linear", LINEAR_BACKENDS, x.device).run
     return forward(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu)
+
+
+sparse_linear_op = torch.library.custom_op("hotops::sparse_linear", linear_forward, mutates_args=())
 
 
 @sparse_linear_op.register_fake
@@ -151,8 +165,7 @@ def _(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features, ne
 
 # ------------------------------------------------------------------ conv2d
 
-@torch.library.custom_op("hotops::sparse_conv2d", mutates_args=())
-def sparse_conv2d_op(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
+def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
                      t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], weight_shape: List[int],
                      stride: List[int], padding: List[int], dilation: List[int], groups: int,
                      relu: bool) -> Tensor:
@@ -167,6 +180,9 @@ def sparse_conv2d_op(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, 
     x3 = _backend.cpu_view(x).contiguous().view(N, C, H * W)
     _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.view(N, weight_shape[0], Ho * Wo), relu)
     return y
+
+
+sparse_conv2d_op = torch.library.custom_op("hotops::sparse_conv2d", conv2d_forward, mutates_args=())
 
 
 @sparse_conv2d_op.register_fake
