@@ -55,15 +55,18 @@ class _SparseLayer(nn.Module):
         for name in self._STRUCTURE:
             self.register_buffer(name, getattr(sw, name), persistent=True)
         self._dense_cache = None
+        self._packed = None
+        self.density = sw.density  # the structure only changes in _load
 
     @property
     def sparse_weight(self) -> SparseWeight:
-        return SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, self.values,
-                            self.t_rowptr, self.t_colidx, self.t_perm)
-
-    @property
-    def density(self) -> float:
-        return self.sparse_weight.density
+        # kept while the Parameter and buffers are the same objects (module.to() or assigning a
+        # new Parameter replaces them): per-call rebuilding costs as much as a small layer's work
+        p = self._packed
+        if p is None or p.values is not self.values or p.rowptr is not self.rowptr or p.t_perm is not self.t_perm:
+            p = self._packed = SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, self.values,
+                                            self.t_rowptr, self.t_colidx, self.t_perm)
+        return p
 
     def to_dense(self) -> Tensor:
         """The masked dense weight (a new tensor, differentiable w.r.t. ``values``)."""
