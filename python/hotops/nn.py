@@ -1,4 +1,5 @@
 """The nn.Module wrappers of every family, in one namespace (``hotops.nn.InfoNCELoss``, ...)."""
 from hotops.infonce.module import InfoNCELoss
+from hotops.sparse.module import SparseConv2d, SparseLinear
 
-__all__ = ["InfoNCELoss"]
+__all__ = ["InfoNCELoss", "SparseLinear", "SparseConv2d"]

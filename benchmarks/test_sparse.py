@@ -1,0 +1,35 @@
+"""pytest-benchmark suite for hotops.sparse: the `hotops bench --family sparse` layer cases, each
+side by side with torch dense and torch.sparse CSR (run: pytest benchmarks/test_sparse.py)."""
+import pytest
+import torch
+
+from hotops.bench.sparse import LAYERS, SPARSITIES, _fns
+
+pytest.importorskip("pytest_benchmark")
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("side", ["hotops", "torch dense", "torch.sparse CSR"])
+def test_layer(benchmark, layer, sparsity, side):
+    peer = "torch dense" if side == "hotops" else side
+    hot, other, _, _ = _fns(layer, sparsity, peer, train=False)
+    benchmark.group = f"{layer} @{sparsity:.0%}"
+    with torch.inference_mode():
+        benchmark(hot if side == "hotops" else other)
+
+
+@pytest.mark.parametrize("layer", ["linear 4096x4096 B=64", "conv 3x3 64->64 56x56"])
+@pytest.mark.parametrize("side", ["hotops", "torch dense"])
+def test_train_step(benchmark, layer, side):
+    hot, other, _, _ = _fns(layer, 0.9, "torch dense", train=True)
+    benchmark.group = f"fwd+bwd {layer} @90%"
+    benchmark(hot if side == "hotops" else other)

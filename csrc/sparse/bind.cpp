@@ -1,0 +1,89 @@
+#include <pybind11/stl.h>
+
+#include <vector>
+
+#include "common/pyargs.h"
+#include "sparse/cpu.h"
+
+namespace py = pybind11;
+
+namespace hotops {
+namespace {
+
+// geometry = [N, C, H, W, O, G, kh, kw, sh, sw, ph, pw, dh, dw]
+ConvGeom geometry(const std::vector<int64_t>& v) {
+  HOTOPS_CHECK(v.size() == 14, "geometry must have 14 entries (N, C, H, W, O, G, kh, kw, sh, sw, ph, pw, dh, dw)");
+  ConvGeom g;
+  g.N = v[0], g.C = v[1], g.H = v[2], g.W = v[3], g.O = v[4], g.G = v[5];
+  g.kh = v[6], g.kw = v[7], g.sh = v[8], g.sw = v[9], g.ph = v[10], g.pw = v[11], g.dh = v[12], g.dw = v[13];
+  return g;
+}
+
+Csr csr(ViewArgs& view, py::object rowptr, py::object colidx, py::object values) {
+  return Csr{view(rowptr, "rowptr"), view(colidx, "colidx"), view(values, "values")};
+}
+
+}  // namespace
+
+void bind_sparse(py::module_& m) {
+  m.def(
+      "sparse_conv_fwd",
+      [](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx, py::object values,
+         py::object t_rowptr, py::object x, py::object bias, py::object y, bool relu, int threads) {
+        ViewArgs view;
+        SparseConvFwd a;
+        a.g = geometry(geom);
+        a.w = csr(view, rowptr, colidx, values);
+        a.used_rowptr = view(t_rowptr, "transposed rowptr");
+        a.x = view(x, "x");
+        a.bias = view(bias, "bias");
+        a.y = view(y, "y");
+        a.relu = relu;
+        a.threads = threads;
+        check(a);
+        py::gil_scoped_release nogil;
+        HOTOPS_DISPATCH(sparse_conv_fwd)(a);
+      },
+      py::arg("geometry"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"), py::arg("t_rowptr"),
+      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("relu"), py::arg("threads"),
+      "y = act(sparse W * im2col(x) + bias); see csrc/sparse/cpu.h.");
+  m.def(
+      "sparse_conv_bwd_input",
+      [](const std::vector<int64_t>& geom, py::object t_rowptr, py::object t_colidx, py::object t_values,
+         py::object gy, py::object gx, int threads) {
+        ViewArgs view;
+        SparseConvBwdInput a;
+        a.g = geometry(geom);
+        a.wt = csr(view, t_rowptr, t_colidx, t_values);
+        a.gy = view(gy, "grad_output");
+        a.gx = view(gx, "grad_input");
+        a.threads = threads;
+        check(a);
+        py::gil_scoped_release nogil;
+        HOTOPS_DISPATCH(sparse_conv_bwd_input)(a);
+      },
+      py::arg("geometry"), py::arg("t_rowptr"), py::arg("t_colidx"), py::arg("t_values"), py::arg("gy"),
+      py::arg("gx"), py::arg("threads"), "grad_input = col2im(W^T gy); see csrc/sparse/cpu.h.");
+  m.def(
+      "sparse_conv_bwd_values",
+      [](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx, py::object values,
+         py::object t_rowptr, py::object x, py::object gy, py::object partial, int threads) {
+        ViewArgs view;
+        SparseConvBwdValues a;
+        a.g = geometry(geom);
+        a.w = csr(view, rowptr, colidx, values);
+        a.used_rowptr = view(t_rowptr, "transposed rowptr");
+        a.x = view(x, "x");
+        a.gy = view(gy, "grad_output");
+        a.partial = view(partial, "partial");
+        a.threads = threads;
+        check(a);
+        py::gil_scoped_release nogil;
+        HOTOPS_DISPATCH(sparse_conv_bwd_values)(a);
+      },
+      py::arg("geometry"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"), py::arg("t_rowptr"),
+      py::arg("x"), py::arg("gy"), py::arg("partial"), py::arg("threads"),
+      "gradient of the non-zero values: gy . im2col(x) sampled at W's non-zeros, per lane.");
+}
+
+}  // namespace hotops

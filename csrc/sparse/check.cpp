@@ -1,0 +1,88 @@
+#include "sparse/cpu.h"
+
+namespace hotops {
+namespace {
+
+void check_geometry(ConvGeom& g) {
+  HOTOPS_CHECK(g.N >= 0 && g.C >= 1 && g.H >= 1 && g.W >= 1 && g.O >= 1, "sparse conv: bad sizes N=", g.N,
+               " C=", g.C, " H=", g.H, " W=", g.W, " O=", g.O, " (need N >= 0 and the rest >= 1)");
+  HOTOPS_CHECK(g.G >= 1 && g.C % g.G == 0 && g.O % g.G == 0, "groups (", g.G,
+               ") must divide both the input channels (", g.C, ") and the output channels (", g.O, ")");
+  HOTOPS_CHECK(g.kh >= 1 && g.kw >= 1, "kernel size must be positive, got ", g.kh, "x", g.kw);
+  HOTOPS_CHECK(g.sh >= 1 && g.sw >= 1, "stride must be positive, got ", g.sh, "x", g.sw);
+  HOTOPS_CHECK(g.dh >= 1 && g.dw >= 1, "dilation must be positive, got ", g.dh, "x", g.dw);
+  HOTOPS_CHECK(g.ph >= 0 && g.pw >= 0, "padding must be non-negative, got ", g.ph, "x", g.pw);
+  const int64_t eh = g.dh * (g.kh - 1) + 1, ew = g.dw * (g.kw - 1) + 1;
+  HOTOPS_CHECK(g.H + 2 * g.ph >= eh && g.W + 2 * g.pw >= ew, "input ", g.H, "x", g.W, " padded by ", g.ph,
+               "x", g.pw, " is smaller than the dilated kernel ", eh, "x", ew);
+  g.Ho = (g.H + 2 * g.ph - eh) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - ew) / g.sw + 1;
+}
+
+void check_csr(const Csr& m, int64_t rows, const char* what) {
+  check_view(m.rowptr, "rowptr", 1, {DType::i64});
+  check_view(m.colidx, "colidx", 1, {DType::i32});
+  check_view(m.values, "values", 1, {DType::f32});
+  check_contiguous(m.rowptr, "rowptr");
+  check_contiguous(m.colidx, "colidx");
+  check_contiguous(m.values, "values");
+  HOTOPS_CHECK(m.rowptr.size(0) == rows + 1, what, ": rowptr has ", m.rowptr.size(0), " entries, expected ",
+               rows + 1, " (one per row, plus one)");
+  const int64_t nnz = m.colidx.size(0);
+  HOTOPS_CHECK(m.values.size(0) == nnz, what, ": ", m.values.size(0), " values but ", nnz, " column indices");
+  const int64_t* rp = m.rowptr.ptr<int64_t>();
+  HOTOPS_CHECK(rp[0] == 0 && rp[rows] == nnz, what, ": rowptr must run from 0 to nnz = ", nnz, ", got ", rp[0],
+               " .. ", rp[rows]);
+  for (int64_t r = 0; r < rows; ++r)
+    HOTOPS_CHECK(rp[r] <= rp[r + 1], what, ": rowptr decreases at row ", r);
+  // column indices are range-checked by the kernels as they read them
+}
+
+void check_pixels(const View& v, const char* what, int64_t n, int64_t c, int64_t p, bool contiguous_pixels) {
+  check_view(v, what, 3, {DType::f32});
+  HOTOPS_CHECK(v.size(0) == n && v.size(1) == c && v.size(2) == p, what, " has shape (", v.size(0), ", ",
+               v.size(1), ", ", v.size(2), "), expected (", n, ", ", c, ", ", p, ")");
+  if (contiguous_pixels) check_rows_contiguous(v, what);
+}
+
+void check_used(const View& u, const ConvGeom& g) {
+  check_view(u, "transposed rowptr", 1, {DType::i64});
+  check_contiguous(u, "transposed rowptr");
+  HOTOPS_CHECK(u.size(0) == g.G * g.K() + 1, "transposed rowptr has ", u.size(0), " entries, expected ",
+               g.G * g.K() + 1);
+}
+
+}  // namespace
+
+void check(SparseConvFwd& a) {
+  check_geometry(a.g);
+  check_csr(a.w, a.g.O, "weight");
+  check_used(a.used_rowptr, a.g);
+  check_pixels(a.x, "x", a.g.N, a.g.C, a.g.H * a.g.W, true);
+  check_pixels(a.y, "y", a.g.N, a.g.O, a.g.P(), false);
+  if (a.bias.present) {
+    check_view(a.bias, "bias", 1, {DType::f32});
+    check_contiguous(a.bias, "bias");
+    HOTOPS_CHECK(a.bias.size(0) == a.g.O, "bias has ", a.bias.size(0), " entries, expected ", a.g.O);
+  }
+}
+
+void check(SparseConvBwdInput& a) {
+  check_geometry(a.g);
+  check_csr(a.wt, a.g.G * a.g.K(), "transposed weight");
+  check_pixels(a.gy, "grad_output", a.g.N, a.g.O, a.g.P(), true);
+  check_pixels(a.gx, "grad_input", a.g.N, a.g.C, a.g.H * a.g.W, !a.g.direct());
+}
+
+void check(SparseConvBwdValues& a) {
+  check_geometry(a.g);
+  check_csr(a.w, a.g.O, "weight");
+  check_used(a.used_rowptr, a.g);
+  check_pixels(a.x, "x", a.g.N, a.g.C, a.g.H * a.g.W, true);
+  check_pixels(a.gy, "grad_output", a.g.N, a.g.O, a.g.P(), true);
+  check_view(a.partial, "partial", 2, {DType::f32});
+  check_contiguous(a.partial, "partial");
+  HOTOPS_CHECK(a.partial.size(0) >= 1 && a.partial.size(1) == a.w.colidx.size(0), "partial must be (lanes, nnz)");
+}
+
+}  // namespace hotops

@@ -1,0 +1,413 @@
+// Per-ISA sparse x dense kernels (see cpu.h).
+//
+// Work items are (image, pixel tile, group, block of rows). A tile's im2col rows live in a
+// per-thread scratch buffer sized to stay in L2 while every output row of the group streams over
+// it; each non-zero w[o, k] is then one broadcast and NV fused multiply-adds over 64 pixels held
+// in registers, so the arithmetic is proportional to the non-zeros, never to the dense weight.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common/parallel.h"
+#include "common/simd.h"
+#include "sparse/cpu.h"
+
+namespace hotops {
+namespace HOTOPS_ISA {
+namespace {
+
+constexpr int W = VecF::W;
+constexpr int NV = 4;                    // vectors per register tile (x2 sets of accumulators)
+constexpr int64_t CH = int64_t(NV) * W;  // pixels per register tile
+constexpr int64_t TILE_FLOATS = 96 << 10;  // im2col tile budget (384 KB): L2-resident
+
+template <typename T>
+struct Scratch {  // raw new/delete: kernel TUs must not instantiate std containers (ODR rule)
+  T* p;
+  explicit Scratch(int64_t n) : p(n > 0 ? new T[n] : nullptr) {}
+  ~Scratch() { delete[] p; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+
+struct CsrPtrs {
+  const int64_t* rowptr;
+  const int32_t* col;
+  const float* val;
+  int64_t ncols;
+  explicit CsrPtrs(const Csr& m, int64_t ncols)
+      : rowptr(m.rowptr.ptr<int64_t>()), col(m.colidx.ptr<int32_t>()), val(m.values.ptr<float>()), ncols(ncols) {}
+
+  void check_row(int64_t r) const {  // every column index the kernels read is checked once
+    bool bad = false;
+    for (int64_t k = rowptr[r]; k < rowptr[r + 1]; ++k) bad |= static_cast<uint32_t>(col[k]) >= ncols;
+    HOTOPS_CHECK(!bad, "column index out of range [0, ", ncols, ") in row ", r, " of the sparse weight");
+  }
+};
+
+struct Out {  // element (row, pixel) at base + row * rs + pixel * ps
+  float* base;
+  int64_t rs, ps;
+  void put(int64_t r, int64_t p, VecF v, int64_t n = W) const {
+    float* d = base + r * rs + p * ps;
+    if (ps == 1) return store_row(d, DType::f32, 0, v, n);
+    float buf[W];
+    v.store(buf);
+    for (int64_t i = 0; i < n; ++i) d[i * ps] = buf[i];
+  }
+};
+
+inline VecF epilogue(VecF acc, VecF bias, bool relu) {
+  acc = acc + bias;
+  return relu ? VecF::max(VecF::set1(0.0f), acc) : acc;  // NaN stays NaN, as in torch.relu
+}
+
+// The first `count` (1..W) floats at p; the other lanes are 0 and their memory is not touched.
+inline VecF load_first(const float* p, int64_t count) {
+#if defined(__AVX512F__)
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p);
+#elif defined(__AVX2__)
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lane));
+#else
+  (void)count;
+  return VecF::load(p);
+#endif
+}
+
+// Adds the non-zeros [k, kend) of one row into acc over NVR vectors of pixels, the last holding
+// `last` (1..W) valid pixels: two sets of accumulators (even and odd non-zeros), so 2 * NVR
+// independent FMA chains hide the FMA latency.
+template <int NVR, bool PARTIAL>
+inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld, int64_t last,
+                       VecF (&acc)[2][NV]) {
+  auto step = [&](int u, int64_t at) {
+    const VecF v = VecF::set1(m.val[at]);
+    const float* s = src + m.col[at] * ld;
+    for (int j = 0; j < NVR; ++j) {
+      const VecF x = PARTIAL && j == NVR - 1 ? load_first(s + j * W, last) : VecF::load(s + j * W);
+      acc[u][j] = VecF::fma(v, x, acc[u][j]);
+    }
+  };
+  for (; k + 1 < kend; k += 2) {
+    step(0, k);
+    step(1, k + 1);
+  }
+  if (k < kend) step(0, k);
+}
+
+// Rows [r0, r1) over the NVR vectors of pixels from p (the last holding `last` pixels).
+template <int NVR>
+void tail_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t p, int64_t last,
+               Out out, const float* bias, bool relu) {
+  for (int64_t r = r0; r < r1; ++r) {
+    VecF acc[2][NV];
+    for (int j = 0; j < NVR; ++j) acc[0][j] = acc[1][j] = VecF::set1(0.0f);
+    accumulate<NVR, true>(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld, last, acc);
+    const VecF b = VecF::set1(bias ? bias[r] : 0.0f);
+    for (int j = 0; j < NVR; ++j) out.put(r - r0, p + j * W, epilogue(acc[0][j] + acc[1][j], b, relu), j == NVR - 1 ? last : W);
+  }
+}
+
+// sum_k val[k] * src[col[k] * ld] over one row's non-zeros [k, kend): a sparse dot product
+// that gathers its operands 16 (AVX-512) or 8 (AVX2) at a time where offsets fit in int32.
+inline float gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld) {
+  float total = 0.0f;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (ld * m.ncols <= INT32_MAX) {
+#if defined(__AVX512F__)
+    using I = __m512i;
+    constexpr int L = 16;
+    auto index = [&](int64_t at) {
+      const I c = _mm512_loadu_si512(m.col + at);
+      return ld == 1 ? c : _mm512_mullo_epi32(c, _mm512_set1_epi32(static_cast<int32_t>(ld)));
+    };
+    auto gather = [&](I idx) { return VecF(_mm512_i32gather_ps(idx, src, 4)); };
+#else
+    using I = __m256i;
+    constexpr int L = 8;
+    auto index = [&](int64_t at) {
+      const I c = _mm256_loadu_si256(reinterpret_cast<const I*>(m.col + at));
+      return ld == 1 ? c : _mm256_mullo_epi32(c, _mm256_set1_epi32(static_cast<int32_t>(ld)));
+    };
+    auto gather = [&](I idx) { return VecF(_mm256_i32gather_ps(src, idx, 4)); };
+#endif
+    VecF s0 = VecF::set1(0.0f), s1 = VecF::set1(0.0f);
+    for (; k + 2 * L <= kend; k += 2 * L) {
+      s0 = VecF::fma(VecF::load(m.val + k), gather(index(k)), s0);
+      s1 = VecF::fma(VecF::load(m.val + k + L), gather(index(k + L)), s1);
+    }
+    for (; k + L <= kend; k += L) s0 = VecF::fma(VecF::load(m.val + k), gather(index(k)), s0);
+    total = (s0 + s1).sum();
+  }
+#endif
+  float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains for latency
+  for (; k + 4 <= kend; k += 4)
+    for (int u = 0; u < 4; ++u) s[u] += m.val[k + u] * src[m.col[k + u] * ld];
+  for (; k < kend; ++k) s[0] += m.val[k] * src[m.col[k] * ld];
+  return total + ((s[0] + s[1]) + (s[2] + s[3]));
+}
+
+// out[r - r0, p] = act(bias[r] + sum_k val[k] * src[col[k] * ld + p]) for rows [r0, r1), p < n:
+// 64 pixels at a time in registers, then the remainder as up to four vectors (the last masked),
+// or a gathered dot product for a single pixel (all of batch-1 linear).
+void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t n, Out out,
+               const float* bias, bool relu) {
+  for (int64_t r = r0; r < r1; ++r) m.check_row(r);
+  const VecF zero = VecF::set1(0.0f);
+  auto bias_of = [&](int64_t r) { return VecF::set1(bias ? bias[r] : 0.0f); };
+  int64_t p = 0;
+  // A strided output (linear: y is (batch, out), so pixels are O apart) is staged ROWS rows at a
+  // time and written pixel-major: one cache line per pixel instead of one per row and pixel, all
+  // of them 4 KB-aliased.
+  constexpr int64_t ROWS = 16;
+  float stage[ROWS][CH];
+  for (; p + CH <= n; p += CH) {
+    for (int64_t rb = r0; rb < r1; rb += ROWS) {
+      const int64_t re = std::min(r1, rb + ROWS);
+      for (int64_t r = rb; r < re; ++r) {
+        VecF acc[2][NV];
+        for (int j = 0; j < NV; ++j) acc[0][j] = acc[1][j] = zero;
+        accumulate<NV, false>(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld, W, acc);
+        for (int j = 0; j < NV; ++j) {
+          const VecF y = epilogue(acc[0][j] + acc[1][j], bias_of(r), relu);
+          if (out.ps == 1) out.put(r - r0, p + j * W, y);
+          else y.store(stage[r - rb] + j * W);
+        }
+      }
+      if (out.ps == 1) continue;
+      for (int64_t q = 0; q < CH; ++q) {
+        float* d = out.base + (rb - r0) * out.rs + (p + q) * out.ps;
+        for (int64_t i = 0; i < re - rb; ++i) d[i * out.rs] = stage[i][q];
+      }
+    }
+  }
+  const int64_t rem = n - p;
+  if (rem > 1) {  // fewer than 64 pixels left: as many vectors as they need, the last one masked
+    const int64_t nv = (rem + W - 1) / W, last = rem - (nv - 1) * W;
+    switch (nv) {
+      case 1: return tail_rows<1>(m, r0, r1, src, ld, p, last, out, bias, relu);
+      case 2: return tail_rows<2>(m, r0, r1, src, ld, p, last, out, bias, relu);
+      case 3: return tail_rows<3>(m, r0, r1, src, ld, p, last, out, bias, relu);
+      default: return tail_rows<NV>(m, r0, r1, src, ld, p, last, out, bias, relu);
+    }
+  }
+  if (rem == 1)  // one pixel (all of batch-1 linear): a gathered sparse dot product
+    for (int64_t r = r0; r < r1; ++r)
+      out.put(r - r0, p, epilogue(VecF::set1(gather_dot(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld)),
+                                  bias_of(r), relu), 1);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  VecF s0 = VecF::set1(0.0f), s1 = VecF::set1(0.0f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    s0 = VecF::fma(VecF::load(a + i), VecF::load(b + i), s0);
+    s1 = VecF::fma(VecF::load(a + i + W), VecF::load(b + i + W), s1);
+  }
+  for (; i + W <= n; i += W) s0 = VecF::fma(VecF::load(a + i), VecF::load(b + i), s0);
+  float s = (s0 + s1).sum();
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Calls f(t, hi, wi, len) for each run of tile positions t .. t+len-1 (pixels p0 + t) whose
+// kernel tap (dy, dx) lands inside the input: input row hi, columns wi, wi + sw, ...
+template <typename F>
+void for_each_span(const ConvGeom& g, int64_t dy, int64_t dx, int64_t p0, int64_t n, F&& f) {
+  const int64_t off_w = dx * g.dw - g.pw;
+  const int64_t lo = off_w >= 0 ? 0 : (-off_w + g.sw - 1) / g.sw;  // first wo with wi >= 0
+  const int64_t hi = std::min(g.Wo, g.W - 1 - off_w < 0 ? 0 : (g.W - 1 - off_w) / g.sw + 1);
+  for (int64_t p = p0, end = p0 + n; p < end;) {
+    const int64_t ho = p / g.Wo, wo0 = p - ho * g.Wo, wo1 = std::min(g.Wo, wo0 + (end - p));
+    const int64_t hin = ho * g.sh - g.ph + dy * g.dh;
+    if (hin >= 0 && hin < g.H) {
+      const int64_t a = std::max(wo0, lo), b = std::min(wo1, hi);
+      if (a < b) f(p - p0 + (a - wo0), hin, a * g.sw + off_w, b - a);
+    }
+    p += wo1 - wo0;
+  }
+}
+
+inline void tap_of(const ConvGeom& g, int64_t k, int64_t& c, int64_t& dy, int64_t& dx) {
+  c = k / (g.kh * g.kw);
+  dy = (k / g.kw) % g.kh;
+  dx = k % g.kw;
+}
+
+// im2col rows of group grp for pixels [p0, p0 + n) of one image (channel stride xcs) into buf
+// (row stride n); rows with no non-zero in the weight (used[k] == used[k + 1]) are skipped.
+void build_cols(const ConvGeom& g, const float* xn, int64_t xcs, int64_t grp, const int64_t* used, int64_t p0,
+                int64_t n, float* buf) {
+  for (int64_t k = 0; k < g.K(); ++k) {
+    if (used[k] == used[k + 1]) continue;
+    int64_t c, dy, dx;
+    tap_of(g, k, c, dy, dx);
+    const float* plane = xn + (grp * g.Cg() + c) * xcs;
+    float* row = buf + k * n;
+    std::memset(row, 0, sizeof(float) * n);
+    for_each_span(g, dy, dx, p0, n, [&](int64_t t, int64_t hin, int64_t wi, int64_t len) {
+      const float* s = plane + hin * g.W + wi;
+      if (g.sw == 1) {
+        std::memcpy(row + t, s, sizeof(float) * len);
+      } else {
+        for (int64_t i = 0; i < len; ++i) row[t + i] = s[i * g.sw];
+      }
+    });
+  }
+}
+
+// Tiling shared by the passes: tiles of `pt` output pixels, rows split into `rb` blocks of `rbs`.
+struct Plan {
+  int64_t pt, tiles, rb, rbs, items;
+  Plan(const ConvGeom& g, int64_t rows_per_group, bool split_rows_freely, int threads) {
+    const int64_t P = g.P();
+    pt = std::max<int64_t>(CH, TILE_FLOATS / std::max<int64_t>(1, g.K()) / CH * CH);
+    pt = std::max<int64_t>(1, std::min(P, pt));
+    tiles = P == 0 ? 0 : (P + pt - 1) / pt;
+    const int64_t outer = g.N * tiles * g.G;
+    // rows are split when reading the input in place (free) or when there are too few tiles
+    const int64_t want = split_rows_freely ? 4 * threads : threads;
+    rb = outer >= want ? 1 : std::min<int64_t>(rows_per_group, (want + outer - 1) / std::max<int64_t>(1, outer));
+    rb = std::max<int64_t>(1, rb);
+    rbs = (rows_per_group + rb - 1) / rb;
+    items = outer * rb;
+  }
+  // item -> (image, tile, group, row block)
+  void decode(int64_t it, const ConvGeom& g, int64_t& n, int64_t& t, int64_t& grp, int64_t& b) const {
+    b = it % rb;
+    it /= rb;
+    grp = it % g.G;
+    it /= g.G;
+    t = it % tiles;
+    n = it / tiles;
+  }
+};
+
+}  // namespace
+
+void sparse_conv_fwd(const SparseConvFwd& a) {
+  const ConvGeom& g = a.g;
+  const CsrPtrs w(a.w, g.K());
+  const Plan plan(g, g.Og(), g.direct(), a.threads);
+  const float* x = a.x.ptr<float>();
+  float* y = a.y.ptr<float>();
+  const float* bias = a.bias.present ? a.bias.ptr<float>() : nullptr;
+  const int64_t* used = a.used_rowptr.ptr<int64_t>();
+  parallel_for(plan.items, 1, a.threads, [&](int64_t i0, int64_t i1) {
+    Scratch<float> buf(g.direct() ? 0 : g.K() * plan.pt);
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t n, t, grp, b;
+      plan.decode(it, g, n, t, grp, b);
+      const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
+      const float* xn = x + n * a.x.stride(0);
+      const float* src = xn + grp * g.Cg() * a.x.stride(1) + p0;
+      int64_t ld = a.x.stride(1);
+      if (!g.direct()) {
+        build_cols(g, xn, a.x.stride(1), grp, used + grp * g.K(), p0, len, buf.p);
+        src = buf.p;
+        ld = len;
+      }
+      const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
+      if (r0 >= r1) continue;
+      Out out{y + n * a.y.stride(0) + r0 * a.y.stride(1) + p0 * a.y.stride(2), a.y.stride(1), a.y.stride(2)};
+      spmm_rows(w, r0, r1, src, ld, len, out, bias, a.relu);
+    }
+  });
+}
+
+void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
+  const ConvGeom& g = a.g;
+  const CsrPtrs wt(a.wt, g.Og());
+  const float* gy = a.gy.ptr<float>();
+  float* gx = a.gx.ptr<float>();
+  if (g.direct()) {  // cols are grad_input itself: write it in place, rows split freely
+    const Plan plan(g, g.K(), true, a.threads);
+    parallel_for(plan.items, 1, a.threads, [&](int64_t i0, int64_t i1) {
+        for (int64_t it = i0; it < i1; ++it) {
+        int64_t n, t, grp, b;
+        plan.decode(it, g, n, t, grp, b);
+        const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
+        const int64_t r0 = grp * g.K() + b * plan.rbs, r1 = std::min((grp + 1) * g.K(), r0 + plan.rbs);
+        if (r0 >= r1) continue;
+        const float* src = gy + n * a.gy.stride(0) + grp * g.Og() * a.gy.stride(1) + p0;
+        Out out{gx + n * a.gx.stride(0) + r0 * a.gx.stride(1) + p0 * a.gx.stride(2), a.gx.stride(1), a.gx.stride(2)};
+        spmm_rows(wt, r0, r1, src, a.gy.stride(1), len, out, nullptr, false);
+      }
+    });
+    return;
+  }
+  // col2im adds overlapping windows, so work items own whole input channels: (image, group,
+  // block of channels), each running its channels' kh * kw rows of W^T over every tile.
+  const Plan plan(g, g.K(), false, 1);
+  const int64_t taps = g.kh * g.kw, outer = g.N * g.G;
+  const int64_t cb = std::min(g.Cg(), (4 * a.threads + outer - 1) / outer);  // channel blocks
+  const int64_t cbs = (g.Cg() + cb - 1) / cb;
+  parallel_for(outer * cb, 1, a.threads, [&](int64_t i0, int64_t i1) {
+    Scratch<float> buf(cbs * taps * plan.pt);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n = it / (g.G * cb), grp = (it / cb) % g.G, c0 = (it % cb) * cbs;
+      const int64_t c1 = std::min(g.Cg(), c0 + cbs);
+      if (c0 >= c1) continue;
+      const int64_t r0 = grp * g.K() + c0 * taps, r1 = grp * g.K() + c1 * taps;
+      const float* gyn = gy + n * a.gy.stride(0) + grp * g.Og() * a.gy.stride(1);
+      float* gxn = gx + n * a.gx.stride(0);
+      for (int64_t t = 0; t < plan.tiles; ++t) {
+        const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
+        spmm_rows(wt, r0, r1, gyn + p0, a.gy.stride(1), len, Out{buf.p, len, 1}, nullptr, false);
+        for (int64_t r = r0; r < r1; ++r) {
+          if (wt.rowptr[r] == wt.rowptr[r + 1]) continue;
+          int64_t c, dy, dx;
+          tap_of(g, r - grp * g.K(), c, dy, dx);
+          float* plane = gxn + (grp * g.Cg() + c) * a.gx.stride(1);
+          const float* row = buf.p + (r - r0) * len;
+          for_each_span(g, dy, dx, p0, len, [&](int64_t tt, int64_t hin, int64_t wi, int64_t l) {
+            float* d = plane + hin * g.W + wi;
+            for (int64_t i = 0; i < l; ++i) d[i * g.sw] += row[tt + i];
+          });
+        }
+      }
+    }
+  });
+}
+
+void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
+  const ConvGeom& g = a.g;
+  const CsrPtrs w(a.w, g.K());
+  const Plan plan(g, g.Og(), g.direct(), a.threads);
+  const int64_t lanes = a.partial.size(0), nnz = a.partial.size(1);
+  const float* x = a.x.ptr<float>();
+  const float* gy = a.gy.ptr<float>();
+  const int64_t* used = a.used_rowptr.ptr<int64_t>();
+  parallel_for(lanes, 1, a.threads, [&](int64_t l0, int64_t l1) {
+    Scratch<float> buf(g.direct() ? 0 : g.K() * plan.pt);
+    for (int64_t lane = l0; lane < l1; ++lane) {
+      float* part = a.partial.ptr<float>() + lane * nnz;
+      for (int64_t it = lane; it < plan.items; it += lanes) {
+        int64_t n, t, grp, b;
+        plan.decode(it, g, n, t, grp, b);
+        const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
+        const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
+        if (r0 >= r1) continue;
+        const float* xn = x + n * a.x.stride(0);
+        const float* src = xn + grp * g.Cg() * a.x.stride(1) + p0;
+        int64_t ld = a.x.stride(1);
+        if (!g.direct()) {
+          build_cols(g, xn, a.x.stride(1), grp, used + grp * g.K(), p0, len, buf.p);
+          src = buf.p;
+          ld = len;
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          w.check_row(r);
+          const float* gr = gy + n * a.gy.stride(0) + r * a.gy.stride(1) + p0;
+          for (int64_t k = w.rowptr[r]; k < w.rowptr[r + 1]; ++k) part[k] += dot(gr, src + w.col[k] * ld, len);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace HOTOPS_ISA
+}  // namespace hotops

@@ -1,0 +1,78 @@
+// Sparse weight x dense activation products for pruned linear and convolution layers.
+//
+// One engine serves both: a linear layer is a 1x1 convolution over a single "image" whose pixels
+// are the batch (the caller passes x^T, so each input feature is a contiguous row of batch values).
+// The weight is CSR over output channels, columns k = (c, dy, dx) of the (O, C/G * kh * kw)
+// im2col view. Output pixels are processed in tiles: for each tile the kernel builds the im2col
+// rows the weight actually uses (or reads the input in place for 1x1 / stride 1 / no padding),
+// then every non-zero is one broadcast-FMA over a contiguous run of pixels.
+#pragma once
+#include "common/dispatch.h"
+#include "common/view.h"
+
+namespace hotops {
+
+struct ConvGeom {
+  int64_t N = 0, C = 0, H = 0, W = 0;  // input: N images, C channels, H x W pixels
+  int64_t O = 0, G = 1;                // output channels, groups
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+  int64_t Ho = 0, Wo = 0;  // output size, derived by check()
+
+  int64_t Cg() const { return C / G; }
+  int64_t Og() const { return O / G; }
+  int64_t K() const { return Cg() * kh * kw; }   // im2col rows per group
+  int64_t P() const { return Ho * Wo; }          // output pixels per image
+  bool direct() const {  // the im2col matrix is the input itself
+    return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  }
+};
+
+// CSR: rowptr (R+1,) int64, colidx (nnz,) int32, values (nnz,) float32.
+struct Csr {
+  View rowptr, colidx, values;
+};
+
+// y[n, o, p] = act(bias[o] + sum_k w[o, k] * cols_n[g(o) * K + k, p])
+struct SparseConvFwd {
+  ConvGeom g;
+  Csr w;             // R = O rows, columns in [0, K)
+  View used_rowptr;  // (G*K+1,) int64: rowptr of w^T; im2col rows with no non-zero are skipped
+  View x;            // (N, C, H*W) float32, pixels contiguous
+  View bias;         // (O,) float32 or absent
+  View y;            // (N, O, Ho*Wo) float32, any strides
+  bool relu = false;
+  int threads = 1;
+};
+
+// gx = conv2d's input gradient: cols_n = w^T gy_n per group, then col2im (added into gx).
+struct SparseConvBwdInput {
+  ConvGeom g;
+  Csr wt;   // w^T per group: R = G*K rows, columns in [0, Og)
+  View gy;  // (N, O, Ho*Wo) float32, pixels contiguous
+  View gx;  // (N, C, H*W) float32; zero-filled by the caller unless g.direct() (then overwritten)
+  int threads = 1;
+};
+
+// gvalues[k] = sum_n sum_p gy[n, o(k), p] * cols_n[g * K + col(k), p], the dense-dense product
+// sampled at w's non-zeros; each of `partial`'s rows holds one thread's share (caller sums them).
+struct SparseConvBwdValues {
+  ConvGeom g;
+  Csr w;
+  View used_rowptr;
+  View x;        // (N, C, H*W) float32, pixels contiguous
+  View gy;       // (N, O, Ho*Wo) float32, pixels contiguous
+  View partial;  // (L, nnz) float32, zero-filled, L >= 1 lanes
+  int threads = 1;
+};
+
+// Validation (derives g.Ho, g.Wo); throws hotops::Error.
+void check(SparseConvFwd& a);
+void check(SparseConvBwdInput& a);
+void check(SparseConvBwdValues& a);
+
+HOTOPS_FOR_EACH_ISA(
+    void sparse_conv_fwd(const SparseConvFwd& a);
+    void sparse_conv_bwd_input(const SparseConvBwdInput& a);
+    void sparse_conv_bwd_values(const SparseConvBwdValues& a);)
+
+}  // namespace hotops

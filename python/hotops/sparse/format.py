@@ -1,0 +1,135 @@
+"""SparseWeight: a pruned linear or convolution weight packed once into CSR.
+
+Rows are output channels; columns index the (C/groups * kh * kw) im2col view of one group, in the
+order of ``weight.reshape(O, -1)``. The transposed structure (CSR of W^T per group, and the
+permutation that gathers the values into it) is packed alongside, because the input gradient is
+the same sparse product with W^T and the convolution kernel skips im2col rows no weight uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def magnitude_mask(w: Tensor, sparsity: float) -> Tensor:
+    """Keeps the round((1 - sparsity) * numel) largest |w| (ties broken by position)."""
+    check_sparsity(sparsity)
+    keep = int(round((1.0 - sparsity) * w.numel()))
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    if keep > 0:
+        mask[w.detach().abs().flatten().topk(keep, sorted=False).indices] = True
+    return mask.view(w.shape)
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseWeight:
+    """A weight of shape ``shape`` ((O, I) for linear, (O, C/groups, kh, kw) for conv) stored as
+    CSR over its O rows. ``values`` may be a leaf that requires grad (training under the mask)."""
+
+    shape: Tuple[int, ...]
+    groups: int
+    rowptr: Tensor     # (O + 1,) int64
+    colidx: Tensor     # (nnz,) int32, column within the group's im2col rows
+    values: Tensor     # (nnz,) float32
+    t_rowptr: Tensor   # (groups * K + 1,) int64: CSR of W^T per group
+    t_colidx: Tensor   # (nnz,) int32: output channel within the group
+    t_perm: Tensor     # (nnz,) int64: values[t_perm] are W^T's values
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:  # K: columns of one row
+        k = 1
+        for s in self.shape[1:]:
+            k *= s
+        return k
+
+    @property
+    def nnz(self) -> int:
+        return self.colidx.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.shape[0] * self.cols)
+
+    @staticmethod
+    def from_dense(w: Tensor, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
+                   groups: int = 1) -> "SparseWeight":
+        """Packs ``w * mask``. Give either ``mask`` (bool, w's shape) or ``sparsity`` (magnitude
+        pruning to that fraction of zeros); with neither, w's own non-zeros are kept."""
+        if not isinstance(w, Tensor):
+            raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+        if w.dim() not in (2, 4):
+            raise ValueError(f"w must be a linear (O, I) or conv (O, C/groups, kh, kw) weight, got shape {tuple(w.shape)}")
+        if w.dtype != torch.float32:
+            raise TypeError(f"w has dtype {str(w.dtype).replace('torch.', '')}; the sparse kernels take float32")
+        if w.numel() == 0:
+            raise ValueError(f"w is empty (shape {tuple(w.shape)})")
+        if not isinstance(groups, int) or groups < 1 or w.shape[0] % groups:
+            raise ValueError(f"groups must be a positive divisor of the {w.shape[0]} output channels, got {groups!r}")
+        if mask is not None and sparsity is not None:
+            raise ValueError("give either mask or sparsity, not both")
+        if mask is None:
+            mask = magnitude_mask(w, sparsity) if sparsity is not None else w.detach() != 0
+        if not isinstance(mask, Tensor) or mask.shape != w.shape:
+            raise ValueError(f"mask must be a tensor of w's shape {tuple(w.shape)}, got "
+                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be bool, got {str(mask.dtype).replace('torch.', '')}")
+        w2, m2 = w.detach().reshape(w.shape[0], -1), mask.reshape(w.shape[0], -1)
+        rows, cols = m2.nonzero(as_tuple=True)  # row-major: already CSR order
+        return SparseWeight.pack(tuple(w.shape), groups, rows, cols, w2[rows, cols].contiguous())
+
+    @staticmethod
+    def pack(shape, groups: int, rows: Tensor, cols: Tensor, values: Tensor) -> "SparseWeight":
+        """CSR (and W^T's CSR) from row-sorted coordinates."""
+        O = shape[0]
+        K = 1
+        for s in shape[1:]:
+            K *= s
+        counts = torch.bincount(rows, minlength=O)
+        rowptr = torch.zeros(O + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=rowptr[1:])
+        og = O // groups
+        t_rows = (rows // og) * K + cols      # W^T row: (group, column)
+        t_cols = rows % og                    # W^T column: output channel in the group
+        t_perm = torch.argsort(t_rows * og + t_cols, stable=True)
+        t_rowptr = torch.zeros(groups * K + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(t_rows, minlength=groups * K), 0, out=t_rowptr[1:])
+        return SparseWeight(tuple(int(s) for s in shape), int(groups), rowptr, cols.to(torch.int32),
+                            values, t_rowptr, t_cols[t_perm].to(torch.int32).contiguous(), t_perm)
+
+    def with_values(self, values: Tensor) -> "SparseWeight":
+        """The same structure with other values (e.g. a trained Parameter)."""
+        if values.shape != (self.nnz,):
+            raise ValueError(f"values must have shape ({self.nnz},), got {tuple(values.shape)}")
+        return dataclasses.replace(self, values=values)
+
+    def to(self, device) -> "SparseWeight":
+        """The same weight with every tensor on ``device``."""
+        return SparseWeight(self.shape, self.groups, *(t.to(device) for t in (
+            self.rowptr, self.colidx, self.values, self.t_rowptr, self.t_colidx, self.t_perm)))
+
+    def mask(self) -> Tensor:
+        m = torch.zeros(self.shape[0], self.cols, dtype=torch.bool, device=self.values.device)
+        m[self.row_indices(), self.colidx.long()] = True
+        return m.view(self.shape)
+
+    def row_indices(self) -> Tensor:
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.rowptr.device), self.rowptr.diff())
+
+    def to_dense(self) -> Tensor:
+        """The masked dense weight (differentiable w.r.t. ``values``)."""
+        flat = torch.zeros(self.shape[0] * self.cols, dtype=self.values.dtype, device=self.values.device)
+        idx = self.row_indices() * self.cols + self.colidx.long()
+        return flat.index_put((idx,), self.values).view(self.shape)

@@ -1,0 +1,297 @@
+"""SparseLinear / SparseConv2d modules, the dense-or-sparse dispatch, and sparsify()."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hotops.sparse.format import SparseWeight, check_sparsity, magnitude_mask
+
+SPARSE, DENSE = "sparse (C++)", "dense (torch)"
+
+# Densities (non-zeros / weight size) up to which the sparse kernels beat torch's dense ones on
+# the CPU, read off the single-thread crossover table in docs/sparse.md: a GEMV reads 4 bytes per
+# weight densely against 8 per non-zero sparsely and gathers its inputs; batched products and 1x1
+# convolutions turn each non-zero into vector FMAs over contiguous rows and win from about half
+# sparse; k x k convolutions also pay for their im2col tiles; a depthwise convolution is so cheap
+# densely (9 FMAs per pixel, memory-bound) that sparse at best ties, so it stays dense.
+DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.4, "conv1x1": 0.4, "conv": 0.2, "depthwise": 0.0}
+
+
+def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
+    """The dispatch model: does the sparse kernel beat dense for this layer? ``kind`` is
+    "linear" (with its batch ``rows``), "conv1x1", "conv" or "depthwise"."""
+    if kind == "linear":
+        kind = "gemv" if rows < 8 else "gemm"
+    return density <= DENSITY_LIMIT[kind]
+
+
+class _SparseLayer(nn.Module):
+    """Holds the packed weight: ``values`` (nnz,) is the trainable Parameter and the CSR
+    structure lives in buffers, so the packed form is built once and survives training steps.
+    ``set_mask`` repacks. The dense masked weight is materialised only for the dense path and
+    cached until ``values`` changes.
+
+    ``policy``: "auto" (sparse where the model says it pays), "sparse" or "dense".
+    ``backend`` says which path the last forward ran."""
+
+    _STRUCTURE = ("rowptr", "colidx", "t_rowptr", "t_colidx", "t_perm")
+
+    def __init__(self, sw: SparseWeight, bias: Optional[Tensor], policy: str):
+        super().__init__()
+        if policy not in ("auto", "sparse", "dense"):
+            raise ValueError(f"policy must be 'auto', 'sparse' or 'dense', got {policy!r}")
+        self.policy = policy
+        self.backend = ""
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self._load(sw)
+
+    def _load(self, sw: SparseWeight) -> None:
+        self.shape, self.groups = sw.shape, sw.groups
+        self.values = nn.Parameter(sw.values.detach().clone())
+        for name in self._STRUCTURE:
+            self.register_buffer(name, getattr(sw, name), persistent=True)
+        self._dense_cache = None
+        self._packed = None
+        self.density = sw.density  # the structure only changes in _load
+
+    @property
+    def sparse_weight(self) -> SparseWeight:
+        # kept while the Parameter and buffers are the same objects (module.to() or assigning a
+        # new Parameter replaces them): per-call rebuilding costs as much as a small layer's work
+        p = self._packed
+        if p is None or p.values is not self.values or p.rowptr is not self.rowptr or p.t_perm is not self.t_perm:
+            p = self._packed = SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, self.values,
+                                            self.t_rowptr, self.t_colidx, self.t_perm)
+        return p
+
+    def to_dense(self) -> Tensor:
+        """The masked dense weight (a new tensor, differentiable w.r.t. ``values``)."""
+        return self.sparse_weight.to_dense()
+
+    def mask(self) -> Tensor:
+        return self.sparse_weight.mask()
+
+    def set_mask(self, mask: Tensor) -> None:
+        """Repack under a new mask, keeping the current values where both masks agree."""
+        self._load(SparseWeight.from_dense(self.to_dense().detach(), mask=mask, groups=self.groups))
+
+    def _dense_weight(self) -> Tensor:
+        if torch.is_grad_enabled() and self.values.requires_grad:
+            return self.to_dense()
+        # inference tensors keep no version counter; they change only by replacement
+        key = (None if self.values.is_inference() else self.values._version, self.values.data_ptr())
+        if self._dense_cache is None or self._dense_cache[0] != key:
+            self._dense_cache = (key, self.to_dense().detach())
+        return self._dense_cache[1]
+
+    def _use_sparse(self, kind: str, rows: int) -> bool:
+        if self.policy != "auto":
+            return self.policy == "sparse"
+        return sparse_pays(kind, self.density, rows)
+
+
+class SparseLinear(_SparseLayer):
+    """A linear layer whose weight is pruned and stored sparsely; ``activation`` None or "relu"
+    is fused into the kernel."""
+
+    def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, activation: Optional[str] = None,
+                 policy: str = "auto"):
+        if len(sw.shape) != 2:
+            raise ValueError(f"SparseLinear needs a (out, in) weight, got shape {sw.shape}")
+        super().__init__(sw, bias, policy)
+        self.in_features, self.out_features = sw.shape[1], sw.shape[0]
+        self.activation = activation
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
+                   activation: Optional[str] = None, policy: str = "auto") -> "SparseLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        sw = SparseWeight.from_dense(linear.weight.detach(), sparsity=sparsity, mask=mask)
+        return cls(sw, linear.bias, activation, policy)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from hotops.sparse import sparse_linear
+
+        rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+        if self._use_sparse("linear", rows):
+            self.backend = SPARSE
+            return sparse_linear(x, self.sparse_weight, self.bias, self.activation)
+        self.backend = DENSE
+        y = F.linear(x, self._dense_weight(), self.bias)
+        return F.relu(y) if self.activation == "relu" else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"density={self.density:.3f}, policy={self.policy}")
+
+
+class SparseConv2d(_SparseLayer):
+    """A 2-d convolution whose weight is pruned and stored sparsely (any kernel size, stride,
+    padding, dilation, groups); ``activation`` None or "relu" is fused into the kernel."""
+
+    def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+                 activation: Optional[str] = None, policy: str = "auto"):
+        if len(sw.shape) != 4:
+            raise ValueError(f"SparseConv2d needs an (out, in/groups, kh, kw) weight, got shape {sw.shape}")
+        super().__init__(sw, bias, policy)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.in_channels, self.out_channels = sw.shape[1] * sw.groups, sw.shape[0]
+        self.activation = activation
+        self.kind = ("depthwise" if sw.shape[1] == 1 and sw.groups > 1 else
+                     "conv1x1" if sw.shape[2:] == (1, 1) else "conv")
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
+                   activation: Optional[str] = None, policy: str = "auto") -> "SparseConv2d":
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("SparseConv2d supports numeric zero padding only "
+                             f"(got padding={conv.padding!r}, padding_mode={conv.padding_mode!r})")
+        sw = SparseWeight.from_dense(conv.weight.detach(), sparsity=sparsity, mask=mask, groups=conv.groups)
+        return cls(sw, conv.bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), activation, policy)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from hotops.sparse import sparse_conv2d
+
+        if self._use_sparse(self.kind, 0):
+            self.backend = SPARSE
+            return sparse_conv2d(x, self.sparse_weight, self.bias, self.stride, self.padding, self.dilation,
+                                 activation=self.activation)
+        self.backend = DENSE
+        y = F.conv2d(x, self._dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.relu(y) if self.activation == "relu" else y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.shape[2:])}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"density={self.density:.3f}, policy={self.policy}")
+
+
+# ------------------------------------------------------------------ mask learning (HYDRA / DASS)
+
+class _TopK(torch.autograd.Function):
+    """Binary mask of the k largest scores; the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, keep: int) -> Tensor:
+        mask = torch.zeros_like(scores)
+        if keep > 0:
+            mask.view(-1)[scores.abs().flatten().topk(keep, sorted=False).indices] = 1.0
+        return mask
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g, None
+
+
+class _Scored(nn.Module):
+    """A frozen dense layer whose weight is masked by the top-k of learnable scores."""
+
+    def __init__(self, layer: nn.Module, sparsity: float):
+        super().__init__()
+        self.layer = layer
+        w = layer.weight.detach()
+        self.keep = int(round((1.0 - sparsity) * w.numel()))
+        fan_in = w[0].numel()
+        # HYDRA's scaled initialisation: scores start proportional to |w|
+        self.scores = nn.Parameter((6.0 / fan_in) ** 0.5 * w.abs() / w.abs().max().clamp_min(1e-12))
+
+    def mask(self) -> Tensor:
+        return _TopK.apply(self.scores, self.keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.layer.weight * self.mask()
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, self.layer.bias)
+        c = self.layer
+        return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def _prunable(model: nn.Module, skip: Callable[[str, nn.Module], bool]):
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not skip(name, m):
+            if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+                continue
+            yield name, m
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def sparsify(model: nn.Module, sparsity: float = 0.9, method: str = "magnitude", *,
+             data: Optional[Iterable] = None, loss_fn: Optional[Callable] = None, steps: int = 100,
+             lr: float = 0.1, skip: Callable[[str, nn.Module], bool] = lambda name, m: False,
+             policy: str = "auto", inplace: bool = False) -> nn.Module:
+    """Prunes every nn.Linear / nn.Conv2d (except those ``skip(name, module)`` names) to
+    ``sparsity`` and swaps in SparseLinear / SparseConv2d.
+
+    method="magnitude": one-shot, per layer, the largest |w| survive.
+    method="learned": DASS/HYDRA-style. Weights are frozen; each layer gets scores initialised
+    from |w|; the forward uses w * topk(scores) and the gradient reaches the scores straight
+    through the top-k. ``steps`` SGD steps over ``data`` (an iterable of (inputs, targets),
+    cycled) with ``loss_fn(model(inputs), targets)``, then the learned masks are packed.
+    """
+    check_sparsity(sparsity)
+    if method not in ("magnitude", "learned"):
+        raise ValueError(f"method must be 'magnitude' or 'learned', got {method!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    layers = list(_prunable(model, skip))
+    masks = {}
+    if method == "magnitude":
+        masks = {name: magnitude_mask(m.weight, sparsity) for name, m in layers}
+    else:
+        if data is None or loss_fn is None:
+            raise ValueError("method='learned' needs data (an iterable of (inputs, targets)) and loss_fn")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        masks = _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr)
+    for name, m in layers:
+        cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
+        _replace(model, name, cls.from_dense(m, mask=masks[name], policy=policy))
+    return model
+
+
+def _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr):
+    scored = {name: _Scored(m, sparsity) for name, m in layers}
+    for name, s in scored.items():
+        _replace(model, name, s)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    scores = [s.scores for s in scored.values()]
+    for p in scores:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(scores, lr=lr, momentum=0.9)
+    was_training = model.training
+    model.train()
+    it, done, fresh = iter(data), 0, True
+    while done < steps:
+        try:
+            inputs, targets = next(it)
+        except StopIteration:
+            if fresh:
+                raise ValueError("data yielded no batches") from None
+            it, fresh = iter(data), True
+            continue
+        fresh = False
+        opt.zero_grad()
+        loss_fn(model(inputs), targets).backward()
+        opt.step()
+        done += 1
+    model.train(was_training)
+    for p, req in frozen:
+        p.requires_grad_(req)
+    masks = {}
+    for name, s in scored.items():
+        masks[name] = s.mask().detach().bool()
+        _replace(model, name, s.layer)
+    return masks

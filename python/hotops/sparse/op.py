@@ -1,0 +1,255 @@
+"""torch.library registration of the sparse linear and convolution ops: schema, fake impl,
+autograd, and the C++ kernels (csrc/sparse).
+
+Both ops take the packed SparseWeight as plain tensors (values, CSR, transposed CSR) so that
+torch.compile and opcheck see ordinary tensor arguments. Gradients:
+
+    grad_x      = the same sparse product with W^T (col2im for convolutions)
+    grad_values = grad_y . im2col(x)^T sampled at W's non-zeros (never a dense weight gradient)
+    grad_bias   = grad_y summed over batch and pixels
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from hotops import _backend
+
+
+# convolutions run on the CPU kernels only (the GPU has the BSR linear kernel, see triton.py)
+CONV_BACKENDS = (_backend.Backend("cpu (C++)", _backend.cpu_refuses, _backend.ext),)
+
+
+def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride, padding, dilation,
+                  groups: int) -> List[int]:
+    N, C, H, W = x_shape
+    O, _, kh, kw = w_shape
+    return [N, C, H, W, O, groups, kh, kw, stride[0], stride[1], padding[0], padding[1],
+            dilation[0], dilation[1]]
+
+
+def linear_geometry(B: int, I: int, O: int) -> List[int]:
+    # a linear layer is a 1x1 convolution of one "image" whose B pixels are the batch
+    return [1, I, 1, B, O, 1, 1, 1, 1, 1, 0, 0, 1, 1]
+
+
+def _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y3, relu):
+    ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x3.device).run()
+    ext.sparse_conv_fwd(geom, rowptr, colidx, values.detach(), t_rowptr, x3,
+                        bias.detach().contiguous() if bias is not None else None, y3, relu,
+                        _backend.num_threads())
+
+
+def _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gy3, gx3):
+    ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, gy3.device).run()
+    ext.sparse_conv_bwd_input(geom, t_rowptr, t_colidx, values.detach()[t_perm].contiguous(), gy3, gx3,
+                              _backend.num_threads())
+
+
+def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
+    ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, gy3.device).run()
+    threads = _backend.num_threads()
+    partial = torch.zeros(threads, values.numel(), dtype=torch.float32)
+    ext.sparse_conv_bwd_values(geom, rowptr, colidx, values.detach(), t_rowptr, x3, gy3, partial, threads)
+    return partial.sum(0) if threads > 1 else partial[0]
+
+
+# ------------------------------------------------------------------ linear
+
+def _cpu_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
+    B, O = x.shape[0], rowptr.numel() - 1
+    y = x.new_empty(B, O)
+    xt = _backend.cpu_view(x).t().contiguous().unsqueeze(0)  # (1, I, B): each feature a batch row
+    _forward(linear_geometry(B, in_features, O), values, rowptr, colidx, t_rowptr, xt, bias,
+             y.t().unsqueeze(0), relu)
+    return y
+
+
+def _cpu_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
+                      need_x, need_values):
+    B, O = gy.shape
+    geom = linear_geometry(B, in_features, O)
+    gyt = gy.detach().t().contiguous().unsqueeze(0)  # (1, O, B)
+    gx = gv = None
+    if need_x:
+        gx = x.new_empty(B, in_features)
+        _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gyt, gx.t().unsqueeze(0))
+    if need_values:
+        xt = _backend.cpu_view(x).t().contiguous().unsqueeze(0)
+        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, xt, gyt)
+    return gx, gv
+
+
+def _triton_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
+    from hotops.sparse.triton import bsr_linear
+
+    return bsr_linear(x, rowptr, colidx, values, (rowptr.numel() - 1, in_features), bias, relu)
+
+
+def _triton_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
+                         need_x, need_values):
+    from hotops.sparse.triton import bsr_linear
+
+    O = rowptr.numel() - 1
+    gx = gv = None
+    if need_x:  # the same block-sparse product with W^T
+        gx = bsr_linear(gy, t_rowptr, t_colidx, values.detach()[t_perm], (in_features, O))
+    if need_values:  # gy^T x on the tensor cores, read at the non-zeros
+        rows = torch.repeat_interleave(torch.arange(O, device=gy.device), rowptr.to(gy.device).diff())
+        gv = (gy.detach().t() @ x.detach())[rows, colidx.to(gy.device).long()]
+    return gx, gv
+
+
+LINEAR_BACKENDS = (
+    _backend.Backend("cpu (C++)", _backend.cpu_refuses, (_cpu_linear, _cpu_linear_grads)),
+    _backend.Backend("cuda (Triton BSR)", _backend.triton_refuses, (_triton_linear, _triton_linear_grads)),
+)
+
+
+def can_skip_dispatcher(*tensors: Optional[Tensor]) -> bool:
+    """Plain tensors, no tracer, nothing to differentiate: the ops' implementations may be called
+    directly. The dispatcher and autograd wrapping of a custom op cost tens of microseconds per
+    call, as much as a small pruned layer's whole work."""
+    if torch.compiler.is_compiling():
+        return False
+    present = [t for t in tensors if t is not None]
+    if not all(type(t) is torch.Tensor for t in present):
+        return False
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in present)
+
+
+def linear_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
+                   t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], in_features: int,
+                   relu: bool) -> Tensor:
+    """y = act(x W^T + bias) for x (B, I), W the (O, I) CSR weight."""
+    if x.shape[0] == 0:
+        return x.new_empty(0, rowptr.numel() - 1)
+    forward, _ = _backend.choose("sparse_linear", LINEAR_BACKENDS, x.device).run
+    return forward(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu)
+
+
+sparse_linear_op = torch.library.custom_op("hotops::sparse_linear", linear_forward, mutates_args=())
+
+
+@sparse_linear_op.register_fake
+def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, in_features, relu):
+    return x.new_empty(x.shape[0], rowptr.shape[0] - 1)
+
+
+@torch.library.custom_op("hotops::sparse_linear_backward", mutates_args=())
+def sparse_linear_backward(gy: Tensor, x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor,
+                           t_rowptr: Tensor, t_colidx: Tensor, t_perm: Tensor, in_features: int,
+                           need_x: bool, need_values: bool) -> Tuple[Tensor, Tensor]:
+    """(grad_x, grad_values); each is empty when not needed."""
+    gx = gv = None
+    if gy.shape[0] == 0:
+        gx, gv = x.new_zeros(x.shape), values.new_zeros(values.shape)
+    elif need_x or need_values:
+        _, grads = _backend.choose("sparse_linear", LINEAR_BACKENDS, gy.device).run
+        gx, gv = grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
+                       need_x, need_values)
+    return (gx if need_x else x.new_empty(0)), (gv if need_values else values.new_empty(0))
+
+
+@sparse_linear_backward.register_fake
+def _(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features, need_x, need_values):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            values.new_empty(values.shape) if need_values else values.new_empty(0))
+
+
+# ------------------------------------------------------------------ conv2d
+
+def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
+                     t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], weight_shape: List[int],
+                     stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                     relu: bool) -> Tensor:
+    """y = act(conv2d(x, W, bias)) for the (O, C/groups, kh, kw) CSR weight W."""
+    geom = conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
+    N, C, H, W = x.shape
+    Ho, Wo = (out_size(H, weight_shape[2], stride[0], padding[0], dilation[0]),
+              out_size(W, weight_shape[3], stride[1], padding[1], dilation[1]))
+    y = x.new_empty(N, weight_shape[0], Ho, Wo)
+    if y.numel() == 0:
+        return y
+    x3 = _backend.cpu_view(x).contiguous().view(N, C, H * W)
+    _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.view(N, weight_shape[0], Ho * Wo), relu)
+    return y
+
+
+sparse_conv2d_op = torch.library.custom_op("hotops::sparse_conv2d", conv2d_forward, mutates_args=())
+
+
+@sparse_conv2d_op.register_fake
+def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, weight_shape, stride, padding,
+      dilation, groups, relu):
+    N, _, H, W = x.shape
+    return x.new_empty(N, weight_shape[0],
+                       out_size(H, weight_shape[2], stride[0], padding[0], dilation[0]),
+                       out_size(W, weight_shape[3], stride[1], padding[1], dilation[1]))
+
+
+@torch.library.custom_op("hotops::sparse_conv2d_backward", mutates_args=())
+def sparse_conv2d_backward(gy: Tensor, x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor,
+                           t_rowptr: Tensor, t_colidx: Tensor, t_perm: Tensor, weight_shape: List[int],
+                           stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                           need_x: bool, need_values: bool) -> Tuple[Tensor, Tensor]:
+    """(grad_x, grad_values); each is empty when not needed."""
+    geom = conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
+    N, C, H, W = x.shape
+    O, P = gy.shape[1], gy.shape[2] * gy.shape[3]
+    gx, gv = x.new_empty(0), values.new_empty(0)
+    if gy.numel() == 0:
+        return (x.new_zeros(x.shape) if need_x else gx), (values.new_zeros(values.shape) if need_values else gv)
+    gy3 = gy.detach().contiguous().view(N, O, P)
+    if need_x:
+        direct = weight_shape[2:] == [1, 1] and stride == [1, 1] and padding == [0, 0]
+        gx = x.new_empty(x.shape) if direct else x.new_zeros(x.shape)
+        _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gy3, gx.view(N, C, H * W))
+    if need_values:
+        x3 = _backend.cpu_view(x).contiguous().view(N, C, H * W)
+        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3)
+    return gx, gv
+
+
+@sparse_conv2d_backward.register_fake
+def _(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, weight_shape, stride, padding,
+      dilation, groups, need_x, need_values):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            values.new_empty(values.shape) if need_values else values.new_empty(0))
+
+
+# ------------------------------------------------------------------ autograd
+
+def _setup(ctx, inputs, output, relu: bool):
+    x, values = inputs[0], inputs[1]
+    ctx.extra = inputs[8:-1]  # in_features, or (weight_shape, stride, padding, dilation, groups)
+    ctx.has_bias = inputs[7] is not None
+    ctx.relu = relu
+    ctx.save_for_backward(x, values, *inputs[2:7], output if relu else None)
+
+
+def _grads(ctx, gy, backward_op, bias_dims):
+    x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, y = ctx.saved_tensors
+    if ctx.relu:
+        gy = gy * (y > 0)
+    need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx = gv = None
+    if need_x or need_values:
+        gx, gv = backward_op(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, *ctx.extra,
+                             need_x, need_values)
+    gb = gy.sum(bias_dims) if ctx.has_bias and ctx.needs_input_grad[7] else None
+    return (gx if need_x else None, gv if need_values else None, None, None, None, None, None, gb)
+
+
+sparse_linear_op.register_autograd(
+    lambda ctx, gy: _grads(ctx, gy, sparse_linear_backward, (0,)) + (None, None),
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, inputs[-1]))
+sparse_conv2d_op.register_autograd(
+    lambda ctx, gy: _grads(ctx, gy, sparse_conv2d_backward, (0, 2, 3)) + (None,) * 6,
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, inputs[-1]))
