@@ -8,7 +8,6 @@ torch.compile and opcheck see ordinary tensor arguments. Gradients:
     grad_values = grad_y . im2col(x)^T sampled at W's non-zeros (never a dense weight gradient)
     grad_bias   = grad_y summed over batch and pixels
 """
-from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
