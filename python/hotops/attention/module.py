@@ -1,0 +1,2 @@
+"""placeholder"""
+SubsampledSelfAttention = patch_bert = None
