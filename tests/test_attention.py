@@ -344,3 +344,28 @@ def test_patch_bert_minilm():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with pytest.raises(ValueError, match="no BertSelfAttention"):
         patch_bert(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------ Triton (interpreter on the CPU)
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    if not _backend.triton_available():
+        pytest.skip("triton is not installed")
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setattr(op, "FORWARD", (_backend.Backend("triton", lambda dev: None, op._triton_forward),))
+    monkeypatch.setattr(op, "BACKWARD", (_backend.Backend("triton", lambda dev: None, op._triton_backward),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("idx_heads,causal,positions", [(4, False, False), (2, True, False), (2, True, True)])
+def test_triton_in_interpreter(triton_backend, dtype, idx_heads, causal, positions):
+    q, k, v = make(B=1, H=4, Hkv=2, Lq=70, Lk=75, D=20, dtype=dtype)
+    idx = torch.randint(0, 75, (1, idx_heads, 67))
+    kpos = torch.randint(-1, 75, idx.shape) if positions else None
+    qpos = torch.randint(0, 75, (1, 4, 70)) if positions else None
+    check(*on_indices(idx, kpos, qpos, causal=causal), (q, k, v))
