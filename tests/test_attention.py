@@ -375,3 +375,22 @@ def test_triton_in_interpreter(triton_backend, dtype, idx_heads, causal, positio
     kpos = torch.randint(-1, 75, idx.shape) if positions else None
     qpos = torch.randint(0, 75, (1, 4, 70)) if positions else None
     check(*on_indices(idx, kpos, qpos, causal=causal), (q, k, v))
+
+
+# ------------------------------------------------------------------ on a GPU (gpu_check.sh)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_matches_reference(dtype, causal):
+    q, k, v = (t.detach().cuda().requires_grad_() for t in make(B=2, H=8, Hkv=2, Lq=300, Lk=500, D=64, dtype=dtype))
+    idx = sampling.unbiased_indices(2, 8, 500, 0.25, None, q.device)
+    check(*on_indices(idx, causal=causal), (q, k, v))
+    mask = torch.rand(2, 300, device="cuda") < 0.1  # local mode is self-attention: Lk = Lq = 300
+    check(lambda q, k, v: hotops.subsampled_attention(q, k, v, 0.25, mode="local", key_padding_mask=mask,
+                                                      generator=torch.Generator("cuda").manual_seed(0)),
+          lambda q, k, v: reference.subsampled_attention(q, k, v, 0.25, mode="local", key_padding_mask=mask,
+                                                         generator=torch.Generator("cuda").manual_seed(0)),
+          tuple(t[:, :, :300].detach().clone().requires_grad_() for t in (q, k, v)))
