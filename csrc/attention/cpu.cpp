@@ -18,7 +18,7 @@ namespace HOTOPS_ISA {
 namespace {
 
 constexpr int W = VecF::W;
-constexpr int TQ = 64;  // query rows per block
+constexpr int TQ = 128;  // query rows per block: amortises gathering each key tile
 constexpr int TK = 64;  // sampled keys per tile; a multiple of 2W for every ISA
 constexpr int NV_MAX = W >= 16 ? 4 : 2;  // vectors per row in the rank-k update (register budget)
 
