@@ -394,3 +394,13 @@ def test_cuda_matches_reference(dtype, causal):
           lambda q, k, v: reference.subsampled_attention(q, k, v, 0.25, mode="local", key_padding_mask=mask,
                                                          generator=torch.Generator("cuda").manual_seed(0)),
           tuple(t[:, :, :300].detach().clone().requires_grad_() for t in (q, k, v)))
+
+
+@pytest.mark.parametrize("mode", sampling.MODES)
+def test_torch_compile_with_sampling_inside(mode):
+    q, k, v = make(B=1, H=2, Lq=16, Lk=16, D=8)
+    f = torch.compile(lambda q, k, v: hotops.subsampled_attention(q, k, v, 0.5, mode=mode, causal=True).sum(),
+                      fullgraph=True, backend="aot_eager")
+    out = f(q, k, v)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
