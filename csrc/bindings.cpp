@@ -12,6 +12,7 @@ namespace py = pybind11;
 namespace hotops {
 void bind_infonce(py::module_& m);
 void bind_sparse(py::module_& m);
+void bind_attention(py::module_& m);
 }  // namespace hotops
 
 PYBIND11_MODULE(_C, m) {
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
 
   bind_infonce(m);
   bind_sparse(m);
+  bind_attention(m);
 }

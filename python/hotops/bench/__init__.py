@@ -10,4 +10,5 @@ Each family module (hotops/bench/<family>.py) exposes
 FAMILIES = {
     "infonce": "hotops.bench.infonce",
     "sparse": "hotops.bench.sparse",
+    "attention": "hotops.bench.attention",
 }

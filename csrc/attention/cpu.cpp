@@ -1,0 +1,361 @@
+// Per-ISA subsampled attention (see cpu.h). Forward: one task per (batch, head, block of TQ
+// queries); it walks the sampled keys in tiles of TK, gathering and converting each tile to
+// float32 (K transposed for the score micro-kernel, V row-major for the P·V one), and keeps a
+// running max / sum / output per query row (online softmax). Backward: one task per
+// (batch, KV head) owns the dK/dV of that head outright (fp32 accumulators over all Lk rows),
+// so the scatter-add needs no atomics and its summation order never depends on the thread count;
+// dQ for a query block is finished inside the same task.
+#include <cmath>
+#include <cstdlib>
+#include <new>
+
+#include "attention/cpu.h"
+#include "common/parallel.h"
+#include "common/simd.h"
+
+namespace hotops {
+namespace HOTOPS_ISA {
+namespace {
+
+constexpr int W = VecF::W;
+constexpr int TQ = 128;  // query rows per block: amortises gathering each key tile
+constexpr int TK = 64;  // sampled keys per tile; a multiple of 2W for every ISA
+constexpr int NV_MAX = W >= 16 ? 4 : 2;  // vectors per row in the rank-k update (register budget)
+
+// Aligned float32 scratch owned by one task. (Kernel TUs avoid std containers: see
+// docs/architecture.md, the ODR rule.)
+struct Scratch {
+  float* p;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64 + 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (!p) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+inline void* row_of(const View& t, int esz, int64_t b, int64_t h, int64_t i) {
+  return static_cast<char*>(t.data) + (b * t.stride(0) + h * t.stride(1) + i * t.stride(2)) * esz;
+}
+inline int64_t at3(const View& t, int64_t b, int64_t h, int64_t i) {
+  return t.ptr<const int64_t>()[b * t.stride(0) + h * t.stride(1) + i * t.stride(2)];
+}
+
+// dst[0..Dp) = src[0..D) * mul in float32, zero-padded to Dp = D rounded up to W.
+inline void load_f32(float* dst, const void* src, DType t, int64_t D, float mul = 1.0f) {
+  const VecF vm = VecF::set1(mul);
+  int64_t j = 0;
+  for (; j + W <= D; j += W) (load_row(src, t, j) * vm).store(dst + j);
+  if (j < D) (load_row(src, t, j, D - j) * vm).store(dst + j);
+}
+inline void store_out(void* dst, DType t, const float* src, int64_t D, float mul) {
+  const VecF vm = VecF::set1(mul);
+  int64_t j = 0;
+  for (; j + W <= D; j += W) store_row(dst, t, j, VecF::load(src + j) * vm);
+  if (j < D) store_row(dst, t, j, VecF::load(src + j) * vm, D - j);
+}
+inline void fill(float* p, int64_t n, float x) {
+  for (int64_t i = 0; i < n; ++i) p[i] = x;
+}
+
+// C[i, n] = sum_{d < D} A[i, d] * Bt[d, n] for i < M, n < TK: scores of M rows against a tile.
+template <int MR>
+inline void abt_rows(const float* A, int64_t lda, const float* Bt, float* C, int64_t D) {
+  for (int n = 0; n < TK; n += 2 * W) {
+    VecF acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = VecF::set1(0.0f);
+    for (int64_t d = 0; d < D; ++d) {
+      const VecF b0 = VecF::load(Bt + d * TK + n), b1 = VecF::load(Bt + d * TK + n + W);
+      for (int r = 0; r < MR; ++r) {
+        const VecF a = VecF::set1(A[r * lda + d]);
+        acc[r][0] = VecF::fma(a, b0, acc[r][0]);
+        acc[r][1] = VecF::fma(a, b1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0].store(C + r * TK + n);
+      acc[r][1].store(C + r * TK + n + W);
+    }
+  }
+}
+inline void abt(int64_t M, const float* A, int64_t lda, const float* Bt, float* C, int64_t D) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) abt_rows<4>(A + i * lda, lda, Bt, C + i * TK, D);
+  switch (M - i) {
+    case 3: abt_rows<3>(A + i * lda, lda, Bt, C + i * TK, D); break;
+    case 2: abt_rows<2>(A + i * lda, lda, Bt, C + i * TK, D); break;
+    case 1: abt_rows<1>(A + i * lda, lda, Bt, C + i * TK, D); break;
+  }
+}
+
+// C[r][c0 .. c0 + NV*W) += sum_{k < K} A(r, k) * B[k, c0 ..] for r < MR, with A(r, k) at
+// A[r * ars + k * acs]. C rows are pointers (scattered dK/dV rows); they are updated one after
+// another, so repeated indices (aliasing rows) still add up.
+template <int MR, int NV>
+inline void ab_rows(const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
+                    float* const* C, int64_t K, int64_t c0) {
+  VecF acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = VecF::set1(0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    VecF b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = VecF::load(B + k * ldb + c0 + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const VecF a = VecF::set1(A[r * ars + k * acs]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = VecF::fma(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) (VecF::load(C[r] + c0 + v * W) + acc[r][v]).store(C[r] + c0 + v * W);
+}
+template <int MR>
+inline void ab_cols(const float* A, int64_t ars, int64_t acs, const float* B, int64_t Dp,
+                    float* const* C, int64_t K) {
+  int64_t c0 = 0;
+  for (; c0 + NV_MAX * W <= Dp; c0 += NV_MAX * W) ab_rows<MR, NV_MAX>(A, ars, acs, B, Dp, C, K, c0);
+  for (; c0 < Dp; c0 += W) ab_rows<MR, 1>(A, ars, acs, B, Dp, C, K, c0);
+}
+// C[r] += A(r, :) · B for r < M; B is K × Dp row-major.
+inline void ab(int64_t M, int64_t K, const float* A, int64_t ars, int64_t acs, const float* B,
+               int64_t Dp, float* const* C) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) ab_cols<4>(A + r * ars, ars, acs, B, Dp, C + r, K);
+  switch (M - r) {
+    case 3: ab_cols<3>(A + r * ars, ars, acs, B, Dp, C + r, K); break;
+    case 2: ab_cols<2>(A + r * ars, ars, acs, B, Dp, C + r, K); break;
+    case 1: ab_cols<1>(A + r * ars, ars, acs, B, Dp, C + r, K); break;
+  }
+}
+
+inline void transpose_tile(const float* rows, int64_t Dp, float* t) {  // TK × Dp -> Dp × TK
+  for (int s = 0; s < TK; ++s)
+    for (int64_t d = 0; d < Dp; ++d) t[d * TK + s] = rows[s * Dp + d];
+}
+
+// Shapes and the head mapping of one call.
+struct Geometry {
+  int64_t B, H, Hkv, Hi, Lq, Lk, S, D, Dp, group;
+  int esz;
+  explicit Geometry(const SsaArgs& a)
+      : B(a.q.size(0)), H(a.q.size(1)), Hkv(a.k.size(1)), Hi(a.idx.size(1)), Lq(a.q.size(2)),
+        Lk(a.k.size(2)), S(a.idx.size(2)), D(a.q.size(3)), Dp((a.q.size(3) + W - 1) / W * W),
+        group(a.q.size(1) / (a.k.size(1) ? a.k.size(1) : 1)), esz(a.q.dtype == DType::f32 ? 4 : 2) {}
+  int64_t idx_head(int64_t h) const { return Hi == H ? h : h / group; }
+};
+
+// One key tile's gathered rows and visibility. kp[s] < 0 marks a hidden (or padding) slot.
+struct Tile {
+  int64_t cnt = 0, kmin = 0, kmax = 0;
+  bool any_hidden = false;
+  int64_t kp[TK];
+  int64_t row[TK];
+};
+
+inline void tile_positions(const SsaArgs& a, int64_t b, int64_t hi, int64_t t0, int64_t S, Tile& t) {
+  t.cnt = S - t0 < TK ? S - t0 : TK;
+  t.any_hidden = t.cnt < TK;
+  t.kmin = INT64_MAX;
+  t.kmax = -1;
+  for (int s = 0; s < TK; ++s) {
+    if (s >= t.cnt) {
+      t.kp[s] = -1;
+      continue;
+    }
+    t.row[s] = at3(a.idx, b, hi, t0 + s);
+    const int64_t p = a.kpos.present ? at3(a.kpos, b, hi, t0 + s) : t.row[s];
+    t.kp[s] = p;
+    if (p < 0) {
+      t.any_hidden = true;
+    } else {
+      t.kmin = p < t.kmin ? p : t.kmin;
+      t.kmax = p > t.kmax ? p : t.kmax;
+    }
+  }
+}
+
+// Gathers the tile's rows of a (B, Hkv, Lk, D) tensor into TK × Dp float32 (zero rows past cnt).
+inline void gather_rows(const View& src, const Geometry& g, int64_t b, int64_t hk, const Tile& t,
+                        float* dst) {
+  for (int s = 0; s < TK; ++s) {
+    if (s < t.cnt) load_f32(dst + s * g.Dp, row_of(src, g.esz, b, hk, t.row[s]), src.dtype, g.D);
+    else fill(dst + s * g.Dp, g.Dp, 0.0f);
+  }
+}
+
+// True when some (query, slot) pair of this block against this tile is hidden.
+inline bool needs_mask(const Tile& t, bool causal, int64_t qmin) {
+  return t.any_hidden || (causal && t.kmax > qmin);
+}
+// Scores of hidden pairs -> -inf (forward) or probabilities -> 0 (backward): x = hidden ? fill : x.
+inline void mask_block(float* Sb, int64_t mq, const Tile& t, bool causal, const int64_t* qp, float fillv) {
+  for (int64_t i = 0; i < mq; ++i) {
+    float* srow = Sb + i * TK;
+    for (int s = 0; s < TK; ++s)
+      if (t.kp[s] < 0 || (causal && t.kp[s] > qp[i])) srow[s] = fillv;
+  }
+}
+// Tiles whose every visible key lies after every query of a causal block contribute nothing.
+inline bool tile_dead(const Tile& t, bool causal, int64_t qmax) {
+  return t.kmax < 0 || (causal && t.kmin > qmax);
+}
+
+}  // namespace
+
+void ssa_forward(const SsaArgs& a) {
+  const Geometry g(a);
+  const int64_t nqb = (g.Lq + TQ - 1) / TQ;
+  const DType dt = a.q.dtype;
+  parallel_for(g.B * g.H * nqb, 1, a.threads, [&](int64_t t0, int64_t t1) {
+    Scratch qs(TQ * g.Dp), o(TQ * g.Dp), kbuf(TK * g.Dp), kt(g.Dp * TK), vp(TK * g.Dp), sb(TQ * TK);
+    float m[TQ], l[TQ];
+    int64_t qp[TQ];
+    float* orow[TQ];
+    Tile tile;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / (g.H * nqb), h = task / nqb % g.H, i0 = task % nqb * TQ;
+      const int64_t hk = h / g.group, hi = g.idx_head(h);
+      const int64_t mq = g.Lq - i0 < TQ ? g.Lq - i0 : TQ;
+      int64_t qmin = INT64_MAX, qmax = INT64_MIN;
+      for (int64_t i = 0; i < mq; ++i) {
+        load_f32(qs.p + i * g.Dp, row_of(a.q, g.esz, b, h, i0 + i), dt, g.D, a.scale);
+        fill(o.p + i * g.Dp, g.Dp, 0.0f);
+        orow[i] = o.p + i * g.Dp;
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+        qp[i] = a.qpos.present ? at3(a.qpos, b, h, i0 + i) : i0 + i;
+        qmin = qp[i] < qmin ? qp[i] : qmin;
+        qmax = qp[i] > qmax ? qp[i] : qmax;
+      }
+      for (int64_t s0 = 0; s0 < g.S; s0 += TK) {
+        tile_positions(a, b, hi, s0, g.S, tile);
+        if (tile_dead(tile, a.causal, qmax)) continue;
+        gather_rows(a.k, g, b, hk, tile, kbuf.p);
+        transpose_tile(kbuf.p, g.Dp, kt.p);
+        gather_rows(a.v, g, b, hk, tile, vp.p);
+        abt(mq, qs.p, g.Dp, kt.p, sb.p, g.D);
+        if (needs_mask(tile, a.causal, qmin)) mask_block(sb.p, mq, tile, a.causal, qp, -INFINITY);
+        for (int64_t i = 0; i < mq; ++i) {  // online softmax: rescale the running row, add the tile
+          float* srow = sb.p + i * TK;
+          VecF vmax = VecF::set1(-INFINITY);
+          for (int s = 0; s < TK; s += W) vmax = VecF::max(vmax, VecF::load(srow + s));
+          const float tmax = vmax.hmax();
+          const float mnew = tmax > m[i] ? tmax : m[i];
+          if (mnew == -INFINITY) {  // nothing visible yet: P = 0
+            fill(srow, TK, 0.0f);
+            continue;
+          }
+          const VecF vm = VecF::set1(mnew);
+          VecF vsum = VecF::set1(0.0f);
+          for (int s = 0; s < TK; s += W) {
+            const VecF p = exp(VecF::load(srow + s) - vm);
+            p.store(srow + s);
+            vsum = vsum + p;
+          }
+          const float alpha = std::exp(m[i] - mnew);
+          if (alpha != 1.0f) {
+            const VecF va = VecF::set1(alpha);
+            for (int64_t d = 0; d < g.Dp; d += W) (VecF::load(orow[i] + d) * va).store(orow[i] + d);
+          }
+          l[i] = l[i] * alpha + vsum.sum();
+          m[i] = mnew;
+        }
+        ab(mq, tile.cnt, sb.p, TK, 1, vp.p, g.Dp, orow);
+      }
+      float* lse = a.lse.ptr<float>() + (b * g.H + h) * g.Lq + i0;
+      for (int64_t i = 0; i < mq; ++i) {
+        const bool seen = l[i] > 0.0f || std::isnan(l[i]);
+        store_out(row_of(a.out, g.esz, b, h, i0 + i), dt, orow[i], g.D, seen ? 1.0f / l[i] : 0.0f);
+        lse[i] = seen ? m[i] + std::log(l[i]) : -INFINITY;
+      }
+    }
+  });
+}
+
+void ssa_backward(const SsaArgs& a) {
+  const Geometry g(a);
+  const DType dt = a.q.dtype;
+  parallel_for(g.B * g.Hkv, 1, a.threads, [&](int64_t t0, int64_t t1) {
+    Scratch dk(g.Lk * g.Dp), dv(g.Lk * g.Dp);
+    Scratch qs(TQ * g.Dp), dob(TQ * g.Dp), dqb(TQ * g.Dp), tmp(g.Dp);
+    Scratch kbuf(TK * g.Dp), kt(g.Dp * TK), vbuf(TK * g.Dp), vt(g.Dp * TK), pb(TQ * TK), ds(TQ * TK);
+    float lse[TQ], di[TQ];
+    int64_t qp[TQ];
+    float* dqrow[TQ];
+    float* dkrow[TK];
+    float* dvrow[TK];
+    Tile tile;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / g.Hkv, hk = task % g.Hkv;
+      fill(dk.p, g.Lk * g.Dp, 0.0f);
+      fill(dv.p, g.Lk * g.Dp, 0.0f);
+      for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
+        const int64_t hi = g.idx_head(h);
+        for (int64_t i0 = 0; i0 < g.Lq; i0 += TQ) {
+          const int64_t mq = g.Lq - i0 < TQ ? g.Lq - i0 : TQ;
+          int64_t qmin = INT64_MAX, qmax = INT64_MIN;
+          const float* lse_src = a.lse.ptr<const float>() + (b * g.H + h) * g.Lq + i0;
+          for (int64_t i = 0; i < mq; ++i) {
+            float* q_i = qs.p + i * g.Dp;
+            float* do_i = dob.p + i * g.Dp;
+            load_f32(q_i, row_of(a.q, g.esz, b, h, i0 + i), dt, g.D, a.scale);
+            load_f32(do_i, row_of(a.dout, g.esz, b, h, i0 + i), dt, g.D);
+            load_f32(tmp.p, row_of(a.out, g.esz, b, h, i0 + i), dt, g.D);
+            VecF acc = VecF::set1(0.0f);  // D_i = dO_i · O_i, the softmax backward's row term
+            for (int64_t d = 0; d < g.Dp; d += W) acc = VecF::fma(VecF::load(do_i + d), VecF::load(tmp.p + d), acc);
+            di[i] = acc.sum();
+            lse[i] = lse_src[i];
+            fill(dqb.p + i * g.Dp, g.Dp, 0.0f);
+            dqrow[i] = dqb.p + i * g.Dp;
+            qp[i] = a.qpos.present ? at3(a.qpos, b, h, i0 + i) : i0 + i;
+            qmin = qp[i] < qmin ? qp[i] : qmin;
+            qmax = qp[i] > qmax ? qp[i] : qmax;
+          }
+          for (int64_t s0 = 0; s0 < g.S; s0 += TK) {
+            tile_positions(a, b, hi, s0, g.S, tile);
+            if (tile_dead(tile, a.causal, qmax)) continue;
+            gather_rows(a.k, g, b, hk, tile, kbuf.p);
+            transpose_tile(kbuf.p, g.Dp, kt.p);
+            gather_rows(a.v, g, b, hk, tile, vbuf.p);
+            transpose_tile(vbuf.p, g.Dp, vt.p);
+            abt(mq, qs.p, g.Dp, kt.p, pb.p, g.D);
+            for (int64_t i = 0; i < mq; ++i) {  // P = exp(S - lse); rows that saw nothing stay 0
+              float* prow = pb.p + i * TK;
+              if (lse[i] == -INFINITY) {
+                fill(prow, TK, 0.0f);
+                continue;
+              }
+              const VecF vl = VecF::set1(lse[i]);
+              for (int s = 0; s < TK; s += W) exp(VecF::load(prow + s) - vl).store(prow + s);
+            }
+            if (needs_mask(tile, a.causal, qmin)) mask_block(pb.p, mq, tile, a.causal, qp, 0.0f);
+            abt(mq, dob.p, g.Dp, vt.p, ds.p, g.D);  // dP = dO V^T
+            for (int64_t i = 0; i < mq; ++i) {       // dS = P (dP - D_i)
+              const VecF vd = VecF::set1(di[i]);
+              float* srow = ds.p + i * TK;
+              const float* prow = pb.p + i * TK;
+              for (int s = 0; s < TK; s += W) (VecF::load(prow + s) * (VecF::load(srow + s) - vd)).store(srow + s);
+            }
+            for (int64_t s = 0; s < tile.cnt; ++s) {
+              dkrow[s] = dk.p + tile.row[s] * g.Dp;
+              dvrow[s] = dv.p + tile.row[s] * g.Dp;
+            }
+            ab(tile.cnt, mq, pb.p, 1, TK, dob.p, g.Dp, dvrow);  // dV[idx] += P^T dO
+            ab(tile.cnt, mq, ds.p, 1, TK, qs.p, g.Dp, dkrow);   // dK[idx] += dS^T (scale Q)
+            ab(mq, tile.cnt, ds.p, TK, 1, kbuf.p, g.Dp, dqrow);  // dQ += dS K
+          }
+          for (int64_t i = 0; i < mq; ++i)
+            store_out(row_of(a.dq, g.esz, b, h, i0 + i), dt, dqrow[i], g.D, a.scale);
+        }
+      }
+      for (int64_t r = 0; r < g.Lk; ++r) {
+        store_out(row_of(a.dk, g.esz, b, hk, r), dt, dk.p + r * g.Dp, g.D, 1.0f);
+        store_out(row_of(a.dv, g.esz, b, hk, r), dt, dv.p + r * g.Dp, g.D, 1.0f);
+      }
+    }
+  });
+}
+
+}  // namespace HOTOPS_ISA
+}  // namespace hotops
