@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import hotops
 from hotops import _backend
 from hotops.infonce import op, reference
-from conftest import assert_close_to_reference, old_triton_interpreter, requires_triton
+from conftest import assert_close_to_reference, require_triton_runs
 
 LOWP_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
@@ -179,15 +179,10 @@ def test_torch_compile_inductor():
 # ------------------------------------------------------------------ the Triton row pass
 
 
-@requires_triton
 @pytest.mark.parametrize("hard", [None, "pool", "own"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    if not torch.cuda.is_available() and old_triton_interpreter():
-        pytest.skip("the interpreter of triton < 3.2 rejects constexpr arguments of nested jit "
-                    "functions (seen with 3.0); the compiled GPU path is unaffected")
+    require_triton_runs()
     monkeypatch.setattr(op, "BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_row_pass),))
     monkeypatch.setitem(op.PANEL_BYTES, "cpu", 1)  # several panels
     q, d, h = make(70, 12, hard, N=5, K=3, dtype=dtype)

@@ -1,10 +1,9 @@
 """hotops.sparse: kernels vs the dense masked reference, gradients, ops, modules, sparsify."""
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_reference, requires_triton
+from conftest import assert_close_to_reference, require_triton_runs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -360,13 +359,11 @@ def test_public_api():
 # ------------------------------------------------------------------ the Triton BSR kernel
 
 def _force_triton(monkeypatch):
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    require_triton_runs()
     monkeypatch.setattr(op, "LINEAR_BACKENDS", (
         _backend.Backend("triton", lambda dev: None, (op._triton_linear, op._triton_linear_grads)),))
 
 
-@requires_triton
 @pytest.mark.parametrize("B,O,I", [(5, 40, 70), (33, 32, 32)])
 def test_triton_bsr_linear_in_interpreter(monkeypatch, B, O, I):
     _force_triton(monkeypatch)

@@ -113,7 +113,9 @@ class SparseWeight:
         """The same structure with other values (e.g. a trained Parameter)."""
         if values.shape != (self.nnz,):
             raise ValueError(f"values must have shape ({self.nnz},), got {tuple(values.shape)}")
-        return dataclasses.replace(self, values=values)
+        # spelled out rather than dataclasses.replace, which torch.compile < 2.5 cannot trace
+        return SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, values,
+                            self.t_rowptr, self.t_colidx, self.t_perm)
 
     def to(self, device) -> "SparseWeight":
         """The same weight with every tensor on ``device``."""
