@@ -77,51 +77,115 @@ inline float row_norm2(const float* x, int64_t d) {
   return s;
 }
 
-// out[j] = base + cterm[j] + alpha * <x, c_j> for the ksub centroids c_j of one sub-space, where
-// ct is (dsub, ksub). l2: alpha = -2, base = ||x||^2, cterm = ||c||^2. ip: alpha = -1, no terms.
-inline void table_row(const float* x, const float* ct, const float* cterm, int64_t dsub,
-                      int64_t ksub, float alpha, float base, float* out) {
-  const VecF vb = VecF::set1(base);
+// Distance tables of R rows against one sub-space's ksub centroids, ct (dsub, ksub):
+//   out[r][j] = base[r] + cterm[j] + alpha * <x[r], c_j>
+// l2: alpha = -2, base = ||x||^2, cterm = ||c||^2; ip: alpha = -1, no base or cterm. A block of
+// V vectors of centroids times R rows stays in registers, so each centroid load feeds R FMAs.
+constexpr int kRows = 4;                  // rows per register block
+constexpr int kVecs = W == 8 ? 2 : 4;     // centroid vectors per block (AVX2 has 16 registers)
+
+template <int R>
+inline void table_rows(const float* const* x, const float* ct, const float* cterm, int64_t dsub,
+                       int64_t ksub, float alpha, const float* base, float* const* out) {
   int64_t j = 0;
-  for (; j + 4 * W <= ksub; j += 4 * W) {
-    VecF a0 = vb, a1 = vb, a2 = vb, a3 = vb;
-    if (cterm) {
-      a0 = a0 + VecF::load(cterm + j); a1 = a1 + VecF::load(cterm + j + W);
-      a2 = a2 + VecF::load(cterm + j + 2 * W); a3 = a3 + VecF::load(cterm + j + 3 * W);
+  for (; j + kVecs * W <= ksub; j += kVecs * W) {
+    VecF acc[R][kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      const VecF c0 = cterm ? VecF::load(cterm + j + v * W) : VecF::set1(0.0f);
+      for (int r = 0; r < R; ++r) acc[r][v] = c0 + VecF::set1(base[r]);
     }
     for (int64_t i = 0; i < dsub; ++i) {
-      const VecF xi = VecF::set1(alpha * x[i]);
       const float* c = ct + i * ksub + j;
-      a0 = VecF::fma(xi, VecF::load(c), a0);
-      a1 = VecF::fma(xi, VecF::load(c + W), a1);
-      a2 = VecF::fma(xi, VecF::load(c + 2 * W), a2);
-      a3 = VecF::fma(xi, VecF::load(c + 3 * W), a3);
+      VecF cv[kVecs];
+      for (int v = 0; v < kVecs; ++v) cv[v] = VecF::load(c + v * W);
+      for (int r = 0; r < R; ++r) {
+        const VecF xi = VecF::set1(alpha * x[r][i]);
+        for (int v = 0; v < kVecs; ++v) acc[r][v] = VecF::fma(xi, cv[v], acc[r][v]);
+      }
     }
-    a0.store(out + j); a1.store(out + j + W); a2.store(out + j + 2 * W); a3.store(out + j + 3 * W);
-  }
-  for (; j + W <= ksub; j += W) {
-    VecF a = cterm ? vb + VecF::load(cterm + j) : vb;
-    for (int64_t i = 0; i < dsub; ++i) a = VecF::fma(VecF::set1(alpha * x[i]), VecF::load(ct + i * ksub + j), a);
-    a.store(out + j);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kVecs; ++v) acc[r][v].store(out[r] + j + v * W);
   }
   for (; j < ksub; ++j) {
-    float a = base + (cterm ? cterm[j] : 0.0f);
-    for (int64_t i = 0; i < dsub; ++i) a += alpha * x[i] * ct[i * ksub + j];
-    out[j] = a;
+    for (int r = 0; r < R; ++r) {
+      float a = base[r] + (cterm ? cterm[j] : 0.0f);
+      for (int64_t i = 0; i < dsub; ++i) a += alpha * x[r][i] * ct[i * ksub + j];
+      out[r][j] = a;
+    }
   }
 }
 
-// All m tables of one row into out (m, stride), stride >= ksub.
-inline void tables_of_row(const float* x, const AnnCodebooks& cb, float* out, int64_t stride) {
+// All m tables of R rows: out[r] is (m, stride), stride >= ksub.
+template <int R>
+inline void tables_of_rows(const float* const* x, const AnnCodebooks& cb, float* const* out, int64_t stride) {
   const int64_t m = cb.m(), dsub = cb.dsub(), ksub = cb.ksub();
   const bool l2 = cb.metric == AnnMetric::l2;
   const float* ct = cb.ct.ptr<float>();
   const float* cterm = cb.cterm.ptr<float>();
   for (int64_t s = 0; s < m; ++s) {
-    const float* xs = x + s * dsub;
-    table_row(xs, ct + s * dsub * ksub, l2 ? cterm + s * ksub : nullptr, dsub, ksub, l2 ? -2.0f : -1.0f,
-              l2 ? row_norm2(xs, dsub) : 0.0f, out + s * stride);
+    const float* xs[R];
+    float* os[R];
+    float base[R];
+    for (int r = 0; r < R; ++r) {
+      xs[r] = x[r] + s * dsub;
+      os[r] = out[r] + s * stride;
+      base[r] = l2 ? row_norm2(xs[r], dsub) : 0.0f;
+    }
+    table_rows<R>(xs, ct + s * dsub * ksub, l2 ? cterm + s * ksub : nullptr, dsub, ksub, l2 ? -2.0f : -1.0f,
+                  base, os);
   }
+}
+
+inline void tables_of_row(const float* x, const AnnCodebooks& cb, float* out, int64_t stride) {
+  tables_of_rows<1>(&x, cb, &out, stride);
+}
+
+// Rows [b, e) of x, kRows at a time, handed to f(first_row, count, tables) with tables[r] the
+// (m, stride) tables of row first_row + r.
+template <typename F>
+inline void for_row_tables(const View& x, const AnnCodebooks& cb, int64_t b, int64_t e, float* scratch,
+                           int64_t stride, F&& f) {
+  const int64_t per_row = cb.m() * stride;
+  float* out[kRows];
+  const float* rows[kRows];
+  for (int r = 0; r < kRows; ++r) out[r] = scratch + r * per_row;
+  int64_t i = b;
+  for (; i + kRows <= e; i += kRows) {
+    for (int r = 0; r < kRows; ++r) rows[r] = x.ptr<float>() + (i + r) * x.stride(0);
+    tables_of_rows<kRows>(rows, cb, out, stride);
+    f(i, kRows, out);
+  }
+  for (; i < e; ++i) {
+    rows[0] = x.ptr<float>() + i * x.stride(0);
+    tables_of_rows<1>(rows, cb, out, stride);
+    f(i, 1, out);
+  }
+}
+
+// Index of the first smallest of t[0..n): per lane, the running minimum and where it was seen
+// (indices as floats, exact below 2^24), then the best lane.
+inline int64_t argmin(const float* t, int64_t n) {
+  int64_t best = 0, j = 0;
+  if (n >= W) {
+    float lane_idx[W], lane_min[W];
+    for (int l = 0; l < W; ++l) lane_idx[l] = static_cast<float>(l);
+    const VecF step = VecF::set1(static_cast<float>(W));
+    VecF at = VecF::load(lane_idx), mv = VecF::load(t), mi = at;
+    for (j = W; j + W <= n; j += W) {
+      at = at + step;
+      const VecF v = VecF::load(t + j);
+      mi = VecF::select_lt(v, mv, at, mi);
+      mv = VecF::min(mv, v);
+    }
+    mv.store(lane_min);
+    mi.store(lane_idx);
+    for (int l = 0; l < W; ++l) {
+      const int64_t i = static_cast<int64_t>(lane_idx[l]);
+      if (lane_min[l] < t[best] || (lane_min[l] == t[best] && i < best)) best = i;
+    }
+  }
+  for (; j < n; ++j) best = t[j] < t[best] ? j : best;
+  return best;
 }
 
 // The ADC scan of rows [b, e): score = bias + sum_s T[s, codes[row, s]], pushed into the top-k.
@@ -196,31 +260,41 @@ constexpr int64_t kBlockRows = 4096;
 void ann_tables(const AnnTables& a) {
   const int64_t n = a.x.size(0), stride = a.out.size(2);
   parallel_for(n, 16, a.threads, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) tables_of_row(row_ptr<float>(a.x, i), a.cb, row_ptr<float>(a.out, i), stride);
+    float* out[kRows];
+    const float* rows[kRows];
+    int64_t i = b;
+    for (; i + kRows <= e; i += kRows) {
+      for (int r = 0; r < kRows; ++r) {
+        rows[r] = row_ptr<float>(a.x, i + r);
+        out[r] = row_ptr<float>(a.out, i + r);
+      }
+      tables_of_rows<kRows>(rows, a.cb, out, stride);
+    }
+    for (; i < e; ++i) tables_of_row(row_ptr<float>(a.x, i), a.cb, row_ptr<float>(a.out, i), stride);
   });
 }
 
 void ann_nearest(const AnnNearest& a) {
   const int64_t n = a.x.size(0), m = a.cb.m(), ksub = a.cb.ksub(), k = a.out_idx.size(2);
   parallel_for(n, 16, a.threads, [&](int64_t b, int64_t e) {
-    Scratch<float> table(m * ksub);
-    for (int64_t i = b; i < e; ++i) {
-      tables_of_row(row_ptr<float>(a.x, i), a.cb, table.p, ksub);
-      int64_t* idx = row_ptr<int64_t>(a.out_idx, i);
-      float* score = row_ptr<float>(a.out_score, i);
-      for (int64_t s = 0; s < m; ++s) {
-        const float* t = table.p + s * ksub;
-        if (k == 1) {  // argmin, the common case (encoding, k-means)
-          int64_t best = 0;
-          for (int64_t j = 1; j < ksub; ++j) best = t[j] < t[best] ? j : best;
-          idx[s] = best; score[s] = t[best];
-          continue;
+    Scratch<float> scratch(kRows * m * ksub);
+    for_row_tables(a.x, a.cb, b, e, scratch.p, ksub, [&](int64_t i0, int count, float* const* tables) {
+      for (int r = 0; r < count; ++r) {
+        int64_t* idx = row_ptr<int64_t>(a.out_idx, i0 + r);
+        float* score = row_ptr<float>(a.out_score, i0 + r);
+        for (int64_t s = 0; s < m; ++s) {
+          const float* t = tables[r] + s * ksub;
+          if (k == 1) {  // encoding and k-means
+            idx[s] = argmin(t, ksub);
+            score[s] = t[idx[s]];
+            continue;
+          }
+          TopK top(score + s * k, idx + s * k, k);
+          for (int64_t j = 0; j < ksub; ++j) top.push(t[j], j);
+          top.finish();
         }
-        TopK top(score + s * k, idx + s * k, k);
-        for (int64_t j = 0; j < ksub; ++j) top.push(t[j], j);
-        top.finish();
       }
-    }
+    });
   });
 }
 
