@@ -105,7 +105,7 @@ class BiGranularIndex:
         """Bytes per vector held in memory (the codes and ids; the store stays on disk)."""
         return self.coarse.bytes_per_vector()
 
-    def search(self, q, k: int = 10, *, candidates: int = 200, nprobe: int = 16, fusion: float = 0.0, allow=None):
+    def search(self, q, k: int = 10, *, candidates: int = 200, nprobe: Optional[int] = None, fusion: float = 0.0, allow=None):
         """(distances, ids), each (nq, k), ranked by exact distance (+ fusion * PQ score)."""
         torch_out = _arrays.is_torch(q)
         k = _arrays.check_k(k)

@@ -279,9 +279,11 @@ class IVFPQIndex(_ProductQuantized):
         idx, _ = nearest(q, self.coarse[None], k=nprobe, metric=self.metric)
         return np.ascontiguousarray(idx[:, 0, :])
 
-    def search(self, q, k: int = 10, *, nprobe: int = 16, refine: Optional[int] = None, allow=None):
-        """(distances, ids), each (nq, k), as PQIndex.search; scans the nprobe nearest lists."""
+    def search(self, q, k: int = 10, *, nprobe: Optional[int] = None, refine: Optional[int] = None, allow=None):
+        """(distances, ids), each (nq, k), as PQIndex.search; scans the nprobe nearest lists
+        (default min(16, nlist))."""
         q, k, refine, torch_out = self._search_args(q, k, refine)
+        nprobe = min(16, self.nlist) if nprobe is None else nprobe
         if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.nlist:
             raise ValueError(f"nprobe must be an integer in 1..nlist = {self.nlist}, got {nprobe!r}")
         kk = k * refine if refine else k
