@@ -118,6 +118,40 @@ void check(const AnnIvfScan& a) {
   check_results(a.out_score, a.out_row, a.q.size(0));
 }
 
+void check(const AnnFastScan& a) {
+  check_codebooks(a.cb);
+  HOTOPS_CHECK(a.cb.ksub() == 16, "fast-scan needs 4-bit codebooks (16 centroids), got ", a.cb.ksub());
+  HOTOPS_CHECK(a.cb.m() <= 128, "fast-scan supports at most 128 sub-spaces, got ", a.cb.m());
+  const int64_t d = a.cb.m() * a.cb.dsub(), mp = (a.cb.m() + 3) / 4 * 4;
+  check_rows(a.q, "queries", d);
+  check_rows(a.coarse, "coarse centroids", d);
+  const int64_t nlist = a.coarse.size(0);
+  check_view(a.packed, "packed codes", 2, {DType::u8});
+  check_dense(a.packed, "packed codes");
+  HOTOPS_CHECK(a.packed.size(1) == mp * 16, "packed codes have ", a.packed.size(1), " bytes per block, expected ",
+               mp * 16);
+  for (const View* v : {&a.offsets, &a.block_offsets}) {
+    check_view(*v, "list offsets", 1, {DType::i64});
+    check_dense(*v, "list offsets");
+    HOTOPS_CHECK(v->size(0) == nlist + 1, "list offsets must have nlist + 1 = ", nlist + 1, " entries");
+  }
+  const int64_t* off = a.offsets.ptr<int64_t>();
+  const int64_t* boff = a.block_offsets.ptr<int64_t>();
+  HOTOPS_CHECK(off[0] == 0 && boff[0] == 0 && boff[nlist] == a.packed.size(0), "list offsets must start at 0 and ",
+               "block offsets end at the number of blocks (", a.packed.size(0), ")");
+  for (int64_t l = 0; l < nlist; ++l)
+    HOTOPS_CHECK(off[l] <= off[l + 1] && boff[l + 1] - boff[l] == (off[l + 1] - off[l] + 31) / 32,
+                 "list ", l, ": row and block offsets disagree (blocks of 32 rows)");
+  check_view(a.probes, "probes", 2, {DType::i64});
+  check_dense(a.probes, "probes");
+  HOTOPS_CHECK(a.probes.size(0) == a.q.size(0), "probes have ", a.probes.size(0), " rows, expected one per query");
+  const int64_t* p = a.probes.ptr<int64_t>();
+  for (int64_t i = 0; i < a.probes.numel(); ++i)
+    HOTOPS_CHECK(p[i] >= -1 && p[i] < nlist, "probe ", p[i], " is not a list (0..", nlist - 1, " or -1)");
+  check_allow(a.allow, off[nlist]);
+  check_results(a.out_score, a.out_row, a.q.size(0));
+}
+
 void check(const AnnRerank& a) {
   check_view(a.base, "stored vectors", 2, {DType::f32, DType::f16});
   check_rows_dense(a.base, "stored vectors");

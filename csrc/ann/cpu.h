@@ -62,6 +62,23 @@ struct AnnIvfScan {  // IVF-PQ: residual tables per probed list, then the same s
   int threads = 1;
 };
 
+// 4-bit fast-scan over IVF lists (a flat index is one list with a zero centroid). Codes are packed
+// in blocks of 32 vectors: block byte [s * 16 + j] holds vector j's code for sub-space s in its low
+// nibble and vector 16 + j's in its high nibble; sub-spaces are padded to mp, a multiple of 4, with
+// code 0. Per list, the float tables are quantized to uint8 (per sub-space offset, one scale), looked
+// up 16 at a time with byte shuffles and summed in uint16; rows whose approximate score beats the
+// heap's bound enter the top-k with score = offsets + sum / scale.
+struct AnnFastScan {
+  View q, coarse, probes;  // as AnnIvfScan
+  AnnCodebooks cb;         // ksub = 16, m <= 128 (uint16 sums stay below 2^15)
+  View packed;             // (blocks, mp * 16) uint8
+  View block_offsets;      // (nlist + 1,) int64: list l owns blocks [block_offsets[l], block_offsets[l + 1])
+  View offsets;            // (nlist + 1,) int64: list l owns rows [offsets[l], offsets[l + 1])
+  View allow;              // (N,) uint8, or absent
+  View out_score, out_row;
+  int threads = 1;
+};
+
 struct AnnRerank {  // exact scores of candidate rows, plus fusion * their first-stage score
   View q;           // (nq, d) float32
   View base;        // (N, d) float32 or float16 (memory-mapped stores included)
@@ -79,13 +96,15 @@ void check(const AnnNearest& a);
 void check(const AnnPqScan& a);
 void check(const AnnIvfScan& a);
 void check(const AnnRerank& a);
+void check(const AnnFastScan& a);
 
 HOTOPS_FOR_EACH_ISA(
     void ann_tables(const AnnTables& a);
     void ann_nearest(const AnnNearest& a);
     void ann_pq_scan(const AnnPqScan& a);
     void ann_ivf_scan(const AnnIvfScan& a);
-    void ann_rerank(const AnnRerank& a);)
+    void ann_rerank(const AnnRerank& a);
+    void ann_fastscan(const AnnFastScan& a);)
 
 // k-means update step (kmeans.cpp, baseline code): centroids = mean of the rows assigned to them;
 // an empty cluster takes a slightly perturbed copy of the largest cluster's centroid, which then

@@ -15,6 +15,23 @@ TABLE_STRIDE = 256  # the scan kernels' table width (entries past ksub are +inf)
 ENCODE_CHUNK = 1 << 16
 
 
+def pack_fastscan(codes: np.ndarray, offsets: np.ndarray):
+    """4-bit codes (n, m) grouped by list -> (packed (blocks, mp * 16) uint8, block offsets): blocks
+    of 32 vectors per list; byte [s * 16 + j] of a block holds vector j's code for sub-space s in
+    the low nibble and vector 16 + j's in the high one; sub-spaces padded to mp = 4 * ceil(m / 4)."""
+    n, m = codes.shape
+    mp = (m + 3) // 4 * 4
+    counts = np.diff(offsets)
+    blocks = (counts + 31) // 32
+    block_offsets = np.concatenate([[0], np.cumsum(blocks)]).astype(np.int64)
+    local = np.arange(n) - np.repeat(offsets[:-1], counts)
+    block = np.repeat(block_offsets[:-1], counts) + local // 32
+    slots = np.zeros((int(block_offsets[-1]), 32, mp), dtype=np.uint8)
+    slots[block, local % 32, :m] = codes
+    packed = slots[:, :16, :] | (slots[:, 16:, :] << 4)  # (blocks, 16, mp)
+    return np.ascontiguousarray(packed.transpose(0, 2, 1)).reshape(-1, mp * 16), block_offsets
+
+
 class _ProductQuantized:
     """What both indexes share: the sub-space codebooks, codes, ids, optional kept vectors."""
 
@@ -37,6 +54,7 @@ class _ProductQuantized:
         self.codes = np.empty((0, self.m), dtype=np.uint8)
         self.ids = np.empty(0, dtype=np.int64)
         self.vectors = np.empty((0, self.dim), dtype=np.float32) if keep_vectors else None
+        self._packed = None  # fast-scan layout of the codes (nbits = 4), rebuilt after changes
 
     # ---------------------------------------------------------------- properties
 
@@ -51,9 +69,30 @@ class _ProductQuantized:
     def __len__(self) -> int:
         return self.ntotal
 
+    @property
+    def fast_scan(self) -> bool:
+        """4-bit codes are scanned with the fast-scan kernel (uint8 tables in SIMD registers)."""
+        return self.nbits == 4
+
     def bytes_per_vector(self) -> float:
-        """Resident bytes per stored vector: code + id (+ the kept float32 vector)."""
-        return self.m + 8 + (4 * self.dim if self.keep_vectors else 0)
+        """Resident bytes per stored vector: codes (both layouts for fast-scan), id, kept vectors."""
+        arrays = [self.codes, self.ids] + ([self.vectors] if self.keep_vectors else [])
+        if self.fast_scan:
+            arrays.append(self._fastscan_layout()[0])
+        return sum(a.nbytes for a in arrays) / max(self.ntotal, 1)
+
+    def _list_offsets(self) -> np.ndarray:
+        return np.array([0, self.ntotal], dtype=np.int64)
+
+    def _fastscan_layout(self):
+        if self._packed is None:
+            self._packed = pack_fastscan(np.asarray(self.codes), self._list_offsets())
+        return self._packed
+
+    def _fastscan(self, q, coarse, probes, allow, score, rows):
+        packed, block_offsets = self._fastscan_layout()
+        _backend.ext().ann_fastscan(q, coarse, probes, self._ct, self._cterm, self.metric, packed, block_offsets,
+                                    self._list_offsets(), allow, score, rows, _arrays.threads())
 
     def _need_trained(self, what: str):
         if not self.is_trained:
@@ -108,6 +147,7 @@ class _ProductQuantized:
     # ---------------------------------------------------------------- add / search plumbing
 
     def _append(self, codes: np.ndarray, ids: np.ndarray, x: np.ndarray):
+        self._packed = None
         self.codes = np.concatenate([self.codes, codes])
         self.ids = np.concatenate([self.ids, ids])
         if self.keep_vectors:
@@ -183,7 +223,7 @@ class _ProductQuantized:
             raise ValueError("ids must be int64, one per code")
         if self.nbits < 8 and codes.size and int(codes.max()) >= self.ksub:
             raise ValueError(f"codes must be < ksub = {self.ksub}")
-        self.codes, self.ids = codes, ids
+        self.codes, self.ids, self._packed = codes, ids, None
         if self.keep_vectors:
             vectors = arrays["vectors"]
             if vectors.shape != (codes.shape[0], self.dim) or vectors.dtype != np.float32:
@@ -220,8 +260,12 @@ class PQIndex(_ProductQuantized):
         q, k, refine, torch_out = self._search_args(q, k, refine)
         kk = k * refine if refine else k
         score, rows = self._result_buffers(q.shape[0], kk)
-        _backend.ext().ann_pq_scan(self.tables(q), self.codes, _arrays.allow_rows(allow, self.ids),
-                                   score, rows, _arrays.threads())
+        allow = _arrays.allow_rows(allow, self.ids)
+        if self.fast_scan:  # one list around the origin
+            self._fastscan(q, np.zeros((1, self.dim), np.float32), np.zeros((q.shape[0], 1), np.int64),
+                           allow, score, rows)
+        else:
+            _backend.ext().ann_pq_scan(self.tables(q), self.codes, allow, score, rows, _arrays.threads())
         return self._finish(q, score, rows, k, refine, torch_out)
 
 
@@ -273,6 +317,9 @@ class IVFPQIndex(_ProductQuantized):
         counts = np.bincount(np.concatenate([old_lists, lists]), minlength=self.nlist)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
+    def _list_offsets(self) -> np.ndarray:
+        return self.offsets
+
     def probe(self, q: np.ndarray, nprobe: int) -> np.ndarray:
         """(n, nprobe) the lists to scan (or, with 1, to add to): nearest centroids for l2, largest
         inner products for ip (the coarse k-means itself is L2, as in faiss)."""
@@ -288,9 +335,12 @@ class IVFPQIndex(_ProductQuantized):
             raise ValueError(f"nprobe must be an integer in 1..nlist = {self.nlist}, got {nprobe!r}")
         kk = k * refine if refine else k
         score, rows = self._result_buffers(q.shape[0], kk)
-        _backend.ext().ann_ivf_scan(q, self.coarse, self.probe(q, int(nprobe)), self._ct, self._cterm, self.metric,
-                                    self.codes, self.offsets, _arrays.allow_rows(allow, self.ids), score, rows,
-                                    _arrays.threads())
+        probes, allow = self.probe(q, int(nprobe)), _arrays.allow_rows(allow, self.ids)
+        if self.fast_scan:
+            self._fastscan(q, self.coarse, probes, allow, score, rows)
+        else:
+            _backend.ext().ann_ivf_scan(q, self.coarse, probes, self._ct, self._cterm, self.metric, self.codes,
+                                        self.offsets, allow, score, rows, _arrays.threads())
         return self._finish(q, score, rows, k, refine, torch_out)
 
     def _params(self) -> dict:
