@@ -371,3 +371,43 @@ def test_kernels_validate_their_arguments():
                          iv.offsets, None, score, rows, 1)
     with pytest.raises(ValueError, match="assignment"):
         ext.ann_kmeans_update(x, np.full(len(x), 5, np.int64), np.zeros((3, 16), np.float32))
+
+
+# ------------------------------------------------------------------ 4-bit fast-scan
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("make", [pq, ivf])
+def test_fastscan_scores_are_quantized_adc(isa, metric, make):
+    """Fast-scan scores are ADC scores up to the uint8 rounding of the tables (m/2 steps of the
+    per-list scale), and its top-k is exactly the k best of its own scores over all rows."""
+    index, x = make(d=20, m=5, nbits=4, metric=metric)
+    q = data(6, 20, seed=12)
+    kw = {"nprobe": index.nlist} if isinstance(index, IVFPQIndex) else {}
+    dist, ids = index.search(q, k=len(x), **kw)  # every row, in approximate order
+    if isinstance(index, IVFPQIndex):
+        lists = np.repeat(np.arange(index.nlist), np.diff(index.offsets))
+        recon = (index.coarse[lists] + index.decode(index.codes))[np.argsort(index.ids)]
+    else:
+        recon = index.decode(index.codes)
+    s = reference.scores(q, recon, metric)
+    exact = np.take_along_axis(-s if metric == "ip" else s, ids, 1)
+    spread = np.abs(reference.tables(q, index.codebooks, metric)).max() * 2  # bounds any table's span
+    assert np.abs(dist - exact).max() <= index.m * 0.5 * spread / 255 + 1e-3
+    for k in (1, 7, 40):
+        dk, _ = index.search(q, k=k, **kw)
+        np.testing.assert_array_equal(dk, dist[:, :k])
+
+
+def test_fastscan_same_results_on_every_isa():
+    index, x = ivf(nbits=4, m=8, keep_vectors=True)
+    q = data(9, 16, seed=13)
+    ext, out = _backend.ext(), []
+    for name in ("scalar", "avx2", "avx512")[: ("scalar", "avx2", "avx512").index(ext.best_isa()) + 1]:
+        ext.set_isa(name)
+        out.append(index.search(q, k=12, nprobe=3, allow=np.arange(0, len(x), 3)))
+    ext.set_isa(ext.best_isa())
+    for d, i in out[1:]:  # float tables differ in the last bits between ISAs (FMA order)
+        np.testing.assert_allclose(d, out[0][0], rtol=1e-5)
+        assert (i == out[0][1]).mean() > 0.95
+    assert set(out[0][1].ravel()) <= set(range(0, len(x), 3))

@@ -68,6 +68,61 @@ struct TopK {
   }
 };
 
+// Top-k for scans that meet many candidates: a reservoir of 2k entries below a threshold; when
+// full, a quickselect keeps the k best and the k-th becomes the threshold. Pushes are O(1)
+// amortised instead of a heap's O(log k); finish() sorts the survivors into (out_s, out_r).
+struct Reservoir {
+  float* s;
+  int64_t* r;
+  int64_t k, cap, n = 0;
+  float thr = INFINITY;
+  float* out_s;
+  int64_t* out_r;
+
+  float bound() const { return thr; }
+  void push(float x, int64_t row) {
+    if (!(x < thr)) return;
+    s[n] = x; r[n] = row;
+    if (++n == cap) shrink();
+  }
+  void swap(int64_t a, int64_t b) {
+    const float t = s[a]; s[a] = s[b]; s[b] = t;
+    const int64_t u = r[a]; r[a] = r[b]; r[b] = u;
+  }
+  // Moves the k smallest of s[0..n) to the front (quickselect, median-of-three pivots).
+  void select_k() {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (s[mid] < s[lo]) swap(mid, lo);
+      if (s[hi] < s[lo]) swap(hi, lo);
+      if (s[hi] < s[mid]) swap(hi, mid);
+      const float pivot = s[mid];
+      int64_t i = lo, j = hi;
+      while (i <= j) {
+        while (s[i] < pivot) ++i;
+        while (pivot < s[j]) --j;
+        if (i <= j) { swap(i, j); ++i; --j; }
+      }
+      if (k - 1 <= j) hi = j;
+      else if (k - 1 >= i) lo = i;
+      else break;
+    }
+  }
+  void shrink() {
+    select_k();
+    float mx = s[0];
+    for (int64_t i = 1; i < k; ++i) mx = s[i] > mx ? s[i] : mx;
+    thr = mx;
+    n = k;
+  }
+  void finish() {
+    TopK top(out_s, out_r, k);
+    for (int64_t i = 0; i < n; ++i) top.push(s[i], r[i]);
+    top.finish();
+  }
+};
+
 inline float row_norm2(const float* x, int64_t d) {
   VecF acc = VecF::set1(0.0f);
   int64_t i = 0;
@@ -508,10 +563,13 @@ void ann_fastscan(const AnnFastScan& a) {
     Scratch<float> table(m * 16), residual(d);
     Scratch<uint8_t> lut(mp * 16);
     for (int64_t i = 0; i < mp * 16; ++i) lut.p[i] = 0;  // padded sub-spaces add nothing
+    Scratch<float> res_s(2 * k);
+    Scratch<int64_t> res_r(2 * k);
     alignas(16) uint16_t sums[kBlock];
     for (int64_t qi = qb; qi < qe; ++qi) {
       const float* q = row_ptr<float>(a.q, qi);
-      TopK top(row_ptr<float>(a.out_score, qi), row_ptr<int64_t>(a.out_row, qi), k);
+      Reservoir top{res_s.p, res_r.p, k, 2 * k, 0, INFINITY, row_ptr<float>(a.out_score, qi),
+                    row_ptr<int64_t>(a.out_row, qi)};
       float inv_scale = 0.0f, offset = 0.0f;
       if (!l2) {  // one table for every list; <q, c> is a per-list bias (as in ann_ivf_scan)
         tables_of_row(q, a.cb, table.p, 16);
@@ -540,8 +598,7 @@ void ann_fastscan(const AnnFastScan& a) {
           for (uint32_t hits = below(sums, limit) & (count == kBlock ? ~0u : (1u << count) - 1u); hits; hits &= hits - 1) {
             const int64_t j = __builtin_ctz(hits);
             if (allow && !allow[row0 + j]) continue;
-            const float score = bias + static_cast<float>(sums[j]) * inv_scale;
-            if (score < top.bound()) top.push(score, row0 + j);
+            top.push(bias + static_cast<float>(sums[j]) * inv_scale, row0 + j);
           }
         }
       }
