@@ -100,14 +100,15 @@ void bind_ann(py::module_& m) {
   m.def(
       "ann_fastscan",
       [](py::object q, py::object coarse, py::object probes, py::object ct, py::object cterm,
-         const std::string& metric, py::object packed, py::object block_offsets, py::object offsets,
-         py::object allow, py::object out_score, py::object out_row, int threads) {
+         const std::string& metric, py::object list_tables, py::object packed, py::object block_offsets,
+         py::object offsets, py::object allow, py::object out_score, py::object out_row, int threads) {
         ViewArgs view;
         AnnFastScan a;
         a.q = view(q, "queries");
         a.coarse = view(coarse, "coarse centroids");
         a.probes = view(probes, "probes");
         a.cb = codebooks(view, ct, cterm, metric);
+        a.list_tables = view(list_tables, "list tables");
         a.packed = view(packed, "packed codes");
         a.block_offsets = view(block_offsets, "block offsets");
         a.offsets = view(offsets, "list offsets");
@@ -118,7 +119,7 @@ void bind_ann(py::module_& m) {
         launch(a, HOTOPS_DISPATCH(ann_fastscan));
       },
       py::arg("q"), py::arg("coarse"), py::arg("probes"), py::arg("ct"), py::arg("cterm"), py::arg("metric"),
-      py::arg("packed"), py::arg("block_offsets"), py::arg("offsets"), py::arg("allow"), py::arg("out_score"),
+      py::arg("list_tables"), py::arg("packed"), py::arg("block_offsets"), py::arg("offsets"), py::arg("allow"), py::arg("out_score"),
       py::arg("out_row"), py::arg("threads"),
       "4-bit fast-scan over IVF lists: uint8 tables in SIMD registers, uint16 sums, fused top-k.");
   m.def(

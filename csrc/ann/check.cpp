@@ -126,6 +126,11 @@ void check(const AnnFastScan& a) {
   check_rows(a.q, "queries", d);
   check_rows(a.coarse, "coarse centroids", d);
   const int64_t nlist = a.coarse.size(0);
+  if (a.cb.metric == AnnMetric::l2) {
+    check_view(a.list_tables, "list tables", 3, {DType::f32});
+    const int64_t sizes[3] = {nlist, a.cb.m(), 16};
+    check_out(a.list_tables, "list tables", 3, DType::f32, sizes);
+  }
   check_view(a.packed, "packed codes", 2, {DType::u8});
   check_dense(a.packed, "packed codes");
   HOTOPS_CHECK(a.packed.size(1) == mp * 16, "packed codes have ", a.packed.size(1), " bytes per block, expected ",

@@ -560,7 +560,7 @@ void ann_fastscan(const AnnFastScan& a) {
   const int64_t* offsets = a.offsets.ptr<int64_t>();
   const int64_t* block_offsets = a.block_offsets.ptr<int64_t>();
   parallel_for(nq, 1, a.threads, [&](int64_t qb, int64_t qe) {
-    Scratch<float> table(m * 16), residual(d);
+    Scratch<float> table(m * 16), qtable(m * 16);
     Scratch<uint8_t> lut(mp * 16);
     for (int64_t i = 0; i < mp * 16; ++i) lut.p[i] = 0;  // padded sub-spaces add nothing
     Scratch<float> res_s(2 * k);
@@ -570,11 +570,12 @@ void ann_fastscan(const AnnFastScan& a) {
       const float* q = row_ptr<float>(a.q, qi);
       Reservoir top{res_s.p, res_r.p, k, 2 * k, 0, INFINITY, row_ptr<float>(a.out_score, qi),
                     row_ptr<int64_t>(a.out_row, qi)};
+      // Tables of the query itself (l2: ||q_s - b_j||^2; ip: -<q_s, b_j>). For l2, list l's table
+      // ||q_s - c_s - b_j||^2 is that plus 2 <c_s, b_j> plus a constant per sub-space, which the
+      // quantization's per-sub-space offset absorbs: the constants sum to ||c||^2 - 2 <q, c>.
+      tables_of_row(q, a.cb, qtable.p, 16);
       float inv_scale = 0.0f, offset = 0.0f;
-      if (!l2) {  // one table for every list; <q, c> is a per-list bias (as in ann_ivf_scan)
-        tables_of_row(q, a.cb, table.p, 16);
-        offset = quantize_tables(table.p, m, lut.p, &inv_scale);
-      }
+      if (!l2) offset = quantize_tables(qtable.p, m, lut.p, &inv_scale);
       const int64_t* probe = row_ptr<int64_t>(a.probes, qi);
       for (int64_t p = 0; p < nprobe; ++p) {
         const int64_t l = probe[p];
@@ -582,9 +583,9 @@ void ann_fastscan(const AnnFastScan& a) {
         const float* c = row_ptr<float>(a.coarse, l);
         float bias;
         if (l2) {
-          for (int64_t i = 0; i < d; ++i) residual.p[i] = q[i] - c[i];
-          tables_of_row(residual.p, a.cb, table.p, 16);
-          bias = quantize_tables(table.p, m, lut.p, &inv_scale);
+          const float* lt = a.list_tables.ptr<float>() + l * m * 16;
+          for (int64_t i = 0; i < m * 16; i += W) (VecF::load(qtable.p + i) + VecF::load(lt + i)).store(table.p + i);
+          bias = quantize_tables(table.p, m, lut.p, &inv_scale) + row_norm2(c, d) - 2.0f * dot(q, c, d);
         } else {
           bias = offset - dot(q, c, d);
         }

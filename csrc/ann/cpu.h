@@ -71,6 +71,8 @@ struct AnnIvfScan {  // IVF-PQ: residual tables per probed list, then the same s
 struct AnnFastScan {
   View q, coarse, probes;  // as AnnIvfScan
   AnnCodebooks cb;         // ksub = 16, m <= 128 (uint16 sums stay below 2^15)
+  View list_tables;        // l2: (nlist, m, 16) float32, 2 <c_l,s, codebook_s,j>, so that a list's table is
+                           // the query's table plus this one (faiss's precomputed tables)
   View packed;             // (blocks, mp * 16) uint8
   View block_offsets;      // (nlist + 1,) int64: list l owns blocks [block_offsets[l], block_offsets[l + 1])
   View offsets;            // (nlist + 1,) int64: list l owns rows [offsets[l], offsets[l + 1])

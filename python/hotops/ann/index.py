@@ -89,10 +89,21 @@ class _ProductQuantized:
             self._packed = pack_fastscan(np.asarray(self.codes), self._list_offsets())
         return self._packed
 
+    def _list_tables(self, coarse: np.ndarray) -> np.ndarray:
+        """(nlist, m, ksub) 2 <c_l,s, b_s,j>: what a list adds to the query's own l2 table."""
+        key = (id(coarse), id(self.codebooks))
+        if getattr(self, "_list_tables_key", None) != key:
+            c = coarse.reshape(coarse.shape[0], self.m, self.dsub)
+            self._list_tables_cache = np.ascontiguousarray(2 * np.einsum("lsd,sjd->lsj", c, self.codebooks),
+                                                           dtype=np.float32)
+            self._list_tables_key = key
+        return self._list_tables_cache
+
     def _fastscan(self, q, coarse, probes, allow, score, rows):
         packed, block_offsets = self._fastscan_layout()
-        _backend.ext().ann_fastscan(q, coarse, probes, self._ct, self._cterm, self.metric, packed, block_offsets,
-                                    self._list_offsets(), allow, score, rows, _arrays.threads())
+        _backend.ext().ann_fastscan(q, coarse, probes, self._ct, self._cterm, self.metric, self._list_tables(coarse),
+                                    packed, block_offsets, self._list_offsets(), allow, score, rows,
+                                    _arrays.threads())
 
     def _need_trained(self, what: str):
         if not self.is_trained:
@@ -242,6 +253,7 @@ class PQIndex(_ProductQuantized):
     def __init__(self, dim: int, m: int, nbits: int = 8, metric: str = "l2", *, keep_vectors: bool = False,
                  seed: int = 1234, verbose: bool = True):
         super().__init__(dim, m, nbits, metric, keep_vectors, seed, verbose)
+        self._origin = np.zeros((1, self.dim), np.float32)  # fast-scan treats the codes as one list
 
     def train(self, x) -> None:
         x = _arrays.as_vectors(x, "training vectors", self.dim)
@@ -262,8 +274,7 @@ class PQIndex(_ProductQuantized):
         score, rows = self._result_buffers(q.shape[0], kk)
         allow = _arrays.allow_rows(allow, self.ids)
         if self.fast_scan:  # one list around the origin
-            self._fastscan(q, np.zeros((1, self.dim), np.float32), np.zeros((q.shape[0], 1), np.int64),
-                           allow, score, rows)
+            self._fastscan(q, self._origin, np.zeros((q.shape[0], 1), np.int64), allow, score, rows)
         else:
             _backend.ext().ann_pq_scan(self.tables(q), self.codes, allow, score, rows, _arrays.threads())
         return self._finish(q, score, rows, k, refine, torch_out)
