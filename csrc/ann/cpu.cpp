@@ -297,15 +297,24 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return s;
 }
 
-// Exact score of q against one stored row of any float dtype (lower is better).
+// Exact score of q against one stored row of any float dtype (lower is better). float32 rows
+// finish with a scalar tail; float16 rows read the tail through load_row's padded buffer.
 inline float exact_score(const float* q, const void* row, DType t, int64_t d, bool l2) {
   VecF acc = VecF::set1(0.0f);
-  for (int64_t i = 0; i < d; i += W) {
-    const int64_t n = d - i < W ? d - i : W;
-    VecF v = load_row(row, t, i, n), qv = load_row(q, DType::f32, i, n);
+  int64_t i = 0;
+  for (; i + W <= d; i += W) {
+    const VecF v = load_row(row, t, i), qv = VecF::load(q + i);
     acc = l2 ? VecF::fma(qv - v, qv - v, acc) : VecF::fma(qv, v, acc);
   }
-  return l2 ? acc.sum() : -acc.sum();
+  float s = acc.sum();
+  if (i < d && t == DType::f32) {
+    const float* r = static_cast<const float*>(row);
+    for (; i < d; ++i) s += l2 ? (q[i] - r[i]) * (q[i] - r[i]) : q[i] * r[i];
+  } else if (i < d) {
+    const VecF v = load_row(row, t, i, d - i), qv = load_row(q, DType::f32, i, d - i);
+    s += (l2 ? (qv - v) * (qv - v) : qv * v).sum();
+  }
+  return l2 ? s : -s;
 }
 
 template <typename T>

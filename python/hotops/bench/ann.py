@@ -4,7 +4,9 @@ parameters and the same thread count, plus train time, add time and bytes per ve
 
 Each case sweeps its search parameters (nprobe, refine factor, candidates) on both sides and
 reports, as the speed-up, faiss's best time per query batch over hotops' best among the settings
-that reach the target recall@10. The curves go to ann_recall_qps.png (plots())."""
+that reach the target recall@10 (the note names both: curve, setting, recall). Settings are
+refine factor R (flat), (nprobe, R) for IVF, and (nprobe, candidates) for bi-granular (faiss:
+IndexRefineFlat with k_factor = candidates / 10). The curves go to ann_recall_qps.png (plots())."""
 from __future__ import annotations
 
 import functools
@@ -110,7 +112,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     if kind == "pq" and not quick:  # a flat scan of 390k codes per query: 1000 queries suffice
         q, gt = q[:1000], gt[:1000]
     if kind == "pq":
-        hot_runs.append(("hotops PQ (+refine R)", refines,
+        hot_runs.append(("hotops PQ 8-bit +refine", refines,
                          lambda r: hot.search(q, K, refine=r)))
         if faiss is not None:
             def f_pq(r):
@@ -118,18 +120,18 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
                     return fbase.search(q, K)
                 frefine.k_factor = r
                 return frefine.search(q, K)
-            faiss_runs.append(("faiss IndexPQ (+IndexRefineFlat R)", refines, f_pq))
+            faiss_runs.append(("faiss IndexPQ +RefineFlat", refines, f_pq))
         extra["faiss_bytes_per_vector"] = float(m + 4 * d)  # codes + IndexRefineFlat's float32 copy
     elif kind == "ivfpq":
         settings = [(p, r) for r in ((None, 10) if quick else (None, 4, 10)) for p in probes]
-        hot_runs.append(("hotops IVFPQ (nprobe, refine)", settings,
+        hot_runs.append(("hotops IVFPQ 8-bit +refine", settings,
                          lambda s: hot.search(q, K, nprobe=s[0], refine=s[1])))
         hot4 = ann.IVFPQIndex(d, nlist, m, 4, keep_vectors=True, verbose=False)
         _, extra["hotops_fastscan_train_s"] = _timed(lambda: hot4.train(train))
         _, extra["hotops_fastscan_add_s"] = _timed(lambda: hot4.add(base))
         extra["hotops_fastscan_bytes_per_vector"] = float(hot4.bytes_per_vector())
         fast_settings = [(p, r) for r in (4, 10) for p in probes]
-        hot_runs.append(("hotops IVFPQ 4-bit fast-scan + refine (nprobe, refine)", fast_settings,
+        hot_runs.append(("hotops IVFPQ 4-bit fast-scan +refine", fast_settings,
                          lambda s: hot4.search(q, K, nprobe=s[0], refine=s[1])))
         if faiss is not None:
             def f_ivf(s):
@@ -138,7 +140,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
                     return fbase.search(q, K)
                 frefine.k_factor = s[1]
                 return frefine.search(q, K)
-            faiss_runs.append(("faiss IndexIVFPQ (nprobe, refine)", settings, f_ivf))
+            faiss_runs.append(("faiss IndexIVFPQ +RefineFlat", settings, f_ivf))
             fast = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(d), d, nlist, m, 4)
             _, extra["faiss_fastscan_train_s"] = _timed(lambda: fast.train(train))
             fast_refine = faiss.IndexRefineFlat(fast)
@@ -148,7 +150,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
                 fast.nprobe = s[0]
                 fast_refine.k_factor = s[1]
                 return fast_refine.search(q, K)
-            faiss_runs.append(("faiss IVFPQFastScan 4-bit + refine (nprobe, refine)", fast_settings, f_fast))
+            faiss_runs.append(("faiss IVFPQFastScan 4-bit +RefineFlat", fast_settings, f_fast))
         extra["faiss_bytes_per_vector"] = float(m + 8 + 4 * d)  # codes, ids, IndexRefineFlat's copy
         extra["faiss_fastscan_bytes_per_vector"] = float((m + 1) // 2 + 8 + 4 * d)
     else:
@@ -157,14 +159,14 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         bi = ann.BiGranularIndex(hot, store)
         name = f"bi-granular IVFPQ nlist={nlist} m={m} + {params['store']} store"
         settings = [(p, c) for c in (40, 100) for p in probes[2:]]
-        hot_runs.append(("hotops bi-granular (nprobe, candidates)", settings,
+        hot_runs.append(("hotops bi-granular", settings,
                          lambda s: bi.search(q, K, nprobe=s[0], candidates=s[1])))
         if faiss is not None:
             def f_bi(s):
                 fbase.nprobe = s[0]
                 frefine.k_factor = s[1] / K
                 return frefine.search(q, K)
-            faiss_runs.append(("faiss IndexIVFPQ + IndexRefineFlat (nprobe, k_factor*10)", settings, f_bi))
+            faiss_runs.append(("faiss IndexIVFPQ +RefineFlat", settings, f_bi))
         extra["hotops_ram_bytes_per_vector"] = float(bi.ram_bytes_per_vector())
         extra["faiss_bytes_per_vector"] = float(m + 8 + 4 * d)
 
@@ -186,20 +188,20 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     target = TARGET[kind]
 
     def best(labels):
-        pts = [p for lab in labels for p in CURVES[name][lab]]
-        ok = [p for p in pts if p[0] >= target]
-        return (max(ok, key=lambda p: p[1]), True) if ok else (max(pts, key=lambda p: (p[0], p[1])), False)
+        pts = [(lab,) + p for lab in labels for p in CURVES[name][lab]]
+        ok = [p for p in pts if p[1] >= target]
+        return (max(ok, key=lambda p: p[2]), True) if ok else (max(pts, key=lambda p: (p[1], p[2])), False)
 
-    (hr, hq, hs_), hot_ok = best([lab for lab, _, _ in hot_runs])
+    (hl, hr, hq, hs_), hot_ok = best([lab for lab, _, _ in hot_runs])
     extra.update(hotops_recall=hr, hotops_qps=hq)
-    note = f"recall>={target}: hotops {hs_} r={hr:.3f}"
+    note = f"best at recall>={target}: {hl} {hs_} r={hr:.3f}"
     peer_s, peer = None, "faiss-cpu (not installed)"
     check = "ok"
     if faiss_runs:
-        (fr, fq, fs_), f_ok = best([lab for lab, _, _ in faiss_runs])
+        (fl, fr, fq, fs_), f_ok = best([lab for lab, _, _ in faiss_runs])
         extra.update(faiss_recall=fr, faiss_qps=fq)
-        peer_s, peer = q.shape[0] / fq, "faiss " + (fs_ if f_ok else "(best recall)")
-        note += f", faiss {fs_} r={fr:.3f}"
+        peer_s, peer = q.shape[0] / fq, "faiss's best" if f_ok else "faiss (highest recall)"
+        note += f"; {fl} {fs_} r={fr:.3f}"
         # hotops' quantizer must be as good as faiss's: same settings, comparable recall
         h_max = max(r for lab, _, _ in hot_runs for r, _, _ in CURVES[name][lab])
         f_max = max(r for lab, _, _ in faiss_runs[:1] for r, _, _ in CURVES[name][lab])
