@@ -226,10 +226,14 @@ def plots(results, folder: str) -> Optional[str]:
     os.makedirs(folder, exist_ok=True)
     fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4.5), squeeze=False)
     for ax, (case, curves) in zip(axes[0], CURVES.items()):
-        for label, pts in curves.items():
-            pts = sorted(pts)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if label.startswith("hotops") else "--s",
-                    label=label, markersize=3)
+        for i, (label, pts) in enumerate(curves.items()):
+            # every setting as a point; the line is the Pareto front (best QPS at >= each recall)
+            front = [p for p in pts if not any(o[0] >= p[0] and o[1] > p[1] for o in pts)]
+            front.sort()
+            color = f"C{i}"
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, color=color, alpha=0.5)
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-o" if label.startswith("hotops") else "--s",
+                    color=color, label=label, markersize=3)
         ax.set_yscale("log")
         ax.set_xlabel("recall@10")
         ax.set_ylabel("queries per second")
