@@ -411,3 +411,61 @@ def test_fastscan_same_results_on_every_isa():
         np.testing.assert_allclose(d, out[0][0], rtol=1e-5)
         assert (i == out[0][1]).mean() > 0.95
     assert set(out[0][1].ravel()) <= set(range(0, len(x), 3))
+
+
+# ------------------------------------------------------------------ quantize_ste
+
+
+def _ste_inputs(dtype=torch.float64, n=13, m=3, ksub=5, dsub=4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, m * dsub, generator=g, dtype=dtype, requires_grad=True)
+    cb = torch.randn(m, ksub, dsub, generator=g, dtype=dtype, requires_grad=True)
+    return x, cb
+
+
+@pytest.mark.parametrize("temperature", [0.5, 4.0])
+def test_quantize_ste_matches_reference(temperature):
+    from hotops.ann import quantize_ste
+
+    x, cb = _ste_inputs()
+    out = quantize_ste(x, cb, temperature)
+    ref = reference.quantize_ste(x, cb, temperature)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn_like(out)
+    gx, gc = torch.autograd.grad((out * w).sum(), (x, cb))
+    rx, rc = torch.autograd.grad((ref * w).sum(), (x, cb))
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gc, rc)
+
+
+def test_quantize_ste_agrees_with_pq_encoding():
+    from hotops.ann import quantize_ste
+
+    index, x = pq(d=16, m=4, nbits=4)
+    out = quantize_ste(torch.from_numpy(x), torch.from_numpy(index.codebooks), 1.0)
+    np.testing.assert_allclose(out.numpy(), index.decode(index.encode(x)), atol=1e-6)
+
+
+def test_quantize_ste_opcheck_and_compile():
+    from hotops.ann import quantize_ste
+    from hotops.ann.op import quantize_ste_fwd
+
+    x, cb = _ste_inputs(torch.float32)
+    torch.library.opcheck(quantize_ste_fwd, (x, cb, 0.7))
+    compiled = torch.compile(lambda a, b: quantize_ste(a, b, 0.7).square().sum(), fullgraph=True, backend="aot_eager")
+    loss = compiled(x, cb)
+    loss.backward()
+    torch.testing.assert_close(loss, quantize_ste(x, cb, 0.7).square().sum())
+    assert x.grad is not None and cb.grad is not None
+
+
+def test_quantize_ste_bad_input():
+    from hotops.ann import quantize_ste
+
+    x, cb = _ste_inputs()
+    with pytest.raises(ValueError, match="do not tile"):
+        quantize_ste(x[:, :5], cb)
+    with pytest.raises(ValueError, match="temperature"):
+        quantize_ste(x, cb, 0.0)
+    with pytest.raises(TypeError, match="floating point"):
+        quantize_ste(x.long(), cb)

@@ -6,5 +6,6 @@ store of dense vectors. Every method takes NumPy arrays or torch tensors and ans
 from hotops.ann.bigran import BiGranularIndex, open_store, write_store
 from hotops.ann.index import IVFPQIndex, PQIndex
 from hotops.ann.kmeans import kmeans
+from hotops.ann.op import quantize_ste
 
-__all__ = ["PQIndex", "IVFPQIndex", "BiGranularIndex", "write_store", "open_store", "kmeans"]
+__all__ = ["PQIndex", "IVFPQIndex", "BiGranularIndex", "write_store", "open_store", "kmeans", "quantize_ste"]

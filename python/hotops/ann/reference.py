@@ -41,3 +41,15 @@ def search(q: np.ndarray, x: np.ndarray, k: int, metric: str):
     s = scores(q, x, metric)
     rows = np.argsort(s, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(s, rows, 1), rows
+
+
+def quantize_ste(x, codebooks, temperature: float):
+    """The straight-through quantizer with plain torch autograd: hard value, soft gradient."""
+    import torch
+
+    m, ksub, dsub = codebooks.shape
+    xs = x.reshape(x.shape[0], m, dsub)
+    d2 = ((xs[:, :, None, :] - codebooks[None]) ** 2).sum(-1)
+    soft = torch.einsum("nsj,sjd->nsd", torch.softmax(-d2 / temperature, -1), codebooks)
+    hard = codebooks[torch.arange(m), d2.argmin(-1)]
+    return (soft + (hard - soft).detach()).reshape(x.shape)
