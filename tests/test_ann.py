@@ -469,3 +469,24 @@ def test_quantize_ste_bad_input():
         quantize_ste(x, cb, 0.0)
     with pytest.raises(TypeError, match="floating point"):
         quantize_ste(x.long(), cb)
+
+
+def test_few_queries_split_the_codes_across_threads():
+    """With fewer queries than threads the flat scan splits the codes and merges the slices."""
+    x = data(9000, 8, seed=3)
+    index = PQIndex(8, 2, 8, keep_vectors=True, verbose=False)
+    index.train(x)
+    index.add(x)
+    q = data(1, 8, seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = index.search(q, k=20, allow=np.arange(0, 9000, 2))
+        torch.set_num_threads(3)
+        three = index.search(q, k=20, allow=np.arange(0, 9000, 2))
+        exact = index.search(q, k=20, refine=450)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one[0], three[0])
+    np.testing.assert_array_equal(one[1], three[1])
+    np.testing.assert_array_equal(exact[1], reference.search(q, x, 20, "l2")[1])

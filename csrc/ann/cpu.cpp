@@ -487,6 +487,28 @@ void ann_pq_scan(const AnnPqScan& a) {
   const int64_t N = a.codes.size(0), k = a.out_score.size(1);
   const uint8_t* codes = a.codes.ptr<uint8_t>();
   const uint8_t* allow = a.allow.present ? a.allow.ptr<uint8_t>() : nullptr;
+  if (nq < a.threads && N >= 2 * kBlockRows) {
+    // Too few queries to busy every thread: split the codes instead, one top-k per slice, then
+    // merge the slices' results.
+    const int64_t slices = a.threads;
+    Scratch<float> part_s(slices * k);
+    Scratch<int64_t> part_r(slices * k);
+    for (int64_t q = 0; q < nq; ++q) {
+      const float* T = row_ptr<float>(a.tables, q);
+      parallel_for(slices, 1, a.threads, [&](int64_t sb, int64_t se) {
+        for (int64_t sl = sb; sl < se; ++sl) {
+          TopK top(part_s.p + sl * k, part_r.p + sl * k, k);
+          scan(T, kTableStride, codes, m, allow, N * sl / slices, N * (sl + 1) / slices, 0.0f, top);
+          top.finish();
+        }
+      });
+      TopK top(row_ptr<float>(a.out_score, q), row_ptr<int64_t>(a.out_row, q), k);
+      for (int64_t i = 0; i < slices * k; ++i)
+        if (part_r.p[i] >= 0) top.push(part_s.p[i], part_r.p[i]);
+      top.finish();
+    }
+    return;
+  }
   const int64_t groups = (nq + kQueryGroup - 1) / kQueryGroup;
   parallel_for(groups, 1, a.threads, [&](int64_t gb, int64_t ge) {
     for (int64_t g = gb; g < ge; ++g) {
