@@ -487,6 +487,8 @@ def test_few_queries_split_the_codes_across_threads():
         exact = index.search(q, k=20, refine=450)
     finally:
         torch.set_num_threads(threads)
-    np.testing.assert_array_equal(one[0], three[0])
-    np.testing.assert_array_equal(one[1], three[1])
-    np.testing.assert_array_equal(exact[1], reference.search(q, x, 20, "l2")[1])
+    np.testing.assert_array_equal(one[0], three[0])  # equal scores; equal-score rows may swap
+    inside = one[0] < one[0].max()
+    assert set(one[1][inside]) == set(three[1][inside])
+    assert set(three[1].ravel()) <= set(range(0, 9000, 2))
+    np.testing.assert_allclose(exact[0], reference.search(q, x, 20, "l2")[0], rtol=1e-5)
