@@ -28,7 +28,9 @@ def write_store(path, x, dtype: str = "float32") -> None:
     if dtype not in ("float32", "float16"):
         raise ValueError(f"store dtype must be 'float32' or 'float16', got {dtype!r}")
     a = _arrays.as_numpy(x, "x")
-    a = _arrays.as_vectors(a, "x", a.shape[1] if a.ndim == 2 else -1).astype(dtype, copy=False)
+    if a.ndim != 2:
+        raise ValueError(f"x must be a 2-d (n, dim) array, got shape {a.shape}")
+    a = _arrays.as_vectors(a, "x", a.shape[1]).astype(dtype, copy=False)
     code = 0 if dtype == "float32" else 1
     fields = STORE_FIELDS.pack(STORE_MAGIC, STORE_VERSION, code, a.shape[0], a.shape[1])
     header = (fields + struct.pack("<I", zlib.crc32(fields))).ljust(STORE_HEADER, b"\0")

@@ -55,6 +55,7 @@ class _ProductQuantized:
         self.ids = np.empty(0, dtype=np.int64)
         self.vectors = np.empty((0, self.dim), dtype=np.float32) if keep_vectors else None
         self._packed = None  # fast-scan layout of the codes (nbits = 4), rebuilt after changes
+        self._list_tables_key, self._list_tables_cache = None, None
 
     # ---------------------------------------------------------------- properties
 
@@ -92,7 +93,7 @@ class _ProductQuantized:
     def _list_tables(self, coarse: np.ndarray) -> np.ndarray:
         """(nlist, m, ksub) 2 <c_l,s, b_s,j>: what a list adds to the query's own l2 table."""
         key = (id(coarse), id(self.codebooks))
-        if getattr(self, "_list_tables_key", None) != key:
+        if self._list_tables_key != key:
             c = coarse.reshape(coarse.shape[0], self.m, self.dsub)
             self._list_tables_cache = np.ascontiguousarray(2 * np.einsum("lsd,sjd->lsj", c, self.codebooks),
                                                            dtype=np.float32)
