@@ -13,6 +13,7 @@ namespace hotops {
 void bind_infonce(py::module_& m);
 void bind_sparse(py::module_& m);
 void bind_attention(py::module_& m);
+void bind_ann(py::module_& m);
 }  // namespace hotops
 
 PYBIND11_MODULE(_C, m) {
@@ -30,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   bind_infonce(m);
   bind_sparse(m);
   bind_attention(m);
+  bind_ann(m);
 }

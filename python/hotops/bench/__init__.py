@@ -11,4 +11,5 @@ FAMILIES = {
     "infonce": "hotops.bench.infonce",
     "sparse": "hotops.bench.sparse",
     "attention": "hotops.bench.attention",
+    "ann": "hotops.bench.ann",
 }

@@ -1,0 +1,87 @@
+"""Input conversion shared by the indexes: NumPy arrays and torch tensors in, validated
+C-contiguous NumPy arrays out, and results handed back in the caller's kind."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from hotops import _backend
+
+
+def is_torch(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def as_numpy(x, name: str) -> np.ndarray:
+    if is_torch(x):
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    raise TypeError(f"{name} must be a NumPy array or a torch tensor, got {type(x).__name__}")
+
+
+def as_vectors(x, name: str, dim: int) -> np.ndarray:
+    """(n, dim) float32, C-contiguous and finite. float64/float16 are converted; integer and bool
+    arrays are refused (they are almost always ids or codes passed by mistake)."""
+    a = as_numpy(x, name)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"{name} has dtype {a.dtype}; expected float32 (float64 and float16 are converted)")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-d (n, {dim}) array, got shape {a.shape}")
+    if a.shape[1] != dim:
+        raise ValueError(f"{name} has dimension {a.shape[1]}, the index has dimension {dim}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        bad = np.argwhere(~np.isfinite(a))[0]
+        raise ValueError(f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")
+    return a
+
+
+def as_ids(ids, n: int) -> np.ndarray:
+    a = as_numpy(ids, "ids")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"ids have dtype {a.dtype}; expected integers (int64)")
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"ids have shape {a.shape}; expected ({n},), one per added vector")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def check_k(k: int, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def results(score: np.ndarray, rows: np.ndarray, ids: np.ndarray, metric: str, torch_out: bool
+            ) -> Tuple[object, object]:
+    """Kernel scores (lower is better) and row numbers -> (distances, ids) as the user expects:
+    squared L2 distances, or inner products for ip; -1 ids where fewer than k were found."""
+    dist = -score if metric == "ip" else score
+    out_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)] if len(ids) else -1, -1)
+    if torch_out:
+        return torch.from_numpy(dist), torch.from_numpy(out_ids)
+    return dist, out_ids
+
+
+def threads() -> int:
+    return _backend.num_threads()
+
+
+def allow_rows(allow, ids: np.ndarray) -> Optional[np.ndarray]:
+    """An allow-list (array of ids, or a boolean mask indexed by id) as a per-row uint8 mask the
+    scan kernels test before scoring a row."""
+    if allow is None:
+        return None
+    a = as_numpy(allow, "allow")
+    if a.ndim != 1:
+        raise ValueError(f"allow must be 1-d (ids or a boolean mask over ids), got shape {a.shape}")
+    if a.dtype == np.bool_:
+        inside = (ids >= 0) & (ids < a.shape[0])
+        rows = np.zeros(ids.shape[0], dtype=np.uint8)
+        rows[inside] = a[ids[inside]]
+        return rows
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"allow has dtype {a.dtype}; expected int64 ids or a bool mask")
+    return np.isin(ids, a).astype(np.uint8)

@@ -1,0 +1,128 @@
+"""BiDR's bi-granular retrieval: light PQ codes in memory pick candidates, heavy dense vectors
+memory-mapped from a store file re-rank them exactly.
+
+Store file: a 64-byte header (magic b"HOTOPSST", uint32 version, uint32 dtype code, int64 rows,
+int64 dim, uint32 CRC-32 of those fields) then the rows, row i = the vector with id i."""
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from typing import Optional, Union
+
+import numpy as np
+
+from hotops import _backend
+from hotops.ann import _arrays
+from hotops.ann.index import IVFPQIndex, PQIndex
+
+STORE_MAGIC = b"HOTOPSST"
+STORE_VERSION = 1
+STORE_FIELDS = struct.Struct("<8sIIqq")
+STORE_HEADER = 64
+STORE_DTYPES = {0: np.float32, 1: np.float16}
+
+
+def write_store(path, x, dtype: str = "float32") -> None:
+    """Writes the dense vectors x (row i = id i) to a store file, atomically."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"store dtype must be 'float32' or 'float16', got {dtype!r}")
+    a = _arrays.as_numpy(x, "x")
+    if a.ndim != 2:
+        raise ValueError(f"x must be a 2-d (n, dim) array, got shape {a.shape}")
+    a = _arrays.as_vectors(a, "x", a.shape[1]).astype(dtype, copy=False)
+    code = 0 if dtype == "float32" else 1
+    fields = STORE_FIELDS.pack(STORE_MAGIC, STORE_VERSION, code, a.shape[0], a.shape[1])
+    header = (fields + struct.pack("<I", zlib.crc32(fields))).ljust(STORE_HEADER, b"\0")
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def open_store(path) -> np.ndarray:
+    """The store's rows, memory-mapped copy-on-write (read lazily, never written back)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(STORE_HEADER)
+    if len(head) < STORE_HEADER:
+        raise ValueError(f"{path}: truncated store header ({size} bytes)")
+    fields = head[:STORE_FIELDS.size]
+    magic, version, code, rows, dim = STORE_FIELDS.unpack(fields)
+    if magic != STORE_MAGIC:
+        raise ValueError(f"{path}: not a hotops vector store (magic {magic!r})")
+    if version != STORE_VERSION:
+        raise ValueError(f"{path}: store version {version} is not supported (expected {STORE_VERSION})")
+    (crc,) = struct.unpack_from("<I", head, STORE_FIELDS.size)
+    if crc != zlib.crc32(fields) or code not in STORE_DTYPES or rows < 0 or dim <= 0:
+        raise ValueError(f"{path}: corrupted store header")
+    dtype = np.dtype(STORE_DTYPES[code])
+    want = STORE_HEADER + rows * dim * dtype.itemsize
+    if size != want:
+        raise ValueError(f"{path}: store size {size} bytes does not match {rows} x {dim} {dtype.name} "
+                         f"rows ({want} bytes expected)")
+    if rows == 0:
+        return np.empty((0, dim), dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="c", offset=STORE_HEADER, shape=(rows, dim))
+
+
+class BiGranularIndex:
+    """Two-stage search: stage 1 takes the `candidates` best ids from the in-memory PQ index,
+    stage 2 re-ranks them by exact distance to their dense vectors in the store file, optionally
+    fused with the stage-1 score: score = exact + fusion * pq (both as lower-is-better scores).
+
+    BiGranularIndex(coarse_index, store_path, dtype="float32"|"float16"); the coarse index's ids
+    must be row numbers of the store (write the store with `write_store(path, x, dtype)`).
+    """
+
+    def __init__(self, coarse_index: Union[PQIndex, IVFPQIndex], store_path, dtype: Optional[str] = None):
+        if not isinstance(coarse_index, (PQIndex, IVFPQIndex)):
+            raise TypeError(f"coarse_index must be a PQIndex or IVFPQIndex, got {type(coarse_index).__name__}")
+        self.coarse = coarse_index
+        self.store = open_store(store_path)
+        if dtype is not None and np.dtype(dtype) != self.store.dtype:
+            raise ValueError(f"{store_path}: the store holds {self.store.dtype.name} vectors, {dtype} was asked")
+        if self.store.shape[1] != coarse_index.dim:
+            raise ValueError(f"{store_path}: store vectors have dimension {self.store.shape[1]}, "
+                             f"the index has {coarse_index.dim}")
+        if coarse_index.ntotal and int(coarse_index.ids.max()) >= self.store.shape[0]:
+            raise ValueError(f"{store_path}: the index holds ids up to {int(coarse_index.ids.max())}, "
+                             f"the store only {self.store.shape[0]} rows")
+
+    @property
+    def metric(self) -> str:
+        return self.coarse.metric
+
+    def ram_bytes_per_vector(self) -> float:
+        """Bytes per vector held in memory (the codes and ids; the store stays on disk)."""
+        return self.coarse.bytes_per_vector()
+
+    def search(self, q, k: int = 10, *, candidates: int = 200, nprobe: Optional[int] = None, fusion: float = 0.0, allow=None):
+        """(distances, ids), each (nq, k), ranked by exact distance (+ fusion * PQ score)."""
+        torch_out = _arrays.is_torch(q)
+        k = _arrays.check_k(k)
+        candidates = _arrays.check_k(candidates, "candidates")
+        if candidates < k:
+            raise ValueError(f"candidates ({candidates}) must be at least k ({k})")
+        if not np.isfinite(fusion):
+            raise ValueError(f"fusion must be finite, got {fusion!r}")
+        q = _arrays.as_vectors(q, "queries", self.coarse.dim)
+        extra = {"nprobe": nprobe} if isinstance(self.coarse, IVFPQIndex) else {}
+        dist, ids = self.coarse.search(q, candidates, allow=allow, **extra)
+        first = np.ascontiguousarray(-dist if self.metric == "ip" else dist, dtype=np.float32)
+        first[ids < 0] = 0.0  # absent candidates are skipped by the kernel; keep the scores finite
+        score = np.empty((q.shape[0], k), dtype=np.float32)
+        rows = np.empty((q.shape[0], k), dtype=np.int64)
+        _backend.ext().ann_rerank(q, self.store, ids, first, float(fusion), self.metric, score, rows,
+                                  _arrays.threads())
+        return _arrays.results(score, rows, np.arange(self.store.shape[0], dtype=np.int64), self.metric, torch_out)

@@ -1,0 +1,373 @@
+"""PQIndex (flat product quantization) and IVFPQIndex (inverted lists over a coarse quantizer,
+product-quantized residuals): train / add / search / save / load, NumPy or torch in and out."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from hotops import _backend
+from hotops.ann import _arrays, _io
+from hotops.ann.kmeans import codebook_layout, kmeans, nearest
+
+METRICS = ("l2", "ip")
+TABLE_STRIDE = 256  # the scan kernels' table width (entries past ksub are +inf)
+ENCODE_CHUNK = 1 << 16
+
+
+def pack_fastscan(codes: np.ndarray, offsets: np.ndarray):
+    """4-bit codes (n, m) grouped by list -> (packed (blocks, mp * 16) uint8, block offsets): blocks
+    of 32 vectors per list; byte [s * 16 + j] of a block holds vector j's code for sub-space s in
+    the low nibble and vector 16 + j's in the high one; sub-spaces padded to mp = 4 * ceil(m / 4)."""
+    n, m = codes.shape
+    mp = (m + 3) // 4 * 4
+    counts = np.diff(offsets)
+    blocks = (counts + 31) // 32
+    block_offsets = np.concatenate([[0], np.cumsum(blocks)]).astype(np.int64)
+    local = np.arange(n) - np.repeat(offsets[:-1], counts)
+    block = np.repeat(block_offsets[:-1], counts) + local // 32
+    slots = np.zeros((int(block_offsets[-1]), 32, mp), dtype=np.uint8)
+    slots[block, local % 32, :m] = codes
+    packed = slots[:, :16, :] | (slots[:, 16:, :] << 4)  # (blocks, 16, mp)
+    return np.ascontiguousarray(packed.transpose(0, 2, 1)).reshape(-1, mp * 16), block_offsets
+
+
+class _ProductQuantized:
+    """What both indexes share: the sub-space codebooks, codes, ids, optional kept vectors."""
+
+    kind = ""
+
+    def __init__(self, dim: int, m: int, nbits: int, metric: str, keep_vectors: bool, seed: int,
+                 verbose: bool):
+        if not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(m, (int, np.integer)) or m <= 0 or dim % m:
+            raise ValueError(f"m must be a positive divisor of dim = {dim}, got {m!r}")
+        if nbits not in range(1, 9):
+            raise ValueError(f"nbits must be 1..8 (codes are stored one byte per sub-space), got {nbits!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        self.dim, self.m, self.nbits, self.metric = int(dim), int(m), int(nbits), metric
+        self.ksub, self.dsub = 1 << self.nbits, self.dim // self.m
+        self.keep_vectors, self.seed, self.verbose = bool(keep_vectors), int(seed), verbose
+        self.codebooks: Optional[np.ndarray] = None  # (m, ksub, dsub)
+        self.codes = np.empty((0, self.m), dtype=np.uint8)
+        self.ids = np.empty(0, dtype=np.int64)
+        self.vectors = np.empty((0, self.dim), dtype=np.float32) if keep_vectors else None
+        self._packed = None  # fast-scan layout of the codes (nbits = 4), rebuilt after changes
+        self._list_tables_key, self._list_tables_cache = None, None
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def is_trained(self) -> bool:
+        return self.codebooks is not None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.codes.shape[0])
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    @property
+    def fast_scan(self) -> bool:
+        """4-bit codes are scanned with the fast-scan kernel (uint8 tables in SIMD registers)."""
+        return self.nbits == 4
+
+    def bytes_per_vector(self) -> float:
+        """Resident bytes per stored vector: codes (both layouts for fast-scan), id, kept vectors."""
+        arrays = [self.codes, self.ids] + ([self.vectors] if self.keep_vectors else [])
+        if self.fast_scan:
+            arrays.append(self._fastscan_layout()[0])
+        return sum(a.nbytes for a in arrays) / max(self.ntotal, 1)
+
+    def _list_offsets(self) -> np.ndarray:
+        return np.array([0, self.ntotal], dtype=np.int64)
+
+    def _fastscan_layout(self):
+        if self._packed is None:
+            self._packed = pack_fastscan(np.asarray(self.codes), self._list_offsets())
+        return self._packed
+
+    def _list_tables(self, coarse: np.ndarray) -> np.ndarray:
+        """(nlist, m, ksub) 2 <c_l,s, b_s,j>: what a list adds to the query's own l2 table."""
+        key = (id(coarse), id(self.codebooks))
+        if self._list_tables_key != key:
+            c = coarse.reshape(coarse.shape[0], self.m, self.dsub)
+            self._list_tables_cache = np.ascontiguousarray(2 * np.einsum("lsd,sjd->lsj", c, self.codebooks),
+                                                           dtype=np.float32)
+            self._list_tables_key = key
+        return self._list_tables_cache
+
+    def _fastscan(self, q, coarse, probes, allow, score, rows):
+        packed, block_offsets = self._fastscan_layout()
+        _backend.ext().ann_fastscan(q, coarse, probes, self._ct, self._cterm, self.metric, self._list_tables(coarse),
+                                    packed, block_offsets, self._list_offsets(), allow, score, rows,
+                                    _arrays.threads())
+
+    def _need_trained(self, what: str):
+        if not self.is_trained:
+            raise RuntimeError(f"{what} before train(): call {type(self).__name__}.train(x) first")
+
+    # ---------------------------------------------------------------- product quantizer
+
+    def _train_pq(self, x: np.ndarray):
+        books = np.empty((self.m, self.ksub, self.dsub), dtype=np.float32)
+        for s in range(self.m):
+            sub = np.ascontiguousarray(x[:, s * self.dsub:(s + 1) * self.dsub])
+            books[s] = kmeans(sub, self.ksub, seed=self.seed + s, verbose=self.verbose)
+        self.set_codebooks(books)
+
+    def set_codebooks(self, codebooks):
+        """Loads (m, ksub, dsub) codebooks (e.g. learned ones); codes added before are not re-encoded."""
+        books = _arrays.as_numpy(codebooks, "codebooks")
+        want = (self.m, self.ksub, self.dsub)
+        if books.shape != want:
+            raise ValueError(f"codebooks have shape {books.shape}, expected {want}")
+        books = np.ascontiguousarray(books, dtype=np.float32)
+        if not np.isfinite(books).all():
+            raise ValueError("codebooks contain NaN or Inf")
+        self.codebooks = books
+        self._ct, self._cterm = codebook_layout(books)
+
+    def encode(self, x) -> np.ndarray:
+        """(n, m) uint8 codes of vectors already in the quantized space (residuals for IVF)."""
+        self._need_trained("encode")
+        x = _arrays.as_vectors(x, "x", self.dim)
+        codes = np.empty((x.shape[0], self.m), dtype=np.uint8)
+        for b in range(0, x.shape[0], ENCODE_CHUNK):
+            idx, _ = nearest(x[b:b + ENCODE_CHUNK], self.codebooks)
+            codes[b:b + ENCODE_CHUNK] = idx[:, :, 0]
+        return codes
+
+    def decode(self, codes) -> np.ndarray:
+        self._need_trained("decode")
+        codes = _arrays.as_numpy(codes, "codes")
+        if codes.ndim != 2 or codes.shape[1] != self.m:
+            raise ValueError(f"codes must be (n, {self.m}), got {codes.shape}")
+        if codes.size and int(codes.max()) >= self.ksub:
+            raise ValueError(f"codes must be < ksub = {self.ksub}")
+        return self.codebooks[np.arange(self.m), codes.astype(np.int64)].reshape(-1, self.dim)
+
+    def tables(self, q: np.ndarray) -> np.ndarray:
+        """(nq, m, 256) lookup tables: score of each query sub-vector against each centroid."""
+        out = np.full((q.shape[0], self.m, TABLE_STRIDE), np.inf, dtype=np.float32)
+        _backend.ext().ann_tables(q, self._ct, self._cterm, self.metric, out, _arrays.threads())
+        return out
+
+    # ---------------------------------------------------------------- add / search plumbing
+
+    def _append(self, codes: np.ndarray, ids: np.ndarray, x: np.ndarray):
+        self._packed = None
+        self.codes = np.concatenate([self.codes, codes])
+        self.ids = np.concatenate([self.ids, ids])
+        if self.keep_vectors:
+            self.vectors = np.concatenate([self.vectors, x])
+
+    def _next_ids(self, n: int, ids) -> np.ndarray:
+        if ids is None:
+            start = int(self.ids.max()) + 1 if self.ids.size else 0
+            return np.arange(start, start + n, dtype=np.int64)
+        return _arrays.as_ids(ids, n)
+
+    def _search_args(self, q, k, refine):
+        self._need_trained("search")
+        torch_out = _arrays.is_torch(q)
+        q = _arrays.as_vectors(q, "queries", self.dim)
+        k = _arrays.check_k(k)
+        if refine is not None:
+            refine = _arrays.check_k(refine, "refine")
+            if not self.keep_vectors:
+                raise ValueError("refine needs the exact vectors: build the index with keep_vectors=True")
+        return q, k, refine, torch_out
+
+    def _finish(self, q, score, rows, k, refine, torch_out):
+        if refine is not None:
+            score, rows = self._rerank(q, rows, k)
+        return _arrays.results(score, rows, self.ids, self.metric, torch_out)
+
+    def _rerank(self, q, rows, k):
+        score = np.empty((q.shape[0], k), dtype=np.float32)
+        out = np.empty((q.shape[0], k), dtype=np.int64)
+        _backend.ext().ann_rerank(q, self.vectors, rows, None, 0.0, self.metric, score, out, _arrays.threads())
+        return score, out
+
+    @staticmethod
+    def _result_buffers(nq: int, k: int):
+        return np.empty((nq, k), dtype=np.float32), np.empty((nq, k), dtype=np.int64)
+
+    # ---------------------------------------------------------------- files
+
+    def _params(self) -> dict:
+        return dict(dim=self.dim, m=self.m, nbits=self.nbits, metric=self.metric,
+                    keep_vectors=self.keep_vectors, seed=self.seed)
+
+    def _arrays_to_save(self) -> dict:
+        arrays = {"codebooks": self.codebooks, "codes": self.codes, "ids": self.ids}
+        if self.keep_vectors:
+            arrays["vectors"] = self.vectors
+        return arrays
+
+    def save(self, path) -> None:
+        """Writes the index to `path` atomically (a temporary file renamed over it)."""
+        self._need_trained("save")
+        _io.save(path, self.kind, self._params(), self._arrays_to_save())
+
+    @classmethod
+    def load(cls, path, mmap: bool = False):
+        """Reads an index written by save(); mmap=True maps the codes (and ids, vectors) from the
+        file instead of reading them. Raises ValueError on truncated or corrupted files."""
+        params, arrays = _io.load(path, cls.kind, mmap=mmap)
+        try:
+            index = cls(**params, verbose=False)
+            index._restore(arrays)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: inconsistent index file ({exc})") from None
+        return index
+
+    def _restore(self, arrays: dict):
+        self.set_codebooks(arrays["codebooks"])
+        codes, ids = arrays["codes"], arrays["ids"]
+        if codes.ndim != 2 or codes.shape[1] != self.m or codes.dtype != np.uint8:
+            raise ValueError(f"codes must be uint8 (n, {self.m})")
+        if ids.shape != (codes.shape[0],) or ids.dtype != np.int64:
+            raise ValueError("ids must be int64, one per code")
+        if self.nbits < 8 and codes.size and int(codes.max()) >= self.ksub:
+            raise ValueError(f"codes must be < ksub = {self.ksub}")
+        self.codes, self.ids, self._packed = codes, ids, None
+        if self.keep_vectors:
+            vectors = arrays["vectors"]
+            if vectors.shape != (codes.shape[0], self.dim) or vectors.dtype != np.float32:
+                raise ValueError(f"vectors must be float32 ({codes.shape[0]}, {self.dim})")
+            self.vectors = vectors
+
+
+class PQIndex(_ProductQuantized):
+    """Flat product quantization: every query scans every code (ADC with a fused top-k).
+
+    PQIndex(dim, m, nbits=8, metric="l2"|"ip", keep_vectors=False); m must divide dim.
+    """
+
+    kind = "PQIndex"
+
+    def __init__(self, dim: int, m: int, nbits: int = 8, metric: str = "l2", *, keep_vectors: bool = False,
+                 seed: int = 1234, verbose: bool = True):
+        super().__init__(dim, m, nbits, metric, keep_vectors, seed, verbose)
+        self._origin = np.zeros((1, self.dim), np.float32)  # fast-scan treats the codes as one list
+
+    def train(self, x) -> None:
+        x = _arrays.as_vectors(x, "training vectors", self.dim)
+        self._train_pq(x)
+
+    def add(self, x, ids=None) -> None:
+        self._need_trained("add")
+        x = _arrays.as_vectors(x, "x", self.dim)
+        ids = self._next_ids(x.shape[0], ids)
+        self._append(self.encode(x), ids, x)
+
+    def search(self, q, k: int = 10, *, refine: Optional[int] = None, allow=None):
+        """(distances, ids), each (nq, k): squared L2 distances ascending (l2) or inner products
+        descending (ip). refine=R re-ranks the best R*k by exact distance (keep_vectors=True);
+        allow restricts the scan to some ids (an id array or a boolean mask over ids)."""
+        q, k, refine, torch_out = self._search_args(q, k, refine)
+        kk = k * refine if refine else k
+        score, rows = self._result_buffers(q.shape[0], kk)
+        allow = _arrays.allow_rows(allow, self.ids)
+        if self.fast_scan:  # one list around the origin
+            self._fastscan(q, self._origin, np.zeros((q.shape[0], 1), np.int64), allow, score, rows)
+        else:
+            _backend.ext().ann_pq_scan(self.tables(q), self.codes, allow, score, rows, _arrays.threads())
+        return self._finish(q, score, rows, k, refine, torch_out)
+
+
+class IVFPQIndex(_ProductQuantized):
+    """Inverted lists over a k-means coarse quantizer; each list holds the PQ codes of its
+    vectors' residuals to the list centroid. A query scans its `nprobe` nearest lists.
+
+    IVFPQIndex(dim, nlist=1024, m=16, nbits=8, metric="l2"|"ip", keep_vectors=False).
+    """
+
+    kind = "IVFPQIndex"
+
+    def __init__(self, dim: int, nlist: int = 1024, m: int = 16, nbits: int = 8, metric: str = "l2", *,
+                 keep_vectors: bool = False, seed: int = 1234, verbose: bool = True):
+        super().__init__(dim, m, nbits, metric, keep_vectors, seed, verbose)
+        if not isinstance(nlist, (int, np.integer)) or nlist <= 0:
+            raise ValueError(f"nlist must be a positive integer, got {nlist!r}")
+        self.nlist = int(nlist)
+        self.coarse: Optional[np.ndarray] = None  # (nlist, dim)
+        self.offsets = np.zeros(self.nlist + 1, dtype=np.int64)
+
+    @property
+    def is_trained(self) -> bool:
+        return self.coarse is not None and self.codebooks is not None
+
+    def _assign(self, x: np.ndarray) -> np.ndarray:
+        return self.probe(x, 1)[:, 0]
+
+    def train(self, x) -> None:
+        x = _arrays.as_vectors(x, "training vectors", self.dim)
+        coarse = kmeans(x, self.nlist, niter=10, seed=self.seed, verbose=self.verbose)
+        self.coarse = coarse
+        rng = np.random.default_rng(self.seed)
+        sample = x if x.shape[0] <= self.ksub * 256 else x[np.sort(rng.choice(x.shape[0], self.ksub * 256, replace=False))]
+        self._train_pq(sample - coarse[self._assign(sample)])
+
+    def add(self, x, ids=None) -> None:
+        self._need_trained("add")
+        x = _arrays.as_vectors(x, "x", self.dim)
+        ids = self._next_ids(x.shape[0], ids)
+        lists = self._assign(x)
+        codes = self.encode(x - self.coarse[lists])
+        old_lists = np.repeat(np.arange(self.nlist), np.diff(self.offsets))
+        order = np.argsort(np.concatenate([old_lists, lists]), kind="stable")
+        self._append(codes, ids, x)
+        self.codes, self.ids = self.codes[order], self.ids[order]
+        if self.keep_vectors:
+            self.vectors = self.vectors[order]
+        counts = np.bincount(np.concatenate([old_lists, lists]), minlength=self.nlist)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def _list_offsets(self) -> np.ndarray:
+        return self.offsets
+
+    def probe(self, q: np.ndarray, nprobe: int) -> np.ndarray:
+        """(n, nprobe) the lists to scan (or, with 1, to add to): nearest centroids for l2, largest
+        inner products for ip (the coarse k-means itself is L2, as in faiss)."""
+        idx, _ = nearest(q, self.coarse[None], k=nprobe, metric=self.metric)
+        return np.ascontiguousarray(idx[:, 0, :])
+
+    def search(self, q, k: int = 10, *, nprobe: Optional[int] = None, refine: Optional[int] = None, allow=None):
+        """(distances, ids), each (nq, k), as PQIndex.search; scans the nprobe nearest lists
+        (default min(16, nlist))."""
+        q, k, refine, torch_out = self._search_args(q, k, refine)
+        nprobe = min(16, self.nlist) if nprobe is None else nprobe
+        if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.nlist:
+            raise ValueError(f"nprobe must be an integer in 1..nlist = {self.nlist}, got {nprobe!r}")
+        kk = k * refine if refine else k
+        score, rows = self._result_buffers(q.shape[0], kk)
+        probes, allow = self.probe(q, int(nprobe)), _arrays.allow_rows(allow, self.ids)
+        if self.fast_scan:
+            self._fastscan(q, self.coarse, probes, allow, score, rows)
+        else:
+            _backend.ext().ann_ivf_scan(q, self.coarse, probes, self._ct, self._cterm, self.metric, self.codes,
+                                        self.offsets, allow, score, rows, _arrays.threads())
+        return self._finish(q, score, rows, k, refine, torch_out)
+
+    def _params(self) -> dict:
+        return dict(super()._params(), nlist=self.nlist)
+
+    def _arrays_to_save(self) -> dict:
+        return dict(super()._arrays_to_save(), coarse=self.coarse, offsets=self.offsets)
+
+    def _restore(self, arrays: dict):
+        coarse, offsets = arrays["coarse"], arrays["offsets"]
+        if coarse.shape != (self.nlist, self.dim) or coarse.dtype != np.float32:
+            raise ValueError(f"coarse centroids must be float32 ({self.nlist}, {self.dim})")
+        self.coarse = np.ascontiguousarray(coarse)
+        super()._restore(arrays)
+        if (offsets.shape != (self.nlist + 1,) or offsets.dtype != np.int64 or offsets[0] != 0
+                or offsets[-1] != self.ntotal or (np.diff(offsets) < 0).any()):
+            raise ValueError("list offsets must rise from 0 to the number of codes")
+        self.offsets = np.ascontiguousarray(offsets)
