@@ -11,6 +11,7 @@ namespace py = pybind11;
 
 namespace hotops {
 void bind_infonce(py::module_& m);
+void bind_codebook(py::module_& m);
 }  // namespace hotops
 
 PYBIND11_MODULE(_C, m) {
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
         "Force a SIMD variant (for tests); refuses one this CPU cannot run.");
 
   bind_infonce(m);
+  bind_codebook(m);
 }
