@@ -9,4 +9,5 @@ Each family module (hotops/bench/<family>.py) exposes
 """
 FAMILIES = {
     "infonce": "hotops.bench.infonce",
+    "codebook": "hotops.bench.codebook",
 }

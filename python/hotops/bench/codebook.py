@@ -1,0 +1,105 @@
+"""Codebook benchmark: y = x W^T with W in the codebook format at Llama-7B shapes, batch 1/4/16,
+against torch's dense float32 F.linear (the layer it replaces) and against the aqlm package's
+numba CPU kernel on the very same weight (2 codebooks of 256 codewords over 8 inputs: AQLM's
+"2x8", 2 bits per weight). Weights are synthetic (random codes and codebooks: the time does not
+depend on the values). The roofline column counts the bytes the hotops kernel must read (codes,
+activations) and write, against the machine's copy bandwidth."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from hotops.bench.core import Result, time_pair
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features): q/o, up/gate, down
+CONFIGS = {"2x8": (8, 2), "1x8/4": (4, 1)}  # name: (in_group, num_codebooks), both 2 bits/weight
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_weight(N: int, K: int, config: str, seed: int = 0):
+    from hotops.codebook import CodebookWeight
+
+    g, M = CONFIGS[config]
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (N, K // g, M), dtype=torch.uint8, generator=gen)
+    codebooks = torch.randn(1, M, 256, g, generator=gen) / (M * K) ** 0.5
+    return CodebookWeight(codes, codebooks, torch.rand(N, generator=gen) + 0.5)
+
+
+def build(side: str, N: int, K: int, B: int, config: str, dtype: str = "fp32", seed: int = 0):
+    """A closure computing x W^T once for `side`: "hotops", "dense" or "aqlm"."""
+    import hotops
+
+    w = make_weight(N, K, config, seed)
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(seed + 1)).to(DTYPES[dtype])
+    if side == "hotops":
+        return lambda: hotops.codebook_matmul(x, w)
+    if side == "dense":
+        dense = w.dequantize().to(x.dtype)
+        return lambda: F.linear(x, dense)
+    from aqlm.inference_kernels.numba_kernel import numba_gemm_lut
+
+    codes = w.code_indices().permute(1, 0, 2).contiguous().view(torch.int8)  # aqlm's CPU layout
+    codebooks = w.codebooks[0].unsqueeze(2).contiguous()  # (M, 256, out_group 1, in_group)
+    scales = w.scales.reshape(-1, 1, 1, 1).contiguous()
+    return lambda: numba_gemm_lut(x, codes, codebooks, scales, None)
+
+
+def aqlm_missing() -> Optional[str]:
+    try:
+        import aqlm.inference_kernels.numba_kernel  # noqa: F401
+    except Exception as exc:  # ImportError, or numba failing to load
+        return f"aqlm's numba kernel is unavailable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def cases(quick: bool, device: str = "cpu") -> List[dict]:
+    if device != "cpu":
+        return []  # the codebook kernels are CPU (C++) kernels; no Triton path yet
+    if quick:
+        return [dict(N=4096, K=4096, B=B, config="2x8", peer=p) for B in (1, 16) for p in ("dense", "aqlm")]
+    out = [dict(N=N, K=K, B=B, config="2x8", peer=p) for N, K in SHAPES for B in (1, 4, 16)
+           for p in ("dense", "aqlm")]
+    out += [dict(N=4096, K=4096, B=B, config="1x8/4", peer="dense") for B in (1, 16)]
+    out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="bf16") for B in (1, 16)]
+    out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense") for B in (64, 256)]
+    return out
+
+
+def _check(a: torch.Tensor, b: torch.Tensor) -> str:
+    err = (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-12)
+    tol = 1e-4 if a.dtype == torch.float32 else 2e-2
+    return "ok" if err <= tol else f"rel err {err:.2g}"
+
+
+def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
+    p = dict(params)
+    peer = p.pop("peer")
+    N, K, B, config, dtype = p["N"], p["K"], p["B"], p["config"], p.get("dtype", "fp32")
+    g, M = CONFIGS[config]
+    hot = build("hotops", **p)
+    case = f"{N}x{K} B={B} {config} {dtype}"
+    note, peer_fn = "", None
+    if peer == "aqlm":
+        note = aqlm_missing() or ""
+        if not note:
+            import numba
+
+            numba.set_num_threads(threads)
+            peer_fn = build("aqlm", **p)
+        peer_name = "aqlm numba (same weight)"
+    else:
+        peer_fn = build("dense", **p)
+        peer_name = f"torch F.linear {dtype} dense"
+    out = hot()
+    check = _check(out, build("dense", **p)()) if peer_fn is None else _check(out, peer_fn())
+    th, tp = time_pair(hot, peer_fn, repeats=7 if B <= 16 else 5, warmup=1, min_time=1.0 if quick else 2.0)
+    act = torch.finfo(DTYPES[dtype]).bits // 8
+    bytes_moved = N * K * M // g + B * (K + N) * act  # codes once, activations in and out
+    bits = make_weight(N, K, config).bits_per_weight
+    return Result(family="codebook", case=case, peer=peer_name, hotops_s=th, peer_s=tp, check=check,
+                  note=note, work="bytes", amount=bytes_moved,
+                  extra={"bits_per_weight": bits, "weight_MB": bits * N * K / 8 / 2 ** 20,
+                         "dense_fp32_MB": 4 * N * K / 2 ** 20})
