@@ -10,8 +10,9 @@ from hotops import _backend
 from hotops.codebook import op as _op
 from hotops.codebook.format import CodebookWeight
 from hotops.codebook.module import CodebookLinear
+from hotops.codebook.jlcm import compress, load_compressed
 
-__all__ = ["codebook_matmul", "CodebookWeight", "CodebookLinear"]
+__all__ = ["codebook_matmul", "CodebookWeight", "CodebookLinear", "compress", "load_compressed"]
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from hotops.codebook.format import CodebookWeight, code_bits
 
-ASSIGN_CHUNK = 1 << 16  # points per distance block: keeps the (chunk, k) matrix small
+ASSIGN_CHUNK = 2048  # points per distance block: the (chunk, k) matrix stays in cache
 
 
 def nearest(points: Tensor, centroids: Tensor) -> Tensor:
@@ -22,7 +22,7 @@ def nearest(points: Tensor, centroids: Tensor) -> Tensor:
 
 
 def kmeans(points: Tensor, k: int, iters: int, generator: torch.Generator,
-           sample: int = 1 << 16) -> Tuple[Tensor, Tensor]:
+           sample: int = 1 << 14) -> Tuple[Tensor, Tensor]:
     """Centroids (k, d) fitted on at most `sample` points, and every point's assignment."""
     P = points.shape[0]
     fit = points[torch.randperm(P, generator=generator)[:sample]] if P > sample else points
