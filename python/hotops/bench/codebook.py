@@ -94,7 +94,11 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         peer_fn = build("dense", **p)
         peer_name = f"torch F.linear {dtype} dense"
     out = hot()
-    check = _check(out, build("dense", **p)()) if peer_fn is None else _check(out, peer_fn())
+    want = build("dense", **p)()
+    check = _check(out, want)
+    if peer == "aqlm" and peer_fn is not None and _check(peer_fn(), want) != "ok":
+        # its numba kernel accumulates into one output vector from a prange over input groups
+        note = f"aqlm's own output is off ({_check(peer_fn(), want)}): a race with > 1 numba thread"
     th, tp = time_pair(hot, peer_fn, repeats=7 if B <= 16 else 5, warmup=1, min_time=1.0 if quick else 2.0)
     act = torch.finfo(DTYPES[dtype]).bits // 8
     bytes_moved = N * K * M // g + B * (K + N) * act  # codes once, activations in and out
