@@ -22,8 +22,9 @@ from hotops.codebook.reference import unpack_codes
 
 # Batch rows up to which the lookup tables beat dequantize + GEMM (measured, docs/codebook.md).
 LUT_MAX_BATCH = 64
-# Dequantized row tile for the GEMM path: stays in L2 while torch.mm streams the batch through it.
-GEMM_TILE_BYTES = 1 << 20
+# Dequantized row tile for the GEMM path: large enough that torch.mm runs at full rate and its
+# per-call threading cost is amortised, small beside the dense weight.
+GEMM_TILE_BYTES = 8 << 20
 
 
 def _kernel_args(codes, codebooks, scales):
