@@ -28,10 +28,10 @@ class CodebookLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits_per_weight: float = 2, in_group: int = 8,
-                    num_codebooks: int = 1, num_groups: int = 1, iters: int = 25, seed: int = 0,
+                    num_codebooks: int = 2, num_groups: int = 1, iters: int = 25, seed: int = 0,
                     dtype: torch.dtype = torch.float32) -> "CodebookLinear":
         """Fast initialisation by k-means (see kmeans.quantize_weight); codebooks and scales are
-        stored in `dtype`."""
+        stored in `dtype`. The default is AQLM's "2x8": two codebooks of 256 over 8 inputs."""
         w = quantize_weight(linear.weight, bits_per_weight, in_group, num_codebooks, num_groups,
                             iters, seed)
         w = CodebookWeight.from_packed(w.codes, w.codebooks.to(dtype), w.scales.to(dtype), w.group_ptr, w.perm)
