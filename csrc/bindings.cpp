@@ -14,6 +14,7 @@ void bind_infonce(py::module_& m);
 void bind_sparse(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_ann(py::module_& m);
+void bind_codebook(py::module_& m);
 }  // namespace hotops
 
 PYBIND11_MODULE(_C, m) {
@@ -32,4 +33,5 @@ PYBIND11_MODULE(_C, m) {
   bind_sparse(m);
   bind_attention(m);
   bind_ann(m);
+  bind_codebook(m);
 }

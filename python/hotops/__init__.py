@@ -1,10 +1,12 @@
 """hotops: compiled kernels for five hot paths of representation learning and retrieval."""
 from hotops import _backend
 from hotops.infonce import info_nce
+from hotops.codebook import codebook_matmul
 from hotops.sparse import sparse_conv2d, sparse_linear
 from hotops.attention import subsampled_attention
 from hotops import ann
 from hotops import nn
 
 __version__ = "0.1.0"
-__all__ = ["info_nce", "sparse_linear", "sparse_conv2d", "subsampled_attention", "ann", "nn", "__version__"]
+__all__ = ["info_nce", "codebook_matmul", "sparse_linear", "sparse_conv2d", "subsampled_attention",
+           "ann", "nn", "__version__"]

@@ -1,6 +1,7 @@
 """The nn.Module wrappers of every family, in one namespace (``hotops.nn.InfoNCELoss``, ...)."""
 from hotops.infonce.module import InfoNCELoss
+from hotops.codebook.module import CodebookLinear
 from hotops.sparse.module import SparseConv2d, SparseLinear
 from hotops.attention.module import SubsampledSelfAttention
 
-__all__ = ["InfoNCELoss", "SparseLinear", "SparseConv2d", "SubsampledSelfAttention"]
+__all__ = ["InfoNCELoss", "CodebookLinear", "SparseLinear", "SparseConv2d", "SubsampledSelfAttention"]

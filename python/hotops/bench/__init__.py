@@ -12,4 +12,5 @@ FAMILIES = {
     "sparse": "hotops.bench.sparse",
     "attention": "hotops.bench.attention",
     "ann": "hotops.bench.ann",
+    "codebook": "hotops.bench.codebook",
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -103,10 +104,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(module: str) -> str:
+def _version(dist: str) -> str:
+    """The installed version of a distribution (aqlm, for one, has no __version__)."""
     try:
-        return importlib.import_module(module).__version__
-    except Exception:  # not installed, or no __version__
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
         return "not installed"
 
 
@@ -127,7 +129,7 @@ def machine(device: str = "cpu") -> Machine:
         cpu=name, isa=_backend.ext().isa() if device == "cpu" else "cuda", threads=torch.get_num_threads(),
         torch=torch.__version__, triton=_version("triton"), python=platform.python_version(),
         gflops=2 * n ** 3 / mm_s / 1e9, gflops_bf16=2 * n ** 3 / mm16_s / 1e9, gbps=2 * big.numel() / cp_s / 1e9,
-        peers={m: _version(m) for m in ("faiss", "hnswlib", "aqlm", "numpy")})
+        peers={m: _version(m) for m in ("faiss-cpu", "hnswlib", "aqlm", "numba", "numpy")})
 
 
 # ------------------------------------------------------------------ memory

