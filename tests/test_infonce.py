@@ -92,8 +92,9 @@ def test_learnable_temperature(isa):
 
 
 def test_many_panels(monkeypatch, isa):
-    # a tiny panel budget forces the multi-panel path (rows are processed 64 at a time)
+    # a tiny panel budget forces the multi-panel path (rows are processed 16 at a time)
     monkeypatch.setitem(op.PANEL_BYTES, "cpu", 1)
+    monkeypatch.setattr(op, "MIN_PANEL_ROWS", 16)
     for hard in (None, "pool", "own"):
         q, d, h = make(150, 12, hard, N=30, K=2)
         check_against_reference(q, d, h, temperature=0.25)
@@ -185,6 +186,7 @@ def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
     require_triton_runs()
     monkeypatch.setattr(op, "BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_row_pass),))
     monkeypatch.setitem(op.PANEL_BYTES, "cpu", 1)  # several panels
+    monkeypatch.setattr(op, "MIN_PANEL_ROWS", 16)
     q, d, h = make(70, 12, hard, N=5, K=3, dtype=dtype)
     C = 70 + (5 if hard == "pool" else 3 if hard == "own" else 0)
     w = torch.rand(C)

@@ -126,3 +126,15 @@ def cpu_view(t: torch.Tensor) -> torch.Tensor:
     if t.dim() > 0 and t.stride(-1) != 1:
         t = t.contiguous()
     return t
+
+
+def can_skip_dispatcher(*tensors: Optional[torch.Tensor]) -> bool:
+    """Plain tensors, no tracer, nothing to differentiate: the ops' implementations may be called
+    directly. The dispatcher and autograd wrapping of a custom op cost tens of microseconds per
+    call, as much as a small pruned layer's whole work."""
+    if torch.compiler.is_compiling():
+        return False
+    present = [t for t in tensors if t is not None]
+    if not all(type(t) is torch.Tensor for t in present):
+        return False
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in present)

@@ -103,9 +103,7 @@ def matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_pt
     differentiate, no tracing) calls the implementation directly: the custom op's dispatch costs
     ~80 us a call, as much as a whole batch-1 product of a small layer. Everything else goes
     through the op, so autograd and torch.compile see it."""
-    plain = not torch.compiler.is_compiling() and type(x) is Tensor
-    if plain and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, codebooks, scales, bias))):
+    if _backend.can_skip_dispatcher(x, codebooks, scales, bias):
         return matmul_impl(x, codes, codebooks, scales, group_ptr, perm, bias)
     return codebook_matmul(x, codes, codebooks, scales, group_ptr, perm, bias)
 

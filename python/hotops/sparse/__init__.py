@@ -52,7 +52,7 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
     if x.dim() == 0 or x.shape[-1] != sw.shape[1]:
         raise ValueError(f"x must end in the {sw.shape[1]} input features, got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
-    fn = _op.linear_forward if _op.can_skip_dispatcher(x, sw.values, bias) else _op.sparse_linear_op
+    fn = _op.linear_forward if _backend.can_skip_dispatcher(x, sw.values, bias) else _op.sparse_linear_op
     y = fn(x.reshape(-1, sw.shape[1]), sw.values, sw.rowptr, sw.colidx, sw.t_rowptr,
                              sw.t_colidx, sw.t_perm, bias, sw.shape[1], relu)
     return y.reshape(*lead, sw.out_features)
@@ -83,7 +83,7 @@ def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, st
         if x.shape[d] + 2 * padding[d - 2] < dilation[d - 2] * (k - 1) + 1:
             raise ValueError(f"input {name} {x.shape[d]} (padded by {padding[d - 2]}) is smaller than the "
                              f"dilated kernel ({dilation[d - 2] * (k - 1) + 1})")
-    fn = _op.conv2d_forward if _op.can_skip_dispatcher(x, sw.values, bias) else _op.sparse_conv2d_op
+    fn = _op.conv2d_forward if _backend.can_skip_dispatcher(x, sw.values, bias) else _op.sparse_conv2d_op
     return fn(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
                                 bias, list(sw.shape), stride, padding, dilation, groups, relu)
 

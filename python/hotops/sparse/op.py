@@ -111,18 +111,6 @@ LINEAR_BACKENDS = (
 )
 
 
-def can_skip_dispatcher(*tensors: Optional[Tensor]) -> bool:
-    """Plain tensors, no tracer, nothing to differentiate: the ops' implementations may be called
-    directly. The dispatcher and autograd wrapping of a custom op cost tens of microseconds per
-    call, as much as a small pruned layer's whole work."""
-    if torch.compiler.is_compiling():
-        return False
-    present = [t for t in tensors if t is not None]
-    if not all(type(t) is torch.Tensor for t in present):
-        return False
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in present)
-
-
 def linear_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
                    t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], in_features: int,
                    relu: bool) -> Tensor:
