@@ -5,24 +5,33 @@ namespace py = pybind11;
 
 namespace hotops {
 
+// The arguments forward and backward share (internal to this file).
+static SsaArgs common_args(ViewArgs& view, const py::object& q, const py::object& k, const py::object& v,
+                           const py::object& idx, const py::object& kpos, const py::object& qpos,
+                           const py::object& out, const py::object& lse, float scale, bool causal,
+                           int threads) {
+  SsaArgs a;
+  a.q = view(q, "q");
+  a.k = view(k, "k");
+  a.v = view(v, "v");
+  a.idx = view(idx, "indices");
+  a.kpos = view(kpos, "key positions");
+  a.qpos = view(qpos, "query positions");
+  a.out = view(out, "out");
+  a.lse = view(lse, "lse");
+  a.scale = scale;
+  a.causal = causal;
+  a.threads = threads;
+  return a;
+}
+
 void bind_attention(py::module_& m) {
   m.def(
       "ssa_forward",
       [](py::object q, py::object k, py::object v, py::object idx, py::object kpos, py::object qpos,
          py::object out, py::object lse, float scale, bool causal, int threads) {
         ViewArgs view;
-        SsaArgs a;
-        a.q = view(q, "q");
-        a.k = view(k, "k");
-        a.v = view(v, "v");
-        a.idx = view(idx, "indices");
-        a.kpos = view(kpos, "key positions");
-        a.qpos = view(qpos, "query positions");
-        a.out = view(out, "out");
-        a.lse = view(lse, "lse");
-        a.scale = scale;
-        a.causal = causal;
-        a.threads = threads;
+        SsaArgs a = common_args(view, q, k, v, idx, kpos, qpos, out, lse, scale, causal, threads);
         check_forward(a);
         py::gil_scoped_release nogil;
         HOTOPS_DISPATCH(ssa_forward)(a);
@@ -36,22 +45,11 @@ void bind_attention(py::module_& m) {
          py::object out, py::object lse, py::object dout, py::object dq, py::object dk, py::object dv,
          float scale, bool causal, int threads) {
         ViewArgs view;
-        SsaArgs a;
-        a.q = view(q, "q");
-        a.k = view(k, "k");
-        a.v = view(v, "v");
-        a.idx = view(idx, "indices");
-        a.kpos = view(kpos, "key positions");
-        a.qpos = view(qpos, "query positions");
-        a.out = view(out, "out");
-        a.lse = view(lse, "lse");
+        SsaArgs a = common_args(view, q, k, v, idx, kpos, qpos, out, lse, scale, causal, threads);
         a.dout = view(dout, "grad_out");
         a.dq = view(dq, "dq");
         a.dk = view(dk, "dk");
         a.dv = view(dv, "dv");
-        a.scale = scale;
-        a.causal = causal;
-        a.threads = threads;
         check_backward(a);
         py::gil_scoped_release nogil;
         HOTOPS_DISPATCH(ssa_backward)(a);

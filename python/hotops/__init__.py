@@ -1,5 +1,4 @@
 """hotops: compiled kernels for five hot paths of representation learning and retrieval."""
-from hotops import _backend
 from hotops.infonce import info_nce
 from hotops.codebook import codebook_matmul
 from hotops.sparse import sparse_conv2d, sparse_linear

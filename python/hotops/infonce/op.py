@@ -12,7 +12,7 @@ reduced to a scalar (mean/sum) the gradients are computed in the forward call an
 in backward; for reduction="none" backward recomputes (four GEMMs in all).
 """
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -37,9 +37,6 @@ def panel_rows(B: int, Na: int, dtype: torch.dtype, device: torch.device) -> int
     rows = budget // max(1, Na * torch.finfo(dtype).bits // 8)
     rows = max(MIN_PANEL_ROWS, rows // 64 * 64)
     return int(min(B, rows))
-
-
-RowPass = Callable[..., None]
 
 
 def _cpu_row_pass(shared, own, weight, row_scale, loss, lse, tdot, pos_col, temperature,
