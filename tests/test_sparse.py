@@ -41,6 +41,29 @@ def test_linear_matches_reference(isa, B, sparsity):
         _close(y, r64, r32)
 
 
+@pytest.mark.parametrize("B", [1, 9, 64, 77])
+def test_linear_column_panels(isa, B):
+    """More input features than one column panel: the non-zeros are stored panel by panel."""
+    from hotops.sparse.format import PANEL_COLS
+
+    I = 2 * PANEL_COLS + 37
+    w = torch.randn(23, I)
+    w[5] = 0  # a row with no non-zero
+    w[7, :PANEL_COLS] = 0  # a row empty in the first panel only
+    sw = SparseWeight.from_dense(w, sparsity=0.8)
+    assert sw.rowptr.numel() == 3 * 23 + 1
+    torch.testing.assert_close(sw.to_dense(), w * sw.mask())
+    x, b = torch.randn(B, I), torch.randn(23)
+    r64, r32 = _ref(reference.sparse_linear, x, sw, bias=b, activation="relu")
+    _close(sparse_linear(x, sw, b, "relu"), r64, r32)
+    xg, v = x.clone().requires_grad_(), sw.values.clone().requires_grad_()
+    gy = torch.randn(B, 23)
+    got = torch.autograd.grad((sparse_linear(xg, sw.with_values(v), b) * gy).sum(), (xg, v))
+    want = torch.autograd.grad((reference.sparse_linear(xg, sw.with_values(v), b) * gy).sum(), (xg, v))
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_, rtol=1e-4, atol=1e-4)
+
+
 def test_linear_leading_dims_and_empty_rows():
     w = torch.randn(6, 10)
     w[2] = 0  # a row with no non-zero: output is the bias
@@ -80,6 +103,7 @@ CONVS = {  # name: (C, O, kernel, stride, padding, dilation, groups, H, W)
     "1x7": (6, 8, (1, 7), 1, (0, 3), 1, 1, 8, 12),
     "7x1": (6, 8, (7, 1), 1, (3, 0), 1, 1, 12, 8),
     "3x3 no padding stride 3": (5, 7, (3, 3), 3, 0, 1, 1, 13, 14),
+    "3x3 two column panels": (60, 8, (3, 3), 1, 1, 1, 1, 9, 10),
 }
 
 

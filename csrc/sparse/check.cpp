@@ -26,14 +26,15 @@ void check_csr(const Csr& m, int64_t rows, const char* what) {
   check_contiguous(m.rowptr, "rowptr");
   check_contiguous(m.colidx, "colidx");
   check_contiguous(m.values, "values");
-  HOTOPS_CHECK(m.rowptr.size(0) == rows + 1, what, ": rowptr has ", m.rowptr.size(0), " entries, expected ",
-               rows + 1, " (one per row, plus one)");
+  const int64_t ranges = m.rowptr.size(0) - 1;  // rows x column panels
+  HOTOPS_CHECK(ranges >= rows && ranges % rows == 0, what, ": rowptr has ", m.rowptr.size(0),
+               " entries, expected rows * panels + 1 with ", rows, " rows (one per row and column panel, plus one)");
   const int64_t nnz = m.colidx.size(0);
   HOTOPS_CHECK(m.values.size(0) == nnz, what, ": ", m.values.size(0), " values but ", nnz, " column indices");
   const int64_t* rp = m.rowptr.ptr<int64_t>();
-  HOTOPS_CHECK(rp[0] == 0 && rp[rows] == nnz, what, ": rowptr must run from 0 to nnz = ", nnz, ", got ", rp[0],
-               " .. ", rp[rows]);
-  for (int64_t r = 0; r < rows; ++r)
+  HOTOPS_CHECK(rp[0] == 0 && rp[ranges] == nnz, what, ": rowptr must run from 0 to nnz = ", nnz, ", got ", rp[0],
+               " .. ", rp[ranges]);
+  for (int64_t r = 0; r < ranges; ++r)
     HOTOPS_CHECK(rp[r] <= rp[r + 1], what, ": rowptr decreases at row ", r);
   // column indices are range-checked by the kernels as they read them
 }

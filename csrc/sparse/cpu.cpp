@@ -32,17 +32,24 @@ struct Scratch {  // raw new/delete: kernel TUs must not instantiate std contain
 };
 
 
+// A CSR whose rows are (panel, row) pairs: row r's non-zeros in column panel q are
+// [rowptr[q * rows + r], rowptr[q * rows + r + 1]) (see cpu.h; panels == 1 is plain CSR).
 struct CsrPtrs {
   const int64_t* rowptr;
   const int32_t* col;
   const float* val;
-  int64_t ncols;
-  explicit CsrPtrs(const Csr& m, int64_t ncols)
-      : rowptr(m.rowptr.ptr<int64_t>()), col(m.colidx.ptr<int32_t>()), val(m.values.ptr<float>()), ncols(ncols) {}
+  int64_t rows, panels, ncols;
+  CsrPtrs(const Csr& m, int64_t rows, int64_t ncols)
+      : rowptr(m.rowptr.ptr<int64_t>()), col(m.colidx.ptr<int32_t>()), val(m.values.ptr<float>()), rows(rows),
+        panels((m.rowptr.size(0) - 1) / rows), ncols(ncols) {}
+
+  int64_t begin(int64_t r, int64_t q) const { return rowptr[q * rows + r]; }
+  int64_t end(int64_t r, int64_t q) const { return rowptr[q * rows + r + 1]; }
 
   void check_row(int64_t r) const {  // every column index the kernels read is checked once
     bool bad = false;
-    for (int64_t k = rowptr[r]; k < rowptr[r + 1]; ++k) bad |= static_cast<uint32_t>(col[k]) >= ncols;
+    for (int64_t q = 0; q < panels; ++q)
+      for (int64_t k = begin(r, q); k < end(r, q); ++k) bad |= static_cast<uint32_t>(col[k]) >= ncols;
     HOTOPS_CHECK(!bad, "column index out of range [0, ", ncols, ") in row ", r, " of the sparse weight");
   }
 };
@@ -98,106 +105,130 @@ inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
   if (k < kend) step(0, k);
 }
 
-// Rows [r0, r1) over the NVR vectors of pixels from p (the last holding `last` pixels).
-template <int NVR>
-void tail_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t p, int64_t last,
-               Out out, const float* bias, bool relu) {
-  for (int64_t r = r0; r < r1; ++r) {
-    VecF acc[2][NV];
-    for (int j = 0; j < NVR; ++j) acc[0][j] = acc[1][j] = VecF::set1(0.0f);
-    accumulate<NVR, true>(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld, last, acc);
-    const VecF b = VecF::set1(bias ? bias[r] : 0.0f);
-    for (int j = 0; j < NVR; ++j) out.put(r - r0, p + j * W, epilogue(acc[0][j] + acc[1][j], b, relu), j == NVR - 1 ? last : W);
-  }
-}
-
-// sum_k val[k] * src[col[k] * ld] over one row's non-zeros [k, kend): a sparse dot product
-// that gathers its operands 16 (AVX-512) or 8 (AVX2) at a time where offsets fit in int32.
-inline float gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld) {
-  float total = 0.0f;
+// sum_k val[k] * src[col[k] * ld] over one row's non-zeros [k, kend), left spread over the lanes
+// (the caller adds up a row's panels before one horizontal sum): a sparse dot product that gathers
+// its operands 16 (AVX-512) or 8 (AVX2) at a time, the last gather masked, where offsets fit int32.
+inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld) {
 #if defined(__AVX512F__) || defined(__AVX2__)
   if (ld * m.ncols <= INT32_MAX) {
 #if defined(__AVX512F__)
     using I = __m512i;
-    constexpr int L = 16;
-    auto index = [&](int64_t at) {
-      const I c = _mm512_loadu_si512(m.col + at);
-      return ld == 1 ? c : _mm512_mullo_epi32(c, _mm512_set1_epi32(static_cast<int32_t>(ld)));
+    auto index = [&](I c) { return ld == 1 ? c : _mm512_mullo_epi32(c, _mm512_set1_epi32(static_cast<int32_t>(ld))); };
+    auto gather = [&](int64_t at) { return VecF(_mm512_i32gather_ps(index(_mm512_loadu_si512(m.col + at)), src, 4)); };
+    auto gather_first = [&](int64_t at, int64_t count) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1u);
+      const I c = index(_mm512_maskz_loadu_epi32(mask, m.col + at));
+      return VecF(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, c, src, 4));
     };
-    auto gather = [&](I idx) { return VecF(_mm512_i32gather_ps(idx, src, 4)); };
 #else
     using I = __m256i;
-    constexpr int L = 8;
-    auto index = [&](int64_t at) {
-      const I c = _mm256_loadu_si256(reinterpret_cast<const I*>(m.col + at));
-      return ld == 1 ? c : _mm256_mullo_epi32(c, _mm256_set1_epi32(static_cast<int32_t>(ld)));
+    auto index = [&](I c) { return ld == 1 ? c : _mm256_mullo_epi32(c, _mm256_set1_epi32(static_cast<int32_t>(ld))); };
+    auto gather = [&](int64_t at) {
+      return VecF(_mm256_i32gather_ps(src, index(_mm256_loadu_si256(reinterpret_cast<const I*>(m.col + at))), 4));
     };
-    auto gather = [&](I idx) { return VecF(_mm256_i32gather_ps(src, idx, 4)); };
+    auto gather_first = [&](int64_t at, int64_t count) {
+      const I mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const I c = index(_mm256_maskload_epi32(m.col + at, mask));
+      return VecF(_mm256_mask_i32gather_ps(_mm256_setzero_ps(), src, c, _mm256_castsi256_ps(mask), 4));
+    };
 #endif
     VecF s0 = VecF::set1(0.0f), s1 = VecF::set1(0.0f);
-    for (; k + 2 * L <= kend; k += 2 * L) {
-      s0 = VecF::fma(VecF::load(m.val + k), gather(index(k)), s0);
-      s1 = VecF::fma(VecF::load(m.val + k + L), gather(index(k + L)), s1);
+    for (; k + 2 * W <= kend; k += 2 * W) {
+      s0 = VecF::fma(VecF::load(m.val + k), gather(k), s0);
+      s1 = VecF::fma(VecF::load(m.val + k + W), gather(k + W), s1);
     }
-    for (; k + L <= kend; k += L) s0 = VecF::fma(VecF::load(m.val + k), gather(index(k)), s0);
-    total = (s0 + s1).sum();
+    for (; k + W <= kend; k += W) s0 = VecF::fma(VecF::load(m.val + k), gather(k), s0);
+    if (k < kend) s1 = VecF::fma(load_first(m.val + k, kend - k), gather_first(k, kend - k), s1);
+    return s0 + s1;
   }
 #endif
   float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains for latency
   for (; k + 4 <= kend; k += 4)
     for (int u = 0; u < 4; ++u) s[u] += m.val[k + u] * src[m.col[k + u] * ld];
   for (; k < kend; ++k) s[0] += m.val[k] * src[m.col[k] * ld];
-  return total + ((s[0] + s[1]) + (s[2] + s[3]));
+  const float total = (s[0] + s[1]) + (s[2] + s[3]);
+  return load_first(&total, 1);
 }
 
-// out[r - r0, p] = act(bias[r] + sum_k val[k] * src[col[k] * ld + p]) for rows [r0, r1), p < n:
-// 64 pixels at a time in registers, then the remainder as up to four vectors (the last masked),
-// or a gathered dot product for a single pixel (all of batch-1 linear).
-void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t n, Out out,
-               const float* bias, bool relu) {
-  for (int64_t r = r0; r < r1; ++r) m.check_row(r);
+// Rows [r0, r1) over NVR vectors of pixels from p, the last holding `last` (1..W) of them:
+// out[r - r0, p + i] = act(bias[r] + sum_k val[k] * src[col[k] * ld + p + i]).
+//
+// With several column panels, the panels run one after another over all the rows (the order the
+// non-zeros are stored in, so the weight streams), parking each row's partial sums in `park`
+// ((r1 - r0) x NVR * W floats) between panels: the source rows one panel reads (512 x 256 B at
+// 64 pixels) stay in cache, where a whole row of non-zeros would fetch random 256 B rows of a
+// source that does not fit (1 MB for 4096 features x 64 pixels).
+template <int NVR, bool PARTIAL>
+void rows_tile(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t p, int64_t last,
+               Out out, const float* bias, bool relu, float* park) {
   const VecF zero = VecF::set1(0.0f);
-  auto bias_of = [&](int64_t r) { return VecF::set1(bias ? bias[r] : 0.0f); };
-  int64_t p = 0;
+  const int64_t last_q = m.panels - 1;
+  auto start = [&](int64_t r, int64_t q, VecF(&acc)[2][NV]) {
+    const float* parked = park + (r - r0) * NVR * W;
+    for (int j = 0; j < NVR; ++j) acc[0][j] = q ? VecF::load(parked + j * W) : zero, acc[1][j] = zero;
+    accumulate<NVR, PARTIAL>(m, m.begin(r, q), m.end(r, q), src + p, ld, last, acc);
+  };
+  for (int64_t q = 0; q < last_q; ++q)
+    for (int64_t r = r0; r < r1; ++r) {
+      VecF acc[2][NV];
+      start(r, q, acc);
+      for (int j = 0; j < NVR; ++j) (acc[0][j] + acc[1][j]).store(park + (r - r0) * NVR * W + j * W);
+    }
   // A strided output (linear: y is (batch, out), so pixels are O apart) is staged ROWS rows at a
   // time and written pixel-major: one cache line per pixel instead of one per row and pixel, all
   // of them 4 KB-aliased.
   constexpr int64_t ROWS = 16;
-  float stage[ROWS][CH];
-  for (; p + CH <= n; p += CH) {
-    for (int64_t rb = r0; rb < r1; rb += ROWS) {
-      const int64_t re = std::min(r1, rb + ROWS);
-      for (int64_t r = rb; r < re; ++r) {
-        VecF acc[2][NV];
-        for (int j = 0; j < NV; ++j) acc[0][j] = acc[1][j] = zero;
-        accumulate<NV, false>(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld, W, acc);
-        for (int j = 0; j < NV; ++j) {
-          const VecF y = epilogue(acc[0][j] + acc[1][j], bias_of(r), relu);
-          if (out.ps == 1) out.put(r - r0, p + j * W, y);
-          else y.store(stage[r - rb] + j * W);
-        }
-      }
-      if (out.ps == 1) continue;
-      for (int64_t q = 0; q < CH; ++q) {
-        float* d = out.base + (rb - r0) * out.rs + (p + q) * out.ps;
-        for (int64_t i = 0; i < re - rb; ++i) d[i * out.rs] = stage[i][q];
+  const int64_t width = (NVR - 1) * W + last;
+  float stage[ROWS][NVR * W];
+  for (int64_t rb = r0; rb < r1; rb += ROWS) {
+    const int64_t re = std::min(r1, rb + ROWS);
+    for (int64_t r = rb; r < re; ++r) {
+      VecF acc[2][NV];
+      start(r, last_q, acc);
+      const VecF b = VecF::set1(bias ? bias[r] : 0.0f);
+      for (int j = 0; j < NVR; ++j) {
+        const VecF y = epilogue(acc[0][j] + acc[1][j], b, relu);
+        if (out.ps == 1) out.put(r - r0, p + j * W, y, j == NVR - 1 ? last : W);
+        else y.store(stage[r - rb] + j * W);
       }
     }
+    if (out.ps == 1) continue;
+    for (int64_t i = 0; i < width; ++i) {
+      float* d = out.base + (rb - r0) * out.rs + (p + i) * out.ps;
+      for (int64_t r = 0; r < re - rb; ++r) d[r * out.rs] = stage[r][i];
+    }
   }
+}
+
+// out[r - r0, p] for rows [r0, r1), p < n: 64 pixels at a time in registers, then the remainder as
+// up to four vectors (the last masked), or a gathered dot product for a single pixel (all of
+// batch-1 linear). `park` holds (r1 - r0) x 64 floats when the weight has several panels.
+void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t n, Out out,
+               const float* bias, bool relu, float* park) {
+  for (int64_t r = r0; r < r1; ++r) m.check_row(r);
+  int64_t p = 0;
+  for (; p + CH <= n; p += CH) rows_tile<NV, false>(m, r0, r1, src, ld, p, W, out, bias, relu, park);
   const int64_t rem = n - p;
   if (rem > 1) {  // fewer than 64 pixels left: as many vectors as they need, the last one masked
     const int64_t nv = (rem + W - 1) / W, last = rem - (nv - 1) * W;
     switch (nv) {
-      case 1: return tail_rows<1>(m, r0, r1, src, ld, p, last, out, bias, relu);
-      case 2: return tail_rows<2>(m, r0, r1, src, ld, p, last, out, bias, relu);
-      case 3: return tail_rows<3>(m, r0, r1, src, ld, p, last, out, bias, relu);
-      default: return tail_rows<NV>(m, r0, r1, src, ld, p, last, out, bias, relu);
+      case 1: return rows_tile<1, true>(m, r0, r1, src, ld, p, last, out, bias, relu, park);
+      case 2: return rows_tile<2, true>(m, r0, r1, src, ld, p, last, out, bias, relu, park);
+      case 3: return rows_tile<3, true>(m, r0, r1, src, ld, p, last, out, bias, relu, park);
+      default: return rows_tile<NV, true>(m, r0, r1, src, ld, p, last, out, bias, relu, park);
     }
   }
-  if (rem == 1)  // one pixel (all of batch-1 linear): a gathered sparse dot product
-    for (int64_t r = r0; r < r1; ++r)
-      out.put(r - r0, p, epilogue(VecF::set1(gather_dot(m, m.rowptr[r], m.rowptr[r + 1], src + p, ld)),
-                                  bias_of(r), relu), 1);
+  if (rem == 1) {  // one pixel (all of batch-1 linear): gathered sparse dot products, panel by panel
+    for (int64_t q = 0; q < m.panels; ++q)
+      for (int64_t r = r0; r < r1; ++r) {
+        const VecF s = gather_dot(m, m.begin(r, q), m.end(r, q), src + p, ld);
+        (q ? VecF::load(park + (r - r0) * W) + s : s).store(park + (r - r0) * W);
+      }
+    for (int64_t r = r0; r < r1; ++r) {
+      const float dot = VecF::load(park + (r - r0) * W).sum();
+      out.put(r - r0, p, epilogue(VecF::set1(dot), VecF::set1(bias ? bias[r] : 0.0f), relu), 1);
+    }
+  }
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -290,7 +321,7 @@ struct Plan {
 
 void sparse_conv_fwd(const SparseConvFwd& a) {
   const ConvGeom& g = a.g;
-  const CsrPtrs w(a.w, g.K());
+  const CsrPtrs w(a.w, g.O, g.K());
   const Plan plan(g, g.Og(), g.direct(), a.threads);
   const float* x = a.x.ptr<float>();
   float* y = a.y.ptr<float>();
@@ -298,6 +329,7 @@ void sparse_conv_fwd(const SparseConvFwd& a) {
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
   parallel_for(plan.items, 1, a.threads, [&](int64_t i0, int64_t i1) {
     Scratch<float> buf(g.direct() ? 0 : g.K() * plan.pt);
+    Scratch<float> park(plan.rbs * CH);
     for (int64_t it = i0; it < i1; ++it) {
       int64_t n, t, grp, b;
       plan.decode(it, g, n, t, grp, b);
@@ -313,20 +345,21 @@ void sparse_conv_fwd(const SparseConvFwd& a) {
       const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
       if (r0 >= r1) continue;
       Out out{y + n * a.y.stride(0) + r0 * a.y.stride(1) + p0 * a.y.stride(2), a.y.stride(1), a.y.stride(2)};
-      spmm_rows(w, r0, r1, src, ld, len, out, bias, a.relu);
+      spmm_rows(w, r0, r1, src, ld, len, out, bias, a.relu, park.p);
     }
   });
 }
 
 void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
   const ConvGeom& g = a.g;
-  const CsrPtrs wt(a.wt, g.Og());
+  const CsrPtrs wt(a.wt, g.G * g.K(), g.Og());
   const float* gy = a.gy.ptr<float>();
   float* gx = a.gx.ptr<float>();
   if (g.direct()) {  // cols are grad_input itself: write it in place, rows split freely
     const Plan plan(g, g.K(), true, a.threads);
     parallel_for(plan.items, 1, a.threads, [&](int64_t i0, int64_t i1) {
-        for (int64_t it = i0; it < i1; ++it) {
+      Scratch<float> park(plan.rbs * CH);
+      for (int64_t it = i0; it < i1; ++it) {
         int64_t n, t, grp, b;
         plan.decode(it, g, n, t, grp, b);
         const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
@@ -334,7 +367,7 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
         if (r0 >= r1) continue;
         const float* src = gy + n * a.gy.stride(0) + grp * g.Og() * a.gy.stride(1) + p0;
         Out out{gx + n * a.gx.stride(0) + r0 * a.gx.stride(1) + p0 * a.gx.stride(2), a.gx.stride(1), a.gx.stride(2)};
-        spmm_rows(wt, r0, r1, src, a.gy.stride(1), len, out, nullptr, false);
+        spmm_rows(wt, r0, r1, src, a.gy.stride(1), len, out, nullptr, false, park.p);
       }
     });
     return;
@@ -346,7 +379,7 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
   const int64_t cb = std::min(g.Cg(), (4 * a.threads + outer - 1) / outer);  // channel blocks
   const int64_t cbs = (g.Cg() + cb - 1) / cb;
   parallel_for(outer * cb, 1, a.threads, [&](int64_t i0, int64_t i1) {
-    Scratch<float> buf(cbs * taps * plan.pt);
+    Scratch<float> buf(cbs * taps * plan.pt), park(cbs * taps * CH);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t n = it / (g.G * cb), grp = (it / cb) % g.G, c0 = (it % cb) * cbs;
       const int64_t c1 = std::min(g.Cg(), c0 + cbs);
@@ -356,7 +389,7 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
       float* gxn = gx + n * a.gx.stride(0);
       for (int64_t t = 0; t < plan.tiles; ++t) {
         const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
-        spmm_rows(wt, r0, r1, gyn + p0, a.gy.stride(1), len, Out{buf.p, len, 1}, nullptr, false);
+        spmm_rows(wt, r0, r1, gyn + p0, a.gy.stride(1), len, Out{buf.p, len, 1}, nullptr, false, park.p);
         for (int64_t r = r0; r < r1; ++r) {
           if (wt.rowptr[r] == wt.rowptr[r + 1]) continue;
           int64_t c, dy, dx;
@@ -375,7 +408,7 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
 
 void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
   const ConvGeom& g = a.g;
-  const CsrPtrs w(a.w, g.K());
+  const CsrPtrs w(a.w, g.O, g.K());
   const Plan plan(g, g.Og(), g.direct(), a.threads);
   const int64_t lanes = a.partial.size(0), nnz = a.partial.size(1);
   const float* x = a.x.ptr<float>();
@@ -402,7 +435,8 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
         for (int64_t r = r0; r < r1; ++r) {
           w.check_row(r);
           const float* gr = gy + n * a.gy.stride(0) + r * a.gy.stride(1) + p0;
-          for (int64_t k = w.rowptr[r]; k < w.rowptr[r + 1]; ++k) part[k] += dot(gr, src + w.col[k] * ld, len);
+          for (int64_t q = 0; q < w.panels; ++q)
+            for (int64_t k = w.begin(r, q); k < w.end(r, q); ++k) part[k] += dot(gr, src + w.col[k] * ld, len);
         }
       }
     }

@@ -27,7 +27,10 @@ struct ConvGeom {
   }
 };
 
-// CSR: rowptr (R+1,) int64, colidx (nnz,) int32, values (nnz,) float32.
+// CSR: rowptr (Q*R+1,) int64, colidx (nnz,) int32, values (nnz,) float32, its non-zeros ordered
+// by (column panel q, row r, column): row r's non-zeros in panel q are [rowptr[q*R + r],
+// rowptr[q*R + r + 1]). Q = 1 is plain CSR. The kernels take the panels from rowptr's length;
+// which columns a panel holds is the packer's choice (python/hotops/sparse/format.py).
 struct Csr {
   View rowptr, colidx, values;
 };

@@ -1,7 +1,11 @@
-"""SparseWeight: a pruned linear or convolution weight packed once into CSR.
+"""SparseWeight: a pruned linear or convolution weight packed once into column-panelled CSR.
 
 Rows are output channels; columns index the (C/groups * kh * kw) im2col view of one group, in the
-order of ``weight.reshape(O, -1)``. The transposed structure (CSR of W^T per group, and the
+order of ``weight.reshape(O, -1)``. Columns are cut into panels of PANEL_COLS and the non-zeros
+ordered by (panel, row, column): ``rowptr`` has ``panels * O + 1`` entries and row r's non-zeros
+in panel q are ``[rowptr[q * O + r], rowptr[q * O + r + 1])``. The CPU kernel runs a panel over
+all rows before the next, so the activation rows a panel reads stay in cache (docs/sparse.md);
+with at most PANEL_COLS columns it is plain CSR. The transposed structure (CSR of W^T per group, and the
 permutation that gathers the values into it) is packed alongside, because the input gradient is
 the same sparse product with W^T and the convolution kernel skips im2col rows no weight uses.
 """
@@ -12,6 +16,21 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+
+# 512 activation rows of 64 floats (the kernel's register tile) = 128 KB: L2-resident per panel;
+# narrower panels park partial sums more often and cost batch-1 products whole gathers
+PANEL_COLS = 512
+
+
+def panel_count(cols: int) -> int:
+    return max(1, -(-cols // PANEL_COLS))
+
+
+def csr_rows(rowptr: Tensor, rows: int) -> Tensor:
+    """The row of every non-zero of a (column-panelled) CSR over ``rows`` rows."""
+    ranges = torch.arange(rowptr.numel() - 1, device=rowptr.device) % rows
+    return torch.repeat_interleave(ranges, rowptr.diff())
 
 
 def magnitude_mask(w: Tensor, sparsity: float) -> Tensor:
@@ -36,9 +55,9 @@ class SparseWeight:
 
     shape: Tuple[int, ...]
     groups: int
-    rowptr: Tensor     # (O + 1,) int64
+    rowptr: Tensor     # (panels * O + 1,) int64: column-panelled CSR (see the module docstring)
     colidx: Tensor     # (nnz,) int32, column within the group's im2col rows
-    values: Tensor     # (nnz,) float32
+    values: Tensor     # (nnz,) float32, in (panel, row, column) order
     t_rowptr: Tensor   # (groups * K + 1,) int64: CSR of W^T per group
     t_colidx: Tensor   # (nnz,) int32: output channel within the group
     t_perm: Tensor     # (nnz,) int64: values[t_perm] are W^T's values
@@ -87,18 +106,22 @@ class SparseWeight:
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be bool, got {str(mask.dtype).replace('torch.', '')}")
         w2, m2 = w.detach().reshape(w.shape[0], -1), mask.reshape(w.shape[0], -1)
-        rows, cols = m2.nonzero(as_tuple=True)  # row-major: already CSR order
+        rows, cols = m2.nonzero(as_tuple=True)  # row-major
         return SparseWeight.pack(tuple(w.shape), groups, rows, cols, w2[rows, cols].contiguous())
 
     @staticmethod
     def pack(shape, groups: int, rows: Tensor, cols: Tensor, values: Tensor) -> "SparseWeight":
-        """CSR (and W^T's CSR) from row-sorted coordinates."""
+        """Column-panelled CSR (and W^T's CSR) from row-major sorted coordinates."""
         O = shape[0]
         K = 1
         for s in shape[1:]:
             K *= s
-        counts = torch.bincount(rows, minlength=O)
-        rowptr = torch.zeros(O + 1, dtype=torch.int64)
+        panels = panel_count(K)
+        if panels > 1:  # (panel, row, column) order; the sort is stable, so columns stay sorted
+            order = torch.argsort((cols // PANEL_COLS) * O + rows, stable=True)
+            rows, cols, values = rows[order], cols[order], values[order]
+        counts = torch.bincount((cols // PANEL_COLS) * O + rows, minlength=panels * O)
+        rowptr = torch.zeros(panels * O + 1, dtype=torch.int64)
         torch.cumsum(counts, 0, out=rowptr[1:])
         og = O // groups
         t_rows = (rows // og) * K + cols      # W^T row: (group, column)
@@ -128,7 +151,7 @@ class SparseWeight:
         return m.view(self.shape)
 
     def row_indices(self) -> Tensor:
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.rowptr.device), self.rowptr.diff())
+        return csr_rows(self.rowptr, self.shape[0])
 
     def to_dense(self) -> Tensor:
         """The masked dense weight (differentiable w.r.t. ``values``)."""

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from hotops import _backend
+from hotops.sparse.format import csr_rows, panel_count
 
 
 # convolutions run on the CPU kernels only (the GPU has the BSR linear kernel, see triton.py)
@@ -31,6 +32,10 @@ def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride, paddin
     O, _, kh, kw = w_shape
     return [N, C, H, W, O, groups, kh, kw, stride[0], stride[1], padding[0], padding[1],
             dilation[0], dilation[1]]
+
+
+def out_features(rowptr: Tensor, in_features: int) -> int:
+    return (rowptr.shape[0] - 1) // panel_count(in_features)  # rowptr: one entry per (panel, row)
 
 
 def linear_geometry(B: int, I: int, O: int) -> List[int]:
@@ -62,7 +67,7 @@ def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
 # ------------------------------------------------------------------ linear
 
 def _cpu_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
-    B, O = x.shape[0], rowptr.numel() - 1
+    B, O = x.shape[0], out_features(rowptr, in_features)
     y = x.new_empty(B, O)
     xt = _backend.cpu_view(x).t().contiguous().unsqueeze(0)  # (1, I, B): each feature a batch row
     _forward(linear_geometry(B, in_features, O), values, rowptr, colidx, t_rowptr, xt, bias,
@@ -88,19 +93,19 @@ def _cpu_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm,
 def _triton_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
     from hotops.sparse.triton import bsr_linear
 
-    return bsr_linear(x, rowptr, colidx, values, (rowptr.numel() - 1, in_features), bias, relu)
+    return bsr_linear(x, rowptr, colidx, values, (out_features(rowptr, in_features), in_features), bias, relu)
 
 
 def _triton_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
                          need_x, need_values):
     from hotops.sparse.triton import bsr_linear
 
-    O = rowptr.numel() - 1
+    O = out_features(rowptr, in_features)
     gx = gv = None
     if need_x:  # the same block-sparse product with W^T
         gx = bsr_linear(gy, t_rowptr, t_colidx, values.detach()[t_perm], (in_features, O))
     if need_values:  # gy^T x on the tensor cores, read at the non-zeros
-        rows = torch.repeat_interleave(torch.arange(O, device=gy.device), rowptr.to(gy.device).diff())
+        rows = csr_rows(rowptr.to(gy.device), O)
         gv = (gy.detach().t() @ x.detach())[rows, colidx.to(gy.device).long()]
     return gx, gv
 
@@ -116,7 +121,7 @@ def linear_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_
                    relu: bool) -> Tensor:
     """y = act(x W^T + bias) for x (B, I), W the (O, I) CSR weight."""
     if x.shape[0] == 0:
-        return x.new_empty(0, rowptr.numel() - 1)
+        return x.new_empty(0, out_features(rowptr, in_features))
     forward, _ = _backend.choose("sparse_linear", LINEAR_BACKENDS, x.device).run
     return forward(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu)
 
@@ -126,7 +131,7 @@ sparse_linear_op = torch.library.custom_op("hotops::sparse_linear", linear_forwa
 
 @sparse_linear_op.register_fake
 def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, in_features, relu):
-    return x.new_empty(x.shape[0], rowptr.shape[0] - 1)
+    return x.new_empty(x.shape[0], out_features(rowptr, in_features))
 
 
 @torch.library.custom_op("hotops::sparse_linear_backward", mutates_args=())

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hotops.sparse.format import csr_rows
+
 BLOCK = (32, 32)  # (BO, BI): weight block rows x columns
 BATCH_TILE = 32
 
@@ -54,7 +56,7 @@ def to_bsr(rowptr: Tensor, colidx: Tensor, values: Tensor, shape: Tuple[int, int
     O, I = shape
     BO, BI = block
     dev = values.device
-    rows = torch.repeat_interleave(torch.arange(O, device=dev), rowptr.to(dev).diff())
+    rows = csr_rows(rowptr.to(dev), O)
     cols = colidx.to(dev).long()
     n_bcols = -(-I // BI)
     key = (rows // BO) * n_bcols + cols // BI
