@@ -292,13 +292,49 @@ def test_sparse_linear_module():
     layer.policy = "dense"
     torch.testing.assert_close(layer(x), F.linear(x, dense, lin.bias))
     assert layer.backend == DENSE
-    # the auto policy follows the model: a 90 %-sparse batched layer runs sparse, a 10 % one dense
-    assert SparseLinear.from_dense(lin, sparsity=0.9)(x) is not None
-    assert SparseLinear.from_dense(nn.Linear(20, 10), sparsity=0.1).forward(torch.randn(16, 20)) is not None
-    auto_sparse, auto_dense = SparseLinear.from_dense(lin, sparsity=0.9), SparseLinear.from_dense(lin, sparsity=0.1)
-    auto_sparse(torch.randn(16, 20))
-    auto_dense(torch.randn(16, 20))
-    assert (auto_sparse.backend, auto_dense.backend) == (SPARSE, DENSE)
+    # the model policy: a 90 %-sparse batched layer runs sparse, a 10 % one dense
+    model_sparse = SparseLinear.from_dense(lin, sparsity=0.9, policy="model")
+    model_dense = SparseLinear.from_dense(lin, sparsity=0.1, policy="model")
+    model_sparse(torch.randn(16, 20))
+    model_dense(torch.randn(16, 20))
+    assert (model_sparse.backend, model_dense.backend) == (SPARSE, DENSE)
+
+
+@pytest.mark.parametrize("sparse_faster", [True, False])
+def test_measured_dispatch(monkeypatch, sparse_faster):
+    """policy="auto" times both paths once per input signature and runs the faster."""
+    from hotops.sparse import module
+
+    calls = []
+
+    def fake_measure(run_sparse, run_dense):
+        calls.append(1)
+        torch.testing.assert_close(run_sparse(), run_dense())
+        return (1.0, 2.0) if sparse_faster else (2.0, 1.0)
+
+    monkeypatch.setattr(module, "measure_pair", fake_measure)
+    conv = SparseConv2d.from_dense(nn.Conv2d(4, 6, 3, padding=1), sparsity=0.5, activation="relu")
+    lin = SparseLinear.from_dense(nn.Linear(12, 5), sparsity=0.5)
+    want = SPARSE if sparse_faster else DENSE
+    for layer, make in ((conv, lambda n: torch.randn(n, 4, 7, 7)), (lin, lambda n: torch.randn(n, 12))):
+        calls.clear()
+        for n in (2, 2, 3, 2):
+            x = make(n)
+            y = layer(x)
+            assert layer.backend == want
+            dense = F.conv2d(x, layer.to_dense(), layer.bias, padding=1).relu() if layer is conv else \
+                F.linear(x, layer.to_dense(), layer.bias)
+            torch.testing.assert_close(y, dense)
+        assert len(calls) == 2  # batch 2 and batch 3: each signature measured once
+        assert all(d[1:] == ((1.0, 2.0) if sparse_faster else (2.0, 1.0)) for d in layer.dispatch.values())
+
+
+def test_measured_dispatch_really_times():
+    layer = SparseLinear.from_dense(nn.Linear(64, 32), sparsity=0.9)
+    layer(torch.randn(8, 64))
+    ((wins, ts, td),) = layer.dispatch.values()
+    assert ts > 0 and td > 0 and wins == (ts < td)
+    assert layer.backend == (SPARSE if wins else DENSE)
 
 
 def test_dense_cache_follows_values():
@@ -434,6 +470,6 @@ def test_conv_dispatch_model():
     cases = [(nn.Conv2d(8, 8, 3, padding=1), 0.9, SPARSE), (nn.Conv2d(8, 8, 3, padding=1), 0.5, DENSE),
              (nn.Conv2d(8, 8, 1), 0.7, SPARSE), (nn.Conv2d(8, 8, 1), 0.3, DENSE), (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.9, DENSE)]
     for conv, sparsity, backend in cases:
-        layer = SparseConv2d.from_dense(conv, sparsity=sparsity)
+        layer = SparseConv2d.from_dense(conv, sparsity=sparsity, policy="model")
         torch.testing.assert_close(layer(x), F.conv2d(x, layer.to_dense(), conv.bias, 1, conv.padding, 1, conv.groups))
         assert layer.backend == backend, (conv, sparsity)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hotops import _backend
 from hotops.sparse import op as _op
@@ -51,11 +51,22 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
         raise ValueError(f"sparse_linear needs a linear (O, I) SparseWeight, got shape {sw.shape}")
     if x.dim() == 0 or x.shape[-1] != sw.shape[1]:
         raise ValueError(f"x must end in the {sw.shape[1]} input features, got shape {tuple(x.shape)}")
-    lead = x.shape[:-1]
-    fn = _op.linear_forward if _backend.can_skip_dispatcher(x, sw.values, bias) else _op.sparse_linear_op
+    return _linear(x, sw, bias, relu)
+
+
+def _direct(x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
+    """_backend.can_skip_dispatcher, also for a module's nn.Parameters (values and bias always
+    are): their custom-op dispatch would cost more than a small layer's work."""
+    return _backend.can_skip_dispatcher(x, *(t.data if type(t) is nn.Parameter else t for t in (values, bias))) \
+        and not (torch.is_grad_enabled() and (values.requires_grad or (bias is not None and bias.requires_grad)))
+
+
+def _linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], relu: bool) -> Tensor:
+    """sparse_linear after validation (the modules validate once per input signature)."""
+    fn = _op.linear_forward if _direct(x, sw.values, bias) else _op.sparse_linear_op
     y = fn(x.reshape(-1, sw.shape[1]), sw.values, sw.rowptr, sw.colidx, sw.t_rowptr,
-                             sw.t_colidx, sw.t_perm, bias, sw.shape[1], relu)
-    return y.reshape(*lead, sw.out_features)
+           sw.t_colidx, sw.t_perm, bias, sw.shape[1], relu)
+    return y.reshape(*x.shape[:-1], sw.out_features)
 
 
 def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, stride: IntPair = 1,
@@ -83,9 +94,16 @@ def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, st
         if x.shape[d] + 2 * padding[d - 2] < dilation[d - 2] * (k - 1) + 1:
             raise ValueError(f"input {name} {x.shape[d]} (padded by {padding[d - 2]}) is smaller than the "
                              f"dilated kernel ({dilation[d - 2] * (k - 1) + 1})")
-    fn = _op.conv2d_forward if _backend.can_skip_dispatcher(x, sw.values, bias) else _op.sparse_conv2d_op
+    return _conv2d(x, sw, bias, stride, padding, dilation, relu)
+
+
+def _conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], stride: list, padding: list, dilation: list,
+            relu: bool) -> Tensor:
+    """sparse_conv2d after validation, with (h, w) pairs (the modules validate once per input
+    signature)."""
+    fn = _op.conv2d_forward if _direct(x, sw.values, bias) else _op.sparse_conv2d_op
     return fn(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
-                                bias, list(sw.shape), stride, padding, dilation, groups, relu)
+              bias, list(sw.shape), stride, padding, dilation, sw.groups, relu)
 
 
 from hotops.sparse.module import SparseConv2d, SparseLinear, sparsify  # noqa: E402

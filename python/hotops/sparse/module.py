@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Optional
+import time
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from hotops.sparse.format import SparseWeight, check_sparsity, magnitude_mask
 
 SPARSE, DENSE = "sparse (C++)", "dense (torch)"
+POLICIES = ("auto", "model", "sparse", "dense")
 
 # Densities (non-zeros / weight size) up to which the sparse kernels beat torch's dense ones on
 # the CPU, read off the single-thread crossover table in docs/sparse.md: a GEMV reads 4 bytes per
@@ -29,21 +31,41 @@ def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
     return density <= DENSITY_LIMIT[kind]
 
 
+def measure_pair(run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor],
+                 repeats: int = 3) -> Tuple[float, float]:
+    """Seconds per call of each path, best of ``repeats`` taken alternately after one warm-up
+    call each (the warm-up builds the dense weight cache and touches the buffers)."""
+    best = [float("inf"), float("inf")]
+    with torch.no_grad():
+        run_sparse(), run_dense()
+        for _ in range(repeats):
+            for i, fn in enumerate((run_sparse, run_dense)):
+                t0 = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]
+
+
 class _SparseLayer(nn.Module):
     """Holds the packed weight: ``values`` (nnz,) is the trainable Parameter and the CSR
     structure lives in buffers, so the packed form is built once and survives training steps.
     ``set_mask`` repacks. The dense masked weight is materialised only for the dense path and
     cached until ``values`` changes.
 
-    ``policy``: "auto" (sparse where the model says it pays), "sparse" or "dense".
+    ``policy``:
+      "auto"   the first call with a new input signature (shape, dtype) times both paths on that
+               input and keeps the faster for the signature (``dispatch`` holds the timings);
+               while torch.compile traces, a signature not yet measured follows "model";
+      "model"  the fixed density limits of DENSITY_LIMIT (deterministic);
+      "sparse" / "dense" force a path.
     ``backend`` says which path the last forward ran."""
 
     _STRUCTURE = ("rowptr", "colidx", "t_rowptr", "t_colidx", "t_perm")
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor], policy: str):
         super().__init__()
-        if policy not in ("auto", "sparse", "dense"):
-            raise ValueError(f"policy must be 'auto', 'sparse' or 'dense', got {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
         self.policy = policy
         self.backend = ""
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
@@ -57,6 +79,7 @@ class _SparseLayer(nn.Module):
         self._dense_cache = None
         self._packed = None
         self.density = sw.density  # the structure only changes in _load
+        self.dispatch = {}  # input signature -> (sparse wins, sparse s, dense s): see the class doc
 
     @property
     def sparse_weight(self) -> SparseWeight:
@@ -88,10 +111,28 @@ class _SparseLayer(nn.Module):
             self._dense_cache = (key, self.to_dense().detach())
         return self._dense_cache[1]
 
-    def _use_sparse(self, kind: str, rows: int) -> bool:
-        if self.policy != "auto":
-            return self.policy == "sparse"
-        return sparse_pays(kind, self.density, rows)
+    def _run(self, x: Tensor, kind: str, rows: int, validate: Callable[[], object],
+             run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor]) -> Tensor:
+        key = (tuple(x.shape), x.dtype, x.device, self.policy)
+        decided = self.dispatch.get(key)
+        if decided is None:
+            if torch.compiler.is_compiling():  # nothing is timed or stored while tracing
+                decided = (sparse_pays(kind, self.density, rows), None, None)
+            else:
+                if self.policy != "dense":
+                    validate()  # the sparse op's argument checks, once per signature
+                if self.policy == "auto" and x.device.type == "cpu":
+                    ts, td = measure_pair(run_sparse, run_dense)
+                    decided = (ts < td, ts, td)
+                else:
+                    decided = (sparse_pays(kind, self.density, rows), None, None)
+                self.dispatch[key] = decided
+        sparse = decided[0] if self.policy in ("auto", "model") else self.policy == "sparse"
+        self.backend = SPARSE if sparse else DENSE
+        return run_sparse() if sparse else run_dense()
+
+    def _dense_activation(self, y: Tensor) -> Tensor:
+        return F.relu(y) if self.activation == "relu" else y
 
 
 class SparseLinear(_SparseLayer):
@@ -115,15 +156,14 @@ class SparseLinear(_SparseLayer):
         return cls(sw, linear.bias, activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
-        from hotops.sparse import sparse_linear
+        from hotops.sparse import _linear, sparse_linear
 
+        sw, relu = self.sparse_weight, self.activation == "relu"
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
-        if self._use_sparse("linear", rows):
-            self.backend = SPARSE
-            return sparse_linear(x, self.sparse_weight, self.bias, self.activation)
-        self.backend = DENSE
-        y = F.linear(x, self._dense_weight(), self.bias)
-        return F.relu(y) if self.activation == "relu" else y
+        return self._run(
+            x, "linear", rows, validate=lambda: sparse_linear(x, sw, self.bias, self.activation),
+            run_sparse=lambda: _linear(x, sw, self.bias, relu),
+            run_dense=lambda: self._dense_activation(F.linear(x, self._dense_weight(), self.bias)))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -139,7 +179,10 @@ class SparseConv2d(_SparseLayer):
         if len(sw.shape) != 4:
             raise ValueError(f"SparseConv2d needs an (out, in/groups, kh, kw) weight, got shape {sw.shape}")
         super().__init__(sw, bias, policy)
+        from hotops.sparse import _pair
+
         self.stride, self.padding, self.dilation = stride, padding, dilation
+        self._pairs = [_pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)]
         self.in_channels, self.out_channels = sw.shape[1] * sw.groups, sw.shape[0]
         self.activation = activation
         self.kind = ("depthwise" if sw.shape[1] == 1 and sw.groups > 1 else
@@ -157,15 +200,15 @@ class SparseConv2d(_SparseLayer):
         return cls(sw, conv.bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
-        from hotops.sparse import sparse_conv2d
+        from hotops.sparse import _conv2d, sparse_conv2d
 
-        if self._use_sparse(self.kind, 0):
-            self.backend = SPARSE
-            return sparse_conv2d(x, self.sparse_weight, self.bias, self.stride, self.padding, self.dilation,
-                                 activation=self.activation)
-        self.backend = DENSE
-        y = F.conv2d(x, self._dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return F.relu(y) if self.activation == "relu" else y
+        sw, relu = self.sparse_weight, self.activation == "relu"
+        geo = self._pairs
+        return self._run(
+            x, self.kind, 0, validate=lambda: sparse_conv2d(x, sw, self.bias, *geo, activation=self.activation),
+            run_sparse=lambda: _conv2d(x, sw, self.bias, *geo, relu),
+            run_dense=lambda: self._dense_activation(F.conv2d(x, self._dense_weight(), self.bias, self.stride,
+                                                              self.padding, self.dilation, self.groups)))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.shape[2:])}, "
