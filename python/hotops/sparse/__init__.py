@@ -14,6 +14,9 @@ from hotops.sparse.format import SparseWeight
 __all__ = ["SparseWeight", "sparse_linear", "sparse_conv2d", "SparseLinear", "SparseConv2d", "sparsify"]
 
 _ACTIVATIONS = (None, "relu")
+# activations (and bias) may be bfloat16 / float16: the kernels read them widened to float32,
+# accumulate in float32 against the float32 values and round the output once to x's dtype
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IntPair = Union[int, Sequence[int]]
 
 
@@ -26,9 +29,9 @@ def _check_activation(activation):
 def _check_common(x: Tensor, sw, bias: Optional[Tensor], ndim: int) -> None:
     if not isinstance(sw, SparseWeight):
         raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
-    _backend.check_tensor(x, "x", ndim=ndim, dtypes=(torch.float32,))
+    _backend.check_tensor(x, "x", ndim=ndim, dtypes=ACTIVATION_DTYPES)
     if bias is not None:
-        _backend.check_tensor(bias, "bias", ndim=1, dtypes=(torch.float32,))
+        _backend.check_tensor(bias, "bias", ndim=1, dtypes=ACTIVATION_DTYPES)
         if bias.shape[0] != sw.out_features:
             raise ValueError(f"bias has {bias.shape[0]} entries, expected {sw.out_features} (one per output channel)")
     _backend.check_same_device(x=x, values=sw.values, bias=bias)
@@ -43,7 +46,8 @@ def _pair(v: IntPair, name: str, minimum: int) -> list:
 
 def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
                   activation: Optional[str] = None) -> Tensor:
-    """``act(F.linear(x, W, bias))`` with W the packed sparse (O, I) weight; x is (..., I) float32.
+    """``act(F.linear(x, W, bias))`` with W the packed sparse (O, I) weight; x is (..., I) float32,
+    bfloat16 or float16 (the output has x's dtype).
     Differentiable w.r.t. x, ``sw.values`` and bias."""
     _check_common(x, sw, bias, ndim=None)
     relu = _check_activation(activation)
@@ -73,7 +77,7 @@ def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, st
                   padding: IntPair = 0, dilation: IntPair = 1, groups: Optional[int] = None,
                   activation: Optional[str] = None) -> Tensor:
     """``act(F.conv2d(x, W, bias, stride, padding, dilation, groups))`` with W the packed sparse
-    (O, C/groups, kh, kw) weight; x is (N, C, H, W) float32. ``groups`` defaults to the one W was
+    (O, C/groups, kh, kw) weight; x is (N, C, H, W) float32, bfloat16 or float16. ``groups`` defaults to the one W was
     packed with. Differentiable w.r.t. x, ``sw.values`` and bias."""
     _check_common(x, sw, bias, ndim=4)
     relu = _check_activation(activation)

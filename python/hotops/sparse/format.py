@@ -90,8 +90,10 @@ class SparseWeight:
             raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
         if w.dim() not in (2, 4):
             raise ValueError(f"w must be a linear (O, I) or conv (O, C/groups, kh, kw) weight, got shape {tuple(w.shape)}")
-        if w.dtype != torch.float32:
-            raise TypeError(f"w has dtype {str(w.dtype).replace('torch.', '')}; the sparse kernels take float32")
+        if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"w has dtype {str(w.dtype).replace('torch.', '')}; expected float32, bfloat16 or "
+                            "float16 (the values are kept in float32)")
+        w = w.float()
         if w.numel() == 0:
             raise ValueError(f"w is empty (shape {tuple(w.shape)})")
         if not isinstance(groups, int) or groups < 1 or w.shape[0] % groups:

@@ -102,13 +102,13 @@ class _SparseLayer(nn.Module):
         """Repack under a new mask, keeping the current values where both masks agree."""
         self._load(SparseWeight.from_dense(self.to_dense().detach(), mask=mask, groups=self.groups))
 
-    def _dense_weight(self) -> Tensor:
+    def _dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         if torch.is_grad_enabled() and self.values.requires_grad:
-            return self.to_dense()
+            return self.to_dense().to(dtype)
         # inference tensors keep no version counter; they change only by replacement
-        key = (None if self.values.is_inference() else self.values._version, self.values.data_ptr())
+        key = (None if self.values.is_inference() else self.values._version, self.values.data_ptr(), dtype)
         if self._dense_cache is None or self._dense_cache[0] != key:
-            self._dense_cache = (key, self.to_dense().detach())
+            self._dense_cache = (key, self.to_dense().detach().to(dtype))
         return self._dense_cache[1]
 
     def _run(self, x: Tensor, kind: str, rows: int, validate: Callable[[], object],
@@ -130,6 +130,11 @@ class _SparseLayer(nn.Module):
         sparse = decided[0] if self.policy in ("auto", "model") else self.policy == "sparse"
         self.backend = SPARSE if sparse else DENSE
         return run_sparse() if sparse else run_dense()
+
+    def _dense_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+        """(weight, bias) for torch's dense op on activations of ``dtype``."""
+        b = self.bias
+        return self._dense_weight(dtype), (b.to(dtype) if b is not None else None)
 
     def _dense_activation(self, y: Tensor) -> Tensor:
         return F.relu(y) if self.activation == "relu" else y
@@ -163,7 +168,7 @@ class SparseLinear(_SparseLayer):
         return self._run(
             x, "linear", rows, validate=lambda: sparse_linear(x, sw, self.bias, self.activation),
             run_sparse=lambda: _linear(x, sw, self.bias, relu),
-            run_dense=lambda: self._dense_activation(F.linear(x, self._dense_weight(), self.bias)))
+            run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -207,7 +212,7 @@ class SparseConv2d(_SparseLayer):
         return self._run(
             x, self.kind, 0, validate=lambda: sparse_conv2d(x, sw, self.bias, *geo, activation=self.activation),
             run_sparse=lambda: _conv2d(x, sw, self.bias, *geo, relu),
-            run_dense=lambda: self._dense_activation(F.conv2d(x, self._dense_weight(), self.bias, self.stride,
+            run_dense=lambda: self._dense_activation(F.conv2d(x, *self._dense_params(x.dtype), self.stride,
                                                               self.padding, self.dilation, self.groups)))
 
     def extra_repr(self) -> str:

@@ -46,8 +46,19 @@ def linear_geometry(B: int, I: int, O: int) -> List[int]:
 def _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y3, relu):
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x3.device).run()
     ext.sparse_conv_fwd(geom, rowptr, colidx, values.detach(), t_rowptr, x3,
-                        bias.detach().contiguous() if bias is not None else None, y3, relu,
+                        _f32(bias.detach()).contiguous() if bias is not None else None, y3, relu,
                         _backend.num_threads())
+
+
+def _f32(t: Tensor) -> Tensor:
+    """The kernels run in float32: bfloat16 / float16 activations are widened on the way in
+    (in the copy the layout needs anyway) and the result rounded once on the way out."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _transposed_f32(x: Tensor) -> Tensor:
+    """x^T (I, B) as a contiguous float32 tensor: one pass that also widens bf16 / f16."""
+    return torch.empty(x.shape[1], x.shape[0], dtype=torch.float32).copy_(x.detach().t())
 
 
 def _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gy3, gx3):
@@ -68,32 +79,33 @@ def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
 
 def _cpu_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
     B, O = x.shape[0], out_features(rowptr, in_features)
-    y = x.new_empty(B, O)
-    xt = _backend.cpu_view(x).t().contiguous().unsqueeze(0)  # (1, I, B): each feature a batch row
+    y = x.new_empty(B, O, dtype=torch.float32)
+    xt = _transposed_f32(x).unsqueeze(0)  # (1, I, B): each feature a batch row
     _forward(linear_geometry(B, in_features, O), values, rowptr, colidx, t_rowptr, xt, bias,
              y.t().unsqueeze(0), relu)
-    return y
+    return y.to(x.dtype)
 
 
 def _cpu_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
                       need_x, need_values):
     B, O = gy.shape
     geom = linear_geometry(B, in_features, O)
-    gyt = gy.detach().t().contiguous().unsqueeze(0)  # (1, O, B)
+    gyt = _transposed_f32(gy).unsqueeze(0)  # (1, O, B)
     gx = gv = None
     if need_x:
-        gx = x.new_empty(B, in_features)
+        gx = x.new_empty(B, in_features, dtype=torch.float32)
         _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gyt, gx.t().unsqueeze(0))
+        gx = gx.to(x.dtype)
     if need_values:
-        xt = _backend.cpu_view(x).t().contiguous().unsqueeze(0)
-        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, xt, gyt)
+        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, _transposed_f32(x).unsqueeze(0), gyt)
     return gx, gv
 
 
 def _triton_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
     from hotops.sparse.triton import bsr_linear
 
-    return bsr_linear(x, rowptr, colidx, values, (out_features(rowptr, in_features), in_features), bias, relu)
+    y = bsr_linear(x, rowptr, colidx, values, (out_features(rowptr, in_features), in_features), bias, relu)
+    return y.to(x.dtype)
 
 
 def _triton_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
@@ -103,10 +115,10 @@ def _triton_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_pe
     O = out_features(rowptr, in_features)
     gx = gv = None
     if need_x:  # the same block-sparse product with W^T
-        gx = bsr_linear(gy, t_rowptr, t_colidx, values.detach()[t_perm], (in_features, O))
+        gx = bsr_linear(gy, t_rowptr, t_colidx, values.detach()[t_perm], (in_features, O)).to(x.dtype)
     if need_values:  # gy^T x on the tensor cores, read at the non-zeros
         rows = csr_rows(rowptr.to(gy.device), O)
-        gv = (gy.detach().t() @ x.detach())[rows, colidx.to(gy.device).long()]
+        gv = (gy.detach().t().float() @ x.detach().float())[rows, colidx.to(gy.device).long()]
     return gx, gv
 
 
@@ -166,12 +178,12 @@ def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_
     N, C, H, W = x.shape
     Ho, Wo = (out_size(H, weight_shape[2], stride[0], padding[0], dilation[0]),
               out_size(W, weight_shape[3], stride[1], padding[1], dilation[1]))
-    y = x.new_empty(N, weight_shape[0], Ho, Wo)
+    y = x.new_empty(N, weight_shape[0], Ho, Wo, dtype=torch.float32)
     if y.numel() == 0:
-        return y
-    x3 = _backend.cpu_view(x).contiguous().view(N, C, H * W)
+        return y.to(x.dtype)
+    x3 = _f32(_backend.cpu_view(x)).contiguous().view(N, C, H * W)
     _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.view(N, weight_shape[0], Ho * Wo), relu)
-    return y
+    return y.to(x.dtype)
 
 
 sparse_conv2d_op = torch.library.custom_op("hotops::sparse_conv2d", conv2d_forward, mutates_args=())
@@ -198,13 +210,14 @@ def sparse_conv2d_backward(gy: Tensor, x: Tensor, values: Tensor, rowptr: Tensor
     gx, gv = x.new_empty(0), values.new_empty(0)
     if gy.numel() == 0:
         return (x.new_zeros(x.shape) if need_x else gx), (values.new_zeros(values.shape) if need_values else gv)
-    gy3 = gy.detach().contiguous().view(N, O, P)
+    gy3 = _f32(gy.detach()).contiguous().view(N, O, P)
     if need_x:
         direct = weight_shape[2:] == [1, 1] and stride == [1, 1] and padding == [0, 0]
-        gx = x.new_empty(x.shape) if direct else x.new_zeros(x.shape)
+        gx = x.new_empty(x.shape, dtype=torch.float32) if direct else x.new_zeros(x.shape, dtype=torch.float32)
         _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gy3, gx.view(N, C, H * W))
+        gx = gx.to(x.dtype)
     if need_values:
-        x3 = _backend.cpu_view(x).contiguous().view(N, C, H * W)
+        x3 = _f32(_backend.cpu_view(x)).contiguous().view(N, C, H * W)
         gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3)
     return gx, gv
 
@@ -222,6 +235,7 @@ def _setup(ctx, inputs, output, relu: bool):
     x, values = inputs[0], inputs[1]
     ctx.extra = inputs[8:-1]  # in_features, or (weight_shape, stride, padding, dilation, groups)
     ctx.has_bias = inputs[7] is not None
+    ctx.bias_dtype = inputs[7].dtype if ctx.has_bias else None
     ctx.relu = relu
     ctx.save_for_backward(x, values, *inputs[2:7], output if relu else None)
 
@@ -235,7 +249,7 @@ def _grads(ctx, gy, backward_op, bias_dims):
     if need_x or need_values:
         gx, gv = backward_op(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, *ctx.extra,
                              need_x, need_values)
-    gb = gy.sum(bias_dims) if ctx.has_bias and ctx.needs_input_grad[7] else None
+    gb = gy.float().sum(bias_dims).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[7] else None
     return (gx if need_x else None, gv if need_values else None, None, None, None, None, None, gb)
 
 
