@@ -48,6 +48,21 @@ void bind_sparse(py::module_& m) {
       py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("relu"), py::arg("threads"),
       "y = act(sparse W * im2col(x) + bias); see csrc/sparse/cpu.h.");
   m.def(
+      "sparse_widen",
+      [](py::object src, py::object dst, bool transpose, int threads) {
+        ViewArgs view;
+        SparseWiden a;
+        a.src = view(src, "src");
+        a.dst = view(dst, "dst");
+        a.transpose = transpose;
+        a.threads = threads;
+        check(a);
+        py::gil_scoped_release nogil;
+        HOTOPS_DISPATCH(sparse_widen)(a);
+      },
+      py::arg("src"), py::arg("dst"), py::arg("transpose"), py::arg("threads"),
+      "dst = src or src^T widened to float32 (the sparse kernels' input layout).");
+  m.def(
       "sparse_conv_bwd_input",
       [](const std::vector<int64_t>& geom, py::object t_rowptr, py::object t_colidx, py::object t_values,
          py::object gy, py::object gx, int threads) {

@@ -60,12 +60,27 @@ void check(SparseConvFwd& a) {
   check_csr(a.w, a.g.O, "weight");
   check_used(a.used_rowptr, a.g);
   check_pixels(a.x, "x", a.g.N, a.g.C, a.g.H * a.g.W, true);
-  check_pixels(a.y, "y", a.g.N, a.g.O, a.g.P(), false);
+  check_view(a.y, "y", 3, {DType::f32, DType::bf16, DType::f16});
+  HOTOPS_CHECK(a.y.size(0) == a.g.N && a.y.size(1) == a.g.O && a.y.size(2) == a.g.P(), "y has shape (", a.y.size(0),
+               ", ", a.y.size(1), ", ", a.y.size(2), "), expected (", a.g.N, ", ", a.g.O, ", ", a.g.P(), ")");
+  check_writable(a.y, "y");
   if (a.bias.present) {
     check_view(a.bias, "bias", 1, {DType::f32});
     check_contiguous(a.bias, "bias");
     HOTOPS_CHECK(a.bias.size(0) == a.g.O, "bias has ", a.bias.size(0), " entries, expected ", a.g.O);
   }
+}
+
+void check(SparseWiden& a) {
+  check_view(a.src, "src", 2, {DType::f32, DType::bf16, DType::f16});
+  check_rows_contiguous(a.src, "src");
+  check_view(a.dst, "dst", 2, {DType::f32});
+  check_contiguous(a.dst, "dst");
+  check_writable(a.dst, "dst");
+  const int64_t R = a.src.size(0), C = a.src.size(1);
+  const bool ok = a.transpose ? a.dst.size(0) == C && a.dst.size(1) == R : a.dst.size(0) == R && a.dst.size(1) == C;
+  HOTOPS_CHECK(ok, "dst has shape (", a.dst.size(0), ", ", a.dst.size(1), "), expected src's (", R, ", ", C, ")",
+               a.transpose ? " transposed" : "");
 }
 
 void check(SparseConvBwdInput& a) {

@@ -54,15 +54,25 @@ struct CsrPtrs {
   }
 };
 
-struct Out {  // element (row, pixel) at base + row * rs + pixel * ps
-  float* base;
+struct Out {  // element (row, pixel) at base + row * rs + pixel * ps, of type t (f32, bf16, f16)
+  void* base;
   int64_t rs, ps;
+  DType t = DType::f32;
+
+  static Out at(const View& v, int64_t n, int64_t r, int64_t p) {  // v (N, rows, pixels) from (n, r, p)
+    const int64_t offset = n * v.stride(0) + r * v.stride(1) + p * v.stride(2);
+    return Out{static_cast<char*>(v.data) + offset * dtype_size(v.dtype), v.stride(1), v.stride(2), v.dtype};
+  }
+  void set(int64_t r, int64_t p, float x) const {
+    const int64_t i = r * rs + p * ps;
+    if (t == DType::f32) static_cast<float*>(base)[i] = x;
+    else static_cast<uint16_t*>(base)[i] = t == DType::f16 ? f32_to_f16(x) : f32_to_bf16(x);
+  }
   void put(int64_t r, int64_t p, VecF v, int64_t n = W) const {
-    float* d = base + r * rs + p * ps;
-    if (ps == 1) return store_row(d, DType::f32, 0, v, n);
+    if (ps == 1) return store_row(static_cast<char*>(base) + (r * rs + p) * (t == DType::f32 ? 4 : 2), t, 0, v, n);
     float buf[W];
     v.store(buf);
-    for (int64_t i = 0; i < n; ++i) d[i * ps] = buf[i];
+    for (int64_t i = 0; i < n; ++i) set(r, p + i, buf[i]);
   }
 };
 
@@ -194,8 +204,7 @@ void rows_tile(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
     }
     if (out.ps == 1) continue;
     for (int64_t i = 0; i < width; ++i) {
-      float* d = out.base + (rb - r0) * out.rs + (p + i) * out.ps;
-      for (int64_t r = 0; r < re - rb; ++r) d[r * out.rs] = stage[r][i];
+      for (int64_t r = 0; r < re - rb; ++r) out.set(rb - r0 + r, p + i, stage[r][i]);
     }
   }
 }
@@ -335,7 +344,6 @@ void sparse_conv_fwd(const SparseConvFwd& a) {
   const CsrPtrs w(a.w, g.O, g.K());
   const Plan plan(g, g.Og(), g.direct(), a.threads);
   const float* x = a.x.ptr<float>();
-  float* y = a.y.ptr<float>();
   const float* bias = a.bias.present ? a.bias.ptr<float>() : nullptr;
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
   share_items(plan.items, a.threads, [&](auto claim) {
@@ -355,7 +363,7 @@ void sparse_conv_fwd(const SparseConvFwd& a) {
       }
       const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
       if (r0 >= r1) continue;
-      Out out{y + n * a.y.stride(0) + r0 * a.y.stride(1) + p0 * a.y.stride(2), a.y.stride(1), a.y.stride(2)};
+      const Out out = Out::at(a.y, n, r0, p0);
       spmm_rows(w, r0, r1, src, ld, len, out, bias, a.relu, park.p);
     }
   });
@@ -377,7 +385,7 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
         const int64_t r0 = grp * g.K() + b * plan.rbs, r1 = std::min((grp + 1) * g.K(), r0 + plan.rbs);
         if (r0 >= r1) continue;
         const float* src = gy + n * a.gy.stride(0) + grp * g.Og() * a.gy.stride(1) + p0;
-        Out out{gx + n * a.gx.stride(0) + r0 * a.gx.stride(1) + p0 * a.gx.stride(2), a.gx.stride(1), a.gx.stride(2)};
+        const Out out = Out::at(a.gx, n, r0, p0);
         spmm_rows(wt, r0, r1, src, a.gy.stride(1), len, out, nullptr, false, park.p);
       }
     });
@@ -449,6 +457,34 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
           for (int64_t q = 0; q < w.panels; ++q)
             for (int64_t k = w.begin(r, q); k < w.end(r, q); ++k) part[k] += dot(gr, src + w.col[k] * ld, len);
         }
+      }
+    }
+  });
+}
+
+void sparse_widen(const SparseWiden& a) {
+  const View &src = a.src, &dst = a.dst;
+  const int64_t R = src.size(0), C = src.size(1);
+  float* d = dst.ptr<float>();
+  auto row = [&](int64_t r) { return static_cast<const char*>(src.data) + r * src.stride(0) * dtype_size(src.dtype); };
+  if (!a.transpose) {
+    parallel_for(R, 16, a.threads, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < C; j += W) {
+          const int64_t n = std::min<int64_t>(W, C - j);
+          store_row(d + r * C, DType::f32, j, load_row(row(r), src.dtype, j, n), n);
+        }
+    });
+    return;
+  }
+  // dst (C, R): W columns of src at a time, their lanes scattered down W rows of dst (a few KB)
+  parallel_for((C + W - 1) / W, 8, a.threads, [&](int64_t b0, int64_t b1) {
+    float buf[W];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j = b * W, n = std::min<int64_t>(W, C - j);
+      for (int64_t r = 0; r < R; ++r) {
+        load_row(row(r), src.dtype, j, n).store(buf);
+        for (int64_t i = 0; i < n; ++i) d[(j + i) * R + r] = buf[i];
       }
     }
   });

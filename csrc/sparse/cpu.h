@@ -42,7 +42,7 @@ struct SparseConvFwd {
   View used_rowptr;  // (G*K+1,) int64: rowptr of w^T; im2col rows with no non-zero are skipped
   View x;            // (N, C, H*W) float32, pixels contiguous
   View bias;         // (O,) float32 or absent
-  View y;            // (N, O, Ho*Wo) float32, any strides
+  View y;            // (N, O, Ho*Wo) float32, bfloat16 or float16, any strides
   bool relu = false;
   int threads = 1;
 };
@@ -68,14 +68,25 @@ struct SparseConvBwdValues {
   int threads = 1;
 };
 
+// dst = src (transpose false) or src^T, widened to float32: src (R, C) float32, bfloat16 or
+// float16 with contiguous rows; dst contiguous float32, (R, C) or (C, R). Done here rather than
+// by torch so no torch op runs right before a kernel: its OpenMP workers would spin on our cores.
+struct SparseWiden {
+  View src, dst;
+  bool transpose = false;
+  int threads = 1;
+};
+
 // Validation (derives g.Ho, g.Wo); throws hotops::Error.
 void check(SparseConvFwd& a);
 void check(SparseConvBwdInput& a);
 void check(SparseConvBwdValues& a);
+void check(SparseWiden& a);
 
 HOTOPS_FOR_EACH_ISA(
     void sparse_conv_fwd(const SparseConvFwd& a);
     void sparse_conv_bwd_input(const SparseConvBwdInput& a);
-    void sparse_conv_bwd_values(const SparseConvBwdValues& a);)
+    void sparse_conv_bwd_values(const SparseConvBwdValues& a);
+    void sparse_widen(const SparseWiden& a);)
 
 }  // namespace hotops

@@ -24,6 +24,7 @@ SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.99)
 LAYERS = {  # name: (kind, shape args)
     "linear 4096x4096 B=1": ("linear", dict(I=4096, O=4096, B=1)),
     "linear 4096x4096 B=64": ("linear", dict(I=4096, O=4096, B=64)),
+    "linear 4096x4096 B=64 bf16": ("linear", dict(I=4096, O=4096, B=64, dtype=torch.bfloat16)),
     "conv 3x3 64->64 56x56": ("conv", dict(C=64, O=64, k=3, H=56, groups=1)),
     "conv 1x1 256->64 56x56": ("conv", dict(C=256, O=64, k=1, H=56, groups=1)),
     "dwconv 3x3 32ch 112x112": ("conv", dict(C=32, O=32, k=3, H=112, groups=32)),
@@ -37,6 +38,7 @@ def _layer(name: str, sparsity: float, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     if kind == "linear":
         w, x = torch.randn(a["O"], a["I"], generator=g), torch.randn(a["B"], a["I"], generator=g)
+        x = x.to(a.get("dtype", torch.float32))
         return kind, a, SparseWeight.from_dense(w, sparsity=sparsity).to(device), x.to(device)
     w = torch.randn(a["O"], a["C"] // a["groups"], a["k"], a["k"], generator=g)
     x = torch.randn(1, a["C"], a["H"], a["H"], generator=g)
@@ -48,7 +50,7 @@ def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"
     from hotops.sparse import sparse_conv2d, sparse_linear
 
     kind, a, sw, x = _layer(name, sparsity, device=device)
-    wd = sw.to_dense()
+    wd = sw.to_dense().to(x.dtype)
     pad = a.get("k", 1) // 2
     if train:  # forward + backward w.r.t. input and the non-zero values (dense: masked weight)
         x.requires_grad_()
@@ -70,6 +72,8 @@ def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"
         else:
             csr = wd.to_sparse_csr()
             other = lambda: (csr @ x.t()).t()
+    if kind == "linear" and x.dtype == torch.bfloat16:
+        return hot, other, 2.0 * sw.nnz * _pixels(kind, a), "flops_bf16"
     else:
         hot = lambda: sparse_conv2d(x, sw, padding=pad)
         if peer == "torch dense":
@@ -94,8 +98,30 @@ def _pixels(kind, a):
 def _check(hot, other) -> str:
     a, b = hot(), other()
     a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
-    err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
-    return "ok" if err <= 1e-4 else f"rel err {err:.2g}"
+    err = (a.double() - b.double()).abs().max().item() / max(b.abs().max().item(), 1e-12)
+    return "ok" if err <= (1e-4 if a.dtype == torch.float32 else 2e-2) else f"rel err {err:.2g}"
+
+
+def _module_choice(name: str, sparsity: float) -> str:
+    """What SparseLinear / SparseConv2d (policy "auto": measured) run for this layer and input."""
+    from hotops.sparse import SparseConv2d, SparseLinear
+
+    kind, a, sw, x = _layer(name, sparsity)
+    if kind == "linear":
+        layer = SparseLinear(sw)
+    else:
+        layer = SparseConv2d(sw, padding=a["k"] // 2)
+    with torch.inference_mode():
+        layer(x)
+    ((_, ts, td),) = layer.dispatch.values()
+    return f"module runs {layer.backend.split()[0]} (measured {td / ts:.2f}x)"
+
+
+def _dispatch_summary(model: nn.Module) -> str:
+    from hotops.sparse import SparseConv2d, SparseLinear
+
+    ran = [m.backend for m in model.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    return f"{sum(b.startswith('sparse') for b in ran)} layers sparse, {sum(b.startswith('dense') for b in ran)} dense"
 
 
 # ------------------------------------------------------------------ end to end
@@ -228,7 +254,7 @@ def _e2e_fns(name: str, batch: int, sparsity: float):
     if name == "mobilenetv2-cifar":
         sparse, dense = _twins_mobilenet(sparsity)
         x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        return (lambda: sparse(x)), (lambda: dense(x)), ""
+        return (lambda: sparse(x)), (lambda: dense(x)), "", sparse
     tok, sparse, dense = _twins_minilm(sparsity)
     texts = wordnet_glosses(batch)
     note = "WordNet glosses"
@@ -241,7 +267,7 @@ def _e2e_fns(name: str, batch: int, sparsity: float):
         m = enc["attention_mask"].unsqueeze(-1).float()
         return F.normalize((out * m).sum(1) / m.sum(1), dim=-1)
 
-    return (lambda: embed(sparse)), (lambda: embed(dense)), note
+    return (lambda: embed(sparse)), (lambda: embed(dense)), note, sparse
 
 
 # ------------------------------------------------------------------ cases
@@ -252,12 +278,13 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
                 for s in (0.9, 0.99) for p in ("torch dense", "torch.sparse CSR")]
     if quick:
         out = [dict(layer=n, sparsity=0.9, peer=p) for n in LAYERS
-               for p in ("torch dense", "torch.sparse CSR") if not (n.startswith("dw") and p != "torch dense")]
-        out += [dict(layer="linear 4096x4096 B=64", sparsity=0.9, peer="torch dense", train=True),
-                dict(e2e="mobilenetv2-cifar", batch=32, sparsity=0.9)]
+               for p in ("torch dense", "torch.sparse CSR") if p == "torch dense" or not (n.startswith("dw") or "bf16" in n)]
+        out += [dict(layer="linear 4096x4096 B=64", sparsity=0.9, peer="torch dense", train=True)]
+        out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9) for b in (1, 32)]
+        out += [dict(e2e="all-MiniLM-L6-v2", batch=32, sparsity=0.9)]
         return out
     out = [dict(layer=n, sparsity=s, peer=p) for n in LAYERS for s in SPARSITIES
-           for p in ("torch dense", "torch.sparse CSR")]
+           for p in ("torch dense", "torch.sparse CSR") if p == "torch dense" or "bf16" not in n]
     out += [dict(layer=n, sparsity=0.9, peer="torch dense", train=True)
             for n in ("linear 4096x4096 B=64", "conv 3x3 64->64 56x56")]
     out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9) for b in (1, 32)]
@@ -270,13 +297,16 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     if "e2e" in params:
         name, batch = params["e2e"], params["batch"]
         try:
-            hot, other, note = _e2e_fns(name, batch, sparsity)
+            hot, other, note, model = _e2e_fns(name, batch, sparsity)
         except ImportError as exc:
             return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", "dense twin", 0.0, None,
                           check="skipped", note=f"needs {exc.name}")
         with torch.inference_mode():
-            check = _check(hot, other)
+            check = _check(hot, other)  # the first call also measures each layer's dispatch
             th, tp = time_pair(hot, other, repeats=5, warmup=1, min_time=0.0 if quick else 1.0)
+        note = ", ".join(n for n in (note, _dispatch_summary(model)) if n)
+        if name != "mobilenetv2-cifar":
+            note += f", {batch / th:.0f} vs {batch / tp:.0f} sentences/s"
         return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", "dense twin", th, tp, check, note=note)
     name, peer, train = params["layer"], params["peer"], params.get("train", False)
     hot, other, amount, work = _fns(name, sparsity, peer, train, device)
@@ -285,8 +315,9 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         check = _check(hot, other)
         th, tp = time_pair(hot, other, repeats=5, warmup=1, min_time=0.0 if quick else 0.5, device=device)
     what = "fwd+bwd " if train else ""
+    note = _module_choice(name, sparsity) if peer == "torch dense" and not train and device == "cpu" else ""
     return Result("sparse", f"{what}{name} @{sparsity:.0%}", peer, th, tp, check, work=work, amount=amount,
-                  extra={"sparsity": sparsity})
+                  note=note, extra={"sparsity": sparsity})
 
 
 def crossover(results) -> dict:
@@ -363,7 +394,8 @@ def cpu_time_table(sparsities=SPARSITIES, repeats: int = 7) -> None:
             for s in sparsities:
                 hot, dense, _, _ = _fns(layer, s, "torch dense", False)
                 _, csr, _, _ = _fns(layer, s, "torch.sparse CSR", False)
-                th, td, tc = cpu(hot), cpu(dense), cpu(csr)
+                th, td = cpu(hot), cpu(dense)
+                tc = float("nan") if "bf16" in layer else cpu(csr)  # no bfloat16 CSR product in torch
                 wins.append((s, td / th))
                 print(f"  {layer:26s} @{s:4.0%}  hotops {th * 1e3:7.2f}  dense {td * 1e3:7.2f}  CSR {tc * 1e3:7.2f}"
                       f"  | {td / th:6.2f}x dense  {tc / th:6.2f}x CSR", flush=True)

@@ -46,19 +46,22 @@ def linear_geometry(B: int, I: int, O: int) -> List[int]:
 def _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y3, relu):
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x3.device).run()
     ext.sparse_conv_fwd(geom, rowptr, colidx, values.detach(), t_rowptr, x3,
-                        _f32(bias.detach()).contiguous() if bias is not None else None, y3, relu,
+                        bias.detach().float().contiguous() if bias is not None else None, y3, relu,
                         _backend.num_threads())
 
 
-def _f32(t: Tensor) -> Tensor:
-    """The kernels run in float32: bfloat16 / float16 activations are widened on the way in
-    (in the copy the layout needs anyway) and the result rounded once on the way out."""
-    return t if t.dtype == torch.float32 else t.float()
-
-
-def _transposed_f32(x: Tensor) -> Tensor:
-    """x^T (I, B) as a contiguous float32 tensor: one pass that also widens bf16 / f16."""
-    return torch.empty(x.shape[1], x.shape[0], dtype=torch.float32).copy_(x.detach().t())
+def _widened(x: Tensor, transpose: bool = False) -> Tensor:
+    """x (R, C), or x^T, as a contiguous float32 tensor. The kernels run in float32: bfloat16 /
+    float16 activations are widened on the way in and the output rounded once on the way out.
+    The copy runs on hotops' threads, not as a torch op: torch's OpenMP workers spin for
+    milliseconds after every op and would take a core from the kernel that follows."""
+    x = _backend.cpu_view(x)
+    if not transpose and x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    out = torch.empty(x.shape[::-1] if transpose else x.shape, dtype=torch.float32)
+    ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x.device).run()
+    ext.sparse_widen(x, out, transpose, _backend.num_threads())
+    return out
 
 
 def _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gy3, gx3):
@@ -79,25 +82,25 @@ def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
 
 def _cpu_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
     B, O = x.shape[0], out_features(rowptr, in_features)
-    y = x.new_empty(B, O, dtype=torch.float32)
-    xt = _transposed_f32(x).unsqueeze(0)  # (1, I, B): each feature a batch row
+    y = x.new_empty(B, O)
+    xt = _widened(x, transpose=True).unsqueeze(0)  # (1, I, B): each feature a batch row
     _forward(linear_geometry(B, in_features, O), values, rowptr, colidx, t_rowptr, xt, bias,
              y.t().unsqueeze(0), relu)
-    return y.to(x.dtype)
+    return y
 
 
 def _cpu_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
                       need_x, need_values):
     B, O = gy.shape
     geom = linear_geometry(B, in_features, O)
-    gyt = _transposed_f32(gy).unsqueeze(0)  # (1, O, B)
+    gyt = _widened(gy, transpose=True).unsqueeze(0)  # (1, O, B)
     gx = gv = None
     if need_x:
         gx = x.new_empty(B, in_features, dtype=torch.float32)
         _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gyt, gx.t().unsqueeze(0))
         gx = gx.to(x.dtype)
     if need_values:
-        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, _transposed_f32(x).unsqueeze(0), gyt)
+        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, _widened(x, transpose=True).unsqueeze(0), gyt)
     return gx, gv
 
 
@@ -178,12 +181,12 @@ def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_
     N, C, H, W = x.shape
     Ho, Wo = (out_size(H, weight_shape[2], stride[0], padding[0], dilation[0]),
               out_size(W, weight_shape[3], stride[1], padding[1], dilation[1]))
-    y = x.new_empty(N, weight_shape[0], Ho, Wo, dtype=torch.float32)
+    y = x.new_empty(N, weight_shape[0], Ho, Wo)
     if y.numel() == 0:
-        return y.to(x.dtype)
-    x3 = _f32(_backend.cpu_view(x)).contiguous().view(N, C, H * W)
+        return y
+    x3 = _widened(x.contiguous().view(N * C, H * W)).view(N, C, H * W)
     _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.view(N, weight_shape[0], Ho * Wo), relu)
-    return y.to(x.dtype)
+    return y
 
 
 sparse_conv2d_op = torch.library.custom_op("hotops::sparse_conv2d", conv2d_forward, mutates_args=())
@@ -210,14 +213,14 @@ def sparse_conv2d_backward(gy: Tensor, x: Tensor, values: Tensor, rowptr: Tensor
     gx, gv = x.new_empty(0), values.new_empty(0)
     if gy.numel() == 0:
         return (x.new_zeros(x.shape) if need_x else gx), (values.new_zeros(values.shape) if need_values else gv)
-    gy3 = _f32(gy.detach()).contiguous().view(N, O, P)
+    gy3 = _widened(gy.detach().contiguous().view(N * O, P)).view(N, O, P)
     if need_x:
         direct = weight_shape[2:] == [1, 1] and stride == [1, 1] and padding == [0, 0]
         gx = x.new_empty(x.shape, dtype=torch.float32) if direct else x.new_zeros(x.shape, dtype=torch.float32)
         _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gy3, gx.view(N, C, H * W))
         gx = gx.to(x.dtype)
     if need_values:
-        x3 = _f32(_backend.cpu_view(x)).contiguous().view(N, C, H * W)
+        x3 = _widened(x.contiguous().view(N * C, H * W)).view(N, C, H * W)
         gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3)
     return gx, gv
 
