@@ -113,7 +113,7 @@ class _SparseLayer(nn.Module):
 
     def _run(self, x: Tensor, kind: str, rows: int, validate: Callable[[], object],
              run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor]) -> Tensor:
-        key = (tuple(x.shape), x.dtype, x.device, self.policy)
+        key = (x.shape, x.dtype, x.device, self.policy)
         decided = self.dispatch.get(key)
         if decided is None:
             if torch.compiler.is_compiling():  # nothing is timed or stored while tracing
@@ -128,7 +128,9 @@ class _SparseLayer(nn.Module):
                     decided = (sparse_pays(kind, self.density, rows), None, None)
                 self.dispatch[key] = decided
         sparse = decided[0] if self.policy in ("auto", "model") else self.policy == "sparse"
-        self.backend = SPARSE if sparse else DENSE
+        backend = SPARSE if sparse else DENSE
+        if self.backend is not backend:  # nn.Module.__setattr__ costs microseconds per call
+            self.backend = backend
         return run_sparse() if sparse else run_dense()
 
     def _dense_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
