@@ -72,8 +72,6 @@ def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"
         else:
             csr = wd.to_sparse_csr()
             other = lambda: (csr @ x.t()).t()
-    if kind == "linear" and x.dtype == torch.bfloat16:
-        return hot, other, 2.0 * sw.nnz * _pixels(kind, a), "flops_bf16"
     else:
         hot = lambda: sparse_conv2d(x, sw, padding=pad)
         if peer == "torch dense":
@@ -88,7 +86,8 @@ def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"
             other = lambda: (csr @ F.unfold(x, a["k"], padding=pad)[0]).view(1, a["O"], H, H)
     if kind == "linear" and a["B"] == 1:
         return hot, other, sw.nnz * 8.0 + 4.0 * (a["I"] + a["O"]), "bytes"
-    return hot, other, 2.0 * sw.nnz * _pixels(kind, a), "flops"
+    work = "flops_bf16" if x.dtype == torch.bfloat16 else "flops"
+    return hot, other, 2.0 * sw.nnz * _pixels(kind, a), work
 
 
 def _pixels(kind, a):
