@@ -46,11 +46,11 @@ struct CsrPtrs {
   int64_t begin(int64_t r, int64_t q) const { return rowptr[q * rows + r]; }
   int64_t end(int64_t r, int64_t q) const { return rowptr[q * rows + r + 1]; }
 
-  void check_row(int64_t r) const {  // every column index the kernels read is checked once
+  void check_rows(int64_t r0, int64_t r1) const {  // every column index the kernels read, in storage order
     bool bad = false;
     for (int64_t q = 0; q < panels; ++q)
-      for (int64_t k = begin(r, q); k < end(r, q); ++k) bad |= static_cast<uint32_t>(col[k]) >= ncols;
-    HOTOPS_CHECK(!bad, "column index out of range [0, ", ncols, ") in row ", r, " of the sparse weight");
+      for (int64_t k = begin(r0, q); k < begin(r1, q); ++k) bad |= static_cast<uint32_t>(col[k]) >= ncols;
+    HOTOPS_CHECK(!bad, "column index out of range [0, ", ncols, ") in rows ", r0, "..", r1 - 1, " of the sparse weight");
   }
 };
 
@@ -119,6 +119,7 @@ inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
 // (the caller adds up a row's panels before one horizontal sum): a sparse dot product that gathers
 // its operands 16 (AVX-512) or 8 (AVX2) at a time, the last gather masked, where offsets fit int32.
 inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld) {
+  VecF gathered = VecF::set1(0.0f);
 #if defined(__AVX512F__) || defined(__AVX2__)
   if (ld * m.ncols <= INT32_MAX) {
 #if defined(__AVX512F__)
@@ -148,8 +149,10 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
       s1 = VecF::fma(VecF::load(m.val + k + W), gather(k + W), s1);
     }
     for (; k + W <= kend; k += W) s0 = VecF::fma(VecF::load(m.val + k), gather(k), s0);
-    if (k < kend) s1 = VecF::fma(load_first(m.val + k, kend - k), gather_first(k, kend - k), s1);
-    return s0 + s1;
+    // a masked gather costs as much as a full one: the last few non-zeros load one by one
+    if (kend - k >= W / 2) s1 = VecF::fma(load_first(m.val + k, kend - k), gather_first(k, kend - k), s1), k = kend;
+    gathered = s0 + s1;
+    if (k == kend) return gathered;
   }
 #endif
   float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains for latency
@@ -157,7 +160,7 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
     for (int u = 0; u < 4; ++u) s[u] += m.val[k + u] * src[m.col[k + u] * ld];
   for (; k < kend; ++k) s[0] += m.val[k] * src[m.col[k] * ld];
   const float total = (s[0] + s[1]) + (s[2] + s[3]);
-  return load_first(&total, 1);
+  return gathered + load_first(&total, 1);
 }
 
 // Rows [r0, r1) over NVR vectors of pixels from p, the last holding `last` (1..W) of them:
@@ -214,7 +217,7 @@ void rows_tile(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
 // batch-1 linear). `park` holds (r1 - r0) x 64 floats when the weight has several panels.
 void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t n, Out out,
                const float* bias, bool relu, float* park) {
-  for (int64_t r = r0; r < r1; ++r) m.check_row(r);
+  m.check_rows(r0, r1);
   int64_t p = 0;
   for (; p + CH <= n; p += CH) rows_tile<NV, false>(m, r0, r1, src, ld, p, W, out, bias, relu, park);
   const int64_t rem = n - p;
@@ -523,12 +526,12 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
           src = buf.p;
           ld = len;
         }
-        for (int64_t r = r0; r < r1; ++r) {
-          w.check_row(r);
-          const float* gr = gy + n * a.gy.stride(0) + r * a.gy.stride(1) + p0;
-          for (int64_t q = 0; q < w.panels; ++q)
+        w.check_rows(r0, r1);
+        for (int64_t q = 0; q < w.panels; ++q)  // in storage order
+          for (int64_t r = r0; r < r1; ++r) {
+            const float* gr = gy + n * a.gy.stride(0) + r * a.gy.stride(1) + p0;
             for (int64_t k = w.begin(r, q); k < w.end(r, q); ++k) part[k] += dot(gr, src + w.col[k] * ld, len);
-        }
+          }
       }
     }
   });
