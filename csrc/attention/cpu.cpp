@@ -207,7 +207,7 @@ void ssa_forward(const SsaArgs& a) {
   const Geometry g(a);
   const int64_t nqb = (g.Lq + TQ - 1) / TQ;
   const DType dt = a.q.dtype;
-  parallel_for(g.B * g.H * nqb, 1, a.threads, [&](int64_t t0, int64_t t1) {
+  parallel_for_dynamic(g.B * g.H * nqb, 1, a.threads, [&](int64_t t0, int64_t t1) {
     Scratch qs(TQ * g.Dp), o(TQ * g.Dp), kbuf(TK * g.Dp), kt(g.Dp * TK), vp(TK * g.Dp), sb(TQ * TK);
     float m[TQ], l[TQ];
     int64_t qp[TQ];
@@ -276,7 +276,7 @@ void ssa_forward(const SsaArgs& a) {
 void ssa_backward(const SsaArgs& a) {
   const Geometry g(a);
   const DType dt = a.q.dtype;
-  parallel_for(g.B * g.Hkv, 1, a.threads, [&](int64_t t0, int64_t t1) {
+  parallel_for_dynamic(g.B * g.Hkv, 1, a.threads, [&](int64_t t0, int64_t t1) {
     Scratch dk(g.Lk * g.Dp), dv(g.Lk * g.Dp);
     Scratch qs(TQ * g.Dp), dob(TQ * g.Dp), dqb(TQ * g.Dp), tmp(g.Dp);
     Scratch kbuf(TK * g.Dp), kt(g.Dp * TK), vbuf(TK * g.Dp), vt(g.Dp * TK), pb(TQ * TK), ds(TQ * TK);
