@@ -23,14 +23,13 @@ class Pool {
     return *pool;
   }
 
-  // Chunk c of `chunks` covers [n*c/chunks, n*(c+1)/chunks) when `step` is 0, else
-  // [c*step, min(n, (c+1)*step)).
-  void run(int64_t chunks, int64_t step, int threads, RangeFn fn, void* ctx, int64_t n) {
+  // Chunk c of `chunks` covers [n*c/chunks, n*(c+1)/chunks).
+  void run(int64_t chunks, RangeFn fn, void* ctx, int64_t n) {
     std::lock_guard<std::mutex> job(job_mutex_);
-    ensure_workers(static_cast<int>(std::min<int64_t>(chunks, threads)) - 1);
+    ensure_workers(static_cast<int>(chunks) - 1);
     {
       std::lock_guard<std::mutex> lk(m_);
-      fn_ = fn; ctx_ = ctx; n_ = n; chunks_ = chunks; step_ = step;
+      fn_ = fn; ctx_ = ctx; n_ = n; chunks_ = chunks;
       next_ = 0;
       pending_ = chunks;
       error_ = nullptr;
@@ -57,8 +56,7 @@ class Pool {
   }
 
   void run_chunk(int64_t c) {
-    const int64_t begin = step_ ? c * step_ : n_ * c / chunks_;
-    const int64_t end = step_ ? std::min(n_, begin + step_) : n_ * (c + 1) / chunks_;
+    const int64_t begin = n_ * c / chunks_, end = n_ * (c + 1) / chunks_;
     in_parallel_region = true;
     try {
       fn_(ctx_, begin, end);
@@ -86,7 +84,7 @@ class Pool {
   std::vector<std::thread> workers_;
   RangeFn fn_ = nullptr;
   void* ctx_ = nullptr;
-  int64_t n_ = 0, chunks_ = 0, step_ = 0, next_ = 0, pending_ = 0;
+  int64_t n_ = 0, chunks_ = 0, next_ = 0, pending_ = 0;
   std::exception_ptr error_;
 };
 
@@ -100,18 +98,7 @@ void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* c
     fn(ctx, 0, n);
     return;
   }
-  Pool::get().run(chunks, 0, threads, fn, ctx, n);
-}
-
-void parallel_for_dynamic_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* ctx) {
-  if (n <= 0) return;
-  grain = std::max<int64_t>(grain, 1);
-  const int64_t chunks = (n + grain - 1) / grain;
-  if (chunks <= 1 || threads <= 1 || in_parallel_region) {
-    fn(ctx, 0, n);
-    return;
-  }
-  Pool::get().run(chunks, grain, threads, fn, ctx, n);
+  Pool::get().run(chunks, fn, ctx, n);
 }
 
 }  // namespace hotops
