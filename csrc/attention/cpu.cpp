@@ -207,13 +207,14 @@ void ssa_forward(const SsaArgs& a) {
   const Geometry g(a);
   const int64_t nqb = (g.Lq + TQ - 1) / TQ;
   const DType dt = a.q.dtype;
-  parallel_for(g.B * g.H * nqb, 1, a.threads, [&](int64_t t0, int64_t t1) {
+  const int64_t tasks = g.B * g.H * nqb;
+  parallel_claim(tasks, a.threads, [&](auto claim) {
     Scratch qs(TQ * g.Dp), o(TQ * g.Dp), kbuf(TK * g.Dp), kt(g.Dp * TK), vp(TK * g.Dp), sb(TQ * TK);
     float m[TQ], l[TQ];
     int64_t qp[TQ];
     float* orow[TQ];
     Tile tile;
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = claim()) < tasks;) {
       const int64_t b = task / (g.H * nqb), h = task / nqb % g.H, i0 = task % nqb * TQ;
       const int64_t hk = h / g.group, hi = g.idx_head(h);
       const int64_t mq = g.Lq - i0 < TQ ? g.Lq - i0 : TQ;
@@ -276,7 +277,8 @@ void ssa_forward(const SsaArgs& a) {
 void ssa_backward(const SsaArgs& a) {
   const Geometry g(a);
   const DType dt = a.q.dtype;
-  parallel_for(g.B * g.Hkv, 1, a.threads, [&](int64_t t0, int64_t t1) {
+  const int64_t tasks = g.B * g.Hkv;
+  parallel_claim(tasks, a.threads, [&](auto claim) {
     Scratch dk(g.Lk * g.Dp), dv(g.Lk * g.Dp);
     Scratch qs(TQ * g.Dp), dob(TQ * g.Dp), dqb(TQ * g.Dp), tmp(g.Dp);
     Scratch kbuf(TK * g.Dp), kt(g.Dp * TK), vbuf(TK * g.Dp), vt(g.Dp * TK), pb(TQ * TK), ds(TQ * TK);
@@ -286,7 +288,7 @@ void ssa_backward(const SsaArgs& a) {
     float* dkrow[TK];
     float* dvrow[TK];
     Tile tile;
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = claim()) < tasks;) {
       const int64_t b = task / g.Hkv, hk = task % g.Hkv;
       fill(dk.p, g.Lk * g.Dp, 0.0f);
       fill(dv.p, g.Lk * g.Dp, 0.0f);

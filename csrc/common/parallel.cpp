@@ -12,7 +12,10 @@ namespace {
 
 thread_local bool in_parallel_region = false;
 
-// One job at a time (callers are serialised by job_mutex_); idle workers wait for unclaimed chunks.
+// One job at a time (callers are serialised by job_mutex_). The caller and the workers all claim
+// chunks from one counter until none is left, so a thread that starts late or runs slowly (woken
+// late, or sharing its core with one of torch's OpenMP workers still spinning after a torch op)
+// holds up the job by at most the chunk it is running.
 class Pool {
  public:
   static Pool& get() {
@@ -20,19 +23,26 @@ class Pool {
     return *pool;
   }
 
+  // Chunk c of `chunks` covers [n*c/chunks, n*(c+1)/chunks).
   void run(int64_t chunks, RangeFn fn, void* ctx, int64_t n) {
     std::lock_guard<std::mutex> job(job_mutex_);
     ensure_workers(static_cast<int>(chunks) - 1);
     {
       std::lock_guard<std::mutex> lk(m_);
       fn_ = fn; ctx_ = ctx; n_ = n; chunks_ = chunks;
-      next_ = 1;  // chunk 0 runs on the caller
-      pending_ = chunks - 1;
+      next_ = 0;
+      pending_ = chunks;
       error_ = nullptr;
     }
     cv_.notify_all();
-    run_chunk(0);
     std::unique_lock<std::mutex> lk(m_);
+    while (next_ < chunks_) {
+      const int64_t c = next_++;
+      lk.unlock();
+      run_chunk(c);
+      lk.lock();
+      --pending_;
+    }
     done_cv_.wait(lk, [&] { return pending_ == 0; });
     if (error_) std::rethrow_exception(error_);
   }
@@ -46,7 +56,7 @@ class Pool {
   }
 
   void run_chunk(int64_t c) {
-    int64_t begin = n_ * c / chunks_, end = n_ * (c + 1) / chunks_;
+    const int64_t begin = n_ * c / chunks_, end = n_ * (c + 1) / chunks_;
     in_parallel_region = true;
     try {
       fn_(ctx_, begin, end);
@@ -58,15 +68,13 @@ class Pool {
   }
 
   void loop() {
+    std::unique_lock<std::mutex> lk(m_);
     for (;;) {
-      int64_t c;
-      {
-        std::unique_lock<std::mutex> lk(m_);
-        cv_.wait(lk, [&] { return next_ < chunks_; });
-        c = next_++;
-      }
+      cv_.wait(lk, [&] { return next_ < chunks_; });
+      const int64_t c = next_++;
+      lk.unlock();
       run_chunk(c);
-      std::lock_guard<std::mutex> lk(m_);
+      lk.lock();
       if (--pending_ == 0) done_cv_.notify_one();
     }
   }
@@ -85,7 +93,7 @@ class Pool {
 void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* ctx) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  int64_t chunks = std::min<int64_t>(std::max(threads, 1), (n + grain - 1) / grain);
+  const int64_t chunks = std::min<int64_t>(std::max(threads, 1), (n + grain - 1) / grain);
   if (chunks <= 1 || in_parallel_region) {
     fn(ctx, 0, n);
     return;

@@ -12,6 +12,7 @@ using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 // chunk is rethrown in the caller. Nested calls run inline.
 void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* ctx);
 
+
 // Type-safe front end. Kernel translation units are compiled per ISA, so the template is
 // instantiated per lambda type there and the pool itself stays in one baseline-compiled TU.
 template <typename F>
@@ -20,6 +21,18 @@ void parallel_for(int64_t n, int64_t grain, int threads, const F& f) {
       n, grain, threads,
       [](void* ctx, int64_t b, int64_t e) { (*static_cast<const F*>(ctx))(b, e); },
       const_cast<F*>(&f));
+}
+
+// Runs work(claim) once on each of up to `threads` threads; claim() hands out the items 0, 1, ...,
+// n - 1 (then values >= n) in the order the threads ask. A thread slowed by something else on its
+// core then takes fewer items instead of holding up the call, while per-thread setup (scratch
+// buffers) still happens once per thread:
+//   parallel_claim(n, threads, [&](auto claim) { Scratch s; for (int64_t i; (i = claim()) < n;) ... });
+template <typename F>
+void parallel_claim(int64_t n, int threads, const F& work) {
+  int64_t next = 0;
+  const auto claim = [&next] { return __atomic_fetch_add(&next, int64_t(1), __ATOMIC_RELAXED); };
+  parallel_for(n < threads ? n : threads, 1, threads, [&](int64_t, int64_t) { work(claim); });
 }
 
 }  // namespace hotops
