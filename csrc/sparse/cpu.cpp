@@ -302,17 +302,6 @@ void build_cols(const ConvGeom& g, const float* xn, int64_t xcs, int64_t grp, co
   }
 }
 
-// Calls work(claim) on up to `threads` threads; claim() hands out the items 0, 1, ..., n - 1 (then
-// values >= n) in the order the threads ask. A thread slowed down by something else on its core
-// (torch's OpenMP workers spin for milliseconds after every torch op, see docs/sparse.md) then
-// takes fewer items instead of holding up the call, as a fixed split would.
-template <typename F>
-void share_items(int64_t n, int threads, const F& work) {
-  int64_t next = 0;
-  auto claim = [&next] { return __atomic_fetch_add(&next, int64_t(1), __ATOMIC_RELAXED); };
-  parallel_for(std::min<int64_t>(n, std::max(threads, 1)), 1, threads, [&](int64_t, int64_t) { work(claim); });
-}
-
 // Tiling shared by the passes: tiles of `pt` output pixels, rows split into `rb` blocks of `rbs`.
 struct Plan {
   int64_t pt, tiles, rb, rbs, items;
@@ -387,7 +376,7 @@ bool conv_fwd_shifted(const SparseConvFwd& a, const CsrPtrs& w) {
   const int64_t tiles = (g.Ho + rows_per_tile - 1) / rows_per_tile, outer = g.N * g.G * tiles;
   const int64_t rb = std::max<int64_t>(1, std::min(g.Og(), (4 * a.threads + outer - 1) / outer));
   const int64_t rbs = (g.Og() + rb - 1) / rb;
-  share_items(outer * rb, a.threads, [&](auto claim) {
+  parallel_claim(outer * rb, a.threads, [&](auto claim) {
     Scratch<float> stage(rbs * rows_per_tile * Wp), park(rbs * CH);
     for (int64_t it; (it = claim()) < outer * rb;) {
       const int64_t b = it % rb, t = (it / rb) % tiles, grp = (it / rb / tiles) % g.G, n = it / rb / tiles / g.G;
@@ -421,7 +410,7 @@ void sparse_conv_fwd(const SparseConvFwd& a) {
   const float* x = a.x.ptr<float>();
   const float* bias = a.bias.present ? a.bias.ptr<float>() : nullptr;
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
-  share_items(plan.items, a.threads, [&](auto claim) {
+  parallel_claim(plan.items, a.threads, [&](auto claim) {
     Scratch<float> buf(g.direct() ? 0 : g.K() * plan.pt);
     Scratch<float> park(plan.rbs * CH);
     for (int64_t it; (it = claim()) < plan.items;) {
@@ -451,7 +440,7 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
   float* gx = a.gx.ptr<float>();
   if (g.direct()) {  // cols are grad_input itself: write it in place, rows split freely
     const Plan plan(g, g.K(), true, a.threads);
-    share_items(plan.items, a.threads, [&](auto claim) {
+    parallel_claim(plan.items, a.threads, [&](auto claim) {
       Scratch<float> park(plan.rbs * CH);
       for (int64_t it; (it = claim()) < plan.items;) {
         int64_t n, t, grp, b;
@@ -472,7 +461,7 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
   const int64_t taps = g.kh * g.kw, outer = g.N * g.G;
   const int64_t cb = std::min(g.Cg(), (4 * a.threads + outer - 1) / outer);  // channel blocks
   const int64_t cbs = (g.Cg() + cb - 1) / cb;
-  share_items(outer * cb, a.threads, [&](auto claim) {
+  parallel_claim(outer * cb, a.threads, [&](auto claim) {
     Scratch<float> buf(cbs * taps * plan.pt), park(cbs * taps * CH);
     for (int64_t it; (it = claim()) < outer * cb;) {
       const int64_t n = it / (g.G * cb), grp = (it / cb) % g.G, c0 = (it % cb) * cbs;
