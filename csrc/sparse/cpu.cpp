@@ -340,7 +340,7 @@ bool conv_fwd_shifted(const SparseConvFwd& a, const CsrPtrs& w) {
   const ConvGeom& g = a.g;
   const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw, plane = Hp * Wp;
   const int64_t tail = (g.kw - 1) * g.dw;  // the last row's dropped columns read this far past the end
-  const int64_t span = g.Cg() * plane + tail, outs = g.Ho * Wp;  // padded group input; p' range
+  const int64_t span = g.Cg() * plane + tail;  // a group's padded input, as far as offsets reach
   if (g.sh != 1 || g.sw != 1 || g.direct() || g.N * g.C * plane + tail > INT32_MAX) return false;
   Scratch<float> xpad(g.N * g.C * plane + tail);
   std::memset(xpad.p + g.N * g.C * plane, 0, sizeof(float) * tail);
