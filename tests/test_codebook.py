@@ -25,6 +25,18 @@ def parts(w):
     return w.codes, w.codebooks, w.scales, w.group_ptr, w.perm
 
 
+def int16_table_bound(x, w):
+    """Worst-case error of the AVX-512 kernel's int16 tables, used for a lone batch row (the
+    last row when rows % 16 == 1): half a step, max|table| / 32767, per slot, times the scale."""
+    K = w.in_features
+    if _backend.ext().isa() != "avx512" or x.numel() // max(1, K) % 16 != 1:
+        return 0.0
+    row = x.reshape(-1, K)[-1].double().reshape(-1, w.in_group)
+    tables = torch.einsum("jt,omct->ojmc", row, w.codebooks.double())
+    slots = tables.shape[1] * tables.shape[2]
+    return (w.scales.abs().max() * slots * tables.abs().max() / 65534).item()
+
+
 def check_product(x, w, bias=None):
     out = codebook_matmul(x, w, bias)
     cb64, s64 = w.codebooks.double(), w.scales.double()
@@ -33,7 +45,7 @@ def check_product(x, w, bias=None):
     ref_lp = reference.codebook_matmul(x, *parts(w), bias)
     assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], w.out_features)
     if out.numel():
-        assert_close_to_reference(out, ref64, ref_lp, atol=ATOL[x.dtype])
+        assert_close_to_reference(out, ref64, ref_lp, atol=ATOL[x.dtype] + int16_table_bound(x, w))
 
 
 @pytest.mark.parametrize("in_group,num_codebooks,C", [(1, 1, 4), (2, 1, 16), (4, 1, 256), (8, 2, 256), (8, 1, 37)])
@@ -80,8 +92,8 @@ def test_dequantize_and_bits():
     torch.testing.assert_close(dense, reference.dequantize(*parts(w)))
     x = torch.randn(5, 24)
     torch.testing.assert_close(codebook_matmul(x, w), x @ dense.T, rtol=1e-5, atol=1e-5)
-    # codes 3 blocks x 12 slots x 16 bytes, codebooks, scales, group_ptr, perm: all as stored
-    stored = 3 * 12 * 16 + 2 * 2 * 256 * 4 * 4 + 33 * 4 + 3 * 8 + 33 * 8
+    # codes 2 blocks x 12 slots x 32 bytes, codebooks, scales, group_ptr, perm: all as stored
+    stored = 2 * 12 * 32 + 2 * 2 * 256 * 4 * 4 + 33 * 4 + 3 * 8 + 33 * 8
     assert w.bits_per_weight == pytest.approx(8 * stored / (33 * 24))
     assert torch.equal(w.code_indices(), reference.unpack_codes(w.codes, 33, 2))
 
@@ -89,7 +101,7 @@ def test_dequantize_and_bits():
 def test_pack_roundtrip():
     codes = torch.randint(0, 256, (35, 6, 2), dtype=torch.uint8)
     packed = reference.pack_codes(codes)
-    assert packed.shape == (3, 12, 16)
+    assert packed.shape == (2, 12, 32)
     assert torch.equal(reference.unpack_codes(packed, 35, 2), codes)
 
 
