@@ -35,6 +35,7 @@ constexpr bool kInt16Tables = true;
 #else
 constexpr bool kInt16Tables = false;
 #endif
+constexpr int64_t kTileI16 = 32;  // int16 tables per tile: 32 x 512 bytes, L1-resident
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -131,7 +132,7 @@ void gather_f32(const float* T, int64_t C, const uint8_t* codes, int64_t L, int6
                 BlockRange rows, float* part) {
   for (int64_t blk = rows.first(); blk < rows.end(); ++blk) {
     const uint8_t* cb = codes + (blk * L + i0) * RB;
-    float s[RB] = {};  // 32 independent sums of plain loads: on Zen 4 faster than vgatherdps
+    float s[RB] = {};  // 16 independent sums of plain loads: on Zen 4 faster than vgatherdps
     for (int64_t i = 0; i < n; ++i)
       for (int l = 0; l < RB; ++l) s[l] += T[i * C + cb[i * RB + l]];
     for (int l = rows.lo(blk); l < rows.hi(blk); ++l) part[blk * RB + l] += s[l];
@@ -209,42 +210,43 @@ inline __m512i lookup32(const __m512i* t, __m512i idx) {
   return _mm512_mask_blend_epi16(b7, _mm512_mask_blend_epi16(b6, q0, q1), _mm512_mask_blend_epi16(b6, q2, q3));
 }
 
-// R blocks of 32 rows (codes cb[k * block_stride + i * RB]): acc[2k], acc[2k + 1] += the int16
-// table entries of rows 0-15, 16-31 summed over n slots.
-template <int R>
-inline void gather_i16_blocks(const int16_t* Tq, int64_t n, const uint8_t* cb, int64_t block_stride, __m512i* acc) {
+// P pairs of 16-row blocks, half[h] = the codes of block h at the tile's first slot (slot i at
+// half[h] + i * RB): acc[h] += the int16 table entries of block h's rows, summed over n slots.
+template <int P>
+inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const* half, __m512i* acc) {
   for (int64_t i = 0; i < n; ++i) {
     __m512i t[8];
     for (int q = 0; q < 8; ++q) t[q] = _mm512_load_si512(Tq + i * 256 + q * 32);
-    for (int k = 0; k < R; ++k) {
-      const __m256i c8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb + k * block_stride + i * RB));
-      const __m512i v = lookup32(t, _mm512_cvtepu8_epi16(c8));
+    for (int k = 0; k < P; ++k) {
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(half[2 * k] + i * RB));
+      const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(half[2 * k + 1] + i * RB));
+      const __m512i v = lookup32(t, _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1)));
       acc[2 * k] = _mm512_add_epi32(acc[2 * k], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
       acc[2 * k + 1] = _mm512_add_epi32(acc[2 * k + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
     }
   }
 }
 
-// part[r] += scale * sum over n slots of Tq[i, code(r, i)] for the rows `rows`.
+// part[r] += scale * sum over n <= kTileI16 slots of Tq[i, code(r, i)] for the rows `rows`.
 void gather_i16(const int16_t* Tq, float scale, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
                 BlockRange rows, float* part) {
-  constexpr int R = 2;  // blocks per table load
+  constexpr int P = 2;  // pairs of blocks per table load
+  alignas(64) static const uint8_t zeros[kTileI16 * RB] = {};  // the partner of a lone last block
   const __m512 s = _mm512_set1_ps(scale);
   for (int64_t blk = rows.first(); blk < rows.end();) {
-    const int nb = rows.end() - blk >= R ? R : 1;
-    __m512i acc[2 * R];
-    for (int q = 0; q < 2 * R; ++q) acc[q] = _mm512_setzero_si512();
-    const uint8_t* cb = codes + (blk * L + i0) * RB;
-    if (nb == R) gather_i16_blocks<R>(Tq, n, cb, L * RB, acc);
-    else gather_i16_blocks<1>(Tq, n, cb, L * RB, acc);
-    for (int k = 0; k < nb; ++k, ++blk) {
-      const uint32_t lanes = static_cast<uint32_t>((uint64_t{1} << rows.hi(blk)) - (uint64_t{1} << rows.lo(blk)));
-      for (int h = 0; h < 2; ++h) {
-        float* p = part + blk * RB + 16 * h;
-        const __mmask16 k16 = static_cast<__mmask16>(lanes >> (16 * h));
-        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[2 * k + h]), s, _mm512_maskz_loadu_ps(k16, p));
-        _mm512_mask_storeu_ps(p, k16, sum);
-      }
+    const int64_t nb = min64(2 * P, rows.end() - blk);
+    const uint8_t* half[2 * P];
+    __m512i acc[2 * P];
+    for (int h = 0; h < 2 * P; ++h) {
+      half[h] = h < nb ? codes + ((blk + h) * L + i0) * RB : zeros;
+      acc[h] = _mm512_setzero_si512();
+    }
+    if (nb > 2) gather_i16_pairs<P>(Tq, n, half, acc);
+    else gather_i16_pairs<1>(Tq, n, half, acc);
+    for (int h = 0; h < nb; ++h, ++blk) {
+      const __mmask16 lanes = static_cast<__mmask16>((1u << rows.hi(blk)) - (1u << rows.lo(blk)));
+      float* p = part + blk * RB;
+      _mm512_mask_storeu_ps(p, lanes, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), s, _mm512_maskz_loadu_ps(lanes, p)));
     }
   }
 }
@@ -261,7 +263,7 @@ Plan plan(const CodebookFormat& w, int threads) {
   Plan p;
   // BC = 1: an L1-sized tile (16 KB float tables, or 32 int16 tables of 256 entries, 16 KB);
   // BC > 1: L2-sized (256 KB), each lookup being a whole vector whose latency the rows overlap.
-  p.tile = BC == 1 ? (kInt16Tables ? 32 : max64(1, 4096 / C)) : max64(1, (256 << 10) / (C * BC * 4));
+  p.tile = BC == 1 ? (kInt16Tables ? kTileI16 : max64(1, 4096 / C)) : max64(1, (256 << 10) / (C * BC * 4));
   p.kparts = max64(1, min64(threads, L / (2 * p.tile)));  // at least 2 tiles per part
   p.nparts = max64(1, min64(threads / p.kparts, blocks));
   return p;
@@ -352,34 +354,52 @@ bool matmul_chunk_bc(const CodebookMatmul& a, int64_t b0, int64_t Bc, const floa
   return matmul_chunk<G, 16>(a, b0, Bc, cbT, xT);
 }
 
-template <int G>
+// Dense rows [r0, r1) of the stored order into a.out (Out: float or uint16_t bf16 bits).
+template <int G, typename Out>
 void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& ok) {
   const CodebookFormat& w = a.w;
   const int64_t L = w.slots(), M = w.num_codebooks(), C = w.codebook_size(), J = L / M;
   const auto* codes = w.codes.ptr<const uint8_t>();
   const int64_t* gp = w.group_ptr.ptr<const int64_t>();
   const float* cbs = w.codebooks.ptr<const float>();
+  const float* scales = w.scales.ptr<const float>();
   int64_t o = 0;
   for (int64_t r = r0; r < r1; ++r) {
     while (gp[o + 1] <= r) ++o;
     const uint8_t* cr = codes + (r / RB) * L * RB + r % RB;  // code of slot i: cr[i * RB]
+    uint8_t top = 0;
+    for (int64_t i = 0; i < L; ++i) top = cr[i * RB] > top ? cr[i * RB] : top;
+    if (top >= C) {
+      __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
+      return;
+    }
     const float* cb = cbs + o * M * C * G;
-    const float s = w.scales.ptr<const float>()[r];
-    const int64_t row_out = (r - a.row_begin) * a.out.stride(0);
+    const float s = scales[r];
+    Out* row = static_cast<Out*>(a.out.data) + (r - a.row_begin) * a.out.stride(0);
+    using V = typename Lanes<G>::type;  // one codeword as one vector
     for (int64_t j = 0; j < J; ++j) {
-      float v[G] = {};
-      for (int64_t m = 0; m < M; ++m) {
-        const uint8_t code = cr[(j * M + m) * RB];
-        if (code >= C) {
-          __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
-          return;
-        }
-        const float* word = cb + (m * C + code) * G;
-        for (int t = 0; t < G; ++t) v[t] += word[t];
+      V v, u;
+      std::memcpy(&v, cb + cr[j * M * RB] * G, sizeof(V));
+      for (int64_t m = 1; m < M; ++m) {
+        std::memcpy(&u, cb + (m * C + cr[(j * M + m) * RB]) * G, sizeof(V));
+        v += u;
       }
-      for (int t = 0; t < G; ++t) store(a.out.data, a.out.dtype, row_out + j * G + t, s * v[t]);
+      v *= s;
+      if constexpr (sizeof(Out) == 4) {
+        std::memcpy(row + j * G, &v, sizeof(V));
+      } else {
+        float f[G];
+        std::memcpy(f, &v, sizeof(V));
+        for (int t = 0; t < G; ++t) row[j * G + t] = f32_to_bf16(f[t]);
+      }
     }
   }
+}
+
+template <int G>
+void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& ok) {
+  if (a.out.dtype == DType::f32) dequantize_rows<G, float>(a, r0, r1, ok);
+  else dequantize_rows<G, uint16_t>(a, r0, r1, ok);
 }
 
 }  // namespace

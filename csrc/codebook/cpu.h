@@ -4,19 +4,20 @@
 // Row r of the dense weight is scales[r] * concat_j sum_m codebooks[o, m, code(r, j * M + m)].
 // Stored rows are ordered by group; stored row r is output feature perm[r].
 //
-// Codes are interleaved by blocks of kRowBlock = 32 rows: code(r, i) = codes[r / 32, i, r % 32].
-// One slot of a block is then 32 contiguous bytes, the indices of one 32-lane int16 table lookup
-// (vpermi2w) or of 32 independent float lookups, and a block's slots stream contiguously.
+// Codes are interleaved by blocks of kRowBlock = 16 rows: code(r, i) = codes[r / 16, i, r % 16].
+// One slot of a block is then 16 contiguous bytes, half the indices of one 32-lane int16 table
+// lookup (vpermi2w) or 16 independent float lookups, and a block's slots stream contiguously.
+// (16, not 32: a layer's codes are padded to whole blocks, which small layers pay in bits.)
 #pragma once
 #include "common/dispatch.h"
 #include "common/view.h"
 
 namespace hotops {
 
-constexpr int64_t kRowBlock = 32;
+constexpr int64_t kRowBlock = 16;
 
 struct CodebookFormat {
-  View codes;      // (ceil(N / 32), L, 32) uint8, contiguous; L = K / in_group * M, slot j * M + m
+  View codes;      // (ceil(N / 16), L, 16) uint8, contiguous; L = K / in_group * M, slot j * M + m
   View codebooks;  // (O, M, C, in_group) float32, contiguous; C <= 256
   View scales;     // (N,) float32, per stored row
   View group_ptr;  // (O + 1,) int64: group o holds stored rows [group_ptr[o], group_ptr[o + 1])

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROW_BLOCK = 32
+ROW_BLOCK = 16
 
 
 def pack_codes(codes: Tensor) -> Tensor:
-    """(N, J, M) codes -> (ceil(N / 32), J * M, 32): code (r, j, m) at [r // 32, j * M + m, r % 32];
+    """(N, J, M) codes -> (ceil(N / 16), J * M, 16): code (r, j, m) at [r // 16, j * M + m, r % 16];
     rows past N are code 0."""
     N, J, M = codes.shape
     Nb = -(-N // ROW_BLOCK)
