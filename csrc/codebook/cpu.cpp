@@ -12,9 +12,9 @@
 // the weight is read once as uint8 codes.
 //
 // At BC = 1 with AVX-512BW the tables are quantized to int16 (one scale per tile, |entry| <= 32767)
-// and held in registers: 256 entries = 8 zmm, looked up 32 rows at a time by 4 vpermi2w and two
+// and held in registers: 256 entries = 8 zmm, looked up 32 rows at a time by 4 vpermi2w and 3
 // blends on the top index bits, summed exactly in int32 (faiss fast-scan's idea with 16-bit
-// entries, so the error stays ~1e-5 of the output's range instead of ~1e-2). A tile whose tables
+// entries, so the error stays ~4e-5 of the largest output instead of ~1e-2). A tile whose tables
 // are not finite (NaN/Inf in x) takes the float path, which propagates them.
 #include <cstdlib>
 #include <cstring>
