@@ -23,10 +23,11 @@ def test_codebook_matmul(benchmark, side, N, K, B):
     benchmark(fn)
 
 
-@pytest.mark.parametrize("B", [1, 16])
-def test_codebook_bf16(benchmark, B):
+@pytest.mark.parametrize("B", [1, 4, 16])
+@pytest.mark.parametrize("side", ["hotops", "dense"])
+def test_codebook_bf16(benchmark, side, B):
     benchmark.group = f"4096x4096 B={B} bf16"
-    benchmark(cases.build("hotops", N=4096, K=4096, B=B, config="2x8", dtype="bf16"))
+    benchmark(cases.build(side, N=4096, K=4096, B=B, config="2x8", dtype="bf16"))
 
 
 def test_same_output_as_aqlm():

@@ -17,8 +17,9 @@ void check_format(const CodebookFormat& w) {
   HOTOPS_CHECK(G == 1 || G == 2 || G == 4 || G == 8, "in_group must be 1, 2, 4 or 8, got ", G);
   HOTOPS_CHECK(M >= 1, "codebooks must hold at least one codebook per group");
   HOTOPS_CHECK(C >= 1 && C <= 256, "uint8 codes address 1..256 codewords, got codebooks of ", C);
-  HOTOPS_CHECK(w.codes.size(0) == (N + 15) / 16 && w.codes.size(2) == 16, "codes must be (",
-               (N + 15) / 16, ", slots, 16): blocks of 16 rows for ", N, " rows");
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  HOTOPS_CHECK(w.codes.size(0) == blocks && w.codes.size(2) == kRowBlock, "codes must be (", blocks,
+               ", slots, ", kRowBlock, "): blocks of ", kRowBlock, " rows for ", N, " rows");
   HOTOPS_CHECK(w.slots() % M == 0, "codes have ", w.slots(), " slots per row, not a multiple of ",
                M, " codebooks");
   HOTOPS_CHECK(w.scales.size(0) == N, "scales must have one entry per row (", N, "), got ",

@@ -1,13 +1,23 @@
 // Per-ISA codebook kernels (see cpu.h).
 //
 // matmul: the batch is taken 16 rows at a time (BC = batch rounded up to a power of two <= 16,
-// so a table entry for all BC rows is one contiguous run of BC floats, 64 bytes at 16). Threads
-// take blocks of rows; for each tile of code slots small enough for L1/L2, a thread
-//   1. tabulates T[i, c, b] = x[b, group j of slot i] . codebooks[o, m, c]  (its own copy),
-//   2. adds acc[r, b] += T[i, codes[r, i], b] over the tile's slots for its rows,
-// then writes y[b, perm[r]] = scales[r] * acc[r, b] + bias. Work per output is one load+add per code
-// slot instead of in_group multiply-adds per weight; the weight is read once as uint8 codes.
+// so a table entry for all BC rows is one contiguous run of BC floats, 64 bytes at 16). The work
+// is split into kparts ranges of code slots x nparts ranges of row blocks, one task each (split-K
+// first: every table is then built once in all, by the one task that uses it). A task, for each
+// row group and tile of its slots small enough for L1 (BC = 1) or L2:
+//   1. tabulates T[i, c, b] = x[b, group j of slot i] . codebooks[o, m, c],
+//   2. adds part[r, b] += T[i, code(r, i), b] over the tile's slots for its rows,
+// and a last pass writes y[b, perm[r]] = scales[r] * sum over the kparts partial sums + bias.
+// Work per output is one table lookup per code slot instead of in_group multiply-adds per weight;
+// the weight is read once as uint8 codes.
+//
+// At BC = 1 with AVX-512BW the tables are quantized to int16 (one scale per tile, |entry| <= 32767)
+// and held in registers: 256 entries = 8 zmm, looked up 32 rows at a time by 4 vpermi2w and 3
+// blends on the top index bits, summed exactly in int32 (faiss fast-scan's idea with 16-bit
+// entries, so the error stays ~4e-5 of the largest output instead of ~1e-2). A tile whose tables
+// are not finite (NaN/Inf in x) takes the float path, which propagates them.
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include "codebook/cpu.h"
@@ -19,25 +29,33 @@ namespace HOTOPS_ISA {
 namespace {
 
 constexpr int kMaxBatch = 16;
+constexpr int64_t RB = kRowBlock;
+#if defined(__AVX512BW__)
+constexpr bool kInt16Tables = true;
+#else
+constexpr bool kInt16Tables = false;
+#endif
+constexpr int64_t kTileI16 = 32;  // int16 tables per tile: 32 x 512 bytes, L1-resident
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Aligned float scratch freed on scope exit (kernel TUs avoid std::vector: see the ODR rule).
-class Floats {
+// Aligned scratch freed on scope exit (kernel TUs avoid std::vector: see the ODR rule).
+template <typename T>
+class Scratch {
  public:
-  explicit Floats(int64_t n) {
-    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * 4 + 63) / 64 * 64;
-    p_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+  explicit Scratch(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(T) + 63) / 64 * 64;
+    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
     if (!p_) throw std::bad_alloc();
   }
-  ~Floats() { std::free(p_); }
-  Floats(const Floats&) = delete;
-  Floats& operator=(const Floats&) = delete;
-  float* get() const { return p_; }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return p_; }
 
  private:
-  float* p_;
+  T* p_;
 };
 
 inline float to_f32(const void* p, DType t, int64_t i) {
@@ -55,40 +73,14 @@ inline uint8_t max_code(const uint8_t* codes, int64_t n) {
   return m;
 }
 
-// T[(i - i0) * C + c) * BC + b] for slots [s0, s1) of the tile starting at i0.
-// xb is (BC, K) float32, cbT is (M, G, C): codewords transposed so the BC = 1 loop runs over c.
-template <int G, int BC>
-void build_table(const float* xb, int64_t K, const float* cbT, int64_t M, int64_t C, int64_t i0,
-                 int64_t s0, int64_t s1, float* T) {
-  for (int64_t i = s0; i < s1; ++i) {
-    const int64_t j = i / M, m = i % M;
-    float xs[G][BC];
-    for (int t = 0; t < G; ++t)
-      for (int b = 0; b < BC; ++b) xs[t][b] = xb[b * K + j * G + t];
-    const float* cb = cbT + m * G * C;
-    float* Ti = T + (i - i0) * C * BC;
-    for (int64_t c = 0; c < C; ++c) {
-      float s[BC] = {};  // the inner loop runs over the batch: one vector FMA per (c, t)
-      for (int t = 0; t < G; ++t) {
-        const float word = cb[t * C + c];
-        for (int b = 0; b < BC; ++b) s[b] += xs[t][b] * word;
-      }
-      for (int b = 0; b < BC; ++b) Ti[c * BC + b] = s[b];
-    }
-  }
-}
-
-// Block-local row lanes [lo, hi) of acc += sum over the tile's n slots of T[i, codes[i, lane]],
-// for one block of 16 rows whose codes are interleaved (slot-major, 16 bytes per slot).
-inline void gather_block(const float* T, int64_t C, const uint8_t* codes, int64_t n, int lo, int hi,
-                         float* acc) {
-  // Plain loads, 16 independent sums: on Zen 4 this beats vgatherdps (measured 1.2 vs 1.9 ms
-  // for 4096 x 4096 at 2 bits, one thread), and the compiler vectorises the adds.
-  float s[16] = {};
-  for (int64_t i = 0; i < n; ++i)
-    for (int l = 0; l < 16; ++l) s[l] += T[i * C + codes[i * 16 + l]];
-  for (int l = lo; l < hi; ++l) acc[l] += s[l];
-}
+// The rows [r0, r1) of one row group, seen block by block: lanes [lo, hi) of block blk.
+struct BlockRange {
+  int64_t r0, r1;
+  int64_t first() const { return r0 / RB; }
+  int64_t end() const { return (r1 + RB - 1) / RB; }
+  int lo(int64_t blk) const { return static_cast<int>(max64(r0, blk * RB) - blk * RB); }
+  int hi(int64_t blk) const { return static_cast<int>(min64(r1, blk * RB + RB) - blk * RB); }
+};
 
 // N floats as one GCC vector (never wider than the ISA's registers: wider ones spill).
 template <int N> struct Lanes;
@@ -98,125 +90,316 @@ template <> struct Lanes<4> { typedef float type __attribute__((vector_size(16))
 template <> struct Lanes<8> { typedef float type __attribute__((vector_size(32))); };
 template <> struct Lanes<16> { typedef float type __attribute__((vector_size(64))); };
 
-// acc[r - base, :] += sum over the tile's slots [i0, i1) of T[i, code(r, i), :] for rows
-// [r0, r1) of one group (acc holds the thread's rows from `base`, a multiple of 16).
-// Returns false (leaving acc alone) if a code in those blocks is >= C.
+// BC floats as NV vectors of VW lanes.
 template <int BC>
-bool gather_rows(const float* T, int64_t C, const uint8_t* codes, int64_t L, int64_t i0, int64_t i1,
-                 int64_t r0, int64_t r1, int64_t base, float* acc) {
-  const int64_t n = i1 - i0;
-  for (int64_t blk = r0 / 16; blk * 16 < r1; ++blk) {
-    const uint8_t* cb = codes + (blk * L + i0) * 16;
-    if (C < 256 && max_code(cb, n * 16) >= C) return false;
-    const int lo = static_cast<int>(max64(r0, blk * 16) - blk * 16);
-    const int hi = static_cast<int>(min64(r1, blk * 16 + 16) - blk * 16);
-    float* ab = acc + (blk * 16 - base) * BC;
+struct Batch {
+  static constexpr int VW = BC < VecF::W ? BC : VecF::W, NV = BC / VW;
+  using V = typename Lanes<VW>::type;
+};
+
+// T[((i - i0) * C + c) * BC + b] for slots [i0, i1). xT is the chunk (K, BC) float32; cbT is the
+// row group's (M, G, C) codewords, transposed so that the BC = 1 loop runs over c.
+template <int G, int BC>
+void build_tables(const float* xT, const float* cbT, int64_t M, int64_t C, int64_t i0, int64_t i1, float* T) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t j = i / M, m = i % M;
+    const float* cb = cbT + m * G * C;
+    float* Ti = T + (i - i0) * C * BC;
     if constexpr (BC == 1) {
-      gather_block(T, C, cb, n, lo, hi, ab);
-    } else {
-      constexpr int VW = BC < VecF::W ? BC : VecF::W, NV = BC / VW;
-      using V = typename Lanes<VW>::type;
-      for (int l = lo; l < hi; ++l) {
-        V s[NV];
-        for (int v = 0; v < NV; ++v) s[v] = reinterpret_cast<const V*>(ab + l * BC)[v];
-        for (int64_t i = 0; i < n; ++i) {
-          const V* t = reinterpret_cast<const V*>(T + (i * C + cb[i * 16 + l]) * BC);
-          for (int v = 0; v < NV; ++v) s[v] += t[v];
+      for (int64_t c = 0; c < C; ++c) Ti[c] = 0.0f;
+      for (int t = 0; t < G; ++t) {  // vectorised over the codewords
+        const float xt = xT[j * G + t];
+        for (int64_t c = 0; c < C; ++c) Ti[c] += xt * cb[t * C + c];
+      }
+    } else {  // vectorised over the batch: one FMA with a broadcast codeword per (c, t, vector)
+      using B = Batch<BC>;
+      typename B::V xv[G][B::NV];
+      for (int t = 0; t < G; ++t)
+        for (int v = 0; v < B::NV; ++v)
+          std::memcpy(&xv[t][v], xT + (j * G + t) * BC + v * B::VW, sizeof(typename B::V));
+      for (int64_t c = 0; c < C; ++c) {
+        typename B::V s[B::NV] = {};
+        for (int t = 0; t < G; ++t)
+          for (int v = 0; v < B::NV; ++v) s[v] += xv[t][v] * cb[t * C + c];
+        std::memcpy(Ti + c * BC, s, sizeof(s));
+      }
+    }
+  }
+}
+
+// part[r] += sum over n slots of T[i, code(r, i)] for the rows `rows` (BC = 1, float tables).
+void gather_f32(const float* T, int64_t C, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
+                BlockRange rows, float* part) {
+  for (int64_t blk = rows.first(); blk < rows.end(); ++blk) {
+    const uint8_t* cb = codes + (blk * L + i0) * RB;
+    float s[RB] = {};  // 16 independent sums of plain loads: on Zen 4 faster than vgatherdps
+    for (int64_t i = 0; i < n; ++i)
+      for (int l = 0; l < RB; ++l) s[l] += T[i * C + cb[i * RB + l]];
+    for (int l = rows.lo(blk); l < rows.hi(blk); ++l) part[blk * RB + l] += s[l];
+  }
+}
+
+// R rows at once (independent sums, so the table loads overlap), BC floats per table entry.
+template <int BC, int R>
+inline void gather_rows(const float* T, int64_t C, const uint8_t* cb, int64_t n, float* part) {
+  constexpr int NV = Batch<BC>::NV;
+  using V = typename Batch<BC>::V;
+  V s[R][NV];
+  for (int k = 0; k < R; ++k)
+    for (int v = 0; v < NV; ++v) s[k][v] = reinterpret_cast<const V*>(part + k * BC)[v];
+  for (int64_t i = 0; i < n; ++i)
+    for (int k = 0; k < R; ++k) {
+      const V* t = reinterpret_cast<const V*>(T + (i * C + cb[i * RB + k]) * BC);
+      for (int v = 0; v < NV; ++v) s[k][v] += t[v];
+    }
+  for (int k = 0; k < R; ++k)
+    for (int v = 0; v < NV; ++v) reinterpret_cast<V*>(part + k * BC)[v] = s[k][v];
+}
+
+// part[r, :] += sum over n slots of T[i, code(r, i), :] for the rows `rows` (BC > 1).
+template <int BC>
+void gather_vec(const float* T, int64_t C, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
+                BlockRange rows, float* part) {
+  constexpr int R = BC > VecF::W ? 4 : 8;  // accumulators in registers: R x (BC / W) vectors
+  for (int64_t blk = rows.first(); blk < rows.end(); ++blk) {
+    const uint8_t* cb = codes + (blk * L + i0) * RB;
+    int l = rows.lo(blk);
+    const int hi = rows.hi(blk);
+    for (; l + R <= hi; l += R) gather_rows<BC, R>(T, C, cb + l, n, part + (blk * RB + l) * BC);
+    for (; l < hi; ++l) gather_rows<BC, 1>(T, C, cb + l, n, part + (blk * RB + l) * BC);
+  }
+}
+
+#if defined(__AVX512BW__)
+// Quantizes n slots of float tables (C entries each) to int16 tables of 256 entries (zeros past
+// C), entry = round(T * 32767 / max|T|). Returns the scale max|T| / 32767, or -1 when a table
+// entry is not finite (the caller then keeps the float tables).
+float quantize_tables(const float* T, int64_t C, int64_t n, int16_t* Tq) {
+  __m512 mx = _mm512_setzero_ps(), nonfinite = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n * C; i += 16) {
+    const __mmask16 k = n * C - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n * C - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(k, T + i);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    nonfinite = _mm512_add_ps(nonfinite, _mm512_mul_ps(v, zero));  // NaN once any entry is NaN/Inf
+  }
+  if (_mm512_reduce_add_ps(nonfinite) != 0.0f) return -1.0f;
+  const float m = _mm512_reduce_max_ps(mx);
+  const __m512 inv = _mm512_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    int16_t* q = Tq + i * 256;
+    for (int64_t c = 0; c < 256; c += 16) {
+      const int64_t left = C - c;
+      const __mmask16 k = left >= 16 ? 0xffff : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(k, T + i * C + c);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q + c),
+                         _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
+    }
+  }
+  return m / 32767.0f;
+}
+
+// The entries of one 256-entry int16 table (8 registers) at 32 indices (codes widened to 16 bits).
+inline __m512i lookup32(const __m512i* t, __m512i idx) {
+  const __m512i q0 = _mm512_permutex2var_epi16(t[0], idx, t[1]);  // entries 0..63 (bits 0-5)
+  const __m512i q1 = _mm512_permutex2var_epi16(t[2], idx, t[3]);
+  const __m512i q2 = _mm512_permutex2var_epi16(t[4], idx, t[5]);
+  const __m512i q3 = _mm512_permutex2var_epi16(t[6], idx, t[7]);
+  const __mmask32 b6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
+  const __mmask32 b7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
+  return _mm512_mask_blend_epi16(b7, _mm512_mask_blend_epi16(b6, q0, q1), _mm512_mask_blend_epi16(b6, q2, q3));
+}
+
+// P pairs of 16-row blocks, half[h] = the codes of block h at the tile's first slot (slot i at
+// half[h] + i * RB): acc[h] += the int16 table entries of block h's rows, summed over n slots.
+template <int P>
+inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const* half, __m512i* acc) {
+  for (int64_t i = 0; i < n; ++i) {
+    __m512i t[8];
+    for (int q = 0; q < 8; ++q) t[q] = _mm512_load_si512(Tq + i * 256 + q * 32);
+    for (int k = 0; k < P; ++k) {
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(half[2 * k] + i * RB));
+      const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(half[2 * k + 1] + i * RB));
+      const __m512i v = lookup32(t, _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1)));
+      acc[2 * k] = _mm512_add_epi32(acc[2 * k], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
+      acc[2 * k + 1] = _mm512_add_epi32(acc[2 * k + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+    }
+  }
+}
+
+// part[r] += scale * sum over n <= kTileI16 slots of Tq[i, code(r, i)] for the rows `rows`.
+void gather_i16(const int16_t* Tq, float scale, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
+                BlockRange rows, float* part) {
+  constexpr int P = 2;  // pairs of blocks per table load
+  alignas(64) static const uint8_t zeros[kTileI16 * RB] = {};  // the partner of a lone last block
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t blk = rows.first(); blk < rows.end();) {
+    const int64_t nb = min64(2 * P, rows.end() - blk);
+    const uint8_t* half[2 * P];
+    __m512i acc[2 * P];
+    for (int h = 0; h < 2 * P; ++h) {
+      half[h] = h < nb ? codes + ((blk + h) * L + i0) * RB : zeros;
+      acc[h] = _mm512_setzero_si512();
+    }
+    if (nb > 2) gather_i16_pairs<P>(Tq, n, half, acc);
+    else gather_i16_pairs<1>(Tq, n, half, acc);
+    for (int h = 0; h < nb; ++h, ++blk) {
+      const __mmask16 lanes = static_cast<__mmask16>((1u << rows.hi(blk)) - (1u << rows.lo(blk)));
+      float* p = part + blk * RB;
+      _mm512_mask_storeu_ps(p, lanes, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), s, _mm512_maskz_loadu_ps(lanes, p)));
+    }
+  }
+}
+#endif
+
+// How a chunk of the batch is split into tasks: kparts ranges of slots x nparts of row blocks.
+struct Plan {
+  int64_t tile, kparts, nparts;
+};
+
+template <int BC>
+Plan plan(const CodebookFormat& w, int threads) {
+  const int64_t C = w.codebook_size(), L = w.slots(), blocks = (w.rows() + RB - 1) / RB;
+  Plan p;
+  // BC = 1: an L1-sized tile (16 KB float tables, or 32 int16 tables of 256 entries, 16 KB);
+  // BC > 1: L2-sized (256 KB), each lookup being a whole vector whose latency the rows overlap.
+  p.tile = BC == 1 ? (kInt16Tables ? kTileI16 : max64(1, 4096 / C)) : max64(1, (256 << 10) / (C * BC * 4));
+  p.kparts = max64(1, min64(threads, L / (2 * p.tile)));  // at least 2 tiles per part
+  p.nparts = max64(1, min64(threads / p.kparts, blocks));
+  return p;
+}
+
+// One task: slots [s_begin, s_end) of the row blocks [blk_begin, blk_end) into part (N', BC),
+// which it zeroes first. Returns false on a code >= C.
+template <int G, int BC>
+bool run_task(const CodebookMatmul& a, const Plan& p, int64_t s_begin, int64_t s_end, int64_t blk_begin,
+              int64_t blk_end, const float* cbT_all, const float* xT, float* part) {
+  const CodebookFormat& w = a.w;
+  const int64_t N = w.rows(), L = w.slots(), M = w.num_codebooks(), C = w.codebook_size();
+  const auto* codes = w.codes.ptr<const uint8_t>();
+  const int64_t* gp = w.group_ptr.ptr<const int64_t>();
+  for (int64_t i = blk_begin * RB * BC; i < blk_end * RB * BC; ++i) part[i] = 0.0f;
+  const int64_t r_begin = blk_begin * RB, r_end = min64(N, blk_end * RB);
+  Scratch<float> T(p.tile * C * BC);
+  Scratch<int16_t> Tq(BC == 1 && kInt16Tables ? p.tile * 256 : 1);
+  for (int64_t o = 0; o < w.groups(); ++o) {
+    const BlockRange rows{max64(gp[o], r_begin), min64(gp[o + 1], r_end)};
+    if (rows.r0 >= rows.r1) continue;
+    const float* cbT = cbT_all + o * M * G * C;
+    for (int64_t i0 = s_begin; i0 < s_end; i0 += p.tile) {
+      const int64_t n = min64(s_end, i0 + p.tile) - i0;
+      if (C < 256)
+        for (int64_t blk = rows.first(); blk < rows.end(); ++blk)
+          if (max_code(codes + (blk * L + i0) * RB, n * RB) >= C) return false;
+      build_tables<G, BC>(xT, cbT, M, C, i0, i0 + n, T.get());
+      if constexpr (BC > 1) {
+        gather_vec<BC>(T.get(), C, codes, L, i0, n, rows, part);
+      } else {
+#if defined(__AVX512BW__)
+        const float scale = quantize_tables(T.get(), C, n, Tq.get());
+        if (scale >= 0.0f) {
+          gather_i16(Tq.get(), scale, codes, L, i0, n, rows, part);
+          continue;
         }
-        for (int v = 0; v < NV; ++v) reinterpret_cast<V*>(ab + l * BC)[v] = s[v];
+#endif
+        gather_f32(T.get(), C, codes, L, i0, n, rows, part);
       }
     }
   }
   return true;
 }
 
-// Per-thread table tile: small enough for L1 when one code's entry is a single float (the
-// gathers then hit L1), L2-sized when it is a whole vector (one load per code, latency hidden).
-template <int BC>
-constexpr int64_t table_tile_bytes() { return BC == 1 ? 16 << 10 : 192 << 10; }
-
-// One chunk of Bc <= BC batch rows starting at b0. Threads take blocks of rows; each builds its
-// own table tiles (no barriers between tiles: rebuilding a tile costs far less than a sync).
-// Returns false on an out-of-range code.
+// One chunk of Bc <= BC batch rows starting at b0 (xT: those rows in float32, transposed to
+// (K, BC), zeros past Bc).
 template <int G, int BC>
-bool matmul_chunk(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* cbT_all, const float* xb) {
+bool matmul_chunk(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* cbT, const float* xT) {
   const CodebookFormat& w = a.w;
-  const int64_t K = w.in_features(), N = w.rows(), L = w.slots(), M = w.num_codebooks(),
-                C = w.codebook_size();
-  const int64_t tile = max64(1, table_tile_bytes<BC>() / (C * BC * 4));
-  const auto* codes = w.codes.ptr<const uint8_t>();
-  const int64_t* gp = w.group_ptr.ptr<const int64_t>();
+  const int64_t N = w.rows(), L = w.slots(), blocks = (N + RB - 1) / RB, padded = blocks * RB * BC;
+  const Plan p = plan<BC>(w, a.threads);
+  Scratch<float> parts(p.kparts * padded);
+  int ok = 1;
+  parallel_for(p.kparts * p.nparts, 1, a.threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t kp = t / p.nparts, np = t % p.nparts;
+      if (!run_task<G, BC>(a, p, L * kp / p.kparts, L * (kp + 1) / p.kparts, blocks * np / p.nparts,
+                           blocks * (np + 1) / p.nparts, cbT, xT, parts.get() + kp * padded))
+        __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
+    }
+  });
+  if (!ok) return false;
   const int64_t* perm = a.perm.present ? a.perm.ptr<const int64_t>() : nullptr;
   const float* bias = a.bias.present ? a.bias.ptr<const float>() : nullptr;
   const float* scales = w.scales.ptr<const float>();
   const int64_t ldo = a.out.stride(0);
-  int ok = 1;
-  parallel_for((N + 15) / 16, 4, a.threads, [&](int64_t blk0, int64_t blk1) {
-    const int64_t s0 = blk0 * 16, s1 = min64(N, blk1 * 16);
-    Floats T(tile * C * BC), acc((blk1 - blk0) * 16 * BC);
-    for (int64_t i = 0; i < (blk1 - blk0) * 16 * BC; ++i) acc.get()[i] = 0.0f;
-    int64_t o = 0;
-    for (int64_t r0 = s0; r0 < s1; r0 = min64(s1, gp[o + 1])) {  // the rows of one group at a time
-      while (gp[o + 1] <= r0) ++o;
-      const int64_t r1 = min64(s1, gp[o + 1]);
-      const float* cbT = cbT_all + o * M * G * C;
-      for (int64_t i0 = 0; i0 < L; i0 += tile) {
-        const int64_t i1 = min64(L, i0 + tile);
-        build_table<G, BC>(xb, K, cbT, M, C, i0, i0, i1, T.get());
-        if (!gather_rows<BC>(T.get(), C, codes, L, i0, i1, r0, r1, s0, acc.get())) {
-          __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
-          return;
-        }
-      }
-    }
-    for (int64_t r = s0; r < s1; ++r) {
+  parallel_for(N, 256, a.threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t col = perm ? perm[r] : r;
       const float add = bias ? bias[col] : 0.0f;
-      for (int64_t b = 0; b < Bc; ++b)
-        store(a.out.data, a.out.dtype, (b0 + b) * ldo + col, scales[r] * acc.get()[(r - s0) * BC + b] + add);
+      for (int64_t b = 0; b < Bc; ++b) {
+        float sum = 0.0f;
+        for (int64_t kp = 0; kp < p.kparts; ++kp) sum += parts.get()[kp * padded + r * BC + b];
+        store(a.out.data, a.out.dtype, (b0 + b) * ldo + col, scales[r] * sum + add);
+      }
     }
   });
-  return ok != 0;
+  return true;
 }
 
 template <int G>
-bool matmul_chunk_bc(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* cbT, const float* xb) {
-  if (Bc <= 1) return matmul_chunk<G, 1>(a, b0, Bc, cbT, xb);
-  if (Bc <= 2) return matmul_chunk<G, 2>(a, b0, Bc, cbT, xb);
-  if (Bc <= 4) return matmul_chunk<G, 4>(a, b0, Bc, cbT, xb);
-  if (Bc <= 8) return matmul_chunk<G, 8>(a, b0, Bc, cbT, xb);
-  return matmul_chunk<G, 16>(a, b0, Bc, cbT, xb);
+bool matmul_chunk_bc(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* cbT, const float* xT) {
+  if (Bc <= 1) return matmul_chunk<G, 1>(a, b0, Bc, cbT, xT);
+  if (Bc <= 2) return matmul_chunk<G, 2>(a, b0, Bc, cbT, xT);
+  if (Bc <= 4) return matmul_chunk<G, 4>(a, b0, Bc, cbT, xT);
+  if (Bc <= 8) return matmul_chunk<G, 8>(a, b0, Bc, cbT, xT);
+  return matmul_chunk<G, 16>(a, b0, Bc, cbT, xT);
 }
 
-template <int G>
+// Dense rows [r0, r1) of the stored order into a.out (Out: float or uint16_t bf16 bits).
+template <int G, typename Out>
 void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& ok) {
   const CodebookFormat& w = a.w;
   const int64_t L = w.slots(), M = w.num_codebooks(), C = w.codebook_size(), J = L / M;
   const auto* codes = w.codes.ptr<const uint8_t>();
   const int64_t* gp = w.group_ptr.ptr<const int64_t>();
   const float* cbs = w.codebooks.ptr<const float>();
+  const float* scales = w.scales.ptr<const float>();
   int64_t o = 0;
-  while (gp[o + 1] <= r0) ++o;
   for (int64_t r = r0; r < r1; ++r) {
     while (gp[o + 1] <= r) ++o;
-    const uint8_t* cr = codes + (r / 16) * L * 16 + r % 16;  // code of slot i: cr[i * 16]
+    const uint8_t* cr = codes + (r / RB) * L * RB + r % RB;  // code of slot i: cr[i * RB]
+    uint8_t top = 0;
+    for (int64_t i = 0; i < L; ++i) top = cr[i * RB] > top ? cr[i * RB] : top;
+    if (top >= C) {
+      __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
+      return;
+    }
     const float* cb = cbs + o * M * C * G;
-    const float s = w.scales.ptr<const float>()[r];
-    const int64_t row_out = (r - a.row_begin) * a.out.stride(0);
+    const float s = scales[r];
+    Out* row = static_cast<Out*>(a.out.data) + (r - a.row_begin) * a.out.stride(0);
+    using V = typename Lanes<G>::type;  // one codeword as one vector
     for (int64_t j = 0; j < J; ++j) {
-      float v[G] = {};
-      for (int64_t m = 0; m < M; ++m) {
-        const uint8_t code = cr[(j * M + m) * 16];
-        if (code >= C) {
-          __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
-          return;
-        }
-        const float* word = cb + (m * C + code) * G;
-        for (int t = 0; t < G; ++t) v[t] += word[t];
+      V v, u;
+      std::memcpy(&v, cb + cr[j * M * RB] * G, sizeof(V));
+      for (int64_t m = 1; m < M; ++m) {
+        std::memcpy(&u, cb + (m * C + cr[(j * M + m) * RB]) * G, sizeof(V));
+        v += u;
       }
-      for (int t = 0; t < G; ++t) store(a.out.data, a.out.dtype, row_out + j * G + t, s * v[t]);
+      v *= s;
+      if constexpr (sizeof(Out) == 4) {
+        std::memcpy(row + j * G, &v, sizeof(V));
+      } else {
+        float f[G];
+        std::memcpy(f, &v, sizeof(V));
+        for (int t = 0; t < G; ++t) row[j * G + t] = f32_to_bf16(f[t]);
+      }
     }
   }
+}
+
+template <int G>
+void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& ok) {
+  if (a.out.dtype == DType::f32) dequantize_rows<G, float>(a, r0, r1, ok);
+  else dequantize_rows<G, uint16_t>(a, r0, r1, ok);
 }
 
 }  // namespace
@@ -226,22 +409,22 @@ bool codebook_matmul(const CodebookMatmul& a) {
   const int64_t B = a.x.size(0), K = w.in_features(), N = w.rows(), M = w.num_codebooks(),
                 C = w.codebook_size(), G = w.in_group(), O = w.groups();
   if (B == 0 || N == 0) return true;
-  Floats cbT(O * M * G * C), xb(kMaxBatch * K);
+  Scratch<float> cbT(O * M * G * C), xT(K * kMaxBatch);
   const float* cb = w.codebooks.ptr<const float>();
   for (int64_t om = 0; om < O * M; ++om)  // (O, M, C, G) -> (O, M, G, C)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t t = 0; t < G; ++t) cbT.get()[(om * G + t) * C + c] = cb[(om * C + c) * G + t];
   for (int64_t b0 = 0; b0 < B; b0 += kMaxBatch) {
     const int64_t Bc = min64(kMaxBatch, B - b0), BC = Bc <= 1 ? 1 : Bc <= 2 ? 2 : Bc <= 4 ? 4 : Bc <= 8 ? 8 : 16;
-    for (int64_t b = 0; b < BC; ++b)  // the chunk in float32, zero rows up to BC
+    for (int64_t b = 0; b < BC; ++b)  // the chunk in float32, (K, BC), zeros past Bc
       for (int64_t k = 0; k < K; ++k)
-        xb.get()[b * K + k] = b < Bc ? to_f32(a.x.data, a.x.dtype, (b0 + b) * a.x.stride(0) + k) : 0.0f;
+        xT.get()[k * BC + b] = b < Bc ? to_f32(a.x.data, a.x.dtype, (b0 + b) * a.x.stride(0) + k) : 0.0f;
     bool ok;
     switch (G) {
-      case 1: ok = matmul_chunk_bc<1>(a, b0, Bc, cbT.get(), xb.get()); break;
-      case 2: ok = matmul_chunk_bc<2>(a, b0, Bc, cbT.get(), xb.get()); break;
-      case 4: ok = matmul_chunk_bc<4>(a, b0, Bc, cbT.get(), xb.get()); break;
-      default: ok = matmul_chunk_bc<8>(a, b0, Bc, cbT.get(), xb.get()); break;
+      case 1: ok = matmul_chunk_bc<1>(a, b0, Bc, cbT.get(), xT.get()); break;
+      case 2: ok = matmul_chunk_bc<2>(a, b0, Bc, cbT.get(), xT.get()); break;
+      case 4: ok = matmul_chunk_bc<4>(a, b0, Bc, cbT.get(), xT.get()); break;
+      default: ok = matmul_chunk_bc<8>(a, b0, Bc, cbT.get(), xT.get()); break;
     }
     if (!ok) return false;
   }

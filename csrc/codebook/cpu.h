@@ -4,13 +4,17 @@
 // Row r of the dense weight is scales[r] * concat_j sum_m codebooks[o, m, code(r, j * M + m)].
 // Stored rows are ordered by group; stored row r is output feature perm[r].
 //
-// Codes are interleaved by blocks of 16 rows: code(r, i) = codes[r / 16, i, r % 16]. One slot of
-// a block is then 16 contiguous bytes, the indices of one 16-lane gather from that slot's table.
+// Codes are interleaved by blocks of kRowBlock = 16 rows: code(r, i) = codes[r / 16, i, r % 16].
+// One slot of a block is then 16 contiguous bytes, half the indices of one 32-lane int16 table
+// lookup (vpermi2w) or 16 independent float lookups, and a block's slots stream contiguously.
+// (16, not 32: a layer's codes are padded to whole blocks, which small layers pay in bits.)
 #pragma once
 #include "common/dispatch.h"
 #include "common/view.h"
 
 namespace hotops {
+
+constexpr int64_t kRowBlock = 16;
 
 struct CodebookFormat {
   View codes;      // (ceil(N / 16), L, 16) uint8, contiguous; L = K / in_group * M, slot j * M + m

@@ -3,7 +3,9 @@ against torch's dense float32 F.linear (the layer it replaces) and against the a
 numba CPU kernel on the very same weight (2 codebooks of 256 codewords over 8 inputs: AQLM's
 "2x8", 2 bits per weight). Weights are synthetic (random codes and codebooks: the time does not
 depend on the values). The roofline column counts the bytes the hotops kernel must read (codes,
-activations) and write, against the machine's copy bandwidth."""
+activations) and write, against the machine's copy bandwidth; `extra` also records the table
+lookups (one per code and 16 batch rows) and their rate, the kernel's other bound (see
+docs/codebook.md)."""
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -63,7 +65,7 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
     out = [dict(N=N, K=K, B=B, config="2x8", peer=p) for N, K in SHAPES for B in (1, 4, 16)
            for p in ("dense", "aqlm")]
     out += [dict(N=4096, K=4096, B=B, config="1x8/4", peer="dense") for B in (1, 16)]
-    out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="bf16") for B in (1, 16)]
+    out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="bf16") for B in (1, 4, 16)]
     out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense") for B in (64, 256)]
     return out
 
@@ -105,10 +107,12 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     act = torch.finfo(DTYPES[dtype]).bits // 8
     bytes_moved = N * K * M // g + B * (K + N) * act  # codes once, activations in and out
     bits = make_weight(N, K, config).bits_per_weight
+    lookups = N * K * M // g * -(-B // 16)  # table lookups: one per code per 16 batch rows
     return Result(family="codebook", case=case, peer=peer_name, hotops_s=th, peer_s=tp, check=check,
                   note=note, work="bytes", amount=bytes_moved,
                   extra={"bits_per_weight": bits, "weight_MB": bits * N * K / 8 / 2 ** 20,
-                         "dense_fp32_MB": 4 * N * K / 2 ** 20})
+                         "dense_fp32_MB": 4 * N * K / 2 ** 20, "lookups": lookups,
+                         "glookups_per_s": lookups / th / 1e9})
 
 
 # ---------------------------------------------------------------- the all-MiniLM-L6-v2 experiment

@@ -1,10 +1,9 @@
 """torch.library ops of the codebook family: schema, fake impl, autograd, per-device kernels.
 
 ``hotops::codebook_matmul`` (x (..., K) -> (..., N)) and ``hotops::codebook_dequantize`` (the
-dense float32 weight). On the CPU the product runs the C++ lookup-table kernel for batches up to
-LUT_MAX_BATCH rows; above that, dequantizing row tiles of the weight into cache and multiplying
-with torch's BLAS is faster (the tables then cost as much as the product they replace). Other
-devices dequantize and multiply with torch (no Triton kernel yet).
+dense float32 weight). On the CPU the product runs the C++ lookup-table kernel (see
+``use_tables``); otherwise it dequantizes row tiles of the weight into cache and multiplies them
+with torch's BLAS. Other devices dequantize and multiply with torch (no Triton kernel yet).
 
 Backward: dx = dy W with W dequantized by the C++ kernel; the codebooks' and scales' gradients
 come from dW = dy^T x by a scatter-add of each code's slice into its codeword.
@@ -19,8 +18,17 @@ from hotops import _backend
 from hotops.codebook import reference
 from hotops.codebook.reference import unpack_codes
 
-# Batch rows up to which the lookup tables beat dequantize + GEMM (measured, docs/codebook.md).
-LUT_MAX_BATCH = 64
+# When the lookup tables beat dequantize + GEMM (measured, docs/codebook.md). A table lookup adds
+# in_group / num_codebooks weights' worth of products at once: from 2 on (AQLM's 2x8 and 1x8/4
+# give 4) the tables win at every batch size, one vector add per 16 batch rows replacing 4 FMAs;
+# below that they only win for small batches.
+LUT_MIN_WEIGHTS_PER_LOOKUP = 2
+LUT_MAX_BATCH = 16
+
+
+def use_tables(batch: int, in_group: int, num_codebooks: int) -> bool:
+    return batch <= LUT_MAX_BATCH or in_group >= LUT_MIN_WEIGHTS_PER_LOOKUP * num_codebooks
+
 # Dequantized row tile for the GEMM path: large enough that torch.mm runs at full rate and its
 # per-call threading cost is amortised, small beside the dense weight.
 GEMM_TILE_BYTES = 8 << 20
@@ -44,7 +52,7 @@ def _in_features(codes, codebooks):
 
 def _cpu_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
     B, N = x2.shape[0], scales.shape[0]
-    if B <= LUT_MAX_BATCH:
+    if use_tables(B, codebooks.shape[3], codebooks.shape[1]):
         out = torch.empty(B, N, dtype=x2.dtype)
         c, cb, s = _kernel_args(codes, codebooks, scales)
         _backend.ext().codebook_matmul(
@@ -54,10 +62,12 @@ def _cpu_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
     K = x2.shape[1]
     tile = max(16, GEMM_TILE_BYTES // max(1, K * x2.element_size()))
     out_t = torch.empty(N, B, dtype=x2.dtype)  # stored order, transposed: each tile writes whole rows
+    w = torch.empty(min(tile, N), K, dtype=x2.dtype)  # one tile buffer, reused (no page faults)
+    c, cb, s = _kernel_args(codes, codebooks, scales)
     for r0 in range(0, N, tile):
         r1 = min(N, r0 + tile)
-        w = _cpu_dequantize_stored(codes, codebooks, scales, group_ptr, x2.dtype, (r0, r1))
-        torch.mm(w, x2.T, out=out_t[r0:r1])
+        _backend.ext().codebook_dequantize(c, cb, s, group_ptr, r0, r1, w[:r1 - r0], _backend.num_threads())
+        torch.mm(w[:r1 - r0], x2.T, out=out_t[r0:r1])
     out = reference.to_output_order(out_t, perm).T
     return out + bias.to(out.dtype) if bias is not None else out.contiguous()
 
