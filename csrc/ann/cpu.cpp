@@ -232,7 +232,7 @@ inline void for_row_tables(const View& x, const AnnCodebooks& cb, int64_t b, int
 inline int64_t argmin(const float* t, int64_t n) {
   int64_t best = 0, j = 0;
   if (n >= W) {
-    float lane_idx[W], lane_min[W];
+    float lane_idx[W];
     for (int l = 0; l < W; ++l) lane_idx[l] = static_cast<float>(l);
     const VecF step = VecF::set1(static_cast<float>(W));
     VecF at = VecF::load(lane_idx), mv = VecF::load(t), mi = at;
@@ -242,12 +242,10 @@ inline int64_t argmin(const float* t, int64_t n) {
       mi = VecF::select_lt(v, mv, at, mi);
       mv = VecF::min(mv, v);
     }
-    mv.store(lane_min);
-    mi.store(lane_idx);
-    for (int l = 0; l < W; ++l) {
-      const int64_t i = static_cast<int64_t>(lane_idx[l]);
-      if (lane_min[l] < t[best] || (lane_min[l] == t[best] && i < best)) best = i;
-    }
+    // the smallest value, then the smallest index among the lanes holding it: two reductions
+    const VecF lowest = VecF::set1(-(VecF::set1(0.0f) - mv).hmax());
+    const VecF where = VecF::select_lt(lowest, mv, VecF::set1(static_cast<float>(n)), mi);
+    best = static_cast<int64_t>(-(VecF::set1(0.0f) - where).hmax());
   }
   for (; j < n; ++j) best = t[j] < t[best] ? j : best;
   return best;
