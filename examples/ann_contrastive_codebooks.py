@@ -36,7 +36,7 @@ def recall_at_10(index: PQIndex, q: np.ndarray, gt: np.ndarray) -> float:
 
 
 def learn_codebooks(index: PQIndex, queries: np.ndarray, base: np.ndarray, *, steps: int = 300,
-                    batch: int = 256, hard: int = 30, lr: float = 2e-3, temperature: float = 0.05,
+                    batch: int = 128, hard: int = 10, lr: float = 5e-4, temperature: float = 0.05,
                     ste_temperature: float = 1.0, seed: int = 0, log_every: int = 50) -> list:
     """Fine-tunes index.codebooks (trained) on (query, true neighbour) pairs; returns the losses.
     Positives: one of each query's exact top-10; hard negatives: its neighbours ranked 11..10+hard."""
@@ -85,8 +85,9 @@ def main():
     ap.add_argument("--data", choices=("glove", "wordnet"), default="glove")
     ap.add_argument("--m", type=int, default=5, help="sub-spaces (50-d GloVe: 5, 10, 25; 384-d: 24, 48, ...)")
     ap.add_argument("--nbits", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--base", type=int, default=100_000)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--base", type=int, default=50_000)
     args = ap.parse_args()
     why = ann_data.missing(args.data)
     if why:
@@ -98,7 +99,7 @@ def main():
     base = np.ascontiguousarray(x[order[6000:6000 + args.base]])
     print(f"{args.data}: base {base.shape}, {len(train_q)} training queries, {len(test_q)} test queries, "
           f"PQ m={args.m} {args.nbits}-bit, inner product")
-    out = run(base, train_q, test_q, args.m, args.nbits, steps=args.steps)
+    out = run(base, train_q, test_q, args.m, args.nbits, steps=args.steps, lr=args.lr)
     print(f"recall@10: k-means codebooks {out['before']:.3f} -> learned {out['after']:.3f} "
           f"({args.steps} steps, {out['seconds']:.1f} s)")
 

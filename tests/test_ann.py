@@ -555,3 +555,19 @@ def test_triton_scan_on_gpu(metric):
             _device_search_matches_cpu(index, q, "cuda", k=10, refine=refine, **extra)
         d, i = index.search(torch.from_numpy(q).cuda(), k=10, **extra)  # the public entry point
         assert d.is_cuda and i.is_cuda and i.dtype == torch.int64
+
+
+def test_contrastive_codebook_example_runs_end_to_end():
+    """examples/ann_contrastive_codebooks.py on tiny data: quantize_ste + info_nce train the
+    codebooks, set_codebooks loads them, the re-encoded index still finds neighbours."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "ann_contrastive_codebooks.py")
+    spec = importlib.util.spec_from_file_location("ann_contrastive_codebooks", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    x = data(700, 16, seed=7)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    out = example.run(x[100:], x[:80], x[80:100], m=4, nbits=6, steps=6, batch=32, hard=5, log_every=0)
+    assert len(out["losses"]) == 6 and np.isfinite(out["losses"]).all()
+    assert 0.1 <= out["before"] <= 1 and 0.1 <= out["after"] <= 1
