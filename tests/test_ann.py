@@ -571,3 +571,20 @@ def test_contrastive_codebook_example_runs_end_to_end():
     out = example.run(x[100:], x[:80], x[80:100], m=4, nbits=6, steps=6, batch=32, hard=5, log_every=0)
     assert len(out["losses"]) == 6 and np.isfinite(out["losses"]).all()
     assert 0.1 <= out["before"] <= 1 and 0.1 <= out["after"] <= 1
+
+
+def test_few_queries_split_the_lists_across_threads():
+    """With fewer queries than threads the IVF scan splits each query's lists and merges."""
+    index, x = ivf(n=3000, nlist=16, nbits=8)
+    q = data(2, 16, seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = index.search(q, k=15, nprobe=9)
+        torch.set_num_threads(3)
+        three = index.search(q, k=15, nprobe=9)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one[0], three[0])
+    inside = one[0] < one[0].max(axis=1, keepdims=True)
+    np.testing.assert_array_equal(one[1][inside], three[1][inside])

@@ -530,28 +530,56 @@ void ann_ivf_scan(const AnnIvfScan& a) {
   const uint8_t* codes = a.codes.ptr<uint8_t>();
   const uint8_t* allow = a.allow.present ? a.allow.ptr<uint8_t>() : nullptr;
   const int64_t* offsets = a.offsets.ptr<int64_t>();
+  // Probes [pb, pe) of query qi into top; table (m, 256) is +inf past ksub, residual (d).
+  auto scan_probes = [&](int64_t qi, int64_t pb, int64_t pe, float* table, float* residual, TopK& top) {
+    const float* q = row_ptr<float>(a.q, qi);
+    // ip: <q, c + r> = <q, c> + <q, r>, so one table serves every list and <q, c> is a bias.
+    if (!l2) tables_of_row(q, a.cb, table, kTableStride);
+    const int64_t* probe = row_ptr<int64_t>(a.probes, qi);
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t l = probe[p];
+      if (l < 0 || offsets[l] == offsets[l + 1]) continue;
+      const float* c = row_ptr<float>(a.coarse, l);
+      float bias = 0.0f;
+      if (l2) {  // ||q - c - r||^2: tables of the query's residual to this list's centroid
+        for (int64_t i = 0; i < d; ++i) residual[i] = q[i] - c[i];
+        tables_of_row(residual, a.cb, table, kTableStride);
+      } else {
+        bias = -dot(q, c, d);
+      }
+      scan(table, kTableStride, codes, m, allow, offsets[l], offsets[l + 1], bias, top);
+    }
+  };
+  auto inf_table = [&](Scratch<float>& t) { for (int64_t i = 0; i < m * kTableStride; ++i) t.p[i] = INFINITY; };
+  if (nq < a.threads && nprobe > 1) {
+    // Too few queries to busy every thread: each thread scans a share of a query's lists into
+    // its own top-k, then the shares are merged.
+    const int64_t slices = a.threads < nprobe ? a.threads : nprobe;
+    Scratch<float> part_s(slices * k);
+    Scratch<int64_t> part_r(slices * k);
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      parallel_for(slices, 1, a.threads, [&](int64_t sb, int64_t se) {
+        Scratch<float> table(m * kTableStride), residual(d);
+        inf_table(table);
+        for (int64_t sl = sb; sl < se; ++sl) {
+          TopK top(part_s.p + sl * k, part_r.p + sl * k, k);
+          scan_probes(qi, nprobe * sl / slices, nprobe * (sl + 1) / slices, table.p, residual.p, top);
+          top.finish();
+        }
+      });
+      TopK top(row_ptr<float>(a.out_score, qi), row_ptr<int64_t>(a.out_row, qi), k);
+      for (int64_t i = 0; i < slices * k; ++i)
+        if (part_r.p[i] >= 0) top.push(part_s.p[i], part_r.p[i]);
+      top.finish();
+    }
+    return;
+  }
   parallel_for(nq, 1, a.threads, [&](int64_t qb, int64_t qe) {
     Scratch<float> table(m * kTableStride), residual(d);
-    for (int64_t i = 0; i < m * kTableStride; ++i) table.p[i] = INFINITY;
+    inf_table(table);
     for (int64_t qi = qb; qi < qe; ++qi) {
-      const float* q = row_ptr<float>(a.q, qi);
       TopK top(row_ptr<float>(a.out_score, qi), row_ptr<int64_t>(a.out_row, qi), k);
-      // ip: <q, c + r> = <q, c> + <q, r>, so one table serves every list and <q, c> is a bias.
-      if (!l2) tables_of_row(q, a.cb, table.p, kTableStride);
-      const int64_t* probe = row_ptr<int64_t>(a.probes, qi);
-      for (int64_t p = 0; p < nprobe; ++p) {
-        const int64_t l = probe[p];
-        if (l < 0 || offsets[l] == offsets[l + 1]) continue;
-        const float* c = row_ptr<float>(a.coarse, l);
-        float bias = 0.0f;
-        if (l2) {  // ||q - c - r||^2: tables of the query's residual to this list's centroid
-          for (int64_t i = 0; i < d; ++i) residual.p[i] = q[i] - c[i];
-          tables_of_row(residual.p, a.cb, table.p, kTableStride);
-        } else {
-          bias = -dot(q, c, d);
-        }
-        scan(table.p, kTableStride, codes, m, allow, offsets[l], offsets[l + 1], bias, top);
-      }
+      scan_probes(qi, 0, nprobe, table.p, residual.p, top);
       top.finish();
     }
   });
