@@ -575,14 +575,14 @@ def test_contrastive_codebook_example_runs_end_to_end():
 
 def test_few_queries_split_the_lists_across_threads():
     """With fewer queries than threads the IVF scan splits each query's lists and merges."""
-    index, x = ivf(n=3000, nlist=16, nbits=8)
+    index, x = ivf(n=40000, nlist=16, m=2, nbits=8)  # all lists probed: 40k rows, above kSplitRows
     q = data(2, 16, seed=4)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = index.search(q, k=15, nprobe=9)
+        one = index.search(q, k=15, nprobe=16)
         torch.set_num_threads(3)
-        three = index.search(q, k=15, nprobe=9)
+        three = index.search(q, k=15, nprobe=16)
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(one[0], three[0])

@@ -523,6 +523,8 @@ void ann_pq_scan(const AnnPqScan& a) {
   });
 }
 
+constexpr int64_t kSplitRows = 1 << 15;  // codes a query must scan before its lists are split across threads
+
 void ann_ivf_scan(const AnnIvfScan& a) {
   const int64_t nq = a.q.size(0), d = a.q.size(1), nprobe = a.probes.size(1);
   const int64_t m = a.cb.m(), k = a.out_score.size(1);
@@ -558,17 +560,22 @@ void ann_ivf_scan(const AnnIvfScan& a) {
     Scratch<float> part_s(slices * k);
     Scratch<int64_t> part_r(slices * k);
     for (int64_t qi = 0; qi < nq; ++qi) {
-      parallel_for(slices, 1, a.threads, [&](int64_t sb, int64_t se) {
+      const int64_t* probe = row_ptr<int64_t>(a.probes, qi);
+      int64_t rows = 0;
+      for (int64_t p = 0; p < nprobe; ++p) rows += probe[p] < 0 ? 0 : offsets[probe[p] + 1] - offsets[probe[p]];
+      // below this many codes, waking threads costs more than the scan they would share
+      const int64_t busy = rows < kSplitRows ? 1 : slices;
+      parallel_for(busy, 1, a.threads, [&](int64_t sb, int64_t se) {
         Scratch<float> table(m * kTableStride), residual(d);
         inf_table(table);
         for (int64_t sl = sb; sl < se; ++sl) {
           TopK top(part_s.p + sl * k, part_r.p + sl * k, k);
-          scan_probes(qi, nprobe * sl / slices, nprobe * (sl + 1) / slices, table.p, residual.p, top);
+          scan_probes(qi, nprobe * sl / busy, nprobe * (sl + 1) / busy, table.p, residual.p, top);
           top.finish();
         }
       });
       TopK top(row_ptr<float>(a.out_score, qi), row_ptr<int64_t>(a.out_row, qi), k);
-      for (int64_t i = 0; i < slices * k; ++i)
+      for (int64_t i = 0; i < busy * k; ++i)
         if (part_r.p[i] >= 0) top.push(part_s.p[i], part_r.p[i]);
       top.finish();
     }
