@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 256              # codes per tile
+BLOCK = 256              # codes per tile (fewer when m > 32: TILE_ELEMENTS codes per tile)
+TILE_ELEMENTS = 8192
 FLAT_SLICE = 4096        # rows per program in a flat scan (more programs than queries alone give)
 MAX_CANDIDATE_BYTES = 256 << 20  # queries are processed in batches whose candidate keys fit this
 
@@ -87,8 +88,8 @@ def adc_topk(qtables: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor, 
     N, nprobe = codes.shape[0], probes.shape[1]
     if N >= 1 << 32:
         raise ValueError(f"the GPU scan addresses rows with 32 bits; {N} codes are too many")
-    kp = max(triton.next_power_of_2(k), 16)
-    block = max(BLOCK, kp)
+    kp, mp = max(triton.next_power_of_2(k), 16), triton.next_power_of_2(m)
+    block = max(kp, min(BLOCK, TILE_ELEMENTS // mp))  # a (block, mp) tile of codes stays in registers
     score = torch.full((nq, k), float("inf"), dtype=torch.float32, device=qtables.device)
     rows = torch.full((nq, k), -1, dtype=torch.int64, device=qtables.device)
     batch = max(1, MAX_CANDIDATE_BYTES // (8 * kp * max(nprobe, 1)))
@@ -99,7 +100,7 @@ def adc_topk(qtables: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor, 
             qtables[q0:q1], list_tables if list_tables is not None else qtables,
             bias[q0:q1] if bias is not None else qtables, probes[q0:q1], offsets, codes,
             allow if allow is not None else codes, keys, nprobe, M=m, KSUB=ksub,
-            MP=triton.next_power_of_2(m), KP=kp, BLOCK=block, HAS_LT=list_tables is not None,
+            MP=mp, KP=kp, BLOCK=block, HAS_LT=list_tables is not None,
             HAS_BIAS=bias is not None, HAS_ALLOW=allow is not None)
         keys = keys.reshape(q1 - q0, -1)
         top = torch.topk(keys, min(k, keys.shape[1]), dim=1, largest=False, sorted=True).values
