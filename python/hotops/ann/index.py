@@ -132,6 +132,7 @@ class _ProductQuantized:
             raise ValueError("codebooks contain NaN or Inf")
         self.codebooks = books
         self._ct, self._cterm = codebook_layout(books)
+        self._device_key = None  # the same array may come back changed in place
 
     def encode(self, x) -> np.ndarray:
         """(n, m) uint8 codes of vectors already in the quantized space (residuals for IVF)."""
@@ -192,15 +193,16 @@ class _ProductQuantized:
 
     def _on_device(self, device) -> dict:
         """The index's arrays as tensors on `device`, copied again only after the index changed."""
-        key = (str(device), self.codes, self.ids, self.codebooks, self.vectors, getattr(self, "coarse", None))
-        if self._device_key is None or len(key) != len(self._device_key) or key[0] != self._device_key[0] or any(
-                a is not b for a, b in zip(key[1:], self._device_key[1:])):
+        arrays = (self.codes, self.ids, self.codebooks, self.vectors, getattr(self, "coarse", None))
+        key = (str(device),) + tuple(map(id, arrays))
+        if self._device_key != key:  # every change replaces an array (the cache keeps them alive)
             t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
             state = dict(codes=t(self.codes), ids=t(self.ids), codebooks=t(self.codebooks),
                          cnorm=t((self.codebooks.astype(np.float64) ** 2).sum(-1).astype(np.float32)))
             if self.keep_vectors:
                 state["vectors"] = t(self.vectors)
             state.update(self._device_extra(t))
+            state["_arrays"] = arrays  # ids stay unique while the arrays live
             self._device_key, self._device_cache = key, state
         return self._device_cache
 
