@@ -492,3 +492,101 @@ def test_few_queries_split_the_codes_across_threads():
     assert set(one[1][inside]) == set(three[1][inside])
     assert set(three[1].ravel()) <= set(range(0, 9000, 2))
     np.testing.assert_allclose(exact[0], reference.search(q, x, 20, "l2")[0], rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the Triton scan (GPU path)
+
+
+def _device_search_matches_cpu(index, q, device, **kw):
+    """The Triton path (search on `device` tensors) returns the C++ path's neighbours."""
+    d_ref, i_ref = index.search(q, **kw)
+    d, i = index._search_triton(torch.from_numpy(q).to(device), kw.pop("k"), kw.pop("refine", None),
+                                kw.pop("allow", None), **kw)
+    np.testing.assert_allclose(d.cpu().numpy(), d_ref, rtol=1e-5, atol=1e-4)
+    i = i.cpu().numpy()
+    for row, row_ref, dist in zip(i, i_ref, d_ref):  # the same neighbours, up to near-ties with the k-th
+        inside = np.abs(dist - dist[-1]) > 1e-4 * max(1.0, abs(dist[-1]))
+        assert set(row[inside]) == set(row_ref[inside])
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("make", [pq, ivf])
+def test_triton_scan_matches_cpu(metric, make):
+    from conftest import require_triton_runs
+
+    require_triton_runs()
+    index, x = make(n=300, metric=metric, keep_vectors=True)
+    q = data(3, 16, seed=9)
+    extra = dict(nprobe=3) if make is ivf else {}
+    _device_search_matches_cpu(index, q, "cpu", k=5, refine=2, allow=np.arange(0, 300, 3), **extra)
+
+
+def test_triton_adc_topk_edges():
+    """Empty lists, absent probes (-1), k beyond the rows scanned, and ties broken by row."""
+    from conftest import require_triton_runs
+
+    require_triton_runs()
+    from hotops.ann.triton import adc_topk
+
+    qt = torch.tensor([[[1.0, 0.0, 2.0], [0.5, 0.5, 0.0]]])  # (1 query, m = 2, ksub = 3)
+    codes = torch.tensor([[0, 0], [1, 1], [2, 2], [1, 2], [1, 0]], dtype=torch.uint8)
+    offsets = torch.tensor([0, 3, 3, 5])  # list 1 is empty
+    probes = torch.tensor([[2, 1, -1]])
+    score, rows = adc_topk(qt, codes, offsets, probes, k=4, bias=torch.tensor([[1.0, 0.0, 0.0]]))
+    # list 2 holds rows 3 (0 + 0 + 1) and 4 (0 + 0.5 + 1); nothing else is scanned
+    np.testing.assert_allclose(score.numpy(), [[1.0, 1.5, np.inf, np.inf]])
+    np.testing.assert_array_equal(rows.numpy(), [[3, 4, -1, -1]])
+    score, rows = adc_topk(qt, codes, offsets, torch.tensor([[0, 2, 1]]), k=3)
+    # rows 0..4 score 1.5, 0.5, 2, 0, 0.5
+    np.testing.assert_allclose(score.numpy(), [[0.0, 0.5, 0.5]])
+    np.testing.assert_array_equal(rows.numpy(), [[3, 1, 4]])  # equal scores: lower row first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_triton_scan_on_gpu(metric):
+    x = data(20000, 32, seed=5)
+    q = data(64, 32, seed=6)
+    for index in (PQIndex(32, 8, 8, metric, keep_vectors=True, verbose=False),
+                  IVFPQIndex(32, 64, 8, 8, metric, keep_vectors=True, verbose=False)):
+        index.train(x)
+        index.add(x)
+        extra = dict(nprobe=8) if isinstance(index, IVFPQIndex) else {}
+        for refine in (None, 4):
+            _device_search_matches_cpu(index, q, "cuda", k=10, refine=refine, **extra)
+        d, i = index.search(torch.from_numpy(q).cuda(), k=10, **extra)  # the public entry point
+        assert d.is_cuda and i.is_cuda and i.dtype == torch.int64
+
+
+def test_contrastive_codebook_example_runs_end_to_end():
+    """examples/ann_contrastive_codebooks.py on tiny data: quantize_ste + info_nce train the
+    codebooks, set_codebooks loads them, the re-encoded index still finds neighbours."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "ann_contrastive_codebooks.py")
+    spec = importlib.util.spec_from_file_location("ann_contrastive_codebooks", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    x = data(700, 16, seed=7)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    out = example.run(x[100:], x[:80], x[80:100], m=4, nbits=6, steps=6, batch=32, hard=5, log_every=0)
+    assert len(out["losses"]) == 6 and np.isfinite(out["losses"]).all()
+    assert 0.1 <= out["before"] <= 1 and 0.1 <= out["after"] <= 1
+
+
+def test_few_queries_split_the_lists_across_threads():
+    """With fewer queries than threads the IVF scan splits each query's lists and merges."""
+    index, x = ivf(n=40000, nlist=16, m=2, nbits=8)  # all lists probed: 40k rows, above kSplitRows
+    q = data(2, 16, seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = index.search(q, k=15, nprobe=16)
+        torch.set_num_threads(3)
+        three = index.search(q, k=15, nprobe=16)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one[0], three[0])
+    inside = one[0] < one[0].max(axis=1, keepdims=True)
+    np.testing.assert_array_equal(one[1][inside], three[1][inside])

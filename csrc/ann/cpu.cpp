@@ -232,7 +232,7 @@ inline void for_row_tables(const View& x, const AnnCodebooks& cb, int64_t b, int
 inline int64_t argmin(const float* t, int64_t n) {
   int64_t best = 0, j = 0;
   if (n >= W) {
-    float lane_idx[W], lane_min[W];
+    float lane_idx[W];
     for (int l = 0; l < W; ++l) lane_idx[l] = static_cast<float>(l);
     const VecF step = VecF::set1(static_cast<float>(W));
     VecF at = VecF::load(lane_idx), mv = VecF::load(t), mi = at;
@@ -242,12 +242,10 @@ inline int64_t argmin(const float* t, int64_t n) {
       mi = VecF::select_lt(v, mv, at, mi);
       mv = VecF::min(mv, v);
     }
-    mv.store(lane_min);
-    mi.store(lane_idx);
-    for (int l = 0; l < W; ++l) {
-      const int64_t i = static_cast<int64_t>(lane_idx[l]);
-      if (lane_min[l] < t[best] || (lane_min[l] == t[best] && i < best)) best = i;
-    }
+    // the smallest value, then the smallest index among the lanes holding it: two reductions
+    const VecF lowest = VecF::set1(-(VecF::set1(0.0f) - mv).hmax());
+    const VecF where = VecF::select_lt(lowest, mv, VecF::set1(static_cast<float>(n)), mi);
+    best = static_cast<int64_t>(-(VecF::set1(0.0f) - where).hmax());
   }
   for (; j < n; ++j) best = t[j] < t[best] ? j : best;
   return best;
@@ -525,6 +523,8 @@ void ann_pq_scan(const AnnPqScan& a) {
   });
 }
 
+constexpr int64_t kSplitRows = 1 << 15;  // codes a query must scan before its lists are split across threads
+
 void ann_ivf_scan(const AnnIvfScan& a) {
   const int64_t nq = a.q.size(0), d = a.q.size(1), nprobe = a.probes.size(1);
   const int64_t m = a.cb.m(), k = a.out_score.size(1);
@@ -532,28 +532,61 @@ void ann_ivf_scan(const AnnIvfScan& a) {
   const uint8_t* codes = a.codes.ptr<uint8_t>();
   const uint8_t* allow = a.allow.present ? a.allow.ptr<uint8_t>() : nullptr;
   const int64_t* offsets = a.offsets.ptr<int64_t>();
+  // Probes [pb, pe) of query qi into top; table (m, 256) is +inf past ksub, residual (d).
+  auto scan_probes = [&](int64_t qi, int64_t pb, int64_t pe, float* table, float* residual, TopK& top) {
+    const float* q = row_ptr<float>(a.q, qi);
+    // ip: <q, c + r> = <q, c> + <q, r>, so one table serves every list and <q, c> is a bias.
+    if (!l2) tables_of_row(q, a.cb, table, kTableStride);
+    const int64_t* probe = row_ptr<int64_t>(a.probes, qi);
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t l = probe[p];
+      if (l < 0 || offsets[l] == offsets[l + 1]) continue;
+      const float* c = row_ptr<float>(a.coarse, l);
+      float bias = 0.0f;
+      if (l2) {  // ||q - c - r||^2: tables of the query's residual to this list's centroid
+        for (int64_t i = 0; i < d; ++i) residual[i] = q[i] - c[i];
+        tables_of_row(residual, a.cb, table, kTableStride);
+      } else {
+        bias = -dot(q, c, d);
+      }
+      scan(table, kTableStride, codes, m, allow, offsets[l], offsets[l + 1], bias, top);
+    }
+  };
+  auto inf_table = [&](Scratch<float>& t) { for (int64_t i = 0; i < m * kTableStride; ++i) t.p[i] = INFINITY; };
+  if (nq < a.threads && nprobe > 1) {
+    // Too few queries to busy every thread: each thread scans a share of a query's lists into
+    // its own top-k, then the shares are merged.
+    const int64_t slices = a.threads < nprobe ? a.threads : nprobe;
+    Scratch<float> part_s(slices * k);
+    Scratch<int64_t> part_r(slices * k);
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const int64_t* probe = row_ptr<int64_t>(a.probes, qi);
+      int64_t rows = 0;
+      for (int64_t p = 0; p < nprobe; ++p) rows += probe[p] < 0 ? 0 : offsets[probe[p] + 1] - offsets[probe[p]];
+      // below this many codes, waking threads costs more than the scan they would share
+      const int64_t busy = rows < kSplitRows ? 1 : slices;
+      parallel_for(busy, 1, a.threads, [&](int64_t sb, int64_t se) {
+        Scratch<float> table(m * kTableStride), residual(d);
+        inf_table(table);
+        for (int64_t sl = sb; sl < se; ++sl) {
+          TopK top(part_s.p + sl * k, part_r.p + sl * k, k);
+          scan_probes(qi, nprobe * sl / busy, nprobe * (sl + 1) / busy, table.p, residual.p, top);
+          top.finish();
+        }
+      });
+      TopK top(row_ptr<float>(a.out_score, qi), row_ptr<int64_t>(a.out_row, qi), k);
+      for (int64_t i = 0; i < busy * k; ++i)
+        if (part_r.p[i] >= 0) top.push(part_s.p[i], part_r.p[i]);
+      top.finish();
+    }
+    return;
+  }
   parallel_for(nq, 1, a.threads, [&](int64_t qb, int64_t qe) {
     Scratch<float> table(m * kTableStride), residual(d);
-    for (int64_t i = 0; i < m * kTableStride; ++i) table.p[i] = INFINITY;
+    inf_table(table);
     for (int64_t qi = qb; qi < qe; ++qi) {
-      const float* q = row_ptr<float>(a.q, qi);
       TopK top(row_ptr<float>(a.out_score, qi), row_ptr<int64_t>(a.out_row, qi), k);
-      // ip: <q, c + r> = <q, c> + <q, r>, so one table serves every list and <q, c> is a bias.
-      if (!l2) tables_of_row(q, a.cb, table.p, kTableStride);
-      const int64_t* probe = row_ptr<int64_t>(a.probes, qi);
-      for (int64_t p = 0; p < nprobe; ++p) {
-        const int64_t l = probe[p];
-        if (l < 0 || offsets[l] == offsets[l + 1]) continue;
-        const float* c = row_ptr<float>(a.coarse, l);
-        float bias = 0.0f;
-        if (l2) {  // ||q - c - r||^2: tables of the query's residual to this list's centroid
-          for (int64_t i = 0; i < d; ++i) residual.p[i] = q[i] - c[i];
-          tables_of_row(residual.p, a.cb, table.p, kTableStride);
-        } else {
-          bias = -dot(q, c, d);
-        }
-        scan(table.p, kTableStride, codes, m, allow, offsets[l], offsets[l + 1], bias, top);
-      }
+      scan_probes(qi, 0, nprobe, table.p, residual.p, top);
       top.finish();
     }
   });

@@ -39,6 +39,21 @@ def as_vectors(x, name: str, dim: int) -> np.ndarray:
     return a
 
 
+def as_device_vectors(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+    """as_vectors for a tensor that stays on its device (the GPU path): (n, dim) float32,
+    contiguous and finite."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} has dtype {x.dtype}; expected float32 (float64 and float16 are converted)")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-d (n, {dim}) tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] != dim:
+        raise ValueError(f"{name} has dimension {x.shape[1]}, the index has dimension {dim}")
+    x = x.detach().to(torch.float32).contiguous()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return x
+
+
 def as_ids(ids, n: int) -> np.ndarray:
     a = as_numpy(ids, "ids")
     if not np.issubdtype(a.dtype, np.integer):

