@@ -68,8 +68,8 @@ def stored_bytes(module) -> int:
     return module.weight.numel() * module.weight.element_size()
 
 
-def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 512, bits: float = 2.5,
-        steps: int = 100, finetune_steps: int = 200, seed: int = 0, progress: bool = True) -> dict:
+def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 256, bits: float = 2.5,
+        steps: int = 50, finetune_steps: int = 200, seed: int = 0, progress: bool = True) -> dict:
     base = load_model()
     dense = base[0].auto_model.eval()
     eval_texts, calib_texts = split_glosses(n_eval, n_calib, seed)
@@ -105,9 +105,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="rtn,kmeans,jlcm", help="comma-separated: rtn, kmeans, jlcm")
     ap.add_argument("--n-eval", type=int, default=2000)
-    ap.add_argument("--n-calib", type=int, default=512)
+    ap.add_argument("--n-calib", type=int, default=256)
     ap.add_argument("--bits", type=float, default=2.5, help="mean exact bits/weight over the Linears")
-    ap.add_argument("--steps", type=int, default=100, help="layer-wise JLCM steps per layer")
+    ap.add_argument("--steps", type=int, default=50, help="layer-wise JLCM steps per layer")
     ap.add_argument("--finetune-steps", type=int, default=200, help="end-to-end distillation steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
