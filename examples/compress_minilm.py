@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from hotops.bench.codebook import rtn_2bit_, wordnet_glosses
 from hotops.codebook import CodebookLinear, compress
+from hotops.codebook.jlcm import FORMATS
 
 SKIP = ("pooler",)
 
@@ -69,7 +70,7 @@ def stored_bytes(module) -> int:
 
 
 def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 256, bits: float = 2.5,
-        steps: int = 50, finetune_steps: int = 200, seed: int = 0, progress: bool = True) -> dict:
+        steps: int = 50, finetune_steps: int = 200, seed: int = 0, formats=FORMATS, progress: bool = True) -> dict:
     base = load_model()
     dense = base[0].auto_model.eval()
     eval_texts, calib_texts = split_glosses(n_eval, n_calib, seed)
@@ -88,7 +89,7 @@ def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 25
         else:
             learn = method == "jlcm"
             compress(bert, bits, calib=calib, steps=steps if learn else 0, finetune_steps=finetune_steps if learn else 0,
-                     seed=seed, output=sentence_embedding, skip=SKIP, progress=progress)
+                     seed=seed, formats=formats, output=sentence_embedding, skip=SKIP, progress=progress)
             nbytes = sum(stored_bytes(m) for m in linear_layers(bert).values())
         seconds = time.time() - t0
         layers = {n: {"bits_per_weight": round(8 * stored_bytes(m) / (m.in_features * m.out_features), 4),

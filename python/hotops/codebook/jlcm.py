@@ -276,12 +276,12 @@ def plan(model: nn.Module, bits_per_weight: float, calib: Optional[List] = None,
         N, K = w.shape
         g = Grams.dense(ff[name]) if name in ff else Grams.dense(torch.eye(K))
         inits[name], bits[name], errors[name] = {}, {}, {}
-        for f in formats:
-            if not f.fits(N, K):
-                continue
+        candidates = [f for f in formats if f.fits(N, K)]
+        choice = len(candidates) > 1  # with one candidate there is nothing to score
+        for f in candidates:
             init = quantize_weight(w, f.code_bits_per_weight, f.in_group, f.num_codebooks, f.groups,
                                    kmeans_iters, seed + i)
-            if plan_steps and name in ff:
+            if plan_steps and name in ff and choice:
                 init = learn_layer(w, g, init, plan_steps, lr)
             inits[name][f] = init
             bits[name][f] = f.bits_per_weight(N, K, storage_dtype)
@@ -292,7 +292,7 @@ def plan(model: nn.Module, bits_per_weight: float, calib: Optional[List] = None,
         # budget and measure the model's output distortion.
         probe = min(bits[name], key=lambda f: (abs(bits[name][f] - bits_per_weight), errors[name][f]))
         scale = 1.0
-        if targets is not None and errors[name][probe] > 0:
+        if targets is not None and choice and errors[name][probe] > 0:
             _replace(model, name, CodebookLinear(_stored(inits[name][probe], storage_dtype), lin.bias))
             try:
                 with torch.no_grad():
