@@ -70,7 +70,7 @@ def stored_bytes(module) -> int:
 
 
 def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 256, bits: float = 2.5,
-        steps: int = 50, finetune_steps: int = 200, seed: int = 0, formats=FORMATS, progress: bool = True) -> dict:
+        steps: int = 0, finetune_steps: int = 200, seed: int = 0, formats=FORMATS, progress: bool = True) -> dict:
     base = load_model()
     dense = base[0].auto_model.eval()
     eval_texts, calib_texts = split_glosses(n_eval, n_calib, seed)
@@ -108,7 +108,8 @@ def main():
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--n-calib", type=int, default=256)
     ap.add_argument("--bits", type=float, default=2.5, help="mean exact bits/weight over the Linears")
-    ap.add_argument("--steps", type=int, default=50, help="layer-wise JLCM steps per layer")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="layer-wise JLCM steps per layer (0: k-means plan + fine-tuning, the best measured)")
     ap.add_argument("--finetune-steps", type=int, default=200, help="end-to-end distillation steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
