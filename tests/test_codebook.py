@@ -6,7 +6,6 @@ import hotops
 from hotops import _backend
 from hotops.codebook import CodebookLinear, CodebookWeight, codebook_matmul, op, reference
 from hotops.codebook.format import code_bits
-from hotops.codebook.kmeans import quantize_weight
 from conftest import assert_close_to_reference
 
 ATOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -293,56 +292,3 @@ def test_refuses_combinations_that_do_not_fit(bits, in_group, M, msg):
 def test_exports():
     assert hotops.codebook_matmul is codebook_matmul
     assert hotops.nn.CodebookLinear is CodebookLinear
-
-
-# ------------------------------------------------------------------ JLCM compress
-
-
-def tiny_model():
-    torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
-
-
-def inputs(n, seed):
-    """Activations with a few large feature columns, as real ones have: there the output error
-    differs from the weight error, which is what JLCM's joint learning exploits."""
-    g = torch.Generator().manual_seed(seed)
-    columns = torch.exp(1.5 * torch.randn(32, generator=torch.Generator().manual_seed(7)))
-    return [torch.randn(64, 32, generator=g) * columns for _ in range(n)]
-
-
-def calib_batches():
-    return inputs(4, 2)
-
-
-def out_error(model, dense, batches):
-    with torch.no_grad():
-        return sum((model(x) - dense(x)).pow(2).sum() for x in batches) / sum(dense(x).pow(2).sum() for x in batches)
-
-
-def test_compress_learns_beyond_kmeans_and_is_seeded():
-    dense = tiny_model()
-    kw = dict(bits_per_weight=6, in_group=2, num_codebooks=1, code_bits_per_weight=2, progress=False)
-    kmeans_only = hotops.codebook.compress(tiny_model(), steps=0, **kw)
-    a = hotops.codebook.compress(tiny_model(), calib=calib_batches(), steps=40, lr=3e-3, **kw)
-    b = hotops.codebook.compress(tiny_model(), calib=calib_batches(), steps=40, lr=3e-3, **kw)
-    assert all(isinstance(m, CodebookLinear) for m in (a[0], a[2]))
-    assert all(m.bits_per_weight <= 6 for m in (a[0], a[2]))
-    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
-        assert torch.equal(x, y)
-    held_out = inputs(2, 3)
-    assert out_error(a, dense, held_out) < 0.8 * out_error(kmeans_only, dense, held_out)
-
-
-def test_compress_save_load_roundtrip(tmp_path):
-    model = hotops.codebook.compress(tiny_model(), bits_per_weight=6, in_group=2, code_bits_per_weight=2,
-                                     calib=calib_batches(), steps=3, progress=False)
-    torch.save(model.state_dict(), tmp_path / "m.pt")
-    loaded = hotops.codebook.load_compressed(tiny_model(), torch.load(tmp_path / "m.pt"))
-    x = torch.randn(5, 32)
-    torch.testing.assert_close(loaded(x), model(x))
-
-
-def test_compress_refuses_impossible_budget():
-    with pytest.raises(ValueError, match="bits/weight even with one row group"):
-        hotops.codebook.compress(tiny_model(), bits_per_weight=2.5, in_group=4, progress=False)

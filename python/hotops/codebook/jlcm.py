@@ -1,28 +1,38 @@
-"""JLCM: compress every nn.Linear of a model into the codebook format.
+"""JLCM: compress every nn.Linear of a model into the codebook format under a model-wide budget.
 
-For each layer in turn:
+Three stages, each with a tqdm progress bar:
 
-1. group output neurons by the distribution of their (RMS-normalised) weights and initialise
-   one set of codebooks per group by k-means (``kmeans.quantize_weight``);
-2. jointly learn codebooks, scales and mappings by gradient descent on the layer-output
-   reconstruction error  ||X_q W_q^T - X W^T||^2 / ||X W^T||^2, X_q being the layer's inputs in
-   the model compressed so far and X in the dense model (layers go in order, so each one
-   compensates the error of those before it). The error needs only the K x K Grams (``Grams``),
-   not the activations. Mappings (the codes) learn through a
-   straight-through latent U: the forward pass uses the quantized W_q, the gradient updates U,
-   and every code moves to the codeword nearest its slice of U. A proximal term pulls U towards
-   its current codeword, so a code changes only when the gradient keeps pushing it to a
-   neighbouring codeword and never runs off to extreme values.
+1. **Plan** (``plan``): per layer, every candidate ``Format`` (in_group, codebooks, codebook size,
+   row groups) is initialised by k-means (``kmeans.quantize_weight``: rows grouped by
+   distribution, residual k-means per group) and scored by its output error on the dense
+   calibration inputs. One end-to-end measurement per layer (only that layer quantized, the rest
+   dense) turns output error into damage to the model's output. A greedy knapsack then gives the
+   extra bits to the layers where they remove the most damage per bit, until the average exact
+   storage bits, weighted by parameter count, reach the budget. On small layers the codebooks'
+   own bytes are a large part of the budget; the plan counts them exactly.
+2. **Layer-wise joint learning** (``learn_layer``): layers in order; each minimises
+   ||X_q W_q^T - X W^T||^2 / ||X W^T||^2, X_q being its inputs in the model compressed so far and
+   X in the dense model (so it compensates the error of the layers before it). The error needs
+   only K x K Grams (``Grams``). Codebooks and scales get exact gradients; the mappings (codes)
+   learn through a straight-through latent U: the forward pass uses the quantized W_q, the
+   gradient updates U, and every few steps each code moves to the codeword nearest its slice of
+   U. A proximal term pulls U towards its current codeword, so a code changes only when the
+   gradient keeps pushing it to a neighbouring codeword and never runs off to extreme values.
+3. **End-to-end fine-tuning** (AQLM's global stage): codes frozen, the codebooks, scales, biases
+   and LayerNorms learn by distillation, 1 - cosine between the compressed and the dense model's
+   outputs on the calibration batches, through the codebook op's backward.
 
-Deterministic for a seed; layer by layer with a tqdm progress bar.
+Deterministic for a seed.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Iterable, Optional, Sequence
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hotops.codebook import reference
@@ -30,7 +40,44 @@ from hotops.codebook.format import CodebookWeight
 from hotops.codebook.kmeans import nearest, quantize_weight
 from hotops.codebook.module import CodebookLinear
 
-GROUP_CHOICES = (4, 2, 1)  # row groups tried, most first, until a layer fits its bit budget
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A layer's configuration: per row group, `num_codebooks` additive codebooks of
+    2**code_bits codewords over `in_group` consecutive inputs."""
+
+    in_group: int = 4
+    num_codebooks: int = 1
+    code_bits: int = 8
+    groups: int = 1
+
+    @property
+    def code_bits_per_weight(self) -> float:
+        return self.code_bits * self.num_codebooks / self.in_group
+
+    def fits(self, out_features: int, in_features: int) -> bool:
+        return in_features % self.in_group == 0
+
+    def bits_per_weight(self, out_features: int, in_features: int, storage_dtype: torch.dtype) -> float:
+        """Exact stored bits per weight of an (out, in) layer in this format, as CodebookWeight
+        counts them (codes are stored as uint8 whatever code_bits is)."""
+        N, g, M = out_features, self.in_group, self.num_codebooks
+        groups = self.groups if N >= 2 * self.groups else 1  # as kmeans.group_rows
+        w = CodebookWeight(torch.zeros(N, in_features // g, M, dtype=torch.uint8),
+                           torch.zeros(groups, M, 1 << self.code_bits, g, dtype=storage_dtype),
+                           torch.zeros(N, dtype=storage_dtype),
+                           torch.tensor([0] * groups + [N], dtype=torch.int64),
+                           torch.arange(N) if groups > 1 else None)
+        return w.bits_per_weight
+
+
+# 8-bit codes (the uint8 storage is then used in full) over 4 or 2 inputs: 2 or 4 code bits per
+# weight, one row group. Not offered by default (pass `formats=`), from MiniLM measurements:
+# 1 bit (over 8 inputs) looks cheap to the plan's linear damage model but compounds: layer 3's
+# FFN output reached relative output error 0.50 on compressed inputs. A second row group costs
+# 0.1-0.3 bits/weight (codebook + int64 permutation) that buy more as a 4-bit layer elsewhere.
+# AQLM's 2x8 (two codebooks over 8 inputs) from residual k-means was worse than 1x8 over 4.
+FORMATS = (Format(4), Format(2))
 
 
 @dataclasses.dataclass
@@ -44,55 +91,9 @@ class Grams:
     qf: Tensor  # X_q^T X
     ff: Tensor  # X^T X
 
-
-def _call(model: nn.Module, batch) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
-def _layer_grams(dense: nn.Module, model: nn.Module, name: str, calib: Iterable) -> Grams:
-    """Grams of layer `name`'s inputs in `model` (compressed so far) and in `dense`."""
-    seen = {}
-    hooks = [m.get_submodule(name).register_forward_pre_hook(
-        lambda mod, args, key=key: seen.__setitem__(key, args[0].detach().reshape(-1, args[0].shape[-1]).double()))
-        for key, m in (("q", model), ("f", dense))]
-    acc = None
-    try:
-        with torch.no_grad():
-            for batch in calib:
-                seen.clear()
-                _call(dense, batch)
-                _call(model, batch)
-                if len(seen) < 2:
-                    raise ValueError(f"the calibration data never reached {name}")
-                xq, xf = seen["q"], seen["f"]
-                parts = (xq.T @ xq, xq.T @ xf, xf.T @ xf)
-                acc = parts if acc is None else tuple(a + p for a, p in zip(acc, parts))
-    finally:
-        for h in hooks:
-            h.remove()
-    if acc is None:
-        raise ValueError("calib is empty")
-    return Grams(*(t.float() for t in acc))
-
-
-def _assign(latent: Tensor, codebooks: Tensor, group_ptr: Tensor, in_group: int) -> Tensor:
-    """Codes (N, J, M): per row group, greedily the codeword nearest the residual of `latent`."""
-    N, K = latent.shape
-    O, M = codebooks.shape[:2]
-    codes = torch.empty(N, K // in_group, M, dtype=torch.uint8)
-    for o in range(O):
-        r0, r1 = int(group_ptr[o]), int(group_ptr[o + 1])
-        residual = latent[r0:r1].reshape(-1, in_group)
-        for m in range(M):
-            idx = nearest(residual, codebooks[o, m])
-            codes[r0:r1, :, m] = idx.reshape(r1 - r0, -1).to(torch.uint8)
-            residual = residual - codebooks[o, m][idx]
-    return codes
+    @classmethod
+    def dense(cls, ff: Tensor) -> "Grams":
+        return cls(ff, ff, ff)
 
 
 def output_error(w_q: Tensor, w: Tensor, g: Grams) -> Tensor:
@@ -102,35 +103,94 @@ def output_error(w_q: Tensor, w: Tensor, g: Grams) -> Tensor:
     return err.clamp_min(0) / ref.clamp_min(1e-30)
 
 
-def learn_layer(w: Tensor, grams: Grams, init: CodebookWeight, steps: int, lr: float = 1e-3,
-                proximal: float = 1e-2, reassign_every: int = 5) -> CodebookWeight:
-    """JLCM's joint learning of codebooks, scales and mappings for one layer (see module doc)."""
-    w = w.detach().float()
-    perm = init.perm
-    w_stored = w if perm is None else w[perm]
-    codes = init.code_indices().clone()
-    codebooks = nn.Parameter(init.codebooks.float().clone())
-    scales = nn.Parameter(init.scales.float().clone())
-    latent = nn.Parameter(w_stored / scales.detach()[:, None])  # normalised rows
-    opt = torch.optim.Adam([codebooks, scales, latent], lr=lr)
-    g = init.in_group
-    for step in range(steps):
-        packed = reference.pack_codes(codes)
-        unscaled = reference.dequantize_stored(packed, codebooks, torch.ones_like(scales), init.group_ptr)
-        w_q = scales[:, None] * unscaled
-        surrogate = scales[:, None] * latent
-        w_used = w_q + (surrogate - surrogate.detach())  # value W_q, gradient also into U
-        loss = output_error(w_used, w_stored, grams) + proximal * (latent - unscaled.detach()).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % reassign_every == 0 or step + 1 == steps:
-            with torch.no_grad():
-                codes = _assign(latent.detach(), codebooks.detach(), init.group_ptr, g)
-    return CodebookWeight(codes, codebooks.detach(), scales.detach(), init.group_ptr, perm)
+# ---------------------------------------------------------------- running the model
 
 
-def _linears(model: nn.Module, skip: Sequence[str]) -> dict:
+def _call(model: nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def model_output(model: nn.Module, batch) -> Tensor:
+    """The default `output` of compress: the model's output tensor (the first one of a tuple,
+    dict or transformers ModelOutput)."""
+    out = _call(model, batch)
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def distortion(y: Tensor, target: Tensor) -> Tensor:
+    """Mean over output vectors (the last dimension) of 1 - cosine."""
+    return 1 - F.cosine_similarity(y.reshape(-1, y.shape[-1]), target.reshape(-1, target.shape[-1]), dim=1).mean()
+
+
+class _Reached(Exception):
+    """Stops a forward pass once the hooked layer's input is captured."""
+
+
+def _layer_input(model: nn.Module, name: str, batch) -> Tensor:
+    """Layer `name`'s input (rows, in_features) when `model` runs `batch`; the rest of the forward
+    pass is skipped."""
+    seen = []
+
+    def hook(module, args):
+        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        _call(model, batch)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"the calibration data never reached {name}")
+    return seen[0]
+
+
+def _layer_grams(dense: nn.Module, model: nn.Module, name: str, calib: List) -> Grams:
+    """Grams of layer `name`'s inputs in `model` (compressed so far) and in `dense`."""
+    acc = None
+    with torch.no_grad():
+        for batch in calib:
+            xq, xf = (_layer_input(m, name, batch).double() for m in (model, dense))
+            parts = (xq.T @ xq, xq.T @ xf, xf.T @ xf)
+            acc = parts if acc is None else tuple(a + p for a, p in zip(acc, parts))
+    return Grams(*(t.float() for t in acc))
+
+
+def _dense_grams(model: nn.Module, names: Sequence[str], calib: List) -> Dict[str, Tensor]:
+    """X^T X of every layer's input in the (dense) model, from one pass over the calibration data."""
+    acc: Dict[str, Tensor] = {}
+
+    def hook(name):
+        def accumulate(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            acc[name] = acc[name] + x.T @ x if name in acc else x.T @ x
+        return accumulate
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for batch in calib:
+                _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in acc]
+    if missing:
+        raise ValueError(f"the calibration data never reached {missing}")
+    return {n: acc[n].float() for n in names}
+
+
+def _linears(model: nn.Module, skip: Sequence[str]) -> Dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and not any(s in name for s in skip)}
 
@@ -140,56 +200,267 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _stored(w: CodebookWeight, dtype: torch.dtype) -> CodebookWeight:
+    """The weight with its codebooks and scales in the storage dtype."""
+    return CodebookWeight.from_packed(w.codes, w.codebooks.to(dtype), w.scales.to(dtype), w.group_ptr, w.perm)
+
+
+# ---------------------------------------------------------------- stage 1: the plan
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """The format chosen for one layer, its exact bits and (k-means) initialisation."""
+
+    format: Format
+    bits_per_weight: float
+    init: CodebookWeight
+    output_error: float  # of the initialisation, on dense inputs
+
+
+def _allocate(bits: Dict[str, Dict[Format, float]], damage: Dict[str, Dict[Format, float]],
+              sizes: Dict[str, int], budget: float) -> Dict[str, Format]:
+    """Greedy knapsack: start every layer at its cheapest format, then repeatedly take the
+    upgrade that removes the most damage per extra stored bit while the parameter-weighted mean
+    bits stay within `budget`."""
+    choice = {n: min(bits[n], key=lambda f: (bits[n][f], damage[n][f])) for n in bits}
+    total = sum(sizes.values())
+    spent = sum(bits[n][choice[n]] * sizes[n] for n in bits)
+    if spent > budget * total * (1 + 1e-12):
+        raise ValueError(f"even the cheapest formats need {spent / total:.3f} bits/weight on average; "
+                         f"raise bits_per_weight above that or offer cheaper formats")
+    while True:
+        best, best_gain = None, 0.0
+        for n in bits:
+            cur = choice[n]
+            for f, b in bits[n].items():
+                extra = (b - bits[n][cur]) * sizes[n]
+                saved = damage[n][cur] - damage[n][f]
+                if saved <= 0 or spent + extra > budget * total:
+                    continue
+                gain = saved / extra if extra > 0 else math.inf
+                if gain > best_gain:
+                    best, best_gain = (n, f, extra), gain
+        if best is None:
+            return choice
+        n, f, extra = best
+        choice[n], spent = f, spent + extra
+
+
+def plan(model: nn.Module, bits_per_weight: float, calib: Optional[List] = None,
+         formats: Sequence[Format] = FORMATS, output: Callable = model_output, seed: int = 0,
+         plan_steps: int = 20, lr: float = 1e-2, probe_batches: int = 4, kmeans_iters: int = 25,
+         storage_dtype: torch.dtype = torch.float16, skip: Sequence[str] = (),
+         progress: bool = True) -> Dict[str, LayerPlan]:
+    """Stage 1 of compress: a format and initialisation for every nn.Linear of `model` (outside
+    `skip`), with parameter-weighted mean exact bits <= `bits_per_weight`.
+
+    Each candidate is the k-means initialisation followed by `plan_steps` of joint learning on
+    the dense inputs: k-means alone misjudges layers whose inputs have a few huge features (the
+    FFN outputs of MiniLM: relative output error 0.54 after k-means, 0.01 after learning), so
+    the plan would spend bits where learning needs none. The end-to-end damage is measured on
+    the first `probe_batches` calibration batches. Without `calib` the damage of a format is its
+    relative weight error after k-means."""
+    from tqdm.auto import tqdm
+
+    layers = _linears(model, skip)
+    ff = _dense_grams(model, list(layers), calib) if calib is not None else {}
+    targets, probe_calib = None, None
+    if calib is not None:
+        probe_calib = calib[:probe_batches]
+        with torch.no_grad():
+            targets = [output(model, b) for b in probe_calib]
+    inits, bits, errors, damage = {}, {}, {}, {}
+    for i, (name, lin) in enumerate(tqdm(layers.items(), desc="JLCM plan", disable=not progress)):
+        w = lin.weight.detach().float()
+        N, K = w.shape
+        g = Grams.dense(ff[name]) if name in ff else Grams.dense(torch.eye(K))
+        inits[name], bits[name], errors[name] = {}, {}, {}
+        candidates = [f for f in formats if f.fits(N, K)]
+        choice = len(candidates) > 1  # with one candidate there is nothing to score
+        for f in candidates:
+            init = quantize_weight(w, f.code_bits_per_weight, f.in_group, f.num_codebooks, f.groups,
+                                   kmeans_iters, seed + i)
+            if plan_steps and name in ff and choice:
+                init = learn_layer(w, g, init, plan_steps, lr)
+            inits[name][f] = init
+            bits[name][f] = f.bits_per_weight(N, K, storage_dtype)
+            errors[name][f] = output_error(_stored(init, storage_dtype).dequantize(), w, g).item()
+        if not inits[name]:
+            raise ValueError(f"{name}: in_features = {K} fits none of the formats' in_group")
+        # Damage per unit output error: quantize this layer alone with the format nearest the
+        # budget and measure the model's output distortion.
+        probe = min(bits[name], key=lambda f: (abs(bits[name][f] - bits_per_weight), errors[name][f]))
+        scale = 1.0
+        if targets is not None and choice and errors[name][probe] > 0:
+            _replace(model, name, CodebookLinear(_stored(inits[name][probe], storage_dtype), lin.bias))
+            try:
+                with torch.no_grad():
+                    d = sum(distortion(output(model, b), t).item() for b, t in zip(probe_calib, targets)) / len(targets)
+            finally:
+                _replace(model, name, lin)
+            scale = d / errors[name][probe]
+        damage[name] = {f: scale * e for f, e in errors[name].items()}
+    sizes = {n: lin.weight.numel() for n, lin in layers.items()}
+    choice = _allocate(bits, damage, sizes, bits_per_weight)
+    return {n: LayerPlan(f, bits[n][f], inits[n][f], errors[n][f]) for n, f in choice.items()}
+
+
+# ---------------------------------------------------------------- stage 2: layer-wise learning
+
+
+def _importance(gram: Tensor) -> Tensor:
+    """Each input's share of the output error, diag(X^T X), normalised to mean 1."""
+    d = gram.diagonal().clamp_min(0)
+    return d / d.mean().clamp_min(1e-30)
+
+
+def _assign(latent: Tensor, codebooks: Tensor, group_ptr: Tensor, importance: Tensor) -> Tensor:
+    """Codes (N, J, M): per row group, greedily the codeword nearest the residual of `latent`
+    in the metric weighted by the inputs' `importance` (K,)."""
+    N, K = latent.shape
+    O, M, _, in_group = codebooks.shape
+    codes = torch.empty(N, K // in_group, M, dtype=torch.uint8)
+    slice_weights = importance.reshape(-1, in_group)
+    for o in range(O):
+        r0, r1 = int(group_ptr[o]), int(group_ptr[o + 1])
+        residual = latent[r0:r1].reshape(-1, in_group)
+        weights = slice_weights.repeat(r1 - r0, 1)
+        for m in range(M):
+            idx = nearest(residual, codebooks[o, m], weights)
+            codes[r0:r1, :, m] = idx.reshape(r1 - r0, -1).to(torch.uint8)
+            residual = residual - codebooks[o, m][idx]
+    return codes
+
+
+def learn_layer(w: Tensor, grams: Grams, init: CodebookWeight, steps: int, lr: float = 1e-2,
+                proximal: float = 1e-2, reassign_every: int = 5) -> CodebookWeight:
+    """JLCM's joint learning of codebooks, scales and mappings for one layer (see module doc).
+    Adam with a cosine learning-rate decay; returns float32 codebooks and scales."""
+    w = w.detach().float()
+    perm = init.perm
+    w_stored = w if perm is None else w[perm]
+    codes = init.code_indices().clone()
+    codebooks = nn.Parameter(init.codebooks.float().clone())
+    scales = nn.Parameter(init.scales.float().clone())
+    latent = nn.Parameter(w_stored / scales.detach()[:, None])  # normalised rows
+    opt = torch.optim.Adam([codebooks, scales, latent], lr=lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    cross = w_stored @ grams.qf.T  # tr(W_q qf W^T) = <W_q, W qf^T>: one product saved per step
+    ref = ((w_stored @ grams.ff) * w_stored).sum()
+    importance = _importance(grams.qq)
+    for step in range(steps):
+        packed = reference.pack_codes(codes)
+        unscaled = reference.dequantize_stored(packed, codebooks, torch.ones_like(scales), init.group_ptr)
+        w_q = scales[:, None] * unscaled
+        surrogate = scales[:, None] * latent
+        w_used = w_q + (surrogate - surrogate.detach())  # value W_q, gradient also into U
+        err = ((w_used @ grams.qq) * w_used).sum() - 2 * (w_used * cross).sum() + ref
+        loss = err / ref.clamp_min(1e-30) + proximal * (latent - unscaled.detach()).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay.step()
+        if (step + 1) % reassign_every == 0 or step + 1 == steps:
+            with torch.no_grad():
+                codes = _assign(latent.detach(), codebooks.detach(), init.group_ptr, importance)
+    return CodebookWeight(codes, codebooks.detach(), scales.detach(), init.group_ptr, perm)
+
+
+# ---------------------------------------------------------------- stage 3: end-to-end fine-tuning
+
+
+def finetune(model: nn.Module, dense: nn.Module, calib: List, steps: int, lr: float = 1e-4,
+             output: Callable = model_output, norms: bool = True, seed: int = 0,
+             progress: bool = True) -> nn.Module:
+    """Codes frozen, train every CodebookLinear's codebooks, scales and bias (and the LayerNorms'
+    weights and biases if `norms`) to minimise 1 - cosine between `model`'s and `dense`'s outputs
+    on the calibration batches (Adam, cosine decay, batches in a seeded random order). The
+    codebooks and scales train in float32 and go back to their storage dtype at the end."""
+    from tqdm.auto import tqdm
+
+    with torch.no_grad():
+        targets = [output(dense, b) for b in calib]
+    layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
+    stored_dtype = {m: m.codebooks.dtype for m in layers}
+    params = []
+    for m in layers:
+        m.codebooks.data, m.scales.data = m.codebooks.data.float(), m.scales.data.float()
+        params += [p for p in (m.codebooks, m.scales, m.bias) if p is not None]
+    if norms:
+        params += [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    gen = torch.Generator().manual_seed(seed)
+    order: List[int] = []
+    was_training = model.training
+    model.eval()  # no dropout: the targets are the dense model's deterministic outputs
+    bar = tqdm(range(steps), desc="JLCM fine-tune", disable=not progress)
+    for _ in bar:
+        if not order:
+            order = torch.randperm(len(calib), generator=gen).tolist()
+        i = order.pop()
+        loss = distortion(output(model, calib[i]), targets[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    for m in layers:
+        m.codebooks.data = m.codebooks.data.to(stored_dtype[m])
+        m.scales.data = m.scales.data.to(stored_dtype[m])
+    model.train(was_training)
+    return model
+
+
+# ---------------------------------------------------------------- compress
+
+
 def compress(model: nn.Module, bits_per_weight: float = 2.0, calib: Optional[Iterable] = None,
-             steps: int = 100, seed: int = 0, in_group: int = 4, num_codebooks: int = 1,
-             code_bits_per_weight: Optional[float] = None, lr: float = 1e-3, kmeans_iters: int = 25,
+             steps: int = 100, finetune_steps: int = 0, seed: int = 0,
+             formats: Sequence[Format] = FORMATS, output: Callable = model_output, lr: float = 1e-2,
+             plan_steps: int = 20,
+             finetune_lr: float = 1e-4, kmeans_iters: int = 25,
              storage_dtype: torch.dtype = torch.float16, skip: Sequence[str] = (),
              progress: bool = True) -> nn.Module:
-    """Replace every nn.Linear of `model` (in place; returned too) by a CodebookLinear of at most
-    `bits_per_weight` exact storage bits per weight.
+    """Replace every nn.Linear of `model` (outside `skip`; in place, and returned) by a
+    CodebookLinear, with at most `bits_per_weight` exact storage bits per weight on average over
+    those layers, weighted by their parameter counts (see the module doc for the stages).
 
     Args:
-        calib: iterable of model inputs (tensors, tuples of args or dicts of kwargs); the
-            layer-output reconstruction is measured on them. None: k-means only (no learning).
-        steps: joint-learning steps per layer (0: k-means initialisation only).
-        in_group, num_codebooks: the vector format; codes cost `code_bits_per_weight`
-            (default: the whole number of bits below `bits_per_weight` that uint8 codes hold).
+        calib: iterable of model inputs (tensors, tuples of args or dicts of kwargs). It
+            weighs the plan by damage to the output and drives the learning. None: k-means
+            only, formats chosen by weight error.
+        steps: layer-wise joint-learning steps per layer (0: the k-means initialisation).
+        plan_steps: learning steps (on dense inputs) before each candidate format is scored.
+        finetune_steps: end-to-end distillation steps (batches of calib) after that.
+        formats: the candidate formats of every layer; one format gives a uniform model.
+        output: `output(model, batch) -> Tensor` whose cosine to the dense one is the end-to-end
+            measure (default: the model's output tensor; e.g. pooled sentence embeddings).
         storage_dtype: dtype of the stored codebooks and scales (counted in the bits).
-        skip: substrings of module names to leave dense.
     """
     from tqdm.auto import tqdm
 
-    from hotops.codebook.format import code_bits
-
-    code_bpw = code_bits_per_weight if code_bits_per_weight is not None else \
-        min(8 * num_codebooks / in_group, float(int(bits_per_weight)))
-    code_bits(code_bpw, in_group, num_codebooks)  # refuses combinations that do not fit
-    layers = _linears(model, skip)
-    learn = calib is not None and steps > 0
-    if learn:
-        calib = list(calib)
-        dense = copy.deepcopy(model)  # the targets: every layer's dense output on dense inputs
+    calib = list(calib) if calib is not None else None
+    if calib is not None and not calib:
+        raise ValueError("calib is empty")
     torch.manual_seed(seed)
-    bar = tqdm(layers.items(), desc="JLCM", disable=not progress)
-    for i, (name, lin) in enumerate(bar):
-        w = lin.weight.detach().float()
-        for groups in GROUP_CHOICES:
-            init = quantize_weight(w, code_bpw, in_group, num_codebooks, groups, kmeans_iters, seed + i)
-            stored = CodebookWeight.from_packed(init.codes, init.codebooks.to(storage_dtype),
-                                                init.scales.to(storage_dtype), init.group_ptr, init.perm)
-            if stored.bits_per_weight <= bits_per_weight or groups == 1:
-                break
-        if stored.bits_per_weight > bits_per_weight:
-            raise ValueError(f"{name}: {stored.bits_per_weight:.3f} bits/weight even with one row group; "
-                             f"raise bits_per_weight or lower the code bits")
-        grams = _layer_grams(dense, model, name, calib) if learn else None
-        learned = learn_layer(w, grams, init, steps, lr) if learn else init
-        final = CodebookWeight.from_packed(learned.codes, learned.codebooks.to(storage_dtype),
-                                           learned.scales.to(storage_dtype), learned.group_ptr, learned.perm)
-        if learn:
-            err = output_error(final.dequantize().to(w.device), w, grams).item()
-            bar.set_postfix(layer=name[-24:], out_err=f"{err:.4f}")
-        _replace(model, name, CodebookLinear(final, lin.bias).to(lin.weight.device))
+    learn = calib is not None and (steps > 0 or finetune_steps > 0)
+    dense = copy.deepcopy(model) if learn else None  # the targets: the dense model's outputs
+    layout = plan(model, bits_per_weight, calib, formats, output, seed, plan_steps if steps > 0 else 0, lr,
+                  kmeans_iters=kmeans_iters, storage_dtype=storage_dtype, skip=skip, progress=progress)
+    bar = tqdm(layout.items(), desc="JLCM layers", disable=not progress)
+    for name, p in bar:
+        lin = model.get_submodule(name)
+        weight = p.init
+        if calib is not None and steps > 0:
+            grams = _layer_grams(dense, model, name, calib)
+            weight = learn_layer(lin.weight, grams, p.init, steps, lr)
+            err = output_error(_stored(weight, storage_dtype).dequantize(), lin.weight.detach().float(), grams)
+            bar.set_postfix(layer=name[-24:], bits=f"{p.bits_per_weight:.2f}", out_err=f"{err.item():.4f}")
+        _replace(model, name, CodebookLinear(_stored(weight, storage_dtype), lin.bias).to(lin.weight.device))
+    if calib is not None and finetune_steps > 0:
+        finetune(model, dense, calib, finetune_steps, finetune_lr, output, seed=seed, progress=progress)
     return model
 
 

@@ -11,13 +11,19 @@ from hotops.codebook.format import CodebookWeight, code_bits
 ASSIGN_CHUNK = 2048  # points per distance block: the (chunk, k) matrix stays in cache
 
 
-def nearest(points: Tensor, centroids: Tensor) -> Tensor:
-    """Index of the nearest centroid of every point (squared Euclidean), chunked."""
-    c2 = centroids.pow(2).sum(1)
+def nearest(points: Tensor, centroids: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Index of the nearest centroid of every point, chunked: squared Euclidean, or with
+    `weights` (same shape as points) sum_d weights[p, d] (points[p, d] - centroids[c, d])^2."""
     out = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+    c2 = centroids.pow(2)
     for i in range(0, points.shape[0], ASSIGN_CHUNK):
         p = points[i:i + ASSIGN_CHUNK]
-        out[i:i + ASSIGN_CHUNK] = torch.addmm(c2, p, centroids.T, alpha=-2).argmin(1)
+        if weights is None:
+            dist = torch.addmm(c2.sum(1), p, centroids.T, alpha=-2)
+        else:
+            w = weights[i:i + ASSIGN_CHUNK]
+            dist = torch.addmm(w @ c2.T, w * p, centroids.T, alpha=-2)
+        out[i:i + ASSIGN_CHUNK] = dist.argmin(1)
     return out
 
 

