@@ -2,10 +2,12 @@
 // this file only lists them. No kernel logic lives here.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <string>
 
 #include "common/cpu_features.h"
 #include "common/error.h"
+#include "common/parallel.h"
 
 namespace py = pybind11;
 
@@ -28,6 +30,12 @@ PYBIND11_MODULE(_C, m) {
         "The widest SIMD variant this CPU runs and this build contains.");
   m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name.c_str())); }, py::arg("name"),
         "Force a SIMD variant (for tests); refuses one this CPU cannot run.");
+
+  m.def("set_openmp_parallel", [](uintptr_t fn) { set_openmp_parallel(reinterpret_cast<void*>(fn)); },
+        py::arg("gomp_parallel"),
+        "Run kernels' threads on the OpenMP runtime whose GOMP_parallel is at this address (0: "
+        "hotops' own pool). hotops._backend does this at import for the runtime torch uses.");
+  m.def("uses_openmp", &uses_openmp, "Whether kernels run on an OpenMP team (else hotops' own pool).");
 
   bind_infonce(m);
   bind_sparse(m);

@@ -1,6 +1,7 @@
 #include "common/parallel.h"
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -11,6 +12,33 @@ namespace hotops {
 namespace {
 
 thread_local bool in_parallel_region = false;
+
+// GOMP_parallel of the OpenMP runtime torch uses, when Python found one (set_openmp_parallel).
+using OmpParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+std::atomic<OmpParallel> omp_parallel{nullptr};
+
+// A job on torch's OpenMP team: every team thread claims chunks until none is left.
+struct OmpJob {
+  RangeFn fn;
+  void* ctx;
+  int64_t n, chunks, next = 0;
+  std::mutex m;
+  std::exception_ptr error;
+
+  static void body(void* p) {
+    OmpJob& job = *static_cast<OmpJob*>(p);
+    in_parallel_region = true;
+    for (int64_t c; (c = __atomic_fetch_add(&job.next, int64_t(1), __ATOMIC_RELAXED)) < job.chunks;) {
+      try {
+        job.fn(job.ctx, job.n * c / job.chunks, job.n * (c + 1) / job.chunks);
+      } catch (...) {  // an exception must not unwind through the OpenMP runtime
+        std::lock_guard<std::mutex> lk(job.m);
+        if (!job.error) job.error = std::current_exception();
+      }
+    }
+    in_parallel_region = false;
+  }
+};
 
 // One job at a time (callers are serialised by job_mutex_). The caller and the workers all claim
 // chunks from one counter until none is left, so a thread that starts late or runs slowly (woken
@@ -98,7 +126,19 @@ void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* c
     fn(ctx, 0, n);
     return;
   }
+  if (OmpParallel omp = omp_parallel.load(std::memory_order_acquire)) {
+    OmpJob job{fn, ctx, n, chunks};
+    omp(&OmpJob::body, &job, static_cast<unsigned>(chunks), 0);
+    if (job.error) std::rethrow_exception(job.error);
+    return;
+  }
   Pool::get().run(chunks, fn, ctx, n);
 }
+
+void set_openmp_parallel(void* gomp_parallel) {
+  omp_parallel.store(reinterpret_cast<OmpParallel>(gomp_parallel), std::memory_order_release);
+}
+
+bool uses_openmp() { return omp_parallel.load(std::memory_order_acquire) != nullptr; }
 
 }  // namespace hotops

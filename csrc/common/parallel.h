@@ -13,6 +13,13 @@ using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* ctx);
 
 
+// Run parallel_for's chunks on the OpenMP team of the runtime torch uses (GOMP_parallel's address,
+// found by Python) instead of hotops' own pool; nullptr goes back to the pool. Sharing torch's
+// team means no second set of threads competes for the cores after a torch op (its OpenMP
+// workers keep spinning for milliseconds, waiting for torch's next parallel region).
+void set_openmp_parallel(void* gomp_parallel);
+bool uses_openmp();
+
 // Type-safe front end. Kernel translation units are compiled per ISA, so the template is
 // instantiated per lambda type there and the pool itself stays in one baseline-compiled TU.
 template <typename F>

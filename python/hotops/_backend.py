@@ -6,9 +6,12 @@
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import importlib.util
+import os
+import re
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -22,6 +25,35 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     _C_ERROR = str(exc)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _torch_openmp_parallel() -> int:
+    """Address of GOMP_parallel in the OpenMP runtime already loaded with torch, or 0.
+
+    The kernels then run on torch's own OpenMP team. With a second pool of threads, torch's
+    OpenMP workers (which spin for milliseconds after every torch op, waiting for the next one)
+    share the cores with ours and slow a kernel that follows a torch op by up to 2x on 2 cores.
+    libgomp, Intel's libiomp5 and LLVM's libomp all export GOMP_parallel. HOTOPS_POOL=own keeps
+    hotops' own pool; so does a platform without /proc/self/maps.
+    """
+    if os.environ.get("HOTOPS_POOL", "openmp") == "own":
+        return 0
+    try:
+        with open("/proc/self/maps") as f:
+            found = re.findall(r"(/\S*/lib(?:gomp|iomp5|omp)\b[^/\s]*\.so[^/\s]*)", f.read())
+    except OSError:
+        return 0
+    for path in dict.fromkeys(found):
+        try:  # RTLD_NOLOAD: the runtime already in the process, never a second copy
+            fn = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(fn, ctypes.c_void_p).value or 0
+    return 0
+
+
+if _C is not None:
+    _C.set_openmp_parallel(_torch_openmp_parallel())
 
 
 def ext():
