@@ -79,7 +79,7 @@ void bind_ann(py::module_& m) {
       "ann_ivf_scan",
       [](py::object q, py::object coarse, py::object probes, py::object ct, py::object cterm,
          const std::string& metric, py::object codes, py::object offsets, py::object allow, py::object out_score,
-         py::object out_row, int threads) {
+         py::object out_row, int threads, py::object list_tables) {
         ViewArgs view;
         AnnIvfScan a;
         a.q = view(q, "queries");
@@ -89,6 +89,7 @@ void bind_ann(py::module_& m) {
         a.codes = view(codes, "codes");
         a.offsets = view(offsets, "list offsets");
         a.allow = view(allow, "allow mask");
+        a.list_tables = view(list_tables, "list tables");
         a.out_score = view(out_score, "result scores");
         a.out_row = view(out_row, "result rows");
         a.threads = threads;
@@ -96,7 +97,9 @@ void bind_ann(py::module_& m) {
       },
       py::arg("q"), py::arg("coarse"), py::arg("probes"), py::arg("ct"), py::arg("cterm"), py::arg("metric"),
       py::arg("codes"), py::arg("offsets"), py::arg("allow"), py::arg("out_score"), py::arg("out_row"),
-      py::arg("threads"), "IVF-PQ scan: residual tables per probed list, ADC scan, fused top-k.");
+      py::arg("threads"), py::arg("list_tables") = py::none(),
+      "IVF-PQ scan: per probed list a residual table (or, for l2 with list_tables, the query's table "
+      "plus the list's precomputed one), ADC scan, fused top-k.");
   m.def(
       "ann_fastscan",
       [](py::object q, py::object coarse, py::object probes, py::object ct, py::object cterm,

@@ -115,6 +115,12 @@ void check(const AnnIvfScan& a) {
   for (int64_t i = 0; i < a.probes.numel(); ++i)
     HOTOPS_CHECK(p[i] >= -1 && p[i] < nlist, "probe ", p[i], " is not a list (0..", nlist - 1, " or -1)");
   check_allow(a.allow, N);
+  if (a.list_tables.present) {
+    HOTOPS_CHECK(a.cb.metric == AnnMetric::l2, "list tables serve the l2 metric only");
+    check_view(a.list_tables, "list tables", 3, {DType::f32});
+    const int64_t sizes[3] = {nlist, a.cb.m(), a.cb.ksub()};
+    check_out(a.list_tables, "list tables", 3, DType::f32, sizes);
+  }
   check_results(a.out_score, a.out_row, a.q.size(0));
 }
 

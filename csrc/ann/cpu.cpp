@@ -532,26 +532,39 @@ void ann_ivf_scan(const AnnIvfScan& a) {
   const uint8_t* codes = a.codes.ptr<uint8_t>();
   const uint8_t* allow = a.allow.present ? a.allow.ptr<uint8_t>() : nullptr;
   const int64_t* offsets = a.offsets.ptr<int64_t>();
-  // Probes [pb, pe) of query qi into top; table (m, 256) is +inf past ksub, residual (d).
-  auto scan_probes = [&](int64_t qi, int64_t pb, int64_t pe, float* table, float* residual, TopK& top) {
+  const float* list_tables = a.list_tables.present ? a.list_tables.ptr<float>() : nullptr;
+  const int64_t ksub = a.cb.ksub();
+  // Probes [pb, pe) of query qi into top; table (m, 256) is +inf past ksub; scratch holds d floats,
+  // or the query's own (m, 256) table when list tables are given.
+  auto scan_probes = [&](int64_t qi, int64_t pb, int64_t pe, float* table, float* scratch, TopK& top) {
     const float* q = row_ptr<float>(a.q, qi);
     // ip: <q, c + r> = <q, c> + <q, r>, so one table serves every list and <q, c> is a bias.
+    // l2 with list tables: ||q - c - r||^2 = [sum_s T_q(s, j_s)] + 2 <c, r> + ||c||^2 - 2 <q, c>,
+    // where T_q is the query's own table; the middle term is the list's table, the rest a bias.
     if (!l2) tables_of_row(q, a.cb, table, kTableStride);
+    if (l2 && list_tables) tables_of_row(q, a.cb, scratch, kTableStride);
     const int64_t* probe = row_ptr<int64_t>(a.probes, qi);
     for (int64_t p = pb; p < pe; ++p) {
       const int64_t l = probe[p];
       if (l < 0 || offsets[l] == offsets[l + 1]) continue;
       const float* c = row_ptr<float>(a.coarse, l);
       float bias = 0.0f;
-      if (l2) {  // ||q - c - r||^2: tables of the query's residual to this list's centroid
-        for (int64_t i = 0; i < d; ++i) residual[i] = q[i] - c[i];
-        tables_of_row(residual, a.cb, table, kTableStride);
+      if (l2 && list_tables) {
+        const float* lt = list_tables + l * m * ksub;
+        for (int64_t s = 0; s < m; ++s)
+          for (int64_t j = 0; j < ksub; ++j)
+            table[s * kTableStride + j] = scratch[s * kTableStride + j] + lt[s * ksub + j];
+        bias = row_norm2(c, d) - 2.0f * dot(q, c, d);
+      } else if (l2) {  // ||q - c - r||^2: tables of the query's residual to this list's centroid
+        for (int64_t i = 0; i < d; ++i) scratch[i] = q[i] - c[i];
+        tables_of_row(scratch, a.cb, table, kTableStride);
       } else {
         bias = -dot(q, c, d);
       }
       scan(table, kTableStride, codes, m, allow, offsets[l], offsets[l + 1], bias, top);
     }
   };
+  const int64_t scratch_floats = list_tables ? m * kTableStride : d;
   auto inf_table = [&](Scratch<float>& t) { for (int64_t i = 0; i < m * kTableStride; ++i) t.p[i] = INFINITY; };
   if (nq < a.threads && nprobe > 1) {
     // Too few queries to busy every thread: each thread scans a share of a query's lists into
@@ -566,11 +579,11 @@ void ann_ivf_scan(const AnnIvfScan& a) {
       // below this many codes, waking threads costs more than the scan they would share
       const int64_t busy = rows < kSplitRows ? 1 : slices;
       parallel_for(busy, 1, a.threads, [&](int64_t sb, int64_t se) {
-        Scratch<float> table(m * kTableStride), residual(d);
+        Scratch<float> table(m * kTableStride), scratch(scratch_floats);
         inf_table(table);
         for (int64_t sl = sb; sl < se; ++sl) {
           TopK top(part_s.p + sl * k, part_r.p + sl * k, k);
-          scan_probes(qi, nprobe * sl / busy, nprobe * (sl + 1) / busy, table.p, residual.p, top);
+          scan_probes(qi, nprobe * sl / busy, nprobe * (sl + 1) / busy, table.p, scratch.p, top);
           top.finish();
         }
       });
@@ -582,11 +595,11 @@ void ann_ivf_scan(const AnnIvfScan& a) {
     return;
   }
   parallel_for(nq, 1, a.threads, [&](int64_t qb, int64_t qe) {
-    Scratch<float> table(m * kTableStride), residual(d);
+    Scratch<float> table(m * kTableStride), scratch(scratch_floats);
     inf_table(table);
     for (int64_t qi = qb; qi < qe; ++qi) {
       TopK top(row_ptr<float>(a.out_score, qi), row_ptr<int64_t>(a.out_row, qi), k);
-      scan_probes(qi, 0, nprobe, table.p, residual.p, top);
+      scan_probes(qi, 0, nprobe, table.p, scratch.p, top);
       top.finish();
     }
   });

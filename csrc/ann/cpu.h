@@ -58,6 +58,8 @@ struct AnnIvfScan {  // IVF-PQ: residual tables per probed list, then the same s
   View codes;        // (N, m) uint8, rows grouped by list
   View offsets;      // (nlist + 1,) int64: list l holds rows [offsets[l], offsets[l + 1])
   View allow;        // (N,) uint8, or absent
+  View list_tables;  // l2, or absent: (nlist, m, ksub) float32, 2 <c_l,s, codebook_s,j>; a list's table
+                     // is then the query's own table plus this one (faiss's precomputed tables)
   View out_score, out_row;  // (nq, k)
   int threads = 1;
 };

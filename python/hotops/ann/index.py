@@ -13,6 +13,7 @@ from hotops.ann.kmeans import codebook_layout, kmeans, nearest
 
 METRICS = ("l2", "ip")
 TABLE_STRIDE = 256  # the scan kernels' table width (entries past ksub are +inf)
+PRECOMPUTED_TABLES_MAX_BYTES = 256 << 20  # IVF l2: beyond this, residual tables per probed list
 ENCODE_CHUNK = 1 << 16
 
 
@@ -94,13 +95,20 @@ class _ProductQuantized:
 
     def _list_tables(self, coarse: np.ndarray) -> np.ndarray:
         """(nlist, m, ksub) 2 <c_l,s, b_s,j>: what a list adds to the query's own l2 table."""
-        key = (id(coarse), id(self.codebooks))
-        if self._list_tables_key != key:
+        key = self._list_tables_key  # the arrays themselves, so an id cannot be reused while cached
+        if key is None or key[0] is not coarse or key[1] is not self.codebooks:
             c = coarse.reshape(coarse.shape[0], self.m, self.dsub)
             self._list_tables_cache = np.ascontiguousarray(2 * np.einsum("lsd,sjd->lsj", c, self.codebooks),
                                                            dtype=np.float32)
-            self._list_tables_key = key
+            self._list_tables_key = (coarse, self.codebooks)
         return self._list_tables_cache
+
+    def _precomputed_tables(self) -> Optional[np.ndarray]:
+        """l2 list tables for the 8-bit scan when they fit PRECOMPUTED_TABLES_MAX_BYTES: a probed list
+        then costs m * ksub additions instead of a residual table's m * ksub * dsub multiply-adds."""
+        if self.metric != "l2" or 4 * self.coarse.shape[0] * self.m * self.ksub > PRECOMPUTED_TABLES_MAX_BYTES:
+            return None
+        return self._list_tables(self.coarse)
 
     def _fastscan(self, q, coarse, probes, allow, score, rows):
         packed, block_offsets = self._fastscan_layout()
@@ -127,7 +135,7 @@ class _ProductQuantized:
         want = (self.m, self.ksub, self.dsub)
         if books.shape != want:
             raise ValueError(f"codebooks have shape {books.shape}, expected {want}")
-        books = np.ascontiguousarray(books, dtype=np.float32)
+        books = np.array(books, dtype=np.float32, order="C")  # a copy: caches key on its identity
         if not np.isfinite(books).all():
             raise ValueError("codebooks contain NaN or Inf")
         self.codebooks = books
@@ -436,7 +444,8 @@ class IVFPQIndex(_ProductQuantized):
             self._fastscan(q, self.coarse, probes, allow, score, rows)
         else:
             _backend.ext().ann_ivf_scan(q, self.coarse, probes, self._ct, self._cterm, self.metric, self.codes,
-                                        self.offsets, allow, score, rows, _arrays.threads())
+                                        self.offsets, allow, score, rows, _arrays.threads(),
+                                        self._precomputed_tables())
         return self._finish(q, score, rows, k, refine, torch_out)
 
     def _device_extra(self, to_device) -> dict:
