@@ -302,6 +302,20 @@ void build_cols(const ConvGeom& g, const float* xn, int64_t xcs, int64_t grp, co
   }
 }
 
+// The im2col tile of image n, group grp, pixels [p0, p0 + len): the input itself (row stride =
+// its channel stride) for direct layers, else built into buf (row stride len). Returns the rows.
+inline const float* input_tile(const ConvGeom& g, const View& x, const int64_t* used, int64_t n, int64_t grp,
+                               int64_t p0, int64_t len, float* buf, int64_t& ld) {
+  const float* xn = x.ptr<float>() + n * x.stride(0);
+  if (g.direct()) {
+    ld = x.stride(1);
+    return xn + grp * g.Cg() * x.stride(1) + p0;
+  }
+  build_cols(g, xn, x.stride(1), grp, used + grp * g.K(), p0, len, buf);
+  ld = len;
+  return buf;
+}
+
 // Tiling shared by the passes: tiles of `pt` output pixels, rows split into `rb` blocks of `rbs`.
 struct Plan {
   int64_t pt, tiles, rb, rbs, items;
@@ -407,7 +421,6 @@ void sparse_conv_fwd(const SparseConvFwd& a) {
   const CsrPtrs w(a.w, g.O, g.K());
   if (conv_fwd_shifted(a, w)) return;
   const Plan plan(g, g.Og(), g.direct(), a.threads);
-  const float* x = a.x.ptr<float>();
   const float* bias = a.bias.present ? a.bias.ptr<float>() : nullptr;
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
   parallel_claim(plan.items, a.threads, [&](auto claim) {
@@ -417,14 +430,8 @@ void sparse_conv_fwd(const SparseConvFwd& a) {
       int64_t n, t, grp, b;
       plan.decode(it, g, n, t, grp, b);
       const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
-      const float* xn = x + n * a.x.stride(0);
-      const float* src = xn + grp * g.Cg() * a.x.stride(1) + p0;
-      int64_t ld = a.x.stride(1);
-      if (!g.direct()) {
-        build_cols(g, xn, a.x.stride(1), grp, used + grp * g.K(), p0, len, buf.p);
-        src = buf.p;
-        ld = len;
-      }
+      int64_t ld;
+      const float* src = input_tile(g, a.x, used, n, grp, p0, len, buf.p, ld);
       const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
       if (r0 >= r1) continue;
       const Out out = Out::at(a.y, n, r0, p0);
@@ -494,7 +501,6 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
   const CsrPtrs w(a.w, g.O, g.K());
   const Plan plan(g, g.Og(), g.direct(), a.threads);
   const int64_t lanes = a.partial.size(0), nnz = a.partial.size(1);
-  const float* x = a.x.ptr<float>();
   const float* gy = a.gy.ptr<float>();
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
   parallel_for(lanes, 1, a.threads, [&](int64_t l0, int64_t l1) {
@@ -507,14 +513,8 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
         const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
         const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
         if (r0 >= r1) continue;
-        const float* xn = x + n * a.x.stride(0);
-        const float* src = xn + grp * g.Cg() * a.x.stride(1) + p0;
-        int64_t ld = a.x.stride(1);
-        if (!g.direct()) {
-          build_cols(g, xn, a.x.stride(1), grp, used + grp * g.K(), p0, len, buf.p);
-          src = buf.p;
-          ld = len;
-        }
+        int64_t ld;
+        const float* src = input_tile(g, a.x, used, n, grp, p0, len, buf.p, ld);
         w.check_rows(r0, r1);
         for (int64_t q = 0; q < w.panels; ++q)  // in storage order
           for (int64_t r = r0; r < r1; ++r) {
