@@ -24,21 +24,25 @@ CONFIGS = {"2x8": (8, 2), "1x8/4": (4, 1)}  # name: (in_group, num_codebooks), b
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_weight(N: int, K: int, config: str, seed: int = 0, device: str = "cpu"):
+def make_weight(N: int, K: int, config: str, seed: int = 0, device: str = "cpu", dtype=torch.float32):
+    """dtype: of the codebooks and scales."""
     from hotops.codebook import CodebookWeight
 
     g, M = CONFIGS[config]
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 256, (N, K // g, M), dtype=torch.uint8, generator=gen)
     codebooks = torch.randn(1, M, 256, g, generator=gen) / (M * K) ** 0.5
-    return CodebookWeight(codes.to(device), codebooks.to(device), (torch.rand(N, generator=gen) + 0.5).to(device))
+    scales = torch.rand(N, generator=gen) + 0.5
+    return CodebookWeight(codes.to(device), codebooks.to(device, dtype), scales.to(device, dtype))
 
 
 def build(side: str, N: int, K: int, B: int, config: str, dtype: str = "fp32", seed: int = 0, device: str = "cpu"):
-    """A closure computing x W^T once for `side`: "hotops", "dense" or "aqlm" (CPU only)."""
+    """A closure computing x W^T once for `side`: "hotops", "dense" or "aqlm" (CPU only). On a GPU
+    the codebooks are stored in the activations' dtype, as a deployed half-precision model has
+    them (the kernels gather codewords of that size)."""
     import hotops
 
-    w = make_weight(N, K, config, seed, device)
+    w = make_weight(N, K, config, seed, device, torch.float32 if device == "cpu" else DTYPES[dtype])
     x = torch.randn(B, K, generator=torch.Generator().manual_seed(seed + 1)).to(device, DTYPES[dtype])
     if side == "hotops":
         return lambda: hotops.codebook_matmul(x, w)
@@ -137,7 +141,7 @@ def _run_gpu(params: dict, quick: bool, device: str) -> Result:
     th, tp = time_pair(hot, peer_fn, repeats=20, warmup=3, min_time=0.3 if quick else 0.5, device=device)
     act = torch.finfo(DTYPES[dtype]).bits // 8
     bytes_moved = N * K * M // g + B * (K + N) * act  # codes once, activations in and out
-    w = make_weight(N, K, config)
+    w = make_weight(N, K, config, dtype=DTYPES[dtype])
     extra = {"bits_per_weight": w.bits_per_weight, "weight_MB": w.bits_per_weight * N * K / 8 / 2 ** 20,
              "dense_MB": act * N * K / 2 ** 20}
     if B <= GEMV_MAX_BATCH:  # the GEMV gathers every code's codeword once, from L1
