@@ -67,25 +67,33 @@ def _row_groups(GROUP_PTR, rows, num_groups, LOG_GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C,
-                 M: tl.constexpr, G: tl.constexpr, CODE_MASK: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Unscaled float32 weight of stored rows n0 .. n0 + BLOCK_N (n0 a multiple of 16) and inputs
-    j0·G .. (j0 + BLOCK_J)·G: (BLOCK_N, BLOCK_J·G), zeros past the last input."""
-    blocks = n0 // 16 + tl.arange(0, BLOCK_N // 16)
+def _codewords(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C,
+               M: tl.constexpr, G: tl.constexpr, CODE_MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Unscaled float32 weight of stored rows n0 .. n0 + BLOCK_N (n0 a multiple of 16), input
+    groups j0 .. j0 + BLOCK_J: (BLOCK_N, BLOCK_J, G), zeros past the last input group."""
+    local = tl.arange(0, BLOCK_N)
+    blocks = (n0 + local) // 16
     groups = j0 + tl.arange(0, BLOCK_J)
-    lane = tl.arange(0, 16)
     inside = groups < J
-    load_mask = (blocks < num_blocks)[:, None, None] & inside[None, :, None]
+    code_mask = (blocks < num_blocks)[:, None] & inside[None, :]
     words = tl.zeros((BLOCK_N, BLOCK_J, G), tl.float32)
     for m in tl.static_range(M):
-        # packed[block, j * M + m, lane] holds the code of row 16 * block + lane
-        off = (blocks.to(tl.int64)[:, None, None] * (J * M) + groups[None, :, None] * M + m) * 16 + lane[None, None, :]
-        packed = tl.load(CODES + off, mask=load_mask, other=0).to(tl.int32) & CODE_MASK
-        codes = tl.reshape(tl.permute(packed, (0, 2, 1)), (BLOCK_N, BLOCK_J))
+        # packed[block, j * M + m, lane] holds the code of row 16 * block + lane: runs of 16 bytes
+        off = (blocks.to(tl.int64)[:, None] * (J * M) + groups[None, :] * M + m) * 16 + (local % 16)[:, None]
+        codes = tl.load(CODES + off, mask=code_mask, other=0).to(tl.int32) & CODE_MASK
         word = ((grp[:, None] * M + m) * C + codes) * G
         words += tl.load(CODEBOOKS + word[:, :, None] + tl.arange(0, G)[None, None, :],
                          mask=inside[None, :, None], other=0.0).to(tl.float32)
+    return words
+
+
+@triton.jit
+def _weight_tile(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C,
+                 M: tl.constexpr, G: tl.constexpr, CODE_MASK: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """_codewords as a (BLOCK_N, BLOCK_J·G) matrix tile."""
+    words = _codewords(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C, M, G, CODE_MASK, BLOCK_N, BLOCK_J)
     return tl.reshape(words, (BLOCK_N, BLOCK_J * G))
 
 
@@ -158,12 +166,13 @@ def _gemv_kernel(X, CODES, CODEBOOKS, SCALES, GROUP_PTR, PERM, BIAS, OUT,
     per_split = tl.cdiv(tl.cdiv(J, BLOCK_J), SPLIT_K) * BLOCK_J  # whole tiles: none straddles two slices
     acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
     for j0 in range(split * per_split, tl.minimum(J, (split + 1) * per_split), BLOCK_J):
-        w = _weight_tile(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C, M, G, CODE_MASK, BLOCK_N, BLOCK_J)
-        k = j0 * G + tl.arange(0, BLOCK_J * G)
+        w = _codewords(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C, M, G, CODE_MASK, BLOCK_N, BLOCK_J)
+        k = (j0 + tl.arange(0, BLOCK_J))[:, None] * G + tl.arange(0, G)[None, :]  # (BLOCK_J, G), as w's last axes
         for b in tl.static_range(BLOCK_B):  # one batch row at a time: registers hold one tile
             row = tl.minimum(b, B - 1)  # rows past B repeat the last one; their outputs are not stored
             x = tl.load(X + row * stride_xb + k, mask=k < J * G, other=0.0).to(tl.float32)
-            acc = tl.where(batch[:, None] == b, acc + tl.sum(w * x[None, :], 1)[None, :], acc)
+            dot = tl.sum(tl.sum(w * x[None, :, :], 2), 1)
+            acc = tl.where(batch[:, None] == b, acc + dot[None, :], acc)
     _store_outputs(acc, SCALES, PERM, BIAS, OUT, batch, rows, B, N, stride_ob, split == 0, HAS_PERM, HAS_BIAS,
                    INTERPRETED, SPLIT_K > 1)
 
@@ -225,12 +234,13 @@ def _config(num_warps, num_stages=2, **blocks):
 
 
 # Few configs on purpose: each is a compile, and every (shape, format, batch bucket) tunes once.
-# BLOCK_K counts inputs (BLOCK_K / in_group input groups a tile).
-_GEMV_CONFIGS = [_config(w, BLOCK_N=16, BLOCK_K=k) for w in (2, 4) for k in (128, 256)]
+# BLOCK_K counts inputs (BLOCK_K / in_group input groups a tile). None spills on sm_90 (ptxas -v,
+# 2x8 format, fp16 and fp32 activations); the larger tiles dropped from these lists did.
+_GEMV_CONFIGS = [_config(w, BLOCK_N=16, BLOCK_K=k) for w, k in ((2, 128), (4, 128), (4, 256), (8, 256))]
 _GEMM_CONFIGS = [_config(w, 3, BLOCK_B=b, BLOCK_N=n, BLOCK_K=k)
-                 for b, n, w in ((16, 64, 4), (64, 64, 4), (128, 128, 8)) for k in (32, 64)]
+                 for b, n, w, k in ((16, 64, 4, 32), (16, 64, 4, 64), (64, 64, 4, 32), (64, 64, 4, 64), (128, 128, 8, 32))]
 _GRAD_CONFIGS = [_config(w, 3, BLOCK_B=b, BLOCK_N=n, BLOCK_K=k)
-                 for b, n, w in ((16, 64, 4), (64, 64, 4), (128, 64, 8)) for k in (64, 128)]
+                 for b, n, w, k in ((16, 64, 4, 64), (16, 64, 4, 128), (64, 64, 4, 64), (128, 64, 8, 64), (128, 64, 8, 128))]
 _INTERPRETER = dict(BLOCK_B=16, BLOCK_N=16, BLOCK_K=16)  # tl.dot's smallest tiles: the interpreter is slow
 
 _KEY = ["N", "J", "G", "M", "BATCH_BUCKET"]
