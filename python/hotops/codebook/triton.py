@@ -3,10 +3,10 @@
 Every kernel dequantizes tiles of the weight where it uses them, from the packed codes (see
 ``reference.pack_codes``): a tile of 16·b stored rows by BLOCK_J input groups is b runs of
 BLOCK_J · num_codebooks · 16 contiguous bytes, so code loads are fully coalesced. A codeword is
-gathered from its row group's codebook with a plain load: the codebooks of a layer are a few
-KiB (256 codewords x in_group x num_codebooks floats per group), so after the first touch every
-gather hits L1 (Triton has no gather from shared memory; the L1 cache is the same SRAM). The
-dense weight never exists in global memory.
+gathered from its row group's codebook with one vector load: the codebooks of a layer are a few
+KiB (256 codewords x in_group x num_codebooks per group), so after the first touch every gather
+hits L1, the same SRAM and bandwidth as shared memory. The dense weight never exists in global
+memory.
 
 * ``_gemv_kernel`` (batch <= GEMV_MAX_BATCH): one program per block of stored rows walks the
   whole input dimension; float32 products and accumulators on the CUDA cores, one batch row at a
