@@ -146,8 +146,9 @@ def _run_gpu(params: dict, quick: bool, device: str) -> Result:
              "dense_MB": act * N * K / 2 ** 20}
     if B <= GEMV_MAX_BATCH:  # the GEMV gathers every code's codeword once, from L1
         extra["l1_gather_GB_per_s"] = N * K * M * w.codebooks.element_size() / th / 1e9
-    return Result(family="codebook", case=f"{N}x{K} B={B} {config} {dtype}", peer=f"torch F.linear {dtype} dense (cuBLAS)",
-                  hotops_s=th, peer_s=tp, check=check, work="bytes", amount=bytes_moved, extra=extra)
+    return Result(family="codebook", case=f"{N}x{K} B={B} {config} {dtype}",
+                  peer=f"torch F.linear {dtype} dense (cuBLAS)", hotops_s=th, peer_s=tp, check=check,
+                  work="bytes", amount=bytes_moved, extra=extra)
 
 
 # ------------------------------------------ data for examples/compress_minilm.py (all-MiniLM-L6-v2)

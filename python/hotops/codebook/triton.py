@@ -8,10 +8,10 @@ KiB (256 codewords x in_group x num_codebooks per group), so after the first tou
 hits L1, the same SRAM and bandwidth as shared memory. The dense weight never exists in global
 memory.
 
-* ``_gemv_kernel`` (batch <= GEMV_MAX_BATCH): one program per block of stored rows walks the
-  whole input dimension; float32 products and accumulators on the CUDA cores, one batch row at a
-  time so registers hold one weight tile. Bound by the code stream and the L1 gathers, not by
-  arithmetic (docs/codebook.md, "GPU (Triton)").
+* ``_gemv_kernel`` (batch <= GEMV_MAX_BATCH): one program per 16-row block of stored rows and
+  slice of the inputs (``gemv_splits``); float32 products and accumulators on the CUDA cores, one
+  batch row at a time so registers hold one weight tile. Bound by the L1 gathers and the code
+  stream, not by arithmetic (docs/codebook.md, "GPU (Triton)").
 * ``_gemm_kernel``: one program per (block of batch rows, block of stored rows); the dequantized
   weight tile is cast to the activations' dtype and multiplied on the tensor cores (tl.dot, float32
   accumulators; float32 activations use 3xTF32, as accurate as float32 FMAs).
@@ -220,7 +220,8 @@ def _input_grad_kernel(DY, CODES, CODEBOOKS, SCALES, GROUP_PTR, PERM, DX,
         col = tl.load(PERM + rows, mask=row_ok, other=0) if HAS_PERM else rows
         s = tl.load(SCALES + rows, mask=row_ok, other=0.0).to(tl.float32)
         dy = tl.load(dy_rows + col[None, :], mask=(batch < B)[:, None] & row_ok[None, :], other=0.0)
-        acc = _dot(_to(dy.to(tl.float32) * s[None, :], DY.dtype.element_ty, INTERPRETED), _to(w, DY.dtype.element_ty, INTERPRETED), acc, INTERPRETED)
+        dy = _to(dy.to(tl.float32) * s[None, :], DY.dtype.element_ty, INTERPRETED)
+        acc = _dot(dy, _to(w, DY.dtype.element_ty, INTERPRETED), acc, INTERPRETED)
     k = j0 * G + tl.arange(0, BLOCK_J * G)
     tl.store(DX + batch.to(tl.int64)[:, None] * stride_dxb + k[None, :], _to(acc, DX.dtype.element_ty, INTERPRETED),
              mask=(batch < B)[:, None] & (k < J * G)[None, :])
@@ -237,10 +238,10 @@ def _config(num_warps, num_stages=2, **blocks):
 # BLOCK_K counts inputs (BLOCK_K / in_group input groups a tile). None spills on sm_90 (ptxas -v,
 # 2x8 format, fp16 and fp32 activations); the larger tiles dropped from these lists did.
 _GEMV_CONFIGS = [_config(w, BLOCK_N=16, BLOCK_K=k) for w, k in ((2, 128), (4, 128), (4, 256), (8, 256))]
-_GEMM_CONFIGS = [_config(w, 3, BLOCK_B=b, BLOCK_N=n, BLOCK_K=k)
-                 for b, n, w, k in ((16, 64, 4, 32), (16, 64, 4, 64), (64, 64, 4, 32), (64, 64, 4, 64), (128, 128, 8, 32))]
-_GRAD_CONFIGS = [_config(w, 3, BLOCK_B=b, BLOCK_N=n, BLOCK_K=k)
-                 for b, n, w, k in ((16, 64, 4, 64), (16, 64, 4, 128), (64, 64, 4, 64), (128, 64, 8, 64), (128, 64, 8, 128))]
+_GEMM_CONFIGS = [_config(w, 3, BLOCK_B=b, BLOCK_N=n, BLOCK_K=k) for b, n, w, k in (
+    (16, 64, 4, 32), (16, 64, 4, 64), (64, 64, 4, 32), (64, 64, 4, 64), (128, 128, 8, 32))]
+_GRAD_CONFIGS = [_config(w, 3, BLOCK_B=b, BLOCK_N=n, BLOCK_K=k) for b, n, w, k in (
+    (16, 64, 4, 64), (16, 64, 4, 128), (64, 64, 4, 64), (128, 64, 8, 64), (128, 64, 8, 128))]
 _INTERPRETER = dict(BLOCK_B=16, BLOCK_N=16, BLOCK_K=16)  # tl.dot's smallest tiles: the interpreter is slow
 
 _KEY = ["N", "J", "G", "M", "BATCH_BUCKET"]
@@ -302,9 +303,8 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales
         _launch(_gemv, _gemv_kernel, lambda m: (triton.cdiv(N, m["BLOCK_N"]), splits), *operands, out,
                 B, N, J, C, O, x.stride(0), out.stride(0), SPLIT_K=splits, BLOCK_B=triton.next_power_of_2(B), **meta)
         return out.to(x.dtype)
-    else:
-        _launch(_gemm, _gemm_kernel, lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(B, m["BLOCK_B"])),
-                *operands, out, B, N, J, C, O, x.stride(0), out.stride(0), **meta)
+    _launch(_gemm, _gemm_kernel, lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(B, m["BLOCK_B"])),
+            *operands, out, B, N, J, C, O, x.stride(0), out.stride(0), **meta)
     return out
 
 
