@@ -3,6 +3,7 @@ the interpreter (TRITON_INTERPRET=1, set by conftest) on tiny shapes, against th
 reference; the same kernels on a GPU in the `gpu` tests (benchmarks/gpu_check.sh)."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from hotops import _backend
 from hotops.codebook import CodebookWeight, codebook_matmul, op, reference
@@ -93,6 +94,27 @@ def test_identity_order_strided_rows_and_empty(interpreted):
     check_forward(torch.randn(5, 64)[:, :32], parts)  # a row stride of 64
     assert kernels.matmul(torch.randn(0, 32), *parts, None).shape == (0, 16)
     assert kernels.input_grad(torch.randn(0, 16), *parts).shape == (0, 32)
+
+
+@pytest.mark.parametrize("B", [2, 12])
+def test_nan_stays_in_its_row(interpreted, B):
+    from hotops.codebook import triton as kernels
+
+    x = torch.randn(B, 32)
+    x[0, 5] = float("nan")
+    out = kernels.matmul(x, *weight_parts(20, 32, 8, 1), None)
+    assert out[0].isnan().all() and out[1:].isfinite().all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 40), J=st.integers(1, 5), in_group=st.sampled_from([1, 2, 4, 8]), M=st.integers(1, 2),
+       C=st.integers(1, 256), groups=st.integers(1, 4), B=st.integers(1, 20), permuted=st.booleans(),
+       bias=st.booleans())
+def test_property_matches_reference(N, J, in_group, M, C, groups, B, permuted, bias):
+    require_triton_runs()
+    parts = weight_parts(N, J * in_group, in_group, M, C, groups, permuted)
+    check_forward(torch.randn(B, J * in_group), parts, torch.randn(N) if bias else None)
+    check_input_grad(torch.randn(B, N), parts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -269,6 +269,11 @@ def _format_meta(codes, codebooks, batch):
                 BATCH_BUCKET=triton.next_power_of_2(batch), INTERPRETED=_interpreting()), (C, O)
 
 
+def _contiguous(*tensors):
+    """The kernels index every part densely (no-ops for a CodebookWeight's own tensors)."""
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -291,7 +296,7 @@ def matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales
     out = torch.empty(B, N, dtype=x.dtype, device=x.device)
     if B == 0 or N == 0:
         return out
-    codebooks, scales = codebooks.contiguous(), scales.contiguous()
+    codes, codebooks, scales, group_ptr, perm, bias = _contiguous(codes, codebooks, scales, group_ptr, perm, bias)
     meta, (C, O) = _format_meta(codes, codebooks, B)
     meta.update(HAS_PERM=perm is not None, HAS_BIAS=bias is not None)
     operands = (x, codes, codebooks, scales, group_ptr, perm if perm is not None else scales,
@@ -319,7 +324,7 @@ def input_grad(dy: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, s
         return dx
     if N == 0:
         return dx.zero_()
-    codebooks, scales = codebooks.contiguous(), scales.contiguous()
+    codes, codebooks, scales, group_ptr, perm = _contiguous(codes, codebooks, scales, group_ptr, perm)
     meta, (C, O) = _format_meta(codes, codebooks, B)
     meta.update(HAS_PERM=perm is not None)
     _launch(_input_grad, _input_grad_kernel,
