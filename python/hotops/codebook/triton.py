@@ -77,14 +77,17 @@ def _codewords(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C,
     groups = j0 + tl.arange(0, BLOCK_J)
     inside = groups < J
     code_mask = (blocks < num_blocks)[:, None] & inside[None, :]
-    words = tl.zeros((BLOCK_N, BLOCK_J, G), tl.float32)
     for m in tl.static_range(M):
         # packed[block, j * M + m, lane] holds the code of row 16 * block + lane: runs of 16 bytes
         off = (blocks.to(tl.int64)[:, None] * (J * M) + groups[None, :] * M + m) * 16 + (local % 16)[:, None]
         codes = tl.load(CODES + off, mask=code_mask, other=0).to(tl.int32) & CODE_MASK
         word = ((grp[:, None] * M + m) * C + codes) * G
-        words += tl.load(CODEBOOKS + word[:, :, None] + tl.arange(0, G)[None, None, :],
-                         mask=inside[None, :, None], other=0.0).to(tl.float32)
+        term = tl.load(CODEBOOKS + word[:, :, None] + tl.arange(0, G)[None, None, :],
+                       mask=inside[None, :, None], other=0.0).to(tl.float32)
+        if m == 0:  # (not zeros + term: that is an add per element the compiler keeps)
+            words = term
+        else:
+            words += term
     return words
 
 
@@ -164,15 +167,18 @@ def _gemv_kernel(X, CODES, CODEBOOKS, SCALES, GROUP_PTR, PERM, BIAS, OUT,
     grp = _row_groups(GROUP_PTR, rows, num_groups, LOG_GROUPS)
     num_blocks = tl.cdiv(N, 16)
     per_split = tl.cdiv(tl.cdiv(J, BLOCK_J), SPLIT_K) * BLOCK_J  # whole tiles: none straddles two slices
-    acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+    # partial sums per (batch row, stored row, input group of the tile): the sum across input
+    # groups (across threads) is taken once, after the loop, not per tile
+    acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_J), tl.float32)
     for j0 in range(split * per_split, tl.minimum(J, (split + 1) * per_split), BLOCK_J):
         w = _codewords(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C, M, G, CODE_MASK, BLOCK_N, BLOCK_J)
         k = (j0 + tl.arange(0, BLOCK_J))[:, None] * G + tl.arange(0, G)[None, :]  # (BLOCK_J, G), as w's last axes
         for b in tl.static_range(BLOCK_B):  # one batch row at a time: registers hold one tile
             row = tl.minimum(b, B - 1)  # rows past B repeat the last one; their outputs are not stored
             x = tl.load(X + row * stride_xb + k, mask=k < J * G, other=0.0).to(tl.float32)
-            dot = tl.sum(tl.sum(w * x[None, :, :], 2), 1)
-            acc = tl.where(batch[:, None] == b, acc + dot[None, :], acc)
+            part = tl.sum(w * x[None, :, :], 2)
+            acc = tl.where(batch[:, None, None] == b, acc + part[None, :, :], acc)
+    acc = tl.sum(acc, 2)
     _store_outputs(acc, SCALES, PERM, BIAS, OUT, batch, rows, B, N, stride_ob, split == 0, HAS_PERM, HAS_BIAS,
                    INTERPRETED, SPLIT_K > 1)
 
