@@ -10,8 +10,8 @@ memory.
 
 * ``_gemv_kernel`` (batch <= GEMV_MAX_BATCH): one program per 16-row block of stored rows and
   slice of the inputs (``gemv_splits``); float32 products and accumulators on the CUDA cores, one
-  batch row at a time so registers hold one weight tile. Bound by the L1 gathers and the code
-  stream, not by arithmetic (docs/codebook.md, "GPU (Triton)").
+  batch row at a time so registers hold one weight tile. Bound by instruction issue, then the L1
+  gathers, then the code stream (docs/codebook.md, "GPU (Triton)").
 * ``_gemm_kernel``: one program per (block of batch rows, block of stored rows); the dequantized
   weight tile is cast to the activations' dtype and multiplied on the tensor cores (tl.dot, float32
   accumulators; float32 activations use 3xTF32, as accurate as float32 FMAs).
