@@ -248,3 +248,24 @@ def test_cuda_matches_reference(dtype, B):
     for name, g, r in zip(("x", "codebooks", "scales"), got, want):
         err = (g.double() - r).abs().max().item() / r.abs().max().item()
         assert g.is_cuda and err <= tol, f"d{name}: relative error {err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("B", [1, 24])
+def test_cuda_half_module(B):
+    """The deployed form: a CodebookLinear moved to the GPU in fp16 (codebooks, scales and bias
+    in fp16, codes uint8), against the reference on the same fp16 parts."""
+    from hotops.codebook import CodebookLinear
+
+    layer = CodebookLinear(CodebookWeight.from_packed(*weight_parts(300, 256, 8, 2, groups=2)), torch.randn(300))
+    layer = layer.cuda().half()
+    x = torch.randn(B, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        out = layer(x)
+    w = layer.weight
+    ref64 = reference.codebook_matmul(x.double(), w.codes, w.codebooks.double(), w.scales.double(), w.group_ptr,
+                                      w.perm, layer.bias.double())
+    ref_lp = reference.codebook_matmul(x, w.codes, w.codebooks, w.scales, w.group_ptr, w.perm, layer.bias)
+    assert out.dtype == torch.float16 and out.is_cuda
+    assert_close_to_reference(out, ref64, ref_lp, atol=1e-2, name="y")
