@@ -66,11 +66,12 @@ def aqlm_missing() -> Optional[str]:
 
 
 def cases(quick: bool, device: str = "cpu") -> List[dict]:
-    if device == "cuda":  # gpu_check.sh's budget is minutes for every family: fp16, bf16 at one shape
+    if device == "cuda":  # gpu_check.sh's budget is minutes for every family (and each new dtype x
+        # batch bucket compiles and tunes the kernels): fp16 at every shape, bf16 at one
         if quick:
             return [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="fp16") for B in (1, 16)]
         out = [dict(N=N, K=K, B=B, config="2x8", peer="dense", dtype="fp16") for N, K in SHAPES for B in (1, 4, 16)]
-        return out + [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="bf16") for B in (1, 16)]
+        return out + [dict(N=4096, K=4096, B=1, config="2x8", peer="dense", dtype="bf16")]
     if quick:
         return [dict(N=4096, K=4096, B=B, config="2x8", peer=p) for B in (1, 16) for p in ("dense", "aqlm")]
     out = [dict(N=N, K=K, B=B, config="2x8", peer=p) for N, K in SHAPES for B in (1, 4, 16)
