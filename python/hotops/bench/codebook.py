@@ -5,7 +5,11 @@ numba CPU kernel on the very same weight (2 codebooks of 256 codewords over 8 in
 depend on the values). The roofline column counts the bytes the hotops kernel must read (codes,
 activations) and write, against the machine's copy bandwidth; `extra` also records the table
 lookups (one per code and 16 batch rows) and their rate, the kernel's other bound (see
-docs/codebook.md)."""
+docs/codebook.md).
+
+On CUDA (``--device cuda``, benchmarks/gpu_check.sh) the Triton kernels run against cuBLAS's
+dense float16/bfloat16 F.linear; `extra` records the codeword bytes the kernels gather from L1,
+their other bound there."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -17,25 +21,29 @@ from hotops.bench.core import Result, time_pair
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features): q/o, up/gate, down
 CONFIGS = {"2x8": (8, 2), "1x8/4": (4, 1)}  # name: (in_group, num_codebooks), both 2 bits/weight
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_weight(N: int, K: int, config: str, seed: int = 0):
+def make_weight(N: int, K: int, config: str, seed: int = 0, device: str = "cpu", dtype=torch.float32):
+    """dtype: of the codebooks and scales."""
     from hotops.codebook import CodebookWeight
 
     g, M = CONFIGS[config]
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 256, (N, K // g, M), dtype=torch.uint8, generator=gen)
     codebooks = torch.randn(1, M, 256, g, generator=gen) / (M * K) ** 0.5
-    return CodebookWeight(codes, codebooks, torch.rand(N, generator=gen) + 0.5)
+    scales = torch.rand(N, generator=gen) + 0.5
+    return CodebookWeight(codes.to(device), codebooks.to(device, dtype), scales.to(device, dtype))
 
 
-def build(side: str, N: int, K: int, B: int, config: str, dtype: str = "fp32", seed: int = 0):
-    """A closure computing x W^T once for `side`: "hotops", "dense" or "aqlm"."""
+def build(side: str, N: int, K: int, B: int, config: str, dtype: str = "fp32", seed: int = 0, device: str = "cpu"):
+    """A closure computing x W^T once for `side`: "hotops", "dense" or "aqlm" (CPU only). On a GPU
+    the codebooks are stored in the activations' dtype, as a deployed half-precision model has
+    them (the kernels gather codewords of that size)."""
     import hotops
 
-    w = make_weight(N, K, config, seed)
-    x = torch.randn(B, K, generator=torch.Generator().manual_seed(seed + 1)).to(DTYPES[dtype])
+    w = make_weight(N, K, config, seed, device, torch.float32 if device == "cpu" else DTYPES[dtype])
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(seed + 1)).to(device, DTYPES[dtype])
     if side == "hotops":
         return lambda: hotops.codebook_matmul(x, w)
     if side == "dense":
@@ -58,8 +66,12 @@ def aqlm_missing() -> Optional[str]:
 
 
 def cases(quick: bool, device: str = "cpu") -> List[dict]:
-    if device != "cpu":
-        return []  # the codebook kernels are CPU (C++) kernels; no Triton path yet
+    if device == "cuda":  # gpu_check.sh's budget is minutes for every family (and each new dtype x
+        # batch bucket compiles and tunes the kernels): fp16 at every shape, bf16 at one
+        if quick:
+            return [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="fp16") for B in (1, 16)]
+        out = [dict(N=N, K=K, B=B, config="2x8", peer="dense", dtype="fp16") for N, K in SHAPES for B in (1, 4, 16)]
+        return out + [dict(N=4096, K=4096, B=1, config="2x8", peer="dense", dtype="bf16")]
     if quick:
         return [dict(N=4096, K=4096, B=B, config="2x8", peer=p) for B in (1, 16) for p in ("dense", "aqlm")]
     out = [dict(N=N, K=K, B=B, config="2x8", peer=p) for N, K in SHAPES for B in (1, 4, 16)
@@ -77,6 +89,8 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> str:
 
 
 def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
+    if device == "cuda":
+        return _run_gpu(params, quick, device)
     p = dict(params)
     peer = p.pop("peer")
     N, K, B, config, dtype = p["N"], p["K"], p["B"], p["config"], p.get("dtype", "fp32")
@@ -113,6 +127,29 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
                   extra={"bits_per_weight": bits, "weight_MB": bits * N * K / 8 / 2 ** 20,
                          "dense_fp32_MB": 4 * N * K / 2 ** 20, "lookups": lookups,
                          "glookups_per_s": lookups / th / 1e9})
+
+
+def _run_gpu(params: dict, quick: bool, device: str) -> Result:
+    """The Triton GEMV (B <= 8) or GEMM against cuBLAS's dense half-precision F.linear."""
+    from hotops.codebook.triton import GEMV_MAX_BATCH
+
+    p = dict(params, device=device)
+    p.pop("peer")
+    N, K, B, config, dtype = p["N"], p["K"], p["B"], p["config"], p["dtype"]
+    g, M = CONFIGS[config]
+    hot, peer_fn = build("hotops", **p), build("dense", **p)
+    check = _check(hot(), peer_fn())  # also compiles and autotunes before the timing
+    th, tp = time_pair(hot, peer_fn, repeats=20, warmup=3, min_time=0.3 if quick else 0.5, device=device)
+    act = torch.finfo(DTYPES[dtype]).bits // 8
+    bytes_moved = N * K * M // g + B * (K + N) * act  # codes once, activations in and out
+    w = make_weight(N, K, config, dtype=DTYPES[dtype])
+    extra = {"bits_per_weight": w.bits_per_weight, "weight_MB": w.bits_per_weight * N * K / 8 / 2 ** 20,
+             "dense_MB": act * N * K / 2 ** 20}
+    if B <= GEMV_MAX_BATCH:  # the GEMV gathers every code's codeword once, from L1
+        extra["l1_gather_GB_per_s"] = N * K * M * w.codebooks.element_size() / th / 1e9
+    return Result(family="codebook", case=f"{N}x{K} B={B} {config} {dtype}",
+                  peer=f"torch F.linear {dtype} dense (cuBLAS)", hotops_s=th, peer_s=tp, check=check,
+                  work="bytes", amount=bytes_moved, extra=extra)
 
 
 # ------------------------------------------ data for examples/compress_minilm.py (all-MiniLM-L6-v2)

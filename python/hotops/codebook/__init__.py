@@ -14,16 +14,17 @@ from hotops.codebook.jlcm import compress, load_compressed
 
 __all__ = ["codebook_matmul", "CodebookWeight", "CodebookLinear", "compress", "load_compressed"]
 
-ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # on the CPU; other devices also take float16
 
 
 def codebook_matmul(x: Tensor, weight: CodebookWeight, bias: Optional[Tensor] = None) -> Tensor:
     """x (..., in_features) -> (..., out_features): ``F.linear(x, weight.dequantize(), bias)``
-    without materialising the dense weight. x is float32 or bfloat16 (float32 accumulation);
-    differentiable in x, the codebooks, the scales and bias."""
+    without materialising the dense weight. x is float32 or bfloat16, or off the CPU also float16
+    (float32 accumulation); differentiable in x, the codebooks, the scales and bias."""
     if not isinstance(weight, CodebookWeight):
         raise TypeError(f"weight must be a CodebookWeight, got {type(weight).__name__}")
-    _backend.check_tensor(x, "x", dtypes=ACTIVATION_DTYPES)
+    on_cpu = not isinstance(x, Tensor) or x.device.type == "cpu"
+    _backend.check_tensor(x, "x", dtypes=ACTIVATION_DTYPES if on_cpu else _backend.FLOAT_DTYPES)
     if x.dim() == 0 or x.shape[-1] != weight.in_features:
         raise ValueError(f"x must end in in_features = {weight.in_features}, got shape {tuple(x.shape)}")
     if bias is not None:

@@ -3,10 +3,13 @@
 ``hotops::codebook_matmul`` (x (..., K) -> (..., N)) and ``hotops::codebook_dequantize`` (the
 dense float32 weight). On the CPU the product runs the C++ lookup-table kernel (see
 ``use_tables``); otherwise it dequantizes row tiles of the weight into cache and multiplies them
-with torch's BLAS. Other devices dequantize and multiply with torch (no Triton kernel yet).
+with torch's BLAS. On CUDA it runs the Triton kernels (``triton.py``: a GEMV for small batches, a
+GEMM for larger ones, both dequantizing tiles in-kernel). Other devices dequantize and multiply
+with torch.
 
-Backward: dx = dy W with W dequantized by the C++ kernel; the codebooks' and scales' gradients
-come from dW = dy^T x by a scatter-add of each code's slice into its codeword.
+Backward: dx = dy W, on CUDA by a Triton kernel on the same in-kernel tiles, elsewhere with W
+dequantized (by the C++ kernel on the CPU); the codebooks' and scales' gradients come from
+dW = dy^T x by a scatter-add of each code's slice into its codeword, in torch on every device.
 """
 
 from typing import Optional, Tuple
@@ -76,8 +79,16 @@ def _torch_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
     return reference.codebook_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias)
 
 
+def _triton_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
+    from hotops.codebook import triton as kernels
+
+    return kernels.matmul(x2, codes, codebooks.detach(), scales.detach(), group_ptr, perm,
+                          None if bias is None else bias.detach())
+
+
 MATMUL_BACKENDS = (
     _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_matmul),
+    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_matmul),
     _backend.Backend("torch (dequantize + matmul)", lambda device: None, _torch_matmul),
 )
 
@@ -162,14 +173,31 @@ def _setup_matmul(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
+def _triton_input_grad(dy2, codes, codebooks, scales, group_ptr, perm):
+    from hotops.codebook import triton as kernels
+
+    return kernels.input_grad(_backend.cpu_view(dy2), codes, codebooks.detach(), scales.detach(), group_ptr, perm)
+
+
+def _dense_input_grad(dy2, codes, codebooks, scales, group_ptr, perm):
+    w = codebook_dequantize(codes, codebooks, scales, group_ptr, perm)
+    return dy2 @ w.to(dy2.dtype)
+
+
+INPUT_GRAD_BACKENDS = (
+    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_input_grad),
+    _backend.Backend("dequantize + matmul", lambda device: None, _dense_input_grad),
+)
+
+
 def _backward_matmul(ctx, dy):
     x, codes, codebooks, scales, group_ptr, perm = ctx.saved_tensors
     need_x, _, need_cb, need_s, _, _, need_b = ctx.needs_input_grad
     dy2 = dy.reshape(-1, dy.shape[-1])
     dx = dcb = ds = db = None
     if need_x:
-        w = codebook_dequantize(codes, codebooks, scales, group_ptr, perm)
-        dx = (dy2 @ w.to(dy2.dtype)).reshape(x.shape)
+        input_grad = _backend.choose("codebook_matmul backward", INPUT_GRAD_BACKENDS, dy.device).run
+        dx = input_grad(dy2, codes, codebooks, scales, group_ptr, perm).reshape(x.shape)
     if need_cb or need_s:
         dW = dy2.float().T @ x.reshape(-1, x.shape[-1]).float()
         dcb, ds = format_grads(dW, codes, codebooks, scales, group_ptr, perm)
