@@ -410,7 +410,11 @@ Plan plan(const CodebookFormat& w, int threads) {
   // BC = 1: an L1-sized tile (16 KB float tables, or 32 int16 tables of 256 entries, 16 KB);
   // BC > 1: L2-sized (256 KB), each lookup being a whole vector whose latency the rows overlap.
   p.tile = BC == 1 ? (kInt16Tables ? kTileI16 : max64(1, 4096 / C)) : max64(1, (256 << 10) / (C * BC * 4));
-  p.kparts = max64(1, min64(threads, L / (2 * p.tile)));  // at least 2 tiles per part
+  // At least 2 tiles per part. BC = 1 takes up to 4 parts per thread, claimed as threads come
+  // free: a thread held up by another process on its core then takes fewer parts instead of
+  // stalling the call (the partial sums are only N floats a part).
+  const int64_t per_thread = BC == 1 && threads > 1 ? 4 : 1;
+  p.kparts = max64(1, min64(per_thread * threads, L / (2 * p.tile)));
   p.nparts = max64(1, min64(threads / p.kparts, blocks));
   p.byte_planes = BC == 1 && kInt16Tables && vbmi_enabled();
   return p;
@@ -467,8 +471,9 @@ bool matmul_chunk(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* 
   const Plan p = plan<BC>(w, a.threads);
   Scratch<float> parts(p.kparts * padded);
   int ok = 1;
-  parallel_for(p.kparts * p.nparts, 1, a.threads, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
+  const int64_t tasks = p.kparts * p.nparts;
+  parallel_claim(tasks, a.threads, [&](auto claim) {
+    for (int64_t t; (t = claim()) < tasks;) {
       const int64_t kp = t / p.nparts, np = t % p.nparts;
       if (!run_task<G, BC>(a, p, L * kp / p.kparts, L * (kp + 1) / p.kparts, blocks * np / p.nparts,
                            blocks * (np + 1) / p.nparts, cbT, xT, parts.get() + kp * padded))
