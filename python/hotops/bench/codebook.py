@@ -3,7 +3,7 @@ against torch's dense float32 F.linear (the layer it replaces) and against the a
 numba CPU kernel on the very same weight (2 codebooks of 256 codewords over 8 inputs: AQLM's
 "2x8", 2 bits per weight). Weights are synthetic (random codes and codebooks: the time does not
 depend on the values). The roofline column counts the bytes the hotops kernel must read (codes,
-activations) and write, against the machine's copy bandwidth; `extra` also records the table
+codebooks, scales, activations) and write, against the machine's copy bandwidth; `extra` also records the table
 lookups (one per code and 16 batch rows) and their rate, the kernel's other bound (see
 docs/codebook.md)."""
 from __future__ import annotations
@@ -105,8 +105,10 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
             note = f"aqlm's own output is off ({theirs}): a race with > 1 numba thread"
     th, tp = time_pair(hot, peer_fn, repeats=7 if B <= 16 else 5, warmup=1, min_time=1.0 if quick else 2.0)
     act = torch.finfo(DTYPES[dtype]).bits // 8
-    bytes_moved = N * K * M // g + B * (K + N) * act  # codes once, activations in and out
-    bits = make_weight(N, K, config).bits_per_weight
+    w = make_weight(N, K, config)
+    weight_bytes = w.codes.numel() + 4 * (w.codebooks.numel() + w.scales.numel())
+    bytes_moved = weight_bytes + B * (K + N) * act  # the weight once, activations in and out
+    bits = w.bits_per_weight
     lookups = N * K * M // g * -(-B // 16)  # table lookups: one per code per 16 batch rows
     return Result(family="codebook", case=case, peer=peer_name, hotops_s=th, peer_s=tp, check=check,
                   note=note, work="bytes", amount=bytes_moved,
