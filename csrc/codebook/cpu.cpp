@@ -223,11 +223,27 @@ inline __m512i lookup32(const __m512i* t, __m512i idx) {
   return _mm512_mask_blend_epi16(b7, _mm512_mask_blend_epi16(b6, q0, q1), _mm512_mask_blend_epi16(b6, q2, q3));
 }
 
+// At slot i of a tile, prefetches the cache lines of the NB blocks next[h] (n * RB bytes each)
+// whose turn it is, NB / 4 a slot, so that all are asked for within the tile's n slots: the
+// hardware prefetchers miss runs this short (512 bytes a block, L * RB apart), and the lookup
+// loops stalled on them.
+template <int NB>
+inline void prefetch_codes(const uint8_t* const* next, int64_t i) {
+  constexpr int per_slot = NB >= 4 ? NB / 4 : 1;
+  for (int k = 0; k < per_slot; ++k) {
+    const int64_t q = i * per_slot + k;  // next[q % NB]'s line q / NB
+    _mm_prefetch(reinterpret_cast<const char*>(next[q % NB] + q / NB * 64), _MM_HINT_T0);
+  }
+}
+
 // P pairs of 16-row blocks, half[h] = the codes of block h at the tile's first slot (slot i at
-// half[h] + i * RB): acc[h] += the int16 table entries of block h's rows, summed over n slots.
+// half[h] + i * RB): acc[h] += the int16 table entries of block h's rows, summed over n slots,
+// while the codes of the next 2P blocks (next[h]) are prefetched.
 template <int P>
-inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const* half, __m512i* acc) {
+inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const* half, const uint8_t* const* next,
+                             __m512i* acc) {
   for (int64_t i = 0; i < n; ++i) {
+    prefetch_codes<2 * P>(next, i);
     __m512i t[8];
     for (int q = 0; q < 8; ++q) t[q] = _mm512_load_si512(Tq + i * 256 + q * 32);
     for (int k = 0; k < P; ++k) {
@@ -244,18 +260,19 @@ inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const*
 void gather_i16(const int16_t* Tq, float scale, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
                 BlockRange rows, float* part) {
   constexpr int P = 2;  // pairs of blocks per table load
-  alignas(64) static const uint8_t zeros[kTileI16 * RB] = {};  // the partner of a lone last block
+  alignas(64) static const uint8_t zeros[kTileI16 * RB] = {};  // the codes of blocks past the end
+  const auto at = [&](int64_t blk) { return blk < rows.end() ? codes + (blk * L + i0) * RB : zeros; };
   const __m512 s = _mm512_set1_ps(scale);
   for (int64_t blk = rows.first(); blk < rows.end();) {
     const int64_t nb = min64(2 * P, rows.end() - blk);
-    const uint8_t* half[2 * P];
+    const uint8_t *half[2 * P], *next[2 * P];
     __m512i acc[2 * P];
     for (int h = 0; h < 2 * P; ++h) {
-      half[h] = h < nb ? codes + ((blk + h) * L + i0) * RB : zeros;
+      half[h] = at(blk + h), next[h] = at(blk + 2 * P + h);
       acc[h] = _mm512_setzero_si512();
     }
-    if (nb > 2) gather_i16_pairs<P>(Tq, n, half, acc);
-    else gather_i16_pairs<1>(Tq, n, half, acc);
+    if (nb > 2) gather_i16_pairs<P>(Tq, n, half, next, acc);
+    else gather_i16_pairs<1>(Tq, n, half, next, acc);
     for (int h = 0; h < nb; ++h, ++blk) {
       const __mmask16 lanes = static_cast<__mmask16>((1u << rows.hi(blk)) - (1u << rows.lo(blk)));
       float* p = part + blk * RB;
@@ -324,17 +341,13 @@ HOTOPS_VBMI inline void add_bytes(ByteSums& s, __m512i v) {
 }
 
 // P groups of four 16-row blocks (group k: blk[4k.. 4k + 3], slot i at blk[h] + i * RB):
-// acc[k][0] and acc[k][1] sum the low and high planes over n slots. Meanwhile the codes of the
-// next 4P blocks (next[h], n * RB bytes each) are prefetched, P cache lines a slot: the hardware
-// prefetchers miss runs this short (512 bytes a block, L * RB apart), and the loop stalled on them.
+// acc[k][0] and acc[k][1] sum the low and high planes over n slots, while the codes of the next
+// 4P blocks (next[h]) are prefetched.
 template <int P>
 HOTOPS_VBMI void gather_plane_groups(const uint8_t* Tp, int64_t n, const uint8_t* const* blk, const uint8_t* const* next,
                                      ByteSums (*acc)[2]) {
   for (int64_t i = 0; i < n; ++i) {
-    for (int k = 0; k < P; ++k) {
-      const int64_t q = i * P + k;  // next[q % 4P]'s line q / 4P
-      _mm_prefetch(reinterpret_cast<const char*>(next[q % (4 * P)] + q / (4 * P) * 64), _MM_HINT_T0);
-    }
+    prefetch_codes<4 * P>(next, i);
     const __m512i* t = reinterpret_cast<const __m512i*>(Tp + i * kPlanes);
     __m512i lo[4], hi[4];
     for (int q = 0; q < 4; ++q) lo[q] = _mm512_load_si512(t + q), hi[q] = _mm512_load_si512(t + 4 + q);
