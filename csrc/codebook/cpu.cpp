@@ -240,11 +240,11 @@ inline __m512i lookup32(const __m512i* t, __m512i idx) {
 // hardware prefetchers miss runs this short (512 bytes a block, L * RB apart), and the lookup
 // loops stalled on them.
 template <int NB>
-inline void prefetch_codes(const uint8_t* const* next, int64_t i) {
+inline void prefetch_codes(const uint8_t* const* next, int64_t i, int64_t n) {
   constexpr int per_slot = NB >= 4 ? NB / 4 : 1;
   for (int k = 0; k < per_slot; ++k) {
-    const int64_t q = i * per_slot + k;  // next[q % NB]'s line q / NB
-    _mm_prefetch(reinterpret_cast<const char*>(next[q % NB] + q / NB * 64), _MM_HINT_T0);
+    const int64_t q = i * per_slot + k, line = q / NB;  // next[q % NB]'s line q / NB
+    if (line * 64 < n * RB) _mm_prefetch(reinterpret_cast<const char*>(next[q % NB] + line * 64), _MM_HINT_T0);
   }
 }
 
@@ -255,7 +255,7 @@ template <int P>
 inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const* half, const uint8_t* const* next,
                              __m512i* acc) {
   for (int64_t i = 0; i < n; ++i) {
-    prefetch_codes<2 * P>(next, i);
+    prefetch_codes<2 * P>(next, i, n);
     __m512i t[8];
     for (int q = 0; q < 8; ++q) t[q] = _mm512_load_si512(Tq + i * 256 + q * 32);
     for (int k = 0; k < P; ++k) {
@@ -359,7 +359,7 @@ template <int P>
 HOTOPS_VBMI void gather_plane_groups(const uint8_t* Tp, int64_t n, const uint8_t* const* blk, const uint8_t* const* next,
                                      ByteSums (*acc)[2]) {
   for (int64_t i = 0; i < n; ++i) {
-    prefetch_codes<4 * P>(next, i);
+    prefetch_codes<4 * P>(next, i, n);
     const __m512i* t = reinterpret_cast<const __m512i*>(Tp + i * kPlanes);
     __m512i lo[4], hi[4];
     for (int q = 0; q < 4; ++q) lo[q] = _mm512_load_si512(t + q), hi[q] = _mm512_load_si512(t + 4 + q);
