@@ -495,33 +495,37 @@ bool matmul_chunk(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* 
   const int64_t N = w.rows(), L = w.slots(), blocks = (N + RB - 1) / RB, padded = blocks * RB * BC;
   const Plan p = plan<BC>(w, a.threads);
   Scratch<float> parts(p.kparts * padded);
+  const int64_t* perm = a.perm.present ? a.perm.ptr<const int64_t>() : nullptr;
+  const float* bias = a.bias.present ? a.bias.ptr<const float>() : nullptr;
+  const float* scales = w.scales.ptr<const float>();
+  const int64_t ldo = a.out.stride(0);
+  const auto finish = [&] {  // y[b0 + b, perm[r]] = scales[r] * (sum of the kparts partials) + bias
+    float* sum = parts.get();
+    for (int64_t kp = 1; kp < p.kparts; ++kp)
+      for (int64_t i = 0; i < N * BC; ++i) sum[i] += parts.get()[kp * padded + i];
+    for (int64_t r = 0; r < N; ++r) {
+      const int64_t col = perm ? perm[r] : r;
+      const float add = bias ? bias[col] : 0.0f;
+      for (int64_t b = 0; b < Bc; ++b) store(a.out.data, a.out.dtype, (b0 + b) * ldo + col, scales[r] * sum[r * BC + b] + add);
+    }
+  };
+  // One parallel region: the thread that completes the last task writes the output (a few
+  // microseconds), so no second fork and join waits for a thread another process holds up.
   int ok = 1;
   const int64_t tasks = p.kparts * p.nparts;
+  int64_t done = 0;
   parallel_claim(tasks, a.threads, [&](auto claim) {
     for (int64_t t; (t = claim()) < tasks;) {
       const int64_t kp = t / p.nparts, np = t % p.nparts;
       if (!run_task<G, BC>(a, p, L * kp / p.kparts, L * (kp + 1) / p.kparts, blocks * np / p.nparts,
                            blocks * (np + 1) / p.nparts, cbT, xT, parts.get() + kp * padded))
         __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
+      // acq_rel: the last one sees every task's partial sums
+      if (__atomic_add_fetch(&done, int64_t(1), __ATOMIC_ACQ_REL) == tasks && __atomic_load_n(&ok, __ATOMIC_RELAXED))
+        finish();
     }
   });
-  if (!ok) return false;
-  const int64_t* perm = a.perm.present ? a.perm.ptr<const int64_t>() : nullptr;
-  const float* bias = a.bias.present ? a.bias.ptr<const float>() : nullptr;
-  const float* scales = w.scales.ptr<const float>();
-  const int64_t ldo = a.out.stride(0);
-  parallel_for(N, 256, a.threads, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t col = perm ? perm[r] : r;
-      const float add = bias ? bias[col] : 0.0f;
-      for (int64_t b = 0; b < Bc; ++b) {
-        float sum = 0.0f;
-        for (int64_t kp = 0; kp < p.kparts; ++kp) sum += parts.get()[kp * padded + r * BC + b];
-        store(a.out.data, a.out.dtype, (b0 + b) * ldo + col, scales[r] * sum + add);
-      }
-    }
-  });
-  return true;
+  return ok != 0;
 }
 
 template <int G>
