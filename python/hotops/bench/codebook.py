@@ -117,6 +117,45 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
                          "glookups_per_s": lookups / th / 1e9})
 
 
+def cpu_time_table(B: int = 1, isa: Optional[str] = None, rounds: int = 5, min_time: float = 0.3) -> List[str]:
+    """One line per Llama shape (2x8): hotops, torch's dense fp32 F.linear and aqlm's kernel on one
+    thread, CPU time per call (time.process_time), the three called alternately in one process,
+    best of `rounds` rounds of >= min_time s each. A machine shared with other work still gives
+    these (a descheduled thread stalls any 2-way split, not one thread's CPU time).
+    isa: "scalar", "avx2", "avx512" (without VBMI) or "avx512+vbmi"; default the best."""
+    import time
+
+    from hotops import _backend
+
+    ext = _backend.ext()
+    if isa:
+        ext.set_isa(isa.split("+")[0])
+        ext.set_vbmi(isa.endswith("+vbmi"))
+    torch.set_num_threads(1)
+    sides = ["hotops", "dense"]
+    if not aqlm_missing():
+        import numba
+
+        numba.set_num_threads(1)
+        sides.append("aqlm")
+    lines = [f"isa {ext.isa()}{'+vbmi' if ext.vbmi() else ''}, batch {B}, one thread, CPU ms per call"]
+    for N, K in SHAPES:
+        fns = {s: build(s, N, K, B, "2x8") for s in sides}
+        best = dict.fromkeys(sides, float("inf"))
+        for _ in range(rounds):
+            for s, f in fns.items():
+                f()
+                calls, t0 = 0, time.process_time()
+                while time.process_time() - t0 < min_time:
+                    f()
+                    calls += 1
+                best[s] = min(best[s], (time.process_time() - t0) / calls)
+        h = best["hotops"]
+        lines.append(f"{N}x{K} B={B}: hotops {h * 1e3:.3f}" + "".join(
+            f"  {s} {best[s] * 1e3:.2f} ({best[s] / h:.1f}x)" for s in sides[1:]))
+    return lines
+
+
 # ------------------------------------------ data for examples/compress_minilm.py (all-MiniLM-L6-v2)
 
 
@@ -148,3 +187,13 @@ def rtn_2bit_(model: torch.nn.Module, group: int = 64) -> float:
             step = ((g.max(1, keepdim=True).values - lo) / 3).half().float().clamp_min(1e-12)
             mod.weight.data = (((g - lo) / step).round().clamp(0, 3) * step + lo).reshape(w.shape)
     return 2 + 32 / group
+
+
+if __name__ == "__main__":  # python -m hotops.bench.codebook [--batch B] [--isa ISA]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Llama shapes, one thread, CPU time per call: hotops, dense fp32, aqlm")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--isa", default=None, help="scalar | avx2 | avx512 | avx512+vbmi")
+    args = ap.parse_args()
+    print("\n".join(cpu_time_table(args.batch, args.isa)))
