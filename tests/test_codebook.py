@@ -102,9 +102,9 @@ def test_thread_splits(isa, threads, B):
 
 
 def test_int16_tables_precision(isa):
-    """The batch-1 int16 tables of the AVX-512 kernel on a layer of real size: the error stays
-    within 1e-4 of the output's largest magnitude (measured ~4e-5, the RMS error alike; float
-    tables on the other ISAs: ~1e-7)."""
+    """The batch-1 int16 tables of the AVX-512 kernel (as int16 or, with VBMI, as byte planes)
+    on a layer of real size: the error stays within 1e-4 of the output's largest magnitude
+    (measured ~4e-5, the RMS error alike; float tables on the other ISAs: ~1e-7)."""
     from hotops.bench.codebook import make_weight
 
     w = make_weight(512, 2048, "2x8")

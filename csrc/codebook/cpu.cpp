@@ -14,8 +14,11 @@
 // At BC = 1 with AVX-512BW the tables are quantized to int16 (one scale per tile, |entry| <= 32767)
 // and held in registers: 256 entries = 8 zmm, looked up 32 rows at a time by 4 vpermi2w and 3
 // blends on the top index bits, summed exactly in int32 (faiss fast-scan's idea with 16-bit
-// entries, so the error stays ~4e-5 of the largest output instead of ~1e-2). A tile whose tables
-// are not finite (NaN/Inf in x) takes the float path, which propagates them.
+// entries, so the error stays ~4e-5 of the largest output instead of ~1e-2). With AVX512_VBMI
+// (run-time check) the same entries are stored as two byte planes and looked up 64 rows at a time
+// by vpermi2b, half the permutes. A tile whose tables are not finite (NaN/Inf in x) takes the
+// float path, which propagates them. Every gather prefetches the codes of the blocks it reaches
+// next: a tile reads each block's codes as one short run, which hardware prefetchers miss.
 #include <cstdlib>
 #include <cstring>
 #include <new>
