@@ -138,7 +138,6 @@ void build_tables(const float* xT, const float* cbT, int64_t M, int64_t C, int64
   }
 }
 
-// part[r] += sum over n slots of T[i, code(r, i)] for the rows `rows` (BC = 1, float tables).
 // Prefetches the codes of block blk + kAhead at the tile's slots [i0, i0 + n), if in `rows`: the
 // hardware prefetchers miss runs this short (n * RB bytes a block, L * RB apart), and the gathers
 // stalled on them (the tall Llama shapes ran at half the rate of 4096 x 4096).
@@ -149,6 +148,7 @@ inline void prefetch_ahead(const uint8_t* codes, int64_t L, int64_t i0, int64_t 
   for (int64_t off = 0; off < n * RB; off += 64) __builtin_prefetch(p + off);
 }
 
+// part[r] += sum over n slots of T[i, code(r, i)] for the rows `rows` (BC = 1, float tables).
 void gather_f32(const float* T, int64_t C, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
                 BlockRange rows, float* part) {
   for (int64_t blk = rows.first(); blk < rows.end(); ++blk) {
@@ -194,9 +194,6 @@ void gather_vec(const float* T, int64_t C, const uint8_t* codes, int64_t L, int6
 }
 
 #if defined(__AVX512BW__)
-// Quantizes n slots of float tables (C entries each) to int16 tables of 256 entries (zeros past
-// C), entry = round(T * 32767 / max|T|). Returns the scale max|T| / 32767, or -1 when a table
-// entry is not finite (the caller then keeps the float tables).
 // The largest |T[i]| of i < count, or -1 when one is not finite.
 float table_max(const float* T, int64_t count) {
   __m512 mx = _mm512_setzero_ps(), nonfinite = _mm512_setzero_ps();
@@ -210,6 +207,9 @@ float table_max(const float* T, int64_t count) {
   return _mm512_reduce_add_ps(nonfinite) != 0.0f ? -1.0f : _mm512_reduce_max_ps(mx);
 }
 
+// Quantizes n slots of float tables (C entries each) to int16 tables of 256 entries (zeros past
+// C), entry = round(T * 32767 / max|T|). Returns the scale max|T| / 32767, or -1 when a table
+// entry is not finite (the caller then keeps the float tables).
 float quantize_tables(const float* T, int64_t C, int64_t n, int16_t* Tq) {
   const float m = table_max(T, n * C);
   if (m < 0.0f) return -1.0f;
@@ -344,8 +344,9 @@ HOTOPS_VBMI inline __m512i lookup64(const __m512i* t, __m512i idx, __mmask64 top
 }
 
 // Sums of 64 unsigned bytes (one per row) over up to 128 slots, in 16-bit lanes: `words` adds
-// them as words, `odd` adds the odd bytes alone; the even bytes' sum is words - (odd << 8). Exact:
-// no sum reaches 2^15. Two adds and a shift per 64 lookups instead of widening to 32 bits.
+// them as words (wrapping), `odd` adds the odd bytes alone; the even bytes' sum is words - (odd
+// << 8) modulo 2^16, exact since neither sum reaches 2^15 (255 * 128). Two adds and a shift per
+// 64 lookups instead of widening to 32 bits.
 struct ByteSums {
   __m512i words, odd;
 };
