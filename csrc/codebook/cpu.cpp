@@ -14,8 +14,11 @@
 // At BC = 1 with AVX-512BW the tables are quantized to int16 (one scale per tile, |entry| <= 32767)
 // and held in registers: 256 entries = 8 zmm, looked up 32 rows at a time by 4 vpermi2w and 3
 // blends on the top index bits, summed exactly in int32 (faiss fast-scan's idea with 16-bit
-// entries, so the error stays ~4e-5 of the largest output instead of ~1e-2). A tile whose tables
-// are not finite (NaN/Inf in x) takes the float path, which propagates them.
+// entries, so the error stays ~4e-5 of the largest output instead of ~1e-2). With AVX512_VBMI
+// (run-time check) the same entries are stored as two byte planes and looked up 64 rows at a time
+// by vpermi2b, half the permutes. A tile whose tables are not finite (NaN/Inf in x) takes the
+// float path, which propagates them. Every gather prefetches the codes of the blocks it reaches
+// next: a tile reads each block's codes as one short run, which hardware prefetchers miss.
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -105,11 +108,19 @@ void build_tables(const float* xT, const float* cbT, int64_t M, int64_t C, int64
     const int64_t j = i / M, m = i % M;
     const float* cb = cbT + m * G * C;
     float* Ti = T + (i - i0) * C * BC;
-    if constexpr (BC == 1) {
-      for (int64_t c = 0; c < C; ++c) Ti[c] = 0.0f;
-      for (int t = 0; t < G; ++t) {  // vectorised over the codewords
-        const float xt = xT[j * G + t];
-        for (int64_t c = 0; c < C; ++c) Ti[c] += xt * cb[t * C + c];
+    if constexpr (BC == 1) {  // vectorised over the codewords, 64 sums at a time in registers
+      constexpr int64_t CW = 64;
+      int64_t c = 0;
+      for (; c + CW <= C; c += CW) {
+        float s[CW] = {};
+        for (int t = 0; t < G; ++t)
+          for (int64_t k = 0; k < CW; ++k) s[k] += xT[j * G + t] * cb[t * C + c + k];
+        std::memcpy(Ti + c, s, sizeof(s));
+      }
+      for (; c < C; ++c) {
+        float s = 0.0f;
+        for (int t = 0; t < G; ++t) s += xT[j * G + t] * cb[t * C + c];
+        Ti[c] = s;
       }
     } else {  // vectorised over the batch: one FMA with a broadcast codeword per (c, t, vector)
       using B = Batch<BC>;
@@ -127,10 +138,21 @@ void build_tables(const float* xT, const float* cbT, int64_t M, int64_t C, int64
   }
 }
 
+// Prefetches the codes of block blk + kAhead at the tile's slots [i0, i0 + n), if in `rows`: the
+// hardware prefetchers miss runs this short (n * RB bytes a block, L * RB apart), and the gathers
+// stalled on them (the tall Llama shapes ran at half the rate of 4096 x 4096).
+constexpr int64_t kAhead = 4;
+inline void prefetch_ahead(const uint8_t* codes, int64_t L, int64_t i0, int64_t n, int64_t blk, BlockRange rows) {
+  if (blk + kAhead >= rows.end()) return;
+  const uint8_t* p = codes + ((blk + kAhead) * L + i0) * RB;
+  for (int64_t off = 0; off < n * RB; off += 64) __builtin_prefetch(p + off);
+}
+
 // part[r] += sum over n slots of T[i, code(r, i)] for the rows `rows` (BC = 1, float tables).
 void gather_f32(const float* T, int64_t C, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
                 BlockRange rows, float* part) {
   for (int64_t blk = rows.first(); blk < rows.end(); ++blk) {
+    prefetch_ahead(codes, L, i0, n, blk, rows);
     const uint8_t* cb = codes + (blk * L + i0) * RB;
     float s[RB] = {};  // 16 independent sums of plain loads: on Zen 4 faster than vgatherdps
     for (int64_t i = 0; i < n; ++i)
@@ -162,6 +184,7 @@ void gather_vec(const float* T, int64_t C, const uint8_t* codes, int64_t L, int6
                 BlockRange rows, float* part) {
   constexpr int R = BC > VecF::W ? 4 : 8;  // accumulators in registers: R x (BC / W) vectors
   for (int64_t blk = rows.first(); blk < rows.end(); ++blk) {
+    prefetch_ahead(codes, L, i0, n, blk, rows);
     const uint8_t* cb = codes + (blk * L + i0) * RB;
     int l = rows.lo(blk);
     const int hi = rows.hi(blk);
@@ -171,20 +194,25 @@ void gather_vec(const float* T, int64_t C, const uint8_t* codes, int64_t L, int6
 }
 
 #if defined(__AVX512BW__)
-// Quantizes n slots of float tables (C entries each) to int16 tables of 256 entries (zeros past
-// C), entry = round(T * 32767 / max|T|). Returns the scale max|T| / 32767, or -1 when a table
-// entry is not finite (the caller then keeps the float tables).
-float quantize_tables(const float* T, int64_t C, int64_t n, int16_t* Tq) {
+// The largest |T[i]| of i < count, or -1 when one is not finite.
+float table_max(const float* T, int64_t count) {
   __m512 mx = _mm512_setzero_ps(), nonfinite = _mm512_setzero_ps();
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n * C; i += 16) {
-    const __mmask16 k = n * C - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n * C - i)) - 1);
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 k = count - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (count - i)) - 1);
     const __m512 v = _mm512_maskz_loadu_ps(k, T + i);
     mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
     nonfinite = _mm512_add_ps(nonfinite, _mm512_mul_ps(v, zero));  // NaN once any entry is NaN/Inf
   }
-  if (_mm512_reduce_add_ps(nonfinite) != 0.0f) return -1.0f;
-  const float m = _mm512_reduce_max_ps(mx);
+  return _mm512_reduce_add_ps(nonfinite) != 0.0f ? -1.0f : _mm512_reduce_max_ps(mx);
+}
+
+// Quantizes n slots of float tables (C entries each) to int16 tables of 256 entries (zeros past
+// C), entry = round(T * 32767 / max|T|). Returns the scale max|T| / 32767, or -1 when a table
+// entry is not finite (the caller then keeps the float tables).
+float quantize_tables(const float* T, int64_t C, int64_t n, int16_t* Tq) {
+  const float m = table_max(T, n * C);
+  if (m < 0.0f) return -1.0f;
   const __m512 inv = _mm512_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
   for (int64_t i = 0; i < n; ++i) {
     int16_t* q = Tq + i * 256;
@@ -210,11 +238,27 @@ inline __m512i lookup32(const __m512i* t, __m512i idx) {
   return _mm512_mask_blend_epi16(b7, _mm512_mask_blend_epi16(b6, q0, q1), _mm512_mask_blend_epi16(b6, q2, q3));
 }
 
+// At slot i of a tile, prefetches the cache lines of the NB blocks next[h] (n * RB bytes each)
+// whose turn it is, NB / 4 a slot, so that all are asked for within the tile's n slots: the
+// hardware prefetchers miss runs this short (512 bytes a block, L * RB apart), and the lookup
+// loops stalled on them.
+template <int NB>
+inline void prefetch_codes(const uint8_t* const* next, int64_t i, int64_t n) {
+  constexpr int per_slot = NB >= 4 ? NB / 4 : 1;
+  for (int k = 0; k < per_slot; ++k) {
+    const int64_t q = i * per_slot + k, line = q / NB;  // next[q % NB]'s line q / NB
+    if (line * 64 < n * RB) _mm_prefetch(reinterpret_cast<const char*>(next[q % NB] + line * 64), _MM_HINT_T0);
+  }
+}
+
 // P pairs of 16-row blocks, half[h] = the codes of block h at the tile's first slot (slot i at
-// half[h] + i * RB): acc[h] += the int16 table entries of block h's rows, summed over n slots.
+// half[h] + i * RB): acc[h] += the int16 table entries of block h's rows, summed over n slots,
+// while the codes of the next 2P blocks (next[h]) are prefetched.
 template <int P>
-inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const* half, __m512i* acc) {
+inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const* half, const uint8_t* const* next,
+                             __m512i* acc) {
   for (int64_t i = 0; i < n; ++i) {
+    prefetch_codes<2 * P>(next, i, n);
     __m512i t[8];
     for (int q = 0; q < 8; ++q) t[q] = _mm512_load_si512(Tq + i * 256 + q * 32);
     for (int k = 0; k < P; ++k) {
@@ -231,18 +275,19 @@ inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const*
 void gather_i16(const int16_t* Tq, float scale, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
                 BlockRange rows, float* part) {
   constexpr int P = 2;  // pairs of blocks per table load
-  alignas(64) static const uint8_t zeros[kTileI16 * RB] = {};  // the partner of a lone last block
+  alignas(64) static const uint8_t zeros[kTileI16 * RB] = {};  // the codes of blocks past the end
+  const auto at = [&](int64_t blk) { return blk < rows.end() ? codes + (blk * L + i0) * RB : zeros; };
   const __m512 s = _mm512_set1_ps(scale);
   for (int64_t blk = rows.first(); blk < rows.end();) {
     const int64_t nb = min64(2 * P, rows.end() - blk);
-    const uint8_t* half[2 * P];
+    const uint8_t *half[2 * P], *next[2 * P];
     __m512i acc[2 * P];
     for (int h = 0; h < 2 * P; ++h) {
-      half[h] = h < nb ? codes + ((blk + h) * L + i0) * RB : zeros;
+      half[h] = at(blk + h), next[h] = at(blk + 2 * P + h);
       acc[h] = _mm512_setzero_si512();
     }
-    if (nb > 2) gather_i16_pairs<P>(Tq, n, half, acc);
-    else gather_i16_pairs<1>(Tq, n, half, acc);
+    if (nb > 2) gather_i16_pairs<P>(Tq, n, half, next, acc);
+    else gather_i16_pairs<1>(Tq, n, half, next, acc);
     for (int h = 0; h < nb; ++h, ++blk) {
       const __mmask16 lanes = static_cast<__mmask16>((1u << rows.hi(blk)) - (1u << rows.lo(blk)));
       float* p = part + blk * RB;
@@ -250,11 +295,141 @@ void gather_i16(const int16_t* Tq, float scale, const uint8_t* codes, int64_t L,
     }
   }
 }
+
+// With AVX512_VBMI (checked at run time, hence the target attribute): the same int16 entries as
+// two byte planes, looked up 64 rows at a time by vpermi2b, 2 per plane. Per 64 lookups that is
+// 4 permutes instead of 8 vpermi2w, and the sums stay in 16-bit lanes (no widening per slot).
+#define HOTOPS_VBMI __attribute__((target("avx512vbmi")))
+constexpr int64_t kPlanes = 512;  // bytes per slot: the low bytes of u = q + 32768, then the high
+
+// Quantizes like quantize_tables, into planes: Tp[i * 512 + c] = low byte of u(i, c),
+// Tp[i * 512 + 256 + c] = high byte (u in 1..65535: both planes unsigned).
+HOTOPS_VBMI float quantize_planes(const float* T, int64_t C, int64_t n, uint8_t* Tp) {
+  const float m = table_max(T, n * C);
+  if (m < 0.0f) return -1.0f;
+  const __m512 inv = _mm512_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f), offset = _mm512_set1_ps(32768.0f);
+  alignas(64) uint8_t split[64];  // from 32 dwords: their byte 0, then their byte 1
+  for (int j = 0; j < 32; ++j) split[j] = static_cast<uint8_t>(4 * j), split[32 + j] = static_cast<uint8_t>(4 * j + 1);
+  const __m512i by_byte = _mm512_load_si512(split);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = 0; c < 256; c += 64) {
+      __m512i u[4];
+      for (int q = 0; q < 4; ++q) {
+        const int64_t left = C - c - 16 * q;
+        const __mmask16 k = left >= 16 ? 0xffff : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+        u[q] = _mm512_cvtps_epi32(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, T + i * C + c + 16 * q), inv, offset));
+      }
+      const __m512i a = _mm512_permutex2var_epi8(u[0], by_byte, u[1]);  // entries c.. c + 31
+      const __m512i b = _mm512_permutex2var_epi8(u[2], by_byte, u[3]);  // entries c + 32.. c + 63
+      _mm512_store_si512(Tp + i * kPlanes + c, _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(1, 0, 1, 0)));
+      _mm512_store_si512(Tp + i * kPlanes + 256 + c, _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+  }
+  return m / 32767.0f;
+}
+
+// The codes of four 16-row blocks at one slot: block h's (at blk[h] + off) in bytes 16h.. 16h + 15.
+HOTOPS_VBMI inline __m512i codes64(const uint8_t* const* blk, int64_t off) {
+  const auto at = [&](int h) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk[h] + off)); };
+  __m512i v = _mm512_castsi128_si512(at(0));
+  v = _mm512_inserti32x4(v, at(1), 1);
+  v = _mm512_inserti32x4(v, at(2), 2);
+  return _mm512_inserti32x4(v, at(3), 3);
+}
+
+// A 256-byte plane (4 registers) at 64 indices; top = the indices' bit 7.
+HOTOPS_VBMI inline __m512i lookup64(const __m512i* t, __m512i idx, __mmask64 top) {
+  return _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(t[0], idx, t[1]),
+                                _mm512_permutex2var_epi8(t[2], idx, t[3]));
+}
+
+// Sums of 64 unsigned bytes (one per row) over up to 128 slots, in 16-bit lanes: `words` adds
+// them as words (wrapping), `odd` adds the odd bytes alone; the even bytes' sum is words - (odd
+// << 8) modulo 2^16, exact since neither sum reaches 2^15 (255 * 128). Two adds and a shift per
+// 64 lookups instead of widening to 32 bits.
+struct ByteSums {
+  __m512i words, odd;
+};
+
+HOTOPS_VBMI inline void add_bytes(ByteSums& s, __m512i v) {
+  s.words = _mm512_add_epi16(s.words, v);
+  s.odd = _mm512_add_epi16(s.odd, _mm512_srli_epi16(v, 8));
+}
+
+// P groups of four 16-row blocks (group k: blk[4k.. 4k + 3], slot i at blk[h] + i * RB):
+// acc[k][0] and acc[k][1] sum the low and high planes over n slots, while the codes of the next
+// 4P blocks (next[h]) are prefetched.
+template <int P>
+HOTOPS_VBMI void gather_plane_groups(const uint8_t* Tp, int64_t n, const uint8_t* const* blk, const uint8_t* const* next,
+                                     ByteSums (*acc)[2]) {
+  for (int64_t i = 0; i < n; ++i) {
+    prefetch_codes<4 * P>(next, i, n);
+    const __m512i* t = reinterpret_cast<const __m512i*>(Tp + i * kPlanes);
+    __m512i lo[4], hi[4];
+    for (int q = 0; q < 4; ++q) lo[q] = _mm512_load_si512(t + q), hi[q] = _mm512_load_si512(t + 4 + q);
+    for (int k = 0; k < P; ++k) {
+      const __m512i idx = codes64(blk + 4 * k, i * RB);
+      const __mmask64 top = _mm512_movepi8_mask(idx);
+      add_bytes(acc[k][0], lookup64(lo, idx, top));
+      add_bytes(acc[k][1], lookup64(hi, idx, top));
+    }
+  }
+}
+
+// part[rows of blocks blk.. blk + nb - 1] += scale * (256 * high + low - 32768 n), from the plane
+// sums of one group (s[0] low, s[1] high) over n slots.
+HOTOPS_VBMI void flush_group(const ByteSums* s, int64_t n, __m512 scale, int64_t blk, int64_t nb, BlockRange rows,
+                             float* part) {
+  const __m512i lo_even = _mm512_sub_epi16(s[0].words, _mm512_slli_epi16(s[0].odd, 8));
+  const __m512i hi_even = _mm512_sub_epi16(s[1].words, _mm512_slli_epi16(s[1].odd, 8));
+  const __m512i low_plus_256_high = _mm512_set1_epi32(256 << 16 | 1);
+  // lane k (block k) of e0: rows 16k + 0, 2, 4, 6; e1: 8, 10, 12, 14; o0: 1, 3, 5, 7; o1: 9.. 15
+  const __m512i e0 = _mm512_madd_epi16(_mm512_unpacklo_epi16(lo_even, hi_even), low_plus_256_high);
+  const __m512i e1 = _mm512_madd_epi16(_mm512_unpackhi_epi16(lo_even, hi_even), low_plus_256_high);
+  const __m512i o0 = _mm512_madd_epi16(_mm512_unpacklo_epi16(s[0].odd, s[1].odd), low_plus_256_high);
+  const __m512i o1 = _mm512_madd_epi16(_mm512_unpackhi_epi16(s[0].odd, s[1].odd), low_plus_256_high);
+  // lane k of a, b, c, d: rows 16k + 0.. 3, 4.. 7, 8.. 11, 12.. 15; then a 4 x 4 transpose of lanes
+  const __m512i a = _mm512_unpacklo_epi32(e0, o0), b = _mm512_unpackhi_epi32(e0, o0);
+  const __m512i c = _mm512_unpacklo_epi32(e1, o1), d = _mm512_unpackhi_epi32(e1, o1);
+  const __m512i ab0 = _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)), ab1 = _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512i cd0 = _mm512_shuffle_i32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)), cd1 = _mm512_shuffle_i32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512i block[4] = {_mm512_shuffle_i32x4(ab0, cd0, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_i32x4(ab0, cd0, _MM_SHUFFLE(3, 1, 3, 1)),
+                            _mm512_shuffle_i32x4(ab1, cd1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_i32x4(ab1, cd1, _MM_SHUFFLE(3, 1, 3, 1))};
+  const __m512i offset = _mm512_set1_epi32(static_cast<int>(32768 * n));
+  for (int64_t h = 0; h < nb; ++h) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << rows.hi(blk + h)) - (1u << rows.lo(blk + h)));
+    float* p = part + (blk + h) * RB;
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(block[h], offset));
+    _mm512_mask_storeu_ps(p, lanes, _mm512_fmadd_ps(v, scale, _mm512_maskz_loadu_ps(lanes, p)));
+  }
+}
+
+// gather_i16 on byte planes (Tp from quantize_planes, n <= kTileI16 slots).
+HOTOPS_VBMI void gather_planes(const uint8_t* Tp, float scale, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
+                               BlockRange rows, float* part) {
+  constexpr int P = 2;  // groups of 4 blocks per table load
+  static_assert(kTileI16 <= 128, "16-bit plane sums must stay below 2^15");
+  alignas(64) static const uint8_t zeros[kTileI16 * RB] = {};  // the codes of blocks past the end
+  const __m512 s = _mm512_set1_ps(scale);
+  const auto at = [&](int64_t blk) { return blk < rows.end() ? codes + (blk * L + i0) * RB : zeros; };
+  for (int64_t blk = rows.first(); blk < rows.end();) {
+    const int64_t nb = min64(4 * P, rows.end() - blk);
+    const uint8_t *b[4 * P], *next[4 * P];
+    ByteSums acc[P][2];
+    for (int h = 0; h < 4 * P; ++h) b[h] = at(blk + h), next[h] = at(blk + 4 * P + h);
+    for (int k = 0; k < P; ++k) acc[k][0] = acc[k][1] = ByteSums{_mm512_setzero_si512(), _mm512_setzero_si512()};
+    if (nb > 4) gather_plane_groups<P>(Tp, n, b, next, acc);
+    else gather_plane_groups<1>(Tp, n, b, next, acc);
+    for (int k = 0; 4 * k < nb; ++k) flush_group(acc[k], n, s, blk + 4 * k, min64(4, nb - 4 * k), rows, part);
+    blk += nb;
+  }
+}
 #endif
 
 // How a chunk of the batch is split into tasks: kparts ranges of slots x nparts of row blocks.
 struct Plan {
   int64_t tile, kparts, nparts;
+  bool byte_planes;  // BC = 1 on AVX512_VBMI: int16 tables as byte planes (else as int16 or float)
 };
 
 template <int BC>
@@ -264,8 +439,13 @@ Plan plan(const CodebookFormat& w, int threads) {
   // BC = 1: an L1-sized tile (16 KB float tables, or 32 int16 tables of 256 entries, 16 KB);
   // BC > 1: L2-sized (256 KB), each lookup being a whole vector whose latency the rows overlap.
   p.tile = BC == 1 ? (kInt16Tables ? kTileI16 : max64(1, 4096 / C)) : max64(1, (256 << 10) / (C * BC * 4));
-  p.kparts = max64(1, min64(threads, L / (2 * p.tile)));  // at least 2 tiles per part
+  // At least 2 tiles per part. BC = 1 takes up to 4 parts per thread, claimed as threads come
+  // free: a thread held up by another process on its core then takes fewer parts instead of
+  // stalling the call (the partial sums are only N floats a part).
+  const int64_t per_thread = BC == 1 && threads > 1 ? 4 : 1;
+  p.kparts = max64(1, min64(per_thread * threads, L / (2 * p.tile)));
   p.nparts = max64(1, min64(threads / p.kparts, blocks));
+  p.byte_planes = BC == 1 && kInt16Tables && vbmi_enabled();
   return p;
 }
 
@@ -296,9 +476,11 @@ bool run_task(const CodebookMatmul& a, const Plan& p, int64_t s_begin, int64_t s
         gather_vec<BC>(T.get(), C, codes, L, i0, n, rows, part);
       } else {
 #if defined(__AVX512BW__)
-        const float scale = quantize_tables(T.get(), C, n, Tq.get());
+        uint8_t* Tp = reinterpret_cast<uint8_t*>(Tq.get());  // as many bytes as the int16 tables
+        const float scale = p.byte_planes ? quantize_planes(T.get(), C, n, Tp) : quantize_tables(T.get(), C, n, Tq.get());
         if (scale >= 0.0f) {
-          gather_i16(Tq.get(), scale, codes, L, i0, n, rows, part);
+          if (p.byte_planes) gather_planes(Tp, scale, codes, L, i0, n, rows, part);
+          else gather_i16(Tq.get(), scale, codes, L, i0, n, rows, part);
           continue;
         }
 #endif
@@ -317,32 +499,37 @@ bool matmul_chunk(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* 
   const int64_t N = w.rows(), L = w.slots(), blocks = (N + RB - 1) / RB, padded = blocks * RB * BC;
   const Plan p = plan<BC>(w, a.threads);
   Scratch<float> parts(p.kparts * padded);
-  int ok = 1;
-  parallel_for(p.kparts * p.nparts, 1, a.threads, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t kp = t / p.nparts, np = t % p.nparts;
-      if (!run_task<G, BC>(a, p, L * kp / p.kparts, L * (kp + 1) / p.kparts, blocks * np / p.nparts,
-                           blocks * (np + 1) / p.nparts, cbT, xT, parts.get() + kp * padded))
-        __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
-    }
-  });
-  if (!ok) return false;
   const int64_t* perm = a.perm.present ? a.perm.ptr<const int64_t>() : nullptr;
   const float* bias = a.bias.present ? a.bias.ptr<const float>() : nullptr;
   const float* scales = w.scales.ptr<const float>();
   const int64_t ldo = a.out.stride(0);
-  parallel_for(N, 256, a.threads, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  const auto finish = [&] {  // y[b0 + b, perm[r]] = scales[r] * (sum of the kparts partials) + bias
+    float* sum = parts.get();
+    for (int64_t kp = 1; kp < p.kparts; ++kp)
+      for (int64_t i = 0; i < N * BC; ++i) sum[i] += parts.get()[kp * padded + i];
+    for (int64_t r = 0; r < N; ++r) {
       const int64_t col = perm ? perm[r] : r;
       const float add = bias ? bias[col] : 0.0f;
-      for (int64_t b = 0; b < Bc; ++b) {
-        float sum = 0.0f;
-        for (int64_t kp = 0; kp < p.kparts; ++kp) sum += parts.get()[kp * padded + r * BC + b];
-        store(a.out.data, a.out.dtype, (b0 + b) * ldo + col, scales[r] * sum + add);
-      }
+      for (int64_t b = 0; b < Bc; ++b) store(a.out.data, a.out.dtype, (b0 + b) * ldo + col, scales[r] * sum[r * BC + b] + add);
+    }
+  };
+  // One parallel region: the thread that completes the last task writes the output (a few
+  // microseconds), so no second fork and join waits for a thread another process holds up.
+  int ok = 1;
+  const int64_t tasks = p.kparts * p.nparts;
+  int64_t done = 0;
+  parallel_claim(tasks, a.threads, [&](auto claim) {
+    for (int64_t t; (t = claim()) < tasks;) {
+      const int64_t kp = t / p.nparts, np = t % p.nparts;
+      if (!run_task<G, BC>(a, p, L * kp / p.kparts, L * (kp + 1) / p.kparts, blocks * np / p.nparts,
+                           blocks * (np + 1) / p.nparts, cbT, xT, parts.get() + kp * padded))
+        __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
+      // acq_rel: the last one sees every task's partial sums
+      if (__atomic_add_fetch(&done, int64_t(1), __ATOMIC_ACQ_REL) == tasks && __atomic_load_n(&ok, __ATOMIC_RELAXED))
+        finish();
     }
   });
-  return true;
+  return ok != 0;
 }
 
 template <int G>

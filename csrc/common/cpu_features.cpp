@@ -84,3 +84,34 @@ void set_isa(Isa isa) {
 }
 
 }  // namespace hotops
+
+namespace hotops {
+namespace {
+
+std::atomic<bool>& vbmi_on() {
+  static std::atomic<bool> on{[] {
+    const char* env = std::getenv("HOTOPS_VBMI");
+    return cpu_has_vbmi() && !(env && std::strcmp(env, "0") == 0);
+  }()};
+  return on;
+}
+
+}  // namespace
+
+bool cpu_has_vbmi() {
+#if (defined(__x86_64__) || defined(_M_X64)) && HOTOPS_HAVE_AVX512
+  __builtin_cpu_init();
+  return cpu_runs(Isa::avx512) && __builtin_cpu_supports("avx512vbmi");
+#else
+  return false;
+#endif
+}
+
+bool vbmi_enabled() { return vbmi_on().load(std::memory_order_relaxed); }
+
+void set_vbmi(bool on) {
+  HOTOPS_CHECK(!on || cpu_has_vbmi(), "this CPU or build has no AVX512_VBMI");
+  vbmi_on().store(on);
+}
+
+}  // namespace hotops

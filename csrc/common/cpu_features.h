@@ -14,3 +14,14 @@ void set_isa(Isa isa);     // refuses variants the CPU or the build lacks
 Isa parse_isa(const char* name);
 
 }  // namespace hotops
+
+namespace hotops {
+
+// AVX512_VBMI (64-lane byte permutes), an extension some avx512 kernels take when it is on: on
+// where the CPU has it, unless HOTOPS_VBMI=0 is in the environment; set_vbmi() switches it so
+// tests cover those kernels with and without it. It never changes which Isa runs.
+bool cpu_has_vbmi();
+bool vbmi_enabled();
+void set_vbmi(bool on);  // refuses true where the CPU or the build lacks it
+
+}  // namespace hotops

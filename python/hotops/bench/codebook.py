@@ -3,7 +3,7 @@ against torch's dense float32 F.linear (the layer it replaces) and against the a
 numba CPU kernel on the very same weight (2 codebooks of 256 codewords over 8 inputs: AQLM's
 "2x8", 2 bits per weight). Weights are synthetic (random codes and codebooks: the time does not
 depend on the values). The roofline column counts the bytes the hotops kernel must read (codes,
-activations) and write, against the machine's copy bandwidth; `extra` also records the table
+codebooks, scales, activations) and write, against the machine's copy bandwidth; `extra` also records the table
 lookups (one per code and 16 batch rows) and their rate, the kernel's other bound (see
 docs/codebook.md).
 
@@ -119,8 +119,10 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
             note = f"aqlm's own output is off ({theirs}): a race with > 1 numba thread"
     th, tp = time_pair(hot, peer_fn, repeats=7 if B <= 16 else 5, warmup=1, min_time=1.0 if quick else 2.0)
     act = torch.finfo(DTYPES[dtype]).bits // 8
-    bytes_moved = N * K * M // g + B * (K + N) * act  # codes once, activations in and out
-    bits = make_weight(N, K, config).bits_per_weight
+    w = make_weight(N, K, config)
+    weight_bytes = w.codes.numel() + 4 * (w.codebooks.numel() + w.scales.numel())
+    bytes_moved = weight_bytes + B * (K + N) * act  # the weight once, activations in and out
+    bits = w.bits_per_weight
     lookups = N * K * M // g * -(-B // 16)  # table lookups: one per code per 16 batch rows
     return Result(family="codebook", case=case, peer=peer_name, hotops_s=th, peer_s=tp, check=check,
                   note=note, work="bytes", amount=bytes_moved,
@@ -150,6 +152,45 @@ def _run_gpu(params: dict, quick: bool, device: str) -> Result:
     return Result(family="codebook", case=f"{N}x{K} B={B} {config} {dtype}",
                   peer=f"torch F.linear {dtype} dense (cuBLAS)", hotops_s=th, peer_s=tp, check=check,
                   work="bytes", amount=bytes_moved, extra=extra)
+
+
+def cpu_time_table(B: int = 1, isa: Optional[str] = None, rounds: int = 5, min_time: float = 0.3) -> List[str]:
+    """One line per Llama shape (2x8): hotops, torch's dense fp32 F.linear and aqlm's kernel on one
+    thread, CPU time per call (time.process_time), the three called alternately in one process,
+    best of `rounds` rounds of >= min_time s each. A machine shared with other work still gives
+    these (a descheduled thread stalls any 2-way split, not one thread's CPU time).
+    isa: "scalar", "avx2", "avx512" (without VBMI) or "avx512+vbmi"; default the best."""
+    import time
+
+    from hotops import _backend
+
+    ext = _backend.ext()
+    if isa:
+        ext.set_isa(isa.split("+")[0])
+        ext.set_vbmi(isa.endswith("+vbmi"))
+    torch.set_num_threads(1)
+    sides = ["hotops", "dense"]
+    if not aqlm_missing():
+        import numba
+
+        numba.set_num_threads(1)
+        sides.append("aqlm")
+    lines = [f"isa {ext.isa()}{'+vbmi' if ext.vbmi() else ''}, batch {B}, one thread, CPU ms per call"]
+    for N, K in SHAPES:
+        fns = {s: build(s, N, K, B, "2x8") for s in sides}
+        best = dict.fromkeys(sides, float("inf"))
+        for _ in range(rounds):
+            for s, f in fns.items():
+                f()
+                calls, t0 = 0, time.process_time()
+                while time.process_time() - t0 < min_time:
+                    f()
+                    calls += 1
+                best[s] = min(best[s], (time.process_time() - t0) / calls)
+        h = best["hotops"]
+        lines.append(f"{N}x{K} B={B}: hotops {h * 1e3:.3f}" + "".join(
+            f"  {s} {best[s] * 1e3:.2f} ({best[s] / h:.1f}x)" for s in sides[1:]))
+    return lines
 
 
 # ------------------------------------------ data for examples/compress_minilm.py (all-MiniLM-L6-v2)
@@ -183,3 +224,13 @@ def rtn_2bit_(model: torch.nn.Module, group: int = 64) -> float:
             step = ((g.max(1, keepdim=True).values - lo) / 3).half().float().clamp_min(1e-12)
             mod.weight.data = (((g - lo) / step).round().clamp(0, 3) * step + lo).reshape(w.shape)
     return 2 + 32 / group
+
+
+if __name__ == "__main__":  # python -m hotops.bench.codebook [--batch B] [--isa ISA]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Llama shapes, one thread, CPU time per call: hotops, dense fp32, aqlm")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--isa", default=None, help="scalar | avx2 | avx512 | avx512+vbmi")
+    args = ap.parse_args()
+    print("\n".join(cpu_time_table(args.batch, args.isa)))
