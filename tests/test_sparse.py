@@ -135,6 +135,9 @@ CONVS = {  # name: (C, O, kernel, stride, padding, dilation, groups, H, W)
     "5x5": (4, 6, (5, 5), 1, 2, 1, 1, 12, 10),
     "depthwise 3x3": (12, 12, (3, 3), 1, 1, 1, 12, 9, 9),
     "depthwise 3x3 stride 2": (8, 8, (3, 3), 2, 1, 1, 8, 10, 13),
+    "depthwise x2 5x5 dilated stride 2": (6, 12, (5, 5), 2, 3, 2, 6, 13, 11),
+    "depthwise 3x3 stride (1, 2) padding (2, 0)": (5, 5, (3, 3), (1, 2), (2, 0), 1, 5, 7, 12),
+    "one input channel 3x3": (1, 7, (3, 3), 1, 1, 1, 1, 8, 21),
     "grouped 3x3": (8, 12, (3, 3), 1, 1, 1, 4, 8, 8),
     "dilated 3x3": (6, 6, (3, 3), 1, 2, 2, 1, 11, 11),
     "1x7": (6, 8, (1, 7), 1, (0, 3), 1, 1, 8, 12),
@@ -153,10 +156,50 @@ def _conv_case(name, sparsity=0.6, N=2):
 @pytest.mark.parametrize("name", list(CONVS))
 def test_conv_matches_reference(isa, name):
     sw, x, b, geo = _conv_case(name)
-    for bias, act in ((None, None), (b, "relu")):
-        y = sparse_conv2d(x, sw, bias, activation=act, **geo)
-        r64, r32 = _ref(reference.sparse_conv2d, x, sw, bias=bias, activation=act, **geo)
+    for bias, act in ((None, None), (b, "relu"), (b, "relu6")):
+        y = sparse_conv2d(x * 4, sw, bias, activation=act, **geo)  # x 4: outputs beyond relu6's 6
+        r64, r32 = _ref(reference.sparse_conv2d, x * 4, sw, bias=bias, activation=act, **geo)
         _close(y, r64, r32)
+
+
+def test_depthwise_channels_without_taps(isa):
+    """At 95 % most depthwise channels keep no tap: those write act(bias) only."""
+    torch.manual_seed(1)
+    sw = SparseWeight.from_dense(torch.randn(40, 1, 3, 3), sparsity=0.95, groups=40)
+    empty = sw.mask().flatten(1).sum(1) == 0
+    assert empty.any() and not empty.all()
+    x, b = torch.randn(3, 40, 6, 5), torch.randn(40)
+    for act in (None, "relu6"):
+        y = sparse_conv2d(x, sw, b, padding=1, activation=act)
+        r64, r32 = _ref(reference.sparse_conv2d, x, sw, bias=b, padding=1, activation=act)
+        _close(y, r64, r32)
+        want = reference._act(b, act)[empty][None, :, None, None].expand(3, -1, 6, 5)
+        torch.testing.assert_close(y[:, empty], want)
+
+
+def test_relu6_gradients_and_nan(isa):
+    torch.manual_seed(2)
+    sw = SparseWeight.from_dense(torch.randn(9, 1, 3, 3), sparsity=0.5, groups=9)
+    x = (4 * torch.randn(2, 9, 6, 6)).requires_grad_()
+    v, b = sw.values.clone().requires_grad_(), torch.randn(9, requires_grad=True)
+    y = sparse_conv2d(x, sw.with_values(v), b, padding=1, activation="relu6")
+    assert (y == 6).any() and (y == 0).any()
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad((y * gy).sum(), (x, v, b))
+    want = torch.autograd.grad(
+        (reference.sparse_conv2d(x, sw.with_values(v), b, padding=1, activation="relu6") * gy).sum(), (x, v, b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    lin = SparseWeight.from_dense(torch.ones(3, 4))
+    xn = torch.zeros(2, 4)
+    xn[0, 1] = float("nan")
+    yl = sparse_linear(xn, lin, activation="relu6")
+    assert torch.isnan(yl[0]).all() and not torch.isnan(yl[1]).any()
+    xc = torch.zeros(1, 9, 4, 4)
+    xc[0, 3, 2, 2] = float("nan")
+    full = SparseWeight.from_dense(torch.ones(9, 1, 3, 3), groups=9)  # pruned taps skip NaNs, as they should
+    yc = sparse_conv2d(xc, full, padding=1, activation="relu6")
+    assert torch.isnan(yc[0, 3, 1:, 1:]).all() and torch.isnan(yc).sum() == 9
 
 
 @pytest.mark.parametrize("name", list(CONVS))
@@ -217,20 +260,22 @@ def _linear_args(requires_grad=False):
     x = torch.randn(5, 13, requires_grad=requires_grad)
     v = sw.values.clone().requires_grad_(requires_grad)
     b = torch.randn(9, requires_grad=requires_grad)
-    return (x, v, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm, b, 13, True)
+    return (x, v, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm, b, 13, 1)
 
 
-def _conv_args(requires_grad=False):
-    sw, x, b, _ = _conv_case("grouped 3x3")
+def _conv_args(requires_grad=False, name="grouped 3x3", activation=1):
+    sw, x, b, _ = _conv_case(name)
     x.requires_grad_(requires_grad)
     v = sw.values.clone().requires_grad_(requires_grad)
     b.requires_grad_(requires_grad)
     return (x, v, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm, b, list(sw.shape),
-            [1, 1], [1, 1], [1, 1], sw.groups, True)
+            [1, 1], [1, 1], [1, 1], sw.groups, activation)
 
 
 def test_opcheck():
-    for fn, make in ((op.sparse_linear_op, _linear_args), (op.sparse_conv2d_op, _conv_args)):
+    depthwise_relu6 = lambda grad: _conv_args(grad, "depthwise 3x3", activation=2)  # noqa: E731
+    for fn, make in ((op.sparse_linear_op, _linear_args), (op.sparse_conv2d_op, _conv_args),
+                     (op.sparse_conv2d_op, depthwise_relu6)):
         torch.library.opcheck(fn, make(False))
         torch.library.opcheck(fn, make(True))
     a = _linear_args()
@@ -249,12 +294,13 @@ def test_compile_linear():
     torch.testing.assert_close(f(x), reference.sparse_linear(x, sw, b, "relu") * 2)
 
 
-def test_compile_conv_with_backward():
-    sw, x, b, geo = _conv_case("3x3")
+@pytest.mark.parametrize("name, act", [("3x3", "relu"), ("depthwise 3x3", "relu6")])
+def test_compile_conv_with_backward(name, act):
+    sw, x, b, geo = _conv_case(name)
     v = sw.values.clone().requires_grad_()
 
     def f(x, v):
-        return sparse_conv2d(x, sw.with_values(v), b, activation="relu", **geo).square().sum()
+        return sparse_conv2d(x, sw.with_values(v), b, activation=act, **geo).square().sum()
 
     x.requires_grad_()
     got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x, v), (x, v))
@@ -309,12 +355,21 @@ def test_corrupt_structure_is_caught_by_the_kernel():
     bad_col[0] = 6
     with pytest.raises(ValueError, match="column index out of range"):
         op.sparse_linear_op(torch.randn(2, 6), sw.values, sw.rowptr, bad_col, sw.t_rowptr, sw.t_colidx,
-                            sw.t_perm, None, 6, False)
+                            sw.t_perm, None, 6, 0)
     bad_ptr = sw.rowptr.clone()
     bad_ptr[2] = bad_ptr[3] + 1
     with pytest.raises(ValueError, match="rowptr"):
         op.sparse_linear_op(torch.randn(2, 6), sw.values, bad_ptr, sw.colidx, sw.t_rowptr, sw.t_colidx,
-                            sw.t_perm, None, 6, False)
+                            sw.t_perm, None, 6, 0)
+    dw = SparseWeight.from_dense(torch.randn(4, 1, 3, 3), sparsity=0.5, groups=4)
+    bad_col = dw.colidx.clone()
+    bad_col[-1] = 9
+    with pytest.raises(ValueError, match="column index out of range"):  # the depthwise kernel checks too
+        op.sparse_conv2d_op(torch.randn(1, 4, 5, 5), dw.values, dw.rowptr, bad_col, dw.t_rowptr, dw.t_colidx,
+                            dw.t_perm, None, list(dw.shape), [1, 1], [1, 1], [1, 1], 4, 0)
+    with pytest.raises(ValueError, match="activation must be"):
+        op.sparse_conv2d_op(torch.randn(1, 4, 5, 5), dw.values, dw.rowptr, dw.colidx, dw.t_rowptr, dw.t_colidx,
+                            dw.t_perm, None, list(dw.shape), [1, 1], [1, 1], [1, 1], 4, 3)
 
 
 # ------------------------------------------------------------------ modules and sparsify

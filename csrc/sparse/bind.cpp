@@ -29,7 +29,7 @@ void bind_sparse(py::module_& m) {
   m.def(
       "sparse_conv_fwd",
       [](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx, py::object values,
-         py::object t_rowptr, py::object x, py::object bias, py::object y, bool relu, int threads) {
+         py::object t_rowptr, py::object x, py::object bias, py::object y, int activation, int threads) {
         ViewArgs view;
         SparseConvFwd a;
         a.g = geometry(geom);
@@ -38,14 +38,16 @@ void bind_sparse(py::module_& m) {
         a.x = view(x, "x");
         a.bias = view(bias, "bias");
         a.y = view(y, "y");
-        a.relu = relu;
+        HOTOPS_CHECK(activation >= 0 && activation <= 2, "activation must be 0 (none), 1 (relu) or 2 (relu6), got ",
+                     activation);
+        a.act = static_cast<Act>(activation);
         a.threads = threads;
         check(a);
         py::gil_scoped_release nogil;
         HOTOPS_DISPATCH(sparse_conv_fwd)(a);
       },
       py::arg("geometry"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"), py::arg("t_rowptr"),
-      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("relu"), py::arg("threads"),
+      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("activation"), py::arg("threads"),
       "y = act(sparse W * im2col(x) + bias); see csrc/sparse/cpu.h.");
   m.def(
       "sparse_widen",

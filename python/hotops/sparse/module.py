@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hotops.sparse import reference
 from hotops.sparse.format import SparseWeight, check_sparsity, magnitude_mask
 
 SPARSE, DENSE = "sparse (C++)", "dense (torch)"
@@ -139,12 +140,12 @@ class _SparseLayer(nn.Module):
         return self._dense_weight(dtype), (b.to(dtype) if b is not None else None)
 
     def _dense_activation(self, y: Tensor) -> Tensor:
-        return F.relu(y) if self.activation == "relu" else y
+        return reference._act(y, self.activation)
 
 
 class SparseLinear(_SparseLayer):
-    """A linear layer whose weight is pruned and stored sparsely; ``activation`` None or "relu"
-    is fused into the kernel."""
+    """A linear layer whose weight is pruned and stored sparsely; ``activation`` None, "relu" or
+    "relu6" is fused into the kernel."""
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, activation: Optional[str] = None,
                  policy: str = "auto"):
@@ -163,13 +164,13 @@ class SparseLinear(_SparseLayer):
         return cls(sw, linear.bias, activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
-        from hotops.sparse import _linear, sparse_linear
+        from hotops.sparse import _check_activation, _linear, sparse_linear
 
-        sw, relu = self.sparse_weight, self.activation == "relu"
+        sw, act = self.sparse_weight, _check_activation(self.activation)
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
         return self._run(
             x, "linear", rows, validate=lambda: sparse_linear(x, sw, self.bias, self.activation),
-            run_sparse=lambda: _linear(x, sw, self.bias, relu),
+            run_sparse=lambda: _linear(x, sw, self.bias, act),
             run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))))
 
     def extra_repr(self) -> str:
@@ -179,7 +180,7 @@ class SparseLinear(_SparseLayer):
 
 class SparseConv2d(_SparseLayer):
     """A 2-d convolution whose weight is pruned and stored sparsely (any kernel size, stride,
-    padding, dilation, groups); ``activation`` None or "relu" is fused into the kernel."""
+    padding, dilation, groups); ``activation`` None, "relu" or "relu6" is fused into the kernel."""
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                  activation: Optional[str] = None, policy: str = "auto"):
@@ -207,13 +208,13 @@ class SparseConv2d(_SparseLayer):
         return cls(sw, conv.bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
-        from hotops.sparse import _conv2d, sparse_conv2d
+        from hotops.sparse import _check_activation, _conv2d, sparse_conv2d
 
-        sw, relu = self.sparse_weight, self.activation == "relu"
+        sw, act = self.sparse_weight, _check_activation(self.activation)
         geo = self._pairs
         return self._run(
             x, self.kind, 0, validate=lambda: sparse_conv2d(x, sw, self.bias, *geo, activation=self.activation),
-            run_sparse=lambda: _conv2d(x, sw, self.bias, *geo, relu),
+            run_sparse=lambda: _conv2d(x, sw, self.bias, *geo, act),
             run_dense=lambda: self._dense_activation(F.conv2d(x, *self._dense_params(x.dtype), self.stride,
                                                               self.padding, self.dilation, self.groups)))
 
