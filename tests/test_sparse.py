@@ -506,6 +506,49 @@ def test_sparsify_learned():
         sparsify(net, method="random")
 
 
+def _bn_net():
+    """conv + BN + ReLU6, depthwise + BN + ReLU, a sparse layer with its own ReLU before a BN (must
+    not fold), a dense conv + BN (torch's folding), linear + BatchNorm1d + ReLU."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 6, 1), nn.ReLU(), nn.BatchNorm2d(6),
+                        nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4),
+                        nn.Flatten(), nn.Linear(4 * 5 * 5, 7), nn.BatchNorm1d(7), nn.ReLU())
+    for bn in net.modules():
+        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 2)
+            bn.bias.data.uniform_(-1, 1)
+    return net.eval()
+
+
+def test_fuse_folds_batchnorm_and_activations():
+    torch.manual_seed(0)
+    sp = sparsify(_bn_net(), sparsity=0.6, policy="sparse", skip=lambda name, m: name == "9")
+    fused = hotops.sparse.fuse(sp)
+    kinds = [type(m).__name__ for m in fused]
+    assert kinds == ["SparseConv2d", "Identity", "Identity", "SparseConv2d", "Identity", "Identity",
+                     "SparseConv2d", "Identity", "BatchNorm2d", "Conv2d", "Identity", "Flatten", "SparseLinear",
+                     "Identity", "Identity"]
+    assert [fused[i].activation for i in (0, 3, 6, 12)] == ["relu6", "relu", "relu", "relu"]
+    assert isinstance(sp[1], nn.BatchNorm2d) and sp[0].activation is None  # not in place by default
+    x = 3 * torch.randn(4, 3, 5, 5)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), sp(x), rtol=1e-4, atol=1e-4)
+        fused[0].policy = "dense"  # the dense path of a fused layer applies the same activation
+        torch.testing.assert_close(fused(x), sp(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_refuses_training_mode():
+    sp = sparsify(_bn_net(), sparsity=0.5)
+    with pytest.raises(ValueError, match="eval mode"):
+        hotops.sparse.fuse(sp.train())
+    sp[1].train()
+    with pytest.raises(ValueError, match="but 1 are"):  # names the module in training mode
+        hotops.sparse.fuse(sp)
+
+
 def test_public_api():
     assert hotops.sparse_linear is sparse_linear and hotops.nn.SparseConv2d is SparseConv2d
 

@@ -11,7 +11,7 @@ from hotops import _backend
 from hotops.sparse import op as _op
 from hotops.sparse.format import SparseWeight
 
-__all__ = ["SparseWeight", "sparse_linear", "sparse_conv2d", "SparseLinear", "SparseConv2d", "sparsify"]
+__all__ = ["SparseWeight", "sparse_linear", "sparse_conv2d", "SparseLinear", "SparseConv2d", "sparsify", "fuse"]
 
 # activations (and bias) may be bfloat16 / float16: the kernels read them widened to float32,
 # accumulate in float32 against the float32 values and round the output once to x's dtype
@@ -112,3 +112,4 @@ def _conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], stride: list, p
 
 
 from hotops.sparse.module import SparseConv2d, SparseLinear, sparsify  # noqa: E402
+from hotops.sparse.fuse import fuse  # noqa: E402

@@ -307,7 +307,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, method: str = "magnitude",
         masks = _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr)
     for name, m in layers:
         cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
-        _replace(model, name, cls.from_dense(m, mask=masks[name], policy=policy))
+        _replace(model, name, cls.from_dense(m, mask=masks[name], policy=policy).train(m.training))
     return model
 
 
