@@ -544,6 +544,7 @@ def test_fuse_refuses_training_mode():
     sp = sparsify(_bn_net(), sparsity=0.5)
     with pytest.raises(ValueError, match="eval mode"):
         hotops.sparse.fuse(sp.train())
+    sp.eval()
     sp[1].train()
     with pytest.raises(ValueError, match="but 1 are"):  # names the module in training mode
         hotops.sparse.fuse(sp)
