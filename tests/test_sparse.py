@@ -441,6 +441,52 @@ def test_dense_cache_follows_values():
     torch.testing.assert_close(y1 - layer.bias, 2 * (y0 - layer.bias))
 
 
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+def test_prepared_inference_call_follows_the_layer(policy):
+    """Repeated inference calls run a call bound once per signature; whatever it depends on
+    (values or bias updated in place or replaced, activation, policy, input layout) rebinds it."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    conv = SparseConv2d.from_dense(nn.Conv2d(6, 6, 3, padding=1, groups=3), sparsity=0.5, activation="relu6",
+                                   policy=policy)
+    x = 4 * torch.randn(2, 6, 5, 5)
+
+    def want(inp=x):
+        return reference.sparse_conv2d(inp, conv.sparse_weight, conv.bias, padding=1, activation=conv.activation)
+
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(conv(x), want())
+        assert conv._prepared is not None
+        conv.values.mul_(-2)  # in place
+        torch.testing.assert_close(conv(x), want())
+        conv.bias.add_(1)
+        torch.testing.assert_close(conv(x), want())
+        conv.values = nn.Parameter(torch.randn_like(conv.values))  # replaced
+        torch.testing.assert_close(conv(x), want())
+        conv.activation = None
+        torch.testing.assert_close(conv(x), want())
+        conv.policy = "dense" if policy == "sparse" else "sparse"
+        torch.testing.assert_close(conv(x), want())
+        assert conv.backend == (DENSE if policy == "sparse" else SPARSE)
+        xt = x.transpose(2, 3)  # not contiguous: the full path
+        torch.testing.assert_close(conv(xt), want(xt))
+        torch.testing.assert_close(conv(x[:1]), want(x[:1]))
+    copied = copy.deepcopy(conv)  # the bound C++ call is not copied, but rebuilt
+    buf = io.BytesIO()
+    torch.save(conv, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.inference_mode():
+        for layer in (copied, loaded):
+            torch.testing.assert_close(layer(x), want())
+    xg = x.clone().requires_grad_()  # with autograd: the op, differentiable
+    conv(xg).sum().backward()
+    assert xg.grad is not None and conv.values.grad is not None
+
+
 def test_training_under_fixed_mask():
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 6, 3, padding=1)

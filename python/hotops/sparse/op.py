@@ -193,6 +193,29 @@ def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_
     return y
 
 
+def prepared_conv2d(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
+                    bias: Optional[Tensor], weight_shape: List[int], stride: List[int], padding: List[int],
+                    dilation: List[int], groups: int, activation: int):
+    """conv2d_forward for inputs shaped like x (float32, contiguous, on the CPU, nothing to
+    differentiate) with everything but the output's allocation done once: fn(x) -> y. It reads
+    values and bias in place (updates in place show; a replaced tensor needs a new one)."""
+    N, C, H, W = x.shape
+    O, (Ho, Wo) = weight_shape[0], (out_size(H, weight_shape[2], stride[0], padding[0], dilation[0]),
+                                     out_size(W, weight_shape[3], stride[1], padding[1], dilation[1]))
+    ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x.device).run()
+    bias = bias.detach().float().contiguous() if bias is not None else None
+    plan = ext.SparseConvPlan(conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups), rowptr,
+                              colidx, values.detach(), t_rowptr, bias, activation)
+    forward, threads, empty = plan.forward, torch.get_num_threads, torch.empty
+
+    def run(x: Tensor) -> Tensor:
+        y = empty(N, O, Ho, Wo)
+        forward(x.view(N, C, H * W), y.view(N, O, Ho * Wo), threads())
+        return y
+
+    return run
+
+
 sparse_conv2d_op = torch.library.custom_op("hotops::sparse_conv2d", conv2d_forward, mutates_args=())
 
 
