@@ -138,6 +138,8 @@ CONVS = {  # name: (C, O, kernel, stride, padding, dilation, groups, H, W)
     "depthwise x2 5x5 dilated stride 2": (6, 12, (5, 5), 2, 3, 2, 6, 13, 11),
     "depthwise 3x3 stride (1, 2) padding (2, 0)": (5, 5, (3, 3), (1, 2), (2, 0), 1, 5, 7, 12),
     "one input channel 3x3": (1, 7, (3, 3), 1, 1, 1, 1, 8, 21),
+    "depthwise 3x3 on 4x4": (16, 16, (3, 3), 1, 1, 1, 16, 4, 4),
+    "depthwise x2 3x3 stride 2 dilated on 3x5": (4, 8, (3, 3), 2, 2, 2, 4, 3, 5),
     "grouped 3x3": (8, 12, (3, 3), 1, 1, 1, 4, 8, 8),
     "dilated 3x3": (6, 6, (3, 3), 1, 2, 2, 1, 11, 11),
     "1x7": (6, 8, (1, 7), 1, (0, 3), 1, 1, 8, 12),
@@ -652,7 +654,8 @@ def test_cuda_sparse_linear():
 def test_conv_dispatch_model():
     x = torch.randn(1, 8, 6, 6)
     cases = [(nn.Conv2d(8, 8, 3, padding=1), 0.9, SPARSE), (nn.Conv2d(8, 8, 3, padding=1), 0.5, DENSE),
-             (nn.Conv2d(8, 8, 1), 0.7, SPARSE), (nn.Conv2d(8, 8, 1), 0.3, DENSE), (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.9, DENSE)]
+             (nn.Conv2d(8, 8, 1), 0.7, SPARSE), (nn.Conv2d(8, 8, 1), 0.3, DENSE),
+             (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.9, SPARSE), (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.5, DENSE)]
     for conv, sparsity, backend in cases:
         layer = SparseConv2d.from_dense(conv, sparsity=sparsity, policy="model")
         torch.testing.assert_close(layer(x), F.conv2d(x, layer.to_dense(), conv.bias, 1, conv.padding, 1, conv.groups))
