@@ -489,6 +489,20 @@ def test_prepared_inference_call_follows_the_layer(policy):
     assert xg.grad is not None and conv.values.grad is not None
 
 
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+@pytest.mark.parametrize("shape", [(1, 20), (7, 20), (2, 3, 20)])
+def test_prepared_linear_call(policy, shape):
+    torch.manual_seed(0)
+    lin = SparseLinear.from_dense(nn.Linear(20, 9), sparsity=0.6, activation="relu", policy=policy)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.testing.assert_close(lin(x), reference.sparse_linear(x, lin.sparse_weight, lin.bias, "relu"))
+        assert lin._prepared is not None
+        lin.activation = "relu6"
+        torch.testing.assert_close(lin(3 * x), reference.sparse_linear(3 * x, lin.sparse_weight, lin.bias, "relu6"))
+
+
 def test_training_under_fixed_mask():
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 6, 3, padding=1)

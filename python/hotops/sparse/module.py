@@ -202,14 +202,22 @@ class SparseLinear(_SparseLayer):
         return cls(sw, linear.bias, activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
+        fast = self._fast(x)
+        if fast is not None:
+            return fast(x)
         from hotops.sparse import _check_activation, _linear, sparse_linear
+        from hotops.sparse.op import prepared_linear
 
         sw, act = self.sparse_weight, _check_activation(self.activation)
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
-        return self._run(
+        y = self._run(
             x, "linear", rows, validate=lambda: sparse_linear(x, sw, self.bias, self.activation),
             run_sparse=lambda: _linear(x, sw, self.bias, act),
             run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))))
+        self._prepare(x, lambda: prepared_linear(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
+                                                 sw.shape[1], act),
+                      lambda: self._dense_call(F.linear, x.dtype))
+        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

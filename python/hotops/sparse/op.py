@@ -145,6 +145,34 @@ def linear_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_
     return forward(x, values, rowptr, colidx, t_rowptr, bias, in_features, activation)
 
 
+def prepared_linear(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
+                    bias: Optional[Tensor], in_features: int, activation: int):
+    """linear_forward for inputs shaped like x (..., I) (float32, contiguous, on the CPU, nothing
+    to differentiate) with everything but the allocations and x's transposition done once:
+    fn(x) -> y (see prepared_conv2d)."""
+    B, O = x.numel() // in_features, out_features(rowptr, in_features)
+    shape = (*x.shape[:-1], O)
+    ext = _backend.choose("sparse_linear", CONV_BACKENDS, x.device).run()  # the C++ kernels
+    bias = bias.detach().float().contiguous() if bias is not None else None
+    plan = ext.SparseConvPlan(linear_geometry(B, in_features, O), rowptr, colidx, values.detach(), t_rowptr, bias,
+                              activation)
+    forward, widen, threads, empty = plan.forward, ext.sparse_widen, torch.get_num_threads, torch.empty
+
+    def run(x: Tensor) -> Tensor:
+        x2 = x.view(B, in_features)
+        if B == 1:  # x^T is x
+            xt = x2.view(1, in_features, 1)
+        else:
+            xt = empty(in_features, B)
+            widen(x2, xt, True, threads())
+            xt = xt.unsqueeze(0)
+        y = empty(B, O)
+        forward(xt, y.t().unsqueeze(0), threads())
+        return y.view(shape)
+
+    return run
+
+
 sparse_linear_op = torch.library.custom_op("hotops::sparse_linear", linear_forward, mutates_args=())
 
 
