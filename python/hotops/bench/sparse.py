@@ -375,5 +375,76 @@ def cpu_time_table(sparsities=SPARSITIES, repeats: int = 7) -> None:
             print(f"  {layer}: beats dense from {f'{min(first):.0%}' if first else 'never'} sparsity", flush=True)
 
 
-if __name__ == "__main__":  # python -m hotops.bench.sparse: the single-thread CPU-time table
-    cpu_time_table()
+def _cpu_time(fn, repeats: int) -> float:
+    """Median seconds of the calling thread's CPU time per call, after one warm-up call."""
+    import statistics
+    import time
+
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        ts.append(time.thread_time() - t0)
+    return statistics.median(ts)
+
+
+def e2e_cpu_time_table(batches=(1, 32), rounds: int = 3) -> None:
+    """MobileNetV2-CIFAR at 90 %, one thread, CPU time: the fused sparse network against its dense
+    twin as-is and with BN folded by torch (best of ``rounds`` medians, the three alternated)."""
+    torch.set_num_threads(1)
+    print("MobileNetV2-CIFAR @90 %, single thread, CPU time (ms)")
+    with torch.inference_mode():
+        for batch in batches:
+            hot, dense, _, model = _e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_TWIN)
+            _, folded, _, _ = _e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_FOLDED)
+            reps = 21 if batch == 1 else 5
+            best = [min(ts) for ts in zip(*[[_cpu_time(f, reps) for f in (hot, dense, folded)]
+                                              for _ in range(rounds)])]
+            th, td, tf = best
+            print(f"  batch {batch:3d}: sparse {th * 1e3:8.2f}  {DENSE_TWIN} {td * 1e3:8.2f} ({td / th:.2f}x)  "
+                  f"{DENSE_FOLDED} {tf * 1e3:8.2f} ({tf / th:.2f}x)  [{_dispatch_summary(model)}]", flush=True)
+
+
+def mobilenet_layers(batch: int, repeats: int = 5) -> None:
+    """Per convolution of the fused 90 %-sparse MobileNetV2-CIFAR, one thread, CPU time: the sparse
+    layer (forced sparse, its prepared call) against torch's F.conv2d + activation on the same
+    folded masked weight, and the sums per kind of layer."""
+    from hotops.sparse import SparseConv2d
+
+    torch.set_num_threads(1)
+    sparse, _ = _twins_mobilenet(0.9, DENSE_FOLDED)
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: inputs.update({m: i[0]}))  # returns None: output kept
+             for m in sparse.modules() if isinstance(m, SparseConv2d)]
+    acts = {None: lambda y: y, "relu": F.relu, "relu6": F.relu6}
+    sums = {}
+    print(f"MobileNetV2-CIFAR @90 %, batch {batch}, single thread, CPU time (us)")
+    with torch.inference_mode():
+        sparse(torch.randn(batch, 3, 32, 32))
+        for h in hooks:
+            h.remove()
+        for name, m in sparse.named_modules():
+            if not isinstance(m, SparseConv2d):
+                continue
+            x, m.policy = inputs[m], "sparse"
+            w, act = m.to_dense(), acts[m.activation]
+            ts = _cpu_time(lambda: m(x), repeats)
+            td = _cpu_time(lambda: act(F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)), repeats)
+            s = sums.setdefault(m.kind, [0, 0.0, 0.0])
+            s[0], s[1], s[2] = s[0] + 1, s[1] + ts, s[2] + td
+            print(f"  {name:12s} {m.kind:9s} {tuple(x.shape[1:])!s:15s} -> {m.out_channels:4d}  nnz {m.values.numel():6d}"
+                  f"  sparse {ts * 1e6:8.1f}  dense {td * 1e6:8.1f}  {td / ts:5.2f}x", flush=True)
+    for kind, (n, ts, td) in sums.items():
+        print(f"  {kind:9s} x{n:2d}: sparse {ts * 1e3:7.2f} ms  dense {td * 1e3:7.2f} ms  {td / ts:5.2f}x")
+
+
+if __name__ == "__main__":  # python -m hotops.bench.sparse [e2e | layers BATCH]: single thread, CPU time
+    import sys
+
+    if sys.argv[1:2] == ["e2e"]:
+        e2e_cpu_time_table()
+    elif sys.argv[1:2] == ["layers"]:
+        mobilenet_layers(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    else:
+        cpu_time_table()
