@@ -109,6 +109,19 @@ inline void store_first(float* p, VecF v, int64_t count) {
 #endif
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The lanes of p whose `lanes` entry is negative, the others 0; masked-off lanes are not read (no
+// fault even past the ends of an array).
+inline VecF load_lanes(const float* p, const int32_t* lanes) {
+#if defined(__AVX512F__)
+  const __m512i m = _mm512_loadu_si512(lanes);
+  return _mm512_maskz_loadu_ps(_mm512_cmplt_epi32_mask(m, _mm512_setzero_si512()), p);
+#else
+  return _mm256_maskload_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes)));
+#endif
+}
+#endif
+
 // Adds the non-zeros [k, kend) of one row into acc over NVR vectors of pixels, the last holding
 // `last` (1..W) valid pixels: two sets of accumulators (even and odd non-zeros), so 2 * NVR
 // independent FMA chains hide the FMA latency.
@@ -398,36 +411,41 @@ bool conv_fwd_depthwise(const SparseConvFwd& a, const CsrPtrs& w) {
   auto input_plane = [&](int64_t n, int64_t o) {
     return a.x.ptr<float>() + n * a.x.stride(0) + (g.Og() == 1 ? o : o / g.Og()) * a.x.stride(1);
   };
-#if defined(__AVX512F__)
-  // Planes that fit one vector (4x4 and smaller: the last stages of a CIFAR network) cost ~40 ns
-  // each on the row-by-row path below. Here each tap is one lane permutation of the input plane
-  // (zero where it reads padding) and one FMA: tap k's output lane p reads input lane lanes[p].
-  if (g.H * g.W <= W && P <= W) {
-    Scratch<int32_t> lanes(taps * W);
-    Scratch<uint32_t> valid(taps);
-    std::memset(lanes.p, 0, sizeof(int32_t) * taps * W);  // lanes outside `valid` read lane 0, then zeroed
+#if defined(__AVX512F__) || defined(__AVX2__)
+  // Stride 1 with the output as wide as the input (padding (kw - 1) * dw / 2: every stride-1
+  // depthwise layer of a MobileNet): output pixel p of tap k reads input pixel p + shift[k], one
+  // uniform shift, so a vector of W outputs is one masked load of the input plane at that shift
+  // (lanes whose tap falls in the padding masked off) and one FMA, in registers, with no
+  // per-row bookkeeping and no accumulator buffer: a 4x4 plane costs ~9 ns instead of ~40.
+  const int64_t nvec = (P + W - 1) / W;
+  if (g.sh == 1 && g.sw == 1 && g.Wo == g.W && P <= 4096) {
+    Scratch<int64_t> shift(taps);
+    Scratch<int32_t> lanes(taps * nvec * W);  // -1: the lane reads the input, 0: padding
     for (int64_t k = 0; k < taps; ++k) {
       const TapRange& t = where.p[k];
-      valid.p[k] = 0;
-      for (int64_t ho = t.ho0; ho < t.ho1; ++ho)
-        for (int64_t wo = t.wo0; wo < t.wo1; ++wo) {
-          lanes.p[k * W + ho * g.Wo + wo] = static_cast<int32_t>((ho * g.sh + t.oy) * g.W + wo * g.sw + t.ox);
-          valid.p[k] |= 1u << (ho * g.Wo + wo);
-        }
+      shift.p[k] = t.oy * g.W + t.ox;
+      for (int64_t p = 0; p < nvec * W; ++p) {
+        const int64_t ho = p / g.Wo, wo = p % g.Wo;
+        const bool in = p < P && ho >= t.ho0 && ho < t.ho1 && wo >= t.wo0 && wo < t.wo1;
+        lanes.p[k * nvec * W + p] = in ? -1 : 0;
+      }
     }
-    const __mmask16 in = static_cast<__mmask16>((1u << (g.H * g.W)) - 1u);
     parallel_for(g.N * g.O, grain, a.threads, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0, n = i0 / g.O, o = i0 % g.O; i < i1; ++i, o = o + 1 == g.O ? 0 : o + 1, n += o == 0) {
-        const __m512 x = _mm512_maskz_loadu_ps(in, input_plane(n, o));
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t q = 0; q < w.panels; ++q)
-          for (int64_t k = w.begin(o, q); k < w.end(o, q); ++k) {
-            const int64_t tap = w.col[k];
-            const __m512 shifted = _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(valid.p[tap]),
-                                                               _mm512_loadu_si512(lanes.p + tap * W), x);
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(w.val[k]), shifted, acc);
-          }
-        Out::at(a.y, n, o, 0).put(0, 0, epilogue(VecF(acc), VecF::set1(bias ? bias[o] : 0.0f), a.act), P);
+        // addresses as integers: a masked load's window may start before the plane
+        const uintptr_t plane = reinterpret_cast<uintptr_t>(input_plane(n, o));
+        const Out out = Out::at(a.y, n, o, 0);
+        const VecF b = VecF::set1(bias ? bias[o] : 0.0f);
+        for (int64_t j = 0; j < nvec; ++j) {
+          VecF acc = VecF::set1(0.0f);
+          for (int64_t q = 0; q < w.panels; ++q)
+            for (int64_t k = w.begin(o, q); k < w.end(o, q); ++k) {
+              const int64_t tap = w.col[k];
+              const float* src = reinterpret_cast<const float*>(plane + sizeof(float) * (j * W + shift.p[tap]));
+              acc = VecF::fma(VecF::set1(w.val[k]), load_lanes(src, lanes.p + (tap * nvec + j) * W), acc);
+            }
+          out.put(0, j * W, epilogue(acc, b, a.act), std::min<int64_t>(W, P - j * W));
+        }
       }
     });
     return true;
