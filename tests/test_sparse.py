@@ -167,23 +167,6 @@ def test_conv_matches_reference(isa, name):
         _close(y, r64, r32)
 
 
-@pytest.mark.parametrize("C, O, groups, H, W", [(600, 24, 1, 4, 4), (12, 18, 3, 2, 8), (8, 8, 1, 2, 4)])
-def test_conv1x1_images_of_one_vector(isa, C, O, groups, H, W):
-    """1x1 convolutions of images of one vector of pixels (16 at AVX-512, 8 at AVX2) take one vector
-    from each of several images per register tile; batches not a multiple of the tile, groups,
-    two column panels (600 channels), low-precision output."""
-    torch.manual_seed(3)
-    sw = SparseWeight.from_dense(torch.randn(O, C // groups, 1, 1), sparsity=0.7, groups=groups)
-    b = torch.randn(O)
-    for N in (2, 6, 9):
-        x = 3 * torch.randn(N, C, H, W)
-        r64, r32 = _ref(reference.sparse_conv2d, x, sw, bias=b, activation="relu6")
-        _close(sparse_conv2d(x, sw, b, activation="relu6"), r64, r32)
-    xl = x.bfloat16()
-    assert_close_to_reference(sparse_conv2d(xl, sw, b.bfloat16()), reference.sparse_conv2d(xl.double(), sw.with_values(
-        sw.values.double()), b.double()), reference.sparse_conv2d(xl, sw, b.bfloat16()))
-
-
 def test_depthwise_channels_without_taps(isa):
     """At 95 % most depthwise channels keep no tap: those write act(bias) only."""
     torch.manual_seed(1)

@@ -122,17 +122,17 @@ inline VecF load_lanes(const float* p, const int32_t* lanes) {
 }
 #endif
 
-// Adds the non-zeros [k, kend) of one row into acc over NVR vectors of pixels, vs floats apart,
-// the last holding `last` (1..W) valid pixels: two sets of accumulators (even and odd non-zeros),
-// so 2 * NVR independent FMA chains hide the FMA latency.
+// Adds the non-zeros [k, kend) of one row into acc over NVR vectors of pixels, the last holding
+// `last` (1..W) valid pixels: two sets of accumulators (even and odd non-zeros), so 2 * NVR
+// independent FMA chains hide the FMA latency.
 template <int NVR, bool PARTIAL>
-inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld, int64_t vs,
-                       int64_t last, VecF (&acc)[2][NV]) {
+inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld, int64_t last,
+                       VecF (&acc)[2][NV]) {
   auto step = [&](int u, int64_t at) {
     const VecF v = VecF::set1(m.val[at]);
     const float* s = src + m.col[at] * ld;
     for (int j = 0; j < NVR; ++j) {
-      const VecF x = PARTIAL && j == NVR - 1 ? load_first(s + j * vs, last) : VecF::load(s + j * vs);
+      const VecF x = PARTIAL && j == NVR - 1 ? load_first(s + j * W, last) : VecF::load(s + j * W);
       acc[u][j] = VecF::fma(v, x, acc[u][j]);
     }
   };
@@ -192,9 +192,7 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
 }
 
 // Rows [r0, r1) over NVR vectors of pixels from p, the last holding `last` (1..W) of them:
-// out[r - r0, p + i] = act(bias[r] + sum_k val[k] * src[col[k] * ld + p + i]). Vector j of the
-// tile is read at p + j * vs_in and written at p + j * vs_out (W, W: contiguous pixels; the image
-// strides for a tile of one vector per image, see conv_fwd_image_tiles).
+// out[r - r0, p + i] = act(bias[r] + sum_k val[k] * src[col[k] * ld + p + i]).
 //
 // With several column panels, the panels run one after another over all the rows (the order the
 // non-zeros are stored in, so the weight streams), parking each row's partial sums in `park`
@@ -203,13 +201,13 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
 // source that does not fit (1 MB for 4096 features x 64 pixels).
 template <int NVR, bool PARTIAL>
 void rows_tile(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t p, int64_t last,
-               Out out, const float* bias, Act act, float* park, int64_t vs_in = W, int64_t vs_out = W) {
+               Out out, const float* bias, Act act, float* park) {
   const VecF zero = VecF::set1(0.0f);
   const int64_t last_q = m.panels - 1;
   auto start = [&](int64_t r, int64_t q, VecF(&acc)[2][NV]) {
     const float* parked = park + (r - r0) * NVR * W;
     for (int j = 0; j < NVR; ++j) acc[0][j] = q ? VecF::load(parked + j * W) : zero, acc[1][j] = zero;
-    accumulate<NVR, PARTIAL>(m, m.begin(r, q), m.end(r, q), src + p, ld, vs_in, last, acc);
+    accumulate<NVR, PARTIAL>(m, m.begin(r, q), m.end(r, q), src + p, ld, last, acc);
   };
   for (int64_t q = 0; q < last_q; ++q)
     for (int64_t r = r0; r < r1; ++r) {
@@ -217,9 +215,9 @@ void rows_tile(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
       start(r, q, acc);
       for (int j = 0; j < NVR; ++j) (acc[0][j] + acc[1][j]).store(park + (r - r0) * NVR * W + j * W);
     }
-  // A strided output (linear: y is (batch, out), so pixels are O apart; vs_out is W there) is
-  // staged ROWS rows at a time and written pixel-major: one cache line per pixel instead of one
-  // per row and pixel, all of them 4 KB-aliased.
+  // A strided output (linear: y is (batch, out), so pixels are O apart) is staged ROWS rows at a
+  // time and written pixel-major: one cache line per pixel instead of one per row and pixel, all
+  // of them 4 KB-aliased.
   constexpr int64_t ROWS = 16;
   const int64_t width = (NVR - 1) * W + last;
   float stage[ROWS][NVR * W];
@@ -231,7 +229,7 @@ void rows_tile(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
       const VecF b = VecF::set1(bias ? bias[r] : 0.0f);
       for (int j = 0; j < NVR; ++j) {
         const VecF y = epilogue(acc[0][j] + acc[1][j], b, act);
-        if (out.ps == 1) out.put(r - r0, p + j * vs_out, y, j == NVR - 1 ? last : W);
+        if (out.ps == 1) out.put(r - r0, p + j * W, y, j == NVR - 1 ? last : W);
         else y.store(stage[r - rb] + j * W);
       }
     }
@@ -557,44 +555,12 @@ bool conv_fwd_shifted(const SparseConvFwd& a, const CsrPtrs& w) {
   return true;
 }
 
-// 1x1 convolutions of images of exactly one vector of pixels (4x4 at AVX-512: the last stages of
-// a CIFAR network) with a batch: a register tile takes one vector from each of NV images (vector
-// stride = the image stride) instead of a lone vector of one image, so every non-zero's broadcast
-// and index load feeds NV FMAs, 2 * NV chains hide their latency, and the weight streams once per
-// NV images instead of once per image.
-bool conv_fwd_image_tiles(const SparseConvFwd& a, const CsrPtrs& w) {
-  const ConvGeom& g = a.g;
-  if (!g.direct() || g.P() != W || g.N < 2 || a.y.stride(2) != 1) return false;
-  const int64_t blocks = (g.N + NV - 1) / NV, outer = blocks * g.G, want = 4 * a.threads;
-  const int64_t rb = outer >= want ? 1 : std::min(g.Og(), (want + outer - 1) / outer), rbs = (g.Og() + rb - 1) / rb;
-  const float* bias = a.bias.present ? a.bias.ptr<float>() : nullptr;
-  const int64_t ld = a.x.stride(1), xs = a.x.stride(0), ys = a.y.stride(0);
-  parallel_claim(outer * rb, a.threads, [&](auto claim) {
-    Scratch<float> park(rbs * CH);
-    for (int64_t it; (it = claim()) < outer * rb;) {
-      const int64_t b = it % rb, grp = (it / rb) % g.G, n0 = it / rb / g.G * NV;
-      const int64_t r0 = grp * g.Og() + b * rbs, r1 = std::min((grp + 1) * g.Og(), r0 + rbs);
-      if (r0 >= r1) continue;
-      w.check_rows(r0, r1);
-      const float* src = a.x.ptr<float>() + n0 * xs + grp * g.Cg() * ld;
-      const Out out = Out::at(a.y, n0, r0, 0);
-      switch (std::min<int64_t>(NV, g.N - n0)) {
-        case 1: rows_tile<1, false>(w, r0, r1, src, ld, 0, W, out, bias, a.act, park.p, xs, ys); break;
-        case 2: rows_tile<2, false>(w, r0, r1, src, ld, 0, W, out, bias, a.act, park.p, xs, ys); break;
-        case 3: rows_tile<3, false>(w, r0, r1, src, ld, 0, W, out, bias, a.act, park.p, xs, ys); break;
-        default: rows_tile<NV, false>(w, r0, r1, src, ld, 0, W, out, bias, a.act, park.p, xs, ys);
-      }
-    }
-  });
-  return true;
-}
-
 }  // namespace
 
 void sparse_conv_fwd(const SparseConvFwd& a) {
   const ConvGeom& g = a.g;
   const CsrPtrs w(a.w, g.O, g.K());
-  if (conv_fwd_depthwise(a, w) || conv_fwd_image_tiles(a, w) || conv_fwd_shifted(a, w)) return;
+  if (conv_fwd_depthwise(a, w) || conv_fwd_shifted(a, w)) return;
   const Plan plan(g, g.Og(), g.direct(), a.threads);
   const float* bias = a.bias.present ? a.bias.ptr<float>() : nullptr;
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
