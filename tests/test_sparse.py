@@ -258,6 +258,22 @@ def test_conv_property(C, O, g, kh, kw, s, p, d, H, W, sparsity):
     _close(y, r64, r32)
 
 
+@settings(max_examples=40, deadline=None)
+@given(C=st.integers(1, 6), mult=st.integers(1, 2), kh=st.integers(1, 5), kw=st.integers(1, 5),
+       sh=st.integers(1, 3), sw_=st.integers(1, 3), p=st.integers(0, 3), d=st.integers(1, 2), H=st.integers(1, 12),
+       W=st.integers(1, 12), sparsity=st.sampled_from([0.0, 0.5, 0.9]), act=st.sampled_from([None, "relu", "relu6"]))
+def test_depthwise_property(C, mult, kh, kw, sh, sw_, p, d, H, W, sparsity, act):
+    """The direct depthwise kernel (both of its paths) over random geometry, channel multipliers
+    and activations."""
+    if H + 2 * p < d * (kh - 1) + 1 or W + 2 * p < d * (kw - 1) + 1:
+        return
+    sw = SparseWeight.from_dense(torch.randn(C * mult, 1, kh, kw), sparsity=sparsity, groups=C)
+    x, b = 4 * torch.randn(2, C, H, W), torch.randn(C * mult)
+    geo = dict(stride=(sh, sw_), padding=p, dilation=d)
+    r64, r32 = _ref(reference.sparse_conv2d, x, sw, bias=b, activation=act, **geo)
+    _close(sparse_conv2d(x, sw, b, activation=act, **geo), r64, r32)
+
+
 # ------------------------------------------------------------------ torch.library
 
 def _linear_args(requires_grad=False):
