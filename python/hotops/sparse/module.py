@@ -80,7 +80,7 @@ class _SparseLayer(nn.Module):
             self.register_buffer(name, getattr(sw, name), persistent=True)
         self._dense_cache = None
         self._packed = None
-        self._prepared = None  # (signature, fn): the last inference signature's bound call, see _prepare
+        self._prepared = None  # (signature, fn): the last inference signature's bound call, see _run
         self.density = sw.density  # the structure only changes in _load
         self.dispatch = {}  # input signature -> (sparse wins, sparse s, dense s): see the class doc
 
@@ -102,17 +102,12 @@ class _SparseLayer(nn.Module):
             return None
         return prepared[1] if prepared[0] == self._signature(x) else None
 
-    def _prepare(self, x: Tensor, make_sparse: Callable[[], Callable], make_dense: Callable[[], Callable]) -> None:
-        """After a call through the full path: binds this signature's call once (the checks done,
-        the arguments converted, the dense weight cached), so that the next inference calls with
-        it cost a signature comparison and the kernel. Small pruned layers (a CIFAR MobileNetV2 at
-        batch 1: 4x4 to 32x32 pixels) take tens of microseconds, as much as the full path's
-        Python. Only plain float32 contiguous CPU inputs with nothing to differentiate."""
-        self._prepared = None
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not Tensor or not x.is_cpu \
-                or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0:
-            return
-        self._prepared = (self._signature(x), make_sparse() if self.backend is SPARSE else make_dense())
+    @staticmethod
+    def _preparable(x: Tensor) -> bool:
+        """Whether calls on x may be bound once (see _run): plain float32 contiguous CPU input,
+        nothing to differentiate, no tracing."""
+        return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not Tensor
+                    or not x.is_cpu or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0)
 
     @property
     def sparse_weight(self) -> SparseWeight:
@@ -145,7 +140,25 @@ class _SparseLayer(nn.Module):
         return self._dense_cache[1]
 
     def _run(self, x: Tensor, kind: str, rows: int, validate: Callable[[], object],
-             run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor]) -> Tensor:
+             run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor],
+             make_sparse: Callable[[], Callable], make_dense: Callable[[], Callable]) -> Tensor:
+        """One call through the full path: the dispatch for x's signature (measured once), then
+        run_sparse() or run_dense(). Where x is _preparable, the call of the chosen path is bound
+        once (make_sparse() / make_dense(): fn(x) with the checks done, the arguments converted
+        and the dense weight cached) and kept for the next calls with this signature, which then
+        cost a signature comparison and the kernel: small pruned layers (a CIFAR MobileNetV2 at
+        batch 1, 4x4 to 32x32 pixels) take tens of microseconds, as much as the full path's
+        Python. The measurement then times the bound calls, what the later calls will run."""
+        preparable = self._preparable(x)
+        bound = {}
+
+        def call(sparse: bool) -> Callable[[], Tensor]:
+            if not preparable:
+                return run_sparse if sparse else run_dense
+            if sparse not in bound:
+                bound[sparse] = make_sparse() if sparse else make_dense()
+            return lambda: bound[sparse](x)
+
         key = (x.shape, x.dtype, x.device, self.policy)
         decided = self.dispatch.get(key)
         if decided is None:
@@ -155,7 +168,7 @@ class _SparseLayer(nn.Module):
                 if self.policy != "dense":
                     validate()  # the sparse op's argument checks, once per signature
                 if self.policy == "auto" and x.device.type == "cpu":
-                    ts, td = measure_pair(run_sparse, run_dense)
+                    ts, td = measure_pair(call(True), call(False))
                     decided = (ts < td, ts, td)
                 else:
                     decided = (sparse_pays(kind, self.density, rows), None, None)
@@ -164,7 +177,9 @@ class _SparseLayer(nn.Module):
         backend = SPARSE if sparse else DENSE
         if self.backend is not backend:  # nn.Module.__setattr__ costs microseconds per call
             self.backend = backend
-        return run_sparse() if sparse else run_dense()
+        run = call(sparse)
+        self._prepared = (self._signature(x), bound[sparse]) if preparable else None
+        return run()
 
     def _dense_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
         """(weight, bias) for torch's dense op on activations of ``dtype``."""
@@ -210,14 +225,13 @@ class SparseLinear(_SparseLayer):
 
         sw, act = self.sparse_weight, _check_activation(self.activation)
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
-        y = self._run(
+        return self._run(
             x, "linear", rows, validate=lambda: sparse_linear(x, sw, self.bias, self.activation),
             run_sparse=lambda: _linear(x, sw, self.bias, act),
-            run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))))
-        self._prepare(x, lambda: prepared_linear(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
-                                                 sw.shape[1], act),
-                      lambda: self._dense_call(F.linear, x.dtype))
-        return y
+            run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))),
+            make_sparse=lambda: prepared_linear(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
+                                                sw.shape[1], act),
+            make_dense=lambda: self._dense_call(F.linear, x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -263,14 +277,13 @@ class SparseConv2d(_SparseLayer):
         sw, act = self.sparse_weight, _check_activation(self.activation)
         geo = self._pairs
         dense = lambda x, w, b: F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
-        y = self._run(
+        return self._run(
             x, self.kind, 0, validate=lambda: sparse_conv2d(x, sw, self.bias, *geo, activation=self.activation),
             run_sparse=lambda: _conv2d(x, sw, self.bias, *geo, act),
-            run_dense=lambda: self._dense_activation(dense(x, *self._dense_params(x.dtype))))
-        self._prepare(x, lambda: prepared_conv2d(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
-                                                 list(sw.shape), *geo, sw.groups, act),
-                      lambda: self._dense_call(dense, x.dtype))
-        return y
+            run_dense=lambda: self._dense_activation(dense(x, *self._dense_params(x.dtype))),
+            make_sparse=lambda: prepared_conv2d(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
+                                                list(sw.shape), *geo, sw.groups, act),
+            make_dense=lambda: self._dense_call(dense, x.dtype))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.shape[2:])}, "
