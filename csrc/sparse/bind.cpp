@@ -64,7 +64,8 @@ void bind_sparse(py::module_& m) {
             py::gil_scoped_release nogil;
             HOTOPS_DISPATCH(sparse_conv_fwd)(a);
           },
-          py::arg("x"), py::arg("y"), py::arg("threads"), "sparse_conv_fwd(geometry, ..., x, bias, y, activation, threads)");
+          py::arg("x"), py::arg("y"), py::arg("threads"),
+          "sparse_conv_fwd(geometry, ..., x, bias, y, activation, threads)");
 
   m.def(
       "sparse_conv_fwd",
