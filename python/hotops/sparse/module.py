@@ -25,6 +25,11 @@ POLICIES = ("auto", "model", "sparse", "dense")
 DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.4, "conv1x1": 0.4, "conv": 0.2, "depthwise": 0.2}
 
 
+def _version(t: Optional[Tensor]) -> Optional[int]:
+    """t's in-place version counter (None for no tensor, or an inference tensor, which keeps none)."""
+    return None if t is None or t.is_inference() else t._version
+
+
 def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
     """The dispatch model: does the sparse kernel beat dense for this layer? ``kind`` is
     "linear" (with its batch ``rows``), "conv1x1", "conv" or "depthwise"."""
@@ -91,9 +96,8 @@ class _SparseLayer(nn.Module):
         """What a prepared call depends on: x's layout, the policy and activation, and the very
         tensors (and their in-place versions) values and bias are."""
         v, b = self._parameters["values"], self._parameters.get("bias")  # a bias of None is no Parameter
-        version = lambda t: None if t is None or t.is_inference() else t._version  # noqa: E731 (none kept)
-        return (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, id(v), version(v),
-                v.data_ptr(), id(b), version(b))
+        return (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, id(v), _version(v),
+                v.data_ptr(), id(b), _version(b))
 
     def _fast(self, x: Tensor):
         """The prepared call for x when it applies (inference, same signature as the last call), else None."""
@@ -191,9 +195,8 @@ class _SparseLayer(nn.Module):
 
     def _dense_call(self, conv: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor], dtype: torch.dtype):
         """fn(x) = act(conv(x, w, b)) with the cached dense weight and bias bound."""
-        w, b = self._dense_params(dtype)
-        act = {None: lambda y: y, "relu": F.relu, "relu6": F.relu6}[self.activation]
-        return lambda x: act(conv(x, w, b))
+        (w, b), activation = self._dense_params(dtype), self.activation
+        return lambda x: reference._act(conv(x, w, b), activation)
 
 
 class SparseLinear(_SparseLayer):
