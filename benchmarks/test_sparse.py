@@ -3,7 +3,7 @@ side by side with torch dense and torch.sparse CSR (run: pytest benchmarks/test_
 import pytest
 import torch
 
-from hotops.bench.sparse import LAYERS, SPARSITIES, _fns
+from hotops.bench.sparse import DENSE_FOLDED, DENSE_TWIN, LAYERS, SPARSITIES, _e2e_fns, _fns
 
 pytest.importorskip("pytest_benchmark")
 
@@ -35,3 +35,14 @@ def test_train_step(benchmark, layer, side):
     hot, other, _, _ = _fns(layer, 0.9, "torch dense", train=True)
     benchmark.group = f"fwd+bwd {layer} @90%"
     benchmark(hot if side == "hotops" else other)
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("side", ["hotops", DENSE_TWIN, DENSE_FOLDED])
+def test_mobilenet(benchmark, batch, side):
+    """MobileNetV2-CIFAR at 90 %: fuse(sparsify(net)) against its dense twin as-is and BN-folded."""
+    hot, other, _, _ = _e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_TWIN if side == "hotops" else side)
+    benchmark.group = f"mobilenetv2-cifar batch {batch} @90%"
+    with torch.inference_mode():
+        (hot if side == "hotops" else other)()  # the sparse layers measure their dispatch
+        benchmark(hot if side == "hotops" else other)

@@ -135,6 +135,14 @@ CONVS = {  # name: (C, O, kernel, stride, padding, dilation, groups, H, W)
     "5x5": (4, 6, (5, 5), 1, 2, 1, 1, 12, 10),
     "depthwise 3x3": (12, 12, (3, 3), 1, 1, 1, 12, 9, 9),
     "depthwise 3x3 stride 2": (8, 8, (3, 3), 2, 1, 1, 8, 10, 13),
+    "depthwise x2 5x5 dilated stride 2": (6, 12, (5, 5), 2, 3, 2, 6, 13, 11),
+    "depthwise 3x3 stride (1, 2) padding (2, 0)": (5, 5, (3, 3), (1, 2), (2, 0), 1, 5, 7, 12),
+    "one input channel 3x3": (1, 7, (3, 3), 1, 1, 1, 1, 8, 21),
+    "depthwise 3x3 on 4x4": (16, 16, (3, 3), 1, 1, 1, 16, 4, 4),
+    "depthwise 3x3 padding (0, 1)": (6, 6, (3, 3), 1, (0, 1), 1, 6, 7, 5),
+    "depthwise 3x3 dilated, same size": (4, 4, (3, 3), 1, 2, 2, 4, 9, 10),
+    "depthwise 3x3 on 70x70 (row by row)": (3, 3, (3, 3), 1, 1, 1, 3, 70, 70),
+    "depthwise x2 3x3 stride 2 dilated on 3x5": (4, 8, (3, 3), 2, 2, 2, 4, 3, 5),
     "grouped 3x3": (8, 12, (3, 3), 1, 1, 1, 4, 8, 8),
     "dilated 3x3": (6, 6, (3, 3), 1, 2, 2, 1, 11, 11),
     "1x7": (6, 8, (1, 7), 1, (0, 3), 1, 1, 8, 12),
@@ -153,10 +161,50 @@ def _conv_case(name, sparsity=0.6, N=2):
 @pytest.mark.parametrize("name", list(CONVS))
 def test_conv_matches_reference(isa, name):
     sw, x, b, geo = _conv_case(name)
-    for bias, act in ((None, None), (b, "relu")):
-        y = sparse_conv2d(x, sw, bias, activation=act, **geo)
-        r64, r32 = _ref(reference.sparse_conv2d, x, sw, bias=bias, activation=act, **geo)
+    for bias, act in ((None, None), (b, "relu"), (b, "relu6")):
+        y = sparse_conv2d(x * 4, sw, bias, activation=act, **geo)  # x 4: outputs beyond relu6's 6
+        r64, r32 = _ref(reference.sparse_conv2d, x * 4, sw, bias=bias, activation=act, **geo)
         _close(y, r64, r32)
+
+
+def test_depthwise_channels_without_taps(isa):
+    """At 95 % most depthwise channels keep no tap: those write act(bias) only."""
+    torch.manual_seed(1)
+    sw = SparseWeight.from_dense(torch.randn(40, 1, 3, 3), sparsity=0.95, groups=40)
+    empty = sw.mask().flatten(1).sum(1) == 0
+    assert empty.any() and not empty.all()
+    x, b = torch.randn(3, 40, 6, 5), torch.randn(40)
+    for act in (None, "relu6"):
+        y = sparse_conv2d(x, sw, b, padding=1, activation=act)
+        r64, r32 = _ref(reference.sparse_conv2d, x, sw, bias=b, padding=1, activation=act)
+        _close(y, r64, r32)
+        want = reference._act(b, act)[empty][None, :, None, None].expand(3, -1, 6, 5)
+        torch.testing.assert_close(y[:, empty], want)
+
+
+def test_relu6_gradients_and_nan(isa):
+    torch.manual_seed(2)
+    sw = SparseWeight.from_dense(torch.randn(9, 1, 3, 3), sparsity=0.5, groups=9)
+    x = (4 * torch.randn(2, 9, 6, 6)).requires_grad_()
+    v, b = sw.values.clone().requires_grad_(), torch.randn(9, requires_grad=True)
+    y = sparse_conv2d(x, sw.with_values(v), b, padding=1, activation="relu6")
+    assert (y == 6).any() and (y == 0).any()
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad((y * gy).sum(), (x, v, b))
+    want = torch.autograd.grad(
+        (reference.sparse_conv2d(x, sw.with_values(v), b, padding=1, activation="relu6") * gy).sum(), (x, v, b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    lin = SparseWeight.from_dense(torch.ones(3, 4))
+    xn = torch.zeros(2, 4)
+    xn[0, 1] = float("nan")
+    yl = sparse_linear(xn, lin, activation="relu6")
+    assert torch.isnan(yl[0]).all() and not torch.isnan(yl[1]).any()
+    xc = torch.zeros(1, 9, 4, 4)
+    xc[0, 3, 2, 2] = float("nan")
+    full = SparseWeight.from_dense(torch.ones(9, 1, 3, 3), groups=9)  # pruned taps skip NaNs, as they should
+    yc = sparse_conv2d(xc, full, padding=1, activation="relu6")
+    assert torch.isnan(yc[0, 3, 1:, 1:]).all() and torch.isnan(yc).sum() == 9
 
 
 @pytest.mark.parametrize("name", list(CONVS))
@@ -210,6 +258,22 @@ def test_conv_property(C, O, g, kh, kw, s, p, d, H, W, sparsity):
     _close(y, r64, r32)
 
 
+@settings(max_examples=40, deadline=None)
+@given(C=st.integers(1, 6), mult=st.integers(1, 2), kh=st.integers(1, 5), kw=st.integers(1, 5),
+       sh=st.integers(1, 3), sw_=st.integers(1, 3), p=st.integers(0, 3), d=st.integers(1, 2), H=st.integers(1, 12),
+       W=st.integers(1, 12), sparsity=st.sampled_from([0.0, 0.5, 0.9]), act=st.sampled_from([None, "relu", "relu6"]))
+def test_depthwise_property(C, mult, kh, kw, sh, sw_, p, d, H, W, sparsity, act):
+    """The direct depthwise kernel (both of its paths) over random geometry, channel multipliers
+    and activations."""
+    if H + 2 * p < d * (kh - 1) + 1 or W + 2 * p < d * (kw - 1) + 1:
+        return
+    sw = SparseWeight.from_dense(torch.randn(C * mult, 1, kh, kw), sparsity=sparsity, groups=C)
+    x, b = 4 * torch.randn(2, C, H, W), torch.randn(C * mult)
+    geo = dict(stride=(sh, sw_), padding=p, dilation=d)
+    r64, r32 = _ref(reference.sparse_conv2d, x, sw, bias=b, activation=act, **geo)
+    _close(sparse_conv2d(x, sw, b, activation=act, **geo), r64, r32)
+
+
 # ------------------------------------------------------------------ torch.library
 
 def _linear_args(requires_grad=False):
@@ -217,20 +281,22 @@ def _linear_args(requires_grad=False):
     x = torch.randn(5, 13, requires_grad=requires_grad)
     v = sw.values.clone().requires_grad_(requires_grad)
     b = torch.randn(9, requires_grad=requires_grad)
-    return (x, v, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm, b, 13, True)
+    return (x, v, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm, b, 13, 1)
 
 
-def _conv_args(requires_grad=False):
-    sw, x, b, _ = _conv_case("grouped 3x3")
+def _conv_args(requires_grad=False, name="grouped 3x3", activation=1):
+    sw, x, b, _ = _conv_case(name)
     x.requires_grad_(requires_grad)
     v = sw.values.clone().requires_grad_(requires_grad)
     b.requires_grad_(requires_grad)
     return (x, v, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm, b, list(sw.shape),
-            [1, 1], [1, 1], [1, 1], sw.groups, True)
+            [1, 1], [1, 1], [1, 1], sw.groups, activation)
 
 
 def test_opcheck():
-    for fn, make in ((op.sparse_linear_op, _linear_args), (op.sparse_conv2d_op, _conv_args)):
+    depthwise_relu6 = lambda grad: _conv_args(grad, "depthwise 3x3", activation=2)  # noqa: E731
+    for fn, make in ((op.sparse_linear_op, _linear_args), (op.sparse_conv2d_op, _conv_args),
+                     (op.sparse_conv2d_op, depthwise_relu6)):
         torch.library.opcheck(fn, make(False))
         torch.library.opcheck(fn, make(True))
     a = _linear_args()
@@ -249,12 +315,13 @@ def test_compile_linear():
     torch.testing.assert_close(f(x), reference.sparse_linear(x, sw, b, "relu") * 2)
 
 
-def test_compile_conv_with_backward():
-    sw, x, b, geo = _conv_case("3x3")
+@pytest.mark.parametrize("name, act", [("3x3", "relu"), ("depthwise 3x3", "relu6")])
+def test_compile_conv_with_backward(name, act):
+    sw, x, b, geo = _conv_case(name)
     v = sw.values.clone().requires_grad_()
 
     def f(x, v):
-        return sparse_conv2d(x, sw.with_values(v), b, activation="relu", **geo).square().sum()
+        return sparse_conv2d(x, sw.with_values(v), b, activation=act, **geo).square().sum()
 
     x.requires_grad_()
     got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x, v), (x, v))
@@ -309,12 +376,21 @@ def test_corrupt_structure_is_caught_by_the_kernel():
     bad_col[0] = 6
     with pytest.raises(ValueError, match="column index out of range"):
         op.sparse_linear_op(torch.randn(2, 6), sw.values, sw.rowptr, bad_col, sw.t_rowptr, sw.t_colidx,
-                            sw.t_perm, None, 6, False)
+                            sw.t_perm, None, 6, 0)
     bad_ptr = sw.rowptr.clone()
     bad_ptr[2] = bad_ptr[3] + 1
     with pytest.raises(ValueError, match="rowptr"):
         op.sparse_linear_op(torch.randn(2, 6), sw.values, bad_ptr, sw.colidx, sw.t_rowptr, sw.t_colidx,
-                            sw.t_perm, None, 6, False)
+                            sw.t_perm, None, 6, 0)
+    dw = SparseWeight.from_dense(torch.randn(4, 1, 3, 3), sparsity=0.5, groups=4)
+    bad_col = dw.colidx.clone()
+    bad_col[-1] = 9
+    with pytest.raises(ValueError, match="column index out of range"):  # the depthwise kernel checks too
+        op.sparse_conv2d_op(torch.randn(1, 4, 5, 5), dw.values, dw.rowptr, bad_col, dw.t_rowptr, dw.t_colidx,
+                            dw.t_perm, None, list(dw.shape), [1, 1], [1, 1], [1, 1], 4, 0)
+    with pytest.raises(ValueError, match="activation must be"):
+        op.sparse_conv2d_op(torch.randn(1, 4, 5, 5), dw.values, dw.rowptr, dw.colidx, dw.t_rowptr, dw.t_colidx,
+                            dw.t_perm, None, list(dw.shape), [1, 1], [1, 1], [1, 1], 4, 3)
 
 
 # ------------------------------------------------------------------ modules and sparsify
@@ -386,6 +462,66 @@ def test_dense_cache_follows_values():
     torch.testing.assert_close(y1 - layer.bias, 2 * (y0 - layer.bias))
 
 
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+def test_prepared_inference_call_follows_the_layer(policy):
+    """Repeated inference calls run a call bound once per signature; whatever it depends on
+    (values or bias updated in place or replaced, activation, policy, input layout) rebinds it."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    conv = SparseConv2d.from_dense(nn.Conv2d(6, 6, 3, padding=1, groups=3), sparsity=0.5, activation="relu6",
+                                   policy=policy)
+    x = 4 * torch.randn(2, 6, 5, 5)
+
+    def want(inp=x):
+        return reference.sparse_conv2d(inp, conv.sparse_weight, conv.bias, padding=1, activation=conv.activation)
+
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(conv(x), want())
+        assert conv._prepared is not None
+        conv.values.mul_(-2)  # in place
+        torch.testing.assert_close(conv(x), want())
+        conv.bias.add_(1)
+        torch.testing.assert_close(conv(x), want())
+        conv.values = nn.Parameter(torch.randn_like(conv.values))  # replaced
+        torch.testing.assert_close(conv(x), want())
+        conv.activation = None
+        torch.testing.assert_close(conv(x), want())
+        conv.policy = "dense" if policy == "sparse" else "sparse"
+        torch.testing.assert_close(conv(x), want())
+        assert conv.backend == (DENSE if policy == "sparse" else SPARSE)
+        xt = x.transpose(2, 3)  # not contiguous: the full path
+        torch.testing.assert_close(conv(xt), want(xt))
+        torch.testing.assert_close(conv(x[:1]), want(x[:1]))
+    copied = copy.deepcopy(conv)  # the bound C++ call is not copied, but rebuilt
+    buf = io.BytesIO()
+    torch.save(conv, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.inference_mode():
+        for layer in (copied, loaded):
+            torch.testing.assert_close(layer(x), want())
+    xg = x.clone().requires_grad_()  # with autograd: the op, differentiable
+    conv(xg).sum().backward()
+    assert xg.grad is not None and conv.values.grad is not None
+
+
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+@pytest.mark.parametrize("shape", [(1, 20), (7, 20), (2, 3, 20)])
+def test_prepared_linear_call(policy, shape):
+    torch.manual_seed(0)
+    lin = SparseLinear.from_dense(nn.Linear(20, 9), sparsity=0.6, activation="relu", policy=policy)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.testing.assert_close(lin(x), reference.sparse_linear(x, lin.sparse_weight, lin.bias, "relu"))
+        assert lin._prepared is not None
+        lin.activation = "relu6"
+        torch.testing.assert_close(lin(3 * x), reference.sparse_linear(3 * x, lin.sparse_weight, lin.bias, "relu6"))
+
+
 def test_training_under_fixed_mask():
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 6, 3, padding=1)
@@ -451,6 +587,50 @@ def test_sparsify_learned():
         sparsify(net, method="random")
 
 
+def _bn_net():
+    """conv + BN + ReLU6, depthwise + BN + ReLU, a sparse layer with its own ReLU before a BN (must
+    not fold), a dense conv + BN (torch's folding), linear + BatchNorm1d + ReLU."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 6, 1), nn.ReLU(), nn.BatchNorm2d(6),
+                        nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4),
+                        nn.Flatten(), nn.Linear(4 * 5 * 5, 7), nn.BatchNorm1d(7), nn.ReLU())
+    for bn in net.modules():
+        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 2)
+            bn.bias.data.uniform_(-1, 1)
+    return net.eval()
+
+
+def test_fuse_folds_batchnorm_and_activations():
+    torch.manual_seed(0)
+    sp = sparsify(_bn_net(), sparsity=0.6, policy="sparse", skip=lambda name, m: name == "9")
+    fused = hotops.sparse.fuse(sp)
+    kinds = [type(m).__name__ for m in fused]
+    assert kinds == ["SparseConv2d", "Identity", "Identity", "SparseConv2d", "Identity", "Identity",
+                     "SparseConv2d", "Identity", "BatchNorm2d", "Conv2d", "Identity", "Flatten", "SparseLinear",
+                     "Identity", "Identity"]
+    assert [fused[i].activation for i in (0, 3, 6, 12)] == ["relu6", "relu", "relu", "relu"]
+    assert isinstance(sp[1], nn.BatchNorm2d) and sp[0].activation is None  # not in place by default
+    x = 3 * torch.randn(4, 3, 5, 5)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), sp(x), rtol=1e-4, atol=1e-4)
+        fused[0].policy = "dense"  # the dense path of a fused layer applies the same activation
+        torch.testing.assert_close(fused(x), sp(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_refuses_training_mode():
+    sp = sparsify(_bn_net(), sparsity=0.5)
+    with pytest.raises(ValueError, match="eval mode"):
+        hotops.sparse.fuse(sp.train())
+    sp.eval()
+    sp[1].train()
+    with pytest.raises(ValueError, match="but 1 are"):  # names the module in training mode
+        hotops.sparse.fuse(sp)
+
+
 def test_public_api():
     assert hotops.sparse_linear is sparse_linear and hotops.nn.SparseConv2d is SparseConv2d
 
@@ -507,7 +687,8 @@ def test_cuda_sparse_linear():
 def test_conv_dispatch_model():
     x = torch.randn(1, 8, 6, 6)
     cases = [(nn.Conv2d(8, 8, 3, padding=1), 0.9, SPARSE), (nn.Conv2d(8, 8, 3, padding=1), 0.5, DENSE),
-             (nn.Conv2d(8, 8, 1), 0.7, SPARSE), (nn.Conv2d(8, 8, 1), 0.3, DENSE), (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.9, DENSE)]
+             (nn.Conv2d(8, 8, 1), 0.7, SPARSE), (nn.Conv2d(8, 8, 1), 0.3, DENSE),
+             (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.9, SPARSE), (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.5, DENSE)]
     for conv, sparsity, backend in cases:
         layer = SparseConv2d.from_dense(conv, sparsity=sparsity, policy="model")
         torch.testing.assert_close(layer(x), F.conv2d(x, layer.to_dense(), conv.bias, 1, conv.padding, 1, conv.groups))

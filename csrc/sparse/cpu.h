@@ -27,6 +27,9 @@ struct ConvGeom {
   }
 };
 
+// The activation fused into the forward's epilogue (after the bias).
+enum class Act : int { none = 0, relu = 1, relu6 = 2 };
+
 // CSR: rowptr (Q*R+1,) int64, colidx (nnz,) int32, values (nnz,) float32, its non-zeros ordered
 // by (column panel q, row r, column): row r's non-zeros in panel q are [rowptr[q*R + r],
 // rowptr[q*R + r + 1]). Q = 1 is plain CSR. The kernels take the panels from rowptr's length;
@@ -43,7 +46,7 @@ struct SparseConvFwd {
   View x;            // (N, C, H*W) float32, pixels contiguous
   View bias;         // (O,) float32 or absent
   View y;            // (N, O, Ho*Wo) float32, bfloat16 or float16, any strides
-  bool relu = false;
+  Act act = Act::none;
   int threads = 1;
 };
 

@@ -126,11 +126,11 @@ def _dispatch_summary(model: nn.Module) -> str:
 # ------------------------------------------------------------------ end to end
 
 def mobilenet_v2_cifar(num_classes: int = 10, width: float = 1.0) -> nn.Module:
-    """MobileNetV2 for 32x32 inputs (DASS's CIFAR setting: stride 1 stem, first stages unstrided),
-    with ReLU in place of ReLU6 so every conv+BN+ReLU folds into one fused sparse conv."""
-    def cbr(cin, cout, k=1, s=1, groups=1, relu=True):
+    """MobileNetV2 for 32x32 inputs (DASS's CIFAR setting: stride 1 stem, first stages unstrided):
+    conv + BatchNorm + ReLU6 blocks as in the original, inverted residuals."""
+    def cbr(cin, cout, k=1, s=1, groups=1, act=True):
         layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-        return nn.Sequential(*layers, *([nn.ReLU()] if relu else []))
+        return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
 
     class Block(nn.Module):
         def __init__(self, cin, cout, s, t):
@@ -138,7 +138,7 @@ def mobilenet_v2_cifar(num_classes: int = 10, width: float = 1.0) -> nn.Module:
             hid = cin * t
             self.res = s == 1 and cin == cout
             self.body = nn.Sequential(*([cbr(cin, hid)] if t != 1 else []), cbr(hid, hid, 3, s, hid),
-                                      cbr(hid, cout, relu=False))
+                                      cbr(hid, cout, act=False))
 
         def forward(self, x):
             return x + self.body(x) if self.res else self.body(x)
@@ -154,44 +154,15 @@ def mobilenet_v2_cifar(num_classes: int = 10, width: float = 1.0) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Inference form: every Sequential(Conv2d, BatchNorm2d, ...) gets the BN folded into the
-    conv's weight and bias (the BN becomes Identity)."""
-    for m in model.modules():
-        if isinstance(m, nn.Sequential):
-            kids = list(m)
-            for i in range(len(kids) - 1):
-                conv, bn = kids[i], kids[i + 1]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-                    conv.weight = nn.Parameter((conv.weight * scale[:, None, None, None]).detach())
-                    conv.bias = nn.Parameter(((bias - bn.running_mean) * scale + bn.bias).detach())
-                    m[i + 1] = nn.Identity()
-    return model
+DENSE_TWIN, DENSE_FOLDED = "dense twin", "dense twin, BN folded"  # the end-to-end peers
 
 
-def fuse_relu(model: nn.Module) -> nn.Module:
-    """Sequential(SparseConv2d/SparseLinear, [Identity,] ReLU): the ReLU moves into the kernel."""
-    from hotops.sparse import SparseConv2d, SparseLinear
-
-    for m in model.modules():
-        if isinstance(m, nn.Sequential):
-            kids = list(m)
-            for i, layer in enumerate(kids):
-                if not isinstance(layer, (SparseConv2d, SparseLinear)):
-                    continue
-                j = i + 1
-                while j < len(kids) and isinstance(kids[j], nn.Identity):
-                    j += 1
-                if j < len(kids) and isinstance(kids[j], nn.ReLU):
-                    layer.activation = "relu"
-                    m[j] = nn.Identity()
-    return model
-
-
-def _twins_mobilenet(sparsity: float):
-    from hotops.sparse import sparsify
+def _twins_mobilenet(sparsity: float, dense_peer: str):
+    """(sparse, dense): the network pruned to ``sparsity``, BN folded into the sparse convolutions
+    and ReLU6 fused into their kernels (hotops.sparse.fuse); the dense twin has the same masked
+    weights, with its BatchNorm modules as they are ("dense twin") or folded by torch's
+    fuse_conv_bn_eval ("dense twin, BN folded")."""
+    from hotops.sparse import fuse, sparsify
 
     torch.manual_seed(0)
     net = mobilenet_v2_cifar()
@@ -199,10 +170,10 @@ def _twins_mobilenet(sparsity: float):
         if isinstance(bn, nn.BatchNorm2d):
             bn.running_mean.uniform_(-0.1, 0.1)
             bn.running_var.uniform_(0.5, 1.5)
-    net = fold_batchnorm(net.eval())
-    sparse = fuse_relu(sparsify(net, sparsity=sparsity)).eval()
-    dense = _dense_twin(net, sparse)
-    return sparse, dense
+    net.eval()
+    pruned = sparsify(net, sparsity=sparsity)
+    dense = _dense_twin(net, pruned)
+    return fuse(pruned), fuse(dense) if dense_peer == DENSE_FOLDED else dense
 
 
 def _dense_twin(net: nn.Module, sparse: nn.Module) -> nn.Module:
@@ -249,9 +220,9 @@ def _twins_minilm(sparsity: float):
     return tok, sparse, _dense_twin(model, sparse)
 
 
-def _e2e_fns(name: str, batch: int, sparsity: float):
+def _e2e_fns(name: str, batch: int, sparsity: float, peer: str = DENSE_TWIN):
     if name == "mobilenetv2-cifar":
-        sparse, dense = _twins_mobilenet(sparsity)
+        sparse, dense = _twins_mobilenet(sparsity, peer)
         x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         return (lambda: sparse(x)), (lambda: dense(x)), "", sparse
     tok, sparse, dense = _twins_minilm(sparsity)
@@ -279,14 +250,16 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
         out = [dict(layer=n, sparsity=0.9, peer=p) for n in LAYERS
                for p in ("torch dense", "torch.sparse CSR") if p == "torch dense" or not (n.startswith("dw") or "bf16" in n)]
         out += [dict(layer="linear 4096x4096 B=64", sparsity=0.9, peer="torch dense", train=True)]
-        out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9) for b in (1, 32)]
+        out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9, peer=p) for b in (1, 32)
+                for p in (DENSE_TWIN, DENSE_FOLDED)]
         out += [dict(e2e="all-MiniLM-L6-v2", batch=32, sparsity=0.9)]
         return out
     out = [dict(layer=n, sparsity=s, peer=p) for n in LAYERS for s in SPARSITIES
            for p in ("torch dense", "torch.sparse CSR") if p == "torch dense" or "bf16" not in n]
     out += [dict(layer=n, sparsity=0.9, peer="torch dense", train=True)
             for n in ("linear 4096x4096 B=64", "conv 3x3 64->64 56x56")]
-    out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9) for b in (1, 32)]
+    out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9, peer=p) for b in (1, 32)
+            for p in (DENSE_TWIN, DENSE_FOLDED)]
     out += [dict(e2e="all-MiniLM-L6-v2", batch=b, sparsity=0.9) for b in (1, 32)]
     return out
 
@@ -294,11 +267,11 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
 def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     sparsity = params["sparsity"]
     if "e2e" in params:
-        name, batch = params["e2e"], params["batch"]
+        name, batch, peer = params["e2e"], params["batch"], params.get("peer", DENSE_TWIN)
         try:
-            hot, other, note, model = _e2e_fns(name, batch, sparsity)
+            hot, other, note, model = _e2e_fns(name, batch, sparsity, peer)
         except ImportError as exc:
-            return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", "dense twin", 0.0, None,
+            return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", peer, 0.0, None,
                           check="skipped", note=f"needs {exc.name}")
         with torch.inference_mode():
             check = _check(hot, other)  # the first call also measures each layer's dispatch
@@ -306,7 +279,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         note = ", ".join(n for n in (note, _dispatch_summary(model)) if n)
         if name != "mobilenetv2-cifar":
             note += f", {batch / th:.0f} vs {batch / tp:.0f} sentences/s"
-        return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", "dense twin", th, tp, check, note=note)
+        return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", peer, th, tp, check, note=note)
     name, peer, train = params["layer"], params["peer"], params.get("train", False)
     hot, other, amount, work = _fns(name, sparsity, peer, train, device)
     ctx = torch.enable_grad() if train else torch.inference_mode()
@@ -402,5 +375,76 @@ def cpu_time_table(sparsities=SPARSITIES, repeats: int = 7) -> None:
             print(f"  {layer}: beats dense from {f'{min(first):.0%}' if first else 'never'} sparsity", flush=True)
 
 
-if __name__ == "__main__":  # python -m hotops.bench.sparse: the single-thread CPU-time table
-    cpu_time_table()
+def _cpu_time(fn, repeats: int) -> float:
+    """Median seconds of the calling thread's CPU time per call, after one warm-up call."""
+    import statistics
+    import time
+
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        ts.append(time.thread_time() - t0)
+    return statistics.median(ts)
+
+
+def e2e_cpu_time_table(batches=(1, 32), rounds: int = 3) -> None:
+    """MobileNetV2-CIFAR at 90 %, one thread, CPU time: the fused sparse network against its dense
+    twin as-is and with BN folded by torch (best of ``rounds`` medians, the three alternated)."""
+    torch.set_num_threads(1)
+    print("MobileNetV2-CIFAR @90 %, single thread, CPU time (ms)")
+    with torch.inference_mode():
+        for batch in batches:
+            hot, dense, _, model = _e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_TWIN)
+            _, folded, _, _ = _e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_FOLDED)
+            reps = 21 if batch == 1 else 5
+            best = [min(ts) for ts in zip(*[[_cpu_time(f, reps) for f in (hot, dense, folded)]
+                                              for _ in range(rounds)])]
+            th, td, tf = best
+            print(f"  batch {batch:3d}: sparse {th * 1e3:8.2f}  {DENSE_TWIN} {td * 1e3:8.2f} ({td / th:.2f}x)  "
+                  f"{DENSE_FOLDED} {tf * 1e3:8.2f} ({tf / th:.2f}x)  [{_dispatch_summary(model)}]", flush=True)
+
+
+def mobilenet_layers(batch: int, repeats: int = 5) -> None:
+    """Per convolution of the fused 90 %-sparse MobileNetV2-CIFAR, one thread, CPU time: the sparse
+    layer (forced sparse, its prepared call) against torch's F.conv2d + activation on the same
+    folded masked weight, and the sums per kind of layer."""
+    from hotops.sparse import SparseConv2d
+
+    torch.set_num_threads(1)
+    sparse, _ = _twins_mobilenet(0.9, DENSE_FOLDED)
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: inputs.update({m: i[0]}))  # returns None: output kept
+             for m in sparse.modules() if isinstance(m, SparseConv2d)]
+    acts = {None: lambda y: y, "relu": F.relu, "relu6": F.relu6}
+    sums = {}
+    print(f"MobileNetV2-CIFAR @90 %, batch {batch}, single thread, CPU time (us)")
+    with torch.inference_mode():
+        sparse(torch.randn(batch, 3, 32, 32))
+        for h in hooks:
+            h.remove()
+        for name, m in sparse.named_modules():
+            if not isinstance(m, SparseConv2d):
+                continue
+            x, m.policy = inputs[m], "sparse"
+            w, act = m.to_dense(), acts[m.activation]
+            ts = _cpu_time(lambda: m(x), repeats)
+            td = _cpu_time(lambda: act(F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)), repeats)
+            s = sums.setdefault(m.kind, [0, 0.0, 0.0])
+            s[0], s[1], s[2] = s[0] + 1, s[1] + ts, s[2] + td
+            print(f"  {name:12s} {m.kind:9s} {tuple(x.shape[1:])!s:15s} -> {m.out_channels:4d}  nnz {m.values.numel():6d}"
+                  f"  sparse {ts * 1e6:8.1f}  dense {td * 1e6:8.1f}  {td / ts:5.2f}x", flush=True)
+    for kind, (n, ts, td) in sums.items():
+        print(f"  {kind:9s} x{n:2d}: sparse {ts * 1e3:7.2f} ms  dense {td * 1e3:7.2f} ms  {td / ts:5.2f}x")
+
+
+if __name__ == "__main__":  # python -m hotops.bench.sparse [e2e | layers BATCH]: single thread, CPU time
+    import sys
+
+    if sys.argv[1:2] == ["e2e"]:
+        e2e_cpu_time_table()
+    elif sys.argv[1:2] == ["layers"]:
+        mobilenet_layers(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    else:
+        cpu_time_table()

@@ -11,19 +11,20 @@ from hotops import _backend
 from hotops.sparse import op as _op
 from hotops.sparse.format import SparseWeight
 
-__all__ = ["SparseWeight", "sparse_linear", "sparse_conv2d", "SparseLinear", "SparseConv2d", "sparsify"]
+__all__ = ["SparseWeight", "sparse_linear", "sparse_conv2d", "SparseLinear", "SparseConv2d", "sparsify", "fuse"]
 
-_ACTIVATIONS = (None, "relu")
 # activations (and bias) may be bfloat16 / float16: the kernels read them widened to float32,
 # accumulate in float32 against the float32 values and round the output once to x's dtype
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IntPair = Union[int, Sequence[int]]
 
 
-def _check_activation(activation):
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    return activation == "relu"
+def _check_activation(activation) -> int:
+    """The kernels' code for ``activation`` (None, "relu" or "relu6")."""
+    code = _op.ACTIVATIONS.get(activation) if isinstance(activation, (str, type(None))) else None
+    if code is None:
+        raise ValueError(f"activation must be None, 'relu' or 'relu6', got {activation!r}")
+    return code
 
 
 def _check_common(x: Tensor, sw, bias: Optional[Tensor], ndim: int) -> None:
@@ -50,12 +51,12 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
     bfloat16 or float16 (the output has x's dtype).
     Differentiable w.r.t. x, ``sw.values`` and bias."""
     _check_common(x, sw, bias, ndim=None)
-    relu = _check_activation(activation)
+    act = _check_activation(activation)
     if len(sw.shape) != 2:
         raise ValueError(f"sparse_linear needs a linear (O, I) SparseWeight, got shape {sw.shape}")
     if x.dim() == 0 or x.shape[-1] != sw.shape[1]:
         raise ValueError(f"x must end in the {sw.shape[1]} input features, got shape {tuple(x.shape)}")
-    return _linear(x, sw, bias, relu)
+    return _linear(x, sw, bias, act)
 
 
 def _direct(x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
@@ -65,11 +66,11 @@ def _direct(x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
         and not (torch.is_grad_enabled() and (values.requires_grad or (bias is not None and bias.requires_grad)))
 
 
-def _linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], relu: bool) -> Tensor:
+def _linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], act: int) -> Tensor:
     """sparse_linear after validation (the modules validate once per input signature)."""
     fn = _op.linear_forward if _direct(x, sw.values, bias) else _op.sparse_linear_op
     y = fn(x.reshape(-1, sw.shape[1]), sw.values, sw.rowptr, sw.colidx, sw.t_rowptr,
-           sw.t_colidx, sw.t_perm, bias, sw.shape[1], relu)
+           sw.t_colidx, sw.t_perm, bias, sw.shape[1], act)
     return y.reshape(*x.shape[:-1], sw.out_features)
 
 
@@ -80,7 +81,7 @@ def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, st
     (O, C/groups, kh, kw) weight; x is (N, C, H, W) float32, bfloat16 or float16. ``groups`` defaults to the one W was
     packed with. Differentiable w.r.t. x, ``sw.values`` and bias."""
     _check_common(x, sw, bias, ndim=4)
-    relu = _check_activation(activation)
+    act = _check_activation(activation)
     if len(sw.shape) != 4:
         raise ValueError(f"sparse_conv2d needs a conv (O, C/groups, kh, kw) SparseWeight, got shape {sw.shape}")
     groups = sw.groups if groups is None else groups
@@ -98,16 +99,17 @@ def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, st
         if x.shape[d] + 2 * padding[d - 2] < dilation[d - 2] * (k - 1) + 1:
             raise ValueError(f"input {name} {x.shape[d]} (padded by {padding[d - 2]}) is smaller than the "
                              f"dilated kernel ({dilation[d - 2] * (k - 1) + 1})")
-    return _conv2d(x, sw, bias, stride, padding, dilation, relu)
+    return _conv2d(x, sw, bias, stride, padding, dilation, act)
 
 
 def _conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], stride: list, padding: list, dilation: list,
-            relu: bool) -> Tensor:
+            act: int) -> Tensor:
     """sparse_conv2d after validation, with (h, w) pairs (the modules validate once per input
     signature)."""
     fn = _op.conv2d_forward if _direct(x, sw.values, bias) else _op.sparse_conv2d_op
     return fn(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
-              bias, list(sw.shape), stride, padding, dilation, sw.groups, relu)
+              bias, list(sw.shape), stride, padding, dilation, sw.groups, act)
 
 
 from hotops.sparse.module import SparseConv2d, SparseLinear, sparsify  # noqa: E402
+from hotops.sparse.fuse import fuse  # noqa: E402

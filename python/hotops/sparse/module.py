@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hotops.sparse import reference
 from hotops.sparse.format import SparseWeight, check_sparsity, magnitude_mask
 
 SPARSE, DENSE = "sparse (C++)", "dense (torch)"
@@ -18,9 +19,15 @@ POLICIES = ("auto", "model", "sparse", "dense")
 # the CPU, read off the single-thread crossover table in docs/sparse.md: a GEMV reads 4 bytes per
 # weight densely against 8 per non-zero sparsely and gathers its inputs; batched products and 1x1
 # convolutions turn each non-zero into vector FMAs over contiguous rows and win from about half
-# sparse; k x k convolutions also pay for their im2col tiles; a depthwise convolution is so cheap
-# densely (9 FMAs per pixel, memory-bound) that sparse at best ties, so it stays dense.
-DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.4, "conv1x1": 0.4, "conv": 0.2, "depthwise": 0.0}
+# sparse; k x k convolutions also pay for their im2col tiles; a depthwise convolution is cheap
+# densely (9 FMAs per pixel, memory-bound): its direct sparse kernel, ~1 tap per channel at 90 %,
+# wins from about 80 % sparse.
+DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.4, "conv1x1": 0.4, "conv": 0.2, "depthwise": 0.2}
+
+
+def _version(t: Optional[Tensor]) -> Optional[int]:
+    """t's in-place version counter (None for no tensor, or an inference tensor, which keeps none)."""
+    return None if t is None or t.is_inference() else t._version
 
 
 def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
@@ -78,8 +85,33 @@ class _SparseLayer(nn.Module):
             self.register_buffer(name, getattr(sw, name), persistent=True)
         self._dense_cache = None
         self._packed = None
+        self._prepared = None  # (signature, fn): the last inference signature's bound call, see _run
         self.density = sw.density  # the structure only changes in _load
         self.dispatch = {}  # input signature -> (sparse wins, sparse s, dense s): see the class doc
+
+    def __getstate__(self):  # copy.deepcopy, pickle: the bound call is rebuilt on the next call
+        return {**self.__dict__, "_prepared": None}
+
+    def _signature(self, x: Tensor) -> tuple:
+        """What a prepared call depends on: x's layout, the policy and activation, and the very
+        tensors (and their in-place versions) values and bias are."""
+        v, b = self._parameters["values"], self._parameters.get("bias")  # a bias of None is no Parameter
+        return (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, id(v), _version(v),
+                v.data_ptr(), id(b), _version(b))
+
+    def _fast(self, x: Tensor):
+        """The prepared call for x when it applies (inference, same signature as the last call), else None."""
+        prepared = self._prepared
+        if prepared is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not Tensor:
+            return None
+        return prepared[1] if prepared[0] == self._signature(x) else None
+
+    @staticmethod
+    def _preparable(x: Tensor) -> bool:
+        """Whether calls on x may be bound once (see _run): plain float32 contiguous CPU input,
+        nothing to differentiate, no tracing."""
+        return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not Tensor
+                    or not x.is_cpu or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0)
 
     @property
     def sparse_weight(self) -> SparseWeight:
@@ -112,7 +144,25 @@ class _SparseLayer(nn.Module):
         return self._dense_cache[1]
 
     def _run(self, x: Tensor, kind: str, rows: int, validate: Callable[[], object],
-             run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor]) -> Tensor:
+             run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor],
+             make_sparse: Callable[[], Callable], make_dense: Callable[[], Callable]) -> Tensor:
+        """One call through the full path: the dispatch for x's signature (measured once), then
+        run_sparse() or run_dense(). Where x is _preparable, the call of the chosen path is bound
+        once (make_sparse() / make_dense(): fn(x) with the checks done, the arguments converted
+        and the dense weight cached) and kept for the next calls with this signature, which then
+        cost a signature comparison and the kernel: small pruned layers (a CIFAR MobileNetV2 at
+        batch 1, 4x4 to 32x32 pixels) take tens of microseconds, as much as the full path's
+        Python. The measurement then times the bound calls, what the later calls will run."""
+        preparable = self._preparable(x)
+        bound = {}
+
+        def call(sparse: bool) -> Callable[[], Tensor]:
+            if not preparable:
+                return run_sparse if sparse else run_dense
+            if sparse not in bound:
+                bound[sparse] = make_sparse() if sparse else make_dense()
+            return lambda: bound[sparse](x)
+
         key = (x.shape, x.dtype, x.device, self.policy)
         decided = self.dispatch.get(key)
         if decided is None:
@@ -122,7 +172,7 @@ class _SparseLayer(nn.Module):
                 if self.policy != "dense":
                     validate()  # the sparse op's argument checks, once per signature
                 if self.policy == "auto" and x.device.type == "cpu":
-                    ts, td = measure_pair(run_sparse, run_dense)
+                    ts, td = measure_pair(call(True), call(False))
                     decided = (ts < td, ts, td)
                 else:
                     decided = (sparse_pays(kind, self.density, rows), None, None)
@@ -131,7 +181,9 @@ class _SparseLayer(nn.Module):
         backend = SPARSE if sparse else DENSE
         if self.backend is not backend:  # nn.Module.__setattr__ costs microseconds per call
             self.backend = backend
-        return run_sparse() if sparse else run_dense()
+        run = call(sparse)
+        self._prepared = (self._signature(x), bound[sparse]) if preparable else None
+        return run()
 
     def _dense_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
         """(weight, bias) for torch's dense op on activations of ``dtype``."""
@@ -139,12 +191,17 @@ class _SparseLayer(nn.Module):
         return self._dense_weight(dtype), (b.to(dtype) if b is not None else None)
 
     def _dense_activation(self, y: Tensor) -> Tensor:
-        return F.relu(y) if self.activation == "relu" else y
+        return reference._act(y, self.activation)
+
+    def _dense_call(self, conv: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor], dtype: torch.dtype):
+        """fn(x) = act(conv(x, w, b)) with the cached dense weight and bias bound."""
+        (w, b), activation = self._dense_params(dtype), self.activation
+        return lambda x: reference._act(conv(x, w, b), activation)
 
 
 class SparseLinear(_SparseLayer):
-    """A linear layer whose weight is pruned and stored sparsely; ``activation`` None or "relu"
-    is fused into the kernel."""
+    """A linear layer whose weight is pruned and stored sparsely; ``activation`` None, "relu" or
+    "relu6" is fused into the kernel."""
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, activation: Optional[str] = None,
                  policy: str = "auto"):
@@ -163,14 +220,21 @@ class SparseLinear(_SparseLayer):
         return cls(sw, linear.bias, activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
-        from hotops.sparse import _linear, sparse_linear
+        fast = self._fast(x)
+        if fast is not None:
+            return fast(x)
+        from hotops.sparse import _check_activation, _linear, sparse_linear
+        from hotops.sparse.op import prepared_linear
 
-        sw, relu = self.sparse_weight, self.activation == "relu"
+        sw, act = self.sparse_weight, _check_activation(self.activation)
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
         return self._run(
             x, "linear", rows, validate=lambda: sparse_linear(x, sw, self.bias, self.activation),
-            run_sparse=lambda: _linear(x, sw, self.bias, relu),
-            run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))))
+            run_sparse=lambda: _linear(x, sw, self.bias, act),
+            run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))),
+            make_sparse=lambda: prepared_linear(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
+                                                sw.shape[1], act),
+            make_dense=lambda: self._dense_call(F.linear, x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -179,7 +243,7 @@ class SparseLinear(_SparseLayer):
 
 class SparseConv2d(_SparseLayer):
     """A 2-d convolution whose weight is pruned and stored sparsely (any kernel size, stride,
-    padding, dilation, groups); ``activation`` None or "relu" is fused into the kernel."""
+    padding, dilation, groups); ``activation`` None, "relu" or "relu6" is fused into the kernel."""
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                  activation: Optional[str] = None, policy: str = "auto"):
@@ -207,15 +271,22 @@ class SparseConv2d(_SparseLayer):
         return cls(sw, conv.bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
-        from hotops.sparse import _conv2d, sparse_conv2d
+        fast = self._fast(x)
+        if fast is not None:
+            return fast(x)
+        from hotops.sparse import _check_activation, _conv2d, sparse_conv2d
+        from hotops.sparse.op import prepared_conv2d
 
-        sw, relu = self.sparse_weight, self.activation == "relu"
+        sw, act = self.sparse_weight, _check_activation(self.activation)
         geo = self._pairs
+        dense = lambda x, w, b: F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
         return self._run(
             x, self.kind, 0, validate=lambda: sparse_conv2d(x, sw, self.bias, *geo, activation=self.activation),
-            run_sparse=lambda: _conv2d(x, sw, self.bias, *geo, relu),
-            run_dense=lambda: self._dense_activation(F.conv2d(x, *self._dense_params(x.dtype), self.stride,
-                                                              self.padding, self.dilation, self.groups)))
+            run_sparse=lambda: _conv2d(x, sw, self.bias, *geo, act),
+            run_dense=lambda: self._dense_activation(dense(x, *self._dense_params(x.dtype))),
+            make_sparse=lambda: prepared_conv2d(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
+                                                list(sw.shape), *geo, sw.groups, act),
+            make_dense=lambda: self._dense_call(dense, x.dtype))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.shape[2:])}, "
@@ -306,7 +377,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, method: str = "magnitude",
         masks = _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr)
     for name, m in layers:
         cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
-        _replace(model, name, cls.from_dense(m, mask=masks[name], policy=policy))
+        _replace(model, name, cls.from_dense(m, mask=masks[name], policy=policy).train(m.training))
     return model
 
 

@@ -18,6 +18,9 @@ from hotops import _backend
 from hotops.sparse.format import csr_rows, panel_count
 
 
+# the activation fused after the bias, as the kernels' code (csrc/sparse/cpu.h, Act)
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+
 # convolutions run on the CPU kernels only (the GPU has the BSR linear kernel, see triton.py)
 CONV_BACKENDS = (_backend.Backend("cpu (C++)", _backend.cpu_refuses, _backend.ext),)
 
@@ -43,10 +46,10 @@ def linear_geometry(B: int, I: int, O: int) -> List[int]:
     return [1, I, 1, B, O, 1, 1, 1, 1, 1, 0, 0, 1, 1]
 
 
-def _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y3, relu):
+def _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y3, act):
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x3.device).run()
     ext.sparse_conv_fwd(geom, rowptr, colidx, values.detach(), t_rowptr, x3,
-                        bias.detach().float().contiguous() if bias is not None else None, y3, relu,
+                        bias.detach().float().contiguous() if bias is not None else None, y3, act,
                         _backend.num_threads())
 
 
@@ -80,12 +83,12 @@ def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
 
 # ------------------------------------------------------------------ linear
 
-def _cpu_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
+def _cpu_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, act):
     B, O = x.shape[0], out_features(rowptr, in_features)
     y = x.new_empty(B, O)
     xt = _widened(x, transpose=True).unsqueeze(0)  # (1, I, B): each feature a batch row
     _forward(linear_geometry(B, in_features, O), values, rowptr, colidx, t_rowptr, xt, bias,
-             y.t().unsqueeze(0), relu)
+             y.t().unsqueeze(0), act)
     return y
 
 
@@ -104,10 +107,10 @@ def _cpu_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm,
     return gx, gv
 
 
-def _triton_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu):
+def _triton_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, act):
     from hotops.sparse.triton import bsr_linear
 
-    y = bsr_linear(x, rowptr, colidx, values, (out_features(rowptr, in_features), in_features), bias, relu)
+    y = bsr_linear(x, rowptr, colidx, values, (out_features(rowptr, in_features), in_features), bias, act)
     return y.to(x.dtype)
 
 
@@ -133,19 +136,48 @@ LINEAR_BACKENDS = (
 
 def linear_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
                    t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], in_features: int,
-                   relu: bool) -> Tensor:
-    """y = act(x W^T + bias) for x (B, I), W the (O, I) CSR weight."""
+                   activation: int) -> Tensor:
+    """y = act(x W^T + bias) for x (B, I), W the (O, I) CSR weight; ``activation`` is an
+    ACTIVATIONS code."""
     if x.shape[0] == 0:
         return x.new_empty(0, out_features(rowptr, in_features))
     forward, _ = _backend.choose("sparse_linear", LINEAR_BACKENDS, x.device).run
-    return forward(x, values, rowptr, colidx, t_rowptr, bias, in_features, relu)
+    return forward(x, values, rowptr, colidx, t_rowptr, bias, in_features, activation)
+
+
+def prepared_linear(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
+                    bias: Optional[Tensor], in_features: int, activation: int):
+    """linear_forward for inputs shaped like x (..., I) (float32, contiguous, on the CPU, nothing
+    to differentiate) with everything but the allocations and x's transposition done once:
+    fn(x) -> y (see prepared_conv2d)."""
+    B, O = x.numel() // in_features, out_features(rowptr, in_features)
+    shape = (*x.shape[:-1], O)
+    ext = _backend.choose("sparse_linear", CONV_BACKENDS, x.device).run()  # the C++ kernels
+    bias = bias.detach().float().contiguous() if bias is not None else None
+    plan = ext.SparseConvPlan(linear_geometry(B, in_features, O), rowptr, colidx, values.detach(), t_rowptr, bias,
+                              activation)
+    forward, widen, threads, empty = plan.forward, ext.sparse_widen, torch.get_num_threads, torch.empty
+
+    def run(x: Tensor) -> Tensor:
+        x2 = x.view(B, in_features)
+        if B == 1:  # x^T is x
+            xt = x2.view(1, in_features, 1)
+        else:
+            xt = empty(in_features, B)
+            widen(x2, xt, True, threads())
+            xt = xt.unsqueeze(0)
+        y = empty(B, O)
+        forward(xt, y.t().unsqueeze(0), threads())
+        return y.view(shape)
+
+    return run
 
 
 sparse_linear_op = torch.library.custom_op("hotops::sparse_linear", linear_forward, mutates_args=())
 
 
 @sparse_linear_op.register_fake
-def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, in_features, relu):
+def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, in_features, activation):
     return x.new_empty(x.shape[0], out_features(rowptr, in_features))
 
 
@@ -175,7 +207,7 @@ def _(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features, ne
 def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
                      t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], weight_shape: List[int],
                      stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                     relu: bool) -> Tensor:
+                     activation: int) -> Tensor:
     """y = act(conv2d(x, W, bias)) for the (O, C/groups, kh, kw) CSR weight W."""
     geom = conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
     N, C, H, W = x.shape
@@ -185,8 +217,31 @@ def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_
     if y.numel() == 0:
         return y
     x3 = _widened(x.contiguous().view(N * C, H * W)).view(N, C, H * W)
-    _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.view(N, weight_shape[0], Ho * Wo), relu)
+    _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.view(N, weight_shape[0], Ho * Wo), activation)
     return y
+
+
+def prepared_conv2d(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
+                    bias: Optional[Tensor], weight_shape: List[int], stride: List[int], padding: List[int],
+                    dilation: List[int], groups: int, activation: int):
+    """conv2d_forward for inputs shaped like x (float32, contiguous, on the CPU, nothing to
+    differentiate) with everything but the output's allocation done once: fn(x) -> y. It reads
+    values and bias in place (updates in place show; a replaced tensor needs a new one)."""
+    N, C, H, W = x.shape
+    O, (Ho, Wo) = weight_shape[0], (out_size(H, weight_shape[2], stride[0], padding[0], dilation[0]),
+                                     out_size(W, weight_shape[3], stride[1], padding[1], dilation[1]))
+    ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x.device).run()
+    bias = bias.detach().float().contiguous() if bias is not None else None
+    plan = ext.SparseConvPlan(conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups), rowptr,
+                              colidx, values.detach(), t_rowptr, bias, activation)
+    forward, threads, empty = plan.forward, torch.get_num_threads, torch.empty
+
+    def run(x: Tensor) -> Tensor:
+        y = empty(N, O, Ho, Wo)
+        forward(x.view(N, C, H * W), y.view(N, O, Ho * Wo), threads())
+        return y
+
+    return run
 
 
 sparse_conv2d_op = torch.library.custom_op("hotops::sparse_conv2d", conv2d_forward, mutates_args=())
@@ -194,7 +249,7 @@ sparse_conv2d_op = torch.library.custom_op("hotops::sparse_conv2d", conv2d_forwa
 
 @sparse_conv2d_op.register_fake
 def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, weight_shape, stride, padding,
-      dilation, groups, relu):
+      dilation, groups, activation):
     N, _, H, W = x.shape
     return x.new_empty(N, weight_shape[0],
                        out_size(H, weight_shape[2], stride[0], padding[0], dilation[0]),
@@ -234,19 +289,19 @@ def _(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, weight_shape, s
 
 # ------------------------------------------------------------------ autograd
 
-def _setup(ctx, inputs, output, relu: bool):
+def _setup(ctx, inputs, output, act: int):
     x, values = inputs[0], inputs[1]
     ctx.extra = inputs[8:-1]  # in_features, or (weight_shape, stride, padding, dilation, groups)
     ctx.has_bias = inputs[7] is not None
     ctx.bias_dtype = inputs[7].dtype if ctx.has_bias else None
-    ctx.relu = relu
-    ctx.save_for_backward(x, values, *inputs[2:7], output if relu else None)
+    ctx.act = act
+    ctx.save_for_backward(x, values, *inputs[2:7], output if act else None)
 
 
 def _grads(ctx, gy, backward_op, bias_dims):
     x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, y = ctx.saved_tensors
-    if ctx.relu:
-        gy = gy * (y > 0)
+    if ctx.act:  # the activation passes the gradient where it passed its input: 0 < y (< 6 for relu6)
+        gy = gy * ((y > 0) & (y < 6) if ctx.act == ACTIVATIONS["relu6"] else (y > 0))
     need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gx = gv = None
     if need_x or need_values:

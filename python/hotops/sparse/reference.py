@@ -15,6 +15,8 @@ def _params(x: Tensor, sw: SparseWeight, bias: Optional[Tensor]):
 
 
 def _act(y: Tensor, activation: Optional[str]) -> Tensor:
+    if activation == "relu6":
+        return F.relu6(y)
     return F.relu(y) if activation == "relu" else y
 
 

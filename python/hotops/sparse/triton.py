@@ -25,7 +25,7 @@ BATCH_TILE = 32
 
 @triton.jit
 def _bsr_linear_kernel(X, CROW, CCOL, BLK, BIAS, Y, B, O, I, stride_x, stride_y,
-                       HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                        BB: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
     pid_o = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -44,8 +44,10 @@ def _bsr_linear_kernel(X, CROW, CCOL, BLK, BIAS, Y, B, O, I, stride_x, stride_y,
         acc += tl.dot(x, tl.trans(w), input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(BIAS + outs, mask=outs < O, other=0.0)[None, :]
-    if RELU:
-        acc = tl.where(acc > 0, acc, tl.where(acc != acc, acc, 0.0))  # NaN stays NaN
+    if ACT >= 1:  # relu, and relu6 (ACT 2); NaN stays NaN
+        acc = tl.where(acc > 0, acc, tl.where(acc != acc, acc, 0.0))
+    if ACT == 2:
+        acc = tl.where(acc > 6.0, 6.0, acc)
     tl.store(Y + rows_b[:, None].to(tl.int64) * stride_y + outs[None, :], acc,
              mask=(rows_b[:, None] < B) & (outs[None, :] < O))
 
@@ -69,8 +71,9 @@ def to_bsr(rowptr: Tensor, colidx: Tensor, values: Tensor, shape: Tuple[int, int
 
 
 def bsr_linear(x: Tensor, rowptr: Tensor, colidx: Tensor, values: Tensor, shape: Tuple[int, int],
-               bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
-    """act(x W^T + bias) for x (B, I) float32 and the (O, I) CSR weight W."""
+               bias: Optional[Tensor] = None, activation: int = 0) -> Tensor:
+    """act(x W^T + bias) for x (B, I) float32 and the (O, I) CSR weight W; ``activation`` is an
+    op.ACTIVATIONS code."""
     O, I = shape
     B = x.shape[0]
     y = torch.empty(B, O, dtype=torch.float32, device=x.device)
@@ -81,6 +84,6 @@ def bsr_linear(x: Tensor, rowptr: Tensor, colidx: Tensor, values: Tensor, shape:
     BO, BI = BLOCK
     grid = (crow.numel() - 1, triton.cdiv(B, BATCH_TILE))
     _bsr_linear_kernel[grid](x, crow, ccol, blocks, bias.detach().contiguous() if bias is not None else x, y,
-                             B, O, I, x.stride(0), y.stride(0), HAS_BIAS=bias is not None, RELU=relu,
+                             B, O, I, x.stride(0), y.stride(0), HAS_BIAS=bias is not None, ACT=activation,
                              BB=BATCH_TILE, BO=BO, BI=BI)
     return y
