@@ -345,19 +345,10 @@ def cpu_time_table(sparsities=SPARSITIES, repeats: int = 7) -> None:
     """Every layer case on one thread, timed by the thread's CPU time (time.thread_time) rather
     than the wall clock: on a shared machine this is the ratio that survives other processes
     (and torch's OpenMP workers spinning between calls). Prints speed-ups and the crossover."""
-    import statistics
-    import time
-
     torch.set_num_threads(1)
 
     def cpu(fn):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.thread_time()
-            fn()
-            ts.append(time.thread_time() - t0)
-        return statistics.median(ts)
+        return _cpu_time(fn, repeats)
 
     print("single thread, CPU time (ms); speed-up = peer / hotops")
     with torch.inference_mode():
