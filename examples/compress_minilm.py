@@ -142,7 +142,8 @@ def main():
     ap.add_argument("--finetune-lr", type=float, default=1e-3,
                     help="of the codebooks, scales, biases and LayerNorms in fine-tuning")
     ap.add_argument("--loss", choices=sorted(OUTPUTS), default="embedding",
-                    help="distillation target: the pooled sentence embedding or every token's last state")
+                    help="distillation target: the pooled sentence embedding, every token's last state, or every "
+                         "token's state after every block")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the figures (and per-layer formats) here")
