@@ -46,11 +46,37 @@ def batches(tokenizer, texts: List[str], size: int = 32) -> List[Dict[str, torch
             for i in range(0, len(texts), size)]
 
 
+def length_batches(tokenizer, texts: List[str], size: int = 32, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+    """Batches of glosses of similar token counts, in a seeded random order: with shuffled
+    glosses 63% of a batch's token positions are padding, which the model computes all the same."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
+    ordered = [t for _, t in sorted(zip(lengths, texts))]
+    out = batches(tokenizer, ordered, size)
+    return [out[i] for i in torch.randperm(len(out), generator=torch.Generator().manual_seed(seed)).tolist()]
+
+
 def sentence_embedding(bert: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     """all-MiniLM-L6-v2's embedding: mean of the token states over the attention mask, normalised."""
     states = bert(**batch).last_hidden_state
     mask = batch["attention_mask"][..., None].to(states.dtype)
     return F.normalize((states * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+def token_states(bert: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every real token's last hidden state (padding dropped): a denser distillation target than
+    the pooled embedding, one vector per token instead of per sentence."""
+    return bert(**batch).last_hidden_state[batch["attention_mask"].bool()]
+
+
+def block_states(bert: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every real token's state after every block (padding dropped), one row each: the
+    fine-tuning then matches each block's output, not only the last."""
+    states = bert(**batch, output_hidden_states=True).hidden_states[1:]
+    mask = batch["attention_mask"].bool()
+    return torch.cat([s[mask] for s in states])
+
+
+OUTPUTS = {"embedding": sentence_embedding, "tokens": token_states, "blocks": block_states}
 
 
 def mean_cosine(bert, evals, reference) -> float:
@@ -70,11 +96,12 @@ def stored_bytes(module) -> int:
 
 
 def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 256, bits: float = 2.5,
-        steps: int = 0, finetune_steps: int = 200, seed: int = 0, formats=FORMATS, progress: bool = True) -> dict:
+        steps: int = 0, finetune_steps: int = 200, finetune_lr: float = 1e-3,
+        loss: str = "embedding", seed: int = 0, formats=FORMATS, progress: bool = True) -> dict:
     base = load_model()
     dense = base[0].auto_model.eval()
     eval_texts, calib_texts = split_glosses(n_eval, n_calib, seed)
-    evals, calib = batches(base.tokenizer, eval_texts, 64), batches(base.tokenizer, calib_texts)
+    evals, calib = batches(base.tokenizer, eval_texts, 64), length_batches(base.tokenizer, calib_texts, seed=seed)
     with torch.no_grad():
         reference = [sentence_embedding(dense, b) for b in evals]
     weights = sum(m.weight.numel() for m in linear_layers(dense).values())
@@ -89,7 +116,8 @@ def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 25
         else:
             learn = method == "jlcm"
             compress(bert, bits, calib=calib, steps=steps if learn else 0, finetune_steps=finetune_steps if learn else 0,
-                     seed=seed, formats=formats, output=sentence_embedding, skip=SKIP, progress=progress)
+                     finetune_lr=finetune_lr, seed=seed, formats=formats, output=OUTPUTS[loss],
+                     skip=SKIP, progress=progress)
             nbytes = sum(stored_bytes(m) for m in linear_layers(bert).values())
         seconds = time.time() - t0
         layers = {n: {"bits_per_weight": round(8 * stored_bytes(m) / (m.in_features * m.out_features), 4),
@@ -111,13 +139,19 @@ def main():
     ap.add_argument("--steps", type=int, default=0,
                     help="layer-wise JLCM steps per layer (0: k-means plan + fine-tuning, the best measured)")
     ap.add_argument("--finetune-steps", type=int, default=200, help="end-to-end distillation steps")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3,
+                    help="of the codebooks, scales, biases and LayerNorms in fine-tuning")
+    ap.add_argument("--loss", choices=sorted(OUTPUTS), default="embedding",
+                    help="distillation target: the pooled sentence embedding, every token's last state, or every "
+                         "token's state after every block")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the figures (and per-layer formats) here")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(tuple(a.methods.split(",")), a.n_eval, a.n_calib, a.bits, a.steps, a.finetune_steps, a.seed)
+    res = run(tuple(a.methods.split(",")), a.n_eval, a.n_calib, a.bits, a.steps, a.finetune_steps, a.finetune_lr,
+              a.loss, a.seed)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

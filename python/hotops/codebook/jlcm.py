@@ -370,7 +370,7 @@ def learn_layer(w: Tensor, grams: Grams, init: CodebookWeight, steps: int, lr: f
 # ---------------------------------------------------------------- stage 3: end-to-end fine-tuning
 
 
-def finetune(model: nn.Module, dense: nn.Module, calib: List, steps: int, lr: float = 1e-4,
+def finetune(model: nn.Module, dense: nn.Module, calib: List, steps: int, lr: float = 1e-3,
              output: Callable = model_output, norms: bool = True, seed: int = 0,
              progress: bool = True) -> nn.Module:
     """Codes frozen, train every CodebookLinear's codebooks, scales and bias (and the LayerNorms'
@@ -420,7 +420,7 @@ def compress(model: nn.Module, bits_per_weight: float = 2.0, calib: Optional[Ite
              steps: int = 100, finetune_steps: int = 0, seed: int = 0,
              formats: Sequence[Format] = FORMATS, output: Callable = model_output, lr: float = 1e-2,
              plan_steps: int = 20,
-             finetune_lr: float = 1e-4, kmeans_iters: int = 25,
+             finetune_lr: float = 1e-3, kmeans_iters: int = 25,
              storage_dtype: torch.dtype = torch.float16, skip: Sequence[str] = (),
              progress: bool = True) -> nn.Module:
     """Replace every nn.Linear of `model` (outside `skip`; in place, and returned) by a
