@@ -12,6 +12,7 @@ dense float16/bfloat16 F.linear; `extra` records the codeword bytes the kernels 
 their other bound there."""
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import torch
@@ -101,6 +102,12 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     if peer == "aqlm":
         note = aqlm_missing() or ""
         if not note:
+            # numba runs on the system's libgomp, a second OpenMP runtime beside torch's: with the
+            # default active wait its idle threads spin for milliseconds after each aqlm call and
+            # take the cores from the next call of either side (measured at 2 threads: hotops 3-6 ms
+            # instead of 1-2 ms, aqlm 13-20 ms instead of 6-7 ms). Passive waiting for the runtime
+            # that loads now (torch's read its settings at import) removes that artifact for both.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             import numba
 
             numba.set_num_threads(threads)
