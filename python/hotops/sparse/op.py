@@ -29,6 +29,12 @@ def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def out_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride, padding, dilation) -> Tuple[int, ...]:
+    """(N, O, Ho, Wo) of the convolution of x (N, C, H, W) by a (O, C/groups, kh, kw) weight."""
+    return (x_shape[0], weight_shape[0],
+            *(out_size(x_shape[2 + d], weight_shape[2 + d], stride[d], padding[d], dilation[d]) for d in (0, 1)))
+
+
 def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride, padding, dilation,
                   groups: int) -> List[int]:
     N, C, H, W = x_shape
@@ -210,14 +216,12 @@ def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_
                      activation: int) -> Tensor:
     """y = act(conv2d(x, W, bias)) for the (O, C/groups, kh, kw) CSR weight W."""
     geom = conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
-    N, C, H, W = x.shape
-    Ho, Wo = (out_size(H, weight_shape[2], stride[0], padding[0], dilation[0]),
-              out_size(W, weight_shape[3], stride[1], padding[1], dilation[1]))
-    y = x.new_empty(N, weight_shape[0], Ho, Wo)
+    y = x.new_empty(out_shape(x.shape, weight_shape, stride, padding, dilation))
     if y.numel() == 0:
         return y
+    N, C, H, W = x.shape
     x3 = _widened(x.contiguous().view(N * C, H * W)).view(N, C, H * W)
-    _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.view(N, weight_shape[0], Ho * Wo), activation)
+    _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.flatten(2), activation)
     return y
 
 
@@ -227,9 +231,7 @@ def prepared_conv2d(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t
     """conv2d_forward for inputs shaped like x (float32, contiguous, on the CPU, nothing to
     differentiate) with everything but the output's allocation done once: fn(x) -> y. It reads
     values and bias in place (updates in place show; a replaced tensor needs a new one)."""
-    N, C, H, W = x.shape
-    O, (Ho, Wo) = weight_shape[0], (out_size(H, weight_shape[2], stride[0], padding[0], dilation[0]),
-                                     out_size(W, weight_shape[3], stride[1], padding[1], dilation[1]))
+    y_shape = out_shape(x.shape, weight_shape, stride, padding, dilation)
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x.device).run()
     bias = bias.detach().float().contiguous() if bias is not None else None
     plan = ext.SparseConvPlan(conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups), rowptr,
@@ -237,8 +239,8 @@ def prepared_conv2d(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t
     forward, threads, empty = plan.forward, torch.get_num_threads, torch.empty
 
     def run(x: Tensor) -> Tensor:
-        y = empty(N, O, Ho, Wo)
-        forward(x.view(N, C, H * W), y.view(N, O, Ho * Wo), threads())
+        y = empty(y_shape)
+        forward(x.flatten(2), y.flatten(2), threads())
         return y
 
     return run
@@ -250,10 +252,7 @@ sparse_conv2d_op = torch.library.custom_op("hotops::sparse_conv2d", conv2d_forwa
 @sparse_conv2d_op.register_fake
 def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, weight_shape, stride, padding,
       dilation, groups, activation):
-    N, _, H, W = x.shape
-    return x.new_empty(N, weight_shape[0],
-                       out_size(H, weight_shape[2], stride[0], padding[0], dilation[0]),
-                       out_size(W, weight_shape[3], stride[1], padding[1], dilation[1]))
+    return x.new_empty(out_shape(x.shape, weight_shape, stride, padding, dilation))
 
 
 @torch.library.custom_op("hotops::sparse_conv2d_backward", mutates_args=())
