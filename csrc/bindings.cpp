@@ -30,6 +30,9 @@ PYBIND11_MODULE(_C, m) {
         "The widest SIMD variant this CPU runs and this build contains.");
   m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name.c_str())); }, py::arg("name"),
         "Force a SIMD variant (for tests); refuses one this CPU cannot run.");
+  m.def("cpu_has_vbmi", &cpu_has_vbmi, "Whether this CPU and build have AVX512_VBMI.");
+  m.def("vbmi", &vbmi_enabled, "Whether avx512 kernels may use AVX512_VBMI now (byte permutes).");
+  m.def("set_vbmi", &set_vbmi, py::arg("on"), "Lets avx512 kernels use AVX512_VBMI, or not (for tests).");
 
   m.def("set_openmp_parallel", [](uintptr_t fn) { set_openmp_parallel(reinterpret_cast<void*>(fn)); },
         py::arg("gomp_parallel"),

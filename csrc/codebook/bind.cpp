@@ -69,10 +69,6 @@ void bind_codebook(py::module_& m) {
       py::arg("codes"), py::arg("codebooks"), py::arg("scales"), py::arg("group_ptr"),
       py::arg("row_begin"), py::arg("row_end"), py::arg("out"), py::arg("threads"),
       "Dense rows [row_begin, row_end) of the stored (grouped) order into out.");
-  // The batch-1 avx512 kernel takes byte permutes where AVX512_VBMI is on; tests cover both.
-  m.def("cpu_has_vbmi", &cpu_has_vbmi, "Whether this CPU and build have AVX512_VBMI.");
-  m.def("vbmi", &vbmi_enabled, "Whether avx512 kernels may use AVX512_VBMI now.");
-  m.def("set_vbmi", &set_vbmi, py::arg("on"), "Lets avx512 kernels use AVX512_VBMI, or not.");
 }
 
 }  // namespace hotops

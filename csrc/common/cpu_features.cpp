@@ -83,9 +83,6 @@ void set_isa(Isa isa) {
   current().store(static_cast<int>(isa));
 }
 
-}  // namespace hotops
-
-namespace hotops {
 namespace {
 
 std::atomic<bool>& vbmi_on() {

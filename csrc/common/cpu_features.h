@@ -13,10 +13,6 @@ Isa active_isa();          // the variant kernels dispatch to now
 void set_isa(Isa isa);     // refuses variants the CPU or the build lacks
 Isa parse_isa(const char* name);
 
-}  // namespace hotops
-
-namespace hotops {
-
 // AVX512_VBMI (64-lane byte permutes), an extension some avx512 kernels take when it is on: on
 // where the CPU has it, unless HOTOPS_VBMI=0 is in the environment; set_vbmi() switches it so
 // tests cover those kernels with and without it. It never changes which Isa runs.
