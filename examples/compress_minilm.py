@@ -76,6 +76,11 @@ def block_states(bert: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch
     return torch.cat([s[mask] for s in states])
 
 
+def real_tokens(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The token positions that are not padding: the layer-wise losses count only these."""
+    return batch["attention_mask"].bool()
+
+
 OUTPUTS = {"embedding": sentence_embedding, "tokens": token_states, "blocks": block_states}
 
 
@@ -96,7 +101,7 @@ def stored_bytes(module) -> int:
 
 
 def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 256, bits: float = 2.5,
-        steps: int = 0, finetune_steps: int = 200, finetune_lr: float = 1e-3,
+        steps: int = 100, finetune_steps: int = 200, finetune_lr: float = 1e-3,
         loss: str = "embedding", seed: int = 0, formats=FORMATS, progress: bool = True) -> dict:
     base = load_model()
     dense = base[0].auto_model.eval()
@@ -117,7 +122,7 @@ def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 25
             learn = method == "jlcm"
             compress(bert, bits, calib=calib, steps=steps if learn else 0, finetune_steps=finetune_steps if learn else 0,
                      finetune_lr=finetune_lr, seed=seed, formats=formats, output=OUTPUTS[loss],
-                     skip=SKIP, progress=progress)
+                     skip=SKIP, token_mask=real_tokens, progress=progress)
             nbytes = sum(stored_bytes(m) for m in linear_layers(bert).values())
         seconds = time.time() - t0
         layers = {n: {"bits_per_weight": round(8 * stored_bytes(m) / (m.in_features * m.out_features), 4),
@@ -136,8 +141,8 @@ def main():
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--n-calib", type=int, default=256)
     ap.add_argument("--bits", type=float, default=2.5, help="mean exact bits/weight over the Linears")
-    ap.add_argument("--steps", type=int, default=0,
-                    help="layer-wise JLCM steps per layer (0: k-means plan + fine-tuning, the best measured)")
+    ap.add_argument("--steps", type=int, default=100,
+                    help="layer-wise codebook steps per round (0: no layer-wise stage, k-means plan + fine-tuning)")
     ap.add_argument("--finetune-steps", type=int, default=200, help="end-to-end distillation steps")
     ap.add_argument("--finetune-lr", type=float, default=1e-3,
                     help="of the codebooks, scales, biases and LayerNorms in fine-tuning")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hotops.codebook import CodebookLinear, compress, load_compressed
-from hotops.codebook.jlcm import Format, _allocate, plan
+from hotops.codebook.jlcm import Format, _allocate, plan, second_order_codes
+from hotops.codebook.kmeans import nearest, quantize_weight
 
 # 4-bit codes over 2 inputs (16 codewords): tiny layers keep most of their bits in codes.
 SMALL = Format(in_group=2, num_codebooks=1, code_bits=4)
@@ -61,19 +62,19 @@ def test_compress_learns_beyond_kmeans_and_is_seeded():
 
 def test_finetune_lowers_the_distortion_and_is_seeded():
     dense = tiny_model()
-    kw = dict(calib=calib_batches(), steps=10, lr=3e-3, **KW)
-    layerwise = compress(tiny_model(), **kw)
+    kw = dict(calib=calib_batches(), steps=0, **KW)  # from k-means: the stage alone
+    before = compress(tiny_model(), **kw)
     a = compress(tiny_model(), finetune_steps=30, finetune_lr=3e-3, **kw)
     b = compress(tiny_model(), finetune_steps=30, finetune_lr=3e-3, **kw)
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(x, y)
     assert a[0].codebooks.dtype == torch.float16  # back in the storage dtype
-    assert torch.equal(a[0].codes, layerwise[0].codes)  # codes frozen
+    assert torch.equal(a[0].codes, before[0].codes)  # codes frozen
 
     def cos_loss(m):
         with torch.no_grad():
             return sum(1 - torch.cosine_similarity(m(x), dense(x), dim=1).mean() for x in inputs(2, 3))
-    assert cos_loss(a) < 0.9 * cos_loss(layerwise)
+    assert cos_loss(a) < 0.9 * cos_loss(before)
 
 
 def test_plan_keeps_the_budget_and_counts_bits_exactly():
@@ -85,6 +86,51 @@ def test_plan_keeps_the_budget_and_counts_bits_exactly():
             assert m.bits_per_weight == f.bits_per_weight(m.out_features, m.in_features, torch.float16)
         sizes = sorted(m.codebooks.shape[2] for m in (model[0], model[2]))
         assert sizes == {5.0: [16, 16], 8.0: [16, 256], 13.0: [256, 256]}[budget]
+
+
+def layer_loss(w_q, w, gram):
+    d = w_q - w
+    return ((d @ gram) * d).sum()
+
+
+@pytest.mark.parametrize("num_codebooks,groups", [(1, 1), (2, 1), (1, 3)])
+def test_second_order_codes_is_nearest_codeword_when_inputs_are_uncorrelated(num_codebooks, groups):
+    """With H = c I no error is passed on: every slice takes its nearest codeword (greedily per
+    additive codebook), as k-means assigns them."""
+    w = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    init = quantize_weight(w, 2 * num_codebooks, 2, num_codebooks, groups, iters=5, seed=0)
+    stored = w if init.perm is None else w[init.perm]
+    codes = second_order_codes(stored, 3 * torch.eye(16), init.codebooks, init.scales, init.group_ptr)
+    assert torch.equal(codes, init.code_indices())
+
+
+def test_second_order_codes_uses_the_correlations():
+    """Correlated inputs (a few large, shared directions): passing each group's error on to the
+    rest gives a lower layer loss than the nearest codeword in the weighted metric."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 4, generator=gen) @ torch.randn(4, 32, generator=gen) + 0.1 * torch.randn(512, 32, generator=gen)
+    gram = x.T @ x
+    w = torch.randn(64, 32, generator=gen)
+    init = quantize_weight(w, 2, 2, 1, 1, iters=10, seed=0)
+    book, s = init.codebooks[0, 0], init.scales
+    weights = gram.diagonal().repeat(64).reshape(-1, 2)
+    nearest_codes = nearest((w / s[:, None]).reshape(-1, 2), book, weights).reshape(64, 16, 1)
+    ours = second_order_codes(w, gram, init.codebooks, s, init.group_ptr)
+    dequant = lambda c: s[:, None] * book[c[..., 0].long()].reshape(64, 32)  # noqa: E731
+    assert layer_loss(dequant(ours), w, gram) < 0.7 * layer_loss(dequant(nearest_codes), w, gram)
+
+
+def test_token_mask_drops_the_masked_rows():
+    """A row-wise model on (batch, tokens, features) inputs with a token mask learns exactly as on
+    the kept rows alone (one format: no plan probes, which see every row)."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [x.reshape(4, 16, 32) for x in calib_batches()]
+    masks = [torch.rand(4, 16, generator=gen) < 0.7 for _ in batches]
+    masked = {id(b): m for b, m in zip(batches, masks)}
+    a = compress(tiny_model(), calib=batches, steps=5, token_mask=lambda b: masked[id(b)], **KW)
+    b = compress(tiny_model(), calib=[x[m] for x, m in zip(batches, masks)], steps=5, **KW)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
 
 
 class TwoBranches(torch.nn.Module):

@@ -10,14 +10,16 @@ Three stages, each with a tqdm progress bar:
    extra bits to the layers where they remove the most damage per bit, until the average exact
    storage bits, weighted by parameter count, reach the budget. On small layers the codebooks'
    own bytes are a large part of the budget; the plan counts them exactly.
-2. **Layer-wise joint learning** (``learn_layer``): layers in order; each minimises
-   ||X_q W_q^T - X W^T||^2 / ||X W^T||^2, X_q being its inputs in the model compressed so far and
-   X in the dense model (so it compensates the error of the layers before it). The error needs
-   only K x K Grams (``Grams``). Codebooks and scales get exact gradients; the mappings (codes)
-   learn through a straight-through latent U: the forward pass uses the quantized W_q, the
-   gradient updates U, and every few steps each code moves to the codeword nearest its slice of
-   U. A proximal term pulls U towards its current codeword, so a code changes only when the
-   gradient keeps pushing it to a neighbouring codeword and never runs off to extreme values.
+2. **Layer-wise joint learning** (``learn_layer``): layers in order; each minimises the sum
+   over tokens of ||W_q x_q - W x||^2 / ||W x||^2, x_q being a token's input in the model
+   compressed so far and x in the dense model (so it compensates the error of the layers before
+   it). The loss needs only K x K token-weighted Grams (``Grams``). A few rounds alternate the
+   mappings and the codebooks: each code moves to the nearest codeword of its error-compensated
+   target in the loss's own (second-order) metric, one input group at a time, the error passed
+   on to the groups not yet coded (GPTQ's rule, ``second_order_codes``); then the codebooks and
+   scales take exact gradient steps with the codes fixed. (A straight-through latent weight with
+   a proximal pull, JLCM's mapping update, was the first version: it lowered each layer's error
+   but not the model's, see docs/codebook.md.)
 3. **End-to-end fine-tuning** (AQLM's global stage): codes frozen, the codebooks, scales, biases
    and LayerNorms learn by distillation, 1 - cosine between the compressed and the dense model's
    outputs on the calibration batches, through the codebook op's backward.
@@ -134,13 +136,34 @@ class _Reached(Exception):
     """Stops a forward pass once the hooked layer's input is captured."""
 
 
-def _layer_input(model: nn.Module, name: str, batch) -> Tensor:
-    """Layer `name`'s input (rows, in_features) when `model` runs `batch`; the rest of the forward
+def _rows(x: Tensor, batch, token_mask: Optional[Callable]) -> Tensor:
+    """A layer input (..., in_features) as rows (tokens, in_features), only the tokens
+    `token_mask(batch)` keeps (where its shape is the input's leading shape: a layer fed pooled
+    vectors keeps all its rows)."""
+    x = x.detach()
+    if token_mask is not None:
+        keep = token_mask(batch)
+        if keep.shape == x.shape[:-1]:
+            return x[keep.to(torch.bool)]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _token_weights(x: Tensor, weight: Tensor) -> Tensor:
+    """1 / ||x W^T||^2 per row of the dense inputs x: with rows weighted so, the Gram's loss is
+    the sum of the tokens' relative output errors. Unweighted, a few tokens whose outputs are huge
+    (in MiniLM, the FFN outputs that write the residual stream's outlier features) own the loss;
+    fitting them cost the other tokens so much that one FFN layer's codes took the model's
+    cosine from 0.99 to 0.18 (docs/codebook.md)."""
+    return (x @ weight.detach().double().T).pow(2).sum(1).clamp_min(1e-30).reciprocal()
+
+
+def _layer_input(model: nn.Module, name: str, batch, token_mask: Optional[Callable]) -> Tensor:
+    """Layer `name`'s input rows (float64) when `model` runs `batch`; the rest of the forward
     pass is skipped."""
     seen = []
 
     def hook(module, args):
-        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        seen.append(_rows(args[0], batch, token_mask).double())
         raise _Reached
 
     handle = model.get_submodule(name).register_forward_pre_hook(hook)
@@ -155,31 +178,39 @@ def _layer_input(model: nn.Module, name: str, batch) -> Tensor:
     return seen[0]
 
 
-def _layer_grams(dense: nn.Module, model: nn.Module, name: str, calib: List) -> Grams:
-    """Grams of layer `name`'s inputs in `model` (compressed so far) and in `dense`."""
+def _layer_grams(dense: nn.Module, model: nn.Module, name: str, calib: List,
+                 token_mask: Optional[Callable]) -> Grams:
+    """Token-weighted Grams of layer `name`'s inputs in `model` (compressed so far) and in `dense`."""
+    weight = dense.get_submodule(name).weight
     acc = None
     with torch.no_grad():
         for batch in calib:
-            xq, xf = (_layer_input(m, name, batch).double() for m in (model, dense))
-            parts = (xq.T @ xq, xq.T @ xf, xf.T @ xf)
+            xq, xf = (_layer_input(m, name, batch, token_mask) for m in (model, dense))
+            wq = xq * _token_weights(xf, weight)[:, None]
+            parts = (wq.T @ xq, wq.T @ xf, (xf * _token_weights(xf, weight)[:, None]).T @ xf)
             acc = parts if acc is None else tuple(a + p for a, p in zip(acc, parts))
     return Grams(*(t.float() for t in acc))
 
 
-def _dense_grams(model: nn.Module, names: Sequence[str], calib: List) -> Dict[str, Tensor]:
-    """X^T X of every layer's input in the (dense) model, from one pass over the calibration data."""
+def _dense_grams(model: nn.Module, names: Sequence[str], calib: List,
+                 token_mask: Optional[Callable]) -> Dict[str, Tensor]:
+    """Token-weighted X^T X of every layer's input in the (dense) model, from one pass over the
+    calibration data."""
     acc: Dict[str, Tensor] = {}
+    current = []
 
     def hook(name):
         def accumulate(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            acc[name] = acc[name] + x.T @ x if name in acc else x.T @ x
+            x = _rows(args[0], current[0], token_mask).double()
+            gram = (x * _token_weights(x, module.weight)[:, None]).T @ x
+            acc[name] = acc[name] + gram if name in acc else gram
         return accumulate
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
             for batch in calib:
+                current[:] = [batch]
                 _call(model, batch)
     finally:
         for h in handles:
@@ -251,20 +282,20 @@ def plan(model: nn.Module, bits_per_weight: float, calib: Optional[List] = None,
          formats: Sequence[Format] = FORMATS, output: Callable = model_output, seed: int = 0,
          plan_steps: int = 20, lr: float = 1e-2, probe_batches: int = 4, kmeans_iters: int = 25,
          storage_dtype: torch.dtype = torch.float16, skip: Sequence[str] = (),
-         progress: bool = True) -> Dict[str, LayerPlan]:
+         token_mask: Optional[Callable] = None, progress: bool = True) -> Dict[str, LayerPlan]:
     """Stage 1 of compress: a format and initialisation for every nn.Linear of `model` (outside
     `skip`), with parameter-weighted mean exact bits <= `bits_per_weight`.
 
-    Each candidate is the k-means initialisation followed by `plan_steps` of joint learning on
-    the dense inputs: k-means alone misjudges layers whose inputs have a few huge features (the
-    FFN outputs of MiniLM: relative output error 0.54 after k-means, 0.01 after learning), so
-    the plan would spend bits where learning needs none. The end-to-end damage is measured on
+    Each candidate is the k-means initialisation followed by one round of joint learning on the
+    dense inputs (second-order codes, then `plan_steps` codebook steps): k-means alone misjudges
+    layers whose inputs have a few huge features, so the plan would spend bits where learning
+    needs none. The end-to-end damage is measured on
     the first `probe_batches` calibration batches. Without `calib` the damage of a format is its
     relative weight error after k-means."""
     from tqdm.auto import tqdm
 
     layers = _linears(model, skip)
-    ff = _dense_grams(model, list(layers), calib) if calib is not None else {}
+    ff = _dense_grams(model, list(layers), calib, token_mask) if calib is not None else {}
     targets, probe_calib = None, None
     if calib is not None:
         probe_calib = calib[:probe_batches]
@@ -282,7 +313,7 @@ def plan(model: nn.Module, bits_per_weight: float, calib: Optional[List] = None,
             init = quantize_weight(w, f.code_bits_per_weight, f.in_group, f.num_codebooks, f.groups,
                                    kmeans_iters, seed + i)
             if plan_steps and name in ff and choice:
-                init = learn_layer(w, g, init, plan_steps, lr)
+                init = learn_layer(w, g, init, plan_steps, lr, rounds=1)
             inits[name][f] = init
             bits[name][f] = f.bits_per_weight(N, K, storage_dtype)
             errors[name][f] = output_error(_stored(init, storage_dtype).dequantize(), w, g).item()
@@ -309,62 +340,88 @@ def plan(model: nn.Module, bits_per_weight: float, calib: Optional[List] = None,
 # ---------------------------------------------------------------- stage 2: layer-wise learning
 
 
-def _importance(gram: Tensor) -> Tensor:
-    """Each input's share of the output error, diag(X^T X), normalised to mean 1."""
-    d = gram.diagonal().clamp_min(0)
-    return d / d.mean().clamp_min(1e-30)
+def _damped(gram: Tensor, damp: float) -> Tensor:
+    """gram (float64) + damp * mean(diag) I; inputs no calibration token uses get a unit diagonal,
+    so the matrix is positive definite whatever the data."""
+    h = gram.double().clone()
+    diag = h.diagonal()
+    diag[diag <= 0] = 1
+    diag += damp * diag.mean()
+    return h
 
 
-def _assign(latent: Tensor, codebooks: Tensor, group_ptr: Tensor, importance: Tensor) -> Tensor:
-    """Codes (N, J, M): per row group, greedily the codeword nearest the residual of `latent`
-    in the metric weighted by the inputs' `importance` (K,)."""
-    N, K = latent.shape
-    O, M, _, in_group = codebooks.shape
-    codes = torch.empty(N, K // in_group, M, dtype=torch.uint8)
-    slice_weights = importance.reshape(-1, in_group)
-    for o in range(O):
-        r0, r1 = int(group_ptr[o]), int(group_ptr[o + 1])
-        residual = latent[r0:r1].reshape(-1, in_group)
-        weights = slice_weights.repeat(r1 - r0, 1)
-        for m in range(M):
-            idx = nearest(residual, codebooks[o, m], weights)
-            codes[r0:r1, :, m] = idx.reshape(r1 - r0, -1).to(torch.uint8)
-            residual = residual - codebooks[o, m][idx]
+def second_order_codes(target: Tensor, gram: Tensor, codebooks: Tensor, scales: Tensor,
+                       group_ptr: Tensor, damp: float = 0.01) -> Tensor:
+    """The mappings (N, J, M) uint8 of the stored-order rows that (greedily) minimise
+    tr((W_q - target) H (W_q - target)^T), H = `gram`, for fixed codebooks and scales.
+
+    One input group at a time (GPTQ's rule, for vectors): with H^-1 = U^T U (U upper
+    triangular), fixing group b's codes to q costs ||(w_b - q) U_bb^-1||^2, which is the
+    Euclidean distance after multiplying by U_bb^-1, so each row takes the nearest codeword
+    there (greedily, one additive codebook after another); the error (w_b - q) U_bb^-1 @ U[b, later]
+    is then taken off the groups not yet coded, which compensate it. Groups go in decreasing
+    diag(H) (the most-used inputs first, their error spread over the rest)."""
+    N, K = target.shape
+    O, M, _, g = codebooks.shape
+    h = _damped(gram, damp)
+    order = torch.argsort(h.diagonal().reshape(-1, g).sum(1), descending=True, stable=True)
+    cols = (order[:, None] * g + torch.arange(g)).reshape(-1)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h[cols][:, cols])), upper=True)
+    w = (target.double() / scales.double()[:, None])[:, cols]  # normalised rows: the row's scale
+    words = codebooks.double()                                  # does not change its nearest word
+    codes = torch.empty(N, K // g, M, dtype=torch.uint8)
+    err = torch.empty(N, g, dtype=torch.float64)
+    for b, j in enumerate(order.tolist()):
+        s = slice(b * g, (b + 1) * g)
+        metric = torch.linalg.inv(u[s, s])
+        for o in range(O):
+            r0, r1 = int(group_ptr[o]), int(group_ptr[o + 1])
+            residual = w[r0:r1, s] @ metric
+            for m in range(M):
+                book = words[o, m] @ metric
+                idx = nearest(residual.float(), book.float())
+                codes[r0:r1, j, m] = idx.to(torch.uint8)
+                residual = residual - book[idx]
+            err[r0:r1] = residual
+        w[:, s.stop:] -= err @ u[s, s.stop:]
     return codes
 
 
-def learn_layer(w: Tensor, grams: Grams, init: CodebookWeight, steps: int, lr: float = 1e-2,
-                proximal: float = 1e-2, reassign_every: int = 5) -> CodebookWeight:
-    """JLCM's joint learning of codebooks, scales and mappings for one layer (see module doc).
-    Adam with a cosine learning-rate decay; returns float32 codebooks and scales."""
-    w = w.detach().float()
-    perm = init.perm
-    w_stored = w if perm is None else w[perm]
-    codes = init.code_indices().clone()
-    codebooks = nn.Parameter(init.codebooks.float().clone())
-    scales = nn.Parameter(init.scales.float().clone())
-    latent = nn.Parameter(w_stored / scales.detach()[:, None])  # normalised rows
-    opt = torch.optim.Adam([codebooks, scales, latent], lr=lr)
+def _fit_codebooks(w: Tensor, grams: Grams, codes: Tensor, codebooks: Tensor, scales: Tensor,
+                   group_ptr: Tensor, steps: int, lr: float):
+    """Codebooks and scales by Adam (cosine decay) on the relative output error, codes fixed."""
+    codebooks, scales = nn.Parameter(codebooks.float().clone()), nn.Parameter(scales.float().clone())
+    packed = reference.pack_codes(codes)
+    opt = torch.optim.Adam([codebooks, scales], lr=lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    cross = w_stored @ grams.qf.T  # tr(W_q qf W^T) = <W_q, W qf^T>: one product saved per step
-    ref = ((w_stored @ grams.ff) * w_stored).sum()
-    importance = _importance(grams.qq)
-    for step in range(steps):
-        packed = reference.pack_codes(codes)
-        unscaled = reference.dequantize_stored(packed, codebooks, torch.ones_like(scales), init.group_ptr)
-        w_q = scales[:, None] * unscaled
-        surrogate = scales[:, None] * latent
-        w_used = w_q + (surrogate - surrogate.detach())  # value W_q, gradient also into U
-        err = ((w_used @ grams.qq) * w_used).sum() - 2 * (w_used * cross).sum() + ref
-        loss = err / ref.clamp_min(1e-30) + proximal * (latent - unscaled.detach()).pow(2).mean()
+    cross = w @ grams.qf.T  # tr(W_q qf W^T) = <W_q, W qf^T>: one product saved per step
+    ref = ((w @ grams.ff) * w).sum().clamp_min(1e-30)
+    for _ in range(steps):
+        w_q = reference.dequantize_stored(packed, codebooks, scales, group_ptr)
+        loss = (((w_q @ grams.qq) * w_q).sum() - 2 * (w_q * cross).sum() + ref) / ref
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         decay.step()
-        if (step + 1) % reassign_every == 0 or step + 1 == steps:
-            with torch.no_grad():
-                codes = _assign(latent.detach(), codebooks.detach(), init.group_ptr, importance)
-    return CodebookWeight(codes, codebooks.detach(), scales.detach(), init.group_ptr, perm)
+    return codebooks.detach(), scales.detach()
+
+
+def learn_layer(w: Tensor, grams: Grams, init: CodebookWeight, steps: int, lr: float = 1e-2,
+                rounds: int = 3, damp: float = 0.01) -> CodebookWeight:
+    """JLCM's joint learning of one layer's mappings, codebooks and scales (see the module doc):
+    `rounds` times, the second-order code assignment towards the weight that best maps the
+    layer's compressed-model inputs to its dense outputs, then `steps` of Adam on the codebooks
+    and scales. Returns float32 codebooks and scales."""
+    w = w.detach().float()
+    w_stored = w if init.perm is None else w[init.perm]
+    # argmin_V ||X_q V^T - X W^T||: V^T = qq^-1 qf W^T (V = W on dense inputs)
+    target = torch.linalg.solve(_damped(grams.qq, damp), grams.qf.double() @ w_stored.double().T).T
+    codebooks, scales = init.codebooks.float(), init.scales.float()
+    codes = init.code_indices()
+    for _ in range(rounds):
+        codes = second_order_codes(target, grams.qq, codebooks, scales, init.group_ptr, damp)
+        codebooks, scales = _fit_codebooks(w_stored, grams, codes, codebooks, scales, init.group_ptr, steps, lr)
+    return CodebookWeight(codes, codebooks, scales, init.group_ptr, init.perm)
 
 
 # ---------------------------------------------------------------- stage 3: end-to-end fine-tuning
@@ -419,10 +476,10 @@ def finetune(model: nn.Module, dense: nn.Module, calib: List, steps: int, lr: fl
 def compress(model: nn.Module, bits_per_weight: float = 2.0, calib: Optional[Iterable] = None,
              steps: int = 100, finetune_steps: int = 0, seed: int = 0,
              formats: Sequence[Format] = FORMATS, output: Callable = model_output, lr: float = 1e-2,
-             plan_steps: int = 20,
+             plan_steps: int = 20, rounds: int = 3,
              finetune_lr: float = 1e-3, kmeans_iters: int = 25,
              storage_dtype: torch.dtype = torch.float16, skip: Sequence[str] = (),
-             progress: bool = True) -> nn.Module:
+             token_mask: Optional[Callable] = None, progress: bool = True) -> nn.Module:
     """Replace every nn.Linear of `model` (outside `skip`; in place, and returned) by a
     CodebookLinear, with at most `bits_per_weight` exact storage bits per weight on average over
     those layers, weighted by their parameter counts (see the module doc for the stages).
@@ -431,13 +488,19 @@ def compress(model: nn.Module, bits_per_weight: float = 2.0, calib: Optional[Ite
         calib: iterable of model inputs (tensors, tuples of args or dicts of kwargs). It
             weighs the plan by damage to the output and drives the learning. None: k-means
             only, formats chosen by weight error.
-        steps: layer-wise joint-learning steps per layer (0: the k-means initialisation).
-        plan_steps: learning steps (on dense inputs) before each candidate format is scored.
+        steps: layer-wise codebook-learning steps per round (0: no layer-wise stage, the
+            k-means initialisation goes to fine-tuning).
+        rounds: layer-wise rounds per layer, each a second-order code assignment then `steps`.
+        plan_steps: codebook steps of the one round (on dense inputs) that precedes the scoring
+            of each candidate format.
         finetune_steps: end-to-end distillation steps (batches of calib) after that.
         formats: the candidate formats of every layer; one format gives a uniform model.
         output: `output(model, batch) -> Tensor` whose cosine to the dense one is the end-to-end
             measure (default: the model's output tensor; e.g. pooled sentence embeddings).
         storage_dtype: dtype of the stored codebooks and scales (counted in the bits).
+        token_mask: `token_mask(batch) -> bool Tensor` of the input positions that count in the
+            layer-wise losses (e.g. a transformer batch's attention mask: padding tokens are
+            computed but never used), for layers whose inputs have that leading shape.
     """
     from tqdm.auto import tqdm
 
@@ -454,8 +517,8 @@ def compress(model: nn.Module, bits_per_weight: float = 2.0, calib: Optional[Ite
         lin = model.get_submodule(name)
         weight = p.init
         if calib is not None and steps > 0:
-            grams = _layer_grams(dense, model, name, calib)
-            weight = learn_layer(lin.weight, grams, p.init, steps, lr)
+            grams = _layer_grams(dense, model, name, calib, token_mask)
+            weight = learn_layer(lin.weight, grams, p.init, steps, lr, rounds)
             err = output_error(_stored(weight, storage_dtype).dequantize(), lin.weight.detach().float(), grams)
             bar.set_postfix(layer=name[-24:], bits=f"{p.bits_per_weight:.2f}", out_err=f"{err.item():.4f}")
         _replace(model, name, CodebookLinear(_stored(weight, storage_dtype), lin.bias).to(lin.weight.device))
