@@ -35,7 +35,7 @@ PANEL_COLS = 512
 
 BLOCK_SIZES = (4, 8)
 # the blocked forward beats the CSR one from about this fill (non-zeros / stored values) on
-BLOCK_FILL_MIN = 0.5
+BLOCK_FILL_MIN = 0.65
 
 
 def panel_count(cols: int) -> int:
@@ -155,7 +155,8 @@ class SparseWeight:
         gather = lambda: torch.cat([self.values.detach(), self.values.new_zeros(1)])[self.b_perm]  # noqa: E731
         if torch.compiler.is_compiling():
             return gather()
-        key = (self.values._version, self.values.device)
+        v = self.values  # inference tensors keep no version counter: they change only by replacement
+        key = (None if v.is_inference() else v._version, v.data_ptr(), v.device)
         if self._block_cache.get("key") != key:
             self._block_cache.update(key=key, values=gather())
         return self._block_cache["values"]
