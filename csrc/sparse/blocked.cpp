@@ -105,73 +105,62 @@ void blocks_tile(const BlockPtrs& m, int64_t j0, int64_t j1, const float* src, i
   }
 }
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-// Lane l (< count * B) holds src[col[l / B] * ld], the others 0: the source value of each of
-// `count` (1..W / B) stored columns, repeated for the B rows whose values lie beside each other.
+// B floats, the values of one stored column: an SSE / AVX register where B is 4 / 8 (the AVX2 and
+// AVX-512 builds), else an array. acc += v * x per stored column is then one short FMA.
 template <int B>
-inline VecF gather_columns(const int32_t* col, int64_t count, const float* src, int64_t ld) {
-#if defined(__AVX512F__)
-  static_assert(B <= 16, "a block's values must fit one vector");
-  const __m512i repeat = _mm512_setr_epi32(0 / B, 1 / B, 2 / B, 3 / B, 4 / B, 5 / B, 6 / B, 7 / B, 8 / B, 9 / B,
-                                           10 / B, 11 / B, 12 / B, 13 / B, 14 / B, 15 / B);
-  __m512i c = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << count) - 1u), col);
-  c = _mm512_permutexvar_epi32(repeat, c);
-  if (ld != 1) c = _mm512_mullo_epi32(c, _mm512_set1_epi32(static_cast<int32_t>(ld)));
-  const __mmask16 lanes = static_cast<__mmask16>((1u << (count * B)) - 1u);
-  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, c, src, 4);
-#else
-  static_assert(B <= 8, "a block's values must fit one vector");
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i repeat = _mm256_setr_epi32(0 / B, 1 / B, 2 / B, 3 / B, 4 / B, 5 / B, 6 / B, 7 / B);
-  __m256i c = _mm256_maskload_epi32(col, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lane));
-  c = _mm256_permutevar8x32_epi32(c, repeat);
-  if (ld != 1) c = _mm256_mullo_epi32(c, _mm256_set1_epi32(static_cast<int32_t>(ld)));
-  const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count * B)), lane);
-  return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), src, c, _mm256_castsi256_ps(lanes), 4);
-#endif
-}
+struct Lanes {
+  float f[B];
+  static Lanes zero() { return Lanes{}; }
+  static Lanes load(const float* p) { Lanes l; for (int i = 0; i < B; ++i) l.f[i] = p[i]; return l; }
+  void store(float* p) const { for (int i = 0; i < B; ++i) p[i] = f[i]; }
+  static Lanes fma(Lanes v, float x, Lanes acc) { for (int i = 0; i < B; ++i) acc.f[i] += v.f[i] * x; return acc; }
+  friend Lanes operator+(Lanes a, Lanes b) { for (int i = 0; i < B; ++i) a.f[i] += b.f[i]; return a; }
+};
+#if defined(__AVX512F__) || defined(__AVX2__)
+template <>
+struct Lanes<4> {
+  __m128 v;
+  static Lanes zero() { return {_mm_setzero_ps()}; }
+  static Lanes load(const float* p) { return {_mm_loadu_ps(p)}; }
+  void store(float* p) const { _mm_storeu_ps(p, v); }
+  static Lanes fma(Lanes a, float x, Lanes acc) { return {_mm_fmadd_ps(a.v, _mm_set1_ps(x), acc.v)}; }
+  friend Lanes operator+(Lanes a, Lanes b) { return {_mm_add_ps(a.v, b.v)}; }
+};
+template <>
+struct Lanes<8> {
+  __m256 v;
+  static Lanes zero() { return {_mm256_setzero_ps()}; }
+  static Lanes load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  static Lanes fma(Lanes a, float x, Lanes acc) { return {_mm256_fmadd_ps(a.v, _mm256_set1_ps(x), acc.v)}; }
+  friend Lanes operator+(Lanes a, Lanes b) { return {_mm256_add_ps(a.v, b.v)}; }
+};
 #endif
 
-// One pixel (batch-1 linear), for vectors of at least B lanes: per block, the stored columns W / B at a time, their B-value groups
-// one vector load, their source values one gather; lane l accumulates row l % B. Panels add up in
-// `park` (W floats per block), then each row sums its lanes.
+// One pixel (batch-1 linear, a blocked GEMV): per stored column one source value times the
+// column's B values, four accumulators for the FMA latency. Where the CSR GEMV gathers a source
+// value per non-zero, this reads one per B rows. Panels add up in `park` (B floats per block).
 template <int B>
 void blocks_gemv(const BlockPtrs& m, int64_t j0, int64_t j1, const float* src, int64_t ld, int64_t p, Out out,
                  const float* bias, Act act, float* park) {
+  using L = Lanes<B>;
   const int64_t r0 = m.first_row(j0);
+  src += p;
   for (int64_t q = 0; q < m.panels; ++q)
     for (int64_t j = j0; j < j1; ++j) {
       int64_t k = m.begin(j, q);
       const int64_t kend = m.end(j, q);
-      float* parked = park + (j - j0) * W;
-      VecF acc = q ? VecF::load(parked) : VecF::set1(0.0f);
-#if defined(__AVX512F__) || defined(__AVX2__)
-      if (ld * m.ncols <= INT32_MAX) {
-        constexpr int64_t C = W / B;  // stored columns per vector
-        for (; k + C <= kend; k += C) acc = VecF::fma(VecF::load(m.val + k * B), gather_columns<B>(m.col + k, C, src + p, ld), acc);
-        if (k < kend) {
-          const int64_t n = kend - k;
-          acc = VecF::fma(load_first(m.val + k * B, n * B), gather_columns<B>(m.col + k, n, src + p, ld), acc);
-        }
-        acc.store(parked);
-        continue;
-      }
-#endif
-      float s[W];
-      acc.store(s);
-      for (; k < kend; ++k) {
-        const float x = src[m.col[k] * ld + p];
-        for (int i = 0; i < B; ++i) s[i] += m.val[k * B + i] * x;
-      }
-      VecF::load(s).store(parked);
+      L acc[4] = {q ? L::load(park + (j - j0) * B) : L::zero(), L::zero(), L::zero(), L::zero()};
+      for (; k + 4 <= kend; k += 4)
+        for (int u = 0; u < 4; ++u) acc[u] = L::fma(L::load(m.val + (k + u) * B), src[m.col[k + u] * ld], acc[u]);
+      for (; k < kend; ++k) acc[0] = L::fma(L::load(m.val + k * B), src[m.col[k] * ld], acc[0]);
+      ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(park + (j - j0) * B);
     }
   for (int64_t j = j0; j < j1; ++j) {
-    const float* parked = park + (j - j0) * W;
     const int64_t row0 = m.first_row(j) - r0;
     for (int64_t i = 0; i < m.rows(j); ++i) {
-      float dot = 0.0f;
-      for (int64_t l = i; l < W; l += B) dot += parked[l];
-      out.put(row0 + i, p, epilogue(VecF::set1(dot), VecF::set1(bias ? bias[r0 + row0 + i] : 0.0f), act), 1);
+      const float b = bias ? bias[r0 + row0 + i] : 0.0f;
+      out.put(row0 + i, p, epilogue(VecF::set1(park[(j - j0) * B + i]), VecF::set1(b), act), 1);
     }
   }
 }
@@ -185,9 +174,7 @@ void spmm_blocks(const BlockPtrs& m, int64_t j0, int64_t j1, const float* src, i
   int64_t p = 0;
   for (; p + CHB <= n; p += CHB) blocks_tile<B, NVB, false>(m, j0, j1, src, ld, p, W, out, bias, act, park);
   const int64_t rem = n - p;
-  if constexpr (W >= B) {
-    if (rem == 1) return blocks_gemv<B>(m, j0, j1, src, ld, p, out, bias, act, park);
-  }
+  if (rem == 1) return blocks_gemv<B>(m, j0, j1, src, ld, p, out, bias, act, park);
   if (rem > 0) {
     const int64_t nv = (rem + W - 1) / W, last = rem - (nv - 1) * W;
     if constexpr (NVB >= 2) {
