@@ -307,3 +307,18 @@ def test_bad_inputs():
         rp = sw.b_rowptr.clone()
         rp[-1] += 1
         call(b_rowptr=rp)
+
+
+def test_block_values_buffer_survives_inference_mode():
+    """The blocked values' buffer made under inference_mode is refilled later in training."""
+    sw = SparseWeight.from_dense(torch.randn(8, 12), sparsity=0.5, block=4)
+    x = torch.randn(3, 12)
+    with torch.inference_mode():
+        sparse_linear(x, sw)
+    v = sw.values.clone().requires_grad_()
+    trained = sw.with_values(v)
+    with torch.no_grad():
+        sw.values.add_(1.0)
+    torch.testing.assert_close(sparse_linear(x, sw), reference.sparse_linear(x, sw))
+    sparse_linear(x, trained).sum().backward()
+    assert v.grad is not None

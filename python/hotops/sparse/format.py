@@ -151,15 +151,24 @@ class SparseWeight:
         return self.block, self.b_rowptr, self.b_colidx, self.block_values()
 
     def block_values(self) -> Tensor:
-        """``values`` in the blocked order, zero-padded (cached until values changes in place)."""
-        gather = lambda: torch.cat([self.values.detach(), self.values.new_zeros(1)])[self.b_perm]  # noqa: E731
+        """``values`` in the blocked order, zero-padded: a buffer kept with this SparseWeight and
+        refilled in place when values changes (a fresh tensor while torch.compile traces).
+        Refilling reuses the memory: a new 7 MB tensor per call costs more in page faults than
+        the gather itself."""
         if torch.compiler.is_compiling():
-            return gather()
-        v = self.values  # inference tensors keep no version counter: they change only by replacement
-        key = (None if v.is_inference() else v._version, v.data_ptr(), v.device)
-        if self._block_cache.get("key") != key:
-            self._block_cache.update(key=key, values=gather())
-        return self._block_cache["values"]
+            return torch.cat([self.values.detach(), self.values.new_zeros(1)])[self.b_perm]
+        v, cache = self.values, self._block_cache
+        # inference tensors keep no version counter: they change only by replacement
+        key = (None if v.is_inference() else v._version, v.data_ptr(), v.device, v.dtype)
+        if cache.get("key") != key:
+            with torch.inference_mode(False), torch.no_grad():  # plain buffers, even when first made in inference mode
+                if cache.get("padded") is None or cache["padded"].device != v.device or cache["padded"].dtype != v.dtype:
+                    cache["padded"] = torch.zeros(self.nnz + 1, dtype=v.dtype, device=v.device)  # last: the padding zero
+                    cache["values"] = torch.empty(self.b_perm.numel(), dtype=v.dtype, device=v.device)
+                cache["padded"][:-1].copy_(v)
+                torch.index_select(cache["padded"], 0, self.b_perm, out=cache["values"])
+            cache["key"] = key
+        return cache["values"]
 
     @staticmethod
     def from_dense(w: Tensor, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
