@@ -17,7 +17,7 @@ consecutive output rows of one group, each stored over the union of its rows' co
 column loads its activations once for ``block`` rows. It pays where the blocks are full (block
 pruning, ``from_dense(..., block=b)``), not on unstructured masks, where the rows of a block
 share few columns; the packer builds it where the fill (non-zeros over stored values) is at
-least BLOCK_FILL_MIN, measured (docs/sparse.md, "The blocked format"). Training still runs on
+least BLOCK_FILL_MIN, measured (docs/sparse.md, "Output-channel blocks and block pruning"). Training still runs on
 the CSR (``values`` stays the parameter; the gradients are the CSR's).
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ from torch import Tensor
 PANEL_COLS = 512
 
 BLOCK_SIZES = (4, 8)
-# the blocked forward beats the CSR one from about this fill (non-zeros / stored values) on
+# from this fill (non-zeros / stored values) on, the blocked forward beat the CSR one in every
+# measured case; the first to lose below it, batched linear at 90 %, crosses over near 0.6
 BLOCK_FILL_MIN = 0.65
 
 
