@@ -3,7 +3,7 @@ side by side with torch dense and torch.sparse CSR (run: pytest benchmarks/test_
 import pytest
 import torch
 
-from hotops.bench.sparse import DENSE_FOLDED, DENSE_TWIN, LAYERS, SPARSITIES, _e2e_fns, _fns
+from hotops.bench.sparse import BLOCKED_LAYERS, DENSE_FOLDED, DENSE_TWIN, LAYERS, SPARSITIES, _e2e_fns, _fns
 
 pytest.importorskip("pytest_benchmark")
 
@@ -27,6 +27,20 @@ def test_layer(benchmark, layer, sparsity, side):
     benchmark.group = f"{layer} @{sparsity:.0%}"
     with torch.inference_mode():
         benchmark(hot if side == "hotops" else other)
+
+
+@pytest.mark.parametrize("sparsity", [0.7, 0.9, 0.95])
+@pytest.mark.parametrize("layer", BLOCKED_LAYERS)
+@pytest.mark.parametrize("mask", ["unstructured", "4x1 block-pruned"])
+@pytest.mark.parametrize("side", ["hotops blocked", "hotops CSR", "torch dense"])
+def test_blocked(benchmark, layer, sparsity, mask, side):
+    """The output-channel-blocked format (forced) against the CSR kernel and torch dense, same mask."""
+    block = 4 if mask != "unstructured" else None
+    peer = "torch dense" if side == "hotops blocked" else side
+    hot, other, _, _ = _fns(layer, sparsity, peer, train=False, block=block, layout="blocked")
+    benchmark.group = f"{layer} @{sparsity:.0%} {mask}"
+    with torch.inference_mode():
+        benchmark(hot if side == "hotops blocked" else other)
 
 
 @pytest.mark.parametrize("layer", ["linear 4096x4096 B=64", "conv 3x3 64->64 56x56"])

@@ -31,13 +31,22 @@ struct SparseConvPlan {
   py::tuple keep;  // the tensors a's Views point into
 };
 
+// The blocked form, when given (block > 0), replaces the CSR in the forward.
+void set_blocked(SparseConvFwd& a, ViewArgs& view, int block, py::object b_rowptr, py::object b_colidx,
+                 py::object b_values) {
+  a.block = block;
+  if (block) a.blocked = Blocked{view(b_rowptr, "blocked rowptr"), view(b_colidx, "blocked colidx"),
+                                 view(b_values, "blocked values")};
+}
+
 }  // namespace
 
 void bind_sparse(py::module_& m) {
   py::class_<SparseConvPlan>(m, "SparseConvPlan",
                              "sparse_conv_fwd with the weight, bias, geometry and activation bound once")
       .def(py::init([](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx, py::object values,
-                       py::object t_rowptr, py::object bias, int activation) {
+                       py::object t_rowptr, py::object bias, int activation, int block, py::object b_rowptr,
+                       py::object b_colidx, py::object b_values) {
              HOTOPS_CHECK(activation >= 0 && activation <= 2,
                           "activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
              ViewArgs view;  // torch tensors: the Views borrow their memory, kept alive by `keep`
@@ -47,11 +56,13 @@ void bind_sparse(py::module_& m) {
              p.a.used_rowptr = view(t_rowptr, "transposed rowptr");
              p.a.bias = view(bias, "bias");
              p.a.act = static_cast<Act>(activation);
-             p.keep = py::make_tuple(rowptr, colidx, values, t_rowptr, bias);
+             set_blocked(p.a, view, block, b_rowptr, b_colidx, b_values);
+             p.keep = py::make_tuple(rowptr, colidx, values, t_rowptr, bias, b_rowptr, b_colidx, b_values);
              return p;
            }),
            py::arg("geometry"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"), py::arg("t_rowptr"),
-           py::arg("bias"), py::arg("activation"))
+           py::arg("bias"), py::arg("activation"), py::arg("block") = 0, py::arg("b_rowptr") = py::none(),
+           py::arg("b_colidx") = py::none(), py::arg("b_values") = py::none())
       .def(
           "forward",
           [](const SparseConvPlan& p, py::object x, py::object y, int threads) {
@@ -70,7 +81,8 @@ void bind_sparse(py::module_& m) {
   m.def(
       "sparse_conv_fwd",
       [](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx, py::object values,
-         py::object t_rowptr, py::object x, py::object bias, py::object y, int activation, int threads) {
+         py::object t_rowptr, py::object x, py::object bias, py::object y, int activation, int threads, int block,
+         py::object b_rowptr, py::object b_colidx, py::object b_values) {
         ViewArgs view;
         SparseConvFwd a;
         a.g = geometry(geom);
@@ -83,13 +95,15 @@ void bind_sparse(py::module_& m) {
                      activation);
         a.act = static_cast<Act>(activation);
         a.threads = threads;
+        set_blocked(a, view, block, b_rowptr, b_colidx, b_values);
         check(a);
         py::gil_scoped_release nogil;
         HOTOPS_DISPATCH(sparse_conv_fwd)(a);
       },
       py::arg("geometry"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"), py::arg("t_rowptr"),
-      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("activation"), py::arg("threads"),
-      "y = act(sparse W * im2col(x) + bias); see csrc/sparse/cpu.h.");
+      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("activation"), py::arg("threads"), py::arg("block") = 0,
+      py::arg("b_rowptr") = py::none(), py::arg("b_colidx") = py::none(), py::arg("b_values") = py::none(),
+      "y = act(sparse W * im2col(x) + bias), on the blocked form when block > 0; see csrc/sparse/cpu.h.");
   m.def(
       "sparse_widen",
       [](py::object src, py::object dst, bool transpose, int threads) {

@@ -39,6 +39,28 @@ void check_csr(const Csr& m, int64_t rows, const char* what) {
   // column indices are range-checked by the kernels as they read them
 }
 
+void check_blocked(const SparseConvFwd& a) {
+  const ConvGeom& g = a.g;
+  HOTOPS_CHECK(a.block == 4 || a.block == 8, "block must be 4 or 8 (rows per block), got ", a.block);
+  const Blocked& m = a.blocked;
+  check_view(m.rowptr, "blocked rowptr", 1, {DType::i64});
+  check_view(m.colidx, "blocked colidx", 1, {DType::i32});
+  check_view(m.values, "blocked values", 1, {DType::f32});
+  check_contiguous(m.rowptr, "blocked rowptr");
+  check_contiguous(m.colidx, "blocked colidx");
+  check_contiguous(m.values, "blocked values");
+  const int64_t blocks = g.G * ((g.Og() + a.block - 1) / a.block), ranges = m.rowptr.size(0) - 1;
+  HOTOPS_CHECK(ranges >= blocks && ranges % blocks == 0, "blocked rowptr has ", m.rowptr.size(0),
+               " entries, expected blocks * panels + 1 with ", blocks, " blocks of ", a.block, " rows");
+  const int64_t stored = m.colidx.size(0);
+  HOTOPS_CHECK(m.values.size(0) == stored * a.block, "blocked values has ", m.values.size(0), " entries, expected ",
+               a.block, " per stored column (", stored * a.block, ")");
+  const int64_t* rp = m.rowptr.ptr<int64_t>();
+  HOTOPS_CHECK(rp[0] == 0 && rp[ranges] == stored, "blocked rowptr must run from 0 to the ", stored,
+               " stored columns, got ", rp[0], " .. ", rp[ranges]);
+  for (int64_t r = 0; r < ranges; ++r) HOTOPS_CHECK(rp[r] <= rp[r + 1], "blocked rowptr decreases at block ", r);
+}
+
 void check_pixels(const View& v, const char* what, int64_t n, int64_t c, int64_t p, bool contiguous_pixels) {
   check_view(v, what, 3, {DType::f32});
   HOTOPS_CHECK(v.size(0) == n && v.size(1) == c && v.size(2) == p, what, " has shape (", v.size(0), ", ",
@@ -58,6 +80,7 @@ void check_used(const View& u, const ConvGeom& g) {
 void check(SparseConvFwd& a) {
   check_geometry(a.g);
   check_csr(a.w, a.g.O, "weight");
+  if (a.block) check_blocked(a);
   check_used(a.used_rowptr, a.g);
   check_pixels(a.x, "x", a.g.N, a.g.C, a.g.H * a.g.W, true);
   check_view(a.y, "y", 3, {DType::f32, DType::bf16, DType::f16});

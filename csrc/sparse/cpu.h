@@ -38,10 +38,22 @@ struct Csr {
   View rowptr, colidx, values;
 };
 
+// The output-channel-blocked form of a weight: blocks of b consecutive output rows of one group
+// (a group's last block may have fewer rows), each stored over the union of its rows' columns,
+// b values per stored column (row-minor, zero where a row lacks the column). Block j of group grp
+// holds rows grp * Og + j * b ...; blocks are numbered grp * ceil(Og / b) + j. Column panels as in
+// Csr: rowptr (Q * blocks + 1,) int64 over (panel, block), colidx (stored,) int32, values
+// (stored * b,) float32.
+struct Blocked {
+  View rowptr, colidx, values;
+};
+
 // y[n, o, p] = act(bias[o] + sum_k w[o, k] * cols_n[g(o) * K + k, p])
 struct SparseConvFwd {
   ConvGeom g;
   Csr w;             // R = O rows, columns in [0, K)
+  int block = 0;     // b > 0: the forward runs on `blocked` (the same weight), w is not read
+  Blocked blocked;
   View used_rowptr;  // (G*K+1,) int64: rowptr of w^T; im2col rows with no non-zero are skipped
   View x;            // (N, C, H*W) float32, pixels contiguous
   View bias;         // (O,) float32 or absent
@@ -88,6 +100,7 @@ void check(SparseWiden& a);
 
 HOTOPS_FOR_EACH_ISA(
     void sparse_conv_fwd(const SparseConvFwd& a);
+    void sparse_conv_fwd_blocked(const SparseConvFwd& a);  // blocked.cpp; a.block > 0
     void sparse_conv_bwd_input(const SparseConvBwdInput& a);
     void sparse_conv_bwd_values(const SparseConvBwdValues& a);
     void sparse_widen(const SparseWiden& a);)

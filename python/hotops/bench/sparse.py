@@ -31,25 +31,37 @@ LAYERS = {  # name: (kind, shape args)
 }
 
 
-def _layer(name: str, sparsity: float, seed: int = 0, device: str = "cpu"):
+def _layer(name: str, sparsity: float, seed: int = 0, device: str = "cpu", block=None, layout: str = "auto"):
+    """(kind, shape args, packed weight, input): magnitude pruning, or with ``block`` whole
+    block x 1 blocks; ``layout`` as in SparseWeight.from_dense."""
     from hotops.sparse import SparseWeight
 
     kind, a = LAYERS[name]
     g = torch.Generator().manual_seed(seed)
+    pack = dict(sparsity=sparsity, block=block, layout=layout)
     if kind == "linear":
         w, x = torch.randn(a["O"], a["I"], generator=g), torch.randn(a["B"], a["I"], generator=g)
         x = x.to(a.get("dtype", torch.float32))
-        return kind, a, SparseWeight.from_dense(w, sparsity=sparsity).to(device), x.to(device)
+        return kind, a, SparseWeight.from_dense(w, **pack).to(device), x.to(device)
     w = torch.randn(a["O"], a["C"] // a["groups"], a["k"], a["k"], generator=g)
     x = torch.randn(1, a["C"], a["H"], a["H"], generator=g)
-    return kind, a, SparseWeight.from_dense(w, sparsity=sparsity, groups=a["groups"]), x
+    return kind, a, SparseWeight.from_dense(w, groups=a["groups"], **pack), x
 
 
-def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"):
-    """(hotops closure, peer closure, amount, work) for one layer case."""
+def _weight_bytes(sw) -> float:
+    """Bytes of the weight a forward streams: values and indices of the format it runs on."""
+    if sw.block:
+        return sw.b_perm.numel() * 4.0 + sw.b_colidx.numel() * 4.0
+    return sw.nnz * 8.0
+
+
+def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu", block=None,
+         layout: str = "auto"):
+    """(hotops closure, peer closure, amount, work) for one layer case; peer "hotops CSR" is the
+    same weight run by the CSR kernel (against its blocked form)."""
     from hotops.sparse import sparse_conv2d, sparse_linear
 
-    kind, a, sw, x = _layer(name, sparsity, device=device)
+    kind, a, sw, x = _layer(name, sparsity, device=device, block=block, layout=layout)
     wd = sw.to_dense().to(x.dtype)
     pad = a.get("k", 1) // 2
     if train:  # forward + backward w.r.t. input and the non-zero values (dense: masked weight)
@@ -67,14 +79,20 @@ def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"
         return hot, other, 3 * 2.0 * sw.nnz * _pixels(kind, a), "flops"
     if kind == "linear":
         hot = lambda: sparse_linear(x, sw)
-        if peer == "torch dense":
+        if peer == "hotops CSR":
+            csr_sw = sw.without_block()
+            other = lambda: sparse_linear(x, csr_sw)
+        elif peer == "torch dense":
             other = lambda: F.linear(x, wd)
         else:
             csr = wd.to_sparse_csr()
             other = lambda: (csr @ x.t()).t()
     else:
         hot = lambda: sparse_conv2d(x, sw, padding=pad)
-        if peer == "torch dense":
+        if peer == "hotops CSR":
+            csr_sw = sw.without_block()
+            other = lambda: sparse_conv2d(x, csr_sw, padding=pad)
+        elif peer == "torch dense":
             other = lambda: F.conv2d(x, wd, padding=pad, groups=a["groups"])
         else:  # block-diagonal CSR over all channels x im2col columns
             full = torch.zeros(a["O"], a["C"], a["k"], a["k"])
@@ -85,7 +103,7 @@ def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"
             H = a["H"]
             other = lambda: (csr @ F.unfold(x, a["k"], padding=pad)[0]).view(1, a["O"], H, H)
     if kind == "linear" and a["B"] == 1:
-        return hot, other, sw.nnz * 8.0 + 4.0 * (a["I"] + a["O"]), "bytes"
+        return hot, other, _weight_bytes(sw) + 4.0 * (a["I"] + a["O"]), "bytes"
     work = "flops_bf16" if x.dtype == torch.bfloat16 else "flops"
     return hot, other, 2.0 * sw.nnz * _pixels(kind, a), work
 
@@ -101,11 +119,11 @@ def _check(hot, other) -> str:
     return "ok" if err <= (1e-4 if a.dtype == torch.float32 else 2e-2) else f"rel err {err:.2g}"
 
 
-def _module_choice(name: str, sparsity: float) -> str:
+def _module_choice(name: str, sparsity: float, block=None) -> str:
     """What SparseLinear / SparseConv2d (policy "auto": measured) run for this layer and input."""
     from hotops.sparse import SparseConv2d, SparseLinear
 
-    kind, a, sw, x = _layer(name, sparsity)
+    kind, a, sw, x = _layer(name, sparsity, block=block)
     if kind == "linear":
         layer = SparseLinear(sw)
     else:
@@ -113,7 +131,8 @@ def _module_choice(name: str, sparsity: float) -> str:
     with torch.inference_mode():
         layer(x)
     ((_, ts, td),) = layer.dispatch.values()
-    return f"module runs {layer.backend.split()[0]} (measured {td / ts:.2f}x)"
+    layout = f" {layer.layout}" if layer.backend.startswith("sparse") else ""
+    return f"module runs {layer.backend.split()[0]}{layout} (measured {td / ts:.2f}x)"
 
 
 def _dispatch_summary(model: nn.Module) -> str:
@@ -242,6 +261,16 @@ def _e2e_fns(name: str, batch: int, sparsity: float, peer: str = DENSE_TWIN):
 
 # ------------------------------------------------------------------ cases
 
+BLOCKED_LAYERS = ("linear 4096x4096 B=64", "linear 4096x4096 B=1", "conv 3x3 64->64 56x56")
+
+
+def _blocked_cases(layers, sparsities) -> List[dict]:
+    """The blocked format (forced) against the CSR kernel on unstructured and on 4x1-block-pruned
+    masks, and on block-pruned masks against torch dense."""
+    return [dict(layer=n, sparsity=s, peer=p, block=b, layout="blocked") for n in layers for s in sparsities
+            for b, p in ((None, "hotops CSR"), (4, "hotops CSR"), (4, "torch dense"))]
+
+
 def cases(quick: bool, device: str = "cpu") -> List[dict]:
     if device == "cuda":  # the Triton BSR linear kernel (convolutions are CPU kernels)
         return [dict(layer=n, sparsity=s, peer=p) for n in LAYERS if n.startswith("linear")
@@ -250,6 +279,8 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
         out = [dict(layer=n, sparsity=0.9, peer=p) for n in LAYERS
                for p in ("torch dense", "torch.sparse CSR") if p == "torch dense" or not (n.startswith("dw") or "bf16" in n)]
         out += [dict(layer="linear 4096x4096 B=64", sparsity=0.9, peer="torch dense", train=True)]
+        out += _blocked_cases(BLOCKED_LAYERS[:1], (0.9,))[:2]
+        out += [dict(layer=BLOCKED_LAYERS[2], sparsity=0.9, peer="torch dense", block=4, layout="blocked")]
         out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9, peer=p) for b in (1, 32)
                 for p in (DENSE_TWIN, DENSE_FOLDED)]
         out += [dict(e2e="all-MiniLM-L6-v2", batch=32, sparsity=0.9)]
@@ -258,6 +289,7 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
            for p in ("torch dense", "torch.sparse CSR") if p == "torch dense" or "bf16" not in n]
     out += [dict(layer=n, sparsity=0.9, peer="torch dense", train=True)
             for n in ("linear 4096x4096 B=64", "conv 3x3 64->64 56x56")]
+    out += _blocked_cases(BLOCKED_LAYERS, (0.7, 0.9, 0.95))
     out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9, peer=p) for b in (1, 32)
             for p in (DENSE_TWIN, DENSE_FOLDED)]
     out += [dict(e2e="all-MiniLM-L6-v2", batch=b, sparsity=0.9) for b in (1, 32)]
@@ -281,13 +313,16 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
             note += f", {batch / th:.0f} vs {batch / tp:.0f} sentences/s"
         return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", peer, th, tp, check, note=note)
     name, peer, train = params["layer"], params["peer"], params.get("train", False)
-    hot, other, amount, work = _fns(name, sparsity, peer, train, device)
+    block, layout = params.get("block"), params.get("layout", "auto")
+    hot, other, amount, work = _fns(name, sparsity, peer, train, device, block, layout)
     ctx = torch.enable_grad() if train else torch.inference_mode()
     with ctx:
         check = _check(hot, other)
         th, tp = time_pair(hot, other, repeats=5, warmup=1, min_time=0.0 if quick else 0.5, device=device)
     what = "fwd+bwd " if train else ""
-    note = _module_choice(name, sparsity) if peer == "torch dense" and not train and device == "cpu" else ""
+    if layout == "blocked":  # which format ran on which mask
+        name = f"{name} blocked 4x1, {'4x1 block-pruned' if block else 'unstructured'}"
+    note = _module_choice(params["layer"], sparsity, block) if peer == "torch dense" and not train and device == "cpu" else ""
     return Result("sparse", f"{what}{name} @{sparsity:.0%}", peer, th, tp, check, work=work, amount=amount,
                   note=note, extra={"sparsity": sparsity})
 
@@ -430,10 +465,49 @@ def mobilenet_layers(batch: int, repeats: int = 5) -> None:
         print(f"  {kind:9s} x{n:2d}: sparse {ts * 1e3:7.2f} ms  dense {td * 1e3:7.2f} ms  {td / ts:5.2f}x")
 
 
-if __name__ == "__main__":  # python -m hotops.bench.sparse [e2e | layers BATCH]: single thread, CPU time
+def blocked_table(sparsities=(0.7, 0.9, 0.95), threads: int = 2, rounds: int = 3, clock: str = "wall") -> None:
+    """The blocked-format cases (_blocked_cases), each timed side by side ``rounds`` times at
+    ``threads`` threads, printing the range over the rounds (on a shared machine one round can land
+    on a busy moment). clock="wall": time_pair, as `hotops bench`; clock="cpu": the process's CPU
+    time per call, both sides alternated (median of 7): on a machine whose other processes take
+    cores the wall clock of a 2-thread call waits for scheduler slices (run with
+    OMP_WAIT_POLICY=PASSIVE, or torch's spinning OpenMP workers are counted too)."""
+    import statistics
+    import time
+
+    def cpu_pair(a, b, repeats=7):
+        a(), b()
+        ts = ([], [])
+        for _ in range(repeats):
+            for t, fn in zip(ts, (a, b)):
+                t0 = time.process_time()
+                fn()
+                t.append(time.process_time() - t0)
+        return statistics.median(ts[0]), statistics.median(ts[1])
+
+    torch.set_num_threads(threads)
+    print(f"blocked 4x1 format, {threads} threads, {clock} clock, {rounds} rounds: hotops ms / peer ms, speed-up range")
+    with torch.inference_mode():
+        for params in _blocked_cases(BLOCKED_LAYERS, sparsities):
+            hot, other, _, _ = _fns(params["layer"], params["sparsity"], params["peer"], False, block=params["block"],
+                                    layout=params["layout"])
+            check = _check(hot, other)
+            times = [time_pair(hot, other, repeats=7, warmup=1) if clock == "wall" else cpu_pair(hot, other)
+                     for _ in range(rounds)]
+            th, tp = zip(*times)
+            sp = sorted(p / h for h, p in times)
+            ms = lambda xs: "-".join(f"{1e3 * v:.2f}" for v in (min(xs), max(xs)))  # noqa: E731
+            case = f"{params['layer']} @{params['sparsity']:.0%} {'4x1 block-pruned' if params['block'] else 'unstructured'}"
+            print(f"  {case:50s} blocked vs {params['peer']:11s}  {ms(th):>11s} / {ms(tp):>11s}  "
+                  f"{sp[0]:.2f}-{sp[-1]:.2f}x  [{check}]", flush=True)
+
+
+if __name__ == "__main__":  # python -m hotops.bench.sparse [e2e | layers BATCH | blocked]: see each function
     import sys
 
-    if sys.argv[1:2] == ["e2e"]:
+    if sys.argv[1:2] == ["blocked"]:  # blocked [threads] [wall | cpu]
+        blocked_table(threads=int(sys.argv[2]) if len(sys.argv) > 2 else 2, clock=sys.argv[3] if len(sys.argv) > 3 else "wall")
+    elif sys.argv[1:2] == ["e2e"]:
         e2e_cpu_time_table()
     elif sys.argv[1:2] == ["layers"]:
         mobilenet_layers(int(sys.argv[2]) if len(sys.argv) > 2 else 1)

@@ -66,11 +66,16 @@ def _direct(x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
         and not (torch.is_grad_enabled() and (values.requires_grad or (bias is not None and bias.requires_grad)))
 
 
+def _blocked(x: Tensor, sw: SparseWeight) -> tuple:
+    """The op arguments of sw's blocked form (a CPU kernel: none on other devices)."""
+    return sw.blocked if x.device.type == "cpu" else (0, None, None, None)
+
+
 def _linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], act: int) -> Tensor:
     """sparse_linear after validation (the modules validate once per input signature)."""
     fn = _op.linear_forward if _direct(x, sw.values, bias) else _op.sparse_linear_op
     y = fn(x.reshape(-1, sw.shape[1]), sw.values, sw.rowptr, sw.colidx, sw.t_rowptr,
-           sw.t_colidx, sw.t_perm, bias, sw.shape[1], act)
+           sw.t_colidx, sw.t_perm, bias, sw.shape[1], act, *_blocked(x, sw))
     return y.reshape(*x.shape[:-1], sw.out_features)
 
 
@@ -108,7 +113,7 @@ def _conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], stride: list, p
     signature)."""
     fn = _op.conv2d_forward if _direct(x, sw.values, bias) else _op.sparse_conv2d_op
     return fn(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
-              bias, list(sw.shape), stride, padding, dilation, sw.groups, act)
+              bias, list(sw.shape), stride, padding, dilation, sw.groups, act, *_blocked(x, sw))
 
 
 from hotops.sparse.module import SparseConv2d, SparseLinear, sparsify  # noqa: E402

@@ -8,6 +8,17 @@ all rows before the next, so the activation rows a panel reads stay in cache (do
 with at most PANEL_COLS columns it is plain CSR. The transposed structure (CSR of W^T per group, and the
 permutation that gathers the values into it) is packed alongside, because the input gradient is
 the same sparse product with W^T and the convolution kernel skips im2col rows no weight uses.
+
+Optionally the forward also gets an output-channel-blocked form: blocks of ``block`` (4 or 8)
+consecutive output rows of one group, each stored over the union of its rows' columns with
+``block`` values per stored column (zero where a row lacks it), in the same column panels
+(``b_rowptr`` over (panel, block), ``b_colidx``, ``b_perm``: the blocked values are
+``values`` gathered by ``b_perm``, the index ``nnz`` standing for a padding zero). One stored
+column loads its activations once for ``block`` rows. It pays where the blocks are full (block
+pruning, ``from_dense(..., block=b)``), not on unstructured masks, where the rows of a block
+share few columns; the packer builds it where the fill (non-zeros over stored values) is at
+least BLOCK_FILL_MIN, measured (docs/sparse.md, "Output-channel blocks and block pruning"). Training still runs on
+the CSR (``values`` stays the parameter; the gradients are the CSR's).
 """
 from __future__ import annotations
 
@@ -21,6 +32,11 @@ from torch import Tensor
 # 512 activation rows of 64 floats (the kernel's register tile) = 128 KB: L2-resident per panel;
 # narrower panels park partial sums more often and cost batch-1 products whole gathers
 PANEL_COLS = 512
+
+BLOCK_SIZES = (4, 8)
+# from this fill (non-zeros / stored values) on, the blocked forward beat the CSR one in every
+# measured case; the first to lose below it, batched linear at 90 %, crosses over near 0.6
+BLOCK_FILL_MIN = 0.65
 
 
 def panel_count(cols: int) -> int:
@@ -43,6 +59,42 @@ def magnitude_mask(w: Tensor, sparsity: float) -> Tensor:
     return mask.view(w.shape)
 
 
+def block_mask(w: Tensor, sparsity: float, block: int, groups: int) -> Tensor:
+    """Block pruning: keeps the round((1 - sparsity) * blocks) blocks of ``block`` consecutive output
+    channels of one group (x one column) with the largest L2 norm; a group's last block may be
+    shorter. Structured pruning trades accuracy for speed (docs/sparse.md)."""
+    check_sparsity(sparsity)
+    O, K = w.shape[0], w[0].numel()
+    og = O // groups
+    bpg = -(-og // block)
+    w3 = w.detach().reshape(groups, og, K)
+    padded = w3.new_zeros(groups, bpg * block, K)
+    padded[:, :og] = w3
+    norms = padded.view(groups, bpg, block, K).square().sum(2)  # (groups, blocks, K)
+    keep = int(round((1.0 - sparsity) * norms.numel()))
+    kept = torch.zeros(norms.numel(), dtype=torch.bool, device=w.device)
+    if keep > 0:
+        kept[norms.flatten().topk(keep, sorted=False).indices] = True
+    mask = kept.view(groups, bpg, 1, K).expand(groups, bpg, block, K).reshape(groups, bpg * block, K)[:, :og]
+    return mask.reshape(w.shape)
+
+
+def block_structure(O: int, K: int, groups: int, block: int, rows: Tensor, cols: Tensor):
+    """The blocked form's (b_rowptr, b_colidx, b_perm) from the CSR's non-zeros in storage order
+    (see the module docstring)."""
+    og = O // groups
+    bpg = -(-og // block)
+    blocks, panels = groups * bpg, panel_count(K)
+    blk = (rows // og) * bpg + (rows % og) // block
+    key = ((cols // PANEL_COLS) * blocks + blk) * K + cols  # (panel, block, column)
+    stored, slot = torch.unique(key, return_inverse=True)  # sorted: panel-major, as the CSR
+    b_rowptr = torch.zeros(panels * blocks + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(stored // K, minlength=panels * blocks), 0, out=b_rowptr[1:])
+    b_perm = torch.full((stored.numel() * block,), rows.numel(), dtype=torch.int64)
+    b_perm[slot * block + (rows % og) % block] = torch.arange(rows.numel())
+    return b_rowptr, (stored % K).to(torch.int32), b_perm
+
+
 def check_sparsity(sparsity: float) -> None:
     if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
@@ -61,6 +113,11 @@ class SparseWeight:
     t_rowptr: Tensor   # (groups * K + 1,) int64: CSR of W^T per group
     t_colidx: Tensor   # (nnz,) int32: output channel within the group
     t_perm: Tensor     # (nnz,) int64: values[t_perm] are W^T's values
+    block: int = 0     # rows per block of the blocked form, 0 without one (see the module docstring)
+    b_rowptr: Optional[Tensor] = None  # (panels * blocks + 1,) int64
+    b_colidx: Optional[Tensor] = None  # (stored,) int32
+    b_perm: Optional[Tensor] = None    # (stored * block,) int64 into values, nnz: a padding zero
+    _block_cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def out_features(self) -> int:
@@ -81,11 +138,49 @@ class SparseWeight:
     def density(self) -> float:
         return self.nnz / max(1, self.shape[0] * self.cols)
 
+    @property
+    def layout(self) -> str:
+        """What the forward runs on: "csr" or "blocked bx1"."""
+        return f"blocked {self.block}x1" if self.block else "csr"
+
+    @property
+    def blocked(self) -> tuple:
+        """The forward's blocked form for the ops: (block, b_rowptr, b_colidx, block values), or
+        (0, None, None, None)."""
+        if not self.block:
+            return 0, None, None, None
+        return self.block, self.b_rowptr, self.b_colidx, self.block_values()
+
+    def block_values(self) -> Tensor:
+        """``values`` in the blocked order, zero-padded: a buffer kept with this SparseWeight and
+        refilled in place when values changes (a fresh tensor while torch.compile traces).
+        Refilling reuses the memory: a new 7 MB tensor per call costs more in page faults than
+        the gather itself."""
+        if torch.compiler.is_compiling():
+            return torch.cat([self.values.detach(), self.values.new_zeros(1)])[self.b_perm]
+        v, cache = self.values, self._block_cache
+        # inference tensors keep no version counter: they change only by replacement
+        key = (None if v.is_inference() else v._version, v.data_ptr(), v.device, v.dtype)
+        if cache.get("key") != key:
+            with torch.inference_mode(False), torch.no_grad():  # plain buffers, even when first made in inference mode
+                if cache.get("padded") is None or cache["padded"].device != v.device or cache["padded"].dtype != v.dtype:
+                    cache["padded"] = torch.zeros(self.nnz + 1, dtype=v.dtype, device=v.device)  # last: the padding zero
+                    cache["values"] = torch.empty(self.b_perm.numel(), dtype=v.dtype, device=v.device)
+                cache["padded"][:-1].copy_(v)
+                torch.index_select(cache["padded"], 0, self.b_perm, out=cache["values"])
+            cache["key"] = key
+        return cache["values"]
+
     @staticmethod
     def from_dense(w: Tensor, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
-                   groups: int = 1) -> "SparseWeight":
+                   groups: int = 1, block: Optional[int] = None, layout: str = "auto") -> "SparseWeight":
         """Packs ``w * mask``. Give either ``mask`` (bool, w's shape) or ``sparsity`` (magnitude
-        pruning to that fraction of zeros); with neither, w's own non-zeros are kept."""
+        pruning to that fraction of zeros); with neither, w's own non-zeros are kept.
+
+        ``block`` (4 or 8) with ``sparsity`` prunes whole blocks of ``block`` consecutive output
+        channels x one column by their L2 norm instead (structured: faster, at some accuracy).
+        ``layout`` picks the forward's format: "auto" adds the blocked form (of ``block`` rows,
+        4 by default) where its fill is at least BLOCK_FILL_MIN, "blocked" always, "csr" never."""
         if not isinstance(w, Tensor):
             raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
         if w.dim() not in (2, 4):
@@ -100,8 +195,14 @@ class SparseWeight:
             raise ValueError(f"groups must be a positive divisor of the {w.shape[0]} output channels, got {groups!r}")
         if mask is not None and sparsity is not None:
             raise ValueError("give either mask or sparsity, not both")
-        if mask is None:
-            mask = magnitude_mask(w, sparsity) if sparsity is not None else w.detach() != 0
+        if block is not None and block not in BLOCK_SIZES:
+            raise ValueError(f"block must be None or one of {BLOCK_SIZES} (output channels per block), got {block!r}")
+        if layout not in ("auto", "blocked", "csr"):
+            raise ValueError(f"layout must be 'auto', 'blocked' or 'csr', got {layout!r}")
+        if mask is None and sparsity is not None:
+            mask = magnitude_mask(w, sparsity) if block is None else block_mask(w, sparsity, block, groups)
+        elif mask is None:
+            mask = w.detach() != 0
         if not isinstance(mask, Tensor) or mask.shape != w.shape:
             raise ValueError(f"mask must be a tensor of w's shape {tuple(w.shape)}, got "
                              f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
@@ -109,7 +210,30 @@ class SparseWeight:
             raise TypeError(f"mask must be bool, got {str(mask.dtype).replace('torch.', '')}")
         w2, m2 = w.detach().reshape(w.shape[0], -1), mask.reshape(w.shape[0], -1)
         rows, cols = m2.nonzero(as_tuple=True)  # row-major
-        return SparseWeight.pack(tuple(w.shape), groups, rows, cols, w2[rows, cols].contiguous())
+        sw = SparseWeight.pack(tuple(w.shape), groups, rows, cols, w2[rows, cols].contiguous())
+        return sw if layout == "csr" else sw.with_block(block or BLOCK_SIZES[0], layout == "auto")
+
+    def with_block(self, block: int, only_if_faster: bool = False) -> "SparseWeight":
+        """This weight with the blocked form of ``block`` rows added (replaced); with
+        ``only_if_faster``, only where its fill reaches BLOCK_FILL_MIN (else it is returned as is)."""
+        if block not in BLOCK_SIZES:
+            raise ValueError(f"block must be one of {BLOCK_SIZES}, got {block!r}")
+        b_rowptr, b_colidx, b_perm = block_structure(self.shape[0], self.cols, self.groups, block,
+                                                     self.row_indices(), self.colidx.long())
+        fill = self.nnz / max(1, b_perm.numel())
+        if only_if_faster and (fill < BLOCK_FILL_MIN or self.nnz == 0):
+            return self if not self.block else self.without_block()
+        return SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, self.values, self.t_rowptr,
+                            self.t_colidx, self.t_perm, block, b_rowptr, b_colidx, b_perm)
+
+    def without_block(self) -> "SparseWeight":
+        return SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, self.values, self.t_rowptr,
+                            self.t_colidx, self.t_perm)
+
+    @property
+    def block_fill(self) -> float:
+        """Non-zeros over the blocked form's stored values (1: full blocks); 0 without one."""
+        return self.nnz / max(1, self.b_perm.numel()) if self.block else 0.0
 
     @staticmethod
     def pack(shape, groups: int, rows: Tensor, cols: Tensor, values: Tensor) -> "SparseWeight":
@@ -140,12 +264,14 @@ class SparseWeight:
             raise ValueError(f"values must have shape ({self.nnz},), got {tuple(values.shape)}")
         # spelled out rather than dataclasses.replace, which torch.compile < 2.5 cannot trace
         return SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, values,
-                            self.t_rowptr, self.t_colidx, self.t_perm)
+                            self.t_rowptr, self.t_colidx, self.t_perm, self.block, self.b_rowptr, self.b_colidx,
+                            self.b_perm)
 
     def to(self, device) -> "SparseWeight":
         """The same weight with every tensor on ``device``."""
         return SparseWeight(self.shape, self.groups, *(t.to(device) for t in (
-            self.rowptr, self.colidx, self.values, self.t_rowptr, self.t_colidx, self.t_perm)))
+            self.rowptr, self.colidx, self.values, self.t_rowptr, self.t_colidx, self.t_perm)), self.block,
+            *(t.to(device) if t is not None else None for t in (self.b_rowptr, self.b_colidx, self.b_perm)))
 
     def mask(self) -> Tensor:
         m = torch.zeros(self.shape[0], self.cols, dtype=torch.bool, device=self.values.device)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hotops.sparse import reference
-from hotops.sparse.format import SparseWeight, check_sparsity, magnitude_mask
+from hotops.sparse.format import BLOCK_SIZES, SparseWeight, block_mask, check_sparsity, magnitude_mask
 
 SPARSE, DENSE = "sparse (C++)", "dense (torch)"
 POLICIES = ("auto", "model", "sparse", "dense")
@@ -65,9 +65,10 @@ class _SparseLayer(nn.Module):
                while torch.compile traces, a signature not yet measured follows "model";
       "model"  the fixed density limits of DENSITY_LIMIT (deterministic);
       "sparse" / "dense" force a path.
-    ``backend`` says which path the last forward ran."""
+    ``backend`` says which path the last forward ran, ``layout`` which format the sparse path
+    runs on ("csr" or "blocked bx1", the packer's choice: SparseWeight.from_dense)."""
 
-    _STRUCTURE = ("rowptr", "colidx", "t_rowptr", "t_colidx", "t_perm")
+    _STRUCTURE = ("rowptr", "colidx", "t_rowptr", "t_colidx", "t_perm", "b_rowptr", "b_colidx", "b_perm")
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor], policy: str):
         super().__init__()
@@ -79,7 +80,7 @@ class _SparseLayer(nn.Module):
         self._load(sw)
 
     def _load(self, sw: SparseWeight) -> None:
-        self.shape, self.groups = sw.shape, sw.groups
+        self.shape, self.groups, self.block, self.layout = sw.shape, sw.groups, sw.block, sw.layout
         self.values = nn.Parameter(sw.values.detach().clone())
         for name in self._STRUCTURE:
             self.register_buffer(name, getattr(sw, name), persistent=True)
@@ -120,7 +121,8 @@ class _SparseLayer(nn.Module):
         p = self._packed
         if p is None or p.values is not self.values or p.rowptr is not self.rowptr or p.t_perm is not self.t_perm:
             p = self._packed = SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, self.values,
-                                            self.t_rowptr, self.t_colidx, self.t_perm)
+                                            self.t_rowptr, self.t_colidx, self.t_perm, self.block, self.b_rowptr,
+                                            self.b_colidx, self.b_perm)
         return p
 
     def to_dense(self) -> Tensor:
@@ -131,8 +133,10 @@ class _SparseLayer(nn.Module):
         return self.sparse_weight.mask()
 
     def set_mask(self, mask: Tensor) -> None:
-        """Repack under a new mask, keeping the current values where both masks agree."""
-        self._load(SparseWeight.from_dense(self.to_dense().detach(), mask=mask, groups=self.groups))
+        """Repack under a new mask, keeping the current values where both masks agree (the layout
+        chosen anew, for blocks of the same size)."""
+        self._load(SparseWeight.from_dense(self.to_dense().detach(), mask=mask, groups=self.groups,
+                                           block=self.block or None))
 
     def _dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         if torch.is_grad_enabled() and self.values.requires_grad:
@@ -213,10 +217,13 @@ class SparseLinear(_SparseLayer):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
-                   activation: Optional[str] = None, policy: str = "auto") -> "SparseLinear":
+                   activation: Optional[str] = None, policy: str = "auto", block: Optional[int] = None,
+                   layout: str = "auto") -> "SparseLinear":
+        """``block`` and ``layout`` as in SparseWeight.from_dense (block pruning, the format)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
-        sw = SparseWeight.from_dense(linear.weight.detach(), sparsity=sparsity, mask=mask)
+        sw = SparseWeight.from_dense(linear.weight.detach(), sparsity=sparsity, mask=mask, block=block,
+                                     layout=layout)
         return cls(sw, linear.bias, activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -233,12 +240,12 @@ class SparseLinear(_SparseLayer):
             run_sparse=lambda: _linear(x, sw, self.bias, act),
             run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))),
             make_sparse=lambda: prepared_linear(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
-                                                sw.shape[1], act),
+                                                sw.shape[1], act, sw.blocked),
             make_dense=lambda: self._dense_call(F.linear, x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"density={self.density:.3f}, policy={self.policy}")
+                f"density={self.density:.3f}, layout={self.layout}, policy={self.policy}")
 
 
 class SparseConv2d(_SparseLayer):
@@ -261,13 +268,16 @@ class SparseConv2d(_SparseLayer):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
-                   activation: Optional[str] = None, policy: str = "auto") -> "SparseConv2d":
+                   activation: Optional[str] = None, policy: str = "auto", block: Optional[int] = None,
+                   layout: str = "auto") -> "SparseConv2d":
+        """``block`` and ``layout`` as in SparseWeight.from_dense (block pruning, the format)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("SparseConv2d supports numeric zero padding only "
                              f"(got padding={conv.padding!r}, padding_mode={conv.padding_mode!r})")
-        sw = SparseWeight.from_dense(conv.weight.detach(), sparsity=sparsity, mask=mask, groups=conv.groups)
+        sw = SparseWeight.from_dense(conv.weight.detach(), sparsity=sparsity, mask=mask, groups=conv.groups,
+                                     block=block, layout=layout)
         return cls(sw, conv.bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -285,13 +295,13 @@ class SparseConv2d(_SparseLayer):
             run_sparse=lambda: _conv2d(x, sw, self.bias, *geo, act),
             run_dense=lambda: self._dense_activation(dense(x, *self._dense_params(x.dtype))),
             make_sparse=lambda: prepared_conv2d(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
-                                                list(sw.shape), *geo, sw.groups, act),
+                                                list(sw.shape), *geo, sw.groups, act, sw.blocked),
             make_dense=lambda: self._dense_call(dense, x.dtype))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.shape[2:])}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"density={self.density:.3f}, policy={self.policy}")
+                f"density={self.density:.3f}, layout={self.layout}, policy={self.policy}")
 
 
 # ------------------------------------------------------------------ mask learning (HYDRA / DASS)
@@ -350,7 +360,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def sparsify(model: nn.Module, sparsity: float = 0.9, method: str = "magnitude", *,
              data: Optional[Iterable] = None, loss_fn: Optional[Callable] = None, steps: int = 100,
              lr: float = 0.1, skip: Callable[[str, nn.Module], bool] = lambda name, m: False,
-             policy: str = "auto", inplace: bool = False) -> nn.Module:
+             policy: str = "auto", inplace: bool = False, block: Optional[int] = None) -> nn.Module:
     """Prunes every nn.Linear / nn.Conv2d (except those ``skip(name, module)`` names) to
     ``sparsity`` and swaps in SparseLinear / SparseConv2d.
 
@@ -359,16 +369,24 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, method: str = "magnitude",
     from |w|; the forward uses w * topk(scores) and the gradient reaches the scores straight
     through the top-k. ``steps`` SGD steps over ``data`` (an iterable of (inputs, targets),
     cycled) with ``loss_fn(model(inputs), targets)``, then the learned masks are packed.
+
+    ``block`` (4 or 8, magnitude only): prune whole blocks of ``block`` consecutive output channels
+    x one column by their L2 norm, which the blocked format runs faster than unstructured masks,
+    at some accuracy (structured pruning keeps fewer free choices).
     """
     check_sparsity(sparsity)
     if method not in ("magnitude", "learned"):
         raise ValueError(f"method must be 'magnitude' or 'learned', got {method!r}")
+    if block is not None and (block not in BLOCK_SIZES or method != "magnitude"):
+        raise ValueError(f"block must be None or one of {BLOCK_SIZES}, with method='magnitude'; got block={block!r}, "
+                         f"method={method!r}")
     if not inplace:
         model = copy.deepcopy(model)
     layers = list(_prunable(model, skip))
     masks = {}
     if method == "magnitude":
-        masks = {name: magnitude_mask(m.weight, sparsity) for name, m in layers}
+        masks = {name: magnitude_mask(m.weight, sparsity) if block is None else
+                 block_mask(m.weight, sparsity, block, getattr(m, "groups", 1)) for name, m in layers}
     else:
         if data is None or loss_fn is None:
             raise ValueError("method='learned' needs data (an iterable of (inputs, targets)) and loss_fn")
@@ -377,7 +395,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, method: str = "magnitude",
         masks = _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr)
     for name, m in layers:
         cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
-        _replace(model, name, cls.from_dense(m, mask=masks[name], policy=policy).train(m.training))
+        _replace(model, name, cls.from_dense(m, mask=masks[name], policy=policy, block=block).train(m.training))
     return model
 
 

@@ -2,7 +2,9 @@
 autograd, and the C++ kernels (csrc/sparse).
 
 Both ops take the packed SparseWeight as plain tensors (values, CSR, transposed CSR) so that
-torch.compile and opcheck see ordinary tensor arguments. Gradients:
+torch.compile and opcheck see ordinary tensor arguments; the forward runs on the blocked form
+when one is given (block > 0: b_rowptr, b_colidx and the blocked values, see format.py), the
+gradients always on the CSR. Gradients:
 
     grad_x      = the same sparse product with W^T (col2im for convolutions)
     grad_values = grad_y . im2col(x)^T sampled at W's non-zeros (never a dense weight gradient)
@@ -52,11 +54,11 @@ def linear_geometry(B: int, I: int, O: int) -> List[int]:
     return [1, I, 1, B, O, 1, 1, 1, 1, 1, 0, 0, 1, 1]
 
 
-def _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y3, act):
+def _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y3, act, blocked):
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x3.device).run()
     ext.sparse_conv_fwd(geom, rowptr, colidx, values.detach(), t_rowptr, x3,
                         bias.detach().float().contiguous() if bias is not None else None, y3, act,
-                        _backend.num_threads())
+                        _backend.num_threads(), *blocked)
 
 
 def _widened(x: Tensor, transpose: bool = False) -> Tensor:
@@ -89,12 +91,12 @@ def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
 
 # ------------------------------------------------------------------ linear
 
-def _cpu_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, act):
+def _cpu_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, act, blocked):
     B, O = x.shape[0], out_features(rowptr, in_features)
     y = x.new_empty(B, O)
     xt = _widened(x, transpose=True).unsqueeze(0)  # (1, I, B): each feature a batch row
     _forward(linear_geometry(B, in_features, O), values, rowptr, colidx, t_rowptr, xt, bias,
-             y.t().unsqueeze(0), act)
+             y.t().unsqueeze(0), act, blocked)
     return y
 
 
@@ -113,7 +115,7 @@ def _cpu_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm,
     return gx, gv
 
 
-def _triton_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, act):
+def _triton_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, act, blocked):
     from hotops.sparse.triton import bsr_linear
 
     y = bsr_linear(x, rowptr, colidx, values, (out_features(rowptr, in_features), in_features), bias, act)
@@ -142,17 +144,19 @@ LINEAR_BACKENDS = (
 
 def linear_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
                    t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], in_features: int,
-                   activation: int) -> Tensor:
-    """y = act(x W^T + bias) for x (B, I), W the (O, I) CSR weight; ``activation`` is an
-    ACTIVATIONS code."""
+                   activation: int, block: int = 0, b_rowptr: Optional[Tensor] = None,
+                   b_colidx: Optional[Tensor] = None, b_values: Optional[Tensor] = None) -> Tensor:
+    """y = act(x W^T + bias) for x (B, I), W the (O, I) CSR weight (its blocked form when block > 0:
+    the CPU kernels; the GPU's BSR kernel ignores it); ``activation`` is an ACTIVATIONS code."""
     if x.shape[0] == 0:
         return x.new_empty(0, out_features(rowptr, in_features))
     forward, _ = _backend.choose("sparse_linear", LINEAR_BACKENDS, x.device).run
-    return forward(x, values, rowptr, colidx, t_rowptr, bias, in_features, activation)
+    return forward(x, values, rowptr, colidx, t_rowptr, bias, in_features, activation,
+                   (block, b_rowptr, b_colidx, b_values))
 
 
 def prepared_linear(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
-                    bias: Optional[Tensor], in_features: int, activation: int):
+                    bias: Optional[Tensor], in_features: int, activation: int, blocked=(0, None, None, None)):
     """linear_forward for inputs shaped like x (..., I) (float32, contiguous, on the CPU, nothing
     to differentiate) with everything but the allocations and x's transposition done once:
     fn(x) -> y (see prepared_conv2d)."""
@@ -161,7 +165,7 @@ def prepared_linear(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t
     ext = _backend.choose("sparse_linear", CONV_BACKENDS, x.device).run()  # the C++ kernels
     bias = bias.detach().float().contiguous() if bias is not None else None
     plan = ext.SparseConvPlan(linear_geometry(B, in_features, O), rowptr, colidx, values.detach(), t_rowptr, bias,
-                              activation)
+                              activation, *blocked)
     forward, widen, threads, empty = plan.forward, ext.sparse_widen, torch.get_num_threads, torch.empty
 
     def run(x: Tensor) -> Tensor:
@@ -183,7 +187,8 @@ sparse_linear_op = torch.library.custom_op("hotops::sparse_linear", linear_forwa
 
 
 @sparse_linear_op.register_fake
-def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, in_features, activation):
+def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, in_features, activation, block=0,
+      b_rowptr=None, b_colidx=None, b_values=None):
     return x.new_empty(x.shape[0], out_features(rowptr, in_features))
 
 
@@ -213,21 +218,24 @@ def _(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features, ne
 def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
                      t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], weight_shape: List[int],
                      stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                     activation: int) -> Tensor:
-    """y = act(conv2d(x, W, bias)) for the (O, C/groups, kh, kw) CSR weight W."""
+                     activation: int, block: int = 0, b_rowptr: Optional[Tensor] = None,
+                     b_colidx: Optional[Tensor] = None, b_values: Optional[Tensor] = None) -> Tensor:
+    """y = act(conv2d(x, W, bias)) for the (O, C/groups, kh, kw) CSR weight W (its blocked form
+    when block > 0)."""
     geom = conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
     y = x.new_empty(out_shape(x.shape, weight_shape, stride, padding, dilation))
     if y.numel() == 0:
         return y
     N, C, H, W = x.shape
     x3 = _widened(x.contiguous().view(N * C, H * W)).view(N, C, H * W)
-    _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.flatten(2), activation)
+    _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.flatten(2), activation,
+             (block, b_rowptr, b_colidx, b_values))
     return y
 
 
 def prepared_conv2d(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
                     bias: Optional[Tensor], weight_shape: List[int], stride: List[int], padding: List[int],
-                    dilation: List[int], groups: int, activation: int):
+                    dilation: List[int], groups: int, activation: int, blocked=(0, None, None, None)):
     """conv2d_forward for inputs shaped like x (float32, contiguous, on the CPU, nothing to
     differentiate) with everything but the output's allocation done once: fn(x) -> y. It reads
     values and bias in place (updates in place show; a replaced tensor needs a new one)."""
@@ -235,7 +243,7 @@ def prepared_conv2d(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x.device).run()
     bias = bias.detach().float().contiguous() if bias is not None else None
     plan = ext.SparseConvPlan(conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups), rowptr,
-                              colidx, values.detach(), t_rowptr, bias, activation)
+                              colidx, values.detach(), t_rowptr, bias, activation, *blocked)
     forward, threads, empty = plan.forward, torch.get_num_threads, torch.empty
 
     def run(x: Tensor) -> Tensor:
@@ -251,7 +259,7 @@ sparse_conv2d_op = torch.library.custom_op("hotops::sparse_conv2d", conv2d_forwa
 
 @sparse_conv2d_op.register_fake
 def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, weight_shape, stride, padding,
-      dilation, groups, activation):
+      dilation, groups, activation, block=0, b_rowptr=None, b_colidx=None, b_values=None):
     return x.new_empty(out_shape(x.shape, weight_shape, stride, padding, dilation))
 
 
@@ -288,9 +296,10 @@ def _(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, weight_shape, s
 
 # ------------------------------------------------------------------ autograd
 
-def _setup(ctx, inputs, output, act: int):
+def _setup(ctx, inputs, output, extra: int):
     x, values = inputs[0], inputs[1]
-    ctx.extra = inputs[8:-1]  # in_features, or (weight_shape, stride, padding, dilation, groups)
+    ctx.extra = inputs[8:8 + extra]  # in_features, or (weight_shape, stride, padding, dilation, groups)
+    act = inputs[8 + extra]  # then the blocked form, which the gradients do not use
     ctx.has_bias = inputs[7] is not None
     ctx.bias_dtype = inputs[7].dtype if ctx.has_bias else None
     ctx.act = act
@@ -310,9 +319,10 @@ def _grads(ctx, gy, backward_op, bias_dims):
     return (gx if need_x else None, gv if need_values else None, None, None, None, None, None, gb)
 
 
+BLOCKED_ARGS = 4  # block, b_rowptr, b_colidx, b_values: no gradients
 sparse_linear_op.register_autograd(
-    lambda ctx, gy: _grads(ctx, gy, sparse_linear_backward, (0,)) + (None, None),
-    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, inputs[-1]))
+    lambda ctx, gy: _grads(ctx, gy, sparse_linear_backward, (0,)) + (None,) * (2 + BLOCKED_ARGS),
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 1))
 sparse_conv2d_op.register_autograd(
-    lambda ctx, gy: _grads(ctx, gy, sparse_conv2d_backward, (0, 2, 3)) + (None,) * 6,
-    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, inputs[-1]))
+    lambda ctx, gy: _grads(ctx, gy, sparse_conv2d_backward, (0, 2, 3)) + (None,) * (6 + BLOCKED_ARGS),
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 5))
