@@ -186,8 +186,8 @@ def _layer_grams(dense: nn.Module, model: nn.Module, name: str, calib: List,
     with torch.no_grad():
         for batch in calib:
             xq, xf = (_layer_input(m, name, batch, token_mask) for m in (model, dense))
-            wq = xq * _token_weights(xf, weight)[:, None]
-            parts = (wq.T @ xq, wq.T @ xf, (xf * _token_weights(xf, weight)[:, None]).T @ xf)
+            a = _token_weights(xf, weight)[:, None]
+            parts = ((xq * a).T @ xq, (xq * a).T @ xf, (xf * a).T @ xf)
             acc = parts if acc is None else tuple(a + p for a, p in zip(acc, parts))
     return Grams(*(t.float() for t in acc))
 
@@ -289,9 +289,8 @@ def plan(model: nn.Module, bits_per_weight: float, calib: Optional[List] = None,
     Each candidate is the k-means initialisation followed by one round of joint learning on the
     dense inputs (second-order codes, then `plan_steps` codebook steps): k-means alone misjudges
     layers whose inputs have a few huge features, so the plan would spend bits where learning
-    needs none. The end-to-end damage is measured on
-    the first `probe_batches` calibration batches. Without `calib` the damage of a format is its
-    relative weight error after k-means."""
+    needs none. The end-to-end damage is measured on the first `probe_batches` calibration
+    batches. Without `calib` the damage of a format is its relative weight error after k-means."""
     from tqdm.auto import tqdm
 
     layers = _linears(model, skip)
