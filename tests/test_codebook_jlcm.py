@@ -113,8 +113,10 @@ def test_second_order_codes_uses_the_correlations():
     w = torch.randn(64, 32, generator=gen)
     init = quantize_weight(w, 2, 2, 1, 1, iters=10, seed=0)
     book, s = init.codebooks[0, 0], init.scales
-    weights = gram.diagonal().repeat(64).reshape(-1, 2)
-    nearest_codes = nearest((w / s[:, None]).reshape(-1, 2), book, weights).reshape(64, 16, 1)
+    # per input group, the nearest codeword in the diag(H)-weighted metric (sqrt-scaled Euclidean)
+    root = gram.diagonal().sqrt().reshape(16, 2)
+    slices = (w / s[:, None]).reshape(64, 16, 2)
+    nearest_codes = torch.stack([nearest(slices[:, j] * root[j], book * root[j]) for j in range(16)], 1)[..., None]
     ours = second_order_codes(w, gram, init.codebooks, s, init.group_ptr)
     dequant = lambda c: s[:, None] * book[c[..., 0].long()].reshape(64, 32)  # noqa: E731
     assert layer_loss(dequant(ours), w, gram) < 0.7 * layer_loss(dequant(nearest_codes), w, gram)

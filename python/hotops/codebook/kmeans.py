@@ -11,18 +11,12 @@ from hotops.codebook.format import CodebookWeight, code_bits
 ASSIGN_CHUNK = 2048  # points per distance block: the (chunk, k) matrix stays in cache
 
 
-def nearest(points: Tensor, centroids: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-    """Index of the nearest centroid of every point, chunked: squared Euclidean, or with
-    `weights` (same shape as points) sum_d weights[p, d] (points[p, d] - centroids[c, d])^2."""
+def nearest(points: Tensor, centroids: Tensor) -> Tensor:
+    """Index of the nearest centroid (squared Euclidean) of every point, chunked."""
     out = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
-    c2 = centroids.pow(2)
+    c2 = centroids.pow(2).sum(1)
     for i in range(0, points.shape[0], ASSIGN_CHUNK):
-        p = points[i:i + ASSIGN_CHUNK]
-        if weights is None:
-            dist = torch.addmm(c2.sum(1), p, centroids.T, alpha=-2)
-        else:
-            w = weights[i:i + ASSIGN_CHUNK]
-            dist = torch.addmm(w @ c2.T, w * p, centroids.T, alpha=-2)
+        dist = torch.addmm(c2, points[i:i + ASSIGN_CHUNK], centroids.T, alpha=-2)
         out[i:i + ASSIGN_CHUNK] = dist.argmin(1)
     return out
 
