@@ -10,6 +10,8 @@ import ctypes
 import dataclasses
 import functools
 import importlib.util
+import math
+import numbers
 import os
 import re
 from typing import Callable, Iterable, Optional, Sequence
@@ -92,6 +94,40 @@ def check_tensor(t, name: str, *, ndim: Optional[int | Sequence[int]] = None,
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
     return t
+
+
+def check_number(x, name: str, *, integer: bool = False, low: Optional[float] = None,
+                 low_open: bool = False, high: Optional[float] = None, high_open: bool = False,
+                 finite: bool = True):
+    """A scalar argument as a Python int or float. Numbers arrive as Python numbers, NumPy scalars
+    or 0-d tensors (all accepted); anything else (a string, a bool, a list, a tensor with elements
+    other than one) is a TypeError naming the argument. The range check says what was expected:
+    ``low``/``high`` bound the value, ``*_open`` makes a bound exclusive, ``finite`` refuses NaN
+    and +-inf, ``integer`` refuses fractions (1.0 is accepted as 1)."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.dim() != 0:
+            raise TypeError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(x.shape)}")
+        x = x.item()
+    elif hasattr(x, "item") and hasattr(x, "dtype") and getattr(x, "shape", None) == ():
+        x = x.item()  # NumPy scalar or 0-d array
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}")
+    if integer:
+        if isinstance(x, float):
+            if not math.isfinite(x) or x != int(x):
+                raise ValueError(f"{name} must be an integer, got {x!r}")
+        x = int(x)
+    else:
+        x = float(x)
+        if finite and not math.isfinite(x):
+            raise ValueError(f"{name} must be finite, got {x!r}")
+    too_low = low is not None and (x <= low if low_open else x < low)
+    too_high = high is not None and (x >= high if high_open else x > high)
+    if too_low or too_high or (not integer and math.isnan(x)):
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise ValueError(f"{name} must be {' and '.join(b for b in (lo, hi) if b)}, got {x!r}")
+    return x
 
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
