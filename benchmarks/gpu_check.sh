@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: build hotops (with CUDA sources), run the GPU tests and the GPU
+# On a machine with a CUDA GPU: build hotops, run the GPU tests and the GPU
 # benchmark cases, and write everything under $OUT (or ./gpu-results). Without a GPU it says so
 # and exits 0. Budget: under 5 minutes; each family adds its cases to `hotops bench --device cuda`.
 set -uo pipefail
@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1
 
 # build against the machine's own torch/triton (no build isolation: nothing can be fetched there)
 site=$(mktemp -d)
-HOTOPS_CUDA=ON timeout 240 "$PY" -m pip install -q --no-build-isolation --no-deps --target "$site" . \
+timeout 240 "$PY" -m pip install -q --no-build-isolation --no-deps --target "$site" . \
   2>&1 | tail -20 | tee "$OUT/build.txt"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 

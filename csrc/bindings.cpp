@@ -1,5 +1,6 @@
 // The pybind11 module hotops._C. Each family registers its functions from its own bind.cpp;
-// this file only lists them. No kernel logic lives here.
+// this file lists them and adds the module-wide switches (ISA, VBMI, OpenMP runtime). No kernel
+// logic lives here.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>

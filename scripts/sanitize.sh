@@ -10,7 +10,7 @@ build=${BUILD_DIR:-build/sanitize}
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DHOTOPS_SANITIZE=ON -DHOTOPS_CUDA=OFF \
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DHOTOPS_SANITIZE=ON \
   -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v "$PY")" >/dev/null
 cmake --build "$build"
 cp -r python/hotops "$stage/hotops"

@@ -661,6 +661,7 @@ def test_triton_bsr_linear_in_interpreter(monkeypatch, B, O, I):
 
 
 def test_bsr_packing_round_trip():
+    pytest.importorskip("triton")
     from hotops.sparse.triton import to_bsr
 
     sw = SparseWeight.from_dense(torch.randn(70, 45), sparsity=0.9)

@@ -1,6 +1,6 @@
 // Run-time choice between the per-ISA builds of a kernel (see CMakeLists.txt). A family header
 // declares its kernels once per ISA with HOTOPS_FOR_EACH_ISA; callers in baseline-compiled code
-// (bindings.cpp) call HOTOPS_DISPATCH(name)(args...).
+// (each family's bind.cpp) call HOTOPS_DISPATCH(name)(args...).
 #pragma once
 #include "common/cpu_features.h"
 

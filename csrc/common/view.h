@@ -1,5 +1,6 @@
-// A torch-free view of a strided array: pointer, dtype, sizes and strides (in elements).
-// Built from a DLPack capsule in bindings.cpp, so torch tensors and NumPy arrays both arrive here.
+// A torch-free view of a strided array (at most 4 dimensions): pointer, dtype, sizes and strides
+// (in elements). Built by ViewArgs (common/pyargs.h) in each family's bind.cpp: torch tensors
+// through their accessors, NumPy arrays and other __dlpack__ producers through a DLPack capsule.
 #pragma once
 #include <cstdint>
 #include <initializer_list>

@@ -56,15 +56,21 @@ def plot(results, path):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'hotops[bench]')")
         return None
     rs = [r for r in results if r.speedup]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rs) + 1.5))
     labels = [f"{r.family}: {r.case} vs {r.peer}" for r in rs]
-    ax.barh(labels, [r.speedup for r in rs], color=["tab:green" if r.speedup >= 1 else "tab:red" for r in rs])
+    # log axis: bars grow from 1x either way, so a 0.5x slowdown is as long as a 2x speed-up and
+    # the largest ratios (tens of x) do not flatten the rest
+    ax.barh(labels, [r.speedup - 1.0 for r in rs], left=1.0,
+            color=["tab:green" if r.speedup >= 1 else "tab:red" for r in rs])
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speed-up (peer time / hotops time)")
+    ax.set_xlabel("speed-up (peer time / hotops time, log scale)")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
