@@ -146,6 +146,15 @@ def _search_cases(rank, world, group, x, q, tmp):
             got_r = sharded.search(mine, K, refine=R, **kw)
             _check_equal(got_r, _reference(single, mine, K, kw, refine=R, metric=metric),
                          f"{kind} {kw} refine world {gworld}")
+        if kind == "ivf8":  # an allow-list of global ids
+            kw = {"nprobe": 16, "allow": np.arange(0, N, 3)}
+            _check_equal(sharded.search(mine, K, **kw), _reference(single, mine, K, kw), f"allow world {gworld}")
+            # a rank's bad arguments raise there, and on the others instead of leaving them waiting
+            bad = mine[:, :3] if grank == gworld - 1 else mine
+            with pytest.raises(ValueError, match="dimension 3" if grank == gworld - 1 else "refused their arguments"):
+                sharded.search(bad, K)
+            with pytest.raises(ValueError, match="must be the same on every rank"):
+                sharded.search(mine, K + grank)
         tq = sharded.search(torch.from_numpy(mine), K, **kws[0])  # torch in, torch out
         assert isinstance(tq[0], torch.Tensor) and tq[1].dtype == torch.int64 and tq[1].shape == (len(mine), K)
 
@@ -165,6 +174,10 @@ def _search_cases(rank, world, group, x, q, tmp):
         got = sharded.search(mine, K, candidates=20, nprobe=4, fusion=fusion)
         want = _reference(single, mine, K, {"nprobe": 4}, store=x, fusion=fusion, candidates=20)
         _check_equal(got, want, f"bigran fusion {fusion} world {gworld}")
+    mask = np.arange(N) % 2 == 0  # a boolean allow mask over global ids
+    kw = {"nprobe": 4, "allow": mask}
+    _check_equal(sharded.search(mine, K, candidates=20, **kw),
+                 _reference(single, mine, K, kw, store=x, candidates=20), f"bigran allow world {gworld}")
     np.testing.assert_array_equal(sharded.vectors(np.array([5, N - 1, 0])), x[[5, N - 1, 0]])
 
 

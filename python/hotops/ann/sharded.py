@@ -152,41 +152,34 @@ class ShardedIndex:
         best `candidates` (default 200) are re-ranked exactly (+ fusion · PQ score). nprobe goes to
         IVF shards; allow is a global id array or a boolean mask over global ids."""
         torch_out, device = _arrays.is_torch(q), (q.device if _arrays.is_torch(q) else torch.device("cpu"))
-        k = _arrays.check_k(k)
-        if self.bigran:
-            if refine is not None:
-                raise ValueError("refine does not apply to a bi-granular shard: it always re-ranks `candidates`")
-            candidates = _arrays.check_k(200 if candidates is None else candidates, "candidates")
-            if candidates < k:
-                raise ValueError(f"candidates ({candidates}) must be at least k ({k})")
-            if not np.isfinite(fusion):
-                raise ValueError(f"fusion must be finite, got {fusion!r}")
-        else:
-            if candidates is not None or fusion != 0.0:
-                raise ValueError("candidates and fusion apply to bi-granular shards only")
-            if refine is not None:
-                refine = _arrays.check_k(refine, "refine")
-                if not self.pq.keep_vectors:
-                    raise ValueError("refine needs the exact vectors: build the shards with keep_vectors=True")
-        extra = {}
-        if isinstance(self.pq, IVFPQIndex):
-            extra["nprobe"] = nprobe
-        elif nprobe is not None:
-            raise ValueError("nprobe applies to IVFPQIndex shards only")
-        qv = _arrays.as_vectors(q, "queries", self.dim)  # checked on every rank before any collective
+        error, qv, kk = None, None, 0
+        try:  # a rank that refuses its arguments must not leave the others waiting: see below
+            qv, kk, extra = self._check_search(q, k, refine, candidates, nprobe, fusion)
+        except (TypeError, ValueError) as exc:
+            error = exc
         cdev = _comm_device(self.group)
 
-        # 1. everyone's queries, in rank order
-        counts_t = torch.tensor([qv.shape[0]], dtype=torch.int64, device=cdev)
-        parts = [torch.empty_like(counts_t) for _ in range(self.world_size)]
-        dist.all_gather(parts, counts_t, group=self.group)
-        counts = [int(p.item()) for p in parts]
+        # 1. everyone's query count and settings (which must agree), then the queries in rank order
+        fbits = int(np.array(float(fusion) if error is None else 0.0, np.float64).view(np.int64))
+        settings = [0, 0, 0, 0] if error else [kk, int(k), int(refine or 0), extra.get("nprobe", 0)]
+        head = torch.tensor([-1 if error else qv.shape[0]] + settings + [fbits], dtype=torch.int64, device=cdev)
+        parts = [torch.empty_like(head) for _ in range(self.world_size)]
+        dist.all_gather(parts, head, group=self.group)
+        heads = torch.stack(parts).cpu()
+        if error is not None:
+            raise error
+        bad = torch.nonzero(heads[:, 0] < 0).flatten().tolist()
+        if bad:
+            raise ValueError(f"ShardedIndex.search: rank(s) {bad} of the group refused their arguments")
+        if not bool((heads[:, 1:] == heads[0, 1:]).all()):
+            raise ValueError("ShardedIndex.search: k, refine, candidates, nprobe and fusion must be the same on every "
+                             f"rank; got (depth, k, refine, nprobe, fusion bits) {heads[:, 1:].tolist()} by rank")
+        counts = heads[:, 0].tolist()
         nq = counts[self.rank]
         qall_t = _all_gather_rows(torch.from_numpy(qv).to(cdev), counts, self.group)
         qall = qall_t.cpu().numpy()
 
         # 2. this shard's candidates for every query
-        kk = candidates if self.bigran else (k * refine if refine else k)
         score_l, ids_l = self._local_topk(qall, kk, allow=self._local_allow(allow), **extra)
         gid_l = np.where(ids_l >= 0, ids_l + self.id_offset, -1)
         send = [c * kk for c in counts]
@@ -210,6 +203,35 @@ class ShardedIndex:
         if torch_out:
             return out.to(device), gid.to(device)
         return out.numpy(), gid.numpy()
+
+    def _check_search(self, q, k, refine, candidates, nprobe, fusion):
+        """(queries as float32 NumPy, candidates per shard, search kwargs) after the checks."""
+        k = _arrays.check_k(k)
+        if self.bigran:
+            if refine is not None:
+                raise ValueError("refine does not apply to a bi-granular shard: it always re-ranks `candidates`")
+            candidates = _arrays.check_k(200 if candidates is None else candidates, "candidates")
+            if candidates < k:
+                raise ValueError(f"candidates ({candidates}) must be at least k ({k})")
+            if not np.isfinite(fusion):
+                raise ValueError(f"fusion must be finite, got {fusion!r}")
+        else:
+            if candidates is not None or fusion != 0.0:
+                raise ValueError("candidates and fusion apply to bi-granular shards only")
+            if refine is not None:
+                refine = _arrays.check_k(refine, "refine")
+                if not self.pq.keep_vectors:
+                    raise ValueError("refine needs the exact vectors: build the shards with keep_vectors=True")
+        extra = {}
+        if isinstance(self.pq, IVFPQIndex):
+            nprobe = min(16, self.pq.nlist) if nprobe is None else nprobe
+            if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.pq.nlist:
+                raise ValueError(f"nprobe must be an integer in 1..nlist = {self.pq.nlist}, got {nprobe!r}")
+            extra["nprobe"] = int(nprobe)
+        elif nprobe is not None:
+            raise ValueError("nprobe applies to IVFPQIndex shards only")
+        qv = _arrays.as_vectors(q, "queries", self.dim)
+        return qv, (candidates if self.bigran else (k * refine if refine else k)), extra
 
     def _local_topk(self, q: np.ndarray, k: int, **kw):
         """This shard's best k by (score, id): (scores (n, k) lower-is-better, local ids). The scan
