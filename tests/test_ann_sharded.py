@@ -274,26 +274,16 @@ def _mining_cases(rank, world, x, q):
 
 
 def _worker(rank, world, tmp):
-    import time
-
     import torch.distributed as dist
 
-    t = [time.perf_counter()]
     x, q = _data()
     _search_cases(rank, world, None, x, q, tmp)
-    t.append(time.perf_counter())
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     _search_cases(rank, world, pairs[rank // 2], x, q, tmp)
-    t.append(time.perf_counter())
     _build_cases(rank, world, None, x, q, tmp)
     dist.barrier()
-    t.append(time.perf_counter())
     _build_cases(rank, world, pairs[rank // 2], x, q, tmp)
-    t.append(time.perf_counter())
     _mining_cases(rank, world, x, q)
-    t.append(time.perf_counter())
-    if os.environ.get("HOTOPS_TEST_TIMES"):
-        print(rank, np.diff(t).round(2), flush=True)
 
 
 def test_sharded_equals_single_index(tmp_path):

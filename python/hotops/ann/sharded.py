@@ -180,7 +180,9 @@ class ShardedIndex:
         qall = qall_t.cpu().numpy()
 
         # 2. this shard's candidates for every query
-        score_l, ids_l = self._local_topk(qall, kk, allow=self._local_allow(allow), **extra)
+        # CUDA queries: the shard scans on their device (the Triton path), the merge runs on the CPU
+        scan_q = qall_t.to(device) if device.type == "cuda" else qall
+        score_l, ids_l = self._local_topk(scan_q, kk, allow=self._local_allow(allow), **extra)
         gid_l = np.where(ids_l >= 0, ids_l + self.id_offset, -1)
         send = [c * kk for c in counts]
         recv = [nq * kk] * self.world_size
@@ -233,7 +235,7 @@ class ShardedIndex:
         qv = _arrays.as_vectors(q, "queries", self.dim)
         return qv, (candidates if self.bigran else (k * refine if refine else k)), extra
 
-    def _local_topk(self, q: np.ndarray, k: int, **kw):
+    def _local_topk(self, q, k: int, **kw):
         """This shard's best k by (score, id): (scores (n, k) lower-is-better, local ids). The scan
         keeps an arbitrary subset of the scores tied at its k-th place, so a query whose (k+1)-th
         score equals its k-th is searched again with twice the depth until the tie is inside."""
@@ -242,7 +244,9 @@ class ShardedIndex:
         ids = np.full((n, k), -1, np.int64)
         todo, depth, limit = np.arange(n), k + 1, max(self.pq.ntotal, 1)
         while todo.size:
-            d, i = self.pq.search(q[todo], min(depth, limit), **kw)
+            d, i = self.pq.search(q[torch.from_numpy(todo).to(q.device)] if _arrays.is_torch(q) else q[todo],
+                                  min(depth, limit), **kw)
+            d, i = _arrays.as_numpy(d, "distances"), _arrays.as_numpy(i, "ids")
             s = np.where(i >= 0, -d if self.metric == "ip" else d, np.inf).astype(np.float32)
             key = np.where(i < 0, np.iinfo(np.int64).max, i)
             order = np.lexsort((key, s), axis=-1)[:, :k]
@@ -375,14 +379,27 @@ class ShardedIndex:
         """Collective: opens this rank's shard of a manifest written by build_sharded (one shard per
         rank of `group`), memory-mapped by default. Refuses (ValueError on every rank) a world
         size other than the manifest's, a shard whose size differs from the manifest's, and shards
-        whose trained codebooks/coarse quantizer differ from the manifest's fingerprint."""
+        whose trained codebooks/coarse quantizer differ from the manifest's fingerprint.
+
+        Rank 0 of the group reads the manifest and sends it to the others, so on machines without
+        a shared file system only rank 0's machine needs it; every rank opens its shard at the
+        manifest's relative path under the manifest's folder on its own machine."""
         manifest = os.fspath(manifest)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         error, local, meta = None, None, None
+        if rank == 0:
+            try:
+                with open(manifest) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError) as exc:
+                meta = f"{type(exc).__name__}: {exc}"
+        box = [meta]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        meta = box[0]
         try:
-            with open(manifest) as f:
-                meta = json.load(f)
-            if meta.get("format") != MANIFEST_FORMAT or meta.get("version") != MANIFEST_VERSION:
+            if isinstance(meta, str):
+                raise ValueError(f"rank 0 could not read the manifest ({meta})")
+            if not isinstance(meta, dict) or meta.get("format") != MANIFEST_FORMAT or meta.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"{manifest}: not a hotops sharded-index manifest (version {MANIFEST_VERSION})")
             shards = meta["shards"]
             if len(shards) != world:
