@@ -120,6 +120,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="shard_figures.json")
     ap.add_argument("--no-dist", action="store_true")
+    ap.add_argument("--dist-only", action="store_true", help="build ivf8 only, then the 2-rank comparison")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -131,7 +132,8 @@ def main():
     res = dict(n=a.n, dim=a.dim, nq=a.nq, threads=a.threads, builds={}, rows=[])
     rows = res["rows"]
     sample = x[np.random.default_rng(2).choice(a.n, min(a.n, 256 * a.nlist), replace=False)]
-    for name, kw in (("ivf8 m=16", dict(m=16, nbits=8)), ("ivf4 m=32 fast-scan", dict(m=32, nbits=4))):
+    kinds = (("ivf8 m=16", dict(m=16, nbits=8)), ("ivf4 m=32 fast-scan", dict(m=32, nbits=4)))
+    for name, kw in kinds[:1] if a.dist_only else kinds:
         idx = IVFPQIndex(a.dim, a.nlist, keep_vectors=True, verbose=False, **kw)
         _, tt, ct = timed(lambda idx=idx: idx.train(sample), reps=1)
         _, ta, ca = timed(lambda idx=idx: idx.add(x, np.arange(a.n)), reps=1)
@@ -144,6 +146,9 @@ def main():
                                    file_bytes_per_vector=round(os.path.getsize(path) / a.n, 1))
         print(name, res["builds"][name], flush=True)
         settings = [dict(nprobe=p, refine=r) for p in (4, 8, 16, 32) for r in (None, 4, 10)]
+        keep = idx
+        if a.dist_only:
+            break
         sweep(name, idx.search, settings, q, gt, rows)
         if name.startswith("ivf8"):
             # bi-granular: the same codes without kept vectors, exact vectors in a float16 store
@@ -160,7 +165,6 @@ def main():
             bi = BiGranularIndex(light, store)
             sweep("bigran m=16 f16", bi.search, [dict(nprobe=p, candidates=c) for p in (4, 8, 16) for c in (50, 100, 200)],
                   q, gt, rows)
-            keep = idx
     res["best_at_0.9"] = {}
     for name in {r["index"] for r in rows}:
         ok = [r for r in rows if r["index"] == name and r["recall"] >= 0.9]
@@ -193,6 +197,9 @@ def main():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        single = []  # the single index at the same settings and thread count, same run
+        sweep("ivf8 m=16 single", keep.search, [dict(nprobe=8, refine=10), dict(nprobe=8)], q, gt, single)
+        res["single_same_run"] = single
         out = os.path.join(tmp, "dist.json")
         mp.spawn(_rank, args=(2, port, folder, q, gt, out), nprocs=2)
         with open(out) as f:

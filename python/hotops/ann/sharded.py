@@ -75,13 +75,18 @@ def _raise_together(error: Optional[str], group, what: str):
         raise ValueError(f"{what}: " + "; ".join(bad))
 
 
-def _merge(score: torch.Tensor, gid: torch.Tensor, k: int):
-    """Per row, the k best by (score, id), absent entries (id -1) last: returns (order, score, id)."""
-    key_id = torch.where(gid < 0, torch.iinfo(torch.int64).max, gid)
-    by_id = torch.argsort(key_id, dim=1, stable=True)
-    by_score = torch.argsort(torch.gather(score, 1, by_id), dim=1, stable=True)
-    order = torch.gather(by_id, 1, by_score)[:, :k]
-    return order, torch.gather(score, 1, order), torch.gather(gid, 1, order)
+def _merge(score: np.ndarray, gid: np.ndarray, k: int):
+    """Per row, the k best by (score, id), absent entries (id -1, score inf) last: returns
+    (order, score, id). The rows are runs already sorted by (score, id) (one per shard), which a
+    stable sort by score merges quickly; rows with equal finite scores are sorted again by id."""
+    order = np.argsort(score, axis=1, kind="stable")
+    s = np.take_along_axis(score, order, 1)
+    tied = np.flatnonzero(((s[:, 1:] == s[:, :-1]) & np.isfinite(s[:, 1:])).any(1))
+    if tied.size:
+        key = np.where(gid[tied] < 0, np.iinfo(np.int64).max, gid[tied])
+        order[tied] = np.lexsort((key, score[tied]), axis=-1)
+    order = np.ascontiguousarray(order[:, :k])
+    return order, np.take_along_axis(score, order, 1), np.take_along_axis(gid, order, 1)
 
 
 # ---------------------------------------------------------------------- the index
@@ -189,8 +194,9 @@ class ShardedIndex:
         score = _all_to_all(torch.from_numpy(score_l).reshape(-1).to(cdev), send, recv, self.group)
         gid = _all_to_all(torch.from_numpy(gid_l).reshape(-1).to(cdev), send, recv, self.group)
         # (world, nq, kk) -> (nq, world * kk): candidate j of shard s sits at column s * kk + j
-        score = score.cpu().view(self.world_size, nq, kk).permute(1, 0, 2).reshape(nq, self.world_size * kk)
-        gid = gid.cpu().view(self.world_size, nq, kk).permute(1, 0, 2).reshape(nq, self.world_size * kk)
+        W = self.world_size
+        score = score.cpu().numpy().reshape(W, nq, kk).transpose(1, 0, 2).reshape(nq, W * kk)
+        gid = gid.cpu().numpy().reshape(W, nq, kk).transpose(1, 0, 2).reshape(nq, W * kk)
         order, score, gid = _merge(score, gid, kk)
 
         if refine or self.bigran:
@@ -198,13 +204,13 @@ class ShardedIndex:
             order, score, gid = _merge(score, gid, k)
         score, gid = score[:, :k], gid[:, :k]
         if score.shape[1] < k:  # fewer candidates than k in all
-            score = torch.nn.functional.pad(score, (0, k - score.shape[1]), value=float("inf"))
-            gid = torch.nn.functional.pad(gid, (0, k - gid.shape[1]), value=-1)
-        score = score.masked_fill(gid < 0, float("inf"))
+            score = np.pad(score, ((0, 0), (0, k - score.shape[1])), constant_values=np.inf)
+            gid = np.pad(gid, ((0, 0), (0, k - gid.shape[1])), constant_values=-1)
+        score = np.where(gid < 0, np.float32(np.inf), score).astype(np.float32)
         out = -score if self.metric == "ip" else score
         if torch_out:
-            return out.to(device), gid.to(device)
-        return out.numpy(), gid.numpy()
+            return torch.from_numpy(out).to(device), torch.from_numpy(np.ascontiguousarray(gid)).to(device)
+        return out, np.ascontiguousarray(gid)
 
     def _check_search(self, q, k, refine, candidates, nprobe, fusion):
         """(queries as float32 NumPy, candidates per shard, search kwargs) after the checks."""
@@ -248,11 +254,9 @@ class ShardedIndex:
                                   min(depth, limit), **kw)
             d, i = _arrays.as_numpy(d, "distances"), _arrays.as_numpy(i, "ids")
             s = np.where(i >= 0, -d if self.metric == "ip" else d, np.inf).astype(np.float32)
-            key = np.where(i < 0, np.iinfo(np.int64).max, i)
-            order = np.lexsort((key, s), axis=-1)[:, :k]
-            w = order.shape[1]
-            score[todo, :w] = np.take_along_axis(s, order, 1)
-            ids[todo, :w] = np.take_along_axis(i, order, 1)
+            _, top_s, top_i = _merge(s, i, k)  # the scan's output is sorted by score already
+            w = top_s.shape[1]
+            score[todo, :w], ids[todo, :w] = top_s, top_i
             if depth >= limit or s.shape[1] <= k:
                 break
             tied = np.isfinite(s[:, -1]) & (s[:, -1] == score[todo, k - 1])
@@ -262,66 +266,51 @@ class ShardedIndex:
     def _rerank(self, qall, ids_l, score_l, counts, order, gid, kk, fusion, cdev):
         """Phase 2: the owners score the merged candidates exactly; returns (nq, kk) (score, id)."""
         W, nq, start = self.world_size, counts[self.rank], sum(counts[:self.rank])
-        src = torch.div(order, kk, rounding_mode="floor")  # shard that holds each chosen candidate
-        pos = order - src * kk  # its place in that shard's candidate list
-        valid = gid >= 0
-        qi = torch.arange(nq).unsqueeze(1).expand_as(order)
-        sel = valid.reshape(-1)
-        s_src, s_q, s_pos = src.reshape(-1)[sel], qi.reshape(-1)[sel] + start, pos.reshape(-1)[sel]
-        by_src = torch.argsort(s_src, stable=True)
-        req = torch.stack([s_q[by_src], s_pos[by_src]], 1)  # (n, 2): (global query, position)
-        send = torch.bincount(s_src, minlength=W).tolist()
-        recv_t = _all_to_all(torch.tensor(send, dtype=torch.int64, device=cdev), [1] * W, [1] * W, self.group)
-        recv = recv_t.cpu().tolist()
-        asked = _all_to_all(req.to(cdev), send, recv, self.group).cpu().numpy()
-        exact = self._exact(qall, ids_l, score_l, asked, fusion)
-        back = _all_to_all(torch.from_numpy(exact).to(cdev), recv, send, self.group).cpu()
-        out = torch.full(order.shape, float("inf"), dtype=torch.float32)
-        flat = torch.full((int(sel.sum()),), float("inf"), dtype=torch.float32)
+        src, pos = np.divmod(order, kk)  # the shard holding each chosen candidate, its place there
+        sel = (gid >= 0).reshape(-1)
+        qi = np.repeat(np.arange(nq, dtype=np.int64), order.shape[1])
+        s_src = src.reshape(-1)[sel]
+        by_src = np.argsort(s_src, kind="stable")  # grouped by shard, queries ascending inside
+        req = np.stack([qi[sel][by_src] + start, pos.reshape(-1)[sel][by_src]], 1)  # (global query, place)
+        send = np.bincount(s_src, minlength=W).tolist()
+        recv = _all_to_all(torch.tensor(send, dtype=torch.int64, device=cdev), [1] * W, [1] * W, self.group)
+        recv = recv.cpu().tolist()
+        asked = _all_to_all(torch.from_numpy(np.ascontiguousarray(req)).to(cdev), send, recv, self.group)
+        exact = self._exact(qall, ids_l, score_l, asked.cpu().numpy(), fusion)
+        back = _all_to_all(torch.from_numpy(exact).to(cdev), recv, send, self.group).cpu().numpy()
+        out = np.full(order.size, np.inf, dtype=np.float32)
+        flat = np.empty(back.shape[0], np.float32)
         flat[by_src] = back
-        out.view(-1)[torch.nonzero(sel).squeeze(1)] = flat
-        return out, gid
+        out[sel] = flat
+        return out.reshape(order.shape), gid
 
     def _exact(self, qall, ids_l, score_l, asked: np.ndarray, fusion: float) -> np.ndarray:
         """Exact scores (+ fusion · PQ score for bi-granular) of (query, candidate position)
-        pairs of this shard, from the same kernel a single index re-ranks with."""
+        pairs of this shard, from the same kernel a single index re-ranks with: one row per pair
+        (the pair's query, one candidate), so each score comes back in the pair's place."""
         if asked.shape[0] == 0:
             return np.empty(0, np.float32)
         gq, pos = asked[:, 0], asked[:, 1]
-        uq, inv = np.unique(gq, return_inverse=True)
-        slot = np.zeros(asked.shape[0], np.int64)
-        order = np.argsort(inv, kind="stable")
-        firsts = np.searchsorted(inv[order], np.arange(uq.size))
-        slot[order] = np.arange(asked.shape[0]) - firsts[inv[order]]
-        width = int(slot.max()) + 1
         local_ids = ids_l[gq, pos]
         if self.bigran:
             base, rows = self.local.store, local_ids
         else:
             base, rows = self.pq.vectors, self._rows_of(local_ids)
-        cand = np.full((uq.size, width), -1, np.int64)
-        cand[inv, slot] = rows
-        first = None
-        if self.bigran:
-            first = np.zeros((uq.size, width), np.float32)
-            first[inv, slot] = score_l[gq, pos]
-        out_s = np.empty((uq.size, width), np.float32)
-        out_r = np.empty((uq.size, width), np.int64)
-        q = np.ascontiguousarray(qall[uq])
-        _backend.ext().ann_rerank(q, base, cand, first, float(fusion), self.metric, out_s, out_r, _arrays.threads())
-        # the kernel answers sorted: put each score back beside its candidate (rows are distinct per query)
-        a_in, a_out = np.argsort(cand, axis=1, kind="stable"), np.argsort(out_r, axis=1, kind="stable")
-        scores = np.empty_like(out_s)
-        np.put_along_axis(scores, a_in, np.take_along_axis(out_s, a_out, 1), 1)
-        return np.ascontiguousarray(scores[inv, slot])
+        first = np.ascontiguousarray(score_l[gq, pos].reshape(-1, 1)) if self.bigran else None
+        score = np.empty((gq.size, 1), np.float32)
+        row_out = np.empty((gq.size, 1), np.int64)
+        _backend.ext().ann_rerank(np.ascontiguousarray(qall[gq]), base, np.ascontiguousarray(rows.reshape(-1, 1)),
+                                  first, float(fusion), self.metric, score, row_out, _arrays.threads())
+        return score.reshape(-1)
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Rows of this shard holding the given ids (ids are unique within a shard)."""
         shard_ids = self.pq.ids
         if self._sorted_ids is None or self._sorted_ids[0] is not shard_ids:
-            self._sorted_ids = (shard_ids, np.argsort(shard_ids, kind="stable"))
-        by = self._sorted_ids[1]
-        at = np.searchsorted(shard_ids[by], ids)
+            by = np.argsort(shard_ids, kind="stable")
+            self._sorted_ids = (shard_ids, by, np.ascontiguousarray(shard_ids[by]))
+        _, by, sorted_ids = self._sorted_ids
+        at = np.searchsorted(sorted_ids, ids)
         return by[np.minimum(at, by.size - 1)]
 
     def _local_allow(self, allow):
