@@ -155,6 +155,15 @@ def _search_cases(rank, world, group, x, q, tmp):
                 sharded.search(bad, K)
             with pytest.raises(ValueError, match="must be the same on every rank"):
                 sharded.search(mine, K + grank)
+            # the last rank's shard is empty
+            held = (owner == grank) & (owner != gworld - 1)
+            part, rest = make(), make()
+            part.add(x[held], np.flatnonzero(held))
+            rest.add(x[owner != gworld - 1], np.flatnonzero(owner != gworld - 1))
+            with_empty = ShardedIndex(part, group)
+            for kw in ({"nprobe": 16}, {"nprobe": 16, "refine": R}):
+                _check_equal(with_empty.search(mine, K, **kw), _reference(rest, mine, K, {"nprobe": 16},
+                             refine=kw.get("refine")), f"empty shard {kw} world {gworld}")
         tq = sharded.search(torch.from_numpy(mine), K, **kws[0])  # torch in, torch out
         assert isinstance(tq[0], torch.Tensor) and tq[1].dtype == torch.int64 and tq[1].shape == (len(mine), K)
 
