@@ -15,6 +15,7 @@ def is_torch(x) -> bool:
 
 
 INT64_MAX = (1 << 63) - 1
+MAX_ABS = 1e15  # larger coordinates overflow float32 squared distances (1e30 * dim < 3.4e38)
 
 
 def as_numpy(x, name: str) -> np.ndarray:
@@ -44,6 +45,11 @@ def as_vectors(x, name: str, dim: int) -> np.ndarray:
     if not np.isfinite(a).all():
         bad = np.argwhere(~np.isfinite(a))[0]
         raise ValueError(f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")
+    if a.size and np.abs(a).max() > MAX_ABS:
+        bad = np.argwhere(np.abs(a) > MAX_ABS)[0]
+        raise ValueError(f"{name} has a value of magnitude {float(np.abs(a[bad[0], bad[1]])):.3g} (row {bad[0]}, "
+                         f"column {bad[1]}); at most {MAX_ABS:.0e} is accepted, since squared distances "
+                         f"would overflow float32 to inf")
     return a
 
 
@@ -59,6 +65,9 @@ def as_device_vectors(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
     x = x.detach().to(torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+    if x.numel() and float(x.abs().max()) > MAX_ABS:
+        raise ValueError(f"{name} has values of magnitude above {MAX_ABS:.0e}; squared distances would "
+                         f"overflow float32 to inf")
     return x
 
 

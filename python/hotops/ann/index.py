@@ -16,6 +16,7 @@ METRICS = ("l2", "ip")
 TABLE_STRIDE = 256  # the scan kernels' table width (entries past ksub are +inf)
 PRECOMPUTED_TABLES_MAX_BYTES = 256 << 20  # IVF l2: beyond this, residual tables per probed list
 ENCODE_CHUNK = 1 << 16
+RESULT_PAD_MAX_BYTES = 1 << 30  # k > ntotal: refuse padded answers larger than this
 
 
 def pack_fastscan(codes: np.ndarray, offsets: np.ndarray):
@@ -348,10 +349,24 @@ class _ProductQuantized:
             rows = torch.nn.functional.pad(rows, (0, pad), value=-1)
         return score, rows
 
+    def _scan_k(self, nq: int, k: int, refine) -> int:
+        """How many results the scan keeps: k (or k * refine candidates), but never more than the
+        index holds; the answer is padded to k afterwards. A padded answer past RESULT_PAD_MAX_BYTES
+        is refused (k = 10**9 on a small index would otherwise try to allocate it)."""
+        if k > self.ntotal and nq * k * 12 > RESULT_PAD_MAX_BYTES:
+            raise ValueError(f"k = {k} is more than the {self.ntotal} vectors the index holds, and the (nq, k) answer "
+                             f"padded with -1 would take {nq * k * 12 / 2**30:.1f} GiB; ask for at most ntotal")
+        return max(1, min(k * refine if refine else k, self.ntotal))
+
     def _finish(self, q, score, rows, k, refine, torch_out):
-        """Re-ranks (refine) and hands back (distances, ids) in the caller's kind."""
+        """Re-ranks (refine), pads to k and hands back (distances, ids) in the caller's kind."""
         if refine is not None:
             score, rows = self._rerank(q, rows, k)
+        if score.shape[1] < k:
+            pad = ((0, 0), (0, k - score.shape[1]))
+            score, rows = np.pad(score, pad, constant_values=np.inf), np.pad(rows, pad, constant_values=-1)
+        elif score.shape[1] > k:
+            score, rows = np.ascontiguousarray(score[:, :k]), np.ascontiguousarray(rows[:, :k])
         return _arrays.results(score, rows, self.ids, self.metric, torch_out)
 
     def _rerank(self, q, rows, k):
@@ -447,7 +462,7 @@ class PQIndex(_ProductQuantized):
     def _search_cpu(self, q, k, refine, allow):
         torch_out = _arrays.is_torch(q)
         q = _arrays.as_vectors(q, "queries", self.dim)
-        kk = k * refine if refine else k
+        kk = self._scan_k(q.shape[0], k, refine)
         score, rows = self._result_buffers(q.shape[0], kk)
         allow = _arrays.allow_rows(allow, self.ids)
         if self.fast_scan:  # one list around the origin
@@ -528,7 +543,7 @@ class IVFPQIndex(_ProductQuantized):
     def _search_cpu(self, q, k, refine, allow, nprobe):
         torch_out = _arrays.is_torch(q)
         q = _arrays.as_vectors(q, "queries", self.dim)
-        kk = k * refine if refine else k
+        kk = self._scan_k(q.shape[0], k, refine)
         score, rows = self._result_buffers(q.shape[0], kk)
         probes, allow = self.probe(q, nprobe), _arrays.allow_rows(allow, self.ids)
         if self.fast_scan:

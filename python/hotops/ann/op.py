@@ -33,6 +33,9 @@ def quantize_ste_fwd(x: Tensor, codebooks: Tensor, temperature: float) -> Tuple[
     d2 = (xs * xs).sum(-1, keepdim=True) - 2 * torch.einsum("nsd,sjd->nsj", xs, cb) + (cb * cb).sum(-1)[None]
     p = torch.softmax(-d2 / temperature, dim=-1)
     hard = cb[torch.arange(cb.shape[0], device=cb.device), d2.argmin(-1)]  # (N, m, dsub)
+    # A sub-vector holding NaN or +-Inf has no nearest centroid: NaN out, as the reference's
+    # soft + (hard - soft).detach() gives (argmin over NaN distances would pick an arbitrary one).
+    hard = torch.where(torch.isfinite(xs).all(-1, keepdim=True), hard, float("nan"))
     return hard.reshape(x.shape).to(x.dtype), p
 
 
