@@ -16,6 +16,7 @@ the mapping the pages past its end read as zeros instead of killing the process 
 `check_mapped` then raises MappedFileChangedError on the next use."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -122,6 +123,20 @@ class Mapped:
 def check_mapped(mapped, what: str = "index") -> None:
     for m in mapped:
         m.check(what)
+
+
+@contextlib.contextmanager
+def guarded(mapped, what: str = "index"):
+    """Checks the mappings before and after the block, and when the block fails (an error raised
+    by code that read zero pages, e.g. list offsets that no longer add up), so that the error
+    says the file changed instead."""
+    check_mapped(mapped, what)
+    try:
+        yield
+    except Exception:
+        check_mapped(mapped, what)
+        raise
+    check_mapped(mapped, what)
 
 
 def save(path, kind: str, params: dict, arrays: dict, before_replace: Optional[Callable] = None) -> None:

@@ -117,16 +117,15 @@ class BiGranularIndex:
         extra = {"nprobe": nprobe} if isinstance(self.coarse, IVFPQIndex) else {}
         if nprobe is not None and not extra:
             raise ValueError("nprobe applies to an IVFPQIndex coarse index, this one is a PQIndex")
-        _io.check_mapped(self._mapped, "vector store")
-        dist, ids = self.coarse.search(q, candidates, allow=allow, **extra)
-        first = np.ascontiguousarray(-dist if self.metric == "ip" else dist, dtype=np.float32)
-        first[ids < 0] = 0.0  # absent candidates are skipped by the kernel; keep the scores finite
-        if ids.size and int(ids.max()) >= self.store.shape[0]:
-            raise ValueError(f"the coarse index returned id {int(ids.max())}, the store has only "
-                             f"{self.store.shape[0]} rows (ids added after the BiGranularIndex was built?)")
-        score = np.empty((q.shape[0], k), dtype=np.float32)
-        rows = np.empty((q.shape[0], k), dtype=np.int64)
-        _backend.ext().ann_rerank(q, self.store, ids, first, float(fusion), self.metric, score, rows,
-                                  _arrays.threads())
-        _io.check_mapped(self._mapped, "vector store")  # rows read as zeros would have given wrong scores
+        with _io.guarded(self._mapped, "vector store"):  # rows read as zeros would give wrong scores
+            dist, ids = self.coarse.search(q, candidates, allow=allow, **extra)
+            first = np.ascontiguousarray(-dist if self.metric == "ip" else dist, dtype=np.float32)
+            first[ids < 0] = 0.0  # absent candidates are skipped by the kernel; keep the scores finite
+            if ids.size and int(ids.max()) >= self.store.shape[0]:
+                raise ValueError(f"the coarse index returned id {int(ids.max())}, the store has only "
+                                 f"{self.store.shape[0]} rows (ids added after the BiGranularIndex was built?)")
+            score = np.empty((q.shape[0], k), dtype=np.float32)
+            rows = np.empty((q.shape[0], k), dtype=np.int64)
+            _backend.ext().ann_rerank(q, self.store, ids, first, float(fusion), self.metric, score, rows,
+                                      _arrays.threads())
         return _arrays.results(score, rows, np.arange(self.store.shape[0], dtype=np.int64), self.metric, torch_out)

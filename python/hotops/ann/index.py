@@ -247,9 +247,8 @@ class _ProductQuantized:
         x = _arrays.as_vectors(x, "x", self.dim)
         with self._lock.exclusive():
             ids = self._next_ids(x.shape[0], ids)
-            mapped = self._mapped
-            self._add(x, ids)
-            _io.check_mapped(mapped)  # the old codes were read from the mapping
+            with _io.guarded(self._mapped):  # the old codes are read from the mapping
+                self._add(x, ids)
             self._mapped = []  # every array is a new one now
 
     def train(self, x) -> None:
@@ -259,9 +258,9 @@ class _ProductQuantized:
         with self._lock.exclusive():
             self._refuse_if_holding("train()")
             mapped = self._mapped
-            self._train(x)
-            self._reencode()
-            _io.check_mapped(mapped)
+            with _io.guarded(mapped):  # re-encoding reads the kept vectors from the mapping
+                self._train(x)
+                self._reencode()
             if self.ntotal:
                 self._mapped = []
 
@@ -280,11 +279,8 @@ class _ProductQuantized:
         backend = _backend.choose(f"{type(self).__name__}.search", (
             _backend.Backend("cpu (C++)", _backend.cpu_refuses, self._search_cpu),
             _backend.Backend("cuda (Triton)", _backend.triton_refuses, self._search_triton)), device)
-        with self._lock.shared():
-            _io.check_mapped(self._mapped)
-            out = backend.run(q, k, refine, allow, **kw)
-            _io.check_mapped(self._mapped)  # pages read as zeros would have given wrong results
-        return out
+        with self._lock.shared(), _io.guarded(self._mapped):  # zero pages would give wrong results
+            return backend.run(q, k, refine, allow, **kw)
 
     # ---------------------------------------------------------------- the GPU path
 
