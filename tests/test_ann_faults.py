@@ -214,6 +214,10 @@ def test_half_precision_queries_are_converted():
     (lambda ix, x: PQIndex(16, 4, metric="cos", verbose=False), ValueError, "metric"),
     (lambda ix, x: IVFPQIndex(16, 0, 4, verbose=False), ValueError, "nlist"),
     (lambda ix, x: kmeans(x, 0), ValueError, "k"),
+    (lambda ix, x: kmeans(x, 4, niter="3"), TypeError, "niter"),
+    (lambda ix, x: kmeans(x, 4, seed=-1), ValueError, "seed"),
+    (lambda ix, x: ix.tables(x[:2, :3]), ValueError, "queries"),
+    (lambda ix, x: ix.encode(x[:2].astype(np.int64)), TypeError, "x"),
     (lambda ix, x: quantize_ste(torch.zeros(2, 4), torch.zeros(2, 3, 2), "0.1"), TypeError, "temperature"),
     (lambda ix, x: quantize_ste(torch.zeros(2, 4), torch.zeros(2, 3, 2), float("inf")), ValueError, "temperature"),
     (lambda ix, x: quantize_ste(torch.zeros(2, 4), torch.zeros(2, 3, 2), 0.0), ValueError, "temperature"),
@@ -222,6 +226,25 @@ def test_bad_arguments_name_the_argument(call, exc, name):
     index, x = shared()
     with pytest.raises(exc, match=name):
         call(index, x)
+
+
+def test_bigranular_arguments_name_the_argument(tmp_path):
+    index, x = shared()
+    write_store(tmp_path / "v.store", x)
+    big = BiGranularIndex(index, tmp_path / "v.store")
+    for kw, exc, name in (({"fusion": "0.5"}, TypeError, "fusion"), ({"fusion": float("nan")}, ValueError, "fusion"),
+                          ({"candidates": 0}, ValueError, "candidates"), ({"candidates": 2}, ValueError, "candidates"),
+                          ({"nprobe": 2}, ValueError, "nprobe"), ({"k": 0}, ValueError, "k")):
+        with pytest.raises(exc, match=name):
+            big.search(x[:2], **{"k": 3, **kw})
+    np.testing.assert_array_equal(big.search(x[:2], np.int64(3), candidates=torch.tensor(20))[1][:, 0], [0, 1])
+
+
+def test_ivf_probe_validates():
+    index, x = shared("ivf")
+    assert index.probe(x[:3].astype(np.float64), np.int64(2)).shape == (3, 2)
+    with pytest.raises(ValueError, match="nprobe"):
+        index.probe(x[:3], 5)
 
 
 @pytest.mark.parametrize("nprobe, ok", [(0, False), (5, False), (-1, False), (1.5, False), ("2", False),

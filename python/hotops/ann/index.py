@@ -220,8 +220,12 @@ class _ProductQuantized:
                              f"{int(codes.min())} .. {int(codes.max())}")
         return self.codebooks[np.arange(self.m), codes.astype(np.int64)].reshape(-1, self.dim)
 
-    def tables(self, q: np.ndarray) -> np.ndarray:
+    def tables(self, q) -> np.ndarray:
         """(nq, m, 256) lookup tables: score of each query sub-vector against each centroid."""
+        self._need_trained("tables")
+        return self._tables(_arrays.as_vectors(q, "queries", self.dim))
+
+    def _tables(self, q: np.ndarray) -> np.ndarray:
         out = np.full((q.shape[0], self.m, TABLE_STRIDE), np.inf, dtype=np.float32)
         _backend.ext().ann_tables(q, self._ct, self._cterm, self.metric, out, _arrays.threads())
         return out
@@ -464,7 +468,7 @@ class PQIndex(_ProductQuantized):
         if self.fast_scan:  # one list around the origin
             self._fastscan(q, self._origin, np.zeros((q.shape[0], 1), np.int64), allow, score, rows)
         else:
-            _backend.ext().ann_pq_scan(self.tables(q), self.codes, allow, score, rows, _arrays.threads())
+            _backend.ext().ann_pq_scan(self._tables(q), self.codes, allow, score, rows, _arrays.threads())
         return self._finish(q, score, rows, k, refine, torch_out)
 
     def _device_scan(self, state, q) -> dict:
@@ -495,7 +499,7 @@ class IVFPQIndex(_ProductQuantized):
         return self.coarse is not None and self.codebooks is not None
 
     def _assign(self, x: np.ndarray) -> np.ndarray:
-        return self.probe(x, 1)[:, 0]
+        return self._probe(x, 1)[:, 0]
 
     def _clear(self):
         super()._clear()
@@ -523,9 +527,14 @@ class IVFPQIndex(_ProductQuantized):
     def _list_offsets(self) -> np.ndarray:
         return self.offsets
 
-    def probe(self, q: np.ndarray, nprobe: int) -> np.ndarray:
+    def probe(self, q, nprobe: int) -> np.ndarray:
         """(n, nprobe) the lists to scan (or, with 1, to add to): nearest centroids for l2, largest
         inner products for ip (the coarse k-means itself is L2, as in faiss)."""
+        self._need_trained("probe")
+        q = _arrays.as_vectors(q, "queries", self.dim)
+        return self._probe(q, _backend.check_number(nprobe, "nprobe", integer=True, low=1, high=self.nlist))
+
+    def _probe(self, q: np.ndarray, nprobe: int) -> np.ndarray:
         idx, _ = nearest(q, self.coarse[None], k=nprobe, metric=self.metric)
         return np.ascontiguousarray(idx[:, 0, :])
 
@@ -541,7 +550,7 @@ class IVFPQIndex(_ProductQuantized):
         q = _arrays.as_vectors(q, "queries", self.dim)
         kk = self._scan_k(q.shape[0], k, refine)
         score, rows = self._result_buffers(q.shape[0], kk)
-        probes, allow = self.probe(q, nprobe), _arrays.allow_rows(allow, self.ids)
+        probes, allow = self._probe(q, nprobe), _arrays.allow_rows(allow, self.ids)
         if self.fast_scan:
             self._fastscan(q, self.coarse, probes, allow, score, rows)
         else:
