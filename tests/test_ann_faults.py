@@ -459,7 +459,7 @@ def test_concurrent_saves_to_one_path_leave_one_whole_index(tmp_path):
     for _ in range(3):
         barrier, errors = threading.Barrier(len(indexes)), []
 
-        def save(ix):
+        def save(ix, barrier=barrier, errors=errors):
             try:
                 barrier.wait()
                 ix.save(path)

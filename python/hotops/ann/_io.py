@@ -16,7 +16,6 @@ the mapping the pages past its end read as zeros instead of killing the process 
 `check_mapped` then raises MappedFileChangedError on the next use."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -125,18 +124,23 @@ def check_mapped(mapped, what: str = "index") -> None:
         m.check(what)
 
 
-@contextlib.contextmanager
-def guarded(mapped, what: str = "index"):
+class guarded:
     """Checks the mappings before and after the block, and when the block fails (an error raised
     by code that read zero pages, e.g. list offsets that no longer add up), so that the error
-    says the file changed instead."""
-    check_mapped(mapped, what)
-    try:
-        yield
-    except Exception:
-        check_mapped(mapped, what)
-        raise
-    check_mapped(mapped, what)
+    says the file changed instead. Costs nothing for an index that maps no file."""
+
+    __slots__ = ("mapped", "what")
+
+    def __init__(self, mapped, what: str = "index"):
+        self.mapped, self.what = mapped, what
+
+    def __enter__(self):
+        check_mapped(self.mapped, self.what)
+        return self
+
+    def __exit__(self, *exc):
+        check_mapped(self.mapped, self.what)  # on failure too: raises from the original error
+        return False
 
 
 def save(path, kind: str, params: dict, arrays: dict, before_replace: Optional[Callable] = None) -> None:

@@ -4,8 +4,68 @@ index before or after a change, never halfway through. Writers go first: once on
 readers wait behind it. A thread that already holds the lock (either way) may take it again."""
 from __future__ import annotations
 
-import contextlib
 import threading
+
+
+class _Shared:
+    __slots__ = ("lock", "nested")
+
+    def __init__(self, lock: "RWLock"):
+        self.lock = lock
+
+    def __enter__(self):
+        lock, mine = self.lock, self.lock._mine
+        depth = getattr(mine, "depth", 0)
+        self.nested = bool(depth) or lock._writer == threading.get_ident()
+        if not self.nested:
+            with lock._cond:
+                while lock._writer is not None or lock._writers_waiting:
+                    lock._cond.wait()
+                lock._readers += 1
+        mine.depth = depth + 1
+        return self
+
+    def __exit__(self, *exc):
+        lock = self.lock
+        lock._mine.depth -= 1
+        if not self.nested:
+            with lock._cond:
+                lock._readers -= 1
+                if not lock._readers:
+                    lock._cond.notify_all()
+        return False
+
+
+class _Exclusive:
+    __slots__ = ("lock", "nested")
+
+    def __init__(self, lock: "RWLock"):
+        self.lock = lock
+
+    def __enter__(self):
+        lock, me = self.lock, threading.get_ident()
+        self.nested = lock._writer == me
+        if self.nested:
+            return self
+        if getattr(lock._mine, "depth", 0):
+            raise RuntimeError("cannot change an index from inside one of its own searches")
+        with lock._cond:
+            lock._writers_waiting += 1
+            try:
+                while lock._writer is not None or lock._readers:
+                    lock._cond.wait()
+            finally:
+                lock._writers_waiting -= 1
+            lock._writer = me
+        return self
+
+    def __exit__(self, *exc):
+        if not self.nested:
+            lock = self.lock
+            with lock._cond:
+                lock._writer = None
+                lock._cond.notify_all()
+        return False
 
 
 class RWLock:
@@ -14,54 +74,10 @@ class RWLock:
         self._readers = 0
         self._writer = None  # ident of the thread holding it exclusively
         self._writers_waiting = 0
-        self._mine = threading.local()
+        self._mine = threading.local()  # this thread's shared depth
 
-    def _depth(self) -> int:
-        return getattr(self._mine, "depth", 0)
+    def shared(self) -> _Shared:
+        return _Shared(self)
 
-    @contextlib.contextmanager
-    def shared(self):
-        me = threading.get_ident()
-        if self._writer == me or self._depth():
-            self._mine.depth = self._depth() + 1
-            try:
-                yield
-            finally:
-                self._mine.depth -= 1
-            return
-        with self._cond:
-            while self._writer is not None or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        self._mine.depth = 1
-        try:
-            yield
-        finally:
-            self._mine.depth = 0
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        me = threading.get_ident()
-        if self._writer == me:
-            yield
-            return
-        if self._depth():
-            raise RuntimeError("cannot change an index from inside one of its own searches")
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer is not None or self._readers:
-                    self._cond.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writer = me
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = None
-                self._cond.notify_all()
+    def exclusive(self) -> _Exclusive:
+        return _Exclusive(self)
