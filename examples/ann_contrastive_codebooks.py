@@ -59,6 +59,7 @@ def learn_codebooks(index: PQIndex, queries: np.ndarray, base: np.ndarray, *, st
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"  step {step + 1}: InfoNCE {np.mean(losses[-log_every:]):.4f}", flush=True)
+    index.reset()  # the held codes belong to the old codebooks; run() adds the base again
     index.set_codebooks(books.detach())
     return losses
 
@@ -73,8 +74,7 @@ def run(base: np.ndarray, train_q: np.ndarray, test_q: np.ndarray, m: int, nbits
     t0 = time.perf_counter()
     losses = learn_codebooks(index, train_q, base, **learn)
     seconds = time.perf_counter() - t0
-    index.codes, index.ids = index.codes[:0], index.ids[:0]  # re-encode the base with the new codebooks
-    index.add(base)
+    index.add(base)  # encoded with the learned codebooks
     return dict(before=before, after=recall_at_10(index, test_q, gt), losses=losses, seconds=seconds)
 
 

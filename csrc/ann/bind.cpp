@@ -1,6 +1,11 @@
 // Python bindings of the PQ kernels. Arrays arrive through DLPack (NumPy or torch alike); each
 // call validates its views, then releases the GIL for the kernel.
+#include <cerrno>
+#include <memory>
+#include <system_error>
+
 #include "ann/cpu.h"
+#include "common/mapguard.h"
 #include "common/pyargs.h"
 
 namespace py = pybind11;
@@ -32,6 +37,31 @@ void launch(const Args& a, Kernel kernel) {
 }  // namespace
 
 void bind_ann(py::module_& m) {
+  py::class_<MappedFile, std::shared_ptr<MappedFile>>(
+      m, "MappedFile", py::buffer_protocol(),
+      "A file mapped copy-on-write whose pages read as zeros (instead of raising SIGBUS) if the file "
+      "is truncated under the mapping; changed() says whether that, or a change of size or mtime, "
+      "happened. The buffer is the whole file, writable (copy-on-write, never written back).")
+      .def(py::init([](const py::bytes& path) {
+             const std::string p = path;
+             try {
+               return std::make_shared<MappedFile>(p);
+             } catch (const std::system_error& e) {
+               errno = e.code().value();
+               PyErr_SetFromErrnoWithFilename(PyExc_OSError, p.c_str());
+               throw py::error_already_set();
+             }
+           }),
+           py::arg("path"))
+      .def_property_readonly("size", &MappedFile::size)
+      .def_property_readonly("faults", &MappedFile::faults)
+      .def("changed", &MappedFile::changed, "Empty if the mapping still shows the file as mapped; else why not.")
+      .def_buffer([](MappedFile& f) {
+        return py::buffer_info(f.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {py::ssize_t(f.size())}, {py::ssize_t(1)}, false);
+      });
+  m.def("mapguard_total_faults", &mapguard::total_faults,
+        "Pages of hotops' mappings replaced by zero pages after SIGBUS, since the process started.");
   m.def(
       "ann_tables",
       [](py::object x, py::object ct, py::object cterm, const std::string& metric, py::object out, int threads) {

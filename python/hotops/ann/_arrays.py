@@ -14,9 +14,18 @@ def is_torch(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+INT64_MAX = (1 << 63) - 1
+MAX_ABS = 1e15  # larger coordinates overflow float32 squared distances (1e30 * dim < 3.4e38)
+
+
 def as_numpy(x, name: str) -> np.ndarray:
+    """A NumPy array (no copy where possible) of a NumPy array or a torch tensor on any device;
+    bfloat16 tensors (which NumPy lacks) become float32."""
     if is_torch(x):
-        return x.detach().cpu().numpy()
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.cpu().resolve_conj().resolve_neg().numpy()
     if isinstance(x, np.ndarray):
         return x
     raise TypeError(f"{name} must be a NumPy array or a torch tensor, got {type(x).__name__}")
@@ -27,7 +36,7 @@ def as_vectors(x, name: str, dim: int) -> np.ndarray:
     arrays are refused (they are almost always ids or codes passed by mistake)."""
     a = as_numpy(x, name)
     if not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(f"{name} has dtype {a.dtype}; expected float32 (float64 and float16 are converted)")
+        raise TypeError(f"{name} has dtype {a.dtype}; expected float32 (float64, float16 and bfloat16 are converted)")
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-d (n, {dim}) array, got shape {a.shape}")
     if a.shape[1] != dim:
@@ -36,6 +45,11 @@ def as_vectors(x, name: str, dim: int) -> np.ndarray:
     if not np.isfinite(a).all():
         bad = np.argwhere(~np.isfinite(a))[0]
         raise ValueError(f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")
+    if a.size and np.abs(a).max() > MAX_ABS:
+        bad = np.argwhere(np.abs(a) > MAX_ABS)[0]
+        raise ValueError(f"{name} has a value of magnitude {float(np.abs(a[bad[0], bad[1]])):.3g} (row {bad[0]}, "
+                         f"column {bad[1]}); at most {MAX_ABS:.0e} is accepted, since squared distances "
+                         f"would overflow float32 to inf")
     return a
 
 
@@ -51,22 +65,41 @@ def as_device_vectors(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
     x = x.detach().to(torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+    if x.numel() and float(x.abs().max()) > MAX_ABS:
+        raise ValueError(f"{name} has values of magnitude above {MAX_ABS:.0e}; squared distances would "
+                         f"overflow float32 to inf")
     return x
 
 
 def as_ids(ids, n: int) -> np.ndarray:
+    """(n,) int64 ids in 0 .. 2**63 - 1: -1 is the "no result" padding of search output, and
+    uint64 values past 2**63 - 1 would wrap to negative int64."""
     a = as_numpy(ids, "ids")
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"ids have dtype {a.dtype}; expected integers (int64)")
     if a.ndim != 1 or a.shape[0] != n:
         raise ValueError(f"ids have shape {a.shape}; expected ({n},), one per added vector")
+    if a.size and a.dtype.kind == "u" and int(a.max()) > INT64_MAX:
+        at = int(np.argmax(a > INT64_MAX))
+        raise ValueError(f"ids must be at most 2**63 - 1 (they are stored as int64); got {int(a[at])} at position {at}")
+    if a.size and a.dtype.kind == "i" and int(a.min()) < 0:
+        at = int(np.argmax(a < 0))
+        raise ValueError(f"ids must be non-negative (-1 marks a missing result in search output); "
+                         f"got {int(a[at])} at position {at}")
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def check_k(k: int, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {k!r}")
-    return int(k)
+def auto_ids(largest: int, n: int) -> np.ndarray:
+    """n ids following `largest` (-1 for an empty index), or a ValueError if they pass 2**63 - 1."""
+    start = largest + 1
+    if n and start + n - 1 > INT64_MAX:
+        raise ValueError(f"automatic ids would pass 2**63 - 1 (the largest id held is {largest}); "
+                         f"pass ids= explicitly")
+    return np.arange(start, start + n, dtype=np.int64)
+
+
+def check_k(k, name: str = "k") -> int:
+    return _backend.check_number(k, name, integer=True, low=1)
 
 
 def results(score: np.ndarray, rows: np.ndarray, ids: np.ndarray, metric: str, torch_out: bool
@@ -99,4 +132,6 @@ def allow_rows(allow, ids: np.ndarray) -> Optional[np.ndarray]:
         return rows
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"allow has dtype {a.dtype}; expected int64 ids or a bool mask")
-    return np.isin(ids, a).astype(np.uint8)
+    if a.dtype.kind == "u":  # ids above 2**63 - 1 cannot be held; compare as int64, not float64
+        a = a[a <= INT64_MAX]
+    return np.isin(ids, a.astype(np.int64, copy=False)).astype(np.uint8)

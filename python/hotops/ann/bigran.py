@@ -5,7 +5,6 @@ Store file: a 64-byte header (magic b"HOTOPSST", uint32 version, uint32 dtype co
 int64 dim, uint32 CRC-32 of those fields) then the rows, row i = the vector with id i."""
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from typing import Optional, Union
@@ -13,7 +12,7 @@ from typing import Optional, Union
 import numpy as np
 
 from hotops import _backend
-from hotops.ann import _arrays
+from hotops.ann import _arrays, _io
 from hotops.ann.index import IVFPQIndex, PQIndex
 
 STORE_MAGIC = b"HOTOPSST"
@@ -34,29 +33,28 @@ def write_store(path, x, dtype: str = "float32") -> None:
     code = 0 if dtype == "float32" else 1
     fields = STORE_FIELDS.pack(STORE_MAGIC, STORE_VERSION, code, a.shape[0], a.shape[1])
     header = (fields + struct.pack("<I", zlib.crc32(fields))).ljust(STORE_HEADER, b"\0")
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    def write(f):
+        f.write(header)
+        f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
+
+    _io.atomic_write(path, write)
 
 
 def open_store(path) -> np.ndarray:
-    """The store's rows, memory-mapped copy-on-write (read lazily, never written back)."""
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(STORE_HEADER)
-    if len(head) < STORE_HEADER:
+    """The store's rows, memory-mapped copy-on-write (read lazily, never written back). If the file
+    is truncated under the mapping, the rows past its end read as zeros instead of killing the
+    process; BiGranularIndex notices and raises MappedFileChangedError."""
+    return _open_store(path)[0]
+
+
+def _open_store(path):
+    path = _io.fs_path(path)
+    mapped = _io.Mapped(path)
+    size, raw = mapped.file.size, mapped.bytes
+    if size < STORE_HEADER:
         raise ValueError(f"{path}: truncated store header ({size} bytes)")
+    head = raw[:STORE_HEADER].tobytes()
     fields = head[:STORE_FIELDS.size]
     magic, version, code, rows, dim = STORE_FIELDS.unpack(fields)
     if magic != STORE_MAGIC:
@@ -71,9 +69,8 @@ def open_store(path) -> np.ndarray:
     if size != want:
         raise ValueError(f"{path}: store size {size} bytes does not match {rows} x {dim} {dtype.name} "
                          f"rows ({want} bytes expected)")
-    if rows == 0:
-        return np.empty((0, dim), dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="c", offset=STORE_HEADER, shape=(rows, dim))
+    mapped.check("vector store")
+    return raw[STORE_HEADER:].view(dtype).reshape(rows, dim), mapped
 
 
 class BiGranularIndex:
@@ -89,7 +86,8 @@ class BiGranularIndex:
         if not isinstance(coarse_index, (PQIndex, IVFPQIndex)):
             raise TypeError(f"coarse_index must be a PQIndex or IVFPQIndex, got {type(coarse_index).__name__}")
         self.coarse = coarse_index
-        self.store = open_store(store_path)
+        self.store, mapped = _open_store(store_path)
+        self._mapped = [mapped]
         if dtype is not None and np.dtype(dtype) != self.store.dtype:
             raise ValueError(f"{store_path}: the store holds {self.store.dtype.name} vectors, {dtype} was asked")
         if self.store.shape[1] != coarse_index.dim:
@@ -114,15 +112,20 @@ class BiGranularIndex:
         candidates = _arrays.check_k(candidates, "candidates")
         if candidates < k:
             raise ValueError(f"candidates ({candidates}) must be at least k ({k})")
-        if not np.isfinite(fusion):
-            raise ValueError(f"fusion must be finite, got {fusion!r}")
+        fusion = _backend.check_number(fusion, "fusion")
         q = _arrays.as_vectors(q, "queries", self.coarse.dim)
         extra = {"nprobe": nprobe} if isinstance(self.coarse, IVFPQIndex) else {}
-        dist, ids = self.coarse.search(q, candidates, allow=allow, **extra)
-        first = np.ascontiguousarray(-dist if self.metric == "ip" else dist, dtype=np.float32)
-        first[ids < 0] = 0.0  # absent candidates are skipped by the kernel; keep the scores finite
-        score = np.empty((q.shape[0], k), dtype=np.float32)
-        rows = np.empty((q.shape[0], k), dtype=np.int64)
-        _backend.ext().ann_rerank(q, self.store, ids, first, float(fusion), self.metric, score, rows,
-                                  _arrays.threads())
+        if nprobe is not None and not extra:
+            raise ValueError("nprobe applies to an IVFPQIndex coarse index, this one is a PQIndex")
+        with _io.guarded(self._mapped, "vector store"):  # rows read as zeros would give wrong scores
+            dist, ids = self.coarse.search(q, candidates, allow=allow, **extra)
+            first = np.ascontiguousarray(-dist if self.metric == "ip" else dist, dtype=np.float32)
+            first[ids < 0] = 0.0  # absent candidates are skipped by the kernel; keep the scores finite
+            if ids.size and int(ids.max()) >= self.store.shape[0]:
+                raise ValueError(f"the coarse index returned id {int(ids.max())}, the store has only "
+                                 f"{self.store.shape[0]} rows (ids added after the BiGranularIndex was built?)")
+            score = np.empty((q.shape[0], k), dtype=np.float32)
+            rows = np.empty((q.shape[0], k), dtype=np.int64)
+            _backend.ext().ann_rerank(q, self.store, ids, first, float(fusion), self.metric, score, rows,
+                                      _arrays.threads())
         return _arrays.results(score, rows, np.arange(self.store.shape[0], dtype=np.int64), self.metric, torch_out)

@@ -9,12 +9,14 @@ import torch
 
 from hotops import _backend
 from hotops.ann import _arrays, _io
+from hotops.ann._sync import RWLock
 from hotops.ann.kmeans import codebook_layout, kmeans, nearest
 
 METRICS = ("l2", "ip")
 TABLE_STRIDE = 256  # the scan kernels' table width (entries past ksub are +inf)
 PRECOMPUTED_TABLES_MAX_BYTES = 256 << 20  # IVF l2: beyond this, residual tables per probed list
 ENCODE_CHUNK = 1 << 16
+RESULT_PAD_MAX_BYTES = 1 << 30  # k > ntotal: refuse padded answers larger than this
 
 
 def pack_fastscan(codes: np.ndarray, offsets: np.ndarray):
@@ -41,24 +43,38 @@ class _ProductQuantized:
 
     def __init__(self, dim: int, m: int, nbits: int, metric: str, keep_vectors: bool, seed: int,
                  verbose: bool):
-        if not isinstance(dim, (int, np.integer)) or dim <= 0:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if not isinstance(m, (int, np.integer)) or m <= 0 or dim % m:
+        dim = _backend.check_number(dim, "dim", integer=True, low=1)
+        m = _backend.check_number(m, "m", integer=True, low=1)
+        if dim % m:
             raise ValueError(f"m must be a positive divisor of dim = {dim}, got {m!r}")
-        if nbits not in range(1, 9):
-            raise ValueError(f"nbits must be 1..8 (codes are stored one byte per sub-space), got {nbits!r}")
+        nbits = _backend.check_number(nbits, "nbits (codes are stored one byte per sub-space)", integer=True,
+                                      low=1, high=8)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        self.dim, self.m, self.nbits, self.metric = int(dim), int(m), int(nbits), metric
+        seed = _backend.check_number(seed, "seed", integer=True, low=0)
+        self.dim, self.m, self.nbits, self.metric = dim, m, nbits, metric
         self.ksub, self.dsub = 1 << self.nbits, self.dim // self.m
-        self.keep_vectors, self.seed, self.verbose = bool(keep_vectors), int(seed), verbose
+        self.keep_vectors, self.seed, self.verbose = bool(keep_vectors), seed, verbose
         self.codebooks: Optional[np.ndarray] = None  # (m, ksub, dsub)
         self.codes = np.empty((0, self.m), dtype=np.uint8)
         self.ids = np.empty(0, dtype=np.int64)
         self.vectors = np.empty((0, self.dim), dtype=np.float32) if keep_vectors else None
         self._packed = None  # fast-scan layout of the codes (nbits = 4), rebuilt after changes
-        self._list_tables_key, self._list_tables_cache = None, None
-        self._device_key, self._device_cache = None, None
+        self._list_tables_cached = (None, None)  # (key, tables): one attribute, swapped whole
+        self._device_cached = (None, None)  # (key, state)
+        self._lock = RWLock()  # searches share it, changes take it alone
+        self._mapped = []  # _io.Mapped files the arrays come from (load(mmap=True)), checked around use
+
+    def __getstate__(self):  # pickle / deepcopy: the arrays, not the lock or the maps (copied in full)
+        state = dict(self.__dict__)
+        for name in ("_lock", "_mapped", "_list_tables_cached", "_device_cached", "_packed"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._packed, self._list_tables_cached, self._device_cached = None, (None, None), (None, None)
+        self._lock, self._mapped = RWLock(), []
 
     # ---------------------------------------------------------------- properties
 
@@ -95,13 +111,12 @@ class _ProductQuantized:
 
     def _list_tables(self, coarse: np.ndarray) -> np.ndarray:
         """(nlist, m, ksub) 2 <c_l,s, b_s,j>: what a list adds to the query's own l2 table."""
-        key = self._list_tables_key  # the arrays themselves, so an id cannot be reused while cached
+        key, tables = self._list_tables_cached  # key: the arrays themselves, so no id is reused
         if key is None or key[0] is not coarse or key[1] is not self.codebooks:
             c = coarse.reshape(coarse.shape[0], self.m, self.dsub)
-            self._list_tables_cache = np.ascontiguousarray(2 * np.einsum("lsd,sjd->lsj", c, self.codebooks),
-                                                           dtype=np.float32)
-            self._list_tables_key = (coarse, self.codebooks)
-        return self._list_tables_cache
+            tables = np.ascontiguousarray(2 * np.einsum("lsd,sjd->lsj", c, self.codebooks), dtype=np.float32)
+            self._list_tables_cached = ((coarse, self.codebooks), tables)  # one store: searches share it
+        return tables
 
     def _precomputed_tables(self) -> Optional[np.ndarray]:
         """l2 list tables for the 8-bit scan when they fit PRECOMPUTED_TABLES_MAX_BYTES: a probed list
@@ -127,20 +142,61 @@ class _ProductQuantized:
         for s in range(self.m):
             sub = np.ascontiguousarray(x[:, s * self.dsub:(s + 1) * self.dsub])
             books[s] = kmeans(sub, self.ksub, seed=self.seed + s, verbose=self.verbose)
-        self.set_codebooks(books)
+        self._set_codebooks(books)
+
+    def _refuse_if_holding(self, what: str):
+        """Codes made with old codebooks (or lists) are not valid under new ones: re-encode from the
+        kept vectors, or refuse when the index does not keep them."""
+        if self.ntotal and not self.keep_vectors:
+            raise RuntimeError(
+                f"{what} on an index that holds {self.ntotal} vectors: their codes were made with the old "
+                f"codebooks and the index does not keep the vectors to re-encode them, so search would "
+                f"silently lose recall. Call reset() and add the vectors again, or build the index with "
+                f"keep_vectors=True (then {what} re-encodes the held vectors)")
+
+    def _reencode(self):
+        """Codes (and lists) of the kept vectors again, with the current codebooks, same ids."""
+        if self.ntotal:
+            ids, vectors = self.ids, np.ascontiguousarray(self.vectors)
+            self._clear()
+            self._add(vectors, ids)
+
+    def reset(self) -> None:
+        """Removes every vector (codes, ids, kept vectors); the training stays."""
+        with self._lock.exclusive():
+            self._clear()
+
+    def _clear(self):
+        self.codes = np.empty((0, self.m), dtype=np.uint8)
+        self.ids = np.empty(0, dtype=np.int64)
+        self.vectors = np.empty((0, self.dim), dtype=np.float32) if self.keep_vectors else None
+        self._packed, self._mapped = None, []
 
     def set_codebooks(self, codebooks):
-        """Loads (m, ksub, dsub) codebooks (e.g. learned ones); codes added before are not re-encoded."""
+        """Loads (m, ksub, dsub) codebooks (e.g. learned ones). Vectors already held are re-encoded
+        when the index keeps them (keep_vectors=True); otherwise a non-empty index refuses."""
+        books = self._checked_codebooks(codebooks)
+        with self._lock.exclusive():
+            self._refuse_if_holding("set_codebooks()")
+            self._set_codebooks(books)
+            self._reencode()
+
+    def _checked_codebooks(self, codebooks) -> np.ndarray:
         books = _arrays.as_numpy(codebooks, "codebooks")
         want = (self.m, self.ksub, self.dsub)
         if books.shape != want:
             raise ValueError(f"codebooks have shape {books.shape}, expected {want}")
+        if not np.issubdtype(books.dtype, np.floating):
+            raise TypeError(f"codebooks have dtype {books.dtype}; expected floating point")
         books = np.array(books, dtype=np.float32, order="C")  # a copy: caches key on its identity
         if not np.isfinite(books).all():
             raise ValueError("codebooks contain NaN or Inf")
-        self.codebooks = books
+        return books
+
+    def _set_codebooks(self, books: np.ndarray):
         self._ct, self._cterm = codebook_layout(books)
-        self._device_key = None  # the same array may come back changed in place
+        self.codebooks = books
+        self._device_cached = (None, None)  # the same array may come back changed in place
 
     def encode(self, x) -> np.ndarray:
         """(n, m) uint8 codes of vectors already in the quantized space (residuals for IVF)."""
@@ -155,14 +211,21 @@ class _ProductQuantized:
     def decode(self, codes) -> np.ndarray:
         self._need_trained("decode")
         codes = _arrays.as_numpy(codes, "codes")
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise TypeError(f"codes have dtype {codes.dtype}; expected integers (uint8)")
         if codes.ndim != 2 or codes.shape[1] != self.m:
             raise ValueError(f"codes must be (n, {self.m}), got {codes.shape}")
-        if codes.size and int(codes.max()) >= self.ksub:
-            raise ValueError(f"codes must be < ksub = {self.ksub}")
+        if codes.size and (int(codes.max()) >= self.ksub or int(codes.min()) < 0):
+            raise ValueError(f"codes must be in 0 .. ksub - 1 = {self.ksub - 1}, got values in "
+                             f"{int(codes.min())} .. {int(codes.max())}")
         return self.codebooks[np.arange(self.m), codes.astype(np.int64)].reshape(-1, self.dim)
 
-    def tables(self, q: np.ndarray) -> np.ndarray:
+    def tables(self, q) -> np.ndarray:
         """(nq, m, 256) lookup tables: score of each query sub-vector against each centroid."""
+        self._need_trained("tables")
+        return self._tables(_arrays.as_vectors(q, "queries", self.dim))
+
+    def _tables(self, q: np.ndarray) -> np.ndarray:
         out = np.full((q.shape[0], self.m, TABLE_STRIDE), np.inf, dtype=np.float32)
         _backend.ext().ann_tables(q, self._ct, self._cterm, self.metric, out, _arrays.threads())
         return out
@@ -178,9 +241,32 @@ class _ProductQuantized:
 
     def _next_ids(self, n: int, ids) -> np.ndarray:
         if ids is None:
-            start = int(self.ids.max()) + 1 if self.ids.size else 0
-            return np.arange(start, start + n, dtype=np.int64)
+            return _arrays.auto_ids(int(self.ids.max()) if self.ids.size else -1, n)
         return _arrays.as_ids(ids, n)
+
+    def add(self, x, ids=None) -> None:
+        """Adds vectors x (n, dim) with ids (n,) int64 in 0 .. 2**63 - 1 (default: after the largest
+        id held). Waits for running searches; searches started meanwhile wait for it."""
+        self._need_trained("add")
+        x = _arrays.as_vectors(x, "x", self.dim)
+        with self._lock.exclusive():
+            ids = self._next_ids(x.shape[0], ids)
+            with _io.guarded(self._mapped):  # the old codes are read from the mapping
+                self._add(x, ids)
+            self._mapped = []  # every array is a new one now
+
+    def train(self, x) -> None:
+        """Learns the codebooks (and IVF lists) from x. An index that already holds vectors re-encodes
+        them when it keeps them (keep_vectors=True) and refuses otherwise (RuntimeError)."""
+        x = _arrays.as_vectors(x, "training vectors", self.dim)
+        with self._lock.exclusive():
+            self._refuse_if_holding("train()")
+            mapped = self._mapped
+            with _io.guarded(mapped):  # re-encoding reads the kept vectors from the mapping
+                self._train(x)
+                self._reencode()
+            if self.ntotal:
+                self._mapped = []
 
     def _search(self, q, k, refine, allow, **kw):
         """Checks the arguments, then runs the search on the queries' device: the C++ kernels
@@ -191,11 +277,14 @@ class _ProductQuantized:
             refine = _arrays.check_k(refine, "refine")
             if not self.keep_vectors:
                 raise ValueError("refine needs the exact vectors: build the index with keep_vectors=True")
+        if not (_arrays.is_torch(q) or isinstance(q, np.ndarray)):
+            raise TypeError(f"queries must be a NumPy array or a torch tensor, got {type(q).__name__}")
         device = q.device if _arrays.is_torch(q) else torch.device("cpu")
         backend = _backend.choose(f"{type(self).__name__}.search", (
             _backend.Backend("cpu (C++)", _backend.cpu_refuses, self._search_cpu),
             _backend.Backend("cuda (Triton)", _backend.triton_refuses, self._search_triton)), device)
-        return backend.run(q, k, refine, allow, **kw)
+        with self._lock.shared(), _io.guarded(self._mapped):  # zero pages would give wrong results
+            return backend.run(q, k, refine, allow, **kw)
 
     # ---------------------------------------------------------------- the GPU path
 
@@ -203,7 +292,8 @@ class _ProductQuantized:
         """The index's arrays as tensors on `device`, copied again only after the index changed."""
         arrays = (self.codes, self.ids, self.codebooks, self.vectors, getattr(self, "coarse", None))
         key = (str(device),) + tuple(map(id, arrays))
-        if self._device_key != key:  # every change replaces an array (the cache keeps them alive)
+        cached_key, state = self._device_cached
+        if cached_key != key:  # every change replaces an array (the cache keeps them alive)
             t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
             state = dict(codes=t(self.codes), ids=t(self.ids), codebooks=t(self.codebooks),
                          cnorm=t((self.codebooks.astype(np.float64) ** 2).sum(-1).astype(np.float32)))
@@ -211,8 +301,8 @@ class _ProductQuantized:
                 state["vectors"] = t(self.vectors)
             state.update(self._device_extra(t))
             state["_arrays"] = arrays  # ids stay unique while the arrays live
-            self._device_key, self._device_cache = key, state
-        return self._device_cache
+            self._device_cached = (key, state)  # one store: concurrent searches see key and state together
+        return state
 
     def _device_extra(self, to_device) -> dict:
         return {}
@@ -259,10 +349,24 @@ class _ProductQuantized:
             rows = torch.nn.functional.pad(rows, (0, pad), value=-1)
         return score, rows
 
+    def _scan_k(self, nq: int, k: int, refine) -> int:
+        """How many results the scan keeps: k (or k * refine candidates), but never more than the
+        index holds; the answer is padded to k afterwards. A padded answer past RESULT_PAD_MAX_BYTES
+        is refused (k = 10**9 on a small index would otherwise try to allocate it)."""
+        if k > self.ntotal and nq * k * 12 > RESULT_PAD_MAX_BYTES:
+            raise ValueError(f"k = {k} is more than the {self.ntotal} vectors the index holds, and the (nq, k) answer "
+                             f"padded with -1 would take {nq * k * 12 / 2**30:.1f} GiB; ask for at most ntotal")
+        return max(1, min(k * refine if refine else k, self.ntotal))
+
     def _finish(self, q, score, rows, k, refine, torch_out):
-        """Re-ranks (refine) and hands back (distances, ids) in the caller's kind."""
+        """Re-ranks (refine), pads to k and hands back (distances, ids) in the caller's kind."""
         if refine is not None:
             score, rows = self._rerank(q, rows, k)
+        if score.shape[1] < k:
+            pad = ((0, 0), (0, k - score.shape[1]))
+            score, rows = np.pad(score, pad, constant_values=np.inf), np.pad(rows, pad, constant_values=-1)
+        elif score.shape[1] > k:
+            score, rows = np.ascontiguousarray(score[:, :k]), np.ascontiguousarray(rows[:, :k])
         return _arrays.results(score, rows, self.ids, self.metric, torch_out)
 
     def _rerank(self, q, rows, k):
@@ -288,24 +392,33 @@ class _ProductQuantized:
         return arrays
 
     def save(self, path) -> None:
-        """Writes the index to `path` atomically (a temporary file renamed over it)."""
+        """Writes the index to `path` (str, bytes or os.PathLike) atomically: a uniquely named
+        temporary file beside it, fsync'ed and renamed over it. Concurrent saves to one path leave
+        one complete index (the last to rename)."""
         self._need_trained("save")
-        _io.save(path, self.kind, self._params(), self._arrays_to_save())
+        with self._lock.shared():
+            mapped = self._mapped
+            _io.save(path, self.kind, self._params(), self._arrays_to_save(),
+                     before_replace=lambda: _io.check_mapped(mapped))  # never save zero pages
 
     @classmethod
     def load(cls, path, mmap: bool = False):
         """Reads an index written by save(); mmap=True maps the codes (and ids, vectors) from the
-        file instead of reading them. Raises ValueError on truncated or corrupted files."""
-        params, arrays = _io.load(path, cls.kind, mmap=mmap)
+        file instead of reading them. Raises ValueError on truncated or corrupted files, and
+        MappedFileChangedError (an OSError and ValueError) from search/add/save of a mapped index
+        whose file was truncated or rewritten in place since."""
+        path = _io.fs_path(path)
+        params, arrays, mapped = _io.load(path, cls.kind, mmap=mmap)
         try:
             index = cls(**params, verbose=False)
             index._restore(arrays)
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"{path}: inconsistent index file ({exc})") from None
+        index._mapped = mapped
         return index
 
     def _restore(self, arrays: dict):
-        self.set_codebooks(arrays["codebooks"])
+        self._set_codebooks(self._checked_codebooks(arrays["codebooks"]))
         codes, ids = arrays["codes"], arrays["ids"]
         if codes.ndim != 2 or codes.shape[1] != self.m or codes.dtype != np.uint8:
             raise ValueError(f"codes must be uint8 (n, {self.m})")
@@ -334,14 +447,10 @@ class PQIndex(_ProductQuantized):
         super().__init__(dim, m, nbits, metric, keep_vectors, seed, verbose)
         self._origin = np.zeros((1, self.dim), np.float32)  # fast-scan treats the codes as one list
 
-    def train(self, x) -> None:
-        x = _arrays.as_vectors(x, "training vectors", self.dim)
+    def _train(self, x: np.ndarray) -> None:
         self._train_pq(x)
 
-    def add(self, x, ids=None) -> None:
-        self._need_trained("add")
-        x = _arrays.as_vectors(x, "x", self.dim)
-        ids = self._next_ids(x.shape[0], ids)
+    def _add(self, x: np.ndarray, ids: np.ndarray) -> None:
         self._append(self.encode(x), ids, x)
 
     def search(self, q, k: int = 10, *, refine: Optional[int] = None, allow=None):
@@ -353,13 +462,13 @@ class PQIndex(_ProductQuantized):
     def _search_cpu(self, q, k, refine, allow):
         torch_out = _arrays.is_torch(q)
         q = _arrays.as_vectors(q, "queries", self.dim)
-        kk = k * refine if refine else k
+        kk = self._scan_k(q.shape[0], k, refine)
         score, rows = self._result_buffers(q.shape[0], kk)
         allow = _arrays.allow_rows(allow, self.ids)
         if self.fast_scan:  # one list around the origin
             self._fastscan(q, self._origin, np.zeros((q.shape[0], 1), np.int64), allow, score, rows)
         else:
-            _backend.ext().ann_pq_scan(self.tables(q), self.codes, allow, score, rows, _arrays.threads())
+            _backend.ext().ann_pq_scan(self._tables(q), self.codes, allow, score, rows, _arrays.threads())
         return self._finish(q, score, rows, k, refine, torch_out)
 
     def _device_scan(self, state, q) -> dict:
@@ -381,9 +490,7 @@ class IVFPQIndex(_ProductQuantized):
     def __init__(self, dim: int, nlist: int = 1024, m: int = 16, nbits: int = 8, metric: str = "l2", *,
                  keep_vectors: bool = False, seed: int = 1234, verbose: bool = True):
         super().__init__(dim, m, nbits, metric, keep_vectors, seed, verbose)
-        if not isinstance(nlist, (int, np.integer)) or nlist <= 0:
-            raise ValueError(f"nlist must be a positive integer, got {nlist!r}")
-        self.nlist = int(nlist)
+        self.nlist = _backend.check_number(nlist, "nlist", integer=True, low=1)
         self.coarse: Optional[np.ndarray] = None  # (nlist, dim)
         self.offsets = np.zeros(self.nlist + 1, dtype=np.int64)
 
@@ -392,20 +499,20 @@ class IVFPQIndex(_ProductQuantized):
         return self.coarse is not None and self.codebooks is not None
 
     def _assign(self, x: np.ndarray) -> np.ndarray:
-        return self.probe(x, 1)[:, 0]
+        return self._probe(x, 1)[:, 0]
 
-    def train(self, x) -> None:
-        x = _arrays.as_vectors(x, "training vectors", self.dim)
+    def _clear(self):
+        super()._clear()
+        self.offsets = np.zeros(self.nlist + 1, dtype=np.int64)
+
+    def _train(self, x: np.ndarray) -> None:
         coarse = kmeans(x, self.nlist, niter=10, seed=self.seed, verbose=self.verbose)
         self.coarse = coarse
         rng = np.random.default_rng(self.seed)
         sample = x if x.shape[0] <= self.ksub * 256 else x[np.sort(rng.choice(x.shape[0], self.ksub * 256, replace=False))]
         self._train_pq(sample - coarse[self._assign(sample)])
 
-    def add(self, x, ids=None) -> None:
-        self._need_trained("add")
-        x = _arrays.as_vectors(x, "x", self.dim)
-        ids = self._next_ids(x.shape[0], ids)
+    def _add(self, x: np.ndarray, ids: np.ndarray) -> None:
         lists = self._assign(x)
         codes = self.encode(x - self.coarse[lists])
         old_lists = np.repeat(np.arange(self.nlist), np.diff(self.offsets))
@@ -420,9 +527,14 @@ class IVFPQIndex(_ProductQuantized):
     def _list_offsets(self) -> np.ndarray:
         return self.offsets
 
-    def probe(self, q: np.ndarray, nprobe: int) -> np.ndarray:
+    def probe(self, q, nprobe: int) -> np.ndarray:
         """(n, nprobe) the lists to scan (or, with 1, to add to): nearest centroids for l2, largest
         inner products for ip (the coarse k-means itself is L2, as in faiss)."""
+        self._need_trained("probe")
+        q = _arrays.as_vectors(q, "queries", self.dim)
+        return self._probe(q, _backend.check_number(nprobe, "nprobe", integer=True, low=1, high=self.nlist))
+
+    def _probe(self, q: np.ndarray, nprobe: int) -> np.ndarray:
         idx, _ = nearest(q, self.coarse[None], k=nprobe, metric=self.metric)
         return np.ascontiguousarray(idx[:, 0, :])
 
@@ -430,16 +542,15 @@ class IVFPQIndex(_ProductQuantized):
         """(distances, ids), each (nq, k), as PQIndex.search; scans the nprobe nearest lists
         (default min(16, nlist))."""
         nprobe = min(16, self.nlist) if nprobe is None else nprobe
-        if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.nlist:
-            raise ValueError(f"nprobe must be an integer in 1..nlist = {self.nlist}, got {nprobe!r}")
-        return self._search(q, k, refine, allow, nprobe=int(nprobe))
+        nprobe = _backend.check_number(nprobe, "nprobe", integer=True, low=1, high=self.nlist)
+        return self._search(q, k, refine, allow, nprobe=nprobe)
 
     def _search_cpu(self, q, k, refine, allow, nprobe):
         torch_out = _arrays.is_torch(q)
         q = _arrays.as_vectors(q, "queries", self.dim)
-        kk = k * refine if refine else k
+        kk = self._scan_k(q.shape[0], k, refine)
         score, rows = self._result_buffers(q.shape[0], kk)
-        probes, allow = self.probe(q, nprobe), _arrays.allow_rows(allow, self.ids)
+        probes, allow = self._probe(q, nprobe), _arrays.allow_rows(allow, self.ids)
         if self.fast_scan:
             self._fastscan(q, self.coarse, probes, allow, score, rows)
         else:
@@ -479,7 +590,7 @@ class IVFPQIndex(_ProductQuantized):
         coarse, offsets = arrays["coarse"], arrays["offsets"]
         if coarse.shape != (self.nlist, self.dim) or coarse.dtype != np.float32:
             raise ValueError(f"coarse centroids must be float32 ({self.nlist}, {self.dim})")
-        self.coarse = np.ascontiguousarray(coarse)
+        self.coarse = np.array(coarse, order="C")  # a copy: small, and kept across reset / add
         super()._restore(arrays)
         if (offsets.shape != (self.nlist + 1,) or offsets.dtype != np.int64 or offsets[0] != 0
                 or offsets[-1] != self.ntotal or (np.diff(offsets) < 0).any()):

@@ -16,6 +16,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from hotops import _backend
+
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # float32 accumulation, float64 kept
@@ -31,6 +33,9 @@ def quantize_ste_fwd(x: Tensor, codebooks: Tensor, temperature: float) -> Tuple[
     d2 = (xs * xs).sum(-1, keepdim=True) - 2 * torch.einsum("nsd,sjd->nsj", xs, cb) + (cb * cb).sum(-1)[None]
     p = torch.softmax(-d2 / temperature, dim=-1)
     hard = cb[torch.arange(cb.shape[0], device=cb.device), d2.argmin(-1)]  # (N, m, dsub)
+    # A sub-vector holding NaN or +-Inf has no nearest centroid: NaN out, as the reference's
+    # soft + (hard - soft).detach() gives (argmin over NaN distances would pick an arbitrary one).
+    hard = torch.where(torch.isfinite(xs).all(-1, keepdim=True), hard, float("nan"))
     return hard.reshape(x.shape).to(x.dtype), p
 
 
@@ -47,8 +52,14 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_hard, _g_p):
+    """Linear in g_hard. Under create_graph (grad mode on) p is recomputed from x and the
+    codebooks with differentiable torch ops, so the gradient itself has a gradient (double
+    backward: e.g. a gradient penalty); the saved p, an output of the opaque op, would not."""
     x, codebooks, p = ctx.saved_tensors
     xs, cb, g = _sub(x, codebooks), codebooks.to(p.dtype), _sub(g_hard.to(x.dtype), codebooks)
+    if torch.is_grad_enabled():
+        d2 = (xs * xs).sum(-1, keepdim=True) - 2 * torch.einsum("nsd,sjd->nsj", xs, cb) + (cb * cb).sum(-1)[None]
+        p = torch.softmax(-d2 / ctx.temperature, dim=-1)
     soft = torch.einsum("nsj,sjd->nsd", p, cb)
     a = p * (torch.einsum("nsd,sjd->nsj", g, cb) - (g * soft).sum(-1, keepdim=True))
     k = 2.0 / ctx.temperature
@@ -75,7 +86,5 @@ def quantize_ste(x: Tensor, codebooks: Tensor, temperature: float = 1.0) -> Tens
         raise ValueError(f"codebooks (m={m}, ksub={ksub}, dsub={dsub}) do not tile D = {x.shape[1]}")
     if x.device != codebooks.device:
         raise ValueError(f"x is on {x.device}, codebooks on {codebooks.device}")
-    temperature = float(temperature)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    temperature = _backend.check_number(temperature, "temperature", low=0, low_open=True)
     return quantize_ste_fwd(x, codebooks, temperature)[0]

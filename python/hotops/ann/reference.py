@@ -7,7 +7,7 @@ import numpy as np
 
 
 def sub_vectors(x: np.ndarray, m: int) -> np.ndarray:
-    return x.reshape(x.shape[0], m, -1).astype(np.float64)
+    return x.reshape(x.shape[0], m, x.shape[1] // m).astype(np.float64)  # -1 fails on zero rows
 
 
 def tables(q: np.ndarray, codebooks: np.ndarray, metric: str) -> np.ndarray:

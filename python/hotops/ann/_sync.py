@@ -1,0 +1,83 @@
+"""A readers-writer lock for the indexes: searches share it (they run in parallel, the kernels
+release the GIL), changes (train, add, reset, set_codebooks) take it alone, so a search sees an
+index before or after a change, never halfway through. Writers go first: once one waits, new
+readers wait behind it. A thread that already holds the lock (either way) may take it again."""
+from __future__ import annotations
+
+import threading
+
+
+class _Shared:
+    __slots__ = ("lock", "nested")
+
+    def __init__(self, lock: "RWLock"):
+        self.lock = lock
+
+    def __enter__(self):
+        lock, mine = self.lock, self.lock._mine
+        depth = getattr(mine, "depth", 0)
+        self.nested = bool(depth) or lock._writer == threading.get_ident()
+        if not self.nested:
+            with lock._cond:
+                while lock._writer is not None or lock._writers_waiting:
+                    lock._cond.wait()
+                lock._readers += 1
+        mine.depth = depth + 1
+        return self
+
+    def __exit__(self, *exc):
+        lock = self.lock
+        lock._mine.depth -= 1
+        if not self.nested:
+            with lock._cond:
+                lock._readers -= 1
+                if not lock._readers:
+                    lock._cond.notify_all()
+        return False
+
+
+class _Exclusive:
+    __slots__ = ("lock", "nested")
+
+    def __init__(self, lock: "RWLock"):
+        self.lock = lock
+
+    def __enter__(self):
+        lock, me = self.lock, threading.get_ident()
+        self.nested = lock._writer == me
+        if self.nested:
+            return self
+        if getattr(lock._mine, "depth", 0):
+            raise RuntimeError("cannot change an index from inside one of its own searches")
+        with lock._cond:
+            lock._writers_waiting += 1
+            try:
+                while lock._writer is not None or lock._readers:
+                    lock._cond.wait()
+            finally:
+                lock._writers_waiting -= 1
+            lock._writer = me
+        return self
+
+    def __exit__(self, *exc):
+        if not self.nested:
+            lock = self.lock
+            with lock._cond:
+                lock._writer = None
+                lock._cond.notify_all()
+        return False
+
+
+class RWLock:
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = None  # ident of the thread holding it exclusively
+        self._writers_waiting = 0
+        self._mine = threading.local()  # this thread's shared depth
+
+    def shared(self) -> _Shared:
+        return _Shared(self)
+
+    def exclusive(self) -> _Exclusive:
+        return _Exclusive(self)
