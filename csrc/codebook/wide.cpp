@@ -99,7 +99,7 @@ inline int64_t group_of(const int64_t* gp, int64_t r, int64_t o) {
   return o;
 }
 
-constexpr int64_t kAhead = 16;  // codes between a codeword's prefetch and its use
+constexpr int64_t kAhead = 32;  // codes between a codeword's prefetch and its use
 
 // Batch 1: sums[r - r0] = row r of the unscaled weight . x for rows [r0, r1).
 template <DType CT>
@@ -155,13 +155,14 @@ template <> struct Lanes<8> { typedef float type __attribute__((vector_size(32))
 template <> struct Lanes<16> { typedef float type __attribute__((vector_size(64))); };
 
 // Batch BC in 2..16: sums[(r - r0) * BC + b] = row r of the unscaled weight . x[b] for rows
-// [r0, r1); xT is the chunk (K, BC) float32 (zeros past the batch).
-template <DType CT, int BC>
+// [r0, r1); xT is the chunk (K, BC) float32 (zeros past the batch). ONE: M == 1.
+template <DType CT, int BC, bool ONE>
 void rows_bc(const WideFormat& w, const float* xT, int64_t r0, int64_t r1, float* sums) {
   constexpr int VW = BC < VecF::W ? BC : (VecF::W < 2 ? 2 : VecF::W), NV = BC / VW;
   constexpr int R = NV == 1 ? 4 : 2;  // rows at once: R * NV sums and 8 * NV x vectors
+  constexpr int64_t ahead = 8;        // input groups between a codeword's prefetch and its use
   using V = typename Lanes<VW>::type;
-  const int64_t J = w.in_groups(), M = w.num_codebooks(), C = w.codebook_size(), L = J * M;
+  const int64_t J = w.in_groups(), M = ONE ? 1 : w.num_codebooks(), C = w.codebook_size(), L = J * M;
   const auto* codes = w.codes.ptr<const uint16_t>();
   const int64_t* gp = w.group_ptr.ptr<const int64_t>();
   const char* cbs = static_cast<const char*>(w.codebooks.data);
@@ -179,19 +180,28 @@ void rows_bc(const WideFormat& w, const float* xT, int64_t r0, int64_t r1, float
     }
     V s[R][NV] = {};
     for (int64_t j = 0; j < J; ++j) {
+      if (j + ahead < J)
+#pragma GCC unroll 4
+        for (int k = 0; k < R; ++k)
+          for (int64_t m = 0; m < M; ++m)
+            __builtin_prefetch(cb[k] + m * cb_bytes + cr[k][(j + ahead) * M + m] * 8 * elem_bytes<CT>());
       V xv[8][NV];
       std::memcpy(xv, xT + j * 8 * BC, sizeof(xv));
+#pragma GCC unroll 4
       for (int k = 0; k < R; ++k) {
-        alignas(32) float wv[8];
-        if (CT == DType::f32 && M == 1) {
-          std::memcpy(wv, static_cast<const float*>(static_cast<const void*>(cb[k])) + cr[k][j] * 8, sizeof(wv));
+        alignas(32) float wbuf[8];
+        const float* wp = wbuf;
+        if constexpr (CT == DType::f32 && ONE) {
+          wp = reinterpret_cast<const float*>(cb[k]) + cr[k][j] * 8;
         } else {
           V8 v = word<CT>(cb[k], cr[k][j * M]);
           for (int64_t m = 1; m < M; ++m) v += word<CT>(cb[k] + m * cb_bytes, cr[k][j * M + m]);
-          std::memcpy(wv, &v, sizeof(wv));
+          std::memcpy(wbuf, &v, sizeof(wbuf));
         }
+#pragma GCC unroll 8
         for (int t = 0; t < 8; ++t)
-          for (int v = 0; v < NV; ++v) s[k][v] += xv[t][v] * wv[t];
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) s[k][v] += xv[t][v] * wp[t];
       }
     }
     for (int k = 0; k < nr; ++k) std::memcpy(sums + (r - r0 + k) * BC, s[k], sizeof(s[k]));
@@ -220,7 +230,8 @@ bool chunk(const WideMatmul& a, int64_t b0, int64_t Bc, const float* xc) {
         continue;
       }
       if constexpr (BC == 1) rows_b1<CT>(w, xc, r0, r1, sums);
-      else rows_bc<CT, BC>(w, xc, r0, r1, sums);
+      else if (w.num_codebooks() == 1) rows_bc<CT, BC, true>(w, xc, r0, r1, sums);
+      else rows_bc<CT, BC, false>(w, xc, r0, r1, sums);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t col = perm ? perm[r] : r;
         const float add = bias ? bias[col] : 0.0f;
