@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 
 aqlm = pytest.importorskip("aqlm")
-from aqlm import QuantizedLinear  # noqa: E402
-from aqlm.utils import _dequantize_weight, pack_int_data, unpack_int_data  # noqa: E402
+from aqlm import QuantizedLinear
+from aqlm.utils import _dequantize_weight, pack_int_data, unpack_int_data
 
-import hotops.codebook as hc  # noqa: E402
-from hotops import _backend  # noqa: E402
-from hotops.codebook import CodebookLinear, WideCodebookLinear, wide  # noqa: E402
-from hotops.integrations.aqlm import CodebookLinearSum  # noqa: E402
-from conftest import assert_close_to_reference  # noqa: E402
+import hotops.codebook as hc
+from hotops import _backend
+from hotops.codebook import CodebookLinear, WideCodebookLinear, wide
+from hotops.integrations.aqlm import CodebookLinearSum
+from conftest import assert_close_to_reference
 
 # (num_codebooks, nbits, in_group, out_group): AQLM's 1x8, 2x8, 4x8, 8x8, 1x16, 2x16, a small
 # in_group, and out_group > 1 for both code widths
@@ -62,7 +62,7 @@ def check(module, layer, codes, x, atol=1e-5):
     assert_close_to_reference(out, ref64, aqlm_reference(layer, codes, x), atol=atol + lut_bound(x, module))
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "%dx%d-g%d-o%d" % f)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "{}x{}-g{}-o{}".format(*f))
 @pytest.mark.parametrize("batch", [1, 5, 20])
 def test_from_aqlm_equals_aqlm(fmt, batch, isa):
     M, nbits, in_group, out_group = fmt

@@ -25,16 +25,17 @@ on the CPU, which is when aqlm reorders.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from hotops.codebook.format import IN_GROUPS, CodebookWeight
 from hotops.codebook.module import CodebookLinear
-from hotops.codebook.wide import IN_GROUP as WIDE_IN_GROUP, WideCodebookLinear
+from hotops.codebook.wide import IN_GROUP as WIDE_IN_GROUP
+from hotops.codebook.wide import WideCodebookLinear
 
-__all__ = ["from_aqlm", "convert_aqlm", "CodebookLinearSum"]
+__all__ = ["CodebookLinearSum", "convert_aqlm", "from_aqlm"]
 
 
 def _quantized_linear_type():
@@ -50,7 +51,7 @@ class CodebookLinearSum(nn.Module):
     CodebookLinear per pair of codebooks, all with the layer's scales (the product is linear in
     the codewords, so the sum is the layer's product)."""
 
-    def __init__(self, parts: List[CodebookLinear], bias: Optional[Tensor] = None):
+    def __init__(self, parts: list[CodebookLinear], bias: Optional[Tensor] = None):
         super().__init__()
         self.parts = nn.ModuleList(parts)
         self.in_features, self.out_features = parts[0].in_features, parts[0].out_features
