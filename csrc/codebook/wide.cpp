@@ -209,6 +209,7 @@ void rows_bc(const WideFormat& w, const float* xT, int64_t r0, int64_t r1, float
 }
 
 constexpr int64_t kRowsPerTask = 32;
+constexpr int64_t kWidenBatch = 4;  // half-precision codebooks are widened to float32 from here
 
 // One chunk of Bc <= BC batch rows from b0: xc is (K,) float32 for BC = 1, else (K, BC).
 template <DType CT, int BC>
@@ -310,10 +311,43 @@ bool dequantize(const WideDequantize& a) {
   return ok != 0;
 }
 
+// n floats that stay allocated for this thread (grown as needed, freed at thread exit).
+inline float* widened_buffer(int64_t n) {
+  struct Buffer {
+    float* p = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(p); }
+  };
+  static thread_local Buffer buf;
+  if (buf.size < n) {
+    std::free(buf.p);
+    buf.p = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(n * 4 + 63) / 64 * 64));
+    buf.size = buf.p ? n : 0;
+    if (!buf.p) throw std::bad_alloc();
+  }
+  return buf.p;
+}
+
 }  // namespace wide
 
 bool wide_matmul(const WideMatmul& a) {
   if (a.x.size(0) == 0 || a.w.rows() == 0) return true;
+  if (a.w.codebooks.dtype != DType::f32 && a.x.size(0) >= wide::kWidenBatch) {
+    // Half-precision codebooks at batch >= 4: widened to float32 once per call (a few microseconds
+    // per 65536 codewords), so the FMAs broadcast codeword values straight from memory.
+    // The buffer is kept per calling thread: a fresh 2 MiB allocation each call costs as much
+    // again in page faults as the conversion.
+    const int64_t n = a.w.codebooks.numel();
+    float* cb = wide::widened_buffer(n);
+    const auto* h = a.w.codebooks.ptr<const uint16_t>();
+    int64_t i = 0;
+    for (; i + VecF::W <= n; i += VecF::W) VecF::load(h + i, a.w.codebooks.dtype).store(cb + i);
+    for (; i < n; ++i) cb[i] = a.w.codebooks.dtype == DType::f16 ? f16_to_f32(h[i]) : bf16_to_f32(h[i]);
+    WideMatmul wide32 = a;
+    wide32.w.codebooks.data = cb;
+    wide32.w.codebooks.dtype = DType::f32;
+    return wide::matmul<DType::f32>(wide32);
+  }
   switch (a.w.codebooks.dtype) {
     case DType::f32: return wide::matmul<DType::f32>(a);
     case DType::f16: return wide::matmul<DType::f16>(a);
