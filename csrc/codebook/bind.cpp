@@ -4,6 +4,9 @@
 namespace py = pybind11;
 
 namespace hotops {
+
+void bind_codebook_wide(py::module_& m);  // wide_bind.cpp: 16-bit codes
+
 namespace {
 
 CodebookFormat format(ViewArgs& view, py::object codes, py::object codebooks, py::object scales,
@@ -69,6 +72,7 @@ void bind_codebook(py::module_& m) {
       py::arg("codes"), py::arg("codebooks"), py::arg("scales"), py::arg("group_ptr"),
       py::arg("row_begin"), py::arg("row_end"), py::arg("out"), py::arg("threads"),
       "Dense rows [row_begin, row_end) of the stored (grouped) order into out.");
+  bind_codebook_wide(m);
 }
 
 }  // namespace hotops

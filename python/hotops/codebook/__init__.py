@@ -12,7 +12,10 @@ from hotops.codebook.format import CodebookWeight
 from hotops.codebook.module import CodebookLinear
 from hotops.codebook.jlcm import compress, load_compressed
 
-__all__ = ["codebook_matmul", "CodebookWeight", "CodebookLinear", "compress", "load_compressed"]
+from hotops.codebook.wide import WideCodebookLinear
+
+__all__ = ["codebook_matmul", "CodebookWeight", "CodebookLinear", "WideCodebookLinear", "compress",
+           "load_compressed", "from_aqlm", "convert_aqlm"]
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # on the CPU; other devices also take float16
 
@@ -34,3 +37,18 @@ def codebook_matmul(x: Tensor, weight: CodebookWeight, bias: Optional[Tensor] = 
     _backend.check_same_device(x=x, codes=weight.codes, bias=bias)
     return _op.matmul(x, weight.codes, weight.codebooks, weight.scales, weight.group_ptr,
                                weight.perm, bias)
+
+
+def from_aqlm(layer):
+    """An ``aqlm.QuantizedLinear`` as a hotops module (see hotops.integrations.aqlm)."""
+    from hotops.integrations.aqlm import from_aqlm as convert
+
+    return convert(layer)
+
+
+def convert_aqlm(model):
+    """Swaps every ``aqlm.QuantizedLinear`` in `model` for a hotops module, in place (see
+    hotops.integrations.aqlm)."""
+    from hotops.integrations.aqlm import convert_aqlm as convert
+
+    return convert(model)
