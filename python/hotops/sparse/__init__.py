@@ -31,6 +31,9 @@ def _check_common(x: Tensor, sw, bias: Optional[Tensor], ndim: int) -> None:
     if not isinstance(sw, SparseWeight):
         raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
     _backend.check_tensor(x, "x", ndim=ndim, dtypes=ACTIVATION_DTYPES)
+    _backend.check_tensor(sw.values, "sw.values", ndim=1, dtypes=ACTIVATION_DTYPES)
+    if sw.values.shape[0] != sw.nnz:
+        raise ValueError(f"sw.values has {sw.values.shape[0]} entries, but sw's structure has {sw.nnz} non-zeros")
     if bias is not None:
         _backend.check_tensor(bias, "bias", ndim=1, dtypes=ACTIVATION_DTYPES)
         if bias.shape[0] != sw.out_features:
@@ -39,10 +42,16 @@ def _check_common(x: Tensor, sw, bias: Optional[Tensor], ndim: int) -> None:
 
 
 def _pair(v: IntPair, name: str, minimum: int) -> list:
-    pair = [v, v] if isinstance(v, int) else list(v)
-    if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
-        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {v!r}")
-    return pair
+    """An int argument that may also be a pair (h, w): Python or NumPy ints, 0-d tensors, a tuple
+    or list of two; each checked by _backend.check_number."""
+    if isinstance(v, (tuple, list)) or (isinstance(v, Tensor) and v.dim() == 1) or \
+            (hasattr(v, "shape") and hasattr(v, "dtype") and len(getattr(v, "shape", ())) == 1):
+        items = list(v)
+        if len(items) != 2:
+            raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {len(items)} values: {v!r}")
+    else:
+        items = [v, v]
+    return [_backend.check_number(i, name, integer=True, low=minimum) for i in items]
 
 
 def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
@@ -89,16 +98,16 @@ def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, st
     act = _check_activation(activation)
     if len(sw.shape) != 4:
         raise ValueError(f"sparse_conv2d needs a conv (O, C/groups, kh, kw) SparseWeight, got shape {sw.shape}")
-    groups = sw.groups if groups is None else groups
+    groups = sw.groups if groups is None else _backend.check_number(groups, "groups", integer=True, low=1)
     if groups != sw.groups:
         raise ValueError(f"sw was packed for groups={sw.groups}, called with groups={groups}; pack with "
                          f"SparseWeight.from_dense(w, ..., groups={groups})")
+    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
     C = x.shape[1]
     if C != sw.shape[1] * groups:
         raise ValueError(f"x has {C} channels; the weight {sw.shape} with groups={groups} expects "
                          f"{sw.shape[1] * groups}")
-    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
     for d, name in ((2, "height"), (3, "width")):
         k = sw.shape[d]
         if x.shape[d] + 2 * padding[d - 2] < dilation[d - 2] * (k - 1) + 1:

@@ -23,10 +23,12 @@ the CSR (``values`` stays the parameter; the gradients are the CSR's).
 from __future__ import annotations
 
 import dataclasses
+import threading
+import weakref
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 # 512 activation rows of 64 floats (the kernel's register tile) = 128 KB: L2-resident per panel;
@@ -37,6 +39,97 @@ BLOCK_SIZES = (4, 8)
 # from this fill (non-zeros / stored values) on, the blocked forward beat the CSR one in every
 # measured case; the first to lose below it, batched linear at 90 %, crosses over near 0.6
 BLOCK_FILL_MIN = 0.65
+
+
+# ------------------------------------------------------------------ cache keys
+#
+# The blocked values, a module's dense weight and its prepared call are copies derived from
+# tensors a user may change: in place (bumps ``_version``), by ``.data = new`` (new storage, same
+# object and version) or through a ``.data`` alias (``p.data.mul_(2)``: the alias has a version
+# counter of its own, so neither p's version nor its storage changes). ``state_key`` covers the
+# first two for any tensor; TrackedParameter (what the modules' ``values`` and ``bias`` are)
+# counts ``.data`` reads and writes and keeps the live aliases' versions in its key, which
+# covers the third. Writes that bypass torch (a NumPy view, DLPack, ctypes) are not seen.
+
+_DATA = torch._C.TensorBase.data
+_BUILD_LOCK = threading.RLock()  # serialises cache builds; published caches are read without it
+
+
+class TrackedParameter(nn.Parameter):
+    """An nn.Parameter whose ``.data`` reads and writes are counted, so caches derived from it
+    notice ``p.data = new`` and ``p.data.mul_(2)`` (which bump no version counter). Everything
+    else is nn.Parameter's; ``track`` turns an existing Parameter into one in place (its identity,
+    and so an optimizer's reference to it, is kept)."""
+
+    @property
+    def data(self):
+        d = _DATA.__get__(self)
+        gen, aliases = _track(self)
+        aliases.append(weakref.ref(d, _alias_died(self)))
+        self.__dict__["_hotops_gen"] = gen + 1
+        return d
+
+    @data.setter
+    def data(self, new):
+        _DATA.__set__(self, new)
+        self.__dict__["_hotops_gen"] = _track(self)[0] + 1
+
+    def __repr__(self):
+        return "Parameter containing:\n" + repr(_DATA.__get__(self))
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            memo[id(self)] = TrackedParameter(_DATA.__get__(self).clone(memory_format=torch.preserve_format),
+                                              self.requires_grad)
+        return memo[id(self)]
+
+    def __reduce_ex__(self, proto):  # pickles as a plain Parameter; the module re-tracks it
+        return nn.Parameter(_DATA.__get__(self), self.requires_grad).__reduce_ex__(proto)
+
+
+def _track(p) -> tuple:
+    d = p.__dict__
+    if "_hotops_aliases" not in d:
+        d["_hotops_aliases"] = []
+    return d.get("_hotops_gen", 0), d["_hotops_aliases"]
+
+
+def _alias_died(p):
+    ref = weakref.ref(p)
+
+    def died(alias_ref):
+        q = ref()
+        if q is not None:  # the alias may have been written to just before it died
+            d = q.__dict__
+            d["_hotops_gen"] = d.get("_hotops_gen", 0) + 1
+            try:
+                d["_hotops_aliases"].remove(alias_ref)
+            except (KeyError, ValueError):
+                pass
+    return died
+
+
+def track(p):
+    """p as a TrackedParameter (the same object), or p unchanged if it is not an nn.Parameter."""
+    if type(p) is nn.Parameter:
+        p.__class__ = TrackedParameter
+    return p
+
+
+def state_key(t: Optional[Tensor]) -> tuple:
+    """What a copy derived from t depends on: its storage, shape, strides and dtype, its in-place
+    version, and for a TrackedParameter its ``.data`` reads, writes and live aliases."""
+    if t is None:
+        return ()
+    try:
+        v = t._version
+    except RuntimeError:  # an inference tensor keeps no version: it changes only by replacement
+        v = None
+    if type(t) is TrackedParameter:
+        d = t.__dict__
+        aliases = d.get("_hotops_aliases")
+        v = (v, d.get("_hotops_gen", 0), tuple(a()._version for a in aliases if a() is not None) if aliases else ())
+    return (t.data_ptr(), v, t.shape, t.stride(), t.dtype)
 
 
 def panel_count(cols: int) -> int:
@@ -152,24 +245,32 @@ class SparseWeight:
         return self.block, self.b_rowptr, self.b_colidx, self.block_values()
 
     def block_values(self) -> Tensor:
-        """``values`` in the blocked order, zero-padded: a buffer kept with this SparseWeight and
-        refilled in place when values changes (a fresh tensor while torch.compile traces).
-        Refilling reuses the memory: a new 7 MB tensor per call costs more in page faults than
-        the gather itself."""
+        """``values`` in the blocked order, zero-padded, float32 (the kernels' dtype): a copy
+        kept with this SparseWeight and rebuilt when values or b_perm change (state_key: in
+        place, ``.data`` swaps, and ``.data`` aliases of a TrackedParameter). A rebuild makes a
+        new tensor and then publishes it, so a thread still reading the old one is unaffected
+        (a fresh tensor while torch.compile traces)."""
         if torch.compiler.is_compiling():
-            return torch.cat([self.values.detach(), self.values.new_zeros(1)])[self.b_perm]
-        v, cache = self.values, self._block_cache
-        # inference tensors keep no version counter: they change only by replacement
-        key = (None if v.is_inference() else v._version, v.data_ptr(), v.device, v.dtype)
-        if cache.get("key") != key:
-            with torch.inference_mode(False), torch.no_grad():  # plain buffers, even when first made in inference mode
-                if cache.get("padded") is None or cache["padded"].device != v.device or cache["padded"].dtype != v.dtype:
-                    cache["padded"] = torch.zeros(self.nnz + 1, dtype=v.dtype, device=v.device)  # last: the padding zero
-                    cache["values"] = torch.empty(self.b_perm.numel(), dtype=v.dtype, device=v.device)
-                cache["padded"][:-1].copy_(v)
-                torch.index_select(cache["padded"], 0, self.b_perm, out=cache["values"])
-            cache["key"] = key
-        return cache["values"]
+            v = self.values.detach().float()
+            return torch.cat([v, v.new_zeros(1)])[self.b_perm]
+        cache = self._block_cache
+        key = (state_key(self.values), state_key(self.b_perm))
+        entry = cache.get("entry")
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        with _BUILD_LOCK:
+            entry = cache.get("entry")
+            if entry is not None and entry[0] == key:
+                return entry[1]
+            v = self.values
+            # plain tensors, even when first made in inference mode; the key was taken before
+            # the copy, so a change made while copying shows as a new key on the next call
+            with torch.inference_mode(False), torch.no_grad():
+                padded = torch.zeros(self.nnz + 1, dtype=torch.float32, device=v.device)
+                padded[:-1].copy_(v.detach())
+                out = torch.index_select(padded, 0, self.b_perm)
+            cache["entry"] = (key, out)
+            return out
 
     @staticmethod
     def from_dense(w: Tensor, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
@@ -268,7 +369,7 @@ class SparseWeight:
                             self.b_perm)
 
     def to(self, device) -> "SparseWeight":
-        """The same weight with every tensor on ``device``."""
+        """The same weight with every tensor on ``device`` (a new block-values cache)."""
         return SparseWeight(self.shape, self.groups, *(t.to(device) for t in (
             self.rowptr, self.colidx, self.values, self.t_rowptr, self.t_colidx, self.t_perm)), self.block,
             *(t.to(device) if t is not None else None for t in (self.b_rowptr, self.b_colidx, self.b_perm)))
