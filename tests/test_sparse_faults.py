@@ -696,3 +696,49 @@ def test_module_refuses_wrong_input_clearly():
         conv(torch.randn(1, 3, 5, 5))
     with pytest.raises(TypeError, match="x has dtype int64"):
         conv(torch.ones(1, 8, 5, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("value", [0.5, np.float32(0.5), np.float64(0.5), torch.tensor(0.5)])
+def test_sparsity_and_groups_accept_numbers(value):
+    w = torch.randn(8, 2, 3, 3)
+    ref = SparseWeight.from_dense(w, sparsity=0.5, groups=2)
+    sw = SparseWeight.from_dense(w, sparsity=value, groups=np.int64(2))
+    assert torch.equal(sw.colidx, ref.colidx) and sw.groups == 2 and type(sw.groups) is int
+
+
+@pytest.mark.parametrize("value,err", [("0.5", TypeError), (1.0, ValueError), (-0.1, ValueError),
+                                       (float("nan"), ValueError), (None, None)])
+def test_sparsity_refused_by_name(value, err):
+    if err is None:  # None: keep w's own non-zeros
+        assert SparseWeight.from_dense(torch.randn(4, 4), sparsity=value).nnz == 16
+        return
+    with pytest.raises(err, match="sparsity"):
+        SparseWeight.from_dense(torch.randn(4, 4), sparsity=value)
+
+
+# ------------------------------------------------------------------ determinism
+
+@pytest.mark.parametrize("layout", ["csr", "blocked"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_repeated_calls_are_bitwise_equal(kind, layout):
+    """Same inputs, ISA and thread count: the same bits, forward and both gradients."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if kind == "linear":
+            sw = SparseWeight.from_dense(torch.randn(96, 600), sparsity=0.8, layout=layout)
+            x, run = torch.randn(33, 600), sparse_linear
+        else:
+            sw = SparseWeight.from_dense(torch.randn(16, 8, 3, 3), sparsity=0.8, layout=layout)
+            x = torch.randn(2, 8, 12, 12)
+            run = lambda x, sw: sparse_conv2d(x, sw, padding=1)  # noqa: E731
+        outs = []
+        for _ in range(6):
+            xg, v = x.clone().requires_grad_(), sw.values.clone().requires_grad_()
+            y = run(xg, sw.with_values(v))
+            outs.append((y.detach(), *torch.autograd.grad(y, (xg, v), torch.ones_like(y))))
+        for o in outs[1:]:
+            for a, b in zip(o, outs[0]):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)

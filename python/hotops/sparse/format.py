@@ -46,36 +46,74 @@ BLOCK_FILL_MIN = 0.65
 # The blocked values, a module's dense weight and its prepared call are copies derived from
 # tensors a user may change: in place (bumps ``_version``), by ``.data = new`` (new storage, same
 # object and version) or through a ``.data`` alias (``p.data.mul_(2)``: the alias has a version
-# counter of its own, so neither p's version nor its storage changes). ``state_key`` covers the
-# first two for any tensor; TrackedParameter (what the modules' ``values`` and ``bias`` are)
-# counts ``.data`` reads and writes and keeps the live aliases' versions in its key, which
-# covers the third. Writes that bypass torch (a NumPy view, DLPack, ctypes) are not seen.
+# counter of its own, so neither p's version nor its storage changes). A tracked tensor (what the
+# modules' parameters and buffers are: TrackedParameter, TrackedBuffer) counts its ``.data``
+# reads and writes, keeps weak references to its live ``.data`` aliases, and bumps the "cells"
+# of the modules that hold it (a cell: [generation, live aliases]). ``state_key`` combines all
+# of it for one tensor. Writes that bypass torch (a NumPy view, DLPack, ctypes) are not seen.
 
 _DATA = torch._C.TensorBase.data
 _BUILD_LOCK = threading.RLock()  # serialises cache builds; published caches are read without it
 
 
-class TrackedParameter(nn.Parameter):
-    """An nn.Parameter whose ``.data`` reads and writes are counted, so caches derived from it
-    notice ``p.data = new`` and ``p.data.mul_(2)`` (which bump no version counter). Everything
-    else is nn.Parameter's; ``track`` turns an existing Parameter into one in place (its identity,
-    and so an optimizer's reference to it, is kept)."""
+def _bump(t) -> None:
+    d = t.__dict__
+    d["_hotops_gen"] = d.get("_hotops_gen", 0) + 1
+    for cell in d.get("_hotops_cells", ()):
+        cell[0] += 1
+
+
+def _note_alias(t, alias) -> None:
+    """alias = t.data: the change is counted now, and the alias's writes while it lives."""
+    d = t.__dict__
+    ref = weakref.ref(alias, _alias_died(t))
+    d.setdefault("_hotops_aliases", []).append(ref)
+    for cell in d.get("_hotops_cells", ()):
+        cell[1].append(ref)
+    _bump(t)
+
+
+def _alias_died(t):
+    owner = weakref.ref(t)
+
+    def died(ref):
+        q = owner()
+        if q is None:
+            return
+        _bump(q)  # the alias may have been written to just before it died
+        d = q.__dict__
+        for lst in [d.get("_hotops_aliases", [])] + [c[1] for c in d.get("_hotops_cells", ())]:
+            try:
+                lst.remove(ref)
+            except ValueError:
+                pass
+    return died
+
+
+class _Tracked:
+    """``.data`` reads and writes counted (see above); mixed into a Parameter or Tensor class."""
 
     @property
     def data(self):
         d = _DATA.__get__(self)
-        gen, aliases = _track(self)
-        aliases.append(weakref.ref(d, _alias_died(self)))
-        self.__dict__["_hotops_gen"] = gen + 1
+        _note_alias(self, d)
         return d
 
     @data.setter
     def data(self, new):
         _DATA.__set__(self, new)
-        self.__dict__["_hotops_gen"] = _track(self)[0] + 1
+        _bump(self)
 
     def __repr__(self):
-        return "Parameter containing:\n" + repr(_DATA.__get__(self))
+        text = repr(_DATA.__get__(self))
+        return "Parameter containing:\n" + text if isinstance(self, nn.Parameter) else text
+
+
+class TrackedParameter(_Tracked, nn.Parameter):
+    """An nn.Parameter whose ``.data`` reads and writes are counted, so caches derived from it
+    notice ``p.data = new`` and ``p.data.mul_(2)`` (which bump no version counter). Everything
+    else is nn.Parameter's; ``track`` turns an existing Parameter into one in place (its identity,
+    and so an optimizer's reference to it, is kept)."""
 
     def __deepcopy__(self, memo):
         if id(self) not in memo:
@@ -83,52 +121,57 @@ class TrackedParameter(nn.Parameter):
                                               self.requires_grad)
         return memo[id(self)]
 
-    def __reduce_ex__(self, proto):  # pickles as a plain Parameter; the module re-tracks it
+    def __reduce_ex__(self, proto):  # pickles as a plain Parameter; the module tracks it again
         return nn.Parameter(_DATA.__get__(self), self.requires_grad).__reduce_ex__(proto)
 
 
-def _track(p) -> tuple:
-    d = p.__dict__
-    if "_hotops_aliases" not in d:
-        d["_hotops_aliases"] = []
-    return d.get("_hotops_gen", 0), d["_hotops_aliases"]
+class TrackedBuffer(_Tracked, torch.Tensor):
+    """A plain tensor (ops on it return plain tensors) whose ``.data`` reads and writes are counted."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            memo[id(self)] = _DATA.__get__(self).clone(memory_format=torch.preserve_format)
+        return memo[id(self)]
+
+    def __reduce_ex__(self, proto):  # pickles as a plain tensor; the module tracks it again
+        return _DATA.__get__(self).__reduce_ex__(proto)
 
 
-def _alias_died(p):
-    ref = weakref.ref(p)
+def track(t, cell: Optional[list] = None):
+    """t as a tracked tensor (the same object: TrackedParameter for an nn.Parameter,
+    TrackedBuffer for a plain tensor), reporting to ``cell`` too; None stays None."""
+    if t is None:
+        return t
+    if type(t) is nn.Parameter:
+        t.__class__ = TrackedParameter
+    elif type(t) is Tensor:
+        t.__class__ = TrackedBuffer
+    if cell is not None and isinstance(t, _Tracked):
+        cells = t.__dict__.setdefault("_hotops_cells", [])
+        if not any(c is cell for c in cells):
+            cells.append(cell)
+    return t
 
-    def died(alias_ref):
-        q = ref()
-        if q is not None:  # the alias may have been written to just before it died
-            d = q.__dict__
-            d["_hotops_gen"] = d.get("_hotops_gen", 0) + 1
-            try:
-                d["_hotops_aliases"].remove(alias_ref)
-            except (KeyError, ValueError):
-                pass
-    return died
 
-
-def track(p):
-    """p as a TrackedParameter (the same object), or p unchanged if it is not an nn.Parameter."""
-    if type(p) is nn.Parameter:
-        p.__class__ = TrackedParameter
-    return p
+def alias_versions(aliases: list) -> tuple:
+    """The in-place versions of the live ``.data`` aliases in a list of weak references."""
+    return tuple(a._version for a in (r() for r in aliases) if a is not None)
 
 
 def state_key(t: Optional[Tensor]) -> tuple:
     """What a copy derived from t depends on: its storage, shape, strides and dtype, its in-place
-    version, and for a TrackedParameter its ``.data`` reads, writes and live aliases."""
+    version, and for a tracked tensor its ``.data`` reads, writes and live aliases."""
     if t is None:
         return ()
     try:
         v = t._version
     except RuntimeError:  # an inference tensor keeps no version: it changes only by replacement
         v = None
-    if type(t) is TrackedParameter:
+    if isinstance(t, _Tracked):
         d = t.__dict__
-        aliases = d.get("_hotops_aliases")
-        v = (v, d.get("_hotops_gen", 0), tuple(a()._version for a in aliases if a() is not None) if aliases else ())
+        v = (v, d.get("_hotops_gen", 0), alias_versions(d.get("_hotops_aliases", ())))
     return (t.data_ptr(), v, t.shape, t.stride(), t.dtype)
 
 
@@ -144,7 +187,7 @@ def csr_rows(rowptr: Tensor, rows: int) -> Tensor:
 
 def magnitude_mask(w: Tensor, sparsity: float) -> Tensor:
     """Keeps the round((1 - sparsity) * numel) largest |w| (ties broken by position)."""
-    check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     keep = int(round((1.0 - sparsity) * w.numel()))
     mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
     if keep > 0:
@@ -156,7 +199,7 @@ def block_mask(w: Tensor, sparsity: float, block: int, groups: int) -> Tensor:
     """Block pruning: keeps the round((1 - sparsity) * blocks) blocks of ``block`` consecutive output
     channels of one group (x one column) with the largest L2 norm; a group's last block may be
     shorter. Structured pruning trades accuracy for speed (docs/sparse.md)."""
-    check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     O, K = w.shape[0], w[0].numel()
     og = O // groups
     bpg = -(-og // block)
@@ -188,9 +231,17 @@ def block_structure(O: int, K: int, groups: int, block: int, rows: Tensor, cols:
     return b_rowptr, (stored % K).to(torch.int32), b_perm
 
 
-def check_sparsity(sparsity: float) -> None:
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+def _check_groups(groups) -> int:
+    from hotops._backend import check_number
+
+    return check_number(groups, "groups", integer=True, low=1)
+
+
+def check_sparsity(sparsity: float) -> float:
+    """sparsity as a float in [0, 1) (Python or NumPy numbers, 0-d tensors)."""
+    from hotops._backend import check_number
+
+    return check_number(sparsity, "sparsity", low=0.0, high=1.0, high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +343,8 @@ class SparseWeight:
         w = w.float()
         if w.numel() == 0:
             raise ValueError(f"w is empty (shape {tuple(w.shape)})")
-        if not isinstance(groups, int) or groups < 1 or w.shape[0] % groups:
+        groups = _check_groups(groups)
+        if w.shape[0] % groups:
             raise ValueError(f"groups must be a positive divisor of the {w.shape[0]} output channels, got {groups!r}")
         if mask is not None and sparsity is not None:
             raise ValueError("give either mask or sparsity, not both")

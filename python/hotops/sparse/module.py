@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hotops.sparse import reference
-from hotops.sparse.format import (_BUILD_LOCK, BLOCK_SIZES, PANEL_COLS, SparseWeight, panel_count, block_mask, check_sparsity, magnitude_mask,
-                                  state_key, track)
+from hotops.sparse.format import (_BUILD_LOCK, BLOCK_SIZES, PANEL_COLS, SparseWeight, alias_versions, block_mask,
+                                  check_sparsity, magnitude_mask, panel_count, state_key, track)
 
 SPARSE, DENSE = "sparse (C++)", "dense (torch)"
 POLICIES = ("auto", "model", "sparse", "dense")
@@ -27,15 +27,7 @@ POLICIES = ("auto", "model", "sparse", "dense")
 DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.4, "conv1x1": 0.4, "conv": 0.2, "depthwise": 0.2}
 
 
-_data_ptr, _get_version = Tensor.data_ptr, operator.attrgetter("_version")
-
-
-def _buffer_key(buffers) -> tuple:
-    """The structure buffers' storages and in-place versions (inference tensors keep none)."""
-    try:
-        return tuple(map(_data_ptr, buffers)) + tuple(map(_get_version, buffers))
-    except RuntimeError:
-        return tuple(map(_data_ptr, buffers)) + tuple(state_key(b) for b in buffers)
+_get_version = operator.attrgetter("_version")
 
 
 def _checked_structure(shape, groups: int, values, rowptr, colidx, t_rowptr, t_colidx, t_perm) -> SparseWeight:
@@ -134,57 +126,63 @@ class _SparseLayer(nn.Module):
             if bias.shape != (sw.out_features,) or not bias.is_floating_point():
                 raise ValueError(f"bias must be a floating-point tensor of shape ({sw.out_features},), got "
                                  f"{str(bias.dtype).replace('torch.', '')} {tuple(bias.shape)}")
-        object.__setattr__(self, "_gen", 0)
+        self.__dict__["_cell"] = [0, []]  # see _invalidate
         self.policy = policy
         self.backend = ""
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._load(sw)
 
-    # ---- cache invalidation: every cache (the packed SparseWeight, the dense weight, the
-    # prepared call, the blocked values) is keyed on what it was derived from (_state, and
-    # format.state_key); replacing a parameter or buffer, .to() and load_state_dict also drop them.
+    # ---- cache invalidation. The layer's parameters and buffers are tracked tensors reporting to
+    # the layer's cell [generation, live .data aliases] (format.track): a .data read or write of
+    # any of them, replacing one, .to() and load_state_dict bump the generation. In-place changes
+    # bump version counters: a prepared call keeps plain aliases of the tensors it holds copies
+    # derived from (its "sources": values and b_perm for the blocked values; values, rowptr,
+    # colidx, bias for the dense weight; none for the CSR, which reads them in place) and
+    # compares their versions. So a call checks one generation and a few versions.
 
     def _invalidate(self) -> None:
         d = self.__dict__
-        d["_gen"] = d.get("_gen", 0) + 1
+        if "_cell" not in d:
+            d["_cell"] = [0, []]
+        d["_cell"][0] += 1
         d["_prepared"] = d["_dense_cache"] = d["_packed"] = None
+
+    def _track_all(self) -> None:
+        cell = self.__dict__.setdefault("_cell", [0, []])
+        for t in list(self._parameters.values()) + list(self._buffers.values()):
+            track(t, cell)
 
     def __setattr__(self, name, value):
         if name in self._WATCHED:
-            if isinstance(value, nn.Parameter):
-                track(value)  # counts .data reads and writes (format.TrackedParameter), same object
+            if isinstance(value, Tensor):
+                track(value, self.__dict__.setdefault("_cell", [0, []]))
             super().__setattr__(name, value)
             self._invalidate()
         else:
             super().__setattr__(name, value)
 
     def register_buffer(self, name, tensor, persistent=True):
-        super().register_buffer(name, tensor, persistent)
+        super().register_buffer(name, track(tensor, self.__dict__.setdefault("_cell", [0, []])), persistent)
         if name in self._WATCHED:
             self._invalidate()
 
     def register_parameter(self, name, param):
-        if param is not None and name in ("values", "bias"):
-            track(param)
-        super().register_parameter(name, param)
+        super().register_parameter(name, track(param, self.__dict__.setdefault("_cell", [0, []])))
         if name in self._WATCHED:
             self._invalidate()
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(), ...: new tensors or .data swaps
         out = super()._apply(fn, recurse)
-        for name in ("values", "bias"):
-            p = self._parameters.get(name)
-            if p is not None:
-                track(p)
+        self._track_all()
         self._invalidate()
         return out
 
-    def __setstate__(self, state):  # pickle: parameters come back plain; track them again
+    def __getstate__(self):  # copy.deepcopy, pickle: caches and the cell are rebuilt
+        return {**self.__dict__, "_prepared": None, "_dense_cache": None, "_packed": None, "_cell": [0, []]}
+
+    def __setstate__(self, state):  # parameters and buffers come back untracked: track them again
         super().__setstate__(state)
-        for name in ("values", "bias"):
-            p = self._parameters.get(name)
-            if p is not None:
-                track(p)
+        self._track_all()
         self._invalidate()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -241,26 +239,42 @@ class _SparseLayer(nn.Module):
         self.dispatch = {}  # input signature -> (sparse wins, sparse s, dense s): see the class doc
         self._invalidate()
 
-    def __getstate__(self):  # copy.deepcopy, pickle: the bound call is rebuilt on the next call
-        return {**self.__dict__, "_prepared": None}
-
     def _state(self) -> tuple:
-        """What the caches depend on: the layer's generation (bumped on replacement, .to(),
-        load_state_dict) and the state_key of values, bias and every structure buffer."""
+        """What the derived caches depend on (full keys: taken on the slow path only)."""
         p, b = self._parameters, self._buffers
-        return (self._gen, state_key(p["values"]), state_key(p.get("bias")),
-                _buffer_key([t for t in map(b.get, self._STRUCTURE) if t is not None]))
+        return (self._cell[0], alias_versions(self._cell[1]), state_key(p["values"]), state_key(p.get("bias")),
+                *(state_key(b.get(n)) for n in self._STRUCTURE))
 
-    def _signature(self, x: Tensor) -> tuple:
-        """What a prepared call depends on: x's layout, the policy and activation, and _state."""
-        return (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, self._state())
+    def _sources(self, sparse: bool) -> Optional[list]:
+        """Plain aliases (sharing the version counter) of the tensors the prepared call holds
+        derived copies of; None where one keeps no version (an inference tensor): then calls
+        are not bound."""
+        v, bias, bufs = self._parameters["values"], self._parameters.get("bias"), self._buffers
+        if sparse:
+            src = [v, bufs["b_perm"]] if self.block else ([] if v.is_contiguous() else [v])
+            if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
+                src.append(bias)
+        else:
+            src = [v, bufs["rowptr"], bufs["colidx"]] + ([bias] if bias is not None else [])
+        if any(t.is_inference() for t in src):
+            return None
+        return [t.detach() for t in src]
 
     def _fast(self, x: Tensor):
-        """The prepared call for x when it applies (inference, same signature as the last call), else None."""
+        """The prepared call for x when it applies (inference, same signature, nothing changed
+        since it was bound), else None."""
         prepared = self._prepared
         if prepared is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not Tensor:
             return None
-        return prepared[1] if prepared[0] == self._signature(x) else None
+        sig, sources, versions, aliases, fn = prepared
+        cell = self._cell
+        if sig != (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, cell[0]):
+            return None
+        if sources and tuple(map(_get_version, sources)) != versions:
+            return None
+        if (cell[1] or aliases) and alias_versions(cell[1]) != aliases:
+            return None
+        return fn
 
     def _preparable(self, x: Tensor) -> bool:
         """Whether calls on x may be bound once (see _run): plain float32 contiguous CPU input and
@@ -317,7 +331,11 @@ class _SparseLayer(nn.Module):
         batch 1, 4x4 to 32x32 pixels) take tens of microseconds, as much as the full path's
         Python. The measurement then times the bound calls, what the later calls will run."""
         preparable = self._preparable(x)
-        state = self._state() if preparable else None  # before binding: a change meanwhile shows next call
+        cell = self._cell
+        # taken before binding: a change made meanwhile shows on the next call
+        gen, aliases = cell[0], alias_versions(cell[1])
+        sources = {s: self._sources(s) for s in (True, False)} if preparable else {}
+        versions = {s: tuple(map(_get_version, v)) for s, v in sources.items() if v is not None}
         bound = {}
 
         def call(sparse: bool) -> Callable[[], Tensor]:
@@ -346,8 +364,9 @@ class _SparseLayer(nn.Module):
         if self.backend is not backend:  # nn.Module.__setattr__ costs microseconds per call
             self.__dict__["backend"] = backend
         run = call(sparse)
-        self.__dict__["_prepared"] = ((x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation,
-                                       state), bound[sparse]) if preparable else None
+        self.__dict__["_prepared"] = None if sources.get(sparse) is None else (
+            (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, gen), sources[sparse],
+            versions[sparse], aliases, bound[sparse])
         return run()
 
     def _dense_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
