@@ -742,3 +742,17 @@ def test_repeated_calls_are_bitwise_equal(kind, layout):
                 assert torch.equal(a, b)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_prune_reparametrisation_is_seen():
+    """torch.nn.utils.prune replaces values by a plain attribute before each forward."""
+    prune = pytest.importorskip("torch.nn.utils.prune")
+    layer, x = _make("linear", "blocked", "sparse")
+    with torch.no_grad():
+        layer(x)
+    prune.l1_unstructured(layer, "values", amount=0.5)
+    with torch.no_grad():
+        layer(x)
+        torch.testing.assert_close(layer(x), _expected(layer, x), rtol=1e-4, atol=1e-4)
+    prune.remove(layer, "values")
+    _check_follows(layer, x, lambda m: m.values.data.mul_(2))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from hotops import _backend
 from hotops.sparse import op as _op
-from hotops.sparse.format import SparseWeight
+from hotops.sparse.format import _DATA, SparseWeight, TrackedBuffer
 
 __all__ = ["SparseWeight", "sparse_linear", "sparse_conv2d", "SparseLinear", "SparseConv2d", "sparsify", "fuse"]
 
@@ -31,14 +31,15 @@ def _check_common(x: Tensor, sw, bias: Optional[Tensor], ndim: int) -> None:
     if not isinstance(sw, SparseWeight):
         raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
     _backend.check_tensor(x, "x", ndim=ndim, dtypes=ACTIVATION_DTYPES)
-    _backend.check_tensor(sw.values, "sw.values", ndim=1, dtypes=ACTIVATION_DTYPES)
-    if sw.values.shape[0] != sw.nnz:
-        raise ValueError(f"sw.values has {sw.values.shape[0]} entries, but sw's structure has {sw.nnz} non-zeros")
+    values = _plain(sw.values)
+    if values.dtype not in ACTIVATION_DTYPES or values.shape != sw.colidx.shape:  # one cheap test per call
+        _backend.check_tensor(values, "sw.values", ndim=1, dtypes=ACTIVATION_DTYPES)
+        raise ValueError(f"sw.values has shape {tuple(values.shape)}, but sw's structure has {sw.nnz} non-zeros")
     if bias is not None:
         _backend.check_tensor(bias, "bias", ndim=1, dtypes=ACTIVATION_DTYPES)
         if bias.shape[0] != sw.out_features:
             raise ValueError(f"bias has {bias.shape[0]} entries, expected {sw.out_features} (one per output channel)")
-    _backend.check_same_device(x=x, values=sw.values, bias=bias)
+    _backend.check_same_device(x=x, values=values, bias=bias)
 
 
 def _pair(v: IntPair, name: str, minimum: int) -> list:
@@ -68,10 +69,16 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
     return _linear(x, sw, bias, act)
 
 
+def _plain(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A module's nn.Parameter (format.TrackedParameter) as a plain tensor alias, without counting
+    it as a .data read."""
+    return _DATA.__get__(t) if isinstance(t, (nn.Parameter, TrackedBuffer)) else t
+
+
 def _direct(x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
     """_backend.can_skip_dispatcher, also for a module's nn.Parameters (values and bias always
     are): their custom-op dispatch would cost more than a small layer's work."""
-    return _backend.can_skip_dispatcher(x, *(t.data if type(t) is nn.Parameter else t for t in (values, bias))) \
+    return _backend.can_skip_dispatcher(x, _plain(values), _plain(bias)) \
         and not (torch.is_grad_enabled() and (values.requires_grad or (bias is not None and bias.requires_grad)))
 
 
@@ -82,8 +89,11 @@ def _blocked(x: Tensor, sw: SparseWeight) -> tuple:
 
 def _linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], act: int) -> Tensor:
     """sparse_linear after validation (the modules validate once per input signature)."""
-    fn = _op.linear_forward if _direct(x, sw.values, bias) else _op.sparse_linear_op
-    y = fn(x.reshape(-1, sw.shape[1]), sw.values, sw.rowptr, sw.colidx, sw.t_rowptr,
+    if _direct(x, sw.values, bias):  # plain aliases: cheaper for the C++ to read than Parameters
+        fn, values, bias = _op.linear_forward, _plain(sw.values), _plain(bias)
+    else:
+        fn, values = _op.sparse_linear_op, sw.values
+    y = fn(x.reshape(-1, sw.shape[1]), values, sw.rowptr, sw.colidx, sw.t_rowptr,
            sw.t_colidx, sw.t_perm, bias, sw.shape[1], act, *_blocked(x, sw))
     return y.reshape(*x.shape[:-1], sw.out_features)
 
@@ -120,8 +130,11 @@ def _conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], stride: list, p
             act: int) -> Tensor:
     """sparse_conv2d after validation, with (h, w) pairs (the modules validate once per input
     signature)."""
-    fn = _op.conv2d_forward if _direct(x, sw.values, bias) else _op.sparse_conv2d_op
-    return fn(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
+    if _direct(x, sw.values, bias):  # plain aliases: cheaper for the C++ to read than Parameters
+        fn, values, bias = _op.conv2d_forward, _plain(sw.values), _plain(bias)
+    else:
+        fn, values = _op.sparse_conv2d_op, sw.values
+    return fn(x, values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
               bias, list(sw.shape), stride, padding, dilation, sw.groups, act, *_blocked(x, sw))
 
 

@@ -175,6 +175,21 @@ def state_key(t: Optional[Tensor]) -> tuple:
     return (t.data_ptr(), v, t.shape, t.stride(), t.dtype)
 
 
+def _quick_key(t: Tensor) -> tuple:
+    """state_key without shape, strides and dtype, for tensors checked elsewhere on every call
+    (values: dtype and length by the ops' validation; b_perm: never swapped but by the layer):
+    a storage change shows in data_ptr, or for a tracked tensor in its .data count."""
+    try:
+        v = t._version
+    except RuntimeError:  # an inference tensor keeps no version: it changes only by replacement
+        v = None
+    if isinstance(t, _Tracked):
+        d = t.__dict__
+        aliases = d.get("_hotops_aliases")
+        return t.data_ptr(), v, d.get("_hotops_gen", 0), alias_versions(aliases) if aliases else ()
+    return t.data_ptr(), v
+
+
 def panel_count(cols: int) -> int:
     return max(1, -(-cols // PANEL_COLS))
 
@@ -305,7 +320,7 @@ class SparseWeight:
             v = self.values.detach().float()
             return torch.cat([v, v.new_zeros(1)])[self.b_perm]
         cache = self._block_cache
-        key = (state_key(self.values), state_key(self.b_perm))
+        key = (_quick_key(self.values), _quick_key(self.b_perm))
         entry = cache.get("entry")
         if entry is not None and entry[0] == key:
             return entry[1]

@@ -152,9 +152,15 @@ class _SparseLayer(nn.Module):
         for t in list(self._parameters.values()) + list(self._buffers.values()):
             track(t, cell)
 
+    def _tensor(self, name: str) -> Optional[Tensor]:
+        """values or bias: the Parameter, or a plain attribute of that name (as
+        torch.nn.utils.prune sets one before each forward)."""
+        t = self._parameters.get(name)
+        return t if t is not None or name in self._parameters else self.__dict__.get(name)
+
     def __setattr__(self, name, value):
         if name in self._WATCHED:
-            if isinstance(value, Tensor):
+            if isinstance(value, nn.Parameter) or (isinstance(value, Tensor) and name in self._buffers):
                 track(value, self.__dict__.setdefault("_cell", [0, []]))
             super().__setattr__(name, value)
             self._invalidate()
@@ -209,7 +215,7 @@ class _SparseLayer(nn.Module):
                 error_msgs.append(f"{type(self).__name__} at {prefix!r}: {e}")
                 return
             with torch.no_grad():
-                values = self._parameters["values"]
+                values = self._tensor("values")
                 self._load(sw, keep_values=values if values.shape == sw.values.shape else None)
             state_dict = dict(state_dict)  # the caller's copy stays as it was
             for k in blocked_keys:
@@ -241,15 +247,16 @@ class _SparseLayer(nn.Module):
 
     def _state(self) -> tuple:
         """What the derived caches depend on (full keys: taken on the slow path only)."""
-        p, b = self._parameters, self._buffers
-        return (self._cell[0], alias_versions(self._cell[1]), state_key(p["values"]), state_key(p.get("bias")),
+        b = self._buffers
+        return (self._cell[0], alias_versions(self._cell[1]), state_key(self._tensor("values")),
+                state_key(self._tensor("bias")),
                 *(state_key(b.get(n)) for n in self._STRUCTURE))
 
     def _sources(self, sparse: bool) -> Optional[list]:
         """Plain aliases (sharing the version counter) of the tensors the prepared call holds
         derived copies of; None where one keeps no version (an inference tensor): then calls
         are not bound."""
-        v, bias, bufs = self._parameters["values"], self._parameters.get("bias"), self._buffers
+        v, bias, bufs = self._tensor("values"), self._tensor("bias"), self._buffers
         if sparse:
             src = [v, bufs["b_perm"]] if self.block else ([] if v.is_contiguous() else [v])
             if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
@@ -285,16 +292,20 @@ class _SparseLayer(nn.Module):
 
     @property
     def sparse_weight(self) -> SparseWeight:
-        # kept while the Parameter and buffers are the same objects (replacing one, .to() and
-        # load_state_dict drop it): per-call rebuilding costs as much as a small layer's work
-        p = self._packed
-        if p is None:
+        """The packed weight: ``values`` itself (the Parameter, for autograd) and plain aliases of
+        the structure buffers (sharing storage and version; plain tensors cost less to read per
+        call than tracked ones). Kept until the layer's generation changes (a .data write,
+        replacement, .to(), load_state_dict): per-call rebuilding costs as much as a small
+        layer's work."""
+        p, gen = self._packed, self._cell[0]
+        if p is None or p[0] != gen:
             b = self._buffers
-            p = SparseWeight(self.shape, self.groups, b["rowptr"], b["colidx"], self._parameters["values"],
-                             b["t_rowptr"], b["t_colidx"], b["t_perm"], self.block, b["b_rowptr"], b["b_colidx"],
-                             b["b_perm"])
-            self.__dict__["_packed"] = p
-        return p
+            plain = {n: (b[n].detach() if b[n] is not None else None) for n in self._STRUCTURE}
+            sw = SparseWeight(self.shape, self.groups, plain["rowptr"], plain["colidx"], self._tensor("values"),
+                              plain["t_rowptr"], plain["t_colidx"], plain["t_perm"], self.block, plain["b_rowptr"],
+                              plain["b_colidx"], plain["b_perm"])
+            p = self.__dict__["_packed"] = (gen, sw)
+        return p[1]
 
     def to_dense(self) -> Tensor:
         """The masked dense weight (a new tensor, differentiable w.r.t. ``values``)."""
