@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from hotops import _backend
 from hotops.sparse import op as _op
-from hotops.sparse.format import SparseWeight
+from hotops.sparse.format import _DATA, SparseWeight, TrackedBuffer
 
 __all__ = ["SparseWeight", "sparse_linear", "sparse_conv2d", "SparseLinear", "SparseConv2d", "sparsify", "fuse"]
 
@@ -31,18 +31,28 @@ def _check_common(x: Tensor, sw, bias: Optional[Tensor], ndim: int) -> None:
     if not isinstance(sw, SparseWeight):
         raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
     _backend.check_tensor(x, "x", ndim=ndim, dtypes=ACTIVATION_DTYPES)
+    values = _plain(sw.values)
+    if values.dtype not in ACTIVATION_DTYPES or values.shape != sw.colidx.shape:  # one cheap test per call
+        _backend.check_tensor(values, "sw.values", ndim=1, dtypes=ACTIVATION_DTYPES)
+        raise ValueError(f"sw.values has shape {tuple(values.shape)}, but sw's structure has {sw.nnz} non-zeros")
     if bias is not None:
         _backend.check_tensor(bias, "bias", ndim=1, dtypes=ACTIVATION_DTYPES)
         if bias.shape[0] != sw.out_features:
             raise ValueError(f"bias has {bias.shape[0]} entries, expected {sw.out_features} (one per output channel)")
-    _backend.check_same_device(x=x, values=sw.values, bias=bias)
+    _backend.check_same_device(x=x, values=values, bias=bias)
 
 
 def _pair(v: IntPair, name: str, minimum: int) -> list:
-    pair = [v, v] if isinstance(v, int) else list(v)
-    if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
-        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {v!r}")
-    return pair
+    """An int argument that may also be a pair (h, w): Python or NumPy ints, 0-d tensors, a tuple
+    or list of two; each checked by _backend.check_number."""
+    if isinstance(v, (tuple, list)) or (isinstance(v, Tensor) and v.dim() == 1) or \
+            (hasattr(v, "shape") and hasattr(v, "dtype") and len(getattr(v, "shape", ())) == 1):
+        items = list(v)
+        if len(items) != 2:
+            raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {len(items)} values: {v!r}")
+    else:
+        items = [v, v]
+    return [_backend.check_number(i, name, integer=True, low=minimum) for i in items]
 
 
 def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
@@ -59,10 +69,16 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
     return _linear(x, sw, bias, act)
 
 
+def _plain(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A module's nn.Parameter (format.TrackedParameter) as a plain tensor alias, without counting
+    it as a .data read."""
+    return _DATA.__get__(t) if isinstance(t, (nn.Parameter, TrackedBuffer)) else t
+
+
 def _direct(x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
     """_backend.can_skip_dispatcher, also for a module's nn.Parameters (values and bias always
     are): their custom-op dispatch would cost more than a small layer's work."""
-    return _backend.can_skip_dispatcher(x, *(t.data if type(t) is nn.Parameter else t for t in (values, bias))) \
+    return _backend.can_skip_dispatcher(x, _plain(values), _plain(bias)) \
         and not (torch.is_grad_enabled() and (values.requires_grad or (bias is not None and bias.requires_grad)))
 
 
@@ -73,8 +89,11 @@ def _blocked(x: Tensor, sw: SparseWeight) -> tuple:
 
 def _linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], act: int) -> Tensor:
     """sparse_linear after validation (the modules validate once per input signature)."""
-    fn = _op.linear_forward if _direct(x, sw.values, bias) else _op.sparse_linear_op
-    y = fn(x.reshape(-1, sw.shape[1]), sw.values, sw.rowptr, sw.colidx, sw.t_rowptr,
+    if _direct(x, sw.values, bias):  # plain aliases: cheaper for the C++ to read than Parameters
+        fn, values, bias = _op.linear_forward, _plain(sw.values), _plain(bias)
+    else:
+        fn, values = _op.sparse_linear_op, sw.values
+    y = fn(x.reshape(-1, sw.shape[1]), values, sw.rowptr, sw.colidx, sw.t_rowptr,
            sw.t_colidx, sw.t_perm, bias, sw.shape[1], act, *_blocked(x, sw))
     return y.reshape(*x.shape[:-1], sw.out_features)
 
@@ -89,16 +108,16 @@ def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, st
     act = _check_activation(activation)
     if len(sw.shape) != 4:
         raise ValueError(f"sparse_conv2d needs a conv (O, C/groups, kh, kw) SparseWeight, got shape {sw.shape}")
-    groups = sw.groups if groups is None else groups
+    groups = sw.groups if groups is None else _backend.check_number(groups, "groups", integer=True, low=1)
     if groups != sw.groups:
         raise ValueError(f"sw was packed for groups={sw.groups}, called with groups={groups}; pack with "
                          f"SparseWeight.from_dense(w, ..., groups={groups})")
+    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
     C = x.shape[1]
     if C != sw.shape[1] * groups:
         raise ValueError(f"x has {C} channels; the weight {sw.shape} with groups={groups} expects "
                          f"{sw.shape[1] * groups}")
-    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
     for d, name in ((2, "height"), (3, "width")):
         k = sw.shape[d]
         if x.shape[d] + 2 * padding[d - 2] < dilation[d - 2] * (k - 1) + 1:
@@ -111,8 +130,11 @@ def _conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], stride: list, p
             act: int) -> Tensor:
     """sparse_conv2d after validation, with (h, w) pairs (the modules validate once per input
     signature)."""
-    fn = _op.conv2d_forward if _direct(x, sw.values, bias) else _op.sparse_conv2d_op
-    return fn(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
+    if _direct(x, sw.values, bias):  # plain aliases: cheaper for the C++ to read than Parameters
+        fn, values, bias = _op.conv2d_forward, _plain(sw.values), _plain(bias)
+    else:
+        fn, values = _op.sparse_conv2d_op, sw.values
+    return fn(x, values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
               bias, list(sw.shape), stride, padding, dilation, sw.groups, act, *_blocked(x, sw))
 
 

@@ -23,10 +23,12 @@ the CSR (``values`` stays the parameter; the gradients are the CSR's).
 from __future__ import annotations
 
 import dataclasses
+import threading
+import weakref
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 # 512 activation rows of 64 floats (the kernel's register tile) = 128 KB: L2-resident per panel;
@@ -37,6 +39,155 @@ BLOCK_SIZES = (4, 8)
 # from this fill (non-zeros / stored values) on, the blocked forward beat the CSR one in every
 # measured case; the first to lose below it, batched linear at 90 %, crosses over near 0.6
 BLOCK_FILL_MIN = 0.65
+
+
+# ------------------------------------------------------------------ cache keys
+#
+# The blocked values, a module's dense weight and its prepared call are copies derived from
+# tensors a user may change: in place (bumps ``_version``), by ``.data = new`` (new storage, same
+# object and version) or through a ``.data`` alias (``p.data.mul_(2)``: the alias has a version
+# counter of its own, so neither p's version nor its storage changes). A tracked tensor (what the
+# modules' parameters and buffers are: TrackedParameter, TrackedBuffer) counts its ``.data``
+# reads and writes, keeps weak references to its live ``.data`` aliases, and bumps the "cells"
+# of the modules that hold it (a cell: [generation, live aliases]). ``state_key`` combines all
+# of it for one tensor. Writes that bypass torch (a NumPy view, DLPack, ctypes) are not seen.
+
+_DATA = torch._C.TensorBase.data
+_BUILD_LOCK = threading.RLock()  # serialises cache builds; published caches are read without it
+
+
+def _bump(t) -> None:
+    d = t.__dict__
+    d["_hotops_gen"] = d.get("_hotops_gen", 0) + 1
+    for cell in d.get("_hotops_cells", ()):
+        cell[0] += 1
+
+
+def _note_alias(t, alias) -> None:
+    """alias = t.data: the change is counted now, and the alias's writes while it lives."""
+    d = t.__dict__
+    ref = weakref.ref(alias, _alias_died(t))
+    d.setdefault("_hotops_aliases", []).append(ref)
+    for cell in d.get("_hotops_cells", ()):
+        cell[1].append(ref)
+    _bump(t)
+
+
+def _alias_died(t):
+    owner = weakref.ref(t)
+
+    def died(ref):
+        q = owner()
+        if q is None:
+            return
+        _bump(q)  # the alias may have been written to just before it died
+        d = q.__dict__
+        for lst in [d.get("_hotops_aliases", [])] + [c[1] for c in d.get("_hotops_cells", ())]:
+            try:
+                lst.remove(ref)
+            except ValueError:
+                pass
+    return died
+
+
+class _Tracked:
+    """``.data`` reads and writes counted (see above); mixed into a Parameter or Tensor class."""
+
+    @property
+    def data(self):
+        d = _DATA.__get__(self)
+        _note_alias(self, d)
+        return d
+
+    @data.setter
+    def data(self, new):
+        _DATA.__set__(self, new)
+        _bump(self)
+
+    def __repr__(self):
+        text = repr(_DATA.__get__(self))
+        return "Parameter containing:\n" + text if isinstance(self, nn.Parameter) else text
+
+
+class TrackedParameter(_Tracked, nn.Parameter):
+    """An nn.Parameter whose ``.data`` reads and writes are counted, so caches derived from it
+    notice ``p.data = new`` and ``p.data.mul_(2)`` (which bump no version counter). Everything
+    else is nn.Parameter's; ``track`` turns an existing Parameter into one in place (its identity,
+    and so an optimizer's reference to it, is kept)."""
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            memo[id(self)] = TrackedParameter(_DATA.__get__(self).clone(memory_format=torch.preserve_format),
+                                              self.requires_grad)
+        return memo[id(self)]
+
+    def __reduce_ex__(self, proto):  # pickles as a plain Parameter; the module tracks it again
+        return nn.Parameter(_DATA.__get__(self), self.requires_grad).__reduce_ex__(proto)
+
+
+class TrackedBuffer(_Tracked, torch.Tensor):
+    """A plain tensor (ops on it return plain tensors) whose ``.data`` reads and writes are counted."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            memo[id(self)] = _DATA.__get__(self).clone(memory_format=torch.preserve_format)
+        return memo[id(self)]
+
+    def __reduce_ex__(self, proto):  # pickles as a plain tensor; the module tracks it again
+        return _DATA.__get__(self).__reduce_ex__(proto)
+
+
+def track(t, cell: Optional[list] = None):
+    """t as a tracked tensor (the same object: TrackedParameter for an nn.Parameter,
+    TrackedBuffer for a plain tensor), reporting to ``cell`` too; None stays None."""
+    if t is None:
+        return t
+    if type(t) is nn.Parameter:
+        t.__class__ = TrackedParameter
+    elif type(t) is Tensor:
+        t.__class__ = TrackedBuffer
+    if cell is not None and isinstance(t, _Tracked):
+        cells = t.__dict__.setdefault("_hotops_cells", [])
+        if not any(c is cell for c in cells):
+            cells.append(cell)
+    return t
+
+
+def alias_versions(aliases: list) -> tuple:
+    """The in-place versions of the live ``.data`` aliases in a list of weak references."""
+    return tuple(a._version for a in (r() for r in aliases) if a is not None)
+
+
+def state_key(t: Optional[Tensor]) -> tuple:
+    """What a copy derived from t depends on: its storage, shape, strides and dtype, its in-place
+    version, and for a tracked tensor its ``.data`` reads, writes and live aliases."""
+    if t is None:
+        return ()
+    try:
+        v = t._version
+    except RuntimeError:  # an inference tensor keeps no version: it changes only by replacement
+        v = None
+    if isinstance(t, _Tracked):
+        d = t.__dict__
+        v = (v, d.get("_hotops_gen", 0), alias_versions(d.get("_hotops_aliases", ())))
+    return (t.data_ptr(), v, t.shape, t.stride(), t.dtype)
+
+
+def _quick_key(t: Tensor) -> tuple:
+    """state_key without shape, strides and dtype, for tensors checked elsewhere on every call
+    (values: dtype and length by the ops' validation; b_perm: never swapped but by the layer):
+    a storage change shows in data_ptr, or for a tracked tensor in its .data count."""
+    try:
+        v = t._version
+    except RuntimeError:  # an inference tensor keeps no version: it changes only by replacement
+        v = None
+    if isinstance(t, _Tracked):
+        d = t.__dict__
+        aliases = d.get("_hotops_aliases")
+        return t.data_ptr(), v, d.get("_hotops_gen", 0), alias_versions(aliases) if aliases else ()
+    return t.data_ptr(), v
 
 
 def panel_count(cols: int) -> int:
@@ -51,7 +202,7 @@ def csr_rows(rowptr: Tensor, rows: int) -> Tensor:
 
 def magnitude_mask(w: Tensor, sparsity: float) -> Tensor:
     """Keeps the round((1 - sparsity) * numel) largest |w| (ties broken by position)."""
-    check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     keep = int(round((1.0 - sparsity) * w.numel()))
     mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
     if keep > 0:
@@ -63,7 +214,7 @@ def block_mask(w: Tensor, sparsity: float, block: int, groups: int) -> Tensor:
     """Block pruning: keeps the round((1 - sparsity) * blocks) blocks of ``block`` consecutive output
     channels of one group (x one column) with the largest L2 norm; a group's last block may be
     shorter. Structured pruning trades accuracy for speed (docs/sparse.md)."""
-    check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     O, K = w.shape[0], w[0].numel()
     og = O // groups
     bpg = -(-og // block)
@@ -95,9 +246,17 @@ def block_structure(O: int, K: int, groups: int, block: int, rows: Tensor, cols:
     return b_rowptr, (stored % K).to(torch.int32), b_perm
 
 
-def check_sparsity(sparsity: float) -> None:
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+def _check_groups(groups) -> int:
+    from hotops._backend import check_number
+
+    return check_number(groups, "groups", integer=True, low=1)
+
+
+def check_sparsity(sparsity: float) -> float:
+    """sparsity as a float in [0, 1) (Python or NumPy numbers, 0-d tensors)."""
+    from hotops._backend import check_number
+
+    return check_number(sparsity, "sparsity", low=0.0, high=1.0, high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,24 +311,32 @@ class SparseWeight:
         return self.block, self.b_rowptr, self.b_colidx, self.block_values()
 
     def block_values(self) -> Tensor:
-        """``values`` in the blocked order, zero-padded: a buffer kept with this SparseWeight and
-        refilled in place when values changes (a fresh tensor while torch.compile traces).
-        Refilling reuses the memory: a new 7 MB tensor per call costs more in page faults than
-        the gather itself."""
+        """``values`` in the blocked order, zero-padded, float32 (the kernels' dtype): a copy
+        kept with this SparseWeight and rebuilt when values or b_perm change (state_key: in
+        place, ``.data`` swaps, and ``.data`` aliases of a TrackedParameter). A rebuild makes a
+        new tensor and then publishes it, so a thread still reading the old one is unaffected
+        (a fresh tensor while torch.compile traces)."""
         if torch.compiler.is_compiling():
-            return torch.cat([self.values.detach(), self.values.new_zeros(1)])[self.b_perm]
-        v, cache = self.values, self._block_cache
-        # inference tensors keep no version counter: they change only by replacement
-        key = (None if v.is_inference() else v._version, v.data_ptr(), v.device, v.dtype)
-        if cache.get("key") != key:
-            with torch.inference_mode(False), torch.no_grad():  # plain buffers, even when first made in inference mode
-                if cache.get("padded") is None or cache["padded"].device != v.device or cache["padded"].dtype != v.dtype:
-                    cache["padded"] = torch.zeros(self.nnz + 1, dtype=v.dtype, device=v.device)  # last: the padding zero
-                    cache["values"] = torch.empty(self.b_perm.numel(), dtype=v.dtype, device=v.device)
-                cache["padded"][:-1].copy_(v)
-                torch.index_select(cache["padded"], 0, self.b_perm, out=cache["values"])
-            cache["key"] = key
-        return cache["values"]
+            v = self.values.detach().float()
+            return torch.cat([v, v.new_zeros(1)])[self.b_perm]
+        cache = self._block_cache
+        key = (_quick_key(self.values), _quick_key(self.b_perm))
+        entry = cache.get("entry")
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        with _BUILD_LOCK:
+            entry = cache.get("entry")
+            if entry is not None and entry[0] == key:
+                return entry[1]
+            v = self.values
+            # plain tensors, even when first made in inference mode; the key was taken before
+            # the copy, so a change made while copying shows as a new key on the next call
+            with torch.inference_mode(False), torch.no_grad():
+                padded = torch.zeros(self.nnz + 1, dtype=torch.float32, device=v.device)
+                padded[:-1].copy_(v.detach())
+                out = torch.index_select(padded, 0, self.b_perm)
+            cache["entry"] = (key, out)
+            return out
 
     @staticmethod
     def from_dense(w: Tensor, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
@@ -191,7 +358,8 @@ class SparseWeight:
         w = w.float()
         if w.numel() == 0:
             raise ValueError(f"w is empty (shape {tuple(w.shape)})")
-        if not isinstance(groups, int) or groups < 1 or w.shape[0] % groups:
+        groups = _check_groups(groups)
+        if w.shape[0] % groups:
             raise ValueError(f"groups must be a positive divisor of the {w.shape[0]} output channels, got {groups!r}")
         if mask is not None and sparsity is not None:
             raise ValueError("give either mask or sparsity, not both")
@@ -268,7 +436,7 @@ class SparseWeight:
                             self.b_perm)
 
     def to(self, device) -> "SparseWeight":
-        """The same weight with every tensor on ``device``."""
+        """The same weight with every tensor on ``device`` (a new block-values cache)."""
         return SparseWeight(self.shape, self.groups, *(t.to(device) for t in (
             self.rowptr, self.colidx, self.values, self.t_rowptr, self.t_colidx, self.t_perm)), self.block,
             *(t.to(device) if t is not None else None for t in (self.b_rowptr, self.b_colidx, self.b_perm)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 import time
 from typing import Callable, Iterable, Optional, Tuple
 
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hotops.sparse import reference
-from hotops.sparse.format import BLOCK_SIZES, SparseWeight, block_mask, check_sparsity, magnitude_mask
+from hotops.sparse.format import (_BUILD_LOCK, BLOCK_SIZES, PANEL_COLS, SparseWeight, alias_versions, block_mask,
+                                  check_sparsity, magnitude_mask, panel_count, state_key, track)
 
 SPARSE, DENSE = "sparse (C++)", "dense (torch)"
 POLICIES = ("auto", "model", "sparse", "dense")
@@ -25,9 +27,49 @@ POLICIES = ("auto", "model", "sparse", "dense")
 DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.4, "conv1x1": 0.4, "conv": 0.2, "depthwise": 0.2}
 
 
-def _version(t: Optional[Tensor]) -> Optional[int]:
-    """t's in-place version counter (None for no tensor, or an inference tensor, which keeps none)."""
-    return None if t is None or t.is_inference() else t._version
+_get_version = operator.attrgetter("_version")
+
+
+def _checked_structure(shape, groups: int, values, rowptr, colidx, t_rowptr, t_colidx, t_perm) -> SparseWeight:
+    """A checkpoint's packed weight for a layer of ``shape`` and ``groups``, checked whole: the
+    CSR's sizes, order and column range, and the transposed CSR against the one the CSR implies
+    (rebuilt here: a corrupted or foreign checkpoint is refused, never run)."""
+    O, K = shape[0], 1
+    for d in shape[1:]:
+        K *= d
+    for name, t, dtype in (("rowptr", rowptr, torch.int64), ("colidx", colidx, torch.int32),
+                           ("t_rowptr", t_rowptr, torch.int64), ("t_colidx", t_colidx, torch.int32),
+                           ("t_perm", t_perm, torch.int64)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != dtype:
+            raise ValueError(f"{name} must be a 1-d {str(dtype).replace('torch.', '')} tensor, got "
+                             f"{str(t.dtype).replace('torch.', '') + ' ' + str(tuple(t.shape)) if isinstance(t, Tensor) else t!r}")
+    if not isinstance(values, Tensor) or values.dim() != 1 or not values.is_floating_point():
+        raise ValueError("values must be a 1-d floating-point tensor")
+    panels, nnz = panel_count(K), colidx.numel()
+    if rowptr.numel() != panels * O + 1:
+        raise ValueError(f"rowptr has {rowptr.numel()} entries; a weight of shape {tuple(shape)} needs "
+                         f"{panels * O + 1} (the checkpoint is of a layer of another shape)")
+    if values.numel() != nnz:
+        raise ValueError(f"values has {values.numel()} entries for {nnz} column indices")
+    rp, cols = rowptr.cpu(), colidx.cpu().long()
+    if rp[0] != 0 or rp[-1] != nnz or bool((rp.diff() < 0).any()):
+        raise ValueError(f"rowptr must run from 0 to nnz = {nnz} without decreasing")
+    seg = torch.repeat_interleave(torch.arange(panels * O), rp.diff())
+    if nnz and (int(cols.min()) < 0 or int(cols.max()) >= K or bool(((cols // PANEL_COLS) != seg // O).any())
+                or bool(((seg[1:] == seg[:-1]) & (cols[1:] <= cols[:-1])).any())):
+        raise ValueError(f"colidx must hold increasing columns in [0, {K}) within each row and column panel")
+    rows = seg % O
+    order = torch.argsort(rows * K + cols)
+    sw = SparseWeight.pack(tuple(shape), groups, rows[order], cols[order], values.detach().cpu()[order].float())
+    for name, t in (("t_rowptr", t_rowptr), ("t_colidx", t_colidx), ("t_perm", t_perm)):
+        if not torch.equal(t.cpu(), getattr(sw, name)):
+            raise ValueError(f"{name} does not match the transposed structure of rowptr / colidx")
+    return sw.to(values.device)
+
+
+def _check_activation_arg(activation) -> None:
+    if activation not in (None, "relu", "relu6") or not isinstance(activation, (str, type(None))):
+        raise ValueError(f"activation must be None, 'relu' or 'relu6', got {activation!r}")
 
 
 def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
@@ -70,60 +112,200 @@ class _SparseLayer(nn.Module):
 
     _STRUCTURE = ("rowptr", "colidx", "t_rowptr", "t_colidx", "t_perm", "b_rowptr", "b_colidx", "b_perm")
 
+    _WATCHED = frozenset(("values", "bias") + _STRUCTURE)
+
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor], policy: str):
         super().__init__()
+        if not isinstance(sw, SparseWeight):
+            raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
+        if bias is not None:
+            if not isinstance(bias, Tensor):
+                raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            if bias.shape != (sw.out_features,) or not bias.is_floating_point():
+                raise ValueError(f"bias must be a floating-point tensor of shape ({sw.out_features},), got "
+                                 f"{str(bias.dtype).replace('torch.', '')} {tuple(bias.shape)}")
+        self.__dict__["_cell"] = [0, []]  # see _invalidate
         self.policy = policy
         self.backend = ""
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._load(sw)
 
-    def _load(self, sw: SparseWeight) -> None:
+    # ---- cache invalidation. The layer's parameters and buffers are tracked tensors reporting to
+    # the layer's cell [generation, live .data aliases] (format.track): a .data read or write of
+    # any of them, replacing one, .to() and load_state_dict bump the generation. In-place changes
+    # bump version counters: a prepared call keeps plain aliases of the tensors it holds copies
+    # derived from (its "sources": values and b_perm for the blocked values; values, rowptr,
+    # colidx, bias for the dense weight; none for the CSR, which reads them in place) and
+    # compares their versions. So a call checks one generation and a few versions.
+
+    def _invalidate(self) -> None:
+        d = self.__dict__
+        if "_cell" not in d:
+            d["_cell"] = [0, []]
+        d["_cell"][0] += 1
+        d["_prepared"] = d["_dense_cache"] = d["_packed"] = None
+
+    def _track_all(self) -> None:
+        cell = self.__dict__.setdefault("_cell", [0, []])
+        for t in list(self._parameters.values()) + list(self._buffers.values()):
+            track(t, cell)
+
+    def _tensor(self, name: str) -> Optional[Tensor]:
+        """values or bias: the Parameter, or a plain attribute of that name (as
+        torch.nn.utils.prune sets one before each forward)."""
+        t = self._parameters.get(name)
+        return t if t is not None or name in self._parameters else self.__dict__.get(name)
+
+    def __setattr__(self, name, value):
+        if name in self._WATCHED:
+            if isinstance(value, nn.Parameter) or (isinstance(value, Tensor) and name in self._buffers):
+                track(value, self.__dict__.setdefault("_cell", [0, []]))
+            super().__setattr__(name, value)
+            self._invalidate()
+        else:
+            super().__setattr__(name, value)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        super().register_buffer(name, track(tensor, self.__dict__.setdefault("_cell", [0, []])), persistent)
+        if name in self._WATCHED:
+            self._invalidate()
+
+    def register_parameter(self, name, param):
+        super().register_parameter(name, track(param, self.__dict__.setdefault("_cell", [0, []])))
+        if name in self._WATCHED:
+            self._invalidate()
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(), ...: new tensors or .data swaps
+        out = super()._apply(fn, recurse)
+        self._track_all()
+        self._invalidate()
+        return out
+
+    def __getstate__(self):  # copy.deepcopy, pickle: caches and the cell are rebuilt
+        return {**self.__dict__, "_prepared": None, "_dense_cache": None, "_packed": None, "_cell": [0, []]}
+
+    def __setstate__(self, state):  # parameters and buffers come back untracked: track them again
+        super().__setstate__(state)
+        self._track_all()
+        self._invalidate()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A checkpoint's packed weight loads whole: its CSR (values, rowptr, colidx, t_*) is
+        checked and replaces this layer's, whatever its number of non-zeros; the blocked form is
+        this layer's choice (kept when the layer has one, rebuilt from the loaded CSR; a
+        checkpoint's own blocked form is never trusted). A checkpoint with ``values`` but no
+        structure loads the values into this structure."""
+        csr = ("values", "rowptr", "colidx", "t_rowptr", "t_colidx", "t_perm")
+        present = [n for n in csr if prefix + n in state_dict]
+        blocked_keys = [prefix + n for n in ("b_rowptr", "b_colidx", "b_perm")]
+        if len(present) > 1 or (present and present != ["values"]):
+            missing = [n for n in csr if n not in present]
+            if missing:
+                error_msgs.append(f"{type(self).__name__} checkpoint at {prefix!r} holds only part of a packed weight: "
+                                  f"{', '.join(missing)} missing (a packed weight loads whole)")
+                return
+            try:
+                sw = _checked_structure(self.shape, self.groups, *(state_dict[prefix + n] for n in csr))
+                if self.block:
+                    sw = sw.with_block(self.block)
+            except (ValueError, TypeError) as e:
+                error_msgs.append(f"{type(self).__name__} at {prefix!r}: {e}")
+                return
+            with torch.no_grad():
+                values = self._tensor("values")
+                self._load(sw, keep_values=values if values.shape == sw.values.shape else None)
+            state_dict = dict(state_dict)  # the caller's copy stays as it was
+            for k in blocked_keys:
+                state_dict.pop(k, None)
+            for n in ("b_rowptr", "b_colidx", "b_perm"):
+                if getattr(sw, n) is not None:
+                    state_dict[prefix + n] = getattr(sw, n)
+            for n in csr[1:]:
+                state_dict[prefix + n] = getattr(sw, n)
+        elif not self.block:  # a blocked checkpoint's structure is rebuilt, never copied
+            state_dict = {k: v for k, v in state_dict.items() if k not in blocked_keys}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._invalidate()
+
+    def _load(self, sw: SparseWeight, keep_values: Optional[Tensor] = None) -> None:
+        """Installs sw's structure (and values: copied into ``keep_values`` when given, which keeps
+        that Parameter's identity for optimizers)."""
         self.shape, self.groups, self.block, self.layout = sw.shape, sw.groups, sw.block, sw.layout
-        self.values = nn.Parameter(sw.values.detach().clone())
+        if keep_values is not None:
+            keep_values.copy_(sw.values.detach())
+        else:
+            self.values = nn.Parameter(sw.values.detach().clone().float())
         for name in self._STRUCTURE:
             self.register_buffer(name, getattr(sw, name), persistent=True)
-        self._dense_cache = None
-        self._packed = None
-        self._prepared = None  # (signature, fn): the last inference signature's bound call, see _run
         self.density = sw.density  # the structure only changes in _load
         self.dispatch = {}  # input signature -> (sparse wins, sparse s, dense s): see the class doc
+        self._invalidate()
 
-    def __getstate__(self):  # copy.deepcopy, pickle: the bound call is rebuilt on the next call
-        return {**self.__dict__, "_prepared": None}
+    def _state(self) -> tuple:
+        """What the derived caches depend on (full keys: taken on the slow path only)."""
+        b = self._buffers
+        return (self._cell[0], alias_versions(self._cell[1]), state_key(self._tensor("values")),
+                state_key(self._tensor("bias")),
+                *(state_key(b.get(n)) for n in self._STRUCTURE))
 
-    def _signature(self, x: Tensor) -> tuple:
-        """What a prepared call depends on: x's layout, the policy and activation, and the very
-        tensors (and their in-place versions) values and bias are."""
-        v, b = self._parameters["values"], self._parameters.get("bias")  # a bias of None is no Parameter
-        return (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, id(v), _version(v),
-                v.data_ptr(), id(b), _version(b))
+    def _sources(self, sparse: bool) -> Optional[list]:
+        """Plain aliases (sharing the version counter) of the tensors the prepared call holds
+        derived copies of; None where one keeps no version (an inference tensor): then calls
+        are not bound."""
+        v, bias, bufs = self._tensor("values"), self._tensor("bias"), self._buffers
+        if sparse:
+            src = [v, bufs["b_perm"]] if self.block else ([] if v.is_contiguous() else [v])
+            if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
+                src.append(bias)
+        else:
+            src = [v, bufs["rowptr"], bufs["colidx"]] + ([bias] if bias is not None else [])
+        if any(t.is_inference() for t in src):
+            return None
+        return [t.detach() for t in src]
 
     def _fast(self, x: Tensor):
-        """The prepared call for x when it applies (inference, same signature as the last call), else None."""
+        """The prepared call for x when it applies (inference, same signature, nothing changed
+        since it was bound), else None."""
         prepared = self._prepared
         if prepared is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not Tensor:
             return None
-        return prepared[1] if prepared[0] == self._signature(x) else None
+        sig, sources, versions, aliases, fn = prepared
+        cell = self._cell
+        if sig != (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, cell[0]):
+            return None
+        if sources and tuple(map(_get_version, sources)) != versions:
+            return None
+        if (cell[1] or aliases) and alias_versions(cell[1]) != aliases:
+            return None
+        return fn
 
-    @staticmethod
-    def _preparable(x: Tensor) -> bool:
-        """Whether calls on x may be bound once (see _run): plain float32 contiguous CPU input,
-        nothing to differentiate, no tracing."""
+    def _preparable(self, x: Tensor) -> bool:
+        """Whether calls on x may be bound once (see _run): plain float32 contiguous CPU input and
+        float32 values, nothing to differentiate, no tracing."""
         return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not Tensor
-                    or not x.is_cpu or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0)
+                    or not x.is_cpu or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0
+                    or self.values.dtype != torch.float32)
 
     @property
     def sparse_weight(self) -> SparseWeight:
-        # kept while the Parameter and buffers are the same objects (module.to() or assigning a
-        # new Parameter replaces them): per-call rebuilding costs as much as a small layer's work
-        p = self._packed
-        if p is None or p.values is not self.values or p.rowptr is not self.rowptr or p.t_perm is not self.t_perm:
-            p = self._packed = SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, self.values,
-                                            self.t_rowptr, self.t_colidx, self.t_perm, self.block, self.b_rowptr,
-                                            self.b_colidx, self.b_perm)
-        return p
+        """The packed weight: ``values`` itself (the Parameter, for autograd) and plain aliases of
+        the structure buffers (sharing storage and version; plain tensors cost less to read per
+        call than tracked ones). Kept until the layer's generation changes (a .data write,
+        replacement, .to(), load_state_dict): per-call rebuilding costs as much as a small
+        layer's work."""
+        p, gen = self._packed, self._cell[0]
+        if p is None or p[0] != gen:
+            b = self._buffers
+            plain = {n: (b[n].detach() if b[n] is not None else None) for n in self._STRUCTURE}
+            sw = SparseWeight(self.shape, self.groups, plain["rowptr"], plain["colidx"], self._tensor("values"),
+                              plain["t_rowptr"], plain["t_colidx"], plain["t_perm"], self.block, plain["b_rowptr"],
+                              plain["b_colidx"], plain["b_perm"])
+            p = self.__dict__["_packed"] = (gen, sw)
+        return p[1]
 
     def to_dense(self) -> Tensor:
         """The masked dense weight (a new tensor, differentiable w.r.t. ``values``)."""
@@ -141,11 +323,13 @@ class _SparseLayer(nn.Module):
     def _dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.to_dense().to(dtype)
-        # inference tensors keep no version counter; they change only by replacement
-        key = (None if self.values.is_inference() else self.values._version, self.values.data_ptr(), dtype)
-        if self._dense_cache is None or self._dense_cache[0] != key:
-            self._dense_cache = (key, self.to_dense().detach().to(dtype))
-        return self._dense_cache[1]
+        key = (self._state(), dtype)  # taken before the copy: a change while copying shows next call
+        cache = self._dense_cache
+        if cache is None or cache[0] != key:
+            with _BUILD_LOCK:
+                w = self.to_dense().detach().to(dtype)
+            cache = self.__dict__["_dense_cache"] = (key, w)  # published whole
+        return cache[1]
 
     def _run(self, x: Tensor, kind: str, rows: int, validate: Callable[[], object],
              run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor],
@@ -158,6 +342,11 @@ class _SparseLayer(nn.Module):
         batch 1, 4x4 to 32x32 pixels) take tens of microseconds, as much as the full path's
         Python. The measurement then times the bound calls, what the later calls will run."""
         preparable = self._preparable(x)
+        cell = self._cell
+        # taken before binding: a change made meanwhile shows on the next call
+        gen, aliases = cell[0], alias_versions(cell[1])
+        sources = {s: self._sources(s) for s in (True, False)} if preparable else {}
+        versions = {s: tuple(map(_get_version, v)) for s, v in sources.items() if v is not None}
         bound = {}
 
         def call(sparse: bool) -> Callable[[], Tensor]:
@@ -184,9 +373,11 @@ class _SparseLayer(nn.Module):
         sparse = decided[0] if self.policy in ("auto", "model") else self.policy == "sparse"
         backend = SPARSE if sparse else DENSE
         if self.backend is not backend:  # nn.Module.__setattr__ costs microseconds per call
-            self.backend = backend
+            self.__dict__["backend"] = backend
         run = call(sparse)
-        self._prepared = (self._signature(x), bound[sparse]) if preparable else None
+        self.__dict__["_prepared"] = None if sources.get(sparse) is None else (
+            (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, gen), sources[sparse],
+            versions[sparse], aliases, bound[sparse])
         return run()
 
     def _dense_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
@@ -209,8 +400,11 @@ class SparseLinear(_SparseLayer):
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, activation: Optional[str] = None,
                  policy: str = "auto"):
+        if not isinstance(sw, SparseWeight):
+            raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
         if len(sw.shape) != 2:
             raise ValueError(f"SparseLinear needs a (out, in) weight, got shape {sw.shape}")
+        _check_activation_arg(activation)
         super().__init__(sw, bias, policy)
         self.in_features, self.out_features = sw.shape[1], sw.shape[0]
         self.activation = activation
@@ -254,13 +448,18 @@ class SparseConv2d(_SparseLayer):
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                  activation: Optional[str] = None, policy: str = "auto"):
-        if len(sw.shape) != 4:
-            raise ValueError(f"SparseConv2d needs an (out, in/groups, kh, kw) weight, got shape {sw.shape}")
-        super().__init__(sw, bias, policy)
         from hotops.sparse import _pair
 
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-        self._pairs = [_pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)]
+        if not isinstance(sw, SparseWeight):
+            raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
+        if len(sw.shape) != 4:
+            raise ValueError(f"SparseConv2d needs an (out, in/groups, kh, kw) weight, got shape {sw.shape}")
+        _check_activation_arg(activation)
+        pairs = [_pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)]
+        super().__init__(sw, bias, policy)
+        # plain int tuples: what F.conv2d (the dense path) takes
+        self.stride, self.padding, self.dilation = (tuple(p) for p in pairs)
+        self._pairs = pairs
         self.in_channels, self.out_channels = sw.shape[1] * sw.groups, sw.shape[0]
         self.activation = activation
         self.kind = ("depthwise" if sw.shape[1] == 1 and sw.groups > 1 else

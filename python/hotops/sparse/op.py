@@ -54,9 +54,16 @@ def linear_geometry(B: int, I: int, O: int) -> List[int]:
     return [1, I, 1, B, O, 1, 1, 1, 1, 1, 0, 0, 1, 1]
 
 
+def _f32(t: Tensor) -> Tensor:
+    """t detached, as the contiguous float32 the kernels read (the same tensor when it is one):
+    values and bias may be bfloat16 / float16 (a module after .half())."""
+    t = t.detach()
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
 def _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y3, act, blocked):
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x3.device).run()
-    ext.sparse_conv_fwd(geom, rowptr, colidx, values.detach(), t_rowptr, x3,
+    ext.sparse_conv_fwd(geom, rowptr, colidx, _f32(values), t_rowptr, x3,
                         bias.detach().float().contiguous() if bias is not None else None, y3, act,
                         _backend.num_threads(), *blocked)
 
@@ -77,15 +84,20 @@ def _widened(x: Tensor, transpose: bool = False) -> Tensor:
 
 def _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gy3, gx3):
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, gy3.device).run()
-    ext.sparse_conv_bwd_input(geom, t_rowptr, t_colidx, values.detach()[t_perm].contiguous(), gy3, gx3,
+    if values.numel() == 0:  # a fully pruned layer: no input reaches the output
+        gx3.zero_()
+        return
+    ext.sparse_conv_bwd_input(geom, t_rowptr, t_colidx, _f32(values)[t_perm].contiguous(), gy3, gx3,
                               _backend.num_threads())
 
 
 def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, gy3.device).run()
     threads = _backend.num_threads()
+    if values.numel() == 0:  # a fully pruned layer has no value to differentiate
+        return torch.zeros(0, dtype=torch.float32)
     partial = torch.zeros(threads, values.numel(), dtype=torch.float32)
-    ext.sparse_conv_bwd_values(geom, rowptr, colidx, values.detach(), t_rowptr, x3, gy3, partial, threads)
+    ext.sparse_conv_bwd_values(geom, rowptr, colidx, _f32(values), t_rowptr, x3, gy3, partial, threads)
     return partial.sum(0) if threads > 1 else partial[0]
 
 
@@ -129,7 +141,7 @@ def _triton_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_pe
     O = out_features(rowptr, in_features)
     gx = gv = None
     if need_x:  # the same block-sparse product with W^T
-        gx = bsr_linear(gy, t_rowptr, t_colidx, values.detach()[t_perm], (in_features, O)).to(x.dtype)
+        gx = bsr_linear(gy, t_rowptr, t_colidx, values.detach().float()[t_perm], (in_features, O)).to(x.dtype)
     if need_values:  # gy^T x on the tensor cores, read at the non-zeros
         rows = csr_rows(rowptr.to(gy.device), O)
         gv = (gy.detach().t().float() @ x.detach().float())[rows, colidx.to(gy.device).long()]
@@ -155,6 +167,10 @@ def linear_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_
                    (block, b_rowptr, b_colidx, b_values))
 
 
+def _detached(blocked) -> tuple:
+    return tuple(t.detach() if isinstance(t, Tensor) else t for t in blocked)
+
+
 def prepared_linear(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
                     bias: Optional[Tensor], in_features: int, activation: int, blocked=(0, None, None, None)):
     """linear_forward for inputs shaped like x (..., I) (float32, contiguous, on the CPU, nothing
@@ -163,9 +179,10 @@ def prepared_linear(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t
     B, O = x.numel() // in_features, out_features(rowptr, in_features)
     shape = (*x.shape[:-1], O)
     ext = _backend.choose("sparse_linear", CONV_BACKENDS, x.device).run()  # the C++ kernels
-    bias = bias.detach().float().contiguous() if bias is not None else None
-    plan = ext.SparseConvPlan(linear_geometry(B, in_features, O), rowptr, colidx, values.detach(), t_rowptr, bias,
-                              activation, *blocked)
+    bias = _f32(bias) if bias is not None else None
+    # detached aliases: the plan keeps these storages alive even if a .data swap replaces them
+    plan = ext.SparseConvPlan(linear_geometry(B, in_features, O), rowptr.detach(), colidx.detach(), _f32(values),
+                              t_rowptr.detach(), bias, activation, *_detached(blocked))
     forward, widen, threads, empty = plan.forward, ext.sparse_widen, torch.get_num_threads, torch.empty
 
     def run(x: Tensor) -> Tensor:
@@ -241,9 +258,10 @@ def prepared_conv2d(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t
     values and bias in place (updates in place show; a replaced tensor needs a new one)."""
     y_shape = out_shape(x.shape, weight_shape, stride, padding, dilation)
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x.device).run()
-    bias = bias.detach().float().contiguous() if bias is not None else None
-    plan = ext.SparseConvPlan(conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups), rowptr,
-                              colidx, values.detach(), t_rowptr, bias, activation, *blocked)
+    bias = _f32(bias) if bias is not None else None
+    plan = ext.SparseConvPlan(conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups),
+                              rowptr.detach(), colidx.detach(), _f32(values), t_rowptr.detach(), bias, activation,
+                              *_detached(blocked))
     forward, threads, empty = plan.forward, torch.get_num_threads, torch.empty
 
     def run(x: Tensor) -> Tensor:
