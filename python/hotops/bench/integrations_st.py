@@ -113,34 +113,39 @@ def child_step(side: str, case: str, batch: int, mini_batch_size: int, words: in
     return {"time_s": elapsed, "peak_extra_MB": peak / 2 ** 20, "loss": float(loss)}
 
 
-def child_loss(side: str, batch: int, mini_batch_size: int, threads: int, reps: int = 5) -> dict:
-    """The cached loss's loss step alone on fixed unit-norm embeddings."""
+def child_loss(side: str, batches, mini_batch_size: int, threads: int, reps: int = 5) -> list:
+    """The cached loss's loss step alone on fixed unit-norm embeddings, at each batch size."""
     import torch
 
     torch.set_num_threads(threads)
     _, cached = _classes(side)
     loss_fn = cached(torch.nn.Sequential(torch.nn.Identity()), mini_batch_size=mini_batch_size)
-    g = torch.Generator().manual_seed(0)
-    embs = [torch.nn.functional.normalize(torch.randn(batch, 384, generator=g), dim=1) for _ in range(2)]
+    results = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(0)
+        embs = [torch.nn.functional.normalize(torch.randn(batch, 384, generator=g), dim=1) for _ in range(2)]
 
-    def reps_():
-        return [[t.detach().clone().requires_grad_() for t in e.split(mini_batch_size)] for e in embs]
+        def reps_():
+            return [[t.detach().clone().requires_grad_() for t in e.split(mini_batch_size)] for e in embs]
 
-    def run(r):
-        return loss_fn.calculate_loss(r, None, with_backward=True)
+        def run(r):
+            return loss_fn.calculate_loss(r, None, with_backward=True)
 
-    run(reps_())  # warm
-    r = reps_()
-    before = _reset_peak()
-    loss = run(r)
-    peak = _rss("VmHWM") - before - sum(t.grad.numel() * 4 for col in r for t in col)
-    times = []
-    for _ in range(reps):
+        run(reps_())  # warm
         r = reps_()
-        t0 = time.perf_counter()
-        run(r)
-        times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times), "peak_extra_MB": peak / 2 ** 20, "loss": float(loss)}
+        before = _reset_peak()
+        loss = run(r)
+        peak = _rss("VmHWM") - before - sum(t.grad.numel() * 4 for col in r for t in col)
+        del r
+        times = []
+        for _ in range(reps):
+            r = reps_()
+            t0 = time.perf_counter()
+            run(r)
+            times.append(time.perf_counter() - t0)
+            del r
+        results.append({"time_s": statistics.median(times), "peak_extra_MB": peak / 2 ** 20, "loss": float(loss)})
+    return results
 
 
 def _spawn(spec: dict) -> dict:
@@ -162,20 +167,31 @@ def _child(spec: dict) -> dict:
                       spec["threads"])
 
 
-def measure(case: str, batch: int, args) -> dict:
-    runs = {s: [] for s in SIDES}
-    for _ in range(args.repeats):
-        for side in SIDES:
-            spec = dict(case=case, side=side, batch=batch, mini_batch_size=args.mini_batch_size,
-                        words=args.words, threads=args.threads)
-            runs[side].append(_spawn(spec))
-            print(f"  {case} B={batch} {side}: {runs[side][-1]}", file=sys.stderr, flush=True)
-    row = {"case": case, "batch": batch, "runs": args.repeats}
+def _row(case: str, batch: int, runs: dict, repeats: int) -> dict:
+    row = {"case": case, "batch": batch, "runs": repeats}
     for side in SIDES:
         row[f"{side}_time_s"] = statistics.median(r["time_s"] for r in runs[side])
         row[f"{side}_peak_MB"] = statistics.median(r["peak_extra_MB"] for r in runs[side])
     row["loss_diff"] = max(abs(a["loss"] - b["loss"]) for a, b in zip(runs["hotops"], runs["library"]))
     return row
+
+
+def measure(case: str, batches, args) -> list:
+    """Alternated runs, one process each; the loss case runs all batch sizes in one process."""
+    groups = [batches] if case == "loss" else [[b] for b in batches]
+    rows = []
+    for group in groups:
+        runs = {s: [] for s in SIDES}
+        for _ in range(args.repeats):
+            for side in SIDES:
+                spec = dict(case=case, side=side, batch=group if case == "loss" else group[0],
+                            mini_batch_size=args.mini_batch_size, words=args.words, threads=args.threads)
+                out = _spawn(spec)
+                runs[side].append(out if case == "loss" else [out])
+                print(f"  {case} B={group} {side}: {out}", file=sys.stderr, flush=True)
+        for i, b in enumerate(group):
+            rows.append(_row(case, b, {s: [r[i] for r in runs[s]] for s in SIDES}, args.repeats))
+    return rows
 
 
 def main(argv=None) -> None:
@@ -191,9 +207,9 @@ def main(argv=None) -> None:
     rows = []
     for case in args.cases.split(","):
         batches = {"loss": args.loss_batches, "cached": args.batches, "hard": [64]}[case]
-        for b in batches:
-            rows.append(measure(case, b, args))
-            print(json.dumps(rows[-1]), flush=True)
+        for row in measure(case, batches, args):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print("\n| case | batch | hotops s | library s | hotops peak MB | library peak MB | loss diff |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

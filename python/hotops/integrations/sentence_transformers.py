@@ -112,7 +112,7 @@ def _info_nce_loss(loss, queries: Tensor, docs: List[Tensor], cand_ids: Optional
     """The library's query_to_doc MNRL, mean over this rank's anchors, via hotops.info_nce."""
     B = queries.shape[0]
     offset = 0
-    if loss.gather_across_devices:
+    if getattr(loss, "gather_across_devices", False):  # absent before sentence-transformers 3.1
         if cand_ids is not None:
             raise ValueError("mask_duplicate_positives=True is not supported with gather_across_devices=True")
         docs = [_gather(d) for d in docs]
@@ -169,7 +169,11 @@ class MultipleNegativesRankingLoss(_LibMNRL):
 
     def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Optional[Tensor] = None) -> Tensor:
         if not _fused(self):
-            return super().compute_loss_from_embeddings(embeddings, labels)
+            if hasattr(_LibMNRL, "compute_loss_from_embeddings"):
+                return super().compute_loss_from_embeddings(embeddings, labels)
+            # sentence-transformers < 3.1: the library's formula, written out
+            scores = self.similarity_fct(embeddings[0], torch.cat(embeddings[1:])) * self.scale
+            return F.cross_entropy(scores, torch.arange(scores.shape[0], device=scores.device))
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
         return _info_nce_loss(self, embeddings[0], list(embeddings[1:]), None)
