@@ -12,13 +12,14 @@ import torch
 st = pytest.importorskip("sentence_transformers")
 pytest.importorskip("transformers")
 
-from sentence_transformers import util  # noqa: E402
+import functools
+import operator
 
-from hotops.integrations import sentence_transformers as hst  # noqa: E402
+from hotops.integrations import sentence_transformers as hst
+from sentence_transformers import util
 
 LibMNRL, LibCached = hst._LibMNRL, hst._LibCachedMNRL
-WORDS = ("the a cat dog sat ran on mat park red blue big small house tree car sun rain walked home "
-         "quickly slowly under over near far green old new bird fish swam flew").split()
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "park", "red", "blue", "big", "small", "house", "tree", "car", "sun", "rain", "walked", "home", "quickly", "slowly", "under", "over", "near", "far", "green", "old", "new", "bird", "fish", "swam", "flew"]
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +77,7 @@ def minilm_embeddings(minilm):
     """Seven columns of 16 sentences embedded by all-MiniLM-L6-v2 (anchor, positive, 5 negatives)."""
     cols = [sentences(16, 10 + c) for c in range(7)]
     with torch.no_grad():
-        embs = minilm.encode(sum(cols, []), convert_to_tensor=True, batch_size=112).float()
+        embs = minilm.encode(functools.reduce(operator.iadd, cols, []), convert_to_tensor=True, batch_size=112).float()
     return list(embs.view(7, 16, -1).unbind(0))
 
 
@@ -112,7 +113,7 @@ def test_mnrl_equals_library_random_embeddings(n_neg, sim):
 def test_unfused_settings_run_the_library():
     torch.manual_seed(0)
     embs = [torch.randn(8, 16) for _ in range(3)]
-    kw = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+    kw = {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"}
     dl, dg = compare(LibMNRL(None, **kw), hst.MultipleNegativesRankingLoss(None, **kw), embs)
     assert dl <= 1e-6 and dg <= 1e-6
     lib, ho = LibMNRL(None, scale=7.0, **kw), hst.MultipleNegativesRankingLoss(None, scale=7.0, **kw)
@@ -208,7 +209,10 @@ def test_mask_duplicate_positives_through_forward_and_cache(tiny_model):
 
 def test_trains_in_sentence_transformer_trainer(tiny_model, tmp_path):
     datasets = pytest.importorskip("datasets")
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
 
     data = datasets.Dataset.from_dict({"anchor": sentences(16, 1), "positive": sentences(16, 2),
                                        "negative": sentences(16, 3)})

@@ -11,8 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 ht = pytest.importorskip("hotops.integrations.transformers")
 
-from transformers import AutoModel, BertConfig, BertModel, LlamaConfig, LlamaModel  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+from transformers import AutoModel, BertConfig, BertModel, LlamaConfig, LlamaModel
+from transformers.masking_utils import AttentionMaskInterface
 
 
 @pytest.fixture(autouse=True)
@@ -169,7 +169,7 @@ def test_settings_save_with_the_model(llama_dir, tmp_path):
     again.eval()
     with torch.no_grad():  # eval with ensemble = 3: average of subsampled attentions (local mode)
         assert torch.isfinite(again(input_ids=ids).last_hidden_state).all()
-    for bad in (dict(keep=0.0), dict(keep=1.5), dict(mode="nope"), dict(ensemble=0)):
+    for bad in ({"keep": 0.0}, {"keep": 1.5}, {"mode": "nope"}, {"ensemble": 0}):
         with pytest.raises(ValueError, match="hotops_ssa_"):
             ht.configure(model, **bad)
 

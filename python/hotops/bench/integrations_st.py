@@ -125,7 +125,7 @@ def child_loss(side: str, batches, mini_batch_size: int, threads: int, reps: int
         g = torch.Generator().manual_seed(0)
         embs = [torch.nn.functional.normalize(torch.randn(batch, 384, generator=g), dim=1) for _ in range(2)]
 
-        def reps_():
+        def reps_(embs=embs):
             return [[t.detach().clone().requires_grad_() for t in e.split(mini_batch_size)] for e in embs]
 
         def run(r):
@@ -151,7 +151,8 @@ def child_loss(side: str, batches, mini_batch_size: int, threads: int, reps: int
 def _spawn(spec: dict) -> dict:
     env = dict(os.environ, **_MEMORY_ENV)
     code = "import json, sys; from hotops.bench import integrations_st as m; print(json.dumps(m._child(json.loads(sys.argv[1]))))"
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True,
+                         check=False)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -184,8 +185,8 @@ def measure(case: str, batches, args) -> list:
         runs = {s: [] for s in SIDES}
         for _ in range(args.repeats):
             for side in SIDES:
-                spec = dict(case=case, side=side, batch=group if case == "loss" else group[0],
-                            mini_batch_size=args.mini_batch_size, words=args.words, threads=args.threads)
+                spec = {"case": case, "side": side, "batch": group if case == "loss" else group[0],
+                            "mini_batch_size": args.mini_batch_size, "words": args.words, "threads": args.threads}
                 out = _spawn(spec)
                 runs[side].append(out if case == "loss" else [out])
                 print(f"  {case} B={group} {side}: {out}", file=sys.stderr, flush=True)

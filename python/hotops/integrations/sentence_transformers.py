@@ -19,31 +19,35 @@ duplicate positives in a batch are no longer false negatives.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from sentence_transformers import util as _st_util
+from torch import Tensor
 
 try:  # sentence-transformers >= 6
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss as _LibCachedMNRL,
+    )
+    from sentence_transformers.sentence_transformer.losses import (
         MultipleNegativesRankingLoss as _LibMNRL,
     )
 except ImportError:  # 3.x - 5.x
     from sentence_transformers.losses import (  # type: ignore[no-redef]
         CachedMultipleNegativesRankingLoss as _LibCachedMNRL,
+    )
+    from sentence_transformers.losses import (
         MultipleNegativesRankingLoss as _LibMNRL,
     )
 
 import hotops
 
-__all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"]
+__all__ = ["CachedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss"]
 
 
-def _embed(model, sentence_features: List[dict]) -> List[Tensor]:
+def _embed(model, sentence_features: list[dict]) -> list[Tensor]:
     """The library's own column embedding (one merged forward over like-width columns in >= 6)."""
     try:
         from sentence_transformers.base.losses.merged_forward import embed_columns
@@ -75,7 +79,7 @@ def _fused(loss) -> bool:
     return loss.similarity_fct in (_st_util.cos_sim, _st_util.dot_score)
 
 
-def _token_ids(sentence_features: List[dict]) -> Tensor:
+def _token_ids(sentence_features: list[dict]) -> Tensor:
     """One integer per row of columns 1..n (positive first, then the negatives, column-major):
     equal integers for equal token sequences (padding ignored)."""
     rows = []
@@ -108,7 +112,7 @@ def _duplicate_pairs(cand_ids: Tensor, B: int):
     return rows[keep], cols[keep]
 
 
-def _info_nce_loss(loss, queries: Tensor, docs: List[Tensor], cand_ids: Optional[Tensor]) -> Tensor:
+def _info_nce_loss(loss, queries: Tensor, docs: list[Tensor], cand_ids: Tensor | None) -> Tensor:
     """The library's query_to_doc MNRL, mean over this rank's anchors, via hotops.info_nce."""
     B = queries.shape[0]
     offset = 0
@@ -152,9 +156,9 @@ class MultipleNegativesRankingLoss(_LibMNRL):
     def __init__(self, model, *args, mask_duplicate_positives: bool = False, **kwargs) -> None:
         super().__init__(model, *args, **kwargs)
         self.mask_duplicate_positives = bool(mask_duplicate_positives)
-        self._cand_ids: Optional[Tensor] = None
+        self._cand_ids: Tensor | None = None
 
-    def forward(self, sentence_features: Iterable[dict], labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, sentence_features: Iterable[dict], labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
         if not _fused(self):
             if self.mask_duplicate_positives:
@@ -167,7 +171,7 @@ class MultipleNegativesRankingLoss(_LibMNRL):
         embeddings = _embed(self.model, sentence_features)
         return _info_nce_loss(self, embeddings[0], list(embeddings[1:]), cand_ids)
 
-    def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Optional[Tensor] = None) -> Tensor:
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         if not _fused(self):
             if hasattr(_LibMNRL, "compute_loss_from_embeddings"):
                 return super().compute_loss_from_embeddings(embeddings, labels)
@@ -203,7 +207,7 @@ class CachedMultipleNegativesRankingLoss(_LibCachedMNRL):
         # >= 6 keeps the hyper-parameters on a wrapped loss; earlier versions on self
         return getattr(self, "loss", None) if isinstance(getattr(self, "loss", None), torch.nn.Module) else self
 
-    def forward(self, sentence_features: Iterable[dict], labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, sentence_features: Iterable[dict], labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
         if self.mask_duplicate_positives:
             if not _fused(self._settings()):

@@ -32,8 +32,6 @@ subsampling is the regulariser.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 from transformers import AttentionInterface
@@ -43,7 +41,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from hotops.attention import sampling as _sampling
 from hotops.attention import subsampled_attention
 
-__all__ = ["NAME", "configure", "hotops_ssa_attention", "hotops_ssa_mask", "DEFAULTS"]
+__all__ = ["DEFAULTS", "NAME", "configure", "hotops_ssa_attention", "hotops_ssa_mask"]
 
 NAME = "hotops_ssa"
 DEFAULTS = {"hotops_ssa_keep": 0.25, "hotops_ssa_mode": "unbiased", "hotops_ssa_ensemble": 1}
@@ -58,8 +56,8 @@ def _check(keep, mode, ensemble):
         raise ValueError(f"hotops_ssa_ensemble must be an integer >= 1, got {ensemble!r}")
 
 
-def configure(model, keep: Optional[float] = None, mode: Optional[str] = None,
-              ensemble: Optional[int] = None):
+def configure(model, keep: float | None = None, mode: str | None = None,
+              ensemble: int | None = None):
     """Set the SSA settings on ``model.config`` and on every sub-module's config (composite
     models); the arguments left None keep their current value (or the default). Returns the model.
     They are plain config attributes, so ``save_pretrained`` stores them."""
@@ -81,7 +79,7 @@ def _settings(module):
     return float(keep), mode, int(ensemble)
 
 
-def _key_padding(mask: Optional[Tensor], B: int, Lq: int, Lk: int, causal: bool) -> Optional[Tensor]:
+def _key_padding(mask: Tensor | None, B: int, Lq: int, Lk: int, causal: bool) -> Tensor | None:
     """The (B, Lk) key-padding mask (True = padding) behind a transformers attention mask, after
     checking that the mask is exactly key padding (+ causal order); anything else is refused."""
     if mask is None:
@@ -107,8 +105,8 @@ def _key_padding(mask: Optional[Tensor], B: int, Lq: int, Lk: int, causal: bool)
 
 
 def hotops_ssa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                         attention_mask: Optional[Tensor], dropout: float = 0.0,
-                         scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+                         attention_mask: Tensor | None, dropout: float = 0.0,
+                         scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """The ``AttentionInterface`` function: query (B, H, Lq, Dh), key/value (B, Hkv, Lk, Dh);
     returns ((B, Lq, H, Dh), None) like transformers' own attention functions."""
     keep, mode, ensemble = _settings(module)
