@@ -113,7 +113,7 @@ def child_step(side: str, case: str, batch: int, mini_batch_size: int, words: in
     return {"time_s": elapsed, "peak_extra_MB": peak / 2 ** 20, "loss": float(loss)}
 
 
-def child_loss(side: str, batches, mini_batch_size: int, threads: int, reps: int = 5) -> list:
+def child_loss(side: str, batches, mini_batch_size: int, threads: int, reps: int = 3) -> list:
     """The cached loss's loss step alone on fixed unit-norm embeddings, at each batch size."""
     import torch
 
@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="loss,hard,cached")
     p.add_argument("--batches", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--loss-batches", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--loss-batches", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--mini-batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
