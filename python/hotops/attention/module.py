@@ -114,6 +114,11 @@ def patch_bert(model: nn.Module, keep: float = 0.25, *, mode: str = "unbiased", 
     Training mode subsamples (keep, mode); eval mode with ensemble=1 runs the model's own attention
     unchanged, so eval outputs are identical to the unpatched model. Parameters and state_dict
     keys are untouched. Attention-probability dropout is not applied on the subsampled path.
+
+    For transformers < 4.51, which has no attention interface. With transformers >= 4.51 use
+    ``import hotops.integrations.transformers`` and ``attn_implementation="hotops_ssa"`` instead:
+    it covers any model that routes through the interface (decoders, GQA), and its settings save
+    with the model's config.
     """
     from transformers.models.bert.modeling_bert import BertSelfAttention
 

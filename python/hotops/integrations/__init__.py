@@ -1,0 +1,10 @@
+"""Drop-in adapters for libraries hotops users already work in.
+
+Each adapter is a submodule that imports its library when *it* is imported; importing
+``hotops`` or ``hotops.integrations`` imports none of them, and hotops never requires them:
+
+* ``hotops.integrations.sentence_transformers`` -- ``MultipleNegativesRankingLoss`` and
+  ``CachedMultipleNegativesRankingLoss`` computed by ``hotops.info_nce``.
+* ``hotops.integrations.transformers`` -- registers ``attn_implementation="hotops_ssa"``
+  (subsampled attention in training, full attention in eval).
+"""

