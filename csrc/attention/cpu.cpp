@@ -242,10 +242,15 @@ void ssa_forward(const SsaArgs& a) {
           VecF vmax = VecF::set1(-INFINITY);
           for (int s = 0; s < TK; s += W) vmax = VecF::max(vmax, VecF::load(srow + s));
           const float tmax = vmax.hmax();
-          const float mnew = tmax > m[i] ? tmax : m[i];
-          if (mnew == -INFINITY) {  // nothing visible yet: P = 0
-            fill(srow, TK, 0.0f);
-            continue;
+          float mnew = tmax > m[i] || std::isnan(tmax) ? tmax : m[i];
+          if (mnew == -INFINITY) {  // nothing visible yet: P = 0, unless a visible score is NaN
+            bool nan = false;  // (the max may have skipped it; a NaN q makes every score NaN)
+            for (int s = 0; s < TK; ++s) nan |= std::isnan(srow[s]);
+            if (!nan) {
+              fill(srow, TK, 0.0f);
+              continue;
+            }
+            mnew = NAN;  // p, l and the output row all become NaN
           }
           const VecF vm = VecF::set1(mnew);
           VecF vsum = VecF::set1(0.0f);

@@ -132,8 +132,12 @@ def patch_bert(model: nn.Module, keep: float = 0.25, *, mode: str = "unbiased", 
     """
     from transformers.models.bert.modeling_bert import BertSelfAttention
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_bert takes an nn.Module, got {type(model).__name__}")
     keep = _backend.check_number(keep, "keep", low=0.0, low_open=True, high=1.0)
     ensemble = _backend.check_number(ensemble, "ensemble", integer=True, low=1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if not isinstance(mode, str) or mode not in _ssa.sampling.MODES:
         raise ValueError(f"mode must be one of {_ssa.sampling.MODES}, got {mode!r}")
     patched = 0

@@ -87,7 +87,7 @@ def _fwd_kernel(Q, K, V, IDX, KPOS, QPOS, OUT, LSE, scale, H, Hkv, Lq, Lk, S, D,
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p, v.to(tl.float32), UPCAST)
         m = m_new
-    seen = l > 0
+    seen = (l > 0) | (l != l)  # a NaN score (NaN in q, k) made l NaN: the row is NaN, not unseen
     out = tl.where(seen[:, None], acc / tl.where(seen, l, 1.0)[:, None], 0.0)
     tl.store(OUT + q_off, out.to(OUT.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
     tl.store(LSE + bh * Lq + rq, tl.where(seen, m + tl.log(l), float("-inf")), mask=qmask)
