@@ -86,7 +86,9 @@ class CodebookLinear(nn.Module):
         parts = {}
         for key in ("codes", "codebooks", "scales", "group_ptr", "perm"):
             if prefix + key in state_dict:
-                parts[key] = state_dict[prefix + key]
+                value, own = state_dict[prefix + key], getattr(self, key)
+                # validated where it will live (a CUDA checkpoint may load into a CPU layer)
+                parts[key] = value.to(own.device) if isinstance(value, Tensor) and own is not None else value
         if parts:
             merged = {key: getattr(self, key) for key in ("codes", "codebooks", "scales", "group_ptr", "perm")}
             merged.update(parts)
