@@ -9,20 +9,28 @@ import math
 import os
 import threading
 
+import hotops
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-from torch import nn
-
-import hotops
+from conftest import assert_close_to_reference, require_triton_runs
 from hotops import _backend
 from hotops.attention import SubsampledSelfAttention
 from hotops.attention import reference as attn_ref
-from hotops.codebook import CodebookLinear, CodebookWeight, codebook_matmul, load_compressed
-from hotops.codebook import op as cb_op, reference as cb_ref
-from hotops.infonce import InfoNCELoss, op as nce_op, reference as nce_ref
-from conftest import assert_close_to_reference, require_triton_runs
+from hotops.codebook import (
+    CodebookLinear,
+    CodebookWeight,
+    codebook_matmul,
+    load_compressed,
+)
+from hotops.codebook import op as cb_op
+from hotops.codebook import reference as cb_ref
+from hotops.infonce import InfoNCELoss
+from hotops.infonce import op as nce_op
+from hotops.infonce import reference as nce_ref
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
 
 # 30 examples per property in CI; HOTOPS_FAULT_EXAMPLES=500 HYPOTHESIS_PROFILE=explore hunts wider
 FAST = settings(max_examples=int(os.environ.get("HOTOPS_FAULT_EXAMPLES", "30")), deadline=None,
@@ -837,7 +845,7 @@ def test_attention_module_parameter_mutation():
     def reference_forward(x):
         B, L, E = x.shape
         p = {n: t.detach().to(x.dtype) for n, t in m.named_parameters()}
-        split = lambda t: t.view(B, L, 2, 8).transpose(1, 2)  # noqa: E731
+        split = lambda t: t.view(B, L, 2, 8).transpose(1, 2)
         q = split(torch.nn.functional.linear(x, p["q_proj.weight"], p["q_proj.bias"]))
         k = split(torch.nn.functional.linear(x, p["k_proj.weight"], p["k_proj.bias"]))
         v = split(torch.nn.functional.linear(x, p["v_proj.weight"], p["v_proj.bias"]))

@@ -130,8 +130,6 @@ def patch_bert(model: nn.Module, keep: float = 0.25, *, mode: str = "unbiased", 
     unchanged, so eval outputs are identical to the unpatched model. Parameters and state_dict
     keys are untouched. Attention-probability dropout is not applied on the subsampled path.
     """
-    from transformers.models.bert.modeling_bert import BertSelfAttention
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_bert takes an nn.Module, got {type(model).__name__}")
     keep = _backend.check_number(keep, "keep", low=0.0, low_open=True, high=1.0)
@@ -140,6 +138,8 @@ def patch_bert(model: nn.Module, keep: float = 0.25, *, mode: str = "unbiased", 
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if not isinstance(mode, str) or mode not in _ssa.sampling.MODES:
         raise ValueError(f"mode must be one of {_ssa.sampling.MODES}, got {mode!r}")
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
     patched = 0
     for m in model.modules():
         if isinstance(m, BertSelfAttention):

@@ -46,7 +46,7 @@ def check_input(x, in_features: int) -> None:
     bfloat16 on the CPU, also float16 elsewhere) ending in in_features."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    allowed = ACTIVATION_DTYPES if x.device.type == "cpu" else _backend.FLOAT_DTYPES
+    allowed = ACTIVATION_DTYPES if x.dtype in ACTIVATION_DTYPES or x.device.type == "cpu" else _backend.FLOAT_DTYPES
     if x.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"x has dtype {str(x.dtype).replace('torch.', '')}; codebook products on "
