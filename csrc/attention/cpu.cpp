@@ -175,11 +175,12 @@ inline void tile_positions(const SsaArgs& a, int64_t b, int64_t hi, int64_t t0, 
   }
 }
 
-// Gathers the tile's rows of a (B, Hkv, Lk, D) tensor into TK × Dp float32 (zero rows past cnt).
+// Gathers the tile's rows of a (B, Hkv, Lk, D) tensor into TK × Dp float32: zero rows past cnt
+// and for hidden slots (padding), so NaN in a key no query sees stays out of P·V (0 · NaN).
 inline void gather_rows(const View& src, const Geometry& g, int64_t b, int64_t hk, const Tile& t,
                         float* dst) {
   for (int s = 0; s < TK; ++s) {
-    if (s < t.cnt) load_f32(dst + s * g.Dp, row_of(src, g.esz, b, hk, t.row[s]), src.dtype, g.D);
+    if (s < t.cnt && t.kp[s] >= 0) load_f32(dst + s * g.Dp, row_of(src, g.esz, b, hk, t.row[s]), src.dtype, g.D);
     else fill(dst + s * g.Dp, g.Dp, 0.0f);
   }
 }
@@ -242,10 +243,15 @@ void ssa_forward(const SsaArgs& a) {
           VecF vmax = VecF::set1(-INFINITY);
           for (int s = 0; s < TK; s += W) vmax = VecF::max(vmax, VecF::load(srow + s));
           const float tmax = vmax.hmax();
-          const float mnew = tmax > m[i] ? tmax : m[i];
-          if (mnew == -INFINITY) {  // nothing visible yet: P = 0
-            fill(srow, TK, 0.0f);
-            continue;
+          float mnew = tmax > m[i] || std::isnan(tmax) ? tmax : m[i];
+          if (mnew == -INFINITY) {  // nothing visible yet: P = 0, unless a visible score is NaN
+            bool nan = false;  // (the max may have skipped it; a NaN q makes every score NaN)
+            for (int s = 0; s < TK; ++s) nan |= std::isnan(srow[s]);
+            if (!nan) {
+              fill(srow, TK, 0.0f);
+              continue;
+            }
+            mnew = NAN;  // p, l and the output row all become NaN
           }
           const VecF vm = VecF::set1(mnew);
           VecF vsum = VecF::set1(0.0f);
@@ -267,6 +273,7 @@ void ssa_forward(const SsaArgs& a) {
       float* lse = a.lse.ptr<float>() + (b * g.H + h) * g.Lq + i0;
       for (int64_t i = 0; i < mq; ++i) {
         const bool seen = l[i] > 0.0f || std::isnan(l[i]);
+        if (!seen) fill(orow[i], g.Dp, 0.0f);  // zeros, even where P·V met a NaN value with P = 0
         store_out(row_of(a.out, g.esz, b, h, i0 + i), dt, orow[i], g.D, seen ? 1.0f / l[i] : 0.0f);
         lse[i] = seen ? m[i] + std::log(l[i]) : -INFINITY;
       }

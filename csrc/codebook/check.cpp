@@ -1,3 +1,6 @@
+#include <cstdint>
+#include <vector>
+
 #include "codebook/cpu.h"
 
 namespace hotops {
@@ -50,8 +53,12 @@ void check(const CodebookMatmul& a) {
     check_contiguous(a.perm, "perm");
     HOTOPS_CHECK(a.perm.size(0) == N, "perm must have ", N, " entries");
     const int64_t* p = a.perm.ptr<const int64_t>();
-    for (int64_t r = 0; r < N; ++r)
+    std::vector<uint8_t> seen(static_cast<size_t>(N), 0);  // a permutation: every output written once
+    for (int64_t r = 0; r < N; ++r) {
       HOTOPS_CHECK(p[r] >= 0 && p[r] < N, "perm[", r, "] = ", p[r], " is outside [0, ", N, ")");
+      HOTOPS_CHECK(!seen[p[r]], "perm is not a permutation: output feature ", p[r], " appears twice");
+      seen[p[r]] = 1;
+    }
   }
   if (a.bias.present) {
     check_view(a.bias, "bias", 1, {DType::f32});

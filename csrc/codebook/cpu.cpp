@@ -19,6 +19,7 @@
 // by vpermi2b, half the permutes. A tile whose tables are not finite (NaN/Inf in x) takes the
 // float path, which propagates them. Every gather prefetches the codes of the blocks it reaches
 // next: a tile reads each block's codes as one short run, which hardware prefetchers miss.
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -589,6 +590,59 @@ void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& o
   else dequantize_rows<G, uint16_t>(a, r0, r1, ok);
 }
 
+// True when none of v[0, n) is NaN or +-Inf (|v| <= FLT_MAX is false for all three).
+inline bool all_finite(const float* v, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::fabs(v[i]) <= 3.40282347e38f;
+  return ok;
+}
+
+// Batch row b of y from the dense weight, as F.linear computes it: sum_k x[k] * W[r, k] with
+// W[r, k] = scales[r] * sum_m codeword_m[k] (rounded to bf16 for bf16 x). The tables sum x . codeword
+// of each codebook on its own, so with NaN/Inf in x (or in the weight) they can meet inf - inf
+// where the dense weight's sum of codewords is finite: such rows take this path, which
+// propagates NaN and Inf exactly as the dense product does. Returns false on a code >= C.
+bool dense_row(const CodebookMatmul& a, const float* cb, int64_t b) {
+  const CodebookFormat& w = a.w;
+  const int64_t N = w.rows(), L = w.slots(), M = w.num_codebooks(), C = w.codebook_size(), G = w.in_group(),
+                J = L / M;
+  const auto* codes = w.codes.ptr<const uint8_t>();
+  const int64_t* gp = w.group_ptr.ptr<const int64_t>();
+  const float* scales = w.scales.ptr<const float>();
+  const int64_t* perm = a.perm.present ? a.perm.ptr<const int64_t>() : nullptr;
+  const float* bias = a.bias.present ? a.bias.ptr<const float>() : nullptr;
+  const bool bf16 = a.x.dtype != DType::f32;
+  const int64_t xoff = b * a.x.stride(0), ldo = a.out.stride(0);
+  int ok = 1;
+  parallel_for(N, 16, a.threads, [&](int64_t r0, int64_t r1) {
+    int64_t o = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      while (gp[o + 1] <= r) ++o;
+      const uint8_t* cr = codes + (r / RB) * L * RB + r % RB;  // code of slot i: cr[i * RB]
+      float acc = 0.0f;
+      for (int64_t j = 0; j < J; ++j) {
+        for (int64_t t = 0; t < G; ++t) {
+          float wt = 0.0f;
+          for (int64_t m = 0; m < M; ++m) {
+            const uint8_t code = cr[(j * M + m) * RB];
+            if (code >= C) {
+              __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
+              return;
+            }
+            wt = m == 0 ? cb[((o * M + m) * C + code) * G + t] : wt + cb[((o * M + m) * C + code) * G + t];
+          }
+          wt *= scales[r];
+          if (bf16) wt = bf16_to_f32(f32_to_bf16(wt));
+          acc += to_f32(a.x.data, a.x.dtype, xoff + j * G + t) * wt;
+        }
+      }
+      const int64_t col = perm ? perm[r] : r;
+      store(a.out.data, a.out.dtype, b * ldo + col, acc + (bias ? bias[col] : 0.0f));
+    }
+  });
+  return ok != 0;
+}
+
 }  // namespace
 
 bool codebook_matmul(const CodebookMatmul& a) {
@@ -596,8 +650,13 @@ bool codebook_matmul(const CodebookMatmul& a) {
   const int64_t B = a.x.size(0), K = w.in_features(), N = w.rows(), M = w.num_codebooks(),
                 C = w.codebook_size(), G = w.in_group(), O = w.groups();
   if (B == 0 || N == 0) return true;
-  Scratch<float> cbT(O * M * G * C), xT(K * kMaxBatch);
   const float* cb = w.codebooks.ptr<const float>();
+  if (!all_finite(cb, O * M * C * G) || !all_finite(w.scales.ptr<const float>(), N)) {
+    for (int64_t b = 0; b < B; ++b)  // NaN/Inf in the weight: every row from the dense weight
+      if (!dense_row(a, cb, b)) return false;
+    return true;
+  }
+  Scratch<float> cbT(O * M * G * C), xT(K * kMaxBatch);
   for (int64_t om = 0; om < O * M; ++om)  // (O, M, C, G) -> (O, M, G, C)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t t = 0; t < G; ++t) cbT.get()[(om * G + t) * C + c] = cb[(om * C + c) * G + t];
@@ -614,6 +673,11 @@ bool codebook_matmul(const CodebookMatmul& a) {
       default: ok = matmul_chunk_bc<8>(a, b0, Bc, cbT.get(), xT.get()); break;
     }
     if (!ok) return false;
+    for (int64_t b = 0; b < Bc; ++b) {  // rows of x holding NaN/Inf: again, from the dense weight
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) finite &= std::fabs(xT.get()[k * BC + b]) <= 3.40282347e38f;
+      if (!finite && !dense_row(a, cb, b0 + b)) return false;
+    }
   }
   return true;
 }

@@ -34,11 +34,19 @@ inline float scalar_at(const Segment& seg, int64_t j) {
   return x;
 }
 
-// w * e where w > 0, else 0: a zero-weight column above the max must not give 0 * inf.
-inline VecF weighted(VecF e, const float* w, int64_t j, int64_t n) {
+// w * e where w > 0. A column of weight 0 adds exp(l + log 0): 0, or NaN where its logit l is
+// +inf or NaN (a zero-weight column above the max must not give 0 * inf = NaN from e's overflow);
+// a NaN weight gives NaN (w * 0), so it does not drop out of the sum.
+inline VecF weighted(VecF e, VecF l, const float* w, int64_t j, int64_t n) {
   if (!w) return e;
-  VecF wv = load_row(w, DType::f32, j, n);
-  return VecF::select_gt0(wv, e * wv, VecF::set1(0.0f));
+  const VecF wv = load_row(w, DType::f32, j, n), zero = VecF::set1(0.0f);
+  const VecF dropped = wv * zero + VecF::select_lt(l, VecF::set1(INFINITY), zero, VecF::set1(NAN));
+  return VecF::select_gt0(wv, e * wv, dropped);
+}
+
+// Columns [j0, j1) of a segment, as a segment of their own.
+inline Segment slice(const Segment& seg, int64_t j0, int64_t j1) {
+  return {static_cast<char*>(seg.row) + j0 * dtype_size(seg.dtype), seg.dtype, j1 - j0, seg.w ? seg.w + j0 : nullptr};
 }
 
 }  // namespace
@@ -61,7 +69,6 @@ void infonce_rows(const InfoNceRows& a) {
       const int nseg = K > 0 ? 2 : 1;
       const int64_t pos = a.pos_col + r;
       const float l_pos = scalar_at(segs[0], pos) * inv_t;
-      const float w_pos = weight ? weight[pos] : 1.0f;
 
       // 1. max over weighted columns, sum of logits
       VecF vmax = neg_inf, vsum = VecF::set1(0.0f);
@@ -77,30 +84,39 @@ void infonce_rows(const InfoNceRows& a) {
       }
       float m = vmax.hmax();
       m = l_pos > m || std::isnan(l_pos) ? l_pos : m;  // the positive always counts (weight 1)
-      const float sum_l = vsum.sum();
+      // eps * mean(l) only with label smoothing: at eps = 0 an infinite logit must not give 0 * inf
+      const float smooth = eps > 0.0f ? eps * vsum.sum() / C : 0.0f;
 
-      // 2. e = w exp(l - m); s = sum e; el = sum e*l
+      // 2. e = w exp(l - m); s = sum e; el = sum e*l. With weights, the positive's own column
+      // (weight 1 whatever neg_weight says) is left out of the sweep and added alone: adding
+      // w e and then (1 - w) e loses e_pos to rounding once w is large.
       const VecF vm = VecF::set1(m);
       const bool keep_e = a.want_grad;  // fp32 rows store e in place for sweep 3
       VecF vs = VecF::set1(0.0f), vel = VecF::set1(0.0f);
-      for (int s = 0; s < nseg; ++s) {
-        const Segment& sg = segs[s];
+      Segment parts[3] = {segs[0], segs[1], {}};
+      int nparts = nseg;
+      if (weight) {
+        parts[0] = slice(segs[0], 0, pos);
+        parts[nseg] = slice(segs[0], pos + 1, Na);
+        nparts = nseg + 1;
+      }
+      for (int s = 0; s < nparts; ++s) {
+        const Segment& sg = parts[s];
         sweep(sg, [&](int64_t j, int64_t n) {
           VecF l = load_row(sg.row, sg.dtype, j, n, -INFINITY) * vinv_t;  // tail lanes give e = 0
-          VecF e = weighted(exp(l - vm), sg.w, j, n);
+          VecF e = weighted(exp(l - vm), l, sg.w, j, n);
           vs = vs + e;
           vel = VecF::fma(e, VecF::select_lt(VecF::set1(-INFINITY), l, l, VecF::set1(0.0f)), vel);
           if (keep_e && sg.dtype == DType::f32) store_row(sg.row, DType::f32, j, e, n);
         });
       }
-      // the positive's weight is 1 whatever neg_weight says
       const float e_pos = std::exp(l_pos - m);
-      const float s_sum = vs.sum() + (1.0f - w_pos) * e_pos;
-      const float el = vel.sum() + (1.0f - w_pos) * e_pos * l_pos;
+      const float s_sum = weight ? vs.sum() + e_pos : vs.sum();
+      const float el = weight ? vel.sum() + (l_pos > -INFINITY ? e_pos * l_pos : 0.0f) : vel.sum();
       const float lse = m + std::log(s_sum);
       a.lse.ptr<float>()[r] = lse;
-      a.loss.ptr<float>()[r] = lse - (1.0f - eps) * l_pos - eps * sum_l / C;
-      a.tdot.ptr<float>()[r] = el / s_sum - eps * sum_l / C - (1.0f - eps) * l_pos;
+      a.loss.ptr<float>()[r] = lse - (1.0f - eps) * l_pos - smooth;
+      a.tdot.ptr<float>()[r] = el / s_sum - smooth - (1.0f - eps) * l_pos;
       if (!a.want_grad) continue;
 
       // 3. G = (e/s - eps/C - (1-eps)[pos]) * scale
@@ -114,7 +130,8 @@ void infonce_rows(const InfoNceRows& a) {
           if (sg.dtype == DType::f32) {
             e = load_row(sg.row, DType::f32, j, n);
           } else {
-            e = weighted(exp(load_row(sg.row, sg.dtype, j, n) * vinv_t - vm), sg.w, j, n);
+            const VecF l = load_row(sg.row, sg.dtype, j, n) * vinv_t;
+            e = weighted(exp(l - vm), l, sg.w, j, n);
           }
           store_row(sg.row, sg.dtype, j, (e * vinv_s - vsmooth) * vscale, n);
         });

@@ -16,7 +16,7 @@ from hotops.attention import sampling
 __all__ = ["subsampled_attention", "SubsampledSelfAttention", "patch_bert"]
 
 
-def _check_inputs(q, k, v, keep, mode, indices, scale, key_padding_mask):
+def _check_inputs(q, k, v, keep, mode, indices, causal, generator, key_padding_mask):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _backend.check_tensor(t, name, ndim=4)
     _backend.check_same_device(q=q, k=k, v=v, indices=indices, key_padding_mask=key_padding_mask)
@@ -31,14 +31,14 @@ def _check_inputs(q, k, v, keep, mode, indices, scale, key_padding_mask):
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of "
                          f"key/value heads ({Hkv})")
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be a fraction in (0, 1], got {keep!r}")
-    if mode not in sampling.MODES:
+    if not isinstance(mode, str) or mode not in sampling.MODES:
         raise ValueError(f"mode must be one of {sampling.MODES}, got {mode!r}")
     if mode == "local" and indices is None and Lq != Lk:
         raise ValueError(f"mode='local' is self-attention: it needs Lq == Lk, got {Lq} and {Lk}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if indices is not None:
         if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
             raise TypeError(f"indices must be an int64 tensor, got "
@@ -108,10 +108,13 @@ def subsampled_attention(q: Tensor, k: Tensor, v: Tensor, keep: float = 0.25, *,
     Returns (B, H, Lq, Dh) in q's dtype. Differentiable in q, k and v; backward uses the same
     subsets as forward.
     """
-    _check_inputs(q, k, v, keep, mode, indices, scale, key_padding_mask)
+    keep = _backend.check_number(keep, "keep", low=0.0, low_open=True, high=1.0)
+    scale = None if scale is None else _backend.check_number(scale, "scale")
+    _check_inputs(q, k, v, keep, mode, indices, causal, generator, key_padding_mask)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if scale is None:  # (head dim 0: no scores to scale)
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     if indices is None and mode == "local":
         return _local(q, k, v, keep, causal, generator, scale, key_padding_mask)
     if indices is None:

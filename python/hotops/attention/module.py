@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import hotops.attention as _ssa
+from hotops import _backend
 
 
 class SubsampledSelfAttention(nn.Module):
@@ -34,15 +35,23 @@ class SubsampledSelfAttention(nn.Module):
                  bias: bool = True, generator: Optional[torch.Generator] = None,
                  device=None, dtype=None):
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        embed_dim = _backend.check_number(embed_dim, "embed_dim", integer=True, low=1)
+        num_heads = _backend.check_number(num_heads, "num_heads", integer=True, low=1)
+        num_kv_heads = num_heads if num_kv_heads is None else _backend.check_number(
+            num_kv_heads, "num_kv_heads", integer=True, low=1)
+        keep = _backend.check_number(keep, "keep", low=0.0, low_open=True, high=1.0)
+        ensemble = _backend.check_number(ensemble, "ensemble", integer=True, low=1)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
-        if ensemble < 1:
-            raise ValueError(f"ensemble must be at least 1, got {ensemble}")
+        if not isinstance(mode, str) or mode not in _ssa.sampling.MODES:
+            raise ValueError(f"mode must be one of {_ssa.sampling.MODES}, got {mode!r}")
+        for name, flag in (("causal", causal), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, embed_dim // num_heads
         self.keep, self.mode, self.causal, self.ensemble, self.generator = keep, mode, causal, ensemble, generator
         kw = dict(bias=bias, device=device, dtype=dtype)
@@ -53,7 +62,13 @@ class SubsampledSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """x (B, L, E); key_padding_mask (B, L) bool, True = padding."""
+        _backend.check_tensor(x, "x", ndim=3)
         B, L, E = x.shape
+        if E != self.num_heads * self.head_dim:
+            raise ValueError(f"x must be (B, L, embed_dim={self.num_heads * self.head_dim}), got {tuple(x.shape)}")
+        if x.dtype != self.q_proj.weight.dtype:
+            raise TypeError(f"x has dtype {x.dtype} and the projections {self.q_proj.weight.dtype}: "
+                            f"convert one to the other (e.g. module.to(x.dtype))")
         split = lambda t, h: t.view(B, L, h, self.head_dim).transpose(1, 2)  # noqa: E731
         q = split(self.q_proj(x), self.num_heads)
         k = split(self.k_proj(x), self.num_kv_heads)
@@ -120,12 +135,16 @@ def patch_bert(model: nn.Module, keep: float = 0.25, *, mode: str = "unbiased", 
     it covers any model that routes through the interface (decoders, GQA), and its settings save
     with the model's config.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_bert takes an nn.Module, got {type(model).__name__}")
+    keep = _backend.check_number(keep, "keep", low=0.0, low_open=True, high=1.0)
+    ensemble = _backend.check_number(ensemble, "ensemble", integer=True, low=1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(mode, str) or mode not in _ssa.sampling.MODES:
+        raise ValueError(f"mode must be one of {_ssa.sampling.MODES}, got {mode!r}")
     from transformers.models.bert.modeling_bert import BertSelfAttention
 
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
-    if mode not in _ssa.sampling.MODES:
-        raise ValueError(f"mode must be one of {_ssa.sampling.MODES}, got {mode!r}")
     patched = 0
     for m in model.modules():
         if isinstance(m, BertSelfAttention):

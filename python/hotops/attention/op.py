@@ -101,3 +101,13 @@ def _backward(ctx, dout, _dlse):
 
 
 ssa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_second_order(ctx, *grads):
+    raise RuntimeError(
+        "hotops.subsampled_attention has no second derivative: a gradient taken with "
+        "create_graph=True cannot be differentiated again (e.g. a gradient penalty). Use "
+        "hotops.attention.reference where double backward is needed.")
+
+
+ssa_bwd.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)

@@ -35,7 +35,7 @@ def attention_on_indices(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, kpos: Opt
     seen = visible.any(dim=-1, keepdim=True)
     # rows that see nothing attend to everything (finite, no NaN) and are zeroed afterwards
     out = F.scaled_dot_product_attention(q, kg, vg, attn_mask=visible | ~seen, scale=scale)
-    return out * seen
+    return out.masked_fill(~seen, 0.0)  # zeros, even where q holds NaN (no product ever used it)
 
 
 def subsampled_attention(q: Tensor, k: Tensor, v: Tensor, keep: float = 0.25, *, mode: str = "unbiased",

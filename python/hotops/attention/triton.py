@@ -75,7 +75,7 @@ def _fwd_kernel(Q, K, V, IDX, KPOS, QPOS, OUT, LSE, scale, H, Hkv, Lq, Lk, S, D,
     for s0 in range(0, S, BLOCK_N):
         rows, kp, inside = _load_slots(IDX, KPOS, idx_base, s0, S, HAS_KPOS, BLOCK_N)
         kv_off = kv_base + rows[:, None] * D + dd[None, :]
-        kv_mask = inside[:, None] & dmask[None, :]
+        kv_mask = (inside & (kp >= 0))[:, None] & dmask[None, :]  # hidden keys read as 0: their NaN stays out
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
         sc = _dot(q, tl.trans(k), UPCAST) * scale
@@ -87,7 +87,7 @@ def _fwd_kernel(Q, K, V, IDX, KPOS, QPOS, OUT, LSE, scale, H, Hkv, Lq, Lk, S, D,
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p, v.to(tl.float32), UPCAST)
         m = m_new
-    seen = l > 0
+    seen = (l > 0) | (l != l)  # a NaN score (NaN in q, k) made l NaN: the row is NaN, not unseen
     out = tl.where(seen[:, None], acc / tl.where(seen, l, 1.0)[:, None], 0.0)
     tl.store(OUT + q_off, out.to(OUT.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
     tl.store(LSE + bh * Lq + rq, tl.where(seen, m + tl.log(l), float("-inf")), mask=qmask)
@@ -126,7 +126,7 @@ def _dq_kernel(Q, K, V, IDX, KPOS, QPOS, OUT, LSE, DOUT, DQ, scale, H, Hkv, Lq, 
     for s0 in range(0, S, BLOCK_N):
         rows, kp, inside = _load_slots(IDX, KPOS, idx_base, s0, S, HAS_KPOS, BLOCK_N)
         kv_off = kv_base + rows[:, None] * D + dd[None, :]
-        kv_mask = inside[:, None] & (dd < D)[None, :]
+        kv_mask = (inside & (kp >= 0))[:, None] & (dd < D)[None, :]
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
         p = tl.exp(_dot(q, tl.trans(k), UPCAST) * scale - lse[:, None])
@@ -151,7 +151,7 @@ def _dkv_kernel(Q, K, V, IDX, KPOS, QPOS, OUT, LSE, DOUT, DK_S, DV_S, scale, H, 
     s0 = tl.program_id(0) * BLOCK_N
     rows, kp, inside = _load_slots(IDX, KPOS, bi * S, s0, S, HAS_KPOS, BLOCK_N)
     kv_off = (b * Hkv + hk) * Lk * D + rows[:, None] * D + dd[None, :]
-    kv_mask = inside[:, None] & (dd < D)[None, :]
+    kv_mask = (inside & (kp >= 0))[:, None] & (dd < D)[None, :]
     k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)

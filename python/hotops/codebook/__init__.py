@@ -17,7 +17,7 @@ from hotops.codebook.wide import WideCodebookLinear
 __all__ = ["codebook_matmul", "CodebookWeight", "CodebookLinear", "WideCodebookLinear", "compress",
            "load_compressed", "from_aqlm", "convert_aqlm"]
 
-ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # on the CPU; other devices also take float16
+ACTIVATION_DTYPES = _op.ACTIVATION_DTYPES
 
 
 def codebook_matmul(x: Tensor, weight: CodebookWeight, bias: Optional[Tensor] = None) -> Tensor:
@@ -26,12 +26,9 @@ def codebook_matmul(x: Tensor, weight: CodebookWeight, bias: Optional[Tensor] = 
     (float32 accumulation); differentiable in x, the codebooks, the scales and bias."""
     if not isinstance(weight, CodebookWeight):
         raise TypeError(f"weight must be a CodebookWeight, got {type(weight).__name__}")
-    on_cpu = not isinstance(x, Tensor) or x.device.type == "cpu"
-    _backend.check_tensor(x, "x", dtypes=ACTIVATION_DTYPES if on_cpu else _backend.FLOAT_DTYPES)
-    if x.dim() == 0 or x.shape[-1] != weight.in_features:
-        raise ValueError(f"x must end in in_features = {weight.in_features}, got shape {tuple(x.shape)}")
+    _op.check_input(x, weight.in_features)
     if bias is not None:
-        _backend.check_tensor(bias, "bias", ndim=1)
+        _backend.check_tensor(bias, "bias", ndim=1, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
         if bias.shape[0] != weight.out_features:
             raise ValueError(f"bias must have out_features = {weight.out_features} entries, got {bias.shape[0]}")
     _backend.check_same_device(x=x, codes=weight.codes, bias=bias)

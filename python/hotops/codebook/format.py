@@ -47,16 +47,23 @@ class CodebookWeight:
         """From codes already in the stored (pack_codes) layout, e.g. a CodebookLinear's buffer."""
         if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 3 \
                 or packed.shape[2] != ROW_BLOCK:
-            raise TypeError(f"packed codes must be a (blocks, slots, {ROW_BLOCK}) uint8 tensor")
-        N, M = scales.shape[0] if isinstance(scales, Tensor) and scales.dim() == 1 else -1, codebooks.shape[1]
+            got = f"{packed.dtype} {tuple(packed.shape)}" if isinstance(packed, Tensor) else type(packed).__name__
+            raise TypeError(f"packed codes must be a (blocks, slots, {ROW_BLOCK}) uint8 tensor, got {got}")
+        _check_codebooks(codebooks)
+        if not isinstance(scales, Tensor) or not scales.is_floating_point() or scales.dim() != 1:
+            raise ValueError("scales must be a floating (N,) tensor, one per output row, got "
+                             + _describe(scales))
+        N, M = scales.shape[0], codebooks.shape[1]
         if packed.shape[0] != -(-N // ROW_BLOCK) or packed.shape[1] % M:
-            raise ValueError(f"packed codes {tuple(packed.shape)} do not fit {N} rows of {M} codebook(s)")
+            raise ValueError(f"packed codes {tuple(packed.shape)} do not fit {N} rows (scales has {N} "
+                             f"entries) of {M} codebook(s): expected ({-(-N // ROW_BLOCK)}, J * {M}, {ROW_BLOCK})")
         self = cls.__new__(cls)
         self._validate((N, packed.shape[1] // M, M), packed, codebooks, scales, group_ptr, perm)
         self._store(packed, codebooks, scales, group_ptr, perm)
         return self
 
     def _store(self, packed, codebooks, scales, group_ptr, perm):
+        packed = packed.contiguous()  # the kernels read the packed layout densely
         if group_ptr is None:
             group_ptr = torch.tensor([0, packed.shape[0] and scales.shape[0]], dtype=torch.int64, device=packed.device)
         self.codes, self.codebooks, self.scales = packed, codebooks, scales
@@ -64,8 +71,7 @@ class CodebookWeight:
 
     @staticmethod
     def _validate(shape, codes, codebooks, scales, group_ptr, perm):
-        if not isinstance(codebooks, Tensor) or not codebooks.is_floating_point() or codebooks.dim() != 4:
-            raise TypeError("codebooks must be a floating (num_groups, num_codebooks, codebook_size, in_group) tensor")
+        _check_codebooks(codebooks)
         N, J, M = shape
         O, Mc, C, g = codebooks.shape
         if g not in IN_GROUPS:
@@ -74,22 +80,23 @@ class CodebookWeight:
             raise ValueError(f"codes address {M} codebooks and codebooks hold {Mc}; expected the same number, 1 or 2")
         if not 1 <= C <= 256:
             raise ValueError(f"uint8 codes address at most 256 codewords, got codebook_size {C}")
+        if N == 0:
+            raise ValueError("a CodebookWeight needs at least one output row (codes have 0 rows)")
+        if J == 0:
+            raise ValueError("a CodebookWeight needs at least one input group (codes have 0 input groups)")
         if not isinstance(scales, Tensor) or not scales.is_floating_point() or tuple(scales.shape) != (N,):
-            raise ValueError(f"scales must be a floating ({N},) tensor, one per row")
+            raise ValueError(f"scales must be a floating ({N},) tensor, one per row, got {_describe(scales)}")
         if group_ptr is None:
             group_ptr = torch.tensor([0, N], dtype=torch.int64, device=codes.device)
         if not isinstance(group_ptr, Tensor) or group_ptr.dtype != torch.int64 or tuple(group_ptr.shape) != (O + 1,):
-            raise ValueError(f"group_ptr must be a ({O + 1},) int64 tensor (num_groups + 1 boundaries)")
+            raise ValueError(f"group_ptr must be a ({O + 1},) int64 tensor (num_groups + 1 boundaries), "
+                             f"got {_describe(group_ptr)}")
         gp = group_ptr.tolist()
         if gp[0] != 0 or gp[-1] != N or any(a > b for a, b in zip(gp, gp[1:])):
             raise ValueError(f"group_ptr must rise from 0 to {N}, got {gp}")
         if codes.numel() and int(codes.max()) >= C:
             raise ValueError(f"codes must be smaller than codebook_size {C}; found {int(codes.max())}")
-        if perm is not None:
-            if not isinstance(perm, Tensor) or perm.dtype != torch.int64 or tuple(perm.shape) != (N,):
-                raise ValueError(f"perm must be a ({N},) int64 tensor")
-            if not torch.equal(perm.sort().values, torch.arange(N, device=perm.device)):
-                raise ValueError("perm must be a permutation of the output features")
+        check_perm(perm, N)
         devices = {t.device for t in (codes, codebooks, scales, group_ptr, perm) if t is not None}
         if len(devices) > 1:
             raise ValueError(f"all parts of the weight must live on one device, got {devices}")
@@ -145,6 +152,35 @@ class CodebookWeight:
         return (f"CodebookWeight({self.out_features}x{self.in_features}, in_group={self.in_group}, "
                 f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
                 f"groups={self.num_groups}, {self.bits_per_weight:.3f} bits/weight)")
+
+
+def _describe(t) -> str:
+    return f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_codebooks(codebooks) -> None:
+    if not isinstance(codebooks, Tensor) or not codebooks.is_floating_point() or codebooks.dim() != 4:
+        raise TypeError("codebooks must be a floating (num_groups, num_codebooks, codebook_size, in_group) "
+                        f"tensor, got {_describe(codebooks)}")
+
+
+def check_perm(perm, N: int) -> None:
+    """perm is None or a (N,) int64 permutation of range(N); anything else is a ValueError
+    that says what is wrong (out of range, or which output appears twice)."""
+    if perm is None:
+        return
+    if not isinstance(perm, Tensor) or perm.dtype != torch.int64 or tuple(perm.shape) != (N,):
+        raise ValueError(f"perm must be a ({N},) int64 tensor, got {_describe(perm)}")
+    if N == 0:
+        return
+    lo, hi = int(perm.min()), int(perm.max())
+    if lo < 0 or hi >= N:
+        raise ValueError(f"perm must be a permutation of range({N}); it holds {lo if lo < 0 else hi}")
+    counts = torch.bincount(perm, minlength=N)
+    if not bool((counts == 1).all()):
+        twice = int(counts.argmax())
+        raise ValueError(f"perm must be a permutation of range({N}); output feature {twice} appears "
+                         f"{int(counts[twice])} times")
 
 
 def code_bits(bits_per_weight: float, in_group: int, num_codebooks: int) -> int:

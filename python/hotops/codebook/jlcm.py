@@ -535,6 +535,9 @@ def load_compressed(model: nn.Module, state_dict: dict) -> nn.Module:
         if prefix + "codes" not in state_dict:
             continue
         get = lambda key: state_dict.get(prefix + key)  # noqa: E731
+        lacking = [prefix + key for key in ("codebooks", "scales", "group_ptr") if prefix + key not in state_dict]
+        if lacking:
+            raise ValueError(f"load_compressed: the state_dict holds {prefix}codes but lacks {', '.join(lacking)}")
         weight = CodebookWeight.from_packed(get("codes"), get("codebooks"), get("scales"),
                                             get("group_ptr"), get("perm"))
         _replace(model, name, CodebookLinear(weight, get("bias")))

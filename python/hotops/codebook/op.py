@@ -19,6 +19,7 @@ from torch import Tensor
 
 from hotops import _backend
 from hotops.codebook import reference
+from hotops.codebook.format import check_perm
 from hotops.codebook.reference import unpack_codes
 
 # When the lookup tables beat dequantize + GEMM (measured, docs/codebook.md). A table lookup adds
@@ -35,6 +36,23 @@ def use_tables(batch: int, in_group: int, num_codebooks: int) -> bool:
 # Dequantized row tile for the GEMM path: large enough that torch.mm runs at full rate and its
 # per-call threading cost is amortised, small beside the dense weight.
 GEMM_TILE_BYTES = 8 << 20
+
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # on the CPU; other devices also take float16
+
+
+def check_input(x, in_features: int) -> None:
+    """x for a product with a weight of in_features inputs: a floating tensor (float32 or
+    bfloat16 on the CPU, also float16 elsewhere) ending in in_features."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    allowed = ACTIVATION_DTYPES if x.dtype in ACTIVATION_DTYPES or x.device.type == "cpu" else _backend.FLOAT_DTYPES
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"x has dtype {str(x.dtype).replace('torch.', '')}; codebook products on "
+                        f"{x.device.type} take {names} (convert x, e.g. x.float())")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must end in in_features = {in_features}, got shape {tuple(x.shape)}")
 
 
 def _kernel_args(codes, codebooks, scales):
@@ -62,6 +80,7 @@ def _cpu_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
             x2, c, cb, s, group_ptr, perm, None if bias is None else bias.detach().float().contiguous(),
             out, _backend.num_threads())
         return out
+    check_perm(perm, N)  # (the table kernel checks it in C++; here argsort would take anything)
     K = x2.shape[1]
     tile = max(16, GEMM_TILE_BYTES // max(1, K * x2.element_size()))
     out_t = torch.empty(N, B, dtype=x2.dtype)  # stored order, transposed: each tile writes whole rows
@@ -97,6 +116,7 @@ MATMUL_BACKENDS = (
 def codebook_dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
                         perm: Optional[Tensor]) -> Tensor:
     """The dense (N, K) float32 weight in output order."""
+    check_perm(perm, scales.shape[0])
     if codes.device.type == "cpu" and _backend.cpu_refuses(codes.device) is None:
         return reference.to_output_order(_cpu_dequantize_stored(codes, codebooks, scales, group_ptr), perm)
     return reference.dequantize(codes, codebooks, scales, group_ptr, perm)
@@ -196,7 +216,9 @@ def _backward_matmul(ctx, dy):
     dy2 = dy.reshape(-1, dy.shape[-1])
     dx = dcb = ds = db = None
     if need_x:
-        input_grad = _backend.choose("codebook_matmul backward", INPUT_GRAD_BACKENDS, dy.device).run
+        # create_graph=True: the dense path, made of differentiable ops (the Triton kernel is not)
+        backends = INPUT_GRAD_BACKENDS[1:] if torch.is_grad_enabled() else INPUT_GRAD_BACKENDS
+        input_grad = _backend.choose("codebook_matmul backward", backends, dy.device).run
         dx = input_grad(dy2, codes, codebooks, scales, group_ptr, perm).reshape(x.shape)
     if need_cb or need_s:
         dW = dy2.float().T @ x.reshape(-1, x.shape[-1]).float()

@@ -25,8 +25,17 @@ class InfoNCELoss(nn.Module):
                  label_smoothing: float = 0.0, gather: bool = False, min_temperature: float = 0.01,
                  reduction: str = "mean"):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        from hotops import _backend
+
+        temperature = _backend.check_number(temperature, "temperature", low=0.0, low_open=True)
+        min_temperature = _backend.check_number(min_temperature, "min_temperature", low=0.0, low_open=True,
+                                                high=1.0)
+        label_smoothing = _backend.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+        for name, flag in (("learnable_temperature", learnable_temperature), ("gather", gather)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+        if not isinstance(reduction, str) or reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction must be one of ('none', 'mean', 'sum'), got {reduction!r}")
         self.learnable_temperature = learnable_temperature
         self.label_smoothing = label_smoothing
         self.gather = gather

@@ -195,6 +195,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_pool, ctx.has_own = pool is not None, own is not None
     grads = output[2:]
     ctx.owned_grads = None
+    # the inputs themselves (references, no copies) for a backward with create_graph=True,
+    # which recomputes through info_nce_bwd so that the first gradient carries a graph
+    ctx.inputs = (q, d, pool, own, neg_weight, temperature) if ctx.fused and _is_eager(grads) else None
     if ctx.fused and _is_eager(grads):
         # In eager mode the gradients computed by the forward are handed to backward as sole
         # owner (detached, so no reference cycle through grad_fn): backward scales them in
@@ -210,6 +213,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_loss, _g_lse, *_unused):
     if g_loss is None:  # only lse or the gradient outputs were used: nothing flows back
         return (None,) * 10
+    if ctx.fused and torch.is_grad_enabled() and ctx.inputs is not None:
+        # create_graph=True: the fused gradients were computed without a graph; recompute them
+        # through info_nce_bwd, whose own backward says that there is no second derivative
+        ctx.owned_grads = None
+        q, d, pool, own, neg_weight, temperature = ctx.inputs
+        B = q.shape[0]
+        g_rows = g_loss.expand(B) / B if ctx.reduction == "mean" else g_loss.expand(B)
+        dq, dd, dpool, down, dtemp = info_nce_bwd(q, d, pool, own, neg_weight, temperature, g_rows,
+                                                  ctx.pos_offset, ctx.smoothing)
+        return (dq, dd, dpool if ctx.has_pool else None, down if ctx.has_own else None, None,
+                dtemp, None, None, None, None)
     if ctx.fused and ctx.owned_grads is None and not ctx.saved_tensors:
         raise RuntimeError("hotops.info_nce: the fused gradients were already consumed by an "
                            "earlier backward; a second backward (retain_graph=True) is not supported")
@@ -230,3 +244,13 @@ def _backward(ctx, g_loss, _g_lse, *_unused):
 
 
 info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_second_order(ctx, *grads):
+    raise RuntimeError(
+        "hotops.info_nce has no second derivative: a gradient taken with create_graph=True "
+        "cannot be differentiated again (e.g. a gradient penalty through the loss). Use "
+        "hotops.infonce.reference.info_nce, plain torch, where double backward is needed.")
+
+
+info_nce_bwd.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)

@@ -35,5 +35,7 @@ def info_nce(q, d, hard=None, *, temperature=0.05, label_smoothing=0.0, neg_weig
     w[torch.arange(z.shape[0], device=z.device), target] = 1.0
     lse = torch.logsumexp(z + torch.log(w), dim=1)
     pos = z.gather(1, target[:, None])[:, 0]
-    loss = lse - (1 - label_smoothing) * pos - label_smoothing * z.mean(dim=1)
+    loss = lse - (1 - label_smoothing) * pos
+    if label_smoothing:  # (at 0 the term is absent, not 0 * mean: an infinite logit gives no NaN)
+        loss = loss - label_smoothing * z.mean(dim=1)
     return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]

@@ -12,6 +12,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _dropped(w, l):
+    """What a column of weight w <= 0 (or NaN) adds, exp(l + log w) as the reference has it: 0, or
+    NaN where w is NaN or l is +inf or NaN."""
+    return w * 0.0 + tl.where(l < float("inf"), 0.0, float("nan"))
+
+
+@triton.jit
 def _sweep_stats(ptr, stride, n, w_ptr, w_off, pos, r, inv_t, m, s, el, sl,
                  HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     for j in range(0, n, BLOCK):
@@ -25,8 +32,8 @@ def _sweep_stats(ptr, stride, n, w_ptr, w_off, pos, r, inv_t, m, s, el, sl,
         w = tl.where(cols == pos, 1.0, w)  # the positive always has weight 1
         sl += tl.sum(tl.where(inside, l, 0.0))
         m_new = tl.maximum(m, tl.max(tl.where(w > 0, l, float("-inf"))))
-        e = tl.where(w > 0, w * tl.exp(l - m_new), 0.0)
-        alpha = tl.exp(m - m_new)
+        e = tl.where(w > 0, w * tl.exp(l - m_new), _dropped(w, l))
+        alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))  # no exp(-inf + inf) before a weighted column
         s = s * alpha + tl.sum(e)
         el = el * alpha + tl.sum(e * tl.where(w > 0, l, 0.0))
         m = m_new
@@ -46,7 +53,7 @@ def _sweep_grad(ptr, stride, n, w_ptr, w_off, pos, r, inv_t, lse, eps_c, eps, sc
         else:
             w = tl.full((BLOCK,), 1.0, tl.float32)
         w = tl.where(cols == pos, 1.0, w)
-        p = tl.where(w > 0, w * tl.exp(l - lse), 0.0)
+        p = tl.where(w > 0, w * tl.exp(l - lse), _dropped(w, l))
         g = p - eps_c - tl.where(cols == pos, 1.0 - eps, 0.0)
         tl.store(ptr + r * stride + cols, (g * scale).to(raw.dtype), mask=inside)
 
@@ -69,8 +76,9 @@ def _rows_kernel(S, stride_s, Na, O, stride_o, K, Wt, RS, LOSS, LSE, TDOT, pos_c
     lse = m + tl.log(s)
     l_pos = tl.load(S + r * stride_s + pos).to(tl.float32) * inv_t
     tl.store(LSE + r, lse)
-    tl.store(LOSS + r, lse - (1.0 - eps) * l_pos - eps * sl / C)
-    tl.store(TDOT + r, el / s - eps * sl / C - (1.0 - eps) * l_pos)
+    smooth = tl.where(eps > 0, eps * sl / C, 0.0)  # at eps = 0 an infinite logit must not give 0 * inf
+    tl.store(LOSS + r, lse - (1.0 - eps) * l_pos - smooth)
+    tl.store(TDOT + r, el / s - smooth - (1.0 - eps) * l_pos)
     if WANT_GRAD:
         scale = grad_scale * inv_t
         if HAS_RS:
