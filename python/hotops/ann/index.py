@@ -118,12 +118,12 @@ class _ProductQuantized:
             self._list_tables_cached = ((coarse, self.codebooks), tables)  # one store: searches share it
         return tables
 
-    def _precomputed_tables(self) -> Optional[np.ndarray]:
+    def _precomputed_tables(self, origins: np.ndarray) -> Optional[np.ndarray]:
         """l2 list tables for the 8-bit scan when they fit PRECOMPUTED_TABLES_MAX_BYTES: a probed list
         then costs m * ksub additions instead of a residual table's m * ksub * dsub multiply-adds."""
-        if self.metric != "l2" or 4 * self.coarse.shape[0] * self.m * self.ksub > PRECOMPUTED_TABLES_MAX_BYTES:
+        if self.metric != "l2" or 4 * origins.shape[0] * self.m * self.ksub > PRECOMPUTED_TABLES_MAX_BYTES:
             return None
-        return self._list_tables(self.coarse)
+        return self._list_tables(origins)
 
     def _fastscan(self, q, coarse, probes, allow, score, rows):
         packed, block_offsets = self._fastscan_layout()
@@ -379,6 +379,14 @@ class _ProductQuantized:
     def _result_buffers(nq: int, k: int):
         return np.empty((nq, k), dtype=np.float32), np.empty((nq, k), dtype=np.int64)
 
+    # ---------------------------------------------------------------- faiss (hotops.integrations.faiss)
+
+    def to_faiss(self, fast_scan: Optional[bool] = None, k_factor: float = 1.0):
+        """The equivalent faiss index, codes unchanged (see hotops.integrations.faiss.to_faiss)."""
+        from hotops.integrations.faiss import to_faiss
+
+        return to_faiss(self, fast_scan, k_factor)
+
     # ---------------------------------------------------------------- files
 
     def _params(self) -> dict:
@@ -447,6 +455,14 @@ class PQIndex(_ProductQuantized):
         super().__init__(dim, m, nbits, metric, keep_vectors, seed, verbose)
         self._origin = np.zeros((1, self.dim), np.float32)  # fast-scan treats the codes as one list
 
+    @classmethod
+    def from_faiss(cls, index) -> "PQIndex":
+        """A PQIndex holding a faiss IndexPQ's (or IndexPQFastScan's) codebooks, codes and ids
+        (IndexRefineFlat -> keep_vectors, IndexIDMap -> ids); see hotops.integrations.faiss."""
+        from hotops.integrations.faiss import pq_from_faiss
+
+        return pq_from_faiss(index)
+
     def _train(self, x: np.ndarray) -> None:
         self._train_pq(x)
 
@@ -482,14 +498,17 @@ class IVFPQIndex(_ProductQuantized):
     """Inverted lists over a k-means coarse quantizer; each list holds the PQ codes of its
     vectors' residuals to the list centroid. A query scans its `nprobe` nearest lists.
 
-    IVFPQIndex(dim, nlist=1024, m=16, nbits=8, metric="l2"|"ip", keep_vectors=False).
+    IVFPQIndex(dim, nlist=1024, m=16, nbits=8, metric="l2"|"ip", keep_vectors=False). With
+    by_residual=False the codes quantize the vectors themselves and the lists only partition them
+    (faiss's by_residual = false).
     """
 
     kind = "IVFPQIndex"
 
     def __init__(self, dim: int, nlist: int = 1024, m: int = 16, nbits: int = 8, metric: str = "l2", *,
-                 keep_vectors: bool = False, seed: int = 1234, verbose: bool = True):
+                 keep_vectors: bool = False, by_residual: bool = True, seed: int = 1234, verbose: bool = True):
         super().__init__(dim, m, nbits, metric, keep_vectors, seed, verbose)
+        self.by_residual = bool(by_residual)
         self.nlist = _backend.check_number(nlist, "nlist", integer=True, low=1)
         self.coarse: Optional[np.ndarray] = None  # (nlist, dim)
         self.offsets = np.zeros(self.nlist + 1, dtype=np.int64)
@@ -497,6 +516,14 @@ class IVFPQIndex(_ProductQuantized):
     @property
     def is_trained(self) -> bool:
         return self.coarse is not None and self.codebooks is not None
+
+    @classmethod
+    def from_faiss(cls, index) -> "IVFPQIndex":
+        """An IVFPQIndex holding a faiss IndexIVFPQ's (or IndexIVFPQFastScan's) coarse centroids,
+        codebooks, lists and ids (IndexRefineFlat -> keep_vectors); see hotops.integrations.faiss."""
+        from hotops.integrations.faiss import ivfpq_from_faiss
+
+        return ivfpq_from_faiss(index)
 
     def _assign(self, x: np.ndarray) -> np.ndarray:
         return self._probe(x, 1)[:, 0]
@@ -510,11 +537,11 @@ class IVFPQIndex(_ProductQuantized):
         self.coarse = coarse
         rng = np.random.default_rng(self.seed)
         sample = x if x.shape[0] <= self.ksub * 256 else x[np.sort(rng.choice(x.shape[0], self.ksub * 256, replace=False))]
-        self._train_pq(sample - coarse[self._assign(sample)])
+        self._train_pq(sample - coarse[self._assign(sample)] if self.by_residual else sample)
 
     def _add(self, x: np.ndarray, ids: np.ndarray) -> None:
         lists = self._assign(x)
-        codes = self.encode(x - self.coarse[lists])
+        codes = self.encode(x - self.coarse[lists] if self.by_residual else x)
         old_lists = np.repeat(np.arange(self.nlist), np.diff(self.offsets))
         order = np.argsort(np.concatenate([old_lists, lists]), kind="stable")
         self._append(codes, ids, x)
@@ -526,6 +553,17 @@ class IVFPQIndex(_ProductQuantized):
 
     def _list_offsets(self) -> np.ndarray:
         return self.offsets
+
+    def _origins(self) -> np.ndarray:
+        """What the codes of each list are residuals to: the coarse centroids, or zeros without
+        by_residual (the same array while the centroids stay, so the list-table cache holds)."""
+        if self.by_residual:
+            return self.coarse
+        cached = getattr(self, "_zero_origins", None)  # (coarse, zeros): one store, so searches may share it
+        if cached is None or cached[0] is not self.coarse:
+            cached = (self.coarse, np.zeros_like(self.coarse))
+            self._zero_origins = cached
+        return cached[1]
 
     def probe(self, q, nprobe: int) -> np.ndarray:
         """(n, nprobe) the lists to scan (or, with 1, to add to): nearest centroids for l2, largest
@@ -551,18 +589,19 @@ class IVFPQIndex(_ProductQuantized):
         kk = self._scan_k(q.shape[0], k, refine)
         score, rows = self._result_buffers(q.shape[0], kk)
         probes, allow = self._probe(q, nprobe), _arrays.allow_rows(allow, self.ids)
+        origins = self._origins()
         if self.fast_scan:
-            self._fastscan(q, self.coarse, probes, allow, score, rows)
+            self._fastscan(q, origins, probes, allow, score, rows)
         else:
-            _backend.ext().ann_ivf_scan(q, self.coarse, probes, self._ct, self._cterm, self.metric, self.codes,
+            _backend.ext().ann_ivf_scan(q, origins, probes, self._ct, self._cterm, self.metric, self.codes,
                                         self.offsets, allow, score, rows, _arrays.threads(),
-                                        self._precomputed_tables())
+                                        self._precomputed_tables(origins))
         return self._finish(q, score, rows, k, refine, torch_out)
 
     def _device_extra(self, to_device) -> dict:
         extra = dict(coarse=to_device(self.coarse), offsets=to_device(self.offsets))
         extra["coarse_norm"] = (extra["coarse"].double() ** 2).sum(1).float()
-        if self.metric == "l2":
+        if self.metric == "l2" and self.by_residual:
             extra["list_tables"] = to_device(self._list_tables(self.coarse).reshape(self.nlist, self.m, self.ksub))
         return extra
 
@@ -570,6 +609,11 @@ class IVFPQIndex(_ProductQuantized):
         """Probes on the device; the scan's per-probe bias is ||q - c||^2 (l2) or -<q, c> (ip)
         and, for l2, list l's table 2<c_l,s, b> completes the query's (precomputed tables)."""
         dots = q @ state["coarse"].T
+        if not self.by_residual:  # the codes alone score a row: ||q - r||^2 or -<q, r>
+            near = state["coarse_norm"][None] - 2 * dots if self.metric == "l2" else -dots
+            probes = torch.topk(near, nprobe, dim=1, largest=False).indices.contiguous()
+            return dict(qtables=self._device_tables(state, q, with_norm=self.metric == "l2"), probes=probes,
+                        offsets=state["offsets"])
         if self.metric == "l2":
             near = state["coarse_norm"][None] - 2 * dots
             best, probes = torch.topk(near, nprobe, dim=1, largest=False)
@@ -581,7 +625,7 @@ class IVFPQIndex(_ProductQuantized):
                     probes=probes.contiguous(), offsets=state["offsets"])
 
     def _params(self) -> dict:
-        return dict(super()._params(), nlist=self.nlist)
+        return dict(super()._params(), nlist=self.nlist, by_residual=self.by_residual)
 
     def _arrays_to_save(self) -> dict:
         return dict(super()._arrays_to_save(), coarse=self.coarse, offsets=self.offsets)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hotops.integrations.torch_prune import deepcopy as prune_safe_deepcopy, remove as remove_pruning, weight_bias_mask
 from hotops.sparse import reference
 from hotops.sparse.format import (_BUILD_LOCK, BLOCK_SIZES, PANEL_COLS, SparseWeight, alias_versions, block_mask,
                                   check_sparsity, magnitude_mask, panel_count, state_key, track)
@@ -413,12 +414,15 @@ class SparseLinear(_SparseLayer):
     def from_dense(cls, linear: nn.Linear, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
                    activation: Optional[str] = None, policy: str = "auto", block: Optional[int] = None,
                    layout: str = "auto") -> "SparseLinear":
-        """``block`` and ``layout`` as in SparseWeight.from_dense (block pruning, the format)."""
+        """``block`` and ``layout`` as in SparseWeight.from_dense (block pruning, the format). A
+        layer pruned with torch.nn.utils.prune gives its ``weight_mask`` (when neither ``sparsity``
+        nor ``mask`` is given) and ``weight_orig`` values; the layer itself is left as it is."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
-        sw = SparseWeight.from_dense(linear.weight.detach(), sparsity=sparsity, mask=mask, block=block,
-                                     layout=layout)
-        return cls(sw, linear.bias, activation, policy)
+        weight, bias, pruned = weight_bias_mask(linear)
+        mask = pruned if mask is None and sparsity is None else mask
+        sw = SparseWeight.from_dense(weight, sparsity=sparsity, mask=mask, block=block, layout=layout)
+        return cls(sw, bias, activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
         fast = self._fast(x)
@@ -469,15 +473,18 @@ class SparseConv2d(_SparseLayer):
     def from_dense(cls, conv: nn.Conv2d, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
                    activation: Optional[str] = None, policy: str = "auto", block: Optional[int] = None,
                    layout: str = "auto") -> "SparseConv2d":
-        """``block`` and ``layout`` as in SparseWeight.from_dense (block pruning, the format)."""
+        """``block`` and ``layout`` as in SparseWeight.from_dense (block pruning, the format);
+        torch.nn.utils.prune'd layers as in SparseLinear.from_dense."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("SparseConv2d supports numeric zero padding only "
                              f"(got padding={conv.padding!r}, padding_mode={conv.padding_mode!r})")
-        sw = SparseWeight.from_dense(conv.weight.detach(), sparsity=sparsity, mask=mask, groups=conv.groups,
-                                     block=block, layout=layout)
-        return cls(sw, conv.bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), activation, policy)
+        weight, bias, pruned = weight_bias_mask(conv)
+        mask = pruned if mask is None and sparsity is None else mask
+        sw = SparseWeight.from_dense(weight, sparsity=sparsity, mask=mask, groups=conv.groups, block=block,
+                                     layout=layout)
+        return cls(sw, bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
         fast = self._fast(x)
@@ -556,7 +563,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def sparsify(model: nn.Module, sparsity: float = 0.9, method: str = "magnitude", *,
+def sparsify(model: nn.Module, sparsity: Optional[float] = 0.9, method: str = "magnitude", *,
              data: Optional[Iterable] = None, loss_fn: Optional[Callable] = None, steps: int = 100,
              lr: float = 0.1, skip: Callable[[str, nn.Module], bool] = lambda name, m: False,
              policy: str = "auto", inplace: bool = False, block: Optional[int] = None) -> nn.Module:
@@ -572,18 +579,28 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, method: str = "magnitude",
     ``block`` (4 or 8, magnitude only): prune whole blocks of ``block`` consecutive output channels
     x one column by their L2 norm, which the blocked format runs faster than unstructured masks,
     at some accuracy (structured pruning keeps fewer free choices).
+
+    Layers pruned with torch.nn.utils.prune have the pruning made permanent first (their hooks
+    removed, values from ``weight_orig``). ``sparsity=None`` keeps each layer's pattern as it is:
+    its ``weight_mask`` if pruned so, else its non-zeros.
     """
-    check_sparsity(sparsity)
+    if sparsity is None:
+        if method != "magnitude" or block is not None:
+            raise ValueError("sparsity=None keeps the layers' own patterns: it takes method='magnitude' and no block")
+    else:
+        check_sparsity(sparsity)
     if method not in ("magnitude", "learned"):
         raise ValueError(f"method must be 'magnitude' or 'learned', got {method!r}")
     if block is not None and (block not in BLOCK_SIZES or method != "magnitude"):
         raise ValueError(f"block must be None or one of {BLOCK_SIZES}, with method='magnitude'; got block={block!r}, "
                          f"method={method!r}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = prune_safe_deepcopy(model)
     layers = list(_prunable(model, skip))
-    masks = {}
-    if method == "magnitude":
+    masks = {name: remove_pruning(m) for name, m in layers}
+    if sparsity is None:
+        masks = {name: m.weight.detach() != 0 if masks[name] is None else masks[name] for name, m in layers}
+    elif method == "magnitude":
         masks = {name: magnitude_mask(m.weight, sparsity) if block is None else
                  block_mask(m.weight, sparsity, block, getattr(m, "groups", 1)) for name, m in layers}
     else:
