@@ -6,6 +6,7 @@ bi-granular index (float16 store), then the cost of the same search over 2 gloo 
     PYTHONPATH=python python benchmarks/ann_shard_figures.py --n 1000000 --dim 64 --threads 1 \\
         --out /tmp/shard_figures.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ def clustered(n, dim, seed, clusters=4096):
     for b in range(0, n, 1 << 18):
         m = min(1 << 18, n - b)
         c = rng.integers(0, clusters, m)
-        out[b:b + m] = centers[c] + scale[c, None] * rng.standard_normal((m, dim), dtype=np.float32)
+        out[b : b + m] = centers[c] + scale[c, None] * rng.standard_normal((m, dim), dtype=np.float32)
     return out
 
 
@@ -36,7 +37,7 @@ def ground_truth(x, q, k=10):
     best_d = torch.full((q.shape[0], k), float("inf"))
     best_i = torch.zeros((q.shape[0], k), dtype=torch.int64)
     for b in range(0, x.shape[0], 1 << 17):
-        d = xn[b:b + (1 << 17)][None] - 2 * qt @ xt[b:b + (1 << 17)].T
+        d = xn[b : b + (1 << 17)][None] - 2 * qt @ xt[b : b + (1 << 17)].T
         dd, ii = torch.topk(d, k, dim=1, largest=False)
         cat_d, cat_i = torch.cat([best_d, dd], 1), torch.cat([best_i, ii + b], 1)
         best_d, at = torch.topk(cat_d, k, dim=1, largest=False)
@@ -66,8 +67,15 @@ def sweep(name, search, settings, q, gt, rows):
     for s in settings:
         (d, i), w, c = timed(lambda s=s: search(q, 10, **s))
         r = recall(i, gt)
-        rows.append(dict(index=name, **s, recall=round(r, 4), qps=round(q.shape[0] / w, 1),
-                         cpu_us_per_query=round(1e6 * c / q.shape[0], 1)))
+        rows.append(
+            dict(
+                index=name,
+                **s,
+                recall=round(r, 4),
+                qps=round(q.shape[0] / w, 1),
+                cpu_us_per_query=round(1e6 * c / q.shape[0], 1),
+            )
+        )
         print(rows[-1], flush=True)
 
 
@@ -79,13 +87,20 @@ def _rank(rank, world, port, folder, q, gt, out):
     from hotops.ann import ShardedIndex
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=600),
+    )
     idx = ShardedIndex.load(os.path.join(folder, "manifest.json"))
     mine = q[rank::world]
     res = {}
-    for name, kw in (("ivf8 nprobe 8 refine 10", dict(nprobe=8, refine=10)),
-                     ("ivf8 nprobe 8", dict(nprobe=8))):
+    for name, kw in (
+        ("ivf8 nprobe 8 refine 10", dict(nprobe=8, refine=10)),
+        ("ivf8 nprobe 8", dict(nprobe=8)),
+    ):
         idx.search(mine[:10], 10, **kw)
         dist.barrier()
         t, c = time.perf_counter(), time.process_time()
@@ -100,8 +115,11 @@ def _rank(rank, world, port, folder, q, gt, out):
             for r in range(world):
                 allids[r::world] = got[r][0]
             cpu = sum(g[1] for g in got)
-            res[name] = dict(recall=round(recall(allids, gt), 4), qps=round(q.shape[0] / el, 1),
-                             cpu_us_per_query_all_ranks=round(1e6 * cpu / q.shape[0], 1))
+            res[name] = dict(
+                recall=round(recall(allids, gt), 4),
+                qps=round(q.shape[0] / el, 1),
+                cpu_us_per_query_all_ranks=round(1e6 * cpu / q.shape[0], 1),
+            )
     if rank == 0:
         with open(out, "w") as f:
             json.dump(res, f)
@@ -125,7 +143,7 @@ def main():
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     both = clustered(a.n + a.nq, a.dim, 0)
-    x, q = both[:a.n], both[a.n:]  # held-out queries from the same mixture
+    x, q = both[: a.n], both[a.n :]  # held-out queries from the same mixture
     gt = ground_truth(x, q)
     print(f"data + ground truth {time.perf_counter() - t0:.1f} s", flush=True)
     tmp = tempfile.mkdtemp(prefix="shardfig-")
@@ -140,10 +158,15 @@ def main():
         path = os.path.join(tmp, name.split()[0] + ".hann")
         idx.save(path)
         codes_ids = (idx.codes.nbytes + idx.ids.nbytes) / a.n
-        res["builds"][name] = dict(train_s=round(tt, 1), train_cpu_s=round(ct, 1), add_s=round(ta, 1),
-                                   add_cpu_s=round(ca, 1), ram_bytes_per_vector=round(idx.bytes_per_vector(), 1),
-                                   codes_ids_bytes_per_vector=round(codes_ids, 1),
-                                   file_bytes_per_vector=round(os.path.getsize(path) / a.n, 1))
+        res["builds"][name] = dict(
+            train_s=round(tt, 1),
+            train_cpu_s=round(ct, 1),
+            add_s=round(ta, 1),
+            add_cpu_s=round(ca, 1),
+            ram_bytes_per_vector=round(idx.bytes_per_vector(), 1),
+            codes_ids_bytes_per_vector=round(codes_ids, 1),
+            file_bytes_per_vector=round(os.path.getsize(path) / a.n, 1),
+        )
         print(name, res["builds"][name], flush=True)
         settings = [dict(nprobe=p, refine=r) for p in (4, 8, 16, 32) for r in (None, 4, 10)]
         keep = idx
@@ -159,12 +182,20 @@ def main():
             store = os.path.join(tmp, "x.f16")
             write_store(store, x, "float16")
             res["builds"]["bigran m=16 + f16 store"] = dict(
-                add_and_store_s=round(time.perf_counter() - t, 1), ram_bytes_per_vector=round(light.bytes_per_vector(), 1),
-                store_bytes_per_vector=round(os.path.getsize(store) / a.n, 1))
+                add_and_store_s=round(time.perf_counter() - t, 1),
+                ram_bytes_per_vector=round(light.bytes_per_vector(), 1),
+                store_bytes_per_vector=round(os.path.getsize(store) / a.n, 1),
+            )
             print(res["builds"]["bigran m=16 + f16 store"], flush=True)
             bi = BiGranularIndex(light, store)
-            sweep("bigran m=16 f16", bi.search, [dict(nprobe=p, candidates=c) for p in (4, 8, 16) for c in (50, 100, 200)],
-                  q, gt, rows)
+            sweep(
+                "bigran m=16 f16",
+                bi.search,
+                [dict(nprobe=p, candidates=c) for p in (4, 8, 16) for c in (50, 100, 200)],
+                q,
+                gt,
+                rows,
+            )
     res["best_at_0.9"] = {}
     for name in {r["index"] for r in rows}:
         ok = [r for r in rows if r["index"] == name and r["recall"] >= 0.9]
@@ -191,9 +222,18 @@ def main():
             s.save(p)
             shards.append(dict(path=os.path.basename(p), ntotal=s.ntotal, bytes=os.path.getsize(p)))
         with open(os.path.join(folder, "manifest.json"), "w") as f:
-            json.dump(dict(format=MANIFEST_FORMAT, version=MANIFEST_VERSION, index_kind="IVFPQIndex",
-                           params=keep._params(), trained_sha256=trained_fingerprint(keep), ntotal=a.n,
-                           shards=shards), f)
+            json.dump(
+                dict(
+                    format=MANIFEST_FORMAT,
+                    version=MANIFEST_VERSION,
+                    index_kind="IVFPQIndex",
+                    params=keep._params(),
+                    trained_sha256=trained_fingerprint(keep),
+                    ntotal=a.n,
+                    shards=shards,
+                ),
+                f,
+            )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

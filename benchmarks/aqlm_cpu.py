@@ -19,6 +19,7 @@ time slices the call waited for.
 
     PYTHONPATH=python python benchmarks/aqlm_cpu.py [--repeats 7] [--shapes 4096x4096,11008x4096] [--cpu-time]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def make_layer(N, K, M, nbits, dtype=torch.float32, seed=0):
     layer = QuantizedLinear(K, N, 8, 1, M, nbits, bias=False, dtype=dtype)
     with torch.no_grad():
         layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=gen) / (M * K) ** 0.5)
-        layer.codes.data = pack_int_data(torch.randint(0, 2 ** nbits, layer.codes.shape, generator=gen), nbits)
+        layer.codes.data = pack_int_data(torch.randint(0, 2**nbits, layer.codes.shape, generator=gen), nbits)
         layer.scales.copy_(torch.rand(layer.scales.shape, generator=gen) + 0.5)
     return layer
 
@@ -65,6 +66,7 @@ def with_numba_threads(n, fn):
             return fn()
         finally:
             numba.set_num_threads(before)
+
     return run
 
 
@@ -81,17 +83,24 @@ def main():
         numba.set_num_threads(1)
         clock = time.process_time
     m = machine()
-    print(f"# {m.cpu}, {m.threads} threads, isa {m.isa}, torch {m.torch}, aqlm {m.peers['aqlm']}, "
-          f"numba {m.peers['numba']}; torch.mm fp32 {m.gflops:.0f} GFLOP/s, copy {m.gbps:.1f} GB/s")
+    print(
+        f"# {m.cpu}, {m.threads} threads, isa {m.isa}, torch {m.torch}, aqlm {m.peers['aqlm']}, "
+        f"numba {m.peers['numba']}; torch.mm fp32 {m.gflops:.0f} GFLOP/s, copy {m.gbps:.1f} GB/s"
+    )
     print(f"# {'process CPU time, one thread' if args.cpu_time else 'wall time'}, median of {args.repeats}")
-    print("| shape | batch | format | hotops ms | hotops, codes 0 | aqlm CPU forward ms | dense fp32 ms | hotops err |")
+    print(
+        "| shape | batch | format | hotops ms | hotops, codes 0 | aqlm CPU forward ms | dense fp32 ms | hotops err |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     torch.set_grad_enabled(False)
     for shape in args.shapes.split(","):
         N, K = map(int, shape.split("x"))
-        dense = torch.randn(N, K) / K ** 0.5
-        for fmt, M, nbits, cdt in (("2x8", 2, 8, torch.float32), ("1x16", 1, 16, torch.float32),
-                                   ("1x16 fp16 codebook", 1, 16, torch.float16)):
+        dense = torch.randn(N, K) / K**0.5
+        for fmt, M, nbits, cdt in (
+            ("2x8", 2, 8, torch.float32),
+            ("1x16", 1, 16, torch.float32),
+            ("1x16 fp16 codebook", 1, 16, torch.float16),
+        ):
             layer = make_layer(N, K, M, nbits, cdt)
             codes = layer.codes.detach().clone()
             mod = hc.from_aqlm(layer)
@@ -99,24 +108,38 @@ def main():
             mod0.codes.zero_()
             for B in map(int, args.batches.split(",")):
                 x = torch.randn(B, K, generator=torch.Generator().manual_seed(1))
-                w64 = _dequantize_weight(unpack_int_data(codes, nbits), layer.codebooks.double(), layer.scales.double())
+                w64 = _dequantize_weight(
+                    unpack_int_data(codes, nbits), layer.codebooks.double(), layer.scales.double()
+                )
                 ref = F.linear(x.double(), w64)
                 err = (mod(x).double() - ref).abs().max().item() / ref.abs().max().item()
-                fns = {"hotops": lambda: mod(x), "codes 0": lambda: mod0(x), "dense": lambda: F.linear(x, dense)}
+                fns = {
+                    "hotops": lambda: mod(x),
+                    "codes 0": lambda: mod0(x),
+                    "dense": lambda: F.linear(x, dense),
+                }
                 note = ""
                 if nbits == 8:
                     fns["aqlm"] = with_numba_threads(1, lambda: layer(x))
                     n = numba.config.NUMBA_NUM_THREADS
-                    racy = max((with_numba_threads(n, lambda: layer(x))().double() - ref).abs().max().item()
-                               for _ in range(3)) / ref.abs().max().item()
+                    racy = (
+                        max(
+                            (with_numba_threads(n, lambda: layer(x))().double() - ref).abs().max().item()
+                            for _ in range(3)
+                        )
+                        / ref.abs().max().item()
+                    )
                     note = f" (numba, 1 thread; {n} threads: error {racy:.1e} of max|y|)"
                 elif cdt == torch.float32:
                     fns["aqlm"] = lambda: layer(x)
                     note = " (dequantize + F.linear)"
                 t = interleaved(fns, args.repeats, clock)
                 aq = f"{t['aqlm']:.2f}{note}" if "aqlm" in t else "-"
-                print(f"| {N}x{K} | {B} | {fmt} | {t['hotops']:.2f} | {t['codes 0']:.2f} | {aq} | {t['dense']:.2f} "
-                      f"| {err:.1e} |", flush=True)
+                print(
+                    f"| {N}x{K} | {B} | {fmt} | {t['hotops']:.2f} | {t['codes 0']:.2f} | {aq} | {t['dense']:.2f} "
+                    f"| {err:.1e} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

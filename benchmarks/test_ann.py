@@ -1,6 +1,7 @@
 """pytest-benchmark suite for hotops.ann against faiss-cpu on GloVe 6B 50-d (--quick sizes):
 search at matched parameters, same thread count. Not part of the default test run:
     pytest benchmarks/test_ann.py --benchmark-only"""
+
 import numpy as np
 import pytest
 import torch

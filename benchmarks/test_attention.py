@@ -3,6 +3,7 @@
 
     pytest benchmarks/test_attention.py --benchmark-group-by=param:case
 """
+
 import pytest
 import torch
 
@@ -22,7 +23,9 @@ def _two_threads():
 
 
 @pytest.mark.parametrize("side", ["hotops", "sdpa"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['passes']}-L{c['L']}-keep{c['keep']:g}-{c['dtype']}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{c['passes']}-L{c['L']}-keep{c['keep']:g}-{c['dtype']}"
+)
 def test_attention(benchmark, case, side):
     benchmark.group = f"{case['passes']} L={case['L']} keep={case['keep']:g} {case['dtype']}"
     benchmark.pedantic(attention.build(side, **case), rounds=3, warmup_rounds=1)

@@ -4,6 +4,7 @@ them side by side. Not part of the default test run:
 
     python -m pytest benchmarks/test_codebook.py --benchmark-only
 """
+
 import pytest
 import torch
 

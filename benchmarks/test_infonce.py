@@ -6,6 +6,7 @@ Each case times forward + backward for hotops and for the eager reference at the
 compare the two rows of a group. `hotops bench --family infonce` prints the same comparison as
 ratios with memory and roofline.
 """
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """pytest-benchmark suite for hotops.sparse: the `hotops bench --family sparse` layer cases, each
 side by side with torch dense and torch.sparse CSR (run: pytest benchmarks/test_sparse.py)."""
+
 import pytest
 import torch
 

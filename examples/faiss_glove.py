@@ -10,6 +10,7 @@ an IndexIVFPQ), so the report also shows how well faiss's fast scan agrees with 
 
     python examples/faiss_glove.py [--nq 1000] [--nb 0 (all)] [--nprobe 16] [--repeat 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     base, train, q, _ = ann_data.load("glove", args.nq, args.nb or None, args.nt)
     d, k = base.shape[1], args.k
-    print(f"GloVe 6B 50-d: {base.shape[0]} base, {q.shape[0]} queries, k = {k}, nprobe = {args.nprobe}, "
-          f"{faiss.omp_get_max_threads()} faiss threads")
+    print(
+        f"GloVe 6B 50-d: {base.shape[0]} base, {q.shape[0]} queries, k = {k}, nprobe = {args.nprobe}, "
+        f"{faiss.omp_get_max_threads()} faiss threads"
+    )
 
     def ivf(fast: bool, by_residual: bool, metric=faiss.METRIC_L2):
         quantizer = faiss.IndexFlat(d, metric)
@@ -72,7 +75,12 @@ def main(argv=None) -> dict:
     cases = [
         ("IndexIVFPQ m{m}x8 by_residual", lambda: ivf(False, True), IVFPQIndex, True),
         ("IndexIVFPQ m{m}x8 not by_residual", lambda: ivf(False, False), IVFPQIndex, True),
-        ("IndexIVFPQ m{m}x8 IP by_residual", lambda: ivf(False, True, faiss.METRIC_INNER_PRODUCT), IVFPQIndex, True),
+        (
+            "IndexIVFPQ m{m}x8 IP by_residual",
+            lambda: ivf(False, True, faiss.METRIC_INNER_PRODUCT),
+            IVFPQIndex,
+            True,
+        ),
         ("IndexIVFPQFastScan m{m}x4 by_residual", lambda: ivf(True, True), IVFPQIndex, True),
         ("IndexIVFPQFastScan m{m}x4 not by_residual", lambda: ivf(True, False), IVFPQIndex, True),
         ("IndexPQ m{m}x8", lambda: flat(False), PQIndex, False),
@@ -94,9 +102,13 @@ def main(argv=None) -> dict:
             float_index = converted.to_faiss(fast_scan=False)
             faiss.ParameterSpace().set_index_parameter(float_index, "nprobe", args.nprobe) if is_ivf else None
             _, exact_ids = float_index.search(q, k)
-            recalls[name].update({"faiss vs float": recall(f_ids, exact_ids), "hotops vs float": recall(h_ids, exact_ids)})
-            line += (f"; against float-table scoring of the same codes: faiss {recall(f_ids, exact_ids):.4f}, "
-                     f"hotops {recall(h_ids, exact_ids):.4f}")
+            recalls[name].update(
+                {"faiss vs float": recall(f_ids, exact_ids), "hotops vs float": recall(h_ids, exact_ids)}
+            )
+            line += (
+                f"; against float-table scoring of the same codes: faiss {recall(f_ids, exact_ids):.4f}, "
+                f"hotops {recall(h_ids, exact_ids):.4f}"
+            )
         print(line, flush=True)
         tf = th = np.inf
         for _ in range(args.repeat):  # alternate, best of each

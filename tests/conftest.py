@@ -27,8 +27,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (runs in benchmarks/gpu_check.sh)")
     # raised inside torch's own opcheck / compile machinery, not by hotops
-    config.addinivalue_line("filterwarnings",
-                            "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -72,5 +73,7 @@ def require_triton_runs():
     import triton
 
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 2):
-        pytest.skip(f"the interpreter of triton {triton.__version__} cannot run these kernels "
-                    "(nested jit functions lose constexpr arguments); the GPU path is unaffected")
+        pytest.skip(
+            f"the interpreter of triton {triton.__version__} cannot run these kernels "
+            "(nested jit functions lose constexpr arguments); the GPU path is unaffected"
+        )

@@ -1,11 +1,13 @@
 """hotops.ann: PQ kernels against the NumPy reference on every ISA, index behaviour (refine,
 allow-lists, ids, incremental add, NumPy/torch in and out), files, and bad input."""
+
 import os
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hotops import _backend
 from hotops.ann import BiGranularIndex, IVFPQIndex, PQIndex, kmeans, reference, write_store
@@ -61,8 +63,8 @@ def test_tables_match_reference(isa, metric):
     q = data(7, 20, seed=3)
     t = index.tables(q)
     ref = reference.tables(q, index.codebooks, metric)
-    np.testing.assert_allclose(t[:, :, :index.ksub], ref, rtol=1e-4, atol=1e-3)
-    assert np.isinf(t[:, :, index.ksub:]).all()
+    np.testing.assert_allclose(t[:, :, : index.ksub], ref, rtol=1e-4, atol=1e-3)
+    assert np.isinf(t[:, :, index.ksub :]).all()
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
@@ -103,9 +105,15 @@ def test_full_probe_and_refine_equal_brute_force(isa, metric):
 
 
 @settings(max_examples=15, deadline=None)
-@given(n=st.integers(1, 300), m=st.sampled_from([1, 2, 3]), dsub=st.integers(1, 5),
-       k=st.integers(1, 12), nbits=st.integers(1, 8), metric=st.sampled_from(["l2", "ip"]),
-       seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 300),
+    m=st.sampled_from([1, 2, 3]),
+    dsub=st.integers(1, 5),
+    k=st.integers(1, 12),
+    nbits=st.integers(1, 8),
+    metric=st.sampled_from(["l2", "ip"]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_refined_flat_pq_is_exact(n, m, dsub, k, nbits, metric, seed):
     d = m * dsub
     x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
@@ -115,9 +123,9 @@ def test_property_refined_flat_pq_is_exact(n, m, dsub, k, nbits, metric, seed):
     q = np.random.default_rng(seed + 2).standard_normal((3, d)).astype(np.float32)
     dist, ids = index.search(q, k=k, refine=n)
     ref_s, ref_rows = reference.search(q, x, min(k, n), metric)
-    np.testing.assert_allclose(np.abs(dist[:, :min(k, n)]), np.abs(ref_s), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.abs(dist[:, : min(k, n)]), np.abs(ref_s), rtol=1e-4, atol=1e-4)
     assert (ids[:, n:] == -1).all() and np.isinf(dist[:, n:]).all()
-    assert set(ids[:, :min(k, n)].ravel()) <= set(range(n))
+    assert set(ids[:, : min(k, n)].ravel()) <= set(range(n))
 
 
 # ------------------------------------------------------------------ index behaviour
@@ -367,8 +375,20 @@ def test_kernels_validate_their_arguments():
         ext.ann_rerank(x[:2], x, np.zeros((2, 3), np.int64), None, 0.0, "cos", score, rows, 1)
     iv, _ = ivf()
     with pytest.raises(ValueError, match="not a list"):
-        ext.ann_ivf_scan(x[:2], iv.coarse, np.full((2, 1), 99, np.int64), iv._ct, iv._cterm, "l2", iv.codes,
-                         iv.offsets, None, score, rows, 1)
+        ext.ann_ivf_scan(
+            x[:2],
+            iv.coarse,
+            np.full((2, 1), 99, np.int64),
+            iv._ct,
+            iv._cterm,
+            "l2",
+            iv.codes,
+            iv.offsets,
+            None,
+            score,
+            rows,
+            1,
+        )
     with pytest.raises(ValueError, match="assignment"):
         ext.ann_kmeans_update(x, np.full(len(x), 5, np.int64), np.zeros((3, 16), np.float32))
 
@@ -452,7 +472,9 @@ def test_quantize_ste_opcheck_and_compile():
 
     x, cb = _ste_inputs(torch.float32)
     torch.library.opcheck(quantize_ste_fwd, (x, cb, 0.7))
-    compiled = torch.compile(lambda a, b: quantize_ste(a, b, 0.7).square().sum(), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda a, b: quantize_ste(a, b, 0.7).square().sum(), fullgraph=True, backend="aot_eager"
+    )
     loss = compiled(x, cb)
     loss.backward()
     torch.testing.assert_close(loss, quantize_ste(x, cb, 0.7).square().sum())
@@ -500,8 +522,9 @@ def test_few_queries_split_the_codes_across_threads():
 def _device_search_matches_cpu(index, q, device, **kw):
     """The Triton path (search on `device` tensors) returns the C++ path's neighbours."""
     d_ref, i_ref = index.search(q, **kw)
-    d, i = index._search_triton(torch.from_numpy(q).to(device), kw.pop("k"), kw.pop("refine", None),
-                                kw.pop("allow", None), **kw)
+    d, i = index._search_triton(
+        torch.from_numpy(q).to(device), kw.pop("k"), kw.pop("refine", None), kw.pop("allow", None), **kw
+    )
     np.testing.assert_allclose(d.cpu().numpy(), d_ref, rtol=1e-5, atol=1e-4)
     i = i.cpu().numpy()
     for row, row_ref, dist in zip(i, i_ref, d_ref):  # the same neighbours, up to near-ties with the k-th
@@ -548,8 +571,10 @@ def test_triton_adc_topk_edges():
 def test_triton_scan_on_gpu(metric):
     x = data(20000, 32, seed=5)
     q = data(64, 32, seed=6)
-    for index in (PQIndex(32, 8, 8, metric, keep_vectors=True, verbose=False),
-                  IVFPQIndex(32, 64, 8, 8, metric, keep_vectors=True, verbose=False)):
+    for index in (
+        PQIndex(32, 8, 8, metric, keep_vectors=True, verbose=False),
+        IVFPQIndex(32, 64, 8, 8, metric, keep_vectors=True, verbose=False),
+    ):
         index.train(x)
         index.add(x)
         extra = dict(nprobe=8) if isinstance(index, IVFPQIndex) else {}

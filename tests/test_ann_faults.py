@@ -2,6 +2,7 @@
 value ranges; argument errors that name the argument; ids; re-training a non-empty index;
 threads sharing an index; index and store files truncated, bit-flipped, saved concurrently and
 truncated under a live memory map (in a subprocess: a SIGBUS would kill it)."""
+
 import copy
 import functools
 import os
@@ -15,10 +16,19 @@ import threading
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from hotops.ann import (BiGranularIndex, IVFPQIndex, MappedFileChangedError, PQIndex, kmeans, quantize_ste, reference,
-                        write_store)
+from hotops.ann import (
+    BiGranularIndex,
+    IVFPQIndex,
+    MappedFileChangedError,
+    PQIndex,
+    kmeans,
+    quantize_ste,
+    reference,
+    write_store,
+)
 
 PYTHON_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "python")
 
@@ -41,8 +51,11 @@ def exact_pq():
 
 def small(kind="pq", n=300, keep_vectors=False, nbits=5, metric="l2", seed=0):
     x = data(n, 16, seed=seed)
-    index = (PQIndex(16, 4, nbits, metric, keep_vectors=keep_vectors, verbose=False) if kind == "pq" else
-             IVFPQIndex(16, 4, 4, nbits, metric, keep_vectors=keep_vectors, verbose=False))
+    index = (
+        PQIndex(16, 4, nbits, metric, keep_vectors=keep_vectors, verbose=False)
+        if kind == "pq"
+        else IVFPQIndex(16, 4, 4, nbits, metric, keep_vectors=keep_vectors, verbose=False)
+    )
     index.train(x)
     index.add(x)
     return index, x
@@ -57,7 +70,15 @@ def shared(kind="pq"):
 # ------------------------------------------------------------------ layouts and dtypes
 
 LAYOUTS = ("contiguous", "fortran", "offset", "negative_rows", "negative_both")
-KINDS = ("np.float32", "np.float64", "np.float16", "torch.float32", "torch.bfloat16", "torch.float16", "torch.t")
+KINDS = (
+    "np.float32",
+    "np.float64",
+    "np.float16",
+    "torch.float32",
+    "torch.bfloat16",
+    "torch.float16",
+    "torch.t",
+)
 
 
 def laid_out(a: np.ndarray, layout: str) -> np.ndarray:
@@ -92,8 +113,14 @@ def to_np(x):
 
 
 @settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
-@given(nq=st.integers(0, 4), k=st.integers(1, 50), kind=st.sampled_from(KINDS), layout=st.sampled_from(LAYOUTS),
-       scale=st.sampled_from([1.0, 1e-20, 1e-3, 1e6, 1e12]), seed=st.integers(0, 2**16))
+@given(
+    nq=st.integers(0, 4),
+    k=st.integers(1, 50),
+    kind=st.sampled_from(KINDS),
+    layout=st.sampled_from(LAYOUTS),
+    scale=st.sampled_from([1.0, 1e-20, 1e-3, 1e6, 1e12]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_exact_search_matches_reference(nq, k, kind, layout, scale, seed):
     """refine over every row is exact: distances equal the brute-force reference's at each rank
     (ids may differ only between equal distances), k beyond ntotal pads with (inf, -1)."""
@@ -114,8 +141,13 @@ def test_property_exact_search_matches_reference(nq, k, kind, layout, scale, see
 
 
 @settings(max_examples=40)
-@given(n=st.integers(0, 20), kind=st.sampled_from(KINDS), layout=st.sampled_from(LAYOUTS),
-       scale=st.sampled_from([1.0, 1e-3, 1e4]), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(0, 20),
+    kind=st.sampled_from(KINDS),
+    layout=st.sampled_from(LAYOUTS),
+    scale=st.sampled_from([1.0, 1e-3, 1e4]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_encode_matches_reference(n, kind, layout, scale, seed):
     """encode picks a nearest centroid per sub-space (ties within float32 rounding either way)."""
     index, _ = exact_pq()
@@ -131,15 +163,22 @@ def test_property_encode_matches_reference(n, kind, layout, scale, seed):
 
 
 @settings(max_examples=40)
-@given(n=st.integers(0, 5), m=st.integers(1, 3), ksub=st.integers(1, 5), dsub=st.integers(1, 3),
-       dtype=st.sampled_from([torch.float32, torch.float64]), temperature=st.sampled_from([0.05, 1.0, 30.0]),
-       poison=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]), scale=st.sampled_from([1e-3, 1.0, 10.0]),
-       seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(0, 5),
+    m=st.integers(1, 3),
+    ksub=st.integers(1, 5),
+    dsub=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    temperature=st.sampled_from([0.05, 1.0, 30.0]),
+    poison=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]),
+    scale=st.sampled_from([1e-3, 1.0, 10.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_quantize_ste_matches_reference(n, m, ksub, dsub, dtype, temperature, poison, scale, seed):
     """Forward equal to the reference (NaN wherever a sub-vector holds NaN/Inf); gradients and
     second-order gradients (create_graph=True) equal the reference's autograd for finite input."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, m * dsub, generator=g, dtype=dtype) * scale)
+    x = torch.randn(n, m * dsub, generator=g, dtype=dtype) * scale
     c = torch.randn(m, ksub, dsub, generator=g, dtype=dtype) * scale
     if poison is not None and n:
         x[n // 2, (seed % (m * dsub))] = poison
@@ -160,9 +199,12 @@ def test_property_quantize_ste_matches_reference(n, m, ksub, dsub, dtype, temper
 
 
 @settings(max_examples=30)
-@given(where=st.sampled_from(["queries", "x", "training vectors"]),
-       bad=st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e16, -3e30]),
-       row=st.integers(0, 4), col=st.integers(0, 15))
+@given(
+    where=st.sampled_from(["queries", "x", "training vectors"]),
+    bad=st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e16, -3e30]),
+    row=st.integers(0, 4),
+    col=st.integers(0, 15),
+)
 def test_property_nonfinite_and_huge_inputs_are_refused(where, bad, row, col):
     """NaN, Inf and magnitudes above 1e15 (whose squared distances overflow float32) are refused
     with the argument's name, never turned into silent -1 results or garbage codes."""
@@ -170,8 +212,11 @@ def test_property_nonfinite_and_huge_inputs_are_refused(where, bad, row, col):
     v = x[:5].copy()
     v[row, col] = bad
     with pytest.raises(ValueError, match=where):
-        {"queries": lambda: index.search(v, 3), "x": lambda: index.add(v),
-         "training vectors": lambda: PQIndex(16, 4, 6, verbose=False).train(v)}[where]()
+        {
+            "queries": lambda: index.search(v, 3),
+            "x": lambda: index.add(v),
+            "training vectors": lambda: PQIndex(16, 4, 6, verbose=False).train(v),
+        }[where]()
 
 
 # ------------------------------------------------------------------ argument errors
@@ -187,41 +232,52 @@ def test_half_precision_queries_are_converted():
     assert want[1].shape == (4, 5)
 
 
-@pytest.mark.parametrize("call, exc, name", [
-    (lambda ix, x: ix.search(x[:2], 0), ValueError, "k"),
-    (lambda ix, x: ix.search(x[:2], -3), ValueError, "k"),
-    (lambda ix, x: ix.search(x[:2], 2.5), ValueError, "k"),
-    (lambda ix, x: ix.search(x[:2], "3"), TypeError, "k"),
-    (lambda ix, x: ix.search(x[:2], True), TypeError, "k"),
-    (lambda ix, x: ix.search(x[:2], 10**9), ValueError, "k"),
-    (lambda ix, x: ix.search(x[:2], 3, refine=0), ValueError, "refine"),
-    (lambda ix, x: ix.search(x[:2].astype(np.int32), 3), TypeError, "queries"),
-    (lambda ix, x: ix.search(x[:2].astype(np.complex64), 3), TypeError, "queries"),
-    (lambda ix, x: ix.search(x[0], 3), ValueError, "queries"),
-    (lambda ix, x: ix.search(x[:2, :8], 3), ValueError, "queries"),
-    (lambda ix, x: ix.search(x[:2, :, None], 3), ValueError, "queries"),
-    (lambda ix, x: ix.search(x[:2].tolist(), 3), TypeError, "queries"),
-    (lambda ix, x: ix.add(x[:2], ids=np.array([1.0, 2.0])), TypeError, "ids"),
-    (lambda ix, x: ix.add(x[:2], ids=np.array([1])), ValueError, "ids"),
-    (lambda ix, x: ix.decode(np.array([[-1, 0, 0, 0]])), ValueError, "codes"),
-    (lambda ix, x: ix.decode(np.zeros((1, 4), np.float32)), TypeError, "codes"),
-    (lambda ix, x: ix.search(x[:2], 3, allow=np.ones((2, 2), bool)), ValueError, "allow"),
-    (lambda ix, x: ix.save(3.5), TypeError, "path"),
-    (lambda ix, x: PQIndex(16, 3, verbose=False), ValueError, "m"),
-    (lambda ix, x: PQIndex(True, 1, verbose=False), TypeError, "dim"),
-    (lambda ix, x: PQIndex(16, 4, 9, verbose=False), ValueError, "nbits"),
-    (lambda ix, x: PQIndex(16, 4, 4.5, verbose=False), ValueError, "nbits"),
-    (lambda ix, x: PQIndex(16, 4, metric="cos", verbose=False), ValueError, "metric"),
-    (lambda ix, x: IVFPQIndex(16, 0, 4, verbose=False), ValueError, "nlist"),
-    (lambda ix, x: kmeans(x, 0), ValueError, "k"),
-    (lambda ix, x: kmeans(x, 4, niter="3"), TypeError, "niter"),
-    (lambda ix, x: kmeans(x, 4, seed=-1), ValueError, "seed"),
-    (lambda ix, x: ix.tables(x[:2, :3]), ValueError, "queries"),
-    (lambda ix, x: ix.encode(x[:2].astype(np.int64)), TypeError, "x"),
-    (lambda ix, x: quantize_ste(torch.zeros(2, 4), torch.zeros(2, 3, 2), "0.1"), TypeError, "temperature"),
-    (lambda ix, x: quantize_ste(torch.zeros(2, 4), torch.zeros(2, 3, 2), float("inf")), ValueError, "temperature"),
-    (lambda ix, x: quantize_ste(torch.zeros(2, 4), torch.zeros(2, 3, 2), 0.0), ValueError, "temperature"),
-])
+@pytest.mark.parametrize(
+    "call, exc, name",
+    [
+        (lambda ix, x: ix.search(x[:2], 0), ValueError, "k"),
+        (lambda ix, x: ix.search(x[:2], -3), ValueError, "k"),
+        (lambda ix, x: ix.search(x[:2], 2.5), ValueError, "k"),
+        (lambda ix, x: ix.search(x[:2], "3"), TypeError, "k"),
+        (lambda ix, x: ix.search(x[:2], True), TypeError, "k"),
+        (lambda ix, x: ix.search(x[:2], 10**9), ValueError, "k"),
+        (lambda ix, x: ix.search(x[:2], 3, refine=0), ValueError, "refine"),
+        (lambda ix, x: ix.search(x[:2].astype(np.int32), 3), TypeError, "queries"),
+        (lambda ix, x: ix.search(x[:2].astype(np.complex64), 3), TypeError, "queries"),
+        (lambda ix, x: ix.search(x[0], 3), ValueError, "queries"),
+        (lambda ix, x: ix.search(x[:2, :8], 3), ValueError, "queries"),
+        (lambda ix, x: ix.search(x[:2, :, None], 3), ValueError, "queries"),
+        (lambda ix, x: ix.search(x[:2].tolist(), 3), TypeError, "queries"),
+        (lambda ix, x: ix.add(x[:2], ids=np.array([1.0, 2.0])), TypeError, "ids"),
+        (lambda ix, x: ix.add(x[:2], ids=np.array([1])), ValueError, "ids"),
+        (lambda ix, x: ix.decode(np.array([[-1, 0, 0, 0]])), ValueError, "codes"),
+        (lambda ix, x: ix.decode(np.zeros((1, 4), np.float32)), TypeError, "codes"),
+        (lambda ix, x: ix.search(x[:2], 3, allow=np.ones((2, 2), bool)), ValueError, "allow"),
+        (lambda ix, x: ix.save(3.5), TypeError, "path"),
+        (lambda ix, x: PQIndex(16, 3, verbose=False), ValueError, "m"),
+        (lambda ix, x: PQIndex(True, 1, verbose=False), TypeError, "dim"),
+        (lambda ix, x: PQIndex(16, 4, 9, verbose=False), ValueError, "nbits"),
+        (lambda ix, x: PQIndex(16, 4, 4.5, verbose=False), ValueError, "nbits"),
+        (lambda ix, x: PQIndex(16, 4, metric="cos", verbose=False), ValueError, "metric"),
+        (lambda ix, x: IVFPQIndex(16, 0, 4, verbose=False), ValueError, "nlist"),
+        (lambda ix, x: kmeans(x, 0), ValueError, "k"),
+        (lambda ix, x: kmeans(x, 4, niter="3"), TypeError, "niter"),
+        (lambda ix, x: kmeans(x, 4, seed=-1), ValueError, "seed"),
+        (lambda ix, x: ix.tables(x[:2, :3]), ValueError, "queries"),
+        (lambda ix, x: ix.encode(x[:2].astype(np.int64)), TypeError, "x"),
+        (
+            lambda ix, x: quantize_ste(torch.zeros(2, 4), torch.zeros(2, 3, 2), "0.1"),
+            TypeError,
+            "temperature",
+        ),
+        (
+            lambda ix, x: quantize_ste(torch.zeros(2, 4), torch.zeros(2, 3, 2), float("inf")),
+            ValueError,
+            "temperature",
+        ),
+        (lambda ix, x: quantize_ste(torch.zeros(2, 4), torch.zeros(2, 3, 2), 0.0), ValueError, "temperature"),
+    ],
+)
 def test_bad_arguments_name_the_argument(call, exc, name):
     index, x = shared()
     with pytest.raises(exc, match=name):
@@ -232,12 +288,19 @@ def test_bigranular_arguments_name_the_argument(tmp_path):
     index, x = shared()
     write_store(tmp_path / "v.store", x)
     big = BiGranularIndex(index, tmp_path / "v.store")
-    for kw, exc, name in (({"fusion": "0.5"}, TypeError, "fusion"), ({"fusion": float("nan")}, ValueError, "fusion"),
-                          ({"candidates": 0}, ValueError, "candidates"), ({"candidates": 2}, ValueError, "candidates"),
-                          ({"nprobe": 2}, ValueError, "nprobe"), ({"k": 0}, ValueError, "k")):
+    for kw, exc, name in (
+        ({"fusion": "0.5"}, TypeError, "fusion"),
+        ({"fusion": float("nan")}, ValueError, "fusion"),
+        ({"candidates": 0}, ValueError, "candidates"),
+        ({"candidates": 2}, ValueError, "candidates"),
+        ({"nprobe": 2}, ValueError, "nprobe"),
+        ({"k": 0}, ValueError, "k"),
+    ):
         with pytest.raises(exc, match=name):
             big.search(x[:2], **{"k": 3, **kw})
-    np.testing.assert_array_equal(big.search(x[:2], np.int64(3), candidates=torch.tensor(20))[1][:, 0], [0, 1])
+    np.testing.assert_array_equal(
+        big.search(x[:2], np.int64(3), candidates=torch.tensor(20))[1][:, 0], [0, 1]
+    )
 
 
 def test_ivf_probe_validates():
@@ -247,8 +310,19 @@ def test_ivf_probe_validates():
         index.probe(x[:3], 5)
 
 
-@pytest.mark.parametrize("nprobe, ok", [(0, False), (5, False), (-1, False), (1.5, False), ("2", False),
-                                        (np.int32(2), True), (torch.tensor(4), True), (4.0, True)])
+@pytest.mark.parametrize(
+    "nprobe, ok",
+    [
+        (0, False),
+        (5, False),
+        (-1, False),
+        (1.5, False),
+        ("2", False),
+        (np.int32(2), True),
+        (torch.tensor(4), True),
+        (4.0, True),
+    ],
+)
 def test_nprobe_range_and_kinds(nprobe, ok):
     index, x = shared("ivf")
     if ok:
@@ -281,7 +355,9 @@ def test_ids_out_of_int64_range_or_negative_are_refused():
         index.add(x[:2], ids=np.array([5, -1]))
     assert index.ntotal == 300  # nothing was added
     index.add(x[:1], ids=np.array([2**63 - 1], dtype=np.uint64))
-    assert index.search(x[:1], 1, allow=np.array([2**63 - 1, 2**64 - 1], dtype=np.uint64))[1][0, 0] == 2**63 - 1
+    assert (
+        index.search(x[:1], 1, allow=np.array([2**63 - 1, 2**64 - 1], dtype=np.uint64))[1][0, 0] == 2**63 - 1
+    )
     with pytest.raises(ValueError, match="automatic ids"):
         index.add(x[:1])
     index.add(x[:0])  # nothing to number: fine
@@ -385,7 +461,7 @@ def test_search_during_add_sees_whole_adds(kind):
         t.start()
     try:
         for b in range(0, 40, 4):
-            index.add(far[b:b + 4])
+            index.add(far[b : b + 4])
     finally:
         stop.set()
         for t in threads:
@@ -409,8 +485,13 @@ def saved(request, tmp_path):
 def test_truncation_at_every_region_is_refused(saved, tmp_path):
     index, _, path = saved
     blob = path.read_bytes()
-    cuts = sorted(set([0, 1, 7, 8, 12, 19, 20, 21, 100] + list(range(64, len(blob), max(1, len(blob) // 60)))
-                      + [len(blob) - 1]))
+    cuts = sorted(
+        set(
+            [0, 1, 7, 8, 12, 19, 20, 21, 100]
+            + list(range(64, len(blob), max(1, len(blob) // 60)))
+            + [len(blob) - 1]
+        )
+    )
     cut_path = tmp_path / "cut.hann"
     for cut in cuts:
         cut_path.write_bytes(blob[:cut])
@@ -453,7 +534,7 @@ def test_concurrent_saves_to_one_path_leave_one_whole_index(tmp_path):
     for i in range(4):
         twin = copy.deepcopy(base)
         twin.reset()
-        twin.add(x[:100 + 50 * i])
+        twin.add(x[: 100 + 50 * i])
         indexes.append(twin)
     path = tmp_path / "shared.hann"
     for _ in range(3):
@@ -483,7 +564,9 @@ def test_paths_may_be_str_bytes_or_pathlike(tmp_path, to_path):
     path = to_path(str(tmp_path / "ü.hann"))
     index.save(path)
     for mmap in (False, True):
-        np.testing.assert_array_equal(PQIndex.load(path, mmap=mmap).search(x[:3], 2)[1], index.search(x[:3], 2)[1])
+        np.testing.assert_array_equal(
+            PQIndex.load(path, mmap=mmap).search(x[:3], 2)[1], index.search(x[:3], 2)[1]
+        )
     store = to_path(str(tmp_path / "v.store"))
     write_store(store, x)
     assert BiGranularIndex(index, store).search(x[:3], 2)[1][:, 0].tolist() == [0, 1, 2]
@@ -641,7 +724,9 @@ def test_truncation_under_a_live_mmap_raises_instead_of_sigbus(tmp_path):
     threads, NumPy reads), and by another thread during searches. Every case raises
     MappedFileChangedError, the process exits 0, an intact mapped index keeps answering. Python's
     faulthandler is enabled first (as pytest does it): hotops' handler still comes first."""
-    env = dict(os.environ, PYTHONPATH=PYTHON_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2")
+    env = dict(
+        os.environ, PYTHONPATH=PYTHON_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2"
+    )
     cmd = [sys.executable, "-X", "faulthandler", "-c", SIGBUS_SCRIPT, str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -664,6 +749,8 @@ def test_foreign_sigbus_still_kills(tmp_path):
         print(np.frombuffer(m, np.uint8).sum())
     """)
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, timeout=120
+    )
     sanitized = b"AddressSanitizer" in done.stderr  # scripts/sanitize.sh: ASan reports it and aborts
     assert done.returncode == (-6 if sanitized else -7), (done.returncode, done.stderr[-2000:])  # SIGBUS

@@ -3,6 +3,7 @@ hard-negative mining in a distributed job.
 
 One spawn of 4 ranks covers both world sizes: the whole group (4 shards), and two subgroups of 2
 ranks ({0, 1} and {2, 3}) that run the same checks side by side (2 shards each)."""
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,17 @@ def _reference(single, q, k, kw, refine=None, metric="l2", store=None, fusion=0.
         rows, base, first = i, store, np.where(i >= 0, s, 0).astype(np.float32)
     ex_s = np.empty(rows.shape, np.float32)
     ex_r = np.empty(rows.shape, np.int64)
-    _backend.ext().ann_rerank(np.ascontiguousarray(q), base, np.ascontiguousarray(rows), first, float(fusion),
-                              metric, ex_s, ex_r, _arrays.threads())
+    _backend.ext().ann_rerank(
+        np.ascontiguousarray(q),
+        base,
+        np.ascontiguousarray(rows),
+        first,
+        float(fusion),
+        metric,
+        ex_s,
+        ex_r,
+        _arrays.threads(),
+    )
     ex_ids = np.where(ex_r >= 0, pq.ids[np.maximum(ex_r, 0)] if store is None else ex_r, -1)
     o = np.lexsort((np.where(ex_ids < 0, np.iinfo(np.int64).max, ex_ids), ex_s), axis=-1)[:, :k]
     return _score(np.take_along_axis(ex_s, o, 1), metric), np.take_along_axis(ex_ids, o, 1)
@@ -115,12 +125,13 @@ def _check_equal(got, want, what):
 def _search_cases(rank, world, group, x, q, tmp):
     """Every index kind, plain and refine, and bi-granular, on the ranks of `group`."""
     import torch.distributed as dist
+
     from hotops.ann import BiGranularIndex, ShardedIndex, write_store
 
     grank, gworld = dist.get_rank(group), dist.get_world_size(group)
     counts = RANK_QUERIES[gworld]
     start = sum(counts[:grank])
-    mine = q[start:start + counts[grank]]
+    mine = q[start : start + counts[grank]]
     owner = np.random.default_rng(1).integers(0, gworld, N)  # ids interleave over the shards
     for kind in _kinds():
         _, make = _trained(kind, x)
@@ -144,14 +155,21 @@ def _search_cases(rank, world, group, x, q, tmp):
             own = single.search(mine, K, **kw)
             assert_same_up_to_ties(got[0], got[1], own[0], own[1], tied)
             got_r = sharded.search(mine, K, refine=R, **kw)
-            _check_equal(got_r, _reference(single, mine, K, kw, refine=R, metric=metric),
-                         f"{kind} {kw} refine world {gworld}")
+            _check_equal(
+                got_r,
+                _reference(single, mine, K, kw, refine=R, metric=metric),
+                f"{kind} {kw} refine world {gworld}",
+            )
         if kind == "ivf8":  # an allow-list of global ids
             kw = {"nprobe": 16, "allow": np.arange(0, N, 3)}
-            _check_equal(sharded.search(mine, K, **kw), _reference(single, mine, K, kw), f"allow world {gworld}")
+            _check_equal(
+                sharded.search(mine, K, **kw), _reference(single, mine, K, kw), f"allow world {gworld}"
+            )
             # a rank's bad arguments raise there, and on the others instead of leaving them waiting
             bad = mine[:, :3] if grank == gworld - 1 else mine
-            with pytest.raises(ValueError, match="dimension 3" if grank == gworld - 1 else "refused their arguments"):
+            with pytest.raises(
+                ValueError, match="dimension 3" if grank == gworld - 1 else "refused their arguments"
+            ):
                 sharded.search(bad, K)
             with pytest.raises(ValueError, match="must be the same on every rank"):
                 sharded.search(mine, K + grank)
@@ -162,10 +180,15 @@ def _search_cases(rank, world, group, x, q, tmp):
             rest.add(x[owner != gworld - 1], np.flatnonzero(owner != gworld - 1))
             with_empty = ShardedIndex(part, group)
             for kw in ({"nprobe": 16}, {"nprobe": 16, "refine": R}):
-                _check_equal(with_empty.search(mine, K, **kw), _reference(rest, mine, K, {"nprobe": 16},
-                             refine=kw.get("refine")), f"empty shard {kw} world {gworld}")
+                _check_equal(
+                    with_empty.search(mine, K, **kw),
+                    _reference(rest, mine, K, {"nprobe": 16}, refine=kw.get("refine")),
+                    f"empty shard {kw} world {gworld}",
+                )
         tq = sharded.search(torch.from_numpy(mine), K, **kws[0])  # torch in, torch out
-        assert isinstance(tq[0], torch.Tensor) and tq[1].dtype == torch.int64 and tq[1].shape == (len(mine), K)
+        assert (
+            isinstance(tq[0], torch.Tensor) and tq[1].dtype == torch.int64 and tq[1].shape == (len(mine), K)
+        )
 
     # bi-granular: each shard a contiguous block of rows with its own store file
     _, make = _trained("ivf8", x)
@@ -185,8 +208,11 @@ def _search_cases(rank, world, group, x, q, tmp):
         _check_equal(got, want, f"bigran fusion {fusion} world {gworld}")
     mask = np.arange(N) % 2 == 0  # a boolean allow mask over global ids
     kw = {"nprobe": 4, "allow": mask}
-    _check_equal(sharded.search(mine, K, candidates=20, **kw),
-                 _reference(single, mine, K, kw, store=x, candidates=20), f"bigran allow world {gworld}")
+    _check_equal(
+        sharded.search(mine, K, candidates=20, **kw),
+        _reference(single, mine, K, kw, store=x, candidates=20),
+        f"bigran allow world {gworld}",
+    )
     np.testing.assert_array_equal(sharded.vectors(np.array([5, N - 1, 0])), x[[5, N - 1, 0]])
 
 
@@ -195,14 +221,20 @@ def _build_cases(rank, world, group, x, q, tmp):
     import json
 
     import torch.distributed as dist
+
     from hotops.ann import IVFPQIndex, ShardedIndex, build_sharded
 
     grank, gworld = dist.get_rank(group), dist.get_world_size(group)
     tag = f"{gworld}-{dist.get_rank() // gworld}"
     part = np.array_split(np.arange(N), gworld)[grank]
     folder = os.path.join(tmp, f"build-{tag}")
-    built = build_sharded(IVFPQIndex(DIM, 16, 4, 8, keep_vectors=True, verbose=False), x[part], folder,
-                          train_sample=x[part][::2], group=group)
+    built = build_sharded(
+        IVFPQIndex(DIM, 16, 4, 8, keep_vectors=True, verbose=False),
+        x[part],
+        folder,
+        train_sample=x[part][::2],
+        group=group,
+    )
     loaded = ShardedIndex.load(os.path.join(folder, "manifest.json"), group)
     assert loaded.local._mapped, "ShardedIndex.load(mmap=True) maps its shard"
     mine = q[grank::gworld]
@@ -215,18 +247,29 @@ def _build_cases(rank, world, group, x, q, tmp):
     single = IVFPQIndex(DIM, 16, 4, 8, keep_vectors=True, verbose=False)
     _set_trained_state(single, _trained_state(loaded.local))
     single.add(x, np.arange(N))
-    _check_equal(loaded.search(mine, K, nprobe=4), _reference(single, mine, K, {"nprobe": 4}), "manifest vs single")
+    _check_equal(
+        loaded.search(mine, K, nprobe=4), _reference(single, mine, K, {"nprobe": 4}), "manifest vs single"
+    )
 
     # a bi-granular build (store files beside the shards)
     bfold = os.path.join(tmp, f"bibuild-{tag}")
-    bi = build_sharded(IVFPQIndex(DIM, 16, 4, 8, verbose=False), x[part], bfold, store_dtype="float32", group=group)
+    bi = build_sharded(
+        IVFPQIndex(DIM, 16, 4, 8, verbose=False), x[part], bfold, store_dtype="float32", group=group
+    )
     bl = ShardedIndex.load(os.path.join(bfold, "manifest.json"), group)
-    _check_equal(bi.search(mine, K, candidates=20), bl.search(mine, K, candidates=20), "bigran built vs loaded")
+    _check_equal(
+        bi.search(mine, K, candidates=20), bl.search(mine, K, candidates=20), "bigran built vs loaded"
+    )
 
     # a shard of another build (other training sample) is refused on every rank
     other = os.path.join(tmp, f"other-{tag}")
-    build_sharded(IVFPQIndex(DIM, 16, 4, 8, keep_vectors=True, verbose=False), x[part], other,
-                  train_sample=x[part][1::2], group=group)
+    build_sharded(
+        IVFPQIndex(DIM, 16, 4, 8, keep_vectors=True, verbose=False),
+        x[part],
+        other,
+        train_sample=x[part][1::2],
+        group=group,
+    )
     mixed = os.path.join(tmp, f"mixed-{tag}")
     if grank == 0:
         os.makedirs(mixed, exist_ok=True)
@@ -275,7 +318,9 @@ def _mining_cases(rank, world, x, q):
         def tied(r, d, full_d=full_d, full_i=full_i):
             return set(full_i[r][full_d[r] == d].tolist())
 
-        assert_same_up_to_ties(ma.distances.numpy(), ma.ids.numpy(), mb.distances.numpy(), mb.ids.numpy(), tied)
+        assert_same_up_to_ties(
+            ma.distances.numpy(), ma.ids.numpy(), mb.distances.numpy(), mb.ids.numpy(), tied
+        )
         assert ma.ids.shape == (B, 4) and (ma.ids >= 0).all()
         assert not (ma.ids.numpy() == pos[:, None]).any()
         assert not (ma.ids.numpy()[:, :, None] == exclude[:, None, :]).any()

@@ -1,19 +1,20 @@
-
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from conftest import assert_close_to_reference, require_triton_runs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hotops
 from hotops import _backend
-from hotops.attention import op, reference, sampling, SubsampledSelfAttention, patch_bert
-from conftest import assert_close_to_reference, require_triton_runs
+from hotops.attention import SubsampledSelfAttention, op, patch_bert, reference, sampling
 
 
 def sdpa_gqa(q, k, v, **kw):
     """SDPA with grouped-query heads expanded by hand (enable_gqa needs torch >= 2.5)."""
     rep = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), **kw)
+
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-4}
 
@@ -79,8 +80,9 @@ def test_low_precision(isa, dtype, causal):
     check(*on_indices(idx, causal=causal), (q, k, v))
 
 
-@pytest.mark.parametrize("Lq,Lk,S,D", [(1, 1, 1, 1), (1, 5, 3, 7), (3, 2, 2, 17), (130, 129, 129, 65),
-                                       (0, 5, 2, 8), (4, 7, 0, 8)])
+@pytest.mark.parametrize(
+    "Lq,Lk,S,D", [(1, 1, 1, 1), (1, 5, 3, 7), (3, 2, 2, 17), (130, 129, 129, 65), (0, 5, 2, 8), (4, 7, 0, 8)]
+)
 def test_odd_sizes(isa, Lq, Lk, S, D):
     q, k, v = make(B=1, H=2, Lq=Lq, Lk=Lk, D=D)
     idx = torch.randint(0, Lk, (1, 2, S))
@@ -131,8 +133,11 @@ def test_large_scores_stay_finite(isa):
 @pytest.mark.parametrize("Hkv", [4, 2])
 def test_keep_one_is_sdpa(causal, Hkv):
     q, k, v = make(H=4, Hkv=Hkv, Lq=50, Lk=50)
-    check(lambda q, k, v: hotops.subsampled_attention(q, k, v, 1.0, causal=causal),
-          lambda q, k, v: sdpa_gqa(q, k, v, is_causal=causal), (q, k, v))
+    check(
+        lambda q, k, v: hotops.subsampled_attention(q, k, v, 1.0, causal=causal),
+        lambda q, k, v: sdpa_gqa(q, k, v, is_causal=causal),
+        (q, k, v),
+    )
 
 
 def test_explicit_indices_are_sdpa_on_gathered_keys():
@@ -153,9 +158,15 @@ def test_sampled_modes_match_reference(mode, causal, padding):
     q, k, v = make(H=4, Hkv=2, Lq=61, Lk=61)
     mask = torch.rand(2, 61) < 0.2 if padding else None
     kw = dict(mode=mode, causal=causal, key_padding_mask=mask)
-    check(lambda q, k, v: hotops.subsampled_attention(q, k, v, 0.25, generator=torch.Generator().manual_seed(5), **kw),
-          lambda q, k, v: reference.subsampled_attention(q, k, v, 0.25, generator=torch.Generator().manual_seed(5), **kw),
-          (q, k, v))
+    check(
+        lambda q, k, v: hotops.subsampled_attention(
+            q, k, v, 0.25, generator=torch.Generator().manual_seed(5), **kw
+        ),
+        lambda q, k, v: reference.subsampled_attention(
+            q, k, v, 0.25, generator=torch.Generator().manual_seed(5), **kw
+        ),
+        (q, k, v),
+    )
 
 
 def test_unbiased_subsets():
@@ -201,9 +212,17 @@ def test_backward_is_deterministic_across_thread_counts():
 
 
 @settings(max_examples=20, deadline=None)
-@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), group=st.integers(1, 2), Lq=st.integers(1, 70),
-       Lk=st.integers(1, 70), D=st.integers(1, 40), S=st.integers(0, 80), causal=st.booleans(),
-       per_q_head=st.booleans())
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 3),
+    group=st.integers(1, 2),
+    Lq=st.integers(1, 70),
+    Lk=st.integers(1, 70),
+    D=st.integers(1, 40),
+    S=st.integers(0, 80),
+    causal=st.booleans(),
+    per_q_head=st.booleans(),
+)
 def test_property_random_shapes(B, Hkv, group, Lq, Lk, D, S, causal, per_q_head):
     H = Hkv * group
     q, k, v = make(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D)
@@ -218,8 +237,11 @@ def test_opcheck():
     q, k, v = make(B=1, H=4, Hkv=2, Lq=9, Lk=12, D=8)
     idx = torch.randint(0, 12, (1, 4, 5))
     kpos, qpos = torch.randint(-1, 12, (1, 4, 5)), torch.randint(0, 12, (1, 4, 9))
-    for args in [(q, k, v, idx, None, None, 0.3, False), (q, k, v, idx, kpos, qpos, 0.5, True),
-                 (q, k, v, idx[:, :2], None, None, 1.0, True)]:
+    for args in [
+        (q, k, v, idx, None, None, 0.3, False),
+        (q, k, v, idx, kpos, qpos, 0.5, True),
+        (q, k, v, idx[:, :2], None, None, 1.0, True),
+    ]:
         torch.library.opcheck(op.ssa_fwd, args)
     plain = [t.detach() for t in (q, k, v)]
     out, lse = op.ssa_fwd(*plain, idx, kpos, qpos, 0.3, True)
@@ -247,29 +269,63 @@ def _qkv():
     return torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
 
 
-@pytest.mark.parametrize("bad,exc,match", [
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v, 0.0), ValueError, "keep"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v, 1.5), ValueError, "keep"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v, mode="dilated"), ValueError, "mode"),
-    (lambda q, k, v: hotops.subsampled_attention(q[0], k, v), ValueError, "4 dimensions"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k[:, :, :, :8], v[:, :, :, :8]), ValueError, "D=16"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v[:, :, :5]), ValueError, "same shape"),
-    (lambda q, k, v: hotops.subsampled_attention(q[:, :3], k, v), ValueError, "multiple"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k[:1], v[:1]), ValueError, "B=2"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v.double()), TypeError, "dtype"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v, indices=torch.zeros(2, 4, 3, dtype=torch.int32)),
-     TypeError, "int64"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v, indices=torch.full((2, 4, 3), 8)), ValueError, r"\[0, Lk=8\)"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v, indices=torch.full((2, 4, 3), -1)), ValueError, "indices"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v, indices=torch.zeros(2, 3, 3, dtype=torch.int64)),
-     ValueError, "H=4 or Hkv=2"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v, key_padding_mask=torch.zeros(2, 8)), TypeError, "bool"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)),
-     ValueError, "key_padding_mask"),
-    (lambda q, k, v: hotops.subsampled_attention(q[:, :, :5], k, v, mode="local"), ValueError, "Lq == Lk"),
-    (lambda q, k, v: hotops.subsampled_attention(q, k, v, scale=float("nan")), ValueError, "scale"),
-    (lambda q, k, v: hotops.subsampled_attention(q, "k", v), TypeError, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        (lambda q, k, v: hotops.subsampled_attention(q, k, v, 0.0), ValueError, "keep"),
+        (lambda q, k, v: hotops.subsampled_attention(q, k, v, 1.5), ValueError, "keep"),
+        (lambda q, k, v: hotops.subsampled_attention(q, k, v, mode="dilated"), ValueError, "mode"),
+        (lambda q, k, v: hotops.subsampled_attention(q[0], k, v), ValueError, "4 dimensions"),
+        (lambda q, k, v: hotops.subsampled_attention(q, k[:, :, :, :8], v[:, :, :, :8]), ValueError, "D=16"),
+        (lambda q, k, v: hotops.subsampled_attention(q, k, v[:, :, :5]), ValueError, "same shape"),
+        (lambda q, k, v: hotops.subsampled_attention(q[:, :3], k, v), ValueError, "multiple"),
+        (lambda q, k, v: hotops.subsampled_attention(q, k[:1], v[:1]), ValueError, "B=2"),
+        (lambda q, k, v: hotops.subsampled_attention(q, k, v.double()), TypeError, "dtype"),
+        (
+            lambda q, k, v: hotops.subsampled_attention(
+                q, k, v, indices=torch.zeros(2, 4, 3, dtype=torch.int32)
+            ),
+            TypeError,
+            "int64",
+        ),
+        (
+            lambda q, k, v: hotops.subsampled_attention(q, k, v, indices=torch.full((2, 4, 3), 8)),
+            ValueError,
+            r"\[0, Lk=8\)",
+        ),
+        (
+            lambda q, k, v: hotops.subsampled_attention(q, k, v, indices=torch.full((2, 4, 3), -1)),
+            ValueError,
+            "indices",
+        ),
+        (
+            lambda q, k, v: hotops.subsampled_attention(
+                q, k, v, indices=torch.zeros(2, 3, 3, dtype=torch.int64)
+            ),
+            ValueError,
+            "H=4 or Hkv=2",
+        ),
+        (
+            lambda q, k, v: hotops.subsampled_attention(q, k, v, key_padding_mask=torch.zeros(2, 8)),
+            TypeError,
+            "bool",
+        ),
+        (
+            lambda q, k, v: hotops.subsampled_attention(
+                q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)
+            ),
+            ValueError,
+            "key_padding_mask",
+        ),
+        (
+            lambda q, k, v: hotops.subsampled_attention(q[:, :, :5], k, v, mode="local"),
+            ValueError,
+            "Lq == Lk",
+        ),
+        (lambda q, k, v: hotops.subsampled_attention(q, k, v, scale=float("nan")), ValueError, "scale"),
+        (lambda q, k, v: hotops.subsampled_attention(q, "k", v), TypeError, "torch.Tensor"),
+    ],
+)
 def test_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         bad(*_qkv())
@@ -279,8 +335,19 @@ def test_c_kernel_refuses_bad_views():
     ext = _backend.ext()
     q, k, v = _qkv()
     out, lse = torch.empty_like(q), torch.empty(2, 4, 8)
-    call = lambda idx, **kw: ext.ssa_forward(kw.get("q", q), k, v, idx, None, None, out, lse,  # noqa: E731
-                                             scale=1.0, causal=False, threads=1)
+    call = lambda idx, **kw: ext.ssa_forward(
+        kw.get("q", q),
+        k,
+        v,
+        idx,
+        None,
+        None,
+        out,
+        lse,  # noqa: E731
+        scale=1.0,
+        causal=False,
+        threads=1,
+    )
     with pytest.raises(ValueError, match="outside the 8 key rows"):
         call(torch.full((2, 2, 3), 9))
     with pytest.raises(ValueError, match="int64"):
@@ -299,7 +366,9 @@ def test_no_backend_lists_reasons():
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_module_train_subsamples_eval_is_full(kv_heads):
-    m = SubsampledSelfAttention(32, 4, keep=0.25, num_kv_heads=kv_heads, generator=torch.Generator().manual_seed(0))
+    m = SubsampledSelfAttention(
+        32, 4, keep=0.25, num_kv_heads=kv_heads, generator=torch.Generator().manual_seed(0)
+    )
     x = torch.randn(2, 40, 32)
     mask = torch.zeros(2, 40, dtype=torch.bool)
     mask[1, 30:] = True
@@ -316,7 +385,9 @@ def test_module_train_subsamples_eval_is_full(kv_heads):
 
 def test_module_ensemble_averages_pathways():
     torch.manual_seed(0)
-    m = SubsampledSelfAttention(16, 2, keep=0.5, ensemble=3, generator=torch.Generator().manual_seed(3)).eval()
+    m = SubsampledSelfAttention(
+        16, 2, keep=0.5, ensemble=3, generator=torch.Generator().manual_seed(3)
+    ).eval()
     x = torch.randn(1, 20, 16)
     y = m(x)
     m.generator.manual_seed(3)
@@ -340,8 +411,11 @@ def _minilm():
 
 def test_patch_bert_minilm():
     tok, model = _minilm()
-    batch = tok(["a small dog", "an organism that depends on complex organic substances"], padding=True,
-                return_tensors="pt")
+    batch = tok(
+        ["a small dog", "an organism that depends on complex organic substances"],
+        padding=True,
+        return_tensors="pt",
+    )
     model.eval()
     with torch.no_grad():
         before = model(**batch).last_hidden_state
@@ -385,22 +459,43 @@ def test_triton_in_interpreter(triton_backend, dtype, idx_heads, causal, positio
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_matches_reference(dtype, causal):
-    q, k, v = (t.detach().cuda().requires_grad_() for t in make(B=2, H=8, Hkv=2, Lq=300, Lk=500, D=64, dtype=dtype))
+    q, k, v = (
+        t.detach().cuda().requires_grad_() for t in make(B=2, H=8, Hkv=2, Lq=300, Lk=500, D=64, dtype=dtype)
+    )
     idx = sampling.unbiased_indices(2, 8, 500, 0.25, None, q.device)
     check(*on_indices(idx, causal=causal), (q, k, v))
     mask = torch.rand(2, 300, device="cuda") < 0.1  # local mode is self-attention: Lk = Lq = 300
-    check(lambda q, k, v: hotops.subsampled_attention(q, k, v, 0.25, mode="local", key_padding_mask=mask,
-                                                      generator=torch.Generator("cuda").manual_seed(0)),
-          lambda q, k, v: reference.subsampled_attention(q, k, v, 0.25, mode="local", key_padding_mask=mask,
-                                                         generator=torch.Generator("cuda").manual_seed(0)),
-          tuple(t[:, :, :300].detach().clone().requires_grad_() for t in (q, k, v)))
+    check(
+        lambda q, k, v: hotops.subsampled_attention(
+            q,
+            k,
+            v,
+            0.25,
+            mode="local",
+            key_padding_mask=mask,
+            generator=torch.Generator("cuda").manual_seed(0),
+        ),
+        lambda q, k, v: reference.subsampled_attention(
+            q,
+            k,
+            v,
+            0.25,
+            mode="local",
+            key_padding_mask=mask,
+            generator=torch.Generator("cuda").manual_seed(0),
+        ),
+        tuple(t[:, :, :300].detach().clone().requires_grad_() for t in (q, k, v)),
+    )
 
 
 @pytest.mark.parametrize("mode", sampling.MODES)
 def test_torch_compile_with_sampling_inside(mode):
     q, k, v = make(B=1, H=2, Lq=16, Lk=16, D=8)
-    f = torch.compile(lambda q, k, v: hotops.subsampled_attention(q, k, v, 0.5, mode=mode, causal=True).sum(),
-                      fullgraph=True, backend="aot_eager")
+    f = torch.compile(
+        lambda q, k, v: hotops.subsampled_attention(q, k, v, 0.5, mode=mode, causal=True).sum(),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     out = f(q, k, v)
     out.backward()
     assert torch.isfinite(out) and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0

@@ -1,12 +1,13 @@
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import ISAS, assert_close_to_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hotops
 from hotops import _backend
 from hotops.codebook import CodebookLinear, CodebookWeight, codebook_matmul, op, reference
 from hotops.codebook.format import code_bits
-from conftest import ISAS, assert_close_to_reference
 
 ATOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 # conftest's ISAs, plus the avx512 kernels with AVX512_VBMI where the CPU has it ("avx512" alone
@@ -55,15 +56,18 @@ def int16_table_bound(x, w):
 def check_product(x, w, bias=None):
     out = codebook_matmul(x, w, bias)
     cb64, s64 = w.codebooks.double(), w.scales.double()
-    ref64 = reference.codebook_matmul(x.double(), w.codes, cb64, s64, w.group_ptr, w.perm,
-                                      None if bias is None else bias.double())
+    ref64 = reference.codebook_matmul(
+        x.double(), w.codes, cb64, s64, w.group_ptr, w.perm, None if bias is None else bias.double()
+    )
     ref_lp = reference.codebook_matmul(x, *parts(w), bias)
     assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], w.out_features)
     if out.numel():
         assert_close_to_reference(out, ref64, ref_lp, atol=ATOL[x.dtype] + int16_table_bound(x, w))
 
 
-@pytest.mark.parametrize("in_group,num_codebooks,C", [(1, 1, 4), (2, 1, 16), (4, 1, 256), (8, 2, 256), (8, 1, 37)])
+@pytest.mark.parametrize(
+    "in_group,num_codebooks,C", [(1, 1, 4), (2, 1, 16), (4, 1, 256), (8, 2, 256), (8, 1, 37)]
+)
 @pytest.mark.parametrize("B", [1, 3, 16, 21])
 def test_matches_reference(isa, in_group, num_codebooks, C, B):
     w = random_weight(37, 8 * 5, in_group, num_codebooks, C, groups=3, permuted=True)
@@ -95,8 +99,9 @@ def test_thread_splits(isa, threads, B):
     x, bias = torch.randn(B, 512), torch.randn(70)
     out = torch.empty(B, 70)
     _backend.ext().codebook_matmul(x, *parts(w)[:4], w.perm, bias, out, threads)
-    ref64 = reference.codebook_matmul(x.double(), w.codes, w.codebooks.double(), w.scales.double(),
-                                      w.group_ptr, w.perm, bias.double())
+    ref64 = reference.codebook_matmul(
+        x.double(), w.codes, w.codebooks.double(), w.scales.double(), w.group_ptr, w.perm, bias.double()
+    )
     ref_lp = reference.codebook_matmul(x, *parts(w), bias)
     assert_close_to_reference(out, ref64, ref_lp, atol=1e-4 + int16_table_bound(x, w))
 
@@ -186,7 +191,9 @@ def test_dequantize_gradients():
     s = w.scales.clone().requires_grad_()
     got, g = grads_of(lambda cb_, s_: op.codebook_dequantize(w.codes, cb_, s_, w.group_ptr, w.perm), [cb, s])
     cb64, s64 = cb.detach().double().requires_grad_(), s.detach().double().requires_grad_()
-    want = torch.autograd.grad(reference.dequantize(w.codes, cb64, s64, w.group_ptr, w.perm), [cb64, s64], g.double())
+    want = torch.autograd.grad(
+        reference.dequantize(w.codes, cb64, s64, w.group_ptr, w.perm), [cb64, s64], g.double()
+    )
     for a, e in zip(got, want):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
 
@@ -196,7 +203,9 @@ def test_opcheck():
     x = torch.randn(3, 16, requires_grad=True)
     cb, s = w.codebooks.clone().requires_grad_(), w.scales.clone().requires_grad_()
     torch.library.opcheck(op.codebook_matmul, (x, w.codes, cb, s, w.group_ptr, w.perm, torch.randn(18)))
-    torch.library.opcheck(op.codebook_matmul, (x.detach(), w.codes, w.codebooks, w.scales, w.group_ptr, None, None))
+    torch.library.opcheck(
+        op.codebook_matmul, (x.detach(), w.codes, w.codebooks, w.scales, w.group_ptr, None, None)
+    )
     torch.library.opcheck(op.codebook_dequantize, (w.codes, cb, s, w.group_ptr, w.perm))
 
 
@@ -219,9 +228,16 @@ def test_compile_fullgraph():
 
 
 @settings(max_examples=25, deadline=None)
-@given(N=st.integers(1, 40), J=st.integers(1, 6), in_group=st.sampled_from([1, 2, 4, 8]),
-       M=st.integers(1, 2), C=st.integers(1, 256), groups=st.integers(1, 3), B=st.integers(0, 20),
-       permuted=st.booleans())
+@given(
+    N=st.integers(1, 40),
+    J=st.integers(1, 6),
+    in_group=st.sampled_from([1, 2, 4, 8]),
+    M=st.integers(1, 2),
+    C=st.integers(1, 256),
+    groups=st.integers(1, 3),
+    B=st.integers(0, 20),
+    permuted=st.booleans(),
+)
 def test_property_matches_reference(N, J, in_group, M, C, groups, B, permuted):
     w = random_weight(N, J * in_group, in_group, M, C, groups, permuted)
     check_product(torch.randn(B, J * in_group), w)
@@ -238,7 +254,9 @@ def test_from_linear_reconstructs_and_is_seeded():
     err = (a.dequantize() - lin.weight).norm() / lin.weight.norm()
     assert err < 0.3
     x = torch.randn(7, 64)
-    torch.testing.assert_close(a(x), torch.nn.functional.linear(x, a.dequantize(), lin.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        a(x), torch.nn.functional.linear(x, a.dequantize(), lin.bias), rtol=1e-5, atol=1e-5
+    )
     assert a.bits_per_weight == a.weight.bits_per_weight
 
 
@@ -284,25 +302,41 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="in_group must be one of"):
         CodebookWeight(torch.zeros(6, 4, 1, dtype=torch.uint8), torch.randn(1, 1, 16, 3), torch.ones(6))
     with pytest.raises(ValueError, match="group_ptr must rise"):
-        CodebookWeight(torch.zeros(6, 4, 1, dtype=torch.uint8), torch.randn(2, 1, 16, 4), torch.ones(6),
-                       torch.tensor([0, 7, 6]))
+        CodebookWeight(
+            torch.zeros(6, 4, 1, dtype=torch.uint8),
+            torch.randn(2, 1, 16, 4),
+            torch.ones(6),
+            torch.tensor([0, 7, 6]),
+        )
     with pytest.raises(ValueError, match="permutation"):
-        CodebookWeight(torch.zeros(6, 4, 1, dtype=torch.uint8), torch.randn(1, 1, 16, 4), torch.ones(6),
-                       perm=torch.tensor([0, 0, 1, 2, 3, 4]))
+        CodebookWeight(
+            torch.zeros(6, 4, 1, dtype=torch.uint8),
+            torch.randn(1, 1, 16, 4),
+            torch.ones(6),
+            perm=torch.tensor([0, 0, 1, 2, 3, 4]),
+        )
     with pytest.raises(ValueError, match="one per row"):
         CodebookWeight(torch.zeros(6, 4, 1, dtype=torch.uint8), torch.randn(1, 1, 16, 4), torch.ones(5))
     with pytest.raises(ValueError, match="x has 12 features"):
         _backend.ext().codebook_matmul(torch.randn(1, 12), *parts(w)[:4], None, None, torch.empty(1, 6), 1)
 
 
-@pytest.mark.parametrize("bits,in_group,M,msg", [
-    (2, 8, 1, "16-bit codes"), (3, 1, 2, "whole number"), (2, 3, 1, "in_group must be one of"),
-    (2, 4, 3, "num_codebooks must be 1 or 2")])
+@pytest.mark.parametrize(
+    "bits,in_group,M,msg",
+    [
+        (2, 8, 1, "16-bit codes"),
+        (3, 1, 2, "whole number"),
+        (2, 3, 1, "in_group must be one of"),
+        (2, 4, 3, "num_codebooks must be 1 or 2"),
+    ],
+)
 def test_refuses_combinations_that_do_not_fit(bits, in_group, M, msg):
     with pytest.raises(ValueError, match=msg):
         code_bits(bits, in_group, M)
     with pytest.raises(ValueError, match=msg):
-        CodebookLinear.from_linear(torch.nn.Linear(24, 8), bits_per_weight=bits, in_group=in_group, num_codebooks=M)
+        CodebookLinear.from_linear(
+            torch.nn.Linear(24, 8), bits_per_weight=bits, in_group=in_group, num_codebooks=M
+        )
 
 
 def test_exports():

@@ -1,5 +1,6 @@
 """AQLM checkpoints -> hotops (hotops.codebook.from_aqlm / convert_aqlm) and the 16-bit-code
 gather kernel, against aqlm's own dequantize -> F.linear on layers built from random codes."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,17 +8,26 @@ import torch.nn.functional as F
 aqlm = pytest.importorskip("aqlm")
 from aqlm import QuantizedLinear
 from aqlm.utils import _dequantize_weight, pack_int_data, unpack_int_data
+from conftest import assert_close_to_reference
 
 import hotops.codebook as hc
 from hotops import _backend
 from hotops.codebook import CodebookLinear, WideCodebookLinear, wide
 from hotops.integrations.aqlm import CodebookLinearSum
-from conftest import assert_close_to_reference
 
 # (num_codebooks, nbits, in_group, out_group): AQLM's 1x8, 2x8, 4x8, 8x8, 1x16, 2x16, a small
 # in_group, and out_group > 1 for both code widths
-FORMATS = [(1, 8, 8, 1), (2, 8, 8, 1), (4, 8, 8, 1), (8, 8, 8, 1), (1, 16, 8, 1), (2, 16, 8, 1),
-           (2, 8, 4, 1), (1, 8, 8, 2), (1, 16, 8, 4)]
+FORMATS = [
+    (1, 8, 8, 1),
+    (2, 8, 8, 1),
+    (4, 8, 8, 1),
+    (8, 8, 8, 1),
+    (1, 16, 8, 1),
+    (2, 16, 8, 1),
+    (2, 8, 4, 1),
+    (1, 8, 8, 2),
+    (1, 16, 8, 4),
+]
 KINDS = {8: (CodebookLinear, CodebookLinearSum), 16: (WideCodebookLinear,)}
 
 
@@ -25,7 +35,7 @@ def make_layer(in_features, out_features, M, nbits, in_group, out_group, bias=Tr
     layer = QuantizedLinear(in_features, out_features, in_group, out_group, M, nbits, bias=bias, dtype=dtype)
     with torch.no_grad():
         layer.codebooks.normal_()
-        layer.codes.data = pack_int_data(torch.randint(0, 2 ** nbits, layer.codes.shape), nbits)
+        layer.codes.data = pack_int_data(torch.randint(0, 2**nbits, layer.codes.shape), nbits)
         layer.scales.uniform_(0.5, 1.5)
         if bias:
             layer.bias.normal_()
@@ -34,8 +44,9 @@ def make_layer(in_features, out_features, M, nbits, in_group, out_group, bias=Tr
 
 def aqlm_reference(layer, codes, x, dtype=torch.float32):
     """aqlm's dequantize -> F.linear from the layer's codes in AQLM's own order, in `dtype`."""
-    w = _dequantize_weight(unpack_int_data(codes, layer.nbits_per_codebook), layer.codebooks.to(dtype),
-                           layer.scales.to(dtype))
+    w = _dequantize_weight(
+        unpack_int_data(codes, layer.nbits_per_codebook), layer.codebooks.to(dtype), layer.scales.to(dtype)
+    )
     return F.linear(x.to(dtype), w, None if layer.bias is None else layer.bias.to(dtype))
 
 
@@ -43,15 +54,20 @@ def lut_bound(x, module):
     """Worst-case error of the AVX-512 lookup-table kernel's int16 tables at batch 1 (see
     test_codebook.int16_table_bound), summed over a CodebookLinearSum's parts."""
     parts = module.parts if isinstance(module, CodebookLinearSum) else [module]
-    if not isinstance(parts[0], CodebookLinear) or _backend.ext().isa() != "avx512" or x.reshape(
-            -1, x.shape[-1]).shape[0] % 16 != 1:
+    if (
+        not isinstance(parts[0], CodebookLinear)
+        or _backend.ext().isa() != "avx512"
+        or x.reshape(-1, x.shape[-1]).shape[0] % 16 != 1
+    ):
         return 0.0
     bound = 0.0
     for p in parts:
         w = p.weight
         row = x.reshape(-1, w.in_features)[-1].double().reshape(-1, w.in_group)
         tables = torch.einsum("jt,omct->ojmc", row, w.codebooks.double())
-        bound += (w.scales.abs().max() * tables.shape[1] * tables.shape[2] * tables.abs().max() / 65534).item()
+        bound += (
+            w.scales.abs().max() * tables.shape[1] * tables.shape[2] * tables.abs().max() / 65534
+        ).item()
     return bound
 
 
@@ -99,9 +115,11 @@ def test_layers_aqlm_has_run(shape, M):
 
 def test_convert_aqlm_swaps_every_layer():
     model = torch.nn.Sequential(
-        make_layer(64, 40, 2, 8, 8, 1), torch.nn.ReLU(),
+        make_layer(64, 40, 2, 8, 8, 1),
+        torch.nn.ReLU(),
         torch.nn.Sequential(make_layer(40, 24, 1, 16, 8, 1, bias=False), torch.nn.GELU()),
-        make_layer(24, 16, 4, 8, 8, 1))
+        make_layer(24, 16, 4, 8, 8, 1),
+    )
     x = torch.randn(3, 64)
     with torch.no_grad():
         h = torch.relu(aqlm_reference(model[0], model[0].codes, x))
@@ -110,8 +128,11 @@ def test_convert_aqlm_swaps_every_layer():
     converted = hc.convert_aqlm(model)
     assert converted is model
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
-    assert [type(m) for m in (model[0], model[2][0], model[3])] == [CodebookLinear, WideCodebookLinear,
-                                                                    CodebookLinearSum]
+    assert [type(m) for m in (model[0], model[2][0], model[3])] == [
+        CodebookLinear,
+        WideCodebookLinear,
+        CodebookLinearSum,
+    ]
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
     single = make_layer(16, 8, 1, 16, 8, 1)
@@ -145,8 +166,12 @@ def test_wide_gradients():
     x2 = x.detach().clone().requires_grad_()
     w = wide.dequantize_reference(module.codes, cb, s, module.group_ptr, module.perm)
     (F.linear(x2, w, b) * dy).sum().backward()
-    for got, want in ((x.grad, x2.grad), (module.codebooks.grad, cb.grad), (module.scales.grad, s.grad),
-                      (module.bias.grad, b.grad)):
+    for got, want in (
+        (x.grad, x2.grad),
+        (module.codebooks.grad, cb.grad),
+        (module.scales.grad, s.grad),
+        (module.bias.grad, b.grad),
+    ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -164,7 +189,13 @@ def test_wide_opcheck():
     layer = make_layer(32, 20, 1, 16, 8, 1)
     m = hc.from_aqlm(layer)
     x = torch.randn(3, 32, requires_grad=True)
-    args = (m.codes, m.codebooks.detach().requires_grad_(), m.scales.detach().requires_grad_(), m.group_ptr, m.perm)
+    args = (
+        m.codes,
+        m.codebooks.detach().requires_grad_(),
+        m.scales.detach().requires_grad_(),
+        m.group_ptr,
+        m.perm,
+    )
     torch.library.opcheck(wide.wide_matmul, (x, *args, m.bias.detach()))
     torch.library.opcheck(wide.wide_dequantize, args)
 

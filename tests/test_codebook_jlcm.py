@@ -1,5 +1,6 @@
 """JLCM (hotops.codebook.compress): the plan under a model-wide budget, the layer-wise joint
 learning, the end-to-end fine-tuning, determinism, save/load; and all-MiniLM-L6-v2 when present."""
+
 import importlib.util
 import os
 import pathlib
@@ -35,13 +36,16 @@ def calib_batches():
 
 def out_error(model, dense, batches):
     with torch.no_grad():
-        return sum((model(x) - dense(x)).pow(2).sum() for x in batches) / sum(dense(x).pow(2).sum() for x in batches)
+        return sum((model(x) - dense(x)).pow(2).sum() for x in batches) / sum(
+            dense(x).pow(2).sum() for x in batches
+        )
 
 
 def mean_bits(model):
     layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
-    return sum(m.bits_per_weight * m.in_features * m.out_features for m in layers) / \
-        sum(m.in_features * m.out_features for m in layers)
+    return sum(m.bits_per_weight * m.in_features * m.out_features for m in layers) / sum(
+        m.in_features * m.out_features for m in layers
+    )
 
 
 KW = dict(bits_per_weight=6, formats=[SMALL], progress=False)
@@ -74,6 +78,7 @@ def test_finetune_lowers_the_distortion_and_is_seeded():
     def cos_loss(m):
         with torch.no_grad():
             return sum(1 - torch.cosine_similarity(m(x), dense(x), dim=1).mean() for x in inputs(2, 3))
+
     assert cos_loss(a) < 0.9 * cos_loss(before)
 
 
@@ -108,7 +113,9 @@ def test_second_order_codes_uses_the_correlations():
     """Correlated inputs (a few large, shared directions): passing each group's error on to the
     rest gives a lower layer loss than the nearest codeword in the weighted metric."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(512, 4, generator=gen) @ torch.randn(4, 32, generator=gen) + 0.1 * torch.randn(512, 32, generator=gen)
+    x = torch.randn(512, 4, generator=gen) @ torch.randn(4, 32, generator=gen) + 0.1 * torch.randn(
+        512, 32, generator=gen
+    )
     gram = x.T @ x
     w = torch.randn(64, 32, generator=gen)
     init = quantize_weight(w, 2, 2, 1, 1, iters=10, seed=0)
@@ -116,7 +123,9 @@ def test_second_order_codes_uses_the_correlations():
     # per input group, the nearest codeword in the diag(H)-weighted metric (sqrt-scaled Euclidean)
     root = gram.diagonal().sqrt().reshape(16, 2)
     slices = (w / s[:, None]).reshape(64, 16, 2)
-    nearest_codes = torch.stack([nearest(slices[:, j] * root[j], book * root[j]) for j in range(16)], 1)[..., None]
+    nearest_codes = torch.stack([nearest(slices[:, j] * root[j], book * root[j]) for j in range(16)], 1)[
+        ..., None
+    ]
     ours = second_order_codes(w, gram, init.codebooks, s, init.group_ptr)
     dequant = lambda c: s[:, None] * book[c[..., 0].long()].reshape(64, 32)  # noqa: E731
     assert layer_loss(dequant(ours), w, gram) < 0.7 * layer_loss(dequant(nearest_codes), w, gram)
@@ -203,8 +212,15 @@ def test_minilm_jlcm_beats_kmeans_at_2_5_bits():
     spec = importlib.util.spec_from_file_location("compress_minilm", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    res = example.run(("kmeans", "jlcm"), n_eval=200, n_calib=64, steps=20, finetune_steps=10,
-                      formats=[Format(4)], progress=False)
+    res = example.run(
+        ("kmeans", "jlcm"),
+        n_eval=200,
+        n_calib=64,
+        steps=20,
+        finetune_steps=10,
+        formats=[Format(4)],
+        progress=False,
+    )
     for method in ("kmeans", "jlcm"):
         assert res[method]["bits_per_weight"] <= 2.5
         assert res[method]["linear_bytes"] < res["fp32"]["linear_bytes"] / 12

@@ -1,13 +1,15 @@
 """The codebook family's Triton kernels (python/hotops/codebook/triton.py): run on CPU tensors in
 the interpreter (TRITON_INTERPRET=1, set by conftest) on tiny shapes, against the plain-torch
 reference; the same kernels on a GPU in the `gpu` tests (benchmarks/gpu_check.sh)."""
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import assert_close_to_reference, require_triton_runs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hotops import _backend
 from hotops.codebook import CodebookWeight, codebook_matmul, op, reference
-from conftest import assert_close_to_reference, require_triton_runs
 
 ATOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -15,7 +17,9 @@ ATOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 def weight_parts(N, K, in_group, num_codebooks, C=256, groups=1, permuted=True):
     """(packed codes, codebooks, scales, group_ptr, perm) with uneven row groups (some may be
     empty) crossing the 16-row blocks. Codes past 256 come as int32 (what the reference reads)."""
-    codes = torch.randint(0, C, (N, K // in_group, num_codebooks), dtype=torch.int32 if C > 256 else torch.uint8)
+    codes = torch.randint(
+        0, C, (N, K // in_group, num_codebooks), dtype=torch.int32 if C > 256 else torch.uint8
+    )
     codebooks = torch.randn(groups, num_codebooks, C, in_group)
     cuts = sorted(torch.randint(0, N + 1, (groups - 1,)).tolist())
     group_ptr = torch.tensor([0, *cuts, N], dtype=torch.int64)
@@ -30,8 +34,15 @@ def check_forward(x, parts, bias=None, kernel_codes=None, splits=None):
 
     codes, codebooks, scales, group_ptr, perm = parts
     out = kernels.matmul(x, codes if kernel_codes is None else kernel_codes, *parts[1:], bias, splits)
-    ref64 = reference.codebook_matmul(x.double(), codes, codebooks.double(), scales.double(), group_ptr, perm,
-                                      None if bias is None else bias.double())
+    ref64 = reference.codebook_matmul(
+        x.double(),
+        codes,
+        codebooks.double(),
+        scales.double(),
+        group_ptr,
+        perm,
+        None if bias is None else bias.double(),
+    )
     ref_lp = reference.codebook_matmul(x, *parts, bias)
     assert out.dtype == x.dtype and out.shape == ref64.shape
     assert_close_to_reference(out, ref64, ref_lp, atol=ATOL[x.dtype], name="y")
@@ -55,7 +66,9 @@ def interpreted():
 
 # B = 1 and 3: the GEMV; 11: the GEMM. 37 rows: three 16-row blocks, the last partial; 3 row
 # groups cross the blocks; K = 40 is not a multiple of the 16-input tiles.
-@pytest.mark.parametrize("in_group,num_codebooks,C", [(1, 1, 4), (2, 2, 16), (4, 1, 256), (8, 2, 256), (8, 1, 37)])
+@pytest.mark.parametrize(
+    "in_group,num_codebooks,C", [(1, 1, 4), (2, 2, 16), (4, 1, 256), (8, 2, 256), (8, 1, 37)]
+)
 @pytest.mark.parametrize("B", [1, 3, 11])
 def test_matches_reference(interpreted, in_group, num_codebooks, C, B):
     parts = weight_parts(37, 40, in_group, num_codebooks, C, groups=3)
@@ -67,7 +80,9 @@ def test_matches_reference(interpreted, in_group, num_codebooks, C, B):
 def test_gemv_split_inputs(interpreted, dtype, B, splits):
     """The GEMV with its inputs cut into slices whose float32 partial sums meet by atomic adds
     (what a GPU gets where the 16-row blocks are too few for its SMs)."""
-    check_forward(torch.randn(B, 80).to(dtype), weight_parts(37, 80, 4, 2, groups=3), torch.randn(37), splits=splits)
+    check_forward(
+        torch.randn(B, 80).to(dtype), weight_parts(37, 80, 4, 2, groups=3), torch.randn(37), splits=splits
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -107,9 +122,17 @@ def test_nan_stays_in_its_row(interpreted, B):
 
 
 @settings(max_examples=25, deadline=None)
-@given(N=st.integers(1, 40), J=st.integers(1, 5), in_group=st.sampled_from([1, 2, 4, 8]), M=st.integers(1, 2),
-       C=st.integers(1, 256), groups=st.integers(1, 4), B=st.integers(1, 20), permuted=st.booleans(),
-       bias=st.booleans())
+@given(
+    N=st.integers(1, 40),
+    J=st.integers(1, 5),
+    in_group=st.sampled_from([1, 2, 4, 8]),
+    M=st.integers(1, 2),
+    C=st.integers(1, 256),
+    groups=st.integers(1, 4),
+    B=st.integers(1, 20),
+    permuted=st.booleans(),
+    bias=st.booleans(),
+)
 def test_property_matches_reference(N, J, in_group, M, C, groups, B, permuted, bias):
     require_triton_runs()
     parts = weight_parts(N, J * in_group, in_group, M, C, groups, permuted)
@@ -130,9 +153,12 @@ def test_input_grad_matches_reference(interpreted, dtype, in_group, num_codebook
 @pytest.fixture
 def triton_backend(monkeypatch, interpreted):
     """The op's CUDA backends, on CPU tensors: the Triton kernels in the interpreter."""
-    monkeypatch.setattr(op, "MATMUL_BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_matmul),))
-    monkeypatch.setattr(op, "INPUT_GRAD_BACKENDS",
-                        (_backend.Backend("triton", lambda dev: None, op._triton_input_grad),))
+    monkeypatch.setattr(
+        op, "MATMUL_BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_matmul),)
+    )
+    monkeypatch.setattr(
+        op, "INPUT_GRAD_BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_input_grad),)
+    )
 
 
 def public_weight(N, K, in_group, num_codebooks, groups=2):
@@ -169,10 +195,18 @@ def test_op_empty_batch(triton_backend):
 
 def test_op_opcheck_and_compile(triton_backend):
     w = public_weight(18, 16, 2, 1)
-    args = (torch.randn(9, 16, requires_grad=True), w.codes, w.codebooks.requires_grad_(), w.scales,
-            w.group_ptr, w.perm, torch.randn(18))
-    torch.library.opcheck(op.codebook_matmul, args, test_utils=("test_schema", "test_autograd_registration",
-                                                                 "test_faketensor"))
+    args = (
+        torch.randn(9, 16, requires_grad=True),
+        w.codes,
+        w.codebooks.requires_grad_(),
+        w.scales,
+        w.group_ptr,
+        w.perm,
+        torch.randn(18),
+    )
+    torch.library.opcheck(
+        op.codebook_matmul, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+    )
     compiled = torch.compile(lambda x: codebook_matmul(x, w), fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 16)
     torch.testing.assert_close(compiled(x), reference.codebook_matmul(x, *args[1:6]), rtol=1e-4, atol=1e-4)
@@ -214,8 +248,9 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice; fusion is its default
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                         timeout=240)
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=240
+    )
     assert run.returncode == 0 and "compiled 5" in run.stdout, run.stderr[-3000:]
 
 
@@ -224,8 +259,10 @@ def test_kernels_compile_for_sm90():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype,B", [(torch.float32, 1), (torch.float16, 1), (torch.bfloat16, 4),
-                                     (torch.float32, 33), (torch.bfloat16, 33)])
+@pytest.mark.parametrize(
+    "dtype,B",
+    [(torch.float32, 1), (torch.float16, 1), (torch.bfloat16, 4), (torch.float32, 33), (torch.bfloat16, 33)],
+)
 def test_cuda_matches_reference(dtype, B):
     """On the GPU, autotuned: the GEMV (B <= 8) with its inputs split, the GEMM, dx, and every
     gradient through the public op (a few dtype x batch pairs: every one compiles and tunes the
@@ -259,14 +296,17 @@ def test_cuda_half_module(B):
     in fp16, codes uint8), against the reference on the same fp16 parts."""
     from hotops.codebook import CodebookLinear
 
-    layer = CodebookLinear(CodebookWeight.from_packed(*weight_parts(300, 256, 8, 2, groups=2)), torch.randn(300))
+    layer = CodebookLinear(
+        CodebookWeight.from_packed(*weight_parts(300, 256, 8, 2, groups=2)), torch.randn(300)
+    )
     layer = layer.cuda().half()
     x = torch.randn(B, 256, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         out = layer(x)
     w = layer.weight
-    ref64 = reference.codebook_matmul(x.double(), w.codes, w.codebooks.double(), w.scales.double(), w.group_ptr,
-                                      w.perm, layer.bias.double())
+    ref64 = reference.codebook_matmul(
+        x.double(), w.codes, w.codebooks.double(), w.scales.double(), w.group_ptr, w.perm, layer.bias.double()
+    )
     ref_lp = reference.codebook_matmul(x, w.codes, w.codebooks, w.scales, w.group_ptr, w.perm, layer.bias)
     assert out.dtype == torch.float16 and out.is_cuda
     assert_close_to_reference(out, ref64, ref_lp, atol=1e-2, name="y")

@@ -2,13 +2,13 @@
 SparseLinear, CodebookLinear (fine-tuning codebooks and scales), SubsampledSelfAttention (one
 generator per sample, seeded by the sample's global index) and InfoNCELoss(gather=True) with
 hard negatives mined from a ShardedIndex (HardNegativeMiner) for each rank's own batch."""
+
 from __future__ import annotations
 
+import _dist
 import numpy as np
 import torch
 from torch import nn
-
-import _dist
 
 E, L, B, WORLD, NEG = 16, 6, 4, 2, 3
 CORPUS = 300
@@ -23,15 +23,19 @@ class Encoder(nn.Module):
 
         torch.manual_seed(0)
         self.attn = SubsampledSelfAttention(E, 2, keep=0.5)
-        self.sparse = SparseLinear.from_dense(nn.Linear(E, E), sparsity=0.5, activation="relu", policy="sparse")
-        self.book = CodebookLinear.from_linear(nn.Linear(E, E), bits_per_weight=1, in_group=4, num_codebooks=1)
+        self.sparse = SparseLinear.from_dense(
+            nn.Linear(E, E), sparsity=0.5, activation="relu", policy="sparse"
+        )
+        self.book = CodebookLinear.from_linear(
+            nn.Linear(E, E), bits_per_weight=1, in_group=4, num_codebooks=1
+        )
 
     def forward(self, x, seeds):
         """x (b, L, E); sample i draws its key subsets from a generator seeded with seeds[i]."""
         rows = []
         for i in range(x.shape[0]):
             self.attn.generator = torch.Generator().manual_seed(1000 + int(seeds[i]))
-            rows.append(self.attn(x[i:i + 1]))
+            rows.append(self.attn(x[i : i + 1]))
         h = torch.cat(rows).mean(1)
         return self.book(self.sparse(h))
 
@@ -93,9 +97,16 @@ def _worker(rank, world, model):
     torch.testing.assert_close(mined.vectors, hard_all[sl], rtol=0, atol=0)
     InfoNCELoss(gather=True)(q, d, mined.vectors).backward()
     got = _grads(model)
-    assert set(got) == set(want) and {"sparse.values", "book.codebooks", "book.scales", "attn.q_proj.weight"} <= set(got)
+    assert set(got) == set(want) and {
+        "sparse.values",
+        "book.codebooks",
+        "book.scales",
+        "attn.q_proj.weight",
+    } <= set(got)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
     dist.barrier()
 
 

@@ -3,17 +3,22 @@ tries -- wrong scalars, dtypes, ranks and strides, NaN/Inf, empty and huge input
 checkpoints, threads, parameter mutation, second-order gradients -- each either matches the
 plain-torch reference or raises an error that names the argument. docs/reliability.md says which
 test checks which promise."""
+
 from __future__ import annotations
 
 import math
 import os
 import threading
 
-import hotops
 import numpy as np
 import pytest
 import torch
 from conftest import assert_close_to_reference, require_triton_runs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import hotops
 from hotops import _backend
 from hotops.attention import SubsampledSelfAttention
 from hotops.attention import reference as attn_ref
@@ -28,20 +33,21 @@ from hotops.codebook import reference as cb_ref
 from hotops.infonce import InfoNCELoss
 from hotops.infonce import op as nce_op
 from hotops.infonce import reference as nce_ref
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from torch import nn
 
 # 30 examples per property in CI; HOTOPS_FAULT_EXAMPLES=500 HYPOTHESIS_PROFILE=explore hunts wider
-FAST = settings(max_examples=int(os.environ.get("HOTOPS_FAULT_EXAMPLES", "30")), deadline=None,
-                suppress_health_check=list(HealthCheck))
+FAST = settings(
+    max_examples=int(os.environ.get("HOTOPS_FAULT_EXAMPLES", "30")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 def same_nonfinite(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     """NaN exactly where the reference has NaN, +-inf exactly where it has +-inf."""
     out, ref = out.double(), ref.double()
-    assert torch.equal(out.isnan(), ref.isnan()), f"{what}: NaN at {out.isnan().nonzero().tolist()}, " \
-                                                  f"reference at {ref.isnan().nonzero().tolist()}"
+    assert torch.equal(out.isnan(), ref.isnan()), (
+        f"{what}: NaN at {out.isnan().nonzero().tolist()}, reference at {ref.isnan().nonzero().tolist()}"
+    )
     inf = ref.isinf()
     assert torch.equal(out.isinf(), inf), f"{what}: inf pattern differs from the reference"
     assert torch.equal(out[inf], ref[inf]), f"{what}: inf signs differ from the reference"
@@ -50,8 +56,9 @@ def same_nonfinite(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 def same_finite(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     """Finite exactly where the reference is finite (where it is not, NaN and inf may differ:
     F.cross_entropy and logsumexp disagree on a +inf logit, NaN vs +inf)."""
-    assert torch.equal(out.isfinite(), ref.isfinite()), \
+    assert torch.equal(out.isfinite(), ref.isfinite()), (
         f"{what}: finite {out.isfinite().tolist()}, reference {ref.isfinite().tolist()}"
+    )
 
 
 def close_where_finite(out, ref64, ref_lp, atol, what, rtol=1e-5, may_be_finite=False):
@@ -63,12 +70,14 @@ def close_where_finite(out, ref64, ref_lp, atol, what, rtol=1e-5, may_be_finite=
     ok = (fin_out == ref64.isfinite()) | (fin_out == ref_lp.isfinite())
     if may_be_finite:
         ok |= fin_out
-    assert ok.all(), f"{what}: finite where the references are not (or not where they are) at " \
-                     f"{(~ok).nonzero().tolist()}"
+    assert ok.all(), (
+        f"{what}: finite where the references are not (or not where they are) at {(~ok).nonzero().tolist()}"
+    )
     fin = torch.isfinite(ref64) & torch.isfinite(ref_lp.double())
     if fin.any():
-        assert_close_to_reference(out.double()[fin], ref64[fin], ref_lp.double()[fin], atol=atol, rtol=rtol,
-                                  name=what)
+        assert_close_to_reference(
+            out.double()[fin], ref64[fin], ref_lp.double()[fin], atol=atol, rtol=rtol, name=what
+        )
 
 
 # ====================================================================== infonce
@@ -141,7 +150,7 @@ def test_infonce_create_graph_first_gradient_then_clear_error(reduction, hard):
 def test_infonce_module_create_graph_raises_clearly():
     loss_fn = InfoNCELoss(learnable_temperature=True)
     q = torch.randn(4, 8, requires_grad=True)
-    g, = torch.autograd.grad(loss_fn(q, torch.randn(4, 8)), q, create_graph=True)
+    (g,) = torch.autograd.grad(loss_fn(q, torch.randn(4, 8)), q, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         g.norm().backward()
 
@@ -151,29 +160,56 @@ def test_infonce_module_create_graph_raises_clearly():
 _q, _d = torch.randn(4, 8), torch.randn(4, 8)
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda: hotops.info_nce(_q, _d, temperature=math.inf), ValueError, "temperature must be finite"),
-    (lambda: hotops.info_nce(_q, _d, temperature=math.nan), ValueError, "temperature must be finite"),
-    (lambda: hotops.info_nce(_q, _d, temperature="0.1"), TypeError, "temperature must be a number"),
-    (lambda: hotops.info_nce(_q, _d, temperature=None), TypeError, "temperature must be a number"),
-    (lambda: hotops.info_nce(_q, _d, temperature=torch.tensor(math.inf)), ValueError, "positive and finite"),
-    (lambda: hotops.info_nce(_q, _d, temperature=torch.tensor(1)), TypeError, "floating point"),
-    (lambda: hotops.info_nce(_q, _d, pos_offset=1.5), ValueError, "pos_offset must be an integer"),
-    (lambda: hotops.info_nce(_q, _d, pos_offset="0"), TypeError, "pos_offset must be a number"),
-    (lambda: hotops.info_nce(_q, _d, pos_offset=-1), ValueError, "pos_offset must be >= 0"),
-    (lambda: hotops.info_nce(_q, _d, label_smoothing="0.1"), TypeError, "label_smoothing must be a number"),
-    (lambda: hotops.info_nce(_q, _d, label_smoothing=math.nan), ValueError, "label_smoothing must be finite"),
-    (lambda: hotops.info_nce(_q, _d, reduction=None), ValueError, "reduction must be one of"),
-    (lambda: hotops.info_nce(_q, _d, neg_weight=torch.ones(4, dtype=torch.int64)), TypeError, "neg_weight has dtype"),
-    (lambda: hotops.info_nce(_q, _d, neg_weight=torch.ones(2, 2)), ValueError, "neg_weight must have 1 dim"),
-    (lambda: hotops.info_nce(_q.to(torch.float64), _d.to(torch.float64)), TypeError, "q has dtype float64"),
-    (lambda: InfoNCELoss(temperature="a"), TypeError, "temperature must be a number"),
-    (lambda: InfoNCELoss(temperature=0.0), ValueError, "temperature must be > 0"),
-    (lambda: InfoNCELoss(min_temperature=0.0), ValueError, "min_temperature must be > 0"),
-    (lambda: InfoNCELoss(label_smoothing=2), ValueError, "label_smoothing must be >= 0.0 and <= 1.0"),
-    (lambda: InfoNCELoss(learnable_temperature="yes"), TypeError, "learnable_temperature must be a bool"),
-    (lambda: InfoNCELoss(reduction="avg"), ValueError, "reduction must be one of"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: hotops.info_nce(_q, _d, temperature=math.inf), ValueError, "temperature must be finite"),
+        (lambda: hotops.info_nce(_q, _d, temperature=math.nan), ValueError, "temperature must be finite"),
+        (lambda: hotops.info_nce(_q, _d, temperature="0.1"), TypeError, "temperature must be a number"),
+        (lambda: hotops.info_nce(_q, _d, temperature=None), TypeError, "temperature must be a number"),
+        (
+            lambda: hotops.info_nce(_q, _d, temperature=torch.tensor(math.inf)),
+            ValueError,
+            "positive and finite",
+        ),
+        (lambda: hotops.info_nce(_q, _d, temperature=torch.tensor(1)), TypeError, "floating point"),
+        (lambda: hotops.info_nce(_q, _d, pos_offset=1.5), ValueError, "pos_offset must be an integer"),
+        (lambda: hotops.info_nce(_q, _d, pos_offset="0"), TypeError, "pos_offset must be a number"),
+        (lambda: hotops.info_nce(_q, _d, pos_offset=-1), ValueError, "pos_offset must be >= 0"),
+        (
+            lambda: hotops.info_nce(_q, _d, label_smoothing="0.1"),
+            TypeError,
+            "label_smoothing must be a number",
+        ),
+        (
+            lambda: hotops.info_nce(_q, _d, label_smoothing=math.nan),
+            ValueError,
+            "label_smoothing must be finite",
+        ),
+        (lambda: hotops.info_nce(_q, _d, reduction=None), ValueError, "reduction must be one of"),
+        (
+            lambda: hotops.info_nce(_q, _d, neg_weight=torch.ones(4, dtype=torch.int64)),
+            TypeError,
+            "neg_weight has dtype",
+        ),
+        (
+            lambda: hotops.info_nce(_q, _d, neg_weight=torch.ones(2, 2)),
+            ValueError,
+            "neg_weight must have 1 dim",
+        ),
+        (
+            lambda: hotops.info_nce(_q.to(torch.float64), _d.to(torch.float64)),
+            TypeError,
+            "q has dtype float64",
+        ),
+        (lambda: InfoNCELoss(temperature="a"), TypeError, "temperature must be a number"),
+        (lambda: InfoNCELoss(temperature=0.0), ValueError, "temperature must be > 0"),
+        (lambda: InfoNCELoss(min_temperature=0.0), ValueError, "min_temperature must be > 0"),
+        (lambda: InfoNCELoss(label_smoothing=2), ValueError, "label_smoothing must be >= 0.0 and <= 1.0"),
+        (lambda: InfoNCELoss(learnable_temperature="yes"), TypeError, "learnable_temperature must be a bool"),
+        (lambda: InfoNCELoss(reduction="avg"), ValueError, "reduction must be one of"),
+    ],
+)
 def test_infonce_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
@@ -213,19 +249,32 @@ def _values(kind: str, *shape, dtype=torch.float32, gen=None) -> torch.Tensor:
         x = x * 1e-30
     x = x.to(dtype)
     if kind in ("nan", "inf", "-inf") and x.numel():
-        x.view(-1)[int(torch.randint(0, x.numel(), (1,), generator=gen))] = \
-            {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[kind]
+        x.view(-1)[int(torch.randint(0, x.numel(), (1,), generator=gen))] = {
+            "nan": math.nan,
+            "inf": math.inf,
+            "-inf": -math.inf,
+        }[kind]
     return x
 
 
 @FAST
-@given(B=st.integers(1, 6), extra=st.integers(0, 3), D=st.integers(1, 9), hard=st.sampled_from([None, "pool", "own"]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), values=_VALUES,
-       layout=st.sampled_from(["contiguous", "transposed", "offset", "expanded"]),
-       weighted=st.booleans(), eps=st.sampled_from([0.0, 0.1]), t=st.sampled_from([0.05, 1.0]),
-       target=st.sampled_from(["q", "d"]), seed=st.integers(0, 2**16))
-def test_infonce_property_matches_reference(B, extra, D, hard, dtype, values, layout, weighted, eps, t, target,
-                                            seed):
+@given(
+    B=st.integers(1, 6),
+    extra=st.integers(0, 3),
+    D=st.integers(1, 9),
+    hard=st.sampled_from([None, "pool", "own"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    values=_VALUES,
+    layout=st.sampled_from(["contiguous", "transposed", "offset", "expanded"]),
+    weighted=st.booleans(),
+    eps=st.sampled_from([0.0, 0.1]),
+    t=st.sampled_from([0.05, 1.0]),
+    target=st.sampled_from(["q", "d"]),
+    seed=st.integers(0, 2**16),
+)
+def test_infonce_property_matches_reference(
+    B, extra, D, hard, dtype, values, layout, weighted, eps, t, target, seed
+):
     gen = torch.Generator().manual_seed(seed)
     q = _values(values if target == "q" else "normal", B, D, dtype=dtype, gen=gen)
     d = _values(values if target == "d" else "normal", B + extra, D, dtype=dtype, gen=gen)
@@ -239,8 +288,11 @@ def test_infonce_property_matches_reference(B, extra, D, hard, dtype, values, la
     elif hard == "own":
         h = _values("normal", B, 2, D, dtype=dtype, gen=gen)
     C = B + extra + (3 if hard == "pool" else 2 if hard == "own" else 0)
-    nw = (torch.rand(C, generator=gen) * 2).where(torch.rand(C, generator=gen) > 0.3, torch.zeros(())) \
-        if weighted else None
+    nw = (
+        (torch.rand(C, generator=gen) * 2).where(torch.rand(C, generator=gen) > 0.3, torch.zeros(()))
+        if weighted
+        else None
+    )
     kw = dict(temperature=t, label_smoothing=eps, neg_weight=nw, reduction="none")
     out = hotops.info_nce(q, d, h, **kw)
     ref64 = nce_ref.info_nce(q.double(), d.double(), None if h is None else h.double(), **kw)
@@ -343,7 +395,12 @@ def test_infonce_module_parameter_mutation():
     check()
     loss_fn.load_state_dict({}, strict=False)
     check()
-    for conv in (lambda m: m.to(torch.float64), lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.float()):
+    for conv in (
+        lambda m: m.to(torch.float64),
+        lambda m: m.half(),
+        lambda m: m.bfloat16(),
+        lambda m: m.float(),
+    ):
         conv(loss_fn)
         check()
     loss_fn.log_temperature.data = torch.tensor(math.nan)
@@ -360,9 +417,13 @@ def test_infonce_module_parameter_mutation():
 def _weight(N=20, K=16, in_group=4, M=2, C=256, groups=1, permuted=True, gen=None):
     codes = torch.randint(0, C, (N, K // in_group, M), dtype=torch.uint8, generator=gen)
     cuts = sorted(torch.randint(0, N + 1, (groups - 1,), generator=gen).tolist())
-    return CodebookWeight(codes, torch.randn(groups, M, C, in_group, generator=gen),
-                          torch.rand(N, generator=gen) + 0.5, torch.tensor([0, *cuts, N]),
-                          torch.randperm(N, generator=gen) if permuted else None)
+    return CodebookWeight(
+        codes,
+        torch.randn(groups, M, C, in_group, generator=gen),
+        torch.rand(N, generator=gen) + 0.5,
+        torch.tensor([0, *cuts, N]),
+        torch.randperm(N, generator=gen) if permuted else None,
+    )
 
 
 def _parts(w):
@@ -373,7 +434,9 @@ def _parts(w):
 def cb_backend(request, monkeypatch):
     if request.param == "triton":
         require_triton_runs()
-        monkeypatch.setattr(cb_op, "MATMUL_BACKENDS", (_backend.Backend("triton", lambda dev: None, cb_op._triton_matmul),))
+        monkeypatch.setattr(
+            cb_op, "MATMUL_BACKENDS", (_backend.Backend("triton", lambda dev: None, cb_op._triton_matmul),)
+        )
     return request.param
 
 
@@ -392,7 +455,9 @@ def test_codebook_inf_in_x_propagates_like_the_dense_product(isa, B, M):
     out = codebook_matmul(x, w)
     same_nonfinite(out, cb_ref.codebook_matmul(x, *_parts(w)), "y")
     if B > 2:
-        torch.testing.assert_close(out[2], cb_ref.codebook_matmul(x[2:3], *_parts(w))[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            out[2], cb_ref.codebook_matmul(x[2:3], *_parts(w))[0], rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("where", ["codebooks", "scales"])
@@ -423,7 +488,9 @@ def test_codebook_triton_inf_propagates(cb_backend):
         same_nonfinite(codebook_matmul(x, w), cb_ref.codebook_matmul(x, *_parts(w)), f"{cb_backend} B={B}")
         x = torch.randn(B, 16)
         x[0, :4] = 0.0
-        same_nonfinite(codebook_matmul(x, w_inf), cb_ref.codebook_matmul(x, *_parts(w_inf)), f"{cb_backend} B={B}")
+        same_nonfinite(
+            codebook_matmul(x, w_inf), cb_ref.codebook_matmul(x, *_parts(w_inf)), f"{cb_backend} B={B}"
+        )
 
 
 # --- defect 8: perm and codes validated wherever they enter
@@ -434,13 +501,16 @@ def _linear(N=8, K=16, groups=2):
     return CodebookLinear.from_linear(nn.Linear(K, N), iters=2, num_groups=groups)
 
 
-@pytest.mark.parametrize("perm,match", [
-    (torch.zeros(8, dtype=torch.int64), "output feature 0 appears 8 times"),
-    (torch.tensor([0, 1, 2, 3, 4, 5, 6, 6]), "output feature 6 appears 2 times"),
-    (torch.tensor([-1, 1, 2, 3, 4, 5, 6, 0]), "holds -1"),
-    (torch.tensor([0, 1, 2, 3, 4, 5, 6, 8]), "holds 8"),
-    (torch.arange(8, dtype=torch.int32), "int64"),
-])
+@pytest.mark.parametrize(
+    "perm,match",
+    [
+        (torch.zeros(8, dtype=torch.int64), "output feature 0 appears 8 times"),
+        (torch.tensor([0, 1, 2, 3, 4, 5, 6, 6]), "output feature 6 appears 2 times"),
+        (torch.tensor([-1, 1, 2, 3, 4, 5, 6, 0]), "holds -1"),
+        (torch.tensor([0, 1, 2, 3, 4, 5, 6, 8]), "holds 8"),
+        (torch.arange(8, dtype=torch.int32), "int64"),
+    ],
+)
 def test_codebook_perm_validated_everywhere(perm, match):
     lin = _linear()
     w = lin.weight
@@ -497,27 +567,66 @@ def test_codebook_codes_validated_everywhere():
     torch.testing.assert_close(other.dequantize(), lin.dequantize())
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda w: CodebookWeight(torch.zeros(0, 2, 2, dtype=torch.uint8), torch.randn(1, 2, 4, 8), torch.ones(0)),
-     ValueError, "at least one output row"),
-    (lambda w: CodebookWeight.from_packed(w.codes, w.codebooks, None, w.group_ptr), ValueError,
-     "scales must be a floating"),
-    (lambda w: CodebookWeight.from_packed(w.codes.long(), w.codebooks, w.scales), TypeError, "uint8"),
-    (lambda w: CodebookWeight.from_packed(w.codes, w.codebooks.long(), w.scales), TypeError, "codebooks must be"),
-    (lambda w: CodebookWeight.from_packed(w.codes, w.codebooks, torch.ones(20)), ValueError, "do not fit 20 rows"),
-    (lambda w: CodebookLinear(w, torch.zeros(3)), ValueError, "bias must be a floating"),
-    (lambda w: CodebookLinear("w"), TypeError, "weight must be a CodebookWeight"),
-    (lambda w: CodebookLinear.from_linear(nn.Conv2d(3, 8, 3)), TypeError, "takes an nn.Linear, got Conv2d"),
-    (lambda w: CodebookLinear.from_linear(nn.Linear(16, 8), in_group=3), ValueError, "multiple of in_group"),
-    (lambda w: CodebookLinear.from_linear(nn.Linear(16, 8), bits_per_weight="2"), TypeError, "bits_per_weight"),
-    (lambda w: CodebookLinear.from_linear(nn.Linear(16, 8), num_groups=0), ValueError, "num_groups"),
-    (lambda w: CodebookLinear.from_linear(nn.Linear(16, 8), dtype=torch.int8), TypeError, "dtype"),
-    (lambda w: CodebookLinear(w)(torch.randn(32, 16, dtype=torch.float64)), TypeError, "x has dtype float64"),
-    (lambda w: CodebookLinear(w)(torch.randn(2, 16, dtype=torch.float16)), TypeError, "x has dtype float16"),
-    (lambda w: CodebookLinear(w)(torch.randn(2, 15)), ValueError, "in_features = 16"),
-    (lambda w: CodebookLinear(w)(np.zeros((2, 16), np.float32)), TypeError, "x must be a torch.Tensor"),
-    (lambda w: codebook_matmul(torch.randn(2, 16), w, torch.zeros(3)), ValueError, "bias must have"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (
+            lambda w: CodebookWeight(
+                torch.zeros(0, 2, 2, dtype=torch.uint8), torch.randn(1, 2, 4, 8), torch.ones(0)
+            ),
+            ValueError,
+            "at least one output row",
+        ),
+        (
+            lambda w: CodebookWeight.from_packed(w.codes, w.codebooks, None, w.group_ptr),
+            ValueError,
+            "scales must be a floating",
+        ),
+        (lambda w: CodebookWeight.from_packed(w.codes.long(), w.codebooks, w.scales), TypeError, "uint8"),
+        (
+            lambda w: CodebookWeight.from_packed(w.codes, w.codebooks.long(), w.scales),
+            TypeError,
+            "codebooks must be",
+        ),
+        (
+            lambda w: CodebookWeight.from_packed(w.codes, w.codebooks, torch.ones(20)),
+            ValueError,
+            "do not fit 20 rows",
+        ),
+        (lambda w: CodebookLinear(w, torch.zeros(3)), ValueError, "bias must be a floating"),
+        (lambda w: CodebookLinear("w"), TypeError, "weight must be a CodebookWeight"),
+        (
+            lambda w: CodebookLinear.from_linear(nn.Conv2d(3, 8, 3)),
+            TypeError,
+            "takes an nn.Linear, got Conv2d",
+        ),
+        (
+            lambda w: CodebookLinear.from_linear(nn.Linear(16, 8), in_group=3),
+            ValueError,
+            "multiple of in_group",
+        ),
+        (
+            lambda w: CodebookLinear.from_linear(nn.Linear(16, 8), bits_per_weight="2"),
+            TypeError,
+            "bits_per_weight",
+        ),
+        (lambda w: CodebookLinear.from_linear(nn.Linear(16, 8), num_groups=0), ValueError, "num_groups"),
+        (lambda w: CodebookLinear.from_linear(nn.Linear(16, 8), dtype=torch.int8), TypeError, "dtype"),
+        (
+            lambda w: CodebookLinear(w)(torch.randn(32, 16, dtype=torch.float64)),
+            TypeError,
+            "x has dtype float64",
+        ),
+        (
+            lambda w: CodebookLinear(w)(torch.randn(2, 16, dtype=torch.float16)),
+            TypeError,
+            "x has dtype float16",
+        ),
+        (lambda w: CodebookLinear(w)(torch.randn(2, 15)), ValueError, "in_features = 16"),
+        (lambda w: CodebookLinear(w)(np.zeros((2, 16), np.float32)), TypeError, "x must be a torch.Tensor"),
+        (lambda w: codebook_matmul(torch.randn(2, 16), w, torch.zeros(3)), ValueError, "bias must have"),
+    ],
+)
 def test_codebook_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call(_linear().weight)
@@ -534,13 +643,24 @@ def test_codebook_load_compressed_names_missing_keys():
 
 
 @FAST
-@given(N=st.integers(1, 40), J=st.integers(1, 5), in_group=st.sampled_from([1, 2, 4, 8]), M=st.sampled_from([1, 2]),
-       C=st.sampled_from([3, 256]), groups=st.integers(1, 3), B=st.sampled_from([0, 1, 2, 5, 16, 17, 33]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), values=_VALUES,
-       layout=st.sampled_from(["contiguous", "transposed", "offset", "expanded", "3d"]),
-       bias=st.booleans(), permuted=st.booleans(), seed=st.integers(0, 2**16))
-def test_codebook_property_matches_reference(N, J, in_group, M, C, groups, B, dtype, values, layout, bias,
-                                             permuted, seed):
+@given(
+    N=st.integers(1, 40),
+    J=st.integers(1, 5),
+    in_group=st.sampled_from([1, 2, 4, 8]),
+    M=st.sampled_from([1, 2]),
+    C=st.sampled_from([3, 256]),
+    groups=st.integers(1, 3),
+    B=st.sampled_from([0, 1, 2, 5, 16, 17, 33]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    values=_VALUES,
+    layout=st.sampled_from(["contiguous", "transposed", "offset", "expanded", "3d"]),
+    bias=st.booleans(),
+    permuted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_codebook_property_matches_reference(
+    N, J, in_group, M, C, groups, B, dtype, values, layout, bias, permuted, seed
+):
     gen = torch.Generator().manual_seed(seed)
     K = J * in_group
     w = _weight(N, K, in_group, M, C, min(groups, N), permuted, gen)
@@ -554,23 +674,39 @@ def test_codebook_property_matches_reference(N, J, in_group, M, C, groups, B, dt
     b = torch.randn(N, generator=gen) if bias else None
     out = codebook_matmul(x, w, b)
     assert out.dtype == dtype and out.shape == (*x.shape[:-1], N)
-    ref64 = cb_ref.codebook_matmul(x.double(), w.codes, w.codebooks.double(), w.scales.double(), w.group_ptr,
-                                   w.perm, None if b is None else b.double())
+    ref64 = cb_ref.codebook_matmul(
+        x.double(),
+        w.codes,
+        w.codebooks.double(),
+        w.scales.double(),
+        w.group_ptr,
+        w.perm,
+        None if b is None else b.double(),
+    )
     ref_lp = cb_ref.codebook_matmul(x, *_parts(w), b)
     # non-finite: the dense product in x's dtype decides (bf16 rounds the weight first)
     same_nonfinite(out, ref_lp if values in ("nan", "inf", "-inf", "huge") else ref64, "y")
     fin = torch.isfinite(ref64) & torch.isfinite(ref_lp.double())
     if fin.any():
         # the int16 tables of a lone batch row (avx512) add up to max|table| / 32767 per slot
-        scale = (w.scales.abs().max() * w.codebooks.abs().max() * x.double().abs().nan_to_num(0, 0, 0).max()).item()
+        scale = (
+            w.scales.abs().max() * w.codebooks.abs().max() * x.double().abs().nan_to_num(0, 0, 0).max()
+        ).item()
         atol = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype] + 4 * J * M * in_group * scale / 32767
         assert_close_to_reference(out.double()[fin], ref64[fin], ref_lp.double()[fin], atol=atol, rtol=1e-5)
 
 
 @FAST
-@given(N=st.integers(1, 24), J=st.integers(1, 4), in_group=st.sampled_from([1, 4, 8]), M=st.sampled_from([1, 2]),
-       groups=st.integers(1, 3), permuted=st.booleans(), values=st.sampled_from(["normal", "nan", "inf", "huge"]),
-       seed=st.integers(0, 2**16))
+@given(
+    N=st.integers(1, 24),
+    J=st.integers(1, 4),
+    in_group=st.sampled_from([1, 4, 8]),
+    M=st.sampled_from([1, 2]),
+    groups=st.integers(1, 3),
+    permuted=st.booleans(),
+    values=st.sampled_from(["normal", "nan", "inf", "huge"]),
+    seed=st.integers(0, 2**16),
+)
 def test_codebook_dequantize_property_matches_reference(N, J, in_group, M, groups, permuted, values, seed):
     gen = torch.Generator().manual_seed(seed)
     w = _weight(N, J * in_group, in_group, M, 256, min(groups, N), permuted, gen)
@@ -590,10 +726,12 @@ def test_codebook_create_graph_matches_reference_double_backward(cb_backend):
     cb, s = lin.codebooks.detach().clone().requires_grad_(), lin.scales.detach().clone().requires_grad_()
     x = torch.randn(5, 16, requires_grad=True)
     results = []
-    for fn in (lambda x, cb, s: cb_op.codebook_matmul(x, lin.codes, cb, s, lin.group_ptr, lin.perm, None),
-               lambda x, cb, s: cb_ref.codebook_matmul(x, lin.codes, cb, s, lin.group_ptr, lin.perm)):
+    for fn in (
+        lambda x, cb, s: cb_op.codebook_matmul(x, lin.codes, cb, s, lin.group_ptr, lin.perm, None),
+        lambda x, cb, s: cb_ref.codebook_matmul(x, lin.codes, cb, s, lin.group_ptr, lin.perm),
+    ):
         y = fn(x, cb, s)
-        g, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
         assert g.requires_grad
         results.append(torch.autograd.grad(g.pow(2).sum(), [x, cb, s]))
     for a, b in zip(*results):
@@ -607,8 +745,10 @@ def test_codebook_threads_share_a_layer_first_call_race_and_training():
     lin = _linear(N=64, K=64, groups=2)
     xs = [torch.randn(b, 64) for b in (1, 4, 16, 40)]
     with torch.no_grad():
-        expect = [cb_ref.codebook_matmul(x, lin.codes, lin.codebooks, lin.scales, lin.group_ptr, lin.perm, lin.bias)
-                  for x in xs]
+        expect = [
+            cb_ref.codebook_matmul(x, lin.codes, lin.codebooks, lin.scales, lin.group_ptr, lin.perm, lin.bias)
+            for x in xs
+        ]
 
     def work(i):
         for _ in range(5):
@@ -631,8 +771,9 @@ def test_codebook_module_parameter_mutation():
     def check(xx=x, tol=1e-4):
         for rows in (1, 20):  # table kernel and dense path
             y = lin(xx[:rows])
-            ref = cb_ref.codebook_matmul(xx[:rows], lin.codes, lin.codebooks, lin.scales, lin.group_ptr, lin.perm,
-                                         lin.bias)
+            ref = cb_ref.codebook_matmul(
+                xx[:rows], lin.codes, lin.codebooks, lin.scales, lin.group_ptr, lin.perm, lin.bias
+            )
             torch.testing.assert_close(y, ref, rtol=tol, atol=tol * 50)
 
     check()
@@ -680,7 +821,10 @@ def test_attention_nan_scores_are_not_unseen_keys(monkeypatch, isa, kind, where)
             pytest.skip("the Triton kernel does not depend on the C++ ISA")
         require_triton_runs()
         from hotops.attention import op as attn_op
-        monkeypatch.setattr(attn_op, "FORWARD", (_backend.Backend("triton", lambda dev: None, attn_op._triton_forward),))
+
+        monkeypatch.setattr(
+            attn_op, "FORWARD", (_backend.Backend("triton", lambda dev: None, attn_op._triton_forward),)
+        )
     q, k, v = _qkv(L=3, D=2)
     if where == "q":
         q[0, 1, 2, 0] = math.nan
@@ -702,7 +846,10 @@ def test_attention_nan_in_a_hidden_key_stays_out(monkeypatch, isa, kind):
             pytest.skip("the Triton kernel does not depend on the C++ ISA")
         require_triton_runs()
         from hotops.attention import op as attn_op
-        monkeypatch.setattr(attn_op, "FORWARD", (_backend.Backend("triton", lambda dev: None, attn_op._triton_forward),))
+
+        monkeypatch.setattr(
+            attn_op, "FORWARD", (_backend.Backend("triton", lambda dev: None, attn_op._triton_forward),)
+        )
     q, k, v = _qkv(H=1, L=3, D=2)
     v[0, 0, 2] = math.nan
     out = hotops.subsampled_attention(q, k, v, indices=torch.tensor([[[2]]]), causal=True)
@@ -711,7 +858,9 @@ def test_attention_nan_in_a_hidden_key_stays_out(monkeypatch, isa, kind):
     pad = torch.tensor([[False, True, True]])
     out = hotops.subsampled_attention(q, k, v, keep=1.0, key_padding_mask=pad)
     clean_k, clean_v = k.nan_to_num(0.0), v.nan_to_num(0.0)
-    torch.testing.assert_close(out, attn_ref.subsampled_attention(q, clean_k, clean_v, 1.0, key_padding_mask=pad))
+    torch.testing.assert_close(
+        out, attn_ref.subsampled_attention(q, clean_k, clean_v, 1.0, key_padding_mask=pad)
+    )
 
 
 def test_attention_create_graph_first_gradient_then_clear_error():
@@ -726,34 +875,53 @@ def test_attention_create_graph_first_gradient_then_clear_error():
         g[0].pow(2).sum().backward()
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda: SubsampledSelfAttention(16, 0), ValueError, "num_heads must be >= 1"),
-    (lambda: SubsampledSelfAttention(16, 2.5), ValueError, "num_heads must be an integer"),
-    (lambda: SubsampledSelfAttention("16", 2), TypeError, "embed_dim must be a number"),
-    (lambda: SubsampledSelfAttention(16, 4, num_kv_heads=0), ValueError, "num_kv_heads must be >= 1"),
-    (lambda: SubsampledSelfAttention(16, 4, num_kv_heads=3), ValueError, "multiple of num_kv_heads"),
-    (lambda: SubsampledSelfAttention(15, 4), ValueError, "multiple of num_heads"),
-    (lambda: SubsampledSelfAttention(16, 2, keep=0.0), ValueError, "keep must be > 0.0"),
-    (lambda: SubsampledSelfAttention(16, 2, keep=math.nan), ValueError, "keep must be finite"),
-    (lambda: SubsampledSelfAttention(16, 2, keep="0.5"), TypeError, "keep must be a number"),
-    (lambda: SubsampledSelfAttention(16, 2, ensemble=0), ValueError, "ensemble must be >= 1"),
-    (lambda: SubsampledSelfAttention(16, 2, mode="random"), ValueError, "mode must be one of"),
-    (lambda: SubsampledSelfAttention(16, 2, causal="yes"), TypeError, "causal must be a bool"),
-    (lambda: SubsampledSelfAttention(16, 2, generator=0), TypeError, "generator must be a torch.Generator"),
-    (lambda: SubsampledSelfAttention(16, 2)(torch.randn(3, 16)), ValueError, "x must have 3 dimensions"),
-    (lambda: SubsampledSelfAttention(16, 2)(torch.randn(1, 3, 12)), ValueError, "embed_dim=16"),
-    (lambda: SubsampledSelfAttention(16, 2)(torch.randn(1, 3, 16).long()), TypeError, "x has dtype int64"),
-    (lambda: SubsampledSelfAttention(16, 2)(torch.randn(1, 3, 16).double()), TypeError, "x has dtype float64"),
-    (lambda: hotops.subsampled_attention(*_qkv(), keep=1.5), ValueError, "keep must be > 0.0 and <= 1.0"),
-    (lambda: hotops.subsampled_attention(*_qkv(), keep=None), TypeError, "keep must be a number"),
-    (lambda: hotops.subsampled_attention(*_qkv(), scale="1"), TypeError, "scale must be a number"),
-    (lambda: hotops.subsampled_attention(*_qkv(), scale=math.inf), ValueError, "scale must be finite"),
-    (lambda: hotops.subsampled_attention(*_qkv(), causal=1), TypeError, "causal must be a bool"),
-    (lambda: hotops.subsampled_attention(*_qkv(), mode=None), ValueError, "mode must be one of"),
-    (lambda: hotops.attention.patch_bert(nn.Linear(2, 2), generator=3), TypeError, "generator must be"),
-    (lambda: hotops.attention.patch_bert("bert"), TypeError, "patch_bert takes an nn.Module"),
-    (lambda: hotops.attention.patch_bert(nn.Linear(2, 2), keep=np.float32(2)), ValueError, "keep must be"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: SubsampledSelfAttention(16, 0), ValueError, "num_heads must be >= 1"),
+        (lambda: SubsampledSelfAttention(16, 2.5), ValueError, "num_heads must be an integer"),
+        (lambda: SubsampledSelfAttention("16", 2), TypeError, "embed_dim must be a number"),
+        (lambda: SubsampledSelfAttention(16, 4, num_kv_heads=0), ValueError, "num_kv_heads must be >= 1"),
+        (lambda: SubsampledSelfAttention(16, 4, num_kv_heads=3), ValueError, "multiple of num_kv_heads"),
+        (lambda: SubsampledSelfAttention(15, 4), ValueError, "multiple of num_heads"),
+        (lambda: SubsampledSelfAttention(16, 2, keep=0.0), ValueError, "keep must be > 0.0"),
+        (lambda: SubsampledSelfAttention(16, 2, keep=math.nan), ValueError, "keep must be finite"),
+        (lambda: SubsampledSelfAttention(16, 2, keep="0.5"), TypeError, "keep must be a number"),
+        (lambda: SubsampledSelfAttention(16, 2, ensemble=0), ValueError, "ensemble must be >= 1"),
+        (lambda: SubsampledSelfAttention(16, 2, mode="random"), ValueError, "mode must be one of"),
+        (lambda: SubsampledSelfAttention(16, 2, causal="yes"), TypeError, "causal must be a bool"),
+        (
+            lambda: SubsampledSelfAttention(16, 2, generator=0),
+            TypeError,
+            "generator must be a torch.Generator",
+        ),
+        (lambda: SubsampledSelfAttention(16, 2)(torch.randn(3, 16)), ValueError, "x must have 3 dimensions"),
+        (lambda: SubsampledSelfAttention(16, 2)(torch.randn(1, 3, 12)), ValueError, "embed_dim=16"),
+        (
+            lambda: SubsampledSelfAttention(16, 2)(torch.randn(1, 3, 16).long()),
+            TypeError,
+            "x has dtype int64",
+        ),
+        (
+            lambda: SubsampledSelfAttention(16, 2)(torch.randn(1, 3, 16).double()),
+            TypeError,
+            "x has dtype float64",
+        ),
+        (lambda: hotops.subsampled_attention(*_qkv(), keep=1.5), ValueError, "keep must be > 0.0 and <= 1.0"),
+        (lambda: hotops.subsampled_attention(*_qkv(), keep=None), TypeError, "keep must be a number"),
+        (lambda: hotops.subsampled_attention(*_qkv(), scale="1"), TypeError, "scale must be a number"),
+        (lambda: hotops.subsampled_attention(*_qkv(), scale=math.inf), ValueError, "scale must be finite"),
+        (lambda: hotops.subsampled_attention(*_qkv(), causal=1), TypeError, "causal must be a bool"),
+        (lambda: hotops.subsampled_attention(*_qkv(), mode=None), ValueError, "mode must be one of"),
+        (lambda: hotops.attention.patch_bert(nn.Linear(2, 2), generator=3), TypeError, "generator must be"),
+        (lambda: hotops.attention.patch_bert("bert"), TypeError, "patch_bert takes an nn.Module"),
+        (
+            lambda: hotops.attention.patch_bert(nn.Linear(2, 2), keep=np.float32(2)),
+            ValueError,
+            "keep must be",
+        ),
+    ],
+)
 def test_attention_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
@@ -771,14 +939,24 @@ def test_attention_numbers_of_every_kind(keep):
 
 
 @FAST
-@given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), Lq=st.integers(0, 9),
-       Lk=st.integers(0, 11), D=st.sampled_from([1, 4, 8]), dtype=st.sampled_from([torch.float32, torch.bfloat16,
-                                                                                    torch.float16]),
-       values=_VALUES, layout=st.sampled_from(["contiguous", "transposed", "offset", "expanded"]),
-       causal=st.booleans(), keep=st.sampled_from([0.3, 1.0]), target=st.sampled_from(["q", "k", "v"]),
-       seed=st.integers(0, 2**16))
-def test_attention_property_matches_reference(B, Hkv, group, Lq, Lk, D, dtype, values, layout, causal, keep,
-                                              target, seed):
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 2]),
+    Lq=st.integers(0, 9),
+    Lk=st.integers(0, 11),
+    D=st.sampled_from([1, 4, 8]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    values=_VALUES,
+    layout=st.sampled_from(["contiguous", "transposed", "offset", "expanded"]),
+    causal=st.booleans(),
+    keep=st.sampled_from([0.3, 1.0]),
+    target=st.sampled_from(["q", "k", "v"]),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_property_matches_reference(
+    B, Hkv, group, Lq, Lk, D, dtype, values, layout, causal, keep, target, seed
+):
     H = Hkv * group
     gen = torch.Generator().manual_seed(seed)
     q = _values(values if target == "q" else "normal", B, H, Lq, D, dtype=dtype, gen=gen)
@@ -792,16 +970,24 @@ def test_attention_property_matches_reference(B, Hkv, group, Lq, Lk, D, dtype, v
         k, v = k[:, :, :1].expand(B, Hkv, Lk, D), v[:, :, :1].expand(B, Hkv, Lk, D)
     kw = dict(causal=causal, mode="unbiased")
     out = hotops.subsampled_attention(q, k, v, keep, generator=torch.Generator().manual_seed(seed), **kw)
-    ref64 = attn_ref.subsampled_attention(q.double(), k.double(), v.double(), keep,
-                                          generator=torch.Generator().manual_seed(seed), **kw)
+    ref64 = attn_ref.subsampled_attention(
+        q.double(), k.double(), v.double(), keep, generator=torch.Generator().manual_seed(seed), **kw
+    )
     ref_lp = attn_ref.subsampled_attention(q, k, v, keep, generator=torch.Generator().manual_seed(seed), **kw)
     assert out.dtype == dtype and out.shape == q.shape
     # causal: the reference (SDPA with a mask) adds -inf to a hidden key's NaN score and gets NaN;
     # the kernel never reads a hidden score, so that query's output stays finite. +-Inf: a query
     # whose every visible score is -inf gets the zeros of a query that sees nothing, where SDPA
     # gives NaN (docs/reliability.md, a known difference)
-    close_where_finite(out, ref64, ref_lp, atol={torch.float32: 1e-5}.get(dtype, 1e-2), what="out", rtol=1e-4,
-                       may_be_finite=causal and target != "q" or values in ("inf", "-inf"))
+    close_where_finite(
+        out,
+        ref64,
+        ref_lp,
+        atol={torch.float32: 1e-5}.get(dtype, 1e-2),
+        what="out",
+        rtol=1e-4,
+        may_be_finite=causal and target != "q" or values in ("inf", "-inf"),
+    )
 
 
 def test_attention_threads_share_a_module_while_one_trains():
@@ -850,8 +1036,9 @@ def test_attention_module_parameter_mutation():
         k = split(torch.nn.functional.linear(x, p["k_proj.weight"], p["k_proj.bias"]))
         v = split(torch.nn.functional.linear(x, p["v_proj.weight"], p["v_proj.bias"]))
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return torch.nn.functional.linear(out.transpose(1, 2).reshape(B, L, E), p["out_proj.weight"],
-                                          p["out_proj.bias"])
+        return torch.nn.functional.linear(
+            out.transpose(1, 2).reshape(B, L, E), p["out_proj.weight"], p["out_proj.bias"]
+        )
 
     def check(xx=x, tol=1e-5):
         with torch.no_grad():

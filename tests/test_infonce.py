@@ -5,12 +5,13 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hypothesis import given, settings, strategies as st
+from conftest import assert_close_to_reference, require_triton_runs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hotops
 from hotops import _backend
 from hotops.infonce import op, reference
-from conftest import assert_close_to_reference, require_triton_runs
 
 LOWP_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
@@ -132,9 +133,16 @@ def test_no_grad_forward_matches():
 
 
 @settings(max_examples=25, deadline=None)
-@given(B=st.integers(1, 40), D=st.integers(1, 33), N=st.integers(0, 20), K=st.integers(1, 5),
-       kind=st.sampled_from([None, "pool", "own"]), t=st.floats(0.05, 2.0),
-       eps=st.sampled_from([0.0, 0.1]), reduction=st.sampled_from(["mean", "sum", "none"]))
+@given(
+    B=st.integers(1, 40),
+    D=st.integers(1, 33),
+    N=st.integers(0, 20),
+    K=st.integers(1, 5),
+    kind=st.sampled_from([None, "pool", "own"]),
+    t=st.floats(0.05, 2.0),
+    eps=st.sampled_from([0.0, 0.1]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+)
 def test_property_random_shapes(B, D, N, K, kind, t, eps, reduction):
     q, d, h = make(B, D, kind if not (kind == "pool" and N == 0) else None, N=N, K=K)
     check_against_reference(q, d, h, temperature=t, label_smoothing=eps, reduction=reduction, atol=1e-4)
@@ -190,34 +198,42 @@ def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
     q, d, h = make(70, 12, hard, N=5, K=3, dtype=dtype)
     C = 70 + (5 if hard == "pool" else 3 if hard == "own" else 0)
     w = torch.rand(C)
-    check_against_reference(q, d, h, temperature=torch.tensor(0.3, requires_grad=True),
-                            label_smoothing=0.1, neg_weight=w)
+    check_against_reference(
+        q, d, h, temperature=torch.tensor(0.3, requires_grad=True), label_smoothing=0.1, neg_weight=w
+    )
     check_against_reference(q, d, h, temperature=0.3, reduction="none")
 
 
 # ------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("bad,exc,match", [
-    (lambda q, d: hotops.info_nce(q, d[:, :3]), ValueError, "same dimension"),
-    (lambda q, d: hotops.info_nce(q, d[:3]), ValueError, "positives"),
-    (lambda q, d: hotops.info_nce(q[0], d), ValueError, "2 dimensions"),
-    (lambda q, d: hotops.info_nce(q, d, temperature=0.0), ValueError, "temperature must be > 0"),
-    (lambda q, d: hotops.info_nce(q, d, temperature=-1.0), ValueError, "temperature must be > 0"),
-    (lambda q, d: hotops.info_nce(q.long(), d.long()), TypeError, "dtype"),
-    (lambda q, d: hotops.info_nce(q, d.double()), TypeError, "dtype"),
-    (lambda q, d: hotops.info_nce(q, d.half()), TypeError, "share one dtype"),
-    (lambda q, d: hotops.info_nce(q[:0], d[:0]), ValueError, "non-empty"),
-    (lambda q, d: hotops.info_nce(q, d, neg_weight=torch.ones(3)), ValueError, "one weight per candidate"),
-    (lambda q, d: hotops.info_nce(q, d, neg_weight=-torch.ones(8)), ValueError, "non-negative"),
-    (lambda q, d: hotops.info_nce(q, d, torch.randn(8, 2, 5)), ValueError, "hard"),
-    (lambda q, d: hotops.info_nce(q, d, torch.randn(3, 5)), ValueError, "hard"),
-    (lambda q, d: hotops.info_nce(q, d, reduction="max"), ValueError, "reduction"),
-    (lambda q, d: hotops.info_nce(q, d, label_smoothing=1.5), ValueError, "label_smoothing"),
-    (lambda q, d: hotops.info_nce(q, d, temperature=torch.ones(2)), ValueError, "0-d"),
-    (lambda q, d: hotops.info_nce(q, "d"), TypeError, "torch.Tensor"),
-    (lambda q, d: hotops.info_nce(q, d.to("meta")), ValueError, "one device"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        (lambda q, d: hotops.info_nce(q, d[:, :3]), ValueError, "same dimension"),
+        (lambda q, d: hotops.info_nce(q, d[:3]), ValueError, "positives"),
+        (lambda q, d: hotops.info_nce(q[0], d), ValueError, "2 dimensions"),
+        (lambda q, d: hotops.info_nce(q, d, temperature=0.0), ValueError, "temperature must be > 0"),
+        (lambda q, d: hotops.info_nce(q, d, temperature=-1.0), ValueError, "temperature must be > 0"),
+        (lambda q, d: hotops.info_nce(q.long(), d.long()), TypeError, "dtype"),
+        (lambda q, d: hotops.info_nce(q, d.double()), TypeError, "dtype"),
+        (lambda q, d: hotops.info_nce(q, d.half()), TypeError, "share one dtype"),
+        (lambda q, d: hotops.info_nce(q[:0], d[:0]), ValueError, "non-empty"),
+        (
+            lambda q, d: hotops.info_nce(q, d, neg_weight=torch.ones(3)),
+            ValueError,
+            "one weight per candidate",
+        ),
+        (lambda q, d: hotops.info_nce(q, d, neg_weight=-torch.ones(8)), ValueError, "non-negative"),
+        (lambda q, d: hotops.info_nce(q, d, torch.randn(8, 2, 5)), ValueError, "hard"),
+        (lambda q, d: hotops.info_nce(q, d, torch.randn(3, 5)), ValueError, "hard"),
+        (lambda q, d: hotops.info_nce(q, d, reduction="max"), ValueError, "reduction"),
+        (lambda q, d: hotops.info_nce(q, d, label_smoothing=1.5), ValueError, "label_smoothing"),
+        (lambda q, d: hotops.info_nce(q, d, temperature=torch.ones(2)), ValueError, "0-d"),
+        (lambda q, d: hotops.info_nce(q, "d"), TypeError, "torch.Tensor"),
+        (lambda q, d: hotops.info_nce(q, d.to("meta")), ValueError, "one device"),
+    ],
+)
 def test_bad_input(bad, exc, match):
     q, d = torch.randn(8, 4), torch.randn(8, 4)
     with pytest.raises(exc, match=match):
@@ -239,14 +255,53 @@ def test_c_kernel_refuses_bad_views():
     ext = _backend.ext()
     S, r = torch.randn(4, 6), torch.empty(4)
     with pytest.raises(ValueError, match="positive columns"):
-        ext.infonce_rows(S, None, None, None, r, r, r, pos_col=3, inv_t=1.0, smoothing=0.0,
-                         grad_scale=1.0, want_grad=False, threads=1)
+        ext.infonce_rows(
+            S,
+            None,
+            None,
+            None,
+            r,
+            r,
+            r,
+            pos_col=3,
+            inv_t=1.0,
+            smoothing=0.0,
+            grad_scale=1.0,
+            want_grad=False,
+            threads=1,
+        )
     with pytest.raises(ValueError, match="dtype int64"):
-        ext.infonce_rows(S.long(), None, None, None, r, r, r, pos_col=0, inv_t=1.0, smoothing=0.0,
-                         grad_scale=1.0, want_grad=False, threads=1)
+        ext.infonce_rows(
+            S.long(),
+            None,
+            None,
+            None,
+            r,
+            r,
+            r,
+            pos_col=0,
+            inv_t=1.0,
+            smoothing=0.0,
+            grad_scale=1.0,
+            want_grad=False,
+            threads=1,
+        )
     with pytest.raises(ValueError, match="contiguous last dimension"):
-        ext.infonce_rows(S.T, None, None, None, r, r, r, pos_col=0, inv_t=1.0, smoothing=0.0,
-                         grad_scale=1.0, want_grad=False, threads=1)
+        ext.infonce_rows(
+            S.T,
+            None,
+            None,
+            None,
+            r,
+            r,
+            r,
+            pos_col=0,
+            inv_t=1.0,
+            smoothing=0.0,
+            grad_scale=1.0,
+            want_grad=False,
+            threads=1,
+        )
 
 
 # ------------------------------------------------------------------ the module and gathering
@@ -276,8 +331,8 @@ def _gather_worker(rank, world, port, q, d, h, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         B, N = q.shape[0] // world, h.shape[0] // world
-        ql, dl = (t[rank * B:(rank + 1) * B].clone().requires_grad_() for t in (q, d))
-        hl = h[rank * N:(rank + 1) * N].clone().requires_grad_()
+        ql, dl = (t[rank * B : (rank + 1) * B].clone().requires_grad_() for t in (q, d))
+        hl = h[rank * N : (rank + 1) * N].clone().requires_grad_()
         loss = hotops.nn.InfoNCELoss(temperature=0.1, gather=True)(ql, dl, hl)
         # each rank's loss is the mean over its own queries; their sum / world is the global mean
         (loss / world).backward()
@@ -292,8 +347,13 @@ def test_gather_two_gloo_ranks_equal_one_process():
     q, d, h = torch.randn(world * B, D), torch.randn(world * B, D), torch.randn(world * N, D)
     manager = mp.get_context("spawn").Manager()
     out = manager.dict()
-    mp.start_processes(_gather_worker, args=(world, _free_port(), q, d, h, out), nprocs=world,
-                       start_method="spawn", join=True)
+    mp.start_processes(
+        _gather_worker,
+        args=(world, _free_port(), q, d, h, out),
+        nprocs=world,
+        start_method="spawn",
+        join=True,
+    )
     qa, da, ha = (t.clone().requires_grad_() for t in (q, d, h))
     ref = hotops.info_nce(qa, da, ha, temperature=0.1)
     ref.backward()
@@ -322,8 +382,9 @@ def test_cuda_matches_reference(hard, dtype):
     q, d, h = make(300, 64, hard, N=50, K=3, dtype=dtype)
     q, d = (t.detach().cuda().requires_grad_() for t in (q, d))
     h = h.detach().cuda().requires_grad_() if h is not None else None
-    check_against_reference(q, d, h, temperature=torch.tensor(0.1, device="cuda", requires_grad=True),
-                            label_smoothing=0.1)
+    check_against_reference(
+        q, d, h, temperature=torch.tensor(0.1, device="cuda", requires_grad=True), label_smoothing=0.1
+    )
 
 
 def test_c_kernel_takes_numpy_and_refuses_read_only_outputs():
@@ -341,14 +402,26 @@ def test_c_kernel_takes_numpy_and_refuses_read_only_outputs():
 
 
 @settings(max_examples=30, deadline=None)
-@given(Bq=st.integers(0, 6), Bd=st.integers(0, 6), Dq=st.integers(1, 5), Dd=st.integers(1, 5),
-       hard_shape=st.sampled_from([None, (3,), (2, 4), (6, 2, 4), (5, 1, 3)]))
+@given(
+    Bq=st.integers(0, 6),
+    Bd=st.integers(0, 6),
+    Dq=st.integers(1, 5),
+    Dd=st.integers(1, 5),
+    hard_shape=st.sampled_from([None, (3,), (2, 4), (6, 2, 4), (5, 1, 3)]),
+)
 def test_property_bad_shapes_raise_value_error(Bq, Bd, Dq, Dd, hard_shape):
     q, d = torch.randn(Bq, Dq), torch.randn(Bd, Dd)
     hard = torch.randn(*hard_shape) if hard_shape else None
-    valid = Bq > 0 and Dq == Dd and Bq <= Bd and (
-        hard is None or (hard.dim() == 2 and hard.shape[1] == Dq)
-        or (hard.dim() == 3 and hard.shape[0] == Bq and hard.shape[2] == Dq))
+    valid = (
+        Bq > 0
+        and Dq == Dd
+        and Bq <= Bd
+        and (
+            hard is None
+            or (hard.dim() == 2 and hard.shape[1] == Dq)
+            or (hard.dim() == 3 and hard.shape[0] == Bq and hard.shape[2] == Dq)
+        )
+    )
     if valid:
         assert torch.isfinite(hotops.info_nce(q, d, hard))
     else:
@@ -357,7 +430,7 @@ def test_property_bad_shapes_raise_value_error(Bq, Bd, Dq, Dd, hard_shape):
 
 
 def test_non_contiguous_inputs(isa):
-    q = torch.randn(16, 20).T.requires_grad_()          # (20, 16), column-major
-    d = torch.randn(20, 32)[:, ::2].requires_grad_()    # (20, 16), stride 2 in the last dim
+    q = torch.randn(16, 20).T.requires_grad_()  # (20, 16), column-major
+    d = torch.randn(20, 32)[:, ::2].requires_grad_()  # (20, 16), stride 2 in the last dim
     h = torch.randn(7, 16, requires_grad=True)
     check_against_reference(q, d, h, temperature=0.5)

@@ -1,5 +1,6 @@
 """faiss <-> hotops index conversion: small faiss indexes built here, the same neighbours from
 both, codes unchanged both ways, refusals that say why."""
+
 import functools
 
 import numpy as np
@@ -46,7 +47,11 @@ def short_training(pq):
 
 @functools.lru_cache(maxsize=None)
 def faiss_pq(metric, nbits=8, fast=False, m=8):
-    index = faiss.IndexPQFastScan(D, m, 4, metric_of(metric)) if fast else faiss.IndexPQ(D, m, nbits, metric_of(metric))
+    index = (
+        faiss.IndexPQFastScan(D, m, 4, metric_of(metric))
+        if fast
+        else faiss.IndexPQ(D, m, nbits, metric_of(metric))
+    )
     short_training(index.pq)
     index.train(X)
     index.add(X)
@@ -188,7 +193,11 @@ def test_fastscan_codes_exact_and_agreement(metric, kind):
     if kind == "pq":
         index, cls, kw = faiss_pq(metric, fast=True), PQIndex, {}
     else:
-        index, cls, kw = faiss_ivf(metric, by_residual=kind == "ivf_res", fast=True), IVFPQIndex, {"nprobe": 4}
+        index, cls, kw = (
+            faiss_ivf(metric, by_residual=kind == "ivf_res", fast=True),
+            IVFPQIndex,
+            {"nprobe": 4},
+        )
     h = cls.from_faiss(index)
     assert h.nbits == 4 and h.fast_scan
     # exactness: the codes decode to faiss's own reconstructions
@@ -287,8 +296,26 @@ def test_glove_example_small():
 
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "faiss_glove.py")
     main = runpy.run_path(path)["main"]
-    recalls = main(["--nq", "50", "--nb", "4000", "--nt", "4000", "--nlist", "16", "--nprobe", "4", "--repeat", "1",
-                    "--m", "5", "--only", "IVF"])
+    recalls = main(
+        [
+            "--nq",
+            "50",
+            "--nb",
+            "4000",
+            "--nt",
+            "4000",
+            "--nlist",
+            "16",
+            "--nprobe",
+            "4",
+            "--repeat",
+            "1",
+            "--m",
+            "5",
+            "--only",
+            "IVF",
+        ]
+    )
     assert len(recalls) == 5
     for name, r in recalls.items():
         if "FastScan" in name:

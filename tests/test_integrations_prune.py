@@ -1,6 +1,7 @@
 """Modules pruned with torch.nn.utils.prune: the pattern is weight_mask, the values weight_orig
 (the `weight` attribute goes stale after an optimizer step), the prune hooks go, and the sparse
 model computes what the pruned dense one does."""
+
 import pytest
 import torch
 from torch import nn
@@ -19,8 +20,15 @@ def step(model, x):
 
 
 def net():
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Flatten(), nn.Linear(16 * 36, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.Flatten(),
+        nn.Linear(16 * 36, 10),
+    )
 
 
 def assert_same(sparse_model, dense_model, x):
@@ -61,7 +69,9 @@ def test_conv_random_structured_and_pruned_bias():
 def test_sparsify_global_unstructured_removes_hooks():
     model = net()
     layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
-    prune.global_unstructured([(m, "weight") for m in layers], pruning_method=prune.L1Unstructured, amount=0.7)
+    prune.global_unstructured(
+        [(m, "weight") for m in layers], pruning_method=prune.L1Unstructured, amount=0.7
+    )
     step(model, X)
     out = hs.sparsify(model, sparsity=None, policy="sparse")
     assert not prune.is_pruned(out) and not any(hasattr(m, "weight_orig") for m in out.modules())
@@ -94,7 +104,9 @@ def test_sparsify_sparsity_prunes_the_current_weights_further():
     # the survivors are the largest of weight_orig * weight_mask
     current = (model[6].weight_orig * model[6].weight_mask).detach()
     dense = lin.sparse_weight.to_dense()
-    assert torch.equal(dense != 0, current.abs() >= current.abs().flatten().topk(lin.sparse_weight.nnz).values[-1])
+    assert torch.equal(
+        dense != 0, current.abs() >= current.abs().flatten().topk(lin.sparse_weight.nnz).values[-1]
+    )
 
 
 def test_sparsity_none_takes_the_zeros_as_they_are():

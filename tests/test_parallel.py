@@ -1,5 +1,6 @@
 """The kernels' threads: on torch's OpenMP team when torch uses one, else hotops' own pool; both
 give the same results."""
+
 import os
 import re
 
@@ -29,7 +30,9 @@ def test_kernels_share_torchs_openmp_team():
 
 def test_own_pool_and_openmp_team_agree():
     C = _backend.ext()
-    sw = SparseWeight.from_dense(torch.randn(300, 200, generator=torch.Generator().manual_seed(0)), sparsity=0.7)
+    sw = SparseWeight.from_dense(
+        torch.randn(300, 200, generator=torch.Generator().manual_seed(0)), sparsity=0.7
+    )
     x = torch.randn(70, 200, generator=torch.Generator().manual_seed(1))
     q = torch.randn(2, 4, 200, 32, generator=torch.Generator().manual_seed(2))
     before = _backend._torch_openmp_parallel()
@@ -42,4 +45,3 @@ def test_own_pool_and_openmp_team_agree():
         C.set_openmp_parallel(before)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
-

@@ -10,7 +10,16 @@ from torch import nn
 
 import hotops
 from hotops import _backend
-from hotops.sparse import SparseConv2d, SparseLinear, SparseWeight, op, reference, sparse_conv2d, sparse_linear, sparsify
+from hotops.sparse import (
+    SparseConv2d,
+    SparseLinear,
+    SparseWeight,
+    op,
+    reference,
+    sparse_conv2d,
+    sparse_linear,
+    sparsify,
+)
 from hotops.sparse.module import DENSE, SPARSE
 
 
@@ -29,6 +38,7 @@ def _close(y, r64, r32):
 
 
 # ------------------------------------------------------------------ linear
+
 
 @pytest.mark.parametrize("B", [0, 1, 5, 40, 64, 100, 131])
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.97])
@@ -72,16 +82,21 @@ def test_low_precision_activations(isa, dtype):
     torch.manual_seed(0)
     lin = SparseWeight.from_dense(torch.randn(19, PANEL_COLS + 40).to(dtype), sparsity=0.8)
     conv = SparseWeight.from_dense(torch.randn(6, 4, 3, 3), sparsity=0.6)
-    cases = [(sparse_linear, reference.sparse_linear, lin, torch.randn(70, PANEL_COLS + 40), {}),
-             (sparse_linear, reference.sparse_linear, lin, torch.randn(1, PANEL_COLS + 40), {}),
-             (sparse_conv2d, reference.sparse_conv2d, conv, torch.randn(2, 4, 9, 9), dict(padding=1))]
+    cases = [
+        (sparse_linear, reference.sparse_linear, lin, torch.randn(70, PANEL_COLS + 40), {}),
+        (sparse_linear, reference.sparse_linear, lin, torch.randn(1, PANEL_COLS + 40), {}),
+        (sparse_conv2d, reference.sparse_conv2d, conv, torch.randn(2, 4, 9, 9), dict(padding=1)),
+    ]
     for fn, ref, sw, x, geo in cases:
         b = torch.randn(sw.out_features)
         xl, bl = x.to(dtype), b.to(dtype)
         y = fn(xl, sw, bl, activation="relu", **geo)
         assert y.dtype == dtype
-        assert_close_to_reference(y, ref(xl.double(), sw.with_values(sw.values.double()), bl.double(),
-                                         activation="relu", **geo), ref(xl, sw, bl, activation="relu", **geo))
+        assert_close_to_reference(
+            y,
+            ref(xl.double(), sw.with_values(sw.values.double()), bl.double(), activation="relu", **geo),
+            ref(xl, sw, bl, activation="relu", **geo),
+        )
         xg, v = xl.clone().requires_grad_(), sw.values.clone().requires_grad_()
         gx, gv = torch.autograd.grad(fn(xg, sw.with_values(v), **geo).float().sum(), (xg, v))
         wx, wv = torch.autograd.grad(ref(xg.float(), sw.with_values(v), **geo).sum(), (xg, v))
@@ -120,7 +135,9 @@ def test_linear_gradients(isa, B):
     b = torch.randn(19, requires_grad=True)
     gy = torch.randn(B, 19)
     got = torch.autograd.grad((sparse_linear(x, sw.with_values(v), b, "relu") * gy).sum(), (x, v, b))
-    want = torch.autograd.grad((reference.sparse_linear(x, sw.with_values(v), b, "relu") * gy).sum(), (x, v, b))
+    want = torch.autograd.grad(
+        (reference.sparse_linear(x, sw.with_values(v), b, "relu") * gy).sum(), (x, v, b)
+    )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
@@ -192,7 +209,9 @@ def test_relu6_gradients_and_nan(isa):
     gy = torch.randn_like(y)
     got = torch.autograd.grad((y * gy).sum(), (x, v, b))
     want = torch.autograd.grad(
-        (reference.sparse_conv2d(x, sw.with_values(v), b, padding=1, activation="relu6") * gy).sum(), (x, v, b))
+        (reference.sparse_conv2d(x, sw.with_values(v), b, padding=1, activation="relu6") * gy).sum(),
+        (x, v, b),
+    )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     lin = SparseWeight.from_dense(torch.ones(3, 4))
@@ -214,9 +233,12 @@ def test_conv_gradients(name):
     b.requires_grad_()
     v = sw.values.clone().requires_grad_()
     gy = torch.randn_like(reference.sparse_conv2d(x, sw, b, **geo))
-    got = torch.autograd.grad((sparse_conv2d(x, sw.with_values(v), b, activation="relu", **geo) * gy).sum(), (x, v, b))
+    got = torch.autograd.grad(
+        (sparse_conv2d(x, sw.with_values(v), b, activation="relu", **geo) * gy).sum(), (x, v, b)
+    )
     want = torch.autograd.grad(
-        (reference.sparse_conv2d(x, sw.with_values(v), b, activation="relu", **geo) * gy).sum(), (x, v, b))
+        (reference.sparse_conv2d(x, sw.with_values(v), b, activation="relu", **geo) * gy).sum(), (x, v, b)
+    )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
@@ -244,9 +266,19 @@ def test_nan_propagates():
 
 
 @settings(max_examples=25, deadline=None)
-@given(C=st.integers(1, 6), O=st.integers(1, 6), g=st.sampled_from([1, 2]), kh=st.integers(1, 4),
-       kw=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 2), d=st.integers(1, 2),
-       H=st.integers(1, 9), W=st.integers(1, 9), sparsity=st.sampled_from([0.0, 0.5, 0.9]))
+@given(
+    C=st.integers(1, 6),
+    O=st.integers(1, 6),
+    g=st.sampled_from([1, 2]),
+    kh=st.integers(1, 4),
+    kw=st.integers(1, 4),
+    s=st.integers(1, 3),
+    p=st.integers(0, 2),
+    d=st.integers(1, 2),
+    H=st.integers(1, 9),
+    W=st.integers(1, 9),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9]),
+)
 def test_conv_property(C, O, g, kh, kw, s, p, d, H, W, sparsity):
     C, O = C * g, O * g
     if H + 2 * p < d * (kh - 1) + 1 or W + 2 * p < d * (kw - 1) + 1:
@@ -259,9 +291,20 @@ def test_conv_property(C, O, g, kh, kw, s, p, d, H, W, sparsity):
 
 
 @settings(max_examples=40, deadline=None)
-@given(C=st.integers(1, 6), mult=st.integers(1, 2), kh=st.integers(1, 5), kw=st.integers(1, 5),
-       sh=st.integers(1, 3), sw_=st.integers(1, 3), p=st.integers(0, 3), d=st.integers(1, 2), H=st.integers(1, 12),
-       W=st.integers(1, 12), sparsity=st.sampled_from([0.0, 0.5, 0.9]), act=st.sampled_from([None, "relu", "relu6"]))
+@given(
+    C=st.integers(1, 6),
+    mult=st.integers(1, 2),
+    kh=st.integers(1, 5),
+    kw=st.integers(1, 5),
+    sh=st.integers(1, 3),
+    sw_=st.integers(1, 3),
+    p=st.integers(0, 3),
+    d=st.integers(1, 2),
+    H=st.integers(1, 12),
+    W=st.integers(1, 12),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9]),
+    act=st.sampled_from([None, "relu", "relu6"]),
+)
 def test_depthwise_property(C, mult, kh, kw, sh, sw_, p, d, H, W, sparsity, act):
     """The direct depthwise kernel (both of its paths) over random geometry, channel multipliers
     and activations."""
@@ -276,6 +319,7 @@ def test_depthwise_property(C, mult, kh, kw, sh, sw_, p, d, H, W, sparsity, act)
 
 # ------------------------------------------------------------------ torch.library
 
+
 def _linear_args(requires_grad=False):
     sw = SparseWeight.from_dense(torch.randn(9, 13), sparsity=0.5)
     x = torch.randn(5, 13, requires_grad=requires_grad)
@@ -289,14 +333,31 @@ def _conv_args(requires_grad=False, name="grouped 3x3", activation=1):
     x.requires_grad_(requires_grad)
     v = sw.values.clone().requires_grad_(requires_grad)
     b.requires_grad_(requires_grad)
-    return (x, v, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm, b, list(sw.shape),
-            [1, 1], [1, 1], [1, 1], sw.groups, activation)
+    return (
+        x,
+        v,
+        sw.rowptr,
+        sw.colidx,
+        sw.t_rowptr,
+        sw.t_colidx,
+        sw.t_perm,
+        b,
+        list(sw.shape),
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        sw.groups,
+        activation,
+    )
 
 
 def test_opcheck():
     depthwise_relu6 = lambda grad: _conv_args(grad, "depthwise 3x3", activation=2)  # noqa: E731
-    for fn, make in ((op.sparse_linear_op, _linear_args), (op.sparse_conv2d_op, _conv_args),
-                     (op.sparse_conv2d_op, depthwise_relu6)):
+    for fn, make in (
+        (op.sparse_linear_op, _linear_args),
+        (op.sparse_conv2d_op, _conv_args),
+        (op.sparse_conv2d_op, depthwise_relu6),
+    ):
         torch.library.opcheck(fn, make(False))
         torch.library.opcheck(fn, make(True))
     a = _linear_args()
@@ -331,6 +392,7 @@ def test_compile_conv_with_backward(name, act):
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_bad_inputs():
     w = torch.randn(8, 6)
@@ -375,25 +437,56 @@ def test_corrupt_structure_is_caught_by_the_kernel():
     bad_col = sw.colidx.clone()
     bad_col[0] = 6
     with pytest.raises(ValueError, match="column index out of range"):
-        op.sparse_linear_op(torch.randn(2, 6), sw.values, sw.rowptr, bad_col, sw.t_rowptr, sw.t_colidx,
-                            sw.t_perm, None, 6, 0)
+        op.sparse_linear_op(
+            torch.randn(2, 6), sw.values, sw.rowptr, bad_col, sw.t_rowptr, sw.t_colidx, sw.t_perm, None, 6, 0
+        )
     bad_ptr = sw.rowptr.clone()
     bad_ptr[2] = bad_ptr[3] + 1
     with pytest.raises(ValueError, match="rowptr"):
-        op.sparse_linear_op(torch.randn(2, 6), sw.values, bad_ptr, sw.colidx, sw.t_rowptr, sw.t_colidx,
-                            sw.t_perm, None, 6, 0)
+        op.sparse_linear_op(
+            torch.randn(2, 6), sw.values, bad_ptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm, None, 6, 0
+        )
     dw = SparseWeight.from_dense(torch.randn(4, 1, 3, 3), sparsity=0.5, groups=4)
     bad_col = dw.colidx.clone()
     bad_col[-1] = 9
     with pytest.raises(ValueError, match="column index out of range"):  # the depthwise kernel checks too
-        op.sparse_conv2d_op(torch.randn(1, 4, 5, 5), dw.values, dw.rowptr, bad_col, dw.t_rowptr, dw.t_colidx,
-                            dw.t_perm, None, list(dw.shape), [1, 1], [1, 1], [1, 1], 4, 0)
+        op.sparse_conv2d_op(
+            torch.randn(1, 4, 5, 5),
+            dw.values,
+            dw.rowptr,
+            bad_col,
+            dw.t_rowptr,
+            dw.t_colidx,
+            dw.t_perm,
+            None,
+            list(dw.shape),
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            4,
+            0,
+        )
     with pytest.raises(ValueError, match="activation must be"):
-        op.sparse_conv2d_op(torch.randn(1, 4, 5, 5), dw.values, dw.rowptr, dw.colidx, dw.t_rowptr, dw.t_colidx,
-                            dw.t_perm, None, list(dw.shape), [1, 1], [1, 1], [1, 1], 4, 3)
+        op.sparse_conv2d_op(
+            torch.randn(1, 4, 5, 5),
+            dw.values,
+            dw.rowptr,
+            dw.colidx,
+            dw.t_rowptr,
+            dw.t_colidx,
+            dw.t_perm,
+            None,
+            list(dw.shape),
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            4,
+            3,
+        )
 
 
 # ------------------------------------------------------------------ modules and sparsify
+
 
 def test_sparse_linear_module():
     lin = nn.Linear(20, 10)
@@ -437,8 +530,11 @@ def test_measured_dispatch(monkeypatch, sparse_faster):
             x = make(n)
             y = layer(x)
             assert layer.backend == want
-            dense = F.conv2d(x, layer.to_dense(), layer.bias, padding=1).relu() if layer is conv else \
-                F.linear(x, layer.to_dense(), layer.bias)
+            dense = (
+                F.conv2d(x, layer.to_dense(), layer.bias, padding=1).relu()
+                if layer is conv
+                else F.linear(x, layer.to_dense(), layer.bias)
+            )
             torch.testing.assert_close(y, dense)
         assert len(calls) == 2  # batch 2 and batch 3: each signature measured once
         assert all(d[1:] == ((1.0, 2.0) if sparse_faster else (2.0, 1.0)) for d in layer.dispatch.values())
@@ -470,12 +566,15 @@ def test_prepared_inference_call_follows_the_layer(policy):
     import io
 
     torch.manual_seed(0)
-    conv = SparseConv2d.from_dense(nn.Conv2d(6, 6, 3, padding=1, groups=3), sparsity=0.5, activation="relu6",
-                                   policy=policy)
+    conv = SparseConv2d.from_dense(
+        nn.Conv2d(6, 6, 3, padding=1, groups=3), sparsity=0.5, activation="relu6", policy=policy
+    )
     x = 4 * torch.randn(2, 6, 5, 5)
 
     def want(inp=x):
-        return reference.sparse_conv2d(inp, conv.sparse_weight, conv.bias, padding=1, activation=conv.activation)
+        return reference.sparse_conv2d(
+            inp, conv.sparse_weight, conv.bias, padding=1, activation=conv.activation
+        )
 
     with torch.no_grad():
         for _ in range(2):
@@ -516,10 +615,14 @@ def test_prepared_linear_call(policy, shape):
     x = torch.randn(*shape)
     with torch.inference_mode():
         for _ in range(3):
-            torch.testing.assert_close(lin(x), reference.sparse_linear(x, lin.sparse_weight, lin.bias, "relu"))
+            torch.testing.assert_close(
+                lin(x), reference.sparse_linear(x, lin.sparse_weight, lin.bias, "relu")
+            )
         assert lin._prepared is not None
         lin.activation = "relu6"
-        torch.testing.assert_close(lin(3 * x), reference.sparse_linear(3 * x, lin.sparse_weight, lin.bias, "relu6"))
+        torch.testing.assert_close(
+            lin(3 * x), reference.sparse_linear(3 * x, lin.sparse_weight, lin.bias, "relu6")
+        )
 
 
 def test_training_under_fixed_mask():
@@ -553,14 +656,25 @@ def test_set_mask_repacks():
 
 
 def _tiny_net():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
 
 
 def test_sparsify_magnitude():
     net = _tiny_net()
     sp = sparsify(net, sparsity=0.75, policy="sparse")
-    assert isinstance(sp[0], SparseConv2d) and isinstance(sp[2], SparseConv2d) and isinstance(sp[6], SparseLinear)
+    assert (
+        isinstance(sp[0], SparseConv2d)
+        and isinstance(sp[2], SparseConv2d)
+        and isinstance(sp[6], SparseLinear)
+    )
     assert isinstance(net[0], nn.Conv2d)  # not in place by default
     dense = _tiny_net()
     dense.load_state_dict(net.state_dict())
@@ -575,8 +689,16 @@ def test_sparsify_learned():
     torch.manual_seed(0)
     net = _tiny_net()
     data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(3)]
-    sp = sparsify(net, sparsity=0.7, method="learned", data=data, loss_fn=F.cross_entropy, steps=6, lr=5.0,
-                  skip=lambda name, m: isinstance(m, nn.Linear))
+    sp = sparsify(
+        net,
+        sparsity=0.7,
+        method="learned",
+        data=data,
+        loss_fn=F.cross_entropy,
+        steps=6,
+        lr=5.0,
+        skip=lambda name, m: isinstance(m, nn.Linear),
+    )
     assert isinstance(sp[0], SparseConv2d) and isinstance(sp[6], nn.Linear)
     assert abs(sp[0].density - 0.3) < 0.02
     magnitude = sparsify(net, sparsity=0.7, skip=lambda name, m: isinstance(m, nn.Linear))
@@ -590,11 +712,23 @@ def test_sparsify_learned():
 def _bn_net():
     """conv + BN + ReLU6, depthwise + BN + ReLU, a sparse layer with its own ReLU before a BN (must
     not fold), a dense conv + BN (torch's folding), linear + BatchNorm1d + ReLU."""
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
-                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.Conv2d(8, 6, 1), nn.ReLU(), nn.BatchNorm2d(6),
-                        nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4),
-                        nn.Flatten(), nn.Linear(4 * 5 * 5, 7), nn.BatchNorm1d(7), nn.ReLU())
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 1),
+        nn.ReLU(),
+        nn.BatchNorm2d(6),
+        nn.Conv2d(6, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 7),
+        nn.BatchNorm1d(7),
+        nn.ReLU(),
+    )
     for bn in net.modules():
         if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
             bn.running_mean.uniform_(-1, 1)
@@ -609,9 +743,23 @@ def test_fuse_folds_batchnorm_and_activations():
     sp = sparsify(_bn_net(), sparsity=0.6, policy="sparse", skip=lambda name, m: name == "9")
     fused = hotops.sparse.fuse(sp)
     kinds = [type(m).__name__ for m in fused]
-    assert kinds == ["SparseConv2d", "Identity", "Identity", "SparseConv2d", "Identity", "Identity",
-                     "SparseConv2d", "Identity", "BatchNorm2d", "Conv2d", "Identity", "Flatten", "SparseLinear",
-                     "Identity", "Identity"]
+    assert kinds == [
+        "SparseConv2d",
+        "Identity",
+        "Identity",
+        "SparseConv2d",
+        "Identity",
+        "Identity",
+        "SparseConv2d",
+        "Identity",
+        "BatchNorm2d",
+        "Conv2d",
+        "Identity",
+        "Flatten",
+        "SparseLinear",
+        "Identity",
+        "Identity",
+    ]
     assert [fused[i].activation for i in (0, 3, 6, 12)] == ["relu6", "relu", "relu", "relu"]
     assert isinstance(sp[1], nn.BatchNorm2d) and sp[0].activation is None  # not in place by default
     x = 3 * torch.randn(4, 3, 5, 5)
@@ -637,10 +785,14 @@ def test_public_api():
 
 # ------------------------------------------------------------------ the Triton BSR kernel
 
+
 def _force_triton(monkeypatch):
     require_triton_runs()
-    monkeypatch.setattr(op, "LINEAR_BACKENDS", (
-        _backend.Backend("triton", lambda dev: None, (op._triton_linear, op._triton_linear_grads)),))
+    monkeypatch.setattr(
+        op,
+        "LINEAR_BACKENDS",
+        (_backend.Backend("triton", lambda dev: None, (op._triton_linear, op._triton_linear_grads)),),
+    )
 
 
 @pytest.mark.parametrize("B,O,I", [(5, 40, 70), (33, 32, 32)])
@@ -655,7 +807,9 @@ def test_triton_bsr_linear_in_interpreter(monkeypatch, B, O, I):
     _close(y.detach(), r64, r32)
     gy = torch.randn(B, O)
     got = torch.autograd.grad((y * gy).sum(), (x, v, b))
-    want = torch.autograd.grad((reference.sparse_linear(x, sw.with_values(v), b, "relu") * gy).sum(), (x, v, b))
+    want = torch.autograd.grad(
+        (reference.sparse_linear(x, sw.with_values(v), b, "relu") * gy).sum(), (x, v, b)
+    )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
@@ -670,7 +824,7 @@ def test_bsr_packing_round_trip():
     for br in range(crow.numel() - 1):
         for j in range(crow[br], crow[br + 1]):
             c = int(ccol[j])
-            dense[br * 16:(br + 1) * 16, c * 16:(c + 1) * 16] = blocks[j]
+            dense[br * 16 : (br + 1) * 16, c * 16 : (c + 1) * 16] = blocks[j]
     torch.testing.assert_close(dense[:70, :45], sw.to_dense())
 
 
@@ -678,19 +832,33 @@ def test_bsr_packing_round_trip():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_sparse_linear():
     sw = SparseWeight.from_dense(torch.randn(300, 500), sparsity=0.9)
-    dev = SparseWeight(sw.shape, sw.groups, *(t.cuda() for t in (sw.rowptr, sw.colidx, sw.values, sw.t_rowptr,
-                                                                  sw.t_colidx, sw.t_perm)))
+    dev = SparseWeight(
+        sw.shape,
+        sw.groups,
+        *(t.cuda() for t in (sw.rowptr, sw.colidx, sw.values, sw.t_rowptr, sw.t_colidx, sw.t_perm)),
+    )
     x = torch.randn(100, 500, device="cuda")
-    torch.testing.assert_close(sparse_linear(x, dev, activation="relu").cpu(),
-                               reference.sparse_linear(x.cpu(), sw, activation="relu"), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        sparse_linear(x, dev, activation="relu").cpu(),
+        reference.sparse_linear(x.cpu(), sw, activation="relu"),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_conv_dispatch_model():
     x = torch.randn(1, 8, 6, 6)
-    cases = [(nn.Conv2d(8, 8, 3, padding=1), 0.9, SPARSE), (nn.Conv2d(8, 8, 3, padding=1), 0.5, DENSE),
-             (nn.Conv2d(8, 8, 1), 0.7, SPARSE), (nn.Conv2d(8, 8, 1), 0.3, DENSE),
-             (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.9, SPARSE), (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.5, DENSE)]
+    cases = [
+        (nn.Conv2d(8, 8, 3, padding=1), 0.9, SPARSE),
+        (nn.Conv2d(8, 8, 3, padding=1), 0.5, DENSE),
+        (nn.Conv2d(8, 8, 1), 0.7, SPARSE),
+        (nn.Conv2d(8, 8, 1), 0.3, DENSE),
+        (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.9, SPARSE),
+        (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.5, DENSE),
+    ]
     for conv, sparsity, backend in cases:
         layer = SparseConv2d.from_dense(conv, sparsity=sparsity, policy="model")
-        torch.testing.assert_close(layer(x), F.conv2d(x, layer.to_dense(), conv.bias, 1, conv.padding, 1, conv.groups))
+        torch.testing.assert_close(
+            layer(x), F.conv2d(x, layer.to_dense(), conv.bias, 1, conv.padding, 1, conv.groups)
+        )
         assert layer.backend == backend, (conv, sparsity)

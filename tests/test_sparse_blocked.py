@@ -10,14 +10,25 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hotops import _backend
-from hotops.sparse import SparseConv2d, SparseLinear, SparseWeight, op, reference, sparse_conv2d, sparse_linear, sparsify
+from hotops.sparse import (
+    SparseConv2d,
+    SparseLinear,
+    SparseWeight,
+    op,
+    reference,
+    sparse_conv2d,
+    sparse_linear,
+    sparsify,
+)
 from hotops.sparse.format import BLOCK_FILL_MIN, PANEL_COLS, block_mask
 
 
 def _close(y, fn, x, sw, *args, **kw):
     """y against the reference in float64 and in x's precision (the tolerance idiom)."""
     b = kw.pop("bias", None)
-    r64 = fn(x.double(), sw.with_values(sw.values.double()), b.double() if b is not None else None, *args, **kw)
+    r64 = fn(
+        x.double(), sw.with_values(sw.values.double()), b.double() if b is not None else None, *args, **kw
+    )
     r = fn(x, sw, b, *args, **kw)
     assert y.shape == r.shape and y.dtype == x.dtype
     if y.numel():
@@ -29,11 +40,12 @@ def _masks(w: torch.Tensor, block: int, groups: int = 1):
     pruned = block_mask(w, 0.6, block, groups)
     holes = pruned.clone()
     holes[: min(block, w.shape[0])] = False  # the first block empty
-    holes[-1] = False                        # a row with no non-zero in the last block
+    holes[-1] = False  # a row with no non-zero in the last block
     return {"block-pruned": pruned, "unstructured": torch.rand(w.shape) < 0.3, "empty blocks": holes}
 
 
 # ------------------------------------------------------------------ format
+
 
 def test_block_mask_keeps_whole_blocks():
     w = torch.randn(2 * 7, 10, 3, 3)  # 2 groups of 7 rows: blocks of 4 and a last block of 3
@@ -80,6 +92,7 @@ def test_block_values_follow_in_place_updates():
 
 # ------------------------------------------------------------------ forward vs reference
 
+
 @pytest.mark.parametrize("B", [0, 1, 3, 17, 64, 100])
 @pytest.mark.parametrize("block", [4, 8])
 def test_linear_matches_reference(isa, B, block):
@@ -90,7 +103,9 @@ def test_linear_matches_reference(isa, B, block):
             assert sw.block == block, name
             x, b = torch.randn(B, I), torch.randn(O)
             for bias, act in ((None, None), (b, "relu"), (b, "relu6")):
-                _close(sparse_linear(x, sw, bias, act), reference.sparse_linear, x, sw, bias=bias, activation=act)
+                _close(
+                    sparse_linear(x, sw, bias, act), reference.sparse_linear, x, sw, bias=bias, activation=act
+                )
 
 
 CONVS = {  # name: (N, C, H, W, O, kh, kw, stride, padding, dilation, groups)
@@ -136,14 +151,22 @@ def test_nan_propagates_and_fully_pruned_gives_bias():
     x[0, sw.colidx[0]] = float("nan")
     y = sparse_linear(x, sw)
     assert torch.isnan(y[0]).any() and not torch.isnan(y[1]).any()
-    empty = SparseWeight.from_dense(torch.randn(8, 12), mask=torch.zeros(8, 12, dtype=torch.bool), layout="blocked")
+    empty = SparseWeight.from_dense(
+        torch.randn(8, 12), mask=torch.zeros(8, 12, dtype=torch.bool), layout="blocked"
+    )
     b = torch.randn(8)
     torch.testing.assert_close(sparse_linear(x, empty, b), b.expand(2, 8))
 
 
 @settings(max_examples=25, deadline=None)
-@given(O=st.integers(1, 19), I=st.integers(1, 40), B=st.integers(1, 70), block=st.sampled_from([4, 8]),
-       sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 2**16))
+@given(
+    O=st.integers(1, 19),
+    I=st.integers(1, 40),
+    B=st.integers(1, 70),
+    block=st.sampled_from([4, 8]),
+    sparsity=st.floats(0.0, 0.95),
+    seed=st.integers(0, 2**16),
+)
 def test_linear_property(O, I, B, block, sparsity, seed):
     g = torch.Generator().manual_seed(seed)
     w, x = torch.randn(O, I, generator=g), torch.randn(B, I, generator=g)
@@ -152,6 +175,7 @@ def test_linear_property(O, I, B, block, sparsity, seed):
 
 
 # ------------------------------------------------------------------ gradients, ops, compile
+
 
 def test_gradients_match_dense_masked_reference():
     """Training under the mask: the forward runs blocked, the gradients on the CSR."""
@@ -186,15 +210,46 @@ def test_opcheck():
     for grad in (False, True):
         x = torch.randn(5, 13, requires_grad=grad)
         v = sw.values.clone().requires_grad_(grad)
-        torch.library.opcheck(op.sparse_linear_op, (x, v, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
-                                                    torch.randn(9), 13, 1, *sw.blocked))
+        torch.library.opcheck(
+            op.sparse_linear_op,
+            (
+                x,
+                v,
+                sw.rowptr,
+                sw.colidx,
+                sw.t_rowptr,
+                sw.t_colidx,
+                sw.t_perm,
+                torch.randn(9),
+                13,
+                1,
+                *sw.blocked,
+            ),
+        )
     swc = SparseWeight.from_dense(torch.randn(12, 4, 3, 3), sparsity=0.5, block=4)
     for grad in (False, True):
         x = torch.randn(2, 4, 7, 7, requires_grad=grad)
         v = swc.values.clone().requires_grad_(grad)
-        torch.library.opcheck(op.sparse_conv2d_op, (x, v, swc.rowptr, swc.colidx, swc.t_rowptr, swc.t_colidx,
-                                                    swc.t_perm, None, [12, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1, 2,
-                                                    *swc.blocked))
+        torch.library.opcheck(
+            op.sparse_conv2d_op,
+            (
+                x,
+                v,
+                swc.rowptr,
+                swc.colidx,
+                swc.t_rowptr,
+                swc.t_colidx,
+                swc.t_perm,
+                None,
+                [12, 4, 3, 3],
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                1,
+                2,
+                *swc.blocked,
+            ),
+        )
 
 
 def test_compile_with_backward():
@@ -217,6 +272,7 @@ def test_compile_with_backward():
 
 # ------------------------------------------------------------------ modules, sparsify
 
+
 def test_modules_run_blocked():
     lin = nn.Linear(40, 24)
     layer = SparseLinear.from_dense(lin, sparsity=0.8, block=4, policy="sparse")
@@ -227,21 +283,27 @@ def test_modules_run_blocked():
             torch.testing.assert_close(layer(x), F.linear(x, layer.to_dense(), layer.bias))
         layer.values.mul_(0.5)  # an in-place update rebinds (and regathers the blocked values)
         torch.testing.assert_close(layer(x), F.linear(x, layer.to_dense(), layer.bias))
-    conv = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1), sparsity=0.8, block=8, activation="relu",
-                                   policy="sparse")
+    conv = SparseConv2d.from_dense(
+        nn.Conv2d(8, 16, 3, padding=1), sparsity=0.8, block=8, activation="relu", policy="sparse"
+    )
     assert conv.layout == "blocked 8x1"
     xc = torch.randn(1, 8, 9, 9)
     with torch.no_grad():
         for _ in range(2):
-            torch.testing.assert_close(conv(xc), F.relu(F.conv2d(xc, conv.to_dense(), conv.bias, padding=1)),
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                conv(xc), F.relu(F.conv2d(xc, conv.to_dense(), conv.bias, padding=1)), rtol=1e-4, atol=1e-5
+            )
     # training through the module: the values' gradient is the masked dense one
     conv.zero_grad()
     conv(xc).sum().backward()
     wd = conv.to_dense().detach().requires_grad_()
     F.relu(F.conv2d(xc, wd, conv.bias, padding=1)).sum().backward()
-    torch.testing.assert_close(SparseWeight.from_dense(wd.grad * conv.mask(), mask=conv.mask()).to_dense(),
-                               conv.sparse_weight.with_values(conv.values.grad).to_dense(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        SparseWeight.from_dense(wd.grad * conv.mask(), mask=conv.mask()).to_dense(),
+        conv.sparse_weight.with_values(conv.values.grad).to_dense(),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     # state_dict round trip keeps the blocked form
     twin = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1), sparsity=0.8, block=8, activation="relu")
     twin.load_state_dict(conv.state_dict())
@@ -249,8 +311,13 @@ def test_modules_run_blocked():
 
 
 def test_sparsify_block():
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=2),
-                          nn.Flatten(), nn.Linear(16 * 25, 12))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=2),
+        nn.Flatten(),
+        nn.Linear(16 * 25, 12),
+    )
     sparse = sparsify(model, sparsity=0.75, block=4)
     layers = [m for m in sparse.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
     assert [m.layout for m in layers] == ["blocked 4x1"] * 3
@@ -262,11 +329,13 @@ def test_sparsify_block():
     with torch.no_grad():
         h = F.relu(F.conv2d(x, layers[0].to_dense(), model[0].bias, padding=1))
         h = F.conv2d(h, layers[1].to_dense(), model[2].bias, padding=1, groups=2)
-        torch.testing.assert_close(sparse(x), F.linear(h.flatten(1), layers[2].to_dense(), model[4].bias),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            sparse(x), F.linear(h.flatten(1), layers[2].to_dense(), model[4].bias), rtol=1e-4, atol=1e-4
+        )
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_bad_inputs():
     w = torch.randn(8, 6)
@@ -277,7 +346,14 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="block must be"):
         SparseWeight.from_dense(w, sparsity=0.5).with_block(2)
     with pytest.raises(ValueError, match="block must be"):
-        sparsify(nn.Sequential(nn.Linear(6, 8)), sparsity=0.5, block=4, method="learned", data=[], loss_fn=F.mse_loss)
+        sparsify(
+            nn.Sequential(nn.Linear(6, 8)),
+            sparsity=0.5,
+            block=4,
+            method="learned",
+            data=[],
+            loss_fn=F.mse_loss,
+        )
     with pytest.raises(ValueError, match="sparsity"):
         SparseWeight.from_dense(w, sparsity=1.0, block=4)
     sw = SparseWeight.from_dense(w, sparsity=0.5, block=4)
@@ -288,9 +364,22 @@ def test_bad_inputs():
     def call(**kw):
         a = args(**kw)
         y = torch.empty(1, 8, 3)
-        ext.sparse_conv_fwd(op.linear_geometry(3, 6, 8), sw.rowptr, sw.colidx, sw.values, sw.t_rowptr,
-                            x.t().contiguous().unsqueeze(0), None, y, 0, 1, a["block"], a["b_rowptr"], a["b_colidx"],
-                            a["b_values"])
+        ext.sparse_conv_fwd(
+            op.linear_geometry(3, 6, 8),
+            sw.rowptr,
+            sw.colidx,
+            sw.values,
+            sw.t_rowptr,
+            x.t().contiguous().unsqueeze(0),
+            None,
+            y,
+            0,
+            1,
+            a["block"],
+            a["b_rowptr"],
+            a["b_colidx"],
+            a["b_values"],
+        )
 
     call()  # the well-formed call runs
     bad_col = sw.b_colidx.clone()

@@ -13,6 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close_to_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
 from hotops import _backend
 from hotops.sparse import (
     SparseConv2d,
@@ -23,9 +27,6 @@ from hotops.sparse import (
     sparse_conv2d,
     sparse_linear,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -44,15 +45,23 @@ def _structural(x64: torch.Tensor, sw: SparseWeight, bias, act, conv=None) -> to
         stride, padding, dilation = conv
         N, C, H, Wd = x64.shape
         g = sw.groups
-        cols = F.unfold(x64, sw.shape[2:], dilation=dilation, padding=padding, stride=stride)  # (N, C*kh*kw, L)
+        cols = F.unfold(
+            x64, sw.shape[2:], dilation=dilation, padding=padding, stride=stride
+        )  # (N, C*kh*kw, L)
         Og, Kg = O // g, K
         ys = []
         for gi in range(g):
-            Wg = torch.sparse_coo_tensor(idx[:, (idx[0] >= gi * Og) & (idx[0] < (gi + 1) * Og)] - torch.tensor([[gi * Og], [0]]),
-                                         sw.values.detach().double()[(idx[0] >= gi * Og) & (idx[0] < (gi + 1) * Og)],
-                                         (Og, Kg), check_invariants=True).coalesce()
-            ys.append(torch.stack([torch.sparse.mm(Wg, cols[n, gi * Kg:(gi + 1) * Kg]) for n in range(N)])
-                      if N else cols.new_zeros(0, Og, cols.shape[2]))
+            Wg = torch.sparse_coo_tensor(
+                idx[:, (idx[0] >= gi * Og) & (idx[0] < (gi + 1) * Og)] - torch.tensor([[gi * Og], [0]]),
+                sw.values.detach().double()[(idx[0] >= gi * Og) & (idx[0] < (gi + 1) * Og)],
+                (Og, Kg),
+                check_invariants=True,
+            ).coalesce()
+            ys.append(
+                torch.stack([torch.sparse.mm(Wg, cols[n, gi * Kg : (gi + 1) * Kg]) for n in range(N)])
+                if N
+                else cols.new_zeros(0, Og, cols.shape[2])
+            )
         y = torch.cat(ys, 1)
         Ho, Wo = op.out_shape(x64.shape, sw.shape, stride, padding, dilation)[2:]
         y = y.reshape(N, O, Ho, Wo)
@@ -90,8 +99,13 @@ def _assert_matches(y, x, sw, bias, act, conv=None, blocked_or_dense=False):
     if not y.numel():
         return
     if torch.isfinite(x).all():
-        assert_close_to_reference(y, d64, ref_fn(x, sw, bias, activation=act, **kw),
-                                  atol=1e-4 if y.dtype == torch.float32 else 1e-2, rtol=1e-6)
+        assert_close_to_reference(
+            y,
+            d64,
+            ref_fn(x, sw, bias, activation=act, **kw),
+            atol=1e-4 if y.dtype == torch.float32 else 1e-2,
+            rtol=1e-6,
+        )
     else:
         tol = 1e-4 if y.dtype == torch.float32 else 5e-2
         torch.testing.assert_close(yd[fin], s64[fin], rtol=tol, atol=tol)
@@ -130,11 +144,19 @@ def _fill(x: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
 
 
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(0, 9), I=st.integers(1, 40), O=st.integers(1, 20), sparsity=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       how=st.sampled_from(["contiguous", "transposed", "offset", "expanded"]), values=VALUES,
-       layout=st.sampled_from(["csr", "blocked"]), bias=st.booleans(), act=st.sampled_from([None, "relu", "relu6"]),
-       seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(0, 9),
+    I=st.integers(1, 40),
+    O=st.integers(1, 20),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    how=st.sampled_from(["contiguous", "transposed", "offset", "expanded"]),
+    values=VALUES,
+    layout=st.sampled_from(["csr", "blocked"]),
+    bias=st.booleans(),
+    act=st.sampled_from([None, "relu", "relu6"]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_linear(B, I, O, sparsity, dtype, how, values, layout, bias, act, seed):
     torch.manual_seed(seed)
     sw = SparseWeight.from_dense(torch.randn(O, I), sparsity=sparsity, layout=layout)
@@ -147,29 +169,52 @@ def test_property_linear(B, I, O, sparsity, dtype, how, values, layout, bias, ac
 
 
 @settings(max_examples=30, deadline=None)
-@given(N=st.integers(0, 2), C=st.sampled_from([1, 2, 4]), O=st.sampled_from([1, 4, 8]), k=st.integers(1, 3),
-       hw=st.integers(1, 7), stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
-       groups=st.sampled_from([1, 2, 4]), sparsity=st.sampled_from([0.0, 0.5, 0.9]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       how=st.sampled_from(["contiguous", "transposed", "offset", "expanded"]), values=VALUES,
-       layout=st.sampled_from(["csr", "blocked"]), act=st.sampled_from([None, "relu"]), seed=st.integers(0, 2**16))
-def test_property_conv2d(N, C, O, k, hw, stride, padding, dilation, groups, sparsity, dtype, how, values, layout, act,
-                         seed):
+@given(
+    N=st.integers(0, 2),
+    C=st.sampled_from([1, 2, 4]),
+    O=st.sampled_from([1, 4, 8]),
+    k=st.integers(1, 3),
+    hw=st.integers(1, 7),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    groups=st.sampled_from([1, 2, 4]),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    how=st.sampled_from(["contiguous", "transposed", "offset", "expanded"]),
+    values=VALUES,
+    layout=st.sampled_from(["csr", "blocked"]),
+    act=st.sampled_from([None, "relu"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_conv2d(
+    N, C, O, k, hw, stride, padding, dilation, groups, sparsity, dtype, how, values, layout, act, seed
+):
     if C % groups or O % groups or hw + 2 * padding < dilation * (k - 1) + 1:
         return
     torch.manual_seed(seed)
-    sw = SparseWeight.from_dense(torch.randn(O, C // groups, k, k), sparsity=sparsity, groups=groups, layout=layout)
+    sw = SparseWeight.from_dense(
+        torch.randn(O, C // groups, k, k), sparsity=sparsity, groups=groups, layout=layout
+    )
     x = _layout(_fill(torch.randn(N, C, hw, hw), values, seed).to(dtype), how)
     b = torch.randn(O).to(dtype)
     with torch.no_grad():
         y = sparse_conv2d(x, sw, b, stride, padding, dilation, activation=act)
     assert y.dtype == dtype
-    _assert_matches(y, x, sw, b, act, ([stride] * 2, [padding] * 2, [dilation] * 2), blocked_or_dense=layout == "blocked")
+    _assert_matches(
+        y, x, sw, b, act, ([stride] * 2, [padding] * 2, [dilation] * 2), blocked_or_dense=layout == "blocked"
+    )
 
 
 @settings(max_examples=15, deadline=None)
-@given(B=st.integers(1, 6), I=st.integers(1, 30), O=st.integers(1, 12), sparsity=st.sampled_from([0.0, 0.7, 0.99]),
-       layout=st.sampled_from(["csr", "blocked"]), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 6),
+    I=st.integers(1, 30),
+    O=st.integers(1, 12),
+    sparsity=st.sampled_from([0.0, 0.7, 0.99]),
+    layout=st.sampled_from(["csr", "blocked"]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_linear_gradients(B, I, O, sparsity, layout, seed):
     torch.manual_seed(seed)
     sw = SparseWeight.from_dense(torch.randn(O, I), sparsity=sparsity, layout=layout)
@@ -184,6 +229,7 @@ def test_property_linear_gradients(B, I, O, sparsity, layout, seed):
 
 
 # ------------------------------------------------------------------ fully pruned layers (nnz = 0)
+
 
 @pytest.mark.parametrize("layout", ["csr", "blocked"])
 @pytest.mark.parametrize("kind", ["linear", "conv", "conv1x1", "depthwise"])
@@ -211,8 +257,9 @@ def test_fully_pruned_layer(isa, kind, layout):
         gx, gv, gb = torch.autograd.grad((y * gy).sum(), (xg, v, b), allow_unused=True)
         assert gx is None or not gx.any()
         assert gv is None or gv.shape == (0,)
-        _, _, gb_ref = torch.autograd.grad((ref(xg, sw.with_values(v), b, act) * gy).sum(), (xg, v, b),
-                                           allow_unused=True)
+        _, _, gb_ref = torch.autograd.grad(
+            (ref(xg, sw.with_values(v), b, act) * gy).sum(), (xg, v, b), allow_unused=True
+        )
         torch.testing.assert_close(gb, gb_ref)
         with torch.no_grad():  # the direct (dispatcher-free) path
             torch.testing.assert_close(run(x, sw, b, act), ref(x, sw, b, act))
@@ -244,6 +291,7 @@ def test_fully_pruned_module_trains(cls):
 
 # ------------------------------------------------------------------ threads
 
+
 def _threads(n, fn):
     errors, barrier = [], threading.Barrier(n)
 
@@ -253,6 +301,7 @@ def _threads(n, fn):
             fn(i)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
+
     ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in ts:
         t.start()
@@ -274,6 +323,7 @@ def test_threads_first_call_on_shared_weight(layout):
             with torch.no_grad():
                 for _ in range(10):
                     out[i].append(sparse_linear(xs[i], sw))
+
         _threads(4, call)
         for i in range(4):
             for y in out[i]:
@@ -286,17 +336,24 @@ def test_threads_share_modules(policy, layout):
     """Fresh modules (first call, dispatch measurement, prepared call, caches all built
     concurrently), shared by four threads at batch 1 and 5."""
     lin = SparseLinear.from_dense(nn.Linear(48, 32), sparsity=0.8, block=4, layout=layout, policy=policy)
-    conv = SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), sparsity=0.8, block=4, layout=layout,
-                                   policy=policy, activation="relu")
+    conv = SparseConv2d.from_dense(
+        nn.Conv2d(8, 8, 3, padding=1), sparsity=0.8, block=4, layout=layout, policy=policy, activation="relu"
+    )
     xs = [(torch.randn(1 + 4 * (i % 2), 48), torch.randn(1 + (i % 2), 8, 6, 6)) for i in range(4)]
-    want = [(reference.sparse_linear(a, lin.sparse_weight, lin.bias),
-             reference.sparse_conv2d(c, conv.sparse_weight, conv.bias, padding=1, activation="relu")) for a, c in xs]
+    want = [
+        (
+            reference.sparse_linear(a, lin.sparse_weight, lin.bias),
+            reference.sparse_conv2d(c, conv.sparse_weight, conv.bias, padding=1, activation="relu"),
+        )
+        for a, c in xs
+    ]
     got = [[] for _ in range(4)]
 
     def call(i):
         with torch.no_grad():
             for _ in range(8):
                 got[i].append((lin(xs[i][0]), conv(xs[i][1])))
+
     _threads(4, call)
     for i in range(4):
         for a, c in got[i]:
@@ -328,22 +385,33 @@ def test_threads_training_while_others_infer(layout):
                 y = layer(xs[i])
                 assert y.shape == (1 + i, 24) and torch.isfinite(y).all()
             after[i] = layer(xs[i])
+
     _threads(4, work)
     for i in range(3):
-        torch.testing.assert_close(after[i], reference.sparse_linear(xs[i], layer.sparse_weight, layer.bias),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            after[i], reference.sparse_linear(xs[i], layer.sparse_weight, layer.bias), rtol=1e-4, atol=1e-4
+        )
 
 
 # ------------------------------------------------------------------ parameter mutation
 
+
 def _make(cls, layout, policy):
     torch.manual_seed(0)
     if cls == "linear":
-        layer = SparseLinear.from_dense(nn.Linear(40, 16), sparsity=0.75, block=4, layout=layout, policy=policy)
+        layer = SparseLinear.from_dense(
+            nn.Linear(40, 16), sparsity=0.75, block=4, layout=layout, policy=policy
+        )
         x = torch.randn(1, 40)
     else:
-        layer = SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), sparsity=0.75, block=4, layout=layout,
-                                        policy=policy, activation="relu")
+        layer = SparseConv2d.from_dense(
+            nn.Conv2d(8, 8, 3, padding=1),
+            sparsity=0.75,
+            block=4,
+            layout=layout,
+            policy=policy,
+            activation="relu",
+        )
         x = torch.randn(1, 8, 5, 5)
     return layer, x
 
@@ -352,7 +420,9 @@ def _expected(layer, x):
     sw, b = layer.sparse_weight, layer.bias
     if isinstance(layer, SparseLinear):
         return reference.sparse_linear(x, sw, b, layer.activation)
-    return reference.sparse_conv2d(x, sw, b, layer.stride, layer.padding, layer.dilation, activation=layer.activation)
+    return reference.sparse_conv2d(
+        x, sw, b, layer.stride, layer.padding, layer.dilation, activation=layer.activation
+    )
 
 
 def _check_follows(layer, x, mutate):
@@ -450,8 +520,9 @@ def test_double_module_refused_clearly(cls):
 
 
 @pytest.mark.parametrize("strict", [True, False])
-@pytest.mark.parametrize("src_layout,dst_layout", [("csr", "blocked"), ("blocked", "csr"), ("csr", "csr"),
-                                                   ("blocked", "blocked")])
+@pytest.mark.parametrize(
+    "src_layout,dst_layout", [("csr", "blocked"), ("blocked", "csr"), ("csr", "csr"), ("blocked", "blocked")]
+)
 @pytest.mark.parametrize("cls", ["linear", "conv"])
 def test_load_state_dict_across_layouts(cls, src_layout, dst_layout, strict):
     """A checkpoint of another mask (and number of non-zeros) and layout loads whole; the
@@ -459,10 +530,18 @@ def test_load_state_dict_across_layouts(cls, src_layout, dst_layout, strict):
     src, x = _make(cls, src_layout, "sparse")
     torch.manual_seed(1)
     if cls == "linear":
-        dst = SparseLinear.from_dense(nn.Linear(40, 16), sparsity=0.5, block=4, layout=dst_layout, policy="sparse")
+        dst = SparseLinear.from_dense(
+            nn.Linear(40, 16), sparsity=0.5, block=4, layout=dst_layout, policy="sparse"
+        )
     else:
-        dst = SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), sparsity=0.5, block=4, layout=dst_layout,
-                                      policy="sparse", activation="relu")
+        dst = SparseConv2d.from_dense(
+            nn.Conv2d(8, 8, 3, padding=1),
+            sparsity=0.5,
+            block=4,
+            layout=dst_layout,
+            policy="sparse",
+            activation="relu",
+        )
     with torch.no_grad():
         dst(x), dst(x)
         result = dst.load_state_dict(src.state_dict(), strict=strict)
@@ -557,16 +636,22 @@ def test_functional_weight_follows_values():
         torch.testing.assert_close(sparse_linear(x, sw), reference.sparse_linear(x, sw), rtol=1e-4, atol=1e-4)
         p = nn.Parameter(sw.values.clone())
         from hotops.sparse.format import track
+
         sw2 = sw.with_values(track(p))
         sparse_linear(x, sw2)
         p.data.mul_(-1)
-        torch.testing.assert_close(sparse_linear(x, sw2), reference.sparse_linear(x, sw2), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            sparse_linear(x, sw2), reference.sparse_linear(x, sw2), rtol=1e-4, atol=1e-4
+        )
 
 
 # ------------------------------------------------------------------ arguments
 
-@pytest.mark.parametrize("value", [1, 1.0, np.int64(1), np.int32(1), torch.tensor(1), (1, 1), [1, 1],
-                                   (np.int64(1), 1), np.array([1, 1])])
+
+@pytest.mark.parametrize(
+    "value",
+    [1, 1.0, np.int64(1), np.int32(1), torch.tensor(1), (1, 1), [1, 1], (np.int64(1), 1), np.array([1, 1])],
+)
 def test_int_pair_arguments_accept_numbers(value):
     sw = SparseWeight.from_dense(torch.randn(4, 2, 3, 3), sparsity=0.5)
     x = torch.randn(1, 2, 6, 6)
@@ -578,21 +663,24 @@ def test_int_pair_arguments_accept_numbers(value):
         layer(x)
 
 
-@pytest.mark.parametrize("name,value,err,msg", [
-    ("stride", "1", TypeError, "stride must be a number"),
-    ("stride", 1.5, ValueError, "stride must be an integer"),
-    ("stride", 0, ValueError, "stride must be >= 1"),
-    ("stride", (1, 2, 3), ValueError, "stride must be an int >= 1 or a pair"),
-    ("stride", None, TypeError, "stride must be a number"),
-    ("stride", True, TypeError, "stride must be a number"),
-    ("padding", -1, ValueError, "padding must be >= 0"),
-    ("padding", float("nan"), ValueError, "padding must be an integer"),
-    ("dilation", torch.tensor([1.0, 2.0, 3.0]), ValueError, "dilation must be an int >= 1 or a pair"),
-    ("groups", 1.5, ValueError, "groups must be an integer"),
-    ("groups", "2", TypeError, "groups must be a number"),
-    ("groups", 2, ValueError, "packed for groups=1"),
-    ("activation", "gelu", ValueError, "activation must be None, 'relu' or 'relu6'"),
-])
+@pytest.mark.parametrize(
+    "name,value,err,msg",
+    [
+        ("stride", "1", TypeError, "stride must be a number"),
+        ("stride", 1.5, ValueError, "stride must be an integer"),
+        ("stride", 0, ValueError, "stride must be >= 1"),
+        ("stride", (1, 2, 3), ValueError, "stride must be an int >= 1 or a pair"),
+        ("stride", None, TypeError, "stride must be a number"),
+        ("stride", True, TypeError, "stride must be a number"),
+        ("padding", -1, ValueError, "padding must be >= 0"),
+        ("padding", float("nan"), ValueError, "padding must be an integer"),
+        ("dilation", torch.tensor([1.0, 2.0, 3.0]), ValueError, "dilation must be an int >= 1 or a pair"),
+        ("groups", 1.5, ValueError, "groups must be an integer"),
+        ("groups", "2", TypeError, "groups must be a number"),
+        ("groups", 2, ValueError, "packed for groups=1"),
+        ("activation", "gelu", ValueError, "activation must be None, 'relu' or 'relu6'"),
+    ],
+)
 def test_conv_arguments_refused_by_name(name, value, err, msg):
     sw = SparseWeight.from_dense(torch.randn(4, 2, 3, 3), sparsity=0.5)
     with pytest.raises(err, match=msg):
@@ -602,20 +690,23 @@ def test_conv_arguments_refused_by_name(name, value, err, msg):
             SparseConv2d(sw, **{name: value})
 
 
-@pytest.mark.parametrize("case,err,msg", [
-    ("x float64", TypeError, "x has dtype float64"),
-    ("x int", TypeError, "x has dtype int64"),
-    ("x list", TypeError, "x must be a torch.Tensor"),
-    ("x wrong features", ValueError, "x must end in the 8 input features"),
-    ("x 0-d", ValueError, "x must end in the 8 input features"),
-    ("bias shape", ValueError, "bias has 3 entries, expected 4"),
-    ("bias 2-d", ValueError, "bias must have 1 dimensions"),
-    ("bias int", TypeError, "bias has dtype int64"),
-    ("sw", TypeError, "sw must be a hotops.sparse.SparseWeight"),
-    ("conv weight", ValueError, "needs a linear"),
-    ("values f64", TypeError, "sw.values has dtype float64"),
-    ("activation", ValueError, "activation must be"),
-])
+@pytest.mark.parametrize(
+    "case,err,msg",
+    [
+        ("x float64", TypeError, "x has dtype float64"),
+        ("x int", TypeError, "x has dtype int64"),
+        ("x list", TypeError, "x must be a torch.Tensor"),
+        ("x wrong features", ValueError, "x must end in the 8 input features"),
+        ("x 0-d", ValueError, "x must end in the 8 input features"),
+        ("bias shape", ValueError, "bias has 3 entries, expected 4"),
+        ("bias 2-d", ValueError, "bias must have 1 dimensions"),
+        ("bias int", TypeError, "bias has dtype int64"),
+        ("sw", TypeError, "sw must be a hotops.sparse.SparseWeight"),
+        ("conv weight", ValueError, "needs a linear"),
+        ("values f64", TypeError, "sw.values has dtype float64"),
+        ("activation", ValueError, "activation must be"),
+    ],
+)
 def test_linear_arguments_refused_by_name(case, err, msg):
     sw = SparseWeight.from_dense(torch.randn(4, 8), sparsity=0.5)
     x, b, act = torch.randn(2, 8), None, None
@@ -647,29 +738,38 @@ def test_linear_arguments_refused_by_name(case, err, msg):
         sparse_linear(x, sw, b, act)
 
 
-@pytest.mark.parametrize("case,err,msg", [
-    ("x 3-d", ValueError, "x must have 4 dimensions"),
-    ("channels", ValueError, "x has 3 channels"),
-    ("too small", ValueError, "smaller than the dilated kernel"),
-    ("linear weight", ValueError, "needs a conv"),
-])
+@pytest.mark.parametrize(
+    "case,err,msg",
+    [
+        ("x 3-d", ValueError, "x must have 4 dimensions"),
+        ("channels", ValueError, "x has 3 channels"),
+        ("too small", ValueError, "smaller than the dilated kernel"),
+        ("linear weight", ValueError, "needs a conv"),
+    ],
+)
 def test_conv_inputs_refused_by_name(case, err, msg):
     sw = SparseWeight.from_dense(torch.randn(4, 2, 3, 3), sparsity=0.5)
-    x = {"x 3-d": torch.randn(2, 6, 6), "channels": torch.randn(1, 3, 6, 6),
-         "too small": torch.randn(1, 2, 2, 2)}.get(case, torch.randn(1, 2, 6, 6))
+    x = {
+        "x 3-d": torch.randn(2, 6, 6),
+        "channels": torch.randn(1, 3, 6, 6),
+        "too small": torch.randn(1, 2, 2, 2),
+    }.get(case, torch.randn(1, 2, 6, 6))
     if case == "linear weight":
         sw = SparseWeight.from_dense(torch.randn(4, 8), sparsity=0.5)
     with pytest.raises(err, match=msg):
         sparse_conv2d(x, sw)
 
 
-@pytest.mark.parametrize("case,err,msg", [
-    ("policy", ValueError, "policy must be one of"),
-    ("bias shape", ValueError, r"bias must be a floating-point tensor of shape \(4,\)"),
-    ("bias type", TypeError, "bias must be a torch.Tensor or None"),
-    ("sw", TypeError, "sw must be a hotops.sparse.SparseWeight"),
-    ("activation", ValueError, "activation must be None"),
-])
+@pytest.mark.parametrize(
+    "case,err,msg",
+    [
+        ("policy", ValueError, "policy must be one of"),
+        ("bias shape", ValueError, r"bias must be a floating-point tensor of shape \(4,\)"),
+        ("bias type", TypeError, "bias must be a torch.Tensor or None"),
+        ("sw", TypeError, "sw must be a hotops.sparse.SparseWeight"),
+        ("activation", ValueError, "activation must be None"),
+    ],
+)
 def test_module_constructors_refuse_by_name(case, err, msg):
     sw = SparseWeight.from_dense(torch.randn(4, 8), sparsity=0.5)
     kw = dict(policy="auto", bias=None, activation=None)
@@ -706,8 +806,10 @@ def test_sparsity_and_groups_accept_numbers(value):
     assert torch.equal(sw.colidx, ref.colidx) and sw.groups == 2 and type(sw.groups) is int
 
 
-@pytest.mark.parametrize("value,err", [("0.5", TypeError), (1.0, ValueError), (-0.1, ValueError),
-                                       (float("nan"), ValueError), (None, None)])
+@pytest.mark.parametrize(
+    "value,err",
+    [("0.5", TypeError), (1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError), (None, None)],
+)
 def test_sparsity_refused_by_name(value, err):
     if err is None:  # None: keep w's own non-zeros
         assert SparseWeight.from_dense(torch.randn(4, 4), sparsity=value).nnz == 16
@@ -717,6 +819,7 @@ def test_sparsity_refused_by_name(value, err):
 
 
 # ------------------------------------------------------------------ determinism
+
 
 @pytest.mark.parametrize("layout", ["csr", "blocked"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])

@@ -19,7 +19,8 @@ AnnMetric parse_metric(const std::string& metric) {
   fail("metric must be \"l2\" or \"ip\", got \"", metric, "\"");
 }
 
-AnnCodebooks codebooks(ViewArgs& view, const py::object& ct, const py::object& cterm, const std::string& metric) {
+AnnCodebooks codebooks(ViewArgs& view, const py::object& ct, const py::object& cterm,
+                       const std::string& metric) {
   AnnCodebooks cb;
   cb.ct = view(ct, "codebooks");
   cb.cterm = view(cterm, "codebook norms");
@@ -55,7 +56,8 @@ void bind_ann(py::module_& m) {
            py::arg("path"))
       .def_property_readonly("size", &MappedFile::size)
       .def_property_readonly("faults", &MappedFile::faults)
-      .def("changed", &MappedFile::changed, "Empty if the mapping still shows the file as mapped; else why not.")
+      .def("changed", &MappedFile::changed,
+           "Empty if the mapping still shows the file as mapped; else why not.")
       .def_buffer([](MappedFile& f) {
         return py::buffer_info(f.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {py::ssize_t(f.size())}, {py::ssize_t(1)}, false);
@@ -64,7 +66,8 @@ void bind_ann(py::module_& m) {
         "Pages of hotops' mappings replaced by zero pages after SIGBUS, since the process started.");
   m.def(
       "ann_tables",
-      [](py::object x, py::object ct, py::object cterm, const std::string& metric, py::object out, int threads) {
+      [](py::object x, py::object ct, py::object cterm, const std::string& metric, py::object out,
+         int threads) {
         ViewArgs view;
         AnnTables a;
         a.x = view(x, "vectors");
@@ -88,11 +91,13 @@ void bind_ann(py::module_& m) {
         a.threads = threads;
         launch(a, HOTOPS_DISPATCH(ann_nearest));
       },
-      py::arg("x"), py::arg("ct"), py::arg("cterm"), py::arg("metric"), py::arg("out_idx"), py::arg("out_score"),
-      py::arg("threads"), "The k best centroids per row and sub-space (encode, k-means assign, probe).");
+      py::arg("x"), py::arg("ct"), py::arg("cterm"), py::arg("metric"), py::arg("out_idx"),
+      py::arg("out_score"), py::arg("threads"),
+      "The k best centroids per row and sub-space (encode, k-means assign, probe).");
   m.def(
       "ann_pq_scan",
-      [](py::object tables, py::object codes, py::object allow, py::object out_score, py::object out_row, int threads) {
+      [](py::object tables, py::object codes, py::object allow, py::object out_score, py::object out_row,
+         int threads) {
         ViewArgs view;
         AnnPqScan a;
         a.tables = view(tables, "tables");
@@ -108,8 +113,8 @@ void bind_ann(py::module_& m) {
   m.def(
       "ann_ivf_scan",
       [](py::object q, py::object coarse, py::object probes, py::object ct, py::object cterm,
-         const std::string& metric, py::object codes, py::object offsets, py::object allow, py::object out_score,
-         py::object out_row, int threads, py::object list_tables) {
+         const std::string& metric, py::object codes, py::object offsets, py::object allow,
+         py::object out_score, py::object out_row, int threads, py::object list_tables) {
         ViewArgs view;
         AnnIvfScan a;
         a.q = view(q, "queries");
@@ -152,8 +157,8 @@ void bind_ann(py::module_& m) {
         launch(a, HOTOPS_DISPATCH(ann_fastscan));
       },
       py::arg("q"), py::arg("coarse"), py::arg("probes"), py::arg("ct"), py::arg("cterm"), py::arg("metric"),
-      py::arg("list_tables"), py::arg("packed"), py::arg("block_offsets"), py::arg("offsets"), py::arg("allow"), py::arg("out_score"),
-      py::arg("out_row"), py::arg("threads"),
+      py::arg("list_tables"), py::arg("packed"), py::arg("block_offsets"), py::arg("offsets"),
+      py::arg("allow"), py::arg("out_score"), py::arg("out_row"), py::arg("threads"),
       "4-bit fast-scan over IVF lists: uint8 tables in SIMD registers, uint16 sums, fused top-k.");
   m.def(
       "ann_rerank",
@@ -172,14 +177,15 @@ void bind_ann(py::module_& m) {
         a.threads = threads;
         launch(a, HOTOPS_DISPATCH(ann_rerank));
       },
-      py::arg("q"), py::arg("base"), py::arg("cand"), py::arg("cand_score"), py::arg("fusion"), py::arg("metric"),
-      py::arg("out_score"), py::arg("out_row"), py::arg("threads"),
+      py::arg("q"), py::arg("base"), py::arg("cand"), py::arg("cand_score"), py::arg("fusion"),
+      py::arg("metric"), py::arg("out_score"), py::arg("out_row"), py::arg("threads"),
       "Exact re-rank of candidate rows (float32 or float16 store) with optional score fusion.");
   m.def(
       "ann_kmeans_update",
       [](py::object x, py::object assign, py::object centroids) {
         ViewArgs view;
-        View xv = view(x, "training vectors"), av = view(assign, "assignments"), cv = view(centroids, "centroids");
+        View xv = view(x, "training vectors"), av = view(assign, "assignments"),
+             cv = view(centroids, "centroids");
         py::gil_scoped_release nogil;
         kmeans_update(xv, av, cv);
       },

@@ -15,8 +15,8 @@ void check_rows_dense(const View& v, const char* what) {
 void check_codebooks(const AnnCodebooks& cb) {
   check_view(cb.ct, "codebooks", 3, {DType::f32});
   check_dense(cb.ct, "codebooks");
-  HOTOPS_CHECK(cb.m() >= 1 && cb.dsub() >= 1 && cb.ksub() >= 1, "codebooks must be non-empty, got (",
-               cb.m(), ", ", cb.dsub(), ", ", cb.ksub(), ")");
+  HOTOPS_CHECK(cb.m() >= 1 && cb.dsub() >= 1 && cb.ksub() >= 1, "codebooks must be non-empty, got (", cb.m(),
+               ", ", cb.dsub(), ", ", cb.ksub(), ")");
   if (cb.metric == AnnMetric::l2) {
     check_view(cb.cterm, "codebook norms", 2, {DType::f32});
     check_dense(cb.cterm, "codebook norms");
@@ -36,7 +36,8 @@ void check_out(const View& v, const char* what, int ndim, DType t, const int64_t
   check_view(v, what, ndim, {t});
   check_dense(v, what);
   for (int d = 0; d < ndim; ++d)
-    HOTOPS_CHECK(v.size(d) == sizes[d], what, " has size ", v.size(d), " in dimension ", d, ", expected ", sizes[d]);
+    HOTOPS_CHECK(v.size(d) == sizes[d], what, " has size ", v.size(d), " in dimension ", d, ", expected ",
+                 sizes[d]);
 }
 
 void check_results(const View& score, const View& row, int64_t nq) {
@@ -57,7 +58,8 @@ void check_allow(const View& allow, int64_t n) {
   if (!allow.present) return;
   check_view(allow, "allow mask", 1, {DType::u8, DType::boolean});
   check_dense(allow, "allow mask");
-  HOTOPS_CHECK(allow.size(0) == n, "allow mask has ", allow.size(0), " entries, expected one per stored vector (", n, ")");
+  HOTOPS_CHECK(allow.size(0) == n, "allow mask has ", allow.size(0),
+               " entries, expected one per stored vector (", n, ")");
 }
 
 }  // namespace
@@ -66,7 +68,8 @@ void check(const AnnTables& a) {
   check_codebooks(a.cb);
   check_rows(a.x, "vectors", a.cb.m() * a.cb.dsub());
   check_view(a.out, "tables", 3, {DType::f32});
-  HOTOPS_CHECK(a.out.size(2) >= a.cb.ksub(), "tables need at least ksub = ", a.cb.ksub(), " entries per sub-space");
+  HOTOPS_CHECK(a.out.size(2) >= a.cb.ksub(), "tables need at least ksub = ", a.cb.ksub(),
+               " entries per sub-space");
   const int64_t sizes[3] = {a.x.size(0), a.cb.m(), a.out.size(2)};
   check_out(a.out, "tables", 3, DType::f32, sizes);
 }
@@ -103,14 +106,17 @@ void check(const AnnIvfScan& a) {
   const int64_t N = a.codes.size(0);
   check_view(a.offsets, "list offsets", 1, {DType::i64});
   check_dense(a.offsets, "list offsets");
-  HOTOPS_CHECK(a.offsets.size(0) == nlist + 1, "list offsets have ", a.offsets.size(0), " entries, expected nlist + 1 = ", nlist + 1);
+  HOTOPS_CHECK(a.offsets.size(0) == nlist + 1, "list offsets have ", a.offsets.size(0),
+               " entries, expected nlist + 1 = ", nlist + 1);
   const int64_t* off = a.offsets.ptr<int64_t>();
-  HOTOPS_CHECK(off[0] == 0 && off[nlist] == N, "list offsets must run from 0 to the number of codes (", N, ")");
+  HOTOPS_CHECK(off[0] == 0 && off[nlist] == N, "list offsets must run from 0 to the number of codes (", N,
+               ")");
   for (int64_t l = 0; l < nlist; ++l)
     HOTOPS_CHECK(off[l] <= off[l + 1], "list offsets must be non-decreasing (list ", l, ")");
   check_view(a.probes, "probes", 2, {DType::i64});
   check_dense(a.probes, "probes");
-  HOTOPS_CHECK(a.probes.size(0) == a.q.size(0), "probes have ", a.probes.size(0), " rows, expected one per query");
+  HOTOPS_CHECK(a.probes.size(0) == a.q.size(0), "probes have ", a.probes.size(0),
+               " rows, expected one per query");
   const int64_t* p = a.probes.ptr<int64_t>();
   for (int64_t i = 0; i < a.probes.numel(); ++i)
     HOTOPS_CHECK(p[i] >= -1 && p[i] < nlist, "probe ", p[i], " is not a list (0..", nlist - 1, " or -1)");
@@ -139,8 +145,8 @@ void check(const AnnFastScan& a) {
   }
   check_view(a.packed, "packed codes", 2, {DType::u8});
   check_dense(a.packed, "packed codes");
-  HOTOPS_CHECK(a.packed.size(1) == mp * 16, "packed codes have ", a.packed.size(1), " bytes per block, expected ",
-               mp * 16);
+  HOTOPS_CHECK(a.packed.size(1) == mp * 16, "packed codes have ", a.packed.size(1),
+               " bytes per block, expected ", mp * 16);
   for (const View* v : {&a.offsets, &a.block_offsets}) {
     check_view(*v, "list offsets", 1, {DType::i64});
     check_dense(*v, "list offsets");
@@ -148,14 +154,16 @@ void check(const AnnFastScan& a) {
   }
   const int64_t* off = a.offsets.ptr<int64_t>();
   const int64_t* boff = a.block_offsets.ptr<int64_t>();
-  HOTOPS_CHECK(off[0] == 0 && boff[0] == 0 && boff[nlist] == a.packed.size(0), "list offsets must start at 0 and ",
-               "block offsets end at the number of blocks (", a.packed.size(0), ")");
+  HOTOPS_CHECK(off[0] == 0 && boff[0] == 0 && boff[nlist] == a.packed.size(0),
+               "list offsets must start at 0 and ", "block offsets end at the number of blocks (",
+               a.packed.size(0), ")");
   for (int64_t l = 0; l < nlist; ++l)
-    HOTOPS_CHECK(off[l] <= off[l + 1] && boff[l + 1] - boff[l] == (off[l + 1] - off[l] + 31) / 32,
-                 "list ", l, ": row and block offsets disagree (blocks of 32 rows)");
+    HOTOPS_CHECK(off[l] <= off[l + 1] && boff[l + 1] - boff[l] == (off[l + 1] - off[l] + 31) / 32, "list ", l,
+                 ": row and block offsets disagree (blocks of 32 rows)");
   check_view(a.probes, "probes", 2, {DType::i64});
   check_dense(a.probes, "probes");
-  HOTOPS_CHECK(a.probes.size(0) == a.q.size(0), "probes have ", a.probes.size(0), " rows, expected one per query");
+  HOTOPS_CHECK(a.probes.size(0) == a.q.size(0), "probes have ", a.probes.size(0),
+               " rows, expected one per query");
   const int64_t* p = a.probes.ptr<int64_t>();
   for (int64_t i = 0; i < a.probes.numel(); ++i)
     HOTOPS_CHECK(p[i] >= -1 && p[i] < nlist, "probe ", p[i], " is not a list (0..", nlist - 1, " or -1)");
@@ -169,7 +177,8 @@ void check(const AnnRerank& a) {
   check_rows(a.q, "queries", a.base.size(1));
   check_view(a.cand, "candidates", 2, {DType::i64});
   check_dense(a.cand, "candidates");
-  HOTOPS_CHECK(a.cand.size(0) == a.q.size(0), "candidates have ", a.cand.size(0), " rows, expected one per query");
+  HOTOPS_CHECK(a.cand.size(0) == a.q.size(0), "candidates have ", a.cand.size(0),
+               " rows, expected one per query");
   const int64_t N = a.base.size(0);
   const int64_t* c = a.cand.ptr<int64_t>();
   for (int64_t i = 0; i < a.cand.numel(); ++i)

@@ -1,10 +1,11 @@
 // Per-ISA PQ kernels (see cpu.h). Everything here is inline or has internal linkage (the ODR rule
 // of docs/architecture.md): scratch buffers are plain new[] arrays, the top-k is a hand-written heap.
+#include "ann/cpu.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#include "ann/cpu.h"
 #include "common/parallel.h"
 #include "common/simd.h"
 
@@ -38,9 +39,12 @@ struct TopK {
       while (i > 0) {
         int64_t p = (i - 1) / 2;
         if (!(s[p] < x)) break;
-        s[i] = s[p]; r[i] = r[p]; i = p;
+        s[i] = s[p];
+        r[i] = r[p];
+        i = p;
       }
-      s[i] = x; r[i] = row;
+      s[i] = x;
+      r[i] = row;
     } else if (x < s[0]) {
       sift_down(x, row, n);
     }
@@ -52,19 +56,26 @@ struct TopK {
       if (c >= size) break;
       if (c + 1 < size && s[c + 1] > s[c]) ++c;
       if (!(s[c] > x)) break;
-      s[i] = s[c]; r[i] = r[c]; i = c;
+      s[i] = s[c];
+      r[i] = r[c];
+      i = c;
     }
-    s[i] = x; r[i] = row;
+    s[i] = x;
+    r[i] = row;
   }
   // Sorts ascending in place (heap sort) and pads the missing tail with (+inf, -1).
   void finish() {
     for (int64_t size = n; size > 1; --size) {
       float x = s[size - 1];
       int64_t row = r[size - 1];
-      s[size - 1] = s[0]; r[size - 1] = r[0];
+      s[size - 1] = s[0];
+      r[size - 1] = r[0];
       sift_down(x, row, size - 1);
     }
-    for (int64_t i = n; i < k; ++i) { s[i] = INFINITY; r[i] = -1; }
+    for (int64_t i = n; i < k; ++i) {
+      s[i] = INFINITY;
+      r[i] = -1;
+    }
   }
 };
 
@@ -82,12 +93,17 @@ struct Reservoir {
   float bound() const { return thr; }
   void push(float x, int64_t row) {
     if (!(x < thr)) return;
-    s[n] = x; r[n] = row;
+    s[n] = x;
+    r[n] = row;
     if (++n == cap) shrink();
   }
   void swap(int64_t a, int64_t b) {
-    const float t = s[a]; s[a] = s[b]; s[b] = t;
-    const int64_t u = r[a]; r[a] = r[b]; r[b] = u;
+    const float t = s[a];
+    s[a] = s[b];
+    s[b] = t;
+    const int64_t u = r[a];
+    r[a] = r[b];
+    r[b] = u;
   }
   // Moves the k smallest of s[0..n) to the front (quickselect, median-of-three pivots).
   void select_k() {
@@ -102,11 +118,18 @@ struct Reservoir {
       while (i <= j) {
         while (s[i] < pivot) ++i;
         while (pivot < s[j]) --j;
-        if (i <= j) { swap(i, j); ++i; --j; }
+        if (i <= j) {
+          swap(i, j);
+          ++i;
+          --j;
+        }
       }
-      if (k - 1 <= j) hi = j;
-      else if (k - 1 >= i) lo = i;
-      else break;
+      if (k - 1 <= j)
+        hi = j;
+      else if (k - 1 >= i)
+        lo = i;
+      else
+        break;
     }
   }
   void shrink() {
@@ -126,7 +149,10 @@ struct Reservoir {
 inline float row_norm2(const float* x, int64_t d) {
   VecF acc = VecF::set1(0.0f);
   int64_t i = 0;
-  for (; i + W <= d; i += W) { VecF v = VecF::load(x + i); acc = VecF::fma(v, v, acc); }
+  for (; i + W <= d; i += W) {
+    VecF v = VecF::load(x + i);
+    acc = VecF::fma(v, v, acc);
+  }
   float s = acc.sum();
   for (; i < d; ++i) s += x[i] * x[i];
   return s;
@@ -136,12 +162,12 @@ inline float row_norm2(const float* x, int64_t d) {
 //   out[r][j] = base[r] + cterm[j] + alpha * <x[r], c_j>
 // l2: alpha = -2, base = ||x||^2, cterm = ||c||^2; ip: alpha = -1, no base or cterm. A block of
 // V vectors of centroids times R rows stays in registers, so each centroid load feeds R FMAs.
-constexpr int kRows = 4;                  // rows per register block
-constexpr int kVecs = W == 8 ? 2 : 4;     // centroid vectors per block (AVX2 has 16 registers)
+constexpr int kRows = 4;               // rows per register block
+constexpr int kVecs = W == 8 ? 2 : 4;  // centroid vectors per block (AVX2 has 16 registers)
 
 template <int R>
-inline void table_rows(const float* const* x, const float* ct, const float* cterm, int64_t dsub,
-                       int64_t ksub, float alpha, const float* base, float* const* out) {
+inline void table_rows(const float* const* x, const float* ct, const float* cterm, int64_t dsub, int64_t ksub,
+                       float alpha, const float* base, float* const* out) {
   int64_t j = 0;
   for (; j + kVecs * W <= ksub; j += kVecs * W) {
     VecF acc[R][kVecs];
@@ -263,11 +289,17 @@ inline void scan_rows(const float* T, int64_t ksub, const uint8_t* codes, int64_
       float d0 = bias, d1 = bias, d2 = bias, d3 = bias;
       for (int64_t s = 0; s < m; ++s) {
         const float* t = T + s * ksub;
-        d0 += t[c[s]]; d1 += t[c[m + s]]; d2 += t[c[2 * m + s]]; d3 += t[c[3 * m + s]];
+        d0 += t[c[s]];
+        d1 += t[c[m + s]];
+        d2 += t[c[2 * m + s]];
+        d3 += t[c[3 * m + s]];
       }
       const float bound = top.bound();
       if (d0 < bound || d1 < bound || d2 < bound || d3 < bound) {
-        top.push(d0, i); top.push(d1, i + 1); top.push(d2, i + 2); top.push(d3, i + 3);
+        top.push(d0, i);
+        top.push(d1, i + 1);
+        top.push(d2, i + 2);
+        top.push(d3, i + 3);
       }
     }
   }
@@ -282,8 +314,10 @@ inline void scan_rows(const float* T, int64_t ksub, const uint8_t* codes, int64_
 
 inline void scan(const float* T, int64_t ksub, const uint8_t* codes, int64_t m, const uint8_t* allow,
                  int64_t b, int64_t e, float bias, TopK& top) {
-  if (allow) scan_rows<true>(T, ksub, codes, m, allow, b, e, bias, top);
-  else scan_rows<false>(T, ksub, codes, m, allow, b, e, bias, top);
+  if (allow)
+    scan_rows<true>(T, ksub, codes, m, allow, b, e, bias, top);
+  else
+    scan_rows<false>(T, ksub, codes, m, allow, b, e, bias, top);
 }
 
 inline float dot(const float* a, const float* b, int64_t d) {
@@ -316,7 +350,9 @@ inline float exact_score(const float* q, const void* row, DType t, int64_t d, bo
 }
 
 template <typename T>
-inline T* row_ptr(const View& v, int64_t i) { return v.ptr<T>() + i * v.stride(0); }
+inline T* row_ptr(const View& v, int64_t i) {
+  return v.ptr<T>() + i * v.stride(0);
+}
 
 // Scans read tables with 256 entries per sub-space, whatever ksub is: entries past ksub hold +inf,
 // so any uint8 code is a valid index and codes need no range check.
@@ -402,7 +438,9 @@ inline void block_sums(const uint8_t* block, const uint8_t* lut, int64_t mp, uin
     hi_even = _mm256_add_epi16(hi_even, _mm256_and_si256(rh, low_byte));
     hi_odd = _mm256_add_epi16(hi_odd, _mm256_srli_epi16(rh, 8));
   }
-  auto fold = [](__m256i v) { return _mm_add_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); };
+  auto fold = [](__m256i v) {
+    return _mm_add_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  };
   const __m128i le = fold(lo_even), lo = fold(lo_odd), he = fold(hi_even), ho = fold(hi_odd);
 #endif
 #if defined(__AVX512BW__) || defined(__AVX2__)
@@ -513,10 +551,12 @@ void ann_pq_scan(const AnnPqScan& a) {
       const int64_t q0 = g * kQueryGroup, q1 = q0 + kQueryGroup < nq ? q0 + kQueryGroup : nq;
       TopK tops[kQueryGroup] = {
           {nullptr, nullptr, k}, {nullptr, nullptr, k}, {nullptr, nullptr, k}, {nullptr, nullptr, k}};
-      for (int64_t q = q0; q < q1; ++q) tops[q - q0] = TopK(row_ptr<float>(a.out_score, q), row_ptr<int64_t>(a.out_row, q), k);
+      for (int64_t q = q0; q < q1; ++q)
+        tops[q - q0] = TopK(row_ptr<float>(a.out_score, q), row_ptr<int64_t>(a.out_row, q), k);
       for (int64_t b = 0; b < N; b += kBlockRows) {
         const int64_t e = b + kBlockRows < N ? b + kBlockRows : N;
-        for (int64_t q = q0; q < q1; ++q) scan(row_ptr<float>(a.tables, q), kTableStride, codes, m, allow, b, e, 0.0f, tops[q - q0]);
+        for (int64_t q = q0; q < q1; ++q)
+          scan(row_ptr<float>(a.tables, q), kTableStride, codes, m, allow, b, e, 0.0f, tops[q - q0]);
       }
       for (int64_t q = q0; q < q1; ++q) tops[q - q0].finish();
     }
@@ -565,7 +605,9 @@ void ann_ivf_scan(const AnnIvfScan& a) {
     }
   };
   const int64_t scratch_floats = list_tables ? m * kTableStride : d;
-  auto inf_table = [&](Scratch<float>& t) { for (int64_t i = 0; i < m * kTableStride; ++i) t.p[i] = INFINITY; };
+  auto inf_table = [&](Scratch<float>& t) {
+    for (int64_t i = 0; i < m * kTableStride; ++i) t.p[i] = INFINITY;
+  };
   if (nq < a.threads && nprobe > 1) {
     // Too few queries to busy every thread: each thread scans a share of a query's lists into
     // its own top-k, then the shares are merged.
@@ -575,7 +617,8 @@ void ann_ivf_scan(const AnnIvfScan& a) {
     for (int64_t qi = 0; qi < nq; ++qi) {
       const int64_t* probe = row_ptr<int64_t>(a.probes, qi);
       int64_t rows = 0;
-      for (int64_t p = 0; p < nprobe; ++p) rows += probe[p] < 0 ? 0 : offsets[probe[p] + 1] - offsets[probe[p]];
+      for (int64_t p = 0; p < nprobe; ++p)
+        rows += probe[p] < 0 ? 0 : offsets[probe[p] + 1] - offsets[probe[p]];
       // below this many codes, waking threads costs more than the scan they would share
       const int64_t busy = rows < kSplitRows ? 1 : slices;
       parallel_for(busy, 1, a.threads, [&](int64_t sb, int64_t se) {
@@ -645,7 +688,13 @@ void ann_fastscan(const AnnFastScan& a) {
     alignas(16) uint16_t sums[kBlock];
     for (int64_t qi = qb; qi < qe; ++qi) {
       const float* q = row_ptr<float>(a.q, qi);
-      Reservoir top{res_s.p, res_r.p, k, 2 * k, 0, INFINITY, row_ptr<float>(a.out_score, qi),
+      Reservoir top{res_s.p,
+                    res_r.p,
+                    k,
+                    2 * k,
+                    0,
+                    INFINITY,
+                    row_ptr<float>(a.out_score, qi),
                     row_ptr<int64_t>(a.out_row, qi)};
       // Tables of the query itself (l2: ||q_s - b_j||^2; ip: -<q_s, b_j>). For l2, list l's table
       // ||q_s - c_s - b_j||^2 is that plus 2 <c_s, b_j> plus a constant per sub-space, which the
@@ -661,7 +710,8 @@ void ann_fastscan(const AnnFastScan& a) {
         float bias;
         if (l2) {
           const float* lt = a.list_tables.ptr<float>() + l * m * 16;
-          for (int64_t i = 0; i < m * 16; i += W) (VecF::load(qtable.p + i) + VecF::load(lt + i)).store(table.p + i);
+          for (int64_t i = 0; i < m * 16; i += W)
+            (VecF::load(qtable.p + i) + VecF::load(lt + i)).store(table.p + i);
           bias = quantize_tables(table.p, m, lut.p, &inv_scale) + row_norm2(c, d) - 2.0f * dot(q, c, d);
         } else {
           bias = offset - dot(q, c, d);
@@ -672,8 +722,11 @@ void ann_fastscan(const AnnFastScan& a) {
           block_sums(packed + b * mp * 16, lut.p, mp, sums);
           // sums at or above this cannot enter the top-k (up to rounding, which the float check settles)
           const float reach = (top.bound() - bias) / inv_scale + 1.0f;
-          const uint32_t limit = !(reach < 65536.0f) || inv_scale == 0.0f ? 65536u : reach > 0.0f ? static_cast<uint32_t>(reach) : 0u;
-          for (uint32_t hits = below(sums, limit) & (count == kBlock ? ~0u : (1u << count) - 1u); hits; hits &= hits - 1) {
+          const uint32_t limit = !(reach < 65536.0f) || inv_scale == 0.0f ? 65536u
+                                 : reach > 0.0f                           ? static_cast<uint32_t>(reach)
+                                                                          : 0u;
+          for (uint32_t hits = below(sums, limit) & (count == kBlock ? ~0u : (1u << count) - 1u); hits;
+               hits &= hits - 1) {
             const int64_t j = __builtin_ctz(hits);
             if (allow && !allow[row0 + j]) continue;
             top.push(bias + static_cast<float>(sums[j]) * inv_scale, row0 + j);

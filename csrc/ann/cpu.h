@@ -29,15 +29,15 @@ struct AnnCodebooks {
 struct AnnTables {  // out[i, s, j] = score of x[i]'s sub-vector s against centroid j of sub-space s
   View x;           // (n, m * dsub) float32
   AnnCodebooks cb;
-  View out;         // (n, m, S) float32, S >= ksub (the scans take S = 256; Python pads with +inf)
+  View out;  // (n, m, S) float32, S >= ksub (the scans take S = 256; Python pads with +inf)
   int threads = 1;
 };
 
 struct AnnNearest {  // the k best centroids per row and sub-space (encoding, k-means, probing)
   View x;            // (n, m * dsub) float32
   AnnCodebooks cb;
-  View out_idx;      // (n, m, k) int64, best first
-  View out_score;    // (n, m, k) float32
+  View out_idx;    // (n, m, k) int64, best first
+  View out_score;  // (n, m, k) float32
   int threads = 1;
 };
 
@@ -102,13 +102,9 @@ void check(const AnnIvfScan& a);
 void check(const AnnRerank& a);
 void check(const AnnFastScan& a);
 
-HOTOPS_FOR_EACH_ISA(
-    void ann_tables(const AnnTables& a);
-    void ann_nearest(const AnnNearest& a);
-    void ann_pq_scan(const AnnPqScan& a);
-    void ann_ivf_scan(const AnnIvfScan& a);
-    void ann_rerank(const AnnRerank& a);
-    void ann_fastscan(const AnnFastScan& a);)
+HOTOPS_FOR_EACH_ISA(void ann_tables(const AnnTables& a); void ann_nearest(const AnnNearest& a);
+                    void ann_pq_scan(const AnnPqScan& a); void ann_ivf_scan(const AnnIvfScan& a);
+                    void ann_rerank(const AnnRerank& a); void ann_fastscan(const AnnFastScan& a);)
 
 // k-means update step (kmeans.cpp, baseline code): centroids = mean of the rows assigned to them;
 // an empty cluster takes a slightly perturbed copy of the largest cluster's centroid, which then

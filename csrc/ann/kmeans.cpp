@@ -21,7 +21,8 @@ void kmeans_update(const View& x, const View& assign, const View& centroids) {
   HOTOPS_CHECK(k >= 1, "k-means needs at least one centroid");
   const int64_t* a = assign.ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
-    HOTOPS_CHECK(a[i] >= 0 && a[i] < k, "assignment ", a[i], " of row ", i, " is not a centroid (0..", k - 1, ")");
+    HOTOPS_CHECK(a[i] >= 0 && a[i] < k, "assignment ", a[i], " of row ", i, " is not a centroid (0..", k - 1,
+                 ")");
 
   std::vector<double> sum(static_cast<size_t>(k * d), 0.0);
   std::vector<double> count(static_cast<size_t>(k), 0.0);

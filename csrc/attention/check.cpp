@@ -13,8 +13,8 @@ void check_qkv(const SsaArgs& a) {
                dtype_name(a.q.dtype), ", ", dtype_name(a.k.dtype), ", ", dtype_name(a.v.dtype));
   const int64_t B = a.q.size(0), H = a.q.size(1), D = a.q.size(3);
   for (const View* t : {&a.k, &a.v})
-    HOTOPS_CHECK(t->size(0) == B && t->size(3) == D, "k and v must be (B=", B, ", Hkv, Lk, D=", D,
-                 "), got (", t->size(0), ", ", t->size(1), ", ", t->size(2), ", ", t->size(3), ")");
+    HOTOPS_CHECK(t->size(0) == B && t->size(3) == D, "k and v must be (B=", B, ", Hkv, Lk, D=", D, "), got (",
+                 t->size(0), ", ", t->size(1), ", ", t->size(2), ", ", t->size(3), ")");
   HOTOPS_CHECK(a.k.size(1) == a.v.size(1) && a.k.size(2) == a.v.size(2), "k and v must have the same shape");
   const int64_t Hkv = a.k.size(1);
   HOTOPS_CHECK(Hkv > 0 && H % Hkv == 0, "the number of query heads (", H,

@@ -5,11 +5,12 @@
 // (batch, KV head) owns the dK/dV of that head outright (fp32 accumulators over all Lk rows),
 // so the scatter-add needs no atomics and its summation order never depends on the thread count;
 // dQ for a query block is finished inside the same task.
+#include "attention/cpu.h"
+
 #include <cmath>
 #include <cstdlib>
 #include <new>
 
-#include "attention/cpu.h"
 #include "common/parallel.h"
 #include "common/simd.h"
 
@@ -18,8 +19,8 @@ namespace HOTOPS_ISA {
 namespace {
 
 constexpr int W = VecF::W;
-constexpr int TQ = 128;  // query rows per block: amortises gathering each key tile
-constexpr int TK = 64;  // sampled keys per tile; a multiple of 2W for every ISA
+constexpr int TQ = 128;                  // query rows per block: amortises gathering each key tile
+constexpr int TK = 64;                   // sampled keys per tile; a multiple of 2W for every ISA
 constexpr int NV_MAX = W >= 16 ? 4 : 2;  // vectors per row in the rank-k update (register budget)
 
 // Aligned float32 scratch owned by one task. (Kernel TUs avoid std containers: see
@@ -84,9 +85,15 @@ inline void abt(int64_t M, const float* A, int64_t lda, const float* Bt, float* 
   int64_t i = 0;
   for (; i + 4 <= M; i += 4) abt_rows<4>(A + i * lda, lda, Bt, C + i * TK, D);
   switch (M - i) {
-    case 3: abt_rows<3>(A + i * lda, lda, Bt, C + i * TK, D); break;
-    case 2: abt_rows<2>(A + i * lda, lda, Bt, C + i * TK, D); break;
-    case 1: abt_rows<1>(A + i * lda, lda, Bt, C + i * TK, D); break;
+    case 3:
+      abt_rows<3>(A + i * lda, lda, Bt, C + i * TK, D);
+      break;
+    case 2:
+      abt_rows<2>(A + i * lda, lda, Bt, C + i * TK, D);
+      break;
+    case 1:
+      abt_rows<1>(A + i * lda, lda, Bt, C + i * TK, D);
+      break;
   }
 }
 
@@ -94,8 +101,8 @@ inline void abt(int64_t M, const float* A, int64_t lda, const float* Bt, float* 
 // A[r * ars + k * acs]. C rows are pointers (scattered dK/dV rows); they are updated one after
 // another, so repeated indices (aliasing rows) still add up.
 template <int MR, int NV>
-inline void ab_rows(const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
-                    float* const* C, int64_t K, int64_t c0) {
+inline void ab_rows(const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb, float* const* C,
+                    int64_t K, int64_t c0) {
   VecF acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = VecF::set1(0.0f);
@@ -111,21 +118,27 @@ inline void ab_rows(const float* A, int64_t ars, int64_t acs, const float* B, in
     for (int v = 0; v < NV; ++v) (VecF::load(C[r] + c0 + v * W) + acc[r][v]).store(C[r] + c0 + v * W);
 }
 template <int MR>
-inline void ab_cols(const float* A, int64_t ars, int64_t acs, const float* B, int64_t Dp,
-                    float* const* C, int64_t K) {
+inline void ab_cols(const float* A, int64_t ars, int64_t acs, const float* B, int64_t Dp, float* const* C,
+                    int64_t K) {
   int64_t c0 = 0;
   for (; c0 + NV_MAX * W <= Dp; c0 += NV_MAX * W) ab_rows<MR, NV_MAX>(A, ars, acs, B, Dp, C, K, c0);
   for (; c0 < Dp; c0 += W) ab_rows<MR, 1>(A, ars, acs, B, Dp, C, K, c0);
 }
 // C[r] += A(r, :) · B for r < M; B is K × Dp row-major.
-inline void ab(int64_t M, int64_t K, const float* A, int64_t ars, int64_t acs, const float* B,
-               int64_t Dp, float* const* C) {
+inline void ab(int64_t M, int64_t K, const float* A, int64_t ars, int64_t acs, const float* B, int64_t Dp,
+               float* const* C) {
   int64_t r = 0;
   for (; r + 4 <= M; r += 4) ab_cols<4>(A + r * ars, ars, acs, B, Dp, C + r, K);
   switch (M - r) {
-    case 3: ab_cols<3>(A + r * ars, ars, acs, B, Dp, C + r, K); break;
-    case 2: ab_cols<2>(A + r * ars, ars, acs, B, Dp, C + r, K); break;
-    case 1: ab_cols<1>(A + r * ars, ars, acs, B, Dp, C + r, K); break;
+    case 3:
+      ab_cols<3>(A + r * ars, ars, acs, B, Dp, C + r, K);
+      break;
+    case 2:
+      ab_cols<2>(A + r * ars, ars, acs, B, Dp, C + r, K);
+      break;
+    case 1:
+      ab_cols<1>(A + r * ars, ars, acs, B, Dp, C + r, K);
+      break;
   }
 }
 
@@ -139,9 +152,17 @@ struct Geometry {
   int64_t B, H, Hkv, Hi, Lq, Lk, S, D, Dp, group;
   int esz;
   explicit Geometry(const SsaArgs& a)
-      : B(a.q.size(0)), H(a.q.size(1)), Hkv(a.k.size(1)), Hi(a.idx.size(1)), Lq(a.q.size(2)),
-        Lk(a.k.size(2)), S(a.idx.size(2)), D(a.q.size(3)), Dp((a.q.size(3) + W - 1) / W * W),
-        group(a.q.size(1) / (a.k.size(1) ? a.k.size(1) : 1)), esz(a.q.dtype == DType::f32 ? 4 : 2) {}
+      : B(a.q.size(0)),
+        H(a.q.size(1)),
+        Hkv(a.k.size(1)),
+        Hi(a.idx.size(1)),
+        Lq(a.q.size(2)),
+        Lk(a.k.size(2)),
+        S(a.idx.size(2)),
+        D(a.q.size(3)),
+        Dp((a.q.size(3) + W - 1) / W * W),
+        group(a.q.size(1) / (a.k.size(1) ? a.k.size(1) : 1)),
+        esz(a.q.dtype == DType::f32 ? 4 : 2) {}
   int64_t idx_head(int64_t h) const { return Hi == H ? h : h / group; }
 };
 
@@ -180,8 +201,10 @@ inline void tile_positions(const SsaArgs& a, int64_t b, int64_t hi, int64_t t0, 
 inline void gather_rows(const View& src, const Geometry& g, int64_t b, int64_t hk, const Tile& t,
                         float* dst) {
   for (int s = 0; s < TK; ++s) {
-    if (s < t.cnt && t.kp[s] >= 0) load_f32(dst + s * g.Dp, row_of(src, g.esz, b, hk, t.row[s]), src.dtype, g.D);
-    else fill(dst + s * g.Dp, g.Dp, 0.0f);
+    if (s < t.cnt && t.kp[s] >= 0)
+      load_f32(dst + s * g.Dp, row_of(src, g.esz, b, hk, t.row[s]), src.dtype, g.D);
+    else
+      fill(dst + s * g.Dp, g.Dp, 0.0f);
   }
 }
 
@@ -245,7 +268,7 @@ void ssa_forward(const SsaArgs& a) {
           const float tmax = vmax.hmax();
           float mnew = tmax > m[i] || std::isnan(tmax) ? tmax : m[i];
           if (mnew == -INFINITY) {  // nothing visible yet: P = 0, unless a visible score is NaN
-            bool nan = false;  // (the max may have skipped it; a NaN q makes every score NaN)
+            bool nan = false;       // (the max may have skipped it; a NaN q makes every score NaN)
             for (int s = 0; s < TK; ++s) nan |= std::isnan(srow[s]);
             if (!nan) {
               fill(srow, TK, 0.0f);
@@ -312,7 +335,8 @@ void ssa_backward(const SsaArgs& a) {
             load_f32(do_i, row_of(a.dout, g.esz, b, h, i0 + i), dt, g.D);
             load_f32(tmp.p, row_of(a.out, g.esz, b, h, i0 + i), dt, g.D);
             VecF acc = VecF::set1(0.0f);  // D_i = dO_i · O_i, the softmax backward's row term
-            for (int64_t d = 0; d < g.Dp; d += W) acc = VecF::fma(VecF::load(do_i + d), VecF::load(tmp.p + d), acc);
+            for (int64_t d = 0; d < g.Dp; d += W)
+              acc = VecF::fma(VecF::load(do_i + d), VecF::load(tmp.p + d), acc);
             di[i] = acc.sum();
             lse[i] = lse_src[i];
             fill(dqb.p + i * g.Dp, g.Dp, 0.0f);
@@ -340,18 +364,19 @@ void ssa_backward(const SsaArgs& a) {
             }
             if (needs_mask(tile, a.causal, qmin)) mask_block(pb.p, mq, tile, a.causal, qp, 0.0f);
             abt(mq, dob.p, g.Dp, vt.p, ds.p, g.D);  // dP = dO V^T
-            for (int64_t i = 0; i < mq; ++i) {       // dS = P (dP - D_i)
+            for (int64_t i = 0; i < mq; ++i) {      // dS = P (dP - D_i)
               const VecF vd = VecF::set1(di[i]);
               float* srow = ds.p + i * TK;
               const float* prow = pb.p + i * TK;
-              for (int s = 0; s < TK; s += W) (VecF::load(prow + s) * (VecF::load(srow + s) - vd)).store(srow + s);
+              for (int s = 0; s < TK; s += W)
+                (VecF::load(prow + s) * (VecF::load(srow + s) - vd)).store(srow + s);
             }
             for (int64_t s = 0; s < tile.cnt; ++s) {
               dkrow[s] = dk.p + tile.row[s] * g.Dp;
               dvrow[s] = dv.p + tile.row[s] * g.Dp;
             }
-            ab(tile.cnt, mq, pb.p, 1, TK, dob.p, g.Dp, dvrow);  // dV[idx] += P^T dO
-            ab(tile.cnt, mq, ds.p, 1, TK, qs.p, g.Dp, dkrow);   // dK[idx] += dS^T (scale Q)
+            ab(tile.cnt, mq, pb.p, 1, TK, dob.p, g.Dp, dvrow);   // dV[idx] += P^T dO
+            ab(tile.cnt, mq, ds.p, 1, TK, qs.p, g.Dp, dkrow);    // dK[idx] += dS^T (scale Q)
             ab(mq, tile.cnt, ds.p, TK, 1, kbuf.p, g.Dp, dqrow);  // dQ += dS K
           }
           for (int64_t i = 0; i < mq; ++i)

@@ -14,21 +14,21 @@
 namespace hotops {
 
 struct SsaArgs {
-  View q;            // (B, H, Lq, D) f32 | bf16 | f16, last dim contiguous
-  View k, v;         // (B, Hkv, Lk, D), H % Hkv == 0, same dtype as q
-  View idx;          // (B, Hi, S) int64 rows of k/v, Hi == H or Hkv (any strides, e.g. expanded)
-  View kpos;         // (B, Hi, S) int64 original key positions, or absent (= idx)
-  View qpos;         // (B, H, Lq) int64 original query positions, or absent (= row index)
-  View out;          // (B, H, Lq, D) forward output, same dtype as q (read by backward)
-  View lse;          // (B, H, Lq) float32 log-sum-exp of the scaled scores (-inf: no key seen)
-  View dout;         // backward only: (B, H, Lq, D) incoming gradient
-  View dq, dk, dv;   // backward only: gradients, shapes and dtype of q, k, v
+  View q;           // (B, H, Lq, D) f32 | bf16 | f16, last dim contiguous
+  View k, v;        // (B, Hkv, Lk, D), H % Hkv == 0, same dtype as q
+  View idx;         // (B, Hi, S) int64 rows of k/v, Hi == H or Hkv (any strides, e.g. expanded)
+  View kpos;        // (B, Hi, S) int64 original key positions, or absent (= idx)
+  View qpos;        // (B, H, Lq) int64 original query positions, or absent (= row index)
+  View out;         // (B, H, Lq, D) forward output, same dtype as q (read by backward)
+  View lse;         // (B, H, Lq) float32 log-sum-exp of the scaled scores (-inf: no key seen)
+  View dout;        // backward only: (B, H, Lq, D) incoming gradient
+  View dq, dk, dv;  // backward only: gradients, shapes and dtype of q, k, v
   float scale = 1.0f;
   bool causal = false;
   int threads = 1;
 };
 
-void check_forward(const SsaArgs& a);   // validates views, index ranges; throws hotops::Error
+void check_forward(const SsaArgs& a);  // validates views, index ranges; throws hotops::Error
 void check_backward(const SsaArgs& a);
 
 HOTOPS_FOR_EACH_ISA(void ssa_forward(const SsaArgs& a); void ssa_backward(const SsaArgs& a);)

@@ -29,8 +29,8 @@ void refuse_codes(bool ok, const CodebookFormat& w) {
 void bind_codebook(py::module_& m) {
   m.def(
       "codebook_matmul",
-      [](py::object x, py::object codes, py::object codebooks, py::object scales,
-         py::object group_ptr, py::object perm, py::object bias, py::object out, int threads) {
+      [](py::object x, py::object codes, py::object codebooks, py::object scales, py::object group_ptr,
+         py::object perm, py::object bias, py::object out, int threads) {
         ViewArgs view;
         CodebookMatmul a;
         a.w = format(view, codes, codebooks, scales, group_ptr);
@@ -52,8 +52,8 @@ void bind_codebook(py::module_& m) {
       "out = x W^T + bias for a codebook-quantized W, by lookup tables; see csrc/codebook/cpu.h.");
   m.def(
       "codebook_dequantize",
-      [](py::object codes, py::object codebooks, py::object scales, py::object group_ptr,
-         int64_t row_begin, int64_t row_end, py::object out, int threads) {
+      [](py::object codes, py::object codebooks, py::object scales, py::object group_ptr, int64_t row_begin,
+         int64_t row_end, py::object out, int threads) {
         ViewArgs view;
         CodebookDequantize a;
         a.w = format(view, codes, codebooks, scales, group_ptr);
@@ -69,8 +69,8 @@ void bind_codebook(py::module_& m) {
         }
         refuse_codes(ok, a.w);
       },
-      py::arg("codes"), py::arg("codebooks"), py::arg("scales"), py::arg("group_ptr"),
-      py::arg("row_begin"), py::arg("row_end"), py::arg("out"), py::arg("threads"),
+      py::arg("codes"), py::arg("codebooks"), py::arg("scales"), py::arg("group_ptr"), py::arg("row_begin"),
+      py::arg("row_end"), py::arg("out"), py::arg("threads"),
       "Dense rows [row_begin, row_end) of the stored (grouped) order into out.");
   bind_codebook_wide(m);
 }

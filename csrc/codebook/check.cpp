@@ -15,23 +15,20 @@ void check_format(const CodebookFormat& w) {
   check_contiguous(w.scales, "scales");
   check_view(w.group_ptr, "group_ptr", 1, {DType::i64});
   check_contiguous(w.group_ptr, "group_ptr");
-  const int64_t N = w.rows(), O = w.groups(), M = w.num_codebooks(), C = w.codebook_size(),
-                G = w.in_group();
+  const int64_t N = w.rows(), O = w.groups(), M = w.num_codebooks(), C = w.codebook_size(), G = w.in_group();
   HOTOPS_CHECK(G == 1 || G == 2 || G == 4 || G == 8, "in_group must be 1, 2, 4 or 8, got ", G);
   HOTOPS_CHECK(M >= 1, "codebooks must hold at least one codebook per group");
   HOTOPS_CHECK(C >= 1 && C <= 256, "uint8 codes address 1..256 codewords, got codebooks of ", C);
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   HOTOPS_CHECK(w.codes.size(0) == blocks && w.codes.size(2) == kRowBlock, "codes must be (", blocks,
                ", slots, ", kRowBlock, "): blocks of ", kRowBlock, " rows for ", N, " rows");
-  HOTOPS_CHECK(w.slots() % M == 0, "codes have ", w.slots(), " slots per row, not a multiple of ",
-               M, " codebooks");
-  HOTOPS_CHECK(w.scales.size(0) == N, "scales must have one entry per row (", N, "), got ",
-               w.scales.size(0));
+  HOTOPS_CHECK(w.slots() % M == 0, "codes have ", w.slots(), " slots per row, not a multiple of ", M,
+               " codebooks");
+  HOTOPS_CHECK(w.scales.size(0) == N, "scales must have one entry per row (", N, "), got ", w.scales.size(0));
   HOTOPS_CHECK(O >= 1 && w.group_ptr.size(0) == O + 1, "group_ptr must have ", O + 1,
                " entries (groups + 1), got ", w.group_ptr.size(0));
   const int64_t* gp = w.group_ptr.ptr<const int64_t>();
-  HOTOPS_CHECK(gp[0] == 0 && gp[O] == N, "group_ptr must run from 0 to ", N, ", got ", gp[0],
-               " .. ", gp[O]);
+  HOTOPS_CHECK(gp[0] == 0 && gp[O] == N, "group_ptr must run from 0 to ", N, ", got ", gp[0], " .. ", gp[O]);
   for (int64_t o = 0; o < O; ++o)
     HOTOPS_CHECK(gp[o] <= gp[o + 1], "group_ptr must be non-decreasing (entry ", o, ")");
 }
@@ -46,8 +43,8 @@ void check(const CodebookMatmul& a) {
   HOTOPS_CHECK(a.x.size(1) == K, "x has ", a.x.size(1), " features, the weight expects ", K);
   check_view(a.out, "out", 2, {a.x.dtype});
   check_rows_contiguous(a.out, "out");
-  HOTOPS_CHECK(a.out.size(0) == a.x.size(0) && a.out.size(1) == N, "out must be (", a.x.size(0),
-               ", ", N, ")");
+  HOTOPS_CHECK(a.out.size(0) == a.x.size(0) && a.out.size(1) == N, "out must be (", a.x.size(0), ", ", N,
+               ")");
   if (a.perm.present) {
     check_view(a.perm, "perm", 1, {DType::i64});
     check_contiguous(a.perm, "perm");
@@ -70,8 +67,8 @@ void check(const CodebookMatmul& a) {
 
 void check(const CodebookDequantize& a) {
   check_format(a.w);
-  HOTOPS_CHECK(a.row_begin >= 0 && a.row_begin <= a.row_end && a.row_end <= a.w.rows(),
-               "rows [", a.row_begin, ", ", a.row_end, ") fall outside the ", a.w.rows(), " rows");
+  HOTOPS_CHECK(a.row_begin >= 0 && a.row_begin <= a.row_end && a.row_end <= a.w.rows(), "rows [", a.row_begin,
+               ", ", a.row_end, ") fall outside the ", a.w.rows(), " rows");
   check_view(a.out, "out", 2, {DType::f32, DType::bf16});
   check_rows_contiguous(a.out, "out");
   HOTOPS_CHECK(a.out.size(0) == a.row_end - a.row_begin && a.out.size(1) == a.w.in_features(),

@@ -19,12 +19,13 @@
 // by vpermi2b, half the permutes. A tile whose tables are not finite (NaN/Inf in x) takes the
 // float path, which propagates them. Every gather prefetches the codes of the blocks it reaches
 // next: a tile reads each block's codes as one short run, which hardware prefetchers miss.
+#include "codebook/cpu.h"
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
 
-#include "codebook/cpu.h"
 #include "common/parallel.h"
 #include "common/simd.h"
 
@@ -66,8 +67,10 @@ inline float to_f32(const void* p, DType t, int64_t i) {
   return t == DType::f32 ? static_cast<const float*>(p)[i] : bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 inline void store(void* p, DType t, int64_t i, float v) {
-  if (t == DType::f32) static_cast<float*>(p)[i] = v;
-  else static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+  if (t == DType::f32)
+    static_cast<float*>(p)[i] = v;
+  else
+    static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
 }
 
 // Largest code in codes[0, n): the range check that keeps every table read in bounds.
@@ -87,12 +90,28 @@ struct BlockRange {
 };
 
 // N floats as one GCC vector (never wider than the ISA's registers: wider ones spill).
-template <int N> struct Lanes;
-template <> struct Lanes<1> { typedef float type; };
-template <> struct Lanes<2> { typedef float type __attribute__((vector_size(8))); };
-template <> struct Lanes<4> { typedef float type __attribute__((vector_size(16))); };
-template <> struct Lanes<8> { typedef float type __attribute__((vector_size(32))); };
-template <> struct Lanes<16> { typedef float type __attribute__((vector_size(64))); };
+template <int N>
+struct Lanes;
+template <>
+struct Lanes<1> {
+  typedef float type;
+};
+template <>
+struct Lanes<2> {
+  typedef float type __attribute__((vector_size(8)));
+};
+template <>
+struct Lanes<4> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct Lanes<8> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Lanes<16> {
+  typedef float type __attribute__((vector_size(64)));
+};
 
 // BC floats as NV vectors of VW lanes.
 template <int BC>
@@ -143,7 +162,8 @@ void build_tables(const float* xT, const float* cbT, int64_t M, int64_t C, int64
 // hardware prefetchers miss runs this short (n * RB bytes a block, L * RB apart), and the gathers
 // stalled on them (the tall Llama shapes ran at half the rate of 4096 x 4096).
 constexpr int64_t kAhead = 4;
-inline void prefetch_ahead(const uint8_t* codes, int64_t L, int64_t i0, int64_t n, int64_t blk, BlockRange rows) {
+inline void prefetch_ahead(const uint8_t* codes, int64_t L, int64_t i0, int64_t n, int64_t blk,
+                           BlockRange rows) {
   if (blk + kAhead >= rows.end()) return;
   const uint8_t* p = codes + ((blk + kAhead) * L + i0) * RB;
   for (int64_t off = 0; off < n * RB; off += 64) __builtin_prefetch(p + off);
@@ -236,7 +256,8 @@ inline __m512i lookup32(const __m512i* t, __m512i idx) {
   const __m512i q3 = _mm512_permutex2var_epi16(t[6], idx, t[7]);
   const __mmask32 b6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
   const __mmask32 b7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
-  return _mm512_mask_blend_epi16(b7, _mm512_mask_blend_epi16(b6, q0, q1), _mm512_mask_blend_epi16(b6, q2, q3));
+  return _mm512_mask_blend_epi16(b7, _mm512_mask_blend_epi16(b6, q0, q1),
+                                 _mm512_mask_blend_epi16(b6, q2, q3));
 }
 
 // At slot i of a tile, prefetches the cache lines of the NB blocks next[h] (n * RB bytes each)
@@ -248,7 +269,8 @@ inline void prefetch_codes(const uint8_t* const* next, int64_t i, int64_t n) {
   constexpr int per_slot = NB >= 4 ? NB / 4 : 1;
   for (int k = 0; k < per_slot; ++k) {
     const int64_t q = i * per_slot + k, line = q / NB;  // next[q % NB]'s line q / NB
-    if (line * 64 < n * RB) _mm_prefetch(reinterpret_cast<const char*>(next[q % NB] + line * 64), _MM_HINT_T0);
+    if (line * 64 < n * RB)
+      _mm_prefetch(reinterpret_cast<const char*>(next[q % NB] + line * 64), _MM_HINT_T0);
   }
 }
 
@@ -256,8 +278,8 @@ inline void prefetch_codes(const uint8_t* const* next, int64_t i, int64_t n) {
 // half[h] + i * RB): acc[h] += the int16 table entries of block h's rows, summed over n slots,
 // while the codes of the next 2P blocks (next[h]) are prefetched.
 template <int P>
-inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const* half, const uint8_t* const* next,
-                             __m512i* acc) {
+inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const* half,
+                             const uint8_t* const* next, __m512i* acc) {
   for (int64_t i = 0; i < n; ++i) {
     prefetch_codes<2 * P>(next, i, n);
     __m512i t[8];
@@ -265,9 +287,11 @@ inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const*
     for (int k = 0; k < P; ++k) {
       const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(half[2 * k] + i * RB));
       const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(half[2 * k + 1] + i * RB));
-      const __m512i v = lookup32(t, _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1)));
+      const __m512i v =
+          lookup32(t, _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1)));
       acc[2 * k] = _mm512_add_epi32(acc[2 * k], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
-      acc[2 * k + 1] = _mm512_add_epi32(acc[2 * k + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+      acc[2 * k + 1] =
+          _mm512_add_epi32(acc[2 * k + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
     }
   }
 }
@@ -275,7 +299,7 @@ inline void gather_i16_pairs(const int16_t* Tq, int64_t n, const uint8_t* const*
 // part[r] += scale * sum over n <= kTileI16 slots of Tq[i, code(r, i)] for the rows `rows`.
 void gather_i16(const int16_t* Tq, float scale, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
                 BlockRange rows, float* part) {
-  constexpr int P = 2;  // pairs of blocks per table load
+  constexpr int P = 2;                                         // pairs of blocks per table load
   alignas(64) static const uint8_t zeros[kTileI16 * RB] = {};  // the codes of blocks past the end
   const auto at = [&](int64_t blk) { return blk < rows.end() ? codes + (blk * L + i0) * RB : zeros; };
   const __m512 s = _mm512_set1_ps(scale);
@@ -287,12 +311,15 @@ void gather_i16(const int16_t* Tq, float scale, const uint8_t* codes, int64_t L,
       half[h] = at(blk + h), next[h] = at(blk + 2 * P + h);
       acc[h] = _mm512_setzero_si512();
     }
-    if (nb > 2) gather_i16_pairs<P>(Tq, n, half, next, acc);
-    else gather_i16_pairs<1>(Tq, n, half, next, acc);
+    if (nb > 2)
+      gather_i16_pairs<P>(Tq, n, half, next, acc);
+    else
+      gather_i16_pairs<1>(Tq, n, half, next, acc);
     for (int h = 0; h < nb; ++h, ++blk) {
       const __mmask16 lanes = static_cast<__mmask16>((1u << rows.hi(blk)) - (1u << rows.lo(blk)));
       float* p = part + blk * RB;
-      _mm512_mask_storeu_ps(p, lanes, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), s, _mm512_maskz_loadu_ps(lanes, p)));
+      _mm512_mask_storeu_ps(p, lanes,
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), s, _mm512_maskz_loadu_ps(lanes, p)));
     }
   }
 }
@@ -310,7 +337,8 @@ HOTOPS_VBMI float quantize_planes(const float* T, int64_t C, int64_t n, uint8_t*
   if (m < 0.0f) return -1.0f;
   const __m512 inv = _mm512_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f), offset = _mm512_set1_ps(32768.0f);
   alignas(64) uint8_t split[64];  // from 32 dwords: their byte 0, then their byte 1
-  for (int j = 0; j < 32; ++j) split[j] = static_cast<uint8_t>(4 * j), split[32 + j] = static_cast<uint8_t>(4 * j + 1);
+  for (int j = 0; j < 32; ++j)
+    split[j] = static_cast<uint8_t>(4 * j), split[32 + j] = static_cast<uint8_t>(4 * j + 1);
   const __m512i by_byte = _mm512_load_si512(split);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t c = 0; c < 256; c += 64) {
@@ -318,7 +346,8 @@ HOTOPS_VBMI float quantize_planes(const float* T, int64_t C, int64_t n, uint8_t*
       for (int q = 0; q < 4; ++q) {
         const int64_t left = C - c - 16 * q;
         const __mmask16 k = left >= 16 ? 0xffff : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-        u[q] = _mm512_cvtps_epi32(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, T + i * C + c + 16 * q), inv, offset));
+        u[q] = _mm512_cvtps_epi32(
+            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, T + i * C + c + 16 * q), inv, offset));
       }
       const __m512i a = _mm512_permutex2var_epi8(u[0], by_byte, u[1]);  // entries c.. c + 31
       const __m512i b = _mm512_permutex2var_epi8(u[2], by_byte, u[3]);  // entries c + 32.. c + 63
@@ -361,8 +390,8 @@ HOTOPS_VBMI inline void add_bytes(ByteSums& s, __m512i v) {
 // acc[k][0] and acc[k][1] sum the low and high planes over n slots, while the codes of the next
 // 4P blocks (next[h]) are prefetched.
 template <int P>
-HOTOPS_VBMI void gather_plane_groups(const uint8_t* Tp, int64_t n, const uint8_t* const* blk, const uint8_t* const* next,
-                                     ByteSums (*acc)[2]) {
+HOTOPS_VBMI void gather_plane_groups(const uint8_t* Tp, int64_t n, const uint8_t* const* blk,
+                                     const uint8_t* const* next, ByteSums (*acc)[2]) {
   for (int64_t i = 0; i < n; ++i) {
     prefetch_codes<4 * P>(next, i, n);
     const __m512i* t = reinterpret_cast<const __m512i*>(Tp + i * kPlanes);
@@ -379,8 +408,8 @@ HOTOPS_VBMI void gather_plane_groups(const uint8_t* Tp, int64_t n, const uint8_t
 
 // part[rows of blocks blk.. blk + nb - 1] += scale * (256 * high + low - 32768 n), from the plane
 // sums of one group (s[0] low, s[1] high) over n slots.
-HOTOPS_VBMI void flush_group(const ByteSums* s, int64_t n, __m512 scale, int64_t blk, int64_t nb, BlockRange rows,
-                             float* part) {
+HOTOPS_VBMI void flush_group(const ByteSums* s, int64_t n, __m512 scale, int64_t blk, int64_t nb,
+                             BlockRange rows, float* part) {
   const __m512i lo_even = _mm512_sub_epi16(s[0].words, _mm512_slli_epi16(s[0].odd, 8));
   const __m512i hi_even = _mm512_sub_epi16(s[1].words, _mm512_slli_epi16(s[1].odd, 8));
   const __m512i low_plus_256_high = _mm512_set1_epi32(256 << 16 | 1);
@@ -392,10 +421,14 @@ HOTOPS_VBMI void flush_group(const ByteSums* s, int64_t n, __m512 scale, int64_t
   // lane k of a, b, c, d: rows 16k + 0.. 3, 4.. 7, 8.. 11, 12.. 15; then a 4 x 4 transpose of lanes
   const __m512i a = _mm512_unpacklo_epi32(e0, o0), b = _mm512_unpackhi_epi32(e0, o0);
   const __m512i c = _mm512_unpacklo_epi32(e1, o1), d = _mm512_unpackhi_epi32(e1, o1);
-  const __m512i ab0 = _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)), ab1 = _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m512i cd0 = _mm512_shuffle_i32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)), cd1 = _mm512_shuffle_i32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m512i block[4] = {_mm512_shuffle_i32x4(ab0, cd0, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_i32x4(ab0, cd0, _MM_SHUFFLE(3, 1, 3, 1)),
-                            _mm512_shuffle_i32x4(ab1, cd1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_i32x4(ab1, cd1, _MM_SHUFFLE(3, 1, 3, 1))};
+  const __m512i ab0 = _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                ab1 = _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512i cd0 = _mm512_shuffle_i32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                cd1 = _mm512_shuffle_i32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512i block[4] = {_mm512_shuffle_i32x4(ab0, cd0, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(ab0, cd0, _MM_SHUFFLE(3, 1, 3, 1)),
+                            _mm512_shuffle_i32x4(ab1, cd1, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(ab1, cd1, _MM_SHUFFLE(3, 1, 3, 1))};
   const __m512i offset = _mm512_set1_epi32(static_cast<int>(32768 * n));
   for (int64_t h = 0; h < nb; ++h) {
     const __mmask16 lanes = static_cast<__mmask16>((1u << rows.hi(blk + h)) - (1u << rows.lo(blk + h)));
@@ -406,8 +439,8 @@ HOTOPS_VBMI void flush_group(const ByteSums* s, int64_t n, __m512 scale, int64_t
 }
 
 // gather_i16 on byte planes (Tp from quantize_planes, n <= kTileI16 slots).
-HOTOPS_VBMI void gather_planes(const uint8_t* Tp, float scale, const uint8_t* codes, int64_t L, int64_t i0, int64_t n,
-                               BlockRange rows, float* part) {
+HOTOPS_VBMI void gather_planes(const uint8_t* Tp, float scale, const uint8_t* codes, int64_t L, int64_t i0,
+                               int64_t n, BlockRange rows, float* part) {
   constexpr int P = 2;  // groups of 4 blocks per table load
   static_assert(kTileI16 <= 128, "16-bit plane sums must stay below 2^15");
   alignas(64) static const uint8_t zeros[kTileI16 * RB] = {};  // the codes of blocks past the end
@@ -418,9 +451,12 @@ HOTOPS_VBMI void gather_planes(const uint8_t* Tp, float scale, const uint8_t* co
     const uint8_t *b[4 * P], *next[4 * P];
     ByteSums acc[P][2];
     for (int h = 0; h < 4 * P; ++h) b[h] = at(blk + h), next[h] = at(blk + 4 * P + h);
-    for (int k = 0; k < P; ++k) acc[k][0] = acc[k][1] = ByteSums{_mm512_setzero_si512(), _mm512_setzero_si512()};
-    if (nb > 4) gather_plane_groups<P>(Tp, n, b, next, acc);
-    else gather_plane_groups<1>(Tp, n, b, next, acc);
+    for (int k = 0; k < P; ++k)
+      acc[k][0] = acc[k][1] = ByteSums{_mm512_setzero_si512(), _mm512_setzero_si512()};
+    if (nb > 4)
+      gather_plane_groups<P>(Tp, n, b, next, acc);
+    else
+      gather_plane_groups<1>(Tp, n, b, next, acc);
     for (int k = 0; 4 * k < nb; ++k) flush_group(acc[k], n, s, blk + 4 * k, min64(4, nb - 4 * k), rows, part);
     blk += nb;
   }
@@ -478,10 +514,13 @@ bool run_task(const CodebookMatmul& a, const Plan& p, int64_t s_begin, int64_t s
       } else {
 #if defined(__AVX512BW__)
         uint8_t* Tp = reinterpret_cast<uint8_t*>(Tq.get());  // as many bytes as the int16 tables
-        const float scale = p.byte_planes ? quantize_planes(T.get(), C, n, Tp) : quantize_tables(T.get(), C, n, Tq.get());
+        const float scale =
+            p.byte_planes ? quantize_planes(T.get(), C, n, Tp) : quantize_tables(T.get(), C, n, Tq.get());
         if (scale >= 0.0f) {
-          if (p.byte_planes) gather_planes(Tp, scale, codes, L, i0, n, rows, part);
-          else gather_i16(Tq.get(), scale, codes, L, i0, n, rows, part);
+          if (p.byte_planes)
+            gather_planes(Tp, scale, codes, L, i0, n, rows, part);
+          else
+            gather_i16(Tq.get(), scale, codes, L, i0, n, rows, part);
           continue;
         }
 #endif
@@ -511,7 +550,8 @@ bool matmul_chunk(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* 
     for (int64_t r = 0; r < N; ++r) {
       const int64_t col = perm ? perm[r] : r;
       const float add = bias ? bias[col] : 0.0f;
-      for (int64_t b = 0; b < Bc; ++b) store(a.out.data, a.out.dtype, (b0 + b) * ldo + col, scales[r] * sum[r * BC + b] + add);
+      for (int64_t b = 0; b < Bc; ++b)
+        store(a.out.data, a.out.dtype, (b0 + b) * ldo + col, scales[r] * sum[r * BC + b] + add);
     }
   };
   // One parallel region: the thread that completes the last task writes the output (a few
@@ -526,7 +566,8 @@ bool matmul_chunk(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* 
                            blocks * (np + 1) / p.nparts, cbT, xT, parts.get() + kp * padded))
         __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
       // acq_rel: the last one sees every task's partial sums
-      if (__atomic_add_fetch(&done, int64_t(1), __ATOMIC_ACQ_REL) == tasks && __atomic_load_n(&ok, __ATOMIC_RELAXED))
+      if (__atomic_add_fetch(&done, int64_t(1), __ATOMIC_ACQ_REL) == tasks &&
+          __atomic_load_n(&ok, __ATOMIC_RELAXED))
         finish();
     }
   });
@@ -586,8 +627,10 @@ void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& o
 
 template <int G>
 void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& ok) {
-  if (a.out.dtype == DType::f32) dequantize_rows<G, float>(a, r0, r1, ok);
-  else dequantize_rows<G, uint16_t>(a, r0, r1, ok);
+  if (a.out.dtype == DType::f32)
+    dequantize_rows<G, float>(a, r0, r1, ok);
+  else
+    dequantize_rows<G, uint16_t>(a, r0, r1, ok);
 }
 
 // True when none of v[0, n) is NaN or +-Inf (|v| <= FLT_MAX is false for all three).
@@ -661,16 +704,28 @@ bool codebook_matmul(const CodebookMatmul& a) {
     for (int64_t c = 0; c < C; ++c)
       for (int64_t t = 0; t < G; ++t) cbT.get()[(om * G + t) * C + c] = cb[(om * C + c) * G + t];
   for (int64_t b0 = 0; b0 < B; b0 += kMaxBatch) {
-    const int64_t Bc = min64(kMaxBatch, B - b0), BC = Bc <= 1 ? 1 : Bc <= 2 ? 2 : Bc <= 4 ? 4 : Bc <= 8 ? 8 : 16;
+    const int64_t Bc = min64(kMaxBatch, B - b0), BC = Bc <= 1   ? 1
+                                                      : Bc <= 2 ? 2
+                                                      : Bc <= 4 ? 4
+                                                      : Bc <= 8 ? 8
+                                                                : 16;
     for (int64_t b = 0; b < BC; ++b)  // the chunk in float32, (K, BC), zeros past Bc
       for (int64_t k = 0; k < K; ++k)
         xT.get()[k * BC + b] = b < Bc ? to_f32(a.x.data, a.x.dtype, (b0 + b) * a.x.stride(0) + k) : 0.0f;
     bool ok;
     switch (G) {
-      case 1: ok = matmul_chunk_bc<1>(a, b0, Bc, cbT.get(), xT.get()); break;
-      case 2: ok = matmul_chunk_bc<2>(a, b0, Bc, cbT.get(), xT.get()); break;
-      case 4: ok = matmul_chunk_bc<4>(a, b0, Bc, cbT.get(), xT.get()); break;
-      default: ok = matmul_chunk_bc<8>(a, b0, Bc, cbT.get(), xT.get()); break;
+      case 1:
+        ok = matmul_chunk_bc<1>(a, b0, Bc, cbT.get(), xT.get());
+        break;
+      case 2:
+        ok = matmul_chunk_bc<2>(a, b0, Bc, cbT.get(), xT.get());
+        break;
+      case 4:
+        ok = matmul_chunk_bc<4>(a, b0, Bc, cbT.get(), xT.get());
+        break;
+      default:
+        ok = matmul_chunk_bc<8>(a, b0, Bc, cbT.get(), xT.get());
+        break;
     }
     if (!ok) return false;
     for (int64_t b = 0; b < Bc; ++b) {  // rows of x holding NaN/Inf: again, from the dense weight
@@ -687,10 +742,18 @@ bool codebook_dequantize(const CodebookDequantize& a) {
   parallel_for(a.row_end - a.row_begin, 16, a.threads, [&](int64_t s0, int64_t s1) {
     const int64_t r0 = a.row_begin + s0, r1 = a.row_begin + s1;
     switch (a.w.in_group()) {
-      case 1: dequantize_rows<1>(a, r0, r1, ok); break;
-      case 2: dequantize_rows<2>(a, r0, r1, ok); break;
-      case 4: dequantize_rows<4>(a, r0, r1, ok); break;
-      default: dequantize_rows<8>(a, r0, r1, ok); break;
+      case 1:
+        dequantize_rows<1>(a, r0, r1, ok);
+        break;
+      case 2:
+        dequantize_rows<2>(a, r0, r1, ok);
+        break;
+      case 4:
+        dequantize_rows<4>(a, r0, r1, ok);
+        break;
+      default:
+        dequantize_rows<8>(a, r0, r1, ok);
+        break;
     }
   });
   return ok != 0;

@@ -10,11 +10,12 @@
 // Batch 2..16 (a chunk of BC rows, x transposed to (K, BC)): per row and input group, the codeword
 // is gathered once and each of its 8 values is broadcast into an FMA with the 8 BC-wide columns
 // of x, R rows at a time (x's columns are loaded once per R rows).
+#include "codebook/wide.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <new>
 
-#include "codebook/wide.h"
 #include "common/parallel.h"
 #include "common/simd.h"
 
@@ -55,8 +56,10 @@ inline V8 word(const void* cb, int64_t c) {
 #if defined(__AVX2__)
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h));
     __m256 f;
-    if constexpr (CT == DType::f16) f = _mm256_cvtph_ps(raw);
-    else f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    if constexpr (CT == DType::f16)
+      f = _mm256_cvtph_ps(raw);
+    else
+      f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
     std::memcpy(&v, &f, sizeof(v));
 #else
     float f[8];
@@ -68,7 +71,9 @@ inline V8 word(const void* cb, int64_t c) {
 }
 
 template <DType CT>
-constexpr int64_t elem_bytes() { return CT == DType::f32 ? 4 : 2; }
+constexpr int64_t elem_bytes() {
+  return CT == DType::f32 ? 4 : 2;
+}
 
 inline float hsum(V8 v) {
   float f[8];
@@ -77,8 +82,10 @@ inline float hsum(V8 v) {
 }
 
 inline void store(void* p, DType t, int64_t i, float v) {
-  if (t == DType::f32) static_cast<float*>(p)[i] = v;
-  else static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+  if (t == DType::f32)
+    static_cast<float*>(p)[i] = v;
+  else
+    static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
 }
 
 inline float to_f32(const void* p, DType t, int64_t i) {
@@ -148,11 +155,24 @@ void rows_b1(const WideFormat& w, const float* x, int64_t r0, int64_t r1, float*
 }
 
 // N floats as one GCC vector (never wider than the ISA's registers).
-template <int N> struct Lanes;
-template <> struct Lanes<2> { typedef float type __attribute__((vector_size(8))); };
-template <> struct Lanes<4> { typedef float type __attribute__((vector_size(16))); };
-template <> struct Lanes<8> { typedef float type __attribute__((vector_size(32))); };
-template <> struct Lanes<16> { typedef float type __attribute__((vector_size(64))); };
+template <int N>
+struct Lanes;
+template <>
+struct Lanes<2> {
+  typedef float type __attribute__((vector_size(8)));
+};
+template <>
+struct Lanes<4> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct Lanes<8> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Lanes<16> {
+  typedef float type __attribute__((vector_size(64)));
+};
 
 // Batch BC in 2..16: sums[(r - r0) * BC + b] = row r of the unscaled weight . x[b] for rows
 // [r0, r1); xT is the chunk (K, BC) float32 (zeros past the batch). ONE: M == 1.
@@ -230,9 +250,12 @@ bool chunk(const WideMatmul& a, int64_t b0, int64_t Bc, const float* xc) {
         __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
         continue;
       }
-      if constexpr (BC == 1) rows_b1<CT>(w, xc, r0, r1, sums);
-      else if (w.num_codebooks() == 1) rows_bc<CT, BC, true>(w, xc, r0, r1, sums);
-      else rows_bc<CT, BC, false>(w, xc, r0, r1, sums);
+      if constexpr (BC == 1)
+        rows_b1<CT>(w, xc, r0, r1, sums);
+      else if (w.num_codebooks() == 1)
+        rows_bc<CT, BC, true>(w, xc, r0, r1, sums);
+      else
+        rows_bc<CT, BC, false>(w, xc, r0, r1, sums);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t col = perm ? perm[r] : r;
         const float add = bias ? bias[col] : 0.0f;
@@ -255,11 +278,21 @@ bool matmul(const WideMatmul& a) {
         xc.get()[k * BC + b] = b < Bc ? to_f32(a.x.data, a.x.dtype, (b0 + b) * a.x.stride(0) + k) : 0.0f;
     bool ok;
     switch (BC) {
-      case 1: ok = chunk<CT, 1>(a, b0, Bc, xc.get()); break;
-      case 2: ok = chunk<CT, 2>(a, b0, Bc, xc.get()); break;
-      case 4: ok = chunk<CT, 4>(a, b0, Bc, xc.get()); break;
-      case 8: ok = chunk<CT, 8>(a, b0, Bc, xc.get()); break;
-      default: ok = chunk<CT, 16>(a, b0, Bc, xc.get()); break;
+      case 1:
+        ok = chunk<CT, 1>(a, b0, Bc, xc.get());
+        break;
+      case 2:
+        ok = chunk<CT, 2>(a, b0, Bc, xc.get());
+        break;
+      case 4:
+        ok = chunk<CT, 4>(a, b0, Bc, xc.get());
+        break;
+      case 8:
+        ok = chunk<CT, 8>(a, b0, Bc, xc.get());
+        break;
+      default:
+        ok = chunk<CT, 16>(a, b0, Bc, xc.get());
+        break;
     }
     if (!ok) return false;
   }
@@ -349,18 +382,24 @@ bool wide_matmul(const WideMatmul& a) {
     return wide::matmul<DType::f32>(wide32);
   }
   switch (a.w.codebooks.dtype) {
-    case DType::f32: return wide::matmul<DType::f32>(a);
-    case DType::f16: return wide::matmul<DType::f16>(a);
-    default: return wide::matmul<DType::bf16>(a);
+    case DType::f32:
+      return wide::matmul<DType::f32>(a);
+    case DType::f16:
+      return wide::matmul<DType::f16>(a);
+    default:
+      return wide::matmul<DType::bf16>(a);
   }
 }
 
 bool wide_dequantize(const WideDequantize& a) {
   if (a.row_end == a.row_begin) return true;
   switch (a.w.codebooks.dtype) {
-    case DType::f32: return wide::dequantize<DType::f32>(a);
-    case DType::f16: return wide::dequantize<DType::f16>(a);
-    default: return wide::dequantize<DType::bf16>(a);
+    case DType::f32:
+      return wide::dequantize<DType::f32>(a);
+    case DType::f16:
+      return wide::dequantize<DType::f16>(a);
+    default:
+      return wide::dequantize<DType::bf16>(a);
   }
 }
 

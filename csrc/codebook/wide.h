@@ -54,7 +54,6 @@ void check(const WideMatmul& a);
 void check(const WideDequantize& a);
 
 // Both return false when a code is >= the codebook size (nothing useful was written then).
-HOTOPS_FOR_EACH_ISA(bool wide_matmul(const WideMatmul& a);
-                    bool wide_dequantize(const WideDequantize& a);)
+HOTOPS_FOR_EACH_ISA(bool wide_matmul(const WideMatmul& a); bool wide_dequantize(const WideDequantize& a);)
 
 }  // namespace hotops

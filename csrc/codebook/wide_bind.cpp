@@ -19,8 +19,8 @@ void check_format(const WideFormat& w) {
   const int64_t N = w.rows(), O = w.groups(), M = w.num_codebooks(), C = w.codebook_size();
   HOTOPS_CHECK(w.codebooks.size(3) == kWideGroup, "codebooks must hold codewords of ", kWideGroup,
                " inputs (in_group 8), got ", w.codebooks.size(3));
-  HOTOPS_CHECK(M >= 1 && w.codebooks.size(1) == M, "codes address ", M, " codebooks per group, codebooks hold ",
-               w.codebooks.size(1));
+  HOTOPS_CHECK(M >= 1 && w.codebooks.size(1) == M, "codes address ", M,
+               " codebooks per group, codebooks hold ", w.codebooks.size(1));
   HOTOPS_CHECK(C >= 1 && C <= 65536, "16-bit codes address 1..65536 codewords, got codebooks of ", C);
   HOTOPS_CHECK(w.scales.size(0) == N, "scales must have one entry per row (", N, "), got ", w.scales.size(0));
   HOTOPS_CHECK(O >= 1 && w.group_ptr.size(0) == O + 1, "group_ptr must have ", O + 1,
@@ -32,7 +32,8 @@ void check_format(const WideFormat& w) {
 }
 
 void refuse_codes(bool ok, const WideFormat& w) {
-  HOTOPS_CHECK(ok, "codes must be smaller than the codebook size (", w.codebook_size(), "); found a larger one");
+  HOTOPS_CHECK(ok, "codes must be smaller than the codebook size (", w.codebook_size(),
+               "); found a larger one");
 }
 
 }  // namespace
@@ -46,7 +47,8 @@ void check(const WideMatmul& a) {
   check_view(a.out, "out", 2, {a.x.dtype});
   check_rows_contiguous(a.out, "out");
   check_writable(a.out, "out");
-  HOTOPS_CHECK(a.out.size(0) == a.x.size(0) && a.out.size(1) == N, "out must be (", a.x.size(0), ", ", N, ")");
+  HOTOPS_CHECK(a.out.size(0) == a.x.size(0) && a.out.size(1) == N, "out must be (", a.x.size(0), ", ", N,
+               ")");
   if (a.perm.present) {
     check_view(a.perm, "perm", 1, {DType::i64});
     check_contiguous(a.perm, "perm");
@@ -70,8 +72,8 @@ void check(const WideDequantize& a) {
   check_view(a.out, "out", 2, {DType::f32, DType::bf16});
   check_rows_contiguous(a.out, "out");
   check_writable(a.out, "out");
-  HOTOPS_CHECK(a.out.size(0) == a.row_end - a.row_begin && a.out.size(1) == a.w.in_features(), "out must be (",
-               a.row_end - a.row_begin, ", ", a.w.in_features(), ")");
+  HOTOPS_CHECK(a.out.size(0) == a.row_end - a.row_begin && a.out.size(1) == a.w.in_features(),
+               "out must be (", a.row_end - a.row_begin, ", ", a.w.in_features(), ")");
   HOTOPS_CHECK(a.threads >= 1, "threads must be at least 1");
 }
 
@@ -111,8 +113,8 @@ void bind_codebook_wide(py::module_& m) {
       "csrc/codebook/wide.h.");
   m.def(
       "codebook_wide_dequantize",
-      [format](py::object codes, py::object codebooks, py::object scales, py::object group_ptr, int64_t row_begin,
-               int64_t row_end, py::object out, int threads) {
+      [format](py::object codes, py::object codebooks, py::object scales, py::object group_ptr,
+               int64_t row_begin, int64_t row_end, py::object out, int threads) {
         ViewArgs view;
         WideDequantize a;
         a.w = format(view, codes, codebooks, scales, group_ptr);

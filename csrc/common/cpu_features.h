@@ -8,9 +8,9 @@ namespace hotops {
 enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
 
 const char* isa_name(Isa isa);
-Isa best_isa();            // the widest variant this CPU runs and this build contains
-Isa active_isa();          // the variant kernels dispatch to now
-void set_isa(Isa isa);     // refuses variants the CPU or the build lacks
+Isa best_isa();         // the widest variant this CPU runs and this build contains
+Isa active_isa();       // the variant kernels dispatch to now
+void set_isa(Isa isa);  // refuses variants the CPU or the build lacks
 Isa parse_isa(const char* name);
 
 // AVX512_VBMI (64-lane byte permutes), an extension some avx512 kernels take when it is on: on

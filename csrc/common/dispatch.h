@@ -5,9 +5,15 @@
 #include "common/cpu_features.h"
 
 #define HOTOPS_FOR_EACH_ISA(DECLARE) \
-  namespace scalar { DECLARE }       \
-  namespace avx2 { DECLARE }         \
-  namespace avx512 { DECLARE }
+  namespace scalar {                 \
+  DECLARE                            \
+  }                                  \
+  namespace avx2 {                   \
+  DECLARE                            \
+  }                                  \
+  namespace avx512 {                 \
+  DECLARE                            \
+  }
 
 #if HOTOPS_HAVE_AVX512
 #define HOTOPS_PICK_AVX512(fn) \
@@ -22,11 +28,11 @@
 #define HOTOPS_PICK_AVX2(fn)
 #endif
 
-#define HOTOPS_DISPATCH(fn)                          \
-  ([] {                                              \
+#define HOTOPS_DISPATCH(fn)                           \
+  ([] {                                               \
     const ::hotops::Isa isa = ::hotops::active_isa(); \
-    (void)isa;                                       \
-    HOTOPS_PICK_AVX512(fn)                           \
-    HOTOPS_PICK_AVX2(fn)                             \
-    return &::hotops::scalar::fn;                    \
+    (void)isa;                                        \
+    HOTOPS_PICK_AVX512(fn)                            \
+    HOTOPS_PICK_AVX2(fn)                              \
+    return &::hotops::scalar::fn;                     \
   }())

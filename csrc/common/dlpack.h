@@ -8,8 +8,15 @@ namespace hotops::dlpack {
 enum TypeCode : uint8_t { kInt = 0, kUInt = 1, kFloat = 2, kBfloat = 4, kBool = 6 };
 enum DeviceType : int32_t { kCPU = 1, kCUDA = 2, kCUDAHost = 3 };
 
-struct Device { int32_t device_type; int32_t device_id; };
-struct DataType { uint8_t code; uint8_t bits; uint16_t lanes; };
+struct Device {
+  int32_t device_type;
+  int32_t device_id;
+};
+struct DataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
 struct Tensor {
   void* data;
   Device device;
@@ -24,7 +31,10 @@ struct ManagedTensor {  // capsule "dltensor" (DLPack < 1.0)
   void* manager_ctx;
   void (*deleter)(ManagedTensor*);
 };
-struct Version { uint32_t major; uint32_t minor; };
+struct Version {
+  uint32_t major;
+  uint32_t minor;
+};
 constexpr uint64_t kFlagReadOnly = 1;
 struct ManagedTensorVersioned {  // capsule "dltensor_versioned" (DLPack >= 1.0): has flags
   Version version;

@@ -29,7 +29,7 @@ template <typename... Parts>
 
 }  // namespace hotops
 
-#define HOTOPS_CHECK(cond, ...)          \
-  do {                                   \
+#define HOTOPS_CHECK(cond, ...)               \
+  do {                                        \
     if (!(cond)) ::hotops::fail(__VA_ARGS__); \
   } while (0)

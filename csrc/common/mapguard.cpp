@@ -142,7 +142,9 @@ uint64_t total_faults() { return g_total.load(std::memory_order_acquire); }
 }  // namespace mapguard
 
 namespace {
-int64_t mtime_ns(const struct stat& st) { return int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec; }
+int64_t mtime_ns(const struct stat& st) {
+  return int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+}
 }  // namespace
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {

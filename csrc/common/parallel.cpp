@@ -57,7 +57,10 @@ class Pool {
     ensure_workers(static_cast<int>(chunks) - 1);
     {
       std::lock_guard<std::mutex> lk(m_);
-      fn_ = fn; ctx_ = ctx; n_ = n; chunks_ = chunks;
+      fn_ = fn;
+      ctx_ = ctx;
+      n_ = n;
+      chunks_ = chunks;
       next_ = 0;
       pending_ = chunks;
       error_ = nullptr;

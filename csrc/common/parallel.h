@@ -12,7 +12,6 @@ using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 // chunk is rethrown in the caller. Nested calls run inline.
 void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* ctx);
 
-
 // Run parallel_for's chunks on the OpenMP team of the runtime torch uses (GOMP_parallel's address,
 // found by Python) instead of hotops' own pool; nullptr goes back to the pool. Sharing torch's
 // team means no second set of threads competes for the cores after a torch op (its OpenMP
@@ -25,8 +24,7 @@ bool uses_openmp();
 template <typename F>
 void parallel_for(int64_t n, int64_t grain, int threads, const F& f) {
   parallel_for_raw(
-      n, grain, threads,
-      [](void* ctx, int64_t b, int64_t e) { (*static_cast<const F*>(ctx))(b, e); },
+      n, grain, threads, [](void* ctx, int64_t b, int64_t e) { (*static_cast<const F*>(ctx))(b, e); },
       const_cast<F*>(&f));
 }
 

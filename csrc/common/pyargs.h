@@ -4,7 +4,6 @@
 // Included only by the per-family bind.cpp files (pybind11 is not needed by the kernels).
 #pragma once
 #include <pybind11/pybind11.h>
-
 #include <pybind11/stl.h>
 
 #include <string>
@@ -67,7 +66,8 @@ class ViewArgs {
         cap = obj.attr("__dlpack__")();
       } catch (pybind11::error_already_set& e2) {
         if (!e2.matches(PyExc_BufferError)) throw;
-        fail(what, " is read-only and its library cannot export read-only memory through DLPack "
+        fail(what,
+             " is read-only and its library cannot export read-only memory through DLPack "
              "(NumPy < 2.1); pass a writable array");
       }
     }
@@ -83,8 +83,8 @@ class ViewArgs {
       tp = &cap.get_pointer<dlpack::ManagedTensor>()->dl_tensor;
     }
     const dlpack::Tensor& t = *tp;
-    HOTOPS_CHECK(t.device.device_type == dlpack::kCPU || t.device.device_type == dlpack::kCUDAHost,
-                 what, " must be in CPU memory for the C++ kernels");
+    HOTOPS_CHECK(t.device.device_type == dlpack::kCPU || t.device.device_type == dlpack::kCUDAHost, what,
+                 " must be in CPU memory for the C++ kernels");
     HOTOPS_CHECK(t.ndim <= 4, what, " has ", t.ndim, " dimensions; at most 4 are supported");
     v.dtype = detail::dtype_of(t.dtype, what);
     v.ndim = t.ndim;

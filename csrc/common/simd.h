@@ -8,9 +8,9 @@
 #error "simd.h is for kernel TUs compiled per ISA (csrc/<family>/cpu.cpp)"
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cmath>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -45,7 +45,10 @@ inline float f16_to_f32(uint16_t h) {
     u = sign;
   } else {  // subnormal half: renormalise
     int e = -1;
-    do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
+    do {
+      ++e;
+      man <<= 1;
+    } while ((man & 0x400u) == 0);
     u = sign | ((112u - e) << 23) | ((man & 0x3ffu) << 13);
   }
   float f;
@@ -58,7 +61,7 @@ inline uint16_t f32_to_f16(float f) {  // round to nearest even, with overflow t
   uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
   if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504
-  if (a < 0x38800000u) {  // result is subnormal or zero
+  if (a < 0x38800000u) {                                               // result is subnormal or zero
     float af;
     std::memcpy(&af, &a, 4);
     return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(af * 16777216.0f)));
@@ -90,7 +93,8 @@ struct VecF {
     } else {
       __m512i u = _mm512_castps_si512(v);
       __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+      __m512i r =
+          _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
       __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
       r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
       h = _mm512_cvtepi32_epi16(r);
@@ -111,7 +115,9 @@ struct VecF {
   static VecF select_lt(VecF x, VecF t, VecF a, VecF b) {  // x < t ? a : b (false for NaN)
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, t.v, _CMP_LT_OQ), b.v, a.v);
   }
-  static VecF round(VecF x) { return _mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static VecF round(VecF x) {
+    return _mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
   static VecF pow2i(VecF n) {  // 2^n for integral n in [-126, 127]
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23);
     return _mm512_castsi512_ps(e);
@@ -140,7 +146,8 @@ struct VecF {
     } else {
       __m256i u = _mm256_castps_si256(v);
       __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      __m256i r =
+          _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
       __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
       __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
       r = _mm256_blendv_epi8(r, qnan, nan);
@@ -238,26 +245,35 @@ inline VecF load_row(const void* row, DType t, int64_t j, int64_t n = VecF::W, f
   }
   float buf[VecF::W];
   for (int i = 0; i < VecF::W; ++i) {
-    if (i >= n) buf[i] = fill;
-    else if (t == DType::f32) buf[i] = static_cast<const float*>(row)[j + i];
-    else if (t == DType::f16) buf[i] = f16_to_f32(static_cast<const uint16_t*>(row)[j + i]);
-    else buf[i] = bf16_to_f32(static_cast<const uint16_t*>(row)[j + i]);
+    if (i >= n)
+      buf[i] = fill;
+    else if (t == DType::f32)
+      buf[i] = static_cast<const float*>(row)[j + i];
+    else if (t == DType::f16)
+      buf[i] = f16_to_f32(static_cast<const uint16_t*>(row)[j + i]);
+    else
+      buf[i] = bf16_to_f32(static_cast<const uint16_t*>(row)[j + i]);
   }
   return VecF::load(buf);
 }
 
 inline void store_row(void* row, DType t, int64_t j, VecF v, int64_t n = VecF::W) {
   if (n >= VecF::W) {
-    if (t == DType::f32) v.store(static_cast<float*>(row) + j);
-    else v.store(static_cast<uint16_t*>(row) + j, t);
+    if (t == DType::f32)
+      v.store(static_cast<float*>(row) + j);
+    else
+      v.store(static_cast<uint16_t*>(row) + j, t);
     return;
   }
   float buf[VecF::W];
   v.store(buf);
   for (int i = 0; i < n; ++i) {
-    if (t == DType::f32) static_cast<float*>(row)[j + i] = buf[i];
-    else if (t == DType::f16) static_cast<uint16_t*>(row)[j + i] = f32_to_f16(buf[i]);
-    else static_cast<uint16_t*>(row)[j + i] = f32_to_bf16(buf[i]);
+    if (t == DType::f32)
+      static_cast<float*>(row)[j + i] = buf[i];
+    else if (t == DType::f16)
+      static_cast<uint16_t*>(row)[j + i] = f32_to_f16(buf[i]);
+    else
+      static_cast<uint16_t*>(row)[j + i] = f32_to_bf16(buf[i]);
   }
 }
 

@@ -21,7 +21,7 @@ struct View {
   int ndim = 0;
   int64_t sizes[4] = {0, 0, 0, 0};
   int64_t strides[4] = {0, 0, 0, 0};
-  bool present = true;   // false for an optional argument passed as None
+  bool present = true;    // false for an optional argument passed as None
   bool readonly = false;  // the producer marked the memory read-only (DLPack 1.0 flag)
 
   int64_t size(int d) const { return sizes[d]; }
@@ -32,7 +32,9 @@ struct View {
     return n;
   }
   template <typename T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 };
 
 // Checks shared by every entry point; `what` names the argument in the message.

@@ -9,8 +9,8 @@ void bind_infonce(py::module_& m) {
   m.def(
       "infonce_rows",
       [](py::object shared, py::object own, py::object weight, py::object row_scale, py::object loss,
-         py::object lse, py::object tdot, int64_t pos_col, float inv_t, float smoothing,
-         float grad_scale, bool want_grad, int threads) {
+         py::object lse, py::object tdot, int64_t pos_col, float inv_t, float smoothing, float grad_scale,
+         bool want_grad, int threads) {
         ViewArgs view;
         InfoNceRows a;
         a.shared = view(shared, "logits");

@@ -2,11 +2,12 @@
 //   1. m = max of the logits that have weight > 0, and sum of logits (label smoothing),
 //   2. e_j = w_j exp(l_j - m): s = sum e, sum e*l (for d/dT); fp32 rows keep e in place,
 //   3. G_j = (e_j / s - eps/C - (1-eps)[j == pos]) * scale, written over the logits.
+#include "infonce/cpu.h"
+
 #include <cmath>
 
 #include "common/parallel.h"
 #include "common/simd.h"
-#include "infonce/cpu.h"
 
 namespace hotops {
 namespace HOTOPS_ISA {
@@ -46,7 +47,8 @@ inline VecF weighted(VecF e, VecF l, const float* w, int64_t j, int64_t n) {
 
 // Columns [j0, j1) of a segment, as a segment of their own.
 inline Segment slice(const Segment& seg, int64_t j0, int64_t j1) {
-  return {static_cast<char*>(seg.row) + j0 * dtype_size(seg.dtype), seg.dtype, j1 - j0, seg.w ? seg.w + j0 : nullptr};
+  return {static_cast<char*>(seg.row) + j0 * dtype_size(seg.dtype), seg.dtype, j1 - j0,
+          seg.w ? seg.w + j0 : nullptr};
 }
 
 }  // namespace

@@ -8,10 +8,10 @@
 namespace hotops {
 
 struct InfoNceRows {
-  View shared;     // (P, Na) q·candidate for candidates every row sees; overwritten with G if want_grad
-  View own;        // (P, K) q·own-hard-negative, or absent; overwritten with G if want_grad
-  View weight;     // (Na + K,) float32 softmax-denominator weights on candidates, or absent
-  View row_scale;  // (P,) float32 per-row gradient scale (backward of reduction="none"), or absent
+  View shared;           // (P, Na) q·candidate for candidates every row sees; overwritten with G if want_grad
+  View own;              // (P, K) q·own-hard-negative, or absent; overwritten with G if want_grad
+  View weight;           // (Na + K,) float32 softmax-denominator weights on candidates, or absent
+  View row_scale;        // (P,) float32 per-row gradient scale (backward of reduction="none"), or absent
   View loss, lse, tdot;  // (P,) float32 out: loss, log-sum-exp, sum_j G_ij * logit_ij (for d/dT)
   int64_t pos_col = 0;   // row r's positive is shared[r, pos_col + r]
   float inv_t = 1.0f;

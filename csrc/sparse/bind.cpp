@@ -12,7 +12,8 @@ namespace {
 
 // geometry = [N, C, H, W, O, G, kh, kw, sh, sw, ph, pw, dh, dw]
 ConvGeom geometry(const std::vector<int64_t>& v) {
-  HOTOPS_CHECK(v.size() == 14, "geometry must have 14 entries (N, C, H, W, O, G, kh, kw, sh, sw, ph, pw, dh, dw)");
+  HOTOPS_CHECK(v.size() == 14,
+               "geometry must have 14 entries (N, C, H, W, O, G, kh, kw, sh, sw, ph, pw, dh, dw)");
   ConvGeom g;
   g.N = v[0], g.C = v[1], g.H = v[2], g.W = v[3], g.O = v[4], g.G = v[5];
   g.kh = v[6], g.kw = v[7], g.sh = v[8], g.sw = v[9], g.ph = v[10], g.pw = v[11], g.dh = v[12], g.dw = v[13];
@@ -35,8 +36,9 @@ struct SparseConvPlan {
 void set_blocked(SparseConvFwd& a, ViewArgs& view, int block, py::object b_rowptr, py::object b_colidx,
                  py::object b_values) {
   a.block = block;
-  if (block) a.blocked = Blocked{view(b_rowptr, "blocked rowptr"), view(b_colidx, "blocked colidx"),
-                                 view(b_values, "blocked values")};
+  if (block)
+    a.blocked = Blocked{view(b_rowptr, "blocked rowptr"), view(b_colidx, "blocked colidx"),
+                        view(b_values, "blocked values")};
 }
 
 }  // namespace
@@ -44,9 +46,9 @@ void set_blocked(SparseConvFwd& a, ViewArgs& view, int block, py::object b_rowpt
 void bind_sparse(py::module_& m) {
   py::class_<SparseConvPlan>(m, "SparseConvPlan",
                              "sparse_conv_fwd with the weight, bias, geometry and activation bound once")
-      .def(py::init([](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx, py::object values,
-                       py::object t_rowptr, py::object bias, int activation, int block, py::object b_rowptr,
-                       py::object b_colidx, py::object b_values) {
+      .def(py::init([](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx,
+                       py::object values, py::object t_rowptr, py::object bias, int activation, int block,
+                       py::object b_rowptr, py::object b_colidx, py::object b_values) {
              HOTOPS_CHECK(activation >= 0 && activation <= 2,
                           "activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
              ViewArgs view;  // torch tensors: the Views borrow their memory, kept alive by `keep`
@@ -81,8 +83,8 @@ void bind_sparse(py::module_& m) {
   m.def(
       "sparse_conv_fwd",
       [](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx, py::object values,
-         py::object t_rowptr, py::object x, py::object bias, py::object y, int activation, int threads, int block,
-         py::object b_rowptr, py::object b_colidx, py::object b_values) {
+         py::object t_rowptr, py::object x, py::object bias, py::object y, int activation, int threads,
+         int block, py::object b_rowptr, py::object b_colidx, py::object b_values) {
         ViewArgs view;
         SparseConvFwd a;
         a.g = geometry(geom);
@@ -91,8 +93,8 @@ void bind_sparse(py::module_& m) {
         a.x = view(x, "x");
         a.bias = view(bias, "bias");
         a.y = view(y, "y");
-        HOTOPS_CHECK(activation >= 0 && activation <= 2, "activation must be 0 (none), 1 (relu) or 2 (relu6), got ",
-                     activation);
+        HOTOPS_CHECK(activation >= 0 && activation <= 2,
+                     "activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
         a.act = static_cast<Act>(activation);
         a.threads = threads;
         set_blocked(a, view, block, b_rowptr, b_colidx, b_values);
@@ -101,8 +103,9 @@ void bind_sparse(py::module_& m) {
         HOTOPS_DISPATCH(sparse_conv_fwd)(a);
       },
       py::arg("geometry"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"), py::arg("t_rowptr"),
-      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("activation"), py::arg("threads"), py::arg("block") = 0,
-      py::arg("b_rowptr") = py::none(), py::arg("b_colidx") = py::none(), py::arg("b_values") = py::none(),
+      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("activation"), py::arg("threads"),
+      py::arg("block") = 0, py::arg("b_rowptr") = py::none(), py::arg("b_colidx") = py::none(),
+      py::arg("b_values") = py::none(),
       "y = act(sparse W * im2col(x) + bias), on the blocked form when block > 0; see csrc/sparse/cpu.h.");
   m.def(
       "sparse_widen",

@@ -27,14 +27,22 @@ struct BlockPtrs {
   const float* val;  // B per stored column
   int64_t blocks, bpg, Og, panels, ncols, b;
   BlockPtrs(const Blocked& m, const ConvGeom& g, int64_t b)
-      : rowptr(m.rowptr.ptr<int64_t>()), col(m.colidx.ptr<int32_t>()), val(m.values.ptr<float>()),
-        blocks(g.G * ((g.Og() + b - 1) / b)), bpg((g.Og() + b - 1) / b), Og(g.Og()),
-        panels((m.rowptr.size(0) - 1) / blocks), ncols(g.K()), b(b) {}
+      : rowptr(m.rowptr.ptr<int64_t>()),
+        col(m.colidx.ptr<int32_t>()),
+        val(m.values.ptr<float>()),
+        blocks(g.G * ((g.Og() + b - 1) / b)),
+        bpg((g.Og() + b - 1) / b),
+        Og(g.Og()),
+        panels((m.rowptr.size(0) - 1) / blocks),
+        ncols(g.K()),
+        b(b) {}
 
   int64_t begin(int64_t j, int64_t q) const { return rowptr[q * blocks + j]; }
   int64_t end(int64_t j, int64_t q) const { return rowptr[q * blocks + j + 1]; }
   int64_t first_row(int64_t j) const { return (j / bpg) * Og + (j % bpg) * b; }
-  int64_t rows(int64_t j) const { return std::min(b, Og - (j % bpg) * b); }  // a group's last block may be short
+  int64_t rows(int64_t j) const {
+    return std::min(b, Og - (j % bpg) * b);
+  }  // a group's last block may be short
 
   void check_blocks(int64_t j0, int64_t j1) const {  // every column index the kernel reads
     bool bad = false;
@@ -54,7 +62,8 @@ inline void block_accumulate(const BlockPtrs& m, int64_t k, int64_t kend, const 
     const float* s = src + m.col[k] * ld;
     const float* v = m.val + k * B;
     VecF x[NVR];
-    for (int j = 0; j < NVR; ++j) x[j] = PARTIAL && j == NVR - 1 ? load_first(s + j * W, last) : VecF::load(s + j * W);
+    for (int j = 0; j < NVR; ++j)
+      x[j] = PARTIAL && j == NVR - 1 ? load_first(s + j * W, last) : VecF::load(s + j * W);
     for (int i = 0; i < B; ++i) {
       const VecF vi = VecF::set1(v[i]);
       for (int j = 0; j < NVR; ++j) acc[i][j] = VecF::fma(vi, x[j], acc[i][j]);
@@ -95,8 +104,10 @@ void blocks_tile(const BlockPtrs& m, int64_t j0, int64_t j1, const float* src, i
       const VecF b = VecF::set1(bias ? bias[r0 + row0 + i] : 0.0f);
       for (int jj = 0; jj < NVR; ++jj) {
         const VecF y = epilogue(acc[i][jj], b, act);
-        if (out.ps == 1) out.put(row0 + i, p + jj * W, y, jj == NVR - 1 ? last : W);
-        else y.store(stage[i] + jj * W);
+        if (out.ps == 1)
+          out.put(row0 + i, p + jj * W, y, jj == NVR - 1 ? last : W);
+        else
+          y.store(stage[i] + jj * W);
       }
     }
     if (out.ps != 1)
@@ -111,10 +122,22 @@ template <int B>
 struct Lanes {
   float f[B];
   static Lanes zero() { return Lanes{}; }
-  static Lanes load(const float* p) { Lanes l; for (int i = 0; i < B; ++i) l.f[i] = p[i]; return l; }
-  void store(float* p) const { for (int i = 0; i < B; ++i) p[i] = f[i]; }
-  static Lanes fma(Lanes v, float x, Lanes acc) { for (int i = 0; i < B; ++i) acc.f[i] += v.f[i] * x; return acc; }
-  friend Lanes operator+(Lanes a, Lanes b) { for (int i = 0; i < B; ++i) a.f[i] += b.f[i]; return a; }
+  static Lanes load(const float* p) {
+    Lanes l;
+    for (int i = 0; i < B; ++i) l.f[i] = p[i];
+    return l;
+  }
+  void store(float* p) const {
+    for (int i = 0; i < B; ++i) p[i] = f[i];
+  }
+  static Lanes fma(Lanes v, float x, Lanes acc) {
+    for (int i = 0; i < B; ++i) acc.f[i] += v.f[i] * x;
+    return acc;
+  }
+  friend Lanes operator+(Lanes a, Lanes b) {
+    for (int i = 0; i < B; ++i) a.f[i] += b.f[i];
+    return a;
+  }
 };
 #if defined(__AVX512F__) || defined(__AVX2__)
 template <>
@@ -152,7 +175,8 @@ void blocks_gemv(const BlockPtrs& m, int64_t j0, int64_t j1, const float* src, i
       const int64_t kend = m.end(j, q);
       L acc[4] = {q ? L::load(park + (j - j0) * B) : L::zero(), L::zero(), L::zero(), L::zero()};
       for (; k + 4 <= kend; k += 4)
-        for (int u = 0; u < 4; ++u) acc[u] = L::fma(L::load(m.val + (k + u) * B), src[m.col[k + u] * ld], acc[u]);
+        for (int u = 0; u < 4; ++u)
+          acc[u] = L::fma(L::load(m.val + (k + u) * B), src[m.col[k + u] * ld], acc[u]);
       for (; k < kend; ++k) acc[0] = L::fma(L::load(m.val + k * B), src[m.col[k] * ld], acc[0]);
       ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(park + (j - j0) * B);
     }
@@ -220,9 +244,12 @@ void conv_fwd_blocked(const SparseConvFwd& a) {
 
 void sparse_conv_fwd_blocked(const SparseConvFwd& a) {
   switch (a.block) {
-    case 4: return conv_fwd_blocked<4>(a);
-    case 8: return conv_fwd_blocked<8>(a);
-    default: HOTOPS_CHECK(false, "block must be 4 or 8, got ", a.block);
+    case 4:
+      return conv_fwd_blocked<4>(a);
+    case 8:
+      return conv_fwd_blocked<8>(a);
+    default:
+      HOTOPS_CHECK(false, "block must be 4 or 8, got ", a.block);
   }
 }
 

@@ -28,12 +28,13 @@ void check_csr(const Csr& m, int64_t rows, const char* what) {
   check_contiguous(m.values, "values");
   const int64_t ranges = m.rowptr.size(0) - 1;  // rows x column panels
   HOTOPS_CHECK(ranges >= rows && ranges % rows == 0, what, ": rowptr has ", m.rowptr.size(0),
-               " entries, expected rows * panels + 1 with ", rows, " rows (one per row and column panel, plus one)");
+               " entries, expected rows * panels + 1 with ", rows,
+               " rows (one per row and column panel, plus one)");
   const int64_t nnz = m.colidx.size(0);
   HOTOPS_CHECK(m.values.size(0) == nnz, what, ": ", m.values.size(0), " values but ", nnz, " column indices");
   const int64_t* rp = m.rowptr.ptr<int64_t>();
-  HOTOPS_CHECK(rp[0] == 0 && rp[ranges] == nnz, what, ": rowptr must run from 0 to nnz = ", nnz, ", got ", rp[0],
-               " .. ", rp[ranges]);
+  HOTOPS_CHECK(rp[0] == 0 && rp[ranges] == nnz, what, ": rowptr must run from 0 to nnz = ", nnz, ", got ",
+               rp[0], " .. ", rp[ranges]);
   for (int64_t r = 0; r < ranges; ++r)
     HOTOPS_CHECK(rp[r] <= rp[r + 1], what, ": rowptr decreases at row ", r);
   // column indices are range-checked by the kernels as they read them
@@ -53,12 +54,13 @@ void check_blocked(const SparseConvFwd& a) {
   HOTOPS_CHECK(ranges >= blocks && ranges % blocks == 0, "blocked rowptr has ", m.rowptr.size(0),
                " entries, expected blocks * panels + 1 with ", blocks, " blocks of ", a.block, " rows");
   const int64_t stored = m.colidx.size(0);
-  HOTOPS_CHECK(m.values.size(0) == stored * a.block, "blocked values has ", m.values.size(0), " entries, expected ",
-               a.block, " per stored column (", stored * a.block, ")");
+  HOTOPS_CHECK(m.values.size(0) == stored * a.block, "blocked values has ", m.values.size(0),
+               " entries, expected ", a.block, " per stored column (", stored * a.block, ")");
   const int64_t* rp = m.rowptr.ptr<int64_t>();
   HOTOPS_CHECK(rp[0] == 0 && rp[ranges] == stored, "blocked rowptr must run from 0 to the ", stored,
                " stored columns, got ", rp[0], " .. ", rp[ranges]);
-  for (int64_t r = 0; r < ranges; ++r) HOTOPS_CHECK(rp[r] <= rp[r + 1], "blocked rowptr decreases at block ", r);
+  for (int64_t r = 0; r < ranges; ++r)
+    HOTOPS_CHECK(rp[r] <= rp[r + 1], "blocked rowptr decreases at block ", r);
 }
 
 void check_pixels(const View& v, const char* what, int64_t n, int64_t c, int64_t p, bool contiguous_pixels) {
@@ -84,8 +86,9 @@ void check(SparseConvFwd& a) {
   check_used(a.used_rowptr, a.g);
   check_pixels(a.x, "x", a.g.N, a.g.C, a.g.H * a.g.W, true);
   check_view(a.y, "y", 3, {DType::f32, DType::bf16, DType::f16});
-  HOTOPS_CHECK(a.y.size(0) == a.g.N && a.y.size(1) == a.g.O && a.y.size(2) == a.g.P(), "y has shape (", a.y.size(0),
-               ", ", a.y.size(1), ", ", a.y.size(2), "), expected (", a.g.N, ", ", a.g.O, ", ", a.g.P(), ")");
+  HOTOPS_CHECK(a.y.size(0) == a.g.N && a.y.size(1) == a.g.O && a.y.size(2) == a.g.P(), "y has shape (",
+               a.y.size(0), ", ", a.y.size(1), ", ", a.y.size(2), "), expected (", a.g.N, ", ", a.g.O, ", ",
+               a.g.P(), ")");
   check_writable(a.y, "y");
   if (a.bias.present) {
     check_view(a.bias, "bias", 1, {DType::f32});
@@ -101,9 +104,10 @@ void check(SparseWiden& a) {
   check_contiguous(a.dst, "dst");
   check_writable(a.dst, "dst");
   const int64_t R = a.src.size(0), C = a.src.size(1);
-  const bool ok = a.transpose ? a.dst.size(0) == C && a.dst.size(1) == R : a.dst.size(0) == R && a.dst.size(1) == C;
-  HOTOPS_CHECK(ok, "dst has shape (", a.dst.size(0), ", ", a.dst.size(1), "), expected src's (", R, ", ", C, ")",
-               a.transpose ? " transposed" : "");
+  const bool ok =
+      a.transpose ? a.dst.size(0) == C && a.dst.size(1) == R : a.dst.size(0) == R && a.dst.size(1) == C;
+  HOTOPS_CHECK(ok, "dst has shape (", a.dst.size(0), ", ", a.dst.size(1), "), expected src's (", R, ", ", C,
+               ")", a.transpose ? " transposed" : "");
 }
 
 void check(SparseConvBwdInput& a) {
@@ -120,8 +124,9 @@ void check(SparseConvBwdValues& a) {
   check_pixels(a.x, "x", a.g.N, a.g.C, a.g.H * a.g.W, true);
   check_pixels(a.gy, "grad_output", a.g.N, a.g.O, a.g.P(), true);
   check_view(a.partial, "partial", 2, {DType::f32});
-  HOTOPS_CHECK(a.partial.size(0) >= 1 && a.partial.size(1) == a.w.colidx.size(0), "partial must be (lanes, nnz) = (",
-               a.partial.size(0), ", ", a.w.colidx.size(0), "), got (", a.partial.size(0), ", ", a.partial.size(1), ")");
+  HOTOPS_CHECK(a.partial.size(0) >= 1 && a.partial.size(1) == a.w.colidx.size(0),
+               "partial must be (lanes, nnz) = (", a.partial.size(0), ", ", a.w.colidx.size(0), "), got (",
+               a.partial.size(0), ", ", a.partial.size(1), ")");
   // a fully pruned layer (nnz = 0) has nothing to write: torch gives such a tensor any strides
   if (a.partial.size(1) > 0) check_contiguous(a.partial, "partial");
 }

@@ -25,8 +25,12 @@ struct CsrPtrs {
   const float* val;
   int64_t rows, panels, ncols;
   CsrPtrs(const Csr& m, int64_t rows, int64_t ncols)
-      : rowptr(m.rowptr.ptr<int64_t>()), col(m.colidx.ptr<int32_t>()), val(m.values.ptr<float>()), rows(rows),
-        panels((m.rowptr.size(0) - 1) / rows), ncols(ncols) {}
+      : rowptr(m.rowptr.ptr<int64_t>()),
+        col(m.colidx.ptr<int32_t>()),
+        val(m.values.ptr<float>()),
+        rows(rows),
+        panels((m.rowptr.size(0) - 1) / rows),
+        ncols(ncols) {}
 
   int64_t begin(int64_t r, int64_t q) const { return rowptr[q * rows + r]; }
   int64_t end(int64_t r, int64_t q) const { return rowptr[q * rows + r + 1]; }
@@ -35,7 +39,8 @@ struct CsrPtrs {
     bool bad = false;
     for (int64_t q = 0; q < panels; ++q)
       for (int64_t k = begin(r0, q); k < begin(r1, q); ++k) bad |= static_cast<uint32_t>(col[k]) >= ncols;
-    HOTOPS_CHECK(!bad, "column index out of range [0, ", ncols, ") in rows ", r0, "..", r1 - 1, " of the sparse weight");
+    HOTOPS_CHECK(!bad, "column index out of range [0, ", ncols, ") in rows ", r0, "..", r1 - 1,
+                 " of the sparse weight");
   }
 };
 
@@ -82,8 +87,12 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
   if (ld * m.ncols <= INT32_MAX) {
 #if defined(__AVX512F__)
     using I = __m512i;
-    auto index = [&](I c) { return ld == 1 ? c : _mm512_mullo_epi32(c, _mm512_set1_epi32(static_cast<int32_t>(ld))); };
-    auto gather = [&](int64_t at) { return VecF(_mm512_i32gather_ps(index(_mm512_loadu_si512(m.col + at)), src, 4)); };
+    auto index = [&](I c) {
+      return ld == 1 ? c : _mm512_mullo_epi32(c, _mm512_set1_epi32(static_cast<int32_t>(ld)));
+    };
+    auto gather = [&](int64_t at) {
+      return VecF(_mm512_i32gather_ps(index(_mm512_loadu_si512(m.col + at)), src, 4));
+    };
     auto gather_first = [&](int64_t at, int64_t count) {
       const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1u);
       const I c = index(_mm512_maskz_loadu_epi32(mask, m.col + at));
@@ -91,12 +100,16 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
     };
 #else
     using I = __m256i;
-    auto index = [&](I c) { return ld == 1 ? c : _mm256_mullo_epi32(c, _mm256_set1_epi32(static_cast<int32_t>(ld))); };
+    auto index = [&](I c) {
+      return ld == 1 ? c : _mm256_mullo_epi32(c, _mm256_set1_epi32(static_cast<int32_t>(ld)));
+    };
     auto gather = [&](int64_t at) {
-      return VecF(_mm256_i32gather_ps(src, index(_mm256_loadu_si256(reinterpret_cast<const I*>(m.col + at))), 4));
+      return VecF(
+          _mm256_i32gather_ps(src, index(_mm256_loadu_si256(reinterpret_cast<const I*>(m.col + at))), 4));
     };
     auto gather_first = [&](int64_t at, int64_t count) {
-      const I mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const I mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       const I c = index(_mm256_maskload_epi32(m.col + at, mask));
       return VecF(_mm256_mask_i32gather_ps(_mm256_setzero_ps(), src, c, _mm256_castsi256_ps(mask), 4));
     };
@@ -108,7 +121,8 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
     }
     for (; k + W <= kend; k += W) s0 = VecF::fma(VecF::load(m.val + k), gather(k), s0);
     // a masked gather costs as much as a full one: the last few non-zeros load one by one
-    if (kend - k >= W / 2) s1 = VecF::fma(load_first(m.val + k, kend - k), gather_first(k, kend - k), s1), k = kend;
+    if (kend - k >= W / 2)
+      s1 = VecF::fma(load_first(m.val + k, kend - k), gather_first(k, kend - k), s1), k = kend;
     gathered = s0 + s1;
     if (k == kend) return gathered;
   }
@@ -130,8 +144,8 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
 // 64 pixels) stay in cache, where a whole row of non-zeros would fetch random 256 B rows of a
 // source that does not fit (1 MB for 4096 features x 64 pixels).
 template <int NVR, bool PARTIAL>
-void rows_tile(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t p, int64_t last,
-               Out out, const float* bias, Act act, float* park) {
+void rows_tile(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t p,
+               int64_t last, Out out, const float* bias, Act act, float* park) {
   const VecF zero = VecF::set1(0.0f);
   const int64_t last_q = m.panels - 1;
   auto start = [&](int64_t r, int64_t q, VecF(&acc)[2][NV]) {
@@ -159,8 +173,10 @@ void rows_tile(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
       const VecF b = VecF::set1(bias ? bias[r] : 0.0f);
       for (int j = 0; j < NVR; ++j) {
         const VecF y = epilogue(acc[0][j] + acc[1][j], b, act);
-        if (out.ps == 1) out.put(r - r0, p + j * W, y, j == NVR - 1 ? last : W);
-        else y.store(stage[r - rb] + j * W);
+        if (out.ps == 1)
+          out.put(r - r0, p + j * W, y, j == NVR - 1 ? last : W);
+        else
+          y.store(stage[r - rb] + j * W);
       }
     }
     if (out.ps == 1) continue;
@@ -182,10 +198,14 @@ void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
   if (rem > 1) {  // fewer than 64 pixels left: as many vectors as they need, the last one masked
     const int64_t nv = (rem + W - 1) / W, last = rem - (nv - 1) * W;
     switch (nv) {
-      case 1: return rows_tile<1, true>(m, r0, r1, src, ld, p, last, out, bias, act, park);
-      case 2: return rows_tile<2, true>(m, r0, r1, src, ld, p, last, out, bias, act, park);
-      case 3: return rows_tile<3, true>(m, r0, r1, src, ld, p, last, out, bias, act, park);
-      default: return rows_tile<NV, true>(m, r0, r1, src, ld, p, last, out, bias, act, park);
+      case 1:
+        return rows_tile<1, true>(m, r0, r1, src, ld, p, last, out, bias, act, park);
+      case 2:
+        return rows_tile<2, true>(m, r0, r1, src, ld, p, last, out, bias, act, park);
+      case 3:
+        return rows_tile<3, true>(m, r0, r1, src, ld, p, last, out, bias, act, park);
+      default:
+        return rows_tile<NV, true>(m, r0, r1, src, ld, p, last, out, bias, act, park);
     }
   }
   if (rem == 1) {  // one pixel (all of batch-1 linear): gathered sparse dot products, panel by panel
@@ -214,14 +234,13 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-
 // Where tap (dy, dx) of a kernel lands for every output pixel: output rows [ho0, ho1) and columns
 // [wo0, wo1) read the input inside its borders, at row ho * sh + oy and column wo * sw + ox.
 struct TapRange {
   int64_t ho0, ho1, wo0, wo1, oy, ox;
   static TapRange of(const ConvGeom& g, int64_t dy, int64_t dx) {
     auto range = [](int64_t off, int64_t s, int64_t in, int64_t out, int64_t& lo, int64_t& hi) {
-      lo = off >= 0 ? 0 : (-off + s - 1) / s;                 // first output with off + o * s >= 0
+      lo = off >= 0 ? 0 : (-off + s - 1) / s;  // first output with off + o * s >= 0
       hi = in - 1 - off < 0 ? 0 : std::min(out, (in - 1 - off) / s + 1);  // last one with it < in, + 1
       lo = std::min(lo, hi);
     };
@@ -274,7 +293,8 @@ bool conv_fwd_depthwise(const SparseConvFwd& a, const CsrPtrs& w) {
       }
     }
     parallel_for(g.N * g.O, grain, a.threads, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0, n = i0 / g.O, o = i0 % g.O; i < i1; ++i, o = o + 1 == g.O ? 0 : o + 1, n += o == 0) {
+      for (int64_t i = i0, n = i0 / g.O, o = i0 % g.O; i < i1;
+           ++i, o = o + 1 == g.O ? 0 : o + 1, n += o == 0) {
         // addresses as integers: a masked load's window may start before the plane
         const uintptr_t plane = reinterpret_cast<uintptr_t>(input_plane(n, o));
         const Out out = Out::at(a.y, n, o, 0);
@@ -284,7 +304,8 @@ bool conv_fwd_depthwise(const SparseConvFwd& a, const CsrPtrs& w) {
           for (int64_t q = 0; q < w.panels; ++q)
             for (int64_t k = w.begin(o, q); k < w.end(o, q); ++k) {
               const int64_t tap = w.col[k];
-              const float* src = reinterpret_cast<const float*>(plane + sizeof(float) * (j * W + shift.p[tap]));
+              const float* src =
+                  reinterpret_cast<const float*>(plane + sizeof(float) * (j * W + shift.p[tap]));
               acc = VecF::fma(VecF::set1(w.val[k]), load_lanes(src, lanes.p + (tap * nvec + j) * W), acc);
             }
           out.put(0, j * W, epilogue(acc, b, a.act), std::min<int64_t>(W, P - j * W));
@@ -313,8 +334,11 @@ bool conv_fwd_depthwise(const SparseConvFwd& a, const CsrPtrs& w) {
               continue;
             }
             int64_t j = 0;
-            for (; j + W <= len; j += W) VecF::fma(vv, VecF::load(src + j), VecF::load(dst + j)).store(dst + j);
-            if (j < len) store_first(dst + j, VecF::fma(vv, load_first(src + j, len - j), load_first(dst + j, len - j)), len - j);
+            for (; j + W <= len; j += W)
+              VecF::fma(vv, VecF::load(src + j), VecF::load(dst + j)).store(dst + j);
+            if (j < len)
+              store_first(dst + j, VecF::fma(vv, load_first(src + j, len - j), load_first(dst + j, len - j)),
+                          len - j);
           }
         }
       const Out out = Out::at(a.y, n, o, 0);
@@ -353,9 +377,10 @@ void sparse_conv_fwd(const SparseConvFwd& a) {
   const CsrPtrs w(a.w, g.O, g.K());
   if (conv_fwd_depthwise(a, w) || conv_fwd_shifted(a, w)) return;
   const float* bias = a.bias.present ? a.bias.ptr<float>() : nullptr;
-  im2col_tiles(a, 1, [&](int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t len, Out out, float* park) {
-    spmm_rows(w, r0, r1, src, ld, len, out, bias, a.act, park);
-  });
+  im2col_tiles(a, 1,
+               [&](int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t len, Out out, float* park) {
+                 spmm_rows(w, r0, r1, src, ld, len, out, bias, a.act, park);
+               });
 }
 
 void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
@@ -437,7 +462,8 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
         for (int64_t q = 0; q < w.panels; ++q)  // in storage order
           for (int64_t r = r0; r < r1; ++r) {
             const float* gr = gy + n * a.gy.stride(0) + r * a.gy.stride(1) + p0;
-            for (int64_t k = w.begin(r, q); k < w.end(r, q); ++k) part[k] += dot(gr, src + w.col[k] * ld, len);
+            for (int64_t k = w.begin(r, q); k < w.end(r, q); ++k)
+              part[k] += dot(gr, src + w.col[k] * ld, len);
           }
       }
     }
@@ -448,7 +474,9 @@ void sparse_widen(const SparseWiden& a) {
   const View &src = a.src, &dst = a.dst;
   const int64_t R = src.size(0), C = src.size(1);
   float* d = dst.ptr<float>();
-  auto row = [&](int64_t r) { return static_cast<const char*>(src.data) + r * src.stride(0) * dtype_size(src.dtype); };
+  auto row = [&](int64_t r) {
+    return static_cast<const char*>(src.data) + r * src.stride(0) * dtype_size(src.dtype);
+  };
   if (!a.transpose) {
     parallel_for(R, 16, a.threads, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)

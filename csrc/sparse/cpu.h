@@ -20,9 +20,9 @@ struct ConvGeom {
 
   int64_t Cg() const { return C / G; }
   int64_t Og() const { return O / G; }
-  int64_t K() const { return Cg() * kh * kw; }   // im2col rows per group
-  int64_t P() const { return Ho * Wo; }          // output pixels per image
-  bool direct() const {  // the im2col matrix is the input itself
+  int64_t K() const { return Cg() * kh * kw; }  // im2col rows per group
+  int64_t P() const { return Ho * Wo; }         // output pixels per image
+  bool direct() const {                         // the im2col matrix is the input itself
     return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   }
 };
@@ -51,8 +51,8 @@ struct Blocked {
 // y[n, o, p] = act(bias[o] + sum_k w[o, k] * cols_n[g(o) * K + k, p])
 struct SparseConvFwd {
   ConvGeom g;
-  Csr w;             // R = O rows, columns in [0, K)
-  int block = 0;     // b > 0: the forward runs on `blocked` (the same weight), w is not read
+  Csr w;          // R = O rows, columns in [0, K)
+  int block = 0;  // b > 0: the forward runs on `blocked` (the same weight), w is not read
   Blocked blocked;
   View used_rowptr;  // (G*K+1,) int64: rowptr of w^T; im2col rows with no non-zero are skipped
   View x;            // (N, C, H*W) float32, pixels contiguous
@@ -98,11 +98,10 @@ void check(SparseConvBwdInput& a);
 void check(SparseConvBwdValues& a);
 void check(SparseWiden& a);
 
-HOTOPS_FOR_EACH_ISA(
-    void sparse_conv_fwd(const SparseConvFwd& a);
-    void sparse_conv_fwd_blocked(const SparseConvFwd& a);  // blocked.cpp; a.block > 0
-    void sparse_conv_bwd_input(const SparseConvBwdInput& a);
-    void sparse_conv_bwd_values(const SparseConvBwdValues& a);
-    void sparse_widen(const SparseWiden& a);)
+HOTOPS_FOR_EACH_ISA(void sparse_conv_fwd(const SparseConvFwd& a);
+                    void sparse_conv_fwd_blocked(const SparseConvFwd& a);  // blocked.cpp; a.block > 0
+                    void sparse_conv_bwd_input(const SparseConvBwdInput& a);
+                    void sparse_conv_bwd_values(const SparseConvBwdValues& a);
+                    void sparse_widen(const SparseWiden& a);)
 
 }  // namespace hotops

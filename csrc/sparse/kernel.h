@@ -16,8 +16,8 @@ namespace HOTOPS_ISA {
 namespace sparse_kernel {  // not anonymous (two TUs share it), so named apart from other families
 
 constexpr int W = VecF::W;
-constexpr int NV = 4;                    // vectors per register tile (x2 sets of accumulators)
-constexpr int64_t CH = int64_t(NV) * W;  // pixels per register tile
+constexpr int NV = 4;                      // vectors per register tile (x2 sets of accumulators)
+constexpr int64_t CH = int64_t(NV) * W;    // pixels per register tile
 constexpr int64_t TILE_FLOATS = 96 << 10;  // im2col tile budget (384 KB): L2-resident
 
 template <typename T>
@@ -40,11 +40,14 @@ struct Out {  // element (row, pixel) at base + row * rs + pixel * ps, of type t
   }
   void set(int64_t r, int64_t p, float x) const {
     const int64_t i = r * rs + p * ps;
-    if (t == DType::f32) static_cast<float*>(base)[i] = x;
-    else static_cast<uint16_t*>(base)[i] = t == DType::f16 ? f32_to_f16(x) : f32_to_bf16(x);
+    if (t == DType::f32)
+      static_cast<float*>(base)[i] = x;
+    else
+      static_cast<uint16_t*>(base)[i] = t == DType::f16 ? f32_to_f16(x) : f32_to_bf16(x);
   }
   void put(int64_t r, int64_t p, VecF v, int64_t n = W) const {
-    if (ps == 1) return store_row(static_cast<char*>(base) + (r * rs + p) * (t == DType::f32 ? 4 : 2), t, 0, v, n);
+    if (ps == 1)
+      return store_row(static_cast<char*>(base) + (r * rs + p) * (t == DType::f32 ? 4 : 2), t, 0, v, n);
     float buf[W];
     v.store(buf);
     for (int64_t i = 0; i < n; ++i) set(r, p + i, buf[i]);
@@ -110,8 +113,8 @@ inline void tap_of(const ConvGeom& g, int64_t k, int64_t& c, int64_t& dy, int64_
 
 // im2col rows of group grp for pixels [p0, p0 + n) of one image (channel stride xcs) into buf
 // (row stride n); rows with no non-zero in the weight (used[k] == used[k + 1]) are skipped.
-inline void build_cols(const ConvGeom& g, const float* xn, int64_t xcs, int64_t grp, const int64_t* used, int64_t p0,
-                int64_t n, float* buf) {
+inline void build_cols(const ConvGeom& g, const float* xn, int64_t xcs, int64_t grp, const int64_t* used,
+                       int64_t p0, int64_t n, float* buf) {
   for (int64_t k = 0; k < g.K(); ++k) {
     if (used[k] == used[k + 1]) continue;
     int64_t c, dy, dx;
@@ -156,7 +159,8 @@ struct Plan {
     const int64_t outer = g.N * tiles * g.G;
     // rows are split when reading the input in place (free) or when there are too few tiles
     const int64_t want = split_rows_freely ? 4 * threads : threads;
-    rb = outer >= want ? 1 : std::min<int64_t>(rows_per_group, (want + outer - 1) / std::max<int64_t>(1, outer));
+    rb = outer >= want ? 1
+                       : std::min<int64_t>(rows_per_group, (want + outer - 1) / std::max<int64_t>(1, outer));
     rb = std::max<int64_t>(1, rb);
     rbs = ((rows_per_group + rb - 1) / rb + unit - 1) / unit * unit;
     items = outer * rb;
@@ -209,9 +213,11 @@ void im2col_tiles(const SparseConvFwd& a, int64_t unit, const Product& product) 
 struct Shifted {
   int64_t Hp, Wp, plane, tail, span;
   explicit Shifted(const ConvGeom& g)
-      : Hp(g.H + 2 * g.ph), Wp(g.W + 2 * g.pw), plane(Hp * Wp),
-        tail((g.kw - 1) * g.dw),           // the last row's dropped columns read this far past the end
-        span(g.Cg() * plane + tail) {}     // a group's padded input, as far as offsets reach
+      : Hp(g.H + 2 * g.ph),
+        Wp(g.W + 2 * g.pw),
+        plane(Hp * Wp),
+        tail((g.kw - 1) * g.dw),        // the last row's dropped columns read this far past the end
+        span(g.Cg() * plane + tail) {}  // a group's padded input, as far as offsets reach
   static bool applies(const ConvGeom& g) {
     const Shifted s(g);
     return g.sh == 1 && g.sw == 1 && !g.direct() && g.N * g.C * s.plane + s.tail <= INT32_MAX;
@@ -225,8 +231,8 @@ struct Shifted {
   // Offsets of the n column indices col (checked against [0, K)) into off.
   void offsets(const ConvGeom& g, const int32_t* col, int64_t n, int32_t* off) const {
     for (int64_t k = 0; k < n; ++k) {
-      HOTOPS_CHECK(static_cast<uint32_t>(col[k]) < g.K(), "column index out of range [0, ", g.K(), ") at entry ",
-                   k, " of the sparse weight");
+      HOTOPS_CHECK(static_cast<uint32_t>(col[k]) < g.K(), "column index out of range [0, ", g.K(),
+                   ") at entry ", k, " of the sparse weight");
       off[k] = offset(g, col[k]);
     }
   }
@@ -260,7 +266,8 @@ struct Shifted {
     parallel_claim(outer * rb, a.threads, [&](auto claim) {
       Scratch<float> stage(rbs * rows_per_tile * Wp), park(rbs * CH);
       for (int64_t it; (it = claim()) < outer * rb;) {
-        const int64_t b = it % rb, t = (it / rb) % tiles, grp = (it / rb / tiles) % g.G, n = it / rb / tiles / g.G;
+        const int64_t b = it % rb, t = (it / rb) % tiles, grp = (it / rb / tiles) % g.G,
+                      n = it / rb / tiles / g.G;
         const int64_t r0 = grp * g.Og() + b * rbs, r1 = std::min((grp + 1) * g.Og(), r0 + rbs);
         const int64_t ho0 = t * rows_per_tile, ho1 = std::min(g.Ho, ho0 + rows_per_tile);
         const int64_t len = (ho1 - ho0) * Wp;

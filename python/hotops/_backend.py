@@ -4,6 +4,7 @@
 * validates inputs with messages that say what was wrong and what was expected;
 * picks a backend per device, and when none accepts an input, lists why each one refused.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -81,8 +82,9 @@ def triton_available() -> bool:
 # ---------------------------------------------------------------- validation
 
 
-def check_tensor(t, name: str, *, ndim: Optional[int | Sequence[int]] = None,
-                 dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+def check_tensor(
+    t, name: str, *, ndim: Optional[int | Sequence[int]] = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES
+) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
@@ -96,9 +98,17 @@ def check_tensor(t, name: str, *, ndim: Optional[int | Sequence[int]] = None,
     return t
 
 
-def check_number(x, name: str, *, integer: bool = False, low: Optional[float] = None,
-                 low_open: bool = False, high: Optional[float] = None, high_open: bool = False,
-                 finite: bool = True):
+def check_number(
+    x,
+    name: str,
+    *,
+    integer: bool = False,
+    low: Optional[float] = None,
+    low_open: bool = False,
+    high: Optional[float] = None,
+    high_open: bool = False,
+    finite: bool = True,
+):
     """A scalar argument as a Python int or float. Numbers arrive as Python numbers, NumPy scalars
     or 0-d tensors (all accepted); anything else (a string, a bool, a list, a tensor with elements
     other than one) is a TypeError naming the argument. The range check says what was expected:
@@ -106,7 +116,9 @@ def check_number(x, name: str, *, integer: bool = False, low: Optional[float] = 
     and +-inf, ``integer`` refuses fractions (1.0 is accepted as 1)."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1 or x.dim() != 0:
-            raise TypeError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(x.shape)}")
+            raise TypeError(
+                f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(x.shape)}"
+            )
         x = x.item()
     elif hasattr(x, "item") and hasattr(x, "dtype") and getattr(x, "shape", None) == ():
         x = x.item()  # NumPy scalar or 0-d array

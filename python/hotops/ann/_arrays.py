@@ -1,5 +1,6 @@
 """Input conversion shared by the indexes: NumPy arrays and torch tensors in, validated
 C-contiguous NumPy arrays out, and results handed back in the caller's kind."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -36,7 +37,9 @@ def as_vectors(x, name: str, dim: int) -> np.ndarray:
     arrays are refused (they are almost always ids or codes passed by mistake)."""
     a = as_numpy(x, name)
     if not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(f"{name} has dtype {a.dtype}; expected float32 (float64, float16 and bfloat16 are converted)")
+        raise TypeError(
+            f"{name} has dtype {a.dtype}; expected float32 (float64, float16 and bfloat16 are converted)"
+        )
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-d (n, {dim}) array, got shape {a.shape}")
     if a.shape[1] != dim:
@@ -47,9 +50,11 @@ def as_vectors(x, name: str, dim: int) -> np.ndarray:
         raise ValueError(f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")
     if a.size and np.abs(a).max() > MAX_ABS:
         bad = np.argwhere(np.abs(a) > MAX_ABS)[0]
-        raise ValueError(f"{name} has a value of magnitude {float(np.abs(a[bad[0], bad[1]])):.3g} (row {bad[0]}, "
-                         f"column {bad[1]}); at most {MAX_ABS:.0e} is accepted, since squared distances "
-                         f"would overflow float32 to inf")
+        raise ValueError(
+            f"{name} has a value of magnitude {float(np.abs(a[bad[0], bad[1]])):.3g} (row {bad[0]}, "
+            f"column {bad[1]}); at most {MAX_ABS:.0e} is accepted, since squared distances "
+            f"would overflow float32 to inf"
+        )
     return a
 
 
@@ -66,8 +71,10 @@ def as_device_vectors(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     if x.numel() and float(x.abs().max()) > MAX_ABS:
-        raise ValueError(f"{name} has values of magnitude above {MAX_ABS:.0e}; squared distances would "
-                         f"overflow float32 to inf")
+        raise ValueError(
+            f"{name} has values of magnitude above {MAX_ABS:.0e}; squared distances would "
+            f"overflow float32 to inf"
+        )
     return x
 
 
@@ -81,11 +88,15 @@ def as_ids(ids, n: int) -> np.ndarray:
         raise ValueError(f"ids have shape {a.shape}; expected ({n},), one per added vector")
     if a.size and a.dtype.kind == "u" and int(a.max()) > INT64_MAX:
         at = int(np.argmax(a > INT64_MAX))
-        raise ValueError(f"ids must be at most 2**63 - 1 (they are stored as int64); got {int(a[at])} at position {at}")
+        raise ValueError(
+            f"ids must be at most 2**63 - 1 (they are stored as int64); got {int(a[at])} at position {at}"
+        )
     if a.size and a.dtype.kind == "i" and int(a.min()) < 0:
         at = int(np.argmax(a < 0))
-        raise ValueError(f"ids must be non-negative (-1 marks a missing result in search output); "
-                         f"got {int(a[at])} at position {at}")
+        raise ValueError(
+            f"ids must be non-negative (-1 marks a missing result in search output); "
+            f"got {int(a[at])} at position {at}"
+        )
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
@@ -93,8 +104,9 @@ def auto_ids(largest: int, n: int) -> np.ndarray:
     """n ids following `largest` (-1 for an empty index), or a ValueError if they pass 2**63 - 1."""
     start = largest + 1
     if n and start + n - 1 > INT64_MAX:
-        raise ValueError(f"automatic ids would pass 2**63 - 1 (the largest id held is {largest}); "
-                         f"pass ids= explicitly")
+        raise ValueError(
+            f"automatic ids would pass 2**63 - 1 (the largest id held is {largest}); pass ids= explicitly"
+        )
     return np.arange(start, start + n, dtype=np.int64)
 
 
@@ -102,8 +114,9 @@ def check_k(k, name: str = "k") -> int:
     return _backend.check_number(k, name, integer=True, low=1)
 
 
-def results(score: np.ndarray, rows: np.ndarray, ids: np.ndarray, metric: str, torch_out: bool
-            ) -> Tuple[object, object]:
+def results(
+    score: np.ndarray, rows: np.ndarray, ids: np.ndarray, metric: str, torch_out: bool
+) -> Tuple[object, object]:
     """Kernel scores (lower is better) and row numbers -> (distances, ids) as the user expects:
     squared L2 distances, or inner products for ip; -1 ids where fewer than k were found."""
     dist = -score if metric == "ip" else score

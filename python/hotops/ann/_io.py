@@ -14,6 +14,7 @@ and every checksum before building an index. mmap=True maps the file copy-on-wri
 `_C.MappedFile`: pages are read lazily and never written back, and if the file is truncated under
 the mapping the pages past its end read as zeros instead of killing the process with SIGBUS;
 `check_mapped` then raises MappedFileChangedError on the next use."""
+
 from __future__ import annotations
 
 import json
@@ -48,14 +49,16 @@ def fs_path(path, name: str = "path") -> str:
     try:
         return os.fsdecode(os.fspath(path))
     except TypeError:
-        raise TypeError(f"{name} must be a str, bytes or os.PathLike path, got {type(path).__name__}") from None
+        raise TypeError(
+            f"{name} must be a str, bytes or os.PathLike path, got {type(path).__name__}"
+        ) from None
 
 
 def _crc(a: np.ndarray) -> int:
     flat = a.reshape(-1).view(np.uint8)
     crc = 0
     for b in range(0, flat.size, CRC_CHUNK):
-        crc = zlib.crc32(flat[b:b + CRC_CHUNK], crc)
+        crc = zlib.crc32(flat[b : b + CRC_CHUNK], crc)
     return crc
 
 
@@ -70,7 +73,9 @@ def atomic_write(path, write: Callable, before_replace: Optional[Callable] = Non
     path = fs_path(path)
     folder, base = os.path.split(path)
     for _ in range(100):
-        tmp = os.path.join(folder, f".{base}.tmp-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}")
+        tmp = os.path.join(
+            folder, f".{base}.tmp-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
+        )
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
             break
@@ -115,8 +120,10 @@ class Mapped:
     def check(self, what: str = "index") -> None:
         why = self.file.changed()
         if why:
-            raise MappedFileChangedError(f"{self.path}: the memory-mapped {what} file changed under the mapping: {why}. "
-                                         f"Results from it would be wrong; load it again from an intact file")
+            raise MappedFileChangedError(
+                f"{self.path}: the memory-mapped {what} file changed under the mapping: {why}. "
+                f"Results from it would be wrong; load it again from an intact file"
+            )
 
 
 def check_mapped(mapped, what: str = "index") -> None:
@@ -192,19 +199,24 @@ def load(path, kind: str, mmap: bool = False):
     size = raw.size
     if size < HEADER.size:
         _fail(path, f"truncated: {size} bytes is shorter than the {HEADER.size}-byte header")
-    magic, version, meta_len, meta_crc = HEADER.unpack(raw[:HEADER.size].tobytes())
+    magic, version, meta_len, meta_crc = HEADER.unpack(raw[: HEADER.size].tobytes())
     if magic != MAGIC:
         _fail(path, f"not a hotops index file (magic {magic!r}, expected {MAGIC!r})")
     if version != VERSION:
         _fail(path, f"format version {version} is not supported (this hotops reads version {VERSION})")
     if HEADER.size + meta_len > size:
         _fail(path, "truncated inside the metadata")
-    blob = raw[HEADER.size:HEADER.size + meta_len].tobytes()
+    blob = raw[HEADER.size : HEADER.size + meta_len].tobytes()
     if zlib.crc32(blob) != meta_crc:
         _fail(path, "metadata checksum mismatch (the file is corrupted)")
     try:
         meta = json.loads(blob)
-        file_kind, params, file_size, entries = meta["kind"], meta["params"], meta["file_size"], meta["arrays"]
+        file_kind, params, file_size, entries = (
+            meta["kind"],
+            meta["params"],
+            meta["file_size"],
+            meta["arrays"],
+        )
         if not isinstance(params, dict) or not isinstance(entries, dict):
             raise TypeError
     except (ValueError, KeyError, TypeError):
@@ -216,7 +228,12 @@ def load(path, kind: str, mmap: bool = False):
     arrays = {}
     for name, e in entries.items():
         try:
-            dtype, shape, offset, crc = np.dtype(e["dtype"]), tuple(int(s) for s in e["shape"]), int(e["offset"]), int(e["crc32"])
+            dtype, shape, offset, crc = (
+                np.dtype(e["dtype"]),
+                tuple(int(s) for s in e["shape"]),
+                int(e["offset"]),
+                int(e["crc32"]),
+            )
         except (KeyError, TypeError, ValueError):
             _fail(path, f"unreadable entry for array {name!r}")
         if dtype.name not in DTYPES or any(s < 0 for s in shape) or offset % ALIGN:
@@ -224,7 +241,7 @@ def load(path, kind: str, mmap: bool = False):
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if offset < HEADER.size + meta_len or offset + nbytes > size:
             _fail(path, f"array {name!r} lies outside the file")
-        a = raw[offset:offset + nbytes].view(dtype).reshape(shape)
+        a = raw[offset : offset + nbytes].view(dtype).reshape(shape)
         if _crc(a) != crc:
             check_mapped(mapped)  # a checksum over zero pages: say that the file changed
             _fail(path, f"array {name!r} checksum mismatch (the file is corrupted)")

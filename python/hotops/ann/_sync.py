@@ -2,6 +2,7 @@
 release the GIL), changes (train, add, reset, set_codebooks) take it alone, so a search sees an
 index before or after a change, never halfway through. Writers go first: once one waits, new
 readers wait behind it. A thread that already holds the lock (either way) may take it again."""
+
 from __future__ import annotations
 
 import threading

@@ -3,6 +3,7 @@ memory-mapped from a store file re-rank them exactly.
 
 Store file: a 64-byte header (magic b"HOTOPSST", uint32 version, uint32 dtype code, int64 rows,
 int64 dim, uint32 CRC-32 of those fields) then the rows, row i = the vector with id i."""
+
 from __future__ import annotations
 
 import struct
@@ -55,7 +56,7 @@ def _open_store(path):
     if size < STORE_HEADER:
         raise ValueError(f"{path}: truncated store header ({size} bytes)")
     head = raw[:STORE_HEADER].tobytes()
-    fields = head[:STORE_FIELDS.size]
+    fields = head[: STORE_FIELDS.size]
     magic, version, code, rows, dim = STORE_FIELDS.unpack(fields)
     if magic != STORE_MAGIC:
         raise ValueError(f"{path}: not a hotops vector store (magic {magic!r})")
@@ -67,8 +68,10 @@ def _open_store(path):
     dtype = np.dtype(STORE_DTYPES[code])
     want = STORE_HEADER + rows * dim * dtype.itemsize
     if size != want:
-        raise ValueError(f"{path}: store size {size} bytes does not match {rows} x {dim} {dtype.name} "
-                         f"rows ({want} bytes expected)")
+        raise ValueError(
+            f"{path}: store size {size} bytes does not match {rows} x {dim} {dtype.name} "
+            f"rows ({want} bytes expected)"
+        )
     mapped.check("vector store")
     return raw[STORE_HEADER:].view(dtype).reshape(rows, dim), mapped
 
@@ -84,18 +87,26 @@ class BiGranularIndex:
 
     def __init__(self, coarse_index: Union[PQIndex, IVFPQIndex], store_path, dtype: Optional[str] = None):
         if not isinstance(coarse_index, (PQIndex, IVFPQIndex)):
-            raise TypeError(f"coarse_index must be a PQIndex or IVFPQIndex, got {type(coarse_index).__name__}")
+            raise TypeError(
+                f"coarse_index must be a PQIndex or IVFPQIndex, got {type(coarse_index).__name__}"
+            )
         self.coarse = coarse_index
         self.store, mapped = _open_store(store_path)
         self._mapped = [mapped]
         if dtype is not None and np.dtype(dtype) != self.store.dtype:
-            raise ValueError(f"{store_path}: the store holds {self.store.dtype.name} vectors, {dtype} was asked")
+            raise ValueError(
+                f"{store_path}: the store holds {self.store.dtype.name} vectors, {dtype} was asked"
+            )
         if self.store.shape[1] != coarse_index.dim:
-            raise ValueError(f"{store_path}: store vectors have dimension {self.store.shape[1]}, "
-                             f"the index has {coarse_index.dim}")
+            raise ValueError(
+                f"{store_path}: store vectors have dimension {self.store.shape[1]}, "
+                f"the index has {coarse_index.dim}"
+            )
         if coarse_index.ntotal and int(coarse_index.ids.max()) >= self.store.shape[0]:
-            raise ValueError(f"{store_path}: the index holds ids up to {int(coarse_index.ids.max())}, "
-                             f"the store only {self.store.shape[0]} rows")
+            raise ValueError(
+                f"{store_path}: the index holds ids up to {int(coarse_index.ids.max())}, "
+                f"the store only {self.store.shape[0]} rows"
+            )
 
     @property
     def metric(self) -> str:
@@ -105,7 +116,16 @@ class BiGranularIndex:
         """Bytes per vector held in memory (the codes and ids; the store stays on disk)."""
         return self.coarse.bytes_per_vector()
 
-    def search(self, q, k: int = 10, *, candidates: int = 200, nprobe: Optional[int] = None, fusion: float = 0.0, allow=None):
+    def search(
+        self,
+        q,
+        k: int = 10,
+        *,
+        candidates: int = 200,
+        nprobe: Optional[int] = None,
+        fusion: float = 0.0,
+        allow=None,
+    ):
         """(distances, ids), each (nq, k), ranked by exact distance (+ fusion * PQ score)."""
         torch_out = _arrays.is_torch(q)
         k = _arrays.check_k(k)
@@ -122,10 +142,15 @@ class BiGranularIndex:
             first = np.ascontiguousarray(-dist if self.metric == "ip" else dist, dtype=np.float32)
             first[ids < 0] = 0.0  # absent candidates are skipped by the kernel; keep the scores finite
             if ids.size and int(ids.max()) >= self.store.shape[0]:
-                raise ValueError(f"the coarse index returned id {int(ids.max())}, the store has only "
-                                 f"{self.store.shape[0]} rows (ids added after the BiGranularIndex was built?)")
+                raise ValueError(
+                    f"the coarse index returned id {int(ids.max())}, the store has only "
+                    f"{self.store.shape[0]} rows (ids added after the BiGranularIndex was built?)"
+                )
             score = np.empty((q.shape[0], k), dtype=np.float32)
             rows = np.empty((q.shape[0], k), dtype=np.int64)
-            _backend.ext().ann_rerank(q, self.store, ids, first, float(fusion), self.metric, score, rows,
-                                      _arrays.threads())
-        return _arrays.results(score, rows, np.arange(self.store.shape[0], dtype=np.int64), self.metric, torch_out)
+            _backend.ext().ann_rerank(
+                q, self.store, ids, first, float(fusion), self.metric, score, rows, _arrays.threads()
+            )
+        return _arrays.results(
+            score, rows, np.arange(self.store.shape[0], dtype=np.int64), self.metric, torch_out
+        )

@@ -1,5 +1,6 @@
 """PQIndex (flat product quantization) and IVFPQIndex (inverted lists over a coarse quantizer,
 product-quantized residuals): train / add / search / save / load, NumPy or torch in and out."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -41,14 +42,16 @@ class _ProductQuantized:
 
     kind = ""
 
-    def __init__(self, dim: int, m: int, nbits: int, metric: str, keep_vectors: bool, seed: int,
-                 verbose: bool):
+    def __init__(
+        self, dim: int, m: int, nbits: int, metric: str, keep_vectors: bool, seed: int, verbose: bool
+    ):
         dim = _backend.check_number(dim, "dim", integer=True, low=1)
         m = _backend.check_number(m, "m", integer=True, low=1)
         if dim % m:
             raise ValueError(f"m must be a positive divisor of dim = {dim}, got {m!r}")
-        nbits = _backend.check_number(nbits, "nbits (codes are stored one byte per sub-space)", integer=True,
-                                      low=1, high=8)
+        nbits = _backend.check_number(
+            nbits, "nbits (codes are stored one byte per sub-space)", integer=True, low=1, high=8
+        )
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         seed = _backend.check_number(seed, "seed", integer=True, low=0)
@@ -127,9 +130,22 @@ class _ProductQuantized:
 
     def _fastscan(self, q, coarse, probes, allow, score, rows):
         packed, block_offsets = self._fastscan_layout()
-        _backend.ext().ann_fastscan(q, coarse, probes, self._ct, self._cterm, self.metric, self._list_tables(coarse),
-                                    packed, block_offsets, self._list_offsets(), allow, score, rows,
-                                    _arrays.threads())
+        _backend.ext().ann_fastscan(
+            q,
+            coarse,
+            probes,
+            self._ct,
+            self._cterm,
+            self.metric,
+            self._list_tables(coarse),
+            packed,
+            block_offsets,
+            self._list_offsets(),
+            allow,
+            score,
+            rows,
+            _arrays.threads(),
+        )
 
     def _need_trained(self, what: str):
         if not self.is_trained:
@@ -140,7 +156,7 @@ class _ProductQuantized:
     def _train_pq(self, x: np.ndarray):
         books = np.empty((self.m, self.ksub, self.dsub), dtype=np.float32)
         for s in range(self.m):
-            sub = np.ascontiguousarray(x[:, s * self.dsub:(s + 1) * self.dsub])
+            sub = np.ascontiguousarray(x[:, s * self.dsub : (s + 1) * self.dsub])
             books[s] = kmeans(sub, self.ksub, seed=self.seed + s, verbose=self.verbose)
         self._set_codebooks(books)
 
@@ -152,7 +168,8 @@ class _ProductQuantized:
                 f"{what} on an index that holds {self.ntotal} vectors: their codes were made with the old "
                 f"codebooks and the index does not keep the vectors to re-encode them, so search would "
                 f"silently lose recall. Call reset() and add the vectors again, or build the index with "
-                f"keep_vectors=True (then {what} re-encodes the held vectors)")
+                f"keep_vectors=True (then {what} re-encodes the held vectors)"
+            )
 
     def _reencode(self):
         """Codes (and lists) of the kept vectors again, with the current codebooks, same ids."""
@@ -204,8 +221,8 @@ class _ProductQuantized:
         x = _arrays.as_vectors(x, "x", self.dim)
         codes = np.empty((x.shape[0], self.m), dtype=np.uint8)
         for b in range(0, x.shape[0], ENCODE_CHUNK):
-            idx, _ = nearest(x[b:b + ENCODE_CHUNK], self.codebooks)
-            codes[b:b + ENCODE_CHUNK] = idx[:, :, 0]
+            idx, _ = nearest(x[b : b + ENCODE_CHUNK], self.codebooks)
+            codes[b : b + ENCODE_CHUNK] = idx[:, :, 0]
         return codes
 
     def decode(self, codes) -> np.ndarray:
@@ -216,8 +233,10 @@ class _ProductQuantized:
         if codes.ndim != 2 or codes.shape[1] != self.m:
             raise ValueError(f"codes must be (n, {self.m}), got {codes.shape}")
         if codes.size and (int(codes.max()) >= self.ksub or int(codes.min()) < 0):
-            raise ValueError(f"codes must be in 0 .. ksub - 1 = {self.ksub - 1}, got values in "
-                             f"{int(codes.min())} .. {int(codes.max())}")
+            raise ValueError(
+                f"codes must be in 0 .. ksub - 1 = {self.ksub - 1}, got values in "
+                f"{int(codes.min())} .. {int(codes.max())}"
+            )
         return self.codebooks[np.arange(self.m), codes.astype(np.int64)].reshape(-1, self.dim)
 
     def tables(self, q) -> np.ndarray:
@@ -280,9 +299,14 @@ class _ProductQuantized:
         if not (_arrays.is_torch(q) or isinstance(q, np.ndarray)):
             raise TypeError(f"queries must be a NumPy array or a torch tensor, got {type(q).__name__}")
         device = q.device if _arrays.is_torch(q) else torch.device("cpu")
-        backend = _backend.choose(f"{type(self).__name__}.search", (
-            _backend.Backend("cpu (C++)", _backend.cpu_refuses, self._search_cpu),
-            _backend.Backend("cuda (Triton)", _backend.triton_refuses, self._search_triton)), device)
+        backend = _backend.choose(
+            f"{type(self).__name__}.search",
+            (
+                _backend.Backend("cpu (C++)", _backend.cpu_refuses, self._search_cpu),
+                _backend.Backend("cuda (Triton)", _backend.triton_refuses, self._search_triton),
+            ),
+            device,
+        )
         with self._lock.shared(), _io.guarded(self._mapped):  # zero pages would give wrong results
             return backend.run(q, k, refine, allow, **kw)
 
@@ -295,8 +319,12 @@ class _ProductQuantized:
         cached_key, state = self._device_cached
         if cached_key != key:  # every change replaces an array (the cache keeps them alive)
             t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-            state = dict(codes=t(self.codes), ids=t(self.ids), codebooks=t(self.codebooks),
-                         cnorm=t((self.codebooks.astype(np.float64) ** 2).sum(-1).astype(np.float32)))
+            state = dict(
+                codes=t(self.codes),
+                ids=t(self.ids),
+                codebooks=t(self.codebooks),
+                cnorm=t((self.codebooks.astype(np.float64) ** 2).sum(-1).astype(np.float32)),
+            )
             if self.keep_vectors:
                 state["vectors"] = t(self.vectors)
             state.update(self._device_extra(t))
@@ -354,8 +382,10 @@ class _ProductQuantized:
         index holds; the answer is padded to k afterwards. A padded answer past RESULT_PAD_MAX_BYTES
         is refused (k = 10**9 on a small index would otherwise try to allocate it)."""
         if k > self.ntotal and nq * k * 12 > RESULT_PAD_MAX_BYTES:
-            raise ValueError(f"k = {k} is more than the {self.ntotal} vectors the index holds, and the (nq, k) answer "
-                             f"padded with -1 would take {nq * k * 12 / 2**30:.1f} GiB; ask for at most ntotal")
+            raise ValueError(
+                f"k = {k} is more than the {self.ntotal} vectors the index holds, and the (nq, k) answer "
+                f"padded with -1 would take {nq * k * 12 / 2**30:.1f} GiB; ask for at most ntotal"
+            )
         return max(1, min(k * refine if refine else k, self.ntotal))
 
     def _finish(self, q, score, rows, k, refine, torch_out):
@@ -372,7 +402,9 @@ class _ProductQuantized:
     def _rerank(self, q, rows, k):
         score = np.empty((q.shape[0], k), dtype=np.float32)
         out = np.empty((q.shape[0], k), dtype=np.int64)
-        _backend.ext().ann_rerank(q, self.vectors, rows, None, 0.0, self.metric, score, out, _arrays.threads())
+        _backend.ext().ann_rerank(
+            q, self.vectors, rows, None, 0.0, self.metric, score, out, _arrays.threads()
+        )
         return score, out
 
     @staticmethod
@@ -390,8 +422,14 @@ class _ProductQuantized:
     # ---------------------------------------------------------------- files
 
     def _params(self) -> dict:
-        return dict(dim=self.dim, m=self.m, nbits=self.nbits, metric=self.metric,
-                    keep_vectors=self.keep_vectors, seed=self.seed)
+        return dict(
+            dim=self.dim,
+            m=self.m,
+            nbits=self.nbits,
+            metric=self.metric,
+            keep_vectors=self.keep_vectors,
+            seed=self.seed,
+        )
 
     def _arrays_to_save(self) -> dict:
         arrays = {"codebooks": self.codebooks, "codes": self.codes, "ids": self.ids}
@@ -406,8 +444,13 @@ class _ProductQuantized:
         self._need_trained("save")
         with self._lock.shared():
             mapped = self._mapped
-            _io.save(path, self.kind, self._params(), self._arrays_to_save(),
-                     before_replace=lambda: _io.check_mapped(mapped))  # never save zero pages
+            _io.save(
+                path,
+                self.kind,
+                self._params(),
+                self._arrays_to_save(),
+                before_replace=lambda: _io.check_mapped(mapped),
+            )  # never save zero pages
 
     @classmethod
     def load(cls, path, mmap: bool = False):
@@ -450,8 +493,17 @@ class PQIndex(_ProductQuantized):
 
     kind = "PQIndex"
 
-    def __init__(self, dim: int, m: int, nbits: int = 8, metric: str = "l2", *, keep_vectors: bool = False,
-                 seed: int = 1234, verbose: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        m: int,
+        nbits: int = 8,
+        metric: str = "l2",
+        *,
+        keep_vectors: bool = False,
+        seed: int = 1234,
+        verbose: bool = True,
+    ):
         super().__init__(dim, m, nbits, metric, keep_vectors, seed, verbose)
         self._origin = np.zeros((1, self.dim), np.float32)  # fast-scan treats the codes as one list
 
@@ -505,8 +557,19 @@ class IVFPQIndex(_ProductQuantized):
 
     kind = "IVFPQIndex"
 
-    def __init__(self, dim: int, nlist: int = 1024, m: int = 16, nbits: int = 8, metric: str = "l2", *,
-                 keep_vectors: bool = False, by_residual: bool = True, seed: int = 1234, verbose: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        nlist: int = 1024,
+        m: int = 16,
+        nbits: int = 8,
+        metric: str = "l2",
+        *,
+        keep_vectors: bool = False,
+        by_residual: bool = True,
+        seed: int = 1234,
+        verbose: bool = True,
+    ):
         super().__init__(dim, m, nbits, metric, keep_vectors, seed, verbose)
         self.by_residual = bool(by_residual)
         self.nlist = _backend.check_number(nlist, "nlist", integer=True, low=1)
@@ -536,7 +599,11 @@ class IVFPQIndex(_ProductQuantized):
         coarse = kmeans(x, self.nlist, niter=10, seed=self.seed, verbose=self.verbose)
         self.coarse = coarse
         rng = np.random.default_rng(self.seed)
-        sample = x if x.shape[0] <= self.ksub * 256 else x[np.sort(rng.choice(x.shape[0], self.ksub * 256, replace=False))]
+        sample = (
+            x
+            if x.shape[0] <= self.ksub * 256
+            else x[np.sort(rng.choice(x.shape[0], self.ksub * 256, replace=False))]
+        )
         self._train_pq(sample - coarse[self._assign(sample)] if self.by_residual else sample)
 
     def _add(self, x: np.ndarray, ids: np.ndarray) -> None:
@@ -576,7 +643,9 @@ class IVFPQIndex(_ProductQuantized):
         idx, _ = nearest(q, self.coarse[None], k=nprobe, metric=self.metric)
         return np.ascontiguousarray(idx[:, 0, :])
 
-    def search(self, q, k: int = 10, *, nprobe: Optional[int] = None, refine: Optional[int] = None, allow=None):
+    def search(
+        self, q, k: int = 10, *, nprobe: Optional[int] = None, refine: Optional[int] = None, allow=None
+    ):
         """(distances, ids), each (nq, k), as PQIndex.search; scans the nprobe nearest lists
         (default min(16, nlist))."""
         nprobe = min(16, self.nlist) if nprobe is None else nprobe
@@ -593,16 +662,30 @@ class IVFPQIndex(_ProductQuantized):
         if self.fast_scan:
             self._fastscan(q, origins, probes, allow, score, rows)
         else:
-            _backend.ext().ann_ivf_scan(q, origins, probes, self._ct, self._cterm, self.metric, self.codes,
-                                        self.offsets, allow, score, rows, _arrays.threads(),
-                                        self._precomputed_tables(origins))
+            _backend.ext().ann_ivf_scan(
+                q,
+                origins,
+                probes,
+                self._ct,
+                self._cterm,
+                self.metric,
+                self.codes,
+                self.offsets,
+                allow,
+                score,
+                rows,
+                _arrays.threads(),
+                self._precomputed_tables(origins),
+            )
         return self._finish(q, score, rows, k, refine, torch_out)
 
     def _device_extra(self, to_device) -> dict:
         extra = dict(coarse=to_device(self.coarse), offsets=to_device(self.offsets))
         extra["coarse_norm"] = (extra["coarse"].double() ** 2).sum(1).float()
         if self.metric == "l2" and self.by_residual:
-            extra["list_tables"] = to_device(self._list_tables(self.coarse).reshape(self.nlist, self.m, self.ksub))
+            extra["list_tables"] = to_device(
+                self._list_tables(self.coarse).reshape(self.nlist, self.m, self.ksub)
+            )
         return extra
 
     def _device_scan(self, state, q, nprobe) -> dict:
@@ -612,17 +695,29 @@ class IVFPQIndex(_ProductQuantized):
         if not self.by_residual:  # the codes alone score a row: ||q - r||^2 or -<q, r>
             near = state["coarse_norm"][None] - 2 * dots if self.metric == "l2" else -dots
             probes = torch.topk(near, nprobe, dim=1, largest=False).indices.contiguous()
-            return dict(qtables=self._device_tables(state, q, with_norm=self.metric == "l2"), probes=probes,
-                        offsets=state["offsets"])
+            return dict(
+                qtables=self._device_tables(state, q, with_norm=self.metric == "l2"),
+                probes=probes,
+                offsets=state["offsets"],
+            )
         if self.metric == "l2":
             near = state["coarse_norm"][None] - 2 * dots
             best, probes = torch.topk(near, nprobe, dim=1, largest=False)
             bias = best + q.square().sum(1, keepdim=True)
-            return dict(qtables=self._device_tables(state, q, with_norm=False), list_tables=state["list_tables"],
-                        bias=bias.contiguous(), probes=probes.contiguous(), offsets=state["offsets"])
+            return dict(
+                qtables=self._device_tables(state, q, with_norm=False),
+                list_tables=state["list_tables"],
+                bias=bias.contiguous(),
+                probes=probes.contiguous(),
+                offsets=state["offsets"],
+            )
         best, probes = torch.topk(dots, nprobe, dim=1, largest=True)
-        return dict(qtables=self._device_tables(state, q, with_norm=False), bias=(-best).contiguous(),
-                    probes=probes.contiguous(), offsets=state["offsets"])
+        return dict(
+            qtables=self._device_tables(state, q, with_norm=False),
+            bias=(-best).contiguous(),
+            probes=probes.contiguous(),
+            offsets=state["offsets"],
+        )
 
     def _params(self) -> dict:
         return dict(super()._params(), nlist=self.nlist, by_residual=self.by_residual)
@@ -636,7 +731,12 @@ class IVFPQIndex(_ProductQuantized):
             raise ValueError(f"coarse centroids must be float32 ({self.nlist}, {self.dim})")
         self.coarse = np.array(coarse, order="C")  # a copy: small, and kept across reset / add
         super()._restore(arrays)
-        if (offsets.shape != (self.nlist + 1,) or offsets.dtype != np.int64 or offsets[0] != 0
-                or offsets[-1] != self.ntotal or (np.diff(offsets) < 0).any()):
+        if (
+            offsets.shape != (self.nlist + 1,)
+            or offsets.dtype != np.int64
+            or offsets[0] != 0
+            or offsets[-1] != self.ntotal
+            or (np.diff(offsets) < 0).any()
+        ):
             raise ValueError("list offsets must rise from 0 to the number of codes")
         self.offsets = np.ascontiguousarray(offsets)

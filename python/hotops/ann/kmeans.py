@@ -1,5 +1,6 @@
 """Seeded, multi-threaded k-means: the C++ assignment kernel (ann_nearest with one sub-space) and
 update step, driven from here so a progress bar can follow long runs."""
+
 from __future__ import annotations
 
 import sys
@@ -28,16 +29,18 @@ def nearest(x: np.ndarray, centroids: np.ndarray, k: int = 1, metric: str = "l2"
     return idx, score
 
 
-def kmeans(x, k: int, *, niter: int = 25, seed: int = 1234, max_points_per_centroid: int = 256,
-           verbose: bool = True) -> np.ndarray:
+def kmeans(
+    x, k: int, *, niter: int = 25, seed: int = 1234, max_points_per_centroid: int = 256, verbose: bool = True
+) -> np.ndarray:
     """k centroids (k, d) of the rows of x (NumPy or torch, float32). At most
     k * max_points_per_centroid rows, drawn with `seed`, are used; a tqdm bar shows progress on
     large inputs when stderr is a terminal and verbose is set."""
     k = _arrays.check_k(k, "k")
     niter = _backend.check_number(niter, "niter", integer=True, low=0)
     seed = _backend.check_number(seed, "seed", integer=True, low=0)
-    max_points_per_centroid = _backend.check_number(max_points_per_centroid, "max_points_per_centroid",
-                                                    integer=True, low=1)
+    max_points_per_centroid = _backend.check_number(
+        max_points_per_centroid, "max_points_per_centroid", integer=True, low=1
+    )
     a = _arrays.as_numpy(x, "x")
     if a.ndim != 2:
         raise ValueError(f"k-means needs a 2-d (n, d) array, got shape {a.shape}")

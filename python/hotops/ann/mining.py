@@ -15,6 +15,7 @@ They compose with hotops.nn.InfoNCELoss(gather=True): the negatives are per-quer
     hard = doc_encoder(corpus[mined.ids])        # ANCE: re-encode; STAR: mined.vectors (fixed)
     loss = InfoNCELoss(gather=True)(q_emb, d_emb, hard)
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -26,7 +27,7 @@ from hotops.ann import _arrays
 
 
 class MinedNegatives(NamedTuple):
-    ids: torch.Tensor       # (B, n) int64, -1 where fewer than n negatives were found
+    ids: torch.Tensor  # (B, n) int64, -1 where fewer than n negatives were found
     distances: torch.Tensor  # (B, n) the index's distances (inf / -inf where absent)
     vectors: Optional[torch.Tensor]  # (B, n, dim) float32 (zeros where absent), with_vectors=True
 
@@ -41,8 +42,9 @@ class HardNegativeMiner:
     rank unless seeds differ). search_kwargs (nprobe, refine, candidates, ...) go to search().
     """
 
-    def __init__(self, index, n: int = 8, depth: int = 100, *, sample: bool = False, seed: int = 0,
-                 **search_kwargs):
+    def __init__(
+        self, index, n: int = 8, depth: int = 100, *, sample: bool = False, seed: int = 0, **search_kwargs
+    ):
         self.index = index
         self.n, self.depth = _arrays.check_k(n, "n"), _arrays.check_k(depth, "depth")
         if depth < n:
@@ -62,8 +64,9 @@ class HardNegativeMiner:
             skip.append(_as_id_matrix(exclude, B, "exclude"))
         skip = torch.cat(skip, 1)
         # enough to keep `depth` after dropping every excluded id that could appear
-        dist, ids = self.index.search(qv.detach().float().cpu().numpy(), self.depth + skip.shape[1],
-                                      **self.search_kwargs)
+        dist, ids = self.index.search(
+            qv.detach().float().cpu().numpy(), self.depth + skip.shape[1], **self.search_kwargs
+        )
         dist, ids = torch.as_tensor(dist), torch.as_tensor(ids)
         keep = (ids >= 0) & ~(ids.unsqueeze(2) == skip.unsqueeze(1)).any(2)
         # keep the first `depth` kept ones per row, in rank order
@@ -73,8 +76,10 @@ class HardNegativeMiner:
             noise = torch.rand(ids.shape, generator=self.generator)
             prio = torch.where(keep, noise, torch.full_like(noise, 2.0))
         else:
-            prio = torch.where(keep, rank_in_kept.to(torch.float64), torch.full(ids.shape, float("inf"), dtype=torch.float64))
-        take = torch.argsort(prio, dim=1, stable=True)[:, :self.n]
+            prio = torch.where(
+                keep, rank_in_kept.to(torch.float64), torch.full(ids.shape, float("inf"), dtype=torch.float64)
+            )
+        take = torch.argsort(prio, dim=1, stable=True)[:, : self.n]
         valid = torch.gather(keep, 1, take)  # the search returned depth + E >= n columns
         if self.sample:  # sampled negatives in rank order
             order = torch.argsort(torch.where(valid, take, take.new_full(take.shape, 1 << 62)), 1)
@@ -103,7 +108,9 @@ class HardNegativeMiner:
             out[have] = self.index.store[flat[have]]
         else:
             if not self.index.keep_vectors:
-                raise ValueError("with_vectors needs the exact vectors: build the index with keep_vectors=True")
+                raise ValueError(
+                    "with_vectors needs the exact vectors: build the index with keep_vectors=True"
+                )
             ids = np.asarray(self.index.ids)
             by = np.argsort(ids, kind="stable")
             out[have] = self.index.vectors[by[np.searchsorted(ids[by], flat[have])]]

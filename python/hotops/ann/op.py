@@ -41,8 +41,9 @@ def quantize_ste_fwd(x: Tensor, codebooks: Tensor, temperature: float) -> Tuple[
 
 @quantize_ste_fwd.register_fake
 def _(x, codebooks, temperature):
-    return torch.empty_like(x), x.new_empty((x.shape[0], codebooks.shape[0], codebooks.shape[1]),
-                                            dtype=_compute_dtype(x))
+    return torch.empty_like(x), x.new_empty(
+        (x.shape[0], codebooks.shape[0], codebooks.shape[1]), dtype=_compute_dtype(x)
+    )
 
 
 def _setup(ctx, inputs, output):
@@ -58,13 +59,19 @@ def _backward(ctx, g_hard, _g_p):
     x, codebooks, p = ctx.saved_tensors
     xs, cb, g = _sub(x, codebooks), codebooks.to(p.dtype), _sub(g_hard.to(x.dtype), codebooks)
     if torch.is_grad_enabled():
-        d2 = (xs * xs).sum(-1, keepdim=True) - 2 * torch.einsum("nsd,sjd->nsj", xs, cb) + (cb * cb).sum(-1)[None]
+        d2 = (
+            (xs * xs).sum(-1, keepdim=True)
+            - 2 * torch.einsum("nsd,sjd->nsj", xs, cb)
+            + (cb * cb).sum(-1)[None]
+        )
         p = torch.softmax(-d2 / ctx.temperature, dim=-1)
     soft = torch.einsum("nsj,sjd->nsd", p, cb)
     a = p * (torch.einsum("nsd,sjd->nsj", g, cb) - (g * soft).sum(-1, keepdim=True))
     k = 2.0 / ctx.temperature
     dx = k * (torch.einsum("nsj,sjd->nsd", a, cb) - a.sum(-1, keepdim=True) * xs)
-    dc = torch.einsum("nsj,nsd->sjd", p, g) + k * (torch.einsum("nsj,nsd->sjd", a, xs) - a.sum(0)[..., None] * cb)
+    dc = torch.einsum("nsj,nsd->sjd", p, g) + k * (
+        torch.einsum("nsj,nsd->sjd", a, xs) - a.sum(0)[..., None] * cb
+    )
     return dx.reshape(x.shape).to(x.dtype), dc.to(codebooks.dtype), None
 
 
@@ -77,8 +84,10 @@ def quantize_ste(x: Tensor, codebooks: Tensor, temperature: float = 1.0) -> Tens
     if not isinstance(x, Tensor) or not isinstance(codebooks, Tensor):
         raise TypeError("quantize_ste takes torch tensors x and codebooks")
     if x.dim() != 2 or codebooks.dim() != 3:
-        raise ValueError(f"x must be (N, D) and codebooks (m, ksub, dsub), got {tuple(x.shape)} and "
-                         f"{tuple(codebooks.shape)}")
+        raise ValueError(
+            f"x must be (N, D) and codebooks (m, ksub, dsub), got {tuple(x.shape)} and "
+            f"{tuple(codebooks.shape)}"
+        )
     if not x.is_floating_point() or not codebooks.is_floating_point():
         raise TypeError(f"x and codebooks must be floating point, got {x.dtype} and {codebooks.dtype}")
     m, ksub, dsub = codebooks.shape

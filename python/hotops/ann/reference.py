@@ -1,6 +1,7 @@
 """Plain NumPy definitions the PQ kernels are tested against (float64, written for clarity).
 NumPy rather than torch because the indexes are NumPy-native; scores are lower-is-better, as in
 the kernels: squared L2 distance, or the negated inner product."""
+
 from __future__ import annotations
 
 import numpy as np

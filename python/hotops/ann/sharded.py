@@ -16,6 +16,7 @@ Results are ordered by (distance, id): among equal distances the smaller id come
 The distributed build (build_sharded) trains on a sample (gathered from every rank, or rank 0's),
 broadcasts the trained quantizers, lets each rank encode and add its own part, save its shard,
 and has rank 0 write a JSON manifest that ShardedIndex.load() opens (memory-mapped) and checks."""
+
 from __future__ import annotations
 
 import hashlib
@@ -53,7 +54,7 @@ def _all_gather_rows(x: torch.Tensor, counts: Sequence[int], group) -> torch.Ten
     if most == 0:
         return x.new_empty((0,) + tuple(x.shape[1:]))
     pad = x.new_zeros((most,) + tuple(x.shape[1:]))
-    pad[:x.shape[0]] = x
+    pad[: x.shape[0]] = x
     parts = [torch.empty_like(pad) for _ in counts]
     dist.all_gather(parts, pad, group=group)
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
@@ -104,28 +105,42 @@ class ShardedIndex:
 
     def __init__(self, local_index, group=None, id_offset: Optional[int] = None):
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("ShardedIndex needs torch.distributed: call torch.distributed.init_process_group first")
+            raise RuntimeError(
+                "ShardedIndex needs torch.distributed: call torch.distributed.init_process_group first"
+            )
         if not isinstance(local_index, (PQIndex, IVFPQIndex, BiGranularIndex)):
-            raise TypeError(f"local_index must be a PQIndex, IVFPQIndex or BiGranularIndex, "
-                            f"got {type(local_index).__name__}")
+            raise TypeError(
+                f"local_index must be a PQIndex, IVFPQIndex or BiGranularIndex, "
+                f"got {type(local_index).__name__}"
+            )
         self.local, self.group = local_index, group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.bigran = isinstance(local_index, BiGranularIndex)
         self.pq = local_index.coarse if self.bigran else local_index
         if not self.pq.is_trained:
             raise RuntimeError("local_index is not trained: every shard needs the shared trained codebooks")
-        info = dict(fingerprint=trained_fingerprint(self.pq), dim=self.pq.dim,
-                    ntotal=self._local_rows(), kind=type(local_index).__name__)
+        info = dict(
+            fingerprint=trained_fingerprint(self.pq),
+            dim=self.pq.dim,
+            ntotal=self._local_rows(),
+            kind=type(local_index).__name__,
+        )
         infos = [None] * self.world_size
         dist.all_gather_object(infos, info, group=group)
-        odd = [r for r, i in enumerate(infos) if (i["fingerprint"], i["kind"]) != (infos[0]["fingerprint"], infos[0]["kind"])]
+        odd = [
+            r
+            for r, i in enumerate(infos)
+            if (i["fingerprint"], i["kind"]) != (infos[0]["fingerprint"], infos[0]["kind"])
+        ]
         if odd:
-            raise ValueError(f"the shards do not share their trained codebooks/coarse quantizer (or kind): ranks "
-                             f"{odd} differ from rank 0 ({infos[0]['kind']}); train once and broadcast "
-                             f"(see build_sharded)")
+            raise ValueError(
+                f"the shards do not share their trained codebooks/coarse quantizer (or kind): ranks "
+                f"{odd} differ from rank 0 ({infos[0]['kind']}); train once and broadcast "
+                f"(see build_sharded)"
+            )
         self.shard_ntotal = [int(i["ntotal"]) for i in infos]
         if id_offset is None:
-            id_offset = sum(self.shard_ntotal[:self.rank]) if self.bigran else 0
+            id_offset = sum(self.shard_ntotal[: self.rank]) if self.bigran else 0
         self.id_offset = int(id_offset)
         self._sorted_ids = None  # (ids array it was built from, argsort of ids)
 
@@ -149,8 +164,17 @@ class ShardedIndex:
 
     # -------------------------------------------------------------- search
 
-    def search(self, q, k: int = 10, *, refine: Optional[int] = None, candidates: Optional[int] = None,
-               nprobe: Optional[int] = None, fusion: float = 0.0, allow=None):
+    def search(
+        self,
+        q,
+        k: int = 10,
+        *,
+        refine: Optional[int] = None,
+        candidates: Optional[int] = None,
+        nprobe: Optional[int] = None,
+        fusion: float = 0.0,
+        allow=None,
+    ):
         """Collective: (distances, ids), each (nq, k), for this rank's queries (nq may be 0),
         equal to a single index holding every shard. PQ/IVF-PQ: refine=R re-ranks the global best
         R·k PQ candidates exactly (keep_vectors=True on every shard). Bi-granular: the global
@@ -167,7 +191,9 @@ class ShardedIndex:
         # 1. everyone's query count and settings (which must agree), then the queries in rank order
         fbits = int(np.array(float(fusion) if error is None else 0.0, np.float64).view(np.int64))
         settings = [0, 0, 0, 0] if error else [kk, int(k), int(refine or 0), extra.get("nprobe", 0)]
-        head = torch.tensor([-1 if error else qv.shape[0]] + settings + [fbits], dtype=torch.int64, device=cdev)
+        head = torch.tensor(
+            [-1 if error else qv.shape[0]] + settings + [fbits], dtype=torch.int64, device=cdev
+        )
         parts = [torch.empty_like(head) for _ in range(self.world_size)]
         dist.all_gather(parts, head, group=self.group)
         heads = torch.stack(parts).cpu()
@@ -177,8 +203,10 @@ class ShardedIndex:
         if bad:
             raise ValueError(f"ShardedIndex.search: rank(s) {bad} of the group refused their arguments")
         if not bool((heads[:, 1:] == heads[0, 1:]).all()):
-            raise ValueError("ShardedIndex.search: k, refine, candidates, nprobe and fusion must be the same on every "
-                             f"rank; got (depth, k, refine, nprobe, fusion bits) {heads[:, 1:].tolist()} by rank")
+            raise ValueError(
+                "ShardedIndex.search: k, refine, candidates, nprobe and fusion must be the same on every "
+                f"rank; got (depth, k, refine, nprobe, fusion bits) {heads[:, 1:].tolist()} by rank"
+            )
         counts = heads[:, 0].tolist()
         nq = counts[self.rank]
         qall_t = _all_gather_rows(torch.from_numpy(qv).to(cdev), counts, self.group)
@@ -217,7 +245,9 @@ class ShardedIndex:
         k = _arrays.check_k(k)
         if self.bigran:
             if refine is not None:
-                raise ValueError("refine does not apply to a bi-granular shard: it always re-ranks `candidates`")
+                raise ValueError(
+                    "refine does not apply to a bi-granular shard: it always re-ranks `candidates`"
+                )
             candidates = _arrays.check_k(200 if candidates is None else candidates, "candidates")
             if candidates < k:
                 raise ValueError(f"candidates ({candidates}) must be at least k ({k})")
@@ -229,11 +259,17 @@ class ShardedIndex:
             if refine is not None:
                 refine = _arrays.check_k(refine, "refine")
                 if not self.pq.keep_vectors:
-                    raise ValueError("refine needs the exact vectors: build the shards with keep_vectors=True")
+                    raise ValueError(
+                        "refine needs the exact vectors: build the shards with keep_vectors=True"
+                    )
         extra = {}
         if isinstance(self.pq, IVFPQIndex):
             nprobe = min(16, self.pq.nlist) if nprobe is None else nprobe
-            if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.pq.nlist:
+            if (
+                isinstance(nprobe, bool)
+                or not isinstance(nprobe, (int, np.integer))
+                or not 1 <= nprobe <= self.pq.nlist
+            ):
                 raise ValueError(f"nprobe must be an integer in 1..nlist = {self.pq.nlist}, got {nprobe!r}")
             extra["nprobe"] = int(nprobe)
         elif nprobe is not None:
@@ -250,8 +286,11 @@ class ShardedIndex:
         ids = np.full((n, k), -1, np.int64)
         todo, depth, limit = np.arange(n), k + 1, max(self.pq.ntotal, 1)
         while todo.size:
-            d, i = self.pq.search(q[torch.from_numpy(todo).to(q.device)] if _arrays.is_torch(q) else q[todo],
-                                  min(depth, limit), **kw)
+            d, i = self.pq.search(
+                q[torch.from_numpy(todo).to(q.device)] if _arrays.is_torch(q) else q[todo],
+                min(depth, limit),
+                **kw,
+            )
             d, i = _arrays.as_numpy(d, "distances"), _arrays.as_numpy(i, "ids")
             s = np.where(i >= 0, -d if self.metric == "ip" else d, np.inf).astype(np.float32)
             _, top_s, top_i = _merge(s, i, k)  # the scan's output is sorted by score already
@@ -265,7 +304,7 @@ class ShardedIndex:
 
     def _rerank(self, qall, ids_l, score_l, counts, order, gid, kk, fusion, cdev):
         """Phase 2: the owners score the merged candidates exactly; returns (nq, kk) (score, id)."""
-        W, nq, start = self.world_size, counts[self.rank], sum(counts[:self.rank])
+        W, nq, start = self.world_size, counts[self.rank], sum(counts[: self.rank])
         src, pos = np.divmod(order, kk)  # the shard holding each chosen candidate, its place there
         sel = (gid >= 0).reshape(-1)
         qi = np.repeat(np.arange(nq, dtype=np.int64), order.shape[1])
@@ -299,8 +338,17 @@ class ShardedIndex:
         first = np.ascontiguousarray(score_l[gq, pos].reshape(-1, 1)) if self.bigran else None
         score = np.empty((gq.size, 1), np.float32)
         row_out = np.empty((gq.size, 1), np.int64)
-        _backend.ext().ann_rerank(np.ascontiguousarray(qall[gq]), base, np.ascontiguousarray(rows.reshape(-1, 1)),
-                                  first, float(fusion), self.metric, score, row_out, _arrays.threads())
+        _backend.ext().ann_rerank(
+            np.ascontiguousarray(qall[gq]),
+            base,
+            np.ascontiguousarray(rows.reshape(-1, 1)),
+            first,
+            float(fusion),
+            self.metric,
+            score,
+            row_out,
+            _arrays.threads(),
+        )
         return score.reshape(-1)
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
@@ -320,7 +368,7 @@ class ShardedIndex:
         a = _arrays.as_numpy(allow, "allow")
         n = self._local_rows()
         if a.dtype == np.bool_:
-            part = a[self.id_offset:self.id_offset + n]
+            part = a[self.id_offset : self.id_offset + n]
             return np.concatenate([part, np.zeros(n - part.shape[0], np.bool_)])
         a = a.astype(np.int64) - self.id_offset
         return a[(a >= 0) & (a < n)]
@@ -351,14 +399,23 @@ class ShardedIndex:
         elif not self.pq.keep_vectors:
             raise ValueError("vectors() needs the exact vectors: build the shards with keep_vectors=True")
         mine = [c for c in counts]
-        got = _all_to_all(torch.from_numpy(vec).to(cdev), mine, [counts[self.rank]] * self.world_size, self.group)
-        hit = _all_to_all(torch.from_numpy(found.astype(np.int64)).to(cdev), mine,
-                          [counts[self.rank]] * self.world_size, self.group)
+        got = _all_to_all(
+            torch.from_numpy(vec).to(cdev), mine, [counts[self.rank]] * self.world_size, self.group
+        )
+        hit = _all_to_all(
+            torch.from_numpy(found.astype(np.int64)).to(cdev),
+            mine,
+            [counts[self.rank]] * self.world_size,
+            self.group,
+        )
         got = got.cpu().view(self.world_size, -1, self.dim).sum(0).numpy()
         hits = hit.cpu().view(self.world_size, -1).sum(0).numpy()
         missing = want[hits == 0]
-        _raise_together(f"ids {missing[:5].tolist()} are held by no shard" if missing.size else None,
-                        self.group, "ShardedIndex.vectors")
+        _raise_together(
+            f"ids {missing[:5].tolist()} are held by no shard" if missing.size else None,
+            self.group,
+            "ShardedIndex.vectors",
+        )
         return got
 
     # -------------------------------------------------------------- files
@@ -383,17 +440,26 @@ class ShardedIndex:
             except (OSError, ValueError) as exc:
                 meta = f"{type(exc).__name__}: {exc}"
         box = [meta]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        dist.broadcast_object_list(
+            box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group
+        )
         meta = box[0]
         try:
             if isinstance(meta, str):
                 raise ValueError(f"rank 0 could not read the manifest ({meta})")
-            if not isinstance(meta, dict) or meta.get("format") != MANIFEST_FORMAT or meta.get("version") != MANIFEST_VERSION:
-                raise ValueError(f"{manifest}: not a hotops sharded-index manifest (version {MANIFEST_VERSION})")
+            if (
+                not isinstance(meta, dict)
+                or meta.get("format") != MANIFEST_FORMAT
+                or meta.get("version") != MANIFEST_VERSION
+            ):
+                raise ValueError(
+                    f"{manifest}: not a hotops sharded-index manifest (version {MANIFEST_VERSION})"
+                )
             shards = meta["shards"]
             if len(shards) != world:
-                raise ValueError(f"{manifest}: {len(shards)} shards, but the group has {world} ranks "
-                                 f"(one shard per rank)")
+                raise ValueError(
+                    f"{manifest}: {len(shards)} shards, but the group has {world} ranks (one shard per rank)"
+                )
             entry, folder = shards[rank], os.path.dirname(os.path.abspath(manifest))
             path = os.path.join(folder, entry["path"])
             size = os.path.getsize(path)
@@ -403,8 +469,10 @@ class ShardedIndex:
             if local.ntotal != entry["ntotal"]:
                 raise ValueError(f"{path}: {local.ntotal} vectors, the manifest says {entry['ntotal']}")
             if trained_fingerprint(local) != meta["trained_sha256"]:
-                raise ValueError(f"{path}: its trained codebooks/coarse quantizer differ from the manifest's "
-                                 f"(a shard of another build?)")
+                raise ValueError(
+                    f"{path}: its trained codebooks/coarse quantizer differ from the manifest's "
+                    f"(a shard of another build?)"
+                )
             if "store" in entry:
                 local = BiGranularIndex(local, os.path.join(folder, entry["store"]))
         except (OSError, KeyError, TypeError, ValueError) as exc:
@@ -439,13 +507,25 @@ def _set_trained_state(index, state: dict) -> None:
     if isinstance(index, IVFPQIndex):
         coarse = np.array(state["coarse"], dtype=np.float32, order="C")
         if coarse.shape != (index.nlist, index.dim):
-            raise ValueError(f"coarse centroids have shape {coarse.shape}, expected {(index.nlist, index.dim)}")
+            raise ValueError(
+                f"coarse centroids have shape {coarse.shape}, expected {(index.nlist, index.dim)}"
+            )
         index.coarse = coarse
     index.set_codebooks(state["codebooks"])
 
 
-def build_sharded(index, x, folder, *, ids=None, train_sample=None, train_on: str = "gathered",
-                  store_dtype: Optional[str] = None, group=None, name: str = "shard") -> "ShardedIndex":
+def build_sharded(
+    index,
+    x,
+    folder,
+    *,
+    ids=None,
+    train_sample=None,
+    train_on: str = "gathered",
+    store_dtype: Optional[str] = None,
+    group=None,
+    name: str = "shard",
+) -> "ShardedIndex":
     """Collective distributed build. `index` is an untrained PQIndex or IVFPQIndex made with the
     same parameters on every rank; `x` is this rank's part of the corpus.
 
@@ -479,7 +559,9 @@ def build_sharded(index, x, folder, *, ids=None, train_sample=None, train_on: st
             error = f"training failed: {exc}"
     _raise_together(error, group, "build_sharded")
     state = [_trained_state(index) if rank == 0 else None]
-    dist.broadcast_object_list(state, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    dist.broadcast_object_list(
+        state, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group
+    )
     if rank != 0:
         _set_trained_state(index, state[0])
 
@@ -505,9 +587,15 @@ def build_sharded(index, x, folder, *, ids=None, train_sample=None, train_on: st
     entries = [None] * world
     dist.all_gather_object(entries, entry, group=group)
     if rank == 0:
-        meta = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "index_kind": type(index).__name__,
-                "params": index._params(), "trained_sha256": trained_fingerprint(index),
-                "ntotal": sum(e["ntotal"] for e in entries), "shards": entries}
+        meta = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "index_kind": type(index).__name__,
+            "params": index._params(),
+            "trained_sha256": trained_fingerprint(index),
+            "ntotal": sum(e["ntotal"] for e in entries),
+            "shards": entries,
+        }
         path = os.path.join(folder, "manifest.json")
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:

@@ -12,22 +12,39 @@ signed int32 (negative floats get their magnitude bits flipped) in the high half
 low half, so the bitonic top-k moves both and ties break by row. Runs on the CPU under
 TRITON_INTERPRET=1 for tests.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 256              # codes per tile (fewer when m > 32: TILE_ELEMENTS codes per tile)
+BLOCK = 256  # codes per tile (fewer when m > 32: TILE_ELEMENTS codes per tile)
 TILE_ELEMENTS = 8192
-FLAT_SLICE = 4096        # rows per program in a flat scan (more programs than queries alone give)
+FLAT_SLICE = 4096  # rows per program in a flat scan (more programs than queries alone give)
 MAX_CANDIDATE_BYTES = 256 << 20  # queries are processed in batches whose candidate keys fit this
 
 
 @triton.jit
-def _adc_topk_kernel(QT, LT, BIAS, PROBES, OFFSETS, CODES, ALLOW, OUT, nprobe, M: tl.constexpr,
-                     KSUB: tl.constexpr, MP: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
-                     HAS_LT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALLOW: tl.constexpr):
+def _adc_topk_kernel(
+    QT,
+    LT,
+    BIAS,
+    PROBES,
+    OFFSETS,
+    CODES,
+    ALLOW,
+    OUT,
+    nprobe,
+    M: tl.constexpr,
+    KSUB: tl.constexpr,
+    MP: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_LT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALLOW: tl.constexpr,
+):
     q = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64)
     lst = tl.load(PROBES + q * nprobe + p)
@@ -72,8 +89,16 @@ def _decode(keys: torch.Tensor):
     return score.masked_fill(empty, float("inf")), rows.masked_fill(empty, -1)
 
 
-def adc_topk(qtables: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor, probes: torch.Tensor,
-             k: int, list_tables=None, bias=None, allow=None):
+def adc_topk(
+    qtables: torch.Tensor,
+    codes: torch.Tensor,
+    offsets: torch.Tensor,
+    probes: torch.Tensor,
+    k: int,
+    list_tables=None,
+    bias=None,
+    allow=None,
+):
     """The k lowest ADC scores per query and their rows (ascending; +inf / -1 past the last).
 
     qtables (nq, m, ksub) float32: per-query tables; codes (N, m) uint8 (< ksub), rows grouped by
@@ -97,15 +122,28 @@ def adc_topk(qtables: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor, 
         q1 = min(nq, q0 + batch)
         keys = torch.empty((q1 - q0, nprobe, kp), dtype=torch.int64, device=qtables.device)
         _adc_topk_kernel[(q1 - q0, nprobe)](
-            qtables[q0:q1], list_tables if list_tables is not None else qtables,
-            bias[q0:q1] if bias is not None else qtables, probes[q0:q1], offsets, codes,
-            allow if allow is not None else codes, keys, nprobe, M=m, KSUB=ksub,
-            MP=mp, KP=kp, BLOCK=block, HAS_LT=list_tables is not None,
-            HAS_BIAS=bias is not None, HAS_ALLOW=allow is not None)
+            qtables[q0:q1],
+            list_tables if list_tables is not None else qtables,
+            bias[q0:q1] if bias is not None else qtables,
+            probes[q0:q1],
+            offsets,
+            codes,
+            allow if allow is not None else codes,
+            keys,
+            nprobe,
+            M=m,
+            KSUB=ksub,
+            MP=mp,
+            KP=kp,
+            BLOCK=block,
+            HAS_LT=list_tables is not None,
+            HAS_BIAS=bias is not None,
+            HAS_ALLOW=allow is not None,
+        )
         keys = keys.reshape(q1 - q0, -1)
         top = torch.topk(keys, min(k, keys.shape[1]), dim=1, largest=False, sorted=True).values
         s, r = _decode(top)
-        score[q0:q1, :s.shape[1]], rows[q0:q1, :r.shape[1]] = s, r
+        score[q0:q1, : s.shape[1]], rows[q0:q1, : r.shape[1]] = s, r
     return score, rows
 
 

@@ -1,6 +1,7 @@
 """Stochastically subsampled self-attention (SSA, "The Information Pathways Hypothesis:
 Transformers are Dynamic Self-Ensembles"): each head attends to a random subset of the keys, at a
 cost proportional to the subset, as one fused kernel (never a mask on full attention)."""
+
 from __future__ import annotations
 
 import math
@@ -25,12 +26,14 @@ def _check_inputs(q, k, v, keep, mode, indices, causal, generator, key_padding_m
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k and v must be (B={B}, Hkv, Lk, D={D}) to match q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")
+        raise ValueError(
+            f"k and v must be (B={B}, Hkv, Lk, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
     Hkv, Lk = k.shape[1], k.shape[2]
     if Hkv == 0 or H % Hkv:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of "
-                         f"key/value heads ({Hkv})")
+        raise ValueError(
+            f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hkv})"
+        )
     if not isinstance(mode, str) or mode not in sampling.MODES:
         raise ValueError(f"mode must be one of {sampling.MODES}, got {mode!r}")
     if mode == "local" and indices is None and Lq != Lk:
@@ -41,19 +44,28 @@ def _check_inputs(q, k, v, keep, mode, indices, causal, generator, key_padding_m
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if indices is not None:
         if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
-            raise TypeError(f"indices must be an int64 tensor, got "
-                            f"{indices.dtype if isinstance(indices, Tensor) else type(indices).__name__}")
+            raise TypeError(
+                f"indices must be an int64 tensor, got "
+                f"{indices.dtype if isinstance(indices, Tensor) else type(indices).__name__}"
+            )
         if indices.dim() != 3 or indices.shape[0] != B or indices.shape[1] not in (H, Hkv):
             raise ValueError(f"indices must be (B={B}, H={H} or Hkv={Hkv}, S), got {tuple(indices.shape)}")
-        if not torch.compiler.is_compiling() and indices.numel() and (
-                int(indices.min()) < 0 or int(indices.max()) >= Lk):
-            raise ValueError(f"indices must lie in [0, Lk={Lk}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+        if (
+            not torch.compiler.is_compiling()
+            and indices.numel()
+            and (int(indices.min()) < 0 or int(indices.max()) >= Lk)
+        ):
+            raise ValueError(
+                f"indices must lie in [0, Lk={Lk}), got values in "
+                f"[{int(indices.min())}, {int(indices.max())}]"
+            )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = padding, ignored)")
         if tuple(key_padding_mask.shape) != (B, Lk):
-            raise ValueError(f"key_padding_mask must be (B={B}, Lk={Lk}), got {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask must be (B={B}, Lk={Lk}), got {tuple(key_padding_mask.shape)}"
+            )
 
 
 def _masked_positions(pos: Tensor, key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -80,15 +92,26 @@ def _local(q, k, v, keep, causal, generator, scale, key_padding_mask):
     kpos = _masked_positions(pos, key_padding_mask)
     kpos = (kpos if kpos is not None else pos).reshape(B, H * nw, w)
     idx = torch.arange(w, device=q.device).expand(B, H * nw, w)
-    out_w, _ = _op.ssa_fwd(qw, kw, vw, idx, kpos, pos.reshape(B, H * nw, w) if causal else None, scale, causal)
+    out_w, _ = _op.ssa_fwd(
+        qw, kw, vw, idx, kpos, pos.reshape(B, H * nw, w) if causal else None, scale, causal
+    )
     inverse = pos[..., :L].argsort(dim=-1)  # the first L entries are a permutation of 0..L-1
     return out_w.view(B, H, nw * w, D).gather(2, inverse[..., None].expand(-1, -1, -1, D))
 
 
-def subsampled_attention(q: Tensor, k: Tensor, v: Tensor, keep: float = 0.25, *, mode: str = "unbiased",
-                         causal: bool = False, indices: Optional[Tensor] = None,
-                         generator: Optional[torch.Generator] = None, scale: Optional[float] = None,
-                         key_padding_mask: Optional[Tensor] = None) -> Tensor:
+def subsampled_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: float = 0.25,
+    *,
+    mode: str = "unbiased",
+    causal: bool = False,
+    indices: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
     """Stochastically subsampled attention, fused: cost and extra memory proportional to the keys kept.
 
     Args:
@@ -118,8 +141,11 @@ def subsampled_attention(q: Tensor, k: Tensor, v: Tensor, keep: float = 0.25, *,
     if indices is None and mode == "local":
         return _local(q, k, v, keep, causal, generator, scale, key_padding_mask)
     if indices is None:
-        indices = (torch.arange(Lk, device=q.device).expand(B, Hkv, Lk) if keep >= 1.0 else
-                   sampling.unbiased_indices(B, H, Lk, keep, generator, q.device))
+        indices = (
+            torch.arange(Lk, device=q.device).expand(B, Hkv, Lk)
+            if keep >= 1.0
+            else sampling.unbiased_indices(B, H, Lk, keep, generator, q.device)
+        )
     kpos = _masked_positions(indices, key_padding_mask)
     out, _ = _op.ssa_fwd(q, k, v, indices, kpos, None, scale, causal)
     return out

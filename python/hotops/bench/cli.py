@@ -1,4 +1,5 @@
 """`hotops bench [--family F] [--quick] [--json PATH] [--plot DIR] [--threads N]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,40 @@ def _fmt_ms(s):
 
 
 def table_rows(results, mach):
-    rows = [("family", "case", "peer", "hotops ms", "peer ms", "speed-up", "% roofline", "memory (hotops/peer)", "check")]
+    rows = [
+        (
+            "family",
+            "case",
+            "peer",
+            "hotops ms",
+            "peer ms",
+            "speed-up",
+            "% roofline",
+            "memory (hotops/peer)",
+            "check",
+        )
+    ]
     for r in results:
         sp = r.speedup
         roof = r.roofline_pct(mach)
-        mem = (f"{r.extra['mem_hotops_MB']:.0f}/{r.extra['mem_peer_MB']:.0f} MB"
-               if "mem_hotops_MB" in r.extra else "")
-        rows.append((r.family, r.case, r.peer, _fmt_ms(r.hotops_s), _fmt_ms(r.peer_s),
-                     "-" if sp is None else f"{sp:.2f}x", "-" if roof is None else f"{roof:.0f}%",
-                     mem, r.check + (f" ({r.note})" if r.note else "")))
+        mem = (
+            f"{r.extra['mem_hotops_MB']:.0f}/{r.extra['mem_peer_MB']:.0f} MB"
+            if "mem_hotops_MB" in r.extra
+            else ""
+        )
+        rows.append(
+            (
+                r.family,
+                r.case,
+                r.peer,
+                _fmt_ms(r.hotops_s),
+                _fmt_ms(r.peer_s),
+                "-" if sp is None else f"{sp:.2f}x",
+                "-" if roof is None else f"{roof:.0f}%",
+                mem,
+                r.check + (f" ({r.note})" if r.note else ""),
+            )
+        )
     return rows
 
 
@@ -65,8 +91,12 @@ def plot(results, path):
     labels = [f"{r.family}: {r.case} vs {r.peer}" for r in rs]
     # log axis: bars grow from 1x either way, so a 0.5x slowdown is as long as a 2x speed-up and
     # the largest ratios (tens of x) do not flatten the rest
-    ax.barh(labels, [r.speedup - 1.0 for r in rs], left=1.0,
-            color=["tab:green" if r.speedup >= 1 else "tab:red" for r in rs])
+    ax.barh(
+        labels,
+        [r.speedup - 1.0 for r in rs],
+        left=1.0,
+        color=["tab:green" if r.speedup >= 1 else "tab:red" for r in rs],
+    )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.axvline(1.0, color="black", linewidth=0.8)
@@ -111,9 +141,19 @@ def main(argv=None):
     print_table(results, mach)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"machine": dataclasses.asdict(mach), "quick": args.quick, "seconds": time.time() - t0,
-                   "results": [dict(dataclasses.asdict(r), speedup=r.speedup,
-                                    roofline_pct=r.roofline_pct(mach)) for r in results]}, f, indent=1)
+        json.dump(
+            {
+                "machine": dataclasses.asdict(mach),
+                "quick": args.quick,
+                "seconds": time.time() - t0,
+                "results": [
+                    dict(dataclasses.asdict(r), speedup=r.speedup, roofline_pct=r.roofline_pct(mach))
+                    for r in results
+                ],
+            },
+            f,
+            indent=1,
+        )
     os.makedirs(args.plot, exist_ok=True)
     md = os.path.splitext(args.json)[0] + ".md"
     write_markdown(results, mach, md, "hotops " + " ".join(sys.argv[1:] if argv is None else argv))

@@ -10,6 +10,7 @@ docs/codebook.md).
 On CUDA (``--device cuda``, benchmarks/gpu_check.sh) the Triton kernels run against cuBLAS's
 dense float16/bfloat16 F.linear; `extra` records the codeword bytes the kernels gather from L1,
 their other bound there."""
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,9 @@ def make_weight(N: int, K: int, config: str, seed: int = 0, device: str = "cpu",
     return CodebookWeight(codes.to(device), codebooks.to(device, dtype), scales.to(device, dtype))
 
 
-def build(side: str, N: int, K: int, B: int, config: str, dtype: str = "fp32", seed: int = 0, device: str = "cpu"):
+def build(
+    side: str, N: int, K: int, B: int, config: str, dtype: str = "fp32", seed: int = 0, device: str = "cpu"
+):
     """A closure computing x W^T once for `side`: "hotops", "dense" or "aqlm" (CPU only). On a GPU
     the codebooks are stored in the activations' dtype, as a deployed half-precision model has
     them (the kernels gather codewords of that size)."""
@@ -71,12 +74,20 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
         # batch bucket compiles and tunes the kernels): fp16 at every shape, bf16 at one
         if quick:
             return [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="fp16") for B in (1, 16)]
-        out = [dict(N=N, K=K, B=B, config="2x8", peer="dense", dtype="fp16") for N, K in SHAPES for B in (1, 4, 16)]
+        out = [
+            dict(N=N, K=K, B=B, config="2x8", peer="dense", dtype="fp16")
+            for N, K in SHAPES
+            for B in (1, 4, 16)
+        ]
         return out + [dict(N=4096, K=4096, B=1, config="2x8", peer="dense", dtype="bf16")]
     if quick:
         return [dict(N=4096, K=4096, B=B, config="2x8", peer=p) for B in (1, 16) for p in ("dense", "aqlm")]
-    out = [dict(N=N, K=K, B=B, config="2x8", peer=p) for N, K in SHAPES for B in (1, 4, 16)
-           for p in ("dense", "aqlm")]
+    out = [
+        dict(N=N, K=K, B=B, config="2x8", peer=p)
+        for N, K in SHAPES
+        for B in (1, 4, 16)
+        for p in ("dense", "aqlm")
+    ]
     out += [dict(N=4096, K=4096, B=B, config="1x8/4", peer="dense") for B in (1, 16)]
     out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="bf16") for B in (1, 4, 16)]
     out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense") for B in (64, 256)]
@@ -131,11 +142,24 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     bytes_moved = weight_bytes + B * (K + N) * act  # the weight once, activations in and out
     bits = w.bits_per_weight
     lookups = N * K * M // g * -(-B // 16)  # table lookups: one per code per 16 batch rows
-    return Result(family="codebook", case=case, peer=peer_name, hotops_s=th, peer_s=tp, check=check,
-                  note=note, work="bytes", amount=bytes_moved,
-                  extra={"bits_per_weight": bits, "weight_MB": bits * N * K / 8 / 2 ** 20,
-                         "dense_fp32_MB": 4 * N * K / 2 ** 20, "lookups": lookups,
-                         "glookups_per_s": lookups / th / 1e9})
+    return Result(
+        family="codebook",
+        case=case,
+        peer=peer_name,
+        hotops_s=th,
+        peer_s=tp,
+        check=check,
+        note=note,
+        work="bytes",
+        amount=bytes_moved,
+        extra={
+            "bits_per_weight": bits,
+            "weight_MB": bits * N * K / 8 / 2**20,
+            "dense_fp32_MB": 4 * N * K / 2**20,
+            "lookups": lookups,
+            "glookups_per_s": lookups / th / 1e9,
+        },
+    )
 
 
 def _run_gpu(params: dict, quick: bool, device: str) -> Result:
@@ -152,16 +176,29 @@ def _run_gpu(params: dict, quick: bool, device: str) -> Result:
     act = torch.finfo(DTYPES[dtype]).bits // 8
     bytes_moved = N * K * M // g + B * (K + N) * act  # codes once, activations in and out
     w = make_weight(N, K, config, dtype=DTYPES[dtype])
-    extra = {"bits_per_weight": w.bits_per_weight, "weight_MB": w.bits_per_weight * N * K / 8 / 2 ** 20,
-             "dense_MB": act * N * K / 2 ** 20}
+    extra = {
+        "bits_per_weight": w.bits_per_weight,
+        "weight_MB": w.bits_per_weight * N * K / 8 / 2**20,
+        "dense_MB": act * N * K / 2**20,
+    }
     if B <= GEMV_MAX_BATCH:  # the GEMV gathers every code's codeword once, from L1
         extra["l1_gather_GB_per_s"] = N * K * M * w.codebooks.element_size() / th / 1e9
-    return Result(family="codebook", case=f"{N}x{K} B={B} {config} {dtype}",
-                  peer=f"torch F.linear {dtype} dense (cuBLAS)", hotops_s=th, peer_s=tp, check=check,
-                  work="bytes", amount=bytes_moved, extra=extra)
+    return Result(
+        family="codebook",
+        case=f"{N}x{K} B={B} {config} {dtype}",
+        peer=f"torch F.linear {dtype} dense (cuBLAS)",
+        hotops_s=th,
+        peer_s=tp,
+        check=check,
+        work="bytes",
+        amount=bytes_moved,
+        extra=extra,
+    )
 
 
-def cpu_time_table(B: int = 1, isa: Optional[str] = None, rounds: int = 5, min_time: float = 0.3) -> List[str]:
+def cpu_time_table(
+    B: int = 1, isa: Optional[str] = None, rounds: int = 5, min_time: float = 0.3
+) -> List[str]:
     """One line per Llama shape (2x8): hotops, torch's dense fp32 F.linear and aqlm's kernel on one
     thread, CPU time per call (time.process_time), the three called alternately in one process,
     best of `rounds` rounds of >= min_time s each. A machine shared with other work still gives
@@ -195,8 +232,10 @@ def cpu_time_table(B: int = 1, isa: Optional[str] = None, rounds: int = 5, min_t
                     calls += 1
                 best[s] = min(best[s], (time.process_time() - t0) / calls)
         h = best["hotops"]
-        lines.append(f"{N}x{K} B={B}: hotops {h * 1e3:.3f}" + "".join(
-            f"  {s} {best[s] * 1e3:.2f} ({best[s] / h:.1f}x)" for s in sides[1:]))
+        lines.append(
+            f"{N}x{K} B={B}: hotops {h * 1e3:.3f}"
+            + "".join(f"  {s} {best[s] * 1e3:.2f} ({best[s] / h:.1f}x)" for s in sides[1:])
+        )
     return lines
 
 
@@ -214,7 +253,9 @@ def wordnet_glosses(limit: int, seed: int = 0) -> List[str]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: apt-get install wordnet-base")
         with open(path, encoding="utf-8", errors="replace") as f:
-            texts += [line.split("|", 1)[1].strip() for line in f if not line.startswith("  ") and "|" in line]
+            texts += [
+                line.split("|", 1)[1].strip() for line in f if not line.startswith("  ") and "|" in line
+            ]
     random.Random(seed).shuffle(texts)
     return texts[:limit]
 
@@ -236,7 +277,9 @@ def rtn_2bit_(model: torch.nn.Module, group: int = 64) -> float:
 if __name__ == "__main__":  # python -m hotops.bench.codebook [--batch B] [--isa ISA]
     import argparse
 
-    ap = argparse.ArgumentParser(description="Llama shapes, one thread, CPU time per call: hotops, dense fp32, aqlm")
+    ap = argparse.ArgumentParser(
+        description="Llama shapes, one thread, CPU time per call: hotops, dense fp32, aqlm"
+    )
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--isa", default=None, help="scalar | avx2 | avx512 | avx512+vbmi")
     args = ap.parse_args()

@@ -7,6 +7,7 @@
   high-water mark (reset through /proc/self/clear_refs) sees exactly the call's own allocations.
 * Roofline: torch.mm's GFLOP/s and a large copy's GB/s, measured once per run on this machine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,11 +31,11 @@ class Result:
     family: str
     case: str
     peer: str
-    hotops_s: float            # median seconds per call
-    peer_s: Optional[float]    # None when the peer could not run (say why in note)
-    check: str                 # "ok" or what failed
-    work: str = ""             # "flops", "flops_bf16" or "bytes": what the roofline column measures
-    amount: float = 0.0        # FLOPs or bytes moved by one hotops call
+    hotops_s: float  # median seconds per call
+    peer_s: Optional[float]  # None when the peer could not run (say why in note)
+    check: str  # "ok" or what failed
+    work: str = ""  # "flops", "flops_bf16" or "bytes": what the roofline column measures
+    amount: float = 0.0  # FLOPs or bytes moved by one hotops call
     note: str = ""
     extra: Dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -45,12 +46,20 @@ class Result:
     def roofline_pct(self, machine: "Machine") -> Optional[float]:
         if not self.amount:
             return None
-        peak = {"flops": machine.gflops, "flops_bf16": machine.gflops_bf16, "bytes": machine.gbps}[self.work] * 1e9
+        peak = {"flops": machine.gflops, "flops_bf16": machine.gflops_bf16, "bytes": machine.gbps}[
+            self.work
+        ] * 1e9
         return 100.0 * self.amount / self.hotops_s / peak
 
 
-def time_pair(hotops_fn: Callable[[], object], peer_fn: Optional[Callable[[], object]],
-              repeats: int = 5, warmup: int = 1, min_time: float = 0.0, device: str = "cpu"):
+def time_pair(
+    hotops_fn: Callable[[], object],
+    peer_fn: Optional[Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    min_time: float = 0.0,
+    device: str = "cpu",
+):
     """Median seconds of each side, interleaved call by call so drift hits both alike.
     On CUDA each call is bracketed by synchronisations."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -83,14 +92,16 @@ class Machine:
     torch: str
     triton: str
     python: str
-    gflops: float   # torch.mm float32, this thread count
+    gflops: float  # torch.mm float32, this thread count
     gflops_bf16: float  # torch.mm bfloat16
-    gbps: float     # large memory copy (read + write bytes)
+    gbps: float  # large memory copy (read + write bytes)
     peers: Dict[str, str]
 
     def describe(self) -> str:
-        return (f"{self.cpu} | ISA {self.isa} | {self.threads} threads | torch {self.torch} | "
-                f"triton {self.triton} | torch.mm fp32 {self.gflops:.0f}, bf16 {self.gflops_bf16:.0f} GFLOP/s | copy {self.gbps:.1f} GB/s")
+        return (
+            f"{self.cpu} | ISA {self.isa} | {self.threads} threads | torch {self.torch} | "
+            f"triton {self.triton} | torch.mm fp32 {self.gflops:.0f}, bf16 {self.gflops_bf16:.0f} GFLOP/s | copy {self.gbps:.1f} GB/s"
+        )
 
 
 def _cpu_model() -> str:
@@ -126,10 +137,17 @@ def machine(device: str = "cpu") -> Machine:
     cp_s, _ = time_pair(lambda: dst.copy_(big), None, repeats=5, device=device)
     name = _cpu_model() if device == "cpu" else torch.cuda.get_device_name()
     return Machine(
-        cpu=name, isa=_backend.ext().isa() if device == "cpu" else "cuda", threads=torch.get_num_threads(),
-        torch=torch.__version__, triton=_version("triton"), python=platform.python_version(),
-        gflops=2 * n ** 3 / mm_s / 1e9, gflops_bf16=2 * n ** 3 / mm16_s / 1e9, gbps=2 * big.numel() / cp_s / 1e9,
-        peers={m: _version(m) for m in ("faiss-cpu", "hnswlib", "aqlm", "numba", "numpy")})
+        cpu=name,
+        isa=_backend.ext().isa() if device == "cpu" else "cuda",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        triton=_version("triton"),
+        python=platform.python_version(),
+        gflops=2 * n**3 / mm_s / 1e9,
+        gflops_bf16=2 * n**3 / mm16_s / 1e9,
+        gbps=2 * big.numel() / cp_s / 1e9,
+        peers={m: _version(m) for m in ("faiss-cpu", "hnswlib", "aqlm", "numba", "numpy")},
+    )
 
 
 # ------------------------------------------------------------------ memory
@@ -163,12 +181,15 @@ def peak_extra_bytes(module: str, builder: str, side: str, params: dict, threads
     subprocess; None where /proc is unavailable."""
     if not os.path.exists("/proc/self/clear_refs"):
         return None
-    code = (f"import json, sys, torch; torch.set_num_threads({threads}); "
-            f"import {module} as m; from hotops.bench.core import _peak_extra_here; "
-            f"fn = m.{builder}({side!r}, **json.loads(sys.argv[1])); print(_peak_extra_here(fn))")
+    code = (
+        f"import json, sys, torch; torch.set_num_threads({threads}); "
+        f"import {module} as m; from hotops.bench.core import _peak_extra_here; "
+        f"fn = m.{builder}({side!r}, **json.loads(sys.argv[1])); print(_peak_extra_here(fn))"
+    )
     env = dict(os.environ, **_MEMORY_ENV)
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(params)], env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(params)], env=env, capture_output=True, text=True, timeout=900
+    )
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed: {out.stderr.strip()[-2000:]}")
     return int(out.stdout.strip().splitlines()[-1])

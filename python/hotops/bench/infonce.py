@@ -1,6 +1,7 @@
 """InfoNCE benchmark: forward + backward of hotops.info_nce against the eager reference
 (``F.cross_entropy`` over materialised logits, autograd backward), D = 768, one hard negative per
 query as a shared pool (N = B): time, % of torch.mm's rate, and peak extra memory."""
+
 from __future__ import annotations
 
 from typing import List
@@ -19,8 +20,7 @@ def build(side: str, B: int, D: int, dtype: str, seed: int = 0, device: str = "c
 
     g = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
-    q, d, h = (torch.randn(B, D, generator=g).div_(D ** 0.5).to(device, dt).requires_grad_()
-               for _ in range(3))
+    q, d, h = (torch.randn(B, D, generator=g).div_(D**0.5).to(device, dt).requires_grad_() for _ in range(3))
     fn = hotops.info_nce if side == "hotops" else reference.info_nce
 
     def step():
@@ -46,8 +46,12 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
     if device == "cuda":  # 65536: eager's logits alone are 34 GB in fp32 (x3 with softmax and grad)
         return [dict(B=B, D=768, dtype=dt) for dt in ("fp32", "bf16") for B in (16384, 65536)]
     sizes = [1024, 4096] if quick else [1024, 4096, 16384]
-    return [dict(B=B, D=768, dtype=dt) for dt in ("fp32", "bf16") for B in sizes
-            if not (quick and dt == "bf16" and B > 1024)]
+    return [
+        dict(B=B, D=768, dtype=dt)
+        for dt in ("fp32", "bf16")
+        for B in sizes
+        if not (quick and dt == "bf16" and B > 1024)
+    ]
 
 
 def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
@@ -63,20 +67,30 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     check = _check(out, ref, dtype) if ref is not None else "ran (no peer to compare)"
     del out, ref
     big = B >= 16384 and device == "cpu"
-    th, te = time_pair(hot, eager, repeats=3 if big else 5, warmup=0,
-                       min_time=0.0 if B >= 4096 else 2.0, device=device)
+    th, te = time_pair(
+        hot, eager, repeats=3 if big else 5, warmup=0, min_time=0.0 if B >= 4096 else 2.0, device=device
+    )
     flops = 3 * 2.0 * B * (2 * B) * D  # logits, dq, dC over B in-batch + B pooled candidates
     extra = {}
     if device == "cpu" and (not quick or B == 4096):
         mh = peak_extra_bytes("hotops.bench.infonce", "build", "hotops", params, threads)
         me = peak_extra_bytes("hotops.bench.infonce", "build", "eager", params, threads)
         if mh is not None:
-            extra = {"mem_hotops_MB": mh / 2 ** 20, "mem_peer_MB": me / 2 ** 20}
+            extra = {"mem_hotops_MB": mh / 2**20, "mem_peer_MB": me / 2**20}
     elif device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         hot()
-        extra = {"cuda_peak_hotops_MB": (torch.cuda.max_memory_allocated() - base) / 2 ** 20}
-    return Result(family="infonce", case=f"fwd+bwd B={B} D={D} N={B} {dtype}", peer="torch eager",
-                  hotops_s=th, peer_s=te, check=check, note=note,
-                  work="flops" if dtype == "fp32" else "flops_bf16", amount=flops, extra=extra)
+        extra = {"cuda_peak_hotops_MB": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    return Result(
+        family="infonce",
+        case=f"fwd+bwd B={B} D={D} N={B} {dtype}",
+        peer="torch eager",
+        hotops_s=th,
+        peer_s=te,
+        check=check,
+        note=note,
+        work="flops" if dtype == "fp32" else "flops_bf16",
+        amount=flops,
+        extra=extra,
+    )

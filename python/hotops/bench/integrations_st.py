@@ -18,6 +18,7 @@ and the tables give medians, so a machine shared with other jobs biases neither 
 sentences are random words from the model's vocabulary (``--words`` per sentence), seeded, so
 both sides see the same batch and report the same loss (checked).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def _reset_peak() -> int:
 def _classes(side: str):
     if side == "hotops":
         from hotops.integrations import sentence_transformers as m
+
         return m.MultipleNegativesRankingLoss, m.CachedMultipleNegativesRankingLoss
     from hotops.integrations.sentence_transformers import _LibCachedMNRL, _LibMNRL
+
     return _LibMNRL, _LibCachedMNRL
 
 
@@ -110,7 +113,7 @@ def child_step(side: str, case: str, batch: int, mini_batch_size: int, words: in
     opt.step()
     elapsed = time.perf_counter() - t0
     peak = _rss("VmHWM") - before
-    return {"time_s": elapsed, "peak_extra_MB": peak / 2 ** 20, "loss": float(loss)}
+    return {"time_s": elapsed, "peak_extra_MB": peak / 2**20, "loss": float(loss)}
 
 
 def child_loss(side: str, batches, mini_batch_size: int, threads: int, reps: int = 3) -> list:
@@ -144,15 +147,18 @@ def child_loss(side: str, batches, mini_batch_size: int, threads: int, reps: int
             run(r)
             times.append(time.perf_counter() - t0)
             del r
-        results.append({"time_s": statistics.median(times), "peak_extra_MB": peak / 2 ** 20, "loss": float(loss)})
+        results.append(
+            {"time_s": statistics.median(times), "peak_extra_MB": peak / 2**20, "loss": float(loss)}
+        )
     return results
 
 
 def _spawn(spec: dict) -> dict:
     env = dict(os.environ, **_MEMORY_ENV)
     code = "import json, sys; from hotops.bench import integrations_st as m; print(json.dumps(m._child(json.loads(sys.argv[1]))))"
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -164,8 +170,9 @@ def _child(spec: dict) -> dict:
     warnings.filterwarnings("ignore")
     if spec["case"] == "loss":
         return child_loss(spec["side"], spec["batch"], spec["mini_batch_size"], spec["threads"])
-    return child_step(spec["side"], spec["case"], spec["batch"], spec["mini_batch_size"], spec["words"],
-                      spec["threads"])
+    return child_step(
+        spec["side"], spec["case"], spec["batch"], spec["mini_batch_size"], spec["words"], spec["threads"]
+    )
 
 
 def _row(case: str, batch: int, runs: dict, repeats: int) -> dict:
@@ -185,8 +192,14 @@ def measure(case: str, batches, args) -> list:
         runs = {s: [] for s in SIDES}
         for _ in range(args.repeats):
             for side in SIDES:
-                spec = {"case": case, "side": side, "batch": group if case == "loss" else group[0],
-                            "mini_batch_size": args.mini_batch_size, "words": args.words, "threads": args.threads}
+                spec = {
+                    "case": case,
+                    "side": side,
+                    "batch": group if case == "loss" else group[0],
+                    "mini_batch_size": args.mini_batch_size,
+                    "words": args.words,
+                    "threads": args.threads,
+                }
                 out = _spawn(spec)
                 runs[side].append(out if case == "loss" else [out])
                 print(f"  {case} B={group} {side}: {out}", file=sys.stderr, flush=True)
@@ -214,8 +227,10 @@ def main(argv=None) -> None:
     print("\n| case | batch | hotops s | library s | hotops peak MB | library peak MB | loss diff |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['batch']} | {r['hotops_time_s']:.3g} | {r['library_time_s']:.3g} | "
-              f"{r['hotops_peak_MB']:.0f} | {r['library_peak_MB']:.0f} | {r['loss_diff']:.1e} |")
+        print(
+            f"| {r['case']} | {r['batch']} | {r['hotops_time_s']:.3g} | {r['library_time_s']:.3g} | "
+            f"{r['hotops_peak_MB']:.0f} | {r['library_peak_MB']:.0f} | {r['loss_diff']:.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ all-MiniLM-L6-v2 (WordNet glosses) with 90 %-sparse layers against their dense t
 Roofline column: effective sparse FLOPs (2 x nnz x pixels) against torch.mm's rate; for batch-1
 linear (a sparse GEMV, memory-bound) the bytes of values, indices and activations against copy
 bandwidth."""
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,9 @@ def _weight_bytes(sw) -> float:
     return sw.nnz * 8.0
 
 
-def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu", block=None,
-         layout: str = "auto"):
+def _fns(
+    name: str, sparsity: float, peer: str, train: bool, device: str = "cpu", block=None, layout: str = "auto"
+):
     """(hotops closure, peer closure, amount, work) for one layer case; peer "hotops CSR" is the
     same weight run by the CSR kernel (against its blocked form)."""
     from hotops.sparse import sparse_conv2d, sparse_linear
@@ -75,7 +77,8 @@ def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"
         else:
             hot = lambda: torch.autograd.grad(sparse_conv2d(x, sw.with_values(v), padding=pad).sum(), (x, v))
             other = lambda: torch.autograd.grad(
-                F.conv2d(x, wv * mask, padding=pad, groups=a["groups"]).sum(), (x, wv))
+                F.conv2d(x, wv * mask, padding=pad, groups=a["groups"]).sum(), (x, wv)
+            )
         return hot, other, 3 * 2.0 * sw.nnz * _pixels(kind, a), "flops"
     if kind == "linear":
         hot = lambda: sparse_linear(x, sw)
@@ -98,7 +101,7 @@ def _fns(name: str, sparsity: float, peer: str, train: bool, device: str = "cpu"
             full = torch.zeros(a["O"], a["C"], a["k"], a["k"])
             og, cg = a["O"] // a["groups"], a["C"] // a["groups"]
             for grp in range(a["groups"]):
-                full[grp * og:(grp + 1) * og, grp * cg:(grp + 1) * cg] = wd[grp * og:(grp + 1) * og]
+                full[grp * og : (grp + 1) * og, grp * cg : (grp + 1) * cg] = wd[grp * og : (grp + 1) * og]
             csr = full.reshape(a["O"], -1).to_sparse_csr()
             H = a["H"]
             other = lambda: (csr @ F.unfold(x, a["k"], padding=pad)[0]).view(1, a["O"], H, H)
@@ -144,9 +147,11 @@ def _dispatch_summary(model: nn.Module) -> str:
 
 # ------------------------------------------------------------------ end to end
 
+
 def mobilenet_v2_cifar(num_classes: int = 10, width: float = 1.0) -> nn.Module:
     """MobileNetV2 for 32x32 inputs (DASS's CIFAR setting: stride 1 stem, first stages unstrided):
     conv + BatchNorm + ReLU6 blocks as in the original, inverted residuals."""
+
     def cbr(cin, cout, k=1, s=1, groups=1, act=True):
         layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
         return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
@@ -156,16 +161,24 @@ def mobilenet_v2_cifar(num_classes: int = 10, width: float = 1.0) -> nn.Module:
             super().__init__()
             hid = cin * t
             self.res = s == 1 and cin == cout
-            self.body = nn.Sequential(*([cbr(cin, hid)] if t != 1 else []), cbr(hid, hid, 3, s, hid),
-                                      cbr(hid, cout, act=False))
+            self.body = nn.Sequential(
+                *([cbr(cin, hid)] if t != 1 else []), cbr(hid, hid, 3, s, hid), cbr(hid, cout, act=False)
+            )
 
         def forward(self, x):
             return x + self.body(x) if self.res else self.body(x)
 
     c = lambda v: max(8, int(v * width))
     layers, cin = [cbr(3, c(32), 3)], c(32)
-    for t, cout, n, s in ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                          (6, 160, 3, 2), (6, 320, 1, 1)):
+    for t, cout, n, s in (
+        (1, 16, 1, 1),
+        (6, 24, 2, 1),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ):
         for i in range(n):
             layers.append(Block(cin, c(cout), s if i == 0 else 1, t))
             cin = c(cout)
@@ -267,31 +280,57 @@ BLOCKED_LAYERS = ("linear 4096x4096 B=64", "linear 4096x4096 B=1", "conv 3x3 64-
 def _blocked_cases(layers, sparsities) -> List[dict]:
     """The blocked format (forced) against the CSR kernel on unstructured and on 4x1-block-pruned
     masks, and on block-pruned masks against torch dense."""
-    return [dict(layer=n, sparsity=s, peer=p, block=b, layout="blocked") for n in layers for s in sparsities
-            for b, p in ((None, "hotops CSR"), (4, "hotops CSR"), (4, "torch dense"))]
+    return [
+        dict(layer=n, sparsity=s, peer=p, block=b, layout="blocked")
+        for n in layers
+        for s in sparsities
+        for b, p in ((None, "hotops CSR"), (4, "hotops CSR"), (4, "torch dense"))
+    ]
 
 
 def cases(quick: bool, device: str = "cpu") -> List[dict]:
     if device == "cuda":  # the Triton BSR linear kernel (convolutions are CPU kernels)
-        return [dict(layer=n, sparsity=s, peer=p) for n in LAYERS if n.startswith("linear")
-                for s in (0.9, 0.99) for p in ("torch dense", "torch.sparse CSR")]
+        return [
+            dict(layer=n, sparsity=s, peer=p)
+            for n in LAYERS
+            if n.startswith("linear")
+            for s in (0.9, 0.99)
+            for p in ("torch dense", "torch.sparse CSR")
+        ]
     if quick:
-        out = [dict(layer=n, sparsity=0.9, peer=p) for n in LAYERS
-               for p in ("torch dense", "torch.sparse CSR") if p == "torch dense" or not (n.startswith("dw") or "bf16" in n)]
+        out = [
+            dict(layer=n, sparsity=0.9, peer=p)
+            for n in LAYERS
+            for p in ("torch dense", "torch.sparse CSR")
+            if p == "torch dense" or not (n.startswith("dw") or "bf16" in n)
+        ]
         out += [dict(layer="linear 4096x4096 B=64", sparsity=0.9, peer="torch dense", train=True)]
         out += _blocked_cases(BLOCKED_LAYERS[:1], (0.9,))[:2]
         out += [dict(layer=BLOCKED_LAYERS[2], sparsity=0.9, peer="torch dense", block=4, layout="blocked")]
-        out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9, peer=p) for b in (1, 32)
-                for p in (DENSE_TWIN, DENSE_FOLDED)]
+        out += [
+            dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9, peer=p)
+            for b in (1, 32)
+            for p in (DENSE_TWIN, DENSE_FOLDED)
+        ]
         out += [dict(e2e="all-MiniLM-L6-v2", batch=32, sparsity=0.9)]
         return out
-    out = [dict(layer=n, sparsity=s, peer=p) for n in LAYERS for s in SPARSITIES
-           for p in ("torch dense", "torch.sparse CSR") if p == "torch dense" or "bf16" not in n]
-    out += [dict(layer=n, sparsity=0.9, peer="torch dense", train=True)
-            for n in ("linear 4096x4096 B=64", "conv 3x3 64->64 56x56")]
+    out = [
+        dict(layer=n, sparsity=s, peer=p)
+        for n in LAYERS
+        for s in SPARSITIES
+        for p in ("torch dense", "torch.sparse CSR")
+        if p == "torch dense" or "bf16" not in n
+    ]
+    out += [
+        dict(layer=n, sparsity=0.9, peer="torch dense", train=True)
+        for n in ("linear 4096x4096 B=64", "conv 3x3 64->64 56x56")
+    ]
     out += _blocked_cases(BLOCKED_LAYERS, (0.7, 0.9, 0.95))
-    out += [dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9, peer=p) for b in (1, 32)
-            for p in (DENSE_TWIN, DENSE_FOLDED)]
+    out += [
+        dict(e2e="mobilenetv2-cifar", batch=b, sparsity=0.9, peer=p)
+        for b in (1, 32)
+        for p in (DENSE_TWIN, DENSE_FOLDED)
+    ]
     out += [dict(e2e="all-MiniLM-L6-v2", batch=b, sparsity=0.9) for b in (1, 32)]
     return out
 
@@ -303,8 +342,15 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         try:
             hot, other, note, model = _e2e_fns(name, batch, sparsity, peer)
         except ImportError as exc:
-            return Result("sparse", f"{name} batch {batch} @{sparsity:.0%}", peer, 0.0, None,
-                          check="skipped", note=f"needs {exc.name}")
+            return Result(
+                "sparse",
+                f"{name} batch {batch} @{sparsity:.0%}",
+                peer,
+                0.0,
+                None,
+                check="skipped",
+                note=f"needs {exc.name}",
+            )
         with torch.inference_mode():
             check = _check(hot, other)  # the first call also measures each layer's dispatch
             th, tp = time_pair(hot, other, repeats=5, warmup=1, min_time=0.0 if quick else 1.0)
@@ -322,9 +368,23 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     what = "fwd+bwd " if train else ""
     if layout == "blocked":  # which format ran on which mask
         name = f"{name} blocked 4x1, {'4x1 block-pruned' if block else 'unstructured'}"
-    note = _module_choice(params["layer"], sparsity, block) if peer == "torch dense" and not train and device == "cpu" else ""
-    return Result("sparse", f"{what}{name} @{sparsity:.0%}", peer, th, tp, check, work=work, amount=amount,
-                  note=note, extra={"sparsity": sparsity})
+    note = (
+        _module_choice(params["layer"], sparsity, block)
+        if peer == "torch dense" and not train and device == "cpu"
+        else ""
+    )
+    return Result(
+        "sparse",
+        f"{what}{name} @{sparsity:.0%}",
+        peer,
+        th,
+        tp,
+        check,
+        work=work,
+        amount=amount,
+        note=note,
+        extra={"sparsity": sparsity},
+    )
 
 
 def crossover(results) -> dict:
@@ -359,8 +419,13 @@ def plots(results, folder: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     series = {}
     for r in results:
-        if r.family == "sparse" and "sparsity" in r.extra and r.speedup and r.peer == "torch dense" \
-                and not r.case.startswith("fwd+bwd"):
+        if (
+            r.family == "sparse"
+            and "sparsity" in r.extra
+            and r.speedup
+            and r.peer == "torch dense"
+            and not r.case.startswith("fwd+bwd")
+        ):
             series.setdefault(r.case.rsplit(" @", 1)[0], []).append((r.extra["sparsity"], r.speedup))
     for layer, pts in series.items():
         pts.sort()
@@ -395,10 +460,16 @@ def cpu_time_table(sparsities=SPARSITIES, repeats: int = 7) -> None:
                 th, td = cpu(hot), cpu(dense)
                 tc = float("nan") if "bf16" in layer else cpu(csr)  # no bfloat16 CSR product in torch
                 wins.append((s, td / th))
-                print(f"  {layer:26s} @{s:4.0%}  hotops {th * 1e3:7.2f}  dense {td * 1e3:7.2f}  CSR {tc * 1e3:7.2f}"
-                      f"  | {td / th:6.2f}x dense  {tc / th:6.2f}x CSR", flush=True)
+                print(
+                    f"  {layer:26s} @{s:4.0%}  hotops {th * 1e3:7.2f}  dense {td * 1e3:7.2f}  CSR {tc * 1e3:7.2f}"
+                    f"  | {td / th:6.2f}x dense  {tc / th:6.2f}x CSR",
+                    flush=True,
+                )
             first = [s for i, (s, _) in enumerate(wins) if all(sp > 1.0 for _, sp in wins[i:])]
-            print(f"  {layer}: beats dense from {f'{min(first):.0%}' if first else 'never'} sparsity", flush=True)
+            print(
+                f"  {layer}: beats dense from {f'{min(first):.0%}' if first else 'never'} sparsity",
+                flush=True,
+            )
 
 
 def _cpu_time(fn, repeats: int) -> float:
@@ -425,11 +496,16 @@ def e2e_cpu_time_table(batches=(1, 32), rounds: int = 3) -> None:
             hot, dense, _, model = _e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_TWIN)
             _, folded, _, _ = _e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_FOLDED)
             reps = 21 if batch == 1 else 5
-            best = [min(ts) for ts in zip(*[[_cpu_time(f, reps) for f in (hot, dense, folded)]
-                                              for _ in range(rounds)])]
+            best = [
+                min(ts)
+                for ts in zip(*[[_cpu_time(f, reps) for f in (hot, dense, folded)] for _ in range(rounds)])
+            ]
             th, td, tf = best
-            print(f"  batch {batch:3d}: sparse {th * 1e3:8.2f}  {DENSE_TWIN} {td * 1e3:8.2f} ({td / th:.2f}x)  "
-                  f"{DENSE_FOLDED} {tf * 1e3:8.2f} ({tf / th:.2f}x)  [{_dispatch_summary(model)}]", flush=True)
+            print(
+                f"  batch {batch:3d}: sparse {th * 1e3:8.2f}  {DENSE_TWIN} {td * 1e3:8.2f} ({td / th:.2f}x)  "
+                f"{DENSE_FOLDED} {tf * 1e3:8.2f} ({tf / th:.2f}x)  [{_dispatch_summary(model)}]",
+                flush=True,
+            )
 
 
 def mobilenet_layers(batch: int, repeats: int = 5) -> None:
@@ -441,8 +517,11 @@ def mobilenet_layers(batch: int, repeats: int = 5) -> None:
     torch.set_num_threads(1)
     sparse, _ = _twins_mobilenet(0.9, DENSE_FOLDED)
     inputs = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: inputs.update({m: i[0]}))  # returns None: output kept
-             for m in sparse.modules() if isinstance(m, SparseConv2d)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: inputs.update({m: i[0]}))  # returns None: output kept
+        for m in sparse.modules()
+        if isinstance(m, SparseConv2d)
+    ]
     acts = {None: lambda y: y, "relu": F.relu, "relu6": F.relu6}
     sums = {}
     print(f"MobileNetV2-CIFAR @90 %, batch {batch}, single thread, CPU time (us)")
@@ -456,16 +535,23 @@ def mobilenet_layers(batch: int, repeats: int = 5) -> None:
             x, m.policy = inputs[m], "sparse"
             w, act = m.to_dense(), acts[m.activation]
             ts = _cpu_time(lambda: m(x), repeats)
-            td = _cpu_time(lambda: act(F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)), repeats)
+            td = _cpu_time(
+                lambda: act(F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)), repeats
+            )
             s = sums.setdefault(m.kind, [0, 0.0, 0.0])
             s[0], s[1], s[2] = s[0] + 1, s[1] + ts, s[2] + td
-            print(f"  {name:12s} {m.kind:9s} {tuple(x.shape[1:])!s:15s} -> {m.out_channels:4d}  nnz {m.values.numel():6d}"
-                  f"  sparse {ts * 1e6:8.1f}  dense {td * 1e6:8.1f}  {td / ts:5.2f}x", flush=True)
+            print(
+                f"  {name:12s} {m.kind:9s} {tuple(x.shape[1:])!s:15s} -> {m.out_channels:4d}  nnz {m.values.numel():6d}"
+                f"  sparse {ts * 1e6:8.1f}  dense {td * 1e6:8.1f}  {td / ts:5.2f}x",
+                flush=True,
+            )
     for kind, (n, ts, td) in sums.items():
         print(f"  {kind:9s} x{n:2d}: sparse {ts * 1e3:7.2f} ms  dense {td * 1e3:7.2f} ms  {td / ts:5.2f}x")
 
 
-def blocked_table(sparsities=(0.7, 0.9, 0.95), threads: int = 2, rounds: int = 3, clock: str = "wall") -> None:
+def blocked_table(
+    sparsities=(0.7, 0.9, 0.95), threads: int = 2, rounds: int = 3, clock: str = "wall"
+) -> None:
     """The blocked-format cases (_blocked_cases), each timed side by side ``rounds`` times at
     ``threads`` threads, printing the range over the rounds (on a shared machine one round can land
     on a busy moment). clock="wall": time_pair, as `hotops bench`; clock="cpu": the process's CPU
@@ -486,27 +572,43 @@ def blocked_table(sparsities=(0.7, 0.9, 0.95), threads: int = 2, rounds: int = 3
         return statistics.median(ts[0]), statistics.median(ts[1])
 
     torch.set_num_threads(threads)
-    print(f"blocked 4x1 format, {threads} threads, {clock} clock, {rounds} rounds: hotops ms / peer ms, speed-up range")
+    print(
+        f"blocked 4x1 format, {threads} threads, {clock} clock, {rounds} rounds: hotops ms / peer ms, speed-up range"
+    )
     with torch.inference_mode():
         for params in _blocked_cases(BLOCKED_LAYERS, sparsities):
-            hot, other, _, _ = _fns(params["layer"], params["sparsity"], params["peer"], False, block=params["block"],
-                                    layout=params["layout"])
+            hot, other, _, _ = _fns(
+                params["layer"],
+                params["sparsity"],
+                params["peer"],
+                False,
+                block=params["block"],
+                layout=params["layout"],
+            )
             check = _check(hot, other)
-            times = [time_pair(hot, other, repeats=7, warmup=1) if clock == "wall" else cpu_pair(hot, other)
-                     for _ in range(rounds)]
+            times = [
+                time_pair(hot, other, repeats=7, warmup=1) if clock == "wall" else cpu_pair(hot, other)
+                for _ in range(rounds)
+            ]
             th, tp = zip(*times)
             sp = sorted(p / h for h, p in times)
             ms = lambda xs: "-".join(f"{1e3 * v:.2f}" for v in (min(xs), max(xs)))  # noqa: E731
             case = f"{params['layer']} @{params['sparsity']:.0%} {'4x1 block-pruned' if params['block'] else 'unstructured'}"
-            print(f"  {case:50s} blocked vs {params['peer']:11s}  {ms(th):>11s} / {ms(tp):>11s}  "
-                  f"{sp[0]:.2f}-{sp[-1]:.2f}x  [{check}]", flush=True)
+            print(
+                f"  {case:50s} blocked vs {params['peer']:11s}  {ms(th):>11s} / {ms(tp):>11s}  "
+                f"{sp[0]:.2f}-{sp[-1]:.2f}x  [{check}]",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":  # python -m hotops.bench.sparse [e2e | layers BATCH | blocked]: see each function
     import sys
 
     if sys.argv[1:2] == ["blocked"]:  # blocked [threads] [wall | cpu]
-        blocked_table(threads=int(sys.argv[2]) if len(sys.argv) > 2 else 2, clock=sys.argv[3] if len(sys.argv) > 3 else "wall")
+        blocked_table(
+            threads=int(sys.argv[2]) if len(sys.argv) > 2 else 2,
+            clock=sys.argv[3] if len(sys.argv) > 3 else "wall",
+        )
     elif sys.argv[1:2] == ["e2e"]:
         e2e_cpu_time_table()
     elif sys.argv[1:2] == ["layers"]:

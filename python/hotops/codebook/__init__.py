@@ -1,4 +1,5 @@
 """Codebook-quantized linear layers (JLCM: jointly learnable codebooks and mappings)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -9,13 +10,20 @@ from torch import Tensor
 from hotops import _backend
 from hotops.codebook import op as _op
 from hotops.codebook.format import CodebookWeight
-from hotops.codebook.module import CodebookLinear
 from hotops.codebook.jlcm import compress, load_compressed
-
+from hotops.codebook.module import CodebookLinear
 from hotops.codebook.wide import WideCodebookLinear
 
-__all__ = ["codebook_matmul", "CodebookWeight", "CodebookLinear", "WideCodebookLinear", "compress",
-           "load_compressed", "from_aqlm", "convert_aqlm"]
+__all__ = [
+    "codebook_matmul",
+    "CodebookWeight",
+    "CodebookLinear",
+    "WideCodebookLinear",
+    "compress",
+    "load_compressed",
+    "from_aqlm",
+    "convert_aqlm",
+]
 
 ACTIVATION_DTYPES = _op.ACTIVATION_DTYPES
 
@@ -28,12 +36,15 @@ def codebook_matmul(x: Tensor, weight: CodebookWeight, bias: Optional[Tensor] = 
         raise TypeError(f"weight must be a CodebookWeight, got {type(weight).__name__}")
     _op.check_input(x, weight.in_features)
     if bias is not None:
-        _backend.check_tensor(bias, "bias", ndim=1, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
+        _backend.check_tensor(
+            bias, "bias", ndim=1, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64)
+        )
         if bias.shape[0] != weight.out_features:
-            raise ValueError(f"bias must have out_features = {weight.out_features} entries, got {bias.shape[0]}")
+            raise ValueError(
+                f"bias must have out_features = {weight.out_features} entries, got {bias.shape[0]}"
+            )
     _backend.check_same_device(x=x, codes=weight.codes, bias=bias)
-    return _op.matmul(x, weight.codes, weight.codebooks, weight.scales, weight.group_ptr,
-                               weight.perm, bias)
+    return _op.matmul(x, weight.codes, weight.codebooks, weight.scales, weight.group_ptr, weight.perm, bias)
 
 
 def from_aqlm(layer):

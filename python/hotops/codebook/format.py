@@ -8,6 +8,7 @@
   ROW_BLOCK rows (see ``pack_codes``) so one input group of a block is ROW_BLOCK contiguous bytes:
   the indices of one SIMD gather in the CPU kernel; per-row ``scales``.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,30 +34,59 @@ class CodebookWeight:
         perm: (N,) int64 output feature of each stored row, or None (identity).
     """
 
-    def __init__(self, codes: Tensor, codebooks: Tensor, scales: Tensor,
-                 group_ptr: Optional[Tensor] = None, perm: Optional[Tensor] = None):
+    def __init__(
+        self,
+        codes: Tensor,
+        codebooks: Tensor,
+        scales: Tensor,
+        group_ptr: Optional[Tensor] = None,
+        perm: Optional[Tensor] = None,
+    ):
         if not isinstance(codes, Tensor) or codes.dtype != torch.uint8 or codes.dim() != 3:
-            raise TypeError("codes must be a (N, K // in_group, num_codebooks) uint8 tensor, got "
-                            + (f"{codes.dtype} {tuple(codes.shape)}" if isinstance(codes, Tensor) else type(codes).__name__))
+            raise TypeError(
+                "codes must be a (N, K // in_group, num_codebooks) uint8 tensor, got "
+                + (
+                    f"{codes.dtype} {tuple(codes.shape)}"
+                    if isinstance(codes, Tensor)
+                    else type(codes).__name__
+                )
+            )
         self._validate(codes.shape, codes, codebooks, scales, group_ptr, perm)
         self._store(pack_codes(codes), codebooks, scales, group_ptr, perm)
 
     @classmethod
-    def from_packed(cls, packed: Tensor, codebooks: Tensor, scales: Tensor,
-                    group_ptr: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> "CodebookWeight":
+    def from_packed(
+        cls,
+        packed: Tensor,
+        codebooks: Tensor,
+        scales: Tensor,
+        group_ptr: Optional[Tensor] = None,
+        perm: Optional[Tensor] = None,
+    ) -> "CodebookWeight":
         """From codes already in the stored (pack_codes) layout, e.g. a CodebookLinear's buffer."""
-        if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 3 \
-                or packed.shape[2] != ROW_BLOCK:
-            got = f"{packed.dtype} {tuple(packed.shape)}" if isinstance(packed, Tensor) else type(packed).__name__
+        if (
+            not isinstance(packed, Tensor)
+            or packed.dtype != torch.uint8
+            or packed.dim() != 3
+            or packed.shape[2] != ROW_BLOCK
+        ):
+            got = (
+                f"{packed.dtype} {tuple(packed.shape)}"
+                if isinstance(packed, Tensor)
+                else type(packed).__name__
+            )
             raise TypeError(f"packed codes must be a (blocks, slots, {ROW_BLOCK}) uint8 tensor, got {got}")
         _check_codebooks(codebooks)
         if not isinstance(scales, Tensor) or not scales.is_floating_point() or scales.dim() != 1:
-            raise ValueError("scales must be a floating (N,) tensor, one per output row, got "
-                             + _describe(scales))
+            raise ValueError(
+                "scales must be a floating (N,) tensor, one per output row, got " + _describe(scales)
+            )
         N, M = scales.shape[0], codebooks.shape[1]
         if packed.shape[0] != -(-N // ROW_BLOCK) or packed.shape[1] % M:
-            raise ValueError(f"packed codes {tuple(packed.shape)} do not fit {N} rows (scales has {N} "
-                             f"entries) of {M} codebook(s): expected ({-(-N // ROW_BLOCK)}, J * {M}, {ROW_BLOCK})")
+            raise ValueError(
+                f"packed codes {tuple(packed.shape)} do not fit {N} rows (scales has {N} "
+                f"entries) of {M} codebook(s): expected ({-(-N // ROW_BLOCK)}, J * {M}, {ROW_BLOCK})"
+            )
         self = cls.__new__(cls)
         self._validate((N, packed.shape[1] // M, M), packed, codebooks, scales, group_ptr, perm)
         self._store(packed, codebooks, scales, group_ptr, perm)
@@ -65,7 +95,9 @@ class CodebookWeight:
     def _store(self, packed, codebooks, scales, group_ptr, perm):
         packed = packed.contiguous()  # the kernels read the packed layout densely
         if group_ptr is None:
-            group_ptr = torch.tensor([0, packed.shape[0] and scales.shape[0]], dtype=torch.int64, device=packed.device)
+            group_ptr = torch.tensor(
+                [0, packed.shape[0] and scales.shape[0]], dtype=torch.int64, device=packed.device
+            )
         self.codes, self.codebooks, self.scales = packed, codebooks, scales
         self.group_ptr, self.perm = group_ptr, perm
 
@@ -77,7 +109,9 @@ class CodebookWeight:
         if g not in IN_GROUPS:
             raise ValueError(f"in_group must be one of {IN_GROUPS}, got {g}")
         if not 1 <= M <= MAX_CODEBOOKS or Mc != M:
-            raise ValueError(f"codes address {M} codebooks and codebooks hold {Mc}; expected the same number, 1 or 2")
+            raise ValueError(
+                f"codes address {M} codebooks and codebooks hold {Mc}; expected the same number, 1 or 2"
+            )
         if not 1 <= C <= 256:
             raise ValueError(f"uint8 codes address at most 256 codewords, got codebook_size {C}")
         if N == 0:
@@ -88,9 +122,15 @@ class CodebookWeight:
             raise ValueError(f"scales must be a floating ({N},) tensor, one per row, got {_describe(scales)}")
         if group_ptr is None:
             group_ptr = torch.tensor([0, N], dtype=torch.int64, device=codes.device)
-        if not isinstance(group_ptr, Tensor) or group_ptr.dtype != torch.int64 or tuple(group_ptr.shape) != (O + 1,):
-            raise ValueError(f"group_ptr must be a ({O + 1},) int64 tensor (num_groups + 1 boundaries), "
-                             f"got {_describe(group_ptr)}")
+        if (
+            not isinstance(group_ptr, Tensor)
+            or group_ptr.dtype != torch.int64
+            or tuple(group_ptr.shape) != (O + 1,)
+        ):
+            raise ValueError(
+                f"group_ptr must be a ({O + 1},) int64 tensor (num_groups + 1 boundaries), "
+                f"got {_describe(group_ptr)}"
+            )
         gp = group_ptr.tolist()
         if gp[0] != 0 or gp[-1] != N or any(a > b for a, b in zip(gp, gp[1:])):
             raise ValueError(f"group_ptr must rise from 0 to {N}, got {gp}")
@@ -149,19 +189,27 @@ class CodebookWeight:
         return op.codebook_dequantize(self.codes, self.codebooks, self.scales, self.group_ptr, self.perm)
 
     def __repr__(self) -> str:
-        return (f"CodebookWeight({self.out_features}x{self.in_features}, in_group={self.in_group}, "
-                f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
-                f"groups={self.num_groups}, {self.bits_per_weight:.3f} bits/weight)")
+        return (
+            f"CodebookWeight({self.out_features}x{self.in_features}, in_group={self.in_group}, "
+            f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
+            f"groups={self.num_groups}, {self.bits_per_weight:.3f} bits/weight)"
+        )
 
 
 def _describe(t) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+    return (
+        f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}"
+        if isinstance(t, Tensor)
+        else type(t).__name__
+    )
 
 
 def _check_codebooks(codebooks) -> None:
     if not isinstance(codebooks, Tensor) or not codebooks.is_floating_point() or codebooks.dim() != 4:
-        raise TypeError("codebooks must be a floating (num_groups, num_codebooks, codebook_size, in_group) "
-                        f"tensor, got {_describe(codebooks)}")
+        raise TypeError(
+            "codebooks must be a floating (num_groups, num_codebooks, codebook_size, in_group) "
+            f"tensor, got {_describe(codebooks)}"
+        )
 
 
 def check_perm(perm, N: int) -> None:
@@ -179,8 +227,10 @@ def check_perm(perm, N: int) -> None:
     counts = torch.bincount(perm, minlength=N)
     if not bool((counts == 1).all()):
         twice = int(counts.argmax())
-        raise ValueError(f"perm must be a permutation of range({N}); output feature {twice} appears "
-                         f"{int(counts[twice])} times")
+        raise ValueError(
+            f"perm must be a permutation of range({N}); output feature {twice} appears "
+            f"{int(counts[twice])} times"
+        )
 
 
 def code_bits(bits_per_weight: float, in_group: int, num_codebooks: int) -> int:
@@ -191,10 +241,14 @@ def code_bits(bits_per_weight: float, in_group: int, num_codebooks: int) -> int:
         raise ValueError(f"num_codebooks must be 1 or 2, got {num_codebooks}")
     bits = bits_per_weight * in_group / num_codebooks
     if not (bits > 0 and math.isclose(bits, round(bits))):
-        raise ValueError(f"{bits_per_weight} bits/weight over in_group={in_group} with {num_codebooks} "
-                         f"codebook(s) gives {bits:g} bits per code; it must be a whole number")
+        raise ValueError(
+            f"{bits_per_weight} bits/weight over in_group={in_group} with {num_codebooks} "
+            f"codebook(s) gives {bits:g} bits per code; it must be a whole number"
+        )
     if round(bits) > 8:
-        raise ValueError(f"{bits_per_weight} bits/weight over in_group={in_group} with {num_codebooks} "
-                         f"codebook(s) needs {round(bits)}-bit codes; uint8 codes hold at most 8 "
-                         f"(use a smaller in_group or more codebooks)")
+        raise ValueError(
+            f"{bits_per_weight} bits/weight over in_group={in_group} with {num_codebooks} "
+            f"codebook(s) needs {round(bits)}-bit codes; uint8 codes hold at most 8 "
+            f"(use a smaller in_group or more codebooks)"
+        )
     return int(round(bits))

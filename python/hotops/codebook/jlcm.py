@@ -26,6 +26,7 @@ Three stages, each with a tqdm progress bar:
 
 Deterministic for a seed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -65,11 +66,13 @@ class Format:
         counts them (codes are stored as uint8 whatever code_bits is)."""
         N, g, M = out_features, self.in_group, self.num_codebooks
         groups = self.groups if N >= 2 * self.groups else 1  # as kmeans.group_rows
-        w = CodebookWeight(torch.zeros(N, in_features // g, M, dtype=torch.uint8),
-                           torch.zeros(groups, M, 1 << self.code_bits, g, dtype=storage_dtype),
-                           torch.zeros(N, dtype=storage_dtype),
-                           torch.tensor([0] * groups + [N], dtype=torch.int64),
-                           torch.arange(N) if groups > 1 else None)
+        w = CodebookWeight(
+            torch.zeros(N, in_features // g, M, dtype=torch.uint8),
+            torch.zeros(groups, M, 1 << self.code_bits, g, dtype=storage_dtype),
+            torch.zeros(N, dtype=storage_dtype),
+            torch.tensor([0] * groups + [N], dtype=torch.int64),
+            torch.arange(N) if groups > 1 else None,
+        )
         return w.bits_per_weight
 
 
@@ -129,7 +132,10 @@ def model_output(model: nn.Module, batch) -> Tensor:
 
 def distortion(y: Tensor, target: Tensor) -> Tensor:
     """Mean over output vectors (the last dimension) of 1 - cosine."""
-    return 1 - F.cosine_similarity(y.reshape(-1, y.shape[-1]), target.reshape(-1, target.shape[-1]), dim=1).mean()
+    return (
+        1
+        - F.cosine_similarity(y.reshape(-1, y.shape[-1]), target.reshape(-1, target.shape[-1]), dim=1).mean()
+    )
 
 
 class _Reached(Exception):
@@ -178,8 +184,9 @@ def _layer_input(model: nn.Module, name: str, batch, token_mask: Optional[Callab
     return seen[0]
 
 
-def _layer_grams(dense: nn.Module, model: nn.Module, name: str, calib: List,
-                 token_mask: Optional[Callable]) -> Grams:
+def _layer_grams(
+    dense: nn.Module, model: nn.Module, name: str, calib: List, token_mask: Optional[Callable]
+) -> Grams:
     """Token-weighted Grams of layer `name`'s inputs in `model` (compressed so far) and in `dense`."""
     weight = dense.get_submodule(name).weight
     acc = None
@@ -192,8 +199,9 @@ def _layer_grams(dense: nn.Module, model: nn.Module, name: str, calib: List,
     return Grams(*(t.float() for t in acc))
 
 
-def _dense_grams(model: nn.Module, names: Sequence[str], calib: List,
-                 token_mask: Optional[Callable]) -> Dict[str, Tensor]:
+def _dense_grams(
+    model: nn.Module, names: Sequence[str], calib: List, token_mask: Optional[Callable]
+) -> Dict[str, Tensor]:
     """Token-weighted X^T X of every layer's input in the (dense) model, from one pass over the
     calibration data."""
     acc: Dict[str, Tensor] = {}
@@ -204,6 +212,7 @@ def _dense_grams(model: nn.Module, names: Sequence[str], calib: List,
             x = _rows(args[0], current[0], token_mask).double()
             gram = (x * _token_weights(x, module.weight)[:, None]).T @ x
             acc[name] = acc[name] + gram if name in acc else gram
+
         return accumulate
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
@@ -222,8 +231,11 @@ def _dense_grams(model: nn.Module, names: Sequence[str], calib: List,
 
 
 def _linears(model: nn.Module, skip: Sequence[str]) -> Dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(s in name for s in skip)}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(s in name for s in skip)
+    }
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -249,8 +261,12 @@ class LayerPlan:
     output_error: float  # of the initialisation, on dense inputs
 
 
-def _allocate(bits: Dict[str, Dict[Format, float]], damage: Dict[str, Dict[Format, float]],
-              sizes: Dict[str, int], budget: float) -> Dict[str, Format]:
+def _allocate(
+    bits: Dict[str, Dict[Format, float]],
+    damage: Dict[str, Dict[Format, float]],
+    sizes: Dict[str, int],
+    budget: float,
+) -> Dict[str, Format]:
     """Greedy knapsack: start every layer at its cheapest format, then repeatedly take the
     upgrade that removes the most damage per extra stored bit while the parameter-weighted mean
     bits stay within `budget`."""
@@ -258,8 +274,10 @@ def _allocate(bits: Dict[str, Dict[Format, float]], damage: Dict[str, Dict[Forma
     total = sum(sizes.values())
     spent = sum(bits[n][choice[n]] * sizes[n] for n in bits)
     if spent > budget * total * (1 + 1e-12):
-        raise ValueError(f"even the cheapest formats need {spent / total:.3f} bits/weight on average; "
-                         f"raise bits_per_weight above that or offer cheaper formats")
+        raise ValueError(
+            f"even the cheapest formats need {spent / total:.3f} bits/weight on average; "
+            f"raise bits_per_weight above that or offer cheaper formats"
+        )
     while True:
         best, best_gain = None, 0.0
         for n in bits:
@@ -278,11 +296,22 @@ def _allocate(bits: Dict[str, Dict[Format, float]], damage: Dict[str, Dict[Forma
         choice[n], spent = f, spent + extra
 
 
-def plan(model: nn.Module, bits_per_weight: float, calib: Optional[List] = None,
-         formats: Sequence[Format] = FORMATS, output: Callable = model_output, seed: int = 0,
-         plan_steps: int = 20, lr: float = 1e-2, probe_batches: int = 4, kmeans_iters: int = 25,
-         storage_dtype: torch.dtype = torch.float16, skip: Sequence[str] = (),
-         token_mask: Optional[Callable] = None, progress: bool = True) -> Dict[str, LayerPlan]:
+def plan(
+    model: nn.Module,
+    bits_per_weight: float,
+    calib: Optional[List] = None,
+    formats: Sequence[Format] = FORMATS,
+    output: Callable = model_output,
+    seed: int = 0,
+    plan_steps: int = 20,
+    lr: float = 1e-2,
+    probe_batches: int = 4,
+    kmeans_iters: int = 25,
+    storage_dtype: torch.dtype = torch.float16,
+    skip: Sequence[str] = (),
+    token_mask: Optional[Callable] = None,
+    progress: bool = True,
+) -> Dict[str, LayerPlan]:
     """Stage 1 of compress: a format and initialisation for every nn.Linear of `model` (outside
     `skip`), with parameter-weighted mean exact bits <= `bits_per_weight`.
 
@@ -309,8 +338,9 @@ def plan(model: nn.Module, bits_per_weight: float, calib: Optional[List] = None,
         candidates = [f for f in formats if f.fits(N, K)]
         choice = len(candidates) > 1  # with one candidate there is nothing to score
         for f in candidates:
-            init = quantize_weight(w, f.code_bits_per_weight, f.in_group, f.num_codebooks, f.groups,
-                                   kmeans_iters, seed + i)
+            init = quantize_weight(
+                w, f.code_bits_per_weight, f.in_group, f.num_codebooks, f.groups, kmeans_iters, seed + i
+            )
             if plan_steps and name in ff and choice:
                 init = learn_layer(w, g, init, plan_steps, lr, rounds=1)
             inits[name][f] = init
@@ -326,7 +356,9 @@ def plan(model: nn.Module, bits_per_weight: float, calib: Optional[List] = None,
             _replace(model, name, CodebookLinear(_stored(inits[name][probe], storage_dtype), lin.bias))
             try:
                 with torch.no_grad():
-                    d = sum(distortion(output(model, b), t).item() for b, t in zip(probe_calib, targets)) / len(targets)
+                    d = sum(
+                        distortion(output(model, b), t).item() for b, t in zip(probe_calib, targets)
+                    ) / len(targets)
             finally:
                 _replace(model, name, lin)
             scale = d / errors[name][probe]
@@ -349,8 +381,9 @@ def _damped(gram: Tensor, damp: float) -> Tensor:
     return h
 
 
-def second_order_codes(target: Tensor, gram: Tensor, codebooks: Tensor, scales: Tensor,
-                       group_ptr: Tensor, damp: float = 0.01) -> Tensor:
+def second_order_codes(
+    target: Tensor, gram: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, damp: float = 0.01
+) -> Tensor:
     """The mappings (N, J, M) uint8 of the stored-order rows that (greedily) minimise
     tr((W_q - target) H (W_q - target)^T), H = `gram`, for fixed codebooks and scales.
 
@@ -367,7 +400,7 @@ def second_order_codes(target: Tensor, gram: Tensor, codebooks: Tensor, scales: 
     cols = (order[:, None] * g + torch.arange(g)).reshape(-1)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h[cols][:, cols])), upper=True)
     w = (target.double() / scales.double()[:, None])[:, cols]  # normalised rows: the row's scale
-    words = codebooks.double()                                  # does not change its nearest word
+    words = codebooks.double()  # does not change its nearest word
     codes = torch.empty(N, K // g, M, dtype=torch.uint8)
     err = torch.empty(N, g, dtype=torch.float64)
     for b, j in enumerate(order.tolist()):
@@ -382,12 +415,20 @@ def second_order_codes(target: Tensor, gram: Tensor, codebooks: Tensor, scales: 
                 codes[r0:r1, j, m] = idx.to(torch.uint8)
                 residual = residual - book[idx]
             err[r0:r1] = residual
-        w[:, s.stop:] -= err @ u[s, s.stop:]
+        w[:, s.stop :] -= err @ u[s, s.stop :]
     return codes
 
 
-def _fit_codebooks(w: Tensor, grams: Grams, codes: Tensor, codebooks: Tensor, scales: Tensor,
-                   group_ptr: Tensor, steps: int, lr: float):
+def _fit_codebooks(
+    w: Tensor,
+    grams: Grams,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    group_ptr: Tensor,
+    steps: int,
+    lr: float,
+):
     """Codebooks and scales by Adam (cosine decay) on the relative output error, codes fixed."""
     codebooks, scales = nn.Parameter(codebooks.float().clone()), nn.Parameter(scales.float().clone())
     packed = reference.pack_codes(codes)
@@ -405,8 +446,15 @@ def _fit_codebooks(w: Tensor, grams: Grams, codes: Tensor, codebooks: Tensor, sc
     return codebooks.detach(), scales.detach()
 
 
-def learn_layer(w: Tensor, grams: Grams, init: CodebookWeight, steps: int, lr: float = 1e-2,
-                rounds: int = 3, damp: float = 0.01) -> CodebookWeight:
+def learn_layer(
+    w: Tensor,
+    grams: Grams,
+    init: CodebookWeight,
+    steps: int,
+    lr: float = 1e-2,
+    rounds: int = 3,
+    damp: float = 0.01,
+) -> CodebookWeight:
     """JLCM's joint learning of one layer's mappings, codebooks and scales (see the module doc):
     `rounds` times, the second-order code assignment towards the weight that best maps the
     layer's compressed-model inputs to its dense outputs, then `steps` of Adam on the codebooks
@@ -419,16 +467,26 @@ def learn_layer(w: Tensor, grams: Grams, init: CodebookWeight, steps: int, lr: f
     codes = init.code_indices()
     for _ in range(rounds):
         codes = second_order_codes(target, grams.qq, codebooks, scales, init.group_ptr, damp)
-        codebooks, scales = _fit_codebooks(w_stored, grams, codes, codebooks, scales, init.group_ptr, steps, lr)
+        codebooks, scales = _fit_codebooks(
+            w_stored, grams, codes, codebooks, scales, init.group_ptr, steps, lr
+        )
     return CodebookWeight(codes, codebooks, scales, init.group_ptr, init.perm)
 
 
 # ---------------------------------------------------------------- stage 3: end-to-end fine-tuning
 
 
-def finetune(model: nn.Module, dense: nn.Module, calib: List, steps: int, lr: float = 1e-3,
-             output: Callable = model_output, norms: bool = True, seed: int = 0,
-             progress: bool = True) -> nn.Module:
+def finetune(
+    model: nn.Module,
+    dense: nn.Module,
+    calib: List,
+    steps: int,
+    lr: float = 1e-3,
+    output: Callable = model_output,
+    norms: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
     """Codes frozen, train every CodebookLinear's codebooks, scales and bias (and the LayerNorms'
     weights and biases if `norms`) to minimise 1 - cosine between `model`'s and `dense`'s outputs
     on the calibration batches (Adam, cosine decay, batches in a seeded random order). The
@@ -472,13 +530,25 @@ def finetune(model: nn.Module, dense: nn.Module, calib: List, steps: int, lr: fl
 # ---------------------------------------------------------------- compress
 
 
-def compress(model: nn.Module, bits_per_weight: float = 2.0, calib: Optional[Iterable] = None,
-             steps: int = 100, finetune_steps: int = 0, seed: int = 0,
-             formats: Sequence[Format] = FORMATS, output: Callable = model_output, lr: float = 1e-2,
-             plan_steps: int = 20, rounds: int = 3,
-             finetune_lr: float = 1e-3, kmeans_iters: int = 25,
-             storage_dtype: torch.dtype = torch.float16, skip: Sequence[str] = (),
-             token_mask: Optional[Callable] = None, progress: bool = True) -> nn.Module:
+def compress(
+    model: nn.Module,
+    bits_per_weight: float = 2.0,
+    calib: Optional[Iterable] = None,
+    steps: int = 100,
+    finetune_steps: int = 0,
+    seed: int = 0,
+    formats: Sequence[Format] = FORMATS,
+    output: Callable = model_output,
+    lr: float = 1e-2,
+    plan_steps: int = 20,
+    rounds: int = 3,
+    finetune_lr: float = 1e-3,
+    kmeans_iters: int = 25,
+    storage_dtype: torch.dtype = torch.float16,
+    skip: Sequence[str] = (),
+    token_mask: Optional[Callable] = None,
+    progress: bool = True,
+) -> nn.Module:
     """Replace every nn.Linear of `model` (outside `skip`; in place, and returned) by a
     CodebookLinear, with at most `bits_per_weight` exact storage bits per weight on average over
     those layers, weighted by their parameter counts (see the module doc for the stages).
@@ -509,8 +579,20 @@ def compress(model: nn.Module, bits_per_weight: float = 2.0, calib: Optional[Ite
     torch.manual_seed(seed)
     learn = calib is not None and (steps > 0 or finetune_steps > 0)
     dense = copy.deepcopy(model) if learn else None  # the targets: the dense model's outputs
-    layout = plan(model, bits_per_weight, calib, formats, output, seed, plan_steps if steps > 0 else 0, lr,
-                  kmeans_iters=kmeans_iters, storage_dtype=storage_dtype, skip=skip, progress=progress)
+    layout = plan(
+        model,
+        bits_per_weight,
+        calib,
+        formats,
+        output,
+        seed,
+        plan_steps if steps > 0 else 0,
+        lr,
+        kmeans_iters=kmeans_iters,
+        storage_dtype=storage_dtype,
+        skip=skip,
+        progress=progress,
+    )
     bar = tqdm(layout.items(), desc="JLCM layers", disable=not progress)
     for name, p in bar:
         lin = model.get_submodule(name)
@@ -518,7 +600,9 @@ def compress(model: nn.Module, bits_per_weight: float = 2.0, calib: Optional[Ite
         if calib is not None and steps > 0:
             grams = _layer_grams(dense, model, name, calib, token_mask)
             weight = learn_layer(lin.weight, grams, p.init, steps, lr, rounds)
-            err = output_error(_stored(weight, storage_dtype).dequantize(), lin.weight.detach().float(), grams)
+            err = output_error(
+                _stored(weight, storage_dtype).dequantize(), lin.weight.detach().float(), grams
+            )
             bar.set_postfix(layer=name[-24:], bits=f"{p.bits_per_weight:.2f}", out_err=f"{err.item():.4f}")
         _replace(model, name, CodebookLinear(_stored(weight, storage_dtype), lin.bias).to(lin.weight.device))
     if calib is not None and finetune_steps > 0:
@@ -530,16 +614,24 @@ def load_compressed(model: nn.Module, state_dict: dict) -> nn.Module:
     """Load a compressed model's state_dict into the dense architecture `model`: every nn.Linear
     whose entry holds codes becomes a CodebookLinear of the stored shapes, then the whole
     state_dict is loaded (strictly)."""
-    for name, lin in list(_linears(model, ()).items()):
+    for name in list(_linears(model, ())):
         prefix = f"{name}." if name else ""
         if prefix + "codes" not in state_dict:
             continue
-        get = lambda key: state_dict.get(prefix + key)  # noqa: E731
-        lacking = [prefix + key for key in ("codebooks", "scales", "group_ptr") if prefix + key not in state_dict]
+
+        def get(key, prefix=prefix):
+            return state_dict.get(prefix + key)
+
+        lacking = [
+            prefix + key for key in ("codebooks", "scales", "group_ptr") if prefix + key not in state_dict
+        ]
         if lacking:
-            raise ValueError(f"load_compressed: the state_dict holds {prefix}codes but lacks {', '.join(lacking)}")
-        weight = CodebookWeight.from_packed(get("codes"), get("codebooks"), get("scales"),
-                                            get("group_ptr"), get("perm"))
+            raise ValueError(
+                f"load_compressed: the state_dict holds {prefix}codes but lacks {', '.join(lacking)}"
+            )
+        weight = CodebookWeight.from_packed(
+            get("codes"), get("codebooks"), get("scales"), get("group_ptr"), get("perm")
+        )
         _replace(model, name, CodebookLinear(weight, get("bias")))
     model.load_state_dict(state_dict)
     return model

@@ -1,4 +1,5 @@
 """Seeded k-means and the k-means initialisation of the codebook format from a dense weight."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -16,18 +17,22 @@ def nearest(points: Tensor, centroids: Tensor) -> Tensor:
     out = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
     c2 = centroids.pow(2).sum(1)
     for i in range(0, points.shape[0], ASSIGN_CHUNK):
-        dist = torch.addmm(c2, points[i:i + ASSIGN_CHUNK], centroids.T, alpha=-2)
-        out[i:i + ASSIGN_CHUNK] = dist.argmin(1)
+        dist = torch.addmm(c2, points[i : i + ASSIGN_CHUNK], centroids.T, alpha=-2)
+        out[i : i + ASSIGN_CHUNK] = dist.argmin(1)
     return out
 
 
-def kmeans(points: Tensor, k: int, iters: int, generator: torch.Generator,
-           sample: int = 1 << 14) -> Tuple[Tensor, Tensor]:
+def kmeans(
+    points: Tensor, k: int, iters: int, generator: torch.Generator, sample: int = 1 << 14
+) -> Tuple[Tensor, Tensor]:
     """Centroids (k, d) fitted on at most `sample` points, and every point's assignment."""
     P = points.shape[0]
     fit = points[torch.randperm(P, generator=generator)[:sample]] if P > sample else points
-    pick = torch.randint(fit.shape[0], (k,), generator=generator) if fit.shape[0] < k else \
-        torch.randperm(fit.shape[0], generator=generator)[:k]
+    pick = (
+        torch.randint(fit.shape[0], (k,), generator=generator)
+        if fit.shape[0] < k
+        else torch.randperm(fit.shape[0], generator=generator)[:k]
+    )
     centroids = fit[pick].clone()
     for _ in range(iters):
         assign = nearest(fit, centroids)
@@ -52,9 +57,15 @@ def group_rows(w: Tensor, num_groups: int, generator: torch.Generator) -> Tuple[
     return perm, group_ptr
 
 
-def quantize_weight(weight: Tensor, bits_per_weight: float = 2, in_group: int = 8,
-                    num_codebooks: int = 1, num_groups: int = 1, iters: int = 25,
-                    seed: int = 0) -> CodebookWeight:
+def quantize_weight(
+    weight: Tensor,
+    bits_per_weight: float = 2,
+    in_group: int = 8,
+    num_codebooks: int = 1,
+    num_groups: int = 1,
+    iters: int = 25,
+    seed: int = 0,
+) -> CodebookWeight:
     """A CodebookWeight close to the dense (N, K) `weight`: per-row RMS scales, rows grouped by
     distribution, then per group residual k-means (one codebook after another) on the
     in_group-long slices of the normalised rows. Codebooks and scales are float32."""
@@ -82,5 +93,10 @@ def quantize_weight(weight: Tensor, bits_per_weight: float = 2, in_group: int = 
             codebooks[o, m], codes[r0:r1, :, m] = cb, assign.reshape(r1 - r0, J).to(torch.uint8)
             residual -= cb[assign]
     dev = weight.device
-    return CodebookWeight(codes.to(dev), codebooks.to(dev), scales.to(dev), group_ptr.to(dev),
-                          perm.to(dev) if perm is not None else None)
+    return CodebookWeight(
+        codes.to(dev),
+        codebooks.to(dev),
+        scales.to(dev),
+        group_ptr.to(dev),
+        perm.to(dev) if perm is not None else None,
+    )

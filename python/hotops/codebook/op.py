@@ -33,6 +33,7 @@ LUT_MAX_BATCH = 16
 def use_tables(batch: int, in_group: int, num_codebooks: int) -> bool:
     return batch <= LUT_MAX_BATCH or in_group >= LUT_MIN_WEIGHTS_PER_LOOKUP * num_codebooks
 
+
 # Dequantized row tile for the GEMM path: large enough that torch.mm runs at full rate and its
 # per-call threading cost is amortised, small beside the dense weight.
 GEMM_TILE_BYTES = 8 << 20
@@ -46,11 +47,15 @@ def check_input(x, in_features: int) -> None:
     bfloat16 on the CPU, also float16 elsewhere) ending in in_features."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    allowed = ACTIVATION_DTYPES if x.dtype in ACTIVATION_DTYPES or x.device.type == "cpu" else _backend.FLOAT_DTYPES
+    allowed = (
+        ACTIVATION_DTYPES if x.dtype in ACTIVATION_DTYPES or x.device.type == "cpu" else _backend.FLOAT_DTYPES
+    )
     if x.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"x has dtype {str(x.dtype).replace('torch.', '')}; codebook products on "
-                        f"{x.device.type} take {names} (convert x, e.g. x.float())")
+        raise TypeError(
+            f"x has dtype {str(x.dtype).replace('torch.', '')}; codebook products on "
+            f"{x.device.type} take {names} (convert x, e.g. x.float())"
+        )
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x must end in in_features = {in_features}, got shape {tuple(x.shape)}")
 
@@ -77,8 +82,16 @@ def _cpu_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
         out = torch.empty(B, N, dtype=x2.dtype)
         c, cb, s = _kernel_args(codes, codebooks, scales)
         _backend.ext().codebook_matmul(
-            x2, c, cb, s, group_ptr, perm, None if bias is None else bias.detach().float().contiguous(),
-            out, _backend.num_threads())
+            x2,
+            c,
+            cb,
+            s,
+            group_ptr,
+            perm,
+            None if bias is None else bias.detach().float().contiguous(),
+            out,
+            _backend.num_threads(),
+        )
         return out
     check_perm(perm, N)  # (the table kernel checks it in C++; here argsort would take anything)
     K = x2.shape[1]
@@ -88,8 +101,8 @@ def _cpu_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
     c, cb, s = _kernel_args(codes, codebooks, scales)
     for r0 in range(0, N, tile):
         r1 = min(N, r0 + tile)
-        _backend.ext().codebook_dequantize(c, cb, s, group_ptr, r0, r1, w[:r1 - r0], _backend.num_threads())
-        torch.mm(w[:r1 - r0], x2.T, out=out_t[r0:r1])
+        _backend.ext().codebook_dequantize(c, cb, s, group_ptr, r0, r1, w[: r1 - r0], _backend.num_threads())
+        torch.mm(w[: r1 - r0], x2.T, out=out_t[r0:r1])
     out = reference.to_output_order(out_t, perm).T
     return out + bias.to(out.dtype) if bias is not None else out.contiguous()
 
@@ -101,8 +114,15 @@ def _torch_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
 def _triton_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
     from hotops.codebook import triton as kernels
 
-    return kernels.matmul(x2, codes, codebooks.detach(), scales.detach(), group_ptr, perm,
-                          None if bias is None else bias.detach())
+    return kernels.matmul(
+        x2,
+        codes,
+        codebooks.detach(),
+        scales.detach(),
+        group_ptr,
+        perm,
+        None if bias is None else bias.detach(),
+    )
 
 
 MATMUL_BACKENDS = (
@@ -113,8 +133,9 @@ MATMUL_BACKENDS = (
 
 
 @torch.library.custom_op("hotops::codebook_dequantize", mutates_args=())
-def codebook_dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-                        perm: Optional[Tensor]) -> Tensor:
+def codebook_dequantize(
+    codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor]
+) -> Tensor:
     """The dense (N, K) float32 weight in output order."""
     check_perm(perm, scales.shape[0])
     if codes.device.type == "cpu" and _backend.cpu_refuses(codes.device) is None:
@@ -127,8 +148,15 @@ def _(codes, codebooks, scales, group_ptr, perm):
     return codes.new_empty((scales.shape[0], _in_features(codes, codebooks)), dtype=torch.float32)
 
 
-def matmul_impl(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-                perm: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def matmul_impl(
+    x: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    group_ptr: Tensor,
+    perm: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> Tensor:
     """x (..., K) -> (..., N) in x's dtype: the op's implementation, without the dispatcher."""
     run = _backend.choose("codebook_matmul", MATMUL_BACKENDS, x.device).run
     x2 = _backend.cpu_view(x.reshape(-1, x.shape[-1]))
@@ -138,8 +166,15 @@ def matmul_impl(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, gro
 codebook_matmul = torch.library.custom_op("hotops::codebook_matmul", mutates_args=())(matmul_impl)
 
 
-def matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-           perm: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def matmul(
+    x: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    group_ptr: Tensor,
+    perm: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> Tensor:
     """The entry point of the public API. Eager inference (plain tensors, nothing to
     differentiate, no tracing) calls the implementation directly: the custom op's dispatch costs
     ~80 us a call, as much as a whole batch-1 product of a small layer. Everything else goes
@@ -154,8 +189,9 @@ def _(x, codes, codebooks, scales, group_ptr, perm, bias):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 
-def format_grads(dW: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-                 perm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def format_grads(
+    dW: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
     """Gradients of codebooks and scales from dW, the gradient of the dense (N, K) weight."""
     O, M, C, g = codebooks.shape
     N, J = scales.shape[0], _in_features(codes, codebooks) // g
@@ -166,7 +202,9 @@ def format_grads(dW: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, g
     group = reference.row_groups(group_ptr, N)
     logical = unpack_codes(codes, N, M).long()
     slot = (group[:, None, None] * M + torch.arange(M, device=codes.device)) * C + logical
-    dcb = dW.new_zeros(O * M * C, g, dtype=torch.float32).index_add_(0, slot.reshape(-1), dword.reshape(-1, g))
+    dcb = dW.new_zeros(O * M * C, g, dtype=torch.float32).index_add_(
+        0, slot.reshape(-1), dword.reshape(-1, g)
+    )
     return dcb.reshape(codebooks.shape).to(codebooks.dtype), dscales.to(scales.dtype)
 
 
@@ -196,7 +234,9 @@ def _setup_matmul(ctx, inputs, output):
 def _triton_input_grad(dy2, codes, codebooks, scales, group_ptr, perm):
     from hotops.codebook import triton as kernels
 
-    return kernels.input_grad(_backend.cpu_view(dy2), codes, codebooks.detach(), scales.detach(), group_ptr, perm)
+    return kernels.input_grad(
+        _backend.cpu_view(dy2), codes, codebooks.detach(), scales.detach(), group_ptr, perm
+    )
 
 
 def _dense_input_grad(dy2, codes, codebooks, scales, group_ptr, perm):

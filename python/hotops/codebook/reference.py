@@ -9,6 +9,7 @@ and stored row r is output feature perm[r] (identity when perm is None). codes[r
 logical codes; they are stored interleaved by blocks of ROW_BLOCK rows (``pack_codes``), so one
 input group of a block is ROW_BLOCK contiguous bytes: the indices of one SIMD gather.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -33,13 +34,19 @@ def pack_codes(codes: Tensor) -> Tensor:
 def unpack_codes(packed: Tensor, rows: int, num_codebooks: int) -> Tensor:
     """The inverse of pack_codes: (N, J, M) codes."""
     Nb, L, _ = packed.shape
-    return packed.transpose(1, 2).reshape(Nb * ROW_BLOCK, L)[:rows].reshape(rows, L // num_codebooks, num_codebooks)
+    return (
+        packed.transpose(1, 2)
+        .reshape(Nb * ROW_BLOCK, L)[:rows]
+        .reshape(rows, L // num_codebooks, num_codebooks)
+    )
 
 
 def row_groups(group_ptr: Tensor, rows: int) -> Tensor:
     """The row group of every stored row, (N,) int64."""
     sizes = group_ptr.diff()
-    return torch.repeat_interleave(torch.arange(sizes.numel(), device=group_ptr.device), sizes, output_size=rows)
+    return torch.repeat_interleave(
+        torch.arange(sizes.numel(), device=group_ptr.device), sizes, output_size=rows
+    )
 
 
 def dequantize_stored(packed: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor) -> Tensor:
@@ -58,14 +65,22 @@ def to_output_order(stored: Tensor, perm: Optional[Tensor]) -> Tensor:
     return stored[torch.argsort(perm)]
 
 
-def dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-               perm: Optional[Tensor] = None) -> Tensor:
+def dequantize(
+    codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor] = None
+) -> Tensor:
     """The dense (out_features, in_features) float32 weight."""
     return to_output_order(dequantize_stored(codes, codebooks, scales, group_ptr), perm)
 
 
-def codebook_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-                    perm: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+def codebook_matmul(
+    x: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    group_ptr: Tensor,
+    perm: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
     """x (..., in) -> (..., out) in x's dtype: F.linear with the dense weight."""
     w = dequantize(codes, codebooks, scales, group_ptr, perm).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -25,6 +25,7 @@ launch, no host synchronisation. Codes may be uint8 or int16 (read as unsigned 1
 of up to 65536 codewords). Runs on the CPU under TRITON_INTERPRET=1 for tests, where the
 autotuners are bypassed for one small configuration.
 """
+
 from __future__ import annotations
 
 import functools
@@ -67,9 +68,21 @@ def _row_groups(GROUP_PTR, rows, num_groups, LOG_GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _codewords(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C,
-               M: tl.constexpr, G: tl.constexpr, CODE_MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+def _codewords(
+    CODES,
+    CODEBOOKS,
+    grp,
+    n0,
+    j0,
+    num_blocks,
+    J,
+    C,
+    M: tl.constexpr,
+    G: tl.constexpr,
+    CODE_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
     """Unscaled float32 weight of stored rows n0 .. n0 + BLOCK_N (n0 a multiple of 16), input
     groups j0 .. j0 + BLOCK_J: (BLOCK_N, BLOCK_J, G), zeros past the last input group."""
     local = tl.arange(0, BLOCK_N)
@@ -82,8 +95,11 @@ def _codewords(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C,
         off = (blocks.to(tl.int64)[:, None] * (J * M) + groups[None, :] * M + m) * 16 + (local % 16)[:, None]
         codes = tl.load(CODES + off, mask=code_mask, other=0).to(tl.int32) & CODE_MASK
         word = ((grp[:, None] * M + m) * C + codes) * G
-        term = tl.load(CODEBOOKS + word[:, :, None] + tl.arange(0, G)[None, None, :],
-                       mask=inside[None, :, None], other=0.0).to(tl.float32)
+        term = tl.load(
+            CODEBOOKS + word[:, :, None] + tl.arange(0, G)[None, None, :],
+            mask=inside[None, :, None],
+            other=0.0,
+        ).to(tl.float32)
         if m == 0:  # (not zeros + term: that is an add per element the compiler keeps)
             words = term
         else:
@@ -92,18 +108,44 @@ def _codewords(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C,
 
 
 @triton.jit
-def _weight_tile(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C,
-                 M: tl.constexpr, G: tl.constexpr, CODE_MASK: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+def _weight_tile(
+    CODES,
+    CODEBOOKS,
+    grp,
+    n0,
+    j0,
+    num_blocks,
+    J,
+    C,
+    M: tl.constexpr,
+    G: tl.constexpr,
+    CODE_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
     """_codewords as a (BLOCK_N, BLOCK_J·G) matrix tile."""
     words = _codewords(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C, M, G, CODE_MASK, BLOCK_N, BLOCK_J)
     return tl.reshape(words, (BLOCK_N, BLOCK_J * G))
 
 
 @triton.jit
-def _store_outputs(acc, SCALES, PERM, BIAS, OUT, batch, rows, B, N, stride_ob, add_bias,
-                   HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr,
-                   ATOMIC: tl.constexpr = False):
+def _store_outputs(
+    acc,
+    SCALES,
+    PERM,
+    BIAS,
+    OUT,
+    batch,
+    rows,
+    B,
+    N,
+    stride_ob,
+    add_bias,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    ATOMIC: tl.constexpr = False,
+):
     """out[b, perm[r]] = acc[b, r] * scales[r] + bias[perm[r]] for a (batch, stored rows) tile;
     ATOMIC adds it to float32 outputs instead (a split of the input dimension), the bias only
     where add_bias is set (the first split)."""
@@ -151,12 +193,35 @@ def _dot(a, b, acc, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(X, CODES, CODEBOOKS, SCALES, GROUP_PTR, PERM, BIAS, OUT,
-                 B, N, J, C, num_groups, stride_xb, stride_ob, SPLIT_K: tl.constexpr,
-                 M: tl.constexpr, G: tl.constexpr, CODE_MASK: tl.constexpr, LOG_GROUPS: tl.constexpr,
-                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BATCH_BUCKET,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(
+    X,
+    CODES,
+    CODEBOOKS,
+    SCALES,
+    GROUP_PTR,
+    PERM,
+    BIAS,
+    OUT,
+    B,
+    N,
+    J,
+    C,
+    num_groups,
+    stride_xb,
+    stride_ob,
+    SPLIT_K: tl.constexpr,
+    M: tl.constexpr,
+    G: tl.constexpr,
+    CODE_MASK: tl.constexpr,
+    LOG_GROUPS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BATCH_BUCKET,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Program (i, s): stored rows i·BLOCK_N ... and the s-th of SPLIT_K slices of the inputs
     (SPLIT_K > 1: float32 outputs, added atomically)."""
     BLOCK_J: tl.constexpr = BLOCK_K // G
@@ -172,23 +237,63 @@ def _gemv_kernel(X, CODES, CODEBOOKS, SCALES, GROUP_PTR, PERM, BIAS, OUT,
     acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_J), tl.float32)
     for j0 in range(split * per_split, tl.minimum(J, (split + 1) * per_split), BLOCK_J):
         w = _codewords(CODES, CODEBOOKS, grp, n0, j0, num_blocks, J, C, M, G, CODE_MASK, BLOCK_N, BLOCK_J)
-        k = (j0 + tl.arange(0, BLOCK_J))[:, None] * G + tl.arange(0, G)[None, :]  # (BLOCK_J, G), as w's last axes
+        k = (j0 + tl.arange(0, BLOCK_J))[:, None] * G + tl.arange(0, G)[
+            None, :
+        ]  # (BLOCK_J, G), as w's last axes
         for b in tl.static_range(BLOCK_B):  # one batch row at a time: registers hold one tile
             row = tl.minimum(b, B - 1)  # rows past B repeat the last one; their outputs are not stored
             x = tl.load(X + row * stride_xb + k, mask=k < J * G, other=0.0).to(tl.float32)
             part = tl.sum(w * x[None, :, :], 2)
             acc = tl.where(batch[:, None, None] == b, acc + part[None, :, :], acc)
     acc = tl.sum(acc, 2)
-    _store_outputs(acc, SCALES, PERM, BIAS, OUT, batch, rows, B, N, stride_ob, split == 0, HAS_PERM, HAS_BIAS,
-                   INTERPRETED, SPLIT_K > 1)
+    _store_outputs(
+        acc,
+        SCALES,
+        PERM,
+        BIAS,
+        OUT,
+        batch,
+        rows,
+        B,
+        N,
+        stride_ob,
+        split == 0,
+        HAS_PERM,
+        HAS_BIAS,
+        INTERPRETED,
+        SPLIT_K > 1,
+    )
 
 
 @triton.jit
-def _gemm_kernel(X, CODES, CODEBOOKS, SCALES, GROUP_PTR, PERM, BIAS, OUT,
-                 B, N, J, C, num_groups, stride_xb, stride_ob,
-                 M: tl.constexpr, G: tl.constexpr, CODE_MASK: tl.constexpr, LOG_GROUPS: tl.constexpr,
-                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr, BATCH_BUCKET,
-                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemm_kernel(
+    X,
+    CODES,
+    CODEBOOKS,
+    SCALES,
+    GROUP_PTR,
+    PERM,
+    BIAS,
+    OUT,
+    B,
+    N,
+    J,
+    C,
+    num_groups,
+    stride_xb,
+    stride_ob,
+    M: tl.constexpr,
+    G: tl.constexpr,
+    CODE_MASK: tl.constexpr,
+    LOG_GROUPS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BATCH_BUCKET,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     BLOCK_J: tl.constexpr = BLOCK_K // G
     n0 = tl.program_id(0) * BLOCK_N
     rows = n0 + tl.arange(0, BLOCK_N)
@@ -202,15 +307,38 @@ def _gemm_kernel(X, CODES, CODEBOOKS, SCALES, GROUP_PTR, PERM, BIAS, OUT,
         k = j0 * G + tl.arange(0, BLOCK_J * G)
         x = tl.load(x_rows + k[None, :], mask=(batch < B)[:, None] & (k < J * G)[None, :], other=0.0)
         acc = _dot(x, tl.trans(_to(w, X.dtype.element_ty, INTERPRETED)), acc, INTERPRETED)
-    _store_outputs(acc, SCALES, PERM, BIAS, OUT, batch, rows, B, N, stride_ob, True, HAS_PERM, HAS_BIAS, INTERPRETED)
+    _store_outputs(
+        acc, SCALES, PERM, BIAS, OUT, batch, rows, B, N, stride_ob, True, HAS_PERM, HAS_BIAS, INTERPRETED
+    )
 
 
 @triton.jit
-def _input_grad_kernel(DY, CODES, CODEBOOKS, SCALES, GROUP_PTR, PERM, DX,
-                       B, N, J, C, num_groups, stride_dyb, stride_dxb,
-                       M: tl.constexpr, G: tl.constexpr, CODE_MASK: tl.constexpr, LOG_GROUPS: tl.constexpr,
-                       HAS_PERM: tl.constexpr, INTERPRETED: tl.constexpr, BATCH_BUCKET,
-                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _input_grad_kernel(
+    DY,
+    CODES,
+    CODEBOOKS,
+    SCALES,
+    GROUP_PTR,
+    PERM,
+    DX,
+    B,
+    N,
+    J,
+    C,
+    num_groups,
+    stride_dyb,
+    stride_dxb,
+    M: tl.constexpr,
+    G: tl.constexpr,
+    CODE_MASK: tl.constexpr,
+    LOG_GROUPS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BATCH_BUCKET,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """dx[b, k] = sum_r dy[b, perm[r]] scales[r] W_unscaled[r, k], over all stored rows r."""
     BLOCK_J: tl.constexpr = BLOCK_K // G
     j0 = tl.program_id(0) * BLOCK_J
@@ -229,8 +357,11 @@ def _input_grad_kernel(DY, CODES, CODEBOOKS, SCALES, GROUP_PTR, PERM, DX,
         dy = _to(dy.to(tl.float32) * s[None, :], DY.dtype.element_ty, INTERPRETED)
         acc = _dot(dy, _to(w, DY.dtype.element_ty, INTERPRETED), acc, INTERPRETED)
     k = j0 * G + tl.arange(0, BLOCK_J * G)
-    tl.store(DX + batch.to(tl.int64)[:, None] * stride_dxb + k[None, :], _to(acc, DX.dtype.element_ty, INTERPRETED),
-             mask=(batch < B)[:, None] & (k < J * G)[None, :])
+    tl.store(
+        DX + batch.to(tl.int64)[:, None] * stride_dxb + k[None, :],
+        _to(acc, DX.dtype.element_ty, INTERPRETED),
+        mask=(batch < B)[:, None] & (k < J * G)[None, :],
+    )
 
 
 # ------------------------------------------------------------------ autotuning
@@ -244,14 +375,26 @@ def _config(num_warps, num_stages=2, **blocks):
 # BLOCK_K counts inputs (BLOCK_K / in_group input groups a tile). None spills on sm_90 (ptxas -v,
 # 2x8 format, fp16 and fp32 activations); the larger tiles dropped from these lists did.
 _GEMV_CONFIGS = [_config(w, BLOCK_N=16, BLOCK_K=k) for w, k in ((2, 128), (4, 128), (4, 256), (8, 256))]
-_GEMM_CONFIGS = [_config(w, 3, BLOCK_B=b, BLOCK_N=n, BLOCK_K=k) for b, n, w, k in (
-    (16, 64, 4, 32), (16, 64, 4, 64), (64, 64, 4, 32), (64, 64, 4, 64), (128, 128, 8, 32))]
-_GRAD_CONFIGS = [_config(w, 3, BLOCK_B=b, BLOCK_N=n, BLOCK_K=k) for b, n, w, k in (
-    (16, 64, 4, 64), (16, 64, 4, 128), (64, 64, 4, 64), (128, 64, 8, 64), (128, 64, 8, 128))]
+_GEMM_CONFIGS = [
+    _config(w, 3, BLOCK_B=b, BLOCK_N=n, BLOCK_K=k)
+    for b, n, w, k in ((16, 64, 4, 32), (16, 64, 4, 64), (64, 64, 4, 32), (64, 64, 4, 64), (128, 128, 8, 32))
+]
+_GRAD_CONFIGS = [
+    _config(w, 3, BLOCK_B=b, BLOCK_N=n, BLOCK_K=k)
+    for b, n, w, k in (
+        (16, 64, 4, 64),
+        (16, 64, 4, 128),
+        (64, 64, 4, 64),
+        (128, 64, 8, 64),
+        (128, 64, 8, 128),
+    )
+]
 _INTERPRETER = dict(BLOCK_B=16, BLOCK_N=16, BLOCK_K=16)  # tl.dot's smallest tiles: the interpreter is slow
 
 _KEY = ["N", "J", "G", "M", "BATCH_BUCKET"]
-_gemv = triton.autotune(_GEMV_CONFIGS, key=_KEY, reset_to_zero=["OUT"])(_gemv_kernel)  # split: OUT accumulates
+_gemv = triton.autotune(_GEMV_CONFIGS, key=_KEY, reset_to_zero=["OUT"])(
+    _gemv_kernel
+)  # split: OUT accumulates
 _gemm = triton.autotune(_GEMM_CONFIGS, key=_KEY)(_gemm_kernel)
 _input_grad = triton.autotune(_GRAD_CONFIGS, key=_KEY)(_input_grad_kernel)
 
@@ -271,8 +414,14 @@ def _launch(tuned, plain, grid, *args, **meta):
 def _format_meta(codes, codebooks, batch):
     O, M, C, G = codebooks.shape
     # BATCH_BUCKET: read by the tuners' key only, so each power-of-two batch bucket tunes once
-    return dict(M=M, G=G, CODE_MASK=(1 << (8 * codes.element_size())) - 1, LOG_GROUPS=(O - 1).bit_length(),
-                BATCH_BUCKET=triton.next_power_of_2(batch), INTERPRETED=_interpreting()), (C, O)
+    return dict(
+        M=M,
+        G=G,
+        CODE_MASK=(1 << (8 * codes.element_size())) - 1,
+        LOG_GROUPS=(O - 1).bit_length(),
+        BATCH_BUCKET=triton.next_power_of_2(batch),
+        INTERPRETED=_interpreting(),
+    ), (C, O)
 
 
 def _contiguous(*tensors):
@@ -293,34 +442,84 @@ def gemv_splits(N: int, K: int, device: torch.device) -> int:
     return max(1, min(want, K // GEMV_MIN_SPLIT, GEMV_MAX_SPLITS))
 
 
-def matmul(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-           group_ptr: torch.Tensor, perm: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-           splits: Optional[int] = None) -> torch.Tensor:
+def matmul(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    group_ptr: torch.Tensor,
+    perm: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    splits: Optional[int] = None,
+) -> torch.Tensor:
     """x (B, K) with unit inner stride -> (B, N) in x's dtype. ``splits`` overrides gemv_splits."""
     B, N = x.shape[0], scales.shape[0]
     J, G = codes.shape[1] // codebooks.shape[1], codebooks.shape[3]
     out = torch.empty(B, N, dtype=x.dtype, device=x.device)
     if B == 0 or N == 0:
         return out
-    codes, codebooks, scales, group_ptr, perm, bias = _contiguous(codes, codebooks, scales, group_ptr, perm, bias)
+    codes, codebooks, scales, group_ptr, perm, bias = _contiguous(
+        codes, codebooks, scales, group_ptr, perm, bias
+    )
     meta, (C, O) = _format_meta(codes, codebooks, B)
     meta.update(HAS_PERM=perm is not None, HAS_BIAS=bias is not None)
-    operands = (x, codes, codebooks, scales, group_ptr, perm if perm is not None else scales,
-                bias if bias is not None else scales)
+    operands = (
+        x,
+        codes,
+        codebooks,
+        scales,
+        group_ptr,
+        perm if perm is not None else scales,
+        bias if bias is not None else scales,
+    )
     if B <= GEMV_MAX_BATCH:
         splits = splits or gemv_splits(N, J * G, x.device)
         if splits > 1:  # the slices' partial sums meet in float32
             out = torch.zeros(B, N, dtype=torch.float32, device=x.device)
-        _launch(_gemv, _gemv_kernel, lambda m: (triton.cdiv(N, m["BLOCK_N"]), splits), *operands, out,
-                B, N, J, C, O, x.stride(0), out.stride(0), SPLIT_K=splits, BLOCK_B=triton.next_power_of_2(B), **meta)
+        _launch(
+            _gemv,
+            _gemv_kernel,
+            lambda m: (triton.cdiv(N, m["BLOCK_N"]), splits),
+            *operands,
+            out,
+            B,
+            N,
+            J,
+            C,
+            O,
+            x.stride(0),
+            out.stride(0),
+            SPLIT_K=splits,
+            BLOCK_B=triton.next_power_of_2(B),
+            **meta,
+        )
         return out.to(x.dtype)
-    _launch(_gemm, _gemm_kernel, lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(B, m["BLOCK_B"])),
-            *operands, out, B, N, J, C, O, x.stride(0), out.stride(0), **meta)
+    _launch(
+        _gemm,
+        _gemm_kernel,
+        lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(B, m["BLOCK_B"])),
+        *operands,
+        out,
+        B,
+        N,
+        J,
+        C,
+        O,
+        x.stride(0),
+        out.stride(0),
+        **meta,
+    )
     return out
 
 
-def input_grad(dy: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-               group_ptr: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+def input_grad(
+    dy: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    group_ptr: torch.Tensor,
+    perm: Optional[torch.Tensor],
+) -> torch.Tensor:
     """dy (B, N) with unit inner stride -> dx = dy W, (B, K) in dy's dtype."""
     B, N = dy.shape
     J = codes.shape[1] // codebooks.shape[1]
@@ -333,8 +532,24 @@ def input_grad(dy: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, s
     codes, codebooks, scales, group_ptr, perm = _contiguous(codes, codebooks, scales, group_ptr, perm)
     meta, (C, O) = _format_meta(codes, codebooks, B)
     meta.update(HAS_PERM=perm is not None)
-    _launch(_input_grad, _input_grad_kernel,
-            lambda m: (triton.cdiv(J * G, m["BLOCK_K"]), triton.cdiv(B, m["BLOCK_B"])),
-            dy, codes, codebooks, scales, group_ptr, perm if perm is not None else scales, dx,
-            B, N, J, C, O, dy.stride(0), dx.stride(0), **meta)
+    _launch(
+        _input_grad,
+        _input_grad_kernel,
+        lambda m: (triton.cdiv(J * G, m["BLOCK_K"]), triton.cdiv(B, m["BLOCK_B"])),
+        dy,
+        codes,
+        codebooks,
+        scales,
+        group_ptr,
+        perm if perm is not None else scales,
+        dx,
+        B,
+        N,
+        J,
+        C,
+        O,
+        dy.stride(0),
+        dx.stride(0),
+        **meta,
+    )
     return dx

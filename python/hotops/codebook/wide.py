@@ -16,6 +16,7 @@ C <= 65536, per-row scales (N,), row-group boundaries ``group_ptr`` and ``perm``
 
 and is output feature perm[r]. Differentiable in x, the codebooks, the scales and the bias.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -41,8 +42,9 @@ def code_values(codes: Tensor) -> Tensor:
 # ----------------------------------------------------------------- reference
 
 
-def dequantize_reference(codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-                         perm: Optional[Tensor] = None) -> Tensor:
+def dequantize_reference(
+    codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor] = None
+) -> Tensor:
     """The dense (N, K) float32 weight in output order, in plain torch (differentiable in
     codebooks and scales)."""
     N, J, M = codes.shape
@@ -69,8 +71,9 @@ def _cpu_dequantize_stored(codes, codebooks, scales, group_ptr, rows=None, out=N
 
 
 @torch.library.custom_op("hotops::codebook_wide_dequantize", mutates_args=())
-def wide_dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-                    perm: Optional[Tensor]) -> Tensor:
+def wide_dequantize(
+    codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor]
+) -> Tensor:
     """The dense (N, K) float32 weight in output order."""
     if codes.device.type == "cpu" and _backend.cpu_refuses(codes.device) is None:
         return reference.to_output_order(_cpu_dequantize_stored(codes, codebooks, scales, group_ptr), perm)
@@ -87,17 +90,25 @@ def _cpu_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
     if B <= MAX_BATCH:
         out = torch.empty(B, N, dtype=x2.dtype)
         c, cb, s = _kernel_args(codes, codebooks, scales)
-        _backend.ext().codebook_wide_matmul(x2, c, cb, s, group_ptr, perm,
-                                            None if bias is None else bias.detach().float().contiguous(),
-                                            out, _backend.num_threads())
+        _backend.ext().codebook_wide_matmul(
+            x2,
+            c,
+            cb,
+            s,
+            group_ptr,
+            perm,
+            None if bias is None else bias.detach().float().contiguous(),
+            out,
+            _backend.num_threads(),
+        )
         return out
     tile = max(16, GEMM_TILE_BYTES // max(1, K * 4))
     out_t = torch.empty(N, B, dtype=x2.dtype)
     w = torch.empty(min(tile, N), K)
     for r0 in range(0, N, tile):
         r1 = min(N, r0 + tile)
-        _cpu_dequantize_stored(codes, codebooks, scales, group_ptr, (r0, r1), w[:r1 - r0])
-        torch.mm(w[:r1 - r0].to(x2.dtype), x2.T, out=out_t[r0:r1])
+        _cpu_dequantize_stored(codes, codebooks, scales, group_ptr, (r0, r1), w[: r1 - r0])
+        torch.mm(w[: r1 - r0].to(x2.dtype), x2.T, out=out_t[r0:r1])
     out = reference.to_output_order(out_t, perm).T
     return out + bias.to(out.dtype) if bias is not None else out.contiguous()
 
@@ -113,8 +124,15 @@ MATMUL_BACKENDS = (
 )
 
 
-def matmul_impl(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-                perm: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def matmul_impl(
+    x: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    group_ptr: Tensor,
+    perm: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> Tensor:
     """x (..., K) -> (..., N) in x's dtype, without the dispatcher."""
     run = _backend.choose("codebook_wide_matmul", MATMUL_BACKENDS, x.device).run
     x2 = _backend.cpu_view(x.reshape(-1, x.shape[-1]))
@@ -129,8 +147,15 @@ def _(x, codes, codebooks, scales, group_ptr, perm, bias):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
-def matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-           perm: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def matmul(
+    x: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    group_ptr: Tensor,
+    perm: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> Tensor:
     """Eager inference calls the implementation directly (see op.matmul); the rest goes through
     the op, so autograd and torch.compile see it."""
     if _backend.can_skip_dispatcher(x, codebooks, scales, bias):
@@ -138,8 +163,9 @@ def matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_pt
     return wide_matmul(x, codes, codebooks, scales, group_ptr, perm, bias)
 
 
-def format_grads(dW: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor,
-                 perm: Optional[Tensor]):
+def format_grads(
+    dW: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor]
+):
     """Gradients of codebooks and scales from dW, the gradient of the dense (N, K) weight."""
     O, M, C, g = codebooks.shape
     N, J = codes.shape[0], codes.shape[1]
@@ -149,7 +175,9 @@ def format_grads(dW: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, g
     dword = (dWs * scales.float()[:, None]).reshape(N, J, 1, g).expand(N, J, M, g)
     group = reference.row_groups(group_ptr, N)
     slot = (group[:, None, None] * M + torch.arange(M, device=codes.device)) * C + code_values(codes)
-    dcb = dW.new_zeros(O * M * C, g, dtype=torch.float32).index_add_(0, slot.reshape(-1), dword.reshape(-1, g))
+    dcb = dW.new_zeros(O * M * C, g, dtype=torch.float32).index_add_(
+        0, slot.reshape(-1), dword.reshape(-1, g)
+    )
     return dcb.reshape(codebooks.shape).to(codebooks.dtype), dscales.to(scales.dtype)
 
 
@@ -200,36 +228,67 @@ class WideCodebookLinear(nn.Module):
     """y = x W^T + b with W in 16-bit codes (see the module docstring). Codes, group boundaries
     and the permutation are buffers; codebooks and per-row scales are parameters."""
 
-    def __init__(self, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Optional[Tensor] = None,
-                 perm: Optional[Tensor] = None, bias: Optional[Tensor] = None):
+    def __init__(
+        self,
+        codes: Tensor,
+        codebooks: Tensor,
+        scales: Tensor,
+        group_ptr: Optional[Tensor] = None,
+        perm: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None,
+    ):
         super().__init__()
         if not isinstance(codes, Tensor) or codes.dtype != torch.int16 or codes.dim() != 3:
-            raise TypeError("codes must be a (N, K // 8, num_codebooks) int16 tensor, got "
-                            + (f"{codes.dtype} {tuple(codes.shape)}" if isinstance(codes, Tensor) else type(codes).__name__))
+            raise TypeError(
+                "codes must be a (N, K // 8, num_codebooks) int16 tensor, got "
+                + (
+                    f"{codes.dtype} {tuple(codes.shape)}"
+                    if isinstance(codes, Tensor)
+                    else type(codes).__name__
+                )
+            )
         N, J, M = codes.shape
-        if not isinstance(codebooks, Tensor) or codebooks.dtype not in CODEBOOK_DTYPES or codebooks.dim() != 4:
-            raise TypeError("codebooks must be a (num_groups, num_codebooks, codebook_size, 8) float32, float16 "
-                            "or bfloat16 tensor")
+        if (
+            not isinstance(codebooks, Tensor)
+            or codebooks.dtype not in CODEBOOK_DTYPES
+            or codebooks.dim() != 4
+        ):
+            raise TypeError(
+                "codebooks must be a (num_groups, num_codebooks, codebook_size, 8) float32, float16 "
+                "or bfloat16 tensor"
+            )
         O, Mc, C, g = codebooks.shape
         if g != IN_GROUP:
-            raise ValueError(f"16-bit codes take codewords of {IN_GROUP} inputs (in_group 8), got in_group {g}")
+            raise ValueError(
+                f"16-bit codes take codewords of {IN_GROUP} inputs (in_group 8), got in_group {g}"
+            )
         if Mc != M:
             raise ValueError(f"codes address {M} codebooks and codebooks hold {Mc}; expected the same number")
         if not 1 <= C <= 65536:
             raise ValueError(f"16-bit codes address at most 65536 codewords, got codebook_size {C}")
         if codes.numel() and int(code_values(codes).max()) >= C:
-            raise ValueError(f"codes must be smaller than codebook_size {C}; found {int(code_values(codes).max())}")
+            raise ValueError(
+                f"codes must be smaller than codebook_size {C}; found {int(code_values(codes).max())}"
+            )
         if not isinstance(scales, Tensor) or not scales.is_floating_point() or tuple(scales.shape) != (N,):
             raise ValueError(f"scales must be a floating ({N},) tensor, one per row")
         if group_ptr is None:
             group_ptr = torch.tensor([0, N], dtype=torch.int64, device=codes.device)
-        if not isinstance(group_ptr, Tensor) or group_ptr.dtype != torch.int64 or tuple(group_ptr.shape) != (O + 1,):
+        if (
+            not isinstance(group_ptr, Tensor)
+            or group_ptr.dtype != torch.int64
+            or tuple(group_ptr.shape) != (O + 1,)
+        ):
             raise ValueError(f"group_ptr must be a ({O + 1},) int64 tensor (num_groups + 1 boundaries)")
         gp = group_ptr.tolist()
         if gp[0] != 0 or gp[-1] != N or any(a > b for a, b in zip(gp, gp[1:])):
             raise ValueError(f"group_ptr must rise from 0 to {N}, got {gp}")
-        if perm is not None and (not isinstance(perm, Tensor) or perm.dtype != torch.int64 or tuple(perm.shape) != (N,)
-                                 or not torch.equal(perm.sort().values, torch.arange(N, device=perm.device))):
+        if perm is not None and (
+            not isinstance(perm, Tensor)
+            or perm.dtype != torch.int64
+            or tuple(perm.shape) != (N,)
+            or not torch.equal(perm.sort().values, torch.arange(N, device=perm.device))
+        ):
             raise ValueError(f"perm must be a ({N},) int64 permutation of the output features")
         if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (N,)):
             raise ValueError(f"bias must be a ({N},) tensor")
@@ -245,8 +304,11 @@ class WideCodebookLinear(nn.Module):
     def bits_per_weight(self) -> float:
         """Exact storage bits per weight: codes, codebooks, scales, boundaries, permutation."""
         parts = (self.codes, self.codebooks, self.scales, self.group_ptr, self.perm)
-        return 8.0 * sum(t.numel() * t.element_size() for t in parts if t is not None) / max(
-            1, self.in_features * self.out_features)
+        return (
+            8.0
+            * sum(t.numel() * t.element_size() for t in parts if t is not None)
+            / max(1, self.in_features * self.out_features)
+        )
 
     def dequantize(self) -> Tensor:
         """The dense (out_features, in_features) float32 weight it represents."""
@@ -254,13 +316,17 @@ class WideCodebookLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         on_cpu = x.device.type == "cpu"
-        _backend.check_tensor(x, "x", dtypes=(torch.float32, torch.bfloat16) if on_cpu else _backend.FLOAT_DTYPES)
+        _backend.check_tensor(
+            x, "x", dtypes=(torch.float32, torch.bfloat16) if on_cpu else _backend.FLOAT_DTYPES
+        )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must end in in_features = {self.in_features}, got shape {tuple(x.shape)}")
         return matmul(x, self.codes, self.codebooks, self.scales, self.group_ptr, self.perm, self.bias)
 
     def extra_repr(self) -> str:
         O, M, C, g = self.codebooks.shape
-        return (f"in_features={self.in_features}, out_features={self.out_features}, in_group={g}, "
-                f"num_codebooks={M}, codebook_size={C}, groups={O}, codebook_dtype="
-                f"{str(self.codebooks.dtype).replace('torch.', '')}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, in_group={g}, "
+            f"num_codebooks={M}, codebook_size={C}, groups={O}, codebook_dtype="
+            f"{str(self.codebooks.dtype).replace('torch.', '')}, bias={self.bias is not None}"
+        )

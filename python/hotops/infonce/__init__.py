@@ -1,4 +1,5 @@
 """Fused InfoNCE loss with in-batch and hard negatives (contrastive dense retrieval)."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,9 @@ def _temperature(temperature, device: torch.device) -> Tensor:
     one-element floating tensor (a tensor keeps its autograd graph)."""
     if isinstance(temperature, Tensor):
         if temperature.numel() != 1:
-            raise ValueError(f"temperature must be a number or a 0-d tensor, got shape {tuple(temperature.shape)}")
+            raise ValueError(
+                f"temperature must be a number or a 0-d tensor, got shape {tuple(temperature.shape)}"
+            )
         if not temperature.is_floating_point():
             raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
         temperature = temperature.reshape(()).to(device)
@@ -35,10 +38,17 @@ def _temperature(temperature, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=torch.float32, device=device)
 
 
-def info_nce(q: Tensor, d: Tensor, hard: Optional[Tensor] = None, *,
-             temperature: Union[float, Tensor] = 0.05, label_smoothing: float = 0.0,
-             neg_weight: Optional[Tensor] = None, reduction: str = "mean",
-             pos_offset: int = 0) -> Tensor:
+def info_nce(
+    q: Tensor,
+    d: Tensor,
+    hard: Optional[Tensor] = None,
+    *,
+    temperature: Union[float, Tensor] = 0.05,
+    label_smoothing: float = 0.0,
+    neg_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    pos_offset: int = 0,
+) -> Tensor:
     """InfoNCE / contrastive cross-entropy without materialising the B × N logits.
 
     Args:
@@ -70,10 +80,14 @@ def info_nce(q: Tensor, d: Tensor, hard: Optional[Tensor] = None, *,
     if B == 0:
         raise ValueError("info_nce needs a non-empty batch (q has 0 rows)")
     if d.shape[1] != D:
-        raise ValueError(f"q and d must have the same dimension D, got q {tuple(q.shape)}, d {tuple(d.shape)}")
+        raise ValueError(
+            f"q and d must have the same dimension D, got q {tuple(q.shape)}, d {tuple(d.shape)}"
+        )
     if pos_offset + B > d.shape[0]:
-        raise ValueError(f"d has {d.shape[0]} rows; queries 0..{B - 1} need their positives at "
-                         f"rows {pos_offset}..{pos_offset + B - 1} (pos_offset={pos_offset})")
+        raise ValueError(
+            f"d has {d.shape[0]} rows; queries 0..{B - 1} need their positives at "
+            f"rows {pos_offset}..{pos_offset + B - 1} (pos_offset={pos_offset})"
+        )
     pool = own = None
     if hard is not None and hard.dim() == 2:
         if hard.shape[1] != D:
@@ -86,20 +100,29 @@ def info_nce(q: Tensor, d: Tensor, hard: Optional[Tensor] = None, *,
     temperature = _temperature(temperature, q.device)
     if neg_weight is not None:
         C = d.shape[0] + (pool.shape[0] if pool is not None else 0) + (own.shape[1] if own is not None else 0)
-        _backend.check_tensor(neg_weight, "neg_weight", ndim=1,
-                              dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+        _backend.check_tensor(
+            neg_weight,
+            "neg_weight",
+            ndim=1,
+            dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
+        )
         if neg_weight.shape[0] != C:
-            raise ValueError(f"neg_weight must have one weight per candidate column ({C}), got {neg_weight.shape[0]}")
+            raise ValueError(
+                f"neg_weight must have one weight per candidate column ({C}), got {neg_weight.shape[0]}"
+            )
         if neg_weight.device != q.device:
             raise ValueError(f"neg_weight is on {neg_weight.device}, q on {q.device}")
         neg_weight = neg_weight.detach().float().contiguous()
         # NaN, Inf and negative weights are refused (not propagated): one pass over C weights
-        if not torch.compiler.is_compiling() and not bool((neg_weight.abs() <= _F32_MAX).all()
-                                                           & (neg_weight >= 0).all()):
+        if not torch.compiler.is_compiling() and not bool(
+            (neg_weight.abs() <= _F32_MAX).all() & (neg_weight >= 0).all()
+        ):
             bad = neg_weight[~((neg_weight >= 0) & (neg_weight <= _F32_MAX))][0].item()
             raise ValueError(f"neg_weight must hold finite non-negative weights, found {bad}")
     need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, d, hard, temperature))
-    out = _op.info_nce_fwd(q, d, pool, own, neg_weight, temperature, pos_offset,
-                           float(label_smoothing), reduction, need_grad)
+        t is not None and t.requires_grad for t in (q, d, hard, temperature)
+    )
+    out = _op.info_nce_fwd(
+        q, d, pool, own, neg_weight, temperature, pos_offset, float(label_smoothing), reduction, need_grad
+    )
     return out[0]

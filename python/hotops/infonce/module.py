@@ -1,4 +1,5 @@
 """nn.Module front end of hotops.info_nce, with learnable temperature and cross-rank gathering."""
+
 from __future__ import annotations
 
 import math
@@ -21,15 +22,22 @@ class InfoNCELoss(nn.Module):
             negatives (B, K, D) stay local.
     """
 
-    def __init__(self, temperature: float = 0.05, learnable_temperature: bool = False,
-                 label_smoothing: float = 0.0, gather: bool = False, min_temperature: float = 0.01,
-                 reduction: str = "mean"):
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        learnable_temperature: bool = False,
+        label_smoothing: float = 0.0,
+        gather: bool = False,
+        min_temperature: float = 0.01,
+        reduction: str = "mean",
+    ):
         super().__init__()
         from hotops import _backend
 
         temperature = _backend.check_number(temperature, "temperature", low=0.0, low_open=True)
-        min_temperature = _backend.check_number(min_temperature, "min_temperature", low=0.0, low_open=True,
-                                                high=1.0)
+        min_temperature = _backend.check_number(
+            min_temperature, "min_temperature", low=0.0, low_open=True, high=1.0
+        )
         label_smoothing = _backend.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
         for name, flag in (("learnable_temperature", learnable_temperature), ("gather", gather)):
             if not isinstance(flag, bool):
@@ -50,8 +58,9 @@ class InfoNCELoss(nn.Module):
     def temperature(self) -> Tensor:
         return self.log_temperature.exp().clamp(self.min_temperature, 1.0)
 
-    def forward(self, q: Tensor, d: Tensor, hard: Optional[Tensor] = None,
-                neg_weight: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, q: Tensor, d: Tensor, hard: Optional[Tensor] = None, neg_weight: Optional[Tensor] = None
+    ) -> Tensor:
         from hotops.infonce import info_nce
 
         pos_offset = 0
@@ -61,8 +70,16 @@ class InfoNCELoss(nn.Module):
             if hard is not None and hard.dim() == 2:
                 hard = _all_gather(hard)
         temperature = self.temperature if self.learnable_temperature else float(self.temperature)
-        return info_nce(q, d, hard, temperature=temperature, label_smoothing=self.label_smoothing,
-                        neg_weight=neg_weight, reduction=self.reduction, pos_offset=pos_offset)
+        return info_nce(
+            q,
+            d,
+            hard,
+            temperature=temperature,
+            label_smoothing=self.label_smoothing,
+            neg_weight=neg_weight,
+            reduction=self.reduction,
+            pos_offset=pos_offset,
+        )
 
 
 class _AllGather(torch.autograd.Function):
@@ -84,7 +101,7 @@ class _AllGather(torch.autograd.Function):
 
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def _all_gather(x: Tensor) -> Tensor:

@@ -39,15 +39,27 @@ def panel_rows(B: int, Na: int, dtype: torch.dtype, device: torch.device) -> int
     return int(min(B, rows))
 
 
-def _cpu_row_pass(shared, own, weight, row_scale, loss, lse, tdot, pos_col, temperature,
-                  smoothing, grad_scale, want_grad):
+def _cpu_row_pass(
+    shared, own, weight, row_scale, loss, lse, tdot, pos_col, temperature, smoothing, grad_scale, want_grad
+):
     t = float(temperature)
     if not t > 0:
         raise ValueError(f"temperature must be positive, got {t}")
     _backend.ext().infonce_rows(
-        shared, own, weight, row_scale, loss, lse, tdot, pos_col=pos_col, inv_t=1.0 / t,
-        smoothing=smoothing, grad_scale=grad_scale, want_grad=want_grad,
-        threads=_backend.num_threads())
+        shared,
+        own,
+        weight,
+        row_scale,
+        loss,
+        lse,
+        tdot,
+        pos_col=pos_col,
+        inv_t=1.0 / t,
+        smoothing=smoothing,
+        grad_scale=grad_scale,
+        want_grad=want_grad,
+        threads=_backend.num_threads(),
+    )
 
 
 def _triton_row_pass(*args, **kwargs):
@@ -62,9 +74,19 @@ BACKENDS = (
 )
 
 
-def run_panels(q: Tensor, d: Tensor, pool: Optional[Tensor], own: Optional[Tensor],
-               weight: Optional[Tensor], temperature: Tensor, pos_offset: int, smoothing: float,
-               grad_scale: float, row_scale: Optional[Tensor], want_grad: bool):
+def run_panels(
+    q: Tensor,
+    d: Tensor,
+    pool: Optional[Tensor],
+    own: Optional[Tensor],
+    weight: Optional[Tensor],
+    temperature: Tensor,
+    pos_offset: int,
+    smoothing: float,
+    grad_scale: float,
+    row_scale: Optional[Tensor],
+    want_grad: bool,
+):
     """The fused loop. Returns per-row loss, lse, tdot and (if want_grad) dq, dd, dpool, down."""
     row_pass = _backend.choose("info_nce", BACKENDS, q.device).run
     q, d = _backend.cpu_view(q), _backend.cpu_view(d)
@@ -90,15 +112,26 @@ def run_panels(q: Tensor, d: Tensor, pool: Optional[Tensor], own: Optional[Tenso
         r1 = min(B, r0 + P)
         qp, S = q[r0:r1], buf[: r1 - r0]
         for blk, c0, _ in blocks:
-            torch.mm(qp, blk.T, out=S[:, c0:c0 + blk.shape[0]])
+            torch.mm(qp, blk.T, out=S[:, c0 : c0 + blk.shape[0]])
         O = torch.einsum("pd,pkd->pk", qp, own[r0:r1]) if own is not None else None
-        row_pass(S, O, weight, row_scale[r0:r1] if row_scale is not None else None,
-                 loss[r0:r1], lse[r0:r1], tdot[r0:r1], pos_offset + r0, temperature,
-                 smoothing, grad_scale, want_grad)
+        row_pass(
+            S,
+            O,
+            weight,
+            row_scale[r0:r1] if row_scale is not None else None,
+            loss[r0:r1],
+            lse[r0:r1],
+            tdot[r0:r1],
+            pos_offset + r0,
+            temperature,
+            smoothing,
+            grad_scale,
+            want_grad,
+        )
         if not want_grad:
             continue
         for i, (blk, c0, acc) in enumerate(blocks):
-            G = S[:, c0:c0 + blk.shape[0]]
+            G = S[:, c0 : c0 + blk.shape[0]]
             if i == 0:
                 torch.mm(G, blk, out=dq[r0:r1])
             else:
@@ -130,22 +163,38 @@ def _temperature_grad(tdot: Tensor, temperature: Tensor, scale) -> Tensor:
 
 
 @torch.library.custom_op("hotops::info_nce_fwd", mutates_args=())
-def info_nce_fwd(q: Tensor, d: Tensor, pool: Optional[Tensor], own: Optional[Tensor],
-                 neg_weight: Optional[Tensor], temperature: Tensor, pos_offset: int,
-                 smoothing: float, reduction: str, need_grad: bool
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def info_nce_fwd(
+    q: Tensor,
+    d: Tensor,
+    pool: Optional[Tensor],
+    own: Optional[Tensor],
+    neg_weight: Optional[Tensor],
+    temperature: Tensor,
+    pos_offset: int,
+    smoothing: float,
+    reduction: str,
+    need_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, lse, dq, dd, dpool, down, dtemperature); the gradients are those of the
     reduced loss (empty when need_grad is False or reduction is "none")."""
     B = q.shape[0]
     want_grad = need_grad and reduction != "none"
     scale = 1.0 / B if reduction == "mean" else 1.0
     loss, lse, tdot, dq, dd, dpool, down = run_panels(
-        q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, scale, None, want_grad)
+        q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, scale, None, want_grad
+    )
     out = {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
     if not want_grad:
         return out, lse, _empty(q), _empty(d), _empty(d), _empty(q), _empty(temperature)
-    return (out, lse, dq, dd, dpool if dpool is not None else _empty(d),
-            down if down is not None else _empty(q), _temperature_grad(tdot, temperature, scale))
+    return (
+        out,
+        lse,
+        dq,
+        dd,
+        dpool if dpool is not None else _empty(d),
+        down if down is not None else _empty(q),
+        _temperature_grad(tdot, temperature, scale),
+    )
 
 
 @info_nce_fwd.register_fake
@@ -155,31 +204,52 @@ def _(q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, reduction
     lse = q.new_empty((B,), dtype=torch.float32)
     if not (need_grad and reduction != "none"):
         return loss, lse, _empty(q), _empty(d), _empty(d), _empty(q), _empty(temperature)
-    return (loss, lse, torch.empty_like(q), torch.empty_like(d),
-            torch.empty_like(pool) if pool is not None else _empty(d),
-            torch.empty_like(own) if own is not None else _empty(q),
-            torch.empty_like(temperature))
+    return (
+        loss,
+        lse,
+        torch.empty_like(q),
+        torch.empty_like(d),
+        torch.empty_like(pool) if pool is not None else _empty(d),
+        torch.empty_like(own) if own is not None else _empty(q),
+        torch.empty_like(temperature),
+    )
 
 
 @torch.library.custom_op("hotops::info_nce_bwd", mutates_args=())
-def info_nce_bwd(q: Tensor, d: Tensor, pool: Optional[Tensor], own: Optional[Tensor],
-                 neg_weight: Optional[Tensor], temperature: Tensor, grad_rows: Tensor,
-                 pos_offset: int, smoothing: float
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def info_nce_bwd(
+    q: Tensor,
+    d: Tensor,
+    pool: Optional[Tensor],
+    own: Optional[Tensor],
+    neg_weight: Optional[Tensor],
+    temperature: Tensor,
+    grad_rows: Tensor,
+    pos_offset: int,
+    smoothing: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_rows[i] * loss_i, recomputing the logits panel by panel."""
     g = grad_rows.float().contiguous()
     _, _, tdot, dq, dd, dpool, down = run_panels(
-        q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, 1.0, g, True)
-    return (dq, dd, dpool if dpool is not None else _empty(d),
-            down if down is not None else _empty(q), _temperature_grad(tdot, temperature, g))
+        q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, 1.0, g, True
+    )
+    return (
+        dq,
+        dd,
+        dpool if dpool is not None else _empty(d),
+        down if down is not None else _empty(q),
+        _temperature_grad(tdot, temperature, g),
+    )
 
 
 @info_nce_bwd.register_fake
 def _(q, d, pool, own, neg_weight, temperature, grad_rows, pos_offset, smoothing):
-    return (torch.empty_like(q), torch.empty_like(d),
-            torch.empty_like(pool) if pool is not None else _empty(d),
-            torch.empty_like(own) if own is not None else _empty(q),
-            torch.empty_like(temperature))
+    return (
+        torch.empty_like(q),
+        torch.empty_like(d),
+        torch.empty_like(pool) if pool is not None else _empty(d),
+        torch.empty_like(own) if own is not None else _empty(q),
+        torch.empty_like(temperature),
+    )
 
 
 def _is_eager(tensors) -> bool:
@@ -220,13 +290,26 @@ def _backward(ctx, g_loss, _g_lse, *_unused):
         q, d, pool, own, neg_weight, temperature = ctx.inputs
         B = q.shape[0]
         g_rows = g_loss.expand(B) / B if ctx.reduction == "mean" else g_loss.expand(B)
-        dq, dd, dpool, down, dtemp = info_nce_bwd(q, d, pool, own, neg_weight, temperature, g_rows,
-                                                  ctx.pos_offset, ctx.smoothing)
-        return (dq, dd, dpool if ctx.has_pool else None, down if ctx.has_own else None, None,
-                dtemp, None, None, None, None)
+        dq, dd, dpool, down, dtemp = info_nce_bwd(
+            q, d, pool, own, neg_weight, temperature, g_rows, ctx.pos_offset, ctx.smoothing
+        )
+        return (
+            dq,
+            dd,
+            dpool if ctx.has_pool else None,
+            down if ctx.has_own else None,
+            None,
+            dtemp,
+            None,
+            None,
+            None,
+            None,
+        )
     if ctx.fused and ctx.owned_grads is None and not ctx.saved_tensors:
-        raise RuntimeError("hotops.info_nce: the fused gradients were already consumed by an "
-                           "earlier backward; a second backward (retain_graph=True) is not supported")
+        raise RuntimeError(
+            "hotops.info_nce: the fused gradients were already consumed by an "
+            "earlier backward; a second backward (retain_graph=True) is not supported"
+        )
     if ctx.fused and ctx.owned_grads is not None:
         grads, ctx.owned_grads = ctx.owned_grads, None
         grads = [t.mul_(g_loss.to(t.dtype)) for t in grads]
@@ -236,11 +319,22 @@ def _backward(ctx, g_loss, _g_lse, *_unused):
         q, d, pool, own, neg_weight, temperature = ctx.saved_tensors
         B = q.shape[0]
         g_rows = {"none": g_loss, "mean": g_loss.expand(B) / B, "sum": g_loss.expand(B)}[ctx.reduction]
-        grads = list(info_nce_bwd(q, d, pool, own, neg_weight, temperature, g_rows,
-                                  ctx.pos_offset, ctx.smoothing))
+        grads = list(
+            info_nce_bwd(q, d, pool, own, neg_weight, temperature, g_rows, ctx.pos_offset, ctx.smoothing)
+        )
     dq, dd, dpool, down, dtemp = grads
-    return (dq, dd, dpool if ctx.has_pool else None, down if ctx.has_own else None, None,
-            dtemp, None, None, None, None)
+    return (
+        dq,
+        dd,
+        dpool if ctx.has_pool else None,
+        down if ctx.has_own else None,
+        None,
+        dtemp,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -250,7 +344,8 @@ def _no_second_order(ctx, *grads):
     raise RuntimeError(
         "hotops.info_nce has no second derivative: a gradient taken with create_graph=True "
         "cannot be differentiated again (e.g. a gradient penalty through the loss). Use "
-        "hotops.infonce.reference.info_nce, plain torch, where double backward is needed.")
+        "hotops.infonce.reference.info_nce, plain torch, where double backward is needed."
+    )
 
 
 info_nce_bwd.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)

@@ -7,6 +7,7 @@ temperature. With per-candidate weights w (the positive's weight is always 1) th
 
 which is exactly ``F.cross_entropy(logits, arange(B), label_smoothing=eps)`` when w is all ones.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -24,8 +25,17 @@ def logits(q: torch.Tensor, d: torch.Tensor, hard: Optional[torch.Tensor], tempe
     return torch.cat(parts, dim=1) / temperature
 
 
-def info_nce(q, d, hard=None, *, temperature=0.05, label_smoothing=0.0, neg_weight=None,
-             reduction="mean", pos_offset: int = 0) -> torch.Tensor:
+def info_nce(
+    q,
+    d,
+    hard=None,
+    *,
+    temperature=0.05,
+    label_smoothing=0.0,
+    neg_weight=None,
+    reduction="mean",
+    pos_offset: int = 0,
+) -> torch.Tensor:
     """Materialises the B×C logits in the inputs' dtype; the loss in float32."""
     z = logits(q, d, hard, temperature).float()
     target = torch.arange(q.shape[0], device=q.device) + pos_offset

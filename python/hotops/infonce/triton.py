@@ -5,6 +5,7 @@ exponentials, sum of logits, sum of e·l for the temperature gradient), then, wh
 wanted, a second sweep that overwrites the logits with dloss/dlogits. The GEMMs around it are
 cuBLAS (see op.py). Runs on the CPU under TRITON_INTERPRET=1 for tests.
 """
+
 from __future__ import annotations
 
 import triton
@@ -19,8 +20,9 @@ def _dropped(w, l):
 
 
 @triton.jit
-def _sweep_stats(ptr, stride, n, w_ptr, w_off, pos, r, inv_t, m, s, el, sl,
-                 HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _sweep_stats(
+    ptr, stride, n, w_ptr, w_off, pos, r, inv_t, m, s, el, sl, HAS_W: tl.constexpr, BLOCK: tl.constexpr
+):
     for j in range(0, n, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         inside = cols < n
@@ -33,7 +35,9 @@ def _sweep_stats(ptr, stride, n, w_ptr, w_off, pos, r, inv_t, m, s, el, sl,
         sl += tl.sum(tl.where(inside, l, 0.0))
         m_new = tl.maximum(m, tl.max(tl.where(w > 0, l, float("-inf"))))
         e = tl.where(w > 0, w * tl.exp(l - m_new), _dropped(w, l))
-        alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))  # no exp(-inf + inf) before a weighted column
+        alpha = tl.where(
+            m_new == float("-inf"), 1.0, tl.exp(m - m_new)
+        )  # no exp(-inf + inf) before a weighted column
         s = s * alpha + tl.sum(e)
         el = el * alpha + tl.sum(e * tl.where(w > 0, l, 0.0))
         m = m_new
@@ -41,8 +45,22 @@ def _sweep_stats(ptr, stride, n, w_ptr, w_off, pos, r, inv_t, m, s, el, sl,
 
 
 @triton.jit
-def _sweep_grad(ptr, stride, n, w_ptr, w_off, pos, r, inv_t, lse, eps_c, eps, scale,
-                HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _sweep_grad(
+    ptr,
+    stride,
+    n,
+    w_ptr,
+    w_off,
+    pos,
+    r,
+    inv_t,
+    lse,
+    eps_c,
+    eps,
+    scale,
+    HAS_W: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     for j in range(0, n, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         inside = cols < n
@@ -59,9 +77,28 @@ def _sweep_grad(ptr, stride, n, w_ptr, w_off, pos, r, inv_t, lse, eps_c, eps, sc
 
 
 @triton.jit
-def _rows_kernel(S, stride_s, Na, O, stride_o, K, Wt, RS, LOSS, LSE, TDOT, pos_col, T,
-                 eps, grad_scale, HAS_OWN: tl.constexpr, HAS_W: tl.constexpr,
-                 HAS_RS: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _rows_kernel(
+    S,
+    stride_s,
+    Na,
+    O,
+    stride_o,
+    K,
+    Wt,
+    RS,
+    LOSS,
+    LSE,
+    TDOT,
+    pos_col,
+    T,
+    eps,
+    grad_scale,
+    HAS_OWN: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_RS: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     r = tl.program_id(0).to(tl.int64)
     inv_t = 1.0 / tl.load(T).to(tl.float32)
     pos = pos_col + r
@@ -88,8 +125,21 @@ def _rows_kernel(S, stride_s, Na, O, stride_o, K, Wt, RS, LOSS, LSE, TDOT, pos_c
             _sweep_grad(O, stride_o, K, Wt, Na, -1, r, inv_t, lse, eps / C, eps, scale, HAS_W, BLOCK)
 
 
-def row_pass(shared, own, weight, row_scale, loss, lse, tdot, pos_col, temperature, smoothing,
-             grad_scale, want_grad, block: int = 1024):
+def row_pass(
+    shared,
+    own,
+    weight,
+    row_scale,
+    loss,
+    lse,
+    tdot,
+    pos_col,
+    temperature,
+    smoothing,
+    grad_scale,
+    want_grad,
+    block: int = 1024,
+):
     """Same contract as the C++ row pass (csrc/infonce/cpu.h); temperature stays on the device."""
     P, Na = shared.shape
     K = own.shape[1] if own is not None else 0
@@ -97,9 +147,24 @@ def row_pass(shared, own, weight, row_scale, loss, lse, tdot, pos_col, temperatu
         return
     block = min(block, triton.next_power_of_2(max(Na, K, 16)))
     _rows_kernel[(P,)](
-        shared, shared.stride(0), Na,
-        own if own is not None else shared, own.stride(0) if own is not None else 0, K,
-        weight if weight is not None else loss, row_scale if row_scale is not None else loss,
-        loss, lse, tdot, pos_col, temperature, float(smoothing), float(grad_scale),
-        HAS_OWN=own is not None, HAS_W=weight is not None, HAS_RS=row_scale is not None,
-        WANT_GRAD=bool(want_grad), BLOCK=block)
+        shared,
+        shared.stride(0),
+        Na,
+        own if own is not None else shared,
+        own.stride(0) if own is not None else 0,
+        K,
+        weight if weight is not None else loss,
+        row_scale if row_scale is not None else loss,
+        loss,
+        lse,
+        tdot,
+        pos_col,
+        temperature,
+        float(smoothing),
+        float(grad_scale),
+        HAS_OWN=own is not None,
+        HAS_W=weight is not None,
+        HAS_RS=row_scale is not None,
+        WANT_GRAD=bool(want_grad),
+        BLOCK=block,
+    )

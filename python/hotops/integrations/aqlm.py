@@ -23,6 +23,7 @@ first call; both orders convert. When in_groups == out_groups the shapes cannot 
 counts as reordered when aqlm prepared it (``gemv_op`` set) with 256 codewords and the codes now
 on the CPU, which is when aqlm reorders.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -79,11 +80,16 @@ def was_reordered(layer) -> bool:
     shape = tuple(layer.codes.shape[:2])
     if out_groups != in_groups:
         if shape not in ((out_groups, in_groups), (in_groups, out_groups)):
-            raise ValueError(f"aqlm codes of shape {tuple(layer.codes.shape)} fit neither ({out_groups}, "
-                             f"{in_groups}, M) nor the reordered ({in_groups}, {out_groups}, M)")
+            raise ValueError(
+                f"aqlm codes of shape {tuple(layer.codes.shape)} fit neither ({out_groups}, "
+                f"{in_groups}, M) nor the reordered ({in_groups}, {out_groups}, M)"
+            )
         return shape == (in_groups, out_groups)
-    return (getattr(layer, "gemv_op", None) is not None and layer.codebook_size == 256
-            and layer.codes.device.type == "cpu")
+    return (
+        getattr(layer, "gemv_op", None) is not None
+        and layer.codebook_size == 256
+        and layer.codes.device.type == "cpu"
+    )
 
 
 def logical_codes(layer) -> Tensor:
@@ -103,14 +109,20 @@ def from_aqlm(layer) -> nn.Module:
     og, ig = layer.out_group_size, layer.in_group_size
     fmt = f"{M}x{nbits} (in_group {ig}, out_group {og})"
     if nbits > 16:
-        raise ValueError(f"AQLM {fmt}: codes wider than 16 bits are not supported (hotops kernels take "
-                         f"8- and 16-bit codes)")
+        raise ValueError(
+            f"AQLM {fmt}: codes wider than 16 bits are not supported (hotops kernels take "
+            f"8- and 16-bit codes)"
+        )
     if nbits > 8 and ig != WIDE_IN_GROUP:
-        raise ValueError(f"AQLM {fmt}: {nbits}-bit codes are supported over in_group {WIDE_IN_GROUP} only "
-                         f"(the 16-bit gather kernel's codeword size)")
+        raise ValueError(
+            f"AQLM {fmt}: {nbits}-bit codes are supported over in_group {WIDE_IN_GROUP} only "
+            f"(the 16-bit gather kernel's codeword size)"
+        )
     if nbits <= 8 and ig not in IN_GROUPS:
-        raise ValueError(f"AQLM {fmt}: 8-bit codes are supported over in_group {IN_GROUPS} (the "
-                         f"lookup-table format's codeword sizes)")
+        raise ValueError(
+            f"AQLM {fmt}: 8-bit codes are supported over in_group {IN_GROUPS} (the "
+            f"lookup-table format's codeword sizes)"
+        )
     codes = logical_codes(layer)  # (out_groups, in_groups, M)
     out_groups = codes.shape[0]
     # rows stored t-major: stored row t * out_groups + o is output row o * og + t, in row group t
@@ -125,11 +137,16 @@ def from_aqlm(layer) -> nn.Module:
     bias = None if layer.bias is None else layer.bias.detach()
     if nbits > 8:
         return WideCodebookLinear(rows.to(torch.int16).contiguous(), codebooks, scales, group_ptr, perm, bias)
-    rows8 = (rows.view(torch.uint8) if rows.dtype == torch.int8 else (rows.long() & 0xFF).to(torch.uint8))
+    rows8 = rows.view(torch.uint8) if rows.dtype == torch.int8 else (rows.long() & 0xFF).to(torch.uint8)
     parts = []
     for m0 in range(0, M, 2):
-        w = CodebookWeight(rows8[:, :, m0:m0 + 2].contiguous(), codebooks[:, m0:m0 + 2].contiguous(), scales,
-                           group_ptr, perm)
+        w = CodebookWeight(
+            rows8[:, :, m0 : m0 + 2].contiguous(),
+            codebooks[:, m0 : m0 + 2].contiguous(),
+            scales,
+            group_ptr,
+            perm,
+        )
         parts.append(CodebookLinear(w, None if M > 2 else bias))
     return parts[0] if M <= 2 else CodebookLinearSum(parts, bias)
 

@@ -7,6 +7,7 @@ PQIndex / IVFPQIndex holding the same codebooks, coarse centroids, codes and ids
 goes the other way. `PQIndex.from_faiss`, `IVFPQIndex.from_faiss` and `.to_faiss()` call these.
 
 faiss is imported only here, and only when a conversion runs."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -32,7 +33,7 @@ def unpack_codes(packed: np.ndarray, m: int, nbits: int) -> np.ndarray:
     first, -> (n, m) uint8 codes."""
     if nbits == 8:
         return np.ascontiguousarray(packed[:, :m])
-    bits = np.unpackbits(packed, axis=1, bitorder="little")[:, :m * nbits].reshape(-1, m, nbits)
+    bits = np.unpackbits(packed, axis=1, bitorder="little")[:, : m * nbits].reshape(-1, m, nbits)
     return (bits.astype(np.uint8) << np.arange(nbits, dtype=np.uint8)).sum(-1, dtype=np.uint8)
 
 
@@ -50,13 +51,17 @@ def _metric(faiss, index, what: str) -> str:
         return "l2"
     if index.metric_type == faiss.METRIC_INNER_PRODUCT:
         return "ip"
-    raise ValueError(f"{what} uses faiss metric {index.metric_type}; hotops indexes score by L2 or inner product only")
+    raise ValueError(
+        f"{what} uses faiss metric {index.metric_type}; hotops indexes score by L2 or inner product only"
+    )
 
 
 def _codebooks(pq) -> np.ndarray:
     if pq.nbits > 8:
-        raise ValueError(f"the faiss product quantizer has nbits = {pq.nbits}; hotops stores one byte per "
-                         "sub-space code, so nbits must be 1..8")
+        raise ValueError(
+            f"the faiss product quantizer has nbits = {pq.nbits}; hotops stores one byte per "
+            "sub-space code, so nbits must be 1..8"
+        )
     return _faiss().vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
 
 
@@ -64,10 +69,12 @@ def _fastscan_codes(faiss, packer, blocks: np.ndarray, n: int, m: int) -> np.nda
     """The (n, m) 4-bit codes of n vectors in faiss's fast-scan blocks, unpacked by faiss's own
     CodePacker (one call per block of packer.nvec vectors)."""
     nb = (n + packer.nvec - 1) // packer.nvec
-    blocks = np.ascontiguousarray(blocks[:nb * packer.block_size])
+    blocks = np.ascontiguousarray(blocks[: nb * packer.block_size])
     flat = np.empty((nb * packer.nvec, packer.code_size), np.uint8)
     for b in range(nb):
-        packer.unpack_all(faiss.swig_ptr(blocks[b * packer.block_size:]), faiss.swig_ptr(flat[b * packer.nvec:]))
+        packer.unpack_all(
+            faiss.swig_ptr(blocks[b * packer.block_size :]), faiss.swig_ptr(flat[b * packer.nvec :])
+        )
     return unpack_codes(flat[:n], m, 4)
 
 
@@ -79,21 +86,29 @@ def _unwrap(faiss, index):
     index = faiss.downcast_index(index)
     id_map = vectors = None
     if isinstance(index, faiss.IndexPreTransform):
-        raise TypeError("IndexPreTransform (OPQ, PCA, ... before the quantizer) does not convert: hotops indexes "
-                        "quantize the vectors as given, with no transform")
+        raise TypeError(
+            "IndexPreTransform (OPQ, PCA, ... before the quantizer) does not convert: hotops indexes "
+            "quantize the vectors as given, with no transform"
+        )
     if isinstance(index, faiss.IndexIDMap):
         id_map = faiss.vector_to_array(index.id_map)
         index = faiss.downcast_index(index.index)
     if isinstance(index, faiss.IndexRefine):
         refine = faiss.downcast_index(index.refine_index)
         if not isinstance(refine, faiss.IndexFlat):
-            raise ValueError(f"the refine index is a {type(refine).__name__}; hotops keeps exact float32 vectors, "
-                             "so only IndexRefineFlat (a flat refine index) converts")
-        vectors = refine.reconstruct_n(0, refine.ntotal) if refine.ntotal else np.empty((0, refine.d), np.float32)
+            raise ValueError(
+                f"the refine index is a {type(refine).__name__}; hotops keeps exact float32 vectors, "
+                "so only IndexRefineFlat (a flat refine index) converts"
+            )
+        vectors = (
+            refine.reconstruct_n(0, refine.ntotal) if refine.ntotal else np.empty((0, refine.d), np.float32)
+        )
         base = faiss.downcast_index(index.base_index)
         if isinstance(base, faiss.IndexIDMap):
-            raise ValueError("an IndexIDMap inside an IndexRefineFlat does not convert: faiss re-ranks by treating "
-                             "the base index's labels as rows of the refine index; put the IndexIDMap outside")
+            raise ValueError(
+                "an IndexIDMap inside an IndexRefineFlat does not convert: faiss re-ranks by treating "
+                "the base index's labels as rows of the refine index; put the IndexIDMap outside"
+            )
         if refine.metric_type != base.metric_type:
             raise ValueError("the refine index and the base index use different metrics")
         index = base
@@ -104,8 +119,10 @@ def _finish_ids(ids: np.ndarray, id_map: Optional[np.ndarray], vectors: Optional
     """Row ids of the core index -> user ids (through the id map) and the kept vectors of each row."""
     if vectors is not None:
         if ids.size and (ids.min() < 0 or ids.max() >= vectors.shape[0]):
-            raise ValueError("the base index's ids are not rows of the refine index (was it filled through "
-                             "IndexRefineFlat.add?)")
+            raise ValueError(
+                "the base index's ids are not rows of the refine index (was it filled through "
+                "IndexRefineFlat.add?)"
+            )
         vectors = np.ascontiguousarray(vectors[ids], dtype=np.float32)
     if id_map is not None:
         if ids.size and (ids.min() < 0 or ids.max() >= id_map.shape[0]):
@@ -133,8 +150,14 @@ def pq_from_faiss(index) -> "_index.PQIndex":
     else:
         codes = unpack_codes(faiss.vector_to_array(core.codes).reshape(n, core.code_size), pq.M, pq.nbits)
     ids, vectors = _finish_ids(np.arange(n, dtype=np.int64), id_map, vectors)
-    out = _index.PQIndex(core.d, pq.M, pq.nbits, _metric(faiss, core, type(core).__name__),
-                         keep_vectors=vectors is not None, verbose=False)
+    out = _index.PQIndex(
+        core.d,
+        pq.M,
+        pq.nbits,
+        _metric(faiss, core, type(core).__name__),
+        keep_vectors=vectors is not None,
+        verbose=False,
+    )
     out._restore(dict(codebooks=books, codes=codes, ids=ids, vectors=vectors))
     return out
 
@@ -157,17 +180,23 @@ def ivfpq_from_faiss(index) -> "_index.IVFPQIndex":
     faiss = _faiss()
     core, id_map, vectors = _unwrap(faiss, index)
     if isinstance(core, faiss.IndexIVFPQR):
-        raise TypeError("IndexIVFPQR re-ranks with a second product quantizer, which hotops does not have; "
-                        "convert an IndexIVFPQ inside an IndexRefineFlat instead")
+        raise TypeError(
+            "IndexIVFPQR re-ranks with a second product quantizer, which hotops does not have; "
+            "convert an IndexIVFPQ inside an IndexRefineFlat instead"
+        )
     if not isinstance(core, (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)):
-        raise TypeError(f"IVFPQIndex.from_faiss converts IndexIVFPQ and IndexIVFPQFastScan, got {type(core).__name__}")
+        raise TypeError(
+            f"IVFPQIndex.from_faiss converts IndexIVFPQ and IndexIVFPQFastScan, got {type(core).__name__}"
+        )
     if not core.is_trained:
         raise ValueError("the faiss index is not trained")
     metric = _metric(faiss, core, type(core).__name__)
     quantizer = faiss.downcast_index(core.quantizer)
     if quantizer.metric_type != core.metric_type:
-        raise ValueError(f"the coarse quantizer ranks lists by {_metric(faiss, quantizer, 'the quantizer')} but the "
-                         f"index scores by {metric}; hotops probes the lists by the index's own metric")
+        raise ValueError(
+            f"the coarse quantizer ranks lists by {_metric(faiss, quantizer, 'the quantizer')} but the "
+            f"index scores by {metric}; hotops probes the lists by the index's own metric"
+        )
     pq, nlist = core.pq, int(core.nlist)
     books = _codebooks(pq)
     coarse = np.ascontiguousarray(quantizer.reconstruct_n(0, nlist), dtype=np.float32)
@@ -190,8 +219,16 @@ def ivfpq_from_faiss(index) -> "_index.IVFPQIndex":
     ids = np.concatenate(all_ids) if all_ids else np.empty(0, np.int64)
     codes = np.concatenate(all_codes) if all_codes else np.empty((0, pq.M), np.uint8)
     ids, vectors = _finish_ids(ids, id_map, vectors)
-    out = _index.IVFPQIndex(core.d, nlist, pq.M, pq.nbits, metric, keep_vectors=vectors is not None,
-                            by_residual=bool(core.by_residual), verbose=False)
+    out = _index.IVFPQIndex(
+        core.d,
+        nlist,
+        pq.M,
+        pq.nbits,
+        metric,
+        keep_vectors=vectors is not None,
+        by_residual=bool(core.by_residual),
+        verbose=False,
+    )
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     out._restore(dict(codebooks=books, codes=codes, ids=ids, vectors=vectors, coarse=coarse, offsets=offsets))
     return out
@@ -253,7 +290,9 @@ def to_faiss(index, fast_scan: Optional[bool] = None, k_factor: float = 1.0):
         base.is_trained = True
         base.precompute_table()
         # the lists hold row numbers when the vectors are kept (the refine index is indexed by them)
-        ids = np.arange(index.ntotal, dtype=np.int64) if index.keep_vectors else np.ascontiguousarray(index.ids)
+        ids = (
+            np.arange(index.ntotal, dtype=np.int64) if index.keep_vectors else np.ascontiguousarray(index.ids)
+        )
         for l in range(index.nlist):
             b, e = int(index.offsets[l]), int(index.offsets[l + 1])
             if e > b:

@@ -17,6 +17,7 @@ Extra option ``mask_duplicate_positives=True``: a candidate (another row's posit
 negative) whose tokens equal the row's own positive is removed from that row's softmax, so
 duplicate positives in a batch are no longer false negatives.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -59,7 +60,9 @@ def _embed(model, sentence_features: list[dict]) -> list[Tensor]:
 def _gather(t: Tensor) -> Tensor:
     fn = getattr(_st_util, "all_gather_with_grad", None)
     if fn is None:
-        raise ValueError("gather_across_devices=True needs sentence-transformers >= 3.1 (all_gather_with_grad)")
+        raise ValueError(
+            "gather_across_devices=True needs sentence-transformers >= 3.1 (all_gather_with_grad)"
+        )
     return fn(t)
 
 
@@ -85,8 +88,9 @@ def _token_ids(sentence_features: list[dict]) -> Tensor:
     rows = []
     for sf in sentence_features[1:]:
         if "input_ids" not in sf:
-            raise ValueError("mask_duplicate_positives=True compares token ids, and these features have no "
-                             "'input_ids'")
+            raise ValueError(
+                "mask_duplicate_positives=True compares token ids, and these features have no 'input_ids'"
+            )
         ids = sf["input_ids"]
         mask = sf.get("attention_mask")
         if mask is not None:
@@ -162,8 +166,10 @@ class MultipleNegativesRankingLoss(_LibMNRL):
         sentence_features = list(sentence_features)
         if not _fused(self):
             if self.mask_duplicate_positives:
-                raise ValueError("mask_duplicate_positives=True needs the fused settings (directions="
-                                 "('query_to_doc',), no hardness weighting, cos_sim or dot_score)")
+                raise ValueError(
+                    "mask_duplicate_positives=True needs the fused settings (directions="
+                    "('query_to_doc',), no hardness weighting, cos_sim or dot_score)"
+                )
             return super().forward(sentence_features, labels)
         if len(sentence_features) < 2:
             raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
@@ -205,14 +211,18 @@ class CachedMultipleNegativesRankingLoss(_LibCachedMNRL):
 
     def _settings(self):
         # >= 6 keeps the hyper-parameters on a wrapped loss; earlier versions on self
-        return getattr(self, "loss", None) if isinstance(getattr(self, "loss", None), torch.nn.Module) else self
+        return (
+            getattr(self, "loss", None) if isinstance(getattr(self, "loss", None), torch.nn.Module) else self
+        )
 
     def forward(self, sentence_features: Iterable[dict], labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
         if self.mask_duplicate_positives:
             if not _fused(self._settings()):
-                raise ValueError("mask_duplicate_positives=True needs the fused settings (directions="
-                                 "('query_to_doc',), no hardness weighting, cos_sim or dot_score)")
+                raise ValueError(
+                    "mask_duplicate_positives=True needs the fused settings (directions="
+                    "('query_to_doc',), no hardness weighting, cos_sim or dot_score)"
+                )
             self._cand_ids = _token_ids(sentence_features)
         try:
             return super().forward(sentence_features, labels)

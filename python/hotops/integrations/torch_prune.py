@@ -5,6 +5,7 @@ torch's pruning re-parametrizes a tensor ``weight`` as ``weight_orig`` (the trai
 before each forward. Between an optimizer step and the next forward the ``weight`` attribute is
 therefore stale. hotops takes the pattern from ``weight_mask`` and the values from ``weight_orig``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,9 +18,14 @@ from torch.nn.utils import prune
 
 def is_pruned(module: nn.Module, name: str = "weight") -> bool:
     """Whether ``module.<name>`` is re-parametrized by torch.nn.utils.prune."""
-    return any(isinstance(h, prune.BasePruningMethod) and getattr(h, "_tensor_name", None) == name
-               for h in module._forward_pre_hooks.values()) and hasattr(module, name + "_orig") \
+    return (
+        any(
+            isinstance(h, prune.BasePruningMethod) and getattr(h, "_tensor_name", None) == name
+            for h in module._forward_pre_hooks.values()
+        )
+        and hasattr(module, name + "_orig")
         and hasattr(module, name + "_mask")
+    )
 
 
 def current(module: nn.Module, name: str) -> Optional[Tensor]:

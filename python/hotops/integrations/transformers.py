@@ -30,6 +30,7 @@ packed sequences, chunked attention, attention bias), softcapping, and a KV cach
 refused with a ValueError. The subsampled path applies no attention-probability dropout: the
 subsampling is the regulariser.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,17 +57,23 @@ def _check(keep, mode, ensemble):
         raise ValueError(f"hotops_ssa_ensemble must be an integer >= 1, got {ensemble!r}")
 
 
-def configure(model, keep: float | None = None, mode: str | None = None,
-              ensemble: int | None = None):
+def configure(model, keep: float | None = None, mode: str | None = None, ensemble: int | None = None):
     """Set the SSA settings on ``model.config`` and on every sub-module's config (composite
     models); the arguments left None keep their current value (or the default). Returns the model.
     They are plain config attributes, so ``save_pretrained`` stores them."""
-    configs = {id(c): c for c in [getattr(model, "config", None)] +
-               [getattr(m, "config", None) for m in model.modules()] if c is not None and hasattr(c, "to_dict")}
+    configs = {
+        id(c): c
+        for c in [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
+        if c is not None and hasattr(c, "to_dict")
+    }
     for cfg in configs.values():
         k = keep if keep is not None else getattr(cfg, "hotops_ssa_keep", DEFAULTS["hotops_ssa_keep"])
         md = mode if mode is not None else getattr(cfg, "hotops_ssa_mode", DEFAULTS["hotops_ssa_mode"])
-        e = ensemble if ensemble is not None else getattr(cfg, "hotops_ssa_ensemble", DEFAULTS["hotops_ssa_ensemble"])
+        e = (
+            ensemble
+            if ensemble is not None
+            else getattr(cfg, "hotops_ssa_ensemble", DEFAULTS["hotops_ssa_ensemble"])
+        )
         _check(k, md, e)
         cfg.hotops_ssa_keep, cfg.hotops_ssa_mode, cfg.hotops_ssa_ensemble = float(k), md, int(e)
     return model
@@ -98,21 +105,40 @@ def _key_padding(mask: Tensor | None, B: int, Lq: int, Lk: int, causal: bool) ->
     if causal:
         expected = expected & torch.ones(Lq, Lk, dtype=torch.bool, device=mask.device).tril(Lk - Lq)
     if not bool((allowed == expected).all()):
-        raise ValueError("hotops_ssa's subsampled attention supports key-padding (and causal) masks only; "
-                         "this mask has another pattern (sliding window, packed sequences, chunks, ...)")
+        raise ValueError(
+            "hotops_ssa's subsampled attention supports key-padding (and causal) masks only; "
+            "this mask has another pattern (sliding window, packed sequences, chunks, ...)"
+        )
     pad = ~seen[:, 0]
     return pad if bool(pad.any()) else None
 
 
-def hotops_ssa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                         attention_mask: Tensor | None, dropout: float = 0.0,
-                         scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+def hotops_ssa_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
     """The ``AttentionInterface`` function: query (B, H, Lq, Dh), key/value (B, Hkv, Lk, Dh);
     returns ((B, Lq, H, Dh), None) like transformers' own attention functions."""
     keep, mode, ensemble = _settings(module)
     if not module.training and ensemble == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
     for name in ("sliding_window", "softcap", "position_bias", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"hotops_ssa's subsampled attention does not support {name}")
@@ -122,12 +148,18 @@ def hotops_ssa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
     Lk = key.shape[2]
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Lq > 1
     if causal and Lq != Lk:
-        raise ValueError("hotops_ssa's subsampled attention runs on whole sequences: causal attention with "
-                         f"{Lq} queries over {Lk} keys (a KV cache) is not supported in training mode")
+        raise ValueError(
+            "hotops_ssa's subsampled attention runs on whole sequences: causal attention with "
+            f"{Lq} queries over {Lk} keys (a KV cache) is not supported in training mode"
+        )
     pad = _key_padding(attention_mask, B, Lq, Lk, causal)
     runs = 1 if module.training else ensemble
-    out = sum(subsampled_attention(query, key, value, keep, mode=mode, causal=causal, scale=scaling,
-                                   key_padding_mask=pad) for _ in range(runs))
+    out = sum(
+        subsampled_attention(
+            query, key, value, keep, mode=mode, causal=causal, scale=scaling, key_padding_mask=pad
+        )
+        for _ in range(runs)
+    )
     if runs > 1:
         out = out / runs
     return out.transpose(1, 2).contiguous(), None

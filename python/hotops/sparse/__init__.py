@@ -1,5 +1,6 @@
 """Sparse linear and convolution for pruned networks (DASS): the packed weight, the ops, the
 modules and the pruning entry point."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -11,7 +12,15 @@ from hotops import _backend
 from hotops.sparse import op as _op
 from hotops.sparse.format import _DATA, SparseWeight, TrackedBuffer
 
-__all__ = ["SparseWeight", "sparse_linear", "sparse_conv2d", "SparseLinear", "SparseConv2d", "sparsify", "fuse"]
+__all__ = [
+    "SparseWeight",
+    "sparse_linear",
+    "sparse_conv2d",
+    "SparseLinear",
+    "SparseConv2d",
+    "sparsify",
+    "fuse",
+]
 
 # activations (and bias) may be bfloat16 / float16: the kernels read them widened to float32,
 # accumulate in float32 against the float32 values and round the output once to x's dtype
@@ -34,29 +43,39 @@ def _check_common(x: Tensor, sw, bias: Optional[Tensor], ndim: int) -> None:
     values = _plain(sw.values)
     if values.dtype not in ACTIVATION_DTYPES or values.shape != sw.colidx.shape:  # one cheap test per call
         _backend.check_tensor(values, "sw.values", ndim=1, dtypes=ACTIVATION_DTYPES)
-        raise ValueError(f"sw.values has shape {tuple(values.shape)}, but sw's structure has {sw.nnz} non-zeros")
+        raise ValueError(
+            f"sw.values has shape {tuple(values.shape)}, but sw's structure has {sw.nnz} non-zeros"
+        )
     if bias is not None:
         _backend.check_tensor(bias, "bias", ndim=1, dtypes=ACTIVATION_DTYPES)
         if bias.shape[0] != sw.out_features:
-            raise ValueError(f"bias has {bias.shape[0]} entries, expected {sw.out_features} (one per output channel)")
+            raise ValueError(
+                f"bias has {bias.shape[0]} entries, expected {sw.out_features} (one per output channel)"
+            )
     _backend.check_same_device(x=x, values=values, bias=bias)
 
 
 def _pair(v: IntPair, name: str, minimum: int) -> list:
     """An int argument that may also be a pair (h, w): Python or NumPy ints, 0-d tensors, a tuple
     or list of two; each checked by _backend.check_number."""
-    if isinstance(v, (tuple, list)) or (isinstance(v, Tensor) and v.dim() == 1) or \
-            (hasattr(v, "shape") and hasattr(v, "dtype") and len(getattr(v, "shape", ())) == 1):
+    if (
+        isinstance(v, (tuple, list))
+        or (isinstance(v, Tensor) and v.dim() == 1)
+        or (hasattr(v, "shape") and hasattr(v, "dtype") and len(getattr(v, "shape", ())) == 1)
+    ):
         items = list(v)
         if len(items) != 2:
-            raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {len(items)} values: {v!r}")
+            raise ValueError(
+                f"{name} must be an int >= {minimum} or a pair of them, got {len(items)} values: {v!r}"
+            )
     else:
         items = [v, v]
     return [_backend.check_number(i, name, integer=True, low=minimum) for i in items]
 
 
-def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
-                  activation: Optional[str] = None) -> Tensor:
+def sparse_linear(
+    x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, activation: Optional[str] = None
+) -> Tensor:
     """``act(F.linear(x, W, bias))`` with W the packed sparse (O, I) weight; x is (..., I) float32,
     bfloat16 or float16 (the output has x's dtype).
     Differentiable w.r.t. x, ``sw.values`` and bias."""
@@ -78,8 +97,9 @@ def _plain(t: Optional[Tensor]) -> Optional[Tensor]:
 def _direct(x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
     """_backend.can_skip_dispatcher, also for a module's nn.Parameters (values and bias always
     are): their custom-op dispatch would cost more than a small layer's work."""
-    return _backend.can_skip_dispatcher(x, _plain(values), _plain(bias)) \
-        and not (torch.is_grad_enabled() and (values.requires_grad or (bias is not None and bias.requires_grad)))
+    return _backend.can_skip_dispatcher(x, _plain(values), _plain(bias)) and not (
+        torch.is_grad_enabled() and (values.requires_grad or (bias is not None and bias.requires_grad))
+    )
 
 
 def _blocked(x: Tensor, sw: SparseWeight) -> tuple:
@@ -93,50 +113,91 @@ def _linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], act: int) -> Te
         fn, values, bias = _op.linear_forward, _plain(sw.values), _plain(bias)
     else:
         fn, values = _op.sparse_linear_op, sw.values
-    y = fn(x.reshape(-1, sw.shape[1]), values, sw.rowptr, sw.colidx, sw.t_rowptr,
-           sw.t_colidx, sw.t_perm, bias, sw.shape[1], act, *_blocked(x, sw))
+    y = fn(
+        x.reshape(-1, sw.shape[1]),
+        values,
+        sw.rowptr,
+        sw.colidx,
+        sw.t_rowptr,
+        sw.t_colidx,
+        sw.t_perm,
+        bias,
+        sw.shape[1],
+        act,
+        *_blocked(x, sw),
+    )
     return y.reshape(*x.shape[:-1], sw.out_features)
 
 
-def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, stride: IntPair = 1,
-                  padding: IntPair = 0, dilation: IntPair = 1, groups: Optional[int] = None,
-                  activation: Optional[str] = None) -> Tensor:
+def sparse_conv2d(
+    x: Tensor,
+    sw: SparseWeight,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: Optional[int] = None,
+    activation: Optional[str] = None,
+) -> Tensor:
     """``act(F.conv2d(x, W, bias, stride, padding, dilation, groups))`` with W the packed sparse
     (O, C/groups, kh, kw) weight; x is (N, C, H, W) float32, bfloat16 or float16. ``groups`` defaults to the one W was
     packed with. Differentiable w.r.t. x, ``sw.values`` and bias."""
     _check_common(x, sw, bias, ndim=4)
     act = _check_activation(activation)
     if len(sw.shape) != 4:
-        raise ValueError(f"sparse_conv2d needs a conv (O, C/groups, kh, kw) SparseWeight, got shape {sw.shape}")
+        raise ValueError(
+            f"sparse_conv2d needs a conv (O, C/groups, kh, kw) SparseWeight, got shape {sw.shape}"
+        )
     groups = sw.groups if groups is None else _backend.check_number(groups, "groups", integer=True, low=1)
     if groups != sw.groups:
-        raise ValueError(f"sw was packed for groups={sw.groups}, called with groups={groups}; pack with "
-                         f"SparseWeight.from_dense(w, ..., groups={groups})")
+        raise ValueError(
+            f"sw was packed for groups={sw.groups}, called with groups={groups}; pack with "
+            f"SparseWeight.from_dense(w, ..., groups={groups})"
+        )
     stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
     C = x.shape[1]
     if C != sw.shape[1] * groups:
-        raise ValueError(f"x has {C} channels; the weight {sw.shape} with groups={groups} expects "
-                         f"{sw.shape[1] * groups}")
+        raise ValueError(
+            f"x has {C} channels; the weight {sw.shape} with groups={groups} expects {sw.shape[1] * groups}"
+        )
     for d, name in ((2, "height"), (3, "width")):
         k = sw.shape[d]
         if x.shape[d] + 2 * padding[d - 2] < dilation[d - 2] * (k - 1) + 1:
-            raise ValueError(f"input {name} {x.shape[d]} (padded by {padding[d - 2]}) is smaller than the "
-                             f"dilated kernel ({dilation[d - 2] * (k - 1) + 1})")
+            raise ValueError(
+                f"input {name} {x.shape[d]} (padded by {padding[d - 2]}) is smaller than the "
+                f"dilated kernel ({dilation[d - 2] * (k - 1) + 1})"
+            )
     return _conv2d(x, sw, bias, stride, padding, dilation, act)
 
 
-def _conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], stride: list, padding: list, dilation: list,
-            act: int) -> Tensor:
+def _conv2d(
+    x: Tensor, sw: SparseWeight, bias: Optional[Tensor], stride: list, padding: list, dilation: list, act: int
+) -> Tensor:
     """sparse_conv2d after validation, with (h, w) pairs (the modules validate once per input
     signature)."""
     if _direct(x, sw.values, bias):  # plain aliases: cheaper for the C++ to read than Parameters
         fn, values, bias = _op.conv2d_forward, _plain(sw.values), _plain(bias)
     else:
         fn, values = _op.sparse_conv2d_op, sw.values
-    return fn(x, values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm,
-              bias, list(sw.shape), stride, padding, dilation, sw.groups, act, *_blocked(x, sw))
+    return fn(
+        x,
+        values,
+        sw.rowptr,
+        sw.colidx,
+        sw.t_rowptr,
+        sw.t_colidx,
+        sw.t_perm,
+        bias,
+        list(sw.shape),
+        stride,
+        padding,
+        dilation,
+        sw.groups,
+        act,
+        *_blocked(x, sw),
+    )
 
 
-from hotops.sparse.module import SparseConv2d, SparseLinear, sparsify  # noqa: E402
 from hotops.sparse.fuse import fuse  # noqa: E402
+from hotops.sparse.module import SparseConv2d, SparseLinear, sparsify  # noqa: E402

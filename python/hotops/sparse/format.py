@@ -20,6 +20,7 @@ share few columns; the packer builds it where the fill (non-zeros over stored va
 least BLOCK_FILL_MIN, measured (docs/sparse.md, "Output-channel blocks and block pruning"). Training still runs on
 the CSR (``values`` stays the parameter; the gradients are the CSR's).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,6 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-
 
 # 512 activation rows of 64 floats (the kernel's register tile) = 128 KB: L2-resident per panel;
 # narrower panels park partial sums more often and cost batch-1 products whole gathers
@@ -87,6 +87,7 @@ def _alias_died(t):
                 lst.remove(ref)
             except ValueError:
                 pass
+
     return died
 
 
@@ -117,8 +118,9 @@ class TrackedParameter(_Tracked, nn.Parameter):
 
     def __deepcopy__(self, memo):
         if id(self) not in memo:
-            memo[id(self)] = TrackedParameter(_DATA.__get__(self).clone(memory_format=torch.preserve_format),
-                                              self.requires_grad)
+            memo[id(self)] = TrackedParameter(
+                _DATA.__get__(self).clone(memory_format=torch.preserve_format), self.requires_grad
+            )
         return memo[id(self)]
 
     def __reduce_ex__(self, proto):  # pickles as a plain Parameter; the module tracks it again
@@ -266,16 +268,16 @@ class SparseWeight:
 
     shape: Tuple[int, ...]
     groups: int
-    rowptr: Tensor     # (panels * O + 1,) int64: column-panelled CSR (see the module docstring)
-    colidx: Tensor     # (nnz,) int32, column within the group's im2col rows
-    values: Tensor     # (nnz,) float32, in (panel, row, column) order
-    t_rowptr: Tensor   # (groups * K + 1,) int64: CSR of W^T per group
-    t_colidx: Tensor   # (nnz,) int32: output channel within the group
-    t_perm: Tensor     # (nnz,) int64: values[t_perm] are W^T's values
-    block: int = 0     # rows per block of the blocked form, 0 without one (see the module docstring)
+    rowptr: Tensor  # (panels * O + 1,) int64: column-panelled CSR (see the module docstring)
+    colidx: Tensor  # (nnz,) int32, column within the group's im2col rows
+    values: Tensor  # (nnz,) float32, in (panel, row, column) order
+    t_rowptr: Tensor  # (groups * K + 1,) int64: CSR of W^T per group
+    t_colidx: Tensor  # (nnz,) int32: output channel within the group
+    t_perm: Tensor  # (nnz,) int64: values[t_perm] are W^T's values
+    block: int = 0  # rows per block of the blocked form, 0 without one (see the module docstring)
     b_rowptr: Optional[Tensor] = None  # (panels * blocks + 1,) int64
     b_colidx: Optional[Tensor] = None  # (stored,) int32
-    b_perm: Optional[Tensor] = None    # (stored * block,) int64 into values, nnz: a padding zero
+    b_perm: Optional[Tensor] = None  # (stored * block,) int64 into values, nnz: a padding zero
     _block_cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -339,8 +341,14 @@ class SparseWeight:
             return out
 
     @staticmethod
-    def from_dense(w: Tensor, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
-                   groups: int = 1, block: Optional[int] = None, layout: str = "auto") -> "SparseWeight":
+    def from_dense(
+        w: Tensor,
+        sparsity: Optional[float] = None,
+        mask: Optional[Tensor] = None,
+        groups: int = 1,
+        block: Optional[int] = None,
+        layout: str = "auto",
+    ) -> "SparseWeight":
         """Packs ``w * mask``. Give either ``mask`` (bool, w's shape) or ``sparsity`` (magnitude
         pruning to that fraction of zeros); with neither, w's own non-zeros are kept.
 
@@ -351,20 +359,28 @@ class SparseWeight:
         if not isinstance(w, Tensor):
             raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
         if w.dim() not in (2, 4):
-            raise ValueError(f"w must be a linear (O, I) or conv (O, C/groups, kh, kw) weight, got shape {tuple(w.shape)}")
+            raise ValueError(
+                f"w must be a linear (O, I) or conv (O, C/groups, kh, kw) weight, got shape {tuple(w.shape)}"
+            )
         if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"w has dtype {str(w.dtype).replace('torch.', '')}; expected float32, bfloat16 or "
-                            "float16 (the values are kept in float32)")
+            raise TypeError(
+                f"w has dtype {str(w.dtype).replace('torch.', '')}; expected float32, bfloat16 or "
+                "float16 (the values are kept in float32)"
+            )
         w = w.float()
         if w.numel() == 0:
             raise ValueError(f"w is empty (shape {tuple(w.shape)})")
         groups = _check_groups(groups)
         if w.shape[0] % groups:
-            raise ValueError(f"groups must be a positive divisor of the {w.shape[0]} output channels, got {groups!r}")
+            raise ValueError(
+                f"groups must be a positive divisor of the {w.shape[0]} output channels, got {groups!r}"
+            )
         if mask is not None and sparsity is not None:
             raise ValueError("give either mask or sparsity, not both")
         if block is not None and block not in BLOCK_SIZES:
-            raise ValueError(f"block must be None or one of {BLOCK_SIZES} (output channels per block), got {block!r}")
+            raise ValueError(
+                f"block must be None or one of {BLOCK_SIZES} (output channels per block), got {block!r}"
+            )
         if layout not in ("auto", "blocked", "csr"):
             raise ValueError(f"layout must be 'auto', 'blocked' or 'csr', got {layout!r}")
         if mask is None and sparsity is not None:
@@ -372,8 +388,10 @@ class SparseWeight:
         elif mask is None:
             mask = w.detach() != 0
         if not isinstance(mask, Tensor) or mask.shape != w.shape:
-            raise ValueError(f"mask must be a tensor of w's shape {tuple(w.shape)}, got "
-                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+            raise ValueError(
+                f"mask must be a tensor of w's shape {tuple(w.shape)}, got "
+                f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
+            )
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be bool, got {str(mask.dtype).replace('torch.', '')}")
         w2, m2 = w.detach().reshape(w.shape[0], -1), mask.reshape(w.shape[0], -1)
@@ -386,17 +404,38 @@ class SparseWeight:
         ``only_if_faster``, only where its fill reaches BLOCK_FILL_MIN (else it is returned as is)."""
         if block not in BLOCK_SIZES:
             raise ValueError(f"block must be one of {BLOCK_SIZES}, got {block!r}")
-        b_rowptr, b_colidx, b_perm = block_structure(self.shape[0], self.cols, self.groups, block,
-                                                     self.row_indices(), self.colidx.long())
+        b_rowptr, b_colidx, b_perm = block_structure(
+            self.shape[0], self.cols, self.groups, block, self.row_indices(), self.colidx.long()
+        )
         fill = self.nnz / max(1, b_perm.numel())
         if only_if_faster and (fill < BLOCK_FILL_MIN or self.nnz == 0):
             return self if not self.block else self.without_block()
-        return SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, self.values, self.t_rowptr,
-                            self.t_colidx, self.t_perm, block, b_rowptr, b_colidx, b_perm)
+        return SparseWeight(
+            self.shape,
+            self.groups,
+            self.rowptr,
+            self.colidx,
+            self.values,
+            self.t_rowptr,
+            self.t_colidx,
+            self.t_perm,
+            block,
+            b_rowptr,
+            b_colidx,
+            b_perm,
+        )
 
     def without_block(self) -> "SparseWeight":
-        return SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, self.values, self.t_rowptr,
-                            self.t_colidx, self.t_perm)
+        return SparseWeight(
+            self.shape,
+            self.groups,
+            self.rowptr,
+            self.colidx,
+            self.values,
+            self.t_rowptr,
+            self.t_colidx,
+            self.t_perm,
+        )
 
     @property
     def block_fill(self) -> float:
@@ -418,28 +457,54 @@ class SparseWeight:
         rowptr = torch.zeros(panels * O + 1, dtype=torch.int64)
         torch.cumsum(counts, 0, out=rowptr[1:])
         og = O // groups
-        t_rows = (rows // og) * K + cols      # W^T row: (group, column)
-        t_cols = rows % og                    # W^T column: output channel in the group
+        t_rows = (rows // og) * K + cols  # W^T row: (group, column)
+        t_cols = rows % og  # W^T column: output channel in the group
         t_perm = torch.argsort(t_rows * og + t_cols, stable=True)
         t_rowptr = torch.zeros(groups * K + 1, dtype=torch.int64)
         torch.cumsum(torch.bincount(t_rows, minlength=groups * K), 0, out=t_rowptr[1:])
-        return SparseWeight(tuple(int(s) for s in shape), int(groups), rowptr, cols.to(torch.int32),
-                            values, t_rowptr, t_cols[t_perm].to(torch.int32).contiguous(), t_perm)
+        return SparseWeight(
+            tuple(int(s) for s in shape),
+            int(groups),
+            rowptr,
+            cols.to(torch.int32),
+            values,
+            t_rowptr,
+            t_cols[t_perm].to(torch.int32).contiguous(),
+            t_perm,
+        )
 
     def with_values(self, values: Tensor) -> "SparseWeight":
         """The same structure with other values (e.g. a trained Parameter)."""
         if values.shape != (self.nnz,):
             raise ValueError(f"values must have shape ({self.nnz},), got {tuple(values.shape)}")
         # spelled out rather than dataclasses.replace, which torch.compile < 2.5 cannot trace
-        return SparseWeight(self.shape, self.groups, self.rowptr, self.colidx, values,
-                            self.t_rowptr, self.t_colidx, self.t_perm, self.block, self.b_rowptr, self.b_colidx,
-                            self.b_perm)
+        return SparseWeight(
+            self.shape,
+            self.groups,
+            self.rowptr,
+            self.colidx,
+            values,
+            self.t_rowptr,
+            self.t_colidx,
+            self.t_perm,
+            self.block,
+            self.b_rowptr,
+            self.b_colidx,
+            self.b_perm,
+        )
 
     def to(self, device) -> "SparseWeight":
         """The same weight with every tensor on ``device`` (a new block-values cache)."""
-        return SparseWeight(self.shape, self.groups, *(t.to(device) for t in (
-            self.rowptr, self.colidx, self.values, self.t_rowptr, self.t_colidx, self.t_perm)), self.block,
-            *(t.to(device) if t is not None else None for t in (self.b_rowptr, self.b_colidx, self.b_perm)))
+        return SparseWeight(
+            self.shape,
+            self.groups,
+            *(
+                t.to(device)
+                for t in (self.rowptr, self.colidx, self.values, self.t_rowptr, self.t_colidx, self.t_perm)
+            ),
+            self.block,
+            *(t.to(device) if t is not None else None for t in (self.b_rowptr, self.b_colidx, self.b_perm)),
+        )
 
     def mask(self) -> Tensor:
         m = torch.zeros(self.shape[0], self.cols, dtype=torch.bool, device=self.values.device)

@@ -1,6 +1,7 @@
 """fuse(): the inference form of a pruned network. Eval-mode BatchNorm is folded into the layer
 before it and a ReLU / ReLU6 after it becomes the sparse kernel's fused activation, so a
 conv + BN + activation block is one kernel call."""
+
 from __future__ import annotations
 
 import copy
@@ -16,12 +17,17 @@ _FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
 def _check_eval(model: nn.Module) -> None:
-    training = [name or "the model" for name, m in model.named_modules()
-                if m.training and (m is model or isinstance(m, _BATCHNORMS))]
+    training = [
+        name or "the model"
+        for name, m in model.named_modules()
+        if m.training and (m is model or isinstance(m, _BATCHNORMS))
+    ]
     if training:
-        raise ValueError("fuse() folds BatchNorm's running statistics, which is only valid in eval mode, but "
-                         f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''} "
-                         "are in training mode: call model.eval() first (and keep training on the unfused model)")
+        raise ValueError(
+            "fuse() folds BatchNorm's running statistics, which is only valid in eval mode, but "
+            f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''} "
+            "are in training mode: call model.eval() first (and keep training on the unfused model)"
+        )
 
 
 def _fold_into_sparse(layer, bn) -> None:

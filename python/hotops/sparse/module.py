@@ -1,7 +1,7 @@
 """SparseLinear / SparseConv2d modules, the dense-or-sparse dispatch, and sparsify()."""
+
 from __future__ import annotations
 
-import copy
 import operator
 import time
 from typing import Callable, Iterable, Optional, Tuple
@@ -10,10 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hotops.integrations.torch_prune import deepcopy as prune_safe_deepcopy, remove as remove_pruning, weight_bias_mask
+from hotops.integrations.torch_prune import deepcopy as prune_safe_deepcopy
+from hotops.integrations.torch_prune import remove as remove_pruning
+from hotops.integrations.torch_prune import weight_bias_mask
 from hotops.sparse import reference
-from hotops.sparse.format import (_BUILD_LOCK, BLOCK_SIZES, PANEL_COLS, SparseWeight, alias_versions, block_mask,
-                                  check_sparsity, magnitude_mask, panel_count, state_key, track)
+from hotops.sparse.format import (
+    _BUILD_LOCK,
+    BLOCK_SIZES,
+    PANEL_COLS,
+    SparseWeight,
+    alias_versions,
+    block_mask,
+    check_sparsity,
+    magnitude_mask,
+    panel_count,
+    state_key,
+    track,
+)
 
 SPARSE, DENSE = "sparse (C++)", "dense (torch)"
 POLICIES = ("auto", "model", "sparse", "dense")
@@ -31,37 +44,53 @@ DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.4, "conv1x1": 0.4, "conv": 0.2, "depthwi
 _get_version = operator.attrgetter("_version")
 
 
-def _checked_structure(shape, groups: int, values, rowptr, colidx, t_rowptr, t_colidx, t_perm) -> SparseWeight:
+def _checked_structure(
+    shape, groups: int, values, rowptr, colidx, t_rowptr, t_colidx, t_perm
+) -> SparseWeight:
     """A checkpoint's packed weight for a layer of ``shape`` and ``groups``, checked whole: the
     CSR's sizes, order and column range, and the transposed CSR against the one the CSR implies
     (rebuilt here: a corrupted or foreign checkpoint is refused, never run)."""
     O, K = shape[0], 1
     for d in shape[1:]:
         K *= d
-    for name, t, dtype in (("rowptr", rowptr, torch.int64), ("colidx", colidx, torch.int32),
-                           ("t_rowptr", t_rowptr, torch.int64), ("t_colidx", t_colidx, torch.int32),
-                           ("t_perm", t_perm, torch.int64)):
+    for name, t, dtype in (
+        ("rowptr", rowptr, torch.int64),
+        ("colidx", colidx, torch.int32),
+        ("t_rowptr", t_rowptr, torch.int64),
+        ("t_colidx", t_colidx, torch.int32),
+        ("t_perm", t_perm, torch.int64),
+    ):
         if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != dtype:
-            raise ValueError(f"{name} must be a 1-d {str(dtype).replace('torch.', '')} tensor, got "
-                             f"{str(t.dtype).replace('torch.', '') + ' ' + str(tuple(t.shape)) if isinstance(t, Tensor) else t!r}")
+            raise ValueError(
+                f"{name} must be a 1-d {str(dtype).replace('torch.', '')} tensor, got "
+                f"{str(t.dtype).replace('torch.', '') + ' ' + str(tuple(t.shape)) if isinstance(t, Tensor) else t!r}"
+            )
     if not isinstance(values, Tensor) or values.dim() != 1 or not values.is_floating_point():
         raise ValueError("values must be a 1-d floating-point tensor")
     panels, nnz = panel_count(K), colidx.numel()
     if rowptr.numel() != panels * O + 1:
-        raise ValueError(f"rowptr has {rowptr.numel()} entries; a weight of shape {tuple(shape)} needs "
-                         f"{panels * O + 1} (the checkpoint is of a layer of another shape)")
+        raise ValueError(
+            f"rowptr has {rowptr.numel()} entries; a weight of shape {tuple(shape)} needs "
+            f"{panels * O + 1} (the checkpoint is of a layer of another shape)"
+        )
     if values.numel() != nnz:
         raise ValueError(f"values has {values.numel()} entries for {nnz} column indices")
     rp, cols = rowptr.cpu(), colidx.cpu().long()
     if rp[0] != 0 or rp[-1] != nnz or bool((rp.diff() < 0).any()):
         raise ValueError(f"rowptr must run from 0 to nnz = {nnz} without decreasing")
     seg = torch.repeat_interleave(torch.arange(panels * O), rp.diff())
-    if nnz and (int(cols.min()) < 0 or int(cols.max()) >= K or bool(((cols // PANEL_COLS) != seg // O).any())
-                or bool(((seg[1:] == seg[:-1]) & (cols[1:] <= cols[:-1])).any())):
+    if nnz and (
+        int(cols.min()) < 0
+        or int(cols.max()) >= K
+        or bool(((cols // PANEL_COLS) != seg // O).any())
+        or bool(((seg[1:] == seg[:-1]) & (cols[1:] <= cols[:-1])).any())
+    ):
         raise ValueError(f"colidx must hold increasing columns in [0, {K}) within each row and column panel")
     rows = seg % O
     order = torch.argsort(rows * K + cols)
-    sw = SparseWeight.pack(tuple(shape), groups, rows[order], cols[order], values.detach().cpu()[order].float())
+    sw = SparseWeight.pack(
+        tuple(shape), groups, rows[order], cols[order], values.detach().cpu()[order].float()
+    )
     for name, t in (("t_rowptr", t_rowptr), ("t_colidx", t_colidx), ("t_perm", t_perm)):
         if not torch.equal(t.cpu(), getattr(sw, name)):
             raise ValueError(f"{name} does not match the transposed structure of rowptr / colidx")
@@ -81,8 +110,9 @@ def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
     return density <= DENSITY_LIMIT[kind]
 
 
-def measure_pair(run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor],
-                 repeats: int = 3) -> Tuple[float, float]:
+def measure_pair(
+    run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor], repeats: int = 3
+) -> Tuple[float, float]:
     """Seconds per call of each path, best of ``repeats`` taken alternately after one warm-up
     call each (the warm-up builds the dense weight cache and touches the buffers)."""
     best = [float("inf"), float("inf")]
@@ -125,8 +155,10 @@ class _SparseLayer(nn.Module):
             if not isinstance(bias, Tensor):
                 raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
             if bias.shape != (sw.out_features,) or not bias.is_floating_point():
-                raise ValueError(f"bias must be a floating-point tensor of shape ({sw.out_features},), got "
-                                 f"{str(bias.dtype).replace('torch.', '')} {tuple(bias.shape)}")
+                raise ValueError(
+                    f"bias must be a floating-point tensor of shape ({sw.out_features},), got "
+                    f"{str(bias.dtype).replace('torch.', '')} {tuple(bias.shape)}"
+                )
         self.__dict__["_cell"] = [0, []]  # see _invalidate
         self.policy = policy
         self.backend = ""
@@ -192,8 +224,9 @@ class _SparseLayer(nn.Module):
         self._track_all()
         self._invalidate()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """A checkpoint's packed weight loads whole: its CSR (values, rowptr, colidx, t_*) is
         checked and replaces this layer's, whatever its number of non-zeros; the blocked form is
         this layer's choice (kept when the layer has one, rebuilt from the loaded CSR; a
@@ -205,8 +238,10 @@ class _SparseLayer(nn.Module):
         if len(present) > 1 or (present and present != ["values"]):
             missing = [n for n in csr if n not in present]
             if missing:
-                error_msgs.append(f"{type(self).__name__} checkpoint at {prefix!r} holds only part of a packed weight: "
-                                  f"{', '.join(missing)} missing (a packed weight loads whole)")
+                error_msgs.append(
+                    f"{type(self).__name__} checkpoint at {prefix!r} holds only part of a packed weight: "
+                    f"{', '.join(missing)} missing (a packed weight loads whole)"
+                )
                 return
             try:
                 sw = _checked_structure(self.shape, self.groups, *(state_dict[prefix + n] for n in csr))
@@ -228,8 +263,9 @@ class _SparseLayer(nn.Module):
                 state_dict[prefix + n] = getattr(sw, n)
         elif not self.block:  # a blocked checkpoint's structure is rebuilt, never copied
             state_dict = {k: v for k, v in state_dict.items() if k not in blocked_keys}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._invalidate()
 
     def _load(self, sw: SparseWeight, keep_values: Optional[Tensor] = None) -> None:
@@ -249,9 +285,13 @@ class _SparseLayer(nn.Module):
     def _state(self) -> tuple:
         """What the derived caches depend on (full keys: taken on the slow path only)."""
         b = self._buffers
-        return (self._cell[0], alias_versions(self._cell[1]), state_key(self._tensor("values")),
-                state_key(self._tensor("bias")),
-                *(state_key(b.get(n)) for n in self._STRUCTURE))
+        return (
+            self._cell[0],
+            alias_versions(self._cell[1]),
+            state_key(self._tensor("values")),
+            state_key(self._tensor("bias")),
+            *(state_key(b.get(n)) for n in self._STRUCTURE),
+        )
 
     def _sources(self, sparse: bool) -> Optional[list]:
         """Plain aliases (sharing the version counter) of the tensors the prepared call holds
@@ -272,7 +312,12 @@ class _SparseLayer(nn.Module):
         """The prepared call for x when it applies (inference, same signature, nothing changed
         since it was bound), else None."""
         prepared = self._prepared
-        if prepared is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not Tensor:
+        if (
+            prepared is None
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or type(x) is not Tensor
+        ):
             return None
         sig, sources, versions, aliases, fn = prepared
         cell = self._cell
@@ -287,9 +332,16 @@ class _SparseLayer(nn.Module):
     def _preparable(self, x: Tensor) -> bool:
         """Whether calls on x may be bound once (see _run): plain float32 contiguous CPU input and
         float32 values, nothing to differentiate, no tracing."""
-        return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not Tensor
-                    or not x.is_cpu or x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0
-                    or self.values.dtype != torch.float32)
+        return not (
+            torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or type(x) is not Tensor
+            or not x.is_cpu
+            or x.dtype != torch.float32
+            or not x.is_contiguous()
+            or x.numel() == 0
+            or self.values.dtype != torch.float32
+        )
 
     @property
     def sparse_weight(self) -> SparseWeight:
@@ -302,9 +354,20 @@ class _SparseLayer(nn.Module):
         if p is None or p[0] != gen:
             b = self._buffers
             plain = {n: (b[n].detach() if b[n] is not None else None) for n in self._STRUCTURE}
-            sw = SparseWeight(self.shape, self.groups, plain["rowptr"], plain["colidx"], self._tensor("values"),
-                              plain["t_rowptr"], plain["t_colidx"], plain["t_perm"], self.block, plain["b_rowptr"],
-                              plain["b_colidx"], plain["b_perm"])
+            sw = SparseWeight(
+                self.shape,
+                self.groups,
+                plain["rowptr"],
+                plain["colidx"],
+                self._tensor("values"),
+                plain["t_rowptr"],
+                plain["t_colidx"],
+                plain["t_perm"],
+                self.block,
+                plain["b_rowptr"],
+                plain["b_colidx"],
+                plain["b_perm"],
+            )
             p = self.__dict__["_packed"] = (gen, sw)
         return p[1]
 
@@ -318,8 +381,11 @@ class _SparseLayer(nn.Module):
     def set_mask(self, mask: Tensor) -> None:
         """Repack under a new mask, keeping the current values where both masks agree (the layout
         chosen anew, for blocks of the same size)."""
-        self._load(SparseWeight.from_dense(self.to_dense().detach(), mask=mask, groups=self.groups,
-                                           block=self.block or None))
+        self._load(
+            SparseWeight.from_dense(
+                self.to_dense().detach(), mask=mask, groups=self.groups, block=self.block or None
+            )
+        )
 
     def _dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         if torch.is_grad_enabled() and self.values.requires_grad:
@@ -332,9 +398,17 @@ class _SparseLayer(nn.Module):
             cache = self.__dict__["_dense_cache"] = (key, w)  # published whole
         return cache[1]
 
-    def _run(self, x: Tensor, kind: str, rows: int, validate: Callable[[], object],
-             run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor],
-             make_sparse: Callable[[], Callable], make_dense: Callable[[], Callable]) -> Tensor:
+    def _run(
+        self,
+        x: Tensor,
+        kind: str,
+        rows: int,
+        validate: Callable[[], object],
+        run_sparse: Callable[[], Tensor],
+        run_dense: Callable[[], Tensor],
+        make_sparse: Callable[[], Callable],
+        make_dense: Callable[[], Callable],
+    ) -> Tensor:
         """One call through the full path: the dispatch for x's signature (measured once), then
         run_sparse() or run_dense(). Where x is _preparable, the call of the chosen path is bound
         once (make_sparse() / make_dense(): fn(x) with the checks done, the arguments converted
@@ -376,9 +450,17 @@ class _SparseLayer(nn.Module):
         if self.backend is not backend:  # nn.Module.__setattr__ costs microseconds per call
             self.__dict__["backend"] = backend
         run = call(sparse)
-        self.__dict__["_prepared"] = None if sources.get(sparse) is None else (
-            (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, gen), sources[sparse],
-            versions[sparse], aliases, bound[sparse])
+        self.__dict__["_prepared"] = (
+            None
+            if sources.get(sparse) is None
+            else (
+                (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, gen),
+                sources[sparse],
+                versions[sparse],
+                aliases,
+                bound[sparse],
+            )
+        )
         return run()
 
     def _dense_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
@@ -399,8 +481,13 @@ class SparseLinear(_SparseLayer):
     """A linear layer whose weight is pruned and stored sparsely; ``activation`` None, "relu" or
     "relu6" is fused into the kernel."""
 
-    def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, activation: Optional[str] = None,
-                 policy: str = "auto"):
+    def __init__(
+        self,
+        sw: SparseWeight,
+        bias: Optional[Tensor] = None,
+        activation: Optional[str] = None,
+        policy: str = "auto",
+    ):
         if not isinstance(sw, SparseWeight):
             raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
         if len(sw.shape) != 2:
@@ -411,9 +498,16 @@ class SparseLinear(_SparseLayer):
         self.activation = activation
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
-                   activation: Optional[str] = None, policy: str = "auto", block: Optional[int] = None,
-                   layout: str = "auto") -> "SparseLinear":
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        sparsity: Optional[float] = None,
+        mask: Optional[Tensor] = None,
+        activation: Optional[str] = None,
+        policy: str = "auto",
+        block: Optional[int] = None,
+        layout: str = "auto",
+    ) -> "SparseLinear":
         """``block`` and ``layout`` as in SparseWeight.from_dense (block pruning, the format). A
         layer pruned with torch.nn.utils.prune gives its ``weight_mask`` (when neither ``sparsity``
         nor ``mask`` is given) and ``weight_orig`` values; the layer itself is left as it is."""
@@ -434,24 +528,39 @@ class SparseLinear(_SparseLayer):
         sw, act = self.sparse_weight, _check_activation(self.activation)
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
         return self._run(
-            x, "linear", rows, validate=lambda: sparse_linear(x, sw, self.bias, self.activation),
+            x,
+            "linear",
+            rows,
+            validate=lambda: sparse_linear(x, sw, self.bias, self.activation),
             run_sparse=lambda: _linear(x, sw, self.bias, act),
             run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))),
-            make_sparse=lambda: prepared_linear(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
-                                                sw.shape[1], act, sw.blocked),
-            make_dense=lambda: self._dense_call(F.linear, x.dtype))
+            make_sparse=lambda: prepared_linear(
+                x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias, sw.shape[1], act, sw.blocked
+            ),
+            make_dense=lambda: self._dense_call(F.linear, x.dtype),
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"density={self.density:.3f}, layout={self.layout}, policy={self.policy}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"density={self.density:.3f}, layout={self.layout}, policy={self.policy}"
+        )
 
 
 class SparseConv2d(_SparseLayer):
     """A 2-d convolution whose weight is pruned and stored sparsely (any kernel size, stride,
     padding, dilation, groups); ``activation`` None, "relu" or "relu6" is fused into the kernel."""
 
-    def __init__(self, sw: SparseWeight, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
-                 activation: Optional[str] = None, policy: str = "auto"):
+    def __init__(
+        self,
+        sw: SparseWeight,
+        bias: Optional[Tensor] = None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        activation: Optional[str] = None,
+        policy: str = "auto",
+    ):
         from hotops.sparse import _pair
 
         if not isinstance(sw, SparseWeight):
@@ -466,25 +575,42 @@ class SparseConv2d(_SparseLayer):
         self._pairs = pairs
         self.in_channels, self.out_channels = sw.shape[1] * sw.groups, sw.shape[0]
         self.activation = activation
-        self.kind = ("depthwise" if sw.shape[1] == 1 and sw.groups > 1 else
-                     "conv1x1" if sw.shape[2:] == (1, 1) else "conv")
+        self.kind = (
+            "depthwise"
+            if sw.shape[1] == 1 and sw.groups > 1
+            else "conv1x1"
+            if sw.shape[2:] == (1, 1)
+            else "conv"
+        )
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, sparsity: Optional[float] = None, mask: Optional[Tensor] = None,
-                   activation: Optional[str] = None, policy: str = "auto", block: Optional[int] = None,
-                   layout: str = "auto") -> "SparseConv2d":
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        sparsity: Optional[float] = None,
+        mask: Optional[Tensor] = None,
+        activation: Optional[str] = None,
+        policy: str = "auto",
+        block: Optional[int] = None,
+        layout: str = "auto",
+    ) -> "SparseConv2d":
         """``block`` and ``layout`` as in SparseWeight.from_dense (block pruning, the format);
         torch.nn.utils.prune'd layers as in SparseLinear.from_dense."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("SparseConv2d supports numeric zero padding only "
-                             f"(got padding={conv.padding!r}, padding_mode={conv.padding_mode!r})")
+            raise ValueError(
+                "SparseConv2d supports numeric zero padding only "
+                f"(got padding={conv.padding!r}, padding_mode={conv.padding_mode!r})"
+            )
         weight, bias, pruned = weight_bias_mask(conv)
         mask = pruned if mask is None and sparsity is None else mask
-        sw = SparseWeight.from_dense(weight, sparsity=sparsity, mask=mask, groups=conv.groups, block=block,
-                                     layout=layout)
-        return cls(sw, bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), activation, policy)
+        sw = SparseWeight.from_dense(
+            weight, sparsity=sparsity, mask=mask, groups=conv.groups, block=block, layout=layout
+        )
+        return cls(
+            sw, bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), activation, policy
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         fast = self._fast(x)
@@ -497,20 +623,38 @@ class SparseConv2d(_SparseLayer):
         geo = self._pairs
         dense = lambda x, w, b: F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
         return self._run(
-            x, self.kind, 0, validate=lambda: sparse_conv2d(x, sw, self.bias, *geo, activation=self.activation),
+            x,
+            self.kind,
+            0,
+            validate=lambda: sparse_conv2d(x, sw, self.bias, *geo, activation=self.activation),
             run_sparse=lambda: _conv2d(x, sw, self.bias, *geo, act),
             run_dense=lambda: self._dense_activation(dense(x, *self._dense_params(x.dtype))),
-            make_sparse=lambda: prepared_conv2d(x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias,
-                                                list(sw.shape), *geo, sw.groups, act, sw.blocked),
-            make_dense=lambda: self._dense_call(dense, x.dtype))
+            make_sparse=lambda: prepared_conv2d(
+                x,
+                sw.values,
+                sw.rowptr,
+                sw.colidx,
+                sw.t_rowptr,
+                self.bias,
+                list(sw.shape),
+                *geo,
+                sw.groups,
+                act,
+                sw.blocked,
+            ),
+            make_dense=lambda: self._dense_call(dense, x.dtype),
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.shape[2:])}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"density={self.density:.3f}, layout={self.layout}, policy={self.policy}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.shape[2:])}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"density={self.density:.3f}, layout={self.layout}, policy={self.policy}"
+        )
 
 
 # ------------------------------------------------------------------ mask learning (HYDRA / DASS)
+
 
 class _TopK(torch.autograd.Function):
     """Binary mask of the k largest scores; the gradient passes straight through."""
@@ -563,10 +707,20 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def sparsify(model: nn.Module, sparsity: Optional[float] = 0.9, method: str = "magnitude", *,
-             data: Optional[Iterable] = None, loss_fn: Optional[Callable] = None, steps: int = 100,
-             lr: float = 0.1, skip: Callable[[str, nn.Module], bool] = lambda name, m: False,
-             policy: str = "auto", inplace: bool = False, block: Optional[int] = None) -> nn.Module:
+def sparsify(
+    model: nn.Module,
+    sparsity: Optional[float] = 0.9,
+    method: str = "magnitude",
+    *,
+    data: Optional[Iterable] = None,
+    loss_fn: Optional[Callable] = None,
+    steps: int = 100,
+    lr: float = 0.1,
+    skip: Callable[[str, nn.Module], bool] = lambda name, m: False,
+    policy: str = "auto",
+    inplace: bool = False,
+    block: Optional[int] = None,
+) -> nn.Module:
     """Prunes every nn.Linear / nn.Conv2d (except those ``skip(name, module)`` names) to
     ``sparsity`` and swaps in SparseLinear / SparseConv2d.
 
@@ -586,14 +740,18 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = 0.9, method: str = "m
     """
     if sparsity is None:
         if method != "magnitude" or block is not None:
-            raise ValueError("sparsity=None keeps the layers' own patterns: it takes method='magnitude' and no block")
+            raise ValueError(
+                "sparsity=None keeps the layers' own patterns: it takes method='magnitude' and no block"
+            )
     else:
         check_sparsity(sparsity)
     if method not in ("magnitude", "learned"):
         raise ValueError(f"method must be 'magnitude' or 'learned', got {method!r}")
     if block is not None and (block not in BLOCK_SIZES or method != "magnitude"):
-        raise ValueError(f"block must be None or one of {BLOCK_SIZES}, with method='magnitude'; got block={block!r}, "
-                         f"method={method!r}")
+        raise ValueError(
+            f"block must be None or one of {BLOCK_SIZES}, with method='magnitude'; got block={block!r}, "
+            f"method={method!r}"
+        )
     if not inplace:
         model = prune_safe_deepcopy(model)
     layers = list(_prunable(model, skip))
@@ -601,8 +759,12 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = 0.9, method: str = "m
     if sparsity is None:
         masks = {name: m.weight.detach() != 0 if masks[name] is None else masks[name] for name, m in layers}
     elif method == "magnitude":
-        masks = {name: magnitude_mask(m.weight, sparsity) if block is None else
-                 block_mask(m.weight, sparsity, block, getattr(m, "groups", 1)) for name, m in layers}
+        masks = {
+            name: magnitude_mask(m.weight, sparsity)
+            if block is None
+            else block_mask(m.weight, sparsity, block, getattr(m, "groups", 1))
+            for name, m in layers
+        }
     else:
         if data is None or loss_fn is None:
             raise ValueError("method='learned' needs data (an iterable of (inputs, targets)) and loss_fn")
@@ -611,7 +773,9 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = 0.9, method: str = "m
         masks = _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr)
     for name, m in layers:
         cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
-        _replace(model, name, cls.from_dense(m, mask=masks[name], policy=policy, block=block).train(m.training))
+        _replace(
+            model, name, cls.from_dense(m, mask=masks[name], policy=policy, block=block).train(m.training)
+        )
     return model
 
 

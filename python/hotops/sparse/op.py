@@ -19,7 +19,6 @@ from torch import Tensor
 from hotops import _backend
 from hotops.sparse.format import csr_rows, panel_count
 
-
 # the activation fused after the bias, as the kernels' code (csrc/sparse/cpu.h, Act)
 ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
 
@@ -31,18 +30,38 @@ def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def out_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride, padding, dilation) -> Tuple[int, ...]:
+def out_shape(
+    x_shape: Sequence[int], weight_shape: Sequence[int], stride, padding, dilation
+) -> Tuple[int, ...]:
     """(N, O, Ho, Wo) of the convolution of x (N, C, H, W) by a (O, C/groups, kh, kw) weight."""
-    return (x_shape[0], weight_shape[0],
-            *(out_size(x_shape[2 + d], weight_shape[2 + d], stride[d], padding[d], dilation[d]) for d in (0, 1)))
+    return (
+        x_shape[0],
+        weight_shape[0],
+        *(out_size(x_shape[2 + d], weight_shape[2 + d], stride[d], padding[d], dilation[d]) for d in (0, 1)),
+    )
 
 
-def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride, padding, dilation,
-                  groups: int) -> List[int]:
+def conv_geometry(
+    x_shape: Sequence[int], w_shape: Sequence[int], stride, padding, dilation, groups: int
+) -> List[int]:
     N, C, H, W = x_shape
     O, _, kh, kw = w_shape
-    return [N, C, H, W, O, groups, kh, kw, stride[0], stride[1], padding[0], padding[1],
-            dilation[0], dilation[1]]
+    return [
+        N,
+        C,
+        H,
+        W,
+        O,
+        groups,
+        kh,
+        kw,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+    ]
 
 
 def out_features(rowptr: Tensor, in_features: int) -> int:
@@ -63,9 +82,19 @@ def _f32(t: Tensor) -> Tensor:
 
 def _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y3, act, blocked):
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x3.device).run()
-    ext.sparse_conv_fwd(geom, rowptr, colidx, _f32(values), t_rowptr, x3,
-                        bias.detach().float().contiguous() if bias is not None else None, y3, act,
-                        _backend.num_threads(), *blocked)
+    ext.sparse_conv_fwd(
+        geom,
+        rowptr,
+        colidx,
+        _f32(values),
+        t_rowptr,
+        x3,
+        bias.detach().float().contiguous() if bias is not None else None,
+        y3,
+        act,
+        _backend.num_threads(),
+        *blocked,
+    )
 
 
 def _widened(x: Tensor, transpose: bool = False) -> Tensor:
@@ -87,8 +116,9 @@ def _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gy3, gx3):
     if values.numel() == 0:  # a fully pruned layer: no input reaches the output
         gx3.zero_()
         return
-    ext.sparse_conv_bwd_input(geom, t_rowptr, t_colidx, _f32(values)[t_perm].contiguous(), gy3, gx3,
-                              _backend.num_threads())
+    ext.sparse_conv_bwd_input(
+        geom, t_rowptr, t_colidx, _f32(values)[t_perm].contiguous(), gy3, gx3, _backend.num_threads()
+    )
 
 
 def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
@@ -103,17 +133,29 @@ def _grad_values(geom, values, rowptr, colidx, t_rowptr, x3, gy3):
 
 # ------------------------------------------------------------------ linear
 
+
 def _cpu_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, act, blocked):
     B, O = x.shape[0], out_features(rowptr, in_features)
     y = x.new_empty(B, O)
     xt = _widened(x, transpose=True).unsqueeze(0)  # (1, I, B): each feature a batch row
-    _forward(linear_geometry(B, in_features, O), values, rowptr, colidx, t_rowptr, xt, bias,
-             y.t().unsqueeze(0), act, blocked)
+    _forward(
+        linear_geometry(B, in_features, O),
+        values,
+        rowptr,
+        colidx,
+        t_rowptr,
+        xt,
+        bias,
+        y.t().unsqueeze(0),
+        act,
+        blocked,
+    )
     return y
 
 
-def _cpu_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
-                      need_x, need_values):
+def _cpu_linear_grads(
+    gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features, need_x, need_values
+):
     B, O = gy.shape
     geom = linear_geometry(B, in_features, O)
     gyt = _widened(gy, transpose=True).unsqueeze(0)  # (1, O, B)
@@ -123,7 +165,9 @@ def _cpu_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm,
         _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gyt, gx.t().unsqueeze(0))
         gx = gx.to(x.dtype)
     if need_values:
-        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, _widened(x, transpose=True).unsqueeze(0), gyt)
+        gv = _grad_values(
+            geom, values, rowptr, colidx, t_rowptr, _widened(x, transpose=True).unsqueeze(0), gyt
+        )
     return gx, gv
 
 
@@ -134,8 +178,9 @@ def _triton_linear(x, values, rowptr, colidx, t_rowptr, bias, in_features, act, 
     return y.to(x.dtype)
 
 
-def _triton_linear_grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
-                         need_x, need_values):
+def _triton_linear_grads(
+    gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features, need_x, need_values
+):
     from hotops.sparse.triton import bsr_linear
 
     O = out_features(rowptr, in_features)
@@ -154,25 +199,55 @@ LINEAR_BACKENDS = (
 )
 
 
-def linear_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
-                   t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], in_features: int,
-                   activation: int, block: int = 0, b_rowptr: Optional[Tensor] = None,
-                   b_colidx: Optional[Tensor] = None, b_values: Optional[Tensor] = None) -> Tensor:
+def linear_forward(
+    x: Tensor,
+    values: Tensor,
+    rowptr: Tensor,
+    colidx: Tensor,
+    t_rowptr: Tensor,
+    t_colidx: Tensor,
+    t_perm: Tensor,
+    bias: Optional[Tensor],
+    in_features: int,
+    activation: int,
+    block: int = 0,
+    b_rowptr: Optional[Tensor] = None,
+    b_colidx: Optional[Tensor] = None,
+    b_values: Optional[Tensor] = None,
+) -> Tensor:
     """y = act(x W^T + bias) for x (B, I), W the (O, I) CSR weight (its blocked form when block > 0:
     the CPU kernels; the GPU's BSR kernel ignores it); ``activation`` is an ACTIVATIONS code."""
     if x.shape[0] == 0:
         return x.new_empty(0, out_features(rowptr, in_features))
     forward, _ = _backend.choose("sparse_linear", LINEAR_BACKENDS, x.device).run
-    return forward(x, values, rowptr, colidx, t_rowptr, bias, in_features, activation,
-                   (block, b_rowptr, b_colidx, b_values))
+    return forward(
+        x,
+        values,
+        rowptr,
+        colidx,
+        t_rowptr,
+        bias,
+        in_features,
+        activation,
+        (block, b_rowptr, b_colidx, b_values),
+    )
 
 
 def _detached(blocked) -> tuple:
     return tuple(t.detach() if isinstance(t, Tensor) else t for t in blocked)
 
 
-def prepared_linear(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
-                    bias: Optional[Tensor], in_features: int, activation: int, blocked=(0, None, None, None)):
+def prepared_linear(
+    x: Tensor,
+    values: Tensor,
+    rowptr: Tensor,
+    colidx: Tensor,
+    t_rowptr: Tensor,
+    bias: Optional[Tensor],
+    in_features: int,
+    activation: int,
+    blocked=(0, None, None, None),
+):
     """linear_forward for inputs shaped like x (..., I) (float32, contiguous, on the CPU, nothing
     to differentiate) with everything but the allocations and x's transposition done once:
     fn(x) -> y (see prepared_conv2d)."""
@@ -181,8 +256,16 @@ def prepared_linear(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t
     ext = _backend.choose("sparse_linear", CONV_BACKENDS, x.device).run()  # the C++ kernels
     bias = _f32(bias) if bias is not None else None
     # detached aliases: the plan keeps these storages alive even if a .data swap replaces them
-    plan = ext.SparseConvPlan(linear_geometry(B, in_features, O), rowptr.detach(), colidx.detach(), _f32(values),
-                              t_rowptr.detach(), bias, activation, *_detached(blocked))
+    plan = ext.SparseConvPlan(
+        linear_geometry(B, in_features, O),
+        rowptr.detach(),
+        colidx.detach(),
+        _f32(values),
+        t_rowptr.detach(),
+        bias,
+        activation,
+        *_detached(blocked),
+    )
     forward, widen, threads, empty = plan.forward, ext.sparse_widen, torch.get_num_threads, torch.empty
 
     def run(x: Tensor) -> Tensor:
@@ -204,39 +287,82 @@ sparse_linear_op = torch.library.custom_op("hotops::sparse_linear", linear_forwa
 
 
 @sparse_linear_op.register_fake
-def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, in_features, activation, block=0,
-      b_rowptr=None, b_colidx=None, b_values=None):
+def _(
+    x,
+    values,
+    rowptr,
+    colidx,
+    t_rowptr,
+    t_colidx,
+    t_perm,
+    bias,
+    in_features,
+    activation,
+    block=0,
+    b_rowptr=None,
+    b_colidx=None,
+    b_values=None,
+):
     return x.new_empty(x.shape[0], out_features(rowptr, in_features))
 
 
 @torch.library.custom_op("hotops::sparse_linear_backward", mutates_args=())
-def sparse_linear_backward(gy: Tensor, x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor,
-                           t_rowptr: Tensor, t_colidx: Tensor, t_perm: Tensor, in_features: int,
-                           need_x: bool, need_values: bool) -> Tuple[Tensor, Tensor]:
+def sparse_linear_backward(
+    gy: Tensor,
+    x: Tensor,
+    values: Tensor,
+    rowptr: Tensor,
+    colidx: Tensor,
+    t_rowptr: Tensor,
+    t_colidx: Tensor,
+    t_perm: Tensor,
+    in_features: int,
+    need_x: bool,
+    need_values: bool,
+) -> Tuple[Tensor, Tensor]:
     """(grad_x, grad_values); each is empty when not needed."""
     gx = gv = None
     if gy.shape[0] == 0:
         gx, gv = x.new_zeros(x.shape), values.new_zeros(values.shape)
     elif need_x or need_values:
         _, grads = _backend.choose("sparse_linear", LINEAR_BACKENDS, gy.device).run
-        gx, gv = grads(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features,
-                       need_x, need_values)
+        gx, gv = grads(
+            gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features, need_x, need_values
+        )
     return (gx if need_x else x.new_empty(0)), (gv if need_values else values.new_empty(0))
 
 
 @sparse_linear_backward.register_fake
 def _(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features, need_x, need_values):
-    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
-            values.new_empty(values.shape) if need_values else values.new_empty(0))
+    return (
+        x.new_empty(x.shape) if need_x else x.new_empty(0),
+        values.new_empty(values.shape) if need_values else values.new_empty(0),
+    )
 
 
 # ------------------------------------------------------------------ conv2d
 
-def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
-                     t_colidx: Tensor, t_perm: Tensor, bias: Optional[Tensor], weight_shape: List[int],
-                     stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                     activation: int, block: int = 0, b_rowptr: Optional[Tensor] = None,
-                     b_colidx: Optional[Tensor] = None, b_values: Optional[Tensor] = None) -> Tensor:
+
+def conv2d_forward(
+    x: Tensor,
+    values: Tensor,
+    rowptr: Tensor,
+    colidx: Tensor,
+    t_rowptr: Tensor,
+    t_colidx: Tensor,
+    t_perm: Tensor,
+    bias: Optional[Tensor],
+    weight_shape: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    activation: int,
+    block: int = 0,
+    b_rowptr: Optional[Tensor] = None,
+    b_colidx: Optional[Tensor] = None,
+    b_values: Optional[Tensor] = None,
+) -> Tensor:
     """y = act(conv2d(x, W, bias)) for the (O, C/groups, kh, kw) CSR weight W (its blocked form
     when block > 0)."""
     geom = conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
@@ -245,23 +371,52 @@ def conv2d_forward(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_
         return y
     N, C, H, W = x.shape
     x3 = _widened(x.contiguous().view(N * C, H * W)).view(N, C, H * W)
-    _forward(geom, values, rowptr, colidx, t_rowptr, x3, bias, y.flatten(2), activation,
-             (block, b_rowptr, b_colidx, b_values))
+    _forward(
+        geom,
+        values,
+        rowptr,
+        colidx,
+        t_rowptr,
+        x3,
+        bias,
+        y.flatten(2),
+        activation,
+        (block, b_rowptr, b_colidx, b_values),
+    )
     return y
 
 
-def prepared_conv2d(x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor, t_rowptr: Tensor,
-                    bias: Optional[Tensor], weight_shape: List[int], stride: List[int], padding: List[int],
-                    dilation: List[int], groups: int, activation: int, blocked=(0, None, None, None)):
+def prepared_conv2d(
+    x: Tensor,
+    values: Tensor,
+    rowptr: Tensor,
+    colidx: Tensor,
+    t_rowptr: Tensor,
+    bias: Optional[Tensor],
+    weight_shape: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    activation: int,
+    blocked=(0, None, None, None),
+):
     """conv2d_forward for inputs shaped like x (float32, contiguous, on the CPU, nothing to
     differentiate) with everything but the output's allocation done once: fn(x) -> y. It reads
     values and bias in place (updates in place show; a replaced tensor needs a new one)."""
     y_shape = out_shape(x.shape, weight_shape, stride, padding, dilation)
     ext = _backend.choose("sparse_conv2d", CONV_BACKENDS, x.device).run()
     bias = _f32(bias) if bias is not None else None
-    plan = ext.SparseConvPlan(conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups),
-                              rowptr.detach(), colidx.detach(), _f32(values), t_rowptr.detach(), bias, activation,
-                              *_detached(blocked))
+    plan = ext.SparseConvPlan(
+        conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups),
+        rowptr.detach(),
+        colidx.detach(),
+        _f32(values),
+        t_rowptr.detach(),
+        bias,
+        activation,
+        *_detached(blocked),
+    )
     forward, threads, empty = plan.forward, torch.get_num_threads, torch.empty
 
     def run(x: Tensor) -> Tensor:
@@ -276,27 +431,62 @@ sparse_conv2d_op = torch.library.custom_op("hotops::sparse_conv2d", conv2d_forwa
 
 
 @sparse_conv2d_op.register_fake
-def _(x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, bias, weight_shape, stride, padding,
-      dilation, groups, activation, block=0, b_rowptr=None, b_colidx=None, b_values=None):
+def _(
+    x,
+    values,
+    rowptr,
+    colidx,
+    t_rowptr,
+    t_colidx,
+    t_perm,
+    bias,
+    weight_shape,
+    stride,
+    padding,
+    dilation,
+    groups,
+    activation,
+    block=0,
+    b_rowptr=None,
+    b_colidx=None,
+    b_values=None,
+):
     return x.new_empty(out_shape(x.shape, weight_shape, stride, padding, dilation))
 
 
 @torch.library.custom_op("hotops::sparse_conv2d_backward", mutates_args=())
-def sparse_conv2d_backward(gy: Tensor, x: Tensor, values: Tensor, rowptr: Tensor, colidx: Tensor,
-                           t_rowptr: Tensor, t_colidx: Tensor, t_perm: Tensor, weight_shape: List[int],
-                           stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                           need_x: bool, need_values: bool) -> Tuple[Tensor, Tensor]:
+def sparse_conv2d_backward(
+    gy: Tensor,
+    x: Tensor,
+    values: Tensor,
+    rowptr: Tensor,
+    colidx: Tensor,
+    t_rowptr: Tensor,
+    t_colidx: Tensor,
+    t_perm: Tensor,
+    weight_shape: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    need_x: bool,
+    need_values: bool,
+) -> Tuple[Tensor, Tensor]:
     """(grad_x, grad_values); each is empty when not needed."""
     geom = conv_geometry(x.shape, weight_shape, stride, padding, dilation, groups)
     N, C, H, W = x.shape
     O, P = gy.shape[1], gy.shape[2] * gy.shape[3]
     gx, gv = x.new_empty(0), values.new_empty(0)
     if gy.numel() == 0:
-        return (x.new_zeros(x.shape) if need_x else gx), (values.new_zeros(values.shape) if need_values else gv)
+        return (x.new_zeros(x.shape) if need_x else gx), (
+            values.new_zeros(values.shape) if need_values else gv
+        )
     gy3 = _widened(gy.detach().contiguous().view(N * O, P)).view(N, O, P)
     if need_x:
         direct = weight_shape[2:] == [1, 1] and stride == [1, 1] and padding == [0, 0]
-        gx = x.new_empty(x.shape, dtype=torch.float32) if direct else x.new_zeros(x.shape, dtype=torch.float32)
+        gx = (
+            x.new_empty(x.shape, dtype=torch.float32) if direct else x.new_zeros(x.shape, dtype=torch.float32)
+        )
         _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gy3, gx.view(N, C, H * W))
         gx = gx.to(x.dtype)
     if need_values:
@@ -306,17 +496,35 @@ def sparse_conv2d_backward(gy: Tensor, x: Tensor, values: Tensor, rowptr: Tensor
 
 
 @sparse_conv2d_backward.register_fake
-def _(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, weight_shape, stride, padding,
-      dilation, groups, need_x, need_values):
-    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
-            values.new_empty(values.shape) if need_values else values.new_empty(0))
+def _(
+    gy,
+    x,
+    values,
+    rowptr,
+    colidx,
+    t_rowptr,
+    t_colidx,
+    t_perm,
+    weight_shape,
+    stride,
+    padding,
+    dilation,
+    groups,
+    need_x,
+    need_values,
+):
+    return (
+        x.new_empty(x.shape) if need_x else x.new_empty(0),
+        values.new_empty(values.shape) if need_values else values.new_empty(0),
+    )
 
 
 # ------------------------------------------------------------------ autograd
 
+
 def _setup(ctx, inputs, output, extra: int):
     x, values = inputs[0], inputs[1]
-    ctx.extra = inputs[8:8 + extra]  # in_features, or (weight_shape, stride, padding, dilation, groups)
+    ctx.extra = inputs[8 : 8 + extra]  # in_features, or (weight_shape, stride, padding, dilation, groups)
     act = inputs[8 + extra]  # then the blocked form, which the gradients do not use
     ctx.has_bias = inputs[7] is not None
     ctx.bias_dtype = inputs[7].dtype if ctx.has_bias else None
@@ -331,8 +539,9 @@ def _grads(ctx, gy, backward_op, bias_dims):
     need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gx = gv = None
     if need_x or need_values:
-        gx, gv = backward_op(gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, *ctx.extra,
-                             need_x, need_values)
+        gx, gv = backward_op(
+            gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, *ctx.extra, need_x, need_values
+        )
     gb = gy.float().sum(bias_dims).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[7] else None
     return (gx if need_x else None, gv if need_values else None, None, None, None, None, None, gb)
 
@@ -340,7 +549,9 @@ def _grads(ctx, gy, backward_op, bias_dims):
 BLOCKED_ARGS = 4  # block, b_rowptr, b_colidx, b_values: no gradients
 sparse_linear_op.register_autograd(
     lambda ctx, gy: _grads(ctx, gy, sparse_linear_backward, (0,)) + (None,) * (2 + BLOCKED_ARGS),
-    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 1))
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 1),
+)
 sparse_conv2d_op.register_autograd(
     lambda ctx, gy: _grads(ctx, gy, sparse_conv2d_backward, (0, 2, 3)) + (None,) * (6 + BLOCKED_ARGS),
-    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 5))
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 5),
+)

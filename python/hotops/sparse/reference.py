@@ -1,4 +1,5 @@
 """Plain-torch definitions the sparse kernels are tested against: the dense masked weight."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -20,11 +21,20 @@ def _act(y: Tensor, activation: Optional[str]) -> Tensor:
     return F.relu(y) if activation == "relu" else y
 
 
-def sparse_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None,
-                  activation: Optional[str] = None) -> Tensor:
+def sparse_linear(
+    x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, activation: Optional[str] = None
+) -> Tensor:
     return _act(F.linear(x, *_params(x, sw, bias)), activation)
 
 
-def sparse_conv2d(x: Tensor, sw: SparseWeight, bias: Optional[Tensor] = None, stride=1, padding=0,
-                  dilation=1, groups: Optional[int] = None, activation: Optional[str] = None) -> Tensor:
+def sparse_conv2d(
+    x: Tensor,
+    sw: SparseWeight,
+    bias: Optional[Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: Optional[int] = None,
+    activation: Optional[str] = None,
+) -> Tensor:
     return _act(F.conv2d(x, *_params(x, sw, bias), stride, padding, dilation, sw.groups), activation)

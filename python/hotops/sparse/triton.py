@@ -8,6 +8,7 @@ or the blocks are small, so the block size is an argument. The input gradient is
 on W^T; the values' gradient is gy^T x (cuBLAS) gathered at the non-zeros.
 Runs on the CPU under TRITON_INTERPRET=1 for tests.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -24,9 +25,24 @@ BATCH_TILE = 32
 
 
 @triton.jit
-def _bsr_linear_kernel(X, CROW, CCOL, BLK, BIAS, Y, B, O, I, stride_x, stride_y,
-                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                       BB: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+def _bsr_linear_kernel(
+    X,
+    CROW,
+    CCOL,
+    BLK,
+    BIAS,
+    Y,
+    B,
+    O,
+    I,
+    stride_x,
+    stride_y,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    BB: tl.constexpr,
+    BO: tl.constexpr,
+    BI: tl.constexpr,
+):
     pid_o = tl.program_id(0)
     pid_b = tl.program_id(1)
     rows_b = pid_b * BB + tl.arange(0, BB)
@@ -38,8 +54,11 @@ def _bsr_linear_kernel(X, CROW, CCOL, BLK, BIAS, Y, B, O, I, stride_x, stride_y,
     end = tl.load(CROW + pid_o + 1)
     for j in range(start, end):  # start and end are int64 (crow), so the offsets are too
         cols = tl.load(CCOL + j) * BI + ins
-        x = tl.load(X + rows_b[:, None].to(tl.int64) * stride_x + cols[None, :],
-                    mask=(rows_b[:, None] < B) & (cols[None, :] < I), other=0.0)
+        x = tl.load(
+            X + rows_b[:, None].to(tl.int64) * stride_x + cols[None, :],
+            mask=(rows_b[:, None] < B) & (cols[None, :] < I),
+            other=0.0,
+        )
         w = tl.load(BLK + j * BO * BI + local[:, None] * BI + ins[None, :])
         acc += tl.dot(x, tl.trans(w), input_precision="ieee")
     if HAS_BIAS:
@@ -48,12 +67,16 @@ def _bsr_linear_kernel(X, CROW, CCOL, BLK, BIAS, Y, B, O, I, stride_x, stride_y,
         acc = tl.where(acc > 0, acc, tl.where(acc != acc, acc, 0.0))
     if ACT == 2:
         acc = tl.where(acc > 6.0, 6.0, acc)
-    tl.store(Y + rows_b[:, None].to(tl.int64) * stride_y + outs[None, :], acc,
-             mask=(rows_b[:, None] < B) & (outs[None, :] < O))
+    tl.store(
+        Y + rows_b[:, None].to(tl.int64) * stride_y + outs[None, :],
+        acc,
+        mask=(rows_b[:, None] < B) & (outs[None, :] < O),
+    )
 
 
-def to_bsr(rowptr: Tensor, colidx: Tensor, values: Tensor, shape: Tuple[int, int],
-           block: Tuple[int, int] = BLOCK) -> Tuple[Tensor, Tensor, Tensor]:
+def to_bsr(
+    rowptr: Tensor, colidx: Tensor, values: Tensor, shape: Tuple[int, int], block: Tuple[int, int] = BLOCK
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(crow (O/BO + 1,), ccol (nblocks,), blocks (nblocks, BO, BI)) of the CSR matrix."""
     O, I = shape
     BO, BI = block
@@ -70,8 +93,15 @@ def to_bsr(rowptr: Tensor, colidx: Tensor, values: Tensor, shape: Tuple[int, int
     return crow, (uniq % n_bcols).to(torch.int32), blocks
 
 
-def bsr_linear(x: Tensor, rowptr: Tensor, colidx: Tensor, values: Tensor, shape: Tuple[int, int],
-               bias: Optional[Tensor] = None, activation: int = 0) -> Tensor:
+def bsr_linear(
+    x: Tensor,
+    rowptr: Tensor,
+    colidx: Tensor,
+    values: Tensor,
+    shape: Tuple[int, int],
+    bias: Optional[Tensor] = None,
+    activation: int = 0,
+) -> Tensor:
     """act(x W^T + bias) for x (B, I) float32 and the (O, I) CSR weight W; ``activation`` is an
     op.ACTIVATIONS code."""
     O, I = shape
@@ -83,7 +113,22 @@ def bsr_linear(x: Tensor, rowptr: Tensor, colidx: Tensor, values: Tensor, shape:
     crow, ccol, blocks = to_bsr(rowptr, colidx, values, shape)
     BO, BI = BLOCK
     grid = (crow.numel() - 1, triton.cdiv(B, BATCH_TILE))
-    _bsr_linear_kernel[grid](x, crow, ccol, blocks, bias.detach().contiguous() if bias is not None else x, y,
-                             B, O, I, x.stride(0), y.stride(0), HAS_BIAS=bias is not None, ACT=activation,
-                             BB=BATCH_TILE, BO=BO, BI=BI)
+    _bsr_linear_kernel[grid](
+        x,
+        crow,
+        ccol,
+        blocks,
+        bias.detach().contiguous() if bias is not None else x,
+        y,
+        B,
+        O,
+        I,
+        x.stride(0),
+        y.stride(0),
+        HAS_BIAS=bias is not None,
+        ACT=activation,
+        BB=BATCH_TILE,
+        BO=BO,
+        BI=BI,
+    )
     return y
