@@ -209,12 +209,25 @@ def cpu_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def can_skip_dispatcher(*tensors: Optional[torch.Tensor]) -> bool:
-    """Plain tensors, no tracer, nothing to differentiate: the ops' implementations may be called
-    directly. The dispatcher and autograd wrapping of a custom op cost tens of microseconds per
-    call, as much as a small pruned layer's whole work."""
+    """Plain tensors (nn.Parameters too), no tracer, nothing to differentiate: the ops'
+    implementations may be called directly. The dispatcher and autograd wrapping of a custom op
+    cost tens of microseconds per call, as much as a small layer's whole work."""
     if torch.compiler.is_compiling():
         return False
     present = [t for t in tensors if t is not None]
-    if not all(type(t) is torch.Tensor for t in present):
+    if not all(_plain_tensor_type(type(t)) for t in present):
         return False
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in present)
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_tensor_type(cls: type) -> bool:
+    """torch.Tensor, or a subclass that overrides neither __torch_function__ nor __torch_dispatch__
+    (nn.Parameter and its subclasses, such as the sparse modules' tracked parameters): calls on it
+    are plain tensor calls. Other subclasses (fake and functional tensors, user subclasses) must
+    see the op."""
+    return cls is torch.Tensor or (
+        issubclass(cls, torch.Tensor)
+        and cls.__torch_function__ is torch._C._disabled_torch_function_impl
+        and cls.__torch_dispatch__ is torch.Tensor.__torch_dispatch__
+    )

@@ -94,14 +94,6 @@ def _plain(t: Optional[Tensor]) -> Optional[Tensor]:
     return _DATA.__get__(t) if isinstance(t, (nn.Parameter, TrackedBuffer)) else t
 
 
-def _direct(x: Tensor, values: Tensor, bias: Optional[Tensor]) -> bool:
-    """_backend.can_skip_dispatcher, also for a module's nn.Parameters (values and bias always
-    are): their custom-op dispatch would cost more than a small layer's work."""
-    return _backend.can_skip_dispatcher(x, _plain(values), _plain(bias)) and not (
-        torch.is_grad_enabled() and (values.requires_grad or (bias is not None and bias.requires_grad))
-    )
-
-
 def _blocked(x: Tensor, sw: SparseWeight) -> tuple:
     """The op arguments of sw's blocked form (a CPU kernel: none on other devices)."""
     return sw.blocked if x.device.type == "cpu" else (0, None, None, None)
@@ -109,7 +101,9 @@ def _blocked(x: Tensor, sw: SparseWeight) -> tuple:
 
 def _linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], act: int) -> Tensor:
     """sparse_linear after validation (the modules validate once per input signature)."""
-    if _direct(x, sw.values, bias):  # plain aliases: cheaper for the C++ to read than Parameters
+    if _backend.can_skip_dispatcher(
+        x, sw.values, bias
+    ):  # plain aliases: cheaper for the C++ to read than Parameters
         fn, values, bias = _op.linear_forward, _plain(sw.values), _plain(bias)
     else:
         fn, values = _op.sparse_linear_op, sw.values
@@ -176,7 +170,9 @@ def _conv2d(
 ) -> Tensor:
     """sparse_conv2d after validation, with (h, w) pairs (the modules validate once per input
     signature)."""
-    if _direct(x, sw.values, bias):  # plain aliases: cheaper for the C++ to read than Parameters
+    if _backend.can_skip_dispatcher(
+        x, sw.values, bias
+    ):  # plain aliases: cheaper for the C++ to read than Parameters
         fn, values, bias = _op.conv2d_forward, _plain(sw.values), _plain(bias)
     else:
         fn, values = _op.sparse_conv2d_op, sw.values
