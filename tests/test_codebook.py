@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 import hotops
 from hotops import _backend
 from hotops.codebook import CodebookLinear, CodebookWeight, codebook_matmul, op, reference
+from hotops.codebook import format as fmt
 from hotops.codebook.format import code_bits
 
 ATOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -153,14 +154,14 @@ def test_dequantize_and_bits():
     # codes 3 blocks x 12 slots x 16 bytes, codebooks, scales, group_ptr, perm: all as stored
     stored = 3 * 12 * 16 + 2 * 2 * 256 * 4 * 4 + 33 * 4 + 3 * 8 + 33 * 8
     assert w.bits_per_weight == pytest.approx(8 * stored / (33 * 24))
-    assert torch.equal(w.code_indices(), reference.unpack_codes(w.codes, 33, 2))
+    assert torch.equal(w.code_indices(), fmt.unpack_codes(w.codes, 33, 2))
 
 
 def test_pack_roundtrip():
     codes = torch.randint(0, 256, (35, 6, 2), dtype=torch.uint8)
-    packed = reference.pack_codes(codes)
+    packed = fmt.pack_codes(codes)
     assert packed.shape == (3, 12, 16)
-    assert torch.equal(reference.unpack_codes(packed, 35, 2), codes)
+    assert torch.equal(fmt.unpack_codes(packed, 35, 2), codes)
 
 
 def grads_of(fn, leaves):

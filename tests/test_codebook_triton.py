@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from hotops import _backend
 from hotops.codebook import CodebookWeight, codebook_matmul, op, reference
+from hotops.codebook import format as fmt
 
 ATOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -24,7 +25,7 @@ def weight_parts(N, K, in_group, num_codebooks, C=256, groups=1, permuted=True):
     cuts = sorted(torch.randint(0, N + 1, (groups - 1,)).tolist())
     group_ptr = torch.tensor([0, *cuts, N], dtype=torch.int64)
     perm = torch.randperm(N) if permuted else None
-    return reference.pack_codes(codes), codebooks, torch.rand(N) + 0.5, group_ptr, perm
+    return fmt.pack_codes(codes), codebooks, torch.rand(N) + 0.5, group_ptr, perm
 
 
 def check_forward(x, parts, bias=None, kernel_codes=None, splits=None):

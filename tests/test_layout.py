@@ -70,3 +70,19 @@ def test_reference_imports_no_code_it_checks(family):
         for m in used:
             if m.startswith(f"hotops.{family}"):
                 assert m in SHARED_INPUT_MODULES, f"{family}/reference.py imports {m}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_production_code_never_imports_a_reference(family):
+    """No module of the package (benchmarks aside: they may check their results) imports a
+    family's reference.py: what is tested must not share code with what it is tested against."""
+    ref = f"hotops.{family}.reference"
+    users = []
+    for path in sorted((ROOT / "python/hotops").rglob("*.py")):
+        rel = path.relative_to(ROOT / "python/hotops")
+        if rel.parts[0] == "bench" or path.name == "reference.py":
+            continue
+        for module, names in _imports(path):
+            if module == ref or (module == f"hotops.{family}" and "reference" in names):
+                users.append(str(rel))
+    assert not users, f"production code imports {ref}: {users}"

@@ -17,7 +17,59 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hotops.codebook.reference import ROW_BLOCK, pack_codes, unpack_codes
+ROW_BLOCK = 16
+
+
+def pack_codes(codes: Tensor) -> Tensor:
+    """(N, J, M) codes -> (ceil(N / 16), J * M, 16): code (r, j, m) at [r // 16, j * M + m, r % 16];
+    rows past N are code 0."""
+    N, J, M = codes.shape
+    Nb = -(-N // ROW_BLOCK)
+    padded = codes.new_zeros(Nb * ROW_BLOCK, J * M)
+    padded[:N] = codes.reshape(N, J * M)
+    return padded.reshape(Nb, ROW_BLOCK, J * M).transpose(1, 2).contiguous()
+
+
+def unpack_codes(packed: Tensor, rows: int, num_codebooks: int) -> Tensor:
+    """The inverse of pack_codes: (N, J, M) codes."""
+    Nb, L, _ = packed.shape
+    return (
+        packed.transpose(1, 2)
+        .reshape(Nb * ROW_BLOCK, L)[:rows]
+        .reshape(rows, L // num_codebooks, num_codebooks)
+    )
+
+
+def row_groups(group_ptr: Tensor, rows: int) -> Tensor:
+    """The row group of every stored row, (N,) int64."""
+    sizes = group_ptr.diff()
+    return torch.repeat_interleave(
+        torch.arange(sizes.numel(), device=group_ptr.device), sizes, output_size=rows
+    )
+
+
+def dequantize_stored(packed: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor) -> Tensor:
+    """The dense (N, K) weight in stored (grouped) row order, float32, from the packed codes."""
+    codes = unpack_codes(packed, scales.shape[0], codebooks.shape[1])
+    N, J, M = codes.shape
+    g = codebooks.shape[-1]
+    group = row_groups(group_ptr, N)
+    words = codebooks.float()[group[:, None, None], torch.arange(M, device=codes.device), codes.long()]
+    return words.sum(2).reshape(N, J * g) * scales.float()[:, None]
+
+
+def to_output_order(stored: Tensor, perm: Optional[Tensor]) -> Tensor:
+    if perm is None:
+        return stored
+    return stored[torch.argsort(perm)]
+
+
+def dequantize(
+    codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor] = None
+) -> Tensor:
+    """The dense (out_features, in_features) float32 weight."""
+    return to_output_order(dequantize_stored(codes, codebooks, scales, group_ptr), perm)
+
 
 IN_GROUPS = (1, 2, 4, 8)
 MAX_CODEBOOKS = 2

@@ -19,7 +19,7 @@ Three stages, each with a tqdm progress bar:
    on to the groups not yet coded (GPTQ's rule, ``second_order_codes``); then the codebooks and
    scales take exact gradient steps with the codes fixed. (A straight-through latent weight with
    a proximal pull, JLCM's mapping update, was the first version: it lowered each layer's error
-   but not the model's, see docs/codebook.md.)
+   but not the model's, see docs/notes/codebook.md.)
 3. **End-to-end fine-tuning** (AQLM's global stage): codes frozen, the codebooks, scales, biases
    and LayerNorms learn by distillation, 1 - cosine between the compressed and the dense model's
    outputs on the calibration batches, through the codebook op's backward.
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hotops.codebook import reference
+from hotops.codebook import format as fmt
 from hotops.codebook.format import CodebookWeight
 from hotops.codebook.kmeans import nearest, quantize_weight
 from hotops.codebook.module import CodebookLinear
@@ -159,7 +159,7 @@ def _token_weights(x: Tensor, weight: Tensor) -> Tensor:
     the sum of the tokens' relative output errors. Unweighted, a few tokens whose outputs are huge
     (in MiniLM, the FFN outputs that write the residual stream's outlier features) own the loss;
     fitting them cost the other tokens so much that one FFN layer's codes took the model's
-    cosine from 0.99 to 0.18 (docs/codebook.md)."""
+    cosine from 0.99 to 0.18 (docs/notes/codebook.md)."""
     return (x @ weight.detach().double().T).pow(2).sum(1).clamp_min(1e-30).reciprocal()
 
 
@@ -431,13 +431,13 @@ def _fit_codebooks(
 ):
     """Codebooks and scales by Adam (cosine decay) on the relative output error, codes fixed."""
     codebooks, scales = nn.Parameter(codebooks.float().clone()), nn.Parameter(scales.float().clone())
-    packed = reference.pack_codes(codes)
+    packed = fmt.pack_codes(codes)
     opt = torch.optim.Adam([codebooks, scales], lr=lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     cross = w @ grams.qf.T  # tr(W_q qf W^T) = <W_q, W qf^T>: one product saved per step
     ref = ((w @ grams.ff) * w).sum().clamp_min(1e-30)
     for _ in range(steps):
-        w_q = reference.dequantize_stored(packed, codebooks, scales, group_ptr)
+        w_q = fmt.dequantize_stored(packed, codebooks, scales, group_ptr)
         loss = (((w_q @ grams.qq) * w_q).sum() - 2 * (w_q * cross).sum() + ref) / ref
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -18,11 +18,10 @@ import torch
 from torch import Tensor
 
 from hotops import _backend
-from hotops.codebook import reference
-from hotops.codebook.format import check_perm
-from hotops.codebook.reference import unpack_codes
+from hotops.codebook import format as fmt
+from hotops.codebook.format import check_perm, unpack_codes
 
-# When the lookup tables beat dequantize + GEMM (measured, docs/codebook.md). A table lookup adds
+# When the lookup tables beat dequantize + GEMM (measured, docs/notes/codebook.md). A table lookup adds
 # in_group / num_codebooks weights' worth of products at once: from 2 on (AQLM's 2x8 and 1x8/4
 # give 4) the tables win at every batch size, one vector add per 16 batch rows replacing 4 FMAs;
 # below that they only win for small batches.
@@ -103,12 +102,13 @@ def _cpu_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
         r1 = min(N, r0 + tile)
         _backend.ext().codebook_dequantize(c, cb, s, group_ptr, r0, r1, w[: r1 - r0], _backend.num_threads())
         torch.mm(w[: r1 - r0], x2.T, out=out_t[r0:r1])
-    out = reference.to_output_order(out_t, perm).T
+    out = fmt.to_output_order(out_t, perm).T
     return out + bias.to(out.dtype) if bias is not None else out.contiguous()
 
 
 def _torch_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
-    return reference.codebook_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias)
+    w = fmt.dequantize(codes, codebooks, scales, group_ptr, perm).to(x2.dtype)
+    return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
 
 
 def _triton_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
@@ -139,8 +139,8 @@ def codebook_dequantize(
     """The dense (N, K) float32 weight in output order."""
     check_perm(perm, scales.shape[0])
     if codes.device.type == "cpu" and _backend.cpu_refuses(codes.device) is None:
-        return reference.to_output_order(_cpu_dequantize_stored(codes, codebooks, scales, group_ptr), perm)
-    return reference.dequantize(codes, codebooks, scales, group_ptr, perm)
+        return fmt.to_output_order(_cpu_dequantize_stored(codes, codebooks, scales, group_ptr), perm)
+    return fmt.dequantize(codes, codebooks, scales, group_ptr, perm)
 
 
 @codebook_dequantize.register_fake
@@ -199,7 +199,7 @@ def format_grads(
     unscaled = codebook_dequantize(codes, codebooks, torch.ones_like(scales), group_ptr, None)
     dscales = (dWs * unscaled).sum(1)
     dword = (dWs * scales.float()[:, None]).reshape(N, J, 1, g).expand(N, J, M, g)
-    group = reference.row_groups(group_ptr, N)
+    group = fmt.row_groups(group_ptr, N)
     logical = unpack_codes(codes, N, M).long()
     slot = (group[:, None, None] * M + torch.arange(M, device=codes.device)) * C + logical
     dcb = dW.new_zeros(O * M * C, g, dtype=torch.float32).index_add_(

@@ -1,7 +1,7 @@
 """Triton kernels of the codebook family (the GPU twin of csrc/codebook/cpu.cpp).
 
 Every kernel dequantizes tiles of the weight where it uses them, from the packed codes (see
-``reference.pack_codes``): a tile of 16·b stored rows by BLOCK_J input groups is b runs of
+``format.pack_codes``): a tile of 16·b stored rows by BLOCK_J input groups is b runs of
 BLOCK_J · num_codebooks · 16 contiguous bytes, so code loads are fully coalesced. A codeword is
 gathered from its row group's codebook with one vector load: the codebooks of a layer are a few
 KiB (256 codewords x in_group x num_codebooks per group), so after the first touch every gather
@@ -11,7 +11,7 @@ memory.
 * ``_gemv_kernel`` (batch <= GEMV_MAX_BATCH): one program per 16-row block of stored rows and
   slice of the inputs (``gemv_splits``); float32 products and accumulators on the CUDA cores, one
   batch row at a time so registers hold one weight tile. Bound by instruction issue, then the L1
-  gathers, then the code stream (docs/codebook.md, "GPU (Triton)").
+  gathers, then the code stream (docs/codebook.md, "GPU (Triton)"; docs/notes/codebook.md).
 * ``_gemm_kernel``: one program per (block of batch rows, block of stored rows); the dequantized
   weight tile is cast to the activations' dtype and multiplied on the tensor cores (tl.dot, float32
   accumulators; float32 activations use 3xTF32, as accurate as float32 FMAs).
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hotops.codebook.reference import ROW_BLOCK
+from hotops.codebook.format import ROW_BLOCK
 
 GEMV_MAX_BATCH = 8  # above this the weight tile is reused enough for the tensor cores to pay
 # The GEMV's programs are 16-row blocks (one run of packed codes); where they are too few to keep

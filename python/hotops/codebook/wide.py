@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hotops import _backend
-from hotops.codebook import reference
+from hotops.codebook import format as fmt
 
 IN_GROUP = 8
 MAX_BATCH = 16  # the gather kernel up to here; dequantized tiles + torch.mm above
@@ -48,10 +48,10 @@ def dequantize_reference(
     """The dense (N, K) float32 weight in output order, in plain torch (differentiable in
     codebooks and scales)."""
     N, J, M = codes.shape
-    group = reference.row_groups(group_ptr, N)
+    group = fmt.row_groups(group_ptr, N)
     words = codebooks.float()[group[:, None, None], torch.arange(M, device=codes.device), code_values(codes)]
     stored = words.sum(2).reshape(N, J * codebooks.shape[-1]) * scales.float()[:, None]
-    return reference.to_output_order(stored, perm)
+    return fmt.to_output_order(stored, perm)
 
 
 # ----------------------------------------------------------------- ops
@@ -76,7 +76,7 @@ def wide_dequantize(
 ) -> Tensor:
     """The dense (N, K) float32 weight in output order."""
     if codes.device.type == "cpu" and _backend.cpu_refuses(codes.device) is None:
-        return reference.to_output_order(_cpu_dequantize_stored(codes, codebooks, scales, group_ptr), perm)
+        return fmt.to_output_order(_cpu_dequantize_stored(codes, codebooks, scales, group_ptr), perm)
     return dequantize_reference(codes, codebooks, scales, group_ptr, perm)
 
 
@@ -109,7 +109,7 @@ def _cpu_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
         r1 = min(N, r0 + tile)
         _cpu_dequantize_stored(codes, codebooks, scales, group_ptr, (r0, r1), w[: r1 - r0])
         torch.mm(w[: r1 - r0].to(x2.dtype), x2.T, out=out_t[r0:r1])
-    out = reference.to_output_order(out_t, perm).T
+    out = fmt.to_output_order(out_t, perm).T
     return out + bias.to(out.dtype) if bias is not None else out.contiguous()
 
 
@@ -173,7 +173,7 @@ def format_grads(
     unscaled = wide_dequantize(codes, codebooks, torch.ones_like(scales), group_ptr, None)
     dscales = (dWs * unscaled).sum(1)
     dword = (dWs * scales.float()[:, None]).reshape(N, J, 1, g).expand(N, J, M, g)
-    group = reference.row_groups(group_ptr, N)
+    group = fmt.row_groups(group_ptr, N)
     slot = (group[:, None, None] * M + torch.arange(M, device=codes.device)) * C + code_values(codes)
     dcb = dW.new_zeros(O * M * C, g, dtype=torch.float32).index_add_(
         0, slot.reshape(-1), dword.reshape(-1, g)

@@ -4,7 +4,7 @@ Rows are output channels; columns index the (C/groups * kh * kw) im2col view of 
 order of ``weight.reshape(O, -1)``. Columns are cut into panels of PANEL_COLS and the non-zeros
 ordered by (panel, row, column): ``rowptr`` has ``panels * O + 1`` entries and row r's non-zeros
 in panel q are ``[rowptr[q * O + r], rowptr[q * O + r + 1])``. The CPU kernel runs a panel over
-all rows before the next, so the activation rows a panel reads stay in cache (docs/sparse.md);
+all rows before the next, so the activation rows a panel reads stay in cache (docs/notes/sparse.md, "Column panels");
 with at most PANEL_COLS columns it is plain CSR. The transposed structure (CSR of W^T per group, and the
 permutation that gathers the values into it) is packed alongside, because the input gradient is
 the same sparse product with W^T and the convolution kernel skips im2col rows no weight uses.
@@ -17,7 +17,7 @@ consecutive output rows of one group, each stored over the union of its rows' co
 column loads its activations once for ``block`` rows. It pays where the blocks are full (block
 pruning, ``from_dense(..., block=b)``), not on unstructured masks, where the rows of a block
 share few columns; the packer builds it where the fill (non-zeros over stored values) is at
-least BLOCK_FILL_MIN, measured (docs/sparse.md, "Output-channel blocks and block pruning"). Training still runs on
+least BLOCK_FILL_MIN, measured (docs/notes/sparse.md, "Blocked format: the fill threshold"). Training still runs on
 the CSR (``values`` stays the parameter; the gradients are the CSR's).
 """
 

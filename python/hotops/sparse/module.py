@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from hotops.integrations.torch_prune import deepcopy as prune_safe_deepcopy
 from hotops.integrations.torch_prune import remove as remove_pruning
 from hotops.integrations.torch_prune import weight_bias_mask
-from hotops.sparse import reference
 from hotops.sparse.format import (
     _BUILD_LOCK,
     BLOCK_SIZES,
@@ -27,12 +26,13 @@ from hotops.sparse.format import (
     state_key,
     track,
 )
+from hotops.sparse.op import activate
 
 SPARSE, DENSE = "sparse (C++)", "dense (torch)"
 POLICIES = ("auto", "model", "sparse", "dense")
 
 # Densities (non-zeros / weight size) up to which the sparse kernels beat torch's dense ones on
-# the CPU, read off the single-thread crossover table in docs/sparse.md: a GEMV reads 4 bytes per
+# the CPU, read off the single-thread crossover table in docs/notes/sparse.md: a GEMV reads 4 bytes per
 # weight densely against 8 per non-zero sparsely and gathers its inputs; batched products and 1x1
 # convolutions turn each non-zero into vector FMAs over contiguous rows and win from about half
 # sparse; k x k convolutions also pay for their im2col tiles; a depthwise convolution is cheap
@@ -469,12 +469,12 @@ class _SparseLayer(nn.Module):
         return self._dense_weight(dtype), (b.to(dtype) if b is not None else None)
 
     def _dense_activation(self, y: Tensor) -> Tensor:
-        return reference._act(y, self.activation)
+        return activate(y, self.activation)
 
     def _dense_call(self, conv: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor], dtype: torch.dtype):
         """fn(x) = act(conv(x, w, b)) with the cached dense weight and bias bound."""
         (w, b), activation = self._dense_params(dtype), self.activation
-        return lambda x: reference._act(conv(x, w, b), activation)
+        return lambda x: activate(conv(x, w, b), activation)
 
 
 class SparseLinear(_SparseLayer):

@@ -22,6 +22,14 @@ from hotops.sparse.format import csr_rows, panel_count
 # the activation fused after the bias, as the kernels' code (csrc/sparse/cpu.h, Act)
 ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
 
+
+def activate(y: Tensor, activation: Optional[str]) -> Tensor:
+    """The fused activation in torch, for the dense paths."""
+    if activation == "relu6":
+        return torch.nn.functional.relu6(y)
+    return torch.nn.functional.relu(y) if activation == "relu" else y
+
+
 # convolutions run on the CPU kernels only (the GPU has the BSR linear kernel, see triton.py)
 CONV_BACKENDS = (_backend.Backend("cpu (C++)", _backend.cpu_refuses, _backend.ext),)
 
