@@ -7,5 +7,6 @@ from hotops.ann.bigran import BiGranularIndex, open_store, write_store
 from hotops.ann.index import IVFPQIndex, PQIndex
 from hotops.ann.kmeans import kmeans
 from hotops.ann.op import quantize_ste
+from hotops.ann.sharded import ShardedIndex, build_sharded  # noqa: F401 (collective: torch.distributed)
 
 __all__ = ["PQIndex", "IVFPQIndex", "BiGranularIndex", "write_store", "open_store", "kmeans", "quantize_ste"]

@@ -1,0 +1,522 @@
+"""ShardedIndex: one index spread over the ranks of a torch.distributed job, one shard per rank.
+
+Every rank holds one shard (a PQIndex, IVFPQIndex or BiGranularIndex trained with the same
+codebooks) and calls search() collectively with its own queries (any count, 0 included). The
+answer on each rank is what one index holding every shard would give for that rank's queries:
+
+1. the queries of all ranks are gathered, so each shard scans every query;
+2. each shard's top candidates (k, or R·k with refine, or `candidates` for the bi-granular index)
+   go back to the rank that asked (all_to_all), which merges them in the order (score, id);
+3. with refine (and for the bi-granular index), the merged best R·k candidates are sent to the
+   shards that hold them, which compute their exact scores (the same kernel as a single index's
+   re-rank), and the asker keeps the best k, again in the order (score, id).
+
+Results are ordered by (distance, id): among equal distances the smaller id comes first.
+
+The distributed build (build_sharded) trains on a sample (gathered from every rank, or rank 0's),
+broadcasts the trained quantizers, lets each rank encode and add its own part, save its shard,
+and has rank 0 write a JSON manifest that ShardedIndex.load() opens (memory-mapped) and checks."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hotops import _backend
+from hotops.ann import _arrays
+from hotops.ann.bigran import BiGranularIndex
+from hotops.ann.index import IVFPQIndex, PQIndex
+
+MANIFEST_FORMAT = "hotops-sharded-index"
+MANIFEST_VERSION = 1
+_KINDS = {"PQIndex": PQIndex, "IVFPQIndex": IVFPQIndex}
+
+
+# ---------------------------------------------------------------------- collective helpers
+
+
+def _comm_device(group) -> torch.device:
+    """Where collective tensors must live: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_rows(x: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:
+    """Concatenation in rank order of every rank's (counts[r], ...) rows (padded to the largest)."""
+    most = max(counts)
+    if most == 0:
+        return x.new_empty((0,) + tuple(x.shape[1:]))
+    pad = x.new_zeros((most,) + tuple(x.shape[1:]))
+    pad[:x.shape[0]] = x
+    parts = [torch.empty_like(pad) for _ in counts]
+    dist.all_gather(parts, pad, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+def _all_to_all(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group) -> torch.Tensor:
+    """Rows x[sum(send[:r]):sum(send[:r+1])] go to rank r; returns the rows received, by source."""
+    out = x.new_empty((int(sum(recv)),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), [int(c) for c in recv], [int(c) for c in send], group=group)
+    return out
+
+
+def _raise_together(error: Optional[str], group, what: str):
+    """Raises ValueError on every rank when any rank found an error (so none is left waiting)."""
+    errors = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    if bad:
+        raise ValueError(f"{what}: " + "; ".join(bad))
+
+
+def _merge(score: np.ndarray, gid: np.ndarray, k: int):
+    """Per row, the k best by (score, id), absent entries (id -1, score inf) last: returns
+    (order, score, id). The rows are runs already sorted by (score, id) (one per shard), which a
+    stable sort by score merges quickly; rows with equal finite scores are sorted again by id."""
+    order = np.argsort(score, axis=1, kind="stable")
+    s = np.take_along_axis(score, order, 1)
+    tied = np.flatnonzero(((s[:, 1:] == s[:, :-1]) & np.isfinite(s[:, 1:])).any(1))
+    if tied.size:
+        key = np.where(gid[tied] < 0, np.iinfo(np.int64).max, gid[tied])
+        order[tied] = np.lexsort((key, score[tied]), axis=-1)
+    order = np.ascontiguousarray(order[:, :k])
+    return order, np.take_along_axis(score, order, 1), np.take_along_axis(gid, order, 1)
+
+
+# ---------------------------------------------------------------------- the index
+
+
+class ShardedIndex:
+    """One shard per rank of `group` (default: the whole job); search() is collective.
+
+    ShardedIndex(local_index, group=None, id_offset=None): `local_index` is this rank's PQIndex,
+    IVFPQIndex or BiGranularIndex; all shards must share their trained codebooks (and coarse
+    quantizer). PQ and IVF-PQ shards hold global ids already (add them with ids=...); a
+    bi-granular shard's ids are rows of its own store, and id_offset (default: the rows of the
+    stores of the ranks before) turns them into global ids.
+    """
+
+    def __init__(self, local_index, group=None, id_offset: Optional[int] = None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ShardedIndex needs torch.distributed: call torch.distributed.init_process_group first")
+        if not isinstance(local_index, (PQIndex, IVFPQIndex, BiGranularIndex)):
+            raise TypeError(f"local_index must be a PQIndex, IVFPQIndex or BiGranularIndex, "
+                            f"got {type(local_index).__name__}")
+        self.local, self.group = local_index, group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.bigran = isinstance(local_index, BiGranularIndex)
+        self.pq = local_index.coarse if self.bigran else local_index
+        if not self.pq.is_trained:
+            raise RuntimeError("local_index is not trained: every shard needs the shared trained codebooks")
+        info = dict(fingerprint=trained_fingerprint(self.pq), dim=self.pq.dim,
+                    ntotal=self._local_rows(), kind=type(local_index).__name__)
+        infos = [None] * self.world_size
+        dist.all_gather_object(infos, info, group=group)
+        odd = [r for r, i in enumerate(infos) if (i["fingerprint"], i["kind"]) != (infos[0]["fingerprint"], infos[0]["kind"])]
+        if odd:
+            raise ValueError(f"the shards do not share their trained codebooks/coarse quantizer (or kind): ranks "
+                             f"{odd} differ from rank 0 ({infos[0]['kind']}); train once and broadcast "
+                             f"(see build_sharded)")
+        self.shard_ntotal = [int(i["ntotal"]) for i in infos]
+        if id_offset is None:
+            id_offset = sum(self.shard_ntotal[:self.rank]) if self.bigran else 0
+        self.id_offset = int(id_offset)
+        self._sorted_ids = None  # (ids array it was built from, argsort of ids)
+
+    # -------------------------------------------------------------- properties
+
+    @property
+    def dim(self) -> int:
+        return self.pq.dim
+
+    @property
+    def metric(self) -> str:
+        return self.pq.metric
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors over all shards."""
+        return sum(self.shard_ntotal)
+
+    def _local_rows(self) -> int:
+        return int(self.local.store.shape[0]) if self.bigran else self.pq.ntotal
+
+    # -------------------------------------------------------------- search
+
+    def search(self, q, k: int = 10, *, refine: Optional[int] = None, candidates: Optional[int] = None,
+               nprobe: Optional[int] = None, fusion: float = 0.0, allow=None):
+        """Collective: (distances, ids), each (nq, k), for this rank's queries (nq may be 0),
+        equal to a single index holding every shard. PQ/IVF-PQ: refine=R re-ranks the global best
+        R·k PQ candidates exactly (keep_vectors=True on every shard). Bi-granular: the global
+        best `candidates` (default 200) are re-ranked exactly (+ fusion · PQ score). nprobe goes to
+        IVF shards; allow is a global id array or a boolean mask over global ids."""
+        torch_out, device = _arrays.is_torch(q), (q.device if _arrays.is_torch(q) else torch.device("cpu"))
+        error, qv, kk = None, None, 0
+        try:  # a rank that refuses its arguments must not leave the others waiting: see below
+            qv, kk, extra = self._check_search(q, k, refine, candidates, nprobe, fusion)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        cdev = _comm_device(self.group)
+
+        # 1. everyone's query count and settings (which must agree), then the queries in rank order
+        fbits = int(np.array(float(fusion) if error is None else 0.0, np.float64).view(np.int64))
+        settings = [0, 0, 0, 0] if error else [kk, int(k), int(refine or 0), extra.get("nprobe", 0)]
+        head = torch.tensor([-1 if error else qv.shape[0]] + settings + [fbits], dtype=torch.int64, device=cdev)
+        parts = [torch.empty_like(head) for _ in range(self.world_size)]
+        dist.all_gather(parts, head, group=self.group)
+        heads = torch.stack(parts).cpu()
+        if error is not None:
+            raise error
+        bad = torch.nonzero(heads[:, 0] < 0).flatten().tolist()
+        if bad:
+            raise ValueError(f"ShardedIndex.search: rank(s) {bad} of the group refused their arguments")
+        if not bool((heads[:, 1:] == heads[0, 1:]).all()):
+            raise ValueError("ShardedIndex.search: k, refine, candidates, nprobe and fusion must be the same on every "
+                             f"rank; got (depth, k, refine, nprobe, fusion bits) {heads[:, 1:].tolist()} by rank")
+        counts = heads[:, 0].tolist()
+        nq = counts[self.rank]
+        qall_t = _all_gather_rows(torch.from_numpy(qv).to(cdev), counts, self.group)
+        qall = qall_t.cpu().numpy()
+
+        # 2. this shard's candidates for every query
+        # CUDA queries: the shard scans on their device (the Triton path), the merge runs on the CPU
+        scan_q = qall_t.to(device) if device.type == "cuda" else qall
+        score_l, ids_l = self._local_topk(scan_q, kk, allow=self._local_allow(allow), **extra)
+        gid_l = np.where(ids_l >= 0, ids_l + self.id_offset, -1)
+        send = [c * kk for c in counts]
+        recv = [nq * kk] * self.world_size
+        score = _all_to_all(torch.from_numpy(score_l).reshape(-1).to(cdev), send, recv, self.group)
+        gid = _all_to_all(torch.from_numpy(gid_l).reshape(-1).to(cdev), send, recv, self.group)
+        # (world, nq, kk) -> (nq, world * kk): candidate j of shard s sits at column s * kk + j
+        W = self.world_size
+        score = score.cpu().numpy().reshape(W, nq, kk).transpose(1, 0, 2).reshape(nq, W * kk)
+        gid = gid.cpu().numpy().reshape(W, nq, kk).transpose(1, 0, 2).reshape(nq, W * kk)
+        order, score, gid = _merge(score, gid, kk)
+
+        if refine or self.bigran:
+            score, gid = self._rerank(qall, ids_l, score_l, counts, order, gid, kk, fusion, cdev)
+            order, score, gid = _merge(score, gid, k)
+        score, gid = score[:, :k], gid[:, :k]
+        if score.shape[1] < k:  # fewer candidates than k in all
+            score = np.pad(score, ((0, 0), (0, k - score.shape[1])), constant_values=np.inf)
+            gid = np.pad(gid, ((0, 0), (0, k - gid.shape[1])), constant_values=-1)
+        score = np.where(gid < 0, np.float32(np.inf), score).astype(np.float32)
+        out = -score if self.metric == "ip" else score
+        if torch_out:
+            return torch.from_numpy(out).to(device), torch.from_numpy(np.ascontiguousarray(gid)).to(device)
+        return out, np.ascontiguousarray(gid)
+
+    def _check_search(self, q, k, refine, candidates, nprobe, fusion):
+        """(queries as float32 NumPy, candidates per shard, search kwargs) after the checks."""
+        k = _arrays.check_k(k)
+        if self.bigran:
+            if refine is not None:
+                raise ValueError("refine does not apply to a bi-granular shard: it always re-ranks `candidates`")
+            candidates = _arrays.check_k(200 if candidates is None else candidates, "candidates")
+            if candidates < k:
+                raise ValueError(f"candidates ({candidates}) must be at least k ({k})")
+            if not np.isfinite(fusion):
+                raise ValueError(f"fusion must be finite, got {fusion!r}")
+        else:
+            if candidates is not None or fusion != 0.0:
+                raise ValueError("candidates and fusion apply to bi-granular shards only")
+            if refine is not None:
+                refine = _arrays.check_k(refine, "refine")
+                if not self.pq.keep_vectors:
+                    raise ValueError("refine needs the exact vectors: build the shards with keep_vectors=True")
+        extra = {}
+        if isinstance(self.pq, IVFPQIndex):
+            nprobe = min(16, self.pq.nlist) if nprobe is None else nprobe
+            if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.pq.nlist:
+                raise ValueError(f"nprobe must be an integer in 1..nlist = {self.pq.nlist}, got {nprobe!r}")
+            extra["nprobe"] = int(nprobe)
+        elif nprobe is not None:
+            raise ValueError("nprobe applies to IVFPQIndex shards only")
+        qv = _arrays.as_vectors(q, "queries", self.dim)
+        return qv, (candidates if self.bigran else (k * refine if refine else k)), extra
+
+    def _local_topk(self, q, k: int, **kw):
+        """This shard's best k by (score, id): (scores (n, k) lower-is-better, local ids). The scan
+        keeps an arbitrary subset of the scores tied at its k-th place, so a query whose (k+1)-th
+        score equals its k-th is searched again with twice the depth until the tie is inside."""
+        n = q.shape[0]
+        score = np.full((n, k), np.inf, np.float32)
+        ids = np.full((n, k), -1, np.int64)
+        todo, depth, limit = np.arange(n), k + 1, max(self.pq.ntotal, 1)
+        while todo.size:
+            d, i = self.pq.search(q[torch.from_numpy(todo).to(q.device)] if _arrays.is_torch(q) else q[todo],
+                                  min(depth, limit), **kw)
+            d, i = _arrays.as_numpy(d, "distances"), _arrays.as_numpy(i, "ids")
+            s = np.where(i >= 0, -d if self.metric == "ip" else d, np.inf).astype(np.float32)
+            _, top_s, top_i = _merge(s, i, k)  # the scan's output is sorted by score already
+            w = top_s.shape[1]
+            score[todo, :w], ids[todo, :w] = top_s, top_i
+            if depth >= limit or s.shape[1] <= k:
+                break
+            tied = np.isfinite(s[:, -1]) & (s[:, -1] == score[todo, k - 1])
+            todo, depth = todo[tied], depth * 2
+        return score, ids
+
+    def _rerank(self, qall, ids_l, score_l, counts, order, gid, kk, fusion, cdev):
+        """Phase 2: the owners score the merged candidates exactly; returns (nq, kk) (score, id)."""
+        W, nq, start = self.world_size, counts[self.rank], sum(counts[:self.rank])
+        src, pos = np.divmod(order, kk)  # the shard holding each chosen candidate, its place there
+        sel = (gid >= 0).reshape(-1)
+        qi = np.repeat(np.arange(nq, dtype=np.int64), order.shape[1])
+        s_src = src.reshape(-1)[sel]
+        by_src = np.argsort(s_src, kind="stable")  # grouped by shard, queries ascending inside
+        req = np.stack([qi[sel][by_src] + start, pos.reshape(-1)[sel][by_src]], 1)  # (global query, place)
+        send = np.bincount(s_src, minlength=W).tolist()
+        recv = _all_to_all(torch.tensor(send, dtype=torch.int64, device=cdev), [1] * W, [1] * W, self.group)
+        recv = recv.cpu().tolist()
+        asked = _all_to_all(torch.from_numpy(np.ascontiguousarray(req)).to(cdev), send, recv, self.group)
+        exact = self._exact(qall, ids_l, score_l, asked.cpu().numpy(), fusion)
+        back = _all_to_all(torch.from_numpy(exact).to(cdev), recv, send, self.group).cpu().numpy()
+        out = np.full(order.size, np.inf, dtype=np.float32)
+        flat = np.empty(back.shape[0], np.float32)
+        flat[by_src] = back
+        out[sel] = flat
+        return out.reshape(order.shape), gid
+
+    def _exact(self, qall, ids_l, score_l, asked: np.ndarray, fusion: float) -> np.ndarray:
+        """Exact scores (+ fusion · PQ score for bi-granular) of (query, candidate position)
+        pairs of this shard, from the same kernel a single index re-ranks with: one row per pair
+        (the pair's query, one candidate), so each score comes back in the pair's place."""
+        if asked.shape[0] == 0:
+            return np.empty(0, np.float32)
+        gq, pos = asked[:, 0], asked[:, 1]
+        local_ids = ids_l[gq, pos]
+        if self.bigran:
+            base, rows = self.local.store, local_ids
+        else:
+            base, rows = self.pq.vectors, self._rows_of(local_ids)
+        first = np.ascontiguousarray(score_l[gq, pos].reshape(-1, 1)) if self.bigran else None
+        score = np.empty((gq.size, 1), np.float32)
+        row_out = np.empty((gq.size, 1), np.int64)
+        _backend.ext().ann_rerank(np.ascontiguousarray(qall[gq]), base, np.ascontiguousarray(rows.reshape(-1, 1)),
+                                  first, float(fusion), self.metric, score, row_out, _arrays.threads())
+        return score.reshape(-1)
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of this shard holding the given ids (ids are unique within a shard)."""
+        shard_ids = self.pq.ids
+        if self._sorted_ids is None or self._sorted_ids[0] is not shard_ids:
+            by = np.argsort(shard_ids, kind="stable")
+            self._sorted_ids = (shard_ids, by, np.ascontiguousarray(shard_ids[by]))
+        _, by, sorted_ids = self._sorted_ids
+        at = np.searchsorted(sorted_ids, ids)
+        return by[np.minimum(at, by.size - 1)]
+
+    def _local_allow(self, allow):
+        """A global allow-list as this shard's (bi-granular shards hold rows, not global ids)."""
+        if allow is None or not self.bigran:
+            return allow
+        a = _arrays.as_numpy(allow, "allow")
+        n = self._local_rows()
+        if a.dtype == np.bool_:
+            part = a[self.id_offset:self.id_offset + n]
+            return np.concatenate([part, np.zeros(n - part.shape[0], np.bool_)])
+        a = a.astype(np.int64) - self.id_offset
+        return a[(a >= 0) & (a < n)]
+
+    # -------------------------------------------------------------- vectors
+
+    def vectors(self, ids) -> np.ndarray:
+        """Collective: (n, dim) float32 exact vectors of the given global ids (this rank's list, any
+        length) from the shards that hold them (kept vectors, or the bi-granular store). An id no
+        shard holds raises ValueError on every rank."""
+        want = _arrays.as_numpy(ids, "ids").reshape(-1).astype(np.int64)
+        cdev = _comm_device(self.group)
+        counts_t = torch.tensor([want.size], dtype=torch.int64, device=cdev)
+        parts = [torch.empty_like(counts_t) for _ in range(self.world_size)]
+        dist.all_gather(parts, counts_t, group=self.group)
+        counts = [int(p.item()) for p in parts]
+        every = _all_gather_rows(torch.from_numpy(want).to(cdev), counts, self.group).cpu().numpy()
+        found = np.zeros(every.size, np.bool_)
+        vec = np.zeros((every.size, self.dim), np.float32)
+        if self.bigran:
+            local = every - self.id_offset
+            found = (local >= 0) & (local < self._local_rows())
+            vec[found] = self.local.store[local[found]]
+        elif self.pq.keep_vectors and self.pq.ntotal:
+            rows = self._rows_of(every)
+            found = self.pq.ids[rows] == every
+            vec[found] = self.pq.vectors[rows[found]]
+        elif not self.pq.keep_vectors:
+            raise ValueError("vectors() needs the exact vectors: build the shards with keep_vectors=True")
+        mine = [c for c in counts]
+        got = _all_to_all(torch.from_numpy(vec).to(cdev), mine, [counts[self.rank]] * self.world_size, self.group)
+        hit = _all_to_all(torch.from_numpy(found.astype(np.int64)).to(cdev), mine,
+                          [counts[self.rank]] * self.world_size, self.group)
+        got = got.cpu().view(self.world_size, -1, self.dim).sum(0).numpy()
+        hits = hit.cpu().view(self.world_size, -1).sum(0).numpy()
+        missing = want[hits == 0]
+        _raise_together(f"ids {missing[:5].tolist()} are held by no shard" if missing.size else None,
+                        self.group, "ShardedIndex.vectors")
+        return got
+
+    # -------------------------------------------------------------- files
+
+    @classmethod
+    def load(cls, manifest, group=None, mmap: bool = True):
+        """Collective: opens this rank's shard of a manifest written by build_sharded (one shard per
+        rank of `group`), memory-mapped by default. Refuses (ValueError on every rank) a world
+        size other than the manifest's, a shard whose size differs from the manifest's, and shards
+        whose trained codebooks/coarse quantizer differ from the manifest's fingerprint.
+
+        Rank 0 of the group reads the manifest and sends it to the others, so on machines without
+        a shared file system only rank 0's machine needs it; every rank opens its shard at the
+        manifest's relative path under the manifest's folder on its own machine."""
+        manifest = os.fspath(manifest)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        error, local, meta = None, None, None
+        if rank == 0:
+            try:
+                with open(manifest) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError) as exc:
+                meta = f"{type(exc).__name__}: {exc}"
+        box = [meta]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        meta = box[0]
+        try:
+            if isinstance(meta, str):
+                raise ValueError(f"rank 0 could not read the manifest ({meta})")
+            if not isinstance(meta, dict) or meta.get("format") != MANIFEST_FORMAT or meta.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"{manifest}: not a hotops sharded-index manifest (version {MANIFEST_VERSION})")
+            shards = meta["shards"]
+            if len(shards) != world:
+                raise ValueError(f"{manifest}: {len(shards)} shards, but the group has {world} ranks "
+                                 f"(one shard per rank)")
+            entry, folder = shards[rank], os.path.dirname(os.path.abspath(manifest))
+            path = os.path.join(folder, entry["path"])
+            size = os.path.getsize(path)
+            if size != entry["bytes"]:
+                raise ValueError(f"{path}: {size} bytes, the manifest says {entry['bytes']}")
+            local = _KINDS[meta["index_kind"]].load(path, mmap=mmap)
+            if local.ntotal != entry["ntotal"]:
+                raise ValueError(f"{path}: {local.ntotal} vectors, the manifest says {entry['ntotal']}")
+            if trained_fingerprint(local) != meta["trained_sha256"]:
+                raise ValueError(f"{path}: its trained codebooks/coarse quantizer differ from the manifest's "
+                                 f"(a shard of another build?)")
+            if "store" in entry:
+                local = BiGranularIndex(local, os.path.join(folder, entry["store"]))
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        _raise_together(error, group, f"ShardedIndex.load({manifest})")
+        offset = meta["shards"][rank].get("id_offset") if "store" in meta["shards"][rank] else None
+        return cls(local, group, id_offset=offset)
+
+
+# ---------------------------------------------------------------------- build
+
+
+def trained_fingerprint(index) -> str:
+    """sha256 of what shards must share: kind, parameters, PQ codebooks and coarse centroids."""
+    index = index.coarse if isinstance(index, BiGranularIndex) else index
+    h = hashlib.sha256()
+    h.update(json.dumps([type(index).__name__, index._params()], sort_keys=True).encode())
+    for a in (index.codebooks, getattr(index, "coarse", None)):
+        if a is not None:
+            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _trained_state(index) -> dict:
+    state = {"codebooks": np.asarray(index.codebooks)}
+    if isinstance(index, IVFPQIndex):
+        state["coarse"] = np.asarray(index.coarse)
+    return state
+
+
+def _set_trained_state(index, state: dict) -> None:
+    if isinstance(index, IVFPQIndex):
+        coarse = np.array(state["coarse"], dtype=np.float32, order="C")
+        if coarse.shape != (index.nlist, index.dim):
+            raise ValueError(f"coarse centroids have shape {coarse.shape}, expected {(index.nlist, index.dim)}")
+        index.coarse = coarse
+    index.set_codebooks(state["codebooks"])
+
+
+def build_sharded(index, x, folder, *, ids=None, train_sample=None, train_on: str = "gathered",
+                  store_dtype: Optional[str] = None, group=None, name: str = "shard") -> "ShardedIndex":
+    """Collective distributed build. `index` is an untrained PQIndex or IVFPQIndex made with the
+    same parameters on every rank; `x` is this rank's part of the corpus.
+
+    1. Training: train_on="gathered" trains rank 0's index on the concatenation (in rank order)
+       of every rank's `train_sample` (default: this rank's x); "rank0" trains on rank 0's only.
+       The trained codebooks (and coarse centroids) are broadcast to every rank.
+    2. Each rank encodes and adds x with ids (default: consecutive global ids, the rows of the
+       ranks before first), saves `folder/{name}-{rank:05d}-of-{world:05d}.hann`, and with
+       store_dtype ("float32"/"float16") also writes its vectors to a store file next to it and
+       becomes a BiGranularIndex shard (ids are then store rows; the global id adds the rows of
+       the ranks before).
+    3. Rank 0 writes `folder/manifest.json`: shard files, ntotal and bytes per shard, the index
+       kind and parameters, and the sha256 of the trained quantizers that load() checks.
+    Returns the ShardedIndex over the in-memory shards."""
+    if not isinstance(index, (PQIndex, IVFPQIndex)):
+        raise TypeError(f"index must be a PQIndex or IVFPQIndex, got {type(index).__name__}")
+    if train_on not in ("gathered", "rank0"):
+        raise ValueError(f"train_on must be 'gathered' or 'rank0', got {train_on!r}")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    x = _arrays.as_vectors(x, "x", index.dim)
+    sample = x if train_sample is None else _arrays.as_vectors(train_sample, "train_sample", index.dim)
+    if train_on == "gathered":
+        samples = [None] * world
+        dist.all_gather_object(samples, sample, group=group)
+        sample = np.concatenate(samples)
+    error = None
+    if rank == 0:
+        try:
+            index.train(sample)
+        except (ValueError, RuntimeError) as exc:
+            error = f"training failed: {exc}"
+    _raise_together(error, group, "build_sharded")
+    state = [_trained_state(index) if rank == 0 else None]
+    dist.broadcast_object_list(state, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    if rank != 0:
+        _set_trained_state(index, state[0])
+
+    counts = [None] * world
+    dist.all_gather_object(counts, int(x.shape[0]), group=group)
+    offset = sum(counts[:rank])
+    os.makedirs(folder, exist_ok=True)
+    fname = f"{name}-{rank:05d}-of-{world:05d}.hann"
+    entry = {"path": fname}
+    if store_dtype is not None:
+        from hotops.ann.bigran import write_store
+
+        if ids is not None:
+            raise ValueError("a bi-granular shard's ids are its store rows: leave ids=None with store_dtype")
+        index.add(x, np.arange(x.shape[0], dtype=np.int64))
+        sname = f"{name}-{rank:05d}-of-{world:05d}.store"
+        write_store(os.path.join(folder, sname), x, store_dtype)
+        entry.update(store=sname, id_offset=offset)
+    else:
+        index.add(x, np.arange(offset, offset + x.shape[0], dtype=np.int64) if ids is None else ids)
+    index.save(os.path.join(folder, fname))
+    entry.update(ntotal=index.ntotal, bytes=os.path.getsize(os.path.join(folder, fname)))
+    entries = [None] * world
+    dist.all_gather_object(entries, entry, group=group)
+    if rank == 0:
+        meta = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "index_kind": type(index).__name__,
+                "params": index._params(), "trained_sha256": trained_fingerprint(index),
+                "ntotal": sum(e["ntotal"] for e in entries), "shards": entries}
+        path = os.path.join(folder, "manifest.json")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    dist.barrier(group=group)
+    local = index
+    if store_dtype is not None:
+        local = BiGranularIndex(index, os.path.join(folder, entry["store"]))
+    return ShardedIndex(local, group, id_offset=offset if store_dtype is not None else None)
