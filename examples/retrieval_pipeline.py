@@ -308,63 +308,7 @@ def run(a) -> dict:
     bert3 = st3[0].auto_model
     del models["today"]
 
-    # 4 compressed (hotops) | the dense stage-3 model (today)
-    from hotops.codebook import compress
-
-    calib_texts = [split.corpus[i] for i in torch.randperm(N, generator=gen)[:a.calib // 2].tolist()] + \
-                  [split.train_queries[i] for i in perm[:a.calib - a.calib // 2].tolist()]
-    lengths = [len(x) for x in tok(calib_texts, truncation=True, max_length=a.max_length)["input_ids"]]
-    calib_texts = [t for _, t in sorted(zip(lengths, calib_texts))]
-    calib = [features(tok, calib_texts[i:i + 32], a.max_length) for i in range(0, len(calib_texts), 32)]
-    random.Random(a.seed).shuffle(calib)
-    with PeakRSS() as p:
-        bert4 = compress(copy.deepcopy(bert3).eval(), a.bits, calib=calib, steps=a.compress_steps,
-                         finetune_steps=a.compress_finetune, plan_steps=a.plan_steps, kmeans_iters=a.kmeans_iters,
-                         output=mean_pooled, skip=("pooler",),
-                         token_mask=lambda b: b["attention_mask"].bool(), seed=a.seed, progress=a.verbose)
-    t_build = p.seconds
-    from hotops.codebook import CodebookLinear
-
-    lin = [mod for n, mod in bert4.named_modules() if isinstance(mod, CodebookLinear)]
-    bpw = 8 * sum(mod.weight.nbytes for mod in lin) / sum(mod.in_features * mod.out_features for mod in lin)
-    with PeakRSS() as pe:
-        m, _, _ = evaluate(bert4, tok)
-    record("compressed", "hotops", **m, build_s=round(t_build, 1), seconds=round(t_build + pe.seconds, 1),
-           peak_rss_mib=round(max(p.peak, pe.peak) / MiB), model_bytes=state_bytes(bert4),
-           bits_per_weight=round(bpw, 3))
-    m3 = rank_metrics(exact_search(Q3, C3, 100), split.test_docs, doc_key)
-    record("dense", "today", **m3, model_bytes=state_bytes(bert3))
-
-    # 5 sparse (hotops): magnitude 90 % + recovery under the fixed mask, same loss and negatives
-    from hotops.sparse import sparsify
-
-    with PeakRSS() as p:
-        st5 = copy.deepcopy(st3)
-        st5[0].auto_model = sparsify(st5[0].auto_model, a.sparsity, "magnitude",
-                                     skip=lambda name, mod: "pooler" in name, inplace=True)
-        trainer.run(st5, "hotops", a.sparse_steps, negatives=last_mined["hotops"], lr=a.sparse_lr,
-                    log="sparse recovery")
-    t_build = p.seconds
-    with PeakRSS() as pe:
-        m, _, _ = evaluate(st5[0].auto_model, tok)
-    record("sparse", "hotops", **m, build_s=round(t_build, 1), seconds=round(t_build + pe.seconds, 1),
-           peak_rss_mib=round(max(p.peak, pe.peak) / MiB), model_bytes=state_bytes(st5[0].auto_model))
-    bert5 = st5[0].auto_model
-
-    # encoding speed side by side: the same corpus sample, the same batches, one model after another
-    sample = [split.corpus[i] for i in torch.randperm(N, generator=gen)[:a.speed_docs].tolist()]
-    speed = {}
-    for model in (bert3, bert4, bert5):  # warm-up: first-call costs (thread pools, kernel choice) out of the timing
-        encode(model, tok, sample[:64], a.encode_batch, a.max_length)
-    for name, model in (("dense", bert3), ("compressed", bert4), ("sparse", bert5), ("dense", bert3)):
-        t = time.perf_counter()
-        encode(model, tok, sample, a.encode_batch, a.max_length)
-        speed.setdefault(name, []).append(round(len(sample) / (time.perf_counter() - t), 1))
-    R["encode_docs_per_s"] = {k: max(v) for k, v in speed.items()}
-    print(f"encoding docs/s on {len(sample)} definitions (best of runs): {R['encode_docs_per_s']}", flush=True)
-    del st5, bert4, bert5
-
-    # 6 served: stage-3 (hotops) corpus embeddings
+    # 6 served (first: it needs only the stage-3 embeddings): stage-3 (hotops) corpus embeddings
     x, q = C3.numpy(), Q3.numpy()
     exact_ids = exact_search(Q3, C3, 100)
     exact = rank_metrics(exact_ids, split.test_docs, doc_key)
@@ -403,6 +347,64 @@ def run(a) -> dict:
     t_exact = time.perf_counter() - t
     record("exact", "both", **exact, search_s=round(t_exact, 3), queries_per_s=round(len(q) / t_exact, 1),
            ram_bytes_per_vector=x.shape[1] * 4)
+
+    # 4 compressed (hotops) | the dense stage-3 model (today)
+    from hotops.codebook import compress
+
+    calib_texts = [split.corpus[i] for i in torch.randperm(N, generator=gen)[:a.calib // 2].tolist()] + \
+                  [split.train_queries[i] for i in perm[:a.calib - a.calib // 2].tolist()]
+    lengths = [len(x) for x in tok(calib_texts, truncation=True, max_length=a.max_length)["input_ids"]]
+    calib_texts = [t for _, t in sorted(zip(lengths, calib_texts))]
+    calib = [features(tok, calib_texts[i:i + 32], a.max_length) for i in range(0, len(calib_texts), 32)]
+    random.Random(a.seed).shuffle(calib)
+    with PeakRSS() as p:
+        bert4 = compress(copy.deepcopy(bert3).eval(), a.bits, calib=calib, steps=a.compress_steps,
+                         finetune_steps=a.compress_finetune, plan_steps=a.plan_steps, kmeans_iters=a.kmeans_iters,
+                         output=mean_pooled, skip=("pooler",),
+                         token_mask=lambda b: b["attention_mask"].bool(), seed=a.seed, progress=a.verbose)
+    t_build = p.seconds
+    from hotops.codebook import CodebookLinear
+
+    lin = [mod for n, mod in bert4.named_modules() if isinstance(mod, CodebookLinear)]
+    bpw = 8 * sum(mod.weight.nbytes for mod in lin) / sum(mod.in_features * mod.out_features for mod in lin)
+    with PeakRSS() as pe:
+        m, _, _ = evaluate(bert4, tok)
+    record("compressed", "hotops", **m, build_s=round(t_build, 1), seconds=round(t_build + pe.seconds, 1),
+           peak_rss_mib=round(max(p.peak, pe.peak) / MiB), model_bytes=state_bytes(bert4),
+           bits_per_weight=round(bpw, 3))
+    m3 = rank_metrics(exact_search(Q3, C3, 100), split.test_docs, doc_key)
+    record("dense", "today", **m3, model_bytes=state_bytes(bert3))
+
+    # 5 sparse (hotops): magnitude 90 % + recovery under the fixed mask, same loss and negatives
+    from hotops.sparse import sparsify
+
+    with PeakRSS() as p:
+        st5 = copy.deepcopy(st3)
+        st5[0].auto_model = sparsify(st5[0].auto_model, a.sparsity, "magnitude",
+                                     skip=lambda name, mod: "pooler" in name, inplace=True,
+                                     policy=a.sparse_policy)
+        trainer.run(st5, "hotops", a.sparse_steps, negatives=last_mined["hotops"], lr=a.sparse_lr,
+                    log="sparse recovery")
+    t_build = p.seconds
+    with PeakRSS() as pe:
+        m, _, _ = evaluate(st5[0].auto_model, tok)
+    record("sparse", "hotops", **m, build_s=round(t_build, 1), seconds=round(t_build + pe.seconds, 1),
+           peak_rss_mib=round(max(p.peak, pe.peak) / MiB), model_bytes=state_bytes(st5[0].auto_model))
+    bert5 = st5[0].auto_model
+
+    # encoding speed side by side: the same corpus sample, the same batches, one model after another
+    sample = [split.corpus[i] for i in torch.randperm(N, generator=gen)[:a.speed_docs].tolist()]
+    speed = {}
+    for model in (bert3, bert4, bert5):  # warm-up: first-call costs (thread pools, kernel choice) out of the timing
+        encode(model, tok, sample[:64], a.encode_batch, a.max_length)
+    for name, model in (("dense", bert3), ("compressed", bert4), ("sparse", bert5), ("dense", bert3)):
+        t = time.perf_counter()
+        encode(model, tok, sample, a.encode_batch, a.max_length)
+        speed.setdefault(name, []).append(round(len(sample) / (time.perf_counter() - t), 1))
+    R["encode_docs_per_s"] = {k: max(v) for k, v in speed.items()}
+    print(f"encoding docs/s on {len(sample)} definitions (best of runs): {R['encode_docs_per_s']}", flush=True)
+    del st5, bert4, bert5
+
     R["total_s"] = round(time.perf_counter() - T0, 1)
     return R
 
@@ -482,6 +484,8 @@ def parse(argv=None):
     ap.add_argument("--compress-finetune", type=int, default=100)
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--sparse-steps", type=int, default=100)
+    ap.add_argument("--sparse-policy", default="auto", choices=("auto", "model", "sparse", "dense"),
+                    help="SparseLinear dispatch; auto times both paths once per new input shape")
     ap.add_argument("--sparse-lr", type=float, default=2e-4)
     ap.add_argument("--speed-docs", type=int, default=2000, help="definitions encoded by each model for speed")
     ap.add_argument("--seed", type=int, default=0)

@@ -3,7 +3,6 @@ import importlib.util
 import os
 import pathlib
 
-import numpy as np
 import pytest
 import torch
 
@@ -34,7 +33,7 @@ def test_retrieval_split_by_synset():
     assert len(sp.corpus) == 4  # every definition, examples or not
     test_syn, train_syn = set(sp.test_docs), set(sp.train_docs)
     assert len(test_syn) == 1 and not test_syn & train_syn
-    assert len(sp.test_queries) + len(sp.train_queries) == 5
+    assert len(sp.test_queries) + len(sp.train_queries) == 4
     for q, d in zip(sp.train_queries + sp.test_queries, sp.train_docs + sp.test_docs):
         assert q in sp.synsets[d].examples
     assert sp.related[0] == [1] and sp.related[1] == [0] and sp.related[2] == [] and sp.related[3] == []
