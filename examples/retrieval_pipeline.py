@@ -144,7 +144,10 @@ class Trainer:
             opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
         mnrl = None
         if loss_kind == "st":
-            from sentence_transformers.losses import MultipleNegativesRankingLoss
+            try:  # sentence-transformers >= 6 moved the losses
+                from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+            except ImportError:
+                from sentence_transformers.losses import MultipleNegativesRankingLoss
 
             mnrl = MultipleNegativesRankingLoss(st, scale=1.0 / a.temperature)
         bert, tok = st[0].auto_model, st.tokenizer
