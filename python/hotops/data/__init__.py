@@ -1,0 +1,1 @@
+"""Small loaders for the real data the examples and benchmarks run on (nothing downloads)."""

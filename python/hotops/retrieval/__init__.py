@@ -1,0 +1,119 @@
+"""Pieces of a dense-retrieval pipeline that the examples share: sentence encoding with
+length-sorted batches, exact top-k search, rank metrics, false-negative lists for mining, and a
+peak-memory probe. Plain torch / NumPy; the kernels live in the op families.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mean_pooled", "encode", "exact_search", "rank_metrics", "exclusion_matrix", "PeakRSS"]
+
+
+def mean_pooled(bert: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sentence embedding of a BERT-style encoder: the mean of the last hidden states over the
+    attention mask, L2-normalised (all-MiniLM-L6-v2's pooling)."""
+    states = bert(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].to(states.dtype)
+    return F.normalize((states * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+def encode(bert: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 256,
+           max_length: int = 32) -> torch.Tensor:
+    """(len(texts), dim) float32 embeddings in input order, computed in inference mode over
+    batches of texts of similar token counts (shuffled texts would be mostly padding)."""
+    if len(texts) == 0:
+        raise ValueError("texts is empty")
+    lengths = [len(t) for t in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    was_training = bert.training
+    bert.eval()
+    out = None
+    with torch.inference_mode():
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            batch = dict(tokenizer([texts[j] for j in idx], padding=True, truncation=True,
+                                   max_length=max_length, return_tensors="pt"))
+            emb = mean_pooled(bert, batch).float()
+            if out is None:
+                out = torch.empty(len(texts), emb.shape[1])
+            out[torch.from_numpy(idx)] = emb
+    bert.train(was_training)
+    return out
+
+
+def exact_search(q: torch.Tensor, corpus: torch.Tensor, k: int = 100, chunk: int = 1024) -> torch.Tensor:
+    """(nq, k) ids of the k largest inner products, by brute force in chunks of queries."""
+    k = min(k, corpus.shape[0])
+    return torch.cat([torch.topk(q[i:i + chunk] @ corpus.T, k, dim=1).indices
+                      for i in range(0, q.shape[0], chunk)])
+
+
+def rank_metrics(ids, gold: Sequence[int], doc_key: Optional[Sequence[int]] = None,
+                 ks: Sequence[int] = (10, 100)) -> Dict[str, float]:
+    """MRR@10 and recall@k for one relevant document per query. ids (nq, >= max ks) ranked
+    results (-1 = none); gold (nq,) the relevant row. doc_key maps a row to a key that decides
+    relevance (e.g. the row of the first identical text: duplicate documents count as the same
+    answer); default: the row itself."""
+    ids = torch.as_tensor(np.asarray(ids)).long()
+    gold = torch.as_tensor(np.asarray(gold)).long()
+    if doc_key is not None:
+        key = torch.as_tensor(np.asarray(doc_key)).long()
+        ids = torch.where(ids >= 0, key[ids.clamp_min(0)], -1)
+        gold = key[gold]
+    hit = ids == gold[:, None]
+    first = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(gold, 1 << 30))
+    out = {"mrr@10": torch.where(first < 10, 1.0 / (first.double() + 1), torch.zeros(())).mean().item()}
+    for k in ks:
+        out[f"recall@{k}"] = (first < k).double().mean().item()
+    return out
+
+
+def exclusion_matrix(rows: Sequence[int], related: Dict[int, List[int]]) -> torch.Tensor:
+    """(len(rows), E) int64 of each row's related ids padded with -1 (E >= 1): a miner's exclude."""
+    lists = [related.get(int(r), []) for r in rows]
+    E = max(1, max((len(x) for x in lists), default=1))
+    out = torch.full((len(rows), E), -1, dtype=torch.int64)
+    for i, x in enumerate(lists):
+        if x:
+            out[i, :len(x)] = torch.as_tensor(x)
+    return out
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Context manager sampling this process's resident memory every `interval` seconds (Linux
+    /proc): `.peak` bytes while inside, `.start` bytes on entry."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak, self.start = interval, 0, 0
+        self._stop = threading.Event()
+
+    def _watch(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss())
+
+    def __enter__(self):
+        self.start = self.peak = _rss()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        return False

