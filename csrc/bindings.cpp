@@ -34,9 +34,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_isa", [](const std::string& name) { set_isa(parse_isa(name.c_str())); }, py::arg("name"),
       "Force a SIMD variant (for tests); refuses one this CPU cannot run.");
-  m.def("cpu_has_vbmi", &cpu_has_vbmi, "Whether this CPU and build have AVX512_VBMI.");
-  m.def("vbmi", &vbmi_enabled, "Whether avx512 kernels may use AVX512_VBMI now (byte permutes).");
-  m.def("set_vbmi", &set_vbmi, py::arg("on"), "Lets avx512 kernels use AVX512_VBMI, or not (for tests).");
+  m.def(
+      "cpu_has", [](const std::string& name) { return cpu_has(parse_feature(name.c_str())); },
+      py::arg("feature"),
+      "Whether this CPU, OS and build have an extension: vbmi, avx512_bf16, avx512_fp16 or amx_bf16.");
+  m.def(
+      "feature", [](const std::string& name) { return feature_on(parse_feature(name.c_str())); },
+      py::arg("feature"), "Whether avx512 kernels may use an extension now.");
+  m.def(
+      "set_feature", [](const std::string& name, bool on) { set_feature(parse_feature(name.c_str()), on); },
+      py::arg("feature"), py::arg("on"), "Lets avx512 kernels use an extension, or not (for tests).");
 
   m.def(
       "set_openmp_parallel", [](uintptr_t fn) { set_openmp_parallel(reinterpret_cast<void*>(fn)); },

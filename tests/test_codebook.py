@@ -13,7 +13,7 @@ from hotops.codebook.format import code_bits
 ATOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 # conftest's ISAs, plus the avx512 kernels with AVX512_VBMI where the CPU has it ("avx512" alone
 # then runs without it: both batch-1 paths are tested)
-KERNELS = [*ISAS, *(["avx512+vbmi"] if _backend.ext().cpu_has_vbmi() else [])]
+KERNELS = [*ISAS, *(["avx512+vbmi"] if _backend.ext().cpu_has("vbmi") else [])]
 
 
 @pytest.fixture(params=KERNELS)
@@ -21,12 +21,12 @@ def isa(request):
     """Overrides conftest's: runs a test once per kernel variant; yields "scalar", "avx2",
     "avx512" or "avx512+vbmi"."""
     ext = _backend.ext()
-    vbmi_before = ext.vbmi()
+    vbmi_before = ext.feature("vbmi")
     ext.set_isa(request.param.split("+")[0])
-    ext.set_vbmi(request.param.endswith("+vbmi"))
+    ext.set_feature("vbmi", request.param.endswith("+vbmi"))
     yield request.param
     ext.set_isa(ext.best_isa())
-    ext.set_vbmi(vbmi_before)
+    ext.set_feature("vbmi", vbmi_before)
 
 
 def random_weight(N, K, in_group=4, num_codebooks=1, C=256, groups=1, permuted=False, scale=1.0):

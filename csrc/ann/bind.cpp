@@ -28,13 +28,6 @@ AnnCodebooks codebooks(ViewArgs& view, const py::object& ct, const py::object& c
   return cb;
 }
 
-template <typename Args, typename Kernel>
-void launch(const Args& a, Kernel kernel) {
-  check(a);
-  py::gil_scoped_release nogil;
-  kernel(a);
-}
-
 }  // namespace
 
 void bind_ann(py::module_& m) {

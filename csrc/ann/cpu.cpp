@@ -15,15 +15,6 @@ namespace {
 
 constexpr int W = VecF::W;
 
-template <typename T>
-struct Scratch {  // a per-thread buffer (no std::vector in kernel TUs)
-  T* p;
-  explicit Scratch(int64_t n) : p(new T[n > 0 ? n : 1]) {}
-  ~Scratch() { delete[] p; }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
-
 // The k lowest scores seen so far as a max-heap (root = worst kept), in caller-owned arrays.
 struct TopK {
   float* s;
@@ -318,15 +309,6 @@ inline void scan(const float* T, int64_t ksub, const uint8_t* codes, int64_t m, 
     scan_rows<true>(T, ksub, codes, m, allow, b, e, bias, top);
   else
     scan_rows<false>(T, ksub, codes, m, allow, b, e, bias, top);
-}
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  VecF acc = VecF::set1(0.0f);
-  int64_t i = 0;
-  for (; i + W <= d; i += W) acc = VecF::fma(VecF::load(a + i), VecF::load(b + i), acc);
-  float s = acc.sum();
-  for (; i < d; ++i) s += a[i] * b[i];
-  return s;
 }
 
 // Exact score of q against one stored row of any float dtype (lower is better). float32 rows

@@ -32,9 +32,7 @@ void bind_attention(py::module_& m) {
          py::object out, py::object lse, float scale, bool causal, int threads) {
         ViewArgs view;
         SsaArgs a = common_args(view, q, k, v, idx, kpos, qpos, out, lse, scale, causal, threads);
-        check_forward(a);
-        py::gil_scoped_release nogil;
-        HOTOPS_DISPATCH(ssa_forward)(a);
+        launch(a, check_forward, HOTOPS_DISPATCH(ssa_forward));
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("idx"), py::arg("kpos"), py::arg("qpos"),
       py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("threads"),
@@ -50,9 +48,7 @@ void bind_attention(py::module_& m) {
         a.dq = view(dq, "dq");
         a.dk = view(dk, "dk");
         a.dv = view(dv, "dv");
-        check_backward(a);
-        py::gil_scoped_release nogil;
-        HOTOPS_DISPATCH(ssa_backward)(a);
+        launch(a, check_backward, HOTOPS_DISPATCH(ssa_backward));
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("idx"), py::arg("kpos"), py::arg("qpos"),
       py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dq"), py::arg("dk"), py::arg("dv"),

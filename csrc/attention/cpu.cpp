@@ -23,20 +23,6 @@ constexpr int TQ = 128;                  // query rows per block: amortises gath
 constexpr int TK = 64;                   // sampled keys per tile; a multiple of 2W for every ISA
 constexpr int NV_MAX = W >= 16 ? 4 : 2;  // vectors per row in the rank-k update (register budget)
 
-// Aligned float32 scratch owned by one task. (Kernel TUs avoid std containers: see
-// docs/architecture.md, the ODR rule.)
-struct Scratch {
-  float* p;
-  explicit Scratch(int64_t n) {
-    const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64 + 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    if (!p) throw std::bad_alloc();
-  }
-  ~Scratch() { std::free(p); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
-
 inline void* row_of(const View& t, int esz, int64_t b, int64_t h, int64_t i) {
   return static_cast<char*>(t.data) + (b * t.stride(0) + h * t.stride(1) + i * t.stride(2)) * esz;
 }
@@ -233,7 +219,7 @@ void ssa_forward(const SsaArgs& a) {
   const DType dt = a.q.dtype;
   const int64_t tasks = g.B * g.H * nqb;
   parallel_claim(tasks, a.threads, [&](auto claim) {
-    Scratch qs(TQ * g.Dp), o(TQ * g.Dp), kbuf(TK * g.Dp), kt(g.Dp * TK), vp(TK * g.Dp), sb(TQ * TK);
+    Scratch<float> qs(TQ * g.Dp), o(TQ * g.Dp), kbuf(TK * g.Dp), kt(g.Dp * TK), vp(TK * g.Dp), sb(TQ * TK);
     float m[TQ], l[TQ];
     int64_t qp[TQ];
     float* orow[TQ];
@@ -309,9 +295,9 @@ void ssa_backward(const SsaArgs& a) {
   const DType dt = a.q.dtype;
   const int64_t tasks = g.B * g.Hkv;
   parallel_claim(tasks, a.threads, [&](auto claim) {
-    Scratch dk(g.Lk * g.Dp), dv(g.Lk * g.Dp);
-    Scratch qs(TQ * g.Dp), dob(TQ * g.Dp), dqb(TQ * g.Dp), tmp(g.Dp);
-    Scratch kbuf(TK * g.Dp), kt(g.Dp * TK), vbuf(TK * g.Dp), vt(g.Dp * TK), pb(TQ * TK), ds(TQ * TK);
+    Scratch<float> dk(g.Lk * g.Dp), dv(g.Lk * g.Dp);
+    Scratch<float> qs(TQ * g.Dp), dob(TQ * g.Dp), dqb(TQ * g.Dp), tmp(g.Dp);
+    Scratch<float> kbuf(TK * g.Dp), kt(g.Dp * TK), vbuf(TK * g.Dp), vt(g.Dp * TK), pb(TQ * TK), ds(TQ * TK);
     float lse[TQ], di[TQ];
     int64_t qp[TQ];
     float* dqrow[TQ];

@@ -45,24 +45,6 @@ constexpr int64_t kTileI16 = 32;  // int16 tables per tile: 32 x 512 bytes, L1-r
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Aligned scratch freed on scope exit (kernel TUs avoid std::vector: see the ODR rule).
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) {
-    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(T) + 63) / 64 * 64;
-    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-    if (!p_) throw std::bad_alloc();
-  }
-  ~Scratch() { std::free(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* get() const { return p_; }
-
- private:
-  T* p_;
-};
-
 inline float to_f32(const void* p, DType t, int64_t i) {
   return t == DType::f32 ? static_cast<const float*>(p)[i] : bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
@@ -482,7 +464,7 @@ Plan plan(const CodebookFormat& w, int threads) {
   const int64_t per_thread = BC == 1 && threads > 1 ? 4 : 1;
   p.kparts = max64(1, min64(per_thread * threads, L / (2 * p.tile)));
   p.nparts = max64(1, min64(threads / p.kparts, blocks));
-  p.byte_planes = BC == 1 && kInt16Tables && vbmi_enabled();
+  p.byte_planes = BC == 1 && kInt16Tables && feature_on(Feature::vbmi);
   return p;
 }
 
@@ -508,23 +490,22 @@ bool run_task(const CodebookMatmul& a, const Plan& p, int64_t s_begin, int64_t s
       if (C < 256)
         for (int64_t blk = rows.first(); blk < rows.end(); ++blk)
           if (max_code(codes + (blk * L + i0) * RB, n * RB) >= C) return false;
-      build_tables<G, BC>(xT, cbT, M, C, i0, i0 + n, T.get());
+      build_tables<G, BC>(xT, cbT, M, C, i0, i0 + n, T.p);
       if constexpr (BC > 1) {
-        gather_vec<BC>(T.get(), C, codes, L, i0, n, rows, part);
+        gather_vec<BC>(T.p, C, codes, L, i0, n, rows, part);
       } else {
 #if defined(__AVX512BW__)
-        uint8_t* Tp = reinterpret_cast<uint8_t*>(Tq.get());  // as many bytes as the int16 tables
-        const float scale =
-            p.byte_planes ? quantize_planes(T.get(), C, n, Tp) : quantize_tables(T.get(), C, n, Tq.get());
+        uint8_t* Tp = reinterpret_cast<uint8_t*>(Tq.p);  // as many bytes as the int16 tables
+        const float scale = p.byte_planes ? quantize_planes(T.p, C, n, Tp) : quantize_tables(T.p, C, n, Tq.p);
         if (scale >= 0.0f) {
           if (p.byte_planes)
             gather_planes(Tp, scale, codes, L, i0, n, rows, part);
           else
-            gather_i16(Tq.get(), scale, codes, L, i0, n, rows, part);
+            gather_i16(Tq.p, scale, codes, L, i0, n, rows, part);
           continue;
         }
 #endif
-        gather_f32(T.get(), C, codes, L, i0, n, rows, part);
+        gather_f32(T.p, C, codes, L, i0, n, rows, part);
       }
     }
   }
@@ -544,9 +525,9 @@ bool matmul_chunk(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* 
   const float* scales = w.scales.ptr<const float>();
   const int64_t ldo = a.out.stride(0);
   const auto finish = [&] {  // y[b0 + b, perm[r]] = scales[r] * (sum of the kparts partials) + bias
-    float* sum = parts.get();
+    float* sum = parts.p;
     for (int64_t kp = 1; kp < p.kparts; ++kp)
-      for (int64_t i = 0; i < N * BC; ++i) sum[i] += parts.get()[kp * padded + i];
+      for (int64_t i = 0; i < N * BC; ++i) sum[i] += parts.p[kp * padded + i];
     for (int64_t r = 0; r < N; ++r) {
       const int64_t col = perm ? perm[r] : r;
       const float add = bias ? bias[col] : 0.0f;
@@ -563,7 +544,7 @@ bool matmul_chunk(const CodebookMatmul& a, int64_t b0, int64_t Bc, const float* 
     for (int64_t t; (t = claim()) < tasks;) {
       const int64_t kp = t / p.nparts, np = t % p.nparts;
       if (!run_task<G, BC>(a, p, L * kp / p.kparts, L * (kp + 1) / p.kparts, blocks * np / p.nparts,
-                           blocks * (np + 1) / p.nparts, cbT, xT, parts.get() + kp * padded))
+                           blocks * (np + 1) / p.nparts, cbT, xT, parts.p + kp * padded))
         __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
       // acq_rel: the last one sees every task's partial sums
       if (__atomic_add_fetch(&done, int64_t(1), __ATOMIC_ACQ_REL) == tasks &&
@@ -702,7 +683,7 @@ bool codebook_matmul(const CodebookMatmul& a) {
   Scratch<float> cbT(O * M * G * C), xT(K * kMaxBatch);
   for (int64_t om = 0; om < O * M; ++om)  // (O, M, C, G) -> (O, M, G, C)
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t t = 0; t < G; ++t) cbT.get()[(om * G + t) * C + c] = cb[(om * C + c) * G + t];
+      for (int64_t t = 0; t < G; ++t) cbT.p[(om * G + t) * C + c] = cb[(om * C + c) * G + t];
   for (int64_t b0 = 0; b0 < B; b0 += kMaxBatch) {
     const int64_t Bc = min64(kMaxBatch, B - b0), BC = Bc <= 1   ? 1
                                                       : Bc <= 2 ? 2
@@ -711,26 +692,26 @@ bool codebook_matmul(const CodebookMatmul& a) {
                                                                 : 16;
     for (int64_t b = 0; b < BC; ++b)  // the chunk in float32, (K, BC), zeros past Bc
       for (int64_t k = 0; k < K; ++k)
-        xT.get()[k * BC + b] = b < Bc ? to_f32(a.x.data, a.x.dtype, (b0 + b) * a.x.stride(0) + k) : 0.0f;
+        xT.p[k * BC + b] = b < Bc ? to_f32(a.x.data, a.x.dtype, (b0 + b) * a.x.stride(0) + k) : 0.0f;
     bool ok;
     switch (G) {
       case 1:
-        ok = matmul_chunk_bc<1>(a, b0, Bc, cbT.get(), xT.get());
+        ok = matmul_chunk_bc<1>(a, b0, Bc, cbT.p, xT.p);
         break;
       case 2:
-        ok = matmul_chunk_bc<2>(a, b0, Bc, cbT.get(), xT.get());
+        ok = matmul_chunk_bc<2>(a, b0, Bc, cbT.p, xT.p);
         break;
       case 4:
-        ok = matmul_chunk_bc<4>(a, b0, Bc, cbT.get(), xT.get());
+        ok = matmul_chunk_bc<4>(a, b0, Bc, cbT.p, xT.p);
         break;
       default:
-        ok = matmul_chunk_bc<8>(a, b0, Bc, cbT.get(), xT.get());
+        ok = matmul_chunk_bc<8>(a, b0, Bc, cbT.p, xT.p);
         break;
     }
     if (!ok) return false;
     for (int64_t b = 0; b < Bc; ++b) {  // rows of x holding NaN/Inf: again, from the dense weight
       bool finite = true;
-      for (int64_t k = 0; k < K; ++k) finite &= std::fabs(xT.get()[k * BC + b]) <= 3.40282347e38f;
+      for (int64_t k = 0; k < K; ++k) finite &= std::fabs(xT.p[k * BC + b]) <= 3.40282347e38f;
       if (!finite && !dense_row(a, cb, b0 + b)) return false;
     }
   }

@@ -27,24 +27,6 @@ typedef float V8 __attribute__((vector_size(32)));
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Aligned scratch freed on scope exit (no std::vector in kernel TUs: the ODR rule).
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) {
-    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(T) + 63) / 64 * 64;
-    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-    if (!p_) throw std::bad_alloc();
-  }
-  ~Scratch() { std::free(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* get() const { return p_; }
-
- private:
-  T* p_;
-};
-
 // Codeword c of a codebook in storage type CT, as 8 floats.
 template <DType CT>
 inline V8 word(const void* cb, int64_t c) {
@@ -275,23 +257,23 @@ bool matmul(const WideMatmul& a) {
     const int64_t Bc = min64(16, B - b0), BC = Bc <= 1 ? 1 : Bc <= 2 ? 2 : Bc <= 4 ? 4 : Bc <= 8 ? 8 : 16;
     for (int64_t b = 0; b < BC; ++b)
       for (int64_t k = 0; k < K; ++k)
-        xc.get()[k * BC + b] = b < Bc ? to_f32(a.x.data, a.x.dtype, (b0 + b) * a.x.stride(0) + k) : 0.0f;
+        xc.p[k * BC + b] = b < Bc ? to_f32(a.x.data, a.x.dtype, (b0 + b) * a.x.stride(0) + k) : 0.0f;
     bool ok;
     switch (BC) {
       case 1:
-        ok = chunk<CT, 1>(a, b0, Bc, xc.get());
+        ok = chunk<CT, 1>(a, b0, Bc, xc.p);
         break;
       case 2:
-        ok = chunk<CT, 2>(a, b0, Bc, xc.get());
+        ok = chunk<CT, 2>(a, b0, Bc, xc.p);
         break;
       case 4:
-        ok = chunk<CT, 4>(a, b0, Bc, xc.get());
+        ok = chunk<CT, 4>(a, b0, Bc, xc.p);
         break;
       case 8:
-        ok = chunk<CT, 8>(a, b0, Bc, xc.get());
+        ok = chunk<CT, 8>(a, b0, Bc, xc.p);
         break;
       default:
-        ok = chunk<CT, 16>(a, b0, Bc, xc.get());
+        ok = chunk<CT, 16>(a, b0, Bc, xc.p);
         break;
     }
     if (!ok) return false;

@@ -1,8 +1,15 @@
 #include "common/cpu_features.h"
 
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "common/error.h"
 
@@ -88,30 +95,73 @@ void set_isa(Isa isa) {
 
 namespace {
 
-std::atomic<bool>& vbmi_on() {
-  static std::atomic<bool> on{[] {
-    const char* env = std::getenv("HOTOPS_VBMI");
-    return cpu_has_vbmi() && !(env && std::strcmp(env, "0") == 0);
-  }()};
-  return on;
+constexpr const char* kFeatureNames[kFeatureCount] = {"vbmi", "avx512_bf16", "avx512_fp16", "amx_bf16"};
+
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+// Linux enables AMX tile data per process: ask once (arch_prctl ARCH_REQ_XCOMP_PERM, feature 18).
+bool amx_permitted() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#else
+bool amx_permitted() { return false; }
+#endif
+
+bool detect(Feature f) {
+#if (defined(__x86_64__) || defined(_M_X64)) && HOTOPS_HAVE_AVX512
+  if (!cpu_runs(Isa::avx512)) return false;
+  switch (f) {
+    case Feature::vbmi:
+      return __builtin_cpu_supports("avx512vbmi");
+    case Feature::avx512_bf16:
+      return __builtin_cpu_supports("avx512bf16");
+    case Feature::avx512_fp16:
+      return __builtin_cpu_supports("avx512fp16");
+    case Feature::amx_bf16:
+      return __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") && amx_permitted();
+  }
+#else
+  (void)f;
+#endif
+  return false;
+}
+
+struct FeatureState {
+  bool has[kFeatureCount];
+  std::atomic<bool> on[kFeatureCount];
+  FeatureState() {
+    for (int i = 0; i < kFeatureCount; ++i) {
+      has[i] = detect(static_cast<Feature>(i));
+      std::string env = "HOTOPS_";
+      for (const char* c = kFeatureNames[i]; *c; ++c) env += static_cast<char>(std::toupper(*c));
+      const char* value = std::getenv(env.c_str());
+      on[i] = has[i] && !(value && std::strcmp(value, "0") == 0);
+    }
+  }
+};
+
+FeatureState& features() {
+  static FeatureState state;
+  return state;
 }
 
 }  // namespace
 
-bool cpu_has_vbmi() {
-#if (defined(__x86_64__) || defined(_M_X64)) && HOTOPS_HAVE_AVX512
-  __builtin_cpu_init();
-  return cpu_runs(Isa::avx512) && __builtin_cpu_supports("avx512vbmi");
-#else
-  return false;
-#endif
+const char* feature_name(Feature f) { return kFeatureNames[static_cast<int>(f)]; }
+
+Feature parse_feature(const char* name) {
+  for (int i = 0; i < kFeatureCount; ++i)
+    if (std::strcmp(name, kFeatureNames[i]) == 0) return static_cast<Feature>(i);
+  fail("unknown CPU feature '", name, "': expected vbmi, avx512_bf16, avx512_fp16 or amx_bf16");
 }
 
-bool vbmi_enabled() { return vbmi_on().load(std::memory_order_relaxed); }
+bool cpu_has(Feature f) { return features().has[static_cast<int>(f)]; }
 
-void set_vbmi(bool on) {
-  HOTOPS_CHECK(!on || cpu_has_vbmi(), "this CPU or build has no AVX512_VBMI");
-  vbmi_on().store(on);
+bool feature_on(Feature f) { return features().on[static_cast<int>(f)].load(std::memory_order_relaxed); }
+
+void set_feature(Feature f, bool on) {
+  HOTOPS_CHECK(!on || cpu_has(f), "this CPU, OS or build has no ", feature_name(f));
+  features().on[static_cast<int>(f)].store(on);
 }
 
 }  // namespace hotops

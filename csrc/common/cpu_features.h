@@ -13,11 +13,19 @@ Isa active_isa();       // the variant kernels dispatch to now
 void set_isa(Isa isa);  // refuses variants the CPU or the build lacks
 Isa parse_isa(const char* name);
 
-// AVX512_VBMI (64-lane byte permutes), an extension some avx512 kernels take when it is on: on
-// where the CPU has it, unless HOTOPS_VBMI=0 is in the environment; set_vbmi() switches it so
-// tests cover those kernels with and without it. It never changes which Isa runs.
-bool cpu_has_vbmi();
-bool vbmi_enabled();
-void set_vbmi(bool on);  // refuses true where the CPU or the build lacks it
+// Instruction-set extensions some avx512 kernels take when they are on (they never change which
+// Isa runs): AVX512_VBMI (64-lane byte permutes), AVX512_BF16 (vdpbf16ps), AVX512_FP16 and AMX
+// tiles (AMX-BF16; on Linux the tile-data permission is requested once, at detection). Each is on
+// where the CPU, the OS and the build have it, unless HOTOPS_<NAME>=0 (HOTOPS_VBMI=0,
+// HOTOPS_AVX512_BF16=0, ...) is in the environment; set_feature() switches it so tests cover the
+// kernels with and without it.
+enum class Feature { vbmi = 0, avx512_bf16 = 1, avx512_fp16 = 2, amx_bf16 = 3 };
+constexpr int kFeatureCount = 4;
+
+const char* feature_name(Feature f);  // "vbmi", "avx512_bf16", "avx512_fp16", "amx_bf16"
+Feature parse_feature(const char* name);
+bool cpu_has(Feature f);               // the CPU, the OS and this build support it
+bool feature_on(Feature f);            // kernels may use it now
+void set_feature(Feature f, bool on);  // refuses true where cpu_has(f) is false
 
 }  // namespace hotops

@@ -135,4 +135,18 @@ class ViewArgs {
   std::vector<pybind11::capsule> keep_;
 };
 
+// The one shape of a kernel call from Python: validate the argument struct, release the GIL, run
+// the kernel (HOTOPS_DISPATCH(name)). The validator is the family's `check` overload for Args
+// unless one is passed (attention checks one struct two ways).
+template <typename Args, typename Check, typename Kernel>
+decltype(auto) launch(Args& a, Check validate, Kernel kernel) {
+  validate(a);
+  pybind11::gil_scoped_release nogil;
+  return kernel(a);
+}
+template <typename Args, typename Kernel>
+decltype(auto) launch(Args& a, Kernel kernel) {
+  return launch(a, [](Args& x) { check(x); }, kernel);
+}
+
 }  // namespace hotops

@@ -10,7 +10,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+#include <type_traits>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -20,6 +23,26 @@
 
 namespace hotops {
 namespace HOTOPS_ISA {
+
+// ---- per-task scratch ----
+// A 64-byte aligned buffer of n elements of a trivial type, freed on scope exit. One spare cache
+// line follows the n elements (a full-vector load at any element stays inside), and p is never
+// null, even for n <= 0. (Kernel TUs avoid std containers: the ODR
+// rule of docs/architecture.md.)
+template <typename T>
+struct Scratch {
+  static_assert(std::is_trivially_default_constructible_v<T> && std::is_trivially_destructible_v<T>,
+                "Scratch holds plain data only");
+  T* p;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 0) * sizeof(T) + 63) / 64 * 64 + 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (!p) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
 
 // ---- scalar conversions (tails and the scalar build) ----
 inline float bf16_to_f32(uint16_t h) {
@@ -234,6 +257,21 @@ inline VecF exp(VecF x) {
   VecF y = p * VecF::pow2i(n);
   y = VecF::select_lt(x, lo, VecF::set1(0.0f), y);
   return VecF::select_lt(hi, x, VecF::set1(INFINITY), y);
+}
+
+// Dot product of two float32 rows (two accumulators to hide the FMA latency).
+inline float dot(const float* a, const float* b, int64_t n) {
+  constexpr int64_t W = VecF::W;
+  VecF s0 = VecF::set1(0.0f), s1 = VecF::set1(0.0f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    s0 = VecF::fma(VecF::load(a + i), VecF::load(b + i), s0);
+    s1 = VecF::fma(VecF::load(a + i + W), VecF::load(b + i + W), s1);
+  }
+  for (; i + W <= n; i += W) s0 = VecF::fma(VecF::load(a + i), VecF::load(b + i), s0);
+  float s = (s0 + s1).sum();
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
 }
 
 // Loads/stores of W floats from a row of any float dtype; `n < W` reads a tail through a

@@ -26,9 +26,7 @@ void bind_infonce(py::module_& m) {
         a.grad_scale = grad_scale;
         a.want_grad = want_grad;
         a.threads = threads;
-        check(a);
-        py::gil_scoped_release nogil;
-        HOTOPS_DISPATCH(infonce_rows)(a);
+        launch(a, HOTOPS_DISPATCH(infonce_rows));
       },
       py::arg("shared"), py::arg("own"), py::arg("weight"), py::arg("row_scale"), py::arg("loss"),
       py::arg("lse"), py::arg("tdot"), py::arg("pos_col"), py::arg("inv_t"), py::arg("smoothing"),

@@ -73,9 +73,7 @@ void bind_sparse(py::module_& m) {
             a.x = view(x, "x");
             a.y = view(y, "y");
             a.threads = threads;
-            check(a);
-            py::gil_scoped_release nogil;
-            HOTOPS_DISPATCH(sparse_conv_fwd)(a);
+            launch(a, HOTOPS_DISPATCH(sparse_conv_fwd));
           },
           py::arg("x"), py::arg("y"), py::arg("threads"),
           "sparse_conv_fwd(geometry, ..., x, bias, y, activation, threads)");
@@ -98,9 +96,7 @@ void bind_sparse(py::module_& m) {
         a.act = static_cast<Act>(activation);
         a.threads = threads;
         set_blocked(a, view, block, b_rowptr, b_colidx, b_values);
-        check(a);
-        py::gil_scoped_release nogil;
-        HOTOPS_DISPATCH(sparse_conv_fwd)(a);
+        launch(a, HOTOPS_DISPATCH(sparse_conv_fwd));
       },
       py::arg("geometry"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"), py::arg("t_rowptr"),
       py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("activation"), py::arg("threads"),
@@ -116,9 +112,7 @@ void bind_sparse(py::module_& m) {
         a.dst = view(dst, "dst");
         a.transpose = transpose;
         a.threads = threads;
-        check(a);
-        py::gil_scoped_release nogil;
-        HOTOPS_DISPATCH(sparse_widen)(a);
+        launch(a, HOTOPS_DISPATCH(sparse_widen));
       },
       py::arg("src"), py::arg("dst"), py::arg("transpose"), py::arg("threads"),
       "dst = src or src^T widened to float32 (the sparse kernels' input layout).");
@@ -133,9 +127,7 @@ void bind_sparse(py::module_& m) {
         a.gy = view(gy, "grad_output");
         a.gx = view(gx, "grad_input");
         a.threads = threads;
-        check(a);
-        py::gil_scoped_release nogil;
-        HOTOPS_DISPATCH(sparse_conv_bwd_input)(a);
+        launch(a, HOTOPS_DISPATCH(sparse_conv_bwd_input));
       },
       py::arg("geometry"), py::arg("t_rowptr"), py::arg("t_colidx"), py::arg("t_values"), py::arg("gy"),
       py::arg("gx"), py::arg("threads"), "grad_input = col2im(W^T gy); see csrc/sparse/cpu.h.");
@@ -152,9 +144,7 @@ void bind_sparse(py::module_& m) {
         a.gy = view(gy, "grad_output");
         a.partial = view(partial, "partial");
         a.threads = threads;
-        check(a);
-        py::gil_scoped_release nogil;
-        HOTOPS_DISPATCH(sparse_conv_bwd_values)(a);
+        launch(a, HOTOPS_DISPATCH(sparse_conv_bwd_values));
       },
       py::arg("geometry"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"), py::arg("t_rowptr"),
       py::arg("x"), py::arg("gy"), py::arg("partial"), py::arg("threads"),

@@ -221,19 +221,6 @@ void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  VecF s0 = VecF::set1(0.0f), s1 = VecF::set1(0.0f);
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    s0 = VecF::fma(VecF::load(a + i), VecF::load(b + i), s0);
-    s1 = VecF::fma(VecF::load(a + i + W), VecF::load(b + i + W), s1);
-  }
-  for (; i + W <= n; i += W) s0 = VecF::fma(VecF::load(a + i), VecF::load(b + i), s0);
-  float s = (s0 + s1).sum();
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // Where tap (dy, dx) of a kernel lands for every output pixel: output rows [ho0, ho1) and columns
 // [wo0, wo1) read the input inside its borders, at row ho * sh + oy and column wo * sw + ox.
 struct TapRange {

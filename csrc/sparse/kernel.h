@@ -20,15 +20,6 @@ constexpr int NV = 4;                      // vectors per register tile (x2 sets
 constexpr int64_t CH = int64_t(NV) * W;    // pixels per register tile
 constexpr int64_t TILE_FLOATS = 96 << 10;  // im2col tile budget (384 KB): L2-resident
 
-template <typename T>
-struct Scratch {  // raw new/delete: kernel TUs must not instantiate std containers (ODR rule)
-  T* p;
-  explicit Scratch(int64_t n) : p(n > 0 ? new T[n] : nullptr) {}
-  ~Scratch() { delete[] p; }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
-
 struct Out {  // element (row, pixel) at base + row * rs + pixel * ps, of type t (f32, bf16, f16)
   void* base;
   int64_t rs, ps;

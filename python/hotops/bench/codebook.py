@@ -211,7 +211,7 @@ def cpu_time_table(
     ext = _backend.ext()
     if isa:
         ext.set_isa(isa.split("+")[0])
-        ext.set_vbmi(isa.endswith("+vbmi"))
+        ext.set_feature("vbmi", isa.endswith("+vbmi"))
     torch.set_num_threads(1)
     sides = ["hotops", "dense"]
     if not aqlm_missing():
@@ -219,7 +219,9 @@ def cpu_time_table(
 
         numba.set_num_threads(1)
         sides.append("aqlm")
-    lines = [f"isa {ext.isa()}{'+vbmi' if ext.vbmi() else ''}, batch {B}, one thread, CPU ms per call"]
+    lines = [
+        f"isa {ext.isa()}{'+vbmi' if ext.feature('vbmi') else ''}, batch {B}, one thread, CPU ms per call"
+    ]
     for N, K in SHAPES:
         fns = {s: build(s, N, K, B, "2x8") for s in sides}
         best = dict.fromkeys(sides, float("inf"))
