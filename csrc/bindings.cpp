@@ -1,5 +1,5 @@
 // The pybind11 module hotops._C. Each family registers its functions from its own bind.cpp;
-// this file lists them and adds the module-wide switches (ISA, VBMI, OpenMP runtime). No kernel
+// this file lists them and adds the module-wide switches (ISA, CPU extensions, OpenMP runtime). No kernel
 // logic lives here.
 #include <pybind11/pybind11.h>
 
