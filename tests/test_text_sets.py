@@ -54,3 +54,24 @@ def test_docstrings_of_one_package():
 def test_unknown_set_is_named():
     with pytest.raises(ValueError, match="unknown text set 'nope'"):
         text_sets.load("nope", 1)
+
+
+def test_compress_example_keeps_evaluation_text_out_of_calibration():
+    """examples/compress_minilm.py's split: the calibration holds no evaluation text, and the
+    usage examples come from glosses that neither the calibration nor the evaluation holds."""
+    import importlib.util
+    import pathlib
+
+    if not (text_sets.available("licenses") and text_sets.available("glosses")):
+        pytest.skip("WordNet or the common licences are not installed")
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "compress_minilm.py"
+    spec = importlib.util.spec_from_file_location("compress_minilm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    calib, evals = example.text_split(
+        ["glosses", "licenses"], ["glosses", "usage", "licenses"], 41, n_eval=50, n_eval_other=30
+    )
+    assert len(calib) == 41 and [len(v) for v in evals.values()] == [50, 30, 30]
+    assert not set(calib) & {t for v in evals.values() for t in v}
+    assert not any(e in g for e in evals["usage"] for g in calib + evals["glosses"])
+    assert sum(t in set(text_sets.load("licenses", 10**6)) for t in calib) == 20
