@@ -439,6 +439,7 @@ def run(a) -> dict:
 
     # 4 compressed (hotops) | the dense stage-3 model (today)
     from hotops.codebook import compress
+    from hotops.codebook.jlcm import Format
 
     calib_texts = [split.corpus[i] for i in torch.randperm(N, generator=gen)[: a.calib // 2].tolist()] + [
         split.train_queries[i] for i in perm[: a.calib - a.calib // 2].tolist()
@@ -456,6 +457,8 @@ def run(a) -> dict:
             finetune_steps=a.compress_finetune,
             plan_steps=a.plan_steps,
             kmeans_iters=a.kmeans_iters,
+            rounds=a.compress_rounds,
+            formats=tuple(Format(int(g)) for g in a.compress_formats.split(",")),
             output=mean_pooled,
             skip=("pooler",),
             token_mask=lambda b: b["attention_mask"].bool(),
@@ -646,6 +649,12 @@ def parse(argv=None):
         "--kmeans-iters", type=int, default=25, help="k-means iterations of each codebook's start"
     )
     ap.add_argument("--compress-finetune", type=int, default=100)
+    ap.add_argument(
+        "--compress-formats",
+        default="4,2",
+        help="candidate formats of compress's plan: inputs per 8-bit code (4: 2 bits, 2: 4 bits)",
+    )
+    ap.add_argument("--compress-rounds", type=int, default=3, help="layer-wise rounds per layer")
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--sparse-steps", type=int, default=100)
     ap.add_argument(
@@ -662,25 +671,26 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quiet", dest="verbose", action="store_false")
-    quick = dict(
-        corpus_size=1500,
-        test_synsets=60,
-        test_queries=80,
-        steps=6,
+    quick = dict(  # a smoke test of every stage in well under a minute, not a measurement
+        corpus_size=300,  # PQ codebooks of 256 words need 256 vectors
+        test_synsets=24,
+        test_queries=32,
+        steps=4,
         batch=8,
-        refresh_every=3,
-        sparse_steps=3,
+        refresh_every=2,
+        sparse_steps=2,
         calib=16,
-        compress_steps=1,
-        plan_steps=1,
+        compress_steps=0,  # k-means codebooks, then fine-tuning: no layer-wise stage
+        compress_formats="4",
         kmeans_iters=3,
         compress_finetune=2,
         nlist=16,
         m=16,
         candidates=200,
-        max_length=24,
-        encode_batch=128,
-        speed_docs=200,
+        max_length=16,
+        encode_batch=256,
+        speed_docs=64,
+        sparse_policy="model",
     )
     if "--quick" in (sys.argv[1:] if argv is None else argv):
         ap.set_defaults(**quick)  # explicit options still win
