@@ -694,6 +694,48 @@ def run(a) -> dict:
     return R
 
 
+def layer_speed(tokens=(64, 512, 5120), reps: int = 7, shapes=((384, 384), (384, 1536), (1536, 384))) -> str:
+    """MiniLM's Linear shapes at encoding batch shapes (tokens = texts x tokens per text): one
+    call's CPU time (best of `reps`, on this process's threads) of the dense layer, the compressed
+    formats and the 90 % sparse layer on each of its paths. Random weights: time does not depend
+    on the values."""
+    from hotops.codebook import CodebookLinear
+    from hotops.sparse import SparseLinear
+
+    def cpu_ms(f, x):
+        with torch.inference_mode():
+            f(x)
+            f(x)
+            best = math.inf
+            for _ in range(reps):
+                c = time.process_time()
+                f(x)
+                best = min(best, time.process_time() - c)
+        return 1e3 * best
+
+    torch.manual_seed(0)
+    rows = [
+        f"{torch.get_num_threads()} thread(s), CPU ms per call (best of {reps})",
+        "",
+        "| tokens | in -> out | dense F.linear | codebook 1x8/4 | codebook 1x8/2 | sparse CSR | sparse 4x1 blocks | sparse layer, dense path |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for T in tokens:
+        for K, N in shapes:
+            lin, x = torch.nn.Linear(K, N), torch.randn(T, K)
+            r = [cpu_ms(lin, x)]
+            for g in (4, 2):
+                cb = CodebookLinear.from_linear(
+                    lin, bits_per_weight=8 / g, in_group=g, num_codebooks=1, iters=2
+                )
+                r.append(cpu_ms(cb, x))
+            for kw in (dict(policy="sparse"), dict(policy="sparse", block=4), dict(policy="dense")):
+                r.append(cpu_ms(SparseLinear.from_dense(lin, sparsity=0.9, **kw), x))
+            rows.append(f"| {T} | {K} -> {N} | " + " | ".join(f"{v:.3f}" for v in r) + " |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
 def fmt(x):
     return f"{100 * x:.2f}"
 
@@ -849,6 +891,11 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quiet", dest="verbose", action="store_false")
+    ap.add_argument(
+        "--layer-speed",
+        action="store_true",
+        help="only time MiniLM's Linear shapes dense, compressed and 90 %% sparse (no data, no model)",
+    )
     quick = dict(  # a smoke test of every stage in well under a minute, not a measurement
         corpus_size=300,  # PQ codebooks of 256 words need 256 vectors
         test_synsets=24,
@@ -881,6 +928,11 @@ def parse(argv=None):
 
 def main(argv=None):
     a = parse(argv)
+    if a.layer_speed:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        print(layer_speed())
+        return
     if not wordnet.available():
         sys.exit("WordNet is missing: apt-get install wordnet-base")
     R = run(a)
