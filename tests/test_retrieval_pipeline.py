@@ -96,7 +96,7 @@ def test_encode_matches_unsorted_batches_and_peak_rss():
         got = encode(bert, Tok(), texts, batch_size=2, max_length=8)
     one = torch.cat([encode(bert, Tok(), [t], batch_size=1) for t in texts])
     torch.testing.assert_close(got, one, rtol=1e-4, atol=1e-5)
-    assert p.peak >= p.start > 0
+    assert p.peak >= p.start > 0 and p.seconds > 0 and p.cpu_seconds > 0
     with pytest.raises(ValueError):
         encode(bert, Tok(), [])
 
@@ -113,8 +113,7 @@ def test_pipeline_quick(tmp_path):
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    a = mod.parse(["--quick", "--quiet", "--corpus-size", "600", "--threads", "1"])
-    a.test_synsets, a.test_queries, a.steps, a.refresh_every = 20, 24, 3, 2
+    a = mod.parse(["--quick", "--quiet", "--threads", "1"])  # what --quick runs: under a minute
     R = mod.run(a)
     S = R["stages"]
     for stage in ("zero-shot", "in-batch", "hard-neg", "compressed", "sparse", "served", "exact"):
@@ -128,3 +127,39 @@ def test_pipeline_quick(tmp_path):
     line = mod.final_line(R)
     assert line.startswith("retrieval: mrr@10 zero-shot=") and "| recall@100 served=" in line
     assert "exact=" in line and mod.table(R).count("\n") > 8
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location(
+        "retrieval_pipeline", ROOT / "examples" / "retrieval_pipeline.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gradual_pruner_ramps_to_target_and_keeps_pruned_weights_zero():
+    mod = _example()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    net.add_module("pooler", torch.nn.Linear(8, 8))
+    pr = mod.GradualPruner(net, 0.9, steps=20, every=3, ramp=0.5)
+    assert pr.sparsity(0) == 0 and pr.sparsity(10) == pytest.approx(0.9) and pr.sparsity(20) == 0.9
+    assert 0 < pr.sparsity(3) < pr.sparsity(6) < 0.9
+    assert len(pr.layers) == 2  # the pooler is skipped
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(1, 21):
+        net(torch.randn(4, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        pr(step)
+        for lin, mask in zip(pr.layers, pr.masks):
+            assert torch.all(lin.weight[~mask] == 0)
+    for lin in pr.layers:
+        assert (lin.weight == 0).float().mean().item() == pytest.approx(0.9, abs=0.01)
+    assert (net.pooler.weight != 0).all()
+
+
+def test_layer_speed_table():
+    table = _example().layer_speed(tokens=(4, 8), reps=1, shapes=((16, 32),))
+    assert table.count("\n| 4 | 16 -> 32 |") == 1 and table.count("\n| 8 |") == 1
