@@ -263,8 +263,8 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
         if h_max < f_max - 0.02:
             check = f"recall {h_max:.3f} < faiss {f_max:.3f}"
         if times[True, hot_runs[0][0], 0]:  # contended rounds ran: both best points under load
-            hq_busy = best([lab for lab, _, _ in hot_runs], True)[0][3]
-            fq_busy = best([lab for lab, _, _ in faiss_runs], True)[0][3]
+            hq_busy = best([lab for lab, _, _ in hot_runs], True)[0][2]
+            fq_busy = best([lab for lab, _, _ in faiss_runs], True)[0][2]
             extra.update(quiet_speedup=hq / fq, contended_speedup=hq_busy / fq_busy)
     if not hot_ok:
         check = f"target recall {target} not reached ({hr:.3f})"
