@@ -1,9 +1,11 @@
 #include "common/parallel.h"
 
 #include <dlfcn.h>
+#if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -57,6 +59,26 @@ inline void cpu_relax() {
 #endif
 }
 
+// Sleep while *word == value (or return at once), and wake every such sleeper: a futex on Linux;
+// elsewhere the waiter yields its core in a loop.
+inline void futex_wait(std::atomic<int32_t>* word, int32_t value) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<int32_t*>(word), FUTEX_WAIT_PRIVATE, value, nullptr, nullptr, 0);
+#else
+  (void)word;
+  (void)value;
+  std::this_thread::yield();
+#endif
+}
+
+inline void futex_wake_all(std::atomic<int32_t>* word) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<int32_t*>(word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+#else
+  (void)word;
+#endif
+}
+
 // A counter that threads add to and wait on until it reaches a target: spin (spin_ns), then sleep
 // on a futex; add() wakes the sleepers when it reaches the target.
 struct Gate {
@@ -64,9 +86,7 @@ struct Gate {
   std::atomic<int32_t> sleepers{0};
 
   void add(int32_t k, int32_t target) {
-    if (count.fetch_add(k) + k == target && sleepers.load() > 0)
-      syscall(SYS_futex, reinterpret_cast<int32_t*>(&count), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr,
-              0);
+    if (count.fetch_add(k) + k == target && sleepers.load() > 0) futex_wake_all(&count);
   }
 
   void wait(int32_t target) {
@@ -78,8 +98,7 @@ struct Gate {
       if (i % 64 == 0 && std::chrono::steady_clock::now() >= until) break;
     }
     sleepers.fetch_add(1);
-    for (int32_t c; (c = count.load()) != target;)
-      syscall(SYS_futex, reinterpret_cast<int32_t*>(&count), FUTEX_WAIT_PRIVATE, c, nullptr, nullptr, 0);
+    for (int32_t c; (c = count.load()) != target;) futex_wait(&count, c);
     sleepers.fetch_sub(1);
   }
 };
