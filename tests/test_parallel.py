@@ -45,3 +45,68 @@ def test_own_pool_and_openmp_team_agree():
         C.set_openmp_parallel(before)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def _work():
+    """Calls that run parallel_for (InfoNCE's row pass, the IVF scan) and parallel_claim (sparse,
+    attention), with more items than chunks and fewer."""
+    g = torch.Generator().manual_seed(3)
+    sw = SparseWeight.from_dense(torch.randn(130, 70, generator=g), sparsity=0.8)
+    x = torch.randn(37, 70, generator=g)
+    q = torch.randn(1, 2, 65, 16, generator=g)
+    a, b = torch.randn(45, 24, generator=g), torch.randn(45, 24, generator=g)
+    return (
+        hotops.sparse_linear(x, sw),
+        hotops.subsampled_attention(q, q, q, keep=1.0),
+        hotops.info_nce(a, b, reduction="none"),
+    )
+
+
+def test_thread_counts_and_pools_agree():
+    """Every thread count on both pools gives the same results; the own pool, once it has started
+    workers for 4 threads, still runs a 2-thread call (it seats at most `threads` of them)."""
+    C = _backend.ext()
+    before, threads = _backend._torch_openmp_parallel(), torch.get_num_threads()
+    want = None
+    try:
+        for addr in (before, 0):
+            C.set_openmp_parallel(addr)
+            for n in (1, 4, 2, 3, 2):
+                torch.set_num_threads(n)
+                got = _work()
+                if want is None:
+                    want = got
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        C.set_openmp_parallel(before)
+        torch.set_num_threads(threads)
+
+
+def test_passive_wait_gives_the_same_results():
+    """HOTOPS_SPIN_US=0: threads that run out of chunks sleep at once (the futex path)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys; sys.path[:0] = sys.argv[1:]; torch.set_num_threads(2)\n"
+        "import test_parallel as t\n"
+        "torch.save(t._work(), sys.stdout.buffer)"
+    )
+    env = dict(os.environ, HOTOPS_SPIN_US="0")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-c", code, here, *sys.path], env=env, capture_output=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    import io
+
+    got = torch.load(io.BytesIO(out.stdout))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = _work()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,34 +1,128 @@
 #include "common/parallel.h"
 
+#include <dlfcn.h>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <climits>
 #include <condition_variable>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace hotops {
 namespace {
 
 thread_local bool in_parallel_region = false;
 
-// GOMP_parallel of the OpenMP runtime torch uses, when Python found one (set_openmp_parallel).
-using OmpParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
-std::atomic<OmpParallel> omp_parallel{nullptr};
+// parallel_for cuts [0, n) into up to this many chunks per thread (none below `grain` items),
+// claimed from one counter: when another process holds up one of the threads, the others take
+// its share of the chunks not yet started instead of waiting for it.
+constexpr int64_t kChunksPerThread = 4;
 
-// A job on torch's OpenMP team: every team thread claims chunks until none is left.
+// GOMP_parallel of the OpenMP runtime torch uses, when Python found one (set_openmp_parallel), and
+// the same runtime's omp_get_num_threads (the team size a region really got).
+using OmpParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+using OmpNumThreads = int (*)();
+std::atomic<OmpParallel> omp_parallel{nullptr};
+std::atomic<OmpNumThreads> omp_num_threads{nullptr};
+
+// How long a thread that has run out of chunks spins before it sleeps (HOTOPS_SPIN_US, default
+// 50 us). A sleeping thread leaves its core idle, so the kernel moves a teammate that another
+// process preempted onto it at once; a spinning one keeps the core, and the teammate waits for the
+// other process's time slice (milliseconds), as in the OpenMP runtime's own join barrier, whose
+// default policy spins for about that long.
+int64_t spin_ns() {
+  static const int64_t ns = [] {
+    const char* v = std::getenv("HOTOPS_SPIN_US");
+    const long us = v && *v ? std::strtol(v, nullptr, 10) : 50;
+    return int64_t(std::max(0L, us)) * 1000;
+  }();
+  return ns;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+// Sleep while *word == value (or return at once), and wake every such sleeper: a futex on Linux;
+// elsewhere the waiter yields its core in a loop.
+inline void futex_wait(std::atomic<int32_t>* word, int32_t value) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<int32_t*>(word), FUTEX_WAIT_PRIVATE, value, nullptr, nullptr, 0);
+#else
+  (void)word;
+  (void)value;
+  std::this_thread::yield();
+#endif
+}
+
+inline void futex_wake_all(std::atomic<int32_t>* word) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<int32_t*>(word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+#else
+  (void)word;
+#endif
+}
+
+// A counter that threads add to and wait on until it reaches a target: spin (spin_ns), then sleep
+// on a futex; add() wakes the sleepers when it reaches the target.
+struct Gate {
+  std::atomic<int32_t> count{0};
+  std::atomic<int32_t> sleepers{0};
+
+  void add(int32_t k, int32_t target) {
+    if (count.fetch_add(k) + k == target && sleepers.load() > 0) futex_wake_all(&count);
+  }
+
+  void wait(int32_t target) {
+    if (count.load(std::memory_order_acquire) == target) return;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns());
+    for (int i = 1;; ++i) {
+      if (count.load(std::memory_order_acquire) == target) return;
+      cpu_relax();
+      if (i % 64 == 0 && std::chrono::steady_clock::now() >= until) break;
+    }
+    sleepers.fetch_add(1);
+    for (int32_t c; (c = count.load()) != target;) futex_wait(&count, c);
+    sleepers.fetch_sub(1);
+  }
+};
+
+// A job on torch's OpenMP team: every team thread claims chunks until none is left, then waits in
+// a Gate (not in the runtime's spinning barrier) until every chunk is done and every team thread
+// has arrived, so that the runtime's join at the end finds everyone there.
 struct OmpJob {
   RangeFn fn;
   void* ctx;
-  int64_t n, chunks, next = 0;
+  int64_t n, chunks;
+  int64_t next = 0;
+  Gate gate;
   std::mutex m;
   std::exception_ptr error;
 
   static void body(void* p) {
     OmpJob& job = *static_cast<OmpJob*>(p);
+    const OmpNumThreads team = omp_num_threads.load(std::memory_order_relaxed);
+    // the gate counts chunks done, plus one per thread when the team size is known
+    const int32_t target = static_cast<int32_t>(job.chunks) + (team ? team() : 0);
+    int32_t done = team ? 1 : 0;
     in_parallel_region = true;
-    for (int64_t c; (c = __atomic_fetch_add(&job.next, int64_t(1), __ATOMIC_RELAXED)) < job.chunks;) {
+    for (int64_t c; (c = __atomic_fetch_add(&job.next, int64_t(1), __ATOMIC_RELAXED)) < job.chunks; ++done) {
       try {
         job.fn(job.ctx, job.n * c / job.chunks, job.n * (c + 1) / job.chunks);
       } catch (...) {  // an exception must not unwind through the OpenMP runtime
@@ -37,6 +131,8 @@ struct OmpJob {
       }
     }
     in_parallel_region = false;
+    if (done) job.gate.add(done, target);
+    job.gate.wait(target);
   }
 };
 
@@ -51,10 +147,11 @@ class Pool {
     return *pool;
   }
 
-  // Chunk c of `chunks` covers [n*c/chunks, n*(c+1)/chunks).
-  void run(int64_t chunks, RangeFn fn, void* ctx, int64_t n) {
+  // Chunk c of `chunks` covers [n*c/chunks, n*(c+1)/chunks); `team` threads (the caller and
+  // team - 1 workers) claim them.
+  void run(int64_t team, int64_t chunks, RangeFn fn, void* ctx, int64_t n) {
     std::lock_guard<std::mutex> job(job_mutex_);
-    ensure_workers(static_cast<int>(chunks) - 1);
+    ensure_workers(static_cast<int>(team) - 1);
     {
       std::lock_guard<std::mutex> lk(m_);
       fn_ = fn;
@@ -63,6 +160,8 @@ class Pool {
       chunks_ = chunks;
       next_ = 0;
       pending_ = chunks;
+      seats_ = team - 1;
+      ++job_id_;
       error_ = nullptr;
     }
     cv_.notify_all();
@@ -98,15 +197,20 @@ class Pool {
     in_parallel_region = false;
   }
 
+  // A worker takes one of the job's seats (at most `team` threads in all, however many workers
+  // earlier jobs started), then claims chunks of that job until none is left.
   void loop() {
     std::unique_lock<std::mutex> lk(m_);
     for (;;) {
-      cv_.wait(lk, [&] { return next_ < chunks_; });
-      const int64_t c = next_++;
-      lk.unlock();
-      run_chunk(c);
-      lk.lock();
-      if (--pending_ == 0) done_cv_.notify_one();
+      cv_.wait(lk, [&] { return next_ < chunks_ && seats_ > 0; });
+      --seats_;
+      for (const uint64_t job = job_id_; job == job_id_ && next_ < chunks_;) {
+        const int64_t c = next_++;
+        lk.unlock();
+        run_chunk(c);
+        lk.lock();
+        if (--pending_ == 0) done_cv_.notify_one();
+      }
     }
   }
 
@@ -115,7 +219,8 @@ class Pool {
   std::vector<std::thread> workers_;
   RangeFn fn_ = nullptr;
   void* ctx_ = nullptr;
-  int64_t n_ = 0, chunks_ = 0, next_ = 0, pending_ = 0;
+  int64_t n_ = 0, chunks_ = 0, next_ = 0, pending_ = 0, seats_ = 0;
+  uint64_t job_id_ = 0;
   std::exception_ptr error_;
 };
 
@@ -124,21 +229,30 @@ class Pool {
 void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* ctx) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  const int64_t chunks = std::min<int64_t>(std::max(threads, 1), (n + grain - 1) / grain);
-  if (chunks <= 1 || in_parallel_region) {
+  threads = std::max(threads, 1);
+  const int64_t chunks = std::min<int64_t>(kChunksPerThread * threads, (n + grain - 1) / grain);
+  if (chunks <= 1 || threads == 1 || in_parallel_region) {
     fn(ctx, 0, n);
     return;
   }
+  const int64_t team = std::min<int64_t>(threads, chunks);
   if (OmpParallel omp = omp_parallel.load(std::memory_order_acquire)) {
     OmpJob job{fn, ctx, n, chunks};
-    omp(&OmpJob::body, &job, static_cast<unsigned>(chunks), 0);
+    omp(&OmpJob::body, &job, static_cast<unsigned>(team), 0);
     if (job.error) std::rethrow_exception(job.error);
     return;
   }
-  Pool::get().run(chunks, fn, ctx, n);
+  Pool::get().run(team, chunks, fn, ctx, n);
 }
 
 void set_openmp_parallel(void* gomp_parallel) {
+  // omp_get_num_threads from the library that holds GOMP_parallel (every OpenMP runtime has both)
+  OmpNumThreads team = nullptr;
+  Dl_info info;
+  if (gomp_parallel && dladdr(gomp_parallel, &info) && info.dli_fname)
+    if (void* lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD))  // kept open, like torch keeps it
+      team = reinterpret_cast<OmpNumThreads>(dlsym(lib, "omp_get_num_threads"));
+  omp_num_threads.store(team, std::memory_order_relaxed);
   omp_parallel.store(reinterpret_cast<OmpParallel>(gomp_parallel), std::memory_order_release);
 }
 

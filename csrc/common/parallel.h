@@ -7,9 +7,10 @@ namespace hotops {
 
 using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 
-// Splits [0, n) into at most `threads` contiguous chunks of at least `grain` items and runs
-// fn(ctx, begin, end) on each; returns when all are done. The first exception thrown by any
-// chunk is rethrown in the caller. Nested calls run inline.
+// Splits [0, n) into up to 4 * `threads` contiguous chunks of at least `grain` items and runs
+// fn(ctx, begin, end) on each, on up to `threads` threads that claim chunks from one counter (a
+// thread another process holds up takes fewer); returns when all are done. The first exception
+// thrown by any chunk is rethrown in the caller. Nested calls run inline.
 void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* ctx);
 
 // Run parallel_for's chunks on the OpenMP team of the runtime torch uses (GOMP_parallel's address,

@@ -1,8 +1,10 @@
-"""`hotops bench [--family F] [--quick] [--json PATH] [--plot DIR] [--threads N]`."""
+"""`hotops bench [--family F] [--quick] [--contended] [--where KEY=VALUE] [--json PATH] [--plot DIR]
+[--threads N]`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -12,7 +14,7 @@ import time
 
 import torch
 
-from hotops.bench import FAMILIES
+from hotops.bench import FAMILIES, core
 from hotops.bench.core import machine
 
 
@@ -59,7 +61,56 @@ def table_rows(results, mach):
 
 
 def print_table(results, mach, out=sys.stdout):
-    rows = table_rows(results, mach)
+    print_rows(table_rows(results, mach), out)
+
+
+def _markdown(rows):
+    return (
+        "| "
+        + " | ".join(rows[0])
+        + " |\n|"
+        + "---|" * len(rows[0])
+        + "\n"
+        + "".join("| " + " | ".join(str(c) for c in row) + " |\n" for row in rows[1:])
+    )
+
+
+def write_markdown(results, mach, path, command, contended=None):
+    with open(path, "w") as f:
+        f.write(f"Command: `{command}`\n\nMachine: {mach.describe()}\n\n")
+        f.write(_markdown(table_rows(results, mach)))
+        if contended:
+            f.write(f"\nBeside one busy process ({contended}):\n\n")
+            f.write(_markdown(contention_rows(results)))
+
+
+def _loadavg() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def contention_rows(results):
+    rows = [("family", "case", "peer", "quiet", "one busy process", "kept")]
+    for r in results:
+        if "kept" not in r.extra:
+            continue
+        kept = r.extra["kept"]
+        rows.append(
+            (
+                r.family,
+                r.case,
+                r.peer,
+                f"{r.extra['quiet_speedup']:.2f}x",
+                f"{r.extra['contended_speedup']:.2f}x",
+                f"{kept:.2f}" + (" (< 0.7)" if kept < 0.7 else ""),
+            )
+        )
+    return rows
+
+
+def print_rows(rows, out=sys.stdout):
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
@@ -67,13 +118,13 @@ def print_table(results, mach, out=sys.stdout):
             print("  ".join("-" * w for w in widths), file=out)
 
 
-def write_markdown(results, mach, path, command):
-    rows = table_rows(results, mach)
-    with open(path, "w") as f:
-        f.write(f"Command: `{command}`\n\nMachine: {mach.describe()}\n\n")
-        f.write("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n")
-        for row in rows[1:]:
-            f.write("| " + " | ".join(str(c) for c in row) + " |\n")
+def _selected(params: dict, where) -> bool:
+    """--where KEY=VALUE (repeatable): the case's parameters have every KEY, equal to VALUE."""
+    for kv in where or ():
+        key, _, value = kv.partition("=")
+        if key not in params or str(params[key]) != value:
+            return False
+    return True
 
 
 def plot(results, path):
@@ -118,6 +169,18 @@ def main(argv=None):
     b.add_argument("--plot", default="bench-results", help="folder for the PNG plots")
     b.add_argument("--threads", type=int, default=None, help="threads for everyone (default: torch's)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the cases")
+    b.add_argument(
+        "--contended",
+        action="store_true",
+        help="also time every case beside one busy process (a spin loop), in alternated quiet and "
+        "busy blocks; prints the quiet ratio, the contended ratio and kept = contended / quiet",
+    )
+    b.add_argument(
+        "--where",
+        action="append",
+        metavar="KEY=VALUE",
+        help="repeatable: only the cases whose parameters have KEY equal to VALUE (e.g. N=11008)",
+    )
     args = p.parse_args(argv)
 
     if args.threads:
@@ -125,26 +188,55 @@ def main(argv=None):
     threads = torch.get_num_threads()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible to torch")
+    if args.contended and args.device != "cpu":
+        p.error("--contended: the busy process competes for CPU cores; use it with --device cpu")
     mach = machine(args.device)
-    print(f"hotops bench{' --quick' if args.quick else ''}: {mach.describe()}", flush=True)
+    flags = "".join(f for f, on in ((" --quick", args.quick), (" --contended", args.contended)) if on)
+    print(f"hotops bench{flags}: {mach.describe()}", flush=True)
+    load_before = _loadavg()
+    if args.contended:
+        print(
+            f"  {load_before} before the run; each pair is timed in {core.BLOCKS} quiet and "
+            f"{core.BLOCKS} busy blocks, alternated",
+            flush=True,
+        )
     results, t0 = [], time.time()
-    for fam in args.family or list(FAMILIES):
-        mod = importlib.import_module(FAMILIES[fam])
-        for params in mod.cases(args.quick, args.device):
-            r = mod.run(params, args.quick, threads, args.device)
-            results.append(r)
-            sp = f"{r.speedup:.2f}x" if r.speedup else f"- ({r.note})"
-            print(f"  {r.family:9s} {r.case:42s} speed-up {sp}  check {r.check}", flush=True)
-        if hasattr(mod, "plots"):
-            mod.plots(results, args.plot)
+    with core.contention() if args.contended else contextlib.nullcontext() as busy:
+        for fam in args.family or list(FAMILIES):
+            mod = importlib.import_module(FAMILIES[fam])
+            for params in mod.cases(args.quick, args.device):
+                if not _selected(params, args.where):
+                    continue
+                first = len(busy.records) if busy else 0
+                r = mod.run(params, args.quick, threads, args.device)
+                results.append(r)
+                sp = f"{r.speedup:.2f}x" if r.speedup else f"- ({r.note})"
+                line = f"  {r.family:9s} {r.case:42s} speed-up {sp}  check {r.check}"
+                if busy:
+                    fig = core.contended_figures(r, busy.records[first:])
+                    if fig:
+                        line += (
+                            f"  | quiet {fig['quiet_speedup']:.2f}x busy {fig['contended_speedup']:.2f}x"
+                            f" kept {fig['kept']:.2f}"
+                        )
+                print(line, flush=True)
+            if hasattr(mod, "plots"):
+                mod.plots(results, args.plot)
+    contended = None
+    if args.contended:
+        contended = f"{load_before} before, {_loadavg()} after"
     print()
     print_table(results, mach)
+    if contended:
+        print(f"\nbeside one busy process ({contended}):")
+        print_rows(contention_rows(results))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(
             {
                 "machine": dataclasses.asdict(mach),
                 "quick": args.quick,
+                "contended": contended,
                 "seconds": time.time() - t0,
                 "results": [
                     dict(dataclasses.asdict(r), speedup=r.speedup, roofline_pct=r.roofline_pct(mach))
@@ -156,7 +248,7 @@ def main(argv=None):
         )
     os.makedirs(args.plot, exist_ok=True)
     md = os.path.splitext(args.json)[0] + ".md"
-    write_markdown(results, mach, md, "hotops " + " ".join(sys.argv[1:] if argv is None else argv))
+    write_markdown(results, mach, md, "hotops " + " ".join(sys.argv[1:] if argv is None else argv), contended)
     png = plot(results, os.path.join(args.plot, "speedups.png"))
     print(f"\nwrote {args.json}, {md}" + (f" and {png}" if png else ""))
     return 0 if all(r.check == "ok" for r in results) else 1

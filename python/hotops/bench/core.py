@@ -6,10 +6,14 @@
   subprocess with glibc's mmap threshold pinned low so freed blocks go back to the OS and the
   high-water mark (reset through /proc/self/clear_refs) sees exactly the call's own allocations.
 * Roofline: torch.mm's GFLOP/s and a large copy's GB/s, measured once per run on this machine.
+* Contention (`hotops bench --contended`): one spinning process (`while True: pass`) beside the
+  timing, paused during quiet blocks and resumed for contended ones; every side-by-side timing runs
+  in alternated blocks (quiet, busy, busy, quiet, quiet, busy) and records both ratios.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -17,11 +21,12 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -52,18 +57,7 @@ class Result:
         return 100.0 * self.amount / self.hotops_s / peak
 
 
-def time_pair(
-    hotops_fn: Callable[[], object],
-    peer_fn: Optional[Callable[[], object]],
-    repeats: int = 5,
-    warmup: int = 1,
-    min_time: float = 0.0,
-    device: str = "cpu",
-):
-    """Median seconds of each side, interleaved call by call so drift hits both alike.
-    On CUDA each call is bracketed by synchronisations."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
+def _pair_once(hotops_fn, peer_fn, repeats, warmup, min_time, sync):
     def timed(fn):
         sync()
         t0 = time.perf_counter()
@@ -82,6 +76,185 @@ def time_pair(
         if peer_fn:
             tp.append(timed(peer_fn))
     return statistics.median(th), (statistics.median(tp) if tp else None)
+
+
+def time_pair(
+    hotops_fn: Callable[[], object],
+    peer_fn: Optional[Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    min_time: float = 0.0,
+    device: str = "cpu",
+):
+    """Median seconds of each side, interleaved call by call so drift hits both alike.
+    On CUDA each call is bracketed by synchronisations.
+
+    Inside `contention()` (CPU, with a peer) the pair is timed in 2 x BLOCKS alternated blocks, half
+    of them beside the busy process, each block as above with half the min_time; the quiet blocks'
+    medians are returned and both kinds are recorded (Contention.records)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    busy = _CONTENTION
+    if busy is None or peer_fn is None or device != "cpu":
+        return _pair_once(hotops_fn, peer_fn, repeats, warmup, min_time, sync)
+    rec = PairRecord()
+    for i, on in enumerate(busy.blocks()):
+        th, tp = _pair_once(hotops_fn, peer_fn, repeats, warmup if i == 0 else 0, min_time / 2, sync)
+        (rec.contended if on else rec.quiet).append((th, tp))
+    busy.records.append(rec)
+    return rec.medians(False)
+
+
+# ------------------------------------------------------------------ contention
+
+BLOCKS = 3  # quiet and contended blocks per timed pair (each kind)
+SETTLE_S = 0.05  # after pausing or resuming the busy process, before a block's first call
+
+# The busy process: spins in pure Python like `python3 -c "while True: pass"`; dies with its parent
+# (PR_SET_PDEATHSIG: SIGKILL reaches it even while it is paused) and checks the parent now and then.
+_BUSY_CODE = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+except Exception:
+    pass
+if os.getppid() != parent:
+    sys.exit(0)
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
+while True:
+    for _ in range(1 << 20):
+        pass
+    if os.getppid() != parent:
+        sys.exit(0)
+"""
+
+
+@dataclasses.dataclass
+class PairRecord:
+    """(hotops s, peer s) medians of each quiet and each contended block of one timed pair."""
+
+    quiet: List[Tuple[float, float]] = dataclasses.field(default_factory=list)
+    contended: List[Tuple[float, float]] = dataclasses.field(default_factory=list)
+
+    def medians(self, contended: bool) -> Tuple[float, float]:
+        blocks = self.contended if contended else self.quiet
+        return statistics.median(b[0] for b in blocks), statistics.median(b[1] for b in blocks)
+
+    def ratio(self, contended: bool) -> float:
+        """Median over the blocks of peer / hotops."""
+        return statistics.median(tp / th for th, tp in (self.contended if contended else self.quiet))
+
+
+class Contention:
+    """One busy process (a pure-Python spin loop, one core's worth) started beside the timing:
+    paused (SIGSTOP) for quiet blocks, resumed (SIGCONT) for contended ones, killed by close()."""
+
+    def __init__(self, blocks: int = BLOCKS):
+        self.blocks_per_kind = blocks
+        self.records: List[PairRecord] = []
+        self.proc: Optional[subprocess.Popen] = None
+        self.busy = False
+
+    def start(self) -> "Contention":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BUSY_CODE, str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            if self.proc.stdout.readline().strip() != b"ready":
+                raise RuntimeError("the busy process did not start")
+        except BaseException:
+            self.close()
+            raise
+        self.busy = True
+        self.set_busy(False)
+        return self
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    def set_busy(self, on: bool) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError("the busy process is gone")
+        if on != self.busy:
+            os.kill(self.proc.pid, signal.SIGCONT if on else signal.SIGSTOP)
+            self.busy = on
+            time.sleep(SETTLE_S)
+
+    def blocks(self) -> Iterator[bool]:
+        """Yields False (quiet) / True (contended) in the order quiet, busy, busy, quiet, quiet,
+        busy, ... (each pair reversed from the last, so a drift does not favour one kind), with
+        the busy process paused or running accordingly; paused again at the end."""
+        try:
+            for k in range(self.blocks_per_kind):
+                for on in (False, True) if k % 2 == 0 else (True, False):
+                    self.set_busy(on)
+                    yield on
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                self.set_busy(False)
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()  # SIGKILL ends a stopped process too
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+_CONTENTION: Optional[Contention] = None
+
+
+@contextlib.contextmanager
+def contention(blocks: int = BLOCKS) -> Iterator[Contention]:
+    """While active, time_pair (and `blocks()`) alternate quiet and contended blocks. The busy
+    process is killed on exit from the block, whatever ends it (error, KeyboardInterrupt)."""
+    global _CONTENTION
+    if _CONTENTION is not None:
+        raise RuntimeError("contention() does not nest")
+    c = Contention(blocks)
+    try:
+        c.start()
+        _CONTENTION = c
+        yield c
+    finally:
+        _CONTENTION = None
+        c.close()
+
+
+def blocks(n: int = BLOCKS) -> Iterator[bool]:
+    """Rounds for a family that times its own loop (ann): n quiet rounds (False) when no contention
+    is active, else the active Contention's alternated blocks (False quiet, True contended)."""
+    if _CONTENTION is None or not _CONTENTION.blocks_per_kind:
+        return iter([False] * n)
+    return _CONTENTION.blocks()
+
+
+def contended_figures(result: "Result", records: List[PairRecord]) -> Optional[Dict[str, float]]:
+    """quiet_speedup, contended_speedup and kept (= contended / quiet) of a case: from its
+    Result's extra when the family computed them itself (ann), else from the record of the timed
+    pair whose quiet medians the Result reports (the last one when none matches)."""
+    if "contended_speedup" in result.extra and "quiet_speedup" in result.extra:
+        q, c = result.extra["quiet_speedup"], result.extra["contended_speedup"]
+    else:
+        recs = [r for r in records if r.quiet and r.contended]
+        if not recs or not result.peer_s:
+            return None
+        match = [r for r in recs if r.medians(False) == (result.hotops_s, result.peer_s)]
+        rec = (match or recs)[-1]
+        q, c = rec.ratio(False), rec.ratio(True)
+        th, tp = rec.medians(True)
+        result.extra.update(contended_hotops_s=th, contended_peer_s=tp)
+    out = {"quiet_speedup": q, "contended_speedup": c, "kept": c / q}
+    result.extra.update(out)
+    return out
 
 
 @dataclasses.dataclass
