@@ -6,11 +6,9 @@ import torch.nn.functional as F
 from conftest import assert_close_to_reference, require_triton_runs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from hotops import _backend
 from hotops.sparse import (
-    SparseLinear,
     SparseWeight,
     op,
     reference,
@@ -68,48 +66,6 @@ def test_linear_column_panels(isa, B):
     want = torch.autograd.grad((reference.sparse_linear(xg, sw.with_values(v), b) * gy).sum(), (xg, v))
     for g, w_ in zip(got, want):
         torch.testing.assert_close(g, w_, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_activations(isa, dtype):
-    """bf16 / f16 activations: float32 accumulation, the output rounded once to x's dtype."""
-    from hotops.sparse.format import PANEL_COLS
-
-    torch.manual_seed(0)
-    lin = SparseWeight.from_dense(torch.randn(19, PANEL_COLS + 40).to(dtype), sparsity=0.8)
-    conv = SparseWeight.from_dense(torch.randn(6, 4, 3, 3), sparsity=0.6)
-    cases = [
-        (sparse_linear, reference.sparse_linear, lin, torch.randn(70, PANEL_COLS + 40), {}),
-        (sparse_linear, reference.sparse_linear, lin, torch.randn(1, PANEL_COLS + 40), {}),
-        (sparse_conv2d, reference.sparse_conv2d, conv, torch.randn(2, 4, 9, 9), dict(padding=1)),
-    ]
-    for fn, ref, sw, x, geo in cases:
-        b = torch.randn(sw.out_features)
-        xl, bl = x.to(dtype), b.to(dtype)
-        y = fn(xl, sw, bl, activation="relu", **geo)
-        assert y.dtype == dtype
-        assert_close_to_reference(
-            y,
-            ref(xl.double(), sw.with_values(sw.values.double()), bl.double(), activation="relu", **geo),
-            ref(xl, sw, bl, activation="relu", **geo),
-        )
-        xg, v = xl.clone().requires_grad_(), sw.values.clone().requires_grad_()
-        gx, gv = torch.autograd.grad(fn(xg, sw.with_values(v), **geo).float().sum(), (xg, v))
-        wx, wv = torch.autograd.grad(ref(xg.float(), sw.with_values(v), **geo).sum(), (xg, v))
-        assert gx.dtype == dtype
-        torch.testing.assert_close(gx.float(), wx.float(), rtol=1e-2, atol=1e-2)
-        torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-3)
-
-
-def test_low_precision_module_both_paths():
-    lin = nn.Linear(40, 12).to(torch.bfloat16)
-    x = torch.randn(8, 40, dtype=torch.bfloat16)
-    want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
-    for policy in ("sparse", "dense", "auto"):
-        layer = SparseLinear.from_dense(lin, mask=torch.ones(12, 40, dtype=torch.bool), policy=policy)
-        y = layer(x)
-        assert y.dtype == torch.bfloat16
-        torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
 
 
 def test_linear_leading_dims_and_empty_rows():

@@ -95,7 +95,16 @@ void check(SparseConvFwd& a) {
   check_csr(a.w, a.g.O, "weight");
   if (a.block) check_blocked(a);
   check_used(a.used_rowptr, a.g);
-  check_pixels(a.x, "x", a.g.N, a.g.C, a.g.H * a.g.W, true);
+  // x is float32, or bfloat16 for direct layers (linear): the bf16 kernel reads it in place
+  check_view(a.x, "x", 3, {DType::f32, DType::bf16});
+  HOTOPS_CHECK(a.x.dtype == DType::f32 || a.g.direct(),
+               "x must be float32 for a convolution that is not 1x1 "
+               "stride 1 unpadded, got ",
+               dtype_name(a.x.dtype));
+  HOTOPS_CHECK(a.x.size(0) == a.g.N && a.x.size(1) == a.g.C && a.x.size(2) == a.g.H * a.g.W, "x has shape (",
+               a.x.size(0), ", ", a.x.size(1), ", ", a.x.size(2), "), expected (", a.g.N, ", ", a.g.C, ", ",
+               a.g.H * a.g.W, ")");
+  check_rows_contiguous(a.x, "x");
   check_view(a.y, "y", 3, {DType::f32, DType::bf16, DType::f16});
   HOTOPS_CHECK(a.y.size(0) == a.g.N && a.y.size(1) == a.g.O && a.y.size(2) == a.g.P(), "y has shape (",
                a.y.size(0), ", ", a.y.size(1), ", ", a.y.size(2), "), expected (", a.g.N, ", ", a.g.O, ", ",
@@ -111,7 +120,10 @@ void check(SparseConvFwd& a) {
 void check(SparseWiden& a) {
   check_view(a.src, "src", 2, {DType::f32, DType::bf16, DType::f16});
   check_rows_contiguous(a.src, "src");
-  check_view(a.dst, "dst", 2, {DType::f32});
+  check_view(a.dst, "dst", 2, {DType::f32, DType::bf16});
+  HOTOPS_CHECK(a.dst.dtype == DType::f32 || a.dst.dtype == a.src.dtype,
+               "dst must be float32 or src's dtype, got ", dtype_name(a.dst.dtype), " for ",
+               dtype_name(a.src.dtype));
   check_contiguous(a.dst, "dst");
   check_writable(a.dst, "dst");
   const int64_t R = a.src.size(0), C = a.src.size(1);

@@ -60,7 +60,7 @@ struct SparseConvFwd {
   int block = 0;  // b > 0: the forward runs on `blocked` (the same weight), w is not read
   Blocked blocked;
   View used_rowptr;  // (G*K+1,) int64: rowptr of w^T; im2col rows with no non-zero are skipped
-  View x;            // (N, C, H*W) float32, pixels contiguous
+  View x;            // (N, C, H*W) float32 (bfloat16 for direct layers), pixels contiguous
   View bias;         // (O,) float32 or absent
   View y;            // (N, O, Ho*Wo) float32, bfloat16 or float16, any strides
   Act act = Act::none;
@@ -88,9 +88,10 @@ struct SparseConvBwdValues {
   int threads = 1;
 };
 
-// dst = src (transpose false) or src^T, widened to float32: src (R, C) float32, bfloat16 or
-// float16 with contiguous rows; dst contiguous float32, (R, C) or (C, R). Done here rather than
-// by torch so no torch op runs right before a kernel: its OpenMP workers would spin on our cores.
+// dst = src (transpose false) or src^T, widened to float32 (or kept bfloat16): src (R, C) float32,
+// bfloat16 or float16 with contiguous rows; dst contiguous float32 or src's dtype, (R, C) or (C, R). Done
+// here rather than by torch so no torch op runs right before a kernel: its OpenMP workers would spin on our
+// cores.
 struct SparseWiden {
   View src, dst;
   bool transpose = false;

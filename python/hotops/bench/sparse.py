@@ -475,13 +475,82 @@ def blocked_table(
             )
 
 
-if __name__ == "__main__":  # python -m hotops.bench.sparse [e2e | layers BATCH | blocked]: see each function
+def bf16_table(threads: int = 1, clock: str = "cpu", sparsities=(0.5, 0.7, 0.9), rounds: int = 7) -> None:
+    """linear 4096x4096 B=64 on bfloat16 activations: hotops with AVX512_BF16 (vdpbf16ps) and its
+    convert path (x widened to float32) against torch's bf16 F.linear, and the float32 pair, per
+    sparsity; medians of ``rounds`` alternated rounds, wall clock or CPU time per call."""
+    import statistics
+    import time
+
+    from hotops import _backend
+    from hotops.sparse import SparseWeight, sparse_linear
+
+    torch.set_num_threads(threads)
+    ext, now = _backend.ext(), time.perf_counter if clock == "wall" else time.process_time
+    has = ext.cpu_has("avx512_bf16")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(4096, 4096, generator=g), torch.randn(64, 4096, generator=g)
+    xb, dense_flops = x.bfloat16(), 2.0 * 4096 * 4096 * 64
+    print(f"{threads} thread(s), {clock} time per call; avx512_bf16 on this CPU: {has}")
+
+    def per_call(f, n=5):
+        f()
+        t0 = now()
+        for _ in range(n):
+            f()
+        return (now() - t0) / n
+
+    def bf16(sw, on):
+        def f():
+            if has:
+                ext.set_feature("avx512_bf16", on)
+            return sparse_linear(xb, sw)
+
+        return f
+
+    with torch.no_grad():
+        for s in sparsities:
+            sw = SparseWeight.from_dense(w, sparsity=s)
+            wd = sw.to_dense()
+            wdb = wd.bfloat16()
+            cases = {
+                "torch bf16": lambda: F.linear(xb, wdb),
+                "vdpbf16ps": bf16(sw, True),
+                "convert": bf16(sw, False),
+                "torch fp32": lambda: F.linear(x, wd),
+                "hotops fp32": lambda: sparse_linear(x, sw),
+            }
+            times = {k: [] for k in cases}
+            for _ in range(rounds):
+                for k, f in cases.items():
+                    times[k].append(per_call(f))
+            if has:
+                ext.set_feature("avx512_bf16", True)
+            m = {k: statistics.median(v) for k, v in times.items()}
+            eff = 2.0 * sw.nnz * 64 / m["vdpbf16ps"]
+            print(
+                f"  {s:.0%}: "
+                + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in m.items())
+                + f" | bf16 vs torch bf16: {m['torch bf16'] / m['vdpbf16ps']:.2f}x (convert "
+                f"{m['torch bf16'] / m['convert']:.2f}x), fp32 {m['torch fp32'] / m['hotops fp32']:.2f}x"
+                f" | {eff / 1e9:.0f} GFLOP/s effective = {100 * eff * m['torch bf16'] / dense_flops:.0f} % of "
+                f"torch's bf16 rate ({dense_flops / m['torch bf16'] / 1e9:.0f} GFLOP/s)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":  # python -m hotops.bench.sparse [e2e | layers BATCH | blocked | bf16]: see each
     import sys
 
     if sys.argv[1:2] == ["blocked"]:  # blocked [threads] [wall | cpu]
         blocked_table(
             threads=int(sys.argv[2]) if len(sys.argv) > 2 else 2,
             clock=sys.argv[3] if len(sys.argv) > 3 else "wall",
+        )
+    elif sys.argv[1:2] == ["bf16"]:  # bf16 [threads] [cpu | wall]
+        bf16_table(
+            threads=int(sys.argv[2]) if len(sys.argv) > 2 else 1,
+            clock=sys.argv[3] if len(sys.argv) > 3 else "cpu",
         )
     elif sys.argv[1:2] == ["e2e"]:
         e2e_cpu_time_table()

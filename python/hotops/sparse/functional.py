@@ -13,8 +13,9 @@ from hotops.sparse import op
 from hotops.sparse.format import _DATA, SparseWeight, TrackedBuffer
 from hotops.sparse.spec import ACTIVATIONS
 
-# activations (and bias) may be bfloat16 / float16: the kernels read them widened to float32,
-# accumulate in float32 against the float32 values and round the output once to x's dtype
+# activations (and bias) may be bfloat16 / float16: the kernels read them widened to float32 (the
+# bf16 linear forward with AVX512_BF16 reads them as they are and rounds the values to bf16),
+# accumulate in float32 and round the output once to x's dtype
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IntPair = Union[int, Sequence[int]]
 

@@ -53,15 +53,17 @@ def _forward(geom: ConvGeometry, values, rowptr, colidx, t_rowptr, x3, bias, y3,
     )
 
 
-def _widened(x: Tensor, transpose: bool = False) -> Tensor:
-    """x (R, C), or x^T, as a contiguous float32 tensor. The kernels run in float32: bfloat16 /
+def _widened(x: Tensor, transpose: bool = False, keep_bf16: bool = False) -> Tensor:
+    """x (R, C), or x^T, as a contiguous float32 tensor (bfloat16 kept with ``keep_bf16``: the
+    forward of direct layers reads it as it is). The kernels otherwise run in float32: bfloat16 /
     float16 activations are widened on the way in and the output rounded once on the way out.
     The copy runs on hotops' threads, not as a torch op: torch's OpenMP workers spin for
     milliseconds after every op and would take a core from the kernel that follows."""
     x = _backend.cpu_view(x)
-    if not transpose and x.dtype == torch.float32 and x.is_contiguous():
+    dtype = torch.bfloat16 if keep_bf16 and x.dtype == torch.bfloat16 else torch.float32
+    if not transpose and x.dtype == dtype and x.is_contiguous():
         return x
-    out = torch.empty(x.shape[::-1] if transpose else x.shape, dtype=torch.float32)
+    out = torch.empty(x.shape[::-1] if transpose else x.shape, dtype=dtype)
     _backend.ext().sparse_widen(x, out, transpose, _backend.num_threads())
     return out
 
@@ -100,7 +102,7 @@ def _cpu_linear(
 ):
     B, O = x.shape[0], out_features(rowptr, in_features)
     y = x.new_empty(B, O)
-    xt = _widened(x, transpose=True).unsqueeze(0)  # (1, I, B): each feature a batch row
+    xt = _widened(x, transpose=True, keep_bf16=True).unsqueeze(0)  # (1, I, B): each feature a batch row
     geom = ConvGeometry.linear(B, in_features, O)
     _forward(geom, values, rowptr, colidx, t_rowptr, xt, bias, y.t().unsqueeze(0), activation, blocked)
     return y
