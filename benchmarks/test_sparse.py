@@ -4,7 +4,8 @@ side by side with torch dense and torch.sparse CSR (run: pytest benchmarks/test_
 import pytest
 import torch
 
-from hotops.bench.sparse import BLOCKED_LAYERS, DENSE_FOLDED, DENSE_TWIN, LAYERS, SPARSITIES, _e2e_fns, _fns
+from hotops.bench.sparse import BLOCKED_LAYERS, LAYERS, SPARSITIES, _fns
+from hotops.bench.sparse_models import DENSE_FOLDED, DENSE_TWIN, e2e_fns
 
 pytest.importorskip("pytest_benchmark")
 
@@ -56,7 +57,7 @@ def test_train_step(benchmark, layer, side):
 @pytest.mark.parametrize("side", ["hotops", DENSE_TWIN, DENSE_FOLDED])
 def test_mobilenet(benchmark, batch, side):
     """MobileNetV2-CIFAR at 90 %: fuse(sparsify(net)) against its dense twin as-is and BN-folded."""
-    hot, other, _, _ = _e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_TWIN if side == "hotops" else side)
+    hot, other, _, _ = e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_TWIN if side == "hotops" else side)
     benchmark.group = f"mobilenetv2-cifar batch {batch} @90%"
     with torch.inference_mode():
         (hot if side == "hotops" else other)()  # the sparse layers measure their dispatch

@@ -21,6 +21,7 @@ from hotops.sparse import (
     sparsify,
 )
 from hotops.sparse.format import BLOCK_FILL_MIN, PANEL_COLS, block_mask
+from hotops.sparse.spec import ConvGeometry
 
 
 def _close(y, fn, x, sw, *args, **kw):
@@ -222,7 +223,7 @@ def test_opcheck():
                 sw.t_perm,
                 torch.randn(9),
                 13,
-                1,
+                "relu",
                 *sw.blocked,
             ),
         )
@@ -246,7 +247,7 @@ def test_opcheck():
                 [1, 1],
                 [1, 1],
                 1,
-                2,
+                "relu6",
                 *swc.blocked,
             ),
         )
@@ -365,7 +366,7 @@ def test_bad_inputs():
         a = args(**kw)
         y = torch.empty(1, 8, 3)
         ext.sparse_conv_fwd(
-            op.linear_geometry(3, 6, 8),
+            ConvGeometry.linear(3, 6, 8),
             sw.rowptr,
             sw.colidx,
             sw.values,
@@ -373,7 +374,7 @@ def test_bad_inputs():
             x.t().contiguous().unsqueeze(0),
             None,
             y,
-            0,
+            None,
             1,
             a["block"],
             a["b_rowptr"],

@@ -1,6 +1,6 @@
 #include <pybind11/stl.h>
 
-#include <vector>
+#include <string>
 
 #include "common/pyargs.h"
 #include "sparse/cpu.h"
@@ -10,14 +10,23 @@ namespace py = pybind11;
 namespace hotops {
 namespace {
 
-// geometry = [N, C, H, W, O, G, kh, kw, sh, sw, ph, pw, dh, dw]
-ConvGeom geometry(const std::vector<int64_t>& v) {
-  HOTOPS_CHECK(v.size() == 14,
-               "geometry must have 14 entries (N, C, H, W, O, G, kh, kw, sh, sw, ph, pw, dh, dw)");
+// python/hotops/sparse/spec.py's ConvGeometry, read field by field
+ConvGeom geometry(const py::handle& o) {
+  const auto field = [&](const char* name) { return o.attr(name).cast<int64_t>(); };
   ConvGeom g;
-  g.N = v[0], g.C = v[1], g.H = v[2], g.W = v[3], g.O = v[4], g.G = v[5];
-  g.kh = v[6], g.kw = v[7], g.sh = v[8], g.sw = v[9], g.ph = v[10], g.pw = v[11], g.dh = v[12], g.dw = v[13];
+  g.N = field("N"), g.C = field("C"), g.H = field("H"), g.W = field("W"), g.O = field("O"), g.G = field("G");
+  g.kh = field("kh"), g.kw = field("kw"), g.sh = field("sh"), g.sw = field("sw");
+  g.ph = field("ph"), g.pw = field("pw"), g.dh = field("dh"), g.dw = field("dw");
+  g.Ho = field("Ho"), g.Wo = field("Wo");
   return g;
+}
+
+// None, "relu" or "relu6"
+Act activation(const py::object& name) {
+  if (name.is_none()) return act_from_name(nullptr);
+  HOTOPS_CHECK(py::isinstance<py::str>(name), "activation must be None or a name, got ",
+               std::string(py::str(name.get_type().attr("__name__"))));
+  return act_from_name(name.cast<std::string>().c_str());
 }
 
 Csr csr(ViewArgs& view, py::object rowptr, py::object colidx, py::object values) {
@@ -46,18 +55,16 @@ void set_blocked(SparseConvFwd& a, ViewArgs& view, int block, py::object b_rowpt
 void bind_sparse(py::module_& m) {
   py::class_<SparseConvPlan>(m, "SparseConvPlan",
                              "sparse_conv_fwd with the weight, bias, geometry and activation bound once")
-      .def(py::init([](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx,
-                       py::object values, py::object t_rowptr, py::object bias, int activation, int block,
-                       py::object b_rowptr, py::object b_colidx, py::object b_values) {
-             HOTOPS_CHECK(activation >= 0 && activation <= 2,
-                          "activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
+      .def(py::init([](py::object geom, py::object rowptr, py::object colidx, py::object values,
+                       py::object t_rowptr, py::object bias, py::object act, int block, py::object b_rowptr,
+                       py::object b_colidx, py::object b_values) {
              ViewArgs view;  // torch tensors: the Views borrow their memory, kept alive by `keep`
              SparseConvPlan p;
              p.a.g = geometry(geom);
              p.a.w = csr(view, rowptr, colidx, values);
              p.a.used_rowptr = view(t_rowptr, "transposed rowptr");
              p.a.bias = view(bias, "bias");
-             p.a.act = static_cast<Act>(activation);
+             p.a.act = activation(act);
              set_blocked(p.a, view, block, b_rowptr, b_colidx, b_values);
              p.keep = py::make_tuple(rowptr, colidx, values, t_rowptr, bias, b_rowptr, b_colidx, b_values);
              return p;
@@ -80,9 +87,9 @@ void bind_sparse(py::module_& m) {
 
   m.def(
       "sparse_conv_fwd",
-      [](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx, py::object values,
-         py::object t_rowptr, py::object x, py::object bias, py::object y, int activation, int threads,
-         int block, py::object b_rowptr, py::object b_colidx, py::object b_values) {
+      [](py::object geom, py::object rowptr, py::object colidx, py::object values, py::object t_rowptr,
+         py::object x, py::object bias, py::object y, py::object act, int threads, int block,
+         py::object b_rowptr, py::object b_colidx, py::object b_values) {
         ViewArgs view;
         SparseConvFwd a;
         a.g = geometry(geom);
@@ -91,9 +98,7 @@ void bind_sparse(py::module_& m) {
         a.x = view(x, "x");
         a.bias = view(bias, "bias");
         a.y = view(y, "y");
-        HOTOPS_CHECK(activation >= 0 && activation <= 2,
-                     "activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
-        a.act = static_cast<Act>(activation);
+        a.act = activation(act);
         a.threads = threads;
         set_blocked(a, view, block, b_rowptr, b_colidx, b_values);
         launch(a, HOTOPS_DISPATCH(sparse_conv_fwd));
@@ -118,8 +123,8 @@ void bind_sparse(py::module_& m) {
       "dst = src or src^T widened to float32 (the sparse kernels' input layout).");
   m.def(
       "sparse_conv_bwd_input",
-      [](const std::vector<int64_t>& geom, py::object t_rowptr, py::object t_colidx, py::object t_values,
-         py::object gy, py::object gx, int threads) {
+      [](py::object geom, py::object t_rowptr, py::object t_colidx, py::object t_values, py::object gy,
+         py::object gx, int threads) {
         ViewArgs view;
         SparseConvBwdInput a;
         a.g = geometry(geom);
@@ -133,8 +138,8 @@ void bind_sparse(py::module_& m) {
       py::arg("gx"), py::arg("threads"), "grad_input = col2im(W^T gy); see csrc/sparse/cpu.h.");
   m.def(
       "sparse_conv_bwd_values",
-      [](const std::vector<int64_t>& geom, py::object rowptr, py::object colidx, py::object values,
-         py::object t_rowptr, py::object x, py::object gy, py::object partial, int threads) {
+      [](py::object geom, py::object rowptr, py::object colidx, py::object values, py::object t_rowptr,
+         py::object x, py::object gy, py::object partial, int threads) {
         ViewArgs view;
         SparseConvBwdValues a;
         a.g = geometry(geom);

@@ -1,9 +1,11 @@
+#include <string>
+
 #include "sparse/cpu.h"
 
 namespace hotops {
 namespace {
 
-void check_geometry(ConvGeom& g) {
+void check_geometry(const ConvGeom& g) {
   HOTOPS_CHECK(g.N >= 0 && g.C >= 1 && g.H >= 1 && g.W >= 1 && g.O >= 1, "sparse conv: bad sizes N=", g.N,
                " C=", g.C, " H=", g.H, " W=", g.W, " O=", g.O, " (need N >= 0 and the rest >= 1)");
   HOTOPS_CHECK(g.G >= 1 && g.C % g.G == 0 && g.O % g.G == 0, "groups (", g.G,
@@ -12,11 +14,12 @@ void check_geometry(ConvGeom& g) {
   HOTOPS_CHECK(g.sh >= 1 && g.sw >= 1, "stride must be positive, got ", g.sh, "x", g.sw);
   HOTOPS_CHECK(g.dh >= 1 && g.dw >= 1, "dilation must be positive, got ", g.dh, "x", g.dw);
   HOTOPS_CHECK(g.ph >= 0 && g.pw >= 0, "padding must be non-negative, got ", g.ph, "x", g.pw);
-  const int64_t eh = g.dh * (g.kh - 1) + 1, ew = g.dw * (g.kw - 1) + 1;
-  HOTOPS_CHECK(g.H + 2 * g.ph >= eh && g.W + 2 * g.pw >= ew, "input ", g.H, "x", g.W, " padded by ", g.ph,
-               "x", g.pw, " is smaller than the dilated kernel ", eh, "x", ew);
-  g.Ho = (g.H + 2 * g.ph - eh) / g.sh + 1;
-  g.Wo = (g.W + 2 * g.pw - ew) / g.sw + 1;
+  // memory safety: the last output's window ends inside the padded input (the caller derived
+  // the output size, python/hotops/sparse/spec.py)
+  const int64_t last_h = (g.Ho - 1) * g.sh + g.dh * (g.kh - 1),
+                last_w = (g.Wo - 1) * g.sw + g.dw * (g.kw - 1);
+  HOTOPS_CHECK(g.Ho >= 1 && g.Wo >= 1 && last_h < g.H + 2 * g.ph && last_w < g.W + 2 * g.pw, "output ", g.Ho,
+               "x", g.Wo, " reads past the input ", g.H, "x", g.W, " padded by ", g.ph, "x", g.pw);
 }
 
 void check_csr(const Csr& m, int64_t rows, const char* what) {
@@ -79,12 +82,29 @@ void check_used(const View& u, const ConvGeom& g) {
 
 }  // namespace
 
+Act act_from_name(const char* name) {
+  if (name == nullptr) return Act::none;
+  const std::string s = name;
+  if (s == "relu") return Act::relu;
+  if (s == "relu6") return Act::relu6;
+  fail("activation must be None, 'relu' or 'relu6', got '", s, "'");
+}
+
 void check(SparseConvFwd& a) {
   check_geometry(a.g);
   check_csr(a.w, a.g.O, "weight");
   if (a.block) check_blocked(a);
   check_used(a.used_rowptr, a.g);
-  check_pixels(a.x, "x", a.g.N, a.g.C, a.g.H * a.g.W, true);
+  // x is float32, or bfloat16 for direct layers (linear): the bf16 kernel reads it in place
+  check_view(a.x, "x", 3, {DType::f32, DType::bf16});
+  HOTOPS_CHECK(a.x.dtype == DType::f32 || a.g.direct(),
+               "x must be float32 for a convolution that is not 1x1 "
+               "stride 1 unpadded, got ",
+               dtype_name(a.x.dtype));
+  HOTOPS_CHECK(a.x.size(0) == a.g.N && a.x.size(1) == a.g.C && a.x.size(2) == a.g.H * a.g.W, "x has shape (",
+               a.x.size(0), ", ", a.x.size(1), ", ", a.x.size(2), "), expected (", a.g.N, ", ", a.g.C, ", ",
+               a.g.H * a.g.W, ")");
+  check_rows_contiguous(a.x, "x");
   check_view(a.y, "y", 3, {DType::f32, DType::bf16, DType::f16});
   HOTOPS_CHECK(a.y.size(0) == a.g.N && a.y.size(1) == a.g.O && a.y.size(2) == a.g.P(), "y has shape (",
                a.y.size(0), ", ", a.y.size(1), ", ", a.y.size(2), "), expected (", a.g.N, ", ", a.g.O, ", ",
@@ -100,7 +120,10 @@ void check(SparseConvFwd& a) {
 void check(SparseWiden& a) {
   check_view(a.src, "src", 2, {DType::f32, DType::bf16, DType::f16});
   check_rows_contiguous(a.src, "src");
-  check_view(a.dst, "dst", 2, {DType::f32});
+  check_view(a.dst, "dst", 2, {DType::f32, DType::bf16});
+  HOTOPS_CHECK(a.dst.dtype == DType::f32 || a.dst.dtype == a.src.dtype,
+               "dst must be float32 or src's dtype, got ", dtype_name(a.dst.dtype), " for ",
+               dtype_name(a.src.dtype));
   check_contiguous(a.dst, "dst");
   check_writable(a.dst, "dst");
   const int64_t R = a.src.size(0), C = a.src.size(1);

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/cpu_features.h"
+#include "sparse/bf16.h"
 #include "sparse/kernel.h"
 
 namespace hotops {
@@ -356,9 +358,38 @@ bool conv_fwd_shifted(const SparseConvFwd& a, const CsrPtrs& w) {
   return true;
 }
 
+// The convert path of a bfloat16 x (direct layers only, check()): x widened to float32 into a
+// scratch copy, then the float32 kernels.
+void conv_fwd_widened(const SparseConvFwd& a) {
+  const ConvGeom& g = a.g;
+  const int64_t rows = g.N * g.C, P = g.H * g.W;
+  Scratch<float> xs(rows * P);
+  parallel_for(rows, 16, a.threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* src = a.x.ptr<uint16_t>() + (r / g.C) * a.x.stride(0) + (r % g.C) * a.x.stride(1);
+      for (int64_t j = 0; j < P; j += W)
+        store_row(xs.p + r * P, DType::f32, j, load_row(src, DType::bf16, j, std::min<int64_t>(W, P - j)),
+                  std::min<int64_t>(W, P - j));
+    }
+  });
+  SparseConvFwd b = a;
+  b.x.data = xs.p;
+  b.x.dtype = DType::f32;
+  b.x.strides[0] = g.C * P, b.x.strides[1] = P, b.x.strides[2] = 1;
+  sparse_conv_fwd(b);
+}
+
 }  // namespace
 
 void sparse_conv_fwd(const SparseConvFwd& a) {
+  if (a.x.dtype == DType::bf16) {
+#if defined(__AVX512F__)
+    // bf16.h: vdpbf16ps over 16+ pixels (fewer, such as batch-1 linear, gather instead)
+    if (!a.block && a.g.P() >= 16 && feature_on(Feature::avx512_bf16))
+      return direct_fwd_bf16(a, CsrPtrs(a.w, a.g.O, a.g.K()));
+#endif
+    return conv_fwd_widened(a);
+  }
   if (a.block) return sparse_conv_fwd_blocked(a);
   const ConvGeom& g = a.g;
   const CsrPtrs w(a.w, g.O, g.K());
@@ -460,7 +491,8 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
 void sparse_widen(const SparseWiden& a) {
   const View &src = a.src, &dst = a.dst;
   const int64_t R = src.size(0), C = src.size(1);
-  float* d = dst.ptr<float>();
+  const int64_t es = dtype_size(dst.dtype);
+  char* d = static_cast<char*>(dst.data);
   auto row = [&](int64_t r) {
     return static_cast<const char*>(src.data) + r * src.stride(0) * dtype_size(src.dtype);
   };
@@ -469,7 +501,18 @@ void sparse_widen(const SparseWiden& a) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t j = 0; j < C; j += W) {
           const int64_t n = std::min<int64_t>(W, C - j);
-          store_row(d + r * C, DType::f32, j, load_row(row(r), src.dtype, j, n), n);
+          store_row(d + r * C * es, dst.dtype, j, load_row(row(r), src.dtype, j, n), n);
+        }
+    });
+    return;
+  }
+  if (dst.dtype == DType::bf16) {  // a bfloat16 transpose (the bf16 kernel's input): 16-bit moves
+    parallel_for((C + 63) / 64, 1, a.threads, [&](int64_t b0, int64_t b1) {
+      uint16_t* o = dst.ptr<uint16_t>();
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t r = 0; r < R; ++r) {
+          const uint16_t* s = reinterpret_cast<const uint16_t*>(row(r));
+          for (int64_t j = b * 64, e = std::min<int64_t>(C, j + 64); j < e; ++j) o[j * R + r] = s[j];
         }
     });
     return;
@@ -481,7 +524,7 @@ void sparse_widen(const SparseWiden& a) {
       const int64_t j = b * W, n = std::min<int64_t>(W, C - j);
       for (int64_t r = 0; r < R; ++r) {
         load_row(row(r), src.dtype, j, n).store(buf);
-        for (int64_t i = 0; i < n; ++i) d[(j + i) * R + r] = buf[i];
+        for (int64_t i = 0; i < n; ++i) reinterpret_cast<float*>(d)[(j + i) * R + r] = buf[i];
       }
     }
   });

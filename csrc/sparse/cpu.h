@@ -12,11 +12,14 @@
 
 namespace hotops {
 
+// The geometry of one call, python/hotops/sparse/spec.py's ConvGeometry field for field (the
+// bindings read it by name). The caller derives the output size; check() refuses an output whose
+// windows would reach past the padded input.
 struct ConvGeom {
   int64_t N = 0, C = 0, H = 0, W = 0;  // input: N images, C channels, H x W pixels
   int64_t O = 0, G = 1;                // output channels, groups
   int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
-  int64_t Ho = 0, Wo = 0;  // output size, derived by check()
+  int64_t Ho = 0, Wo = 0;  // output size
 
   int64_t Cg() const { return C / G; }
   int64_t Og() const { return O / G; }
@@ -27,8 +30,10 @@ struct ConvGeom {
   }
 };
 
-// The activation fused into the forward's epilogue (after the bias).
+// The activation fused into the forward's epilogue (after the bias). Python names it (None,
+// "relu", "relu6"); act_from_name is the one mapping.
 enum class Act : int { none = 0, relu = 1, relu6 = 2 };
+Act act_from_name(const char* name);  // nullptr: none; throws on an unknown name
 
 // CSR: rowptr (Q*R+1,) int64, colidx (nnz,) int32, values (nnz,) float32, its non-zeros ordered
 // by (column panel q, row r, column): row r's non-zeros in panel q are [rowptr[q*R + r],
@@ -55,7 +60,7 @@ struct SparseConvFwd {
   int block = 0;  // b > 0: the forward runs on `blocked` (the same weight), w is not read
   Blocked blocked;
   View used_rowptr;  // (G*K+1,) int64: rowptr of w^T; im2col rows with no non-zero are skipped
-  View x;            // (N, C, H*W) float32, pixels contiguous
+  View x;            // (N, C, H*W) float32 (bfloat16 for direct layers), pixels contiguous
   View bias;         // (O,) float32 or absent
   View y;            // (N, O, Ho*Wo) float32, bfloat16 or float16, any strides
   Act act = Act::none;
@@ -83,16 +88,17 @@ struct SparseConvBwdValues {
   int threads = 1;
 };
 
-// dst = src (transpose false) or src^T, widened to float32: src (R, C) float32, bfloat16 or
-// float16 with contiguous rows; dst contiguous float32, (R, C) or (C, R). Done here rather than
-// by torch so no torch op runs right before a kernel: its OpenMP workers would spin on our cores.
+// dst = src (transpose false) or src^T, widened to float32 (or kept bfloat16): src (R, C) float32,
+// bfloat16 or float16 with contiguous rows; dst contiguous float32 or src's dtype, (R, C) or (C, R). Done
+// here rather than by torch so no torch op runs right before a kernel: its OpenMP workers would spin on our
+// cores.
 struct SparseWiden {
   View src, dst;
   bool transpose = false;
   int threads = 1;
 };
 
-// Validation (derives g.Ho, g.Wo); throws hotops::Error.
+// Validation; throws hotops::Error.
 void check(SparseConvFwd& a);
 void check(SparseConvBwdInput& a);
 void check(SparseConvBwdValues& a);

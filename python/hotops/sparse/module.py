@@ -1,129 +1,36 @@
-"""SparseLinear / SparseConv2d modules, the dense-or-sparse dispatch, and sparsify()."""
+"""SparseLinear / SparseConv2d modules (the dense-or-sparse model is dispatch.py)."""
 
 from __future__ import annotations
 
 import operator
-import time
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hotops.integrations.torch_prune import deepcopy as prune_safe_deepcopy
-from hotops.integrations.torch_prune import remove as remove_pruning
 from hotops.integrations.torch_prune import weight_bias_mask
+from hotops.sparse.dispatch import DENSE, POLICIES, SPARSE, measure_pair, sparse_pays
 from hotops.sparse.format import (
     _BUILD_LOCK,
-    BLOCK_SIZES,
-    PANEL_COLS,
     SparseWeight,
     alias_versions,
-    block_mask,
-    check_sparsity,
-    magnitude_mask,
-    panel_count,
+    checked_structure,
     state_key,
     track,
 )
-from hotops.sparse.op import activate
-
-SPARSE, DENSE = "sparse (C++)", "dense (torch)"
-POLICIES = ("auto", "model", "sparse", "dense")
-
-# Densities (non-zeros / weight size) up to which the sparse kernels beat torch's dense ones on
-# the CPU, read off the single-thread crossover table in docs/notes/sparse.md: a GEMV reads 4 bytes per
-# weight densely against 8 per non-zero sparsely and gathers its inputs; batched products and 1x1
-# convolutions turn each non-zero into vector FMAs over contiguous rows and win from about half
-# sparse; k x k convolutions also pay for their im2col tiles; a depthwise convolution is cheap
-# densely (9 FMAs per pixel, memory-bound): its direct sparse kernel, ~1 tap per channel at 90 %,
-# wins from about 80 % sparse.
-DENSITY_LIMIT = {"gemv": 0.2, "gemm": 0.4, "conv1x1": 0.4, "conv": 0.2, "depthwise": 0.2}
-
+from hotops.sparse.functional import (
+    check_activation,
+    conv2d_unchecked,
+    linear_unchecked,
+    pair,
+    sparse_conv2d,
+    sparse_linear,
+)
+from hotops.sparse.op import prepared_conv2d, prepared_linear
+from hotops.sparse.spec import activate
 
 _get_version = operator.attrgetter("_version")
-
-
-def _checked_structure(
-    shape, groups: int, values, rowptr, colidx, t_rowptr, t_colidx, t_perm
-) -> SparseWeight:
-    """A checkpoint's packed weight for a layer of ``shape`` and ``groups``, checked whole: the
-    CSR's sizes, order and column range, and the transposed CSR against the one the CSR implies
-    (rebuilt here: a corrupted or foreign checkpoint is refused, never run)."""
-    O, K = shape[0], 1
-    for d in shape[1:]:
-        K *= d
-    for name, t, dtype in (
-        ("rowptr", rowptr, torch.int64),
-        ("colidx", colidx, torch.int32),
-        ("t_rowptr", t_rowptr, torch.int64),
-        ("t_colidx", t_colidx, torch.int32),
-        ("t_perm", t_perm, torch.int64),
-    ):
-        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != dtype:
-            raise ValueError(
-                f"{name} must be a 1-d {str(dtype).replace('torch.', '')} tensor, got "
-                f"{str(t.dtype).replace('torch.', '') + ' ' + str(tuple(t.shape)) if isinstance(t, Tensor) else t!r}"
-            )
-    if not isinstance(values, Tensor) or values.dim() != 1 or not values.is_floating_point():
-        raise ValueError("values must be a 1-d floating-point tensor")
-    panels, nnz = panel_count(K), colidx.numel()
-    if rowptr.numel() != panels * O + 1:
-        raise ValueError(
-            f"rowptr has {rowptr.numel()} entries; a weight of shape {tuple(shape)} needs "
-            f"{panels * O + 1} (the checkpoint is of a layer of another shape)"
-        )
-    if values.numel() != nnz:
-        raise ValueError(f"values has {values.numel()} entries for {nnz} column indices")
-    rp, cols = rowptr.cpu(), colidx.cpu().long()
-    if rp[0] != 0 or rp[-1] != nnz or bool((rp.diff() < 0).any()):
-        raise ValueError(f"rowptr must run from 0 to nnz = {nnz} without decreasing")
-    seg = torch.repeat_interleave(torch.arange(panels * O), rp.diff())
-    if nnz and (
-        int(cols.min()) < 0
-        or int(cols.max()) >= K
-        or bool(((cols // PANEL_COLS) != seg // O).any())
-        or bool(((seg[1:] == seg[:-1]) & (cols[1:] <= cols[:-1])).any())
-    ):
-        raise ValueError(f"colidx must hold increasing columns in [0, {K}) within each row and column panel")
-    rows = seg % O
-    order = torch.argsort(rows * K + cols)
-    sw = SparseWeight.pack(
-        tuple(shape), groups, rows[order], cols[order], values.detach().cpu()[order].float()
-    )
-    for name, t in (("t_rowptr", t_rowptr), ("t_colidx", t_colidx), ("t_perm", t_perm)):
-        if not torch.equal(t.cpu(), getattr(sw, name)):
-            raise ValueError(f"{name} does not match the transposed structure of rowptr / colidx")
-    return sw.to(values.device)
-
-
-def _check_activation_arg(activation) -> None:
-    if activation not in (None, "relu", "relu6") or not isinstance(activation, (str, type(None))):
-        raise ValueError(f"activation must be None, 'relu' or 'relu6', got {activation!r}")
-
-
-def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
-    """The dispatch model: does the sparse kernel beat dense for this layer? ``kind`` is
-    "linear" (with its batch ``rows``), "conv1x1", "conv" or "depthwise"."""
-    if kind == "linear":
-        kind = "gemv" if rows < 8 else "gemm"
-    return density <= DENSITY_LIMIT[kind]
-
-
-def measure_pair(
-    run_sparse: Callable[[], Tensor], run_dense: Callable[[], Tensor], repeats: int = 3
-) -> Tuple[float, float]:
-    """Seconds per call of each path, best of ``repeats`` taken alternately after one warm-up
-    call each (the warm-up builds the dense weight cache and touches the buffers)."""
-    best = [float("inf"), float("inf")]
-    with torch.no_grad():
-        run_sparse(), run_dense()
-        for _ in range(repeats):
-            for i, fn in enumerate((run_sparse, run_dense)):
-                t0 = time.perf_counter()
-                fn()
-                best[i] = min(best[i], time.perf_counter() - t0)
-    return best[0], best[1]
 
 
 class _SparseLayer(nn.Module):
@@ -244,7 +151,7 @@ class _SparseLayer(nn.Module):
                 )
                 return
             try:
-                sw = _checked_structure(self.shape, self.groups, *(state_dict[prefix + n] for n in csr))
+                sw = checked_structure(self.shape, self.groups, *(state_dict[prefix + n] for n in csr))
                 if self.block:
                     sw = sw.with_block(self.block)
             except (ValueError, TypeError) as e:
@@ -492,7 +399,7 @@ class SparseLinear(_SparseLayer):
             raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
         if len(sw.shape) != 2:
             raise ValueError(f"SparseLinear needs a (out, in) weight, got shape {sw.shape}")
-        _check_activation_arg(activation)
+        check_activation(activation)
         super().__init__(sw, bias, policy)
         self.in_features, self.out_features = sw.shape[1], sw.shape[0]
         self.activation = activation
@@ -522,17 +429,14 @@ class SparseLinear(_SparseLayer):
         fast = self._fast(x)
         if fast is not None:
             return fast(x)
-        from hotops.sparse import _check_activation, _linear, sparse_linear
-        from hotops.sparse.op import prepared_linear
-
-        sw, act = self.sparse_weight, _check_activation(self.activation)
+        sw, act = self.sparse_weight, check_activation(self.activation)
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
         return self._run(
             x,
             "linear",
             rows,
             validate=lambda: sparse_linear(x, sw, self.bias, self.activation),
-            run_sparse=lambda: _linear(x, sw, self.bias, act),
+            run_sparse=lambda: linear_unchecked(x, sw, self.bias, act),
             run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))),
             make_sparse=lambda: prepared_linear(
                 x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias, sw.shape[1], act, sw.blocked
@@ -561,14 +465,12 @@ class SparseConv2d(_SparseLayer):
         activation: Optional[str] = None,
         policy: str = "auto",
     ):
-        from hotops.sparse import _pair
-
         if not isinstance(sw, SparseWeight):
             raise TypeError(f"sw must be a hotops.sparse.SparseWeight, got {type(sw).__name__}")
         if len(sw.shape) != 4:
             raise ValueError(f"SparseConv2d needs an (out, in/groups, kh, kw) weight, got shape {sw.shape}")
-        _check_activation_arg(activation)
-        pairs = [_pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)]
+        check_activation(activation)
+        pairs = [pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)]
         super().__init__(sw, bias, policy)
         # plain int tuples: what F.conv2d (the dense path) takes
         self.stride, self.padding, self.dilation = (tuple(p) for p in pairs)
@@ -616,10 +518,7 @@ class SparseConv2d(_SparseLayer):
         fast = self._fast(x)
         if fast is not None:
             return fast(x)
-        from hotops.sparse import _check_activation, _conv2d, sparse_conv2d
-        from hotops.sparse.op import prepared_conv2d
-
-        sw, act = self.sparse_weight, _check_activation(self.activation)
+        sw, act = self.sparse_weight, check_activation(self.activation)
         geo = self._pairs
         dense = lambda x, w, b: F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
         return self._run(
@@ -627,7 +526,7 @@ class SparseConv2d(_SparseLayer):
             self.kind,
             0,
             validate=lambda: sparse_conv2d(x, sw, self.bias, *geo, activation=self.activation),
-            run_sparse=lambda: _conv2d(x, sw, self.bias, *geo, act),
+            run_sparse=lambda: conv2d_unchecked(x, sw, self.bias, *geo, act),
             run_dense=lambda: self._dense_activation(dense(x, *self._dense_params(x.dtype))),
             make_sparse=lambda: prepared_conv2d(
                 x,
@@ -651,166 +550,3 @@ class SparseConv2d(_SparseLayer):
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
             f"density={self.density:.3f}, layout={self.layout}, policy={self.policy}"
         )
-
-
-# ------------------------------------------------------------------ mask learning (HYDRA / DASS)
-
-
-class _TopK(torch.autograd.Function):
-    """Binary mask of the k largest scores; the gradient passes straight through."""
-
-    @staticmethod
-    def forward(ctx, scores: Tensor, keep: int) -> Tensor:
-        mask = torch.zeros_like(scores)
-        if keep > 0:
-            mask.view(-1)[scores.abs().flatten().topk(keep, sorted=False).indices] = 1.0
-        return mask
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return g, None
-
-
-class _Scored(nn.Module):
-    """A frozen dense layer whose weight is masked by the top-k of learnable scores."""
-
-    def __init__(self, layer: nn.Module, sparsity: float):
-        super().__init__()
-        self.layer = layer
-        w = layer.weight.detach()
-        self.keep = int(round((1.0 - sparsity) * w.numel()))
-        fan_in = w[0].numel()
-        # HYDRA's scaled initialisation: scores start proportional to |w|
-        self.scores = nn.Parameter((6.0 / fan_in) ** 0.5 * w.abs() / w.abs().max().clamp_min(1e-12))
-
-    def mask(self) -> Tensor:
-        return _TopK.apply(self.scores, self.keep)
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.layer.weight * self.mask()
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, self.layer.bias)
-        c = self.layer
-        return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
-
-
-def _prunable(model: nn.Module, skip: Callable[[str, nn.Module], bool]):
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and not skip(name, m):
-            if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
-                continue
-            yield name, m
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-def sparsify(
-    model: nn.Module,
-    sparsity: Optional[float] = 0.9,
-    method: str = "magnitude",
-    *,
-    data: Optional[Iterable] = None,
-    loss_fn: Optional[Callable] = None,
-    steps: int = 100,
-    lr: float = 0.1,
-    skip: Callable[[str, nn.Module], bool] = lambda name, m: False,
-    policy: str = "auto",
-    inplace: bool = False,
-    block: Optional[int] = None,
-) -> nn.Module:
-    """Prunes every nn.Linear / nn.Conv2d (except those ``skip(name, module)`` names) to
-    ``sparsity`` and swaps in SparseLinear / SparseConv2d.
-
-    method="magnitude": one-shot, per layer, the largest |w| survive.
-    method="learned": DASS/HYDRA-style. Weights are frozen; each layer gets scores initialised
-    from |w|; the forward uses w * topk(scores) and the gradient reaches the scores straight
-    through the top-k. ``steps`` SGD steps over ``data`` (an iterable of (inputs, targets),
-    cycled) with ``loss_fn(model(inputs), targets)``, then the learned masks are packed.
-
-    ``block`` (4 or 8, magnitude only): prune whole blocks of ``block`` consecutive output channels
-    x one column by their L2 norm, which the blocked format runs faster than unstructured masks,
-    at some accuracy (structured pruning keeps fewer free choices).
-
-    Layers pruned with torch.nn.utils.prune have the pruning made permanent first (their hooks
-    removed, values from ``weight_orig``). ``sparsity=None`` keeps each layer's pattern as it is:
-    its ``weight_mask`` if pruned so, else its non-zeros.
-    """
-    if sparsity is None:
-        if method != "magnitude" or block is not None:
-            raise ValueError(
-                "sparsity=None keeps the layers' own patterns: it takes method='magnitude' and no block"
-            )
-    else:
-        check_sparsity(sparsity)
-    if method not in ("magnitude", "learned"):
-        raise ValueError(f"method must be 'magnitude' or 'learned', got {method!r}")
-    if block is not None and (block not in BLOCK_SIZES or method != "magnitude"):
-        raise ValueError(
-            f"block must be None or one of {BLOCK_SIZES}, with method='magnitude'; got block={block!r}, "
-            f"method={method!r}"
-        )
-    if not inplace:
-        model = prune_safe_deepcopy(model)
-    layers = list(_prunable(model, skip))
-    masks = {name: remove_pruning(m) for name, m in layers}
-    if sparsity is None:
-        masks = {name: m.weight.detach() != 0 if masks[name] is None else masks[name] for name, m in layers}
-    elif method == "magnitude":
-        masks = {
-            name: magnitude_mask(m.weight, sparsity)
-            if block is None
-            else block_mask(m.weight, sparsity, block, getattr(m, "groups", 1))
-            for name, m in layers
-        }
-    else:
-        if data is None or loss_fn is None:
-            raise ValueError("method='learned' needs data (an iterable of (inputs, targets)) and loss_fn")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        masks = _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr)
-    for name, m in layers:
-        cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
-        _replace(
-            model, name, cls.from_dense(m, mask=masks[name], policy=policy, block=block).train(m.training)
-        )
-    return model
-
-
-def _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr):
-    scored = {name: _Scored(m, sparsity) for name, m in layers}
-    for name, s in scored.items():
-        _replace(model, name, s)
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    scores = [s.scores for s in scored.values()]
-    for p in scores:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(scores, lr=lr, momentum=0.9)
-    was_training = model.training
-    model.train()
-    it, done, fresh = iter(data), 0, True
-    while done < steps:
-        try:
-            inputs, targets = next(it)
-        except StopIteration:
-            if fresh:
-                raise ValueError("data yielded no batches") from None
-            it, fresh = iter(data), True
-            continue
-        fresh = False
-        opt.zero_grad()
-        loss_fn(model(inputs), targets).backward()
-        opt.step()
-        done += 1
-    model.train(was_training)
-    for p, req in frozen:
-        p.requires_grad_(req)
-    masks = {}
-    for name, s in scored.items():
-        masks[name] = s.mask().detach().bool()
-        _replace(model, name, s.layer)
-    return masks

@@ -63,9 +63,9 @@ def _bsr_linear_kernel(
         acc += tl.dot(x, tl.trans(w), input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(BIAS + outs, mask=outs < O, other=0.0)[None, :]
-    if ACT >= 1:  # relu, and relu6 (ACT 2); NaN stays NaN
+    if ACT != "none":  # relu, and relu6; NaN stays NaN
         acc = tl.where(acc > 0, acc, tl.where(acc != acc, acc, 0.0))
-    if ACT == 2:
+    if ACT == "relu6":
         acc = tl.where(acc > 6.0, 6.0, acc)
     tl.store(
         Y + rows_b[:, None].to(tl.int64) * stride_y + outs[None, :],
@@ -100,10 +100,10 @@ def bsr_linear(
     values: Tensor,
     shape: Tuple[int, int],
     bias: Optional[Tensor] = None,
-    activation: int = 0,
+    activation: Optional[str] = None,
 ) -> Tensor:
-    """act(x W^T + bias) for x (B, I) float32 and the (O, I) CSR weight W; ``activation`` is an
-    op.ACTIVATIONS code."""
+    """act(x W^T + bias) for x (B, I) float32 and the (O, I) CSR weight W; ``activation`` is
+    None, "relu" or "relu6"."""
     O, I = shape
     B = x.shape[0]
     y = torch.empty(B, O, dtype=torch.float32, device=x.device)
@@ -126,7 +126,7 @@ def bsr_linear(
         x.stride(0),
         y.stride(0),
         HAS_BIAS=bias is not None,
-        ACT=activation,
+        ACT=activation or "none",
         BB=BATCH_TILE,
         BO=BO,
         BI=BI,

@@ -1,0 +1,177 @@
+"""sparsify(): prune a model's Linear / Conv2d layers (magnitude, or learned masks HYDRA / DASS
+style) and swap in the sparse modules."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hotops.integrations.torch_prune import deepcopy as prune_safe_deepcopy
+from hotops.integrations.torch_prune import remove as remove_pruning
+from hotops.sparse.format import BLOCK_SIZES, block_mask, check_sparsity, magnitude_mask
+from hotops.sparse.module import SparseConv2d, SparseLinear
+
+# ------------------------------------------------------------------ mask learning (HYDRA / DASS)
+
+
+class _TopK(torch.autograd.Function):
+    """Binary mask of the k largest scores; the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, keep: int) -> Tensor:
+        mask = torch.zeros_like(scores)
+        if keep > 0:
+            mask.view(-1)[scores.abs().flatten().topk(keep, sorted=False).indices] = 1.0
+        return mask
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g, None
+
+
+class _Scored(nn.Module):
+    """A frozen dense layer whose weight is masked by the top-k of learnable scores."""
+
+    def __init__(self, layer: nn.Module, sparsity: float):
+        super().__init__()
+        self.layer = layer
+        w = layer.weight.detach()
+        self.keep = int(round((1.0 - sparsity) * w.numel()))
+        fan_in = w[0].numel()
+        # HYDRA's scaled initialisation: scores start proportional to |w|
+        self.scores = nn.Parameter((6.0 / fan_in) ** 0.5 * w.abs() / w.abs().max().clamp_min(1e-12))
+
+    def mask(self) -> Tensor:
+        return _TopK.apply(self.scores, self.keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.layer.weight * self.mask()
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, self.layer.bias)
+        c = self.layer
+        return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def _prunable(model: nn.Module, skip: Callable[[str, nn.Module], bool]):
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not skip(name, m):
+            if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+                continue
+            yield name, m
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def sparsify(
+    model: nn.Module,
+    sparsity: Optional[float] = 0.9,
+    method: str = "magnitude",
+    *,
+    data: Optional[Iterable] = None,
+    loss_fn: Optional[Callable] = None,
+    steps: int = 100,
+    lr: float = 0.1,
+    skip: Callable[[str, nn.Module], bool] = lambda name, m: False,
+    policy: str = "auto",
+    inplace: bool = False,
+    block: Optional[int] = None,
+) -> nn.Module:
+    """Prunes every nn.Linear / nn.Conv2d (except those ``skip(name, module)`` names) to
+    ``sparsity`` and swaps in SparseLinear / SparseConv2d.
+
+    method="magnitude": one-shot, per layer, the largest |w| survive.
+    method="learned": DASS/HYDRA-style. Weights are frozen; each layer gets scores initialised
+    from |w|; the forward uses w * topk(scores) and the gradient reaches the scores straight
+    through the top-k. ``steps`` SGD steps over ``data`` (an iterable of (inputs, targets),
+    cycled) with ``loss_fn(model(inputs), targets)``, then the learned masks are packed.
+
+    ``block`` (4 or 8, magnitude only): prune whole blocks of ``block`` consecutive output channels
+    x one column by their L2 norm, which the blocked format runs faster than unstructured masks,
+    at some accuracy (structured pruning keeps fewer free choices).
+
+    Layers pruned with torch.nn.utils.prune have the pruning made permanent first (their hooks
+    removed, values from ``weight_orig``). ``sparsity=None`` keeps each layer's pattern as it is:
+    its ``weight_mask`` if pruned so, else its non-zeros.
+    """
+    if sparsity is None:
+        if method != "magnitude" or block is not None:
+            raise ValueError(
+                "sparsity=None keeps the layers' own patterns: it takes method='magnitude' and no block"
+            )
+    else:
+        check_sparsity(sparsity)
+    if method not in ("magnitude", "learned"):
+        raise ValueError(f"method must be 'magnitude' or 'learned', got {method!r}")
+    if block is not None and (block not in BLOCK_SIZES or method != "magnitude"):
+        raise ValueError(
+            f"block must be None or one of {BLOCK_SIZES}, with method='magnitude'; got block={block!r}, "
+            f"method={method!r}"
+        )
+    if not inplace:
+        model = prune_safe_deepcopy(model)
+    layers = list(_prunable(model, skip))
+    masks = {name: remove_pruning(m) for name, m in layers}
+    if sparsity is None:
+        masks = {name: m.weight.detach() != 0 if masks[name] is None else masks[name] for name, m in layers}
+    elif method == "magnitude":
+        masks = {
+            name: magnitude_mask(m.weight, sparsity)
+            if block is None
+            else block_mask(m.weight, sparsity, block, getattr(m, "groups", 1))
+            for name, m in layers
+        }
+    else:
+        if data is None or loss_fn is None:
+            raise ValueError("method='learned' needs data (an iterable of (inputs, targets)) and loss_fn")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        masks = _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr)
+    for name, m in layers:
+        cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
+        _replace(
+            model, name, cls.from_dense(m, mask=masks[name], policy=policy, block=block).train(m.training)
+        )
+    return model
+
+
+def _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr):
+    scored = {name: _Scored(m, sparsity) for name, m in layers}
+    for name, s in scored.items():
+        _replace(model, name, s)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    scores = [s.scores for s in scored.values()]
+    for p in scores:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(scores, lr=lr, momentum=0.9)
+    was_training = model.training
+    model.train()
+    it, done, fresh = iter(data), 0, True
+    while done < steps:
+        try:
+            inputs, targets = next(it)
+        except StopIteration:
+            if fresh:
+                raise ValueError("data yielded no batches") from None
+            it, fresh = iter(data), True
+            continue
+        fresh = False
+        opt.zero_grad()
+        loss_fn(model(inputs), targets).backward()
+        opt.step()
+        done += 1
+    model.train(was_training)
+    for p, req in frozen:
+        p.requires_grad_(req)
+    masks = {}
+    for name, s in scored.items():
+        masks[name] = s.mask().detach().bool()
+        _replace(model, name, s.layer)
+    return masks

@@ -1,0 +1,347 @@
+"""hotops.sparse modules: SparseLinear / SparseConv2d, the dense-or-sparse dispatch, prepared calls, sparsify, fuse."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_to_reference
+from torch import nn
+
+import hotops
+from hotops.sparse import (
+    SparseConv2d,
+    SparseLinear,
+    reference,
+    sparse_linear,
+    sparsify,
+)
+from hotops.sparse.module import DENSE, SPARSE
+
+
+def _ref(fn, x, sw, *args, **kw):
+    """The reference in float64 and in float32 (the tolerance idiom)."""
+    sw64 = sw.with_values(sw.values.double())
+    b = kw.pop("bias", None)
+    r64 = fn(x.double(), sw64, b.double() if b is not None else None, *args, **kw)
+    return r64, fn(x, sw, b, *args, **kw)
+
+
+def _close(y, r64, r32):
+    assert y.shape == r32.shape
+    if y.numel():
+        assert_close_to_reference(y, r64, r32)
+
+
+# ------------------------------------------------------------------ modules and sparsify
+
+
+def test_sparse_linear_module():
+    lin = nn.Linear(20, 10)
+    layer = SparseLinear.from_dense(lin, sparsity=0.9, policy="sparse")
+    assert abs(layer.density - 0.1) < 0.01
+    dense = layer.to_dense()
+    assert (dense != 0).sum() == layer.values.numel()
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(layer(x), F.linear(x, dense, lin.bias))
+    assert layer.backend == SPARSE
+    layer.policy = "dense"
+    torch.testing.assert_close(layer(x), F.linear(x, dense, lin.bias))
+    assert layer.backend == DENSE
+    # the model policy: a 90 %-sparse batched layer runs sparse, a 10 % one dense
+    model_sparse = SparseLinear.from_dense(lin, sparsity=0.9, policy="model")
+    model_dense = SparseLinear.from_dense(lin, sparsity=0.1, policy="model")
+    model_sparse(torch.randn(16, 20))
+    model_dense(torch.randn(16, 20))
+    assert (model_sparse.backend, model_dense.backend) == (SPARSE, DENSE)
+
+
+@pytest.mark.parametrize("sparse_faster", [True, False])
+def test_measured_dispatch(monkeypatch, sparse_faster):
+    """policy="auto" times both paths once per input signature and runs the faster."""
+    from hotops.sparse import module
+
+    calls = []
+
+    def fake_measure(run_sparse, run_dense):
+        calls.append(1)
+        torch.testing.assert_close(run_sparse(), run_dense())
+        return (1.0, 2.0) if sparse_faster else (2.0, 1.0)
+
+    monkeypatch.setattr(module, "measure_pair", fake_measure)
+    conv = SparseConv2d.from_dense(nn.Conv2d(4, 6, 3, padding=1), sparsity=0.5, activation="relu")
+    lin = SparseLinear.from_dense(nn.Linear(12, 5), sparsity=0.5)
+    want = SPARSE if sparse_faster else DENSE
+    for layer, make in ((conv, lambda n: torch.randn(n, 4, 7, 7)), (lin, lambda n: torch.randn(n, 12))):
+        calls.clear()
+        for n in (2, 2, 3, 2):
+            x = make(n)
+            y = layer(x)
+            assert layer.backend == want
+            dense = (
+                F.conv2d(x, layer.to_dense(), layer.bias, padding=1).relu()
+                if layer is conv
+                else F.linear(x, layer.to_dense(), layer.bias)
+            )
+            torch.testing.assert_close(y, dense)
+        assert len(calls) == 2  # batch 2 and batch 3: each signature measured once
+        assert all(d[1:] == ((1.0, 2.0) if sparse_faster else (2.0, 1.0)) for d in layer.dispatch.values())
+
+
+def test_measured_dispatch_really_times():
+    layer = SparseLinear.from_dense(nn.Linear(64, 32), sparsity=0.9)
+    layer(torch.randn(8, 64))
+    ((wins, ts, td),) = layer.dispatch.values()
+    assert ts > 0 and td > 0 and wins == (ts < td)
+    assert layer.backend == (SPARSE if wins else DENSE)
+
+
+def test_dense_cache_follows_values():
+    layer = SparseLinear.from_dense(nn.Linear(8, 4), sparsity=0.5, policy="dense")
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        y0 = layer(x)
+        layer.values.mul_(2)  # an in-place update bumps the version: the cache is rebuilt
+        y1 = layer(x)
+    torch.testing.assert_close(y1 - layer.bias, 2 * (y0 - layer.bias))
+
+
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+def test_prepared_inference_call_follows_the_layer(policy):
+    """Repeated inference calls run a call bound once per signature; whatever it depends on
+    (values or bias updated in place or replaced, activation, policy, input layout) rebinds it."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    conv = SparseConv2d.from_dense(
+        nn.Conv2d(6, 6, 3, padding=1, groups=3), sparsity=0.5, activation="relu6", policy=policy
+    )
+    x = 4 * torch.randn(2, 6, 5, 5)
+
+    def want(inp=x):
+        return reference.sparse_conv2d(
+            inp, conv.sparse_weight, conv.bias, padding=1, activation=conv.activation
+        )
+
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(conv(x), want())
+        assert conv._prepared is not None
+        conv.values.mul_(-2)  # in place
+        torch.testing.assert_close(conv(x), want())
+        conv.bias.add_(1)
+        torch.testing.assert_close(conv(x), want())
+        conv.values = nn.Parameter(torch.randn_like(conv.values))  # replaced
+        torch.testing.assert_close(conv(x), want())
+        conv.activation = None
+        torch.testing.assert_close(conv(x), want())
+        conv.policy = "dense" if policy == "sparse" else "sparse"
+        torch.testing.assert_close(conv(x), want())
+        assert conv.backend == (DENSE if policy == "sparse" else SPARSE)
+        xt = x.transpose(2, 3)  # not contiguous: the full path
+        torch.testing.assert_close(conv(xt), want(xt))
+        torch.testing.assert_close(conv(x[:1]), want(x[:1]))
+    copied = copy.deepcopy(conv)  # the bound C++ call is not copied, but rebuilt
+    buf = io.BytesIO()
+    torch.save(conv, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.inference_mode():
+        for layer in (copied, loaded):
+            torch.testing.assert_close(layer(x), want())
+    xg = x.clone().requires_grad_()  # with autograd: the op, differentiable
+    conv(xg).sum().backward()
+    assert xg.grad is not None and conv.values.grad is not None
+
+
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+@pytest.mark.parametrize("shape", [(1, 20), (7, 20), (2, 3, 20)])
+def test_prepared_linear_call(policy, shape):
+    torch.manual_seed(0)
+    lin = SparseLinear.from_dense(nn.Linear(20, 9), sparsity=0.6, activation="relu", policy=policy)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.testing.assert_close(
+                lin(x), reference.sparse_linear(x, lin.sparse_weight, lin.bias, "relu")
+            )
+        assert lin._prepared is not None
+        lin.activation = "relu6"
+        torch.testing.assert_close(
+            lin(3 * x), reference.sparse_linear(3 * x, lin.sparse_weight, lin.bias, "relu6")
+        )
+
+
+def test_training_under_fixed_mask():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = SparseConv2d.from_dense(conv, sparsity=0.8, activation="relu", policy="sparse")
+    mask = layer.mask()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x, target = torch.randn(3, 4, 6, 6), torch.randn(3, 6, 6, 6)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.mse_loss(layer(x), target)
+        loss.backward()
+        # the values' gradient is the dense masked gradient at the mask's non-zeros
+        w = layer.to_dense().detach().requires_grad_()
+        F.mse_loss(F.relu(F.conv2d(x, w, layer.bias, padding=1)), target).backward()
+        torch.testing.assert_close(layer.values.grad, w.grad[mask], rtol=1e-4, atol=1e-6)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(layer.mask(), mask)  # the mask is fixed; only values moved
+
+
+def test_set_mask_repacks():
+    layer = SparseConv2d.from_dense(nn.Conv2d(3, 4, 3), sparsity=0.5)
+    new = torch.zeros(4, 3, 3, 3, dtype=torch.bool)
+    new[:, :, 1, 1] = True
+    layer.set_mask(new)
+    assert layer.values.numel() == 12 and torch.equal(layer.mask(), new)
+
+
+def _tiny_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+
+
+def test_sparsify_magnitude():
+    net = _tiny_net()
+    sp = sparsify(net, sparsity=0.75, policy="sparse")
+    assert (
+        isinstance(sp[0], SparseConv2d)
+        and isinstance(sp[2], SparseConv2d)
+        and isinstance(sp[6], SparseLinear)
+    )
+    assert isinstance(net[0], nn.Conv2d)  # not in place by default
+    dense = _tiny_net()
+    dense.load_state_dict(net.state_dict())
+    for i in (0, 2, 6):
+        dense[i].weight.data = sp[i].to_dense()
+        assert abs(sp[i].density - 0.25) < 0.05
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(sp(x), dense(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sparsify_learned():
+    torch.manual_seed(0)
+    net = _tiny_net()
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(3)]
+    sp = sparsify(
+        net,
+        sparsity=0.7,
+        method="learned",
+        data=data,
+        loss_fn=F.cross_entropy,
+        steps=6,
+        lr=5.0,
+        skip=lambda name, m: isinstance(m, nn.Linear),
+    )
+    assert isinstance(sp[0], SparseConv2d) and isinstance(sp[6], nn.Linear)
+    assert abs(sp[0].density - 0.3) < 0.02
+    magnitude = sparsify(net, sparsity=0.7, skip=lambda name, m: isinstance(m, nn.Linear))
+    assert not torch.equal(sp[0].mask(), magnitude[0].mask())  # the scores moved the mask
+    with pytest.raises(ValueError, match="data"):
+        sparsify(net, method="learned")
+    with pytest.raises(ValueError, match="method"):
+        sparsify(net, method="random")
+
+
+def _bn_net():
+    """conv + BN + ReLU6, depthwise + BN + ReLU, a sparse layer with its own ReLU before a BN (must
+    not fold), a dense conv + BN (torch's folding), linear + BatchNorm1d + ReLU."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 1),
+        nn.ReLU(),
+        nn.BatchNorm2d(6),
+        nn.Conv2d(6, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 7),
+        nn.BatchNorm1d(7),
+        nn.ReLU(),
+    )
+    for bn in net.modules():
+        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 2)
+            bn.bias.data.uniform_(-1, 1)
+    return net.eval()
+
+
+def test_fuse_folds_batchnorm_and_activations():
+    torch.manual_seed(0)
+    sp = sparsify(_bn_net(), sparsity=0.6, policy="sparse", skip=lambda name, m: name == "9")
+    fused = hotops.sparse.fuse(sp)
+    kinds = [type(m).__name__ for m in fused]
+    assert kinds == [
+        "SparseConv2d",
+        "Identity",
+        "Identity",
+        "SparseConv2d",
+        "Identity",
+        "Identity",
+        "SparseConv2d",
+        "Identity",
+        "BatchNorm2d",
+        "Conv2d",
+        "Identity",
+        "Flatten",
+        "SparseLinear",
+        "Identity",
+        "Identity",
+    ]
+    assert [fused[i].activation for i in (0, 3, 6, 12)] == ["relu6", "relu", "relu", "relu"]
+    assert isinstance(sp[1], nn.BatchNorm2d) and sp[0].activation is None  # not in place by default
+    x = 3 * torch.randn(4, 3, 5, 5)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), sp(x), rtol=1e-4, atol=1e-4)
+        fused[0].policy = "dense"  # the dense path of a fused layer applies the same activation
+        torch.testing.assert_close(fused(x), sp(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_refuses_training_mode():
+    sp = sparsify(_bn_net(), sparsity=0.5)
+    with pytest.raises(ValueError, match="eval mode"):
+        hotops.sparse.fuse(sp.train())
+    sp.eval()
+    sp[1].train()
+    with pytest.raises(ValueError, match="but 1 are"):  # names the module in training mode
+        hotops.sparse.fuse(sp)
+
+
+def test_public_api():
+    assert hotops.sparse_linear is sparse_linear and hotops.nn.SparseConv2d is SparseConv2d
+
+
+def test_conv_dispatch_model():
+    x = torch.randn(1, 8, 6, 6)
+    cases = [
+        (nn.Conv2d(8, 8, 3, padding=1), 0.9, SPARSE),
+        (nn.Conv2d(8, 8, 3, padding=1), 0.5, DENSE),
+        (nn.Conv2d(8, 8, 1), 0.7, SPARSE),
+        (nn.Conv2d(8, 8, 1), 0.3, DENSE),
+        (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.9, SPARSE),
+        (nn.Conv2d(8, 8, 3, padding=1, groups=8), 0.5, DENSE),
+    ]
+    for conv, sparsity, backend in cases:
+        layer = SparseConv2d.from_dense(conv, sparsity=sparsity, policy="model")
+        torch.testing.assert_close(
+            layer(x), F.conv2d(x, layer.to_dense(), conv.bias, 1, conv.padding, 1, conv.groups)
+        )
+        assert layer.backend == backend, (conv, sparsity)
