@@ -56,7 +56,7 @@ def check(hot_fn, ref_fn, inputs, atol=None):
 
 
 def on_indices(idx, kpos=None, qpos=None, causal=False, scale=None):
-    hot = lambda q, k, v: op.ssa_fwd(q, k, v, idx, kpos, qpos, scale or q.shape[-1] ** -0.5, causal)[0]  # noqa: E731
+    hot = lambda q, k, v: op.ssa(q, k, v, idx, kpos, qpos, scale or q.shape[-1] ** -0.5, causal)[0]  # noqa: E731
     ref = lambda q, k, v: reference.attention_on_indices(q, k, v, idx, kpos, qpos, causal, scale)  # noqa: E731
     return hot, ref
 
@@ -105,7 +105,7 @@ def test_queries_that_see_nothing_get_zeros(isa):
     idx = torch.tensor([[[6, 8, 9]]])  # with causal, queries 0..5 see no key
     out = check(*on_indices(idx, causal=True), (q, k, v))
     assert torch.equal(out[0, 0, :6], torch.zeros(6, 24)) and torch.isfinite(out).all()
-    _, lse = op.ssa_fwd(q, k, v, idx, None, None, 1.0, True)
+    _, lse = op.ssa(q, k, v, idx, None, None, 1.0, True)
     assert torch.isneginf(lse[0, 0, :6]).all() and torch.isfinite(lse[0, 0, 6:]).all()
 
 
@@ -242,10 +242,12 @@ def test_opcheck():
         (q, k, v, idx, kpos, qpos, 0.5, True),
         (q, k, v, idx[:, :2], None, None, 1.0, True),
     ]:
-        torch.library.opcheck(op.ssa_fwd, args)
+        torch.library.opcheck(op.ssa, args)
     plain = [t.detach() for t in (q, k, v)]
-    out, lse = op.ssa_fwd(*plain, idx, kpos, qpos, 0.3, True)
-    torch.library.opcheck(op.ssa_bwd, (*plain, idx, kpos, qpos, out, lse, torch.randn_like(out), 0.3, True))
+    out, lse = op.ssa(*plain, idx, kpos, qpos, 0.3, True)
+    torch.library.opcheck(
+        op.ssa_backward, (*plain, idx, kpos, qpos, out, lse, torch.randn_like(out), 0.3, True)
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -358,7 +360,7 @@ def test_c_kernel_refuses_bad_views():
 
 def test_no_backend_lists_reasons():
     with pytest.raises(RuntimeError, match=r"cpu \(C\+\+\): needs CPU tensors.*\n.*cuda \(Triton\)"):
-        _backend.choose("subsampled_attention", op.FORWARD, torch.device("meta"))
+        _backend.choose("subsampled_attention", op.SSA_BACKENDS, torch.device("meta"))
 
 
 # ------------------------------------------------------------------ modules
@@ -437,8 +439,10 @@ def test_patch_bert_minilm():
 @pytest.fixture
 def triton_backend(monkeypatch):
     require_triton_runs()
-    monkeypatch.setattr(op, "FORWARD", (_backend.Backend("triton", lambda dev: None, op._triton_forward),))
-    monkeypatch.setattr(op, "BACKWARD", (_backend.Backend("triton", lambda dev: None, op._triton_backward),))
+    monkeypatch.setattr(op, "SSA_BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_ssa),))
+    monkeypatch.setattr(
+        op, "SSA_BACKWARD_BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_ssa_backward),)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
