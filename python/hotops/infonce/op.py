@@ -100,6 +100,16 @@ def run_panels(
         down = torch.empty_like(own) if own is not None else None
     buf = torch.empty(P, Na, dtype=q.dtype, device=q.device)
     blocks = [(d, 0, dd)] + ([(pool, Nd, dpool)] if pool is not None else [])
+    # bf16 on the CPU: torch's GEMMs with a narrow (D-column) output and a long reduction run at a
+    # third of the rate of the wide-output ones, so the two gradient GEMMs are computed transposed,
+    # dq^T = C^T G^T and dC^T = q^T G (D x P and D x Na outputs), and transposed back once
+    wide = want_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+    if wide:
+        cand_t = torch.empty(q.shape[1], Na, dtype=q.dtype, device=q.device)  # [d; pool]^T, D x Na
+        cand_t[:, :Nd].copy_(d.T)
+        if pool is not None:
+            cand_t[:, Nd:].copy_(pool.T)
+        acc_t = torch.empty(cand_t.shape, dtype=acc_dtype, device=q.device)
     for r0 in range(0, B, P):
         r1 = min(B, r0 + P)
         qp, S = q[r0:r1], buf[: r1 - r0]
@@ -122,7 +132,16 @@ def run_panels(
         )
         if not want_grad:
             continue
-        for i, (blk, c0, acc) in enumerate(blocks):
+        if wide:
+            dq[r0:r1].copy_(torch.mm(cand_t, S.T).T)
+            qp_t = qp.T.contiguous()
+            if r0 == 0 and acc_dtype == q.dtype:
+                torch.mm(qp_t, S, out=acc_t)
+            elif r0 == 0:
+                acc_t.copy_(torch.mm(qp_t, S))
+            else:
+                acc_t.add_(torch.mm(qp_t, S))
+        for i, (blk, c0, acc) in enumerate(blocks if not wide else ()):
             G = S[:, c0 : c0 + blk.shape[0]]
             if i == 0:
                 torch.mm(G, blk, out=dq[r0:r1])
@@ -139,6 +158,10 @@ def run_panels(
         if O is not None:
             dq[r0:r1] += torch.einsum("pk,pkd->pd", O, own[r0:r1])
             torch.mul(O[:, :, None], qp[:, None, :], out=down[r0:r1])
+    if wide:
+        dd.copy_(acc_t[:, :Nd].T)
+        if pool is not None:
+            dpool.copy_(acc_t[:, Nd:].T)
     if want_grad:
         dd = dd.to(d.dtype)
         dpool = dpool.to(pool.dtype) if pool is not None else None
@@ -345,7 +368,8 @@ def _backward(ctx, g_loss, _g_lse, *_unused):
         )
     if ctx.fused and ctx.owned_grads is not None:
         grads, ctx.owned_grads = ctx.owned_grads, None
-        grads = [t.mul_(g_loss.to(t.dtype)) for t in grads]
+        if g_loss.device.type != "cpu" or g_loss.item() != 1.0:  # 1: loss.backward(), no pass
+            grads = [t.mul_(g_loss.to(t.dtype)) for t in grads]
     elif ctx.fused:
         grads = [t * g_loss.to(t.dtype) for t in ctx.saved_tensors]
     else:
