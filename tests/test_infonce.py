@@ -159,10 +159,10 @@ def test_opcheck():
         (q, d, None, None, None, t.detach(), 0, 0.1, "none", False),
         (q, d, None, make(9, 8, "own", K=2)[2], torch.rand(11), t, 0, 0.0, "sum", True),
     ]:
-        torch.library.opcheck(op.info_nce_fwd, args)
+        torch.library.opcheck(op.info_nce, args)
     # the backward op is not itself differentiable (no double backward): check it on plain tensors
     plain = [x.detach() for x in (q, d, h, t)]
-    torch.library.opcheck(op.info_nce_bwd, (*plain[:3], None, None, plain[3], torch.rand(9), 0, 0.1))
+    torch.library.opcheck(op.info_nce_backward, (*plain[:3], None, None, plain[3], torch.rand(9), 0, 0.1))
 
 
 def test_torch_compile_fullgraph():
@@ -192,7 +192,14 @@ def test_torch_compile_inductor():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
     require_triton_runs()
-    monkeypatch.setattr(op, "BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_row_pass),))
+    monkeypatch.setattr(
+        op, "INFO_NCE_BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_info_nce),)
+    )
+    monkeypatch.setattr(
+        op,
+        "INFO_NCE_BACKWARD_BACKENDS",
+        (_backend.Backend("triton", lambda dev: None, op._triton_info_nce_backward),),
+    )
     monkeypatch.setitem(op.PANEL_BYTES, "cpu", 1)  # several panels
     monkeypatch.setattr(op, "MIN_PANEL_ROWS", 16)
     q, d, h = make(70, 12, hard, N=5, K=3, dtype=dtype)
@@ -248,7 +255,7 @@ def test_tensor_temperature_must_be_positive():
 
 def test_no_backend_lists_reasons():
     with pytest.raises(RuntimeError, match=r"cpu \(C\+\+\): needs CPU tensors.*\n.*cuda \(Triton\)"):
-        _backend.choose("info_nce", op.BACKENDS, torch.device("meta"))
+        _backend.choose("info_nce", op.INFO_NCE_BACKENDS, torch.device("meta"))
 
 
 def test_c_kernel_refuses_bad_views():

@@ -11,8 +11,15 @@
 #include <cstdlib>
 #include <new>
 
+#include "common/cpu_features.h"
 #include "common/parallel.h"
 #include "common/simd.h"
+#if defined(__AVX512F__)
+#include "attention/dot_bf16.h"
+#define HOTOPS_ATTN_BF16 1
+#else
+#define HOTOPS_ATTN_BF16 0
+#endif
 
 namespace hotops {
 namespace HOTOPS_ISA {
@@ -211,6 +218,14 @@ inline bool tile_dead(const Tile& t, bool causal, int64_t qmax) {
   return t.kmax < 0 || (causal && t.kmin > qmax);
 }
 
+// bf16 inputs with AMX-BF16 on: the tile products run on AMX tiles, their odd sizes on
+// vdpbf16ps where AVX512_BF16 is on (see dot_bf16.h). AVX512_BF16 alone does not pay where it
+// runs at the float32 FMA rate (Sapphire Rapids: vdpbf16ps issues on one port): float32 there.
+inline bool use_bf16_dot(DType t) {
+  return HOTOPS_ATTN_BF16 && t == DType::bf16 && feature_on(Feature::amx_bf16) &&
+         feature_on(Feature::avx512_bf16);
+}
+
 }  // namespace
 
 void ssa_forward(const SsaArgs& a) {
@@ -218,8 +233,12 @@ void ssa_forward(const SsaArgs& a) {
   const int64_t nqb = (g.Lq + TQ - 1) / TQ;
   const DType dt = a.q.dtype;
   const int64_t tasks = g.B * g.H * nqb;
+  const bool bf = use_bf16_dot(dt);  // Q unscaled in bf16, the scale applied to the scores
   parallel_claim(tasks, a.threads, [&](auto claim) {
     Scratch<float> qs(TQ * g.Dp), o(TQ * g.Dp), kbuf(TK * g.Dp), kt(g.Dp * TK), vp(TK * g.Dp), sb(TQ * TK);
+#if HOTOPS_ATTN_BF16
+    bf16dot::Tiles<TQ, TK> T(bf ? g.Dp : 0, bf);
+#endif
     float m[TQ], l[TQ];
     int64_t qp[TQ];
     float* orow[TQ];
@@ -230,7 +249,7 @@ void ssa_forward(const SsaArgs& a) {
       const int64_t mq = g.Lq - i0 < TQ ? g.Lq - i0 : TQ;
       int64_t qmin = INT64_MAX, qmax = INT64_MIN;
       for (int64_t i = 0; i < mq; ++i) {
-        load_f32(qs.p + i * g.Dp, row_of(a.q, g.esz, b, h, i0 + i), dt, g.D, a.scale);
+        load_f32(qs.p + i * g.Dp, row_of(a.q, g.esz, b, h, i0 + i), dt, g.D, bf ? 1.0f : a.scale);
         fill(o.p + i * g.Dp, g.Dp, 0.0f);
         orow[i] = o.p + i * g.Dp;
         m[i] = -INFINITY;
@@ -239,13 +258,21 @@ void ssa_forward(const SsaArgs& a) {
         qmin = qp[i] < qmin ? qp[i] : qmin;
         qmax = qp[i] > qmax ? qp[i] : qmax;
       }
+#if HOTOPS_ATTN_BF16
+      if (bf) T.rows(qs.p, mq, T.a_rows.p);
+#endif
       for (int64_t s0 = 0; s0 < g.S; s0 += TK) {
         tile_positions(a, b, hi, s0, g.S, tile);
         if (tile_dead(tile, a.causal, qmax)) continue;
         gather_rows(a.k, g, b, hk, tile, kbuf.p);
-        transpose_tile(kbuf.p, g.Dp, kt.p);
         gather_rows(a.v, g, b, hk, tile, vp.p);
-        abt(mq, qs.p, g.Dp, kt.p, sb.p, g.D);
+#if HOTOPS_ATTN_BF16
+        if (bf) T.scores(mq, T.a_rows.p, kbuf.p, T.kt.p, sb.p, a.scale);
+#endif
+        if (!bf) {
+          transpose_tile(kbuf.p, g.Dp, kt.p);
+          abt(mq, qs.p, g.Dp, kt.p, sb.p, g.D);
+        }
         if (needs_mask(tile, a.causal, qmin)) mask_block(sb.p, mq, tile, a.causal, qp, -INFINITY);
         for (int64_t i = 0; i < mq; ++i) {  // online softmax: rescale the running row, add the tile
           float* srow = sb.p + i * TK;
@@ -277,7 +304,10 @@ void ssa_forward(const SsaArgs& a) {
           l[i] = l[i] * alpha + vsum.sum();
           m[i] = mnew;
         }
-        ab(mq, tile.cnt, sb.p, TK, 1, vp.p, g.Dp, orow);
+#if HOTOPS_ATTN_BF16
+        if (bf) T.times_tile(mq, sb.p, vp.p, T.vp.p, orow);
+#endif
+        if (!bf) ab(mq, tile.cnt, sb.p, TK, 1, vp.p, g.Dp, orow);
       }
       float* lse = a.lse.ptr<float>() + (b * g.H + h) * g.Lq + i0;
       for (int64_t i = 0; i < mq; ++i) {
@@ -294,10 +324,14 @@ void ssa_backward(const SsaArgs& a) {
   const Geometry g(a);
   const DType dt = a.q.dtype;
   const int64_t tasks = g.B * g.Hkv;
+  const bool bf = use_bf16_dot(dt);  // Q unscaled in bf16: the scale goes to the scores and dK
   parallel_claim(tasks, a.threads, [&](auto claim) {
     Scratch<float> dk(g.Lk * g.Dp), dv(g.Lk * g.Dp);
     Scratch<float> qs(TQ * g.Dp), dob(TQ * g.Dp), dqb(TQ * g.Dp), tmp(g.Dp);
     Scratch<float> kbuf(TK * g.Dp), kt(g.Dp * TK), vbuf(TK * g.Dp), vt(g.Dp * TK), pb(TQ * TK), ds(TQ * TK);
+#if HOTOPS_ATTN_BF16
+    bf16dot::Tiles<TQ, TK> T(bf ? g.Dp : 0, bf);
+#endif
     float lse[TQ], di[TQ];
     int64_t qp[TQ];
     float* dqrow[TQ];
@@ -317,7 +351,7 @@ void ssa_backward(const SsaArgs& a) {
           for (int64_t i = 0; i < mq; ++i) {
             float* q_i = qs.p + i * g.Dp;
             float* do_i = dob.p + i * g.Dp;
-            load_f32(q_i, row_of(a.q, g.esz, b, h, i0 + i), dt, g.D, a.scale);
+            load_f32(q_i, row_of(a.q, g.esz, b, h, i0 + i), dt, g.D, bf ? 1.0f : a.scale);
             load_f32(do_i, row_of(a.dout, g.esz, b, h, i0 + i), dt, g.D);
             load_f32(tmp.p, row_of(a.out, g.esz, b, h, i0 + i), dt, g.D);
             VecF acc = VecF::set1(0.0f);  // D_i = dO_i · O_i, the softmax backward's row term
@@ -331,14 +365,31 @@ void ssa_backward(const SsaArgs& a) {
             qmin = qp[i] < qmin ? qp[i] : qmin;
             qmax = qp[i] > qmax ? qp[i] : qmax;
           }
+#if HOTOPS_ATTN_BF16
+          if (bf) {  // Q and dO as bf16 rows (reduction over d) and row pairs (over queries)
+            if (mq % 2) {
+              fill(qs.p + mq * g.Dp, g.Dp, 0.0f);
+              fill(dob.p + mq * g.Dp, g.Dp, 0.0f);
+            }
+            T.rows(qs.p, mq, T.a_rows.p);
+            T.rows(dob.p, mq, T.b_rows.p);
+            T.block_pairs(qs.p, mq, T.a_pairs.p);
+            T.block_pairs(dob.p, mq, T.b_pairs.p);
+          }
+#endif
           for (int64_t s0 = 0; s0 < g.S; s0 += TK) {
             tile_positions(a, b, hi, s0, g.S, tile);
             if (tile_dead(tile, a.causal, qmax)) continue;
             gather_rows(a.k, g, b, hk, tile, kbuf.p);
-            transpose_tile(kbuf.p, g.Dp, kt.p);
             gather_rows(a.v, g, b, hk, tile, vbuf.p);
-            transpose_tile(vbuf.p, g.Dp, vt.p);
-            abt(mq, qs.p, g.Dp, kt.p, pb.p, g.D);
+#if HOTOPS_ATTN_BF16
+            if (bf) T.scores(mq, T.a_rows.p, kbuf.p, T.kt.p, pb.p, a.scale);
+#endif
+            if (!bf) {
+              transpose_tile(kbuf.p, g.Dp, kt.p);
+              transpose_tile(vbuf.p, g.Dp, vt.p);
+              abt(mq, qs.p, g.Dp, kt.p, pb.p, g.D);
+            }
             for (int64_t i = 0; i < mq; ++i) {  // P = exp(S - lse); rows that saw nothing stay 0
               float* prow = pb.p + i * TK;
               if (lse[i] == -INFINITY) {
@@ -349,8 +400,11 @@ void ssa_backward(const SsaArgs& a) {
               for (int s = 0; s < TK; s += W) exp(VecF::load(prow + s) - vl).store(prow + s);
             }
             if (needs_mask(tile, a.causal, qmin)) mask_block(pb.p, mq, tile, a.causal, qp, 0.0f);
-            abt(mq, dob.p, g.Dp, vt.p, ds.p, g.D);  // dP = dO V^T
-            for (int64_t i = 0; i < mq; ++i) {      // dS = P (dP - D_i)
+#if HOTOPS_ATTN_BF16
+            if (bf) T.scores(mq, T.b_rows.p, vbuf.p, T.vt.p, ds.p, 1.0f);
+#endif
+            if (!bf) abt(mq, dob.p, g.Dp, vt.p, ds.p, g.D);  // dP = dO V^T
+            for (int64_t i = 0; i < mq; ++i) {               // dS = P (dP - D_i)
               const VecF vd = VecF::set1(di[i]);
               float* srow = ds.p + i * TK;
               const float* prow = pb.p + i * TK;
@@ -361,16 +415,25 @@ void ssa_backward(const SsaArgs& a) {
               dkrow[s] = dk.p + tile.row[s] * g.Dp;
               dvrow[s] = dv.p + tile.row[s] * g.Dp;
             }
-            ab(tile.cnt, mq, pb.p, 1, TK, dob.p, g.Dp, dvrow);   // dV[idx] += P^T dO
-            ab(tile.cnt, mq, ds.p, 1, TK, qs.p, g.Dp, dkrow);    // dK[idx] += dS^T (scale Q)
-            ab(mq, tile.cnt, ds.p, TK, 1, kbuf.p, g.Dp, dqrow);  // dQ += dS K
+#if HOTOPS_ATTN_BF16
+            if (bf) {
+              T.transposed_times(tile.cnt, mq, pb.p, T.b_pairs.p, dvrow);
+              T.transposed_times(tile.cnt, mq, ds.p, T.a_pairs.p, dkrow);
+              T.times_tile(mq, ds.p, kbuf.p, T.kp.p, dqrow);
+            }
+#endif
+            if (!bf) {
+              ab(tile.cnt, mq, pb.p, 1, TK, dob.p, g.Dp, dvrow);   // dV[idx] += P^T dO
+              ab(tile.cnt, mq, ds.p, 1, TK, qs.p, g.Dp, dkrow);    // dK[idx] += dS^T (scale Q)
+              ab(mq, tile.cnt, ds.p, TK, 1, kbuf.p, g.Dp, dqrow);  // dQ += dS K
+            }
           }
           for (int64_t i = 0; i < mq; ++i)
             store_out(row_of(a.dq, g.esz, b, h, i0 + i), dt, dqrow[i], g.D, a.scale);
         }
       }
       for (int64_t r = 0; r < g.Lk; ++r) {
-        store_out(row_of(a.dk, g.esz, b, hk, r), dt, dk.p + r * g.Dp, g.D, 1.0f);
+        store_out(row_of(a.dk, g.esz, b, hk, r), dt, dk.p + r * g.Dp, g.D, bf ? a.scale : 1.0f);
         store_out(row_of(a.dv, g.esz, b, hk, r), dt, dv.p + r * g.Dp, g.D, 1.0f);
       }
     }

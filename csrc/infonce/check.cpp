@@ -33,8 +33,6 @@ void check(const InfoNceRows& a) {
   }
   HOTOPS_CHECK(a.pos_col >= 0 && a.pos_col + P <= Na, "positive columns [", a.pos_col, ", ", a.pos_col + P,
                ") fall outside the ", Na, " shared candidate columns");
-  HOTOPS_CHECK(a.inv_t > 0.0f, "inverse temperature must be positive");
-  HOTOPS_CHECK(a.smoothing >= 0.0f && a.smoothing <= 1.0f, "label_smoothing must lie in [0, 1]");
 }
 
 }  // namespace hotops

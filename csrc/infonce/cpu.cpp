@@ -19,7 +19,8 @@ struct Segment {
   void* row;
   DType dtype;
   int64_t n;
-  const float* w;  // weights for these columns, or nullptr
+  const float* w;   // weights for these columns, or nullptr
+  int64_t col = 0;  // the segment's first column in the row's Na + K candidate columns
 };
 
 template <typename F>
@@ -48,7 +49,7 @@ inline VecF weighted(VecF e, VecF l, const float* w, int64_t j, int64_t n) {
 // Columns [j0, j1) of a segment, as a segment of their own.
 inline Segment slice(const Segment& seg, int64_t j0, int64_t j1) {
   return {static_cast<char*>(seg.row) + j0 * dtype_size(seg.dtype), seg.dtype, j1 - j0,
-          seg.w ? seg.w + j0 : nullptr};
+          seg.w ? seg.w + j0 : nullptr, seg.col + j0};
 }
 
 }  // namespace
@@ -62,12 +63,14 @@ void infonce_rows(const InfoNceRows& a) {
   const int esz_s = dtype_size(a.shared.dtype), esz_o = a.own.present ? dtype_size(a.own.dtype) : 0;
 
   parallel_for(P, 1, a.threads, [&](int64_t r0, int64_t r1) {
+    // 16-bit rows keep e in float32 here between sweeps 2 and 3 (fp32 rows keep it in place)
+    Scratch<float> e_buf(a.want_grad && a.shared.dtype != DType::f32 ? Na + K : 0);
     const VecF vinv_t = VecF::set1(inv_t), neg_inf = VecF::set1(-INFINITY);
     for (int64_t r = r0; r < r1; ++r) {
       Segment segs[2] = {
           {static_cast<char*>(a.shared.data) + r * a.shared.stride(0) * esz_s, a.shared.dtype, Na, weight},
           {a.own.present ? static_cast<char*>(a.own.data) + r * a.own.stride(0) * esz_o : nullptr,
-           a.own.dtype, K, weight ? weight + Na : nullptr}};
+           a.own.dtype, K, weight ? weight + Na : nullptr, Na}};
       const int nseg = K > 0 ? 2 : 1;
       const int64_t pos = a.pos_col + r;
       const float l_pos = scalar_at(segs[0], pos) * inv_t;
@@ -93,7 +96,7 @@ void infonce_rows(const InfoNceRows& a) {
       // (weight 1 whatever neg_weight says) is left out of the sweep and added alone: adding
       // w e and then (1 - w) e loses e_pos to rounding once w is large.
       const VecF vm = VecF::set1(m);
-      const bool keep_e = a.want_grad;  // fp32 rows store e in place for sweep 3
+      const bool keep_e = a.want_grad;  // e is kept for sweep 3: in place (fp32) or in e_buf
       VecF vs = VecF::set1(0.0f), vel = VecF::set1(0.0f);
       Segment parts[3] = {segs[0], segs[1], {}};
       int nparts = nseg;
@@ -110,8 +113,10 @@ void infonce_rows(const InfoNceRows& a) {
           vs = vs + e;
           vel = VecF::fma(e, VecF::select_lt(VecF::set1(-INFINITY), l, l, VecF::set1(0.0f)), vel);
           if (keep_e && sg.dtype == DType::f32) store_row(sg.row, DType::f32, j, e, n);
+          if (keep_e && sg.dtype != DType::f32) store_row(e_buf.p + sg.col, DType::f32, j, e, n);
         });
       }
+      if (keep_e && weight && segs[0].dtype != DType::f32) e_buf.p[pos] = 0.0f;  // (set below)
       const float e_pos = std::exp(l_pos - m);
       const float s_sum = weight ? vs.sum() + e_pos : vs.sum();
       const float el = weight ? vel.sum() + (l_pos > -INFINITY ? e_pos * l_pos : 0.0f) : vel.sum();
@@ -128,13 +133,8 @@ void infonce_rows(const InfoNceRows& a) {
       for (int s = 0; s < nseg; ++s) {
         const Segment& sg = segs[s];
         sweep(sg, [&](int64_t j, int64_t n) {
-          VecF e;
-          if (sg.dtype == DType::f32) {
-            e = load_row(sg.row, DType::f32, j, n);
-          } else {
-            const VecF l = load_row(sg.row, sg.dtype, j, n) * vinv_t;
-            e = weighted(exp(l - vm), l, sg.w, j, n);
-          }
+          const VecF e = sg.dtype == DType::f32 ? load_row(sg.row, DType::f32, j, n)
+                                                : load_row(e_buf.p + sg.col, DType::f32, j, n);
           store_row(sg.row, sg.dtype, j, (e * vinv_s - vsmooth) * vscale, n);
         });
       }

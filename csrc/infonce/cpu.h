@@ -21,7 +21,9 @@ struct InfoNceRows {
   int threads = 1;
 };
 
-void check(const InfoNceRows& a);  // validates shapes and dtypes; throws hotops::Error
+// Validates what memory safety needs (views, shapes, dtypes, the positive columns); the values of
+// temperature and label_smoothing are checked once, by hotops.info_nce. Throws hotops::Error.
+void check(const InfoNceRows& a);
 
 HOTOPS_FOR_EACH_ISA(void infonce_rows(const InfoNceRows& a);)
 

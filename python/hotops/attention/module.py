@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-import hotops.attention as _ssa
 from hotops import _backend
+from hotops.attention.functional import subsampled_attention
+from hotops.attention.sampling import MODES
 
 
 class SubsampledSelfAttention(nn.Module):
@@ -60,8 +61,8 @@ class SubsampledSelfAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if not isinstance(mode, str) or mode not in _ssa.sampling.MODES:
-            raise ValueError(f"mode must be one of {_ssa.sampling.MODES}, got {mode!r}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, flag in (("causal", causal), ("bias", bias)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
@@ -118,11 +119,9 @@ def ssa_or_full(q, k, v, training, keep, mode, ensemble, causal, key_padding_mas
     """Subsampled attention in training; full attention or the ensemble average in eval."""
     kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if not training and ensemble == 1:
-        return _ssa.subsampled_attention(q, k, v, 1.0, **kw)
+        return subsampled_attention(q, k, v, 1.0, **kw)
     runs = 1 if training else ensemble
-    out = sum(
-        _ssa.subsampled_attention(q, k, v, keep, mode=mode, generator=generator, **kw) for _ in range(runs)
-    )
+    out = sum(subsampled_attention(q, k, v, keep, mode=mode, generator=generator, **kw) for _ in range(runs))
     return out / runs if runs > 1 else out
 
 
@@ -199,8 +198,8 @@ def patch_bert(
     ensemble = _backend.check_number(ensemble, "ensemble", integer=True, low=1)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if not isinstance(mode, str) or mode not in _ssa.sampling.MODES:
-        raise ValueError(f"mode must be one of {_ssa.sampling.MODES}, got {mode!r}")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     from transformers.models.bert.modeling_bert import BertSelfAttention
 
     patched = 0

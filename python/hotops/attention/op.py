@@ -1,6 +1,6 @@
 """torch.library registration of subsampled attention: schema, fake impl, autograd, kernels.
 
-``hotops::ssa_fwd`` returns (out, lse); ``hotops::ssa_bwd`` recomputes the scores tile by tile
+``hotops::ssa`` returns (out, lse); ``hotops::ssa_backward`` recomputes the scores tile by tile
 from q, k, v, out and lse and returns (dq, dk, dv), dk/dv scattered back to the original key rows.
 The sampled subset travels as ``idx`` (and optional positions), so forward and backward see
 exactly the same keys.
@@ -14,23 +14,37 @@ from torch import Tensor
 from hotops import _backend
 
 
-def _cpu_forward(q, k, v, idx, kpos, qpos, out, lse, scale, causal):
+def _views(*ts):
+    return [_backend.cpu_view(t) if t is not None else None for t in ts]
+
+
+def _forward_outputs(q):
+    B, H, Lq, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return out, torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+
+
+def _backward_outputs(q, k, v):
+    return (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _cpu_ssa(q, k, v, idx, kpos, qpos, scale, causal):
+    out, lse = _forward_outputs(q)
     _backend.ext().ssa_forward(
-        q, k, v, idx, kpos, qpos, out, lse, scale=scale, causal=causal, threads=_backend.num_threads()
-    )
-
-
-def _cpu_backward(q, k, v, idx, kpos, qpos, out, lse, dout, dq, dk, dv, scale, causal):
-    _backend.ext().ssa_backward(
-        q,
-        k,
-        v,
-        idx,
-        kpos,
-        qpos,
+        *_views(q, k, v, idx, kpos, qpos),
         out,
         lse,
-        dout,
+        scale=scale,
+        causal=causal,
+        threads=_backend.num_threads(),
+    )
+    return out, lse
+
+
+def _cpu_ssa_backward(q, k, v, idx, kpos, qpos, out, lse, dout, scale, causal):
+    dq, dk, dv = _backward_outputs(q, k, v)
+    _backend.ext().ssa_backward(
+        *_views(q, k, v, idx, kpos, qpos, out, lse.contiguous(), dout),
         dq,
         dk,
         dv,
@@ -38,36 +52,37 @@ def _cpu_backward(q, k, v, idx, kpos, qpos, out, lse, dout, dq, dk, dv, scale, c
         causal=causal,
         threads=_backend.num_threads(),
     )
+    return dq, dk, dv
 
 
-def _triton_forward(*args):
+def _triton_ssa(q, k, v, idx, kpos, qpos, scale, causal):
     from hotops.attention.triton import forward
 
-    forward(*args)
+    out, lse = _forward_outputs(q)
+    forward(*_views(q, k, v, idx, kpos, qpos), out, lse, scale, causal)
+    return out, lse
 
 
-def _triton_backward(*args):
+def _triton_ssa_backward(q, k, v, idx, kpos, qpos, out, lse, dout, scale, causal):
     from hotops.attention.triton import backward
 
-    backward(*args)
+    dq, dk, dv = _backward_outputs(q, k, v)
+    backward(*_views(q, k, v, idx, kpos, qpos, out, lse.contiguous(), dout), dq, dk, dv, scale, causal)
+    return dq, dk, dv
 
 
-FORWARD = (
-    _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_forward),
-    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_forward),
+SSA_BACKENDS = (
+    _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_ssa),
+    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_ssa),
 )
-BACKWARD = (
-    _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_backward),
-    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_backward),
+SSA_BACKWARD_BACKENDS = (
+    _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_ssa_backward),
+    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_ssa_backward),
 )
 
 
-def _views(*ts):
-    return [_backend.cpu_view(t) if t is not None else None for t in ts]
-
-
-@torch.library.custom_op("hotops::ssa_fwd", mutates_args=())
-def ssa_fwd(
+@torch.library.custom_op("hotops::ssa", mutates_args=())
+def ssa(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -78,22 +93,18 @@ def ssa_fwd(
     causal: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Attention of every query of head h over the keys idx[b, h or h // group]; (out, lse)."""
-    run = _backend.choose("subsampled_attention", FORWARD, q.device).run
-    B, H, Lq, _ = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    run(*_views(q, k, v, idx, kpos, qpos), out, lse, float(scale), bool(causal))
-    return out, lse
+    run = _backend.choose("subsampled_attention", SSA_BACKENDS, q.device).run
+    return run(q, k, v, idx, kpos, qpos, float(scale), bool(causal))
 
 
-@ssa_fwd.register_fake
+@ssa.register_fake
 def _(q, k, v, idx, kpos, qpos, scale, causal):
     B, H, Lq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("hotops::ssa_bwd", mutates_args=())
-def ssa_bwd(
+@torch.library.custom_op("hotops::ssa_backward", mutates_args=())
+def ssa_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -106,17 +117,12 @@ def ssa_bwd(
     scale: float,
     causal: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    run = _backend.choose("subsampled_attention", BACKWARD, q.device).run
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    run(
-        *_views(q, k, v, idx, kpos, qpos, out, lse.contiguous(), dout), dq, dk, dv, float(scale), bool(causal)
-    )
-    return dq, dk, dv
+    """(dq, dk, dv): the scores recomputed tile by tile from q, k, v, out and lse."""
+    run = _backend.choose("subsampled_attention", SSA_BACKWARD_BACKENDS, q.device).run
+    return run(q, k, v, idx, kpos, qpos, out, lse, dout, float(scale), bool(causal))
 
 
-@ssa_bwd.register_fake
+@ssa_backward.register_fake
 def _(q, k, v, idx, kpos, qpos, out, lse, dout, scale, causal):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -132,11 +138,11 @@ def _backward(ctx, dout, _dlse):
     q, k, v, idx, kpos, qpos, out, lse = ctx.saved_tensors
     if dout is None:
         return (None,) * 8
-    dq, dk, dv = ssa_bwd(q, k, v, idx, kpos, qpos, out, lse, dout, ctx.scale, ctx.causal)
+    dq, dk, dv = ssa_backward(q, k, v, idx, kpos, qpos, out, lse, dout, ctx.scale, ctx.causal)
     return dq, dk, dv, None, None, None, None, None
 
 
-ssa_fwd.register_autograd(_backward, setup_context=_setup_context)
+ssa.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _no_second_order(ctx, *grads):
@@ -147,4 +153,4 @@ def _no_second_order(ctx, *grads):
     )
 
 
-ssa_bwd.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)
+ssa_backward.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)

@@ -8,6 +8,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from hotops import _backend
+from hotops.infonce.functional import info_nce
+
 
 class InfoNCELoss(nn.Module):
     """InfoNCE with in-batch and hard negatives.
@@ -32,8 +35,6 @@ class InfoNCELoss(nn.Module):
         reduction: str = "mean",
     ):
         super().__init__()
-        from hotops import _backend
-
         temperature = _backend.check_number(temperature, "temperature", low=0.0, low_open=True)
         min_temperature = _backend.check_number(
             min_temperature, "min_temperature", low=0.0, low_open=True, high=1.0
@@ -61,8 +62,6 @@ class InfoNCELoss(nn.Module):
     def forward(
         self, q: Tensor, d: Tensor, hard: Optional[Tensor] = None, neg_weight: Optional[Tensor] = None
     ) -> Tensor:
-        from hotops.infonce import info_nce
-
         pos_offset = 0
         if self.gather and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank = torch.distributed.get_rank()

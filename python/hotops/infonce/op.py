@@ -42,9 +42,6 @@ def panel_rows(B: int, Na: int, dtype: torch.dtype, device: torch.device) -> int
 def _cpu_row_pass(
     shared, own, weight, row_scale, loss, lse, tdot, pos_col, temperature, smoothing, grad_scale, want_grad
 ):
-    t = float(temperature)
-    if not t > 0:
-        raise ValueError(f"temperature must be positive, got {t}")
     _backend.ext().infonce_rows(
         shared,
         own,
@@ -54,7 +51,7 @@ def _cpu_row_pass(
         lse,
         tdot,
         pos_col=pos_col,
-        inv_t=1.0 / t,
+        inv_t=1.0 / float(temperature),
         smoothing=smoothing,
         grad_scale=grad_scale,
         want_grad=want_grad,
@@ -68,13 +65,8 @@ def _triton_row_pass(*args, **kwargs):
     row_pass(*args, **kwargs)
 
 
-BACKENDS = (
-    _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_row_pass),
-    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_row_pass),
-)
-
-
 def run_panels(
+    row_pass,
     q: Tensor,
     d: Tensor,
     pool: Optional[Tensor],
@@ -87,8 +79,8 @@ def run_panels(
     row_scale: Optional[Tensor],
     want_grad: bool,
 ):
-    """The fused loop. Returns per-row loss, lse, tdot and (if want_grad) dq, dd, dpool, down."""
-    row_pass = _backend.choose("info_nce", BACKENDS, q.device).run
+    """The fused loop around row_pass (the device's row kernel). Returns per-row loss, lse, tdot
+    and (if want_grad) dq, dd, dpool, down."""
     q, d = _backend.cpu_view(q), _backend.cpu_view(d)
     pool = _backend.cpu_view(pool) if pool is not None else None
     own = own.detach() if own is not None else None
@@ -108,6 +100,16 @@ def run_panels(
         down = torch.empty_like(own) if own is not None else None
     buf = torch.empty(P, Na, dtype=q.dtype, device=q.device)
     blocks = [(d, 0, dd)] + ([(pool, Nd, dpool)] if pool is not None else [])
+    # bf16 on the CPU: torch's GEMMs with a narrow (D-column) output and a long reduction run at a
+    # third of the rate of the wide-output ones, so the two gradient GEMMs are computed transposed,
+    # dq^T = C^T G^T and dC^T = q^T G (D x P and D x Na outputs), and transposed back once
+    wide = want_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+    if wide:
+        cand_t = torch.empty(q.shape[1], Na, dtype=q.dtype, device=q.device)  # [d; pool]^T, D x Na
+        cand_t[:, :Nd].copy_(d.T)
+        if pool is not None:
+            cand_t[:, Nd:].copy_(pool.T)
+        acc_t = torch.empty(cand_t.shape, dtype=acc_dtype, device=q.device)
     for r0 in range(0, B, P):
         r1 = min(B, r0 + P)
         qp, S = q[r0:r1], buf[: r1 - r0]
@@ -130,7 +132,16 @@ def run_panels(
         )
         if not want_grad:
             continue
-        for i, (blk, c0, acc) in enumerate(blocks):
+        if wide:
+            dq[r0:r1].copy_(torch.mm(cand_t, S.T).T)
+            qp_t = qp.T.contiguous()
+            if r0 == 0 and acc_dtype == q.dtype:
+                torch.mm(qp_t, S, out=acc_t)
+            elif r0 == 0:
+                acc_t.copy_(torch.mm(qp_t, S))
+            else:
+                acc_t.add_(torch.mm(qp_t, S))
+        for i, (blk, c0, acc) in enumerate(blocks if not wide else ()):
             G = S[:, c0 : c0 + blk.shape[0]]
             if i == 0:
                 torch.mm(G, blk, out=dq[r0:r1])
@@ -147,6 +158,10 @@ def run_panels(
         if O is not None:
             dq[r0:r1] += torch.einsum("pk,pkd->pd", O, own[r0:r1])
             torch.mul(O[:, :, None], qp[:, None, :], out=down[r0:r1])
+    if wide:
+        dd.copy_(acc_t[:, :Nd].T)
+        if pool is not None:
+            dpool.copy_(acc_t[:, Nd:].T)
     if want_grad:
         dd = dd.to(d.dtype)
         dpool = dpool.to(pool.dtype) if pool is not None else None
@@ -162,26 +177,16 @@ def _temperature_grad(tdot: Tensor, temperature: Tensor, scale) -> Tensor:
     return (-(tdot * scale).sum() / temperature.float()).to(temperature.dtype)
 
 
-@torch.library.custom_op("hotops::info_nce_fwd", mutates_args=())
-def info_nce_fwd(
-    q: Tensor,
-    d: Tensor,
-    pool: Optional[Tensor],
-    own: Optional[Tensor],
-    neg_weight: Optional[Tensor],
-    temperature: Tensor,
-    pos_offset: int,
-    smoothing: float,
-    reduction: str,
-    need_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _info_nce(
+    row_pass, q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, reduction, need_grad
+):
     """Returns (loss, lse, dq, dd, dpool, down, dtemperature); the gradients are those of the
     reduced loss (empty when need_grad is False or reduction is "none")."""
     B = q.shape[0]
     want_grad = need_grad and reduction != "none"
     scale = 1.0 / B if reduction == "mean" else 1.0
     loss, lse, tdot, dq, dd, dpool, down = run_panels(
-        q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, scale, None, want_grad
+        row_pass, q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, scale, None, want_grad
     )
     out = {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
     if not want_grad:
@@ -197,7 +202,67 @@ def info_nce_fwd(
     )
 
 
-@info_nce_fwd.register_fake
+def _info_nce_backward(row_pass, q, d, pool, own, neg_weight, temperature, grad_rows, pos_offset, smoothing):
+    """Gradients of sum_i grad_rows[i] * loss_i, recomputing the logits panel by panel."""
+    g = grad_rows.float().contiguous()
+    _, _, tdot, dq, dd, dpool, down = run_panels(
+        row_pass, q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, 1.0, g, True
+    )
+    return (
+        dq,
+        dd,
+        dpool if dpool is not None else _empty(d),
+        down if down is not None else _empty(q),
+        _temperature_grad(tdot, temperature, g),
+    )
+
+
+def _cpu_info_nce(*args):
+    return _info_nce(_cpu_row_pass, *args)
+
+
+def _cpu_info_nce_backward(*args):
+    return _info_nce_backward(_cpu_row_pass, *args)
+
+
+def _triton_info_nce(*args):
+    return _info_nce(_triton_row_pass, *args)
+
+
+def _triton_info_nce_backward(*args):
+    return _info_nce_backward(_triton_row_pass, *args)
+
+
+INFO_NCE_BACKENDS = (
+    _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_info_nce),
+    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_info_nce),
+)
+INFO_NCE_BACKWARD_BACKENDS = (
+    _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_info_nce_backward),
+    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_info_nce_backward),
+)
+
+
+@torch.library.custom_op("hotops::info_nce", mutates_args=())
+def info_nce(
+    q: Tensor,
+    d: Tensor,
+    pool: Optional[Tensor],
+    own: Optional[Tensor],
+    neg_weight: Optional[Tensor],
+    temperature: Tensor,
+    pos_offset: int,
+    smoothing: float,
+    reduction: str,
+    need_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, lse, dq, dd, dpool, down, dtemperature); the gradients are those of the
+    reduced loss (empty when need_grad is False or reduction is "none")."""
+    run = _backend.choose("info_nce", INFO_NCE_BACKENDS, q.device).run
+    return run(q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, reduction, need_grad)
+
+
+@info_nce.register_fake
 def _(q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, reduction, need_grad):
     B = q.shape[0]
     loss = q.new_empty((B,) if reduction == "none" else (), dtype=torch.float32)
@@ -215,8 +280,8 @@ def _(q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, reduction
     )
 
 
-@torch.library.custom_op("hotops::info_nce_bwd", mutates_args=())
-def info_nce_bwd(
+@torch.library.custom_op("hotops::info_nce_backward", mutates_args=())
+def info_nce_backward(
     q: Tensor,
     d: Tensor,
     pool: Optional[Tensor],
@@ -228,20 +293,11 @@ def info_nce_bwd(
     smoothing: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_rows[i] * loss_i, recomputing the logits panel by panel."""
-    g = grad_rows.float().contiguous()
-    _, _, tdot, dq, dd, dpool, down = run_panels(
-        q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, 1.0, g, True
-    )
-    return (
-        dq,
-        dd,
-        dpool if dpool is not None else _empty(d),
-        down if down is not None else _empty(q),
-        _temperature_grad(tdot, temperature, g),
-    )
+    run = _backend.choose("info_nce", INFO_NCE_BACKWARD_BACKENDS, q.device).run
+    return run(q, d, pool, own, neg_weight, temperature, grad_rows, pos_offset, smoothing)
 
 
-@info_nce_bwd.register_fake
+@info_nce_backward.register_fake
 def _(q, d, pool, own, neg_weight, temperature, grad_rows, pos_offset, smoothing):
     return (
         torch.empty_like(q),
@@ -266,7 +322,7 @@ def _setup_context(ctx, inputs, output):
     grads = output[2:]
     ctx.owned_grads = None
     # the inputs themselves (references, no copies) for a backward with create_graph=True,
-    # which recomputes through info_nce_bwd so that the first gradient carries a graph
+    # which recomputes through info_nce_backward so that the first gradient carries a graph
     ctx.inputs = (q, d, pool, own, neg_weight, temperature) if ctx.fused and _is_eager(grads) else None
     if ctx.fused and _is_eager(grads):
         # In eager mode the gradients computed by the forward are handed to backward as sole
@@ -285,12 +341,12 @@ def _backward(ctx, g_loss, _g_lse, *_unused):
         return (None,) * 10
     if ctx.fused and torch.is_grad_enabled() and ctx.inputs is not None:
         # create_graph=True: the fused gradients were computed without a graph; recompute them
-        # through info_nce_bwd, whose own backward says that there is no second derivative
+        # through info_nce_backward, whose own backward says that there is no second derivative
         ctx.owned_grads = None
         q, d, pool, own, neg_weight, temperature = ctx.inputs
         B = q.shape[0]
         g_rows = g_loss.expand(B) / B if ctx.reduction == "mean" else g_loss.expand(B)
-        dq, dd, dpool, down, dtemp = info_nce_bwd(
+        dq, dd, dpool, down, dtemp = info_nce_backward(
             q, d, pool, own, neg_weight, temperature, g_rows, ctx.pos_offset, ctx.smoothing
         )
         return (
@@ -312,7 +368,8 @@ def _backward(ctx, g_loss, _g_lse, *_unused):
         )
     if ctx.fused and ctx.owned_grads is not None:
         grads, ctx.owned_grads = ctx.owned_grads, None
-        grads = [t.mul_(g_loss.to(t.dtype)) for t in grads]
+        if g_loss.device.type != "cpu" or g_loss.item() != 1.0:  # 1: loss.backward(), no pass
+            grads = [t.mul_(g_loss.to(t.dtype)) for t in grads]
     elif ctx.fused:
         grads = [t * g_loss.to(t.dtype) for t in ctx.saved_tensors]
     else:
@@ -320,7 +377,7 @@ def _backward(ctx, g_loss, _g_lse, *_unused):
         B = q.shape[0]
         g_rows = {"none": g_loss, "mean": g_loss.expand(B) / B, "sum": g_loss.expand(B)}[ctx.reduction]
         grads = list(
-            info_nce_bwd(q, d, pool, own, neg_weight, temperature, g_rows, ctx.pos_offset, ctx.smoothing)
+            info_nce_backward(q, d, pool, own, neg_weight, temperature, g_rows, ctx.pos_offset, ctx.smoothing)
         )
     dq, dd, dpool, down, dtemp = grads
     return (
@@ -337,7 +394,7 @@ def _backward(ctx, g_loss, _g_lse, *_unused):
     )
 
 
-info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
+info_nce.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _no_second_order(ctx, *grads):
@@ -348,4 +405,4 @@ def _no_second_order(ctx, *grads):
     )
 
 
-info_nce_bwd.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)
+info_nce_backward.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,125 @@
+"""`info_nce`: validation of every argument, then the call of ``hotops::info_nce``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from hotops import _backend
+from hotops.infonce import op as _op
+
+_REDUCTIONS = ("none", "mean", "sum")
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _temperature(temperature, device: torch.device) -> Tensor:
+    """temperature as a 0-d float tensor on `device`: a positive finite number, NumPy scalar or
+    one-element floating tensor (a tensor keeps its autograd graph)."""
+    if isinstance(temperature, Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(
+                f"temperature must be a number or a 0-d tensor, got shape {tuple(temperature.shape)}"
+            )
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
+        temperature = temperature.reshape(()).to(device)
+        if not torch.compiler.is_compiling():
+            value = temperature.detach().item()
+            if not (0 < value < math.inf):
+                raise ValueError(f"temperature must be positive and finite, got {value}")
+        return temperature
+    value = _backend.check_number(temperature, "temperature", low=0.0, low_open=True)
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def info_nce(
+    q: Tensor,
+    d: Tensor,
+    hard: Optional[Tensor] = None,
+    *,
+    temperature: Union[float, Tensor] = 0.05,
+    label_smoothing: float = 0.0,
+    neg_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    pos_offset: int = 0,
+) -> Tensor:
+    """InfoNCE / contrastive cross-entropy without materialising the B × N logits.
+
+    Args:
+        q: (B, D) queries.
+        d: (Bd, D) candidates; query i's positive is ``d[pos_offset + i]`` and every other row is
+            an in-batch negative (Bd = B unless candidates were gathered across ranks).
+        hard: None; (N, D) a pool of hard negatives every query sees; or (B, K, D), query i
+            sees only its own K.
+        temperature: float or 0-d tensor; a tensor that requires grad gets its gradient.
+        label_smoothing: as in ``F.cross_entropy``.
+        neg_weight: optional non-negative (C,) weights on the C = Bd + N (or Bd + K) candidate
+            columns inside the softmax denominator; the positive always has weight 1.
+        reduction: "none" | "mean" | "sum".
+
+    Returns the float32 loss. Inputs may be float32, bfloat16 or float16 (float32
+    accumulation). NaN inputs give a NaN loss.
+    """
+    _backend.check_tensor(q, "q", ndim=2)
+    _backend.check_tensor(d, "d", ndim=2)
+    if hard is not None:
+        _backend.check_tensor(hard, "hard", ndim=(2, 3))
+    _backend.check_same_device(q=q, d=d, hard=hard)
+    _backend.check_same_dtype(q=q, d=d, hard=hard)
+    pos_offset = _backend.check_number(pos_offset, "pos_offset", integer=True, low=0)
+    label_smoothing = _backend.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    B, D = q.shape
+    if B == 0:
+        raise ValueError("info_nce needs a non-empty batch (q has 0 rows)")
+    if d.shape[1] != D:
+        raise ValueError(
+            f"q and d must have the same dimension D, got q {tuple(q.shape)}, d {tuple(d.shape)}"
+        )
+    if pos_offset + B > d.shape[0]:
+        raise ValueError(
+            f"d has {d.shape[0]} rows; queries 0..{B - 1} need their positives at "
+            f"rows {pos_offset}..{pos_offset + B - 1} (pos_offset={pos_offset})"
+        )
+    pool = own = None
+    if hard is not None and hard.dim() == 2:
+        if hard.shape[1] != D:
+            raise ValueError(f"hard (N, D) must have D = {D}, got {tuple(hard.shape)}")
+        pool = hard
+    elif hard is not None:
+        if hard.shape[0] != B or hard.shape[2] != D:
+            raise ValueError(f"hard (B, K, D) must have B = {B} and D = {D}, got {tuple(hard.shape)}")
+        own = hard
+    temperature = _temperature(temperature, q.device)
+    if neg_weight is not None:
+        C = d.shape[0] + (pool.shape[0] if pool is not None else 0) + (own.shape[1] if own is not None else 0)
+        _backend.check_tensor(
+            neg_weight,
+            "neg_weight",
+            ndim=1,
+            dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
+        )
+        if neg_weight.shape[0] != C:
+            raise ValueError(
+                f"neg_weight must have one weight per candidate column ({C}), got {neg_weight.shape[0]}"
+            )
+        if neg_weight.device != q.device:
+            raise ValueError(f"neg_weight is on {neg_weight.device}, q on {q.device}")
+        neg_weight = neg_weight.detach().float().contiguous()
+        # NaN, Inf and negative weights are refused (not propagated): one pass over C weights
+        if not torch.compiler.is_compiling() and not bool(
+            (neg_weight.abs() <= _F32_MAX).all() & (neg_weight >= 0).all()
+        ):
+            bad = neg_weight[~((neg_weight >= 0) & (neg_weight <= _F32_MAX))][0].item()
+            raise ValueError(f"neg_weight must hold finite non-negative weights, found {bad}")
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, d, hard, temperature)
+    )
+    out = _op.info_nce(
+        q, d, pool, own, neg_weight, temperature, pos_offset, float(label_smoothing), reduction, need_grad
+    )
+    return out[0]
