@@ -289,20 +289,18 @@ class _ProductQuantized(Mutable, OnDevice):
             ids = self._next_ids(src.shape[0], ids)
             if not src.shape[0]:
                 return
-            codes, lists, kept = [], [], []
-            for _, chunk in chunks(src, self.dim, chunk_rows):
+            n = src.shape[0]  # filled chunk by chunk: no list of chunks to concatenate
+            codes, lists = np.empty((n, self.m), np.uint8), None
+            vectors = np.empty((n, self.dim), np.float32) if self.keep_vectors else None
+            for b, chunk in chunks(src, self.dim, chunk_rows):
                 c, lst = self._encode_rows(chunk)
-                codes.append(c)
-                lists.append(lst)
-                if self.keep_vectors:
-                    kept.append(chunk)
-            codes = np.concatenate(codes) if codes else np.empty((0, self.m), np.uint8)
-            lists = np.concatenate(lists) if lists and lists[0] is not None else None
-            vectors = (
-                (np.concatenate(kept) if kept else np.empty((0, self.dim), np.float32))
-                if self.keep_vectors
-                else None
-            )
+                codes[b : b + c.shape[0]] = c
+                if lst is not None:
+                    lists = np.empty(n, lst.dtype) if lists is None else lists
+                    lists[b : b + c.shape[0]] = lst
+                if vectors is not None:
+                    vectors[b : b + c.shape[0]] = chunk
+                del c, lst, chunk
             with _io.guarded(self._mapped):  # the old codes are read from the mapping
                 if explicit:
                     last = self._last_of_each(ids)

@@ -150,16 +150,30 @@ class IVFPQIndex(_ProductQuantized):
         return self.encode(x - self.coarse[lists] if self.by_residual else x), lists
 
     def _insert(self, codes, lists, ids, vectors) -> None:
-        """Appends the rows, then one stable sort by list keeps each list contiguous, old rows first."""
+        """Merges the rows into the lists (one stable sort by list: old rows first in each list),
+        writing old and new rows straight to their places: one new copy of each array."""
+        held = self.codes.shape[0]
         every = np.concatenate([self._row_lists(), lists])
         order = np.argsort(every, kind="stable")
-        self._append(codes, ids, vectors)
-        self.codes, self.ids = self.codes[order], self.ids[order]
-        if self.keep_vectors:
-            self.vectors = self.vectors[order]
+        offsets = _offsets(every, self.nlist)
+        del every
+        dest = np.empty_like(order)
+        dest[order] = np.arange(order.size)
+        del order
+
+        def merged(old, new):
+            out = np.empty((held + new.shape[0],) + new.shape[1:], new.dtype)
+            out[dest[:held]] = old
+            out[dest[held:]] = new
+            return out
+
+        self._packed = None
         if self._live is not None:
-            self._live = self._live[order]
-        self.offsets = _offsets(every, self.nlist)
+            self._live = merged(self._live, np.ones(ids.shape[0], np.uint8))
+        self.codes, self.ids = merged(self.codes, codes), merged(self.ids, ids)
+        if self.keep_vectors:
+            self.vectors = merged(self.vectors, vectors)
+        self.offsets = offsets
 
     def _row_lists(self) -> np.ndarray:
         return np.repeat(np.arange(self.nlist), np.diff(self.offsets))
