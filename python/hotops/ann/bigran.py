@@ -11,9 +11,11 @@ import zlib
 from typing import Optional, Union
 
 import numpy as np
+import torch
 
 from hotops import _backend
 from hotops.ann import _arrays, _io
+from hotops.ann._mutable import as_id_list
 from hotops.ann.index import IVFPQIndex, PQIndex
 
 STORE_MAGIC = b"HOTOPSST"
@@ -111,6 +113,39 @@ class BiGranularIndex:
     @property
     def metric(self) -> str:
         return self.coarse.metric
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors the index returns: those the coarse index holds (removed ones not counted)."""
+        return self.coarse.ntotal
+
+    def remove_ids(self, ids) -> int:
+        """Removes these ids from the coarse index (the store file is never written); returns how
+        many were removed. A removed id is never returned again; reconstruct refuses it."""
+        return self.coarse.remove_ids(ids)
+
+    def compact(self) -> int:
+        """Drops the coarse index's removed rows now; returns how many."""
+        return self.coarse.compact()
+
+    def reconstruct(self, ids):
+        """(n, dim) float32 exact vectors of these ids from the store (a scalar id gives (dim,)).
+        KeyError names the ids the coarse index does not hold."""
+        torch_out = _arrays.is_torch(ids)
+        scalar = np.ndim(_arrays.as_numpy(ids, "ids") if torch_out else ids) == 0
+        want = as_id_list(ids)
+        index = self.coarse
+        with index._lock.shared(), _io.guarded(index._mapped), _io.guarded(self._mapped, "vector store"):
+            held = index._held_rows(want) >= 0
+            held &= want < self.store.shape[0]
+            if not held.all():
+                missing = want[~held]
+                raise KeyError(
+                    f"ids {missing[:5].tolist()} are not held by the index ({missing.size} in all)"
+                )
+            out = self.store[want].astype(np.float32)
+        out = out.reshape(-1) if scalar else out
+        return torch.from_numpy(out) if torch_out else out
 
     def ram_bytes_per_vector(self) -> float:
         """Bytes per vector held in memory (the codes and ids; the store stays on disk)."""

@@ -19,7 +19,6 @@ and has rank 0 write a JSON manifest that ShardedIndex.load() opens (memory-mapp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Optional, Sequence
@@ -30,11 +29,18 @@ import torch.distributed as dist
 
 from hotops import _backend
 from hotops.ann import _arrays
+from hotops.ann._mutable import as_id_list
 from hotops.ann.bigran import BiGranularIndex
 from hotops.ann.index import IVFPQIndex, PQIndex
+from hotops.ann.shard_build import (  # noqa: F401 (re-exported)
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    _set_trained_state,
+    _trained_state,
+    build_sharded,
+    trained_fingerprint,
+)
 
-MANIFEST_FORMAT = "hotops-sharded-index"
-MANIFEST_VERSION = 1
 _KINDS = {"PQIndex": PQIndex, "IVFPQIndex": IVFPQIndex}
 
 
@@ -122,7 +128,8 @@ class ShardedIndex:
         info = dict(
             fingerprint=trained_fingerprint(self.pq),
             dim=self.pq.dim,
-            ntotal=self._local_rows(),
+            ntotal=self.local.ntotal,
+            rows=self._local_rows(),
             kind=type(local_index).__name__,
         )
         infos = [None] * self.world_size
@@ -138,11 +145,10 @@ class ShardedIndex:
                 f"{odd} differ from rank 0 ({infos[0]['kind']}); train once and broadcast "
                 f"(see build_sharded)"
             )
-        self.shard_ntotal = [int(i["ntotal"]) for i in infos]
+        self.shard_ntotal = [int(i["ntotal"]) for i in infos]  # kept current by the collective changes
         if id_offset is None:
-            id_offset = sum(self.shard_ntotal[: self.rank]) if self.bigran else 0
+            id_offset = sum(int(i["rows"]) for i in infos[: self.rank]) if self.bigran else 0
         self.id_offset = int(id_offset)
-        self._sorted_ids = None  # (ids array it was built from, argsort of ids)
 
     # -------------------------------------------------------------- properties
 
@@ -352,14 +358,8 @@ class ShardedIndex:
         return score.reshape(-1)
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of this shard holding the given ids (ids are unique within a shard)."""
-        shard_ids = self.pq.ids
-        if self._sorted_ids is None or self._sorted_ids[0] is not shard_ids:
-            by = np.argsort(shard_ids, kind="stable")
-            self._sorted_ids = (shard_ids, by, np.ascontiguousarray(shard_ids[by]))
-        _, by, sorted_ids = self._sorted_ids
-        at = np.searchsorted(sorted_ids, ids)
-        return by[np.minimum(at, by.size - 1)]
+        """Live rows of this shard holding the given ids, -1 where none does."""
+        return self.pq._held_rows(ids)
 
     def _local_allow(self, allow):
         """A global allow-list as this shard's (bi-granular shards hold rows, not global ids)."""
@@ -375,10 +375,20 @@ class ShardedIndex:
 
     # -------------------------------------------------------------- vectors
 
-    def vectors(self, ids) -> np.ndarray:
+    def vectors(self, ids, exact: bool = True) -> np.ndarray:
         """Collective: (n, dim) float32 exact vectors of the given global ids (this rank's list, any
-        length) from the shards that hold them (kept vectors, or the bi-granular store). An id no
-        shard holds raises ValueError on every rank."""
+        length) from the shards that hold them (kept vectors, or the bi-granular store; with
+        exact=False, decoded from the codes where the shards keep no vectors). An id no shard
+        holds raises ValueError on every rank."""
+        with self.pq._lock.shared():
+            return self._vectors(ids, exact)
+
+    def reconstruct(self, ids) -> np.ndarray:
+        """Collective: as each shard's reconstruct (exact from kept vectors or the store, else
+        decoded), from the shards that hold the ids."""
+        return self.vectors(ids, exact=False)
+
+    def _vectors(self, ids, exact: bool) -> np.ndarray:
         want = _arrays.as_numpy(ids, "ids").reshape(-1).astype(np.int64)
         cdev = _comm_device(self.group)
         counts_t = torch.tensor([want.size], dtype=torch.int64, device=cdev)
@@ -392,11 +402,14 @@ class ShardedIndex:
             local = every - self.id_offset
             found = (local >= 0) & (local < self._local_rows())
             vec[found] = self.local.store[local[found]]
-        elif self.pq.keep_vectors and self.pq.ntotal:
+            found[found] = self.pq._held_rows(local[found]) >= 0
+        elif (self.pq.keep_vectors or not exact) and self.pq.ntotal:
             rows = self._rows_of(every)
-            found = self.pq.ids[rows] == every
-            vec[found] = self.pq.vectors[rows[found]]
-        elif not self.pq.keep_vectors:
+            found = rows >= 0
+            vec[found] = (
+                self.pq.vectors[rows[found]] if self.pq.keep_vectors else self.pq._decode_rows(rows[found])
+            )
+        elif not self.pq.keep_vectors and exact:
             raise ValueError("vectors() needs the exact vectors: build the shards with keep_vectors=True")
         mine = [c for c in counts]
         got = _all_to_all(
@@ -417,6 +430,75 @@ class ShardedIndex:
             "ShardedIndex.vectors",
         )
         return got
+
+    # -------------------------------------------------------------- changes (collective)
+
+    def _gather_ids(self, ids: np.ndarray):
+        """Every rank's ids (in rank order) and the rank each came from."""
+        cdev = _comm_device(self.group)
+        n = torch.tensor([ids.size], dtype=torch.int64, device=cdev)
+        parts = [torch.empty_like(n) for _ in range(self.world_size)]
+        dist.all_gather(parts, n, group=self.group)
+        counts = [int(p.item()) for p in parts]
+        every = _all_gather_rows(torch.from_numpy(ids).to(cdev), counts, self.group).cpu().numpy()
+        return every, np.repeat(np.arange(self.world_size), counts)
+
+    def _refresh(self, removed: int) -> int:
+        """Every shard's ntotal again; the sum over ranks of `removed`."""
+        cdev = _comm_device(self.group)
+        mine = torch.tensor([self.local.ntotal, removed], dtype=torch.int64, device=cdev)
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine, group=self.group)
+        self.shard_ntotal = [int(p[0].item()) for p in parts]
+        return sum(int(p[1].item()) for p in parts)
+
+    def _local_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Global ids as this shard's (bi-granular shards hold store rows)."""
+        if not self.bigran:
+            return ids
+        local = ids - self.id_offset
+        return local[(local >= 0) & (local < self._local_rows())]
+
+    def remove_ids(self, ids) -> int:
+        """Collective: removes the union of every rank's ids (global ids, any count per rank, 0
+        included) from the shards that hold them; returns the number removed over all shards,
+        on every rank. ntotal is current afterwards on every rank."""
+        error, want = None, np.empty(0, np.int64)
+        try:
+            want = as_id_list(ids)
+        except (TypeError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        _raise_together(error, self.group, "ShardedIndex.remove_ids")
+        every, _ = self._gather_ids(want)
+        return self._refresh(self.local.remove_ids(self._local_ids(every)))
+
+    def add(self, x, ids) -> None:
+        """Collective: each rank adds its own vectors with global ids (any count, 0 included) to
+        its own shard; an id that some shard holds already is removed there first, so re-adding
+        replaces it wherever it lived (ntotal unchanged), and when several ranks add one id in
+        the same call the highest rank's vector wins. PQ and IVF-PQ shards only (a bi-granular
+        shard's vectors live in its store file)."""
+        error = None
+        try:
+            if self.bigran:
+                raise TypeError("add() on bi-granular shards: their vectors are rows of the store files")
+            xv = _arrays.as_vectors(x, "x", self.dim)
+            mine = _arrays.as_ids(ids, xv.shape[0])
+        except (TypeError, ValueError) as exc:
+            error, mine = f"{type(exc).__name__}: {exc}", np.empty(0, np.int64)
+        _raise_together(error, self.group, "ShardedIndex.add")
+        every, src = self._gather_ids(mine)
+        later = every[src > self.rank]
+        keep = ~np.isin(mine, later) if later.size else np.ones(mine.size, np.bool_)
+        with self.pq._lock.exclusive():
+            self.pq.remove_ids(every[src != self.rank])
+            if keep.any():
+                self.pq.add(xv[keep], mine[keep])
+        self._refresh(0)
+
+    def compact(self) -> int:
+        """Collective: compacts every shard; returns the rows dropped over all shards."""
+        return self._refresh(self.local.compact())
 
     # -------------------------------------------------------------- files
 
@@ -480,131 +562,3 @@ class ShardedIndex:
         _raise_together(error, group, f"ShardedIndex.load({manifest})")
         offset = meta["shards"][rank].get("id_offset") if "store" in meta["shards"][rank] else None
         return cls(local, group, id_offset=offset)
-
-
-# ---------------------------------------------------------------------- build
-
-
-def trained_fingerprint(index) -> str:
-    """sha256 of what shards must share: kind, parameters, PQ codebooks and coarse centroids."""
-    index = index.coarse if isinstance(index, BiGranularIndex) else index
-    h = hashlib.sha256()
-    h.update(json.dumps([type(index).__name__, index._params()], sort_keys=True).encode())
-    for a in (index.codebooks, getattr(index, "coarse", None)):
-        if a is not None:
-            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
-    return h.hexdigest()
-
-
-def _trained_state(index) -> dict:
-    state = {"codebooks": np.asarray(index.codebooks)}
-    if isinstance(index, IVFPQIndex):
-        state["coarse"] = np.asarray(index.coarse)
-    return state
-
-
-def _set_trained_state(index, state: dict) -> None:
-    if isinstance(index, IVFPQIndex):
-        coarse = np.array(state["coarse"], dtype=np.float32, order="C")
-        if coarse.shape != (index.nlist, index.dim):
-            raise ValueError(
-                f"coarse centroids have shape {coarse.shape}, expected {(index.nlist, index.dim)}"
-            )
-        index.coarse = coarse
-    index.set_codebooks(state["codebooks"])
-
-
-def build_sharded(
-    index,
-    x,
-    folder,
-    *,
-    ids=None,
-    train_sample=None,
-    train_on: str = "gathered",
-    store_dtype: Optional[str] = None,
-    group=None,
-    name: str = "shard",
-) -> "ShardedIndex":
-    """Collective distributed build. `index` is an untrained PQIndex or IVFPQIndex made with the
-    same parameters on every rank; `x` is this rank's part of the corpus.
-
-    1. Training: train_on="gathered" trains rank 0's index on the concatenation (in rank order)
-       of every rank's `train_sample` (default: this rank's x); "rank0" trains on rank 0's only.
-       The trained codebooks (and coarse centroids) are broadcast to every rank.
-    2. Each rank encodes and adds x with ids (default: consecutive global ids, the rows of the
-       ranks before first), saves `folder/{name}-{rank:05d}-of-{world:05d}.hann`, and with
-       store_dtype ("float32"/"float16") also writes its vectors to a store file next to it and
-       becomes a BiGranularIndex shard (ids are then store rows; the global id adds the rows of
-       the ranks before).
-    3. Rank 0 writes `folder/manifest.json`: shard files, ntotal and bytes per shard, the index
-       kind and parameters, and the sha256 of the trained quantizers that load() checks.
-    Returns the ShardedIndex over the in-memory shards."""
-    if not isinstance(index, (PQIndex, IVFPQIndex)):
-        raise TypeError(f"index must be a PQIndex or IVFPQIndex, got {type(index).__name__}")
-    if train_on not in ("gathered", "rank0"):
-        raise ValueError(f"train_on must be 'gathered' or 'rank0', got {train_on!r}")
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    x = _arrays.as_vectors(x, "x", index.dim)
-    sample = x if train_sample is None else _arrays.as_vectors(train_sample, "train_sample", index.dim)
-    if train_on == "gathered":
-        samples = [None] * world
-        dist.all_gather_object(samples, sample, group=group)
-        sample = np.concatenate(samples)
-    error = None
-    if rank == 0:
-        try:
-            index.train(sample)
-        except (ValueError, RuntimeError) as exc:
-            error = f"training failed: {exc}"
-    _raise_together(error, group, "build_sharded")
-    state = [_trained_state(index) if rank == 0 else None]
-    dist.broadcast_object_list(
-        state, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group
-    )
-    if rank != 0:
-        _set_trained_state(index, state[0])
-
-    counts = [None] * world
-    dist.all_gather_object(counts, int(x.shape[0]), group=group)
-    offset = sum(counts[:rank])
-    os.makedirs(folder, exist_ok=True)
-    fname = f"{name}-{rank:05d}-of-{world:05d}.hann"
-    entry = {"path": fname}
-    if store_dtype is not None:
-        from hotops.ann.bigran import write_store
-
-        if ids is not None:
-            raise ValueError("a bi-granular shard's ids are its store rows: leave ids=None with store_dtype")
-        index.add(x, np.arange(x.shape[0], dtype=np.int64))
-        sname = f"{name}-{rank:05d}-of-{world:05d}.store"
-        write_store(os.path.join(folder, sname), x, store_dtype)
-        entry.update(store=sname, id_offset=offset)
-    else:
-        index.add(x, np.arange(offset, offset + x.shape[0], dtype=np.int64) if ids is None else ids)
-    index.save(os.path.join(folder, fname))
-    entry.update(ntotal=index.ntotal, bytes=os.path.getsize(os.path.join(folder, fname)))
-    entries = [None] * world
-    dist.all_gather_object(entries, entry, group=group)
-    if rank == 0:
-        meta = {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "index_kind": type(index).__name__,
-            "params": index._params(),
-            "trained_sha256": trained_fingerprint(index),
-            "ntotal": sum(e["ntotal"] for e in entries),
-            "shards": entries,
-        }
-        path = os.path.join(folder, "manifest.json")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    dist.barrier(group=group)
-    local = index
-    if store_dtype is not None:
-        local = BiGranularIndex(index, os.path.join(folder, entry["store"]))
-    return ShardedIndex(local, group, id_offset=offset if store_dtype is not None else None)

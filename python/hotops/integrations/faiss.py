@@ -10,6 +10,7 @@ faiss is imported only here, and only when a conversion runs."""
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import numpy as np
@@ -273,9 +274,12 @@ def to_faiss(index, fast_scan: Optional[bool] = None, k_factor: float = 1.0):
     IndexRefineFlat when the index keeps vectors, and an IndexIDMap2 when its ids are not 0..n-1
     in row order (IVF lists hold the ids themselves unless the vectors are kept). k_factor: the
     refine index's re-rank factor, as `refine=` of hotops' search. Search parameters (nprobe) are
-    the caller's to set on the result, as in faiss."""
+    the caller's to set on the result, as in faiss. Removed vectors are left out."""
     faiss = _faiss()
     index._need_trained("to_faiss")
+    if index.ndeleted:  # removed rows still in place: export a compacted copy (the index is unchanged)
+        index = copy.deepcopy(index)
+        index.compact()
     fast_scan = index.fast_scan if fast_scan is None else bool(fast_scan)
     if fast_scan and index.nbits != 4:
         raise ValueError(f"faiss's fast-scan indexes hold 4-bit codes; this index has nbits = {index.nbits}")
