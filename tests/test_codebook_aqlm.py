@@ -12,7 +12,7 @@ from conftest import assert_close_to_reference
 
 import hotops.codebook as hc
 from hotops import _backend
-from hotops.codebook import CodebookLinear, WideCodebookLinear, wide
+from hotops.codebook import CodebookLinear, WideCodebookLinear, op, reference
 from hotops.integrations.aqlm import CodebookLinearSum
 
 # (num_codebooks, nbits, in_group, out_group): AQLM's 1x8, 2x8, 4x8, 8x8, 1x16, 2x16, a small
@@ -164,7 +164,7 @@ def test_wide_gradients():
     s = module.scales.detach().clone().requires_grad_()
     b = module.bias.detach().clone().requires_grad_()
     x2 = x.detach().clone().requires_grad_()
-    w = wide.dequantize_reference(module.codes, cb, s, module.group_ptr, module.perm)
+    w = reference.dequantize(module.codes, cb, s, module.group_ptr, module.perm)
     (F.linear(x2, w, b) * dy).sum().backward()
     for got, want in (
         (x.grad, x2.grad),
@@ -196,8 +196,8 @@ def test_wide_opcheck():
         m.group_ptr,
         m.perm,
     )
-    torch.library.opcheck(wide.wide_matmul, (x, *args, m.bias.detach()))
-    torch.library.opcheck(wide.wide_dequantize, args)
+    torch.library.opcheck(op.codebook_wide_matmul, (x, *args, m.bias.detach()))
+    torch.library.opcheck(op.codebook_wide_dequantize, args)
 
 
 def test_refusals():

@@ -435,7 +435,9 @@ def cb_backend(request, monkeypatch):
     if request.param == "triton":
         require_triton_runs()
         monkeypatch.setattr(
-            cb_op, "MATMUL_BACKENDS", (_backend.Backend("triton", lambda dev: None, cb_op._triton_matmul),)
+            cb_op,
+            "CODEBOOK_MATMUL_BACKENDS",
+            (_backend.Backend("triton", lambda dev: None, cb_op._triton_matmul),),
         )
     return request.param
 
