@@ -620,9 +620,9 @@ def test_codebook_codes_validated_everywhere():
             "x has dtype float64",
         ),
         (
-            lambda w: CodebookLinear(w)(torch.randn(2, 16, dtype=torch.float16)),
+            lambda w: CodebookLinear(w)(torch.randn(2, 16, dtype=torch.float64)),
             TypeError,
-            "x has dtype float16",
+            "x has dtype float64",
         ),
         (lambda w: CodebookLinear(w)(torch.randn(2, 15)), ValueError, "in_features = 16"),
         (lambda w: CodebookLinear(w)(np.zeros((2, 16), np.float32)), TypeError, "x must be a torch.Tensor"),

@@ -62,7 +62,7 @@ template <typename Product>
 void check_product(const Product& a) {
   check_format(a.w);
   const int64_t N = a.w.rows(), K = a.w.in_features();
-  check_view(a.x, "x", 2, {DType::f32, DType::bf16});
+  check_view(a.x, "x", 2, {DType::f32, DType::bf16, DType::f16});
   check_rows_contiguous(a.x, "x");
   HOTOPS_CHECK(a.x.size(1) == K, "x has ", a.x.size(1), " features, the weight expects ", K);
   check_view(a.out, "out", 2, {a.x.dtype});
@@ -74,7 +74,7 @@ void check_product(const Product& a) {
     check_view(a.perm, "perm", 1, {DType::i64});
     check_contiguous(a.perm, "perm");
     HOTOPS_CHECK(a.perm.size(0) == N, "perm must have ", N, " entries");
-    const int64_t* p = a.perm.ptr<const int64_t>();
+    const int64_t* p = a.perm.template ptr<const int64_t>();
     std::vector<uint8_t> seen(static_cast<size_t>(N), 0);
     for (int64_t r = 0; r < N; ++r) {
       HOTOPS_CHECK(p[r] >= 0 && p[r] < N, "perm[", r, "] = ", p[r], " is outside [0, ", N, ")");

@@ -231,7 +231,7 @@ inline bool all_finite(const float* v, int64_t n) {
 }
 
 // Batch row b of y from the dense weight, as F.linear computes it: sum_k x[k] * W[r, k] with
-// W[r, k] = scales[r] * sum_m codeword_m[k] (rounded to bf16 for bf16 x). The tables sum x . codeword
+// W[r, k] = scales[r] * sum_m codeword_m[k] (rounded to x's dtype). The tables sum x . codeword
 // of each codebook on its own, so with NaN/Inf in x (or in the weight) they can meet inf - inf
 // where the dense weight's sum of codewords is finite: such rows take this path, which
 // propagates NaN and Inf exactly as the dense product does. Returns false on a code >= C.
@@ -244,7 +244,6 @@ bool dense_row(const CodebookMatmul& a, const float* cb, int64_t b) {
   const float* scales = w.scales.ptr<const float>();
   const int64_t* perm = a.perm.present ? a.perm.ptr<const int64_t>() : nullptr;
   const float* bias = a.bias.present ? a.bias.ptr<const float>() : nullptr;
-  const bool bf16 = a.x.dtype != DType::f32;
   const int64_t xoff = b * a.x.stride(0), ldo = a.out.stride(0);
   int ok = 1;
   parallel_for(N, 16, a.threads, [&](int64_t r0, int64_t r1) {
@@ -265,7 +264,7 @@ bool dense_row(const CodebookMatmul& a, const float* cb, int64_t b) {
             wt = m == 0 ? cb[((o * M + m) * C + code) * G + t] : wt + cb[((o * M + m) * C + code) * G + t];
           }
           wt *= scales[r];
-          if (bf16) wt = bf16_to_f32(f32_to_bf16(wt));
+          wt = round_to(a.x.dtype, wt);
           acc += to_f32(a.x.data, a.x.dtype, xoff + j * G + t) * wt;
         }
       }

@@ -60,7 +60,7 @@ struct WideFormat {
 template <typename Format>
 struct Product {
   Format w;
-  View x;     // (B, K) float32 | bfloat16, contiguous rows
+  View x;     // (B, K) float32 | bfloat16 | float16, contiguous rows
   View perm;  // (N,) int64 output feature of each stored row (a permutation), or absent (identity)
   View bias;  // (N,) float32 by output feature, or absent
   View out;   // (B, N) dtype of x, contiguous rows

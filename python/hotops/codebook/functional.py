@@ -12,32 +12,22 @@ from hotops import _backend
 from hotops.codebook import op
 from hotops.codebook.format import CodebookWeight
 
-ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # on the CPU; other devices also take float16
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BIAS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_input(x, in_features: int) -> None:
-    """x for a product with a weight of in_features inputs: a floating tensor (float32 or
-    bfloat16 on the CPU, also float16 elsewhere) ending in in_features."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    allowed = (
-        ACTIVATION_DTYPES if x.dtype in ACTIVATION_DTYPES or x.device.type == "cpu" else _backend.FLOAT_DTYPES
-    )
-    if x.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(
-            f"x has dtype {str(x.dtype).replace('torch.', '')}; codebook products on "
-            f"{x.device.type} take {names} (convert x, e.g. x.float())"
-        )
+    """x for a product with a weight of in_features inputs: a float32, bfloat16 or float16
+    tensor ending in in_features."""
+    _backend.check_tensor(x, "x", dtypes=ACTIVATION_DTYPES)
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x must end in in_features = {in_features}, got shape {tuple(x.shape)}")
 
 
 def codebook_matmul(x: Tensor, weight: CodebookWeight, bias: Optional[Tensor] = None) -> Tensor:
     """x (..., in_features) -> (..., out_features): ``F.linear(x, weight.dequantize(), bias)``
-    without materialising the dense weight. x is float32 or bfloat16, or off the CPU also float16
-    (float32 accumulation); differentiable in x, the codebooks, the scales and bias."""
+    without materialising the dense weight. x is float32, bfloat16 or float16 (float32
+    accumulation); differentiable in x, the codebooks, the scales and bias."""
     if not isinstance(weight, CodebookWeight):
         raise TypeError(f"weight must be a CodebookWeight, got {type(weight).__name__}")
     check_input(x, weight.in_features)

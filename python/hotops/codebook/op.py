@@ -110,14 +110,17 @@ def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
         b32 = None if bias is None else bias.detach().float().contiguous()
         kernel(x2, *_kernel_args(codes, codebooks, scales), group_ptr, perm, b32, out, _backend.num_threads())
         return out.reshape(*x.shape[:-1], N)
-    tile = max(16, GEMM_TILE_BYTES // max(1, K * x2.element_size()))
-    out_t = torch.empty(N, B, dtype=x2.dtype)  # stored order, transposed: each tile writes whole rows
-    w = torch.empty(min(tile, N), K, dtype=x2.dtype)  # one tile buffer, reused (no page faults)
+    # the tiles in x's dtype (float16: float32, torch's CPU float16 GEMM being slow)
+    dtype = torch.float32 if x2.dtype == torch.float16 else x2.dtype
+    xt = x2.T.to(dtype)
+    tile = max(16, GEMM_TILE_BYTES // max(1, K * xt.element_size()))
+    out_t = torch.empty(N, B, dtype=dtype)  # stored order, transposed: each tile writes whole rows
+    w = torch.empty(min(tile, N), K, dtype=dtype)  # one tile buffer, reused (no page faults)
     for r0 in range(0, N, tile):
         r1 = min(N, r0 + tile)
         _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, r0, r1, w[: r1 - r0])
-        torch.mm(w[: r1 - r0], x2.T, out=out_t[r0:r1])
-    out = _output_order(out_t, perm).T
+        torch.mm(w[: r1 - r0], xt, out=out_t[r0:r1])
+    out = _output_order(out_t, perm).T.to(x2.dtype)
     out = out + bias.to(out.dtype) if bias is not None else out.contiguous()
     return out.reshape(*x.shape[:-1], N)
 
