@@ -12,7 +12,7 @@ from conftest import assert_close_to_reference
 
 import hotops.codebook as hc
 from hotops import _backend
-from hotops.codebook import CodebookLinear, WideCodebookLinear, wide
+from hotops.codebook import CodebookLinear, WideCodebookLinear, op, reference
 from hotops.integrations.aqlm import CodebookLinearSum
 
 # (num_codebooks, nbits, in_group, out_group): AQLM's 1x8, 2x8, 4x8, 8x8, 1x16, 2x16, a small
@@ -142,16 +142,17 @@ def test_convert_aqlm_swaps_every_layer():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_checkpoint(dtype):
     """fp16/bf16 checkpoints keep their codebooks' dtype (the gather kernel reads them as they
-    are: 1 MiB for 65536 x 8); products run in float32 or bfloat16 activations."""
+    are: 1 MiB for 65536 x 8); products run in float32, bfloat16 or float16 activations."""
     layer = make_layer(64, 32, 1, 16, 8, 1, dtype=dtype)
     module = hc.from_aqlm(layer)
     assert module.codebooks.dtype == dtype
     x = torch.randn(4, 64)
     ref64 = aqlm_reference(layer, layer.codes, x.double(), torch.float64)
     assert_close_to_reference(module(x), ref64, aqlm_reference(layer, layer.codes, x), atol=1e-5)
-    y = module(x.bfloat16())
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref64.float(), rtol=2e-2, atol=2e-2 * ref64.abs().max().item())
+    for half in (torch.bfloat16, torch.float16):
+        y = module(x.to(half))
+        assert y.dtype == half
+        torch.testing.assert_close(y.float(), ref64.float(), rtol=2e-2, atol=2e-2 * ref64.abs().max().item())
 
 
 def test_wide_gradients():
@@ -164,7 +165,7 @@ def test_wide_gradients():
     s = module.scales.detach().clone().requires_grad_()
     b = module.bias.detach().clone().requires_grad_()
     x2 = x.detach().clone().requires_grad_()
-    w = wide.dequantize_reference(module.codes, cb, s, module.group_ptr, module.perm)
+    w = reference.dequantize(module.codes, cb, s, module.group_ptr, module.perm)
     (F.linear(x2, w, b) * dy).sum().backward()
     for got, want in (
         (x.grad, x2.grad),
@@ -196,8 +197,8 @@ def test_wide_opcheck():
         m.group_ptr,
         m.perm,
     )
-    torch.library.opcheck(wide.wide_matmul, (x, *args, m.bias.detach()))
-    torch.library.opcheck(wide.wide_dequantize, args)
+    torch.library.opcheck(op.codebook_wide_matmul, (x, *args, m.bias.detach()))
+    torch.library.opcheck(op.codebook_wide_dequantize, args)
 
 
 def test_refusals():

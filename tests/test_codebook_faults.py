@@ -50,7 +50,9 @@ def cb_backend(request, monkeypatch):
     if request.param == "triton":
         require_triton_runs()
         monkeypatch.setattr(
-            cb_op, "MATMUL_BACKENDS", (_backend.Backend("triton", lambda dev: None, cb_op._triton_matmul),)
+            cb_op,
+            "CODEBOOK_MATMUL_BACKENDS",
+            (_backend.Backend("triton", lambda dev: None, cb_op._triton_matmul),),
         )
     return request.param
 
@@ -233,9 +235,9 @@ def test_codebook_codes_validated_everywhere():
             "x has dtype float64",
         ),
         (
-            lambda w: CodebookLinear(w)(torch.randn(2, 16, dtype=torch.float16)),
+            lambda w: CodebookLinear(w)(torch.randn(2, 16, dtype=torch.float64)),
             TypeError,
-            "x has dtype float16",
+            "x has dtype float64",
         ),
         (lambda w: CodebookLinear(w)(torch.randn(2, 15)), ValueError, "in_features = 16"),
         (lambda w: CodebookLinear(w)(np.zeros((2, 16), np.float32)), TypeError, "x must be a torch.Tensor"),

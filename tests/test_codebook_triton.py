@@ -155,10 +155,12 @@ def test_input_grad_matches_reference(interpreted, dtype, in_group, num_codebook
 def triton_backend(monkeypatch, interpreted):
     """The op's CUDA backends, on CPU tensors: the Triton kernels in the interpreter."""
     monkeypatch.setattr(
-        op, "MATMUL_BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_matmul),)
+        op, "CODEBOOK_MATMUL_BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_matmul),)
     )
     monkeypatch.setattr(
-        op, "INPUT_GRAD_BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_input_grad),)
+        op,
+        "CODEBOOK_MATMUL_BACKWARD_BACKENDS",
+        (_backend.Backend("triton", lambda dev: None, op._triton_input_grad),),
     )
 
 
@@ -214,9 +216,9 @@ def test_op_opcheck_and_compile(triton_backend):
 
 
 def test_cuda_backend_is_chosen_for_cuda():
-    names = [b.name for b in op.MATMUL_BACKENDS]
-    assert names.index("cuda (Triton)") < names.index("torch (dequantize + matmul)")
-    assert op.INPUT_GRAD_BACKENDS[0].refuses(torch.device("cpu")) is not None
+    names = [b.name for b in op.CODEBOOK_MATMUL_BACKENDS]
+    assert names.index("cuda (Triton)") < names.index("torch (dequantize + F.linear, any device)")
+    assert op.CODEBOOK_MATMUL_BACKWARD_BACKENDS[0].refuses(torch.device("cpu")) is not None
 
 
 # ------------------------------------------------------------------ compiled for a GPU, without one

@@ -1,4 +1,4 @@
-// Per-ISA kernels for 16-bit codes (see wide.h). A second kernel TU of the codebook family,
+// Per-ISA kernels for 16-bit codes (see cpu.h). A second kernel TU of the codebook family,
 // compiled once per ISA like cpu.cpp; its helpers live in namespace `wide` inside the ISA
 // namespace, so they cannot meet cpu.cpp's of the same name.
 //
@@ -10,12 +10,12 @@
 // Batch 2..16 (a chunk of BC rows, x transposed to (K, BC)): per row and input group, the codeword
 // is gathered once and each of its 8 values is broadcast into an FMA with the 8 BC-wide columns
 // of x, R rows at a time (x's columns are loaded once per R rows).
-#include "codebook/wide.h"
-
 #include <cstdlib>
 #include <cstring>
 #include <new>
 
+#include "codebook/cpu.h"
+#include "codebook/kernel.h"
 #include "common/parallel.h"
 #include "common/simd.h"
 
@@ -25,7 +25,7 @@ namespace wide {
 
 typedef float V8 __attribute__((vector_size(32)));
 
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+using namespace codebook_kernel;
 
 // Codeword c of a codebook in storage type CT, as 8 floats.
 template <DType CT>
@@ -61,17 +61,6 @@ inline float hsum(V8 v) {
   float f[8];
   std::memcpy(f, &v, sizeof(f));
   return ((f[0] + f[4]) + (f[1] + f[5])) + ((f[2] + f[6]) + (f[3] + f[7]));
-}
-
-inline void store(void* p, DType t, int64_t i, float v) {
-  if (t == DType::f32)
-    static_cast<float*>(p)[i] = v;
-  else
-    static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
-}
-
-inline float to_f32(const void* p, DType t, int64_t i) {
-  return t == DType::f32 ? static_cast<const float*>(p)[i] : bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
 // Whether every code of rows [r0, r1) is below C (C = 65536 needs no check).
@@ -135,26 +124,6 @@ void rows_b1(const WideFormat& w, const float* x, int64_t r0, int64_t r1, float*
     sums[r - r0] = hsum((s[0] + s[1]) + (s[2] + s[3]));
   }
 }
-
-// N floats as one GCC vector (never wider than the ISA's registers).
-template <int N>
-struct Lanes;
-template <>
-struct Lanes<2> {
-  typedef float type __attribute__((vector_size(8)));
-};
-template <>
-struct Lanes<4> {
-  typedef float type __attribute__((vector_size(16)));
-};
-template <>
-struct Lanes<8> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Lanes<16> {
-  typedef float type __attribute__((vector_size(64)));
-};
 
 // Batch BC in 2..16: sums[(r - r0) * BC + b] = row r of the unscaled weight . x[b] for rows
 // [r0, r1); xT is the chunk (K, BC) float32 (zeros past the batch). ONE: M == 1.
@@ -345,7 +314,8 @@ inline float* widened_buffer(int64_t n) {
 
 }  // namespace wide
 
-bool wide_matmul(const WideMatmul& a) {
+namespace wide {
+bool matmul_any(const WideMatmul& a) {
   if (a.x.size(0) == 0 || a.w.rows() == 0) return true;
   if (a.w.codebooks.dtype != DType::f32 && a.x.size(0) >= wide::kWidenBatch) {
     // Half-precision codebooks at batch >= 4: widened to float32 once per call (a few microseconds
@@ -353,7 +323,7 @@ bool wide_matmul(const WideMatmul& a) {
     // The buffer is kept per calling thread: a fresh 2 MiB allocation each call costs as much
     // again in page faults as the conversion.
     const int64_t n = a.w.codebooks.numel();
-    float* cb = wide::widened_buffer(n);
+    float* cb = widened_buffer(n);
     const auto* h = a.w.codebooks.ptr<const uint16_t>();
     int64_t i = 0;
     for (; i + VecF::W <= n; i += VecF::W) VecF::load(h + i, a.w.codebooks.dtype).store(cb + i);
@@ -361,28 +331,37 @@ bool wide_matmul(const WideMatmul& a) {
     WideMatmul wide32 = a;
     wide32.w.codebooks.data = cb;
     wide32.w.codebooks.dtype = DType::f32;
-    return wide::matmul<DType::f32>(wide32);
+    return matmul<DType::f32>(wide32);
   }
   switch (a.w.codebooks.dtype) {
     case DType::f32:
-      return wide::matmul<DType::f32>(a);
+      return matmul<DType::f32>(a);
     case DType::f16:
-      return wide::matmul<DType::f16>(a);
+      return matmul<DType::f16>(a);
     default:
-      return wide::matmul<DType::bf16>(a);
+      return matmul<DType::bf16>(a);
   }
 }
 
-bool wide_dequantize(const WideDequantize& a) {
+bool dequantize_any(const WideDequantize& a) {
   if (a.row_end == a.row_begin) return true;
   switch (a.w.codebooks.dtype) {
     case DType::f32:
-      return wide::dequantize<DType::f32>(a);
+      return dequantize<DType::f32>(a);
     case DType::f16:
-      return wide::dequantize<DType::f16>(a);
+      return dequantize<DType::f16>(a);
     default:
-      return wide::dequantize<DType::bf16>(a);
+      return dequantize<DType::bf16>(a);
   }
+}
+}  // namespace wide
+
+void codebook_wide_matmul(const WideMatmul& a) {
+  if (!wide::matmul_any(a)) refuse_codes(a.w.codebook_size());
+}
+
+void codebook_wide_dequantize(const WideDequantize& a) {
+  if (!wide::dequantize_any(a)) refuse_codes(a.w.codebook_size());
 }
 
 }  // namespace HOTOPS_ISA

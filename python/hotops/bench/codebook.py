@@ -197,13 +197,19 @@ def _run_gpu(params: dict, quick: bool, device: str) -> Result:
 
 
 def cpu_time_table(
-    B: int = 1, isa: Optional[str] = None, rounds: int = 5, min_time: float = 0.3
+    B: int = 1,
+    isa: Optional[str] = None,
+    rounds: int = 5,
+    min_time: float = 0.3,
+    dtype: str = "fp32",
+    shapes=None,
 ) -> List[str]:
-    """One line per Llama shape (2x8): hotops, torch's dense fp32 F.linear and aqlm's kernel on one
-    thread, CPU time per call (time.process_time), the three called alternately in one process,
-    best of `rounds` rounds of >= min_time s each. A machine shared with other work still gives
-    these (a descheduled thread stalls any 2-way split, not one thread's CPU time).
-    isa: "scalar", "avx2", "avx512" (without VBMI) or "avx512+vbmi"; default the best."""
+    """One line per Llama shape (2x8): hotops, torch's dense F.linear in the activations' dtype and
+    (fp32) aqlm's kernel on one thread, CPU time per call (time.process_time), the sides called
+    alternately in one process, best of `rounds` rounds of >= min_time s each. A machine shared
+    with other work still gives these (a descheduled thread stalls any 2-way split, not one
+    thread's CPU time). isa: "scalar", "avx2", "avx512" (without VBMI) or "avx512+vbmi"; default
+    the best. dtype: of the activations, "fp32", "bf16" or "fp16"."""
     import time
 
     from hotops import _backend
@@ -214,16 +220,17 @@ def cpu_time_table(
         ext.set_feature("vbmi", isa.endswith("+vbmi"))
     torch.set_num_threads(1)
     sides = ["hotops", "dense"]
-    if not aqlm_missing():
+    if dtype == "fp32" and not aqlm_missing():
         import numba
 
         numba.set_num_threads(1)
         sides.append("aqlm")
     lines = [
-        f"isa {ext.isa()}{'+vbmi' if ext.feature('vbmi') else ''}, batch {B}, one thread, CPU ms per call"
+        f"isa {ext.isa()}{'+vbmi' if ext.feature('vbmi') else ''}, {dtype} activations, batch {B}, "
+        "one thread, CPU ms per call"
     ]
-    for N, K in SHAPES:
-        fns = {s: build(s, N, K, B, "2x8") for s in sides}
+    for N, K in shapes or SHAPES:
+        fns = {s: build(s, N, K, B, "2x8", dtype) for s in sides}
         best = dict.fromkeys(sides, float("inf"))
         for _ in range(rounds):
             for s, f in fns.items():
@@ -280,9 +287,12 @@ if __name__ == "__main__":  # python -m hotops.bench.codebook [--batch B] [--isa
     import argparse
 
     ap = argparse.ArgumentParser(
-        description="Llama shapes, one thread, CPU time per call: hotops, dense fp32, aqlm"
+        description="Llama shapes, one thread, CPU time per call: hotops, dense F.linear, aqlm (fp32)"
     )
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--isa", default=None, help="scalar | avx2 | avx512 | avx512+vbmi")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="of the activations")
+    ap.add_argument("--shape", default=None, help="one shape, NxK (e.g. 4096x4096); default all three")
     args = ap.parse_args()
-    print("\n".join(cpu_time_table(args.batch, args.isa)))
+    shapes = [tuple(int(v) for v in args.shape.split("x"))] if args.shape else None
+    print("\n".join(cpu_time_table(args.batch, args.isa, dtype=args.dtype, shapes=shapes)))

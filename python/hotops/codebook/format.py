@@ -172,20 +172,7 @@ class CodebookWeight:
             raise ValueError("a CodebookWeight needs at least one input group (codes have 0 input groups)")
         if not isinstance(scales, Tensor) or not scales.is_floating_point() or tuple(scales.shape) != (N,):
             raise ValueError(f"scales must be a floating ({N},) tensor, one per row, got {_describe(scales)}")
-        if group_ptr is None:
-            group_ptr = torch.tensor([0, N], dtype=torch.int64, device=codes.device)
-        if (
-            not isinstance(group_ptr, Tensor)
-            or group_ptr.dtype != torch.int64
-            or tuple(group_ptr.shape) != (O + 1,)
-        ):
-            raise ValueError(
-                f"group_ptr must be a ({O + 1},) int64 tensor (num_groups + 1 boundaries), "
-                f"got {_describe(group_ptr)}"
-            )
-        gp = group_ptr.tolist()
-        if gp[0] != 0 or gp[-1] != N or any(a > b for a, b in zip(gp, gp[1:])):
-            raise ValueError(f"group_ptr must rise from 0 to {N}, got {gp}")
+        check_group_ptr(group_ptr, O, N, codes.device)
         if codes.numel() and int(codes.max()) >= C:
             raise ValueError(f"codes must be smaller than codebook_size {C}; found {int(codes.max())}")
         check_perm(perm, N)
@@ -262,6 +249,26 @@ def _check_codebooks(codebooks) -> None:
             "codebooks must be a floating (num_groups, num_codebooks, codebook_size, in_group) "
             f"tensor, got {_describe(codebooks)}"
         )
+
+
+def check_group_ptr(group_ptr: Optional[Tensor], num_groups: int, N: int, device) -> Tensor:
+    """group_ptr: num_groups + 1 int64 boundaries rising from 0 to N (one group when None, created
+    on `device`); returns it."""
+    if group_ptr is None:
+        return torch.tensor([0, N], dtype=torch.int64, device=device)
+    if (
+        not isinstance(group_ptr, Tensor)
+        or group_ptr.dtype != torch.int64
+        or tuple(group_ptr.shape) != (num_groups + 1,)
+    ):
+        raise ValueError(
+            f"group_ptr must be a ({num_groups + 1},) int64 tensor (num_groups + 1 boundaries), "
+            f"got {_describe(group_ptr)}"
+        )
+    gp = group_ptr.tolist()
+    if gp[0] != 0 or gp[-1] != N or any(a > b for a, b in zip(gp, gp[1:])):
+        raise ValueError(f"group_ptr must rise from 0 to {N}, got {gp}")
+    return group_ptr
 
 
 def check_perm(perm, N: int) -> None:

@@ -1,4 +1,5 @@
-"""CodebookLinear: an nn.Linear whose weight is stored in the codebook format."""
+"""CodebookLinear (uint8 codes, lookup tables) and WideCodebookLinear (16-bit codes): nn.Linear
+layers whose weight is stored in a codebook format."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from hotops import _backend
-from hotops.codebook import op
+from hotops.codebook import op, wide
 from hotops.codebook.format import CodebookWeight
+from hotops.codebook.functional import check_input
 from hotops.codebook.kmeans import quantize_weight
 
 
@@ -98,7 +100,7 @@ class CodebookLinear(nn.Module):
         return op.codebook_dequantize(self.codes, self.codebooks, self.scales, self.group_ptr, self.perm)
 
     def forward(self, x: Tensor) -> Tensor:
-        op.check_input(x, self.in_features)
+        check_input(x, self.in_features)
         return op.matmul(x, self.codes, self.codebooks, self.scales, self.group_ptr, self.perm, self.bias)
 
     def _load_from_state_dict(
@@ -155,4 +157,54 @@ class CodebookLinear(nn.Module):
             f"in_group={self.codebooks.shape[3]}, num_codebooks={self.codebooks.shape[1]}, "
             f"codebook_size={self.codebooks.shape[2]}, groups={self.codebooks.shape[0]}, "
             f"bias={self.bias is not None}"
+        )
+
+
+class WideCodebookLinear(nn.Module):
+    """y = x W^T + b with W in 16-bit codes (see hotops.codebook.wide). Codes, group boundaries
+    and the permutation are buffers; codebooks and per-row scales are parameters."""
+
+    def __init__(
+        self,
+        codes: Tensor,
+        codebooks: Tensor,
+        scales: Tensor,
+        group_ptr: Optional[Tensor] = None,
+        perm: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None,
+    ):
+        super().__init__()
+        group_ptr = wide.validate(codes, codebooks, scales, group_ptr, perm, bias)
+        self.in_features, self.out_features = codes.shape[1] * wide.IN_GROUP, codes.shape[0]
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("group_ptr", group_ptr)
+        self.register_buffer("perm", perm)
+        self.codebooks = nn.Parameter(codebooks.detach().contiguous())
+        self.scales = nn.Parameter(scales.detach().contiguous())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Exact storage bits per weight: codes, codebooks, scales, boundaries, permutation."""
+        parts = (self.codes, self.codebooks, self.scales, self.group_ptr, self.perm)
+        return (
+            8.0
+            * sum(t.numel() * t.element_size() for t in parts if t is not None)
+            / max(1, self.in_features * self.out_features)
+        )
+
+    def dequantize(self) -> Tensor:
+        """The dense (out_features, in_features) float32 weight it represents."""
+        return op.codebook_wide_dequantize(self.codes, self.codebooks, self.scales, self.group_ptr, self.perm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_features)
+        return op.matmul(x, self.codes, self.codebooks, self.scales, self.group_ptr, self.perm, self.bias)
+
+    def extra_repr(self) -> str:
+        O, M, C, g = self.codebooks.shape
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, in_group={g}, "
+            f"num_codebooks={M}, codebook_size={C}, groups={O}, codebook_dtype="
+            f"{str(self.codebooks.dtype).replace('torch.', '')}, bias={self.bias is not None}"
         )

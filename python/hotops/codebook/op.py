@@ -1,25 +1,34 @@
-"""torch.library ops of the codebook family: schema, fake impl, autograd, per-device kernels.
+"""torch.library ops of the codebook family: schema, fake impl, autograd, per-device backends.
 
-``hotops::codebook_matmul`` (x (..., K) -> (..., N)) and ``hotops::codebook_dequantize`` (the
-dense float32 weight). On the CPU the product runs the C++ lookup-table kernel (see
-``use_tables``); otherwise it dequantizes row tiles of the weight into cache and multiplies them
-with torch's BLAS. On CUDA it runs the Triton kernels (``triton.py``: a GEMV for small batches, a
-GEMM for larger ones, both dequantizing tiles in-kernel). Other devices dequantize and multiply
-with torch.
+Two code widths share every wrapper here; the codes' dtype tells them apart (uint8: the
+lookup-table format of ``format.py``; int16: the 16-bit format of ``wide.py``):
+
+* ``hotops::codebook_matmul`` / ``hotops::codebook_wide_matmul``: x (..., K) -> (..., N) in x's
+  dtype. On the CPU the C++ kernel (lookup tables for uint8 codes, see ``use_tables``; codeword
+  gathers for 16-bit codes up to ``WIDE_MAX_BATCH`` rows), else row tiles of the weight dequantized
+  into cache and multiplied with torch's BLAS. On CUDA the Triton kernels (``triton.py``, uint8
+  codes: a GEMV for small batches, a GEMM for larger ones, both dequantizing tiles in-kernel).
+  Every other device takes the named torch backend (dequantize, then ``F.linear``).
+* ``hotops::codebook_dequantize`` / ``hotops::codebook_wide_dequantize``: the dense (N, K) float32
+  weight in output order.
 
 Backward: dx = dy W, on CUDA by a Triton kernel on the same in-kernel tiles, elsewhere with W
 dequantized (by the C++ kernel on the CPU); the codebooks' and scales' gradients come from
 dW = dy^T x by a scatter-add of each code's slice into its codeword, in torch on every device.
+
+Inputs are validated once, where users call in (``functional.py``, the modules); the C++ checks
+guard memory safety.
 """
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hotops import _backend
 from hotops.codebook import format as fmt
-from hotops.codebook.format import check_perm, unpack_codes
+from hotops.codebook import wide
 
 # When the lookup tables beat dequantize + GEMM (measured, docs/notes/codebook.md). A table lookup adds
 # in_group / num_codebooks weights' worth of products at once: from 2 on (AQLM's 2x8 and 1x8/4
@@ -27,6 +36,7 @@ from hotops.codebook.format import check_perm, unpack_codes
 # below that they only win for small batches.
 LUT_MIN_WEIGHTS_PER_LOOKUP = 2
 LUT_MAX_BATCH = 16
+WIDE_MAX_BATCH = 16  # 16-bit codes: the gather kernel up to here, dequantized tiles + torch.mm above
 
 
 def use_tables(batch: int, in_group: int, num_codebooks: int) -> bool:
@@ -38,83 +48,99 @@ def use_tables(batch: int, in_group: int, num_codebooks: int) -> bool:
 GEMM_TILE_BYTES = 8 << 20
 
 
-ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # on the CPU; other devices also take float16
+# ----------------------------------------------------------------- the two code widths
 
 
-def check_input(x, in_features: int) -> None:
-    """x for a product with a weight of in_features inputs: a floating tensor (float32 or
-    bfloat16 on the CPU, also float16 elsewhere) ending in in_features."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    allowed = (
-        ACTIVATION_DTYPES if x.dtype in ACTIVATION_DTYPES or x.device.type == "cpu" else _backend.FLOAT_DTYPES
-    )
-    if x.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(
-            f"x has dtype {str(x.dtype).replace('torch.', '')}; codebook products on "
-            f"{x.device.type} take {names} (convert x, e.g. x.float())"
-        )
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x must end in in_features = {in_features}, got shape {tuple(x.shape)}")
+def _wide(codes: Tensor) -> bool:
+    return codes.dtype == torch.int16
 
 
-def _kernel_args(codes, codebooks, scales):
-    return codes, codebooks.detach().float().contiguous(), scales.detach().float().contiguous()
-
-
-def _cpu_dequantize_stored(codes, codebooks, scales, group_ptr, dtype=torch.float32, rows=None):
-    r0, r1 = rows if rows is not None else (0, scales.shape[0])
-    out = torch.empty(r1 - r0, _in_features(codes, codebooks), dtype=dtype)
-    c, cb, s = _kernel_args(codes, codebooks, scales)
-    _backend.ext().codebook_dequantize(c, cb, s, group_ptr, r0, r1, out, _backend.num_threads())
-    return out
-
-
-def _in_features(codes, codebooks):
+def _in_features(codes: Tensor, codebooks: Tensor) -> int:
+    if _wide(codes):
+        return codes.shape[1] * wide.IN_GROUP
     return codes.shape[1] // codebooks.shape[1] * codebooks.shape[3]
 
 
-def _cpu_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
-    B, N = x2.shape[0], scales.shape[0]
-    if use_tables(B, codebooks.shape[3], codebooks.shape[1]):
+def _kernel_args(codes, codebooks, scales):
+    """codes, codebooks, scales as the C++ kernels take them (16-bit codes as uint16; their
+    codebooks stay in float16 / bfloat16, the uint8 kernel's are float32)."""
+    if _wide(codes):
+        return codes.view(torch.uint16), codebooks.detach().contiguous(), scales.detach().float().contiguous()
+    return codes, codebooks.detach().float().contiguous(), scales.detach().float().contiguous()
+
+
+def _logical_codes(codes: Tensor, rows: int, num_codebooks: int) -> Tensor:
+    """(N, J, M) int64 code values."""
+    return wide.code_values(codes) if _wide(codes) else fmt.unpack_codes(codes, rows, num_codebooks).long()
+
+
+def _output_order(stored: Tensor, perm: Optional[Tensor]) -> Tensor:
+    # perm is applied here, in Python: a buffer changed behind the module's back must not
+    # scramble the output silently (the C++ products check it themselves)
+    fmt.check_perm(perm, stored.shape[0])
+    return fmt.to_output_order(stored, perm)
+
+
+# ----------------------------------------------------------------- backends
+
+
+def _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, r0, r1, out):
+    kernel = _backend.ext().codebook_wide_dequantize if _wide(codes) else _backend.ext().codebook_dequantize
+    kernel(*_kernel_args(codes, codebooks, scales), group_ptr, r0, r1, out, _backend.num_threads())
+
+
+def _cpu_dequantize(codes, codebooks, scales, group_ptr, perm):
+    out = torch.empty(scales.shape[0], _in_features(codes, codebooks))
+    _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, 0, scales.shape[0], out)
+    return _output_order(out, perm)
+
+
+def _torch_dequantize(codes, codebooks, scales, group_ptr, perm):
+    if _wide(codes):
+        return fmt.to_output_order(wide.dequantize_stored(codes, codebooks, scales, group_ptr), perm)
+    return fmt.dequantize(codes, codebooks, scales, group_ptr, perm)
+
+
+def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
+    x2 = _backend.cpu_view(x.reshape(-1, x.shape[-1]))
+    B, K, N = x2.shape[0], x2.shape[1], scales.shape[0]
+    if B <= WIDE_MAX_BATCH if _wide(codes) else use_tables(B, codebooks.shape[3], codebooks.shape[1]):
         out = torch.empty(B, N, dtype=x2.dtype)
-        c, cb, s = _kernel_args(codes, codebooks, scales)
-        _backend.ext().codebook_matmul(
-            x2,
-            c,
-            cb,
-            s,
-            group_ptr,
-            perm,
-            None if bias is None else bias.detach().float().contiguous(),
-            out,
-            _backend.num_threads(),
-        )
-        return out
-    check_perm(perm, N)  # (the table kernel checks it in C++; here argsort would take anything)
-    K = x2.shape[1]
-    tile = max(16, GEMM_TILE_BYTES // max(1, K * x2.element_size()))
-    out_t = torch.empty(N, B, dtype=x2.dtype)  # stored order, transposed: each tile writes whole rows
-    w = torch.empty(min(tile, N), K, dtype=x2.dtype)  # one tile buffer, reused (no page faults)
-    c, cb, s = _kernel_args(codes, codebooks, scales)
+        kernel = _backend.ext().codebook_wide_matmul if _wide(codes) else _backend.ext().codebook_matmul
+        b32 = None if bias is None else bias.detach().float().contiguous()
+        kernel(x2, *_kernel_args(codes, codebooks, scales), group_ptr, perm, b32, out, _backend.num_threads())
+        return out.reshape(*x.shape[:-1], N)
+    # the tiles in x's dtype (float16: float32, torch's CPU float16 GEMM being slow)
+    dtype = torch.float32 if x2.dtype == torch.float16 else x2.dtype
+    xt = x2.T.to(dtype)
+    tile = max(16, GEMM_TILE_BYTES // max(1, K * xt.element_size()))
+    out_t = torch.empty(N, B, dtype=dtype)  # stored order, transposed: each tile writes whole rows
+    w = torch.empty(min(tile, N), K, dtype=dtype)  # one tile buffer, reused (no page faults)
     for r0 in range(0, N, tile):
         r1 = min(N, r0 + tile)
-        _backend.ext().codebook_dequantize(c, cb, s, group_ptr, r0, r1, w[: r1 - r0], _backend.num_threads())
-        torch.mm(w[: r1 - r0], x2.T, out=out_t[r0:r1])
-    out = fmt.to_output_order(out_t, perm).T
-    return out + bias.to(out.dtype) if bias is not None else out.contiguous()
+        _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, r0, r1, w[: r1 - r0])
+        torch.mm(w[: r1 - r0], xt, out=out_t[r0:r1])
+    out = _output_order(out_t, perm).T.to(x2.dtype)
+    out = out + bias.to(out.dtype) if bias is not None else out.contiguous()
+    return out.reshape(*x.shape[:-1], N)
 
 
-def _torch_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
-    w = fmt.dequantize(codes, codebooks, scales, group_ptr, perm).to(x2.dtype)
-    return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+def _torch_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
+    w = _torch_dequantize(codes, codebooks.detach(), scales.detach(), group_ptr, perm).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.detach().to(x.dtype))
 
 
-def _triton_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
+def _unit_rows(t: Tensor) -> Tensor:
+    """t as (rows, t.shape[-1]) with unit inner stride, detached: what the Triton kernels take."""
+    t = t.detach().reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _triton_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
     from hotops.codebook import triton as kernels
 
-    return kernels.matmul(
+    x2 = _unit_rows(x)
+    out = kernels.matmul(
         x2,
         codes,
         codebooks.detach(),
@@ -123,32 +149,77 @@ def _triton_matmul(x2, codes, codebooks, scales, group_ptr, perm, bias):
         perm,
         None if bias is None else bias.detach(),
     )
+    return out.reshape(*x.shape[:-1], scales.shape[0])
 
 
-MATMUL_BACKENDS = (
-    _backend.Backend("cpu (C++)", _backend.cpu_refuses, _cpu_matmul),
+def _triton_input_grad(dy, codes, codebooks, scales, group_ptr, perm):
+    from hotops.codebook import triton as kernels
+
+    dx = kernels.input_grad(_unit_rows(dy), codes, codebooks.detach(), scales.detach(), group_ptr, perm)
+    return dx.reshape(*dy.shape[:-1], dx.shape[-1])
+
+
+def _dense_input_grad(dy, codes, codebooks, scales, group_ptr, perm):
+    """dy W with W from the dequantize op (differentiable: create_graph=True takes this path)."""
+    dequantize = codebook_wide_dequantize if _wide(codes) else codebook_dequantize
+    return dy @ dequantize(codes, codebooks, scales, group_ptr, perm).to(dy.dtype)
+
+
+def _any_device(device: torch.device) -> Optional[str]:
+    return None
+
+
+_CPU = "cpu (C++)"
+_TORCH = "torch (dequantize + F.linear, any device)"
+CODEBOOK_MATMUL_BACKENDS = (
+    _backend.Backend(_CPU, _backend.cpu_refuses, _cpu_matmul),
     _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_matmul),
-    _backend.Backend("torch (dequantize + matmul)", lambda device: None, _torch_matmul),
+    _backend.Backend(_TORCH, _any_device, _torch_matmul),
 )
+CODEBOOK_WIDE_MATMUL_BACKENDS = (
+    _backend.Backend(_CPU, _backend.cpu_refuses, _cpu_matmul),
+    _backend.Backend(_TORCH, _any_device, _torch_matmul),
+)
+CODEBOOK_DEQUANTIZE_BACKENDS = CODEBOOK_WIDE_DEQUANTIZE_BACKENDS = (
+    _backend.Backend(_CPU, _backend.cpu_refuses, _cpu_dequantize),
+    _backend.Backend("torch (any device)", _any_device, _torch_dequantize),
+)
+# dx of the products' backward
+CODEBOOK_MATMUL_BACKWARD_BACKENDS = (
+    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_input_grad),
+    _backend.Backend("dequantize + matmul (any device)", _any_device, _dense_input_grad),
+)
+CODEBOOK_WIDE_MATMUL_BACKWARD_BACKENDS = CODEBOOK_MATMUL_BACKWARD_BACKENDS[1:]
+
+
+# ----------------------------------------------------------------- ops
+
+
+def _dequantize_impl(
+    codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor]
+):
+    backends = CODEBOOK_WIDE_DEQUANTIZE_BACKENDS if _wide(codes) else CODEBOOK_DEQUANTIZE_BACKENDS
+    name = "codebook_wide_dequantize" if _wide(codes) else "codebook_dequantize"
+    return _backend.choose(name, backends, codes.device).run(codes, codebooks, scales, group_ptr, perm)
 
 
 @torch.library.custom_op("hotops::codebook_dequantize", mutates_args=())
 def codebook_dequantize(
     codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor]
 ) -> Tensor:
-    """The dense (N, K) float32 weight in output order."""
-    check_perm(perm, scales.shape[0])
-    if codes.device.type == "cpu" and _backend.cpu_refuses(codes.device) is None:
-        return fmt.to_output_order(_cpu_dequantize_stored(codes, codebooks, scales, group_ptr), perm)
-    return fmt.dequantize(codes, codebooks, scales, group_ptr, perm)
+    """The dense (N, K) float32 weight in output order (uint8 codes)."""
+    return _dequantize_impl(codes, codebooks, scales, group_ptr, perm)
 
 
-@codebook_dequantize.register_fake
-def _(codes, codebooks, scales, group_ptr, perm):
-    return codes.new_empty((scales.shape[0], _in_features(codes, codebooks)), dtype=torch.float32)
+@torch.library.custom_op("hotops::codebook_wide_dequantize", mutates_args=())
+def codebook_wide_dequantize(
+    codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor]
+) -> Tensor:
+    """The dense (N, K) float32 weight in output order (16-bit codes)."""
+    return _dequantize_impl(codes, codebooks, scales, group_ptr, perm)
 
 
-def matmul_impl(
+def _matmul_impl(
     x: Tensor,
     codes: Tensor,
     codebooks: Tensor,
@@ -157,13 +228,14 @@ def matmul_impl(
     perm: Optional[Tensor],
     bias: Optional[Tensor],
 ) -> Tensor:
-    """x (..., K) -> (..., N) in x's dtype: the op's implementation, without the dispatcher."""
-    run = _backend.choose("codebook_matmul", MATMUL_BACKENDS, x.device).run
-    x2 = _backend.cpu_view(x.reshape(-1, x.shape[-1]))
-    return run(x2, codes, codebooks, scales, group_ptr, perm, bias).reshape(*x.shape[:-1], scales.shape[0])
+    """x (..., K) -> (..., N) in x's dtype: the ops' implementation, without the dispatcher."""
+    backends = CODEBOOK_WIDE_MATMUL_BACKENDS if _wide(codes) else CODEBOOK_MATMUL_BACKENDS
+    name = "codebook_wide_matmul" if _wide(codes) else "codebook_matmul"
+    return _backend.choose(name, backends, x.device).run(x, codes, codebooks, scales, group_ptr, perm, bias)
 
 
-codebook_matmul = torch.library.custom_op("hotops::codebook_matmul", mutates_args=())(matmul_impl)
+codebook_matmul = torch.library.custom_op("hotops::codebook_matmul", mutates_args=())(_matmul_impl)
+codebook_wide_matmul = torch.library.custom_op("hotops::codebook_wide_matmul", mutates_args=())(_matmul_impl)
 
 
 def matmul(
@@ -175,18 +247,25 @@ def matmul(
     perm: Optional[Tensor],
     bias: Optional[Tensor],
 ) -> Tensor:
-    """The entry point of the public API. Eager inference (plain tensors, nothing to
-    differentiate, no tracing) calls the implementation directly: the custom op's dispatch costs
-    ~80 us a call, as much as a whole batch-1 product of a small layer. Everything else goes
-    through the op, so autograd and torch.compile see it."""
+    """The products' entry point (validated inputs, either code width). Eager inference (plain
+    tensors, nothing to differentiate, no tracing) calls the implementation directly: a custom
+    op's dispatch costs tens of microseconds a call, as much as a whole batch-1 product of a small
+    layer. Everything else goes through the op, so autograd and torch.compile see it."""
     if _backend.can_skip_dispatcher(x, codebooks, scales, bias):
-        return matmul_impl(x, codes, codebooks, scales, group_ptr, perm, bias)
-    return codebook_matmul(x, codes, codebooks, scales, group_ptr, perm, bias)
+        return _matmul_impl(x, codes, codebooks, scales, group_ptr, perm, bias)
+    op = codebook_wide_matmul if _wide(codes) else codebook_matmul
+    return op(x, codes, codebooks, scales, group_ptr, perm, bias)
 
 
-@codebook_matmul.register_fake
-def _(x, codes, codebooks, scales, group_ptr, perm, bias):
+def _fake_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+def _fake_dequantize(codes, codebooks, scales, group_ptr, perm):
+    return codes.new_empty((scales.shape[0], _in_features(codes, codebooks)), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------- autograd
 
 
 def format_grads(
@@ -194,14 +273,15 @@ def format_grads(
 ) -> Tuple[Tensor, Tensor]:
     """Gradients of codebooks and scales from dW, the gradient of the dense (N, K) weight."""
     O, M, C, g = codebooks.shape
-    N, J = scales.shape[0], _in_features(codes, codebooks) // g
+    N = scales.shape[0]
+    J = _in_features(codes, codebooks) // g
     dWs = dW.float() if perm is None else dW.float()[perm]  # stored row order
-    unscaled = codebook_dequantize(codes, codebooks, torch.ones_like(scales), group_ptr, None)
+    dequantize = codebook_wide_dequantize if _wide(codes) else codebook_dequantize
+    unscaled = dequantize(codes, codebooks, torch.ones_like(scales), group_ptr, None)
     dscales = (dWs * unscaled).sum(1)
     dword = (dWs * scales.float()[:, None]).reshape(N, J, 1, g).expand(N, J, M, g)
     group = fmt.row_groups(group_ptr, N)
-    logical = unpack_codes(codes, N, M).long()
-    slot = (group[:, None, None] * M + torch.arange(M, device=codes.device)) * C + logical
+    slot = (group[:, None, None] * M + torch.arange(M, device=codes.device)) * C + _logical_codes(codes, N, M)
     dcb = dW.new_zeros(O * M * C, g, dtype=torch.float32).index_add_(
         0, slot.reshape(-1), dword.reshape(-1, g)
     )
@@ -209,8 +289,7 @@ def format_grads(
 
 
 def _setup_dequantize(ctx, inputs, output):
-    codes, codebooks, scales, group_ptr, perm = inputs
-    ctx.save_for_backward(codes, codebooks, scales, group_ptr, perm)
+    ctx.save_for_backward(*inputs)
 
 
 def _backward_dequantize(ctx, grad):
@@ -221,33 +300,10 @@ def _backward_dequantize(ctx, grad):
     return None, dcb, ds, None, None
 
 
-codebook_dequantize.register_autograd(_backward_dequantize, setup_context=_setup_dequantize)
-
-
 def _setup_matmul(ctx, inputs, output):
     x, codes, codebooks, scales, group_ptr, perm, bias = inputs
     ctx.save_for_backward(x, codes, codebooks, scales, group_ptr, perm)
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-def _triton_input_grad(dy2, codes, codebooks, scales, group_ptr, perm):
-    from hotops.codebook import triton as kernels
-
-    return kernels.input_grad(
-        _backend.cpu_view(dy2), codes, codebooks.detach(), scales.detach(), group_ptr, perm
-    )
-
-
-def _dense_input_grad(dy2, codes, codebooks, scales, group_ptr, perm):
-    w = codebook_dequantize(codes, codebooks, scales, group_ptr, perm)
-    return dy2 @ w.to(dy2.dtype)
-
-
-INPUT_GRAD_BACKENDS = (
-    _backend.Backend("cuda (Triton)", _backend.triton_refuses, _triton_input_grad),
-    _backend.Backend("dequantize + matmul", lambda device: None, _dense_input_grad),
-)
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward_matmul(ctx, dy):
@@ -256,16 +312,27 @@ def _backward_matmul(ctx, dy):
     dy2 = dy.reshape(-1, dy.shape[-1])
     dx = dcb = ds = db = None
     if need_x:
-        # create_graph=True: the dense path, made of differentiable ops (the Triton kernel is not)
-        backends = INPUT_GRAD_BACKENDS[1:] if torch.is_grad_enabled() else INPUT_GRAD_BACKENDS
-        input_grad = _backend.choose("codebook_matmul backward", backends, dy.device).run
-        dx = input_grad(dy2, codes, codebooks, scales, group_ptr, perm).reshape(x.shape)
+        name = "codebook_wide_matmul" if _wide(codes) else "codebook_matmul"
+        backends = (
+            CODEBOOK_WIDE_MATMUL_BACKWARD_BACKENDS if _wide(codes) else CODEBOOK_MATMUL_BACKWARD_BACKENDS
+        )
+        if torch.is_grad_enabled():  # create_graph=True: only differentiable backends (not Triton's)
+            backends = backends[-1:]
+        dx = _backend.choose(f"{name} backward", backends, dy.device).run(
+            dy, codes, codebooks, scales, group_ptr, perm
+        )
     if need_cb or need_s:
         dW = dy2.float().T @ x.reshape(-1, x.shape[-1]).float()
         dcb, ds = format_grads(dW, codes, codebooks, scales, group_ptr, perm)
-    if ctx.has_bias and need_b:
+    if ctx.bias_dtype is not None and need_b:
         db = dy2.sum(0).to(ctx.bias_dtype)
     return dx, None, dcb, ds, None, None, db
 
 
-codebook_matmul.register_autograd(_backward_matmul, setup_context=_setup_matmul)
+for _op in (codebook_dequantize, codebook_wide_dequantize):
+    _op.register_fake(_fake_dequantize)
+    _op.register_autograd(_backward_dequantize, setup_context=_setup_dequantize)
+for _op in (codebook_matmul, codebook_wide_matmul):
+    _op.register_fake(_fake_matmul)
+    _op.register_autograd(_backward_matmul, setup_context=_setup_matmul)
+del _op

@@ -32,9 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from hotops.codebook.format import IN_GROUPS, CodebookWeight
-from hotops.codebook.module import CodebookLinear
+from hotops.codebook.module import CodebookLinear, WideCodebookLinear
 from hotops.codebook.wide import IN_GROUP as WIDE_IN_GROUP
-from hotops.codebook.wide import WideCodebookLinear
 
 __all__ = ["CodebookLinearSum", "convert_aqlm", "from_aqlm"]
 
