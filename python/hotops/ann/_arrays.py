@@ -32,10 +32,9 @@ def as_numpy(x, name: str) -> np.ndarray:
     raise TypeError(f"{name} must be a NumPy array or a torch tensor, got {type(x).__name__}")
 
 
-def as_vectors(x, name: str, dim: int) -> np.ndarray:
-    """(n, dim) float32, C-contiguous and finite. float64/float16 are converted; integer and bool
-    arrays are refused (they are almost always ids or codes passed by mistake)."""
-    a = as_numpy(x, name)
+def float_rows(a: np.ndarray, name: str, dim: int) -> np.ndarray:
+    """a itself, once it is a 2-d (n, dim) floating-point array (not converted, nor checked for
+    finiteness: a memory-mapped source is read chunk by chunk)."""
     if not np.issubdtype(a.dtype, np.floating):
         raise TypeError(
             f"{name} has dtype {a.dtype}; expected float32 (float64, float16 and bfloat16 are converted)"
@@ -44,7 +43,13 @@ def as_vectors(x, name: str, dim: int) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-d (n, {dim}) array, got shape {a.shape}")
     if a.shape[1] != dim:
         raise ValueError(f"{name} has dimension {a.shape[1]}, the index has dimension {dim}")
-    a = np.ascontiguousarray(a, dtype=np.float32)
+    return a
+
+
+def as_vectors(x, name: str, dim: int) -> np.ndarray:
+    """(n, dim) float32, C-contiguous and finite. float64/float16 are converted; integer and bool
+    arrays are refused (they are almost always ids or codes passed by mistake)."""
+    a = np.ascontiguousarray(float_rows(as_numpy(x, name), name, dim), dtype=np.float32)
     if not np.isfinite(a).all():
         bad = np.argwhere(~np.isfinite(a))[0]
         raise ValueError(f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")

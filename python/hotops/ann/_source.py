@@ -24,16 +24,7 @@ def open_source(x, dim: int, name: str = "x") -> np.ndarray:
             x = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise ValueError(f"{name}: {path} is not a readable .npy file ({exc})") from None
-    a = _arrays.as_numpy(x, name)
-    if not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(
-            f"{name} has dtype {a.dtype}; expected float32 (float64, float16 and bfloat16 are converted)"
-        )
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be a 2-d (n, {dim}) array, got shape {a.shape}")
-    if a.shape[1] != dim:
-        raise ValueError(f"{name} has dimension {a.shape[1]}, the index has dimension {dim}")
-    return a
+    return _arrays.float_rows(_arrays.as_numpy(x, name), name, dim)
 
 
 def _root_map(a: np.ndarray):
