@@ -19,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import hotops
 from hotops.ann import (
     BiGranularIndex,
     IVFPQIndex,
@@ -30,7 +31,9 @@ from hotops.ann import (
     write_store,
 )
 
-PYTHON_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "python")
+# the folder this process imported hotops from (a source tree's python/ or site-packages), so the
+# subprocesses run the same build
+PYTHON_DIR = str(pathlib.Path(hotops.__file__).resolve().parents[1])
 
 
 def data(n, d, seed=0, clusters=8):
