@@ -1,7 +1,7 @@
 import math
 import os
-import socket
 
+import _dist
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -325,12 +325,6 @@ def test_module_learnable_temperature_clamped():
     assert loss_fn.temperature.item() == pytest.approx(0.01)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank, world, port, q, d, h, out):
     import torch.distributed as dist
 
@@ -356,7 +350,7 @@ def test_gather_two_gloo_ranks_equal_one_process():
     out = manager.dict()
     mp.start_processes(
         _gather_worker,
-        args=(world, _free_port(), q, d, h, out),
+        args=(world, _dist.free_port(), q, d, h, out),
         nprocs=world,
         start_method="spawn",
         join=True,
