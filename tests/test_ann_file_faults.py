@@ -8,11 +8,11 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
 from _ann import shared, small
+from _faults import run_threads
 
 import hotops
 from hotops.ann import BiGranularIndex, MappedFileChangedError, PQIndex, write_store
@@ -86,21 +86,7 @@ def test_concurrent_saves_to_one_path_leave_one_whole_index(tmp_path):
         indexes.append(twin)
     path = tmp_path / "shared.hann"
     for _ in range(3):
-        barrier, errors = threading.Barrier(len(indexes)), []
-
-        def save(ix, barrier=barrier, errors=errors):
-            try:
-                barrier.wait()
-                ix.save(path)
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        threads = [threading.Thread(target=save, args=(ix,)) for ix in indexes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors[0]
+        run_threads(lambda i: indexes[i].save(path), len(indexes))  # started together at a barrier
         loaded = PQIndex.load(path)
         assert any(loaded.ntotal == ix.ntotal and np.array_equal(loaded.codes, ix.codes) for ix in indexes)
     assert [p.name for p in tmp_path.iterdir()] == ["shared.hann"]
