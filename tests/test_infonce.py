@@ -261,54 +261,30 @@ def test_no_backend_lists_reasons():
 def test_c_kernel_refuses_bad_views():
     ext = _backend.ext()
     S, r = torch.randn(4, 6), torch.empty(4)
+
+    def rows(scores, pos_col=0):
+        return ext.infonce_rows(
+            scores,
+            None,
+            None,
+            None,
+            r,
+            r,
+            r,
+            pos_col=pos_col,
+            inv_t=1.0,
+            smoothing=0.0,
+            grad_scale=1.0,
+            want_grad=False,
+            threads=1,
+        )
+
     with pytest.raises(ValueError, match="positive columns"):
-        ext.infonce_rows(
-            S,
-            None,
-            None,
-            None,
-            r,
-            r,
-            r,
-            pos_col=3,
-            inv_t=1.0,
-            smoothing=0.0,
-            grad_scale=1.0,
-            want_grad=False,
-            threads=1,
-        )
+        rows(S, pos_col=3)
     with pytest.raises(ValueError, match="dtype int64"):
-        ext.infonce_rows(
-            S.long(),
-            None,
-            None,
-            None,
-            r,
-            r,
-            r,
-            pos_col=0,
-            inv_t=1.0,
-            smoothing=0.0,
-            grad_scale=1.0,
-            want_grad=False,
-            threads=1,
-        )
+        rows(S.long())
     with pytest.raises(ValueError, match="contiguous last dimension"):
-        ext.infonce_rows(
-            S.T,
-            None,
-            None,
-            None,
-            r,
-            r,
-            r,
-            pos_col=0,
-            inv_t=1.0,
-            smoothing=0.0,
-            grad_scale=1.0,
-            want_grad=False,
-            threads=1,
-        )
+        rows(S.T)
 
 
 # ------------------------------------------------------------------ the module and gathering
