@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -39,7 +40,7 @@ def run(fn, world: int, *args, timeout: float = 120.0):
     """Calls fn(rank, world, *args) on `world` gloo ranks; re-raises a rank's exception; kills the
     ranks and fails after `timeout` seconds."""
     ctx = mp.start_processes(
-        _entry, args=(fn, world, _free_port(), args), nprocs=world, join=False, start_method="spawn"
+        _entry, args=(fn, world, free_port(), args), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):

@@ -1,6 +1,7 @@
 """Helpers the per-family fault suites share (test_infonce_faults.py, test_codebook_faults.py,
-test_attention_faults.py): the property-test settings, the non-finite comparisons, value and
-layout generators, and a thread runner."""
+test_attention_faults.py; test_sparse_state.py and test_ann_file_faults.py run threads with it):
+the property-test settings, the non-finite comparisons, value and layout generators, and a thread
+runner."""
 
 from __future__ import annotations
 

@@ -1,41 +1,18 @@
 """hotops.ann: PQ kernels against the NumPy reference on every ISA, index behaviour (refine,
-allow-lists, ids, incremental add, NumPy/torch in and out), files, and bad input."""
-
-import os
+allow-lists, ids, incremental add, NumPy/torch in and out), 4-bit fast-scan, threads, and bad input.
+Files and the bi-granular index: test_ann_files.py; the Triton scan: test_ann_triton.py;
+quantize_ste: test_ann_quantize_ste.py."""
 
 import numpy as np
 import pytest
 import torch
+from _ann import data, ivf, pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hotops import _backend
-from hotops.ann import BiGranularIndex, IVFPQIndex, PQIndex, kmeans, reference, write_store
+from hotops.ann import IVFPQIndex, PQIndex, kmeans, reference
 from hotops.ann.kmeans import nearest
-
-
-def data(n, d, seed=0, clusters=8):
-    """Clustered float32 vectors, so PQ and IVF have structure to find."""
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((clusters, d)) * 3
-    return (centers[rng.integers(0, clusters, n)] + rng.standard_normal((n, d))).astype(np.float32)
-
-
-def pq(d=16, m=4, nbits=6, metric="l2", n=600, **kw):
-    x = data(n, d)
-    index = PQIndex(d, m, nbits, metric, verbose=False, **kw)
-    index.train(x)
-    index.add(x)
-    return index, x
-
-
-def ivf(d=16, nlist=8, m=4, nbits=6, metric="l2", n=800, **kw):
-    x = data(n, d, seed=1)
-    index = IVFPQIndex(d, nlist, m, nbits, metric, verbose=False, **kw)
-    index.train(x)
-    index.add(x)
-    return index, x
-
 
 # ------------------------------------------------------------------ kernels vs reference
 
@@ -207,108 +184,6 @@ def test_nbits_4():
     assert (ids[:, 0] == np.arange(20)).mean() >= 0.95
 
 
-# ------------------------------------------------------------------ files
-
-
-@pytest.mark.parametrize("make", [pq, ivf])
-@pytest.mark.parametrize("mmap", [False, True])
-def test_save_load_round_trip(tmp_path, make, mmap):
-    index, x = make(keep_vectors=True)
-    path = tmp_path / "index.hann"
-    index.save(path)
-    loaded = type(index).load(path, mmap=mmap)
-    assert [p.name for p in tmp_path.iterdir()] == ["index.hann"]  # no temporary file left behind
-    q = data(5, 16, seed=10)
-    kw = {"nprobe": 4} if isinstance(index, IVFPQIndex) else {}
-    for a, b in zip(index.search(q, k=6, refine=3, **kw), loaded.search(q, k=6, refine=3, **kw)):
-        np.testing.assert_array_equal(a, b)
-    if mmap:  # the codes are read from the guarded mapping, not copied
-        assert np.shares_memory(loaded.codes, loaded._mapped[0].bytes)
-
-
-@pytest.fixture
-def saved(tmp_path):
-    index, _ = ivf()
-    path = tmp_path / "index.hann"
-    index.save(path)
-    return path
-
-
-def _rewrite(path, fn):
-    raw = bytearray(path.read_bytes())
-    path.write_bytes(bytes(fn(raw)))
-
-
-def test_load_refuses_corrupted_codes(saved):
-    _rewrite(saved, lambda b: b[:-100] + bytes([b[-100] ^ 0xFF]) + b[-99:])
-    with pytest.raises(ValueError, match="checksum"):
-        IVFPQIndex.load(saved)
-
-
-@pytest.mark.parametrize("cut", [5, 30, 500, -1])
-def test_load_refuses_truncated(saved, cut):
-    _rewrite(saved, lambda b: b[:cut])
-    with pytest.raises(ValueError, match="truncated|size"):
-        IVFPQIndex.load(saved, mmap=True)
-
-
-def test_load_refuses_wrong_version_magic_kind(saved, tmp_path):
-    raw = saved.read_bytes()
-    saved.write_bytes(raw[:8] + (99).to_bytes(4, "little") + raw[12:])
-    with pytest.raises(ValueError, match="version 99"):
-        IVFPQIndex.load(saved)
-    saved.write_bytes(b"NOTANIDX" + raw[8:])
-    with pytest.raises(ValueError, match="not a hotops index"):
-        IVFPQIndex.load(saved)
-    saved.write_bytes(raw[:20] + bytes([raw[20] ^ 1]) + raw[21:])
-    with pytest.raises(ValueError, match="metadata checksum"):
-        IVFPQIndex.load(saved)
-    saved.write_bytes(raw)
-    with pytest.raises(ValueError, match="holds a IVFPQIndex"):
-        PQIndex.load(saved)
-
-
-# ------------------------------------------------------------------ bi-granular
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_bigranular_reranks_exactly(tmp_path, dtype):
-    index, x = ivf()
-    store = tmp_path / "store.bin"
-    write_store(store, x, dtype)
-    bi = BiGranularIndex(index, store, dtype)
-    q = data(7, 16, seed=11)
-    dist, ids = bi.search(q, k=5, candidates=len(x), nprobe=index.nlist)
-    ref_s, ref_rows = reference.search(q, x.astype(dtype).astype(np.float32), 5, "l2")
-    np.testing.assert_allclose(dist, ref_s, rtol=1e-4, atol=1e-3)
-    assert (ids == ref_rows).mean() > 0.97  # float16 ties may swap
-    d_t, i_t = bi.search(torch.from_numpy(q), k=5, candidates=50, nprobe=4, fusion=0.5)
-    assert isinstance(i_t, torch.Tensor) and i_t.shape == (7, 5)
-    assert bi.ram_bytes_per_vector() == index.m + 8
-
-
-def test_bigranular_store_errors(tmp_path):
-    index, x = ivf()
-    store = tmp_path / "store.bin"
-    write_store(store, x, "float32")
-    raw = store.read_bytes()
-    store.write_bytes(raw[:-4])
-    with pytest.raises(ValueError, match="does not match"):
-        BiGranularIndex(index, store)
-    write_store(store, x[:, :8], "float32")
-    with pytest.raises(ValueError, match="dimension"):
-        BiGranularIndex(index, store)
-    write_store(store, x[:10], "float32")
-    with pytest.raises(ValueError, match="only 10 rows"):
-        BiGranularIndex(index, store)
-    write_store(store, x, "float16")
-    with pytest.raises(ValueError, match="float16"):
-        BiGranularIndex(index, store, "float32")
-    bi = BiGranularIndex(index, store)
-    with pytest.raises(ValueError, match="candidates"):
-        bi.search(x[:2], k=10, candidates=5)
-
-
 # ------------------------------------------------------------------ bad input
 
 
@@ -433,66 +308,6 @@ def test_fastscan_same_results_on_every_isa():
     assert set(out[0][1].ravel()) <= set(range(0, len(x), 3))
 
 
-# ------------------------------------------------------------------ quantize_ste
-
-
-def _ste_inputs(dtype=torch.float64, n=13, m=3, ksub=5, dsub=4):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, m * dsub, generator=g, dtype=dtype, requires_grad=True)
-    cb = torch.randn(m, ksub, dsub, generator=g, dtype=dtype, requires_grad=True)
-    return x, cb
-
-
-@pytest.mark.parametrize("temperature", [0.5, 4.0])
-def test_quantize_ste_matches_reference(temperature):
-    from hotops.ann import quantize_ste
-
-    x, cb = _ste_inputs()
-    out = quantize_ste(x, cb, temperature)
-    ref = reference.quantize_ste(x, cb, temperature)
-    torch.testing.assert_close(out, ref)
-    w = torch.randn_like(out)
-    gx, gc = torch.autograd.grad((out * w).sum(), (x, cb))
-    rx, rc = torch.autograd.grad((ref * w).sum(), (x, cb))
-    torch.testing.assert_close(gx, rx)
-    torch.testing.assert_close(gc, rc)
-
-
-def test_quantize_ste_agrees_with_pq_encoding():
-    from hotops.ann import quantize_ste
-
-    index, x = pq(d=16, m=4, nbits=4)
-    out = quantize_ste(torch.from_numpy(x), torch.from_numpy(index.codebooks), 1.0)
-    np.testing.assert_allclose(out.numpy(), index.decode(index.encode(x)), atol=1e-6)
-
-
-def test_quantize_ste_opcheck_and_compile():
-    from hotops.ann import quantize_ste
-    from hotops.ann.op import quantize_ste_fwd
-
-    x, cb = _ste_inputs(torch.float32)
-    torch.library.opcheck(quantize_ste_fwd, (x, cb, 0.7))
-    compiled = torch.compile(
-        lambda a, b: quantize_ste(a, b, 0.7).square().sum(), fullgraph=True, backend="aot_eager"
-    )
-    loss = compiled(x, cb)
-    loss.backward()
-    torch.testing.assert_close(loss, quantize_ste(x, cb, 0.7).square().sum())
-    assert x.grad is not None and cb.grad is not None
-
-
-def test_quantize_ste_bad_input():
-    from hotops.ann import quantize_ste
-
-    x, cb = _ste_inputs()
-    with pytest.raises(ValueError, match="do not tile"):
-        quantize_ste(x[:, :5], cb)
-    with pytest.raises(ValueError, match="temperature"):
-        quantize_ste(x, cb, 0.0)
-    with pytest.raises(TypeError, match="floating point"):
-        quantize_ste(x.long(), cb)
-
-
 def test_few_queries_split_the_codes_across_threads():
     """With fewer queries than threads the flat scan splits the codes and merges the slices."""
     x = data(9000, 8, seed=3)
@@ -514,90 +329,6 @@ def test_few_queries_split_the_codes_across_threads():
     assert set(one[1][inside]) == set(three[1][inside])
     assert set(three[1].ravel()) <= set(range(0, 9000, 2))
     np.testing.assert_allclose(exact[0], reference.search(q, x, 20, "l2")[0], rtol=1e-5)
-
-
-# ------------------------------------------------------------------ the Triton scan (GPU path)
-
-
-def _device_search_matches_cpu(index, q, device, **kw):
-    """The Triton path (search on `device` tensors) returns the C++ path's neighbours."""
-    d_ref, i_ref = index.search(q, **kw)
-    d, i = index._search_triton(
-        torch.from_numpy(q).to(device), kw.pop("k"), kw.pop("refine", None), kw.pop("allow", None), **kw
-    )
-    np.testing.assert_allclose(d.cpu().numpy(), d_ref, rtol=1e-5, atol=1e-4)
-    i = i.cpu().numpy()
-    for row, row_ref, dist in zip(i, i_ref, d_ref):  # the same neighbours, up to near-ties with the k-th
-        inside = np.abs(dist - dist[-1]) > 1e-4 * max(1.0, abs(dist[-1]))
-        assert set(row[inside]) == set(row_ref[inside])
-
-
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize("make", [pq, ivf])
-def test_triton_scan_matches_cpu(metric, make):
-    from conftest import require_triton_runs
-
-    require_triton_runs()
-    index, x = make(n=300, metric=metric, keep_vectors=True)
-    q = data(3, 16, seed=9)
-    extra = dict(nprobe=3) if make is ivf else {}
-    _device_search_matches_cpu(index, q, "cpu", k=5, refine=2, allow=np.arange(0, 300, 3), **extra)
-
-
-def test_triton_adc_topk_edges():
-    """Empty lists, absent probes (-1), k beyond the rows scanned, and ties broken by row."""
-    from conftest import require_triton_runs
-
-    require_triton_runs()
-    from hotops.ann.triton import adc_topk
-
-    qt = torch.tensor([[[1.0, 0.0, 2.0], [0.5, 0.5, 0.0]]])  # (1 query, m = 2, ksub = 3)
-    codes = torch.tensor([[0, 0], [1, 1], [2, 2], [1, 2], [1, 0]], dtype=torch.uint8)
-    offsets = torch.tensor([0, 3, 3, 5])  # list 1 is empty
-    probes = torch.tensor([[2, 1, -1]])
-    score, rows = adc_topk(qt, codes, offsets, probes, k=4, bias=torch.tensor([[1.0, 0.0, 0.0]]))
-    # list 2 holds rows 3 (0 + 0 + 1) and 4 (0 + 0.5 + 1); nothing else is scanned
-    np.testing.assert_allclose(score.numpy(), [[1.0, 1.5, np.inf, np.inf]])
-    np.testing.assert_array_equal(rows.numpy(), [[3, 4, -1, -1]])
-    score, rows = adc_topk(qt, codes, offsets, torch.tensor([[0, 2, 1]]), k=3)
-    # rows 0..4 score 1.5, 0.5, 2, 0, 0.5
-    np.testing.assert_allclose(score.numpy(), [[0.0, 0.5, 0.5]])
-    np.testing.assert_array_equal(rows.numpy(), [[3, 1, 4]])  # equal scores: lower row first
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_triton_scan_on_gpu(metric):
-    x = data(20000, 32, seed=5)
-    q = data(64, 32, seed=6)
-    for index in (
-        PQIndex(32, 8, 8, metric, keep_vectors=True, verbose=False),
-        IVFPQIndex(32, 64, 8, 8, metric, keep_vectors=True, verbose=False),
-    ):
-        index.train(x)
-        index.add(x)
-        extra = dict(nprobe=8) if isinstance(index, IVFPQIndex) else {}
-        for refine in (None, 4):
-            _device_search_matches_cpu(index, q, "cuda", k=10, refine=refine, **extra)
-        d, i = index.search(torch.from_numpy(q).cuda(), k=10, **extra)  # the public entry point
-        assert d.is_cuda and i.is_cuda and i.dtype == torch.int64
-
-
-def test_contrastive_codebook_example_runs_end_to_end():
-    """examples/ann_contrastive_codebooks.py on tiny data: quantize_ste + info_nce train the
-    codebooks, set_codebooks loads them, the re-encoded index still finds neighbours."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "ann_contrastive_codebooks.py")
-    spec = importlib.util.spec_from_file_location("ann_contrastive_codebooks", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    x = data(700, 16, seed=7)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    out = example.run(x[100:], x[:80], x[80:100], m=4, nbits=6, steps=6, batch=32, hard=5, log_every=0)
-    assert len(out["losses"]) == 6 and np.isfinite(out["losses"]).all()
-    assert 0.1 <= out["before"] <= 1 and 0.1 <= out["after"] <= 1
 
 
 def test_few_queries_split_the_lists_across_threads():

@@ -28,11 +28,9 @@ def _qkv(B=1, H=2, L=8, D=4, dtype=torch.float32, requires_grad=False):
     return [torch.randn(B, H, L, D, dtype=dtype, requires_grad=requires_grad) for _ in range(3)]
 
 
-@pytest.mark.parametrize("kind", ["cpu", "triton"])
-@pytest.mark.parametrize("where", ["q", "k"])
-def test_attention_nan_scores_are_not_unseen_keys(monkeypatch, isa, kind, where):
-    """A query whose every score is NaN (NaN in q, or in the one key it sees) once got zeros, as
-    if it saw no key: the online softmax's max skipped the NaNs. Found by the property test."""
+def _forward_on(kind, isa, monkeypatch):
+    """kind "triton": the forward runs the Triton kernel, once (on the avx512 run: it does not
+    depend on the C++ ISA); kind "cpu": the C++ kernel of this isa."""
     if kind == "triton":
         if isa != "avx512":
             pytest.skip("the Triton kernel does not depend on the C++ ISA")
@@ -42,6 +40,14 @@ def test_attention_nan_scores_are_not_unseen_keys(monkeypatch, isa, kind, where)
         monkeypatch.setattr(
             attn_op, "SSA_BACKENDS", (_backend.Backend("triton", lambda dev: None, attn_op._triton_ssa),)
         )
+
+
+@pytest.mark.parametrize("kind", ["cpu", "triton"])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_attention_nan_scores_are_not_unseen_keys(monkeypatch, isa, kind, where):
+    """A query whose every score is NaN (NaN in q, or in the one key it sees) once got zeros, as
+    if it saw no key: the online softmax's max skipped the NaNs. Found by the property test."""
+    _forward_on(kind, isa, monkeypatch)
     q, k, v = _qkv(L=3, D=2)
     if where == "q":
         q[0, 1, 2, 0] = math.nan
@@ -58,15 +64,7 @@ def test_attention_nan_in_a_hidden_key_stays_out(monkeypatch, isa, kind):
     """A query that sees no key gets zeros even when the keys it does not see hold NaN (it got
     NaN: P = 0 times the NaN value row); a padding key's NaN reaches no output. Found by the
     property test (explore profile)."""
-    if kind == "triton":
-        if isa != "avx512":
-            pytest.skip("the Triton kernel does not depend on the C++ ISA")
-        require_triton_runs()
-        from hotops.attention import op as attn_op
-
-        monkeypatch.setattr(
-            attn_op, "SSA_BACKENDS", (_backend.Backend("triton", lambda dev: None, attn_op._triton_ssa),)
-        )
+    _forward_on(kind, isa, monkeypatch)
     q, k, v = _qkv(H=1, L=3, D=2)
     v[0, 0, 2] = math.nan
     out = hotops.subsampled_attention(q, k, v, indices=torch.tensor([[[2]]]), causal=True)

@@ -1,7 +1,7 @@
 import math
 import os
-import socket
 
+import _dist
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -261,54 +261,30 @@ def test_no_backend_lists_reasons():
 def test_c_kernel_refuses_bad_views():
     ext = _backend.ext()
     S, r = torch.randn(4, 6), torch.empty(4)
+
+    def rows(scores, pos_col=0):
+        return ext.infonce_rows(
+            scores,
+            None,
+            None,
+            None,
+            r,
+            r,
+            r,
+            pos_col=pos_col,
+            inv_t=1.0,
+            smoothing=0.0,
+            grad_scale=1.0,
+            want_grad=False,
+            threads=1,
+        )
+
     with pytest.raises(ValueError, match="positive columns"):
-        ext.infonce_rows(
-            S,
-            None,
-            None,
-            None,
-            r,
-            r,
-            r,
-            pos_col=3,
-            inv_t=1.0,
-            smoothing=0.0,
-            grad_scale=1.0,
-            want_grad=False,
-            threads=1,
-        )
+        rows(S, pos_col=3)
     with pytest.raises(ValueError, match="dtype int64"):
-        ext.infonce_rows(
-            S.long(),
-            None,
-            None,
-            None,
-            r,
-            r,
-            r,
-            pos_col=0,
-            inv_t=1.0,
-            smoothing=0.0,
-            grad_scale=1.0,
-            want_grad=False,
-            threads=1,
-        )
+        rows(S.long())
     with pytest.raises(ValueError, match="contiguous last dimension"):
-        ext.infonce_rows(
-            S.T,
-            None,
-            None,
-            None,
-            r,
-            r,
-            r,
-            pos_col=0,
-            inv_t=1.0,
-            smoothing=0.0,
-            grad_scale=1.0,
-            want_grad=False,
-            threads=1,
-        )
+        rows(S.T)
 
 
 # ------------------------------------------------------------------ the module and gathering
@@ -323,12 +299,6 @@ def test_module_learnable_temperature_clamped():
     with torch.no_grad():
         loss_fn.log_temperature.fill_(math.log(1e-4))
     assert loss_fn.temperature.item() == pytest.approx(0.01)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gather_worker(rank, world, port, q, d, h, out):
@@ -356,7 +326,7 @@ def test_gather_two_gloo_ranks_equal_one_process():
     out = manager.dict()
     mp.start_processes(
         _gather_worker,
-        args=(world, _free_port(), q, d, h, out),
+        args=(world, _dist.free_port(), q, d, h, out),
         nprocs=world,
         start_method="spawn",
         join=True,

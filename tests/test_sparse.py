@@ -3,7 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_reference, require_triton_runs
+from _sparse_ref import check_close, reference_pair
+from conftest import require_triton_runs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,21 +17,6 @@ from hotops.sparse import (
     sparse_linear,
 )
 
-
-def _ref(fn, x, sw, *args, **kw):
-    """The reference in float64 and in float32 (the tolerance idiom)."""
-    sw64 = sw.with_values(sw.values.double())
-    b = kw.pop("bias", None)
-    r64 = fn(x.double(), sw64, b.double() if b is not None else None, *args, **kw)
-    return r64, fn(x, sw, b, *args, **kw)
-
-
-def _close(y, r64, r32):
-    assert y.shape == r32.shape
-    if y.numel():
-        assert_close_to_reference(y, r64, r32)
-
-
 # ------------------------------------------------------------------ linear
 
 
@@ -41,8 +27,8 @@ def test_linear_matches_reference(isa, B, sparsity):
     x, b = torch.randn(B, 53), torch.randn(37)
     for bias, act in ((None, None), (b, "relu")):
         y = sparse_linear(x, sw, bias, act)
-        r64, r32 = _ref(reference.sparse_linear, x, sw, bias=bias, activation=act)
-        _close(y, r64, r32)
+        r64, r32 = reference_pair(reference.sparse_linear, x, sw, bias=bias, activation=act)
+        check_close(y, r64, r32)
 
 
 @pytest.mark.parametrize("B", [1, 9, 64, 77])
@@ -58,8 +44,8 @@ def test_linear_column_panels(isa, B):
     assert sw.rowptr.numel() == 3 * 23 + 1
     torch.testing.assert_close(sw.to_dense(), w * sw.mask())
     x, b = torch.randn(B, I), torch.randn(23)
-    r64, r32 = _ref(reference.sparse_linear, x, sw, bias=b, activation="relu")
-    _close(sparse_linear(x, sw, b, "relu"), r64, r32)
+    r64, r32 = reference_pair(reference.sparse_linear, x, sw, bias=b, activation="relu")
+    check_close(sparse_linear(x, sw, b, "relu"), r64, r32)
     xg, v = x.clone().requires_grad_(), sw.values.clone().requires_grad_()
     gy = torch.randn(B, 23)
     got = torch.autograd.grad((sparse_linear(xg, sw.with_values(v), b) * gy).sum(), (xg, v))
@@ -132,8 +118,8 @@ def test_conv_matches_reference(isa, name):
     sw, x, b, geo = _conv_case(name)
     for bias, act in ((None, None), (b, "relu"), (b, "relu6")):
         y = sparse_conv2d(x * 4, sw, bias, activation=act, **geo)  # x 4: outputs beyond relu6's 6
-        r64, r32 = _ref(reference.sparse_conv2d, x * 4, sw, bias=bias, activation=act, **geo)
-        _close(y, r64, r32)
+        r64, r32 = reference_pair(reference.sparse_conv2d, x * 4, sw, bias=bias, activation=act, **geo)
+        check_close(y, r64, r32)
 
 
 def test_depthwise_channels_without_taps(isa):
@@ -145,8 +131,8 @@ def test_depthwise_channels_without_taps(isa):
     x, b = torch.randn(3, 40, 6, 5), torch.randn(40)
     for act in (None, "relu6"):
         y = sparse_conv2d(x, sw, b, padding=1, activation=act)
-        r64, r32 = _ref(reference.sparse_conv2d, x, sw, bias=b, padding=1, activation=act)
-        _close(y, r64, r32)
+        r64, r32 = reference_pair(reference.sparse_conv2d, x, sw, bias=b, padding=1, activation=act)
+        check_close(y, r64, r32)
         want = reference._act(b, act)[empty][None, :, None, None].expand(3, -1, 6, 5)
         torch.testing.assert_close(y[:, empty], want)
 
@@ -238,8 +224,8 @@ def test_conv_property(C, O, g, kh, kw, s, p, d, H, W, sparsity):
     sw = SparseWeight.from_dense(torch.randn(O, C // g, kh, kw), sparsity=sparsity, groups=g)
     x = torch.randn(2, C, H, W)
     y = sparse_conv2d(x, sw, stride=s, padding=p, dilation=d)
-    r64, r32 = _ref(reference.sparse_conv2d, x, sw, stride=s, padding=p, dilation=d)
-    _close(y, r64, r32)
+    r64, r32 = reference_pair(reference.sparse_conv2d, x, sw, stride=s, padding=p, dilation=d)
+    check_close(y, r64, r32)
 
 
 @settings(max_examples=40, deadline=None)
@@ -265,8 +251,8 @@ def test_depthwise_property(C, mult, kh, kw, sh, sw_, p, d, H, W, sparsity, act)
     sw = SparseWeight.from_dense(torch.randn(C * mult, 1, kh, kw), sparsity=sparsity, groups=C)
     x, b = 4 * torch.randn(2, C, H, W), torch.randn(C * mult)
     geo = dict(stride=(sh, sw_), padding=p, dilation=d)
-    r64, r32 = _ref(reference.sparse_conv2d, x, sw, bias=b, activation=act, **geo)
-    _close(sparse_conv2d(x, sw, b, activation=act, **geo), r64, r32)
+    r64, r32 = reference_pair(reference.sparse_conv2d, x, sw, bias=b, activation=act, **geo)
+    check_close(sparse_conv2d(x, sw, b, activation=act, **geo), r64, r32)
 
 
 # ------------------------------------------------------------------ torch.library
@@ -480,8 +466,8 @@ def test_triton_bsr_linear_in_interpreter(monkeypatch, B, O, I):
     v = sw.values.clone().requires_grad_()
     b = torch.randn(O, requires_grad=True)
     y = sparse_linear(x, sw.with_values(v), b, "relu")
-    r64, r32 = _ref(reference.sparse_linear, x.detach(), sw, bias=b.detach(), activation="relu")
-    _close(y.detach(), r64, r32)
+    r64, r32 = reference_pair(reference.sparse_linear, x.detach(), sw, bias=b.detach(), activation="relu")
+    check_close(y.detach(), r64, r32)
     gy = torch.randn(B, O)
     got = torch.autograd.grad((y * gy).sum(), (x, v, b))
     want = torch.autograd.grad(

@@ -4,7 +4,7 @@ blocked forward kernel vs the dense masked reference, gradients, ops, modules, b
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_reference
+from _sparse_ref import check_close, reference_pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -26,14 +26,9 @@ from hotops.sparse.spec import ConvGeometry
 
 def _close(y, fn, x, sw, *args, **kw):
     """y against the reference in float64 and in x's precision (the tolerance idiom)."""
-    b = kw.pop("bias", None)
-    r64 = fn(
-        x.double(), sw.with_values(sw.values.double()), b.double() if b is not None else None, *args, **kw
-    )
-    r = fn(x, sw, b, *args, **kw)
-    assert y.shape == r.shape and y.dtype == x.dtype
-    if y.numel():
-        assert_close_to_reference(y, r64, r, rtol=1e-6)  # long float32 sums: the order differs
+    r64, r = reference_pair(fn, x, sw, *args, **kw)
+    assert y.dtype == x.dtype
+    check_close(y, r64, r, rtol=1e-6)  # long float32 sums: the order differs
 
 
 def _masks(w: torch.Tensor, block: int, groups: int = 1):

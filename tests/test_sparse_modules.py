@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_reference
 from torch import nn
 
 import hotops
@@ -15,21 +14,6 @@ from hotops.sparse import (
     sparsify,
 )
 from hotops.sparse.module import DENSE, SPARSE
-
-
-def _ref(fn, x, sw, *args, **kw):
-    """The reference in float64 and in float32 (the tolerance idiom)."""
-    sw64 = sw.with_values(sw.values.double())
-    b = kw.pop("bias", None)
-    r64 = fn(x.double(), sw64, b.double() if b is not None else None, *args, **kw)
-    return r64, fn(x, sw, b, *args, **kw)
-
-
-def _close(y, r64, r32):
-    assert y.shape == r32.shape
-    if y.numel():
-        assert_close_to_reference(y, r64, r32)
-
 
 # ------------------------------------------------------------------ modules and sparsify
 

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from _faults import run_threads
 from torch import nn
 
 from hotops.sparse import (
@@ -25,24 +26,6 @@ LOW = (torch.bfloat16, torch.float16)
 # ------------------------------------------------------------------ threads
 
 
-def _threads(n, fn):
-    errors, barrier = [], threading.Barrier(n)
-
-    def run(i):
-        try:
-            barrier.wait()
-            fn(i)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors, errors
-
-
 @pytest.mark.parametrize("layout", ["csr", "blocked"])
 def test_threads_first_call_on_shared_weight(layout):
     """The issue's race: four threads making their first call on one blocked SparseWeight."""
@@ -57,7 +40,7 @@ def test_threads_first_call_on_shared_weight(layout):
                 for _ in range(10):
                     out[i].append(sparse_linear(xs[i], sw))
 
-        _threads(4, call)
+        run_threads(call, 4)
         for i in range(4):
             for y in out[i]:
                 torch.testing.assert_close(y, want[i], rtol=1e-4, atol=1e-4)
@@ -87,7 +70,7 @@ def test_threads_share_modules(policy, layout):
             for _ in range(8):
                 got[i].append((lin(xs[i][0]), conv(xs[i][1])))
 
-    _threads(4, call)
+    run_threads(call, 4)
     for i in range(4):
         for a, c in got[i]:
             torch.testing.assert_close(a, want[i][0], rtol=1e-4, atol=1e-4)
@@ -119,7 +102,7 @@ def test_threads_training_while_others_infer(layout):
                 assert y.shape == (1 + i, 24) and torch.isfinite(y).all()
             after[i] = layer(xs[i])
 
-    _threads(4, work)
+    run_threads(work, 4)
     for i in range(3):
         torch.testing.assert_close(
             after[i], reference.sparse_linear(xs[i], layer.sparse_weight, layer.bias), rtol=1e-4, atol=1e-4
