@@ -309,6 +309,38 @@ def test_bigranular_store_errors(tmp_path):
         bi.search(x[:2], k=10, candidates=5)
 
 
+def test_without_the_extension_search_and_rerank_say_why_each_backend_refused(tmp_path, monkeypatch):
+    """The scans and the exact re-rank (of refine and the bi-granular index; the sharded index's
+    exact stage calls the same function) are chosen among backends: where none runs, the error
+    names the search and lists each backend's reason."""
+    from hotops.ann import _pq
+
+    index, x = pq(keep_vectors=True)
+    write_store(tmp_path / "store.bin", x)
+    bi = BiGranularIndex(index, tmp_path / "store.bin")
+    q = x[:3]
+    refused = (
+        _backend.Backend("cpu (C++)", lambda device: "the compiled extension is missing (test)", None),
+    )
+    monkeypatch.setattr(_pq, "RERANK_BACKENDS", refused)
+    index.search(q, 4)  # the scan alone still runs
+    for search, op in (
+        (lambda: index.search(q, 4, refine=2), "PQIndex"),
+        (lambda: bi.search(q, 4), "BiGranularIndex"),
+    ):
+        with pytest.raises(
+            RuntimeError,
+            match=rf"no hotops backend can run {op}.search on cpu:\n  cpu \(C\+\+\): the compiled",
+        ):
+            search()
+    monkeypatch.setattr(_backend, "_C", None)
+    with pytest.raises(
+        RuntimeError,
+        match=r"run PQIndex.search on cpu:\n  cpu \(C\+\+\): the compiled extension is missing \(.*\n  cuda \(Triton\): needs CUDA",
+    ):
+        index.search(q, 4)
+
+
 # ------------------------------------------------------------------ bad input
 
 
