@@ -310,9 +310,9 @@ def test_bigranular_store_errors(tmp_path):
 
 
 def test_without_the_extension_search_and_rerank_say_why_each_backend_refused(tmp_path, monkeypatch):
-    """The scans and the exact re-rank (of refine and the bi-granular index; the sharded index's
-    exact stage calls the same function) are chosen among backends: where none runs, the error
-    names the search and lists each backend's reason."""
+    """The scans, the exact re-rank (of refine and the bi-granular index; the sharded index's exact
+    stage calls the same function), the tables and k-means are chosen among backends: where none
+    runs, the error names the call and lists each backend's reason."""
     from hotops.ann import _pq
 
     index, x = pq(keep_vectors=True)
@@ -339,6 +339,13 @@ def test_without_the_extension_search_and_rerank_say_why_each_backend_refused(tm
         match=r"run PQIndex.search on cpu:\n  cpu \(C\+\+\): the compiled extension is missing \(.*\n  cuda \(Triton\): needs CUDA",
     ):
         index.search(q, 4)
+    for call, op in (
+        (lambda: index.tables(q), "PQIndex.tables"),
+        (lambda: nearest(q, index.codebooks), "nearest"),
+        (lambda: kmeans(x, 4, niter=1, verbose=False), "kmeans"),
+    ):
+        with pytest.raises(RuntimeError, match=rf"run {op} on cpu:\n  cpu \(C\+\+\): the compiled extension"):
+            call()
 
 
 # ------------------------------------------------------------------ bad input

@@ -248,9 +248,8 @@ class _ProductQuantized(Mutable, OnDevice):
         return self._tables(_arrays.as_vectors(q, "queries", self.dim))
 
     def _tables(self, q: np.ndarray) -> np.ndarray:
-        out = np.full((q.shape[0], self.m, TABLE_STRIDE), np.inf, dtype=np.float32)
-        _backend.ext().ann_tables(q, self._ct, self._cterm, self.metric, out, _arrays.threads())
-        return out
+        run = _backend.choose(f"{type(self).__name__}.tables", TABLES_BACKENDS, torch.device("cpu")).run
+        return run(q, self._ct, self._cterm, self.m, self.metric)
 
     # ---------------------------------------------------------------- add / search plumbing
 
@@ -462,6 +461,16 @@ SEARCH_BACKENDS = (
     _backend.Backend("cpu (C++)", _backend.cpu_refuses, _search_cpu),
     _backend.Backend("cuda (Triton)", _backend.triton_refuses, _search_cuda),
 )
+
+
+def _tables_cpu(q, ct, cterm, m, metric):
+    """The C++ kernel (NumPy arrays)."""
+    out = np.full((q.shape[0], m, TABLE_STRIDE), np.inf, dtype=np.float32)
+    _backend.ext().ann_tables(q, ct, cterm, metric, out, _arrays.threads())
+    return out
+
+
+TABLES_BACKENDS = (_backend.Backend("cpu (C++)", _backend.cpu_refuses, _tables_cpu),)
 
 
 def rerank(op: str, q, base, rows, k: int, metric: str, first=None, fusion: float = 0.0):
