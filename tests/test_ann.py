@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hotops import _backend
-from hotops.ann import IVFPQIndex, PQIndex, kmeans, reference
+from hotops.ann import BiGranularIndex, IVFPQIndex, PQIndex, kmeans, reference, write_store
 from hotops.ann.kmeans import nearest
 
 # ------------------------------------------------------------------ kernels vs reference
@@ -182,6 +182,45 @@ def test_nbits_4():
     index, x = ivf(nbits=4, keep_vectors=True)
     _, ids = index.search(x[:20], k=1, nprobe=index.nlist, refine=50)
     assert (ids[:, 0] == np.arange(20)).mean() >= 0.95
+
+
+def test_without_the_extension_search_and_rerank_say_why_each_backend_refused(tmp_path, monkeypatch):
+    """The scans, the exact re-rank (of refine and the bi-granular index; the sharded index's exact
+    stage calls the same function), the tables and k-means are chosen among backends: where none
+    runs, the error names the call and lists each backend's reason."""
+    from hotops.ann import _pq
+
+    index, x = pq(keep_vectors=True)
+    write_store(tmp_path / "store.bin", x)
+    bi = BiGranularIndex(index, tmp_path / "store.bin")
+    q = x[:3]
+    refused = (
+        _backend.Backend("cpu (C++)", lambda device: "the compiled extension is missing (test)", None),
+    )
+    monkeypatch.setattr(_pq, "RERANK_BACKENDS", refused)
+    index.search(q, 4)  # the scan alone still runs
+    for search, op in (
+        (lambda: index.search(q, 4, refine=2), "PQIndex"),
+        (lambda: bi.search(q, 4), "BiGranularIndex"),
+    ):
+        with pytest.raises(
+            RuntimeError,
+            match=rf"no hotops backend can run {op}.search on cpu:\n  cpu \(C\+\+\): the compiled",
+        ):
+            search()
+    monkeypatch.setattr(_backend, "_C", None)
+    with pytest.raises(
+        RuntimeError,
+        match=r"run PQIndex.search on cpu:\n  cpu \(C\+\+\): the compiled extension is missing \(.*\n  cuda \(Triton\): needs CUDA",
+    ):
+        index.search(q, 4)
+    for call, op in (
+        (lambda: index.tables(q), "PQIndex.tables"),
+        (lambda: nearest(q, index.codebooks), "nearest"),
+        (lambda: kmeans(x, 4, niter=1, verbose=False), "kmeans"),
+    ):
+        with pytest.raises(RuntimeError, match=rf"run {op} on cpu:\n  cpu \(C\+\+\): the compiled extension"):
+            call()
 
 
 # ------------------------------------------------------------------ bad input

@@ -248,9 +248,8 @@ class _ProductQuantized(Mutable, OnDevice):
         return self._tables(_arrays.as_vectors(q, "queries", self.dim))
 
     def _tables(self, q: np.ndarray) -> np.ndarray:
-        out = np.full((q.shape[0], self.m, TABLE_STRIDE), np.inf, dtype=np.float32)
-        _backend.ext().ann_tables(q, self._ct, self._cterm, self.metric, out, _arrays.threads())
-        return out
+        run = _backend.choose(f"{type(self).__name__}.tables", TABLES_BACKENDS, torch.device("cpu")).run
+        return run(q, self._ct, self._cterm, self.m, self.metric)
 
     # ---------------------------------------------------------------- add / search plumbing
 
@@ -365,12 +364,7 @@ class _ProductQuantized(Mutable, OnDevice):
         return _arrays.results(score, rows, self.ids, self.metric, torch_out)
 
     def _rerank(self, q, rows, k):
-        score = np.empty((q.shape[0], k), dtype=np.float32)
-        out = np.empty((q.shape[0], k), dtype=np.int64)
-        _backend.ext().ann_rerank(
-            q, self.vectors, rows, None, 0.0, self.metric, score, out, _arrays.threads()
-        )
-        return score, out
+        return rerank(f"{type(self).__name__}.search", q, self.vectors, rows, k, self.metric)
 
     @staticmethod
     def _result_buffers(nq: int, k: int):
@@ -467,3 +461,33 @@ SEARCH_BACKENDS = (
     _backend.Backend("cpu (C++)", _backend.cpu_refuses, _search_cpu),
     _backend.Backend("cuda (Triton)", _backend.triton_refuses, _search_cuda),
 )
+
+
+def _tables_cpu(q, ct, cterm, m, metric):
+    """The C++ kernel (NumPy arrays)."""
+    out = np.full((q.shape[0], m, TABLE_STRIDE), np.inf, dtype=np.float32)
+    _backend.ext().ann_tables(q, ct, cterm, metric, out, _arrays.threads())
+    return out
+
+
+TABLES_BACKENDS = (_backend.Backend("cpu (C++)", _backend.cpu_refuses, _tables_cpu),)
+
+
+def rerank(op: str, q, base, rows, k: int, metric: str, first=None, fusion: float = 0.0):
+    """(score, row) each (nq, k), the best k of each query's candidate rows of `base` (rows
+    (nq, c), -1 for none) by exact score, lower is better (negated inner product for ip), plus
+    fusion * first (nq, c) where stage-1 scores are given. The exact stage of refine, of the
+    bi-granular index and of the sharded index; `op` names the caller in errors."""
+    run = _backend.choose(op, RERANK_BACKENDS, torch.device("cpu")).run
+    return run(q, base, rows, k, metric, first, fusion)
+
+
+def _rerank_cpu(q, base, rows, k, metric, first, fusion):
+    """The C++ kernel (NumPy arrays)."""
+    score = np.empty((q.shape[0], k), dtype=np.float32)
+    out = np.empty((q.shape[0], k), dtype=np.int64)
+    _backend.ext().ann_rerank(q, base, rows, first, float(fusion), metric, score, out, _arrays.threads())
+    return score, out
+
+
+RERANK_BACKENDS = (_backend.Backend("cpu (C++)", _backend.cpu_refuses, _rerank_cpu),)

@@ -16,6 +16,7 @@ import torch
 from hotops import _backend
 from hotops.ann import _arrays, _io
 from hotops.ann._mutable import as_id_list
+from hotops.ann._pq import rerank
 from hotops.ann.index import IVFPQIndex, PQIndex
 
 STORE_MAGIC = b"HOTOPSST"
@@ -181,11 +182,7 @@ class BiGranularIndex:
                     f"the coarse index returned id {int(ids.max())}, the store has only "
                     f"{self.store.shape[0]} rows (ids added after the BiGranularIndex was built?)"
                 )
-            score = np.empty((q.shape[0], k), dtype=np.float32)
-            rows = np.empty((q.shape[0], k), dtype=np.int64)
-            _backend.ext().ann_rerank(
-                q, self.store, ids, first, float(fusion), self.metric, score, rows, _arrays.threads()
-            )
+            score, rows = rerank("BiGranularIndex.search", q, self.store, ids, k, self.metric, first, fusion)
         return _arrays.results(
             score, rows, np.arange(self.store.shape[0], dtype=np.int64), self.metric, torch_out
         )

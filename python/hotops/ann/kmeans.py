@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import torch
 
 from hotops import _backend
 from hotops.ann import _arrays
@@ -22,11 +23,7 @@ def nearest(x: np.ndarray, centroids: np.ndarray, k: int = 1, metric: str = "l2"
     """Indices (n, m, k) and scores of the k best centroids of each row's m sub-vectors, for
     centroids (m, ksub, dsub); lower score is better (negated inner product for ip)."""
     ct, cterm = codebook_layout(centroids)
-    n, m = x.shape[0], centroids.shape[0]
-    idx = np.empty((n, m, k), dtype=np.int64)
-    score = np.empty((n, m, k), dtype=np.float32)
-    _backend.ext().ann_nearest(x, ct, cterm, metric, idx, score, _arrays.threads())
-    return idx, score
+    return _backend.choose("nearest", NEAREST_BACKENDS, _CPU).run(x, ct, cterm, k, metric)
 
 
 def kmeans(
@@ -58,6 +55,25 @@ def kmeans(
 
         steps = tqdm(steps, desc=f"k-means k={k}", leave=False)
     for _ in steps:
-        idx, _score = nearest(x, centroids[None])
-        _backend.ext().ann_kmeans_update(x, idx.reshape(-1), centroids)
+        _backend.choose("kmeans", KMEANS_STEP_BACKENDS, _CPU).run(x, centroids)
     return centroids
+
+
+def _nearest_cpu(x, ct, cterm, k, metric):
+    """The C++ kernel (NumPy arrays)."""
+    n, m = x.shape[0], ct.shape[0]
+    idx = np.empty((n, m, k), dtype=np.int64)
+    score = np.empty((n, m, k), dtype=np.float32)
+    _backend.ext().ann_nearest(x, ct, cterm, metric, idx, score, _arrays.threads())
+    return idx, score
+
+
+def _kmeans_step_cpu(x, centroids):
+    """One Lloyd step in place: assignment (the C++ nearest kernel), then the C++ update."""
+    idx, _score = nearest(x, centroids[None])
+    _backend.ext().ann_kmeans_update(x, idx.reshape(-1), centroids)
+
+
+_CPU = torch.device("cpu")  # NumPy arrays
+NEAREST_BACKENDS = (_backend.Backend("cpu (C++)", _backend.cpu_refuses, _nearest_cpu),)
+KMEANS_STEP_BACKENDS = (_backend.Backend("cpu (C++)", _backend.cpu_refuses, _kmeans_step_cpu),)

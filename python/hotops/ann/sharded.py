@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hotops import _backend
 from hotops.ann import _arrays
 from hotops.ann._mutable import as_id_list
+from hotops.ann._pq import rerank
 from hotops.ann.bigran import BiGranularIndex
 from hotops.ann.index import IVFPQIndex, PQIndex
 from hotops.ann.shard_build import (  # noqa: F401 (re-exported)
@@ -342,18 +342,15 @@ class ShardedIndex:
         else:
             base, rows = self.pq.vectors, self._rows_of(local_ids)
         first = np.ascontiguousarray(score_l[gq, pos].reshape(-1, 1)) if self.bigran else None
-        score = np.empty((gq.size, 1), np.float32)
-        row_out = np.empty((gq.size, 1), np.int64)
-        _backend.ext().ann_rerank(
+        score, _ = rerank(
+            "ShardedIndex.search",
             np.ascontiguousarray(qall[gq]),
             base,
             np.ascontiguousarray(rows.reshape(-1, 1)),
-            first,
-            float(fusion),
+            1,
             self.metric,
-            score,
-            row_out,
-            _arrays.threads(),
+            first,
+            fusion,
         )
         return score.reshape(-1)
 

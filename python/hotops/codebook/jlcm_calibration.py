@@ -1,0 +1,146 @@
+"""What JLCM reads from the model it compresses: the layers' inputs on the calibration batches
+(as token-weighted Grams, from the dense model and from the model compressed so far), the
+model's output and its distortion (1 - cosine) against the dense one; and the nn.Linear layers
+it finds and replaces."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hotops.codebook.jlcm_layerwise import Grams
+
+
+def _call(model: nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def model_output(model: nn.Module, batch) -> Tensor:
+    """The default `output` of compress: the model's output tensor (the first one of a tuple,
+    dict or transformers ModelOutput)."""
+    out = _call(model, batch)
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def distortion(y: Tensor, target: Tensor) -> Tensor:
+    """Mean over output vectors (the last dimension) of 1 - cosine."""
+    return (
+        1
+        - F.cosine_similarity(y.reshape(-1, y.shape[-1]), target.reshape(-1, target.shape[-1]), dim=1).mean()
+    )
+
+
+class _Reached(Exception):
+    """Stops a forward pass once the hooked layer's input is captured."""
+
+
+def _rows(x: Tensor, batch, token_mask: Optional[Callable]) -> Tensor:
+    """A layer input (..., in_features) as rows (tokens, in_features), only the tokens
+    `token_mask(batch)` keeps (where its shape is the input's leading shape: a layer fed pooled
+    vectors keeps all its rows)."""
+    x = x.detach()
+    if token_mask is not None:
+        keep = token_mask(batch)
+        if keep.shape == x.shape[:-1]:
+            return x[keep.to(torch.bool)]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _token_weights(x: Tensor, weight: Tensor) -> Tensor:
+    """1 / ||x W^T||^2 per row of the dense inputs x: with rows weighted so, the Gram's loss is
+    the sum of the tokens' relative output errors. Unweighted, a few tokens whose outputs are huge
+    (in MiniLM, the FFN outputs that write the residual stream's outlier features) own the loss;
+    fitting them cost the other tokens so much that one FFN layer's codes took the model's
+    cosine from 0.99 to 0.18 (docs/notes/codebook.md)."""
+    return (x @ weight.detach().double().T).pow(2).sum(1).clamp_min(1e-30).reciprocal()
+
+
+def _layer_input(model: nn.Module, name: str, batch, token_mask: Optional[Callable]) -> Tensor:
+    """Layer `name`'s input rows (float64) when `model` runs `batch`; the rest of the forward
+    pass is skipped."""
+    seen = []
+
+    def hook(module, args):
+        seen.append(_rows(args[0], batch, token_mask).double())
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        _call(model, batch)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"the calibration data never reached {name}")
+    return seen[0]
+
+
+def _layer_grams(
+    dense: nn.Module, model: nn.Module, name: str, calib: List, token_mask: Optional[Callable]
+) -> Grams:
+    """Token-weighted Grams of layer `name`'s inputs in `model` (compressed so far) and in `dense`."""
+    weight = dense.get_submodule(name).weight
+    acc = None
+    with torch.no_grad():
+        for batch in calib:
+            xq, xf = (_layer_input(m, name, batch, token_mask) for m in (model, dense))
+            a = _token_weights(xf, weight)[:, None]
+            parts = ((xq * a).T @ xq, (xq * a).T @ xf, (xf * a).T @ xf)
+            acc = parts if acc is None else tuple(a + p for a, p in zip(acc, parts))
+    return Grams(*(t.float() for t in acc))
+
+
+def _dense_grams(
+    model: nn.Module, names: Sequence[str], calib: List, token_mask: Optional[Callable]
+) -> Dict[str, Tensor]:
+    """Token-weighted X^T X of every layer's input in the (dense) model, from one pass over the
+    calibration data."""
+    acc: Dict[str, Tensor] = {}
+    current = []
+
+    def hook(name):
+        def accumulate(module, args):
+            x = _rows(args[0], current[0], token_mask).double()
+            gram = (x * _token_weights(x, module.weight)[:, None]).T @ x
+            acc[name] = acc[name] + gram if name in acc else gram
+
+        return accumulate
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for batch in calib:
+                current[:] = [batch]
+                _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in acc]
+    if missing:
+        raise ValueError(f"the calibration data never reached {missing}")
+    return {n: acc[n].float() for n in names}
+
+
+def _linears(model: nn.Module, skip: Sequence[str]) -> Dict[str, nn.Linear]:
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(s in name for s in skip)
+    }
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -1,0 +1,146 @@
+"""JLCM stage 2, one layer's joint learning of codes, codebooks and scales (``learn_layer``), and
+the loss it minimises: the layer's relative output error, read from K x K token-weighted Grams
+(``Grams``, ``output_error``). Codes by the second-order rule (``second_order_codes``), then Adam
+on the codebooks and scales with the codes fixed. The stages and their reasons are in
+hotops.codebook.jlcm's doc."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from hotops.codebook import format as fmt
+from hotops.codebook.format import CodebookWeight
+from hotops.codebook.kmeans import nearest
+
+
+@dataclasses.dataclass
+class Grams:
+    """Second moments of one layer's calibration inputs: X_q from the model compressed so far,
+    X from the dense model (same tokens). The loss of a quantized W_q against the dense layer's
+    output,  ||X_q W_q^T - X W^T||^2 = tr(W_q qq W_q^T) - 2 tr(W_q qf W^T) + tr(W ff W^T),
+    so earlier layers' errors are compensated, not compounded."""
+
+    qq: Tensor  # X_q^T X_q
+    qf: Tensor  # X_q^T X
+    ff: Tensor  # X^T X
+
+    @classmethod
+    def dense(cls, ff: Tensor) -> "Grams":
+        return cls(ff, ff, ff)
+
+
+def output_error(w_q: Tensor, w: Tensor, g: Grams) -> Tensor:
+    """||X_q w_q^T - X w^T||^2 / ||X w^T||^2 from the layer's Grams."""
+    ref = ((w @ g.ff) * w).sum()
+    err = ((w_q @ g.qq) * w_q).sum() - 2 * ((w_q @ g.qf) * w).sum() + ref
+    return err.clamp_min(0) / ref.clamp_min(1e-30)
+
+
+def _stored(w: CodebookWeight, dtype: torch.dtype) -> CodebookWeight:
+    """The weight with its codebooks and scales in the storage dtype."""
+    return CodebookWeight.from_packed(w.codes, w.codebooks.to(dtype), w.scales.to(dtype), w.group_ptr, w.perm)
+
+
+def _damped(gram: Tensor, damp: float) -> Tensor:
+    """gram (float64) + damp * mean(diag) I; inputs no calibration token uses get a unit diagonal,
+    so the matrix is positive definite whatever the data."""
+    h = gram.double().clone()
+    diag = h.diagonal()
+    diag[diag <= 0] = 1
+    diag += damp * diag.mean()
+    return h
+
+
+def second_order_codes(
+    target: Tensor, gram: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, damp: float = 0.01
+) -> Tensor:
+    """The mappings (N, J, M) uint8 of the stored-order rows that (greedily) minimise
+    tr((W_q - target) H (W_q - target)^T), H = `gram`, for fixed codebooks and scales.
+
+    One input group at a time (GPTQ's rule, for vectors): with H^-1 = U^T U (U upper
+    triangular), fixing group b's codes to q costs ||(w_b - q) U_bb^-1||^2, which is the
+    Euclidean distance after multiplying by U_bb^-1, so each row takes the nearest codeword
+    there (greedily, one additive codebook after another); the error (w_b - q) U_bb^-1 @ U[b, later]
+    is then taken off the groups not yet coded, which compensate it. Groups go in decreasing
+    diag(H) (the most-used inputs first, their error spread over the rest)."""
+    N, K = target.shape
+    O, M, _, g = codebooks.shape
+    h = _damped(gram, damp)
+    order = torch.argsort(h.diagonal().reshape(-1, g).sum(1), descending=True, stable=True)
+    cols = (order[:, None] * g + torch.arange(g)).reshape(-1)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h[cols][:, cols])), upper=True)
+    w = (target.double() / scales.double()[:, None])[:, cols]  # normalised rows: the row's scale
+    words = codebooks.double()  # does not change its nearest word
+    codes = torch.empty(N, K // g, M, dtype=torch.uint8)
+    err = torch.empty(N, g, dtype=torch.float64)
+    for b, j in enumerate(order.tolist()):
+        s = slice(b * g, (b + 1) * g)
+        metric = torch.linalg.inv(u[s, s])
+        for o in range(O):
+            r0, r1 = int(group_ptr[o]), int(group_ptr[o + 1])
+            residual = w[r0:r1, s] @ metric
+            for m in range(M):
+                book = words[o, m] @ metric
+                idx = nearest(residual.float(), book.float())
+                codes[r0:r1, j, m] = idx.to(torch.uint8)
+                residual = residual - book[idx]
+            err[r0:r1] = residual
+        w[:, s.stop :] -= err @ u[s, s.stop :]
+    return codes
+
+
+def _fit_codebooks(
+    w: Tensor,
+    grams: Grams,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    group_ptr: Tensor,
+    steps: int,
+    lr: float,
+):
+    """Codebooks and scales by Adam (cosine decay) on the relative output error, codes fixed."""
+    codebooks, scales = nn.Parameter(codebooks.float().clone()), nn.Parameter(scales.float().clone())
+    packed = fmt.pack_codes(codes)
+    opt = torch.optim.Adam([codebooks, scales], lr=lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    cross = w @ grams.qf.T  # tr(W_q qf W^T) = <W_q, W qf^T>: one product saved per step
+    ref = ((w @ grams.ff) * w).sum().clamp_min(1e-30)
+    for _ in range(steps):
+        w_q = fmt.dequantize_stored(packed, codebooks, scales, group_ptr)
+        loss = (((w_q @ grams.qq) * w_q).sum() - 2 * (w_q * cross).sum() + ref) / ref
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay.step()
+    return codebooks.detach(), scales.detach()
+
+
+def learn_layer(
+    w: Tensor,
+    grams: Grams,
+    init: CodebookWeight,
+    steps: int,
+    lr: float = 1e-2,
+    rounds: int = 3,
+    damp: float = 0.01,
+) -> CodebookWeight:
+    """JLCM's joint learning of one layer's mappings, codebooks and scales (see the module doc):
+    `rounds` times, the second-order code assignment towards the weight that best maps the
+    layer's compressed-model inputs to its dense outputs, then `steps` of Adam on the codebooks
+    and scales. Returns float32 codebooks and scales."""
+    w = w.detach().float()
+    w_stored = w if init.perm is None else w[init.perm]
+    # argmin_V ||X_q V^T - X W^T||: V^T = qq^-1 qf W^T (V = W on dense inputs)
+    target = torch.linalg.solve(_damped(grams.qq, damp), grams.qf.double() @ w_stored.double().T).T
+    codebooks, scales = init.codebooks.float(), init.scales.float()
+    codes = init.code_indices()
+    for _ in range(rounds):
+        codes = second_order_codes(target, grams.qq, codebooks, scales, init.group_ptr, damp)
+        codebooks, scales = _fit_codebooks(
+            w_stored, grams, codes, codebooks, scales, init.group_ptr, steps, lr
+        )
+    return CodebookWeight(codes, codebooks, scales, init.group_ptr, init.perm)
