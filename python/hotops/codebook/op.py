@@ -112,17 +112,31 @@ def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
         return out.reshape(*x.shape[:-1], N)
     # the tiles in x's dtype (float16: float32, torch's CPU float16 GEMM being slow)
     dtype = torch.float32 if x2.dtype == torch.float16 else x2.dtype
-    xt = x2.T.to(dtype)
-    tile = max(16, GEMM_TILE_BYTES // max(1, K * xt.element_size()))
-    out_t = torch.empty(N, B, dtype=dtype)  # stored order, transposed: each tile writes whole rows
+    xd = x2.to(dtype)
+    b = None if bias is None else bias.detach().to(dtype)
+    tile = max(16, GEMM_TILE_BYTES // max(1, K * xd.element_size()))
+    if perm is not None:
+        fmt.check_perm(perm, N)  # a buffer changed behind the module's back must not scramble rows
     w = torch.empty(min(tile, N), K, dtype=dtype)  # one tile buffer, reused (no page faults)
+    if tile >= N:  # one tile: the whole weight, put in output order, then one GEMM with the bias
+        _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, 0, N, w)
+        if perm is not None:  # stored row s is output row perm[s]
+            w = torch.index_select(w, 0, torch.argsort(perm))
+        out = torch.mm(xd, w.T) if b is None else torch.addmm(b, xd, w.T)
+        return out.to(x2.dtype).reshape(*x.shape[:-1], N)
+    out = torch.empty(B, N, dtype=dtype)
     for r0 in range(0, N, tile):
         r1 = min(N, r0 + tile)
-        _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, r0, r1, w[: r1 - r0])
-        torch.mm(w[: r1 - r0], xt, out=out_t[r0:r1])
-    out = _output_order(out_t, perm).T.to(x2.dtype)
-    out = out + bias.to(out.dtype) if bias is not None else out.contiguous()
-    return out.reshape(*x.shape[:-1], N)
+        wt = w[: r1 - r0]
+        _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, r0, r1, wt)
+        if perm is None:  # columns r0:r1 of out, written in place (a strided view BLAS takes)
+            cols = out[:, r0:r1]
+            torch.mm(xd, wt.T, out=cols) if b is None else torch.addmm(b[r0:r1], xd, wt.T, out=cols)
+        else:
+            idx = perm[r0:r1]
+            part = torch.mm(xd, wt.T) if b is None else torch.addmm(b[idx], xd, wt.T)
+            out.index_copy_(1, idx, part)
+    return out.to(x2.dtype).reshape(*x.shape[:-1], N)
 
 
 def _torch_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
