@@ -30,17 +30,47 @@ from hotops import _backend
 from hotops.codebook import format as fmt
 from hotops.codebook import wide
 
-# When the lookup tables beat dequantize + GEMM (measured, docs/notes/codebook.md). A table lookup adds
-# in_group / num_codebooks weights' worth of products at once: from 2 on (AQLM's 2x8 and 1x8/4
-# give 4) the tables win at every batch size, one vector add per 16 batch rows replacing 4 FMAs;
-# below that they only win for small batches.
-LUT_MIN_WEIGHTS_PER_LOOKUP = 2
+# Lookup tables or dequantize + GEMM (torch.mm): a cost model of both paths, in units of one
+# multiply-add of torch's dense GEMM, fitted to a single-thread batch sweep (1..8192 rows) of the
+# 1x8/4, 1x8/2 and 2x8 formats at all-MiniLM-L6-v2's shapes (384x384, 1536x384, 384x1536) and at
+# 4096x4096 and 11008x4096 (benchmarks/encode_crossover.py; docs/codebook.md "Which path"):
+# * per row, every code costs one table lookup + add (LUT_LOOKUP_COST), and every table entry
+#   (C per code slot and row group) one build (LUT_BUILD_COST), shared by the N / groups output
+#   rows of its group: per weight and row (M / g) * (LUT_LOOKUP_COST + LUT_BUILD_COST * C * groups / N);
+# * the GEMM path costs the dense product (1 per weight and row) plus, once per call,
+#   dequantizing each weight into the tile and putting the rows in output order (LUT_DEQUANT_COST).
+# The tables win up to batch DEQUANT / (tables - 1): always where a lookup replaces enough weights
+# and N is large (2x8 and 1x8/4 at N >= 4096: tables <= 1), up to ~190 rows for 1x8/4 at N = 1536
+# and ~33 at N = 384, where building 256 entries per slot is shared by few outputs. Up to
+# LUT_MAX_BATCH rows the tables always run (the GEMM path's dequantization dominates there).
 LUT_MAX_BATCH = 16
+LUT_LOOKUP_COST = 3.0
+LUT_BUILD_COST = 16.0
+LUT_DEQUANT_COST = 80.0
 WIDE_MAX_BATCH = 16  # 16-bit codes: the gather kernel up to here, dequantized tiles + torch.mm above
 
 
-def use_tables(batch: int, in_group: int, num_codebooks: int) -> bool:
-    return batch <= LUT_MAX_BATCH or in_group >= LUT_MIN_WEIGHTS_PER_LOOKUP * num_codebooks
+def tables_cost(
+    out_features: int, in_group: int, num_codebooks: int, codebook_size: int = 256, num_groups: int = 1
+) -> float:
+    """The lookup tables' cost per weight and batch row, in dense multiply-adds (see above)."""
+    entries = LUT_BUILD_COST * codebook_size * num_groups / max(1, out_features)
+    return num_codebooks / in_group * (LUT_LOOKUP_COST + entries)
+
+
+def use_tables(
+    batch: int,
+    out_features: int,
+    in_group: int,
+    num_codebooks: int,
+    codebook_size: int = 256,
+    num_groups: int = 1,
+) -> bool:
+    """Whether the lookup tables (rather than dequantized tiles + torch.mm) run a batch."""
+    if batch <= LUT_MAX_BATCH:
+        return True
+    extra = tables_cost(out_features, in_group, num_codebooks, codebook_size, num_groups) - 1.0
+    return extra <= 0 or batch * extra <= LUT_DEQUANT_COST
 
 
 # Dequantized row tile for the GEMM path: large enough that torch.mm runs at full rate and its
@@ -104,7 +134,8 @@ def _torch_dequantize(codes, codebooks, scales, group_ptr, perm):
 def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
     x2 = _backend.cpu_view(x.reshape(-1, x.shape[-1]))
     B, K, N = x2.shape[0], x2.shape[1], scales.shape[0]
-    if B <= WIDE_MAX_BATCH if _wide(codes) else use_tables(B, codebooks.shape[3], codebooks.shape[1]):
+    O, M, C, g = codebooks.shape
+    if B <= WIDE_MAX_BATCH if _wide(codes) else use_tables(B, N, g, M, C, O):
         out = torch.empty(B, N, dtype=x2.dtype)
         kernel = _backend.ext().codebook_wide_matmul if _wide(codes) else _backend.ext().codebook_matmul
         b32 = None if bias is None else bias.detach().float().contiguous()
