@@ -75,6 +75,16 @@ def test_matches_reference(isa, in_group, num_codebooks, C, B):
     check_product(torch.randn(B, 40), w, torch.randn(37))
 
 
+@pytest.mark.parametrize("in_group,num_codebooks", [(2, 1), (4, 1), (8, 2)])
+@pytest.mark.parametrize("B", [17, 40])
+def test_tables_above_max_batch(monkeypatch, isa, in_group, num_codebooks, B):
+    """The tables past LUT_MAX_BATCH rows (16-row blocks and a remainder), which the path rule
+    picks for large layers only: forced here on a small one."""
+    monkeypatch.setattr(op, "use_tables", lambda *a, **k: True)
+    w = random_weight(37, 8 * 5, in_group, num_codebooks, groups=3, permuted=True)
+    check_product(torch.randn(B, 40), w, torch.randn(37))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 2, 5, 16])
 def test_half_precision_activations(isa, dtype, B):
