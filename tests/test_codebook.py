@@ -75,6 +75,16 @@ def test_matches_reference(isa, in_group, num_codebooks, C, B):
     check_product(torch.randn(B, 40), w, torch.randn(37))
 
 
+@pytest.mark.parametrize("in_group,num_codebooks", [(2, 1), (4, 1), (8, 2)])
+@pytest.mark.parametrize("B", [17, 40])
+def test_tables_above_max_batch(monkeypatch, isa, in_group, num_codebooks, B):
+    """The tables past LUT_MAX_BATCH rows (16-row blocks and a remainder), which the path rule
+    picks for large layers only: forced here on a small one."""
+    monkeypatch.setattr(op, "use_tables", lambda *a, **k: True)
+    w = random_weight(37, 8 * 5, in_group, num_codebooks, groups=3, permuted=True)
+    check_product(torch.randn(B, 40), w, torch.randn(37))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 2, 5, 16])
 def test_half_precision_activations(isa, dtype, B):
@@ -82,14 +92,68 @@ def test_half_precision_activations(isa, dtype, B):
     check_product(torch.randn(B, 64).to(dtype), w)
 
 
-def test_gemm_path(monkeypatch):
-    monkeypatch.setattr(op, "LUT_MAX_BATCH", 4)
-    monkeypatch.setattr(op, "LUT_MIN_WEIGHTS_PER_LOOKUP", 1000)
-    monkeypatch.setattr(op, "GEMM_TILE_BYTES", 64 * 4 * 16)  # several row tiles
-    w = random_weight(70, 64, 4, 1, groups=2, permuted=True)
+@pytest.mark.parametrize("permuted", [True, False])
+@pytest.mark.parametrize("tile_bytes", [64 * 4 * 16, 8 << 20])  # several row tiles, one
+def test_gemm_path(monkeypatch, permuted, tile_bytes):
+    monkeypatch.setattr(op, "use_tables", lambda *a, **k: False)
+    monkeypatch.setattr(op, "GEMM_TILE_BYTES", tile_bytes)
+    w = random_weight(70, 64, 4, 1, groups=2, permuted=permuted)
     check_product(torch.randn(9, 64), w, torch.randn(70))
-    check_product(torch.randn(9, 64).bfloat16(), w)
+    check_product(torch.randn(2, 3, 64), w)
+    check_product(torch.randn(9, 64).bfloat16(), w, torch.randn(70))
     check_product(torch.randn(9, 64).half(), w)
+    check_product(torch.randn(0, 64), w, torch.randn(70))
+
+
+# The path rule (op.use_tables), at the shapes it was fitted on: (out_features, in_group,
+# num_codebooks, largest batch on the tables, smallest on the GEMM path); None: tables at every batch.
+PATH_RULE = [
+    (384, 4, 1, 32, 64),  # all-MiniLM-L6-v2 1x8/4: attention and FFN-out (N = 384)
+    (1536, 4, 1, 128, 256),  # FFN-in (N = 1536)
+    (384, 2, 1, 16, 32),  # 1x8/2
+    (1536, 2, 1, 32, 64),
+    (384, 8, 2, 32, 64),  # 2x8
+    (1536, 8, 2, 128, 256),
+    (4096, 2, 1, 64, 128),  # 1x8/2 at a Llama shape
+    (4096, 1, 1, 16, 32),  # one lookup per weight: tables only for small batches
+    (4096, 8, 2, None, None),  # 2x8 and 1x8/4 at Llama shapes: the tables at every batch
+    (11008, 8, 2, None, None),
+    (4096, 4, 1, None, None),
+    (11008, 4, 1, None, None),
+]
+
+
+@pytest.mark.parametrize("N,g,M,last_tables,first_gemm", PATH_RULE)
+def test_path_rule(N, g, M, last_tables, first_gemm):
+    batches = [1, 2, 8, 16, 32, 64, 128, 256, 512, 1024, 5120, 8192]
+    picks = {B: op.use_tables(B, N, g, M) for B in batches}
+    assert all(picks[B] for B in batches if B <= op.LUT_MAX_BATCH)  # small batches: always tables
+    if last_tables is None:
+        assert all(picks.values())
+    else:
+        assert picks[last_tables] and not picks[first_gemm]
+        assert [B for B in batches if picks[B]] == [B for B in batches if B <= last_tables]  # one crossover
+
+
+def test_path_rule_table_build_per_group():
+    """Every row group builds its own tables: with 12 groups of 32 rows the tables' build is
+    shared by fewer outputs and the GEMM path takes over at a smaller batch."""
+    assert op.use_tables(32, 384, 4, 1, 256, 1) and not op.use_tables(32, 384, 4, 1, 256, 12)
+    assert op.use_tables(128, 1536, 4, 1, 256, 1) and not op.use_tables(128, 1536, 4, 1, 256, 4)
+    assert op.use_tables(64, 1536, 4, 1, 16, 1)  # 16 codewords: a sixteenth of the entries
+
+
+@pytest.mark.parametrize("B,tables", [(16, True), (64, False)])
+def test_path_taken(monkeypatch, B, tables):
+    """The product runs the path use_tables names (1x8/4 at 384 x 384: the GEMM path from 64
+    rows), and both paths match the reference there."""
+    calls = []
+    dequantize = op._cpu_dequantize_rows
+    monkeypatch.setattr(op, "_cpu_dequantize_rows", lambda *a: calls.append(1) or dequantize(*a))
+    w = random_weight(384, 384, 4, 1, permuted=True, scale=0.05)
+    assert op.use_tables(B, 384, 4, 1) == tables
+    check_product(torch.randn(B, 384), w, torch.randn(384))
+    assert bool(calls) != tables
 
 
 @pytest.mark.parametrize("threads", [1, 3, 5])

@@ -38,6 +38,53 @@ def test_sparse_linear_module():
     assert (model_sparse.backend, model_dense.backend) == (SPARSE, DENSE)
 
 
+# policy="model" for linear layers (dispatch.sparse_pays): (in, out, density, rows, sparse?)
+LINEAR_MODEL = [
+    (384, 384, 0.1, 1, True),  # batch-1-like: density <= 0.2
+    (384, 384, 0.3, 4, False),
+    (384, 384, 0.3, 64, True),  # batched, x^T rows under a page: density <= 0.4
+    (384, 384, 0.5, 512, False),
+    (384, 384, 0.1, 512, True),  # all-MiniLM-L6-v2 at 90 %: sparse up to 512 rows ...
+    (1536, 384, 0.1, 1023, True),
+    (384, 384, 0.1, 1024, False),  # ... dense from a 4 KB row of x^T on (1024 rows)
+    (384, 384, 0.1, 5120, False),
+    (1536, 384, 0.1, 5120, False),
+    (384, 384, 0.02, 5120, False),  # the per-row cost of N = 384 layers: dense even at 98 %
+    (1536, 384, 0.02, 8192, False),
+    (384, 1536, 0.05, 5120, True),  # 384 -> 1536 at 95 %: sparse (90 %: a tie)
+    (4096, 4096, 0.1, 1024, True),  # Llama shapes keep the sparse path at every batch
+    (4096, 4096, 0.1, 8192, True),
+    (4096, 11008, 0.3, 8192, True),
+    (11008, 4096, 0.1, 8192, True),
+    (4096, 4096, 0.5, 8192, False),
+]
+
+
+@pytest.mark.parametrize("k,n,density,rows,sparse", LINEAR_MODEL)
+def test_linear_model_rule(k, n, density, rows, sparse):
+    from hotops.sparse.dispatch import sparse_pays
+
+    assert sparse_pays("linear", density, rows, k, n) == sparse
+
+
+@pytest.mark.parametrize("rows,want", [(512, SPARSE), (1024, DENSE), (2100, DENSE)])
+def test_linear_model_policy_by_rows(rows, want):
+    """A 90 %-sparse 384 -> 384 layer under policy="model": the sparse kernel below 1024 rows,
+    torch's dense GEMM from there; both paths give the reference's result."""
+    torch.manual_seed(0)
+    lin = nn.Linear(384, 384)
+    layer = SparseLinear.from_dense(lin, sparsity=0.9, policy="model")
+    x = torch.randn(rows, 384)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer.backend == want
+        r64, r32 = _ref(reference.sparse_linear, x, layer.sparse_weight, bias=lin.bias.detach())
+        _close(y, r64, r32)
+        layer.policy = "sparse" if want == DENSE else "dense"  # the other path agrees too
+        _close(layer(x), r64, r32)
+        assert layer.backend != want
+
+
 @pytest.mark.parametrize("sparse_faster", [True, False])
 def test_measured_dispatch(monkeypatch, sparse_faster):
     """policy="auto" times both paths once per input signature and runs the faster."""

@@ -30,17 +30,47 @@ from hotops import _backend
 from hotops.codebook import format as fmt
 from hotops.codebook import wide
 
-# When the lookup tables beat dequantize + GEMM (measured, docs/notes/codebook.md). A table lookup adds
-# in_group / num_codebooks weights' worth of products at once: from 2 on (AQLM's 2x8 and 1x8/4
-# give 4) the tables win at every batch size, one vector add per 16 batch rows replacing 4 FMAs;
-# below that they only win for small batches.
-LUT_MIN_WEIGHTS_PER_LOOKUP = 2
+# Lookup tables or dequantize + GEMM (torch.mm): a cost model of both paths, in units of one
+# multiply-add of torch's dense GEMM, fitted to a single-thread batch sweep (1..8192 rows) of the
+# 1x8/4, 1x8/2 and 2x8 formats at all-MiniLM-L6-v2's shapes (384x384, 1536x384, 384x1536) and at
+# 4096x4096 and 11008x4096 (benchmarks/encode_crossover.py; docs/codebook.md "Which path"):
+# * per row, every code costs one table lookup + add (LUT_LOOKUP_COST), and every table entry
+#   (C per code slot and row group) one build (LUT_BUILD_COST), shared by the N / groups output
+#   rows of its group: per weight and row (M / g) * (LUT_LOOKUP_COST + LUT_BUILD_COST * C * groups / N);
+# * the GEMM path costs the dense product (1 per weight and row) plus, once per call,
+#   dequantizing each weight into the tile and putting the rows in output order (LUT_DEQUANT_COST).
+# The tables win up to batch DEQUANT / (tables - 1): always where a lookup replaces enough weights
+# and N is large (2x8 and 1x8/4 at N >= 4096: tables <= 1), up to ~190 rows for 1x8/4 at N = 1536
+# and ~33 at N = 384, where building 256 entries per slot is shared by few outputs. Up to
+# LUT_MAX_BATCH rows the tables always run (the GEMM path's dequantization dominates there).
 LUT_MAX_BATCH = 16
+LUT_LOOKUP_COST = 3.0
+LUT_BUILD_COST = 16.0
+LUT_DEQUANT_COST = 80.0
 WIDE_MAX_BATCH = 16  # 16-bit codes: the gather kernel up to here, dequantized tiles + torch.mm above
 
 
-def use_tables(batch: int, in_group: int, num_codebooks: int) -> bool:
-    return batch <= LUT_MAX_BATCH or in_group >= LUT_MIN_WEIGHTS_PER_LOOKUP * num_codebooks
+def tables_cost(
+    out_features: int, in_group: int, num_codebooks: int, codebook_size: int = 256, num_groups: int = 1
+) -> float:
+    """The lookup tables' cost per weight and batch row, in dense multiply-adds (see above)."""
+    entries = LUT_BUILD_COST * codebook_size * num_groups / max(1, out_features)
+    return num_codebooks / in_group * (LUT_LOOKUP_COST + entries)
+
+
+def use_tables(
+    batch: int,
+    out_features: int,
+    in_group: int,
+    num_codebooks: int,
+    codebook_size: int = 256,
+    num_groups: int = 1,
+) -> bool:
+    """Whether the lookup tables (rather than dequantized tiles + torch.mm) run a batch."""
+    if batch <= LUT_MAX_BATCH:
+        return True
+    extra = tables_cost(out_features, in_group, num_codebooks, codebook_size, num_groups) - 1.0
+    return extra <= 0 or batch * extra <= LUT_DEQUANT_COST
 
 
 # Dequantized row tile for the GEMM path: large enough that torch.mm runs at full rate and its
@@ -104,7 +134,8 @@ def _torch_dequantize(codes, codebooks, scales, group_ptr, perm):
 def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
     x2 = _backend.cpu_view(x.reshape(-1, x.shape[-1]))
     B, K, N = x2.shape[0], x2.shape[1], scales.shape[0]
-    if B <= WIDE_MAX_BATCH if _wide(codes) else use_tables(B, codebooks.shape[3], codebooks.shape[1]):
+    O, M, C, g = codebooks.shape
+    if B <= WIDE_MAX_BATCH if _wide(codes) else use_tables(B, N, g, M, C, O):
         out = torch.empty(B, N, dtype=x2.dtype)
         kernel = _backend.ext().codebook_wide_matmul if _wide(codes) else _backend.ext().codebook_matmul
         b32 = None if bias is None else bias.detach().float().contiguous()
@@ -112,17 +143,31 @@ def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
         return out.reshape(*x.shape[:-1], N)
     # the tiles in x's dtype (float16: float32, torch's CPU float16 GEMM being slow)
     dtype = torch.float32 if x2.dtype == torch.float16 else x2.dtype
-    xt = x2.T.to(dtype)
-    tile = max(16, GEMM_TILE_BYTES // max(1, K * xt.element_size()))
-    out_t = torch.empty(N, B, dtype=dtype)  # stored order, transposed: each tile writes whole rows
+    xd = x2.to(dtype)
+    b = None if bias is None else bias.detach().to(dtype)
+    tile = max(16, GEMM_TILE_BYTES // max(1, K * xd.element_size()))
+    if perm is not None:
+        fmt.check_perm(perm, N)  # a buffer changed behind the module's back must not scramble rows
     w = torch.empty(min(tile, N), K, dtype=dtype)  # one tile buffer, reused (no page faults)
+    if tile >= N:  # one tile: the whole weight, put in output order, then one GEMM with the bias
+        _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, 0, N, w)
+        if perm is not None:  # stored row s is output row perm[s]
+            w = torch.index_select(w, 0, torch.argsort(perm))
+        out = torch.mm(xd, w.T) if b is None else torch.addmm(b, xd, w.T)
+        return out.to(x2.dtype).reshape(*x.shape[:-1], N)
+    out = torch.empty(B, N, dtype=dtype)
     for r0 in range(0, N, tile):
         r1 = min(N, r0 + tile)
-        _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, r0, r1, w[: r1 - r0])
-        torch.mm(w[: r1 - r0], xt, out=out_t[r0:r1])
-    out = _output_order(out_t, perm).T.to(x2.dtype)
-    out = out + bias.to(out.dtype) if bias is not None else out.contiguous()
-    return out.reshape(*x.shape[:-1], N)
+        wt = w[: r1 - r0]
+        _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, r0, r1, wt)
+        if perm is None:  # columns r0:r1 of out, written in place (a strided view BLAS takes)
+            cols = out[:, r0:r1]
+            torch.mm(xd, wt.T, out=cols) if b is None else torch.addmm(b[r0:r1], xd, wt.T, out=cols)
+        else:
+            idx = perm[r0:r1]
+            part = torch.mm(xd, wt.T) if b is None else torch.addmm(b[idx], xd, wt.T)
+            out.index_copy_(1, idx, part)
+    return out.to(x2.dtype).reshape(*x.shape[:-1], N)
 
 
 def _torch_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):

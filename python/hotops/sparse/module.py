@@ -43,7 +43,8 @@ class _SparseLayer(nn.Module):
       "auto"   the first call with a new input signature (shape, dtype) times both paths on that
                input and keeps the faster for the signature (``dispatch`` holds the timings);
                while torch.compile traces, a signature not yet measured follows "model";
-      "model"  the fixed density limits of DENSITY_LIMIT (deterministic);
+      "model"  the fixed density limits of DENSITY_LIMIT, and for linear layers of many rows
+               the per-row cost model of dispatch.sparse_pays (deterministic);
       "sparse" / "dense" force a path.
     ``backend`` says which path the last forward ran, ``layout`` which format the sparse path
     runs on ("csr" or "blocked bx1", the packer's choice: SparseWeight.from_dense)."""
@@ -342,7 +343,7 @@ class _SparseLayer(nn.Module):
         decided = self.dispatch.get(key)
         if decided is None:
             if torch.compiler.is_compiling():  # nothing is timed or stored while tracing
-                decided = (sparse_pays(kind, self.density, rows), None, None)
+                decided = (sparse_pays(kind, self.density, rows, self.shape[1], self.shape[0]), None, None)
             else:
                 if self.policy != "dense":
                     validate()  # the sparse op's argument checks, once per signature
@@ -350,7 +351,11 @@ class _SparseLayer(nn.Module):
                     ts, td = measure_pair(call(True), call(False))
                     decided = (ts < td, ts, td)
                 else:
-                    decided = (sparse_pays(kind, self.density, rows), None, None)
+                    decided = (
+                        sparse_pays(kind, self.density, rows, self.shape[1], self.shape[0]),
+                        None,
+                        None,
+                    )
                 self.dispatch[key] = decided
         sparse = decided[0] if self.policy in ("auto", "model") else self.policy == "sparse"
         backend = SPARSE if sparse else DENSE
