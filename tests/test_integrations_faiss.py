@@ -322,3 +322,54 @@ def test_glove_example_small():
             assert r["hotops vs float"] >= r["faiss vs float"] - 0.04, name
         else:
             assert r["hotops vs faiss"] >= 0.99, name
+
+
+# ------------------------------------------------------------------ FaissPQIndex: faiss behind hotops' search
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_faiss_pq_index_is_the_faiss_index_it_wraps(metric):
+    from hotops.integrations.faiss import FaissPQIndex
+
+    x, q = X[:1000], Q[:20]
+    fm = metric_of(metric)
+    own = FaissPQIndex(x, 8, nlist=16, metric=metric)
+    ref = faiss.IndexIVFPQ(faiss.IndexFlat(D, fm), D, 16, 8, 8, fm)
+    ref.cp.seed = 1234
+    ref.train(x)
+    ref.add(x)
+    ref.nprobe = 4
+    d_ref, i_ref = ref.search(q, 10)
+    d, i = own.search(q, 10, nprobe=4)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-6)
+    assert own.metric == metric and own.ntotal == 1000
+    assert own.ram_bytes_per_vector() == 8 + 8  # codes + int64 ids in the lists
+
+
+def test_faiss_pq_index_flat_refine_and_torch_queries():
+    from hotops.integrations.faiss import FaissPQIndex
+
+    x, q = X[:1000], Q[:50]
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    flat = FaissPQIndex(x, 4)
+    refined = FaissPQIndex(x, 4, refine=True)
+    assert flat.ram_bytes_per_vector() == 4 and refined.ram_bytes_per_vector() == 4 + 4 * D
+    _, i_flat = flat.search(torch.from_numpy(q), 10)
+    _, i_ref = refined.search(q, 10, refine=10)
+    assert agreement(i_ref, exact) > agreement(i_flat, exact) and agreement(i_ref, exact) > 0.9
+    with pytest.raises(ValueError, match="metric"):
+        FaissPQIndex(x, 4, metric="cosine")
+
+
+def test_hard_negative_miner_runs_on_faiss_pq_index():
+    from hotops.ann.mining import HardNegativeMiner
+    from hotops.integrations.faiss import FaissPQIndex
+
+    x = X[:1000]
+    q = x[:30] + 0.01
+    miner = HardNegativeMiner(FaissPQIndex(x, 8, nlist=16), n=4, depth=20, nprobe=8)
+    mined = miner.mine(q, np.arange(30))
+    assert mined.ids.shape == (30, 4) and (mined.ids >= 0).all()
+    assert not (mined.ids == torch.arange(30)[:, None]).any()
+    assert (mined.distances[:, :-1] >= mined.distances[:, 1:]).all()  # inner product: best first

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 import functools
 import operator
 
+from _tiny_bert import save_tiny_bert
 from sentence_transformers import util
 
 from hotops.integrations import sentence_transformers as hst
@@ -68,25 +69,15 @@ def _quiet():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A 2-layer random-init BERT with a word vocabulary, wrapped by SentenceTransformer (mean pooling)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny_st")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(str(d))
-    cfg = BertConfig(
-        vocab_size=len(vocab),
+    return save_tiny_bert(
+        tmp_path_factory.mktemp("tiny_st"),
+        WORDS,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
     )
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(str(d))
-    return str(d)
 
 
 def load(path):

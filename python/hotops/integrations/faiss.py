@@ -5,8 +5,11 @@ or IndexIVFPQFastScan, optionally inside an IndexRefineFlat (-> keep_vectors, re
 `search(..., refine=R)`) and an IndexIDMap / IndexIDMap2 (-> the ids), and builds the hotops
 PQIndex / IVFPQIndex holding the same codebooks, coarse centroids, codes and ids. `to_faiss(index)`
 goes the other way. `PQIndex.from_faiss`, `IVFPQIndex.from_faiss` and `.to_faiss()` call these.
+`FaissPQIndex` builds a faiss IndexPQ / IndexIVFPQ (+ IndexRefineFlat) from vectors and answers
+hotops' `search(q, k, nprobe=, refine=)`, so code written for a hotops index (HardNegativeMiner,
+a benchmark's search loop) runs on faiss as it is.
 
-faiss is imported only here, and only when a conversion runs."""
+faiss is imported only here, and only when a conversion runs or a FaissPQIndex is built."""
 
 from __future__ import annotations
 
@@ -315,3 +318,74 @@ def to_faiss(index, fast_scan: Optional[bool] = None, k_factor: float = 1.0):
     if fast_scan:
         base = faiss.IndexPQFastScan(base)
     return _wrap(faiss, base, index, k_factor)
+
+
+# ------------------------------------------------------------------ faiss behind hotops' search
+
+
+class FaissPQIndex:
+    """FaissPQIndex(x, m, nlist=None, refine=False, metric="ip", seed=1234)
+
+    A faiss IndexIVFPQ of `nlist` lists (nlist None: a flat IndexPQ) with 8-bit codes, m bytes
+    per vector, trained on and filled with the rows of x (ids 0..n-1); with refine=True inside
+    an IndexRefineFlat (the float32 vectors kept for an exact re-rank). ``search(q, k,
+    nprobe=16, refine=None) -> (distances, ids)`` has the shape of hotops' IVFPQIndex.search
+    (refine: candidates per result re-ranked exactly, faiss's k_factor), so hotops code that
+    takes an index runs on this one too: ``HardNegativeMiner(FaissPQIndex(x, 48, 64), nprobe=8)``.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        m: int,
+        nlist: Optional[int] = None,
+        refine: bool = False,
+        metric: str = "ip",
+        seed: int = 1234,
+    ):
+        faiss = _faiss()
+        if metric not in ("ip", "l2"):
+            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        self.metric, d = metric, x.shape[1]
+        fmetric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+        if nlist is None:
+            self.quantizer = None
+            self.pq = faiss.IndexPQ(d, m, 8, fmetric)
+        else:
+            self.quantizer = faiss.IndexFlat(d, fmetric)
+            self.pq = faiss.IndexIVFPQ(self.quantizer, d, nlist, m, 8, fmetric)
+            self.pq.cp.seed = seed
+        self.index = faiss.IndexRefineFlat(self.pq) if refine else self.pq
+        self.index.train(x)
+        self.index.add(x)
+        self.refine = refine
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, q, k: int = 10, nprobe: int = 16, refine: Optional[int] = None):
+        """(distances, ids), each (nq, k), best first: nprobe lists probed (IVF), and with an
+        IndexRefineFlat `refine` x k candidates re-ranked exactly (default 1)."""
+        faiss = _faiss()
+        q = np.ascontiguousarray(np.asarray(q, dtype=np.float32))
+        base = faiss.SearchParametersIVF(nprobe=nprobe) if self.quantizer is not None else None
+        if self.refine:
+            params = faiss.IndexRefineSearchParameters(k_factor=refine or 1, base_index_params=base)
+        else:
+            params = base
+        return self.index.search(q, k, params=params)
+
+    def ram_bytes_per_vector(self) -> float:
+        """Bytes per vector in RAM: the codes, the ids an IVF list stores beside them (int64),
+        and with refine the float32 vectors."""
+        faiss = _faiss()
+        n = self.index.ntotal
+        if self.quantizer is None:
+            codes = n * self.pq.pq.code_size  # flat PQ: the ids are the positions
+        else:
+            lists = faiss.extract_index_ivf(self.index).invlists
+            codes = sum(lists.list_size(i) for i in range(lists.nlist)) * (lists.code_size + 8)
+        flat = n * self.pq.d * 4 if self.refine else 0
+        return (codes + flat) / n

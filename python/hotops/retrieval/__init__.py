@@ -1,6 +1,11 @@
 """Pieces of a dense-retrieval pipeline that the examples share: sentence encoding with
-length-sorted batches, exact top-k search, rank metrics, false-negative lists for mining, and a
-peak-memory probe. Plain torch / NumPy; the kernels live in the op families.
+length-sorted batches, exact top-k search, rank metrics and the evaluation that combines them,
+false-negative lists for mining, model bytes, and a peak-memory probe. Plain torch / NumPy; the
+kernels live in the op families.
+
+Submodules: ``hotops.retrieval.training`` (ContrastiveTrainer: contrastive fine-tuning with
+``hotops.info_nce`` and mined hard negatives) and ``hotops.retrieval.mining`` (PQ indexes built
+from vectors in one call, HardNegativeRefresh: ANCE's periodic re-mining).
 """
 
 from __future__ import annotations
@@ -14,7 +19,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mean_pooled", "encode", "exact_search", "rank_metrics", "exclusion_matrix", "PeakRSS"]
+__all__ = [
+    "tokenize",
+    "mean_pooled",
+    "encode",
+    "exact_search",
+    "rank_metrics",
+    "evaluate",
+    "topk_overlap",
+    "duplicate_key",
+    "false_negatives",
+    "exclusion_matrix",
+    "state_bytes",
+    "encode_speed",
+    "PeakRSS",
+]
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int = 32) -> Dict[str, torch.Tensor]:
+    """A Hugging Face tokenizer's padded, truncated batch of `texts` as a dict of tensors."""
+    return dict(
+        tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    )
 
 
 def mean_pooled(bert: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -40,16 +66,7 @@ def encode(
     with torch.inference_mode():
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            batch = dict(
-                tokenizer(
-                    [texts[j] for j in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                    return_tensors="pt",
-                )
-            )
-            emb = mean_pooled(bert, batch).float()
+            emb = mean_pooled(bert, tokenize(tokenizer, [texts[j] for j in idx], max_length)).float()
             if out is None:
                 out = torch.empty(len(texts), emb.shape[1])
             out[torch.from_numpy(idx)] = emb
@@ -86,6 +103,61 @@ def rank_metrics(
     return out
 
 
+def evaluate(
+    bert: torch.nn.Module,
+    tokenizer,
+    corpus: Sequence[str],
+    queries: Sequence[str],
+    gold: Sequence[int],
+    doc_key: Optional[Sequence[int]] = None,
+    batch_size: int = 256,
+    max_length: int = 32,
+    k: int = 100,
+):
+    """The corpus and the queries encoded (`encode`), each query's best k by exact search, scored
+    by `rank_metrics` against `gold` (each query's relevant corpus row). Returns (metrics, corpus
+    embeddings, query embeddings); the metrics also hold corpus_encode_s, corpus_docs_per_s and
+    query_encode_per_s (wall time)."""
+    t = time.perf_counter()
+    C = encode(bert, tokenizer, corpus, batch_size, max_length)
+    t_corpus = time.perf_counter() - t
+    t = time.perf_counter()
+    Q = encode(bert, tokenizer, queries, batch_size, max_length)
+    t_query = time.perf_counter() - t
+    m = rank_metrics(exact_search(Q, C, k), gold, doc_key)
+    m.update(
+        corpus_encode_s=round(t_corpus, 1),
+        corpus_docs_per_s=round(len(corpus) / t_corpus, 1),
+        query_encode_per_s=round(len(queries) / t_query, 1),
+    )
+    return m, C, Q
+
+
+def topk_overlap(ids, reference) -> float:
+    """The mean over rows of the fraction of `reference`'s ids (e.g. exact search's top k) that
+    `ids` (an index's answer, same rows) holds too."""
+    ids, reference = np.asarray(ids), np.asarray(reference)
+    k = reference.shape[1]
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ids, reference)]))
+
+
+def duplicate_key(texts: Sequence[str]) -> List[int]:
+    """For each text the row of its first occurrence: as rank_metrics' doc_key, a retrieved
+    duplicate of the relevant document counts as the answer."""
+    first: Dict[str, int] = {}
+    return [first.setdefault(t, i) for i, t in enumerate(texts)]
+
+
+def false_negatives(rows: Sequence[int], related: Dict[int, List[int]], texts: Sequence[str]):
+    """{row: sorted ids} for each of `rows`: its `related` rows (e.g. the other senses of a
+    word) and every other row whose text is the same as its own; what a miner must not return as
+    a negative of a query whose answer is that row (see exclusion_matrix)."""
+    same_text: Dict[str, List[int]] = {}
+    for i, t in enumerate(texts):
+        same_text.setdefault(t, []).append(i)
+    return {r: sorted((set(related.get(r, [])) | set(same_text[texts[r]])) - {r}) for r in set(rows)}
+
+
 def exclusion_matrix(rows: Sequence[int], related: Dict[int, List[int]]) -> torch.Tensor:
     """(len(rows), E) int64 of each row's related ids padded with -1 (E >= 1): a miner's exclude."""
     lists = [related.get(int(r), []) for r in rows]
@@ -95,6 +167,42 @@ def exclusion_matrix(rows: Sequence[int], related: Dict[int, List[int]]) -> torc
         if x:
             out[i, : len(x)] = torch.as_tensor(x)
     return out
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's state_dict tensors (each storage once): what a checkpoint holds."""
+    seen, total = set(), 0
+    for t in module.state_dict().values():
+        if isinstance(t, torch.Tensor):
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def encode_speed(
+    models: Dict[str, torch.nn.Module],
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    max_length: int = 32,
+):
+    """({name: docs per CPU second}, {name: docs per wall second}) of each model encoding the same
+    `texts`, `batch_size` per call, one model after another; the first model (the baseline) runs
+    first and last and keeps the better of its two. CPU time is this process's (all threads),
+    which other jobs on a shared machine disturb far less than wall time. Warm the models up
+    first (one `encode` each): first calls pay for thread pools and kernel binding."""
+    order = list(models.items())
+    cpu: Dict[str, float] = {}
+    wall: Dict[str, float] = {}
+    for name, model in order + order[:1]:
+        t, c = time.perf_counter(), time.process_time()
+        encode(model, tokenizer, texts, batch_size, max_length)
+        t, c = time.perf_counter() - t, time.process_time() - c
+        cpu[name] = max(cpu.get(name, 0.0), round(len(texts) / c, 1))
+        wall[name] = max(wall.get(name, 0.0), round(len(texts) / t, 1))
+    return cpu, wall
 
 
 def _rss() -> int:

@@ -1,0 +1,172 @@
+"""Contrastive fine-tuning of a sentence-transformers bi-encoder on (query, document) pairs, with
+in-batch negatives and optional mined hard negatives, the loss computed by ``hotops.info_nce`` or,
+for comparison, by sentence-transformers' own MultipleNegativesRankingLoss.
+
+sentence-transformers is imported only for the 'mnrl' loss; the model only needs to be indexable
+like a SentenceTransformer: ``model[0].auto_model`` a BERT-style encoder (mean pooled, as
+all-MiniLM-L6-v2), ``model.tokenizer`` its tokenizer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hotops.infonce import info_nce
+from hotops.retrieval import mean_pooled, tokenize
+
+__all__ = ["ContrastiveTrainer", "batch_schedule", "contrastive_loss", "LOSSES"]
+
+LOSSES = ("info_nce", "mnrl")
+HF_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def batch_schedule(order: torch.Tensor, steps: int, batch: int) -> List[torch.Tensor]:
+    """`steps` batches of `batch` query indices taken in turn from `order` (a permutation),
+    wrapping around; a batch the end of `order` would cut short is order's first batch."""
+    schedule = [order[(s * batch) % len(order) :][:batch] for s in range(steps)]
+    return [s if len(s) == batch else order[:batch] for s in schedule]
+
+
+def contrastive_loss(
+    emb: Sequence[torch.Tensor],
+    temperature: float,
+    teacher: Optional[Sequence[torch.Tensor]] = None,
+    distill: float = 0.0,
+) -> torch.Tensor:
+    """emb: [queries (B, D), their documents (B, D), then any number of negative columns (B, D)].
+    hotops.info_nce of each query against the batch's documents and every negative of the batch
+    (one shared pool: MNRL's loss at scale 1 / temperature). With `teacher` (the same columns
+    embedded by a teacher model) and distill > 0, adds distill x (the KL divergence from the
+    teacher's to the student's query-candidate score distribution, plus the mean 1 - cosine
+    between the two models' embeddings of every text)."""
+    loss = info_nce(emb[0], emb[1], torch.cat(emb[2:]) if len(emb) > 2 else None, temperature=temperature)
+    if teacher is not None and distill > 0:
+        pool, tpool = torch.cat(emb[1:]), torch.cat(teacher[1:])
+        kl = F.kl_div(
+            torch.log_softmax(emb[0] @ pool.T / temperature, 1),
+            torch.log_softmax(teacher[0] @ tpool.T / temperature, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        cos = 1 - (torch.cat(emb) * torch.cat(teacher)).sum(1).mean()
+        loss = loss + distill * (kl + cos)
+    return loss
+
+
+def _mnrl(model, temperature: float):
+    try:  # sentence-transformers >= 6 moved the losses
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    return MultipleNegativesRankingLoss(model, scale=1.0 / temperature)
+
+
+class ContrastiveTrainer:
+    """ContrastiveTrainer(queries, positives, corpus, schedule, lr=5e-5, temperature=0.05,
+    max_length=32, verbose=False)
+
+    queries: the training query texts; positives[i]: the corpus row answering queries[i]; corpus:
+    the document texts; schedule: the batches of query indices (see batch_schedule), the same
+    for every run, so runs with different losses see the same data. Each run: AdamW (weight decay
+    0.01) with linear warm-up over 10 % of the steps, then linear decay; dropout on.
+    `losses` holds the last run's loss per step."""
+
+    def __init__(
+        self,
+        queries: Sequence[str],
+        positives: Sequence[int],
+        corpus: Sequence[str],
+        schedule: Sequence[torch.Tensor],
+        *,
+        lr: float = 5e-5,
+        temperature: float = 0.05,
+        max_length: int = 32,
+        verbose: bool = False,
+    ):
+        if len(queries) != len(positives):
+            raise ValueError(f"queries ({len(queries)}) and positives ({len(positives)}) differ in length")
+        if len(schedule) == 0:
+            raise ValueError("schedule is empty")
+        self.queries, self.positives, self.corpus = queries, positives, corpus
+        self.schedule = schedule
+        self.lr, self.temperature, self.max_length, self.verbose = lr, temperature, max_length, verbose
+        self.losses: List[float] = []
+
+    def run(
+        self,
+        model,
+        loss: str,
+        steps: int,
+        negatives: Optional[torch.Tensor] = None,
+        refresh: Optional[Callable] = None,
+        refresh_every: int = 100,
+        lr: Optional[float] = None,
+        log: str = "",
+        teacher: Optional[torch.nn.Module] = None,
+        distill: float = 0.0,
+        after_step: Optional[Callable[[int], None]] = None,
+        step0: int = 0,
+    ):
+        """`steps` optimizer steps on `model` (trained in place and returned in eval mode).
+
+        loss: 'info_nce' (contrastive_loss: hotops.info_nce) or 'mnrl' (sentence-transformers'
+        MultipleNegativesRankingLoss, scale 1 / temperature; the same loss computed by the
+        library). negatives: (len(queries), n) corpus rows, each column one more candidate per
+        query (MNRL's layout; one pool for info_nce). refresh(model) -> new negatives, called
+        every `refresh_every` steps after the first (ANCE; see mining.HardNegativeRefresh).
+        teacher (a BERT-style encoder) with distill > 0 adds contrastive_loss's distillation
+        terms ('info_nce' only). after_step(step) runs after each optimizer step (1-based, e.g.
+        a GradualPruner). The batches are the schedule's from `step0` on."""
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr or self.lr, weight_decay=0.01)
+        warm = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+        )
+        mnrl = _mnrl(model, self.temperature) if loss == "mnrl" else None
+        bert, tok = model[0].auto_model, model.tokenizer
+        model.train()
+        t0, self.losses = time.perf_counter(), []
+        for step in range(steps):
+            if refresh is not None and step > 0 and step % refresh_every == 0:
+                negatives = refresh(model)
+                model.train()
+            qi = self.schedule[(step0 + step) % len(self.schedule)]
+            cols = [[self.queries[i] for i in qi], [self.corpus[self.positives[i]] for i in qi]]
+            if negatives is not None:  # one column per mined negative (MNRL's layout)
+                for col in negatives[qi].T.tolist():
+                    cols.append([self.corpus[j] for j in col])
+            feats = [tokenize(tok, c, self.max_length) for c in cols]
+            if mnrl is not None:
+                value = mnrl(feats, None)
+            else:
+                inputs = [{k: f[k] for k in HF_KEYS if k in f} for f in feats]
+                emb = [mean_pooled(bert, x) for x in inputs]
+                ref = None
+                if teacher is not None and distill > 0:
+                    with torch.no_grad():
+                        ref = [mean_pooled(teacher, x) for x in inputs]
+                value = contrastive_loss(emb, self.temperature, ref, distill)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step(step + 1)
+            self.losses.append(value.item())
+            if self.verbose and (step + 1) % max(1, steps // 5) == 0:
+                print(
+                    f"  {log} step {step + 1}/{steps} loss {np.mean(self.losses[-20:]):.4f} "
+                    f"{time.perf_counter() - t0:.0f} s",
+                    flush=True,
+                )
+        model.eval()
+        return model

@@ -1,0 +1,62 @@
+"""GradualPruner: magnitude pruning while training (Zhu & Gupta's cubic schedule), whose patterns
+``sparsify(model, None)`` then packs as they are."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from hotops.sparse.format import check_sparsity, magnitude_mask
+from hotops.sparse.sparsify import _prunable
+
+__all__ = ["GradualPruner"]
+
+
+class GradualPruner:
+    """GradualPruner(model, target, steps, every, ramp=0.75, skip=...)
+
+    Every layer ``sparsify`` would prune (each nn.Linear / nn.Conv2d for which ``skip(name,
+    module)`` is false) keeps its own largest-|w| fraction; the sparsity rises on a cubic ramp
+    from 0 to ``target`` over the first ``ramp`` of ``steps`` steps. Call the pruner after every
+    optimizer step with the step's number (1-based): it recomputes the masks every ``every``
+    steps (and at the ramp's end) and re-applies them after every step, so the pruned weights
+    stay zero. Afterwards ``sparsify(model, None)`` packs exactly these patterns::
+
+        pruner = GradualPruner(model, 0.9, steps=150, every=10)
+        for step in range(1, 151):
+            loss_fn(model).backward(); opt.step(); opt.zero_grad()
+            pruner(step)
+        model = sparsify(model, None)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target: float,
+        steps: int,
+        every: int,
+        ramp: float = 0.75,
+        skip: Callable[[str, nn.Module], bool] = lambda name, m: False,
+    ):
+        self.target = check_sparsity(target)
+        self.layers: List[nn.Module] = [m for _, m in _prunable(model, skip)]
+        self.every = max(1, int(every))
+        self.ramp_end = max(1, int(ramp * steps))
+        self.masks: Optional[List[Tensor]] = None
+
+    def sparsity(self, step: int) -> float:
+        """The sparsity the masks have after step `step`: target * (1 - (1 - t)^3), t the
+        fraction of the ramp done (1 from the ramp's end on)."""
+        t = min(1.0, step / self.ramp_end)
+        return self.target * (1 - (1 - t) ** 3)
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> None:
+        """After optimizer step `step` (1-based)."""
+        if self.masks is None or step % self.every == 0 or step == self.ramp_end:
+            s = self.sparsity(step)
+            self.masks = [magnitude_mask(m.weight, s) for m in self.layers]
+        for m, mask in zip(self.layers, self.masks):
+            m.weight.mul_(mask)

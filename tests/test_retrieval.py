@@ -1,0 +1,269 @@
+"""hotops.retrieval's training loop, ANCE refresh and helpers on a tiny random BERT (no download):
+ContrastiveTrainer, contrastive_loss, batch_schedule, HardNegativeRefresh, build_pq_index,
+evaluate, encode_speed, state_bytes, duplicate_key, false_negatives, topk_overlap."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny_bert import save_tiny_bert
+
+from hotops.ann import IVFPQIndex, PQIndex
+from hotops.retrieval import (
+    duplicate_key,
+    encode,
+    encode_speed,
+    evaluate,
+    exclusion_matrix,
+    false_negatives,
+    state_bytes,
+    tokenize,
+    topk_overlap,
+)
+from hotops.retrieval.mining import HardNegativeRefresh, build_pq_index
+from hotops.retrieval.training import ContrastiveTrainer, batch_schedule, contrastive_loss
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def _texts(n, seed):
+    g = np.random.default_rng(seed)
+    return [" ".join(g.choice(WORDS, size=int(g.integers(1, 6)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(folder, tokenizer, bert): a 1-layer BERT of width 16 over WORDS, no dropout, saved."""
+    transformers = pytest.importorskip("transformers")
+    folder = save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    return folder, tok, transformers.BertModel.from_pretrained(folder).eval()
+
+
+class _Model(torch.nn.Module):
+    """What the trainer and the refresh read of a SentenceTransformer: [0].auto_model, .tokenizer."""
+
+    def __init__(self, bert, tokenizer):
+        super().__init__()
+        self.bert, self.tokenizer = bert, tokenizer
+
+    def __getitem__(self, i):
+        assert i == 0
+        return types.SimpleNamespace(auto_model=self.bert)
+
+
+def _model(tiny):
+    import copy
+
+    return _Model(copy.deepcopy(tiny[2]), tiny[1])
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def test_batch_schedule_wraps_and_keeps_full_batches():
+    order = torch.tensor([4, 2, 0, 3, 1])
+    got = [b.tolist() for b in batch_schedule(order, 4, 2)]
+    # steps at offsets 0, 2, 4 (only one left: order's first batch), 6 % 5 = 1
+    assert got == [[4, 2], [0, 3], [4, 2], [2, 0]]
+
+
+def test_duplicate_key_and_false_negatives():
+    texts = ["a", "b", "a", "c", "b", "a"]
+    assert duplicate_key(texts) == [0, 1, 0, 3, 1, 0]
+    fn = false_negatives([0, 1, 3, 0], {0: [3], 3: [1, 0]}, texts)
+    assert fn == {0: [2, 3, 5], 1: [4], 3: [0, 1]}
+    assert exclusion_matrix([3, 1], fn).tolist() == [[0, 1], [4, -1]]
+
+
+def test_topk_overlap():
+    ids = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    ref = torch.tensor([[4, 3, 9, 9], [8, 7, 6, 5]])
+    assert topk_overlap(ids, ref) == pytest.approx((2 / 4 + 1) / 2)
+
+
+def test_state_bytes_counts_each_storage_once():
+    lin = torch.nn.Linear(8, 4)
+    assert state_bytes(lin) == (8 * 4 + 4) * 4
+    tied = torch.nn.Module()
+    tied.a, tied.b = lin, torch.nn.Linear(8, 4)
+    tied.b.weight = lin.weight  # one storage, two names
+    assert state_bytes(tied) == (8 * 4 + 4 + 4) * 4
+    assert state_bytes(torch.nn.Linear(8, 4).half()) == (8 * 4 + 4) * 2
+
+
+def test_contrastive_loss_is_cross_entropy_over_one_pool():
+    g = torch.Generator().manual_seed(0)
+    q, d, n1, n2 = (F.normalize(torch.randn(6, 8, generator=g), dim=1) for _ in range(4))
+    T = 0.05
+    ref = F.cross_entropy(q @ torch.cat([d, n1, n2]).T / T, torch.arange(6))
+    torch.testing.assert_close(contrastive_loss([q, d, n1, n2], T), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        contrastive_loss([q, d], T), F.cross_entropy(q @ d.T / T, torch.arange(6)), rtol=1e-5, atol=1e-5
+    )
+    # distillation: KL(teacher || student) over the pool, plus 1 - cosine of every text
+    tq, td, tn1, tn2 = (F.normalize(x + 0.1, dim=1) for x in (q, d, n1, n2))
+    pool, tpool = torch.cat([d, n1, n2]), torch.cat([td, tn1, tn2])
+    p_t = torch.softmax(tq @ tpool.T / T, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(q @ pool.T / T, 1))).sum(1).mean()
+    cos = 1 - (torch.cat([q, d, n1, n2]) * torch.cat([tq, td, tn1, tn2])).sum(1).mean()
+    got = contrastive_loss([q, d, n1, n2], T, [tq, td, tn1, tn2], distill=0.5)
+    torch.testing.assert_close(got, ref + 0.5 * (kl + cos), rtol=1e-4, atol=1e-5)
+    assert contrastive_loss([q, d], T, [tq, td], distill=0.0) == contrastive_loss([q, d], T)
+
+
+def test_tokenize_evaluate_and_encode_speed(tiny):
+    _, tok, bert = tiny
+    corpus, queries = _texts(30, 1), _texts(5, 2)
+    batch = tokenize(tok, queries, max_length=4)
+    assert batch["input_ids"].shape[0] == 5 and batch["input_ids"].shape[1] <= 4
+    m, C, Q = evaluate(bert, tok, corpus, corpus[:5], [0, 1, 2, 3, 4], batch_size=8, max_length=8, k=10)
+    assert C.shape == (30, 16) and Q.shape == (5, 16)
+    # each query is a corpus text: it finds itself (or an identical text) first
+    m_dup, _, _ = evaluate(bert, tok, corpus, corpus[:5], [0, 1, 2, 3, 4], duplicate_key(corpus), 8, 8, 10)
+    assert m_dup["mrr@10"] == pytest.approx(1.0) and m["recall@10"] == pytest.approx(1.0)
+    assert m["corpus_docs_per_s"] > 0 and m["query_encode_per_s"] > 0
+    cpu, wall = encode_speed({"a": bert, "b": bert}, tok, corpus, batch_size=16, max_length=8)
+    assert list(cpu) == ["a", "b"] and list(wall) == ["a", "b"]
+    assert all(v > 0 for v in (*cpu.values(), *wall.values()))
+
+
+# ------------------------------------------------------------------ mining
+
+
+def test_build_pq_index_flat_and_ivf():
+    x = F.normalize(torch.randn(300, 16), dim=1).numpy()
+    flat = build_pq_index(x, 4)
+    ivf = build_pq_index(x, 4, nlist=8, keep_vectors=True)
+    assert isinstance(flat, PQIndex) and isinstance(ivf, IVFPQIndex)
+    assert flat.metric == ivf.metric == "ip" and flat.ntotal == ivf.ntotal == 300
+    assert flat.m == 4 and ivf.nlist == 8 and ivf.keep_vectors and not flat.keep_vectors
+    _, ids = flat.search(x[:5], 1)
+    assert np.asarray(ids)[:, 0].tolist() == list(range(5))  # every vector finds itself first
+
+
+class _Exact:
+    """Brute-force inner-product index with hotops' search signature."""
+
+    metric = "ip"
+
+    def __init__(self, x):
+        self.x = torch.as_tensor(x)
+
+    def search(self, q, k):
+        k = min(k, self.x.shape[0])
+        d, i = torch.topk(torch.as_tensor(q) @ self.x.T, k, dim=1)
+        return d.numpy(), i.numpy()
+
+
+def test_hard_negative_refresh(tiny):
+    corpus, queries = _texts(40, 3), _texts(12, 4)
+    positives = torch.arange(12) * 3
+    exclude = torch.stack([positives + 1, torch.full((12,), -1)], 1)
+    built = []
+
+    def build(x):
+        built.append(x)
+        return _Exact(x)
+
+    model = _model(tiny)
+    refresh = HardNegativeRefresh(corpus, queries, positives, exclude, build, n=3, depth=10, seed=5, name="t")
+    got = refresh(model)
+    assert got.shape == (12, 3) and got.dtype == torch.int64
+    assert ((got >= 0) & (got < 40)).all()
+    assert not (got == positives[:, None]).any() and not (got == (positives + 1)[:, None]).any()
+    assert torch.equal(refresh.last, got) and len(refresh.timings) == 1
+    assert set(refresh.timings[0]) == {"encode_s", "index_build_s", "mine_s", "mine_queries_per_s"}
+    # the negatives are among each query's best `depth` non-excluded documents
+    C = encode(model.bert, model.tokenizer, corpus)
+    Q = encode(model.bert, model.tokenizer, queries)
+    for i in range(12):
+        s = Q[i] @ C.T
+        s[[3 * i, 3 * i + 1]] = -float("inf")
+        assert (s[got[i]] >= s.topk(10).values[-1] - 1e-6).all()
+    # a fresh refresh with the same seed draws the same; given embeddings are what the index gets
+    again = HardNegativeRefresh(corpus, queries, positives, exclude, build, n=3, depth=10, seed=5)
+    assert torch.equal(again(model, C), got)
+    assert torch.equal(torch.as_tensor(built[-1]), C)
+
+
+def test_hard_negative_refresh_fills_missing_with_random_rows(tiny):
+    corpus, queries = _texts(4, 5), _texts(3, 6)
+    gen = torch.Generator().manual_seed(0)
+    refresh = HardNegativeRefresh(
+        corpus, queries, [0, 1, 2], [[1, 2], [0, 2], [0, 1]], _Exact, n=3, depth=3, fill_generator=gen
+    )
+    got = refresh(_model(tiny))  # one candidate left per query: two filled in at random
+    assert got.shape == (3, 3) and ((got >= 0) & (got < 4)).all()
+    assert got[:, 0].tolist() == [3, 3, 3]
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_trainer_runs_the_schedule_with_refresh_and_after_step(tiny):
+    corpus, queries = _texts(20, 7), _texts(8, 8)
+    positives = list(range(8))
+    trainer = ContrastiveTrainer(queries, positives, corpus, batch_schedule(torch.arange(8), 5, 4), lr=1e-3)
+    model = _model(tiny)
+    before = [p.detach().clone() for p in model.parameters()]
+    negatives = torch.full((8, 2), 19)
+    calls, refreshed = [], []
+
+    def refresh(m):
+        assert m is model and m.training
+        refreshed.append(len(calls))
+        return torch.full((8, 2), 18)
+
+    out = trainer.run(
+        model, "info_nce", 5, negatives=negatives, refresh=refresh, refresh_every=2, after_step=calls.append
+    )
+    assert out is model and not model.training
+    assert calls == [1, 2, 3, 4, 5] and refreshed == [2, 4]  # before steps 3 and 5
+    assert len(trainer.losses) == 5 and all(np.isfinite(trainer.losses))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="loss"):
+        trainer.run(model, "st", 1)
+    with pytest.raises(ValueError, match="positives"):
+        ContrastiveTrainer(queries, positives[:3], corpus, [torch.arange(2)])
+
+
+def test_trainer_distillation_from_itself_adds_nothing_at_the_start(tiny):
+    corpus, queries = _texts(16, 9), _texts(4, 10)
+    schedule = [torch.arange(4)]
+    teacher = _model(tiny).bert.eval()
+    losses = []
+    for distill in (0.0, 1.0):
+        trainer = ContrastiveTrainer(queries, [0, 1, 2, 3], corpus, schedule)
+        trainer.run(
+            _model(tiny), "info_nce", 1, negatives=torch.full((4, 1), 9), teacher=teacher, distill=distill
+        )
+        losses.append(trainer.losses[0])
+    # the student is the teacher (no dropout): KL 0 and cosine 1 before the first update
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_info_nce_and_mnrl_compute_the_same_loss(tiny):
+    """The 'info_nce' loss (hotops) is sentence-transformers' MNRL at scale 1 / temperature: the same
+    first-step loss on the same batch, with in-batch negatives and with mined ones."""
+    pytest.importorskip("sentence_transformers")
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    from sentence_transformers import SentenceTransformer
+
+    corpus, queries = _texts(24, 11), _texts(6, 12)
+    trainer = ContrastiveTrainer(queries, [1, 3, 5, 7, 9, 11], corpus, [torch.arange(6)], max_length=8)
+    for negatives in (None, torch.tensor([[0, 2]] * 3 + [[4, 6]] * 3)):
+        first = {}
+        for loss in ("info_nce", "mnrl"):
+            st = SentenceTransformer(
+                modules=[Transformer(tiny[0], max_seq_length=8), Pooling(16, "mean"), Normalize()],
+                device="cpu",
+            )
+            trainer.run(st, loss, 1, negatives=negatives)
+            first[loss] = trainer.losses[0]
+        assert first["info_nce"] == pytest.approx(first["mnrl"], rel=1e-4)
