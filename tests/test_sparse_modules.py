@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _sparse_ref import check_close, reference_pair
 from torch import nn
 
 import hotops
@@ -78,10 +79,10 @@ def test_linear_model_policy_by_rows(rows, want):
     with torch.no_grad():
         y = layer(x)
         assert layer.backend == want
-        r64, r32 = _ref(reference.sparse_linear, x, layer.sparse_weight, bias=lin.bias.detach())
-        _close(y, r64, r32)
+        r64, r32 = reference_pair(reference.sparse_linear, x, layer.sparse_weight, bias=lin.bias.detach())
+        check_close(y, r64, r32)
         layer.policy = "sparse" if want == DENSE else "dense"  # the other path agrees too
-        _close(layer(x), r64, r32)
+        check_close(layer(x), r64, r32)
         assert layer.backend != want
 
 
