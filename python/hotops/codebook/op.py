@@ -146,15 +146,13 @@ def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
     xd = x2.to(dtype)
     b = None if bias is None else bias.detach().to(dtype)
     tile = max(16, GEMM_TILE_BYTES // max(1, K * xd.element_size()))
-    if perm is not None:
-        fmt.check_perm(perm, N)  # a buffer changed behind the module's back must not scramble rows
     w = torch.empty(min(tile, N), K, dtype=dtype)  # one tile buffer, reused (no page faults)
     if tile >= N:  # one tile: the whole weight, put in output order, then one GEMM with the bias
         _cpu_dequantize_rows(codes, codebooks, scales, group_ptr, 0, N, w)
-        if perm is not None:  # stored row s is output row perm[s]
-            w = torch.index_select(w, 0, torch.argsort(perm))
+        w = _output_order(w, perm)
         out = torch.mm(xd, w.T) if b is None else torch.addmm(b, xd, w.T)
         return out.to(x2.dtype).reshape(*x.shape[:-1], N)
+    fmt.check_perm(perm, N)  # a buffer changed behind the module's back must not scramble rows
     out = torch.empty(B, N, dtype=dtype)
     for r0 in range(0, N, tile):
         r1 = min(N, r0 + tile)
