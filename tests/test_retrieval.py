@@ -198,6 +198,7 @@ def test_hard_negative_refresh_fills_missing_with_random_rows(tiny):
     got = refresh(_model(tiny))  # one candidate left per query: two filled in at random
     assert got.shape == (3, 3) and ((got >= 0) & (got < 4)).all()
     assert got[:, 0].tolist() == [3, 3, 3]
+    assert (got == 3).all()  # the fill never draws a positive or an excluded row either
 
 
 # ------------------------------------------------------------------ training

@@ -98,7 +98,7 @@ class HardNegativeRefresh:
         )
         mined = miner.mine(Q, self.positives, self.exclude).ids
         absent = mined < 0  # fewer than n found (tiny lists): a random other document
-        mined[absent] = torch.randint(len(self.corpus), (int(absent.sum()),), generator=self.fill_generator)
+        mined[absent] = self._fill(absent.nonzero()[:, 0])
         t_mine = time.perf_counter() - t
         self.last = mined
         self.timings.append(
@@ -115,3 +115,17 @@ class HardNegativeRefresh:
                 flush=True,
             )
         return mined
+
+    def _fill(self, rows: torch.Tensor) -> torch.Tensor:
+        """A random corpus row for each query row in `rows`, never that query's positive or one
+        of its exclusions (a filled-in false negative would train against the answer)."""
+        banned = self.positives.reshape(len(self.queries), -1)[rows]
+        if self.exclude is not None:
+            banned = torch.cat([banned, self.exclude[rows]], 1)
+        draw = torch.randint(len(self.corpus), (len(rows),), generator=self.fill_generator)
+        for _ in range(64):  # redraw the banned ones; each round keeps most rows of a real corpus
+            bad = (draw[:, None] == banned).any(1)
+            if not bad.any():
+                return draw
+            draw[bad] = torch.randint(len(self.corpus), (int(bad.sum()),), generator=self.fill_generator)
+        raise ValueError("HardNegativeRefresh: 64 draws found no corpus row that is neither a positive nor excluded")
