@@ -128,4 +128,6 @@ class HardNegativeRefresh:
             if not bad.any():
                 return draw
             draw[bad] = torch.randint(len(self.corpus), (int(bad.sum()),), generator=self.fill_generator)
-        raise ValueError("HardNegativeRefresh: 64 draws found no corpus row that is neither a positive nor excluded")
+        raise ValueError(
+            "HardNegativeRefresh: 64 draws found no corpus row that is neither a positive nor excluded"
+        )
