@@ -247,6 +247,9 @@ def main(argv=None):
     ap.add_argument("--out", help="write the JSON report here")
     a = ap.parse_args(argv)
     a.nprobe = sorted({min(p, a.nlist) for p in a.nprobe})
+    # faiss calls OpenBLAS, whose thread pool omp_set_num_threads does not cap: pin both before
+    # faiss loads (the per-library processes inherit this), or "1 thread" runs on every core
+    os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(a.threads)
     if a.only == "data":
         return make_data(a)
     if a.only:

@@ -174,6 +174,29 @@ def test_add_from_memmap_and_npy_path_in_chunks(kind, tmp_path):
         index.add(str(tmp_path / "missing.npy"))
 
 
+@pytest.mark.parametrize("kind", ["pq8", "ivf8_refine"])
+def test_failed_encoding_pass_undoes_the_replacement(kind, monkeypatch):
+    """add writes the new rows in a last pass over the source, after the rows of re-added ids are
+    marked dead: a failure there (for IVF, a file changed since the first pass read the lists)
+    leaves every array and the dead marks as they were."""
+    x = np.random.default_rng(8).normal(size=(300, DIM)).astype(np.float32)
+    index = _trained(kind)
+    index.add(x[:200], np.arange(200))
+    index.remove_ids([0, 1])
+    before = {k: np.array(v) for k, v in index._row_arrays().items()}
+    live, ntotal = index._live.copy(), index.ntotal
+    bad = x[100:300].copy()
+    bad[-1, 0] = np.nan
+    if kind.startswith("ivf"):
+        lists_of = type(index)._lists_of
+        monkeypatch.setattr(index, "_lists_of", lambda src, rows: lists_of(index, np.nan_to_num(src), rows))
+    with pytest.raises(ValueError, match="NaN"):
+        index.add(bad, np.arange(100, 300), chunk_rows=32)
+    assert index.ntotal == ntotal and np.array_equal(index._live, live)
+    for k, v in index._row_arrays().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
 def test_bigranular_remove_and_reconstruct(tmp_path):
     x = np.random.default_rng(6).normal(size=(120, DIM)).astype(np.float32)
     coarse = _trained("ivf8")

@@ -253,19 +253,9 @@ class _ProductQuantized(Mutable, OnDevice):
 
     # ---------------------------------------------------------------- add / search plumbing
 
-    def _append(self, codes: np.ndarray, ids: np.ndarray, x: Optional[np.ndarray]):
-        self._packed = None
-        if self._live is not None:
-            self._live = np.concatenate([self._live, np.ones(ids.shape[0], np.uint8)])
-        self.codes = np.concatenate([self.codes, codes])
-        self.ids = np.concatenate([self.ids, ids])
-        if self.keep_vectors:
-            self.vectors = np.concatenate([self.vectors, x])
-
     def _add(self, x: np.ndarray, ids: np.ndarray) -> None:
         """Encodes and inserts x (ids unique among themselves and new to the index)."""
-        codes, lists = self._encode_rows(x)
-        self._insert(codes, lists, ids, x if self.keep_vectors else None)
+        self._merge(x, ids, None, self._lists_of(x, CHUNK_ROWS), CHUNK_ROWS)
 
     def _next_ids(self, n: int, ids) -> np.ndarray:
         if ids is None:
@@ -277,9 +267,10 @@ class _ProductQuantized(Mutable, OnDevice):
         id held). An id the index holds already is replaced (ntotal unchanged); within one call the
         last vector of an id wins. x may be an array, a tensor, an np.memmap or the path of a .npy
         file: it is converted and encoded chunk_rows rows at a time, and the pages of a mapped
-        source are let go after each chunk, so a file larger than RAM adds in bounded memory (one
-        chunk plus the codes; the vectors too with keep_vectors=True). Waits for running searches;
-        searches started meanwhile wait for it; a failure leaves the index as it was."""
+        source are let go after each chunk, so a file larger than RAM adds in bounded memory: the
+        index's row arrays at their new size, written in place, plus one chunk (an IVF index reads
+        the source twice, first for each row's list). Waits for running searches; searches started
+        meanwhile wait for it; a failure leaves the index as it was."""
         self._need_trained("add")
         src = open_source(x, self.dim)
         chunk_rows = _backend.check_number(chunk_rows, "chunk_rows", integer=True, low=1)
@@ -288,29 +279,59 @@ class _ProductQuantized(Mutable, OnDevice):
             ids = self._next_ids(src.shape[0], ids)
             if not src.shape[0]:
                 return
-            n = src.shape[0]  # filled chunk by chunk: no list of chunks to concatenate
-            codes, lists = np.empty((n, self.m), np.uint8), None
-            vectors = np.empty((n, self.dim), np.float32) if self.keep_vectors else None
-            for b, chunk in chunks(src, self.dim, chunk_rows):
-                c, lst = self._encode_rows(chunk)
-                codes[b : b + c.shape[0]] = c
-                if lst is not None:
-                    lists = np.empty(n, lst.dtype) if lists is None else lists
-                    lists[b : b + c.shape[0]] = lst
-                if vectors is not None:
-                    vectors[b : b + c.shape[0]] = chunk
-                del c, lst, chunk
-            with _io.guarded(self._mapped):  # the old codes are read from the mapping
-                if explicit:
-                    last = self._last_of_each(ids)
-                    if last is not None:
-                        codes, ids = codes[last], ids[last]
-                        lists = None if lists is None else lists[last]
-                        vectors = None if vectors is None else vectors[last]
-                    self._displace(ids)
-                self._insert(codes, lists, ids, vectors)
+            lists = self._lists_of(src, chunk_rows)
+            keep = self._last_of_each(ids) if explicit else None
+            with _io.guarded(self._mapped):  # the old rows are read from the mapping
+                before = self._live, self._ndead
+                try:
+                    if explicit:
+                        self._displace(ids if keep is None else ids[keep])
+                    self._merge(src, ids, keep, lists, chunk_rows)
+                except BaseException:
+                    self._live, self._ndead = before  # _kill replaces _live: the old one is intact
+                    raise
                 self._maybe_compact()
             self._mapped = []  # every array is a new one now
+
+    def _merge(self, src, ids, keep, lists, chunk_rows) -> None:
+        """Inserts the rows `keep` (None: all) of src with their ids: every row array is allocated
+        once at its new size with the held rows copied to their places, then each chunk of src is
+        encoded straight into its rows' places. The index changes only once all of it succeeded."""
+        held = self.codes.shape[0]
+        new_ids = ids if keep is None else ids[keep]
+        dest, offsets = self._placement(
+            lists if keep is None or lists is None else lists[keep], new_ids.shape[0]
+        )
+        to = dest[held:]  # each source row's place (-1: dropped, an id repeated later in src)
+        if keep is not None:
+            to = np.full(src.shape[0], -1, np.int64)
+            to[keep] = dest[held:]
+
+        def placed(old, dtype):
+            out = np.empty((dest.shape[0],) + old.shape[1:], dtype)
+            out[dest[:held]] = old
+            return out
+
+        codes, out_ids = placed(self.codes, np.uint8), placed(self.ids, np.int64)
+        vectors = placed(self.vectors, np.float32) if self.keep_vectors else None
+        for b, chunk in chunks(src, self.dim, chunk_rows):
+            at = to[b : b + chunk.shape[0]]
+            c = self._encode_rows(chunk, None if lists is None else lists[b : b + chunk.shape[0]])
+            if keep is not None:
+                kept = at >= 0
+                at, c, chunk = at[kept], c[kept], chunk[kept]
+            codes[at] = c
+            if vectors is not None:
+                vectors[at] = chunk
+            del c, chunk
+        out_ids[dest[held:]] = new_ids
+        live = None
+        if self._live is not None:
+            live = placed(self._live, np.uint8)
+            live[dest[held:]] = 1
+        self.codes, self.ids, self.vectors, self._live, self._packed = codes, out_ids, vectors, live, None
+        if offsets is not None:
+            self.offsets = offsets
 
     def train(self, x) -> None:
         """Learns the codebooks (and IVF lists) from x. An index that already holds vectors re-encodes

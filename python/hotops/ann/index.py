@@ -18,6 +18,7 @@ from hotops.ann._pq import (  # noqa: F401 (re-exported)
     _ProductQuantized,
     pack_fastscan,
 )
+from hotops.ann._source import chunks
 from hotops.ann.kmeans import kmeans, nearest
 
 
@@ -54,11 +55,15 @@ class PQIndex(_ProductQuantized):
     def _train(self, x: np.ndarray) -> None:
         self._train_pq(x)
 
-    def _encode_rows(self, x: np.ndarray):
-        return self.encode(x), None
+    def _lists_of(self, src, chunk_rows: int) -> None:
+        return None  # one flat list
 
-    def _insert(self, codes, lists, ids, vectors) -> None:
-        self._append(codes, ids, vectors)
+    def _encode_rows(self, x: np.ndarray, lists: None) -> np.ndarray:
+        return self.encode(x)
+
+    def _placement(self, lists: None, n: int):
+        """New rows go after the held ones, in order."""
+        return np.arange(self.codes.shape[0] + n), None
 
     def search(self, q, k: int = 10, *, refine: Optional[int] = None, allow=None):
         """(distances, ids), each (nq, k): squared L2 distances ascending (l2) or inner products
@@ -145,35 +150,26 @@ class IVFPQIndex(_ProductQuantized):
         )
         self._train_pq(sample - coarse[self._assign(sample)] if self.by_residual else sample)
 
-    def _encode_rows(self, x: np.ndarray):
-        lists = self._assign(x)
-        return self.encode(x - self.coarse[lists] if self.by_residual else x), lists
+    def _lists_of(self, src, chunk_rows: int) -> np.ndarray:
+        """Each row's list (the first pass of add over the source)."""
+        lists = np.empty(src.shape[0], np.int64)
+        for b, chunk in chunks(src, self.dim, chunk_rows):
+            lists[b : b + chunk.shape[0]] = self._assign(chunk)
+        return lists
 
-    def _insert(self, codes, lists, ids, vectors) -> None:
-        """Merges the rows into the lists (one stable sort by list: old rows first in each list),
-        writing old and new rows straight to their places: one new copy of each array."""
-        held = self.codes.shape[0]
+    def _encode_rows(self, x: np.ndarray, lists: np.ndarray) -> np.ndarray:
+        return self.encode(x - self.coarse[lists] if self.by_residual else x)
+
+    def _placement(self, lists: np.ndarray, n: int):
+        """(the place of each held row then each new row, new offsets): one stable sort by list,
+        held rows first within each list."""
         every = np.concatenate([self._row_lists(), lists])
         order = np.argsort(every, kind="stable")
         offsets = _offsets(every, self.nlist)
         del every
         dest = np.empty_like(order)
         dest[order] = np.arange(order.size)
-        del order
-
-        def merged(old, new):
-            out = np.empty((held + new.shape[0],) + new.shape[1:], new.dtype)
-            out[dest[:held]] = old
-            out[dest[held:]] = new
-            return out
-
-        self._packed = None
-        if self._live is not None:
-            self._live = merged(self._live, np.ones(ids.shape[0], np.uint8))
-        self.codes, self.ids = merged(self.codes, codes), merged(self.ids, ids)
-        if self.keep_vectors:
-            self.vectors = merged(self.vectors, vectors)
-        self.offsets = offsets
+        return dest, offsets
 
     def _row_lists(self) -> np.ndarray:
         return np.repeat(np.arange(self.nlist), np.diff(self.offsets))
