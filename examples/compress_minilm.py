@@ -164,6 +164,7 @@ def run(
     eval_sets=("glosses",),
     n_eval_other: int = 1000,
     save: str = None,
+    damp: float = 0.01,
 ) -> dict:
     """Compress with each method and return its figures; "cosine" is the first evaluation set's,
     "sets" has every set's. `save`: a path to torch.save the jlcm model's state_dict to."""
@@ -202,6 +203,7 @@ def run(
                 skip=SKIP,
                 token_mask=real_tokens,
                 progress=progress,
+                damp=damp,
             )
             nbytes = sum(stored_bytes(m) for m in linear_layers(bert).values())
             if learn and save:
@@ -318,6 +320,12 @@ def main():
         help="distillation target: the pooled sentence embedding, every token's last state, or every "
         "token's state after every block",
     )
+    ap.add_argument(
+        "--damp",
+        type=float,
+        default=0.01,
+        help="layer-wise stage: share of the mean diagonal added to each input Gram (compress's damp)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the figures (and per-layer formats) here")
@@ -352,6 +360,7 @@ def main():
         eval_sets=tuple(a.eval_sets.split(",")),
         n_eval_other=a.n_eval_other,
         save=a.save,
+        damp=a.damp,
     )
     if a.json:
         with open(a.json, "w") as f:

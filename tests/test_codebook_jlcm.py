@@ -131,6 +131,22 @@ def test_second_order_codes_uses_the_correlations():
     assert layer_loss(dequant(ours), w, gram) < 0.7 * layer_loss(dequant(nearest_codes), w, gram)
 
 
+def test_damp_pulls_the_metric_towards_plain_weight_error():
+    """A damp far above the Gram's scale leaves the identity metric: the nearest codewords, as
+    k-means assigns them. compress passes it to the layer-wise stage and refuses a negative one."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 4, generator=gen) @ torch.randn(4, 16, generator=gen)
+    w = torch.randn(48, 16, generator=gen)
+    init = quantize_weight(w, 2, 2, 1, 1, iters=5, seed=0)
+    damped = second_order_codes(w, x.T @ x, init.codebooks, init.scales, init.group_ptr, damp=1e9)
+    assert torch.equal(damped, init.code_indices())
+    kw = dict(calib=calib_batches(), steps=2, **KW)
+    default, loose = compress(tiny_model(), **kw), compress(tiny_model(), damp=1e9, **kw)
+    assert not torch.equal(default[0].codes, loose[0].codes)
+    with pytest.raises(ValueError, match="damp"):
+        compress(tiny_model(), damp=-1.0, **kw)
+
+
 def test_token_mask_drops_the_masked_rows():
     """A row-wise model on (batch, tokens, features) inputs with a token mask learns exactly as on
     the kept rows alone (one format: no plan probes, which see every row)."""

@@ -40,6 +40,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from hotops import _backend
 from hotops.codebook.format import CodebookWeight
 from hotops.codebook.jlcm_calibration import _layer_grams, _linears, _replace, distortion, model_output
 from hotops.codebook.jlcm_layerwise import (  # noqa: F401 (Grams, second_order_codes: re-exported)
@@ -133,6 +134,7 @@ def compress(
     skip: Sequence[str] = (),
     token_mask: Optional[Callable] = None,
     progress: bool = True,
+    damp: float = 0.01,
 ) -> nn.Module:
     """Replace every nn.Linear of `model` (outside `skip`; in place, and returned) by a
     CodebookLinear, with at most `bits_per_weight` exact storage bits per weight on average over
@@ -155,12 +157,16 @@ def compress(
         token_mask: `token_mask(batch) -> bool Tensor` of the input positions that count in the
             layer-wise losses (e.g. a transformer batch's attention mask: padding tokens are
             computed but never used), for layers whose inputs have that leading shape.
+        damp: added to the diagonal of each layer's input Gram, as a share of its mean, where the
+            layer-wise stage assigns codes and solves for its target weight: larger values trust
+            the calibration's input correlations less (closer to plain weight error).
     """
     from tqdm.auto import tqdm
 
     calib = list(calib) if calib is not None else None
     if calib is not None and not calib:
         raise ValueError("calib is empty")
+    damp = _backend.check_number(damp, "damp", low=0.0)
     torch.manual_seed(seed)
     learn = calib is not None and (steps > 0 or finetune_steps > 0)
     dense = copy.deepcopy(model) if learn else None  # the targets: the dense model's outputs
@@ -184,7 +190,7 @@ def compress(
         weight = p.init
         if calib is not None and steps > 0:
             grams = _layer_grams(dense, model, name, calib, token_mask)
-            weight = learn_layer(lin.weight, grams, p.init, steps, lr, rounds)
+            weight = learn_layer(lin.weight, grams, p.init, steps, lr, rounds, damp)
             err = output_error(
                 _stored(weight, storage_dtype).dequantize(), lin.weight.detach().float(), grams
             )
