@@ -86,6 +86,31 @@ def test_linear_model_policy_by_rows(rows, want):
         assert layer.backend != want
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_model_policy_runs_one_path(monkeypatch, kind):
+    """Where the rule picks dense, a new input shape checks the sparse op's arguments without
+    running its kernel (it did once per shape: length-sorted encoding batches, each a new shape,
+    paid for both paths); bad arguments still raise as the sparse op does."""
+    from hotops.sparse import op
+
+    calls = []
+    for name in ("linear_forward", "sparse_linear_op", "conv2d_forward", "sparse_conv2d_op"):
+        real = getattr(op, name)
+        monkeypatch.setattr(op, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    if kind == "linear":
+        layer = SparseLinear.from_dense(nn.Linear(384, 384), sparsity=0.9, policy="model")
+        shapes, bad = [(1100, 384), (40, 30, 384)], torch.randn(1100, 383)
+    else:
+        layer = SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), sparsity=0.5, policy="model")
+        shapes, bad = [(1, 8, 6, 6), (2, 8, 5, 7)], torch.randn(1, 8, 0, 6)
+    with torch.no_grad():
+        for shape in shapes:
+            layer(torch.randn(shape))
+            assert layer.backend == DENSE and not calls
+        with pytest.raises(ValueError):
+            layer(bad)
+
+
 @pytest.mark.parametrize("sparse_faster", [True, False])
 def test_measured_dispatch(monkeypatch, sparse_faster):
     """policy="auto" times both paths once per input signature and runs the faster."""

@@ -70,13 +70,18 @@ def sparse_linear(
     """``act(F.linear(x, W, bias))`` with W the packed sparse (O, I) weight; x is (..., I) float32,
     bfloat16 or float16 (the output has x's dtype).
     Differentiable w.r.t. x, ``sw.values`` and bias."""
+    return linear_unchecked(x, sw, bias, check_linear(x, sw, bias, activation))
+
+
+def check_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], activation: Optional[str]):
+    """sparse_linear's argument checks (raising as it does), without computing; the activation."""
     _check_common(x, sw, bias, ndim=None)
     act = check_activation(activation)
     if len(sw.shape) != 2:
         raise ValueError(f"sparse_linear needs a linear (O, I) SparseWeight, got shape {sw.shape}")
     if x.dim() == 0 or x.shape[-1] != sw.shape[1]:
         raise ValueError(f"x must end in the {sw.shape[1]} input features, got shape {tuple(x.shape)}")
-    return linear_unchecked(x, sw, bias, act)
+    return act
 
 
 def plain(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -127,6 +132,14 @@ def sparse_conv2d(
     """``act(F.conv2d(x, W, bias, stride, padding, dilation, groups))`` with W the packed sparse
     (O, C/groups, kh, kw) weight; x is (N, C, H, W) float32, bfloat16 or float16. ``groups`` defaults to the one W was
     packed with. Differentiable w.r.t. x, ``sw.values`` and bias."""
+    return conv2d_unchecked(
+        x, sw, bias, *check_conv2d(x, sw, bias, stride, padding, dilation, groups, activation)
+    )
+
+
+def check_conv2d(x, sw, bias, stride, padding, dilation, groups, activation):
+    """sparse_conv2d's argument checks (raising as it does), without computing; (stride,
+    padding, dilation) as pairs and the activation, conv2d_unchecked's last arguments."""
     _check_common(x, sw, bias, ndim=4)
     act = check_activation(activation)
     if len(sw.shape) != 4:
@@ -153,7 +166,7 @@ def sparse_conv2d(
                 f"input {name} {x.shape[d]} (padded by {padding[d - 2]}) is smaller than the "
                 f"dilated kernel ({dilation[d - 2] * (k - 1) + 1})"
             )
-    return conv2d_unchecked(x, sw, bias, stride, padding, dilation, act)
+    return stride, padding, dilation, act
 
 
 def conv2d_unchecked(

@@ -21,11 +21,11 @@ from hotops.sparse.format import (
 )
 from hotops.sparse.functional import (
     check_activation,
+    check_conv2d,
+    check_linear,
     conv2d_unchecked,
     linear_unchecked,
     pair,
-    sparse_conv2d,
-    sparse_linear,
 )
 from hotops.sparse.op import prepared_conv2d, prepared_linear
 from hotops.sparse.spec import activate
@@ -440,7 +440,7 @@ class SparseLinear(_SparseLayer):
             x,
             "linear",
             rows,
-            validate=lambda: sparse_linear(x, sw, self.bias, self.activation),
+            validate=lambda: check_linear(x, sw, self.bias, self.activation),
             run_sparse=lambda: linear_unchecked(x, sw, self.bias, act),
             run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))),
             make_sparse=lambda: prepared_linear(
@@ -530,7 +530,7 @@ class SparseConv2d(_SparseLayer):
             x,
             self.kind,
             0,
-            validate=lambda: sparse_conv2d(x, sw, self.bias, *geo, activation=self.activation),
+            validate=lambda: check_conv2d(x, sw, self.bias, *geo, None, self.activation),
             run_sparse=lambda: conv2d_unchecked(x, sw, self.bias, *geo, act),
             run_dense=lambda: self._dense_activation(dense(x, *self._dense_params(x.dtype))),
             make_sparse=lambda: prepared_conv2d(
