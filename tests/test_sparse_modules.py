@@ -109,6 +109,9 @@ def test_model_policy_runs_one_path(monkeypatch, kind):
             assert layer.backend == DENSE and not calls
         with pytest.raises(ValueError):
             layer(bad)
+        layer.policy = "dense"  # a forced dense path checks its input too: int32 x would cast w to int32
+        with pytest.raises(TypeError):
+            layer(torch.ones(shapes[0], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("sparse_faster", [True, False])

@@ -345,8 +345,7 @@ class _SparseLayer(nn.Module):
             if torch.compiler.is_compiling():  # nothing is timed or stored while tracing
                 decided = (sparse_pays(kind, self.density, rows, self.shape[1], self.shape[0]), None, None)
             else:
-                if self.policy != "dense":
-                    validate()  # the sparse op's argument checks, once per signature
+                validate()  # the sparse op's argument checks, once per signature, whatever the path
                 if self.policy == "auto" and x.device.type == "cpu":
                     ts, td = measure_pair(call(True), call(False))
                     decided = (ts < td, ts, td)
