@@ -1,8 +1,14 @@
-"""bf16 attention and InfoNCE side by side (issue 15): each bf16 case with the CPU extensions on
-(AMX tiles for attention) and off (float32 compute), against its torch peer in the same dtype,
-with torch.mm's bf16 rate measured in the same run for the roofline column. 2 threads.
+"""bf16 attention, InfoNCE and codebook products side by side (issue 15): each bf16 case with
+the CPU extensions on (AMX tiles for attention and the codebook kernel) and off (float32
+compute), against its torch peer in the same dtype, with torch.mm's bf16 rate measured in the same
+run for the roofline column. 2 threads (--threads).
 
-    PYTHONPATH=python python benchmarks/bf16_paths.py [--quick]
+    PYTHONPATH=python python benchmarks/bf16_paths.py [--quick] [--family codebook] [--threads 1]
+
+The codebook table times, per shape and batch, the product with AMX tiles on and off (off: the
+float32 tables, or dequantized tiles + torch.mm where op.use_tables says so) and torch's bf16
+F.linear on the dense weight, the three interleaved call by call; each figure is the best of 3
+such medians.
 """
 
 from __future__ import annotations
@@ -10,23 +16,74 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 from hotops import _backend
 from hotops.bench import attention, core, infonce
+from hotops.codebook import CodebookWeight, codebook_matmul
+
+# (N, K, inputs per code, codebooks): Llama's 2x8 shapes and all-MiniLM-L6-v2's 1x8/4 ones
+CODEBOOK_SHAPES = [(4096, 4096, 8, 2), (11008, 4096, 8, 2), (1536, 384, 4, 1), (384, 1536, 4, 1)]
+
+
+def codebook_table(batches, threads):
+    ext = _backend.ext()
+    amx = ext.cpu_has("amx_bf16")
+    print(
+        "| shape | B | AMX tiles ms | tiles off ms | torch bf16 F.linear ms | tiles vs torch | tiles vs off |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for N, K, g, M in CODEBOOK_SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, 256, (N, K // g, M), dtype=torch.uint8, generator=gen)
+        w = CodebookWeight(
+            codes, torch.randn(1, M, 256, g, generator=gen) / 8, torch.rand(N, generator=gen) + 0.5
+        )
+        dense = w.dequantize().bfloat16()
+        for B in batches:
+            x = torch.randn(B, K, generator=gen).bfloat16()
+
+            def side(on):
+                def run():
+                    ext.set_feature("amx_bf16", on)
+                    return codebook_matmul(x, w)
+
+                return run
+
+            sides = {"tiles": side(amx), "off": side(False), "torch": lambda: F.linear(x, dense)}
+            best = {k: float("inf") for k in sides}
+            for _ in range(3):
+                th, tp = core.time_pair(sides["tiles"], sides["off"], repeats=5, min_time=0.2)
+                _, tt = core.time_pair(sides["tiles"], sides["torch"], repeats=5, min_time=0.2)
+                best = {k: min(best[k], v) for k, v in zip(sides, (th, tp, tt))}
+            ext.set_feature("amx_bf16", amx)
+            ms = {k: v * 1e3 for k, v in best.items()}
+            print(
+                f"| {N}x{K} {M}x8/{g} | {B} | {ms['tiles']:.3f} | {ms['off']:.3f} | {ms['torch']:.3f} | "
+                f"{ms['torch'] / ms['tiles']:.2f}x | {ms['off'] / ms['tiles']:.2f}x |",
+                flush=True,
+            )
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="L = 2048, B = 1024 instead of 4096")
+    ap.add_argument("--family", choices=("attention", "infonce", "codebook"), action="append")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    families = args.family or ["attention", "infonce", "codebook"]
+    torch.set_num_threads(args.threads)
     ext = _backend.ext()
     flags = [f for f in ("avx512_bf16", "avx512_fp16", "amx_bf16", "vbmi") if ext.cpu_has(f)]
     m = core.machine()
     print(
         f"ISA {ext.isa()}, extensions {', '.join(flags) or 'none'}; torch.mm fp32 {m.gflops:.0f}, "
-        f"bf16 {m.gflops_bf16:.0f} GFLOP/s (2048^2, 2 threads)"
+        f"bf16 {m.gflops_bf16:.0f} GFLOP/s (2048^2, {args.threads} threads)"
     )
+    if "codebook" in families:
+        codebook_table((1, 4, 16, 64, 128) if args.quick else (1, 4, 16, 32, 64, 128, 256), args.threads)
+    if families == ["codebook"]:
+        return
     L, B = (2048, 1024) if args.quick else (4096, 4096)
     paths = {"tiles": True, "fp32 compute": False}
     print("| case | hotops ms | peer | peer ms | speed-up | % of torch.mm rate | check |")
@@ -40,18 +97,20 @@ def main():
             flush=True,
         )
 
-    for keep in (1.0, 0.25):
+    for keep in (1.0, 0.25) if "attention" in families else ():
         for name, on in paths.items():
             ext.set_feature("amx_bf16", on and ext.cpu_has("amx_bf16"))
             r = attention.run(
-                dict(B=1, L=L, keep=keep, dtype="bf16", passes="fwd+bwd"), quick=True, threads=2
+                dict(B=1, L=L, keep=keep, dtype="bf16", passes="fwd+bwd"), quick=True, threads=args.threads
             )
             show(f"attention fwd+bwd L={L} keep={keep:g} bf16 [{name}]", r)
-        r = attention.run(dict(B=1, L=L, keep=keep, dtype="fp32", passes="fwd+bwd"), quick=True, threads=2)
+        r = attention.run(
+            dict(B=1, L=L, keep=keep, dtype="fp32", passes="fwd+bwd"), quick=True, threads=args.threads
+        )
         show(f"attention fwd+bwd L={L} keep={keep:g} fp32", r)
     ext.set_feature("amx_bf16", ext.cpu_has("amx_bf16"))
-    for dt in ("bf16", "fp32"):
-        r = infonce.run(dict(B=B, D=768, dtype=dt), quick=True, threads=2)
+    for dt in ("bf16", "fp32") if "infonce" in families else ():
+        r = infonce.run(dict(B=B, D=768, dtype=dt), quick=True, threads=args.threads)
         show(f"infonce fwd+bwd B={B} D=768 {dt}", r)
 
 

@@ -1,5 +1,8 @@
+import math
+
 import pytest
 import torch
+from _faults import same_nonfinite
 from conftest import ISAS, assert_close_to_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -90,6 +93,52 @@ def test_tables_above_max_batch(monkeypatch, isa, in_group, num_codebooks, B):
 def test_half_precision_activations(isa, dtype, B):
     w = random_weight(50, 64, 8, 2)
     check_product(torch.randn(B, 64).to(dtype), w)
+
+
+def _bf16_paths():
+    ext = _backend.ext()
+    return ["tables"] + (["amx"] if ext.cpu_has("amx_bf16") and ext.cpu_has("avx512_bf16") else [])
+
+
+@pytest.fixture(params=_bf16_paths())
+def bf16_path(request):
+    """bf16 activations on AMX tiles (where the CPU has them), or converted to float32 for the
+    tables and the GEMM path."""
+    ext = _backend.ext()
+    before = ext.feature("amx_bf16")
+    ext.set_isa(ext.best_isa())
+    ext.set_feature("amx_bf16", request.param == "amx")
+    yield request.param
+    ext.set_feature("amx_bf16", before)
+
+
+@pytest.mark.parametrize("in_group,num_codebooks,C", [(4, 1, 256), (4, 2, 37), (8, 1, 37), (8, 2, 256)])
+@pytest.mark.parametrize("B", [2, 5, 16, 17, 64, 65, 130])
+def test_bf16_tile_products(bf16_path, in_group, num_codebooks, C, B):
+    """bf16 activations on AMX tiles: 32-input tiles, passes of up to 64 batch rows (a partial
+    one), a row block past N = 37, three row groups, permuted rows and a bias; error within twice
+    the bf16 reference's own."""
+    w = random_weight(37, 96, in_group, num_codebooks, C, groups=3, permuted=True)
+    assert op.amx_tiles(torch.bfloat16, in_group, 96) == (bf16_path == "amx")
+    check_product(torch.randn(B, 96).bfloat16(), w, torch.randn(37))
+    check_product(torch.randn(B, 96).bfloat16() * 1e4, w)  # large products stay in float32
+    check_product(torch.randn(B, 160).bfloat16()[:, 32:128], w)  # rows 160 apart
+
+
+@pytest.mark.parametrize("B", [2, 17])
+def test_bf16_tile_products_propagate_nonfinite_x(bf16_path, B):
+    """The tiles multiply x as F.linear does: inf and NaN in x land where the dense product puts
+    them, and a finite row beside them is unaffected."""
+    w = random_weight(20, 64, 8, 2)
+    x = torch.randn(B, 64)
+    x[0, 3] = math.inf
+    x[1, 5] = -math.inf
+    x[-1, 7] = math.nan
+    xb = x.bfloat16()
+    out = codebook_matmul(xb, w)
+    same_nonfinite(out, reference.codebook_matmul(xb.double(), *parts(w)), "y")
+    if B > 2:
+        check_product(xb[2:3], w)
 
 
 @pytest.mark.parametrize("permuted", [True, False])
@@ -351,6 +400,15 @@ def test_refuses_out_of_range_codes():
         ext.codebook_matmul(x, bad, w.codebooks, w.scales, w.group_ptr, None, None, out, 1)
     with pytest.raises(ValueError, match="smaller than the codebook size"):
         ext.codebook_dequantize(bad, w.codebooks, w.scales, w.group_ptr, 0, 4, torch.empty(4, 8), 1)
+
+
+def test_bf16_tile_products_refuse_out_of_range_codes(bf16_path):
+    w = random_weight(40, 64, 8, 2, C=37)
+    bad = w.codes.clone()
+    bad[2, 1, 0] = 37  # the third row block, past the constructor's check
+    x, out = torch.randn(5, 64).bfloat16(), torch.empty(5, 40, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="smaller than the codebook size"):
+        _backend.ext().codebook_matmul(x, bad, w.codebooks, w.scales, w.group_ptr, None, None, out, 2)
 
 
 def test_bad_inputs():

@@ -9,10 +9,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/amx.h"
 #include "common/simd.h"
-
-#define HOTOPS_BF16 __attribute__((target("avx512bf16")))
-#define HOTOPS_AMX __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
 
 namespace hotops {
 namespace HOTOPS_ISA {
@@ -57,21 +55,8 @@ HOTOPS_BF16 void product(int64_t M, const uint32_t* A2, int64_t lda2, const uint
   for (; r < M; ++r) rows<1, ADD>(A2 + r * lda2, lda2, B2, ldb2, C + r, N, K2);
 }
 
-// AMX: all eight tiles 16 rows x 64 bytes (C: 16 x 16 float32; A: 16 rows x 16 pairs; B: 16 pair
-// rows x 16 columns). Loaded by each thread before its first tile instruction, released after.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-HOTOPS_AMX inline void amx_begin() {
-  static const TileConfig config;
-  _tile_loadconfig(&config);
-}
-HOTOPS_AMX inline void amx_end() { _tile_release(); }
-
-// product() on AMX tiles, K2 a multiple of 16. A2 rows up to M rounded up to 16 are read (their
-// results are dropped); ctmp holds 16 x 64 floats.
+// product() on AMX tiles (configured by common/amx.h), K2 a multiple of 16. A2 rows up to M
+// rounded up to 16 are read (their results are dropped); ctmp holds 16 x 64 floats.
 template <bool ADD>
 HOTOPS_AMX void amx_product(int64_t M, const uint32_t* A2, int64_t lda2, const uint32_t* B2, int64_t ldb2,
                             float* const* C, int64_t N, int64_t K2, float* ctmp) {
@@ -189,6 +174,7 @@ struct Tiles {
   bool amx;
   Scratch<uint32_t> a_rows, b_rows, a_pairs, b_pairs, kt, vt, kp, vp, p2, pt, tmp;
   Scratch<float> ctmp;
+  AmxScope tiles;  // last: configured once the buffers exist, released before they go
   float* crow[TQ > TK ? TQ : TK];
   Tiles(int64_t dp, bool use_amx)
       : Dp(dp),
@@ -204,12 +190,8 @@ struct Tiles {
         p2(TQ * TK / 2),
         pt(TK * TQ / 2),
         tmp(TQ / 2 * (TK > dp ? TK : dp)),
-        ctmp(16 * 64) {
-    if (amx) amx_begin();
-  }
-  ~Tiles() {
-    if (amx) amx_end();
-  }
+        ctmp(16 * 64),
+        tiles(use_amx) {}
   Tiles(const Tiles&) = delete;
   Tiles& operator=(const Tiles&) = delete;
 

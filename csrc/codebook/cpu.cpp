@@ -27,9 +27,11 @@
 #include <cstring>
 #include <new>
 
+#include "codebook/amx_tiles.h"
 #include "codebook/int16_tables.h"
 #include "codebook/kernel.h"
 #include "codebook/tables.h"
+#include "common/cpu_features.h"
 #include "common/parallel.h"
 #include "common/simd.h"
 
@@ -173,9 +175,10 @@ bool matmul_chunk_bc(const CodebookMatmul& a, int64_t b0, int64_t Bc, const floa
   return matmul_chunk<G, 16>(a, b0, Bc, cbT, xT);
 }
 
-// Dense rows [r0, r1) of the stored order into a.out (Out: float or uint16_t bf16 bits).
+// Dense rows [r0, r1) of the stored order into a.out (Out: float, or uint16_t bf16 bits through the
+// float32 row f32row).
 template <int G, typename Out>
-void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& ok) {
+void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, float* f32row, int& ok) {
   const CodebookFormat& w = a.w;
   const int64_t L = w.slots(), M = w.num_codebooks(), C = w.codebook_size(), J = L / M;
   const auto* codes = w.codes.ptr<const uint8_t>();
@@ -195,6 +198,7 @@ void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& o
     const float* cb = cbs + o * M * C * G;
     const float s = scales[r];
     Out* row = static_cast<Out*>(a.out.data) + (r - a.row_begin) * a.out.stride(0);
+    float* dense = sizeof(Out) == 4 ? reinterpret_cast<float*>(row) : f32row;
     using V = typename Lanes<G>::type;  // one codeword as one vector
     for (int64_t j = 0; j < J; ++j) {
       V v, u;
@@ -204,23 +208,25 @@ void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& o
         v += u;
       }
       v *= s;
-      if constexpr (sizeof(Out) == 4) {
-        std::memcpy(row + j * G, &v, sizeof(V));
-      } else {
-        float f[G];
-        std::memcpy(f, &v, sizeof(V));
-        for (int t = 0; t < G; ++t) row[j * G + t] = f32_to_bf16(f[t]);
-      }
+      std::memcpy(dense + j * G, &v, sizeof(V));
+    }
+    if constexpr (sizeof(Out) == 2) {  // bf16: the row rounded a vector at a time
+      const int64_t K = J * G;
+      int64_t k = 0;
+      for (; k + VecF::W <= K; k += VecF::W) VecF::load(dense + k).store(row + k, DType::bf16);
+      for (; k < K; ++k) row[k] = f32_to_bf16(dense[k]);
     }
   }
 }
 
 template <int G>
 void dequantize_rows(const CodebookDequantize& a, int64_t r0, int64_t r1, int& ok) {
-  if (a.out.dtype == DType::f32)
-    dequantize_rows<G, float>(a, r0, r1, ok);
-  else
-    dequantize_rows<G, uint16_t>(a, r0, r1, ok);
+  if (a.out.dtype == DType::f32) {
+    dequantize_rows<G, float>(a, r0, r1, nullptr, ok);
+  } else {
+    Scratch<float> f32row(a.w.in_features());
+    dequantize_rows<G, uint16_t>(a, r0, r1, f32row.p, ok);
+  }
 }
 
 // True when none of v[0, n) is NaN or +-Inf (|v| <= FLT_MAX is false for all three).
@@ -275,6 +281,80 @@ bool dense_row(const CodebookMatmul& a, const float* cb, int64_t b) {
   return ok != 0;
 }
 
+#if defined(__AVX512F__)
+// Whether a's product runs on AMX tiles (amx_tiles.h): bf16 x of 2 rows or more (one row: the
+// int16 tables are faster), 4 or 8 inputs per codeword, whole 32-input tiles, the extensions on.
+bool use_amx(const CodebookMatmul& a) {
+  const int64_t G = a.w.in_group();
+  return a.x.dtype == DType::bf16 && a.x.size(0) >= 2 && (G == 4 || G == 8) &&
+         a.w.in_features() % kTileK == 0 &&
+         a.x.stride(0) < (int64_t(1) << 27) &&  // pack_pairs' gather offsets
+         feature_on(Feature::amx_bf16) && feature_on(Feature::avx512_bf16);
+}
+
+// The product on AMX tiles, cb the float32 codebooks; false on a code >= C. Each pass of up to 64
+// batch rows packs x once (NB column tiles); threads claim groups of 4 / NB row blocks.
+template <int G, int M, int NB>
+bool amx_pass(const CodebookMatmul& a, const float* cb, int64_t b0, int64_t Bc, uint32_t* xp) {
+  const CodebookFormat& w = a.w;
+  constexpr int64_t R = 4 / NB;
+  const int64_t K = w.in_features(), N = w.rows(), L = w.slots(), C = w.codebook_size(),
+                blocks = (N + RB - 1) / RB, units = (blocks + R - 1) / R, ldx = a.x.stride(0),
+                ldo = a.out.stride(0);
+  const auto* codes = w.codes.ptr<const uint8_t>();
+  const int64_t* gp = w.group_ptr.ptr<const int64_t>();
+  const float* scales = w.scales.ptr<const float>();
+  const int64_t* perm = a.perm.present ? a.perm.ptr<const int64_t>() : nullptr;
+  const float* bias = a.bias.present ? a.bias.ptr<const float>() : nullptr;
+  pack_pairs(static_cast<const uint16_t*>(a.x.data) + b0 * ldx, ldx, Bc, K, 16 * NB, xp);
+  int ok = 1;
+  parallel_claim(units, a.threads, [&](auto claim) {
+    Scratch<float> acc(R * kTileRows * kPassRows);
+    Scratch<uint16_t> tiles(4 * kTileRows * kTileK);
+    const float* cbr[R * kTileRows];
+    const uint8_t* bcodes[R];
+    AmxScope scope;
+    for (int64_t u; (u = claim()) < units;) {
+      const int64_t blk0 = u * R, rb = min64(R, blocks - blk0);
+      int64_t o = 0;
+      for (int64_t r = 0; r < rb; ++r) {
+        bcodes[r] = codes + (blk0 + r) * L * RB;
+        if (C < 256 && max_code(bcodes[r], L * RB) >= C) {
+          __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
+          return;
+        }
+        for (int64_t t = 0; t < kTileRows; ++t) {  // rows past N (the last block's padding) reuse row N - 1's
+          const int64_t row = min64((blk0 + r) * RB + t, N - 1);
+          while (gp[o + 1] <= row) ++o;
+          cbr[r * kTileRows + t] = cb + o * M * C * G;
+        }
+      }
+      blocks_product<G, M, NB>(cbr, bcodes, rb, C, K, xp, 16 * NB, tiles.p, acc.p);
+      for (int64_t r = 0; r < rb; ++r) {
+        const int64_t row0 = (blk0 + r) * RB;
+        write_block(acc.p + r * kTileRows * kPassRows, min64(kTileRows, N - row0), Bc, row0, scales, perm,
+                    bias, static_cast<uint16_t*>(a.out.data) + b0 * ldo, ldo);
+      }
+    }
+  });
+  return ok != 0;
+}
+
+template <int G, int M>
+bool amx_matmul(const CodebookMatmul& a, const float* cb) {
+  const int64_t B = a.x.size(0);
+  Scratch<uint32_t> xp(a.w.in_features() / 2 * kPassRows);
+  for (int64_t b0 = 0; b0 < B; b0 += kPassRows) {
+    const int64_t Bc = min64(kPassRows, B - b0);
+    const bool ok = Bc <= 16   ? amx_pass<G, M, 1>(a, cb, b0, Bc, xp.p)
+                    : Bc <= 32 ? amx_pass<G, M, 2>(a, cb, b0, Bc, xp.p)
+                               : amx_pass<G, M, 4>(a, cb, b0, Bc, xp.p);
+    if (!ok) return false;
+  }
+  return true;
+}
+#endif
+
 // The whole product; false on a code >= C.
 bool matmul(const CodebookMatmul& a) {
   const CodebookFormat& w = a.w;
@@ -287,6 +367,12 @@ bool matmul(const CodebookMatmul& a) {
       if (!dense_row(a, cb, b)) return false;
     return true;
   }
+#if defined(__AVX512F__)
+  if (use_amx(a)) {
+    if (G == 4) return M == 1 ? amx_matmul<4, 1>(a, cb) : amx_matmul<4, 2>(a, cb);
+    return M == 1 ? amx_matmul<8, 1>(a, cb) : amx_matmul<8, 2>(a, cb);
+  }
+#endif
   Scratch<float> cbT(O * M * G * C), xT(K * kMaxBatch);
   for (int64_t om = 0; om < O * M; ++om)  // (O, M, C, G) -> (O, M, G, C)
     for (int64_t c = 0; c < C; ++c)

@@ -20,13 +20,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/amx.h"
 #include "sparse/kernel.h"
 
 namespace hotops {
 namespace HOTOPS_ISA {
 namespace sparse_kernel {
-
-#define HOTOPS_BF16 __attribute__((target("avx512bf16,avx512bw,avx512vl,avx512f")))
 
 // n (<= 16) float32 values -> bfloat16 (round to nearest even) at dst
 HOTOPS_BF16 inline void values_to_bf16(const float* v, int64_t n, uint16_t* dst) {
@@ -162,8 +161,6 @@ void direct_fwd_bf16(const SparseConvFwd& a, const Csr& w) {
     }
   });
 }
-
-#undef HOTOPS_BF16
 
 }  // namespace sparse_kernel
 }  // namespace HOTOPS_ISA

@@ -81,7 +81,8 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
         ]
         return out + [dict(N=4096, K=4096, B=1, config="2x8", peer="dense", dtype="bf16")]
     if quick:
-        return [dict(N=4096, K=4096, B=B, config="2x8", peer=p) for B in (1, 16) for p in ("dense", "aqlm")]
+        out = [dict(N=4096, K=4096, B=B, config="2x8", peer=p) for B in (1, 16) for p in ("dense", "aqlm")]
+        return out + [dict(N=4096, K=4096, B=16, config="2x8", peer="dense", dtype="bf16")]
     out = [
         dict(N=N, K=K, B=B, config="2x8", peer=p)
         for N, K in SHAPES
@@ -89,7 +90,7 @@ def cases(quick: bool, device: str = "cpu") -> List[dict]:
         for p in ("dense", "aqlm")
     ]
     out += [dict(N=4096, K=4096, B=B, config="1x8/4", peer="dense") for B in (1, 16)]
-    out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="bf16") for B in (1, 4, 16)]
+    out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense", dtype="bf16") for B in (1, 4, 16, 64, 256)]
     out += [dict(N=4096, K=4096, B=B, config="2x8", peer="dense") for B in (64, 256)]
     return out
 

@@ -50,6 +50,24 @@ LUT_DEQUANT_COST = 80.0
 WIDE_MAX_BATCH = 16  # 16-bit codes: the gather kernel up to here, dequantized tiles + torch.mm above
 
 
+# bf16 activations on AMX tiles: the C++ kernel up to here, dequantized tiles + torch.mm above
+# (decoding once per 64 batch rows costs more than dequantizing once from 256 rows; measured at
+# 4096 x 4096 and all-MiniLM-L6-v2's shapes, docs/codebook.md).
+AMX_MAX_BATCH = 128
+
+
+def amx_tiles(dtype: torch.dtype, in_group: int, in_features: int) -> bool:
+    """Whether the C++ kernel multiplies bfloat16 activations on AMX tiles at batch >= 2
+    (csrc/codebook/amx_tiles.h: the weight decoded into bf16 tiles, no lookup tables): 4 or 8
+    inputs per codeword, in_features a multiple of 32, AMX-BF16 and AVX512_BF16 on. The kernel
+    then runs up to AMX_MAX_BATCH rows and the GEMM path above, whatever use_tables says (its
+    costs are float32's)."""
+    if dtype != torch.bfloat16 or in_group not in (4, 8) or in_features % 32:
+        return False
+    ext = _backend.ext()
+    return ext.isa() == "avx512" and ext.feature("amx_bf16") and ext.feature("avx512_bf16")
+
+
 def tables_cost(
     out_features: int, in_group: int, num_codebooks: int, codebook_size: int = 256, num_groups: int = 1
 ) -> float:
@@ -135,7 +153,12 @@ def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
     x2 = _backend.cpu_view(x.reshape(-1, x.shape[-1]))
     B, K, N = x2.shape[0], x2.shape[1], scales.shape[0]
     O, M, C, g = codebooks.shape
-    if B <= WIDE_MAX_BATCH if _wide(codes) else use_tables(B, N, g, M, C, O):
+    if _wide(codes):
+        kernel_runs = B <= WIDE_MAX_BATCH
+    else:
+        amx = amx_tiles(x2.dtype, g, K)
+        kernel_runs = B <= AMX_MAX_BATCH if amx else use_tables(B, N, g, M, C, O)
+    if kernel_runs:
         out = torch.empty(B, N, dtype=x2.dtype)
         kernel = _backend.ext().codebook_wide_matmul if _wide(codes) else _backend.ext().codebook_matmul
         b32 = None if bias is None else bias.detach().float().contiguous()
