@@ -112,6 +112,23 @@ def main():
     for dt in ("bf16", "fp32") if "infonce" in families else ():
         r = infonce.run(dict(B=B, D=768, dtype=dt), quick=True, threads=args.threads)
         show(f"infonce fwd+bwd B={B} D=768 {dt}", r)
+    if "infonce" in families:
+        gemm_floor(B, 768)
+
+
+def gemm_floor(B, D):
+    """The three bf16 GEMMs of InfoNCE fwd+bwd (B queries, 2B candidates) alone, as torch runs
+    them: the time the loss cannot beat on torch's GEMMs."""
+    q, c, S = (torch.randn(*shape).bfloat16() for shape in ((B, D), (2 * B, D), (B, 2 * B)))
+    products = {"S = q C^T": lambda: q @ c.T, "dq = S C": lambda: S @ c, "dC = S^T q": lambda: S.T @ q}
+    flops = 2.0 * B * 2 * B * D
+    total = 0.0
+    for name, f in products.items():
+        f()
+        t, _ = core.time_pair(f, None, repeats=3)
+        total += t
+        print(f"torch bf16 {name}: {t * 1e3:.1f} ms ({flops / t / 1e9:.0f} GFLOP/s)")
+    print(f"the three GEMMs of InfoNCE B={B}: {total * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,20 @@ def test_low_precision(isa, dtype, hard):
     check_against_reference(q, d, h, temperature=0.5)
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("panel_bytes", [None, 1])  # one panel; 16-row panels
+def test_bf16_gradients_either_way(monkeypatch, transposed, panel_bytes):
+    """bf16 gradients computed directly (CPUs with AMX) or transposed (without), whichever this
+    CPU picks, on one panel and on many."""
+    monkeypatch.setattr(op, "transposed_bf16_grads", lambda: transposed)
+    if panel_bytes is not None:
+        monkeypatch.setitem(op.PANEL_BYTES, "cpu", panel_bytes)
+        monkeypatch.setattr(op, "MIN_PANEL_ROWS", 16)
+    for hard in (None, "pool", "own"):
+        q, d, h = make(70, 40, hard, N=9, K=2, dtype=torch.bfloat16)
+        check_against_reference(q, d, h, temperature=0.5)
+
+
 @pytest.mark.parametrize("hard", [None, "pool", "own"])
 def test_label_smoothing_and_weights(isa, hard):
     q, d, h = make(17, 8, hard, N=5, K=4)
