@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from hotops import _backend
 from hotops.bench import attention, core, infonce
-from hotops.codebook import CodebookWeight, codebook_matmul
+from hotops.bench.codebook import make_weight
+from hotops.codebook import codebook_matmul
 
-# (N, K, inputs per code, codebooks): Llama's 2x8 shapes and all-MiniLM-L6-v2's 1x8/4 ones
-CODEBOOK_SHAPES = [(4096, 4096, 8, 2), (11008, 4096, 8, 2), (1536, 384, 4, 1), (384, 1536, 4, 1)]
+# (N, K, format): Llama's 2x8 shapes and all-MiniLM-L6-v2's 1x8/4 ones
+CODEBOOK_SHAPES = [(4096, 4096, "2x8"), (11008, 4096, "2x8"), (1536, 384, "1x8/4"), (384, 1536, "1x8/4")]
 
 
 def codebook_table(batches, threads):
@@ -33,12 +34,9 @@ def codebook_table(batches, threads):
         "| shape | B | AMX tiles ms | tiles off ms | torch bf16 F.linear ms | tiles vs torch | tiles vs off |"
     )
     print("|---|---|---|---|---|---|---|")
-    for N, K, g, M in CODEBOOK_SHAPES:
-        gen = torch.Generator().manual_seed(0)
-        codes = torch.randint(0, 256, (N, K // g, M), dtype=torch.uint8, generator=gen)
-        w = CodebookWeight(
-            codes, torch.randn(1, M, 256, g, generator=gen) / 8, torch.rand(N, generator=gen) + 0.5
-        )
+    for N, K, config in CODEBOOK_SHAPES:
+        gen = torch.Generator().manual_seed(1)
+        w = make_weight(N, K, config)
         dense = w.dequantize().bfloat16()
         for B in batches:
             x = torch.randn(B, K, generator=gen).bfloat16()
@@ -59,7 +57,7 @@ def codebook_table(batches, threads):
             ext.set_feature("amx_bf16", amx)
             ms = {k: v * 1e3 for k, v in best.items()}
             print(
-                f"| {N}x{K} {M}x8/{g} | {B} | {ms['tiles']:.3f} | {ms['off']:.3f} | {ms['torch']:.3f} | "
+                f"| {N}x{K} {config} | {B} | {ms['tiles']:.3f} | {ms['off']:.3f} | {ms['torch']:.3f} | "
                 f"{ms['torch'] / ms['tiles']:.2f}x | {ms['off'] / ms['tiles']:.2f}x |",
                 flush=True,
             )
