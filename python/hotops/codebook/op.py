@@ -156,7 +156,7 @@ def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
     if _wide(codes):
         kernel_runs = B <= WIDE_MAX_BATCH
     else:
-        amx = amx_tiles(x2.dtype, g, K)
+        amx = B > LUT_MAX_BATCH and amx_tiles(x2.dtype, g, K)  # up to there the kernel runs anyway
         kernel_runs = B <= AMX_MAX_BATCH if amx else use_tables(B, N, g, M, C, O)
     if kernel_runs:
         out = torch.empty(B, N, dtype=x2.dtype)
