@@ -101,13 +101,14 @@ def bf16_path(request):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("D", [7, 64, 130])  # 64: whole AMX tiles; 7, 130: reductions on vdpbf16ps
-def test_bf16_tile_products(bf16_path, causal, D):
+@pytest.mark.parametrize("scale", [None, -0.2])  # a positive scale joins the softmax, others the scores
+def test_bf16_tile_products(bf16_path, causal, D, scale):
     """fwd and bwd in bf16 on each tile-product path against the float64 reference (odd query
     block, repeated and hidden keys, grouped heads): error within twice torch's own bf16 error."""
     q, k, v = make(B=1, H=4, Hkv=2, Lq=151, Lk=140, D=D, dtype=torch.bfloat16)
     idx = torch.randint(0, 140, (1, 2, 133))
     kpos = torch.where(torch.rand(idx.shape) < 0.1, -1, idx)
-    check(*on_indices(idx, kpos, causal=causal), (q, k, v))
+    check(*on_indices(idx, kpos, causal=causal, scale=scale), (q, k, v))
 
 
 @pytest.mark.parametrize(

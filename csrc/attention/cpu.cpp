@@ -1,6 +1,7 @@
 // Per-ISA subsampled attention (see cpu.h). Forward: one task per (batch, head, block of TQ
 // queries); it walks the sampled keys in tiles of TK, gathering and converting each tile to
-// float32 (K transposed for the score micro-kernel, V row-major for the P·V one), and keeps a
+// float32 (K transposed for the score micro-kernel, V row-major for the P·V one; on the bf16 tile
+// path they stay bf16 and are pair-packed for the tiles instead), and keeps a
 // running max / sum / output per query row (online softmax). Backward: one task per
 // (batch, KV head) owns the dK/dV of that head outright (fp32 accumulators over all Lk rows),
 // so the scatter-add needs no atomics and its summation order never depends on the thread count;
@@ -9,6 +10,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include "common/cpu_features.h"
@@ -201,6 +203,17 @@ inline void gather_rows(const View& src, const Geometry& g, int64_t b, int64_t h
   }
 }
 
+// The same rows of a bf16 tensor as TK x Dp bf16, for the bf16 tile products.
+inline void gather_bf16(const View& src, const Geometry& g, int64_t b, int64_t hk, const Tile& t,
+                        uint16_t* dst) {
+  for (int s = 0; s < TK; ++s) {
+    uint16_t* d = dst + s * g.Dp;
+    const bool seen = s < t.cnt && t.kp[s] >= 0;
+    if (seen) std::memcpy(d, row_of(src, 2, b, hk, t.row[s]), g.D * sizeof(uint16_t));
+    std::memset(d + (seen ? g.D : 0), 0, (g.Dp - (seen ? g.D : 0)) * sizeof(uint16_t));
+  }
+}
+
 // True when some (query, slot) pair of this block against this tile is hidden.
 inline bool needs_mask(const Tile& t, bool causal, int64_t qmin) {
   return t.any_hidden || (causal && t.kmax > qmin);
@@ -226,6 +239,11 @@ inline bool use_bf16_dot(DType t) {
          feature_on(Feature::avx512_bf16);
 }
 
+// The factor the softmax applies to the raw scores: bf16 scores come unscaled (Q is not
+// prescaled there), and a positive scale commutes with the row maximum, so it rides on the
+// exponent's argument instead of a pass over the scores; a non-positive scale is applied to them.
+inline float softmax_scale(bool bf, float scale) { return bf && scale > 0.0f ? scale : 1.0f; }
+
 }  // namespace
 
 void ssa_forward(const SsaArgs& a) {
@@ -233,9 +251,12 @@ void ssa_forward(const SsaArgs& a) {
   const int64_t nqb = (g.Lq + TQ - 1) / TQ;
   const DType dt = a.q.dtype;
   const int64_t tasks = g.B * g.H * nqb;
-  const bool bf = use_bf16_dot(dt);  // Q unscaled in bf16, the scale applied to the scores
+  const bool bf = use_bf16_dot(dt);  // Q unscaled in bf16: the scale joins the softmax
+  const float post = softmax_scale(bf, a.scale);
   parallel_claim(tasks, a.threads, [&](auto claim) {
-    Scratch<float> qs(TQ * g.Dp), o(TQ * g.Dp), kbuf(TK * g.Dp), kt(g.Dp * TK), vp(TK * g.Dp), sb(TQ * TK);
+    const int64_t f32_tile = bf ? 0 : TK * g.Dp, bf16_tile = bf ? TK * g.Dp : 0;  // key and value tiles
+    Scratch<float> qs(TQ * g.Dp), o(TQ * g.Dp), sb(TQ * TK), kbuf(f32_tile), kt(f32_tile), vp(f32_tile);
+    Scratch<uint16_t> k16(bf16_tile), v16(bf16_tile);
 #if HOTOPS_ATTN_BF16
     bf16dot::Tiles<TQ, TK> T(bf ? g.Dp : 0, bf);
 #endif
@@ -264,12 +285,18 @@ void ssa_forward(const SsaArgs& a) {
       for (int64_t s0 = 0; s0 < g.S; s0 += TK) {
         tile_positions(a, b, hi, s0, g.S, tile);
         if (tile_dead(tile, a.causal, qmax)) continue;
-        gather_rows(a.k, g, b, hk, tile, kbuf.p);
-        gather_rows(a.v, g, b, hk, tile, vp.p);
 #if HOTOPS_ATTN_BF16
-        if (bf) T.scores(mq, T.a_rows.p, kbuf.p, T.kt.p, sb.p, a.scale);
+        if (bf) {  // both tiles packed before the first tile load (it waits for stores to drain)
+          gather_bf16(a.k, g, b, hk, tile, k16.p);
+          gather_bf16(a.v, g, b, hk, tile, v16.p);
+          T.pack_for_scores(k16.p, T.kt.p);
+          T.pack_for_times(v16.p, T.vp.p);
+          T.scores(mq, T.a_rows.p, T.kt.p, sb.p, a.scale / post);
+        }
 #endif
         if (!bf) {
+          gather_rows(a.k, g, b, hk, tile, kbuf.p);
+          gather_rows(a.v, g, b, hk, tile, vp.p);
           transpose_tile(kbuf.p, g.Dp, kt.p);
           abt(mq, qs.p, g.Dp, kt.p, sb.p, g.D);
         }
@@ -278,7 +305,7 @@ void ssa_forward(const SsaArgs& a) {
           float* srow = sb.p + i * TK;
           VecF vmax = VecF::set1(-INFINITY);
           for (int s = 0; s < TK; s += W) vmax = VecF::max(vmax, VecF::load(srow + s));
-          const float tmax = vmax.hmax();
+          const float tmax = vmax.hmax() * post;
           float mnew = tmax > m[i] || std::isnan(tmax) ? tmax : m[i];
           if (mnew == -INFINITY) {  // nothing visible yet: P = 0, unless a visible score is NaN
             bool nan = false;       // (the max may have skipped it; a NaN q makes every score NaN)
@@ -289,10 +316,10 @@ void ssa_forward(const SsaArgs& a) {
             }
             mnew = NAN;  // p, l and the output row all become NaN
           }
-          const VecF vm = VecF::set1(mnew);
+          const VecF vm = VecF::set1(mnew), vpost = VecF::set1(post);
           VecF vsum = VecF::set1(0.0f);
           for (int s = 0; s < TK; s += W) {
-            const VecF p = exp(VecF::load(srow + s) - vm);
+            const VecF p = exp(VecF::load(srow + s) * vpost - vm);  // as the scores pass rounded them
             p.store(srow + s);
             vsum = vsum + p;
           }
@@ -305,7 +332,7 @@ void ssa_forward(const SsaArgs& a) {
           m[i] = mnew;
         }
 #if HOTOPS_ATTN_BF16
-        if (bf) T.times_tile(mq, sb.p, vp.p, T.vp.p, orow);
+        if (bf) T.times_tile(mq, sb.p, T.vp.p, o.p);
 #endif
         if (!bf) ab(mq, tile.cnt, sb.p, TK, 1, vp.p, g.Dp, orow);
       }
@@ -324,11 +351,14 @@ void ssa_backward(const SsaArgs& a) {
   const Geometry g(a);
   const DType dt = a.q.dtype;
   const int64_t tasks = g.B * g.Hkv;
-  const bool bf = use_bf16_dot(dt);  // Q unscaled in bf16: the scale goes to the scores and dK
+  const bool bf = use_bf16_dot(dt);  // Q unscaled in bf16: the scale joins the softmax and dK
+  const float post = softmax_scale(bf, a.scale);
   parallel_claim(tasks, a.threads, [&](auto claim) {
     Scratch<float> dk(g.Lk * g.Dp), dv(g.Lk * g.Dp);
     Scratch<float> qs(TQ * g.Dp), dob(TQ * g.Dp), dqb(TQ * g.Dp), tmp(g.Dp);
-    Scratch<float> kbuf(TK * g.Dp), kt(g.Dp * TK), vbuf(TK * g.Dp), vt(g.Dp * TK), pb(TQ * TK), ds(TQ * TK);
+    const int64_t f32_tile = bf ? 0 : TK * g.Dp, bf16_tile = bf ? TK * g.Dp : 0;
+    Scratch<float> pb(TQ * TK), ds(TQ * TK), kbuf(f32_tile), kt(f32_tile), vbuf(f32_tile), vt(f32_tile);
+    Scratch<uint16_t> k16(bf16_tile), v16(bf16_tile);
 #if HOTOPS_ATTN_BF16
     bf16dot::Tiles<TQ, TK> T(bf ? g.Dp : 0, bf);
 #endif
@@ -380,12 +410,19 @@ void ssa_backward(const SsaArgs& a) {
           for (int64_t s0 = 0; s0 < g.S; s0 += TK) {
             tile_positions(a, b, hi, s0, g.S, tile);
             if (tile_dead(tile, a.causal, qmax)) continue;
-            gather_rows(a.k, g, b, hk, tile, kbuf.p);
-            gather_rows(a.v, g, b, hk, tile, vbuf.p);
 #if HOTOPS_ATTN_BF16
-            if (bf) T.scores(mq, T.a_rows.p, kbuf.p, T.kt.p, pb.p, a.scale);
+            if (bf) {
+              gather_bf16(a.k, g, b, hk, tile, k16.p);
+              gather_bf16(a.v, g, b, hk, tile, v16.p);
+              T.pack_for_scores(k16.p, T.kt.p);
+              T.pack_for_scores(v16.p, T.vt.p);
+              T.pack_for_times(k16.p, T.kp.p);
+              T.scores(mq, T.a_rows.p, T.kt.p, pb.p, a.scale / post);
+            }
 #endif
             if (!bf) {
+              gather_rows(a.k, g, b, hk, tile, kbuf.p);
+              gather_rows(a.v, g, b, hk, tile, vbuf.p);
               transpose_tile(kbuf.p, g.Dp, kt.p);
               transpose_tile(vbuf.p, g.Dp, vt.p);
               abt(mq, qs.p, g.Dp, kt.p, pb.p, g.D);
@@ -396,12 +433,12 @@ void ssa_backward(const SsaArgs& a) {
                 fill(prow, TK, 0.0f);
                 continue;
               }
-              const VecF vl = VecF::set1(lse[i]);
-              for (int s = 0; s < TK; s += W) exp(VecF::load(prow + s) - vl).store(prow + s);
+              const VecF vl = VecF::set1(lse[i]), vpost = VecF::set1(post);
+              for (int s = 0; s < TK; s += W) exp(VecF::load(prow + s) * vpost - vl).store(prow + s);
             }
             if (needs_mask(tile, a.causal, qmin)) mask_block(pb.p, mq, tile, a.causal, qp, 0.0f);
 #if HOTOPS_ATTN_BF16
-            if (bf) T.scores(mq, T.b_rows.p, vbuf.p, T.vt.p, ds.p, 1.0f);
+            if (bf) T.scores(mq, T.b_rows.p, T.vt.p, ds.p, 1.0f);
 #endif
             if (!bf) abt(mq, dob.p, g.Dp, vt.p, ds.p, g.D);  // dP = dO V^T
             for (int64_t i = 0; i < mq; ++i) {               // dS = P (dP - D_i)
@@ -419,7 +456,7 @@ void ssa_backward(const SsaArgs& a) {
             if (bf) {
               T.transposed_times(tile.cnt, mq, pb.p, T.b_pairs.p, dvrow);
               T.transposed_times(tile.cnt, mq, ds.p, T.a_pairs.p, dkrow);
-              T.times_tile(mq, ds.p, kbuf.p, T.kp.p, dqrow);
+              T.times_tile(mq, ds.p, T.kp.p, dqb.p);
             }
 #endif
             if (!bf) {

@@ -56,19 +56,30 @@ HOTOPS_BF16 void product(int64_t M, const uint32_t* A2, int64_t lda2, const uint
 }
 
 // product() on AMX tiles (configured by common/amx.h), K2 a multiple of 16. A2 rows up to M
-// rounded up to 16 are read (their results are dropped); ctmp holds 16 x 64 floats.
+// rounded up to 16 are read (their results are dropped). With ldc > 0 the C rows are evenly
+// spaced (C[r] = C[0] + r * ldc) and the tiles load and store them in place, rows up to M rounded
+// up to 16 included (they must be writable scratch); otherwise (scattered rows) the results go
+// through ctmp, 16 x 64 floats.
 template <bool ADD>
 HOTOPS_AMX void amx_product(int64_t M, const uint32_t* A2, int64_t lda2, const uint32_t* B2, int64_t ldb2,
-                            float* const* C, int64_t N, int64_t K2, float* ctmp) {
-  const int64_t sa = lda2 * 4, sb = ldb2 * 4;
+                            float* const* C, int64_t ldc, int64_t N, int64_t K2, float* ctmp) {
+  const int64_t sa = lda2 * 4, sb = ldb2 * 4, sc = ldc * 4;
   for (int64_t r0 = 0; r0 < M; r0 += 16) {
     const int64_t mr = M - r0 < 16 ? M - r0 : 16;
     for (int64_t c0 = 0; c0 < N; c0 += 64) {
       const int64_t nt = (N - c0) / 16 < 4 ? (N - c0) / 16 : 4;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      float* c = ldc > 0 ? C[0] + r0 * ldc + c0 : nullptr;
+      if (ADD && ldc > 0) {
+        _tile_loadd(0, c, sc);
+        if (nt > 1) _tile_loadd(1, c + 16, sc);
+        if (nt > 2) _tile_loadd(2, c + 32, sc);
+        if (nt > 3) _tile_loadd(3, c + 48, sc);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
       for (int64_t k = 0; k < K2; k += 16) {
         const uint32_t* b = B2 + k * ldb2 + c0;
         _tile_loadd(4, A2 + r0 * lda2 + k, sa);
@@ -87,15 +98,18 @@ HOTOPS_AMX void amx_product(int64_t M, const uint32_t* A2, int64_t lda2, const u
           _tile_dpbf16ps(3, 4, 5);
         }
       }
-      _tile_stored(0, ctmp, 256);
-      if (nt > 1) _tile_stored(1, ctmp + 16, 256);
-      if (nt > 2) _tile_stored(2, ctmp + 32, 256);
-      if (nt > 3) _tile_stored(3, ctmp + 48, 256);
+      const int64_t ld = ldc > 0 ? sc : 256;
+      float* out = ldc > 0 ? c : ctmp;
+      _tile_stored(0, out, ld);
+      if (nt > 1) _tile_stored(1, out + 16, ld);
+      if (nt > 2) _tile_stored(2, out + 32, ld);
+      if (nt > 3) _tile_stored(3, out + 48, ld);
+      if (ldc > 0) continue;
       for (int64_t r = 0; r < mr; ++r)
         for (int64_t v = 0; v < nt; ++v) {
-          float* c = C[r0 + r] + c0 + 16 * v;
+          float* cr = C[r0 + r] + c0 + 16 * v;
           const __m512 x = _mm512_loadu_ps(ctmp + r * 64 + 16 * v);
-          _mm512_storeu_ps(c, ADD ? _mm512_add_ps(_mm512_loadu_ps(c), x) : x);
+          _mm512_storeu_ps(cr, ADD ? _mm512_add_ps(_mm512_loadu_ps(cr), x) : x);
         }
     }
   }
@@ -139,14 +153,24 @@ HOTOPS_BF16 inline void transpose_words(const uint32_t* w, int64_t ldw, int64_t 
       _mm512_storeu_si512(out + c * ldo + r, _mm512_i32gather_epi32(idx, w + r * ldw + c, 4));
 }
 
-// A rows x Dp float32 tile pair-packed along its columns, transposed for the B operand of a
-// product that reduces over d: out[d2 * ldo + s] = (x[s][2 d2], x[s][2 d2 + 1]), d2 < Dp / 2
-// (rows a multiple of 16). tmp holds rows x Dp / 2 words.
-HOTOPS_BF16 inline void pack_pairs_of_cols(const float* x, int64_t rows, int64_t Dp, uint32_t* out,
-                                           int64_t ldo, uint32_t* tmp) {
-  for (int64_t s = 0; s < rows; ++s)
-    to_bf16(x + s * Dp, Dp, reinterpret_cast<uint16_t*>(tmp + s * Dp / 2), Dp);
-  transpose_words(tmp, Dp / 2, rows, Dp / 2, out, ldo);
+// A rows x Dp bf16 tile pair-packed along its columns, transposed for the B operand of a product
+// that reduces over d: out[d2 * ldo + s] = (x[s][2 d2], x[s][2 d2 + 1]), d2 < Dp / 2 (rows a
+// multiple of 16). The pairs are the rows' own 32-bit words, so this is a word transpose.
+HOTOPS_BF16 inline void pack_pairs_of_cols(const uint16_t* x, int64_t rows, int64_t Dp, uint32_t* out,
+                                           int64_t ldo) {
+  transpose_words(reinterpret_cast<const uint32_t*>(x), Dp / 2, rows, Dp / 2, out, ldo);
+}
+
+// A rows x Dp bf16 tile pair-packed along its rows, as pack_pairs_of_rows does from float32.
+HOTOPS_BF16 inline void interleave_rows(const uint16_t* x, int64_t rows, int64_t Dp, uint32_t* out) {
+  const auto load = [](const uint16_t* p) {
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  };
+  for (int64_t s2 = 0; s2 < rows / 2; ++s2)
+    for (int64_t d = 0; d < Dp; d += 16) {
+      const __m512i lo = load(x + 2 * s2 * Dp + d), hi = load(x + (2 * s2 + 1) * Dp + d);
+      _mm512_storeu_si512(out + s2 * Dp + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
 }
 
 // The transpose of a rows x cols float32 block (row stride ld) pair-packed along its rows:
@@ -195,11 +219,12 @@ struct Tiles {
   Tiles(const Tiles&) = delete;
   Tiles& operator=(const Tiles&) = delete;
 
+  // C rows as pointers; ldc > 0 says they are C[0] + r * ldc (see amx_product).
   template <bool ADD>
   HOTOPS_BF16 void prod(int64_t M, const uint32_t* A2, int64_t lda2, const uint32_t* B2, int64_t ldb2,
-                        float* const* C, int64_t N, int64_t K2) {
+                        float* const* C, int64_t ldc, int64_t N, int64_t K2) {
     if (amx && K2 % 16 == 0)
-      amx_product<ADD>(M, A2, lda2, B2, ldb2, C, N, K2, ctmp.p);
+      amx_product<ADD>(M, A2, lda2, B2, ldb2, C, ldc, N, K2, ctmp.p);
     else
       product<ADD>(M, A2, lda2, B2, ldb2, C, N, K2);
   }
@@ -216,31 +241,38 @@ struct Tiles {
     for (int64_t i = 0; i < M; ++i)
       to_bf16(x + i * Dp, Dp, reinterpret_cast<uint16_t*>(dst + i * Dp / 2), Dp);
   }
-  // C[i][0..TK) = (A2 row i · X tile^T) * scale, X a TK x Dp float32 tile packed into xt.
-  HOTOPS_BF16 void scores(int64_t M, const uint32_t* A2, const float* x, uint32_t* xt, float* C,
-                          float scale) {
-    pack_pairs_of_cols(x, TK, Dp, xt, TK, tmp.p);
+  // A TK x Dp bf16 key or value tile packed for scores() (xt) and for times_tile() (xp).
+  HOTOPS_BF16 void pack_for_scores(const uint16_t* x, uint32_t* xt) const {
+    pack_pairs_of_cols(x, TK, Dp, xt, TK);
+  }
+  HOTOPS_BF16 void pack_for_times(const uint16_t* x, uint32_t* xp) const { interleave_rows(x, TK, Dp, xp); }
+
+  // C[i * TK ..] = (A2 row i · X tile^T) * scale, i < M, X packed by pack_for_scores into xt; C has
+  // rows up to M rounded up to 16.
+  HOTOPS_BF16 void scores(int64_t M, const uint32_t* A2, const uint32_t* xt, float* C, float scale) {
     for (int64_t i = 0; i < M; ++i) crow[i] = C + i * TK;
-    prod<false>(M, A2, Dp / 2, xt, TK, crow, TK, Dp / 2);
+    prod<false>(M, A2, Dp / 2, xt, TK, crow, TK, TK, Dp / 2);
     if (scale != 1.0f) {
       const __m512 vm = _mm512_set1_ps(scale);
       for (int64_t i = 0; i < M * TK; i += 16)
         _mm512_storeu_ps(C + i, _mm512_mul_ps(_mm512_loadu_ps(C + i), vm));
     }
   }
-  // C[i] += P row i (TK floats) · X tile (TK x Dp float32, packed into xp), i < M.
-  HOTOPS_BF16 void times_tile(int64_t M, const float* P, const float* x, uint32_t* xp, float* const* C) {
-    for (int64_t i = 0; i < M; ++i)
+  // C[i * Dp ..] += P row i (TK floats) · X tile, i < M, X packed by pack_for_times into xp; C has
+  // rows up to M rounded up to 16.
+  HOTOPS_BF16 void times_tile(int64_t M, const float* P, const uint32_t* xp, float* C) {
+    for (int64_t i = 0; i < M; ++i) {
       to_bf16(P + i * TK, TK, reinterpret_cast<uint16_t*>(p2.p + i * TK / 2), TK);
-    pack_pairs_of_rows(x, TK, Dp, xp);
-    prod<true>(M, p2.p, TK / 2, xp, Dp, C, Dp, TK / 2);
+      crow[i] = C + i * Dp;
+    }
+    prod<true>(M, p2.p, TK / 2, xp, Dp, crow, Dp, Dp, TK / 2);
   }
   // C[s] += P^T row s · Y for s < cnt: P is mq x TK float32, Y the block's rows packed by
   // pack_pairs_of_rows (mq rounded up to even, the odd row zero).
   HOTOPS_BF16 void transposed_times(int64_t cnt, int64_t mq, const float* P, const uint32_t* Y2,
                                     float* const* C) {
     pack_transposed(P, TK, mq, TK, pt.p, TQ / 2, tmp.p);
-    prod<true>(cnt, pt.p, TQ / 2, Y2, Dp, C, Dp, (mq + 31) / 32 * 16);  // zero-padded pairs
+    prod<true>(cnt, pt.p, TQ / 2, Y2, Dp, C, 0, Dp, (mq + 31) / 32 * 16);  // zero-padded pairs
   }
 };
 
