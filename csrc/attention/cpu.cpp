@@ -319,7 +319,8 @@ void ssa_forward(const SsaArgs& a) {
           const VecF vm = VecF::set1(mnew), vpost = VecF::set1(post);
           VecF vsum = VecF::set1(0.0f);
           for (int s = 0; s < TK; s += W) {
-            const VecF p = exp(VecF::load(srow + s) * vpost - vm);  // as the scores pass rounded them
+            const VecF p =
+                exp_nonpositive(VecF::load(srow + s) * vpost - vm);  // as the scores pass rounded them
             p.store(srow + s);
             vsum = vsum + p;
           }
@@ -434,7 +435,8 @@ void ssa_backward(const SsaArgs& a) {
                 continue;
               }
               const VecF vl = VecF::set1(lse[i]), vpost = VecF::set1(post);
-              for (int s = 0; s < TK; s += W) exp(VecF::load(prow + s) * vpost - vl).store(prow + s);
+              for (int s = 0; s < TK; s += W)
+                exp_nonpositive(VecF::load(prow + s) * vpost - vl).store(prow + s);
             }
             if (needs_mask(tile, a.causal, qmin)) mask_block(pb.p, mq, tile, a.causal, qp, 0.0f);
 #if HOTOPS_ATTN_BF16

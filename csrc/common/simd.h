@@ -239,11 +239,9 @@ struct VecF {
 };
 #endif
 
-// exp(x) in float, max relative error ~2 ulp over the normal range; 0 below -87.3, inf above 88.7,
-// NaN in -> NaN out (the clamps keep NaN because the data is the second operand of max/min).
-inline VecF exp(VecF x) {
-  const VecF lo = VecF::set1(-87.33654f), hi = VecF::set1(88.3762626647949f);
-  VecF xc = VecF::min(hi, VecF::max(lo, x));
+// exp(xc) for xc already within [-87.34, 88.38]: Cody-Waite reduction by ln 2 and a degree-7
+// polynomial, max relative error ~2 ulp.
+inline VecF exp_in_range(VecF xc) {
   VecF n = VecF::round(xc * VecF::set1(1.44269504088896341f));
   VecF r = VecF::fma(n, VecF::set1(-0.693359375f), xc);
   r = VecF::fma(n, VecF::set1(2.12194440e-4f), r);
@@ -254,9 +252,22 @@ inline VecF exp(VecF x) {
   p = VecF::fma(p, r, VecF::set1(1.6666665459e-1f));
   p = VecF::fma(p, r, VecF::set1(5.0000001201e-1f));
   p = VecF::fma(p, r * r, r + VecF::set1(1.0f));
-  VecF y = p * VecF::pow2i(n);
-  y = VecF::select_lt(x, lo, VecF::set1(0.0f), y);
+  return p * VecF::pow2i(n);
+}
+
+// exp(x) in float, max relative error ~2 ulp over the normal range; 0 below -87.3, inf above 88.7,
+// NaN in -> NaN out (the clamps keep NaN because the data is the second operand of max/min).
+inline VecF exp(VecF x) {
+  const VecF lo = VecF::set1(-87.33654f), hi = VecF::set1(88.3762626647949f);
+  const VecF y = VecF::select_lt(x, lo, VecF::set1(0.0f), exp_in_range(VecF::min(hi, VecF::max(lo, x))));
   return VecF::select_lt(hi, x, VecF::set1(INFINITY), y);
+}
+
+// exp(x) for x <= 0 (a score minus its row's maximum or log-sum-exp): exp() without the overflow
+// side, which such arguments never reach. 0 below -87.3, NaN in -> NaN out.
+inline VecF exp_nonpositive(VecF x) {
+  const VecF lo = VecF::set1(-87.33654f);
+  return VecF::select_lt(x, lo, VecF::set1(0.0f), exp_in_range(VecF::max(lo, x)));
 }
 
 // Dot product of two float32 rows (two accumulators to hide the FMA latency).
