@@ -213,7 +213,7 @@ struct Tiles {
         vp(TK / 2 * dp),
         p2(TQ * TK / 2),
         pt(TK * TQ / 2),
-        tmp(TQ / 2 * (TK > dp ? TK : dp)),
+        tmp(TQ / 2 * TK),
         ctmp(16 * 64),
         tiles(use_amx) {}
   Tiles(const Tiles&) = delete;
