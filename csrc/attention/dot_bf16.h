@@ -141,26 +141,6 @@ HOTOPS_BF16 inline void pack_pairs_of_rows(const float* x, int64_t rows, int64_t
                                                         _mm512_loadu_ps(x + (2 * s2 + 1) * Dp + d)));
 }
 
-// out[c * ldo + r] = w[r * ldw + c] for r < R, c < C: a 32-bit transpose, 16 rows per gather (R and
-// ldo multiples of 16).
-HOTOPS_BF16 inline void transpose_words(const uint32_t* w, int64_t ldw, int64_t R, int64_t C, uint32_t* out,
-                                        int64_t ldo) {
-  const __m512i idx =
-      _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                         _mm512_set1_epi32(static_cast<int>(ldw)));
-  for (int64_t r = 0; r < R; r += 16)
-    for (int64_t c = 0; c < C; ++c)
-      _mm512_storeu_si512(out + c * ldo + r, _mm512_i32gather_epi32(idx, w + r * ldw + c, 4));
-}
-
-// A rows x Dp bf16 tile pair-packed along its columns, transposed for the B operand of a product
-// that reduces over d: out[d2 * ldo + s] = (x[s][2 d2], x[s][2 d2 + 1]), d2 < Dp / 2 (rows a
-// multiple of 16). The pairs are the rows' own 32-bit words, so this is a word transpose.
-HOTOPS_BF16 inline void pack_pairs_of_cols(const uint16_t* x, int64_t rows, int64_t Dp, uint32_t* out,
-                                           int64_t ldo) {
-  transpose_words(reinterpret_cast<const uint32_t*>(x), Dp / 2, rows, Dp / 2, out, ldo);
-}
-
 // A rows x Dp bf16 tile pair-packed along its rows, as pack_pairs_of_rows does from float32.
 HOTOPS_BF16 inline void interleave_rows(const uint16_t* x, int64_t rows, int64_t Dp, uint32_t* out) {
   const auto load = [](const uint16_t* p) {
@@ -187,7 +167,7 @@ HOTOPS_BF16 inline void pack_transposed(const float* x, int64_t ld, int64_t rows
       const __m512 hi = 2 * r2 + 1 < rows ? _mm512_loadu_ps(x + (2 * r2 + 1) * ld + c) : zero;
       _mm512_storeu_si512(tmp + r2 * cols + c, pair_words(lo, hi));
     }
-  transpose_words(tmp, cols, R2, cols, out, ldo);
+  transpose_pairs(reinterpret_cast<const uint16_t*>(tmp), 2 * cols, R2, R2, cols, out, ldo);
 }
 
 // The per-thread buffers and the tile products of one forward or backward task. A block of up to
@@ -242,8 +222,10 @@ struct Tiles {
       to_bf16(x + i * Dp, Dp, reinterpret_cast<uint16_t*>(dst + i * Dp / 2), Dp);
   }
   // A TK x Dp bf16 key or value tile packed for scores() (xt) and for times_tile() (xp).
+  // xt[d2 * TK + s] = (x[s][2 d2], x[s][2 d2 + 1]): pairs along d, the B operand of a product
+  // that reduces over d.
   HOTOPS_BF16 void pack_for_scores(const uint16_t* x, uint32_t* xt) const {
-    pack_pairs_of_cols(x, TK, Dp, xt, TK);
+    transpose_pairs(x, Dp, TK, TK, Dp / 2, xt, TK);
   }
   HOTOPS_BF16 void pack_for_times(const uint16_t* x, uint32_t* xp) const { interleave_rows(x, TK, Dp, xp); }
 

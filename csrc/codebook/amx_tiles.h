@@ -24,22 +24,6 @@ constexpr int64_t kTileK = 32;     // inputs per A tile: 16 bf16 pairs, 64 bytes
 constexpr int64_t kTileRows = 16;  // weight rows per A tile: one block of codes (kRowBlock)
 constexpr int64_t kPassRows = 64;  // batch rows per pass: four 16-column C tiles
 
-// Batch rows [0, Bc) of bf16 x (row stride ldx < 2^27, K inputs) as B tiles:
-// xp[k2 * ld + b] = (x[b][2 k2], x[b][2 k2 + 1]) for b < ld (a multiple of 16), zero past Bc.
-// One masked 16-row gather of 32-bit pairs per k2 and column tile.
-inline void pack_pairs(const uint16_t* x, int64_t ldx, int64_t Bc, int64_t K, int64_t ld, uint32_t* xp) {
-  const __m512i rows =
-      _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                         _mm512_set1_epi32(static_cast<int>(ldx)));  // in bf16 elements
-  for (int64_t b0 = 0; b0 < ld; b0 += 16) {
-    const int64_t n = Bc - b0 <= 0 ? 0 : Bc - b0 >= 16 ? 16 : Bc - b0;
-    const __mmask16 live = static_cast<__mmask16>((1u << n) - 1u);
-    for (int64_t k2 = 0; k2 < K / 2; ++k2)
-      _mm512_storeu_si512(xp + k2 * ld + b0, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows,
-                                                                         x + b0 * ldx + 2 * k2, 2));
-  }
-}
-
 // The A tile of inputs [32 kt, 32 kt + 32) of one row block: tile[t][i] = bf16(sum_m codeword) for
 // its 16 rows t, whose codebooks start at cb[t] (the row's group) and whose codes are the block's
 // (codes[i * 16 + t] for slot i), with G = 8 or 4 inputs per codeword and M = 1 or 2 codebooks.
@@ -139,7 +123,7 @@ HOTOPS_AMX inline void round_products(const uint16_t* a, int64_t steps, int64_t 
 
 // acc[(r * 16 + t) * 64 + b] = sum_k W[t][k] x[b][k] for the rows t of rb <= R = 4 / NB row blocks
 // r (cb: 16 R row codebook pointers, codes[r]: block r's codes, as in decode_tile) and the batch
-// columns of NB B tiles (xp from pack_pairs, ld = 16 NB). K a multiple of 32; the tile
+// columns of NB B tiles (xp from transpose_pairs, ld = 16 NB). K a multiple of 32; the tile
 // configuration (common/amx.h) is loaded. tiles: 4 x 16 x 32 bf16.
 template <int G, int M, int NB>
 HOTOPS_AMX void blocks_product(const float* const* cb, const uint8_t* const* codes, int64_t rb, int64_t C,

@@ -288,7 +288,7 @@ bool use_amx(const CodebookMatmul& a) {
   const int64_t G = a.w.in_group();
   return a.x.dtype == DType::bf16 && a.x.size(0) >= 2 && (G == 4 || G == 8) &&
          a.w.in_features() % kTileK == 0 &&
-         a.x.stride(0) < (int64_t(1) << 27) &&  // pack_pairs' gather offsets
+         a.x.stride(0) < (int64_t(1) << 27) &&  // transpose_pairs' gather offsets
          feature_on(Feature::amx_bf16) && feature_on(Feature::avx512_bf16);
 }
 
@@ -306,7 +306,7 @@ bool amx_pass(const CodebookMatmul& a, const float* cb, int64_t b0, int64_t Bc, 
   const float* scales = w.scales.ptr<const float>();
   const int64_t* perm = a.perm.present ? a.perm.ptr<const int64_t>() : nullptr;
   const float* bias = a.bias.present ? a.bias.ptr<const float>() : nullptr;
-  pack_pairs(static_cast<const uint16_t*>(a.x.data) + b0 * ldx, ldx, Bc, K, 16 * NB, xp);
+  transpose_pairs(static_cast<const uint16_t*>(a.x.data) + b0 * ldx, ldx, Bc, 16 * NB, K / 2, xp, 16 * NB);
   int ok = 1;
   parallel_claim(units, a.threads, [&](auto claim) {
     Scratch<float> acc(R * kTileRows * kPassRows);
