@@ -287,9 +287,7 @@ bool dense_row(const CodebookMatmul& a, const float* cb, int64_t b) {
 bool use_amx(const CodebookMatmul& a) {
   const int64_t G = a.w.in_group();
   return a.x.dtype == DType::bf16 && a.x.size(0) >= 2 && (G == 4 || G == 8) &&
-         a.w.in_features() % kTileK == 0 &&
-         a.x.stride(0) < (int64_t(1) << 27) &&  // transpose_pairs' gather offsets
-         feature_on(Feature::amx_bf16) && feature_on(Feature::avx512_bf16);
+         a.w.in_features() % kTileK == 0 && feature_on(Feature::amx_bf16) && feature_on(Feature::avx512_bf16);
 }
 
 // The product on AMX tiles, cb the float32 codebooks; false on a code >= C. Each pass of up to 64
