@@ -1,6 +1,6 @@
 """bf16 attention, InfoNCE and codebook products side by side (issue 15): each bf16 case with
-the CPU extensions on (AMX tiles for attention and the codebook kernel) and off (float32
-compute), against its torch peer in the same dtype, with torch.mm's bf16 rate measured in the same
+the CPU extensions on (attention: AMX tiles, or vdpbf16ps where fast_bf16_dot; the codebook
+kernel: AMX tiles) and off (float32 compute), against its torch peer in the same dtype, with torch.mm's bf16 rate measured in the same
 run for the roofline column. 2 threads (--threads).
 
     PYTHONPATH=python python benchmarks/bf16_paths.py [--quick] [--family codebook] [--threads 1]
@@ -73,6 +73,7 @@ def main():
     torch.set_num_threads(args.threads)
     ext = _backend.ext()
     flags = [f for f in ("avx512_bf16", "avx512_fp16", "amx_bf16", "vbmi") if ext.cpu_has(f)]
+    flags += ["fast_bf16_dot"] if ext.feature("fast_bf16_dot") else []
     m = core.machine()
     print(
         f"ISA {ext.isa()}, extensions {', '.join(flags) or 'none'}; torch.mm fp32 {m.gflops:.0f}, "
@@ -83,7 +84,13 @@ def main():
     if families == ["codebook"]:
         return
     L, B = (2048, 1024) if args.quick else (4096, 4096)
-    paths = {"tiles": True, "fp32 compute": False}
+    # bf16 products as this CPU takes them (AMX tiles, or vdpbf16ps where it issues at FMA's rate),
+    # and all of them off: converted to float32
+    bf16_features = {f: ext.feature(f) for f in ("amx_bf16", "avx512_bf16", "fast_bf16_dot")}
+    product = "AMX tiles" if bf16_features["amx_bf16"] else "vdpbf16ps"
+    if not (bf16_features["amx_bf16"] or bf16_features["fast_bf16_dot"]):
+        product = "float32 (no fast bf16 products here)"
+    paths = {product: True, "fp32 compute": False}
     print("| case | hotops ms | peer | peer ms | speed-up | % of torch.mm rate | check |")
     print("|---|---|---|---|---|---|---|")
 
@@ -97,7 +104,8 @@ def main():
 
     for keep in (1.0, 0.25) if "attention" in families else ():
         for name, on in paths.items():
-            ext.set_feature("amx_bf16", on and ext.cpu_has("amx_bf16"))
+            for f, was in bf16_features.items():
+                ext.set_feature(f, on and was)
             r = attention.run(
                 dict(B=1, L=L, keep=keep, dtype="bf16", passes="fwd+bwd"), quick=True, threads=args.threads
             )
@@ -106,7 +114,8 @@ def main():
             dict(B=1, L=L, keep=keep, dtype="fp32", passes="fwd+bwd"), quick=True, threads=args.threads
         )
         show(f"attention fwd+bwd L={L} keep={keep:g} fp32", r)
-    ext.set_feature("amx_bf16", ext.cpu_has("amx_bf16"))
+    for f, was in bf16_features.items():
+        ext.set_feature(f, was)
     for dt in ("bf16", "fp32") if "infonce" in families else ():
         r = infonce.run(dict(B=B, D=768, dtype=dt), quick=True, threads=args.threads)
         show(f"infonce fwd+bwd B={B} D=768 {dt}", r)

@@ -231,12 +231,17 @@ inline bool tile_dead(const Tile& t, bool causal, int64_t qmax) {
   return t.kmax < 0 || (causal && t.kmin > qmax);
 }
 
-// bf16 inputs with AMX-BF16 on: the tile products run on AMX tiles, their odd sizes on
-// vdpbf16ps where AVX512_BF16 is on (see dot_bf16.h). AVX512_BF16 alone does not pay where it
-// runs at the float32 FMA rate (Sapphire Rapids: vdpbf16ps issues on one port): float32 there.
-inline bool use_bf16_dot(DType t) {
+// bf16 inputs take bf16 products (dot_bf16.h): on AMX tiles where AMX-BF16 is on (their odd sizes
+// on vdpbf16ps), else on vdpbf16ps alone where it issues at float32 FMA's rate (Zen 4). Where it
+// issues at half that rate (Sapphire Rapids without AMX) it does the float32 kernel's products
+// per cycle and adds packing: float32 there.
+inline bool use_amx(DType t) {
   return HOTOPS_ATTN_BF16 && t == DType::bf16 && feature_on(Feature::amx_bf16) &&
          feature_on(Feature::avx512_bf16);
+}
+inline bool use_bf16_dot(DType t) {
+  return use_amx(t) || (HOTOPS_ATTN_BF16 && t == DType::bf16 && feature_on(Feature::avx512_bf16) &&
+                        feature_on(Feature::fast_bf16_dot));
 }
 
 // The factor the softmax applies to the raw scores: bf16 scores come unscaled (Q is not
@@ -251,14 +256,15 @@ void ssa_forward(const SsaArgs& a) {
   const int64_t nqb = (g.Lq + TQ - 1) / TQ;
   const DType dt = a.q.dtype;
   const int64_t tasks = g.B * g.H * nqb;
-  const bool bf = use_bf16_dot(dt);  // Q unscaled in bf16: the scale joins the softmax
+  const bool bf = use_bf16_dot(dt);                     // Q unscaled in bf16: the scale joins the softmax
+  [[maybe_unused]] const bool amx = bf && use_amx(dt);  // read once: every thread takes one path
   const float post = softmax_scale(bf, a.scale);
   parallel_claim(tasks, a.threads, [&](auto claim) {
     const int64_t f32_tile = bf ? 0 : TK * g.Dp, bf16_tile = bf ? TK * g.Dp : 0;  // key and value tiles
     Scratch<float> qs(TQ * g.Dp), o(TQ * g.Dp), sb(TQ * TK), kbuf(f32_tile), kt(f32_tile), vp(f32_tile);
     Scratch<uint16_t> k16(bf16_tile), v16(bf16_tile);
 #if HOTOPS_ATTN_BF16
-    bf16dot::Tiles<TQ, TK> T(bf ? g.Dp : 0, bf);
+    bf16dot::Tiles<TQ, TK> T(bf ? g.Dp : 0, amx);
 #endif
     float m[TQ], l[TQ];
     int64_t qp[TQ];
@@ -353,6 +359,7 @@ void ssa_backward(const SsaArgs& a) {
   const DType dt = a.q.dtype;
   const int64_t tasks = g.B * g.Hkv;
   const bool bf = use_bf16_dot(dt);  // Q unscaled in bf16: the scale joins the softmax and dK
+  [[maybe_unused]] const bool amx = bf && use_amx(dt);
   const float post = softmax_scale(bf, a.scale);
   parallel_claim(tasks, a.threads, [&](auto claim) {
     Scratch<float> dk(g.Lk * g.Dp), dv(g.Lk * g.Dp);
@@ -361,7 +368,7 @@ void ssa_backward(const SsaArgs& a) {
     Scratch<float> pb(TQ * TK), ds(TQ * TK), kbuf(f32_tile), kt(f32_tile), vbuf(f32_tile), vt(f32_tile);
     Scratch<uint16_t> k16(bf16_tile), v16(bf16_tile);
 #if HOTOPS_ATTN_BF16
-    bf16dot::Tiles<TQ, TK> T(bf ? g.Dp : 0, bf);
+    bf16dot::Tiles<TQ, TK> T(bf ? g.Dp : 0, amx);
 #endif
     float lse[TQ], di[TQ];
     int64_t qp[TQ];

@@ -1,8 +1,9 @@
 // AVX512_BF16 tile products of subsampled attention (included by attention/cpu.cpp, avx512 only).
 // vdpbf16ps multiplies 16 pairs of bf16 and adds each pair's two products into one float32 lane,
 // so an operand is stored as pairs along the reduction dimension ("pair-packed"): a uint32 holds
-// (x[k], x[k + 1]) for even k. Accumulation is float32; P and dS are rounded to bf16 before their
-// products (as flash attention does in bf16). Chosen at run time: feature_on(Feature::avx512_bf16).
+// (x[k], x[k + 1]) for even k; AMX tiles read the same layout. Accumulation is float32; P and dS are
+// rounded to bf16 before their products (as flash attention does in bf16). Chosen at run time
+// (cpu.cpp, use_bf16_dot): AMX tiles where amx_bf16 is on, vdpbf16ps alone where fast_bf16_dot is.
 #pragma once
 #if defined(__AVX512F__)
 

@@ -19,10 +19,15 @@ Isa parse_isa(const char* name);
 // where the CPU, the OS and the build have it, unless HOTOPS_<NAME>=0 (HOTOPS_VBMI=0,
 // HOTOPS_AVX512_BF16=0, ...) is in the environment; set_feature() switches it so tests cover the
 // kernels with and without it.
-enum class Feature { vbmi = 0, avx512_bf16 = 1, avx512_fp16 = 2, amx_bf16 = 3 };
-constexpr int kFeatureCount = 4;
+//
+// fast_bf16_dot is a rate, not an extension: the CPU has AVX512_BF16 (cpu_has), and vdpbf16ps
+// was measured at detection to issue at float32 FMA's rate, so it does twice the products per
+// cycle (Zen 4: yes; Sapphire Rapids: it issues on one port, FMA on two). Kernels whose bf16
+// products only pay at that rate consult it; set_feature() may force it on for tests.
+enum class Feature { vbmi = 0, avx512_bf16 = 1, avx512_fp16 = 2, amx_bf16 = 3, fast_bf16_dot = 4 };
+constexpr int kFeatureCount = 5;
 
-const char* feature_name(Feature f);  // "vbmi", "avx512_bf16", "avx512_fp16", "amx_bf16"
+const char* feature_name(Feature f);  // "vbmi", "avx512_bf16", "avx512_fp16", "amx_bf16", "fast_bf16_dot"
 Feature parse_feature(const char* name);
 bool cpu_has(Feature f);               // the CPU, the OS and this build support it
 bool feature_on(Feature f);            // kernels may use it now
