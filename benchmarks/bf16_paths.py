@@ -1,14 +1,14 @@
-"""bf16 attention, InfoNCE and codebook products side by side (issue 15): each bf16 case with
-the CPU extensions on (attention: AMX tiles, or vdpbf16ps where fast_bf16_dot; the codebook
-kernel: AMX tiles) and off (float32 compute), against its torch peer in the same dtype, with torch.mm's bf16 rate measured in the same
-run for the roofline column. 2 threads (--threads).
+"""bf16 attention, InfoNCE and codebook products side by side (issue 15): each bf16 case with the
+CPU's bf16 products on (attention and the codebook kernel: AMX tiles, or vdpbf16ps where
+fast_bf16_dot) and off (float32 compute), against its torch peer in the same dtype, with
+torch.mm's bf16 rate measured in the same run for the roofline column. 2 threads (--threads).
 
     PYTHONPATH=python python benchmarks/bf16_paths.py [--quick] [--family codebook] [--threads 1]
 
-The codebook table times, per shape and batch, the product with AMX tiles on and off (off: the
-float32 tables, or dequantized tiles + torch.mm where op.use_tables says so) and torch's bf16
-F.linear on the dense weight, the three interleaved call by call; each figure is the best of 3
-such medians.
+The codebook table times, per shape and batch, the bf16 kernel and the product with the bf16
+products off (the float32 tables, or dequantized tiles + torch.mm where op.use_tables says so)
+and torch's bf16 F.linear on the dense weight, the three interleaved call by call; each figure is
+the best of 3 such medians.
 """
 
 from __future__ import annotations
@@ -27,11 +27,28 @@ from hotops.codebook import codebook_matmul
 CODEBOOK_SHAPES = [(4096, 4096, "2x8"), (11008, 4096, "2x8"), (1536, 384, "1x8/4"), (384, 1536, "1x8/4")]
 
 
+BF16_FEATURES = ("amx_bf16", "avx512_bf16", "fast_bf16_dot")
+
+
+def bf16_product_name(ext):
+    """The bf16 product this CPU takes (attention, codebook), by the features on now."""
+    if ext.feature("amx_bf16"):
+        return "AMX tiles"
+    return "vdpbf16ps" if ext.feature("fast_bf16_dot") else "float32 (no fast bf16 products here)"
+
+
+def set_bf16(ext, on, was):
+    """The bf16 products on as they were (on) or all off: converted to float32."""
+    for f in BF16_FEATURES:
+        ext.set_feature(f, on and was[f])
+
+
 def codebook_table(batches, threads):
     ext = _backend.ext()
-    amx = ext.cpu_has("amx_bf16")
+    was = {f: ext.feature(f) for f in BF16_FEATURES}
+    print(f"bf16 kernel: {bf16_product_name(ext)}")
     print(
-        "| shape | B | AMX tiles ms | tiles off ms | torch bf16 F.linear ms | tiles vs torch | tiles vs off |"
+        "| shape | B | bf16 kernel ms | off ms | torch bf16 F.linear ms | kernel vs torch | kernel vs off |"
     )
     print("|---|---|---|---|---|---|---|")
     for N, K, config in CODEBOOK_SHAPES:
@@ -43,22 +60,22 @@ def codebook_table(batches, threads):
 
             def side(on):
                 def run():
-                    ext.set_feature("amx_bf16", on)
+                    set_bf16(ext, on, was)
                     return codebook_matmul(x, w)
 
                 return run
 
-            sides = {"tiles": side(amx), "off": side(False), "torch": lambda: F.linear(x, dense)}
+            sides = {"kernel": side(True), "off": side(False), "torch": lambda: F.linear(x, dense)}
             best = {k: float("inf") for k in sides}
             for _ in range(3):
-                th, tp = core.time_pair(sides["tiles"], sides["off"], repeats=5, min_time=0.2)
-                _, tt = core.time_pair(sides["tiles"], sides["torch"], repeats=5, min_time=0.2)
+                th, tp = core.time_pair(sides["kernel"], sides["off"], repeats=5, min_time=0.2)
+                _, tt = core.time_pair(sides["kernel"], sides["torch"], repeats=5, min_time=0.2)
                 best = {k: min(best[k], v) for k, v in zip(sides, (th, tp, tt))}
-            ext.set_feature("amx_bf16", amx)
+            set_bf16(ext, True, was)
             ms = {k: v * 1e3 for k, v in best.items()}
             print(
-                f"| {N}x{K} {config} | {B} | {ms['tiles']:.3f} | {ms['off']:.3f} | {ms['torch']:.3f} | "
-                f"{ms['torch'] / ms['tiles']:.2f}x | {ms['off'] / ms['tiles']:.2f}x |",
+                f"| {N}x{K} {config} | {B} | {ms['kernel']:.3f} | {ms['off']:.3f} | {ms['torch']:.3f} | "
+                f"{ms['torch'] / ms['kernel']:.2f}x | {ms['off'] / ms['kernel']:.2f}x |",
                 flush=True,
             )
 
@@ -84,13 +101,8 @@ def main():
     if families == ["codebook"]:
         return
     L, B = (2048, 1024) if args.quick else (4096, 4096)
-    # bf16 products as this CPU takes them (AMX tiles, or vdpbf16ps where it issues at FMA's rate),
-    # and all of them off: converted to float32
-    bf16_features = {f: ext.feature(f) for f in ("amx_bf16", "avx512_bf16", "fast_bf16_dot")}
-    product = "AMX tiles" if bf16_features["amx_bf16"] else "vdpbf16ps"
-    if not (bf16_features["amx_bf16"] or bf16_features["fast_bf16_dot"]):
-        product = "float32 (no fast bf16 products here)"
-    paths = {product: True, "fp32 compute": False}
+    was = {f: ext.feature(f) for f in BF16_FEATURES}
+    paths = {bf16_product_name(ext): True, "fp32 compute": False}
     print("| case | hotops ms | peer | peer ms | speed-up | % of torch.mm rate | check |")
     print("|---|---|---|---|---|---|---|")
 
@@ -104,8 +116,7 @@ def main():
 
     for keep in (1.0, 0.25) if "attention" in families else ():
         for name, on in paths.items():
-            for f, was in bf16_features.items():
-                ext.set_feature(f, on and was)
+            set_bf16(ext, on, was)
             r = attention.run(
                 dict(B=1, L=L, keep=keep, dtype="bf16", passes="fwd+bwd"), quick=True, threads=args.threads
             )
@@ -114,8 +125,7 @@ def main():
             dict(B=1, L=L, keep=keep, dtype="fp32", passes="fwd+bwd"), quick=True, threads=args.threads
         )
         show(f"attention fwd+bwd L={L} keep={keep:g} fp32", r)
-    for f, was in bf16_features.items():
-        ext.set_feature(f, was)
+    set_bf16(ext, True, was)
     for dt in ("bf16", "fp32") if "infonce" in families else ():
         r = infonce.run(dict(B=B, D=768, dtype=dt), quick=True, threads=args.threads)
         show(f"infonce fwd+bwd B={B} D=768 {dt}", r)

@@ -17,46 +17,7 @@ namespace hotops {
 namespace HOTOPS_ISA {
 namespace bf16dot {
 
-// C[r][c0 + 16 v + j] (+)= sum_{k2 < K2} dot(A2[r * lda2 + k2], B2[k2 * ldb2 + c0 + 16 v + j]).
-template <int MR, int NV, bool ADD>
-HOTOPS_BF16 inline void block(const uint32_t* A2, int64_t lda2, const uint32_t* B2, int64_t ldb2,
-                              float* const* C, int64_t c0, int64_t K2) {
-  __m512 acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k2 = 0; k2 < K2; ++k2) {
-    __m512bh b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B2 + k2 * ldb2 + c0 + 16 * v);
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A2[r * lda2 + k2]));
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) {
-      float* c = C[r] + c0 + 16 * v;
-      _mm512_storeu_ps(c, ADD ? _mm512_add_ps(_mm512_loadu_ps(c), acc[r][v]) : acc[r][v]);
-    }
-}
-
-template <int MR, bool ADD>
-HOTOPS_BF16 inline void rows(const uint32_t* A2, int64_t lda2, const uint32_t* B2, int64_t ldb2,
-                             float* const* C, int64_t N, int64_t K2) {
-  int64_t c0 = 0;
-  for (; c0 + 64 <= N; c0 += 64) block<MR, 4, ADD>(A2, lda2, B2, ldb2, C, c0, K2);
-  for (; c0 < N; c0 += 16) block<MR, 1, ADD>(A2, lda2, B2, ldb2, C, c0, K2);
-}
-
-// C[r][0..N) (+)= A2 row r · B2 for r < M; N a multiple of 16, C rows given as pointers.
-template <bool ADD>
-HOTOPS_BF16 void product(int64_t M, const uint32_t* A2, int64_t lda2, const uint32_t* B2, int64_t ldb2,
-                         float* const* C, int64_t N, int64_t K2) {
-  int64_t r = 0;
-  for (; r + 4 <= M; r += 4) rows<4, ADD>(A2 + r * lda2, lda2, B2, ldb2, C + r, N, K2);
-  for (; r < M; ++r) rows<1, ADD>(A2 + r * lda2, lda2, B2, ldb2, C + r, N, K2);
-}
-
-// product() on AMX tiles (configured by common/amx.h), K2 a multiple of 16. A2 rows up to M
+// vdp_product() on AMX tiles (configured by common/amx.h), K2 a multiple of 16. A2 rows up to M
 // rounded up to 16 are read (their results are dropped). With ldc > 0 the C rows are evenly
 // spaced (C[r] = C[0] + r * ldc) and the tiles load and store them in place, rows up to M rounded
 // up to 16 included (they must be writable scratch); otherwise (scattered rows) the results go
@@ -207,7 +168,7 @@ struct Tiles {
     if (amx && K2 % 16 == 0)
       amx_product<ADD>(M, A2, lda2, B2, ldb2, C, ldc, N, K2, ctmp.p);
     else
-      product<ADD>(M, A2, lda2, B2, ldb2, C, N, K2);
+      vdp_product<ADD>(M, A2, lda2, B2, ldb2, C, N, K2);
   }
   // The block's mq rows of x as row pairs (B operand over queries), zero up to the pair count
   // rounded up to 16 (x's row mq must be zero when mq is odd).

@@ -1,7 +1,8 @@
 // bfloat16 activations on AMX tiles (cpu.cpp's AVX-512 build, where amx_bf16 and avx512_bf16 are
-// on): y^T = W x^T with the weight decoded 16 rows x 32 inputs at a time into bf16 A tiles and
-// multiplied by tdpbf16ps against x^T, pair-packed once per pass of up to 64 batch rows. The four
-// float32 C tiles hold 4 row blocks x 16 batch columns, 2 x 32 or 1 x 64 (NB = 1, 2, 4 column tiles).
+// on), or on vdpbf16ps where fast_bf16_dot is (dot_blocks_product): y^T = W x^T with the weight decoded 16
+// rows x 32 inputs at a time into bf16 A tiles and multiplied by tdpbf16ps against x^T, pair-packed once per
+// pass of up to 64 batch rows. The four float32 C tiles hold 4 row blocks x 16 batch columns, 2 x 32 or 1 x
+// 64 (NB = 1, 2, 4 column tiles).
 //
 // A row's codewords are summed in float32 and rounded to bf16 once, as torch's bf16 layer holds
 // its weight; the per-row scale multiplies the float32 result. The tables (tables.h) cost a lookup
@@ -24,14 +25,14 @@ constexpr int64_t kTileK = 32;     // inputs per A tile: 16 bf16 pairs, 64 bytes
 constexpr int64_t kTileRows = 16;  // weight rows per A tile: one block of codes (kRowBlock)
 constexpr int64_t kPassRows = 64;  // batch rows per pass: four 16-column C tiles
 
-// The A tile of inputs [32 kt, 32 kt + 32) of one row block: tile[t][i] = bf16(sum_m codeword) for
+// The A tile of inputs [32 kt, 32 kt + 32) of one row block: tile[t * ldt + i] = bf16(sum_m codeword) for
 // its 16 rows t, whose codebooks start at cb[t] (the row's group) and whose codes are the block's
 // (codes[i * 16 + t] for slot i), with G = 8 or 4 inputs per codeword and M = 1 or 2 codebooks.
 // A codeword is one ymm or xmm load and a row's 32 inputs are assembled in registers (a row
 // written in pieces and read back whole stalls on store forwarding: 4x slower).
 template <int G, int M>
 HOTOPS_BF16 inline void decode_tile(const float* const* cb, const uint8_t* codes, int64_t kt, int64_t C,
-                                    uint16_t* tile) {
+                                    uint16_t* tile, int64_t ldt = kTileK) {
   static_assert(G == 4 || G == 8, "AMX decode: 4 or 8 inputs per codeword");
   static_assert(M == 1 || M == 2, "one or two codebooks");
   constexpr int64_t J = kTileK / G, R = kTileRows;  // input groups per tile; code stride of a slot
@@ -63,7 +64,7 @@ HOTOPS_BF16 inline void decode_tile(const float* const* cb, const uint8_t* codes
           _mm512_insertf32x4(_mm512_insertf32x4(_mm512_castps128_ps512(group(4)), group(5), 1), group(6), 2),
           group(7), 3);
     }
-    _mm512_storeu_si512(tile + t * kTileK, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    _mm512_storeu_si512(tile + t * ldt, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
   }
 }
 
@@ -155,6 +156,23 @@ HOTOPS_AMX void blocks_product(const float* const* cb, const uint8_t* const* cod
     _tile_stored(1, acc + 16, sc);
     _tile_stored(2, acc + 32, sc);
     _tile_stored(3, acc + 48, sc);
+  }
+}
+
+// blocks_product() on vdpbf16ps (where fast_bf16_dot: no AMX, the instruction at FMA's rate): each
+// row block's 16 rows are decoded whole (wrows: 16 x K bf16) and multiplied by x^T in one
+// vdp_product. Same acc layout and rounding as the tiles.
+template <int G, int M, int NB>
+HOTOPS_BF16 void dot_blocks_product(const float* const* cb, const uint8_t* const* codes, int64_t rb,
+                                    int64_t C, int64_t K, const uint32_t* xp, int64_t ld, uint16_t* wrows,
+                                    float* acc) {
+  float* crow[kTileRows];
+  for (int64_t r = 0; r < rb; ++r) {
+    for (int64_t kt = 0; kt < K / kTileK; ++kt)
+      decode_tile<G, M>(cb + r * kTileRows, codes[r], kt, C, wrows + kt * kTileK, K);
+    for (int64_t t = 0; t < kTileRows; ++t) crow[t] = acc + (r * kTileRows + t) * kPassRows;
+    vdp_product<false>(kTileRows, reinterpret_cast<const uint32_t*>(wrows), K / 2, xp, ld, crow, 16 * NB,
+                       K / 2);
   }
 }
 

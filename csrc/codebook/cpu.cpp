@@ -282,18 +282,29 @@ bool dense_row(const CodebookMatmul& a, const float* cb, int64_t b) {
 }
 
 #if defined(__AVX512F__)
-// Whether a's product runs on AMX tiles (amx_tiles.h): bf16 x of 2 rows or more (one row: the
-// int16 tables are faster), 4 or 8 inputs per codeword, whole 32-input tiles, the extensions on.
-bool use_amx(const CodebookMatmul& a) {
+// Which bf16 product runs a (amx_tiles.h): bf16 x of 2 rows or more (one row: the int16 tables are
+// faster), 4 or 8 inputs per codeword, whole 32-input tiles; AMX tiles where amx_bf16 is on, else
+// vdpbf16ps where it issues at FMA's rate (fast_bf16_dot) from vdp_min_batch rows; else none (the
+// float32 tables). vdpbf16ps pads the batch to 16 columns and decodes every weight once per pass,
+// a cost that does not shrink with the batch. On Zen 4 that costs what the tables cost at 12 to
+// 16 rows at 4096 x 4096 and 11008 x 4096, but less from 2 rows at all-MiniLM-L6-v2's 1536 and
+// 384 rows, where the tables' 256 entries per slot are shared by few rows (docs/codebook.md).
+enum class Bf16Kernel { none, amx, vdp };
+inline int64_t vdp_min_batch(int64_t rows) { return rows < 2048 ? 2 : 17; }
+Bf16Kernel bf16_kernel(const CodebookMatmul& a) {
   const int64_t G = a.w.in_group();
-  return a.x.dtype == DType::bf16 && a.x.size(0) >= 2 && (G == 4 || G == 8) &&
-         a.w.in_features() % kTileK == 0 && feature_on(Feature::amx_bf16) && feature_on(Feature::avx512_bf16);
+  if (a.x.dtype != DType::bf16 || a.x.size(0) < 2 || (G != 4 && G != 8) || a.w.in_features() % kTileK != 0 ||
+      !feature_on(Feature::avx512_bf16))
+    return Bf16Kernel::none;
+  if (feature_on(Feature::amx_bf16)) return Bf16Kernel::amx;
+  const bool vdp = feature_on(Feature::fast_bf16_dot) && a.x.size(0) >= vdp_min_batch(a.w.rows());
+  return vdp ? Bf16Kernel::vdp : Bf16Kernel::none;
 }
 
-// The product on AMX tiles, cb the float32 codebooks; false on a code >= C. Each pass of up to 64
-// batch rows packs x once (NB column tiles); threads claim groups of 4 / NB row blocks.
+// The bf16 product, cb the float32 codebooks; false on a code >= C. Each pass of up to 64 batch
+// rows packs x once (NB column tiles); threads claim groups of 4 / NB row blocks.
 template <int G, int M, int NB>
-bool amx_pass(const CodebookMatmul& a, const float* cb, int64_t b0, int64_t Bc, uint32_t* xp) {
+bool bf16_pass(const CodebookMatmul& a, const float* cb, int64_t b0, int64_t Bc, uint32_t* xp, bool amx) {
   const CodebookFormat& w = a.w;
   constexpr int64_t R = 4 / NB;
   const int64_t K = w.in_features(), N = w.rows(), L = w.slots(), C = w.codebook_size(),
@@ -308,10 +319,10 @@ bool amx_pass(const CodebookMatmul& a, const float* cb, int64_t b0, int64_t Bc, 
   int ok = 1;
   parallel_claim(units, a.threads, [&](auto claim) {
     Scratch<float> acc(R * kTileRows * kPassRows);
-    Scratch<uint16_t> tiles(4 * kTileRows * kTileK);
+    Scratch<uint16_t> tiles(amx ? 4 * kTileRows * kTileK : kTileRows * K);  // vdp: a block's rows, whole
     const float* cbr[R * kTileRows];
     const uint8_t* bcodes[R];
-    AmxScope scope;
+    AmxScope scope(amx);
     for (int64_t u; (u = claim()) < units;) {
       const int64_t blk0 = u * R, rb = min64(R, blocks - blk0);
       int64_t o = 0;
@@ -327,7 +338,10 @@ bool amx_pass(const CodebookMatmul& a, const float* cb, int64_t b0, int64_t Bc, 
           cbr[r * kTileRows + t] = cb + o * M * C * G;
         }
       }
-      blocks_product<G, M, NB>(cbr, bcodes, rb, C, K, xp, 16 * NB, tiles.p, acc.p);
+      if (amx)
+        blocks_product<G, M, NB>(cbr, bcodes, rb, C, K, xp, 16 * NB, tiles.p, acc.p);
+      else
+        dot_blocks_product<G, M, NB>(cbr, bcodes, rb, C, K, xp, 16 * NB, tiles.p, acc.p);
       for (int64_t r = 0; r < rb; ++r) {
         const int64_t row0 = (blk0 + r) * RB;
         write_block(acc.p + r * kTileRows * kPassRows, min64(kTileRows, N - row0), Bc, row0, scales, perm,
@@ -339,14 +353,14 @@ bool amx_pass(const CodebookMatmul& a, const float* cb, int64_t b0, int64_t Bc, 
 }
 
 template <int G, int M>
-bool amx_matmul(const CodebookMatmul& a, const float* cb) {
+bool bf16_matmul(const CodebookMatmul& a, const float* cb, bool amx) {
   const int64_t B = a.x.size(0);
   Scratch<uint32_t> xp(a.w.in_features() / 2 * kPassRows);
   for (int64_t b0 = 0; b0 < B; b0 += kPassRows) {
     const int64_t Bc = min64(kPassRows, B - b0);
-    const bool ok = Bc <= 16   ? amx_pass<G, M, 1>(a, cb, b0, Bc, xp.p)
-                    : Bc <= 32 ? amx_pass<G, M, 2>(a, cb, b0, Bc, xp.p)
-                               : amx_pass<G, M, 4>(a, cb, b0, Bc, xp.p);
+    const bool ok = Bc <= 16   ? bf16_pass<G, M, 1>(a, cb, b0, Bc, xp.p, amx)
+                    : Bc <= 32 ? bf16_pass<G, M, 2>(a, cb, b0, Bc, xp.p, amx)
+                               : bf16_pass<G, M, 4>(a, cb, b0, Bc, xp.p, amx);
     if (!ok) return false;
   }
   return true;
@@ -366,9 +380,10 @@ bool matmul(const CodebookMatmul& a) {
     return true;
   }
 #if defined(__AVX512F__)
-  if (use_amx(a)) {
-    if (G == 4) return M == 1 ? amx_matmul<4, 1>(a, cb) : amx_matmul<4, 2>(a, cb);
-    return M == 1 ? amx_matmul<8, 1>(a, cb) : amx_matmul<8, 2>(a, cb);
+  if (const Bf16Kernel k = bf16_kernel(a); k != Bf16Kernel::none) {
+    const bool amx = k == Bf16Kernel::amx;
+    if (G == 4) return M == 1 ? bf16_matmul<4, 1>(a, cb, amx) : bf16_matmul<4, 2>(a, cb, amx);
+    return M == 1 ? bf16_matmul<8, 1>(a, cb, amx) : bf16_matmul<8, 2>(a, cb, amx);
   }
 #endif
   Scratch<float> cbT(O * M * G * C), xT(K * kMaxBatch);

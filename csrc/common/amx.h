@@ -13,6 +13,54 @@
 namespace hotops {
 namespace HOTOPS_ISA {
 
+// C[r][c0 + 16 v + j] (+)= sum_{k2 < K2} dot(A2[r * lda2 + k2], B2[k2 * ldb2 + c0 + 16 v + j]) for
+// r < MR, v < NV: MR x NV accumulators, a broadcast A word and NV B vectors per vdpbf16ps round.
+template <int MR, int NV, bool ADD>
+HOTOPS_BF16 inline void vdp_block(const uint32_t* A2, int64_t lda2, const uint32_t* B2, int64_t ldb2,
+                                  float* const* C, int64_t c0, int64_t K2) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k2 = 0; k2 < K2; ++k2) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B2 + k2 * ldb2 + c0 + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A2[r * lda2 + k2]));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* c = C[r] + c0 + 16 * v;
+      _mm512_storeu_ps(c, ADD ? _mm512_add_ps(_mm512_loadu_ps(c), acc[r][v]) : acc[r][v]);
+    }
+}
+
+template <int MR, bool ADD>
+HOTOPS_BF16 inline void vdp_rows(const uint32_t* A2, int64_t lda2, const uint32_t* B2, int64_t ldb2,
+                                 float* const* C, int64_t N, int64_t K2) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= N; c0 += 64) vdp_block<MR, 4, ADD>(A2, lda2, B2, ldb2, C, c0, K2);
+  const int64_t nv = (N - c0) / 16;
+  if (nv == 3) vdp_block<MR, 3, ADD>(A2, lda2, B2, ldb2, C, c0, K2);
+  if (nv == 2) vdp_block<MR, 2, ADD>(A2, lda2, B2, ldb2, C, c0, K2);
+  if (nv == 1) vdp_block<MR, 1, ADD>(A2, lda2, B2, ldb2, C, c0, K2);
+}
+
+// C[r][0..N) (+)= A2 row r . B2 for r < M on vdpbf16ps: A2 rows of K2 bf16 pairs (pairs along the
+// reduction), B2 K2 rows of N pair words (N a multiple of 16), C rows given as pointers. Narrow
+// products (N < 48) take 8 rows at a time, so that at least 8 sums are in flight (the
+// instruction's latency is 6 cycles on Zen 4); the summation order is the same either way.
+template <bool ADD>
+HOTOPS_BF16 void vdp_product(int64_t M, const uint32_t* A2, int64_t lda2, const uint32_t* B2, int64_t ldb2,
+                             float* const* C, int64_t N, int64_t K2) {
+  int64_t r = 0;
+  if (N < 48)
+    for (; r + 8 <= M; r += 8) vdp_rows<8, ADD>(A2 + r * lda2, lda2, B2, ldb2, C + r, N, K2);
+  for (; r + 4 <= M; r += 4) vdp_rows<4, ADD>(A2 + r * lda2, lda2, B2, ldb2, C + r, N, K2);
+  for (; r < M; ++r) vdp_rows<1, ADD>(A2 + r * lda2, lda2, B2, ldb2, C + r, N, K2);
+}
+
 // r[0..16) as the 16 x 16 matrix of 32-bit words they hold, transposed in place: two rounds of
 // unpacks transpose the 4 x 4 blocks inside each 128-bit lane, two of lane shuffles move the blocks.
 HOTOPS_BF16 inline void transpose_words(__m512i r[16]) {

@@ -50,22 +50,24 @@ LUT_DEQUANT_COST = 80.0
 WIDE_MAX_BATCH = 16  # 16-bit codes: the gather kernel up to here, dequantized tiles + torch.mm above
 
 
-# bf16 activations on AMX tiles: the C++ kernel up to here, dequantized tiles + torch.mm above
-# (decoding once per 64 batch rows costs more than dequantizing once from 256 rows; measured at
-# 4096 x 4096 and all-MiniLM-L6-v2's shapes, docs/codebook.md).
-AMX_MAX_BATCH = 128
+# bf16 activations in bf16 (AMX tiles or vdpbf16ps): the C++ kernel up to here, dequantized tiles +
+# torch.mm above (decoding once per 64 batch rows costs more than dequantizing once from 256 rows;
+# measured at 4096 x 4096 and all-MiniLM-L6-v2's shapes, docs/codebook.md).
+BF16_MAX_BATCH = 128
 
 
-def amx_tiles(dtype: torch.dtype, in_group: int, in_features: int) -> bool:
-    """Whether the C++ kernel multiplies bfloat16 activations on AMX tiles at batch >= 2
-    (csrc/codebook/amx_tiles.h: the weight decoded into bf16 tiles, no lookup tables): 4 or 8
-    inputs per codeword, in_features a multiple of 32, AMX-BF16 and AVX512_BF16 on. The kernel
-    then runs up to AMX_MAX_BATCH rows and the GEMM path above, whatever use_tables says (its
-    costs are float32's)."""
+def bf16_kernel(dtype: torch.dtype, in_group: int, in_features: int) -> bool:
+    """Whether the C++ kernel multiplies bfloat16 activations in bf16 beyond LUT_MAX_BATCH rows
+    (csrc/codebook/amx_tiles.h: the weight decoded into bf16 rows, no lookup tables): 4 or 8
+    inputs per codeword, in_features a multiple of 32, AVX512_BF16 on and either AMX-BF16 (AMX
+    tiles, which the kernel also takes from 2 rows) or fast_bf16_dot (vdpbf16ps at FMA's issue
+    rate, from 17 rows; from 2 where out_features < 2048). The kernel then runs up to BF16_MAX_BATCH rows and the GEMM path above,
+    whatever use_tables says (its costs are float32's)."""
     if dtype != torch.bfloat16 or in_group not in (4, 8) or in_features % 32:
         return False
     ext = _backend.ext()
-    return ext.isa() == "avx512" and ext.feature("amx_bf16") and ext.feature("avx512_bf16")
+    fast = ext.feature("amx_bf16") or ext.feature("fast_bf16_dot")
+    return ext.isa() == "avx512" and ext.feature("avx512_bf16") and fast
 
 
 def tables_cost(
@@ -156,8 +158,8 @@ def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
     if _wide(codes):
         kernel_runs = B <= WIDE_MAX_BATCH
     else:
-        amx = B > LUT_MAX_BATCH and amx_tiles(x2.dtype, g, K)  # up to there the kernel runs anyway
-        kernel_runs = B <= AMX_MAX_BATCH if amx else use_tables(B, N, g, M, C, O)
+        bf16 = B > LUT_MAX_BATCH and bf16_kernel(x2.dtype, g, K)  # up to there the kernel runs anyway
+        kernel_runs = B <= BF16_MAX_BATCH if bf16 else use_tables(B, N, g, M, C, O)
     if kernel_runs:
         out = torch.empty(B, N, dtype=x2.dtype)
         kernel = _backend.ext().codebook_wide_matmul if _wide(codes) else _backend.ext().codebook_matmul
