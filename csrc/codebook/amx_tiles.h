@@ -1,13 +1,14 @@
-// bfloat16 activations on AMX tiles (cpu.cpp's AVX-512 build, where amx_bf16 and avx512_bf16 are
-// on), or on vdpbf16ps where fast_bf16_dot is (dot_blocks_product): y^T = W x^T with the weight decoded 16
-// rows x 32 inputs at a time into bf16 A tiles and multiplied by tdpbf16ps against x^T, pair-packed once per
-// pass of up to 64 batch rows. The four float32 C tiles hold 4 row blocks x 16 batch columns, 2 x 32 or 1 x
-// 64 (NB = 1, 2, 4 column tiles).
+// bfloat16 activations in bf16 (cpu.cpp's AVX-512 build): y^T = W x^T with the weight decoded into
+// bf16 rows and x^T pair-packed once per pass of up to 64 batch rows. On AMX tiles (amx_bf16 and
+// avx512_bf16 on) the weight is decoded 16 rows x 32 inputs at a time into A tiles multiplied by
+// tdpbf16ps; the four float32 C tiles hold 4 row blocks x 16 batch columns, 2 x 32 or 1 x 64
+// (NB = 1, 2, 4 column tiles). On vdpbf16ps alone (fast_bf16_dot) a block's rows are decoded whole
+// (dot_blocks_product).
 //
 // A row's codewords are summed in float32 and rounded to bf16 once, as torch's bf16 layer holds
 // its weight; the per-row scale multiplies the float32 result. The tables (tables.h) cost a lookup
 // per code and batch row; the decode costs M codeword loads per input group and row block, once
-// per pass, whatever the batch, so it wins from a few rows up (cpu.cpp takes it from 2). x is
+// per pass, whatever the batch, so it wins from a few rows up (cpu.cpp: bf16_kernel). x is
 // multiplied as in F.linear (no per-codebook sums of x . codeword), so NaN and Inf in x propagate
 // as in the dense product without the tables' second path.
 #pragma once
