@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 #if defined(__linux__)
 #include <linux/futex.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -103,6 +104,36 @@ struct Gate {
   }
 };
 
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// The calling thread's involuntary context switches so far (preempted by another runnable thread).
+long preemptions() {
+#if defined(__linux__) && defined(RUSAGE_THREAD)
+  rusage u;
+  return getrusage(RUSAGE_THREAD, &u) == 0 ? u.ru_nivcsw : 0;
+#else
+  return 0;
+#endif
+}
+
+// Another process competing for the cores. Every thread of an OpenMP region must reach its join
+// before the call returns, so a teammate that is preempted, or woken late (it waits for the other
+// process's time slice), holds the whole call: milliseconds for a sub-millisecond kernel. The own
+// pool waits only for the chunks in progress. So when a region on torch's team saw a teammate
+// arrive more than 200 us after the start, or a thread preempted while it ran, the calls of the
+// next HOTOPS_CONTENDED_MS milliseconds (default 100; 0: never) run on the own pool, then the team
+// is tried again. Quiet, the team stays (no torch worker spinning beside hotops' own threads).
+constexpr int64_t kLateNs = 200000;
+const int64_t kContendedNs = [] {
+  const char* v = std::getenv("HOTOPS_CONTENDED_MS");
+  return (v && *v ? std::max(0LL, std::strtoll(v, nullptr, 10)) : 100LL) * 1000000;
+}();
+std::atomic<int64_t> pool_until_ns{0};
+
 // A job on torch's OpenMP team: every team thread claims chunks until none is left, then waits in
 // a Gate (not in the runtime's spinning barrier) until every chunk is done and every team thread
 // has arrived, so that the runtime's join at the end finds everyone there.
@@ -114,9 +145,13 @@ struct OmpJob {
   Gate gate;
   std::mutex m;
   std::exception_ptr error;
+  int64_t start_ns = now_ns();
+  std::atomic<bool> contended{false};
 
   static void body(void* p) {
     OmpJob& job = *static_cast<OmpJob*>(p);
+    const long preempted = preemptions();
+    if (now_ns() - job.start_ns > kLateNs) job.contended.store(true, std::memory_order_relaxed);
     const OmpNumThreads team = omp_num_threads.load(std::memory_order_relaxed);
     // the gate counts chunks done, plus one per thread when the team size is known
     const int32_t target = static_cast<int32_t>(job.chunks) + (team ? team() : 0);
@@ -131,6 +166,7 @@ struct OmpJob {
       }
     }
     in_parallel_region = false;
+    if (preemptions() != preempted) job.contended.store(true, std::memory_order_relaxed);
     if (done) job.gate.add(done, target);
     job.gate.wait(target);
   }
@@ -236,9 +272,12 @@ void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* c
     return;
   }
   const int64_t team = std::min<int64_t>(threads, chunks);
-  if (OmpParallel omp = omp_parallel.load(std::memory_order_acquire)) {
+  OmpParallel omp = omp_parallel.load(std::memory_order_acquire);
+  if (omp && now_ns() >= pool_until_ns.load(std::memory_order_relaxed)) {
     OmpJob job{fn, ctx, n, chunks};
     omp(&OmpJob::body, &job, static_cast<unsigned>(team), 0);
+    if (job.contended.load(std::memory_order_relaxed))
+      pool_until_ns.store(now_ns() + kContendedNs, std::memory_order_relaxed);
     if (job.error) std::rethrow_exception(job.error);
     return;
   }
