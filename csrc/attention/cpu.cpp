@@ -231,17 +231,12 @@ inline bool tile_dead(const Tile& t, bool causal, int64_t qmax) {
   return t.kmax < 0 || (causal && t.kmin > qmax);
 }
 
-// bf16 inputs take bf16 products (dot_bf16.h): on AMX tiles where AMX-BF16 is on (their odd sizes
-// on vdpbf16ps), else on vdpbf16ps alone where it issues at float32 FMA's rate (Zen 4). Where it
-// issues at half that rate (Sapphire Rapids without AMX) it does the float32 kernel's products
-// per cycle and adds packing: float32 there.
-inline bool use_amx(DType t) {
-  return HOTOPS_ATTN_BF16 && t == DType::bf16 && feature_on(Feature::amx_bf16) &&
-         feature_on(Feature::avx512_bf16);
-}
-inline bool use_bf16_dot(DType t) {
-  return use_amx(t) || (HOTOPS_ATTN_BF16 && t == DType::bf16 && feature_on(Feature::avx512_bf16) &&
-                        feature_on(Feature::fast_bf16_dot));
+// bf16 inputs take bf16 products (dot_bf16.h) where bf16_products() says the CPU has a fast
+// unit: AMX tiles (their odd sizes on vdpbf16ps), or vdpbf16ps alone where it issues at float32
+// FMA's rate (Zen 4). Where it issues at half that rate (Sapphire Rapids without AMX) it does the
+// float32 kernel's products per cycle and adds packing: float32 there.
+inline Bf16Products bf16_path(DType t) {
+  return HOTOPS_ATTN_BF16 && t == DType::bf16 ? bf16_products() : Bf16Products::none;
 }
 
 // The factor the softmax applies to the raw scores: bf16 scores come unscaled (Q is not
@@ -256,8 +251,9 @@ void ssa_forward(const SsaArgs& a) {
   const int64_t nqb = (g.Lq + TQ - 1) / TQ;
   const DType dt = a.q.dtype;
   const int64_t tasks = g.B * g.H * nqb;
-  const bool bf = use_bf16_dot(dt);                     // Q unscaled in bf16: the scale joins the softmax
-  [[maybe_unused]] const bool amx = bf && use_amx(dt);  // read once: every thread takes one path
+  const Bf16Products path = bf16_path(dt);     // read once: every thread takes one path
+  const bool bf = path != Bf16Products::none;  // Q unscaled in bf16: the scale joins the softmax
+  [[maybe_unused]] const bool amx = path == Bf16Products::amx;
   const float post = softmax_scale(bf, a.scale);
   parallel_claim(tasks, a.threads, [&](auto claim) {
     const int64_t f32_tile = bf ? 0 : TK * g.Dp, bf16_tile = bf ? TK * g.Dp : 0;  // key and value tiles
@@ -358,8 +354,9 @@ void ssa_backward(const SsaArgs& a) {
   const Geometry g(a);
   const DType dt = a.q.dtype;
   const int64_t tasks = g.B * g.Hkv;
-  const bool bf = use_bf16_dot(dt);  // Q unscaled in bf16: the scale joins the softmax and dK
-  [[maybe_unused]] const bool amx = bf && use_amx(dt);
+  const Bf16Products path = bf16_path(dt);
+  const bool bf = path != Bf16Products::none;  // Q unscaled in bf16: the scale joins the softmax and dK
+  [[maybe_unused]] const bool amx = path == Bf16Products::amx;
   const float post = softmax_scale(bf, a.scale);
   parallel_claim(tasks, a.threads, [&](auto claim) {
     Scratch<float> dk(g.Lk * g.Dp), dv(g.Lk * g.Dp);

@@ -3,7 +3,7 @@
 // so an operand is stored as pairs along the reduction dimension ("pair-packed"): a uint32 holds
 // (x[k], x[k + 1]) for even k; AMX tiles read the same layout. Accumulation is float32; P and dS are
 // rounded to bf16 before their products (as flash attention does in bf16). Chosen at run time
-// (cpu.cpp, use_bf16_dot): AMX tiles where amx_bf16 is on, vdpbf16ps alone where fast_bf16_dot is.
+// (cpu.cpp, bf16_path): AMX tiles where amx_bf16 is on, vdpbf16ps alone where fast_bf16_dot is.
 #pragma once
 #if defined(__AVX512F__)
 

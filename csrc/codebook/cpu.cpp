@@ -283,22 +283,19 @@ bool dense_row(const CodebookMatmul& a, const float* cb, int64_t b) {
 
 #if defined(__AVX512F__)
 // Which bf16 product runs a (amx_tiles.h): bf16 x of 2 rows or more (one row: the int16 tables are
-// faster), 4 or 8 inputs per codeword, whole 32-input tiles; AMX tiles where amx_bf16 is on, else
-// vdpbf16ps where it issues at FMA's rate (fast_bf16_dot) from vdp_min_batch rows; else none (the
-// float32 tables). vdpbf16ps pads the batch to 16 columns and decodes every weight once per pass,
-// a cost that does not shrink with the batch. On Zen 4 that costs what the tables cost at 12 to
-// 16 rows at 4096 x 4096 and 11008 x 4096, but less from 2 rows at all-MiniLM-L6-v2's 1536 and
-// 384 rows, where the tables' 256 entries per slot are shared by few rows (docs/codebook.md).
-enum class Bf16Kernel { none, amx, vdp };
+// faster), 4 or 8 inputs per codeword, whole 32-input tiles; AMX tiles where bf16_products() has
+// them, vdpbf16ps from vdp_min_batch rows where it has that; else none (the float32 tables).
+// vdpbf16ps pads the batch to 16 columns and decodes every weight once per pass, a cost that does
+// not shrink with the batch. On Zen 4 that costs what the tables cost at 12 to 16 rows at 4096 x
+// 4096 and 11008 x 4096, but less from 2 rows at all-MiniLM-L6-v2's 1536 and 384 rows, where the
+// tables' 256 entries per slot are shared by few rows (docs/codebook.md).
 inline int64_t vdp_min_batch(int64_t rows) { return rows < 2048 ? 2 : 17; }
-Bf16Kernel bf16_kernel(const CodebookMatmul& a) {
+Bf16Products bf16_kernel(const CodebookMatmul& a) {
   const int64_t G = a.w.in_group();
-  if (a.x.dtype != DType::bf16 || a.x.size(0) < 2 || (G != 4 && G != 8) || a.w.in_features() % kTileK != 0 ||
-      !feature_on(Feature::avx512_bf16))
-    return Bf16Kernel::none;
-  if (feature_on(Feature::amx_bf16)) return Bf16Kernel::amx;
-  const bool vdp = feature_on(Feature::fast_bf16_dot) && a.x.size(0) >= vdp_min_batch(a.w.rows());
-  return vdp ? Bf16Kernel::vdp : Bf16Kernel::none;
+  if (a.x.dtype != DType::bf16 || a.x.size(0) < 2 || (G != 4 && G != 8) || a.w.in_features() % kTileK != 0)
+    return Bf16Products::none;
+  const Bf16Products p = bf16_products();
+  return p == Bf16Products::vdp && a.x.size(0) < vdp_min_batch(a.w.rows()) ? Bf16Products::none : p;
 }
 
 // The bf16 product, cb the float32 codebooks; false on a code >= C. Each pass of up to 64 batch
@@ -380,8 +377,8 @@ bool matmul(const CodebookMatmul& a) {
     return true;
   }
 #if defined(__AVX512F__)
-  if (const Bf16Kernel k = bf16_kernel(a); k != Bf16Kernel::none) {
-    const bool amx = k == Bf16Kernel::amx;
+  if (const Bf16Products k = bf16_kernel(a); k != Bf16Products::none) {
+    const bool amx = k == Bf16Products::amx;
     if (G == 4) return M == 1 ? bf16_matmul<4, 1>(a, cb, amx) : bf16_matmul<4, 2>(a, cb, amx);
     return M == 1 ? bf16_matmul<8, 1>(a, cb, amx) : bf16_matmul<8, 2>(a, cb, amx);
   }

@@ -223,4 +223,10 @@ void set_feature(Feature f, bool on) {
   features().on[static_cast<int>(f)].store(on);
 }
 
+Bf16Products bf16_products() {
+  if (!feature_on(Feature::avx512_bf16)) return Bf16Products::none;
+  if (feature_on(Feature::amx_bf16)) return Bf16Products::amx;
+  return feature_on(Feature::fast_bf16_dot) ? Bf16Products::vdp : Bf16Products::none;
+}
+
 }  // namespace hotops

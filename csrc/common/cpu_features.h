@@ -33,4 +33,10 @@ bool cpu_has(Feature f);               // the CPU, the OS and this build support
 bool feature_on(Feature f);            // kernels may use it now
 void set_feature(Feature f, bool on);  // refuses true where cpu_has(f) is false
 
+// Where bf16 products run now (avx512 kernels): AMX tiles (amx_bf16 and avx512_bf16 on),
+// vdpbf16ps alone (avx512_bf16 and fast_bf16_dot on), or none (the inputs go to float32). A
+// kernel reads it once per call, so all of its threads take one path.
+enum class Bf16Products { none, amx, vdp };
+Bf16Products bf16_products();
+
 }  // namespace hotops
