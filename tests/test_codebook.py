@@ -152,9 +152,11 @@ def test_bf16_tile_products_propagate_nonfinite_x(bf16_path, B):
         check_product(xb[2:3], w)
 
 
+@pytest.mark.parametrize("native", [True, False])  # torch's GEMM in bf16/fp16, or float32 tiles
 @pytest.mark.parametrize("permuted", [True, False])
 @pytest.mark.parametrize("tile_bytes", [64 * 4 * 16, 8 << 20])  # several row tiles, one
-def test_gemm_path(monkeypatch, permuted, tile_bytes):
+def test_gemm_path(monkeypatch, native, permuted, tile_bytes):
+    monkeypatch.setattr(_backend, "torch_gemm_is_fast", lambda dtype: native)
     monkeypatch.setattr(op, "use_tables", lambda *a, **k: False)
     monkeypatch.setattr(op, "GEMM_TILE_BYTES", tile_bytes)
     w = random_weight(70, 64, 4, 1, groups=2, permuted=permuted)
@@ -309,6 +311,18 @@ def test_gradients(permuted):
     want = torch.autograd.grad(out64, leaves64, g.double())
     for a, e in zip(got, want):
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("native", [True, False])  # dy W in bf16 (torch's GEMM) or in float32
+def test_bf16_input_gradient(monkeypatch, native):
+    monkeypatch.setattr(_backend, "torch_gemm_is_fast", lambda dtype: native)
+    w = random_weight(29, 32, 4, 2, C=64, groups=2, permuted=True)
+    x = torch.randn(6, 32).bfloat16().requires_grad_()
+    fn = lambda x_: op.codebook_matmul(x_, w.codes, w.codebooks, w.scales, w.group_ptr, w.perm, None)  # noqa: E731
+    (dx,), g = grads_of(fn, [x])
+    assert dx.dtype == torch.bfloat16
+    want = g.double() @ reference.dequantize(w.codes, w.codebooks, w.scales, w.group_ptr, w.perm).double()
+    torch.testing.assert_close(dx.double(), want, rtol=2e-2, atol=2e-2)
 
 
 def test_dequantize_gradients():

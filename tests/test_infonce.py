@@ -80,6 +80,20 @@ def test_bf16_gradients_either_way(monkeypatch, transposed, panel_bytes):
         check_against_reference(q, d, h, temperature=0.5)
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gemms_either_way(monkeypatch, native, dtype):
+    """Low-precision panels through torch's GEMM in their dtype (CPUs where torch runs it
+    natively) or in float32 (elsewhere), whichever this CPU picks; the gradients come back in
+    the inputs' dtypes (checked by check_against_reference), forward-computed (mean) or
+    recomputed (none)."""
+    monkeypatch.setattr(_backend, "torch_gemm_is_fast", lambda dt: native)
+    for hard in (None, "pool", "own"):
+        q, d, h = make(37, 24, hard, N=9, K=2, dtype=dtype)
+        for reduction in ("mean", "none"):
+            check_against_reference(q, d, h, temperature=0.5, reduction=reduction)
+
+
 @pytest.mark.parametrize("hard", [None, "pool", "own"])
 def test_label_smoothing_and_weights(isa, hard):
     q, d, h = make(17, 8, hard, N=5, K=4)

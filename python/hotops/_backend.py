@@ -79,6 +79,33 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
+def torch_gemm_is_fast(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU GEMM runs `dtype` natively. torch sends bf16 and fp16 products to
+    oneDNN only where the CPU can run them (AVX-512 or AMX for bf16; AVX512-FP16 or AMX-FP16 for
+    fp16) and elsewhere to a generic loop: 1 GFLOP/s in bf16 against 178 in float32 on an
+    AVX2-only EPYC (Zen 3). Where this is False, hotops runs its own GEMMs in float32 (InfoNCE's
+    panels, the codebook's dequantized tiles)."""
+    check = {
+        torch.bfloat16: "_is_mkldnn_bf16_supported",
+        torch.float16: "_is_mkldnn_fp16_supported",
+    }.get(dtype)
+    if check is None:  # float64 and the like: torch's own GEMMs
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError, TypeError):  # a torch without the query: as before
+        return True
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype in which hotops runs a torch GEMM on `dtype` tensors: float32 on a CPU where
+    torch's GEMM has no fast path for `dtype` (`torch_gemm_is_fast`), else `dtype` itself."""
+    if device.type == "cpu" and not torch_gemm_is_fast(dtype):
+        return torch.float32
+    return dtype
+
+
 # ---------------------------------------------------------------- validation
 
 

@@ -166,8 +166,9 @@ def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
         b32 = None if bias is None else bias.detach().float().contiguous()
         kernel(x2, *_kernel_args(codes, codebooks, scales), group_ptr, perm, b32, out, _backend.num_threads())
         return out.reshape(*x.shape[:-1], N)
-    # the tiles in x's dtype (float16: float32, torch's CPU float16 GEMM being slow)
-    dtype = torch.float32 if x2.dtype == torch.float16 else x2.dtype
+    # the tiles in x's dtype where torch's GEMM runs it natively, else in float32 (as always for
+    # float16: the dequantize kernel writes float32 or bfloat16)
+    dtype = torch.float32 if x2.dtype == torch.float16 else _backend.gemm_dtype(x2.dtype, x2.device)
     xd = x2.to(dtype)
     b = None if bias is None else bias.detach().to(dtype)
     tile = max(16, GEMM_TILE_BYTES // max(1, K * xd.element_size()))
@@ -230,7 +231,8 @@ def _triton_input_grad(dy, codes, codebooks, scales, group_ptr, perm):
 def _dense_input_grad(dy, codes, codebooks, scales, group_ptr, perm):
     """dy W with W from the dequantize op (differentiable: create_graph=True takes this path)."""
     dequantize = codebook_wide_dequantize if _wide(codes) else codebook_dequantize
-    return dy @ dequantize(codes, codebooks, scales, group_ptr, perm).to(dy.dtype)
+    dtype = _backend.gemm_dtype(dy.dtype, dy.device)
+    return (dy.to(dtype) @ dequantize(codes, codebooks, scales, group_ptr, perm).to(dtype)).to(dy.dtype)
 
 
 def _any_device(device: torch.device) -> Optional[str]:

@@ -12,6 +12,7 @@ reduced to a scalar (mean/sum) the gradients are computed in the forward call an
 in backward; for reduction="none" backward recomputes (four GEMMs in all).
 """
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -224,12 +225,26 @@ def _info_nce_backward(row_pass, q, d, pool, own, neg_weight, temperature, grad_
     )
 
 
+def _in_float32(fn, first_grad: int, q, d, pool, own, *rest):
+    """Run fn with q, d, pool and own in float32 when torch has no fast CPU GEMM in their dtype
+    (`_backend.gemm_dtype`), the gradients handed back in the inputs' dtypes: the copies cost
+    O((B + Na) x D), the GEMMs they save run 100x slower than float32 there."""
+    if _backend.gemm_dtype(q.dtype, q.device) == q.dtype:
+        return fn(q, d, pool, own, *rest)
+    up = [t.float() if t is not None else None for t in (q, d, pool, own)]
+    out = list(fn(*up, *rest))
+    # fn's outputs from first_grad on: the gradients of q, d, pool, own (empty where absent)
+    for i, like in enumerate((q, d, d if pool is None else pool, q if own is None else own)):
+        out[first_grad + i] = out[first_grad + i].to(like.dtype)
+    return tuple(out)
+
+
 def _cpu_info_nce(*args):
-    return _info_nce(_cpu_row_pass, *args)
+    return _in_float32(functools.partial(_info_nce, _cpu_row_pass), 2, *args)
 
 
 def _cpu_info_nce_backward(*args):
-    return _info_nce_backward(_cpu_row_pass, *args)
+    return _in_float32(functools.partial(_info_nce_backward, _cpu_row_pass), 0, *args)
 
 
 def _triton_info_nce(*args):
