@@ -1,5 +1,8 @@
+import contextlib
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -47,6 +50,41 @@ def isa(request):
     ext.set_isa(request.param)
     yield request.param
     ext.set_isa(ext.best_isa())
+
+
+_BF16_FEATURES = ("amx_bf16", "avx512_bf16", "fast_bf16_dot")
+# which features each bf16 product path turns on (the rest off); "float32": the inputs converted
+_BF16_PATHS = {
+    "float32": (),
+    "vdpbf16ps": ("avx512_bf16", "fast_bf16_dot"),
+    "amx": ("amx_bf16", "avx512_bf16"),
+}
+
+
+@pytest.fixture(params=[p for p, on in _BF16_PATHS.items() if all(_backend.ext().cpu_has(f) for f in on)])
+def bf16_path(request):
+    """Runs a test once per bf16 product path this CPU has (AMX tiles, vdpbf16ps alone, or the
+    inputs converted to float32), at the best ISA, then restores the features as they were."""
+    ext = _backend.ext()
+    before = {f: ext.feature(f) for f in _BF16_FEATURES}
+    ext.set_isa(ext.best_isa())
+    for f in before:
+        ext.set_feature(f, f in _BF16_PATHS[request.param])
+    yield request.param
+    for f, on in before.items():
+        ext.set_feature(f, on)
+
+
+@contextlib.contextmanager
+def busy_processes():
+    """One spinning process per core for the duration (killed on the way out, whatever happens)."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
 
 
 def assert_close_to_reference(out, ref64, ref_lp, atol=1e-5, name="output", rtol=0.0):

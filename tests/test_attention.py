@@ -80,34 +80,6 @@ def test_low_precision(isa, dtype, causal):
     check(*on_indices(idx, causal=causal), (q, k, v))
 
 
-_BF16_FEATURES = ("amx_bf16", "avx512_bf16", "fast_bf16_dot")
-# which features each bf16 product path turns on (the rest off)
-_BF16_PATHS = {
-    "float32": (),
-    "vdpbf16ps": ("avx512_bf16", "fast_bf16_dot"),
-    "amx": ("amx_bf16", "avx512_bf16"),
-}
-
-
-def _bf16_paths():
-    ext = _backend.ext()
-    return [path for path, on in _BF16_PATHS.items() if all(ext.cpu_has(f) for f in on)]
-
-
-@pytest.fixture(params=_bf16_paths())
-def bf16_path(request):
-    """bf16 products: on AMX tiles (odd sizes on vdpbf16ps), on vdpbf16ps alone, or converted to
-    float32."""
-    ext = _backend.ext()
-    before = {f: ext.feature(f) for f in _BF16_FEATURES}
-    ext.set_isa(ext.best_isa())
-    for f in before:
-        ext.set_feature(f, f in _BF16_PATHS[request.param])
-    yield request.param
-    for f, on in before.items():
-        ext.set_feature(f, on)
-
-
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("D", [7, 64, 130])  # 64: whole AMX tiles; 7, 130: AMX reductions on vdpbf16ps
 @pytest.mark.parametrize("scale", [None, -0.2])  # a positive scale joins the softmax, others the scores

@@ -95,34 +95,6 @@ def test_half_precision_activations(isa, dtype, B):
     check_product(torch.randn(B, 64).to(dtype), w)
 
 
-_BF16_FEATURES = ("amx_bf16", "avx512_bf16", "fast_bf16_dot")
-# which features each bf16 path turns on (the rest off)
-_BF16_PATHS = {
-    "tables": (),
-    "vdpbf16ps": ("avx512_bf16", "fast_bf16_dot"),
-    "amx": ("amx_bf16", "avx512_bf16"),
-}
-
-
-def _bf16_paths():
-    ext = _backend.ext()
-    return [path for path, on in _BF16_PATHS.items() if all(ext.cpu_has(f) for f in on)]
-
-
-@pytest.fixture(params=_bf16_paths())
-def bf16_path(request):
-    """bf16 activations in bf16 (AMX tiles, or vdpbf16ps where the CPU has them), or converted to
-    float32 for the tables and the GEMM path."""
-    ext = _backend.ext()
-    before = {f: ext.feature(f) for f in _BF16_FEATURES}
-    ext.set_isa(ext.best_isa())
-    for f in before:
-        ext.set_feature(f, f in _BF16_PATHS[request.param])
-    yield request.param
-    for f, on in before.items():
-        ext.set_feature(f, on)
-
-
 @pytest.mark.parametrize("in_group,num_codebooks,C", [(4, 1, 256), (4, 2, 37), (8, 1, 37), (8, 2, 256)])
 @pytest.mark.parametrize("B", [2, 5, 16, 17, 64, 65, 130])
 def test_bf16_tile_products(bf16_path, in_group, num_codebooks, C, B):
@@ -130,7 +102,7 @@ def test_bf16_tile_products(bf16_path, in_group, num_codebooks, C, B):
     rows (a partial one), a row block past N = 37, three row groups, permuted rows and a bias; error within twice
     the bf16 reference's own."""
     w = random_weight(37, 96, in_group, num_codebooks, C, groups=3, permuted=True)
-    assert op.bf16_kernel(torch.bfloat16, in_group, 96) == (bf16_path != "tables")
+    assert op.bf16_kernel(torch.bfloat16, in_group, 96) == (bf16_path != "float32")
     check_product(torch.randn(B, 96).bfloat16(), w, torch.randn(37))
     check_product(torch.randn(B, 96).bfloat16() * 1e4, w)  # large products stay in float32
     check_product(torch.randn(B, 160).bfloat16()[:, 32:128], w)  # rows 160 apart

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import busy_processes
 
 from hotops import _backend
 
@@ -62,11 +63,6 @@ def test_fast_bf16_dot_decides_the_same_under_load():
     if not _backend.ext().cpu_has("fast_bf16_dot") or "HOTOPS_FAST_BF16_DOT" in os.environ:
         pytest.skip("no AVX512_BF16, or the decision is forced")
     quiet = _features_in_child({})["fast_bf16_dot"]
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
-    try:
+    with busy_processes():
         decisions = {_features_in_child({})["fast_bf16_dot"] for _ in range(2)}
-    finally:
-        for p in busy:
-            p.kill()
-            p.wait()
     assert decisions == {quiet}

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import busy_processes
 
 import hotops
 from hotops import _backend
@@ -115,23 +116,13 @@ def test_passive_wait_gives_the_same_results():
 def test_results_hold_beside_busy_processes():
     """With every core busy, calls move between torch's team and the own pool (a region that saw
     a late or preempted teammate sends the next 100 ms to the pool); results stay the same."""
-    import subprocess
-    import sys
-
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         want = _work()
-        busy = [
-            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)
-        ]
-        try:
+        with busy_processes():
             for _ in range(40):
                 for a, b in zip(_work(), want):
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        finally:
-            for p in busy:
-                p.kill()
-                p.wait()
     finally:
         torch.set_num_threads(threads)
