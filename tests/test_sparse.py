@@ -54,6 +54,55 @@ def test_linear_column_panels(isa, B):
         torch.testing.assert_close(g, w_, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("B", [1024, 1040, 1500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_many_rows(isa, B, dtype):
+    """Batches past the tile of pixels the kernel transposes at once (256 rows at 384 inputs): x as
+    it comes (float32 or float16, rows strided inside a wider tensor), the tiles transposed and
+    widened in the kernel; 1024 is a batch whose x^T rows would lie 4 KB apart."""
+    sw = SparseWeight.from_dense(torch.randn(40, 384), sparsity=0.9)
+    b = torch.randn(40)
+    wide = torch.randn(B, 400).to(dtype)
+    for x in (wide[:, :384].contiguous(), wide[:, 5:389]):  # the second: row stride 400
+        y = sparse_linear(x, sw, b, "relu")
+        assert y.dtype == dtype
+        xr = x.float()
+        r64, r32 = reference_pair(reference.sparse_linear, xr, sw, bias=b, activation="relu")
+        if dtype == torch.float32:
+            check_close(y, r64, r32)
+        else:
+            torch.testing.assert_close(y.float(), r32, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (3, 17), (37, 29), (1024, 48), (130, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_widen(isa, shape, dtype):
+    """sparse_widen: x (R, C) copied or transposed into float32 (bfloat16 kept as it is), into a
+    destination whose rows are padded (op._transposed_empty) or not."""
+    ext = _backend.ext()
+    x = torch.randn(shape).to(dtype)
+    keep = (torch.float32, torch.bfloat16) if dtype == torch.bfloat16 else (torch.float32,)
+    for out_dtype in keep:
+        for out in (torch.empty(shape[::-1], dtype=out_dtype), op._transposed_empty(*shape[::-1], out_dtype)):
+            ext.sparse_widen(x, out, True, 2)
+            assert torch.equal(out, x.t().to(out_dtype))
+        out = torch.empty(shape[0], shape[1] + 16, dtype=torch.float32)[:, : shape[1]]
+        ext.sparse_widen(x, out, False, 2)
+        assert torch.equal(out, x.float())
+
+
+def test_transposed_rows_spread_over_cache_sets():
+    for rows, cols, dtype in (
+        (384, 1024, torch.float32),
+        (8, 5120, torch.float32),
+        (3, 4096, torch.bfloat16),
+    ):
+        t = op._transposed_empty(rows, cols, dtype)
+        line = 64 // t.element_size()
+        assert t.shape == (rows, cols) and t.stride(1) == 1
+        assert t.stride(0) >= cols and t.stride(0) % line == 0 and (t.stride(0) // line) % 2 == 1
+
+
 def test_linear_leading_dims_and_empty_rows():
     w = torch.randn(6, 10)
     w[2] = 0  # a row with no non-zero: output is the bias

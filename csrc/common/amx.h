@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "common/simd.h"
+
 #define HOTOPS_BF16 __attribute__((target("avx512bf16,avx512bw,avx512vl,avx512f")))
 #define HOTOPS_AMX __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512vl,avx512f")))
 
@@ -61,31 +63,13 @@ HOTOPS_BF16 void vdp_product(int64_t M, const uint32_t* A2, int64_t lda2, const 
   for (; r < M; ++r) vdp_rows<1, ADD>(A2 + r * lda2, lda2, B2, ldb2, C + r, N, K2);
 }
 
-// r[0..16) as the 16 x 16 matrix of 32-bit words they hold, transposed in place: two rounds of
-// unpacks transpose the 4 x 4 blocks inside each 128-bit lane, two of lane shuffles move the blocks.
+// r[0..16) as the 16 x 16 matrix of 32-bit words they hold, transposed in place (simd.h's
+// transpose on the same bits).
 HOTOPS_BF16 inline void transpose_words(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // r[i + c], lane l: column 4 l + c of rows i .. i + 3
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i even0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88),
-                  odd0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
-    const __m512i even1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88),
-                  odd1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
-    t[c] = _mm512_shuffle_i32x4(even0, even1, 0x88);
-    t[8 + c] = _mm512_shuffle_i32x4(even0, even1, 0xdd);
-    t[4 + c] = _mm512_shuffle_i32x4(odd0, odd1, 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(odd0, odd1, 0xdd);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
+  VecF f[16];
+  for (int i = 0; i < 16; ++i) f[i] = _mm512_castsi512_ps(r[i]);
+  transpose(f);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(f[i].v);
 }
 
 // The bf16 pairs (32-bit words) of rows [0, live) of a row-major bf16 matrix x (row stride ldx

@@ -239,6 +239,60 @@ struct VecF {
 };
 #endif
 
+// r[0..W) as the W x W matrix of the floats they hold, transposed in place (r[i] lane j <- r[j]
+// lane i). AVX-512: two rounds of unpacks transpose the 4 x 4 blocks inside each 128-bit lane, two
+// of lane shuffles move the blocks; AVX2: the same with one 128-bit lane swap.
+inline void transpose(VecF (&r)[VecF::W]) {
+#if defined(__AVX512F__)
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i].v, r[i + 1].v);
+    t[i + 1] = _mm512_unpackhi_ps(r[i].v, r[i + 1].v);
+  }
+  auto lo64 = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  auto hi64 = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  __m512 u[16];
+  for (int i = 0; i < 16; i += 4) {  // u[i + c], lane l: column 4 l + c of rows i .. i + 3
+    u[i] = lo64(t[i], t[i + 2]);
+    u[i + 1] = hi64(t[i], t[i + 2]);
+    u[i + 2] = lo64(t[i + 1], t[i + 3]);
+    u[i + 3] = hi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 even0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88),
+                 odd0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 even1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88),
+                 odd1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(even0, even1, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(even0, even1, 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0xdd);
+  }
+#elif defined(__AVX2__)
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i].v, r[i + 1].v);
+    t[i + 1] = _mm256_unpackhi_ps(r[i].v, r[i + 1].v);
+  }
+  for (int i = 0; i < 8; i += 4) {  // u[i + c], lane l: column 4 l + c of rows i .. i + 3
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+#else
+  (void)r;  // a 1 x 1 matrix is its own transpose
+#endif
+}
+
 // exp(xc) for xc already within [-87.34, 88.38]: Cody-Waite reduction by ln 2 and a degree-7
 // polynomial, max relative error ~2 ulp.
 inline VecF exp_in_range(VecF xc) {

@@ -95,8 +95,10 @@ void check(SparseConvFwd& a) {
   check_csr(a.w, a.g.O, "weight");
   if (a.block) check_blocked(a);
   check_used(a.used_rowptr, a.g);
-  // x is float32, or bfloat16 for direct layers (linear): the bf16 kernel reads it in place
-  check_view(a.x, "x", 3, {DType::f32, DType::bf16});
+  // x is float32 with contiguous pixels, or, for direct layers (linear), bfloat16 with contiguous
+  // pixels (the bf16 kernel reads it in place) or any of float32, bfloat16 and float16 with
+  // contiguous channels (a linear layer's input as it comes: kernel.h builds transposed tiles)
+  check_view(a.x, "x", 3, {DType::f32, DType::bf16, DType::f16});
   HOTOPS_CHECK(a.x.dtype == DType::f32 || a.g.direct(),
                "x must be float32 for a convolution that is not 1x1 "
                "stride 1 unpadded, got ",
@@ -104,7 +106,13 @@ void check(SparseConvFwd& a) {
   HOTOPS_CHECK(a.x.size(0) == a.g.N && a.x.size(1) == a.g.C && a.x.size(2) == a.g.H * a.g.W, "x has shape (",
                a.x.size(0), ", ", a.x.size(1), ", ", a.x.size(2), "), expected (", a.g.N, ", ", a.g.C, ", ",
                a.g.H * a.g.W, ")");
-  check_rows_contiguous(a.x, "x");
+  const bool pixels = a.x.size(2) <= 1 || a.x.stride(2) == 1,
+             channels = a.x.size(1) <= 1 || a.x.stride(1) == 1;
+  if (!(pixels && a.x.dtype != DType::f16)) {
+    HOTOPS_CHECK(a.g.direct() && channels, "x must have contiguous pixels (stride 1 in its last dimension)",
+                 a.g.direct() ? ", or contiguous channels (stride 1 in its second)" : "", ", got strides (",
+                 a.x.stride(0), ", ", a.x.stride(1), ", ", a.x.stride(2), ") for ", dtype_name(a.x.dtype));
+  }
   check_view(a.y, "y", 3, {DType::f32, DType::bf16, DType::f16});
   HOTOPS_CHECK(a.y.size(0) == a.g.N && a.y.size(1) == a.g.O && a.y.size(2) == a.g.P(), "y has shape (",
                a.y.size(0), ", ", a.y.size(1), ", ", a.y.size(2), "), expected (", a.g.N, ", ", a.g.O, ", ",
@@ -124,7 +132,7 @@ void check(SparseWiden& a) {
   HOTOPS_CHECK(a.dst.dtype == DType::f32 || a.dst.dtype == a.src.dtype,
                "dst must be float32 or src's dtype, got ", dtype_name(a.dst.dtype), " for ",
                dtype_name(a.src.dtype));
-  check_contiguous(a.dst, "dst");
+  check_rows_contiguous(a.dst, "dst");
   check_writable(a.dst, "dst");
   const int64_t R = a.src.size(0), C = a.src.size(1);
   const bool ok =

@@ -252,7 +252,7 @@ struct TapRange {
 // every (image, channel) as its own one-row sparse product with the bookkeeping of a large layer.
 bool conv_fwd_depthwise(const SparseConvFwd& a, const CsrPtrs& w) {
   const ConvGeom& g = a.g;
-  if (g.Cg() != 1) return false;
+  if (g.Cg() != 1 || !reads_in_place(a.x)) return false;
   const int64_t P = g.P(), taps = g.kh * g.kw;
   const float* bias = a.bias.present ? a.bias.ptr<float>() : nullptr;
   w.check_rows(0, g.O);
@@ -382,7 +382,7 @@ void conv_fwd_widened(const SparseConvFwd& a) {
 }  // namespace
 
 void sparse_conv_fwd(const SparseConvFwd& a) {
-  if (a.x.dtype == DType::bf16) {
+  if (a.x.dtype == DType::bf16 && (a.x.size(2) <= 1 || a.x.stride(2) == 1)) {  // bf16 with contiguous pixels
 #if defined(__AVX512F__)
     // bf16.h: vdpbf16ps over 16+ pixels (fewer, such as batch-1 linear, gather instead)
     if (!a.block && a.g.P() >= 16 && feature_on(Feature::avx512_bf16))
@@ -465,7 +465,7 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
   const float* gy = a.gy.ptr<float>();
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
   parallel_for(lanes, 1, a.threads, [&](int64_t l0, int64_t l1) {
-    Scratch<float> buf(g.direct() ? 0 : g.K() * plan.pt);
+    Scratch<float> buf(tile_floats(g, a.x, plan.pt));
     for (int64_t lane = l0; lane < l1; ++lane) {
       float* part = a.partial.ptr<float>() + lane * nnz;
       for (int64_t it = lane; it < plan.items; it += lanes) {
@@ -490,7 +490,7 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
 
 void sparse_widen(const SparseWiden& a) {
   const View &src = a.src, &dst = a.dst;
-  const int64_t R = src.size(0), C = src.size(1);
+  const int64_t R = src.size(0), C = src.size(1), ld = dst.stride(0);
   const int64_t es = dtype_size(dst.dtype);
   char* d = static_cast<char*>(dst.data);
   auto row = [&](int64_t r) {
@@ -501,7 +501,7 @@ void sparse_widen(const SparseWiden& a) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t j = 0; j < C; j += W) {
           const int64_t n = std::min<int64_t>(W, C - j);
-          store_row(d + r * C * es, dst.dtype, j, load_row(row(r), src.dtype, j, n), n);
+          store_row(d + r * ld * es, dst.dtype, j, load_row(row(r), src.dtype, j, n), n);
         }
     });
     return;
@@ -512,21 +512,30 @@ void sparse_widen(const SparseWiden& a) {
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t r = 0; r < R; ++r) {
           const uint16_t* s = reinterpret_cast<const uint16_t*>(row(r));
-          for (int64_t j = b * 64, e = std::min<int64_t>(C, j + 64); j < e; ++j) o[j * R + r] = s[j];
+          for (int64_t j = b * 64, e = std::min<int64_t>(C, j + 64); j < e; ++j) o[j * ld + r] = s[j];
         }
     });
     return;
   }
-  // dst (C, R): W columns of src at a time, their lanes scattered down W rows of dst (a few KB)
-  parallel_for((C + W - 1) / W, 8, a.threads, [&](int64_t b0, int64_t b1) {
-    float buf[W];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t j = b * W, n = std::min<int64_t>(W, C - j);
-      for (int64_t r = 0; r < R; ++r) {
-        load_row(row(r), src.dtype, j, n).store(buf);
-        for (int64_t i = 0; i < n; ++i) reinterpret_cast<float*>(d)[(j + i) * R + r] = buf[i];
+  // dst (C, R): W x W blocks, W rows of W source columns transposed in registers and stored as W
+  // runs of W down W rows of dst. A task walks 16 columns (a cache line of each source row) from the
+  // first row to the last, so each source line is read once and its 16 output rows are written
+  // front to back.
+  constexpr int64_t LINE = 16;
+  parallel_for((C + LINE - 1) / LINE, 1, a.threads, [&](int64_t b0, int64_t b1) {
+    float* out = dst.ptr<float>();
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = 0; r < R; r += W) {
+        const int64_t m = std::min<int64_t>(W, R - r);
+        for (int64_t j = b * LINE; j < std::min(C, (b + 1) * LINE); j += W) {
+          const int64_t n = std::min<int64_t>(W, C - j);
+          VecF v[W];
+          for (int64_t i = 0; i < W; ++i)
+            v[i] = i < m ? load_row(row(r + i), src.dtype, j, n) : VecF::set1(0.0f);
+          transpose(v);
+          for (int64_t i = 0; i < n; ++i) store_row(out + (j + i) * ld, DType::f32, r, v[i], m);
+        }
       }
-    }
   });
 }
 

@@ -124,10 +124,55 @@ inline void build_cols(const ConvGeom& g, const float* xn, int64_t xcs, int64_t 
   }
 }
 
-// The im2col tile of image n, group grp, pixels [p0, p0 + len): the input itself (row stride =
-// its channel stride) for direct layers, else built into buf (row stride len). Returns the rows.
+// A direct layer's x is read in place when it is float32 with contiguous pixels (each channel a
+// row of pixels: a 1x1 convolution's input, or x^T). Otherwise (a linear layer's x as it comes,
+// one row of channels per pixel, in float32, bfloat16 or float16; check() refuses other layouts)
+// each tile is built by transposition: the input is never copied whole, and the tile is widened
+// to float32 on the way.
+inline bool reads_in_place(const View& x) {
+  return x.dtype == DType::f32 && (x.size(2) <= 1 || x.stride(2) == 1);
+}
+
+// Row stride of a built tile of len pixels: an odd number of 64-byte lines, so that its rows
+// spread over the caches' sets (rows a multiple of 4 KB apart would all share a few).
+inline int64_t tile_ld(int64_t len) { return (((len + 15) / 16) | 1) * 16; }
+
+// Channels [c0, c0 + C) of pixels [p0, p0 + len) of image n of a pixel-major x (channels
+// contiguous), transposed into buf (row stride ld >= len rounded up to W) as float32: W x W
+// blocks of W pixels' rows through registers.
+inline void transpose_pixels(const View& x, int64_t n, int64_t c0, int64_t C, int64_t p0, int64_t len,
+                             float* buf, int64_t ld) {
+  const int64_t es = dtype_size(x.dtype);
+  const char* base = static_cast<const char*>(x.data) + (n * x.stride(0) + c0 * x.stride(1)) * es;
+  for (int64_t p = 0; p < len; p += W) {
+    const int64_t np = std::min<int64_t>(W, len - p);
+    for (int64_t c = 0; c < C; c += W) {
+      const int64_t nc = std::min<int64_t>(W, C - c);
+      VecF v[W];
+      for (int64_t i = 0; i < W; ++i)
+        v[i] = i < np ? load_row(base + (p0 + p + i) * x.stride(2) * es, x.dtype, c, nc) : VecF::set1(0.0f);
+      transpose(v);
+      for (int64_t i = 0; i < nc; ++i) v[i].store(buf + (c + i) * ld + p);
+    }
+  }
+}
+
+// Floats of the per-task buffer input_tile builds tiles of up to pt pixels in (0: none needed).
+inline int64_t tile_floats(const ConvGeom& g, const View& x, int64_t pt) {
+  if (!g.direct()) return g.K() * pt;
+  return reads_in_place(x) ? 0 : g.Cg() * tile_ld(pt);
+}
+
+// The im2col tile of image n, group grp, pixels [p0, p0 + len): for direct layers the input
+// itself (row stride = its channel stride) or its transposed tile; else built into buf (row
+// stride len). Returns the rows.
 inline const float* input_tile(const ConvGeom& g, const View& x, const int64_t* used, int64_t n, int64_t grp,
                                int64_t p0, int64_t len, float* buf, int64_t& ld) {
+  if (g.direct() && !reads_in_place(x)) {
+    ld = tile_ld(len);
+    transpose_pixels(x, n, grp * g.Cg(), g.Cg(), p0, len, buf, ld);
+    return buf;
+  }
   const float* xn = x.ptr<float>() + n * x.stride(0);
   if (g.direct()) {
     ld = x.stride(1);
@@ -177,10 +222,11 @@ struct Plan {
 template <typename Product>
 void im2col_tiles(const SparseConvFwd& a, int64_t unit, const Product& product) {
   const ConvGeom& g = a.g;
-  const Plan plan(g, g.Og(), g.direct(), a.threads, unit);
+  // rows are split freely only where the tile is read in place (a split rebuilds a built tile)
+  const Plan plan(g, g.Og(), g.direct() && reads_in_place(a.x), a.threads, unit);
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
   parallel_claim(plan.items, a.threads, [&](auto claim) {
-    Scratch<float> buf(g.direct() ? 0 : g.K() * plan.pt);
+    Scratch<float> buf(tile_floats(g, a.x, plan.pt));
     Scratch<float> park(plan.rbs * CH);
     for (int64_t it; (it = claim()) < plan.items;) {
       int64_t n, t, grp, b;
