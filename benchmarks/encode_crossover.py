@@ -3,14 +3,16 @@
 token counts, with the path each layer's rule picks.
 
     PYTHONPATH=python python benchmarks/encode_crossover.py [--threads 1 2] [--tokens 1 64 5120]
-        [--shapes 384x384 1536x384] [--family codebook sparse] [--rounds 5] [--min-time 0.1]
+        [--shapes 384x384 1536x384] [--family codebook sparse] [--sparsity 0.6 0.9] [--rounds 5]
+        [--min-time 0.1]
 
 Shapes are out_features x in_features (default all-MiniLM-L6-v2's three Linear shapes). Codebook
 formats 1x8/4 and 1x8/2 (what ``compress`` picks for MiniLM) and 2x8; sparse: a 90 % magnitude
-mask (unstructured: CSR). Columns: CPU ms per call (``time.process_time`` over the process's
-threads, the sides alternated in one process, best of ``--rounds`` rounds of >= ``--min-time`` s
-each: a machine shared with other jobs inflates wall time much more than CPU time), the path the
-rule picks, and whether that is the faster of the layer's two paths. Random weights: the time does
+mask (unstructured: CSR), or each of ``--sparsity``. Columns: CPU ms per call
+(``time.process_time`` over the process's threads, the sides alternated in one process, best of
+``--rounds`` rounds of >= ``--min-time`` s each: a machine shared with other jobs inflates wall
+time much more than CPU time), the path the rule picks, and whether that is the faster of the
+layer's two paths. Random weights: the time does
 not depend on the values.
 """
 
@@ -93,10 +95,10 @@ def codebook_rows(N, K, tokens, rounds, min_time):
             yield (name, T, t, picked)
 
 
-def sparse_rows(N, K, tokens, rounds, min_time):
+def sparse_rows(N, K, tokens, rounds, min_time, sparsity=0.9):
     torch.manual_seed(0)
     lin = torch.nn.Linear(K, N)
-    layers = {p: SparseLinear.from_dense(lin, sparsity=0.9, policy=p) for p in ("sparse", "dense")}
+    layers = {p: SparseLinear.from_dense(lin, sparsity=sparsity, policy=p) for p in ("sparse", "dense")}
     density = layers["sparse"].density
     for T in tokens:
         x = torch.randn(T, K)
@@ -110,8 +112,8 @@ def sparse_rows(N, K, tokens, rounds, min_time):
                 rounds,
                 min_time,
             )
-        picked = "sparse" if sp_dispatch.sparse_pays("linear", density, T, K, N) else "dense path"
-        yield ("CSR 90%", T, t, picked)
+        picked = "sparse" if sp_dispatch.sparse_pays("linear", density, T) else "dense path"
+        yield (f"CSR {sparsity:.0%}", T, t, picked)
 
 
 def main():
@@ -120,6 +122,7 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     ap.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in MINILM], help="NxK")
     ap.add_argument("--family", nargs="+", default=["codebook", "sparse"], choices=["codebook", "sparse"])
+    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.9], help="sparse layers' sparsities")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.1)
     a = ap.parse_args()
@@ -134,7 +137,7 @@ def main():
             if "codebook" in a.family:
                 gens.append(codebook_rows(N, K, a.tokens, a.rounds, a.min_time))
             if "sparse" in a.family:
-                gens.append(sparse_rows(N, K, a.tokens, a.rounds, a.min_time))
+                gens += [sparse_rows(N, K, a.tokens, a.rounds, a.min_time, s) for s in a.sparsity]
             for gen in gens:
                 for name, T, t, picked in gen:
                     paths = [p for p in t if p != "dense"]

@@ -22,39 +22,14 @@ POLICIES = ("auto", "model", "sparse", "dense")
 # wins from about 80 % sparse.
 DENSITY_LIMIT = {"gemm": 0.4, "gemv": 0.2, "conv1x1": 0.4, "conv": 0.2, "depthwise": 0.2}
 
-# Batched linear layers of many rows. The kernel multiplies x^T (in_features rows of `rows`
-# floats, transposed on every call) in tiles of pixels that stay in L2 only while the rows of x^T
-# are short: from a 4 KB page per row of x^T (LINEAR_PAGE_ROWS = 1024 float32 rows) each of a
-# tile's source rows lies on its own page, a multiple of 4 KB apart at the batch sizes that are
-# round numbers, and the rows alias in the caches' sets. There the sparse path's time per row
-# grows 1.4-2x while dense GEMM's stays flat (one thread, 90 % sparse, all-MiniLM-L6-v2's
-# 384 -> 384 and 1536 -> 384: 1.1-1.9x faster than dense up to 512 rows, 1.5-1.9x slower from
-# 1024; benchmarks/encode_crossover.py, docs/sparse.md "Dense or sparse"). A cost model per row,
-# in units of one dense multiply-add, decides those: a non-zero costs 1 / DENSITY_LIMIT["gemm"]
-# (the in-cache crossover), every input feature LINEAR_XT_COST (its transposition and its reads
-# of x^T) and every output LINEAR_Y_COST (the kernel's strided writes of y), against N * K
-# for dense. Fitted at 90 and 98 % on MiniLM's shapes at 5120 rows: the N = 384 layers stay dense
-# even at 98 %, 384 -> 1536 ties at 90 % and goes sparse from 95 %, and 4096 x 4096 and wider
-# layers stay sparse (per-row costs of a few hundred multiply-adds against 16 M).
-LINEAR_PAGE_ROWS = 4096 // 4
-LINEAR_XT_COST = 350.0
-LINEAR_Y_COST = 100.0
 
-
-def sparse_pays(
-    kind: str, density: float, rows: int = 0, in_features: int = 0, out_features: int = 0
-) -> bool:
+def sparse_pays(kind: str, density: float, rows: int = 0) -> bool:
     """The dispatch model: does the sparse kernel beat dense for this layer? ``kind`` is
-    "linear" (with its batch ``rows`` and its ``in_features`` and ``out_features``), "conv1x1",
-    "conv" or "depthwise"."""
-    if kind != "linear":
-        return density <= DENSITY_LIMIT[kind]
-    if rows < 8:
-        return density <= DENSITY_LIMIT["gemv"]
-    if rows < LINEAR_PAGE_ROWS or in_features <= 0 or out_features <= 0:
-        return density <= DENSITY_LIMIT["gemm"]
-    per_weight = density / DENSITY_LIMIT["gemm"] + LINEAR_XT_COST / out_features + LINEAR_Y_COST / in_features
-    return per_weight < 1.0
+    "linear" (with its batch ``rows``: fewer than 8 is a GEMV), "conv1x1", "conv" or
+    "depthwise"."""
+    if kind == "linear":
+        kind = "gemv" if rows < 8 else "gemm"
+    return density <= DENSITY_LIMIT[kind]
 
 
 def measure_pair(

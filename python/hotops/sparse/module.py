@@ -43,8 +43,7 @@ class _SparseLayer(nn.Module):
       "auto"   the first call with a new input signature (shape, dtype) times both paths on that
                input and keeps the faster for the signature (``dispatch`` holds the timings);
                while torch.compile traces, a signature not yet measured follows "model";
-      "model"  the fixed density limits of DENSITY_LIMIT, and for linear layers of many rows
-               the per-row cost model of dispatch.sparse_pays (deterministic);
+      "model"  the fixed density limits of DENSITY_LIMIT (dispatch.sparse_pays; deterministic);
       "sparse" / "dense" force a path.
     ``backend`` says which path the last forward ran, ``layout`` which format the sparse path
     runs on ("csr" or "blocked bx1", the packer's choice: SparseWeight.from_dense)."""
@@ -343,7 +342,7 @@ class _SparseLayer(nn.Module):
         decided = self.dispatch.get(key)
         if decided is None:
             if torch.compiler.is_compiling():  # nothing is timed or stored while tracing
-                decided = (sparse_pays(kind, self.density, rows, self.shape[1], self.shape[0]), None, None)
+                decided = (sparse_pays(kind, self.density, rows), None, None)
             else:
                 validate()  # the sparse op's argument checks, once per signature, whatever the path
                 if self.policy == "auto" and x.device.type == "cpu":
@@ -351,7 +350,7 @@ class _SparseLayer(nn.Module):
                     decided = (ts < td, ts, td)
                 else:
                     decided = (
-                        sparse_pays(kind, self.density, rows, self.shape[1], self.shape[0]),
+                        sparse_pays(kind, self.density, rows),
                         None,
                         None,
                     )
