@@ -59,7 +59,8 @@ def test_linear_column_panels(isa, B):
 def test_linear_many_rows(isa, B, dtype):
     """Batches past the tile of pixels the kernel transposes at once (256 rows at 384 inputs): x as
     it comes (float32 or float16, rows strided inside a wider tensor), the tiles transposed and
-    widened in the kernel; 1024 is a batch whose x^T rows would lie 4 KB apart."""
+    widened in the kernel, forward and value gradient; 1024 is a batch whose x^T rows would lie
+    4 KB apart."""
     sw = SparseWeight.from_dense(torch.randn(40, 384), sparsity=0.9)
     b = torch.randn(40)
     wide = torch.randn(B, 400).to(dtype)
@@ -72,6 +73,14 @@ def test_linear_many_rows(isa, B, dtype):
             check_close(y, r64, r32)
         else:
             torch.testing.assert_close(y.float(), r32, rtol=2e-3, atol=2e-3)
+    # the backward: grad_values reads x as it comes too (tiles transposed in the kernel)
+    xg, v, gy = x.detach().clone().requires_grad_(), sw.values.clone().requires_grad_(), torch.randn(B, 40)
+    got = torch.autograd.grad((sparse_linear(xg, sw.with_values(v), b).float() * gy).sum(), (xg, v))
+    xr = xg.detach().float().requires_grad_()
+    want = torch.autograd.grad((reference.sparse_linear(xr, sw.with_values(v), b) * gy).sum(), (xr, v))
+    tol = 1e-4 if dtype == torch.float32 else 1e-2  # float16's gradient is rounded to float16
+    torch.testing.assert_close(got[0].float(), want[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-3 * B**0.5)
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (3, 17), (37, 29), (1024, 48), (130, 100)])

@@ -80,6 +80,26 @@ void check_used(const View& u, const ConvGeom& g) {
                g.G * g.K() + 1);
 }
 
+// A product's input x (N, C, H*W): float32 with contiguous pixels, read in place (or, where
+// bf16_in_place, bfloat16 too: the forward's bf16 kernel reads it, or widens it whole); or, for
+// direct layers (linear), float32, bfloat16 or float16 with contiguous channels (a linear
+// layer's input as it comes: kernel.h builds transposed tiles).
+void check_input(const View& x, const ConvGeom& g, bool bf16_in_place) {
+  check_view(x, "x", 3, {DType::f32, DType::bf16, DType::f16});
+  HOTOPS_CHECK(x.dtype == DType::f32 || g.direct(), "x must be float32 for a convolution that is not 1x1 ",
+               "stride 1 unpadded, got ", dtype_name(x.dtype));
+  HOTOPS_CHECK(x.size(0) == g.N && x.size(1) == g.C && x.size(2) == g.H * g.W, "x has shape (", x.size(0),
+               ", ", x.size(1), ", ", x.size(2), "), expected (", g.N, ", ", g.C, ", ", g.H * g.W, ")");
+  const bool pixels = x.size(2) <= 1 || x.stride(2) == 1, channels = x.size(1) <= 1 || x.stride(1) == 1;
+  const bool in_place = pixels && (x.dtype == DType::f32 || (bf16_in_place && x.dtype == DType::bf16));
+  if (!in_place) {
+    HOTOPS_CHECK(g.direct() && channels, "x must be float32 with contiguous pixels (stride 1 in its last ",
+                 "dimension)", g.direct() ? ", or have contiguous channels (stride 1 in its second)" : "",
+                 ", got strides (", x.stride(0), ", ", x.stride(1), ", ", x.stride(2), ") for ",
+                 dtype_name(x.dtype));
+  }
+}
+
 }  // namespace
 
 Act act_from_name(const char* name) {
@@ -95,24 +115,7 @@ void check(SparseConvFwd& a) {
   check_csr(a.w, a.g.O, "weight");
   if (a.block) check_blocked(a);
   check_used(a.used_rowptr, a.g);
-  // x is float32 with contiguous pixels, or, for direct layers (linear), bfloat16 with contiguous
-  // pixels (the bf16 kernel reads it in place) or any of float32, bfloat16 and float16 with
-  // contiguous channels (a linear layer's input as it comes: kernel.h builds transposed tiles)
-  check_view(a.x, "x", 3, {DType::f32, DType::bf16, DType::f16});
-  HOTOPS_CHECK(a.x.dtype == DType::f32 || a.g.direct(),
-               "x must be float32 for a convolution that is not 1x1 "
-               "stride 1 unpadded, got ",
-               dtype_name(a.x.dtype));
-  HOTOPS_CHECK(a.x.size(0) == a.g.N && a.x.size(1) == a.g.C && a.x.size(2) == a.g.H * a.g.W, "x has shape (",
-               a.x.size(0), ", ", a.x.size(1), ", ", a.x.size(2), "), expected (", a.g.N, ", ", a.g.C, ", ",
-               a.g.H * a.g.W, ")");
-  const bool pixels = a.x.size(2) <= 1 || a.x.stride(2) == 1,
-             channels = a.x.size(1) <= 1 || a.x.stride(1) == 1;
-  if (!(pixels && a.x.dtype != DType::f16)) {
-    HOTOPS_CHECK(a.g.direct() && channels, "x must have contiguous pixels (stride 1 in its last dimension)",
-                 a.g.direct() ? ", or contiguous channels (stride 1 in its second)" : "", ", got strides (",
-                 a.x.stride(0), ", ", a.x.stride(1), ", ", a.x.stride(2), ") for ", dtype_name(a.x.dtype));
-  }
+  check_input(a.x, a.g, true);
   check_view(a.y, "y", 3, {DType::f32, DType::bf16, DType::f16});
   HOTOPS_CHECK(a.y.size(0) == a.g.N && a.y.size(1) == a.g.O && a.y.size(2) == a.g.P(), "y has shape (",
                a.y.size(0), ", ", a.y.size(1), ", ", a.y.size(2), "), expected (", a.g.N, ", ", a.g.O, ", ",
@@ -152,7 +155,7 @@ void check(SparseConvBwdValues& a) {
   check_geometry(a.g);
   check_csr(a.w, a.g.O, "weight");
   check_used(a.used_rowptr, a.g);
-  check_pixels(a.x, "x", a.g.N, a.g.C, a.g.H * a.g.W, true);
+  check_input(a.x, a.g, false);
   check_pixels(a.gy, "grad_output", a.g.N, a.g.O, a.g.P(), true);
   check_view(a.partial, "partial", 2, {DType::f32});
   HOTOPS_CHECK(a.partial.size(0) >= 1 && a.partial.size(1) == a.w.colidx.size(0),

@@ -407,7 +407,7 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
   const float* gy = a.gy.ptr<float>();
   float* gx = a.gx.ptr<float>();
   if (g.direct()) {  // cols are grad_input itself: write it in place, rows split freely
-    const Plan plan(g, g.K(), true, a.threads);
+    const Plan plan(g, g.K(), true, a.threads, 1, g.Og());  // tiles sized for grad_y's Og rows
     parallel_claim(plan.items, a.threads, [&](auto claim) {
       Scratch<float> park(plan.rbs * CH);
       for (int64_t it; (it = claim()) < plan.items;) {
@@ -457,10 +457,34 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
   });
 }
 
+// part[i] += dot(g, src + col[i] * ld) over len floats, for the m (1..W) non-zeros of one row at
+// col: W dot products at once, so each vector of g is loaded once per W products, and the W sums
+// are reduced together (a register transpose) instead of one horizontal sum per non-zero.
+inline void add_dots(const float* g, const float* src, int64_t ld, int64_t len, const int32_t* col, int64_t m,
+                     float* part) {
+  const float* s[W];
+  for (int64_t i = 0; i < W; ++i) s[i] = src + col[i < m ? i : 0] * ld;  // lanes past m repeat the first
+  VecF acc[W];
+  for (int64_t i = 0; i < W; ++i) acc[i] = VecF::set1(0.0f);
+  int64_t p = 0;
+  for (; p + W <= len; p += W) {
+    const VecF gv = VecF::load(g + p);
+    for (int64_t i = 0; i < W; ++i) acc[i] = VecF::fma(gv, VecF::load(s[i] + p), acc[i]);
+  }
+  if (p < len) {  // masked: the lanes past len are never read, so they hold 0, not whatever is there
+    const VecF gv = load_first(g + p, len - p);
+    for (int64_t i = 0; i < W; ++i) acc[i] = VecF::fma(gv, load_first(s[i] + p, len - p), acc[i]);
+  }
+  transpose(acc);
+  VecF sum = acc[0];
+  for (int64_t i = 1; i < W; ++i) sum = sum + acc[i];
+  store_first(part, load_first(part, m) + sum, m);
+}
+
 void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
   const ConvGeom& g = a.g;
   const CsrPtrs w(a.w, g.O, g.K());
-  const Plan plan(g, g.Og(), g.direct(), a.threads);
+  const Plan plan(g, g.Og(), g.direct() && reads_in_place(a.x), a.threads);
   const int64_t lanes = a.partial.size(0), nnz = a.partial.size(1);
   const float* gy = a.gy.ptr<float>();
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
@@ -480,8 +504,8 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
         for (int64_t q = 0; q < w.panels; ++q)  // in storage order
           for (int64_t r = r0; r < r1; ++r) {
             const float* gr = gy + n * a.gy.stride(0) + r * a.gy.stride(1) + p0;
-            for (int64_t k = w.begin(r, q); k < w.end(r, q); ++k)
-              part[k] += dot(gr, src + w.col[k] * ld, len);
+            for (int64_t k = w.begin(r, q), end = w.end(r, q); k < end; k += W)
+              add_dots(gr, src, ld, len, w.col + k, std::min<int64_t>(W, end - k), part + k);
           }
       }
     }

@@ -186,10 +186,13 @@ inline const float* input_tile(const ConvGeom& g, const View& x, const int64_t* 
 // Tiling shared by the passes: tiles of `pt` output pixels, rows split into `rb` blocks of `rbs`.
 struct Plan {
   int64_t pt, tiles, rb, rbs, items;
-  // unit: row blocks are whole multiples of it (the blocked format's b rows)
-  Plan(const ConvGeom& g, int64_t rows_per_group, bool split_rows_freely, int threads, int64_t unit = 1) {
+  // unit: row blocks are whole multiples of it (the blocked format's b rows); src_rows: the rows
+  // of a tile's source (default the im2col rows K)
+  Plan(const ConvGeom& g, int64_t rows_per_group, bool split_rows_freely, int threads, int64_t unit = 1,
+       int64_t src_rows = 0) {
     const int64_t P = g.P();
-    pt = std::max<int64_t>(CH, TILE_FLOATS / std::max<int64_t>(1, g.K()) / CH * CH);
+    const int64_t tile_rows = std::max<int64_t>(1, src_rows ? src_rows : g.K());
+    pt = std::max<int64_t>(CH, TILE_FLOATS / tile_rows / CH * CH);
     pt = std::max<int64_t>(1, std::min(P, pt));
     tiles = P == 0 ? 0 : (P + pt - 1) / pt;
     const int64_t outer = g.N * tiles * g.G;

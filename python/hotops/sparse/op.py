@@ -148,7 +148,7 @@ def _cpu_linear_backward(
         _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gyt, gx.t().unsqueeze(0))
         gx = gx.to(x.dtype)
     if need_values:
-        xt = _widened(x, transpose=True).unsqueeze(0)
+        xt = _backend.cpu_view(x).t().unsqueeze(0)  # as it comes: the kernel transposes its tiles
         gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, xt, gyt)
     return gx, gv
 
