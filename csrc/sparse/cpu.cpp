@@ -358,37 +358,20 @@ bool conv_fwd_shifted(const SparseConvFwd& a, const CsrPtrs& w) {
   return true;
 }
 
-// The convert path of a bfloat16 x (direct layers only, check()): x widened to float32 into a
-// scratch copy, then the float32 kernels.
-void conv_fwd_widened(const SparseConvFwd& a) {
-  const ConvGeom& g = a.g;
-  const int64_t rows = g.N * g.C, P = g.H * g.W;
-  Scratch<float> xs(rows * P);
-  parallel_for(rows, 16, a.threads, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint16_t* src = a.x.ptr<uint16_t>() + (r / g.C) * a.x.stride(0) + (r % g.C) * a.x.stride(1);
-      for (int64_t j = 0; j < P; j += W)
-        store_row(xs.p + r * P, DType::f32, j, load_row(src, DType::bf16, j, std::min<int64_t>(W, P - j)),
-                  std::min<int64_t>(W, P - j));
-    }
-  });
-  SparseConvFwd b = a;
-  b.x.data = xs.p;
-  b.x.dtype = DType::f32;
-  b.x.strides[0] = g.C * P, b.x.strides[1] = P, b.x.strides[2] = 1;
-  sparse_conv_fwd(b);
-}
-
 }  // namespace
 
 void sparse_conv_fwd(const SparseConvFwd& a) {
-  if (a.x.dtype == DType::bf16 && (a.x.size(2) <= 1 || a.x.stride(2) == 1)) {  // bf16 with contiguous pixels
 #if defined(__AVX512F__)
-    // bf16.h: vdpbf16ps over 16+ pixels (fewer, such as batch-1 linear, gather instead)
-    if (!a.block && a.g.P() >= 16 && feature_on(Feature::avx512_bf16))
-      return direct_fwd_bf16(a, CsrPtrs(a.w, a.g.O, a.g.K()));
+  // bf16.h: bf16 x^T on vdpbf16ps over 16+ pixels (fewer, such as batch-1 linear, gather instead)
+  if (a.x.dtype == DType::bf16 && (a.x.size(2) <= 1 || a.x.stride(2) == 1) && !a.block && a.g.P() >= 16 &&
+      feature_on(Feature::avx512_bf16))
+    return direct_fwd_bf16(a, CsrPtrs(a.w, a.g.O, a.g.K()));
 #endif
-    return conv_fwd_widened(a);
+  if (a.g.direct() && copies_input(a.x, Plan(a.g, a.g.Og(), true, a.threads, a.block ? a.block : 1))) {
+    Scratch<float> xs(a.g.N * a.g.C * tile_ld(a.g.P()));
+    SparseConvFwd b = a;
+    b.x = float_pixels(a.x, a.g, xs.p, a.threads);
+    return sparse_conv_fwd(b);
   }
   if (a.block) return sparse_conv_fwd_blocked(a);
   const ConvGeom& g = a.g;
@@ -483,8 +466,14 @@ inline void add_dots(const float* g, const float* src, int64_t ld, int64_t len, 
 
 void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
   const ConvGeom& g = a.g;
+  if (g.direct() && copies_input(a.x, Plan(g, g.Og(), true, a.threads))) {
+    Scratch<float> xs(g.N * g.C * tile_ld(g.P()));
+    SparseConvBwdValues b = a;
+    b.x = float_pixels(a.x, g, xs.p, a.threads);
+    return sparse_conv_bwd_values(b);
+  }
   const CsrPtrs w(a.w, g.O, g.K());
-  const Plan plan(g, g.Og(), g.direct() && reads_in_place(a.x), a.threads);
+  const Plan plan(g, g.Og(), g.direct(), a.threads);
   const int64_t lanes = a.partial.size(0), nnz = a.partial.size(1);
   const float* gy = a.gy.ptr<float>();
   const int64_t* used = a.used_rowptr.ptr<int64_t>();

@@ -215,6 +215,43 @@ struct Plan {
   }
 };
 
+// x (a direct layer's input, N x C x P) copied whole into buf (N * C rows of tile_ld(P) floats)
+// as float32 with contiguous pixels; returns the view of the copy. For the inputs the kernels do
+// not read in place where building tiles would not do: bfloat16 with contiguous pixels (widened
+// row by row) on the convert path, and a pixel-major x with so few tiles that the work is shared
+// out by splitting rows, each split transposing the same tile again (transposed whole instead).
+inline View float_pixels(const View& x, const ConvGeom& g, float* buf, int threads) {
+  const int64_t P = g.P(), ld = tile_ld(P), es = dtype_size(x.dtype);
+  const bool pixels = P <= 1 || x.stride(2) == 1;
+  const int64_t chunks = pixels ? g.N * g.C : g.N * ((P + CH - 1) / CH);
+  parallel_for(chunks, 1, threads, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (pixels) {  // one channel row: pixels widened W at a time
+        const char* src =
+            static_cast<const char*>(x.data) + ((i / g.C) * x.stride(0) + (i % g.C) * x.stride(1)) * es;
+        for (int64_t j = 0; j < P; j += W)
+          store_row(buf + i * ld, DType::f32, j, load_row(src, x.dtype, j, std::min<int64_t>(W, P - j)),
+                    std::min<int64_t>(W, P - j));
+      } else {  // CH pixels of one image, every channel
+        const int64_t tiles = (P + CH - 1) / CH, n = i / tiles, p0 = (i % tiles) * CH;
+        transpose_pixels(x, n, 0, g.C, p0, std::min(CH, P - p0), buf + n * g.C * ld + p0, ld);
+      }
+    }
+  });
+  View v = x;
+  v.data = buf;
+  v.dtype = DType::f32;
+  v.strides[0] = g.C * ld, v.strides[1] = ld, v.strides[2] = 1;
+  return v;
+}
+
+// Whether x must be copied whole (float_pixels) before a pass that plans its tiles with `plan`:
+// bfloat16 with contiguous pixels, or a pixel-major x whose rows the plan splits.
+inline bool copies_input(const View& x, const Plan& plan) {
+  if (reads_in_place(x)) return false;
+  return (x.dtype == DType::bf16 && (x.size(2) <= 1 || x.stride(2) == 1)) || plan.rb > 1;
+}
+
 // A forward's product over output rows [r0, r1) (a whole number of the format's row units but at
 // a group's end) for `len` pixels of src (row stride ld), written through out; `park` holds the
 // partial sums between column panels ((r1 - r0) x CH floats).
@@ -225,8 +262,9 @@ struct Plan {
 template <typename Product>
 void im2col_tiles(const SparseConvFwd& a, int64_t unit, const Product& product) {
   const ConvGeom& g = a.g;
-  // rows are split freely only where the tile is read in place (a split rebuilds a built tile)
-  const Plan plan(g, g.Og(), g.direct() && reads_in_place(a.x), a.threads, unit);
+  // direct layers split rows freely: a pixel-major x is transposed tile by tile only where the
+  // plan does not split them (sparse_conv_fwd copies it whole otherwise)
+  const Plan plan(g, g.Og(), g.direct(), a.threads, unit);
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
   parallel_claim(plan.items, a.threads, [&](auto claim) {
     Scratch<float> buf(tile_floats(g, a.x, plan.pt));
