@@ -109,7 +109,8 @@ def test_transposed_rows_spread_over_cache_sets():
         t = op._transposed_empty(rows, cols, dtype)
         line = 64 // t.element_size()
         assert t.shape == (rows, cols) and t.stride(1) == 1
-        assert t.stride(0) >= cols and t.stride(0) % line == 0 and (t.stride(0) // line) % 2 == 1
+        assert t.stride(0) >= cols and t.stride(0) % line == 0 and (t.stride(0) // line) % 8 != 0
+    assert op._transposed_empty(4096, 64).stride(0) == 64  # 4 lines spread already: no padding
 
 
 def test_linear_leading_dims_and_empty_rows():

@@ -133,13 +133,19 @@ inline bool reads_in_place(const View& x) {
   return x.dtype == DType::f32 && (x.size(2) <= 1 || x.stride(2) == 1);
 }
 
-// Row stride of a built tile of len pixels: an odd number of 64-byte lines, so that its rows
-// spread over the caches' sets (rows a multiple of 4 KB apart would all share a few).
-inline int64_t tile_ld(int64_t len) { return (((len + 15) / 16) | 1) * 16; }
+// Row stride of a built tile of len pixels: whole 64-byte lines, one more where they would be a
+// multiple of 8 (512 bytes). Rows a multiple of 4 KB apart (a batch of 1,024 or 5,120 float32
+// rows) would fall in the same few cache sets and evict each other; a stride of 4 lines already
+// spreads over every set, and one more line would cost a quarter more memory traffic.
+inline int64_t tile_ld(int64_t len) {
+  const int64_t lines = (len + 15) / 16;
+  return (lines % 8 ? lines : lines + 1) * 16;
+}
 
 // Channels [c0, c0 + C) of pixels [p0, p0 + len) of image n of a pixel-major x (channels
 // contiguous), transposed into buf (row stride ld >= len rounded up to W) as float32: W x W
-// blocks of W pixels' rows through registers.
+// blocks of W pixels' rows through registers, W pixels at a time, so x is read row after row as
+// it lies in memory (the tile's first read of it; buf stays in cache).
 inline void transpose_pixels(const View& x, int64_t n, int64_t c0, int64_t C, int64_t p0, int64_t len,
                              float* buf, int64_t ld) {
   const int64_t es = dtype_size(x.dtype);
