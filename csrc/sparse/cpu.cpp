@@ -363,9 +363,20 @@ bool conv_fwd_shifted(const SparseConvFwd& a, const CsrPtrs& w) {
 void sparse_conv_fwd(const SparseConvFwd& a) {
 #if defined(__AVX512F__)
   // bf16.h: bf16 x^T on vdpbf16ps over 16+ pixels (fewer, such as batch-1 linear, gather instead)
-  if (a.x.dtype == DType::bf16 && (a.x.size(2) <= 1 || a.x.stride(2) == 1) && !a.block && a.g.P() >= 16 &&
-      feature_on(Feature::avx512_bf16))
-    return direct_fwd_bf16(a, CsrPtrs(a.w, a.g.O, a.g.K()));
+  if (a.x.dtype == DType::bf16 && !a.block && a.g.P() >= 16 && feature_on(Feature::avx512_bf16)) {
+    if (a.x.size(2) <= 1 || a.x.stride(2) == 1) return direct_fwd_bf16(a, CsrPtrs(a.w, a.g.O, a.g.K()));
+    // a pixel-major x (a linear layer's input as it comes): its x^T, still bfloat16, for the kernel
+    const ConvGeom& g = a.g;
+    const int64_t ld = tile_ld(g.P());
+    Scratch<uint16_t> xt(g.N * g.C * ld);
+    for (int64_t n = 0; n < g.N; ++n)
+      transpose_halfwords(a.x.ptr<uint16_t>() + n * a.x.stride(0), a.x.stride(2), g.P(), g.C,
+                          xt.p + n * g.C * ld, ld, a.threads);
+    SparseConvFwd b = a;
+    b.x.data = xt.p;
+    b.x.strides[0] = g.C * ld, b.x.strides[1] = ld, b.x.strides[2] = 1;
+    return direct_fwd_bf16(b, CsrPtrs(b.w, g.O, g.K()));
+  }
 #endif
   if (a.g.direct() && copies_input(a.x, Plan(a.g, a.g.Og(), true, a.threads, a.block ? a.block : 1))) {
     Scratch<float> xs(a.g.N * a.g.C * tile_ld(a.g.P()));
@@ -519,36 +530,19 @@ void sparse_widen(const SparseWiden& a) {
     });
     return;
   }
-  if (dst.dtype == DType::bf16) {  // a bfloat16 transpose (the bf16 kernel's input): 16-bit moves
-    parallel_for((C + 63) / 64, 1, a.threads, [&](int64_t b0, int64_t b1) {
-      uint16_t* o = dst.ptr<uint16_t>();
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t r = 0; r < R; ++r) {
-          const uint16_t* s = reinterpret_cast<const uint16_t*>(row(r));
-          for (int64_t j = b * 64, e = std::min<int64_t>(C, j + 64); j < e; ++j) o[j * ld + r] = s[j];
-        }
-    });
-    return;
-  }
-  // dst (C, R): W x W blocks, W rows of W source columns transposed in registers and stored as W
-  // runs of W down W rows of dst. A task walks 16 columns (a cache line of each source row) from the
-  // first row to the last, so each source line is read once and its 16 output rows are written
-  // front to back.
+  if (dst.dtype == DType::bf16)  // a bfloat16 transpose: 16-bit moves
+    return transpose_halfwords(src.ptr<uint16_t>(), src.stride(0), R, C, dst.ptr<uint16_t>(), ld, a.threads);
+  // dst (C, R): src read as a pixel-major x (its rows the pixels), 16 columns (a cache line of each
+  // source row) per task, transposed down every row (transpose_pixels)
+  View x = src;
+  x.ndim = 3;
+  x.sizes[0] = 1, x.sizes[1] = C, x.sizes[2] = R;
+  x.strides[0] = 0, x.strides[1] = 1, x.strides[2] = src.stride(0);
   constexpr int64_t LINE = 16;
   parallel_for((C + LINE - 1) / LINE, 1, a.threads, [&](int64_t b0, int64_t b1) {
-    float* out = dst.ptr<float>();
     for (int64_t b = b0; b < b1; ++b)
-      for (int64_t r = 0; r < R; r += W) {
-        const int64_t m = std::min<int64_t>(W, R - r);
-        for (int64_t j = b * LINE; j < std::min(C, (b + 1) * LINE); j += W) {
-          const int64_t n = std::min<int64_t>(W, C - j);
-          VecF v[W];
-          for (int64_t i = 0; i < W; ++i)
-            v[i] = i < m ? load_row(row(r + i), src.dtype, j, n) : VecF::set1(0.0f);
-          transpose(v);
-          for (int64_t i = 0; i < n; ++i) store_row(out + (j + i) * ld, DType::f32, r, v[i], m);
-        }
-      }
+      transpose_pixels(x, 0, b * LINE, std::min(LINE, C - b * LINE), 0, R, dst.ptr<float>() + b * LINE * ld,
+                       ld);
   });
 }
 

@@ -143,9 +143,9 @@ inline int64_t tile_ld(int64_t len) {
 }
 
 // Channels [c0, c0 + C) of pixels [p0, p0 + len) of image n of a pixel-major x (channels
-// contiguous), transposed into buf (row stride ld >= len rounded up to W) as float32: W x W
-// blocks of W pixels' rows through registers, W pixels at a time, so x is read row after row as
-// it lies in memory (the tile's first read of it; buf stays in cache).
+// contiguous), transposed into buf (row stride ld >= len) as float32: W x W blocks of W pixels'
+// rows through registers, W pixels at a time, so x is read row after row as it lies in memory
+// (the tile's first read of it; buf stays in cache). Nothing past len is written in a row.
 inline void transpose_pixels(const View& x, int64_t n, int64_t c0, int64_t C, int64_t p0, int64_t len,
                              float* buf, int64_t ld) {
   const int64_t es = dtype_size(x.dtype);
@@ -158,9 +158,21 @@ inline void transpose_pixels(const View& x, int64_t n, int64_t c0, int64_t C, in
       for (int64_t i = 0; i < W; ++i)
         v[i] = i < np ? load_row(base + (p0 + p + i) * x.stride(2) * es, x.dtype, c, nc) : VecF::set1(0.0f);
       transpose(v);
-      for (int64_t i = 0; i < nc; ++i) v[i].store(buf + (c + i) * ld + p);
+      for (int64_t i = 0; i < nc; ++i) store_row(buf + (c + i) * ld, DType::f32, p, v[i], np);
     }
   }
+}
+
+// dst[j * ld + r] = element j of src row r (row stride src_ld elements) for r < R, j < C: 16-bit
+// elements (bfloat16) transposed as they are, 64 columns per task.
+inline void transpose_halfwords(const uint16_t* src, int64_t src_ld, int64_t R, int64_t C, uint16_t* dst,
+                                int64_t ld, int threads) {
+  parallel_for((C + 63) / 64, 1, threads, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = b * 64, e = std::min<int64_t>(C, j + 64); j < e; ++j)
+          dst[j * ld + r] = src[r * src_ld + j];
+  });
 }
 
 // Floats of the per-task buffer input_tile builds tiles of up to pt pixels in (0: none needed).

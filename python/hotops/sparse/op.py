@@ -53,27 +53,24 @@ def _forward(geom: ConvGeometry, values, rowptr, colidx, t_rowptr, x3, bias, y3,
     )
 
 
-def _widened(x: Tensor, transpose: bool = False, keep_bf16: bool = False) -> Tensor:
-    """x (R, C), or x^T, as a contiguous float32 tensor (bfloat16 kept with ``keep_bf16``: the
-    forward of direct layers reads it as it is). The kernels otherwise run in float32: bfloat16 /
-    float16 activations are widened on the way in and the output rounded once on the way out.
+def _widened(x: Tensor, transpose: bool = False) -> Tensor:
+    """x (R, C), or x^T (rows padded: _transposed_empty), as a float32 tensor. The kernels run in
+    float32: bfloat16 / float16 activations are widened on the way in and the output rounded once
+    on the way out.
     The copy runs on hotops' threads, not as a torch op: torch's OpenMP workers spin for
     milliseconds after every op and would take a core from the kernel that follows."""
     x = _backend.cpu_view(x)
-    dtype = torch.bfloat16 if keep_bf16 and x.dtype == torch.bfloat16 else torch.float32
-    if not transpose and x.dtype == dtype and x.is_contiguous():
+    if not transpose and x.dtype == torch.float32 and x.is_contiguous():
         return x
-    out = _transposed_empty(*x.shape[::-1], dtype) if transpose else torch.empty(x.shape, dtype=dtype)
+    out = _transposed_empty(*x.shape[::-1]) if transpose else torch.empty(x.shape, dtype=torch.float32)
     _backend.ext().sparse_widen(x, out, transpose, _backend.num_threads())
     return out
 
 
 def _linear_input(x: Tensor) -> Tensor:
-    """A linear forward's x (B, I) as the kernel's (1, I, B) input. bfloat16 is transposed whole
-    (its kernel reads x^T in place); float32 and float16 go as they are, and the kernel transposes
-    (and widens) one L2-sized tile of rows at a time, never writing x^T to memory."""
-    if x.dtype == torch.bfloat16:
-        return _widened(x, transpose=True, keep_bf16=True).unsqueeze(0)
+    """A linear layer's x (B, I) as the kernels' (1, I, B) input, as it comes: they transpose
+    (and widen) one L2-sized tile of rows at a time, never writing x^T to memory (the bfloat16
+    forward on AVX512_BF16 transposes it whole, still bfloat16)."""
     return _backend.cpu_view(x).t().unsqueeze(0)
 
 
@@ -149,8 +146,7 @@ def _cpu_linear_backward(
         _grad_input(geom, values, t_rowptr, t_colidx, t_perm, gyt, gx.t().unsqueeze(0))
         gx = gx.to(x.dtype)
     if need_values:
-        xt = _backend.cpu_view(x).t().unsqueeze(0)  # as it comes: the kernel transposes its tiles
-        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, xt, gyt)
+        gv = _grad_values(geom, values, rowptr, colidx, t_rowptr, _linear_input(x), gyt)
     return gx, gv
 
 
@@ -238,9 +234,8 @@ def prepared_linear(
     forward, threads, empty = plan.forward, torch.get_num_threads, torch.empty
 
     def run(x: Tensor) -> Tensor:
-        xt = x.view(B, in_features).t().unsqueeze(0)  # the kernel transposes it tile by tile
         y = empty(B, O)
-        forward(xt, y.t().unsqueeze(0), threads())
+        forward(x.view(B, in_features).t().unsqueeze(0), y.t().unsqueeze(0), threads())
         return y.view(shape)
 
     return run
