@@ -12,8 +12,7 @@ mask (unstructured: CSR), or each of ``--sparsity``. Columns: CPU ms per call
 (``time.process_time`` over the process's threads, the sides alternated in one process, best of
 ``--rounds`` rounds of >= ``--min-time`` s each: a machine shared with other jobs inflates wall
 time much more than CPU time), the path the rule picks, and whether that is the faster of the
-layer's two paths. Random weights: the time does
-not depend on the values.
+layer's two paths. Random weights: the time does not depend on the values.
 """
 
 from __future__ import annotations
