@@ -45,10 +45,9 @@ struct BlockPtrs {
   }  // a group's last block may be short
 
   void check_blocks(int64_t j0, int64_t j1) const {  // every column index the kernel reads
-    bool bad = false;
-    for (int64_t q = 0; q < panels; ++q)
-      for (int64_t k = begin(j0, q); k < begin(j1, q); ++k) bad |= static_cast<uint32_t>(col[k]) >= ncols;
-    HOTOPS_CHECK(!bad, "column index out of range [0, ", ncols, ") in blocks ", j0, "..", j1 - 1,
+    bool ok = true;
+    for (int64_t q = 0; q < panels; ++q) ok &= columns_in_range(col, begin(j0, q), begin(j1, q), ncols);
+    HOTOPS_CHECK(ok, "column index out of range [0, ", ncols, ") in blocks ", j0, "..", j1 - 1,
                  " of the blocked sparse weight");
   }
 };

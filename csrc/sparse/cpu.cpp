@@ -37,11 +37,12 @@ struct CsrPtrs {
   int64_t begin(int64_t r, int64_t q) const { return rowptr[q * rows + r]; }
   int64_t end(int64_t r, int64_t q) const { return rowptr[q * rows + r + 1]; }
 
-  void check_rows(int64_t r0, int64_t r1) const {  // every column index the kernels read, in storage order
-    bool bad = false;
-    for (int64_t q = 0; q < panels; ++q)
-      for (int64_t k = begin(r0, q); k < begin(r1, q); ++k) bad |= static_cast<uint32_t>(col[k]) >= ncols;
-    HOTOPS_CHECK(!bad, "column index out of range [0, ", ncols, ") in rows ", r0, "..", r1 - 1,
+  // every column index the kernels read for rows [r0, r1) of panels [q0, q1), in storage order
+  void check_rows(int64_t r0, int64_t r1, int64_t q0 = 0, int64_t q1 = -1) const {
+    bool ok = true;
+    for (int64_t q = q0; q < (q1 < 0 ? panels : q1); ++q)
+      ok &= columns_in_range(col, begin(r0, q), begin(r1, q), ncols);
+    HOTOPS_CHECK(ok, "column index out of range [0, ", ncols, ") in rows ", r0, "..", r1 - 1,
                  " of the sparse weight");
   }
 };
@@ -82,9 +83,10 @@ inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
 
 // sum_k val[k] * src[col[k] * ld] over one row's non-zeros [k, kend), left spread over the lanes
 // (the caller adds up a row's panels before one horizontal sum): a sparse dot product that gathers
-// its operands 16 (AVX-512) or 8 (AVX2) at a time, the last gather masked, where offsets fit int32.
+// its operands 16 (AVX-512) or 8 (AVX2) at a time where offsets fit int32, the last 1 .. W - 1 by
+// one masked gather (no branch on how many: a row's panels end at random counts).
 inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld) {
-  VecF gathered = VecF::set1(0.0f);
+  const VecF zero = VecF::set1(0.0f);
 #if defined(__AVX512F__) || defined(__AVX2__)
   if (ld * m.ncols <= INT32_MAX) {
 #if defined(__AVX512F__)
@@ -98,7 +100,7 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
     auto gather_first = [&](int64_t at, int64_t count) {
       const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1u);
       const I c = index(_mm512_maskz_loadu_epi32(mask, m.col + at));
-      return VecF(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, c, src, 4));
+      return VecF(_mm512_mask_i32gather_ps(zero.v, mask, c, src, 4));
     };
 #else
     using I = __m256i;
@@ -113,20 +115,17 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
       const I mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       const I c = index(_mm256_maskload_epi32(m.col + at, mask));
-      return VecF(_mm256_mask_i32gather_ps(_mm256_setzero_ps(), src, c, _mm256_castsi256_ps(mask), 4));
+      return VecF(_mm256_mask_i32gather_ps(zero.v, src, c, _mm256_castsi256_ps(mask), 4));
     };
 #endif
-    VecF s0 = VecF::set1(0.0f), s1 = VecF::set1(0.0f);
+    VecF s0 = zero, s1 = zero;
     for (; k + 2 * W <= kend; k += 2 * W) {
       s0 = VecF::fma(VecF::load(m.val + k), gather(k), s0);
       s1 = VecF::fma(VecF::load(m.val + k + W), gather(k + W), s1);
     }
-    for (; k + W <= kend; k += W) s0 = VecF::fma(VecF::load(m.val + k), gather(k), s0);
-    // a masked gather costs as much as a full one: the last few non-zeros load one by one
-    if (kend - k >= W / 2)
-      s1 = VecF::fma(load_first(m.val + k, kend - k), gather_first(k, kend - k), s1), k = kend;
-    gathered = s0 + s1;
-    if (k == kend) return gathered;
+    if (k + W <= kend) s0 = VecF::fma(VecF::load(m.val + k), gather(k), s0), k += W;
+    if (k < kend) s1 = VecF::fma(load_first(m.val + k, kend - k), gather_first(k, kend - k), s1);
+    return s0 + s1;
   }
 #endif
   float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains for latency
@@ -134,7 +133,7 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
     for (int u = 0; u < 4; ++u) s[u] += m.val[k + u] * src[m.col[k + u] * ld];
   for (; k < kend; ++k) s[0] += m.val[k] * src[m.col[k] * ld];
   const float total = (s[0] + s[1]) + (s[2] + s[3]);
-  return gathered + load_first(&total, 1);
+  return load_first(&total, 1);
 }
 
 // Rows [r0, r1) over NVR vectors of pixels from p, the last holding `last` (1..W) of them:
@@ -193,7 +192,7 @@ void rows_tile(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
 // batch-1 linear). `park` holds (r1 - r0) x 64 floats when the weight has several panels.
 void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64_t ld, int64_t n, Out out,
                const float* bias, Act act, float* park) {
-  m.check_rows(r0, r1);
+  if (n > 1) m.check_rows(r0, r1);
   int64_t p = 0;
   for (; p + CH <= n; p += CH) rows_tile<NV, false>(m, r0, r1, src, ld, p, W, out, bias, act, park);
   const int64_t rem = n - p;
@@ -211,10 +210,15 @@ void spmm_rows(const CsrPtrs& m, int64_t r0, int64_t r1, const float* src, int64
     }
   }
   if (rem == 1) {  // one pixel (all of batch-1 linear): gathered sparse dot products, panel by panel
+    constexpr int64_t ROWS = 64;  // indices checked just before use, so the product reads them from L1
     for (int64_t q = 0; q < m.panels; ++q)
-      for (int64_t r = r0; r < r1; ++r) {
-        const VecF s = gather_dot(m, m.begin(r, q), m.end(r, q), src + p, ld);
-        (q ? VecF::load(park + (r - r0) * W) + s : s).store(park + (r - r0) * W);
+      for (int64_t rb = r0; rb < r1; rb += ROWS) {
+        const int64_t re = std::min(r1, rb + ROWS);
+        m.check_rows(rb, re, q, q + 1);
+        for (int64_t r = rb; r < re; ++r) {
+          const VecF s = gather_dot(m, m.begin(r, q), m.end(r, q), src + p, ld);
+          (q ? VecF::load(park + (r - r0) * W) + s : s).store(park + (r - r0) * W);
+        }
       }
     for (int64_t r = r0; r < r1; ++r) {
       const float dot = VecF::load(park + (r - r0) * W).sum();

@@ -52,6 +52,16 @@ inline VecF epilogue(VecF acc, VecF bias, Act act) {
   return act == Act::relu6 ? VecF::min(VecF::set1(6.0f), acc) : acc;  // NaN stays NaN, as in torch
 }
 
+// Whether every column index of the non-zeros [k0, k1) lies in [0, ncols) (a negative one reads
+// as a huge unsigned). Run on every call, since the index tensors may change between calls: a
+// max-reduction the compiler vectorizes, so the check costs a fraction of the product even at
+// batch 1 (a compare-and-or per index was a quarter of a 4096 x 4096 GEMV).
+inline bool columns_in_range(const int32_t* col, int64_t k0, int64_t k1, int64_t ncols) {
+  uint32_t top = 0;
+  for (int64_t k = k0; k < k1; ++k) top = std::max(top, static_cast<uint32_t>(col[k]));
+  return k0 >= k1 || top < static_cast<uint64_t>(ncols);
+}
+
 // The first `count` (1..W) floats at p; the other lanes are 0 and their memory is not touched.
 inline VecF load_first(const float* p, int64_t count) {
 #if defined(__AVX512F__)
