@@ -504,41 +504,38 @@ def test_corrupt_structure_is_caught_by_the_kernel():
         )
 
 
-# ------------------------------------------------------------------ the Triton BSR kernel
-
-
 @pytest.mark.parametrize("B", [1, 3, 70])
 @pytest.mark.parametrize("bad", [-1, 1100, 2**31 - 1])
 def test_corrupt_index_anywhere_is_caught(isa, B, bad):
     """A column index out of range in any panel and any row (the batch-1 product checks its rows
-    in chunks, just before it reads them) is refused before it is read, forward and input grad."""
+    in chunks, just before it reads them) is refused before it is read, forward and input grad;
+    so is a t_perm entry out of range (the input gradient reads W's values through it)."""
     from hotops.sparse.format import PANEL_COLS, csr_rows
 
     I = 2 * PANEL_COLS + 76  # three column panels
     sw = SparseWeight.from_dense(torch.randn(150, I), sparsity=0.9)
     rows = csr_rows(sw.rowptr, 150)
+
+    def grad_input(t_colidx, t_perm):
+        structure = (sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, t_colidx, t_perm)
+        return op.sparse_linear_backward(torch.randn(B, 150), torch.randn(B, I), *structure, I, True, False)
+
     for where in (0, int(torch.nonzero(rows == 130)[-1]), sw.colidx.numel() - 1):
         col = sw.colidx.clone()
         col[where] = bad
         args = (sw.values, sw.rowptr, col, sw.t_rowptr, sw.t_colidx, sw.t_perm, None, I, None)
         with pytest.raises(ValueError, match="column index out of range"):
             op.sparse_linear_op(torch.randn(B, I), *args)
-        t_col = sw.t_colidx.clone()
-        t_col[where % t_col.numel()] = 150 if bad == 1100 else bad
+        t_col, t_perm = sw.t_colidx.clone(), sw.t_perm.clone()
+        t_col[where] = 150 if bad == 1100 else bad
         with pytest.raises(ValueError, match="column index out of range"):
-            op.sparse_linear_backward(
-                torch.randn(B, 150),
-                torch.randn(B, I),
-                sw.values,
-                sw.rowptr,
-                sw.colidx,
-                sw.t_rowptr,
-                t_col,
-                sw.t_perm,
-                I,
-                True,
-                False,
-            )
+            grad_input(t_col, sw.t_perm)
+        t_perm[where] = sw.nnz if bad > 0 else bad
+        with pytest.raises(ValueError, match="t_perm holds an index outside"):
+            grad_input(sw.t_colidx, t_perm)
+
+
+# ------------------------------------------------------------------ the Triton BSR kernel
 
 
 def _force_triton(monkeypatch):

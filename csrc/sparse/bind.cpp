@@ -123,19 +123,21 @@ void bind_sparse(py::module_& m) {
       "dst = src or src^T widened to float32 (the sparse kernels' input layout).");
   m.def(
       "sparse_conv_bwd_input",
-      [](py::object geom, py::object t_rowptr, py::object t_colidx, py::object t_values, py::object gy,
-         py::object gx, int threads) {
+      [](py::object geom, py::object t_rowptr, py::object t_colidx, py::object values, py::object t_perm,
+         py::object gy, py::object gx, int threads) {
         ViewArgs view;
         SparseConvBwdInput a;
         a.g = geometry(geom);
-        a.wt = csr(view, t_rowptr, t_colidx, t_values);
+        a.wt = csr(view, t_rowptr, t_colidx, values);
+        a.perm = view(t_perm, "t_perm");
         a.gy = view(gy, "grad_output");
         a.gx = view(gx, "grad_input");
         a.threads = threads;
         launch(a, HOTOPS_DISPATCH(sparse_conv_bwd_input));
       },
-      py::arg("geometry"), py::arg("t_rowptr"), py::arg("t_colidx"), py::arg("t_values"), py::arg("gy"),
-      py::arg("gx"), py::arg("threads"), "grad_input = col2im(W^T gy); see csrc/sparse/cpu.h.");
+      py::arg("geometry"), py::arg("t_rowptr"), py::arg("t_colidx"), py::arg("values"), py::arg("t_perm"),
+      py::arg("gy"), py::arg("gx"), py::arg("threads"),
+      "grad_input = col2im(W^T gy); see csrc/sparse/cpu.h.");
   m.def(
       "sparse_conv_bwd_values",
       [](py::object geom, py::object rowptr, py::object colidx, py::object values, py::object t_rowptr,

@@ -147,6 +147,10 @@ void check(SparseWiden& a) {
 void check(SparseConvBwdInput& a) {
   check_geometry(a.g);
   check_csr(a.wt, a.g.G * a.g.K(), "transposed weight");
+  check_view(a.perm, "t_perm", 1, {DType::i64});
+  check_contiguous(a.perm, "t_perm");
+  HOTOPS_CHECK(a.perm.size(0) == a.wt.colidx.size(0), "t_perm has ", a.perm.size(0), " entries for ",
+               a.wt.colidx.size(0), " non-zeros");  // its entries are range-checked as they are read
   check_pixels(a.gy, "grad_output", a.g.N, a.g.O, a.g.P(), true);
   check_pixels(a.gx, "grad_input", a.g.N, a.g.C, a.g.H * a.g.W, !a.g.direct());
 }

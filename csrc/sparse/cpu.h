@@ -70,9 +70,10 @@ struct SparseConvFwd {
 // gx = conv2d's input gradient: cols_n = w^T gy_n per group, then col2im (added into gx).
 struct SparseConvBwdInput {
   ConvGeom g;
-  Csr wt;   // w^T per group: R = G*K rows, columns in [0, Og)
-  View gy;  // (N, O, Ho*Wo) float32, pixels contiguous
-  View gx;  // (N, C, H*W) float32; zero-filled by the caller unless g.direct() (then overwritten)
+  Csr wt;     // w^T per group: R = G*K rows, columns in [0, Og); values: w's, in w's order
+  View perm;  // (nnz,) int64: w^T's k-th value is wt.values[perm[k]]
+  View gy;    // (N, O, Ho*Wo) float32, pixels contiguous
+  View gx;    // (N, C, H*W) float32; zero-filled by the caller unless g.direct() (then overwritten)
   int threads = 1;
 };
 

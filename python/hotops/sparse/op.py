@@ -90,7 +90,7 @@ def _grad_input(geom: ConvGeometry, values, t_rowptr, t_colidx, t_perm, gy3, gx3
         gx3.zero_()
         return
     _backend.ext().sparse_conv_bwd_input(
-        geom, t_rowptr, t_colidx, _f32(values)[t_perm].contiguous(), gy3, gx3, _backend.num_threads()
+        geom, t_rowptr, t_colidx, _f32(values), t_perm, gy3, gx3, _backend.num_threads()
     )
 
 
