@@ -25,7 +25,7 @@ ConvGeom geometry(const py::handle& o) {
 Act activation(const py::object& name) {
   if (name.is_none()) return act_from_name(nullptr);
   HOTOPS_CHECK(py::isinstance<py::str>(name), "activation must be None or a name, got ",
-               std::string(py::str(name.get_type().attr("__name__"))));
+               std::string(py::str(py::type::handle_of(name).attr("__name__"))));
   return act_from_name(name.cast<std::string>().c_str());
 }
 
