@@ -494,7 +494,10 @@ inline void add_dots(const float* g, const float* src, int64_t ld, int64_t len, 
   transpose(acc);
   VecF sum = acc[0];
   for (int64_t i = 1; i < W; ++i) sum = sum + acc[i];
-  store_first(part, load_first(part, m) + sum, m);
+  if (m == W)  // plain: AVX2's masked store is slow on AMD (it was the kernel's hottest instruction)
+    (VecF::load(part) + sum).store(part);
+  else
+    store_first(part, load_first(part, m) + sum, m);
 }
 
 void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
