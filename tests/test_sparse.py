@@ -54,6 +54,33 @@ def test_linear_column_panels(isa, B):
         torch.testing.assert_close(g, w_, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("B", [40, 300])
+def test_value_gradient_threads(isa, threads, B):
+    """The value gradient on any thread count: at 40 rows (one tile of pixels) the work items own
+    disjoint rows and write grad_values directly; at 300 (three tiles) they share rows, each thread
+    sums a fixed share into a lane of its own and the lanes are added up. Either way every call
+    gives the same bits (no dependence on timing)."""
+    sw = SparseWeight.from_dense(torch.randn(70, 600), sparsity=0.8)  # two column panels
+    x, gy = torch.randn(B, 600), torch.randn(B, 70)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grads = [
+            op.sparse_linear_backward(
+                gy, x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, sw.t_colidx, sw.t_perm, 600, False, True
+            )[1]
+            for _ in range(3)
+        ]
+    finally:
+        torch.set_num_threads(old)
+    from hotops.sparse.format import csr_rows
+
+    want = (gy.double().t() @ x.double())[csr_rows(sw.rowptr, 70), sw.colidx.long()]
+    torch.testing.assert_close(grads[0], want.float(), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])
+
+
 @pytest.mark.parametrize("B", [1024, 1040, 1500])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_linear_many_rows(isa, B, dtype):

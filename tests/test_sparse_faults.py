@@ -261,13 +261,13 @@ def test_fully_pruned_layer(isa, kind, layout):
 
 
 def test_fully_pruned_kernels_direct(isa):
-    """The C++ entry points themselves take nnz = 0 (an empty partial buffer of any strides)."""
+    """The C++ entry points themselves take nnz = 0 (an empty grad_values of any strides)."""
     ext = _backend.ext()
     sw = SparseWeight.from_dense(torch.zeros(3, 2, 1, 1))
     geom = ConvGeometry.conv((1, 2, 4, 4), sw.shape, [1, 1], [0, 0], [1, 1], 1)
     x3, gy3 = torch.randn(1, 2, 16), torch.randn(1, 3, 16)
-    for partial in (torch.zeros(2, 0), torch.zeros(0, 2).t()):
-        ext.sparse_conv_bwd_values(geom, sw.rowptr, sw.colidx, sw.values, sw.t_rowptr, x3, gy3, partial, 2)
+    for gv in (torch.zeros(0), torch.zeros(0, 3)[:, 1]):
+        ext.sparse_conv_bwd_values(geom, sw.rowptr, sw.colidx, sw.values, sw.t_rowptr, x3, gy3, gv, 2)
     y = torch.empty(1, 3, 16)
     ext.sparse_conv_fwd(geom, sw.rowptr, sw.colidx, sw.values, sw.t_rowptr, x3, torch.ones(3), y, None, 1)
     assert torch.equal(y, torch.ones(1, 3, 16))

@@ -141,7 +141,7 @@ void bind_sparse(py::module_& m) {
   m.def(
       "sparse_conv_bwd_values",
       [](py::object geom, py::object rowptr, py::object colidx, py::object values, py::object t_rowptr,
-         py::object x, py::object gy, py::object partial, int threads) {
+         py::object x, py::object gy, py::object gvalues, int threads) {
         ViewArgs view;
         SparseConvBwdValues a;
         a.g = geometry(geom);
@@ -149,13 +149,13 @@ void bind_sparse(py::module_& m) {
         a.used_rowptr = view(t_rowptr, "transposed rowptr");
         a.x = view(x, "x");
         a.gy = view(gy, "grad_output");
-        a.partial = view(partial, "partial");
+        a.gvalues = view(gvalues, "grad_values");
         a.threads = threads;
         launch(a, HOTOPS_DISPATCH(sparse_conv_bwd_values));
       },
       py::arg("geometry"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"), py::arg("t_rowptr"),
-      py::arg("x"), py::arg("gy"), py::arg("partial"), py::arg("threads"),
-      "gradient of the non-zero values: gy . im2col(x) sampled at W's non-zeros, per lane.");
+      py::arg("x"), py::arg("gy"), py::arg("gvalues"), py::arg("threads"),
+      "gradient of the non-zero values: gy . im2col(x) sampled at W's non-zeros.");
 }
 
 }  // namespace hotops

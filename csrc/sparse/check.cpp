@@ -161,12 +161,12 @@ void check(SparseConvBwdValues& a) {
   check_used(a.used_rowptr, a.g);
   check_input(a.x, a.g, false);
   check_pixels(a.gy, "grad_output", a.g.N, a.g.O, a.g.P(), true);
-  check_view(a.partial, "partial", 2, {DType::f32});
-  HOTOPS_CHECK(a.partial.size(0) >= 1 && a.partial.size(1) == a.w.colidx.size(0),
-               "partial must be (lanes, nnz) = (", a.partial.size(0), ", ", a.w.colidx.size(0), "), got (",
-               a.partial.size(0), ", ", a.partial.size(1), ")");
+  check_view(a.gvalues, "grad_values", 1, {DType::f32});
+  HOTOPS_CHECK(a.gvalues.size(0) == a.w.colidx.size(0), "grad_values has ", a.gvalues.size(0),
+               " entries for ", a.w.colidx.size(0), " non-zeros");
   // a fully pruned layer (nnz = 0) has nothing to write: torch gives such a tensor any strides
-  if (a.partial.size(1) > 0) check_contiguous(a.partial, "partial");
+  if (a.gvalues.size(0) > 0) check_contiguous(a.gvalues, "grad_values");
+  check_writable(a.gvalues, "grad_values");
 }
 
 }  // namespace hotops

@@ -510,30 +510,57 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
   }
   const CsrPtrs w(a.w, g.O, g.K());
   const Plan plan(g, g.Og(), g.direct(), a.threads);
-  const int64_t lanes = a.partial.size(0), nnz = a.partial.size(1);
+  const int64_t nnz = a.gvalues.size(0);
+  float* gv = a.gvalues.ptr<float>();
+  if (plan.items == 0) {  // no pixels
+    std::fill(gv, gv + nnz, 0.0f);
+    return;
+  }
   const float* gy = a.gy.ptr<float>();
   const int64_t* used = a.used_rowptr.ptr<int64_t>();
+  // Adds work item it's products into part (whose entries of the item's rows start at 0 or, with
+  // `zero`, are zeroed first).
+  auto item = [&](int64_t it, float* part, float* buf, bool zero) {
+    int64_t n, t, grp, b;
+    plan.decode(it, g, n, t, grp, b);
+    const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
+    const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
+    if (r0 >= r1) return;
+    int64_t ld;
+    const float* src = input_tile(g, a.x, used, n, grp, p0, len, buf, ld);
+    w.check_rows(r0, r1);
+    for (int64_t q = 0; q < w.panels; ++q) {  // in storage order
+      if (zero) std::fill(part + w.begin(r0, q), part + w.begin(r1, q), 0.0f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* gr = gy + n * a.gy.stride(0) + r * a.gy.stride(1) + p0;
+        for (int64_t k = w.begin(r, q), end = w.end(r, q); k < end; k += W)
+          add_dots(gr, src, ld, len, w.col + k, std::min<int64_t>(W, end - k), part + k);
+      }
+    }
+  };
+  if (g.N * plan.tiles == 1) {  // the items' rows are disjoint: each writes its own values, claimed
+    parallel_claim(plan.items, a.threads, [&](auto claim) {
+      Scratch<float> buf(tile_floats(g, a.x, plan.pt));
+      for (int64_t it; (it = claim()) < plan.items;) item(it, gv, buf.p, true);
+    });
+    return;
+  }
+  // Items of several images or pixel tiles share rows: each lane (a fixed share of the items, so
+  // the sums' order, and the result, never depends on timing) sums into grad_values (lane 0) or a
+  // buffer of its own, and the lanes are added up at the end.
+  const int64_t lanes = std::min<int64_t>(a.threads, plan.items);
+  Scratch<float> extra((lanes - 1) * nnz);
   parallel_for(lanes, 1, a.threads, [&](int64_t l0, int64_t l1) {
     Scratch<float> buf(tile_floats(g, a.x, plan.pt));
     for (int64_t lane = l0; lane < l1; ++lane) {
-      float* part = a.partial.ptr<float>() + lane * nnz;
-      for (int64_t it = lane; it < plan.items; it += lanes) {
-        int64_t n, t, grp, b;
-        plan.decode(it, g, n, t, grp, b);
-        const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
-        const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
-        if (r0 >= r1) continue;
-        int64_t ld;
-        const float* src = input_tile(g, a.x, used, n, grp, p0, len, buf.p, ld);
-        w.check_rows(r0, r1);
-        for (int64_t q = 0; q < w.panels; ++q)  // in storage order
-          for (int64_t r = r0; r < r1; ++r) {
-            const float* gr = gy + n * a.gy.stride(0) + r * a.gy.stride(1) + p0;
-            for (int64_t k = w.begin(r, q), end = w.end(r, q); k < end; k += W)
-              add_dots(gr, src, ld, len, w.col + k, std::min<int64_t>(W, end - k), part + k);
-          }
-      }
+      float* part = lane ? extra.p + (lane - 1) * nnz : gv;
+      std::fill(part, part + nnz, 0.0f);
+      for (int64_t it = lane; it < plan.items; it += lanes) item(it, part, buf.p, false);
     }
+  });
+  parallel_for(nnz, 16384, a.threads, [&](int64_t k0, int64_t k1) {
+    for (int64_t lane = 1; lane < lanes; ++lane)
+      for (int64_t k = k0; k < k1; ++k) gv[k] += extra.p[(lane - 1) * nnz + k];
   });
 }
 

@@ -78,14 +78,14 @@ struct SparseConvBwdInput {
 };
 
 // gvalues[k] = sum_n sum_p gy[n, o(k), p] * cols_n[g * K + col(k), p], the dense-dense product
-// sampled at w's non-zeros; each of `partial`'s rows holds one thread's share (caller sums them).
+// sampled at w's non-zeros.
 struct SparseConvBwdValues {
   ConvGeom g;
   Csr w;
   View used_rowptr;
   View x;        // (N, C, H*W) float32, pixels contiguous
   View gy;       // (N, O, Ho*Wo) float32, pixels contiguous
-  View partial;  // (L, nnz) float32, zero-filled, L >= 1 lanes
+  View gvalues;  // (nnz,) float32, overwritten
   int threads = 1;
 };
 

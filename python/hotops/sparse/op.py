@@ -95,14 +95,12 @@ def _grad_input(geom: ConvGeometry, values, t_rowptr, t_colidx, t_perm, gy3, gx3
 
 
 def _grad_values(geom: ConvGeometry, values, rowptr, colidx, t_rowptr, x3, gy3):
-    threads = _backend.num_threads()
     if values.numel() == 0:  # a fully pruned layer has no value to differentiate
         return torch.zeros(0, dtype=torch.float32)
-    partial = torch.zeros(threads, values.numel(), dtype=torch.float32)
-    _backend.ext().sparse_conv_bwd_values(
-        geom, rowptr, colidx, _f32(values), t_rowptr, x3, gy3, partial, threads
-    )
-    return partial.sum(0) if threads > 1 else partial[0]
+    gv = torch.empty(values.numel(), dtype=torch.float32)
+    threads = _backend.num_threads()
+    _backend.ext().sparse_conv_bwd_values(geom, rowptr, colidx, _f32(values), t_rowptr, x3, gy3, gv, threads)
+    return gv
 
 
 def _detached(blocked) -> tuple:
