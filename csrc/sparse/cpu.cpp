@@ -427,14 +427,11 @@ void sparse_conv_bwd_input(const SparseConvBwdInput& a) {
     parallel_claim(plan.items, a.threads, [&](auto claim) {
       Scratch<float> park(plan.rbs * CH);
       for (int64_t it; (it = claim()) < plan.items;) {
-        int64_t n, t, grp, b;
-        plan.decode(it, g, n, t, grp, b);
-        const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
-        const int64_t r0 = grp * g.K() + b * plan.rbs, r1 = std::min((grp + 1) * g.K(), r0 + plan.rbs);
-        if (r0 >= r1) continue;
-        const float* src = gy + n * a.gy.stride(0) + grp * g.Og() * a.gy.stride(1) + p0;
-        const Out out = Out::at(a.gx, n, r0, p0);
-        spmm_rows(wt, r0, r1, src, a.gy.stride(1), len, out, nullptr, Act::none, park.p);
+        const Plan::Item i = plan.item(it, g);
+        if (i.r0 >= i.r1) continue;
+        const float* src = gy + i.n * a.gy.stride(0) + i.grp * g.Og() * a.gy.stride(1) + i.p0;
+        const Out out = Out::at(a.gx, i.n, i.r0, i.p0);
+        spmm_rows(wt, i.r0, i.r1, src, a.gy.stride(1), i.len, out, nullptr, Act::none, park.p);
       }
     });
     return;
@@ -521,20 +518,17 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
   // Adds work item it's products into part (whose entries of the item's rows start at 0 or, with
   // `zero`, are zeroed first).
   auto item = [&](int64_t it, float* part, float* buf, bool zero) {
-    int64_t n, t, grp, b;
-    plan.decode(it, g, n, t, grp, b);
-    const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
-    const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
-    if (r0 >= r1) return;
+    const Plan::Item i = plan.item(it, g);
+    if (i.r0 >= i.r1) return;
     int64_t ld;
-    const float* src = input_tile(g, a.x, used, n, grp, p0, len, buf, ld);
-    w.check_rows(r0, r1);
+    const float* src = input_tile(g, a.x, used, i.n, i.grp, i.p0, i.len, buf, ld);
+    w.check_rows(i.r0, i.r1);
     for (int64_t q = 0; q < w.panels; ++q) {  // in storage order
-      if (zero) std::fill(part + w.begin(r0, q), part + w.begin(r1, q), 0.0f);
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* gr = gy + n * a.gy.stride(0) + r * a.gy.stride(1) + p0;
+      if (zero) std::fill(part + w.begin(i.r0, q), part + w.begin(i.r1, q), 0.0f);
+      for (int64_t r = i.r0; r < i.r1; ++r) {
+        const float* gr = gy + i.n * a.gy.stride(0) + r * a.gy.stride(1) + i.p0;
         for (int64_t k = w.begin(r, q), end = w.end(r, q); k < end; k += W)
-          add_dots(gr, src, ld, len, w.col + k, std::min<int64_t>(W, end - k), part + k);
+          add_dots(gr, src, ld, i.len, w.col + k, std::min<int64_t>(W, end - k), part + k);
       }
     }
   };

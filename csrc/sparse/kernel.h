@@ -213,11 +213,12 @@ inline const float* input_tile(const ConvGeom& g, const View& x, const int64_t* 
 
 // Tiling shared by the passes: tiles of `pt` output pixels, rows split into `rb` blocks of `rbs`.
 struct Plan {
-  int64_t pt, tiles, rb, rbs, items;
+  int64_t pt, tiles, rb, rbs, items, rows_per_group;
   // unit: row blocks are whole multiples of it (the blocked format's b rows); src_rows: the rows
   // of a tile's source (default the im2col rows K)
   Plan(const ConvGeom& g, int64_t rows_per_group, bool split_rows_freely, int threads, int64_t unit = 1,
-       int64_t src_rows = 0) {
+       int64_t src_rows = 0)
+      : rows_per_group(rows_per_group) {
     const int64_t P = g.P();
     const int64_t tile_rows = std::max<int64_t>(1, src_rows ? src_rows : g.K());
     pt = std::max<int64_t>(CH, TILE_FLOATS / tile_rows / CH * CH);
@@ -232,14 +233,14 @@ struct Plan {
     rbs = ((rows_per_group + rb - 1) / rb + unit - 1) / unit * unit;
     items = outer * rb;
   }
-  // item -> (image, tile, group, row block)
-  void decode(int64_t it, const ConvGeom& g, int64_t& n, int64_t& t, int64_t& grp, int64_t& b) const {
-    b = it % rb;
-    it /= rb;
-    grp = it % g.G;
-    it /= g.G;
-    t = it % tiles;
-    n = it / tiles;
+  // Work item `it`: image n, group grp, pixels [p0, p0 + len), rows [r0, r1) (none: r0 >= r1).
+  struct Item {
+    int64_t n, grp, p0, len, r0, r1;
+  };
+  Item item(int64_t it, const ConvGeom& g) const {
+    const int64_t b = it % rb, grp = (it / rb) % g.G, t = (it / rb / g.G) % tiles, n = it / rb / g.G / tiles;
+    const int64_t r0 = grp * rows_per_group + b * rbs;
+    return {n, grp, t * pt, std::min(pt, g.P() - t * pt), r0, std::min((grp + 1) * rows_per_group, r0 + rbs)};
   }
 };
 
@@ -298,14 +299,11 @@ void im2col_tiles(const SparseConvFwd& a, int64_t unit, const Product& product) 
     Scratch<float> buf(tile_floats(g, a.x, plan.pt));
     Scratch<float> park(plan.rbs * CH);
     for (int64_t it; (it = claim()) < plan.items;) {
-      int64_t n, t, grp, b;
-      plan.decode(it, g, n, t, grp, b);
-      const int64_t p0 = t * plan.pt, len = std::min(plan.pt, g.P() - p0);
-      const int64_t r0 = grp * g.Og() + b * plan.rbs, r1 = std::min((grp + 1) * g.Og(), r0 + plan.rbs);
-      if (r0 >= r1) continue;
+      const Plan::Item i = plan.item(it, g);
+      if (i.r0 >= i.r1) continue;
       int64_t ld;
-      const float* src = input_tile(g, a.x, used, n, grp, p0, len, buf.p, ld);
-      product(r0, r1, src, ld, len, Out::at(a.y, n, r0, p0), park.p);
+      const float* src = input_tile(g, a.x, used, i.n, i.grp, i.p0, i.len, buf.p, ld);
+      product(i.r0, i.r1, src, ld, i.len, Out::at(a.y, i.n, i.r0, i.p0), park.p);
     }
   });
 }
