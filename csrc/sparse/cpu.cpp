@@ -405,6 +405,10 @@ void permuted_values(const float* values, const int64_t* perm, int64_t n, float*
   parallel_for(n, 16384, threads, [&](int64_t k0, int64_t k1) {
     bool ok = true;
     for (int64_t k = k0; k < k1; ++k) {
+      // W^T's order visits W's values nearly at random: ask for them 64 entries ahead (1.6x
+      // faster than leaving it to the out-of-order window, 4096 x 4096 at 90 %)
+      if (k + 64 < k1)
+        __builtin_prefetch(values + std::min<uint64_t>(static_cast<uint64_t>(perm[k + 64]), n - 1));
       const uint64_t p = static_cast<uint64_t>(perm[k]);
       ok &= p < static_cast<uint64_t>(n);
       out[k] = values[p < static_cast<uint64_t>(n) ? p : 0];
@@ -527,6 +531,11 @@ void sparse_conv_bwd_values(const SparseConvBwdValues& a) {
       if (zero) std::fill(part + w.begin(i.r0, q), part + w.begin(i.r1, q), 0.0f);
       for (int64_t r = i.r0; r < i.r1; ++r) {
         const float* gr = gy + i.n * a.gy.stride(0) + r * a.gy.stride(1) + i.p0;
+        if (i.len == 1) {  // one pixel (batch-1 linear): each value's gradient is one product
+          for (int64_t k = w.begin(r, q), end = w.end(r, q); k < end; ++k)
+            part[k] += gr[0] * src[w.col[k] * ld];
+          continue;
+        }
         for (int64_t k = w.begin(r, q), end = w.end(r, q); k < end; k += W)
           add_dots(gr, src, ld, i.len, w.col + k, std::min<int64_t>(W, end - k), part + k);
       }
