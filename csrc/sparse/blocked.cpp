@@ -53,10 +53,14 @@ struct BlockPtrs {
 };
 
 // acc[i][j] += val[k * B + i] * src[col[k] * ld + j * W ...] over the stored columns [k, kend): one
-// load of NVR source vectors per column, B * NVR independent FMA chains.
+// load of NVR source vectors per column, B * NVR independent FMA chains, on a local copy of acc
+// (as cpu.cpp's accumulate: through the reference the results could go back to memory each time).
 template <int B, int NVR, bool PARTIAL>
 inline void block_accumulate(const BlockPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld,
                              int64_t last, VecF (&acc)[B][NVR]) {
+  VecF a[B][NVR];
+  for (int i = 0; i < B; ++i)
+    for (int j = 0; j < NVR; ++j) a[i][j] = acc[i][j];
   for (; k < kend; ++k) {
     const float* s = src + m.col[k] * ld;
     const float* v = m.val + k * B;
@@ -65,9 +69,11 @@ inline void block_accumulate(const BlockPtrs& m, int64_t k, int64_t kend, const 
       x[j] = PARTIAL && j == NVR - 1 ? load_first(s + j * W, last) : VecF::load(s + j * W);
     for (int i = 0; i < B; ++i) {
       const VecF vi = VecF::set1(v[i]);
-      for (int j = 0; j < NVR; ++j) acc[i][j] = VecF::fma(vi, x[j], acc[i][j]);
+      for (int j = 0; j < NVR; ++j) a[i][j] = VecF::fma(vi, x[j], a[i][j]);
     }
   }
+  for (int i = 0; i < B; ++i)
+    for (int j = 0; j < NVR; ++j) acc[i][j] = a[i][j];
 }
 
 // Blocks [j0, j1) over NVR vectors of pixels from p, the last holding `last` (1..W): out's row

@@ -62,16 +62,21 @@ inline VecF load_lanes(const float* p, const int32_t* lanes) {
 
 // Adds the non-zeros [k, kend) of one row into acc over NVR vectors of pixels, the last holding
 // `last` (1..W) valid pixels: two sets of accumulators (even and odd non-zeros), so 2 * NVR
-// independent FMA chains hide the FMA latency.
+// independent FMA chains hide the FMA latency. The loop runs on a local copy of acc: through the
+// reference, where this is not inlined, every FMA's result went back to memory (a vector type may
+// alias the float loads), which cost the forward 20 % at 4096 x 4096.
 template <int NVR, bool PARTIAL>
 inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld, int64_t last,
                        VecF (&acc)[2][NV]) {
+  VecF a[2][NVR];
+  for (int u = 0; u < 2; ++u)
+    for (int j = 0; j < NVR; ++j) a[u][j] = acc[u][j];
   auto step = [&](int u, int64_t at) {
     const VecF v = VecF::set1(m.val[at]);
     const float* s = src + m.col[at] * ld;
     for (int j = 0; j < NVR; ++j) {
       const VecF x = PARTIAL && j == NVR - 1 ? load_first(s + j * W, last) : VecF::load(s + j * W);
-      acc[u][j] = VecF::fma(v, x, acc[u][j]);
+      a[u][j] = VecF::fma(v, x, a[u][j]);
     }
   };
   for (; k + 1 < kend; k += 2) {
@@ -79,6 +84,8 @@ inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
     step(1, k + 1);
   }
   if (k < kend) step(0, k);
+  for (int u = 0; u < 2; ++u)
+    for (int j = 0; j < NVR; ++j) acc[u][j] = a[u][j];
 }
 
 // sum_k val[k] * src[col[k] * ld] over one row's non-zeros [k, kend), left spread over the lanes
