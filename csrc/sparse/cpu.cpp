@@ -412,8 +412,8 @@ void permuted_values(const float* values, const int64_t* perm, int64_t n, float*
   parallel_for(n, 16384, threads, [&](int64_t k0, int64_t k1) {
     bool ok = true;
     for (int64_t k = k0; k < k1; ++k) {
-      // W^T's order visits W's values nearly at random: ask for them 64 entries ahead (1.6x
-      // faster than leaving it to the out-of-order window, 4096 x 4096 at 90 %)
+      // W^T's order visits W's values nearly at random: ask for them 64 entries ahead (the
+      // batch-1 input gradient of 4096 x 4096 at 90 %: 7.9 -> 4.9-5.7 ms; 16 ahead: no gain)
       if (k + 64 < k1)
         __builtin_prefetch(values + std::min<uint64_t>(static_cast<uint64_t>(perm[k + 64]), n - 1));
       const uint64_t p = static_cast<uint64_t>(perm[k]);
