@@ -117,29 +117,25 @@ def test_linear_many_rows(isa, B, dtype):
 @pytest.mark.parametrize("shape", [(1, 5), (3, 17), (37, 29), (1024, 48), (130, 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_widen(isa, shape, dtype):
-    """sparse_widen: x (R, C) copied or transposed into float32 (bfloat16 kept as it is), into a
-    destination whose rows are padded (op._transposed_empty) or not."""
+    """sparse_widen: x (R, C) copied or transposed into float32, into a destination whose rows are
+    padded (op._transposed_empty) or not; any other destination dtype is refused."""
     ext = _backend.ext()
     x = torch.randn(shape).to(dtype)
-    keep = (torch.float32, torch.bfloat16) if dtype == torch.bfloat16 else (torch.float32,)
-    for out_dtype in keep:
-        for out in (torch.empty(shape[::-1], dtype=out_dtype), op._transposed_empty(*shape[::-1], out_dtype)):
-            ext.sparse_widen(x, out, True, 2)
-            assert torch.equal(out, x.t().to(out_dtype))
-        out = torch.empty(shape[0], shape[1] + 16, dtype=torch.float32)[:, : shape[1]]
-        ext.sparse_widen(x, out, False, 2)
-        assert torch.equal(out, x.float())
+    for out in (torch.empty(shape[::-1]), op._transposed_empty(*shape[::-1])):
+        ext.sparse_widen(x, out, True, 2)
+        assert torch.equal(out, x.t().float())
+    out = torch.empty(shape[0], shape[1] + 16, dtype=torch.float32)[:, : shape[1]]
+    ext.sparse_widen(x, out, False, 2)
+    assert torch.equal(out, x.float())
+    with pytest.raises(ValueError, match="dst"):
+        ext.sparse_widen(x, torch.empty(shape[::-1], dtype=torch.bfloat16), True, 2)
 
 
 def test_transposed_rows_spread_over_cache_sets():
-    for rows, cols, dtype in (
-        (384, 1024, torch.float32),
-        (8, 5120, torch.float32),
-        (3, 4096, torch.bfloat16),
-    ):
-        t = op._transposed_empty(rows, cols, dtype)
-        line = 64 // t.element_size()
-        assert t.shape == (rows, cols) and t.stride(1) == 1
+    for rows, cols in ((384, 1024), (8, 5120), (3, 4096), (5, 100)):
+        t = op._transposed_empty(rows, cols)
+        line = 16  # floats per 64-byte line
+        assert t.shape == (rows, cols) and t.dtype == torch.float32 and t.stride(1) == 1
         assert t.stride(0) >= cols and t.stride(0) % line == 0 and (t.stride(0) // line) % 8 != 0
     assert op._transposed_empty(4096, 64).stride(0) == 64  # 4 lines spread already: no padding
 

@@ -592,8 +592,6 @@ void sparse_widen(const SparseWiden& a) {
     });
     return;
   }
-  if (dst.dtype == DType::bf16)  // a bfloat16 transpose: 16-bit moves
-    return transpose_halfwords(src.ptr<uint16_t>(), src.stride(0), R, C, dst.ptr<uint16_t>(), ld, a.threads);
   // dst (C, R): src read as a pixel-major x (its rows the pixels), 16 columns (a cache line of each
   // source row) per task, transposed down every row (transpose_pixels)
   View x = src;

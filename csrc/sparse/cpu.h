@@ -89,8 +89,8 @@ struct SparseConvBwdValues {
   int threads = 1;
 };
 
-// dst = src (transpose false) or src^T, widened to float32 (or kept bfloat16): src (R, C) float32,
-// bfloat16 or float16 with contiguous rows; dst contiguous float32 or src's dtype, (R, C) or (C, R). Done
+// dst = src (transpose false) or src^T, widened to float32: src (R, C) float32, bfloat16 or
+// float16 with contiguous rows; dst float32 with contiguous rows, (R, C) or (C, R). Done
 // here rather than by torch so no torch op runs right before a kernel: its OpenMP workers would spin on our
 // cores.
 struct SparseWiden {

@@ -74,15 +74,14 @@ def _linear_input(x: Tensor) -> Tensor:
     return _backend.cpu_view(x).t().unsqueeze(0)
 
 
-def _transposed_empty(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """An empty (rows, cols) tensor for a transposed input, its rows whole 64-byte lines apart and
-    never a multiple of 8 lines (csrc/sparse/kernel.h's tile_ld, the same rule). The kernels read
-    a tile of pixels from every row; rows a multiple of 4 KB apart (any batch of 1024 float32
-    rows or a multiple of it) would all fall in the same cache sets and evict each other, which
-    made a 90 % sparse 384 -> 384 layer 2x slower at 5,120 rows."""
-    line = 64 // dtype.itemsize
-    lines = -(-max(cols, 1) // line)
-    return torch.empty(rows, (lines if lines % 8 else lines + 1) * line, dtype=dtype)[:, :cols]
+def _transposed_empty(rows: int, cols: int) -> Tensor:
+    """An empty (rows, cols) float32 tensor for a transposed input, its rows whole 64-byte lines
+    apart and never a multiple of 8 lines (csrc/sparse/kernel.h's tile_ld, the same rule). The
+    kernels read a tile of pixels from every row; rows a multiple of 4 KB apart (any batch of 1024
+    float32 rows or a multiple of it) would all fall in the same cache sets and evict each other,
+    which made a 90 % sparse 384 -> 384 layer 2x slower at 5,120 rows."""
+    lines = -(-max(cols, 1) // 16)  # 16 floats a line
+    return torch.empty(rows, (lines if lines % 8 else lines + 1) * 16)[:, :cols]
 
 
 def _grad_input(geom: ConvGeometry, values, t_rowptr, t_colidx, t_perm, gy3, gx3):
