@@ -17,6 +17,7 @@ from hotops.sparse import (
     SparseConv2d,
     SparseLinear,
     SparseWeight,
+    op,
     reference,
     sparse_conv2d,
     sparse_linear,
@@ -444,3 +445,105 @@ def test_sparsity_refused_by_name(value, err):
         return
     with pytest.raises(err, match="sparsity"):
         SparseWeight.from_dense(torch.randn(4, 4), sparsity=value)
+
+
+def test_corrupt_structure_is_caught_by_the_kernel():
+    sw = SparseWeight.from_dense(torch.randn(4, 6), sparsity=0.5)
+    bad_col = sw.colidx.clone()
+    bad_col[0] = 6
+    with pytest.raises(ValueError, match="column index out of range"):
+        op.sparse_linear_op(
+            torch.randn(2, 6),
+            sw.values,
+            sw.rowptr,
+            bad_col,
+            sw.t_rowptr,
+            sw.t_colidx,
+            sw.t_perm,
+            None,
+            6,
+            None,
+        )
+    bad_ptr = sw.rowptr.clone()
+    bad_ptr[2] = bad_ptr[3] + 1
+    with pytest.raises(ValueError, match="rowptr"):
+        op.sparse_linear_op(
+            torch.randn(2, 6),
+            sw.values,
+            bad_ptr,
+            sw.colidx,
+            sw.t_rowptr,
+            sw.t_colidx,
+            sw.t_perm,
+            None,
+            6,
+            None,
+        )
+    dw = SparseWeight.from_dense(torch.randn(4, 1, 3, 3), sparsity=0.5, groups=4)
+    bad_col = dw.colidx.clone()
+    bad_col[-1] = 9
+    with pytest.raises(ValueError, match="column index out of range"):  # the depthwise kernel checks too
+        op.sparse_conv2d_op(
+            torch.randn(1, 4, 5, 5),
+            dw.values,
+            dw.rowptr,
+            bad_col,
+            dw.t_rowptr,
+            dw.t_colidx,
+            dw.t_perm,
+            None,
+            list(dw.shape),
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            4,
+            None,
+        )
+    with pytest.raises(ValueError, match="activation must be"):
+        op.sparse_conv2d_op(
+            torch.randn(1, 4, 5, 5),
+            dw.values,
+            dw.rowptr,
+            dw.colidx,
+            dw.t_rowptr,
+            dw.t_colidx,
+            dw.t_perm,
+            None,
+            list(dw.shape),
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            4,
+            "gelu",
+        )
+
+
+@pytest.mark.parametrize("B", [1, 3, 70])
+@pytest.mark.parametrize("bad", [-1, 1100, 2**31 - 1])
+def test_corrupt_index_anywhere_is_caught(isa, B, bad):
+    """A column index out of range in any panel and any row (the batch-1 product checks its rows
+    in chunks, just before it reads them) is refused before it is read, forward and input grad;
+    so is a t_perm entry out of range (the input gradient reads W's values through it)."""
+    from hotops.sparse.format import PANEL_COLS, csr_rows
+
+    I = 2 * PANEL_COLS + 76  # three column panels
+    sw = SparseWeight.from_dense(torch.randn(150, I), sparsity=0.9)
+    rows = csr_rows(sw.rowptr, 150)
+
+    def grad_input(t_colidx, t_perm):
+        structure = (sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, t_colidx, t_perm)
+        return op.sparse_linear_backward(torch.randn(B, 150), torch.randn(B, I), *structure, I, True, False)
+
+    for where in (0, int(torch.nonzero(rows == 130)[-1]), sw.colidx.numel() - 1):
+        col = sw.colidx.clone()
+        col[where] = bad
+        args = (sw.values, sw.rowptr, col, sw.t_rowptr, sw.t_colidx, sw.t_perm, None, I, None)
+        with pytest.raises(ValueError, match="column index out of range"):
+            op.sparse_linear_op(torch.randn(B, I), *args)
+        t_col, t_perm = sw.t_colidx.clone(), sw.t_perm.clone()
+        t_col[where] = 150 if bad == 1100 else bad
+        with pytest.raises(ValueError, match="column index out of range"):
+            grad_input(t_col, sw.t_perm)
+        t_perm[where] = sw.nnz if bad > 0 else bad
+        with pytest.raises(ValueError, match="t_perm holds an index outside"):
+            grad_input(sw.t_colidx, t_perm)
