@@ -70,7 +70,8 @@ def check_product(x, w, bias=None):
 
 
 @pytest.mark.parametrize(
-    "in_group,num_codebooks,C", [(1, 1, 4), (2, 1, 16), (4, 1, 256), (8, 2, 256), (8, 1, 37)]
+    "in_group,num_codebooks,C",
+    [(1, 1, 4), (2, 1, 16), (4, 1, 256), (8, 2, 256), (8, 1, 37), (8, 3, 256), (4, 4, 37)],
 )
 @pytest.mark.parametrize("B", [1, 3, 16, 21])
 def test_matches_reference(isa, in_group, num_codebooks, C, B):
@@ -78,7 +79,7 @@ def test_matches_reference(isa, in_group, num_codebooks, C, B):
     check_product(torch.randn(B, 40), w, torch.randn(37))
 
 
-@pytest.mark.parametrize("in_group,num_codebooks", [(2, 1), (4, 1), (8, 2)])
+@pytest.mark.parametrize("in_group,num_codebooks", [(2, 1), (4, 1), (8, 2), (8, 3)])
 @pytest.mark.parametrize("B", [17, 40])
 def test_tables_above_max_batch(monkeypatch, isa, in_group, num_codebooks, B):
     """The tables past LUT_MAX_BATCH rows (16-row blocks and a remainder), which the path rule
@@ -95,14 +96,17 @@ def test_half_precision_activations(isa, dtype, B):
     check_product(torch.randn(B, 64).to(dtype), w)
 
 
-@pytest.mark.parametrize("in_group,num_codebooks,C", [(4, 1, 256), (4, 2, 37), (8, 1, 37), (8, 2, 256)])
+@pytest.mark.parametrize(
+    "in_group,num_codebooks,C", [(4, 1, 256), (4, 2, 37), (8, 1, 37), (8, 2, 256), (8, 3, 256)]
+)
 @pytest.mark.parametrize("B", [2, 5, 16, 17, 64, 65, 130])
 def test_bf16_tile_products(bf16_path, in_group, num_codebooks, C, B):
     """bf16 activations in bf16 (AMX tiles or vdpbf16ps): 32-input tiles, passes of up to 64 batch
     rows (a partial one), a row block past N = 37, three row groups, permuted rows and a bias; error within twice
-    the bf16 reference's own."""
+    the bf16 reference's own. Three codebooks take the float32 tables (the tiles decode one or two)."""
     w = random_weight(37, 96, in_group, num_codebooks, C, groups=3, permuted=True)
-    assert op.bf16_kernel(torch.bfloat16, in_group, 96) == (bf16_path != "float32")
+    tiles = bf16_path != "float32" and num_codebooks <= 2
+    assert op.bf16_kernel(torch.bfloat16, in_group, 96, num_codebooks) == tiles
     check_product(torch.randn(B, 96).bfloat16(), w, torch.randn(37))
     check_product(torch.randn(B, 96).bfloat16() * 1e4, w)  # large products stay in float32
     check_product(torch.randn(B, 160).bfloat16()[:, 32:128], w)  # rows 160 apart
@@ -269,9 +273,9 @@ def grads_of(fn, leaves):
     return torch.autograd.grad(out, leaves, g), g
 
 
-@pytest.mark.parametrize("permuted", [False, True])
-def test_gradients(permuted):
-    w = random_weight(29, 32, 4, 2, C=64, groups=2, permuted=permuted)
+@pytest.mark.parametrize("permuted,num_codebooks", [(False, 2), (True, 2), (True, 3)])
+def test_gradients(permuted, num_codebooks):
+    w = random_weight(29, 32, 4, num_codebooks, C=64, groups=2, permuted=permuted)
     x = torch.randn(6, 32, requires_grad=True)
     cb = w.codebooks.clone().requires_grad_()
     s = w.scales.clone().requires_grad_()
@@ -344,7 +348,7 @@ def test_compile_fullgraph():
     N=st.integers(1, 40),
     J=st.integers(1, 6),
     in_group=st.sampled_from([1, 2, 4, 8]),
-    M=st.integers(1, 2),
+    M=st.integers(1, fmt.MAX_CODEBOOKS),
     C=st.integers(1, 256),
     groups=st.integers(1, 3),
     B=st.integers(0, 20),
@@ -448,7 +452,8 @@ def test_bad_inputs():
         (2, 8, 1, "16-bit codes"),
         (3, 1, 2, "whole number"),
         (2, 3, 1, "in_group must be one of"),
-        (2, 4, 3, "num_codebooks must be 1 or 2"),
+        (2, 4, 3, "whole number"),
+        (5, 8, 5, "num_codebooks must be 1 to 4"),
     ],
 )
 def test_refuses_combinations_that_do_not_fit(bits, in_group, M, msg):

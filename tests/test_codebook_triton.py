@@ -68,7 +68,7 @@ def interpreted():
 # B = 1 and 3: the GEMV; 11: the GEMM. 37 rows: three 16-row blocks, the last partial; 3 row
 # groups cross the blocks; K = 40 is not a multiple of the 16-input tiles.
 @pytest.mark.parametrize(
-    "in_group,num_codebooks,C", [(1, 1, 4), (2, 2, 16), (4, 1, 256), (8, 2, 256), (8, 1, 37)]
+    "in_group,num_codebooks,C", [(1, 1, 4), (2, 2, 16), (4, 1, 256), (8, 2, 256), (8, 1, 37), (8, 3, 256)]
 )
 @pytest.mark.parametrize("B", [1, 3, 11])
 def test_matches_reference(interpreted, in_group, num_codebooks, C, B):
@@ -127,7 +127,7 @@ def test_nan_stays_in_its_row(interpreted, B):
     N=st.integers(1, 40),
     J=st.integers(1, 5),
     in_group=st.sampled_from([1, 2, 4, 8]),
-    M=st.integers(1, 2),
+    M=st.integers(1, fmt.MAX_CODEBOOKS),
     C=st.integers(1, 256),
     groups=st.integers(1, 4),
     B=st.integers(1, 20),

@@ -292,7 +292,8 @@ bool dense_row(const CodebookMatmul& a, const float* cb, int64_t b) {
 inline int64_t vdp_min_batch(int64_t rows) { return rows < 2048 ? 2 : 17; }
 Bf16Products bf16_kernel(const CodebookMatmul& a) {
   const int64_t G = a.w.in_group();
-  if (a.x.dtype != DType::bf16 || a.x.size(0) < 2 || (G != 4 && G != 8) || a.w.in_features() % kTileK != 0)
+  if (a.x.dtype != DType::bf16 || a.x.size(0) < 2 || (G != 4 && G != 8) || a.w.num_codebooks() > 2 ||
+      a.w.in_features() % kTileK != 0)
     return Bf16Products::none;
   const Bf16Products p = bf16_products();
   return p == Bf16Products::vdp && a.x.size(0) < vdp_min_batch(a.w.rows()) ? Bf16Products::none : p;

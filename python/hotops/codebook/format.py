@@ -2,7 +2,7 @@
 
 * output rows re-ordered into groups of similarly distributed rows: ``perm`` (stored row r is
   output feature perm[r]; None when the order is the identity) and ``group_ptr`` boundaries;
-* per row group, ``num_codebooks`` (1 or 2) additive codebooks of ``codebook_size`` (<= 256)
+* per row group, ``num_codebooks`` (1 to 4) additive codebooks of ``codebook_size`` (<= 256)
   codewords over ``in_group`` (1, 2, 4 or 8) consecutive inputs;
 * uint8 codes, logically (N, K / in_group, num_codebooks), stored interleaved by blocks of
   ROW_BLOCK rows (see ``pack_codes``) so one input group of a block is ROW_BLOCK contiguous bytes:
@@ -72,7 +72,7 @@ def dequantize(
 
 
 IN_GROUPS = (1, 2, 4, 8)
-MAX_CODEBOOKS = 2
+MAX_CODEBOOKS = 4
 
 
 class CodebookWeight:
@@ -162,7 +162,7 @@ class CodebookWeight:
             raise ValueError(f"in_group must be one of {IN_GROUPS}, got {g}")
         if not 1 <= M <= MAX_CODEBOOKS or Mc != M:
             raise ValueError(
-                f"codes address {M} codebooks and codebooks hold {Mc}; expected the same number, 1 or 2"
+                f"codes address {M} codebooks and codebooks hold {Mc}; expected the same number, 1 to {MAX_CODEBOOKS}"
             )
         if not 1 <= C <= 256:
             raise ValueError(f"uint8 codes address at most 256 codewords, got codebook_size {C}")
@@ -297,7 +297,7 @@ def code_bits(bits_per_weight: float, in_group: int, num_codebooks: int) -> int:
     if in_group not in IN_GROUPS:
         raise ValueError(f"in_group must be one of {IN_GROUPS}, got {in_group}")
     if not 1 <= num_codebooks <= MAX_CODEBOOKS:
-        raise ValueError(f"num_codebooks must be 1 or 2, got {num_codebooks}")
+        raise ValueError(f"num_codebooks must be 1 to {MAX_CODEBOOKS}, got {num_codebooks}")
     bits = bits_per_weight * in_group / num_codebooks
     if not (bits > 0 and math.isclose(bits, round(bits))):
         raise ValueError(

@@ -56,14 +56,14 @@ WIDE_MAX_BATCH = 16  # 16-bit codes: the gather kernel up to here, dequantized t
 BF16_MAX_BATCH = 128
 
 
-def bf16_kernel(dtype: torch.dtype, in_group: int, in_features: int) -> bool:
+def bf16_kernel(dtype: torch.dtype, in_group: int, in_features: int, num_codebooks: int = 1) -> bool:
     """Whether the C++ kernel multiplies bfloat16 activations in bf16 beyond LUT_MAX_BATCH rows
     (csrc/codebook/amx_tiles.h: the weight decoded into bf16 rows, no lookup tables): 4 or 8
-    inputs per codeword, in_features a multiple of 32, AVX512_BF16 on and either AMX-BF16 (AMX
+    inputs per codeword, 1 or 2 codebooks, in_features a multiple of 32, AVX512_BF16 on and either AMX-BF16 (AMX
     tiles, which the kernel also takes from 2 rows) or fast_bf16_dot (vdpbf16ps at FMA's issue
     rate, from 17 rows; from 2 where out_features < 2048). The kernel then runs up to BF16_MAX_BATCH rows and the GEMM path above,
     whatever use_tables says (its costs are float32's)."""
-    if dtype != torch.bfloat16 or in_group not in (4, 8) or in_features % 32:
+    if dtype != torch.bfloat16 or in_group not in (4, 8) or num_codebooks > 2 or in_features % 32:
         return False
     ext = _backend.ext()
     fast = ext.feature("amx_bf16") or ext.feature("fast_bf16_dot")
@@ -158,7 +158,7 @@ def _cpu_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
     if _wide(codes):
         kernel_runs = B <= WIDE_MAX_BATCH
     else:
-        bf16 = B > LUT_MAX_BATCH and bf16_kernel(x2.dtype, g, K)  # up to there the kernel runs anyway
+        bf16 = B > LUT_MAX_BATCH and bf16_kernel(x2.dtype, g, K, M)  # up to there the kernel runs anyway
         kernel_runs = B <= BF16_MAX_BATCH if bf16 else use_tables(B, N, g, M, C, O)
     if kernel_runs:
         out = torch.empty(B, N, dtype=x2.dtype)
