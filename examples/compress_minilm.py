@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from hotops.bench.codebook import rtn_2bit_, wordnet_glosses
 from hotops.codebook import CodebookLinear, compress, load_compressed
-from hotops.codebook.jlcm import FORMATS
+from hotops.codebook.jlcm import FORMATS, Format
 
 SKIP = ("pooler",)
 
@@ -301,6 +301,12 @@ def main():
     )
     ap.add_argument("--bits", type=float, default=2.5, help="mean exact bits/weight over the Linears")
     ap.add_argument(
+        "--formats",
+        default=",".join(str(f) for f in FORMATS),
+        help="comma-separated candidate formats of the plan, MxB/G: M codebooks of 2^B codewords over "
+        "G inputs (1x8/4: 2 bits/weight, 3x8/8: 3, 1x8/2: 4)",
+    )
+    ap.add_argument(
         "--steps",
         type=int,
         default=100,
@@ -356,6 +362,7 @@ def main():
         a.finetune_lr,
         a.loss,
         a.seed,
+        formats=tuple(Format.parse(f) for f in a.formats.split(",")),
         calib_sets=tuple(a.calib_sets.split(",")),
         eval_sets=tuple(a.eval_sets.split(",")),
         n_eval_other=a.n_eval_other,

@@ -300,7 +300,7 @@ def run(a) -> dict:
             plan_steps=a.plan_steps,
             kmeans_iters=a.kmeans_iters,
             rounds=a.compress_rounds,
-            formats=tuple(Format(int(g)) for g in a.compress_formats.split(",")),
+            formats=tuple(Format.parse(f) for f in a.compress_formats.split(",")),
             output=mean_pooled,
             skip=("pooler",),
             token_mask=lambda b: b["attention_mask"].bool(),
@@ -498,7 +498,8 @@ def parse(argv=None):
     add(
         "--compress-formats",
         default="4,2",
-        help="candidate formats of compress's plan: inputs per 8-bit code (4: 2 bits, 2: 4 bits)",
+        help="candidate formats of compress's plan: MxB/G (M codebooks of 2^B codewords over G inputs) "
+        "or G alone for 1x8/G (4: 2 bits/weight, 2: 4 bits)",
     )
     add("--compress-rounds", type=int, default=3, help="layer-wise rounds per layer")
     add("--sparsity", type=float, default=0.9)

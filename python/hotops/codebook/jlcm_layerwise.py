@@ -54,8 +54,32 @@ def _damped(gram: Tensor, damp: float) -> Tensor:
     return h
 
 
+def nearest_sum(points: Tensor, books: Tensor, passes: int = 2) -> tuple:
+    """Codes (P, M) of additive codebooks `books` (M, C, g) whose sum is nearest each point (P, g),
+    and the residuals: greedily one codebook after another, then `passes` rounds re-picking each
+    codebook's word with the others fixed (each pick is the nearest given the rest, so the error
+    never grows)."""
+    M = books.shape[0]
+    idx, residual = [], points
+    for m in range(M):
+        idx.append(nearest(residual.float(), books[m].float()))
+        residual = residual - books[m][idx[m]]
+    for _ in range(passes if M > 1 else 0):
+        for m in range(M):
+            residual = residual + books[m][idx[m]]
+            idx[m] = nearest(residual.float(), books[m].float())
+            residual = residual - books[m][idx[m]]
+    return torch.stack(idx, 1), residual
+
+
 def second_order_codes(
-    target: Tensor, gram: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, damp: float = 0.01
+    target: Tensor,
+    gram: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    group_ptr: Tensor,
+    damp: float = 0.01,
+    passes: int = 2,
 ) -> Tensor:
     """The mappings (N, J, M) uint8 of the stored-order rows that (greedily) minimise
     tr((W_q - target) H (W_q - target)^T), H = `gram`, for fixed codebooks and scales.
@@ -63,7 +87,7 @@ def second_order_codes(
     One input group at a time (GPTQ's rule, for vectors): with H^-1 = U^T U (U upper
     triangular), fixing group b's codes to q costs ||(w_b - q) U_bb^-1||^2, which is the
     Euclidean distance after multiplying by U_bb^-1, so each row takes the nearest codeword
-    there (greedily, one additive codebook after another); the error (w_b - q) U_bb^-1 @ U[b, later]
+    there (several additive codebooks: ``nearest_sum`` with `passes`); the error (w_b - q) U_bb^-1 @ U[b, later]
     is then taken off the groups not yet coded, which compensate it. Groups go in decreasing
     diag(H) (the most-used inputs first, their error spread over the rest)."""
     N, K = target.shape
@@ -81,13 +105,8 @@ def second_order_codes(
         metric = torch.linalg.inv(u[s, s])
         for o in range(O):
             r0, r1 = int(group_ptr[o]), int(group_ptr[o + 1])
-            residual = w[r0:r1, s] @ metric
-            for m in range(M):
-                book = words[o, m] @ metric
-                idx = nearest(residual.float(), book.float())
-                codes[r0:r1, j, m] = idx.to(torch.uint8)
-                residual = residual - book[idx]
-            err[r0:r1] = residual
+            idx, err[r0:r1] = nearest_sum(w[r0:r1, s] @ metric, words[o] @ metric, passes)
+            codes[r0:r1, j] = idx.to(torch.uint8)
         w[:, s.stop :] -= err @ u[s, s.stop :]
     return codes
 

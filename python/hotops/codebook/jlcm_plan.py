@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from hotops.codebook import format as fmt
 from hotops.codebook.format import CodebookWeight
 from hotops.codebook.jlcm_calibration import _dense_grams, _linears, _replace, distortion, model_output
 from hotops.codebook.jlcm_layerwise import Grams, _stored, learn_layer, output_error
@@ -28,6 +29,30 @@ class Format:
     num_codebooks: int = 1
     code_bits: int = 8
     groups: int = 1
+
+    @classmethod
+    def parse(cls, spec: str) -> "Format":
+        """A format from its name: "MxB/G" is M codebooks of 2**B codewords over G inputs
+        ("1x8/4": 2 bits per weight, "3x8/8": 3); a bare "G" is "1x8/G"."""
+        books, slash, group = spec.strip().rpartition("/")
+        m, _, b = books.partition("x") if slash else ("1", "", "8")
+        try:
+            numbers = int(group), int(m), int(b)
+        except ValueError:
+            raise ValueError(
+                f'a format is "MxB/G" (e.g. "1x8/4") or an in_group (e.g. "4"), got {spec!r}'
+            ) from None
+        return cls(*numbers)
+
+    def __post_init__(self):
+        # refuses in_group, num_codebooks and code sizes that uint8 codes cannot hold
+        fmt.code_bits(self.code_bits_per_weight, self.in_group, self.num_codebooks)
+        if self.groups < 1:
+            raise ValueError(f"groups must be >= 1, got {self.groups}")
+
+    def __str__(self) -> str:
+        name = f"{self.num_codebooks}x{self.code_bits}/{self.in_group}"
+        return name if self.groups == 1 else f"{name} in {self.groups} row groups"
 
     @property
     def code_bits_per_weight(self) -> float:
