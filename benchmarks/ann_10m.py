@@ -76,7 +76,7 @@ def ground_truth(x, q, k=K):
     best_i = torch.zeros((q.shape[0], k), dtype=torch.int64)
     step = 1 << 18
     for b in range(0, x.shape[0], step):
-        xt = torch.from_numpy(np.ascontiguousarray(x[b : b + step]))
+        xt = torch.from_numpy(np.array(x[b : b + step]))  # a copy: x may be a read-only memmap
         d = (xt * xt).sum(1)[None] - 2 * qt @ xt.T
         dd, ii = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False)
         cat_d, cat_i = torch.cat([best_d, dd], 1), torch.cat([best_i, ii + b], 1)
