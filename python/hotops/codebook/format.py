@@ -162,7 +162,8 @@ class CodebookWeight:
             raise ValueError(f"in_group must be one of {IN_GROUPS}, got {g}")
         if not 1 <= M <= MAX_CODEBOOKS or Mc != M:
             raise ValueError(
-                f"codes address {M} codebooks and codebooks hold {Mc}; expected the same number, 1 to {MAX_CODEBOOKS}"
+                f"codes address {M} codebooks and codebooks hold {Mc}; expected the same number, "
+                f"1 to {MAX_CODEBOOKS}"
             )
         if not 1 <= C <= 256:
             raise ValueError(f"uint8 codes address at most 256 codewords, got codebook_size {C}")

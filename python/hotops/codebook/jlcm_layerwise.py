@@ -7,6 +7,7 @@ hotops.codebook.jlcm's doc."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Tuple
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +55,7 @@ def _damped(gram: Tensor, damp: float) -> Tensor:
     return h
 
 
-def nearest_sum(points: Tensor, books: Tensor, passes: int = 2) -> tuple:
+def nearest_sum(points: Tensor, books: Tensor, passes: int = 2) -> Tuple[Tensor, Tensor]:
     """Codes (P, M) of additive codebooks `books` (M, C, g) whose sum is nearest each point (P, g),
     and the residuals: greedily one codebook after another, then `passes` rounds re-picking each
     codebook's word with the others fixed (each pick is the nearest given the rest, so the error
@@ -87,9 +88,10 @@ def second_order_codes(
     One input group at a time (GPTQ's rule, for vectors): with H^-1 = U^T U (U upper
     triangular), fixing group b's codes to q costs ||(w_b - q) U_bb^-1||^2, which is the
     Euclidean distance after multiplying by U_bb^-1, so each row takes the nearest codeword
-    there (several additive codebooks: ``nearest_sum`` with `passes`); the error (w_b - q) U_bb^-1 @ U[b, later]
-    is then taken off the groups not yet coded, which compensate it. Groups go in decreasing
-    diag(H) (the most-used inputs first, their error spread over the rest)."""
+    there (several additive codebooks: ``nearest_sum`` with `passes`); the error
+    (w_b - q) U_bb^-1 @ U[b, later] is then taken off the groups not yet coded, which compensate
+    it. Groups go in decreasing diag(H) (the most-used inputs first, their error spread over the
+    rest)."""
     N, K = target.shape
     O, M, _, g = codebooks.shape
     h = _damped(gram, damp)

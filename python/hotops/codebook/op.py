@@ -59,10 +59,11 @@ BF16_MAX_BATCH = 128
 def bf16_kernel(dtype: torch.dtype, in_group: int, in_features: int, num_codebooks: int = 1) -> bool:
     """Whether the C++ kernel multiplies bfloat16 activations in bf16 beyond LUT_MAX_BATCH rows
     (csrc/codebook/amx_tiles.h: the weight decoded into bf16 rows, no lookup tables): 4 or 8
-    inputs per codeword, 1 or 2 codebooks, in_features a multiple of 32, AVX512_BF16 on and either AMX-BF16 (AMX
-    tiles, which the kernel also takes from 2 rows) or fast_bf16_dot (vdpbf16ps at FMA's issue
-    rate, from 17 rows; from 2 where out_features < 2048). The kernel then runs up to BF16_MAX_BATCH rows and the GEMM path above,
-    whatever use_tables says (its costs are float32's)."""
+    inputs per codeword, 1 or 2 codebooks, in_features a multiple of 32, AVX512_BF16 on and
+    either AMX-BF16 (AMX tiles, which the kernel also takes from 2 rows) or fast_bf16_dot
+    (vdpbf16ps at FMA's issue rate, from 17 rows; from 2 where out_features < 2048). The kernel
+    then runs up to BF16_MAX_BATCH rows and the GEMM path above, whatever use_tables says (its
+    costs are float32's)."""
     if dtype != torch.bfloat16 or in_group not in (4, 8) or num_codebooks > 2 or in_features % 32:
         return False
     ext = _backend.ext()
