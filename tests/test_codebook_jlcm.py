@@ -8,6 +8,7 @@ import pathlib
 import pytest
 import torch
 
+import hotops
 from hotops.codebook import CodebookLinear, CodebookWeight, compress, load_compressed
 from hotops.codebook.jlcm import Format, _allocate, plan, second_order_codes
 from hotops.codebook.kmeans import nearest, quantize_weight
@@ -229,6 +230,7 @@ def test_compress_save_load_roundtrip(tmp_path, formats):
 
 
 def test_format_names():
+    assert hotops.codebook.Format is Format
     assert Format.parse("1x8/4") == Format.parse("4") == Format(4)
     assert Format.parse(" 3x8/8") == Format(8, 3, 8) and Format.parse("2x4/2") == Format(2, 2, 4)
     for f in (Format(4), Format(2), THREE, Format(8, 4, 8)):

@@ -2,7 +2,7 @@
 
 from hotops.codebook.format import CodebookWeight
 from hotops.codebook.functional import ACTIVATION_DTYPES, codebook_matmul, convert_aqlm, from_aqlm
-from hotops.codebook.jlcm import compress, load_compressed
+from hotops.codebook.jlcm import Format, compress, load_compressed
 from hotops.codebook.module import CodebookLinear, WideCodebookLinear
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "CodebookLinear",
     "WideCodebookLinear",
     "compress",
+    "Format",
     "load_compressed",
     "from_aqlm",
     "convert_aqlm",
