@@ -480,42 +480,31 @@ def test_corrupt_structure_is_caught_by_the_kernel():
             None,
         )
     dw = SparseWeight.from_dense(torch.randn(4, 1, 3, 3), sparsity=0.5, groups=4)
+
+    def depthwise(colidx, activation=None):
+        return op.sparse_conv2d_op(
+            torch.randn(1, 4, 5, 5),
+            dw.values,
+            dw.rowptr,
+            colidx,
+            dw.t_rowptr,
+            dw.t_colidx,
+            dw.t_perm,
+            None,
+            list(dw.shape),
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            4,
+            activation,
+        )
+
     bad_col = dw.colidx.clone()
     bad_col[-1] = 9
     with pytest.raises(ValueError, match="column index out of range"):  # the depthwise kernel checks too
-        op.sparse_conv2d_op(
-            torch.randn(1, 4, 5, 5),
-            dw.values,
-            dw.rowptr,
-            bad_col,
-            dw.t_rowptr,
-            dw.t_colidx,
-            dw.t_perm,
-            None,
-            list(dw.shape),
-            [1, 1],
-            [1, 1],
-            [1, 1],
-            4,
-            None,
-        )
+        depthwise(bad_col)
     with pytest.raises(ValueError, match="activation must be"):
-        op.sparse_conv2d_op(
-            torch.randn(1, 4, 5, 5),
-            dw.values,
-            dw.rowptr,
-            dw.colidx,
-            dw.t_rowptr,
-            dw.t_colidx,
-            dw.t_perm,
-            None,
-            list(dw.shape),
-            [1, 1],
-            [1, 1],
-            [1, 1],
-            4,
-            "gelu",
-        )
+        depthwise(dw.colidx, "gelu")
 
 
 @pytest.mark.parametrize("B", [1, 3, 70])
