@@ -25,9 +25,9 @@ Three stages, each with a tqdm progress bar:
    outputs on the calibration batches, through the codebook op's backward.
 
 Stage 1 is in jlcm_plan.py, stage 2 in jlcm_layerwise.py, stage 3 (``finetune``) here beside
-``compress``, which runs the three, and ``load_compressed``; jlcm_calibration.py runs the model
-on the calibration batches (layer inputs as Grams, outputs and their distortion). Their public
-names are all importable from here.
+``compress``, which runs the three, and ``load_compressed``; hotops._calibration (shared with
+second-order pruning) runs the model on the calibration batches (layer inputs as Grams, outputs
+and their distortion). Their public names are all importable from here.
 
 Deterministic for a seed.
 """
@@ -41,10 +41,16 @@ import torch
 from torch import nn
 
 from hotops import _backend
-from hotops.codebook.format import CodebookWeight
-from hotops.codebook.jlcm_calibration import _layer_grams, _linears, _replace, distortion, model_output
-from hotops.codebook.jlcm_layerwise import (  # noqa: F401 (Grams, second_order_codes: re-exported)
+from hotops._calibration import (  # noqa: F401 (Grams: re-exported)
     Grams,
+    _layer_grams,
+    _linears,
+    _replace,
+    distortion,
+    model_output,
+)
+from hotops.codebook.format import CodebookWeight
+from hotops.codebook.jlcm_layerwise import (  # noqa: F401 (second_order_codes: re-exported)
     _stored,
     learn_layer,
     output_error,

@@ -6,31 +6,15 @@ hotops.codebook.jlcm's doc."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Tuple
 
 import torch
 from torch import Tensor, nn
 
+from hotops._calibration import Grams, _damped
 from hotops.codebook import format as fmt
 from hotops.codebook.format import CodebookWeight
 from hotops.codebook.kmeans import nearest
-
-
-@dataclasses.dataclass
-class Grams:
-    """Second moments of one layer's calibration inputs: X_q from the model compressed so far,
-    X from the dense model (same tokens). The loss of a quantized W_q against the dense layer's
-    output,  ||X_q W_q^T - X W^T||^2 = tr(W_q qq W_q^T) - 2 tr(W_q qf W^T) + tr(W ff W^T),
-    so earlier layers' errors are compensated, not compounded."""
-
-    qq: Tensor  # X_q^T X_q
-    qf: Tensor  # X_q^T X
-    ff: Tensor  # X^T X
-
-    @classmethod
-    def dense(cls, ff: Tensor) -> "Grams":
-        return cls(ff, ff, ff)
 
 
 def output_error(w_q: Tensor, w: Tensor, g: Grams) -> Tensor:
@@ -43,16 +27,6 @@ def output_error(w_q: Tensor, w: Tensor, g: Grams) -> Tensor:
 def _stored(w: CodebookWeight, dtype: torch.dtype) -> CodebookWeight:
     """The weight with its codebooks and scales in the storage dtype."""
     return CodebookWeight.from_packed(w.codes, w.codebooks.to(dtype), w.scales.to(dtype), w.group_ptr, w.perm)
-
-
-def _damped(gram: Tensor, damp: float) -> Tensor:
-    """gram (float64) + damp * mean(diag) I; inputs no calibration token uses get a unit diagonal,
-    so the matrix is positive definite whatever the data."""
-    h = gram.double().clone()
-    diag = h.diagonal()
-    diag[diag <= 0] = 1
-    diag += damp * diag.mean()
-    return h
 
 
 def nearest_sum(points: Tensor, books: Tensor, passes: int = 2) -> Tuple[Tensor, Tensor]:

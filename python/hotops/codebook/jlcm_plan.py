@@ -12,10 +12,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from hotops._calibration import Grams, _dense_grams, _linears, _replace, distortion, model_output
 from hotops.codebook import format as fmt
 from hotops.codebook.format import CodebookWeight
-from hotops.codebook.jlcm_calibration import _dense_grams, _linears, _replace, distortion, model_output
-from hotops.codebook.jlcm_layerwise import Grams, _stored, learn_layer, output_error
+from hotops.codebook.jlcm_layerwise import _stored, learn_layer, output_error
 from hotops.codebook.kmeans import quantize_weight
 from hotops.codebook.module import CodebookLinear
 

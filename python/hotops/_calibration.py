@@ -1,17 +1,43 @@
-"""What JLCM reads from the model it compresses: the layers' inputs on the calibration batches
-(as token-weighted Grams, from the dense model and from the model compressed so far), the
-model's output and its distortion (1 - cosine) against the dense one; and the nn.Linear layers
-it finds and replaces."""
+"""What second-order compression reads from a model: its layers' inputs on calibration batches
+(a Linear's input rows, a Conv2d's patches; as token-weighted Grams, from the dense model and from
+the model compressed so far), its output and that output's distortion (1 - cosine) against the
+dense one; and the nn.Linear layers it finds and replaces. Shared by JLCM (hotops.codebook.jlcm) and second-order pruning
+(hotops.sparse.second_order)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hotops.codebook.jlcm_layerwise import Grams
+
+@dataclasses.dataclass
+class Grams:
+    """Second moments of one layer's calibration inputs: X_q from the model compressed so far,
+    X from the dense model (same tokens). The loss of a quantized W_q against the dense layer's
+    output,  ||X_q W_q^T - X W^T||^2 = tr(W_q qq W_q^T) - 2 tr(W_q qf W^T) + tr(W ff W^T),
+    so earlier layers' errors are compensated, not compounded."""
+
+    qq: Tensor  # X_q^T X_q
+    qf: Tensor  # X_q^T X
+    ff: Tensor  # X^T X
+
+    @classmethod
+    def dense(cls, ff: Tensor) -> "Grams":
+        return cls(ff, ff, ff)
+
+
+def _damped(gram: Tensor, damp: float) -> Tensor:
+    """gram (float64) + damp * mean(diag) I; inputs no calibration token uses get a unit diagonal,
+    so the matrix is positive definite whatever the data."""
+    h = gram.double().clone()
+    diag = h.diagonal()
+    diag[diag <= 0] = 1
+    diag += damp * diag.mean()
+    return h
 
 
 def _call(model: nn.Module, batch):
@@ -45,12 +71,15 @@ class _Reached(Exception):
     """Stops a forward pass once the hooked layer's input is captured."""
 
 
-def _rows(x: Tensor, batch, token_mask: Optional[Callable]) -> Tensor:
-    """A layer input (..., in_features) as rows (tokens, in_features), only the tokens
-    `token_mask(batch)` keeps (where its shape is the input's leading shape: a layer fed pooled
-    vectors keeps all its rows)."""
+def _rows(module: nn.Module, x: Tensor, batch, token_mask: Optional[Callable]) -> Tensor:
+    """`module`'s input x as the rows its weight (out, in_features) multiplies: a Linear's
+    (..., in_features) flattened, a Conv2d's patches (in_channels x kernel, one row per output
+    position); only the tokens `token_mask(batch)` keeps (where its shape is the input's leading
+    shape: a layer fed pooled vectors, or a convolution, keeps all its rows)."""
     x = x.detach()
-    if token_mask is not None:
+    if isinstance(module, nn.Conv2d):
+        x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+    elif token_mask is not None:
         keep = token_mask(batch)
         if keep.shape == x.shape[:-1]:
             return x[keep.to(torch.bool)]
@@ -72,7 +101,7 @@ def _layer_input(model: nn.Module, name: str, batch, token_mask: Optional[Callab
     seen = []
 
     def hook(module, args):
-        seen.append(_rows(args[0], batch, token_mask).double())
+        seen.append(_rows(module, args[0], batch, token_mask).double())
         raise _Reached
 
     handle = model.get_submodule(name).register_forward_pre_hook(hook)
@@ -91,7 +120,7 @@ def _layer_grams(
     dense: nn.Module, model: nn.Module, name: str, calib: List, token_mask: Optional[Callable]
 ) -> Grams:
     """Token-weighted Grams of layer `name`'s inputs in `model` (compressed so far) and in `dense`."""
-    weight = dense.get_submodule(name).weight
+    weight = dense.get_submodule(name).weight.flatten(1)
     acc = None
     with torch.no_grad():
         for batch in calib:
@@ -112,8 +141,8 @@ def _dense_grams(
 
     def hook(name):
         def accumulate(module, args):
-            x = _rows(args[0], current[0], token_mask).double()
-            gram = (x * _token_weights(x, module.weight)[:, None]).T @ x
+            x = _rows(module, args[0], current[0], token_mask).double()
+            gram = (x * _token_weights(x, module.weight.flatten(1))[:, None]).T @ x
             acc[name] = acc[name] + gram if name in acc else gram
 
         return accumulate
