@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hotops._backend import check_number
+from hotops._calibration import _replace
 from hotops.integrations.torch_prune import deepcopy as prune_safe_deepcopy
 from hotops.integrations.torch_prune import remove as remove_pruning
 from hotops.sparse.format import BLOCK_SIZES, block_mask, check_sparsity, magnitude_mask
 from hotops.sparse.module import SparseConv2d, SparseLinear
+from hotops.sparse.second_order import prune_model
 
 # ------------------------------------------------------------------ mask learning (HYDRA / DASS)
 
@@ -63,11 +66,6 @@ def _prunable(model: nn.Module, skip: Callable[[str, nn.Module], bool]):
             yield name, m
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def sparsify(
     model: nn.Module,
     sparsity: Optional[float] = 0.9,
@@ -81,6 +79,9 @@ def sparsify(
     policy: str = "auto",
     inplace: bool = False,
     block: Optional[int] = None,
+    calib: Optional[Iterable] = None,
+    token_mask: Optional[Callable] = None,
+    damp: float = 0.01,
 ) -> nn.Module:
     """Prunes every nn.Linear / nn.Conv2d (except those ``skip(name, module)`` names) to
     ``sparsity`` and swaps in SparseLinear / SparseConv2d.
@@ -90,6 +91,14 @@ def sparsify(
     from |w|; the forward uses w * topk(scores) and the gradient reaches the scores straight
     through the top-k. ``steps`` SGD steps over ``data`` (an iterable of (inputs, targets),
     cycled) with ``loss_fn(model(inputs), targets)``, then the learned masks are packed.
+    method="second_order": one-shot, layer by layer in the order the model lists them (which
+    should be the forward order), OBS / SparseGPT: ``calib`` (an iterable of model inputs:
+    tensors, tuples of args or dicts of kwargs, as ``hotops.codebook.compress`` takes) gives each
+    layer's input Gram H; the weights pruned are those whose loss w^2 / [H^-1]_jj is smallest,
+    and the surviving weights of the layer move to compensate them, towards the dense model's
+    outputs from the pruned model's inputs. ``token_mask(batch)`` keeps the input positions that
+    count (e.g. a transformer batch's attention mask); ``damp`` is added to H's diagonal as a
+    share of its mean. Linear and Conv2d (groups 1) layers.
 
     ``block`` (4 or 8, magnitude only): prune whole blocks of ``block`` consecutive output channels
     x one column by their L2 norm, which the blocked format runs faster than unstructured masks,
@@ -106,8 +115,8 @@ def sparsify(
             )
     else:
         check_sparsity(sparsity)
-    if method not in ("magnitude", "learned"):
-        raise ValueError(f"method must be 'magnitude' or 'learned', got {method!r}")
+    if method not in ("magnitude", "learned", "second_order"):
+        raise ValueError(f"method must be 'magnitude', 'learned' or 'second_order', got {method!r}")
     if block is not None and (block not in BLOCK_SIZES or method != "magnitude"):
         raise ValueError(
             f"block must be None or one of {BLOCK_SIZES}, with method='magnitude'; got block={block!r}, "
@@ -126,12 +135,17 @@ def sparsify(
             else block_mask(m.weight, sparsity, block, getattr(m, "groups", 1))
             for name, m in layers
         }
-    else:
+    elif method == "learned":
         if data is None or loss_fn is None:
             raise ValueError("method='learned' needs data (an iterable of (inputs, targets)) and loss_fn")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         masks = _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr)
+    elif method == "second_order":
+        calib = list(calib) if calib is not None else []
+        if not calib:
+            raise ValueError("method='second_order' needs calib: a non-empty iterable of model inputs")
+        masks = prune_model(model, layers, sparsity, calib, token_mask, check_number(damp, "damp", low=0.0))
     for name, m in layers:
         cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
         _replace(
