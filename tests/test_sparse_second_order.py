@@ -184,9 +184,28 @@ def test_second_order_refusals():
         sparsify(net, 0.5, "second_order", calib=[torch.randn(4, 8)], damp=-1)
     with pytest.raises(ValueError, match="block"):
         sparsify(net, 0.5, "second_order", calib=[torch.randn(4, 8)], block=4)
+    bad = torch.randn(4, 8)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="not all finite"):
+        sparsify(net, 0.5, "second_order", calib=[bad])
     dw = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))
     with pytest.raises(ValueError, match="groups=4"):
         sparsify(dw, 0.5, "second_order", calib=[torch.randn(1, 4, 6, 6)])
     # skipping the grouped convolution is the way through
     out = sparsify(dw, 0.5, "second_order", calib=[torch.randn(1, 4, 6, 6)], skip=lambda n, m: True)
     assert isinstance(out[0], nn.Conv2d)
+
+
+def test_bfloat16_weights():
+    """A bfloat16 model (its inputs too) prunes the same way: the algebra runs in float64."""
+    gen = torch.Generator().manual_seed(7)
+    net = _mlp(gen).to(torch.bfloat16).eval()
+    calib = [_correlated(64, gen).to(torch.bfloat16) for _ in range(2)]
+    held = _correlated(128, gen).to(torch.bfloat16)
+    so = sparsify(net, 0.5, "second_order", calib=calib, policy="dense")
+    mag = sparsify(net, 0.5, "magnitude", policy="dense")
+    with torch.no_grad():
+        ref = net(held).float()
+        err_so = (so(held).float() - ref).norm() / ref.norm()
+        err_mag = (mag(held).float() - ref).norm() / ref.norm()
+    assert err_so < 0.6 * err_mag
