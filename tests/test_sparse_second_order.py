@@ -87,7 +87,7 @@ def test_prune_layer_beats_magnitude_in_its_metric(sparsity, sweep, swept_and_re
         target * (target.abs() > target.abs().flatten().kthvalue(int(sparsity * 2048)).values), target, h
     )
     assert _loss(w, target, h) < sweep * mag
-    assert _loss(refit(target, h, kept), target, h) < swept_and_refit * mag
+    assert _loss(refit(w, target, h, kept), target, h) < swept_and_refit * mag
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
@@ -97,7 +97,7 @@ def test_refit_solves_each_row_exactly(sparsity):
     target = torch.randn(70, 40, generator=gen, dtype=torch.float64)
     swept, kept = prune_layer(target, h, sparsity, block=16)
     kept[3] = False  # a row that keeps nothing
-    w = refit(target, h, kept)
+    w = refit(swept, target, h, kept)
     assert torch.all(w[~kept] == 0)
     for r in range(target.shape[0]):
         k = kept[r]
@@ -105,6 +105,12 @@ def test_refit_solves_each_row_exactly(sparsity):
             torch.testing.assert_close(w[r, k], torch.linalg.solve(h[k][:, k], (target[r] @ h)[k]))
     swept[3] = 0
     assert _loss(w, target, h) <= _loss(swept, target, h) * (1 + 1e-12)
+    limit = int(kept.sum(1).median()) - 1  # rows keeping more are left as the sweep made them
+    partial = refit(swept, target, h, kept, max_kept=limit)
+    over = kept.sum(1) > limit
+    assert over.any() and (~over).any()
+    torch.testing.assert_close(partial[over], swept[over], rtol=0, atol=0)
+    torch.testing.assert_close(partial[~over], w[~over])
     if sparsity == 0:
         torch.testing.assert_close(w[kept.any(1)], target[kept.any(1)])
 

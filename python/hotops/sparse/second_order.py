@@ -37,11 +37,10 @@ def prune_layer(target: Tensor, hessian: Tensor, sparsity: float, block: int = 1
         pruned = torch.zeros(cost.numel(), dtype=torch.bool, device=w.device)
         pruned[cost.flatten().argsort(stable=True)[: int(round(sparsity * cost.numel()))]] = True
         pruned = pruned.view_as(cost)
-        err = torch.zeros(N, c1 - c0, dtype=torch.float64, device=w.device)
+        err = pruned.to(torch.float64) / d[c0:c1]  # becomes the columns' errors, one at a time
         for j in range(c0, c1):
-            e = torch.where(pruned[:, j - c0], w[:, j], 0.0) / d[j]
-            w[:, j:c1] -= e[:, None] * u[j, j:c1]
-            err[:, j - c0] = e
+            e = err[:, j - c0].mul_(w[:, j])
+            w[:, j:c1].sub_(torch.outer(e, u[j, j:c1]))
         w[:, c0:c1].masked_fill_(pruned, 0.0)  # exact zeros: the update left rounding residue
         w[:, c1:] -= err @ u[c0:c1, c1:]
         kept[:, c0:c1] = ~pruned
@@ -49,34 +48,50 @@ def prune_layer(target: Tensor, hessian: Tensor, sparsity: float, block: int = 1
 
 
 # Rows keeping more weights than this keep the sweep's compensation: an exact refit costs
-# k^3 / 3 per row (a 4096-row layer keeping 1024 per row: 1.5 TFLOP, a minute or two on a core).
+# k^3 / 3 per row (a 4096-row layer keeping 1024 per row: 1.5 TFLOP).
 REFIT_MAX_KEPT = 1024
 
 
-def refit(target: Tensor, hessian: Tensor, kept: Tensor) -> Tensor:
-    """The weight zero outside `kept` nearest `target` in the metric H: each row's kept weights
-    solve H[k, k] w_k = (target H)_k exactly (k the row's kept inputs). The column sweep fixes
-    each weight once, before the later columns are pruned, so the later pruning is compensated
-    only by later columns. Solving again with the mask known lifted all-MiniLM-L6-v2's one-shot
-    embedding cosine to dense at 90 % from 0.42 to 0.48 (examples/prune_minilm.py; calibrated on
-    glosses and usage examples alone, 0.48 to 0.54)."""
-    N, K = target.shape
-    rhs = target.double() @ hessian.double()
+def refit(
+    weight: Tensor, target: Tensor, hessian: Tensor, kept: Tensor, max_kept: int = REFIT_MAX_KEPT
+) -> Tensor:
+    """`weight` with each row that keeps at most `max_kept` weights replaced by the row zero
+    outside `kept` nearest `target` in the metric H: its kept weights solve H[k, k] w_k =
+    (target H)_k exactly (k the row's kept inputs). The column sweep fixes each weight once,
+    before the later columns are pruned, so the later pruning is compensated only by later
+    columns. Solving again with the mask known lifted all-MiniLM-L6-v2's one-shot embedding cosine
+    to dense at 90 % from 0.42 to 0.48 (examples/prune_minilm.py; calibrated on glosses and usage
+    examples alone, 0.48 to 0.54).
+
+    Rows go in batched Cholesky solves of rows with similar counts (sorted), each batch padded to
+    its largest count with identity rows, at most 2^24 float64 entries (128 MB) per batch."""
+    h = hessian.double()
+    rhs = target.double() @ h
+    out = weight.double().clone()
     counts = kept.sum(1)
-    k = int(counts.max()) if N else 0
-    w = torch.zeros(N, K, dtype=torch.float64, device=rhs.device)
-    chunk = max(1, (1 << 24) // max(1, k * k))  # rows per batched solve: 128 MB of float64 systems
-    for r0 in range(0, N, chunk):
-        r1 = min(r0 + chunk, N)
-        idx = torch.argsort((~kept[r0:r1]).to(torch.uint8), dim=1, stable=True)[:, :k]  # kept first
-        valid = torch.arange(k, device=rhs.device) < counts[r0:r1, None]
-        both = valid[:, :, None] & valid[:, None, :]
-        eye = torch.eye(k, dtype=torch.float64, device=rhs.device)
-        systems = torch.where(both, hessian.double()[idx[:, :, None], idx[:, None, :]], eye)
-        b = torch.where(valid, rhs[r0:r1].gather(1, idx), 0.0)
-        x = torch.linalg.solve(systems, b[..., None])[..., 0]
-        w[r0:r1].scatter_(1, idx, torch.where(valid, x, 0.0))
-    return w
+    order = torch.argsort(counts, stable=True)
+    order = order[counts[order] <= max_kept].tolist()
+    c = counts.tolist()
+    budget = 1 << 24
+    i = 0
+    while i < len(order):
+        n = 1
+        while i + n < len(order) and (n + 1) * c[order[i + n]] ** 2 <= budget:
+            n += 1
+        rows = torch.tensor(order[i : i + n], device=out.device)
+        i += n
+        k = c[int(rows[-1])]
+        if k == 0:
+            out[rows] = 0
+            continue
+        idx = torch.argsort((~kept[rows]).to(torch.uint8), dim=1, stable=True)[:, :k]  # kept first
+        valid = torch.arange(k, device=out.device) < counts[rows, None]
+        eye = torch.eye(k, dtype=torch.float64, device=out.device)
+        systems = torch.where(valid[:, :, None] & valid[:, None, :], h[idx[:, :, None], idx[:, None, :]], eye)
+        b = torch.where(valid, rhs[rows].gather(1, idx), 0.0)
+        x = torch.cholesky_solve(b[..., None], torch.linalg.cholesky(systems))[..., 0]
+        out[rows] = torch.zeros_like(out[rows]).scatter_(1, idx, torch.where(valid, x, 0.0))
+    return out
 
 
 def prune_model(
@@ -94,8 +109,8 @@ def prune_model(
     Each layer's target is the weight V that best maps its inputs in the pruned model, X_q, to its
     outputs in the dense one, X W^T (V^T = (X_q^T X_q)^-1 X_q^T X W^T, token-weighted, as JLCM's
     layer-wise stage), and V is pruned in the metric H = X_q^T X_q (``prune_layer``), damped by
-    `damp` x its mean diagonal; then, where rows keep at most ``REFIT_MAX_KEPT`` weights, the
-    kept weights are solved again exactly for that mask (``refit``)."""
+    `damp` x its mean diagonal; then the rows that keep at most ``REFIT_MAX_KEPT`` weights are
+    solved again exactly for that mask (``refit``)."""
     for name, m in layers:
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             raise ValueError(
@@ -114,8 +129,7 @@ def prune_model(
         w = m.weight.detach().flatten(1).double()
         target = torch.linalg.solve(h, grams.qf.double() @ w.T).T
         weight, kept = prune_layer(target, h, sparsity)
-        if int(kept.sum(1).max()) <= REFIT_MAX_KEPT:
-            weight = refit(target, h, kept)
+        weight = refit(weight, target, h, kept)
         with torch.no_grad():
             m.weight.copy_(weight.view_as(m.weight))
         masks[name] = kept.view_as(m.weight)
