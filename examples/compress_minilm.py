@@ -148,6 +148,19 @@ def stored_bytes(module) -> int:
     return module.weight.numel() * module.weight.element_size()
 
 
+def prepare(calib_sets, eval_sets, n_calib: int, n_eval: int, n_eval_other: int, seed: int = 0):
+    """The dense encoder (eval mode), the calibration texts and their length-sorted batches, the
+    evaluation texts per set, their batches and the dense model's embeddings of them."""
+    base = load_model()
+    dense = base[0].auto_model.eval()
+    calib_texts, eval_texts = text_split(calib_sets, eval_sets, n_calib, n_eval, n_eval_other, seed)
+    calib = length_batches(base.tokenizer, calib_texts, seed=seed)
+    evals = {name: batches(base.tokenizer, texts, 64) for name, texts in eval_texts.items()}
+    with torch.no_grad():
+        reference = {name: [sentence_embedding(dense, b) for b in bs] for name, bs in evals.items()}
+    return dense, calib_texts, calib, eval_texts, evals, reference
+
+
 def run(
     methods=("rtn", "kmeans", "jlcm"),
     n_eval: int = 2000,
@@ -168,13 +181,9 @@ def run(
 ) -> dict:
     """Compress with each method and return its figures; "cosine" is the first evaluation set's,
     "sets" has every set's. `save`: a path to torch.save the jlcm model's state_dict to."""
-    base = load_model()
-    dense = base[0].auto_model.eval()
-    calib_texts, eval_texts = text_split(calib_sets, eval_sets, n_calib, n_eval, n_eval_other, seed)
-    calib = length_batches(base.tokenizer, calib_texts, seed=seed)
-    evals = {name: batches(base.tokenizer, texts, 64) for name, texts in eval_texts.items()}
-    with torch.no_grad():
-        reference = {name: [sentence_embedding(dense, b) for b in bs] for name, bs in evals.items()}
+    dense, calib_texts, calib, eval_texts, evals, reference = prepare(
+        calib_sets, eval_sets, n_calib, n_eval, n_eval_other, seed
+    )
     weights = sum(m.weight.numel() for m in linear_layers(dense).values())
     dense_bytes = sum(stored_bytes(m) for m in linear_layers(dense).values())
     results = {

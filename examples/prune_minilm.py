@@ -17,27 +17,15 @@ import json
 import time
 
 import torch
-from compress_minilm import (
-    batches,
-    length_batches,
-    load_model,
-    mean_cosine,
-    real_tokens,
-    sentence_embedding,
-    text_split,
-)
+from compress_minilm import mean_cosine, prepare, real_tokens
 
 from hotops.sparse import sparsify
 
 
 def run(sparsities, methods, n_calib, calib_sets, eval_sets, n_eval, n_eval_other, seed=0) -> dict:
-    base = load_model()
-    dense = base[0].auto_model.eval()
-    calib_texts, eval_texts = text_split(calib_sets, eval_sets, n_calib, n_eval, n_eval_other, seed)
-    calib = length_batches(base.tokenizer, calib_texts, seed=seed)
-    evals = {name: batches(base.tokenizer, texts, 64) for name, texts in eval_texts.items()}
-    with torch.no_grad():
-        reference = {name: [sentence_embedding(dense, b) for b in bs] for name, bs in evals.items()}
+    dense, calib_texts, calib, _, evals, reference = prepare(
+        calib_sets, eval_sets, n_calib, n_eval, n_eval_other, seed
+    )
     results = {"calibration": {"sets": list(calib_sets), "texts": len(calib_texts)}, "runs": []}
     for sparsity in sparsities:
         for method in methods:
