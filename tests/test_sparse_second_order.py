@@ -194,6 +194,12 @@ def test_second_order_refusals():
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match="not all finite"):
         sparsify(net, 0.5, "second_order", calib=[bad])
+    net.train()
+    with pytest.raises(ValueError, match="not all finite"):
+        sparsify(net, 0.5, "second_order", calib=[bad], inplace=True)
+    assert net.training  # its mode given back on the error too
+    with pytest.raises(ValueError, match="inputs of method='second_order' only"):
+        sparsify(net, 0.5, "magnitude", calib=[torch.randn(4, 8)])  # not silently magnitude
     dw = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))
     with pytest.raises(ValueError, match="groups=4"):
         sparsify(dw, 0.5, "second_order", calib=[torch.randn(1, 4, 6, 6)])

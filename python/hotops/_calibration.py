@@ -1,8 +1,8 @@
 """What second-order compression reads from a model: its layers' inputs on calibration batches
 (a Linear's input rows, a Conv2d's patches; as token-weighted Grams, from the dense model and from
 the model compressed so far), its output and that output's distortion (1 - cosine) against the
-dense one; and the nn.Linear layers it finds and replaces. Shared by JLCM (hotops.codebook.jlcm) and second-order pruning
-(hotops.sparse.second_order)."""
+dense one; and the nn.Linear layers it finds and replaces. Shared by JLCM
+(hotops.codebook.jlcm) and second-order pruning (hotops.sparse.second_order)."""
 
 from __future__ import annotations
 

@@ -118,19 +118,21 @@ def prune_model(
             )
     was_training = model.training
     model.eval()  # no dropout: the Grams are of the model's deterministic inputs
-    dense = copy.deepcopy(model)
-    masks = {}
-    for name, m in layers:
-        grams = _layer_grams(dense, model, name, calib, token_mask)
-        if not all(torch.isfinite(g).all() for g in (grams.qq, grams.qf)):
-            raise ValueError(f"second-order pruning: the calibration inputs of {name} are not all finite")
-        h = _damped(grams.qq, damp)
-        w = m.weight.detach().flatten(1).double()
-        target = torch.linalg.solve(h, grams.qf.double() @ w.T).T
-        weight, kept = prune_layer(target, h, sparsity)
-        weight = refit(weight, target, h, kept)
-        with torch.no_grad():
-            m.weight.copy_(weight.view_as(m.weight))
-        masks[name] = kept.view_as(m.weight)
-    model.train(was_training)
+    try:
+        dense = copy.deepcopy(model)
+        masks = {}
+        for name, m in layers:
+            grams = _layer_grams(dense, model, name, calib, token_mask)
+            if not all(torch.isfinite(g).all() for g in (grams.qq, grams.qf)):
+                raise ValueError(f"second-order pruning: the calibration inputs of {name} are not all finite")
+            h = _damped(grams.qq, damp)
+            w = m.weight.detach().flatten(1).double()
+            target = torch.linalg.solve(h, grams.qf.double() @ w.T).T
+            weight, kept = prune_layer(target, h, sparsity)
+            weight = refit(weight, target, h, kept)
+            with torch.no_grad():
+                m.weight.copy_(weight.view_as(m.weight))
+            masks[name] = kept.view_as(m.weight)
+    finally:
+        model.train(was_training)
     return masks

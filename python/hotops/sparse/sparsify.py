@@ -122,6 +122,10 @@ def sparsify(
             f"block must be None or one of {BLOCK_SIZES}, with method='magnitude'; got block={block!r}, "
             f"method={method!r}"
         )
+    if method != "second_order" and (calib is not None or token_mask is not None):
+        raise ValueError(
+            f"calib and token_mask are inputs of method='second_order' only; method is {method!r}"
+        )
     if not inplace:
         model = prune_safe_deepcopy(model)
     layers = list(_prunable(model, skip))
