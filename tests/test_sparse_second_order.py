@@ -221,3 +221,12 @@ def test_bfloat16_weights():
         err_so = (so(held).float() - ref).norm() / ref.norm()
         err_mag = (mag(held).float() - ref).norm() / ref.norm()
     assert err_so < 0.6 * err_mag
+
+
+def test_sparsity_zero_changes_nothing():
+    """No upstream error and nothing pruned: the damping must not move the weights."""
+    gen = torch.Generator().manual_seed(8)
+    net = _mlp(gen).eval()
+    x = _correlated(64, gen)
+    same = sparsify(net, 0.0, "second_order", calib=[x], policy="dense")
+    torch.testing.assert_close(same(x), net(x), rtol=1e-5, atol=1e-5)

@@ -106,8 +106,8 @@ def prune_model(
     before it), and return their masks (True where kept).
 
     Each layer's target is the weight V that best maps its inputs in the pruned model, X_q, to its
-    outputs in the dense one, X W^T (V^T = (X_q^T X_q)^-1 X_q^T X W^T, token-weighted, as JLCM's
-    layer-wise stage), and V is pruned in the metric H = X_q^T X_q (``prune_layer``), damped by
+    outputs in the dense one, X W^T (V^T = W^T + (X_q^T X_q)^-1 X_q^T (X - X_q) W^T,
+    token-weighted, as JLCM's layer-wise stage), and V is pruned in the metric H = X_q^T X_q (``prune_layer``), damped by
     `damp` x its mean diagonal; then the rows that keep at most ``REFIT_MAX_KEPT`` weights are
     solved again exactly for that mask (``refit``)."""
     for name, m in layers:
@@ -127,7 +127,9 @@ def prune_model(
                 raise ValueError(f"second-order pruning: the calibration inputs of {name} are not all finite")
             h = _damped(grams.qq, damp)
             w = m.weight.detach().flatten(1).double()
-            target = torch.linalg.solve(h, grams.qf.double() @ w.T).T
+            # W moved by what the inputs' change asks (V = W where X_q = X, so the damping
+            # regularises the move, not W itself: at sparsity 0 nothing changes)
+            target = w + torch.linalg.solve(h, (grams.qf.double() - grams.qq.double()) @ w.T).T
             weight, kept = prune_layer(target, h, sparsity)
             weight = refit(weight, target, h, kept)
             with torch.no_grad():
