@@ -60,7 +60,7 @@ def refit(
     (target H)_k exactly (k the row's kept inputs). The column sweep fixes each weight once,
     before the later columns are pruned, so the later pruning is compensated only by later
     columns. Solving again with the mask known lifted all-MiniLM-L6-v2's one-shot embedding cosine
-    to dense at 90 % from 0.42 to 0.50 (examples/prune_minilm.py, docs/sparse.md).
+    to dense at 90 % from 0.42 to 0.48 (docs/notes/sparse.md).
 
     Rows go in batched Cholesky solves of rows with similar counts (sorted), each batch padded to
     its largest count with identity rows, at most 2^24 float64 entries (128 MB) per batch."""
