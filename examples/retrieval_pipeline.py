@@ -132,6 +132,7 @@ def run(a) -> dict:
         temperature=a.temperature,
         max_length=a.max_length,
         verbose=a.verbose,
+        unpadded=not a.padded_training,  # the hotops side ('info_nce'); MNRL runs its own forward
     )
     # false negatives never mined: the other senses of the query's lemmas (split.related) and
     # every other synset whose definition is the same text as the query's own
@@ -480,6 +481,12 @@ def parse(argv=None):
     add("--steps", type=int, default=200, help="training steps of stages 2 and 3 (each side)")
     add("--batch", type=int, default=32, help="queries per step; training queries = steps x batch")
     add("--lr", type=float, default=5e-5)
+    add(
+        "--padded-training",
+        action="store_true",
+        help="the hotops side trains through the model's padded forward, as today's stack does "
+        "(default: on the batch's real tokens only, hotops.integrations.unpadded)",
+    )
     add("--temperature", type=float, default=0.05)
     add("--max-length", type=int, default=32, help="tokens per text")
     add("--encode-batch", type=int, default=256)

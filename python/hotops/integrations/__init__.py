@@ -7,4 +7,7 @@ Each adapter is a submodule that imports its library when *it* is imported; impo
   ``CachedMultipleNegativesRankingLoss`` computed by ``hotops.info_nce``.
 * ``hotops.integrations.transformers`` -- registers ``attn_implementation="hotops_ssa"``
   (subsampled attention in training, full attention in eval).
+* ``hotops.integrations.unpadded`` -- a BERT-style encoder (transformers' ``BertModel``, MiniLM)
+  run on its real tokens only: the same states, about half the work on padded batches of short
+  texts. Needs torch only (it calls the model's own modules).
 """

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hotops.infonce import info_nce
+from hotops.integrations import unpadded as _unpadded
 from hotops.retrieval import mean_pooled, tokenize
 
 __all__ = ["ContrastiveTrainer", "batch_schedule", "contrastive_loss", "LOSSES"]
@@ -69,12 +70,16 @@ def _mnrl(model, temperature: float):
 
 class ContrastiveTrainer:
     """ContrastiveTrainer(queries, positives, corpus, schedule, lr=5e-5, temperature=0.05,
-    max_length=32, verbose=False)
+    max_length=32, verbose=False, unpadded=True)
 
     queries: the training query texts; positives[i]: the corpus row answering queries[i]; corpus:
     the document texts; schedule: the batches of query indices (see batch_schedule), the same
     for every run, so runs with different losses see the same data. Each run: AdamW (weight decay
     0.01) with linear warm-up over 10 % of the steps, then linear decay; dropout on.
+    unpadded: the 'info_nce' loss runs the encoder (and the teacher) on the batch's real tokens
+    only (hotops.integrations.unpadded: the same embeddings, about half the work on short
+    texts); False runs the model's own padded forward, which models other than BERT-style
+    encoders need. 'mnrl' always runs sentence-transformers' forward.
     `losses` holds the last run's loss per step."""
 
     def __init__(
@@ -88,6 +93,7 @@ class ContrastiveTrainer:
         temperature: float = 0.05,
         max_length: int = 32,
         verbose: bool = False,
+        unpadded: bool = True,
     ):
         if len(queries) != len(positives):
             raise ValueError(f"queries ({len(queries)}) and positives ({len(positives)}) differ in length")
@@ -96,6 +102,7 @@ class ContrastiveTrainer:
         self.queries, self.positives, self.corpus = queries, positives, corpus
         self.schedule = schedule
         self.lr, self.temperature, self.max_length, self.verbose = lr, temperature, max_length, verbose
+        self.unpadded = unpadded
         self.losses: List[float] = []
 
     def run(
@@ -133,6 +140,16 @@ class ContrastiveTrainer:
         )
         mnrl = _mnrl(model, self.temperature) if loss == "mnrl" else None
         bert, tok = model[0].auto_model, model.tokenizer
+        pooled = mean_pooled
+        if mnrl is None and self.unpadded:
+            for m in (bert, teacher) if teacher is not None and distill > 0 else (bert,):
+                try:
+                    _unpadded.check_encoder(m)
+                except ValueError as e:
+                    raise ValueError(
+                        f"{e} (ContrastiveTrainer(unpadded=False) runs its padded forward)"
+                    ) from None
+            pooled = _unpadded.mean_pooled
         model.train()
         t0, self.losses = time.perf_counter(), []
         for step in range(steps):
@@ -149,11 +166,11 @@ class ContrastiveTrainer:
                 value = mnrl(feats, None)
             else:
                 inputs = [{k: f[k] for k in HF_KEYS if k in f} for f in feats]
-                emb = [mean_pooled(bert, x) for x in inputs]
+                emb = [pooled(bert, x) for x in inputs]
                 ref = None
                 if teacher is not None and distill > 0:
                     with torch.no_grad():
-                        ref = [mean_pooled(teacher, x) for x in inputs]
+                        ref = [pooled(teacher, x) for x in inputs]
                 value = contrastive_loss(emb, self.temperature, ref, distill)
             opt.zero_grad(set_to_none=True)
             value.backward()

@@ -1,0 +1,120 @@
+"""hotops.integrations.unpadded: a BERT encoder run on its real tokens only equals transformers'
+padded forward (states, pooled embeddings, gradients), with replaced Linears, in training mode,
+and refuses what it cannot run."""
+
+import copy
+
+import pytest
+import torch
+
+from hotops.integrations import unpadded
+from hotops.retrieval import mean_pooled
+
+transformers = pytest.importorskip("transformers")
+
+
+def bert(dropout=0.0, **config):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        **config,
+    )
+    return transformers.BertModel(cfg).eval()
+
+
+def batch(lengths, L=None, left=False, seed=0):
+    """Random ids with `lengths` real tokens per row, padded to L (right, or left) with id 0."""
+    g = torch.Generator().manual_seed(seed)
+    L = L or max(lengths)
+    ids = torch.zeros(len(lengths), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        cols = slice(L - n, L) if left else slice(0, n)
+        ids[i, cols] = torch.randint(1, 50, (n,), generator=g)
+        mask[i, cols] = 1
+    types = (torch.rand(ids.shape, generator=g) < 0.5).long() * mask
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_states_and_pooled_equal_the_padded_forward(left):
+    model = bert()
+    b = batch([1, 7, 3, 12, 12, 5], L=14, left=left)
+    with torch.no_grad():
+        ref = model(**b).last_hidden_state[b["attention_mask"].bool()]
+        got = unpadded.encoder_states(model, **b)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            unpadded.mean_pooled(model, b), mean_pooled(model, b), rtol=1e-5, atol=1e-5
+        )
+        no_types = {k: v for k, v in b.items() if k != "token_type_ids"}
+        torch.testing.assert_close(
+            unpadded.mean_pooled(model, no_types), mean_pooled(model, no_types), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_gradients_equal_the_padded_forward():
+    b = batch([3, 9, 4, 6])
+    grads = []
+    for pooled in (mean_pooled, unpadded.mean_pooled):
+        model = bert().train()  # training mode, dropout 0: the forwards are deterministic
+        (pooled(model, b) * torch.linspace(-1, 1, 32)).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() - {"pooler.dense.weight", "pooler.dense.bias"} == grads[1].keys()
+    for name, g in grads[1].items():
+        torch.testing.assert_close(g, grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dropout_runs_in_training_only():
+    model = bert(dropout=0.3)
+    b = batch([5, 8])
+    with torch.no_grad():
+        eval_states = unpadded.encoder_states(model, **b)
+        model.train()
+        train_states = [unpadded.encoder_states(model, **b) for _ in range(2)]
+    assert not torch.allclose(train_states[0], eval_states)
+    assert not torch.allclose(train_states[0], train_states[1])
+
+
+def test_replaced_linears_run_on_the_packed_tokens():
+    from hotops.sparse import SparseLinear, sparsify
+
+    dense = bert()
+    sparse = sparsify(copy.deepcopy(dense), 0.5, skip=lambda name, m: "pooler" in name)
+    assert any(isinstance(m, SparseLinear) for m in sparse.modules())
+    b = batch([2, 6, 6, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            unpadded.encoder_states(sparse, **b),
+            sparse(**b).last_hidden_state[b["attention_mask"].bool()],
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_refusals():
+    b = batch([3, 2])
+    with pytest.raises(ValueError, match="BERT-style encoder"):
+        unpadded.encoder_states(torch.nn.Linear(4, 4), **b)
+    with pytest.raises(ValueError, match="decoder"):
+        unpadded.encoder_states(bert(is_decoder=True), **b)
+    empty = dict(b, attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="at least one real token"):
+        unpadded.encoder_states(bert(), **empty)
+    with pytest.raises(ValueError, match="batch, length"):
+        unpadded.encoder_states(bert(), b["input_ids"][0], b["attention_mask"][0])
+    model = bert()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        unpadded.encoder_states(model, **b)
+    broken = bert()
+    del broken.encoder.layer[1].intermediate
+    with pytest.raises(ValueError, match=r"layer\[1\] has no intermediate"):
+        unpadded.check_encoder(broken)
