@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hotops
+from hotops._calibration import Grams, _damped
 from hotops.codebook import CodebookLinear, CodebookWeight, compress, load_compressed
 from hotops.codebook.jlcm import Format, _allocate, plan, second_order_codes
 from hotops.codebook.kmeans import nearest, quantize_weight
@@ -151,6 +152,23 @@ def test_second_order_codes_uses_the_correlations():
     ours = second_order_codes(w, gram, init.codebooks, s, init.group_ptr)
     dequant = lambda c: s[:, None] * book[c[..., 0].long()].reshape(64, 32)  # noqa: E731
     assert layer_loss(dequant(ours), w, gram) < 0.7 * layer_loss(dequant(nearest_codes), w, gram)
+
+
+def test_layer_target_is_the_weight_on_dense_inputs_and_the_least_squares_map_otherwise():
+    """The weight each layer's codes aim at: W itself where the inputs have not moved, whatever the
+    damp (a plain damped solve would shrink W along the inputs' weak directions), and the
+    least-squares map from the moved inputs to the dense outputs where they have."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(256, 4, generator=gen, dtype=torch.float64) @ torch.randn(
+        4, 16, generator=gen, dtype=torch.float64
+    )
+    w = torch.randn(24, 16, generator=gen)  # x: rank 4 of 16
+    dense = Grams.dense(x.T @ x)
+    assert torch.allclose(dense.target(w, _damped(dense.qq, 0.5)), w.double(), atol=1e-12)
+    x_q = x + 0.1 * torch.randn(256, 16, generator=gen, dtype=torch.float64)
+    moved = Grams(x_q.T @ x_q, x_q.T @ x, x.T @ x)
+    least_squares = torch.linalg.lstsq(x_q, x @ w.T.double()).solution.T
+    assert torch.allclose(moved.target(w, _damped(moved.qq, 0.0)), least_squares, atol=1e-9)
 
 
 def test_damp_pulls_the_metric_towards_plain_weight_error():

@@ -29,6 +29,15 @@ class Grams:
     def dense(cls, ff: Tensor) -> "Grams":
         return cls(ff, ff, ff)
 
+    def target(self, w: Tensor, damped_qq: Tensor) -> Tensor:
+        """The weight V (float64) that best maps the layer's inputs in the compressed model to its
+        dense outputs, argmin ||X_q V^T - X W^T||: V^T = W^T + qq^-1 (qf - qq) W^T. Written as W
+        moved by what the inputs' change asks, so the damping (`damped_qq`: qq + damp I)
+        regularises the move and not W itself: where X_q = X, V = W whatever the damp (the
+        plain solve qq^-1 qf W^T would shrink W towards zero along the inputs' weak directions)."""
+        w = w.double()
+        return w + torch.linalg.solve(damped_qq, (self.qf.double() - self.qq.double()) @ w.T).T
+
 
 def _damped(gram: Tensor, damp: float) -> Tensor:
     """gram (float64) + damp * mean(diag) I; inputs no calibration token uses get a unit diagonal,

@@ -129,8 +129,7 @@ def learn_layer(
     and scales. Returns float32 codebooks and scales."""
     w = w.detach().float()
     w_stored = w if init.perm is None else w[init.perm]
-    # argmin_V ||X_q V^T - X W^T||: V^T = qq^-1 qf W^T (V = W on dense inputs)
-    target = torch.linalg.solve(_damped(grams.qq, damp), grams.qf.double() @ w_stored.double().T).T
+    target = grams.target(w_stored, _damped(grams.qq, damp))  # V = W on dense inputs
     codebooks, scales = init.codebooks.float(), init.scales.float()
     codes = init.code_indices()
     for _ in range(rounds):

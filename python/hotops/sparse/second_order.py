@@ -126,10 +126,7 @@ def prune_model(
             if not all(torch.isfinite(g).all() for g in (grams.qq, grams.qf)):
                 raise ValueError(f"second-order pruning: the calibration inputs of {name} are not all finite")
             h = _damped(grams.qq, damp)
-            w = m.weight.detach().flatten(1).double()
-            # W moved by what the inputs' change asks (V = W where X_q = X, so the damping
-            # regularises the move, not W itself: at sparsity 0 nothing changes)
-            target = w + torch.linalg.solve(h, (grams.qf.double() - grams.qq.double()) @ w.T).T
+            target = grams.target(m.weight.detach().flatten(1), h)  # at sparsity 0 nothing changes
             weight, kept = prune_layer(target, h, sparsity)
             weight = refit(weight, target, h, kept)
             with torch.no_grad():
