@@ -163,7 +163,6 @@ def run(a) -> dict:
         held_out = (split.corpus, split.test_queries, split.test_docs, doc_key)
         return evaluate(bert, tok, *held_out, a.encode_batch, a.max_length)
 
-    fill_gen = torch.Generator().manual_seed(a.seed + 1)  # both sides' refreshes draw from one generator
     builders = {  # the index each side mines from, rebuilt at every refresh
         "hotops": lambda x: build_pq_index(x, a.m, nlist),
         "today": lambda x: FaissPQIndex(x, a.m, nlist),
@@ -181,6 +180,7 @@ def run(a) -> dict:
     models = {}
     for side, loss in (("hotops", "info_nce"), ("today", "mnrl")):
         st = copy.deepcopy(base)
+        torch.manual_seed(a.seed)  # each side's dropout from the same seed, whichever runs first
         with PeakRSS() as p:
             trainer.run(st, loss, a.steps, log=f"in-batch {side}")
         with PeakRSS() as pe:
@@ -192,6 +192,7 @@ def run(a) -> dict:
     refreshes = {}
     for side, loss in (("hotops", "info_nce"), ("today", "mnrl")):
         st = copy.deepcopy(base)
+        torch.manual_seed(a.seed)
         refresh = refreshes[side] = HardNegativeRefresh(
             split.corpus,
             split.train_queries,
@@ -201,7 +202,7 @@ def run(a) -> dict:
             n=a.negatives,
             depth=a.depth,
             seed=a.seed,
-            fill_generator=fill_gen,
+            fill_generator=torch.Generator().manual_seed(a.seed + 1),  # the same fills on both sides
             batch_size=a.encode_batch,
             max_length=a.max_length,
             name=side,
