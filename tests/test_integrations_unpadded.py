@@ -110,6 +110,8 @@ def test_refusals():
         unpadded.encoder_states(bert(), **empty)
     with pytest.raises(ValueError, match="batch, length"):
         unpadded.encoder_states(bert(), b["input_ids"][0], b["attention_mask"][0])
+    with pytest.raises(ValueError, match="positions"):
+        unpadded.encoder_states(bert(), torch.ones(1, 513, dtype=torch.long), torch.ones(1, 513))
     model = bert()
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2"):

@@ -91,6 +91,11 @@ def encoder_states(
         raise ValueError("every row of the batch needs at least one real token (attention_mask all zero)")
     B, L = keep.shape
     emb = bert.embeddings
+    if L > emb.position_embeddings.num_embeddings:
+        raise ValueError(
+            f"{L} tokens per row exceed the model's {emb.position_embeddings.num_embeddings} positions "
+            "(truncate with the tokenizer's max_length)"
+        )
     positions = torch.arange(L, device=input_ids.device).expand(B, L)[keep]
     types = torch.zeros_like(positions) if token_type_ids is None else token_type_ids[keep]
     x = (
