@@ -135,3 +135,56 @@ def test_bench_table_on_minilm():
     assert bench.HEADER in table
     rows = [r for r in table.splitlines() if r.startswith("| 2 |")]
     assert len(rows) == 4 and all(r.endswith("x |") for r in rows)
+
+
+def test_enable_makes_the_models_own_call_unpadded():
+    model, reference = bert(), bert()
+    b = batch([4, 9, 2], L=11)
+    keep = b["attention_mask"].bool()
+    assert unpadded.enable(model) is model
+    with torch.no_grad():
+        ours, theirs = model(**b), reference(**b)
+        torch.testing.assert_close(
+            ours.last_hidden_state[keep], theirs.last_hidden_state[keep], rtol=1e-5, atol=1e-5
+        )
+        assert torch.all(ours.last_hidden_state[~keep] == 0)
+        torch.testing.assert_close(ours.pooler_output, theirs.pooler_output, rtol=1e-5, atol=1e-5)
+        assert model(**b, return_dict=False)[0].shape == theirs.last_hidden_state.shape
+        # what only the model's own forward gives runs that forward
+        hidden = model(**b, output_hidden_states=True).hidden_states
+        assert len(hidden) == 3 and torch.equal(hidden[-1], theirs.last_hidden_state)
+        # a deep copy runs on the copy's weights
+        twin = copy.deepcopy(model)
+        twin.encoder.layer[1].output.dense.weight.mul_(0.5)
+        assert not torch.allclose(twin(**b).last_hidden_state[keep], ours.last_hidden_state[keep])
+        torch.testing.assert_close(model(**b).last_hidden_state, ours.last_hidden_state)
+    assert unpadded.disable(model) is model and "forward" not in model.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(**b).last_hidden_state, theirs.last_hidden_state)
+    with pytest.raises(ValueError, match="decoder"):
+        unpadded.enable(bert(is_decoder=True))
+
+
+def test_enable_under_sentence_transformers(tmp_path):
+    """A SentenceTransformer whose BERT is enabled encodes and scores MNRL as before."""
+    pytest.importorskip("sentence_transformers")
+    from _tiny_bert import save_tiny_bert
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    words = [f"w{i}" for i in range(30)]
+    folder = save_tiny_bert(tmp_path, words, num_hidden_layers=2)
+    texts = [" ".join(words[i : i + n]) for i, n in zip(range(12), [1, 5, 2, 8, 3, 1, 6, 2, 4, 7, 1, 3])]
+    st = SentenceTransformer(folder, device="cpu")
+    before = st.encode(texts, convert_to_tensor=True)
+    feats = [st.tokenize(texts[:6]), st.tokenize(texts[6:])]
+    loss_before = MultipleNegativesRankingLoss(st)(feats, None)
+    unpadded.enable(st[0].auto_model)
+    torch.testing.assert_close(st.encode(texts, convert_to_tensor=True), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        MultipleNegativesRankingLoss(st)(feats, None), loss_before, rtol=1e-5, atol=1e-5
+    )

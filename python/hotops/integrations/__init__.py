@@ -9,5 +9,6 @@ Each adapter is a submodule that imports its library when *it* is imported; impo
   (subsampled attention in training, full attention in eval).
 * ``hotops.integrations.unpadded`` -- a BERT-style encoder (transformers' ``BertModel``, MiniLM)
   run on its real tokens only: the same states, about half the work on padded batches of short
-  texts. Needs torch only (it calls the model's own modules).
+  texts; ``enable(bert)`` makes the model's own call (and sentence-transformers') run so. Needs
+  torch only (it calls the model's own modules).
 """

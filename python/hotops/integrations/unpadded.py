@@ -12,6 +12,10 @@ with the key-padding mask: at a few dozen tokens a small share of the work). The
 (the same dropouts with the same rates), and autograd runs through it. Replaced Linears
 (``SparseLinear``, ``CodebookLinear``) run on the packed tokens as they are.
 
+``enable(bert)`` makes the model's own call (``bert(input_ids, attention_mask, ...)``, and so
+sentence-transformers' ``SentenceTransformer`` and its losses, which call it) run this way and
+return the usual output with zeros at the padded positions; ``disable(bert)`` undoes it.
+
 The model's modules are called, not copied: training the model trains what this forward runs.
 Models whose layers are not BERT's (pre-LayerNorm, rotary or relative positions, decoders, cross
 attention) and an attention implementation other than transformers' "sdpa" or "eager" are
@@ -20,13 +24,14 @@ refused with a ValueError.
 
 from __future__ import annotations
 
+import types
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["check_encoder", "encoder_states", "mean_pooled"]
+__all__ = ["check_encoder", "disable", "enable", "encoder_states", "mean_pooled"]
 
 _LAYER_PARTS = (
     "attention.self.query",
@@ -137,3 +142,47 @@ def mean_pooled(bert: nn.Module, batch: Dict[str, Tensor]) -> Tensor:
     rows = torch.arange(mask.shape[0], device=states.device).repeat_interleave(mask.to(torch.bool).sum(1))
     sums = states.new_zeros(mask.shape[0], states.shape[1]).index_add(0, rows, states)
     return F.normalize(sums / mask.to(torch.bool).sum(1, keepdim=True).to(states.dtype), dim=-1)
+
+
+def _forward(self, input_ids=None, attention_mask=None, token_type_ids=None, return_dict=None, **kwargs):
+    """BertModel.forward through ``encoder_states``; a call asking for what only the model's own
+    forward gives (inputs_embeds, position_ids, hidden states or attentions of every layer, a
+    cache) runs that forward unchanged."""
+    if (
+        input_ids is None
+        or attention_mask is None
+        or any(v is not None and v is not False for v in kwargs.values())
+    ):
+        if return_dict is not None:
+            kwargs["return_dict"] = return_dict
+        return type(self).forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs
+        )
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+    keep = attention_mask.to(torch.bool)
+    states = encoder_states(self, input_ids, attention_mask, token_type_ids)
+    padded = states.new_zeros(*keep.shape, states.shape[-1])
+    padded[keep] = states
+    pooled = self.pooler(padded) if getattr(self, "pooler", None) is not None else None
+    if return_dict is False:
+        return (padded, pooled)
+    return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=padded, pooler_output=pooled)
+
+
+def enable(bert: nn.Module) -> nn.Module:
+    """Make `bert`'s own forward run on the real tokens only (in place; returns `bert`).
+    ``last_hidden_state`` holds zeros at the padded positions (the padded forward leaves values
+    there that every pooling masks out). A bound method, so ``copy.deepcopy`` binds the copy's
+    forward to the copy; the instance attribute does not survive pickling the whole module
+    (``torch.save(model)``): save the state_dict, or ``disable`` first."""
+    check_encoder(bert)
+    bert.forward = types.MethodType(_forward, bert)
+    return bert
+
+
+def disable(bert: nn.Module) -> nn.Module:
+    """Undo ``enable``: the model's class forward again (in place; returns `bert`)."""
+    if isinstance(bert.__dict__.get("forward"), types.MethodType) and bert.forward.__func__ is _forward:
+        del bert.forward
+    return bert
