@@ -3,6 +3,7 @@ padded forward (states, pooled embeddings, gradients), with replaced Linears, in
 and refuses what it cannot run."""
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -134,7 +135,9 @@ def test_bench_table_on_minilm():
     table = bench.table(batches=(2,), reps=1, progress=False)
     assert bench.HEADER in table
     rows = [r for r in table.splitlines() if r.startswith("| 2 |")]
-    assert len(rows) == 4 and all(r.endswith("x |") for r in rows)
+    with_st = importlib.util.find_spec("sentence_transformers") is not None
+    assert len(rows) == 4 + with_st and all(r.endswith("x |") for r in rows)
+    assert ("MNRL step" in rows[-1]) == with_st
 
 
 def test_enable_makes_the_models_own_call_unpadded():
