@@ -153,6 +153,18 @@ def test_enable_makes_the_models_own_call_unpadded():
         assert torch.all(ours.last_hidden_state[~keep] == 0)
         torch.testing.assert_close(ours.pooler_output, theirs.pooler_output, rtol=1e-5, atol=1e-5)
         assert model(**b, return_dict=False)[0].shape == theirs.last_hidden_state.shape
+        # other keywords are ignored, as the model's forward ignores them (sentence-transformers
+        # passes back the feature dicts its modules wrote into)
+        calls = []
+        run = unpadded.encoder_states
+        unpadded.encoder_states = lambda *a, **k: calls.append(1) or run(*a, **k)
+        try:
+            extra = model(
+                **b, token_embeddings=torch.ones(3), sentence_embedding=torch.ones(3), modality="text"
+            )
+        finally:
+            unpadded.encoder_states = run
+        assert calls and torch.equal(extra.last_hidden_state, ours.last_hidden_state)
         # what only the model's own forward gives runs that forward
         hidden = model(**b, output_hidden_states=True).hidden_states
         assert len(hidden) == 3 and torch.equal(hidden[-1], theirs.last_hidden_state)

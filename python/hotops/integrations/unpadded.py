@@ -144,14 +144,31 @@ def mean_pooled(bert: nn.Module, batch: Dict[str, Tensor]) -> Tensor:
     return F.normalize(sums / mask.to(torch.bool).sum(1, keepdim=True).to(states.dtype), dim=-1)
 
 
+# Arguments that change what BertModel.forward computes or returns: a call setting one runs that
+# forward. Any other keyword is ignored, as the model's forward ignores it (sentence-transformers
+# passes back the feature dicts its modules wrote into: token_embeddings, sentence_embedding).
+_MODEL_FORWARD_ONLY = (
+    "position_ids",
+    "inputs_embeds",
+    "head_mask",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "cache",
+    "past_key_values",
+    "use_cache",
+    "output_hidden_states",
+    "output_attentions",
+)
+
+
 def _forward(self, input_ids=None, attention_mask=None, token_type_ids=None, return_dict=None, **kwargs):
     """BertModel.forward through ``encoder_states``; a call asking for what only the model's own
-    forward gives (inputs_embeds, position_ids, hidden states or attentions of every layer, a
-    cache) runs that forward unchanged."""
+    forward gives (``_MODEL_FORWARD_ONLY``: inputs_embeds, position_ids, hidden states or
+    attentions of every layer, a cache) runs that forward unchanged."""
     if (
         input_ids is None
         or attention_mask is None
-        or any(v is not None and v is not False for v in kwargs.values())
+        or any(kwargs.get(k) is not None and kwargs.get(k) is not False for k in _MODEL_FORWARD_ONLY)
     ):
         if return_dict is not None:
             kwargs["return_dict"] = return_dict
