@@ -68,6 +68,16 @@ def _mnrl(model, temperature: float):
     return MultipleNegativesRankingLoss(model, scale=1.0 / temperature)
 
 
+def _adamw(params, lr: float) -> torch.optim.Optimizer:
+    """AdamW, weight decay 0.01, with torch's fused kernel where the parameters allow it (CPU
+    since torch 2.4; transformers' Trainer default from torch 2.8): on MiniLM's 22.7 M parameters
+    it steps in ~25 ms where the default per-tensor loop takes ~180 ms on one CPU thread."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype the fused kernel lacks
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+
 class ContrastiveTrainer:
     """ContrastiveTrainer(queries, positives, corpus, schedule, lr=5e-5, temperature=0.05,
     max_length=32, verbose=False, unpadded=True)
@@ -75,11 +85,13 @@ class ContrastiveTrainer:
     queries: the training query texts; positives[i]: the corpus row answering queries[i]; corpus:
     the document texts; schedule: the batches of query indices (see batch_schedule), the same
     for every run, so runs with different losses see the same data. Each run: AdamW (weight decay
-    0.01) with linear warm-up over 10 % of the steps, then linear decay; dropout on.
+    0.01; torch's fused kernel where the parameters allow it) with linear warm-up over 10 % of
+    the steps, then linear decay; dropout on.
     unpadded: the 'info_nce' loss runs the encoder (and the teacher) on the batch's real tokens
-    only (hotops.integrations.unpadded: the same embeddings, about half the work on short
-    texts); False runs the model's own padded forward, which models other than BERT-style
-    encoders need. 'mnrl' always runs sentence-transformers' forward.
+    only, every column of a step in one call (hotops.integrations.unpadded: the same
+    embeddings, about half the work on short texts); False runs the model's own padded forward,
+    one call per column, which models other than BERT-style encoders need. 'mnrl' always runs
+    sentence-transformers' forward.
     `losses` holds the last run's loss per step."""
 
     def __init__(
@@ -133,7 +145,7 @@ class ContrastiveTrainer:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr or self.lr, weight_decay=0.01)
+        opt = _adamw(params, lr or self.lr)
         warm = max(1, steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
@@ -161,16 +173,19 @@ class ContrastiveTrainer:
             if negatives is not None:  # one column per mined negative (MNRL's layout)
                 for col in negatives[qi].T.tolist():
                     cols.append([self.corpus[j] for j in col])
-            feats = [tokenize(tok, c, self.max_length) for c in cols]
             if mnrl is not None:
-                value = mnrl(feats, None)
+                value = mnrl([tokenize(tok, c, self.max_length) for c in cols], None)
             else:
-                inputs = [{k: f[k] for k in HF_KEYS if k in f} for f in feats]
-                emb = [pooled(bert, x) for x in inputs]
+                if pooled is mean_pooled:  # padded: one call per column, each padded to its own longest
+                    inputs = [tokenize(tok, c, self.max_length) for c in cols]
+                else:  # unpadded: every column in one call (one embedding gradient, larger GEMMs)
+                    inputs = [tokenize(tok, [t for c in cols for t in c], self.max_length)]
+                inputs = [{k: f[k] for k in HF_KEYS if k in f} for f in inputs]
+                emb = torch.cat([pooled(bert, x) for x in inputs]).split(len(qi))
                 ref = None
                 if teacher is not None and distill > 0:
                     with torch.no_grad():
-                        ref = [pooled(teacher, x) for x in inputs]
+                        ref = torch.cat([pooled(teacher, x) for x in inputs]).split(len(qi))
                 value = contrastive_loss(emb, self.temperature, ref, distill)
             opt.zero_grad(set_to_none=True)
             value.backward()
