@@ -382,9 +382,7 @@ def run(a) -> dict:
     # threads), which other jobs on the machine disturb far less than docs per wall second
     sample = [split.corpus[i] for i in torch.randperm(N, generator=gen)[: a.speed_docs].tolist()]
     models = {"dense": bert3, "compressed": bert4, "sparse": bert5}
-    for (
-        model
-    ) in models.values():  # warm-up: first-call costs (thread pools, kernel binding) out of the timing
+    for model in models.values():  # warm-up: first calls pay for thread pools and kernel binding
         encode(model, tok, sample[:64], a.encode_batch, a.max_length)
     R["encode_docs_per_cpu_s"], R["encode_docs_per_s"] = {}, {}
     for eb in (int(b) for b in a.speed_batches.split(",")):
