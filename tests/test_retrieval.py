@@ -23,7 +23,7 @@ from hotops.retrieval import (
     topk_overlap,
 )
 from hotops.retrieval.mining import HardNegativeRefresh, build_pq_index
-from hotops.retrieval.training import ContrastiveTrainer, batch_schedule, contrastive_loss
+from hotops.retrieval.training import ContrastiveTrainer, batch_schedule, contrastive_loss, encoder_calls
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -229,6 +229,30 @@ def test_trainer_runs_the_schedule_with_refresh_and_after_step(tiny):
         trainer.run(model, "st", 1)
     with pytest.raises(ValueError, match="positives"):
         ContrastiveTrainer(queries, positives[:3], corpus, [torch.arange(2)])
+
+
+def test_encoder_calls_split_columns_only_where_padding_would_grow_attention(tiny):
+    """One step's columns go through the unpadded encoder in one call, unless short queries
+    beside long passages would pad attention far beyond the Linears' work: then one call per
+    column, each trimmed to its own longest text, with the same embeddings."""
+    from hotops.integrations import unpadded
+
+    tok, bert = tiny[1], tiny[2]
+    hidden = bert.config.hidden_size
+    short, long = ["w1", "w2 w3"], [" ".join(WORDS[:30]), " ".join(WORDS[5:35])]
+    mixed = tokenize(tok, short + long + long[::-1], 64)
+    calls = encoder_calls(mixed, 2, hidden)
+    widths = [int(mixed["attention_mask"][2 * c : 2 * c + 2].sum(1).max()) for c in range(3)]
+    assert [tuple(c["input_ids"].shape) for c in calls] == [(2, w) for w in widths] and widths[0] < widths[1]
+    for c, call in enumerate(calls):
+        assert set(call) == set(mixed)
+        assert torch.equal(call["input_ids"], mixed["input_ids"][2 * c : 2 * c + 2, : widths[c]])
+    whole = unpadded.mean_pooled(bert, mixed)
+    torch.testing.assert_close(torch.cat([unpadded.mean_pooled(bert, x) for x in calls]), whole)
+    alike = tokenize(tok, long * 3, 64)
+    calls = encoder_calls(alike, 2, hidden)
+    assert len(calls) == 1 and calls[0] is alike
+    assert len(encoder_calls(tokenize(tok, long * 2 + short * 2, 64), 4, hidden)) == 2
 
 
 def test_trainer_distillation_from_itself_adds_nothing_at_the_start(tiny):

@@ -10,7 +10,7 @@ all-MiniLM-L6-v2), ``model.tokenizer`` its tokenizer.
 from __future__ import annotations
 
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from hotops.infonce import info_nce
 from hotops.integrations import unpadded as _unpadded
 from hotops.retrieval import mean_pooled, tokenize
 
-__all__ = ["ContrastiveTrainer", "batch_schedule", "contrastive_loss", "LOSSES"]
+__all__ = ["ContrastiveTrainer", "batch_schedule", "contrastive_loss", "encoder_calls", "LOSSES"]
 
 LOSSES = ("info_nce", "mnrl")
 HF_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -68,6 +68,27 @@ def _mnrl(model, temperature: float):
     return MultipleNegativesRankingLoss(model, scale=1.0 / temperature)
 
 
+def encoder_calls(
+    batch: Dict[str, torch.Tensor], rows: int, hidden: int, extra: float = 0.1
+) -> List[Dict[str, torch.Tensor]]:
+    """How the unpadded encoder takes one step's columns (`rows` texts each, tokenized together
+    into `batch`): in one call, so the word-embedding table's dense gradient is built once and
+    the GEMMs are larger, unless padding every column to the call's longest text would add more
+    attention work (2 x hidden multiply-adds per row per padded position², per layer) than
+    `extra` x the Linears' work on the real tokens (12 x hidden² per token: a BERT layer): short
+    queries beside long passages. Then one call per column, each without the padding positions
+    its rows do not use."""
+    mask = batch["attention_mask"].to(torch.bool)
+    used = mask.view(-1, rows, mask.shape[1]).any(1)  # (columns, length): positions a row uses
+    longest = used.sum(1).to(torch.float64)
+    added = 2 * hidden * rows * float(len(longest) * longest.max() ** 2 - (longest**2).sum())
+    if added <= extra * 12 * hidden**2 * int(mask.sum()):
+        return [batch]
+    return [
+        {k: v[c * rows : (c + 1) * rows][:, used[c]] for k, v in batch.items()} for c in range(len(longest))
+    ]
+
+
 def _adamw(params, lr: float) -> torch.optim.Optimizer:
     """AdamW, weight decay 0.01, with torch's fused kernel where the parameters allow it (CPU
     since torch 2.4; transformers' Trainer default from torch 2.8): on MiniLM's 22.7 M parameters
@@ -88,10 +109,10 @@ class ContrastiveTrainer:
     0.01; torch's fused kernel where the parameters allow it) with linear warm-up over 10 % of
     the steps, then linear decay; dropout on.
     unpadded: the 'info_nce' loss runs the encoder (and the teacher) on the batch's real tokens
-    only, every column of a step in one call (hotops.integrations.unpadded: the same
-    embeddings, about half the work on short texts); False runs the model's own padded forward,
-    one call per column, which models other than BERT-style encoders need. 'mnrl' always runs
-    sentence-transformers' forward.
+    only, a step's columns in one call unless that would pad attention far beyond the rest
+    (encoder_calls; hotops.integrations.unpadded: the same embeddings, about half the work on
+    short texts); False runs the model's own padded forward, one call per column, which models
+    other than BERT-style encoders need. 'mnrl' always runs sentence-transformers' forward.
     `losses` holds the last run's loss per step."""
 
     def __init__(
@@ -162,6 +183,7 @@ class ContrastiveTrainer:
                         f"{e} (ContrastiveTrainer(unpadded=False) runs its padded forward)"
                     ) from None
             pooled = _unpadded.mean_pooled
+        hidden = bert.config.hidden_size if pooled is not mean_pooled else 0
         model.train()
         t0, self.losses = time.perf_counter(), []
         for step in range(steps):
@@ -178,8 +200,9 @@ class ContrastiveTrainer:
             else:
                 if pooled is mean_pooled:  # padded: one call per column, each padded to its own longest
                     inputs = [tokenize(tok, c, self.max_length) for c in cols]
-                else:  # unpadded: every column in one call (one embedding gradient, larger GEMMs)
-                    inputs = [tokenize(tok, [t for c in cols for t in c], self.max_length)]
+                else:  # unpadded: the columns in one call where attention allows (encoder_calls)
+                    together = tokenize(tok, [t for c in cols for t in c], self.max_length)
+                    inputs = encoder_calls(together, len(qi), hidden)
                 inputs = [{k: f[k] for k in HF_KEYS if k in f} for f in inputs]
                 emb = torch.cat([pooled(bert, x) for x in inputs]).split(len(qi))
                 ref = None
