@@ -253,6 +253,8 @@ def test_encoder_calls_split_columns_only_where_padding_would_grow_attention(tin
     calls = encoder_calls(alike, 2, hidden)
     assert len(calls) == 1 and calls[0] is alike
     assert len(encoder_calls(tokenize(tok, long * 2 + short * 2, 64), 4, hidden)) == 2
+    with pytest.raises(ValueError, match="columns of 4"):
+        encoder_calls(mixed, 4, hidden)
 
 
 def test_trainer_distillation_from_itself_adds_nothing_at_the_start(tiny):

@@ -79,6 +79,8 @@ def encoder_calls(
     queries beside long passages. Then one call per column, each without the padding positions
     its rows do not use."""
     mask = batch["attention_mask"].to(torch.bool)
+    if rows < 1 or mask.shape[0] % rows:
+        raise ValueError(f"{mask.shape[0]} texts are not whole columns of {rows}")
     used = mask.view(-1, rows, mask.shape[1]).any(1)  # (columns, length): positions a row uses
     longest = used.sum(1).to(torch.float64)
     added = 2 * hidden * rows * float(len(longest) * longest.max() ** 2 - (longest**2).sum())
