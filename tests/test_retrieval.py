@@ -257,6 +257,26 @@ def test_encoder_calls_split_columns_only_where_padding_would_grow_attention(tin
         encoder_calls(mixed, 4, hidden)
 
 
+def test_trainer_with_split_calls_and_a_teacher_trains_as_the_padded_forward(tiny):
+    """Short queries beside 30-word documents: the unpadded step runs one call per column (for
+    the student and the teacher), and two steps give the padded forward's losses and weights."""
+    g = np.random.default_rng(13)
+    queries, corpus = ["w1", "w2 w3", "w4", "w5"], [" ".join(g.choice(WORDS, 30)) for _ in range(12)]
+    negatives, teacher = torch.tensor([[8], [9], [10], [11]]), _model(tiny).bert.eval()
+    together = tokenize(tiny[1], queries + corpus[:4] + corpus[8:], 64)
+    assert len(encoder_calls(together, 4, tiny[2].config.hidden_size)) == 3
+    runs = []
+    for unpadded in (True, False):
+        trainer = ContrastiveTrainer(
+            queries, [0, 1, 2, 3], corpus, [torch.arange(4)], max_length=64, lr=1e-2, unpadded=unpadded
+        )
+        model = _model(tiny)
+        trainer.run(model, "info_nce", 2, negatives=negatives, teacher=teacher, distill=1.0)
+        runs.append((trainer.losses, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=1e-4)
+
+
 def test_trainer_distillation_from_itself_adds_nothing_at_the_start(tiny):
     corpus, queries = _texts(16, 9), _texts(4, 10)
     schedule = [torch.arange(4)]

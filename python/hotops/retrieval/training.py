@@ -185,7 +185,6 @@ class ContrastiveTrainer:
                         f"{e} (ContrastiveTrainer(unpadded=False) runs its padded forward)"
                     ) from None
             pooled = _unpadded.mean_pooled
-        hidden = bert.config.hidden_size if pooled is not mean_pooled else 0
         model.train()
         t0, self.losses = time.perf_counter(), []
         for step in range(steps):
@@ -204,7 +203,7 @@ class ContrastiveTrainer:
                     inputs = [tokenize(tok, c, self.max_length) for c in cols]
                 else:  # unpadded: the columns in one call where attention allows (encoder_calls)
                     together = tokenize(tok, [t for c in cols for t in c], self.max_length)
-                    inputs = encoder_calls(together, len(qi), hidden)
+                    inputs = encoder_calls(together, len(qi), bert.config.hidden_size)
                 inputs = [{k: f[k] for k in HF_KEYS if k in f} for f in inputs]
                 emb = torch.cat([pooled(bert, x) for x in inputs]).split(len(qi))
                 ref = None
