@@ -1,7 +1,8 @@
-// Inline helpers shared by the sparse kernel TUs (cpu.cpp: CSR, blocked.cpp: output-channel
-// blocks), compiled per ISA like them: tiles of output pixels, the im2col rows a tile reads, the
-// zero-padded input of the stride-1 shifted path, the output's element types, and the two loops
-// over a forward's work items, each calling the format's own product for a range of rows.
+// Inline helpers shared by the sparse kernel TUs (cpu.cpp: CSR, depthwise.cpp: CSR depthwise
+// convolutions, blocked.cpp: output-channel blocks), compiled per ISA like them: the CSR weight's
+// pointers, tiles of output pixels, the im2col rows a tile reads, the zero-padded input of the
+// stride-1 shifted path, the output's element types, and the two loops over a forward's work
+// items, each calling the format's own product for a range of rows.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -391,6 +392,38 @@ struct Shifted {
     });
   }
 };
+
+// A CSR whose rows are (panel, row) pairs: row r's non-zeros in column panel q are
+// [rowptr[q * rows + r], rowptr[q * rows + r + 1]) (see cpu.h; panels == 1 is plain CSR).
+struct CsrPtrs {
+  const int64_t* rowptr;
+  const int32_t* col;
+  const float* val;
+  int64_t rows, panels, ncols;
+  CsrPtrs(const Csr& m, int64_t rows, int64_t ncols)
+      : rowptr(m.rowptr.ptr<int64_t>()),
+        col(m.colidx.ptr<int32_t>()),
+        val(m.values.ptr<float>()),
+        rows(rows),
+        panels((m.rowptr.size(0) - 1) / rows),
+        ncols(ncols) {}
+
+  int64_t begin(int64_t r, int64_t q) const { return rowptr[q * rows + r]; }
+  int64_t end(int64_t r, int64_t q) const { return rowptr[q * rows + r + 1]; }
+
+  // every column index the kernels read for rows [r0, r1) of panels [q0, q1), in storage order
+  void check_rows(int64_t r0, int64_t r1, int64_t q0 = 0, int64_t q1 = -1) const {
+    bool ok = true;
+    for (int64_t q = q0; q < (q1 < 0 ? panels : q1); ++q)
+      ok &= columns_in_range(col, begin(r0, q), begin(r1, q), ncols);
+    HOTOPS_CHECK(ok, "column index out of range [0, ", ncols, ") in rows ", r0, "..", r1 - 1,
+                 " of the sparse weight");
+  }
+};
+
+// Depthwise convolutions (one input channel per group) in a loop of their own (depthwise.cpp);
+// false where the layer is not one or its input is not read in place.
+bool conv_fwd_depthwise(const SparseConvFwd& a, const CsrPtrs& w);
 
 }  // namespace sparse_kernel
 }  // namespace HOTOPS_ISA
