@@ -104,16 +104,18 @@ def _token_weights(x: Tensor, weight: Tensor) -> Tensor:
     return (x @ weight.detach().double().T).pow(2).sum(1).clamp_min(1e-30).reciprocal()
 
 
-def _layer_input(model: nn.Module, name: str, batch, token_mask: Optional[Callable]) -> Tensor:
-    """Layer `name`'s input rows (float64) when `model` runs `batch`; the rest of the forward
-    pass is skipped."""
+def _layer_inputs(
+    model: nn.Module, names: Sequence[str], batch, token_mask: Optional[Callable]
+) -> List[Tensor]:
+    """The input rows (float64) of each of the layers `names`, which read one input tensor
+    (``input_groups``), when `model` runs `batch`; the rest of the forward pass is skipped."""
     seen = []
 
     def hook(module, args):
-        seen.append(_rows(module, args[0], batch, token_mask).double())
+        seen.append(args[0])
         raise _Reached
 
-    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    handle = model.get_submodule(names[0]).register_forward_pre_hook(hook)
     try:
         _call(model, batch)
     except _Reached:
@@ -121,23 +123,59 @@ def _layer_input(model: nn.Module, name: str, batch, token_mask: Optional[Callab
     finally:
         handle.remove()
     if not seen:
-        raise ValueError(f"the calibration data never reached {name}")
-    return seen[0]
+        raise ValueError(f"the calibration data never reached {names[0]}")
+    return [_rows(model.get_submodule(n), seen[0], batch, token_mask).double() for n in names]
+
+
+def input_groups(model: nn.Module, names: Sequence[str], batch) -> List[List[str]]:
+    """`names` (in forward order) cut into runs of consecutive layers that read the same input
+    tensor, unchanged in between (a transformer block's query, key and value projections), as one
+    forward pass of `batch` shows. Compressing one layer of a run cannot change the others'
+    inputs, so one pass over the calibration data gives the Grams of the whole run: second-order
+    pruning of all-MiniLM-L6-v2 spent most of its time re-running the forward up to each layer."""
+    seen = {}
+
+    def hook(name):
+        def record(module, args):
+            if name not in seen and args and isinstance(args[0], Tensor):
+                seen[name] = (args[0], args[0]._version)  # the tensor kept alive: ids are not reused
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: List[List[str]] = []
+    for n in names:
+        prev = seen.get(groups[-1][-1]) if groups else None
+        now = seen.get(n)
+        same = prev is not None and now is not None and now[0] is prev[0] and now[1] == prev[1]
+        if same:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    return groups
 
 
 def _layer_grams(
-    dense: nn.Module, model: nn.Module, name: str, calib: List, token_mask: Optional[Callable]
-) -> Grams:
-    """Token-weighted Grams of layer `name`'s inputs in `model` (compressed so far) and in `dense`."""
-    weight = dense.get_submodule(name).weight.flatten(1)
-    acc = None
+    dense: nn.Module, model: nn.Module, names: Sequence[str], calib: List, token_mask: Optional[Callable]
+) -> List[Grams]:
+    """Token-weighted Grams of the inputs of layers `names` (one ``input_groups`` run) in `model`
+    (compressed so far) and in `dense`, one per layer."""
+    weights = [dense.get_submodule(n).weight.flatten(1) for n in names]
+    acc: List = [None] * len(names)
     with torch.no_grad():
         for batch in calib:
-            xq, xf = (_layer_input(m, name, batch, token_mask) for m in (model, dense))
-            a = _token_weights(xf, weight)[:, None]
-            parts = ((xq * a).T @ xq, (xq * a).T @ xf, (xf * a).T @ xf)
-            acc = parts if acc is None else tuple(a + p for a, p in zip(acc, parts))
-    return Grams(*(t.float() for t in acc))
+            xqs, xfs = (_layer_inputs(m, names, batch, token_mask) for m in (model, dense))
+            for i, (xq, xf, weight) in enumerate(zip(xqs, xfs, weights)):
+                a = _token_weights(xf, weight)[:, None]
+                parts = ((xq * a).T @ xq, (xq * a).T @ xf, (xf * a).T @ xf)
+                acc[i] = parts if acc[i] is None else tuple(s + p for s, p in zip(acc[i], parts))
+    return [Grams(*(t.float() for t in parts)) for parts in acc]
 
 
 def _dense_grams(

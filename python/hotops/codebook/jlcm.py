@@ -47,6 +47,7 @@ from hotops._calibration import (  # noqa: F401 (Grams: re-exported)
     _linears,
     _replace,
     distortion,
+    input_groups,
     model_output,
 )
 from hotops.codebook.format import CodebookWeight
@@ -190,12 +191,17 @@ def compress(
         skip=skip,
         progress=progress,
     )
+    layer_grams = {}  # the Grams of the layers that read one input (input_groups), from one pass
+    groups = input_groups(model, list(layout), calib[0]) if calib is not None and steps > 0 else []
     bar = tqdm(layout.items(), desc="JLCM layers", disable=not progress)
     for name, p in bar:
         lin = model.get_submodule(name)
         weight = p.init
         if calib is not None and steps > 0:
-            grams = _layer_grams(dense, model, name, calib, token_mask)
+            if name not in layer_grams:
+                group = next(g for g in groups if name in g)
+                layer_grams.update(zip(group, _layer_grams(dense, model, group, calib, token_mask)))
+            grams = layer_grams.pop(name)
             weight = learn_layer(lin.weight, grams, p.init, steps, lr, rounds, damp)
             err = output_error(
                 _stored(weight, storage_dtype).dequantize(), lin.weight.detach().float(), grams

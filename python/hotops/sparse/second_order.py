@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from hotops._calibration import _damped, _layer_grams
+from hotops._calibration import _damped, _layer_grams, input_groups
 
 
 def prune_layer(target: Tensor, hessian: Tensor, sparsity: float, block: int = 128) -> Tuple[Tensor, Tensor]:
@@ -121,17 +121,21 @@ def prune_model(
     try:
         dense = copy.deepcopy(model)
         masks = {}
-        for name, m in layers:
-            grams = _layer_grams(dense, model, name, calib, token_mask)
-            if not all(torch.isfinite(g).all() for g in (grams.qq, grams.qf)):
-                raise ValueError(f"second-order pruning: the calibration inputs of {name} are not all finite")
-            h = _damped(grams.qq, damp)
-            target = grams.target(m.weight.detach().flatten(1), h)  # at sparsity 0 nothing changes
-            weight, kept = prune_layer(target, h, sparsity)
-            weight = refit(weight, target, h, kept)
-            with torch.no_grad():
-                m.weight.copy_(weight.view_as(m.weight))
-            masks[name] = kept.view_as(m.weight)
+        modules = dict(layers)
+        for group in input_groups(model, list(modules), calib[0]):  # e.g. query, key and value: one pass
+            for name, grams in zip(group, _layer_grams(dense, model, group, calib, token_mask)):
+                m = modules[name]
+                if not all(torch.isfinite(g).all() for g in (grams.qq, grams.qf)):
+                    raise ValueError(
+                        f"second-order pruning: the calibration inputs of {name} are not all finite"
+                    )
+                h = _damped(grams.qq, damp)
+                target = grams.target(m.weight.detach().flatten(1), h)  # at sparsity 0 nothing changes
+                weight, kept = prune_layer(target, h, sparsity)
+                weight = refit(weight, target, h, kept)
+                with torch.no_grad():
+                    m.weight.copy_(weight.view_as(m.weight))
+                masks[name] = kept.view_as(m.weight)
     finally:
         model.train(was_training)
     return masks
