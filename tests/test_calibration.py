@@ -47,6 +47,19 @@ def test_input_groups_follow_the_shared_input():
     assert input_groups(Block(), ["q", "o", "k"], _calib()[0]) == [["q"], ["o"], ["k"]]
 
 
+def test_inference_mode_tensors_are_never_grouped():
+    """Tensors made in inference mode keep no count of in-place edits: each layer then gets its
+    own pass, and pruning there gives what it gives outside."""
+    torch.manual_seed(0)
+    net = Block()
+    outside = sparsify(net, 0.6, "second_order", calib=_calib(), policy="dense")
+    with torch.inference_mode():
+        assert input_groups(net, ["q", "k", "v"], _calib()[0]) == [["q"], ["k"], ["v"]]
+        inside = sparsify(net, 0.6, "second_order", calib=_calib(), policy="dense")
+    for name in ("q", "k", "v", "o", "u"):
+        assert torch.equal(getattr(inside, name).to_dense(), getattr(outside, name).to_dense()), name
+
+
 def _singletons(model, names, batch):
     return [[n] for n in names]
 

@@ -127,6 +127,14 @@ def _layer_inputs(
     return [_rows(model.get_submodule(n), seen[0], batch, token_mask).double() for n in names]
 
 
+def _version(t: Tensor) -> Optional[int]:
+    """t's count of in-place edits; None for a tensor made in inference mode, which keeps none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def input_groups(model: nn.Module, names: Sequence[str], batch) -> List[List[str]]:
     """`names` (in forward order) cut into runs of consecutive layers that read the same input
     tensor, unchanged in between (a transformer block's query, key and value projections), as one
@@ -138,7 +146,7 @@ def input_groups(model: nn.Module, names: Sequence[str], batch) -> List[List[str
     def hook(name):
         def record(module, args):
             if name not in seen and args and isinstance(args[0], Tensor):
-                seen[name] = (args[0], args[0]._version)  # the tensor kept alive: ids are not reused
+                seen[name] = (args[0], _version(args[0]))  # the tensor kept alive: ids are not reused
 
         return record
 
@@ -153,8 +161,8 @@ def input_groups(model: nn.Module, names: Sequence[str], batch) -> List[List[str
     for n in names:
         prev = seen.get(groups[-1][-1]) if groups else None
         now = seen.get(n)
-        same = prev is not None and now is not None and now[0] is prev[0] and now[1] == prev[1]
-        if same:
+        tracked = prev is not None and now is not None and now[1] is not None
+        if tracked and now[0] is prev[0] and now[1] == prev[1]:
             groups[-1].append(n)
         else:
             groups.append([n])
