@@ -491,7 +491,7 @@ def parse(argv=None):
     add("--encode-batch", type=int, default=256)
     add("--refresh-every", type=int, default=100, help="steps between index rebuilds (ANCE)")
     add("--depth", type=int, default=20, help="hard negatives are drawn among the best depth")
-    add("--negatives", type=int, default=1, help="hard negatives per query")
+    add("--negatives", type=int, default=7, help="hard negatives per query (drawn among the best --depth)")
     add("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
     add("--m", type=int, default=48, help="PQ sub-spaces (bytes per code)")
     add("--nprobe", type=int, default=16, help="lists probed when mining")
