@@ -23,7 +23,7 @@ class Grams:
 
     qq: Tensor  # X_q^T X_q
     qf: Tensor  # X_q^T X
-    ff: Tensor  # X^T X
+    ff: Optional[Tensor]  # X^T X; None where only qq and qf are read (pruning)
 
     @classmethod
     def dense(cls, ff: Tensor) -> "Grams":
@@ -170,10 +170,16 @@ def input_groups(model: nn.Module, names: Sequence[str], batch) -> List[List[str
 
 
 def _layer_grams(
-    dense: nn.Module, model: nn.Module, names: Sequence[str], calib: List, token_mask: Optional[Callable]
+    dense: nn.Module,
+    model: nn.Module,
+    names: Sequence[str],
+    calib: List,
+    token_mask: Optional[Callable],
+    dense_gram: bool = True,
 ) -> List[Grams]:
     """Token-weighted Grams of the inputs of layers `names` (one ``input_groups`` run) in `model`
-    (compressed so far) and in `dense`, one per layer."""
+    (compressed so far) and in `dense`, one per layer; with `dense_gram` False, ``ff`` is None
+    (a third of the products, which pruning never reads)."""
     weights = [dense.get_submodule(n).weight.flatten(1) for n in names]
     acc: List = [None] * len(names)
     with torch.no_grad():
@@ -181,9 +187,10 @@ def _layer_grams(
             xqs, xfs = (_layer_inputs(m, names, batch, token_mask) for m in (model, dense))
             for i, (xq, xf, weight) in enumerate(zip(xqs, xfs, weights)):
                 a = _token_weights(xf, weight)[:, None]
-                parts = ((xq * a).T @ xq, (xq * a).T @ xf, (xf * a).T @ xf)
+                xqa = xq * a
+                parts = (xqa.T @ xq, xqa.T @ xf) + (((xf * a).T @ xf,) if dense_gram else ())
                 acc[i] = parts if acc[i] is None else tuple(s + p for s, p in zip(acc[i], parts))
-    return [Grams(*(t.float() for t in parts)) for parts in acc]
+    return [Grams(*(t.float() for t in parts), *(() if dense_gram else (None,))) for parts in acc]
 
 
 def _dense_grams(

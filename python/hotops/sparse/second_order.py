@@ -123,7 +123,7 @@ def prune_model(
         masks = {}
         modules = dict(layers)
         for group in input_groups(model, list(modules), calib[0]):  # e.g. query, key and value: one pass
-            for name, grams in zip(group, _layer_grams(dense, model, group, calib, token_mask)):
+            for name, grams in zip(group, _layer_grams(dense, model, group, calib, token_mask, dense_gram=False)):
                 m = modules[name]
                 if not all(torch.isfinite(g).all() for g in (grams.qq, grams.qf)):
                     raise ValueError(
