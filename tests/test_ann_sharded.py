@@ -305,8 +305,10 @@ def _mining_cases(rank, world, x, q):
     rng = np.random.default_rng(10 + rank)
     pos = rng.integers(0, N, B)
     qb = x[pos] + 0.05 * rng.normal(size=(B, DIM)).astype(np.float32)
-    exclude = np.full((B, 2), -1)
-    if B:
+    # each rank's own exclude width (exclusion_matrix gives a batch its widest row's), one none:
+    # the collective search must still ask every shard for the same k
+    exclude = None if rank == 3 else np.full((B, 1 + rank), -1)
+    if B and exclude is not None:
         exclude[0, 0] = single.search(qb[:1], 2, nprobe=8)[1][0, 1]  # a known false negative
     for sample in (False, True):
         a = HardNegativeMiner(sharded, n=4, depth=10, sample=sample, seed=3, nprobe=8)
@@ -323,8 +325,13 @@ def _mining_cases(rank, world, x, q):
         )
         assert ma.ids.shape == (B, 4) and (ma.ids >= 0).all()
         assert not (ma.ids.numpy() == pos[:, None]).any()
-        assert not (ma.ids.numpy()[:, :, None] == exclude[:, None, :]).any()
+        if exclude is not None:
+            assert not (ma.ids.numpy()[:, :, None] == exclude[:, None, :]).any()
         np.testing.assert_array_equal(ma.vectors.numpy(), x[ma.ids.numpy()])
+    # a rank whose arguments are refused makes every rank raise, none is left waiting
+    bad = pos[:, None].repeat(2, 1)[:1] if rank == 1 else pos
+    with pytest.raises(ValueError, match="rank 1: ValueError: positive_ids"):
+        HardNegativeMiner(sharded, n=4, depth=10, nprobe=8).mine(qb, bad, exclude)
 
 
 def _worker(rank, world, tmp):

@@ -373,3 +373,33 @@ def test_hard_negative_miner_runs_on_faiss_pq_index():
     assert mined.ids.shape == (30, 4) and (mined.ids >= 0).all()
     assert not (mined.ids == torch.arange(30)[:, None]).any()
     assert (mined.distances[:, :-1] >= mined.distances[:, 1:]).all()  # inner product: best first
+
+
+def test_faiss_pq_index_vectors_and_refusals_match_hotops():
+    """The exact vectors a miner asks for come from the refine index; what hotops' search
+    refuses (queries of another width or not finite, refine without kept vectors, too few
+    vectors to train) is refused here too, with the reason."""
+    from hotops.ann.mining import HardNegativeMiner
+    from hotops.integrations.faiss import FaissPQIndex
+
+    x = X[:1000]
+    refined = FaissPQIndex(x, 8, nlist=16, refine=True)
+    assert refined.dim == D and refined.keep_vectors
+    np.testing.assert_array_equal(refined.reconstruct([3, 7]), x[[3, 7]])
+    mined = HardNegativeMiner(refined, n=4, depth=20, nprobe=8).mine(x[:5], np.arange(5), with_vectors=True)
+    np.testing.assert_array_equal(mined.vectors.numpy(), x[mined.ids.numpy()])
+    plain = FaissPQIndex(x, 8)
+    with pytest.raises(ValueError, match="refine=True"):
+        HardNegativeMiner(plain, n=4, depth=20).mine(x[:5], np.arange(5), with_vectors=True)
+    with pytest.raises(ValueError, match="refine=True"):
+        plain.search(x[:2], 5, refine=4)
+    with pytest.raises(ValueError, match=r"\(nq, 32\)"):
+        plain.search(x[:2, :8], 5)
+    bad = x[:2].copy()
+    bad[0, 3] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        plain.search(bad, 5)
+    with pytest.raises(ValueError, match="at least 256 vectors"):
+        FaissPQIndex(x[:100], 8, nlist=16)
+    with pytest.raises(KeyError):
+        refined.reconstruct([1000])

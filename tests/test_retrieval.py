@@ -119,10 +119,14 @@ def test_tokenize_evaluate_and_encode_speed(tiny):
     corpus, queries = _texts(30, 1), _texts(5, 2)
     batch = tokenize(tok, queries, max_length=4)
     assert batch["input_ids"].shape[0] == 5 and batch["input_ids"].shape[1] <= 4
-    m, C, Q = evaluate(bert, tok, corpus, corpus[:5], [0, 1, 2, 3, 4], batch_size=8, max_length=8, k=10)
+    m, C, Q = evaluate(
+        bert, tok, corpus, corpus[:5], [0, 1, 2, 3, 4], batch_size=8, max_length=8, k=10, ks=(10,)
+    )
     assert C.shape == (30, 16) and Q.shape == (5, 16)
     # each query is a corpus text: it finds itself (or an identical text) first
-    m_dup, _, _ = evaluate(bert, tok, corpus, corpus[:5], [0, 1, 2, 3, 4], duplicate_key(corpus), 8, 8, 10)
+    m_dup, _, _ = evaluate(
+        bert, tok, corpus, corpus[:5], [0, 1, 2, 3, 4], duplicate_key(corpus), 8, 8, 10, (10,)
+    )
     assert m_dup["mrr@10"] == pytest.approx(1.0) and m["recall@10"] == pytest.approx(1.0)
     assert m["corpus_docs_per_s"] > 0 and m["query_encode_per_s"] > 0
     cpu, wall = encode_speed({"a": bert, "b": bert}, tok, corpus, batch_size=16, max_length=8)
@@ -199,6 +203,11 @@ def test_hard_negative_refresh_fills_missing_with_random_rows(tiny):
     assert got.shape == (3, 3) and ((got >= 0) & (got < 4)).all()
     assert got[:, 0].tolist() == [3, 3, 3]
     assert (got == 3).all()  # the fill never draws a positive or an excluded row either
+    # with room, a filled-in row is not one of the query's negatives already; exclude may be (Q,)
+    refresh = HardNegativeRefresh(_texts(12, 5), queries, [0, 1, 2], [3, 4, 5], _Exact, n=8, depth=8)
+    got = refresh(_model(tiny))
+    assert all(len(set(r)) == 8 and not {0, 3} & set(r) for r in got.tolist()[:1])
+    assert all(len(set(r)) == 8 for r in got.tolist())
 
 
 # ------------------------------------------------------------------ training
@@ -229,6 +238,58 @@ def test_trainer_runs_the_schedule_with_refresh_and_after_step(tiny):
         trainer.run(model, "st", 1)
     with pytest.raises(ValueError, match="positives"):
         ContrastiveTrainer(queries, positives[:3], corpus, [torch.arange(2)])
+
+
+def test_trainer_refuses_rows_that_would_train_against_another_document(tiny):
+    """A miner's -1 ("none found") or a row outside the corpus would index another text; lr=0.0
+    is a learning rate, not "unset"; a batch of one with no negatives has nothing to contrast."""
+    corpus, queries = _texts(20, 7), _texts(8, 8)
+    trainer = ContrastiveTrainer(queries, list(range(8)), corpus, batch_schedule(torch.arange(8), 2, 4))
+    model = _model(tiny)
+    for bad in (torch.full((8, 2), -1), torch.full((8, 2), 20), torch.zeros(8, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="negatives must be"):
+            trainer.run(model, "info_nce", 1, negatives=bad)
+    with pytest.raises(ValueError, match="negatives must be"):  # a refresh's answer is checked too
+        trainer.run(
+            model,
+            "info_nce",
+            2,
+            torch.zeros(8, 1, dtype=torch.int64),
+            lambda m: -torch.ones(8, 1, dtype=torch.int64),
+            1,
+        )
+    with pytest.raises(ValueError, match="refresh_every"):
+        trainer.run(model, "info_nce", 2, refresh=lambda m: None, refresh_every=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.run(model, "info_nce", 2, lr=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="batch of one"):
+        ContrastiveTrainer(queries, list(range(8)), corpus, batch_schedule(torch.arange(8), 2, 1)).run(
+            model, "info_nce", 1
+        )
+    with pytest.raises(ValueError, match="schedule batch"):
+        ContrastiveTrainer(queries, list(range(8)), corpus, [torch.tensor([0, 8])])
+    with pytest.raises(ValueError, match="positives must be"):
+        ContrastiveTrainer(queries, [-1] * 8, corpus, [torch.arange(2)])
+    with pytest.raises(ValueError, match="batch <= len"):
+        batch_schedule(torch.arange(3), 2, 5)
+
+
+def test_evaluate_and_false_negative_helpers_refuse_what_they_cannot_answer(tiny):
+    _, tok, bert = tiny
+    corpus = _texts(30, 1)
+    with pytest.raises(ValueError, match="k \\(10\\) must be at least"):
+        evaluate(bert, tok, corpus, corpus[:5], [0, 1, 2, 3, 4], k=10)  # recall@100 from 10 results
+    texts = ["a", "b", "a", "c"]
+    as_list = false_negatives([0, 3, 0], {0: [3]}, texts)
+    assert (
+        false_negatives(torch.tensor([0, 3, 0]), {0: [torch.tensor(3)]}, texts)
+        == as_list
+        == {0: [2, 3], 3: []}
+    )
+    with pytest.raises(ValueError, match="not rows of texts"):
+        false_negatives([-1], {}, texts)
+    assert exclusion_matrix([0], {0: torch.tensor([2, 3])}).tolist() == [[2, 3]]
 
 
 def test_encoder_calls_split_columns_only_where_padding_would_grow_attention(tiny):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hotops.data import wordnet
-from hotops.retrieval import PeakRSS, encode, exact_search, exclusion_matrix, rank_metrics
+from hotops.retrieval import PeakRSS, encode, exact_search, exclusion_matrix, rank_metrics, topk_overlap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,24 @@ def test_rank_metrics_and_exact_search():
     c = torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
     got = exact_search(c[:7], c, 5, chunk=3)
     assert got.shape == (7, 5) and torch.equal(got[:, 0], torch.arange(7))
+
+
+def test_scoring_helpers_refuse_what_they_cannot_score():
+    ids = torch.tensor([[5, 1, 2], [0, 3, 4], [7, 8, 9]])
+    for gold in (torch.tensor([[1], [3], [6]]), torch.tensor([1, 3])):  # one (nq,) row each
+        with pytest.raises(ValueError, match=r"gold \(nq,\)"):
+            rank_metrics(ids, gold, ks=(3,))
+    with pytest.raises(ValueError, match="negative row"):  # -1 would match the -1 padding
+        rank_metrics([[3, -1, -1]], [-1], ks=(3,))
+    c = torch.randn(5, 4)
+    assert exact_search(c[:0], c, 2).shape == (0, 2)
+    c[3, 1] = float("nan")  # topk would rank it first for every query
+    with pytest.raises(ValueError, match="NaN"):
+        exact_search(torch.randn(2, 4), c, 2)
+    assert topk_overlap([[5, -1, -1]], [[5, -1, -1]]) == 1.0  # -1 is no result, not an id
+    assert topk_overlap([[6, -1]], [[5, -1]]) == 0.0
+    with pytest.raises(ValueError, match="same nq"):
+        topk_overlap([[1, 2]], [[1, 2], [3, 4]])
 
 
 def test_exclusion_matrix():

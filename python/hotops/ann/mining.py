@@ -56,18 +56,39 @@ class HardNegativeMiner:
         """q (B, dim) query embeddings; positive_ids (B,) or (B, P) ids never returned as negatives
         (the false negatives a search would otherwise surface first); exclude: optional (B, E) more
         ids to skip per query (-1 = none). Returns MinedNegatives on q's device (CPU for NumPy)."""
+        from hotops.ann.sharded import ShardedIndex
+
         device = q.device if _arrays.is_torch(q) else torch.device("cpu")
-        qv = torch.as_tensor(_arrays.as_numpy(q, "q"))
-        B = qv.shape[0]
-        skip = [_as_id_matrix(positive_ids, B, "positive_ids")]
-        if exclude is not None:
-            skip.append(_as_id_matrix(exclude, B, "exclude"))
-        skip = torch.cat(skip, 1)
-        # enough to keep `depth` after dropping every excluded id that could appear
-        dist, ids = self.index.search(
-            qv.detach().float().cpu().numpy(), self.depth + skip.shape[1], **self.search_kwargs
-        )
-        dist, ids = torch.as_tensor(dist), torch.as_tensor(ids)
+        sharded = isinstance(self.index, ShardedIndex)
+        error, skip = None, torch.empty(0, 0, dtype=torch.int64)
+        try:  # a rank of a ShardedIndex that refuses its arguments must not leave the others waiting
+            qv = torch.as_tensor(_arrays.as_numpy(q, "q"))
+            if qv.dim() != 2:
+                raise ValueError(f"q must be (B, dim) query embeddings, got shape {tuple(qv.shape)}")
+            B = qv.shape[0]
+            skip = [_as_id_matrix(positive_ids, B, "positive_ids")]
+            if exclude is not None:
+                skip.append(_as_id_matrix(exclude, B, "exclude"))
+            skip = torch.cat(skip, 1)
+        except (TypeError, ValueError) as exc:
+            if not sharded:
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+        # enough to keep `depth` after dropping every excluded id that could appear; a sharded
+        # search is collective, so every rank asks for the widest rank's k (exclude widths differ)
+        width = _widest(skip.shape[1], error, self.index.group) if sharded else skip.shape[1]
+        k = self.depth + width
+        try:
+            dist, ids = self.index.search(qv.detach().float().cpu().numpy(), k, **self.search_kwargs)
+        except ValueError as exc:
+            raise ValueError(
+                f"HardNegativeMiner: the index refused the search (k = depth {self.depth} + "
+                f"{width} positive and excluded ids per query = {k}): {exc}"
+            ) from exc
+        # the first depth + own width columns hold the `depth` kept ones: the rest would only
+        # change the random draw with the other ranks' widths
+        own = self.depth + skip.shape[1]
+        dist, ids = torch.as_tensor(dist)[:, :own], torch.as_tensor(ids)[:, :own]
         keep = (ids >= 0) & ~(ids.unsqueeze(2) == skip.unsqueeze(1)).any(2)
         # keep the first `depth` kept ones per row, in rank order
         rank_in_kept = torch.cumsum(keep.to(torch.int64), 1) - 1
@@ -94,27 +115,38 @@ class HardNegativeMiner:
         return MinedNegatives(neg.to(device), nd.to(device), vectors)
 
     def _vectors(self, neg: torch.Tensor) -> torch.Tensor:
-        """Exact vectors of the mined ids (collective for a ShardedIndex); zeros for -1."""
+        """Exact vectors of the mined ids (collective for a ShardedIndex); zeros for -1. Read
+        through the index's own lookup, which sees re-added ids' new vectors and takes its lock."""
         from hotops.ann.bigran import BiGranularIndex
         from hotops.ann.sharded import ShardedIndex
 
         flat = neg.reshape(-1).numpy()
         have = flat >= 0
-        dim = self.index.dim if not isinstance(self.index, BiGranularIndex) else self.index.coarse.dim
-        out = np.zeros((flat.size, dim), np.float32)
         if isinstance(self.index, ShardedIndex):
-            out[have] = self.index.vectors(flat[have])
-        elif isinstance(self.index, BiGranularIndex):
-            out[have] = self.index.store[flat[have]]
+            found = self.index.vectors(flat[have])
+        elif isinstance(self.index, BiGranularIndex) or getattr(self.index, "keep_vectors", False):
+            found = np.asarray(self.index.reconstruct(flat[have]), np.float32)
         else:
-            if not self.index.keep_vectors:
-                raise ValueError(
-                    "with_vectors needs the exact vectors: build the index with keep_vectors=True"
-                )
-            ids = np.asarray(self.index.ids)
-            by = np.argsort(ids, kind="stable")
-            out[have] = self.index.vectors[by[np.searchsorted(ids[by], flat[have])]]
-        return torch.from_numpy(out).reshape(neg.shape[0], neg.shape[1], dim)
+            raise ValueError(
+                "with_vectors needs the exact vectors: an index that keeps them (keep_vectors=True, "
+                "a BiGranularIndex, or a FaissPQIndex with refine=True)"
+            )
+        out = np.zeros((flat.size, found.shape[1]), np.float32)
+        out[have] = found
+        return torch.from_numpy(out).reshape(neg.shape[0], neg.shape[1], out.shape[1])
+
+
+def _widest(width: int, error: Optional[str], group) -> int:
+    """The largest of every rank's skip width; ValueError on every rank when any rank's arguments
+    were refused (so none is left waiting in the search)."""
+    import torch.distributed as dist
+
+    found = [None] * dist.get_world_size(group)
+    dist.all_gather_object(found, (error, int(width)), group=group)
+    bad = [f"rank {r}: {e}" for r, (e, _) in enumerate(found) if e]
+    if bad:
+        raise ValueError("HardNegativeMiner.mine: " + "; ".join(bad))
+    return max(w for _, w in found)
 
 
 def _as_id_matrix(ids, B: int, name: str) -> torch.Tensor:

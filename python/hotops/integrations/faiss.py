@@ -347,6 +347,11 @@ class FaissPQIndex:
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        if x.ndim != 2 or not np.isfinite(x).all():
+            raise ValueError(f"x must be finite (n, dim) vectors, got shape {x.shape}")
+        need = max(256, nlist or 0)  # faiss trains 256 centroids per subspace (and nlist lists)
+        if x.shape[0] < need:
+            raise ValueError(f"FaissPQIndex needs at least {need} vectors to train on, got {x.shape[0]}")
         self.metric, d = metric, x.shape[1]
         fmetric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
         if nlist is None:
@@ -365,11 +370,38 @@ class FaissPQIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def dim(self) -> int:
+        return int(self.pq.d)
+
+    @property
+    def keep_vectors(self) -> bool:
+        """Whether the exact vectors are kept (refine=True), as hotops' indexes say it."""
+        return self.refine
+
+    def reconstruct(self, ids) -> np.ndarray:
+        """(n, dim) float32 exact vectors of these ids (rows of x) from the refine index."""
+        if not self.refine:
+            raise ValueError("reconstruct needs the exact vectors: build with refine=True")
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.ntotal):
+            raise KeyError(f"ids must be in [0, {self.ntotal}), got {ids.min()}..{ids.max()}")
+        flat = self.index.refine_index
+        return flat.reconstruct_batch(ids) if ids.size else np.empty((0, self.dim), np.float32)
+
     def search(self, q, k: int = 10, nprobe: int = 16, refine: Optional[int] = None):
         """(distances, ids), each (nq, k), best first: nprobe lists probed (IVF), and with an
-        IndexRefineFlat `refine` x k candidates re-ranked exactly (default 1)."""
+        IndexRefineFlat `refine` x k candidates re-ranked exactly (default 1). Refuses what
+        hotops' search refuses: queries of another width or not finite, refine without kept
+        vectors."""
         faiss = _faiss()
         q = np.ascontiguousarray(np.asarray(q, dtype=np.float32))
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"q must be (nq, {self.dim}) queries, got shape {q.shape}")
+        if not np.isfinite(q).all():
+            raise ValueError("q holds NaN or inf")
+        if refine is not None and not self.refine:
+            raise ValueError("refine needs the exact vectors: build the FaissPQIndex with refine=True")
         base = faiss.SearchParametersIVF(nprobe=nprobe) if self.quantizer is not None else None
         if self.refine:
             params = faiss.IndexRefineSearchParameters(k_factor=refine or 1, base_index_params=base)

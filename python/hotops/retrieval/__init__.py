@@ -63,34 +63,50 @@ def encode(
     was_training = bert.training
     bert.eval()
     out = None
-    with torch.inference_mode():
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            emb = mean_pooled(bert, tokenize(tokenizer, [texts[j] for j in idx], max_length)).float()
-            if out is None:
-                out = torch.empty(len(texts), emb.shape[1])
-            out[torch.from_numpy(idx)] = emb
-    bert.train(was_training)
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                emb = mean_pooled(bert, tokenize(tokenizer, [texts[j] for j in idx], max_length)).float()
+                if out is None:
+                    out = torch.empty(len(texts), emb.shape[1])
+                out[torch.from_numpy(idx)] = emb
+    finally:
+        bert.train(was_training)
     return out
 
 
 def exact_search(q: torch.Tensor, corpus: torch.Tensor, k: int = 100, chunk: int = 1024) -> torch.Tensor:
-    """(nq, k) ids of the k largest inner products, by brute force in chunks of queries."""
+    """(nq, min(k, len(corpus))) ids of the k largest inner products, by brute force in chunks
+    of queries. NaN or inf in either side raises (topk would rank a NaN first)."""
+    if q.dim() != 2 or corpus.dim() != 2 or q.shape[1] != corpus.shape[1]:
+        raise ValueError(
+            f"q (nq, dim) and corpus (n, dim) must share dim, got {tuple(q.shape)}, {tuple(corpus.shape)}"
+        )
+    if not (torch.isfinite(q).all() and torch.isfinite(corpus).all()):
+        raise ValueError("exact_search: the embeddings hold NaN or inf")
     k = min(k, corpus.shape[0])
-    return torch.cat(
-        [torch.topk(q[i : i + chunk] @ corpus.T, k, dim=1).indices for i in range(0, q.shape[0], chunk)]
-    )
+    parts = [torch.topk(q[i : i + chunk] @ corpus.T, k, dim=1).indices for i in range(0, q.shape[0], chunk)]
+    return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.int64)
 
 
 def rank_metrics(
     ids, gold: Sequence[int], doc_key: Optional[Sequence[int]] = None, ks: Sequence[int] = (10, 100)
 ) -> Dict[str, float]:
     """MRR@10 and recall@k for one relevant document per query. ids (nq, >= max ks) ranked
-    results (-1 = none); gold (nq,) the relevant row. doc_key maps a row to a key that decides
-    relevance (e.g. the row of the first identical text: duplicate documents count as the same
-    answer); default: the row itself."""
+    results (-1 = none; fewer columns only where the corpus holds fewer documents); gold (nq,)
+    the relevant row. doc_key maps a row to a key that decides relevance (e.g. the row of the
+    first identical text: duplicate documents count as the same answer); default: the row
+    itself."""
     ids = torch.as_tensor(np.asarray(ids)).long()
     gold = torch.as_tensor(np.asarray(gold)).long()
+    if ids.dim() != 2 or gold.dim() != 1 or len(gold) != len(ids):
+        raise ValueError(
+            f"ids must be (nq, k) and gold (nq,) with one relevant row per query, got shapes "
+            f"{tuple(ids.shape)} and {tuple(gold.shape)}"
+        )
+    if len(gold) and int(gold.min()) < 0:
+        raise ValueError("gold holds a negative row: every query needs its relevant document")
     if doc_key is not None:
         key = torch.as_tensor(np.asarray(doc_key)).long()
         ids = torch.where(ids >= 0, key[ids.clamp_min(0)], -1)
@@ -113,18 +129,22 @@ def evaluate(
     batch_size: int = 256,
     max_length: int = 32,
     k: int = 100,
+    ks: Sequence[int] = (10, 100),
 ):
     """The corpus and the queries encoded (`encode`), each query's best k by exact search, scored
-    by `rank_metrics` against `gold` (each query's relevant corpus row). Returns (metrics, corpus
-    embeddings, query embeddings); the metrics also hold corpus_encode_s, corpus_docs_per_s and
-    query_encode_per_s (wall time)."""
+    by `rank_metrics` (MRR@10 and recall at each of `ks`, so k >= 10 and every ks) against `gold`
+    (each query's relevant corpus row). Returns (metrics, corpus embeddings, query embeddings);
+    the metrics also hold corpus_encode_s, corpus_docs_per_s and query_encode_per_s (wall
+    time)."""
+    if k < max(10, *ks):
+        raise ValueError(f"k ({k}) must be at least 10 and every ks {tuple(ks)}: the metrics look that deep")
     t = time.perf_counter()
     C = encode(bert, tokenizer, corpus, batch_size, max_length)
     t_corpus = time.perf_counter() - t
     t = time.perf_counter()
     Q = encode(bert, tokenizer, queries, batch_size, max_length)
     t_query = time.perf_counter() - t
-    m = rank_metrics(exact_search(Q, C, k), gold, doc_key)
+    m = rank_metrics(exact_search(Q, C, k), gold, doc_key, ks)
     m.update(
         corpus_encode_s=round(t_corpus, 1),
         corpus_docs_per_s=round(len(corpus) / t_corpus, 1),
@@ -135,10 +155,17 @@ def evaluate(
 
 def topk_overlap(ids, reference) -> float:
     """The mean over rows of the fraction of `reference`'s ids (e.g. exact search's top k) that
-    `ids` (an index's answer, same rows) holds too."""
+    `ids` (an index's answer, same rows) holds too; -1 (no result) is never an id."""
     ids, reference = np.asarray(ids), np.asarray(reference)
-    k = reference.shape[1]
-    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ids, reference)]))
+    if ids.ndim != 2 or reference.ndim != 2 or len(ids) != len(reference):
+        raise ValueError(
+            f"ids and reference must be (nq, k) of the same nq, got {ids.shape} and {reference.shape}"
+        )
+    shares = []
+    for a, b in zip(ids.tolist(), reference.tolist()):
+        valid = [v for v in b if v != -1]
+        shares.append(len((set(a) - {-1}) & set(valid)) / max(1, len(valid)))
+    return float(np.mean(shares))
 
 
 def duplicate_key(texts: Sequence[str]) -> List[int]:
@@ -155,7 +182,11 @@ def false_negatives(rows: Sequence[int], related: Dict[int, List[int]], texts: S
     same_text: Dict[str, List[int]] = {}
     for i, t in enumerate(texts):
         same_text.setdefault(t, []).append(i)
-    return {r: sorted((set(related.get(r, [])) | set(same_text[texts[r]])) - {r}) for r in set(rows)}
+    rows = {int(r) for r in rows}  # tensor elements hash by identity
+    bad = [r for r in rows if not 0 <= r < len(texts)]
+    if bad:
+        raise ValueError(f"rows {sorted(bad)[:5]} are not rows of texts (0..{len(texts) - 1})")
+    return {r: sorted(({int(i) for i in related.get(r, [])} | set(same_text[texts[r]])) - {r}) for r in rows}
 
 
 def exclusion_matrix(rows: Sequence[int], related: Dict[int, List[int]]) -> torch.Tensor:
@@ -164,7 +195,7 @@ def exclusion_matrix(rows: Sequence[int], related: Dict[int, List[int]]) -> torc
     E = max(1, max((len(x) for x in lists), default=1))
     out = torch.full((len(rows), E), -1, dtype=torch.int64)
     for i, x in enumerate(lists):
-        if x:
+        if len(x):
             out[i, : len(x)] = torch.as_tensor(x)
     return out
 

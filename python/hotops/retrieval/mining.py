@@ -72,8 +72,8 @@ class HardNegativeRefresh:
         **search_kwargs,
     ):
         self.corpus, self.queries, self.build = corpus, queries, build
-        self.positives = torch.as_tensor(positives)
-        self.exclude = None if exclude is None else torch.as_tensor(exclude)
+        self.positives = torch.as_tensor(positives).reshape(len(queries), -1)
+        self.exclude = None if exclude is None else torch.as_tensor(exclude).reshape(len(queries), -1)
         self.n, self.depth, self.seed, self.search_kwargs = n, depth, seed, search_kwargs
         self.fill_generator = fill_generator or torch.Generator().manual_seed(seed + 1)
         self.batch_size, self.max_length = batch_size, max_length
@@ -98,7 +98,10 @@ class HardNegativeRefresh:
         )
         mined = miner.mine(Q, self.positives, self.exclude).ids
         absent = mined < 0  # fewer than n found (tiny lists): a random other document
-        mined[absent] = self._fill(absent.nonzero()[:, 0])
+        for col in range(mined.shape[1]):  # column by column: a fill never repeats the row's negatives
+            rows = absent[:, col].nonzero()[:, 0]
+            if len(rows):
+                mined[rows, col] = self._fill(rows, mined[rows])
         t_mine = time.perf_counter() - t
         self.last = mined
         self.timings.append(
@@ -116,15 +119,17 @@ class HardNegativeRefresh:
             )
         return mined
 
-    def _fill(self, rows: torch.Tensor) -> torch.Tensor:
+    def _fill(self, rows: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
         """A random corpus row for each query row in `rows`, never that query's positive or one
-        of its exclusions (a filled-in false negative would train against the answer)."""
-        banned = self.positives.reshape(len(self.queries), -1)[rows]
+        of its exclusions (a filled-in false negative would train against the answer), and not
+        one of its negatives so far (`taken`, a row each) unless 32 draws found nothing else (a
+        corpus with fewer allowed rows than n)."""
+        banned = self.positives[rows]
         if self.exclude is not None:
             banned = torch.cat([banned, self.exclude[rows]], 1)
         draw = torch.randint(len(self.corpus), (len(rows),), generator=self.fill_generator)
-        for _ in range(64):  # redraw the banned ones; each round keeps most rows of a real corpus
-            bad = (draw[:, None] == banned).any(1)
+        for attempt in range(64):  # redraw the banned ones; each round keeps most rows of a real corpus
+            bad = (draw[:, None] == (banned if attempt >= 32 else torch.cat([banned, taken], 1))).any(1)
             if not bad.any():
                 return draw
             draw[bad] = torch.randint(len(self.corpus), (int(bad.sum()),), generator=self.fill_generator)

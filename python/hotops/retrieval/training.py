@@ -29,6 +29,11 @@ HF_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 def batch_schedule(order: torch.Tensor, steps: int, batch: int) -> List[torch.Tensor]:
     """`steps` batches of `batch` query indices taken in turn from `order` (a permutation),
     wrapping around; a batch the end of `order` would cut short is order's first batch."""
+    if batch < 1 or steps < 0 or len(order) < batch:
+        raise ValueError(
+            f"batch_schedule needs 1 <= batch <= len(order) and steps >= 0, got batch {batch}, "
+            f"len(order) {len(order)}, steps {steps}"
+        )
     schedule = [order[(s * batch) % len(order) :][:batch] for s in range(steps)]
     return [s if len(s) == batch else order[:batch] for s in schedule]
 
@@ -134,6 +139,9 @@ class ContrastiveTrainer:
             raise ValueError(f"queries ({len(queries)}) and positives ({len(positives)}) differ in length")
         if len(schedule) == 0:
             raise ValueError("schedule is empty")
+        _check_rows(torch.as_tensor(np.asarray(positives)), len(corpus), "positives")
+        for b in schedule:
+            _check_rows(torch.as_tensor(b), len(queries), "a schedule batch")
         self.queries, self.positives, self.corpus = queries, positives, corpus
         self.schedule = schedule
         self.lr, self.temperature, self.max_length, self.verbose = lr, temperature, max_length, verbose
@@ -167,8 +175,15 @@ class ContrastiveTrainer:
         a GradualPruner). The batches are the schedule's from `step0` on."""
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if refresh is not None and refresh_every < 1:
+            raise ValueError(f"refresh_every must be at least 1, got {refresh_every}")
+        if negatives is None and min(len(b) for b in self.schedule) < 2:
+            raise ValueError(
+                "a batch of one query and no negatives has nothing to contrast its document with"
+            )
+        negatives = self._checked(negatives)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = _adamw(params, lr or self.lr)
+        opt = _adamw(params, self.lr if lr is None else lr)
         warm = max(1, steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
@@ -189,7 +204,7 @@ class ContrastiveTrainer:
         t0, self.losses = time.perf_counter(), []
         for step in range(steps):
             if refresh is not None and step > 0 and step % refresh_every == 0:
-                negatives = refresh(model)
+                negatives = self._checked(refresh(model))
                 model.train()
             qi = self.schedule[(step0 + step) % len(self.schedule)]
             cols = [[self.queries[i] for i in qi], [self.corpus[self.positives[i]] for i in qi]]
@@ -226,3 +241,23 @@ class ContrastiveTrainer:
                 )
         model.eval()
         return model
+
+    def _checked(self, negatives):
+        """negatives as (len(queries), n) corpus rows; a -1 (a miner's "none found") or a row
+        outside the corpus would silently train against another document."""
+        if negatives is None:
+            return None
+        n = torch.as_tensor(np.asarray(negatives))
+        if n.dim() != 2 or n.shape[0] != len(self.queries):
+            raise ValueError(
+                f"negatives must be ({len(self.queries)}, n) corpus rows, got shape {tuple(n.shape)}"
+            )
+        _check_rows(n, len(self.corpus), "negatives")
+        return n
+
+
+def _check_rows(ids: torch.Tensor, n: int, what: str) -> None:
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"{what} must hold integer rows, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise ValueError(f"{what} must be rows in [0, {n}), got {int(ids.min())}..{int(ids.max())}")
