@@ -2,6 +2,7 @@
 learning, the end-to-end fine-tuning, determinism, save/load; and all-MiniLM-L6-v2 when present."""
 
 import importlib.util
+import math
 import os
 import pathlib
 
@@ -232,6 +233,15 @@ def test_allocate_is_a_greedy_knapsack():
         _allocate(bits, damage, sizes, 0.5)
 
 
+def test_allocate_ends_whatever_the_damages():
+    """A NaN damage once made a layer's own format a free "upgrade", taken forever."""
+    cheap, dear = Format(4), Format(2)
+    bits = {"x": {cheap: 2.0, dear: 4.0}, "y": {cheap: 2.0, dear: 4.0}}
+    for bad in (math.nan, math.inf):
+        damage = {"x": {cheap: bad, dear: bad}, "y": {cheap: 3.0, dear: 1.0}}
+        assert _allocate(bits, damage, {"x": 1, "y": 1}, 3.0) == {"x": cheap, "y": dear}
+
+
 # THREE: three codebooks of 16 codewords over 8 inputs (1.5 code bits per weight)
 THREE = Format(in_group=8, num_codebooks=3, code_bits=4)
 
@@ -274,11 +284,75 @@ def test_compress_refuses_bad_input():
     with pytest.raises(ValueError, match="calib is empty"):
         compress(tiny_model(), calib=[], **KW)
     with pytest.raises(ValueError, match="fits none of the formats"):
-        compress(torch.nn.Linear(6, 4), formats=[Format(4)], progress=False)
+        compress(torch.nn.Sequential(torch.nn.Linear(6, 4)), formats=[Format(4)], progress=False)
     model = torch.nn.ModuleDict({"used": torch.nn.Linear(32, 4), "unused": torch.nn.Linear(32, 4)})
     model.forward = lambda x: model["used"](x)
     with pytest.raises(ValueError, match="never reached"):
         compress(model, calib=calib_batches(), **KW)
+    for bits in (math.nan, math.inf, 0.0, -1.0):
+        with pytest.raises(ValueError, match="bits_per_weight must be"):
+            compress(tiny_model(), bits, formats=[SMALL], progress=False)
+    with pytest.raises(ValueError, match="found no layers to compress"):
+        compress(torch.nn.Sequential(torch.nn.ReLU()), **KW)
+
+
+def test_compress_refuses_non_finite_weights_and_calibration_up_front():
+    """Both once made the plan's damage NaN and compress never returned."""
+    bad = calib_batches()
+    bad[1][3, 5] = math.nan
+    with pytest.raises(ValueError, match="calibration inputs of layer 0 are not all finite"):
+        compress(tiny_model(), calib=bad, steps=1, **KW)
+    model = tiny_model()
+    with torch.no_grad():
+        model[2].weight[0, 0] = math.inf
+    for calib in (None, calib_batches()):
+        with pytest.raises(ValueError, match="weight of layer 2 is not all finite"):
+            compress(model, calib=calib, **KW)
+    assert isinstance(model[0], torch.nn.Linear)
+
+
+def test_compress_skip_takes_a_string_as_one_pattern():
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(32, 32), "head": torch.nn.Linear(32, 8)})
+    out = compress(model, skip="head", **KW)
+    assert isinstance(out["encoder"], CodebookLinear) and isinstance(out["head"], torch.nn.Linear)
+
+
+def test_compress_calibrates_in_eval_mode_and_gives_the_modes_back():
+    """In training mode the calibration passes overwrote BatchNorm's statistics, and dropout drew
+    other masks in the dense and the compressed passes."""
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(32, 32), torch.nn.BatchNorm1d(32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 16)
+        )
+
+    kw = dict(KW, calib=calib_batches(), steps=3, rounds=1, plan_steps=0, kmeans_iters=3)
+    trained = net().train()
+    trained[1].eval()  # a frozen BatchNorm inside a training model keeps its own mode
+    stats = trained[1].running_mean.clone()
+    out = compress(trained, **kw)
+    assert torch.equal(out[1].running_mean, stats) and int(out[1].num_batches_tracked) == 0
+    assert out.training and not out[1].training and out[2].training and out[0].training
+    evaluated = compress(net().eval(), **kw)
+    assert torch.equal(out[3].weight.dequantize(), evaluated[3].weight.dequantize())
+    failing, bad = net().train(), calib_batches()
+    bad[0][0, 0] = math.nan
+    with pytest.raises(ValueError, match="not all finite"):
+        compress(failing, **(kw | {"calib": bad}))
+    assert all(m.training for m in failing.modules())  # given back on the error too
+
+
+def test_finetune_trains_a_float16_model():
+    """Adam on float16 biases turned every parameter into NaN; float32 copies train instead."""
+    model = tiny_model().half()
+    calib = [x.half() for x in calib_batches()]
+    bias = model[0].bias.detach().clone()
+    out = compress(model, calib=calib, steps=2, rounds=1, plan_steps=0, finetune_steps=3, **KW)
+    assert all(torch.isfinite(p).all() for p in out.parameters())
+    assert out[0].bias.dtype == torch.float16 and not torch.equal(out[0].bias, bias)
+    with torch.no_grad():
+        assert torch.isfinite(out(calib[0])).all()
 
 
 # ------------------------------------------------------------------ all-MiniLM-L6-v2

@@ -6,7 +6,9 @@ dense one; and the nn.Linear layers it finds and replaces. Shared by JLCM
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -76,6 +78,12 @@ def distortion(y: Tensor, target: Tensor) -> Tensor:
     )
 
 
+def _first_tensor(args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """A layer call's input: its first positional tensor, else its first keyword tensor (a layer
+    called as ``self.b(input=h)``)."""
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+
+
 class _Reached(Exception):
     """Stops a forward pass once the hooked layer's input is captured."""
 
@@ -111,18 +119,18 @@ def _layer_inputs(
     (``input_groups``), when `model` runs `batch`; the rest of the forward pass is skipped."""
     seen = []
 
-    def hook(module, args):
-        seen.append(args[0])
+    def hook(module, args, kwargs):
+        seen.append(_first_tensor(args, kwargs))
         raise _Reached
 
-    handle = model.get_submodule(names[0]).register_forward_pre_hook(hook)
+    handle = model.get_submodule(names[0]).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         _call(model, batch)
     except _Reached:
         pass
     finally:
         handle.remove()
-    if not seen:
+    if not seen or seen[0] is None:
         raise ValueError(f"the calibration data never reached {names[0]}")
     return [_rows(model.get_submodule(n), seen[0], batch, token_mask).double() for n in names]
 
@@ -144,13 +152,14 @@ def input_groups(model: nn.Module, names: Sequence[str], batch) -> List[List[str
     seen = {}
 
     def hook(name):
-        def record(module, args):
-            if name not in seen and args and isinstance(args[0], Tensor):
-                seen[name] = (args[0], _version(args[0]))  # the tensor kept alive: ids are not reused
+        def record(module, args, kwargs):
+            x = _first_tensor(args, kwargs)
+            if name not in seen and x is not None:
+                seen[name] = (x, _version(x))  # the tensor kept alive: ids are not reused
 
         return record
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
     try:
         with torch.no_grad():
             _call(model, batch)
@@ -167,6 +176,32 @@ def input_groups(model: nn.Module, names: Sequence[str], batch) -> List[List[str
         else:
             groups.append([n])
     return groups
+
+
+# Grams whose mean diagonal lies within 2^-RANGE..2^RANGE are stored as they are (see _float32).
+_GRAM_RANGE = 64
+
+
+def _float32(name: str, grams: Sequence[Tensor]) -> List[Tensor]:
+    """One layer's Gram accumulators (float64) as float32, refused unless finite.
+
+    A layer whose dense output is (nearly) zero, e.g. a zero-initialised LoRA-B or adaLN-zero
+    projection, weighs every token by about 1e30 (``_token_weights``), and its Grams overflow
+    float32. Where the first Gram's mean diagonal lies outside 2^-64..2^64, all of them are scaled
+    by the one power of two that brings it near 1: exact, and every reader is invariant to a common
+    scale (damping relative to the mean diagonal, the target solve, the ranking of the OBS costs,
+    the relative output error). Grams in that range are left alone because ``_damped``'s unit
+    diagonal for inputs no token uses is not relative: scaling those would move results."""
+    mean = grams[0].diagonal().mean().item()
+    if math.isfinite(mean) and mean > 0 and abs(math.log2(mean)) > _GRAM_RANGE:
+        grams = [g * 2.0 ** -round(math.log2(mean)) for g in grams]
+    out = [g.float() for g in grams]
+    if not all(torch.isfinite(g).all() for g in out):
+        raise ValueError(
+            f"the calibration inputs of layer {name} are not all finite: check the calibration data for "
+            "NaN or inf, and the layers before it for outputs that overflow"
+        )
+    return out
 
 
 def _layer_grams(
@@ -190,7 +225,9 @@ def _layer_grams(
                 xqa = xq * a
                 parts = (xqa.T @ xq, xqa.T @ xf) + (((xf * a).T @ xf,) if dense_gram else ())
                 acc[i] = parts if acc[i] is None else tuple(s + p for s, p in zip(acc[i], parts))
-    return [Grams(*(t.float() for t in parts), *(() if dense_gram else (None,))) for parts in acc]
+    return [
+        Grams(*_float32(name, parts), *(() if dense_gram else (None,))) for name, parts in zip(names, acc)
+    ]
 
 
 def _dense_grams(
@@ -202,14 +239,14 @@ def _dense_grams(
     current = []
 
     def hook(name):
-        def accumulate(module, args):
-            x = _rows(module, args[0], current[0], token_mask).double()
+        def accumulate(module, args, kwargs):
+            x = _rows(module, _first_tensor(args, kwargs), current[0], token_mask).double()
             gram = (x * _token_weights(x, module.weight.flatten(1))[:, None]).T @ x
             acc[name] = acc[name] + gram if name in acc else gram
 
         return accumulate
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
     try:
         with torch.no_grad():
             for batch in calib:
@@ -221,10 +258,13 @@ def _dense_grams(
     missing = [n for n in names if n not in acc]
     if missing:
         raise ValueError(f"the calibration data never reached {missing}")
-    return {n: acc[n].float() for n in names}
+    return {n: _float32(n, (acc[n],))[0] for n in names}
 
 
 def _linears(model: nn.Module, skip: Sequence[str]) -> Dict[str, nn.Linear]:
+    """The nn.Linear layers whose names contain none of `skip` (one pattern if a str), each once
+    under its first name (named_modules): a layer registered under several names is one layer."""
+    skip = (skip,) if isinstance(skip, str) else skip
     return {
         name: m
         for name, m in model.named_modules()
@@ -232,6 +272,55 @@ def _linears(model: nn.Module, skip: Sequence[str]) -> Dict[str, nn.Linear]:
     }
 
 
+def _check_selection(layers: Dict[str, nn.Module], caller: str, verb: str, kinds: str) -> None:
+    """Refuse, before anything changes, a selection of layers to replace that is empty (say so
+    rather than hand the model back as it was) or that is the model itself, which cannot be
+    replaced inside itself."""
+    if not layers:
+        raise ValueError(
+            f"{caller}: found no layers to {verb}: no {kinds} outside skip (a model already "
+            "converted has none left)"
+        )
+    if "" in layers:
+        raise ValueError(
+            f"{caller}: the model is itself a {type(layers['']).__name__}, which cannot be replaced "
+            "inside itself; wrap it, e.g. nn.Sequential(layer), and take [0] of the result"
+        )
+
+
+def _check_untied(layers: Dict[str, nn.Module], caller: str) -> None:
+    """Refuse two layers that share one weight tensor (tied weights): second-order pruning and
+    JLCM rewrite each layer's weight in turn from its own inputs, so the second would overwrite
+    the first's result in the tensor they share."""
+    owner: Dict[int, str] = {}
+    for name, m in layers.items():
+        first = owner.setdefault(id(m.weight), name)
+        if first != name:
+            raise ValueError(
+                f"{caller}: layers {first} and {name} share one weight tensor (tied weights), which cannot "
+                "take two different results; skip one of them, or untie them first"
+            )
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    """Put `new` at every name the module at `name` is registered under (e.g. a ModuleList that
+    repeats one layer, ALBERT-style), so the model still shares it."""
+    old = model.get_submodule(name)
+    for alias, m in list(model.named_modules(remove_duplicate=False)):
+        if m is old:
+            parent_name, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """`model` in eval mode inside (no dropout; BatchNorm uses, and leaves alone, its running
+    statistics); after it, on an error too, the module at each name takes back the mode of the
+    module there before (a layer replaced meanwhile takes its predecessor's)."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes.get(name, m.training)

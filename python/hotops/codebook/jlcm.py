@@ -38,11 +38,13 @@ import copy
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from hotops import _backend
 from hotops._calibration import (  # noqa: F401 (Grams: re-exported)
     Grams,
+    _check_selection,
+    _eval_mode,
     _layer_grams,
     _linears,
     _replace,
@@ -83,7 +85,10 @@ def finetune(
     """Codes frozen, train every CodebookLinear's codebooks, scales and bias (and the LayerNorms'
     weights and biases if `norms`) to minimise 1 - cosine between `model`'s and `dense`'s outputs
     on the calibration batches (Adam, cosine decay, batches in a seeded random order). The
-    codebooks and scales train in float32 and go back to their storage dtype at the end."""
+    codebooks and scales train in float32 and go back to their storage dtype at the end; the
+    other parameters of a float16 / bfloat16 model train through float32 copies that Adam steps
+    and that are written back after each step (Adam's state in float16 overflows or underflows
+    to NaN, and bfloat16 drops steps below its resolution)."""
     from tqdm.auto import tqdm
 
     with torch.no_grad():
@@ -96,7 +101,8 @@ def finetune(
         params += [p for p in (m.codebooks, m.scales, m.bias) if p is not None]
     if norms:
         params += [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
+    masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
+    opt = torch.optim.Adam(masters, lr=lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     gen = torch.Generator().manual_seed(seed)
     order: List[int] = []
@@ -110,7 +116,7 @@ def finetune(
         loss = distortion(output(model, calib[i]), targets[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        _master_step(opt, params, masters)
         decay.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     for m in layers:
@@ -118,6 +124,20 @@ def finetune(
         m.scales.data = m.scales.data.to(stored_dtype[m])
     model.train(was_training)
     return model
+
+
+def _master_step(opt: torch.optim.Optimizer, params: List[nn.Parameter], masters: List[Tensor]) -> None:
+    """`opt`'s step on `masters`, the float32 copies of `params` (a parameter already float32 is
+    its own): their gradients go in, the stepped values come back."""
+    for p, m in zip(params, masters):
+        if m is not p:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+    opt.step()
+    with torch.no_grad():
+        for p, m in zip(params, masters):
+            if m is not p:
+                p.copy_(m)
 
 
 # ---------------------------------------------------------------- compress
@@ -176,38 +196,45 @@ def compress(
     damp = _backend.check_number(damp, "damp", low=0.0)
     torch.manual_seed(seed)
     learn = calib is not None and (steps > 0 or finetune_steps > 0)
-    dense = copy.deepcopy(model) if learn else None  # the targets: the dense model's outputs
-    layout = plan(
-        model,
-        bits_per_weight,
-        calib,
-        formats,
-        output,
-        seed,
-        plan_steps if steps > 0 else 0,
-        lr,
-        kmeans_iters=kmeans_iters,
-        storage_dtype=storage_dtype,
-        skip=skip,
-        progress=progress,
-    )
-    layer_grams = {}  # the Grams of the layers that read one input (input_groups), from one pass
-    groups = input_groups(model, list(layout), calib[0]) if calib is not None and steps > 0 else []
-    bar = tqdm(layout.items(), desc="JLCM layers", disable=not progress)
-    for name, p in bar:
-        lin = model.get_submodule(name)
-        weight = p.init
-        if calib is not None and steps > 0:
-            if name not in layer_grams:
-                group = next(g for g in groups if name in g)
-                layer_grams.update(zip(group, _layer_grams(dense, model, group, calib, token_mask)))
-            grams = layer_grams.pop(name)
-            weight = learn_layer(lin.weight, grams, p.init, steps, lr, rounds, damp)
-            err = output_error(
-                _stored(weight, storage_dtype).dequantize(), lin.weight.detach().float(), grams
+    # Calibration in eval mode: a model left in training mode would have its BatchNorm statistics
+    # overwritten, and dropout would draw other masks in the dense and the compressed passes.
+    with _eval_mode(model):
+        dense = copy.deepcopy(model) if learn else None  # the targets: the dense model's outputs
+        layout = plan(
+            model,
+            bits_per_weight,
+            calib,
+            formats,
+            output,
+            seed,
+            plan_steps if steps > 0 else 0,
+            lr,
+            kmeans_iters=kmeans_iters,
+            storage_dtype=storage_dtype,
+            skip=skip,
+            progress=progress,
+        )
+        layer_grams = {}  # the Grams of the layers that read one input (input_groups), from one pass
+        groups = input_groups(model, list(layout), calib[0]) if calib is not None and steps > 0 else []
+        bar = tqdm(layout.items(), desc="JLCM layers", disable=not progress)
+        for name, p in bar:
+            lin = model.get_submodule(name)
+            weight = p.init
+            if calib is not None and steps > 0:
+                if name not in layer_grams:
+                    group = next(g for g in groups if name in g)
+                    layer_grams.update(zip(group, _layer_grams(dense, model, group, calib, token_mask)))
+                grams = layer_grams.pop(name)
+                weight = learn_layer(lin.weight, grams, p.init, steps, lr, rounds, damp)
+                err = output_error(
+                    _stored(weight, storage_dtype).dequantize(), lin.weight.detach().float(), grams
+                )
+                bar.set_postfix(
+                    layer=name[-24:], bits=f"{p.bits_per_weight:.2f}", out_err=f"{err.item():.4f}"
+                )
+            _replace(
+                model, name, CodebookLinear(_stored(weight, storage_dtype), lin.bias).to(lin.weight.device)
             )
-            bar.set_postfix(layer=name[-24:], bits=f"{p.bits_per_weight:.2f}", out_err=f"{err.item():.4f}")
-        _replace(model, name, CodebookLinear(_stored(weight, storage_dtype), lin.bias).to(lin.weight.device))
     if calib is not None and finetune_steps > 0:
         finetune(model, dense, calib, finetune_steps, finetune_lr, output, seed=seed, progress=progress)
     return model
@@ -217,8 +244,10 @@ def load_compressed(model: nn.Module, state_dict: dict) -> nn.Module:
     """Load a compressed model's state_dict into the dense architecture `model`: every nn.Linear
     whose entry holds codes becomes a CodebookLinear of the stored shapes, then the whole
     state_dict is loaded (strictly)."""
-    for name in list(_linears(model, ())):
-        prefix = f"{name}." if name else ""
+    layers = _linears(model, ())
+    _check_selection(layers, "load_compressed", "load codes into", "nn.Linear")
+    for name in list(layers):
+        prefix = f"{name}."
         if prefix + "codes" not in state_dict:
             continue
 

@@ -12,7 +12,17 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from hotops._calibration import Grams, _dense_grams, _linears, _replace, distortion, model_output
+from hotops import _backend
+from hotops._calibration import (
+    Grams,
+    _check_selection,
+    _check_untied,
+    _dense_grams,
+    _linears,
+    _replace,
+    distortion,
+    model_output,
+)
 from hotops.codebook import format as fmt
 from hotops.codebook.format import CodebookWeight
 from hotops.codebook.jlcm_layerwise import _stored, learn_layer, output_error
@@ -103,7 +113,9 @@ def _allocate(
 ) -> Dict[str, Format]:
     """Greedy knapsack: start every layer at its cheapest format, then repeatedly take the
     upgrade that removes the most damage per extra stored bit while the parameter-weighted mean
-    bits stay within `budget`."""
+    bits stay within `budget`. An upgrade must cost bits and remove a finite, positive damage:
+    each one then raises the bits spent, so the loop ends whatever the damages (a NaN damage made
+    the layer's own format a free "upgrade", taken forever)."""
     choice = {n: min(bits[n], key=lambda f: (bits[n][f], damage[n][f])) for n in bits}
     total = sum(sizes.values())
     spent = sum(bits[n][choice[n]] * sizes[n] for n in bits)
@@ -119,9 +131,9 @@ def _allocate(
             for f, b in bits[n].items():
                 extra = (b - bits[n][cur]) * sizes[n]
                 saved = damage[n][cur] - damage[n][f]
-                if saved <= 0 or spent + extra > budget * total:
+                if extra <= 0 or not 0 < saved < math.inf or spent + extra > budget * total:
                     continue
-                gain = saved / extra if extra > 0 else math.inf
+                gain = saved / extra
                 if gain > best_gain:
                     best, best_gain = (n, f, extra), gain
         if best is None:
@@ -156,7 +168,16 @@ def plan(
     batches. Without `calib` the damage of a format is its relative weight error after k-means."""
     from tqdm.auto import tqdm
 
+    bits_per_weight = _backend.check_number(bits_per_weight, "bits_per_weight", low=0.0, low_open=True)
     layers = _linears(model, skip)
+    _check_selection(layers, "compress", "compress", "nn.Linear")
+    _check_untied(layers, "compress")
+    for name, lin in layers.items():
+        if not torch.isfinite(lin.weight).all():
+            raise ValueError(
+                f"compress: the weight of layer {name} is not all finite (NaN or inf): load a sound "
+                "checkpoint, or skip the layer"
+            )
     ff = _dense_grams(model, list(layers), calib, token_mask) if calib is not None else {}
     targets, probe_calib = None, None
     if calib is not None:

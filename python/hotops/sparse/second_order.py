@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from hotops._calibration import _damped, _layer_grams, input_groups
+from hotops._calibration import _check_untied, _damped, _eval_mode, _layer_grams, input_groups
 
 
 def prune_layer(target: Tensor, hessian: Tensor, sparsity: float, block: int = 128) -> Tuple[Tensor, Tensor]:
@@ -93,6 +93,18 @@ def refit(
     return out
 
 
+def check_layers(layers: Sequence[Tuple[str, nn.Module]]) -> None:
+    """Refuse, before any weight changes, layers second-order pruning cannot take: grouped
+    convolutions, and layers tied to one weight tensor."""
+    for name, m in layers:
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise ValueError(
+                f"second-order pruning takes convolutions with groups=1; {name} has groups={m.groups} "
+                "(skip it, or use method='magnitude')"
+            )
+    _check_untied(dict(layers), "second-order pruning")
+
+
 def prune_model(
     model: nn.Module,
     layers: Sequence[Tuple[str, nn.Module]],
@@ -109,26 +121,20 @@ def prune_model(
     outputs in the dense one, X W^T (V^T = W^T + (X_q^T X_q)^-1 X_q^T (X - X_q) W^T,
     token-weighted, as JLCM's layer-wise stage), and V is pruned in the metric H = X_q^T X_q (``prune_layer``), damped by
     `damp` x its mean diagonal; then the rows that keep at most ``REFIT_MAX_KEPT`` weights are
-    solved again exactly for that mask (``refit``)."""
-    for name, m in layers:
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise ValueError(
-                f"second-order pruning takes convolutions with groups=1; {name} has groups={m.groups} "
-                "(skip it, or use method='magnitude')"
-            )
-    was_training = model.training
-    model.eval()  # no dropout: the Grams are of the model's deterministic inputs
-    try:
+    solved again exactly for that mask (``refit``).
+
+    Layers are pruned one after the other: an error at a layer (e.g. calibration inputs that are
+    not finite there) leaves the layers before it pruned."""
+    check_layers(layers)
+    with _eval_mode(model):  # no dropout: the Grams are of the model's deterministic inputs
         dense = copy.deepcopy(model)
         masks = {}
         modules = dict(layers)
         for group in input_groups(model, list(modules), calib[0]):  # e.g. query, key and value: one pass
-            for name, grams in zip(group, _layer_grams(dense, model, group, calib, token_mask, dense_gram=False)):
+            for name, grams in zip(
+                group, _layer_grams(dense, model, group, calib, token_mask, dense_gram=False)
+            ):
                 m = modules[name]
-                if not all(torch.isfinite(g).all() for g in (grams.qq, grams.qf)):
-                    raise ValueError(
-                        f"second-order pruning: the calibration inputs of {name} are not all finite"
-                    )
                 h = _damped(grams.qq, damp)
                 target = grams.target(m.weight.detach().flatten(1), h)  # at sparsity 0 nothing changes
                 weight, kept = prune_layer(target, h, sparsity)
@@ -136,6 +142,4 @@ def prune_model(
                 with torch.no_grad():
                     m.weight.copy_(weight.view_as(m.weight))
                 masks[name] = kept.view_as(m.weight)
-    finally:
-        model.train(was_training)
     return masks
