@@ -3,6 +3,7 @@ packing exactly its patterns."""
 
 import pytest
 import torch
+from torch.nn.utils import prune
 
 from hotops.sparse import GradualPruner, SparseLinear, sparsify
 
@@ -69,9 +70,28 @@ def test_sparsify_packs_the_pruners_patterns():
     torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_rejects_a_bad_target():
+def test_rejects_a_bad_target_or_schedule():
     with pytest.raises(ValueError, match="sparsity"):
         GradualPruner(_net(), 1.0, steps=4, every=1)
+    for kw, msg in [
+        (dict(ramp=4.0), r"ramp \(the share of steps the sparsity rises over\) must be > 0.0 and <= 1.0"),
+        (dict(ramp=0.0), "ramp"),
+        (dict(steps=-5), "steps must be >= 1"),
+        (dict(every=0), "every must be >= 1"),
+        (dict(every=2.5), "every must be an integer"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            GradualPruner(_net(), 0.5, **(dict(steps=10, every=2) | kw))
+
+
+def test_refuses_layers_pruned_with_torch_prune():
+    """torch's forward recomputes weight from weight_orig * weight_mask, undoing the pruner."""
+    net = _net()
+    prune.l1_unstructured(net[0], "weight", amount=0.2)
+    with pytest.raises(ValueError, match=r"layer 0 is pruned with torch.nn.utils.prune.*prune.remove"):
+        GradualPruner(net, 0.9, steps=10, every=1)
+    prune.remove(net[0], "weight")
+    GradualPruner(net, 0.9, steps=10, every=1)
 
 
 def test_second_order_updates_compensate():

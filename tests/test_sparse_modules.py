@@ -307,6 +307,56 @@ def test_sparsify_learned():
         sparsify(net, method="random")
 
 
+def test_sparsify_learned_gives_the_model_back_when_training_raises():
+    net = _tiny_net().eval()
+    net[0].weight.requires_grad_(False)
+    flags = [p.requires_grad for p in net.parameters()]
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))]
+    calls = []
+
+    def loss_fn(y, t):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return F.cross_entropy(y, t)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sparsify(net, 0.5, "learned", data=data, loss_fn=loss_fn, steps=5, inplace=True)
+    assert [type(m) for m in net] == [type(m) for m in _tiny_net()]
+    assert [p.requires_grad for p in net.parameters()] == flags and not net.training
+
+
+def test_sparsify_keeps_frozen_parameters_frozen():
+    net = _tiny_net()
+    net[0].requires_grad_(False)
+    net[6].bias.requires_grad_(False)
+    sp = sparsify(net, 0.5)
+    assert not sp[0].values.requires_grad and not sp[0].bias.requires_grad
+    assert sp[2].values.requires_grad and sp[6].values.requires_grad and not sp[6].bias.requires_grad
+
+
+def test_sparsify_says_when_it_finds_nothing_to_prune():
+    once = sparsify(_tiny_net(), 0.5)
+    for sparsity in (0.9, None):
+        with pytest.raises(ValueError, match="found no layers to prune"):
+            sparsify(once, sparsity)
+    with pytest.raises(ValueError, match="found no layers to prune"):
+        sparsify(_tiny_net(), 0.5, skip=lambda name, m: True)
+
+
+def test_sparsify_names_the_convolutions_it_leaves_dense():
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+        nn.Conv2d(4, 4, 3, padding="same"),
+        nn.Conv2d(4, 4, 1),
+    )
+    with pytest.warns(
+        UserWarning, match=r"leaving 0, 1 dense: sparse convolutions take numeric zero padding"
+    ):
+        sp = sparsify(net, 0.5)
+    assert type(sp[0]) is nn.Conv2d and type(sp[1]) is nn.Conv2d and isinstance(sp[2], SparseConv2d)
+
+
 def _bn_net():
     """conv + BN + ReLU6, depthwise + BN + ReLU, a sparse layer with its own ReLU before a BN (must
     not fold), a dense conv + BN (torch's folding), linear + BatchNorm1d + ReLU."""

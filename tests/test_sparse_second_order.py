@@ -200,12 +200,13 @@ def test_second_order_refusals():
     assert net.training  # its mode given back on the error too
     with pytest.raises(ValueError, match="inputs of method='second_order' only"):
         sparsify(net, 0.5, "magnitude", calib=[torch.randn(4, 8)])  # not silently magnitude
-    dw = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))
+    dw = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(64, 4))
     with pytest.raises(ValueError, match="groups=4"):
         sparsify(dw, 0.5, "second_order", calib=[torch.randn(1, 4, 6, 6)])
     # skipping the grouped convolution is the way through
-    out = sparsify(dw, 0.5, "second_order", calib=[torch.randn(1, 4, 6, 6)], skip=lambda n, m: True)
-    assert isinstance(out[0], nn.Conv2d)
+    conv = lambda n, m: isinstance(m, nn.Conv2d)  # noqa: E731
+    out = sparsify(dw, 0.5, "second_order", calib=[torch.randn(1, 4, 6, 6)], skip=conv)
+    assert isinstance(out[0], nn.Conv2d) and isinstance(out[2], SparseLinear)
 
 
 def test_bfloat16_weights():
@@ -230,3 +231,14 @@ def test_sparsity_zero_changes_nothing():
     x = _correlated(64, gen)
     same = sparsify(net, 0.0, "second_order", calib=[x], policy="dense")
     torch.testing.assert_close(same(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_float64_model_is_refused_before_any_weight_changes():
+    """Once refused only when packing, after every layer was pruned in the caller's model."""
+    net = _mlp(torch.Generator().manual_seed(9)).double()
+    before = [p.detach().clone() for p in net.parameters()]
+    calib = [torch.randn(32, 24, dtype=torch.float64)]
+    for kw in (dict(), dict(method="second_order", calib=calib)):
+        with pytest.raises(TypeError, match=r"layer 0 has float64 weights.*model.float\(\)"):
+            sparsify(net, 0.5, inplace=True, **kw)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))

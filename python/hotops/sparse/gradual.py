@@ -8,6 +8,8 @@ from typing import Callable, Iterable, List, Optional
 import torch
 from torch import Tensor, nn
 
+from hotops._backend import check_number
+from hotops.integrations.torch_prune import is_pruned
 from hotops.sparse.format import check_sparsity, magnitude_mask
 from hotops.sparse.second_order import prune_model
 from hotops.sparse.sparsify import _prunable
@@ -47,14 +49,27 @@ class GradualPruner:
         token_mask: Optional[Callable] = None,
     ):
         self.target = check_sparsity(target)
+        steps = check_number(steps, "steps", integer=True, low=1)
+        self.every = check_number(every, "every", integer=True, low=1)
+        ramp = check_number(
+            ramp, "ramp (the share of steps the sparsity rises over)", low=0.0, low_open=True, high=1.0
+        )
         self.model = model
-        self.named = list(_prunable(model, skip))
+        self.named = _prunable(model, skip)
+        for name, m in self.named:
+            if is_pruned(m):
+                # torch's forward recomputes weight = weight_orig * weight_mask: this pruner's
+                # masks on `weight` would be undone at the next forward
+                raise ValueError(
+                    f"GradualPruner: layer {name} is pruned with torch.nn.utils.prune (weight_orig, "
+                    "weight_mask); make that permanent first (prune.remove(module, 'weight')), or "
+                    "pack torch's own masks with sparsify(model, None)"
+                )
         self.layers: List[nn.Module] = [m for _, m in self.named]
         self.calib = list(calib) if calib is not None else None
         if self.calib is not None and not self.calib:
             raise ValueError("calib is empty: give model inputs, or None for magnitude pruning")
         self.token_mask = token_mask
-        self.every = max(1, int(every))
         self.ramp_end = max(1, int(ramp * steps))
         self.masks: Optional[List[Tensor]] = None
 

@@ -3,19 +3,20 @@ style) and swap in the sparse modules."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import warnings
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hotops._backend import check_number
-from hotops._calibration import _replace
+from hotops._calibration import _check_selection, _replace
 from hotops.integrations.torch_prune import deepcopy as prune_safe_deepcopy
 from hotops.integrations.torch_prune import remove as remove_pruning
 from hotops.sparse.format import BLOCK_SIZES, block_mask, check_sparsity, magnitude_mask
 from hotops.sparse.module import SparseConv2d, SparseLinear
-from hotops.sparse.second_order import prune_model
+from hotops.sparse.second_order import check_layers, prune_model
 
 # ------------------------------------------------------------------ mask learning (HYDRA / DASS)
 
@@ -58,12 +59,25 @@ class _Scored(nn.Module):
         return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
-def _prunable(model: nn.Module, skip: Callable[[str, nn.Module], bool]):
+def _prunable(model: nn.Module, skip: Callable[[str, nn.Module], bool]) -> List[Tuple[str, nn.Module]]:
+    """The layers sparsify prunes: every nn.Linear and every nn.Conv2d with numeric zero padding
+    (SparseConv2d's) that ``skip(name, module)`` does not name, each once. The convolutions left
+    dense otherwise (padding_mode other than "zeros", or padding="same"/"valid") are named in a
+    warning."""
+    layers, dense = [], []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)) and not skip(name, m):
             if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
-                continue
-            yield name, m
+                dense.append(name)
+            else:
+                layers.append((name, m))
+    if dense:
+        warnings.warn(
+            f"leaving {', '.join(dense)} dense: sparse convolutions take numeric zero padding only "
+            "(padding_mode='zeros', padding given as numbers, not 'same' / 'valid')",
+            stacklevel=3,
+        )
+    return layers
 
 
 def sparsify(
@@ -83,8 +97,11 @@ def sparsify(
     token_mask: Optional[Callable] = None,
     damp: float = 0.01,
 ) -> nn.Module:
-    """Prunes every nn.Linear / nn.Conv2d (except those ``skip(name, module)`` names) to
-    ``sparsity`` and swaps in SparseLinear / SparseConv2d.
+    """Prunes every nn.Linear and every nn.Conv2d with numeric zero padding (except those
+    ``skip(name, module)`` names) to ``sparsity`` and swaps in SparseLinear / SparseConv2d, whose
+    parameters keep the dense ones' requires_grad. A convolution with another padding_mode or with
+    padding="same" / "valid" stays dense (a warning names it). A layer registered under several
+    names is replaced at each, so it stays shared.
 
     method="magnitude": one-shot, per layer, the largest |w| survive.
     method="learned": DASS/HYDRA-style. Weights are frozen; each layer gets scores initialised
@@ -98,7 +115,10 @@ def sparsify(
     and the surviving weights of the layer move to compensate them, towards the dense model's
     outputs from the pruned model's inputs. ``token_mask(batch)`` keeps the input positions that
     count (e.g. a transformer batch's attention mask); ``damp`` is added to H's diagonal as a
-    share of its mean. Linear and Conv2d (groups 1) layers.
+    share of its mean. Linear and Conv2d (groups 1) layers; two layers tied to one weight tensor
+    raise. Layers are pruned one after the other, so with ``inplace=True`` an error at a layer
+    (e.g. calibration inputs that are not finite there) leaves the layers before it pruned (and
+    still dense modules); with ``inplace=False`` the model is untouched.
 
     ``block`` (4 or 8, magnitude only): prune whole blocks of ``block`` consecutive output channels
     x one column by their L2 norm, which the blocked format runs faster than unstructured masks,
@@ -128,7 +148,27 @@ def sparsify(
         )
     if not inplace:
         model = prune_safe_deepcopy(model)
-    layers = list(_prunable(model, skip))
+    layers = _prunable(model, skip)
+    # Everything is checked before the first weight changes: with inplace=True it is the caller's.
+    _check_selection(dict(layers), "sparsify", "prune", "nn.Linear / nn.Conv2d")
+    for name, m in layers:
+        if m.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(
+                f"sparsify: layer {name} has {str(m.weight.dtype).replace('torch.', '')} weights; "
+                "sparse layers take float32, bfloat16 or float16 (their values are kept in float32): "
+                "convert the model first, e.g. model.float()"
+            )
+    if method == "learned":
+        if data is None or loss_fn is None:
+            raise ValueError("method='learned' needs data (an iterable of (inputs, targets)) and loss_fn")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+    elif method == "second_order":
+        calib = list(calib) if calib is not None else []
+        if not calib:
+            raise ValueError("method='second_order' needs calib: a non-empty iterable of model inputs")
+        damp = check_number(damp, "damp", low=0.0)
+        check_layers(layers)
     masks = {name: remove_pruning(m) for name, m in layers}
     if sparsity is None:
         masks = {name: m.weight.detach() != 0 if masks[name] is None else masks[name] for name, m in layers}
@@ -140,56 +180,53 @@ def sparsify(
             for name, m in layers
         }
     elif method == "learned":
-        if data is None or loss_fn is None:
-            raise ValueError("method='learned' needs data (an iterable of (inputs, targets)) and loss_fn")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
         masks = _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr)
-    elif method == "second_order":
-        calib = list(calib) if calib is not None else []
-        if not calib:
-            raise ValueError("method='second_order' needs calib: a non-empty iterable of model inputs")
-        masks = prune_model(model, layers, sparsity, calib, token_mask, check_number(damp, "damp", low=0.0))
+    else:
+        masks = prune_model(model, layers, sparsity, calib, token_mask, damp)
     for name, m in layers:
         cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
-        _replace(
-            model, name, cls.from_dense(m, mask=masks[name], policy=policy, block=block).train(m.training)
-        )
+        new = cls.from_dense(m, mask=masks[name], policy=policy, block=block).train(m.training)
+        new.values.requires_grad_(m.weight.requires_grad)  # frozen layers stay frozen
+        if new.bias is not None:
+            new.bias.requires_grad_(m.bias.requires_grad)
+        _replace(model, name, new)
     return model
 
 
 def _learn_masks(model, layers, sparsity, data, loss_fn, steps, lr):
+    """The masks learned through _Scored wrappers; the model's layers, requires_grad flags and
+    mode are given back afterwards, also when the training raises (e.g. in loss_fn)."""
     scored = {name: _Scored(m, sparsity) for name, m in layers}
-    for name, s in scored.items():
-        _replace(model, name, s)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    scores = [s.scores for s in scored.values()]
-    for p in scores:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(scores, lr=lr, momentum=0.9)
     was_training = model.training
-    model.train()
-    it, done, fresh = iter(data), 0, True
-    while done < steps:
-        try:
-            inputs, targets = next(it)
-        except StopIteration:
-            if fresh:
-                raise ValueError("data yielded no batches") from None
-            it, fresh = iter(data), True
-            continue
-        fresh = False
-        opt.zero_grad()
-        loss_fn(model(inputs), targets).backward()
-        opt.step()
-        done += 1
-    model.train(was_training)
-    for p, req in frozen:
-        p.requires_grad_(req)
-    masks = {}
-    for name, s in scored.items():
-        masks[name] = s.mask().detach().bool()
-        _replace(model, name, s.layer)
-    return masks
+    try:
+        for name, s in scored.items():
+            _replace(model, name, s)
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        scores = [s.scores for s in scored.values()]
+        for p in scores:
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(scores, lr=lr, momentum=0.9)
+        model.train()
+        it, done, fresh = iter(data), 0, True
+        while done < steps:
+            try:
+                inputs, targets = next(it)
+            except StopIteration:
+                if fresh:
+                    raise ValueError("data yielded no batches") from None
+                it, fresh = iter(data), True
+                continue
+            fresh = False
+            opt.zero_grad()
+            loss_fn(model(inputs), targets).backward()
+            opt.step()
+            done += 1
+        return {name: s.mask().detach().bool() for name, s in scored.items()}
+    finally:
+        model.train(was_training)
+        for p, req in frozen:
+            p.requires_grad_(req)
+        for name, s in scored.items():
+            _replace(model, name, s.layer)
