@@ -111,7 +111,7 @@ def test_refusals():
         unpadded.encoder_states(bert(), **empty)
     with pytest.raises(ValueError, match="batch, length"):
         unpadded.encoder_states(bert(), b["input_ids"][0], b["attention_mask"][0])
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match="position embeddings"):
         unpadded.encoder_states(bert(), torch.ones(1, 513, dtype=torch.long), torch.ones(1, 513))
     model = bert()
     model.config._attn_implementation = "flash_attention_2"
@@ -156,14 +156,14 @@ def test_enable_makes_the_models_own_call_unpadded():
         # other keywords are ignored, as the model's forward ignores them (sentence-transformers
         # passes back the feature dicts its modules wrote into)
         calls = []
-        run = unpadded.encoder_states
-        unpadded.encoder_states = lambda *a, **k: calls.append(1) or run(*a, **k)
+        run = unpadded._states
+        unpadded._states = lambda *a, **k: calls.append(1) or run(*a, **k)
         try:
             extra = model(
                 **b, token_embeddings=torch.ones(3), sentence_embedding=torch.ones(3), modality="text"
             )
         finally:
-            unpadded.encoder_states = run
+            unpadded._states = run
         assert calls and torch.equal(extra.last_hidden_state, ours.last_hidden_state)
         # what only the model's own forward gives runs that forward
         hidden = model(**b, output_hidden_states=True).hidden_states
@@ -203,3 +203,118 @@ def test_enable_under_sentence_transformers(tmp_path):
     torch.testing.assert_close(
         MultipleNegativesRankingLoss(st)(feats, None), loss_before, rtol=1e-5, atol=1e-5
     )
+
+
+def kin(name, **config):
+    """A tiny random model of the transformers class `name`Model (RoBERTa-style: padding id 1)."""
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{name}Config")(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        pad_token_id=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **config,
+    )
+    return getattr(transformers, f"{name}Model")(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["Roberta", "XLMRoberta", "Camembert"])
+@pytest.mark.parametrize("left", [False, True])
+def test_roberta_kin_number_positions_as_the_model(name, left):
+    """RoBERTa and its copies number positions from padding_idx + 1 over the non-padding tokens."""
+    model = kin(name)
+    b = batch([3, 9, 1, 6], L=10, left=left)
+    b["input_ids"] = torch.where(b["attention_mask"].bool(), b["input_ids"].clamp(min=2), 1)
+    keep = b["attention_mask"].bool()
+    with torch.no_grad():
+        theirs = model(**b)
+        got = unpadded.encoder_states(model, **b)
+        torch.testing.assert_close(got, theirs.last_hidden_state[keep], rtol=1e-5, atol=1e-5)
+        ours = unpadded.enable(model)(**b)
+        torch.testing.assert_close(ours.pooler_output, theirs.pooler_output, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [("Electra", dict(embedding_size=16)), ("Ernie", dict(use_task_id=True, task_type_vocab_size=3))],
+)
+def test_embeddings_not_reproduced_are_refused(name, config):
+    """ELECTRA projects its embeddings, ERNIE adds task types: refused, naming the class."""
+    model = kin(name, **config)
+    with pytest.raises(ValueError, match=f"{name}Embeddings"):
+        unpadded.check_encoder(model)
+    with pytest.raises(ValueError, match=f"{name}Embeddings"):
+        unpadded.enable(model)
+
+
+def test_enabled_left_padded_pooler_reads_column_zero_as_the_model():
+    model, reference = unpadded.enable(bert()), bert()
+    b = batch([4, 9, 2], L=11, left=True)
+    with torch.no_grad():
+        ours, theirs = model(**b), reference(**b)
+    torch.testing.assert_close(ours.pooler_output, theirs.pooler_output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours.last_hidden_state[:, 0], theirs.last_hidden_state[:, 0], rtol=1e-5, atol=1e-5
+    )
+    pad = ~b["attention_mask"].bool()
+    pad[:, 0] = False
+    assert torch.all(ours.last_hidden_state[pad] == 0)
+
+
+def test_enabled_model_pickles_and_stays_unpadded():
+    import io
+    import pickle
+
+    model = unpadded.enable(bert())
+    b = batch([3, 7])
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copy_ in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(model))):
+        assert copy_.forward.func is model.forward.func and copy_.forward.args[0] is copy_
+        with torch.no_grad():
+            torch.testing.assert_close(copy_(**b).last_hidden_state, model(**b).last_hidden_state)
+        assert "forward" not in unpadded.disable(copy_).__dict__
+
+
+def test_enabled_call_follows_the_models_signature_and_config():
+    model, reference = unpadded.enable(bert()), bert()
+    b = batch([4, 6, 2])
+    args = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    flipped = torch.arange(6).flip(0).expand(3, 6).contiguous()
+    with torch.no_grad():
+        # a fourth positional argument is position_ids, as in the model's forward
+        torch.testing.assert_close(
+            model(*args, flipped).last_hidden_state, reference(*args, flipped).last_hidden_state
+        )
+        for m in (model, reference):
+            m.config.return_dict = False
+        ours, theirs = model(**b), reference(**b)
+        assert type(ours) is type(theirs) is tuple and len(ours) == len(theirs) == 2
+        assert isinstance(model(**b, return_dict=True), transformers.utils.ModelOutput)
+        for m in (model, reference):
+            m.config.return_dict, m.config.output_hidden_states = True, True
+        assert len(model(**b).hidden_states) == len(reference(**b).hidden_states) == 3
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_enabled_forward_honours_gradient_checkpointing(reentrant):
+    b = batch([3, 8, 5])
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = unpadded.enable(bert().train())
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        hook = model.encoder.layer[0].intermediate.register_forward_hook(lambda *a: calls.append(1))
+        model(**b).last_hidden_state.square().sum().backward()
+        hook.remove()
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    assert len(calls) == 1 + 2  # once without, forward and recomputation with checkpointing
+    for a, g in zip(*grads):
+        torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-7)

@@ -17,14 +17,15 @@ sentence-transformers' ``SentenceTransformer`` and its losses, which call it) ru
 return the usual output with zeros at the padded positions; ``disable(bert)`` undoes it.
 
 The model's modules are called, not copied: training the model trains what this forward runs.
-Models whose layers are not BERT's (pre-LayerNorm, rotary or relative positions, decoders, cross
-attention) and an attention implementation other than transformers' "sdpa" or "eager" are
-refused with a ValueError.
+Only the models whose embeddings and layers this file reproduces exactly (``_VERIFIED``: BERT,
+RoBERTa, XLM-RoBERTa, CamemBERT, each tested) are run; any other, decoders, cross attention and
+an attention implementation other than transformers' "sdpa" or "eager" are refused with a
+ValueError.
 """
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Dict, Optional
 
 import torch
@@ -32,6 +33,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["check_encoder", "disable", "enable", "encoder_states", "mean_pooled"]
+
+# The embeddings classes encoder_states reproduces exactly, each tested against its model's own
+# forward, with the layer class that goes with them and how the model numbers positions:
+# "columns" (BERT: the column index), "after_padding" (RoBERTa and its copies: padding_idx + 1,
+# + 2, ... over the tokens that are not padding_idx; padding_idx at those). Anything else (ELECTRA
+# projects its embeddings, ERNIE adds task types, ...) is refused rather than guessed at.
+_VERIFIED = {
+    "transformers.models.bert.modeling_bert.BertEmbeddings": ("BertLayer", "columns"),
+    "transformers.models.roberta.modeling_roberta.RobertaEmbeddings": ("RobertaLayer", "after_padding"),
+    "transformers.models.xlm_roberta.modeling_xlm_roberta.XLMRobertaEmbeddings": (
+        "XLMRobertaLayer",
+        "after_padding",
+    ),
+    "transformers.models.camembert.modeling_camembert.CamembertEmbeddings": (
+        "CamembertLayer",
+        "after_padding",
+    ),
+}
 
 _LAYER_PARTS = (
     "attention.self.query",
@@ -46,6 +65,10 @@ _LAYER_PARTS = (
 )
 
 
+def _qualname(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 def check_encoder(bert: nn.Module) -> None:
     """Raises ValueError (with the reason) unless `bert` is an encoder `encoder_states` runs."""
     config = getattr(bert, "config", None)
@@ -54,10 +77,20 @@ def check_encoder(bert: nn.Module) -> None:
         raise ValueError(
             f"an unpadded forward takes a BERT-style encoder (BertModel), got {type(bert).__name__}"
         )
-    for part in ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm", "dropout"):
-        if not hasattr(emb, part):
-            raise ValueError(f"{type(bert).__name__}.embeddings has no {part}: not a BERT-style encoder")
+    verified = _VERIFIED.get(_qualname(emb))
+    if verified is None:
+        names = ", ".join(name.rsplit(".", 1)[1] for name in _VERIFIED)
+        raise ValueError(
+            f"{type(bert).__name__}'s embeddings are {type(emb).__name__}, which the unpadded forward "
+            f"does not reproduce (it is verified on {names}); run the model's own forward"
+        )
+    layer_class = f"{type(emb).__module__}.{verified[0]}"
     for i, layer in enumerate(enc.layer):
+        if _qualname(layer) != layer_class:
+            raise ValueError(
+                f"encoder.layer[{i}] is {type(layer).__name__}, not the {verified[0]} the unpadded "
+                "forward is verified on"
+            )
         for part in _LAYER_PARTS:
             try:
                 layer.get_submodule(part)
@@ -78,13 +111,69 @@ def check_encoder(bert: nn.Module) -> None:
         )
 
 
-def encoder_states(
-    bert: nn.Module, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None
-) -> Tensor:
-    """The last hidden states (T, hidden) of the real tokens (attention_mask != 0, in row-major
-    order: ``last_hidden_state[attention_mask.bool()]``) of `bert` on a padded (B, L) batch.
-    Positions are the columns, as the model's own forward numbers them. Every row needs at
-    least one real token."""
+def _position_ids(emb: nn.Module, input_ids: Tensor) -> Tensor:
+    """(B, L) position ids as the model's embeddings number them when given no position_ids."""
+    if _VERIFIED[_qualname(emb)][1] == "columns":
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+    # RobertaEmbeddings.create_position_ids_from_input_ids: counted over input_ids, not the mask
+    real = input_ids.ne(emb.padding_idx).long()
+    return real.cumsum(1) * real + emb.padding_idx
+
+
+def _to_rows(t: Tensor, rows: Tensor, H: int) -> Tensor:
+    """Packed (T, H d) -> (B, H, L, d) with zeros outside `rows`."""
+    out = t.new_zeros(*rows.shape, t.shape[-1])
+    out[rows] = t
+    return out.view(*rows.shape, H, -1).transpose(1, 2)
+
+
+def _layer(layer: nn.Module, x: Tensor, rows: Tensor, keys: Tensor) -> Tensor:
+    """One BERT layer on the packed tokens `rows`; attention sees the keys `keys` (B, 1, 1, L)."""
+    sa = layer.attention.self
+    H = sa.num_attention_heads
+    context = F.scaled_dot_product_attention(
+        _to_rows(sa.query(x), rows, H),
+        _to_rows(sa.key(x), rows, H),
+        _to_rows(sa.value(x), rows, H),
+        attn_mask=keys,
+        dropout_p=sa.dropout.p if sa.training else 0.0,
+        scale=getattr(sa, "scaling", None),
+    )
+    context = context.transpose(1, 2).reshape(*rows.shape, -1)[rows]
+    x = layer.attention.output(context, x)
+    return layer.output(layer.intermediate(x), x)
+
+
+def _states(bert: nn.Module, input_ids: Tensor, keep: Tensor, token_type_ids, rows: Tensor) -> Tensor:
+    """Last states (T, hidden) of the tokens `rows` (a superset of the real tokens `keep`), each
+    computed as the padded forward computes it: attending to the real tokens only."""
+    emb = bert.embeddings
+    positions = _position_ids(emb, input_ids)[rows]
+    if int(positions.max()) >= emb.position_embeddings.num_embeddings:
+        raise ValueError(
+            f"position {int(positions.max())} is past the model's "
+            f"{emb.position_embeddings.num_embeddings} position embeddings (truncate with the "
+            "tokenizer's max_length)"
+        )
+    types = torch.zeros_like(positions) if token_type_ids is None else token_type_ids[rows]
+    x = (
+        emb.word_embeddings(input_ids[rows])
+        + emb.token_type_embeddings(types)
+        + emb.position_embeddings(positions)
+    )
+    x = emb.dropout(emb.LayerNorm(x))
+    keys = keep[:, None, None, :]  # (B, 1, 1, L): every query row sees its own real tokens
+    for layer in bert.encoder.layer:
+        run = functools.partial(_layer, layer, rows=rows, keys=keys)
+        # as transformers' GradientCheckpointingLayer decides (its function, its settings)
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            x = layer._gradient_checkpointing_func(run, x)
+        else:
+            x = run(x)
+    return x
+
+
+def _checked_keep(bert: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     check_encoder(bert)
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
@@ -94,43 +183,18 @@ def encoder_states(
     keep = attention_mask.to(torch.bool)
     if not keep.any(1).all():
         raise ValueError("every row of the batch needs at least one real token (attention_mask all zero)")
-    B, L = keep.shape
-    emb = bert.embeddings
-    if L > emb.position_embeddings.num_embeddings:
-        raise ValueError(
-            f"{L} tokens per row exceed the model's {emb.position_embeddings.num_embeddings} positions "
-            "(truncate with the tokenizer's max_length)"
-        )
-    positions = torch.arange(L, device=input_ids.device).expand(B, L)[keep]
-    types = torch.zeros_like(positions) if token_type_ids is None else token_type_ids[keep]
-    x = (
-        emb.word_embeddings(input_ids[keep])
-        + emb.token_type_embeddings(types)
-        + emb.position_embeddings(positions)
-    )
-    x = emb.dropout(emb.LayerNorm(x))
-    key_padding = keep[:, None, None, :]  # (B, 1, 1, L): every query row sees its own real tokens
+    return keep
 
-    def heads(t: Tensor, H: int) -> Tensor:  # packed (T, H d) -> (B, H, L, d), zeros at padding
-        rows = t.new_zeros(B, L, t.shape[-1])
-        rows[keep] = t
-        return rows.view(B, L, H, -1).transpose(1, 2)
 
-    for layer in bert.encoder.layer:
-        sa = layer.attention.self
-        H = sa.num_attention_heads
-        context = F.scaled_dot_product_attention(
-            heads(sa.query(x), H),
-            heads(sa.key(x), H),
-            heads(sa.value(x), H),
-            attn_mask=key_padding,
-            dropout_p=sa.dropout.p if sa.training else 0.0,
-            scale=getattr(sa, "scaling", None),
-        )
-        context = context.transpose(1, 2).reshape(B, L, -1)[keep]
-        x = layer.attention.output(context, x)
-        x = layer.output(layer.intermediate(x), x)
-    return x
+def encoder_states(
+    bert: nn.Module, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None
+) -> Tensor:
+    """The last hidden states (T, hidden) of the real tokens (attention_mask != 0, in row-major
+    order: ``last_hidden_state[attention_mask.bool()]``) of `bert` on a padded (B, L) batch.
+    Positions are numbered as the model's own forward numbers them. Every row needs at least one
+    real token."""
+    keep = _checked_keep(bert, input_ids, attention_mask)
+    return _states(bert, input_ids, keep, token_type_ids, keep)
 
 
 def mean_pooled(bert: nn.Module, batch: Dict[str, Tensor]) -> Tensor:
@@ -144,9 +208,11 @@ def mean_pooled(bert: nn.Module, batch: Dict[str, Tensor]) -> Tensor:
     return F.normalize(sums / mask.to(torch.bool).sum(1, keepdim=True).to(states.dtype), dim=-1)
 
 
-# Arguments that change what BertModel.forward computes or returns: a call setting one runs that
-# forward. Any other keyword is ignored, as the model's forward ignores it (sentence-transformers
-# passes back the feature dicts its modules wrote into: token_embeddings, sentence_embedding).
+# Arguments that change what the model's forward computes or returns: a call setting one runs
+# that forward (output_hidden_states and output_attentions also when the config sets them, as
+# the model's forward reads them from there). Any other keyword is ignored, as the model's
+# forward ignores it (sentence-transformers passes back the feature dicts its modules wrote
+# into: token_embeddings, sentence_embedding).
 _MODEL_FORWARD_ONLY = (
     "position_ids",
     "inputs_embeds",
@@ -161,45 +227,56 @@ _MODEL_FORWARD_ONLY = (
 )
 
 
-def _forward(self, input_ids=None, attention_mask=None, token_type_ids=None, return_dict=None, **kwargs):
-    """BertModel.forward through ``encoder_states``; a call asking for what only the model's own
-    forward gives (``_MODEL_FORWARD_ONLY``: inputs_embeds, position_ids, hidden states or
-    attentions of every layer, a cache) runs that forward unchanged."""
-    if (
-        input_ids is None
-        or attention_mask is None
-        or any(kwargs.get(k) is not None and kwargs.get(k) is not False for k in _MODEL_FORWARD_ONLY)
-    ):
-        if return_dict is not None:
-            kwargs["return_dict"] = return_dict
-        return type(self).forward(
-            self, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs
-        )
+def _asks_model_forward(config, kwargs) -> bool:
+    for name in _MODEL_FORWARD_ONLY:
+        value = kwargs.get(name, getattr(config, name, None) if name.startswith("output_") else None)
+        if value is not None and value is not False:
+            return True
+    return False
+
+
+def _forward(model, input_ids=None, attention_mask=None, token_type_ids=None, *args, **kwargs):
+    """The model's forward through ``encoder_states``. A call with more positional arguments
+    (position_ids, inputs_embeds, ... in the model's own order) or asking for what only the
+    model's forward gives (``_MODEL_FORWARD_ONLY``) runs that forward unchanged."""
+    if args or input_ids is None or attention_mask is None or _asks_model_forward(model.config, kwargs):
+        return type(model).forward(model, input_ids, attention_mask, token_type_ids, *args, **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-    keep = attention_mask.to(torch.bool)
-    states = encoder_states(self, input_ids, attention_mask, token_type_ids)
+    keep = _checked_keep(model, input_ids, attention_mask)
+    pooler = getattr(model, "pooler", None)
+    rows = keep
+    if pooler is not None and not bool(keep[:, 0].all()):
+        # the pooler reads column 0, padding in a left-padded row: compute it as the model does
+        rows = keep.clone()
+        rows[:, 0] = True
+    states = _states(model, input_ids, keep, token_type_ids, rows)
     padded = states.new_zeros(*keep.shape, states.shape[-1])
-    padded[keep] = states
-    pooled = self.pooler(padded) if getattr(self, "pooler", None) is not None else None
-    if return_dict is False:
-        return (padded, pooled)
-    return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=padded, pooler_output=pooled)
+    padded[rows] = states
+    out = BaseModelOutputWithPoolingAndCrossAttentions(
+        last_hidden_state=padded, pooler_output=None if pooler is None else pooler(padded)
+    )
+    # as transformers' own forward: the argument, else the config's return_dict
+    return_dict = kwargs.get("return_dict", getattr(model.config, "return_dict", True))
+    return out.to_tuple() if return_dict is False else out
 
 
 def enable(bert: nn.Module) -> nn.Module:
     """Make `bert`'s own forward run on the real tokens only (in place; returns `bert`).
     ``last_hidden_state`` holds zeros at the padded positions (the padded forward leaves values
-    there that every pooling masks out). A bound method, so ``copy.deepcopy`` binds the copy's
-    forward to the copy; the instance attribute does not survive pickling the whole module
-    (``torch.save(model)``): save the state_dict, or ``disable`` first."""
+    there that every pooling masks out), except at column 0 of left-padded rows when the model
+    has a pooler: the pooler reads that position, so it is computed as the model computes it.
+    The forward is ``functools.partial(_forward, bert)``, an instance attribute: ``copy.deepcopy``
+    binds the copy's forward to the copy, and an unpickled model (``torch.load``,
+    sentence-transformers' multi-process pool) runs unpadded too."""
     check_encoder(bert)
-    bert.forward = types.MethodType(_forward, bert)
+    bert.forward = functools.partial(_forward, bert)
     return bert
 
 
 def disable(bert: nn.Module) -> nn.Module:
     """Undo ``enable``: the model's class forward again (in place; returns `bert`)."""
-    if isinstance(bert.__dict__.get("forward"), types.MethodType) and bert.forward.__func__ is _forward:
+    forward = bert.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func is _forward:
         del bert.forward
     return bert
