@@ -189,6 +189,26 @@ def test_unbiased_subsets():
     assert sampling.sample_count(0.25, 10) == 3 and sampling.sample_count(1e-9, 10) == 1
 
 
+def test_unbiased_subsets_draw_among_each_rows_real_keys():
+    """A short row in a padded batch sees ceil(keep * its real keys) of them, never none; rows
+    without padding draw exactly what they draw with no mask."""
+    lengths = torch.tensor([64, 4, 1, 30])
+    pad = torch.arange(64) >= lengths[:, None]
+    draw = lambda mask: sampling.unbiased_indices(  # noqa: E731
+        4, 8, 64, 0.25, torch.Generator().manual_seed(0), torch.device("cpu"), mask
+    )
+    idx, plain = draw(pad), draw(None)
+    assert idx.shape == plain.shape == (4, 8, 16)
+    assert torch.equal(idx[0], plain[0])
+    for b, n in enumerate(lengths.tolist()):
+        for h in range(8):
+            real = idx[b, h][idx[b, h] < n]
+            assert len(real) == sampling.sample_count(0.25, n) and len(set(real.tolist())) == len(real)
+    q, k, v = make(B=4, H=8, Lq=64, Lk=64)
+    out = hotops.subsampled_attention(q, k, v, 0.25, key_padding_mask=pad)
+    assert (out[1:3, :, :1].abs().amax(dim=-1) > 0).all()  # every head of the short rows sees a key
+
+
 def test_local_windows_favour_nearby_keys():
     pos, w = sampling.local_windows(1, 64, 512, 0.125, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert w == 64 and pos.shape == (1, 64, 512)

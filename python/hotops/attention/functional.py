@@ -113,7 +113,8 @@ def subsampled_attention(
             float32, bfloat16 or float16 (float32 accumulation).
         keep: fraction of keys each head sees, in (0, 1]; keep=1 (unbiased) is full attention.
         mode: "unbiased" -- per (batch, head) a uniform random subset of ceil(keep * Lk) keys that
-            every query of the head sees; "local" -- the paper's locally biased variant: windowed
+            every query of the head sees (with key_padding_mask: ceil(keep * n) of the row's n real
+            keys, at least one); "local" -- the paper's locally biased variant: windowed
             attention (windows of ceil(keep * L)) over a locally shuffled order (see sampling.py).
         causal: a query sees only keys whose original position is <= its own; a query that sees
             no key gets zeros.
@@ -138,7 +139,7 @@ def subsampled_attention(
         indices = (
             torch.arange(Lk, device=q.device).expand(B, Hkv, Lk)
             if keep >= 1.0
-            else sampling.unbiased_indices(B, H, Lk, keep, generator, q.device)
+            else sampling.unbiased_indices(B, H, Lk, keep, generator, q.device, key_padding_mask)
         )
     kpos = _masked_positions(indices, key_padding_mask)
     out, _ = _op.ssa(q, k, v, indices, kpos, None, scale, causal)

@@ -91,7 +91,7 @@ def subsampled_attention(
         indices = (
             torch.arange(Lk, device=q.device).expand(B, Hkv, Lk)
             if keep >= 1.0
-            else sampling.unbiased_indices(B, H, Lk, keep, generator, q.device)
+            else sampling.unbiased_indices(B, H, Lk, keep, generator, q.device, key_padding_mask)
         )
     kpos = None
     if key_padding_mask is not None:

@@ -3,6 +3,8 @@ exactly the same subsets from the same generator state.
 
 * ``unbiased``: per (batch, head) a uniformly random subset of ceil(keep * Lk) key positions
   (a random permutation truncated and sorted); every query of that head sees the same subset.
+  With key padding, ceil(keep * n) of the row's n real keys (at least one), so a short row in a
+  padded batch sees the same share of its keys as it would alone.
 * ``local`` (the paper's locally biased subsampling): per (batch, head) the token positions are
   shuffled *locally* -- each position i gets the sort key i + u * 2w with u ~ U(0, 1) and
   w = ceil(keep * L) -- and the shuffled sequence is cut into windows of w tokens; every token
@@ -30,12 +32,30 @@ def sample_count(keep: float, L: int) -> int:
 
 
 def unbiased_indices(
-    B: int, heads: int, Lk: int, keep: float, generator: Optional[torch.Generator], device: torch.device
+    B: int,
+    heads: int,
+    Lk: int,
+    keep: float,
+    generator: Optional[torch.Generator],
+    device: torch.device,
+    key_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """(B, heads, S) int64 sorted key positions, an independent uniform subset per (batch, head)."""
+    """(B, heads, S) int64 sorted key positions, an independent uniform subset per (batch, head),
+    S = sample_count(keep, Lk). With a (B, Lk) key_padding_mask (True = padding) each row's subset
+    is drawn among its own real keys, sample_count(keep, real keys) of them; the slots left over
+    hold a padding key, which the padding mask then hides (so a row with a real key always sees
+    one). Without padding the draw is the same as with no mask."""
     S = sample_count(keep, Lk)
     noise = torch.rand(B, heads, Lk, generator=generator, device=device)
-    return noise.argsort(dim=-1)[..., :S].sort(dim=-1).values
+    if key_padding_mask is None:
+        return noise.argsort(dim=-1)[..., :S].sort(dim=-1).values
+    pad = key_padding_mask[:, None, :]
+    order = noise.masked_fill(pad, 2.0).argsort(dim=-1)  # real keys first, in random order
+    real = (~key_padding_mask).sum(dim=1)  # (B,)
+    counts = (keep * real.double() - 1e-9).ceil().long().clamp(min=1).minimum(real)  # sample_count
+    spare = torch.arange(S, device=device) >= counts[:, None, None]
+    # a row with spare slots has padding, and its last key in `order` is padding
+    return torch.where(spare, order[..., -1:], order[..., :S]).sort(dim=-1).values
 
 
 def local_windows(
