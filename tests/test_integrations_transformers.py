@@ -198,7 +198,7 @@ def test_refuses_other_mask_patterns():
     module.is_causal = True
     q = k = v = torch.randn(1, 2, 6, 8)
     window = torch.ones(6, 6, dtype=torch.bool).tril() & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
-    with pytest.raises(ValueError, match="key-padding"):
+    with pytest.raises(ValueError, match="key-padding masks, with or without causal order"):
         ht.hotops_ssa_attention(module, q, k, v, window[None, None])
     with pytest.raises(ValueError, match="sliding_window"):
         ht.hotops_ssa_attention(module, q, k, v, None, sliding_window=3)
@@ -208,3 +208,47 @@ def test_refuses_other_mask_patterns():
         module, q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
     )
     assert out.shape == (1, 6, 2, 8) and weights is None
+
+
+@pytest.mark.parametrize("name", ["Splinter", "LayoutLM"])
+def test_bidirectional_modules_without_is_causal(name):
+    """Splinter's and LayoutLM's attention modules have no is_causal: they are bidirectional
+    (their config is no decoder), with or without a mask, in training and in eval."""
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{name}Config")(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    eager = no_dropout(getattr(transformers, f"{name}Model")(cfg))
+    eager.set_attn_implementation("eager")
+    ssa = copy.deepcopy(eager)
+    ssa.set_attn_implementation(ht.NAME)
+    ht.configure(ssa, keep=1.0)
+    ids = torch.randint(5, 50, (2, 8))
+    for mask in (None, torch.ones(2, 8, dtype=torch.long), torch.tensor([[1] * 8, [1] * 5 + [0] * 3])):
+        real = slice(None) if mask is None else mask.bool()
+        for training in (True, False):
+            ssa.train(training), eager.train(training)
+            a = ssa(input_ids=ids, attention_mask=mask).last_hidden_state
+            b = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert (a - b)[real].abs().max() <= 1e-5
+    assert not ht._declared_causal(torch.nn.Module(), None)  # neither is_causal nor a config
+
+
+def test_configure_refuses_models_it_never_reaches():
+    """MPNet's attention does not call the attention interface: configure says so."""
+    model = transformers.MPNetModel(
+        transformers.MPNetConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        )
+    )
+    with pytest.raises(ValueError, match="MPNetModel's attention does not go through"):
+        ht.configure(model, keep=0.5)
+
+
+def test_configure_takes_any_real_keep():
+    np = pytest.importorskip("numpy")
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+    for keep in (np.float32(0.5), np.float64(0.5), 1):
+        assert ht.configure(model, keep=keep).config.hotops_ssa_keep == float(keep)
+    with pytest.raises(ValueError, match="hotops_ssa_keep"):
+        ht.configure(model, keep=True)

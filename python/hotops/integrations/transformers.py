@@ -18,20 +18,26 @@ decoders (Llama, Qwen2, ...; causal, grouped-query attention).
 Per-model settings are config attributes, so they save and load with the model
 (``save_pretrained`` writes them to config.json); set them with :func:`configure` or directly:
 
-* ``hotops_ssa_keep`` (float in (0, 1], default 0.25): the fraction of keys each head sees in training;
+* ``hotops_ssa_keep`` (real number in (0, 1], default 0.25): the fraction of a row's real keys each
+  head sees in training;
 * ``hotops_ssa_mode`` ("unbiased" or "local", default "unbiased"): how keys are drawn (see
   ``hotops.subsampled_attention``);
 * ``hotops_ssa_ensemble`` (int >= 1, default 1): eval mode averages this many subsampled
   attentions per layer; 1 means full (SDPA) attention in eval.
 
 In training the mask must be key padding, optionally with causal order (what transformers builds
-for encoders and decoders on padded batches). Masks of any other pattern (sliding windows,
+for encoders and decoders on padded batches); causality is read from the mask, and without one
+from ``is_causal`` (a module without the attribute is causal only when its config is a decoder).
+``configure`` refuses a model whose attention does not call the attention interface (MPNet,
+DeBERTa-v2: "hotops_ssa" would never run there). Masks of any other pattern (sliding windows,
 packed sequences, chunked attention, attention bias), softcapping, and a KV cache in training are
 refused with a ValueError. The subsampled path applies no attention-probability dropout: the
 subsampling is the regulariser.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 from torch import Tensor
@@ -49,7 +55,7 @@ DEFAULTS = {"hotops_ssa_keep": 0.25, "hotops_ssa_mode": "unbiased", "hotops_ssa_
 
 
 def _check(keep, mode, ensemble):
-    if not (isinstance(keep, (int, float)) and 0.0 < float(keep) <= 1.0):
+    if isinstance(keep, bool) or not (isinstance(keep, numbers.Real) and 0.0 < float(keep) <= 1.0):
         raise ValueError(f"hotops_ssa_keep must be a fraction in (0, 1], got {keep!r}")
     if mode not in _sampling.MODES:
         raise ValueError(f"hotops_ssa_mode must be one of {_sampling.MODES}, got {mode!r}")
@@ -57,10 +63,27 @@ def _check(keep, mode, ensemble):
         raise ValueError(f"hotops_ssa_ensemble must be an integer >= 1, got {ensemble!r}")
 
 
+def _check_reaches(model) -> None:
+    """Refuse a model whose attention does not call transformers' attention interface (MPNet,
+    DeBERTa-v2, ...): "hotops_ssa" would never run there, and transformers only logs that."""
+    from transformers import PreTrainedModel
+
+    for m in [model, *model.modules()]:
+        can_set = getattr(type(m), "_can_set_attn_implementation", None)  # transformers' own test
+        if isinstance(m, PreTrainedModel) and can_set is not None and not can_set():
+            raise ValueError(
+                f"{type(m).__name__}'s attention does not go through transformers' attention "
+                "interface, so hotops_ssa would never run in it; use a model whose attention does "
+                "(BERT, RoBERTa, DistilBERT, Llama, ...), or hotops.subsampled_attention directly"
+            )
+
+
 def configure(model, keep: float | None = None, mode: str | None = None, ensemble: int | None = None):
     """Set the SSA settings on ``model.config`` and on every sub-module's config (composite
     models); the arguments left None keep their current value (or the default). Returns the model.
-    They are plain config attributes, so ``save_pretrained`` stores them."""
+    They are plain config attributes, so ``save_pretrained`` stores them. A model whose attention
+    does not go through transformers' attention interface is refused (ValueError)."""
+    _check_reaches(model)
     configs = {
         id(c): c
         for c in [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
@@ -86,11 +109,21 @@ def _settings(module):
     return float(keep), mode, int(ensemble)
 
 
-def _key_padding(mask: Tensor | None, B: int, Lq: int, Lk: int, causal: bool) -> Tensor | None:
-    """The (B, Lk) key-padding mask (True = padding) behind a transformers attention mask, after
-    checking that the mask is exactly key padding (+ causal order); anything else is refused."""
-    if mask is None:
-        return None
+def _declared_causal(module, is_causal: bool | None) -> bool:
+    """Causality when transformers passes no mask: the call's is_causal, else the module's; a
+    module without the attribute (Splinter, LayoutLM: bidirectional BERT copies) is causal only
+    when its config is a decoder."""
+    if is_causal is not None:
+        return bool(is_causal)
+    if hasattr(module, "is_causal"):
+        return bool(module.is_causal)
+    return bool(getattr(getattr(module, "config", None), "is_decoder", False))
+
+
+def _mask_pattern(mask: Tensor, B: int, Lq: int, Lk: int) -> tuple[bool, Tensor | None]:
+    """(causal, (B, Lk) key-padding mask or None; True = padding) behind a transformers attention
+    mask, read from the mask itself as SDPA reads it: key padding, or key padding with causal
+    order (bottom-right aligned). Anything else is refused."""
     if mask.dim() != 4:
         raise ValueError(f"hotops_ssa expects a 4-D attention mask, got shape {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
@@ -101,16 +134,18 @@ def _key_padding(mask: Tensor | None, B: int, Lq: int, Lk: int, causal: bool) ->
             raise ValueError("hotops_ssa supports masking masks only, not an additive attention bias")
     allowed = allowed[..., -Lq:, -Lk:].expand(B, allowed.shape[1], Lq, Lk)
     seen = allowed[:, :1].any(dim=2)  # (B, 1, Lk): keys some query may see
-    expected = seen[:, :, None, :]
-    if causal:
-        expected = expected & torch.ones(Lq, Lk, dtype=torch.bool, device=mask.device).tril(Lk - Lq)
-    if not bool((allowed == expected).all()):
-        raise ValueError(
-            "hotops_ssa's subsampled attention supports key-padding (and causal) masks only; "
-            "this mask has another pattern (sliding window, packed sequences, chunks, ...)"
-        )
+    padding = seen[:, :, None, :]
     pad = ~seen[:, 0]
-    return pad if bool(pad.any()) else None
+    pad = pad if bool(pad.any()) else None
+    if bool((allowed == padding).all()):
+        return False, pad
+    order = torch.ones(Lq, Lk, dtype=torch.bool, device=mask.device).tril(Lk - Lq)
+    if bool((allowed == (padding & order)).all()):
+        return True, pad
+    raise ValueError(
+        "hotops_ssa's subsampled attention supports key-padding masks, with or without causal "
+        "order; this mask is neither (sliding window, packed sequences, chunks, ...)"
+    )
 
 
 def hotops_ssa_attention(
@@ -128,6 +163,7 @@ def hotops_ssa_attention(
     returns ((B, Lq, H, Dh), None) like transformers' own attention functions."""
     keep, mode, ensemble = _settings(module)
     if not module.training and ensemble == 1:
+        # SDPA itself takes a module without is_causal as causal when there is no mask
         return sdpa_attention_forward(
             module,
             query,
@@ -136,7 +172,7 @@ def hotops_ssa_attention(
             attention_mask,
             dropout=dropout,
             scaling=scaling,
-            is_causal=is_causal,
+            is_causal=_declared_causal(module, is_causal),
             **kwargs,
         )
     for name in ("sliding_window", "softcap", "position_bias", "s_aux"):
@@ -146,13 +182,16 @@ def hotops_ssa_attention(
         raise ValueError("hotops_ssa's subsampled attention cannot return attention weights")
     B, _, Lq, _ = query.shape
     Lk = key.shape[2]
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Lq > 1
+    if attention_mask is None:
+        causal, pad = _declared_causal(module, is_causal), None
+    else:
+        causal, pad = _mask_pattern(attention_mask, B, Lq, Lk)
+    causal = causal and Lq > 1
     if causal and Lq != Lk:
         raise ValueError(
             "hotops_ssa's subsampled attention runs on whole sequences: causal attention with "
             f"{Lq} queries over {Lk} keys (a KV cache) is not supported in training mode"
         )
-    pad = _key_padding(attention_mask, B, Lq, Lk, causal)
     runs = 1 if module.training else ensemble
     out = sum(
         subsampled_attention(
