@@ -113,9 +113,10 @@ def _allocate(
 ) -> Dict[str, Format]:
     """Greedy knapsack: start every layer at its cheapest format, then repeatedly take the
     upgrade that removes the most damage per extra stored bit while the parameter-weighted mean
-    bits stay within `budget`. An upgrade must cost bits and remove a finite, positive damage:
-    each one then raises the bits spent, so the loop ends whatever the damages (a NaN damage made
-    the layer's own format a free "upgrade", taken forever)."""
+    bits stay within `budget` (a move that costs no bits and removes damage first). A move must
+    remove a finite, positive damage: each one then lowers the summed damage or raises the bits
+    spent, so the loop ends whatever the damages (a NaN damage made the layer's own format a free
+    "upgrade", taken forever)."""
     choice = {n: min(bits[n], key=lambda f: (bits[n][f], damage[n][f])) for n in bits}
     total = sum(sizes.values())
     spent = sum(bits[n][choice[n]] * sizes[n] for n in bits)
@@ -131,9 +132,9 @@ def _allocate(
             for f, b in bits[n].items():
                 extra = (b - bits[n][cur]) * sizes[n]
                 saved = damage[n][cur] - damage[n][f]
-                if extra <= 0 or not 0 < saved < math.inf or spent + extra > budget * total:
+                if not 0 < saved < math.inf or spent + extra > budget * total:
                     continue
-                gain = saved / extra
+                gain = saved / extra if extra > 0 else math.inf
                 if gain > best_gain:
                     best, best_gain = (n, f, extra), gain
         if best is None:
