@@ -89,6 +89,25 @@ def test_from_aqlm_equals_aqlm(fmt, batch, isa):
     assert isinstance(module, CodebookLinearSum) == (nbits == 8 and M > 2)
 
 
+@pytest.mark.parametrize(
+    "fmt",
+    [(1, 4, 8, 1), (2, 4, 8, 1), (1, 6, 4, 1), (3, 7, 8, 2), (1, 10, 8, 1), (1, 12, 8, 2), (2, 15, 8, 1)],
+    ids=lambda f: "{}x{}-g{}-o{}".format(*f),
+)
+def test_from_aqlm_other_code_widths_equal_aqlms_forward(fmt):
+    """aqlm stores codes >= 2^(nbits - 1) as negatives for every width: 4- to 15-bit layers
+    convert too, and equal aqlm's own forward."""
+    M, nbits, in_group, out_group = fmt
+    layer = make_layer(64, 48, M, nbits, in_group, out_group)
+    assert (layer.codes < 0).any()  # the wrapped codes the conversion must unwrap
+    module = hc.from_aqlm(layer)
+    assert isinstance(module, (CodebookLinear, CodebookLinearSum) if nbits <= 8 else WideCodebookLinear)
+    x = torch.randn(5, 64)
+    check(module, layer, layer.codes.detach(), x)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), layer(x), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape, M", [((64, 48), 2), ((64, 8), 1)], ids=["tall-2x8", "square-groups-1x8"])
 def test_layers_aqlm_has_run(shape, M):
     """aqlm reorders 8-bit codes in place on its first CPU call; layers convert before and after,

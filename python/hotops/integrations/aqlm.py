@@ -1,17 +1,18 @@
 """AQLM checkpoints as hotops modules: ``from_aqlm(layer)`` converts one ``aqlm.QuantizedLinear``,
 ``convert_aqlm(model)`` swaps every one in a model. aqlm is imported only when these run.
 
-AQLM stores a layer as codes (out_groups, in_groups, num_codebooks), int8 or int16 with codes
->= 2^(bits - 1) wrapped to negative values; codebooks (num_codebooks, 2^nbits, out_group_size,
+AQLM stores a layer as codes (out_groups, in_groups, num_codebooks), int8 (up to 8 bits) or int16
+(9 to 16 bits) with codes >= 2^(nbits - 1) stored as code - 2^nbits (negative); codebooks (num_codebooks, 2^nbits, out_group_size,
 in_group_size); scales (out_groups, 1, 1, 1); and a bias. Row block o, input group j of the
 weight is scales[o] * sum_m codebooks[m, codes[o, j, m]] (an out_group_size x in_group_size tile).
 
 What each layer becomes:
 
-* up to 8-bit codes ("1x8", "2x8", in_group 1, 2, 4 or 8): a ``CodebookLinear`` (the lookup-table
+* up to 8-bit codes ("1x8", "2x8", "1x4", ..., in_group 1, 2, 4 or 8): a ``CodebookLinear`` (the lookup-table
   kernel); with more than two codebooks ("4x8", "8x8") a ``CodebookLinearSum`` of one
   CodebookLinear per pair of codebooks (the product is linear in the codebooks);
-* 9- to 16-bit codes ("1x16", "2x16", in_group 8): a ``WideCodebookLinear`` (the gather kernel).
+* 9- to 16-bit codes ("1x16", "2x16", "1x12", ..., in_group 8): a ``WideCodebookLinear`` (the
+  gather kernel).
 
 out_group_size > 1 is converted exactly: output row o * out_group_size + t is stored in row
 group t, whose codebook is the t-th row of every codeword; ``perm`` puts the rows back in order.
@@ -91,6 +92,17 @@ def was_reordered(layer) -> bool:
     )
 
 
+def unsigned_codes(codes: Tensor, nbits: int) -> Tensor:
+    """AQLM's signed codes as the hotops kernels read them: uint8 for up to 8 bits, the bit
+    pattern of uint16 in int16 above. aqlm stores codes >= 2^(nbits - 1) as negatives (its
+    pack_int_data), so, as its unpack_int_data, a code is the stored value mod 2^nbits: a plain
+    reinterpretation would be right only for nbits 8 and 16."""
+    code = codes.long() % (1 << nbits)
+    if nbits <= 8:
+        return code.to(torch.uint8)
+    return torch.where(code >= 1 << 15, code - (1 << 16), code).to(torch.int16)
+
+
 def logical_codes(layer) -> Tensor:
     """The codes in AQLM's (out_groups, in_groups, num_codebooks) order, as stored (signed)."""
     codes = layer.codes.detach()
@@ -119,7 +131,7 @@ def from_aqlm(layer) -> nn.Module:
         )
     if nbits <= 8 and ig not in IN_GROUPS:
         raise ValueError(
-            f"AQLM {fmt}: 8-bit codes are supported over in_group {IN_GROUPS} (the "
+            f"AQLM {fmt}: codes of up to 8 bits are supported over in_group {IN_GROUPS} (the "
             f"lookup-table format's codeword sizes)"
         )
     codes = logical_codes(layer)  # (out_groups, in_groups, M)
@@ -132,15 +144,15 @@ def from_aqlm(layer) -> nn.Module:
     if og > 1:
         o = torch.arange(out_groups, device=codes.device)
         perm = (o[None, :] * og + torch.arange(og, device=codes.device)[:, None]).reshape(-1)
-    rows = codes.repeat(og, 1, 1) if og > 1 else codes.clone()
+    rows = unsigned_codes(codes, nbits)  # a new tensor: the module owns its codes
+    rows = rows.repeat(og, 1, 1) if og > 1 else rows
     bias = None if layer.bias is None else layer.bias.detach()
     if nbits > 8:
-        return WideCodebookLinear(rows.to(torch.int16).contiguous(), codebooks, scales, group_ptr, perm, bias)
-    rows8 = rows.view(torch.uint8) if rows.dtype == torch.int8 else (rows.long() & 0xFF).to(torch.uint8)
+        return WideCodebookLinear(rows.contiguous(), codebooks, scales, group_ptr, perm, bias)
     parts = []
     for m0 in range(0, M, 2):
         w = CodebookWeight(
-            rows8[:, :, m0 : m0 + 2].contiguous(),
+            rows[:, :, m0 : m0 + 2].contiguous(),
             codebooks[:, m0 : m0 + 2].contiguous(),
             scales,
             group_ptr,
