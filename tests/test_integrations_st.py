@@ -298,3 +298,15 @@ def test_integrations_import_nothing_heavy():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_mask_duplicate_positives_ignores_the_padding_side():
+    """The same texts padded on the left (to columns of other widths) are the same duplicates."""
+    ids = torch.tensor([[2, 7, 8, 3, 0, 0], [2, 9, 3, 0, 0, 0]])
+    right = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    left_ids = torch.tensor([[0, 0, 0, 2, 9, 3, 0, 0], [0, 0, 0, 0, 2, 7, 8, 3]])
+    left = {"input_ids": left_ids, "attention_mask": torch.zeros_like(left_ids)}
+    left["attention_mask"][0, 3:6] = 1
+    left["attention_mask"][1, 4:] = 1
+    cand_ids = hst._token_ids([right, right, left])  # anchors, positives, negatives
+    assert cand_ids[0] == cand_ids[3] and cand_ids[1] == cand_ids[2] and cand_ids[0] != cand_ids[1]

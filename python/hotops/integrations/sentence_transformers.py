@@ -84,7 +84,7 @@ def _fused(loss) -> bool:
 
 def _token_ids(sentence_features: list[dict]) -> Tensor:
     """One integer per row of columns 1..n (positive first, then the negatives, column-major):
-    equal integers for equal token sequences (padding ignored)."""
+    equal integers for equal token sequences, whatever the padding (side and width)."""
     rows = []
     for sf in sentence_features[1:]:
         if "input_ids" not in sf:
@@ -94,7 +94,9 @@ def _token_ids(sentence_features: list[dict]) -> Tensor:
         ids = sf["input_ids"]
         mask = sf.get("attention_mask")
         if mask is not None:
-            ids = ids.masked_fill(mask == 0, -1)
+            # each row's real tokens first, in order, then -1: left padding compares as right
+            padding = mask == 0
+            ids = ids.masked_fill(padding, -1).gather(1, torch.argsort(padding.byte(), dim=1, stable=True))
         rows.append(ids)
     width = max(r.shape[1] for r in rows)
     rows = torch.cat([F.pad(r, (0, width - r.shape[1]), value=-1) for r in rows])
