@@ -68,7 +68,7 @@ def _check_reaches(model) -> None:
     DeBERTa-v2, ...): "hotops_ssa" would never run there, and transformers only logs that."""
     from transformers import PreTrainedModel
 
-    for m in [model, *model.modules()]:
+    for m in model.modules():
         can_set = getattr(type(m), "_can_set_attn_implementation", None)  # transformers' own test
         if isinstance(m, PreTrainedModel) and can_set is not None and not can_set():
             raise ValueError(
