@@ -158,6 +158,14 @@ def _new_like(t):
     return torch.randn_like(t) if t.numel() else t.clone()
 
 
+def _fused_step(m, opt_class=torch.optim.AdamW):
+    """torch's fused optimizers write in place without bumping version counters."""
+    opt = opt_class(m.parameters(), lr=0.1, fused=True)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+
 MUTATIONS = {
     "values.data.mul_": lambda m: m.values.data.mul_(2),
     "values.mul_": lambda m: m.values.mul_(-1),
@@ -176,6 +184,8 @@ MUTATIONS = {
     "nn.init": lambda m: nn.init.normal_(m.values),
     "to(cpu)": lambda m: m.to("cpu"),
     "float()": lambda m: m.float(),
+    "fused AdamW step": _fused_step,
+    "fused SGD step": lambda m: _fused_step(m, torch.optim.SGD),
 }
 
 
@@ -186,6 +196,20 @@ MUTATIONS = {
 def test_mutation_is_seen(cls, layout, policy, mutation):
     layer, x = _make(cls, layout, policy)
     _check_follows(layer, x, MUTATIONS[mutation])
+
+
+@pytest.mark.parametrize("layout", ["csr", "blocked"])
+def test_training_forward_follows_a_fused_optimizer(layout):
+    """The blocked values are derived from values in training too: a fused step (no version
+    bump) must be seen by the next grad-enabled forward, or training runs on stale weights."""
+    layer, x = _make("linear", layout, "sparse")
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)
+    for _ in range(3):
+        y = layer(x)
+        torch.testing.assert_close(y, _expected(layer, x), rtol=1e-4, atol=1e-4)
+        y.square().sum().backward()
+        opt.step()
+        opt.zero_grad()
 
 
 @pytest.mark.parametrize("cls", ["linear", "conv"])

@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # 512 activation rows of 64 floats (the kernel's register tile) = 128 KB: L2-resident per panel;
 # narrower panels park partial sums more often and cost batch-1 products whole gathers
@@ -61,6 +62,17 @@ def _bump(t) -> None:
     d["_hotops_gen"] = d.get("_hotops_gen", 0) + 1
     for cell in d.get("_hotops_cells", ()):
         cell[0] += 1
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """torch's fused optimizers (``fused=True``: Adam, AdamW, SGD, Adagrad) write the parameters
+    in place without bumping their version counters, so every step counts as a change of the
+    tracked ones: without it, caches keyed on versions (the blocked values, a module's dense
+    weight, its prepared call) kept the weights from before the step, in training too."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(p, _Tracked):
+                _bump(p)
 
 
 def _note_alias(t, alias) -> None:
@@ -139,6 +151,9 @@ class TrackedBuffer(_Tracked, torch.Tensor):
 
     def __reduce_ex__(self, proto):  # pickles as a plain tensor; the module tracks it again
         return _DATA.__get__(self).__reduce_ex__(proto)
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)  # every optimizer, once
 
 
 def track(t, cell: Optional[list] = None):
