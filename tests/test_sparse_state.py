@@ -198,6 +198,17 @@ def test_mutation_is_seen(cls, layout, policy, mutation):
     _check_follows(layer, x, MUTATIONS[mutation])
 
 
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+@pytest.mark.parametrize("layout", ["csr", "blocked"])
+def test_conv_geometry_set_later_is_followed_by_both_paths(layout, policy):
+    layer, x = _make("conv", layout, policy)
+    _check_follows(layer, x, lambda m: setattr(m, "stride", 2))
+    _check_follows(layer, x, lambda m: (setattr(m, "padding", (2, 1)), setattr(m, "dilation", 2)))
+    assert (layer.stride, layer.padding, layer.dilation) == ((2, 2), (2, 1), (2, 2))
+    with pytest.raises(ValueError, match="stride"):
+        layer.stride = 0
+
+
 @pytest.mark.parametrize("layout", ["csr", "blocked"])
 def test_training_forward_follows_a_fused_optimizer(layout):
     """The blocked values are derived from values in training too: a fused step (no version

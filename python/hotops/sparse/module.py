@@ -454,9 +454,34 @@ class SparseLinear(_SparseLayer):
         )
 
 
+class _Geometry:
+    """A SparseConv2d's stride, padding or dilation: read as the int pair F.conv2d takes; set
+    (model surgery, e.g. a stride moved to another layer), checked, and every derived call and
+    dispatch choice dropped, so the sparse and the dense path both follow it."""
+
+    def __init__(self, index: int, minimum: int):
+        self.index, self.minimum = index, minimum
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, layer, owner=None):
+        return self if layer is None else tuple(layer._pairs[self.index])
+
+    def __set__(self, layer, value):
+        pairs = list(layer._pairs)
+        pairs[self.index] = pair(value, self.name, self.minimum)
+        layer.__dict__["_pairs"] = pairs
+        layer.dispatch.clear()
+        layer._invalidate()
+
+
 class SparseConv2d(_SparseLayer):
     """A 2-d convolution whose weight is pruned and stored sparsely (any kernel size, stride,
-    padding, dilation, groups); ``activation`` None, "relu" or "relu6" is fused into the kernel."""
+    padding, dilation, groups); ``activation`` None, "relu" or "relu6" is fused into the kernel.
+    stride, padding and dilation may be set after construction; both paths follow them."""
+
+    stride, padding, dilation = _Geometry(0, 1), _Geometry(1, 0), _Geometry(2, 1)
 
     def __init__(
         self,
@@ -475,9 +500,7 @@ class SparseConv2d(_SparseLayer):
         check_activation(activation)
         pairs = [pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)]
         super().__init__(sw, bias, policy)
-        # plain int tuples: what F.conv2d (the dense path) takes
-        self.stride, self.padding, self.dilation = (tuple(p) for p in pairs)
-        self._pairs = pairs
+        self.__dict__["_pairs"] = pairs  # read through the _Geometry attributes
         self.in_channels, self.out_channels = sw.shape[1] * sw.groups, sw.shape[0]
         self.activation = activation
         self.kind = (
