@@ -184,6 +184,8 @@ MUTATIONS = {
     "nn.init": lambda m: nn.init.normal_(m.values),
     "to(cpu)": lambda m: m.to("cpu"),
     "float()": lambda m: m.float(),
+    "values.set_": lambda m: m.values.set_(_new_like(m.values)),
+    "bias.set_": lambda m: m.bias.set_(torch.randn_like(m.bias)),
     "fused AdamW step": _fused_step,
     "fused SGD step": lambda m: _fused_step(m, torch.optim.SGD),
 }
@@ -207,6 +209,24 @@ def test_conv_geometry_set_later_is_followed_by_both_paths(layout, policy):
     assert (layer.stride, layer.padding, layer.dilation) == ((2, 2), (2, 1), (2, 2))
     with pytest.raises(ValueError, match="stride"):
         layer.stride = 0
+
+
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+@pytest.mark.parametrize("layout", ["csr", "blocked"])
+def test_functional_call_substitutes_and_leaves_nothing_behind(layout, policy):
+    """torch.func.functional_call swaps tensors into _parameters without __setattr__: the call
+    computes with the substitutes, and the next ordinary call with the layer's own again."""
+    layer, x = _make("linear", layout, policy)
+    v, b = _new_like(layer.values), torch.randn_like(layer.bias)
+    with torch.no_grad():
+        for first in (True, False):  # as the layer's first call, and after prepared calls
+            if not first:
+                layer(x), layer(x)
+            got = torch.func.functional_call(layer, {"values": v, "bias": b}, (x,))
+            want = reference.sparse_linear(x, layer.sparse_weight.with_values(v), b)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            for _ in range(2):
+                torch.testing.assert_close(layer(x), _expected(layer, x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["csr", "blocked"])

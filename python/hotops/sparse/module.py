@@ -76,9 +76,11 @@ class _SparseLayer(nn.Module):
     # the layer's cell [generation, live .data aliases] (format.track): a .data read or write of
     # any of them, replacing one, .to() and load_state_dict bump the generation. In-place changes
     # bump version counters: a prepared call keeps plain aliases of the tensors it holds copies
-    # derived from (its "sources": values and b_perm for the blocked values; values, rowptr,
-    # colidx, bias for the dense weight; none for the CSR, which reads them in place) and
-    # compares their versions. So a call checks one generation and a few versions.
+    # derived from or pointers to (its "sources": values and b_perm for the blocked values;
+    # values, rowptr, colidx, bias for the dense weight; values and bias for the CSR, whose
+    # storage set_() may move) and compares their versions; and values and bias by identity
+    # (_held). So a call checks one generation, a few versions and two identities.
+    # torch.utils.swap_tensors on a parameter changes none of these: assign a new one instead.
 
     def _invalidate(self) -> None:
         d = self.__dict__
@@ -205,9 +207,9 @@ class _SparseLayer(nn.Module):
         derived copies of; None where one keeps no version (an inference tensor): then calls
         are not bound."""
         v, bias, bufs = self._tensor("values"), self._tensor("bias"), self._buffers
-        if sparse:
-            src = [v, bufs["b_perm"]] if self.block else ([] if v.is_contiguous() else [v])
-            if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
+        if sparse:  # the CSR kernel reads values and bias in place, but set_() moves them
+            src = [v, bufs["b_perm"]] if self.block else [v]
+            if bias is not None:
                 src.append(bias)
         else:
             src = [v, bufs["rowptr"], bufs["colidx"]] + ([bias] if bias is not None else [])
@@ -226,9 +228,15 @@ class _SparseLayer(nn.Module):
             or type(x) is not Tensor
         ):
             return None
-        sig, sources, versions, aliases, fn = prepared
+        sig, sources, versions, aliases, held, fn = prepared
         cell = self._cell
         if sig != (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), self.policy, self.activation, cell[0]):
+            return None
+        d = self.__dict__  # what _tensor reads, without its calls: this runs on every fast call
+        params = d["_parameters"]
+        v = params["values"] if "values" in params else d.get("values")
+        b = params["bias"] if "bias" in params else d.get("bias")
+        if held[0] is not v or held[1] is not b:  # see _held
             return None
         if sources and tuple(map(_get_version, sources)) != versions:
             return None
@@ -258,7 +266,7 @@ class _SparseLayer(nn.Module):
         replacement, .to(), load_state_dict): per-call rebuilding costs as much as a small
         layer's work."""
         p, gen = self._packed, self._cell[0]
-        if p is None or p[0] != gen:
+        if p is None or p[0] != gen or p[1].values is not self._tensor("values"):  # see _held
             b = self._buffers
             plain = {n: (b[n].detach() if b[n] is not None else None) for n in self._STRUCTURE}
             sw = SparseWeight(
@@ -368,10 +376,17 @@ class _SparseLayer(nn.Module):
                 sources[sparse],
                 versions[sparse],
                 aliases,
+                self._held(),
                 bound[sparse],
             )
         )
         return run()
+
+    def _held(self) -> tuple:
+        """values and bias as objects: torch.func.functional_call puts other tensors in
+        ``_parameters`` without __setattr__, so no generation changes; the calls bound to the
+        previous ones are found by identity."""
+        return (self._tensor("values"), self._tensor("bias"))
 
     def _dense_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
         """(weight, bias) for torch's dense op on activations of ``dtype``."""
