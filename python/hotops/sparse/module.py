@@ -33,6 +33,12 @@ from hotops.sparse.spec import activate
 _get_version = operator.attrgetter("_version")
 
 
+def _traceable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t as a plain tensor while torch.compile traces (the tracked subclasses are not traceable;
+    as_subclass is a view that stays attached to autograd), else t itself."""
+    return t.as_subclass(Tensor) if t is not None and torch.compiler.is_compiling() else t
+
+
 class _SparseLayer(nn.Module):
     """Holds the packed weight: ``values`` (nnz,) is the trainable Parameter and the CSR
     structure lives in buffers, so the packed form is built once and survives training steps.
@@ -265,26 +271,31 @@ class _SparseLayer(nn.Module):
         call than tracked ones). Kept until the layer's generation changes (a .data write,
         replacement, .to(), load_state_dict): per-call rebuilding costs as much as a small
         layer's work."""
+        if torch.compiler.is_compiling():  # rebuilt on every trace, of traceable tensors
+            return self._packed_weight(_traceable, _traceable(self._tensor("values")))
         p, gen = self._packed, self._cell[0]
         if p is None or p[0] != gen or p[1].values is not self._tensor("values"):  # see _held
-            b = self._buffers
-            plain = {n: (b[n].detach() if b[n] is not None else None) for n in self._STRUCTURE}
-            sw = SparseWeight(
-                self.shape,
-                self.groups,
-                plain["rowptr"],
-                plain["colidx"],
-                self._tensor("values"),
-                plain["t_rowptr"],
-                plain["t_colidx"],
-                plain["t_perm"],
-                self.block,
-                plain["b_rowptr"],
-                plain["b_colidx"],
-                plain["b_perm"],
-            )
-            p = self.__dict__["_packed"] = (gen, sw)
+            p = self.__dict__["_packed"] = (gen, self._packed_weight(Tensor.detach, self._tensor("values")))
         return p[1]
+
+    def _packed_weight(self, plain: Callable[[Tensor], Tensor], values: Tensor) -> SparseWeight:
+        """The SparseWeight of `values` and the structure buffers through ``plain``."""
+        b = self._buffers
+        structure = {n: (plain(b[n]) if b[n] is not None else None) for n in self._STRUCTURE}
+        return SparseWeight(
+            self.shape,
+            self.groups,
+            structure["rowptr"],
+            structure["colidx"],
+            values,
+            structure["t_rowptr"],
+            structure["t_colidx"],
+            structure["t_perm"],
+            self.block,
+            structure["b_rowptr"],
+            structure["b_colidx"],
+            structure["b_perm"],
+        )
 
     def to_dense(self) -> Tensor:
         """The masked dense weight (a new tensor, differentiable w.r.t. ``values``)."""
@@ -390,7 +401,7 @@ class _SparseLayer(nn.Module):
 
     def _dense_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
         """(weight, bias) for torch's dense op on activations of ``dtype``."""
-        b = self.bias
+        b = _traceable(self.bias)
         return self._dense_weight(dtype), (b.to(dtype) if b is not None else None)
 
     def _dense_activation(self, y: Tensor) -> Tensor:
@@ -454,7 +465,7 @@ class SparseLinear(_SparseLayer):
             "linear",
             rows,
             validate=lambda: check_linear(x, sw, self.bias, self.activation),
-            run_sparse=lambda: linear_unchecked(x, sw, self.bias, act),
+            run_sparse=lambda: linear_unchecked(x, sw, _traceable(self.bias), act),
             run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))),
             make_sparse=lambda: prepared_linear(
                 x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias, sw.shape[1], act, sw.blocked
@@ -567,7 +578,7 @@ class SparseConv2d(_SparseLayer):
             self.kind,
             0,
             validate=lambda: check_conv2d(x, sw, self.bias, *geo, None, self.activation),
-            run_sparse=lambda: conv2d_unchecked(x, sw, self.bias, *geo, act),
+            run_sparse=lambda: conv2d_unchecked(x, sw, _traceable(self.bias), *geo, act),
             run_dense=lambda: self._dense_activation(dense(x, *self._dense_params(x.dtype))),
             make_sparse=lambda: prepared_conv2d(
                 x,
