@@ -476,3 +476,16 @@ def test_compiled_modules_equal_eager_with_gradients(kind, policy):
     with torch.no_grad():  # an in-place update after the trace is seen by the compiled call
         layer.values.mul_(2)
         torch.testing.assert_close(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+def test_conv_takes_an_unbatched_image_as_nn_conv2d_does(policy):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = SparseConv2d.from_dense(conv, sparsity=0.5, policy=policy)
+    x = torch.randn(4, 5, 5)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = layer(x)
+        assert got.shape == (6, 5, 5)
+        torch.testing.assert_close(got, layer(x[None])[0])

@@ -567,6 +567,8 @@ class SparseConv2d(_SparseLayer):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         fast = self._fast(x)
         if fast is not None:
             return fast(x)
