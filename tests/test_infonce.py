@@ -329,6 +329,17 @@ def test_module_learnable_temperature_clamped():
     assert loss_fn.temperature.item() == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("T", [0.001, 5.0])
+def test_module_fixed_temperature_is_used_as_given(T):
+    """Only a learnable temperature is clamped; a fixed one outside [0.01, 1] was silently
+    replaced by the bound (T=5 computed at T=1)."""
+    q, d, h = make(10, 8, "pool", N=3)
+    got = hotops.nn.InfoNCELoss(temperature=T)(q, d, h)
+    torch.testing.assert_close(got, hotops.info_nce(q, d, h, temperature=T))
+    with pytest.raises(ValueError, match="learnable temperature starts in"):
+        hotops.nn.InfoNCELoss(temperature=T, learnable_temperature=True)
+
+
 def _gather_worker(rank, world, port, q, d, h, out):
     import torch.distributed as dist
 

@@ -16,8 +16,8 @@ class InfoNCELoss(nn.Module):
     """InfoNCE with in-batch and hard negatives.
 
     Args:
-        temperature: initial temperature.
-        learnable_temperature: learn log(temperature); the temperature is clamped to
+        temperature: the temperature (fixed, used as given), or the learnable one's start.
+        learnable_temperature: learn log(temperature); the temperature starts and is clamped in
             [min_temperature, 1] (CLIP-style: the logit scale never exceeds 1/min_temperature).
         label_smoothing: as in ``F.cross_entropy``.
         gather: all-gather d (and a shared hard pool) across ``torch.distributed`` ranks, with
@@ -39,6 +39,12 @@ class InfoNCELoss(nn.Module):
         min_temperature = _backend.check_number(
             min_temperature, "min_temperature", low=0.0, low_open=True, high=1.0
         )
+        if learnable_temperature and not min_temperature <= temperature <= 1.0:
+            # outside the clamp the gradient of log_temperature is 0: it would never learn
+            raise ValueError(
+                f"a learnable temperature starts in [min_temperature, 1] = [{min_temperature}, 1], "
+                f"got {temperature}"
+            )
         label_smoothing = _backend.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
         for name, flag in (("learnable_temperature", learnable_temperature), ("gather", gather)):
             if not isinstance(flag, bool):
@@ -57,7 +63,10 @@ class InfoNCELoss(nn.Module):
 
     @property
     def temperature(self) -> Tensor:
-        return self.log_temperature.exp().clamp(self.min_temperature, 1.0)
+        """The temperature in use: a learnable one clamped to [min_temperature, 1], a fixed one
+        as given."""
+        t = self.log_temperature.exp()
+        return t.clamp(self.min_temperature, 1.0) if self.learnable_temperature else t
 
     def forward(
         self, q: Tensor, d: Tensor, hard: Optional[Tensor] = None, neg_weight: Optional[Tensor] = None
