@@ -139,6 +139,23 @@ def test_readding_replaces_and_compaction_is_automatic():
     assert i[0, 0] != 5
 
 
+@pytest.mark.parametrize("kind", ["pq8", "ivf8"])
+def test_automatic_ids_never_reuse_a_removed_id(kind):
+    """An outside reference to a removed id must not come to mean another vector: automatic ids
+    continue after the largest id held, also once compaction dropped the removed rows."""
+    index = _trained(kind)
+    x = np.random.default_rng(4).normal(size=(20, DIM)).astype(np.float32)
+    index.add(x[:10])  # ids 0..9
+    index.remove_ids(np.array([7, 8, 9]))  # 3 dead of 10 rows pass 0.25: compacted at once
+    assert index.ndeleted == 0
+    index.add(x[10:13])
+    assert sorted(index.ids.tolist()) == [0, 1, 2, 3, 4, 5, 6, 10, 11, 12]
+    index.remove_ids(np.array([12]))
+    index.compact()
+    index.add(x[13:14])
+    assert int(index.ids.max()) == 13
+
+
 def test_reconstruct_decodes_without_kept_vectors():
     index = _trained("ivf8")
     x = np.random.default_rng(4).normal(size=(50, DIM)).astype(np.float32)

@@ -257,9 +257,14 @@ class _ProductQuantized(Mutable, OnDevice):
         """Encodes and inserts x (ids unique among themselves and new to the index)."""
         self._merge(x, ids, None, self._lists_of(x, CHUNK_ROWS), CHUNK_ROWS)
 
+    # the largest id this index object has held: removed ids, compacted away, are not handed out
+    # again by automatic ids (a loaded index starts from its saved, live ids)
+    _largest_id = -1
+
     def _next_ids(self, n: int, ids) -> np.ndarray:
         if ids is None:
-            return _arrays.auto_ids(int(self.ids.max()) if self.ids.size else -1, n)
+            held = int(self.ids.max()) if self.ids.size else -1
+            return _arrays.auto_ids(max(held, self._largest_id), n)
         return _arrays.as_ids(ids, n)
 
     def add(self, x, ids=None, *, chunk_rows: int = CHUNK_ROWS) -> None:
@@ -290,6 +295,7 @@ class _ProductQuantized(Mutable, OnDevice):
                 except BaseException:
                     self._live, self._ndead = before  # _kill replaces _live: the old one is intact
                     raise
+                self._largest_id = max(self._largest_id, int(ids.max()))
                 self._maybe_compact()
             self._mapped = []  # every array is a new one now
 
