@@ -127,13 +127,24 @@ def test_allow_list_is_applied_inside_the_scan():
     index, x = ivf(keep_vectors=True)
     q = data(4, 16, seed=8)
     allowed = np.arange(0, len(x), 7)
-    for allow in (allowed, np.isin(np.arange(len(x)), allowed), torch.from_numpy(allowed)):
+    for allow in (allowed, np.isin(np.arange(len(x)), allowed), torch.from_numpy(allowed), allowed.tolist()):
         dist, ids = index.search(q, k=5, nprobe=index.nlist, refine=len(x), allow=allow)
         ref_s, ref_rows = reference.search(q, x[allowed], 5, "l2")
         np.testing.assert_array_equal(ids, allowed[ref_rows])
     flat, _ = pq()
     _, ids = flat.search(q, k=3, allow=np.array([5, 9]))
     assert set(ids.ravel()) == {5, 9, -1}
+    assert (flat.search(q, k=3, allow=[])[1] == -1).all()  # a list, as remove_ids takes one
+
+
+def test_add_takes_ids_as_a_list():
+    index, x = pq()
+    n = index.ntotal
+    index.add(x[:3] + 1, ids=[0, 1, 2])  # replaces ids 0..2
+    assert index.ntotal == n
+    np.testing.assert_array_equal(index.reconstruct([0, 1, 2]), index.reconstruct(np.arange(3)))
+    with pytest.raises(TypeError, match="expected integers"):
+        index.add(x[:1], ids=[0.5])
 
 
 def test_numpy_in_numpy_out_torch_in_torch_out():

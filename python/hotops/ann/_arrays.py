@@ -83,10 +83,18 @@ def as_device_vectors(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
     return x
 
 
+def _id_array(v, name: str) -> np.ndarray:
+    """Ids or a mask as NumPy: an array, a tensor, or a Python list / tuple (as remove_ids and
+    reconstruct take them; an empty one is no ids)."""
+    if isinstance(v, (list, tuple)):
+        return np.asarray(v) if len(v) else np.empty(0, np.int64)
+    return as_numpy(v, name)
+
+
 def as_ids(ids, n: int) -> np.ndarray:
     """(n,) int64 ids in 0 .. 2**63 - 1: -1 is the "no result" padding of search output, and
     uint64 values past 2**63 - 1 would wrap to negative int64."""
-    a = as_numpy(ids, "ids")
+    a = _id_array(ids, "ids")
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"ids have dtype {a.dtype}; expected integers (int64)")
     if a.ndim != 1 or a.shape[0] != n:
@@ -140,7 +148,7 @@ def allow_rows(allow, ids: np.ndarray) -> Optional[np.ndarray]:
     scan kernels test before scoring a row."""
     if allow is None:
         return None
-    a = as_numpy(allow, "allow")
+    a = _id_array(allow, "allow")
     if a.ndim != 1:
         raise ValueError(f"allow must be 1-d (ids or a boolean mask over ids), got shape {a.shape}")
     if a.dtype == np.bool_:
