@@ -135,3 +135,26 @@ def test_cli_contended(tmp_path, monkeypatch, capsys):
     assert len(res) == 1
     ex = res[0]["extra"]
     assert ex["kept"] == pytest.approx(ex["contended_speedup"] / ex["quiet_speedup"])
+
+
+def test_cli_refuses_what_it_cannot_honour_before_timing(tmp_path, monkeypatch, capsys):
+    """A --where that matches nothing, a bad --threads, an output path that cannot be written:
+    each an argparse error before any case runs (they used to time everything first, or print
+    an empty table and exit 0)."""
+    _tiny_family(monkeypatch)
+    ran = []
+    monkeypatch.setattr(sys.modules["hotops_tiny_bench"], "run", lambda *a: ran.append(a))
+    base = ["bench", "--family", "tiny", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path)]
+    for extra, says in [
+        (["--where", "n"], "expected KEY=VALUE"),
+        (["--where", "m=1"], "no case matches m=1 (the cases' keys: n)"),
+        (["--where", "n=3"], "no case matches n=3"),
+        (["--threads", "0"], "must be at least 1"),
+        (["--json", str(tmp_path)], "cannot write there"),
+        (["--plot", "/proc/hotops-no-such-dir"], "cannot write there"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli.main(base + extra)
+        assert says in capsys.readouterr().err
+    assert not ran
+    assert cli._selected({"keep": 1.0}, [cli._where("keep=1")])  # numbers compare as numbers

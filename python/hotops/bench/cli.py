@@ -118,13 +118,50 @@ def print_rows(rows, out=sys.stdout):
             print("  ".join("-" * w for w in widths), file=out)
 
 
+def _where(text: str) -> tuple:
+    """One --where argument as (key, value); argparse reports a malformed one."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _equal(have, want: str) -> bool:
+    """A case parameter against a --where value: as text, or as numbers (keep=1 is keep=1.0)."""
+    if str(have) == want:
+        return True
+    try:
+        return float(have) == float(want)
+    except (TypeError, ValueError):
+        return False
+
+
 def _selected(params: dict, where) -> bool:
     """--where KEY=VALUE (repeatable): the case's parameters have every KEY, equal to VALUE."""
-    for kv in where or ():
-        key, _, value = kv.partition("=")
-        if key not in params or str(params[key]) != value:
-            return False
-    return True
+    return all(key in params and _equal(params[key], value) for key, value in where or ())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _writable(p: argparse.ArgumentParser, path: str, flag: str, folder: bool) -> None:
+    """Refuse, before anything is timed, an output path that cannot be written."""
+    target = path if folder else os.path.dirname(os.path.abspath(path))
+    try:
+        if not path or (not folder and os.path.isdir(path)):
+            raise OSError("not a file path")
+        os.makedirs(target, exist_ok=True)
+        if not os.access(target, os.W_OK):
+            raise OSError("not writable")
+    except OSError as e:
+        p.error(f"{flag} {path!r}: cannot write there ({e})")
 
 
 def plot(results, path):
@@ -167,7 +204,9 @@ def main(argv=None):
     b.add_argument("--quick", action="store_true", help="a few minutes on 2 cores")
     b.add_argument("--json", default="bench-results/results.json", help="where to write raw results")
     b.add_argument("--plot", default="bench-results", help="folder for the PNG plots")
-    b.add_argument("--threads", type=int, default=None, help="threads for everyone (default: torch's)")
+    b.add_argument(
+        "--threads", type=_positive_int, default=None, help="threads for everyone (default: torch's)"
+    )
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the cases")
     b.add_argument(
         "--contended",
@@ -178,6 +217,7 @@ def main(argv=None):
     b.add_argument(
         "--where",
         action="append",
+        type=_where,
         metavar="KEY=VALUE",
         help="repeatable: only the cases whose parameters have KEY equal to VALUE (e.g. N=11008)",
     )
@@ -190,6 +230,21 @@ def main(argv=None):
         p.error("--device cuda: no CUDA GPU is visible to torch")
     if args.contended and args.device != "cpu":
         p.error("--contended: the busy process competes for CPU cores; use it with --device cpu")
+    _writable(p, args.json, "--json", folder=False)
+    _writable(p, args.plot, "--plot", folder=True)
+    # every family's selected cases, known before anything is timed
+    plan, keys = [], set()
+    for fam in args.family or list(FAMILIES):
+        mod = importlib.import_module(FAMILIES[fam])
+        cases = mod.cases(args.quick, args.device)
+        keys.update(k for params in cases for k in params)
+        plan.append((mod, [params for params in cases if _selected(params, args.where)]))
+    if not any(cases for _, cases in plan):
+        p.error(
+            "--where: no case matches "
+            + " ".join(f"{k}={v}" for k, v in args.where or ())
+            + f" (the cases' keys: {', '.join(sorted(keys))})"
+        )
     mach = machine(args.device)
     flags = "".join(f for f, on in ((" --quick", args.quick), (" --contended", args.contended)) if on)
     print(f"hotops bench{flags}: {mach.describe()}", flush=True)
@@ -202,11 +257,8 @@ def main(argv=None):
         )
     results, t0 = [], time.time()
     with core.contention() if args.contended else contextlib.nullcontext() as busy:
-        for fam in args.family or list(FAMILIES):
-            mod = importlib.import_module(FAMILIES[fam])
-            for params in mod.cases(args.quick, args.device):
-                if not _selected(params, args.where):
-                    continue
+        for mod, cases in plan:
+            for params in cases:
                 first = len(busy.records) if busy else 0
                 r = mod.run(params, args.quick, threads, args.device)
                 results.append(r)
