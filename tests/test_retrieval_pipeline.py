@@ -34,6 +34,14 @@ def _toy():
     ]
 
 
+def test_retrieval_split_refuses_counts_it_cannot_honour():
+    for kw in ({"n_test_synsets": -1}, {"n_train_queries": -1}, {"n_test_queries": -2}):
+        with pytest.raises(ValueError, match="must be >= 0"):  # sliced from the end before
+            wordnet.retrieval_split(**{"n_test_synsets": 1, **kw}, all_synsets=_toy())
+    with pytest.raises(ValueError, match="only 3 synsets have usage examples"):
+        wordnet.retrieval_split(n_test_synsets=4, all_synsets=_toy())
+
+
 def test_retrieval_split_by_synset():
     sp = wordnet.retrieval_split(n_test_synsets=1, seed=0, all_synsets=_toy())
     assert len(sp.corpus) == 4  # every definition, examples or not

@@ -75,3 +75,14 @@ def test_compress_example_keeps_evaluation_text_out_of_calibration():
     assert not set(calib) & {t for v in evals.values() for t in v}
     assert not any(e in g for e in evals["usage"] for g in calib + evals["glosses"])
     assert sum(t in set(text_sets.load("licenses", 10**6)) for t in calib) == 20
+
+
+def test_counts_are_checked_before_any_text_is_read():
+    """A negative count sliced from the end (load(..., -3) gave all texts but 3); a kind named
+    twice drew the same texts twice with the same seed."""
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        text_sets.load("glosses", -3)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        text_sets.mixture(["glosses", "usage"], -4)
+    with pytest.raises(ValueError, match="named twice"):
+        text_sets.mixture(["glosses", "glosses"], 10)

@@ -31,6 +31,7 @@ import re
 import sysconfig
 from typing import Callable, Dict, Iterable, Iterator, List, Sequence
 
+from hotops._backend import check_number
 from hotops.data import wordnet
 
 MIN_WORDS, MAX_WORDS = 6, 60
@@ -251,6 +252,7 @@ def _all(name: str) -> List[str]:
 
 def load(name: str, limit: int, seed: int = 0, exclude: Iterable[str] = ()) -> List[str]:
     """Up to `limit` distinct texts of kind `name`, shuffled with `seed`, none in `exclude`."""
+    limit = check_number(limit, "limit", integer=True, low=0)  # a negative one sliced from the end
     skip = set(exclude)
     texts = [t for t in _all(name) if t not in skip]
     random.Random(seed).shuffle(texts)
@@ -262,6 +264,9 @@ def mixture(names: Sequence[str], n: int, seed: int = 0, exclude: Iterable[str] 
     shuffled together with `seed`."""
     if not names:
         raise ValueError("mixture needs at least one text set")
+    if len(set(names)) != len(names):  # each would draw the same texts with the same seed
+        raise ValueError(f"mixture: a kind is named twice in {list(names)}")
+    n = check_number(n, "n", integer=True, low=0)
     out = []
     for i, name in enumerate(names):
         share = n // len(names) + (i < n % len(names))

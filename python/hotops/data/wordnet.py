@@ -93,9 +93,21 @@ def retrieval_split(
     size (for quick runs). `related[i]` lists the other synsets sharing a lemma with synset i
     (at most `max_related`): the false negatives a miner should skip.
     """
+    from hotops._backend import check_number
+
+    counts = {
+        "n_test_synsets": n_test_synsets,
+        "n_train_queries": n_train_queries,
+        "n_test_queries": n_test_queries,
+    }
+    for name, value in counts.items():  # a negative count sliced from the end
+        if value is not None:
+            check_number(value, name, integer=True, low=0)
     rng = random.Random(seed)
     syn = list(all_synsets) if all_synsets is not None else synsets(root)
     with_ex = [i for i, s in enumerate(syn) if s.examples]
+    if n_test_synsets > len(with_ex):
+        raise ValueError(f"n_test_synsets {n_test_synsets}: only {len(with_ex)} synsets have usage examples")
     rng.shuffle(with_ex)
     test_syn = with_ex[:n_test_synsets]
     train_syn = with_ex[n_test_synsets:]
