@@ -468,3 +468,13 @@ def test_refuses_combinations_that_do_not_fit(bits, in_group, M, msg):
 def test_exports():
     assert hotops.codebook_matmul is codebook_matmul
     assert hotops.nn.CodebookLinear is CodebookLinear
+
+
+def test_bias_gradient_of_bfloat16_activations_is_summed_in_float32():
+    """The bias gradient sums dy over every row: a bfloat16 sum over 4096 rows was off by 1.5e-3."""
+    torch.manual_seed(0)
+    layer = CodebookLinear.from_linear(torch.nn.Linear(64, 32), iters=2)
+    x = torch.randn(4096, 64).bfloat16()
+    dy = torch.randn(4096, 32).bfloat16()
+    layer(x).backward(dy)
+    torch.testing.assert_close(layer.bias.grad, dy.double().sum(0).float(), rtol=1e-6, atol=1e-4)

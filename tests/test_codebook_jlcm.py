@@ -276,6 +276,11 @@ def test_format_names():
             Format.parse(spec)
     with pytest.raises(ValueError, match="groups must be >= 1"):
         Format(4, groups=0)
+    assert Format.parse("2x8") == Format(8, 2, 8)  # AQLM's names: over 8 inputs
+    with pytest.raises(ValueError, match="whole number of at least 1"):
+        Format.parse("1x0/4")
+    with pytest.raises(TypeError, match="a format name is a str"):
+        Format.parse(None)
 
 
 def test_compress_refuses_bad_input():

@@ -303,7 +303,7 @@ def code_bits(bits_per_weight: float, in_group: int, num_codebooks: int) -> int:
     if not (bits > 0 and math.isclose(bits, round(bits))):
         raise ValueError(
             f"{bits_per_weight} bits/weight over in_group={in_group} with {num_codebooks} "
-            f"codebook(s) gives {bits:g} bits per code; it must be a whole number"
+            f"codebook(s) gives {bits:g} bits per code; it must be a whole number of at least 1"
         )
     if round(bits) > 8:
         raise ValueError(

@@ -43,8 +43,14 @@ class Format:
     @classmethod
     def parse(cls, spec: str) -> "Format":
         """A format from its name: "MxB/G" is M codebooks of 2**B codewords over G inputs
-        ("1x8/4": 2 bits per weight, "3x8/8": 3); a bare "G" is "1x8/G"."""
-        books, slash, group = spec.strip().rpartition("/")
+        ("1x8/4": 2 bits per weight, "3x8/8": 3); "MxB" is AQLM's name for "MxB/8"; a bare "G"
+        is "1x8/G"."""
+        if not isinstance(spec, str):
+            raise TypeError(f'a format name is a str such as "1x8/4", got {type(spec).__name__}')
+        spec_ = spec.strip()
+        if "/" not in spec_ and "x" in spec_:
+            spec_ += "/8"
+        books, slash, group = spec_.rpartition("/")
         m, _, b = books.partition("x") if slash else ("1", "", "8")
         try:
             numbers = int(group), int(m), int(b)
