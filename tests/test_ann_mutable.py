@@ -154,6 +154,9 @@ def test_automatic_ids_never_reuse_a_removed_id(kind):
     index.compact()
     index.add(x[13:14])
     assert int(index.ids.max()) == 13
+    index.reset()  # a fresh start: ids from 0 again
+    index.add(x[:2])
+    assert index.ids.tolist() == [0, 1]
 
 
 def test_reconstruct_decodes_without_kept_vectors():

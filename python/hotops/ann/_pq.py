@@ -182,7 +182,8 @@ class _ProductQuantized(Mutable, OnDevice):
             self._add(vectors, ids)
 
     def reset(self) -> None:
-        """Removes every vector (codes, ids, kept vectors); the training stays."""
+        """Removes every vector (codes, ids, kept vectors); the training stays, and automatic ids
+        start again at 0, as in a new index."""
         with self._lock.exclusive():
             self._clear()
 
@@ -191,6 +192,7 @@ class _ProductQuantized(Mutable, OnDevice):
         self.ids = np.empty(0, dtype=np.int64)
         self.vectors = np.empty((0, self.dim), dtype=np.float32) if self.keep_vectors else None
         self._packed, self._mapped, self._live, self._ndead = None, [], None, 0
+        self._largest_id = -1
 
     def set_codebooks(self, codebooks):
         """Loads (m, ksub, dsub) codebooks (e.g. learned ones). Vectors already held are re-encoded
@@ -257,8 +259,9 @@ class _ProductQuantized(Mutable, OnDevice):
         """Encodes and inserts x (ids unique among themselves and new to the index)."""
         self._merge(x, ids, None, self._lists_of(x, CHUNK_ROWS), CHUNK_ROWS)
 
-    # the largest id this index object has held: removed ids, compacted away, are not handed out
-    # again by automatic ids (a loaded index starts from its saved, live ids)
+    # the largest id this index object has held since it was made or reset: removed ids,
+    # compacted away, are not handed out again by automatic ids (a loaded index starts from its
+    # saved, live ids)
     _largest_id = -1
 
     def _next_ids(self, n: int, ids) -> np.ndarray:
@@ -269,7 +272,7 @@ class _ProductQuantized(Mutable, OnDevice):
 
     def add(self, x, ids=None, *, chunk_rows: int = CHUNK_ROWS) -> None:
         """Adds vectors x (n, dim) with ids (n,) int64 in 0 .. 2**63 - 1 (default: after the largest
-        id held). An id the index holds already is replaced (ntotal unchanged); within one call the
+        id this index has held, removed ones too; a loaded index: after its saved ids). An id the index holds already is replaced (ntotal unchanged); within one call the
         last vector of an id wins. x may be an array, a tensor, an np.memmap or the path of a .npy
         file: it is converted and encoded chunk_rows rows at a time, and the pages of a mapped
         source are let go after each chunk, so a file larger than RAM adds in bounded memory: the
