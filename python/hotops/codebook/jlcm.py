@@ -101,7 +101,8 @@ def finetune(
         params += [p for p in (m.codebooks, m.scales, m.bias) if p is not None]
     if norms:
         params += [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
-    masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
+    low = (torch.float16, torch.bfloat16)
+    masters = [p.detach().float().requires_grad_() if p.dtype in low else p for p in params]
     opt = torch.optim.Adam(masters, lr=lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     gen = torch.Generator().manual_seed(seed)

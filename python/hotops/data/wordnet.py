@@ -17,6 +17,8 @@ import random
 import re
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
+from hotops._backend import check_number
+
 WORDNET_DIR = "/usr/share/wordnet"
 POS_FILES = ("noun", "verb", "adj", "adv")
 _QUOTED = re.compile(r'"([^"]*)"')
@@ -93,16 +95,12 @@ def retrieval_split(
     size (for quick runs). `related[i]` lists the other synsets sharing a lemma with synset i
     (at most `max_related`): the false negatives a miner should skip.
     """
-    from hotops._backend import check_number
-
-    counts = {
-        "n_test_synsets": n_test_synsets,
-        "n_train_queries": n_train_queries,
-        "n_test_queries": n_test_queries,
-    }
-    for name, value in counts.items():  # a negative count sliced from the end
-        if value is not None:
-            check_number(value, name, integer=True, low=0)
+    # a negative count would slice from the end; a float one fails later, in slicing
+    n_test_synsets = check_number(n_test_synsets, "n_test_synsets", integer=True, low=0)
+    if n_train_queries is not None:
+        n_train_queries = check_number(n_train_queries, "n_train_queries", integer=True, low=0)
+    if n_test_queries is not None:
+        n_test_queries = check_number(n_test_queries, "n_test_queries", integer=True, low=0)
     rng = random.Random(seed)
     syn = list(all_synsets) if all_synsets is not None else synsets(root)
     with_ex = [i for i, s in enumerate(syn) if s.examples]

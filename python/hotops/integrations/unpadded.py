@@ -148,13 +148,16 @@ def _states(bert: nn.Module, input_ids: Tensor, keep: Tensor, token_type_ids, ro
     """Last states (T, hidden) of the tokens `rows` (a superset of the real tokens `keep`), each
     computed as the padded forward computes it: attending to the real tokens only."""
     emb = bert.embeddings
-    positions = _position_ids(emb, input_ids)[rows]
-    if int(positions.max()) >= emb.position_embeddings.num_embeddings:
+    numbered = _position_ids(emb, input_ids)
+    # columns: the shape says it (no device sync); RoBERTa's numbering depends on the ids
+    by_columns = _VERIFIED[_qualname(emb)][1] == "columns"
+    last = input_ids.shape[1] - 1 if by_columns else int(numbered.max())
+    if last >= emb.position_embeddings.num_embeddings:
         raise ValueError(
-            f"position {int(positions.max())} is past the model's "
-            f"{emb.position_embeddings.num_embeddings} position embeddings (truncate with the "
-            "tokenizer's max_length)"
+            f"position {last} is past the model's {emb.position_embeddings.num_embeddings} position "
+            "embeddings (truncate with the tokenizer's max_length)"
         )
+    positions = numbered[rows]
     types = torch.zeros_like(positions) if token_type_ids is None else token_type_ids[rows]
     x = (
         emb.word_embeddings(input_ids[rows])
@@ -246,8 +249,9 @@ def _forward(model, input_ids=None, attention_mask=None, token_type_ids=None, *a
     keep = _checked_keep(model, input_ids, attention_mask)
     pooler = getattr(model, "pooler", None)
     rows = keep
-    if pooler is not None and not bool(keep[:, 0].all()):
+    if pooler is not None:
         # the pooler reads column 0, padding in a left-padded row: compute it as the model does
+        # (right-padded rows hold a real token there already; no device sync to find out)
         rows = keep.clone()
         rows[:, 0] = True
     states = _states(model, input_ids, keep, token_type_ids, rows)

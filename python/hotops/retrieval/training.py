@@ -139,7 +139,7 @@ class ContrastiveTrainer:
             raise ValueError(f"queries ({len(queries)}) and positives ({len(positives)}) differ in length")
         if len(schedule) == 0:
             raise ValueError("schedule is empty")
-        _check_rows(torch.as_tensor(np.asarray(positives)), len(corpus), "positives")
+        _check_rows(_as_rows(positives), len(corpus), "positives")
         for b in schedule:
             _check_rows(torch.as_tensor(b), len(queries), "a schedule batch")
         self.queries, self.positives, self.corpus = queries, positives, corpus
@@ -247,13 +247,18 @@ class ContrastiveTrainer:
         outside the corpus would silently train against another document."""
         if negatives is None:
             return None
-        n = torch.as_tensor(np.asarray(negatives))
+        n = _as_rows(negatives)
         if n.dim() != 2 or n.shape[0] != len(self.queries):
             raise ValueError(
                 f"negatives must be ({len(self.queries)}, n) corpus rows, got shape {tuple(n.shape)}"
             )
         _check_rows(n, len(self.corpus), "negatives")
         return n
+
+
+def _as_rows(ids) -> torch.Tensor:
+    """A tensor (on any device) as it is, anything else (lists, NumPy) as a tensor."""
+    return ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
 
 
 def _check_rows(ids: torch.Tensor, n: int, what: str) -> None:

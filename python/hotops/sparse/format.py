@@ -70,9 +70,10 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     tracked ones: without it, caches keyed on versions (the blocked values, a module's dense
     weight, its prepared call) kept the weights from before the step, in training too."""
     for group in optimizer.param_groups:
-        for p in group["params"]:
-            if isinstance(p, _Tracked):
-                _bump(p)
+        if group.get("fused"):  # the others bump versions, which the caches check already
+            for p in group["params"]:
+                if isinstance(p, _Tracked):
+                    _bump(p)
 
 
 def _note_alias(t, alias) -> None:

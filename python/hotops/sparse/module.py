@@ -213,10 +213,11 @@ class _SparseLayer(nn.Module):
         derived copies of; None where one keeps no version (an inference tensor): then calls
         are not bound."""
         v, bias, bufs = self._tensor("values"), self._tensor("bias"), self._buffers
-        if sparse:  # the CSR kernel reads values and bias in place, but set_() moves them
-            src = [v, bufs["b_perm"]] if self.block else [v]
-            if bias is not None:
-                src.append(bias)
+        if sparse and not self.block:  # read in place, but set_() moves them; an inference
+            # tensor keeps no version and cannot be set_() outside inference mode: not needed
+            return [t.detach() for t in (v, bias) if t is not None and not t.is_inference()]
+        if sparse:
+            src = [v, bufs["b_perm"]] + ([bias] if bias is not None else [])
         else:
             src = [v, bufs["rowptr"], bufs["colidx"]] + ([bias] if bias is not None else [])
         if any(t.is_inference() for t in src):
