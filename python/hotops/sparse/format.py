@@ -157,6 +157,12 @@ class TrackedBuffer(_Tracked, torch.Tensor):
 register_optimizer_step_post_hook(_after_optimizer_step)  # every optimizer, once
 
 
+def traceable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t as a plain tensor while torch.compile traces (the tracked subclasses are not traceable;
+    as_subclass is a view that stays attached to autograd), else t itself."""
+    return t.as_subclass(Tensor) if t is not None and torch.compiler.is_compiling() else t
+
+
 def track(t, cell: Optional[list] = None):
     """t as a tracked tensor (the same object: TrackedParameter for an nn.Parameter,
     TrackedBuffer for a plain tensor), reporting to ``cell`` too; None stays None."""

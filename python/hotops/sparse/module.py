@@ -17,6 +17,7 @@ from hotops.sparse.format import (
     alias_versions,
     checked_structure,
     state_key,
+    traceable,
     track,
 )
 from hotops.sparse.functional import (
@@ -31,12 +32,6 @@ from hotops.sparse.op import prepared_conv2d, prepared_linear
 from hotops.sparse.spec import activate
 
 _get_version = operator.attrgetter("_version")
-
-
-def _traceable(t: Optional[Tensor]) -> Optional[Tensor]:
-    """t as a plain tensor while torch.compile traces (the tracked subclasses are not traceable;
-    as_subclass is a view that stays attached to autograd), else t itself."""
-    return t.as_subclass(Tensor) if t is not None and torch.compiler.is_compiling() else t
 
 
 class _SparseLayer(nn.Module):
@@ -273,7 +268,7 @@ class _SparseLayer(nn.Module):
         replacement, .to(), load_state_dict): per-call rebuilding costs as much as a small
         layer's work."""
         if torch.compiler.is_compiling():  # rebuilt on every trace, of traceable tensors
-            return self._packed_weight(_traceable, _traceable(self._tensor("values")))
+            return self._packed_weight(traceable, traceable(self._tensor("values")))
         p, gen = self._packed, self._cell[0]
         if p is None or p[0] != gen or p[1].values is not self._tensor("values"):  # see _held
             p = self.__dict__["_packed"] = (gen, self._packed_weight(Tensor.detach, self._tensor("values")))
@@ -402,7 +397,7 @@ class _SparseLayer(nn.Module):
 
     def _dense_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
         """(weight, bias) for torch's dense op on activations of ``dtype``."""
-        b = _traceable(self.bias)
+        b = traceable(self.bias)
         return self._dense_weight(dtype), (b.to(dtype) if b is not None else None)
 
     def _dense_activation(self, y: Tensor) -> Tensor:
@@ -466,7 +461,7 @@ class SparseLinear(_SparseLayer):
             "linear",
             rows,
             validate=lambda: check_linear(x, sw, self.bias, self.activation),
-            run_sparse=lambda: linear_unchecked(x, sw, _traceable(self.bias), act),
+            run_sparse=lambda: linear_unchecked(x, sw, traceable(self.bias), act),
             run_dense=lambda: self._dense_activation(F.linear(x, *self._dense_params(x.dtype))),
             make_sparse=lambda: prepared_linear(
                 x, sw.values, sw.rowptr, sw.colidx, sw.t_rowptr, self.bias, sw.shape[1], act, sw.blocked
@@ -581,7 +576,7 @@ class SparseConv2d(_SparseLayer):
             self.kind,
             0,
             validate=lambda: check_conv2d(x, sw, self.bias, *geo, None, self.activation),
-            run_sparse=lambda: conv2d_unchecked(x, sw, _traceable(self.bias), *geo, act),
+            run_sparse=lambda: conv2d_unchecked(x, sw, traceable(self.bias), *geo, act),
             run_dense=lambda: self._dense_activation(dense(x, *self._dense_params(x.dtype))),
             make_sparse=lambda: prepared_conv2d(
                 x,
