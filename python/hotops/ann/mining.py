@@ -56,7 +56,7 @@ class HardNegativeMiner:
         """q (B, dim) query embeddings; positive_ids (B,) or (B, P) ids never returned as negatives
         (the false negatives a search would otherwise surface first); exclude: optional (B, E) more
         ids to skip per query (-1 = none). Returns MinedNegatives on q's device (CPU for NumPy)."""
-        from hotops.ann.sharded import ShardedIndex
+        from hotops.ann.sharded import ShardedIndex, _raise_together
 
         device = q.device if _arrays.is_torch(q) else torch.device("cpu")
         sharded = isinstance(self.index, ShardedIndex)
@@ -76,7 +76,9 @@ class HardNegativeMiner:
             error = f"{type(exc).__name__}: {exc}"
         # enough to keep `depth` after dropping every excluded id that could appear; a sharded
         # search is collective, so every rank asks for the widest rank's k (exclude widths differ)
-        width = _widest(skip.shape[1], error, self.index.group) if sharded else skip.shape[1]
+        width = skip.shape[1]
+        if sharded:
+            width = max(_raise_together(error, self.index.group, "HardNegativeMiner.mine", width))
         k = self.depth + width
         try:
             dist, ids = self.index.search(qv.detach().float().cpu().numpy(), k, **self.search_kwargs)
@@ -134,19 +136,6 @@ class HardNegativeMiner:
         out = np.zeros((flat.size, found.shape[1]), np.float32)
         out[have] = found
         return torch.from_numpy(out).reshape(neg.shape[0], neg.shape[1], out.shape[1])
-
-
-def _widest(width: int, error: Optional[str], group) -> int:
-    """The largest of every rank's skip width; ValueError on every rank when any rank's arguments
-    were refused (so none is left waiting in the search)."""
-    import torch.distributed as dist
-
-    found = [None] * dist.get_world_size(group)
-    dist.all_gather_object(found, (error, int(width)), group=group)
-    bad = [f"rank {r}: {e}" for r, (e, _) in enumerate(found) if e]
-    if bad:
-        raise ValueError("HardNegativeMiner.mine: " + "; ".join(bad))
-    return max(w for _, w in found)
 
 
 def _as_id_matrix(ids, B: int, name: str) -> torch.Tensor:

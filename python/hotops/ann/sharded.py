@@ -73,13 +73,15 @@ def _all_to_all(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group
     return out
 
 
-def _raise_together(error: Optional[str], group, what: str):
-    """Raises ValueError on every rank when any rank found an error (so none is left waiting)."""
-    errors = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, error, group=group)
-    bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+def _raise_together(error: Optional[str], group, what: str, value=None) -> list:
+    """Raises ValueError on every rank when any rank found an error (so none is left waiting);
+    else returns every rank's `value` (any picklable object), in rank order."""
+    found = [None] * dist.get_world_size(group)
+    dist.all_gather_object(found, (error, value), group=group)
+    bad = [f"rank {r}: {e}" for r, (e, _) in enumerate(found) if e]
     if bad:
         raise ValueError(f"{what}: " + "; ".join(bad))
+    return [v for _, v in found]
 
 
 def _merge(score: np.ndarray, gid: np.ndarray, k: int):
