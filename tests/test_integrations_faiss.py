@@ -393,11 +393,11 @@ def test_faiss_pq_index_vectors_and_refusals_match_hotops():
         HardNegativeMiner(plain, n=4, depth=20).mine(x[:5], np.arange(5), with_vectors=True)
     with pytest.raises(ValueError, match="refine=True"):
         plain.search(x[:2], 5, refine=4)
-    with pytest.raises(ValueError, match=r"\(nq, 32\)"):
+    with pytest.raises(ValueError, match="the index has dimension 32"):
         plain.search(x[:2, :8], 5)
     bad = x[:2].copy()
     bad[0, 3] = np.inf
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="NaN or Inf"):
         plain.search(bad, 5)
     with pytest.raises(ValueError, match="at least 256 vectors"):
         FaissPQIndex(x[:100], 8, nlist=16)

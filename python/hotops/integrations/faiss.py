@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from hotops.ann import _arrays
 from hotops.ann import index as _index
 
 
@@ -346,9 +347,9 @@ class FaissPQIndex:
         faiss = _faiss()
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-        if x.ndim != 2 or not np.isfinite(x).all():
-            raise ValueError(f"x must be finite (n, dim) vectors, got shape {x.shape}")
+        if np.ndim(x) != 2:
+            raise ValueError(f"x must be (n, dim) vectors, got shape {np.shape(x)}")
+        x = _arrays.as_vectors(x, "x", np.shape(x)[1])  # as hotops' indexes take vectors
         need = max(256, nlist or 0)  # faiss trains 256 centroids per subspace (and nlist lists)
         if x.shape[0] < need:
             raise ValueError(f"FaissPQIndex needs at least {need} vectors to train on, got {x.shape[0]}")
@@ -395,11 +396,7 @@ class FaissPQIndex:
         hotops' search refuses: queries of another width or not finite, refine without kept
         vectors."""
         faiss = _faiss()
-        q = np.ascontiguousarray(np.asarray(q, dtype=np.float32))
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"q must be (nq, {self.dim}) queries, got shape {q.shape}")
-        if not np.isfinite(q).all():
-            raise ValueError("q holds NaN or inf")
+        q = _arrays.as_vectors(q, "queries", self.dim)  # hotops' own checks and messages
         if refine is not None and not self.refine:
             raise ValueError("refine needs the exact vectors: build the FaissPQIndex with refine=True")
         base = faiss.SearchParametersIVF(nprobe=nprobe) if self.quantizer is not None else None
