@@ -257,6 +257,19 @@ def test_codebook_load_compressed_names_missing_keys():
         load_compressed(nn.Sequential(nn.Linear(16, 8)), sd)
 
 
+def test_codebook_load_compressed_bias_follows_the_dense_layer():
+    lin = _linear()  # with a bias
+    sd = {f"0.{k}": v for k, v in lin.state_dict().items()}
+    without = {k: v for k, v in sd.items() if k != "0.bias"}
+    with pytest.raises(ValueError, match="lacks 0.bias"):  # a truncated checkpoint is not loaded bare
+        load_compressed(nn.Sequential(nn.Linear(16, 8)), without)
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # nor a bias the architecture has not
+        load_compressed(nn.Sequential(nn.Linear(16, 8, bias=False)), sd)
+    loaded = load_compressed(nn.Sequential(nn.Linear(16, 8)), sd)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), lin(x))
+
+
 # --- properties
 
 

@@ -255,9 +255,10 @@ def load_compressed(model: nn.Module, state_dict: dict) -> nn.Module:
         def get(key, prefix=prefix):
             return state_dict.get(prefix + key)
 
-        lacking = [
-            prefix + key for key in ("codebooks", "scales", "group_ptr") if prefix + key not in state_dict
-        ]
+        # the bias follows the dense layer, so a checkpoint without one is refused, not loaded bare
+        has_bias = layers[name].bias is not None
+        needed = ("codebooks", "scales", "group_ptr") + (("bias",) if has_bias else ())
+        lacking = [prefix + key for key in needed if prefix + key not in state_dict]
         if lacking:
             raise ValueError(
                 f"load_compressed: the state_dict holds {prefix}codes but lacks {', '.join(lacking)}"
@@ -265,6 +266,6 @@ def load_compressed(model: nn.Module, state_dict: dict) -> nn.Module:
         weight = CodebookWeight.from_packed(
             get("codes"), get("codebooks"), get("scales"), get("group_ptr"), get("perm")
         )
-        _replace(model, name, CodebookLinear(weight, get("bias")))
+        _replace(model, name, CodebookLinear(weight, get("bias") if has_bias else None))
     model.load_state_dict(state_dict)
     return model
