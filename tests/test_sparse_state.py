@@ -280,13 +280,21 @@ def test_half_and_bfloat16_modules(cls, layout, policy, dtype):
     _check_follows(layer, x, lambda m: m.values.data.mul_(2))
 
 
+@pytest.mark.parametrize("warm", [False, True])
 @pytest.mark.parametrize("cls", ["linear", "conv"])
-def test_double_module_refused_clearly(cls):
+def test_double_module_refused_clearly(cls, warm):
     layer, x = _make(cls, "csr", "sparse")
+    if warm:  # a layer that has run: its checks are made again after the change, not skipped
+        layer(x)
     layer.double()
     with pytest.raises(TypeError, match="x has dtype float64"):
         layer(x.double())
     with pytest.raises(TypeError, match="values has dtype float64"):
+        layer(x)
+    layer.float()
+    layer(x)
+    layer.bias = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="bias has 3 entries"):
         layer(x)
 
 

@@ -127,7 +127,8 @@ class _SparseLayer(nn.Module):
         return out
 
     def __getstate__(self):  # copy.deepcopy, pickle: caches and the cell are rebuilt
-        return {**self.__dict__, "_prepared": None, "_dense_cache": None, "_packed": None, "_cell": [0, []]}
+        fresh = {"_prepared": None, "_dense_cache": None, "_packed": None, "_cell": [0, []], "_checked": {}}
+        return {**self.__dict__, **fresh}
 
     def __setstate__(self, state):  # parameters and buffers come back untracked: track them again
         super().__setstate__(state)
@@ -355,20 +356,19 @@ class _SparseLayer(nn.Module):
 
         key = (x.shape, x.dtype, x.device, self.policy)
         decided = self.dispatch.get(key)
+        checked = self.__dict__.setdefault("_checked", {})  # signature -> generation validated at
+        if checked.get(key) != gen and not torch.compiler.is_compiling():
+            validate()  # the sparse op's argument checks, whatever the path, again after any change
+            checked[key] = gen
         if decided is None:
             if torch.compiler.is_compiling():  # nothing is timed or stored while tracing
                 decided = (sparse_pays(kind, self.density, rows), None, None)
             else:
-                validate()  # the sparse op's argument checks, once per signature, whatever the path
                 if self.policy == "auto" and x.device.type == "cpu":
                     ts, td = measure_pair(call(True), call(False))
                     decided = (ts < td, ts, td)
                 else:
-                    decided = (
-                        sparse_pays(kind, self.density, rows),
-                        None,
-                        None,
-                    )
+                    decided = (sparse_pays(kind, self.density, rows), None, None)
                 self.dispatch[key] = decided
         sparse = decided[0] if self.policy in ("auto", "model") else self.policy == "sparse"
         backend = SPARSE if sparse else DENSE
