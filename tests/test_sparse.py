@@ -289,6 +289,23 @@ def test_nan_propagates():
     assert torch.isnan(y[0]).all() and not torch.isnan(y[1]).any()
 
 
+def test_batch1_row_tails_ignore_unread_inputs(isa):
+    # A row's last 1 .. W - 1 non-zeros are loaded as one vector whose other lanes read input 0
+    # and are then dropped: an inf there, in a column no row keeps, must not reach any output.
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 300, generator=g)
+    for r in range(40):  # row r keeps 1 + r non-zeros among columns 1.., so every tail length occurs
+        keep = torch.randperm(299, generator=g)[: 1 + r] + 1
+        row = torch.zeros(300)
+        row[keep] = w[r, keep]
+        w[r] = row
+    x = torch.randn(1, 300, generator=g)
+    x[0, 0] = float("inf")
+    y = sparse_linear(x, SparseWeight.from_dense(w))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, x[:, 1:] @ w[:, 1:].T)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     C=st.integers(1, 6),

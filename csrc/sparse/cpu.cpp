@@ -49,8 +49,8 @@ inline void accumulate(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
 
 // sum_k val[k] * src[col[k] * ld] over one row's non-zeros [k, kend), left spread over the lanes
 // (the caller adds up a row's panels before one horizontal sum): a sparse dot product that gathers
-// its operands 16 (AVX-512) or 8 (AVX2) at a time where offsets fit int32, the last 1 .. W - 1 by
-// one masked gather (no branch on how many: a row's panels end at random counts).
+// its operands 16 (AVX-512) or 8 (AVX2) at a time where offsets fit int32, the last 1 .. W - 1 as
+// one masked vector (no branch on how many: a row's panels end at random counts).
 inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* src, int64_t ld) {
   const VecF zero = VecF::set1(0.0f);
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -69,19 +69,19 @@ inline VecF gather_dot(const CsrPtrs& m, int64_t k, int64_t kend, const float* s
       return VecF(_mm512_mask_i32gather_ps(zero.v, mask, c, src, 4));
     };
 #else
-    using I = __m256i;
-    auto index = [&](I c) {
-      return ld == 1 ? c : _mm256_mullo_epi32(c, _mm256_set1_epi32(static_cast<int32_t>(ld)));
+    // Eight scalar loads put together, not vgatherdps: on Zen 3 the gather instruction took 1.3x
+    // the CPU time of this on a 4096 x 4096 batch-1 product at 90 % (1.6x in the loop alone).
+    auto load8 = [&](const int32_t* c) {
+      const auto x = [&](int i) { return src[static_cast<int64_t>(c[i]) * ld]; };
+      return _mm256_set_m128(_mm_setr_ps(x(4), x(5), x(6), x(7)), _mm_setr_ps(x(0), x(1), x(2), x(3)));
     };
-    auto gather = [&](int64_t at) {
-      return VecF(
-          _mm256_i32gather_ps(src, index(_mm256_loadu_si256(reinterpret_cast<const I*>(m.col + at))), 4));
-    };
-    auto gather_first = [&](int64_t at, int64_t count) {
-      const I mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
-                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      const I c = index(_mm256_maskload_epi32(m.col + at, mask));
-      return VecF(_mm256_mask_i32gather_ps(zero.v, src, c, _mm256_castsi256_ps(mask), 4));
+    auto gather = [&](int64_t at) { return VecF(load8(m.col + at)); };
+    auto gather_first = [&](int64_t at, int64_t count) {  // the lanes past count read src[0], then drop it
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      alignas(32) int32_t c[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(c), _mm256_maskload_epi32(m.col + at, mask));
+      return VecF(_mm256_and_ps(load8(c), _mm256_castsi256_ps(mask)));
     };
 #endif
     VecF s0 = zero, s1 = zero;
