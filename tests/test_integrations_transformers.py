@@ -176,6 +176,21 @@ def test_tiny_llama_gqa_causal(llama_dir):
     assert not torch.equal(outs[0], b)
 
 
+def test_tiny_llama_trains_under_autocast(llama_dir):
+    # rotary embedding leaves q and k float32 beside a bfloat16 v; SDPA takes them, so must hotops
+    ssa, ref = pair(llama_dir)
+    no_dropout(ssa.train()), no_dropout(ref.train())
+    ht.configure(ssa, keep=1.0)
+    ids, mask = padded_batch(64, [10, 6], 10, left=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = ssa(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert a.dtype == b.dtype
+    assert (a - b)[mask.bool()].abs().max() <= 5e-2 * b.abs().max()
+    a[mask.bool()].float().square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in ssa.parameters() if p.grad is not None)
+
+
 def test_settings_save_with_the_model(llama_dir, tmp_path):
     model = AutoModel.from_pretrained(llama_dir, attn_implementation="hotops_ssa")
     assert (ht._settings(model.layers[0].self_attn)) == (0.25, "unbiased", 1)

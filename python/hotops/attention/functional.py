@@ -124,8 +124,10 @@ def subsampled_attention(
         key_padding_mask: (B, Lk) bool, True marks padding keys that no query sees.
 
     Returns (B, H, Lq, Dh) in q's dtype. Differentiable in q, k and v; backward uses the same
-    subsets as forward.
+    subsets as forward. Inside ``torch.autocast``, q, k and v are taken in autocast's dtype, as
+    torch's scaled_dot_product_attention takes them.
     """
+    q, k, v = (_backend.autocast_input(t) for t in (q, k, v))
     keep = _backend.check_number(keep, "keep", low=0.0, low_open=True, high=1.0)
     scale = None if scale is None else _backend.check_number(scale, "scale")
     _check_inputs(q, k, v, keep, mode, indices, causal, generator, key_padding_mask)

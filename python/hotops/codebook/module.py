@@ -100,6 +100,7 @@ class CodebookLinear(nn.Module):
         return op.codebook_dequantize(self.codes, self.codebooks, self.scales, self.group_ptr, self.perm)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = _backend.autocast_input(x)  # as nn.Linear takes x inside torch.autocast
         check_input(x, self.in_features)
         return op.matmul(x, self.codes, self.codebooks, self.scales, self.group_ptr, self.perm, self.bias)
 
@@ -198,6 +199,7 @@ class WideCodebookLinear(nn.Module):
         return op.codebook_wide_dequantize(self.codes, self.codebooks, self.scales, self.group_ptr, self.perm)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = _backend.autocast_input(x)  # as nn.Linear takes x inside torch.autocast
         check_input(x, self.in_features)
         return op.matmul(x, self.codes, self.codebooks, self.scales, self.group_ptr, self.perm, self.bias)
 

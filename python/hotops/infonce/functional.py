@@ -61,8 +61,10 @@ def info_nce(
         reduction: "none" | "mean" | "sum".
 
     Returns the float32 loss. Inputs may be float32, bfloat16 or float16 (float32
-    accumulation). NaN inputs give a NaN loss.
+    accumulation); inside ``torch.autocast`` they are taken in autocast's dtype, as torch's
+    matmul takes them. NaN inputs give a NaN loss.
     """
+    q, d, hard = (_backend.autocast_input(t) for t in (q, d, hard))
     _backend.check_tensor(q, "q", ndim=2)
     _backend.check_tensor(d, "d", ndim=2)
     if hard is not None:

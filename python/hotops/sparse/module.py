@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hotops._backend import autocast_input
 from hotops.integrations.torch_prune import weight_bias_mask
 from hotops.sparse.dispatch import DENSE, POLICIES, SPARSE, measure_pair, sparse_pays
 from hotops.sparse.format import (
@@ -451,6 +452,7 @@ class SparseLinear(_SparseLayer):
         return cls(sw, bias, activation, policy)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = autocast_input(x)  # as nn.Linear takes x inside torch.autocast
         fast = self._fast(x)
         if fast is not None:
             return fast(x)
@@ -565,6 +567,7 @@ class SparseConv2d(_SparseLayer):
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, Tensor) and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        x = autocast_input(x)  # as nn.Conv2d takes x inside torch.autocast
         fast = self._fast(x)
         if fast is not None:
             return fast(x)
