@@ -141,7 +141,9 @@ def check_number(
     other than one) is a TypeError naming the argument. The range check says what was expected:
     ``low``/``high`` bound the value, ``*_open`` makes a bound exclusive, ``finite`` refuses NaN
     and +-inf, ``integer`` refuses fractions (1.0 is accepted as 1)."""
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, (int, float)):  # first: torch.compile(dynamic=True) traces these symbolically
+        pass
+    elif isinstance(x, torch.Tensor):
         if x.numel() != 1 or x.dim() != 0:
             raise TypeError(
                 f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(x.shape)}"
@@ -153,16 +155,16 @@ def check_number(
         raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}")
     if integer:
         if isinstance(x, float):
-            if not math.isfinite(x) or x != int(x):
+            if not abs(x) < math.inf or x != int(x):  # (math.isfinite cannot take a traced float)
                 raise ValueError(f"{name} must be an integer, got {x!r}")
         x = int(x)
     else:
         x = float(x)
-        if finite and not math.isfinite(x):
+        if finite and not abs(x) < math.inf:
             raise ValueError(f"{name} must be finite, got {x!r}")
     too_low = low is not None and (x <= low if low_open else x < low)
     too_high = high is not None and (x >= high if high_open else x > high)
-    if too_low or too_high or (not integer and math.isnan(x)):
+    if too_low or too_high or (not integer and x != x):  # x != x: NaN
         lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
         hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
         raise ValueError(f"{name} must be {' and '.join(b for b in (lo, hi) if b)}, got {x!r}")

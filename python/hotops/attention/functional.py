@@ -44,7 +44,9 @@ def _check_inputs(q, k, v, keep, mode, indices, causal, generator, key_padding_m
                 f"indices must be an int64 tensor, got "
                 f"{indices.dtype if isinstance(indices, Tensor) else type(indices).__name__}"
             )
-        if indices.dim() != 3 or indices.shape[0] != B or indices.shape[1] not in (H, Hkv):
+        # compared one by one, not with `in`: torch.compile(dynamic=True) traces sizes symbolically
+        heads = indices.shape[1] if indices.dim() == 3 else -1
+        if indices.dim() != 3 or indices.shape[0] != B or (heads != H and heads != Hkv):
             raise ValueError(f"indices must be (B={B}, H={H} or Hkv={Hkv}, S), got {tuple(indices.shape)}")
         if (
             not torch.compiler.is_compiling()
