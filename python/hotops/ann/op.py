@@ -41,7 +41,7 @@ def quantize_ste_fwd(x: Tensor, codebooks: Tensor, temperature: float) -> Tuple[
 
 @quantize_ste_fwd.register_fake
 def _(x, codebooks, temperature):
-    return torch.empty_like(x), x.new_empty(
+    return x.new_empty(x.shape), x.new_empty(  # the reshape above is contiguous, whatever x's strides
         (x.shape[0], codebooks.shape[0], codebooks.shape[1]), dtype=_compute_dtype(x)
     )
 

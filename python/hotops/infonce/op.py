@@ -291,12 +291,12 @@ def _(q, d, pool, own, neg_weight, temperature, pos_offset, smoothing, reduction
     lse = q.new_empty((B,), dtype=torch.float32)
     if not (need_grad and reduction != "none"):
         return loss, lse, _empty(q), _empty(d), _empty(d), _empty(q), _empty(temperature)
-    return (
+    return (  # as run_panels allocates them: dd and dpool contiguous, dq and down like q and own
         loss,
         lse,
         torch.empty_like(q),
-        torch.empty_like(d),
-        torch.empty_like(pool) if pool is not None else _empty(d),
+        d.new_empty(d.shape),
+        pool.new_empty(pool.shape) if pool is not None else _empty(d),
         torch.empty_like(own) if own is not None else _empty(q),
         torch.empty_like(temperature),
     )
@@ -321,10 +321,10 @@ def info_nce_backward(
 
 @info_nce_backward.register_fake
 def _(q, d, pool, own, neg_weight, temperature, grad_rows, pos_offset, smoothing):
-    return (
+    return (  # as run_panels allocates them (see info_nce's fake)
         torch.empty_like(q),
-        torch.empty_like(d),
-        torch.empty_like(pool) if pool is not None else _empty(d),
+        d.new_empty(d.shape),
+        pool.new_empty(pool.shape) if pool is not None else _empty(d),
         torch.empty_like(own) if own is not None else _empty(q),
         torch.empty_like(temperature),
     )

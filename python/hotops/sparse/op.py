@@ -269,7 +269,8 @@ def sparse_linear_backward(
         gx, gv = run(
             gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, in_features, need_x, need_values
         )
-    return (gx if need_x else x.new_empty(0)), (gv if need_values else values.new_empty(0))
+    # values' gradient in their dtype on every path (the CPU kernel accumulates it in float32)
+    return (gx if need_x else x.new_empty(0)), (gv.to(values.dtype) if need_values else values.new_empty(0))
 
 
 @sparse_linear_backward.register_fake
@@ -431,7 +432,8 @@ def sparse_conv2d_backward(
             gy, x, values, rowptr, colidx, t_rowptr, t_colidx, t_perm, weight_shape, stride, padding,
             dilation, groups, need_x, need_values,
         )  # fmt: skip
-    return (gx if need_x else x.new_empty(0)), (gv if need_values else values.new_empty(0))
+    # values' gradient in their dtype on every path (the CPU kernel accumulates it in float32)
+    return (gx if need_x else x.new_empty(0)), (gv.to(values.dtype) if need_values else values.new_empty(0))
 
 
 @sparse_conv2d_backward.register_fake
