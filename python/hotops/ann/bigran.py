@@ -84,8 +84,9 @@ class BiGranularIndex:
     stage 2 re-ranks them by exact distance to their dense vectors in the store file, optionally
     fused with the stage-1 score: score = exact + fusion * pq (both as lower-is-better scores).
 
-    BiGranularIndex(coarse_index, store_path, dtype="float32"|"float16"); the coarse index's ids
-    must be row numbers of the store (write the store with `write_store(path, x, dtype)`).
+    BiGranularIndex(coarse_index, store_path, dtype=None); dtype None reads the store's own
+    ("float32" or "float16"; a value given must match it). The coarse index's ids must be row
+    numbers of the store (write the store with `write_store(path, x, dtype)`).
     """
 
     def __init__(self, coarse_index: Union[PQIndex, IVFPQIndex], store_path, dtype: Optional[str] = None):

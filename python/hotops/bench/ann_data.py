@@ -122,5 +122,11 @@ def load(name: str, nq: int, nb: Optional[int], nt: Optional[int], k: int = 10):
     return base, base[:nt], q, brute_force(base, q, k)
 
 
-if __name__ == "__main__":  # encodes and caches the WordNet embeddings: python -m hotops.bench.ann_data
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m hotops.bench.ann_data",
+        description="Encode the WordNet glosses with all-MiniLM-L6-v2 once and cache them for hotops bench.",
+    ).parse_args()
     print(vectors("wordnet").shape, "cached in", cache_dir())

@@ -539,22 +539,29 @@ def bf16_table(threads: int = 1, clock: str = "cpu", sparsities=(0.5, 0.7, 0.9),
             )
 
 
-if __name__ == "__main__":  # python -m hotops.bench.sparse [e2e | layers BATCH | blocked | bf16]: see each
-    import sys
+if __name__ == "__main__":
+    import argparse
 
-    if sys.argv[1:2] == ["blocked"]:  # blocked [threads] [wall | cpu]
-        blocked_table(
-            threads=int(sys.argv[2]) if len(sys.argv) > 2 else 2,
-            clock=sys.argv[3] if len(sys.argv) > 3 else "wall",
+    parser = argparse.ArgumentParser(
+        prog="python -m hotops.bench.sparse",
+        description="The sparse kernels' tables in docs/sparse.md (no table named: the per-layer "
+        "single-thread CPU-time table).",
+    )
+    parser.add_argument("table", nargs="?", choices=["e2e", "layers", "blocked", "bf16"])
+    parser.add_argument(
+        "arg", nargs="*", help="layers: BATCH; blocked: [THREADS] [wall|cpu]; bf16: [THREADS] [cpu|wall]"
+    )
+    a = parser.parse_args()
+    if a.table in ("blocked", "bf16"):
+        table = blocked_table if a.table == "blocked" else bf16_table
+        default_threads, default_clock = (2, "wall") if a.table == "blocked" else (1, "cpu")
+        table(
+            threads=int(a.arg[0]) if a.arg else default_threads,
+            clock=a.arg[1] if len(a.arg) > 1 else default_clock,
         )
-    elif sys.argv[1:2] == ["bf16"]:  # bf16 [threads] [cpu | wall]
-        bf16_table(
-            threads=int(sys.argv[2]) if len(sys.argv) > 2 else 1,
-            clock=sys.argv[3] if len(sys.argv) > 3 else "cpu",
-        )
-    elif sys.argv[1:2] == ["e2e"]:
+    elif a.table == "e2e":
         e2e_cpu_time_table()
-    elif sys.argv[1:2] == ["layers"]:
-        mobilenet_layers(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    elif a.table == "layers":
+        mobilenet_layers(int(a.arg[0]) if a.arg else 1)
     else:
         cpu_time_table()

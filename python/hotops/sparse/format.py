@@ -304,10 +304,12 @@ class SparseWeight:
 
     @property
     def out_features(self) -> int:
+        """Rows of the weight: output features (channels of a convolution)."""
         return self.shape[0]
 
     @property
-    def cols(self) -> int:  # K: columns of one row
+    def cols(self) -> int:
+        """Columns of one row, K: in_features, or in_channels / groups * kh * kw."""
         k = 1
         for s in self.shape[1:]:
             k *= s
@@ -315,10 +317,12 @@ class SparseWeight:
 
     @property
     def nnz(self) -> int:
+        """How many weights are kept (stored non-zeros)."""
         return self.colidx.numel()
 
     @property
     def density(self) -> float:
+        """The fraction of weights kept, nnz / (rows * cols): 1 - sparsity."""
         return self.nnz / max(1, self.shape[0] * self.cols)
 
     @property
@@ -448,6 +452,7 @@ class SparseWeight:
         )
 
     def without_block(self) -> "SparseWeight":
+        """The same weight in CSR only (the blocked form dropped)."""
         return SparseWeight(
             self.shape,
             self.groups,
@@ -529,11 +534,13 @@ class SparseWeight:
         )
 
     def mask(self) -> Tensor:
+        """The bool mask of kept weights, in the dense weight's shape."""
         m = torch.zeros(self.shape[0], self.cols, dtype=torch.bool, device=self.values.device)
         m[self.row_indices(), self.colidx.long()] = True
         return m.view(self.shape)
 
     def row_indices(self) -> Tensor:
+        """(nnz,) int64: the row of each stored non-zero (colidx gives its column)."""
         return csr_rows(self.rowptr, self.shape[0])
 
     def to_dense(self) -> Tensor:

@@ -18,7 +18,7 @@ _FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 def _check_eval(model: nn.Module) -> None:
     training = [
-        name or "the model"
+        f"module {name!r}" if name else "the model"
         for name, m in model.named_modules()
         if m.training and (m is model or isinstance(m, _BATCHNORMS))
     ]
