@@ -423,7 +423,7 @@ def test_fuse_refuses_training_mode():
         hotops.sparse.fuse(sp.train())
     sp.eval()
     sp[1].train()
-    with pytest.raises(ValueError, match="but 1 are"):  # names the module in training mode
+    with pytest.raises(ValueError, match="but module '1' is in"):  # names the module in training mode
         hotops.sparse.fuse(sp)
 
 

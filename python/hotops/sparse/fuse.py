@@ -26,7 +26,8 @@ def _check_eval(model: nn.Module) -> None:
         raise ValueError(
             "fuse() folds BatchNorm's running statistics, which is only valid in eval mode, but "
             f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''} "
-            "are in training mode: call model.eval() first (and keep training on the unfused model)"
+            f"{'is' if len(training) == 1 else 'are'} in training mode: call model.eval() first (and keep "
+            "training on the unfused model)"
         )
 
 
