@@ -332,6 +332,23 @@ def _fake_matmul(x, codes, codebooks, scales, group_ptr, perm, bias):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 
+@torch.library.custom_op("hotops::codebook_input_grad", mutates_args=())
+def codebook_input_grad(
+    dy: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, group_ptr: Tensor, perm: Optional[Tensor]
+) -> Tensor:
+    """dy (..., N) -> dx (..., K) of either product, on the device's backend. An op of its own so
+    that a traced backward (torch.compile of a training step) records it instead of launching a
+    Triton kernel on placeholder tensors; not differentiable (create_graph takes the dense form)."""
+    backends = CODEBOOK_WIDE_MATMUL_BACKWARD_BACKENDS if _wide(codes) else CODEBOOK_MATMUL_BACKWARD_BACKENDS
+    name = "codebook_wide_matmul backward" if _wide(codes) else "codebook_matmul backward"
+    return _backend.choose(name, backends, dy.device).run(dy, codes, codebooks, scales, group_ptr, perm)
+
+
+@codebook_input_grad.register_fake
+def _(dy, codes, codebooks, scales, group_ptr, perm):
+    return dy.new_empty((*dy.shape[:-1], _in_features(codes, codebooks)))
+
+
 def _fake_dequantize(codes, codebooks, scales, group_ptr, perm):
     return codes.new_empty((scales.shape[0], _in_features(codes, codebooks)), dtype=torch.float32)
 
@@ -383,15 +400,10 @@ def _backward_matmul(ctx, dy):
     dy2 = dy.reshape(-1, dy.shape[-1])
     dx = dcb = ds = db = None
     if need_x:
-        name = "codebook_wide_matmul" if _wide(codes) else "codebook_matmul"
-        backends = (
-            CODEBOOK_WIDE_MATMUL_BACKWARD_BACKENDS if _wide(codes) else CODEBOOK_MATMUL_BACKWARD_BACKENDS
-        )
-        if torch.is_grad_enabled():  # create_graph=True: only differentiable backends (not Triton's)
-            backends = backends[-1:]
-        dx = _backend.choose(f"{name} backward", backends, dy.device).run(
-            dy, codes, codebooks, scales, group_ptr, perm
-        )
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable form (not Triton's)
+            dx = _dense_input_grad(dy, codes, codebooks, scales, group_ptr, perm)
+        else:
+            dx = codebook_input_grad(dy, codes, codebooks, scales, group_ptr, perm)
     if need_cb or need_s:
         dW = dy2.float().T @ x.reshape(-1, x.shape[-1]).float()
         dcb, ds = format_grads(dW, codes, codebooks, scales, group_ptr, perm)
