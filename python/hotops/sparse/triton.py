@@ -43,8 +43,11 @@ def _bsr_linear_kernel(
     BO: tl.constexpr,
     BI: tl.constexpr,
 ):
-    pid_o = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    # one-dimensional grid, block rows of the weight fastest (programs side by side share their x
+    # tile): CUDA caps grid y at 65,535, which the batch tiles alone pass at 2.1M rows
+    n_o = tl.cdiv(O, BO)
+    pid_o = tl.program_id(0) % n_o
+    pid_b = tl.program_id(0) // n_o
     rows_b = pid_b * BB + tl.arange(0, BB)
     outs = pid_o * BO + tl.arange(0, BO)
     local = tl.arange(0, BO)
@@ -93,6 +96,12 @@ def to_bsr(
     return crow, (uniq % n_bcols).to(torch.int32), blocks
 
 
+def launch_grid(O: int, B: int) -> Tuple[int]:
+    """The kernel's grid for an (O, I) weight and B rows: one dimension (see the kernel), since
+    CUDA caps grid y at 65,535 and x at 2^31 - 1."""
+    return (triton.cdiv(O, BLOCK[0]) * triton.cdiv(B, BATCH_TILE),)
+
+
 def bsr_linear(
     x: Tensor,
     rowptr: Tensor,
@@ -112,7 +121,7 @@ def bsr_linear(
     x = x.detach().float().contiguous()
     crow, ccol, blocks = to_bsr(rowptr, colidx, values, shape)
     BO, BI = BLOCK
-    grid = (crow.numel() - 1, triton.cdiv(B, BATCH_TILE))
+    grid = launch_grid(O, B)
     _bsr_linear_kernel[grid](
         x,
         crow,
