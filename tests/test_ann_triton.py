@@ -72,3 +72,45 @@ def test_triton_scan_on_gpu(metric):
             _device_search_matches_cpu(index, q, "cuda", k=10, refine=refine, **extra)
         d, i = index.search(torch.from_numpy(q).cuda(), k=10, **extra)  # the public entry point
         assert d.is_cuda and i.is_cuda and i.dtype == torch.int64
+
+
+def test_triton_adc_topk_signed_zero_and_nan_order():
+    """-0.0 ties with +0.0 (broken by row, as for any tie; the C++ scan compares them equal) and a
+    NaN score ranks after +inf whatever its sign bit: a negative NaN used to rank first."""
+    from conftest import require_triton_runs
+
+    require_triton_runs()
+    from hotops.ann.triton import adc_topk
+
+    neg_nan = torch.tensor([-4194304], dtype=torch.int32).view(torch.float32)  # 0xFFC00000
+    vals = torch.tensor([1.0, -0.0, 0.0, float("nan"), 0.0, float("inf"), -1.0, -0.0])
+    vals[4] = neg_nan[0]
+    qt = vals.view(1, 1, 8)
+    codes = torch.arange(8, dtype=torch.uint8).view(8, 1)
+    for bias in (None, torch.tensor([[-0.0]])):  # -0.0 + -0.0 stays -0.0 with a bias
+        score, rows = adc_topk(qt, codes, torch.tensor([0, 8]), torch.tensor([[0]]), k=8, bias=bias)
+        np.testing.assert_array_equal(rows.numpy(), [[6, 1, 2, 7, 0, 5, 3, 4]])
+        assert torch.isnan(score[0, -2:]).all() and torch.isinf(score[0, -3])
+
+
+def test_triton_adc_topk_many_queries_and_probes():
+    """One program per (query, probe) on a one-dimensional grid (CUDA caps grid y at 65,535, which
+    a flat index's slices pass): every pair is scanned once, for any split of the ids."""
+    from conftest import require_triton_runs
+
+    require_triton_runs()
+    from hotops.ann.triton import adc_topk
+
+    g = torch.Generator().manual_seed(3)
+    nq, m, ksub, nlist = 5, 3, 16, 7
+    qt = torch.randn(nq, m, ksub, generator=g)
+    codes = torch.randint(0, ksub, (90, m), generator=g, dtype=torch.uint8)
+    offsets = torch.tensor([0, 10, 25, 25, 40, 61, 80, 90])
+    probes = torch.stack([torch.randperm(nlist, generator=g)[:4] for _ in range(nq)])
+    score, rows = adc_topk(qt, codes, offsets, probes, k=6)
+    full = qt[:, torch.arange(m), codes.long()].sum(-1)  # (nq, N): every row's score
+    for q in range(nq):
+        scanned = torch.cat([torch.arange(offsets[p], offsets[p + 1]) for p in probes[q].tolist()])
+        want = full[q, scanned].sort(stable=True)
+        np.testing.assert_allclose(score[q].numpy(), want.values[:6].numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(rows[q].numpy(), scanned[want.indices[:6]].numpy())

@@ -45,8 +45,11 @@ def _adc_topk_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_ALLOW: tl.constexpr,
 ):
-    q = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
+    # one-dimensional grid, the probes of a query side by side: CUDA caps grid y at 65,535, which
+    # a flat index's slices (FLAT_SLICE rows each) pass from 268M codes
+    pid = tl.program_id(0).to(tl.int64)
+    q = pid // nprobe
+    p = pid % nprobe
     lst = tl.load(PROBES + q * nprobe + p)
     start = tl.load(OFFSETS + tl.maximum(lst, 0))
     end = tl.load(OFFSETS + tl.maximum(lst, 0) + 1)
@@ -72,6 +75,11 @@ def _adc_topk_kernel(
         if HAS_ALLOW:
             keep = keep & (tl.load(ALLOW + rows, mask=inside, other=0) != 0)
         bits = score.to(tl.int32, bitcast=True)
+        # -0.0 is +0.0 (equal scores, as the C++ scan compares them: the tie breaks by row) and
+        # every NaN is the positive one, after +inf as torch.topk has it: a NaN's sign bit must
+        # not rank it first. In the bits, where no float rule can fold the selects away.
+        bits = tl.where(score == 0.0, 0, bits)
+        bits = tl.where(score != score, 0x7FC00000, bits)
         bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving as signed int32
         key = (bits.to(tl.int64) << 32) | rows
         key = tl.where(keep, key, 0x7FFFFFFFFFFFFFFF)
@@ -121,7 +129,7 @@ def adc_topk(
     for q0 in range(0, nq if N and nprobe else 0, batch):
         q1 = min(nq, q0 + batch)
         keys = torch.empty((q1 - q0, nprobe, kp), dtype=torch.int64, device=qtables.device)
-        _adc_topk_kernel[(q1 - q0, nprobe)](
+        _adc_topk_kernel[((q1 - q0) * nprobe,)](
             qtables[q0:q1],
             list_tables if list_tables is not None else qtables,
             bias[q0:q1] if bias is not None else qtables,
