@@ -148,6 +148,15 @@ def test_input_grad_matches_reference(interpreted, dtype, in_group, num_codebook
     check_input_grad(torch.randn(B, 37).to(dtype), parts)
 
 
+def test_tiles_of_a_one_dimensional_grid(interpreted):
+    """The GEMM's and the input gradient's (tile, batch block) come from one program id (CUDA caps
+    grid y at 65,535, which batch blocks alone pass from about a million rows): 40 rows are three
+    16-row batch blocks, 37 stored rows three row tiles, 48 inputs three input tiles."""
+    parts = weight_parts(37, 48, 4, 1, groups=3)
+    check_forward(torch.randn(40, 48), parts, torch.randn(37))
+    check_input_grad(torch.randn(40, 37), parts)
+
+
 # ------------------------------------------------------------------ through the op
 
 
