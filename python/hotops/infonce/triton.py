@@ -109,7 +109,7 @@ def _rows_kernel(
     m, s, el, sl = _sweep_stats(S, stride_s, Na, Wt, 0, pos, r, inv_t, m, s, el, sl, HAS_W, BLOCK)
     if HAS_OWN:
         m, s, el, sl = _sweep_stats(O, stride_o, K, Wt, Na, -1, r, inv_t, m, s, el, sl, HAS_W, BLOCK)
-    C = (Na + K).to(tl.float32)
+    C = tl.cast(Na + K, tl.float32)  # Na and K may both be 1, which Triton passes as Python ints
     lse = m + tl.log(s)
     l_pos = tl.load(S + r * stride_s + pos).to(tl.float32) * inv_t
     tl.store(LSE + r, lse)
