@@ -487,6 +487,17 @@ def test_triton_in_interpreter(triton_backend, dtype, idx_heads, causal, positio
     check(*on_indices(idx, kpos, qpos, causal=causal), (q, k, v))
 
 
+def test_triton_refuses_head_dims_beyond_its_tiles(triton_backend):
+    q32 = torch.randn(1, 1, 2, 300, requires_grad=True)
+    idx = torch.zeros(1, 1, 1, dtype=torch.long)
+    out = hotops.subsampled_attention(q32, q32, q32, indices=idx)  # a float32 forward at 300 runs
+    with pytest.raises(ValueError, match="head dims up to 256"):  # its backward's tiles would not fit
+        out.sum().backward()
+    big = torch.randn(1, 1, 2, 520, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head dims up to 512"):
+        hotops.subsampled_attention(big, big, big, indices=idx)
+
+
 # ------------------------------------------------------------------ on a GPU (gpu_check.sh)
 
 

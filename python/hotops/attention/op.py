@@ -55,9 +55,22 @@ def _cpu_ssa_backward(q, k, v, idx, kpos, qpos, out, lse, dout, scale, causal):
     return dq, dk, dv
 
 
+def _check_gpu_head_dim(q: Tensor, backward: bool) -> None:
+    """The head dims whose kernels compile within an H100's shared memory (launch_config): up to
+    512, and up to 256 for a float32 backward (its dK/dV tiles need 262 KB at 512)."""
+    limit = 256 if backward and q.dtype == torch.float32 else 512
+    if q.shape[-1] > limit:
+        kind = "float32 backward" if limit == 256 else "kernels"
+        raise ValueError(
+            f"subsampled attention on the GPU takes head dims up to {limit} (its {kind} would not fit "
+            f"the shared memory of one block); got {q.shape[-1]}"
+        )
+
+
 def _triton_ssa(q, k, v, idx, kpos, qpos, scale, causal):
     from hotops.attention.triton import forward
 
+    _check_gpu_head_dim(q, backward=False)
     out, lse = _forward_outputs(q)
     forward(*_views(q, k, v, idx, kpos, qpos), out, lse, scale, causal)
     return out, lse
@@ -66,6 +79,7 @@ def _triton_ssa(q, k, v, idx, kpos, qpos, scale, causal):
 def _triton_ssa_backward(q, k, v, idx, kpos, qpos, out, lse, dout, scale, causal):
     from hotops.attention.triton import backward
 
+    _check_gpu_head_dim(q, backward=True)
     dq, dk, dv = _backward_outputs(q, k, v)
     backward(*_views(q, k, v, idx, kpos, qpos, out, lse.contiguous(), dout), dq, dk, dv, scale, causal)
     return dq, dk, dv
