@@ -220,8 +220,16 @@ def test_op_opcheck_and_compile(triton_backend):
         op.codebook_matmul, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
     )
     compiled = torch.compile(lambda x: codebook_matmul(x, w), fullgraph=True, backend="aot_eager")
-    x = torch.randn(3, 16)
-    torch.testing.assert_close(compiled(x), reference.codebook_matmul(x, *args[1:6]), rtol=1e-4, atol=1e-4)
+    x = torch.randn(3, 16, requires_grad=True)
+    out, ref = compiled(x), reference.codebook_matmul(x, *args[1:6])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # a compiled training step: the traced backward records the input-gradient op (it used to
+    # launch the Triton kernel on the trace's placeholder tensors)
+    got, want = (torch.autograd.grad(y.square().sum(), x)[0] for y in (out, ref))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(
+        op.codebook_input_grad, (torch.randn(9, 18), *args[1:6]), test_utils="test_faketensor"
+    )
 
 
 def test_cuda_backend_is_chosen_for_cuda():
