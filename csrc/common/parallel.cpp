@@ -1,6 +1,7 @@
 #include "common/parallel.h"
 
 #include <dlfcn.h>
+#include <pthread.h>
 #if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/resource.h>
@@ -178,10 +179,12 @@ struct OmpJob {
 // holds up the job by at most the chunk it is running.
 class Pool {
  public:
-  static Pool& get() {
-    static Pool* pool = new Pool();  // never destroyed: workers may outlive static destructors
-    return *pool;
-  }
+  static Pool& get() { return *current; }
+
+  // In a process forked from one that used the pool, its workers do not exist, its condition
+  // variables still count them as waiters (a notify would wait for them forever) and its mutexes
+  // may be held: the child starts a new pool and leaves the old one as it is.
+  static void after_fork_in_child() { current = new Pool(); }
 
   // Chunk c of `chunks` covers [n*c/chunks, n*(c+1)/chunks); `team` threads (the caller and
   // team - 1 workers) claim them.
@@ -258,7 +261,18 @@ class Pool {
   int64_t n_ = 0, chunks_ = 0, next_ = 0, pending_ = 0, seats_ = 0;
   uint64_t job_id_ = 0;
   std::exception_ptr error_;
+
+  static Pool* current;  // never destroyed: workers may outlive static destructors
 };
+Pool* Pool::current = new Pool();
+
+// A forked child cannot enter torch's OpenMP team either (libgomp keeps the parent's threads in
+// it, which the child does not have): its parallel calls run on its own new pool.
+std::atomic<bool> forked_child{false};
+const int fork_handler = pthread_atfork(nullptr, nullptr, [] {
+  Pool::after_fork_in_child();
+  forked_child.store(true, std::memory_order_relaxed);
+});
 
 }  // namespace
 
@@ -273,7 +287,8 @@ void parallel_for_raw(int64_t n, int64_t grain, int threads, RangeFn fn, void* c
   }
   const int64_t team = std::min<int64_t>(threads, chunks);
   OmpParallel omp = omp_parallel.load(std::memory_order_acquire);
-  if (omp && now_ns() >= pool_until_ns.load(std::memory_order_relaxed)) {
+  if (omp && !forked_child.load(std::memory_order_relaxed) &&
+      now_ns() >= pool_until_ns.load(std::memory_order_relaxed)) {
     OmpJob job{fn, ctx, n, chunks};
     omp(&OmpJob::body, &job, static_cast<unsigned>(team), 0);
     if (job.contended.load(std::memory_order_relaxed))

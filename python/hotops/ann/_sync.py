@@ -1,11 +1,17 @@
 """A readers-writer lock for the indexes: searches share it (they run in parallel, the kernels
 release the GIL), changes (train, add, reset, set_codebooks) take it alone, so a search sees an
 index before or after a change, never halfway through. Writers go first: once one waits, new
-readers wait behind it. A thread that already holds the lock (either way) may take it again."""
+readers wait behind it. A thread that already holds the lock (either way) may take it again.
+
+os.fork() (a DataLoader's workers, multiprocessing) waits until every index is between changes
+and searches, holding them all, so that the child gets each index whole and its lock free: the
+threads that held or awaited the lock in the parent do not exist in the child."""
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 
 
 class _Shared:
@@ -76,9 +82,39 @@ class RWLock:
         self._writer = None  # ident of the thread holding it exclusively
         self._writers_waiting = 0
         self._mine = threading.local()  # this thread's shared depth
+        _LOCKS.add(self)
 
     def shared(self) -> _Shared:
         return _Shared(self)
 
     def exclusive(self) -> _Exclusive:
         return _Exclusive(self)
+
+
+_LOCKS: "weakref.WeakSet[RWLock]" = weakref.WeakSet()
+_HELD_ACROSS_FORK: list = []
+
+
+def _before_fork() -> None:
+    for lock in list(_LOCKS):
+        if getattr(lock._mine, "depth", 0):  # forked from inside one of its searches: left as it is
+            continue
+        hold = lock.exclusive()
+        hold.__enter__()
+        _HELD_ACROSS_FORK.append(hold)
+
+
+def _after_fork(child: bool) -> None:
+    for hold in reversed(_HELD_ACROSS_FORK):
+        if child:  # the writers that waited in the parent are not here
+            hold.lock._writers_waiting = 0
+        hold.__exit__(None, None, None)
+    _HELD_ACROSS_FORK.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=lambda: _after_fork(False),
+        after_in_child=lambda: _after_fork(True),
+    )

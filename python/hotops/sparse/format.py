@@ -24,6 +24,7 @@ the CSR (``values`` stays the parameter; the gradients are the CSR's).
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import weakref
 from typing import Optional, Tuple
@@ -55,6 +56,10 @@ BLOCK_FILL_MIN = 0.65
 
 _DATA = torch._C.TensorBase.data
 _BUILD_LOCK = threading.RLock()  # serialises cache builds; published caches are read without it
+if hasattr(os, "register_at_fork"):  # a fork waits for a build in progress: the child gets it free
+    os.register_at_fork(
+        before=_BUILD_LOCK.acquire, after_in_parent=_BUILD_LOCK.release, after_in_child=_BUILD_LOCK.release
+    )
 
 
 def _bump(t) -> None:
