@@ -66,3 +66,40 @@ def test_fast_bf16_dot_decides_the_same_under_load():
     with busy_processes():
         decisions = {_features_in_child({})["fast_bf16_dot"] for _ in range(2)}
     assert decisions == {quiet}
+
+
+_ONE_CALL = (
+    "import torch, hotops; from hotops.sparse import SparseWeight; "
+    "sw = SparseWeight.from_dense(torch.ones(8, 8)); x = torch.ones(2, 8); "
+    "assert torch.equal(hotops.sparse_linear(x, sw), torch.full((2, 8), 8.0)); "
+    "print(hotops._backend.ext().isa())"
+)
+
+
+def _run_child(env):
+    return subprocess.run(
+        [sys.executable, "-c", _ONE_CALL], env={**os.environ, **env}, capture_output=True, text=True
+    )
+
+
+def test_isa_environment_variable_is_checked():
+    ext = _backend.ext()
+    best = ext.best_isa()
+    out = _run_child({"HOTOPS_ISA": f" {best.upper()} "})  # any case, spaces ignored
+    assert out.returncode == 0 and out.stdout.split()[-1] == best, out.stderr
+    out = _run_child({"HOTOPS_ISA": "avx1024"})
+    assert out.returncode != 0 and "HOTOPS_ISA='avx1024' names no ISA" in out.stderr
+    order = ["scalar", "avx2", "avx512"]
+    if best != order[-1]:  # a variant this CPU cannot run is refused, not silently replaced
+        out = _run_child({"HOTOPS_ISA": order[-1]})
+        assert out.returncode != 0 and "cannot run the" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [("HOTOPS_SPIN_US", "abc"), ("HOTOPS_SPIN_US", "9223372036854775807"), ("HOTOPS_CONTENDED_MS", "-1")],
+)
+def test_tuning_variables_out_of_range_fall_back_and_say_so(name, value):
+    out = _run_child({name: value})
+    assert out.returncode == 0, out.stderr
+    assert f"{name}={value} is not a whole number" in out.stderr

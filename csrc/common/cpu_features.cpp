@@ -49,14 +49,20 @@ bool cpu_runs(Isa isa) {
 #endif
 }
 
+// HOTOPS_ISA (any case, spaces around it ignored) forces a variant; one this CPU or build cannot
+// run, or a name that is none, is an error at every kernel call, not a silent fallback.
 Isa initial_isa() {
-  if (const char* forced = std::getenv("HOTOPS_ISA")) {
-    if (*forced) {
-      Isa isa = parse_isa(forced);
-      if (cpu_runs(isa)) return isa;
-    }
-  }
-  return best_isa();
+  const char* forced = std::getenv("HOTOPS_ISA");
+  std::string name;
+  for (const char* c = forced ? forced : ""; *c; ++c)
+    if (!std::isspace(static_cast<unsigned char>(*c))) name += static_cast<char>(std::tolower(*c));
+  if (name.empty()) return best_isa();
+  HOTOPS_CHECK(name == "scalar" || name == "avx2" || name == "avx512", "HOTOPS_ISA='", forced,
+               "' names no ISA: expected scalar, avx2 or avx512 (or unset: the best this CPU runs)");
+  const Isa isa = parse_isa(name.c_str());
+  HOTOPS_CHECK(cpu_runs(isa), "HOTOPS_ISA=", name, ": this CPU or build cannot run the ", name,
+               " kernels; best available is ", isa_name(best_isa()));
+  return isa;
 }
 
 std::atomic<int>& current() {

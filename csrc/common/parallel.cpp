@@ -11,9 +11,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <climits>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -41,17 +43,27 @@ using OmpNumThreads = int (*)();
 std::atomic<OmpParallel> omp_parallel{nullptr};
 std::atomic<OmpNumThreads> omp_num_threads{nullptr};
 
+// A whole number from the environment in [0, most], else `fallback`: unset or empty silently,
+// anything else (text, a fraction, out of range) with a line on stderr saying what was used.
+int64_t env_count(const char* name, int64_t fallback, int64_t most) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(v, &end, 10);
+  if (errno == 0 && *end == '\0' && n >= 0 && n <= most) return n;
+  std::fprintf(stderr, "hotops: %s=%s is not a whole number from 0 to %lld; using %lld\n", name, v,
+               static_cast<long long>(most), static_cast<long long>(fallback));
+  return fallback;
+}
+
 // How long a thread that has run out of chunks spins before it sleeps (HOTOPS_SPIN_US, default
 // 50 us). A sleeping thread leaves its core idle, so the kernel moves a teammate that another
 // process preempted onto it at once; a spinning one keeps the core, and the teammate waits for the
 // other process's time slice (milliseconds), as in the OpenMP runtime's own join barrier, whose
 // default policy spins for about that long.
 int64_t spin_ns() {
-  static const int64_t ns = [] {
-    const char* v = std::getenv("HOTOPS_SPIN_US");
-    const long us = v && *v ? std::strtol(v, nullptr, 10) : 50;
-    return int64_t(std::max(0L, us)) * 1000;
-  }();
+  static const int64_t ns = env_count("HOTOPS_SPIN_US", 50, 1000000) * 1000;
   return ns;
 }
 
@@ -129,10 +141,7 @@ long preemptions() {
 // next HOTOPS_CONTENDED_MS milliseconds (default 100; 0: never) run on the own pool, then the team
 // is tried again. Quiet, the team stays (no torch worker spinning beside hotops' own threads).
 constexpr int64_t kLateNs = 200000;
-const int64_t kContendedNs = [] {
-  const char* v = std::getenv("HOTOPS_CONTENDED_MS");
-  return (v && *v ? std::max(0LL, std::strtoll(v, nullptr, 10)) : 100LL) * 1000000;
-}();
+const int64_t kContendedNs = env_count("HOTOPS_CONTENDED_MS", 100, 3600000) * 1000000;
 std::atomic<int64_t> pool_until_ns{0};
 
 // A job on torch's OpenMP team: every team thread claims chunks until none is left, then waits in

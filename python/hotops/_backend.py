@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -39,7 +40,10 @@ def _torch_openmp_parallel() -> int:
     libgomp, Intel's libiomp5 and LLVM's libomp all export GOMP_parallel. HOTOPS_POOL=own keeps
     hotops' own pool; so does a platform without /proc/self/maps.
     """
-    if os.environ.get("HOTOPS_POOL", "openmp") == "own":
+    pool = os.environ.get("HOTOPS_POOL", "openmp") or "openmp"
+    if pool not in ("openmp", "own"):
+        warnings.warn(f"HOTOPS_POOL={pool!r} is neither 'openmp' nor 'own'; using 'openmp'", stacklevel=2)
+    if pool == "own":
         return 0
     try:
         with open("/proc/self/maps") as f:
