@@ -61,11 +61,8 @@ int64_t env_count(const char* name, int64_t fallback, int64_t most) {
 // 50 us). A sleeping thread leaves its core idle, so the kernel moves a teammate that another
 // process preempted onto it at once; a spinning one keeps the core, and the teammate waits for the
 // other process's time slice (milliseconds), as in the OpenMP runtime's own join barrier, whose
-// default policy spins for about that long.
-int64_t spin_ns() {
-  static const int64_t ns = env_count("HOTOPS_SPIN_US", 50, 1000000) * 1000;
-  return ns;
-}
+// default policy spins for about that long. Read at load, so that a bad value says so at import.
+const int64_t kSpinNs = env_count("HOTOPS_SPIN_US", 50, 1000000) * 1000;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -93,7 +90,7 @@ inline void futex_wake_all(std::atomic<int32_t>* word) {
 #endif
 }
 
-// A counter that threads add to and wait on until it reaches a target: spin (spin_ns), then sleep
+// A counter that threads add to and wait on until it reaches a target: spin (kSpinNs), then sleep
 // on a futex; add() wakes the sleepers when it reaches the target.
 struct Gate {
   std::atomic<int32_t> count{0};
@@ -105,7 +102,7 @@ struct Gate {
 
   void wait(int32_t target) {
     if (count.load(std::memory_order_acquire) == target) return;
-    const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns());
+    const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kSpinNs);
     for (int i = 1;; ++i) {
       if (count.load(std::memory_order_acquire) == target) return;
       cpu_relax();
