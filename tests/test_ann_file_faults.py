@@ -248,6 +248,26 @@ SIGBUS_SCRIPT = textwrap.dedent(r"""
     fresh = BiGranularIndex(coarse, f"{folder}/w.store")
     for a, b in zip(want, fresh.search(q, 5, candidates=50)):
         np.testing.assert_array_equal(a, b)
+
+    # a .npy path cut while add() reads it (after its first chunk): refused, the index as it was
+    from hotops.ann import _source
+    np.save(f"{folder}/src.npy", x)
+    ix, release = build("pq", 8), _source._release
+    before = ix.ntotal
+
+    def cut_after_first_chunk(mm, chunk):
+        release(mm, chunk)
+        os.truncate(f"{folder}/src.npy", 4096)
+
+    _source._release = cut_after_first_chunk
+    try:
+        ix.add(f"{folder}/src.npy", chunk_rows=500)
+        raise AssertionError("add from a cut .npy: no MappedFileChangedError")
+    except MappedFileChangedError as exc:
+        assert "changed while it was read" in str(exc), exc
+    finally:
+        _source._release = release
+    assert ix.ntotal == before
     print("survived", ext.mapguard_total_faults())
 """)
 
@@ -256,7 +276,8 @@ def test_truncation_under_a_live_mmap_raises_instead_of_sigbus(tmp_path):
     """In a subprocess (a SIGBUS would kill it): PQ, fast-scan PQ, IVF-PQ and the bi-granular
     store, mapped, truncated in place before a search, between check and kernel (kernels on worker
     threads, NumPy reads), and by another thread during searches. Every case raises
-    MappedFileChangedError, the process exits 0, an intact mapped index keeps answering. Python's
+    MappedFileChangedError, the process exits 0, an intact mapped index keeps answering; so does a
+    .npy path that add() maps itself, cut while it is read. Python's
     faulthandler is enabled first (as pytest does it): hotops' handler still comes first."""
     env = dict(
         os.environ, PYTHONPATH=PYTHON_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2"

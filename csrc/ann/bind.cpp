@@ -51,6 +51,8 @@ void bind_ann(py::module_& m) {
       .def_property_readonly("faults", &MappedFile::faults)
       .def("changed", &MappedFile::changed,
            "Empty if the mapping still shows the file as mapped; else why not.")
+      .def("release", &MappedFile::release, py::arg("offset"), py::arg("length"),
+           "Drop the resident pages inside the byte range (read again when next touched).")
       .def_buffer([](MappedFile& f) {
         return py::buffer_info(f.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {py::ssize_t(f.size())}, {py::ssize_t(1)}, false);

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -183,6 +184,12 @@ MappedFile::~MappedFile() {
 }
 
 uint64_t MappedFile::faults() const { return mapguard::faults(slot_); }
+
+void MappedFile::release(size_t offset, size_t length) const {
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  const size_t lo = (offset + page - 1) / page * page, hi = std::min(offset + length, mapped_) / page * page;
+  if (data_ && hi > lo) madvise(static_cast<char*>(data_) + lo, hi - lo, MADV_DONTNEED);
+}
 
 std::string MappedFile::changed() const {
   mapguard::arm();

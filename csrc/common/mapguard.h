@@ -42,6 +42,9 @@ class MappedFile {
   uint64_t faults() const;
   // Empty when the mapping still shows the file as it was mapped; else why not.
   std::string changed() const;
+  // Drops the resident pages wholly inside [offset, offset + length): read again from the file
+  // (or as zeros past its end) when next touched. A source read once through holds one chunk.
+  void release(size_t offset, size_t length) const;
 
  private:
   std::string path_;

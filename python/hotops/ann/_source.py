@@ -1,7 +1,8 @@
 """Vectors to add, read in chunks of rows: an in-memory array or tensor, an np.memmap, or the path
-of a .npy file (opened as a read-only np.memmap). Only one chunk is converted to float32 at a time,
-and the pages of a memory-mapped source are released once their chunk is encoded, so adding from a
-file larger than RAM holds one chunk of it (plus the codes) in memory."""
+of a .npy file (mapped by hotops, so that a file truncated while it is read raises
+MappedFileChangedError instead of killing the process with SIGBUS). Only one chunk is converted to
+float32 at a time, and the pages of a memory-mapped source are released once their chunk is
+encoded, so adding from a file larger than RAM holds one chunk of it (plus the codes) in memory."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Iterator, Tuple
 
 import numpy as np
 
+from hotops import _backend
 from hotops.ann import _arrays, _io
 
 CHUNK_ROWS = 1 << 16
@@ -21,18 +23,28 @@ def open_source(x, dim: int, name: str = "x") -> np.ndarray:
     if isinstance(x, (str, bytes, os.PathLike)):
         path = _io.fs_path(x, name)
         try:
-            x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
+            header = np.load(path, mmap_mode="r", allow_pickle=False)  # shape, dtype and offset only
+            shape, dtype, offset = header.shape, header.dtype, header.offset
+            order = "F" if header.flags.f_contiguous and not header.flags.c_contiguous else "C"
+            del header
+            mapped = _io.Mapped(path)
+            x = np.ndarray(shape, dtype, buffer=mapped.file, offset=offset, order=order)
+        except (ValueError, OSError, TypeError, AttributeError) as exc:
             raise ValueError(f"{name}: {path} is not a readable .npy file ({exc})") from None
     return _arrays.float_rows(_arrays.as_numpy(x, name), name, dim)
 
 
 def _root_map(a: np.ndarray):
-    """The mmap.mmap under an np.memmap opened read-only or shared (never copy-on-write: dropping
-    its pages would lose the caller's private changes), else None."""
+    """The mapping under a: hotops' own (a .npy path, _C.MappedFile), or the mmap.mmap under an
+    np.memmap opened read-only or shared (never copy-on-write: dropping its pages would lose the
+    caller's private changes); else None."""
+    base = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, _backend.ext().MappedFile):
+        return base
     if not isinstance(a, np.memmap) or getattr(a, "mode", "c") not in ("r", "r+", "readonly", "readwrite"):
         return None
-    base = a
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "base", None)
     return base
@@ -45,6 +57,8 @@ def _release(mm, chunk: np.ndarray) -> None:
     except (TypeError, ValueError):
         return
     lo = chunk.ctypes.data - start
+    if not isinstance(mm, mmap.mmap):
+        return mm.release(lo, chunk.nbytes)
     hi = lo + chunk.nbytes
     lo -= lo % mmap.PAGESIZE
     hi = min(hi - hi % mmap.PAGESIZE, len(mm))
@@ -70,5 +84,11 @@ def chunks(
         if mm is not None:  # copy out of the mapping (if not converted already), then drop its pages
             if np.may_share_memory(chunk, raw):
                 chunk = np.array(chunk)
+            if not isinstance(mm, mmap.mmap):  # hotops' own mapping: were zeros read for a cut file?
+                why = mm.changed()
+                if why:
+                    raise _io.MappedFileChangedError(
+                        f"{name}: the .npy file changed while it was read: {why}"
+                    )
             _release(mm, raw)
         yield b, chunk
