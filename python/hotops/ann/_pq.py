@@ -55,6 +55,8 @@ class _ProductQuantized(Mutable, OnDevice):
         nbits = _backend.check_number(
             nbits, "nbits (codes are stored one byte per sub-space)", integer=True, low=1, high=8
         )
+        if nbits == 4 and m > 128:  # the 4-bit fast-scan kernel's tables hold 128 sub-spaces
+            raise ValueError(f"a 4-bit index takes at most 128 sub-spaces, got m={m}; use nbits=8")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         seed = _backend.check_number(seed, "seed", integer=True, low=0)
