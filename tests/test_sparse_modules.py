@@ -489,3 +489,14 @@ def test_conv_takes_an_unbatched_image_as_nn_conv2d_does(policy):
             got = layer(x)
         assert got.shape == (6, 5, 5)
         torch.testing.assert_close(got, layer(x[None])[0])
+
+
+def test_signatures_kept_are_bounded(monkeypatch):
+    # token batches of ever new lengths must not grow a layer's per-signature tables without end
+    monkeypatch.setattr(hotops.sparse.dispatch, "SIGNATURES_KEPT", 4)
+    layer = SparseLinear.from_dense(nn.Linear(16, 8), sparsity=0.5, policy="model")
+    for rows in range(1, 11):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.to_dense(), layer.bias))
+    assert len(layer.dispatch) == 4 and len(layer._checked) == 4
+    assert all(key[0] == (rows, 16) for key, rows in zip(layer.dispatch, range(7, 11)))  # the newest

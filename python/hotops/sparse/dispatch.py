@@ -46,3 +46,14 @@ def measure_pair(
                 fn()
                 best[i] = min(best[i], time.perf_counter() - t0)
     return best[0], best[1]
+
+
+SIGNATURES_KEPT = 1024  # per layer: inputs of ever new shapes (token batches) must not grow it
+
+
+def remember(table: dict, key, value) -> None:
+    """table[key] = value (a layer's decision or check for one input signature), the oldest entry
+    dropped past SIGNATURES_KEPT."""
+    table[key] = value
+    if len(table) > SIGNATURES_KEPT:
+        del table[next(iter(table))]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from hotops._backend import autocast_input
 from hotops.integrations.torch_prune import weight_bias_mask
-from hotops.sparse.dispatch import DENSE, POLICIES, SPARSE, measure_pair, sparse_pays
+from hotops.sparse.dispatch import DENSE, POLICIES, SPARSE, measure_pair, remember, sparse_pays
 from hotops.sparse.format import (
     _BUILD_LOCK,
     SparseWeight,
@@ -360,7 +360,7 @@ class _SparseLayer(nn.Module):
         checked = self.__dict__.setdefault("_checked", {})  # signature -> generation validated at
         if checked.get(key) != gen and not torch.compiler.is_compiling():
             validate()  # the sparse op's argument checks, whatever the path, again after any change
-            checked[key] = gen
+            remember(checked, key, gen)
         if decided is None:
             if torch.compiler.is_compiling():  # nothing is timed or stored while tracing
                 decided = (sparse_pays(kind, self.density, rows), None, None)
@@ -370,7 +370,7 @@ class _SparseLayer(nn.Module):
                     decided = (ts < td, ts, td)
                 else:
                     decided = (sparse_pays(kind, self.density, rows), None, None)
-                self.dispatch[key] = decided
+                remember(self.dispatch, key, decided)
         sparse = decided[0] if self.policy in ("auto", "model") else self.policy == "sparse"
         backend = SPARSE if sparse else DENSE
         if self.backend is not backend:  # nn.Module.__setattr__ costs microseconds per call
