@@ -227,6 +227,7 @@ def test_half_precision_queries_are_converted():
         (lambda ix, x: PQIndex(16, 4, 9, verbose=False), ValueError, "nbits"),
         (lambda ix, x: PQIndex(16, 4, 4.5, verbose=False), ValueError, "nbits"),
         (lambda ix, x: PQIndex(256, 256, 4, verbose=False), ValueError, "m=256"),  # fast-scan's 128
+        (lambda ix, x: ix.search(x[:0], k=2**62), ValueError, "k = "),  # no query, still refused
         (lambda ix, x: PQIndex(16, 4, metric="cos", verbose=False), ValueError, "metric"),
         (lambda ix, x: IVFPQIndex(16, 0, 4, verbose=False), ValueError, "nlist"),
         (lambda ix, x: kmeans(x, 0), ValueError, "k"),

@@ -377,10 +377,10 @@ class _ProductQuantized(Mutable, OnDevice):
         """How many results the scan keeps: k (or k * refine candidates), but never more than the
         index holds; the answer is padded to k afterwards. A padded answer past RESULT_PAD_MAX_BYTES
         is refused (k = 10**9 on a small index would otherwise try to allocate it)."""
-        if k > self.ntotal and nq * k * 12 > RESULT_PAD_MAX_BYTES:
+        if k > self.ntotal and max(nq, 1) * k * 12 > RESULT_PAD_MAX_BYTES:  # (no query: one row's worth)
             raise ValueError(
                 f"k = {k} is more than the {self.ntotal} vectors the index holds, and the (nq, k) answer "
-                f"padded with -1 would take {nq * k * 12 / 2**30:.1f} GiB; ask for at most ntotal"
+                f"padded with -1 would take {max(nq, 1) * k * 12 / 2**30:.1f} GiB; ask for at most ntotal"
             )
         return max(1, min(k * refine if refine else k, self.ntotal))
 

@@ -108,7 +108,8 @@ def subsampled_attention(
     scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """Stochastically subsampled attention, fused: cost and extra memory proportional to the keys kept.
+    """Stochastically subsampled attention, fused: its compute and its buffers proportional to the
+    keys kept (drawing the subsets takes one random number per key and head).
 
     Args:
         q: (B, H, Lq, Dh); k, v: (B, Hkv, Lk, Dh) with H % Hkv == 0 (grouped-query attention).
