@@ -12,7 +12,9 @@ from hotops import _backend
 from hotops.infonce import op as _op
 
 _REDUCTIONS = ("none", "mean", "sum")
-_F32_MAX = torch.finfo(torch.float32).max
+# Weights up to 1e30: the weighted sum of C candidates (each term at most the weight) then stays
+# inside float32 for any C below 3e8; larger ones overflowed it and zeroed the negatives' gradient.
+WEIGHT_MAX = 1e30
 
 
 def _temperature(temperature, device: torch.device) -> Tensor:
@@ -112,12 +114,12 @@ def info_nce(
         if neg_weight.device != q.device:
             raise ValueError(f"neg_weight is on {neg_weight.device}, q on {q.device}")
         neg_weight = neg_weight.detach().float().contiguous()
-        # NaN, Inf and negative weights are refused (not propagated): one pass over C weights
+        # NaN, Inf, negative and too large weights are refused (not propagated): one pass over C
         if not torch.compiler.is_compiling() and not bool(
-            (neg_weight.abs() <= _F32_MAX).all() & (neg_weight >= 0).all()
+            (neg_weight.abs() <= WEIGHT_MAX).all() & (neg_weight >= 0).all()
         ):
-            bad = neg_weight[~((neg_weight >= 0) & (neg_weight <= _F32_MAX))][0].item()
-            raise ValueError(f"neg_weight must hold finite non-negative weights, found {bad}")
+            bad = neg_weight[~((neg_weight >= 0) & (neg_weight <= WEIGHT_MAX))][0].item()
+            raise ValueError(f"neg_weight must hold finite non-negative weights up to 1e30, found {bad}")
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, d, hard, temperature)
     )
