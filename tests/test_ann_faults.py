@@ -271,6 +271,8 @@ def test_bigranular_arguments_name_the_argument(tmp_path):
     np.testing.assert_array_equal(
         big.search(x[:2], np.int64(3), candidates=torch.tensor(20))[1][:, 0], [0, 1]
     )
+    with pytest.raises(ValueError, match="beyond float16's 65504"):  # not stored as inf
+        write_store(tmp_path / "h.store", x * 1e5, "float16")
 
 
 def test_ivf_probe_validates():

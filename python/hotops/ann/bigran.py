@@ -33,7 +33,14 @@ def write_store(path, x, dtype: str = "float32") -> None:
     a = _arrays.as_numpy(x, "x")
     if a.ndim != 2:
         raise ValueError(f"x must be a 2-d (n, dim) array, got shape {a.shape}")
-    a = _arrays.as_vectors(a, "x", a.shape[1]).astype(dtype, copy=False)
+    a = _arrays.as_vectors(a, "x", a.shape[1])
+    top = float(np.abs(a).max()) if dtype == "float16" and a.size else 0.0
+    if top > np.finfo(np.float16).max:
+        raise ValueError(
+            f"x holds values up to {top:.3g}, beyond float16's 65504: they would be stored as inf; "
+            f"write a float32 store (or scale the vectors)"
+        )
+    a = a.astype(dtype, copy=False)
     code = 0 if dtype == "float32" else 1
     fields = STORE_FIELDS.pack(STORE_MAGIC, STORE_VERSION, code, a.shape[0], a.shape[1])
     header = (fields + struct.pack("<I", zlib.crc32(fields))).ljust(STORE_HEADER, b"\0")
