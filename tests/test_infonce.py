@@ -5,6 +5,7 @@ import _dist
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from conftest import assert_close_to_reference, require_triton_runs
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -142,6 +143,21 @@ def test_extreme_logits_stay_finite(isa):
     out = hotops.info_nce(q, d, h, temperature=0.01)
     assert torch.isfinite(out)
     check_against_reference(q, d, h, temperature=0.01, atol=1e-3)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_large_logits_lose_nothing(isa, eps):
+    # logits of 2^20 whose differences are 1 (exact in float32): a loss formed as lse - l_pos kept
+    # only their rounding (0.375 for 0.3133); from differences to the row's max it is exact
+    q = torch.tensor([[2.0**20, 1.0], [2.0**20, -1.0]], requires_grad=True)
+    d = torch.tensor([[1.0, 0.0], [1.0, -1.0]])
+    t = torch.tensor(1.0, requires_grad=True)
+    loss = hotops.info_nce(q, d, temperature=t, label_smoothing=eps)
+    exact = F.cross_entropy((q @ d.T).double() / t.double(), torch.arange(2), label_smoothing=eps)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-6, atol=1e-6)
+    (dt,) = torch.autograd.grad(loss, t)
+    (dt_exact,) = torch.autograd.grad(exact, t)
+    torch.testing.assert_close(dt.double(), dt_exact.double(), rtol=1e-5, atol=1e-6)
 
 
 def test_nan_input_gives_nan_loss(isa):

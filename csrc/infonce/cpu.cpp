@@ -89,10 +89,12 @@ void infonce_rows(const InfoNceRows& a) {
       }
       float m = vmax.hmax();
       m = l_pos > m || std::isnan(l_pos) ? l_pos : m;  // the positive always counts (weight 1)
-      // eps * mean(l) only with label smoothing: at eps = 0 an infinite logit must not give 0 * inf
-      const float smooth = eps > 0.0f ? eps * vsum.sum() / C : 0.0f;
+      // eps * (m - mean(l)) only with label smoothing: at eps = 0 an infinite logit must not give
+      // 0 * inf. Loss and tdot are formed from differences to m, never from m itself: logits of
+      // 1e6 (a small temperature on unnormalised embeddings) would leave only their rounding.
+      const float smooth = eps > 0.0f ? eps * (m - vsum.sum() / C) : 0.0f;
 
-      // 2. e = w exp(l - m); s = sum e; el = sum e*l. With weights, the positive's own column
+      // 2. e = w exp(l - m); s = sum e; el = sum e*(l - m). With weights, the positive's own column
       // (weight 1 whatever neg_weight says) is left out of the sweep and added alone: adding
       // w e and then (1 - w) e loses e_pos to rounding once w is large.
       const VecF vm = VecF::set1(m);
@@ -111,7 +113,7 @@ void infonce_rows(const InfoNceRows& a) {
           VecF l = load_row(sg.row, sg.dtype, j, n, -INFINITY) * vinv_t;  // tail lanes give e = 0
           VecF e = weighted(exp(l - vm), l, sg.w, j, n);
           vs = vs + e;
-          vel = VecF::fma(e, VecF::select_lt(VecF::set1(-INFINITY), l, l, VecF::set1(0.0f)), vel);
+          vel = VecF::fma(e, VecF::select_lt(VecF::set1(-INFINITY), l, l - vm, VecF::set1(0.0f)), vel);
           if (keep_e && sg.dtype == DType::f32) store_row(sg.row, DType::f32, j, e, n);
           if (keep_e && sg.dtype != DType::f32) store_row(e_buf.p + sg.col, DType::f32, j, e, n);
         });
@@ -119,11 +121,10 @@ void infonce_rows(const InfoNceRows& a) {
       if (keep_e && weight && segs[0].dtype != DType::f32) e_buf.p[pos] = 0.0f;  // (set below)
       const float e_pos = std::exp(l_pos - m);
       const float s_sum = weight ? vs.sum() + e_pos : vs.sum();
-      const float el = weight ? vel.sum() + (l_pos > -INFINITY ? e_pos * l_pos : 0.0f) : vel.sum();
-      const float lse = m + std::log(s_sum);
-      a.lse.ptr<float>()[r] = lse;
-      a.loss.ptr<float>()[r] = lse - (1.0f - eps) * l_pos - smooth;
-      a.tdot.ptr<float>()[r] = el / s_sum - smooth - (1.0f - eps) * l_pos;
+      const float el = weight ? vel.sum() + (l_pos > -INFINITY ? e_pos * (l_pos - m) : 0.0f) : vel.sum();
+      a.lse.ptr<float>()[r] = m + std::log(s_sum);
+      a.loss.ptr<float>()[r] = (1.0f - eps) * (m - l_pos) + smooth + std::log(s_sum);
+      a.tdot.ptr<float>()[r] = el / s_sum + smooth + (1.0f - eps) * (m - l_pos);
       if (!a.want_grad) continue;
 
       // 3. G = (e/s - eps/C - (1-eps)[pos]) * scale

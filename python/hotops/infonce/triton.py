@@ -113,9 +113,12 @@ def _rows_kernel(
     lse = m + tl.log(s)
     l_pos = tl.load(S + r * stride_s + pos).to(tl.float32) * inv_t
     tl.store(LSE + r, lse)
-    smooth = tl.where(eps > 0, eps * sl / C, 0.0)  # at eps = 0 an infinite logit must not give 0 * inf
-    tl.store(LOSS + r, lse - (1.0 - eps) * l_pos - smooth)
-    tl.store(TDOT + r, el / s - smooth - (1.0 - eps) * l_pos)
+    # eps * (m - mean(l)): at eps = 0 an infinite logit must not give 0 * inf. The loss is formed
+    # from differences to m, never from m itself (as on the CPU: logits of 1e6 would leave only
+    # their rounding); tdot's el / s - m still cancels here, the CPU's sweep does not.
+    smooth = tl.where(eps > 0, eps * (m - sl / C), 0.0)
+    tl.store(LOSS + r, (1.0 - eps) * (m - l_pos) + smooth + tl.log(s))
+    tl.store(TDOT + r, (el / s - m) + smooth + (1.0 - eps) * (m - l_pos))
     if WANT_GRAD:
         scale = grad_scale * inv_t
         if HAS_RS:
