@@ -92,10 +92,12 @@ class RWLock:
 
 
 _LOCKS: "weakref.WeakSet[RWLock]" = weakref.WeakSet()
+_FORKING = threading.Lock()  # one fork at a time holds the indexes
 _HELD_ACROSS_FORK: list = []
 
 
 def _before_fork() -> None:
+    _FORKING.acquire()
     for lock in list(_LOCKS):
         if getattr(lock._mine, "depth", 0):  # forked from inside one of its searches: left as it is
             continue
@@ -104,17 +106,33 @@ def _before_fork() -> None:
         _HELD_ACROSS_FORK.append(hold)
 
 
-def _after_fork(child: bool) -> None:
+def _after_fork_in_parent() -> None:
     for hold in reversed(_HELD_ACROSS_FORK):
-        if child:  # the writers that waited in the parent are not here
-            hold.lock._writers_waiting = 0
         hold.__exit__(None, None, None)
     _HELD_ACROSS_FORK.clear()
+    _FORKING.release()
+
+
+def _after_fork_in_child() -> None:
+    """Every lock starts afresh, held only as this thread held it: the parent's other threads (and
+    the condition's mutex, which one of them may have held) are not here."""
+    me = threading.get_ident()
+    for lock in list(_LOCKS):
+        lock._cond = threading.Condition(threading.Lock())
+        lock._readers = 1 if getattr(lock._mine, "depth", 0) else 0
+        lock._writer = me if lock._writer == me and not _held(lock) else None
+        lock._writers_waiting = 0
+    _HELD_ACROSS_FORK.clear()
+    global _FORKING
+    _FORKING = threading.Lock()
+
+
+def _held(lock: RWLock) -> bool:
+    """Whether this thread's exclusive hold of lock is the one taken for the fork."""
+    return any(hold.lock is lock and not hold.nested for hold in _HELD_ACROSS_FORK)
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=lambda: _after_fork(False),
-        after_in_child=lambda: _after_fork(True),
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
     )
