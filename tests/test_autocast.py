@@ -1,7 +1,7 @@
-"""Inside torch.autocast every hotops module and op takes its float inputs in autocast's dtype, as
-torch's own linear, convolution, matmul and scaled_dot_product_attention do: the same output
-dtype whichever path runs, and mixed input dtypes (a Llama's rotary q and k in float32 beside a
-bfloat16 v) accepted where torch accepts them."""
+"""Inside torch.autocast the modules, info_nce and subsampled_attention take float inputs in
+autocast's dtype, as torch's own linear, convolution, matmul and scaled_dot_product_attention do:
+the same output dtype whichever path runs, and mixed input dtypes (a Llama's rotary q and k in
+float32 beside a bfloat16 v) accepted where torch accepts them."""
 
 import pytest
 import torch
@@ -95,3 +95,9 @@ def test_float64_passes_unchanged():
         q = torch.randn(4, 8, dtype=torch.float64)
         with pytest.raises(TypeError, match="float64"):  # refused as outside autocast, not cast
             hotops.info_nce(q, q)
+
+
+def test_meta_tensors_pass_unchanged():
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast knows no meta device: left as they are
+        q = torch.randn(3, 4, device="meta")
+        assert hotops.info_nce(q, q).device.type == "meta"

@@ -49,7 +49,7 @@ bool cpu_runs(Isa isa) {
 #endif
 }
 
-// HOTOPS_ISA (any case, spaces around it ignored) forces a variant; one this CPU or build cannot
+// HOTOPS_ISA (any case, whitespace ignored) forces a variant; one this CPU or build cannot
 // run, or a name that is none, is an error at every kernel call, not a silent fallback.
 Isa initial_isa() {
   const char* forced = std::getenv("HOTOPS_ISA");

@@ -186,9 +186,11 @@ MappedFile::~MappedFile() {
 uint64_t MappedFile::faults() const { return mapguard::faults(slot_); }
 
 void MappedFile::release(size_t offset, size_t length) const {
+  if (!data_ || length == 0 || offset >= mapped_) return;
   const size_t page = size_t(sysconf(_SC_PAGESIZE));
-  const size_t lo = (offset + page - 1) / page * page, hi = std::min(offset + length, mapped_) / page * page;
-  if (data_ && hi > lo) madvise(static_cast<char*>(data_) + lo, hi - lo, MADV_DONTNEED);
+  const size_t end = length > mapped_ - offset ? mapped_ : offset + length;  // no overflow
+  const size_t lo = offset / page * page + (offset % page ? page : 0), hi = end / page * page;
+  if (hi > lo) madvise(static_cast<char*>(data_) + lo, hi - lo, MADV_DONTNEED);
 }
 
 std::string MappedFile::changed() const {

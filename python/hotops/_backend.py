@@ -196,12 +196,13 @@ def check_same_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
 def autocast_input(x):
     """x as torch's own linear, convolution and attention take it inside ``torch.autocast``: in
     autocast's dtype for x's device when autocast is on there (float64, and anything not a
-    float32 / float16 / bfloat16 tensor, unchanged). Modules call it on every forward, so the
-    common case (no autocast anywhere) is one ~0.1 us check."""
+    float32 / float16 / bfloat16 tensor, and tensors on devices autocast does not know, such as
+    meta, unchanged). Modules call it on every forward: with no autocast anywhere it costs a
+    fraction of a microsecond."""
     if not isinstance(x, torch.Tensor) or not torch._C._is_any_autocast_enabled():
         return x
     kind = x.device.type
-    if not torch.is_autocast_enabled(kind):
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
         return x
     dtype = torch.get_autocast_dtype(kind)
     eligible = x.dtype in (torch.float32, torch.float16, torch.bfloat16)

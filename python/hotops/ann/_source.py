@@ -12,7 +12,6 @@ from typing import Iterator, Tuple
 
 import numpy as np
 
-from hotops import _backend
 from hotops.ann import _arrays, _io
 
 CHUNK_ROWS = 1 << 16
@@ -28,20 +27,25 @@ def open_source(x, dim: int, name: str = "x") -> np.ndarray:
             order = "F" if header.flags.f_contiguous and not header.flags.c_contiguous else "C"
             del header
             mapped = _io.Mapped(path)
-            x = np.ndarray(shape, dtype, buffer=mapped.file, offset=offset, order=order)
+            x = np.ndarray(shape, dtype, buffer=mapped.file, offset=offset, order=order).view(_OwnMapped)
         except (ValueError, OSError, TypeError, AttributeError) as exc:
             raise ValueError(f"{name}: {path} is not a readable .npy file ({exc})") from None
     return _arrays.float_rows(_arrays.as_numpy(x, name), name, dim)
 
 
+class _OwnMapped(np.ndarray):
+    """A .npy that open_source mapped itself (not a view of an index's or store's live mapping,
+    whose pages must stay and whose changes have their own errors)."""
+
+
 def _root_map(a: np.ndarray):
-    """The mapping under a: hotops' own (a .npy path, _C.MappedFile), or the mmap.mmap under an
+    """The mapping under a: the _C.MappedFile of a .npy opened here, or the mmap.mmap under an
     np.memmap opened read-only or shared (never copy-on-write: dropping its pages would lose the
     caller's private changes); else None."""
     base = a
     while isinstance(base, np.ndarray):
         base = base.base
-    if isinstance(base, _backend.ext().MappedFile):
+    if isinstance(a, _OwnMapped):
         return base
     if not isinstance(a, np.memmap) or getattr(a, "mode", "c") not in ("r", "r+", "readonly", "readwrite"):
         return None
