@@ -43,9 +43,14 @@ def test_sparse_modules_under_autocast(policy, dtype):
         y.float().sum().backward()
         assert x.grad.dtype == torch.float32 and layer.values.grad.dtype == torch.float32
         layer.zero_grad()
-    with torch.autocast("cpu", dtype=dtype), torch.no_grad():  # the prepared inference call too
+    x = torch.randn(4, 48)
+    with torch.autocast("cpu", dtype=dtype), torch.no_grad():  # the bound inference call too
+        ref = F.linear(x, layers[0].to_dense(), layers[0].bias)
         for _ in range(3):
-            assert layers[0](torch.randn(4, 48)).dtype == dtype
+            y = layers[0](x)
+            assert y.dtype == dtype
+            _close(y, ref, dtype)
+    assert layers[0]._prepared is not None  # bound for the autocast dtype, not the full path each call
     assert layers[0](torch.randn(4, 48)).dtype == torch.float32  # and nothing stays cast after
 
 

@@ -210,9 +210,9 @@ def prepared_linear(
     activation: Optional[str],
     blocked=(0, None, None, None),
 ):
-    """linear_forward for inputs shaped like x (..., I) (float32, contiguous, on the CPU, nothing
-    to differentiate) with everything but the output's allocation done once:
-    fn(x) -> y (see prepared_conv2d)."""
+    """linear_forward for inputs shaped like x (..., I) (float32, bfloat16 or float16, contiguous,
+    on the CPU, nothing to differentiate) with everything but the output's allocation done once:
+    fn(x) -> y in x's dtype (see prepared_conv2d)."""
     B, O = x.numel() // in_features, out_features(rowptr, in_features)
     shape = (*x.shape[:-1], O)
     ext = _backend.ext()
@@ -230,8 +230,10 @@ def prepared_linear(
     )
     forward, threads, empty = plan.forward, torch.get_num_threads, torch.empty
 
+    dtype = x.dtype
+
     def run(x: Tensor) -> Tensor:
-        y = empty(B, O)
+        y = empty(B, O, dtype=dtype)
         forward(x.view(B, in_features).t().unsqueeze(0), y.t().unsqueeze(0), threads())
         return y.view(shape)
 
