@@ -45,6 +45,8 @@ def test_grid_is_one_dimensional():
         kt._grid(2**26, 2**12, 16)
 
 
+# a causal query that sees no sampled key has lse = log(0) = -inf by design; NumPy says so
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [8, 40])
 def test_programs_cover_every_block_and_head(monkeypatch, dtype, D):
