@@ -43,15 +43,20 @@ def test_sparse_modules_under_autocast(policy, dtype):
         y.float().sum().backward()
         assert x.grad.dtype == torch.float32 and layer.values.grad.dtype == torch.float32
         layer.zero_grad()
-    x = torch.randn(4, 48)
-    with torch.autocast("cpu", dtype=dtype), torch.no_grad():  # the bound inference call too
-        ref = F.linear(x, layers[0].to_dense(), layers[0].bias)
-        for _ in range(3):
-            y = layers[0](x)
-            assert y.dtype == dtype
-            _close(y, ref, dtype)
-    assert layers[0]._prepared is not None  # bound for the autocast dtype, not the full path each call
-    assert layers[0](torch.randn(4, 48)).dtype == torch.float32  # and nothing stays cast after
+    for layer, x, dense in [  # the bound inference calls too
+        (layers[0], torch.randn(4, 48), lambda x, m: F.linear(x, m.to_dense(), m.bias)),
+        (layers[1], torch.randn(2, 6, 9, 9), lambda x, m: F.conv2d(x, m.to_dense(), m.bias, padding=1)),
+    ]:
+        with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+            ref = dense(x, layer)
+            for _ in range(3):
+                y = layer(x)
+                assert y.dtype == dtype
+                _close(y, ref, dtype)
+        # SparseLinear binds the autocast dtype (not the full path each call); the convolution
+        # kernels take float32 x, so a SparseConv2d's calls take the full path there
+        assert (layer._prepared is not None) == (layer is layers[0])
+        assert layer(x).dtype == torch.float32  # and nothing stays cast after
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

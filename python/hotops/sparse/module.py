@@ -35,9 +35,6 @@ from hotops.sparse.spec import activate
 _get_version = operator.attrgetter("_version")
 
 
-_HALF = (torch.bfloat16, torch.float16)
-
-
 class _SparseLayer(nn.Module):
     """Holds the packed weight: ``values`` (nnz,) is the trainable Parameter and the CSR
     structure lives in buffers, so the packed form is built once and survives training steps.
@@ -56,7 +53,9 @@ class _SparseLayer(nn.Module):
     _STRUCTURE = ("rowptr", "colidx", "t_rowptr", "t_colidx", "t_perm", "b_rowptr", "b_colidx", "b_perm")
 
     _WATCHED = frozenset(("values", "bias") + _STRUCTURE)
-    _LOW_PRECISION_PREPARED = False  # whether bfloat16 / float16 calls are bound too (SparseLinear)
+    # the input dtypes a bound call takes: the convolution kernels take float32 x (bfloat16 only at
+    # 1x1), SparseLinear's also bfloat16 and float16 (as autocast gives them)
+    _PREPARED_DTYPES = (torch.float32,)
 
     def __init__(self, sw: SparseWeight, bias: Optional[Tensor], policy: str):
         super().__init__()
@@ -253,15 +252,14 @@ class _SparseLayer(nn.Module):
         return fn
 
     def _preparable(self, x: Tensor) -> bool:
-        """Whether calls on x may be bound once (see _run): plain contiguous CPU input (float32; a
-        linear layer's also bfloat16 or float16, as autocast gives it) and float32 values, nothing
-        to differentiate, no tracing."""
+        """Whether calls on x may be bound once (see _run): plain contiguous CPU input of a dtype
+        in _PREPARED_DTYPES and float32 values, nothing to differentiate, no tracing."""
         return not (
             torch.is_grad_enabled()
             or torch.compiler.is_compiling()
             or type(x) is not Tensor
             or not x.is_cpu
-            or (x.dtype != torch.float32 and not (self._LOW_PRECISION_PREPARED and x.dtype in _HALF))
+            or x.dtype not in self._PREPARED_DTYPES
             or not x.is_contiguous()
             or x.numel() == 0
             or self.values.dtype != torch.float32
@@ -419,7 +417,7 @@ class SparseLinear(_SparseLayer):
     """A linear layer whose weight is pruned and stored sparsely; ``activation`` None, "relu" or
     "relu6" is fused into the kernel."""
 
-    _LOW_PRECISION_PREPARED = True
+    _PREPARED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
     def __init__(
         self,

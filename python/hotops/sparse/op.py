@@ -228,9 +228,7 @@ def prepared_linear(
         activation,
         *_detached(blocked),
     )
-    forward, threads, empty = plan.forward, torch.get_num_threads, torch.empty
-
-    dtype = x.dtype
+    forward, threads, empty, dtype = plan.forward, torch.get_num_threads, torch.empty, x.dtype
 
     def run(x: Tensor) -> Tensor:
         y = empty(B, O, dtype=dtype)
