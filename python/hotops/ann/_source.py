@@ -43,9 +43,9 @@ def _root_map(a: np.ndarray):
     np.memmap opened read-only or shared (never copy-on-write: dropping its pages would lose the
     caller's private changes); else None."""
     base = a
-    while isinstance(base, np.ndarray):
-        base = base.base
     if isinstance(a, _OwnMapped):
+        while isinstance(base, np.ndarray):
+            base = base.base
         return base
     if not isinstance(a, np.memmap) or getattr(a, "mode", "c") not in ("r", "r+", "readonly", "readwrite"):
         return None
