@@ -232,9 +232,7 @@ def test_torch_compile_inductor():
 # ------------------------------------------------------------------ the Triton row pass
 
 
-@pytest.mark.parametrize("hard", [None, "pool", "own"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
+def _use_triton_row_pass(monkeypatch):
     require_triton_runs()
     monkeypatch.setattr(
         op, "INFO_NCE_BACKENDS", (_backend.Backend("triton", lambda dev: None, op._triton_info_nce),)
@@ -244,6 +242,12 @@ def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
         "INFO_NCE_BACKWARD_BACKENDS",
         (_backend.Backend("triton", lambda dev: None, op._triton_info_nce_backward),),
     )
+
+
+@pytest.mark.parametrize("hard", [None, "pool", "own"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
+    _use_triton_row_pass(monkeypatch)
     monkeypatch.setitem(op.PANEL_BYTES, "cpu", 1)  # several panels
     monkeypatch.setattr(op, "MIN_PANEL_ROWS", 16)
     q, d, h = make(70, 12, hard, N=5, K=3, dtype=dtype)
@@ -253,6 +257,69 @@ def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
         q, d, h, temperature=torch.tensor(0.3, requires_grad=True), label_smoothing=0.1, neg_weight=w
     )
     check_against_reference(q, d, h, temperature=0.3, reduction="none")
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_large_logits_temperature_grad_is_exact(monkeypatch, backend, eps, weighted):
+    """Logits of 2^20 + small even integers (exact in float32, and so is every partial sum of a
+    row, whose offsets sum to 0 so that its mean is exact too): loss and temperature gradient
+    against float64. The Triton row pass formed tdot as sum(e*l)/s - m, which kept only the
+    rounding of e*l at 2^20 (dT off by 2e-3 to 3e-2); the C++ row pass, and now the Triton one,
+    form it from l - m. Hard negatives above the in-batch max move the row's max between the two
+    sweeps, and blocks of 16 columns move it between the blocks of one sweep."""
+    if backend == "triton":
+        _use_triton_row_pass(monkeypatch)
+        from hotops.infonce import triton as infonce_triton
+
+        monkeypatch.setattr(infonce_triton.row_pass, "__defaults__", (16,))  # block = 16 columns
+    B, K = 28, 2
+    g = torch.Generator().manual_seed(0)
+    offs = 2 * torch.randint(-3, 4, (B, B + K), generator=g).double()
+    offs[:, 20:24] += 4  # a later block of the in-batch columns moves the max
+    offs[:, B:] += 8  # and the own hard negatives hold each row's max
+    offs[:, 1] -= offs.sum(1)  # each row's offsets sum to 0
+    assert (offs.sum(1) == 0).all()
+    logits = 2.0**20 + offs
+    # one-hot candidates pick the logits out of q exactly: q @ e_j = logits[:, j]
+    q = logits.float()
+    d = torch.eye(B, B + K)
+    h = torch.eye(B + K)[B:].expand(B, K, B + K).contiguous()
+    t = torch.tensor(1.0, requires_grad=True)
+    w = torch.rand(B + K, generator=g) + 0.5 if weighted else torch.ones(B + K)
+    loss = hotops.info_nce(q, d, h, temperature=t, label_smoothing=eps, neg_weight=w if weighted else None)
+    # float64 reference on the exact logits
+    t64 = t.detach().double().requires_grad_()
+    z = logits / t64
+    w64 = w.double().expand(B, -1).clone()
+    w64[range(B), range(B)] = 1.0
+    pos = z[range(B), range(B)]
+    exact = (torch.logsumexp(z + w64.log(), 1) - (1 - eps) * pos - eps * z.mean(1)).mean()
+    torch.testing.assert_close(loss.double(), exact.detach(), rtol=1e-6, atol=1e-6)
+    (dt,) = torch.autograd.grad(loss, t)
+    (dt_exact,) = torch.autograd.grad(exact, t64)
+    torch.testing.assert_close(dt.double(), dt_exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_triton_row_pass_matches_cpu_on_infinite_logits(weighted):
+    """A logit of -inf (an infinite input) adds e = 0 to tdot, as in the C++ row pass; the Triton
+    pass once formed e * l = 0 * -inf = NaN there."""
+    require_triton_runs()
+    from hotops.infonce.triton import row_pass
+
+    inf = float("inf")
+    rows = torch.tensor([[1.0, -inf, 2.0, 3.0], [-inf, 0.0, 1.0, 2.0], [1.0, 5.0, 2.0, 3.0]])
+    w = torch.tensor([0.0, 1.0, 0.5, 1.0]) if weighted else None
+    outs = []
+    for fn in (op._cpu_row_pass, row_pass):
+        S, (loss, lse, tdot) = rows.clone(), (torch.empty(3) for _ in range(3))
+        fn(S, None, w, None, loss, lse, tdot, 0, torch.tensor(1.0), 0.0, 1.0, True)
+        outs.append((loss, lse, tdot, S))
+    assert torch.isfinite(outs[0][2]).all()
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, equal_nan=True)
 
 
 # ------------------------------------------------------------------ errors

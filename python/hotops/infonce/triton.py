@@ -1,8 +1,8 @@
 """Triton row pass of the fused InfoNCE loss (the GPU twin of csrc/infonce/cpu.cpp).
 
 One program per query row: an online-softmax sweep over the row's logits (max, weighted sum of
-exponentials, sum of logits, sum of e·l for the temperature gradient), then, when gradients are
-wanted, a second sweep that overwrites the logits with dloss/dlogits. The GEMMs around it are
+exponentials, sum of logits, sum of e·(l - max) for the temperature gradient), then, when
+gradients are wanted, a second sweep that overwrites the logits with dloss/dlogits. The GEMMs around it are
 cuBLAS (see op.py). Runs on the CPU under TRITON_INTERPRET=1 for tests.
 """
 
@@ -38,8 +38,16 @@ def _sweep_stats(
         alpha = tl.where(
             m_new == float("-inf"), 1.0, tl.exp(m - m_new)
         )  # no exp(-inf + inf) before a weighted column
-        s = s * alpha + tl.sum(e)
-        el = el * alpha + tl.sum(e * tl.where(w > 0, l, 0.0))
+        # el = sum e * (l - m), never sum e * l: at logits of 2^20 the products keep only their
+        # rounding and el / s - m cancels (as csrc/infonce/cpu.cpp forms it). When the max moves,
+        # the old terms' l - m_old become l - m_new = (l - m_old) + (m_old - m_new): both <= 0, no
+        # cancellation. Before the first weighted column s = el = 0 (and m = -inf): no shift.
+        shift = tl.where(m == float("-inf"), 0.0, m - m_new)
+        s_old = s
+        s = s_old * alpha + tl.sum(e)
+        el = (el + s_old * shift) * alpha + tl.sum(
+            e * tl.where((w > 0) & (l > float("-inf")), l - m_new, 0.0)
+        )
         m = m_new
     return m, s, el, sl
 
@@ -113,12 +121,12 @@ def _rows_kernel(
     lse = m + tl.log(s)
     l_pos = tl.load(S + r * stride_s + pos).to(tl.float32) * inv_t
     tl.store(LSE + r, lse)
-    # eps * (m - mean(l)): at eps = 0 an infinite logit must not give 0 * inf. The loss is formed
-    # from differences to m, never from m itself (as on the CPU: logits of 1e6 would leave only
-    # their rounding); tdot's el / s - m still cancels here, the CPU's sweep does not.
+    # eps * (m - mean(l)): at eps = 0 an infinite logit must not give 0 * inf. Loss and tdot are
+    # formed from differences to m, never from m itself (as on the CPU: logits of 1e6 would leave
+    # only their rounding); el already holds sum e * (l - m).
     smooth = tl.where(eps > 0, eps * (m - sl / C), 0.0)
     tl.store(LOSS + r, (1.0 - eps) * (m - l_pos) + smooth + tl.log(s))
-    tl.store(TDOT + r, (el / s - m) + smooth + (1.0 - eps) * (m - l_pos))
+    tl.store(TDOT + r, el / s + smooth + (1.0 - eps) * (m - l_pos))
     if WANT_GRAD:
         scale = grad_scale * inv_t
         if HAS_RS:
