@@ -223,8 +223,13 @@ def panel_count(cols: int) -> int:
     return max(1, -(-cols // PANEL_COLS))
 
 
-def csr_rows(rowptr: Tensor, rows: int) -> Tensor:
-    """The row of every non-zero of a (column-panelled) CSR over ``rows`` rows."""
+def csr_rows(rowptr: Tensor, rows: int, nnz: Optional[int] = None) -> Tensor:
+    """The row of every non-zero of a (column-panelled) CSR over ``rows`` rows. On the meta
+    device (shapes only, no counts to repeat by) an int64 meta tensor of the ``nnz`` it is given."""
+    if rowptr.device.type == "meta":
+        if nnz is None:
+            raise ValueError("csr_rows of a meta rowptr needs nnz (a meta tensor holds no counts)")
+        return torch.empty(nnz, dtype=torch.int64, device="meta")
     ranges = torch.arange(rowptr.numel() - 1, device=rowptr.device) % rows
     return torch.repeat_interleave(ranges, rowptr.diff())
 
@@ -268,10 +273,11 @@ def block_structure(O: int, K: int, groups: int, block: int, rows: Tensor, cols:
     blk = (rows // og) * bpg + (rows % og) // block
     key = ((cols // PANEL_COLS) * blocks + blk) * K + cols  # (panel, block, column)
     stored, slot = torch.unique(key, return_inverse=True)  # sorted: panel-major, as the CSR
-    b_rowptr = torch.zeros(panels * blocks + 1, dtype=torch.int64)
+    dev = rows.device  # explicit: a torch.device("meta") context must not move the factories
+    b_rowptr = torch.zeros(panels * blocks + 1, dtype=torch.int64, device=dev)
     torch.cumsum(torch.bincount(stored // K, minlength=panels * blocks), 0, out=b_rowptr[1:])
-    b_perm = torch.full((stored.numel() * block,), rows.numel(), dtype=torch.int64)
-    b_perm[slot * block + (rows % og) % block] = torch.arange(rows.numel())
+    b_perm = torch.full((stored.numel() * block,), rows.numel(), dtype=torch.int64, device=dev)
+    b_perm[slot * block + (rows % og) % block] = torch.arange(rows.numel(), device=dev)
     return b_rowptr, (stored % K).to(torch.int32), b_perm
 
 
@@ -401,6 +407,14 @@ class SparseWeight:
         w = w.float()
         if w.numel() == 0:
             raise ValueError(f"w is empty (shape {tuple(w.shape)})")
+        if w.is_meta or (isinstance(mask, Tensor) and mask.is_meta):
+            raise ValueError(
+                "SparseWeight.from_dense cannot pack a weight on the meta device (torch.device('meta'), "
+                "accelerate's init_empty_weights): which weights are kept depends on their values. "
+                "Build the sparse layer from a real weight (then .to('meta') it), or from a packed "
+                "SparseWeight moved there (sw.to('meta')); a checkpoint loads into a layer on meta "
+                "with load_state_dict(assign=True)"
+            )
         groups = _check_groups(groups)
         if w.shape[0] % groups:
             raise ValueError(
@@ -486,13 +500,13 @@ class SparseWeight:
             order = torch.argsort((cols // PANEL_COLS) * O + rows, stable=True)
             rows, cols, values = rows[order], cols[order], values[order]
         counts = torch.bincount((cols // PANEL_COLS) * O + rows, minlength=panels * O)
-        rowptr = torch.zeros(panels * O + 1, dtype=torch.int64)
+        rowptr = torch.zeros(panels * O + 1, dtype=torch.int64, device=rows.device)  # (as in block_structure)
         torch.cumsum(counts, 0, out=rowptr[1:])
         og = O // groups
         t_rows = (rows // og) * K + cols  # W^T row: (group, column)
         t_cols = rows % og  # W^T column: output channel in the group
         t_perm = torch.argsort(t_rows * og + t_cols, stable=True)
-        t_rowptr = torch.zeros(groups * K + 1, dtype=torch.int64)
+        t_rowptr = torch.zeros(groups * K + 1, dtype=torch.int64, device=rows.device)
         torch.cumsum(torch.bincount(t_rows, minlength=groups * K), 0, out=t_rowptr[1:])
         return SparseWeight(
             tuple(int(s) for s in shape),
@@ -546,7 +560,7 @@ class SparseWeight:
 
     def row_indices(self) -> Tensor:
         """(nnz,) int64: the row of each stored non-zero (colidx gives its column)."""
-        return csr_rows(self.rowptr, self.shape[0])
+        return csr_rows(self.rowptr, self.shape[0], self.nnz)
 
     def to_dense(self) -> Tensor:
         """The masked dense weight (differentiable w.r.t. ``values``)."""
@@ -584,10 +598,29 @@ def checked_structure(shape, groups: int, values, rowptr, colidx, t_rowptr, t_co
         )
     if values.numel() != nnz:
         raise ValueError(f"values has {values.numel()} entries for {nnz} column indices")
+    tensors = (values, rowptr, colidx, t_rowptr, t_colidx, t_perm)
+    if any(t.is_meta for t in tensors):  # a checkpoint of a layer on meta: only its sizes exist
+        if not all(t.is_meta for t in tensors):
+            raise ValueError("the packed weight mixes meta tensors with real ones")
+        if t_rowptr.numel() != groups * K + 1 or t_colidx.numel() != nnz or t_perm.numel() != nnz:
+            raise ValueError(
+                f"t_rowptr / t_colidx / t_perm have {t_rowptr.numel()} / {t_colidx.numel()} / "
+                f"{t_perm.numel()} entries; expected {groups * K + 1} / {nnz} / {nnz}"
+            )
+        return SparseWeight(
+            tuple(int(s) for s in shape),
+            int(groups),
+            rowptr,
+            colidx,
+            values.float(),
+            t_rowptr,
+            t_colidx,
+            t_perm,
+        )
     rp, cols = rowptr.cpu(), colidx.cpu().long()
     if rp[0] != 0 or rp[-1] != nnz or bool((rp.diff() < 0).any()):
         raise ValueError(f"rowptr must run from 0 to nnz = {nnz} without decreasing")
-    seg = torch.repeat_interleave(torch.arange(panels * O), rp.diff())
+    seg = torch.repeat_interleave(torch.arange(panels * O, device=rp.device), rp.diff())
     if nnz and (
         int(cols.min()) < 0
         or int(cols.max()) >= K

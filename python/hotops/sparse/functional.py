@@ -97,9 +97,9 @@ def _blocked(x: Tensor, sw: SparseWeight) -> tuple:
 
 def linear_unchecked(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], act: Optional[str]) -> Tensor:
     """sparse_linear after validation (the modules validate once per input signature)."""
-    if _backend.can_skip_dispatcher(
-        x, sw.values, bias
-    ):  # plain aliases: cheaper for the C++ to read than Parameters
+    # plain aliases: cheaper for the C++ to read than Parameters. Meta tensors (shapes only) go
+    # through the dispatcher to the op's fake implementation: no backend runs on them
+    if not x.is_meta and _backend.can_skip_dispatcher(x, sw.values, bias):
         fn, values, bias = op.linear_forward, plain(sw.values), plain(bias)
     else:
         fn, values = op.sparse_linear_op, sw.values
@@ -180,9 +180,9 @@ def conv2d_unchecked(
 ) -> Tensor:
     """sparse_conv2d after validation, with (h, w) pairs (the modules validate once per input
     signature)."""
-    if _backend.can_skip_dispatcher(
-        x, sw.values, bias
-    ):  # plain aliases: cheaper for the C++ to read than Parameters
+    # plain aliases: cheaper for the C++ to read than Parameters. Meta tensors (shapes only) go
+    # through the dispatcher to the op's fake implementation: no backend runs on them
+    if not x.is_meta and _backend.can_skip_dispatcher(x, sw.values, bias):
         fn, values, bias = op.conv2d_forward, plain(sw.values), plain(bias)
     else:
         fn, values = op.sparse_conv2d_op, sw.values

@@ -107,9 +107,12 @@ class _SparseLayer(nn.Module):
 
     def __setattr__(self, name, value):
         if name in self._WATCHED:
-            if isinstance(value, nn.Parameter) or (isinstance(value, Tensor) and name in self._buffers):
-                track(value, self.__dict__.setdefault("_cell", [0, []]))
+            # tracked after registration (register_parameter tracks what it stores): accelerate's
+            # init_empty_weights re-creates each registered Parameter as type(p)(p.to("meta"),
+            # **p.__dict__), which a tracked one's bookkeeping in __dict__ would break
             super().__setattr__(name, value)
+            if isinstance(value, Tensor) and name in self._buffers:
+                track(self._buffers[name], self.__dict__.setdefault("_cell", [0, []]))
             self._invalidate()
         else:
             super().__setattr__(name, value)
@@ -120,12 +123,18 @@ class _SparseLayer(nn.Module):
             self._invalidate()
 
     def register_parameter(self, name, param):
-        super().register_parameter(name, track(param, self.__dict__.setdefault("_cell", [0, []])))
+        super().register_parameter(name, param)  # then tracked: see __setattr__
+        track(self._parameters.get(name), self.__dict__.setdefault("_cell", [0, []]))
         if name in self._WATCHED:
             self._invalidate()
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(), ...: new tensors or .data swaps
+        was_meta = self._buffers["rowptr"].is_meta
         out = super()._apply(fn, recurse)
+        if was_meta and not self._buffers["rowptr"].is_meta:
+            # only to_empty() makes real tensors of meta ones (.to() refuses): the structure
+            # holds whatever memory it got, until a checkpoint's packed weight is loaded (_load)
+            self.__dict__["_empty_structure"] = True
         self._track_all()
         self._invalidate()
         return out
@@ -150,6 +159,20 @@ class _SparseLayer(nn.Module):
         csr = ("values", "rowptr", "colidx", "t_rowptr", "t_colidx", "t_perm")
         present = [n for n in csr if prefix + n in state_dict]
         blocked_keys = [prefix + n for n in ("b_rowptr", "b_colidx", "b_perm")]
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        if (
+            present == ["values"]
+            and assign
+            and self._buffers["rowptr"].is_meta
+            and not state_dict[prefix + "values"].is_meta
+        ):
+            error_msgs.append(
+                f"{type(self).__name__} at {prefix!r} is on the meta device and the checkpoint holds "
+                "its values but no structure (rowptr, colidx, t_*): assign=True would leave them on "
+                "two devices. Load a checkpoint with the whole packed weight, or build the layer "
+                "on a real device and load without assign"
+            )
+            return
         if len(present) > 1 or (present and present != ["values"]):
             missing = [n for n in csr if n not in present]
             if missing:
@@ -160,11 +183,22 @@ class _SparseLayer(nn.Module):
                 return
             try:
                 sw = checked_structure(self.shape, self.groups, *(state_dict[prefix + n] for n in csr))
-                if self.block:
+                if self.block and sw.values.is_meta:  # no values to block: placeholders of the
+                    # checkpoint's or this layer's (rebuilt when real tensors are loaded)
+                    b = [state_dict.get(k) for k in blocked_keys]
+                    if any(t is None or not t.is_meta for t in b):
+                        b = [self._buffers[n].to("meta") for n in ("b_rowptr", "b_colidx", "b_perm")]
+                    csr_sw = (sw.rowptr, sw.colidx, sw.values, sw.t_rowptr, sw.t_colidx, sw.t_perm)
+                    sw = SparseWeight(sw.shape, sw.groups, *csr_sw, self.block, *b)
+                elif self.block:
                     sw = sw.with_block(self.block)
             except (ValueError, TypeError) as e:
                 error_msgs.append(f"{type(self).__name__} at {prefix!r}: {e}")
                 return
+            if self._tensor("values").is_meta and not assign:
+                # as torch loads into meta parameters (a no-op, with its warning): the layer stays
+                # on meta, in the checkpoint's shapes; assign=True installs the checkpoint's tensors
+                sw = sw.to("meta")
             with torch.no_grad():
                 values = self._tensor("values")
                 self._load(sw, keep_values=values if values.shape == sw.values.shape else None)
@@ -193,6 +227,7 @@ class _SparseLayer(nn.Module):
             self.values = nn.Parameter(sw.values.detach().clone().float())
         for name in self._STRUCTURE:
             self.register_buffer(name, getattr(sw, name), persistent=True)
+        self.__dict__.pop("_empty_structure", None)  # a whole structure is in place (see _apply)
         self.density = sw.density  # the structure only changes in _load
         self.dispatch = {}  # input signature -> (sparse wins, sparse s, dense s): see the class doc
         self._invalidate()
@@ -272,6 +307,13 @@ class _SparseLayer(nn.Module):
         call than tracked ones). Kept until the layer's generation changes (a .data write,
         replacement, .to(), load_state_dict): per-call rebuilding costs as much as a small
         layer's work."""
+        if self.__dict__.get("_empty_structure"):
+            raise RuntimeError(
+                f"{type(self).__name__}'s packed structure (rowptr, colidx, t_*) is uninitialised: "
+                "to_empty() materialised it from the meta device, where it held no values. Load a "
+                "checkpoint of the layer with load_state_dict (its packed weight loads whole, "
+                "whatever its number of non-zeros), or build the layer on a real device"
+            )
         if torch.compiler.is_compiling():  # rebuilt on every trace, of traceable tensors
             return self._packed_weight(traceable, traceable(self._tensor("values")))
         p, gen = self._packed, self._cell[0]
