@@ -138,6 +138,74 @@ def test_large_scores_stay_finite(isa):
     assert torch.isfinite(out).all()
 
 
+def _overflowing_inputs(case, dtype):
+    """q, k, v and a scale whose scores leave float32's range (as torch computes them in float32,
+    the softmax meets inf - inf: NaN), while in float64 they are finite."""
+    q, k, v = (t.detach() for t in make(B=1, H=4, Hkv=2, Lq=70, Lk=90, D=24))
+    scale = 1.0
+    if case == "scale":
+        scale = 1e38
+    elif case == "qk":
+        q, k = q * 1e19, k * 1e19
+    elif case == "negative":  # every score of a row can overflow to -inf: not a row that sees nothing
+        q, k, scale = q.abs(), k.abs(), -1e38
+    elif case == "scaled q":  # scale · q overflows, the scores do not
+        q, k, scale = q * 4, k * 1e-3, 1e38
+    elif case == "some rows":  # every third query row overflows, the others are ordinary rows
+        q[:, :, ::3] *= 1e37
+        k = k * 10
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)], scale
+
+
+def _softmax_attention64(q, k, v, idx, kpos, causal, scale):
+    """reference.attention_on_indices spelled as softmax(scale · q kᵀ) v, for float64 inputs
+    (SDPA's float64 backward gives NaN gradients at scales like 1e38)."""
+    H, Lq = q.shape[1], q.shape[2]
+    idx = idx.repeat_interleave(H // idx.shape[1], 1)
+    rows = idx[..., None].expand(-1, -1, -1, q.shape[-1])
+    kg, vg = (t.repeat_interleave(H // t.shape[1], 1).gather(2, rows) for t in (k, v))
+    kp = (idx if kpos is None else kpos.repeat_interleave(H // kpos.shape[1], 1))[:, :, None, :]
+    visible = (kp >= 0) & ((kp <= torch.arange(Lq)[:, None]) if causal else True)
+    scores = (q @ kg.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    seen = visible.any(-1, keepdim=True)
+    return (scores.masked_fill(~seen, 0.0).softmax(-1) @ vg).masked_fill(~seen, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["scale", "qk", "negative", "scaled q", "some rows"])
+@pytest.mark.parametrize("subsampled", [False, True])
+def test_scores_beyond_float32_range(isa, dtype, case, subsampled):
+    """Scores past float32's maximum give torch's float64 answer (the softmax one-hot on the
+    largest score), not NaN: output and gradients, all keys or a subset with repeated, hidden and
+    causally hidden keys."""
+    torch.manual_seed(0)
+    (q, k, v), scale = _overflowing_inputs(case, dtype)
+    idx, kpos, causal = torch.arange(90).expand(1, 2, 90), None, False
+    if subsampled:
+        idx = torch.stack([torch.randperm(90)[:60] for _ in range(4)])[None]  # distinct: no tied scores
+        kpos, causal = torch.where(torch.rand(idx.shape) < 0.1, -1, idx), True
+    out = op.ssa(q, k, v, idx, kpos, None, scale, causal)[0]
+    gout = torch.randn(out.shape).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), gout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _softmax_attention64(*leaves, idx, kpos, causal, scale)
+    refs = [ref, *torch.autograd.grad(ref, leaves, gout.double())]
+    # dq and dk are scale · dS · k (q): where P is one-hot dS is 0 up to rounding, which the scale
+    # multiplies: their tolerance is relative to scale · |dO vᵀ| · |k| (|q|)
+    dp = gout.double().abs().sum(-1).max().item() * v.detach().double().abs().max().item()  # >= |dO vᵀ|
+    mags = [
+        1.0,
+        abs(scale) * dp * k.detach().abs().max().item(),
+        abs(scale) * dp * q.detach().abs().max().item(),
+        1.0,
+    ]
+    rtol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, a, b, mag in zip(["output", "dq", "dk", "dv"], [out, *grads], refs, mags):
+        assert torch.isfinite(b).all()
+        err = (a.double() - b).abs().max().item()
+        assert err <= rtol * max(mag, b.abs().max().item()), f"{case} {name}: error {err:.3g}"
+
+
 # ------------------------------------------------------------------ the public function
 
 

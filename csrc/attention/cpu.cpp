@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <vector>
 
 #include "common/cpu_features.h"
 #include "common/parallel.h"
@@ -244,6 +245,114 @@ inline Bf16Products bf16_path(DType t) {
 // exponent's argument instead of a pass over the scores; a non-positive scale is applied to them.
 inline float softmax_scale(bool bf, float scale) { return bf && scale > 0.0f ? scale : 1.0f; }
 
+// False when x[0..n) (n a multiple of W) holds an inf or a NaN: x - x is 0 only for finite x.
+inline bool all_finite(const float* x, int64_t n) {
+  VecF acc = VecF::set1(0.0f);
+  for (int64_t j = 0; j < n; j += W) {
+    const VecF v = VecF::load(x + j);
+    acc = acc + (v - v);
+  }
+  return !std::isnan(acc.sum());
+}
+
+// Rows whose float32 scores left float32's range. A finite float32 score is the rounded true one
+// (a partial sum or a prescaled q that overflows leaves the score inf or NaN), and a score that
+// overflowed to -inf is below every finite one, so P = 0 is its right weight. What float32 cannot
+// say is which of several +inf scores is largest, nor which of a row's all -inf ones: such a row
+// is computed again here in double, whose range holds any scale · q·k of float32, bfloat16 or
+// float16 inputs (at most D · FLT_MAX³ in magnitude), over the row's visible slots, as torch
+// computes it in float64: a softmax that is one-hot on the largest score where the scores are
+// that large. Rows with a NaN score come here too (a NaN input): they stay NaN.
+struct ExactRow {
+  std::vector<double> s;     // scale · q·k per slot
+  std::vector<int64_t> row;  // the slot's key row, or -1 where the slot is hidden from the query
+  std::vector<float> q, x;   // the query row and one key or value row, as float32 (Dp floats)
+  std::vector<double> acc;
+  double m = 0.0, l = 0.0;  // max over the visible scores (NaN if one is NaN) and sum exp(s - m)
+  bool seen = false;
+
+  // Scores, max and sum of query row i of head h (position qpos) over its visible slots.
+  void scores(const SsaArgs& a, const Geometry& g, int64_t b, int64_t h, int64_t i, int64_t qpos) {
+    const int64_t hk = h / g.group, hi = g.idx_head(h);
+    s.resize(g.S);
+    row.resize(g.S);
+    q.resize(g.Dp);
+    x.resize(g.Dp);
+    acc.assign(g.D, 0.0);
+    load_f32(q.data(), row_of(a.q, g.esz, b, h, i), a.q.dtype, g.D);
+    m = -INFINITY;
+    seen = false;
+    bool nan = false;
+    for (int64_t t = 0; t < g.S; ++t) {
+      const int64_t r = at3(a.idx, b, hi, t), p = a.kpos.present ? at3(a.kpos, b, hi, t) : r;
+      row[t] = p >= 0 && !(a.causal && p > qpos) ? r : -1;
+      if (row[t] < 0) continue;
+      seen = true;
+      load_f32(x.data(), row_of(a.k, g.esz, b, hk, r), a.k.dtype, g.D);
+      double d = 0.0;
+      for (int64_t j = 0; j < g.D; ++j) d += static_cast<double>(q[j]) * x[j];
+      s[t] = d * a.scale;
+      nan |= std::isnan(s[t]);
+      m = s[t] > m ? s[t] : m;
+    }
+    if (nan) m = NAN;
+    l = 0.0;
+    for (int64_t t = 0; t < g.S; ++t)
+      if (row[t] >= 0) l += std::exp(s[t] - m);
+  }
+
+  // Forward: writes the output row (zeros if the query sees no key); returns its lse for the
+  // float32 lse tensor: +inf where it is a number (the backward's cue to take this path too).
+  float forward(const SsaArgs& a, const Geometry& g, int64_t b, int64_t h, int64_t i, int64_t qpos) {
+    scores(a, g, b, h, i, qpos);
+    const int64_t hk = h / g.group;
+    for (int64_t t = 0; seen && t < g.S; ++t) {
+      if (row[t] < 0) continue;
+      const double p = std::exp(s[t] - m) / l;
+      load_f32(x.data(), row_of(a.v, g.esz, b, hk, row[t]), a.v.dtype, g.D);
+      for (int64_t j = 0; j < g.D; ++j) acc[j] += p * x[j];
+    }
+    for (int64_t j = 0; j < g.Dp; ++j) x[j] = j < g.D ? static_cast<float>(acc[j]) : 0.0f;
+    store_out(row_of(a.out, g.esz, b, h, i), a.out.dtype, x.data(), g.D, 1.0f);
+    if (!seen) return -INFINITY;
+    return std::isnan(m + std::log(l)) ? NAN : INFINITY;
+  }
+
+  // Backward of the same row: dv[r] += P dO, dk[r] += dS · kmul · q, dq += dS k (unscaled) for
+  // every visible slot, on the float32 accumulators of the caller (kmul is the scale where its dk
+  // rows hold dS^T (scale Q)). D_i is sum_s P dP here, not dO · O: O was rounded to the output's
+  // dtype, and scales this large would multiply that rounding into the gradients.
+  void backward(const SsaArgs& a, const Geometry& g, int64_t b, int64_t h, int64_t i, int64_t qpos,
+                float kmul, float* dk, float* dv, float* dq) {
+    scores(a, g, b, h, i, qpos);
+    const int64_t hk = h / g.group;
+    std::vector<float> dout(g.Dp);
+    std::vector<double> dp(g.S);
+    load_f32(dout.data(), row_of(a.dout, g.esz, b, h, i), a.dout.dtype, g.D);
+    double di = 0.0;
+    for (int64_t t = 0; seen && t < g.S; ++t) {
+      if (row[t] < 0) continue;
+      load_f32(x.data(), row_of(a.v, g.esz, b, hk, row[t]), a.v.dtype, g.D);
+      dp[t] = 0.0;
+      for (int64_t j = 0; j < g.D; ++j) dp[t] += static_cast<double>(dout[j]) * x[j];
+      s[t] = std::exp(s[t] - m) / l;  // P
+      di += s[t] * dp[t];
+    }
+    for (int64_t t = 0; seen && t < g.S; ++t) {
+      const int64_t r = row[t];
+      if (r < 0) continue;
+      const double p = s[t], ds = p * (dp[t] - di);
+      load_f32(x.data(), row_of(a.k, g.esz, b, hk, r), a.k.dtype, g.D);
+      for (int64_t j = 0; j < g.D; ++j) {
+        dv[r * g.Dp + j] += static_cast<float>(p * dout[j]);
+        dk[r * g.Dp + j] += static_cast<float>(ds * kmul * q[j]);
+        acc[j] += ds * x[j];
+      }
+    }
+    for (int64_t j = 0; j < g.D; ++j) dq[j] += static_cast<float>(acc[j]);
+  }
+};
+
 }  // namespace
 
 void ssa_forward(const SsaArgs& a) {
@@ -265,6 +374,8 @@ void ssa_forward(const SsaArgs& a) {
     float m[TQ], l[TQ];
     int64_t qp[TQ];
     float* orow[TQ];
+    bool exact[TQ];  // rows whose scores left float32's range: computed again in double (ExactRow)
+    ExactRow ex;
     Tile tile;
     for (int64_t task; (task = claim()) < tasks;) {
       const int64_t b = task / (g.H * nqb), h = task / nqb % g.H, i0 = task % nqb * TQ;
@@ -273,6 +384,7 @@ void ssa_forward(const SsaArgs& a) {
       int64_t qmin = INT64_MAX, qmax = INT64_MIN;
       for (int64_t i = 0; i < mq; ++i) {
         load_f32(qs.p + i * g.Dp, row_of(a.q, g.esz, b, h, i0 + i), dt, g.D, bf ? 1.0f : a.scale);
+        exact[i] = !all_finite(qs.p + i * g.Dp, g.Dp);  // scale · q overflowed (or q holds NaN)
         fill(o.p + i * g.Dp, g.Dp, 0.0f);
         orow[i] = o.p + i * g.Dp;
         m[i] = -INFINITY;
@@ -311,7 +423,12 @@ void ssa_forward(const SsaArgs& a) {
           float mnew = tmax > m[i] || std::isnan(tmax) ? tmax : m[i];
           if (mnew == -INFINITY) {  // nothing visible yet: P = 0, unless a visible score is NaN
             bool nan = false;       // (the max may have skipped it; a NaN q makes every score NaN)
-            for (int s = 0; s < TK; ++s) nan |= std::isnan(srow[s]);
+            bool shown = false;     // or -inf: then it overflowed (only hidden slots are -inf here)
+            for (int s = 0; s < TK; ++s) {
+              nan |= std::isnan(srow[s]);
+              shown |= tile.kp[s] >= 0 && !(a.causal && tile.kp[s] > qp[i]);
+            }
+            exact[i] |= shown;
             if (!nan) {
               fill(srow, TK, 0.0f);
               continue;
@@ -341,6 +458,10 @@ void ssa_forward(const SsaArgs& a) {
       }
       float* lse = a.lse.ptr<float>() + (b * g.H + h) * g.Lq + i0;
       for (int64_t i = 0; i < mq; ++i) {
+        if (exact[i] || std::isnan(l[i]) || m[i] == INFINITY) {  // a +inf score makes l NaN
+          lse[i] = ex.forward(a, g, b, h, i0 + i, qp[i]);
+          continue;
+        }
         const bool seen = l[i] > 0.0f || std::isnan(l[i]);
         if (!seen) fill(orow[i], g.Dp, 0.0f);  // zeros, even where P·V met a NaN value with P = 0
         store_out(row_of(a.out, g.esz, b, h, i0 + i), dt, orow[i], g.D, seen ? 1.0f / l[i] : 0.0f);
@@ -372,6 +493,7 @@ void ssa_backward(const SsaArgs& a) {
     float* dqrow[TQ];
     float* dkrow[TK];
     float* dvrow[TK];
+    ExactRow ex;
     Tile tile;
     for (int64_t task; (task = claim()) < tasks;) {
       const int64_t b = task / g.Hkv, hk = task % g.Hkv;
@@ -394,6 +516,9 @@ void ssa_backward(const SsaArgs& a) {
               acc = VecF::fma(VecF::load(do_i + d), VecF::load(tmp.p + d), acc);
             di[i] = acc.sum();
             lse[i] = lse_src[i];
+            // a row that saw nothing (-inf) or an ExactRow (+inf) takes no part in the tiles: P = 0
+            // there, and its q (scale · q may overflow) must not meet it in dK (0 · inf)
+            if (std::isinf(lse[i])) fill(q_i, g.Dp, 0.0f);
             fill(dqb.p + i * g.Dp, g.Dp, 0.0f);
             dqrow[i] = dqb.p + i * g.Dp;
             qp[i] = a.qpos.present ? at3(a.qpos, b, h, i0 + i) : i0 + i;
@@ -434,7 +559,7 @@ void ssa_backward(const SsaArgs& a) {
             }
             for (int64_t i = 0; i < mq; ++i) {  // P = exp(S - lse); rows that saw nothing stay 0
               float* prow = pb.p + i * TK;
-              if (lse[i] == -INFINITY) {
+              if (std::isinf(lse[i])) {  // -inf: saw nothing; +inf: an ExactRow (below)
                 fill(prow, TK, 0.0f);
                 continue;
               }
@@ -471,8 +596,11 @@ void ssa_backward(const SsaArgs& a) {
               ab(mq, tile.cnt, ds.p, TK, 1, kbuf.p, g.Dp, dqrow);  // dQ += dS K
             }
           }
-          for (int64_t i = 0; i < mq; ++i)
+          for (int64_t i = 0; i < mq; ++i) {
+            if (lse[i] == INFINITY)
+              ex.backward(a, g, b, h, i0 + i, qp[i], bf ? 1.0f : a.scale, dk.p, dv.p, dqrow[i]);
             store_out(row_of(a.dq, g.esz, b, h, i0 + i), dt, dqrow[i], g.D, a.scale);
+          }
         }
       }
       for (int64_t r = 0; r < g.Lk; ++r) {

@@ -20,7 +20,8 @@ struct SsaArgs {
   View kpos;        // (B, Hi, S) int64 original key positions, or absent (= idx)
   View qpos;        // (B, H, Lq) int64 original query positions, or absent (= row index)
   View out;         // (B, H, Lq, D) forward output, same dtype as q (read by backward)
-  View lse;         // (B, H, Lq) float32 log-sum-exp of the scaled scores (-inf: no key seen)
+  View lse;         // (B, H, Lq) float32 log-sum-exp of the scaled scores (-inf: no key seen;
+                    // +inf: the row's scores left float32's range and it was computed in double)
   View dout;        // backward only: (B, H, Lq, D) incoming gradient
   View dq, dk, dv;  // backward only: gradients, shapes and dtype of q, k, v
   float scale = 1.0f;
