@@ -322,6 +322,42 @@ def test_triton_row_pass_matches_cpu_on_infinite_logits(weighted):
         torch.testing.assert_close(b, a, equal_nan=True)
 
 
+@pytest.mark.parametrize("own", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_triton_row_pass_matches_cpu_on_leading_neg_inf_block(own, weighted):
+    """Rows whose first block of 16 weighted logits is all -inf (masked columns placed first),
+    the positive among them or not, or (with own hard negatives) whose whole shared segment is
+    -inf. The C++ pass takes the max over the whole row first; the Triton online sweep once had a
+    running max of -inf there and formed exp(-inf - (-inf)) = NaN for loss, lse, tdot and every
+    gradient, where the CPU gives loss = inf (a -inf positive) and finite gradients."""
+    require_triton_runs()
+    from hotops.infonce.triton import row_pass
+
+    inf = float("inf")
+    rows = torch.full((3, 20), -inf)
+    rows[:, 16:] = torch.tensor([0.5, 1.0, 2.0, 3.0])
+    rows[1, 1] = 2.0  # row 1's positive is finite, the rest of its first block -inf
+    if own:
+        rows[:, 16:] = -inf  # the whole shared segment is -inf, the own hard negatives are not
+        rows[1, 1] = -inf
+        rows[2, 2] = 2.0
+    O = torch.tensor([[0.0, 1.0, -1.0, 4.0]]).expand(3, 4).contiguous() if own else None
+    w = torch.linspace(0.5, 1.5, 20 + (4 if own else 0)) if weighted else None
+    outs = []
+    for fn in (op._cpu_row_pass, lambda *a: row_pass(*a, block=16)):
+        S, Oc, (loss, lse, tdot) = (
+            rows.clone(),
+            O.clone() if own else None,
+            (torch.empty(3) for _ in range(3)),
+        )
+        fn(S, Oc, w, None, loss, lse, tdot, 0, torch.tensor(1.0), 0.0, 1.0, True)
+        outs.append((loss, lse, tdot, S) + ((Oc,) if own else ()))
+    assert torch.isfinite(outs[0][1]).all() and torch.isfinite(outs[0][3]).all()
+    assert outs[0][0][0] == inf  # a -inf positive: the loss is inf, not NaN
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, equal_nan=True)
+
+
 # ------------------------------------------------------------------ errors
 
 

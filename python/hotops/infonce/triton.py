@@ -34,7 +34,12 @@ def _sweep_stats(
         w = tl.where(cols == pos, 1.0, w)  # the positive always has weight 1
         sl += tl.sum(tl.where(inside, l, 0.0))
         m_new = tl.maximum(m, tl.max(tl.where(w > 0, l, float("-inf"))))
-        e = tl.where(w > 0, w * tl.exp(l - m_new), _dropped(w, l))
+        # While every weighted logit so far is -inf (a leading block of masked columns, the
+        # positive among them) the running max is -inf and exp(l - m_new) would be
+        # exp(-inf + inf) = NaN: those columns add e = 0, as they do in the C++ pass, whose max
+        # is the whole row's. Subtracting 0 instead gives exactly that (exp(-inf) = 0).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = tl.where(w > 0, w * tl.exp(l - m_ref), _dropped(w, l))
         alpha = tl.where(
             m_new == float("-inf"), 1.0, tl.exp(m - m_new)
         )  # no exp(-inf + inf) before a weighted column
