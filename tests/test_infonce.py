@@ -259,16 +259,12 @@ def test_triton_row_pass_in_interpreter(monkeypatch, hard, dtype):
     check_against_reference(q, d, h, temperature=0.3, reduction="none")
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_large_logits_temperature_grad_is_exact(monkeypatch, backend, eps, weighted):
+def _large_logits_case(monkeypatch, backend, eps, weighted):
     """Logits of 2^20 + small even integers (exact in float32, and so is every partial sum of a
-    row, whose offsets sum to 0 so that its mean is exact too): loss and temperature gradient
-    against float64. The Triton row pass formed tdot as sum(e*l)/s - m, which kept only the
-    rounding of e*l at 2^20 (dT off by 2e-3 to 3e-2); the C++ row pass, and now the Triton one,
-    form it from l - m. Hard negatives above the in-batch max move the row's max between the two
-    sweeps, and blocks of 16 columns move it between the blocks of one sweep."""
+    row, whose offsets sum to 0 so that its mean is exact too) picked out of q by one-hot
+    candidates. Hard negatives above the in-batch max move the row's max between the two sweeps,
+    and (on the Triton row pass) blocks of 16 columns move it between the blocks of one sweep.
+    Returns (loss, q, t) from hotops and (exact, logits, t64) in float64 on the same logits."""
     if backend == "triton":
         _use_triton_row_pass(monkeypatch)
         from hotops.infonce import triton as infonce_triton
@@ -281,9 +277,10 @@ def test_large_logits_temperature_grad_is_exact(monkeypatch, backend, eps, weigh
     offs[:, B:] += 8  # and the own hard negatives hold each row's max
     offs[:, 1] -= offs.sum(1)  # each row's offsets sum to 0
     assert (offs.sum(1) == 0).all()
-    logits = 2.0**20 + offs
-    # one-hot candidates pick the logits out of q exactly: q @ e_j = logits[:, j]
-    q = logits.float()
+    logits = (2.0**20 + offs).requires_grad_()
+    # one-hot candidates pick the logits out of q exactly: q @ e_j = logits[:, j], and dq is
+    # dloss/dlogits itself
+    q = logits.detach().float().requires_grad_()
     d = torch.eye(B, B + K)
     h = torch.eye(B + K)[B:].expand(B, K, B + K).contiguous()
     t = torch.tensor(1.0, requires_grad=True)
@@ -296,10 +293,36 @@ def test_large_logits_temperature_grad_is_exact(monkeypatch, backend, eps, weigh
     w64[range(B), range(B)] = 1.0
     pos = z[range(B), range(B)]
     exact = (torch.logsumexp(z + w64.log(), 1) - (1 - eps) * pos - eps * z.mean(1)).mean()
+    return loss, q, t, exact, logits, t64
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_large_logits_temperature_grad_is_exact(monkeypatch, backend, eps, weighted):
+    """Loss and temperature gradient at logits of 2^20 against float64. The Triton row pass formed
+    tdot as sum(e*l)/s - m, which kept only the rounding of e*l at 2^20 (dT off by 2e-3 to 3e-2);
+    the C++ row pass, and now the Triton one, form it from l - m."""
+    loss, _, t, exact, _, t64 = _large_logits_case(monkeypatch, backend, eps, weighted)
     torch.testing.assert_close(loss.double(), exact.detach(), rtol=1e-6, atol=1e-6)
     (dt,) = torch.autograd.grad(loss, t)
     (dt_exact,) = torch.autograd.grad(exact, t64)
     torch.testing.assert_close(dt.double(), dt_exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_large_logits_logit_grad_is_exact(monkeypatch, backend, eps, weighted):
+    """Gradient of the logits at 2^20 against float64. The Triton gradient sweep formed
+    p = exp(l - lse) with lse = m + log s rounded to float32 (ulp 0.125 at 2^20), so p was off
+    by up to 6% relative (dlogit errors of 5e-3 before the 1/B); the C++ row pass, and now the
+    Triton one, form p = w exp(l - m) / s with the row max m and s kept apart."""
+    loss, q, _, exact, logits, _ = _large_logits_case(monkeypatch, backend, eps, weighted)
+    (dq,) = torch.autograd.grad(loss, q)
+    (dl_exact,) = torch.autograd.grad(exact, logits)
+    assert dl_exact.abs().max() > 1e-2  # the gradients checked are not all negligible
+    torch.testing.assert_close(dq.double(), dl_exact, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("weighted", [False, True])

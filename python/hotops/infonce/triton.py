@@ -67,7 +67,8 @@ def _sweep_grad(
     pos,
     r,
     inv_t,
-    lse,
+    m,
+    inv_s,
     eps_c,
     eps,
     scale,
@@ -84,7 +85,10 @@ def _sweep_grad(
         else:
             w = tl.full((BLOCK,), 1.0, tl.float32)
         w = tl.where(cols == pos, 1.0, w)
-        p = tl.where(w > 0, w * tl.exp(l - lse), _dropped(w, l))
+        # p = w exp(l - m) / s, never exp(l - lse): lse = m + log s rounded to float32 carries an
+        # error of up to half an ulp of m (1/16 at logits of 2^20), which exp turns into a relative
+        # error of p (as csrc/infonce/cpu.cpp forms it: e * (1 / s)).
+        p = tl.where(w > 0, w * tl.exp(l - m) * inv_s, _dropped(w, l))
         g = p - eps_c - tl.where(cols == pos, 1.0 - eps, 0.0)
         tl.store(ptr + r * stride + cols, (g * scale).to(raw.dtype), mask=inside)
 
@@ -136,9 +140,10 @@ def _rows_kernel(
         scale = grad_scale * inv_t
         if HAS_RS:
             scale = scale * tl.load(RS + r)
-        _sweep_grad(S, stride_s, Na, Wt, 0, pos, r, inv_t, lse, eps / C, eps, scale, HAS_W, BLOCK)
+        inv_s = 1.0 / s
+        _sweep_grad(S, stride_s, Na, Wt, 0, pos, r, inv_t, m, inv_s, eps / C, eps, scale, HAS_W, BLOCK)
         if HAS_OWN:
-            _sweep_grad(O, stride_o, K, Wt, Na, -1, r, inv_t, lse, eps / C, eps, scale, HAS_W, BLOCK)
+            _sweep_grad(O, stride_o, K, Wt, Na, -1, r, inv_t, m, inv_s, eps / C, eps, scale, HAS_W, BLOCK)
 
 
 def row_pass(
