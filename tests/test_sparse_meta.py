@@ -181,3 +181,84 @@ def test_accelerate_init_empty_weights():
     torch.testing.assert_close(
         layer(x), sparse_linear(x, ref.sparse_weight.with_values(ref.values * 2), ref.bias)
     )
+
+
+@pytest.mark.parametrize("block", [None, 4])
+def test_meta_checkpoint_into_a_real_layer(block):
+    """A checkpoint saved from a layer on meta holds no values. Without assign, loading it into
+    a real layer is torch's "Cannot copy out of meta tensor" error, raised before anything is
+    installed: the layer stays whole on the CPU (its packed weight once went to meta while the
+    bias stayed, whatever the number of non-zeros; with the same one, the values copy raised
+    torch's bare NotImplementedError). With assign the layer takes the checkpoint's meta tensors."""
+    layout = "blocked" if block else "csr"
+    x = torch.randn(3, 16)
+    for sparsity in (0.5, 0.8):  # this layer's number of non-zeros, and another
+        sd = SparseLinear.from_dense(nn.Linear(16, 8), sparsity=sparsity, block=block, layout=layout)
+        sd = sd.to("meta").state_dict()
+        layer = SparseLinear.from_dense(nn.Linear(16, 8), sparsity=0.5, block=block, layout=layout)
+        values, before = layer.values, {k: v.clone() for k, v in layer.state_dict().items()}
+        y = layer(x)
+        with pytest.raises(RuntimeError, match=r'"values".*Cannot copy out of meta tensor'):
+            layer.load_state_dict(sd)
+        assert layer.values is values
+        after = layer.state_dict()
+        assert after.keys() == before.keys()
+        for k, v in before.items():
+            assert not after[k].is_meta and torch.equal(after[k], v), k
+        torch.testing.assert_close(layer(x), y)
+
+        layer.load_state_dict(sd, assign=True)
+        assert all(t.is_meta for t in list(layer.parameters()) + list(layer.buffers()))
+        assert layer.values.shape == sd["values"].shape
+        assert layer(x.to("meta")).shape == (3, 8)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_to_empty_flag_follows_the_structure(name):
+    """The refusal is about reading uninitialised real memory: back on meta, shapes trace again
+    (the flag once cleared only on load_state_dict); to_empty() of a real layer, or of a model
+    holding it, leaves garbage too, and is refused as from meta."""
+    make, shape = LAYERS[name]
+    ref = make()
+    x = torch.randn(shape)
+    layer = make().to("meta").to_empty(device="cpu").to("meta")
+    assert layer(x.to("meta")).shape == ref(x).shape
+    layer.load_state_dict(ref.state_dict(), assign=True)
+    torch.testing.assert_close(layer(x), ref(x))
+    for empty in (
+        lambda: make().to_empty(device="cpu"),
+        lambda: nn.Sequential(make()).to_empty(device="cpu")[0],
+        lambda: nn.Sequential(make()).to("meta").to_empty(device="cpu")[0],
+    ):
+        layer = empty()
+        with pytest.raises(RuntimeError, match=r"uninitialised.*to_empty\(\)"):
+            layer(x)
+        layer.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+    layer = make().to_empty(device="meta")  # nothing real to read
+    assert layer(x.to("meta")).shape == ref(x).shape
+
+
+def test_accelerate_init_empty_weights_registers_a_tracked_parameter_again():
+    """Weight tying under init_empty_weights: accelerate re-creates the registered Parameter as
+    type(p)(p.to("meta"), **p.__dict__), which passed the tracked one's bookkeeping to
+    Parameter.__new__ (a TypeError). The new Parameter is tracked by the layer holding it."""
+    accelerate = pytest.importorskip("accelerate")
+    ref = SparseLinear.from_dense(nn.Linear(16, 8), sparsity=0.5, policy="sparse")
+    with accelerate.init_empty_weights():
+        a = SparseLinear(ref.sparse_weight, ref.bias.detach(), policy="sparse")
+        b = SparseLinear(ref.sparse_weight, ref.bias.detach(), policy="sparse")
+        b.values = a.values
+        holder = nn.Module()
+        holder.register_parameter("w", a.values)
+    for layer in (a, b):
+        assert layer.values.is_meta and layer(torch.randn(3, 16, device="meta")).shape == (3, 8)
+        assert any(c is layer._cell for c in layer.values.__dict__["_hotops_cells"])
+    assert holder.w.is_meta and holder.w.shape == a.values.shape
+    b.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(b(x), ref(x))
+    b.values.data.mul_(2)  # still tracked: a .data write shows
+    torch.testing.assert_close(
+        b(x), sparse_linear(x, ref.sparse_weight.with_values(ref.values * 2), ref.bias)
+    )

@@ -134,6 +134,16 @@ class TrackedParameter(_Tracked, nn.Parameter):
     else is nn.Parameter's; ``track`` turns an existing Parameter into one in place (its identity,
     and so an optimizer's reference to it, is kept)."""
 
+    def __new__(cls, data=None, requires_grad=True, **kwargs):
+        # accelerate's init_empty_weights re-creates a registered Parameter as
+        # type(p)(p.to("meta"), **p.__dict__): the old one's bookkeeping (_hotops_*) is not the new
+        # one's (whatever registers it tracks it), and p.to("meta") of a meta p is p itself, which
+        # Parameter.__new__ takes for a tensor subclass; other keywords fail as Parameter's do
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_hotops_")}
+        if isinstance(data, _Tracked):
+            data = _DATA.__get__(data)
+        return super().__new__(cls, data, requires_grad, **kwargs)
+
     def __deepcopy__(self, memo):
         if id(self) not in memo:
             memo[id(self)] = TrackedParameter(

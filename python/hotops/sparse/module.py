@@ -35,6 +35,15 @@ from hotops.sparse.spec import activate
 _get_version = operator.attrgetter("_version")
 
 
+def _is_to_empty(fn) -> bool:
+    """Whether an _apply fn is nn.Module.to_empty's (a model's to_empty() reaches its layers
+    through _apply only). Best effort, by name: a layer's own to_empty() and to_empty() from meta
+    are recognised without it (see _SparseLayer._apply)."""
+    return getattr(fn, "__qualname__", "").startswith("Module.to_empty.") and getattr(
+        fn, "__module__", ""
+    ).startswith("torch.nn.")
+
+
 class _SparseLayer(nn.Module):
     """Holds the packed weight: ``values`` (nnz,) is the trainable Parameter and the CSR
     structure lives in buffers, so the packed form is built once and survives training steps.
@@ -131,12 +140,25 @@ class _SparseLayer(nn.Module):
     def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(), ...: new tensors or .data swaps
         was_meta = self._buffers["rowptr"].is_meta
         out = super()._apply(fn, recurse)
-        if was_meta and not self._buffers["rowptr"].is_meta:
-            # only to_empty() makes real tensors of meta ones (.to() refuses): the structure
-            # holds whatever memory it got, until a checkpoint's packed weight is loaded (_load)
+        if self._buffers["rowptr"].is_meta:
+            # shapes only: nothing of the structure is read, so nothing uninitialised either
+            self.__dict__.pop("_empty_structure", None)
+        elif was_meta or _is_to_empty(fn):
+            # to_empty() (of this layer or of a model holding it): the structure holds whatever
+            # memory it got, until a checkpoint's packed weight is loaded (_load). From meta
+            # nothing else makes real tensors (.to() refuses); from a real device, see to_empty
             self.__dict__["_empty_structure"] = True
         self._track_all()
         self._invalidate()
+        return out
+
+    def to_empty(self, *, device, recurse=True):
+        """As nn.Module.to_empty: the packed structure is then uninitialised memory, which the
+        layer refuses to read until load_state_dict installs one (see _apply: a model's
+        to_empty() reaches this layer through _apply alone)."""
+        out = super().to_empty(device=device, recurse=recurse)
+        if not self._buffers["rowptr"].is_meta:
+            self.__dict__["_empty_structure"] = True
         return out
 
     def __getstate__(self):  # copy.deepcopy, pickle: caches and the cell are rebuilt
@@ -195,13 +217,27 @@ class _SparseLayer(nn.Module):
             except (ValueError, TypeError) as e:
                 error_msgs.append(f"{type(self).__name__} at {prefix!r}: {e}")
                 return
-            if self._tensor("values").is_meta and not assign:
+            values = self._tensor("values")
+            if sw.values.is_meta and not values.is_meta and not assign:
+                # torch's error for a meta tensor copied into a real one, raised before anything
+                # is installed: the layer stays whole on its device (bias included)
+                key = prefix + "values"
+                error_msgs.append(
+                    f'While copying the parameter named "{key}", whose dimensions in the model are '
+                    f"{values.size()} and whose dimensions in the checkpoint are "
+                    f"{state_dict[key].size()}, an exception occurred : "
+                    "('Cannot copy out of meta tensor; no data!',). (The checkpoint's packed weight "
+                    f"was saved from a layer on the meta device; {type(self).__name__} at {prefix!r} "
+                    "is left as it was)"
+                )
+                return
+            if values.is_meta and not assign:
                 # as torch loads into meta parameters (a no-op, with its warning): the layer stays
                 # on meta, in the checkpoint's shapes; assign=True installs the checkpoint's tensors
                 sw = sw.to("meta")
-            with torch.no_grad():
-                values = self._tensor("values")
-                self._load(sw, keep_values=values if values.shape == sw.values.shape else None)
+            with torch.no_grad():  # with assign, torch replaces values after this: nothing to keep
+                keep = values if values.shape == sw.values.shape and not assign else None
+                self._load(sw, keep_values=keep)
             state_dict = dict(state_dict)  # the caller's copy stays as it was
             for k in blocked_keys:
                 state_dict.pop(k, None)
