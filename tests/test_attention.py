@@ -209,6 +209,65 @@ def test_scores_beyond_float32_range(isa, dtype, case, subsampled):
 # ------------------------------------------------------------------ the public function
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("row", ["double path", "sees no key"])
+def test_rows_outside_the_tiles_take_no_part_in_them(isa, dtype, row):
+    """A row the backward's float32 tiles skip (lse +inf: computed in double; -inf: sees no key)
+    adds nothing there: its dO, whose dO · vᵀ overflows float32 here, gave dS = 0 · (inf - D_i)
+    = NaN, in dK of every key of the tile and in the row's dQ, where float64 is finite."""
+    torch.manual_seed(0)
+    q, k, v = (t.detach() for t in make(B=1, H=2, Lq=20, Lk=30, D=64, dtype=dtype))
+    v = v * 1e10
+    idx, kpos, causal = torch.arange(30).expand(1, 2, 30), None, False
+    big = 3
+    if row == "double path":  # q_3 · k_5 ≈ 1e37 |k_5|² ≈ 6e38: past float32's range
+        q[:, :, big] = k[:, :, 5] * 1e37
+    else:  # rows 0, 1, 2 see no key
+        kpos, causal, big = idx + 3, True, 1
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = op.ssa(q, k, v, idx, kpos, None, 1.0, causal)[0]
+    gout = torch.randn(out.shape)
+    gout[:, :, big] *= 1e29  # dO_big · v ≈ 1e39
+    gout = gout.to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), gout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _softmax_attention64(*leaves, idx, kpos, causal, 1.0)
+    refs = [ref, *torch.autograd.grad(ref, leaves, gout.double())]
+    rtol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, a, b in zip(["output", "dq", "dk", "dv"], [out, *grads], refs):
+        finite = bool(torch.isfinite(b).all() and torch.isfinite(a).all())
+        assert finite, f"{row} {name}: not finite"
+        err = (a.double() - b).abs().max().item()
+        assert err <= rtol * b.abs().max().item(), f"{row} {name}: error {err:.3g}"
+
+
+@pytest.mark.parametrize("scale", [1e39, -1e39, 3.4028236e38, float("inf")])
+def test_scale_beyond_float32_is_refused(scale):
+    """The kernels take the scale in float32: one whose magnitude float32 does not hold would be
+    inf there (NaN out), so it is refused, by the public function, the op and compiled code."""
+    q, k, v = _qkv()
+    idx = torch.arange(8).expand(2, 2, 8)
+    with pytest.raises(ValueError, match="scale"):
+        hotops.subsampled_attention(q, k, v, scale=scale)
+    with pytest.raises(ValueError, match="scale"):
+        op.ssa(q, k, v, idx, None, None, scale, False)
+    for fullgraph in (False, True):  # dynamic: the scale is a traced float
+        torch._dynamo.reset()
+        f = torch.compile(
+            lambda q, k, v, s: hotops.subsampled_attention(q, k, v, 1.0, scale=s),
+            fullgraph=fullgraph,
+            dynamic=True,
+            backend="aot_eager",
+        )
+        torch.testing.assert_close(f(q, k, v, 0.5), hotops.subsampled_attention(q, k, v, 1.0, scale=0.5))
+        # (a ValueError raised inside a full graph reaches the caller as dynamo's error, quoting it)
+        with pytest.raises(Exception, match="scale must") as info:
+            f(q, k, v, scale)
+        assert fullgraph or info.type is ValueError
+    limit = torch.finfo(torch.float32).max  # float32's max itself is taken
+    assert torch.isfinite(hotops.subsampled_attention(q, k, v, 1.0, scale=-limit)).all()
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Hkv", [4, 2])
 def test_keep_one_is_sdpa(causal, Hkv):

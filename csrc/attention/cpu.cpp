@@ -517,8 +517,14 @@ void ssa_backward(const SsaArgs& a) {
             di[i] = acc.sum();
             lse[i] = lse_src[i];
             // a row that saw nothing (-inf) or an ExactRow (+inf) takes no part in the tiles: P = 0
-            // there, and its q (scale · q may overflow) must not meet it in dK (0 · inf)
-            if (std::isinf(lse[i])) fill(q_i, g.Dp, 0.0f);
+            // there, and neither its q (scale · q may overflow) nor its dO and D_i (dO · Vᵀ and
+            // dO · O may overflow) may meet that 0 in dK, dS or dQ (0 · inf = NaN); an ExactRow's
+            // gradients come from ExactRow::backward, which reads dO itself
+            if (std::isinf(lse[i])) {
+              fill(q_i, g.Dp, 0.0f);
+              fill(do_i, g.Dp, 0.0f);
+              di[i] = 0.0f;
+            }
             fill(dqb.p + i * g.Dp, g.Dp, 0.0f);
             dqrow[i] = dqb.p + i * g.Dp;
             qp[i] = a.qpos.present ? at3(a.qpos, b, h, i0 + i) : i0 + i;

@@ -123,7 +123,7 @@ def subsampled_attention(
             no key gets zeros.
         indices: explicit (B, H or Hkv, S) int64 key positions (overrides keep and mode).
         generator: the torch.Generator the subsets are drawn from (reproducibility).
-        scale: softmax scale, default 1 / sqrt(Dh).
+        scale: softmax scale, default 1 / sqrt(Dh); finite, its magnitude at most float32's max.
         key_padding_mask: (B, Lk) bool, True marks padding keys that no query sees.
 
     Returns (B, H, Lq, Dh) in q's dtype. Differentiable in q, k and v; backward uses the same
@@ -132,7 +132,7 @@ def subsampled_attention(
     """
     q, k, v = (_backend.autocast_input(t) for t in (q, k, v))
     keep = _backend.check_number(keep, "keep", low=0.0, low_open=True, high=1.0)
-    scale = None if scale is None else _backend.check_number(scale, "scale")
+    scale = None if scale is None else _op.check_scale(scale)
     _check_inputs(q, k, v, keep, mode, indices, causal, generator, key_padding_mask)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]

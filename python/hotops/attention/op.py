@@ -13,6 +13,19 @@ from torch import Tensor
 
 from hotops import _backend
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+_SCALE_RANGE = f"scale must fit float32 (|scale| <= {FLOAT32_MAX:.8g}; the kernels compute in float32)"
+
+
+def check_scale(scale):
+    """scale as a float the kernels can take: finite, and of a magnitude float32 holds (the
+    kernels compute in float32, where 1e39 is inf: every score would be inf or NaN). Compares
+    only, so it works on the floats torch.compile traces, as ``_backend.check_number`` does."""
+    scale = _backend.check_number(scale, "scale")
+    if not abs(scale) <= FLOAT32_MAX:
+        raise ValueError(f"{_SCALE_RANGE}, got {scale!r}")  # (no format spec: compile traces this)
+    return scale
+
 
 def _views(*ts):
     return [_backend.cpu_view(t) if t is not None else None for t in ts]
@@ -106,7 +119,15 @@ def ssa(
     scale: float,
     causal: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """Attention of every query of head h over the keys idx[b, h or h // group]; (out, lse)."""
+    """Attention of every query of head h over the keys idx[b, h or h // group]; (out, lse).
+
+    lse is the float32 log-sum-exp of each row's scaled scores, -inf for a row that sees no key.
+    On the CPU, a row whose float32 scores left float32's range (computed again in double, see
+    docs/attention.md) has lse +inf, whatever its true log-sum-exp (finite, or below -3.4e38):
+    +inf marks the row for the backward, which takes the same double path for it. The Triton
+    kernels have no double path: their lse is float32's (NaN where a score overflowed to +inf).
+    A scale whose magnitude float32 does not hold is a ValueError."""
+    scale = check_scale(scale)
     run = _backend.choose("subsampled_attention", SSA_BACKENDS, q.device).run
     return run(q, k, v, idx, kpos, qpos, float(scale), bool(causal))
 
@@ -131,7 +152,9 @@ def ssa_backward(
     scale: float,
     causal: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv): the scores recomputed tile by tile from q, k, v, out and lse."""
+    """(dq, dk, dv): the scores recomputed tile by tile from q, k, v, out and lse (ssa's, whose
+    +inf rows the CPU kernel computes in double)."""
+    scale = check_scale(scale)
     run = _backend.choose("subsampled_attention", SSA_BACKWARD_BACKENDS, q.device).run
     return run(q, k, v, idx, kpos, qpos, out, lse, dout, float(scale), bool(causal))
 
