@@ -206,6 +206,27 @@ def test_scores_beyond_float32_range(isa, dtype, case, subsampled):
         assert err <= rtol * max(mag, b.abs().max().item()), f"{case} {name}: error {err:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inf_inputs_whose_scores_are_all_minus_inf_see_nothing(isa, dtype):
+    """A row whose visible scores are -inf in double too (an Inf in q) takes the double path
+    (scale · q is not finite) but gets the zeros and zero gradients of a row that sees nothing
+    (docs/reliability.md), not NaN; the other rows are untouched."""
+    torch.manual_seed(0)
+    q, k, v = (t.detach() for t in make(B=1, H=2, Lq=6, Lk=8, D=4, dtype=dtype))
+    k = k.abs() + 0.1
+    q[:, :, 2] = float("-inf")  # every score of row 2: -inf · |k| = -inf
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    idx = torch.arange(8).expand(1, 2, 8)
+    out = op.ssa(q, k, v, idx, None, None, 0.5, False)[0]
+    assert (out[:, :, 2] == 0).all()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert (dq[:, :, 2] == 0).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    rest = [0, 1, 3, 4, 5]
+    ref = _softmax_attention64(q.detach().double()[:, :, rest], k.double(), v.double(), idx, None, False, 0.5)
+    atol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (out[:, :, rest].double() - ref).abs().max().item() <= atol
+
+
 # ------------------------------------------------------------------ the public function
 
 

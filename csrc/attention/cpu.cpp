@@ -262,7 +262,8 @@ inline bool all_finite(const float* x, int64_t n) {
 // is computed again here in double, whose range holds any scale · q·k of float32, bfloat16 or
 // float16 inputs (at most D · FLT_MAX³ in magnitude), over the row's visible slots, as torch
 // computes it in float64: a softmax that is one-hot on the largest score where the scores are
-// that large. Rows with a NaN score come here too (a NaN input): they stay NaN.
+// that large. Rows with a NaN score come here too (a NaN input): they stay NaN; rows whose scores
+// are -inf in double as well (Inf inputs) get zeros.
 struct ExactRow {
   std::vector<double> s;     // scale · q·k per slot
   std::vector<int64_t> row;  // the slot's key row, or -1 where the slot is hidden from the query
@@ -296,6 +297,9 @@ struct ExactRow {
       m = s[t] > m ? s[t] : m;
     }
     if (nan) m = NAN;
+    // -inf in double too: an Inf in q or k, not an overflow. Such a row gets the zeros of a row
+    // that sees nothing, as every other row whose visible scores are all -inf (docs/reliability.md)
+    if (m == -INFINITY) seen = false;
     l = 0.0;
     for (int64_t t = 0; t < g.S; ++t)
       if (row[t] >= 0) l += std::exp(s[t] - m);
