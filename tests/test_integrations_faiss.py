@@ -2,6 +2,7 @@
 both, codes unchanged both ways, refusals that say why."""
 
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -179,6 +180,59 @@ def test_refine_inner_ip_and_torch_queries():
     d, i = h.search(torch.from_numpy(Q), 10, refine=3)
     assert isinstance(d, torch.Tensor)
     same_neighbours(*index.search(Q, 10), d.numpy(), i.numpy())
+
+
+@pytest.mark.parametrize("make", ["pq", "ivf"])
+def test_refine_k_factor_survives_round_trip(make):
+    """from_faiss remembers the IndexRefineFlat's k_factor: to_faiss() with no k_factor gives it
+    back (the same faiss searches), an explicit one still wins, and a hotops-built index gets 1."""
+    base = faiss.IndexPQ(D, 8, 8) if make == "pq" else faiss.IndexIVFPQ(faiss.IndexFlatL2(D), D, 16, 8, 8)
+    short_training(base.pq)
+    index = faiss.IndexRefineFlat(base)
+    index.train(X)
+    index.add(X)
+    index.k_factor = 4
+    if make == "ivf":
+        base.nprobe = 4
+    h = (IVFPQIndex if make == "ivf" else PQIndex).from_faiss(index)
+
+    def k_factor(out):  # IndexRefineFlat, or inside the IndexIDMap2 that maps the IVF rows' ids
+        out = faiss.downcast_index(out)
+        return (out if isinstance(out, faiss.IndexRefine) else faiss.downcast_index(out.index)).k_factor
+
+    back = h.to_faiss()
+    assert k_factor(back) == 4
+    set_nprobe(back, 4) if make == "ivf" else None
+    d_ref, i_ref = index.search(Q, 10)
+    d, i = back.search(Q, 10)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-6)
+    assert k_factor(h.to_faiss(k_factor=2)) == 2
+    own = PQIndex(D, 8, keep_vectors=True, verbose=False)
+    own.train(X)
+    own.add(X)
+    assert k_factor(own.to_faiss()) == 1
+
+
+@pytest.mark.parametrize("make", ["pq", "ivf"])
+def test_float_table_4bit_warns_of_fast_scan(make):
+    """A 4-bit IndexPQ / IndexIVFPQ (float tables) becomes hotops' fast scan (8-bit tables):
+    from_faiss says so, and to_faiss(fast_scan=False) gives the original class back."""
+    if make == "pq":
+        index = faiss.IndexPQ(D, 8, 4)
+    else:
+        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(D), D, 16, 8, 4)
+    short_training(index.pq)
+    index.train(X[:1000])
+    index.add(X[:1000])
+    cls = IVFPQIndex if make == "ivf" else PQIndex
+    with pytest.warns(UserWarning, match=r"fast scan.*to_faiss\(fast_scan=False\)"):
+        h = cls.from_faiss(index)
+    assert h.fast_scan
+    assert type(h.to_faiss(fast_scan=False)) is type(index)
+    with warnings.catch_warnings():  # faiss's own fast-scan indexes convert silently
+        warnings.simplefilter("error")
+        cls.from_faiss(h.to_faiss())
 
 
 # ------------------------------------------------------------------ 4-bit fast scan

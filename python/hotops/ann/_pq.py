@@ -404,8 +404,9 @@ class _ProductQuantized(Mutable, OnDevice):
 
     # ---------------------------------------------------------------- faiss (hotops.integrations.faiss)
 
-    def to_faiss(self, fast_scan: Optional[bool] = None, k_factor: float = 1.0):
-        """The equivalent faiss index, codes unchanged (see hotops.integrations.faiss.to_faiss)."""
+    def to_faiss(self, fast_scan: Optional[bool] = None, k_factor: Optional[float] = None):
+        """The equivalent faiss index, codes unchanged (see hotops.integrations.faiss.to_faiss);
+        k_factor None: the one of the IndexRefineFlat the index came from (from_faiss), else 1."""
         from hotops.integrations.faiss import to_faiss
 
         return to_faiss(self, fast_scan, k_factor)

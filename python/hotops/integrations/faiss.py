@@ -14,6 +14,7 @@ faiss is imported only here, and only when a conversion runs or a FaissPQIndex i
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -87,9 +88,10 @@ def _fastscan_codes(faiss, packer, blocks: np.ndarray, n: int, m: int) -> np.nda
 
 
 def _unwrap(faiss, index):
-    """IndexIDMap(IndexRefineFlat(core)) and its sub-forms -> (core, id map, refine vectors)."""
+    """IndexIDMap(IndexRefineFlat(core)) and its sub-forms -> (core, id map, refine vectors,
+    the refine index's k_factor)."""
     index = faiss.downcast_index(index)
-    id_map = vectors = None
+    id_map = vectors = k_factor = None
     if isinstance(index, faiss.IndexPreTransform):
         raise TypeError(
             "IndexPreTransform (OPQ, PCA, ... before the quantizer) does not convert: hotops indexes "
@@ -116,8 +118,31 @@ def _unwrap(faiss, index):
             )
         if refine.metric_type != base.metric_type:
             raise ValueError("the refine index and the base index use different metrics")
+        k_factor = float(index.k_factor)
         index = base
-    return index, id_map, vectors
+    return index, id_map, vectors, k_factor
+
+
+def _remember(out, k_factor: Optional[float]):
+    """The faiss refine index's k_factor, to_faiss's default for this index (so a round trip
+    gives faiss's own searches back); None without an IndexRefineFlat."""
+    out._faiss_k_factor = k_factor
+    return out
+
+
+def _warn_fast_scan(faiss, core, pq):
+    """A float-table faiss index of 4-bit codes becomes a hotops fast-scan index: say so."""
+    if pq.nbits == 4 and not isinstance(core, (faiss.IndexPQFastScan, faiss.IndexIVFPQFastScan)):
+        fast = "IndexIVFPQFastScan" if isinstance(core, faiss.IndexIVF) else "IndexPQFastScan"
+        warnings.warn(
+            f"the faiss {type(core).__name__} holds 4-bit codes scored with float lookup tables; "
+            "hotops searches 4-bit codes only with its fast scan (lookup tables rounded to 8 bits), "
+            "so results may differ from faiss's float tables (other ids among near ties, distances "
+            f"off by the rounding); to_faiss() returns an {fast} (the same codes), "
+            f"to_faiss(fast_scan=False) gives an {type(core).__name__} back",
+            UserWarning,
+            stacklevel=4,  # the caller of PQIndex.from_faiss / from_faiss
+        )
 
 
 def _finish_ids(ids: np.ndarray, id_map: Optional[np.ndarray], vectors: Optional[np.ndarray]):
@@ -140,7 +165,7 @@ def pq_from_faiss(index) -> "_index.PQIndex":
     """A PQIndex with the codebooks, codes and ids of a faiss IndexPQ or IndexPQFastScan (or
     either inside IndexRefineFlat / IndexIDMap)."""
     faiss = _faiss()
-    core, id_map, vectors = _unwrap(faiss, index)
+    core, id_map, vectors, k_factor = _unwrap(faiss, index)
     if isinstance(core, (faiss.IndexIVF,)):
         raise TypeError(f"{type(core).__name__} is an inverted-file index: use IVFPQIndex.from_faiss")
     if not isinstance(core, (faiss.IndexPQ, faiss.IndexPQFastScan)):
@@ -149,6 +174,7 @@ def pq_from_faiss(index) -> "_index.PQIndex":
         raise ValueError("the faiss index is not trained")
     pq, n = core.pq, int(core.ntotal)
     books = _codebooks(pq)
+    _warn_fast_scan(faiss, core, pq)
     if isinstance(core, faiss.IndexPQFastScan):
         blocks = faiss.rev_swig_ptr(core.codes.get(), core.codes.size()) if n else np.empty(0, np.uint8)
         codes = _fastscan_codes(faiss, core.get_CodePacker(), np.asarray(blocks), n, pq.M)
@@ -164,7 +190,7 @@ def pq_from_faiss(index) -> "_index.PQIndex":
         verbose=False,
     )
     out._restore(dict(codebooks=books, codes=codes, ids=ids, vectors=vectors))
-    return out
+    return _remember(out, k_factor)
 
 
 def _list_arrays(faiss, invlists, l: int, nbytes: int, count: int):
@@ -183,7 +209,7 @@ def ivfpq_from_faiss(index) -> "_index.IVFPQIndex":
     """An IVFPQIndex with the coarse centroids, codebooks, inverted lists (codes and ids) of a faiss
     IndexIVFPQ or IndexIVFPQFastScan (or either inside IndexRefineFlat / IndexIDMap)."""
     faiss = _faiss()
-    core, id_map, vectors = _unwrap(faiss, index)
+    core, id_map, vectors, k_factor = _unwrap(faiss, index)
     if isinstance(core, faiss.IndexIVFPQR):
         raise TypeError(
             "IndexIVFPQR re-ranks with a second product quantizer, which hotops does not have; "
@@ -204,6 +230,7 @@ def ivfpq_from_faiss(index) -> "_index.IVFPQIndex":
         )
     pq, nlist = core.pq, int(core.nlist)
     books = _codebooks(pq)
+    _warn_fast_scan(faiss, core, pq)
     coarse = np.ascontiguousarray(quantizer.reconstruct_n(0, nlist), dtype=np.float32)
     invlists = core.invlists
     counts = np.array([invlists.list_size(l) for l in range(nlist)], dtype=np.int64)
@@ -236,7 +263,7 @@ def ivfpq_from_faiss(index) -> "_index.IVFPQIndex":
     )
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     out._restore(dict(codebooks=books, codes=codes, ids=ids, vectors=vectors, coarse=coarse, offsets=offsets))
-    return out
+    return _remember(out, k_factor)
 
 
 def from_faiss(index):
@@ -272,15 +299,19 @@ def _wrap(faiss, base, index, k_factor: float):
     return out
 
 
-def to_faiss(index, fast_scan: Optional[bool] = None, k_factor: float = 1.0):
+def to_faiss(index, fast_scan: Optional[bool] = None, k_factor: Optional[float] = None):
     """The faiss index holding `index`'s codebooks, codes (and coarse centroids, lists) unchanged:
     IndexPQ / IndexIVFPQ, or their FastScan forms (fast_scan, default: when nbits = 4), inside an
     IndexRefineFlat when the index keeps vectors, and an IndexIDMap2 when its ids are not 0..n-1
     in row order (IVF lists hold the ids themselves unless the vectors are kept). k_factor: the
-    refine index's re-rank factor, as `refine=` of hotops' search. Search parameters (nprobe) are
-    the caller's to set on the result, as in faiss. Removed vectors are left out."""
+    refine index's re-rank factor, as `refine=` of hotops' search; None (the default) takes the
+    k_factor of the IndexRefineFlat the index came from (from_faiss), else 1. Search parameters
+    (nprobe) are the caller's to set on the result, as in faiss. Removed vectors are left out."""
     faiss = _faiss()
     index._need_trained("to_faiss")
+    if k_factor is None:
+        k_factor = getattr(index, "_faiss_k_factor", None)
+        k_factor = 1.0 if k_factor is None else k_factor
     if index.ndeleted:  # removed rows still in place: export a compacted copy (the index is unchanged)
         index = copy.deepcopy(index)
         index.compact()
