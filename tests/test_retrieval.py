@@ -280,6 +280,12 @@ def test_evaluate_and_false_negative_helpers_refuse_what_they_cannot_answer(tiny
     corpus = _texts(30, 1)
     with pytest.raises(ValueError, match="k \\(10\\) must be at least"):
         evaluate(bert, tok, corpus, corpus[:5], [0, 1, 2, 3, 4], k=10)  # recall@100 from 10 results
+    with pytest.raises(ValueError, match=r"rows of the corpus, in \[0, 30\)"):  # scored 0 silently
+        evaluate(bert, tok, corpus, corpus[:2], [0, 30])
+    with pytest.raises(ValueError, match="one corpus row per query"):
+        evaluate(bert, tok, corpus, corpus[:2], [0, 1, 2])
+    m, _, _ = evaluate(bert, tok, corpus, corpus[:2], [0, 1], ks=())  # MRR@10 alone
+    assert "mrr@10" in m and not any(key.startswith("recall") for key in m)
     texts = ["a", "b", "a", "c"]
     as_list = false_negatives([0, 3, 0], {0: [3]}, texts)
     assert (

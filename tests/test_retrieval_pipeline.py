@@ -94,6 +94,48 @@ def test_scoring_helpers_refuse_what_they_cannot_score():
         topk_overlap([[1, 2]], [[1, 2], [3, 4]])
 
 
+def test_rank_metrics_refuses_rankings_it_would_misreport():
+    """recall@100 of a 10-column ranking was reported as recall@10; float ids (distances) were
+    truncated; zero queries gave NaN."""
+    ids = torch.tensor([[3, 1, 2], [0, 5, 4]])
+    with pytest.raises(ValueError, match="recall@10 needs 10"):
+        rank_metrics(ids, [1, 0], ks=(10,))
+    with pytest.raises(ValueError, match="recall@10 needs 6"):
+        rank_metrics(ids, [1, 0], ks=(10,), n_docs=6)
+    # a corpus of 3 documents: 3 columns are the whole ranking
+    whole = torch.tensor([[2, 1, 0], [0, 2, 1]])
+    assert rank_metrics(whole, [1, 0], ks=(10,), n_docs=3)["recall@10"] == 1.0
+    assert rank_metrics(whole, [1, 0], [0, 1, 1], ks=(10,))["mrr@10"] == 1.0  # row 2 shares key 1
+    with pytest.raises(TypeError, match="integer"):
+        rank_metrics(ids.double(), [1, 0], ks=(3,))
+    with pytest.raises(TypeError, match="integer"):
+        rank_metrics(ids, [1.0, 0.5], ks=(3,))
+    with pytest.raises(ValueError, match="no queries"):
+        rank_metrics(torch.empty(0, 3, dtype=torch.int64), [], ks=(3,))
+    with pytest.raises(ValueError, match="outside the corpus"):
+        rank_metrics(ids, [1, 6], ks=(3,), n_docs=6)
+    with pytest.raises(ValueError, match="outside the corpus"):  # doc_key gives the corpus size
+        rank_metrics(ids, [1, 0], [0, 1, 2], ks=(3,))
+    with pytest.raises(ValueError, match="ks must be >= 1"):
+        rank_metrics(ids, [1, 0], ks=(0,))
+    with pytest.raises(TypeError, match="ks must be a sequence"):
+        rank_metrics(ids, [1, 0], ks=3)
+
+
+def test_exact_search_takes_numpy_and_mixed_dtypes_and_checks_k():
+    c = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
+    ref = exact_search(c[:4], c, 5)
+    assert torch.equal(exact_search(c[:4].numpy(), c.numpy(), 5), ref)
+    got = exact_search(c[:4], c.half(), 5)  # queries cast to the corpus's dtype
+    assert got.shape == (4, 5) and torch.equal(got[:, 0], torch.arange(4))
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        exact_search(c[:4], c, -1)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        exact_search(c[:4], c, 5, chunk=0)
+    with pytest.raises(TypeError, match="one dtype"):
+        exact_search(c[:4], c.to(torch.int64), 5)
+
+
 def test_exclusion_matrix():
     e = exclusion_matrix([0, 2, 1], {0: [4, 5], 1: [], 2: [7]})
     assert e.tolist() == [[4, 5], [7, -1], [-1, -1]]

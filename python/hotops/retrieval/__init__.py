@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hotops._backend import check_number
+
 __all__ = [
     "tokenize",
     "mean_pooled",
@@ -76,13 +78,22 @@ def encode(
     return out
 
 
-def exact_search(q: torch.Tensor, corpus: torch.Tensor, k: int = 100, chunk: int = 1024) -> torch.Tensor:
+def exact_search(q, corpus, k: int = 100, chunk: int = 1024) -> torch.Tensor:
     """(nq, min(k, len(corpus))) ids of the k largest inner products, by brute force in chunks
-    of queries. NaN or inf in either side raises (topk would rank a NaN first)."""
+    of queries. q and corpus: tensors or NumPy arrays; queries of another floating dtype than the
+    corpus are cast to the corpus's. NaN or inf in either side raises (topk would rank a NaN
+    first)."""
+    k = check_number(k, "k", integer=True, low=0)
+    chunk = check_number(chunk, "chunk", integer=True, low=1)
+    q, corpus = torch.as_tensor(q), torch.as_tensor(corpus)
     if q.dim() != 2 or corpus.dim() != 2 or q.shape[1] != corpus.shape[1]:
         raise ValueError(
             f"q (nq, dim) and corpus (n, dim) must share dim, got {tuple(q.shape)}, {tuple(corpus.shape)}"
         )
+    if q.dtype != corpus.dtype:
+        if not (q.dtype.is_floating_point and corpus.dtype.is_floating_point):
+            raise TypeError(f"q ({q.dtype}) and corpus ({corpus.dtype}) must be of one dtype")
+        q = q.to(corpus.dtype)
     if not (torch.isfinite(q).all() and torch.isfinite(corpus).all()):
         raise ValueError("exact_search: the embeddings hold NaN or inf")
     k = min(k, corpus.shape[0])
@@ -90,25 +101,67 @@ def exact_search(q: torch.Tensor, corpus: torch.Tensor, k: int = 100, chunk: int
     return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.int64)
 
 
+def _check_ks(ks) -> tuple:
+    """ks as a tuple of positive ints (recall@0 would always be 0)."""
+    try:
+        ks = tuple(ks)
+    except TypeError:
+        raise TypeError(f"ks must be a sequence of cutoffs (e.g. (10, 100)), got {ks!r}") from None
+    return tuple(check_number(k, "each of ks", integer=True, low=1) for k in ks)
+
+
+def _integer_ids(x, name: str) -> torch.Tensor:
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":  # float ids (distances passed by mistake) would be truncated
+        if a.size or a.dtype.kind not in "f":
+            raise TypeError(f"{name} must hold integer rows, got {a.dtype}")
+        a = a.astype(np.int64)  # an empty list arrives as float64
+    return torch.as_tensor(a).long()
+
+
 def rank_metrics(
-    ids, gold: Sequence[int], doc_key: Optional[Sequence[int]] = None, ks: Sequence[int] = (10, 100)
+    ids,
+    gold: Sequence[int],
+    doc_key: Optional[Sequence[int]] = None,
+    ks: Sequence[int] = (10, 100),
+    n_docs: Optional[int] = None,
 ) -> Dict[str, float]:
-    """MRR@10 and recall@k for one relevant document per query. ids (nq, >= max ks) ranked
-    results (-1 = none; fewer columns only where the corpus holds fewer documents); gold (nq,)
-    the relevant row. doc_key maps a row to a key that decides relevance (e.g. the row of the
-    first identical text: duplicate documents count as the same answer); default: the row
-    itself."""
-    ids = torch.as_tensor(np.asarray(ids)).long()
-    gold = torch.as_tensor(np.asarray(gold)).long()
+    """MRR@10 and recall@k for one relevant document per query. ids (nq, >= max ks) integer
+    ranked results (-1 = none); fewer columns than max(ks) are refused unless `n_docs` (the
+    corpus size; default len(doc_key) where doc_key is given) says the corpus holds no more (ids
+    then has one column per document). MRR@10 counts the first min(10, columns) results. gold
+    (nq,) the relevant row, in [0, n_docs) where n_docs is known. doc_key maps a row to a key
+    that decides relevance (e.g. the row of the first identical text: duplicate documents count
+    as the same answer); default: the row itself. Zero queries raise ValueError (a mean over no
+    query is not a score)."""
+    ks = _check_ks(ks)
+    ids = _integer_ids(ids, "ids")
+    gold = _integer_ids(gold, "gold")
     if ids.dim() != 2 or gold.dim() != 1 or len(gold) != len(ids):
         raise ValueError(
             f"ids must be (nq, k) and gold (nq,) with one relevant row per query, got shapes "
             f"{tuple(ids.shape)} and {tuple(gold.shape)}"
         )
-    if len(gold) and int(gold.min()) < 0:
+    if not len(gold):
+        raise ValueError("rank_metrics: no queries (ids and gold have no rows)")
+    if int(gold.min()) < 0:
         raise ValueError("gold holds a negative row: every query needs its relevant document")
-    if doc_key is not None:
-        key = torch.as_tensor(np.asarray(doc_key)).long()
+    key = None if doc_key is None else _integer_ids(doc_key, "doc_key")
+    if n_docs is None and key is not None:
+        n_docs = len(key)
+    if n_docs is not None:
+        n_docs = check_number(n_docs, "n_docs", integer=True, low=1)
+        if int(gold.max()) >= n_docs:
+            raise ValueError(f"gold holds row {int(gold.max())}, outside the corpus's {n_docs} rows")
+        if ids.numel() and int(ids.max()) >= n_docs:
+            raise ValueError(f"ids holds row {int(ids.max())}, outside the corpus's {n_docs} rows")
+    need = min(max(ks, default=0), n_docs if n_docs is not None else 1 << 62)
+    if ids.shape[1] < need:
+        raise ValueError(
+            f"ids has {ids.shape[1]} columns, recall@{max(ks)} needs {need}"
+            + ("" if n_docs is not None else " (pass n_docs where the corpus holds fewer documents)")
+        )
+    if key is not None:
         ids = torch.where(ids >= 0, key[ids.clamp_min(0)], -1)
         gold = key[gold]
     hit = ids == gold[:, None]
@@ -132,19 +185,32 @@ def evaluate(
     ks: Sequence[int] = (10, 100),
 ):
     """The corpus and the queries encoded (`encode`), each query's best k by exact search, scored
-    by `rank_metrics` (MRR@10 and recall at each of `ks`, so k >= 10 and every ks) against `gold`
-    (each query's relevant corpus row). Returns (metrics, corpus embeddings, query embeddings);
-    the metrics also hold corpus_encode_s, corpus_docs_per_s and query_encode_per_s (wall
-    time)."""
-    if k < max(10, *ks):
-        raise ValueError(f"k ({k}) must be at least 10 and every ks {tuple(ks)}: the metrics look that deep")
+    by `rank_metrics` (MRR@10 and recall at each of `ks`, so k >= 10 and every ks; ks=() gives
+    MRR@10 alone) against `gold` (each query's relevant corpus row, in [0, len(corpus))). Returns
+    (metrics, corpus embeddings, query embeddings); the metrics also hold corpus_encode_s,
+    corpus_docs_per_s and query_encode_per_s (wall time)."""
+    ks = _check_ks(ks)
+    k = check_number(k, "k", integer=True, low=1)
+    if k < max((10, *ks)):
+        raise ValueError(f"k ({k}) must be at least 10 and every ks {ks}: the metrics look that deep")
+    g = _integer_ids(gold, "gold")
+    if g.dim() != 1 or len(g) != len(queries):
+        raise ValueError(
+            f"gold must hold one corpus row per query ({len(queries)}), got shape {tuple(g.shape)}"
+        )
+    if len(g) and (int(g.min()) < 0 or int(g.max()) >= len(corpus)):
+        raise ValueError(
+            f"gold must be rows of the corpus, in [0, {len(corpus)}), got {int(g.min())}..{int(g.max())}"
+        )
+    if doc_key is not None and len(doc_key) != len(corpus):
+        raise ValueError(f"doc_key must hold one key per corpus row ({len(corpus)}), got {len(doc_key)}")
     t = time.perf_counter()
     C = encode(bert, tokenizer, corpus, batch_size, max_length)
     t_corpus = time.perf_counter() - t
     t = time.perf_counter()
     Q = encode(bert, tokenizer, queries, batch_size, max_length)
     t_query = time.perf_counter() - t
-    m = rank_metrics(exact_search(Q, C, k), gold, doc_key, ks)
+    m = rank_metrics(exact_search(Q, C, k), g, doc_key, ks, n_docs=len(corpus))
     m.update(
         corpus_encode_s=round(t_corpus, 1),
         corpus_docs_per_s=round(len(corpus) / t_corpus, 1),
