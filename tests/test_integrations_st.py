@@ -154,6 +154,44 @@ def test_mnrl_equals_library_random_embeddings(n_neg, sim):
     assert dl <= 1e-5 and dg <= 1e-5, (dl, dg)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sim", ["cos_sim", "dot_score"])
+def test_half_precision_embeddings_scored_in_float32_as_the_library(dtype, sim):
+    """util.cos_sim / dot_score take bf16 / fp16 embeddings in float32: so does the adapter
+    (normalising in bf16 gave loss errors ~1e-3), and the gradients come back in their dtype."""
+    torch.manual_seed(3)
+    fct = getattr(util, sim)
+    scale = 20.0 if sim == "cos_sim" else 0.5
+    embs = [torch.randn(16, 24).to(dtype) for _ in range(3)]
+    a = [e.clone().requires_grad_() for e in embs]
+    b = [e.clone().requires_grad_() for e in embs]
+    la = LibMNRL(None, scale=scale, similarity_fct=fct).compute_loss_from_embeddings(a, None)
+    lb = hst.MultipleNegativesRankingLoss(None, scale=scale, similarity_fct=fct).compute_loss_from_embeddings(
+        b, None
+    )
+    la.backward()
+    lb.backward()
+    assert abs(la.item() - lb.item()) <= 1e-5, (la.item(), lb.item())
+    for x, y in zip(a, b):
+        assert y.grad.dtype == dtype
+        # both round the float32 gradient to the embeddings' dtype once
+        torch.testing.assert_close(
+            y.grad.float(), x.grad.float(), rtol=1e-2, atol=1e-2 * x.grad.abs().max().item()
+        )
+
+
+def test_cached_half_precision_model_equals_library_cached(tiny_model):
+    cols = [sentences(10, 200 + c) for c in range(3)]
+    out = []
+    for cls in (LibCached, hst.CachedMultipleNegativesRankingLoss):
+        model = load(tiny_model).to(torch.bfloat16)
+        loss = cls(model, mini_batch_size=4)
+        value = loss(features(model, cols), None)
+        value.backward()
+        out.append(value.item())
+    assert abs(out[0] - out[1]) <= 1e-5, out
+
+
 def test_unfused_settings_run_the_library():
     torch.manual_seed(0)
     embs = [torch.randn(8, 16) for _ in range(3)]

@@ -118,8 +118,16 @@ def _duplicate_pairs(cand_ids: Tensor, B: int):
     return rows[keep], cols[keep]
 
 
+def _float32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _info_nce_loss(loss, queries: Tensor, docs: list[Tensor], cand_ids: Tensor | None) -> Tensor:
     """The library's query_to_doc MNRL, mean over this rank's anchors, via hotops.info_nce."""
+    # The library's cos_sim / dot_score take float16 / bfloat16 embeddings in float32 (normalising
+    # and scoring there); normalising in bf16 would round the unit vectors to 8 bits (loss errors
+    # ~1e-3). The casts' backward hands the gradients back in the embeddings' own dtype.
+    queries, docs = _float32(queries), [_float32(d) for d in docs]
     B = queries.shape[0]
     offset = 0
     if getattr(loss, "gather_across_devices", False):  # absent before sentence-transformers 3.1
