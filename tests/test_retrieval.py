@@ -210,6 +210,74 @@ def test_hard_negative_refresh_fills_missing_with_random_rows(tiny):
     assert all(len(set(r)) == 8 for r in got.tolist())
 
 
+def test_hard_negative_refresh_refuses_lists_that_are_not_one_row_per_query(tiny):
+    """positives and exclude were reshaped to (len(queries), -1): an (E, Q) exclude list or 2Q
+    positives were read as other queries' rows and false negatives were mined."""
+    corpus, queries = _texts(20, 5), _texts(4, 6)
+    exclude = torch.tensor([[10, -1], [11, -1], [12, -1], [13, -1]])
+
+    def make(pos, ex):
+        return HardNegativeRefresh(corpus, queries, pos, ex, _Exact, n=2, depth=4)
+
+    make([0, 1, 2, 3], exclude)
+    with pytest.raises(ValueError, match=r"exclude must be \(4,\) or \(4, P\)"):
+        make([0, 1, 2, 3], exclude.T.contiguous())
+    for pos in (list(range(8)), [0, 1, 2]):
+        with pytest.raises(ValueError, match=r"positives must be \(4,\) or \(4, P\)"):
+            make(pos, None)
+    with pytest.raises(ValueError, match="corpus rows in \\[0, 20\\)"):
+        make([0, 1, 2, 20], None)
+    with pytest.raises(ValueError, match="one row of ids per query"):
+        make([0, 1, 2, 3], [[5], [6, 7], [8], [9]])
+    with pytest.raises(TypeError, match="integer"):
+        make([0.0, 1.0, 2.0, 3.0], None)
+
+
+def test_hard_negative_refresh_checks_and_converts_given_corpus_embeddings(tiny):
+    corpus, queries = _texts(20, 5), _texts(4, 6)
+    model = _model(tiny)
+    C = encode(model.bert, model.tokenizer, corpus)
+    built = []
+
+    def build(x):
+        built.append(x)
+        return _Exact(x)
+
+    refresh = HardNegativeRefresh(corpus, queries, [0, 1, 2, 3], None, build, n=2, depth=4)
+    ref = refresh(model, C)
+    for given in (C.bfloat16(), C.clone().requires_grad_(), C.numpy()):
+        got = refresh(model, given)
+        assert built[-1].dtype == np.float32 and built[-1].shape == (20, C.shape[1])
+        if not isinstance(given, torch.Tensor) or given.dtype == torch.float32:
+            assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match=r"corpus_embeddings must be \(20, dim\)"):  # was accepted
+        refresh(model, C[:15])
+    with pytest.raises(TypeError, match="floating point"):
+        refresh(model, C.to(torch.int64))
+
+
+def test_hard_negative_refresh_fill_finds_the_few_allowed_rows(tiny):
+    """Exclusions covering all but a few rows: the random draws missed them and the fill raised
+    although allowed rows exist; now it draws among the enumerated allowed rows (seeded)."""
+    N = 300
+    corpus, queries = _texts(N, 5), _texts(2, 6)
+    pos, allowed = [0, 1], [[10, 20, 30], [11]]
+    exclude = torch.full((2, N), -1)
+    for i, (p, a) in enumerate(zip(pos, allowed)):
+        rest = [j for j in range(N) if j not in a and j != p]
+        exclude[i, : len(rest)] = torch.tensor(rest)
+    model = _model(tiny)
+    for seed in range(3):
+        refresh = HardNegativeRefresh(corpus, queries, pos, exclude, _Exact, n=5, depth=5, seed=seed)
+        got = refresh(model)
+        assert set(got[0].tolist()) == {10, 20, 30} and got[1].tolist() == [11] * 5
+        again = HardNegativeRefresh(corpus, queries, pos, exclude, _Exact, n=5, depth=5, seed=seed)
+        assert torch.equal(again(model), got)
+    none_left = torch.tensor([[j for j in range(N) if j != p] for p in pos])
+    with pytest.raises(ValueError, match="query 0 has no corpus row"):
+        HardNegativeRefresh(corpus, queries, pos, none_left, _Exact, n=2, depth=2)(model)
+
+
 # ------------------------------------------------------------------ training
 
 

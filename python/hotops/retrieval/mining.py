@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from hotops.ann import IVFPQIndex, PQIndex
-from hotops.ann.mining import HardNegativeMiner
+from hotops.ann.mining import HardNegativeMiner, _as_id_matrix
 from hotops.retrieval import encode
 
 __all__ = ["build_pq_index", "HardNegativeRefresh"]
@@ -46,8 +46,11 @@ class HardNegativeRefresh:
     and returns (len(queries), n) int64 corpus rows: HardNegativeMiner's n negatives per query
     among the best `depth` (sample=True: STAR's random hard negatives, from a generator seeded
     with `seed` afresh on each call), never a query's positive or one of its `exclude` row
-    ids ((len(queries), E), -1 = none, or None; see hotops.retrieval.exclusion_matrix). Where fewer than
-    n are found, random corpus rows drawn from `fill_generator` fill in.
+    ids ((len(queries), E), -1 = none, or None; see hotops.retrieval.exclusion_matrix). positives
+    is (len(queries),) or (len(queries), P) and exclude (len(queries),) or (len(queries), E):
+    one row per query, else ValueError (a transposed list would skip the wrong rows). Where
+    fewer than n are found, random corpus rows drawn from `fill_generator` fill in (repeating a
+    query's negatives only where fewer than n corpus rows are allowed for it).
 
     `timings` gets one dict per call (encode_s, index_build_s, mine_s, mine_queries_per_s);
     `last` is the last call's answer. Pass it to ContrastiveTrainer.run as `refresh`.
@@ -72,8 +75,12 @@ class HardNegativeRefresh:
         **search_kwargs,
     ):
         self.corpus, self.queries, self.build = corpus, queries, build
-        self.positives = torch.as_tensor(positives).reshape(len(queries), -1)
-        self.exclude = None if exclude is None else torch.as_tensor(exclude).reshape(len(queries), -1)
+        # one row per query, checked before anything is reshaped: an (E, Q) exclude list or 2Q
+        # positives would otherwise be read as other queries' rows
+        self.positives = _corpus_rows(positives, len(queries), len(corpus), "positives")
+        self.exclude = (
+            None if exclude is None else _corpus_rows(exclude, len(queries), len(corpus), "exclude")
+        )
         self.n, self.depth, self.seed, self.search_kwargs = n, depth, seed, search_kwargs
         self.fill_generator = fill_generator or torch.Generator().manual_seed(seed + 1)
         self.batch_size, self.max_length = batch_size, max_length
@@ -87,6 +94,8 @@ class HardNegativeRefresh:
         C = corpus_embeddings
         if C is None:
             C = encode(bert, tok, self.corpus, self.batch_size, self.max_length)
+        else:
+            C = self._corpus_embeddings(C)
         Q = encode(bert, tok, self.queries, self.batch_size, self.max_length)
         t_enc = time.perf_counter() - t
         t = time.perf_counter()
@@ -119,20 +128,61 @@ class HardNegativeRefresh:
             )
         return mined
 
+    def _corpus_embeddings(self, C) -> torch.Tensor:
+        """Given corpus embeddings as the (len(corpus), dim) float32 CPU tensor `build` gets."""
+        C = torch.as_tensor(C).detach()
+        if C.dim() != 2 or C.shape[0] != len(self.corpus):
+            raise ValueError(
+                f"corpus_embeddings must be ({len(self.corpus)}, dim), one row per corpus text, got "
+                f"shape {tuple(C.shape)}"
+            )
+        if not C.dtype.is_floating_point:
+            raise TypeError(f"corpus_embeddings must be floating point, got {C.dtype}")
+        return C.to("cpu", torch.float32)
+
     def _fill(self, rows: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
         """A random corpus row for each query row in `rows`, never that query's positive or one
         of its exclusions (a filled-in false negative would train against the answer), and not
-        one of its negatives so far (`taken`, a row each) unless 32 draws found nothing else (a
-        corpus with fewer allowed rows than n)."""
+        one of its negatives so far (`taken`, a row each) unless every allowed row is one (fewer
+        allowed rows than n). 32 rounds of draws over the corpus; a query whose draws all failed
+        (exclusions covering almost the whole corpus) draws among its enumerated allowed rows.
+        Raises only for a query with no allowed row at all."""
         banned = self.positives[rows]
         if self.exclude is not None:
             banned = torch.cat([banned, self.exclude[rows]], 1)
-        draw = torch.randint(len(self.corpus), (len(rows),), generator=self.fill_generator)
-        for attempt in range(64):  # redraw the banned ones; each round keeps most rows of a real corpus
-            bad = (draw[:, None] == (banned if attempt >= 32 else torch.cat([banned, taken], 1))).any(1)
+        avoid = torch.cat([banned, taken], 1)
+        N, gen = len(self.corpus), self.fill_generator
+        draw = torch.randint(N, (len(rows),), generator=gen)
+        for _ in range(32):  # redraw the banned ones; each round keeps most rows of a real corpus
+            bad = (draw[:, None] == avoid).any(1)
             if not bad.any():
                 return draw
-            draw[bad] = torch.randint(len(self.corpus), (int(bad.sum()),), generator=self.fill_generator)
+            draw[bad] = torch.randint(N, (int(bad.sum()),), generator=gen)
+        for i in bad.nonzero()[:, 0].tolist():
+            allowed = torch.ones(N, dtype=torch.bool)
+            allowed[banned[i][banned[i] >= 0]] = False
+            fresh = allowed.clone()
+            fresh[taken[i][taken[i] >= 0]] = False
+            pool = (fresh if fresh.any() else allowed).nonzero()[:, 0]
+            if not len(pool):
+                raise ValueError(
+                    f"HardNegativeRefresh: query {int(rows[i])} has no corpus row that is neither its "
+                    f"positive nor excluded (corpus of {N})"
+                )
+            draw[i] = pool[torch.randint(len(pool), (1,), generator=gen)]
+        return draw
+
+
+def _corpus_rows(ids, n_queries: int, n_corpus: int, name: str) -> torch.Tensor:
+    """(n_queries, P) int64 corpus rows (-1 = none) of one row per query, or ValueError."""
+    if not isinstance(ids, (torch.Tensor, np.ndarray)):  # lists (the miner takes arrays only)
+        try:
+            ids = np.asarray(ids)
+        except ValueError as exc:  # ragged rows
+            raise ValueError(f"{name} must be one row of ids per query (pad with -1): {exc}") from None
+    a = _as_id_matrix(ids, n_queries, name)
+    if a.numel() and (int(a.min()) < -1 or int(a.max()) >= n_corpus):
         raise ValueError(
-            "HardNegativeRefresh: 64 draws found no corpus row that is neither a positive nor excluded"
+            f"{name} must be corpus rows in [0, {n_corpus}) or -1 (none), got {int(a.min())}..{int(a.max())}"
         )
+    return a
