@@ -70,3 +70,35 @@ def test_refusals_say_why():
         miner.mine(q, np.arange(2))
     mined = miner.mine(torch.from_numpy(x[:0]), torch.empty(0, dtype=torch.int64))
     assert mined.ids.shape == (0, 2)
+
+
+@pytest.mark.parametrize("kind", ["pq", "bigran"])
+def test_a_removal_between_the_search_and_the_reconstruct_waits(kind, tmp_path):
+    """with_vectors searched and reconstructed under two separate reader holds: an id another
+    thread removed in between made the reconstruct raise KeyError. The writer now waits until
+    mine() has read both."""
+    import threading
+
+    x = _x()
+    index = _pq(x)
+    lock = index._lock
+    if kind == "bigran":
+        write_store(tmp_path / "store.bin", x, "float16")
+        index = BiGranularIndex(index, tmp_path / "store.bin")
+    search, writers = index.search, []
+
+    def search_then_remove(*args, **kw):
+        dist, ids = search(*args, **kw)
+        found = np.asarray(ids)
+        writer = threading.Thread(target=index.remove_ids, args=(found[found >= 0],))
+        writer.start()
+        writers.append(writer)
+        while writer.is_alive() and not lock._writers_waiting:  # removed, or waiting for mine()
+            writer.join(0.001)
+        return dist, ids
+
+    index.search = search_then_remove
+    mined = HardNegativeMiner(index, n=4, depth=10).mine(x[:3], np.arange(3), with_vectors=True)
+    writers[0].join()
+    np.testing.assert_allclose(mined.vectors.numpy(), x[mined.ids.numpy()], rtol=1e-3, atol=1e-3)
+    assert index.ntotal < len(x)  # the removal ran afterwards

@@ -18,6 +18,7 @@ They compose with hotops.nn.InfoNCELoss(gather=True): the negatives are per-quer
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -55,7 +56,9 @@ class HardNegativeMiner:
     def mine(self, q, positive_ids, exclude=None, *, with_vectors: bool = False) -> MinedNegatives:
         """q (B, dim) query embeddings; positive_ids (B,) or (B, P) ids never returned as negatives
         (the false negatives a search would otherwise surface first); exclude: optional (B, E) more
-        ids to skip per query (-1 = none). Returns MinedNegatives on q's device (CPU for NumPy)."""
+        ids to skip per query (-1 = none). Returns MinedNegatives on q's device (CPU for NumPy).
+        with_vectors: a hotops index is searched and read under one hold of its reader lock (a
+        removal from another thread waits for both)."""
         from hotops.ann.sharded import ShardedIndex, _raise_together
 
         device = q.device if _arrays.is_torch(q) else torch.device("cpu")
@@ -80,6 +83,13 @@ class HardNegativeMiner:
         if sharded:
             width = max(_raise_together(error, self.index.group, "HardNegativeMiner.mine", width))
         k = self.depth + width
+        # with_vectors: one read of the index for the search and the reconstruct, so that an id
+        # removed by another thread in between cannot make the reconstruct fail (its reader lock
+        # is re-entrant: the search's and reconstruct's own shared holds nest inside this one)
+        with _read_lock(self.index) if with_vectors else contextlib.nullcontext():
+            return self._mine(qv, skip, width, k, device, with_vectors)
+
+    def _mine(self, qv, skip, width, k, device, with_vectors) -> MinedNegatives:
         try:
             dist, ids = self.index.search(qv.detach().float().cpu().numpy(), k, **self.search_kwargs)
         except ValueError as exc:
@@ -138,13 +148,26 @@ class HardNegativeMiner:
         return torch.from_numpy(out).reshape(neg.shape[0], neg.shape[1], out.shape[1])
 
 
+def _read_lock(index):
+    """The index's reader lock held across a search and a reconstruct (the one a BiGranularIndex's
+    coarse index guards both with), or nothing: a ShardedIndex changes only by collective calls,
+    which cannot run beside a collective mine(); an index of another kind has no lock to take."""
+    from hotops.ann._sync import RWLock
+    from hotops.ann.bigran import BiGranularIndex
+
+    inner = index.coarse if isinstance(index, BiGranularIndex) else index
+    lock = getattr(inner, "_lock", None)
+    return lock.shared() if isinstance(lock, RWLock) else contextlib.nullcontext()
+
+
 def _as_id_matrix(ids, B: int, name: str) -> torch.Tensor:
     a = torch.as_tensor(_arrays.as_numpy(ids, name)).cpu()
     if a.dtype.is_floating_point or a.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer ids, got {a.dtype}")
+    shape = tuple(a.shape)
     a = a.to(torch.int64)
     if a.dim() == 1:
         a = a.unsqueeze(1)
     if a.dim() != 2 or a.shape[0] != B:
-        raise ValueError(f"{name} must be ({B},) or ({B}, P) ids, got shape {tuple(a.shape)}")
+        raise ValueError(f"{name} must be ({B},) or ({B}, P) ids, one row per query, got shape {shape}")
     return a
