@@ -215,14 +215,99 @@ def test_refuses_other_mask_patterns():
     window = torch.ones(6, 6, dtype=torch.bool).tril() & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
     with pytest.raises(ValueError, match="key-padding masks, with or without causal order"):
         ht.hotops_ssa_attention(module, q, k, v, window[None, None])
-    with pytest.raises(ValueError, match="sliding_window"):
+    with pytest.raises(ValueError, match=r"sliding_window = 3 with 6 keys.*config.sliding_window = None"):
         ht.hotops_ssa_attention(module, q, k, v, None, sliding_window=3)
+    with pytest.raises(ValueError, match="sliding_window = 5 with 6 keys"):
+        ht.hotops_ssa_attention(module, q, k, v, None, sliding_window=5)
     with pytest.raises(ValueError, match="KV cache"):
         ht.hotops_ssa_attention(module, q[:, :, :2], k, v, None)
     out, weights = ht.hotops_ssa_attention(
         module, q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
     )
     assert out.shape == (1, 6, 2, 8) and weights is None
+
+
+def test_sliding_window_that_covers_the_sequence_is_causal():
+    """A window of at least the keys' count hides no causal key: taken as plain causal attention
+    (Mistral passes config.sliding_window, 4096 by default, on every call)."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.config = transformers.PretrainedConfig(hotops_ssa_keep=1.0)
+    q, k, v = torch.randn(3, 1, 2, 6, 8).unbind(0)
+    plain, _ = ht.hotops_ssa_attention(module, q, k, v, None)
+    for window in (6, 4096):
+        out, _ = ht.hotops_ssa_attention(module, q, k, v, None, sliding_window=window)
+        torch.testing.assert_close(out, plain)
+
+
+def test_mistral_with_its_default_window_trains():
+    from transformers import MistralConfig, MistralModel
+
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    assert cfg.sliding_window == 4096
+    torch.manual_seed(0)
+    ssa = MistralModel(cfg)
+    ssa.set_attn_implementation("hotops_ssa")
+    ref = copy.deepcopy(ssa)
+    ref.set_attn_implementation("sdpa")
+    no_dropout(ssa.train()), no_dropout(ref.train())
+    ht.configure(ssa, keep=1.0)
+    ids, mask = padded_batch(64, [10, 6], 10, left=True)
+    a = ssa(input_ids=ids, attention_mask=mask).last_hidden_state
+    b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (a - b)[mask.bool()].abs().max() <= 1e-5
+    ssa.config.sliding_window = 4
+    for m in ssa.modules():
+        if getattr(m, "config", None) is not None:
+            m.config.sliding_window = 4
+    with pytest.raises(ValueError, match="sliding window shorter than the sequence"):
+        ssa(input_ids=ids, attention_mask=mask)
+
+
+def test_ensemble_refuses_a_kv_cache_in_eval_and_says_why(llama_dir):
+    """ensemble > 1 in eval cannot continue on a KV cache: the message names the ensemble, not
+    training mode (the model is in eval)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="hotops_ssa").eval()
+    ht.configure(model, ensemble=2)
+    ids = torch.randint(5, 64, (1, 5))
+    with torch.no_grad():
+        past = model(input_ids=ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"hotops_ssa_ensemble = 2 .*KV cache") as err:
+            model(input_ids=torch.randint(5, 64, (1, 3)), past_key_values=past, use_cache=True)
+        assert "training" not in str(err.value)
+        with pytest.raises(ValueError, match=r"hotops_ssa_ensemble = 2 .*KV cache") as err:
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=0,
+                cache_implementation="static",
+            )
+        assert "training" not in str(err.value)
+        ids, mask = padded_batch(64, [5, 3], 5, left=True)  # a static cache's padded mask
+        with pytest.raises(ValueError, match=r"hotops_ssa_ensemble = 2 .*KV cache") as err:
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=0,
+                cache_implementation="static",
+            )
+        # without a cache the ensemble runs
+        assert torch.isfinite(model(input_ids=ids, attention_mask=mask, use_cache=False).logits).all()
 
 
 @pytest.mark.parametrize("name", ["Splinter", "LayoutLM"])

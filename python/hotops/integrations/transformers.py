@@ -30,8 +30,10 @@ for encoders and decoders on padded batches); causality is read from the mask, a
 from ``is_causal`` (a module without the attribute is causal only when its config is a decoder).
 ``configure`` refuses a model whose attention does not call the attention interface (MPNet,
 DeBERTa-v2: "hotops_ssa" would never run there). Masks of any other pattern (sliding windows,
-packed sequences, chunked attention, attention bias), softcapping, and a KV cache in training are
-refused with a ValueError. The subsampled path applies no attention-probability dropout: the
+packed sequences, chunked attention, attention bias), softcapping, and a KV cache in training (or
+in eval with ``hotops_ssa_ensemble > 1``) are refused with a ValueError. A ``sliding_window``
+argument (Mistral passes one on every call) is accepted while the window covers every key
+(at most ``sliding_window`` keys: the mask is then plain causal), refused beyond. The subsampled path applies no attention-probability dropout: the
 subsampling is the regulariser.
 """
 
@@ -148,6 +150,39 @@ def _mask_pattern(mask: Tensor, B: int, Lq: int, Lk: int) -> tuple[bool, Tensor 
     )
 
 
+def _kv_cache_refusal(module, ensemble: int, Lq: int, Lk: int) -> str:
+    """Why fewer queries than keys (a KV cache) are refused: in training, or in eval because of
+    the ensemble (eval with ensemble 1 runs SDPA and never gets here)."""
+    if module.training:
+        return (
+            "hotops_ssa's subsampled attention runs on whole sequences: causal attention with "
+            f"{Lq} queries over {Lk} keys (a KV cache) is not supported in training mode"
+        )
+    return (
+        f"hotops_ssa_ensemble = {ensemble} (> 1) averages subsampled attentions over whole "
+        f"sequences and does not support a KV cache: {Lq} queries over {Lk} keys (generation, a "
+        "static cache or a continuation on past_key_values); set hotops_ssa_ensemble=1 (eval then "
+        "runs SDPA, KV cache included) or call without a cache (use_cache=False, the whole "
+        "sequence at once)"
+    )
+
+
+def _check_sliding_window(window, Lk: int) -> None:
+    """A sliding window (Mistral passes config.sliding_window, default 4096, on every call) is
+    plain causal attention while it covers every key a query may see: query i sees keys
+    i - window + 1 .. i (transformers' sliding_window_overlay), so all its causal keys whenever
+    there are at most `window` keys. Longer sequences would need the window, which the subsampled
+    attention does not draw from: refused."""
+    if window is None or Lk <= int(window):
+        return
+    raise ValueError(
+        f"hotops_ssa's subsampled attention does not support a sliding window shorter than the "
+        f"sequence: sliding_window = {int(window)} with {Lk} keys; use sequences of at most "
+        f"{int(window)} tokens, or set config.sliding_window = None (full causal attention) before "
+        "building the model"
+    )
+
+
 def hotops_ssa_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -175,23 +210,26 @@ def hotops_ssa_attention(
             is_causal=_declared_causal(module, is_causal),
             **kwargs,
         )
-    for name in ("sliding_window", "softcap", "position_bias", "s_aux"):
+    for name in ("softcap", "position_bias", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"hotops_ssa's subsampled attention does not support {name}")
     if kwargs.get("output_attentions"):
         raise ValueError("hotops_ssa's subsampled attention cannot return attention weights")
     B, _, Lq, _ = query.shape
     Lk = key.shape[2]
+    _check_sliding_window(kwargs.get("sliding_window"), Lk)
     if attention_mask is None:
         causal, pad = _declared_causal(module, is_causal), None
     else:
-        causal, pad = _mask_pattern(attention_mask, B, Lq, Lk)
+        try:
+            causal, pad = _mask_pattern(attention_mask, B, Lq, Lk)
+        except ValueError as exc:
+            if Lq < Lk:  # e.g. a static cache's mask: causal over the first keys, the rest unused
+                raise ValueError(f"{_kv_cache_refusal(module, ensemble, Lq, Lk)} ({exc})") from None
+            raise
     causal = causal and Lq > 1
     if causal and Lq != Lk:
-        raise ValueError(
-            "hotops_ssa's subsampled attention runs on whole sequences: causal attention with "
-            f"{Lq} queries over {Lk} keys (a KV cache) is not supported in training mode"
-        )
+        raise ValueError(_kv_cache_refusal(module, ensemble, Lq, Lk))
     runs = 1 if module.training else ensemble
     out = sum(
         subsampled_attention(
