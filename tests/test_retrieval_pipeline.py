@@ -62,6 +62,40 @@ def test_retrieval_split_corpus_size_keeps_query_synsets():
         wordnet.retrieval_split(n_test_synsets=1, corpus_size=2, all_synsets=_toy())
 
 
+def test_retrieval_split_checks_corpus_size_and_max_related():
+    for bad in (-5, 0, 2.5):
+        with pytest.raises(ValueError, match="corpus_size must be"):  # -5 sliced from the end
+            wordnet.retrieval_split(n_test_synsets=0, corpus_size=bad, all_synsets=_toy())
+    with pytest.raises(TypeError, match="corpus_size must be a number"):
+        wordnet.retrieval_split(n_test_synsets=0, corpus_size="3", all_synsets=_toy())
+    with pytest.raises(ValueError, match="max_related must be >= 0"):
+        wordnet.retrieval_split(n_test_synsets=0, max_related=-1, all_synsets=_toy())
+    assert len(wordnet.retrieval_split(n_test_synsets=1, corpus_size=3.0, all_synsets=_toy()).corpus) == 3
+
+
+def test_wordnet_loaders_read_wordnet_dir_when_called(tmp_path, monkeypatch):
+    """root defaulted to WORDNET_DIR as it was at import: setting hotops.data.wordnet.WORDNET_DIR
+    redirected text_sets.glosses() but not available(), synsets() or retrieval_split()."""
+    from hotops.data import text_sets
+
+    for pos in wordnet.POS_FILES:
+        (tmp_path / f"data.{pos}").write_text(
+            "  header line\n"
+            f'0000000{len(pos)} 03 {pos[0]} 01 thing{pos} 0 000 | a {pos} thing; "the {pos} thing here"\n'
+        )
+    monkeypatch.setattr(wordnet, "WORDNET_DIR", str(tmp_path))
+    assert wordnet.available()
+    got = wordnet.synsets()
+    assert [s.lemmas for s in got] == [["thingnoun"], ["thingverb"], ["thingadj"], ["thingadv"]]
+    assert wordnet.retrieval_split(n_test_synsets=1).corpus == [f"a {p} thing" for p in wordnet.POS_FILES]
+    assert len(text_sets.glosses()) == 4
+    monkeypatch.setattr(wordnet, "WORDNET_DIR", str(tmp_path / "absent"))
+    assert not wordnet.available()
+    with pytest.raises(FileNotFoundError, match="absent"):
+        wordnet.synsets()
+    assert wordnet.available(str(tmp_path))  # an explicit root still wins
+
+
 def test_rank_metrics_and_exact_search():
     ids = torch.tensor([[3, 1, 2], [0, 5, 4], [7, 8, 9]])
     m = rank_metrics(ids, [1, 0, 6], ks=(1, 3))

@@ -15,7 +15,8 @@ name           what                                                             
 
 ``load(name, limit, seed)`` returns up to `limit` distinct texts of one kind, shuffled with `seed`
 (a missing source raises FileNotFoundError; ``available(name)`` says whether it is there).
-``mixture(names, n, seed)`` draws `n` texts spread evenly over several kinds. Markup (roff,
+``mixture(names, n, seed)`` draws `n` texts spread evenly over several kinds (fewer where a kind
+holds less than its share). Markup (roff,
 Texinfo, Markdown) is stripped and only prose sentences of 6 to 60 words are kept, so every
 kind is plain English of a similar length; the texts differ in vocabulary and register.
 """
@@ -261,7 +262,8 @@ def load(name: str, limit: int, seed: int = 0, exclude: Iterable[str] = ()) -> L
 
 def mixture(names: Sequence[str], n: int, seed: int = 0, exclude: Iterable[str] = ()) -> List[str]:
     """`n` texts drawn evenly from the kinds `names` (the first kinds take the remainder),
-    shuffled together with `seed`."""
+    shuffled together with `seed`. A kind holding fewer texts than its share gives all it has
+    (others do not make up for it), so fewer than `n` texts come back then."""
     if not names:
         raise ValueError("mixture needs at least one text set")
     if len(set(names)) != len(names):  # each would draw the same texts with the same seed

@@ -42,7 +42,14 @@ class RetrievalSplit(NamedTuple):
     related: Dict[int, List[int]]  # synset row -> rows of the other senses of its lemmas
 
 
-def available(root: str = WORDNET_DIR) -> bool:
+def _root(root: Optional[str]) -> str:
+    """root, or the module's WORDNET_DIR as it is now (setting it redirects every loader)."""
+    return WORDNET_DIR if root is None else root
+
+
+def available(root: Optional[str] = None) -> bool:
+    """Whether the four data files are under root (default: WORDNET_DIR, read at call time)."""
+    root = _root(root)
     return all(os.path.exists(os.path.join(root, f"data.{p}")) for p in POS_FILES)
 
 
@@ -55,8 +62,10 @@ def parse_gloss(gloss: str):
     return definition, examples
 
 
-def synsets(root: str = WORDNET_DIR) -> List[Synset]:
-    """Every synset of the four data files, in file order."""
+def synsets(root: Optional[str] = None) -> List[Synset]:
+    """Every synset of the four data files under root (default: WORDNET_DIR, read at call time),
+    in file order."""
+    root = _root(root)
     if not available(root):
         raise FileNotFoundError(f"WordNet data files are missing under {root}: apt-get install wordnet-base")
     out = []
@@ -83,7 +92,7 @@ def retrieval_split(
     corpus_size: Optional[int] = None,
     seed: int = 0,
     max_related: int = 64,
-    root: str = WORDNET_DIR,
+    root: Optional[str] = None,
     all_synsets: Optional[Sequence[Synset]] = None,
 ) -> RetrievalSplit:
     """Usage examples -> definitions, split by synset.
@@ -93,7 +102,8 @@ def retrieval_split(
     queries (a seeded sample of `n_train_queries`). The corpus is every definition, or, with
     `corpus_size`, the definitions of every query's synset plus seeded random others up to that
     size (for quick runs). `related[i]` lists the other synsets sharing a lemma with synset i
-    (at most `max_related`): the false negatives a miner should skip.
+    (at most `max_related`): the false negatives a miner should skip. The synsets are
+    `all_synsets`, or read by `synsets(root)` (root None: WORDNET_DIR at call time).
     """
     # a negative count would slice from the end; a float one fails later, in slicing
     n_test_synsets = check_number(n_test_synsets, "n_test_synsets", integer=True, low=0)
@@ -101,6 +111,9 @@ def retrieval_split(
         n_train_queries = check_number(n_train_queries, "n_train_queries", integer=True, low=0)
     if n_test_queries is not None:
         n_test_queries = check_number(n_test_queries, "n_test_queries", integer=True, low=0)
+    if corpus_size is not None:  # a negative one sliced from the end, a float one failed in slicing
+        corpus_size = check_number(corpus_size, "corpus_size", integer=True, low=1)
+    max_related = check_number(max_related, "max_related", integer=True, low=0)
     rng = random.Random(seed)
     syn = list(all_synsets) if all_synsets is not None else synsets(root)
     with_ex = [i for i, s in enumerate(syn) if s.examples]
