@@ -2,6 +2,8 @@
 (the `weight` attribute goes stale after an optimizer step), the prune hooks go, and the sparse
 model computes what the pruned dense one does."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -98,7 +100,8 @@ def test_sparsify_sparsity_prunes_the_current_weights_further():
     model = net()
     prune.l1_unstructured(model[6], "weight", amount=0.5)
     step(model, X)
-    out = hs.sparsify(model, sparsity=0.9, policy="sparse")
+    with pytest.warns(UserWarning, match=r"layer 6 already carries a torch.*sparsity=None"):
+        out = hs.sparsify(model, sparsity=0.9, policy="sparse")
     lin = out[6]
     assert lin.sparse_weight.nnz == round(0.1 * lin.out_features * lin.in_features)
     # the survivors are the largest of weight_orig * weight_mask
@@ -107,6 +110,28 @@ def test_sparsify_sparsity_prunes_the_current_weights_further():
     assert torch.equal(
         dense != 0, current.abs() >= current.abs().flatten().topk(lin.sparse_weight.nnz).values[-1]
     )
+
+
+def test_default_sparsity_on_a_torch_pruned_model_warns():
+    """sparsify(model) (sparsity=0.9) re-prunes a torch-pruned layer to 0.9 whatever its mask:
+    it says so and names sparsity=None, which keeps the masks (and warns of nothing)."""
+    model = net()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    prune.l1_unstructured(model[6], "weight", amount=0.5)
+    with pytest.warns(UserWarning, match=r"layers 0, 6 already carry .*pass sparsity=None"):
+        hs.sparsify(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same(hs.sparsify(model, sparsity=None), model, X)
+        hs.sparsify(net(), sparsity=0.9)  # nothing pruned with torch: nothing to say
+
+
+@pytest.mark.parametrize("padding", [dict(padding=1, padding_mode="reflect"), dict(padding="same")])
+def test_only_convolutions_left_dense_says_why(padding):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, **padding))
+    prune.l1_unstructured(model[0], "weight", amount=0.6)
+    with pytest.raises(ValueError, match=r"nn.Conv2d layers found \(0\) are all left dense.*zero padding"):
+        hs.sparsify(model, sparsity=None)
 
 
 def test_sparsity_none_takes_the_zeros_as_they_are():

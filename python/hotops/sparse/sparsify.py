@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from hotops._backend import check_number
 from hotops._calibration import _check_selection, _replace
 from hotops.integrations.torch_prune import deepcopy as prune_safe_deepcopy
+from hotops.integrations.torch_prune import is_pruned
 from hotops.integrations.torch_prune import remove as remove_pruning
 from hotops.sparse.format import BLOCK_SIZES, block_mask, check_sparsity, magnitude_mask
 from hotops.sparse.module import SparseConv2d, SparseLinear
@@ -59,11 +60,16 @@ class _Scored(nn.Module):
         return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
-def _prunable(model: nn.Module, skip: Callable[[str, nn.Module], bool]) -> List[Tuple[str, nn.Module]]:
-    """The layers sparsify prunes: every nn.Linear and every nn.Conv2d with numeric zero padding
-    (SparseConv2d's) that ``skip(name, module)`` does not name, each once. The convolutions left
-    dense otherwise (padding_mode other than "zeros", or padding="same"/"valid") are named in a
-    warning."""
+_ZERO_PADDING_ONLY = (
+    "sparse convolutions take numeric zero padding only (padding_mode='zeros', padding given as "
+    "numbers, not 'same' / 'valid')"
+)
+
+
+def _split(model: nn.Module, skip: Callable[[str, nn.Module], bool]):
+    """(layers, dense): every nn.Linear and every nn.Conv2d with numeric zero padding
+    (SparseConv2d's) that ``skip(name, module)`` does not name, each once; and the names of the
+    convolutions that stay dense (padding_mode other than "zeros", or padding="same"/"valid")."""
     layers, dense = [], []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)) and not skip(name, m):
@@ -71,12 +77,19 @@ def _prunable(model: nn.Module, skip: Callable[[str, nn.Module], bool]) -> List[
                 dense.append(name)
             else:
                 layers.append((name, m))
+    return layers, dense
+
+
+def _warn_dense(dense: List[str], stacklevel: int) -> None:
     if dense:
-        warnings.warn(
-            f"leaving {', '.join(dense)} dense: sparse convolutions take numeric zero padding only "
-            "(padding_mode='zeros', padding given as numbers, not 'same' / 'valid')",
-            stacklevel=3,
-        )
+        warnings.warn(f"leaving {', '.join(dense)} dense: {_ZERO_PADDING_ONLY}", stacklevel=stacklevel + 1)
+
+
+def _prunable(model: nn.Module, skip: Callable[[str, nn.Module], bool]) -> List[Tuple[str, nn.Module]]:
+    """The layers sparsify prunes (see _split); the convolutions left dense are named in a
+    warning."""
+    layers, dense = _split(model, skip)
+    _warn_dense(dense, stacklevel=3)
     return layers
 
 
@@ -148,9 +161,27 @@ def sparsify(
         )
     if not inplace:
         model = prune_safe_deepcopy(model)
-    layers = _prunable(model, skip)
+    layers, dense = _split(model, skip)
+    if not layers and dense:  # say why, rather than "no nn.Conv2d" beside an nn.Conv2d
+        raise ValueError(
+            f"sparsify: found no layers to prune: the nn.Conv2d layers found ({', '.join(dense)}) are "
+            f"all left dense, because {_ZERO_PADDING_ONLY}; give them zero padding (e.g. "
+            "padding=k // 2 instead of 'same'), or leave the model dense"
+        )
+    _warn_dense(dense, stacklevel=2)
     # Everything is checked before the first weight changes: with inplace=True it is the caller's.
     _check_selection(dict(layers), "sparsify", "prune", "nn.Linear / nn.Conv2d")
+    pruned = [name for name, m in layers if is_pruned(m)]
+    if pruned and sparsity is not None:
+        warnings.warn(
+            f"sparsify: layer{'' if len(pruned) == 1 else 's'} {', '.join(pruned)} already "
+            f"carr{'ies' if len(pruned) == 1 else 'y'} a "
+            f"torch.nn.utils.prune mask (weight_mask), and sparsity={sparsity} prunes "
+            f"{'it' if len(pruned) == 1 else 'them'} again by magnitude to that sparsity, whatever "
+            "the mask's own; pass sparsity=None to keep the torch masks as they are",
+            UserWarning,
+            stacklevel=2,
+        )
     for name, m in layers:
         if m.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(
