@@ -28,6 +28,18 @@ LAYERS = {
 }
 
 
+def _assign_load_then_edit(layer, ref):
+    """layer (on meta) takes ref's checkpoint by assign=True, computes as ref does, and still sees
+    a .data write to its values (the parameter stays tracked)."""
+    layer.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), ref(x))
+    layer.values.data.mul_(2)  # still tracked: a .data write shows
+    torch.testing.assert_close(
+        layer(x), sparse_linear(x, ref.sparse_weight.with_values(ref.values * 2), ref.bias)
+    )
+
+
 @pytest.mark.parametrize("policy", ["dense", "sparse", "auto", "model"])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_forward_on_meta_gives_the_shapes(name, policy):
@@ -174,13 +186,7 @@ def test_accelerate_init_empty_weights():
         layer.policy = policy
         assert layer(torch.randn(3, 16, device="meta")).shape == (3, 8)
     layer.policy = "sparse"
-    layer.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
-    x = torch.randn(3, 16)
-    torch.testing.assert_close(layer(x), ref(x))
-    layer.values.data.mul_(2)  # still tracked: a .data write shows
-    torch.testing.assert_close(
-        layer(x), sparse_linear(x, ref.sparse_weight.with_values(ref.values * 2), ref.bias)
-    )
+    _assign_load_then_edit(layer, ref)
 
 
 @pytest.mark.parametrize("block", [None, 4])
@@ -255,10 +261,4 @@ def test_accelerate_init_empty_weights_registers_a_tracked_parameter_again():
         assert layer.values.is_meta and layer(torch.randn(3, 16, device="meta")).shape == (3, 8)
         assert any(c is layer._cell for c in layer.values.__dict__["_hotops_cells"])
     assert holder.w.is_meta and holder.w.shape == a.values.shape
-    b.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
-    x = torch.randn(3, 16)
-    torch.testing.assert_close(b(x), ref(x))
-    b.values.data.mul_(2)  # still tracked: a .data write shows
-    torch.testing.assert_close(
-        b(x), sparse_linear(x, ref.sparse_weight.with_values(ref.values * 2), ref.bias)
-    )
+    _assign_load_then_edit(b, ref)
