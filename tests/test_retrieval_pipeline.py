@@ -4,6 +4,7 @@ import importlib.util
 import os
 import pathlib
 import re
+import warnings
 
 import pytest
 import torch
@@ -160,8 +161,14 @@ def test_exact_search_takes_numpy_and_mixed_dtypes_and_checks_k():
     c = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
     ref = exact_search(c[:4], c, 5)
     assert torch.equal(exact_search(c[:4].numpy(), c.numpy(), 5), ref)
-    got = exact_search(c[:4], c.half(), 5)  # queries cast to the corpus's dtype
-    assert got.shape == (4, 5) and torch.equal(got[:, 0], torch.arange(4))
+    for low in (torch.float16, torch.bfloat16):  # scored in float32, the more precise of the two
+        got = exact_search(c[:4], c.to(low), 5)
+        assert torch.equal(got, exact_search(c[:4], c.to(low).float(), 5))
+    read_only = c.numpy().copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not writable" warning: the array is only read
+        assert torch.equal(exact_search(read_only[:4], read_only, 5), ref)
     with pytest.raises(ValueError, match="k must be >= 0"):
         exact_search(c[:4], c, -1)
     with pytest.raises(ValueError, match="chunk must be >= 1"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -80,12 +81,15 @@ def encode(
 
 def exact_search(q, corpus, k: int = 100, chunk: int = 1024) -> torch.Tensor:
     """(nq, min(k, len(corpus))) ids of the k largest inner products, by brute force in chunks
-    of queries. q and corpus: tensors or NumPy arrays; queries of another floating dtype than the
-    corpus are cast to the corpus's. NaN or inf in either side raises (topk would rank a NaN
-    first)."""
+    of queries. q and corpus: tensors or NumPy arrays (read-only ones too: they are only read);
+    of two floating dtypes, both are scored in the more precise one (torch.promote_types: float32
+    queries against a bfloat16 corpus are scored in float32, as its reference should be). NaN or
+    inf in either side raises (topk would rank a NaN first)."""
     k = check_number(k, "k", integer=True, low=0)
     chunk = check_number(chunk, "chunk", integer=True, low=1)
-    q, corpus = torch.as_tensor(q), torch.as_tensor(corpus)
+    with warnings.catch_warnings():  # torch warns that a read-only array is not writable: never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        q, corpus = torch.as_tensor(q), torch.as_tensor(corpus)
     if q.dim() != 2 or corpus.dim() != 2 or q.shape[1] != corpus.shape[1]:
         raise ValueError(
             f"q (nq, dim) and corpus (n, dim) must share dim, got {tuple(q.shape)}, {tuple(corpus.shape)}"
@@ -93,7 +97,8 @@ def exact_search(q, corpus, k: int = 100, chunk: int = 1024) -> torch.Tensor:
     if q.dtype != corpus.dtype:
         if not (q.dtype.is_floating_point and corpus.dtype.is_floating_point):
             raise TypeError(f"q ({q.dtype}) and corpus ({corpus.dtype}) must be of one dtype")
-        q = q.to(corpus.dtype)
+        common = torch.promote_types(q.dtype, corpus.dtype)
+        q, corpus = q.to(common), corpus.to(common)
     if not (torch.isfinite(q).all() and torch.isfinite(corpus).all()):
         raise ValueError("exact_search: the embeddings hold NaN or inf")
     k = min(k, corpus.shape[0])
