@@ -274,14 +274,18 @@ def test_mistral_with_its_default_window_trains():
 
 
 def test_ensemble_refuses_a_kv_cache_in_eval_and_says_why(llama_dir):
-    """ensemble > 1 in eval cannot continue on a KV cache: the message names the ensemble, not
-    training mode (the model is in eval)."""
+    """ensemble > 1 in eval cannot continue on a KV cache beyond one-token steps: the message names
+    the ensemble, not training mode (the model is in eval)."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="hotops_ssa").eval()
     ht.configure(model, ensemble=2)
     ids = torch.randint(5, 64, (1, 5))
     with torch.no_grad():
+        past = model(input_ids=ids, use_cache=True).past_key_values
+        # one-token steps run (docs/integrations.md): one query sees every cached key causally
+        step = model(input_ids=torch.randint(5, 64, (1, 1)), past_key_values=past, use_cache=True)
+        assert torch.isfinite(step.logits).all()
         past = model(input_ids=ids, use_cache=True).past_key_values
         with pytest.raises(ValueError, match=r"hotops_ssa_ensemble = 2 .*KV cache") as err:
             model(input_ids=torch.randint(5, 64, (1, 3)), past_key_values=past, use_cache=True)

@@ -30,8 +30,9 @@ for encoders and decoders on padded batches); causality is read from the mask, a
 from ``is_causal`` (a module without the attribute is causal only when its config is a decoder).
 ``configure`` refuses a model whose attention does not call the attention interface (MPNet,
 DeBERTa-v2: "hotops_ssa" would never run there). Masks of any other pattern (sliding windows,
-packed sequences, chunked attention, attention bias), softcapping, and a KV cache in training (or
-in eval with ``hotops_ssa_ensemble > 1``) are refused with a ValueError. A ``sliding_window``
+packed sequences, chunked attention, attention bias), softcapping, and a KV cache in training (in
+eval with ``hotops_ssa_ensemble > 1``, a static cache or a continuation of several tokens; one-token
+decode steps run) are refused with a ValueError. A ``sliding_window``
 argument (Mistral passes one on every call) is accepted while the window covers every key
 (at most ``sliding_window`` keys: the mask is then plain causal), refused beyond. The subsampled path applies no attention-probability dropout: the
 subsampling is the regulariser.
@@ -160,8 +161,8 @@ def _kv_cache_refusal(module, ensemble: int, Lq: int, Lk: int) -> str:
         )
     return (
         f"hotops_ssa_ensemble = {ensemble} (> 1) averages subsampled attentions over whole "
-        f"sequences and does not support a KV cache: {Lq} queries over {Lk} keys (generation, a "
-        "static cache or a continuation on past_key_values); set hotops_ssa_ensemble=1 (eval then "
+        f"sequences and does not support a KV cache beyond one-token steps: {Lq} queries over {Lk} "
+        "keys (a static cache, or a continuation of several tokens on past_key_values); set hotops_ssa_ensemble=1 (eval then "
         "runs SDPA, KV cache included) or call without a cache (use_cache=False, the whole "
         "sequence at once)"
     )

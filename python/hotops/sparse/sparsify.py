@@ -164,8 +164,8 @@ def sparsify(
     layers, dense = _split(model, skip)
     if not layers and dense:  # say why, rather than "no nn.Conv2d" beside an nn.Conv2d
         raise ValueError(
-            f"sparsify: found no layers to prune: the nn.Conv2d layers found ({', '.join(dense)}) are "
-            f"all left dense, because {_ZERO_PADDING_ONLY}; give them zero padding (e.g. "
+            f"sparsify: found no layers to prune: the only layers outside skip are nn.Conv2d layers "
+            f"({', '.join(dense)}), all left dense because {_ZERO_PADDING_ONLY}; give them zero padding (e.g. "
             "padding=k // 2 instead of 'same'), or leave the model dense"
         )
     _warn_dense(dense, stacklevel=2)
@@ -177,8 +177,9 @@ def sparsify(
             f"sparsify: layer{'' if len(pruned) == 1 else 's'} {', '.join(pruned)} already "
             f"carr{'ies' if len(pruned) == 1 else 'y'} a "
             f"torch.nn.utils.prune mask (weight_mask), and sparsity={sparsity} prunes "
-            f"{'it' if len(pruned) == 1 else 'them'} again by magnitude to that sparsity, whatever "
-            "the mask's own; pass sparsity=None to keep the torch masks as they are",
+            f"{'it' if len(pruned) == 1 else 'them'} again (method={method!r}) to that sparsity, "
+            "whatever the mask's own; pass sparsity=None to keep the torch masks as they are (or "
+            "silence this warning where pruning further is meant)",
             UserWarning,
             stacklevel=2,
         )
