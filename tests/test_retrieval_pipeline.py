@@ -90,7 +90,11 @@ def test_wordnet_loaders_read_wordnet_dir_when_called(tmp_path, monkeypatch):
     assert [s.lemmas for s in got] == [["thingnoun"], ["thingverb"], ["thingadj"], ["thingadv"]]
     assert wordnet.retrieval_split(n_test_synsets=1).corpus == [f"a {p} thing" for p in wordnet.POS_FILES]
     assert len(text_sets.glosses()) == 4
+    # the text sets by name too (their cache once pinned the first directory's glosses)
+    assert sorted(text_sets.load("glosses", 10)) == sorted(text_sets.glosses())
+    assert len(text_sets.load("usage", 10)) == 4
     monkeypatch.setattr(wordnet, "WORDNET_DIR", str(tmp_path / "absent"))
+    assert not text_sets.available("glosses")
     assert not wordnet.available()
     with pytest.raises(FileNotFoundError, match="absent"):
         wordnet.synsets()

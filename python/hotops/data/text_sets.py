@@ -30,7 +30,7 @@ import os
 import random
 import re
 import sysconfig
-from typing import Callable, Dict, Iterable, Iterator, List, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 from hotops._backend import check_number
 from hotops.data import wordnet
@@ -233,7 +233,8 @@ SOURCES: Dict[str, Callable[[], List[str]]] = {
     "licenses": licenses,
     "readme": readmes,
 }
-_CACHE: Dict[str, List[str]] = {}
+# keyed by WordNet's directory too: glosses and usage follow wordnet.WORDNET_DIR when it is changed
+_CACHE: Dict[Tuple[str, str], List[str]] = {}
 
 
 def available(name: str) -> bool:
@@ -246,9 +247,10 @@ def available(name: str) -> bool:
 def _all(name: str) -> List[str]:
     if name not in SOURCES:
         raise ValueError(f"unknown text set {name!r}; known: {', '.join(SOURCES)}")
-    if name not in _CACHE:
-        _CACHE[name] = list(dict.fromkeys(SOURCES[name]()))  # distinct, first occurrence kept
-    return _CACHE[name]
+    key = (name, wordnet.WORDNET_DIR)
+    if key not in _CACHE:
+        _CACHE[key] = list(dict.fromkeys(SOURCES[name]()))  # distinct, first occurrence kept
+    return _CACHE[key]
 
 
 def load(name: str, limit: int, seed: int = 0, exclude: Iterable[str] = ()) -> List[str]:
