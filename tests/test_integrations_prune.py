@@ -130,7 +130,9 @@ def test_default_sparsity_on_a_torch_pruned_model_warns():
 def test_only_convolutions_left_dense_says_why(padding):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, **padding))
     prune.l1_unstructured(model[0], "weight", amount=0.6)
-    with pytest.raises(ValueError, match=r"only layers outside skip are nn.Conv2d layers \(0\), all left dense.*zero padding"):
+    with pytest.raises(
+        ValueError, match=r"only layers outside skip are nn.Conv2d layers \(0\), all left dense.*zero padding"
+    ):
         hs.sparsify(model, sparsity=None)
 
 
