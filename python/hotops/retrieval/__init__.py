@@ -124,6 +124,22 @@ def _integer_ids(x, name: str) -> torch.Tensor:
     return torch.as_tensor(a).long()
 
 
+def _gold_rows(gold, nq: int, n_docs: Optional[int]) -> torch.Tensor:
+    """gold as (nq,) int64 corpus rows: each >= 0 (-1 would match the rankings' padding) and, where
+    the corpus size n_docs is known, below it."""
+    gold = _integer_ids(gold, "gold")
+    if gold.dim() != 1 or len(gold) != nq:
+        raise ValueError(
+            f"gold (nq,) must hold one corpus row per query ({nq}), got shape {tuple(gold.shape)}"
+        )
+    span = "rows of the corpus" + ("" if n_docs is None else f", in [0, {n_docs})")
+    if len(gold) and int(gold.min()) < 0:
+        raise ValueError(f"gold holds a negative row: every query needs its relevant document ({span})")
+    if len(gold) and n_docs is not None and int(gold.max()) >= n_docs:
+        raise ValueError(f"gold holds row {int(gold.max())}, outside the corpus: gold must be {span}")
+    return gold
+
+
 def rank_metrics(
     ids,
     gold: Sequence[int],
@@ -141,23 +157,17 @@ def rank_metrics(
     query is not a score)."""
     ks = _check_ks(ks)
     ids = _integer_ids(ids, "ids")
-    gold = _integer_ids(gold, "gold")
-    if ids.dim() != 2 or gold.dim() != 1 or len(gold) != len(ids):
-        raise ValueError(
-            f"ids must be (nq, k) and gold (nq,) with one relevant row per query, got shapes "
-            f"{tuple(ids.shape)} and {tuple(gold.shape)}"
-        )
-    if not len(gold):
-        raise ValueError("rank_metrics: no queries (ids and gold have no rows)")
-    if int(gold.min()) < 0:
-        raise ValueError("gold holds a negative row: every query needs its relevant document")
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be (nq, k) ranked rows, got shape {tuple(ids.shape)}")
     key = None if doc_key is None else _integer_ids(doc_key, "doc_key")
     if n_docs is None and key is not None:
         n_docs = len(key)
     if n_docs is not None:
         n_docs = check_number(n_docs, "n_docs", integer=True, low=1)
-        if int(gold.max()) >= n_docs:
-            raise ValueError(f"gold holds row {int(gold.max())}, outside the corpus's {n_docs} rows")
+    gold = _gold_rows(gold, len(ids), n_docs)
+    if not len(gold):
+        raise ValueError("rank_metrics: no queries (ids and gold have no rows)")
+    if n_docs is not None:
         if ids.numel() and int(ids.max()) >= n_docs:
             raise ValueError(f"ids holds row {int(ids.max())}, outside the corpus's {n_docs} rows")
     need = min(max(ks, default=0), n_docs if n_docs is not None else 1 << 62)
@@ -198,15 +208,7 @@ def evaluate(
     k = check_number(k, "k", integer=True, low=1)
     if k < max((10, *ks)):
         raise ValueError(f"k ({k}) must be at least 10 and every ks {ks}: the metrics look that deep")
-    g = _integer_ids(gold, "gold")
-    if g.dim() != 1 or len(g) != len(queries):
-        raise ValueError(
-            f"gold must hold one corpus row per query ({len(queries)}), got shape {tuple(g.shape)}"
-        )
-    if len(g) and (int(g.min()) < 0 or int(g.max()) >= len(corpus)):
-        raise ValueError(
-            f"gold must be rows of the corpus, in [0, {len(corpus)}), got {int(g.min())}..{int(g.max())}"
-        )
+    g = _gold_rows(gold, len(queries), len(corpus))  # before the encoding, which takes the time
     if doc_key is not None and len(doc_key) != len(corpus):
         raise ValueError(f"doc_key must hold one key per corpus row ({len(corpus)}), got {len(doc_key)}")
     t = time.perf_counter()
