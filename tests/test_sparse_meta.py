@@ -156,8 +156,8 @@ def test_values_only_checkpoint_with_assign_into_a_meta_layer_is_refused():
 
 
 def test_packing_on_meta_is_refused_clearly():
-    """Which weights are kept depends on their values: from_dense / sparsify on meta raise
-    naming what to do (torch's nonzero raised NotImplementedError about its own config)."""
+    """Which weights are kept depends on their values: from_dense / sparsify on meta raise a
+    ValueError naming what to do, not an error from inside torch's nonzero."""
     with torch.device("meta"):
         lin, conv = nn.Linear(16, 8), nn.Conv2d(4, 8, 3)
         for build in (
@@ -193,9 +193,9 @@ def test_accelerate_init_empty_weights():
 def test_meta_checkpoint_into_a_real_layer(block):
     """A checkpoint saved from a layer on meta holds no values. Without assign, loading it into
     a real layer is torch's "Cannot copy out of meta tensor" error, raised before anything is
-    installed: the layer stays whole on the CPU (its packed weight once went to meta while the
-    bias stayed, whatever the number of non-zeros; with the same one, the values copy raised
-    torch's bare NotImplementedError). With assign the layer takes the checkpoint's meta tensors."""
+    installed: the layer stays whole on the CPU, its packed weight and bias on one device,
+    whatever the checkpoint's number of non-zeros. With assign the layer takes the checkpoint's
+    meta tensors."""
     layout = "blocked" if block else "csr"
     x = torch.randn(3, 16)
     for sparsity in (0.5, 0.8):  # this layer's number of non-zeros, and another
