@@ -21,8 +21,9 @@ class InfoNCELoss(nn.Module):
             [min_temperature, 1] (CLIP-style: the logit scale never exceeds 1/min_temperature).
         label_smoothing: as in ``F.cross_entropy``.
         gather: all-gather d (and a shared hard pool) across ``torch.distributed`` ranks, with
-            gradient, so each rank's queries see every rank's candidates. Per-query hard
-            negatives (B, K, D) stay local.
+            gradient, so each rank's queries see every rank's candidates (batch and pool sizes
+            may differ between ranks, 0 rows included). Per-query hard negatives (B, K, D) stay
+            local.
     """
 
     def __init__(
@@ -72,12 +73,14 @@ class InfoNCELoss(nn.Module):
         self, q: Tensor, d: Tensor, hard: Optional[Tensor] = None, neg_weight: Optional[Tensor] = None
     ) -> Tensor:
         pos_offset = 0
-        if self.gather and torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank = torch.distributed.get_rank()
-            d, pos_offset = _all_gather(d), rank * d.shape[0]
-            if hard is not None and hard.dim() == 2:
-                hard = _all_gather(hard)
         temperature = self.temperature if self.learnable_temperature else float(self.temperature)
+        if self.gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+            d, hard, pos_offset = _gather_candidates(q, d, hard, neg_weight)
+            if q.shape[0] == 0:
+                # a rank with no queries contributes nothing, but its loss must reach the gathered
+                # candidates: the backward's all_reduce waits for every rank
+                zero = q.float().sum() + d[:0].float().sum() + (0.0 * temperature)
+                return zero.reshape(1)[:0] if self.reduction == "none" else zero
         return info_nce(
             q,
             d,
@@ -90,27 +93,158 @@ class InfoNCELoss(nn.Module):
         )
 
 
+_GATHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_local(q, d, hard) -> None:
+    """What must hold on this rank before its rows are gathered (info_nce checks the rest)."""
+    _backend.check_tensor(q, "q", ndim=2)
+    _backend.check_tensor(d, "d", ndim=2)
+    if hard is not None:
+        _backend.check_tensor(hard, "hard", ndim=(2, 3))
+    _backend.check_same_device(q=q, d=d, hard=hard)
+    _backend.check_same_dtype(q=q, d=d, hard=hard)
+    if q.shape[1] != d.shape[1] or (hard is not None and hard.shape[-1] != d.shape[1]):
+        shapes = f"q {tuple(q.shape)}, d {tuple(d.shape)}" + (
+            "" if hard is None else f", hard {tuple(hard.shape)}"
+        )
+        raise ValueError(f"q, d and hard must have the same dimension D, got {shapes}")
+    if q.shape[0] > d.shape[0]:
+        raise ValueError(
+            f"d has {d.shape[0]} rows, fewer than the {q.shape[0]} queries whose positives it holds"
+        )
+    if hard is not None and hard.dim() == 3 and hard.shape[0] != q.shape[0]:
+        raise ValueError(f"hard (B, K, D) must have B = {q.shape[0]}, got {tuple(hard.shape)}")
+
+
+def _gather_candidates(q: Tensor, d: Tensor, hard: Optional[Tensor], neg_weight: Optional[Tensor]):
+    """d and a shared hard pool gathered from every rank in rank order (row counts may differ, a
+    rank may have none), per-query hard negatives kept; returns (d, hard, this rank's pos_offset).
+
+    The ranks first exchange what they hold. Anything that would make them diverge (one rank
+    refusing its arguments, different D or dtype, a pool on one rank and per-query negatives on
+    another) raises on every rank: a rank that raised alone would leave the others waiting in the
+    gather or in the backward's all_reduce, and tensors of different sizes or dtypes in one
+    collective abort the process (gloo) or read garbage."""
+    import torch.distributed as dist
+
+    error = None
+    try:
+        _check_local(q, d, hard)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if error is None:
+        kind = 0 if hard is None else 1 if hard.dim() == 2 else 2
+        own_k = hard.shape[1] if kind == 2 else 0
+        pool_rows = hard.shape[0] if kind == 1 else 0
+        code = _GATHER_DTYPES.index(d.dtype) if d.dtype in _GATHER_DTYPES else len(_GATHER_DTYPES)
+        grad = torch.is_grad_enabled() and (d.requires_grad or (kind == 1 and hard.requires_grad))
+        mine = [0, q.shape[0], d.shape[0], d.shape[1], code, kind, pool_rows, own_k, int(grad)]
+        mine.append(
+            -1 if not isinstance(neg_weight, Tensor) or neg_weight.dim() != 1 else neg_weight.shape[0]
+        )
+    else:
+        mine = [1] + [0] * 9
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    head = torch.tensor(mine, dtype=torch.int64, device=device)
+    parts = [torch.empty_like(head) for _ in range(world)]
+    dist.all_gather(parts, head)
+    heads = torch.stack(parts).cpu().tolist()
+    if error is not None:
+        raise error
+    refused = [r for r, h in enumerate(heads) if h[0]]
+    if refused:
+        raise ValueError(f"InfoNCELoss(gather=True): rank(s) {refused} of the group refused their arguments")
+    by_rank = lambda col: [h[col] for h in heads]  # noqa: E731
+    if len(set(by_rank(3))) > 1:
+        raise ValueError(
+            f"InfoNCELoss(gather=True) needs the same dimension D of q and d on every rank, got {by_rank(3)} by rank"
+        )
+    if len(set(by_rank(4))) > 1:
+        names = [
+            str(_GATHER_DTYPES[c]).replace("torch.", "") if c < len(_GATHER_DTYPES) else "?"
+            for c in by_rank(4)
+        ]
+        raise TypeError(
+            f"InfoNCELoss(gather=True): d has dtype {names} by rank; it must be the same on every rank"
+        )
+    kinds = set(by_rank(5)) - {0}
+    if len(kinds) > 1:
+        names = [("none", "pool", "per-query")[k] for k in by_rank(5)]
+        raise ValueError(
+            "InfoNCELoss(gather=True): hard must be of one kind on every rank, an (N, D) pool (gathered) "
+            f"or (B, K, D) per-query negatives (kept local), or None; got {names} by rank"
+        )
+    if len(set(by_rank(8))) > 1:
+        raise ValueError(
+            f"InfoNCELoss(gather=True): the candidates need a gradient on ranks "
+            f"{[r for r, g in enumerate(by_rank(8)) if g]} and not on the others; every rank must "
+            f"run the backward (its all_reduce waits for all of them)"
+        )
+    if sum(by_rank(1)) == 0:
+        raise ValueError("info_nce needs a non-empty batch (q has 0 rows on every rank)")
+    rows, pools = by_rank(2), by_rank(6)
+    pool = hard if hard is not None and hard.dim() == 2 else None
+    if 1 in kinds and pool is None:  # other ranks hold a pool: this rank adds no rows to it
+        pool = d.new_empty((0, d.shape[1]))
+    wrong = [
+        (r, h[9], sum(rows) + sum(pools) + h[7])
+        for r, h in enumerate(heads)
+        if h[9] >= 0 and h[9] != sum(rows) + sum(pools) + h[7]
+    ]
+    if wrong:
+        raise ValueError(
+            "InfoNCELoss(gather=True): neg_weight must have one weight per gathered candidate column "
+            f"(every rank's d and pool rows, plus its own K); (rank, got, expected): {wrong}"
+        )
+    if pool is None:
+        (d,) = _AllGather.apply((rows,), *(d,))
+    else:
+        d, pool = _AllGather.apply((rows, pools), d, pool)
+    return d, (pool if pool is not None else hard), sum(rows[:rank])
+
+
 class _AllGather(torch.autograd.Function):
-    """Concatenate x (same shape on every rank) from all ranks in rank order. Backward sums the
-    incoming gradient over ranks (every rank's loss used every slice) and keeps this rank's."""
+    """Each part (rows[i][r] rows on rank r; counts may differ, 0 included) concatenated from all
+    ranks in rank order, in one all_gather of the parts padded to the largest counts. Backward
+    sums the incoming gradients over ranks (every rank's loss used every slice) in one all_reduce
+    and keeps this rank's rows of each part."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx, rows, *parts: Tensor):
         import torch.distributed as dist
 
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
-        return torch.cat(parts, dim=0)
+        rank, most = dist.get_rank(), [max(r) for r in rows]
+        packed = parts[0].new_zeros((sum(most),) + tuple(parts[0].shape[1:]))
+        at = 0
+        for part, m in zip(parts, most):
+            packed[at : at + part.shape[0]] = part
+            at += m
+        bufs = [torch.empty_like(packed) for _ in rows[0]]
+        dist.all_gather(bufs, packed)
+        outs, at = [], 0
+        for counts, m in zip(rows, most):
+            outs.append(torch.cat([b[at : at + c] for b, c in zip(bufs, counts)]))
+            at += m
+        ctx.rows, ctx.rank = rows, rank
+        ctx.tail = tuple(parts[0].shape[1:])
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx, *grads: Optional[Tensor]):
         import torch.distributed as dist
 
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
-def _all_gather(x: Tensor) -> Tensor:
-    return _AllGather.apply(x)
+        # a new tensor (cat copies): all_reduce writes in place, and the incoming gradients are
+        # autograd's, possibly seen by other consumers
+        like = next(g for g in grads if g is not None)
+        full = torch.cat(
+            [g if g is not None else like.new_zeros((sum(c),) + ctx.tail) for g, c in zip(grads, ctx.rows)]
+        )
+        dist.all_reduce(full)
+        out, at = [], 0
+        for counts in ctx.rows:
+            start = at + sum(counts[: ctx.rank])
+            out.append(full[start : start + counts[ctx.rank]])
+            at += sum(counts)
+        return (None, *out)

@@ -1,0 +1,99 @@
+"""The scale-out paths used the way real jobs use them: uneven batches, a rank with no rows,
+arguments that differ between ranks. Each case either equals one process holding every rank's
+data, or raises on every rank (never a hang, a crash inside the collective library, or a silently
+wrong answer)."""
+
+from __future__ import annotations
+
+import _dist
+import pytest
+import torch
+
+D = 8
+
+
+def _infonce_inputs(world, rows, pools):
+    """Every rank's (q, d, pool or None), from one generator: rank r has rows[r] queries and
+    pools[r] pool rows (None: no pool)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for r in range(world):
+        q, d = torch.randn(rows[r], D, generator=g), torch.randn(rows[r], D, generator=g)
+        h = None if pools[r] is None else torch.randn(pools[r], D, generator=g)
+        out.append((q, d, h))
+    return out
+
+
+def _uneven_worker(rank, world, rows, pools, reduction):
+    import hotops
+
+    data = _infonce_inputs(world, rows, pools)
+    q, d, h = (None if t is None else t.clone().requires_grad_() for t in data[rank])
+    loss = hotops.nn.InfoNCELoss(temperature=0.1, gather=True, reduction=reduction)(q, d, h)
+    loss.sum().backward()
+
+    # one process holding every rank's rows: the candidates and pools concatenated in rank order
+    qa, da = (torch.cat([x[i] for x in data]).requires_grad_() for i in (0, 1))
+    pool_parts = [x[2] for x in data if x[2] is not None]
+    ha = torch.cat(pool_parts).requires_grad_() if pool_parts else None
+    ref = hotops.info_nce(qa, da, ha, temperature=0.1, reduction="none")
+    # each rank's loss.sum(): with "mean" a query of rank r counts 1 / rows[r]
+    weight = torch.cat([torch.full((n,), 1.0 / max(n, 1) if reduction == "mean" else 1.0) for n in rows])
+    (ref * weight).sum().backward()
+    start = sum(rows[:rank])
+    mine = slice(start, start + rows[rank])
+    want = ref.detach()[mine]
+    if reduction == "sum":
+        want = want.sum()
+    elif reduction == "mean":
+        want = want.mean() if rows[rank] else torch.zeros(())
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-6, atol=1e-6)
+    # gradients: every rank's loss reaches this rank's candidates; the gathered backward sums them
+    torch.testing.assert_close(q.grad, qa.grad[mine], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d.grad, da.grad[mine], rtol=1e-5, atol=1e-6)
+    if h is not None:
+        p0 = sum(p or 0 for p in pools[:rank])
+        torch.testing.assert_close(h.grad, ha.grad[p0 : p0 + pools[rank]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "rows, pools, reduction",
+    [
+        ([3, 5, 1], [None, None, None], "sum"),  # uneven batches
+        ([4, 0, 2], [2, None, 5], "none"),  # a rank with no rows; pools of different sizes, one absent
+        ([2, 6, 0], [3, 3, None], "mean"),  # an empty rank's mean is 0 and still joins the backward
+    ],
+)
+def test_infonce_gather_uneven_ranks_equal_one_process(rows, pools, reduction):
+    _dist.run(_uneven_worker, 3, rows, pools, reduction, timeout=150)
+
+
+def _mismatch_worker(rank, world, case):
+    import hotops
+
+    q, d = torch.randn(4, D), torch.randn(4, D, requires_grad=True)
+    h = None
+    if case == "dtype" and rank == 1:
+        q, d = q.bfloat16(), d.detach().bfloat16().requires_grad_()
+    if case == "dim" and rank == 1:
+        q, d = torch.randn(4, D + 1), torch.randn(4, D + 1, requires_grad=True)
+    if case == "hard_kinds":
+        h = torch.randn(3, D) if rank == 0 else torch.randn(4, 2, D)
+    if case == "local_error" and rank == 1:
+        q = torch.randn(4, D + 1)  # refused by this rank alone
+    if case == "everyone_empty":
+        q, d = q[:0], d[:0]
+    match = {
+        "dtype": "d has dtype",
+        "dim": "dimension",
+        "hard_kinds": "hard",
+        "local_error": "rank.*1" if rank == 0 else "same dimension",
+        "everyone_empty": "non-empty batch",
+    }[case]
+    with pytest.raises((TypeError, ValueError), match=match):
+        hotops.nn.InfoNCELoss(gather=True)(q, d, h).backward()
+
+
+@pytest.mark.parametrize("case", ["dtype", "dim", "hard_kinds", "local_error", "everyone_empty"])
+def test_infonce_gather_mismatch_raises_on_every_rank(case):
+    _dist.run(_mismatch_worker, 2, case, timeout=90)
