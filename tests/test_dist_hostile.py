@@ -97,3 +97,77 @@ def _mismatch_worker(rank, world, case):
 @pytest.mark.parametrize("case", ["dtype", "dim", "hard_kinds", "local_error", "everyone_empty"])
 def test_infonce_gather_mismatch_raises_on_every_rank(case):
     _dist.run(_mismatch_worker, 2, case, timeout=90)
+
+
+# ---------------------------------------------------------------------- ShardedIndex
+
+ADIM = 16
+
+
+def _shards(rank, world):
+    """A 2-shard flat PQ ShardedIndex of 400 vectors (ids dealt by id % world), its data, queries."""
+    import numpy as np
+
+    from hotops.ann import PQIndex, ShardedIndex
+    from hotops.ann.sharded import _set_trained_state, _trained_state
+
+    rng = np.random.default_rng(0)
+    x, q = rng.normal(size=(400, ADIM)).astype(np.float32), rng.normal(size=(6, ADIM)).astype(np.float32)
+    base = PQIndex(ADIM, 4, 8, keep_vectors=True, verbose=False)
+    base.train(x)
+    idx = PQIndex(ADIM, 4, 8, keep_vectors=True, verbose=False)
+    _set_trained_state(idx, _trained_state(base))
+    ids = np.arange(400)
+    idx.add(x[ids % world == rank], ids[ids % world == rank])
+    return ShardedIndex(idx), x, q
+
+
+def _sharded_mismatch_worker(rank, world, folder):
+    import os
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from hotops.ann import PQIndex, ShardedIndex, build_sharded
+
+    s, x, q = _shards(rank, world)
+    # allow filters every rank's queries on every shard: one rank's list cannot apply to its own
+    # queries only, so lists that differ are refused (they let other ids through, silently)
+    allow = np.arange(0, 400, 2) if rank == 0 else None
+    with pytest.raises(ValueError, match="allow"):
+        s.search(q, 10, allow=allow)
+    _, ids = s.search(q, 10, allow=np.arange(0, 400, 2))
+    assert (ids % 2 == 0).all()
+
+    # ids one rank refuses in vectors(): every rank raises; float ids are not truncated to ints
+    with pytest.raises((TypeError, ValueError), match="ids" if rank == 1 else "rank"):
+        s.vectors(np.array([1, 2]) if rank == 0 else np.array([1.7]))
+    np.testing.assert_array_equal(s.vectors(np.array([1, 2])), x[[1, 2]])
+
+    # build_sharded with parameters that differ between ranks, or ids one rank refuses
+    m = 4 if rank == 0 else 8
+    with pytest.raises(ValueError, match="differ" if rank == 0 else "differ|m"):
+        build_sharded(PQIndex(ADIM, m, 8, verbose=False), x[rank::world], os.path.join(folder, "a"))
+    part = x[rank::world]
+    ids = np.arange(len(part)) + 1000 * rank
+    with pytest.raises(ValueError, match="ids" if rank == 1 else "rank"):
+        build_sharded(
+            PQIndex(ADIM, 4, 8, verbose=False),
+            part,
+            os.path.join(folder, "b"),
+            ids=ids[:-1] if rank == 1 else ids,
+        )
+
+    # a shard's mapped file cut underneath: every rank raises (the others used to wait)
+    build_sharded(PQIndex(ADIM, 4, 8, keep_vectors=True, verbose=False), part, os.path.join(folder, "c"))
+    s = ShardedIndex.load(os.path.join(folder, "c", "manifest.json"))
+    dist.barrier()
+    if rank == 1:
+        with open(os.path.join(folder, "c", f"shard-00001-of-{world:05d}.hann"), "r+b") as f:
+            f.truncate(100)
+    with pytest.raises(ValueError, match="changed" if rank == 1 else "rank"):
+        s.search(q, 5)
+
+
+def test_sharded_mismatches_raise_on_every_rank(tmp_path):
+    _dist.run(_sharded_mismatch_worker, 2, str(tmp_path), timeout=150)

@@ -79,13 +79,37 @@ def build_sharded(
     Returns the ShardedIndex over the in-memory shards."""
     from hotops.ann.sharded import ShardedIndex, _raise_together
 
-    if not isinstance(index, (PQIndex, IVFPQIndex)):
-        raise TypeError(f"index must be a PQIndex or IVFPQIndex, got {type(index).__name__}")
-    if train_on not in ("gathered", "rank0"):
-        raise ValueError(f"train_on must be 'gathered' or 'rank0', got {train_on!r}")
+    # every step below is collective: a rank that refused alone would leave the others waiting,
+    # so local errors and settings that differ between ranks raise on every rank
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    x = _arrays.as_vectors(x, "x", index.dim)
-    sample = x if train_sample is None else _arrays.as_vectors(train_sample, "train_sample", index.dim)
+    error, config, count = None, None, 0
+    try:
+        if not isinstance(index, (PQIndex, IVFPQIndex)):
+            raise TypeError(f"index must be a PQIndex or IVFPQIndex, got {type(index).__name__}")
+        if train_on not in ("gathered", "rank0"):
+            raise ValueError(f"train_on must be 'gathered' or 'rank0', got {train_on!r}")
+        if store_dtype is not None and ids is not None:
+            raise ValueError("a bi-granular shard's ids are its store rows: leave ids=None with store_dtype")
+        x = _arrays.as_vectors(x, "x", index.dim)
+        sample = x if train_sample is None else _arrays.as_vectors(train_sample, "train_sample", index.dim)
+        config = dict(
+            index=type(index).__name__,
+            params=index._params(),
+            train_on=train_on,
+            store_dtype=store_dtype,
+            ids_given=ids is not None,
+        )
+        count = int(x.shape[0])
+    except (TypeError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    found = _raise_together(error, group, "build_sharded", (config, count))
+    odd = [r for r, (c, _) in enumerate(found) if c != found[0][0]]
+    if odd:
+        raise ValueError(
+            f"build_sharded: the index, its parameters, train_on, store_dtype or ids=None differ between "
+            f"ranks: ranks {odd} differ from rank 0's {found[0][0]} (e.g. {found[odd[0]][0]})"
+        )
+    counts = [n for _, n in found]
     if train_on == "gathered":
         samples = [None] * world
         dist.all_gather_object(samples, sample, group=group)
@@ -101,30 +125,28 @@ def build_sharded(
     dist.broadcast_object_list(
         state, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group
     )
-    if rank != 0:
-        _set_trained_state(index, state[0])
 
-    counts = [None] * world
-    dist.all_gather_object(counts, int(x.shape[0]), group=group)
     offset = sum(counts[:rank])
-    os.makedirs(folder, exist_ok=True)
     fname = f"{name}-{rank:05d}-of-{world:05d}.hann"
-    entry = {"path": fname}
-    if store_dtype is not None:
-        from hotops.ann.bigran import write_store
+    entry, error = {"path": fname}, None
+    try:
+        if rank != 0:
+            _set_trained_state(index, state[0])
+        os.makedirs(folder, exist_ok=True)
+        if store_dtype is not None:
+            from hotops.ann.bigran import write_store
 
-        if ids is not None:
-            raise ValueError("a bi-granular shard's ids are its store rows: leave ids=None with store_dtype")
-        index.add(x, np.arange(x.shape[0], dtype=np.int64))
-        sname = f"{name}-{rank:05d}-of-{world:05d}.store"
-        write_store(os.path.join(folder, sname), x, store_dtype)
-        entry.update(store=sname, id_offset=offset)
-    else:
-        index.add(x, np.arange(offset, offset + x.shape[0], dtype=np.int64) if ids is None else ids)
-    index.save(os.path.join(folder, fname))
-    entry.update(ntotal=index.ntotal, bytes=os.path.getsize(os.path.join(folder, fname)))
-    entries = [None] * world
-    dist.all_gather_object(entries, entry, group=group)
+            index.add(x, np.arange(x.shape[0], dtype=np.int64))
+            sname = f"{name}-{rank:05d}-of-{world:05d}.store"
+            write_store(os.path.join(folder, sname), x, store_dtype)
+            entry.update(store=sname, id_offset=offset)
+        else:
+            index.add(x, np.arange(offset, offset + x.shape[0], dtype=np.int64) if ids is None else ids)
+        index.save(os.path.join(folder, fname))
+        entry.update(ntotal=index.ntotal, bytes=os.path.getsize(os.path.join(folder, fname)))
+    except (OSError, TypeError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    entries = _raise_together(error, group, "build_sharded", entry)
     if rank == 0:
         meta = {
             "format": MANIFEST_FORMAT,

@@ -19,6 +19,7 @@ and has rank 0 write a JSON manifest that ShardedIndex.load() opens (memory-mapp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Optional, Sequence
@@ -82,6 +83,29 @@ def _raise_together(error: Optional[str], group, what: str, value=None) -> list:
     if bad:
         raise ValueError(f"{what}: " + "; ".join(bad))
     return [v for _, v in found]
+
+
+def _fail_together(error: Optional[BaseException], group, cdev, what: str) -> None:
+    """Raises `error` on its rank and ValueError naming the failed ranks on the others, when any
+    rank failed: one small all_gather, so no rank is left waiting in the next collective."""
+    flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=cdev)
+    parts = [torch.empty_like(flag) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, flag, group=group)
+    if error is not None:
+        raise error
+    failed = [r for r, p in enumerate(parts) if int(p.item())]
+    if failed:
+        raise ValueError(f"{what}: rank(s) {failed} of the group failed (see their error)")
+
+
+def _allow_hash(allow) -> int:
+    """A 63-bit digest of an allow-list (0 for None), to check that every rank passed the same."""
+    if allow is None:
+        return 0
+    a = np.ascontiguousarray(_arrays.as_numpy(allow, "allow"))
+    h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=8)
+    h.update(a.tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1 or 1
 
 
 def _merge(score: np.ndarray, gid: np.ndarray, k: int):
@@ -192,13 +216,14 @@ class ShardedIndex:
         error, qv, kk = None, None, 0
         try:  # a rank that refuses its arguments must not leave the others waiting: see below
             qv, kk, extra = self._check_search(q, k, refine, candidates, nprobe, fusion)
+            ahash = _allow_hash(allow)
         except (TypeError, ValueError) as exc:
             error = exc
         cdev = _comm_device(self.group)
 
         # 1. everyone's query count and settings (which must agree), then the queries in rank order
         fbits = int(np.array(float(fusion) if error is None else 0.0, np.float64).view(np.int64))
-        settings = [0, 0, 0, 0] if error else [kk, int(k), int(refine or 0), extra.get("nprobe", 0)]
+        settings = [0] * 5 if error else [kk, int(k), int(refine or 0), extra.get("nprobe", 0), ahash]
         head = torch.tensor(
             [-1 if error else qv.shape[0]] + settings + [fbits], dtype=torch.int64, device=cdev
         )
@@ -212,8 +237,9 @@ class ShardedIndex:
             raise ValueError(f"ShardedIndex.search: rank(s) {bad} of the group refused their arguments")
         if not bool((heads[:, 1:] == heads[0, 1:]).all()):
             raise ValueError(
-                "ShardedIndex.search: k, refine, candidates, nprobe and fusion must be the same on every "
-                f"rank; got (depth, k, refine, nprobe, fusion bits) {heads[:, 1:].tolist()} by rank"
+                "ShardedIndex.search: k, refine, candidates, nprobe, fusion and allow must be the same on "
+                "every rank (each shard scans every rank's queries with them); got (depth, k, refine, "
+                f"nprobe, allow hash, fusion bits) {heads[:, 1:].tolist()} by rank"
             )
         counts = heads[:, 0].tolist()
         nq = counts[self.rank]
@@ -223,7 +249,12 @@ class ShardedIndex:
         # 2. this shard's candidates for every query
         # CUDA queries: the shard scans on their device (the Triton path), the merge runs on the CPU
         scan_q = qall_t.to(device) if device.type == "cuda" else qall
-        score_l, ids_l = self._local_topk(scan_q, kk, allow=self._local_allow(allow), **extra)
+        error = None
+        try:  # e.g. a mapped shard file changed underneath: the others would wait in all_to_all
+            score_l, ids_l = self._local_topk(scan_q, kk, allow=self._local_allow(allow), **extra)
+        except (OSError, ValueError) as exc:
+            error = exc
+        _fail_together(error, self.group, cdev, "ShardedIndex.search")
         gid_l = np.where(ids_l >= 0, ids_l + self.id_offset, -1)
         send = [c * kk for c in counts]
         recv = [nq * kk] * self.world_size
@@ -323,7 +354,12 @@ class ShardedIndex:
         recv = _all_to_all(torch.tensor(send, dtype=torch.int64, device=cdev), [1] * W, [1] * W, self.group)
         recv = recv.cpu().tolist()
         asked = _all_to_all(torch.from_numpy(np.ascontiguousarray(req)).to(cdev), send, recv, self.group)
-        exact = self._exact(qall, ids_l, score_l, asked.cpu().numpy(), fusion)
+        error = None
+        try:  # reads the kept vectors or the store, which may be a changed mapping
+            exact = self._exact(qall, ids_l, score_l, asked.cpu().numpy(), fusion)
+        except (OSError, ValueError) as exc:
+            error = exc
+        _fail_together(error, self.group, cdev, "ShardedIndex.search (re-rank)")
         back = _all_to_all(torch.from_numpy(exact).to(cdev), recv, send, self.group).cpu().numpy()
         out = np.full(order.size, np.inf, dtype=np.float32)
         flat = np.empty(back.shape[0], np.float32)
@@ -388,7 +424,15 @@ class ShardedIndex:
         return self.vectors(ids, exact=False)
 
     def _vectors(self, ids, exact: bool) -> np.ndarray:
-        want = _arrays.as_numpy(ids, "ids").reshape(-1).astype(np.int64)
+        error, want = None, np.empty(0, np.int64)
+        try:
+            a = _arrays.as_numpy(ids, "ids")
+            if a.size and not np.issubdtype(a.dtype, np.integer):  # 1.7 must not read id 1's vector
+                raise TypeError(f"ids have dtype {a.dtype}; expected integers (int64)")
+            want = a.reshape(-1).astype(np.int64)
+        except (TypeError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        _raise_together(error, self.group, "ShardedIndex.vectors")
         cdev = _comm_device(self.group)
         counts_t = torch.tensor([want.size], dtype=torch.int64, device=cdev)
         parts = [torch.empty_like(counts_t) for _ in range(self.world_size)]
