@@ -171,3 +171,25 @@ def _sharded_mismatch_worker(rank, world, folder):
 
 def test_sharded_mismatches_raise_on_every_rank(tmp_path):
     _dist.run(_sharded_mismatch_worker, 2, str(tmp_path), timeout=150)
+
+
+def _overlap_worker(rank, world):
+    import numpy as np
+
+    from hotops.ann import ShardedIndex
+
+    s, x, q = _shards(rank, world)
+    if rank == 1:  # ids 0 and 2 (rank 0's) added to rank 1's shard as well
+        s.local.add(x[[0, 2]], np.array([0, 2]))
+    s = ShardedIndex(s.local)
+    # a single index never holds an id twice: the answer would list id 0 twice, silently
+    if rank == 0:
+        with pytest.raises(ValueError, match="more than one shard"):
+            s.search(x[:1], 5)
+    else:  # a rank whose answers hold no such id is not affected
+        s.search(x[:0], 5)
+    s.search(x[3:4], 5)
+
+
+def test_sharded_id_held_by_two_shards_is_refused():
+    _dist.run(_overlap_worker, 2, timeout=90)

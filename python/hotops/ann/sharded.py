@@ -270,6 +270,15 @@ class ShardedIndex:
             score, gid = self._rerank(qall, ids_l, score_l, counts, order, gid, kk, fusion, cdev)
             order, score, gid = _merge(score, gid, k)
         score, gid = score[:, :k], gid[:, :k]
+        # one id on two shards (shards built with overlapping ids: add() keeps them apart) would be
+        # answered twice, which no single index does; checked here, after the last collective
+        srt = np.sort(gid, axis=1)
+        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        if dup.any():
+            raise ValueError(
+                f"ShardedIndex.search: id {int(srt[:, 1:][dup][0])} is held by more than one shard; "
+                f"give every vector one global id on one shard (ShardedIndex.add moves re-added ids)"
+            )
         if score.shape[1] < k:  # fewer candidates than k in all
             score = np.pad(score, ((0, 0), (0, k - score.shape[1])), constant_values=np.inf)
             gid = np.pad(gid, ((0, 0), (0, k - gid.shape[1])), constant_values=-1)
