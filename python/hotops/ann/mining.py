@@ -59,7 +59,8 @@ class HardNegativeMiner:
         ids to skip per query (-1 = none). Returns MinedNegatives on q's device (CPU for NumPy).
         with_vectors: a hotops index is searched and read under one hold of its reader lock (a
         removal from another thread waits for both)."""
-        from hotops.ann.sharded import ShardedIndex, _raise_together
+        from hotops._collective import raise_together
+        from hotops.ann.sharded import ShardedIndex
 
         device = q.device if _arrays.is_torch(q) else torch.device("cpu")
         sharded = isinstance(self.index, ShardedIndex)
@@ -81,7 +82,7 @@ class HardNegativeMiner:
         # search is collective, so every rank asks for the widest rank's k (exclude widths differ)
         width = skip.shape[1]
         if sharded:
-            width = max(_raise_together(error, self.index.group, "HardNegativeMiner.mine", width))
+            width = max(raise_together(error, self.index.group, "HardNegativeMiner.mine", width))
         k = self.depth + width
         # with_vectors: one read of the index for the search and the reconstruct, so that an id
         # removed by another thread in between cannot make the reconstruct fail (its reader lock

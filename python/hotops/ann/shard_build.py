@@ -77,7 +77,8 @@ def build_sharded(
     3. Rank 0 writes `folder/manifest.json`: shard files, ntotal and bytes per shard, the index
        kind and parameters, and the sha256 of the trained quantizers that load() checks.
     Returns the ShardedIndex over the in-memory shards."""
-    from hotops.ann.sharded import ShardedIndex, _raise_together
+    from hotops._collective import raise_together
+    from hotops.ann.sharded import ShardedIndex
 
     # every step below is collective: a rank that refused alone would leave the others waiting,
     # so local errors and settings that differ between ranks raise on every rank
@@ -102,7 +103,7 @@ def build_sharded(
         count = int(x.shape[0])
     except (TypeError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    found = _raise_together(error, group, "build_sharded", (config, count))
+    found = raise_together(error, group, "build_sharded", (config, count))
     odd = [r for r, (c, _) in enumerate(found) if c != found[0][0]]
     if odd:
         raise ValueError(
@@ -120,7 +121,7 @@ def build_sharded(
             index.train(sample)
         except (ValueError, RuntimeError) as exc:
             error = f"training failed: {exc}"
-    _raise_together(error, group, "build_sharded")
+    raise_together(error, group, "build_sharded")
     state = [_trained_state(index) if rank == 0 else None]
     dist.broadcast_object_list(
         state, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group
@@ -146,7 +147,7 @@ def build_sharded(
         entry.update(ntotal=index.ntotal, bytes=os.path.getsize(os.path.join(folder, fname)))
     except (OSError, TypeError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    entries = _raise_together(error, group, "build_sharded", entry)
+    entries = raise_together(error, group, "build_sharded", entry)
     if rank == 0:
         meta = {
             "format": MANIFEST_FORMAT,

@@ -22,12 +22,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from hotops._collective import (
+    all_gather_rows,
+    all_to_all,
+    comm_device,
+    exchange,
+    fail_together,
+    raise_together,
+)
 from hotops.ann import _arrays
 from hotops.ann._mutable import as_id_list
 from hotops.ann._pq import rerank
@@ -43,59 +51,6 @@ from hotops.ann.shard_build import (  # noqa: F401 (re-exported)
 )
 
 _KINDS = {"PQIndex": PQIndex, "IVFPQIndex": IVFPQIndex}
-
-
-# ---------------------------------------------------------------------- collective helpers
-
-
-def _comm_device(group) -> torch.device:
-    """Where collective tensors must live: the current CUDA device for NCCL, else the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather_rows(x: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:
-    """Concatenation in rank order of every rank's (counts[r], ...) rows (padded to the largest)."""
-    most = max(counts)
-    if most == 0:
-        return x.new_empty((0,) + tuple(x.shape[1:]))
-    pad = x.new_zeros((most,) + tuple(x.shape[1:]))
-    pad[: x.shape[0]] = x
-    parts = [torch.empty_like(pad) for _ in counts]
-    dist.all_gather(parts, pad, group=group)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
-
-
-def _all_to_all(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group) -> torch.Tensor:
-    """Rows x[sum(send[:r]):sum(send[:r+1])] go to rank r; returns the rows received, by source."""
-    out = x.new_empty((int(sum(recv)),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), [int(c) for c in recv], [int(c) for c in send], group=group)
-    return out
-
-
-def _raise_together(error: Optional[str], group, what: str, value=None) -> list:
-    """Raises ValueError on every rank when any rank found an error (so none is left waiting);
-    else returns every rank's `value` (any picklable object), in rank order."""
-    found = [None] * dist.get_world_size(group)
-    dist.all_gather_object(found, (error, value), group=group)
-    bad = [f"rank {r}: {e}" for r, (e, _) in enumerate(found) if e]
-    if bad:
-        raise ValueError(f"{what}: " + "; ".join(bad))
-    return [v for _, v in found]
-
-
-def _fail_together(error: Optional[BaseException], group, cdev, what: str) -> None:
-    """Raises `error` on its rank and ValueError naming the failed ranks on the others, when any
-    rank failed: one small all_gather, so no rank is left waiting in the next collective."""
-    flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=cdev)
-    parts = [torch.empty_like(flag) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, flag, group=group)
-    if error is not None:
-        raise error
-    failed = [r for r, p in enumerate(parts) if int(p.item())]
-    if failed:
-        raise ValueError(f"{what}: rank(s) {failed} of the group failed (see their error)")
 
 
 def _allow_hash(allow) -> int:
@@ -219,17 +174,12 @@ class ShardedIndex:
             ahash = _allow_hash(allow)
         except (TypeError, ValueError) as exc:
             error = exc
-        cdev = _comm_device(self.group)
+        cdev = comm_device(self.group)
 
         # 1. everyone's query count and settings (which must agree), then the queries in rank order
         fbits = int(np.array(float(fusion) if error is None else 0.0, np.float64).view(np.int64))
         settings = [0] * 5 if error else [kk, int(k), int(refine or 0), extra.get("nprobe", 0), ahash]
-        head = torch.tensor(
-            [-1 if error else qv.shape[0]] + settings + [fbits], dtype=torch.int64, device=cdev
-        )
-        parts = [torch.empty_like(head) for _ in range(self.world_size)]
-        dist.all_gather(parts, head, group=self.group)
-        heads = torch.stack(parts).cpu()
+        heads = torch.tensor(exchange([-1 if error else qv.shape[0]] + settings + [fbits], self.group))
         if error is not None:
             raise error
         bad = torch.nonzero(heads[:, 0] < 0).flatten().tolist()
@@ -243,7 +193,7 @@ class ShardedIndex:
             )
         counts = heads[:, 0].tolist()
         nq = counts[self.rank]
-        qall_t = _all_gather_rows(torch.from_numpy(qv).to(cdev), counts, self.group)
+        qall_t = all_gather_rows(torch.from_numpy(qv).to(cdev), counts, self.group)
         qall = qall_t.cpu().numpy()
 
         # 2. this shard's candidates for every query
@@ -254,12 +204,12 @@ class ShardedIndex:
             score_l, ids_l = self._local_topk(scan_q, kk, allow=self._local_allow(allow), **extra)
         except (OSError, ValueError) as exc:
             error = exc
-        _fail_together(error, self.group, cdev, "ShardedIndex.search")
+        fail_together(error, self.group, "ShardedIndex.search")
         gid_l = np.where(ids_l >= 0, ids_l + self.id_offset, -1)
         send = [c * kk for c in counts]
         recv = [nq * kk] * self.world_size
-        score = _all_to_all(torch.from_numpy(score_l).reshape(-1).to(cdev), send, recv, self.group)
-        gid = _all_to_all(torch.from_numpy(gid_l).reshape(-1).to(cdev), send, recv, self.group)
+        score = all_to_all(torch.from_numpy(score_l).reshape(-1).to(cdev), send, recv, self.group)
+        gid = all_to_all(torch.from_numpy(gid_l).reshape(-1).to(cdev), send, recv, self.group)
         # (world, nq, kk) -> (nq, world * kk): candidate j of shard s sits at column s * kk + j
         W = self.world_size
         score = score.cpu().numpy().reshape(W, nq, kk).transpose(1, 0, 2).reshape(nq, W * kk)
@@ -360,16 +310,16 @@ class ShardedIndex:
         by_src = np.argsort(s_src, kind="stable")  # grouped by shard, queries ascending inside
         req = np.stack([qi[sel][by_src] + start, pos.reshape(-1)[sel][by_src]], 1)  # (global query, place)
         send = np.bincount(s_src, minlength=W).tolist()
-        recv = _all_to_all(torch.tensor(send, dtype=torch.int64, device=cdev), [1] * W, [1] * W, self.group)
+        recv = all_to_all(torch.tensor(send, dtype=torch.int64, device=cdev), [1] * W, [1] * W, self.group)
         recv = recv.cpu().tolist()
-        asked = _all_to_all(torch.from_numpy(np.ascontiguousarray(req)).to(cdev), send, recv, self.group)
+        asked = all_to_all(torch.from_numpy(np.ascontiguousarray(req)).to(cdev), send, recv, self.group)
         error = None
         try:  # reads the kept vectors or the store, which may be a changed mapping
             exact = self._exact(qall, ids_l, score_l, asked.cpu().numpy(), fusion)
         except (OSError, ValueError) as exc:
             error = exc
-        _fail_together(error, self.group, cdev, "ShardedIndex.search (re-rank)")
-        back = _all_to_all(torch.from_numpy(exact).to(cdev), recv, send, self.group).cpu().numpy()
+        fail_together(error, self.group, "ShardedIndex.search (re-rank)")
+        back = all_to_all(torch.from_numpy(exact).to(cdev), recv, send, self.group).cpu().numpy()
         out = np.full(order.size, np.inf, dtype=np.float32)
         flat = np.empty(back.shape[0], np.float32)
         flat[by_src] = back
@@ -441,13 +391,10 @@ class ShardedIndex:
             want = a.reshape(-1).astype(np.int64)
         except (TypeError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        _raise_together(error, self.group, "ShardedIndex.vectors")
-        cdev = _comm_device(self.group)
-        counts_t = torch.tensor([want.size], dtype=torch.int64, device=cdev)
-        parts = [torch.empty_like(counts_t) for _ in range(self.world_size)]
-        dist.all_gather(parts, counts_t, group=self.group)
-        counts = [int(p.item()) for p in parts]
-        every = _all_gather_rows(torch.from_numpy(want).to(cdev), counts, self.group).cpu().numpy()
+        raise_together(error, self.group, "ShardedIndex.vectors")
+        cdev = comm_device(self.group)
+        counts = [n for (n,) in exchange([want.size], self.group)]
+        every = all_gather_rows(torch.from_numpy(want).to(cdev), counts, self.group).cpu().numpy()
         found = np.zeros(every.size, np.bool_)
         vec = np.zeros((every.size, self.dim), np.float32)
         if self.bigran:
@@ -464,10 +411,10 @@ class ShardedIndex:
         elif not self.pq.keep_vectors and exact:
             raise ValueError("vectors() needs the exact vectors: build the shards with keep_vectors=True")
         mine = [c for c in counts]
-        got = _all_to_all(
+        got = all_to_all(
             torch.from_numpy(vec).to(cdev), mine, [counts[self.rank]] * self.world_size, self.group
         )
-        hit = _all_to_all(
+        hit = all_to_all(
             torch.from_numpy(found.astype(np.int64)).to(cdev),
             mine,
             [counts[self.rank]] * self.world_size,
@@ -476,7 +423,7 @@ class ShardedIndex:
         got = got.cpu().view(self.world_size, -1, self.dim).sum(0).numpy()
         hits = hit.cpu().view(self.world_size, -1).sum(0).numpy()
         missing = want[hits == 0]
-        _raise_together(
+        raise_together(
             f"ids {missing[:5].tolist()} are held by no shard" if missing.size else None,
             self.group,
             "ShardedIndex.vectors",
@@ -487,22 +434,16 @@ class ShardedIndex:
 
     def _gather_ids(self, ids: np.ndarray):
         """Every rank's ids (in rank order) and the rank each came from."""
-        cdev = _comm_device(self.group)
-        n = torch.tensor([ids.size], dtype=torch.int64, device=cdev)
-        parts = [torch.empty_like(n) for _ in range(self.world_size)]
-        dist.all_gather(parts, n, group=self.group)
-        counts = [int(p.item()) for p in parts]
-        every = _all_gather_rows(torch.from_numpy(ids).to(cdev), counts, self.group).cpu().numpy()
+        cdev = comm_device(self.group)
+        counts = [n for (n,) in exchange([ids.size], self.group)]
+        every = all_gather_rows(torch.from_numpy(ids).to(cdev), counts, self.group).cpu().numpy()
         return every, np.repeat(np.arange(self.world_size), counts)
 
     def _refresh(self, removed: int) -> int:
         """Every shard's ntotal again; the sum over ranks of `removed`."""
-        cdev = _comm_device(self.group)
-        mine = torch.tensor([self.local.ntotal, removed], dtype=torch.int64, device=cdev)
-        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(parts, mine, group=self.group)
-        self.shard_ntotal = [int(p[0].item()) for p in parts]
-        return sum(int(p[1].item()) for p in parts)
+        every = exchange([self.local.ntotal, removed], self.group)
+        self.shard_ntotal = [n for n, _ in every]
+        return sum(r for _, r in every)
 
     def _local_ids(self, ids: np.ndarray) -> np.ndarray:
         """Global ids as this shard's (bi-granular shards hold store rows)."""
@@ -520,7 +461,7 @@ class ShardedIndex:
             want = as_id_list(ids)
         except (TypeError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        _raise_together(error, self.group, "ShardedIndex.remove_ids")
+        raise_together(error, self.group, "ShardedIndex.remove_ids")
         every, _ = self._gather_ids(want)
         return self._refresh(self.local.remove_ids(self._local_ids(every)))
 
@@ -538,7 +479,7 @@ class ShardedIndex:
             mine = _arrays.as_ids(ids, xv.shape[0])
         except (TypeError, ValueError) as exc:
             error, mine = f"{type(exc).__name__}: {exc}", np.empty(0, np.int64)
-        _raise_together(error, self.group, "ShardedIndex.add")
+        raise_together(error, self.group, "ShardedIndex.add")
         every, src = self._gather_ids(mine)
         later = every[src > self.rank]
         keep = ~np.isin(mine, later) if later.size else np.ones(mine.size, np.bool_)
@@ -611,6 +552,6 @@ class ShardedIndex:
                 local = BiGranularIndex(local, os.path.join(folder, entry["store"]))
         except (OSError, KeyError, TypeError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        _raise_together(error, group, f"ShardedIndex.load({manifest})")
+        raise_together(error, group, f"ShardedIndex.load({manifest})")
         offset = meta["shards"][rank].get("id_offset") if "store" in meta["shards"][rank] else None
         return cls(local, group, id_offset=offset)

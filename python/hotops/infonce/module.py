@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hotops import _backend
+from hotops._collective import all_gather_rows, exchange
 from hotops.infonce.functional import info_nce
 
 
@@ -133,7 +134,6 @@ def _gather_candidates(q: Tensor, d: Tensor, hard: Optional[Tensor], neg_weight:
         _check_local(q, d, hard)
     except (TypeError, ValueError) as exc:
         error = exc
-    world, rank = dist.get_world_size(), dist.get_rank()
     if error is None:
         kind = 0 if hard is None else 1 if hard.dim() == 2 else 2
         own_k = hard.shape[1] if kind == 2 else 0
@@ -146,17 +146,16 @@ def _gather_candidates(q: Tensor, d: Tensor, hard: Optional[Tensor], neg_weight:
         )
     else:
         mine = [1] + [0] * 9
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    head = torch.tensor(mine, dtype=torch.int64, device=device)
-    parts = [torch.empty_like(head) for _ in range(world)]
-    dist.all_gather(parts, head)
-    heads = torch.stack(parts).cpu().tolist()
+    heads = exchange(mine)
     if error is not None:
         raise error
     refused = [r for r, h in enumerate(heads) if h[0]]
     if refused:
         raise ValueError(f"InfoNCELoss(gather=True): rank(s) {refused} of the group refused their arguments")
-    by_rank = lambda col: [h[col] for h in heads]  # noqa: E731
+
+    def by_rank(col: int) -> list:
+        return [h[col] for h in heads]
+
     if len(set(by_rank(3))) > 1:
         raise ValueError(
             f"InfoNCELoss(gather=True) needs the same dimension D of q and d on every rank, got {by_rank(3)} by rank"
@@ -199,49 +198,28 @@ def _gather_candidates(q: Tensor, d: Tensor, hard: Optional[Tensor], neg_weight:
             f"(every rank's d and pool rows, plus its own K); (rank, got, expected): {wrong}"
         )
     if pool is None:
-        (d,) = _AllGather.apply((rows,), *(d,))
+        (d,) = _AllGather.apply((rows,), d)
     else:
         d, pool = _AllGather.apply((rows, pools), d, pool)
-    return d, (pool if pool is not None else hard), sum(rows[:rank])
+    return d, (pool if pool is not None else hard), sum(rows[: dist.get_rank()])
 
 
 class _AllGather(torch.autograd.Function):
     """Each part (rows[i][r] rows on rank r; counts may differ, 0 included) concatenated from all
-    ranks in rank order, in one all_gather of the parts padded to the largest counts. Backward
-    sums the incoming gradients over ranks (every rank's loss used every slice) in one all_reduce
-    and keeps this rank's rows of each part."""
+    ranks in rank order. Backward sums the incoming gradients over ranks (every rank's loss used
+    every slice) in one all_reduce and keeps this rank's rows of each part."""
 
     @staticmethod
     def forward(ctx, rows, *parts: Tensor):
-        import torch.distributed as dist
-
-        rank, most = dist.get_rank(), [max(r) for r in rows]
-        packed = parts[0].new_zeros((sum(most),) + tuple(parts[0].shape[1:]))
-        at = 0
-        for part, m in zip(parts, most):
-            packed[at : at + part.shape[0]] = part
-            at += m
-        bufs = [torch.empty_like(packed) for _ in rows[0]]
-        dist.all_gather(bufs, packed)
-        outs, at = [], 0
-        for counts, m in zip(rows, most):
-            outs.append(torch.cat([b[at : at + c] for b, c in zip(bufs, counts)]))
-            at += m
-        ctx.rows, ctx.rank = rows, rank
-        ctx.tail = tuple(parts[0].shape[1:])
-        return tuple(outs)
+        ctx.rows, ctx.rank = rows, torch.distributed.get_rank()
+        return tuple(all_gather_rows(part, counts) for part, counts in zip(parts, rows))
 
     @staticmethod
-    def backward(ctx, *grads: Optional[Tensor]):
-        import torch.distributed as dist
-
+    def backward(ctx, *grads: Tensor):
         # a new tensor (cat copies): all_reduce writes in place, and the incoming gradients are
         # autograd's, possibly seen by other consumers
-        like = next(g for g in grads if g is not None)
-        full = torch.cat(
-            [g if g is not None else like.new_zeros((sum(c),) + ctx.tail) for g, c in zip(grads, ctx.rows)]
-        )
-        dist.all_reduce(full)
+        full = torch.cat(grads)
+        torch.distributed.all_reduce(full)
         out, at = [], 0
         for counts in ctx.rows:
             start = at + sum(counts[: ctx.rank])
