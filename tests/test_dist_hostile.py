@@ -83,18 +83,27 @@ def _mismatch_worker(rank, world, case):
         q = torch.randn(4, D + 1)  # refused by this rank alone
     if case == "everyone_empty":
         q, d = q[:0], d[:0]
+    # a weight info_nce refuses on one rank only: checked after the gather, it left the other
+    # ranks waiting in the backward's all_reduce
+    w = None
+    if case == "neg_weight":
+        w = torch.ones(8)
+        w[3] = float("nan") if rank == 1 else 1.0
     match = {
         "dtype": "d has dtype",
         "dim": "dimension",
         "hard_kinds": "hard",
         "local_error": "rank.*1" if rank == 0 else "same dimension",
         "everyone_empty": "non-empty batch",
+        "neg_weight": "rank.*1" if rank == 0 else "neg_weight",
     }[case]
     with pytest.raises((TypeError, ValueError), match=match):
-        hotops.nn.InfoNCELoss(gather=True)(q, d, h).backward()
+        hotops.nn.InfoNCELoss(gather=True)(q, d, h, w).backward()
 
 
-@pytest.mark.parametrize("case", ["dtype", "dim", "hard_kinds", "local_error", "everyone_empty"])
+@pytest.mark.parametrize(
+    "case", ["dtype", "dim", "hard_kinds", "local_error", "everyone_empty", "neg_weight"]
+)
 def test_infonce_gather_mismatch_raises_on_every_rank(case):
     _dist.run(_mismatch_worker, 2, case, timeout=90)
 

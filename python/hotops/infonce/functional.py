@@ -37,6 +37,27 @@ def _temperature(temperature, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=torch.float32, device=device)
 
 
+def check_neg_weight(neg_weight, device: torch.device) -> Tensor:
+    """neg_weight as the op takes it (detached contiguous float32) after every check but its length,
+    which needs the candidates (InfoNCELoss(gather=True) checks it before gathering them)."""
+    _backend.check_tensor(
+        neg_weight,
+        "neg_weight",
+        ndim=1,
+        dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    )
+    if neg_weight.device != device:
+        raise ValueError(f"neg_weight is on {neg_weight.device}, q on {device}")
+    neg_weight = neg_weight.detach().float().contiguous()
+    # NaN, Inf, negative and too large weights are refused (not propagated): one pass over C
+    if not torch.compiler.is_compiling() and not bool(
+        (neg_weight.abs() <= WEIGHT_MAX).all() & (neg_weight >= 0).all()
+    ):
+        bad = neg_weight[~((neg_weight >= 0) & (neg_weight <= WEIGHT_MAX))][0].item()
+        raise ValueError(f"neg_weight must hold finite non-negative weights up to 1e30, found {bad}")
+    return neg_weight
+
+
 def info_nce(
     q: Tensor,
     d: Tensor,
@@ -101,25 +122,11 @@ def info_nce(
     temperature = _temperature(temperature, q.device)
     if neg_weight is not None:
         C = d.shape[0] + (pool.shape[0] if pool is not None else 0) + (own.shape[1] if own is not None else 0)
-        _backend.check_tensor(
-            neg_weight,
-            "neg_weight",
-            ndim=1,
-            dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
-        )
+        neg_weight = check_neg_weight(neg_weight, q.device)
         if neg_weight.shape[0] != C:
             raise ValueError(
                 f"neg_weight must have one weight per candidate column ({C}), got {neg_weight.shape[0]}"
             )
-        if neg_weight.device != q.device:
-            raise ValueError(f"neg_weight is on {neg_weight.device}, q on {q.device}")
-        neg_weight = neg_weight.detach().float().contiguous()
-        # NaN, Inf, negative and too large weights are refused (not propagated): one pass over C
-        if not torch.compiler.is_compiling() and not bool(
-            (neg_weight.abs() <= WEIGHT_MAX).all() & (neg_weight >= 0).all()
-        ):
-            bad = neg_weight[~((neg_weight >= 0) & (neg_weight <= WEIGHT_MAX))][0].item()
-            raise ValueError(f"neg_weight must hold finite non-negative weights up to 1e30, found {bad}")
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, d, hard, temperature)
     )

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from hotops import _backend
 from hotops._collective import all_gather_rows, exchange
-from hotops.infonce.functional import info_nce
+from hotops.infonce.functional import check_neg_weight, info_nce
 
 
 class InfoNCELoss(nn.Module):
@@ -97,8 +97,9 @@ class InfoNCELoss(nn.Module):
 _GATHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _check_local(q, d, hard) -> None:
-    """What must hold on this rank before its rows are gathered (info_nce checks the rest)."""
+def _check_local(q, d, hard, neg_weight) -> None:
+    """What must hold on this rank before its rows are gathered: everything info_nce checks that
+    does not need the gathered rows (a refusal after the gather would raise on this rank alone)."""
     _backend.check_tensor(q, "q", ndim=2)
     _backend.check_tensor(d, "d", ndim=2)
     if hard is not None:
@@ -116,6 +117,8 @@ def _check_local(q, d, hard) -> None:
         )
     if hard is not None and hard.dim() == 3 and hard.shape[0] != q.shape[0]:
         raise ValueError(f"hard (B, K, D) must have B = {q.shape[0]}, got {tuple(hard.shape)}")
+    if neg_weight is not None:
+        check_neg_weight(neg_weight, q.device)
 
 
 def _gather_candidates(q: Tensor, d: Tensor, hard: Optional[Tensor], neg_weight: Optional[Tensor]):
@@ -131,7 +134,7 @@ def _gather_candidates(q: Tensor, d: Tensor, hard: Optional[Tensor], neg_weight:
 
     error = None
     try:
-        _check_local(q, d, hard)
+        _check_local(q, d, hard, neg_weight)
     except (TypeError, ValueError) as exc:
         error = exc
     if error is None:
@@ -141,9 +144,7 @@ def _gather_candidates(q: Tensor, d: Tensor, hard: Optional[Tensor], neg_weight:
         code = _GATHER_DTYPES.index(d.dtype) if d.dtype in _GATHER_DTYPES else len(_GATHER_DTYPES)
         grad = torch.is_grad_enabled() and (d.requires_grad or (kind == 1 and hard.requires_grad))
         mine = [0, q.shape[0], d.shape[0], d.shape[1], code, kind, pool_rows, own_k, int(grad)]
-        mine.append(
-            -1 if not isinstance(neg_weight, Tensor) or neg_weight.dim() != 1 else neg_weight.shape[0]
-        )
+        mine.append(-1 if neg_weight is None else neg_weight.shape[0])
     else:
         mine = [1] + [0] * 9
     heads = exchange(mine)
