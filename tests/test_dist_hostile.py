@@ -108,6 +108,29 @@ def test_infonce_gather_mismatch_raises_on_every_rank(case):
     _dist.run(_mismatch_worker, 2, case, timeout=90)
 
 
+def _autocast_worker(rank, world):
+    import hotops
+
+    g = torch.Generator().manual_seed(rank)
+    q, d = torch.randn(3 + rank, D, generator=g), torch.randn(3 + rank, D, generator=g)
+    loss_fn = hotops.nn.InfoNCELoss(temperature=0.1, gather=True)
+    # inside autocast info_nce takes q and d in autocast's dtype, as torch's matmul does: a bf16 q
+    # (an autocast encoder's output) beside a float32 d (a cache) is the same loss as two bf16
+    dc = d.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(q.bfloat16(), dc)
+    loss.backward()
+    db = d.bfloat16().requires_grad_()
+    want = loss_fn(q.bfloat16(), db)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(dc.grad, db.grad.float())
+
+
+def test_infonce_gather_autocast_casts_before_gathering():
+    _dist.run(_autocast_worker, 2, timeout=90)
+
+
 # ---------------------------------------------------------------------- ShardedIndex
 
 ADIM = 16

@@ -76,6 +76,9 @@ class InfoNCELoss(nn.Module):
         pos_offset = 0
         temperature = self.temperature if self.learnable_temperature else float(self.temperature)
         if self.gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # in autocast's dtype, as info_nce takes them: q, d and hard may differ before the cast
+            # (a bf16 encoder output beside a float32 cache), and the gather moves the smaller rows
+            q, d, hard = (_backend.autocast_input(t) for t in (q, d, hard))
             d, hard, pos_offset = _gather_candidates(q, d, hard, neg_weight)
             if q.shape[0] == 0:
                 # a rank with no queries contributes nothing, but its loss must reach the gathered
