@@ -131,6 +131,32 @@ def test_infonce_gather_autocast_casts_before_gathering():
     _dist.run(_autocast_worker, 2, timeout=90)
 
 
+def _compile_worker(rank, world):
+    import hotops
+
+    torch.manual_seed(rank)
+    enc = torch.nn.Linear(D, D)
+    loss_fn = hotops.nn.InfoNCELoss(temperature=0.1, learnable_temperature=True, gather=True)
+    x, y = torch.randn(4, D), torch.randn(4, D)
+
+    def step():
+        return loss_fn(enc(x), enc(y))
+
+    eager = step()
+    eager.backward()
+    want = enc.weight.grad.clone()
+    enc.weight.grad = None
+    # the exchange of counts reads tensor values, which a full graph cannot guard on
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")()
+    got.backward()
+    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(enc.weight.grad, want)
+
+
+def test_infonce_gather_compiles_fullgraph():
+    _dist.run(_compile_worker, 2, timeout=240)
+
+
 # ---------------------------------------------------------------------- ShardedIndex
 
 ADIM = 16

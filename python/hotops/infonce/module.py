@@ -150,7 +150,12 @@ def _gather_candidates(q: Tensor, d: Tensor, hard: Optional[Tensor], neg_weight:
         mine.append(-1 if neg_weight is None else neg_weight.shape[0])
     else:
         mine = [1] + [0] * 9
-    heads = exchange(mine)
+    if torch.compiler.is_compiling():
+        # a graph cannot hold values read from tensors (the counts): under torch.compile every rank
+        # is taken to hold what this one holds, as before the exchange (equal shapes on every rank)
+        heads = [mine] * dist.get_world_size()
+    else:
+        heads = exchange(mine)
     if error is not None:
         raise error
     refused = [r for r, h in enumerate(heads) if h[0]]
