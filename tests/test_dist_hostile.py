@@ -235,6 +235,7 @@ def _overlap_worker(rank, world):
     import numpy as np
 
     from hotops.ann import ShardedIndex
+    from hotops.ann.mining import HardNegativeMiner
 
     s, x, q = _shards(rank, world)
     if rank == 1:  # ids 0 and 2 (rank 0's) added to rank 1's shard as well
@@ -247,6 +248,11 @@ def _overlap_worker(rank, world):
     else:  # a rank whose answers hold no such id is not affected
         s.search(x[:0], 5)
     s.search(x[3:4], 5)
+    # the miner reads the mined vectors in a collective after its search: the rank whose search
+    # raised must not leave the other waiting there
+    miner = HardNegativeMiner(s, n=2, depth=5)
+    with pytest.raises(ValueError, match="more than one shard" if rank == 0 else "rank"):
+        miner.mine(x[:1] if rank == 0 else x[3:4], np.array([10 if rank == 0 else 3]), with_vectors=True)
 
 
 def test_sharded_id_held_by_two_shards_is_refused():

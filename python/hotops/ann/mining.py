@@ -91,13 +91,24 @@ class HardNegativeMiner:
             return self._mine(qv, skip, width, k, device, with_vectors)
 
     def _mine(self, qv, skip, width, k, device, with_vectors) -> MinedNegatives:
+        from hotops._collective import fail_together
+        from hotops.ann.sharded import ShardedIndex
+
+        refused = None
         try:
             dist, ids = self.index.search(qv.detach().float().cpu().numpy(), k, **self.search_kwargs)
         except ValueError as exc:
-            raise ValueError(
+            refused = ValueError(
                 f"HardNegativeMiner: the index refused the search (k = depth {self.depth} + "
                 f"{width} positive and excluded ids per query = {k}): {exc}"
-            ) from exc
+            )
+            refused.__cause__ = exc
+        if with_vectors and isinstance(self.index, ShardedIndex):
+            # a sharded search raises on the asking rank alone for an id held by two shards (it
+            # checks after its last collective); the other ranks would wait in vectors()
+            fail_together(refused, self.index.group, "HardNegativeMiner.mine")
+        elif refused is not None:
+            raise refused
         # the first depth + own width columns hold the `depth` kept ones: the rest would only
         # change the random draw with the other ranks' widths
         own = self.depth + skip.shape[1]
