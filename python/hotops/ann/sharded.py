@@ -410,16 +410,10 @@ class ShardedIndex:
             )
         elif not self.pq.keep_vectors and exact:
             raise ValueError("vectors() needs the exact vectors: build the shards with keep_vectors=True")
-        mine = [c for c in counts]
-        got = all_to_all(
-            torch.from_numpy(vec).to(cdev), mine, [counts[self.rank]] * self.world_size, self.group
-        )
-        hit = all_to_all(
-            torch.from_numpy(found.astype(np.int64)).to(cdev),
-            mine,
-            [counts[self.rank]] * self.world_size,
-            self.group,
-        )
+        # rank r's ids go back to rank r; this rank hears from every shard about its own ids
+        answers = [counts[self.rank]] * self.world_size
+        got = all_to_all(torch.from_numpy(vec).to(cdev), counts, answers, self.group)
+        hit = all_to_all(torch.from_numpy(found.astype(np.int64)).to(cdev), counts, answers, self.group)
         got = got.cpu().view(self.world_size, -1, self.dim).sum(0).numpy()
         hits = hit.cpu().view(self.world_size, -1).sum(0).numpy()
         missing = want[hits == 0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -97,7 +97,23 @@ class InfoNCELoss(nn.Module):
         )
 
 
-_GATHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_GATHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what check_tensor accepts
+_HARD_KINDS = ("none", "pool", "per-query")
+
+
+class _Holds(NamedTuple):
+    """What one rank holds, exchanged before the gather (ints: one small all_gather)."""
+
+    refused: int  # 1: this rank's arguments were refused (it raises its own error)
+    queries: int
+    rows: int  # of d
+    dim: int
+    dtype: int  # index in _GATHER_DTYPES
+    hard_kind: int  # index in _HARD_KINDS
+    pool_rows: int
+    own_k: int  # K of per-query negatives
+    grad: int  # the candidates need a gradient (this rank will run the backward's all_reduce)
+    weights: int  # neg_weight's length, -1 without
 
 
 def _check_local(q, d, hard, neg_weight) -> None:
@@ -133,8 +149,6 @@ def _gather_candidates(q: Tensor, d: Tensor, hard: Optional[Tensor], neg_weight:
     another) raises on every rank: a rank that raised alone would leave the others waiting in the
     gather or in the backward's all_reduce, and tensors of different sizes or dtypes in one
     collective abort the process (gloo) or read garbage."""
-    import torch.distributed as dist
-
     error = None
     try:
         _check_local(q, d, hard, neg_weight)
@@ -142,75 +156,76 @@ def _gather_candidates(q: Tensor, d: Tensor, hard: Optional[Tensor], neg_weight:
         error = exc
     if error is None:
         kind = 0 if hard is None else 1 if hard.dim() == 2 else 2
-        own_k = hard.shape[1] if kind == 2 else 0
-        pool_rows = hard.shape[0] if kind == 1 else 0
-        code = _GATHER_DTYPES.index(d.dtype) if d.dtype in _GATHER_DTYPES else len(_GATHER_DTYPES)
-        grad = torch.is_grad_enabled() and (d.requires_grad or (kind == 1 and hard.requires_grad))
-        mine = [0, q.shape[0], d.shape[0], d.shape[1], code, kind, pool_rows, own_k, int(grad)]
-        mine.append(-1 if neg_weight is None else neg_weight.shape[0])
+        mine = _Holds(
+            refused=0,
+            queries=q.shape[0],
+            rows=d.shape[0],
+            dim=d.shape[1],
+            dtype=_GATHER_DTYPES.index(d.dtype),
+            hard_kind=kind,
+            pool_rows=hard.shape[0] if kind == 1 else 0,
+            own_k=hard.shape[1] if kind == 2 else 0,
+            grad=int(torch.is_grad_enabled() and (d.requires_grad or (kind == 1 and hard.requires_grad))),
+            weights=-1 if neg_weight is None else neg_weight.shape[0],
+        )
     else:
-        mine = [1] + [0] * 9
+        mine = _Holds(1, *[0] * (len(_Holds._fields) - 1))
     if torch.compiler.is_compiling():
         # a graph cannot hold values read from tensors (the counts): under torch.compile every rank
         # is taken to hold what this one holds, as before the exchange (equal shapes on every rank)
-        heads = [mine] * dist.get_world_size()
+        ranks = [mine] * torch.distributed.get_world_size()
     else:
-        heads = exchange(mine)
+        ranks = [_Holds(*h) for h in exchange(mine)]
     if error is not None:
         raise error
-    refused = [r for r, h in enumerate(heads) if h[0]]
+    refused = [r for r, h in enumerate(ranks) if h.refused]
     if refused:
         raise ValueError(f"InfoNCELoss(gather=True): rank(s) {refused} of the group refused their arguments")
-
-    def by_rank(col: int) -> list:
-        return [h[col] for h in heads]
-
-    if len(set(by_rank(3))) > 1:
+    if len({h.dim for h in ranks}) > 1:
         raise ValueError(
-            f"InfoNCELoss(gather=True) needs the same dimension D of q and d on every rank, got {by_rank(3)} by rank"
+            "InfoNCELoss(gather=True) needs the same dimension D of q and d on every rank, got "
+            f"{[h.dim for h in ranks]} by rank"
         )
-    if len(set(by_rank(4))) > 1:
-        names = [
-            str(_GATHER_DTYPES[c]).replace("torch.", "") if c < len(_GATHER_DTYPES) else "?"
-            for c in by_rank(4)
-        ]
+    if len({h.dtype for h in ranks}) > 1:
+        names = [str(_GATHER_DTYPES[h.dtype]).replace("torch.", "") for h in ranks]
         raise TypeError(
             f"InfoNCELoss(gather=True): d has dtype {names} by rank; it must be the same on every rank"
         )
-    kinds = set(by_rank(5)) - {0}
+    kinds = {h.hard_kind for h in ranks} - {0}
     if len(kinds) > 1:
-        names = [("none", "pool", "per-query")[k] for k in by_rank(5)]
         raise ValueError(
             "InfoNCELoss(gather=True): hard must be of one kind on every rank, an (N, D) pool (gathered) "
-            f"or (B, K, D) per-query negatives (kept local), or None; got {names} by rank"
+            f"or (B, K, D) per-query negatives (kept local), or None; got "
+            f"{[_HARD_KINDS[h.hard_kind] for h in ranks]} by rank"
         )
-    if len(set(by_rank(8))) > 1:
+    if len({h.grad for h in ranks}) > 1:
         raise ValueError(
             f"InfoNCELoss(gather=True): the candidates need a gradient on ranks "
-            f"{[r for r, g in enumerate(by_rank(8)) if g]} and not on the others; every rank must "
+            f"{[r for r, h in enumerate(ranks) if h.grad]} and not on the others; every rank must "
             f"run the backward (its all_reduce waits for all of them)"
         )
-    if sum(by_rank(1)) == 0:
+    if sum(h.queries for h in ranks) == 0:
         raise ValueError("info_nce needs a non-empty batch (q has 0 rows on every rank)")
-    rows, pools = by_rank(2), by_rank(6)
-    pool = hard if hard is not None and hard.dim() == 2 else None
-    if 1 in kinds and pool is None:  # other ranks hold a pool: this rank adds no rows to it
-        pool = d.new_empty((0, d.shape[1]))
+    rows, pools = [h.rows for h in ranks], [h.pool_rows for h in ranks]
+    columns = sum(rows) + sum(pools)  # the gathered candidates, before each rank's own K
     wrong = [
-        (r, h[9], sum(rows) + sum(pools) + h[7])
-        for r, h in enumerate(heads)
-        if h[9] >= 0 and h[9] != sum(rows) + sum(pools) + h[7]
+        (r, h.weights, columns + h.own_k)
+        for r, h in enumerate(ranks)
+        if h.weights not in (-1, columns + h.own_k)
     ]
     if wrong:
         raise ValueError(
             "InfoNCELoss(gather=True): neg_weight must have one weight per gathered candidate column "
             f"(every rank's d and pool rows, plus its own K); (rank, got, expected): {wrong}"
         )
+    pool = hard if hard is not None and hard.dim() == 2 else None
+    if 1 in kinds and pool is None:  # other ranks hold a pool: this rank adds no rows to it
+        pool = d.new_empty((0, d.shape[1]))
     if pool is None:
         (d,) = _AllGather.apply((rows,), d)
     else:
         d, pool = _AllGather.apply((rows, pools), d, pool)
-    return d, (pool if pool is not None else hard), sum(rows[: dist.get_rank()])
+    return d, (pool if pool is not None else hard), sum(rows[: torch.distributed.get_rank()])
 
 
 class _AllGather(torch.autograd.Function):
