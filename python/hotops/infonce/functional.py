@@ -37,6 +37,17 @@ def _temperature(temperature, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=torch.float32, device=device)
 
 
+def check_tensors(q, d, hard) -> None:
+    """q (B, D), d (Bd, D) and hard (N, D) / (B, K, D) or None: tensors of one float dtype on one
+    device (the shapes' agreement is checked where the candidates are known)."""
+    _backend.check_tensor(q, "q", ndim=2)
+    _backend.check_tensor(d, "d", ndim=2)
+    if hard is not None:
+        _backend.check_tensor(hard, "hard", ndim=(2, 3))
+    _backend.check_same_device(q=q, d=d, hard=hard)
+    _backend.check_same_dtype(q=q, d=d, hard=hard)
+
+
 def check_neg_weight(neg_weight, device: torch.device) -> Tensor:
     """neg_weight as the op takes it (detached contiguous float32) after every check but its length,
     which needs the candidates (InfoNCELoss(gather=True) checks it before gathering them)."""
@@ -88,12 +99,7 @@ def info_nce(
     matmul takes them. NaN inputs give a NaN loss.
     """
     q, d, hard = (_backend.autocast_input(t) for t in (q, d, hard))
-    _backend.check_tensor(q, "q", ndim=2)
-    _backend.check_tensor(d, "d", ndim=2)
-    if hard is not None:
-        _backend.check_tensor(hard, "hard", ndim=(2, 3))
-    _backend.check_same_device(q=q, d=d, hard=hard)
-    _backend.check_same_dtype(q=q, d=d, hard=hard)
+    check_tensors(q, d, hard)
     pos_offset = _backend.check_number(pos_offset, "pos_offset", integer=True, low=0)
     label_smoothing = _backend.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
     if not isinstance(reduction, str) or reduction not in _REDUCTIONS:

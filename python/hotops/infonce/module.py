@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from hotops import _backend
 from hotops._collective import all_gather_rows, exchange
-from hotops.infonce.functional import check_neg_weight, info_nce
+from hotops.infonce.functional import check_neg_weight, check_tensors, info_nce
 
 
 class InfoNCELoss(nn.Module):
@@ -119,12 +119,7 @@ class _Holds(NamedTuple):
 def _check_local(q, d, hard, neg_weight) -> None:
     """What must hold on this rank before its rows are gathered: everything info_nce checks that
     does not need the gathered rows (a refusal after the gather would raise on this rank alone)."""
-    _backend.check_tensor(q, "q", ndim=2)
-    _backend.check_tensor(d, "d", ndim=2)
-    if hard is not None:
-        _backend.check_tensor(hard, "hard", ndim=(2, 3))
-    _backend.check_same_device(q=q, d=d, hard=hard)
-    _backend.check_same_dtype(q=q, d=d, hard=hard)
+    check_tensors(q, d, hard)
     if q.shape[1] != d.shape[1] or (hard is not None and hard.shape[-1] != d.shape[1]):
         shapes = f"q {tuple(q.shape)}, d {tuple(d.shape)}" + (
             "" if hard is None else f", hard {tuple(hard.shape)}"
