@@ -19,9 +19,9 @@ and has rank 0 write a JSON manifest that ShardedIndex.load() opens (memory-mapp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -54,13 +54,14 @@ _KINDS = {"PQIndex": PQIndex, "IVFPQIndex": IVFPQIndex}
 
 
 def _allow_hash(allow) -> int:
-    """A 63-bit digest of an allow-list (0 for None), to check that every rank passed the same."""
+    """A digest of an allow-list (0 for None), to check that every rank passed the same. CRC-32 of
+    the bytes beside the dtype and shape's: it catches a rank's mistake (no adversary), at ~4 GB/s
+    where a cryptographic hash took 13 ms per search for a 10M-entry mask."""
     if allow is None:
         return 0
     a = np.ascontiguousarray(_arrays.as_numpy(allow, "allow"))
-    h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=8)
-    h.update(a.tobytes())
-    return int.from_bytes(h.digest(), "little") >> 1 or 1
+    head = zlib.crc32(f"{a.dtype.str}{a.shape}".encode()) & 0x7FFFFFFF  # 63 bits in all: an int64
+    return (head << 32 | zlib.crc32(memoryview(a).cast("B"))) or 1
 
 
 def _merge(score: np.ndarray, gid: np.ndarray, k: int):
