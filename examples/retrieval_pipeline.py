@@ -121,6 +121,11 @@ def run(a) -> dict:
         flush=True,
     )
     nlist = a.nlist or max(16, int(4 * math.sqrt(N)) // 16 * 16)
+    if N < max(256, nlist):  # else the k-means of stage 3's first index refuses, after stage 2
+        sys.exit(
+            f"--corpus-size {a.corpus_size}: a corpus of {N} definitions, fewer than the 256 codewords "
+            f"of a PQ sub-space or --nlist {nlist}: ask for a larger corpus"
+        )
     gen = torch.Generator().manual_seed(a.seed)
     perm = torch.randperm(len(split.train_queries), generator=gen)
     trainer = ContrastiveTrainer(
@@ -470,61 +475,141 @@ def final_line(R) -> str:
     return f"retrieval: mrr@10 {mrr} | recall@100 served={served:.4f} exact={exact:.4f}"
 
 
+DIM = 384  # all-MiniLM-L6-v2's embedding width: --m and --serve-m must divide it
+
+
+def at_least(low: int):
+    """An argparse type: a whole number >= low. Sizes of 0 failed minutes into the run, deep in
+    the package (an empty calibration at stage 4, a PQ over 0 sub-spaces), or not at all."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a float strictly between 0 and 1 (--sparsity)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < x < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return x
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite float > 0 (--bits, learning rates, temperatures)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return x
+
+
+def formats(text: str) -> str:
+    """An argparse type: compress's candidate formats, checked now (stage 4 parses them, after
+    the training of stages 2 and 3); kept as the text for the JSON config."""
+    from hotops.codebook.jlcm import Format
+
+    try:
+        for f in text.split(","):
+            Format.parse(f)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def batch_sizes(text: str) -> str:
+    """An argparse type: comma-separated whole numbers >= 1 (--speed-batches), kept as the text."""
+    for b in text.split(","):
+        at_least(1)(b)
+    return text
+
+
+def writable_file(ap: argparse.ArgumentParser, path: str, flag: str) -> None:
+    """Refuse an output file whose folder is missing or not writable before the run, not when the
+    first stage has been measured."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        ap.error(f"{flag} {path!r}: cannot write there (a folder, or in a missing or read-only folder)")
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = ap.add_argument
     add("--quick", action="store_true", help="a tiny subset end to end (a smoke test, not a measurement)")
-    add("--corpus-size", type=int, default=None, help="default: every definition")
-    add("--test-synsets", type=int, default=1000, help="held-out synsets (all their examples are queries)")
-    add("--test-queries", type=int, default=None, help="cap on held-out queries")
-    add("--steps", type=int, default=200, help="training steps of stages 2 and 3 (each side)")
-    add("--batch", type=int, default=32, help="queries per step; training queries = steps x batch")
-    add("--lr", type=float, default=5e-5)
+    add("--corpus-size", type=at_least(1), default=None, help="default: every definition")
+    add(
+        "--test-synsets",
+        type=at_least(1),
+        default=1000,
+        help="held-out synsets (all their examples are queries)",
+    )
+    add("--test-queries", type=at_least(1), default=None, help="cap on held-out queries")
+    add("--steps", type=at_least(1), default=200, help="training steps of stages 2 and 3 (each side)")
+    add("--batch", type=at_least(1), default=32, help="queries per step; training queries = steps x batch")
+    add("--lr", type=positive, default=5e-5)
     add(
         "--padded-training",
         action="store_true",
         help="the hotops side trains through the model's padded forward, as today's stack does "
         "(default: on the batch's real tokens only, hotops.integrations.unpadded)",
     )
-    add("--temperature", type=float, default=0.05)
-    add("--max-length", type=int, default=32, help="tokens per text")
-    add("--encode-batch", type=int, default=256)
-    add("--refresh-every", type=int, default=100, help="steps between index rebuilds (ANCE)")
-    add("--depth", type=int, default=20, help="hard negatives are drawn among the best depth")
-    add("--negatives", type=int, default=7, help="hard negatives per query (drawn among the best --depth)")
-    add("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
-    add("--m", type=int, default=48, help="PQ sub-spaces (bytes per code)")
-    add("--nprobe", type=int, default=16, help="lists probed when mining")
+    add("--temperature", type=positive, default=0.05)
+    add("--max-length", type=at_least(1), default=32, help="tokens per text")
+    add("--encode-batch", type=at_least(1), default=256)
+    add("--refresh-every", type=at_least(1), default=100, help="steps between index rebuilds (ANCE)")
+    add("--depth", type=at_least(1), default=20, help="hard negatives are drawn among the best depth")
+    add(
+        "--negatives",
+        type=at_least(1),
+        default=7,
+        help="hard negatives per query (drawn among the best --depth)",
+    )
+    add("--nlist", type=at_least(1), default=None, help="IVF lists (default ~4 sqrt(N))")
+    add("--m", type=at_least(1), default=48, help="PQ sub-spaces (bytes per code)")
+    add("--nprobe", type=at_least(1), default=16, help="lists probed when mining")
     add(
         "--serve-index",
         default="pq",
         choices=("pq", "ivfpq"),
         help="the served index's in-RAM stage: flat PQ (every code scanned) or IVF-PQ (--serve-nprobe lists)",
     )
-    add("--serve-m", type=int, default=48, help="PQ bytes per vector of the served index")
-    add("--serve-nprobe", type=int, default=32)
-    add("--candidates", type=int, default=1000, help="PQ candidates re-ranked exactly when serving")
-    add("--bits", type=float, default=2.5)
-    add("--calib", type=int, default=256, help="calibration texts for compress")
-    add("--compress-steps", type=int, default=20)
-    add("--plan-steps", type=int, default=20, help="codebook steps per candidate format in the plan")
-    add("--kmeans-iters", type=int, default=25, help="k-means iterations of each codebook's start")
-    add("--compress-finetune", type=int, default=100)
+    add("--serve-m", type=at_least(1), default=48, help="PQ bytes per vector of the served index")
+    add("--serve-nprobe", type=at_least(1), default=32)
+    add("--candidates", type=at_least(1), default=1000, help="PQ candidates re-ranked exactly when serving")
+    add("--bits", type=positive, default=2.5)
+    add("--calib", type=at_least(1), default=256, help="calibration texts for compress")
+    add("--compress-steps", type=at_least(0), default=20)
+    add("--plan-steps", type=at_least(0), default=20, help="codebook steps per candidate format in the plan")
+    add("--kmeans-iters", type=at_least(1), default=25, help="k-means iterations of each codebook's start")
+    add("--compress-finetune", type=at_least(0), default=100)
     add(
         "--compress-formats",
+        type=formats,
         default="4,2",
         help="candidate formats of compress's plan: MxB/G (M codebooks of 2^B codewords over G inputs) "
         "or G alone for 1x8/G (4: 2 bits/weight, 2: 4 bits)",
     )
-    add("--compress-rounds", type=int, default=3, help="layer-wise rounds per layer")
-    add("--sparsity", type=float, default=0.9)
+    add("--compress-rounds", type=at_least(1), default=3, help="layer-wise rounds per layer")
+    add("--sparsity", type=fraction, default=0.9)
     add(
         "--sparse-ramp-steps",
-        type=int,
+        type=at_least(0),
         default=0,
         help="steps of gradual pruning (cubic ramp to --sparsity) before packing; 0: one-shot",
     )
-    add("--prune-every", type=int, default=10, help="steps between mask updates on the ramp")
+    add("--prune-every", type=at_least(1), default=10, help="steps between mask updates on the ramp")
     add(
         "--sparse-prune",
         default="second-order",
@@ -534,11 +619,11 @@ def parse(argv=None):
     )
     add(
         "--sparse-distill",
-        type=float,
+        type=float,  # a weight: 0 is allowed
         default=1.0,
         help="weight of distillation from the dense stage-3 model while pruning and recovering (0: none)",
     )
-    add("--sparse-steps", type=int, default=200, help="recovery steps under the fixed mask")
+    add("--sparse-steps", type=at_least(0), default=200, help="recovery steps under the fixed mask")
     add(
         "--sparse-policy",
         default="model",
@@ -546,11 +631,11 @@ def parse(argv=None):
         help="SparseLinear dispatch; model: fixed density limits (sparse at 90 %%); "
         "auto times both paths once per new input shape",
     )
-    add("--sparse-lr", type=float, default=2e-4)
-    add("--speed-docs", type=int, default=2000, help="definitions encoded by each model for speed")
-    add("--speed-batches", default="256,16", help="texts per call of the speed comparison")
+    add("--sparse-lr", type=positive, default=2e-4)
+    add("--speed-docs", type=at_least(1), default=2000, help="definitions encoded by each model for speed")
+    add("--speed-batches", type=batch_sizes, default="256,16", help="texts per call of the speed comparison")
     add("--seed", type=int, default=0)
-    add("--threads", type=int, default=None)
+    add("--threads", type=at_least(1), default=None)
     add("--json", default=None)
     add("--quiet", dest="verbose", action="store_false")
     add(
@@ -581,9 +666,30 @@ def parse(argv=None):
         speed_docs=64,
         speed_batches="64",
     )
-    if "--quick" in (sys.argv[1:] if argv is None else argv):
+    # argparse's own reading of --quick (an abbreviation such as --quic set a.quick but, matched
+    # as text, kept the full-size defaults: hours instead of a minute)
+    if ap.parse_known_args(argv)[0].quick:
         ap.set_defaults(**quick)  # explicit options still win
     a = ap.parse_args(argv)
+    for flag, m in (("--m", a.m), ("--serve-m", a.serve_m)):
+        if DIM % m:
+            ap.error(f"{flag} {m}: PQ sub-spaces must divide the embedding's {DIM} dimensions")
+    if a.negatives > a.depth:
+        ap.error(f"--negatives {a.negatives} is more than --depth {a.depth}, the pool they are drawn from")
+    if a.candidates < 100:
+        ap.error(f"--candidates {a.candidates}: the served index returns 100 results, so at least 100")
+    if a.sparse_distill < 0:
+        ap.error(f"--sparse-distill {a.sparse_distill}: a weight, at least 0")
+    from hotops.codebook.jlcm import Format
+
+    cheapest = min(Format.parse(f).code_bits_per_weight for f in a.compress_formats.split(","))
+    if a.bits <= cheapest:  # compress refused it only after stages 1 to 3 and its whole plan
+        ap.error(
+            f"--bits {a.bits}: the cheapest of --compress-formats {a.compress_formats} stores "
+            f"{cheapest:g} bits/weight in its codes alone; ask for more"
+        )
+    if a.json:
+        writable_file(ap, a.json, "--json")
     return a
 
 

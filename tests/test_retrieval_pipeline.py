@@ -248,6 +248,63 @@ def test_pipeline_quick(tmp_path):
     assert mod.table(R).count("\n") > 8
 
 
+def _pipeline():
+    spec = importlib.util.spec_from_file_location(
+        "retrieval_pipeline", ROOT / "examples" / "retrieval_pipeline.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pipeline_quick_abbreviated():
+    """argparse accepts --quic for --quick; the quick sizes must follow it (matched as text, the
+    abbreviation kept the full-size defaults: hours instead of a minute)."""
+    a = _pipeline().parse(["--quic", "--steps", "6"])
+    assert a.quick and a.corpus_size == 300 and a.compress_formats == "4" and a.steps == 6
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--corpus-size", "0"], "--corpus-size: must be at least 1, got 0"),
+        (["--steps", "0"], "--steps: must be at least 1, got 0"),
+        (["--threads", "0"], "--threads: must be at least 1, got 0"),
+        (["--calib", "0"], "--calib: must be at least 1, got 0"),  # "calib is empty" at stage 4
+        (["--sparse-steps", "-1"], "--sparse-steps: must be at least 0, got -1"),
+        (["--sparsity", "1.5"], "--sparsity: must be between 0 and 1"),
+        (["--bits", "nan"], "--bits: must be a finite number above 0"),
+        (["--bits", "0.5"], "--bits 0.5: the cheapest of --compress-formats 4,2 stores 2 bits/weight"),
+        (["--compress-formats", "4,1x8/x"], 'a format is "MxB/G"'),
+        (["--speed-batches", "64,0"], "--speed-batches: must be at least 1, got 0"),
+        (["--quick", "--m", "10"], "--m 10: PQ sub-spaces must divide the embedding's 384"),
+        (["--negatives", "30"], "--negatives 30 is more than --depth 20"),
+        (["--candidates", "50"], "--candidates 50: the served index returns 100 results"),
+        (
+            ["--json", "/nonexistent-hotops-dir/r.json"],
+            "--json '/nonexistent-hotops-dir/r.json': cannot write",
+        ),
+    ],
+)
+def test_pipeline_refuses_bad_arguments_at_parsing(argv, message, capsys):
+    """Each of these failed minutes or hours into a run (or never: --threads 0 was ignored);
+    argparse's error now names the flag before any data or model is loaded."""
+    with pytest.raises(SystemExit) as e:
+        _pipeline().parse(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pipeline_refuses_a_corpus_too_small_for_pq(capsys):
+    """--corpus-size below the 256 codewords of a PQ sub-space: refused after the split, not by
+    the k-means of stage 3 after stages 1 and 2 have trained."""
+    if not wordnet.available():
+        pytest.skip("WordNet (wordnet-base) is not installed")
+    mod = _pipeline()
+    with pytest.raises(SystemExit, match="--corpus-size 100: a corpus of 100 definitions"):
+        mod.run(mod.parse(["--quick", "--quiet", "--corpus-size", "100"]))
+
+
 def test_linear_forms_table():
     """The table the example's --layer-speed prints (hotops.bench.linear_forms), on tiny shapes."""
     from hotops.bench import linear_forms
