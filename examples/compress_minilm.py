@@ -289,14 +289,100 @@ def damage(path: str, eval_sets=("glosses",), n_eval: int = 2000, n_eval_other: 
     return {"compressed": compressed, "gain_when_fp32": gains}
 
 
-def main():
+# ------------------------------------------------------------------ argument checks (prune_minilm.py shares them)
+# A bad value used to surface after the model and the texts were loaded, often after the whole
+# compression: --n-eval 0 failed in torch.cat at the evaluation, a negative one sliced the glosses
+# from the end, an unknown method ran as kmeans under its own name, --threads 0 was ignored.
+
+
+def at_least(low: int):
+    """An argparse type: a whole number >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    return parse
+
+
+def number(low: float, low_open: bool = False):
+    """An argparse type: a finite float >= low (> low with low_open)."""
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (x > low if low_open else x >= low) or x == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'above' if low_open else 'at least'} {low}, got {text}"
+            )
+        return x
+
+    return parse
+
+
+def names(known):
+    """An argparse type: a comma-separated list of distinct names out of `known`, as a tuple."""
+
+    def parse(text: str) -> tuple:
+        out = tuple(t.strip() for t in text.split(","))
+        bad = [t for t in out if t not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, bad))}; known: {', '.join(known)}"
+            )
+        if len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError(f"a name is given twice in {text!r}")
+        return out
+
+    return parse
+
+
+def text_set_names(text: str) -> tuple:
+    """An argparse type: kinds of text (hotops.data.text_sets.SOURCES)."""
+    from hotops.data import text_sets
+
+    return names(list(text_sets.SOURCES))(text)
+
+
+def writable_file(ap: argparse.ArgumentParser, path: str, flag: str) -> None:
+    """Refuse, before the run, an output file that could be written only after it (a folder, or
+    in a missing or read-only folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        ap.error(f"{flag} {path!r}: cannot write there (a folder, or in a missing or read-only folder)")
+
+
+def format_list(text: str) -> tuple:
+    """An argparse type: compress's candidate formats, a tuple of Format."""
+    try:
+        return tuple(Format.parse(f) for f in text.split(","))
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+METHODS = ("rtn", "kmeans", "jlcm")
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default="rtn,kmeans,jlcm", help="comma-separated: rtn, kmeans, jlcm")
-    ap.add_argument("--n-eval", type=int, default=2000, help="evaluation glosses")
-    ap.add_argument("--n-eval-other", type=int, default=1000, help="evaluation texts of each other set")
-    ap.add_argument("--n-calib", type=int, default=256, help="calibration texts, all sets together")
+    ap.add_argument(
+        "--methods", type=names(METHODS), default="rtn,kmeans,jlcm", help="comma-separated: rtn, kmeans, jlcm"
+    )
+    ap.add_argument("--n-eval", type=at_least(1), default=2000, help="evaluation glosses")
+    ap.add_argument(
+        "--n-eval-other", type=at_least(1), default=1000, help="evaluation texts of each other set"
+    )
+    ap.add_argument("--n-calib", type=at_least(1), default=256, help="calibration texts, all sets together")
     ap.add_argument(
         "--calib-sets",
+        type=text_set_names,
         default="glosses,usage,info,readme",
         help="comma-separated kinds of calibration text (hotops.data.text_sets: glosses, usage, "
         "docstrings, man, info, licenses, readme), drawn evenly. The default mixes four kinds: "
@@ -305,26 +391,30 @@ def main():
     )
     ap.add_argument(
         "--eval-sets",
+        type=text_set_names,
         default="glosses,usage,docstrings,man,info,licenses,readme",
         help="comma-separated kinds of evaluation text, one row each",
     )
-    ap.add_argument("--bits", type=float, default=2.5, help="mean exact bits/weight over the Linears")
+    ap.add_argument(
+        "--bits", type=number(0, low_open=True), default=2.5, help="mean exact bits/weight over the Linears"
+    )
     ap.add_argument(
         "--formats",
+        type=format_list,
         default=",".join(str(f) for f in FORMATS),
         help="comma-separated candidate formats of the plan, MxB/G: M codebooks of 2^B codewords over "
         "G inputs (1x8/4: 2 bits/weight, 3x8/8: 3, 1x8/2: 4)",
     )
     ap.add_argument(
         "--steps",
-        type=int,
+        type=at_least(0),
         default=100,
         help="layer-wise codebook steps per round (0: no layer-wise stage, k-means plan + fine-tuning)",
     )
-    ap.add_argument("--finetune-steps", type=int, default=200, help="end-to-end distillation steps")
+    ap.add_argument("--finetune-steps", type=at_least(0), default=200, help="end-to-end distillation steps")
     ap.add_argument(
         "--finetune-lr",
-        type=float,
+        type=number(0, low_open=True),
         default=1e-3,
         help="of the codebooks, scales, biases and LayerNorms in fine-tuning",
     )
@@ -337,12 +427,12 @@ def main():
     )
     ap.add_argument(
         "--damp",
-        type=float,
+        type=number(0),
         default=0.01,
         help="layer-wise stage: share of the mean diagonal added to each input Gram (compress's damp)",
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the figures (and per-layer formats) here")
     ap.add_argument("--save", default=None, help="torch.save the jlcm model's state_dict here")
     ap.add_argument(
@@ -352,17 +442,29 @@ def main():
         help="compress nothing: for a model saved with --save, the cosine gained on each --eval-sets "
         "set when each block, or each kind of Linear, is put back to fp32",
     )
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    learned = [m for m in a.methods if m != "rtn"]  # rtn is 2 bits whatever --bits says
+    cheapest = min(f.code_bits_per_weight for f in a.formats)
+    if learned and a.bits <= cheapest:  # compress refused it only after its whole plan
+        ap.error(
+            f"--bits {a.bits}: the cheapest of --formats stores {cheapest:g} bits/weight in its codes "
+            "alone; ask for more"
+        )
+    for flag, path in (("--json", a.json), ("--save", a.save)):
+        if path:
+            writable_file(ap, path, flag)
+    if a.damage and not os.path.isfile(a.damage):
+        ap.error(f"--damage {a.damage!r}: no such file (a state_dict saved with --save)")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.damage:
-        res = damage(a.damage, tuple(a.eval_sets.split(",")), a.n_eval, a.n_eval_other, a.seed)
+        res = damage(a.damage, a.eval_sets, a.n_eval, a.n_eval_other, a.seed)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(res, f, indent=1)
         return
     res = run(
-        tuple(a.methods.split(",")),
+        a.methods,
         a.n_eval,
         a.n_calib,
         a.bits,
@@ -371,9 +473,9 @@ def main():
         a.finetune_lr,
         a.loss,
         a.seed,
-        formats=tuple(Format.parse(f) for f in a.formats.split(",")),
-        calib_sets=tuple(a.calib_sets.split(",")),
-        eval_sets=tuple(a.eval_sets.split(",")),
+        formats=a.formats,
+        calib_sets=a.calib_sets,
+        eval_sets=a.eval_sets,
         n_eval_other=a.n_eval_other,
         save=a.save,
         damp=a.damp,

@@ -17,7 +17,7 @@ import json
 import time
 
 import torch
-from compress_minilm import mean_cosine, prepare, real_tokens
+from compress_minilm import at_least, mean_cosine, names, prepare, real_tokens, text_set_names, writable_file
 
 from hotops.sparse import sparsify
 
@@ -42,29 +42,60 @@ def run(sparsities, methods, n_calib, calib_sets, eval_sets, n_eval, n_eval_othe
     return results
 
 
-def main():
+def sparsities(text: str) -> list:
+    """An argparse type: comma-separated sparsities, each strictly between 0 and 1."""
+    out = []
+    for t in text.split(","):
+        try:
+            x = float(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers, got {t!r}") from None
+        if not 0 < x < 1:
+            raise argparse.ArgumentTypeError(f"each must be between 0 and 1 (exclusive), got {t}")
+        out.append(x)
+    return out
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sparsity", default="0.5,0.7,0.9", help="comma-separated sparsities")
-    ap.add_argument("--methods", default="magnitude,second_order", help="comma-separated sparsify methods")
-    ap.add_argument("--n-calib", type=int, default=256, help="calibration texts (second_order only)")
-    ap.add_argument("--calib-sets", default="glosses,usage,info,readme", help="kinds of calibration text")
+    ap.add_argument("--sparsity", type=sparsities, default="0.5,0.7,0.9", help="comma-separated sparsities")
     ap.add_argument(
-        "--eval-sets", default="glosses,usage,docstrings,licenses", help="kinds of evaluation text"
+        "--methods",
+        type=names(("magnitude", "second_order")),
+        default="magnitude,second_order",
+        help="comma-separated sparsify methods",
     )
-    ap.add_argument("--n-eval", type=int, default=1000, help="evaluation glosses")
-    ap.add_argument("--n-eval-other", type=int, default=500, help="evaluation texts of each other kind")
+    ap.add_argument("--n-calib", type=at_least(1), default=256, help="calibration texts (second_order only)")
+    ap.add_argument(
+        "--calib-sets",
+        type=text_set_names,
+        default="glosses,usage,info,readme",
+        help="kinds of calibration text",
+    )
+    ap.add_argument(
+        "--eval-sets",
+        type=text_set_names,
+        default="glosses,usage,docstrings,licenses",
+        help="kinds of evaluation text",
+    )
+    ap.add_argument("--n-eval", type=at_least(1), default=1000, help="evaluation glosses")
+    ap.add_argument(
+        "--n-eval-other", type=at_least(1), default=500, help="evaluation texts of each other kind"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.json:
+        writable_file(ap, a.json, "--json")
     if a.threads:
         torch.set_num_threads(a.threads)
     R = run(
-        [float(s) for s in a.sparsity.split(",")],
-        a.methods.split(","),
+        a.sparsity,
+        a.methods,
         a.n_calib,
-        a.calib_sets.split(","),
-        a.eval_sets.split(","),
+        a.calib_sets,
+        a.eval_sets,
         a.n_eval,
         a.n_eval_other,
         a.seed,

@@ -388,3 +388,53 @@ def test_minilm_jlcm_beats_kmeans_at_2_5_bits():
         assert res[method]["bits_per_weight"] <= 2.5
         assert res[method]["linear_bytes"] < res["fp32"]["linear_bytes"] / 12
     assert res["jlcm"]["cosine"] > res["kmeans"]["cosine"] + 0.02
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def _example(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # prune_minilm imports compress_minilm's helpers
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        # failed in torch.cat at the evaluation, after the whole compression
+        ("compress_minilm", ["--n-eval", "0"], "--n-eval: must be at least 1, got 0"),
+        # sliced the shuffled glosses from the end: nearly all of them became evaluation texts
+        ("compress_minilm", ["--n-eval", "-5"], "--n-eval: must be at least 1, got -5"),
+        ("compress_minilm", ["--n-calib", "0"], "--n-calib: must be at least 1, got 0"),
+        # ran k-means and reported it under the unknown name
+        ("compress_minilm", ["--methods", "rtn,foo"], "--methods: unknown 'foo'; known: rtn, kmeans, jlcm"),
+        ("compress_minilm", ["--calib-sets", "glosses,nope"], "--calib-sets: unknown 'nope'"),
+        ("compress_minilm", ["--bits", "0.5"], "--bits 0.5: the cheapest of --formats stores 2 bits/weight"),
+        ("compress_minilm", ["--bits", "inf"], "--bits: must be a finite number above 0"),
+        ("compress_minilm", ["--formats", "1x8/3x"], 'argument --formats: a format is "MxB/G"'),
+        ("compress_minilm", ["--steps", "-1"], "--steps: must be at least 0, got -1"),
+        ("compress_minilm", ["--threads", "0"], "--threads: must be at least 1, got 0"),  # was ignored
+        ("compress_minilm", ["--json", "/nonexistent-hotops-dir/m.json"], "--json '/nonexistent-hotops-dir"),
+        (
+            "compress_minilm",
+            ["--damage", "/nonexistent-hotops.pt"],
+            "--damage '/nonexistent-hotops.pt': no such",
+        ),
+        ("prune_minilm", ["--sparsity", "0.5,abc"], "--sparsity: expected numbers, got 'abc'"),
+        ("prune_minilm", ["--sparsity", "1.2"], "--sparsity: each must be between 0 and 1"),
+        ("prune_minilm", ["--methods", "obs"], "--methods: unknown 'obs'; known: magnitude, second_order"),
+        ("prune_minilm", ["--n-eval-other", "0"], "--n-eval-other: must be at least 1, got 0"),
+        ("prune_minilm", ["--eval-sets", "man,man"], "--eval-sets: a name is given twice"),
+    ],
+)
+def test_minilm_examples_refuse_bad_arguments_before_loading(name, argv, message, monkeypatch, capsys):
+    """examples/compress_minilm.py and prune_minilm.py: argparse's error naming the flag, before the
+    model or any text is loaded (these used to fail, or run wrongly, after minutes of work)."""
+    example = _example(name, monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        example.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
