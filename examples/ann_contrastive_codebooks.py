@@ -91,21 +91,54 @@ def run(base: np.ndarray, train_q: np.ndarray, test_q: np.ndarray, m: int, nbits
     return dict(before=before, after=recall_at_10(index, test_q, gt), losses=losses, seconds=seconds)
 
 
-def main():
+def at_least(low: int):
+    """An argparse type: a whole number >= low (a negative --steps ran as 0 without a word)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    return parse
+
+
+def learning_rate(text: str) -> float:
+    try:
+        lr = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < lr < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return lr
+
+
+def main(argv=None):
     from hotops.bench import ann_data
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", choices=("glove", "wordnet"), default="glove")
-    ap.add_argument("--m", type=int, default=5, help="sub-spaces (50-d GloVe: 5, 10, 25; 384-d: 24, 48, ...)")
-    ap.add_argument("--nbits", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--base", type=int, default=50_000)
-    args = ap.parse_args()
+    ap.add_argument(
+        "--m", type=at_least(1), default=5, help="sub-spaces (50-d GloVe: 5, 10, 25; 384-d: 24, 48, ...)"
+    )
+    ap.add_argument("--nbits", type=int, choices=range(1, 9), metavar="{1..8}", default=8)
+    ap.add_argument("--steps", type=at_least(1), default=150)
+    ap.add_argument("--lr", type=learning_rate, default=5e-4)
+    ap.add_argument("--base", type=at_least(1), default=50_000)
+    args = ap.parse_args(argv)
+    if args.base < 2**args.nbits:  # k-means needs a training vector per codeword
+        ap.error(
+            f"--base {args.base}: fewer vectors than the {2**args.nbits} codewords of --nbits {args.nbits}"
+        )
     why = ann_data.missing(args.data)
     if why:
         raise SystemExit(f"{args.data} is not available here: {why}")
     x = ann_data.vectors(args.data)
+    if x.shape[1] % args.m:
+        ap.error(f"--m {args.m}: PQ sub-spaces must divide the {x.shape[1]} dimensions of --data {args.data}")
     x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
     order = np.random.default_rng(0).permutation(x.shape[0])
     test_q, train_q = x[order[:1000]], x[order[1000:6000]]

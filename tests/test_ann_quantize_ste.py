@@ -82,3 +82,33 @@ def test_contrastive_codebook_example_runs_end_to_end():
     out = example.run(x[100:], x[:80], x[80:100], m=4, nbits=6, steps=6, batch=32, hard=5, log_every=0)
     assert len(out["losses"]) == 6 and np.isfinite(out["losses"]).all()
     assert 0.1 <= out["before"] <= 1 and 0.1 <= out["after"] <= 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "-1"], "--steps: must be at least 1, got -1"),  # ran as 0 steps, no word said
+        (["--nbits", "9"], "--nbits: invalid choice: 9"),
+        (["--lr", "0"], "--lr: must be a finite number above 0, got 0"),
+        (["--base", "100"], "--base 100: fewer vectors than the 256 codewords of --nbits 8"),
+        (["--m", "7"], "--m 7: PQ sub-spaces must divide the 50 dimensions of --data glove"),
+    ],
+)
+def test_contrastive_codebook_example_refuses_bad_arguments(argv, message, capsys):
+    """examples/ann_contrastive_codebooks.py: argparse's error naming the flag, before any training
+    (--m is checked against the data's width once the vectors are read)."""
+    import importlib.util
+
+    if argv[0] == "--m":
+        from hotops.bench import ann_data
+
+        if ann_data.missing("glove"):
+            pytest.skip("GloVe is not installed")
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "ann_contrastive_codebooks.py")
+    spec = importlib.util.spec_from_file_location("ann_contrastive_codebooks", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with pytest.raises(SystemExit) as e:
+        example.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
