@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import hotops
+from hotops._argtypes import number, whole
 from hotops.ann import PQIndex, quantize_ste
 
 
@@ -91,43 +92,18 @@ def run(base: np.ndarray, train_q: np.ndarray, test_q: np.ndarray, m: int, nbits
     return dict(before=before, after=recall_at_10(index, test_q, gt), losses=losses, seconds=seconds)
 
 
-def at_least(low: int):
-    """An argparse type: a whole number >= low (a negative --steps ran as 0 without a word)."""
-
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
-        return n
-
-    return parse
-
-
-def learning_rate(text: str) -> float:
-    try:
-        lr = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < lr < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return lr
-
-
 def main(argv=None):
     from hotops.bench import ann_data
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", choices=("glove", "wordnet"), default="glove")
     ap.add_argument(
-        "--m", type=at_least(1), default=5, help="sub-spaces (50-d GloVe: 5, 10, 25; 384-d: 24, 48, ...)"
+        "--m", type=whole(1), default=5, help="sub-spaces (50-d GloVe: 5, 10, 25; 384-d: 24, 48, ...)"
     )
     ap.add_argument("--nbits", type=int, choices=range(1, 9), metavar="{1..8}", default=8)
-    ap.add_argument("--steps", type=at_least(1), default=150)
-    ap.add_argument("--lr", type=learning_rate, default=5e-4)
-    ap.add_argument("--base", type=at_least(1), default=50_000)
+    ap.add_argument("--steps", type=whole(1), default=150)
+    ap.add_argument("--lr", type=number(0, low_open=True), default=5e-4)
+    ap.add_argument("--base", type=whole(1), default=50_000)
     args = ap.parse_args(argv)
     if args.base < 2**args.nbits:  # k-means needs a training vector per codeword
         ap.error(

@@ -24,6 +24,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
+from hotops._argtypes import number, whole, writable_file
 from hotops.bench.codebook import rtn_2bit_, wordnet_glosses
 from hotops.codebook import CodebookLinear, compress, load_compressed
 from hotops.codebook.jlcm import FORMATS, Format
@@ -289,42 +290,8 @@ def damage(path: str, eval_sets=("glosses",), n_eval: int = 2000, n_eval_other: 
     return {"compressed": compressed, "gain_when_fp32": gains}
 
 
-# ------------------------------------------------------------------ argument checks (prune_minilm.py shares them)
-# A bad value used to surface after the model and the texts were loaded, often after the whole
-# compression: --n-eval 0 failed in torch.cat at the evaluation, a negative one sliced the glosses
-# from the end, an unknown method ran as kmeans under its own name, --threads 0 was ignored.
-
-
-def at_least(low: int):
-    """An argparse type: a whole number >= low."""
-
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
-        return n
-
-    return parse
-
-
-def number(low: float, low_open: bool = False):
-    """An argparse type: a finite float >= low (> low with low_open)."""
-
-    def parse(text: str) -> float:
-        try:
-            x = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (x > low if low_open else x >= low) or x == float("inf"):
-            raise argparse.ArgumentTypeError(
-                f"must be a finite number {'above' if low_open else 'at least'} {low}, got {text}"
-            )
-        return x
-
-    return parse
+# ------------------------------------------------------------------ argument types (prune_minilm.py shares them)
+# Checked at parsing, before the model and the texts load (sizes and paths: hotops._argtypes).
 
 
 def names(known):
@@ -351,14 +318,6 @@ def text_set_names(text: str) -> tuple:
     return names(list(text_sets.SOURCES))(text)
 
 
-def writable_file(ap: argparse.ArgumentParser, path: str, flag: str) -> None:
-    """Refuse, before the run, an output file that could be written only after it (a folder, or
-    in a missing or read-only folder)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        ap.error(f"{flag} {path!r}: cannot write there (a folder, or in a missing or read-only folder)")
-
-
 def format_list(text: str) -> tuple:
     """An argparse type: compress's candidate formats, a tuple of Format."""
     try:
@@ -375,11 +334,9 @@ def main(argv=None):
     ap.add_argument(
         "--methods", type=names(METHODS), default="rtn,kmeans,jlcm", help="comma-separated: rtn, kmeans, jlcm"
     )
-    ap.add_argument("--n-eval", type=at_least(1), default=2000, help="evaluation glosses")
-    ap.add_argument(
-        "--n-eval-other", type=at_least(1), default=1000, help="evaluation texts of each other set"
-    )
-    ap.add_argument("--n-calib", type=at_least(1), default=256, help="calibration texts, all sets together")
+    ap.add_argument("--n-eval", type=whole(1), default=2000, help="evaluation glosses")
+    ap.add_argument("--n-eval-other", type=whole(1), default=1000, help="evaluation texts of each other set")
+    ap.add_argument("--n-calib", type=whole(1), default=256, help="calibration texts, all sets together")
     ap.add_argument(
         "--calib-sets",
         type=text_set_names,
@@ -407,11 +364,11 @@ def main(argv=None):
     )
     ap.add_argument(
         "--steps",
-        type=at_least(0),
+        type=whole(0),
         default=100,
         help="layer-wise codebook steps per round (0: no layer-wise stage, k-means plan + fine-tuning)",
     )
-    ap.add_argument("--finetune-steps", type=at_least(0), default=200, help="end-to-end distillation steps")
+    ap.add_argument("--finetune-steps", type=whole(0), default=200, help="end-to-end distillation steps")
     ap.add_argument(
         "--finetune-lr",
         type=number(0, low_open=True),
@@ -432,7 +389,7 @@ def main(argv=None):
         help="layer-wise stage: share of the mean diagonal added to each input Gram (compress's damp)",
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=whole(1), default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the figures (and per-layer formats) here")
     ap.add_argument("--save", default=None, help="torch.save the jlcm model's state_dict here")
     ap.add_argument(

@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from hotops._argtypes import whole
+
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each row of `truth` (k ids) that `found` also holds."""
@@ -30,21 +32,6 @@ def timed(fn, *args, **kw) -> float:
     return time.perf_counter() - t
 
 
-def at_least(low: int):
-    """An argparse type: a whole number >= low (0 queries or 0 repeats gave nan recalls and timings)."""
-
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
-        return n
-
-    return parse
-
-
 def main(argv=None) -> dict:
     import faiss
 
@@ -52,14 +39,14 @@ def main(argv=None) -> dict:
     from hotops.bench import ann_data
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nq", type=at_least(1), default=1000)
-    ap.add_argument("--nb", type=at_least(0), default=0, help="base vectors (0: all 399k others)")
-    ap.add_argument("--nt", type=at_least(1), default=100_000, help="training vectors")
-    ap.add_argument("--nlist", type=at_least(1), default=1024)
-    ap.add_argument("--nprobe", type=at_least(1), default=16)
-    ap.add_argument("--k", type=at_least(1), default=10)
-    ap.add_argument("--repeat", type=at_least(1), default=5)
-    ap.add_argument("--m", type=at_least(1), default=25, help="PQ sub-spaces (a divisor of 50)")
+    ap.add_argument("--nq", type=whole(1), default=1000)
+    ap.add_argument("--nb", type=whole(0), default=0, help="base vectors (0: all 399k others)")
+    ap.add_argument("--nt", type=whole(1), default=100_000, help="training vectors")
+    ap.add_argument("--nlist", type=whole(1), default=1024)
+    ap.add_argument("--nprobe", type=whole(1), default=16)
+    ap.add_argument("--k", type=whole(1), default=10)
+    ap.add_argument("--repeat", type=whole(1), default=5)
+    ap.add_argument("--m", type=whole(1), default=25, help="PQ sub-spaces (a divisor of 50)")
     ap.add_argument("--only", default="", help="run the cases whose name contains this")
     args = ap.parse_args(argv)
     if 50 % args.m:

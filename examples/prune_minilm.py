@@ -17,8 +17,9 @@ import json
 import time
 
 import torch
-from compress_minilm import at_least, mean_cosine, names, prepare, real_tokens, text_set_names, writable_file
+from compress_minilm import mean_cosine, names, prepare, real_tokens, text_set_names
 
+from hotops._argtypes import listed, number, whole, writable_file
 from hotops.sparse import sparsify
 
 
@@ -42,30 +43,21 @@ def run(sparsities, methods, n_calib, calib_sets, eval_sets, n_eval, n_eval_othe
     return results
 
 
-def sparsities(text: str) -> list:
-    """An argparse type: comma-separated sparsities, each strictly between 0 and 1."""
-    out = []
-    for t in text.split(","):
-        try:
-            x = float(t)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected numbers, got {t!r}") from None
-        if not 0 < x < 1:
-            raise argparse.ArgumentTypeError(f"each must be between 0 and 1 (exclusive), got {t}")
-        out.append(x)
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sparsity", type=sparsities, default="0.5,0.7,0.9", help="comma-separated sparsities")
+    ap.add_argument(
+        "--sparsity",
+        type=listed(number(0, True, 1, True)),
+        default="0.5,0.7,0.9",
+        help="comma-separated sparsities",
+    )
     ap.add_argument(
         "--methods",
         type=names(("magnitude", "second_order")),
         default="magnitude,second_order",
         help="comma-separated sparsify methods",
     )
-    ap.add_argument("--n-calib", type=at_least(1), default=256, help="calibration texts (second_order only)")
+    ap.add_argument("--n-calib", type=whole(1), default=256, help="calibration texts (second_order only)")
     ap.add_argument(
         "--calib-sets",
         type=text_set_names,
@@ -78,12 +70,10 @@ def main(argv=None):
         default="glosses,usage,docstrings,licenses",
         help="kinds of evaluation text",
     )
-    ap.add_argument("--n-eval", type=at_least(1), default=1000, help="evaluation glosses")
-    ap.add_argument(
-        "--n-eval-other", type=at_least(1), default=500, help="evaluation texts of each other kind"
-    )
+    ap.add_argument("--n-eval", type=whole(1), default=1000, help="evaluation glosses")
+    ap.add_argument("--n-eval-other", type=whole(1), default=500, help="evaluation texts of each other kind")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=whole(1), default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.json:

@@ -46,6 +46,7 @@ from typing import Optional
 
 import torch
 
+from hotops._argtypes import listed, number, whole, writable_file
 from hotops.ann import BiGranularIndex, write_store
 from hotops.data import wordnet
 from hotops.integrations.faiss import FaissPQIndex  # imports faiss only when one is built
@@ -390,7 +391,7 @@ def run(a) -> dict:
     for model in models.values():  # warm-up: first calls pay for thread pools and kernel binding
         encode(model, tok, sample[:64], a.encode_batch, a.max_length)
     R["encode_docs_per_cpu_s"], R["encode_docs_per_s"] = {}, {}
-    for eb in (int(b) for b in a.speed_batches.split(",")):
+    for eb in a.speed_batches:
         cpu, wall = encode_speed(models, tok, sample, eb, a.max_length)  # dense first and last: its best
         R["encode_docs_per_cpu_s"][eb], R["encode_docs_per_s"][eb] = cpu, wall
         print(
@@ -478,44 +479,6 @@ def final_line(R) -> str:
 DIM = 384  # all-MiniLM-L6-v2's embedding width: --m and --serve-m must divide it
 
 
-def at_least(low: int):
-    """An argparse type: a whole number >= low. Sizes of 0 failed minutes into the run, deep in
-    the package (an empty calibration at stage 4, a PQ over 0 sub-spaces), or not at all."""
-
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
-        return n
-
-    return parse
-
-
-def fraction(text: str) -> float:
-    """An argparse type: a float strictly between 0 and 1 (--sparsity)."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < x < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return x
-
-
-def positive(text: str) -> float:
-    """An argparse type: a finite float > 0 (--bits, learning rates, temperatures)."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return x
-
-
 def formats(text: str) -> str:
     """An argparse type: compress's candidate formats, checked now (stage 4 parses them, after
     the training of stages 2 and 3); kept as the text for the JSON config."""
@@ -529,71 +492,56 @@ def formats(text: str) -> str:
     return text
 
 
-def batch_sizes(text: str) -> str:
-    """An argparse type: comma-separated whole numbers >= 1 (--speed-batches), kept as the text."""
-    for b in text.split(","):
-        at_least(1)(b)
-    return text
-
-
-def writable_file(ap: argparse.ArgumentParser, path: str, flag: str) -> None:
-    """Refuse an output file whose folder is missing or not writable before the run, not when the
-    first stage has been measured."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        ap.error(f"{flag} {path!r}: cannot write there (a folder, or in a missing or read-only folder)")
-
-
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = ap.add_argument
     add("--quick", action="store_true", help="a tiny subset end to end (a smoke test, not a measurement)")
-    add("--corpus-size", type=at_least(1), default=None, help="default: every definition")
+    add("--corpus-size", type=whole(1), default=None, help="default: every definition")
     add(
         "--test-synsets",
-        type=at_least(1),
+        type=whole(1),
         default=1000,
         help="held-out synsets (all their examples are queries)",
     )
-    add("--test-queries", type=at_least(1), default=None, help="cap on held-out queries")
-    add("--steps", type=at_least(1), default=200, help="training steps of stages 2 and 3 (each side)")
-    add("--batch", type=at_least(1), default=32, help="queries per step; training queries = steps x batch")
-    add("--lr", type=positive, default=5e-5)
+    add("--test-queries", type=whole(1), default=None, help="cap on held-out queries")
+    add("--steps", type=whole(1), default=200, help="training steps of stages 2 and 3 (each side)")
+    add("--batch", type=whole(1), default=32, help="queries per step; training queries = steps x batch")
+    add("--lr", type=number(0, low_open=True), default=5e-5)
     add(
         "--padded-training",
         action="store_true",
         help="the hotops side trains through the model's padded forward, as today's stack does "
         "(default: on the batch's real tokens only, hotops.integrations.unpadded)",
     )
-    add("--temperature", type=positive, default=0.05)
-    add("--max-length", type=at_least(1), default=32, help="tokens per text")
-    add("--encode-batch", type=at_least(1), default=256)
-    add("--refresh-every", type=at_least(1), default=100, help="steps between index rebuilds (ANCE)")
-    add("--depth", type=at_least(1), default=20, help="hard negatives are drawn among the best depth")
+    add("--temperature", type=number(0, low_open=True), default=0.05)
+    add("--max-length", type=whole(1), default=32, help="tokens per text")
+    add("--encode-batch", type=whole(1), default=256)
+    add("--refresh-every", type=whole(1), default=100, help="steps between index rebuilds (ANCE)")
+    add("--depth", type=whole(1), default=20, help="hard negatives are drawn among the best depth")
     add(
         "--negatives",
-        type=at_least(1),
+        type=whole(1),
         default=7,
         help="hard negatives per query (drawn among the best --depth)",
     )
-    add("--nlist", type=at_least(1), default=None, help="IVF lists (default ~4 sqrt(N))")
-    add("--m", type=at_least(1), default=48, help="PQ sub-spaces (bytes per code)")
-    add("--nprobe", type=at_least(1), default=16, help="lists probed when mining")
+    add("--nlist", type=whole(1), default=None, help="IVF lists (default ~4 sqrt(N))")
+    add("--m", type=whole(1), default=48, help="PQ sub-spaces (bytes per code)")
+    add("--nprobe", type=whole(1), default=16, help="lists probed when mining")
     add(
         "--serve-index",
         default="pq",
         choices=("pq", "ivfpq"),
         help="the served index's in-RAM stage: flat PQ (every code scanned) or IVF-PQ (--serve-nprobe lists)",
     )
-    add("--serve-m", type=at_least(1), default=48, help="PQ bytes per vector of the served index")
-    add("--serve-nprobe", type=at_least(1), default=32)
-    add("--candidates", type=at_least(1), default=1000, help="PQ candidates re-ranked exactly when serving")
-    add("--bits", type=positive, default=2.5)
-    add("--calib", type=at_least(1), default=256, help="calibration texts for compress")
-    add("--compress-steps", type=at_least(0), default=20)
-    add("--plan-steps", type=at_least(0), default=20, help="codebook steps per candidate format in the plan")
-    add("--kmeans-iters", type=at_least(1), default=25, help="k-means iterations of each codebook's start")
-    add("--compress-finetune", type=at_least(0), default=100)
+    add("--serve-m", type=whole(1), default=48, help="PQ bytes per vector of the served index")
+    add("--serve-nprobe", type=whole(1), default=32)
+    add("--candidates", type=whole(1), default=1000, help="PQ candidates re-ranked exactly when serving")
+    add("--bits", type=number(0, low_open=True), default=2.5)
+    add("--calib", type=whole(1), default=256, help="calibration texts for compress")
+    add("--compress-steps", type=whole(0), default=20)
+    add("--plan-steps", type=whole(0), default=20, help="codebook steps per candidate format in the plan")
+    add("--kmeans-iters", type=whole(1), default=25, help="k-means iterations of each codebook's start")
+    add("--compress-finetune", type=whole(0), default=100)
     add(
         "--compress-formats",
         type=formats,
@@ -601,15 +549,15 @@ def parse(argv=None):
         help="candidate formats of compress's plan: MxB/G (M codebooks of 2^B codewords over G inputs) "
         "or G alone for 1x8/G (4: 2 bits/weight, 2: 4 bits)",
     )
-    add("--compress-rounds", type=at_least(1), default=3, help="layer-wise rounds per layer")
-    add("--sparsity", type=fraction, default=0.9)
+    add("--compress-rounds", type=whole(1), default=3, help="layer-wise rounds per layer")
+    add("--sparsity", type=number(0, True, 1, True), default=0.9)
     add(
         "--sparse-ramp-steps",
-        type=at_least(0),
+        type=whole(0),
         default=0,
         help="steps of gradual pruning (cubic ramp to --sparsity) before packing; 0: one-shot",
     )
-    add("--prune-every", type=at_least(1), default=10, help="steps between mask updates on the ramp")
+    add("--prune-every", type=whole(1), default=10, help="steps between mask updates on the ramp")
     add(
         "--sparse-prune",
         default="second-order",
@@ -623,7 +571,7 @@ def parse(argv=None):
         default=1.0,
         help="weight of distillation from the dense stage-3 model while pruning and recovering (0: none)",
     )
-    add("--sparse-steps", type=at_least(0), default=200, help="recovery steps under the fixed mask")
+    add("--sparse-steps", type=whole(0), default=200, help="recovery steps under the fixed mask")
     add(
         "--sparse-policy",
         default="model",
@@ -631,11 +579,16 @@ def parse(argv=None):
         help="SparseLinear dispatch; model: fixed density limits (sparse at 90 %%); "
         "auto times both paths once per new input shape",
     )
-    add("--sparse-lr", type=positive, default=2e-4)
-    add("--speed-docs", type=at_least(1), default=2000, help="definitions encoded by each model for speed")
-    add("--speed-batches", type=batch_sizes, default="256,16", help="texts per call of the speed comparison")
+    add("--sparse-lr", type=number(0, low_open=True), default=2e-4)
+    add("--speed-docs", type=whole(1), default=2000, help="definitions encoded by each model for speed")
+    add(
+        "--speed-batches",
+        type=listed(whole(1)),
+        default="256,16",
+        help="texts per call of the speed comparison",
+    )
     add("--seed", type=int, default=0)
-    add("--threads", type=at_least(1), default=None)
+    add("--threads", type=whole(1), default=None)
     add("--json", default=None)
     add("--quiet", dest="verbose", action="store_false")
     add(

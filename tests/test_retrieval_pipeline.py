@@ -272,7 +272,7 @@ def test_pipeline_quick_abbreviated():
         (["--threads", "0"], "--threads: must be at least 1, got 0"),
         (["--calib", "0"], "--calib: must be at least 1, got 0"),  # "calib is empty" at stage 4
         (["--sparse-steps", "-1"], "--sparse-steps: must be at least 0, got -1"),
-        (["--sparsity", "1.5"], "--sparsity: must be between 0 and 1"),
+        (["--sparsity", "1.5"], "--sparsity: must be a finite number above 0 and below 1"),
         (["--bits", "nan"], "--bits: must be a finite number above 0"),
         (["--bits", "0.5"], "--bits 0.5: the cheapest of --compress-formats 4,2 stores 2 bits/weight"),
         (["--compress-formats", "4,1x8/x"], 'a format is "MxB/G"'),

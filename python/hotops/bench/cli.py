@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from hotops._argtypes import whole
 from hotops.bench import FAMILIES, core
 from hotops.bench.core import machine
 
@@ -141,16 +142,6 @@ def _selected(params: dict, where) -> bool:
     return all(key in params and _equal(params[key], value) for key, value in where or ())
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def _writable(p: argparse.ArgumentParser, path: str, flag: str, folder: bool) -> None:
     """Refuse, before anything is timed, an output path that cannot be written."""
     target = path if folder else os.path.dirname(os.path.abspath(path))
@@ -204,9 +195,7 @@ def main(argv=None):
     b.add_argument("--quick", action="store_true", help="a few minutes on 2 cores")
     b.add_argument("--json", default="bench-results/results.json", help="where to write raw results")
     b.add_argument("--plot", default="bench-results", help="folder for the PNG plots")
-    b.add_argument(
-        "--threads", type=_positive_int, default=None, help="threads for everyone (default: torch's)"
-    )
+    b.add_argument("--threads", type=whole(1), default=None, help="threads for everyone (default: torch's)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the cases")
     b.add_argument(
         "--contended",
