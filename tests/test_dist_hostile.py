@@ -238,10 +238,21 @@ def _overlap_worker(rank, world):
     from hotops.ann.mining import HardNegativeMiner
 
     s, x, q = _shards(rank, world)
+    local = s.local
+    # shards built with overlapping ids: refused on every rank, naming an id and its two ranks
     if rank == 1:  # ids 0 and 2 (rank 0's) added to rank 1's shard as well
-        s.local.add(x[[0, 2]], np.array([0, 2]))
-    s = ShardedIndex(s.local)
-    # a single index never holds an id twice: the answer would list id 0 twice, silently
+        local.add(x[[0, 2]], np.array([0, 2]))
+    with pytest.raises(
+        ValueError, match=r"2 id\(s\) held by more than one shard, e.g. id 0 on ranks 0 and 1"
+    ):
+        ShardedIndex(local)
+    if rank == 1:
+        local.remove_ids(np.array([0, 2]))
+    s = ShardedIndex(local)
+    # one added to a shard through its own index afterwards: a single index never holds an id
+    # twice, and the answer would list id 0 twice, silently
+    if rank == 1:
+        local.add(x[[0]], np.array([0]))
     if rank == 0:
         with pytest.raises(ValueError, match="more than one shard"):
             s.search(x[:1], 5)
@@ -255,5 +266,31 @@ def _overlap_worker(rank, world):
         miner.mine(x[:1] if rank == 0 else x[3:4], np.array([10 if rank == 0 else 3]), with_vectors=True)
 
 
-def test_sharded_id_held_by_two_shards_is_refused():
+def _bigran_offset_worker(rank, world, folder):
+    import numpy as np
+
+    from hotops.ann import BiGranularIndex, PQIndex, ShardedIndex
+    from hotops.ann.bigran import write_store
+    from hotops.ann.sharded import _set_trained_state, _trained_state
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, ADIM)).astype(np.float32)
+    base = PQIndex(ADIM, 4, 8, verbose=False)
+    base.train(x)
+    coarse = PQIndex(ADIM, 4, 8, verbose=False)
+    _set_trained_state(coarse, _trained_state(base))
+    mine = x[rank * 200 : (rank + 1) * 200]
+    coarse.add(mine, np.arange(200))
+    store = f"{folder}/store{rank}.f32"
+    write_store(store, mine)
+    local = BiGranularIndex(coarse, store)
+    assert ShardedIndex(local).ntotal == 400  # default offsets: the rows of the ranks before
+    with pytest.raises(
+        ValueError, match=r"100 id\(s\) held by more than one shard, e.g. id 100 on ranks 0 and 1"
+    ):
+        ShardedIndex(local, id_offset=100 * rank)  # rank 1's 100..299 overlap rank 0's 0..199
+
+
+def test_sharded_id_held_by_two_shards_is_refused(tmp_path):
     _dist.run(_overlap_worker, 2, timeout=90)
+    _dist.run(_bigran_offset_worker, 2, str(tmp_path), timeout=90)

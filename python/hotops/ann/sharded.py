@@ -131,6 +131,40 @@ class ShardedIndex:
         if id_offset is None:
             id_offset = sum(int(i["rows"]) for i in infos[: self.rank]) if self.bigran else 0
         self.id_offset = int(id_offset)
+        self._refuse_shared_ids()
+
+    def _refuse_shared_ids(self) -> None:
+        """Refuses, on every rank, shards that hold one global id twice (built with overlapping ids
+        or id_offsets): a single index never does, and a search would answer that id twice. Id i
+        goes to rank i mod world, which looks for repeats among what it receives, so no rank
+        gathers every id (one all_to_all of 8 bytes per vector, and a sort of this rank's share)."""
+        W, cdev = self.world_size, comm_device(self.group)
+        live = self.pq.ids if self.pq._live is None else self.pq.ids[self.pq._live.view(np.bool_)]
+        gids = live + (self.id_offset if self.bigran else 0)
+        dest = np.mod(gids, W)
+        send = np.bincount(dest, minlength=W)
+        recv = [row[self.rank] for row in exchange(send.tolist(), self.group)]
+        got = (
+            all_to_all(
+                torch.from_numpy(gids[np.argsort(dest, kind="stable")]).to(cdev), send, recv, self.group
+            )
+            .cpu()
+            .numpy()
+        )
+        src = np.repeat(np.arange(W), recv)
+        order = np.argsort(got, kind="stable")
+        got, src = got[order], src[order]
+        twice = np.flatnonzero(got[1:] == got[:-1])
+        i = twice[0] if twice.size else 0
+        mine = [twice.size, int(got[i]), int(src[i]), int(src[i + 1])] if twice.size else [0] * 4
+        found = [f for f in exchange(mine, self.group) if f[0]]
+        if found:
+            _, gid, a, b = found[0]
+            raise ValueError(
+                f"ShardedIndex: {sum(f[0] for f in found)} id(s) held by more than one shard, e.g. id "
+                f"{gid} on ranks {a} and {b}; give every vector one global id on one shard "
+                f"(ShardedIndex.add moves re-added ids)"
+            )
 
     # -------------------------------------------------------------- properties
 
@@ -221,8 +255,9 @@ class ShardedIndex:
             score, gid = self._rerank(qall, ids_l, score_l, counts, order, gid, kk, fusion, cdev)
             order, score, gid = _merge(score, gid, k)
         score, gid = score[:, :k], gid[:, :k]
-        # one id on two shards (shards built with overlapping ids: add() keeps them apart) would be
-        # answered twice, which no single index does; checked here, after the last collective
+        # one id on two shards (the constructor refuses it and add() keeps them apart, but a shard
+        # changed through its own index since) would be answered twice; checked here, after the
+        # last collective, so on the asking rank alone
         srt = np.sort(gid, axis=1)
         dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
         if dup.any():
