@@ -19,7 +19,7 @@ import time
 import torch
 from compress_minilm import mean_cosine, names, prepare, real_tokens, text_set_names
 
-from hotops._argtypes import listed, number, whole, writable_file
+from hotops._argtypes import listed, number, whole, writable
 from hotops.sparse import sparsify
 
 
@@ -77,7 +77,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.json:
-        writable_file(ap, a.json, "--json")
+        writable(ap, a.json, "--json")
     if a.threads:
         torch.set_num_threads(a.threads)
     R = run(

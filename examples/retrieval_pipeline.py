@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from hotops._argtypes import listed, number, whole, writable_file
+from hotops._argtypes import listed, number, whole, writable
 from hotops.ann import BiGranularIndex, write_store
 from hotops.data import wordnet
 from hotops.integrations.faiss import FaissPQIndex  # imports faiss only when one is built
@@ -642,7 +642,7 @@ def parse(argv=None):
             f"{cheapest:g} bits/weight in its codes alone; ask for more"
         )
     if a.json:
-        writable_file(ap, a.json, "--json")
+        writable(ap, a.json, "--json")
     return a
 
 

@@ -145,6 +145,7 @@ def test_cli_refuses_what_it_cannot_honour_before_timing(tmp_path, monkeypatch, 
     ran = []
     monkeypatch.setattr(sys.modules["hotops_tiny_bench"], "run", lambda *a: ran.append(a))
     base = ["bench", "--family", "tiny", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path)]
+    (tmp_path / "r.json").write_text("")
     for extra, says in [
         (["--where", "n"], "expected KEY=VALUE"),
         (["--where", "m=1"], "no case matches m=1 (the cases' keys: n)"),
@@ -152,9 +153,14 @@ def test_cli_refuses_what_it_cannot_honour_before_timing(tmp_path, monkeypatch, 
         (["--threads", "0"], "must be at least 1"),
         (["--json", str(tmp_path)], "cannot write there"),
         (["--plot", "/proc/hotops-no-such-dir"], "cannot write there"),
+        (["--json", str(tmp_path / "r.json" / "x.json")], "cannot write there"),
+        (["--json", str(tmp_path / "new" / "r.json"), "--where", "n=3"], "no case matches"),
+        (["--plot", str(tmp_path / "plots"), "--where", "n=3"], "no case matches"),
     ]:
         with pytest.raises(SystemExit):
             cli.main(base + extra)
         assert says in capsys.readouterr().err
     assert not ran
+    # a refused run leaves no folder behind (they were made at parsing)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "plots").exists()
     assert cli._selected({"keep": 1.0}, [cli._where("keep=1")])  # numbers compare as numbers

@@ -284,6 +284,11 @@ def test_pipeline_quick_abbreviated():
             ["--json", "/nonexistent-hotops-dir/r.json"],
             "--json '/nonexistent-hotops-dir/r.json': cannot write",
         ),
+        # os.access says /proc is writable to root; no file can be created there
+        (
+            ["--json", "/proc/r.json"],
+            "--json '/proc/r.json': cannot write there (cannot create a file in /proc",
+        ),
     ],
 )
 def test_pipeline_refuses_bad_arguments_at_parsing(argv, message, capsys):

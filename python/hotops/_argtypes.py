@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from typing import Callable, Optional
 
 
@@ -56,9 +57,25 @@ def listed(item: Callable[[str], object]) -> Callable[[str], list]:
     return parse
 
 
-def writable_file(ap: argparse.ArgumentParser, path: str, flag: str) -> None:
-    """Refuses, at parsing, an output file that could only fail when it is written at the end of
-    the run: a folder, or a file in a missing or read-only folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not path or os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        ap.error(f"{flag} {path!r}: cannot write there (a folder, or in a missing or read-only folder)")
+def writable(
+    ap: argparse.ArgumentParser, path: str, flag: str, folder: bool = False, make_folders: bool = False
+) -> None:
+    """Refuses, at parsing, an output path that could only fail when it is written at the end of
+    the run: a file path that is a folder, a missing folder (unless the caller makes the missing
+    folders when it writes: `make_folders`), or one where no file can be created. Creates nothing,
+    so a run refused later leaves no folder behind."""
+    target = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    existing = target
+    while make_folders and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not path or (not folder and os.path.isdir(path)):
+        why = "a folder, not a file"
+    elif not os.path.isdir(existing):
+        why = f"{existing} is not a folder" if os.path.exists(existing) else f"no folder {existing}"
+    else:
+        try:  # os.access says yes to root even where nothing can be created (/proc)
+            tempfile.TemporaryFile(dir=existing).close()
+            return
+        except OSError as e:
+            why = f"cannot create a file in {existing}: {e.strerror}"
+    ap.error(f"{flag} {path!r}: cannot write there ({why})")

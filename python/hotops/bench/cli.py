@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from hotops._argtypes import whole
+from hotops._argtypes import whole, writable
 from hotops.bench import FAMILIES, core
 from hotops.bench.core import machine
 
@@ -142,19 +142,6 @@ def _selected(params: dict, where) -> bool:
     return all(key in params and _equal(params[key], value) for key, value in where or ())
 
 
-def _writable(p: argparse.ArgumentParser, path: str, flag: str, folder: bool) -> None:
-    """Refuse, before anything is timed, an output path that cannot be written."""
-    target = path if folder else os.path.dirname(os.path.abspath(path))
-    try:
-        if not path or (not folder and os.path.isdir(path)):
-            raise OSError("not a file path")
-        os.makedirs(target, exist_ok=True)
-        if not os.access(target, os.W_OK):
-            raise OSError("not writable")
-    except OSError as e:
-        p.error(f"{flag} {path!r}: cannot write there ({e})")
-
-
 def plot(results, path):
     try:
         import matplotlib
@@ -219,8 +206,9 @@ def main(argv=None):
         p.error("--device cuda: no CUDA GPU is visible to torch")
     if args.contended and args.device != "cpu":
         p.error("--contended: the busy process competes for CPU cores; use it with --device cpu")
-    _writable(p, args.json, "--json", folder=False)
-    _writable(p, args.plot, "--plot", folder=True)
+    # both made, with their missing folders, when the results are written
+    writable(p, args.json, "--json", make_folders=True)
+    writable(p, args.plot, "--plot", folder=True, make_folders=True)
     # every family's selected cases, known before anything is timed
     plan, keys = [], set()
     for fam in args.family or list(FAMILIES):
