@@ -365,6 +365,49 @@ def _gathered_mnrl_worker(rank, world, n_neg):
     assert abs(local.item() - gathered.item()) > 1e-3, "the other rank's candidates were not seen"
 
 
+def _uneven_gathered_worker(rank, world, batches, sim):
+    """Batches that differ by rank (an empty one included), which the library's gather cannot take:
+    each rank's loss and its rows' gradients equal one process holding every rank's rows, where
+    rank r's loss is the mean over its anchors against every rank's candidates and a row's
+    gradient sums every rank's loss's."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(7)
+    n_col, start = 4, sum(batches[:rank])  # anchor, positive, 2 negative columns
+    full = [torch.randn(sum(batches), 16, generator=g, dtype=torch.float64).float() for _ in range(n_col)]
+    mine = [c[start : start + batches[rank]].clone().requires_grad_() for c in full]
+    ho = hst.MultipleNegativesRankingLoss(None, gather_across_devices=True, similarity_fct=sim)
+    loss = ho.compute_loss_from_embeddings(mine, None)
+    loss.backward()
+
+    ref = [c.clone().requires_grad_() for c in full]
+    cand = torch.cat(ref[1:])
+    total, losses, at = 0.0, [], 0
+    for b in batches:
+        if b:
+            scores = sim(ref[0][at : at + b], cand) * ho.scale
+            losses.append(F.cross_entropy(scores, torch.arange(at, at + b)))
+            total = total + losses[-1]
+        else:
+            losses.append(torch.zeros(()))
+        at += b
+    total.backward()
+    assert abs(loss.item() - losses[rank].item()) <= 1e-5, (rank, loss.item(), losses[rank].item())
+    for m, r in zip(mine, ref):
+        torch.testing.assert_close(m.grad, r.grad[start : start + batches[rank]], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("batches", [(3, 5), (4, 0)])
+def test_gather_across_devices_takes_uneven_batches(batches):
+    import _dist
+    from sentence_transformers import util
+
+    if "gather_across_devices" not in LibMNRL.__init__.__code__.co_varnames:
+        pytest.skip("sentence-transformers < 3.1 has no gather_across_devices")
+    _dist.run(_uneven_gathered_worker, 2, batches, util.cos_sim, timeout=120)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_gather_across_devices_equals_library_on_two_ranks():
     """gather_across_devices=True on two gloo ranks (equal batches, as the library needs):

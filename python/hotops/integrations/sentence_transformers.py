@@ -57,22 +57,6 @@ def _embed(model, sentence_features: list[dict]) -> list[Tensor]:
     return embed_columns(model, sentence_features)
 
 
-def _gather(t: Tensor) -> Tensor:
-    fn = getattr(_st_util, "all_gather_with_grad", None)
-    if fn is None:
-        raise ValueError(
-            "gather_across_devices=True needs sentence-transformers >= 3.1 (all_gather_with_grad)"
-        )
-    return fn(t)
-
-
-def _rank() -> int:
-    fn = getattr(_st_util, "get_rank", None)
-    if fn is not None:
-        return fn()
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def _fused(loss) -> bool:
     """Whether this loss's settings are the ones ``hotops.info_nce`` computes."""
     if tuple(getattr(loss, "directions", ("query_to_doc",))) != ("query_to_doc",):
@@ -129,21 +113,24 @@ def _info_nce_loss(loss, queries: Tensor, docs: list[Tensor], cand_ids: Tensor |
     # ~1e-3). The casts' backward hands the gradients back in the embeddings' own dtype.
     queries, docs = _float32(queries), [_float32(d) for d in docs]
     B = queries.shape[0]
-    offset = 0
-    if getattr(loss, "gather_across_devices", False):  # absent before sentence-transformers 3.1
-        if cand_ids is not None:
-            raise ValueError("mask_duplicate_positives=True is not supported with gather_across_devices=True")
-        docs = [_gather(d) for d in docs]
-        offset = _rank() * B
     if loss.similarity_fct is _st_util.cos_sim:
         queries = F.normalize(queries, p=2, dim=1)
         docs = [F.normalize(d, p=2, dim=1) for d in docs]
     pos = docs[0]
     pool = torch.cat(docs[1:]) if len(docs) > 1 else None
     temperature = 1.0 / float(loss.scale)
+    if getattr(loss, "gather_across_devices", False):  # absent before sentence-transformers 3.1
+        if cand_ids is not None:
+            raise ValueError("mask_duplicate_positives=True is not supported with gather_across_devices=True")
+        # hotops' own gather: the library's all_gather_with_grad needs the same batch on every
+        # rank (gloo aborts the process otherwise); this one takes any, 0 included, and a rank
+        # whose columns differ from the others' raises on every rank instead of hanging. The
+        # candidates come in another order than the library's (each rank's negative columns
+        # together), which no softmax sees.
+        return hotops.nn.InfoNCELoss(temperature, gather=True)(queries, pos, pool)
     pairs = _duplicate_pairs(cand_ids, B) if cand_ids is not None else None
     if pairs is None or pairs[0].numel() == 0:
-        return hotops.info_nce(queries, pos, pool, temperature=temperature, pos_offset=offset)
+        return hotops.info_nce(queries, pos, pool, temperature=temperature)
     # Remove each row's masked candidates from its softmax: with lse the full log-sum-exp,
     # lse' = lse + log(1 - sum_masked exp(l_rc - lse)); the few masked logits are dot products.
     rows, cols = pairs
