@@ -123,8 +123,8 @@ def _info_nce_loss(loss, queries: Tensor, docs: list[Tensor], cand_ids: Tensor |
         if cand_ids is not None:
             raise ValueError("mask_duplicate_positives=True is not supported with gather_across_devices=True")
         # hotops' own gather: the library's all_gather_with_grad needs the same batch on every
-        # rank (gloo aborts the process otherwise); this one takes any, 0 included, and a rank
-        # whose columns differ from the others' raises on every rank instead of hanging. The
+        # rank (gloo aborts the process otherwise); this one takes any, 0 included, and other
+        # column counts; a dimension or dtype that differs by rank raises on every rank. The
         # candidates come in another order than the library's (each rank's negative columns
         # together), which no softmax sees.
         return hotops.nn.InfoNCELoss(temperature, gather=True)(queries, pos, pool)
