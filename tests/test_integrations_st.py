@@ -365,47 +365,61 @@ def _gathered_mnrl_worker(rank, world, n_neg):
     assert abs(local.item() - gathered.item()) > 1e-3, "the other rank's candidates were not seen"
 
 
-def _uneven_gathered_worker(rank, world, batches, sim):
-    """Batches that differ by rank (an empty one included), which the library's gather cannot take:
-    each rank's loss and its rows' gradients equal one process holding every rank's rows, where
-    rank r's loss is the mean over its anchors against every rank's candidates and a row's
-    gradient sums every rank's loss's."""
+def _uneven_gathered_worker(rank, world, batches, negatives, sim):
+    """Batches and negative columns that differ by rank (an empty batch included), which the
+    library's gather cannot take: each rank's loss and its rows' gradients equal one process
+    holding every rank's rows, where rank r's loss is the mean over its anchors against every
+    rank's candidates and a row's gradient sums every rank's loss's."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(7)
-    n_col, start = 4, sum(batches[:rank])  # anchor, positive, 2 negative columns
-    full = [torch.randn(sum(batches), 16, generator=g, dtype=torch.float64).float() for _ in range(n_col)]
-    mine = [c[start : start + batches[rank]].clone().requires_grad_() for c in full]
+    # per rank: anchor, positive and its negative columns, batches[r] rows each
+    full = [[torch.randn(b, 16, generator=g) for _ in range(2 + n)] for b, n in zip(batches, negatives)]
+    mine = [c.clone().requires_grad_() for c in full[rank]]
     ho = hst.MultipleNegativesRankingLoss(None, gather_across_devices=True, similarity_fct=sim)
     loss = ho.compute_loss_from_embeddings(mine, None)
     loss.backward()
 
-    ref = [c.clone().requires_grad_() for c in full]
-    cand = torch.cat(ref[1:])
-    total, losses, at = 0.0, [], 0
-    for b in batches:
-        if b:
-            scores = sim(ref[0][at : at + b], cand) * ho.scale
-            losses.append(F.cross_entropy(scores, torch.arange(at, at + b)))
-            total = total + losses[-1]
-        else:
-            losses.append(torch.zeros(()))
+    ref = [[c.clone().requires_grad_() for c in cols] for cols in full]
+    cand = torch.cat([cols[1] for cols in ref] + [c for cols in ref for c in cols[2:]])
+    losses, at = [], 0
+    for cols in ref:
+        b = cols[0].shape[0]
+        scores = sim(cols[0], cand) * ho.scale
+        losses.append(F.cross_entropy(scores, torch.arange(at, at + b)) if b else torch.zeros(()))
         at += b
-    total.backward()
+    sum(losses).backward()
     assert abs(loss.item() - losses[rank].item()) <= 1e-5, (rank, loss.item(), losses[rank].item())
-    for m, r in zip(mine, ref):
-        torch.testing.assert_close(m.grad, r.grad[start : start + batches[rank]], atol=1e-5, rtol=1e-4)
+    for m, r in zip(mine, ref[rank]):
+        want = torch.zeros_like(r) if r.grad is None else r.grad  # an empty rank's rows
+        torch.testing.assert_close(m.grad, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.parametrize("batches", [(3, 5), (4, 0)])
-def test_gather_across_devices_takes_uneven_batches(batches):
+@pytest.mark.parametrize("batches, negatives", [((3, 5), (2, 2)), ((4, 0), (1, 1)), ((3, 4), (2, 0))])
+def test_gather_across_devices_takes_uneven_batches(batches, negatives):
     import _dist
     from sentence_transformers import util
 
     if "gather_across_devices" not in LibMNRL.__init__.__code__.co_varnames:
         pytest.skip("sentence-transformers < 3.1 has no gather_across_devices")
-    _dist.run(_uneven_gathered_worker, 2, batches, util.cos_sim, timeout=120)
+    _dist.run(_uneven_gathered_worker, 2, batches, negatives, util.cos_sim, timeout=120)
+
+
+def _mismatched_dim_worker(rank, world):
+    embs = [torch.randn(3, 16 + 8 * rank, requires_grad=True) for _ in range(3)]
+    ho = hst.MultipleNegativesRankingLoss(None, gather_across_devices=True)
+    with pytest.raises(ValueError, match="same dimension D"):
+        ho.compute_loss_from_embeddings(embs, None)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_gather_across_devices_refuses_other_dimensions_on_every_rank():
+    import _dist
+
+    if "gather_across_devices" not in LibMNRL.__init__.__code__.co_varnames:
+        pytest.skip("sentence-transformers < 3.1 has no gather_across_devices")
+    _dist.run(_mismatched_dim_worker, 2, timeout=120)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
