@@ -24,7 +24,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from hotops._argtypes import number, whole, writable_file
+from hotops._argtypes import number, whole, writable
 from hotops.bench.codebook import rtn_2bit_, wordnet_glosses
 from hotops.codebook import CodebookLinear, compress, load_compressed
 from hotops.codebook.jlcm import FORMATS, Format
@@ -402,14 +402,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     learned = [m for m in a.methods if m != "rtn"]  # rtn is 2 bits whatever --bits says
     cheapest = min(f.code_bits_per_weight for f in a.formats)
-    if learned and a.bits <= cheapest:  # compress refused it only after its whole plan
+    if learned and a.bits <= cheapest:  # refused here before the model and texts load
         ap.error(
             f"--bits {a.bits}: the cheapest of --formats stores {cheapest:g} bits/weight in its codes "
             "alone; ask for more"
         )
     for flag, path in (("--json", a.json), ("--save", a.save)):
         if path:
-            writable_file(ap, path, flag)
+            writable(ap, path, flag)
     if a.damage and not os.path.isfile(a.damage):
         ap.error(f"--damage {a.damage!r}: no such file (a state_dict saved with --save)")
     if a.threads:

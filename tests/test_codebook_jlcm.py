@@ -286,14 +286,27 @@ def test_format_names():
 def test_compress_refuses_bad_input():
     with pytest.raises(ValueError, match="cheapest formats need"):
         compress(tiny_model(), bits_per_weight=2.5, formats=[SMALL], progress=False)
+    # A budget between the codes' bits and the stored bits (codebooks, scales) is refused from
+    # the shapes alone, before any calibration pass: it once failed after the whole plan.
+    model = tiny_model()
+    model.register_forward_pre_hook(lambda *_: pytest.fail("the model ran before the refusal"))
+    code_bits = SMALL.code_bits_per_weight
+    with pytest.raises(ValueError, match="cheapest formats need"):
+        compress(
+            model, calib=calib_batches(), bits_per_weight=code_bits + 1e-3, formats=[SMALL], progress=False
+        )
     with pytest.raises(ValueError, match="calib is empty"):
         compress(tiny_model(), calib=[], **KW)
+    for formats in ([], ["1x8/4"]):
+        with pytest.raises(TypeError, match="formats must be a non-empty sequence of Format"):
+            compress(tiny_model(), **(KW | {"formats": formats}))
+    compress(tiny_model(), **(KW | {"formats": (f for f in [SMALL])}))  # a generator, read per layer
     with pytest.raises(ValueError, match="fits none of the formats"):
         compress(torch.nn.Sequential(torch.nn.Linear(6, 4)), formats=[Format(4)], progress=False)
     model = torch.nn.ModuleDict({"used": torch.nn.Linear(32, 4), "unused": torch.nn.Linear(32, 4)})
     model.forward = lambda x: model["used"](x)
     with pytest.raises(ValueError, match="never reached"):
-        compress(model, calib=calib_batches(), **KW)
+        compress(model, calib=calib_batches(), **(KW | {"bits_per_weight": 32}))
     for bits in (math.nan, math.inf, 0.0, -1.0):
         with pytest.raises(ValueError, match="bits_per_weight must be"):
             compress(tiny_model(), bits, formats=[SMALL], progress=False)

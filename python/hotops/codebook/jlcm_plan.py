@@ -111,6 +111,18 @@ class LayerPlan:
     output_error: float  # of the initialisation, on dense inputs
 
 
+def _check_budget(bits: Dict[str, Dict[Format, float]], sizes: Dict[str, int], budget: float) -> float:
+    """The stored bits of every layer at its cheapest format; raises if they exceed the budget."""
+    spent = sum(min(bits[n].values()) * sizes[n] for n in bits)
+    total = sum(sizes.values())
+    if spent > budget * total * (1 + 1e-12):
+        raise ValueError(
+            f"even the cheapest formats need {spent / total:.3f} bits/weight on average; "
+            f"raise bits_per_weight above that or offer cheaper formats"
+        )
+    return spent
+
+
 def _allocate(
     bits: Dict[str, Dict[Format, float]],
     damage: Dict[str, Dict[Format, float]],
@@ -125,12 +137,7 @@ def _allocate(
     "upgrade", taken forever)."""
     choice = {n: min(bits[n], key=lambda f: (bits[n][f], damage[n][f])) for n in bits}
     total = sum(sizes.values())
-    spent = sum(bits[n][choice[n]] * sizes[n] for n in bits)
-    if spent > budget * total * (1 + 1e-12):
-        raise ValueError(
-            f"even the cheapest formats need {spent / total:.3f} bits/weight on average; "
-            f"raise bits_per_weight above that or offer cheaper formats"
-        )
+    spent = _check_budget(bits, sizes, budget)
     while True:
         best, best_gain = None, 0.0
         for n in bits:
@@ -176,6 +183,9 @@ def plan(
     from tqdm.auto import tqdm
 
     bits_per_weight = _backend.check_number(bits_per_weight, "bits_per_weight", low=0.0, low_open=True)
+    formats = tuple(formats)  # read once per layer: a generator would be spent after the first
+    if not formats or not all(isinstance(f, Format) for f in formats):
+        raise TypeError(f"formats must be a non-empty sequence of Format, got {formats!r}")
     layers = _linears(model, skip)
     _check_selection(layers, "compress", "compress", "nn.Linear")
     _check_untied(layers, "compress")
@@ -185,31 +195,37 @@ def plan(
                 f"compress: the weight of layer {name} is not all finite (NaN or inf): load a sound "
                 "checkpoint, or skip the layer"
             )
+    # Exact bits need only the shapes: a budget no format can meet is refused before the
+    # calibration passes and the candidates' learning (minutes on a small encoder).
+    bits = {}
+    for name, lin in layers.items():
+        N, K = lin.weight.shape
+        bits[name] = {f: f.bits_per_weight(N, K, storage_dtype) for f in formats if f.fits(N, K)}
+        if not bits[name]:
+            raise ValueError(f"{name}: in_features = {K} fits none of the formats' in_group")
+    sizes = {n: lin.weight.numel() for n, lin in layers.items()}
+    _check_budget(bits, sizes, bits_per_weight)
     ff = _dense_grams(model, list(layers), calib, token_mask) if calib is not None else {}
     targets, probe_calib = None, None
     if calib is not None:
         probe_calib = calib[:probe_batches]
         with torch.no_grad():
             targets = [output(model, b) for b in probe_calib]
-    inits, bits, errors, damage = {}, {}, {}, {}
+    inits, errors, damage = {}, {}, {}
     for i, (name, lin) in enumerate(tqdm(layers.items(), desc="JLCM plan", disable=not progress)):
         w = lin.weight.detach().float()
         N, K = w.shape
         g = Grams.dense(ff[name]) if name in ff else Grams.dense(torch.eye(K))
-        inits[name], bits[name], errors[name] = {}, {}, {}
-        candidates = [f for f in formats if f.fits(N, K)]
-        choice = len(candidates) > 1  # with one candidate there is nothing to score
-        for f in candidates:
+        inits[name], errors[name] = {}, {}
+        choice = len(bits[name]) > 1  # with one candidate there is nothing to score
+        for f in bits[name]:
             init = quantize_weight(
                 w, f.code_bits_per_weight, f.in_group, f.num_codebooks, f.groups, kmeans_iters, seed + i
             )
             if plan_steps and name in ff and choice:
                 init = learn_layer(w, g, init, plan_steps, lr, rounds=1)
             inits[name][f] = init
-            bits[name][f] = f.bits_per_weight(N, K, storage_dtype)
             errors[name][f] = output_error(_stored(init, storage_dtype).dequantize(), w, g).item()
-        if not inits[name]:
-            raise ValueError(f"{name}: in_features = {K} fits none of the formats' in_group")
         # Damage per unit output error: quantize this layer alone with the format nearest the
         # budget and measure the model's output distortion.
         probe = min(bits[name], key=lambda f: (abs(bits[name][f] - bits_per_weight), errors[name][f]))
@@ -225,6 +241,5 @@ def plan(
                 _replace(model, name, lin)
             scale = d / errors[name][probe]
         damage[name] = {f: scale * e for f, e in errors[name].items()}
-    sizes = {n: lin.weight.numel() for n, lin in layers.items()}
     choice = _allocate(bits, damage, sizes, bits_per_weight)
     return {n: LayerPlan(f, bits[n][f], inits[n][f], errors[n][f]) for n, f in choice.items()}
