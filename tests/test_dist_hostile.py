@@ -285,12 +285,41 @@ def _bigran_offset_worker(rank, world, folder):
     write_store(store, mine)
     local = BiGranularIndex(coarse, store)
     assert ShardedIndex(local).ntotal == 400  # default offsets: the rows of the ranks before
+    # an offset on one rank that puts its ids past 2**63 - 1 (they wrapped) or below 0 (search
+    # reads a negative id as "no result": never found); rank 1 alone raised, rank 0 waited
+    for bad in (2**63 - 100, -50):
+        with pytest.raises(ValueError, match="outside 0 .. 2..63 - 1" if rank == 1 else r"rank\(s\) \[1\]"):
+            ShardedIndex(local, id_offset=bad if rank == 1 else 0)
+    with pytest.raises(TypeError if rank == 0 else ValueError, match="id_offset must be an integer|refused"):
+        ShardedIndex(local, id_offset=1.5 if rank == 0 else 200)
+    # a PQ shard holds global ids: an offset would shift its search answers but not remove_ids
+    with pytest.raises(ValueError, match="bi-granular shards only|refused"):
+        ShardedIndex(coarse, id_offset=5 if rank == 0 else None)
+    untrained = PQIndex(ADIM, 4, 8, verbose=False)
+    with pytest.raises(ValueError, match="not trained" if rank == 1 else "refused"):
+        ShardedIndex(untrained if rank == 1 else coarse)
     with pytest.raises(
         ValueError, match=r"100 id\(s\) held by more than one shard, e.g. id 100 on ranks 0 and 1"
     ):
         ShardedIndex(local, id_offset=100 * rank)  # rank 1's 100..299 overlap rank 0's 0..199
 
 
+def _build_overlap_worker(rank, world, folder):
+    import os
+
+    import numpy as np
+
+    from hotops.ann import PQIndex, build_sharded
+
+    rng = np.random.default_rng(rank)
+    x = rng.normal(size=(300, ADIM)).astype(np.float32)
+    ids = np.arange(300) + 200 * rank  # 200..299 on both ranks
+    with pytest.raises(ValueError, match=r"100 id\(s\) given on more than one rank, e.g. id 200"):
+        build_sharded(PQIndex(ADIM, 4, 8, verbose=False), x, os.path.join(folder, "o"), ids=ids)
+    assert not os.path.exists(os.path.join(folder, "o"))  # refused before any file was written
+
+
 def test_sharded_id_held_by_two_shards_is_refused(tmp_path):
     _dist.run(_overlap_worker, 2, timeout=90)
     _dist.run(_bigran_offset_worker, 2, str(tmp_path), timeout=90)
+    _dist.run(_build_overlap_worker, 2, str(tmp_path), timeout=90)

@@ -9,8 +9,9 @@ rank first learns whether any rank failed, and then all of them raise."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -48,6 +49,30 @@ def all_to_all(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group=
     out = x.new_empty((int(sum(recv)),) + tuple(x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), [int(c) for c in recv], [int(c) for c in send], group=group)
     return out
+
+
+def shared_values(values: np.ndarray, group=None) -> Optional[Tuple[int, int, int, int]]:
+    """Whether an int64 value is held by two ranks (each rank's `values` distinct among
+    themselves): None, or (how many such values, one of them, two group ranks that hold it), the
+    same on every rank. Value v is checked by group rank v mod world, so no rank gathers them all:
+    one all_to_all of 8 bytes per value and a sort of this rank's share."""
+    world, cdev = dist.get_world_size(group), comm_device(group)
+    dest = np.mod(values, world)
+    send = np.bincount(dest, minlength=world)
+    me = dist.get_rank(group)
+    recv = [row[me] for row in exchange(send.tolist(), group)]
+    by_dest = torch.from_numpy(np.ascontiguousarray(values[np.argsort(dest, kind="stable")], np.int64))
+    got = all_to_all(by_dest.to(cdev), send, recv, group).cpu().numpy()
+    src = np.repeat(np.arange(world), recv)
+    order = np.argsort(got, kind="stable")
+    got, src = got[order], src[order]
+    twice = np.flatnonzero(got[1:] == got[:-1])
+    i = int(twice[0]) if twice.size else 0
+    mine = [twice.size, int(got[i]), int(src[i]), int(src[i + 1])] if twice.size else [0] * 4
+    found = [f for f in exchange(mine, group) if f[0]]
+    if not found:
+        return None
+    return (sum(f[0] for f in found), *found[0][1:])
 
 
 def raise_together(error: Optional[str], group, what: str, value=None) -> list:

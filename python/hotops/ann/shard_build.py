@@ -77,7 +77,7 @@ def build_sharded(
     3. Rank 0 writes `folder/manifest.json`: shard files, ntotal and bytes per shard, the index
        kind and parameters, and the sha256 of the trained quantizers that load() checks.
     Returns the ShardedIndex over the in-memory shards."""
-    from hotops._collective import raise_together
+    from hotops._collective import raise_together, shared_values
     from hotops.ann.sharded import ShardedIndex
 
     # every step below is collective: a rank that refused alone would leave the others waiting,
@@ -133,16 +133,30 @@ def build_sharded(
     try:
         if rank != 0:
             _set_trained_state(index, state[0])
-        os.makedirs(folder, exist_ok=True)
         if store_dtype is not None:
             from hotops.ann.bigran import write_store
 
+            os.makedirs(folder, exist_ok=True)
             index.add(x, np.arange(x.shape[0], dtype=np.int64))
             sname = f"{name}-{rank:05d}-of-{world:05d}.store"
             write_store(os.path.join(folder, sname), x, store_dtype)
             entry.update(store=sname, id_offset=offset)
         else:
             index.add(x, np.arange(offset, offset + x.shape[0], dtype=np.int64) if ids is None else ids)
+    except (OSError, TypeError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    raise_together(error, group, "build_sharded")
+    # ids given by the ranks may overlap (the default ones cannot): refused before any file is
+    # written, which ShardedIndex would refuse to open
+    shared = shared_values(index.ids, group) if ids is not None else None
+    if shared is not None:
+        count, gid, a, b = shared
+        raise ValueError(
+            f"build_sharded: {count} id(s) given on more than one rank, e.g. id {gid} on group ranks "
+            f"{a} and {b}; give every vector one global id"
+        )
+    try:
+        os.makedirs(folder, exist_ok=True)
         index.save(os.path.join(folder, fname))
         entry.update(ntotal=index.ntotal, bytes=os.path.getsize(os.path.join(folder, fname)))
     except (OSError, TypeError, ValueError) as exc:

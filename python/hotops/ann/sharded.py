@@ -35,6 +35,7 @@ from hotops._collective import (
     exchange,
     fail_together,
     raise_together,
+    shared_values,
 )
 from hotops.ann import _arrays
 from hotops.ann._mutable import as_id_list
@@ -62,6 +63,14 @@ def _allow_hash(allow) -> int:
     a = np.ascontiguousarray(_arrays.as_numpy(allow, "allow"))
     head = zlib.crc32(f"{a.dtype.str}{a.shape}".encode()) & 0x7FFFFFFF  # 63 bits in all: an int64
     return (head << 32 | zlib.crc32(memoryview(a).cast("B"))) or 1
+
+
+def _ranks(group, a: int, b: int) -> str:
+    """Group ranks a and b, named with their global ranks in a subgroup."""
+    if group is None or dist.get_world_size(group) == dist.get_world_size():
+        return f"ranks {a} and {b}"
+    ga, gb = dist.get_global_rank(group, a), dist.get_global_rank(group, b)
+    return f"ranks {a} and {b} of the group (global ranks {ga} and {gb})"
 
 
 def _merge(score: np.ndarray, gid: np.ndarray, k: int):
@@ -96,26 +105,38 @@ class ShardedIndex:
             raise RuntimeError(
                 "ShardedIndex needs torch.distributed: call torch.distributed.init_process_group first"
             )
-        if not isinstance(local_index, (PQIndex, IVFPQIndex, BiGranularIndex)):
-            raise TypeError(
-                f"local_index must be a PQIndex, IVFPQIndex or BiGranularIndex, "
-                f"got {type(local_index).__name__}"
-            )
         self.local, self.group = local_index, group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        self.bigran = isinstance(local_index, BiGranularIndex)
-        self.pq = local_index.coarse if self.bigran else local_index
-        if not self.pq.is_trained:
-            raise RuntimeError("local_index is not trained: every shard needs the shared trained codebooks")
-        info = dict(
-            fingerprint=trained_fingerprint(self.pq),
-            dim=self.pq.dim,
-            ntotal=self.local.ntotal,
-            rows=self._local_rows(),
-            kind=type(local_index).__name__,
-        )
+        error, info = None, None
+        try:  # a rank that refuses its shard alone would leave the others in the gather below
+            if not isinstance(local_index, (PQIndex, IVFPQIndex, BiGranularIndex)):
+                raise TypeError(
+                    f"local_index must be a PQIndex, IVFPQIndex or BiGranularIndex, "
+                    f"got {type(local_index).__name__}"
+                )
+            self.bigran = isinstance(local_index, BiGranularIndex)
+            self.pq = local_index.coarse if self.bigran else local_index
+            if not self.pq.is_trained:
+                raise ValueError("local_index is not trained: every shard needs the shared trained codebooks")
+            self._check_offset(id_offset)
+            info = dict(
+                fingerprint=trained_fingerprint(self.pq),
+                dim=self.pq.dim,
+                ntotal=self.local.ntotal,
+                rows=self._local_rows(),
+                kind=type(local_index).__name__,
+            )
+        except (TypeError, ValueError) as exc:
+            error = exc
         infos = [None] * self.world_size
         dist.all_gather_object(infos, info, group=group)
+        if error is not None:
+            raise error
+        refused = [r for r, i in enumerate(infos) if i is None]
+        if refused:
+            raise ValueError(
+                f"ShardedIndex: rank(s) {refused} of the group refused their shard (see their error)"
+            )
         odd = [
             r
             for r, i in enumerate(infos)
@@ -133,36 +154,37 @@ class ShardedIndex:
         self.id_offset = int(id_offset)
         self._refuse_shared_ids()
 
+    def _check_offset(self, id_offset) -> None:
+        """A given id_offset: a bi-granular shard's, keeping its global ids in 0 .. 2**63 - 1
+        (search takes a negative id for "no result"; past 2**63 - 1 they wrap)."""
+        if id_offset is None:
+            return
+        if isinstance(id_offset, bool) or not isinstance(id_offset, (int, np.integer)):
+            raise TypeError(f"id_offset must be an integer, got {type(id_offset).__name__} {id_offset!r}")
+        if not self.bigran:
+            if id_offset != 0:
+                raise ValueError(
+                    "id_offset applies to bi-granular shards only: PQ and IVF-PQ shards hold global ids "
+                    "(add them with ids=...)"
+                )
+            return
+        last = int(id_offset) + max(self._local_rows() - 1, 0)
+        if id_offset < 0 or last > _arrays.INT64_MAX:
+            raise ValueError(
+                f"id_offset {int(id_offset)} puts this shard's ids outside 0 .. 2**63 - 1 "
+                f"({self._local_rows()} store rows)"
+            )
+
     def _refuse_shared_ids(self) -> None:
         """Refuses, on every rank, shards that hold one global id twice (built with overlapping ids
-        or id_offsets): a single index never does, and a search would answer that id twice. Id i
-        goes to rank i mod world, which looks for repeats among what it receives, so no rank
-        gathers every id (one all_to_all of 8 bytes per vector, and a sort of this rank's share)."""
-        W, cdev = self.world_size, comm_device(self.group)
+        or id_offsets): a single index never does, and a search would answer that id twice."""
         live = self.pq.ids if self.pq._live is None else self.pq.ids[self.pq._live.view(np.bool_)]
-        gids = live + (self.id_offset if self.bigran else 0)
-        dest = np.mod(gids, W)
-        send = np.bincount(dest, minlength=W)
-        recv = [row[self.rank] for row in exchange(send.tolist(), self.group)]
-        got = (
-            all_to_all(
-                torch.from_numpy(gids[np.argsort(dest, kind="stable")]).to(cdev), send, recv, self.group
-            )
-            .cpu()
-            .numpy()
-        )
-        src = np.repeat(np.arange(W), recv)
-        order = np.argsort(got, kind="stable")
-        got, src = got[order], src[order]
-        twice = np.flatnonzero(got[1:] == got[:-1])
-        i = twice[0] if twice.size else 0
-        mine = [twice.size, int(got[i]), int(src[i]), int(src[i + 1])] if twice.size else [0] * 4
-        found = [f for f in exchange(mine, self.group) if f[0]]
-        if found:
-            _, gid, a, b = found[0]
+        shared = shared_values(live + self.id_offset, self.group)
+        if shared is not None:
+            count, gid, a, b = shared
             raise ValueError(
-                f"ShardedIndex: {sum(f[0] for f in found)} id(s) held by more than one shard, e.g. id "
-                f"{gid} on ranks {a} and {b}; give every vector one global id on one shard "
+                f"ShardedIndex: {count} id(s) held by more than one shard, e.g. id {gid} on "
+                f"{_ranks(self.group, a, b)}; give every vector one global id on one shard "
                 f"(ShardedIndex.add moves re-added ids)"
             )
 
