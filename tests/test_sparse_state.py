@@ -414,7 +414,7 @@ def test_functional_weight_follows_values():
         sw.values.mul_(2)
         torch.testing.assert_close(sparse_linear(x, sw), reference.sparse_linear(x, sw), rtol=1e-4, atol=1e-4)
         p = nn.Parameter(sw.values.clone())
-        from hotops.sparse.format import track
+        from hotops.sparse.tracking import track
 
         sw2 = sw.with_values(track(p))
         sparse_linear(x, sw2)

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from hotops import _backend
 from hotops.sparse import op
-from hotops.sparse.format import _DATA, SparseWeight, TrackedBuffer
+from hotops.sparse.format import SparseWeight
 from hotops.sparse.spec import ACTIVATIONS
+from hotops.sparse.tracking import _DATA, TrackedBuffer
 
 # activations (and bias) may be bfloat16 / float16: the kernels read them widened to float32 (the
 # bf16 linear forward with AVX512_BF16 reads them as they are and rounds the values to bf16),
@@ -85,7 +86,7 @@ def check_linear(x: Tensor, sw: SparseWeight, bias: Optional[Tensor], activation
 
 
 def plain(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A module's nn.Parameter (format.TrackedParameter) as a plain tensor alias, without counting
+    """A module's nn.Parameter (tracking.TrackedParameter) as a plain tensor alias, without counting
     it as a .data read."""
     return _DATA.__get__(t) if isinstance(t, (nn.Parameter, TrackedBuffer)) else t
 

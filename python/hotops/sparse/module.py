@@ -12,15 +12,7 @@ from torch import Tensor, nn
 from hotops._backend import autocast_input
 from hotops.integrations.torch_prune import weight_bias_mask
 from hotops.sparse.dispatch import DENSE, POLICIES, SPARSE, measure_pair, remember, sparse_pays
-from hotops.sparse.format import (
-    _BUILD_LOCK,
-    SparseWeight,
-    alias_versions,
-    checked_structure,
-    state_key,
-    traceable,
-    track,
-)
+from hotops.sparse.format import SparseWeight, checked_structure
 from hotops.sparse.functional import (
     check_activation,
     check_conv2d,
@@ -31,6 +23,7 @@ from hotops.sparse.functional import (
 )
 from hotops.sparse.op import prepared_conv2d, prepared_linear
 from hotops.sparse.spec import activate
+from hotops.sparse.tracking import _BUILD_LOCK, alias_versions, state_key, traceable, track
 
 _get_version = operator.attrgetter("_version")
 
@@ -87,7 +80,7 @@ class _SparseLayer(nn.Module):
         self._load(sw)
 
     # ---- cache invalidation. The layer's parameters and buffers are tracked tensors reporting to
-    # the layer's cell [generation, live .data aliases] (format.track): a .data read or write of
+    # the layer's cell [generation, live .data aliases] (tracking.track): a .data read or write of
     # any of them, replacing one, .to() and load_state_dict bump the generation. In-place changes
     # bump version counters: a prepared call keeps plain aliases of the tensors it holds copies
     # derived from or pointers to (its "sources": values and b_perm for the blocked values;
