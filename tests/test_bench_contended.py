@@ -146,6 +146,7 @@ def test_cli_refuses_what_it_cannot_honour_before_timing(tmp_path, monkeypatch, 
     monkeypatch.setattr(sys.modules["hotops_tiny_bench"], "run", lambda *a: ran.append(a))
     base = ["bench", "--family", "tiny", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path)]
     (tmp_path / "r.json").write_text("")
+    (tmp_path / "broken").symlink_to(tmp_path / "missing")
     for extra, says in [
         (["--where", "n"], "expected KEY=VALUE"),
         (["--where", "m=1"], "no case matches m=1 (the cases' keys: n)"),
@@ -156,6 +157,11 @@ def test_cli_refuses_what_it_cannot_honour_before_timing(tmp_path, monkeypatch, 
         (["--json", str(tmp_path / "r.json" / "x.json")], "cannot write there"),
         (["--json", str(tmp_path / "new" / "r.json"), "--where", "n=3"], "no case matches"),
         (["--plot", str(tmp_path / "plots"), "--where", "n=3"], "no case matches"),
+        (["--json", str(tmp_path / "new") + "/"], "a folder, not a file"),
+        (["--json", str(tmp_path / "r.md")], "the markdown table is written beside it"),
+        (["--plot", str(tmp_path / "r.json")], "cannot be the --json file"),
+        (["--json", str(tmp_path / "broken" / "r.json")], "is a broken link"),
+        (["--plot", str(tmp_path / ("x" * 300))], "a name longer than"),
     ]:
         with pytest.raises(SystemExit):
             cli.main(base + extra)
@@ -164,3 +170,17 @@ def test_cli_refuses_what_it_cannot_honour_before_timing(tmp_path, monkeypatch, 
     # a refused run leaves no folder behind (they were made at parsing)
     assert not (tmp_path / "new").exists() and not (tmp_path / "plots").exists()
     assert cli._selected({"keep": 1.0}, [cli._where("keep=1")])  # numbers compare as numbers
+
+
+def test_writable_accepts_an_existing_file_and_leaves_it(tmp_path):
+    """An existing file is overwritten in place: it is checked by opening it, and left as it was."""
+    import argparse
+
+    from hotops._argtypes import writable
+
+    f = tmp_path / "kept.json"
+    f.write_text("old")
+    before = f.stat().st_mtime_ns
+    writable(argparse.ArgumentParser(), str(f), "--json")
+    assert f.read_text() == "old" and f.stat().st_mtime_ns == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]  # no probe file left

@@ -61,21 +61,43 @@ def writable(
     ap: argparse.ArgumentParser, path: str, flag: str, folder: bool = False, make_folders: bool = False
 ) -> None:
     """Refuses, at parsing, an output path that could only fail when it is written at the end of
-    the run: a file path that is a folder, a missing folder (unless the caller makes the missing
-    folders when it writes: `make_folders`), or one where no file can be created. Creates nothing,
-    so a run refused later leaves no folder behind."""
+    the run: a file path that is a folder (or ends in a slash), a missing folder (unless the
+    caller makes the missing folders when it writes: `make_folders`), a broken link or a name too
+    long on the way, or a place where no file can be created. Creates nothing, so a run refused
+    later leaves no folder behind."""
+    why = _cannot_write(path, folder, make_folders)
+    if why:
+        ap.error(f"{flag} {path!r}: cannot write there ({why})")
+
+
+def _cannot_write(path: str, folder: bool, make_folders: bool) -> Optional[str]:
+    if not path:
+        return "an empty path"
+    if not folder and (path.endswith(("/", os.sep)) or os.path.isdir(path)):
+        return "a folder, not a file"
+    if not folder and os.path.isfile(path):  # overwritten in place: only the file must be writable
+        try:
+            open(path, "a").close()  # opens, writes nothing
+            return None
+        except OSError as e:
+            return f"cannot open it for writing: {e.strerror}"
     target = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
     existing = target
-    while make_folders and not os.path.exists(existing):
+    while make_folders and not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    if not path or (not folder and os.path.isdir(path)):
-        why = "a folder, not a file"
-    elif not os.path.isdir(existing):
-        why = f"{existing} is not a folder" if os.path.exists(existing) else f"no folder {existing}"
-    else:
-        try:  # os.access says yes to root even where nothing can be created (/proc)
-            tempfile.TemporaryFile(dir=existing).close()
-            return
-        except OSError as e:
-            why = f"cannot create a file in {existing}: {e.strerror}"
-    ap.error(f"{flag} {path!r}: cannot write there ({why})")
+    if os.path.islink(existing) and not os.path.exists(existing):
+        return f"{existing} is a broken link"
+    if not os.path.isdir(existing):
+        return f"{existing} is not a folder" if os.path.exists(existing) else f"no folder {existing}"
+    try:
+        longest = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    missing = os.path.relpath(os.path.abspath(path), existing).split(os.sep)
+    if any(len(os.fsencode(part)) > longest for part in missing):
+        return f"a name longer than {longest} bytes"
+    try:  # os.access says yes to root even where nothing can be created (/proc)
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        return f"cannot create a file in {existing}: {e.strerror}"
+    return None

@@ -76,6 +76,10 @@ def _markdown(rows):
     )
 
 
+def _markdown_path(json_path: str) -> str:
+    return os.path.splitext(json_path)[0] + ".md"
+
+
 def write_markdown(results, mach, path, command, contended=None):
     with open(path, "w") as f:
         f.write(f"Command: `{command}`\n\nMachine: {mach.describe()}\n\n")
@@ -206,8 +210,15 @@ def main(argv=None):
         p.error("--device cuda: no CUDA GPU is visible to torch")
     if args.contended and args.device != "cpu":
         p.error("--contended: the busy process competes for CPU cores; use it with --device cpu")
-    # both made, with their missing folders, when the results are written
+    # all made, with their missing folders, when the results are written: the JSON, the markdown
+    # table beside it, the plots' folder
     writable(p, args.json, "--json", make_folders=True)
+    md = _markdown_path(args.json)
+    if os.path.abspath(md) == os.path.abspath(args.json):
+        p.error(f"--json {args.json!r}: the markdown table is written beside it as {md}; name it .json")
+    if os.path.abspath(args.plot) in (os.path.abspath(args.json), os.path.abspath(md)):
+        p.error(f"--plot {args.plot!r}: the folder of the plots cannot be the --json file or its table")
+    writable(p, md, "--json (its markdown table)", make_folders=True)
     writable(p, args.plot, "--plot", folder=True, make_folders=True)
     # every family's selected cases, known before anything is timed
     plan, keys = [], set()
@@ -276,7 +287,7 @@ def main(argv=None):
             indent=1,
         )
     os.makedirs(args.plot, exist_ok=True)
-    md = os.path.splitext(args.json)[0] + ".md"
+    md = _markdown_path(args.json)
     write_markdown(results, mach, md, "hotops " + " ".join(sys.argv[1:] if argv is None else argv), contended)
     png = plot(results, os.path.join(args.plot, "speedups.png"))
     print(f"\nwrote {args.json}, {md}" + (f" and {png}" if png else ""))
