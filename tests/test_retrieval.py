@@ -2,6 +2,7 @@
 ContrastiveTrainer, contrastive_loss, batch_schedule, HardNegativeRefresh, build_pq_index,
 evaluate, encode_speed, state_bytes, duplicate_key, false_negatives, topk_overlap."""
 
+import copy
 import types
 
 import numpy as np
@@ -458,3 +459,90 @@ def test_info_nce_and_mnrl_compute_the_same_loss(tiny):
             assert first["info_nce", True] == pytest.approx(first[key], rel=1e-4)
             # Adam divides by |grad|: near-zero gradients amplify rounding to ~1 % of a step (lr 1e-2)
             torch.testing.assert_close(after["info_nce", True], after[key], rtol=0, atol=1e-4)
+
+
+def test_inputs_that_returned_wrong_numbers_are_refused(tiny):
+    """Each of these returned a number, or nothing, without an error: a negative doc_key matched
+    the -1 of an empty result (MRR 1.0 for no results), tensor keys of `related` were never found
+    (nothing excluded), batch_size -1 made encode return None, max_length 0 turned truncation off,
+    an interval of 0 made PeakRSS's sampler spin."""
+    from hotops.retrieval import PeakRSS, rank_metrics
+
+    _, tok, bert = tiny
+    with pytest.raises(ValueError, match="doc_key must hold keys >= 0"):
+        rank_metrics([[-1, -1]], [0], doc_key=[-1, 5], ks=(2,))
+    with pytest.raises(ValueError, match="doc_key has 2 keys, fewer than the corpus's 3 rows"):
+        rank_metrics([[0, 1]], [0], doc_key=[0, 1], ks=(2,), n_docs=3)
+    related = {torch.tensor(0): [3]}
+    assert false_negatives([0], related, ["a", "b", "c", "d"]) == {0: [3]}
+    assert exclusion_matrix([0], related).tolist() == [[3]]
+    corpus = _texts(4, 1)
+    for kw, says in (
+        ({"batch_size": -1}, "batch_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_length": 0}, "max_length"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            encode(bert, tok, corpus, **kw)
+    with pytest.raises(ValueError, match="max_length"):
+        tokenize(tok, corpus, 0)
+    with pytest.raises(TypeError, match="one str"):
+        encode(bert, tok, "hello")
+    for interval in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="interval"):
+            PeakRSS(interval)
+
+
+def test_trainer_refuses_settings_it_used_to_ignore_and_stops_on_a_nan_loss(tiny):
+    """lr=inf trained to NaN weights and returned; distillation without a teacher, with NaN or
+    negative weight, or with loss='mnrl' ran without it; a teacher of another width failed in a
+    broadcast; a train-mode teacher gave dropout-noised targets; an interrupted run left the
+    model in train mode."""
+    corpus, queries = _texts(16, 9), _texts(4, 10)
+    schedule = [torch.arange(4)]
+    negatives = torch.full((4, 1), 9)
+    with pytest.raises(ValueError, match="lr"):
+        ContrastiveTrainer(queries, [0, 1, 2, 3], corpus, schedule, lr=float("inf"))
+    trainer = ContrastiveTrainer(queries, [0, 1, 2, 3], corpus, schedule)
+    model, teacher = _model(tiny), _model(tiny).bert
+    with pytest.raises(ValueError, match="lr"):
+        trainer.run(model, "info_nce", 1, negatives=negatives, lr=float("inf"))
+    for distill, says in ((float("nan"), "distill"), (-1.0, "distill")):
+        with pytest.raises(ValueError, match=says):
+            trainer.run(model, "info_nce", 1, negatives=negatives, teacher=teacher, distill=distill)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        trainer.run(model, "info_nce", 1, negatives=negatives, distill=1.0)
+    with pytest.raises(ValueError, match="loss='info_nce' only"):
+        trainer.run(model, "mnrl", 1, negatives=negatives, teacher=teacher, distill=1.0)
+
+    # the hooks below see the models' forward calls: the padded path makes them
+    trainer = ContrastiveTrainer(queries, [0, 1, 2, 3], corpus, schedule, unpadded=False)
+    # the teacher runs in eval mode and gets its own mode back
+    seen = []
+    teacher.train()
+    hook = teacher.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    trainer.run(model, "info_nce", 1, negatives=negatives, teacher=teacher, distill=1.0)
+    hook.remove()
+    assert seen and not any(seen) and teacher.training
+
+    wide = copy.deepcopy(teacher)
+    wide.register_forward_hook(lambda m, a, out: type(out)(last_hidden_state=torch.cat([out[0], out[0]], -1)))
+    with pytest.raises(ValueError, match="the teacher embeds in 32 dimensions, the model in 16"):
+        trainer.run(model, "info_nce", 1, negatives=negatives, teacher=wide, distill=1.0)
+
+    # a NaN loss stops the run before its step changes the weights
+    before = [p.detach().clone() for p in model.parameters()]
+    nan = model.bert.register_forward_hook(
+        lambda m, a, out: type(out)(last_hidden_state=out[0] * float("nan"))
+    )
+    with pytest.raises(FloatingPointError, match="the loss of step 1 is nan"):
+        trainer.run(model, "info_nce", 2, negatives=negatives)
+    nan.remove()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not model.training
+
+    def interrupt(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(model, "info_nce", 2, negatives=negatives, after_step=interrupt)
+    assert not model.training

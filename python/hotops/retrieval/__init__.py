@@ -41,6 +41,9 @@ __all__ = [
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int = 32) -> Dict[str, torch.Tensor]:
     """A Hugging Face tokenizer's padded, truncated batch of `texts` as a dict of tensors."""
+    # max_length 0 or None turns a Hugging Face tokenizer's truncation off: texts past the model's
+    # positions would then fail inside it
+    check_number(max_length, "max_length", integer=True, low=1)
     return dict(
         tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     )
@@ -59,8 +62,12 @@ def encode(
 ) -> torch.Tensor:
     """(len(texts), dim) float32 embeddings in input order, computed in inference mode over
     batches of texts of similar token counts (shuffled texts would be mostly padding)."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of str, got one str (its characters would be the texts)")
     if len(texts) == 0:
         raise ValueError("texts is empty")
+    batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
+    check_number(max_length, "max_length", integer=True, low=1)
     lengths = [len(t) for t in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
     order = np.argsort(lengths, kind="stable")
     was_training = bert.training
@@ -160,8 +167,13 @@ def rank_metrics(
     if ids.dim() != 2:
         raise ValueError(f"ids must be (nq, k) ranked rows, got shape {tuple(ids.shape)}")
     key = None if doc_key is None else _integer_ids(doc_key, "doc_key")
+    if key is not None and key.numel() and int(key.min()) < 0:
+        # a negative key would match the -1 of an empty result: a ranking of nothing scored a hit
+        raise ValueError(f"doc_key must hold keys >= 0, got {int(key.min())}")
     if n_docs is None and key is not None:
         n_docs = len(key)
+    if key is not None and n_docs is not None and len(key) < n_docs:
+        raise ValueError(f"doc_key has {len(key)} keys, fewer than the corpus's {n_docs} rows")
     if n_docs is not None:
         n_docs = check_number(n_docs, "n_docs", integer=True, low=1)
     gold = _gold_rows(gold, len(ids), n_docs)
@@ -259,11 +271,19 @@ def false_negatives(rows: Sequence[int], related: Dict[int, List[int]], texts: S
     bad = [r for r in rows if not 0 <= r < len(texts)]
     if bad:
         raise ValueError(f"rows {sorted(bad)[:5]} are not rows of texts (0..{len(texts) - 1})")
+    related = _int_keys(related)
     return {r: sorted(({int(i) for i in related.get(r, [])} | set(same_text[texts[r]])) - {r}) for r in rows}
+
+
+def _int_keys(related: Dict) -> Dict[int, List[int]]:
+    """`related` with int keys: tensor or NumPy keys hash by identity (or type), so a lookup by
+    row would find nothing and silently exclude nothing."""
+    return {int(k): v for k, v in related.items()}
 
 
 def exclusion_matrix(rows: Sequence[int], related: Dict[int, List[int]]) -> torch.Tensor:
     """(len(rows), E) int64 of each row's related ids padded with -1 (E >= 1): a miner's exclude."""
+    related = _int_keys(related)
     lists = [related.get(int(r), []) for r in rows]
     E = max(1, max((len(x) for x in lists), default=1))
     out = torch.full((len(rows), E), -1, dtype=torch.int64)
@@ -321,6 +341,8 @@ class PeakRSS:
     machine inflate much less than the wall time."""
 
     def __init__(self, interval: float = 0.05):
+        # 0, negative or NaN made the sampler spin, its CPU time counted in cpu_seconds
+        interval = check_number(interval, "interval", low=0.0, low_open=True)
         self.interval, self.peak, self.start = interval, 0, 0
         self._stop = threading.Event()
 

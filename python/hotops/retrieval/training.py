@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hotops._backend import check_number
 from hotops.infonce import info_nce
 from hotops.integrations import unpadded as _unpadded
 from hotops.retrieval import mean_pooled, tokenize
@@ -142,6 +143,8 @@ class ContrastiveTrainer:
         _check_rows(_as_rows(positives), len(corpus), "positives")
         for b in schedule:
             _check_rows(torch.as_tensor(b), len(queries), "a schedule batch")
+        lr = check_number(lr, "lr", low=0.0)
+        check_number(max_length, "max_length", integer=True, low=1)
         self.queries, self.positives, self.corpus = queries, positives, corpus
         self.schedule = schedule
         self.lr, self.temperature, self.max_length, self.verbose = lr, temperature, max_length, verbose
@@ -172,9 +175,19 @@ class ContrastiveTrainer:
         every `refresh_every` steps after the first (ANCE; see mining.HardNegativeRefresh).
         teacher (a BERT-style encoder) with distill > 0 adds contrastive_loss's distillation
         terms ('info_nce' only). after_step(step) runs after each optimizer step (1-based, e.g.
-        a GradualPruner). The batches are the schedule's from `step0` on."""
+        a GradualPruner). The batches are the schedule's from `step0` on; each run builds its own
+        optimizer and warm-up, so a run from step0 = s is not the continuation of an earlier one.
+        The teacher runs in eval mode (no dropout in the targets) and gets its mode back after.
+        A step whose loss is not finite raises FloatingPointError before it changes the weights."""
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if lr is not None:
+            lr = check_number(lr, "lr", low=0.0)
+        distill = check_number(distill, "distill", low=0.0)
+        if distill > 0 and teacher is None:
+            raise ValueError("distill > 0 needs a teacher")
+        if teacher is not None and distill > 0 and loss != "info_nce":
+            raise ValueError(f"distillation from a teacher runs with loss='info_nce' only, got {loss!r}")
         if refresh is not None and refresh_every < 1:
             raise ValueError(f"refresh_every must be at least 1, got {refresh_every}")
         if negatives is None and min(len(b) for b in self.schedule) < 2:
@@ -191,8 +204,9 @@ class ContrastiveTrainer:
         mnrl = _mnrl(model, self.temperature) if loss == "mnrl" else None
         bert, tok = model[0].auto_model, model.tokenizer
         pooled = mean_pooled
+        distilling = teacher is not None and distill > 0
         if mnrl is None and self.unpadded:
-            for m in (bert, teacher) if teacher is not None and distill > 0 else (bert,):
+            for m in (bert, teacher) if distilling else (bert,):
                 try:
                     _unpadded.check_encoder(m)
                 except ValueError as e:
@@ -200,46 +214,63 @@ class ContrastiveTrainer:
                         f"{e} (ContrastiveTrainer(unpadded=False) runs its padded forward)"
                     ) from None
             pooled = _unpadded.mean_pooled
+        teacher_was = distilling and teacher.training
+        if distilling:
+            teacher.eval()
         model.train()
         t0, self.losses = time.perf_counter(), []
-        for step in range(steps):
-            if refresh is not None and step > 0 and step % refresh_every == 0:
-                negatives = self._checked(refresh(model))
-                model.train()
-            qi = self.schedule[(step0 + step) % len(self.schedule)]
-            cols = [[self.queries[i] for i in qi], [self.corpus[self.positives[i]] for i in qi]]
-            if negatives is not None:  # one column per mined negative (MNRL's layout)
-                for col in negatives[qi].T.tolist():
-                    cols.append([self.corpus[j] for j in col])
-            if mnrl is not None:
-                value = mnrl([tokenize(tok, c, self.max_length) for c in cols], None)
-            else:
-                if pooled is mean_pooled:  # padded: one call per column, each padded to its own longest
-                    inputs = [tokenize(tok, c, self.max_length) for c in cols]
-                else:  # unpadded: the columns in one call where attention allows (encoder_calls)
-                    together = tokenize(tok, [t for c in cols for t in c], self.max_length)
-                    inputs = encoder_calls(together, len(qi), bert.config.hidden_size)
-                inputs = [{k: f[k] for k in HF_KEYS if k in f} for f in inputs]
-                emb = torch.cat([pooled(bert, x) for x in inputs]).split(len(qi))
-                ref = None
-                if teacher is not None and distill > 0:
-                    with torch.no_grad():
-                        ref = torch.cat([pooled(teacher, x) for x in inputs]).split(len(qi))
-                value = contrastive_loss(emb, self.temperature, ref, distill)
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            sched.step()
-            if after_step is not None:
-                after_step(step + 1)
-            self.losses.append(value.item())
-            if self.verbose and (step + 1) % max(1, steps // 5) == 0:
-                print(
-                    f"  {log} step {step + 1}/{steps} loss {np.mean(self.losses[-20:]):.4f} "
-                    f"{time.perf_counter() - t0:.0f} s",
-                    flush=True,
-                )
-        model.eval()
+        try:
+            for step in range(steps):
+                if refresh is not None and step > 0 and step % refresh_every == 0:
+                    negatives = self._checked(refresh(model))
+                    model.train()
+                qi = self.schedule[(step0 + step) % len(self.schedule)]
+                cols = [[self.queries[i] for i in qi], [self.corpus[self.positives[i]] for i in qi]]
+                if negatives is not None:  # one column per mined negative (MNRL's layout)
+                    for col in negatives[qi].T.tolist():
+                        cols.append([self.corpus[j] for j in col])
+                if mnrl is not None:
+                    value = mnrl([tokenize(tok, c, self.max_length) for c in cols], None)
+                else:
+                    if pooled is mean_pooled:  # padded: one call per column, each padded to its own longest
+                        inputs = [tokenize(tok, c, self.max_length) for c in cols]
+                    else:  # unpadded: the columns in one call where attention allows (encoder_calls)
+                        together = tokenize(tok, [t for c in cols for t in c], self.max_length)
+                        inputs = encoder_calls(together, len(qi), bert.config.hidden_size)
+                    inputs = [{k: f[k] for k in HF_KEYS if k in f} for f in inputs]
+                    emb = torch.cat([pooled(bert, x) for x in inputs]).split(len(qi))
+                    ref = None
+                    if distilling:
+                        with torch.no_grad():
+                            ref = torch.cat([pooled(teacher, x) for x in inputs]).split(len(qi))
+                        if ref[0].shape[1] != emb[0].shape[1]:
+                            raise ValueError(
+                                f"the teacher embeds in {ref[0].shape[1]} dimensions, the model in "
+                                f"{emb[0].shape[1]}: distillation compares them one to one"
+                            )
+                    value = contrastive_loss(emb, self.temperature, ref, distill)
+                self.losses.append(value.item())
+                if not np.isfinite(self.losses[-1]):  # raised before the step spreads it to the weights
+                    raise FloatingPointError(
+                        f"{log or 'training'}: the loss of step {step + 1} is {self.losses[-1]} "
+                        f"(lr {opt.param_groups[0]['lr']:.3g}); the model holds the previous step's weights"
+                    )
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                sched.step()
+                if after_step is not None:
+                    after_step(step + 1)
+                if self.verbose and (step + 1) % max(1, steps // 5) == 0:
+                    print(
+                        f"  {log} step {step + 1}/{steps} loss {np.mean(self.losses[-20:]):.4f} "
+                        f"{time.perf_counter() - t0:.0f} s",
+                        flush=True,
+                    )
+        finally:  # an interrupted run too leaves both models as they were meant to be
+            model.eval()
+            if teacher_was:
+                teacher.train()
         return model
 
     def _checked(self, negatives):
