@@ -546,3 +546,16 @@ def test_trainer_refuses_settings_it_used_to_ignore_and_stops_on_a_nan_loss(tiny
     with pytest.raises(KeyboardInterrupt):
         trainer.run(model, "info_nce", 2, negatives=negatives, after_step=interrupt)
     assert not model.training
+
+
+def test_hard_negative_refresh_refuses_n_and_depth_before_encoding(tiny):
+    """n > depth, n = 0 and a batch_size of 0 were refused only at the first refresh, after the
+    corpus was encoded and the index built."""
+    corpus, queries = _texts(20, 7), _texts(4, 8)
+
+    def build(x):
+        raise AssertionError("built an index before refusing")
+
+    for kw, says in (({"n": 5, "depth": 3}, "depth"), ({"n": 0}, "n"), ({"batch_size": 0}, "batch_size")):
+        with pytest.raises(ValueError, match=says):
+            HardNegativeRefresh(corpus, queries, [0, 1, 2, 3], None, build, **kw)

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from hotops._backend import check_number
 from hotops.ann import IVFPQIndex, PQIndex
 from hotops.ann.mining import HardNegativeMiner, _as_id_matrix
 from hotops.retrieval import encode
@@ -81,6 +82,11 @@ class HardNegativeRefresh:
         self.exclude = (
             None if exclude is None else _corpus_rows(exclude, len(queries), len(corpus), "exclude")
         )
+        # n and depth as the miner checks them, here rather than after the first refresh has
+        # encoded the corpus and built the index (minutes into training)
+        HardNegativeMiner(None, n=n, depth=depth)
+        batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
+        check_number(max_length, "max_length", integer=True, low=1)
         self.n, self.depth, self.seed, self.search_kwargs = n, depth, seed, search_kwargs
         self.fill_generator = fill_generator or torch.Generator().manual_seed(seed + 1)
         self.batch_size, self.max_length = batch_size, max_length
