@@ -4,6 +4,7 @@ evaluate, encode_speed, state_bytes, duplicate_key, false_negatives, topk_overla
 
 import copy
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -559,3 +560,30 @@ def test_hard_negative_refresh_refuses_n_and_depth_before_encoding(tiny):
     for kw, says in (({"n": 5, "depth": 3}, "depth"), ({"n": 0}, "n"), ({"batch_size": 0}, "batch_size")):
         with pytest.raises(ValueError, match=says):
             HardNegativeRefresh(corpus, queries, [0, 1, 2, 3], None, build, **kw)
+
+
+def test_retrieval_helpers_refuse_what_failed_deep_inside(tiny):
+    """A tokenizer bigger than the model's embedding table failed with torch's bare IndexError,
+    an empty or 2-d schedule batch with "list index out of range", a sparse buffer in
+    state_bytes with "Cannot access storage"; batch_schedule took an order with repeats."""
+    _, tok, bert = tiny
+    small = copy.deepcopy(bert)
+    small.set_input_embeddings(torch.nn.Embedding(len(tok) - 1, small.config.hidden_size))
+    corpus, queries = _texts(8, 7), _texts(4, 8)
+    with pytest.raises(ValueError, match="do not belong together"):
+        encode(small, tok, corpus)
+    with pytest.raises(ValueError, match="do not belong together"):
+        ContrastiveTrainer(queries, [0, 1, 2, 3], corpus, [torch.arange(4)]).run(
+            _Model(small, tok), "info_nce", 1
+        )
+    for bad in (torch.tensor([], dtype=torch.int64), torch.arange(4).reshape(2, 2)):
+        with pytest.raises(ValueError, match="non-empty 1-d"):
+            ContrastiveTrainer(queries, [0, 1, 2, 3], corpus, [bad])
+    with pytest.raises(ValueError, match="permutation"):
+        batch_schedule(torch.tensor([0, 0, 0, 0]), 2, 2)
+    m = torch.nn.Module()
+    m.register_buffer("coo", torch.eye(4).to_sparse())
+    with warnings.catch_warnings():  # torch: "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        m.register_buffer("csr", torch.eye(4).to_sparse_csr())
+    assert state_bytes(m) == (4 * 4 + 2 * 4 * 8) + (4 * 4 + 5 * 8 + 4 * 8)

@@ -49,6 +49,18 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = 32) -> Dict[str,
     )
 
 
+def _check_vocabulary(bert: torch.nn.Module, tokenizer) -> None:
+    """A tokenizer whose ids pass the model's embedding table fails deep in the model with an
+    index error: refused here, naming both sizes."""
+    table = bert.get_input_embeddings() if hasattr(bert, "get_input_embeddings") else None
+    rows = getattr(table, "num_embeddings", None)
+    if rows is not None and hasattr(tokenizer, "__len__") and len(tokenizer) > rows:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, the model's embedding table {rows} rows: "
+            "they do not belong together"
+        )
+
+
 def mean_pooled(bert: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Sentence embedding of a BERT-style encoder: the mean of the last hidden states over the
     attention mask, L2-normalised (all-MiniLM-L6-v2's pooling)."""
@@ -68,6 +80,7 @@ def encode(
         raise ValueError("texts is empty")
     batch_size = check_number(batch_size, "batch_size", integer=True, low=1)
     check_number(max_length, "max_length", integer=True, low=1)
+    _check_vocabulary(bert, tokenizer)
     lengths = [len(t) for t in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
     order = np.argsort(lengths, kind="stable")
     was_training = bert.training
@@ -297,12 +310,24 @@ def state_bytes(module: torch.nn.Module) -> int:
     """Bytes of the module's state_dict tensors (each storage once): what a checkpoint holds."""
     seen, total = set(), 0
     for t in module.state_dict().values():
-        if isinstance(t, torch.Tensor):
+        if isinstance(t, torch.Tensor) and t.layout != torch.strided:  # sparse: its parts hold the bytes
+            total += _sparse_bytes(t)
+        elif isinstance(t, torch.Tensor):
             key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
             if key not in seen:
                 seen.add(key)
                 total += t.untyped_storage().nbytes()
     return total
+
+
+def _sparse_bytes(t: torch.Tensor) -> int:
+    if t.layout == torch.sparse_coo:
+        parts = (t._values(), t._indices())
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = (t.values(), t.crow_indices(), t.col_indices())
+    else:
+        parts = (t.values(), t.ccol_indices(), t.row_indices())
+    return sum(p.numel() * p.element_size() for p in parts)
 
 
 def encode_speed(

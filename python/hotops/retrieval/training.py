@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hotops._backend import check_number
 from hotops.infonce import info_nce
 from hotops.integrations import unpadded as _unpadded
-from hotops.retrieval import mean_pooled, tokenize
+from hotops.retrieval import _check_vocabulary, mean_pooled, tokenize
 
 __all__ = ["ContrastiveTrainer", "batch_schedule", "contrastive_loss", "encoder_calls", "LOSSES"]
 
@@ -30,6 +30,8 @@ HF_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 def batch_schedule(order: torch.Tensor, steps: int, batch: int) -> List[torch.Tensor]:
     """`steps` batches of `batch` query indices taken in turn from `order` (a permutation),
     wrapping around; a batch the end of `order` would cut short is order's first batch."""
+    if len(torch.unique(torch.as_tensor(order))) != len(order):
+        raise ValueError("batch_schedule: order repeats a query (it must be a permutation)")
     if batch < 1 or steps < 0 or len(order) < batch:
         raise ValueError(
             f"batch_schedule needs 1 <= batch <= len(order) and steps >= 0, got batch {batch}, "
@@ -142,7 +144,12 @@ class ContrastiveTrainer:
             raise ValueError("schedule is empty")
         _check_rows(_as_rows(positives), len(corpus), "positives")
         for b in schedule:
-            _check_rows(torch.as_tensor(b), len(queries), "a schedule batch")
+            b = torch.as_tensor(b)
+            if b.dim() != 1 or not len(b):
+                raise ValueError(
+                    f"a schedule batch must be a non-empty 1-d list of query rows, got shape {tuple(b.shape)}"
+                )
+            _check_rows(b, len(queries), "a schedule batch")
         lr = check_number(lr, "lr", low=0.0)
         check_number(max_length, "max_length", integer=True, low=1)
         self.queries, self.positives, self.corpus = queries, positives, corpus
@@ -203,6 +210,7 @@ class ContrastiveTrainer:
         )
         mnrl = _mnrl(model, self.temperature) if loss == "mnrl" else None
         bert, tok = model[0].auto_model, model.tokenizer
+        _check_vocabulary(bert, tok)
         pooled = mean_pooled
         distilling = teacher is not None and distill > 0
         if mnrl is None and self.unpadded:
