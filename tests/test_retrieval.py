@@ -83,7 +83,7 @@ def test_duplicate_key_and_false_negatives():
 def test_topk_overlap():
     ids = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     ref = torch.tensor([[4, 3, 9, 9], [8, 7, 6, 5]])
-    assert topk_overlap(ids, ref) == pytest.approx((2 / 4 + 1) / 2)
+    assert topk_overlap(ids, ref) == pytest.approx((2 / 3 + 1) / 2)  # 9 twice is one id of the reference
 
 
 def test_state_bytes_counts_each_storage_once():
@@ -587,3 +587,18 @@ def test_retrieval_helpers_refuse_what_failed_deep_inside(tiny):
         warnings.simplefilter("ignore", UserWarning)
         m.register_buffer("csr", torch.eye(4).to_sparse_csr())
     assert state_bytes(m) == (4 * 4 + 2 * 4 * 8) + (4 * 4 + 5 * 8 + 4 * 8)
+
+
+def test_exact_search_scores_half_precision_in_float32_and_overlap_counts_ids_once():
+    from hotops.retrieval import exact_search
+
+    g = torch.Generator().manual_seed(0)
+    corpus, q = torch.randn(2000, 32, generator=g), torch.randn(20, 32, generator=g)
+    for dt in (torch.float16, torch.bfloat16):
+        cq, qq = corpus.to(dt), q.to(dt)
+        want = torch.topk(qq.float() @ cq.float().T, 10).indices
+        got = exact_search(qq, cq, 10)
+        assert torch.equal(got, want)  # bfloat16 scores tied most of these orders
+    assert topk_overlap([[2, 2]], [[2, 2]]) == 1.0
+    with pytest.raises(ValueError, match="no rows"):
+        topk_overlap(np.empty((0, 3)), np.empty((0, 3)))

@@ -103,8 +103,9 @@ def exact_search(q, corpus, k: int = 100, chunk: int = 1024) -> torch.Tensor:
     """(nq, min(k, len(corpus))) ids of the k largest inner products, by brute force in chunks
     of queries. q and corpus: tensors or NumPy arrays (read-only ones too: they are only read);
     of two floating dtypes, both are scored in the more precise one (torch.promote_types: float32
-    queries against a bfloat16 corpus are scored in float32, as its reference should be). NaN or
-    inf in either side raises (topk would rank a NaN first)."""
+    queries against a bfloat16 corpus are scored in float32, as its reference should be), and
+    float16 / bfloat16 in float32 (a bfloat16 score holds 8 bits: most top-10 orders would be
+    ties broken at random). NaN or inf in either side raises (topk would rank a NaN first)."""
     k = check_number(k, "k", integer=True, low=0)
     chunk = check_number(chunk, "chunk", integer=True, low=1)
     with warnings.catch_warnings():  # torch warns that a read-only array is not writable: never written
@@ -119,6 +120,8 @@ def exact_search(q, corpus, k: int = 100, chunk: int = 1024) -> torch.Tensor:
             raise TypeError(f"q ({q.dtype}) and corpus ({corpus.dtype}) must be of one dtype")
         common = torch.promote_types(q.dtype, corpus.dtype)
         q, corpus = q.to(common), corpus.to(common)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q, corpus = q.float(), corpus.float()
     if not (torch.isfinite(q).all() and torch.isfinite(corpus).all()):
         raise ValueError("exact_search: the embeddings hold NaN or inf")
     k = min(k, corpus.shape[0])
@@ -233,6 +236,8 @@ def evaluate(
     k = check_number(k, "k", integer=True, low=1)
     if k < max((10, *ks)):
         raise ValueError(f"k ({k}) must be at least 10 and every ks {ks}: the metrics look that deep")
+    if len(queries) == 0:
+        raise ValueError("evaluate: no queries")
     g = _gold_rows(gold, len(queries), len(corpus))  # before the encoding, which takes the time
     if doc_key is not None and len(doc_key) != len(corpus):
         raise ValueError(f"doc_key must hold one key per corpus row ({len(corpus)}), got {len(doc_key)}")
@@ -259,10 +264,12 @@ def topk_overlap(ids, reference) -> float:
         raise ValueError(
             f"ids and reference must be (nq, k) of the same nq, got {ids.shape} and {reference.shape}"
         )
+    if not len(ids):
+        raise ValueError("topk_overlap: no rows")
     shares = []
     for a, b in zip(ids.tolist(), reference.tolist()):
-        valid = [v for v in b if v != -1]
-        shares.append(len((set(a) - {-1}) & set(valid)) / max(1, len(valid)))
+        valid = set(b) - {-1}  # a repeated id is one id
+        shares.append(len((set(a) - {-1}) & valid) / max(1, len(valid)))
     return float(np.mean(shares))
 
 
