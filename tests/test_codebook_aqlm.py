@@ -220,6 +220,21 @@ def test_wide_opcheck():
     torch.library.opcheck(op.codebook_wide_dequantize, args)
 
 
+@pytest.mark.parametrize("fmt", [(1, 8, 8, 1), (2, 8, 8, 1), (4, 8, 8, 1), (1, 16, 8, 1), (2, 8, 8, 2)])
+def test_from_aqlm_owns_its_tensors(fmt):
+    """With out_group 1 the permuted codebooks were contiguous already and shared the aqlm
+    layer's storage (and the bias always did): training the copy changed the original."""
+    layer = make_layer(64, 48, *fmt)
+    before = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    module = hc.from_aqlm(layer)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point():
+                p.add_(1.0)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_refusals():
     with pytest.raises(ValueError, match="in_group 8 only"):
         hc.from_aqlm(make_layer(64, 16, 1, 16, 4, 1))

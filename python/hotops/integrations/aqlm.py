@@ -137,7 +137,9 @@ def from_aqlm(layer) -> nn.Module:
     codes = logical_codes(layer)  # (out_groups, in_groups, M)
     out_groups = codes.shape[0]
     # rows stored t-major: stored row t * out_groups + o is output row o * og + t, in row group t
-    codebooks = layer.codebooks.detach().permute(2, 0, 1, 3).contiguous()  # (og, M, C, ig)
+    # clone, not contiguous(): with og = 1 the permuted view is contiguous already and would
+    # share the layer's storage (training the copy would change the aqlm layer)
+    codebooks = layer.codebooks.detach().permute(2, 0, 1, 3).clone(memory_format=torch.contiguous_format)
     scales = layer.scales.detach().reshape(out_groups).repeat(og).clone()
     group_ptr = torch.arange(og + 1, dtype=torch.int64, device=codes.device) * out_groups
     perm = None
@@ -146,7 +148,7 @@ def from_aqlm(layer) -> nn.Module:
         perm = (o[None, :] * og + torch.arange(og, device=codes.device)[:, None]).reshape(-1)
     rows = unsigned_codes(codes, nbits)  # a new tensor: the module owns its codes
     rows = rows.repeat(og, 1, 1) if og > 1 else rows
-    bias = None if layer.bias is None else layer.bias.detach()
+    bias = None if layer.bias is None else layer.bias.detach().clone()
     if nbits > 8:
         return WideCodebookLinear(rows.contiguous(), codebooks, scales, group_ptr, perm, bias)
     parts = []
