@@ -131,7 +131,16 @@ def _remember(out, k_factor: Optional[float]):
 
 
 def _warn_fast_scan(faiss, core, pq):
-    """A float-table faiss index of 4-bit codes becomes a hotops fast-scan index: say so."""
+    """A float-table faiss index of 4-bit codes becomes a hotops fast-scan index: say so. A
+    fast-scan index is read through faiss's CodePacker, which unpacks blocks of 32 vectors
+    correctly but not the second half of a 64-vector block (bbs=64: its reconstruct_n is wrong
+    there too, its search right): refused rather than converted to wrong codes."""
+    if isinstance(core, (faiss.IndexPQFastScan, faiss.IndexIVFPQFastScan)) and core.bbs != 32:
+        raise ValueError(
+            f"the faiss {type(core).__name__} packs its codes in blocks of {core.bbs} vectors; hotops "
+            "converts fast-scan indexes built with the default bbs=32 only (faiss.index_factory "
+            '"PQ8x4fs" rather than "PQ8x4fs_64")'
+        )
     if pq.nbits == 4 and not isinstance(core, (faiss.IndexPQFastScan, faiss.IndexIVFPQFastScan)):
         fast = "IndexIVFPQFastScan" if isinstance(core, faiss.IndexIVF) else "IndexPQFastScan"
         warnings.warn(
@@ -392,7 +401,8 @@ class FaissPQIndex:
         else:
             self.quantizer = faiss.IndexFlat(d, fmetric)
             self.pq = faiss.IndexIVFPQ(self.quantizer, d, nlist, m, 8, fmetric)
-            self.pq.cp.seed = seed
+            self.pq.cp.seed = seed  # the coarse clustering
+        self.pq.pq.cp.seed = seed  # the sub-space codebooks (faiss's default seed is 1234 too)
         self.index = faiss.IndexRefineFlat(self.pq) if refine else self.pq
         self.index.train(x)
         self.index.add(x)
@@ -428,8 +438,19 @@ class FaissPQIndex:
         vectors."""
         faiss = _faiss()
         q = _arrays.as_vectors(q, "queries", self.dim)  # hotops' own checks and messages
-        if refine is not None and not self.refine:
-            raise ValueError("refine needs the exact vectors: build the FaissPQIndex with refine=True")
+        k = _arrays.check_k(k)
+        if refine is not None:
+            if not self.refine:
+                raise ValueError("refine needs the exact vectors: build the FaissPQIndex with refine=True")
+            refine = _arrays.check_k(refine, "refine")
+        if self.quantizer is not None:
+            nlist = int(self.pq.nlist)
+            if (
+                isinstance(nprobe, bool)
+                or not isinstance(nprobe, (int, np.integer))
+                or not 1 <= nprobe <= nlist
+            ):
+                raise ValueError(f"nprobe must be an integer in 1..nlist = {nlist}, got {nprobe!r}")
         base = faiss.SearchParametersIVF(nprobe=nprobe) if self.quantizer is not None else None
         if self.refine:
             params = faiss.IndexRefineSearchParameters(k_factor=refine or 1, base_index_params=base)
