@@ -207,6 +207,23 @@ def test_settings_save_with_the_model(llama_dir, tmp_path):
             ht.configure(model, **bad)
 
 
+def test_configure_warns_where_the_model_does_not_use_hotops_ssa(llama_dir):
+    """configure on a model loaded without attn_implementation="hotops_ssa" stored the settings
+    and trained with full attention, silently; NumPy integers are integers."""
+    import warnings
+
+    import numpy as np
+
+    model = AutoModel.from_pretrained(llama_dir, attn_implementation="sdpa")
+    with pytest.warns(UserWarning, match="attention implementation is 'sdpa'"):
+        ht.configure(model, keep=0.5)
+    model.set_attn_implementation("hotops_ssa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ht.configure(model, ensemble=np.int64(2))
+    assert ht._settings(model.layers[0].self_attn) == (0.5, "unbiased", 2)
+
+
 def test_refuses_other_mask_patterns():
     torch.manual_seed(0)
     module = torch.nn.Module()

@@ -41,6 +41,7 @@ subsampling is the regulariser.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
@@ -62,7 +63,7 @@ def _check(keep, mode, ensemble):
         raise ValueError(f"hotops_ssa_keep must be a fraction in (0, 1], got {keep!r}")
     if mode not in _sampling.MODES:
         raise ValueError(f"hotops_ssa_mode must be one of {_sampling.MODES}, got {mode!r}")
-    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+    if isinstance(ensemble, bool) or not isinstance(ensemble, numbers.Integral) or ensemble < 1:
         raise ValueError(f"hotops_ssa_ensemble must be an integer >= 1, got {ensemble!r}")
 
 
@@ -102,6 +103,17 @@ def configure(model, keep: float | None = None, mode: str | None = None, ensembl
         )
         _check(k, md, e)
         cfg.hotops_ssa_keep, cfg.hotops_ssa_mode, cfg.hotops_ssa_ensemble = float(k), md, int(e)
+    used = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if used is not None and used != NAME:
+        # legitimate before set_attn_implementation, but a model trained as it is would never
+        # subsample: said once here, where transformers would say nothing
+        warnings.warn(
+            f"the SSA settings are stored, but the model's attention implementation is {used!r}: "
+            f'set_attn_implementation("{NAME}") (or load it with attn_implementation="{NAME}") '
+            "for them to take effect",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
