@@ -317,6 +317,11 @@ def _build_overlap_worker(rank, world, folder):
     with pytest.raises(ValueError, match=r"100 id\(s\) given on more than one rank, e.g. id 200"):
         build_sharded(PQIndex(ADIM, 4, 8, verbose=False), x, os.path.join(folder, "o"), ids=ids)
     assert not os.path.exists(os.path.join(folder, "o"))  # refused before any file was written
+    # an id repeated within one rank's ids is that rank's (add keeps the last vector), not shared
+    mine = np.arange(300) + 300 * rank
+    mine[1] = mine[0]
+    built = build_sharded(PQIndex(ADIM, 4, 8, verbose=False), x, os.path.join(folder, "r"), ids=mine)
+    assert built.ntotal == 2 * 299
 
 
 def test_sharded_id_held_by_two_shards_is_refused(tmp_path):

@@ -47,6 +47,10 @@ class Mutable:
         """Removed rows still taking room (until compaction)."""
         return self._ndead
 
+    def _live_ids(self) -> np.ndarray:
+        """The ids of the rows not removed (each once: add and remove keep live ids unique)."""
+        return self.ids if self._live is None else self.ids[self._live.view(np.bool_)]
+
     def _scan_allow(self, allow) -> Optional[np.ndarray]:
         """The per-row byte mask the scan kernels test: the caller's allow-list and the live rows."""
         rows = _arrays.allow_rows(allow, self.ids)

@@ -148,7 +148,7 @@ def build_sharded(
     raise_together(error, group, "build_sharded")
     # ids given by the ranks may overlap (the default ones cannot): refused before any file is
     # written, which ShardedIndex would refuse to open
-    shared = shared_values(index.ids, group) if ids is not None else None
+    shared = shared_values(index._live_ids(), group) if ids is not None else None
     if shared is not None:
         count, gid, a, b = shared
         raise ValueError(

@@ -178,8 +178,7 @@ class ShardedIndex:
     def _refuse_shared_ids(self) -> None:
         """Refuses, on every rank, shards that hold one global id twice (built with overlapping ids
         or id_offsets): a single index never does, and a search would answer that id twice."""
-        live = self.pq.ids if self.pq._live is None else self.pq.ids[self.pq._live.view(np.bool_)]
-        shared = shared_values(live + self.id_offset, self.group)
+        shared = shared_values(self.pq._live_ids() + self.id_offset, self.group)
         if shared is not None:
             count, gid, a, b = shared
             raise ValueError(
