@@ -188,10 +188,10 @@ def rank_metrics(
         raise ValueError(f"doc_key must hold keys >= 0, got {int(key.min())}")
     if n_docs is None and key is not None:
         n_docs = len(key)
-    if key is not None and n_docs is not None and len(key) < n_docs:
-        raise ValueError(f"doc_key has {len(key)} keys, fewer than the corpus's {n_docs} rows")
     if n_docs is not None:
         n_docs = check_number(n_docs, "n_docs", integer=True, low=1)
+    if key is not None and n_docs is not None and len(key) < n_docs:
+        raise ValueError(f"doc_key has {len(key)} keys, fewer than the corpus's {n_docs} rows")
     gold = _gold_rows(gold, len(ids), n_docs)
     if not len(gold):
         raise ValueError("rank_metrics: no queries (ids and gold have no rows)")
